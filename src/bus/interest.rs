@@ -1,0 +1,147 @@
+//! Reference-counted topic interest with a delayed release, shared by the bus
+//! implementations.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::route::Topic;
+
+/// Which topics this node needs, and which it may release.
+///
+/// A topic is *held* from the first [`add`](Self::add) until it has had a
+/// count of zero for at least the release delay and [`expire`](Self::expire)
+/// has run. `std::sync::Mutex`: every critical section is a few map
+/// operations and never awaits.
+#[derive(Debug)]
+pub struct Interest {
+    delay: Duration,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    counts: HashMap<Topic, usize>,
+    /// Topics whose count fell to zero, oldest first, with the time they may
+    /// be released. A topic can appear more than once; stale entries are
+    /// skipped by `expire`.
+    zeroed: VecDeque<(Instant, Topic)>,
+}
+
+impl Interest {
+    pub fn new(release_delay: Duration) -> Self {
+        Self {
+            delay: release_delay,
+            inner: Mutex::default(),
+        }
+    }
+
+    /// The delay between a topic's count reaching zero and its release.
+    pub fn release_delay(&self) -> Duration {
+        self.delay
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding this lock leaves the maps consistent (every
+        // critical section is a single map operation), so poisoning is ignored.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a reference. Returns true when the topic was not held before, so
+    /// the caller must subscribe to it.
+    pub fn add(&self, topic: &Topic) -> bool {
+        let mut inner = self.lock();
+        match inner.counts.get_mut(topic) {
+            Some(n) => {
+                *n += 1;
+                false
+            }
+            None => {
+                inner.counts.insert(topic.clone(), 1);
+                true
+            }
+        }
+    }
+
+    /// Removes a reference. At zero the topic stays held until `expire`.
+    pub fn remove(&self, topic: &Topic) {
+        let mut inner = self.lock();
+        if let Some(n) = inner.counts.get_mut(topic) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                let at = Instant::now() + self.delay;
+                inner.zeroed.push_back((at, topic.clone()));
+            }
+        }
+    }
+
+    /// Whether the topic is held.
+    pub fn contains(&self, topic: &Topic) -> bool {
+        self.lock().counts.contains_key(topic)
+    }
+
+    /// Number of held topics.
+    pub fn len(&self) -> usize {
+        self.lock().counts.len()
+    }
+
+    /// Whether no topic is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every held topic (to resubscribe after a reconnect).
+    pub fn held(&self) -> Vec<Topic> {
+        self.lock().counts.keys().cloned().collect()
+    }
+
+    /// Releases the topics whose count has been zero since before `now`
+    /// minus the delay, and returns them so the caller can unsubscribe.
+    pub fn expire(&self, now: Instant) -> Vec<Topic> {
+        let mut inner = self.lock();
+        let mut released = Vec::new();
+        while inner.zeroed.front().is_some_and(|(at, _)| *at <= now) {
+            let Some((_, topic)) = inner.zeroed.pop_front() else { break };
+            if inner.counts.get(&topic) == Some(&0) {
+                inner.counts.remove(&topic);
+                released.push(topic);
+            }
+        }
+        released
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn holds_until_the_delay_after_the_last_reference() {
+        let interest = Interest::new(Duration::from_secs(2));
+        let t = Topic::User("u".into());
+        assert!(interest.add(&t));
+        assert!(!interest.add(&t));
+        interest.remove(&t);
+        interest.remove(&t);
+        assert!(interest.contains(&t));
+        assert!(interest.expire(Instant::now()).is_empty());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(interest.expire(Instant::now()), [t.clone()]);
+        assert!(!interest.contains(&t));
+        assert!(interest.add(&t), "a released topic must be subscribed again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_topic_taken_again_before_the_delay_is_kept() {
+        let interest = Interest::new(Duration::from_secs(2));
+        let t = Topic::Group(None);
+        interest.add(&t);
+        interest.remove(&t);
+        assert!(!interest.add(&t), "still held: no new subscribe");
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(interest.expire(Instant::now()).is_empty());
+        assert!(interest.contains(&t));
+    }
+}

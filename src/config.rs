@@ -1,0 +1,399 @@
+//! Configuration: built-in defaults, then an optional TOML file, then
+//! `WSHUB_*` environment variables (`__` between nested keys).
+//!
+//! Read in two steps: [`RawConfig`] is what the user wrote, with unknown keys
+//! refused (a typo must not silently fall back to a default); [`Config`] is
+//! the validated, typed result the rest of the crate uses. Every error names
+//! the key it is about. `wshub.example.toml` lists every key with its default
+//! and must be kept in step with [`RawConfig`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The environment variable prefix.
+pub const ENV_PREFIX: &str = "WSHUB";
+/// The variable naming the config file; read by the command line, not a key.
+pub const ENV_CONFIG_FILE: &str = "WSHUB_CONFIG";
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or parsed, a key is unknown, or a value has
+    /// the wrong type. The text comes from the `config` crate and names the
+    /// key and the source.
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    /// A value has the right type but is not acceptable.
+    #[error("configuration: `{key}` {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        problem: problem.into(),
+    }
+}
+
+/// What the user wrote, before validation. Field docs are the key docs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawConfig {
+    /// Address and port to listen on.
+    pub listen: String,
+    pub log: RawLog,
+    pub limits: RawLimits,
+    pub ws: RawWs,
+    pub bus: RawBus,
+    pub shutdown: RawShutdown,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawLog {
+    /// `text` or `json`.
+    pub format: String,
+    /// A `tracing` filter directive, e.g. `info` or `wshub=debug,info`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_message_bytes: usize,
+    pub max_id_bytes: usize,
+    pub max_recipients: usize,
+    pub outbound_queue: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawWs {
+    pub ping_interval_ms: u64,
+    pub read_buffer_bytes: usize,
+    pub write_buffer_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawBus {
+    pub unsubscribe_delay_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawShutdown {
+    pub grace_period_ms: u64,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            log: RawLog::default(),
+            limits: RawLimits::default(),
+            ws: RawWs::default(),
+            bus: RawBus::default(),
+            shutdown: RawShutdown::default(),
+        }
+    }
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 64 * 1024,
+            max_id_bytes: 256,
+            max_recipients: 100,
+            outbound_queue: 256,
+        }
+    }
+}
+
+impl Default for RawWs {
+    fn default() -> Self {
+        Self {
+            ping_interval_ms: 30_000,
+            read_buffer_bytes: 4096,
+            write_buffer_bytes: 16 * 1024,
+        }
+    }
+}
+
+impl Default for RawBus {
+    fn default() -> Self {
+        Self {
+            unsubscribe_delay_ms: 2_000,
+        }
+    }
+}
+
+impl Default for RawShutdown {
+    fn default() -> Self {
+        Self {
+            grace_period_ms: 10_000,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub limits: Limits,
+    pub ws: Ws,
+    pub bus: BusConfig,
+    pub shutdown: Shutdown,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest message a client or the broadcast endpoint may send.
+    pub max_message_bytes: usize,
+    /// Longest id (`userId`, `groupId`, `action`, recipient values, query ids).
+    pub max_id_bytes: usize,
+    /// Most recipients in one message.
+    pub max_recipients: usize,
+    /// Frames queued per connection before it is closed as a slow consumer.
+    pub outbound_queue: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Ws {
+    /// How often the server pings; a peer silent for a whole interval after
+    /// a ping is closed.
+    pub ping_interval: Duration,
+    pub read_buffer_bytes: usize,
+    pub write_buffer_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    /// How long a topic with no local socket stays subscribed.
+    pub unsubscribe_delay: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    /// How long shutdown waits for sessions to close before giving up.
+    pub grace_period: Duration,
+}
+
+impl Default for Config {
+    /// The built-in defaults.
+    fn default() -> Self {
+        Self::from_raw(RawConfig::default()).expect("the built-in defaults are valid")
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if any), then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// Like [`load`](Self::load), with the environment given explicitly.
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let env: HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != ENV_CONFIG_FILE)
+            .collect();
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let raw: RawConfig = builder.build()?.try_deserialize()?;
+        Self::from_raw(raw)
+    }
+
+    /// Validates what the user wrote.
+    pub fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
+        let listen = raw
+            .listen
+            .parse()
+            .map_err(|e| invalid("listen", format!("is not an address like 0.0.0.0:8080: {e}")))?;
+        let log_format = match raw.log.format.to_ascii_lowercase().as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => return Err(invalid("log.format", format!("must be text or json, not {other:?}"))),
+        };
+        tracing_subscriber::EnvFilter::try_new(&raw.log.level)
+            .map_err(|e| invalid("log.level", format!("is not a valid filter: {e}")))?;
+
+        let l = &raw.limits;
+        if l.max_message_bytes < 1024 {
+            return Err(invalid("limits.max_message_bytes", "must be at least 1024"));
+        }
+        if !(1..=l.max_message_bytes).contains(&l.max_id_bytes) {
+            return Err(invalid(
+                "limits.max_id_bytes",
+                "must be between 1 and limits.max_message_bytes",
+            ));
+        }
+        if l.max_recipients == 0 {
+            return Err(invalid("limits.max_recipients", "must be at least 1"));
+        }
+        if l.outbound_queue == 0 {
+            return Err(invalid("limits.outbound_queue", "must be at least 1"));
+        }
+        if raw.ws.ping_interval_ms < 10 {
+            return Err(invalid("ws.ping_interval_ms", "must be at least 10"));
+        }
+        if raw.ws.read_buffer_bytes < 256 {
+            return Err(invalid("ws.read_buffer_bytes", "must be at least 256"));
+        }
+        Ok(Config {
+            listen,
+            log_format,
+            log_level: raw.log.level,
+            limits: Limits {
+                max_message_bytes: l.max_message_bytes,
+                max_id_bytes: l.max_id_bytes,
+                max_recipients: l.max_recipients,
+                outbound_queue: l.outbound_queue,
+            },
+            ws: Ws {
+                ping_interval: Duration::from_millis(raw.ws.ping_interval_ms),
+                read_buffer_bytes: raw.ws.read_buffer_bytes,
+                write_buffer_bytes: raw.ws.write_buffer_bytes,
+            },
+            bus: BusConfig {
+                unsubscribe_delay: Duration::from_millis(raw.bus.unsubscribe_delay_ms),
+            },
+            shutdown: Shutdown {
+                grace_period: Duration::from_millis(raw.shutdown.grace_period_ms),
+            },
+        })
+    }
+
+    /// The limits a parsed message must respect.
+    pub fn message_limits(&self) -> crate::message::MessageLimits {
+        crate::message::MessageLimits {
+            max_id_bytes: self.limits.max_id_bytes,
+            max_recipients: self.limits.max_recipients,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::load_from(None, env(&[("HOME", "/root")])).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.limits.max_message_bytes, 65536);
+        assert_eq!(c.ws.ping_interval, Duration::from_secs(30));
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn the_example_file_holds_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("wshub.example.toml");
+        let from_file = Config::load_from(Some(&path), env(&[])).unwrap();
+        assert_eq!(format!("{from_file:?}"), format!("{:?}", Config::default()));
+    }
+
+    #[test]
+    fn file_then_environment() {
+        let mut file = tempfile();
+        writeln!(file.1, "listen = \"127.0.0.1:9000\"\n[limits]\nmax_recipients = 5\n[ws]\nping_interval_ms = 500").unwrap();
+        let c = Config::load_from(
+            Some(&file.0),
+            env(&[
+                ("WSHUB_LISTEN", "127.0.0.1:9001"),
+                ("WSHUB_LIMITS__MAX_MESSAGE_BYTES", "2048"),
+                ("WSHUB_LOG__FORMAT", "json"),
+                ("WSHUB_CONFIG", "/ignored/here"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9001, "environment wins over the file");
+        assert_eq!(c.limits.max_message_bytes, 2048);
+        assert_eq!(c.limits.max_recipients, 5);
+        assert_eq!(c.ws.ping_interval, Duration::from_millis(500));
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("WSHUB_LISTEN", "nowhere")], "`listen`"),
+            (&[("WSHUB_LIMITS__MAX_MESSAGE_BYTES", "lots")], "max_message_bytes"),
+            (&[("WSHUB_LIMITS__MAX_MESSAGE_BYTES", "10")], "`limits.max_message_bytes` must be at least 1024"),
+            (&[("WSHUB_LIMITS__OUTBOUND_QUEUE", "0")], "`limits.outbound_queue`"),
+            (&[("WSHUB_LOG__FORMAT", "xml")], "`log.format`"),
+            (&[("WSHUB_LIMITS__MAX_MESAGE_BYTES", "1")], "max_mesage_bytes"),
+            (&[("WSHUB_WS__PING_INTERVAL_MS", "0")], "`ws.ping_interval_ms`"),
+        ];
+        for (vars, want) in cases {
+            let err = Config::load_from(None, env(vars)).unwrap_err().to_string();
+            assert!(err.contains(want), "{vars:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_key_in_the_file_is_refused() {
+        let mut file = tempfile();
+        writeln!(file.1, "[limits]\nmax_mesage_bytes = 5").unwrap();
+        let err = Config::load_from(Some(&file.0), env(&[])).unwrap_err().to_string();
+        assert!(err.contains("max_mesage_bytes"), "{err}");
+    }
+
+    /// A scratch file, removed when dropped.
+    struct TempFile(std::path::PathBuf, std::fs::File);
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn tempfile() -> TempFile {
+        let path = std::env::temp_dir().join(format!(
+            "wshub-config-test-{}-{}.toml",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let file = std::fs::File::create(&path).unwrap();
+        TempFile(path, file)
+    }
+}

@@ -1,0 +1,253 @@
+//! The HTTP surface: the socket endpoint, the broadcast endpoint, health,
+//! metrics and the embedded browser files.
+//!
+//! Web Connection matches its two special paths case-insensitively (and the
+//! broadcast path anywhere in the URL), which axum's router does not do, so
+//! those two go through [`dispatch`], the router's fallback.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tracing::{debug, warn};
+
+use crate::node::{ConnectError, Node, PublishError};
+use crate::route::Identity;
+
+/// The socket path of Web Connection (matched case-insensitively).
+pub const SOCKET_PATH: &str = "/__initializewebsocket.wc";
+/// wshub's short alias for the socket path.
+pub const SOCKET_ALIAS: &str = "/ws";
+/// Any path containing this (case-insensitively) is the broadcast endpoint.
+pub const BROADCAST_MARKER: &str = "__broadcastwebsocket.wc";
+
+const LIBRARY_JS: &str = include_str!("../static/webconnection-websocket.js");
+const LIBRARY_DTS: &str = include_str!("../static/webconnection-websocket.d.ts");
+const CHAT_HTML: &str = include_str!("../static/index.html");
+
+/// The application's routes.
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/", get(|| async { static_file("text/html; charset=utf-8", CHAT_HTML) }))
+        .route("/scripts/webconnection-websocket.js", get(library))
+        .route("/scripts/web-connection-websocket.js", get(library))
+        .route(
+            "/scripts/webconnection-websocket.d.ts",
+            get(|| async { static_file("application/typescript; charset=utf-8", LIBRARY_DTS) }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(dispatch)
+        .with_state(node)
+}
+
+async fn library() -> Response {
+    static_file("text/javascript; charset=utf-8", LIBRARY_JS)
+}
+
+fn static_file(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    match node.readiness() {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response(),
+    }
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        node.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Routes the case-insensitive Web Connection paths; everything else is 404.
+async fn dispatch(State(node): State<Arc<Node>>, request: Request) -> Response {
+    let path = request.uri().path().to_ascii_lowercase();
+    if path == SOCKET_PATH || path == SOCKET_ALIAS {
+        socket(node, request).await
+    } else if path.contains(BROADCAST_MARKER) {
+        broadcast(node, request).await
+    } else {
+        (StatusCode::NOT_FOUND, "not found\n").into_response()
+    }
+}
+
+fn bad_request(reason: impl Into<String>) -> Response {
+    let mut text = reason.into();
+    text.push('\n');
+    (StatusCode::BAD_REQUEST, text).into_response()
+}
+
+/// `GET /__initializeWebSocket.wc?groupid=G&userid=U` with Upgrade.
+async fn socket(node: Arc<Node>, request: Request) -> Response {
+    let (mut parts, _body) = request.into_parts();
+    let Ok(upgrade) = WebSocketUpgrade::from_request_parts(&mut parts, &()).await else {
+        // Web Connection answers a plain GET of the socket path with 404.
+        return (StatusCode::NOT_FOUND, "not found: this path only accepts WebSocket upgrades\n")
+            .into_response();
+    };
+    let who = match identity_from_query(parts.uri.query(), node.config.limits.max_id_bytes) {
+        Ok(who) => who,
+        Err(reason) => return bad_request(reason),
+    };
+    let registration = match node.connect(who).await {
+        Ok(r) => r,
+        Err(e @ ConnectError::Draining) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response();
+        }
+        Err(e @ ConnectError::Bus(_)) => {
+            warn!(error = %e, "refusing a socket: bus subscription failed");
+            return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response();
+        }
+    };
+    let max = node.config.limits.max_message_bytes;
+    let ws = &node.config.ws;
+    // Held until the session ends, so shutdown waits for it.
+    let tracked = node.sessions.token();
+    upgrade
+        .read_buffer_size(ws.read_buffer_bytes)
+        .write_buffer_size(ws.write_buffer_bytes)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_failed_upgrade(|e| debug!(error = %e, "websocket upgrade failed"))
+        .on_upgrade(move |socket| async move {
+            crate::session::run(socket, registration).await;
+            drop(tracked);
+        })
+}
+
+/// Reads `groupid` and `userid` from the query, keys in any case.
+///
+/// A missing or empty `userid` gets a random 12-hex-digit id. A missing
+/// `groupid` is the null group; `groupid=` is the group `""`, which is not
+/// the same (Web Connection behaves so).
+pub fn identity_from_query(query: Option<&str>, max_id_bytes: usize) -> Result<Identity, String> {
+    let mut user = None;
+    let mut group = None;
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
+        .map_err(|e| format!("invalid query string: {e}"))?;
+    for (key, value) in pairs {
+        if key.eq_ignore_ascii_case("userid") {
+            user = Some(value);
+        } else if key.eq_ignore_ascii_case("groupid") {
+            group = Some(value);
+        }
+    }
+    for (name, value) in [("userid", &user), ("groupid", &group)] {
+        if value.as_ref().is_some_and(|v| v.len() > max_id_bytes) {
+            return Err(format!("{name} is longer than {max_id_bytes} bytes"));
+        }
+    }
+    let user = user
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff));
+    Ok(Identity {
+        user: user.into(),
+        group: group.map(Into::into),
+    })
+}
+
+/// Whether a peer may use the broadcast endpoint: loopback only, until API
+/// keys exist.
+pub fn broadcast_allowed(peer: SocketAddr) -> bool {
+    peer.ip().to_canonical().is_loopback()
+}
+
+/// `POST`/`PUT` of one message JSON to any path containing
+/// `__broadcastwebsocket.wc`: delivered like `broadcast`, answered 204.
+async fn broadcast(node: Arc<Node>, request: Request) -> Response {
+    let response = broadcast_inner(&node, request).await;
+    node.metrics.http_broadcast(response.status().as_u16());
+    response
+}
+
+async fn broadcast_inner(node: &Node, request: Request) -> Response {
+    if request.method() != Method::POST && request.method() != Method::PUT {
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            [(header::ALLOW, "POST, PUT")],
+            "the broadcast endpoint accepts POST or PUT\n",
+        )
+            .into_response();
+    }
+    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    if !peer.is_some_and(broadcast_allowed) {
+        return (
+            StatusCode::FORBIDDEN,
+            "forbidden: the broadcast endpoint only accepts requests from loopback\n",
+        )
+            .into_response();
+    }
+    let max = node.config.limits.max_message_bytes;
+    let body = match axum::body::to_bytes(request.into_body(), max).await {
+        Ok(body) => body,
+        Err(_) => {
+            node.metrics.dropped(crate::metrics::DropReason::TooBig, 1);
+            return (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("message larger than {max} bytes\n"),
+            )
+                .into_response();
+        }
+    };
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return bad_request("invalid message: the body must be UTF-8 JSON");
+    };
+    match node.publish_text(text) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(PublishError::Invalid(e)) => bad_request(e.to_string()),
+        Err(PublishError::Bus(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_may_broadcast() {
+        for ok in ["127.0.0.1:1", "127.8.9.10:1", "[::1]:1", "[::ffff:127.0.0.1]:1"] {
+            assert!(broadcast_allowed(ok.parse().unwrap()), "{ok}");
+        }
+        for no in ["10.0.0.1:1", "192.168.1.2:1", "[2001:db8::1]:1", "[::ffff:10.0.0.1]:1", "0.0.0.0:1"] {
+            assert!(!broadcast_allowed(no.parse().unwrap()), "{no}");
+        }
+    }
+
+    #[test]
+    fn identity_rules() {
+        let who = identity_from_query(Some("GroupId=chat&USERID=ann"), 16).unwrap();
+        assert_eq!((&*who.user, who.group.as_deref()), ("ann", Some("chat")));
+        let who = identity_from_query(None, 16).unwrap();
+        assert_eq!(who.group, None);
+        assert_eq!(who.user.len(), 12);
+        assert!(who.user.bytes().all(|b| b.is_ascii_hexdigit()));
+        let who = identity_from_query(Some("groupid=&userid="), 16).unwrap();
+        assert_eq!(who.group.as_deref(), Some(""), "groupid= is the empty group, not null");
+        assert_eq!(who.user.len(), 12, "an empty userid gets a random one");
+        let who = identity_from_query(Some("userid=a%20b&groupid=x%2By"), 16).unwrap();
+        assert_eq!((&*who.user, who.group.as_deref()), ("a b", Some("x+y")));
+        let err = identity_from_query(Some("userid=01234567890123456"), 16).unwrap_err();
+        assert!(err.contains("userid is longer than 16 bytes"), "{err}");
+    }
+}

@@ -1,0 +1,43 @@
+//! wshub: a horizontally scalable WebSocket hub, drop-in compatible with
+//! West Wind Web Connection's WebSocket support.
+//!
+//! # Layout
+//!
+//! Follow a message from a browser to its recipients:
+//!
+//! - [`http`]: the HTTP surface. The socket endpoint upgrades a request and
+//!   starts a [`session`]; the broadcast endpoint takes a message from the
+//!   application's backend; health, metrics and the embedded browser files.
+//! - [`session`]: one socket: reads client frames, writes queued frames,
+//!   pings, and closes with one [`close::CloseReason`].
+//! - [`message`]: the message JSON, parsed (borrowing) and encoded once.
+//! - [`route`]: recipients resolved into topics, and the exactly-once rule.
+//! - [`node`]: this process: ties the hub to the bus, connects sockets,
+//!   publishes messages, drains on shutdown.
+//! - [`bus`]: the interface between this node and every other one, with an
+//!   in-process implementation ([`bus::LocalBus`]).
+//! - [`hub`]: this node's sockets, indexed by group and user; the bus
+//!   delivers into it.
+//! - [`server`]: binds the listener and runs the node until shutdown.
+//! - [`config`], [`logging`], [`metrics`]: the operator's side.
+//!
+//! `main.rs` only loads configuration, starts logging and calls [`run`], so
+//! tests start real servers on port 0 through [`server::Server`].
+
+#![forbid(unsafe_code)]
+
+pub mod bus;
+pub mod close;
+pub mod config;
+pub mod http;
+pub mod hub;
+pub mod logging;
+pub mod message;
+pub mod metrics;
+pub mod node;
+pub mod route;
+pub mod server;
+pub mod session;
+
+pub use config::Config;
+pub use server::{Server, run};

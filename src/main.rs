@@ -1,0 +1,73 @@
+//! The `wshub` binary: configuration, logging, signals; everything else is
+//! in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// A horizontally scalable WebSocket hub, drop-in compatible with West Wind
+/// Web Connection.
+///
+/// Configuration comes from built-in defaults, then the TOML file given with
+/// --config (or WSHUB_CONFIG), then environment variables WSHUB_<KEY> with
+/// `__` between nested keys (WSHUB_LISTEN, WSHUB_LIMITS__MAX_MESSAGE_BYTES).
+/// wshub.example.toml lists every key with its default.
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Args {
+    /// TOML configuration file.
+    #[arg(long, env = "WSHUB_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match wshub::Config::load(args.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("wshub: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = wshub::logging::init(&config) {
+        eprintln!("wshub: cannot start logging: {e}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wshub: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(wshub::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "wshub stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,480 @@
+//! The message JSON: parsing what clients and backends send, and encoding what
+//! the hub sends out.
+//!
+//! The same shape travels in both directions (see `docs/protocol.md`):
+//!
+//! ```json
+//! {"userId":"u1","groupId":"chat","action":"broadcastchatmessage","message":"hi",
+//!  "recipients":[{"type":"group","value":"chat"}]}
+//! ```
+//!
+//! Parsing borrows from the input wherever the JSON has no escapes, and every
+//! type error names the field that was wrong, because that text goes back to
+//! the sender in a `wshub.error` message. Encoding happens once per message;
+//! the resulting [`Frame`] is shared by every recipient.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use axum::extract::ws::Utf8Bytes;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+
+/// An encoded outbound text frame. Cloning it is a reference-count increment,
+/// which is how one encoding is shared by every recipient.
+pub type Frame = Utf8Bytes;
+
+/// The reserved action a client uses to ask the hub to relay its message.
+pub const ACTION_BROADCAST: &str = "broadcast";
+/// The reserved action of the hub's error replies.
+pub const ACTION_ERROR: &str = "wshub.error";
+
+/// A parsed message, borrowing from the frame it came in.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Message<'a> {
+    pub user_id: Option<Cow<'a, str>>,
+    pub group_id: Option<Cow<'a, str>>,
+    pub action: Option<Cow<'a, str>>,
+    pub message: Option<Cow<'a, str>>,
+    pub recipients: Vec<Recipient<'a>>,
+}
+
+/// One entry of `recipients`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Recipient<'a> {
+    pub kind: RecipientKind,
+    /// `None` for JSON `null`; `""` means the same ("null") when matching.
+    pub value: Option<Cow<'a, str>>,
+}
+
+/// A recipient's `type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecipientKind {
+    /// `"group"`, integer `1`, or no `type` at all.
+    Group,
+    /// `"user"` or integer `2`.
+    User,
+    /// `"excludeUser"`, `"allButUser"`, `"allExceptUser"` or integer `0`.
+    ExcludeUser,
+}
+
+impl RecipientKind {
+    /// The canonical name written in outbound frames.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Group => "group",
+            Self::User => "user",
+            Self::ExcludeUser => "excludeUser",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        const NAMES: [(&str, RecipientKind); 5] = [
+            ("group", RecipientKind::Group),
+            ("user", RecipientKind::User),
+            ("excludeuser", RecipientKind::ExcludeUser),
+            ("allbutuser", RecipientKind::ExcludeUser),
+            ("allexceptuser", RecipientKind::ExcludeUser),
+        ];
+        NAMES
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|&(_, kind)| kind)
+    }
+
+    fn from_int(n: i64) -> Option<Self> {
+        match n {
+            0 => Some(Self::ExcludeUser),
+            1 => Some(Self::Group),
+            2 => Some(Self::User),
+            _ => None,
+        }
+    }
+}
+
+/// Limits a parsed message must respect, from `[limits]` in the config.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageLimits {
+    /// Longest `userId`, `groupId`, `action` or recipient value, in bytes.
+    pub max_id_bytes: usize,
+    /// Most entries in `recipients`.
+    pub max_recipients: usize,
+}
+
+/// Why a message was refused. The `Display` text is what the sender reads in
+/// the `wshub.error` reply (or the HTTP 400 body), so it names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    /// The text is not JSON, not an object, or a field has the wrong type.
+    #[error("invalid message: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A binary frame that is not UTF-8 text.
+    #[error("invalid message: binary frames must contain UTF-8 JSON text")]
+    NotUtf8,
+    /// An id-like field is longer than `limits.max_id_bytes`.
+    #[error("invalid message: `{field}` is longer than {max} bytes")]
+    TooLong { field: &'static str, max: usize },
+    /// More recipients than `limits.max_recipients`.
+    #[error("invalid message: {count} recipients, at most {max} are allowed")]
+    TooManyRecipients { count: usize, max: usize },
+}
+
+impl<'a> Message<'a> {
+    /// Parses one message and checks it against `limits`.
+    pub fn parse(text: &'a str, limits: &MessageLimits) -> Result<Self, MessageError> {
+        let msg: Message<'a> = serde_json::from_str(text)?;
+        msg.check(limits)?;
+        Ok(msg)
+    }
+
+    fn check(&self, limits: &MessageLimits) -> Result<(), MessageError> {
+        let max = limits.max_id_bytes;
+        for (field, value) in [
+            ("userId", &self.user_id),
+            ("groupId", &self.group_id),
+            ("action", &self.action),
+        ] {
+            if value.as_deref().is_some_and(|v| v.len() > max) {
+                return Err(MessageError::TooLong { field, max });
+            }
+        }
+        if self.recipients.len() > limits.max_recipients {
+            return Err(MessageError::TooManyRecipients {
+                count: self.recipients.len(),
+                max: limits.max_recipients,
+            });
+        }
+        if self
+            .recipients
+            .iter()
+            .any(|r| r.value.as_deref().is_some_and(|v| v.len() > max))
+        {
+            return Err(MessageError::TooLong {
+                field: "recipients[].value",
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    /// True when the action is the reserved `broadcast`, in any letter case.
+    pub fn is_broadcast(&self) -> bool {
+        self.action
+            .as_deref()
+            .is_some_and(|a| a.eq_ignore_ascii_case(ACTION_BROADCAST))
+    }
+
+    /// Encodes the outbound frame: the five fields in protocol order, nulls
+    /// written out, recipient types in their canonical spelling.
+    pub fn encode(&self) -> Frame {
+        let out = Outbound {
+            user_id: self.user_id.as_deref(),
+            group_id: self.group_id.as_deref(),
+            action: self.action.as_deref(),
+            message: self.message.as_deref(),
+            recipients: &self.recipients,
+        };
+        // Serializing borrowed strings into a String cannot fail.
+        Frame::from(serde_json::to_string(&out).unwrap_or_default())
+    }
+}
+
+/// The `wshub.error` reply a sender receives when its message is refused.
+pub fn error_frame(reason: &str) -> Frame {
+    Message {
+        action: Some(Cow::Borrowed(ACTION_ERROR)),
+        message: Some(Cow::Borrowed(reason)),
+        ..Message::default()
+    }
+    .encode()
+}
+
+#[derive(Serialize)]
+struct Outbound<'m, 'a> {
+    #[serde(rename = "userId")]
+    user_id: Option<&'m str>,
+    #[serde(rename = "groupId")]
+    group_id: Option<&'m str>,
+    action: Option<&'m str>,
+    message: Option<&'m str>,
+    recipients: &'m [Recipient<'a>],
+}
+
+impl Serialize for Recipient<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Recipient", 2)?;
+        st.serialize_field("type", self.kind.as_str())?;
+        st.serialize_field("value", &self.value.as_deref())?;
+        st.end()
+    }
+}
+
+// ---- Parsing -------------------------------------------------------------
+//
+// Hand-written visitors rather than `#[derive(Deserialize)]`: the derive's
+// errors do not say which field was wrong, and the recipient `type` accepts
+// strings in any case, integers, null and absence.
+
+/// A string or null for the named field; a type error names the field, any
+/// other error (truncated JSON, say) passes through as serde_json wrote it.
+struct StrField(&'static str);
+
+impl<'de> de::DeserializeSeed<'de> for StrField {
+    type Value = Option<Cow<'de, str>>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for StrField {
+    type Value = Option<Cow<'de, str>>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "`{}` to be a string or null", self.0)
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Some(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Some(Cow::Owned(v.to_owned())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Some(Cow::Owned(v)))
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+fn field_str<'de, A: MapAccess<'de>>(
+    map: &mut A,
+    field: &'static str,
+) -> Result<Option<Cow<'de, str>>, A::Error> {
+    map.next_value_seed(StrField(field))
+}
+
+impl<'de> Deserialize<'de> for Message<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Message<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a message object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut msg = Message::default();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "userId" => msg.user_id = field_str(&mut map, "userId")?,
+                        "groupId" => msg.group_id = field_str(&mut map, "groupId")?,
+                        "action" => msg.action = field_str(&mut map, "action")?,
+                        "message" => msg.message = field_str(&mut map, "message")?,
+                        "recipients" => {
+                            msg.recipients =
+                                map.next_value::<Option<Recipients<'de>>>()?.map_or_else(Vec::new, |r| r.0)
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(msg)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// `recipients`: an array (or null), with an error that says so.
+struct Recipients<'a>(Vec<Recipient<'a>>);
+
+impl<'de> Deserialize<'de> for Recipients<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Recipients<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`recipients` to be an array of {type, value} objects")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(16));
+                while let Some(r) = seq.next_element::<Recipient<'de>>()? {
+                    out.push(r);
+                }
+                Ok(Recipients(out))
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+/// A recipient `type`: a name in any case, 0/1/2, or null.
+struct KindField(Option<RecipientKind>);
+
+impl<'de> Deserialize<'de> for KindField {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        const EXPECTED: &str =
+            "recipient `type` must be group, user, excludeUser (or allButUser, allExceptUser), 0, 1 or 2";
+        impl Visitor<'_> for V {
+            type Value = KindField;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(EXPECTED)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                RecipientKind::from_name(v)
+                    .map(|k| KindField(Some(k)))
+                    .ok_or_else(|| E::custom(EXPECTED))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                RecipientKind::from_int(v)
+                    .map(|k| KindField(Some(k)))
+                    .ok_or_else(|| E::custom(EXPECTED))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                self.visit_i64(i64::try_from(v).unwrap_or(i64::MAX))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(KindField(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Recipient<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Recipient<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("each recipient to be a {type, value} object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut kind = None;
+                let mut value = None;
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "type" => kind = map.next_value::<KindField>()?.0,
+                        "value" => value = field_str(&mut map, "recipients[].value")?,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(Recipient {
+                    kind: kind.unwrap_or(RecipientKind::Group),
+                    value,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: MessageLimits = MessageLimits {
+        max_id_bytes: 16,
+        max_recipients: 4,
+    };
+
+    fn parse(text: &str) -> Result<Message<'_>, MessageError> {
+        Message::parse(text, &LIMITS)
+    }
+
+    #[test]
+    fn parses_every_field_and_borrows() {
+        let m = parse(
+            r#"{"userId":"u1","groupId":"g","action":"broadcast","message":"hi","recipients":[{"type":"group","value":"g"}],"extra":[1,{"a":2}]}"#,
+        )
+        .unwrap();
+        assert!(matches!(m.user_id, Some(Cow::Borrowed("u1"))));
+        assert_eq!(m.group_id.as_deref(), Some("g"));
+        assert!(m.is_broadcast());
+        assert_eq!(m.message.as_deref(), Some("hi"));
+        assert_eq!(
+            m.recipients,
+            vec![Recipient {
+                kind: RecipientKind::Group,
+                value: Some("g".into())
+            }]
+        );
+    }
+
+    #[test]
+    fn recipient_types_in_every_spelling() {
+        let m = parse(
+            r#"{"recipients":[{"type":"USER","value":"a"},{"type":2,"value":"b"},{"type":1,"value":"c"},{"value":"d"}]}"#,
+        )
+        .unwrap();
+        let kinds: Vec<_> = m.recipients.iter().map(|r| r.kind).collect();
+        use RecipientKind::*;
+        assert_eq!(kinds, [User, User, Group, Group]);
+        let m = parse(
+            r#"{"recipients":[{"type":"excludeuser","value":"a"},{"type":"allButUser"},{"type":"AllExceptUser"}]}"#,
+        )
+        .unwrap();
+        assert!(m.recipients.iter().all(|r| r.kind == ExcludeUser));
+        let m = parse(r#"{"recipients":[{"type":0,"value":"a"},{"type":null,"value":null}]}"#).unwrap();
+        assert_eq!(m.recipients[0].kind, ExcludeUser);
+        assert_eq!(m.recipients[1].kind, Group);
+        assert_eq!(m.recipients[1].value, None);
+    }
+
+    #[test]
+    fn null_and_absent_fields() {
+        let m = parse(r#"{"userId":null,"recipients":null}"#).unwrap();
+        assert_eq!(m, Message::default());
+        assert!(!m.is_broadcast());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (r#"{"message":5}"#, "expected `message` to be a string or null"),
+            (r#"{"userId":{}}"#, "expected `userId` to be a string or null"),
+            (r#"{"recipients":"g"}"#, "`recipients` to be an array"),
+            (r#"{"recipients":["g"]}"#, "each recipient to be a {type, value} object"),
+            (r#"{"recipients":[{"type":"everyone"}]}"#, "recipient `type` must be"),
+            (r#"{"recipients":[{"type":7}]}"#, "recipient `type` must be"),
+            (r#"{"recipients":[{"value":1}]}"#, "expected `recipients[].value` to be"),
+            (r#"[1,2]"#, "a message object"),
+            (r#"{"action":"x""#, "EOF"),
+            (r#"{"userId":"01234567890123456"}"#, "`userId` is longer than 16 bytes"),
+            (
+                r#"{"recipients":[{"value":"01234567890123456"}]}"#,
+                "`recipients[].value` is longer than 16 bytes",
+            ),
+            (r#"{"recipients":[{},{},{},{},{}]}"#, "5 recipients, at most 4"),
+        ];
+        for (input, want) in cases {
+            let err = parse(input).unwrap_err().to_string();
+            assert!(err.contains(want), "{input}: got {err:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn encodes_fields_in_protocol_order_with_nulls() {
+        let m = parse(
+            r#"{"recipients":[{"type":2,"value":"b"},{"value":null}],"message":"a \"q\" <b>","action":"x"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m.encode().as_str(),
+            r#"{"userId":null,"groupId":null,"action":"x","message":"a \"q\" <b>","recipients":[{"type":"user","value":"b"},{"type":"group","value":null}]}"#
+        );
+        assert_eq!(
+            error_frame("bad").as_str(),
+            r#"{"userId":null,"groupId":null,"action":"wshub.error","message":"bad","recipients":[]}"#
+        );
+    }
+
+    #[test]
+    fn escaped_strings_round_trip() {
+        let m = parse(r#"{"message":"line\nnext \u00e9"}"#).unwrap();
+        assert_eq!(m.message.as_deref(), Some("line\nnext é"));
+    }
+}

@@ -1,0 +1,169 @@
+//! What the node counts, exported in Prometheus text format at `GET /metrics`.
+//!
+//! Every node owns its own registry (no process-global recorder), so several
+//! nodes in one test process count separately. Labels only ever take values
+//! from fixed sets (close reasons, drop reasons, HTTP statuses): never a
+//! user, group or connection id, so cardinality stays bounded.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::close::CloseReason;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CloseLabel {
+    code: u16,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: u16,
+}
+
+/// Why a message was not delivered (the `reason` label of
+/// `wshub_messages_dropped_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// A recipient's outbound queue was full (it is closed as slow).
+    SlowConsumer,
+    /// The message was invalid (bad JSON, wrong types, limits).
+    Invalid,
+    /// The message was over `limits.max_message_bytes`.
+    TooBig,
+    /// The bus refused it (overloaded or unavailable).
+    BusUnavailable,
+}
+
+impl DropReason {
+    fn label(self) -> &'static str {
+        match self {
+            Self::SlowConsumer => "slow_consumer",
+            Self::Invalid => "invalid",
+            Self::TooBig => "too_big",
+            Self::BusUnavailable => "bus_unavailable",
+        }
+    }
+}
+
+/// The node's counters. Cheap to update: atomics, and for labelled families
+/// a read lock on a map with a handful of entries.
+pub struct Metrics {
+    registry: Registry,
+    connections: Gauge,
+    opened: Counter,
+    closed: Family<CloseLabel, Counter>,
+    received: Counter,
+    delivered: Counter,
+    dropped: Family<ReasonLabel, Counter>,
+    http_broadcast: Family<StatusLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("wshub");
+        let m = Metrics {
+            connections: Gauge::default(),
+            opened: Counter::default(),
+            closed: Family::default(),
+            received: Counter::default(),
+            delivered: Counter::default(),
+            dropped: Family::default(),
+            http_broadcast: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("connections", "Open WebSocket connections", m.connections.clone());
+        registry.register("connections_opened", "WebSocket connections opened", m.opened.clone());
+        registry.register(
+            "connections_closed",
+            "WebSocket connections closed, by close code",
+            m.closed.clone(),
+        );
+        registry.register(
+            "messages_received",
+            "Messages received from clients",
+            m.received.clone(),
+        );
+        registry.register(
+            "messages_delivered",
+            "Frames queued to local sockets",
+            m.delivered.clone(),
+        );
+        registry.register(
+            "messages_dropped",
+            "Messages or deliveries dropped, by reason",
+            m.dropped.clone(),
+        );
+        registry.register(
+            "http_broadcast_requests",
+            "Requests to the HTTP broadcast endpoint, by status",
+            m.http_broadcast.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn connection_opened(&self) {
+        self.opened.inc();
+        self.connections.inc();
+    }
+
+    pub fn connection_closed(&self, reason: CloseReason) {
+        self.connections.dec();
+        self.closed
+            .get_or_create(&CloseLabel {
+                code: reason.code(),
+                reason: reason.label(),
+            })
+            .inc();
+    }
+
+    pub fn received(&self) {
+        self.received.inc();
+    }
+
+    pub fn delivered(&self, n: u64) {
+        if n > 0 {
+            self.delivered.inc_by(n);
+        }
+    }
+
+    pub fn dropped_slow(&self, n: u64) {
+        if n > 0 {
+            self.dropped(DropReason::SlowConsumer, n);
+        }
+    }
+
+    pub fn dropped(&self, reason: DropReason, n: u64) {
+        self.dropped
+            .get_or_create(&ReasonLabel {
+                reason: reason.label(),
+            })
+            .inc_by(n);
+    }
+
+    pub fn http_broadcast(&self, status: u16) {
+        self.http_broadcast.get_or_create(&StatusLabel { status }).inc();
+    }
+}

@@ -1,0 +1,204 @@
+//! The node: this process's hub, its bus, and the rules that join them.
+//!
+//! Sessions and HTTP handlers talk to the [`Node`] only; it owns the
+//! [`Hub`], the [`Bus`] and the node's lifecycle (ready, draining).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+use tracing::debug;
+
+use crate::bus::{Bus, BusError, Envelope, LocalBus};
+use crate::close::CloseReason;
+use crate::config::Config;
+use crate::hub::{Conn, Hub};
+use crate::message::{Frame, Message, MessageError};
+use crate::metrics::{DropReason, Metrics};
+use crate::route::{Identity, Route, Topic};
+
+/// Why a socket could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The node is shutting down.
+    #[error("the node is shutting down")]
+    Draining,
+    /// The bus could not subscribe to the connection's topics.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// Why a message was not published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Invalid(#[from] MessageError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// One wshub node.
+pub struct Node {
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    hub: Arc<Hub>,
+    bus: Arc<dyn Bus>,
+    draining: AtomicBool,
+    next_conn_id: AtomicU64,
+    /// Every socket session, so shutdown can wait for them (axum's graceful
+    /// shutdown does not wait for upgraded connections).
+    pub sessions: TaskTracker,
+}
+
+impl Node {
+    /// A node on the in-process bus.
+    pub fn new(config: Config) -> Arc<Self> {
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(metrics.clone()));
+        let bus = Arc::new(LocalBus::new(hub.clone(), config.bus.unsubscribe_delay));
+        Self::with_bus(config, metrics, hub, bus)
+    }
+
+    /// A node on a given bus, which must deliver into `hub`.
+    pub fn with_bus(
+        config: Config,
+        metrics: Arc<Metrics>,
+        hub: Arc<Hub>,
+        bus: Arc<dyn Bus>,
+    ) -> Arc<Self> {
+        // Every node hears messages for everyone, for as long as it lives.
+        drop(bus.subscribe(&Topic::All));
+        Arc::new(Self {
+            config: Arc::new(config),
+            metrics,
+            hub,
+            bus,
+            draining: AtomicBool::new(false),
+            next_conn_id: AtomicU64::new(1),
+            sessions: TaskTracker::new(),
+        })
+    }
+
+    /// Registers a socket for `who`: it is in the hub and the bus is
+    /// subscribed to its topics when this returns, so it receives every
+    /// message published from then on.
+    pub async fn connect(self: &Arc<Self>, who: Identity) -> Result<Registration, ConnectError> {
+        if self.is_draining() {
+            return Err(ConnectError::Draining);
+        }
+        let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        let (conn, rx) = Conn::new(id, who, self.config.limits.outbound_queue);
+        self.hub.insert(conn.clone());
+        self.metrics.connection_opened();
+        // The registration undoes all of this when dropped, also on error.
+        let registration = Registration {
+            node: self.clone(),
+            conn,
+            rx: Some(rx),
+        };
+        let [group, user] = registration.conn.who.topics();
+        let (g, u) = tokio::join!(self.bus.subscribe(&group), self.bus.subscribe(&user));
+        g?;
+        u?;
+        if self.is_draining() {
+            // Shutdown began while we subscribed and may have missed us.
+            return Err(ConnectError::Draining);
+        }
+        Ok(registration)
+    }
+
+    /// Parses a message from a client or the backend and publishes it.
+    pub fn publish_text(&self, text: &str) -> Result<(), PublishError> {
+        let msg = match Message::parse(text, &self.config.message_limits()) {
+            Ok(msg) => msg,
+            Err(e) => {
+                self.metrics.dropped(DropReason::Invalid, 1);
+                return Err(e.into());
+            }
+        };
+        self.publish(&msg)?;
+        Ok(())
+    }
+
+    /// Publishes a parsed message to its recipients.
+    pub fn publish(&self, msg: &Message<'_>) -> Result<(), BusError> {
+        let envelope = Arc::new(Envelope {
+            route: Route::from_recipients(&msg.recipients),
+            frame: msg.encode(),
+        });
+        self.bus.publish(envelope).inspect_err(|_| {
+            self.metrics.dropped(DropReason::BusUnavailable, 1);
+        })
+    }
+
+    /// `Ok` when the node can deliver; otherwise why not (for `/readyz`).
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.is_draining() {
+            return Err("draining".into());
+        }
+        self.bus.health().map_err(|e| e.to_string())
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Starts shutdown: refuse new sockets, report unready, and close every
+    /// open socket with 1001.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.sessions.close();
+        self.hub.close_all(CloseReason::GoingAway);
+    }
+
+    /// Number of open sockets on this node.
+    pub fn connections(&self) -> usize {
+        self.hub.len()
+    }
+}
+
+/// A socket's place in the node. Dropping it removes the socket from the hub
+/// and releases its bus topics.
+pub struct Registration {
+    node: Arc<Node>,
+    pub conn: Arc<Conn>,
+    rx: Option<mpsc::Receiver<Frame>>,
+}
+
+impl Registration {
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Takes the connection's outbound queue (once).
+    pub fn take_outbound(&mut self) -> Option<mpsc::Receiver<Frame>> {
+        self.rx.take()
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let node = &self.node;
+        node.hub.remove(&self.conn);
+        for topic in self.conn.who.topics() {
+            node.bus.unsubscribe(&topic);
+        }
+        if self.rx.is_none() {
+            // The session ran and set its close reason.
+            let reason = self.conn.closer.reason().unwrap_or(CloseReason::Normal);
+            node.metrics.connection_closed(reason);
+            debug!(
+                conn = self.conn.id,
+                user = %self.conn.who.user,
+                group = ?self.conn.who.group.as_deref(),
+                code = reason.code(),
+                reason = reason.label(),
+                "connection closed"
+            );
+        } else {
+            // Refused while subscribing, or the upgrade never completed.
+            node.metrics.connection_closed(CloseReason::ConnectionLost);
+        }
+    }
+}

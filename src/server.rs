@@ -1,0 +1,105 @@
+//! Binding the listener, serving, and shutting down in order.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::node::Node;
+
+/// Why the server could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The listen address could not be bound (in use, no permission).
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// The HTTP server failed while running.
+    #[error("server failed: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+/// A bound, not yet running server.
+pub struct Server {
+    listener: TcpListener,
+    node: Arc<Node>,
+}
+
+impl Server {
+    /// Binds `config.listen` (port 0 picks a free port) and builds the node.
+    pub async fn bind(config: Config) -> Result<Self, ServerError> {
+        let addr = config.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        Ok(Self {
+            listener,
+            node: Node::new(config),
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        // A bound TCP listener always has a local address.
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    /// The node this server runs.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Serves until `shutdown` resolves, then: refuse new sockets and report
+    /// unready, stop accepting, close every socket with 1001, and wait for the
+    /// sessions to end, at most `shutdown.grace_period`.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+        let Self { listener, node } = self;
+        info!(addr = %listener.local_addr()?, "wshub listening");
+        let stop_accepting = CancellationToken::new();
+        let app = crate::http::router(node.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let serve = axum::serve(listener, app).with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
+        let mut serve = tokio::spawn(async move { serve.await });
+
+        tokio::select! {
+            () = shutdown => {}
+            result = &mut serve => {
+                // axum only returns early on a listener failure.
+                node.drain();
+                return Err(result.map_err(std::io::Error::other)?.err().unwrap_or_else(|| {
+                    std::io::Error::other("server stopped unexpectedly")
+                }).into());
+            }
+        }
+
+        let open = node.connections();
+        info!(open_sockets = open, "shutting down: draining");
+        node.drain();
+        stop_accepting.cancel();
+        let grace = node.config.shutdown.grace_period;
+        let finished = tokio::time::timeout(grace, async {
+            node.sessions.wait().await;
+            let _ = serve.await;
+        })
+        .await;
+        if finished.is_err() {
+            warn!(
+                open_sockets = node.connections(),
+                grace_ms = grace.as_millis() as u64,
+                "grace period over with sessions still open; exiting anyway"
+            );
+        }
+        info!("shutdown complete");
+        Ok(())
+    }
+}
+
+/// Binds and runs a node until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+    Server::bind(config).await?.run(shutdown).await
+}

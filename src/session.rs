@@ -1,0 +1,168 @@
+//! One socket's session: read client messages, write queued frames, ping,
+//! and close with exactly one [`CloseReason`].
+//!
+//! A session is one task. It waits on four things at once: the close signal
+//! (set by anyone through the connection's [`Closer`](crate::hub::Closer)),
+//! the client's next frame, the outbound queue, and the ping timer. Queued
+//! frames are written in batches and flushed once per wake-up, so a busy
+//! socket costs one write system call for many frames.
+
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::{MissedTickBehavior, interval_at};
+use tracing::debug;
+
+use crate::close::CloseReason;
+use crate::message::{Frame, MessageError, error_frame};
+use crate::metrics::DropReason;
+use crate::node::{PublishError, Registration};
+
+/// Most frames written before one flush; bounds how long one wake-up takes.
+const MAX_BATCH: usize = 64;
+/// How long the closing handshake may take before the socket is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs a session until the socket closes.
+pub async fn run(socket: WebSocket, mut registration: Registration) {
+    let Some(mut outbound) = registration.take_outbound() else {
+        return;
+    };
+    let conn = registration.conn.clone();
+    let node = registration.node().clone();
+    debug!(conn = conn.id, user = %conn.who.user, group = ?conn.who.group.as_deref(), "connection opened");
+
+    let (mut sink, mut stream) = socket.split();
+    let ping_every = node.config.ws.ping_interval;
+    let mut ping = interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Whether the peer sent anything since the last ping.
+    let mut heard = true;
+    let mut client_closed = false;
+
+    let reason = loop {
+        tokio::select! {
+            biased;
+            reason = conn.closer.closed() => break reason,
+            frame = stream.next() => {
+                heard = true;
+                match frame {
+                    Some(Ok(WsMessage::Text(text))) => on_text(&registration, &text),
+                    Some(Ok(WsMessage::Binary(bytes))) => match std::str::from_utf8(&bytes) {
+                        Ok(text) => on_text(&registration, text),
+                        Err(_) => reply_error(&registration, &PublishError::from(MessageError::NotUtf8)),
+                    },
+                    // tungstenite answers pings itself.
+                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                    Some(Ok(WsMessage::Close(_))) => {
+                        client_closed = true;
+                        break CloseReason::Normal;
+                    }
+                    Some(Err(e)) => break read_error_reason(e),
+                    None => break CloseReason::ConnectionLost,
+                }
+            }
+            Some(first) = outbound.recv() => {
+                let write = write_batch(&mut sink, &mut outbound, first);
+                tokio::select! {
+                    biased;
+                    reason = conn.closer.closed() => break reason,
+                    result = write => if result.is_err() { break CloseReason::ConnectionLost },
+                }
+            }
+            _ = ping.tick() => {
+                if !heard {
+                    break CloseReason::PingTimeout;
+                }
+                heard = false;
+                if sink.send(WsMessage::Ping(Default::default())).await.is_err() {
+                    break CloseReason::ConnectionLost;
+                }
+            }
+        }
+    };
+    // Record the reason (a no-op if someone else set it first), then leave
+    // the hub before the closing handshake so nothing more is queued.
+    conn.closer.close(reason);
+    let reason = conn.closer.reason().unwrap_or(reason);
+    drop(registration);
+    close(sink, stream, reason, client_closed).await;
+}
+
+fn on_text(registration: &Registration, text: &str) {
+    let node = registration.node();
+    node.metrics.received();
+    if let Err(e) = node.publish_text(text) {
+        reply_error(registration, &e);
+    }
+}
+
+/// Tells the sender why its message went nowhere. Goes through the normal
+/// outbound queue, so a client that floods bad messages and never reads is
+/// closed as a slow consumer like any other.
+fn reply_error(registration: &Registration, error: &PublishError) {
+    if matches!(error, PublishError::Invalid(MessageError::NotUtf8)) {
+        registration.node().metrics.dropped(DropReason::Invalid, 1);
+    }
+    registration.conn.offer(error_frame(&error.to_string()));
+}
+
+fn read_error_reason(error: axum::Error) -> CloseReason {
+    use tungstenite::error::{CapacityError, Error};
+    match error.into_inner().downcast::<Error>().map(|e| *e) {
+        Ok(Error::Capacity(CapacityError::MessageTooLong { .. })) => CloseReason::MessageTooBig,
+        Ok(Error::Protocol(_) | Error::Utf8(_)) => CloseReason::ProtocolError,
+        _ => CloseReason::ConnectionLost,
+    }
+}
+
+async fn write_batch(
+    sink: &mut SplitSink<WebSocket, WsMessage>,
+    outbound: &mut mpsc::Receiver<Frame>,
+    first: Frame,
+) -> Result<(), axum::Error> {
+    sink.feed(WsMessage::Text(first)).await?;
+    for _ in 1..MAX_BATCH {
+        match outbound.try_recv() {
+            Ok(frame) => sink.feed(WsMessage::Text(frame)).await?,
+            Err(_) => break,
+        }
+    }
+    sink.flush().await
+}
+
+/// The closing handshake, bounded by [`CLOSE_TIMEOUT`].
+async fn close(
+    mut sink: SplitSink<WebSocket, WsMessage>,
+    mut stream: SplitStream<WebSocket>,
+    reason: CloseReason,
+    client_closed: bool,
+) {
+    if reason == CloseReason::ConnectionLost {
+        return;
+    }
+    let handshake = async {
+        if client_closed {
+            // tungstenite queued the echo of the client's close; send it.
+            let _ = sink.flush().await;
+        } else {
+            let frame = CloseFrame {
+                code: reason.code(),
+                reason: reason.reason().into(),
+            };
+            if sink.send(WsMessage::Close(Some(frame))).await.is_err() {
+                return;
+            }
+            // Wait for the client's close reply (or the end of the stream).
+            while let Some(Ok(msg)) = stream.next().await {
+                if matches!(msg, WsMessage::Close(_)) {
+                    break;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, handshake).await;
+}

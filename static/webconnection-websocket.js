@@ -1,0 +1,277 @@
+/**
+ * webconnection-websocket.js — the browser side of wshub.
+ *
+ * Drop-in compatible with West Wind Web Connection's `WebConnectionWebSocket`:
+ * code written against Web Connection runs unchanged. On top of the original:
+ * the socket URL follows the page (ws: or wss:), reconnects use capped
+ * exponential backoff with jitter, messages sent while disconnected are
+ * queued (bounded) and sent on reopen, and `close()` stops reconnecting.
+ *
+ * @module webconnection-websocket
+ */
+
+/** The socket path Web Connection uses (and wshub serves). */
+export const SOCKET_PATH = "/__initializeWebSocket.wc";
+
+/**
+ * Connection states, in the order a connection usually goes through them.
+ * @readonly
+ * @enum {string}
+ */
+export const State = Object.freeze({
+  /** Not connected, `tryConnect` not called yet. */
+  IDLE: "idle",
+  /** Opening the socket. */
+  CONNECTING: "connecting",
+  /** Open: `send` goes straight out. */
+  OPEN: "open",
+  /** Dropped; a reconnect is scheduled. */
+  RECONNECTING: "reconnecting",
+  /** Closed for good (`close()` called, or dropped without `retryOnFail`). */
+  CLOSED: "closed",
+});
+
+const DEFAULTS = Object.freeze({
+  url: null,
+  minReconnectDelay: 500,
+  maxReconnectDelay: 30000,
+  maxQueue: 100,
+});
+
+/**
+ * Builds the socket URL.
+ * @param {{protocol: string, host: string}} location the page's location
+ * @param {string|null} base an explicit `ws(s)://host[:port]` (or `http(s)://`) to use instead
+ * @param {string|null|undefined} groupId left out when empty
+ * @param {string|null|undefined} userId left out when empty
+ * @returns {string}
+ */
+export function buildUrl(location, base, groupId, userId) {
+  let root;
+  if (base) {
+    root = String(base).replace(/^http(s?):/i, "ws$1:").replace(/\/+$/, "");
+    if (!/\.wc$|\/ws$/i.test(root)) root += SOCKET_PATH;
+  } else {
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    root = `${scheme}//${location.host}${SOCKET_PATH}`;
+  }
+  const params = [];
+  if (groupId) params.push(`groupid=${encodeURIComponent(groupId)}`);
+  if (userId) params.push(`userid=${encodeURIComponent(userId)}`);
+  return params.length ? `${root}?${params.join("&")}` : root;
+}
+
+/**
+ * The delay before reconnect attempt `attempt` (0-based): exponential from
+ * `min`, capped at `max`, with "equal jitter" (between half and all of it)
+ * so that clients dropped together do not come back together.
+ * @param {number} attempt
+ * @param {number} min
+ * @param {number} max
+ * @param {() => number} [random] returns [0, 1)
+ * @returns {number} milliseconds
+ */
+export function backoffDelay(attempt, min, max, random = Math.random) {
+  const ceiling = Math.min(max, min * 2 ** Math.min(attempt, 30));
+  return Math.round(ceiling / 2 + random() * (ceiling / 2));
+}
+
+/**
+ * A message as the hub relays it. `JSON.stringify` writes exactly
+ * `userId, groupId, action, message, recipients` (the method is not
+ * serialised).
+ */
+export class BroadcastMessage {
+  /**
+   * @param {string} action
+   * @param {string} message
+   * @param {string|null} userId
+   * @param {string|null} groupId
+   */
+  constructor(action, message, userId = null, groupId = null) {
+    /** @type {string|null} */ this.userId = userId;
+    /** @type {string|null} */ this.groupId = groupId;
+    /** @type {string} */ this.action = action;
+    /** @type {string} */ this.message = message;
+    /** @type {{type: string, value: string}[]} */ this.recipients = [];
+  }
+
+  /**
+   * Adds a recipient. Without any, the message goes to everyone.
+   * @param {string} value a group id or user id
+   * @param {"group"|"user"|"excludeUser"} [type="group"]
+   * @returns {BroadcastMessage} this, for chaining
+   */
+  addRecipient(value, type = "group") {
+    this.recipients.push({ type, value });
+    return this;
+  }
+}
+
+/**
+ * A WebSocket connection to the hub.
+ *
+ * ```js
+ * const ws = new WebConnectionWebSocket();
+ * ws.onMessageHandler = (msg) => console.log(msg.action, msg.message);
+ * ws.tryConnect(true, "chat", "ann");
+ * const msg = ws.createBroadcastMessage("broadcastchatmessage", "hi");
+ * msg.addRecipient("chat", "group");
+ * ws.send(msg);
+ * ```
+ */
+export class WebConnectionWebSocket {
+  /**
+   * @param {object} [options]
+   * @param {string|null} [options.url] hub base URL (`wss://hub.example.com`); default: the page's own host
+   * @param {number} [options.minReconnectDelay=500] ms before the first reconnect attempt (at most)
+   * @param {number} [options.maxReconnectDelay=30000] cap on the reconnect delay, ms
+   * @param {number} [options.maxQueue=100] messages kept while disconnected; `send` returns false beyond
+   * @param {typeof WebSocket} [options.WebSocket] WebSocket implementation (for tests and Node.js)
+   * @param {{protocol: string, host: string}} [options.location] page location (for tests and Node.js)
+   */
+  constructor(options = {}) {
+    this.options = { ...DEFAULTS, ...options };
+    /** Called with each parsed message object. @type {(msg: object) => void} */
+    this.onMessageHandler = null;
+    /** Called when the socket opens (also after each reconnect). @type {(ev: Event) => void} */
+    this.onOpenHandler = null;
+    /** Called when the socket closes; `ev.code` says why. @type {(ev: CloseEvent) => void} */
+    this.onCloseHandler = null;
+    /** Called when a frame is not JSON. @type {(data: string, err: Error) => void} */
+    this.onErrorHandler = null;
+    /** The underlying socket, when there is one. @type {WebSocket|null} */
+    this.socket = null;
+    /** @type {string} one of {@link State} */
+    this.state = State.IDLE;
+    this.groupId = null;
+    this.userId = null;
+    this._retry = false;
+    this._attempt = 0;
+    this._timer = null;
+    this._queue = [];
+  }
+
+  /**
+   * Opens the connection.
+   * @param {boolean} retryOnFail reconnect (with backoff) whenever the socket drops
+   * @param {string} [groupId] the group to join; left out when empty
+   * @param {string} [userId] the user id; the hub assigns one when empty
+   */
+  tryConnect(retryOnFail, groupId, userId) {
+    this._retry = !!retryOnFail;
+    this.groupId = groupId || null;
+    this.userId = userId || null;
+    this._attempt = 0;
+    clearTimeout(this._timer);
+    this._open();
+  }
+
+  /** The URL `tryConnect` connects to. @returns {string} */
+  get url() {
+    const location = this.options.location || globalThis.location;
+    return buildUrl(location, this.options.url, this.groupId, this.userId);
+  }
+
+  _open() {
+    const Impl = this.options.WebSocket || globalThis.WebSocket;
+    this.state = State.CONNECTING;
+    let socket;
+    try {
+      socket = new Impl(this.url);
+    } catch (err) {
+      this._dropped({ code: 1006, reason: String(err), wasClean: false });
+      return;
+    }
+    this.socket = socket;
+    socket.onopen = (ev) => {
+      if (this.socket !== socket) return;
+      this.state = State.OPEN;
+      this._attempt = 0;
+      const queued = this._queue.splice(0);
+      for (const text of queued) socket.send(text);
+      if (this.onOpenHandler) this.onOpenHandler(ev);
+    };
+    socket.onmessage = (ev) => {
+      if (this.socket !== socket) return;
+      let msg;
+      try {
+        msg = JSON.parse(ev.data);
+      } catch (err) {
+        if (this.onErrorHandler) this.onErrorHandler(ev.data, err);
+        return;
+      }
+      if (this.onMessageHandler) this.onMessageHandler(msg);
+    };
+    socket.onclose = (ev) => {
+      if (this.socket !== socket) return;
+      this.socket = null;
+      this._dropped(ev);
+    };
+  }
+
+  _dropped(ev) {
+    if (this.onCloseHandler) this.onCloseHandler(ev);
+    if (!this._retry) {
+      this.state = State.CLOSED;
+      return;
+    }
+    this.state = State.RECONNECTING;
+    const { minReconnectDelay, maxReconnectDelay } = this.options;
+    const delay = backoffDelay(this._attempt++, minReconnectDelay, maxReconnectDelay);
+    this._timer = setTimeout(() => {
+      if (this.state === State.RECONNECTING) this._open();
+    }, delay);
+  }
+
+  /**
+   * Creates a message to send; add recipients with `addRecipient`.
+   * @param {string} action `broadcast` is relayed by the hub; other actions
+   *   go to the application's backend when the hub has one
+   * @param {string} message the payload (structured data as JSON text)
+   * @returns {BroadcastMessage}
+   */
+  createBroadcastMessage(action, message) {
+    return new BroadcastMessage(action, message, this.userId, this.groupId);
+  }
+
+  /**
+   * Sends a message object (as `JSON.stringify(msg)`) or a string as is.
+   * While the socket is not open the message is queued and sent on (re)open.
+   * @param {object|string} msg
+   * @returns {boolean} false when the queue is full (the message is not sent)
+   */
+  send(msg) {
+    const text = typeof msg === "string" ? msg : JSON.stringify(msg);
+    const OPEN = 1;
+    if (this.socket && this.socket.readyState === OPEN) {
+      this.socket.send(text);
+      return true;
+    }
+    if (this.state === State.CLOSED || this._queue.length >= this.options.maxQueue) return false;
+    this._queue.push(text);
+    return true;
+  }
+
+  /** Messages waiting for the socket to open. @returns {number} */
+  get queued() {
+    return this._queue.length;
+  }
+
+  /**
+   * Closes the socket and stops reconnecting; queued messages are dropped.
+   * @param {number} [code=1000]
+   * @param {string} [reason]
+   */
+  close(code = 1000, reason = "Socket closed") {
+    this._retry = false;
+    this._queue = [];
+    clearTimeout(this._timer);
+    const socket = this.socket;
+    this.socket = null;
+    this.state = State.CLOSED;
+    if (socket) socket.close(code, reason);
+  }
+}
+
+export default WebConnectionWebSocket;
