@@ -67,7 +67,7 @@ pub struct RawLimits {
     pub max_message_bytes: usize,
     pub max_id_bytes: usize,
     pub max_recipients: usize,
-    pub outbound_queue: usize,
+    pub outbound_queue_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -118,7 +118,7 @@ impl Default for RawLimits {
             max_message_bytes: 64 * 1024,
             max_id_bytes: 256,
             max_recipients: 100,
-            outbound_queue: 256,
+            outbound_queue_bytes: 1024 * 1024,
         }
     }
 }
@@ -176,8 +176,8 @@ pub struct Limits {
     pub max_id_bytes: usize,
     /// Most recipients in one message.
     pub max_recipients: usize,
-    /// Frames queued per connection before it is closed as a slow consumer.
-    pub outbound_queue: usize,
+    /// Bytes queued per connection before it is closed as a slow consumer.
+    pub outbound_queue_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -240,14 +240,21 @@ impl Config {
 
     /// Validates what the user wrote.
     pub fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
-        let listen = raw
-            .listen
-            .parse()
-            .map_err(|e| invalid("listen", format!("is not an address like 0.0.0.0:8080: {e}")))?;
+        let listen = raw.listen.parse().map_err(|e| {
+            invalid(
+                "listen",
+                format!("is not an address like 0.0.0.0:8080: {e}"),
+            )
+        })?;
         let log_format = match raw.log.format.to_ascii_lowercase().as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
-            other => return Err(invalid("log.format", format!("must be text or json, not {other:?}"))),
+            other => {
+                return Err(invalid(
+                    "log.format",
+                    format!("must be text or json, not {other:?}"),
+                ));
+            }
         };
         tracing_subscriber::EnvFilter::try_new(&raw.log.level)
             .map_err(|e| invalid("log.level", format!("is not a valid filter: {e}")))?;
@@ -265,8 +272,11 @@ impl Config {
         if l.max_recipients == 0 {
             return Err(invalid("limits.max_recipients", "must be at least 1"));
         }
-        if l.outbound_queue == 0 {
-            return Err(invalid("limits.outbound_queue", "must be at least 1"));
+        if l.outbound_queue_bytes < l.max_message_bytes {
+            return Err(invalid(
+                "limits.outbound_queue_bytes",
+                "must be at least limits.max_message_bytes (one message must fit)",
+            ));
         }
         if raw.ws.ping_interval_ms < 10 {
             return Err(invalid("ws.ping_interval_ms", "must be at least 10"));
@@ -282,7 +292,7 @@ impl Config {
                 max_message_bytes: l.max_message_bytes,
                 max_id_bytes: l.max_id_bytes,
                 max_recipients: l.max_recipients,
-                outbound_queue: l.outbound_queue,
+                outbound_queue_bytes: l.outbound_queue_bytes,
             },
             ws: Ws {
                 ping_interval: Duration::from_millis(raw.ws.ping_interval_ms),
@@ -313,7 +323,10 @@ mod tests {
     use std::io::Write;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -357,12 +370,27 @@ mod tests {
     fn errors_name_the_key() {
         let cases: &[(&[(&str, &str)], &str)] = &[
             (&[("WSHUB_LISTEN", "nowhere")], "`listen`"),
-            (&[("WSHUB_LIMITS__MAX_MESSAGE_BYTES", "lots")], "max_message_bytes"),
-            (&[("WSHUB_LIMITS__MAX_MESSAGE_BYTES", "10")], "`limits.max_message_bytes` must be at least 1024"),
-            (&[("WSHUB_LIMITS__OUTBOUND_QUEUE", "0")], "`limits.outbound_queue`"),
+            (
+                &[("WSHUB_LIMITS__MAX_MESSAGE_BYTES", "lots")],
+                "max_message_bytes",
+            ),
+            (
+                &[("WSHUB_LIMITS__MAX_MESSAGE_BYTES", "10")],
+                "`limits.max_message_bytes` must be at least 1024",
+            ),
+            (
+                &[("WSHUB_LIMITS__OUTBOUND_QUEUE_BYTES", "1000")],
+                "`limits.outbound_queue_bytes` must be at least",
+            ),
             (&[("WSHUB_LOG__FORMAT", "xml")], "`log.format`"),
-            (&[("WSHUB_LIMITS__MAX_MESAGE_BYTES", "1")], "max_mesage_bytes"),
-            (&[("WSHUB_WS__PING_INTERVAL_MS", "0")], "`ws.ping_interval_ms`"),
+            (
+                &[("WSHUB_LIMITS__MAX_MESAGE_BYTES", "1")],
+                "max_mesage_bytes",
+            ),
+            (
+                &[("WSHUB_WS__PING_INTERVAL_MS", "0")],
+                "`ws.ping_interval_ms`",
+            ),
         ];
         for (vars, want) in cases {
             let err = Config::load_from(None, env(vars)).unwrap_err().to_string();
@@ -374,7 +402,9 @@ mod tests {
     fn unknown_key_in_the_file_is_refused() {
         let mut file = tempfile();
         writeln!(file.1, "[limits]\nmax_mesage_bytes = 5").unwrap();
-        let err = Config::load_from(Some(&file.0), env(&[])).unwrap_err().to_string();
+        let err = Config::load_from(Some(&file.0), env(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("max_mesage_bytes"), "{err}");
     }
 

@@ -33,7 +33,10 @@ const CHAT_HTML: &str = include_str!("../static/index.html");
 /// The application's routes.
 pub fn router(node: Arc<Node>) -> Router {
     Router::new()
-        .route("/", get(|| async { static_file("text/html; charset=utf-8", CHAT_HTML) }))
+        .route(
+            "/",
+            get(|| async { static_file("text/html; charset=utf-8", CHAT_HTML) }),
+        )
         .route("/scripts/webconnection-websocket.js", get(library))
         .route("/scripts/web-connection-websocket.js", get(library))
         .route(
@@ -65,7 +68,11 @@ fn static_file(content_type: &'static str, body: &'static str) -> Response {
 async fn readyz(State(node): State<Arc<Node>>) -> Response {
     match node.readiness() {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+            .into_response(),
     }
 }
 
@@ -103,7 +110,10 @@ async fn socket(node: Arc<Node>, request: Request) -> Response {
     let (mut parts, _body) = request.into_parts();
     let Ok(upgrade) = WebSocketUpgrade::from_request_parts(&mut parts, &()).await else {
         // Web Connection answers a plain GET of the socket path with 404.
-        return (StatusCode::NOT_FOUND, "not found: this path only accepts WebSocket upgrades\n")
+        return (
+            StatusCode::NOT_FOUND,
+            "not found: this path only accepts WebSocket upgrades\n",
+        )
             .into_response();
     };
     let who = match identity_from_query(parts.uri.query(), node.config.limits.max_id_bytes) {
@@ -190,7 +200,10 @@ async fn broadcast_inner(node: &Node, request: Request) -> Response {
         )
             .into_response();
     }
-    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
     if !peer.is_some_and(broadcast_allowed) {
         return (
             StatusCode::FORBIDDEN,
@@ -216,7 +229,9 @@ async fn broadcast_inner(node: &Node, request: Request) -> Response {
     match node.publish_text(text) {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(PublishError::Invalid(e)) => bad_request(e.to_string()),
-        Err(PublishError::Bus(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+        Err(PublishError::Bus(e)) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response()
+        }
     }
 }
 
@@ -226,10 +241,21 @@ mod tests {
 
     #[test]
     fn only_loopback_may_broadcast() {
-        for ok in ["127.0.0.1:1", "127.8.9.10:1", "[::1]:1", "[::ffff:127.0.0.1]:1"] {
+        for ok in [
+            "127.0.0.1:1",
+            "127.8.9.10:1",
+            "[::1]:1",
+            "[::ffff:127.0.0.1]:1",
+        ] {
             assert!(broadcast_allowed(ok.parse().unwrap()), "{ok}");
         }
-        for no in ["10.0.0.1:1", "192.168.1.2:1", "[2001:db8::1]:1", "[::ffff:10.0.0.1]:1", "0.0.0.0:1"] {
+        for no in [
+            "10.0.0.1:1",
+            "192.168.1.2:1",
+            "[2001:db8::1]:1",
+            "[::ffff:10.0.0.1]:1",
+            "0.0.0.0:1",
+        ] {
             assert!(!broadcast_allowed(no.parse().unwrap()), "{no}");
         }
     }
@@ -243,7 +269,11 @@ mod tests {
         assert_eq!(who.user.len(), 12);
         assert!(who.user.bytes().all(|b| b.is_ascii_hexdigit()));
         let who = identity_from_query(Some("groupid=&userid="), 16).unwrap();
-        assert_eq!(who.group.as_deref(), Some(""), "groupid= is the empty group, not null");
+        assert_eq!(
+            who.group.as_deref(),
+            Some(""),
+            "groupid= is the empty group, not null"
+        );
         assert_eq!(who.user.len(), 12, "an empty userid gets a random one");
         let who = identity_from_query(Some("userid=a%20b&groupid=x%2By"), 16).unwrap();
         assert_eq!((&*who.user, who.group.as_deref()), ("a b", Some("x+y")));

@@ -5,11 +5,13 @@
 //! takes it if [`Route::accepts`](crate::route::Route::accepts) says so —
 //! that is what makes delivery exactly-once per socket.
 //!
-//! Delivery never waits: each connection has a bounded queue of encoded
-//! frames, and a connection whose queue is full is closed as a slow
-//! consumer ([`CloseReason::SlowConsumer`]) instead of slowing anyone else.
+//! Delivery never waits: each connection has a queue of encoded frames
+//! bounded in bytes, and a connection whose queue is full is closed as a
+//! slow consumer ([`CloseReason::SlowConsumer`]) instead of slowing anyone
+//! else.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use tokio::sync::{Notify, mpsc};
@@ -29,19 +31,19 @@ pub type ConnId = u64;
 pub struct Conn {
     pub id: ConnId,
     pub who: Identity,
-    /// The connection's outbound queue (bounded by `limits.outbound_queue`).
-    tx: mpsc::Sender<Frame>,
+    outbox: Outbox,
     pub closer: Closer,
 }
 
 impl Conn {
-    /// Creates a connection and the receiving end of its outbound queue.
-    pub fn new(id: ConnId, who: Identity, queue: usize) -> (Arc<Self>, mpsc::Receiver<Frame>) {
-        let (tx, rx) = mpsc::channel(queue);
+    /// Creates a connection and the receiving end of its outbound queue,
+    /// which may hold up to `queue_bytes` of frames.
+    pub fn new(id: ConnId, who: Identity, queue_bytes: usize) -> (Arc<Self>, OutboxReceiver) {
+        let (outbox, rx) = Outbox::new(queue_bytes);
         let conn = Conn {
             id,
             who,
-            tx,
+            outbox,
             closer: Closer::default(),
         };
         (Arc::new(conn), rx)
@@ -50,17 +52,90 @@ impl Conn {
     /// Queues a frame for this connection without waiting. Returns false when
     /// the queue was full: the connection is then closed as a slow consumer.
     pub fn offer(&self, frame: Frame) -> bool {
-        match self.tx.try_send(frame) {
+        match self.outbox.push(frame) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(Full) => {
                 if self.closer.close(CloseReason::SlowConsumer) {
                     warn!(conn = self.id, user = %self.who.user, "outbound queue full: closing slow consumer");
                 }
                 false
             }
-            // The session is already ending; it decided its own close reason.
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
+    }
+}
+
+/// Bookkeeping cost of one queued frame beyond its bytes, so that a flood of
+/// tiny frames is bounded too.
+const FRAME_OVERHEAD: usize = 64;
+
+/// A connection's outbound queue, bounded in bytes rather than frames.
+///
+/// Bytes are what a slow client costs and what "how far behind is it"
+/// means: a burst of a thousand tiny messages is harmless, a few hundred
+/// kilobytes unread is not. The channel underneath is unbounded, and the
+/// byte budget is what bounds it: [`push`](Self::push) refuses a frame that
+/// would take the queued total past the budget (frames are shared
+/// `Bytes`, so the real memory is often less than the budget says).
+#[derive(Debug)]
+struct Outbox {
+    tx: mpsc::UnboundedSender<Frame>,
+    queued: Arc<AtomicUsize>,
+    budget: usize,
+}
+
+/// The queue was full.
+#[derive(Debug)]
+struct Full;
+
+impl Outbox {
+    fn new(budget: usize) -> (Self, OutboxReceiver) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let rx = OutboxReceiver {
+            rx,
+            queued: queued.clone(),
+        };
+        (Self { tx, queued, budget }, rx)
+    }
+
+    fn push(&self, frame: Frame) -> Result<(), Full> {
+        let cost = frame.len() + FRAME_OVERHEAD;
+        let before = self.queued.fetch_add(cost, Ordering::AcqRel);
+        if before + cost > self.budget {
+            self.queued.fetch_sub(cost, Ordering::AcqRel);
+            return Err(Full);
+        }
+        // A closed receiver means the session is ending: the frame is moot.
+        let _ = self.tx.send(frame);
+        Ok(())
+    }
+}
+
+/// The session's end of a connection's outbound queue.
+#[derive(Debug)]
+pub struct OutboxReceiver {
+    rx: mpsc::UnboundedReceiver<Frame>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl OutboxReceiver {
+    fn took(&self, frame: &Frame) {
+        self.queued
+            .fetch_sub(frame.len() + FRAME_OVERHEAD, Ordering::AcqRel);
+    }
+
+    /// The next frame; `None` once the connection is gone.
+    pub async fn recv(&mut self) -> Option<Frame> {
+        let frame = self.rx.recv().await?;
+        self.took(&frame);
+        Some(frame)
+    }
+
+    /// The next frame if one is queued.
+    pub fn try_recv(&mut self) -> Option<Frame> {
+        let frame = self.rx.try_recv().ok()?;
+        self.took(&frame);
+        Some(frame)
     }
 }
 

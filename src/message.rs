@@ -270,8 +270,9 @@ impl<'de> Deserialize<'de> for Message<'de> {
                         "action" => msg.action = field_str(&mut map, "action")?,
                         "message" => msg.message = field_str(&mut map, "message")?,
                         "recipients" => {
-                            msg.recipients =
-                                map.next_value::<Option<Recipients<'de>>>()?.map_or_else(Vec::new, |r| r.0)
+                            msg.recipients = map
+                                .next_value::<Option<Recipients<'de>>>()?
+                                .map_or_else(Vec::new, |r| r.0)
                         }
                         _ => {
                             map.next_value::<IgnoredAny>()?;
@@ -314,8 +315,7 @@ struct KindField(Option<RecipientKind>);
 impl<'de> Deserialize<'de> for KindField {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
-        const EXPECTED: &str =
-            "recipient `type` must be group, user, excludeUser (or allButUser, allExceptUser), 0, 1 or 2";
+        const EXPECTED: &str = "recipient `type` must be group, user, excludeUser (or allButUser, allExceptUser), 0, 1 or 2";
         impl Visitor<'_> for V {
             type Value = KindField;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -418,7 +418,8 @@ mod tests {
         )
         .unwrap();
         assert!(m.recipients.iter().all(|r| r.kind == ExcludeUser));
-        let m = parse(r#"{"recipients":[{"type":0,"value":"a"},{"type":null,"value":null}]}"#).unwrap();
+        let m =
+            parse(r#"{"recipients":[{"type":0,"value":"a"},{"type":null,"value":null}]}"#).unwrap();
         assert_eq!(m.recipients[0].kind, ExcludeUser);
         assert_eq!(m.recipients[1].kind, Group);
         assert_eq!(m.recipients[1].value, None);
@@ -434,21 +435,42 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let cases = [
-            (r#"{"message":5}"#, "expected `message` to be a string or null"),
-            (r#"{"userId":{}}"#, "expected `userId` to be a string or null"),
+            (
+                r#"{"message":5}"#,
+                "expected `message` to be a string or null",
+            ),
+            (
+                r#"{"userId":{}}"#,
+                "expected `userId` to be a string or null",
+            ),
             (r#"{"recipients":"g"}"#, "`recipients` to be an array"),
-            (r#"{"recipients":["g"]}"#, "each recipient to be a {type, value} object"),
-            (r#"{"recipients":[{"type":"everyone"}]}"#, "recipient `type` must be"),
+            (
+                r#"{"recipients":["g"]}"#,
+                "each recipient to be a {type, value} object",
+            ),
+            (
+                r#"{"recipients":[{"type":"everyone"}]}"#,
+                "recipient `type` must be",
+            ),
             (r#"{"recipients":[{"type":7}]}"#, "recipient `type` must be"),
-            (r#"{"recipients":[{"value":1}]}"#, "expected `recipients[].value` to be"),
+            (
+                r#"{"recipients":[{"value":1}]}"#,
+                "expected `recipients[].value` to be",
+            ),
             (r#"[1,2]"#, "a message object"),
             (r#"{"action":"x""#, "EOF"),
-            (r#"{"userId":"01234567890123456"}"#, "`userId` is longer than 16 bytes"),
+            (
+                r#"{"userId":"01234567890123456"}"#,
+                "`userId` is longer than 16 bytes",
+            ),
             (
                 r#"{"recipients":[{"value":"01234567890123456"}]}"#,
                 "`recipients[].value` is longer than 16 bytes",
             ),
-            (r#"{"recipients":[{},{},{},{},{}]}"#, "5 recipients, at most 4"),
+            (
+                r#"{"recipients":[{},{},{},{},{}]}"#,
+                "5 recipients, at most 4",
+            ),
         ];
         for (input, want) in cases {
             let err = parse(input).unwrap_err().to_string();

@@ -86,8 +86,16 @@ impl Metrics {
             http_broadcast: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("connections", "Open WebSocket connections", m.connections.clone());
-        registry.register("connections_opened", "WebSocket connections opened", m.opened.clone());
+        registry.register(
+            "connections",
+            "Open WebSocket connections",
+            m.connections.clone(),
+        );
+        registry.register(
+            "connections_opened",
+            "WebSocket connections opened",
+            m.opened.clone(),
+        );
         registry.register(
             "connections_closed",
             "WebSocket connections closed, by close code",
@@ -164,6 +172,8 @@ impl Metrics {
     }
 
     pub fn http_broadcast(&self, status: u16) {
-        self.http_broadcast.get_or_create(&StatusLabel { status }).inc();
+        self.http_broadcast
+            .get_or_create(&StatusLabel { status })
+            .inc();
     }
 }

@@ -6,15 +6,14 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::bus::{Bus, BusError, Envelope, LocalBus};
 use crate::close::CloseReason;
 use crate::config::Config;
-use crate::hub::{Conn, Hub};
-use crate::message::{Frame, Message, MessageError};
+use crate::hub::{Conn, Hub, OutboxReceiver};
+use crate::message::{Message, MessageError};
 use crate::metrics::{DropReason, Metrics};
 use crate::route::{Identity, Route, Topic};
 
@@ -88,7 +87,7 @@ impl Node {
             return Err(ConnectError::Draining);
         }
         let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
-        let (conn, rx) = Conn::new(id, who, self.config.limits.outbound_queue);
+        let (conn, rx) = Conn::new(id, who, self.config.limits.outbound_queue_bytes);
         self.hub.insert(conn.clone());
         self.metrics.connection_opened();
         // The registration undoes all of this when dropped, also on error.
@@ -163,7 +162,7 @@ impl Node {
 pub struct Registration {
     node: Arc<Node>,
     pub conn: Arc<Conn>,
-    rx: Option<mpsc::Receiver<Frame>>,
+    rx: Option<OutboxReceiver>,
 }
 
 impl Registration {
@@ -172,7 +171,7 @@ impl Registration {
     }
 
     /// Takes the connection's outbound queue (once).
-    pub fn take_outbound(&mut self) -> Option<mpsc::Receiver<Frame>> {
+    pub fn take_outbound(&mut self) -> Option<OutboxReceiver> {
         self.rx.take()
     }
 }

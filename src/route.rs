@@ -41,7 +41,10 @@ pub struct Identity {
 impl Identity {
     /// The topics this socket must be subscribed to, besides [`Topic::All`].
     pub fn topics(&self) -> [Topic; 2] {
-        [Topic::Group(self.group.clone()), Topic::User(self.user.clone())]
+        [
+            Topic::Group(self.group.clone()),
+            Topic::User(self.user.clone()),
+        ]
     }
 }
 
@@ -110,7 +113,9 @@ impl Route {
                 topics.push(topic);
             }
         }
-        let names_nobody = recipients.iter().any(|r| r.kind != RecipientKind::ExcludeUser);
+        let names_nobody = recipients
+            .iter()
+            .any(|r| r.kind != RecipientKind::ExcludeUser);
         if topics.is_empty() && !names_nobody {
             // No targets at all, or only exclusions: everyone (but them).
             topics.push(Topic::All);
@@ -194,7 +199,10 @@ mod tests {
     fn types_are_respected() {
         let r = Route::from_recipients(&[rcpt(User, "chat")]);
         assert!(accepted_via(&r, &who("u", Some("chat"))).is_empty());
-        assert_eq!(accepted_via(&r, &who("chat", Some("g"))), [Topic::User("chat".into())]);
+        assert_eq!(
+            accepted_via(&r, &who("chat", Some("g"))),
+            [Topic::User("chat".into())]
+        );
     }
 
     #[test]
@@ -218,15 +226,27 @@ mod tests {
             rcpt(User, "u"),
         ]);
         assert_eq!(r.topics().len(), 2, "duplicates removed");
-        assert_eq!(accepted_via(&r, &who("u", Some("g"))), [Topic::User("u".into())]);
-        assert_eq!(accepted_via(&r, &who("v", Some("g"))), [Topic::Group(Some("g".into()))]);
-        assert_eq!(accepted_via(&r, &who("u", Some("h"))), [Topic::User("u".into())]);
+        assert_eq!(
+            accepted_via(&r, &who("u", Some("g"))),
+            [Topic::User("u".into())]
+        );
+        assert_eq!(
+            accepted_via(&r, &who("v", Some("g"))),
+            [Topic::Group(Some("g".into()))]
+        );
+        assert_eq!(
+            accepted_via(&r, &who("u", Some("h"))),
+            [Topic::User("u".into())]
+        );
         assert!(accepted_via(&r, &who("v", Some("h"))).is_empty());
     }
 
     #[test]
     fn user_entry_naming_nobody_reaches_nobody() {
-        let r = Route::from_recipients(&[Recipient { kind: User, value: None }]);
+        let r = Route::from_recipients(&[Recipient {
+            kind: User,
+            value: None,
+        }]);
         assert!(r.topics().is_empty());
         assert!(accepted_via(&r, &who("a", None)).is_empty());
     }

@@ -47,7 +47,9 @@ impl Server {
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         // A bound TCP listener always has a local address.
-        self.listener.local_addr().expect("bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     /// The node this server runs.
@@ -55,15 +57,20 @@ impl Server {
         &self.node
     }
 
-    /// Serves until `shutdown` resolves, then: refuse new sockets and report
-    /// unready, stop accepting, close every socket with 1001, and wait for the
-    /// sessions to end, at most `shutdown.grace_period`.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+    /// Serves until `shutdown` resolves, then: report unready and refuse new
+    /// sockets, close every socket with 1001, wait for the sessions to end
+    /// (at most `shutdown.grace_period`), and only then stop accepting HTTP.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
         let Self { listener, node } = self;
         info!(addr = %listener.local_addr()?, "wshub listening");
         let stop_accepting = CancellationToken::new();
-        let app = crate::http::router(node.clone()).into_make_service_with_connect_info::<SocketAddr>();
-        let serve = axum::serve(listener, app).with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
+        let app =
+            crate::http::router(node.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let serve = axum::serve(listener, app)
+            .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
         let mut serve = tokio::spawn(async move { serve.await });
 
         tokio::select! {
@@ -77,22 +84,25 @@ impl Server {
             }
         }
 
-        let open = node.connections();
-        info!(open_sockets = open, "shutting down: draining");
+        // Keep answering HTTP while draining, so load balancers see /readyz
+        // turn 503 and new sockets are refused with 503, not reset.
+        info!(open_sockets = node.connections(), "shutting down: draining");
         node.drain();
-        stop_accepting.cancel();
         let grace = node.config.shutdown.grace_period;
-        let finished = tokio::time::timeout(grace, async {
-            node.sessions.wait().await;
-            let _ = serve.await;
-        })
-        .await;
-        if finished.is_err() {
+        if tokio::time::timeout(grace, node.sessions.wait())
+            .await
+            .is_err()
+        {
             warn!(
                 open_sockets = node.connections(),
                 grace_ms = grace.as_millis() as u64,
                 "grace period over with sessions still open; exiting anyway"
             );
+        }
+        stop_accepting.cancel();
+        // In-flight HTTP requests are short; do not let one hold the exit.
+        if tokio::time::timeout(grace, serve).await.is_err() {
+            warn!("HTTP requests still in flight after the grace period; exiting anyway");
         }
         info!("shutdown complete");
         Ok(())
@@ -100,6 +110,9 @@ impl Server {
 }
 
 /// Binds and runs a node until `shutdown` resolves.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
     Server::bind(config).await?.run(shutdown).await
 }

@@ -12,11 +12,11 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
 use tokio::time::{MissedTickBehavior, interval_at};
 use tracing::debug;
 
 use crate::close::CloseReason;
+use crate::hub::OutboxReceiver;
 use crate::message::{Frame, MessageError, error_frame};
 use crate::metrics::DropReason;
 use crate::node::{PublishError, Registration};
@@ -121,14 +121,14 @@ fn read_error_reason(error: axum::Error) -> CloseReason {
 
 async fn write_batch(
     sink: &mut SplitSink<WebSocket, WsMessage>,
-    outbound: &mut mpsc::Receiver<Frame>,
+    outbound: &mut OutboxReceiver,
     first: Frame,
 ) -> Result<(), axum::Error> {
     sink.feed(WsMessage::Text(first)).await?;
     for _ in 1..MAX_BATCH {
         match outbound.try_recv() {
-            Ok(frame) => sink.feed(WsMessage::Text(frame)).await?,
-            Err(_) => break,
+            Some(frame) => sink.feed(WsMessage::Text(frame)).await?,
+            None => break,
         }
     }
     sink.flush().await

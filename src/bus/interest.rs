@@ -103,7 +103,9 @@ impl Interest {
         let mut inner = self.lock();
         let mut released = Vec::new();
         while inner.zeroed.front().is_some_and(|(at, _)| *at <= now) {
-            let Some((_, topic)) = inner.zeroed.pop_front() else { break };
+            let Some((_, topic)) = inner.zeroed.pop_front() else {
+                break;
+            };
             if inner.counts.get(&topic) == Some(&0) {
                 inner.counts.remove(&topic);
                 released.push(topic);
@@ -128,9 +130,12 @@ mod tests {
         assert!(interest.contains(&t));
         assert!(interest.expire(Instant::now()).is_empty());
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!(interest.expire(Instant::now()), [t.clone()]);
+        assert_eq!(interest.expire(Instant::now()), std::slice::from_ref(&t));
         assert!(!interest.contains(&t));
-        assert!(interest.add(&t), "a released topic must be subscribed again");
+        assert!(
+            interest.add(&t),
+            "a released topic must be subscribed again"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,0 +1,221 @@
+//! Test harness: real servers on port 0 and real WebSocket clients.
+//!
+//! "Nothing else arrived" is never checked with a sleep. Instead a test sends
+//! a *sentinel* that reaches everyone after the message under test, from the
+//! same sender: per-sender order is guaranteed, so whatever a client receives
+//! before the sentinel is everything the message under test gave it.
+
+#![allow(dead_code)]
+
+pub mod routing;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+use tokio_util::sync::CancellationToken;
+use wshub::node::Node;
+use wshub::{Config, Server};
+
+/// How long a test waits for something that should happen promptly.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+pub fn test_config() -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    }
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub node: Arc<Node>,
+    pub shutdown: CancellationToken,
+    pub handle: JoinHandle<Result<(), wshub::server::ServerError>>,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::with(test_config()).await
+    }
+
+    pub async fn with(config: Config) -> Self {
+        let server = Server::bind(config).await.expect("bind");
+        let addr = server.local_addr();
+        let node = server.node().clone();
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(server.run(shutdown.clone().cancelled_owned()));
+        Self {
+            addr,
+            node,
+            shutdown,
+            handle,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn connect(&self, user: &str, group: Option<&str>) -> Client {
+        let query = match group {
+            Some(g) => format!("userid={user}&groupid={g}"),
+            None => format!("userid={user}"),
+        };
+        Client::connect(self.addr, &format!("/__initializeWebSocket.wc?{query}")).await
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        reqwest::get(self.url(path)).await.expect("GET")
+    }
+
+    pub async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("POST")
+    }
+
+    /// The value of one unlabelled series in /metrics (0 when absent).
+    pub fn metric(&self, series: &str) -> f64 {
+        self.node
+            .metrics
+            .render()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0.0)
+    }
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub struct Client {
+    pub ws: Ws,
+    sentinels: u64,
+}
+
+/// What a client saw when its socket ended.
+#[derive(Debug, PartialEq)]
+pub enum Ended {
+    Closed(u16, String),
+    /// The TCP connection ended without a close frame.
+    Dropped,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr, path_and_query: &str) -> Self {
+        let (ws, response) = connect_async(format!("ws://{addr}{path_and_query}"))
+            .await
+            .expect("websocket connect");
+        assert_eq!(response.status(), 101);
+        Self { ws, sentinels: 0 }
+    }
+
+    pub async fn send_text(&mut self, text: impl Into<String>) {
+        self.ws
+            .send(Message::text(text.into()))
+            .await
+            .expect("send");
+    }
+
+    pub async fn send_json(&mut self, value: Value) {
+        self.send_text(value.to_string()).await;
+    }
+
+    /// Next text frame, raw (pings and pongs skipped).
+    pub async fn recv_text(&mut self) -> String {
+        loop {
+            let msg = tokio::time::timeout(PATIENCE, self.ws.next())
+                .await
+                .expect("timed out waiting for a message")
+                .expect("socket ended")
+                .expect("socket error");
+            match msg {
+                Message::Text(t) => return t.to_string(),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) -> Value {
+        serde_json::from_str(&self.recv_text().await).expect("frame is JSON")
+    }
+
+    /// Sends a message to everyone that every client collects up to with
+    /// [`until_sentinel`](Self::until_sentinel).
+    pub async fn send_sentinel(&mut self) -> String {
+        self.sentinels += 1;
+        let tag = format!("sentinel-{}", self.sentinels);
+        self.send_json(json!({"action": "sentinel", "message": tag}))
+            .await;
+        tag
+    }
+
+    /// Every message received before the sentinel `tag`.
+    pub async fn until_sentinel(&mut self, tag: &str) -> Vec<Value> {
+        let mut seen = Vec::new();
+        loop {
+            let msg = self.recv().await;
+            if msg["action"] == "sentinel" && msg["message"] == tag {
+                return seen;
+            }
+            seen.push(msg);
+        }
+    }
+
+    /// Waits for the socket to end, skipping data frames.
+    pub async fn ended(&mut self) -> Ended {
+        loop {
+            match tokio::time::timeout(PATIENCE, self.ws.next())
+                .await
+                .expect("timed out waiting for the socket to close")
+            {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return Ended::Closed(u16::from(frame.code), frame.reason.to_string());
+                }
+                Some(Ok(Message::Close(None))) => return Ended::Closed(1005, String::new()),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Ended::Dropped,
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self
+            .ws
+            .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: CloseCode::Normal,
+                reason: "bye".into(),
+            }))
+            .await;
+    }
+}
+
+/// Waits until `condition` holds, checking every few milliseconds; fails the
+/// test after [`PATIENCE`]. For state that changes without a message to
+/// wait on (a counter, a connection count).
+pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

@@ -1,0 +1,517 @@
+//! One node, over real sockets: routing, frames, bad input, limits, slow
+//! consumers, pings, shutdown, and the HTTP endpoints.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, Ended, TestServer, eventually, routing::routing_table, test_config};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn routing_table_on_one_node() {
+    let server = TestServer::start().await;
+    routing_table(&[server.addr]).await;
+}
+
+#[tokio::test]
+async fn outbound_frame_has_the_protocol_shape() {
+    let server = TestServer::start().await;
+    let mut a = server.connect("a", Some("g")).await;
+    a.send_text(r#"{"recipients":[{"type":2,"value":"a"}],"extra":1,"message":"hi \"you\"","action":"broadcastchatmessage","groupId":"g","userId":"a"}"#)
+        .await;
+    assert_eq!(
+        a.recv_text().await,
+        r#"{"userId":"a","groupId":"g","action":"broadcastchatmessage","message":"hi \"you\"","recipients":[{"type":"user","value":"a"}]}"#
+    );
+    a.send_text(r#"{"action":"broadcast"}"#).await;
+    assert_eq!(
+        a.recv_text().await,
+        r#"{"userId":null,"groupId":null,"action":"broadcast","message":null,"recipients":[]}"#
+    );
+}
+
+#[tokio::test]
+async fn per_sender_order_is_kept() {
+    let server = TestServer::start().await;
+    let mut rx = server.connect("rx", Some("g")).await;
+    let mut tx = server.connect("tx", None).await;
+    for i in 0..500 {
+        tx.send_json(json!({"action": "n", "message": i.to_string(), "recipients": [{"type": "group", "value": "g"}]}))
+            .await;
+    }
+    for i in 0..500 {
+        assert_eq!(rx.recv().await["message"], i.to_string());
+    }
+}
+
+/// Every refused message: the sender gets `wshub.error` saying why, nobody
+/// else gets anything, and the socket stays open.
+#[tokio::test]
+async fn bad_input_is_answered_and_harms_nobody() {
+    let mut config = test_config();
+    config.limits.max_id_bytes = 32;
+    config.limits.max_recipients = 3;
+    let server = TestServer::with(config).await;
+    let mut bad = server.connect("bad", Some("g")).await;
+    let mut other = server.connect("other", Some("g")).await;
+
+    let long = "x".repeat(33);
+    let cases: Vec<(Message, &str)> = vec![
+        (Message::text("not json"), "invalid message"),
+        (Message::text(r#"{"action":"x""#), "EOF"),
+        (Message::text("[1,2]"), "message object"),
+        (
+            Message::text(r#"{"message":{"a":1}}"#),
+            "`message` to be a string",
+        ),
+        (
+            Message::text(r#"{"message":12}"#),
+            "`message` to be a string",
+        ),
+        (
+            Message::text(r#"{"recipients":{"type":"group"}}"#),
+            "`recipients` to be an array",
+        ),
+        (
+            Message::text(r#"{"recipients":[{"type":"room","value":"g"}]}"#),
+            "recipient `type` must be",
+        ),
+        (
+            Message::text(r#"{"recipients":[{"type":9,"value":"g"}]}"#),
+            "recipient `type` must be",
+        ),
+        (
+            Message::text(r#"{"recipients":["g"]}"#),
+            "{type, value} object",
+        ),
+        (
+            Message::text(format!(r#"{{"userId":"{long}"}}"#)),
+            "`userId` is longer than 32 bytes",
+        ),
+        (
+            Message::text(format!(r#"{{"recipients":[{{"value":"{long}"}}]}}"#)),
+            "is longer than 32 bytes",
+        ),
+        (
+            Message::text(r#"{"recipients":[{},{},{},{}]}"#),
+            "4 recipients, at most 3",
+        ),
+        (
+            Message::binary(vec![0xff, 0xfe, 0x00]),
+            "binary frames must contain UTF-8",
+        ),
+    ];
+    let count = cases.len();
+    for (frame, want) in cases {
+        bad.ws.send(frame.clone()).await.unwrap();
+        let reply = bad.recv().await;
+        assert_eq!(reply["action"], "wshub.error", "{frame:?}");
+        let text = reply["message"].as_str().unwrap();
+        assert!(
+            text.contains(want),
+            "{frame:?}: got {text:?}, want {want:?}"
+        );
+    }
+    // Still open, and `other` saw only what came after.
+    let tag = bad.send_sentinel().await;
+    assert!(bad.until_sentinel(&tag).await.is_empty());
+    assert!(other.until_sentinel(&tag).await.is_empty());
+    assert_eq!(
+        server.metric("wshub_messages_dropped_total{reason=\"invalid\"}"),
+        count as f64
+    );
+}
+
+#[tokio::test]
+async fn binary_frame_with_json_is_accepted_like_text() {
+    let server = TestServer::start().await;
+    let mut a = server.connect("a", None).await;
+    a.ws.send(Message::binary(
+        br#"{"action":"bin","message":"ok"}"#.to_vec(),
+    ))
+    .await
+    .unwrap();
+    let got = a.recv().await;
+    assert_eq!(
+        (got["action"].as_str(), got["message"].as_str()),
+        (Some("bin"), Some("ok"))
+    );
+}
+
+#[tokio::test]
+async fn oversized_message_closes_with_1009_and_others_carry_on() {
+    let mut config = test_config();
+    config.limits.max_message_bytes = 2048;
+    let server = TestServer::with(config).await;
+    let mut big = server.connect("big", None).await;
+    let mut other = server.connect("other", None).await;
+    let body = format!(r#"{{"action":"x","message":"{}"}}"#, "y".repeat(2048));
+    big.send_text(body).await;
+    assert_eq!(
+        big.ended().await,
+        Ended::Closed(1009, "Message too big".into())
+    );
+    let tag = other.send_sentinel().await;
+    assert!(other.until_sentinel(&tag).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_dropped_while_others_keep_receiving() {
+    let mut config = test_config();
+    config.limits.outbound_queue_bytes = 256 * 1024;
+    let server = TestServer::with(config).await;
+    let mut slow = server.connect("slow", None).await;
+    let mut fast = server.connect("fast", None).await;
+    let mut sender = server.connect("sender", Some("s")).await;
+    // 60 KB frames: the slow client's socket buffers fill after a few MB,
+    // then its queue, and it is closed. `fast` reads every message in step,
+    // so its queue never holds more than one.
+    let payload = "z".repeat(60_000);
+    let mut sent = 0;
+    while server.metric("wshub_connections_closed_total{code=\"4000\",reason=\"slow_consumer\"}")
+        == 0.0
+    {
+        assert!(sent < 2_000, "the slow client was never dropped");
+        sender
+            .send_json(json!({"action": "load", "message": payload, "recipients": [{"type": "group", "value": ""}]}))
+            .await;
+        assert_eq!(fast.recv().await["action"], "load", "message {sent}");
+        sent += 1;
+        if server.node.connections() == 2 {
+            break;
+        }
+    }
+    eventually("the slow client leaves the hub", || {
+        server.node.connections() == 2
+    })
+    .await;
+    // The slow client sees the close code (after its buffered frames), or
+    // the connection simply ends if the close frame could not be written.
+    match slow.ended().await {
+        Ended::Closed(code, _) => assert_eq!(code, 4000),
+        Ended::Dropped => {}
+    }
+    // The others are unaffected.
+    let tag = sender.send_sentinel().await;
+    assert!(fast.until_sentinel(&tag).await.is_empty());
+    assert_eq!(
+        server.metric("wshub_connections_closed_total{code=\"4000\",reason=\"slow_consumer\"}"),
+        1.0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_stops_answering_pings_is_closed() {
+    let mut config = test_config();
+    config.ws.ping_interval = Duration::from_secs(30);
+    let server = TestServer::with(config).await;
+    // Not reading means not answering pings. The server pings at 30 s and
+    // gives up at 60 s; virtual time advances only through our sleeps.
+    let mut silent = server.connect("silent", None).await;
+    tokio::time::sleep(Duration::from_secs(59)).await;
+    assert_eq!(
+        server.node.connections(),
+        1,
+        "still connected before two intervals"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        server.node.connections(),
+        0,
+        "dropped after two silent intervals"
+    );
+    let mut saw_ping = false;
+    let end = loop {
+        match silent.ws.next().await {
+            Some(Ok(Message::Ping(_))) => saw_ping = true,
+            Some(Ok(Message::Close(Some(frame)))) => break Some(u16::from(frame.code)),
+            Some(Ok(_)) => {}
+            _ => break None,
+        }
+    };
+    assert!(saw_ping, "the server pinged");
+    assert_eq!(end, Some(4001));
+}
+
+#[tokio::test]
+async fn a_peer_that_answers_pings_stays_connected() {
+    let mut config = test_config();
+    config.ws.ping_interval = Duration::from_millis(20);
+    let server = TestServer::with(config).await;
+    let mut a = server.connect("a", None).await;
+    // Reading answers pings (tungstenite replies on the next read or write).
+    let mut pings = 0;
+    while pings < 10 {
+        match tokio::time::timeout(common::PATIENCE, a.ws.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            other => panic!("expected pings, got {other:?}"),
+        }
+    }
+    a.send_json(json!({"action": "still", "message": "here"}))
+        .await;
+    assert_eq!(a.recv().await["action"], "still");
+}
+
+#[tokio::test]
+async fn shutdown_closes_every_socket_with_1001_and_returns() {
+    let server = TestServer::start().await;
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        clients.push(server.connect(&format!("u{i}"), Some("g")).await);
+    }
+    // One client does not answer the close handshake, which holds the node
+    // in its draining state long enough to observe it.
+    let stubborn = server.connect("stubborn", None).await;
+    server.shutdown.cancel();
+    for c in &mut clients {
+        assert_eq!(
+            c.ended().await,
+            Ended::Closed(1001, "Server shutting down".into())
+        );
+    }
+    let ready = server.get("/readyz").await;
+    assert_eq!(ready.status(), 503);
+    assert!(ready.text().await.unwrap().contains("draining"));
+    let handle = server.handle;
+    tokio::time::timeout(common::PATIENCE, handle)
+        .await
+        .expect("run returns within the grace period")
+        .unwrap()
+        .expect("run returns Ok");
+    drop(stubborn);
+    assert!(
+        tokio_tungstenite::connect_async(format!("ws://{}/ws", server.addr))
+            .await
+            .is_err(),
+        "no longer accepting"
+    );
+}
+
+#[tokio::test]
+async fn draining_node_refuses_new_sockets() {
+    let server = TestServer::start().await;
+    server.node.drain();
+    let err = tokio_tungstenite::connect_async(format!("ws://{}/ws", server.addr))
+        .await
+        .unwrap_err();
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 503),
+        other => panic!("expected HTTP 503, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn socket_paths_and_query_keys_are_case_insensitive() {
+    let server = TestServer::start().await;
+    let mut a = Client::connect(
+        server.addr,
+        "/__INITIALIZEwebsocket.WC?GroupID=g&UserId=ann",
+    )
+    .await;
+    let mut b = Client::connect(server.addr, "/ws?groupid=g").await;
+    b.send_json(json!({"action": "hi", "recipients": [{"type": "user", "value": "ann"}]}))
+        .await;
+    assert_eq!(a.recv().await["action"], "hi");
+    b.send_json(json!({"action": "grp", "recipients": [{"type": "group", "value": "g"}]}))
+        .await;
+    assert_eq!(a.recv().await["action"], "grp");
+    assert_eq!(b.recv().await["action"], "grp");
+}
+
+#[tokio::test]
+async fn missing_userid_gets_a_random_id_and_missing_groupid_is_the_null_group() {
+    let server = TestServer::start().await;
+    let mut anon = Client::connect(server.addr, "/ws").await;
+    let mut sender = server.connect("s", Some("x")).await;
+    sender
+        .send_json(json!({"action": "null-group", "recipients": [{"type": "group", "value": ""}]}))
+        .await;
+    assert_eq!(anon.recv().await["action"], "null-group");
+}
+
+#[tokio::test]
+async fn plain_get_of_the_socket_path_is_404() {
+    let server = TestServer::start().await;
+    assert_eq!(
+        server
+            .get("/__initializeWebSocket.wc?userid=a")
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(server.get("/ws").await.status(), 404);
+    assert_eq!(server.get("/nothing-here").await.status(), 404);
+}
+
+#[tokio::test]
+async fn overlong_ids_in_the_query_are_refused() {
+    let mut config = test_config();
+    config.limits.max_id_bytes = 8;
+    let server = TestServer::with(config).await;
+    let err = tokio_tungstenite::connect_async(format!("ws://{}/ws?userid=123456789", server.addr))
+        .await
+        .unwrap_err();
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 400),
+        other => panic!("expected HTTP 400, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn http_broadcast_delivers_and_answers_204() {
+    let server = TestServer::start().await;
+    let mut a = server.connect("a", Some("g")).await;
+    let mut b = server.connect("b", Some("h")).await;
+    let resp = server
+        .post(
+            "/app/__broadcastWebSocket.wc",
+            r#"{"action":"fromserver","message":"m","recipients":[{"type":"group","value":"g"}]}"#,
+        )
+        .await;
+    assert_eq!(resp.status(), 204);
+    assert!(resp.bytes().await.unwrap().is_empty());
+    assert_eq!(a.recv().await["action"], "fromserver");
+    // PUT works too, and any path containing the marker in any case.
+    let resp = reqwest::Client::new()
+        .put(server.url("/x/y/__BROADCASTWEBSOCKET.WC?z=1"))
+        .body(r#"{"action":"put","recipients":[{"type":"user","value":"b"}]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    assert_eq!(b.recv().await["action"], "put");
+    assert_eq!(
+        server.metric("wshub_http_broadcast_requests_total{status=\"204\"}"),
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn http_broadcast_rejects_bad_requests_with_a_reason() {
+    let mut config = test_config();
+    config.limits.max_message_bytes = 1024;
+    let server = TestServer::with(config).await;
+    let mut a = server.connect("a", None).await;
+
+    let resp = server.post("/__broadcastWebSocket.wc", "{oops").await;
+    assert_eq!(resp.status(), 400);
+    assert!(resp.text().await.unwrap().contains("invalid message"));
+
+    let resp = server
+        .post("/__broadcastWebSocket.wc", r#"{"message":1}"#)
+        .await;
+    assert_eq!(resp.status(), 400);
+    assert!(
+        resp.text()
+            .await
+            .unwrap()
+            .contains("`message` to be a string")
+    );
+
+    let resp = server
+        .post("/__broadcastWebSocket.wc", "x".repeat(2000))
+        .await;
+    assert_eq!(resp.status(), 413);
+
+    let resp = server.get("/__broadcastWebSocket.wc").await;
+    assert_eq!(resp.status(), 405);
+
+    // None of it reached the socket.
+    let tag = a.send_sentinel().await;
+    assert!(a.until_sentinel(&tag).await.is_empty());
+}
+
+#[tokio::test]
+async fn static_files_and_health() {
+    let server = TestServer::start().await;
+    for path in [
+        "/scripts/webconnection-websocket.js",
+        "/scripts/web-connection-websocket.js",
+    ] {
+        let resp = server.get(path).await;
+        assert_eq!(resp.status(), 200, "{path}");
+        assert!(
+            resp.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/javascript")
+        );
+        assert!(
+            resp.text()
+                .await
+                .unwrap()
+                .contains("export class WebConnectionWebSocket")
+        );
+    }
+    let resp = server.get("/scripts/webconnection-websocket.d.ts").await;
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.text()
+            .await
+            .unwrap()
+            .contains("declare class WebConnectionWebSocket")
+    );
+    let resp = server.get("/").await;
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let page = resp.text().await.unwrap();
+    assert!(
+        page.contains("/scripts/webconnection-websocket.js")
+            && page.contains("broadcastchatmessage")
+    );
+    assert_eq!(server.get("/healthz").await.status(), 200);
+    assert_eq!(server.get("/readyz").await.status(), 200);
+}
+
+#[tokio::test]
+async fn metrics_count_connections_and_messages() {
+    let server = TestServer::start().await;
+    let mut a = server.connect("a", None).await;
+    let mut b = server.connect("b", None).await;
+    a.send_json(json!({"action": "x"})).await;
+    a.recv().await;
+    b.recv().await;
+    let text = server.get("/metrics").await.text().await.unwrap();
+    for line in [
+        "# TYPE wshub_connections gauge",
+        "wshub_connections 2",
+        "wshub_connections_opened_total 2",
+        "wshub_messages_received_total 1",
+        "wshub_messages_delivered_total 2",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    a.close().await;
+    eventually("a's close is counted", || {
+        server.metric("wshub_connections_closed_total{code=\"1000\",reason=\"normal\"}") == 1.0
+    })
+    .await;
+    assert_eq!(server.metric("wshub_connections"), 1.0);
+}
+
+#[tokio::test]
+async fn client_close_is_answered_with_its_code() {
+    let server = TestServer::start().await;
+    let mut a = server.connect("a", None).await;
+    a.ws.close(None).await.unwrap();
+    // The server completes the handshake: the stream ends after the echo.
+    let mut got_close = false;
+    while let Some(Ok(msg)) = a.ws.next().await {
+        got_close |= matches!(msg, Message::Close(_));
+    }
+    assert!(got_close, "the server answered the close");
+    eventually("the socket left the hub", || server.node.connections() == 0).await;
+}

@@ -1,0 +1,187 @@
+// Unit tests of static/webconnection-websocket.js, with Node's built-in test
+// runner: `node --test tests/js/`. A fake WebSocket stands in for the
+// browser's, and mocked timers drive the reconnect backoff.
+
+import { test, mock } from "node:test";
+import assert from "node:assert/strict";
+
+import {
+  WebConnectionWebSocket,
+  BroadcastMessage,
+  State,
+  buildUrl,
+  backoffDelay,
+} from "../../static/webconnection-websocket.js";
+
+class FakeSocket {
+  static instances = [];
+  constructor(url) {
+    this.url = url;
+    this.readyState = 0;
+    this.sent = [];
+    this.closedWith = null;
+    FakeSocket.instances.push(this);
+  }
+  send(text) {
+    assert.equal(this.readyState, 1, "send only on an open socket");
+    this.sent.push(text);
+  }
+  close(code, reason) {
+    this.closedWith = { code, reason };
+    this.readyState = 3;
+  }
+  // Test helpers: what the browser would do.
+  open() {
+    this.readyState = 1;
+    this.onopen?.({ type: "open" });
+  }
+  receive(data) {
+    this.onmessage?.({ data });
+  }
+  drop(code = 1006) {
+    this.readyState = 3;
+    this.onclose?.({ code, reason: "", wasClean: false });
+  }
+}
+
+const location = { protocol: "http:", host: "example.com:8080" };
+
+function client(options = {}) {
+  FakeSocket.instances = [];
+  return new WebConnectionWebSocket({ WebSocket: FakeSocket, location, ...options });
+}
+
+test("URL follows the page and leaves out empty parameters", () => {
+  assert.equal(buildUrl(location, null, "chat", "ann"),
+    "ws://example.com:8080/__initializeWebSocket.wc?groupid=chat&userid=ann");
+  assert.equal(buildUrl({ protocol: "https:", host: "h" }, null, "", null),
+    "wss://h/__initializeWebSocket.wc");
+  assert.equal(buildUrl(location, null, null, "a b&c"),
+    "ws://example.com:8080/__initializeWebSocket.wc?userid=a%20b%26c");
+  assert.equal(buildUrl(location, "https://hub.example.com/", "g", null),
+    "wss://hub.example.com/__initializeWebSocket.wc?groupid=g");
+  assert.equal(buildUrl(location, "ws://127.0.0.1:9000/ws", null, "u"), "ws://127.0.0.1:9000/ws?userid=u");
+});
+
+test("backoff grows exponentially, is capped, and is jittered", () => {
+  assert.equal(backoffDelay(0, 500, 30000, () => 0), 250);
+  assert.equal(backoffDelay(0, 500, 30000, () => 0.999999), 500);
+  assert.equal(backoffDelay(3, 500, 30000, () => 0), 2000);
+  assert.equal(backoffDelay(20, 500, 30000, () => 0), 15000);
+  assert.equal(backoffDelay(1000, 500, 30000, () => 1), 30000);
+  for (let attempt = 0; attempt < 12; attempt++) {
+    const d = backoffDelay(attempt, 500, 30000);
+    const ceiling = Math.min(30000, 500 * 2 ** attempt);
+    assert.ok(d >= ceiling / 2 && d <= ceiling, `attempt ${attempt}: ${d}`);
+  }
+});
+
+test("createBroadcastMessage serialises exactly the protocol fields", () => {
+  const ws = client();
+  ws.tryConnect(false, "chat", "ann");
+  const msg = ws.createBroadcastMessage("broadcastchatmessage", "hi");
+  assert.ok(msg instanceof BroadcastMessage);
+  assert.equal(msg.addRecipient("chat"), msg, "chainable");
+  msg.addRecipient("bob", "user");
+  assert.equal(JSON.stringify(msg),
+    '{"userId":"ann","groupId":"chat","action":"broadcastchatmessage","message":"hi",' +
+    '"recipients":[{"type":"group","value":"chat"},{"type":"user","value":"bob"}]}');
+});
+
+test("send goes out on an open socket; messages are parsed for the handler", () => {
+  const ws = client();
+  const got = [];
+  let opened = 0;
+  ws.onMessageHandler = (m) => got.push(m);
+  ws.onOpenHandler = () => opened++;
+  ws.tryConnect(false, "g", "u");
+  const socket = FakeSocket.instances[0];
+  assert.equal(socket.url, "ws://example.com:8080/__initializeWebSocket.wc?groupid=g&userid=u");
+  assert.equal(ws.state, State.CONNECTING);
+  socket.open();
+  assert.equal(ws.state, State.OPEN);
+  assert.equal(opened, 1);
+  assert.equal(ws.send({ action: "x" }), true);
+  assert.equal(ws.send("raw text"), true);
+  assert.deepEqual(socket.sent, ['{"action":"x"}', "raw text"]);
+  socket.receive('{"action":"a","message":"m"}');
+  assert.deepEqual(got, [{ action: "a", message: "m" }]);
+});
+
+test("frames that are not JSON go to onErrorHandler, not onMessageHandler", () => {
+  const ws = client();
+  const errors = [];
+  ws.onMessageHandler = () => assert.fail("must not be called");
+  ws.onErrorHandler = (data) => errors.push(data);
+  ws.tryConnect(false);
+  FakeSocket.instances[0].open();
+  FakeSocket.instances[0].receive("not json");
+  assert.deepEqual(errors, ["not json"]);
+});
+
+test("messages sent while disconnected are queued (bounded) and sent on open", () => {
+  const ws = client({ maxQueue: 2 });
+  ws.tryConnect(true, "g", "u");
+  assert.equal(ws.send({ n: 1 }), true);
+  assert.equal(ws.send({ n: 2 }), true);
+  assert.equal(ws.send({ n: 3 }), false, "the queue is full");
+  assert.equal(ws.queued, 2);
+  FakeSocket.instances[0].open();
+  assert.deepEqual(FakeSocket.instances[0].sent, ['{"n":1}', '{"n":2}']);
+  assert.equal(ws.queued, 0);
+});
+
+test("reconnects with backoff after a drop, and resets the backoff on open", (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const random = mock.method(Math, "random", () => 0.999999);
+  try {
+    const ws = client({ minReconnectDelay: 100, maxReconnectDelay: 1000 });
+    const closes = [];
+    ws.onCloseHandler = (ev) => closes.push(ev.code);
+    ws.tryConnect(true, "g", "u");
+    FakeSocket.instances[0].open();
+    FakeSocket.instances[0].drop(1001);
+    assert.deepEqual(closes, [1001]);
+    assert.equal(ws.state, State.RECONNECTING);
+    ws.send({ while: "down" });
+    t.mock.timers.tick(99);
+    assert.equal(FakeSocket.instances.length, 1, "not before the delay");
+    t.mock.timers.tick(1);
+    assert.equal(FakeSocket.instances.length, 2, "first retry after ~100 ms");
+    FakeSocket.instances[1].drop();
+    t.mock.timers.tick(199);
+    assert.equal(FakeSocket.instances.length, 2);
+    t.mock.timers.tick(1);
+    assert.equal(FakeSocket.instances.length, 3, "second retry after ~200 ms");
+    FakeSocket.instances[2].open();
+    assert.deepEqual(FakeSocket.instances[2].sent, ['{"while":"down"}'], "queued message sent on reopen");
+    FakeSocket.instances[2].drop();
+    t.mock.timers.tick(100);
+    assert.equal(FakeSocket.instances.length, 4, "backoff reset after a successful open");
+  } finally {
+    random.mock.restore();
+  }
+});
+
+test("without retryOnFail a drop is final", () => {
+  const ws = client();
+  ws.tryConnect(false);
+  FakeSocket.instances[0].open();
+  FakeSocket.instances[0].drop();
+  assert.equal(ws.state, State.CLOSED);
+  assert.equal(ws.send({ a: 1 }), false);
+});
+
+test("close() closes with 1000 and stops reconnecting", (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const ws = client();
+  ws.tryConnect(true);
+  const socket = FakeSocket.instances[0];
+  socket.open();
+  ws.close();
+  assert.deepEqual(socket.closedWith, { code: 1000, reason: "Socket closed" });
+  socket.drop(1000);
+  t.mock.timers.tick(60000);
+  assert.equal(FakeSocket.instances.length, 1, "no reconnect after close()");
+  assert.equal(ws.state, State.CLOSED);
+});
