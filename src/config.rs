@@ -45,11 +45,46 @@ fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
 pub struct RawConfig {
     /// Address and port to listen on.
     pub listen: String,
+    /// This node's id in logs and on the bus; empty = generated.
+    pub node_id: String,
     pub log: RawLog,
     pub limits: RawLimits,
     pub ws: RawWs,
     pub bus: RawBus,
+    pub redis: RawRedis,
     pub shutdown: RawShutdown,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawRedis {
+    /// Empty: the in-process bus (one node). Otherwise `redis://host:port`;
+    /// with `sharded`, one or more cluster nodes separated by commas.
+    pub url: String,
+    pub channel_prefix: String,
+    pub sharded: bool,
+    pub publish_queue: usize,
+    pub publish_retry_ms: u64,
+    pub probe_interval_ms: u64,
+    pub probe_timeout_ms: u64,
+    pub reconnect_max_ms: u64,
+    pub command_timeout_ms: u64,
+}
+
+impl Default for RawRedis {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            channel_prefix: "wshub".into(),
+            sharded: false,
+            publish_queue: 65_536,
+            publish_retry_ms: 5_000,
+            probe_interval_ms: 500,
+            probe_timeout_ms: 2_000,
+            reconnect_max_ms: 1_000,
+            command_timeout_ms: 2_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -94,10 +129,12 @@ impl Default for RawConfig {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:8080".into(),
+            node_id: String::new(),
             log: RawLog::default(),
             limits: RawLimits::default(),
             ws: RawWs::default(),
             bus: RawBus::default(),
+            redis: RawRedis::default(),
             shutdown: RawShutdown::default(),
         }
     }
@@ -160,12 +197,48 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// This node's id: configured, or generated at start.
+    pub node_id: String,
     pub log_format: LogFormat,
     pub log_level: String,
     pub limits: Limits,
     pub ws: Ws,
     pub bus: BusConfig,
+    /// `None`: the in-process bus.
+    pub redis: Option<RedisConfig>,
     pub shutdown: Shutdown,
+}
+
+/// The Redis bus's settings (see `wshub.example.toml`).
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub url: String,
+    pub channel_prefix: String,
+    /// Sharded pub/sub on a Redis Cluster.
+    pub sharded: bool,
+    /// Messages waiting to be published before publishing fails.
+    pub publish_queue: usize,
+    /// How long a message waits for Redis before it is dropped.
+    pub publish_retry: Duration,
+    pub probe_interval: Duration,
+    /// No probe back for this long: the node is unready.
+    pub probe_timeout: Duration,
+    /// Cap on the reconnect backoff.
+    pub reconnect_max: Duration,
+    /// Limit on connecting and on each Redis command.
+    pub command_timeout: Duration,
+}
+
+impl RedisConfig {
+    /// The URLs in `url` (one, or several separated by commas).
+    pub fn urls(&self) -> Vec<String> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -284,8 +357,21 @@ impl Config {
         if raw.ws.read_buffer_bytes < 256 {
             return Err(invalid("ws.read_buffer_bytes", "must be at least 256"));
         }
+        let node_id = match raw.node_id.trim() {
+            "" => format!("{:08x}", rand::random::<u32>()),
+            id if id.len() > 64 || id.contains(char::is_whitespace) => {
+                return Err(invalid(
+                    "node_id",
+                    "must be at most 64 characters without spaces",
+                ));
+            }
+            id => id.to_owned(),
+        };
+        let redis = Self::redis_from_raw(&raw.redis)?;
         Ok(Config {
             listen,
+            node_id,
+            redis,
             log_format,
             log_level: raw.log.level,
             limits: Limits {
@@ -306,6 +392,59 @@ impl Config {
                 grace_period: Duration::from_millis(raw.shutdown.grace_period_ms),
             },
         })
+    }
+
+    fn redis_from_raw(raw: &RawRedis) -> Result<Option<RedisConfig>, ConfigError> {
+        if raw.url.trim().is_empty() {
+            return Ok(None);
+        }
+        let config = RedisConfig {
+            url: raw.url.trim().to_owned(),
+            channel_prefix: raw.channel_prefix.clone(),
+            sharded: raw.sharded,
+            publish_queue: raw.publish_queue,
+            publish_retry: Duration::from_millis(raw.publish_retry_ms),
+            probe_interval: Duration::from_millis(raw.probe_interval_ms),
+            probe_timeout: Duration::from_millis(raw.probe_timeout_ms),
+            reconnect_max: Duration::from_millis(raw.reconnect_max_ms),
+            command_timeout: Duration::from_millis(raw.command_timeout_ms),
+        };
+        let urls = config.urls();
+        if !config.sharded && urls.len() != 1 {
+            return Err(invalid(
+                "redis.url",
+                "must be one URL unless redis.sharded is set",
+            ));
+        }
+        for url in &urls {
+            redis::Client::open(url.as_str())
+                .map_err(|e| invalid("redis.url", format!("{url:?} is not a Redis URL: {e}")))?;
+        }
+        if config.channel_prefix.is_empty() || config.channel_prefix.contains(['{', '}']) {
+            return Err(invalid(
+                "redis.channel_prefix",
+                "must be non-empty and without braces (they would pin every channel to one cluster slot)",
+            ));
+        }
+        if config.publish_queue == 0 {
+            return Err(invalid("redis.publish_queue", "must be at least 1"));
+        }
+        if config.probe_interval.is_zero() {
+            return Err(invalid("redis.probe_interval_ms", "must be at least 1"));
+        }
+        if config.probe_timeout <= config.probe_interval {
+            return Err(invalid(
+                "redis.probe_timeout_ms",
+                "must be longer than redis.probe_interval_ms",
+            ));
+        }
+        if config.reconnect_max.is_zero() || config.command_timeout.is_zero() {
+            return Err(invalid(
+                "redis.reconnect_max_ms",
+                "and redis.command_timeout_ms must be at least 1",
+            ));
+        }
+        Ok(Some(config))
     }
 
     /// The limits a parsed message must respect.
@@ -336,13 +475,42 @@ mod tests {
         assert_eq!(c.limits.max_message_bytes, 65536);
         assert_eq!(c.ws.ping_interval, Duration::from_secs(30));
         assert_eq!(c.log_format, LogFormat::Text);
+        assert!(c.redis.is_none(), "no Redis: the in-process bus");
+        assert_eq!(c.node_id.len(), 8, "generated node id");
+    }
+
+    #[test]
+    fn redis_settings() {
+        let c = Config::load_from(
+            None,
+            env(&[
+                (
+                    "WSHUB_REDIS__URL",
+                    "redis://127.0.0.1:7000, redis://127.0.0.1:7001",
+                ),
+                ("WSHUB_REDIS__SHARDED", "true"),
+                ("WSHUB_NODE_ID", "web-1"),
+            ]),
+        )
+        .unwrap();
+        let r = c.redis.unwrap();
+        assert!(r.sharded);
+        assert_eq!(
+            r.urls(),
+            ["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"]
+        );
+        assert_eq!(c.node_id, "web-1");
     }
 
     #[test]
     fn the_example_file_holds_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("wshub.example.toml");
-        let from_file = Config::load_from(Some(&path), env(&[])).unwrap();
-        assert_eq!(format!("{from_file:?}"), format!("{:?}", Config::default()));
+        let mut from_file = Config::load_from(Some(&path), env(&[])).unwrap();
+        let mut defaults = Config::default();
+        // Generated per start.
+        from_file.node_id.clear();
+        defaults.node_id.clear();
+        assert_eq!(format!("{from_file:?}"), format!("{defaults:?}"));
     }
 
     #[test]

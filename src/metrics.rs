@@ -65,6 +65,10 @@ pub struct Metrics {
     delivered: Counter,
     dropped: Family<ReasonLabel, Counter>,
     http_broadcast: Family<StatusLabel, Counter>,
+    bus_unreadable: Counter,
+    bus_reconnect_attempts: Counter,
+    bus_publish_failures: Counter,
+    bus_channels: Gauge,
 }
 
 impl Default for Metrics {
@@ -84,6 +88,10 @@ impl Metrics {
             delivered: Counter::default(),
             dropped: Family::default(),
             http_broadcast: Family::default(),
+            bus_unreadable: Counter::default(),
+            bus_reconnect_attempts: Counter::default(),
+            bus_publish_failures: Counter::default(),
+            bus_channels: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -120,6 +128,26 @@ impl Metrics {
             "http_broadcast_requests",
             "Requests to the HTTP broadcast endpoint, by status",
             m.http_broadcast.clone(),
+        );
+        registry.register(
+            "bus_unreadable",
+            "Payloads from the bus this node could not read (ignored)",
+            m.bus_unreadable.clone(),
+        );
+        registry.register(
+            "bus_reconnect_attempts",
+            "Failed attempts to (re)connect to Redis",
+            m.bus_reconnect_attempts.clone(),
+        );
+        registry.register(
+            "bus_publish_failures",
+            "Pipelines to Redis that failed (their messages are dropped)",
+            m.bus_publish_failures.clone(),
+        );
+        registry.register(
+            "bus_channels",
+            "Group and user channels this node is subscribed to",
+            m.bus_channels.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -169,6 +197,22 @@ impl Metrics {
                 reason: reason.label(),
             })
             .inc_by(n);
+    }
+
+    pub fn bus_unreadable(&self) {
+        self.bus_unreadable.inc();
+    }
+
+    pub fn bus_reconnect_attempt(&self) {
+        self.bus_reconnect_attempts.inc();
+    }
+
+    pub fn bus_publish_failure(&self) {
+        self.bus_publish_failures.inc();
+    }
+
+    pub fn bus_channels(&self, n: usize) {
+        self.bus_channels.set(n as i64);
     }
 
     pub fn http_broadcast(&self, status: u16) {

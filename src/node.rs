@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
-use crate::bus::{Bus, BusError, Envelope, LocalBus};
+use crate::bus::{Bus, BusError, Envelope, LocalBus, RedisBus};
 use crate::close::CloseReason;
 use crate::config::Config;
 use crate::hub::{Conn, Hub, OutboxReceiver};
@@ -51,12 +51,23 @@ pub struct Node {
 }
 
 impl Node {
-    /// A node on the in-process bus.
-    pub fn new(config: Config) -> Arc<Self> {
+    /// A node on the bus the configuration asks for: Redis when
+    /// `redis.url` is set, the in-process bus otherwise.
+    pub fn new(config: Config) -> Result<Arc<Self>, BusError> {
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(metrics.clone()));
-        let bus = Arc::new(LocalBus::new(hub.clone(), config.bus.unsubscribe_delay));
-        Self::with_bus(config, metrics, hub, bus)
+        let delay = config.bus.unsubscribe_delay;
+        let bus: Arc<dyn Bus> = match &config.redis {
+            None => Arc::new(LocalBus::new(hub.clone(), delay)),
+            Some(redis) => Arc::new(RedisBus::start(
+                config.node_id.as_str().into(),
+                redis.clone(),
+                hub.clone(),
+                metrics.clone(),
+                delay,
+            )?),
+        };
+        Ok(Self::with_bus(config, metrics, hub, bus))
     }
 
     /// A node on a given bus, which must deliver into `hub`.
@@ -149,6 +160,11 @@ impl Node {
         self.draining.store(true, Ordering::Release);
         self.sessions.close();
         self.hub.close_all(CloseReason::GoingAway);
+    }
+
+    /// Stops the bus (after the sessions are gone).
+    pub fn stop_bus(&self) {
+        self.bus.shutdown();
     }
 
     /// Number of open sockets on this node.

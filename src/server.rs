@@ -20,6 +20,9 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The bus could not be started (an invalid Redis URL).
+    #[error("cannot start the bus: {0}")]
+    Bus(#[from] crate::bus::BusError),
     /// The HTTP server failed while running.
     #[error("server failed: {0}")]
     Serve(#[from] std::io::Error),
@@ -40,7 +43,7 @@ impl Server {
             .map_err(|source| ServerError::Bind { addr, source })?;
         Ok(Self {
             listener,
-            node: Node::new(config),
+            node: Node::new(config)?,
         })
     }
 
@@ -65,7 +68,12 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let Self { listener, node } = self;
-        info!(addr = %listener.local_addr()?, "wshub listening");
+        let bus = if node.config.redis.is_some() {
+            "redis"
+        } else {
+            "in-process"
+        };
+        info!(addr = %listener.local_addr()?, node = %node.config.node_id, bus, "wshub listening");
         let stop_accepting = CancellationToken::new();
         let app =
             crate::http::router(node.clone()).into_make_service_with_connect_info::<SocketAddr>();
@@ -78,6 +86,7 @@ impl Server {
             result = &mut serve => {
                 // axum only returns early on a listener failure.
                 node.drain();
+                node.stop_bus();
                 return Err(result.map_err(std::io::Error::other)?.err().unwrap_or_else(|| {
                     std::io::Error::other("server stopped unexpectedly")
                 }).into());
@@ -104,6 +113,7 @@ impl Server {
         if tokio::time::timeout(grace, serve).await.is_err() {
             warn!("HTTP requests still in flight after the grace period; exiting anyway");
         }
+        node.stop_bus();
         info!("shutdown complete");
         Ok(())
     }

@@ -2,13 +2,22 @@
 //! implementation runs. Deliveries are observed through a recording sink;
 //! "not delivered" is shown by a sentinel published after it on a
 //! subscribed topic (the contract keeps per-publisher order).
+//!
+//! Each check publishes on one bus and subscribes on another: for the
+//! in-process bus they are the same instance, for Redis two nodes on one
+//! server, so the messages really cross Redis.
+
+mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::redis::RedisServer;
 use tokio::sync::mpsc;
-use wshub::bus::{Bus, Deliver, Envelope, LocalBus};
+use wshub::bus::{Bus, Deliver, Envelope, LocalBus, RedisBus};
+use wshub::config::Config;
 use wshub::message::Frame;
+use wshub::metrics::Metrics;
 use wshub::route::{Route, Topic};
 
 /// The unsubscribe delay the suite configures on every bus.
@@ -25,10 +34,16 @@ impl Deliver for Recorder {
 }
 
 pub struct Harness {
+    /// Where the checks publish.
+    pub publisher: Arc<dyn Bus>,
+    /// Where the checks subscribe; its sink records.
     pub bus: Arc<dyn Bus>,
     received: mpsc::UnboundedReceiver<(Topic, String)>,
     sentinels: usize,
 }
+
+/// Makes the two buses of a harness from the subscriber's sink.
+pub type Pair = (Arc<dyn Bus>, Arc<dyn Bus>);
 
 fn group(name: &str) -> Topic {
     Topic::Group(Some(name.into()))
@@ -46,15 +61,17 @@ fn envelope(topics: Vec<Topic>, text: &str) -> Arc<Envelope> {
 }
 
 impl Harness {
-    /// Builds a harness around the bus `make` returns for the given sink.
+    /// Builds a harness around the (publisher, subscriber) buses `make`
+    /// returns for the subscriber's sink.
     pub async fn new<F, Fut>(make: F) -> Self
     where
         F: FnOnce(Arc<dyn Deliver>) -> Fut,
-        Fut: std::future::Future<Output = Arc<dyn Bus>>,
+        Fut: std::future::Future<Output = Pair>,
     {
         let (tx, received) = mpsc::unbounded_channel();
-        let bus = make(Arc::new(Recorder(tx))).await;
+        let (publisher, bus) = make(Arc::new(Recorder(tx))).await;
         Self {
+            publisher,
             bus,
             received,
             sentinels: 0,
@@ -66,7 +83,9 @@ impl Harness {
     }
 
     fn publish(&self, topics: Vec<Topic>, text: &str) {
-        self.bus.publish(envelope(topics, text)).expect("publish");
+        self.publisher
+            .publish(envelope(topics, text))
+            .expect("publish");
     }
 
     async fn next(&mut self) -> (Topic, String) {
@@ -97,7 +116,7 @@ impl Harness {
 pub async fn conformance<F, Fut>(make: F)
 where
     F: Fn(Arc<dyn Deliver>) -> Fut,
-    Fut: std::future::Future<Output = Arc<dyn Bus>>,
+    Fut: std::future::Future<Output = Pair>,
 {
     delivers_subscribed_topics_with_their_topic(Harness::new(&make).await).await;
     skips_topics_nobody_subscribed(Harness::new(&make).await).await;
@@ -185,10 +204,62 @@ async fn keeps_publish_order(mut h: Harness) {
 
 async fn is_healthy(h: Harness) {
     h.bus.health().expect("a fresh bus is healthy");
+    h.publisher.health().expect("a fresh bus is healthy");
 }
 
 #[tokio::test]
 async fn local_bus_conforms() {
-    conformance(|sink| async move { Arc::new(LocalBus::new(sink, RELEASE_DELAY)) as Arc<dyn Bus> })
-        .await;
+    conformance(|sink| async move {
+        let bus = Arc::new(LocalBus::new(sink, RELEASE_DELAY)) as Arc<dyn Bus>;
+        (bus.clone(), bus)
+    })
+    .await;
+}
+
+/// Sinks nothing: the publishing node of the Redis pair has no sockets.
+struct Nowhere;
+
+impl Deliver for Nowhere {
+    fn deliver(&self, _: &Topic, _: &Arc<Envelope>) {}
+}
+
+async fn redis_bus(url: &str, node: &str, sink: Arc<dyn Deliver>) -> Arc<dyn Bus> {
+    let config = Config::load_from(None, [("WSHUB_REDIS__URL".to_owned(), url.to_owned())])
+        .unwrap()
+        .redis
+        .unwrap();
+    let bus = RedisBus::start(
+        node.into(),
+        config,
+        sink,
+        Arc::new(Metrics::new()),
+        RELEASE_DELAY,
+    )
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while let Err(e) = bus.health() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bus never became healthy: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Arc::new(bus)
+}
+
+#[tokio::test]
+async fn redis_bus_conforms() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let round = std::sync::atomic::AtomicUsize::new(0);
+    conformance(|sink| {
+        let n = round.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let url = url.clone();
+        async move {
+            let publisher = redis_bus(&url, &format!("pub-{n}"), Arc::new(Nowhere)).await;
+            let subscriber = redis_bus(&url, &format!("sub-{n}"), sink).await;
+            (publisher, subscriber)
+        }
+    })
+    .await;
 }

@@ -3,8 +3,8 @@
 //!
 //! The [`Bus`] trait is the whole contract between this node's connections
 //! (the [`Hub`](crate::hub::Hub)) and everyone else. There are two
-//! implementations: [`LocalBus`] (in-process, one node) and, in a cluster, a
-//! Redis one. Every publish goes through the bus, also on a single node, so one
+//! implementations: [`LocalBus`] (in-process, one node) and [`RedisBus`]
+//! (any number of nodes on one Redis or Redis Cluster). Every publish goes through the bus, also on a single node, so one
 //! node and many behave the same. `tests/bus_conformance.rs` holds the test
 //! suite every implementation must pass.
 //!
@@ -19,8 +19,10 @@
 //!   reference and [`Bus::unsubscribe`] removes one; the bus is subscribed
 //!   while the count is above zero, and stops a short, configurable delay
 //!   after it falls to zero (connect/disconnect churn then costs nothing).
-//!   The future `subscribe` returns resolves once every message published
-//!   *after* it resolved will be delivered; callers await it before they
+//!   The reference is taken when `subscribe` is called, even if the future
+//!   it returns is dropped; the future resolves once every message
+//!   published *after* it resolved will be delivered (or fails, and the
+//!   caller must then release the reference). Callers await it before they
 //!   tell a client its socket is open.
 //! * **Order.** Messages published by one caller, in sequence, are delivered
 //!   in that order, per subscriber.
@@ -31,6 +33,8 @@
 
 mod interest;
 mod local;
+mod redis;
+pub mod wire;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -38,6 +42,7 @@ use std::sync::Arc;
 
 pub use interest::Interest;
 pub use local::LocalBus;
+pub use redis::RedisBus;
 
 use crate::message::Frame;
 use crate::route::{Route, Topic};
@@ -76,6 +81,10 @@ pub trait Bus: Send + Sync + 'static {
     /// `Ok` while the bus can deliver messages published anywhere to this
     /// node; otherwise why not.
     fn health(&self) -> Result<(), BusError>;
+
+    /// Stops the bus's background work (the node is exiting). Publishing
+    /// afterwards may fail.
+    fn shutdown(&self) {}
 }
 
 /// Why the bus could not do what was asked.

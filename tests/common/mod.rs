@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod redis;
 pub mod routing;
 
 use std::net::SocketAddr;
@@ -27,6 +28,17 @@ use wshub::{Config, Server};
 /// How long a test waits for something that should happen promptly.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
+/// Logs to the test output when `RUST_LOG` is set (`RUST_LOG=wshub=debug
+/// cargo test ...`); silent otherwise.
+pub fn init_logging() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 pub fn test_config() -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -46,7 +58,39 @@ impl TestServer {
         Self::with(test_config()).await
     }
 
+    /// A node on the Redis at `url`, once it reports ready.
+    pub async fn on_redis(url: &str, tweak: impl FnOnce(&mut Config)) -> Self {
+        let mut config = test_config();
+        let sharded = url.contains(',');
+        let env = [
+            ("WSHUB_REDIS__URL".to_owned(), url.to_owned()),
+            ("WSHUB_REDIS__SHARDED".to_owned(), sharded.to_string()),
+        ];
+        config.redis = Config::load_from(None, env).expect("redis config").redis;
+        tweak(&mut config);
+        let server = Self::with(config).await;
+        server.wait_ready().await;
+        server
+    }
+
+    /// Waits until /readyz answers 200.
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if self.node.readiness().is_ok() {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node never became ready: {:?}",
+                self.node.readiness()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub async fn with(config: Config) -> Self {
+        init_logging();
         let server = Server::bind(config).await.expect("bind");
         let addr = server.local_addr();
         let node = server.node().clone();
@@ -105,8 +149,11 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 pub struct Client {
     pub ws: Ws,
-    sentinels: u64,
 }
+
+/// Sentinel tags are unique in the process, so a client never mistakes
+/// another client's sentinel (or its own earlier one) for the one awaited.
+static SENTINELS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// What a client saw when its socket ended.
 #[derive(Debug, PartialEq)]
@@ -122,7 +169,7 @@ impl Client {
             .await
             .expect("websocket connect");
         assert_eq!(response.status(), 101);
-        Self { ws, sentinels: 0 }
+        Self { ws }
     }
 
     pub async fn send_text(&mut self, text: impl Into<String>) {
@@ -159,8 +206,8 @@ impl Client {
     /// Sends a message to everyone that every client collects up to with
     /// [`until_sentinel`](Self::until_sentinel).
     pub async fn send_sentinel(&mut self) -> String {
-        self.sentinels += 1;
-        let tag = format!("sentinel-{}", self.sentinels);
+        let n = SENTINELS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("sentinel-{n}");
         self.send_json(json!({"action": "sentinel", "message": tag}))
             .await;
         tag
