@@ -52,7 +52,31 @@ pub struct RawConfig {
     pub ws: RawWs,
     pub bus: RawBus,
     pub redis: RawRedis,
+    pub backend: RawBackend,
     pub shutdown: RawShutdown,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawBackend {
+    /// Empty: every action is relayed by the hub.
+    pub url: String,
+    pub events: bool,
+    pub timeout_ms: u64,
+    pub concurrency: usize,
+    pub queue: usize,
+}
+
+impl Default for RawBackend {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            events: false,
+            timeout_ms: 5_000,
+            concurrency: 64,
+            queue: 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -135,6 +159,7 @@ impl Default for RawConfig {
             ws: RawWs::default(),
             bus: RawBus::default(),
             redis: RawRedis::default(),
+            backend: RawBackend::default(),
             shutdown: RawShutdown::default(),
         }
     }
@@ -206,7 +231,23 @@ pub struct Config {
     pub bus: BusConfig,
     /// `None`: the in-process bus.
     pub redis: Option<RedisConfig>,
+    /// `None`: no backend; every action is relayed.
+    pub backend: Option<BackendConfig>,
     pub shutdown: Shutdown,
+}
+
+/// Where non-`broadcast` client messages go (see `src/backend.rs`).
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    pub url: String,
+    /// Post `wshub.connect` / `wshub.disconnect` events.
+    pub events: bool,
+    /// Limit for one request, connecting included.
+    pub timeout: Duration,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Forwards waiting for a free request slot.
+    pub queue: usize,
 }
 
 /// The Redis bus's settings (see `wshub.example.toml`).
@@ -368,10 +409,12 @@ impl Config {
             id => id.to_owned(),
         };
         let redis = Self::redis_from_raw(&raw.redis)?;
+        let backend = Self::backend_from_raw(&raw.backend)?;
         Ok(Config {
             listen,
             node_id,
             redis,
+            backend,
             log_format,
             log_level: raw.log.level,
             limits: Limits {
@@ -445,6 +488,38 @@ impl Config {
             ));
         }
         Ok(Some(config))
+    }
+
+    fn backend_from_raw(raw: &RawBackend) -> Result<Option<BackendConfig>, ConfigError> {
+        let url = raw.url.trim();
+        if url.is_empty() {
+            return Ok(None);
+        }
+        match reqwest::Url::parse(url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => {}
+            _ => {
+                return Err(invalid(
+                    "backend.url",
+                    format!("{url:?} is not an http(s) URL"),
+                ));
+            }
+        }
+        if raw.timeout_ms == 0 {
+            return Err(invalid("backend.timeout_ms", "must be at least 1"));
+        }
+        if raw.concurrency == 0 {
+            return Err(invalid("backend.concurrency", "must be at least 1"));
+        }
+        if raw.queue == 0 {
+            return Err(invalid("backend.queue", "must be at least 1"));
+        }
+        Ok(Some(BackendConfig {
+            url: url.to_owned(),
+            events: raw.events,
+            timeout: Duration::from_millis(raw.timeout_ms),
+            concurrency: raw.concurrency,
+            queue: raw.queue,
+        }))
     }
 
     /// The limits a parsed message must respect.

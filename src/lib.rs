@@ -11,6 +11,8 @@
 //! - [`session`]: one socket: reads client frames, writes queued frames,
 //!   pings, and closes with one [`close::CloseReason`].
 //! - [`message`]: the message JSON, parsed (borrowing) and encoded once.
+//! - [`backend`]: with `backend.url`, non-`broadcast` client messages (and
+//!   connect/disconnect events) go to the application over HTTP.
 //! - [`route`]: recipients resolved into topics, and the exactly-once rule.
 //! - [`node`]: this process: ties the hub to the bus, connects sockets,
 //!   publishes messages, drains on shutdown.
@@ -26,6 +28,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backend;
 pub mod bus;
 pub mod close;
 pub mod config;

@@ -25,6 +25,11 @@ struct CloseLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabel {
     status: u16,
 }
@@ -69,6 +74,7 @@ pub struct Metrics {
     bus_reconnect_attempts: Counter,
     bus_publish_failures: Counter,
     bus_channels: Gauge,
+    backend_forwards: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -92,6 +98,7 @@ impl Metrics {
             bus_reconnect_attempts: Counter::default(),
             bus_publish_failures: Counter::default(),
             bus_channels: Gauge::default(),
+            backend_forwards: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -148,6 +155,11 @@ impl Metrics {
             "bus_channels",
             "Group and user channels this node is subscribed to",
             m.bus_channels.clone(),
+        );
+        registry.register(
+            "backend_forwards",
+            "Requests to the application backend (messages and events), by result",
+            m.backend_forwards.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -213,6 +225,14 @@ impl Metrics {
 
     pub fn bus_channels(&self, n: usize) {
         self.bus_channels.set(n as i64);
+    }
+
+    pub fn backend_forward(&self, result: crate::backend::ForwardResult) {
+        self.backend_forwards
+            .get_or_create(&ResultLabel {
+                result: result.label(),
+            })
+            .inc();
     }
 
     pub fn http_broadcast(&self, status: u16) {

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use crate::backend::{ACTION_CONNECT, ACTION_DISCONNECT, Backend};
 use crate::bus::{Bus, BusError, Envelope, LocalBus, RedisBus};
 use crate::close::CloseReason;
 use crate::config::Config;
@@ -43,6 +44,7 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     hub: Arc<Hub>,
     bus: Arc<dyn Bus>,
+    backend: Option<Backend>,
     draining: AtomicBool,
     next_conn_id: AtomicU64,
     /// Every socket session, so shutdown can wait for them (axum's graceful
@@ -52,7 +54,8 @@ pub struct Node {
 
 impl Node {
     /// A node on the bus the configuration asks for: Redis when
-    /// `redis.url` is set, the in-process bus otherwise.
+    /// `redis.url` is set, the in-process bus otherwise; with a backend when
+    /// `backend.url` is set.
     pub fn new(config: Config) -> Result<Arc<Self>, BusError> {
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(metrics.clone()));
@@ -79,11 +82,18 @@ impl Node {
     ) -> Arc<Self> {
         // Every node hears messages for everyone, for as long as it lives.
         drop(bus.subscribe(&Topic::All));
+        let backend = config.backend.as_ref().map(|b| {
+            // Building a client only fails without a TLS backend, which is
+            // compiled in.
+            Backend::start(b, config.node_id.as_str().into(), metrics.clone())
+                .expect("the backend HTTP client can be built")
+        });
         Arc::new(Self {
             config: Arc::new(config),
             metrics,
             hub,
             bus,
+            backend,
             draining: AtomicBool::new(false),
             next_conn_id: AtomicU64::new(1),
             sessions: TaskTracker::new(),
@@ -102,10 +112,11 @@ impl Node {
         self.hub.insert(conn.clone());
         self.metrics.connection_opened();
         // The registration undoes all of this when dropped, also on error.
-        let registration = Registration {
+        let mut registration = Registration {
             node: self.clone(),
             conn,
             rx: Some(rx),
+            announced: false,
         };
         let [group, user] = registration.conn.who.topics();
         let (g, u) = tokio::join!(self.bus.subscribe(&group), self.bus.subscribe(&user));
@@ -115,19 +126,38 @@ impl Node {
             // Shutdown began while we subscribed and may have missed us.
             return Err(ConnectError::Draining);
         }
+        if let Some(backend) = &self.backend {
+            backend.event(&registration.conn, ACTION_CONNECT);
+            registration.announced = true;
+        }
         Ok(registration)
     }
 
-    /// Parses a message from a client or the backend and publishes it.
+    fn parse<'t>(&self, text: &'t str) -> Result<Message<'t>, MessageError> {
+        Message::parse(text, &self.config.message_limits())
+            .inspect_err(|_| self.metrics.dropped(DropReason::Invalid, 1))
+    }
+
+    /// Parses a message from the backend (the broadcast endpoint) and
+    /// publishes it, whatever its action.
     pub fn publish_text(&self, text: &str) -> Result<(), PublishError> {
-        let msg = match Message::parse(text, &self.config.message_limits()) {
-            Ok(msg) => msg,
-            Err(e) => {
-                self.metrics.dropped(DropReason::Invalid, 1);
-                return Err(e.into());
-            }
-        };
+        let msg = self.parse(text)?;
         self.publish(&msg)?;
+        Ok(())
+    }
+
+    /// Handles a message from a client: `broadcast` (and, without a
+    /// backend, every action) is published; with a backend every other
+    /// action is forwarded to it instead. Forwarding failures reach the
+    /// sender later, as `wshub.error`.
+    pub fn client_text(&self, conn: &Arc<Conn>, text: &str) -> Result<(), PublishError> {
+        let msg = self.parse(text)?;
+        match &self.backend {
+            Some(backend) if !msg.is_broadcast() => {
+                backend.forward(conn, text, msg.action.as_deref().unwrap_or("(no action)"));
+            }
+            _ => self.publish(&msg)?,
+        }
         Ok(())
     }
 
@@ -179,6 +209,9 @@ pub struct Registration {
     node: Arc<Node>,
     pub conn: Arc<Conn>,
     rx: Option<OutboxReceiver>,
+    /// Whether the backend was told of the connect (and must hear of the
+    /// disconnect).
+    announced: bool,
 }
 
 impl Registration {
@@ -198,6 +231,11 @@ impl Drop for Registration {
         node.hub.remove(&self.conn);
         for topic in self.conn.who.topics() {
             node.bus.unsubscribe(&topic);
+        }
+        if self.announced
+            && let Some(backend) = &node.backend
+        {
+            backend.event(&self.conn, ACTION_DISCONNECT);
         }
         if self.rx.is_none() {
             // The session ran and set its close reason.

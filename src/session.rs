@@ -95,7 +95,7 @@ pub async fn run(socket: WebSocket, mut registration: Registration) {
 fn on_text(registration: &Registration, text: &str) {
     let node = registration.node();
     node.metrics.received();
-    if let Err(e) = node.publish_text(text) {
+    if let Err(e) = node.client_text(&registration.conn, text) {
         reply_error(registration, &e);
     }
 }

@@ -204,11 +204,12 @@ impl Client {
     }
 
     /// Sends a message to everyone that every client collects up to with
-    /// [`until_sentinel`](Self::until_sentinel).
+    /// [`until_sentinel`](Self::until_sentinel). Its action is `broadcast`,
+    /// which the hub relays even when it has a backend.
     pub async fn send_sentinel(&mut self) -> String {
         let n = SENTINELS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tag = format!("sentinel-{n}");
-        self.send_json(json!({"action": "sentinel", "message": tag}))
+        self.send_json(json!({"action": "broadcast", "message": tag}))
             .await;
         tag
     }
@@ -218,7 +219,7 @@ impl Client {
         let mut seen = Vec::new();
         loop {
             let msg = self.recv().await;
-            if msg["action"] == "sentinel" && msg["message"] == tag {
+            if msg["action"] == "broadcast" && msg["message"] == tag {
                 return seen;
             }
             seen.push(msg);

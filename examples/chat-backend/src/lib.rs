@@ -1,0 +1,225 @@
+//! The server side of wshub's chat sample: what the FoxPro code of Web
+//! Connection's chat sample does, as a small axum service.
+//!
+//! wshub forwards every client message whose action is not `broadcast` here
+//! (`backend.url`), with the sender's verified identity in `X-Wshub-*`
+//! headers, and with `backend.events` also `wshub.connect` /
+//! `wshub.disconnect`. This service:
+//!
+//! - on `broadcastchatmessage`: renders the text from Markdown to HTML,
+//!   sanitises it (only harmless tags and attributes survive), keeps the last
+//!   `keep` messages of the group, and broadcasts the message to the group
+//!   through the hub's broadcast endpoint;
+//! - on `wshub.connect` (or a client's `getinitialmessages`): sends that user
+//!   `initialmessages`, a JSON array of the group's recent messages.
+//!
+//! A chat message travels as action `broadcastchatmessage` whose `message`
+//! is JSON text: `{"text": …, "html": …, "time": …}` ([`ChatEntry`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+/// Settings of the service.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The hub's base URL, e.g. `http://127.0.0.1:8080`; pushes go to
+    /// `<hub>/__broadcastWebSocket.wc`.
+    pub hub: String,
+    /// Messages kept per group.
+    pub keep: usize,
+}
+
+/// One chat message as stored and as sent to browsers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChatEntry {
+    #[serde(rename = "userId")]
+    pub user_id: String,
+    /// The text as typed.
+    pub text: String,
+    /// The text rendered from Markdown and sanitised.
+    pub html: String,
+    /// Milliseconds since the Unix epoch.
+    pub time: u64,
+}
+
+/// Renders Markdown to HTML that is safe to insert into a page: scripts,
+/// event handlers, `javascript:` links and the like are removed.
+pub fn render(markdown: &str) -> String {
+    let mut html = String::new();
+    let parser =
+        pulldown_cmark::Parser::new_ext(markdown, pulldown_cmark::Options::ENABLE_STRIKETHROUGH);
+    pulldown_cmark::html::push_html(&mut html, parser);
+    ammonia::clean(&html)
+}
+
+#[derive(Default)]
+struct History {
+    // Key: the group, `None` for the null group.
+    groups: HashMap<Option<String>, VecDeque<ChatEntry>>,
+}
+
+struct App {
+    settings: Settings,
+    http: reqwest::Client,
+    history: Mutex<History>,
+}
+
+#[derive(Deserialize)]
+struct Incoming {
+    action: Option<String>,
+    message: Option<String>,
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    let raw = headers.get(name)?.to_str().ok()?;
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
+}
+
+/// The service's routes: it accepts messages on any path.
+pub fn app(settings: Settings) -> Router {
+    let app = Arc::new(App {
+        settings,
+        http: reqwest::Client::new(),
+        history: Mutex::default(),
+    });
+    Router::new().fallback(handle).with_state(app)
+}
+
+/// Serves on `listener` until the process ends.
+pub async fn serve(listener: TcpListener, settings: Settings) -> std::io::Result<()> {
+    axum::serve(listener, app(settings)).await
+}
+
+async fn handle(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, String) {
+    // The hub's headers say who sent it; ids in the body are not trusted.
+    let Some(user) = header(&headers, "x-wshub-user-id") else {
+        return (StatusCode::BAD_REQUEST, "missing X-Wshub-User-Id\n".into());
+    };
+    let group = header(&headers, "x-wshub-group-id");
+    let Ok(msg) = serde_json::from_slice::<Incoming>(&body) else {
+        return (StatusCode::BAD_REQUEST, "invalid message JSON\n".into());
+    };
+    let result = match msg.action.as_deref() {
+        Some("broadcastchatmessage") => {
+            app.chat(user, group, msg.message.unwrap_or_default()).await
+        }
+        Some("wshub.connect" | "getinitialmessages") => app.initial(user, group).await,
+        // Disconnects and anything else: nothing to do.
+        _ => Ok(()),
+    };
+    match result {
+        Ok(()) => (StatusCode::NO_CONTENT, String::new()),
+        Err(e) => (
+            StatusCode::BAD_GATEWAY,
+            format!("pushing to the hub failed: {e}\n"),
+        ),
+    }
+}
+
+impl App {
+    async fn chat(
+        &self,
+        user: String,
+        group: Option<String>,
+        text: String,
+    ) -> Result<(), reqwest::Error> {
+        let entry = ChatEntry {
+            user_id: user.clone(),
+            html: render(&text),
+            text,
+            time: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        };
+        {
+            let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+            let log = history.groups.entry(group.clone()).or_default();
+            log.push_back(entry.clone());
+            while log.len() > self.settings.keep {
+                log.pop_front();
+            }
+        }
+        let message = serde_json::to_string(&entry).unwrap_or_default();
+        self.push(json!({
+            "userId": user,
+            "groupId": group,
+            "action": "broadcastchatmessage",
+            "message": message,
+            // "" is the null group (sockets that connected without groupid).
+            "recipients": [{"type": "group", "value": group.as_deref().unwrap_or("")}],
+        }))
+        .await
+    }
+
+    async fn initial(&self, user: String, group: Option<String>) -> Result<(), reqwest::Error> {
+        let earlier: Vec<ChatEntry> = {
+            let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+            history
+                .groups
+                .get(&group)
+                .map(|log| log.iter().cloned().collect())
+                .unwrap_or_default()
+        };
+        self.push(json!({
+            "userId": null,
+            "groupId": group,
+            "action": "initialmessages",
+            "message": serde_json::to_string(&earlier).unwrap_or_default(),
+            "recipients": [{"type": "user", "value": user}],
+        }))
+        .await
+    }
+
+    async fn push(&self, message: serde_json::Value) -> Result<(), reqwest::Error> {
+        let url = format!(
+            "{}/__broadcastWebSocket.wc",
+            self.settings.hub.trim_end_matches('/')
+        );
+        self.http
+            .post(url)
+            .header("content-type", "application/json")
+            .body(message.to_string())
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::render;
+
+    #[test]
+    fn markdown_is_rendered_and_sanitised() {
+        assert_eq!(
+            render("**hi** _there_"),
+            "<p><strong>hi</strong> <em>there</em></p>\n"
+        );
+        let evil = render("<script>alert(1)</script><img src=x onerror=alert(2)>");
+        assert!(
+            !evil.contains("<script") && !evil.contains("onerror"),
+            "{evil}"
+        );
+        let link = render("[x](javascript:alert(3)) [y](https://example.com)");
+        assert!(!link.contains("href=\"javascript:"), "{link}");
+        assert!(link.contains("href=\"https://example.com\""), "{link}");
+    }
+}

@@ -1,0 +1,45 @@
+//! `wshub-chat-backend`: the sample application backend for the chat page.
+//!
+//! ```sh
+//! cargo run -p wshub-chat-backend -- --listen 127.0.0.1:9000 --hub http://127.0.0.1:8080
+//! WSHUB_BACKEND__URL=http://127.0.0.1:9000/__websocket.wwd WSHUB_BACKEND__EVENTS=true cargo run -p wshub
+//! ```
+
+use clap::Parser;
+use wshub_chat_backend::{Settings, serve};
+
+/// Sample wshub backend: renders chat messages from Markdown and keeps
+/// recent ones for newcomers.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on (point wshub's backend.url here).
+    #[arg(long, env = "CHAT_LISTEN", default_value = "127.0.0.1:9000")]
+    listen: String,
+    /// The hub's base URL (its broadcast endpoint must accept us).
+    #[arg(long, env = "CHAT_HUB", default_value = "http://127.0.0.1:8080")]
+    hub: String,
+    /// Messages kept per group.
+    #[arg(long, env = "CHAT_KEEP", default_value_t = 50)]
+    keep: usize,
+}
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+    tracing::info!(addr = %listener.local_addr()?, hub = %args.hub, "chat backend listening");
+    let settings = Settings {
+        hub: args.hub,
+        keep: args.keep,
+    };
+    tokio::select! {
+        result = serve(listener, settings) => result,
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}
