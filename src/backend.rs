@@ -71,6 +71,15 @@ pub enum ForwardResult {
 }
 
 impl ForwardResult {
+    /// Every result, for initialising metrics.
+    pub const ALL: [ForwardResult; 5] = [
+        Self::Ok,
+        Self::Status,
+        Self::Timeout,
+        Self::Unreachable,
+        Self::QueueFull,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Self::Ok => "ok",

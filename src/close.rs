@@ -32,6 +32,19 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    /// Every reason, for initialising metrics.
+    pub const ALL: [CloseReason; 9] = [
+        Self::Normal,
+        Self::GoingAway,
+        Self::ProtocolError,
+        Self::PolicyViolation,
+        Self::MessageTooBig,
+        Self::InternalError,
+        Self::SlowConsumer,
+        Self::PingTimeout,
+        Self::ConnectionLost,
+    ];
+
     /// The close code sent to the client (1006 for [`Self::ConnectionLost`],
     /// which is never sent on the wire and only appears in logs and metrics).
     pub fn code(self) -> u16 {

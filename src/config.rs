@@ -53,6 +53,7 @@ pub struct RawConfig {
     pub bus: RawBus,
     pub redis: RawRedis,
     pub backend: RawBackend,
+    pub broadcast: RawBroadcast,
     pub shutdown: RawShutdown,
 }
 
@@ -146,7 +147,15 @@ pub struct RawBus {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawShutdown {
+    pub drain_window_ms: u64,
     pub grace_period_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawBroadcast {
+    /// CIDRs (besides loopback) allowed to use the broadcast endpoint.
+    pub trusted_networks: Vec<String>,
 }
 
 impl Default for RawConfig {
@@ -160,6 +169,7 @@ impl Default for RawConfig {
             bus: RawBus::default(),
             redis: RawRedis::default(),
             backend: RawBackend::default(),
+            broadcast: RawBroadcast::default(),
             shutdown: RawShutdown::default(),
         }
     }
@@ -206,6 +216,7 @@ impl Default for RawBus {
 impl Default for RawShutdown {
     fn default() -> Self {
         Self {
+            drain_window_ms: 5_000,
             grace_period_ms: 10_000,
         }
     }
@@ -233,6 +244,7 @@ pub struct Config {
     pub redis: Option<RedisConfig>,
     /// `None`: no backend; every action is relayed.
     pub backend: Option<BackendConfig>,
+    pub broadcast: Broadcast,
     pub shutdown: Shutdown,
 }
 
@@ -311,8 +323,16 @@ pub struct BusConfig {
 
 #[derive(Debug, Clone)]
 pub struct Shutdown {
-    /// How long shutdown waits for sessions to close before giving up.
+    /// Sockets are closed evenly over this window.
+    pub drain_window: Duration,
+    /// How long shutdown then waits for sessions to close before giving up.
     pub grace_period: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Broadcast {
+    /// Networks (besides loopback) whose peers may use the broadcast endpoint.
+    pub trusted_networks: Vec<ipnet::IpNet>,
 }
 
 impl Default for Config {
@@ -346,6 +366,8 @@ impl Config {
                 .prefix_separator("_")
                 .separator("__")
                 .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("broadcast.trusted_networks")
                 .source(Some(env)),
         );
         let raw: RawConfig = builder.build()?.try_deserialize()?;
@@ -410,7 +432,21 @@ impl Config {
         };
         let redis = Self::redis_from_raw(&raw.redis)?;
         let backend = Self::backend_from_raw(&raw.backend)?;
+        let trusted_networks = raw
+            .broadcast
+            .trusted_networks
+            .iter()
+            .map(|n| {
+                n.trim().parse::<ipnet::IpNet>().map_err(|e| {
+                    invalid(
+                        "broadcast.trusted_networks",
+                        format!("{n:?} is not a CIDR like 10.0.0.0/8: {e}"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
+            broadcast: Broadcast { trusted_networks },
             listen,
             node_id,
             redis,
@@ -432,6 +468,7 @@ impl Config {
                 unsubscribe_delay: Duration::from_millis(raw.bus.unsubscribe_delay_ms),
             },
             shutdown: Shutdown {
+                drain_window: Duration::from_millis(raw.shutdown.drain_window_ms),
                 grace_period: Duration::from_millis(raw.shutdown.grace_period_ms),
             },
         })
@@ -634,11 +671,59 @@ mod tests {
                 &[("WSHUB_WS__PING_INTERVAL_MS", "0")],
                 "`ws.ping_interval_ms`",
             ),
+            (&[("WSHUB_REDIS__URL", "http://x")], "`redis.url`"),
+            (
+                &[("WSHUB_REDIS__URL", "redis://a,redis://b")],
+                "`redis.url` must be one URL",
+            ),
+            (
+                &[
+                    ("WSHUB_REDIS__URL", "redis://a"),
+                    ("WSHUB_REDIS__CHANNEL_PREFIX", "{x}"),
+                ],
+                "`redis.channel_prefix`",
+            ),
+            (
+                &[
+                    ("WSHUB_REDIS__URL", "redis://a"),
+                    ("WSHUB_REDIS__PROBE_TIMEOUT_MS", "100"),
+                ],
+                "`redis.probe_timeout_ms`",
+            ),
+            (&[("WSHUB_NODE_ID", "a b")], "`node_id`"),
+            (&[("WSHUB_BACKEND__URL", "ftp://x")], "`backend.url`"),
+            (
+                &[
+                    ("WSHUB_BACKEND__URL", "http://x"),
+                    ("WSHUB_BACKEND__CONCURRENCY", "0"),
+                ],
+                "`backend.concurrency`",
+            ),
+            (
+                &[("WSHUB_BROADCAST__TRUSTED_NETWORKS", "10.0.0.0/8,nope")],
+                "`broadcast.trusted_networks`",
+            ),
         ];
         for (vars, want) in cases {
             let err = Config::load_from(None, env(vars)).unwrap_err().to_string();
             assert!(err.contains(want), "{vars:?}: {err}");
         }
+    }
+
+    #[test]
+    fn trusted_networks_from_the_environment() {
+        let c = Config::load_from(
+            None,
+            env(&[("WSHUB_BROADCAST__TRUSTED_NETWORKS", "10.0.0.0/8, fd00::/8")]),
+        )
+        .unwrap();
+        let nets: Vec<String> = c
+            .broadcast
+            .trusted_networks
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "fd00::/8"]);
     }
 
     #[test]

@@ -47,7 +47,23 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(dispatch)
+        .layer(axum::middleware::map_response_with_state(
+            node.clone(),
+            tag_node,
+        ))
         .with_state(node)
+}
+
+/// The header naming the node that answered (every response carries it).
+pub const NODE_HEADER: &str = "x-wshub-node-id";
+
+/// Adds [`NODE_HEADER`]: behind a load balancer it tells operators (and
+/// tests) which node served a request or holds a socket.
+async fn tag_node(State(node): State<Arc<Node>>, mut response: Response) -> Response {
+    if let Ok(value) = HeaderValue::from_str(&node.config.node_id) {
+        response.headers_mut().insert(NODE_HEADER, value);
+    }
+    response
 }
 
 async fn library() -> Response {
@@ -177,10 +193,11 @@ pub fn identity_from_query(query: Option<&str>, max_id_bytes: usize) -> Result<I
     })
 }
 
-/// Whether a peer may use the broadcast endpoint: loopback only, until API
-/// keys exist.
-pub fn broadcast_allowed(peer: SocketAddr) -> bool {
-    peer.ip().to_canonical().is_loopback()
+/// Whether a peer may use the broadcast endpoint: loopback, or an address in
+/// one of `broadcast.trusted_networks`.
+pub fn broadcast_allowed(peer: SocketAddr, trusted: &[ipnet::IpNet]) -> bool {
+    let ip = peer.ip().to_canonical();
+    ip.is_loopback() || trusted.iter().any(|net| net.contains(&ip))
 }
 
 /// `POST`/`PUT` of one message JSON to any path containing
@@ -204,10 +221,11 @@ async fn broadcast_inner(node: &Node, request: Request) -> Response {
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    if !peer.is_some_and(broadcast_allowed) {
+    let trusted = &node.config.broadcast.trusted_networks;
+    if !peer.is_some_and(|p| broadcast_allowed(p, trusted)) {
         return (
             StatusCode::FORBIDDEN,
-            "forbidden: the broadcast endpoint only accepts requests from loopback\n",
+            "forbidden: the broadcast endpoint only accepts requests from loopback and broadcast.trusted_networks\n",
         )
             .into_response();
     }
@@ -240,14 +258,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_loopback_may_broadcast() {
+    fn only_loopback_and_trusted_networks_may_broadcast() {
         for ok in [
             "127.0.0.1:1",
             "127.8.9.10:1",
             "[::1]:1",
             "[::ffff:127.0.0.1]:1",
         ] {
-            assert!(broadcast_allowed(ok.parse().unwrap()), "{ok}");
+            assert!(broadcast_allowed(ok.parse().unwrap(), &[]), "{ok}");
         }
         for no in [
             "10.0.0.1:1",
@@ -256,7 +274,19 @@ mod tests {
             "[::ffff:10.0.0.1]:1",
             "0.0.0.0:1",
         ] {
-            assert!(!broadcast_allowed(no.parse().unwrap()), "{no}");
+            assert!(!broadcast_allowed(no.parse().unwrap(), &[]), "{no}");
+        }
+        let trusted = ["10.1.0.0/16".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        for ok in [
+            "10.1.2.3:1",
+            "[::ffff:10.1.0.9]:1",
+            "[fd00::5]:1",
+            "127.0.0.1:1",
+        ] {
+            assert!(broadcast_allowed(ok.parse().unwrap(), &trusted), "{ok}");
+        }
+        for no in ["10.2.0.1:1", "[2001:db8::1]:1"] {
+            assert!(!broadcast_allowed(no.parse().unwrap(), &trusted), "{no}");
         }
     }
 

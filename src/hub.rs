@@ -261,11 +261,9 @@ impl Hub {
         self.len() == 0
     }
 
-    /// Closes every connection with `reason`.
-    pub fn close_all(&self, reason: CloseReason) {
-        for conn in self.read().all.values() {
-            conn.closer.close(reason);
-        }
+    /// Every connection, at this moment.
+    pub fn snapshot(&self) -> Vec<Arc<Conn>> {
+        self.read().all.values().cloned().collect()
     }
 }
 

@@ -17,8 +17,18 @@ use clap::Parser;
 #[command(version, about, long_about)]
 struct Args {
     /// TOML configuration file.
-    #[arg(long, env = "WSHUB_CONFIG", value_name = "PATH")]
+    #[arg(long, env = "WSHUB_CONFIG", value_name = "PATH", global = true)]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Asks the node on this machine (at the configured port) whether it is
+    /// alive: exit 0 if /healthz answers 200 within 2 s, 1 otherwise. For
+    /// container health checks, where there is no shell or curl.
+    Healthcheck,
 }
 
 fn main() -> ExitCode {
@@ -30,6 +40,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::Healthcheck) = args.command {
+        let alive = tokio::runtime::Runtime::new()
+            .map(|rt| rt.block_on(wshub::server::healthcheck(&config)))
+            .unwrap_or(false);
+        return if alive {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     if let Err(e) = wshub::logging::init(&config) {
         eprintln!("wshub: cannot start logging: {e}");
         return ExitCode::from(2);

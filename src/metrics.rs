@@ -9,6 +9,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::close::CloseReason;
@@ -49,6 +50,13 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    const ALL: [DropReason; 4] = [
+        Self::SlowConsumer,
+        Self::Invalid,
+        Self::TooBig,
+        Self::BusUnavailable,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             Self::SlowConsumer => "slow_consumer",
@@ -75,6 +83,7 @@ pub struct Metrics {
     bus_publish_failures: Counter,
     bus_channels: Gauge,
     backend_forwards: Family<ResultLabel, Counter>,
+    bus_latency: Histogram,
 }
 
 impl Default for Metrics {
@@ -99,6 +108,8 @@ impl Metrics {
             bus_publish_failures: Counter::default(),
             bus_channels: Gauge::default(),
             backend_forwards: Family::default(),
+            // 0.5 ms … ~8 s
+            bus_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
             registry: Registry::default(),
         };
         registry.register(
@@ -161,6 +172,34 @@ impl Metrics {
             "Requests to the application backend (messages and events), by result",
             m.backend_forwards.clone(),
         );
+        registry.register(
+            "bus_delivery_latency_seconds",
+            "Time from publish on one node to receipt on another through Redis \
+             (includes clock skew between hosts)",
+            m.bus_latency.clone(),
+        );
+        // Every label value starts at 0, so each series exists from the
+        // first scrape (rates and alerts work at once; dashboards are never
+        // empty). The label sets are small and fixed.
+        for reason in CloseReason::ALL {
+            drop(m.closed.get_or_create(&CloseLabel {
+                code: reason.code(),
+                reason: reason.label(),
+            }));
+        }
+        for reason in DropReason::ALL {
+            drop(m.dropped.get_or_create(&ReasonLabel {
+                reason: reason.label(),
+            }));
+        }
+        for result in crate::backend::ForwardResult::ALL {
+            drop(m.backend_forwards.get_or_create(&ResultLabel {
+                result: result.label(),
+            }));
+        }
+        for status in [204, 400, 403, 405, 413, 503] {
+            drop(m.http_broadcast.get_or_create(&StatusLabel { status }));
+        }
         Metrics { registry, ..m }
     }
 
@@ -225,6 +264,10 @@ impl Metrics {
 
     pub fn bus_channels(&self, n: usize) {
         self.bus_channels.set(n as i64);
+    }
+
+    pub fn bus_latency(&self, latency: std::time::Duration) {
+        self.bus_latency.observe(latency.as_secs_f64());
     }
 
     pub fn backend_forward(&self, result: crate::backend::ForwardResult) {

@@ -184,12 +184,36 @@ impl Node {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Starts shutdown: refuse new sockets, report unready, and close every
-    /// open socket with 1001.
-    pub fn drain(&self) {
+    /// Starts shutdown: from now on `/readyz` answers 503 and new sockets
+    /// are refused with 503.
+    pub fn begin_drain(&self) {
         self.draining.store(true, Ordering::Release);
         self.sessions.close();
-        self.hub.close_all(CloseReason::GoingAway);
+    }
+
+    /// Closes every open socket with 1001, spread evenly over `window` so
+    /// that clients do not all reconnect in the same instant (the browser
+    /// library adds its own jitter on top). A zero window closes all at once.
+    pub async fn close_sockets(&self, window: std::time::Duration) {
+        self.begin_drain();
+        let conns = self.hub.snapshot();
+        let start = tokio::time::Instant::now();
+        let n = conns.len().max(1) as u32;
+        for (i, conn) in conns.iter().enumerate() {
+            let due = start + window * i as u32 / n;
+            if due > tokio::time::Instant::now() {
+                tokio::time::sleep_until(due).await;
+            }
+            conn.closer.close(CloseReason::GoingAway);
+        }
+    }
+
+    /// Starts shutdown and closes every socket with 1001 at once.
+    pub fn drain(&self) {
+        self.begin_drain();
+        for conn in self.hub.snapshot() {
+            conn.closer.close(CloseReason::GoingAway);
+        }
     }
 
     /// Stops the bus (after the sessions are gone).

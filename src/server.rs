@@ -61,8 +61,9 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then: report unready and refuse new
-    /// sockets, close every socket with 1001, wait for the sessions to end
-    /// (at most `shutdown.grace_period`), and only then stop accepting HTTP.
+    /// sockets, close every socket with 1001 spread over
+    /// `shutdown.drain_window`, wait for the sessions to end (at most
+    /// `shutdown.grace_period` more), and only then stop accepting HTTP.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -95,8 +96,13 @@ impl Server {
 
         // Keep answering HTTP while draining, so load balancers see /readyz
         // turn 503 and new sockets are refused with 503, not reset.
-        info!(open_sockets = node.connections(), "shutting down: draining");
-        node.drain();
+        let window = node.config.shutdown.drain_window;
+        info!(
+            open_sockets = node.connections(),
+            window_ms = window.as_millis() as u64,
+            "shutting down: draining"
+        );
+        node.close_sockets(window).await;
         let grace = node.config.shutdown.grace_period;
         if tokio::time::timeout(grace, node.sessions.wait())
             .await
@@ -117,6 +123,29 @@ impl Server {
         info!("shutdown complete");
         Ok(())
     }
+}
+
+/// Whether the node configured by `config` answers `GET /healthz` with 200
+/// within two seconds, on the loopback address when it listens on all.
+pub async fn healthcheck(config: &Config) -> bool {
+    let mut addr = config.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let Ok(client) = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(2))
+        .build()
+    else {
+        return false;
+    };
+    client
+        .get(format!("http://{addr}/healthz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
 }
 
 /// Binds and runs a node until `shutdown` resolves.

@@ -5,9 +5,9 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::node::NodeProcess;
 use common::redis::{RedisCluster, RedisServer, command};
 use common::{Client, TestServer, eventually, routing::routing_table};
 use serde_json::json;
@@ -224,66 +224,12 @@ async fn unreadable_payloads_are_counted_and_ignored() {
     assert_eq!(a.recv().await["action"], "fine");
 }
 
-/// A real `wshub` process, to kill.
-struct NodeProcess {
-    child: Child,
-    addr: std::net::SocketAddr,
-}
-
-impl NodeProcess {
-    fn spawn(redis_url: &str) -> Self {
-        use std::io::{BufRead, BufReader};
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wshub"))
-            .env("WSHUB_LISTEN", "127.0.0.1:0")
-            .env("WSHUB_LOG__FORMAT", "json")
-            .env("WSHUB_REDIS__URL", redis_url)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn wshub");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("wshub exited before listening")
-                .unwrap();
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["message"] == "wshub listening" {
-                break v["addr"].as_str().unwrap().parse().unwrap();
-            }
-        };
-        // Keep draining its log so it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Self { child, addr }
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn a_dying_node_takes_only_its_own_sockets() {
     let redis = RedisServer::start();
     let n0 = TestServer::on_redis(&redis.url(), |_| {}).await;
     let n1 = TestServer::on_redis(&redis.url(), |_| {}).await;
-    let mut victim = NodeProcess::spawn(&redis.url());
-    let ready = format!("http://{}/readyz", victim.addr);
-    let deadline = tokio::time::Instant::now() + common::PATIENCE;
-    while reqwest::get(&ready)
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the node process never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let mut victim = NodeProcess::spawn(&[("WSHUB_REDIS__URL", &redis.url())]).await;
     let mut doomed = Client::connect(victim.addr, "/ws?userid=doomed&groupid=g").await;
     let mut a = n0.connect("a", Some("g")).await;
     let mut b = n1.connect("b", Some("g")).await;

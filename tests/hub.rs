@@ -481,8 +481,27 @@ async fn metrics_count_connections_and_messages() {
     a.send_json(json!({"action": "x"})).await;
     a.recv().await;
     b.recv().await;
-    let text = server.get("/metrics").await.text().await.unwrap();
+    let resp = server.get("/metrics").await;
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = resp.text().await.unwrap();
     for line in [
+        "# TYPE wshub_connections_opened counter",
+        "# TYPE wshub_connections_closed counter",
+        "# TYPE wshub_messages_received counter",
+        "# TYPE wshub_messages_delivered counter",
+        "# TYPE wshub_messages_dropped counter",
+        "# TYPE wshub_http_broadcast_requests counter",
+        "# TYPE wshub_backend_forwards counter",
+        "# TYPE wshub_bus_channels gauge",
+        "# TYPE wshub_bus_delivery_latency_seconds histogram",
+        // Every label value exists from the start, at 0.
+        "wshub_messages_dropped_total{reason=\"slow_consumer\"} 0",
+        "wshub_connections_closed_total{code=\"4000\",reason=\"slow_consumer\"} 0",
         "# TYPE wshub_connections gauge",
         "wshub_connections 2",
         "wshub_connections_opened_total 2",

@@ -220,6 +220,11 @@ impl Shared {
         match wire::decode(payload) {
             Ok(decoded) if *decoded.origin == *self.node_id => {}
             Ok(decoded) => {
+                if let Some(at) = decoded.published_ms {
+                    // Across hosts this includes clock skew; the metric's help says so.
+                    let ms = wire::now_ms().saturating_sub(at);
+                    self.metrics.bus_latency(Duration::from_millis(ms));
+                }
                 let envelope = Arc::new(Envelope {
                     route: decoded.route,
                     frame: decoded.frame,

@@ -17,11 +17,12 @@
 //! frame exactly as recipients receive it:
 //!
 //! ```text
-//! wshub/1\n{"o":"<origin node>","t":["g:chat","u:ann"],"x":["bob"]}\n{"userId":…}
+//! wshub/1\n{"o":"<origin node>","t":["g:chat","u:ann"],"x":["bob"],"ts":1764331200000}\n{"userId":…}
 //! ```
 //!
 //! `t` is the whole route (every copy carries it: receivers need it for the
-//! exactly-once rule), `x` the excluded users. serde_json never writes a raw
+//! exactly-once rule), `x` the excluded users, `ts` (optional) the
+//! publish time in milliseconds since the Unix epoch. serde_json never writes a raw
 //! newline inside the header, so the first newline after it ends it. The
 //! frame is not re-escaped: a node copies it out and shares it with its
 //! recipients. A payload with another version line is not decoded; the node
@@ -99,6 +100,18 @@ struct Header<'a> {
     topics: Vec<String>,
     #[serde(rename = "x", default)]
     excluded: Vec<String>,
+    /// When the origin published it, in milliseconds since the Unix epoch
+    /// (optional: for the delivery latency metric).
+    #[serde(rename = "ts", default, skip_serializing_if = "Option::is_none")]
+    published_ms: Option<u64>,
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Encodes one message for every channel of its route.
@@ -107,6 +120,7 @@ pub fn encode(origin: &str, route: &Route, frame: &Frame) -> Bytes {
         origin: origin.into(),
         topics: route.topics().iter().map(topic_key).collect(),
         excluded: route.excluded().iter().map(|u| u.to_string()).collect(),
+        published_ms: Some(now_ms()),
     };
     let mut out = Vec::with_capacity(VERSION_LINE.len() + 64 + frame.len());
     out.extend_from_slice(VERSION_LINE);
@@ -121,6 +135,8 @@ pub fn encode(origin: &str, route: &Route, frame: &Frame) -> Bytes {
 #[derive(Debug)]
 pub struct Decoded {
     pub origin: String,
+    /// When the origin published it (ms since the Unix epoch), if it said.
+    pub published_ms: Option<u64>,
     pub route: Route,
     pub frame: Frame,
 }
@@ -158,6 +174,7 @@ pub fn decode(payload: &[u8]) -> Result<Decoded, DecodeError> {
     let frame = Frame::try_from(Bytes::copy_from_slice(&rest[end + 1..]))
         .map_err(|_| DecodeError::Frame)?;
     Ok(Decoded {
+        published_ms: header.published_ms,
         origin: header.origin.into_owned(),
         route: Route::from_parts(topics, excluded),
         frame,

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod node;
 pub mod redis;
 pub mod routing;
 
@@ -40,10 +41,14 @@ pub fn init_logging() {
 }
 
 pub fn test_config() -> Config {
-    Config {
+    let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         ..Config::default()
-    }
+    };
+    // Spreading closes over the window is tested in tests/deploy.rs; here
+    // a short one keeps shutdown tests quick.
+    config.shutdown.drain_window = Duration::from_millis(100);
+    config
 }
 
 pub struct TestServer {

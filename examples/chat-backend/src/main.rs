@@ -38,8 +38,12 @@ async fn main() -> std::io::Result<()> {
         hub: args.hub,
         keep: args.keep,
     };
+    // In a container this is PID 1: without handling SIGTERM it would only
+    // stop when killed.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         result = serve(listener, settings) => result,
         _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = term.recv() => Ok(()),
     }
 }

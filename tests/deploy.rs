@@ -1,0 +1,249 @@
+//! The deployment as users run it: nginx with the repository's config
+//! (`deploy/nginx/nginx.conf`) in front of three `wshub` processes on one
+//! Redis. Clients spread over the nodes and reach each other; a node that
+//! is SIGTERMed closes its sockets with 1001 over its drain window and its
+//! clients reconnect through the balancer to the others.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::node::NodeProcess;
+use common::redis::RedisServer;
+use common::{Client, Ended, PATIENCE, TestServer};
+use serde_json::json;
+
+/// nginx started by the test with the repository's configuration.
+struct Nginx {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Nginx {
+    /// Uses `deploy/nginx/nginx.conf` as it is, except for the listen line,
+    /// with an upstream file naming `nodes` (compose's names them by DNS).
+    fn start(nodes: &[SocketAddr]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("wshub-nginx-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nginx/nginx.conf");
+        let config = std::fs::read_to_string(repo).unwrap();
+        assert_eq!(
+            config.matches("listen 8080;").count(),
+            1,
+            "one listen line to substitute"
+        );
+        let config = config.replace("listen 8080;", &format!("listen 127.0.0.1:{port};"));
+        std::fs::write(dir.join("nginx.conf"), config).unwrap();
+        let servers: String = nodes.iter().map(|a| format!("    server {a};\n")).collect();
+        std::fs::write(
+            dir.join("upstream.conf"),
+            format!("upstream wshub {{\n    zone wshub 64k;\n    least_conn;\n{servers}}}\n"),
+        )
+        .unwrap();
+        let globals = format!("daemon off; pid {}/nginx.pid;", dir.display());
+        let args = |extra: &[&str]| {
+            let mut cmd = Command::new("nginx");
+            cmd.arg("-p")
+                .arg(&dir)
+                .arg("-c")
+                .arg(dir.join("nginx.conf"))
+                .args(["-g", &globals])
+                .args(extra);
+            cmd
+        };
+        let check = args(&["-t", "-q"]).output().unwrap_or_else(|e| {
+            panic!("cannot run nginx ({e}): this test needs it; install Debian's nginx-light (scripts/test does)")
+        });
+        assert!(
+            check.status.success(),
+            "nginx -t: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let child = args(&[])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not start listening");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self { child, port, dir }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Connects through the balancer; returns the client and the node that took it.
+async fn connect_via(lb_port: u16, user: &str) -> (Client, String) {
+    let url = format!("ws://127.0.0.1:{lb_port}/__initializeWebSocket.wc?userid={user}&groupid=g");
+    let (ws, response) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connect through nginx");
+    let node = response.headers()[wshub::http::NODE_HEADER]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    (Client { ws }, node)
+}
+
+#[tokio::test]
+async fn clients_spread_over_nodes_reach_each_other_and_survive_a_drain() {
+    const WINDOW_MS: u64 = 1500;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let window = WINDOW_MS.to_string();
+    let env = [
+        ("WSHUB_REDIS__URL", url.as_str()),
+        ("WSHUB_SHUTDOWN__DRAIN_WINDOW_MS", window.as_str()),
+    ];
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(NodeProcess::spawn(&env).await);
+    }
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
+    let lb = Nginx::start(&addrs);
+
+    // 30 clients through the balancer land on every node.
+    let mut clients = Vec::new();
+    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..30 {
+        let (client, node) = connect_via(lb.port, &format!("u{i}")).await;
+        *per_node.entry(node.clone()).or_default() += 1;
+        clients.push((client, node));
+    }
+    assert_eq!(per_node.len(), 3, "every node took clients: {per_node:?}");
+    assert!(per_node.values().all(|&n| n >= 5), "spread: {per_node:?}");
+
+    // They reach each other across nodes, each exactly once.
+    clients[0]
+        .0
+        .send_json(json!({"action": "hello", "recipients": [{"type": "group", "value": "g"}]}))
+        .await;
+    let tag = clients[0].0.send_sentinel().await;
+    for (i, (c, _)) in clients.iter_mut().enumerate() {
+        let got = c.until_sentinel(&tag).await;
+        assert_eq!(got.len(), 1, "client {i}: {got:?}");
+        assert_eq!(got[0]["action"], "hello");
+    }
+
+    // The broadcast endpoint is not reachable through the balancer, even
+    // though the balancer's address is loopback (trusted) to the nodes.
+    let resp = reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{}/app/__broadcastWebSocket.wc",
+            lb.port
+        ))
+        .body(r#"{"action":"evil"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+
+    // SIGTERM one node: its sockets close with 1001, spread over the window.
+    let victim = nodes.remove(0);
+    let started = Instant::now();
+    victim.terminate();
+    let (mut doomed, mut others): (Vec<_>, Vec<_>) =
+        clients.into_iter().partition(|(_, n)| *n == victim.node_id);
+    assert!(!doomed.is_empty());
+    // Await every close at once, stamping each when it arrives.
+    let ends = doomed
+        .iter_mut()
+        .map(|(c, _)| async move { (c.ended().await, started.elapsed()) });
+    let mut closed_at = Vec::new();
+    for (end, at) in futures_util::future::join_all(ends).await {
+        assert_eq!(end, Ended::Closed(1001, "Server shutting down".into()));
+        closed_at.push(at);
+    }
+    closed_at.sort();
+    let spread = *closed_at.last().unwrap() - closed_at[0];
+    assert!(
+        spread >= Duration::from_millis(WINDOW_MS * 4 / 10),
+        "closes spread over {spread:?}, expected most of the {WINDOW_MS} ms window: {closed_at:?}"
+    );
+    assert!(
+        *closed_at.last().unwrap() < Duration::from_millis(WINDOW_MS + 1000),
+        "{closed_at:?}"
+    );
+
+    // They reconnect through the balancer, to the remaining nodes.
+    let mut back = Vec::new();
+    for i in 0..doomed.len() {
+        let (client, node) = connect_via(lb.port, &format!("back{i}")).await;
+        assert_ne!(
+            node, victim.node_id,
+            "a new socket went to the draining node"
+        );
+        back.push(client);
+    }
+    back[0]
+        .send_json(json!({"action": "again", "recipients": [{"type": "group", "value": "g"}]}))
+        .await;
+    for (c, _) in others.iter_mut() {
+        assert_eq!(c.recv().await["action"], "again");
+    }
+    for c in back.iter_mut() {
+        assert_eq!(c.recv().await["action"], "again");
+    }
+
+    // And the terminated node exits 0.
+    let mut victim = victim;
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = victim.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the terminated node did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "exit status {status:?}");
+}
+
+/// Every metric the Grafana dashboard queries exists, with a TYPE line.
+#[tokio::test]
+async fn the_dashboard_only_uses_metrics_that_exist() {
+    let server = TestServer::start().await;
+    let text = server.get("/metrics").await.text().await.unwrap();
+    let dashboard = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/wshub-dashboard.json"),
+    )
+    .unwrap();
+    let names: std::collections::BTreeSet<String> = dashboard
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("wshub_"))
+        .map(|w| w.to_owned())
+        .collect();
+    assert!(names.len() >= 10, "{names:?}");
+    for name in names {
+        let base = ["_total", "_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name);
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("# TYPE {base} "))),
+            "the dashboard uses {name}, which /metrics does not have"
+        );
+    }
+}
