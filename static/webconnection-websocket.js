@@ -211,12 +211,11 @@ export class WebConnectionWebSocket {
   }
 
   _dropped(ev) {
+    // The state changes before the handler runs, so that the handler sees
+    // what happens next (reconnecting or closed).
+    this.state = this._retry ? State.RECONNECTING : State.CLOSED;
     if (this.onCloseHandler) this.onCloseHandler(ev);
-    if (!this._retry) {
-      this.state = State.CLOSED;
-      return;
-    }
-    this.state = State.RECONNECTING;
+    if (this.state !== State.RECONNECTING) return;
     const { minReconnectDelay, maxReconnectDelay } = this.options;
     const delay = backoffDelay(this._attempt++, minReconnectDelay, maxReconnectDelay);
     this._timer = setTimeout(() => {

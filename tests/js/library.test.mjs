@@ -137,11 +137,13 @@ test("reconnects with backoff after a drop, and resets the backoff on open", (t)
   try {
     const ws = client({ minReconnectDelay: 100, maxReconnectDelay: 1000 });
     const closes = [];
-    ws.onCloseHandler = (ev) => closes.push(ev.code);
+    const statesSeen = [];
+    ws.onCloseHandler = (ev) => { closes.push(ev.code); statesSeen.push(ws.state); };
     ws.tryConnect(true, "g", "u");
     FakeSocket.instances[0].open();
     FakeSocket.instances[0].drop(1001);
     assert.deepEqual(closes, [1001]);
+    assert.deepEqual(statesSeen, [State.RECONNECTING], "the close handler sees the new state");
     assert.equal(ws.state, State.RECONNECTING);
     ws.send({ while: "down" });
     t.mock.timers.tick(99);
@@ -165,9 +167,12 @@ test("reconnects with backoff after a drop, and resets the backoff on open", (t)
 
 test("without retryOnFail a drop is final", () => {
   const ws = client();
+  let seen = null;
+  ws.onCloseHandler = () => { seen = ws.state; };
   ws.tryConnect(false);
   FakeSocket.instances[0].open();
   FakeSocket.instances[0].drop();
+  assert.equal(seen, State.CLOSED, "the close handler sees the new state");
   assert.equal(ws.state, State.CLOSED);
   assert.equal(ws.send({ a: 1 }), false);
 });
