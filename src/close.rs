@@ -16,7 +16,8 @@ pub enum CloseReason {
     GoingAway,
     /// The client broke the WebSocket protocol (bad framing, unmasked frames).
     ProtocolError,
-    /// The client broke a policy (reserved for rate limits and auth).
+    /// The client kept sending over its message rate
+    /// (`limits.rate_violations_before_close`).
     PolicyViolation,
     /// A single message exceeded `limits.max_message_bytes`.
     MessageTooBig,
@@ -69,7 +70,7 @@ impl CloseReason {
             Self::GoingAway => "Server shutting down",
             Self::ProtocolError => "Protocol error",
             Self::ConnectionLost => "Connection lost",
-            Self::PolicyViolation => "Policy violation",
+            Self::PolicyViolation => "Rate limit exceeded",
             Self::MessageTooBig => "Message too big",
             Self::InternalError => "Internal error",
             Self::SlowConsumer => "Too slow: reconnect",

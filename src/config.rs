@@ -32,6 +32,16 @@ pub enum ConfigError {
     Invalid { key: &'static str, problem: String },
 }
 
+fn cidrs(key: &'static str, list: &[String]) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    list.iter()
+        .map(|n| {
+            n.trim()
+                .parse::<ipnet::IpNet>()
+                .map_err(|e| invalid(key, format!("{n:?} is not a CIDR like 10.0.0.0/8: {e}")))
+        })
+        .collect()
+}
+
 fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -54,6 +64,7 @@ pub struct RawConfig {
     pub redis: RawRedis,
     pub backend: RawBackend,
     pub broadcast: RawBroadcast,
+    pub auth: RawAuth,
     pub shutdown: RawShutdown,
 }
 
@@ -128,6 +139,11 @@ pub struct RawLimits {
     pub max_id_bytes: usize,
     pub max_recipients: usize,
     pub outbound_queue_bytes: usize,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub messages_per_second: u32,
+    pub message_burst: u32,
+    pub rate_violations_before_close: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -156,6 +172,39 @@ pub struct RawShutdown {
 pub struct RawBroadcast {
     /// CIDRs (besides loopback) allowed to use the broadcast endpoint.
     pub trusted_networks: Vec<String>,
+    /// With any key here, the endpoint requires one (from any network).
+    pub api_keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawAuth {
+    /// HS256 shared secret; turns token mode on.
+    pub jwt_secret: String,
+    /// PEM public key file (RS256/ES256); turns token mode on.
+    pub jwt_public_key_file: String,
+    /// Empty: HS256 with a secret, RS256 with a key file.
+    pub jwt_algorithm: String,
+    pub audience: String,
+    pub issuer: String,
+    pub leeway_secs: u64,
+    pub allowed_origins: Vec<String>,
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for RawAuth {
+    fn default() -> Self {
+        Self {
+            jwt_secret: String::new(),
+            jwt_public_key_file: String::new(),
+            jwt_algorithm: String::new(),
+            audience: String::new(),
+            issuer: String::new(),
+            leeway_secs: 30,
+            allowed_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
+        }
+    }
 }
 
 impl Default for RawConfig {
@@ -170,6 +219,7 @@ impl Default for RawConfig {
             redis: RawRedis::default(),
             backend: RawBackend::default(),
             broadcast: RawBroadcast::default(),
+            auth: RawAuth::default(),
             shutdown: RawShutdown::default(),
         }
     }
@@ -191,6 +241,11 @@ impl Default for RawLimits {
             max_id_bytes: 256,
             max_recipients: 100,
             outbound_queue_bytes: 1024 * 1024,
+            max_connections: 0,
+            max_connections_per_ip: 0,
+            messages_per_second: 50,
+            message_burst: 100,
+            rate_violations_before_close: 100,
         }
     }
 }
@@ -245,6 +300,7 @@ pub struct Config {
     /// `None`: no backend; every action is relayed.
     pub backend: Option<BackendConfig>,
     pub broadcast: Broadcast,
+    pub auth: AuthConfig,
     pub shutdown: Shutdown,
 }
 
@@ -304,6 +360,18 @@ pub struct Limits {
     pub max_recipients: usize,
     /// Bytes queued per connection before it is closed as a slow consumer.
     pub outbound_queue_bytes: usize,
+    /// Sockets this node accepts (0 in the file: what the open-file limit
+    /// allows, computed at start).
+    pub max_connections: usize,
+    /// Sockets from one client address (0: no limit).
+    pub max_connections_per_ip: usize,
+    /// Sustained messages per second a socket may send (0: no limit).
+    pub messages_per_second: u32,
+    /// Messages a socket may send at once above the sustained rate.
+    pub message_burst: u32,
+    /// Rate-limited messages (net of allowed ones) before the socket is
+    /// closed with 1008.
+    pub rate_violations_before_close: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -333,6 +401,41 @@ pub struct Shutdown {
 pub struct Broadcast {
     /// Networks (besides loopback) whose peers may use the broadcast endpoint.
     pub trusted_networks: Vec<ipnet::IpNet>,
+    /// Keys, one of which is required when any is configured.
+    pub api_keys: Vec<String>,
+}
+
+/// Socket authentication and origin policy (see `src/auth.rs`).
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    /// `Some`: token mode.
+    pub jwt_key: Option<JwtKey>,
+    pub jwt_algorithm: jsonwebtoken::Algorithm,
+    pub audience: Option<String>,
+    pub issuer: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    pub leeway_secs: u64,
+    /// Browser origins allowed to open sockets; empty: any.
+    pub allowed_origins: Vec<String>,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// A token verification key; its `Debug` never shows the secret.
+#[derive(Clone)]
+pub struct JwtKey(pub jsonwebtoken::DecodingKey);
+
+impl std::fmt::Debug for JwtKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JwtKey(<redacted>)")
+    }
+}
+
+impl std::ops::Deref for JwtKey {
+    type Target = jsonwebtoken::DecodingKey;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Default for Config {
@@ -368,6 +471,9 @@ impl Config {
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("broadcast.trusted_networks")
+                .with_list_parse_key("broadcast.api_keys")
+                .with_list_parse_key("auth.allowed_origins")
+                .with_list_parse_key("auth.trusted_proxies")
                 .source(Some(env)),
         );
         let raw: RawConfig = builder.build()?.try_deserialize()?;
@@ -432,21 +538,29 @@ impl Config {
         };
         let redis = Self::redis_from_raw(&raw.redis)?;
         let backend = Self::backend_from_raw(&raw.backend)?;
-        let trusted_networks = raw
+        let trusted_networks = cidrs(
+            "broadcast.trusted_networks",
+            &raw.broadcast.trusted_networks,
+        )?;
+        let api_keys: Vec<String> = raw
             .broadcast
-            .trusted_networks
+            .api_keys
             .iter()
-            .map(|n| {
-                n.trim().parse::<ipnet::IpNet>().map_err(|e| {
-                    invalid(
-                        "broadcast.trusted_networks",
-                        format!("{n:?} is not a CIDR like 10.0.0.0/8: {e}"),
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|k| k.trim().to_owned())
+            .collect();
+        if api_keys.iter().any(|k| k.len() < 16) {
+            return Err(invalid(
+                "broadcast.api_keys",
+                "each key must be at least 16 characters",
+            ));
+        }
+        let auth = Self::auth_from_raw(&raw.auth)?;
         Ok(Config {
-            broadcast: Broadcast { trusted_networks },
+            broadcast: Broadcast {
+                trusted_networks,
+                api_keys,
+            },
+            auth,
             listen,
             node_id,
             redis,
@@ -458,6 +572,11 @@ impl Config {
                 max_id_bytes: l.max_id_bytes,
                 max_recipients: l.max_recipients,
                 outbound_queue_bytes: l.outbound_queue_bytes,
+                max_connections: l.max_connections,
+                max_connections_per_ip: l.max_connections_per_ip,
+                messages_per_second: l.messages_per_second,
+                message_burst: l.message_burst.max(1),
+                rate_violations_before_close: l.rate_violations_before_close,
             },
             ws: Ws {
                 ping_interval: Duration::from_millis(raw.ws.ping_interval_ms),
@@ -525,6 +644,89 @@ impl Config {
             ));
         }
         Ok(Some(config))
+    }
+
+    fn auth_from_raw(raw: &RawAuth) -> Result<AuthConfig, ConfigError> {
+        use jsonwebtoken::{Algorithm, DecodingKey};
+        let secret = raw.jwt_secret.trim();
+        let key_file = raw.jwt_public_key_file.trim();
+        let algorithm = match (raw.jwt_algorithm.trim(), secret.is_empty()) {
+            ("", false) => Algorithm::HS256,
+            ("", true) => Algorithm::RS256,
+            (name, _) => match name.to_ascii_uppercase().as_str() {
+                "HS256" => Algorithm::HS256,
+                "RS256" => Algorithm::RS256,
+                "ES256" => Algorithm::ES256,
+                _ => {
+                    return Err(invalid(
+                        "auth.jwt_algorithm",
+                        "must be HS256, RS256 or ES256",
+                    ));
+                }
+            },
+        };
+        let jwt_key = match (secret, key_file) {
+            ("", "") => None,
+            (s, "") => {
+                if algorithm != Algorithm::HS256 {
+                    return Err(invalid(
+                        "auth.jwt_algorithm",
+                        "must be HS256 with auth.jwt_secret",
+                    ));
+                }
+                if s.len() < 32 {
+                    return Err(invalid("auth.jwt_secret", "must be at least 32 characters"));
+                }
+                let key = DecodingKey::from_secret(s.as_bytes())
+                    .map_err(|e| invalid("auth.jwt_secret", format!("is not usable: {e}")))?;
+                Some(JwtKey(key))
+            }
+            ("", path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    invalid(
+                        "auth.jwt_public_key_file",
+                        format!("cannot read {path:?}: {e}"),
+                    )
+                })?;
+                let key = match algorithm {
+                    Algorithm::RS256 => DecodingKey::from_rsa_pem(&pem),
+                    Algorithm::ES256 => DecodingKey::from_ec_pem(&pem),
+                    _ => {
+                        return Err(invalid(
+                            "auth.jwt_algorithm",
+                            "must be RS256 or ES256 with a public key file",
+                        ));
+                    }
+                }
+                .map_err(|e| {
+                    invalid(
+                        "auth.jwt_public_key_file",
+                        format!("{path:?} is not a {algorithm:?} public key: {e}"),
+                    )
+                })?;
+                Some(JwtKey(key))
+            }
+            _ => {
+                return Err(invalid(
+                    "auth.jwt_secret",
+                    "and auth.jwt_public_key_file cannot both be set",
+                ));
+            }
+        };
+        let non_empty = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
+        Ok(AuthConfig {
+            jwt_key,
+            jwt_algorithm: algorithm,
+            audience: non_empty(&raw.audience),
+            issuer: non_empty(&raw.issuer),
+            leeway_secs: raw.leeway_secs,
+            allowed_origins: raw
+                .allowed_origins
+                .iter()
+                .map(|o| o.trim().to_owned())
+                .collect(),
+            trusted_proxies: cidrs("auth.trusted_proxies", &raw.trusted_proxies)?,
+        })
     }
 
     fn backend_from_raw(raw: &RawBackend) -> Result<Option<BackendConfig>, ConfigError> {
@@ -702,6 +904,26 @@ mod tests {
             (
                 &[("WSHUB_BROADCAST__TRUSTED_NETWORKS", "10.0.0.0/8,nope")],
                 "`broadcast.trusted_networks`",
+            ),
+            (
+                &[("WSHUB_BROADCAST__API_KEYS", "short")],
+                "`broadcast.api_keys`",
+            ),
+            (
+                &[("WSHUB_AUTH__JWT_SECRET", "too-short")],
+                "`auth.jwt_secret`",
+            ),
+            (
+                &[("WSHUB_AUTH__JWT_PUBLIC_KEY_FILE", "/nonexistent/key.pem")],
+                "`auth.jwt_public_key_file`",
+            ),
+            (
+                &[("WSHUB_AUTH__JWT_ALGORITHM", "none")],
+                "`auth.jwt_algorithm`",
+            ),
+            (
+                &[("WSHUB_AUTH__TRUSTED_PROXIES", "x")],
+                "`auth.trusted_proxies`",
             ),
         ];
         for (vars, want) in cases {

@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tracing::{debug, warn};
 
+use crate::auth;
 use crate::node::{ConnectError, Node, PublishError};
 use crate::route::Identity;
 
@@ -121,7 +122,25 @@ fn bad_request(reason: impl Into<String>) -> Response {
     (StatusCode::BAD_REQUEST, text).into_response()
 }
 
+fn refuse(node: &Node, status: StatusCode, reason: &'static str, text: String) -> Response {
+    node.metrics.refused(reason);
+    let mut text = text;
+    text.push('\n');
+    let mut response = (status, text).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"wshub\""),
+        );
+    }
+    response
+}
+
 /// `GET /__initializeWebSocket.wc?groupid=G&userid=U` with Upgrade.
+///
+/// In order: a WebSocket upgrade (else 404, as Web Connection), the origin
+/// (403), the identity from the token in token mode (401) or the query,
+/// then the node's capacity (503 when full or draining, 429 per address).
 async fn socket(node: Arc<Node>, request: Request) -> Response {
     let (mut parts, _body) = request.into_parts();
     let Ok(upgrade) = WebSocketUpgrade::from_request_parts(&mut parts, &()).await else {
@@ -132,18 +151,70 @@ async fn socket(node: Arc<Node>, request: Request) -> Response {
         )
             .into_response();
     };
-    let who = match identity_from_query(parts.uri.query(), node.config.limits.max_id_bytes) {
-        Ok(who) => who,
-        Err(reason) => return bad_request(reason),
+    let origin = parts
+        .headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok());
+    if !auth::origin_allowed(&node.config.auth.allowed_origins, origin) {
+        let text = format!("origin {} is not allowed", origin.unwrap_or_default());
+        return refuse(&node, StatusCode::FORBIDDEN, "origin", text);
+    }
+    let pairs = match query_pairs(parts.uri.query()) {
+        Ok(pairs) => pairs,
+        Err(e) => return refuse(&node, StatusCode::BAD_REQUEST, "bad_request", e),
     };
-    let registration = match node.connect(who).await {
+    let who = match node.tokens() {
+        Some(tokens) => match auth::token_from_request(&pairs, &parts.headers)
+            .ok_or(auth::TokenError::Missing)
+            .and_then(|t| tokens.verify(&t))
+        {
+            Ok(who) => who,
+            Err(e) => return refuse(&node, StatusCode::UNAUTHORIZED, "token", e.to_string()),
+        },
+        None => match identity_from_query(&pairs, node.config.limits.max_id_bytes) {
+            Ok(who) => who,
+            Err(e) => return refuse(&node, StatusCode::BAD_REQUEST, "bad_request", e),
+        },
+    };
+    let max_id = node.config.limits.max_id_bytes;
+    if who.user.len() > max_id || who.group.as_deref().is_some_and(|g| g.len() > max_id) {
+        let text = format!("ids are longer than {max_id} bytes");
+        return refuse(&node, StatusCode::BAD_REQUEST, "bad_request", text);
+    }
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let ip = peer.map(|p| auth::client_ip(p, &parts.headers, &node.config.auth.trusted_proxies));
+    let registration = match node.connect(who, ip).await {
         Ok(r) => r,
         Err(e @ ConnectError::Draining) => {
-            return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response();
+            return refuse(
+                &node,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "draining",
+                e.to_string(),
+            );
+        }
+        Err(e @ ConnectError::AtCapacity(_)) => {
+            return refuse(
+                &node,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "capacity",
+                e.to_string(),
+            );
+        }
+        Err(e @ ConnectError::TooManyFromIp(_)) => {
+            return refuse(
+                &node,
+                StatusCode::TOO_MANY_REQUESTS,
+                "per_ip",
+                e.to_string(),
+            );
         }
         Err(e @ ConnectError::Bus(_)) => {
             warn!(error = %e, "refusing a socket: bus subscription failed");
-            return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response();
+            return refuse(&node, StatusCode::SERVICE_UNAVAILABLE, "bus", e.to_string());
         }
     };
     let max = node.config.limits.max_message_bytes;
@@ -151,6 +222,9 @@ async fn socket(node: Arc<Node>, request: Request) -> Response {
     // Held until the session ends, so shutdown waits for it.
     let tracked = node.sessions.token();
     upgrade
+        // Chosen when the client offers it (with a token in the protocol
+        // list, browsers require the server to choose one).
+        .protocols([auth::PROTOCOL])
         .read_buffer_size(ws.read_buffer_bytes)
         .write_buffer_size(ws.write_buffer_bytes)
         .max_message_size(max)
@@ -162,21 +236,28 @@ async fn socket(node: Arc<Node>, request: Request) -> Response {
         })
 }
 
-/// Reads `groupid` and `userid` from the query, keys in any case.
+fn query_pairs(query: Option<&str>) -> Result<Vec<(String, String)>, String> {
+    serde_urlencoded::from_str(query.unwrap_or(""))
+        .map_err(|e| format!("invalid query string: {e}"))
+}
+
+/// Reads `groupid` and `userid` from the query pairs, keys in any case
+/// (open mode).
 ///
 /// A missing or empty `userid` gets a random 12-hex-digit id. A missing
 /// `groupid` is the null group; `groupid=` is the group `""`, which is not
 /// the same (Web Connection behaves so).
-pub fn identity_from_query(query: Option<&str>, max_id_bytes: usize) -> Result<Identity, String> {
+pub fn identity_from_query(
+    pairs: &[(String, String)],
+    max_id_bytes: usize,
+) -> Result<Identity, String> {
     let mut user = None;
     let mut group = None;
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
-        .map_err(|e| format!("invalid query string: {e}"))?;
     for (key, value) in pairs {
         if key.eq_ignore_ascii_case("userid") {
-            user = Some(value);
+            user = Some(value.clone());
         } else if key.eq_ignore_ascii_case("groupid") {
-            group = Some(value);
+            group = Some(value.clone());
         }
     }
     for (name, value) in [("userid", &user), ("groupid", &group)] {
@@ -217,12 +298,23 @@ async fn broadcast_inner(node: &Node, request: Request) -> Response {
         )
             .into_response();
     }
-    let peer = request
+    // With keys configured, a valid key is required from anywhere; without,
+    // only loopback and trusted networks may push.
+    let keys = &node.config.broadcast.api_keys;
+    if !keys.is_empty() {
+        if !auth::key_valid(keys, auth::presented_key(request.headers())) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer realm=\"wshub\"")],
+                "unauthorized: a valid API key is required (Authorization: Bearer <key> or X-Api-Key)\n",
+            )
+                .into_response();
+        }
+    } else if !request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
-    let trusted = &node.config.broadcast.trusted_networks;
-    if !peer.is_some_and(|p| broadcast_allowed(p, trusted)) {
+        .is_some_and(|c| broadcast_allowed(c.0, &node.config.broadcast.trusted_networks))
+    {
         return (
             StatusCode::FORBIDDEN,
             "forbidden: the broadcast endpoint only accepts requests from loopback and broadcast.trusted_networks\n",
@@ -292,22 +384,23 @@ mod tests {
 
     #[test]
     fn identity_rules() {
-        let who = identity_from_query(Some("GroupId=chat&USERID=ann"), 16).unwrap();
+        let q = |s: &str| query_pairs(Some(s)).unwrap();
+        let who = identity_from_query(&q("GroupId=chat&USERID=ann"), 16).unwrap();
         assert_eq!((&*who.user, who.group.as_deref()), ("ann", Some("chat")));
-        let who = identity_from_query(None, 16).unwrap();
+        let who = identity_from_query(&[], 16).unwrap();
         assert_eq!(who.group, None);
         assert_eq!(who.user.len(), 12);
         assert!(who.user.bytes().all(|b| b.is_ascii_hexdigit()));
-        let who = identity_from_query(Some("groupid=&userid="), 16).unwrap();
+        let who = identity_from_query(&q("groupid=&userid="), 16).unwrap();
         assert_eq!(
             who.group.as_deref(),
             Some(""),
             "groupid= is the empty group, not null"
         );
         assert_eq!(who.user.len(), 12, "an empty userid gets a random one");
-        let who = identity_from_query(Some("userid=a%20b&groupid=x%2By"), 16).unwrap();
+        let who = identity_from_query(&q("userid=a%20b&groupid=x%2By"), 16).unwrap();
         assert_eq!((&*who.user, who.group.as_deref()), ("a b", Some("x+y")));
-        let err = identity_from_query(Some("userid=01234567890123456"), 16).unwrap_err();
+        let err = identity_from_query(&q("userid=01234567890123456"), 16).unwrap_err();
         assert!(err.contains("userid is longer than 16 bytes"), "{err}");
     }
 }

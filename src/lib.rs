@@ -21,6 +21,7 @@
 //! - [`hub`]: this node's sockets, indexed by group and user; the bus
 //!   delivers into it.
 //! - [`server`]: binds the listener and runs the node until shutdown.
+//! - [`auth`], [`limits`]: tokens, origins, API keys; rates and capacity.
 //! - [`config`], [`logging`], [`metrics`]: the operator's side.
 //!
 //! `main.rs` only loads configuration, starts logging and calls [`run`], so
@@ -28,12 +29,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod backend;
 pub mod bus;
 pub mod close;
 pub mod config;
 pub mod http;
 pub mod hub;
+pub mod limits;
 pub mod logging;
 pub mod message;
 pub mod metrics;

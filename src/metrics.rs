@@ -35,6 +35,17 @@ struct StatusLabel {
     status: u16,
 }
 
+/// The `reason` labels of `wshub_connections_refused_total`.
+pub const REFUSALS: [&str; 7] = [
+    "capacity",
+    "per_ip",
+    "token",
+    "origin",
+    "draining",
+    "bus",
+    "bad_request",
+];
+
 /// Why a message was not delivered (the `reason` label of
 /// `wshub_messages_dropped_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,14 +58,17 @@ pub enum DropReason {
     TooBig,
     /// The bus refused it (overloaded or unavailable).
     BusUnavailable,
+    /// The sender was over its message rate.
+    RateLimited,
 }
 
 impl DropReason {
-    const ALL: [DropReason; 4] = [
+    const ALL: [DropReason; 5] = [
         Self::SlowConsumer,
         Self::Invalid,
         Self::TooBig,
         Self::BusUnavailable,
+        Self::RateLimited,
     ];
 
     fn label(self) -> &'static str {
@@ -63,6 +77,7 @@ impl DropReason {
             Self::Invalid => "invalid",
             Self::TooBig => "too_big",
             Self::BusUnavailable => "bus_unavailable",
+            Self::RateLimited => "rate_limited",
         }
     }
 }
@@ -84,6 +99,8 @@ pub struct Metrics {
     bus_channels: Gauge,
     backend_forwards: Family<ResultLabel, Counter>,
     bus_latency: Histogram,
+    capacity: Gauge,
+    refused: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -110,6 +127,8 @@ impl Metrics {
             backend_forwards: Family::default(),
             // 0.5 ms … ~8 s
             bus_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
+            capacity: Gauge::default(),
+            refused: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -178,6 +197,19 @@ impl Metrics {
              (includes clock skew between hosts)",
             m.bus_latency.clone(),
         );
+        registry.register(
+            "connections_max",
+            "Sockets this node accepts (limits.max_connections, or the open-file limit)",
+            m.capacity.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Socket upgrades refused, by reason",
+            m.refused.clone(),
+        );
+        for reason in REFUSALS {
+            drop(m.refused.get_or_create(&ReasonLabel { reason }));
+        }
         // Every label value starts at 0, so each series exists from the
         // first scrape (rates and alerts work at once; dashboards are never
         // empty). The label sets are small and fixed.
@@ -264,6 +296,15 @@ impl Metrics {
 
     pub fn bus_channels(&self, n: usize) {
         self.bus_channels.set(n as i64);
+    }
+
+    pub fn set_capacity(&self, n: usize) {
+        self.capacity.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A socket upgrade refused; `reason` is one of [`REFUSALS`].
+    pub fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     pub fn bus_latency(&self, latency: std::time::Duration) {

@@ -9,6 +9,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicUsize;
+
+use crate::auth::TokenVerifier;
 use crate::backend::{ACTION_CONNECT, ACTION_DISCONNECT, Backend};
 use crate::bus::{Bus, BusError, Envelope, LocalBus, RedisBus};
 use crate::close::CloseReason;
@@ -24,6 +31,13 @@ pub enum ConnectError {
     /// The node is shutting down.
     #[error("the node is shutting down")]
     Draining,
+    /// The node holds as many sockets as it may (`limits.max_connections`
+    /// or the open-file limit).
+    #[error("the node is at capacity ({0} sockets)")]
+    AtCapacity(usize),
+    /// This client address holds `limits.max_connections_per_ip` sockets.
+    #[error("too many sockets from this address (at most {0})")]
+    TooManyFromIp(usize),
     /// The bus could not subscribe to the connection's topics.
     #[error(transparent)]
     Bus(#[from] BusError),
@@ -45,6 +59,14 @@ pub struct Node {
     hub: Arc<Hub>,
     bus: Arc<dyn Bus>,
     backend: Option<Backend>,
+    tokens: Option<Arc<TokenVerifier>>,
+    /// Sockets this node accepts.
+    capacity: usize,
+    /// Sockets open or being opened (counted before the upgrade, so the
+    /// capacity holds under a burst of connects).
+    open: AtomicUsize,
+    /// Sockets per client address, while `limits.max_connections_per_ip` is set.
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
     draining: AtomicBool,
     next_conn_id: AtomicU64,
     /// Every socket session, so shutdown can wait for them (axum's graceful
@@ -88,12 +110,22 @@ impl Node {
             Backend::start(b, config.node_id.as_str().into(), metrics.clone())
                 .expect("the backend HTTP client can be built")
         });
+        let tokens = TokenVerifier::from_config(&config.auth);
+        let (capacity, _) = crate::limits::capacity(
+            config.limits.max_connections,
+            crate::limits::open_file_limit(),
+        );
+        metrics.set_capacity(capacity);
         Arc::new(Self {
             config: Arc::new(config),
             metrics,
             hub,
             bus,
             backend,
+            tokens,
+            capacity,
+            open: AtomicUsize::new(0),
+            per_ip: Mutex::default(),
             draining: AtomicBool::new(false),
             next_conn_id: AtomicU64::new(1),
             sessions: TaskTracker::new(),
@@ -103,10 +135,15 @@ impl Node {
     /// Registers a socket for `who`: it is in the hub and the bus is
     /// subscribed to its topics when this returns, so it receives every
     /// message published from then on.
-    pub async fn connect(self: &Arc<Self>, who: Identity) -> Result<Registration, ConnectError> {
+    pub async fn connect(
+        self: &Arc<Self>,
+        who: Identity,
+        ip: Option<IpAddr>,
+    ) -> Result<Registration, ConnectError> {
         if self.is_draining() {
             return Err(ConnectError::Draining);
         }
+        let slot = self.reserve(ip)?;
         let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let (conn, rx) = Conn::new(id, who, self.config.limits.outbound_queue_bytes);
         self.hub.insert(conn.clone());
@@ -117,6 +154,7 @@ impl Node {
             conn,
             rx: Some(rx),
             announced: false,
+            _slot: slot,
         };
         let [group, user] = registration.conn.who.topics();
         let (g, u) = tokio::join!(self.bus.subscribe(&group), self.bus.subscribe(&user));
@@ -131,6 +169,40 @@ impl Node {
             registration.announced = true;
         }
         Ok(registration)
+    }
+
+    /// Takes a place for a new socket, or says why there is none. The place
+    /// is given back when the [`Slot`] is dropped.
+    fn reserve(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<Slot, ConnectError> {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= self.capacity {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return Err(ConnectError::AtCapacity(self.capacity));
+        }
+        let mut slot = Slot {
+            node: self.clone(),
+            ip: None,
+        };
+        let per_ip = self.config.limits.max_connections_per_ip;
+        if let (Some(ip), true) = (ip, per_ip > 0) {
+            let mut counts = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            let n = counts.entry(ip).or_default();
+            if *n >= per_ip {
+                return Err(ConnectError::TooManyFromIp(per_ip));
+            }
+            *n += 1;
+            slot.ip = Some(ip);
+        }
+        Ok(slot)
+    }
+
+    /// The token verifier, in token mode.
+    pub fn tokens(&self) -> Option<&TokenVerifier> {
+        self.tokens.as_deref()
+    }
+
+    /// The sockets this node accepts.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     fn parse<'t>(&self, text: &'t str) -> Result<Message<'t>, MessageError> {
@@ -150,8 +222,20 @@ impl Node {
     /// backend, every action) is published; with a backend every other
     /// action is forwarded to it instead. Forwarding failures reach the
     /// sender later, as `wshub.error`.
+    ///
+    /// In token mode the message's `userId` and `groupId` are replaced by
+    /// the connection's verified ones first, so nobody speaks as someone
+    /// else (the backend then receives the stamped JSON).
     pub fn client_text(&self, conn: &Arc<Conn>, text: &str) -> Result<(), PublishError> {
-        let msg = self.parse(text)?;
+        let mut msg = self.parse(text)?;
+        let stamped;
+        let mut text = text;
+        if self.tokens.is_some() {
+            msg.user_id = Some(Cow::Borrowed(&*conn.who.user));
+            msg.group_id = conn.who.group.as_deref().map(Cow::Borrowed);
+            stamped = msg.encode();
+            text = stamped.as_str();
+        }
         match &self.backend {
             Some(backend) if !msg.is_broadcast() => {
                 backend.forward(conn, text, msg.action.as_deref().unwrap_or("(no action)"));
@@ -236,6 +320,30 @@ pub struct Registration {
     /// Whether the backend was told of the connect (and must hear of the
     /// disconnect).
     announced: bool,
+    /// The socket's place in the node's capacity (given back on drop).
+    _slot: Slot,
+}
+
+/// A place in the node's capacity; dropping it gives the place back.
+struct Slot {
+    node: Arc<Node>,
+    /// Counted against this address, when per-address limits are on.
+    ip: Option<IpAddr>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.node.open.fetch_sub(1, Ordering::AcqRel);
+        if let Some(ip) = self.ip {
+            let mut counts = self.node.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = counts.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&ip);
+                }
+            }
+        }
+    }
 }
 
 impl Registration {

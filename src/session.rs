@@ -17,6 +17,7 @@ use tracing::debug;
 
 use crate::close::CloseReason;
 use crate::hub::OutboxReceiver;
+use crate::limits::{RateLimit, Verdict};
 use crate::message::{Frame, MessageError, error_frame};
 use crate::metrics::DropReason;
 use crate::node::{PublishError, Registration};
@@ -41,6 +42,12 @@ pub async fn run(socket: WebSocket, mut registration: Registration) {
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // Whether the peer sent anything since the last ping.
     let mut heard = true;
+    let limits = &node.config.limits;
+    let mut rate = RateLimit::new(
+        limits.messages_per_second,
+        limits.message_burst,
+        limits.rate_violations_before_close,
+    );
     let mut client_closed = false;
 
     let reason = loop {
@@ -49,6 +56,21 @@ pub async fn run(socket: WebSocket, mut registration: Registration) {
             reason = conn.closer.closed() => break reason,
             frame = stream.next() => {
                 heard = true;
+                let data = matches!(frame, Some(Ok(WsMessage::Text(_) | WsMessage::Binary(_))));
+                if data && let Some(rate) = rate.as_mut() {
+                    match rate.check(tokio::time::Instant::now()) {
+                        Verdict::Allowed => {}
+                        Verdict::Limited => {
+                            rate_limited(&registration);
+                            continue;
+                        }
+                        Verdict::Abusive => {
+                            node.metrics.received();
+                            node.metrics.dropped(DropReason::RateLimited, 1);
+                            break CloseReason::PolicyViolation;
+                        }
+                    }
+                }
                 match frame {
                     Some(Ok(WsMessage::Text(text))) => on_text(&registration, &text),
                     Some(Ok(WsMessage::Binary(bytes))) => match std::str::from_utf8(&bytes) {
@@ -89,7 +111,7 @@ pub async fn run(socket: WebSocket, mut registration: Registration) {
     conn.closer.close(reason);
     let reason = conn.closer.reason().unwrap_or(reason);
     drop(registration);
-    close(sink, stream, reason, client_closed).await;
+    close(sink, stream, outbound, reason, client_closed).await;
 }
 
 fn on_text(registration: &Registration, text: &str) {
@@ -108,6 +130,18 @@ fn reply_error(registration: &Registration, error: &PublishError) {
         registration.node().metrics.dropped(DropReason::Invalid, 1);
     }
     registration.conn.offer(error_frame(&error.to_string()));
+}
+
+/// Refuses a message over the sender's rate, and says so.
+fn rate_limited(registration: &Registration) {
+    let node = registration.node();
+    node.metrics.received();
+    node.metrics.dropped(DropReason::RateLimited, 1);
+    let limits = &node.config.limits;
+    registration.conn.offer(error_frame(&format!(
+        "rate limit: at most {} messages per second (bursts of {}); message not sent",
+        limits.messages_per_second, limits.message_burst
+    )));
 }
 
 fn read_error_reason(error: axum::Error) -> CloseReason {
@@ -134,10 +168,14 @@ async fn write_batch(
     sink.flush().await
 }
 
-/// The closing handshake, bounded by [`CLOSE_TIMEOUT`].
+/// The closing handshake, bounded by [`CLOSE_TIMEOUT`]. Frames still
+/// queued for the client (error replies, messages that arrived before the
+/// close) are written first, except for a slow consumer, whose queue is
+/// the problem.
 async fn close(
     mut sink: SplitSink<WebSocket, WsMessage>,
     mut stream: SplitStream<WebSocket>,
+    mut outbound: OutboxReceiver,
     reason: CloseReason,
     client_closed: bool,
 ) {
@@ -145,6 +183,13 @@ async fn close(
         return;
     }
     let handshake = async {
+        if reason != CloseReason::SlowConsumer && !client_closed {
+            while let Some(frame) = outbound.try_recv() {
+                if sink.feed(WsMessage::Text(frame)).await.is_err() {
+                    return;
+                }
+            }
+        }
         if client_closed {
             // tungstenite queued the echo of the client's close; send it.
             let _ = sink.flush().await;

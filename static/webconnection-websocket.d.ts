@@ -47,6 +47,10 @@ export interface WebConnectionWebSocketOptions {
   maxReconnectDelay?: number;
   /** Messages kept while disconnected (default 100). */
   maxQueue?: number;
+  /** A JWT for a hub in token mode, or a function returning a fresh one (called on every (re)connect). */
+  token?: string | (() => string) | null;
+  /** Send the token in Sec-WebSocket-Protocol instead of the URL (keeps it out of access logs). */
+  tokenInProtocol?: boolean;
   /** WebSocket implementation (tests, Node.js). */
   WebSocket?: typeof WebSocket;
   /** Page location (tests, Node.js). */
@@ -77,6 +81,7 @@ export declare function buildUrl(
   base: string | null | undefined,
   groupId?: string | null,
   userId?: string | null,
+  token?: string | null,
 ): string;
 
 export declare function backoffDelay(attempt: number, min: number, max: number, random?: () => number): number;

@@ -33,6 +33,8 @@ export const State = Object.freeze({
 
 const DEFAULTS = Object.freeze({
   url: null,
+  token: null,
+  tokenInProtocol: false,
   minReconnectDelay: 500,
   maxReconnectDelay: 30000,
   maxQueue: 100,
@@ -44,9 +46,10 @@ const DEFAULTS = Object.freeze({
  * @param {string|null} base an explicit `ws(s)://host[:port]` (or `http(s)://`) to use instead
  * @param {string|null|undefined} groupId left out when empty
  * @param {string|null|undefined} userId left out when empty
+ * @param {string|null} [token] a JWT for a hub in token mode, added as `token=`
  * @returns {string}
  */
-export function buildUrl(location, base, groupId, userId) {
+export function buildUrl(location, base, groupId, userId, token = null) {
   let root;
   if (base) {
     root = String(base).replace(/^http(s?):/i, "ws$1:").replace(/\/+$/, "");
@@ -58,6 +61,7 @@ export function buildUrl(location, base, groupId, userId) {
   const params = [];
   if (groupId) params.push(`groupid=${encodeURIComponent(groupId)}`);
   if (userId) params.push(`userid=${encodeURIComponent(userId)}`);
+  if (token) params.push(`token=${encodeURIComponent(token)}`);
   return params.length ? `${root}?${params.join("&")}` : root;
 }
 
@@ -127,6 +131,10 @@ export class WebConnectionWebSocket {
    * @param {number} [options.minReconnectDelay=500] ms before the first reconnect attempt (at most)
    * @param {number} [options.maxReconnectDelay=30000] cap on the reconnect delay, ms
    * @param {number} [options.maxQueue=100] messages kept while disconnected; `send` returns false beyond
+   * @param {string|(() => string)|null} [options.token] a JWT for a hub in token mode, or a function
+   *   returning a fresh one (called on every connect and reconnect)
+   * @param {boolean} [options.tokenInProtocol=false] send the token in `Sec-WebSocket-Protocol`
+   *   instead of the URL (keeps it out of access logs)
    * @param {typeof WebSocket} [options.WebSocket] WebSocket implementation (for tests and Node.js)
    * @param {{protocol: string, host: string}} [options.location] page location (for tests and Node.js)
    */
@@ -167,10 +175,19 @@ export class WebConnectionWebSocket {
     this._open();
   }
 
-  /** The URL `tryConnect` connects to. @returns {string} */
+  /** The URL `tryConnect` connects to (with the token, unless it goes in the protocol). @returns {string} */
   get url() {
+    return this._url(this.options.tokenInProtocol ? null : this._token());
+  }
+
+  _url(token) {
     const location = this.options.location || globalThis.location;
-    return buildUrl(location, this.options.url, this.groupId, this.userId);
+    return buildUrl(location, this.options.url, this.groupId, this.userId, token);
+  }
+
+  _token() {
+    const { token } = this.options;
+    return typeof token === "function" ? token() : token;
   }
 
   _open() {
@@ -178,7 +195,10 @@ export class WebConnectionWebSocket {
     this.state = State.CONNECTING;
     let socket;
     try {
-      socket = new Impl(this.url);
+      const token = this._token();
+      socket = this.options.tokenInProtocol && token
+        ? new Impl(this._url(null), ["wshub", `wshub.jwt.${token}`])
+        : new Impl(this._url(token));
     } catch (err) {
       this._dropped({ code: 1006, reason: String(err), wasClean: false });
       return;

@@ -8,6 +8,7 @@
 // anything that leaked would have arrived before the marker.
 
 import { test, before, after } from "node:test";
+import { createHmac } from "node:crypto";
 import assert from "node:assert/strict";
 import {
   startRedis, startNode, startNginx, launchBrowser, connectionsOn, artifact, stopAll,
@@ -155,6 +156,50 @@ test("code written against Web Connection's documented API runs unchanged", asyn
   assert.deepEqual((await messages(watcher, 1)).map((m) => m.text), ["hello from classic code"]);
   await page.close();
   await watcher.close();
+});
+
+/** An HS256 JWT, as an application backend would mint it. */
+function mintToken(secret, claims) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64(claims)}`;
+  const sig = createHmac("sha256", secret).update(body).digest("base64url");
+  return `${body}.${sig}`;
+}
+
+test("token mode: the token travels in the protocol list and decides the identity", async () => {
+  const secret = "browser-test-secret-0123456789abcdef";
+  const secured = await startNode({ WSHUB_REDIS__URL: redis, WSHUB_AUTH__JWT_SECRET: secret });
+  const token = mintToken(secret, { sub: "tina", group: "vip", exp: Math.floor(Date.now() / 1000) + 600 });
+  const page = await browser.newPage();
+  page.setDefaultTimeout(10_000);
+  await page.goto(`${secured.url}/healthz`);
+  await page.setContent(`<!doctype html><script type="module">
+    import { WebConnectionWebSocket } from "/scripts/webconnection-websocket.js";
+    window.received = [];
+    const ws = new WebConnectionWebSocket({ token: ${JSON.stringify(token)}, tokenInProtocol: true });
+    ws.onMessageHandler = (m) => window.received.push(m);
+    ws.onOpenHandler = () => {
+      window.protocol = ws.socket.protocol;
+      // Claims to be someone else: the hub stamps the token's identity.
+      const m = ws.createBroadcastMessage("hello", "from tina");
+      m.userId = "mallory";
+      ws.send(m);
+    };
+    ws.tryConnect(false, "ignored-group", "ignored-user");
+  </script>`);
+  await page.waitForFunction(() => window.received.length >= 1);
+  assert.equal(await page.evaluate(() => window.protocol), "wshub");
+  const got = await page.evaluate(() => window.received[0]);
+  assert.deepEqual([got.userId, got.groupId, got.message], ["tina", "vip", "from tina"]);
+  // Without a token the same page is refused.
+  const refused = await page.evaluate((url) => new Promise((resolve) => {
+    const s = new WebSocket(url);
+    s.onopen = () => resolve("open");
+    s.onclose = (e) => resolve(`closed ${e.code}`);
+  }), `${secured.url.replace("http", "ws")}/ws?userid=x`);
+  assert.equal(refused, "closed 1006");
+  await page.close();
+  secured.process.kill("SIGTERM");
 });
 
 // Last: it kills a node.

@@ -48,6 +48,9 @@ pub fn test_config() -> Config {
     // Spreading closes over the window is tested in tests/deploy.rs; here
     // a short one keeps shutdown tests quick.
     config.shutdown.drain_window = Duration::from_millis(100);
+    // Order and load tests send hundreds of messages at once; rate limits
+    // are tested, with their own settings, in tests/security.rs.
+    config.limits.messages_per_second = 0;
     config
 }
 

@@ -15,8 +15,9 @@ import {
 
 class FakeSocket {
   static instances = [];
-  constructor(url) {
+  constructor(url, protocols) {
     this.url = url;
+    this.protocols = protocols;
     this.readyState = 0;
     this.sent = [];
     this.closedWith = null;
@@ -61,6 +62,22 @@ test("URL follows the page and leaves out empty parameters", () => {
   assert.equal(buildUrl(location, "https://hub.example.com/", "g", null),
     "wss://hub.example.com/__initializeWebSocket.wc?groupid=g");
   assert.equal(buildUrl(location, "ws://127.0.0.1:9000/ws", null, "u"), "ws://127.0.0.1:9000/ws?userid=u");
+});
+
+test("a token goes in the URL, or in the protocol list, fresh on every connect", (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  let n = 0;
+  const ws = client({ token: () => `tok${++n}` });
+  ws.tryConnect(true, "g", "u");
+  assert.equal(FakeSocket.instances[0].url,
+    "ws://example.com:8080/__initializeWebSocket.wc?groupid=g&userid=u&token=tok1");
+  FakeSocket.instances[0].drop();
+  t.mock.timers.tick(60_000);
+  assert.ok(FakeSocket.instances[1].url.endsWith("&token=tok2"), "a new token for the reconnect");
+  const p = client({ token: "abc.def.ghi", tokenInProtocol: true });
+  p.tryConnect(false, null, null);
+  assert.equal(FakeSocket.instances[0].url, "ws://example.com:8080/__initializeWebSocket.wc");
+  assert.deepEqual(FakeSocket.instances[0].protocols, ["wshub", "wshub.jwt.abc.def.ghi"]);
 });
 
 test("backoff grows exponentially, is capped, and is jittered", () => {

@@ -1,0 +1,7 @@
+//! Fuzzes the Redis payload decoder; see `checks::wire`.
+#![no_main]
+
+#[path = "../checks.rs"]
+mod checks;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::wire(data));

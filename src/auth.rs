@@ -1,0 +1,297 @@
+//! Who may connect and who may push: tokens, origins, API keys, client IPs.
+//!
+//! - **Token mode** (`auth.jwt_secret` or `auth.jwt_public_key_file`): a
+//!   socket must present a JWT, in `?token=` or as a `Sec-WebSocket-Protocol`
+//!   entry `wshub.jwt.<token>`. Its `sub` becomes the connection's user id
+//!   and its `group` claim (a string; absent = the null group) its group id;
+//!   ids in the query string are ignored. Anything wrong is a 401 with a
+//!   reason and nothing else happens. Without a key configured, the hub runs
+//!   in Web Connection's open mode.
+//! - **Origins** (`auth.allowed_origins`): a browser upgrade from another
+//!   origin is refused with 403.
+//! - **Broadcast keys** (`broadcast.api_keys`): compared in constant time.
+//! - **Client IPs**: the peer address, or the last `X-Forwarded-For` entry
+//!   when the peer is one of `auth.trusted_proxies`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use axum::http::HeaderMap;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{DecodingKey, Validation};
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use crate::config::AuthConfig;
+use crate::route::Identity;
+
+/// The `Sec-WebSocket-Protocol` entry prefix that carries a token.
+pub const PROTOCOL_TOKEN_PREFIX: &str = "wshub.jwt.";
+/// The subprotocol the hub selects when a client offered it (browsers fail
+/// a handshake whose offered protocols are all ignored).
+pub const PROTOCOL: &str = "wshub";
+
+/// Why a socket's token was refused; the text is the 401's body.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    #[error("a token is required: ?token=<JWT> or Sec-WebSocket-Protocol wshub.jwt.<JWT>")]
+    Missing,
+    #[error("the token is malformed")]
+    Malformed,
+    #[error("the token's signature is invalid")]
+    BadSignature,
+    #[error("the token uses an algorithm this hub does not accept")]
+    WrongAlgorithm,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    #[error("the token is for another audience")]
+    WrongAudience,
+    #[error("the token is from another issuer")]
+    WrongIssuer,
+    #[error("the token lacks a required claim: {0}")]
+    MissingClaim(String),
+    #[error("the token's claims are invalid: {0}")]
+    BadClaims(String),
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    // Optional here so that a missing `sub` is reported as such, not as a
+    // JSON error.
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    group: Option<String>,
+}
+
+/// Verifies socket tokens.
+pub struct TokenVerifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl TokenVerifier {
+    /// `None` in open mode (no key configured).
+    pub fn from_config(config: &AuthConfig) -> Option<Arc<Self>> {
+        let key = config.jwt_key.clone()?.0;
+        let mut validation = Validation::new(config.jwt_algorithm);
+        validation.leeway = config.leeway_secs;
+        validation.validate_nbf = true;
+        validation.required_spec_claims = ["exp", "sub"].iter().map(|s| s.to_string()).collect();
+        match &config.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &config.issuer {
+            validation.set_issuer(&[iss]);
+        }
+        Some(Arc::new(Self { key, validation }))
+    }
+
+    /// Checks a token and returns the identity it grants.
+    pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
+            |e| match e.into_kind() {
+                ErrorKind::InvalidSignature => TokenError::BadSignature,
+                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                    TokenError::WrongAlgorithm
+                }
+                ErrorKind::ExpiredSignature => TokenError::Expired,
+                ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+                ErrorKind::InvalidAudience => TokenError::WrongAudience,
+                ErrorKind::InvalidIssuer => TokenError::WrongIssuer,
+                ErrorKind::MissingRequiredClaim(c) => TokenError::MissingClaim(c),
+                ErrorKind::Json(e) => TokenError::BadClaims(e.to_string()),
+                _ => TokenError::Malformed,
+            },
+        )?;
+        let sub = data.claims.sub.filter(|s| !s.is_empty());
+        let Some(sub) = sub else {
+            return Err(TokenError::MissingClaim("sub".into()));
+        };
+        Ok(Identity {
+            user: sub.into(),
+            group: data.claims.group.map(Into::into),
+        })
+    }
+}
+
+/// The token a socket request carries: `?token=` (any key case), else a
+/// `wshub.jwt.<token>` subprotocol entry.
+pub fn token_from_request(query: &[(String, String)], headers: &HeaderMap) -> Option<String> {
+    if let Some((_, t)) = query.iter().find(|(k, _)| k.eq_ignore_ascii_case("token")) {
+        return Some(t.clone());
+    }
+    headers
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| {
+            p.trim()
+                .strip_prefix(PROTOCOL_TOKEN_PREFIX)
+                .map(str::to_owned)
+        })
+}
+
+/// Whether a browser's `Origin` may open a socket. Requests without an
+/// `Origin` header do not come from a browser page and are not subject to
+/// the list (a non-browser client can send any header anyway).
+pub fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
+    match origin {
+        _ if allowed.is_empty() => true,
+        None => true,
+        Some(origin) => allowed.iter().any(|a| {
+            a == "*"
+                || a.trim_end_matches('/')
+                    .eq_ignore_ascii_case(origin.trim_end_matches('/'))
+        }),
+    }
+}
+
+/// The key a broadcast request presents: `Authorization: Bearer <key>` or
+/// `X-Api-Key: <key>`.
+pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    bearer.or_else(|| {
+        headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    })
+}
+
+/// Whether `presented` is one of `keys`, comparing in constant time (every
+/// key is compared, whatever matched).
+pub fn key_valid(keys: &[String], presented: Option<&str>) -> bool {
+    let Some(presented) = presented else {
+        return false;
+    };
+    keys.iter()
+        .fold(subtle::Choice::from(0), |found, k| {
+            found | k.as_bytes().ct_eq(presented.as_bytes())
+        })
+        .into()
+}
+
+/// The client's address: the peer, or, when the peer is a trusted proxy,
+/// the last address it appended to `X-Forwarded-For`.
+pub fn client_ip(
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    trusted_proxies: &[ipnet::IpNet],
+) -> IpAddr {
+    let ip = peer.ip().to_canonical();
+    if !trusted_proxies.iter().any(|n| n.contains(&ip)) {
+        return ip;
+    }
+    // Only the last entry was written by the trusted proxy; earlier ones
+    // come from the client. If the last one is unreadable, do not fall back
+    // to an earlier (forgeable) one.
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|s| s.trim().parse::<IpAddr>().ok())
+        .map(|a| a.to_canonical())
+        .unwrap_or(ip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn origins() {
+        let allowed = vec!["https://app.example.com".to_owned()];
+        assert!(origin_allowed(&[], Some("https://evil.example")));
+        assert!(origin_allowed(&allowed, Some("https://APP.example.com")));
+        assert!(origin_allowed(&allowed, None), "no Origin: not a browser");
+        assert!(!origin_allowed(&allowed, Some("https://evil.example")));
+        assert!(
+            !origin_allowed(&allowed, Some("http://app.example.com")),
+            "scheme matters"
+        );
+        assert!(origin_allowed(&["*".to_owned()], Some("https://x")));
+    }
+
+    #[test]
+    fn keys_compare_exactly() {
+        let keys = vec!["k1-secret".to_owned(), "k2-other".to_owned()];
+        assert!(key_valid(&keys, Some("k2-other")));
+        assert!(!key_valid(&keys, Some("k2-othe")));
+        assert!(!key_valid(&keys, Some("k2-otherx")));
+        assert!(!key_valid(&keys, Some("")));
+        assert!(!key_valid(&keys, None));
+        let mut h = HeaderMap::new();
+        h.insert(
+            "authorization",
+            HeaderValue::from_static("Bearer k1-secret"),
+        );
+        assert_eq!(presented_key(&h), Some("k1-secret"));
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("k2-other"));
+        assert_eq!(presented_key(&h), Some("k2-other"));
+    }
+
+    #[test]
+    fn client_ip_trusts_forwarded_for_only_from_trusted_proxies() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("1.1.1.1, 203.0.113.7"),
+        );
+        let proxy: SocketAddr = "10.0.0.2:5000".parse().unwrap();
+        let trusted = ["10.0.0.0/24".parse().unwrap()];
+        assert_eq!(
+            client_ip(proxy, &h, &trusted),
+            "203.0.113.7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            client_ip(proxy, &h, &[]),
+            "10.0.0.2".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            client_ip(proxy, &HeaderMap::new(), &trusted),
+            "10.0.0.2".parse::<IpAddr>().unwrap()
+        );
+        // A forged earlier entry never wins over an unreadable last one.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, garbage"),
+        );
+        assert_eq!(
+            client_ip(proxy, &h, &trusted),
+            "10.0.0.2".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn token_sources() {
+        let q = vec![("Token".to_owned(), "abc".to_owned())];
+        assert_eq!(
+            token_from_request(&q, &HeaderMap::new()).as_deref(),
+            Some("abc")
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static("wshub, wshub.jwt.x.y.z"),
+        );
+        assert_eq!(token_from_request(&[], &h).as_deref(), Some("x.y.z"));
+        assert_eq!(token_from_request(&[], &HeaderMap::new()), None);
+    }
+}

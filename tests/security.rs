@@ -1,0 +1,461 @@
+//! Who gets in and what nobody can do: tokens, identity stamping, origins,
+//! broadcast keys, connection caps, rate limits, flood isolation. Over real
+//! sockets and HTTP.
+
+mod common;
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::{Client, Ended, TestServer, test_config};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use wshub::Config;
+
+const SECRET: &str = "a-test-secret-that-is-long-enough-32+";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
+    )
+    .unwrap()
+}
+
+fn hs256(claims: Value, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+fn config_with(env: &[(&str, &str)]) -> Config {
+    let loaded = Config::load_from(
+        None,
+        env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+    )
+    .unwrap();
+    let mut config = test_config();
+    config.auth = loaded.auth;
+    config.broadcast = loaded.broadcast;
+    config.limits = loaded.limits;
+    config
+}
+
+async fn token_server(extra: &[(&str, &str)]) -> TestServer {
+    let mut env = vec![("WSHUB_AUTH__JWT_SECRET", SECRET)];
+    env.extend_from_slice(extra);
+    TestServer::with(config_with(&env)).await
+}
+
+/// Tries an upgrade; `Ok(client)` or `Err((status, body))`.
+async fn upgrade(
+    server: &TestServer,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<
+    (
+        Client,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    (u16, String),
+> {
+    let mut request = format!("ws://{}{}", server.addr, path)
+        .into_client_request()
+        .unwrap();
+    for (k, v) in headers {
+        let name =
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap();
+        request.headers_mut().insert(name, v.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, response)) => Ok((Client { ws }, response)),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned());
+            Err((resp.status().as_u16(), body.unwrap_or_default()))
+        }
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+async fn refused(server: &TestServer, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    match upgrade(server, path, headers).await {
+        Ok(_) => panic!("{path} was accepted"),
+        Err(e) => e,
+    }
+}
+
+#[tokio::test]
+async fn every_token_failure_is_a_401_with_its_reason() {
+    let server = token_server(&[
+        ("WSHUB_AUTH__AUDIENCE", "wshub"),
+        ("WSHUB_AUTH__ISSUER", "https://app"),
+    ])
+    .await;
+    let good = json!({"sub": "ann", "aud": "wshub", "iss": "https://app", "exp": now() + 600});
+    let with = |patch: Value| {
+        let mut c = good.clone();
+        for (k, v) in patch.as_object().unwrap() {
+            if v.is_null() {
+                c.as_object_mut().unwrap().remove(k);
+            } else {
+                c[k] = v.clone();
+            }
+        }
+        c
+    };
+    let rs256 = jsonwebtoken::encode(
+        &Header::new(Algorithm::RS256),
+        &good,
+        &EncodingKey::from_rsa_pem(&fixture("rsa_private.pem")).unwrap(),
+    )
+    .unwrap();
+    let cases: Vec<(String, &str)> = vec![
+        (String::new(), "a token is required"),
+        ("not-a-jwt".into(), "malformed"),
+        (
+            hs256(good.clone(), "another-secret-another-secret-xx"),
+            "signature is invalid",
+        ),
+        (hs256(with(json!({"exp": now() - 3600})), SECRET), "expired"),
+        (
+            hs256(with(json!({"nbf": now() + 3600})), SECRET),
+            "not valid yet",
+        ),
+        (
+            hs256(with(json!({"aud": "someone-else"})), SECRET),
+            "another audience",
+        ),
+        (
+            hs256(with(json!({"iss": "https://evil"})), SECRET),
+            "another issuer",
+        ),
+        (
+            hs256(with(json!({"exp": null})), SECRET),
+            "required claim: exp",
+        ),
+        (
+            hs256(with(json!({"sub": null})), SECRET),
+            "required claim: sub",
+        ),
+        (
+            hs256(with(json!({"group": 5})), SECRET),
+            "claims are invalid",
+        ),
+        (rs256, "algorithm"),
+    ];
+    for (token, want) in cases {
+        let path = if token.is_empty() {
+            "/ws?userid=ann".to_owned()
+        } else {
+            format!("/ws?token={token}")
+        };
+        let (status, body) = refused(&server, &path, &[]).await;
+        assert_eq!(status, 401, "{want}");
+        assert!(body.contains(want), "{body:?} should say {want:?}");
+    }
+    assert_eq!(server.node.connections(), 0, "nothing else happened");
+    assert!(server.metric("wshub_connections_refused_total{reason=\"token\"}") >= 11.0);
+    // And the good token works.
+    assert!(
+        upgrade(&server, &format!("/ws?token={}", hs256(good, SECRET)), &[])
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn the_token_decides_identity_and_every_message_is_stamped_with_it() {
+    let server = token_server(&[]).await;
+    let ann = hs256(
+        json!({"sub": "ann", "group": "room", "exp": now() + 600}),
+        SECRET,
+    );
+    let bob = hs256(
+        json!({"sub": "bob", "group": "room", "exp": now() + 600}),
+        SECRET,
+    );
+    // Query ids are ignored in token mode.
+    let (mut a, _) = upgrade(
+        &server,
+        &format!("/ws?token={ann}&userid=mallory&groupid=admins"),
+        &[],
+    )
+    .await
+    .unwrap();
+    // The token can also travel in Sec-WebSocket-Protocol; the hub then
+    // selects the "wshub" subprotocol.
+    let protocols = format!("wshub, wshub.jwt.{bob}");
+    let (mut b, response) = upgrade(&server, "/ws", &[("sec-websocket-protocol", &protocols)])
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["sec-websocket-protocol"], "wshub");
+    // Ann claims to be someone else in a group she is not in.
+    a.send_json(json!({"userId": "bob", "groupId": "admins", "action": "x",
+        "recipients": [{"type": "group", "value": "room"}]}))
+        .await;
+    for c in [&mut a, &mut b] {
+        let m = c.recv().await;
+        assert_eq!(
+            (m["userId"].as_str(), m["groupId"].as_str()),
+            (Some("ann"), Some("room"))
+        );
+    }
+    // A user recipient reaches the token's user.
+    b.send_json(json!({"action": "dm", "recipients": [{"type": "user", "value": "ann"}]}))
+        .await;
+    let m = a.recv().await;
+    assert_eq!(
+        (m["action"].as_str(), m["userId"].as_str()),
+        (Some("dm"), Some("bob"))
+    );
+}
+
+#[tokio::test]
+async fn rs256_and_es256_public_keys() {
+    let dir = std::env::temp_dir();
+    for (alg, private, public) in [
+        (Algorithm::RS256, "rsa_private.pem", "rsa_public.pem"),
+        (Algorithm::ES256, "ec_private.pem", "ec_public.pem"),
+    ] {
+        let key_file = dir.join(format!("wshub-{}-{public}", std::process::id()));
+        std::fs::write(&key_file, fixture(public)).unwrap();
+        let name = format!("{alg:?}");
+        let server = TestServer::with(config_with(&[
+            (
+                "WSHUB_AUTH__JWT_PUBLIC_KEY_FILE",
+                key_file.to_str().unwrap(),
+            ),
+            ("WSHUB_AUTH__JWT_ALGORITHM", name.as_str()),
+        ]))
+        .await;
+        let claims = json!({"sub": "kim", "exp": now() + 600});
+        let signing = match alg {
+            Algorithm::RS256 => EncodingKey::from_rsa_pem(&fixture(private)).unwrap(),
+            _ => EncodingKey::from_ec_pem(&fixture(private)).unwrap(),
+        };
+        let token = jsonwebtoken::encode(&Header::new(alg), &claims, &signing).unwrap();
+        let (mut c, _) = upgrade(&server, &format!("/ws?token={token}"), &[])
+            .await
+            .unwrap();
+        c.send_json(json!({"action": "hi"})).await;
+        assert_eq!(c.recv().await["userId"], "kim", "{name}");
+        // An HS256 token signed with the public key as a secret (the classic
+        // algorithm confusion) is refused.
+        let confused = hs256(claims, &String::from_utf8(fixture(public)).unwrap());
+        let (status, body) = refused(&server, &format!("/ws?token={confused}"), &[]).await;
+        assert_eq!(status, 401, "{name}: {body}");
+        let _ = std::fs::remove_file(key_file);
+    }
+}
+
+#[tokio::test]
+async fn sockets_from_other_origins_are_refused() {
+    let server = TestServer::with(config_with(&[(
+        "WSHUB_AUTH__ALLOWED_ORIGINS",
+        "https://app.example,http://localhost:8080",
+    )]))
+    .await;
+    let (status, body) = refused(
+        &server,
+        "/ws?userid=x",
+        &[("origin", "https://evil.example")],
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert!(
+        body.contains("origin https://evil.example is not allowed"),
+        "{body}"
+    );
+    assert!(
+        upgrade(
+            &server,
+            "/ws?userid=a",
+            &[("origin", "https://app.example")]
+        )
+        .await
+        .is_ok()
+    );
+    assert!(
+        upgrade(
+            &server,
+            "/ws?userid=b",
+            &[("origin", "http://localhost:8080")]
+        )
+        .await
+        .is_ok()
+    );
+    // Not a browser: no Origin header.
+    assert!(upgrade(&server, "/ws?userid=c", &[]).await.is_ok());
+}
+
+#[tokio::test]
+async fn broadcast_keys_required_accepted_and_wrong() {
+    let key = "k-0123456789abcdef";
+    let server = TestServer::with(config_with(&[(
+        "WSHUB_BROADCAST__API_KEYS",
+        &format!("{key},other-key-0123456789"),
+    )]))
+    .await;
+    let mut a = server.connect("a", None).await;
+    let url = server.url("/__broadcastWebSocket.wc");
+    let http = reqwest::Client::new();
+    let body = r#"{"action":"pushed"}"#;
+    let resp = http.post(&url).body(body).send().await.unwrap();
+    assert_eq!(resp.status(), 401, "loopback is not enough once keys exist");
+    assert!(
+        resp.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer")
+    );
+    let resp = http
+        .post(&url)
+        .bearer_auth("k-0123456789abcdeX")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = http
+        .post(&url)
+        .bearer_auth(key)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    assert_eq!(a.recv().await["action"], "pushed");
+    let resp = http
+        .post(&url)
+        .header("x-api-key", "other-key-0123456789")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    assert_eq!(a.recv().await["action"], "pushed");
+}
+
+#[tokio::test]
+async fn node_and_per_address_caps_answer_503_and_429() {
+    let server = TestServer::with(config_with(&[("WSHUB_LIMITS__MAX_CONNECTIONS", "2")])).await;
+    let _a = server.connect("a", None).await;
+    let b = server.connect("b", None).await;
+    let (status, body) = refused(&server, "/ws?userid=c", &[]).await;
+    assert_eq!(
+        (status, body.contains("at capacity (2 sockets)")),
+        (503, true),
+        "{body}"
+    );
+    b.close().await;
+    common::eventually("a place is free again", || server.node.connections() == 1).await;
+    common::eventually("the slot is given back", || {
+        server.metric("wshub_connections") == 1.0
+    })
+    .await;
+    assert!(upgrade(&server, "/ws?userid=c", &[]).await.is_ok());
+    assert_eq!(server.metric("wshub_connections_max"), 2.0);
+
+    let server = TestServer::with(config_with(&[(
+        "WSHUB_LIMITS__MAX_CONNECTIONS_PER_IP",
+        "2",
+    )]))
+    .await;
+    let _a = server.connect("a", None).await;
+    let _b = server.connect("b", None).await;
+    let (status, body) = refused(&server, "/ws?userid=c", &[]).await;
+    assert_eq!(
+        (status, body.contains("too many sockets from this address")),
+        (429, true),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_flooding_socket_is_limited_then_closed_and_nobody_else_waits() {
+    let server = TestServer::with(config_with(&[
+        ("WSHUB_LIMITS__MESSAGES_PER_SECOND", "5"),
+        ("WSHUB_LIMITS__MESSAGE_BURST", "3"),
+        ("WSHUB_LIMITS__RATE_VIOLATIONS_BEFORE_CLOSE", "20"),
+    ]))
+    .await;
+    let mut flood = server.connect("flood", Some("f")).await;
+    let mut x = server.connect("x", Some("pair")).await;
+    let mut y = server.connect("y", Some("pair")).await;
+    // The flooder sends far past its rate, without reading.
+    for i in 0..200 {
+        flood
+            .send_json(json!({"action": "spam", "message": i.to_string(), "recipients": [{"type": "group", "value": "f"}]}))
+            .await;
+    }
+    // Meanwhile x and y talk; every one of their messages is delivered in
+    // order (they stay under their own rate).
+    for i in 0..3 {
+        x.send_json(json!({"action": "talk", "message": i.to_string(), "recipients": [{"type": "user", "value": "y"}]}))
+            .await;
+        assert_eq!(y.recv().await["message"], i.to_string());
+    }
+    // The flooder got its burst through, then errors, then 1008.
+    let mut delivered = 0;
+    let mut limited = 0;
+    let end = loop {
+        match tokio::time::timeout(
+            common::PATIENCE,
+            futures_util::StreamExt::next(&mut flood.ws),
+        )
+        .await
+        .unwrap()
+        {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+                let m: Value = serde_json::from_str(&t).unwrap();
+                match m["action"].as_str() {
+                    Some("spam") => delivered += 1,
+                    Some("wshub.error") => {
+                        assert!(m["message"].as_str().unwrap().contains("rate limit"), "{m}");
+                        limited += 1;
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f)))) => {
+                break Ended::Closed(f.code.into(), f.reason.to_string());
+            }
+            Some(Ok(_)) => {}
+            _ => break Ended::Dropped,
+        }
+    };
+    assert_eq!(end, Ended::Closed(1008, "Rate limit exceeded".into()));
+    assert!(
+        (3..10).contains(&delivered),
+        "the burst (and little more) got through: {delivered}"
+    );
+    assert!(
+        limited >= 19,
+        "each refused message was answered: {limited}"
+    );
+    assert!(server.metric("wshub_messages_dropped_total{reason=\"rate_limited\"}") >= 20.0);
+    common::eventually("the 1008 close is counted", || {
+        server.metric("wshub_connections_closed_total{code=\"1008\",reason=\"policy_violation\"}")
+            == 1.0
+    })
+    .await;
+    // The others are still connected and talking.
+    y.send_json(json!({"action": "still", "recipients": [{"type": "user", "value": "x"}]}))
+        .await;
+    assert_eq!(x.recv().await["action"], "still");
+}
