@@ -10,11 +10,10 @@
 //! slow consumer ([`CloseReason::SlowConsumer`]) instead of slowing anyone
 //! else.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, OnceLock, RwLock};
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tracing::warn;
 
 use crate::bus::{Deliver, Envelope};
@@ -39,14 +38,14 @@ impl Conn {
     /// Creates a connection and the receiving end of its outbound queue,
     /// which may hold up to `queue_bytes` of frames.
     pub fn new(id: ConnId, who: Identity, queue_bytes: usize) -> (Arc<Self>, OutboxReceiver) {
-        let (outbox, rx) = Outbox::new(queue_bytes);
-        let conn = Conn {
+        let conn = Arc::new(Conn {
             id,
             who,
-            outbox,
+            outbox: Outbox::new(queue_bytes),
             closer: Closer::default(),
-        };
-        (Arc::new(conn), rx)
+        });
+        let rx = OutboxReceiver { conn: conn.clone() };
+        (conn, rx)
     }
 
     /// Queues a frame for this connection without waiting. Returns false when
@@ -72,15 +71,25 @@ const FRAME_OVERHEAD: usize = 64;
 ///
 /// Bytes are what a slow client costs and what "how far behind is it"
 /// means: a burst of a thousand tiny messages is harmless, a few hundred
-/// kilobytes unread is not. The channel underneath is unbounded, and the
-/// byte budget is what bounds it: [`push`](Self::push) refuses a frame that
-/// would take the queued total past the budget (frames are shared
-/// `Bytes`, so the real memory is often less than the budget says).
+/// kilobytes unread is not. [`push`](Self::push) refuses a frame that would
+/// take the queued total past the budget (frames are shared `Bytes`, so the
+/// real memory is often less than the budget says).
+///
+/// A `std::sync::Mutex` around a `VecDeque` and a `Notify`, rather than a
+/// channel: an idle socket's queue allocates nothing (a tokio channel
+/// allocates its first block of slots up front, over a kilobyte per
+/// socket), and both ends hold the lock for a push or a pop only.
 #[derive(Debug)]
 struct Outbox {
-    tx: mpsc::UnboundedSender<Frame>,
-    queued: Arc<AtomicUsize>,
+    queue: std::sync::Mutex<Queue>,
     budget: usize,
+    ready: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<Frame>,
+    bytes: usize,
 }
 
 /// The queue was full.
@@ -88,54 +97,67 @@ struct Outbox {
 struct Full;
 
 impl Outbox {
-    fn new(budget: usize) -> (Self, OutboxReceiver) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let rx = OutboxReceiver {
-            rx,
-            queued: queued.clone(),
-        };
-        (Self { tx, queued, budget }, rx)
+    fn new(budget: usize) -> Self {
+        Self {
+            queue: std::sync::Mutex::default(),
+            budget,
+            ready: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // Every critical section is one push or pop: never inconsistent.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn push(&self, frame: Frame) -> Result<(), Full> {
         let cost = frame.len() + FRAME_OVERHEAD;
-        let before = self.queued.fetch_add(cost, Ordering::AcqRel);
-        if before + cost > self.budget {
-            self.queued.fetch_sub(cost, Ordering::AcqRel);
+        let mut queue = self.lock();
+        if queue.bytes + cost > self.budget {
             return Err(Full);
         }
-        // A closed receiver means the session is ending: the frame is moot.
-        let _ = self.tx.send(frame);
+        queue.bytes += cost;
+        queue.frames.push_back(frame);
+        drop(queue);
+        // Stores a permit if the session is not waiting right now.
+        self.ready.notify_one();
         Ok(())
+    }
+
+    fn pop(&self) -> Option<Frame> {
+        let mut queue = self.lock();
+        let frame = queue.frames.pop_front()?;
+        queue.bytes -= frame.len() + FRAME_OVERHEAD;
+        if queue.frames.is_empty() && queue.frames.capacity() > 64 {
+            // Give back what a burst grew.
+            queue.frames = VecDeque::new();
+        }
+        Some(frame)
     }
 }
 
 /// The session's end of a connection's outbound queue.
 #[derive(Debug)]
 pub struct OutboxReceiver {
-    rx: mpsc::UnboundedReceiver<Frame>,
-    queued: Arc<AtomicUsize>,
+    conn: Arc<Conn>,
 }
 
 impl OutboxReceiver {
-    fn took(&self, frame: &Frame) {
-        self.queued
-            .fetch_sub(frame.len() + FRAME_OVERHEAD, Ordering::AcqRel);
-    }
-
-    /// The next frame; `None` once the connection is gone.
+    /// The next frame, waiting for one. (The queue lives as long as the
+    /// connection, so this never ends by itself: the session stops waiting
+    /// when it closes.)
     pub async fn recv(&mut self) -> Option<Frame> {
-        let frame = self.rx.recv().await?;
-        self.took(&frame);
-        Some(frame)
+        loop {
+            if let Some(frame) = self.conn.outbox.pop() {
+                return Some(frame);
+            }
+            self.conn.outbox.ready.notified().await;
+        }
     }
 
     /// The next frame if one is queued.
     pub fn try_recv(&mut self) -> Option<Frame> {
-        let frame = self.rx.try_recv().ok()?;
-        self.took(&frame);
-        Some(frame)
+        self.conn.outbox.pop()
     }
 }
 

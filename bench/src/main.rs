@@ -1,0 +1,754 @@
+//! `wshub-bench`: the load generator of wshub's benchmark (see
+//! `bench/README.md` and `bench/run.py`, which runs the whole matrix).
+//!
+//! Every run is bounded in count and time, targets loopback addresses only,
+//! and prints one JSON object with its figures on stdout.
+//!
+//! - `fanout`: receivers spread over the nodes, one publisher sending to
+//!   everyone at a fixed rate; latency from a send timestamp in each message.
+//! - `groups`: groups of members spread over the nodes, each member sending
+//!   to its own group at a fixed rate.
+//! - `idle`: connections opened as fast as allowed and held; connect rate,
+//!   failures, and the servers' RSS per connection.
+//! - `floor`: the physical floor: a trivial process writing pre-encoded
+//!   frames to loopback sockets, and its CPU per frame.
+//!
+//! Server CPU time comes from `/proc/<pid>/stat` of the `--server-pid`
+//! processes, so efficiency is comparable even though the load generator
+//! shares the machine.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+#[derive(Parser)]
+#[command(about = "Load generator for wshub and its peers (loopback only, bounded runs)")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Proto {
+    /// wshub's JSON frames (also the hand-rolled Node hub's).
+    Wshub,
+    /// Socket.IO 4 over a raw WebSocket (Engine.IO 4).
+    Socketio,
+}
+
+#[derive(clap::Args, Clone)]
+struct Target {
+    /// A node, `127.0.0.1:PORT` (repeat for several; clients are spread round-robin).
+    #[arg(long = "node", required = true)]
+    nodes: Vec<SocketAddr>,
+    #[arg(long, value_enum, default_value = "wshub")]
+    proto: Proto,
+    /// Server processes whose CPU time and RSS are measured.
+    #[arg(long = "server-pid")]
+    server_pids: Vec<u32>,
+    /// Source addresses for client sockets (127.0.0.x), round-robin.
+    #[arg(long = "source", default_value = "127.0.0.1")]
+    sources: Vec<IpAddr>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One publisher to everyone.
+    Fanout {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 2000)]
+        receivers: usize,
+        /// Messages per second from the publisher.
+        #[arg(long, default_value_t = 65.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Every member of every group sends to its own group.
+    Groups {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 500)]
+        groups: usize,
+        #[arg(long, default_value_t = 10)]
+        size: usize,
+        /// Messages per second per member.
+        #[arg(long, default_value_t = 0.5)]
+        rate: f64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Connections held open.
+    Idle {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        /// Connects in flight at once.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+    },
+    /// The loopback write floor, measured in a child process.
+    Floor {
+        #[arg(long, default_value_t = 2000)]
+        sockets: usize,
+        /// Frames per second per socket.
+        #[arg(long, default_value_t = 65.0)]
+        rate: f64,
+        /// Frames per write call.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// (internal) The floor's writer process.
+    FloorWriter {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        sockets: usize,
+        #[arg(long)]
+        rate: f64,
+        #[arg(long)]
+        batch: usize,
+        #[arg(long)]
+        seconds: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let result = match args.command {
+        Command::Fanout {
+            target,
+            receivers,
+            rate,
+            seconds,
+        } => fanout(target, receivers, rate, seconds).await?,
+        Command::Groups {
+            target,
+            groups,
+            size,
+            rate,
+            seconds,
+        } => groups_run(target, groups, size, rate, seconds).await?,
+        Command::Idle {
+            target,
+            connections,
+            concurrency,
+        } => idle(target, connections, concurrency).await?,
+        Command::Floor {
+            sockets,
+            rate,
+            batch,
+            seconds,
+        } => floor(sockets, rate, batch, seconds).await?,
+        Command::FloorWriter {
+            addr,
+            sockets,
+            rate,
+            batch,
+            seconds,
+        } => {
+            floor_writer(addr, sockets, rate, batch, seconds)?;
+            return Ok(());
+        }
+    };
+    println!("{result}");
+    Ok(())
+}
+
+// ---- Process measurements ------------------------------------------------
+
+fn clock_ticks() -> f64 {
+    // Linux on x86-64 and arm64 reports CPU time in 1/100 s.
+    100.0
+}
+
+/// CPU seconds (user + system) of a process so far.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("pid {pid}"))?;
+    let rest = &stat[stat.rfind(')').context("stat")? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields[11].parse()?;
+    let stime: f64 = fields[12].parse()?;
+    Ok((utime + stime) / clock_ticks())
+}
+
+fn total_cpu(pids: &[u32]) -> Result<f64> {
+    pids.iter().map(|&p| cpu_seconds(p)).sum()
+}
+
+/// Resident memory of a process, in bytes.
+fn rss_bytes(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("VmRSS")?;
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("VmRSS value")?
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+// ---- Connections ---------------------------------------------------------
+
+fn client_config() -> WebSocketConfig {
+    // Small client buffers: thousands of clients share this process.
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+}
+
+async fn connect(target: &Target, i: usize, group: &str, user: &str) -> Result<Ws> {
+    let node = target.nodes[i % target.nodes.len()];
+    let source = target.sources[i % target.sources.len()];
+    let socket = if node.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // Binding to (source, port 0) makes the kernel search its bind table for
+    // a port, which grows with every socket (quadratic over a run): only do
+    // it for a non-default source address; connect() picks ports cheaply.
+    if !source.is_loopback() || source != IpAddr::from([127, 0, 0, 1]) {
+        socket.bind(SocketAddr::new(source, 0))?;
+    }
+    let stream = socket.connect(node).await?;
+    stream.set_nodelay(true)?;
+    let url = match target.proto {
+        Proto::Wshub => format!("ws://{node}/ws?groupId={group}&userId={user}"),
+        Proto::Socketio => format!(
+            "ws://{node}/socket.io/?EIO=4&transport=websocket&groupId={group}&userId={user}"
+        ),
+    };
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+        url,
+        MaybeTlsStream::Plain(stream),
+        Some(client_config()),
+    )
+    .await?;
+    if target.proto == Proto::Socketio {
+        // Engine.IO open packet, then join the default namespace.
+        let open = next_text(&mut ws).await?;
+        if !open.starts_with('0') {
+            bail!("expected an Engine.IO open packet, got {open:?}");
+        }
+        ws.send(Message::text("40")).await?;
+        let joined = next_text(&mut ws).await?;
+        if !joined.starts_with("40") {
+            bail!("expected a namespace connect, got {joined:?}");
+        }
+    }
+    Ok(ws)
+}
+
+async fn next_text(ws: &mut Ws) -> Result<String> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await? {
+            Some(Ok(Message::Text(t))) => return Ok(t.to_string()),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e.into()),
+            None => bail!("closed"),
+        }
+    }
+}
+
+/// A bench message: `message` is `"<seq>:<send time ns>"`.
+fn encode(proto: Proto, seq: u64, recipients: &[(&str, &str)]) -> String {
+    let recipients: Vec<_> = recipients
+        .iter()
+        .map(|(t, v)| json!({"type": t, "value": v}))
+        .collect();
+    let msg = json!({"action": "bench", "message": format!("{seq}:{}", now_ns()), "recipients": recipients});
+    match proto {
+        Proto::Wshub => msg.to_string(),
+        Proto::Socketio => format!("42{}", json!(["message", msg])),
+    }
+}
+
+/// `(seq, send time ns)` from a delivered frame, if it is a bench message.
+fn decode(text: &str) -> Option<(u64, u64)> {
+    let start = text.find("\"message\":\"")? + 11;
+    let rest = &text[start..];
+    let end = rest.find('"')?;
+    let (seq, t) = rest[..end].split_once(':')?;
+    Some((seq.parse().ok()?, t.parse().ok()?))
+}
+
+// ---- Delivery accounting -------------------------------------------------
+
+struct Tally {
+    /// Deliveries per message sequence number.
+    per_seq: Vec<AtomicU32>,
+    delivered: AtomicU64,
+    /// Latency in microseconds, sharded to keep receivers off one lock.
+    latency: Vec<Mutex<Histogram<u64>>>,
+}
+
+impl Tally {
+    fn new(max_seq: usize) -> Arc<Self> {
+        Arc::new(Self {
+            per_seq: (0..max_seq).map(|_| AtomicU32::new(0)).collect(),
+            delivered: AtomicU64::new(0),
+            latency: (0..32)
+                .map(|_| Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).unwrap()))
+                .collect(),
+        })
+    }
+
+    fn record(&self, shard: usize, text: &str) {
+        let Some((seq, sent)) = decode(text) else {
+            return;
+        };
+        if let Some(c) = self.per_seq.get(seq as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        let us = now_ns().saturating_sub(sent) / 1000;
+        let _ = self.latency[shard % self.latency.len()]
+            .lock()
+            .unwrap()
+            .record(us.max(1));
+    }
+
+    /// (missing, duplicated) against `expected` copies of each of `sent` messages.
+    fn loss(&self, sent: usize, expected: u32) -> (u64, u64) {
+        let (mut missing, mut dup) = (0u64, 0u64);
+        for c in &self.per_seq[..sent] {
+            let n = c.load(Ordering::Relaxed);
+            missing += u64::from(expected.saturating_sub(n));
+            dup += u64::from(n.saturating_sub(expected));
+        }
+        (missing, dup)
+    }
+
+    fn percentiles(&self) -> serde_json::Value {
+        let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        for h in &self.latency {
+            all.add(&*h.lock().unwrap()).unwrap();
+        }
+        let ms = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
+        json!({"p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "max_ms": all.max() as f64 / 1000.0})
+    }
+}
+
+/// Reads a client's frames into the tally; answers Engine.IO pings.
+async fn receive(
+    mut stream: SplitStream<Ws>,
+    sink: Arc<tokio::sync::Mutex<SplitSink<Ws, Message>>>,
+    tally: Arc<Tally>,
+    shard: usize,
+    count: bool,
+) {
+    while let Some(Ok(msg)) = stream.next().await {
+        if let Message::Text(t) = msg {
+            if t.as_str() == "2" {
+                let _ = sink.lock().await.send(Message::text("3")).await;
+            } else if count {
+                tally.record(shard, &t);
+            }
+        }
+    }
+}
+
+type Sink = Arc<tokio::sync::Mutex<SplitSink<Ws, Message>>>;
+
+fn start(ws: Ws, tally: &Arc<Tally>, shard: usize, count: bool) -> Sink {
+    let (sink, stream) = ws.split();
+    let sink = Arc::new(tokio::sync::Mutex::new(sink));
+    tokio::spawn(receive(stream, sink.clone(), tally.clone(), shard, count));
+    sink
+}
+
+async fn connect_all(target: &Target, who: &[(String, String)]) -> Result<Vec<Ws>> {
+    let mut out = Vec::with_capacity(who.len());
+    for chunk in who.chunks(200).enumerate() {
+        let (base, chunk) = (chunk.0 * 200, chunk.1);
+        let conns = futures_util::future::join_all(
+            chunk
+                .iter()
+                .enumerate()
+                .map(|(j, (g, u))| connect(target, base + j, g, u)),
+        )
+        .await;
+        for c in conns {
+            out.push(c?);
+        }
+    }
+    Ok(out)
+}
+
+/// Waits until deliveries stop growing (or a bound), after the last send.
+async fn drain(tally: &Tally, expected_total: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = u64::MAX;
+    while Instant::now() < deadline {
+        let now = tally.delivered.load(Ordering::Relaxed);
+        if now >= expected_total || now == last {
+            return;
+        }
+        last = now;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// What one fanout or groups run measured.
+struct Measured {
+    sent: usize,
+    /// Copies of each message that should arrive.
+    expected_per: u32,
+    elapsed: f64,
+    /// Server CPU seconds during the run.
+    cpu: f64,
+}
+
+fn summary(
+    kind: &str,
+    target: &Target,
+    tally: &Tally,
+    m: Measured,
+    extra: serde_json::Value,
+) -> serde_json::Value {
+    let Measured {
+        sent,
+        expected_per,
+        elapsed,
+        cpu,
+    } = m;
+    let delivered = tally.delivered.load(Ordering::Relaxed);
+    let (missing, duplicated) = tally.loss(sent, expected_per);
+    let mut out = json!({
+        "scenario": kind,
+        "proto": format!("{:?}", target.proto).to_lowercase(),
+        "nodes": target.nodes.len(),
+        "sent": sent,
+        "delivered": delivered,
+        "missing": missing,
+        "duplicated": duplicated,
+        "missing_ratio": missing as f64 / (sent as f64 * f64::from(expected_per)).max(1.0),
+        "deliveries_per_s": delivered as f64 / elapsed,
+        "server_cpu_s": cpu,
+        "server_cpu_cores": cpu / elapsed,
+        "server_cpu_us_per_delivery": if delivered > 0 { cpu * 1e6 / delivered as f64 } else { 0.0 },
+        "latency": tally.percentiles(),
+    });
+    if let (Some(o), Some(e)) = (out.as_object_mut(), extra.as_object()) {
+        o.extend(e.clone());
+    }
+    out
+}
+
+// ---- Scenarios -----------------------------------------------------------
+
+async fn fanout(
+    target: Target,
+    receivers: usize,
+    rate: f64,
+    seconds: u64,
+) -> Result<serde_json::Value> {
+    let total = (rate * seconds as f64).ceil() as usize;
+    let tally = Tally::new(total + 1);
+    let who: Vec<_> = (0..receivers)
+        .map(|i| (format!("g{}", i % 100), format!("r{i}")))
+        .collect();
+    let clients = connect_all(&target, &who).await?;
+    let _sinks: Vec<Sink> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, ws)| start(ws, &tally, i, true))
+        .collect();
+    let publisher = connect(&target, receivers, "pub", "publisher").await?;
+    let publisher = start(publisher, &tally, 0, false);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let cpu0 = total_cpu(&target.server_pids)?;
+    let own0 = own_cpu()?;
+    let t0 = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for seq in 0..total {
+        tick.tick().await;
+        publisher
+            .lock()
+            .await
+            .send(Message::text(encode(target.proto, seq as u64, &[])))
+            .await?;
+    }
+    drain(&tally, (total * receivers) as u64).await;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = total_cpu(&target.server_pids)? - cpu0;
+    let own = (own_cpu()? - own0) / elapsed;
+    Ok(summary(
+        "fanout",
+        &target,
+        &tally,
+        Measured {
+            sent: total,
+            expected_per: receivers as u32,
+            elapsed,
+            cpu,
+        },
+        json!({"receivers": receivers, "rate": rate, "seconds": seconds, "loadgen_cpu_cores": own}),
+    ))
+}
+
+async fn groups_run(
+    target: Target,
+    groups: usize,
+    size: usize,
+    rate: f64,
+    seconds: u64,
+) -> Result<serde_json::Value> {
+    let members = groups * size;
+    let total = (members as f64 * rate * seconds as f64).ceil() as usize;
+    let tally = Tally::new(total + members);
+    // Member j of group g; consecutive clients go to different nodes.
+    let who: Vec<_> = (0..members)
+        .map(|i| (format!("grp{}", i % groups), format!("m{i}")))
+        .collect();
+    let clients = connect_all(&target, &who).await?;
+    let sinks: Vec<Sink> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, ws)| start(ws, &tally, i, true))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let cpu0 = total_cpu(&target.server_pids)?;
+    let own0 = own_cpu()?;
+    let t0 = Instant::now();
+    // Sends are spread evenly: one every 1 / (members × rate) seconds, in
+    // member order, each member to its own group.
+    let every = Duration::from_secs_f64(1.0 / (members as f64 * rate));
+    let mut tick = tokio::time::interval(every.max(Duration::from_micros(50)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let per_tick =
+        ((Duration::from_micros(50).as_secs_f64() / every.as_secs_f64()).ceil() as usize).max(1);
+    let mut seq = 0usize;
+    while seq < total {
+        tick.tick().await;
+        for _ in 0..per_tick.min(total - seq) {
+            let m = seq % members;
+            let group = &who[m].0;
+            let frame = encode(target.proto, seq as u64, &[("group", group)]);
+            sinks[m].lock().await.send(Message::text(frame)).await?;
+            seq += 1;
+        }
+    }
+    drain(&tally, (total * size) as u64).await;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = total_cpu(&target.server_pids)? - cpu0;
+    let own = (own_cpu()? - own0) / elapsed;
+    Ok(summary(
+        "groups",
+        &target,
+        &tally,
+        Measured {
+            sent: total,
+            expected_per: size as u32,
+            elapsed,
+            cpu,
+        },
+        json!({"groups": groups, "size": size, "rate_per_member": rate, "messages_per_s": members as f64 * rate,
+               "seconds": seconds, "loadgen_cpu_cores": own}),
+    ))
+}
+
+async fn idle(target: Target, connections: usize, concurrency: usize) -> Result<serde_json::Value> {
+    let rss0: u64 = target
+        .server_pids
+        .iter()
+        .map(|&p| rss_bytes(p))
+        .sum::<Result<u64>>()?;
+    let tally = Tally::new(1);
+    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let t0 = Instant::now();
+    let mut tasks = Vec::with_capacity(connections);
+    for i in 0..connections {
+        let permit = sem.clone().acquire_owned().await?;
+        let target = target.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = connect(&target, i, &format!("g{}", i % 1000), &format!("idle{i}")).await;
+            drop(permit);
+            r
+        }));
+    }
+    let mut held = Vec::with_capacity(connections);
+    let mut failures = 0;
+    let mut first_error = None;
+    for t in tasks {
+        match t.await? {
+            Ok(ws) => held.push(start(ws, &tally, 0, false)),
+            Err(e) => {
+                failures += 1;
+                first_error.get_or_insert(e.to_string());
+            }
+        }
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss1: u64 = target
+        .server_pids
+        .iter()
+        .map(|&p| rss_bytes(p))
+        .sum::<Result<u64>>()?;
+    let open = held.len();
+    Ok(json!({
+        "scenario": "idle",
+        "proto": format!("{:?}", target.proto).to_lowercase(),
+        "nodes": target.nodes.len(),
+        "connections": connections,
+        "open": open,
+        "failures": failures,
+        "first_error": first_error,
+        "connects_per_s": open as f64 / elapsed,
+        "server_rss_bytes_before": rss0,
+        "server_rss_bytes_after": rss1,
+        "rss_bytes_per_connection": (rss1.saturating_sub(rss0)) as f64 / open.max(1) as f64,
+    }))
+}
+
+/// The floor: a child process writes pre-encoded frames to `sockets`
+/// loopback sockets; this process reads them. Returns the child's CPU per frame.
+async fn floor(sockets: usize, rate: f64, batch: usize, seconds: u64) -> Result<serde_json::Value> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let exe = std::env::current_exe()?;
+    let mut child = tokio::process::Command::new(exe)
+        .args([
+            "floor-writer",
+            "--addr",
+            &addr.to_string(),
+            "--sockets",
+            &sockets.to_string(),
+        ])
+        .args([
+            "--rate",
+            &rate.to_string(),
+            "--batch",
+            &batch.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+        ])
+        .spawn()?;
+    let received = Arc::new(AtomicU64::new(0));
+    let mut readers = Vec::new();
+    for _ in 0..sockets {
+        let (mut s, _) = listener.accept().await?;
+        let received = received.clone();
+        readers.push(tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                received.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }));
+    }
+    let t0 = Instant::now();
+    let status = child.wait().await?;
+    // The writer has exited and been waited for: its CPU time is ours as
+    // a parent's (it is our only child).
+    let cpu = children_cpu()?;
+    if !status.success() {
+        bail!("floor writer failed");
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let rounds = ((rate * seconds as f64) / batch as f64).floor();
+    let frames = rounds * batch as f64 * sockets as f64;
+    Ok(json!({
+        "scenario": "floor",
+        "sockets": sockets,
+        "rate": rate,
+        "frames_per_write": batch,
+        "frames": frames,
+        "bytes_received": received.load(Ordering::Relaxed),
+        "writer_cpu_s": cpu,
+        "writer_cpu_us_per_frame": cpu * 1e6 / frames,
+        "elapsed_s": elapsed,
+    }))
+}
+
+/// CPU seconds this process has used so far (the load generator's own cost).
+fn own_cpu() -> Result<f64> {
+    cpu_seconds(std::process::id())
+}
+
+/// CPU seconds of this process's waited-for children (from /proc/self/stat:
+/// cutime + cstime).
+fn children_cpu() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let rest = &stat[stat.rfind(')').context("stat")? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let cutime: f64 = fields[13].parse()?;
+    let cstime: f64 = fields[14].parse()?;
+    Ok((cutime + cstime) / clock_ticks())
+}
+
+fn floor_writer(
+    addr: SocketAddr,
+    sockets: usize,
+    rate: f64,
+    batch: usize,
+    seconds: u64,
+) -> Result<()> {
+    use std::io::Write;
+    // A small text frame, as a hub would send it (server frames are unmasked).
+    let payload = br#"{"userId":null,"groupId":null,"action":"bench","message":"123456:1764331200000000000","recipients":[]}"#;
+    let mut frame = vec![0x81, payload.len() as u8];
+    frame.extend_from_slice(payload);
+    let mut out = Vec::new();
+    for _ in 0..batch {
+        out.extend_from_slice(&frame);
+    }
+    let mut conns: Vec<std::net::TcpStream> = (0..sockets)
+        .map(|_| {
+            let s = std::net::TcpStream::connect(addr)?;
+            s.set_nodelay(true)?;
+            Ok(s)
+        })
+        .collect::<Result<_>>()?;
+    let rounds = ((rate * seconds as f64) / batch as f64).floor() as u64;
+    let every = Duration::from_secs_f64(batch as f64 / rate);
+    let start = Instant::now();
+    for round in 0..rounds {
+        let due = start + every * round as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        for c in conns.iter_mut() {
+            c.write_all(&out)?;
+        }
+    }
+    Ok(())
+}
