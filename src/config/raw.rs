@@ -1,0 +1,237 @@
+//! What the user wrote: the keys of the configuration file and of the
+//! `WSHUB_*` variables, with their defaults. Unknown keys are refused
+//! (`deny_unknown_fields`); the field docs are the key docs, and
+//! `wshub.example.toml` must list the same keys and defaults (a test
+//! checks it).
+
+use serde::Deserialize;
+
+/// What the user wrote, before validation. Field docs are the key docs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawConfig {
+    /// Address and port to listen on.
+    pub listen: String,
+    /// This node's id in logs and on the bus; empty = generated.
+    pub node_id: String,
+    pub log: RawLog,
+    pub limits: RawLimits,
+    pub ws: RawWs,
+    pub bus: RawBus,
+    pub redis: RawRedis,
+    pub backend: RawBackend,
+    pub broadcast: RawBroadcast,
+    pub auth: RawAuth,
+    pub shutdown: RawShutdown,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawBackend {
+    /// Empty: every action is relayed by the hub.
+    pub url: String,
+    pub events: bool,
+    pub timeout_ms: u64,
+    pub concurrency: usize,
+    pub queue: usize,
+}
+
+impl Default for RawBackend {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            events: false,
+            timeout_ms: 5_000,
+            concurrency: 64,
+            queue: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawRedis {
+    /// Empty: the in-process bus (one node). Otherwise `redis://host:port`;
+    /// with `sharded`, one or more cluster nodes separated by commas.
+    pub url: String,
+    pub channel_prefix: String,
+    pub sharded: bool,
+    pub publish_queue: usize,
+    pub publish_retry_ms: u64,
+    pub probe_interval_ms: u64,
+    pub probe_timeout_ms: u64,
+    pub reconnect_max_ms: u64,
+    pub command_timeout_ms: u64,
+}
+
+impl Default for RawRedis {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            channel_prefix: "wshub".into(),
+            sharded: false,
+            publish_queue: 65_536,
+            publish_retry_ms: 5_000,
+            probe_interval_ms: 500,
+            probe_timeout_ms: 2_000,
+            reconnect_max_ms: 1_000,
+            command_timeout_ms: 2_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawLog {
+    /// `text` or `json`.
+    pub format: String,
+    /// A `tracing` filter directive, e.g. `info` or `wshub=debug,info`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_message_bytes: usize,
+    pub max_id_bytes: usize,
+    pub max_recipients: usize,
+    pub outbound_queue_bytes: usize,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub messages_per_second: u32,
+    pub message_burst: u32,
+    pub rate_violations_before_close: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawWs {
+    pub ping_interval_ms: u64,
+    pub read_buffer_bytes: usize,
+    pub write_buffer_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawBus {
+    pub unsubscribe_delay_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawShutdown {
+    pub drain_window_ms: u64,
+    pub grace_period_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawBroadcast {
+    /// CIDRs (besides loopback) allowed to use the broadcast endpoint.
+    pub trusted_networks: Vec<String>,
+    /// With any key here, the endpoint requires one (from any network).
+    pub api_keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawAuth {
+    /// HS256 shared secret; turns token mode on.
+    pub jwt_secret: String,
+    /// PEM public key file (RS256/ES256); turns token mode on.
+    pub jwt_public_key_file: String,
+    /// Empty: HS256 with a secret, RS256 with a key file.
+    pub jwt_algorithm: String,
+    pub audience: String,
+    pub issuer: String,
+    pub leeway_secs: u64,
+    pub allowed_origins: Vec<String>,
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for RawAuth {
+    fn default() -> Self {
+        Self {
+            jwt_secret: String::new(),
+            jwt_public_key_file: String::new(),
+            jwt_algorithm: String::new(),
+            audience: String::new(),
+            issuer: String::new(),
+            leeway_secs: 30,
+            allowed_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            node_id: String::new(),
+            log: RawLog::default(),
+            limits: RawLimits::default(),
+            ws: RawWs::default(),
+            bus: RawBus::default(),
+            redis: RawRedis::default(),
+            backend: RawBackend::default(),
+            broadcast: RawBroadcast::default(),
+            auth: RawAuth::default(),
+            shutdown: RawShutdown::default(),
+        }
+    }
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 64 * 1024,
+            max_id_bytes: 256,
+            max_recipients: 100,
+            outbound_queue_bytes: 1024 * 1024,
+            max_connections: 0,
+            max_connections_per_ip: 0,
+            messages_per_second: 50,
+            message_burst: 100,
+            rate_violations_before_close: 100,
+        }
+    }
+}
+
+impl Default for RawWs {
+    fn default() -> Self {
+        Self {
+            ping_interval_ms: 30_000,
+            // 256 B keeps an idle socket under 4 KiB of memory; a frame
+            // larger than this costs one more read call, nothing else.
+            read_buffer_bytes: 256,
+            write_buffer_bytes: 16 * 1024,
+        }
+    }
+}
+
+impl Default for RawBus {
+    fn default() -> Self {
+        Self {
+            unsubscribe_delay_ms: 2_000,
+        }
+    }
+}
+
+impl Default for RawShutdown {
+    fn default() -> Self {
+        Self {
+            drain_window_ms: 5_000,
+            grace_period_ms: 10_000,
+        }
+    }
+}

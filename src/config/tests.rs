@@ -1,0 +1,210 @@
+//! Loading, precedence, validation and the example file.
+
+use super::*;
+use std::io::Write;
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn defaults() {
+    let c = Config::load_from(None, env(&[("HOME", "/root")])).unwrap();
+    assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
+    assert_eq!(c.limits.max_message_bytes, 65536);
+    assert_eq!(c.ws.ping_interval, Duration::from_secs(30));
+    assert_eq!(c.log_format, LogFormat::Text);
+    assert!(c.redis.is_none(), "no Redis: the in-process bus");
+    assert_eq!(c.node_id.len(), 8, "generated node id");
+}
+
+#[test]
+fn redis_settings() {
+    let c = Config::load_from(
+        None,
+        env(&[
+            (
+                "WSHUB_REDIS__URL",
+                "redis://127.0.0.1:7000, redis://127.0.0.1:7001",
+            ),
+            ("WSHUB_REDIS__SHARDED", "true"),
+            ("WSHUB_NODE_ID", "web-1"),
+        ]),
+    )
+    .unwrap();
+    let r = c.redis.unwrap();
+    assert!(r.sharded);
+    assert_eq!(
+        r.urls(),
+        ["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"]
+    );
+    assert_eq!(c.node_id, "web-1");
+}
+
+#[test]
+fn the_example_file_holds_the_defaults() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("wshub.example.toml");
+    let mut from_file = Config::load_from(Some(&path), env(&[])).unwrap();
+    let mut defaults = Config::default();
+    // Generated per start.
+    from_file.node_id.clear();
+    defaults.node_id.clear();
+    assert_eq!(format!("{from_file:?}"), format!("{defaults:?}"));
+}
+
+#[test]
+fn file_then_environment() {
+    let mut file = tempfile();
+    writeln!(
+        file.1,
+        "listen = \"127.0.0.1:9000\"\n[limits]\nmax_recipients = 5\n[ws]\nping_interval_ms = 500"
+    )
+    .unwrap();
+    let c = Config::load_from(
+        Some(&file.0),
+        env(&[
+            ("WSHUB_LISTEN", "127.0.0.1:9001"),
+            ("WSHUB_LIMITS__MAX_MESSAGE_BYTES", "2048"),
+            ("WSHUB_LOG__FORMAT", "json"),
+            ("WSHUB_CONFIG", "/ignored/here"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.listen.port(), 9001, "environment wins over the file");
+    assert_eq!(c.limits.max_message_bytes, 2048);
+    assert_eq!(c.limits.max_recipients, 5);
+    assert_eq!(c.ws.ping_interval, Duration::from_millis(500));
+    assert_eq!(c.log_format, LogFormat::Json);
+}
+
+#[test]
+fn errors_name_the_key() {
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("WSHUB_LISTEN", "nowhere")], "`listen`"),
+        (
+            &[("WSHUB_LIMITS__MAX_MESSAGE_BYTES", "lots")],
+            "max_message_bytes",
+        ),
+        (
+            &[("WSHUB_LIMITS__MAX_MESSAGE_BYTES", "10")],
+            "`limits.max_message_bytes` must be at least 1024",
+        ),
+        (
+            &[("WSHUB_LIMITS__OUTBOUND_QUEUE_BYTES", "1000")],
+            "`limits.outbound_queue_bytes` must be at least",
+        ),
+        (&[("WSHUB_LOG__FORMAT", "xml")], "`log.format`"),
+        (
+            &[("WSHUB_LIMITS__MAX_MESAGE_BYTES", "1")],
+            "max_mesage_bytes",
+        ),
+        (
+            &[("WSHUB_WS__PING_INTERVAL_MS", "0")],
+            "`ws.ping_interval_ms`",
+        ),
+        (&[("WSHUB_REDIS__URL", "http://x")], "`redis.url`"),
+        (
+            &[("WSHUB_REDIS__URL", "redis://a,redis://b")],
+            "`redis.url` must be one URL",
+        ),
+        (
+            &[
+                ("WSHUB_REDIS__URL", "redis://a"),
+                ("WSHUB_REDIS__CHANNEL_PREFIX", "{x}"),
+            ],
+            "`redis.channel_prefix`",
+        ),
+        (
+            &[
+                ("WSHUB_REDIS__URL", "redis://a"),
+                ("WSHUB_REDIS__PROBE_TIMEOUT_MS", "100"),
+            ],
+            "`redis.probe_timeout_ms`",
+        ),
+        (&[("WSHUB_NODE_ID", "a b")], "`node_id`"),
+        (&[("WSHUB_BACKEND__URL", "ftp://x")], "`backend.url`"),
+        (
+            &[
+                ("WSHUB_BACKEND__URL", "http://x"),
+                ("WSHUB_BACKEND__CONCURRENCY", "0"),
+            ],
+            "`backend.concurrency`",
+        ),
+        (
+            &[("WSHUB_BROADCAST__TRUSTED_NETWORKS", "10.0.0.0/8,nope")],
+            "`broadcast.trusted_networks`",
+        ),
+        (
+            &[("WSHUB_BROADCAST__API_KEYS", "short")],
+            "`broadcast.api_keys`",
+        ),
+        (
+            &[("WSHUB_AUTH__JWT_SECRET", "too-short")],
+            "`auth.jwt_secret`",
+        ),
+        (
+            &[("WSHUB_AUTH__JWT_PUBLIC_KEY_FILE", "/nonexistent/key.pem")],
+            "`auth.jwt_public_key_file`",
+        ),
+        (
+            &[("WSHUB_AUTH__JWT_ALGORITHM", "none")],
+            "`auth.jwt_algorithm`",
+        ),
+        (
+            &[("WSHUB_AUTH__TRUSTED_PROXIES", "x")],
+            "`auth.trusted_proxies`",
+        ),
+    ];
+    for (vars, want) in cases {
+        let err = Config::load_from(None, env(vars)).unwrap_err().to_string();
+        assert!(err.contains(want), "{vars:?}: {err}");
+    }
+}
+
+#[test]
+fn trusted_networks_from_the_environment() {
+    let c = Config::load_from(
+        None,
+        env(&[("WSHUB_BROADCAST__TRUSTED_NETWORKS", "10.0.0.0/8, fd00::/8")]),
+    )
+    .unwrap();
+    let nets: Vec<String> = c
+        .broadcast
+        .trusted_networks
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(nets, ["10.0.0.0/8", "fd00::/8"]);
+}
+
+#[test]
+fn unknown_key_in_the_file_is_refused() {
+    let mut file = tempfile();
+    writeln!(file.1, "[limits]\nmax_mesage_bytes = 5").unwrap();
+    let err = Config::load_from(Some(&file.0), env(&[]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("max_mesage_bytes"), "{err}");
+}
+
+/// A scratch file, removed when dropped.
+struct TempFile(std::path::PathBuf, std::fs::File);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn tempfile() -> TempFile {
+    let path = std::env::temp_dir().join(format!(
+        "wshub-config-test-{}-{}.toml",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let file = std::fs::File::create(&path).unwrap();
+    TempFile(path, file)
+}
