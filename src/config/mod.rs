@@ -125,30 +125,6 @@ impl RedisConfig {
 }
 
 #[derive(Debug, Clone)]
-pub struct Limits {
-    /// Largest message a client or the broadcast endpoint may send.
-    pub max_message_bytes: usize,
-    /// Longest id (`userId`, `groupId`, `action`, recipient values, query ids).
-    pub max_id_bytes: usize,
-    /// Most recipients in one message.
-    pub max_recipients: usize,
-    /// Bytes queued per connection before it is closed as a slow consumer.
-    pub outbound_queue_bytes: usize,
-    /// Sockets this node accepts (0 in the file: what the open-file limit
-    /// allows, computed at start).
-    pub max_connections: usize,
-    /// Sockets from one client address (0: no limit).
-    pub max_connections_per_ip: usize,
-    /// Sustained messages per second a socket may send (0: no limit).
-    pub messages_per_second: u32,
-    /// Messages a socket may send at once above the sustained rate.
-    pub message_burst: u32,
-    /// Rate-limited messages (net of allowed ones) before the socket is
-    /// closed with 1008.
-    pub rate_violations_before_close: u32,
-}
-
-#[derive(Debug, Clone)]
 pub struct Ws {
     /// How often the server pings; a peer silent for a whole interval after
     /// a ping is closed.
@@ -342,15 +318,8 @@ impl Config {
             log_format,
             log_level: raw.log.level,
             limits: Limits {
-                max_message_bytes: l.max_message_bytes,
-                max_id_bytes: l.max_id_bytes,
-                max_recipients: l.max_recipients,
-                outbound_queue_bytes: l.outbound_queue_bytes,
-                max_connections: l.max_connections,
-                max_connections_per_ip: l.max_connections_per_ip,
-                messages_per_second: l.messages_per_second,
                 message_burst: l.message_burst.max(1),
-                rate_violations_before_close: l.rate_violations_before_close,
+                ..l.clone()
             },
             ws: Ws {
                 ping_interval: Duration::from_millis(raw.ws.ping_interval_ms),

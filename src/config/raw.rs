@@ -15,7 +15,7 @@ pub struct RawConfig {
     /// This node's id in logs and on the bus; empty = generated.
     pub node_id: String,
     pub log: RawLog,
-    pub limits: RawLimits,
+    pub limits: Limits,
     pub ws: RawWs,
     pub bus: RawBus,
     pub redis: RawRedis,
@@ -89,17 +89,30 @@ pub struct RawLog {
     pub level: String,
 }
 
+/// `[limits]`: as written and, once validated, as used (every value is
+/// used as it is).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct RawLimits {
+pub struct Limits {
+    /// Largest message a client or the broadcast endpoint may send.
     pub max_message_bytes: usize,
+    /// Longest id (`userId`, `groupId`, `action`, recipient values, query ids).
     pub max_id_bytes: usize,
+    /// Most recipients in one message.
     pub max_recipients: usize,
+    /// Bytes queued per connection before it is closed as a slow consumer.
     pub outbound_queue_bytes: usize,
+    /// Sockets this node accepts (0: what the open-file limit allows,
+    /// computed at start).
     pub max_connections: usize,
+    /// Sockets from one client address (0: no limit).
     pub max_connections_per_ip: usize,
+    /// Sustained messages per second a socket may send (0: no limit).
     pub messages_per_second: u32,
+    /// Messages a socket may send at once above the sustained rate.
     pub message_burst: u32,
+    /// Rate-limited messages (net of allowed ones) before the socket is
+    /// closed with 1008.
     pub rate_violations_before_close: u32,
 }
 
@@ -170,7 +183,7 @@ impl Default for RawConfig {
             listen: "0.0.0.0:8080".into(),
             node_id: String::new(),
             log: RawLog::default(),
-            limits: RawLimits::default(),
+            limits: Limits::default(),
             ws: RawWs::default(),
             bus: RawBus::default(),
             redis: RawRedis::default(),
@@ -191,7 +204,7 @@ impl Default for RawLog {
     }
 }
 
-impl Default for RawLimits {
+impl Default for Limits {
     fn default() -> Self {
         Self {
             max_message_bytes: 64 * 1024,
