@@ -13,7 +13,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, OnceLock, RwLock};
 
-use tokio::sync::Notify;
+use std::task::Poll;
+
+use futures_util::task::AtomicWaker;
 use tracing::warn;
 
 use crate::bus::{Deliver, Envelope};
@@ -75,15 +77,16 @@ const FRAME_OVERHEAD: usize = 64;
 /// take the queued total past the budget (frames are shared `Bytes`, so the
 /// real memory is often less than the budget says).
 ///
-/// A `std::sync::Mutex` around a `VecDeque` and a `Notify`, rather than a
-/// channel: an idle socket's queue allocates nothing (a tokio channel
+/// A `std::sync::Mutex` around a `VecDeque` and an `AtomicWaker`, rather
+/// than a channel: an idle socket's queue allocates nothing (a tokio channel
 /// allocates its first block of slots up front, over a kilobyte per
-/// socket), and both ends hold the lock for a push or a pop only.
+/// socket), both ends hold the lock for a push or a pop only, and waking
+/// the one reader is an atomic swap.
 #[derive(Debug)]
 struct Outbox {
     queue: std::sync::Mutex<Queue>,
     budget: usize,
-    ready: Notify,
+    ready: AtomicWaker,
 }
 
 #[derive(Debug, Default)]
@@ -101,7 +104,7 @@ impl Outbox {
         Self {
             queue: std::sync::Mutex::default(),
             budget,
-            ready: Notify::new(),
+            ready: AtomicWaker::new(),
         }
     }
 
@@ -119,8 +122,7 @@ impl Outbox {
         queue.bytes += cost;
         queue.frames.push_back(frame);
         drop(queue);
-        // Stores a permit if the session is not waiting right now.
-        self.ready.notify_one();
+        self.ready.wake();
         Ok(())
     }
 
@@ -147,12 +149,20 @@ impl OutboxReceiver {
     /// connection, so this never ends by itself: the session stops waiting
     /// when it closes.)
     pub async fn recv(&mut self) -> Option<Frame> {
-        loop {
-            if let Some(frame) = self.conn.outbox.pop() {
-                return Some(frame);
+        let outbox = &self.conn.outbox;
+        std::future::poll_fn(|cx| {
+            if let Some(frame) = outbox.pop() {
+                return Poll::Ready(Some(frame));
             }
-            self.conn.outbox.ready.notified().await;
-        }
+            outbox.ready.register(cx.waker());
+            // A push between the pop and the registration woke nobody:
+            // look again.
+            match outbox.pop() {
+                Some(frame) => Poll::Ready(Some(frame)),
+                None => Poll::Pending,
+            }
+        })
+        .await
     }
 
     /// The next frame if one is queued.
@@ -165,13 +175,13 @@ impl OutboxReceiver {
 ///
 /// The first [`close`](Self::close) wins; the session waits on
 /// [`closed`](Self::closed) alongside its socket and sends that reason's
-/// close frame.
+/// close frame. Only the session ever waits, so an `AtomicWaker` (one
+/// atomic swap per wait, no lock) is enough; the reason is checked again
+/// after registering, so a close never goes unnoticed.
 #[derive(Debug, Default)]
 pub struct Closer {
     reason: OnceLock<CloseReason>,
-    // `notify_one` stores a permit, so a close that happens while the
-    // session is busy elsewhere is seen on its next wait.
-    notify: Notify,
+    waker: AtomicWaker,
 }
 
 impl Closer {
@@ -180,7 +190,7 @@ impl Closer {
     pub fn close(&self, reason: CloseReason) -> bool {
         let first = self.reason.set(reason).is_ok();
         if first {
-            self.notify.notify_one();
+            self.waker.wake();
         }
         first
     }
@@ -190,14 +200,19 @@ impl Closer {
         self.reason.get().copied()
     }
 
-    /// Resolves with the reason once one is set.
+    /// Resolves with the reason once one is set. Only the session may wait.
     pub async fn closed(&self) -> CloseReason {
-        loop {
+        std::future::poll_fn(|cx| {
             if let Some(reason) = self.reason() {
-                return reason;
+                return Poll::Ready(reason);
             }
-            self.notify.notified().await;
-        }
+            self.waker.register(cx.waker());
+            match self.reason() {
+                Some(reason) => Poll::Ready(reason),
+                None => Poll::Pending,
+            }
+        })
+        .await
     }
 }
 
