@@ -1,7 +1,5 @@
 //! Per-connection message rate limiting, and the node's socket capacity.
 
-use std::time::Duration;
-
 use tokio::time::Instant;
 
 /// What the rate limiter says about one message.
@@ -83,14 +81,10 @@ pub fn capacity(configured: usize, fd_limit: Option<u64>) -> (usize, bool) {
     }
 }
 
-/// How long after the last violation the bucket is likely full again.
-pub fn refill_time(rate: u32, burst: u32) -> Duration {
-    Duration::from_secs_f64(f64::from(burst.max(1)) / f64::from(rate.max(1)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[tokio::test(start_paused = true)]
     async fn bursts_then_limits_then_closes_persistent_abuse() {
@@ -128,6 +122,5 @@ mod tests {
         assert_eq!(capacity(0, None), (usize::MAX, false));
         assert!(RateLimit::new(0, 10, 10).is_none());
         assert!(open_file_limit().is_some_and(|l| l > 0));
-        assert_eq!(refill_time(50, 100), Duration::from_secs(2));
     }
 }

@@ -111,11 +111,16 @@ impl Node {
                 .expect("the backend HTTP client can be built")
         });
         let tokens = TokenVerifier::from_config(&config.auth);
-        let (capacity, _) = crate::limits::capacity(
-            config.limits.max_connections,
-            crate::limits::open_file_limit(),
-        );
+        let fd_limit = crate::limits::open_file_limit();
+        let (capacity, by_fds) = crate::limits::capacity(config.limits.max_connections, fd_limit);
         metrics.set_capacity(capacity);
+        if by_fds {
+            tracing::info!(
+                max_connections = capacity,
+                open_file_limit = fd_limit.unwrap_or_default(),
+                "the open-file limit caps this node's sockets; raise it (ulimit -n, LimitNOFILE) to hold more"
+            );
+        }
         Arc::new(Self {
             config: Arc::new(config),
             metrics,
@@ -198,11 +203,6 @@ impl Node {
     /// The token verifier, in token mode.
     pub fn tokens(&self) -> Option<&TokenVerifier> {
         self.tokens.as_deref()
-    }
-
-    /// The sockets this node accepts.
-    pub fn capacity(&self) -> usize {
-        self.capacity
     }
 
     fn parse<'t>(&self, text: &'t str) -> Result<Message<'t>, MessageError> {

@@ -75,16 +75,6 @@ impl Server {
             "in-process"
         };
         info!(addr = %listener.local_addr()?, node = %node.config.node_id, bus, "wshub listening");
-        let fd_limit = crate::limits::open_file_limit();
-        let (capacity, by_fds) =
-            crate::limits::capacity(node.config.limits.max_connections, fd_limit);
-        if by_fds {
-            info!(
-                max_connections = capacity,
-                open_file_limit = fd_limit.unwrap_or_default(),
-                "the open-file limit caps this node's sockets; raise it (ulimit -n, LimitNOFILE) to hold more"
-            );
-        }
         if node.tokens().is_some() {
             info!("token mode: sockets must present a JWT");
         }

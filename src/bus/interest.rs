@@ -82,16 +82,6 @@ impl Interest {
         self.lock().counts.contains_key(topic)
     }
 
-    /// Number of held topics.
-    pub fn len(&self) -> usize {
-        self.lock().counts.len()
-    }
-
-    /// Whether no topic is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Every held topic (to resubscribe after a reconnect).
     pub fn held(&self) -> Vec<Topic> {
         self.lock().counts.keys().cloned().collect()
