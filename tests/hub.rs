@@ -358,7 +358,15 @@ async fn overlong_ids_in_the_query_are_refused() {
         .await
         .unwrap_err();
     match err {
-        tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 400),
+        tokio_tungstenite::tungstenite::Error::Http(resp) => {
+            assert_eq!(resp.status(), 400);
+            let body =
+                String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).into_owned();
+            assert!(
+                body.contains("the user id is longer than 8 bytes"),
+                "{body}"
+            );
+        }
         other => panic!("expected HTTP 400, got {other:?}"),
     }
 }
