@@ -2,6 +2,7 @@
 //! (`tests/fuzz_corpus.rs`), which runs every corpus input in CI.
 
 use wshub::bus::wire;
+use wshub::bus::wire::Bytes;
 use wshub::message::{Message, MessageLimits};
 use wshub::route::{Identity, Route};
 
@@ -44,10 +45,10 @@ pub fn message(data: &[u8]) {
 /// Any payload on a Redis channel: decoding never panics, and what decodes
 /// encodes back to the same route and frame.
 pub fn wire(data: &[u8]) {
-    let Ok(decoded) = wire::decode(data) else {
+    let Ok(decoded) = wire::decode(Bytes::copy_from_slice(data)) else {
         return;
     };
-    let again = wire::decode(&wire::encode(
+    let again = wire::decode(wire::encode(
         &decoded.origin,
         &decoded.route,
         &decoded.frame,

@@ -2,6 +2,8 @@
 //! `checks::message`.
 #![no_main]
 
+// Each target uses one of the shared checks.
+#[allow(dead_code)]
 #[path = "../checks.rs"]
 mod checks;
 

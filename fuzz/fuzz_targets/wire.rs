@@ -1,6 +1,8 @@
 //! Fuzzes the Redis payload decoder; see `checks::wire`.
 #![no_main]
 
+// Each target uses one of the shared checks.
+#[allow(dead_code)]
 #[path = "../checks.rs"]
 mod checks;
 

@@ -24,14 +24,15 @@
 //! exactly-once rule), `x` the excluded users, `ts` (optional) the
 //! publish time in milliseconds since the Unix epoch. serde_json never writes a raw
 //! newline inside the header, so the first newline after it ends it. The
-//! frame is not re-escaped: a node copies it out and shares it with its
+//! frame is not re-escaped: a node slices it out and shares it with its
 //! recipients. A payload with another version line is not decoded; the node
 //! counts it and logs it once (a newer node in a rolling upgrade must bump
 //! the version only with a change older nodes cannot read).
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
+/// The byte buffer payloads travel in (re-exported: it is in this module's API).
+pub use axum::body::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::message::Frame;
@@ -152,8 +153,9 @@ pub enum DecodeError {
     Frame,
 }
 
-/// Decodes a payload received on a topic channel.
-pub fn decode(payload: &[u8]) -> Result<Decoded, DecodeError> {
+/// Decodes a payload received on a topic channel. The frame is a slice of
+/// `payload`, not a copy.
+pub fn decode(payload: Bytes) -> Result<Decoded, DecodeError> {
     let rest = payload
         .strip_prefix(VERSION_LINE)
         .ok_or(DecodeError::Version)?;
@@ -171,8 +173,8 @@ pub fn decode(payload: &[u8]) -> Result<Decoded, DecodeError> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     let excluded = header.excluded.into_iter().map(Arc::from).collect();
-    let frame = Frame::try_from(Bytes::copy_from_slice(&rest[end + 1..]))
-        .map_err(|_| DecodeError::Frame)?;
+    let frame_start = VERSION_LINE.len() + end + 1;
+    let frame = Frame::try_from(payload.slice(frame_start..)).map_err(|_| DecodeError::Frame)?;
     Ok(Decoded {
         published_ms: header.published_ms,
         origin: header.origin.into_owned(),
@@ -217,7 +219,7 @@ mod tests {
         );
         let frame = Frame::from(r#"{"userId":null,"message":"line\nbreak é"}"#.to_owned());
         let bytes = encode("node-1", &route, &frame);
-        let d = decode(&bytes).unwrap();
+        let d = decode(bytes).unwrap();
         assert_eq!(d.origin, "node-1");
         assert_eq!(d.route, route);
         assert_eq!(d.frame, frame);
@@ -233,7 +235,7 @@ mod tests {
             b"wshub/1\n{\"o\":\"n\",\"t\":[\"zz\"]}\n{}",
             b"wshub/1\n{\"o\":\"n\",\"t\":[]}\n\xff\xfe",
         ] {
-            assert!(decode(bad).is_err(), "{bad:?}");
+            assert!(decode(Bytes::from_static(bad)).is_err(), "{bad:?}");
         }
     }
 }

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use axum::body::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
@@ -163,7 +164,7 @@ pub(super) async fn connect_subscriber(
 
 /// What the subscriber connection produced.
 pub(super) enum Incoming {
-    Message(String, Vec<u8>),
+    Message(String, Bytes),
     Other,
     Closed,
 }
@@ -197,9 +198,10 @@ impl SubConn {
     pub(super) async fn next(&mut self) -> Incoming {
         match self {
             SubConn::Single { stream, .. } => match stream.next().await {
+                // The one copy of the payload: out of the redis message.
                 Some(msg) => Incoming::Message(
                     msg.get_channel_name().to_owned(),
-                    msg.get_payload_bytes().to_vec(),
+                    Bytes::copy_from_slice(msg.get_payload_bytes()),
                 ),
                 None => Incoming::Closed,
             },
@@ -210,7 +212,10 @@ impl SubConn {
                         (
                             Some(redis::Value::BulkString(ch)),
                             Some(redis::Value::BulkString(payload)),
-                        ) => Incoming::Message(String::from_utf8_lossy(&ch).into_owned(), payload),
+                        ) => Incoming::Message(
+                            String::from_utf8_lossy(&ch).into_owned(),
+                            Bytes::from(payload),
+                        ),
                         _ => Incoming::Other,
                     }
                 }

@@ -213,7 +213,7 @@ impl Shared {
     }
 
     /// Handles one message from the subscriber connection.
-    fn receive(&self, channel: &str, payload: &[u8]) {
+    fn receive(&self, channel: &str, payload: Bytes) {
         if channel == self.probe_channel {
             let now = self.since_start().as_millis() as u64 + 1;
             self.last_probe.store(now, Ordering::Release);
@@ -400,7 +400,7 @@ async fn subscriber(
             tokio::select! {
                 () = stop.cancelled() => return,
                 incoming = conn.next() => match incoming {
-                    Incoming::Message(channel, payload) => shared.receive(&channel, &payload),
+                    Incoming::Message(channel, payload) => shared.receive(&channel, payload),
                     Incoming::Other => {}
                     Incoming::Closed => break "connection closed".into(),
                 },
