@@ -106,9 +106,14 @@ pub struct MessageLimits {
 /// the `wshub.error` reply (or the HTTP 400 body), so it names the field.
 #[derive(Debug, thiserror::Error)]
 pub enum MessageError {
-    /// The text is not JSON, not an object, or a field has the wrong type.
+    /// The text is not JSON at all (a syntax error, or it ends too soon).
+    /// Said in plain words: the people reading it in a `wshub.error` are
+    /// often FoxPro developers, not readers of serde's vocabulary.
+    #[error("invalid message: not JSON: {0}")]
+    NotJson(serde_json::Error),
+    /// JSON, but not a message object, or a field has the wrong type.
     #[error("invalid message: {0}")]
-    Json(#[from] serde_json::Error),
+    Json(serde_json::Error),
     /// A binary frame that is not UTF-8 text.
     #[error("invalid message: binary frames must contain UTF-8 JSON text")]
     NotUtf8,
@@ -118,6 +123,16 @@ pub enum MessageError {
     /// More recipients than `limits.max_recipients`.
     #[error("invalid message: {count} recipients, at most {max} are allowed")]
     TooManyRecipients { count: usize, max: usize },
+}
+
+impl From<serde_json::Error> for MessageError {
+    fn from(e: serde_json::Error) -> Self {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Syntax | Category::Eof => MessageError::NotJson(e),
+            Category::Data | Category::Io => MessageError::Json(e),
+        }
+    }
 }
 
 impl<'a> Message<'a> {
@@ -499,5 +514,34 @@ mod tests {
     fn escaped_strings_round_trip() {
         let m = parse(r#"{"message":"line\nnext \u00e9"}"#).unwrap();
         assert_eq!(m.message.as_deref(), Some("line\nnext é"));
+    }
+
+    #[test]
+    fn text_that_is_not_json_says_so_in_plain_words() {
+        // A FoxPro developer reading a `wshub.error` should not have to know
+        // serde's vocabulary to tell "this was not JSON at all" from "a field
+        // has the wrong type".
+        for (input, want) in [
+            (
+                "not json",
+                "invalid message: not JSON: expected ident at line 1 column 2",
+            ),
+            (
+                r#"{"action":"x""#,
+                "invalid message: not JSON: EOF while parsing an object at line 1 column 13",
+            ),
+            (
+                "{oops",
+                "invalid message: not JSON: key must be a string at line 1 column 2",
+            ),
+        ] {
+            assert_eq!(parse(input).unwrap_err().to_string(), want, "{input}");
+        }
+        let typed = parse(r#"{"message":12}"#).unwrap_err().to_string();
+        assert_eq!(
+            typed,
+            "invalid message: invalid type: integer `12`, expected `message` to be a string or null at line 1 column 13",
+            "the README's example"
+        );
     }
 }
