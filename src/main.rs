@@ -14,7 +14,7 @@ use clap::Parser;
 /// `__` between nested keys (WSHUB_LISTEN, WSHUB_LIMITS__MAX_MESSAGE_BYTES).
 /// wshub.example.toml lists every key with its default.
 #[derive(Parser)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, after_help = AFTER_HELP)]
 struct Args {
     /// TOML configuration file.
     #[arg(long, env = "WSHUB_CONFIG", value_name = "PATH", global = true)]
@@ -22,6 +22,20 @@ struct Args {
     #[command(subcommand)]
     command: Option<Command>,
 }
+
+/// Where to read on: the help text is often all an operator has at hand.
+const AFTER_HELP: &str = "\
+Without a command, wshub runs a node. Commands: healthcheck (is the node on
+this machine alive?), help.
+
+Documentation, in the source repository:
+  README.md               configuration keys, endpoints, messages, close codes
+  docs/migrating.md       moving a Web Connection application onto wshub
+  docs/backend.md         forwarding client messages to the application
+  docs/cluster.md         several nodes on one Redis
+  docs/deploying.md       Docker, Kubernetes, load balancers, metrics
+  docs/security.md        tokens, origins, the broadcast endpoint, limits
+  wshub.example.toml      every key with its default";
 
 #[derive(clap::Subcommand)]
 enum Command {
