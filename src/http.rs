@@ -31,19 +31,36 @@ const LIBRARY_JS: &str = include_str!("../static/webconnection-websocket.js");
 const LIBRARY_DTS: &str = include_str!("../static/webconnection-websocket.d.ts");
 const CHAT_HTML: &str = include_str!("../static/index.html");
 
+/// The names a page may load the browser library by: Web Connection's file
+/// name, the one its samples import, and the one in its blog and changelog.
+pub const LIBRARY_PATHS: [&str; 3] = [
+    "/scripts/webconnection-websocket.js",
+    "/scripts/web-connection-websocket.js",
+    "/scripts/westwind-websocket.js",
+];
+
 /// The application's routes.
 pub fn router(node: Arc<Node>) -> Router {
-    Router::new()
-        .route(
+    let mut scripts = Router::new().route(
+        "/scripts/webconnection-websocket.d.ts",
+        get(|| async { static_file("application/typescript; charset=utf-8", LIBRARY_DTS) }),
+    );
+    for path in LIBRARY_PATHS {
+        scripts = scripts.route(path, get(library));
+    }
+    let scripts = scripts.layer(axum::middleware::map_response_with_state(
+        node.clone(),
+        allow_cross_origin,
+    ));
+    let mut router = Router::new();
+    if node.config.http.sample_page {
+        router = router.route(
             "/",
             get(|| async { static_file("text/html; charset=utf-8", CHAT_HTML) }),
-        )
-        .route("/scripts/webconnection-websocket.js", get(library))
-        .route("/scripts/web-connection-websocket.js", get(library))
-        .route(
-            "/scripts/webconnection-websocket.d.ts",
-            get(|| async { static_file("application/typescript; charset=utf-8", LIBRARY_DTS) }),
-        )
+        );
+    }
+    router
+        .merge(scripts)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -63,6 +80,37 @@ pub const NODE_HEADER: &str = "x-wshub-node-id";
 async fn tag_node(State(node): State<Arc<Node>>, mut response: Response) -> Response {
     if let Ok(value) = HeaderValue::from_str(&node.config.node_id) {
         response.headers_mut().insert(NODE_HEADER, value);
+    }
+    response
+}
+
+/// CORS for `/scripts/*`: a page on another origin imports the library as
+/// an ES module, and browsers load cross-origin modules only with
+/// `Access-Control-Allow-Origin`. The origins are those that may open a
+/// socket (`auth.allowed_origins`): any when the list is empty, so `*`;
+/// otherwise the request's origin echoed when listed, nothing when not
+/// (the file is public anyway; the header only lets a page use it).
+async fn allow_cross_origin(
+    State(node): State<Arc<Node>>,
+    request_headers: axum::http::HeaderMap,
+    mut response: Response,
+) -> Response {
+    let allowed = &node.config.auth.allowed_origins;
+    let headers = response.headers_mut();
+    if allowed.is_empty() {
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
+        return response;
+    }
+    // The answer depends on the Origin: caches must keep one per origin.
+    headers.insert(header::VARY, HeaderValue::from_static("Origin"));
+    if let Some(origin) = request_headers.get(header::ORIGIN)
+        && let Ok(text) = origin.to_str()
+        && auth::origin_allowed(allowed, Some(text))
+    {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
     }
     response
 }

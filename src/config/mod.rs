@@ -76,6 +76,16 @@ pub struct Config {
     pub broadcast: Broadcast,
     pub auth: AuthConfig,
     pub shutdown: Shutdown,
+    pub http: Http,
+}
+
+/// What the hub serves besides sockets and the broadcast endpoint.
+#[derive(Debug, Clone)]
+pub struct Http {
+    /// Serve the chat sample at `/`. A production hub serving only an
+    /// application's pages turns it off, so that its address does not
+    /// offer an open chat room to whoever finds it.
+    pub sample_page: bool,
 }
 
 /// Where non-`broadcast` client messages go (see `src/backend.rs`).
@@ -332,6 +342,9 @@ impl Config {
             shutdown: Shutdown {
                 drain_window: Duration::from_millis(raw.shutdown.drain_window_ms),
                 grace_period: Duration::from_millis(raw.shutdown.grace_period_ms),
+            },
+            http: Http {
+                sample_page: raw.http.sample_page,
             },
         })
     }

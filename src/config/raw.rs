@@ -23,6 +23,21 @@ pub struct RawConfig {
     pub broadcast: RawBroadcast,
     pub auth: RawAuth,
     pub shutdown: RawShutdown,
+    pub http: RawHttp,
+}
+
+/// `[http]`: what the hub serves besides sockets and the broadcast endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawHttp {
+    /// Serve the chat sample at `/` (off: `/` answers 404).
+    pub sample_page: bool,
+}
+
+impl Default for RawHttp {
+    fn default() -> Self {
+        Self { sample_page: true }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -191,6 +206,7 @@ impl Default for RawConfig {
             broadcast: RawBroadcast::default(),
             auth: RawAuth::default(),
             shutdown: RawShutdown::default(),
+            http: RawHttp::default(),
         }
     }
 }
