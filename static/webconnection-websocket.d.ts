@@ -57,7 +57,8 @@ export declare class BroadcastMessage implements HubMessage {
 }
 
 export interface WebConnectionWebSocketOptions {
-  /** Hub base URL (`wss://hub.example.com`); default: the page's own host. */
+  /** Hub base URL (`wss://hub.example.com`); default: what a `<script data-hub>`
+   *  says (see `hubFromDocument`), else the page's own host. */
   url?: string | null;
   /** Upper bound of the first reconnect delay, ms (default 500). */
   minReconnectDelay?: number;
@@ -75,6 +76,8 @@ export interface WebConnectionWebSocketOptions {
   WebSocket?: typeof WebSocket;
   /** Page location (tests, Node.js). */
   location?: { protocol: string; host: string };
+  /** Page document, read for `data-hub` (tests, Node.js). */
+  document?: { querySelector(selector: string): unknown } | null;
 }
 
 export declare class WebConnectionWebSocket {
@@ -105,6 +108,15 @@ export declare function buildUrl(
   userId?: string | null,
   token?: string | null,
 ): string;
+
+/**
+ * The hub named by a `<script data-hub>` element: its value, or when empty the
+ * origin the library (or that element's `src`) was loaded from; null without one.
+ */
+export declare function hubFromDocument(
+  doc: { querySelector(selector: string): unknown } | null | undefined,
+  libraryUrl?: string,
+): string | null;
 
 export declare const Reconnect: Readonly<{
   BACKOFF: "backoff";

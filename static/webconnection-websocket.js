@@ -35,6 +35,7 @@ export const State = Object.freeze({
 
 const DEFAULTS = Object.freeze({
   url: null,
+  document: null,
   token: null,
   tokenInProtocol: false,
   minReconnectDelay: 500,
@@ -110,6 +111,34 @@ export function buildUrl(location, base, groupId, userId, token = null) {
   return params.length ? `${root}?${params.join("&")}` : root;
 }
 
+/** Where this file was loaded from (the hub, when a page imports it from there). */
+const LIBRARY_URL = import.meta.url;
+
+/**
+ * The hub a page names with a `data-hub` attribute on a `<script>` element,
+ * for pages that load the library from a hub on another origin:
+ * `<script type="module" data-hub>` (empty) means "the origin this library
+ * was loaded from" (or, on a `<script src>` element, the origin of its
+ * `src`); `data-hub="wss://hub.example.com"` names the hub. Without such an
+ * element there is none (`null`), and the socket goes to the page's own host,
+ * as in Web Connection: copying the file to a CDN must not move the socket.
+ * @param {{querySelector(sel: string): any}|null|undefined} doc the page's document
+ * @param {string} [libraryUrl] where the library came from (`import.meta.url`)
+ * @returns {string|null} a hub base URL for {@link buildUrl}, or null
+ */
+export function hubFromDocument(doc, libraryUrl = LIBRARY_URL) {
+  const el = doc && typeof doc.querySelector === "function" ? doc.querySelector("script[data-hub]") : null;
+  if (!el) return null;
+  const named = String(el.getAttribute("data-hub") ?? "").trim();
+  if (named) return named;
+  try {
+    const origin = new URL(el.src || libraryUrl).origin;
+    return /^https?:/i.test(origin) ? origin : null;
+  } catch {
+    return null;
+  }
+}
+
 /**
  * The delay before reconnect attempt `attempt` (0-based): exponential from
  * `min`, capped at `max`, with "equal jitter" (between half and all of it)
@@ -175,7 +204,8 @@ export class BroadcastMessage {
 export class WebConnectionWebSocket {
   /**
    * @param {object} [options]
-   * @param {string|null} [options.url] hub base URL (`wss://hub.example.com`); default: the page's own host
+   * @param {string|null} [options.url] hub base URL (`wss://hub.example.com`); default: what a
+   *   `data-hub` attribute says (see {@link hubFromDocument}), else the page's own host
    * @param {number} [options.minReconnectDelay=500] ms before the first reconnect attempt (at most)
    * @param {number} [options.maxReconnectDelay=30000] cap on the reconnect delay, ms
    * @param {number} [options.policyReconnectDelay=10000] added to the delay after 1008
@@ -187,6 +217,8 @@ export class WebConnectionWebSocket {
    *   instead of the URL (keeps it out of access logs)
    * @param {typeof WebSocket} [options.WebSocket] WebSocket implementation (for tests and Node.js)
    * @param {{protocol: string, host: string}} [options.location] page location (for tests and Node.js)
+   * @param {{querySelector(sel: string): any}} [options.document] page document, read for `data-hub`
+   *   (for tests and Node.js)
    */
   constructor(options = {}) {
     this.options = { ...DEFAULTS, ...options };
@@ -239,7 +271,8 @@ export class WebConnectionWebSocket {
 
   _url(token) {
     const location = this.options.location || globalThis.location;
-    return buildUrl(location, this.options.url, this.groupId, this.userId, token);
+    const base = this.options.url || hubFromDocument(this.options.document || globalThis.document);
+    return buildUrl(location, base, this.groupId, this.userId, token);
   }
 
   _token() {

@@ -102,6 +102,22 @@ test("another group sees nothing; a message to one user reaches all of that user
   for (const p of [ann, eve, carol1, carol2, dave]) await p.close();
 });
 
+test("editing the group field without reconnecting does not move where messages go", async () => {
+  const ann = await join(node1.url, "ann", "drift");
+  const bob = await join(node2.url, "bob", "drift");
+  const eve = await join(node2.url, "eve", "elsewhere");
+  // Ann types another group but does not press Connect: she is still in
+  // "drift", and her messages must still reach "drift", not "elsewhere".
+  await ann.fill("#group", "elsewhere");
+  await say(ann, "still in drift");
+  await sendRaw(ann, "marker", "to elsewhere", [["elsewhere", "group"]]);
+  assert.deepEqual((await messages(bob, 1)).map((m) => m.text), ["still in drift"]);
+  assert.deepEqual((await messages(eve, 1)).map((m) => m.text), ["[marker] to elsewhere"]);
+  // The page says that the field no longer matches the connection.
+  assert.match(await ann.textContent("#status"), /press Reconnect to join elsewhere/);
+  for (const p of [ann, bob, eve]) await p.close();
+});
+
 test("HTML and script in a message are shown as text, never run", async () => {
   const ann = await join(node1.url, "ann", "xss");
   const bob = await join(node2.url, "bob", "xss");

@@ -1,7 +1,8 @@
 // What the browser tests run against, all started here and stopped by
 // `stopAll()`: a redis-server on a free port, real `wshub` processes
 // (target/debug/wshub, built by `cargo test` before this suite runs), nginx
-// with the repository's deploy/nginx/nginx.conf, a stand-in WebSocket server
+// with the repository's deploy/nginx/nginx.conf (the balancer) or
+// deploy/nginx/webconnection-site.conf (a page's own host), a stand-in WebSocket server
 // that closes with any code, and Debian's Chromium driven by playwright-core.
 // Anything missing fails the suite loudly.
 
@@ -10,7 +11,7 @@ import { createInterface } from "node:readline";
 import { createServer, connect } from "node:net";
 import { createServer as createHttpServer } from "node:http";
 import { createHash } from "node:crypto";
-import { mkdtempSync, readFileSync, writeFileSync, existsSync, mkdirSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, writeFileSync, existsSync, mkdirSync, rmSync, chmodSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, dirname, basename } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -121,6 +122,43 @@ export async function startNginx(nodes) {
     { stdio: "ignore" }));
   await waitFor("nginx", () => portOpen(port));
   return { url: `http://127.0.0.1:${port}`, port };
+}
+
+/**
+ * The page's own host: nginx with deploy/nginx/webconnection-site.conf,
+ * serving the files in `root` and handing /__initializeWebSocket.wc to
+ * `node`. Only the three lines the file marks EDIT are substituted.
+ */
+export async function startSiteNginx(node, root) {
+  const bin = which("nginx", ["/usr/sbin/nginx"]);
+  const port = await freePort();
+  const dir = mkdtempSync(join(tmpdir(), "wshub-browser-site-"));
+  dirs.push(dir);
+  let site = readFileSync(join(ROOT, "deploy", "nginx", "webconnection-site.conf"), "utf8");
+  for (const [from, to] of [
+    ["server 127.0.0.1:8080;", `server 127.0.0.1:${node.port};`],
+    ["listen 80;", `listen 127.0.0.1:${port};`],
+    ["root /var/www/app;", `root ${root};`],
+  ]) {
+    if (site.split(from).length !== 2) throw new Error(`webconnection-site.conf must have one '${from}' line`);
+    site = site.replace(from, to);
+  }
+  writeFileSync(join(dir, "site.conf"), site);
+  writeFileSync(join(dir, "nginx.conf"), `error_log stderr warn;\nevents {}\n`
+    + `http {\n    access_log off;\n    types { text/html html; text/javascript js; }\n    include site.conf;\n}\n`);
+  track(spawn(bin, ["-p", dir, "-c", join(dir, "nginx.conf"), "-g", `daemon off; pid ${dir}/nginx.pid;`],
+    { stdio: "ignore" }));
+  await waitFor("the site's nginx", () => portOpen(port));
+  return { url: `http://127.0.0.1:${port}`, port };
+}
+
+/** A temporary directory, removed by `stopAll()`. */
+export function tempDir(prefix) {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  dirs.push(dir);
+  // nginx's workers may run as another user than the test: let them read it.
+  chmodSync(dir, 0o755);
+  return dir;
 }
 
 /**

@@ -12,6 +12,7 @@ import {
   State,
   buildUrl,
   backoffDelay,
+  hubFromDocument,
 } from "../../static/webconnection-websocket.js";
 
 class FakeSocket {
@@ -362,4 +363,44 @@ test("the .d.ts accepts every recipient type the hub accepts (src/message.rs)", 
   for (const name of names) assert.ok(strings.includes(name), `the .d.ts accepts "${name}"`);
   for (const n of ints) assert.ok(numbers.includes(n), `the .d.ts accepts ${n}`);
   assert.match(dts, /addRecipient\(value: string \| null, type\?: RecipientType\b/);
+});
+
+// A page on one origin that loads the library from the hub on another: the
+// hub is named by a `data-hub` attribute on a <script> element (its value,
+// or, when empty, the origin the library itself came from), and the `url`
+// option wins over both. Without either, the page's own host, as in Web
+// Connection.
+function fakeDocument(attrs) {
+  const el = attrs && {
+    getAttribute: (name) => (name === "data-hub" ? attrs.hub : null),
+    src: attrs.src ?? "",
+  };
+  return { querySelector: (sel) => (sel === "script[data-hub]" ? el : null) };
+}
+
+test("hubFromDocument: data-hub names the hub, or points at where the library came from", () => {
+  const lib = "https://hub.example.com:8443/scripts/webconnection-websocket.js";
+  assert.equal(hubFromDocument(fakeDocument(null), lib), null);
+  assert.equal(hubFromDocument(undefined, lib), null);
+  assert.equal(hubFromDocument(fakeDocument({ hub: "wss://other.example.com" }), lib), "wss://other.example.com");
+  // Empty: the origin of the library (an inline module importing it).
+  assert.equal(hubFromDocument(fakeDocument({ hub: "" }), lib), "https://hub.example.com:8443");
+  // Empty on a <script src> element: the origin of that script.
+  assert.equal(hubFromDocument(fakeDocument({ hub: " ", src: "http://127.0.0.1:9000/scripts/app.js" }), lib),
+    "http://127.0.0.1:9000");
+  // A library with no web origin (a file: URL under Node) gives nothing.
+  assert.equal(hubFromDocument(fakeDocument({ hub: "" }), "file:///x/webconnection-websocket.js"), null);
+});
+
+test("the socket URL: the url option, else data-hub, else the page's host", () => {
+  const document = fakeDocument({ hub: "", src: "https://hub.example.com/scripts/webconnection-websocket.js" });
+  let ws = client({ document });
+  ws.tryConnect(false, "g", "u");
+  assert.equal(FakeSocket.instances[0].url, "wss://hub.example.com/__initializeWebSocket.wc?groupid=g&userid=u");
+  ws = client({ document, url: "ws://explicit:9000" });
+  ws.tryConnect(false, "g", "u");
+  assert.equal(FakeSocket.instances[0].url, "ws://explicit:9000/__initializeWebSocket.wc?groupid=g&userid=u");
+  ws = client({ document: fakeDocument(null) });
+  ws.tryConnect(false, "g", "u");
+  assert.equal(FakeSocket.instances[0].url, "ws://example.com:8080/__initializeWebSocket.wc?groupid=g&userid=u");
 });
