@@ -21,7 +21,10 @@ fn help_names_the_subcommands_and_the_docs() {
             "README.md",
             "docs/migrating.md",
         ] {
-            assert!(text.contains(want), "{flag} does not mention {want}:\n{text}");
+            assert!(
+                text.contains(want),
+                "{flag} does not mention {want}:\n{text}"
+            );
         }
     }
 }
@@ -50,5 +53,8 @@ fn text_logs_to_a_pipe_have_no_colour_codes() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(!seen.contains('\x1b'), "colour codes in piped logs:\n{seen:?}");
+    assert!(
+        !seen.contains('\x1b'),
+        "colour codes in piped logs:\n{seen:?}"
+    );
 }
