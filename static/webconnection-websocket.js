@@ -3,7 +3,8 @@
  *
  * Drop-in compatible with West Wind Web Connection's `WebConnectionWebSocket`:
  * code written against Web Connection runs unchanged. On top of the original:
- * the socket URL follows the page (ws: or wss:), reconnects use capped
+ * the socket URL follows the page (ws: or wss:), or a hub the page names
+ * (the `url` option, or `data-hub`: {@link hubFromDocument}), reconnects use capped
  * exponential backoff with jitter and follow the close code (see
  * {@link reconnectPolicy}), messages sent while disconnected are queued
  * (bounded) and sent on reopen, and `close()` stops reconnecting.
