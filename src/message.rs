@@ -1,7 +1,8 @@
 //! The message JSON: parsing what clients and backends send, and encoding what
 //! the hub sends out.
 //!
-//! The same shape travels in both directions (see `docs/protocol.md`):
+//! The same shape travels in both directions (see "Messages and routing"
+//! in `README.md`):
 //!
 //! ```json
 //! {"userId":"u1","groupId":"chat","action":"broadcastchatmessage","message":"hi",

@@ -87,10 +87,11 @@ impl Route {
         Self { topics, excluded }
     }
 
-    /// Resolves a message's `recipients` (wshub's rules, see `docs/protocol.md`):
-    /// no targets (none at all, or only exclusions) means everyone; a value of
-    /// `""` or `null` in a `group` entry is the null group; an exclusion
-    /// applies whatever its position in the list.
+    /// Resolves a message's `recipients` (wshub's rules, see "Messages and
+    /// routing" in `README.md`): no targets (none at all, or only
+    /// exclusions) means everyone; a value of `""` or `null` in a `group`
+    /// entry is the null group; an exclusion applies whatever its position
+    /// in the list.
     pub fn from_recipients(recipients: &[Recipient<'_>]) -> Self {
         let mut topics: Vec<Topic> = Vec::new();
         let mut excluded: Vec<Arc<str>> = Vec::new();

@@ -11,10 +11,28 @@ export declare const State: Readonly<{
 }>;
 export type ConnectionState = (typeof State)[keyof typeof State];
 
-export type RecipientType = "group" | "user" | "excludeUser";
+/**
+ * The recipient type names the hub accepts (src/message.rs), in any letter
+ * case; `allButUser` and `allExceptUser` (named in Web Connection's docs)
+ * mean `excludeUser`.
+ */
+export type RecipientTypeName = "group" | "user" | "excludeUser" | "allButUser" | "allExceptUser";
+
+/** The integer types: 0 = excludeUser, 1 = group, 2 = user. */
+export type RecipientTypeNumber = 0 | 1 | 2;
+
+/** Every recipient type the hub accepts, in the spellings an editor can check. */
+export type RecipientType =
+  | RecipientTypeName
+  | Lowercase<RecipientTypeName>
+  | Uppercase<RecipientTypeName>
+  | Capitalize<RecipientTypeName>
+  | RecipientTypeNumber;
 
 export interface Recipient {
-  type: RecipientType | string | number;
+  /** As sent; the hub writes the canonical name (`group`, `user`, `excludeUser`) in what it relays. A missing or null type is `group`. */
+  type?: RecipientType | null;
+  /** `null` and `""` both mean "no group" for a group recipient. */
   value: string | null;
 }
 
@@ -35,7 +53,7 @@ export declare class BroadcastMessage implements HubMessage {
   message: string;
   recipients: Recipient[];
   /** Adds a recipient (type defaults to "group"). Without any, everyone receives it. */
-  addRecipient(value: string, type?: RecipientType): this;
+  addRecipient(value: string | null, type?: RecipientType): this;
 }
 
 export interface WebConnectionWebSocketOptions {
@@ -45,6 +63,8 @@ export interface WebConnectionWebSocketOptions {
   minReconnectDelay?: number;
   /** Cap on the reconnect delay, ms (default 30000). */
   maxReconnectDelay?: number;
+  /** Added to the reconnect delay after close code 1008 (rate limit) or 1013 (try again later), ms (default 10000). */
+  policyReconnectDelay?: number;
   /** Messages kept while disconnected (default 100). */
   maxQueue?: number;
   /** A JWT for a hub in token mode, or a function returning a fresh one (called on every (re)connect). */
@@ -61,6 +81,7 @@ export declare class WebConnectionWebSocket {
   constructor(options?: WebConnectionWebSocketOptions);
   onMessageHandler: ((msg: HubMessage) => void) | null;
   onOpenHandler: ((ev: Event) => void) | null;
+  /** Runs on every close, also after `close()`; `state` already says what happens next. */
   onCloseHandler: ((ev: CloseEvent) => void) | null;
   onErrorHandler: ((data: string, err: Error) => void) | null;
   readonly socket: WebSocket | null;
@@ -69,6 +90,7 @@ export declare class WebConnectionWebSocket {
   readonly userId: string | null;
   readonly url: string;
   readonly queued: number;
+  /** Opens the connection; an existing socket is closed first, silently. */
   tryConnect(retryOnFail: boolean, groupId?: string | null, userId?: string | null): void;
   createBroadcastMessage(action: string, message: string): BroadcastMessage;
   /** Returns false when the message could not be sent or queued. */
@@ -83,6 +105,16 @@ export declare function buildUrl(
   userId?: string | null,
   token?: string | null,
 ): string;
+
+export declare const Reconnect: Readonly<{
+  BACKOFF: "backoff";
+  LATER: "later";
+  NEVER: "never";
+}>;
+export type ReconnectAction = (typeof Reconnect)[keyof typeof Reconnect];
+
+/** What the library does after a close with `code` when `retryOnFail` is on (the README's close-code table). */
+export declare function reconnectPolicy(code: number): ReconnectAction;
 
 export declare function backoffDelay(attempt: number, min: number, max: number, random?: () => number): number;
 

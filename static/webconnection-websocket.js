@@ -4,8 +4,9 @@
  * Drop-in compatible with West Wind Web Connection's `WebConnectionWebSocket`:
  * code written against Web Connection runs unchanged. On top of the original:
  * the socket URL follows the page (ws: or wss:), reconnects use capped
- * exponential backoff with jitter, messages sent while disconnected are
- * queued (bounded) and sent on reopen, and `close()` stops reconnecting.
+ * exponential backoff with jitter and follow the close code (see
+ * {@link reconnectPolicy}), messages sent while disconnected are queued
+ * (bounded) and sent on reopen, and `close()` stops reconnecting.
  *
  * @module webconnection-websocket
  */
@@ -27,7 +28,8 @@ export const State = Object.freeze({
   OPEN: "open",
   /** Dropped; a reconnect is scheduled. */
   RECONNECTING: "reconnecting",
-  /** Closed for good (`close()` called, or dropped without `retryOnFail`). */
+  /** Closed for good: `close()` called, dropped without `retryOnFail`, or
+   *  closed with a code after which the library does not reconnect. */
   CLOSED: "closed",
 });
 
@@ -37,8 +39,51 @@ const DEFAULTS = Object.freeze({
   tokenInProtocol: false,
   minReconnectDelay: 500,
   maxReconnectDelay: 30000,
+  policyReconnectDelay: 10000,
   maxQueue: 100,
 });
+
+/**
+ * What the library does after the socket closed with a given code (with
+ * `retryOnFail`; without it nothing reconnects).
+ * @readonly
+ * @enum {string}
+ */
+export const Reconnect = Object.freeze({
+  /** Reconnect after the usual backoff delay. */
+  BACKOFF: "backoff",
+  /** Reconnect after `policyReconnectDelay` plus the usual delay. */
+  LATER: "later",
+  /** Stay closed: coming back would repeat the problem or undo what the server meant. */
+  NEVER: "never",
+});
+
+// The README's close-code table says the same, and a unit test reads it to
+// keep the two equal. 4000-4999 is the application range: wshub's own
+// "reconnect" codes are listed, every other code there was chosen to end a
+// session on purpose (session replaced, the server API's disconnect).
+const RECONNECT_4XXX = new Set([4000, 4001]);
+const NEVER = new Set([1002]);
+const LATER = new Set([1008, 1013]);
+
+/**
+ * What to do after a close with `code`, as the README's close-code table
+ * says: never after 1002 (the client broke the protocol) or an application
+ * code other than 4000 and 4001 (4003 session replaced: two tabs of one
+ * user would otherwise push each other out forever; 4005 disconnected by
+ * the server); later after 1008 (rate limit) and 1013 (try again later);
+ * otherwise with the usual backoff (1000 not asked for, 1001, 1006, 1009,
+ * 1011, 4000, 4001, and unknown codes, where a transient failure is the
+ * safe guess).
+ * @param {number} code the close event's code
+ * @returns {string} one of {@link Reconnect}
+ */
+export function reconnectPolicy(code) {
+  if (NEVER.has(code)) return Reconnect.NEVER;
+  if (LATER.has(code)) return Reconnect.LATER;
+  if (code >= 4000 && code <= 4999 && !RECONNECT_4XXX.has(code)) return Reconnect.NEVER;
+  return Reconnect.BACKOFF;
+}
 
 /**
  * Builds the socket URL.
@@ -102,8 +147,11 @@ export class BroadcastMessage {
 
   /**
    * Adds a recipient. Without any, the message goes to everyone.
-   * @param {string} value a group id or user id
-   * @param {"group"|"user"|"excludeUser"} [type="group"]
+   * @param {string|null} value a group id or user id (`null` or `""`: the sockets
+   *   that connected without a group)
+   * @param {"group"|"user"|"excludeUser"|"allButUser"|"allExceptUser"|0|1|2} [type="group"]
+   *   names in any letter case; `allButUser` and `allExceptUser` mean `excludeUser`;
+   *   0 = excludeUser, 1 = group, 2 = user
    * @returns {BroadcastMessage} this, for chaining
    */
   addRecipient(value, type = "group") {
@@ -130,6 +178,8 @@ export class WebConnectionWebSocket {
    * @param {string|null} [options.url] hub base URL (`wss://hub.example.com`); default: the page's own host
    * @param {number} [options.minReconnectDelay=500] ms before the first reconnect attempt (at most)
    * @param {number} [options.maxReconnectDelay=30000] cap on the reconnect delay, ms
+   * @param {number} [options.policyReconnectDelay=10000] added to the delay after 1008
+   *   (rate limit) and 1013 (try again later), ms
    * @param {number} [options.maxQueue=100] messages kept while disconnected; `send` returns false beyond
    * @param {string|(() => string)|null} [options.token] a JWT for a hub in token mode, or a function
    *   returning a fresh one (called on every connect and reconnect)
@@ -144,7 +194,8 @@ export class WebConnectionWebSocket {
     this.onMessageHandler = null;
     /** Called when the socket opens (also after each reconnect). @type {(ev: Event) => void} */
     this.onOpenHandler = null;
-    /** Called when the socket closes; `ev.code` says why. @type {(ev: CloseEvent) => void} */
+    /** Called when the socket closes, also after `close()`; `ev.code` says why and
+     *  `state` what happens next. @type {(ev: CloseEvent) => void} */
     this.onCloseHandler = null;
     /** Called when a frame is not JSON. @type {(data: string, err: Error) => void} */
     this.onErrorHandler = null;
@@ -158,15 +209,21 @@ export class WebConnectionWebSocket {
     this._attempt = 0;
     this._timer = null;
     this._queue = [];
+    /** The socket `close()` closed, until its close event is reported. */
+    this._closing = null;
   }
 
   /**
-   * Opens the connection.
-   * @param {boolean} retryOnFail reconnect (with backoff) whenever the socket drops
+   * Opens the connection. On a client that is already connected (or
+   * connecting) the old socket is closed first, with 1000; nothing it still
+   * delivers reaches the handlers, and its close is not reported.
+   * @param {boolean} retryOnFail reconnect (with backoff) when the socket drops,
+   *   as the close code allows (see {@link reconnectPolicy})
    * @param {string} [groupId] the group to join; left out when empty
    * @param {string} [userId] the user id; the hub assigns one when empty
    */
   tryConnect(retryOnFail, groupId, userId) {
+    this._discard();
     this._retry = !!retryOnFail;
     this.groupId = groupId || null;
     this.userId = userId || null;
@@ -230,14 +287,27 @@ export class WebConnectionWebSocket {
     };
   }
 
+  /** Closes the current socket (if any) without a trace: its events go nowhere. */
+  _discard() {
+    const socket = this.socket;
+    this.socket = null;
+    this._closing = null;
+    if (!socket) return;
+    socket.onopen = socket.onmessage = socket.onclose = null;
+    socket.close(1000, "Socket closed");
+  }
+
   _dropped(ev) {
+    const policy = this._retry ? reconnectPolicy(ev.code) : Reconnect.NEVER;
     // The state changes before the handler runs, so that the handler sees
     // what happens next (reconnecting or closed).
-    this.state = this._retry ? State.RECONNECTING : State.CLOSED;
+    this.state = policy === Reconnect.NEVER ? State.CLOSED : State.RECONNECTING;
     if (this.onCloseHandler) this.onCloseHandler(ev);
-    if (this.state !== State.RECONNECTING) return;
-    const { minReconnectDelay, maxReconnectDelay } = this.options;
-    const delay = backoffDelay(this._attempt++, minReconnectDelay, maxReconnectDelay);
+    // The handler may have called tryConnect() or close().
+    if (this.state !== State.RECONNECTING || this.socket) return;
+    const { minReconnectDelay, maxReconnectDelay, policyReconnectDelay } = this.options;
+    const delay = backoffDelay(this._attempt++, minReconnectDelay, maxReconnectDelay)
+      + (policy === Reconnect.LATER ? policyReconnectDelay : 0);
     this._timer = setTimeout(() => {
       if (this.state === State.RECONNECTING) this._open();
     }, delay);
@@ -279,7 +349,11 @@ export class WebConnectionWebSocket {
 
   /**
    * Closes the socket and stops reconnecting; queued messages are dropped.
-   * @param {number} [code=1000]
+   * `state` is `closed` at once; `onCloseHandler` runs once the socket has
+   * closed, with the browser's close event, unless `tryConnect` was called
+   * in between. With no socket (a reconnect was pending) there is nothing
+   * new to report: the handler already ran for the drop.
+   * @param {number} [code=1000] 1000 or 3000-4999, as browsers allow
    * @param {string} [reason]
    */
   close(code = 1000, reason = "Socket closed") {
@@ -289,7 +363,15 @@ export class WebConnectionWebSocket {
     const socket = this.socket;
     this.socket = null;
     this.state = State.CLOSED;
-    if (socket) socket.close(code, reason);
+    if (!socket) return;
+    this._closing = socket;
+    socket.onopen = socket.onmessage = null;
+    socket.onclose = (ev) => {
+      if (this._closing !== socket) return;
+      this._closing = null;
+      if (this.onCloseHandler) this.onCloseHandler(ev);
+    };
+    socket.close(code, reason);
   }
 }
 

@@ -1,5 +1,5 @@
 //! Property tests of recipient resolution against a reference model written
-//! straight from the routing table in `docs/protocol.md`: for any sockets and
+//! straight from the routing table in `README.md`: for any sockets and
 //! any recipients, delivery through the bus (one copy per topic, accepted by
 //! the first-matching-topic rule) gives every socket exactly the copies the
 //! model says (0 or 1), never two, never one to an excluded user, and never

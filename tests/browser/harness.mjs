@@ -1,8 +1,9 @@
 // What the browser tests run against, all started here and stopped by
 // `stopAll()`: a redis-server on a free port, real `wshub` processes
 // (target/debug/wshub, built by `cargo test` before this suite runs), nginx
-// with the repository's deploy/nginx/nginx.conf, and Debian's Chromium
-// driven by playwright-core. Anything missing fails the suite loudly.
+// with the repository's deploy/nginx/nginx.conf, a stand-in WebSocket server
+// that closes with any code, and Debian's Chromium driven by playwright-core.
+// Anything missing fails the suite loudly.
 //
 // Every child runs in a process group of its own (`detached`), and
 // `stopAll()` kills the whole group: killing only nginx's master leaves its
@@ -11,9 +12,11 @@
 import { spawn, execFileSync } from "node:child_process";
 import { createInterface } from "node:readline";
 import { createServer, connect } from "node:net";
+import { createServer as createHttpServer } from "node:http";
+import { createHash } from "node:crypto";
 import { mkdtempSync, readFileSync, writeFileSync, existsSync, mkdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join, dirname } from "node:path";
+import { join, dirname, basename } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 
@@ -143,6 +146,48 @@ export async function startNginx(nodes) {
     { stdio: "ignore" });
   await waitFor("nginx", () => portOpen(port));
   return { url: `http://127.0.0.1:${port}`, port };
+}
+
+/**
+ * A stand-in for a hub, for the close codes wshub does not send (yet): it
+ * serves static/ under /scripts/ and an empty page at /, and completes the
+ * WebSocket handshake at any path. The first socket with `groupid=N` is
+ * closed at once with code N; later ones with the same groupid stay open.
+ * Resolves with { url, connections(N) }: how many sockets asked for N.
+ */
+export async function startCloseServer() {
+  const counts = new Map();
+  const sockets = new Set();
+  const server = createHttpServer((req, res) => {
+    const { pathname } = new URL(req.url, "http://localhost");
+    if (pathname.startsWith("/scripts/")) {
+      const file = join(ROOT, "static", basename(pathname));
+      if (!existsSync(file)) return res.writeHead(404).end();
+      return res.writeHead(200, { "content-type": "text/javascript" }).end(readFileSync(file));
+    }
+    res.writeHead(200, { "content-type": "text/html" }).end("<!doctype html><title>close codes</title>");
+  });
+  server.on("upgrade", (req, socket) => {
+    sockets.add(socket);
+    socket.on("close", () => sockets.delete(socket));
+    socket.on("error", () => {});
+    const code = Number(new URL(req.url, "http://localhost").searchParams.get("groupid"));
+    const n = (counts.get(code) ?? 0) + 1;
+    counts.set(code, n);
+    // RFC 6455 section 4.2.2: the accept key is SHA-1 of the client's key and this GUID.
+    const accept = createHash("sha1")
+      .update(`${req.headers["sec-websocket-key"]}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest("base64");
+    socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n`
+      + `Sec-WebSocket-Accept: ${accept}\r\n\r\n`);
+    if (n > 1) return;
+    // An unmasked close frame (FIN + opcode 8) carrying the code and a reason.
+    const payload = Buffer.concat([Buffer.from([code >> 8, code & 0xff]), Buffer.from(`closing with ${code}`)]);
+    socket.write(Buffer.concat([Buffer.from([0x88, payload.length]), payload]));
+    socket.once("data", () => socket.end()); // the client's close reply
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  track({ kill: () => { for (const s of sockets) s.destroy(); server.close(); } });
+  return { url: `http://127.0.0.1:${server.address().port}`, connections: (code) => counts.get(code) ?? 0 };
 }
 
 /** Debian's Chromium, headless. Throws (fails the suite) if it cannot start. */

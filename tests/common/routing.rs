@@ -1,5 +1,6 @@
-//! The routing table of `docs/protocol.md`, as a suite that runs against one
-//! node or a cluster: clients are spread over the given node addresses.
+//! The routing table of `README.md` ("Messages and routing"), as a suite
+//! that runs against one node or a cluster: clients are spread over the
+//! given node addresses.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -4,6 +4,7 @@
 
 import { test, mock } from "node:test";
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
 
 import {
   WebConnectionWebSocket,
@@ -29,7 +30,7 @@ class FakeSocket {
   }
   close(code, reason) {
     this.closedWith = { code, reason };
-    this.readyState = 3;
+    this.readyState = 2;
   }
   // Test helpers: what the browser would do.
   open() {
@@ -42,6 +43,12 @@ class FakeSocket {
   drop(code = 1006) {
     this.readyState = 3;
     this.onclose?.({ code, reason: "", wasClean: false });
+  }
+  // The end of a closing handshake that close() started: as in a browser,
+  // the close event comes later, with the code the peer echoed.
+  finishClose() {
+    this.readyState = 3;
+    this.onclose?.({ code: this.closedWith.code, reason: this.closedWith.reason, wasClean: true });
   }
 }
 
@@ -206,4 +213,153 @@ test("close() closes with 1000 and stops reconnecting", (t) => {
   t.mock.timers.tick(60000);
   assert.equal(FakeSocket.instances.length, 1, "no reconnect after close()");
   assert.equal(ws.state, State.CLOSED);
+});
+
+test("tryConnect on a connected client closes the old socket, and its close reaches nobody", (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const ws = client();
+  const events = [];
+  ws.onOpenHandler = () => events.push("open");
+  ws.onCloseHandler = (ev) => events.push(`close ${ev.code}`);
+  ws.onMessageHandler = (m) => events.push(`message ${m.message}`);
+  ws.tryConnect(true, "a", "ann");
+  const old = FakeSocket.instances[0];
+  old.open();
+  ws.tryConnect(true, "b", "ann");
+  assert.deepEqual(old.closedWith, { code: 1000, reason: "Socket closed" }, "the old socket is closed first");
+  const fresh = FakeSocket.instances[1];
+  assert.equal(ws.socket, fresh);
+  assert.ok(fresh.url.includes("groupid=b"), fresh.url);
+  // What the old socket still delivers, and its close event, go nowhere:
+  // no handler runs and no reconnect is scheduled.
+  old.receive('{"message":"late"}');
+  old.finishClose();
+  t.mock.timers.tick(600_000);
+  assert.equal(FakeSocket.instances.length, 2, "the old socket's close schedules no reconnect");
+  assert.equal(ws.state, State.CONNECTING);
+  fresh.open();
+  assert.deepEqual(events, ["open", "open"]);
+  // A socket still connecting is closed too.
+  ws.tryConnect(true, "c", "ann");
+  ws.tryConnect(true, "d", "ann");
+  assert.equal(FakeSocket.instances.length, 4);
+  assert.deepEqual(fresh.closedWith, { code: 1000, reason: "Socket closed" });
+  assert.deepEqual(FakeSocket.instances[2].closedWith, { code: 1000, reason: "Socket closed" });
+  FakeSocket.instances[2].drop(1006);
+  assert.deepEqual(events, ["open", "open"]);
+});
+
+test("close() fires onCloseHandler once, with the close event, after the socket has closed", () => {
+  const ws = client();
+  const seen = [];
+  ws.onCloseHandler = (ev) => seen.push([ev.code, ev.wasClean, ws.state]);
+  ws.tryConnect(true, "g", "u");
+  const socket = FakeSocket.instances[0];
+  socket.open();
+  ws.close();
+  assert.equal(ws.state, State.CLOSED, "closed at once");
+  assert.deepEqual(seen, [], "not before the socket has closed");
+  socket.finishClose();
+  assert.deepEqual(seen, [[1000, true, State.CLOSED]]);
+  ws.close();
+  assert.equal(seen.length, 1, "a second close() has nothing to report");
+  // close() then tryConnect() at once: the first socket's late close event
+  // would describe a connection that is gone, and is not reported.
+  ws.tryConnect(true, "g", "u");
+  const second = FakeSocket.instances[1];
+  second.open();
+  ws.close();
+  ws.tryConnect(true, "g", "u");
+  second.finishClose();
+  assert.equal(seen.length, 1);
+  assert.equal(ws.state, State.CONNECTING);
+});
+
+// The close-code table in the README is the contract; these tests read it,
+// so the library, the README and the hub cannot drift apart.
+const README = readFileSync(new URL("../../README.md", import.meta.url), "utf8");
+const CLOSE_RS = readFileSync(new URL("../../src/close.rs", import.meta.url), "utf8");
+
+/** Rows of the README's close-code table: { codes: [..] | "other" | "other4xxx", action }. */
+function closeCodeTable() {
+  const start = README.indexOf("## Close codes");
+  assert.ok(start >= 0, "README has a '## Close codes' section");
+  const section = README.slice(start, README.indexOf("\n## ", start + 1));
+  const rows = [];
+  for (const line of section.split("\n")) {
+    const cells = line.split("|").slice(1, -1).map((c) => c.trim());
+    if (cells.length < 3 || !/^(\d{4}|any other)/.test(cells[0])) continue;
+    const codes = cells[0].startsWith("any other 4000")
+      ? "other4xxx"
+      : cells[0].startsWith("any other") ? "other" : cells[0].split(/,\s*/).map(Number);
+    rows.push({ codes, action: cells.at(-1) });
+  }
+  return rows;
+}
+
+/** What a client with retryOnFail does after `code`: "reconnects", "reconnects later" or "stays closed". */
+function observe(t, code) {
+  const ws = client({ minReconnectDelay: 100, maxReconnectDelay: 1000 });
+  ws.tryConnect(true, "g", "u");
+  FakeSocket.instances[0].open();
+  FakeSocket.instances[0].drop(code);
+  const reconnecting = ws.state === State.RECONNECTING;
+  t.mock.timers.tick(1000);
+  if (FakeSocket.instances.length === 2) return reconnecting ? "reconnects" : "reconnected in the wrong state";
+  t.mock.timers.tick(9_000);
+  if (FakeSocket.instances.length === 2) return "reconnects sooner than 10 s after 1000 ms";
+  t.mock.timers.tick(60_000);
+  if (FakeSocket.instances.length === 2) return reconnecting ? "reconnects later" : "reconnected in the wrong state";
+  return ws.state === State.CLOSED ? "stays closed" : `state ${ws.state} without a reconnect`;
+}
+
+test("after each close code the library does what the README's table says", (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const random = mock.method(Math, "random", () => 0.999999);
+  try {
+    const rows = closeCodeTable();
+    assert.ok(rows.length >= 10, `found ${rows.length} rows`);
+    const expected = (action) => {
+      if (action === "reconnects") return "reconnects";
+      if (action.startsWith("reconnects after a longer wait")) return "reconnects later";
+      if (action === "stays closed") return "stays closed";
+      return assert.fail(`unknown action in the README: ${action}`);
+    };
+    const samples = { other: [1012, 1014, 1015, 3000, 3999], other4xxx: [4002, 4004, 4100, 4500, 4999] };
+    const want = [];
+    const got = [];
+    for (const { codes, action } of rows) {
+      for (const code of Array.isArray(codes) ? codes : samples[codes]) {
+        want.push(`${code}: ${expected(action)}`);
+        got.push(`${code}: ${observe(t, code)}`);
+      }
+    }
+    assert.deepEqual(got, want);
+  } finally {
+    random.mock.restore();
+  }
+});
+
+test("the README's close-code table lists every code the hub sends (src/close.rs)", () => {
+  const body = CLOSE_RS.slice(CLOSE_RS.indexOf("pub fn code(self)"));
+  const sent = [...body.slice(0, body.indexOf("\n    }\n")).matchAll(/=> (\d{4}),/g)].map((m) => Number(m[1]));
+  assert.ok(sent.length >= 9, `found ${sent.length} codes in close.rs`);
+  const listed = closeCodeTable().flatMap((r) => (Array.isArray(r.codes) ? r.codes : []));
+  for (const code of [...sent, 4003, 4005]) assert.ok(listed.includes(code), `${code} is in the README's table`);
+});
+
+test("the .d.ts accepts every recipient type the hub accepts (src/message.rs)", () => {
+  const dts = readFileSync(new URL("../../static/webconnection-websocket.d.ts", import.meta.url), "utf8");
+  const rust = readFileSync(new URL("../../src/message.rs", import.meta.url), "utf8");
+  const names = [...rust.slice(rust.indexOf("fn from_name"), rust.indexOf("fn from_int"))
+    .matchAll(/\("(\w+)", RecipientKind::/g)].map((m) => m[1]);
+  const ints = [...rust.slice(rust.indexOf("fn from_int")).slice(0, 400).matchAll(/(\d+) => Some/g)].map((m) => m[1]);
+  assert.ok(names.length >= 5 && ints.length === 3, `${names} ${ints}`);
+  // Every declaration of a RecipientType alias, taken together.
+  const decls = [...dts.matchAll(/export type RecipientType\w* =([^;]+);/g)].map((m) => m[1]).join(" ");
+  const strings = [...decls.matchAll(/"(\w+)"/g)].map((m) => m[1].toLowerCase());
+  const numbers = [...decls.replace(/"\w+"/g, "").matchAll(/\b(\d+)\b/g)].map((m) => m[1]);
+  for (const name of names) assert.ok(strings.includes(name), `the .d.ts accepts "${name}"`);
+  for (const n of ints) assert.ok(numbers.includes(n), `the .d.ts accepts ${n}`);
+  assert.match(dts, /addRecipient\(value: string \| null, type\?: RecipientType\b/);
 });

@@ -1,0 +1,34 @@
+// Compiled (never run) by types.test.mjs against static/webconnection-websocket.d.ts:
+// every line without @ts-expect-error must type-check, every line with it must not.
+import {
+  WebConnectionWebSocket, BroadcastMessage, Recipient, RecipientType, reconnectPolicy, Reconnect,
+} from "../../../static/webconnection-websocket.js";
+
+const ws = new WebConnectionWebSocket({ minReconnectDelay: 250, policyReconnectDelay: 20_000 });
+ws.onCloseHandler = (ev: CloseEvent) => console.log(ev.code, ws.state);
+ws.tryConnect(true, "chat", "ann");
+const msg: BroadcastMessage = ws.createBroadcastMessage("broadcastchatmessage", "hi");
+
+// Every type the hub accepts (src/message.rs): names, the vendor's aliases,
+// other letter cases, and the integers.
+msg.addRecipient("chat").addRecipient("chat", "group").addRecipient("bob", "user");
+msg.addRecipient("eve", "excludeUser").addRecipient("eve", "allButUser").addRecipient("eve", "allExceptUser");
+msg.addRecipient("eve", "excludeuser").addRecipient("eve", "EXCLUDEUSER").addRecipient("eve", "AllExceptUser");
+msg.addRecipient("chat", "GROUP").addRecipient("bob", "User").addRecipient("eve", "allbutuser");
+msg.addRecipient("eve", 0).addRecipient("chat", 1).addRecipient("bob", 2);
+msg.addRecipient(null, "group"); // the sockets that connected without a group
+const all: RecipientType[] = ["group", "user", "excludeUser", "allButUser", "allExceptUser", 0, 1, 2];
+const untyped: Recipient = { value: "chat" }; // a missing type is group
+const nullType: Recipient = { type: null, value: "chat" };
+
+// What the hub refuses is refused here too.
+// @ts-expect-error not a recipient type
+msg.addRecipient("x", "everyone");
+// @ts-expect-error only 0, 1 and 2
+msg.addRecipient("x", 3);
+
+const action: "backoff" | "later" | "never" = reconnectPolicy(4003);
+const never: typeof Reconnect.NEVER = "never";
+ws.send(msg);
+ws.close();
+export { all, untyped, nullType, action, never };
