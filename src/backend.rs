@@ -7,13 +7,31 @@
 //! trust ids in the body. The backend answers through the broadcast
 //! endpoint; its HTTP response is ignored (a 2xx means success).
 //!
-//! Forwarding never blocks a socket: jobs go into a bounded queue that a
-//! dispatcher drains with at most `backend.concurrency` requests in flight,
-//! each bounded by `backend.timeout_ms`. When the queue is full, the backend
-//! is down, slow or answers an error, the sender receives a `wshub.error`
-//! saying so, the failure is counted, and a burst of failures is logged once
-//! (and its end once). Forwards are **not retried**: a message is not known
-//! to be idempotent, and its sender has been told and may send it again.
+//! Forwarding never blocks a socket: jobs go into a queue of at most
+//! `backend.queue` entries, drained by `backend.concurrency` workers, each
+//! request bounded by `backend.timeout_ms`. When the queue is full, the
+//! backend is down, slow or answers an error, the sender receives a
+//! `wshub.error` saying so, the failure is counted, and a burst of failures
+//! is logged once (and its end once). Forwards are **not retried**: a
+//! message is not known to be idempotent, and its sender has been told and
+//! may send it again.
+//!
+//! **One connection, one request at a time, in order.** The queue is kept
+//! per connection ([`Queues`]): a worker takes the oldest job of a
+//! connection that has nothing in flight, and the connection waits for its
+//! next turn until the backend answered. So the backend sees each socket's
+//! messages and events in the order they happened (`wshub.connect` first,
+//! `wshub.disconnect` last), while different connections proceed side by
+//! side. (Forwards used to run concurrently from one queue: 90 messages of
+//! one socket arrived with 1,064 pairs out of order, and a disconnect could
+//! overtake its connect. Hashing connections onto sequential workers was
+//! rejected: a slow connection would stall every other on its worker.)
+//!
+//! **Shutdown flushes.** The workers are owned by the backend's
+//! `TaskTracker`; [`Backend::shutdown`] stops taking jobs, lets the workers
+//! send what is queued (the drain's `wshub.disconnect` events above all),
+//! and after the grace period abandons the rest, counted as `shutdown`. The
+//! server awaits it before `run` returns.
 //!
 //! With `backend.events`, the hub also posts `wshub.connect` and
 //! `wshub.disconnect` messages (same shape, same headers) when sockets open
@@ -21,17 +39,22 @@
 //! never tells it.
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::collections::hash_map::{Entry, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::BackendConfig;
-use crate::hub::Conn;
+use crate::hub::{Conn, ConnId};
 use crate::message::{Message, error_frame};
 use crate::metrics::Metrics;
 use crate::route::Identity;
@@ -68,16 +91,21 @@ pub enum ForwardResult {
     Unreachable,
     /// The queue was full; never sent.
     QueueFull,
+    /// Not sent, or abandoned unanswered, because the node shut down:
+    /// queued when the grace period ended, or arriving after the queue
+    /// closed.
+    Shutdown,
 }
 
 impl ForwardResult {
     /// Every result, for initialising metrics.
-    pub const ALL: [ForwardResult; 5] = [
+    pub const ALL: [ForwardResult; 6] = [
         Self::Ok,
         Self::Status,
         Self::Timeout,
         Self::Unreachable,
         Self::QueueFull,
+        Self::Shutdown,
     ];
 
     pub fn label(self) -> &'static str {
@@ -87,6 +115,7 @@ impl ForwardResult {
             Self::Timeout => "timeout",
             Self::Unreachable => "unreachable",
             Self::QueueFull => "queue_full",
+            Self::Shutdown => "shutdown",
         }
     }
 }
@@ -102,14 +131,19 @@ struct Job {
 
 /// The connection to the application's backend.
 pub struct Backend {
-    jobs: mpsc::Sender<Job>,
+    queues: Arc<Queues>,
     node_id: Arc<str>,
     pub events: bool,
     metrics: Arc<Metrics>,
+    /// The workers, awaited by [`shutdown`](Self::shutdown).
+    workers: TaskTracker,
+    /// Cancelled when the grace period is over: workers drop their
+    /// requests and stop.
+    abandon: CancellationToken,
 }
 
 impl Backend {
-    /// Starts the dispatcher. Requires a Tokio runtime.
+    /// Starts `backend.concurrency` workers. Requires a Tokio runtime.
     pub fn start(
         config: &BackendConfig,
         node_id: Arc<str>,
@@ -119,20 +153,26 @@ impl Backend {
             .timeout(config.timeout)
             .connect_timeout(config.timeout)
             .build()?;
-        let (jobs, queue) = mpsc::channel(config.queue);
-        let dispatcher = Dispatcher {
+        let queues = Arc::new(Queues::new(config.queue));
+        let dispatcher = Arc::new(Dispatcher {
             client,
             url: config.url.clone(),
-            limit: Arc::new(Semaphore::new(config.concurrency)),
             metrics: metrics.clone(),
-            failing: Arc::new(AtomicBool::new(false)),
-        };
-        tokio::spawn(dispatcher.run(queue));
+            failing: AtomicBool::new(false),
+        });
+        let workers = TaskTracker::new();
+        let abandon = CancellationToken::new();
+        for _ in 0..config.concurrency {
+            workers.spawn(worker(dispatcher.clone(), queues.clone(), abandon.clone()));
+        }
+        workers.close();
         Ok(Self {
-            jobs,
+            queues,
             node_id,
             events: config.events,
             metrics,
+            workers,
+            abandon,
         })
     }
 
@@ -158,8 +198,9 @@ impl Backend {
         headers
     }
 
-    /// Forwards a client message (its JSON as received). On any failure the
-    /// sender gets a `wshub.error`.
+    /// Forwards a client message (its JSON as received), after the
+    /// connection's earlier forwards and events. On any failure the sender
+    /// gets a `wshub.error`.
     pub fn forward(&self, conn: &Arc<Conn>, text: &str, action: &str) {
         let job = Job {
             body: Bytes::copy_from_slice(text.as_bytes()),
@@ -167,18 +208,27 @@ impl Backend {
             action: action.to_owned(),
             sender: Some(Arc::downgrade(conn)),
         };
-        if self.jobs.try_send(job).is_err() {
-            self.metrics.backend_forward(ForwardResult::QueueFull);
-            conn.offer(error_frame(&format!(
-                "backend busy: `{action}` was not delivered to the application, try again"
-            )));
-        }
+        let Err(refused) = self.queues.push(conn.id, job) else {
+            return;
+        };
+        self.metrics.backend_forward(refused);
+        let why = match refused {
+            ForwardResult::Shutdown => "the node is shutting down",
+            _ => "backend busy",
+        };
+        conn.offer(error_frame(&format!(
+            "{why}: `{action}` was not delivered to the application, try again"
+        )));
     }
 
-    /// Posts a `wshub.connect` or `wshub.disconnect` event, if enabled.
-    pub fn event(&self, conn: &Conn, action: &'static str) {
+    /// Queues a `wshub.connect` or `wshub.disconnect` event, if enabled,
+    /// behind the connection's earlier forwards. Returns whether it was
+    /// queued: a connection whose connect event was refused gets no
+    /// disconnect event either, so the backend never hears of a departure
+    /// without the arrival.
+    pub fn event(&self, conn: &Conn, action: &'static str) -> bool {
         if !self.events {
-            return;
+            return false;
         }
         let body = event_body(&conn.who, action);
         let job = Job {
@@ -187,8 +237,197 @@ impl Backend {
             action: action.to_owned(),
             sender: None,
         };
-        if self.jobs.try_send(job).is_err() {
-            self.metrics.backend_forward(ForwardResult::QueueFull);
+        match self.queues.push(conn.id, job) {
+            Ok(()) => true,
+            Err(refused) => {
+                self.metrics.backend_forward(refused);
+                false
+            }
+        }
+    }
+
+    /// Stops taking jobs and waits until the workers have sent everything
+    /// queued, for at most `grace`. Then abandons what is left (requests in
+    /// flight and jobs never sent), counting each as `shutdown`. Call it
+    /// after the sessions ended, so their disconnect events are queued.
+    pub async fn shutdown(&self, grace: Duration) {
+        let queued = self.queues.close();
+        if tokio::time::timeout(grace, self.workers.wait())
+            .await
+            .is_ok()
+        {
+            if queued > 0 {
+                info!(flushed = queued, "backend queue flushed");
+            }
+            return;
+        }
+        self.abandon.cancel();
+        let never_sent = self.queues.clear();
+        for _ in 0..never_sent {
+            self.metrics.backend_forward(ForwardResult::Shutdown);
+        }
+        // Quick: every worker returns as soon as it sees the cancellation.
+        self.workers.wait().await;
+        warn!(
+            never_sent,
+            grace_ms = grace.as_millis() as u64,
+            "backend queue not flushed within the grace period; the rest is dropped (counted as result=\"shutdown\")"
+        );
+    }
+}
+
+impl Drop for Backend {
+    /// Without [`shutdown`](Backend::shutdown) (a node dropped in a test),
+    /// the workers still send what is queued and then end, instead of
+    /// waiting for jobs forever.
+    fn drop(&mut self) {
+        self.queues.close();
+    }
+}
+
+/// Takes jobs until the queue is closed and empty (or shutdown abandons
+/// them), one connection at a time.
+async fn worker(dispatcher: Arc<Dispatcher>, queues: Arc<Queues>, abandon: CancellationToken) {
+    loop {
+        let turn = tokio::select! {
+            biased;
+            () = abandon.cancelled() => return,
+            turn = queues.ready.acquire() => turn,
+        };
+        // Closed: nothing queued, nothing in flight, nothing more to come.
+        let Ok(turn) = turn else { return };
+        turn.forget();
+        let Some((conn, job)) = queues.take() else {
+            continue;
+        };
+        tokio::select! {
+            biased;
+            () = abandon.cancelled() => {
+                dispatcher.metrics.backend_forward(ForwardResult::Shutdown);
+                return;
+            }
+            () = dispatcher.send(job) => {}
+        }
+        queues.done(conn);
+    }
+}
+
+/// The jobs waiting to be sent, in one FIFO per connection.
+///
+/// A `Mutex<HashMap<_, VecDeque>>` rather than a channel per connection:
+/// a channel per socket would cost memory on every idle socket, and the
+/// bound that matters (`backend.queue`) is on the total. The semaphore
+/// counts the connections in `ready`, so a worker that holds a permit is
+/// sure to find one; closing it stops the workers.
+struct Queues {
+    state: Mutex<QueueState>,
+    /// One permit per connection in [`QueueState::ready`].
+    ready: Semaphore,
+    /// At most this many jobs wait (`backend.queue`).
+    capacity: usize,
+}
+
+#[derive(Default)]
+struct QueueState {
+    /// Every connection with a job waiting or in flight; its waiting jobs,
+    /// oldest first.
+    by_conn: HashMap<ConnId, VecDeque<Job>>,
+    /// Connections with a job waiting and none in flight, in the order they
+    /// became so (round robin between connections).
+    ready: VecDeque<ConnId>,
+    /// Jobs waiting (not in flight), over all connections.
+    waiting: usize,
+    /// No more jobs are taken (shutdown).
+    closed: bool,
+}
+
+impl Queues {
+    fn new(capacity: usize) -> Self {
+        Self {
+            state: Mutex::default(),
+            ready: Semaphore::new(0),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        // The state is consistent after every statement; a panic elsewhere
+        // does not corrupt it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `job` behind `conn`'s earlier ones, or says why not.
+    fn push(&self, conn: ConnId, job: Job) -> Result<(), ForwardResult> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(ForwardResult::Shutdown);
+        }
+        if state.waiting >= self.capacity {
+            return Err(ForwardResult::QueueFull);
+        }
+        state.waiting += 1;
+        match state.by_conn.entry(conn) {
+            // Already ready, or in flight (and made ready again by `done`).
+            Entry::Occupied(mut jobs) => jobs.get_mut().push_back(job),
+            Entry::Vacant(slot) => {
+                slot.insert(VecDeque::from([job]));
+                state.ready.push_back(conn);
+                self.ready.add_permits(1);
+            }
+        }
+        Ok(())
+    }
+
+    /// The oldest job of the next ready connection, which is then in
+    /// flight until [`done`](Self::done).
+    fn take(&self) -> Option<(ConnId, Job)> {
+        let mut state = self.lock();
+        let conn = state.ready.pop_front()?;
+        let job = state.by_conn.get_mut(&conn)?.pop_front()?;
+        state.waiting -= 1;
+        Some((conn, job))
+    }
+
+    /// `conn`'s job in flight is finished: its next job may go.
+    fn done(&self, conn: ConnId) {
+        let mut state = self.lock();
+        if let Entry::Occupied(jobs) = state.by_conn.entry(conn) {
+            if jobs.get().is_empty() {
+                jobs.remove();
+            } else {
+                state.ready.push_back(conn);
+                self.ready.add_permits(1);
+            }
+        }
+        self.close_if_finished(&state);
+    }
+
+    /// Refuses new jobs from now on; returns how many are waiting.
+    fn close(&self) -> usize {
+        let mut state = self.lock();
+        state.closed = true;
+        self.close_if_finished(&state);
+        state.waiting
+    }
+
+    /// Drops every waiting job (the grace period is over); returns how
+    /// many there were.
+    fn clear(&self) -> usize {
+        let mut state = self.lock();
+        state.closed = true;
+        let dropped = state.waiting;
+        state.by_conn.clear();
+        state.ready.clear();
+        state.waiting = 0;
+        self.ready.close();
+        dropped
+    }
+
+    /// Once closed with nothing waiting or in flight, nothing can make a
+    /// connection ready again: closing the semaphore ends the workers.
+    fn close_if_finished(&self, state: &QueueState) {
+        if state.closed && state.by_conn.is_empty() {
+            self.ready.close();
         }
     }
 }
@@ -205,32 +444,16 @@ pub fn event_body(who: &Identity, action: &str) -> String {
     .to_string()
 }
 
+/// What every worker shares: the HTTP client and the failure-burst state.
 struct Dispatcher {
     client: reqwest::Client,
     url: String,
-    limit: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     /// Whether the last forward failed (to log a burst once).
-    failing: Arc<AtomicBool>,
+    failing: AtomicBool,
 }
 
 impl Dispatcher {
-    async fn run(self, mut queue: mpsc::Receiver<Job>) {
-        let this = Arc::new(self);
-        while let Some(job) = queue.recv().await {
-            // Waiting here, with the queue filling behind us, is how a slow
-            // backend turns into "backend busy" for new senders.
-            let Ok(permit) = this.limit.clone().acquire_owned().await else {
-                return;
-            };
-            let this = this.clone();
-            tokio::spawn(async move {
-                this.send(job).await;
-                drop(permit);
-            });
-        }
-    }
-
     async fn send(&self, job: Job) {
         let outcome = self
             .client
@@ -287,6 +510,75 @@ mod tests {
             .decode_utf8()
             .unwrap();
         assert_eq!(back, "ann é%\n/x y");
+    }
+
+    fn job(action: &str) -> Job {
+        Job {
+            body: Bytes::new(),
+            headers: HeaderMap::new(),
+            action: action.to_owned(),
+            sender: None,
+        }
+    }
+
+    fn take(queues: &Queues) -> (ConnId, String) {
+        let (conn, job) = queues.take().expect("a ready connection");
+        (conn, job.action)
+    }
+
+    #[test]
+    fn one_connection_is_in_flight_once_and_in_order_and_connections_take_turns() {
+        let queues = Queues::new(10);
+        for action in ["a1", "a2"] {
+            queues.push(1, job(action)).unwrap();
+        }
+        queues.push(2, job("b1")).unwrap();
+        assert_eq!(queues.ready.available_permits(), 2);
+        assert_eq!(take(&queues), (1, "a1".into()));
+        assert_eq!(take(&queues), (2, "b1".into()));
+        // a2 waits until a1 is done, even with a worker free.
+        assert!(queues.take().is_none());
+        queues.push(2, job("b2")).unwrap();
+        queues.done(2);
+        queues.done(1);
+        assert_eq!(take(&queues), (2, "b2".into()));
+        assert_eq!(take(&queues), (1, "a2".into()));
+        queues.done(2);
+        queues.done(1);
+        assert!(
+            queues.lock().by_conn.is_empty(),
+            "nothing kept per idle connection"
+        );
+    }
+
+    #[test]
+    fn the_queue_bound_is_over_all_connections() {
+        let queues = Queues::new(2);
+        queues.push(1, job("a")).unwrap();
+        queues.push(2, job("b")).unwrap();
+        assert_eq!(
+            queues.push(3, job("c")).err(),
+            Some(ForwardResult::QueueFull)
+        );
+        // A job in flight no longer waits: its place is free.
+        take(&queues);
+        queues.push(3, job("c")).unwrap();
+    }
+
+    #[test]
+    fn closing_refuses_new_jobs_and_ends_the_workers_once_flushed() {
+        let queues = Queues::new(4);
+        queues.push(1, job("a")).unwrap();
+        assert_eq!(queues.close(), 1);
+        assert_eq!(
+            queues.push(1, job("b")).err(),
+            Some(ForwardResult::Shutdown)
+        );
+        assert!(!queues.ready.is_closed(), "the queued job is still sent");
+        take(&queues);
+        assert!(!queues.ready.is_closed(), "in flight");
+        queues.done(1);
+        assert!(queues.ready.is_closed());
     }
 
     #[test]

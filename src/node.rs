@@ -170,8 +170,7 @@ impl Node {
             return Err(ConnectError::Draining);
         }
         if let Some(backend) = &self.backend {
-            backend.event(&registration.conn, ACTION_CONNECT);
-            registration.announced = true;
+            registration.announced = backend.event(&registration.conn, ACTION_CONNECT);
         }
         Ok(registration)
     }
@@ -297,6 +296,15 @@ impl Node {
         self.begin_drain();
         for conn in self.hub.snapshot() {
             conn.closer.close(CloseReason::GoingAway);
+        }
+    }
+
+    /// Sends what the backend queue still holds (the sessions' disconnect
+    /// events), for at most `grace`, and stops its workers. Call it after
+    /// the sessions are gone.
+    pub async fn stop_backend(&self, grace: std::time::Duration) {
+        if let Some(backend) = &self.backend {
+            backend.shutdown(grace).await;
         }
     }
 

@@ -63,7 +63,9 @@ impl Server {
     /// Serves until `shutdown` resolves, then: report unready and refuse new
     /// sockets, close every socket with 1001 spread over
     /// `shutdown.drain_window`, wait for the sessions to end (at most
-    /// `shutdown.grace_period` more), and only then stop accepting HTTP.
+    /// `shutdown.grace_period` more), and only then stop accepting HTTP;
+    /// finally send what the backend queue holds (at most
+    /// `shutdown.grace_period` more).
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -90,6 +92,7 @@ impl Server {
             result = &mut serve => {
                 // axum only returns early on a listener failure.
                 node.drain();
+                node.stop_backend(node.config.shutdown.grace_period).await;
                 node.stop_bus();
                 return Err(result.map_err(std::io::Error::other)?.err().unwrap_or_else(|| {
                     std::io::Error::other("server stopped unexpectedly")
@@ -122,6 +125,9 @@ impl Server {
         if tokio::time::timeout(grace, serve).await.is_err() {
             warn!("HTTP requests still in flight after the grace period; exiting anyway");
         }
+        // The sessions' disconnect events are queued now; send them before
+        // returning, or the process exits with them (issue 11 item 8).
+        node.stop_backend(grace).await;
         node.stop_bus();
         info!("shutdown complete");
         Ok(())

@@ -4,15 +4,17 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use common::{TestServer, test_config};
 use serde_json::json;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, mpsc, watch};
 use wshub::Config;
 
 /// One request the test backend received.
@@ -22,23 +24,89 @@ struct Seen {
     body: String,
 }
 
-/// A backend that records requests and answers `status` after `delay`.
+impl Seen {
+    fn connection(&self) -> String {
+        header(self, "x-wshub-connection-id").unwrap().to_owned()
+    }
+
+    /// `action` or `action message`, to compare sequences.
+    fn summary(&self) -> String {
+        let v: serde_json::Value = serde_json::from_str(&self.body).unwrap();
+        match v["message"].as_str() {
+            Some(m) => format!("{} {m}", v["action"].as_str().unwrap()),
+            None => v["action"].as_str().unwrap().to_owned(),
+        }
+    }
+}
+
+/// A backend that records requests and answers `status` after `delay`
+/// (and, when held, only once [`open`](Self::open) was called). It counts
+/// requests that arrive while another one of the same connection is still
+/// unanswered: the hub must send one connection's requests one at a time.
 struct TestBackend {
     url: String,
     seen: Mutex<mpsc::UnboundedReceiver<Seen>>,
+    overlaps: Arc<AtomicUsize>,
+    gate: watch::Sender<bool>,
+}
+
+/// Marks one request of a connection as unanswered until dropped (also
+/// when the hub gives up and the handler is cancelled).
+struct InFlight {
+    map: Arc<StdMutex<HashMap<String, usize>>>,
+    conn: String,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        *self.map.lock().unwrap().get_mut(&self.conn).unwrap() -= 1;
+    }
 }
 
 impl TestBackend {
     async fn start(status: StatusCode, delay: Duration) -> Arc<Self> {
+        Self::start_with(status, delay, true).await
+    }
+
+    /// A backend that answers 204 only after [`open`](Self::open).
+    async fn held() -> Arc<Self> {
+        Self::start_with(StatusCode::NO_CONTENT, Duration::ZERO, false).await
+    }
+
+    async fn start_with(status: StatusCode, delay: Duration, open: bool) -> Arc<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let overlaps = Arc::new(AtomicUsize::new(0));
+        let in_flight = Arc::new(StdMutex::new(HashMap::<String, usize>::new()));
+        let (gate, gate_rx) = watch::channel(open);
+        let counted = overlaps.clone();
         let app = Router::new().fallback(move |headers: HeaderMap, body: Bytes| {
             let tx = tx.clone();
+            let overlaps = counted.clone();
+            let in_flight = in_flight.clone();
+            let mut gate = gate_rx.clone();
             async move {
+                let conn = headers
+                    .get("x-wshub-connection-id")
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default();
+                let _guard = {
+                    let mut map = in_flight.lock().unwrap();
+                    let n = map.entry(conn.clone()).or_default();
+                    if *n > 0 {
+                        overlaps.fetch_add(1, Ordering::Relaxed);
+                    }
+                    *n += 1;
+                    InFlight {
+                        map: in_flight.clone(),
+                        conn,
+                    }
+                };
                 let _ = tx.send(Seen {
                     headers,
                     body: String::from_utf8_lossy(&body).into_owned(),
                 });
                 tokio::time::sleep(delay).await;
+                let _ = gate.wait_for(|open| *open).await;
                 status
             }
         });
@@ -51,6 +119,8 @@ impl TestBackend {
         Arc::new(Self {
             url,
             seen: Mutex::new(rx),
+            overlaps,
+            gate,
         })
     }
 
@@ -59,6 +129,23 @@ impl TestBackend {
             .await
             .expect("the backend received nothing")
             .unwrap()
+    }
+
+    /// Everything received so far, without waiting.
+    async fn received_now(&self) -> Vec<Seen> {
+        let mut seen = self.seen.lock().await;
+        std::iter::from_fn(|| seen.try_recv().ok()).collect()
+    }
+
+    /// Lets held requests (and every later one) be answered.
+    fn open(&self) {
+        self.gate.send_replace(true);
+    }
+
+    /// Requests that arrived while another of the same connection was
+    /// unanswered.
+    fn overlaps(&self) -> usize {
+        self.overlaps.load(Ordering::Relaxed)
     }
 }
 
@@ -254,4 +341,221 @@ async fn without_a_backend_every_action_is_relayed() {
     let mut ann = server.connect("ann", None).await;
     ann.send_json(json!({"action": "anything"})).await;
     assert_eq!(ann.recv().await["action"], "anything");
+}
+
+/// Issue 11 item 6: forwards ran side by side, so 90 messages from one
+/// socket reached the backend with pairs out of order. One connection's
+/// requests, events included, go one at a time and in the order sent.
+// Several runtime threads, as in the binary: forwards that race really do
+// overtake each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_sockets_messages_and_events_reach_the_backend_in_order_one_at_a_time() {
+    // Each answer takes a little while, so requests sent side by side would
+    // overlap (and overtake each other).
+    let backend = TestBackend::start(StatusCode::NO_CONTENT, Duration::from_millis(5)).await;
+    let server = TestServer::with(with_backend(&backend.url, |c| {
+        c.backend.as_mut().unwrap().events = true;
+    }))
+    .await;
+    let mut ann = server.connect("ann", None).await;
+    const N: usize = 100;
+    for i in 0..N {
+        ann.send_json(json!({"action": "seq", "message": i.to_string()}))
+            .await;
+    }
+    ann.close().await;
+    let mut got = Vec::new();
+    for _ in 0..N + 2 {
+        got.push(backend.next().await.summary());
+    }
+    let mut want = vec!["wshub.connect".to_owned()];
+    want.extend((0..N).map(|i| format!("seq {i}")));
+    want.push("wshub.disconnect".to_owned());
+    let out_of_order = (0..got.len())
+        .flat_map(|i| (i + 1..got.len()).map(move |j| (i, j)))
+        .filter(|&(i, j)| {
+            let pos = |s: &String| want.iter().position(|w| w == s);
+            pos(&got[i]) > pos(&got[j])
+        })
+        .count();
+    assert_eq!(
+        got,
+        want,
+        "{out_of_order} pairs out of order, {} overlapping requests",
+        backend.overlaps()
+    );
+    assert_eq!(
+        backend.overlaps(),
+        0,
+        "one connection's requests overlapped"
+    );
+}
+
+/// Issue 11 item 6: `wshub.disconnect` sometimes arrived before
+/// `wshub.connect`. Sockets that open and close at once.
+// Several runtime threads, as in the binary: forwards that race really do
+// overtake each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connect_always_reaches_the_backend_before_disconnect() {
+    let backend = TestBackend::start(StatusCode::NO_CONTENT, Duration::from_millis(5)).await;
+    let server = TestServer::with(with_backend(&backend.url, |c| {
+        c.backend.as_mut().unwrap().events = true;
+    }))
+    .await;
+    const SOCKETS: usize = 40;
+    for i in 0..SOCKETS {
+        server.connect(&format!("u{i}"), None).await.close().await;
+    }
+    let mut per_conn: HashMap<String, Vec<String>> = HashMap::new();
+    for _ in 0..2 * SOCKETS {
+        let seen = backend.next().await;
+        per_conn
+            .entry(seen.connection())
+            .or_default()
+            .push(seen.summary());
+    }
+    assert_eq!(per_conn.len(), SOCKETS);
+    let wrong: Vec<_> = per_conn
+        .iter()
+        .filter(|(_, events)| **events != ["wshub.connect", "wshub.disconnect"])
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {SOCKETS} connections: {wrong:?}; {} overlapping requests",
+        wrong.len(),
+        backend.overlaps()
+    );
+    assert_eq!(
+        backend.overlaps(),
+        0,
+        "one connection's requests overlapped"
+    );
+}
+
+/// Per-connection order must not serialise the node: while the backend
+/// holds one connection's request, another connection's goes out.
+#[tokio::test]
+async fn slow_connections_proceed_side_by_side() {
+    let backend = TestBackend::held().await;
+    let server = TestServer::with(with_backend(&backend.url, |c| {
+        let b = c.backend.as_mut().unwrap();
+        b.timeout = Duration::from_secs(30);
+        b.concurrency = 2;
+    }))
+    .await;
+    let mut ann = server.connect("ann", None).await;
+    let mut bob = server.connect("bob", None).await;
+    ann.send_json(json!({"action": "a", "message": "1"})).await;
+    ann.send_json(json!({"action": "a", "message": "2"})).await;
+    bob.send_json(json!({"action": "b", "message": "1"})).await;
+    // Both connections' first requests are in flight at once; ann's second
+    // waits for its first (it cannot be among the first two).
+    let mut first_two = vec![
+        backend.next().await.summary(),
+        backend.next().await.summary(),
+    ];
+    first_two.sort();
+    assert_eq!(first_two, ["a 1", "b 1"]);
+    backend.open();
+    assert_eq!(backend.next().await.summary(), "a 2");
+    assert_eq!(backend.overlaps(), 0);
+    common::eventually("every forward answered", || {
+        server.metric("wshub_backend_forwards_total{result=\"ok\"}") == 3.0
+    })
+    .await;
+}
+
+/// Waits for the server's close frame, then drops the socket, so the
+/// server's closing handshake ends at once (it would otherwise wait for a
+/// reply, and give a lazy backend queue time to empty).
+async fn closed_and_gone(mut client: common::Client) {
+    client.ended().await;
+}
+
+/// Issue 11 item 8: on shutdown, queued `wshub.disconnect` events were cut
+/// off (36 of 100 arrived). `run` returns only after the backend has
+/// received and answered every one of them.
+#[tokio::test]
+async fn shutdown_sends_every_queued_disconnect_event_before_run_returns() {
+    // Slow enough that the queue is still long when the sessions are gone.
+    let backend = TestBackend::start(StatusCode::NO_CONTENT, Duration::from_millis(20)).await;
+    let mut server = TestServer::with(with_backend(&backend.url, |c| {
+        let b = c.backend.as_mut().unwrap();
+        b.events = true;
+        b.concurrency = 4;
+    }))
+    .await;
+    const SOCKETS: usize = 100;
+    let mut clients = Vec::new();
+    for i in 0..SOCKETS {
+        clients.push(server.connect(&format!("u{i}"), None).await);
+    }
+    for _ in 0..SOCKETS {
+        assert_eq!(backend.next().await.summary(), "wshub.connect");
+    }
+    server.shutdown.cancel();
+    let ends = futures_util::future::join_all(clients.into_iter().map(closed_and_gone));
+    let (_, run) = tokio::join!(
+        ends,
+        tokio::time::timeout(common::PATIENCE, &mut server.handle)
+    );
+    run.expect("run returns within its grace period")
+        .unwrap()
+        .expect("run returns Ok");
+    let disconnects = backend
+        .received_now()
+        .await
+        .iter()
+        .filter(|s| s.summary() == "wshub.disconnect")
+        .count();
+    assert_eq!(
+        disconnects, SOCKETS,
+        "disconnect events the backend received before run returned"
+    );
+    assert_eq!(
+        server.metric("wshub_backend_forwards_total{result=\"ok\"}"),
+        (2 * SOCKETS) as f64,
+        "every event answered before run returned"
+    );
+}
+
+/// The flush is bounded: a backend that never answers holds shutdown for
+/// the grace period, and what it never took is counted as `shutdown`.
+#[tokio::test]
+async fn a_stuck_backend_holds_shutdown_for_the_grace_period_only() {
+    let backend = TestBackend::held().await;
+    let grace = Duration::from_millis(500);
+    let mut server = TestServer::with(with_backend(&backend.url, |c| {
+        let b = c.backend.as_mut().unwrap();
+        b.events = true;
+        b.timeout = Duration::from_secs(60);
+        c.shutdown.grace_period = grace;
+    }))
+    .await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(server.connect(&format!("u{i}"), None).await);
+    }
+    for _ in 0..3 {
+        assert_eq!(backend.next().await.summary(), "wshub.connect");
+    }
+    let started = Instant::now();
+    server.shutdown.cancel();
+    let ends = futures_util::future::join_all(clients.into_iter().map(closed_and_gone));
+    let (_, run) = tokio::join!(
+        ends,
+        tokio::time::timeout(common::PATIENCE, &mut server.handle)
+    );
+    run.expect("run returns despite the stuck backend")
+        .unwrap()
+        .expect("run returns Ok");
+    let took = started.elapsed();
+    assert!(took >= grace, "gave up after {took:?}");
+    assert!(took < grace + Duration::from_secs(3), "took {took:?}");
+    // 3 connect events in flight, 3 disconnect events queued behind them.
+    assert_eq!(
+        server.metric("wshub_backend_forwards_total{result=\"shutdown\"}"),
+        6.0
+    );
+    assert_eq!(backend.overlaps(), 0);
 }

@@ -9,17 +9,20 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::node::NodeProcess;
+use common::process::GroupChild;
 use common::redis::RedisServer;
 use common::{Client, Ended, PATIENCE, TestServer};
 use serde_json::json;
 
-/// nginx started by the test with the repository's configuration.
+/// nginx started by the test with the repository's configuration, in its
+/// own process group: its workers are stopped with it (a SIGKILLed master
+/// leaves its workers running).
 struct Nginx {
-    child: Child,
+    child: GroupChild,
     port: u16,
     dir: PathBuf,
 }
@@ -69,11 +72,8 @@ impl Nginx {
             "nginx -t: {}",
             String::from_utf8_lossy(&check.stderr)
         );
-        let child = args(&[])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child =
+            GroupChild::spawn(args(&[]).stdout(Stdio::null()).stderr(Stdio::null())).unwrap();
         let deadline = Instant::now() + PATIENCE;
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "nginx did not start listening");
@@ -85,8 +85,10 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // SIGTERM: the master stops its workers and exits (SIGQUIT would
+        // wait for open WebSocket connections). Whatever remains after the
+        // patience is killed with the group.
+        self.child.stop("-TERM", PATIENCE);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

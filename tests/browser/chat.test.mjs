@@ -25,8 +25,11 @@ before(async () => {
 });
 
 after(async () => {
-  await browser?.close();
-  stopAll();
+  try {
+    await browser?.close();
+  } finally {
+    await stopAll();
+  }
 });
 
 /** Opens the chat page at `base` and joins as `user` in `group`. */

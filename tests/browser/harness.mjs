@@ -5,6 +5,10 @@
 // deploy/nginx/webconnection-site.conf (a page's own host), a stand-in WebSocket server
 // that closes with any code, and Debian's Chromium driven by playwright-core.
 // Anything missing fails the suite loudly.
+//
+// Every child runs in a process group of its own (`detached`), and
+// `stopAll()` kills the whole group: killing only nginx's master leaves its
+// workers running (issue 11 item 15; scripts/test fails on leftovers).
 
 import { spawn, execFileSync } from "node:child_process";
 import { createInterface } from "node:readline";
@@ -60,18 +64,39 @@ function portOpen(port) {
   });
 }
 
+/** Stopped by `stopAll()`: a child process, or anything with a `kill()`. */
 function track(child) {
   children.push(child);
   return child;
 }
 
+// Should the test file end without `stopAll()` (a failing `before` hook, an
+// uncaught error), the groups are killed on the way out all the same.
+process.on("exit", () => {
+  for (const c of children) {
+    if (typeof c.pid === "number") {
+      try { process.kill(-c.pid, "SIGKILL"); } catch { /* the group is gone */ }
+    }
+  }
+});
+
+/** Spawns `bin` as the leader of a new process group, stopped by `stopAll()`. */
+function spawnTracked(bin, args, options) {
+  return track(spawn(bin, args, { ...options, detached: true }));
+}
+
 export async function startRedis() {
   const port = await freePort();
-  const dir = mkdtempSync(join(tmpdir(), "wshub-browser-redis-"));
+  // Under target/, not /tmp: redis-server works in its --dir, and
+  // scripts/leftovers recognises this checkout's processes by their
+  // working directory.
+  const tmp = join(ROOT, "target", "tmp");
+  mkdirSync(tmp, { recursive: true });
+  const dir = mkdtempSync(join(tmp, "browser-redis-"));
   dirs.push(dir);
   const bin = which("redis-server", ["/usr/bin/redis-server"]);
-  track(spawn(bin, ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir],
-    { stdio: "ignore" }));
+  spawnTracked(bin, ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir],
+    { stdio: "ignore" });
   await waitFor("redis-server", () => portOpen(port));
   return `redis://127.0.0.1:${port}`;
 }
@@ -80,10 +105,10 @@ export async function startRedis() {
 export async function startNode(env) {
   const bin = join(ROOT, "target", "debug", "wshub");
   if (!existsSync(bin)) throw new Error(`${bin} missing: run cargo build (scripts/test does) first`);
-  const child = track(spawn(bin, [], {
+  const child = spawnTracked(bin, [], {
     env: { ...process.env, WSHUB_LISTEN: "127.0.0.1:0", WSHUB_LOG__FORMAT: "json", ...env },
     stdio: ["ignore", "ignore", "pipe"],
-  }));
+  });
   const lines = createInterface({ input: child.stderr });
   const started = await new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error("wshub did not start")), PATIENCE_MS);
@@ -118,8 +143,8 @@ export async function startNginx(nodes) {
   writeFileSync(join(dir, "nginx.conf"), conf.replace("listen 8080;", `listen 127.0.0.1:${port};`));
   const servers = nodes.map((n) => `    server 127.0.0.1:${n.port};\n`).join("");
   writeFileSync(join(dir, "upstream.conf"), `upstream wshub {\n    zone wshub 64k;\n    least_conn;\n${servers}}\n`);
-  track(spawn(bin, ["-p", dir, "-c", join(dir, "nginx.conf"), "-g", `daemon off; pid ${dir}/nginx.pid;`],
-    { stdio: "ignore" }));
+  spawnTracked(bin, ["-p", dir, "-c", join(dir, "nginx.conf"), "-g", `daemon off; pid ${dir}/nginx.pid;`],
+    { stdio: "ignore" });
   await waitFor("nginx", () => portOpen(port));
   return { url: `http://127.0.0.1:${port}`, port };
 }
@@ -218,9 +243,24 @@ export function artifact(name) {
   return join(ARTIFACTS, name);
 }
 
-export function stopAll() {
+/**
+ * Kills every child's whole process group (also when the leader is gone
+ * already: nginx's workers outlive a killed master) and waits for the
+ * leaders to exit. Call it after `browser.close()`: playwright stops
+ * Chromium's own process group.
+ */
+export async function stopAll() {
+  const exits = [];
   for (const c of children.splice(0)) {
-    try { c.kill("SIGKILL"); } catch { /* already gone */ }
+    if (typeof c.pid !== "number") {
+      c.kill();
+      continue;
+    }
+    if (c.exitCode === null && c.signalCode === null) {
+      exits.push(new Promise((resolve) => c.once("exit", resolve)));
+    }
+    try { process.kill(-c.pid, "SIGKILL"); } catch { /* the group is gone */ }
   }
+  await Promise.race([Promise.all(exits), new Promise((r) => setTimeout(r, PATIENCE_MS).unref())]);
   for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
 }

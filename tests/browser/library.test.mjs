@@ -23,8 +23,11 @@ before(async () => {
 });
 
 after(async () => {
-  await browser?.close();
-  stopAll();
+  try {
+    await browser?.close();
+  } finally {
+    await stopAll();
+  }
 });
 
 /**

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod node;
+pub mod process;
 pub mod redis;
 pub mod routing;
 

@@ -1,11 +1,14 @@
 //! Real `wshub` processes, for tests that kill or terminate a node.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use super::process::GroupChild;
+
+/// A `wshub` process in its own process group, killed with it when dropped.
 pub struct NodeProcess {
-    pub child: Child,
+    pub child: GroupChild,
     pub addr: SocketAddr,
     pub node_id: String,
 }
@@ -15,14 +18,15 @@ impl NodeProcess {
     /// variables) and waits until it is ready.
     pub async fn spawn(env: &[(&str, &str)]) -> Self {
         use std::io::{BufRead, BufReader};
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wshub"))
-            .env("WSHUB_LISTEN", "127.0.0.1:0")
-            .env("WSHUB_LOG__FORMAT", "json")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn wshub");
+        let mut child = GroupChild::spawn(
+            Command::new(env!("CARGO_BIN_EXE_wshub"))
+                .env("WSHUB_LISTEN", "127.0.0.1:0")
+                .env("WSHUB_LOG__FORMAT", "json")
+                .envs(env.iter().copied())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        )
+        .expect("spawn wshub");
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let (addr, node_id) = loop {
             let line = lines
@@ -62,18 +66,6 @@ impl NodeProcess {
 
     /// Sends SIGTERM (the node drains and exits).
     pub fn terminate(&self) {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -TERM");
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        assert!(self.child.signal("-TERM"), "kill -TERM");
     }
 }

@@ -1,16 +1,19 @@
 //! Real `redis-server` processes for tests: on a free port (never the
-//! machine's shared 6379), killed with the test, restartable on the same
-//! port, pausable with SIGSTOP. A missing `redis-server` fails the test: it
-//! never skips (`scripts/test` installs it).
+//! machine's shared 6379), killed with the test (its whole process group),
+//! restartable on the same port, pausable with SIGSTOP. A missing
+//! `redis-server` fails the test: it never skips (`scripts/test` installs
+//! it).
 
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use super::process::GroupChild;
 
 pub struct RedisServer {
     pub port: u16,
-    child: Option<Child>,
+    child: Option<GroupChild>,
     dir: PathBuf,
     extra: Vec<String>,
 }
@@ -41,7 +44,10 @@ impl RedisServer {
 
     /// Starts a server with extra `redis-server` arguments.
     pub fn start_with(extra: &[&str]) -> Self {
-        let dir = std::env::temp_dir().join(format!(
+        // Under target/, not /tmp: redis-server works in its `--dir`, and
+        // `scripts/leftovers` recognises this checkout's processes by their
+        // working directory.
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
             "wshub-redis-{}-{}",
             std::process::id(),
             free_port()
@@ -58,15 +64,16 @@ impl RedisServer {
     }
 
     fn launch(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .args(&self.extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
+        let child = GroupChild::spawn(
+            Command::new("redis-server")
+                .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&self.dir)
+                .args(&self.extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .unwrap_or_else(|e| {
                 panic!("cannot start redis-server ({e}): these tests need it; install Debian's redis-server (scripts/test does)")
             });
         self.child = Some(child);
@@ -88,11 +95,11 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// Kills the server (SIGKILL) and waits for it to go.
+    /// Kills the server (SIGKILL, its whole process group) and waits for
+    /// it to go.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            child.kill_group();
         }
     }
 
@@ -103,13 +110,8 @@ impl RedisServer {
     }
 
     fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().expect("running").id();
-        let ok = Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} {pid}");
+        let child = self.child.as_ref().expect("running");
+        assert!(child.signal(sig), "kill {sig} {}", child.id());
     }
 
     /// Freezes the process: connections stay open, nothing is answered.
@@ -124,22 +126,9 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        if self.child.is_some() {
-            let _ = self.signal_quietly();
-        }
+        // SIGKILL ends a paused (SIGSTOPped) server too.
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl RedisServer {
-    fn signal_quietly(&self) -> std::io::Result<()> {
-        // A paused server must be resumed to die cleanly.
-        let pid = self.child.as_ref().map(|c| c.id()).unwrap_or(0);
-        Command::new("kill")
-            .args(["-CONT", &pid.to_string()])
-            .status()
-            .map(|_| ())
     }
 }
 
