@@ -21,6 +21,7 @@ use crate::bus::{Bus, BusError, Envelope, LocalBus, RedisBus};
 use crate::close::CloseReason;
 use crate::config::Config;
 use crate::hub::{Conn, Hub, OutboxReceiver};
+use crate::logging::{Untrusted, UntrustedOpt};
 use crate::message::{Message, MessageError};
 use crate::metrics::{DropReason, Metrics};
 use crate::route::{Identity, Route, Topic};
@@ -375,8 +376,8 @@ impl Drop for Registration {
             node.metrics.connection_closed(reason);
             debug!(
                 conn = self.conn.id,
-                user = %self.conn.who.user,
-                group = ?self.conn.who.group.as_deref(),
+                user = %Untrusted(&self.conn.who.user),
+                group = %UntrustedOpt(self.conn.who.group.as_deref()),
                 code = reason.code(),
                 reason = reason.label(),
                 "connection closed"

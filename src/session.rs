@@ -18,6 +18,7 @@ use tracing::debug;
 use crate::close::CloseReason;
 use crate::hub::OutboxReceiver;
 use crate::limits::{RateLimit, Verdict};
+use crate::logging::{Untrusted, UntrustedOpt};
 use crate::message::{Frame, MessageError, error_frame};
 use crate::metrics::DropReason;
 use crate::node::{PublishError, Registration};
@@ -34,7 +35,12 @@ pub async fn run(socket: WebSocket, mut registration: Registration) {
     };
     let conn = registration.conn.clone();
     let node = registration.node().clone();
-    debug!(conn = conn.id, user = %conn.who.user, group = ?conn.who.group.as_deref(), "connection opened");
+    debug!(
+        conn = conn.id,
+        user = %Untrusted(&conn.who.user),
+        group = %UntrustedOpt(conn.who.group.as_deref()),
+        "connection opened"
+    );
 
     let (mut sink, mut stream) = socket.split();
     let ping_every = node.config.ws.ping_interval;

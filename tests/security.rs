@@ -459,3 +459,95 @@ async fn a_flooding_socket_is_limited_then_closed_and_nobody_else_waits() {
         .await;
     assert_eq!(x.recv().await["action"], "still");
 }
+
+/// Issue 11, item 9: an id chosen by a client cannot forge a line of the
+/// default (text) log: control characters in it are escaped. Runs the real
+/// binary and reads its stderr.
+#[tokio::test]
+async fn client_ids_cannot_forge_log_lines() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(
+        Command::new(env!("CARGO_BIN_EXE_wshub"))
+            .env("WSHUB_LISTEN", "127.0.0.1:0")
+            .env("WSHUB_LOG__FORMAT", "text")
+            .env("WSHUB_LOG__LEVEL", "info,wshub=debug")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn wshub"),
+    );
+    let stderr = child.0.stderr.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The text log colours its output: strip ANSI styling to read fields.
+    let plain = |line: &str| {
+        let mut out = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' && chars.clone().next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    };
+    let mut seen = Vec::new();
+    let next_line = |seen: &mut Vec<String>| {
+        let line = lines
+            .recv_timeout(common::PATIENCE)
+            .expect("wshub logged nothing more");
+        seen.push(line.clone());
+        line
+    };
+    let addr: std::net::SocketAddr = loop {
+        let line = plain(&next_line(&mut seen));
+        if let Some(rest) = line.split("addr=").nth(1) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    // A newline, a forged line after it, and a terminal escape (OSC: set
+    // the window title), percent-encoded in the query.
+    let forged = "2026-01-01T00:00:00.000000Z  INFO wshub: forged admin login";
+    let userid = format!("mallory\n{forged}\u{1b}]0;owned\u{7}");
+    let query: String = serde_urlencoded::to_string([("userid", userid.as_str())]).unwrap();
+    let client = Client::connect(addr, &format!("/ws?{query}")).await;
+    client.close().await;
+    while !plain(&next_line(&mut seen)).contains("connection closed") {}
+    for line in &seen {
+        assert!(
+            !line.contains("forged admin login") || line.contains("connection"),
+            "a client id started a log line of its own:\n{}",
+            seen.join("\n")
+        );
+        assert!(
+            !line.contains("\u{1b}]0;"),
+            "a client id put a raw terminal escape in the log: {line:?}"
+        );
+    }
+    assert!(
+        seen.iter().any(|l| l.contains("forged admin login")),
+        "the connection was logged with its (escaped) user id"
+    );
+}
