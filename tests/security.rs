@@ -460,6 +460,38 @@ async fn a_flooding_socket_is_limited_then_closed_and_nobody_else_waits() {
     assert_eq!(x.recv().await["action"], "still");
 }
 
+/// Issue 11, item 4: control frames count against the sender's rate, so a
+/// client that floods pings (each owed a pong) is closed with 1008 like one
+/// that floods messages.
+#[tokio::test]
+async fn a_ping_flood_is_rate_limited_and_closed() {
+    let server = TestServer::with(config_with(&[
+        ("WSHUB_LIMITS__MESSAGES_PER_SECOND", "5"),
+        ("WSHUB_LIMITS__MESSAGE_BURST", "3"),
+        ("WSHUB_LIMITS__RATE_VIOLATIONS_BEFORE_CLOSE", "20"),
+    ]))
+    .await;
+    let mut flood = server.connect("flood", None).await;
+    for _ in 0..500 {
+        let ping = tokio_tungstenite::tungstenite::Message::Ping(vec![1u8; 125].into());
+        if futures_util::SinkExt::send(&mut flood.ws, ping)
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    common::eventually("the ping flooder is closed with 1008", || {
+        server.metric("wshub_connections_closed_total{code=\"1008\",reason=\"policy_violation\"}")
+            == 1.0
+    })
+    .await;
+    assert_eq!(
+        flood.ended().await,
+        Ended::Closed(1008, "Rate limit exceeded".into())
+    );
+}
+
 /// Issue 11, item 9: an id chosen by a client cannot forge a line of the
 /// default (text) log: control characters in it are escaped. Runs the real
 /// binary and reads its stderr.

@@ -129,6 +129,8 @@ pub struct Ws {
     /// How often the server pings; a peer silent for a whole interval after
     /// a ping is closed.
     pub ping_interval: Duration,
+    /// Longest one write may take; then the peer is a slow consumer.
+    pub write_timeout: Duration,
     pub read_buffer_bytes: usize,
     pub write_buffer_bytes: usize,
 }
@@ -273,6 +275,9 @@ impl Config {
         if raw.ws.ping_interval_ms < 10 {
             return Err(invalid("ws.ping_interval_ms", "must be at least 10"));
         }
+        if raw.ws.write_timeout_ms == 0 {
+            return Err(invalid("ws.write_timeout_ms", "must be at least 1"));
+        }
         if raw.ws.read_buffer_bytes < 256 {
             return Err(invalid("ws.read_buffer_bytes", "must be at least 256"));
         }
@@ -323,6 +328,7 @@ impl Config {
             },
             ws: Ws {
                 ping_interval: Duration::from_millis(raw.ws.ping_interval_ms),
+                write_timeout: Duration::from_millis(raw.ws.write_timeout_ms),
                 read_buffer_bytes: raw.ws.read_buffer_bytes,
                 write_buffer_bytes: raw.ws.write_buffer_bytes,
             },

@@ -120,6 +120,9 @@ pub struct Limits {
 #[serde(default, deny_unknown_fields)]
 pub struct RawWs {
     pub ping_interval_ms: u64,
+    /// Longest one write (a batch of frames, a ping) may take before the
+    /// socket is closed as a slow consumer.
+    pub write_timeout_ms: u64,
     pub read_buffer_bytes: usize,
     pub write_buffer_bytes: usize,
 }
@@ -224,6 +227,7 @@ impl Default for RawWs {
     fn default() -> Self {
         Self {
             ping_interval_ms: 30_000,
+            write_timeout_ms: 30_000,
             // 256 B keeps an idle socket under 4 KiB of memory; a frame
             // larger than this costs one more read call, nothing else.
             read_buffer_bytes: 256,

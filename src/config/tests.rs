@@ -96,6 +96,10 @@ fn errors_name_the_key() {
             &[("WSHUB_LIMITS__OUTBOUND_QUEUE_BYTES", "1000")],
             "`limits.outbound_queue_bytes` must be at least",
         ),
+        (
+            &[("WSHUB_WS__WRITE_TIMEOUT_MS", "0")],
+            "`ws.write_timeout_ms`",
+        ),
         (&[("WSHUB_LOG__FORMAT", "xml")], "`log.format`"),
         (
             &[("WSHUB_LIMITS__MAX_MESAGE_BYTES", "1")],
