@@ -2,6 +2,8 @@
 
 use tokio::time::Instant;
 
+use crate::config::Limits;
+
 /// What the rate limiter says about one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -56,6 +58,18 @@ impl RateLimit {
             Verdict::Limited
         }
     }
+}
+
+/// The smallest acceptable `limits.outbound_queue_bytes`: room for the
+/// largest frame one message can become, plus the queue's per-frame
+/// overhead ([`crate::hub::FRAME_OVERHEAD`]).
+pub fn min_outbound_queue_bytes(limits: &Limits) -> usize {
+    let message = crate::message::MessageLimits {
+        max_id_bytes: limits.max_id_bytes,
+        max_recipients: limits.max_recipients,
+    };
+    crate::message::max_frame_bytes(limits.max_message_bytes, &message)
+        .saturating_add(crate::hub::FRAME_OVERHEAD)
 }
 
 /// The soft open-file limit of this process (Linux: `/proc/self/limits`).

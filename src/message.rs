@@ -179,6 +179,29 @@ impl<'a> Message<'a> {
     }
 }
 
+/// The most bytes the outbound frame of a message of at most
+/// `max_message_bytes` can take. Encoding can grow a message: every field
+/// is written (nulls included), each recipient gets its `type` spelled out
+/// (`{}` becomes `{"type":"group","value":null}`), and in token mode the
+/// connection's ids (up to `max_id_bytes`, each byte possibly escaped as
+/// `\u00XX`) replace the sender's. Strings never grow: whatever the
+/// encoder escapes had to be escaped in the input JSON already.
+///
+/// The outbound queue must hold at least this plus the per-frame overhead,
+/// or one maximal message would close every recipient as a slow consumer.
+pub fn max_frame_bytes(max_message_bytes: usize, limits: &MessageLimits) -> usize {
+    // `{"userId":null,"groupId":null,"action":null,"message":null,"recipients":[]}`
+    const SKELETON: usize = 75;
+    // `{"type":"excludeUser","value":null}` (35) from an input of `{}` (2).
+    const RECIPIENT_GROWTH: usize = 33;
+    // A stamped id: quotes, and six bytes per escaped byte.
+    let stamped_id = limits.max_id_bytes.saturating_mul(6).saturating_add(2);
+    max_message_bytes
+        .saturating_add(SKELETON)
+        .saturating_add(limits.max_recipients.saturating_mul(RECIPIENT_GROWTH))
+        .saturating_add(stamped_id.saturating_mul(2))
+}
+
 /// The `wshub.error` reply a sender receives when its message is refused.
 pub fn error_frame(reason: &str) -> Frame {
     Message {
@@ -492,6 +515,31 @@ mod tests {
             error_frame("bad").as_str(),
             r#"{"userId":null,"groupId":null,"action":"wshub.error","message":"bad","recipients":[]}"#
         );
+    }
+
+    /// The worst case for growth: the most recipients, each `{}` or
+    /// `{"type":0}`, and ids stamped in token mode that are all escapes.
+    #[test]
+    fn max_frame_bytes_bounds_the_worst_encoding() {
+        let limits = MessageLimits {
+            max_id_bytes: 16,
+            max_recipients: 4,
+        };
+        let max_message_bytes = 1024;
+        let head = r#"{"recipients":[{},{"type":0},{},{"type":0}],"message":""#;
+        let text = format!(
+            "{head}{}\"}}",
+            "m".repeat(max_message_bytes - head.len() - 2)
+        );
+        assert_eq!(text.len(), max_message_bytes);
+        let mut msg = Message::parse(&text, &limits).unwrap();
+        let id = "\u{1}".repeat(16);
+        msg.user_id = Some(Cow::Borrowed(&id));
+        msg.group_id = Some(Cow::Borrowed(&id));
+        let encoded = msg.encode().len();
+        let bound = max_frame_bytes(max_message_bytes, &limits);
+        assert!(encoded <= bound, "{encoded} > {bound}");
+        assert!(encoded > max_message_bytes, "the case grows");
     }
 
     #[test]

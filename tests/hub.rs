@@ -9,6 +9,7 @@ use common::{Client, Ended, TestServer, eventually, routing::routing_table, test
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
+use wshub::Config;
 
 #[tokio::test]
 async fn routing_table_on_one_node() {
@@ -693,4 +694,46 @@ async fn a_drain_mid_write_delivers_a_prefix_without_gaps() {
     // out of time) a prefix and the end of the connection.
     assert!(end == Some(1001) || end.is_none(), "closed with {end:?}");
     assert!(end.is_none() || next == N, "1001 after only {next} of {N}");
+}
+
+/// Issue 11, item 10: the smallest `limits.outbound_queue_bytes` the
+/// configuration accepts holds one maximal message as it is sent out
+/// (re-encoded with every field and recipient type written, plus the
+/// queue's per-frame overhead), so such a message closes nobody.
+#[tokio::test]
+async fn the_smallest_accepted_queue_holds_one_maximal_message() {
+    let accepts = |queue: usize| {
+        let mut raw = wshub::config::RawConfig::default();
+        raw.limits.max_message_bytes = 1024;
+        raw.limits.outbound_queue_bytes = queue;
+        Config::from_raw(raw).ok()
+    };
+    // Binary search for the smallest accepted value (at most 31 steps).
+    let (mut lo, mut hi) = (1usize, 1usize << 30);
+    assert!(accepts(hi).is_some());
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if accepts(mid).is_some() {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    let mut config = test_config();
+    config.limits = accepts(hi).unwrap().limits;
+    let server = TestServer::with(config).await;
+    let mut a = server.connect("a", None).await;
+    let mut b = server.connect("b", None).await;
+    // 100 recipients `{}` become `{"type":"group","value":null}` each: the
+    // 1,024-byte message goes out at several times its size.
+    let recipients = vec!["{}"; 100].join(",");
+    let head = r#"{"action":"max","recipients":["#.to_owned() + &recipients + r#"],"message":""#;
+    let text = format!("{head}{}\"}}", "m".repeat(1024 - head.len() - 2));
+    assert_eq!(text.len(), 1024);
+    a.send_text(text).await;
+    for c in [&mut a, &mut b] {
+        assert_eq!(c.recv().await["action"], "max", "queue of {hi} bytes");
+    }
+    let tag = a.send_sentinel().await;
+    assert!(b.until_sentinel(&tag).await.is_empty());
 }

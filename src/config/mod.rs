@@ -266,10 +266,15 @@ impl Config {
         if l.max_recipients == 0 {
             return Err(invalid("limits.max_recipients", "must be at least 1"));
         }
-        if l.outbound_queue_bytes < l.max_message_bytes {
+        let min_queue = crate::limits::min_outbound_queue_bytes(l);
+        if l.outbound_queue_bytes < min_queue {
             return Err(invalid(
                 "limits.outbound_queue_bytes",
-                "must be at least limits.max_message_bytes (one message must fit)",
+                format!(
+                    "must be at least {min_queue}: room for one largest message as sent out \
+                     (limits.max_message_bytes re-encoded with every field and recipient type \
+                     written out, ids stamped in token mode, plus 64 bytes of bookkeeping)"
+                ),
             ));
         }
         if raw.ws.ping_interval_ms < 10 {

@@ -97,6 +97,15 @@ fn errors_name_the_key() {
             "`limits.outbound_queue_bytes` must be at least",
         ),
         (
+            // Issue 11, item 10: one maximal message goes out larger than it
+            // came in, and the queue counts per-frame overhead too.
+            &[
+                ("WSHUB_LIMITS__MAX_MESSAGE_BYTES", "2048"),
+                ("WSHUB_LIMITS__OUTBOUND_QUEUE_BYTES", "2048"),
+            ],
+            "`limits.outbound_queue_bytes` must be at least",
+        ),
+        (
             &[("WSHUB_WS__WRITE_TIMEOUT_MS", "0")],
             "`ws.write_timeout_ms`",
         ),
