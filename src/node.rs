@@ -190,6 +190,9 @@ impl Node {
         };
         let per_ip = self.config.limits.max_connections_per_ip;
         if let (Some(ip), true) = (ip, per_ip > 0) {
+            // Counted per IPv6 network (`limits.ipv6_prefix_len`), not per
+            // address: one IPv6 host holds a whole /64.
+            let ip = crate::limits::address_key(ip, self.config.limits.ipv6_prefix_len);
             let mut counts = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
             let n = counts.entry(ip).or_default();
             if *n >= per_ip {

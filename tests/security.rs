@@ -492,6 +492,35 @@ async fn a_ping_flood_is_rate_limited_and_closed() {
     );
 }
 
+/// Issue 11, item 13: the per-address limit counts an IPv6 client by its
+/// /64 (one host usually holds a whole /64), and an IPv4-mapped IPv6
+/// address as the IPv4 address it is.
+#[tokio::test]
+async fn the_per_address_limit_counts_ipv6_per_64_and_mapped_ipv4_as_ipv4() {
+    let server = TestServer::with(config_with(&[
+        ("WSHUB_LIMITS__MAX_CONNECTIONS_PER_IP", "2"),
+        ("WSHUB_AUTH__TRUSTED_PROXIES", "127.0.0.0/8"),
+    ]))
+    .await;
+    let from = |addr: &'static str| [("x-forwarded-for", addr)];
+    let mut open = Vec::new();
+    for addr in ["2001:db8:1:2::a", "2001:db8:1:2:ffff:ffff:ffff:ffff"] {
+        open.push(upgrade(&server, "/ws", &from(addr)).await.expect(addr));
+    }
+    let (status, body) = refused(&server, "/ws", &from("2001:db8:1:2:abcd::1")).await;
+    assert_eq!(status, 429, "a third socket from the same /64: {body}");
+    open.push(
+        upgrade(&server, "/ws", &from("2001:db8:1:3::a"))
+            .await
+            .expect("another /64 is another client"),
+    );
+    for addr in ["192.0.2.7", "::ffff:192.0.2.7"] {
+        open.push(upgrade(&server, "/ws", &from(addr)).await.expect(addr));
+    }
+    let (status, _) = refused(&server, "/ws", &from("192.0.2.7")).await;
+    assert_eq!(status, 429, "the mapped address counted as the IPv4 one");
+}
+
 /// Issue 11, item 9: an id chosen by a client cannot forge a line of the
 /// default (text) log: control characters in it are escaped. Runs the real
 /// binary and reads its stderr.

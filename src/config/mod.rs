@@ -277,6 +277,12 @@ impl Config {
                 ),
             ));
         }
+        if !(1..=128).contains(&l.ipv6_prefix_len) {
+            return Err(invalid(
+                "limits.ipv6_prefix_len",
+                "must be between 1 and 128",
+            ));
+        }
         if raw.ws.ping_interval_ms < 10 {
             return Err(invalid("ws.ping_interval_ms", "must be at least 10"));
         }

@@ -107,6 +107,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Sockets from one client address (0: no limit).
     pub max_connections_per_ip: usize,
+    /// IPv6 clients are counted per network of this many bits (an IPv4
+    /// client per address).
+    pub ipv6_prefix_len: u8,
     /// Sustained messages per second a socket may send (0: no limit).
     pub messages_per_second: u32,
     /// Messages a socket may send at once above the sustained rate.
@@ -216,6 +219,7 @@ impl Default for Limits {
             outbound_queue_bytes: 1024 * 1024,
             max_connections: 0,
             max_connections_per_ip: 0,
+            ipv6_prefix_len: 64,
             messages_per_second: 50,
             message_burst: 100,
             rate_violations_before_close: 100,

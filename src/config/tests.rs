@@ -106,6 +106,10 @@ fn errors_name_the_key() {
             "`limits.outbound_queue_bytes` must be at least",
         ),
         (
+            &[("WSHUB_LIMITS__IPV6_PREFIX_LEN", "0")],
+            "`limits.ipv6_prefix_len`",
+        ),
+        (
             &[("WSHUB_WS__WRITE_TIMEOUT_MS", "0")],
             "`ws.write_timeout_ms`",
         ),
