@@ -28,6 +28,11 @@ pub type Frame = Utf8Bytes;
 pub const ACTION_BROADCAST: &str = "broadcast";
 /// The reserved action of the hub's error replies.
 pub const ACTION_ERROR: &str = "wshub.error";
+/// Actions starting with this (in any letter case) are the hub's own:
+/// `wshub.error` replies, `wshub.connect`/`wshub.disconnect` events. A
+/// client may not send them; the backend, through the broadcast endpoint,
+/// may.
+pub const RESERVED_PREFIX: &str = "wshub.";
 
 /// A parsed message, borrowing from the frame it came in.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -117,6 +122,10 @@ pub enum MessageError {
     /// More recipients than `limits.max_recipients`.
     #[error("invalid message: {count} recipients, at most {max} are allowed")]
     TooManyRecipients { count: usize, max: usize },
+    /// A client used an action of the hub's own (`wshub.*`): it could
+    /// otherwise fake hub errors to other clients or events to the backend.
+    #[error("invalid message: actions starting with `wshub.` are reserved for the hub")]
+    ReservedAction,
 }
 
 impl<'a> Message<'a> {
@@ -162,6 +171,14 @@ impl<'a> Message<'a> {
         self.action
             .as_deref()
             .is_some_and(|a| a.eq_ignore_ascii_case(ACTION_BROADCAST))
+    }
+
+    /// True when the action is one of the hub's own (`wshub.*`, any case).
+    pub fn is_reserved(&self) -> bool {
+        self.action.as_deref().is_some_and(|a| {
+            a.get(..RESERVED_PREFIX.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(RESERVED_PREFIX))
+        })
     }
 
     /// Encodes the outbound frame: the five fields in protocol order, nulls
@@ -515,6 +532,19 @@ mod tests {
             error_frame("bad").as_str(),
             r#"{"userId":null,"groupId":null,"action":"wshub.error","message":"bad","recipients":[]}"#
         );
+    }
+
+    #[test]
+    fn reserved_actions_in_any_case() {
+        for action in ["wshub.error", "WSHUB.connect", "Wshub.x", "wshub."] {
+            let text = format!(r#"{{"action":"{action}"}}"#);
+            assert!(parse(&text).unwrap().is_reserved(), "{action}");
+        }
+        for action in ["wshub", "wshubx", "broadcast", "my.wshub.x", "é"] {
+            let text = format!(r#"{{"action":"{action}"}}"#);
+            assert!(!parse(&text).unwrap().is_reserved(), "{action}");
+        }
+        assert!(!parse("{}").unwrap().is_reserved());
     }
 
     /// The worst case for growth: the most recipients, each `{}` or

@@ -215,7 +215,9 @@ impl Node {
     }
 
     /// Parses a message from the backend (the broadcast endpoint) and
-    /// publishes it, whatever its action.
+    /// publishes it, whatever its action, the hub's own `wshub.*` included:
+    /// the backend is the application, trusted by key or network, and may
+    /// speak in the hub's name.
     pub fn publish_text(&self, text: &str) -> Result<(), PublishError> {
         let msg = self.parse(text)?;
         self.publish(&msg)?;
@@ -230,8 +232,16 @@ impl Node {
     /// In token mode the message's `userId` and `groupId` are replaced by
     /// the connection's verified ones first, so nobody speaks as someone
     /// else (the backend then receives the stamped JSON).
+    ///
+    /// The hub's own actions (`wshub.*`) are refused, with or without a
+    /// backend: a client could otherwise fake hub errors to other clients
+    /// or connect/disconnect events to the backend.
     pub fn client_text(&self, conn: &Arc<Conn>, text: &str) -> Result<(), PublishError> {
         let mut msg = self.parse(text)?;
+        if msg.is_reserved() {
+            self.metrics.dropped(DropReason::Invalid, 1);
+            return Err(MessageError::ReservedAction.into());
+        }
         let stamped;
         let mut text = text;
         if self.tokens.is_some() {

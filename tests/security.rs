@@ -492,6 +492,88 @@ async fn a_ping_flood_is_rate_limited_and_closed() {
     );
 }
 
+/// A backend on port 0 that records the body of every request.
+async fn recording_backend() -> (String, tokio::sync::mpsc::Receiver<String>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let app = axum::Router::new().fallback(move |body: String| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(body).await;
+            axum::http::StatusCode::NO_CONTENT
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/__websocket.wwd", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, rx)
+}
+
+/// Issue 11, item 12: a client cannot send the hub's reserved `wshub.*`
+/// actions, in any letter case: not to other clients (a fake
+/// `wshub.error`) when there is no backend, and not to the backend (a fake
+/// `wshub.disconnect`) when there is one. The sender is told why.
+#[tokio::test]
+async fn clients_cannot_send_reserved_actions() {
+    let server = TestServer::start().await;
+    let mut mallory = server.connect("mallory", None).await;
+    let mut victim = server.connect("victim", None).await;
+    for action in ["wshub.error", "WSHUB.Connect", "wshub.anything"] {
+        mallory
+            .send_json(json!({"action": action, "message": "your session expired, log in at evil.example"}))
+            .await;
+        let reply = mallory.recv().await;
+        assert_eq!(reply["action"], "wshub.error", "{action}: {reply}");
+        let why = reply["message"].as_str().unwrap();
+        assert!(why.contains("reserved"), "{action}: {why}");
+    }
+    let tag = mallory.send_sentinel().await;
+    assert!(
+        victim.until_sentinel(&tag).await.is_empty(),
+        "nothing reached the victim"
+    );
+
+    let (url, mut seen) = recording_backend().await;
+    let mut config = test_config();
+    config.backend = Config::load_from(None, [("WSHUB_BACKEND__URL".to_owned(), url)])
+        .unwrap()
+        .backend;
+    let server = TestServer::with(config).await;
+    let mut mallory = server.connect("mallory", None).await;
+    mallory
+        .send_json(json!({"action": "wshub.disconnect", "userId": "victim"}))
+        .await;
+    let reply = mallory.recv().await;
+    assert_eq!(reply["action"], "wshub.error", "{reply}");
+    assert!(
+        reply["message"].as_str().unwrap().contains("reserved"),
+        "{reply}"
+    );
+    // The refusal is synchronous: the first thing the backend hears from
+    // mallory is what it sent next.
+    mallory.send_json(json!({"action": "legit"})).await;
+    let first = tokio::time::timeout(common::PATIENCE, seen.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.contains(r#""action":"legit""#), "{first}");
+}
+
+/// Issue 11, item 12, decided: the broadcast endpoint (the application's
+/// backend, trusted by key or network) may still send `wshub.*` actions.
+#[tokio::test]
+async fn the_broadcast_endpoint_may_send_reserved_actions() {
+    let server = TestServer::start().await;
+    let mut a = server.connect("a", None).await;
+    let resp = server
+        .post(
+            "/__broadcastWebSocket.wc",
+            r#"{"action":"wshub.notice","message":"maintenance at 18:00"}"#,
+        )
+        .await;
+    assert_eq!(resp.status(), 204);
+    assert_eq!(a.recv().await["action"], "wshub.notice");
+}
+
 /// Issue 11, item 13: the per-address limit counts an IPv6 client by its
 /// /64 (one host usually holds a whole /64), and an IPv4-mapped IPv6
 /// address as the IPv4 address it is.
