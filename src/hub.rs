@@ -20,6 +20,7 @@ use tracing::warn;
 
 use crate::bus::{Deliver, Envelope};
 use crate::close::CloseReason;
+use crate::logging::Untrusted;
 use crate::message::Frame;
 use crate::metrics::Metrics;
 use crate::route::{Identity, Topic};
@@ -51,23 +52,55 @@ impl Conn {
     }
 
     /// Queues a frame for this connection without waiting. Returns false when
-    /// the queue was full: the connection is then closed as a slow consumer.
+    /// the queue was full: the connection is then closed as a slow consumer
+    /// (and that is logged).
     pub fn offer(&self, frame: Frame) -> bool {
-        match self.outbox.push(frame) {
-            Ok(()) => true,
-            Err(Full) => {
-                if self.closer.close(CloseReason::SlowConsumer) {
-                    warn!(conn = self.id, user = %self.who.user, "outbound queue full: closing slow consumer");
+        match self.try_offer(frame) {
+            Offered::Queued => true,
+            Offered::Full { closed_now } => {
+                if closed_now {
+                    self.log_slow_consumer();
                 }
                 false
             }
         }
     }
+
+    /// [`offer`](Self::offer) without the log line, for callers holding a
+    /// lock: they log with [`log_slow_consumer`](Self::log_slow_consumer)
+    /// after releasing it.
+    fn try_offer(&self, frame: Frame) -> Offered {
+        match self.outbox.push(frame) {
+            Ok(()) => Offered::Queued,
+            Err(Full) => Offered::Full {
+                closed_now: self.closer.close(CloseReason::SlowConsumer),
+            },
+        }
+    }
+
+    fn log_slow_consumer(&self) {
+        warn!(
+            conn = self.id,
+            user = %Untrusted(&self.who.user),
+            "outbound queue full: closing slow consumer"
+        );
+    }
+}
+
+/// What [`Conn::try_offer`] did.
+enum Offered {
+    Queued,
+    /// The queue was full; `closed_now` when this offer closed the
+    /// connection (the first to find it full), which is logged once.
+    Full {
+        closed_now: bool,
+    },
 }
 
 /// Bookkeeping cost of one queued frame beyond its bytes, so that a flood of
-/// tiny frames is bounded too.
-const FRAME_OVERHEAD: usize = 64;
+/// tiny frames is bounded too. (The configuration requires room for one
+/// largest frame plus this.)
+pub const FRAME_OVERHEAD: usize = 64;
 
 /// A connection's outbound queue, bounded in bytes rather than frames.
 ///
@@ -229,7 +262,9 @@ struct Index {
 ///
 /// One `std::sync::RwLock` over the three indexes: deliveries take it
 /// shared and never await while holding it; connects and disconnects take
-/// it exclusively for a few map operations.
+/// it exclusively for a few map operations. Nothing is logged while it is
+/// held: a log write can block (a full stderr pipe), and a blocked reader
+/// would block every connect and disconnect behind it.
 pub struct Hub {
     index: RwLock<Index>,
     metrics: Arc<Metrics>,
@@ -314,17 +349,111 @@ impl Deliver for Hub {
         };
         let Some(members) = members else { return };
         let (mut delivered, mut dropped) = (0u64, 0u64);
+        // Connections this delivery closed, logged once the lock is released.
+        let mut closed = Vec::new();
         for conn in members.values() {
             if envelope.route.accepts(via, &conn.who) {
-                if conn.offer(envelope.frame.clone()) {
-                    delivered += 1;
-                } else {
-                    dropped += 1;
+                match conn.try_offer(envelope.frame.clone()) {
+                    Offered::Queued => delivered += 1,
+                    Offered::Full { closed_now } => {
+                        dropped += 1;
+                        if closed_now {
+                            closed.push(conn.clone());
+                        }
+                    }
                 }
             }
         }
         drop(index);
+        for conn in closed {
+            conn.log_slow_consumer();
+        }
         self.metrics.delivered(delivered);
         self.metrics.dropped_slow(dropped);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::Route;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// A log destination that blocks like a stderr pipe nobody reads, until
+    /// `release` is dropped (or 30 s pass, so a failing test still ends).
+    #[derive(Clone)]
+    struct StuckWriter {
+        entered: mpsc::SyncSender<()>,
+        release: Arc<std::sync::Mutex<mpsc::Receiver<()>>>,
+    }
+
+    impl std::io::Write for StuckWriter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.entered.try_send(());
+            let release = self.release.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = release.recv_timeout(Duration::from_secs(30));
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Issue 11, item 14: the slow-consumer warning is written with the
+    /// index lock released, so a blocked log destination cannot block
+    /// connects and disconnects.
+    #[test]
+    fn a_blocked_log_write_does_not_hold_the_index() {
+        let hub = Arc::new(Hub::new(Arc::new(Metrics::new())));
+        let who = |user: &str| Identity {
+            user: user.into(),
+            group: None,
+        };
+        // A budget of one byte: the first offer overflows it.
+        let (slow, _rx) = Conn::new(1, who("slow"), 1);
+        hub.insert(slow);
+        let envelope = Arc::new(Envelope {
+            route: Route::everyone(),
+            frame: Frame::from("x"),
+        });
+        let (entered_tx, entered) = mpsc::sync_channel(1);
+        let (release, release_rx) = mpsc::channel::<()>();
+        let writer = StuckWriter {
+            entered: entered_tx,
+            release: Arc::new(std::sync::Mutex::new(release_rx)),
+        };
+        let deliverer = std::thread::spawn({
+            let hub = hub.clone();
+            move || {
+                let subscriber = tracing_subscriber::fmt()
+                    .with_writer(move || writer.clone())
+                    .finish();
+                tracing::subscriber::with_default(subscriber, || {
+                    hub.deliver(&Topic::All, &envelope)
+                });
+            }
+        });
+        entered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the slow consumer was logged");
+        // The log write is stuck now. A connect must still get in.
+        let (done_tx, done) = mpsc::channel();
+        std::thread::spawn({
+            let hub = hub.clone();
+            move || {
+                let (conn, _rx) = Conn::new(2, who("newcomer"), 1024);
+                hub.insert(conn);
+                let _ = done_tx.send(());
+            }
+        });
+        let connected = done.recv_timeout(Duration::from_secs(5)).is_ok();
+        drop(release);
+        deliverer.join().unwrap();
+        assert!(
+            connected,
+            "a connect waited for a log write made under the hub's index lock"
+        );
+        assert_eq!(hub.len(), 2);
     }
 }

@@ -1,6 +1,11 @@
-//! Per-connection message rate limiting, and the node's socket capacity.
+//! Per-connection message rate limiting, the node's socket capacity, the
+//! key of the per-address limit, and the smallest outbound queue.
+
+use std::net::{IpAddr, Ipv6Addr};
 
 use tokio::time::Instant;
+
+use crate::config::Limits;
 
 /// What the rate limiter says about one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +63,34 @@ impl RateLimit {
     }
 }
 
+/// What `limits.max_connections_per_ip` counts a client address under: an
+/// IPv4 address (an IPv4-mapped IPv6 address is the IPv4 address it maps),
+/// or the IPv6 network of `ipv6_prefix_len` bits that contains it. One
+/// IPv6 host is usually given a whole /64, so counting full addresses would
+/// let it open sockets from as many addresses as it likes.
+pub fn address_key(ip: IpAddr, ipv6_prefix_len: u8) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => {
+            let len = u32::from(ipv6_prefix_len.min(128));
+            let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+        }
+    }
+}
+
+/// The smallest acceptable `limits.outbound_queue_bytes`: room for the
+/// largest frame one message can become, plus the queue's per-frame
+/// overhead ([`crate::hub::FRAME_OVERHEAD`]).
+pub fn min_outbound_queue_bytes(limits: &Limits) -> usize {
+    let message = crate::message::MessageLimits {
+        max_id_bytes: limits.max_id_bytes,
+        max_recipients: limits.max_recipients,
+    };
+    crate::message::max_frame_bytes(limits.max_message_bytes, &message)
+        .saturating_add(crate::hub::FRAME_OVERHEAD)
+}
+
 /// The soft open-file limit of this process (Linux: `/proc/self/limits`).
 pub fn open_file_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
@@ -112,6 +145,17 @@ mod tests {
             assert_eq!(rl.check(now), Verdict::Limited);
             now += Duration::from_millis(200);
         }
+    }
+
+    #[test]
+    fn address_keys() {
+        let key = |ip: &str, len| address_key(ip.parse().unwrap(), len).to_string();
+        assert_eq!(key("2001:db8:1:2:3:4:5:6", 64), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2:3:4:5:6", 48), "2001:db8:1::");
+        assert_eq!(key("2001:db8:1:2:3:4:5:6", 128), "2001:db8:1:2:3:4:5:6");
+        assert_eq!(key("::ffff:192.0.2.7", 64), "192.0.2.7");
+        assert_eq!(key("192.0.2.7", 64), "192.0.2.7");
+        assert_eq!(key("::1", 64), "::");
     }
 
     #[test]

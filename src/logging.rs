@@ -26,3 +26,64 @@ pub fn init(config: &Config) -> Result<(), Box<dyn std::error::Error + Send + Sy
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     }
 }
+
+/// A string chosen by a client (a user or group id, an action), made safe
+/// for a log line: control characters (newlines, terminal escapes),
+/// Unicode line separators and direction overrides, and the backslash are
+/// written as Rust escapes (`\n`, `\u{1b}`, `\\`), so a client can
+/// neither start a line of its own nor restyle or reorder what the
+/// operator reads. Everything else (quotes, non-ASCII letters) is kept as
+/// it is, so ordinary ids read as themselves. Every client-chosen string
+/// is logged through this, whatever the format: JSON would escape control
+/// characters anyway, but a line must not change meaning when an operator
+/// switches formats.
+pub struct Untrusted<'a>(pub &'a str);
+
+impl std::fmt::Display for Untrusted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        for c in self.0.chars() {
+            let unsafe_char = c.is_control()
+                || c == '\\'
+                || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}')
+                || ('\u{202a}'..='\u{202e}').contains(&c)
+                || ('\u{2066}'..='\u{2069}').contains(&c);
+            if unsafe_char {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// [`Untrusted`] for an optional id: `null` when absent (the null group).
+pub struct UntrustedOpt<'a>(pub Option<&'a str>);
+
+impl std::fmt::Display for UntrustedOpt<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(s) => Untrusted(s).fmt(f),
+            None => f.write_str("null"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn untrusted_strings_cannot_break_a_line_or_escape_the_terminal() {
+        let s = "ann\n2026 INFO forged\u{1b}[31m\r\\";
+        assert_eq!(
+            Untrusted(s).to_string(),
+            r"ann\n2026 INFO forged\u{1b}[31m\r\\"
+        );
+        assert_eq!(Untrusted("o'brien \"é\"").to_string(), "o'brien \"é\"");
+        assert_eq!(Untrusted("a\u{202e}b").to_string(), r"a\u{202e}b");
+        assert_eq!(UntrustedOpt(None).to_string(), "null");
+        assert_eq!(UntrustedOpt(Some("a\tb")).to_string(), r"a\tb");
+    }
+}

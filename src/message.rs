@@ -29,6 +29,11 @@ pub type Frame = Utf8Bytes;
 pub const ACTION_BROADCAST: &str = "broadcast";
 /// The reserved action of the hub's error replies.
 pub const ACTION_ERROR: &str = "wshub.error";
+/// Actions starting with this (in any letter case) are the hub's own:
+/// `wshub.error` replies, `wshub.connect`/`wshub.disconnect` events. A
+/// client may not send them; the backend, through the broadcast endpoint,
+/// may.
+pub const RESERVED_PREFIX: &str = "wshub.";
 
 /// A parsed message, borrowing from the frame it came in.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -123,6 +128,10 @@ pub enum MessageError {
     /// More recipients than `limits.max_recipients`.
     #[error("invalid message: {count} recipients, at most {max} are allowed")]
     TooManyRecipients { count: usize, max: usize },
+    /// A client used an action of the hub's own (`wshub.*`): it could
+    /// otherwise fake hub errors to other clients or events to the backend.
+    #[error("invalid message: actions starting with `wshub.` are reserved for the hub")]
+    ReservedAction,
 }
 
 impl From<serde_json::Error> for MessageError {
@@ -180,6 +189,14 @@ impl<'a> Message<'a> {
             .is_some_and(|a| a.eq_ignore_ascii_case(ACTION_BROADCAST))
     }
 
+    /// True when the action is one of the hub's own (`wshub.*`, any case).
+    pub fn is_reserved(&self) -> bool {
+        self.action.as_deref().is_some_and(|a| {
+            a.get(..RESERVED_PREFIX.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(RESERVED_PREFIX))
+        })
+    }
+
     /// Encodes the outbound frame: the five fields in protocol order, nulls
     /// written out, recipient types in their canonical spelling.
     pub fn encode(&self) -> Frame {
@@ -193,6 +210,29 @@ impl<'a> Message<'a> {
         // Serializing borrowed strings into a String cannot fail.
         Frame::from(serde_json::to_string(&out).unwrap_or_default())
     }
+}
+
+/// The most bytes the outbound frame of a message of at most
+/// `max_message_bytes` can take. Encoding can grow a message: every field
+/// is written (nulls included), each recipient gets its `type` spelled out
+/// (`{}` becomes `{"type":"group","value":null}`), and in token mode the
+/// connection's ids (up to `max_id_bytes`, each byte possibly escaped as
+/// `\u00XX`) replace the sender's. Strings never grow: whatever the
+/// encoder escapes had to be escaped in the input JSON already.
+///
+/// The outbound queue must hold at least this plus the per-frame overhead,
+/// or one maximal message would close every recipient as a slow consumer.
+pub fn max_frame_bytes(max_message_bytes: usize, limits: &MessageLimits) -> usize {
+    // `{"userId":null,"groupId":null,"action":null,"message":null,"recipients":[]}`
+    const SKELETON: usize = 75;
+    // `{"type":"excludeUser","value":null}` (35) from an input of `{}` (2).
+    const RECIPIENT_GROWTH: usize = 33;
+    // A stamped id: quotes, and six bytes per escaped byte.
+    let stamped_id = limits.max_id_bytes.saturating_mul(6).saturating_add(2);
+    max_message_bytes
+        .saturating_add(SKELETON)
+        .saturating_add(limits.max_recipients.saturating_mul(RECIPIENT_GROWTH))
+        .saturating_add(stamped_id.saturating_mul(2))
 }
 
 /// The `wshub.error` reply a sender receives when its message is refused.
@@ -508,6 +548,44 @@ mod tests {
             error_frame("bad").as_str(),
             r#"{"userId":null,"groupId":null,"action":"wshub.error","message":"bad","recipients":[]}"#
         );
+    }
+
+    #[test]
+    fn reserved_actions_in_any_case() {
+        for action in ["wshub.error", "WSHUB.connect", "Wshub.x", "wshub."] {
+            let text = format!(r#"{{"action":"{action}"}}"#);
+            assert!(parse(&text).unwrap().is_reserved(), "{action}");
+        }
+        for action in ["wshub", "wshubx", "broadcast", "my.wshub.x", "é"] {
+            let text = format!(r#"{{"action":"{action}"}}"#);
+            assert!(!parse(&text).unwrap().is_reserved(), "{action}");
+        }
+        assert!(!parse("{}").unwrap().is_reserved());
+    }
+
+    /// The worst case for growth: the most recipients, each `{}` or
+    /// `{"type":0}`, and ids stamped in token mode that are all escapes.
+    #[test]
+    fn max_frame_bytes_bounds_the_worst_encoding() {
+        let limits = MessageLimits {
+            max_id_bytes: 16,
+            max_recipients: 4,
+        };
+        let max_message_bytes = 1024;
+        let head = r#"{"recipients":[{},{"type":0},{},{"type":0}],"message":""#;
+        let text = format!(
+            "{head}{}\"}}",
+            "m".repeat(max_message_bytes - head.len() - 2)
+        );
+        assert_eq!(text.len(), max_message_bytes);
+        let mut msg = Message::parse(&text, &limits).unwrap();
+        let id = "\u{1}".repeat(16);
+        msg.user_id = Some(Cow::Borrowed(&id));
+        msg.group_id = Some(Cow::Borrowed(&id));
+        let encoded = msg.encode().len();
+        let bound = max_frame_bytes(max_message_bytes, &limits);
+        assert!(encoded <= bound, "{encoded} > {bound}");
+        assert!(encoded > max_message_bytes, "the case grows");
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::bus::{Bus, BusError, Envelope, LocalBus, RedisBus};
 use crate::close::CloseReason;
 use crate::config::Config;
 use crate::hub::{Conn, Hub, OutboxReceiver};
+use crate::logging::{Untrusted, UntrustedOpt};
 use crate::message::{Message, MessageError};
 use crate::metrics::{DropReason, Metrics};
 use crate::route::{Identity, Route, Topic};
@@ -188,6 +189,9 @@ impl Node {
         };
         let per_ip = self.config.limits.max_connections_per_ip;
         if let (Some(ip), true) = (ip, per_ip > 0) {
+            // Counted per IPv6 network (`limits.ipv6_prefix_len`), not per
+            // address: one IPv6 host holds a whole /64.
+            let ip = crate::limits::address_key(ip, self.config.limits.ipv6_prefix_len);
             let mut counts = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
             let n = counts.entry(ip).or_default();
             if *n >= per_ip {
@@ -210,7 +214,9 @@ impl Node {
     }
 
     /// Parses a message from the backend (the broadcast endpoint) and
-    /// publishes it, whatever its action.
+    /// publishes it, whatever its action, the hub's own `wshub.*` included:
+    /// the backend is the application, trusted by key or network, and may
+    /// speak in the hub's name.
     pub fn publish_text(&self, text: &str) -> Result<(), PublishError> {
         let msg = self.parse(text)?;
         self.publish(&msg)?;
@@ -225,8 +231,16 @@ impl Node {
     /// In token mode the message's `userId` and `groupId` are replaced by
     /// the connection's verified ones first, so nobody speaks as someone
     /// else (the backend then receives the stamped JSON).
+    ///
+    /// The hub's own actions (`wshub.*`) are refused, with or without a
+    /// backend: a client could otherwise fake hub errors to other clients
+    /// or connect/disconnect events to the backend.
     pub fn client_text(&self, conn: &Arc<Conn>, text: &str) -> Result<(), PublishError> {
         let mut msg = self.parse(text)?;
+        if msg.is_reserved() {
+            self.metrics.dropped(DropReason::Invalid, 1);
+            return Err(MessageError::ReservedAction.into());
+        }
         let stamped;
         let mut text = text;
         if self.tokens.is_some() {
@@ -383,8 +397,8 @@ impl Drop for Registration {
             node.metrics.connection_closed(reason);
             debug!(
                 conn = self.conn.id,
-                user = %self.conn.who.user,
-                group = ?self.conn.who.group.as_deref(),
+                user = %Untrusted(&self.conn.who.user),
+                group = %UntrustedOpt(self.conn.who.group.as_deref()),
                 code = reason.code(),
                 reason = reason.label(),
                 "connection closed"

@@ -6,6 +6,21 @@
 //! the client's next frame, the outbound queue, and the ping timer. Queued
 //! frames are written in batches and flushed once per wake-up, so a busy
 //! socket costs one write system call for many frames.
+//!
+//! **Every write races the close signal and `ws.write_timeout_ms`.** A peer
+//! that does not read blocks a write for as long as it likes; a session
+//! waiting in that write would see no close reason (the slow-consumer
+//! close, the drain's 1001) and pin the socket's buffers until the grace
+//! period ran out. (It happened: the ping write once awaited without the
+//! race, and a client that flooded pings and never read held its socket
+//! through a drain.) A write that runs out of time closes the socket as a
+//! slow consumer.
+//!
+//! **What a client receives before the close is a prefix** of what was
+//! queued for it: the frame being written when a close reason arrives is
+//! kept ([`InFlight`]) and written first by the closing handshake, before
+//! the rest of the queue. (Dropping it, as an earlier version did, left a
+//! gap mid-stream: later frames were still sent.)
 
 use std::time::Duration;
 
@@ -13,11 +28,12 @@ use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::time::{MissedTickBehavior, interval_at};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::close::CloseReason;
-use crate::hub::OutboxReceiver;
+use crate::hub::{Closer, OutboxReceiver};
 use crate::limits::{RateLimit, Verdict};
+use crate::logging::{Untrusted, UntrustedOpt};
 use crate::message::{Frame, MessageError, error_frame};
 use crate::metrics::DropReason;
 use crate::node::{PublishError, Registration};
@@ -34,7 +50,12 @@ pub async fn run(socket: WebSocket, mut registration: Registration) {
     };
     let conn = registration.conn.clone();
     let node = registration.node().clone();
-    debug!(conn = conn.id, user = %conn.who.user, group = ?conn.who.group.as_deref(), "connection opened");
+    debug!(
+        conn = conn.id,
+        user = %Untrusted(&conn.who.user),
+        group = %UntrustedOpt(conn.who.group.as_deref()),
+        "connection opened"
+    );
 
     let (mut sink, mut stream) = socket.split();
     let ping_every = node.config.ws.ping_interval;
@@ -49,6 +70,8 @@ pub async fn run(socket: WebSocket, mut registration: Registration) {
         limits.rate_violations_before_close,
     );
     let mut client_closed = false;
+    let write_timeout = node.config.ws.write_timeout;
+    let mut in_flight = InFlight::default();
 
     let reason = loop {
         tokio::select! {
@@ -57,16 +80,25 @@ pub async fn run(socket: WebSocket, mut registration: Registration) {
             frame = stream.next() => {
                 heard = true;
                 let data = matches!(frame, Some(Ok(WsMessage::Text(_) | WsMessage::Binary(_))));
-                if data && let Some(rate) = rate.as_mut() {
+                // Control frames count too: tungstenite owes a pong for
+                // every ping and buffers it even when the peer does not
+                // read, so an unlimited ping flood grows memory.
+                let control = matches!(frame, Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))));
+                if (data || control) && let Some(rate) = rate.as_mut() {
                     match rate.check(tokio::time::Instant::now()) {
                         Verdict::Allowed => {}
+                        // A control frame carries no message to refuse or
+                        // reply to: it only adds a violation.
+                        Verdict::Limited if control => continue,
                         Verdict::Limited => {
                             rate_limited(&registration);
                             continue;
                         }
                         Verdict::Abusive => {
-                            node.metrics.received();
-                            node.metrics.dropped(DropReason::RateLimited, 1);
+                            if data {
+                                node.metrics.received();
+                                node.metrics.dropped(DropReason::RateLimited, 1);
+                            }
                             break CloseReason::PolicyViolation;
                         }
                     }
@@ -88,11 +120,10 @@ pub async fn run(socket: WebSocket, mut registration: Registration) {
                 }
             }
             Some(first) = outbound.recv() => {
-                let write = write_batch(&mut sink, &mut outbound, first);
-                tokio::select! {
-                    biased;
-                    reason = conn.closer.closed() => break reason,
-                    result = write => if result.is_err() { break CloseReason::ConnectionLost },
+                in_flight.0 = Some(first);
+                let write = write_batch(&mut sink, &mut outbound, &mut in_flight);
+                if let Err(reason) = guarded(&conn.closer, write_timeout, write).await {
+                    break reason;
                 }
             }
             _ = ping.tick() => {
@@ -100,19 +131,55 @@ pub async fn run(socket: WebSocket, mut registration: Registration) {
                     break CloseReason::PingTimeout;
                 }
                 heard = false;
-                if sink.send(WsMessage::Ping(Default::default())).await.is_err() {
-                    break CloseReason::ConnectionLost;
+                let write = sink.send(WsMessage::Ping(Default::default()));
+                if let Err(reason) = guarded(&conn.closer, write_timeout, write).await {
+                    break reason;
                 }
             }
         }
     };
+    if conn.closer.reason().is_none() && reason == CloseReason::SlowConsumer {
+        warn!(
+            conn = conn.id,
+            user = %Untrusted(&conn.who.user),
+            timeout_ms = write_timeout.as_millis() as u64,
+            "write timed out: closing slow consumer"
+        );
+    }
     // Record the reason (a no-op if someone else set it first), then leave
     // the hub before the closing handshake so nothing more is queued.
     conn.closer.close(reason);
     let reason = conn.closer.reason().unwrap_or(reason);
     drop(registration);
-    close(sink, stream, outbound, reason, client_closed).await;
+    close(sink, stream, in_flight, outbound, reason, client_closed).await;
 }
+
+/// Runs one write unless the session is closed first or the write takes
+/// longer than `limit`. A write that fails means the connection is gone; one
+/// that runs out of time means the peer does not read: a slow consumer.
+async fn guarded(
+    closer: &Closer,
+    limit: Duration,
+    write: impl Future<Output = Result<(), axum::Error>>,
+) -> Result<(), CloseReason> {
+    tokio::select! {
+        biased;
+        reason = closer.closed() => Err(reason),
+        result = tokio::time::timeout(limit, write) => match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(CloseReason::ConnectionLost),
+            Err(_) => Err(CloseReason::SlowConsumer),
+        },
+    }
+}
+
+/// The frame a batch write has taken from the queue but not yet handed to
+/// the socket. A write abandoned for a close reason leaves it here, and the
+/// closing handshake writes it before the rest of the queue, so the client
+/// never sees a gap. (A frame handed over is in tungstenite's buffer and is
+/// flushed by whatever is written next, the close frame included.)
+#[derive(Default)]
+struct InFlight(Option<Frame>);
 
 fn on_text(registration: &Registration, text: &str) {
     let node = registration.node();
@@ -153,28 +220,38 @@ fn read_error_reason(error: axum::Error) -> CloseReason {
     }
 }
 
+/// Writes the frame in flight and up to [`MAX_BATCH`] frames in all from
+/// the queue, then flushes. Each frame stays in `in_flight` until the
+/// socket has taken it (`feed` hands a frame over in the same poll that
+/// completes it, so a cancelled `feed` never took its frame).
 async fn write_batch(
     sink: &mut SplitSink<WebSocket, WsMessage>,
     outbound: &mut OutboxReceiver,
-    first: Frame,
+    in_flight: &mut InFlight,
 ) -> Result<(), axum::Error> {
-    sink.feed(WsMessage::Text(first)).await?;
-    for _ in 1..MAX_BATCH {
-        match outbound.try_recv() {
-            Some(frame) => sink.feed(WsMessage::Text(frame)).await?,
-            None => break,
+    for _ in 0..MAX_BATCH {
+        if in_flight.0.is_none() {
+            in_flight.0 = outbound.try_recv();
         }
+        // A clone is a reference-count increment.
+        let Some(frame) = in_flight.0.clone() else {
+            break;
+        };
+        sink.feed(WsMessage::Text(frame)).await?;
+        in_flight.0 = None;
     }
     sink.flush().await
 }
 
 /// The closing handshake, bounded by [`CLOSE_TIMEOUT`]. Frames still
-/// queued for the client (error replies, messages that arrived before the
-/// close) are written first, except for a slow consumer, whose queue is
-/// the problem.
+/// queued for the client (the one in flight, error replies, messages that
+/// arrived before the close) are written first and in order, except for a
+/// slow consumer, whose queue is the problem. If the time runs out, the
+/// client has received a prefix of its frames and the connection ends.
 async fn close(
     mut sink: SplitSink<WebSocket, WsMessage>,
     mut stream: SplitStream<WebSocket>,
+    mut in_flight: InFlight,
     mut outbound: OutboxReceiver,
     reason: CloseReason,
     client_closed: bool,
@@ -184,7 +261,7 @@ async fn close(
     }
     let handshake = async {
         if reason != CloseReason::SlowConsumer && !client_closed {
-            while let Some(frame) = outbound.try_recv() {
+            while let Some(frame) = in_flight.0.take().or_else(|| outbound.try_recv()) {
                 if sink.feed(WsMessage::Text(frame)).await.is_err() {
                     return;
                 }

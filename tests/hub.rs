@@ -9,6 +9,7 @@ use common::{Client, Ended, TestServer, eventually, routing::routing_table, test
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
+use wshub::Config;
 
 #[tokio::test]
 async fn routing_table_on_one_node() {
@@ -541,4 +542,198 @@ async fn client_close_is_answered_with_its_code() {
     }
     assert!(got_close, "the server answered the close");
     eventually("the socket left the hub", || server.node.connections() == 0).await;
+}
+
+/// Connects `user` and floods the server with pings without ever reading,
+/// so that the pongs tungstenite owes fill the socket's buffers (about
+/// 7.5 MB of pongs, more than loopback's send buffer and the unread
+/// receive buffer hold). Then lets virtual time pass, so that the next
+/// server ping is written into the full socket and blocks.
+///
+/// Runs on paused time: virtual time advances only when every task is idle,
+/// so the sleep at the end is reached with the session already blocked.
+async fn block_a_session_in_its_ping_write(server: &common::TestServer) -> Client {
+    let mut flooder = server.connect("flooder", None).await;
+    let payload = vec![7u8; 125];
+    for _ in 0..60_000 {
+        let send = flooder.ws.send(Message::Ping(payload.clone().into()));
+        // A session blocked in a write stops reading, and then our sends
+        // block too: the socket is as full as it gets.
+        if tokio::time::timeout(common::PATIENCE, send).await.is_err() {
+            break;
+        }
+    }
+    tokio::time::sleep(server.node.config.ws.ping_interval * 3).await;
+    flooder
+}
+
+/// Waits, on paused time, until the node holds no socket.
+async fn until_no_socket_within(server: &common::TestServer, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while server.node.connections() > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
+}
+
+/// Issue 11, item 4: a session blocked writing a ping to a peer that never
+/// reads still closes, at once, when the node drains.
+#[tokio::test(start_paused = true)]
+async fn a_session_blocked_in_a_ping_write_still_sees_the_drain() {
+    let mut config = test_config();
+    config.ws.ping_interval = Duration::from_millis(100);
+    let server = TestServer::with(config).await;
+    let _flooder = block_a_session_in_its_ping_write(&server).await;
+    server.node.drain();
+    assert!(
+        until_no_socket_within(&server, Duration::from_secs(1)).await,
+        "the drain's 1001 was ignored by a session blocked in its ping write"
+    );
+    assert_eq!(
+        server.metric("wshub_connections_closed_total{code=\"1001\",reason=\"going_away\"}"),
+        1.0
+    );
+}
+
+/// Issue 11, item 4: a write the peer never takes ends at the write
+/// deadline (`ws.write_timeout_ms`), closing the socket as a slow consumer,
+/// even with nothing else going on.
+#[tokio::test(start_paused = true)]
+async fn a_write_the_peer_never_takes_ends_at_the_write_deadline() {
+    let mut config = test_config();
+    config.ws.ping_interval = Duration::from_millis(100);
+    let server = TestServer::with(config).await;
+    let _flooder = block_a_session_in_its_ping_write(&server).await;
+    assert!(
+        until_no_socket_within(&server, Duration::from_secs(120)).await,
+        "a session blocked in a write was never closed"
+    );
+    assert_eq!(
+        server.metric("wshub_connections_closed_total{code=\"4000\",reason=\"slow_consumer\"}"),
+        1.0
+    );
+}
+
+/// Issue 11, item 7: what a client receives before the drain's close is a
+/// prefix of what was queued for it: the frame being written when the 1001
+/// arrived is neither dropped nor overtaken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_mid_write_delivers_a_prefix_without_gaps() {
+    const N: usize = 2_000;
+    let mut config = test_config();
+    config.limits.outbound_queue_bytes = 64 * 1024 * 1024;
+    let server = TestServer::with(config).await;
+    // A fixed 64 KB receive buffer: without it, Linux may grow the buffer
+    // of a socket that is not read to tens of megabytes.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let stream = socket.connect(server.addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(
+        format!("ws://{}/ws?userid=slow", server.addr),
+        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+    )
+    .await
+    .unwrap();
+    let mut slow = Client { ws };
+    let mut watch = server.connect("watch", None).await;
+    let mut tx = server.connect("tx", None).await;
+    // 2,000 × 8 KB: far more than the socket buffers hold while `slow`
+    // does not read (loopback's send buffer grows to 4 MB at most), so its
+    // session is blocked mid-batch.
+    let pad = "p".repeat(8_000);
+    for i in 0..N {
+        tx.send_json(json!({"action": "seq", "message": format!("{i:06}{pad}"),
+            "recipients": [{"type": "user", "value": "slow"}]}))
+            .await;
+    }
+    // Per-sender order: once `watch` has this, every frame above is queued
+    // for `slow` (or already written).
+    tx.send_json(json!({"action": "marker", "recipients": [{"type": "user", "value": "watch"}]}))
+        .await;
+    assert_eq!(watch.recv().await["action"], "marker");
+    // `slow`'s session is blocked flushing a batch of one frame (it wrote
+    // each frame as it arrived), which loses nothing when abandoned.
+    // Reading half of the frames wakes it (Linux wakes a writer only once
+    // a third of the send buffer is free); it then writes batches of 64
+    // from its full queue, on the other worker thread, until the socket is
+    // full again and it blocks in the middle of a batch.
+    let seq = |text: &str| -> usize {
+        let at = text.find(r#""message":""#).expect("a message field") + 11;
+        text[at..at + 6].parse().expect("a sequence number")
+    };
+    for i in 0..N / 2 {
+        assert_eq!(seq(&slow.recv_text().await), i);
+    }
+    // Close while the session is in a batch write (`slow` reads nothing
+    // more until the 1001 is set), as SIGTERM does to a congested socket.
+    server.node.drain();
+    let mut next = N / 2;
+    let end = loop {
+        match tokio::time::timeout(common::PATIENCE, slow.ws.next())
+            .await
+            .expect("the socket neither delivered nor ended")
+        {
+            Some(Ok(Message::Text(text))) => {
+                assert_eq!(
+                    seq(&text),
+                    next,
+                    "a gap in what was delivered before the close"
+                );
+                next += 1;
+                assert!(next <= N, "more frames than were sent");
+            }
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => break None,
+        }
+    };
+    // Either everything and the 1001, or (when the closing handshake ran
+    // out of time) a prefix and the end of the connection.
+    assert!(end == Some(1001) || end.is_none(), "closed with {end:?}");
+    assert!(end.is_none() || next == N, "1001 after only {next} of {N}");
+}
+
+/// Issue 11, item 10: the smallest `limits.outbound_queue_bytes` the
+/// configuration accepts holds one maximal message as it is sent out
+/// (re-encoded with every field and recipient type written, plus the
+/// queue's per-frame overhead), so such a message closes nobody.
+#[tokio::test]
+async fn the_smallest_accepted_queue_holds_one_maximal_message() {
+    let accepts = |queue: usize| {
+        let mut raw = wshub::config::RawConfig::default();
+        raw.limits.max_message_bytes = 1024;
+        raw.limits.outbound_queue_bytes = queue;
+        Config::from_raw(raw).ok()
+    };
+    // Binary search for the smallest accepted value (at most 31 steps).
+    let (mut lo, mut hi) = (1usize, 1usize << 30);
+    assert!(accepts(hi).is_some());
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if accepts(mid).is_some() {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    let mut config = test_config();
+    config.limits = accepts(hi).unwrap().limits;
+    let server = TestServer::with(config).await;
+    let mut a = server.connect("a", None).await;
+    let mut b = server.connect("b", None).await;
+    // 100 recipients `{}` become `{"type":"group","value":null}` each: the
+    // 1,024-byte message goes out at several times its size.
+    let recipients = vec!["{}"; 100].join(",");
+    let head = r#"{"action":"max","recipients":["#.to_owned() + &recipients + r#"],"message":""#;
+    let text = format!("{head}{}\"}}", "m".repeat(1024 - head.len() - 2));
+    assert_eq!(text.len(), 1024);
+    a.send_text(text).await;
+    for c in [&mut a, &mut b] {
+        assert_eq!(c.recv().await["action"], "max", "queue of {hi} bytes");
+    }
+    let tag = a.send_sentinel().await;
+    assert!(b.until_sentinel(&tag).await.is_empty());
 }

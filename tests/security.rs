@@ -459,3 +459,238 @@ async fn a_flooding_socket_is_limited_then_closed_and_nobody_else_waits() {
         .await;
     assert_eq!(x.recv().await["action"], "still");
 }
+
+/// Issue 11, item 4: control frames count against the sender's rate, so a
+/// client that floods pings (each owed a pong) is closed with 1008 like one
+/// that floods messages.
+#[tokio::test]
+async fn a_ping_flood_is_rate_limited_and_closed() {
+    let server = TestServer::with(config_with(&[
+        ("WSHUB_LIMITS__MESSAGES_PER_SECOND", "5"),
+        ("WSHUB_LIMITS__MESSAGE_BURST", "3"),
+        ("WSHUB_LIMITS__RATE_VIOLATIONS_BEFORE_CLOSE", "20"),
+    ]))
+    .await;
+    let mut flood = server.connect("flood", None).await;
+    for _ in 0..500 {
+        let ping = tokio_tungstenite::tungstenite::Message::Ping(vec![1u8; 125].into());
+        if futures_util::SinkExt::send(&mut flood.ws, ping)
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    common::eventually("the ping flooder is closed with 1008", || {
+        server.metric("wshub_connections_closed_total{code=\"1008\",reason=\"policy_violation\"}")
+            == 1.0
+    })
+    .await;
+    assert_eq!(
+        flood.ended().await,
+        Ended::Closed(1008, "Rate limit exceeded".into())
+    );
+}
+
+/// A backend on port 0 that records the body of every request.
+async fn recording_backend() -> (String, tokio::sync::mpsc::Receiver<String>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let app = axum::Router::new().fallback(move |body: String| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(body).await;
+            axum::http::StatusCode::NO_CONTENT
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/__websocket.wwd", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, rx)
+}
+
+/// Issue 11, item 12: a client cannot send the hub's reserved `wshub.*`
+/// actions, in any letter case: not to other clients (a fake
+/// `wshub.error`) when there is no backend, and not to the backend (a fake
+/// `wshub.disconnect`) when there is one. The sender is told why.
+#[tokio::test]
+async fn clients_cannot_send_reserved_actions() {
+    let server = TestServer::start().await;
+    let mut mallory = server.connect("mallory", None).await;
+    let mut victim = server.connect("victim", None).await;
+    for action in ["wshub.error", "WSHUB.Connect", "wshub.anything"] {
+        mallory
+            .send_json(json!({"action": action, "message": "your session expired, log in at evil.example"}))
+            .await;
+        let reply = mallory.recv().await;
+        assert_eq!(reply["action"], "wshub.error", "{action}: {reply}");
+        let why = reply["message"].as_str().unwrap();
+        assert!(why.contains("reserved"), "{action}: {why}");
+    }
+    let tag = mallory.send_sentinel().await;
+    assert!(
+        victim.until_sentinel(&tag).await.is_empty(),
+        "nothing reached the victim"
+    );
+
+    let (url, mut seen) = recording_backend().await;
+    let mut config = test_config();
+    config.backend = Config::load_from(None, [("WSHUB_BACKEND__URL".to_owned(), url)])
+        .unwrap()
+        .backend;
+    let server = TestServer::with(config).await;
+    let mut mallory = server.connect("mallory", None).await;
+    mallory
+        .send_json(json!({"action": "wshub.disconnect", "userId": "victim"}))
+        .await;
+    let reply = mallory.recv().await;
+    assert_eq!(reply["action"], "wshub.error", "{reply}");
+    assert!(
+        reply["message"].as_str().unwrap().contains("reserved"),
+        "{reply}"
+    );
+    // The refusal is synchronous: the first thing the backend hears from
+    // mallory is what it sent next.
+    mallory.send_json(json!({"action": "legit"})).await;
+    let first = tokio::time::timeout(common::PATIENCE, seen.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.contains(r#""action":"legit""#), "{first}");
+}
+
+/// Issue 11, item 12, decided: the broadcast endpoint (the application's
+/// backend, trusted by key or network) may still send `wshub.*` actions.
+#[tokio::test]
+async fn the_broadcast_endpoint_may_send_reserved_actions() {
+    let server = TestServer::start().await;
+    let mut a = server.connect("a", None).await;
+    let resp = server
+        .post(
+            "/__broadcastWebSocket.wc",
+            r#"{"action":"wshub.notice","message":"maintenance at 18:00"}"#,
+        )
+        .await;
+    assert_eq!(resp.status(), 204);
+    assert_eq!(a.recv().await["action"], "wshub.notice");
+}
+
+/// Issue 11, item 13: the per-address limit counts an IPv6 client by its
+/// /64 (one host usually holds a whole /64), and an IPv4-mapped IPv6
+/// address as the IPv4 address it is.
+#[tokio::test]
+async fn the_per_address_limit_counts_ipv6_per_64_and_mapped_ipv4_as_ipv4() {
+    let server = TestServer::with(config_with(&[
+        ("WSHUB_LIMITS__MAX_CONNECTIONS_PER_IP", "2"),
+        ("WSHUB_AUTH__TRUSTED_PROXIES", "127.0.0.0/8"),
+    ]))
+    .await;
+    let from = |addr: &'static str| [("x-forwarded-for", addr)];
+    let mut open = Vec::new();
+    for addr in ["2001:db8:1:2::a", "2001:db8:1:2:ffff:ffff:ffff:ffff"] {
+        open.push(upgrade(&server, "/ws", &from(addr)).await.expect(addr));
+    }
+    let (status, body) = refused(&server, "/ws", &from("2001:db8:1:2:abcd::1")).await;
+    assert_eq!(status, 429, "a third socket from the same /64: {body}");
+    open.push(
+        upgrade(&server, "/ws", &from("2001:db8:1:3::a"))
+            .await
+            .expect("another /64 is another client"),
+    );
+    for addr in ["192.0.2.7", "::ffff:192.0.2.7"] {
+        open.push(upgrade(&server, "/ws", &from(addr)).await.expect(addr));
+    }
+    let (status, _) = refused(&server, "/ws", &from("192.0.2.7")).await;
+    assert_eq!(status, 429, "the mapped address counted as the IPv4 one");
+}
+
+/// Issue 11, item 9: an id chosen by a client cannot forge a line of the
+/// default (text) log: control characters in it are escaped. Runs the real
+/// binary and reads its stderr.
+#[tokio::test]
+async fn client_ids_cannot_forge_log_lines() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(
+        Command::new(env!("CARGO_BIN_EXE_wshub"))
+            .env("WSHUB_LISTEN", "127.0.0.1:0")
+            .env("WSHUB_LOG__FORMAT", "text")
+            .env("WSHUB_LOG__LEVEL", "info,wshub=debug")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn wshub"),
+    );
+    let stderr = child.0.stderr.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The text log colours its output: strip ANSI styling to read fields.
+    let plain = |line: &str| {
+        let mut out = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' && chars.clone().next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    };
+    let mut seen = Vec::new();
+    let next_line = |seen: &mut Vec<String>| {
+        let line = lines
+            .recv_timeout(common::PATIENCE)
+            .expect("wshub logged nothing more");
+        seen.push(line.clone());
+        line
+    };
+    let addr: std::net::SocketAddr = loop {
+        let line = plain(&next_line(&mut seen));
+        if let Some(rest) = line.split("addr=").nth(1) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    // A newline, a forged line after it, and a terminal escape (OSC: set
+    // the window title), percent-encoded in the query.
+    let forged = "2026-01-01T00:00:00.000000Z  INFO wshub: forged admin login";
+    let userid = format!("mallory\n{forged}\u{1b}]0;owned\u{7}");
+    let query: String = serde_urlencoded::to_string([("userid", userid.as_str())]).unwrap();
+    let client = Client::connect(addr, &format!("/ws?{query}")).await;
+    client.close().await;
+    while !plain(&next_line(&mut seen)).contains("connection closed") {}
+    for line in &seen {
+        assert!(
+            !line.contains("forged admin login") || line.contains("connection"),
+            "a client id started a log line of its own:\n{}",
+            seen.join("\n")
+        );
+        assert!(
+            !line.contains("\u{1b}]0;"),
+            "a client id put a raw terminal escape in the log: {line:?}"
+        );
+    }
+    assert!(
+        seen.iter().any(|l| l.contains("forged admin login")),
+        "the connection was logged with its (escaped) user id"
+    );
+}

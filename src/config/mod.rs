@@ -139,6 +139,8 @@ pub struct Ws {
     /// How often the server pings; a peer silent for a whole interval after
     /// a ping is closed.
     pub ping_interval: Duration,
+    /// Longest one write may take; then the peer is a slow consumer.
+    pub write_timeout: Duration,
     pub read_buffer_bytes: usize,
     pub write_buffer_bytes: usize,
 }
@@ -274,14 +276,28 @@ impl Config {
         if l.max_recipients == 0 {
             return Err(invalid("limits.max_recipients", "must be at least 1"));
         }
-        if l.outbound_queue_bytes < l.max_message_bytes {
+        let min_queue = crate::limits::min_outbound_queue_bytes(l);
+        if l.outbound_queue_bytes < min_queue {
             return Err(invalid(
                 "limits.outbound_queue_bytes",
-                "must be at least limits.max_message_bytes (one message must fit)",
+                format!(
+                    "must be at least {min_queue}: room for one largest message as sent out \
+                     (limits.max_message_bytes re-encoded with every field and recipient type \
+                     written out, ids stamped in token mode, plus 64 bytes of bookkeeping)"
+                ),
+            ));
+        }
+        if !(1..=128).contains(&l.ipv6_prefix_len) {
+            return Err(invalid(
+                "limits.ipv6_prefix_len",
+                "must be between 1 and 128",
             ));
         }
         if raw.ws.ping_interval_ms < 10 {
             return Err(invalid("ws.ping_interval_ms", "must be at least 10"));
+        }
+        if raw.ws.write_timeout_ms == 0 {
+            return Err(invalid("ws.write_timeout_ms", "must be at least 1"));
         }
         if raw.ws.read_buffer_bytes < 256 {
             return Err(invalid("ws.read_buffer_bytes", "must be at least 256"));
@@ -333,6 +349,7 @@ impl Config {
             },
             ws: Ws {
                 ping_interval: Duration::from_millis(raw.ws.ping_interval_ms),
+                write_timeout: Duration::from_millis(raw.ws.write_timeout_ms),
                 read_buffer_bytes: raw.ws.read_buffer_bytes,
                 write_buffer_bytes: raw.ws.write_buffer_bytes,
             },

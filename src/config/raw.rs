@@ -122,6 +122,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Sockets from one client address (0: no limit).
     pub max_connections_per_ip: usize,
+    /// IPv6 clients are counted per network of this many bits (an IPv4
+    /// client per address).
+    pub ipv6_prefix_len: u8,
     /// Sustained messages per second a socket may send (0: no limit).
     pub messages_per_second: u32,
     /// Messages a socket may send at once above the sustained rate.
@@ -135,6 +138,9 @@ pub struct Limits {
 #[serde(default, deny_unknown_fields)]
 pub struct RawWs {
     pub ping_interval_ms: u64,
+    /// Longest one write (a batch of frames, a ping) may take before the
+    /// socket is closed as a slow consumer.
+    pub write_timeout_ms: u64,
     pub read_buffer_bytes: usize,
     pub write_buffer_bytes: usize,
 }
@@ -229,6 +235,7 @@ impl Default for Limits {
             outbound_queue_bytes: 1024 * 1024,
             max_connections: 0,
             max_connections_per_ip: 0,
+            ipv6_prefix_len: 64,
             messages_per_second: 50,
             message_burst: 100,
             rate_violations_before_close: 100,
@@ -240,6 +247,7 @@ impl Default for RawWs {
     fn default() -> Self {
         Self {
             ping_interval_ms: 30_000,
+            write_timeout_ms: 30_000,
             // 256 B keeps an idle socket under 4 KiB of memory; a frame
             // larger than this costs one more read call, nothing else.
             read_buffer_bytes: 256,

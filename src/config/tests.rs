@@ -96,6 +96,23 @@ fn errors_name_the_key() {
             &[("WSHUB_LIMITS__OUTBOUND_QUEUE_BYTES", "1000")],
             "`limits.outbound_queue_bytes` must be at least",
         ),
+        (
+            // Issue 11, item 10: one maximal message goes out larger than it
+            // came in, and the queue counts per-frame overhead too.
+            &[
+                ("WSHUB_LIMITS__MAX_MESSAGE_BYTES", "2048"),
+                ("WSHUB_LIMITS__OUTBOUND_QUEUE_BYTES", "2048"),
+            ],
+            "`limits.outbound_queue_bytes` must be at least",
+        ),
+        (
+            &[("WSHUB_LIMITS__IPV6_PREFIX_LEN", "0")],
+            "`limits.ipv6_prefix_len`",
+        ),
+        (
+            &[("WSHUB_WS__WRITE_TIMEOUT_MS", "0")],
+            "`ws.write_timeout_ms`",
+        ),
         (&[("WSHUB_LOG__FORMAT", "xml")], "`log.format`"),
         (
             &[("WSHUB_LIMITS__MAX_MESAGE_BYTES", "1")],
