@@ -90,7 +90,7 @@ impl Server {
             result = &mut serve => {
                 // axum only returns early on a listener failure.
                 node.drain();
-                node.stop_bus();
+                node.stop_bus().await;
                 return Err(result.map_err(std::io::Error::other)?.err().unwrap_or_else(|| {
                     std::io::Error::other("server stopped unexpectedly")
                 }).into());
@@ -122,7 +122,7 @@ impl Server {
         if tokio::time::timeout(grace, serve).await.is_err() {
             warn!("HTTP requests still in flight after the grace period; exiting anyway");
         }
-        node.stop_bus();
+        node.stop_bus().await;
         info!("shutdown complete");
         Ok(())
     }
