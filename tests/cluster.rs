@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::node::NodeProcess;
-use common::redis::{RedisCluster, RedisServer, command, numsub};
+use common::redis::{GateProxy, RedisCluster, RedisServer, cli, command, numsub};
 use common::{Client, TestServer, eventually, routing::routing_table};
 use serde_json::json;
 
@@ -376,6 +376,70 @@ async fn messages_queued_at_shutdown_reach_the_other_nodes() {
             rx.recv().await["message"],
             i.to_string(),
             "message {i} of {N}"
+        );
+    }
+}
+
+/// Issue 11, item 3: the probe has its own connection, so a publisher
+/// stuck behind a slow pipeline (its replies held by the proxy) never makes
+/// the node unready, and the messages behind it are sent once Redis
+/// answers. The node is watched for three probe timeouts: "stays ready" is
+/// a property over time, not an event to wait for.
+#[tokio::test]
+async fn a_publish_backlog_does_not_make_the_node_unready() {
+    let redis = RedisServer::start();
+    let proxy = GateProxy::start(redis.port).await;
+    let n0 = TestServer::on_redis(&proxy.url(), |c| {
+        let r = c.redis.as_mut().unwrap();
+        r.probe_interval = Duration::from_millis(100);
+        r.probe_timeout = Duration::from_millis(400);
+        // Longer than the hold: the held pipeline must not time out.
+        r.command_timeout = Duration::from_secs(5);
+    })
+    .await;
+    let n1 = TestServer::on_redis(&redis.url(), |_| {}).await;
+    let mut rx = n1.connect("rx", Some("g")).await;
+    let publish = |text: &str| {
+        let msg = json!({"action": "n", "message": text, "recipients": [{"type": "group", "value": "g"}]});
+        n0.node.publish_text(&msg.to_string()).unwrap();
+    };
+    proxy.arm_on(b"held-marker");
+    publish("held-marker");
+    proxy.held().await;
+    for i in 0..20 {
+        publish(&i.to_string());
+    }
+    let watch = tokio::time::Instant::now() + Duration::from_millis(1200);
+    while tokio::time::Instant::now() < watch {
+        assert!(
+            n0.node.readiness().is_ok(),
+            "unready while the publisher had a backlog: {:?}",
+            n0.node.readiness()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.release();
+    assert_eq!(rx.recv().await["message"], "held-marker");
+    for i in 0..20 {
+        assert_eq!(rx.recv().await["message"], i.to_string());
+    }
+}
+
+/// Issue 11, item 5: on a cluster every shard carries one of the node's
+/// probe channels, so a shard that stops delivering makes the node unready.
+#[tokio::test]
+async fn every_shard_is_probed() {
+    let cluster = RedisCluster::start(3);
+    let _n0 = TestServer::on_redis(&cluster.urls(), |c| {
+        c.redis.as_mut().unwrap().sharded = true;
+    })
+    .await;
+    for node in &cluster.nodes {
+        let probes = cli(node.port, &["PUBSUB", "SHARDCHANNELS", "wshub:probe:*"]);
+        assert!(
+            !probes.is_empty(),
+            "the shard on port {} has no probe channel",
+            node.port
         );
     }
 }

@@ -203,11 +203,13 @@ impl RedisCluster {
     }
 }
 
-/// A TCP proxy in front of a Redis that can hold back the reply to one
-/// `SUBSCRIBE`, to make a resubscribe (or a start-up subscribe) last as
-/// long as a test needs: [`arm`](Self::arm) it, wait until the held
-/// command is seen ([`held`](Self::held)), do what must happen during the
-/// attempt, then [`release`](Self::release). [`sever`](Self::sever) closes
+/// A TCP proxy in front of a Redis that can hold back the replies on the
+/// connection that sends one `SUBSCRIBE` (or any marker), to make a
+/// resubscribe, a start-up subscribe or a pipeline last as long as a test
+/// needs: [`arm`](Self::arm) it, wait until the held command is seen
+/// ([`held`](Self::held)), do what must happen meanwhile, then
+/// [`release`](Self::release). Commands still reach Redis: only the
+/// replies wait. [`sever`](Self::sever) closes
 /// every connection through it (the node reconnects).
 pub struct GateProxy {
     pub port: u16,
@@ -216,8 +218,9 @@ pub struct GateProxy {
 }
 
 struct GateState {
-    /// The next connection that sends a SUBSCRIBE is held.
+    /// The next connection that sends `marker` is held.
     armed: std::sync::atomic::AtomicBool,
+    marker: std::sync::Mutex<Vec<u8>>,
     /// Set once a SUBSCRIBE is being held.
     seen: tokio::sync::watch::Sender<bool>,
     /// Set to let held replies through.
@@ -233,6 +236,7 @@ impl GateProxy {
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(GateState {
             armed: false.into(),
+            marker: std::sync::Mutex::new(b"SUBSCRIBE".to_vec()),
             seen: tokio::sync::watch::channel(false).0,
             open: tokio::sync::watch::channel(true).0,
             generation: tokio::sync::watch::channel(0).0,
@@ -256,6 +260,13 @@ impl GateProxy {
 
     /// Holds the reply to the next SUBSCRIBE until [`release`](Self::release).
     pub fn arm(&self) {
+        self.arm_on(b"SUBSCRIBE");
+    }
+
+    /// Holds the replies on the next connection that sends `marker` (any
+    /// case) until [`release`](Self::release).
+    pub fn arm_on(&self, marker: &[u8]) {
+        *self.state.marker.lock().unwrap() = marker.to_ascii_uppercase();
         self.state.open.send_replace(false);
         self.state.seen.send_replace(false);
         self.state
@@ -272,6 +283,7 @@ impl GateProxy {
             .unwrap();
     }
 
+    /// Lets held replies through (the gate stays open until the next arm).
     pub fn release(&self) {
         self.state.open.send_replace(true);
     }
@@ -312,7 +324,8 @@ async fn proxy_connection(
                     Ok(n) => n,
                 };
                 let upper = buf[..n].to_ascii_uppercase();
-                if upper.windows(9).any(|w| w == b"SUBSCRIBE")
+                let marker = state.marker.lock().unwrap().clone();
+                if upper.windows(marker.len()).any(|w| w == marker)
                     && state.armed.swap(false, Ordering::SeqCst)
                 {
                     // Gate before the command reaches Redis, so its reply
