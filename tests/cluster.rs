@@ -443,3 +443,42 @@ async fn every_shard_is_probed() {
         );
     }
 }
+
+/// Issue 11, item 3: a pipeline that times out is dropped, and only it.
+/// A large fan-out travels in a pipeline of its own, so when its commands
+/// never reach Redis (held by the proxy) and it times out, the messages
+/// queued behind it, another sender's, still arrive.
+#[tokio::test]
+async fn a_timed_out_pipeline_takes_no_other_messages_with_it() {
+    let redis = RedisServer::start();
+    let proxy = GateProxy::start(redis.port).await;
+    let n0 = TestServer::on_redis(&proxy.url(), |c| {
+        // The per-pipeline timeout.
+        c.redis.as_mut().unwrap().command_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let n1 = TestServer::on_redis(&redis.url(), |_| {}).await;
+    let mut rx = n1.connect("u0", Some("g")).await;
+    let users: Vec<_> = (0..16)
+        .map(|i| json!({"type": "user", "value": format!("u{i}")}))
+        .collect();
+    // About 1 MB on the wire (60 KB to 16 users), under the fan-out cap.
+    let big =
+        json!({"action": "held-marker", "message": "x".repeat(60 * 1024), "recipients": users});
+    proxy.arm_commands_on(b"held-marker");
+    // Queued together, without yielding (the test runtime has one thread).
+    n0.node.publish_text(&big.to_string()).unwrap();
+    for i in 0..20 {
+        let msg = json!({"action": "n", "message": i.to_string(), "recipients": [{"type": "group", "value": "g"}]});
+        n0.node.publish_text(&msg.to_string()).unwrap();
+    }
+    proxy.held().await;
+    for i in 0..20 {
+        let got = rx.recv().await;
+        assert_eq!(got["message"], i.to_string(), "{}", got["action"]);
+    }
+    eventually("the held pipeline is dropped and counted", || {
+        n0.metric("wshub_messages_dropped_total{reason=\"bus_unavailable\"}") == 1.0
+    })
+    .await;
+}

@@ -221,6 +221,9 @@ struct GateState {
     /// The next connection that sends `marker` is held.
     armed: std::sync::atomic::AtomicBool,
     marker: std::sync::Mutex<Vec<u8>>,
+    /// Hold the commands from the marker on (they never reach Redis unless
+    /// released), not the replies.
+    hold_commands: std::sync::atomic::AtomicBool,
     /// Set once a SUBSCRIBE is being held.
     seen: tokio::sync::watch::Sender<bool>,
     /// Set to let held replies through.
@@ -237,6 +240,7 @@ impl GateProxy {
         let state = Arc::new(GateState {
             armed: false.into(),
             marker: std::sync::Mutex::new(b"SUBSCRIBE".to_vec()),
+            hold_commands: false.into(),
             seen: tokio::sync::watch::channel(false).0,
             open: tokio::sync::watch::channel(true).0,
             generation: tokio::sync::watch::channel(0).0,
@@ -266,6 +270,20 @@ impl GateProxy {
     /// Holds the replies on the next connection that sends `marker` (any
     /// case) until [`release`](Self::release).
     pub fn arm_on(&self, marker: &[u8]) {
+        self.arm_with(marker, false);
+    }
+
+    /// Holds the commands, from the one that contains `marker` on, on the
+    /// next connection that sends it: they do not reach Redis unless
+    /// released (the connection is dropped with the proxy otherwise).
+    pub fn arm_commands_on(&self, marker: &[u8]) {
+        self.arm_with(marker, true);
+    }
+
+    fn arm_with(&self, marker: &[u8], commands: bool) {
+        self.state
+            .hold_commands
+            .store(commands, std::sync::atomic::Ordering::SeqCst);
         *self.state.marker.lock().unwrap() = marker.to_ascii_uppercase();
         self.state.open.send_replace(false);
         self.state.seen.send_replace(false);
@@ -318,6 +336,7 @@ async fn proxy_connection(
         let (state, gated) = (state.clone(), gated.clone());
         async move {
             let mut buf = vec![0u8; 64 * 1024];
+            let mut open = state.open.subscribe();
             loop {
                 let n = match client_rd.read(&mut buf).await {
                     Ok(0) | Err(_) => return,
@@ -333,6 +352,9 @@ async fn proxy_connection(
                     gated.store(true, Ordering::SeqCst);
                     state.seen.send_replace(true);
                 }
+                if gated.load(Ordering::SeqCst) && state.hold_commands.load(Ordering::SeqCst) {
+                    let _ = open.wait_for(|o| *o).await;
+                }
                 if server_wr.write_all(&buf[..n]).await.is_err() {
                     return;
                 }
@@ -347,7 +369,7 @@ async fn proxy_connection(
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            if gated.load(Ordering::SeqCst) {
+            if gated.load(Ordering::SeqCst) && !state.hold_commands.load(Ordering::SeqCst) {
                 let _ = open.wait_for(|o| *o).await;
                 gated.store(false, Ordering::SeqCst);
             }

@@ -67,9 +67,10 @@ use crate::route::Topic;
 /// Most messages sent in one pipeline.
 const MAX_BATCH: usize = 512;
 /// Most bytes (payload × channels) sent in one pipeline, unless a single
-/// message is larger. Small batches: a pipeline that times out or breaks is
-/// dropped whole, and it must not take many unrelated messages with it
-/// (a 9 MB pipeline once cost an innocent sender 17 of 40 messages).
+/// message is larger; a message of a quarter of this or more goes alone.
+/// Small batches: a pipeline that times out or breaks is dropped whole, and
+/// it must not take unrelated messages with it (a 9 MB pipeline once cost
+/// an innocent sender 17 of 40 messages).
 const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// Most channels in one SUBSCRIBE.
 const MAX_SUBSCRIBE_BATCH: usize = 1000;

@@ -126,10 +126,13 @@ impl PublishQueue {
     }
 
     /// Takes the next batch: at most `max` messages and, unless the first
-    /// message alone is larger, at most `max_bytes` on the wire. Small
-    /// batches keep one slow or failed pipeline from taking many unrelated
-    /// messages with it.
+    /// message alone is larger, at most `max_bytes` on the wire; a message
+    /// of a quarter of `max_bytes` or more travels alone. Small batches keep
+    /// one slow or failed pipeline from taking many unrelated messages with
+    /// it, and the large fan-outs, the pipelines most likely to time out,
+    /// take nobody else's.
     pub(super) fn take(&self, max: usize, max_bytes: usize) -> Vec<Outgoing> {
+        let large = max_bytes / 4;
         let mut inner = self.lock();
         let mut batch = Vec::new();
         let mut bytes = 0;
@@ -138,7 +141,7 @@ impl PublishQueue {
                 break;
             };
             let size = next.wire_bytes();
-            if !batch.is_empty() && bytes + size > max_bytes {
+            if !batch.is_empty() && (bytes + size > max_bytes || size >= large || bytes >= large) {
                 break;
             }
             bytes += size;
@@ -180,10 +183,25 @@ mod tests {
             q.push(channels(100), Bytes::from(vec![0; 1000])).unwrap();
         }
         let first = q.take(512, 250_000);
-        assert_eq!(first.len(), 2, "two fan-outs of ~100 KB per 250 KB batch");
+        assert_eq!(
+            first.len(),
+            1,
+            "a fan-out of over a quarter of the budget goes alone"
+        );
+        assert_eq!(
+            q.take(512, 500_000).len(),
+            2,
+            "two fan-outs of ~100 KB per 500 KB batch"
+        );
         // A single message over the budget still goes, alone.
         assert_eq!(q.take(512, 10).len(), 1);
-        assert_eq!(q.take(512, usize::MAX).len(), 2);
+        assert_eq!(q.take(512, usize::MAX).len(), 1);
         assert!(q.is_empty());
+        // Small messages do not join a large one, before or after it.
+        q.push(channels(1), Bytes::from_static(b"small")).unwrap();
+        q.push(channels(100), Bytes::from(vec![0; 1000])).unwrap();
+        q.push(channels(1), Bytes::from_static(b"small")).unwrap();
+        let sizes: Vec<usize> = (0..3).map(|_| q.take(512, 250_000).len()).collect();
+        assert_eq!(sizes, [1, 1, 1]);
     }
 }
