@@ -348,9 +348,12 @@ impl Publisher {
     }
 
     /// Sends what is still queued, until the queue is empty or the time
-    /// `shutdown` allowed is up; what is left is dropped and counted.
+    /// `shutdown` allowed is up, and never longer than
+    /// `redis.publish_retry_ms` (a message waits no longer than that
+    /// anyway); what is left is dropped and counted.
     async fn flush(&mut self) {
-        let within = Duration::from_millis(self.shared.flush_within_ms.load(Ordering::Acquire));
+        let within = Duration::from_millis(self.shared.flush_within_ms.load(Ordering::Acquire))
+            .min(self.shared.config.publish_retry);
         let deadline = Instant::now() + within;
         while !self.shared.queue.is_empty() && Instant::now() < deadline {
             match timeout_at(deadline, self.connected()).await {
