@@ -80,6 +80,8 @@ const MAX_SUBSCRIBE_BATCH: usize = 1000;
 const SUBSCRIBE_QUEUE: usize = 8192;
 /// The first reconnect delay; doubled per failure up to `reconnect_max`.
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
+/// How often, at most, dropped pushes are logged (they are all counted).
+const LAG_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Most candidate names tried to find a probe channel in a shard's slot
 /// range. A range of one slot needs about 16,384 tries on average; ranges
 /// that are not found are not probed (logged), never an endless search.
@@ -541,6 +543,8 @@ async fn subscriber(
     let mut connected_before = false;
     // Whether the current outage was logged already.
     let mut outage_logged = false;
+    // When dropped pushes were last logged.
+    let mut lag_logged: Option<Instant> = None;
     loop {
         // Connect, and subscribe to everything this node holds.
         let Connected {
@@ -625,7 +629,12 @@ async fn subscriber(
                     }
                     Incoming::Lagged(n) => {
                         shared.metrics.dropped(DropReason::BusLagging, n);
-                        warn!(dropped = n, "the subscriber fell behind Redis; messages were dropped");
+                        // Once per episode, not per drop: a node that is
+                        // behind must not also flood its log.
+                        if lag_logged.is_none_or(|at: Instant| at.elapsed() > LAG_LOG_EVERY) {
+                            warn!(dropped = n, "the subscriber fell behind Redis; messages were dropped (see wshub_messages_dropped_total{{reason=\"bus_lagging\"}})");
+                            lag_logged = Some(Instant::now());
+                        }
                     }
                     Incoming::Other => {}
                     Incoming::Closed => break "connection closed".into(),
