@@ -382,6 +382,9 @@ async fn broadcast_inner(node: &Node, request: Request) -> Response {
     match node.publish_text(text) {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(PublishError::Invalid(e)) => bad_request(e.to_string()),
+        Err(e @ PublishError::FanOutTooLarge { .. }) => {
+            (StatusCode::PAYLOAD_TOO_LARGE, format!("{e}\n")).into_response()
+        }
         Err(PublishError::Bus(e)) => {
             (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response()
         }

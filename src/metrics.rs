@@ -60,15 +60,19 @@ pub enum DropReason {
     BusUnavailable,
     /// The sender was over its message rate.
     RateLimited,
+    /// Received from Redis while this node's subscriber task was too far
+    /// behind (its byte-bounded push buffer was full).
+    BusLagging,
 }
 
 impl DropReason {
-    const ALL: [DropReason; 5] = [
+    const ALL: [DropReason; 6] = [
         Self::SlowConsumer,
         Self::Invalid,
         Self::TooBig,
         Self::BusUnavailable,
         Self::RateLimited,
+        Self::BusLagging,
     ];
 
     fn label(self) -> &'static str {
@@ -78,6 +82,7 @@ impl DropReason {
             Self::TooBig => "too_big",
             Self::BusUnavailable => "bus_unavailable",
             Self::RateLimited => "rate_limited",
+            Self::BusLagging => "bus_lagging",
         }
     }
 }

@@ -49,6 +49,19 @@ pub enum ConnectError {
 pub enum PublishError {
     #[error(transparent)]
     Invalid(#[from] MessageError),
+    /// The message's size times its targets is over
+    /// `limits.max_fanout_bytes`: on Redis every target is one publish
+    /// carrying the whole message, so one message could cost megabytes.
+    /// The sender should send it smaller or to fewer targets (a group).
+    #[error(
+        "message not sent: {size} bytes to {targets} targets would put {bytes} bytes on the bus, over limits.max_fanout_bytes ({max}); send it smaller or to fewer targets"
+    )]
+    FanOutTooLarge {
+        size: usize,
+        targets: usize,
+        bytes: usize,
+        max: usize,
+    },
     #[error(transparent)]
     Bus(#[from] BusError),
 }
@@ -258,14 +271,26 @@ impl Node {
         Ok(())
     }
 
-    /// Publishes a parsed message to its recipients.
-    pub fn publish(&self, msg: &Message<'_>) -> Result<(), BusError> {
-        let envelope = Arc::new(Envelope {
-            route: Route::from_recipients(&msg.recipients),
-            frame: msg.encode(),
-        });
-        self.bus.publish(envelope).inspect_err(|_| {
+    /// Publishes a parsed message to its recipients, unless its fan-out
+    /// (size × targets) is over `limits.max_fanout_bytes`.
+    pub fn publish(&self, msg: &Message<'_>) -> Result<(), PublishError> {
+        let route = Route::from_recipients(&msg.recipients);
+        let frame = msg.encode();
+        let (size, targets) = (frame.len(), route.topics().len());
+        let max = self.config.limits.max_fanout_bytes;
+        if size.saturating_mul(targets) > max {
+            self.metrics.dropped(DropReason::TooBig, 1);
+            return Err(PublishError::FanOutTooLarge {
+                size,
+                targets,
+                bytes: size.saturating_mul(targets),
+                max,
+            });
+        }
+        let envelope = Arc::new(Envelope { route, frame });
+        self.bus.publish(envelope).map_err(|e| {
             self.metrics.dropped(DropReason::BusUnavailable, 1);
+            e.into()
         })
     }
 
@@ -322,9 +347,11 @@ impl Node {
         }
     }
 
-    /// Stops the bus (after the sessions are gone).
-    pub fn stop_bus(&self) {
-        self.bus.shutdown();
+    /// Stops the bus (after the sessions are gone) and waits for it: what
+    /// is queued for other nodes is sent first, for at most
+    /// `shutdown.grace_period`.
+    pub async fn stop_bus(&self) {
+        self.bus.shutdown(self.config.shutdown.grace_period).await;
     }
 
     /// Number of open sockets on this node.

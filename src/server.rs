@@ -92,8 +92,10 @@ impl Server {
             result = &mut serve => {
                 // axum only returns early on a listener failure.
                 node.drain();
-                node.stop_backend(node.config.shutdown.grace_period).await;
-                node.stop_bus();
+                tokio::join!(
+                    node.stop_backend(node.config.shutdown.grace_period),
+                    node.stop_bus()
+                );
                 return Err(result.map_err(std::io::Error::other)?.err().unwrap_or_else(|| {
                     std::io::Error::other("server stopped unexpectedly")
                 }).into());
@@ -125,10 +127,11 @@ impl Server {
         if tokio::time::timeout(grace, serve).await.is_err() {
             warn!("HTTP requests still in flight after the grace period; exiting anyway");
         }
-        // The sessions' disconnect events are queued now; send them before
-        // returning, or the process exits with them (issue 11 item 8).
-        node.stop_backend(grace).await;
-        node.stop_bus();
+        // The sessions' disconnect events and the messages for other nodes
+        // are queued now; send both (side by side, each within the grace
+        // period) before returning, or the process exits with them (issue 11
+        // item 8).
+        tokio::join!(node.stop_backend(grace), node.stop_bus());
         info!("shutdown complete");
         Ok(())
     }

@@ -12,7 +12,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::redis::RedisServer;
+use common::redis::{GateProxy, RedisServer, numsub};
 use tokio::sync::mpsc;
 use wshub::bus::{Bus, Deliver, Envelope, LocalBus, RedisBus};
 use wshub::config::Config;
@@ -223,19 +223,25 @@ impl Deliver for Nowhere {
     fn deliver(&self, _: &Topic, _: &Arc<Envelope>) {}
 }
 
-async fn redis_bus(url: &str, node: &str, sink: Arc<dyn Deliver>) -> Arc<dyn Bus> {
+/// A Redis bus, not yet known to be healthy.
+fn start_redis_bus(url: &str, node: &str, sink: Arc<dyn Deliver>) -> Arc<dyn Bus> {
     let config = Config::load_from(None, [("WSHUB_REDIS__URL".to_owned(), url.to_owned())])
         .unwrap()
         .redis
         .unwrap();
-    let bus = RedisBus::start(
-        node.into(),
-        config,
-        sink,
-        Arc::new(Metrics::new()),
-        RELEASE_DELAY,
+    Arc::new(
+        RedisBus::start(
+            node.into(),
+            config,
+            sink,
+            Arc::new(Metrics::new()),
+            RELEASE_DELAY,
+        )
+        .unwrap(),
     )
-    .unwrap();
+}
+
+async fn wait_healthy(bus: &Arc<dyn Bus>) {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while let Err(e) = bus.health() {
         assert!(
@@ -244,7 +250,12 @@ async fn redis_bus(url: &str, node: &str, sink: Arc<dyn Deliver>) -> Arc<dyn Bus
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    Arc::new(bus)
+}
+
+async fn redis_bus(url: &str, node: &str, sink: Arc<dyn Deliver>) -> Arc<dyn Bus> {
+    let bus = start_redis_bus(url, node, sink);
+    wait_healthy(&bus).await;
+    bus
 }
 
 #[tokio::test]
@@ -262,4 +273,72 @@ async fn redis_bus_conforms() {
         }
     })
     .await;
+}
+
+/// Issue 11, item 1: a topic taken while the subscriber is (re)subscribing
+/// is subscribed for real before it is acknowledged, at start-up and after
+/// a reconnect. The proxy holds Redis's reply to the SUBSCRIBE of the
+/// connect attempt while the test takes a topic new to the node.
+#[tokio::test]
+async fn redis_subscriptions_taken_while_subscribing_take_effect() {
+    let redis = RedisServer::start();
+    let proxy = GateProxy::start(redis.port).await;
+    let publisher = redis_bus(&redis.url(), "pub", Arc::new(Nowhere)).await;
+    let (tx, mut received) = mpsc::unbounded_channel();
+
+    // At start-up.
+    proxy.arm();
+    let bus = start_redis_bus(&proxy.url(), "sub", Arc::new(Recorder(tx)));
+    proxy.held().await;
+    let early = bus.subscribe(&group("early"));
+    proxy.release();
+    early.await.expect("subscribe during start-up");
+    assert_eq!(
+        numsub(redis.port, "wshub:g:early", false),
+        1,
+        "acked at start-up but not subscribed"
+    );
+    wait_healthy(&bus).await;
+    publisher
+        .publish(envelope(vec![group("early")], "to-early"))
+        .unwrap();
+    assert_eq!(
+        next_of(&mut received).await,
+        (group("early"), "to-early".into())
+    );
+
+    // After a reconnect.
+    proxy.arm();
+    proxy.sever();
+    proxy.held().await;
+    let late = bus.subscribe(&group("late"));
+    proxy.release();
+    late.await.expect("subscribe during a resubscribe");
+    assert_eq!(
+        numsub(redis.port, "wshub:g:late", false),
+        1,
+        "acked during a resubscribe but not subscribed"
+    );
+    publisher
+        .publish(envelope(vec![group("late")], "to-late"))
+        .unwrap();
+    assert_eq!(
+        next_of(&mut received).await,
+        (group("late"), "to-late".into())
+    );
+    // The topics held before the reconnect came back too.
+    publisher
+        .publish(envelope(vec![group("early")], "early-again"))
+        .unwrap();
+    assert_eq!(
+        next_of(&mut received).await,
+        (group("early"), "early-again".into())
+    );
+}
+
+async fn next_of(received: &mut mpsc::UnboundedReceiver<(Topic, String)>) -> (Topic, String) {
+    tokio::time::timeout(PATIENCE, received.recv())
+        .await
+        .expect("timed out waiting for a delivery")
+        .expect("sink dropped")
 }

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::node::NodeProcess;
-use common::redis::{RedisCluster, RedisServer, command};
+use common::redis::{GateProxy, RedisCluster, RedisServer, cli, command, numsub};
 use common::{Client, TestServer, eventually, routing::routing_table};
 use serde_json::json;
 
@@ -282,4 +282,203 @@ async fn sharded_pubsub_on_a_redis_cluster() {
         shards_with_channels >= 2,
         "channels on {shards_with_channels} shard(s)"
     );
+}
+
+/// Issue 11, item 3: one message's size × targets is bounded
+/// (`limits.max_fanout_bytes`, 1 MiB by default): 50 KB to 100 users would
+/// put 5 MB on Redis. Refused with 413 on the broadcast endpoint and
+/// `wshub.error` on a socket; the same targets with a small message pass.
+#[tokio::test]
+async fn a_message_whose_fan_out_is_too_large_is_refused() {
+    let redis = RedisServer::start();
+    let n0 = TestServer::on_redis(&redis.url(), |_| {}).await;
+    let n1 = TestServer::on_redis(&redis.url(), |_| {}).await;
+    let mut u0 = n1.connect("u0", None).await;
+    let mut sender = n0.connect("sender", None).await;
+    let recipients: Vec<_> = (0..100)
+        .map(|i| json!({"type": "user", "value": format!("u{i}")}))
+        .collect();
+    let big = json!({"action": "big", "message": "x".repeat(50 * 1024), "recipients": recipients});
+    let resp = n0.post("/__broadcastWebSocket.wc", big.to_string()).await;
+    assert_eq!(resp.status(), 413, "a 5 MB fan-out must be refused");
+    assert!(
+        resp.text()
+            .await
+            .unwrap()
+            .contains("limits.max_fanout_bytes")
+    );
+    sender.send_json(big).await;
+    let reply = sender.recv().await;
+    assert_eq!(reply["action"], "wshub.error", "{reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_fanout_bytes"),
+        "{reply}"
+    );
+    let small = json!({"action": "small", "recipients": recipients});
+    sender.send_json(small).await;
+    let tag = sender.send_sentinel().await;
+    let got = u0.until_sentinel(&tag).await;
+    let actions: Vec<_> = got.iter().map(|m| m["action"].clone()).collect();
+    assert_eq!(actions, [json!("small")]);
+}
+
+/// Issue 11, item 5: when a shard gives up a slot (`CLUSTER SETSLOT …
+/// NODE`), it unsubscribes the slot's shard channels with a `sunsubscribe`
+/// push; the node subscribes them again at the new owner and hears the
+/// topic again.
+#[tokio::test]
+async fn a_sharded_subscription_follows_its_slot_to_another_shard() {
+    let cluster = RedisCluster::start(3);
+    let urls = cluster.urls();
+    let sharded = |c: &mut wshub::Config| c.redis.as_mut().unwrap().sharded = true;
+    let n0 = TestServer::on_redis(&urls, sharded).await;
+    let n1 = TestServer::on_redis(&urls, sharded).await;
+    let mut rx = n1.connect("rx", Some("moving")).await;
+    let mut tx = n0.connect("tx", None).await;
+    let to_group = |action: &str| json!({"action": action, "recipients": [{"type": "group", "value": "moving"}]});
+    tx.send_json(to_group("before")).await;
+    assert_eq!(rx.recv().await["action"], "before");
+
+    let (_, to) = cluster.migrate_slot_of("wshub:g:moving");
+    let new_owner = cluster.nodes[to].port;
+    eventually("the node subscribes the channel at its new shard", || {
+        numsub(new_owner, "wshub:g:moving", true) == 1
+    })
+    .await;
+    tx.send_json(to_group("after")).await;
+    assert_eq!(rx.recv().await["action"], "after");
+    assert!(n1.node.readiness().is_ok(), "{:?}", n1.node.readiness());
+}
+
+/// Issue 11, item 8 (the Redis half): messages queued for Redis when the
+/// node shuts down are sent before `run` returns, and reach a socket on
+/// another node.
+#[tokio::test]
+async fn messages_queued_at_shutdown_reach_the_other_nodes() {
+    const N: usize = 3000;
+    let redis = RedisServer::start();
+    let n0 = TestServer::on_redis(&redis.url(), |_| {}).await;
+    let n1 = TestServer::on_redis(&redis.url(), |_| {}).await;
+    let mut rx = n1.connect("rx", Some("g")).await;
+    // Published without yielding: all of them are queued when shutdown
+    // starts (the test runtime has one thread).
+    for i in 0..N {
+        let msg = json!({"action": "n", "message": i.to_string(), "recipients": [{"type": "group", "value": "g"}]});
+        n0.node.publish_text(&msg.to_string()).unwrap();
+    }
+    n0.shutdown.cancel();
+    n0.handle.await.unwrap().unwrap();
+    for i in 0..N {
+        assert_eq!(
+            rx.recv().await["message"],
+            i.to_string(),
+            "message {i} of {N}"
+        );
+    }
+}
+
+/// Issue 11, item 3: the probe has its own connection, so a publisher
+/// stuck behind a slow pipeline (its replies held by the proxy) never makes
+/// the node unready, and the messages behind it are sent once Redis
+/// answers. The node is watched for three probe timeouts: "stays ready" is
+/// a property over time, not an event to wait for.
+#[tokio::test]
+async fn a_publish_backlog_does_not_make_the_node_unready() {
+    let redis = RedisServer::start();
+    let proxy = GateProxy::start(redis.port).await;
+    let n0 = TestServer::on_redis(&proxy.url(), |c| {
+        let r = c.redis.as_mut().unwrap();
+        r.probe_interval = Duration::from_millis(100);
+        r.probe_timeout = Duration::from_millis(400);
+        // Longer than the hold: the held pipeline must not time out.
+        r.command_timeout = Duration::from_secs(5);
+    })
+    .await;
+    let n1 = TestServer::on_redis(&redis.url(), |_| {}).await;
+    let mut rx = n1.connect("rx", Some("g")).await;
+    let publish = |text: &str| {
+        let msg = json!({"action": "n", "message": text, "recipients": [{"type": "group", "value": "g"}]});
+        n0.node.publish_text(&msg.to_string()).unwrap();
+    };
+    proxy.arm_on(b"held-marker");
+    publish("held-marker");
+    proxy.held().await;
+    for i in 0..20 {
+        publish(&i.to_string());
+    }
+    let watch = tokio::time::Instant::now() + Duration::from_millis(1200);
+    while tokio::time::Instant::now() < watch {
+        assert!(
+            n0.node.readiness().is_ok(),
+            "unready while the publisher had a backlog: {:?}",
+            n0.node.readiness()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.release();
+    assert_eq!(rx.recv().await["message"], "held-marker");
+    for i in 0..20 {
+        assert_eq!(rx.recv().await["message"], i.to_string());
+    }
+}
+
+/// Issue 11, item 5: on a cluster every shard carries one of the node's
+/// probe channels, so a shard that stops delivering makes the node unready.
+#[tokio::test]
+async fn every_shard_is_probed() {
+    let cluster = RedisCluster::start(3);
+    let _n0 = TestServer::on_redis(&cluster.urls(), |c| {
+        c.redis.as_mut().unwrap().sharded = true;
+    })
+    .await;
+    for node in &cluster.nodes {
+        let probes = cli(node.port, &["PUBSUB", "SHARDCHANNELS", "wshub:probe:*"]);
+        assert!(
+            !probes.is_empty(),
+            "the shard on port {} has no probe channel",
+            node.port
+        );
+    }
+}
+
+/// Issue 11, item 3: a pipeline that times out is dropped, and only it.
+/// A large fan-out travels in a pipeline of its own, so when its commands
+/// never reach Redis (held by the proxy) and it times out, the messages
+/// queued behind it, another sender's, still arrive.
+#[tokio::test]
+async fn a_timed_out_pipeline_takes_no_other_messages_with_it() {
+    let redis = RedisServer::start();
+    let proxy = GateProxy::start(redis.port).await;
+    let n0 = TestServer::on_redis(&proxy.url(), |c| {
+        // The per-pipeline timeout.
+        c.redis.as_mut().unwrap().command_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let n1 = TestServer::on_redis(&redis.url(), |_| {}).await;
+    let mut rx = n1.connect("u0", Some("g")).await;
+    let users: Vec<_> = (0..16)
+        .map(|i| json!({"type": "user", "value": format!("u{i}")}))
+        .collect();
+    // About 1 MB on the wire (60 KB to 16 users), under the fan-out cap.
+    let big =
+        json!({"action": "held-marker", "message": "x".repeat(60 * 1024), "recipients": users});
+    proxy.arm_commands_on(b"held-marker");
+    // Queued together, without yielding (the test runtime has one thread).
+    n0.node.publish_text(&big.to_string()).unwrap();
+    for i in 0..20 {
+        let msg = json!({"action": "n", "message": i.to_string(), "recipients": [{"type": "group", "value": "g"}]});
+        n0.node.publish_text(&msg.to_string()).unwrap();
+    }
+    proxy.held().await;
+    for i in 0..20 {
+        let got = rx.recv().await;
+        assert_eq!(got["message"], i.to_string(), "{}", got["action"]);
+    }
+    eventually("the held pipeline is dropped and counted", || {
+        n0.metric("wshub_messages_dropped_total{reason=\"bus_unavailable\"}") == 1.0
+    })
+    .await;
 }

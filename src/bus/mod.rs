@@ -30,6 +30,9 @@
 //!   caller; a bus that cannot take a message now says so with an error.
 //! * **Delivery** is at most once: a bus never duplicates a copy, but one that
 //!   is disconnected may lose copies, and says so in its health.
+//! * **Shutdown** ([`Bus::shutdown`]) first sends what was published and is
+//!   still queued, within the time it is given, and resolves once the bus's
+//!   background tasks have ended; the server awaits it before it returns.
 
 mod interest;
 mod local;
@@ -39,6 +42,7 @@ pub mod wire;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use interest::Interest;
 pub use local::LocalBus;
@@ -82,9 +86,13 @@ pub trait Bus: Send + Sync + 'static {
     /// node; otherwise why not.
     fn health(&self) -> Result<(), BusError>;
 
-    /// Stops the bus's background work (the node is exiting). Publishing
-    /// afterwards may fail.
-    fn shutdown(&self) {}
+    /// Stops the bus's background work (the node is exiting): messages
+    /// already published are still sent, for at most `within`; resolves
+    /// when the bus's tasks have ended. Publishing afterwards may fail.
+    fn shutdown(&self, within: Duration) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let _ = within;
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// Why the bus could not do what was asked.

@@ -111,6 +111,8 @@ pub struct RedisConfig {
     pub sharded: bool,
     /// Messages waiting to be published before publishing fails.
     pub publish_queue: usize,
+    /// Bytes waiting to be published before publishing fails.
+    pub publish_queue_bytes: usize,
     /// How long a message waits for Redis before it is dropped.
     pub publish_retry: Duration,
     pub probe_interval: Duration,
@@ -312,7 +314,22 @@ impl Config {
             }
             id => id.to_owned(),
         };
+        if l.max_fanout_bytes < l.max_message_bytes {
+            return Err(invalid(
+                "limits.max_fanout_bytes",
+                "must be at least limits.max_message_bytes (one message to one target must fit)",
+            ));
+        }
         let redis = Self::redis_from_raw(&raw.redis)?;
+        if redis
+            .as_ref()
+            .is_some_and(|r| r.publish_queue_bytes < l.max_fanout_bytes)
+        {
+            return Err(invalid(
+                "redis.publish_queue_bytes",
+                "must be at least limits.max_fanout_bytes (the largest message must fit)",
+            ));
+        }
         let backend = Self::backend_from_raw(&raw.backend)?;
         let trusted_networks = cidrs(
             "broadcast.trusted_networks",
@@ -375,6 +392,7 @@ impl Config {
             channel_prefix: raw.channel_prefix.clone(),
             sharded: raw.sharded,
             publish_queue: raw.publish_queue,
+            publish_queue_bytes: raw.publish_queue_bytes,
             publish_retry: Duration::from_millis(raw.publish_retry_ms),
             probe_interval: Duration::from_millis(raw.probe_interval_ms),
             probe_timeout: Duration::from_millis(raw.probe_timeout_ms),

@@ -72,6 +72,9 @@ pub struct RawRedis {
     pub channel_prefix: String,
     pub sharded: bool,
     pub publish_queue: usize,
+    /// Bytes of messages waiting to be published (payload and channel
+    /// names); beyond it senders are refused as overloaded.
+    pub publish_queue_bytes: usize,
     pub publish_retry_ms: u64,
     pub probe_interval_ms: u64,
     pub probe_timeout_ms: u64,
@@ -86,6 +89,7 @@ impl Default for RawRedis {
             channel_prefix: "wshub".into(),
             sharded: false,
             publish_queue: 65_536,
+            publish_queue_bytes: 64 * 1024 * 1024,
             publish_retry_ms: 5_000,
             probe_interval_ms: 500,
             probe_timeout_ms: 2_000,
@@ -115,6 +119,10 @@ pub struct Limits {
     pub max_id_bytes: usize,
     /// Most recipients in one message.
     pub max_recipients: usize,
+    /// Most bytes one message may put on the bus: its encoded size times
+    /// the topics of its route (on Redis each topic is one PUBLISH carrying
+    /// the whole payload).
+    pub max_fanout_bytes: usize,
     /// Bytes queued per connection before it is closed as a slow consumer.
     pub outbound_queue_bytes: usize,
     /// Sockets this node accepts (0: what the open-file limit allows,
@@ -232,6 +240,7 @@ impl Default for Limits {
             max_message_bytes: 64 * 1024,
             max_id_bytes: 256,
             max_recipients: 100,
+            max_fanout_bytes: 1024 * 1024,
             outbound_queue_bytes: 1024 * 1024,
             max_connections: 0,
             max_connections_per_ip: 0,

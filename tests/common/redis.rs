@@ -191,3 +191,266 @@ impl RedisCluster {
             .join(",")
     }
 }
+
+/// A TCP proxy in front of a Redis that can hold back the replies on the
+/// connection that sends one `SUBSCRIBE` (or any marker), to make a
+/// resubscribe, a start-up subscribe or a pipeline last as long as a test
+/// needs: [`arm`](Self::arm) it, wait until the held command is seen
+/// ([`held`](Self::held)), do what must happen meanwhile, then
+/// [`release`](Self::release). Commands still reach Redis: only the
+/// replies wait. [`sever`](Self::sever) closes
+/// every connection through it (the node reconnects).
+pub struct GateProxy {
+    pub port: u16,
+    state: std::sync::Arc<GateState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct GateState {
+    /// The next connection that sends `marker` is held.
+    armed: std::sync::atomic::AtomicBool,
+    marker: std::sync::Mutex<Vec<u8>>,
+    /// Hold the commands from the marker on (they never reach Redis unless
+    /// released), not the replies.
+    hold_commands: std::sync::atomic::AtomicBool,
+    /// Set once a SUBSCRIBE is being held.
+    seen: tokio::sync::watch::Sender<bool>,
+    /// Set to let held replies through.
+    open: tokio::sync::watch::Sender<bool>,
+    /// Bumped to close every connection.
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl GateProxy {
+    pub async fn start(upstream: u16) -> Self {
+        use std::sync::Arc;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(GateState {
+            armed: false.into(),
+            marker: std::sync::Mutex::new(b"SUBSCRIBE".to_vec()),
+            hold_commands: false.into(),
+            seen: tokio::sync::watch::channel(false).0,
+            open: tokio::sync::watch::channel(true).0,
+            generation: tokio::sync::watch::channel(0).0,
+        });
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                tokio::spawn(proxy_connection(client, server, shared.clone()));
+            }
+        });
+        Self { port, state, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Holds the reply to the next SUBSCRIBE until [`release`](Self::release).
+    pub fn arm(&self) {
+        self.arm_on(b"SUBSCRIBE");
+    }
+
+    /// Holds the replies on the next connection that sends `marker` (any
+    /// case) until [`release`](Self::release).
+    pub fn arm_on(&self, marker: &[u8]) {
+        self.arm_with(marker, false);
+    }
+
+    /// Holds the commands, from the one that contains `marker` on, on the
+    /// next connection that sends it: they do not reach Redis unless
+    /// released (the connection is dropped with the proxy otherwise).
+    pub fn arm_commands_on(&self, marker: &[u8]) {
+        self.arm_with(marker, true);
+    }
+
+    fn arm_with(&self, marker: &[u8], commands: bool) {
+        self.state
+            .hold_commands
+            .store(commands, std::sync::atomic::Ordering::SeqCst);
+        *self.state.marker.lock().unwrap() = marker.to_ascii_uppercase();
+        self.state.open.send_replace(false);
+        self.state.seen.send_replace(false);
+        self.state
+            .armed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Waits until a SUBSCRIBE is being held (fails after the patience).
+    pub async fn held(&self) {
+        let mut seen = self.state.seen.subscribe();
+        tokio::time::timeout(super::PATIENCE, seen.wait_for(|s| *s))
+            .await
+            .expect("no SUBSCRIBE reached the proxy")
+            .unwrap();
+    }
+
+    /// Lets held replies through (the gate stays open until the next arm).
+    pub fn release(&self) {
+        self.state.open.send_replace(true);
+    }
+
+    /// Closes every connection through the proxy.
+    pub fn sever(&self) {
+        self.state.generation.send_modify(|g| *g += 1);
+    }
+}
+
+impl Drop for GateProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.sever();
+    }
+}
+
+async fn proxy_connection(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    state: std::sync::Arc<GateState>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_rd, mut client_wr) = client.into_split();
+    let (mut server_rd, mut server_wr) = server.into_split();
+    let gated = Arc::new(AtomicBool::new(false));
+    let mut generation = state.generation.subscribe();
+    generation.mark_unchanged();
+    let upstream = {
+        let (state, gated) = (state.clone(), gated.clone());
+        async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut open = state.open.subscribe();
+            loop {
+                let n = match client_rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let upper = buf[..n].to_ascii_uppercase();
+                let marker = state.marker.lock().unwrap().clone();
+                if upper.windows(marker.len()).any(|w| w == marker)
+                    && state.armed.swap(false, Ordering::SeqCst)
+                {
+                    // Gate before the command reaches Redis, so its reply
+                    // is certainly held.
+                    gated.store(true, Ordering::SeqCst);
+                    state.seen.send_replace(true);
+                }
+                if gated.load(Ordering::SeqCst) && state.hold_commands.load(Ordering::SeqCst) {
+                    let _ = open.wait_for(|o| *o).await;
+                }
+                if server_wr.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    let downstream = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut open = state.open.subscribe();
+        loop {
+            let n = match server_rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if gated.load(Ordering::SeqCst) && !state.hold_commands.load(Ordering::SeqCst) {
+                let _ = open.wait_for(|o| *o).await;
+                gated.store(false, Ordering::SeqCst);
+            }
+            if client_wr.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        () = upstream => {}
+        () = downstream => {}
+        _ = generation.changed() => {}
+    }
+}
+
+/// Runs `redis-cli -p PORT ARGS...` and returns its output.
+pub fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}): install Debian's redis-tools"));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Subscribers of `channel` on the server at `port` (`PUBSUB NUMSUB`, or
+/// `PUBSUB SHARDNUMSUB` for a shard channel).
+pub fn numsub(port: u16, channel: &str, sharded: bool) -> i64 {
+    let which = if sharded { "SHARDNUMSUB" } else { "NUMSUB" };
+    let out = cli(port, &["PUBSUB", which, channel]);
+    // redis-cli prints the channel, then the count.
+    out.lines()
+        .nth(1)
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("unexpected PUBSUB {which} reply: {out:?}"))
+}
+
+impl RedisCluster {
+    /// The index of the node that owns `key`'s slot, the slot, and the node
+    /// ids (from `CLUSTER NODES` as each node sees itself).
+    fn owner_of(&self, key: &str) -> (usize, u16, Vec<String>) {
+        let slot: u16 = cli(self.nodes[0].port, &["CLUSTER", "KEYSLOT", key])
+            .parse()
+            .expect("CLUSTER KEYSLOT");
+        let ids: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| cli(n.port, &["CLUSTER", "MYID"]))
+            .collect();
+        let nodes = cli(self.nodes[0].port, &["CLUSTER", "NODES"]);
+        let owner_id = nodes
+            .lines()
+            .find(|line| {
+                line.split_whitespace().skip(8).any(|range| {
+                    let mut ends = range.splitn(2, '-').map(|n| n.parse::<u16>());
+                    match (ends.next(), ends.next()) {
+                        (Some(Ok(a)), Some(Ok(b))) => (a..=b).contains(&slot),
+                        (Some(Ok(a)), None) => a == slot,
+                        _ => false,
+                    }
+                })
+            })
+            .and_then(|line| line.split_whitespace().next())
+            .expect("an owner of the slot")
+            .to_owned();
+        let owner = ids.iter().position(|id| *id == owner_id).unwrap();
+        (owner, slot, ids)
+    }
+
+    /// Moves the slot of `key` (which holds no keys) from its owner to the
+    /// next master with `CLUSTER SETSLOT … IMPORTING/MIGRATING/NODE`, the
+    /// way resharding does. Returns (old owner, new owner) as node indexes.
+    pub fn migrate_slot_of(&self, key: &str) -> (usize, usize) {
+        let (from, slot, ids) = self.owner_of(key);
+        let to = (from + 1) % self.nodes.len();
+        let slot = slot.to_string();
+        let port = |i: usize| self.nodes[i].port;
+        for (node, args) in [
+            (to, ["CLUSTER", "SETSLOT", &slot, "IMPORTING", &ids[from]]),
+            (from, ["CLUSTER", "SETSLOT", &slot, "MIGRATING", &ids[to]]),
+        ] {
+            assert_eq!(cli(port(node), &args), "OK", "{args:?}");
+        }
+        // The new owner first, then the old one (which then gives up its
+        // subscribers), then the rest.
+        let mut order = vec![to, from];
+        order.extend((0..self.nodes.len()).filter(|i| *i != to && *i != from));
+        for node in order {
+            let args = ["CLUSTER", "SETSLOT", &slot, "NODE", &ids[to]];
+            assert_eq!(cli(port(node), &args), "OK", "{args:?} on node {node}");
+        }
+        assert_eq!(self.owner_of(key).0, to, "the slot moved");
+        (from, to)
+    }
+}

@@ -1,11 +1,19 @@
 //! How a node reaches Redis: a single server (PUBLISH/SUBSCRIBE) or a Redis
 //! Cluster with sharded pub/sub (SPUBLISH/SSUBSCRIBE), behind one interface
 //! for the publisher and one for the subscriber.
+//!
+//! Both subscriber kinds are RESP3 connections whose pushes arrive through a
+//! [`PushSender`] bounded in bytes: redis-rs hands pushes to an unbounded
+//! channel (its `PubSub` type too), so a delivering task that fell behind
+//! would let memory grow without limit while Redis's own pub/sub output
+//! buffer limit never applied.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::MIN_BACKOFF;
@@ -13,12 +21,33 @@ use super::queue::Outgoing;
 use crate::bus::BusError;
 use crate::config::RedisConfig;
 
+/// Bytes of received pushes waiting for the subscriber task. Beyond it a
+/// push is dropped and counted ([`Incoming::Lagged`]): the task is behind,
+/// and memory must not grow with it. Pub/sub is at-most-once anyway; the
+/// drop is visible in `wshub_messages_dropped_total{reason="bus_lagging"}`.
+pub(super) const SUBSCRIBER_BUFFER_BYTES: usize = 32 * 1024 * 1024;
+/// What one queued push costs besides its payload (the `PushInfo`, its
+/// `Vec<Value>`, the channel name's allocation).
+const PUSH_OVERHEAD: usize = 128;
+/// How often a redirected `SPUBLISH` is sent again. A MOVED/ASK reply means
+/// the shard did not run the command, so sending it again cannot
+/// duplicate; every other failure is never retried (see `connect_publisher`).
+const REDIRECT_RETRIES: usize = 3;
+
 /// How this node reaches Redis: a single server (PUBLISH/SUBSCRIBE) or a
 /// Redis Cluster with sharded pub/sub (SPUBLISH/SSUBSCRIBE).
 #[derive(Clone)]
 pub(super) enum Link {
-    Single(redis::Client),
+    Single(Box<SingleLink>),
     Sharded(Vec<String>),
+}
+
+#[derive(Clone)]
+pub(super) struct SingleLink {
+    /// The URL as configured, for the publisher and the probe.
+    client: redis::Client,
+    /// The same server in RESP3, for the subscriber (pushes).
+    resp3: redis::Client,
 }
 
 impl Link {
@@ -27,14 +56,20 @@ impl Link {
         if config.sharded {
             Ok(Link::Sharded(config.urls()))
         } else {
-            Ok(Link::Single(
-                redis::Client::open(config.url.as_str()).map_err(bad)?,
-            ))
+            let client = redis::Client::open(config.url.as_str()).map_err(bad)?;
+            let info = client.get_connection_info().clone();
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_protocol(redis::ProtocolVersion::RESP3);
+            let resp3 = redis::Client::open(info.set_redis_settings(settings)).map_err(bad)?;
+            Ok(Link::Single(Box::new(SingleLink { client, resp3 })))
         }
     }
 }
 
-/// The publisher's connection.
+/// The publisher's connection (also the prober's; cloning shares it).
+#[derive(Clone)]
 pub(super) enum PubConn {
     Single(redis::aio::MultiplexedConnection),
     Sharded(redis::cluster_async::ClusterConnection),
@@ -45,12 +80,13 @@ pub(super) async fn connect_publisher(
     config: &RedisConfig,
 ) -> redis::RedisResult<PubConn> {
     match link {
-        Link::Single(client) => {
+        Link::Single(single) => {
             let cfg = redis::AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(config.command_timeout))
                 .set_response_timeout(Some(config.command_timeout));
             Ok(PubConn::Single(
-                client
+                single
+                    .client
                     .get_multiplexed_async_connection_with_config(&cfg)
                     .await?,
             ))
@@ -59,6 +95,11 @@ pub(super) async fn connect_publisher(
             redis::cluster::ClusterClientBuilder::new(nodes.clone())
                 .connection_timeout(config.command_timeout)
                 .response_timeout(config.command_timeout)
+                // No automatic retries: after a timeout or a broken
+                // connection the shard may already have run the SPUBLISH,
+                // and a retry would deliver it twice. Redirects, which are
+                // safe, are resent by `send` itself.
+                .retries(0)
                 .build()?
                 .get_async_connection()
                 .await?,
@@ -87,10 +128,9 @@ impl PubConn {
                 // awaited, so each shard connection sends them in order.
                 let sends = batch.iter().flat_map(|m| {
                     m.channels.iter().map(|channel| {
-                        let mut conn = conn.clone();
-                        let mut cmd = redis::cmd("SPUBLISH");
-                        cmd.arg(channel).arg(&m.payload[..]);
-                        async move { cmd.query_async::<()>(&mut conn).await }
+                        let conn = conn.clone();
+                        let payload = m.payload.clone();
+                        async move { spublish(conn, channel, payload).await }
                     })
                 });
                 let results = futures_util::future::join_all(sends).await;
@@ -98,6 +138,99 @@ impl PubConn {
             }
         }
     }
+}
+
+/// One `SPUBLISH`, sent again only when the shard answered with a redirect
+/// (it did not run it; the cluster client refreshes its slot map on that
+/// reply). A redirected message may overtake a later one of the same sender
+/// on the same channel: see docs/cluster.md on order in sharded mode.
+async fn spublish(
+    mut conn: redis::cluster_async::ClusterConnection,
+    channel: &str,
+    payload: Bytes,
+) -> redis::RedisResult<()> {
+    let mut tries = 0;
+    loop {
+        let mut cmd = redis::cmd("SPUBLISH");
+        cmd.arg(channel).arg(&payload[..]);
+        match cmd.query_async::<()>(&mut conn).await {
+            Err(e) if e.redirect_node().is_some() && tries < REDIRECT_RETRIES => {
+                tries += 1;
+                tokio::time::sleep(MIN_BACKOFF * tries as u32).await;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// The health probe's own connection: probes never queue behind a backlog
+/// of published messages, so a busy publisher never looks like a dead
+/// subscriber.
+pub(super) async fn connect_prober(
+    link: &Link,
+    config: &RedisConfig,
+) -> redis::RedisResult<PubConn> {
+    connect_publisher(link, config).await
+}
+
+impl PubConn {
+    /// Publishes `payload` to each of `channels` (probes: tiny, one per shard).
+    pub(super) async fn probe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
+        let batch = [Outgoing {
+            at: tokio::time::Instant::now(),
+            channels: channels.to_vec(),
+            payload: Bytes::from_static(b"probe"),
+        }];
+        self.send(&batch).await
+    }
+
+    /// The cluster's shards as their slot ranges (sharded only; `None` on a
+    /// single server).
+    pub(super) async fn shard_ranges(&mut self) -> redis::RedisResult<Option<Vec<(u16, u16)>>> {
+        let PubConn::Sharded(conn) = self else {
+            return Ok(None);
+        };
+        // CLUSTER SLOTS: [[start, end, [ip, port, id], replicas...], ...]
+        let slots: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
+        let mut ranges = Vec::new();
+        for entry in slots {
+            if let redis::Value::Array(fields) = entry
+                && let (Some(redis::Value::Int(start)), Some(redis::Value::Int(end))) =
+                    (fields.first(), fields.get(1))
+            {
+                ranges.push((*start as u16, *end as u16));
+            }
+        }
+        // Each range is probed on its own: a shard with several ranges
+        // costs a probe per range and proves the same.
+        ranges.sort_unstable();
+        Ok(Some(ranges))
+    }
+}
+
+/// The hash slot of a channel, as Redis Cluster computes it for shard
+/// channels: CRC16 (XMODEM) of the name, or of its `{hash tag}` when it has
+/// a non-empty one, modulo 16384. redis-rs computes it too but does not
+/// expose the number, which the probe needs to pick a channel per shard.
+pub(super) fn slot_of(channel: &str) -> u16 {
+    let key = channel.as_bytes();
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        let close = rest.iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    let mut crc: u16 = 0;
+    for &byte in tagged.unwrap_or(key) {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
 }
 
 /// Capped exponential backoff.
@@ -125,104 +258,301 @@ impl Backoff {
     }
 }
 
-/// The subscriber's connection: a pub/sub connection on a single server, a
-/// RESP3 cluster connection whose pushes arrive on `pushes` when sharded.
-pub(super) enum SubConn {
-    Single {
-        sink: redis::aio::PubSubSink,
-        stream: redis::aio::PubSubStream,
-    },
-    Sharded {
-        conn: redis::cluster_async::ClusterConnection,
-        pushes: mpsc::UnboundedReceiver<redis::PushInfo>,
-    },
+/// The push channel's byte account, shared by the sending closure (on
+/// redis-rs's reading task) and the receiver.
+#[derive(Default)]
+struct PushBudget {
+    bytes: AtomicUsize,
+    dropped: AtomicU64,
+}
+
+/// Bytes a push holds while queued.
+fn push_bytes(push: &redis::PushInfo) -> usize {
+    PUSH_OVERHEAD
+        + push
+            .data
+            .iter()
+            .map(|v| match v {
+                redis::Value::BulkString(b) => b.len(),
+                _ => 16,
+            })
+            .sum::<usize>()
+}
+
+/// A sender that redis-rs calls for every push, without blocking: it
+/// queues the push while the queued bytes stay within `limit`, and drops
+/// (and counts) it otherwise.
+fn bounded_pushes(
+    limit: usize,
+) -> (
+    impl Fn(redis::PushInfo) -> Result<(), ()> + Send + Sync + 'static,
+    PushReceiver,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let budget = Arc::new(PushBudget::default());
+    let account = budget.clone();
+    let send = move |push: redis::PushInfo| {
+        let size = push_bytes(&push);
+        // Disconnection notices carry nothing and must never be lost.
+        let is_data = matches!(
+            push.kind,
+            redis::PushKind::Message | redis::PushKind::SMessage
+        );
+        if is_data && account.bytes.load(Ordering::Acquire) + size > limit {
+            account.dropped.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        account.bytes.fetch_add(size, Ordering::AcqRel);
+        // The receiver is gone only when the subscriber dropped the
+        // connection; nothing to do then.
+        tx.send(push).map_err(|_| ())
+    };
+    (send, PushReceiver { rx, budget })
+}
+
+/// The receiving end of [`bounded_pushes`].
+pub(super) struct PushReceiver {
+    rx: mpsc::UnboundedReceiver<redis::PushInfo>,
+    budget: Arc<PushBudget>,
+}
+
+impl PushReceiver {
+    async fn recv(&mut self) -> Option<redis::PushInfo> {
+        let push = self.rx.recv().await?;
+        self.budget
+            .bytes
+            .fetch_sub(push_bytes(&push), Ordering::AcqRel);
+        Some(push)
+    }
+
+    fn take_dropped(&self) -> u64 {
+        self.budget.dropped.swap(0, Ordering::Relaxed)
+    }
+}
+
+/// The subscriber's connection: RESP3, its pushes on a byte-bounded
+/// channel.
+pub(super) struct SubConn {
+    kind: SubKind,
+    pushes: PushReceiver,
+}
+
+enum SubKind {
+    Single(redis::aio::MultiplexedConnection),
+    Sharded(redis::cluster_async::ClusterConnection),
 }
 
 pub(super) async fn connect_subscriber(
     link: &Link,
     config: &RedisConfig,
 ) -> redis::RedisResult<SubConn> {
-    match link {
-        Link::Single(client) => {
-            let (sink, stream) = client.get_async_pubsub().await?.split();
-            Ok(SubConn::Single { sink, stream })
+    connect_subscriber_with(link, config, SUBSCRIBER_BUFFER_BYTES).await
+}
+
+pub(super) async fn connect_subscriber_with(
+    link: &Link,
+    config: &RedisConfig,
+    buffer_bytes: usize,
+) -> redis::RedisResult<SubConn> {
+    let (send, pushes) = bounded_pushes(buffer_bytes);
+    let kind = match link {
+        Link::Single(single) => {
+            let cfg = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(config.command_timeout))
+                .set_response_timeout(Some(config.command_timeout))
+                .set_push_sender(send);
+            SubKind::Single(
+                single
+                    .resp3
+                    .get_multiplexed_async_connection_with_config(&cfg)
+                    .await?,
+            )
         }
-        Link::Sharded(nodes) => {
-            let (tx, pushes) = mpsc::unbounded_channel();
-            let conn = redis::cluster::ClusterClientBuilder::new(nodes.clone())
+        Link::Sharded(nodes) => SubKind::Sharded(
+            redis::cluster::ClusterClientBuilder::new(nodes.clone())
                 .use_protocol(redis::ProtocolVersion::RESP3)
-                .push_sender(tx)
+                .push_sender(send)
                 .connection_timeout(config.command_timeout)
                 .response_timeout(config.command_timeout)
                 .build()?
                 .get_async_connection()
-                .await?;
-            Ok(SubConn::Sharded { conn, pushes })
-        }
-    }
+                .await?,
+        ),
+    };
+    Ok(SubConn { kind, pushes })
 }
 
 /// What the subscriber connection produced.
 pub(super) enum Incoming {
     Message(String, Bytes),
+    /// A shard gave up these channels (its slots moved, sharded only): they
+    /// must be subscribed again, at their new owner.
+    Unsubscribed(Vec<String>),
+    /// Pushes were dropped because the subscriber task fell behind.
+    Lagged(u64),
     Other,
     Closed,
 }
 
+/// Channels grouped into commands: one command per slot on a cluster (a
+/// sharded command must stay in one slot), at most `max` channels each.
+fn commands_by_slot(channels: &[String], max: usize) -> Vec<Vec<String>> {
+    let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+    for channel in channels {
+        by_slot
+            .entry(slot_of(channel))
+            .or_default()
+            .push(channel.clone());
+    }
+    by_slot
+        .into_values()
+        .flat_map(|group| {
+            group
+                .chunks(max.max(1))
+                .map(<[String]>::to_vec)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 impl SubConn {
+    /// Subscribes `channels`. On a cluster the commands (one per slot) are
+    /// all issued before any is awaited, so they travel pipelined to each
+    /// shard: tens of thousands of channels cost a few round trips, not one
+    /// each.
     pub(super) async fn subscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
-        match self {
-            SubConn::Single { sink, .. } => sink.subscribe(channels).await,
-            SubConn::Sharded { conn, .. } => {
-                // SSUBSCRIBE takes channels of one slot only: one at a time.
-                for channel in channels {
-                    conn.ssubscribe(channel).await?;
-                }
-                Ok(())
+        match &mut self.kind {
+            SubKind::Single(conn) => conn.subscribe(channels).await,
+            SubKind::Sharded(conn) => {
+                let sends = commands_by_slot(channels, 1000).into_iter().map(|group| {
+                    let mut conn = conn.clone();
+                    async move { conn.ssubscribe(group).await }
+                });
+                futures_util::future::join_all(sends)
+                    .await
+                    .into_iter()
+                    .collect()
             }
         }
     }
 
     pub(super) async fn unsubscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
-        match self {
-            SubConn::Single { sink, .. } => sink.unsubscribe(channels).await,
-            SubConn::Sharded { conn, .. } => {
-                for channel in channels {
-                    conn.sunsubscribe(channel).await?;
-                }
-                Ok(())
+        match &mut self.kind {
+            SubKind::Single(conn) => conn.unsubscribe(channels).await,
+            SubKind::Sharded(conn) => {
+                let sends = commands_by_slot(channels, 1000).into_iter().map(|group| {
+                    let mut conn = conn.clone();
+                    async move { conn.sunsubscribe(group).await }
+                });
+                futures_util::future::join_all(sends)
+                    .await
+                    .into_iter()
+                    .collect()
             }
         }
     }
 
     pub(super) async fn next(&mut self) -> Incoming {
-        match self {
-            SubConn::Single { stream, .. } => match stream.next().await {
-                // The one copy of the payload: out of the redis message.
-                Some(msg) => Incoming::Message(
-                    msg.get_channel_name().to_owned(),
-                    Bytes::copy_from_slice(msg.get_payload_bytes()),
-                ),
-                None => Incoming::Closed,
-            },
-            SubConn::Sharded { pushes, .. } => match pushes.recv().await {
-                Some(push) if push.kind == redis::PushKind::SMessage => {
-                    let mut data = push.data.into_iter();
-                    match (data.next(), data.next()) {
-                        (
-                            Some(redis::Value::BulkString(ch)),
-                            Some(redis::Value::BulkString(payload)),
-                        ) => Incoming::Message(
-                            String::from_utf8_lossy(&ch).into_owned(),
-                            Bytes::from(payload),
-                        ),
-                        _ => Incoming::Other,
-                    }
-                }
-                Some(push) if push.kind == redis::PushKind::Disconnection => Incoming::Closed,
-                Some(_) => Incoming::Other,
-                None => Incoming::Closed,
-            },
+        let dropped = self.pushes.take_dropped();
+        if dropped > 0 {
+            return Incoming::Lagged(dropped);
         }
+        let Some(push) = self.pushes.recv().await else {
+            return Incoming::Closed;
+        };
+        match push.kind {
+            redis::PushKind::Message | redis::PushKind::SMessage => {
+                let mut data = push.data.into_iter();
+                match (data.next(), data.next()) {
+                    (
+                        Some(redis::Value::BulkString(ch)),
+                        Some(redis::Value::BulkString(payload)),
+                    ) => Incoming::Message(
+                        String::from_utf8_lossy(&ch).into_owned(),
+                        // The one copy of the payload: out of the push.
+                        Bytes::from(payload),
+                    ),
+                    _ => Incoming::Other,
+                }
+            }
+            // A shard's own unsubscribe (slot migration) arrives as a push
+            // no command of ours asked for; our own SUNSUBSCRIBEs produce
+            // the same push, and the caller tells the two apart by what it
+            // still wants.
+            redis::PushKind::SUnsubscribe => match push.data.first() {
+                Some(redis::Value::BulkString(ch)) => {
+                    Incoming::Unsubscribed(vec![String::from_utf8_lossy(ch).into_owned()])
+                }
+                _ => Incoming::Other,
+            },
+            redis::PushKind::Disconnection => Incoming::Closed,
+            _ => Incoming::Other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_match_redis() {
+        use redis::cluster_routing::Slot;
+        for key in [
+            "wshub:all",
+            "wshub:g:chat",
+            "a{tag}b",
+            "{}x",
+            "x{}{y}",
+            "wshub:probe:n1:7",
+        ] {
+            assert_eq!(Slot::new(slot_of(key)), Some(Slot::for_key(key)), "{key}");
+        }
+        // The example from the Redis Cluster specification.
+        assert_eq!(slot_of("123456789"), 12739);
+    }
+
+    #[test]
+    fn sharded_commands_stay_in_one_slot() {
+        let channels: Vec<String> = (0..200).map(|i| format!("wshub:g:{i}")).collect();
+        let commands = commands_by_slot(&channels, 1000);
+        assert_eq!(commands.iter().map(Vec::len).sum::<usize>(), 200);
+        for command in &commands {
+            assert!(command.iter().all(|c| slot_of(c) == slot_of(&command[0])));
+        }
+        let same: Vec<String> = (0..5).map(|_| "wshub:all".to_owned()).collect();
+        assert_eq!(commands_by_slot(&same, 2).len(), 3);
+    }
+
+    #[tokio::test]
+    async fn the_push_channel_is_bounded_in_bytes() {
+        let (send, mut rx) = bounded_pushes(1000);
+        let push = |n: usize| redis::PushInfo {
+            kind: redis::PushKind::Message,
+            data: vec![
+                redis::Value::BulkString(b"ch".to_vec()),
+                redis::Value::BulkString(vec![0; n]),
+            ],
+        };
+        for _ in 0..3 {
+            send(push(300)).unwrap();
+        }
+        // 3 × (300 + 2 + overhead) is over 1000: the third was dropped.
+        assert_eq!(rx.take_dropped(), 1);
+        assert!(rx.recv().await.is_some());
+        // Room again after the receiver took one.
+        send(push(300)).unwrap();
+        assert_eq!(rx.take_dropped(), 0);
+        send(redis::PushInfo {
+            kind: redis::PushKind::Disconnection,
+            data: vec![],
+        })
+        .unwrap();
+        assert!(rx.recv().await.is_some());
+        assert!(rx.recv().await.is_some());
+        assert_eq!(
+            rx.recv().await.unwrap().kind,
+            redis::PushKind::Disconnection
+        );
     }
 }

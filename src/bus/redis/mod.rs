@@ -1,19 +1,25 @@
 //! The Redis bus: any number of nodes share one Redis (or one Redis Cluster,
 //! with sharded pub/sub).
 //!
-//! Two tasks per node, each owning its connection:
+//! Two tasks per node, each owning its connection, both tracked by the
+//! bus's [`TaskTracker`] so shutdown can wait for them:
 //!
 //! - the **publisher** drains a bounded queue of encoded messages and sends
-//!   them as one pipeline per wake-up. A message that cannot be sent (Redis
-//!   down) waits in the queue, and is retried until `redis.publish_retry_ms`
-//!   after it was published; then it is dropped, counted and logged. A
-//!   pipeline that fails mid-flight is dropped, not resent: Redis may already
-//!   have delivered part of it, and delivering twice is worse than the loss
-//!   pub/sub already allows.
+//!   them in pipelines bounded in bytes ([`MAX_BATCH_BYTES`]), each with its
+//!   own timeout. A message that cannot be sent (Redis down) waits in the
+//!   queue, and is retried until `redis.publish_retry_ms` after it was
+//!   published; then it is dropped, counted and logged. A pipeline that
+//!   fails mid-flight is dropped, not resent: Redis may already have
+//!   delivered part of it, and delivering twice is worse than the loss
+//!   pub/sub already allows. Only that batch is lost; the messages behind
+//!   it wait for the reconnect. On shutdown the publisher first sends what
+//!   is queued (bounded by the shutdown timeout), then ends.
 //! - the **subscriber** holds the one subscriber connection, subscribes and
 //!   unsubscribes in batches, delivers what arrives to the hub, and sends the
-//!   health probe. When the connection drops it reconnects with capped
-//!   backoff and resubscribes every topic the node holds.
+//!   health probe on a connection of its own. When the connection drops it
+//!   reconnects with capped backoff and resubscribes every topic the node
+//!   holds; on a cluster it also resubscribes a channel whose shard gave it
+//!   up (a slot migration).
 //!
 //! Messages are delivered to this node's own sockets directly at publish
 //! time (so same-node delivery goes on while Redis is away) and the node
@@ -21,26 +27,35 @@
 //! every payload).
 //!
 //! **Health** is end to end: every `redis.probe_interval_ms` the node
-//! publishes a probe to its own probe channel through the publisher, and it
-//! is healthy only while the subscriber is connected and a probe came back
-//! within `redis.probe_timeout_ms`. A node whose subscriber is wedged while
-//! publishing still works therefore turns unready instead of silently
-//! missing every message.
+//! publishes a probe to its own probe channel (one per shard on a cluster,
+//! so every shard's subscription is checked), on a connection used for
+//! nothing else, and it is healthy only while the subscriber is connected
+//! and every probe came back within `redis.probe_timeout_ms`. A node whose
+//! subscriber is wedged therefore turns unready instead of silently missing
+//! every message, and a backlog of published messages never delays a probe
+//! (it once did, and a busy node tore down a healthy subscriber).
 
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::body::Bytes;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::{Instant, timeout};
+use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 mod conn;
 mod queue;
 
-use conn::{Backoff, Incoming, Link, PubConn, connect_publisher, connect_subscriber};
+use conn::{
+    Backoff, Incoming, Link, PubConn, SubConn, connect_prober, connect_publisher,
+    connect_subscriber, slot_of,
+};
 use queue::PublishQueue;
 
 use super::wire::{self, Channels};
@@ -51,6 +66,12 @@ use crate::route::Topic;
 
 /// Most messages sent in one pipeline.
 const MAX_BATCH: usize = 512;
+/// Most bytes (payload × channels) sent in one pipeline, unless a single
+/// message is larger; a message of a quarter of this or more goes alone.
+/// Small batches: a pipeline that times out or breaks is dropped whole, and
+/// it must not take unrelated messages with it (a 9 MB pipeline once cost
+/// an innocent sender 17 of 40 messages).
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// Most channels in one SUBSCRIBE.
 const MAX_SUBSCRIBE_BATCH: usize = 1000;
 /// Subscription requests waiting for the subscriber task. Full means the
@@ -59,12 +80,19 @@ const MAX_SUBSCRIBE_BATCH: usize = 1000;
 const SUBSCRIBE_QUEUE: usize = 8192;
 /// The first reconnect delay; doubled per failure up to `reconnect_max`.
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
+/// How often, at most, dropped pushes are logged (they are all counted).
+const LAG_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Most candidate names tried to find a probe channel in a shard's slot
+/// range. A range of one slot needs about 16,384 tries on average; ranges
+/// that are not found are not probed (logged), never an endless search.
+const PROBE_SEARCH: u32 = 400_000;
 
 /// The Redis implementation of [`Bus`].
 pub struct RedisBus {
     shared: Arc<Shared>,
     commands: mpsc::Sender<SubscribeRequest>,
     stop: CancellationToken,
+    tasks: TaskTracker,
 }
 
 struct SubscribeRequest {
@@ -89,11 +117,14 @@ struct Shared {
     /// before it sends on a connection from an older epoch, instead of
     /// finding out by losing a batch.
     epoch: AtomicU64,
-    /// Milliseconds since `started` when the last probe came back, plus one;
-    /// 0 = never.
+    /// Milliseconds since `started` when the *oldest* of the probe channels
+    /// last came back, plus one; 0 = not every probe channel came back yet.
     last_probe: AtomicU64,
     /// Unreadable payloads are logged once per node.
     unreadable_logged: AtomicBool,
+    /// How long the publisher may spend sending what is queued once the
+    /// bus is stopping (set by `shutdown`, in milliseconds).
+    flush_within_ms: AtomicU64,
 }
 
 impl RedisBus {
@@ -112,7 +143,7 @@ impl RedisBus {
             probe_channel: channels.probe(&node_id),
             channels,
             node_id,
-            queue: PublishQueue::new(config.publish_queue),
+            queue: PublishQueue::new(config.publish_queue, config.publish_queue_bytes),
             config,
             sink,
             interest: Interest::new(release_delay),
@@ -122,15 +153,25 @@ impl RedisBus {
             epoch: AtomicU64::new(0),
             last_probe: AtomicU64::new(0),
             unreadable_logged: AtomicBool::new(false),
+            flush_within_ms: AtomicU64::new(0),
         });
         let (commands, requests) = mpsc::channel(SUBSCRIBE_QUEUE);
         let stop = CancellationToken::new();
-        tokio::spawn(publisher(shared.clone(), link.clone(), stop.clone()));
-        tokio::spawn(subscriber(shared.clone(), link, requests, stop.clone()));
+        let tasks = TaskTracker::new();
+        tasks.spawn(Publisher::new(shared.clone(), link.clone()).run(stop.clone()));
+        tasks.spawn(subscriber(
+            shared.clone(),
+            link,
+            requests,
+            stop.clone(),
+            tasks.clone(),
+        ));
+        tasks.close();
         Ok(Self {
             shared,
             commands,
             stop,
+            tasks,
         })
     }
 }
@@ -202,8 +243,22 @@ impl Bus for RedisBus {
         Ok(())
     }
 
-    fn shutdown(&self) {
+    fn shutdown(&self, within: Duration) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        self.shared
+            .flush_within_ms
+            .store(within.as_millis() as u64, Ordering::Release);
         self.stop.cancel();
+        let tasks = self.tasks.clone();
+        Box::pin(async move {
+            // The publisher bounds its flush by `within`; the margin covers
+            // the commands already in flight when it ran out of time.
+            if timeout(within + Duration::from_secs(1), tasks.wait())
+                .await
+                .is_err()
+            {
+                warn!("the Redis bus's tasks did not end in time; exiting anyway");
+            }
+        })
     }
 }
 
@@ -212,13 +267,9 @@ impl Shared {
         self.started.elapsed()
     }
 
-    /// Handles one message from the subscriber connection.
+    /// Handles one message from the subscriber connection (probes are
+    /// handled by the subscriber task).
     fn receive(&self, channel: &str, payload: Bytes) {
-        if channel == self.probe_channel {
-            let now = self.since_start().as_millis() as u64 + 1;
-            self.last_probe.store(now, Ordering::Release);
-            return;
-        }
         let Some(topic) = self.channels.topic(channel) else {
             return self.unreadable(channel, "not a topic channel");
         };
@@ -254,107 +305,257 @@ impl Shared {
 
 // ---- The publisher task --------------------------------------------------
 
-async fn publisher(shared: Arc<Shared>, link: Link, stop: CancellationToken) {
-    let config = &shared.config;
-    // The connection and the subscriber epoch it was opened in.
-    let mut conn: Option<(PubConn, u64)> = None;
-    let mut backoff = Backoff::new(config.reconnect_max);
-    // Whether we are in an outage (to log its start and end once).
-    let mut outage = false;
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = shared.queue.wait() => {}
+/// The publisher task's state: its connection and the subscriber epoch it
+/// was opened in, its backoff, and whether an outage is in progress (to
+/// log its start and end once).
+struct Publisher {
+    shared: Arc<Shared>,
+    link: Link,
+    conn: Option<(PubConn, u64)>,
+    backoff: Backoff,
+    outage: bool,
+}
+
+impl Publisher {
+    fn new(shared: Arc<Shared>, link: Link) -> Self {
+        let backoff = Backoff::new(shared.config.reconnect_max);
+        Self {
+            shared,
+            link,
+            conn: None,
+            backoff,
+            outage: false,
         }
-        let expired = shared.queue.expire(config.publish_retry);
+    }
+
+    async fn run(mut self, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                () = self.shared.queue.wait() => {}
+            }
+            self.expire();
+            if self.connected().await {
+                self.send_batch().await;
+            } else {
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(self.backoff.step()) => {}
+                }
+            }
+        }
+        self.flush().await;
+    }
+
+    /// Sends what is still queued, until the queue is empty or the time
+    /// `shutdown` allowed is up, and never longer than
+    /// `redis.publish_retry_ms` (a message waits no longer than that
+    /// anyway); what is left is dropped and counted.
+    async fn flush(&mut self) {
+        let within = Duration::from_millis(self.shared.flush_within_ms.load(Ordering::Acquire))
+            .min(self.shared.config.publish_retry);
+        let deadline = Instant::now() + within;
+        while !self.shared.queue.is_empty() && Instant::now() < deadline {
+            match timeout_at(deadline, self.connected()).await {
+                Ok(true) => {
+                    let _ = timeout_at(deadline, self.send_batch()).await;
+                }
+                Ok(false) => {
+                    let _ = timeout_at(deadline, tokio::time::sleep(self.backoff.step())).await;
+                }
+                Err(_) => break,
+            }
+        }
+        let left = self.shared.queue.take(usize::MAX, usize::MAX).len();
+        if left > 0 {
+            self.shared
+                .metrics
+                .dropped(DropReason::BusUnavailable, left as u64);
+            warn!(
+                dropped = left,
+                "shutting down: messages still queued for Redis were dropped"
+            );
+        }
+    }
+
+    fn expire(&self) {
+        let shared = &self.shared;
+        let expired = shared.queue.expire(shared.config.publish_retry);
         if expired > 0 {
             shared
                 .metrics
                 .dropped(DropReason::BusUnavailable, expired as u64);
             warn!(
                 dropped = expired,
-                retry_ms = config.publish_retry.as_millis() as u64,
+                retry_ms = shared.config.publish_retry.as_millis() as u64,
                 "Redis unreachable: dropped messages that waited longer than redis.publish_retry_ms"
             );
         }
+    }
+
+    /// Makes sure there is a connection of the current epoch; false when
+    /// Redis cannot be reached (the caller backs off).
+    async fn connected(&mut self) -> bool {
+        let shared = &self.shared;
+        let config = &shared.config;
         let epoch = shared.epoch.load(Ordering::Acquire);
-        if conn.as_ref().is_some_and(|(_, opened)| *opened != epoch) {
-            conn = None;
+        if self
+            .conn
+            .as_ref()
+            .is_some_and(|(_, opened)| *opened != epoch)
+        {
+            self.conn = None;
         }
-        let Some((active, _)) = conn.as_mut() else {
-            match timeout(config.command_timeout, connect_publisher(&link, config)).await {
-                Ok(Ok(c)) => {
-                    conn = Some((c, epoch));
-                    backoff.reset();
-                    if outage {
-                        info!("publisher reconnected to Redis");
-                        outage = false;
-                    }
+        if self.conn.is_some() {
+            return true;
+        }
+        match timeout(
+            config.command_timeout,
+            connect_publisher(&self.link, config),
+        )
+        .await
+        {
+            Ok(Ok(c)) => {
+                self.conn = Some((c, epoch));
+                self.backoff.reset();
+                if self.outage {
+                    info!("publisher reconnected to Redis");
+                    self.outage = false;
                 }
-                failed => {
-                    if !outage {
-                        let error = match failed {
-                            Ok(Err(e)) => e.to_string(),
-                            _ => "connect timed out".to_owned(),
-                        };
-                        warn!(%error, "publisher cannot reach Redis; retrying");
-                        outage = true;
-                    }
-                    shared.metrics.bus_reconnect_attempt();
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = tokio::time::sleep(backoff.step()) => {}
-                    }
-                }
+                true
             }
-            continue;
+            failed => {
+                if !self.outage {
+                    let error = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "connect timed out".to_owned(),
+                    };
+                    warn!(%error, "publisher cannot reach Redis; retrying");
+                    self.outage = true;
+                }
+                shared.metrics.bus_reconnect_attempt();
+                false
+            }
+        }
+    }
+
+    /// Sends one batch (bounded in messages and bytes) with its own timeout.
+    async fn send_batch(&mut self) {
+        let Some((active, _)) = self.conn.as_mut() else {
+            return;
         };
-        let batch = shared.queue.take(MAX_BATCH);
+        let shared = &self.shared;
+        let batch = shared.queue.take(MAX_BATCH, MAX_BATCH_BYTES);
         if batch.is_empty() {
-            continue;
+            return;
         }
-        if let Err(e) = active.send(&batch).await {
-            // Part of the pipeline may have been delivered: drop it rather
-            // than risk delivering twice.
-            shared
-                .metrics
-                .dropped(DropReason::BusUnavailable, batch.len() as u64);
-            shared.metrics.bus_publish_failure();
-            warn!(error = %e, dropped = batch.len(), "publishing to Redis failed; reconnecting");
-            conn = None;
-            outage = true;
-        }
+        let error = match timeout(shared.config.command_timeout, active.send(&batch)).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "the pipeline timed out".to_owned(),
+        };
+        // Part of the pipeline may have been delivered: drop it rather
+        // than risk delivering twice. Only this batch: the messages behind
+        // it wait for the reconnect.
+        shared
+            .metrics
+            .dropped(DropReason::BusUnavailable, batch.len() as u64);
+        shared.metrics.bus_publish_failure();
+        warn!(%error, dropped = batch.len(), "publishing to Redis failed; reconnecting");
+        self.conn = None;
+        self.outage = true;
     }
 }
 
 // ---- The subscriber task -------------------------------------------------
+
+/// The probe channels of this node: one on a single server; on a cluster one
+/// per slot range, so every shard's subscription is checked.
+async fn probe_channels(shared: &Shared, prober: &mut PubConn) -> redis::RedisResult<Vec<String>> {
+    let Some(ranges) = prober.shard_ranges().await? else {
+        return Ok(vec![shared.probe_channel.clone()]);
+    };
+    let mut channels = Vec::new();
+    for (start, end) in ranges {
+        let found = (0..PROBE_SEARCH)
+            .map(|i| format!("{}:{i}", shared.probe_channel))
+            .find(|c| (start..=end).contains(&slot_of(c)));
+        match found {
+            Some(c) => channels.push(c),
+            None => warn!(
+                start,
+                end, "no probe channel found for a slot range; it is not probed"
+            ),
+        }
+    }
+    if channels.is_empty() {
+        channels.push(shared.probe_channel.clone());
+    }
+    channels.sort();
+    channels.dedup();
+    Ok(channels)
+}
+
+/// What a successful connect attempt produced: the connections, the probe
+/// channels, and exactly the topics that were subscribed.
+struct Connected {
+    conn: SubConn,
+    prober: PubConn,
+    probes: Vec<String>,
+    subscribed: HashSet<Topic>,
+}
+
+async fn connect(shared: &Shared, link: &Link) -> redis::RedisResult<Connected> {
+    let config = &shared.config;
+    let mut conn = connect_subscriber(link, config).await?;
+    let mut prober = connect_prober(link, config).await?;
+    let probes = probe_channels(shared, &mut prober).await?;
+    // One snapshot, used both to subscribe and to record what is
+    // subscribed. A topic taken while this attempt is in flight is not in
+    // it: its request waits in the queue and is served once connected.
+    // (Two snapshots once made such a topic look subscribed when it was
+    // not: acked, and silently deaf until it was released.)
+    let held = shared.interest.held();
+    let mut channels = probes.clone();
+    channels.extend(held.iter().map(|t| shared.channels.of(t)));
+    for chunk in channels.chunks(MAX_SUBSCRIBE_BATCH) {
+        conn.subscribe(chunk).await?;
+    }
+    Ok(Connected {
+        conn,
+        prober,
+        probes,
+        subscribed: held.into_iter().collect(),
+    })
+}
 
 async fn subscriber(
     shared: Arc<Shared>,
     link: Link,
     mut requests: mpsc::Receiver<SubscribeRequest>,
     stop: CancellationToken,
+    tasks: TaskTracker,
 ) {
     let config = shared.config.clone();
     let mut backoff = Backoff::new(config.reconnect_max);
     let mut connected_before = false;
     // Whether the current outage was logged already.
     let mut outage_logged = false;
+    // When dropped pushes were last logged.
+    let mut lag_logged: Option<Instant> = None;
     loop {
         // Connect, and subscribe to everything this node holds.
-        let attempt = async {
-            let mut conn = connect_subscriber(&link, &config).await?;
-            let mut channels = vec![shared.probe_channel.clone()];
-            channels.extend(shared.interest.held().iter().map(|t| shared.channels.of(t)));
-            for chunk in channels.chunks(MAX_SUBSCRIBE_BATCH) {
-                conn.subscribe(chunk).await?;
-            }
-            redis::RedisResult::Ok(conn)
-        };
-        let mut conn = tokio::select! {
+        let Connected {
+            mut conn,
+            prober,
+            probes,
+            mut subscribed,
+        } = tokio::select! {
             () = stop.cancelled() => return,
-            result = timeout(config.command_timeout * 4, attempt) => match result {
-                Ok(Ok(conn)) => conn,
+            result = timeout(config.command_timeout * 4, connect(&shared, &link)) => match result {
+                Ok(Ok(connected)) => connected,
                 failed => {
                     let error = match failed { Ok(Err(e)) => e.to_string(), _ => "timed out".to_owned() };
                     if !outage_logged {
@@ -386,11 +587,12 @@ async fn subscriber(
         shared.last_probe.store(0, Ordering::Release);
         shared.epoch.fetch_add(1, Ordering::AcqRel);
         let connected_at = shared.since_start();
-        let mut subscribed: std::collections::HashSet<Topic> =
-            shared.interest.held().into_iter().collect();
+        let probe_set: HashSet<String> = probes.iter().cloned().collect();
+        // When each probe channel last came back.
+        let mut probe_seen: HashMap<String, Duration> = HashMap::new();
         shared.metrics.bus_channels(subscribed.len());
         shared.subscriber_up.store(true, Ordering::Release);
-        info!(node = %shared.node_id, channels = subscribed.len(), reconnect = connected_before, "subscribed to Redis");
+        info!(node = %shared.node_id, channels = subscribed.len(), probes = probes.len(), reconnect = connected_before, "subscribed to Redis");
         connected_before = true;
 
         let release_every = (shared.interest.release_delay() / 2).max(Duration::from_millis(50));
@@ -400,7 +602,40 @@ async fn subscriber(
             tokio::select! {
                 () = stop.cancelled() => return,
                 incoming = conn.next() => match incoming {
+                    Incoming::Message(channel, _) if probe_set.contains(&channel) => {
+                        probe_seen.insert(channel, shared.since_start());
+                        if probe_seen.len() == probe_set.len() {
+                            let oldest = probe_seen.values().min().copied().unwrap_or_default();
+                            shared.last_probe.store(oldest.as_millis() as u64 + 1, Ordering::Release);
+                        }
+                    }
                     Incoming::Message(channel, payload) => shared.receive(&channel, payload),
+                    Incoming::Unsubscribed(channels) => {
+                        // A shard gave these up (its slots moved): take back
+                        // those still wanted, at their new owner. The
+                        // cluster client refreshes its slot map on the
+                        // MOVED reply the old owner gives.
+                        let wanted: Vec<String> = channels.into_iter().filter(|c| {
+                            probe_set.contains(c) || shared.channels.topic(c).is_some_and(|t| subscribed.contains(&t))
+                        }).collect();
+                        if !wanted.is_empty() {
+                            info!(channels = wanted.len(), "Redis gave up subscriptions (slot migration); resubscribing");
+                            match timeout(config.command_timeout * 2, conn.subscribe(&wanted)).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(e)) => break format!("resubscribing after a slot migration: {e}"),
+                                Err(_) => break "resubscribing after a slot migration timed out".into(),
+                            }
+                        }
+                    }
+                    Incoming::Lagged(n) => {
+                        shared.metrics.dropped(DropReason::BusLagging, n);
+                        // Once per episode, not per drop: a node that is
+                        // behind must not also flood its log.
+                        if lag_logged.is_none_or(|at: Instant| at.elapsed() > LAG_LOG_EVERY) {
+                            warn!(dropped = n, "the subscriber fell behind Redis; messages were dropped (see wshub_messages_dropped_total{{reason=\"bus_lagging\"}})");
+                            lag_logged = Some(Instant::now());
+                        }
+                    }
                     Incoming::Other => {}
                     Incoming::Closed => break "connection closed".into(),
                 },
@@ -454,8 +689,15 @@ async fn subscriber(
                     if silent > config.probe_timeout * 2 {
                         break format!("no probe came back for {} ms", silent.as_millis());
                     }
-                    // Through the publisher, so the probe tests the whole path.
-                    let _ = shared.queue.push(vec![shared.probe_channel.clone()], Bytes::from_static(b"probe"));
+                    // On the probe's own connection, off this task: a slow
+                    // Redis must not stall deliveries, and a backlog in the
+                    // publisher must not delay the probe.
+                    let mut prober = prober.clone();
+                    let probes = probes.clone();
+                    let limit = config.command_timeout;
+                    tasks.spawn(async move {
+                        let _ = timeout(limit, prober.probe(&probes)).await;
+                    });
                 }
             }
         };

@@ -1,5 +1,6 @@
 //! Messages waiting for the publisher.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -14,67 +15,193 @@ pub(super) struct Outgoing {
     pub(super) payload: Bytes,
 }
 
-/// Messages waiting for the publisher, bounded by `redis.publish_queue`.
+/// What one queued message costs besides its payload and channel names.
+const ITEM_OVERHEAD: usize = 64;
+
+impl Outgoing {
+    /// Memory the message holds while queued: the payload once (shared by
+    /// every channel) and the channel names.
+    pub(super) fn queued_bytes(&self) -> usize {
+        ITEM_OVERHEAD + self.payload.len() + self.channels.iter().map(String::len).sum::<usize>()
+    }
+
+    /// Bytes it costs on the wire and in the pipeline buffer: the payload
+    /// once per channel.
+    pub(super) fn wire_bytes(&self) -> usize {
+        self.channels
+            .iter()
+            .map(|c| c.len() + self.payload.len() + 32)
+            .sum()
+    }
+}
+
+/// Messages waiting for the publisher, bounded by `redis.publish_queue`
+/// messages and `redis.publish_queue_bytes` bytes; a message that does not
+/// fit is refused with [`BusError::Overloaded`] (the sender is told).
 ///
 /// A `std::sync::Mutex` around a `VecDeque` rather than a channel: the
 /// publisher must be able to drop expired messages from the front while
-/// Redis is away, which a channel does not allow.
+/// Redis is away, which a channel does not allow, and the bound is in
+/// bytes, which a channel does not offer.
 pub(super) struct PublishQueue {
-    items: std::sync::Mutex<std::collections::VecDeque<Outgoing>>,
+    inner: std::sync::Mutex<Inner>,
     capacity: usize,
+    capacity_bytes: usize,
     ready: Notify,
 }
 
+#[derive(Default)]
+struct Inner {
+    items: VecDeque<Outgoing>,
+    bytes: usize,
+}
+
+impl Inner {
+    fn pop_front(&mut self) -> Option<Outgoing> {
+        let item = self.items.pop_front()?;
+        self.bytes -= item.queued_bytes();
+        Some(item)
+    }
+}
+
 impl PublishQueue {
-    pub(super) fn new(capacity: usize) -> Self {
+    pub(super) fn new(capacity: usize, capacity_bytes: usize) -> Self {
         Self {
-            items: std::sync::Mutex::default(),
+            inner: std::sync::Mutex::default(),
             capacity,
+            capacity_bytes,
             ready: Notify::new(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Outgoing>> {
-        self.items.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Every critical section leaves the queue consistent.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(super) fn push(&self, channels: Vec<String>, payload: Bytes) -> Result<(), BusError> {
-        let mut items = self.lock();
-        if items.len() >= self.capacity {
-            return Err(BusError::Overloaded);
-        }
-        items.push_back(Outgoing {
+        let item = Outgoing {
             at: Instant::now(),
             channels,
             payload,
-        });
-        drop(items);
+        };
+        let size = item.queued_bytes();
+        let mut inner = self.lock();
+        if inner.items.len() >= self.capacity || inner.bytes + size > self.capacity_bytes {
+            return Err(BusError::Overloaded);
+        }
+        inner.bytes += size;
+        inner.items.push_back(item);
+        drop(inner);
         self.ready.notify_one();
         Ok(())
     }
 
     pub(super) async fn wait(&self) {
         loop {
-            if !self.lock().is_empty() {
+            if !self.is_empty() {
                 return;
             }
             self.ready.notified().await;
         }
     }
 
-    /// Drops messages older than `max_age`; returns how many.
-    pub(super) fn expire(&self, max_age: Duration) -> usize {
-        let mut items = self.lock();
-        let before = items.len();
-        while items.front().is_some_and(|m| m.at.elapsed() > max_age) {
-            items.pop_front();
-        }
-        before - items.len()
+    pub(super) fn is_empty(&self) -> bool {
+        self.lock().items.is_empty()
     }
 
-    pub(super) fn take(&self, max: usize) -> Vec<Outgoing> {
-        let mut items = self.lock();
-        let n = items.len().min(max);
-        items.drain(..n).collect()
+    /// Drops messages older than `max_age`; returns how many.
+    pub(super) fn expire(&self, max_age: Duration) -> usize {
+        let mut inner = self.lock();
+        let mut dropped = 0;
+        while inner
+            .items
+            .front()
+            .is_some_and(|m| m.at.elapsed() > max_age)
+        {
+            inner.pop_front();
+            dropped += 1;
+        }
+        dropped
+    }
+
+    /// Takes the next batch: at most `max` messages and, unless the first
+    /// message alone is larger, at most `max_bytes` on the wire; a message
+    /// of a quarter of `max_bytes` or more travels alone. Small batches keep
+    /// one slow or failed pipeline from taking many unrelated messages with
+    /// it, and the large fan-outs, the pipelines most likely to time out,
+    /// take nobody else's.
+    pub(super) fn take(&self, max: usize, max_bytes: usize) -> Vec<Outgoing> {
+        let large = max_bytes / 4;
+        let mut inner = self.lock();
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while batch.len() < max {
+            let Some(next) = inner.items.front() else {
+                break;
+            };
+            let size = next.wire_bytes();
+            if !batch.is_empty() && (bytes + size > max_bytes || size >= large || bytes >= large) {
+                break;
+            }
+            bytes += size;
+            batch.extend(inner.pop_front());
+        }
+        batch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn channels(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("wshub:u:{i}")).collect()
+    }
+
+    #[test]
+    fn bounded_in_bytes_as_well_as_messages() {
+        let q = PublishQueue::new(1000, 10_000);
+        q.push(channels(1), Bytes::from(vec![0; 4000])).unwrap();
+        q.push(channels(1), Bytes::from(vec![0; 4000])).unwrap();
+        assert!(matches!(
+            q.push(channels(1), Bytes::from(vec![0; 4000])),
+            Err(BusError::Overloaded)
+        ));
+        // Small messages still fit.
+        q.push(channels(1), Bytes::from_static(b"x")).unwrap();
+        assert_eq!(q.take(10, usize::MAX).len(), 3);
+        // Taking gives the bytes back.
+        q.push(channels(1), Bytes::from(vec![0; 9000])).unwrap();
+    }
+
+    #[test]
+    fn batches_are_bounded_in_wire_bytes() {
+        let q = PublishQueue::new(1000, usize::MAX);
+        // 100 channels × 1 KB: 100 KB on the wire, 1 KB queued.
+        for _ in 0..5 {
+            q.push(channels(100), Bytes::from(vec![0; 1000])).unwrap();
+        }
+        let first = q.take(512, 250_000);
+        assert_eq!(
+            first.len(),
+            1,
+            "a fan-out of over a quarter of the budget goes alone"
+        );
+        assert_eq!(
+            q.take(512, 500_000).len(),
+            2,
+            "two fan-outs of ~100 KB per 500 KB batch"
+        );
+        // A single message over the budget still goes, alone.
+        assert_eq!(q.take(512, 10).len(), 1);
+        assert_eq!(q.take(512, usize::MAX).len(), 1);
+        assert!(q.is_empty());
+        // Small messages do not join a large one, before or after it.
+        q.push(channels(1), Bytes::from_static(b"small")).unwrap();
+        q.push(channels(100), Bytes::from(vec![0; 1000])).unwrap();
+        q.push(channels(1), Bytes::from_static(b"small")).unwrap();
+        let sizes: Vec<usize> = (0..3).map(|_| q.take(512, 250_000).len()).collect();
+        assert_eq!(sizes, [1, 1, 1]);
     }
 }
