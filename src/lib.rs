@@ -17,7 +17,7 @@
 //! - [`node`]: this process: ties the hub to the bus, connects sockets,
 //!   publishes messages, drains on shutdown.
 //! - [`bus`]: the interface between this node and every other one, with an
-//!   in-process implementation ([`bus::LocalBus`]).
+//!   single-node implementation ([`bus::SingleNodeBus`]) and Redis.
 //! - [`hub`]: this node's sockets, indexed by group and user; the bus
 //!   delivers into it.
 //! - [`server`]: binds the listener and runs the node until shutdown.

@@ -17,7 +17,7 @@ use std::sync::atomic::AtomicUsize;
 
 use crate::auth::TokenVerifier;
 use crate::backend::{ACTION_CONNECT, ACTION_DISCONNECT, Backend};
-use crate::bus::{Bus, BusError, Envelope, LocalBus, RedisBus};
+use crate::bus::{Bus, BusError, Deliver, Envelope, MakeBus};
 use crate::close::CloseReason;
 use crate::config::Config;
 use crate::hub::{Conn, Hub, OutboxReceiver};
@@ -90,32 +90,23 @@ pub struct Node {
 
 impl Node {
     /// A node on the bus the configuration asks for: Redis when
-    /// `redis.url` is set, the in-process bus otherwise; with a backend when
+    /// `redis.url` is set, the single-node bus otherwise; with a backend when
     /// `backend.url` is set.
     pub fn new(config: Config) -> Result<Arc<Self>, BusError> {
         let metrics = Arc::new(Metrics::new());
-        let hub = Arc::new(Hub::new(metrics.clone()));
-        let delay = config.bus.unsubscribe_delay;
-        let bus: Arc<dyn Bus> = match &config.redis {
-            None => Arc::new(LocalBus::new(hub.clone(), delay)),
-            Some(redis) => Arc::new(RedisBus::start(
-                config.node_id.as_str().into(),
-                redis.clone(),
-                hub.clone(),
-                metrics.clone(),
-                delay,
-            )?),
-        };
-        Ok(Self::with_bus(config, metrics, hub, bus))
+        let make_bus = crate::bus::from_config(&config, metrics.clone());
+        Self::with_bus(config, metrics, make_bus)
     }
 
-    /// A node on a given bus, which must deliver into `hub`.
+    /// A node on the bus `make_bus` builds; the factory is handed this
+    /// node's hub, so the bus delivers into no other.
     pub fn with_bus(
         config: Config,
         metrics: Arc<Metrics>,
-        hub: Arc<Hub>,
-        bus: Arc<dyn Bus>,
-    ) -> Arc<Self> {
+        make_bus: MakeBus,
+    ) -> Result<Arc<Self>, BusError> {
+        let hub = Arc::new(Hub::new(metrics.clone()));
+        let bus = make_bus(hub.clone())?;
         // Every node hears messages for everyone, for as long as it lives.
         drop(bus.subscribe(&Topic::All));
         let backend = config.backend.as_ref().map(|b| {
@@ -135,7 +126,7 @@ impl Node {
                 "the open-file limit caps this node's sockets; raise it (ulimit -n, LimitNOFILE) to hold more"
             );
         }
-        Arc::new(Self {
+        Ok(Arc::new(Self {
             config: Arc::new(config),
             metrics,
             hub,
@@ -148,7 +139,7 @@ impl Node {
             draining: AtomicBool::new(false),
             next_conn_id: AtomicU64::new(1),
             sessions: TaskTracker::new(),
-        })
+        }))
     }
 
     /// Registers a socket for `who`: it is in the hub and the bus is
@@ -288,10 +279,21 @@ impl Node {
             });
         }
         let envelope = Arc::new(Envelope { route, frame });
-        self.bus.publish(envelope).map_err(|e| {
+        // The bus first: a message the bus refuses (its queue is full) is
+        // sent nowhere, so the sender's error means "not sent", as before
+        // local delivery moved out of the bus.
+        self.bus.publish(envelope.clone()).map_err(|e| {
             self.metrics.dropped(DropReason::BusUnavailable, 1);
-            e.into()
-        })
+            PublishError::from(e)
+        })?;
+        // Then this node's own sockets, on the publisher's task: no round
+        // trip through the bus, and it goes on while the bus's service is
+        // away. The bus never brings a message back to the node that
+        // published it, so every socket gets it once.
+        for topic in envelope.route.topics() {
+            self.hub.deliver(topic, &envelope);
+        }
+        Ok(())
     }
 
     /// `Ok` when the node can deliver; otherwise why not (for `/readyz`).

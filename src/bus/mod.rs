@@ -1,15 +1,25 @@
-//! The bus: how a message published on one node reaches the sockets of every
-//! node.
+//! The bus: how a message published on one node reaches the *other* nodes.
 //!
-//! The [`Bus`] trait is the whole contract between this node's connections
-//! (the [`Hub`](crate::hub::Hub)) and everyone else. There are two
-//! implementations: [`LocalBus`] (in-process, one node) and [`RedisBus`]
-//! (any number of nodes on one Redis or Redis Cluster). Every publish goes through the bus, also on a single node, so one
-//! node and many behave the same. `tests/bus_conformance.rs` holds the test
-//! suite every implementation must pass.
+//! The node delivers a message to its own sockets itself
+//! ([`Node::publish`](crate::node::Node::publish) hands it to the
+//! [`Hub`](crate::hub::Hub)) and then gives it to the [`Bus`], which carries
+//! it to every other node and never back to this one (as in
+//! Phoenix.PubSub: broadcast = local dispatch + the adapter). The path of a
+//! message is therefore one straight line: socket → node → bus → (other)
+//! node → hub → socket, with the same node code on one node and on many.
+//!
+//! There are two implementations: [`SingleNodeBus`] (one node: nobody to
+//! carry anything to) and [`RedisBus`] (any number of nodes on one Redis or
+//! Redis Cluster). A bus is built by a [`MakeBus`] factory that is given
+//! the node's delivery sink, so a bus cannot be wired to another node's
+//! hub. `tests/bus_conformance.rs` holds the test suite every
+//! implementation must pass.
 //!
 //! # Contract
 //!
+//! * **Other nodes only.** [`Bus::publish`] carries a message to every
+//!   other node, never back to this one: a bus that hears its own node's
+//!   message (Redis echoes every publish to every subscriber) ignores it.
 //! * **Topics.** A message is published once per topic of its
 //!   [`Route`](crate::route::Route); a node receives one copy per topic it is
 //!   subscribed to, handed to its [`Deliver`] sink together with that topic.
@@ -35,8 +45,8 @@
 //!   background tasks have ended; the server awaits it before it returns.
 
 mod interest;
-mod local;
 mod redis;
+mod single_node;
 pub mod wire;
 
 use std::future::Future;
@@ -45,10 +55,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use interest::Interest;
-pub use local::LocalBus;
 pub use redis::RedisBus;
+pub use single_node::SingleNodeBus;
 
+use crate::config::Config;
 use crate::message::Frame;
+use crate::metrics::Metrics;
 use crate::route::{Route, Topic};
 
 /// One message on its way through the bus: where it goes and the frame the
@@ -59,12 +71,35 @@ pub struct Envelope {
     pub frame: Frame,
 }
 
-/// What a bus hands received messages to: on a node, the
-/// [`Hub`](crate::hub::Hub).
+/// What a bus hands messages from other nodes to: on a node, the
+/// [`Hub`](crate::hub::Hub) (which the node also hands its own messages to).
 pub trait Deliver: Send + Sync + 'static {
     /// Called once per copy received through `via`. Must not block: it runs
-    /// on the bus's receiving task (or the publisher's, for the local bus).
+    /// on the bus's receiving task (and on the publisher's task, when the
+    /// node delivers its own messages).
     fn deliver(&self, via: &Topic, envelope: &Arc<Envelope>);
+}
+
+/// Builds a node's bus, given the sink that node's received messages go to.
+///
+/// The node builds its hub first and then calls the factory with it, so a
+/// bus can only ever deliver into the hub of the node that owns it.
+pub type MakeBus = Box<dyn FnOnce(Arc<dyn Deliver>) -> Result<Arc<dyn Bus>, BusError> + Send>;
+
+/// The factory for the bus `config` asks for: [`RedisBus`] when
+/// `redis.url` is set, [`SingleNodeBus`] otherwise.
+pub fn from_config(config: &Config, metrics: Arc<Metrics>) -> MakeBus {
+    let release_delay = config.bus.unsubscribe_delay;
+    match &config.redis {
+        None => Box::new(|_sink| Ok(Arc::new(SingleNodeBus::new()) as Arc<dyn Bus>)),
+        Some(redis) => {
+            let (node_id, redis) = (config.node_id.as_str().into(), redis.clone());
+            Box::new(move |sink| {
+                let bus = RedisBus::start(node_id, redis, sink, metrics, release_delay)?;
+                Ok(Arc::new(bus) as Arc<dyn Bus>)
+            })
+        }
+    }
 }
 
 /// Resolves when a subscription has taken effect, see [`Bus::subscribe`].
@@ -72,7 +107,9 @@ pub type Subscribed = Pin<Box<dyn Future<Output = Result<(), BusError>> + Send>>
 
 /// The bus contract; see the module docs.
 pub trait Bus: Send + Sync + 'static {
-    /// Publishes `envelope` to every topic of its route.
+    /// Carries `envelope` to every topic of its route on every *other*
+    /// node, never back to this one (the node has delivered it to its own
+    /// sockets). An error means no other node will receive it.
     fn publish(&self, envelope: Arc<Envelope>) -> Result<(), BusError>;
 
     /// Adds a reference to `topic`; the future resolves once the subscription

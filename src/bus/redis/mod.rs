@@ -21,10 +21,11 @@
 //!   holds; on a cluster it also resubscribes a channel whose shard gave it
 //!   up (a slot migration).
 //!
-//! Messages are delivered to this node's own sockets directly at publish
-//! time (so same-node delivery goes on while Redis is away) and the node
-//! ignores its own messages coming back from Redis (the origin node id in
-//! every payload).
+//! The bus carries messages to the *other* nodes only: the node delivers to
+//! its own sockets at publish time (so same-node delivery goes on while
+//! Redis is away), and the subscriber ignores this node's own messages
+//! coming back from Redis (the origin node id in every payload), so each
+//! socket gets a message exactly once.
 //!
 //! **Health** is end to end: every `redis.probe_interval_ms` the node
 //! publishes a probe to its own probe channel (one per shard on a cluster,
@@ -191,11 +192,8 @@ impl Bus for RedisBus {
             let channels = topics.iter().map(|t| shared.channels.of(t)).collect();
             shared.queue.push(channels, payload)?;
         }
-        for topic in topics {
-            if shared.interest.contains(topic) {
-                shared.sink.deliver(topic, &envelope);
-            }
-        }
+        // This node's own sockets were served by the node; the copy Redis
+        // echoes back to this node is ignored on arrival (`Shared::receive`).
         Ok(())
     }
 
@@ -274,6 +272,8 @@ impl Shared {
             return self.unreadable(channel, "not a topic channel");
         };
         match wire::decode(payload) {
+            // Our own publish, echoed by Redis: the node delivered it to its
+            // sockets already (the bus carries to other nodes only).
             Ok(decoded) if *decoded.origin == *self.node_id => {}
             Ok(decoded) => {
                 if let Some(at) = decoded.published_ms {
