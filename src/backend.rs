@@ -54,7 +54,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::BackendConfig;
-use crate::hub::{Conn, ConnId};
+use crate::conn::{Conn, ConnId};
 use crate::message::{Message, error_frame};
 use crate::metrics::Metrics;
 use crate::route::Identity;

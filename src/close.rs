@@ -1,7 +1,7 @@
 //! Every way a socket session can end, and the close code each one sends.
 //!
 //! A session ends exactly once, for exactly one [`CloseReason`]; whoever
-//! decides first wins (see [`crate::hub::Closer`]). The codes are part of the
+//! decides first wins (see [`crate::conn::Closer`]). The codes are part of the
 //! public contract and listed in the README: 1000–1011 are RFC 6455 codes,
 //! 4000–4499 are wshub's "something went wrong on this connection, reconnect"
 //! range.

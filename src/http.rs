@@ -16,7 +16,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tracing::{debug, warn};
 
-use crate::auth;
+use crate::admission::Refusal;
+use crate::auth::{self, TokenVerifier};
+use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::node::{ConnectError, Node, PublishError};
 use crate::route::Identity;
 
@@ -39,8 +42,34 @@ pub const LIBRARY_PATHS: [&str; 3] = [
     "/scripts/westwind-websocket.js",
 ];
 
+/// What the HTTP layer works with: the node it admits sockets to and
+/// publishes on, and the policies only HTTP applies (the token verifier,
+/// origins, API keys, trusted networks and request limits, all in the
+/// configuration). Cloned per request: a few reference counts.
+#[derive(Clone)]
+pub struct HttpState {
+    node: Arc<Node>,
+    /// The token verifier, in token mode.
+    tokens: Option<Arc<TokenVerifier>>,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+}
+
+impl HttpState {
+    /// The HTTP layer's state for `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        Self {
+            tokens: TokenVerifier::from_config(&node.config.auth),
+            config: node.config.clone(),
+            metrics: node.metrics.clone(),
+            node,
+        }
+    }
+}
+
 /// The application's routes.
 pub fn router(node: Arc<Node>) -> Router {
+    let http = HttpState::new(node);
     let mut scripts = Router::new().route(
         "/scripts/webconnection-websocket.d.ts",
         get(|| async { static_file("application/typescript; charset=utf-8", LIBRARY_DTS) }),
@@ -49,11 +78,11 @@ pub fn router(node: Arc<Node>) -> Router {
         scripts = scripts.route(path, get(library));
     }
     let scripts = scripts.layer(axum::middleware::map_response_with_state(
-        node.clone(),
+        http.clone(),
         allow_cross_origin,
     ));
     let mut router = Router::new();
-    if node.config.http.sample_page {
+    if http.config.http.sample_page {
         router = router.route(
             "/",
             get(|| async { static_file("text/html; charset=utf-8", CHAT_HTML) }),
@@ -66,10 +95,10 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(dispatch)
         .layer(axum::middleware::map_response_with_state(
-            node.clone(),
+            http.clone(),
             tag_node,
         ))
-        .with_state(node)
+        .with_state(http)
 }
 
 /// The header naming the node that answered (every response carries it).
@@ -77,8 +106,8 @@ pub const NODE_HEADER: &str = "x-wshub-node-id";
 
 /// Adds [`NODE_HEADER`]: behind a load balancer it tells operators (and
 /// tests) which node served a request or holds a socket.
-async fn tag_node(State(node): State<Arc<Node>>, mut response: Response) -> Response {
-    if let Ok(value) = HeaderValue::from_str(&node.config.node_id) {
+async fn tag_node(State(http): State<HttpState>, mut response: Response) -> Response {
+    if let Ok(value) = HeaderValue::from_str(&http.config.node_id) {
         response.headers_mut().insert(NODE_HEADER, value);
     }
     response
@@ -91,11 +120,11 @@ async fn tag_node(State(node): State<Arc<Node>>, mut response: Response) -> Resp
 /// otherwise the request's origin echoed when listed, nothing when not
 /// (the file is public anyway; the header only lets a page use it).
 async fn allow_cross_origin(
-    State(node): State<Arc<Node>>,
+    State(http): State<HttpState>,
     request_headers: axum::http::HeaderMap,
     mut response: Response,
 ) -> Response {
-    let allowed = &node.config.auth.allowed_origins;
+    let allowed = &http.config.auth.allowed_origins;
     let headers = response.headers_mut();
     if allowed.is_empty() {
         headers.insert(
@@ -130,8 +159,8 @@ fn static_file(content_type: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
-async fn readyz(State(node): State<Arc<Node>>) -> Response {
-    match node.readiness() {
+async fn readyz(State(http): State<HttpState>) -> Response {
+    match http.node.readiness() {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -141,24 +170,24 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
     }
 }
 
-async fn metrics(State(node): State<Arc<Node>>) -> Response {
+async fn metrics(State(http): State<HttpState>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         )],
-        node.metrics.render(),
+        http.metrics.render(),
     )
         .into_response()
 }
 
 /// Routes the case-insensitive Web Connection paths; everything else is 404.
-async fn dispatch(State(node): State<Arc<Node>>, request: Request) -> Response {
+async fn dispatch(State(http): State<HttpState>, request: Request) -> Response {
     let path = request.uri().path().to_ascii_lowercase();
     if path == SOCKET_PATH || path == SOCKET_ALIAS {
-        socket(node, request).await
+        socket(http, request).await
     } else if path.contains(BROADCAST_MARKER) {
-        broadcast(node, request).await
+        broadcast(http, request).await
     } else {
         (StatusCode::NOT_FOUND, "not found\n").into_response()
     }
@@ -170,8 +199,8 @@ fn bad_request(reason: impl Into<String>) -> Response {
     (StatusCode::BAD_REQUEST, text).into_response()
 }
 
-fn refuse(node: &Node, status: StatusCode, reason: &'static str, text: String) -> Response {
-    node.metrics.refused(reason);
+fn refuse(http: &HttpState, status: StatusCode, reason: &'static str, text: String) -> Response {
+    http.metrics.refused(reason);
     let mut text = text;
     text.push('\n');
     let mut response = (status, text).into_response();
@@ -189,7 +218,7 @@ fn refuse(node: &Node, status: StatusCode, reason: &'static str, text: String) -
 /// In order: a WebSocket upgrade (else 404, as Web Connection), the origin
 /// (403), the identity from the token in token mode (401) or the query,
 /// then the node's capacity (503 when full or draining, 429 per address).
-async fn socket(node: Arc<Node>, request: Request) -> Response {
+async fn socket(http: HttpState, request: Request) -> Response {
     let (mut parts, _body) = request.into_parts();
     let Ok(upgrade) = WebSocketUpgrade::from_request_parts(&mut parts, &()).await else {
         // Web Connection answers a plain GET of the socket path with 404.
@@ -203,61 +232,61 @@ async fn socket(node: Arc<Node>, request: Request) -> Response {
         .headers
         .get(header::ORIGIN)
         .and_then(|v| v.to_str().ok());
-    if !auth::origin_allowed(&node.config.auth.allowed_origins, origin) {
+    if !auth::origin_allowed(&http.config.auth.allowed_origins, origin) {
         let text = format!("origin {} is not allowed", origin.unwrap_or_default());
-        return refuse(&node, StatusCode::FORBIDDEN, "origin", text);
+        return refuse(&http, StatusCode::FORBIDDEN, "origin", text);
     }
     let pairs = match query_pairs(parts.uri.query()) {
         Ok(pairs) => pairs,
-        Err(e) => return refuse(&node, StatusCode::BAD_REQUEST, "bad_request", e),
+        Err(e) => return refuse(&http, StatusCode::BAD_REQUEST, "bad_request", e),
     };
-    let who = match node.tokens() {
+    let who = match http.tokens.as_deref() {
         Some(tokens) => match auth::token_from_request(&pairs, &parts.headers)
             .ok_or(auth::TokenError::Missing)
             .and_then(|t| tokens.verify(&t))
         {
             Ok(who) => who,
-            Err(e) => return refuse(&node, StatusCode::UNAUTHORIZED, "token", e.to_string()),
+            Err(e) => return refuse(&http, StatusCode::UNAUTHORIZED, "token", e.to_string()),
         },
         None => identity_from_query(&pairs),
     };
     // One check for both modes: query ids and token claims alike.
-    let max_id = node.config.limits.max_id_bytes;
+    let max_id = http.config.limits.max_id_bytes;
     for (name, id) in [
         ("user id", Some(&*who.user)),
         ("group id", who.group.as_deref()),
     ] {
         if id.is_some_and(|id| id.len() > max_id) {
             let text = format!("the {name} is longer than {max_id} bytes");
-            return refuse(&node, StatusCode::BAD_REQUEST, "bad_request", text);
+            return refuse(&http, StatusCode::BAD_REQUEST, "bad_request", text);
         }
     }
     let peer = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    let ip = peer.map(|p| auth::client_ip(p, &parts.headers, &node.config.auth.trusted_proxies));
-    let registration = match node.connect(who, ip).await {
+    let ip = peer.map(|p| auth::client_ip(p, &parts.headers, &http.config.auth.trusted_proxies));
+    let registration = match http.node.connect(who, ip).await {
         Ok(r) => r,
         Err(e @ ConnectError::Draining) => {
             return refuse(
-                &node,
+                &http,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "draining",
                 e.to_string(),
             );
         }
-        Err(e @ ConnectError::AtCapacity(_)) => {
+        Err(e @ ConnectError::Refused(Refusal::AtCapacity(_))) => {
             return refuse(
-                &node,
+                &http,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "capacity",
                 e.to_string(),
             );
         }
-        Err(e @ ConnectError::TooManyFromIp(_)) => {
+        Err(e @ ConnectError::Refused(Refusal::TooManyFromIp(_))) => {
             return refuse(
-                &node,
+                &http,
                 StatusCode::TOO_MANY_REQUESTS,
                 "per_ip",
                 e.to_string(),
@@ -265,13 +294,13 @@ async fn socket(node: Arc<Node>, request: Request) -> Response {
         }
         Err(e @ ConnectError::Bus(_)) => {
             warn!(error = %e, "refusing a socket: bus subscription failed");
-            return refuse(&node, StatusCode::SERVICE_UNAVAILABLE, "bus", e.to_string());
+            return refuse(&http, StatusCode::SERVICE_UNAVAILABLE, "bus", e.to_string());
         }
     };
-    let max = node.config.limits.max_message_bytes;
-    let ws = &node.config.ws;
+    let max = http.config.limits.max_message_bytes;
+    let ws = &http.config.ws;
     // Held until the session ends, so shutdown waits for it.
-    let tracked = node.sessions.token();
+    let tracked = http.node.sessions.token();
     upgrade
         // Chosen when the client offers it (with a token in the protocol
         // list, browsers require the server to choose one).
@@ -326,13 +355,13 @@ pub fn broadcast_allowed(peer: SocketAddr, trusted: &[ipnet::IpNet]) -> bool {
 
 /// `POST`/`PUT` of one message JSON to any path containing
 /// `__broadcastwebsocket.wc`: delivered like `broadcast`, answered 204.
-async fn broadcast(node: Arc<Node>, request: Request) -> Response {
-    let response = broadcast_inner(&node, request).await;
-    node.metrics.http_broadcast(response.status().as_u16());
+async fn broadcast(http: HttpState, request: Request) -> Response {
+    let response = broadcast_inner(&http, request).await;
+    http.metrics.http_broadcast(response.status().as_u16());
     response
 }
 
-async fn broadcast_inner(node: &Node, request: Request) -> Response {
+async fn broadcast_inner(http: &HttpState, request: Request) -> Response {
     if request.method() != Method::POST && request.method() != Method::PUT {
         return (
             StatusCode::METHOD_NOT_ALLOWED,
@@ -343,7 +372,7 @@ async fn broadcast_inner(node: &Node, request: Request) -> Response {
     }
     // With keys configured, a valid key is required from anywhere; without,
     // only loopback and trusted networks may push.
-    let keys = &node.config.broadcast.api_keys;
+    let keys = &http.config.broadcast.api_keys;
     if !keys.is_empty() {
         if !auth::key_valid(keys, auth::presented_key(request.headers())) {
             return (
@@ -356,7 +385,7 @@ async fn broadcast_inner(node: &Node, request: Request) -> Response {
     } else if !request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .is_some_and(|c| broadcast_allowed(c.0, &node.config.broadcast.trusted_networks))
+        .is_some_and(|c| broadcast_allowed(c.0, &http.config.broadcast.trusted_networks))
     {
         return (
             StatusCode::FORBIDDEN,
@@ -364,11 +393,11 @@ async fn broadcast_inner(node: &Node, request: Request) -> Response {
         )
             .into_response();
     }
-    let max = node.config.limits.max_message_bytes;
+    let max = http.config.limits.max_message_bytes;
     let body = match axum::body::to_bytes(request.into_body(), max).await {
         Ok(body) => body,
         Err(_) => {
-            node.metrics.dropped(crate::metrics::DropReason::TooBig, 1);
+            http.metrics.dropped(crate::metrics::DropReason::TooBig, 1);
             return (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("message larger than {max} bytes\n"),
@@ -379,7 +408,7 @@ async fn broadcast_inner(node: &Node, request: Request) -> Response {
     let Ok(text) = std::str::from_utf8(&body) else {
         return bad_request("invalid message: the body must be UTF-8 JSON");
     };
-    match node.publish_text(text) {
+    match http.node.publish_text(text) {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(PublishError::Invalid(e)) => bad_request(e.to_string()),
         Err(e @ PublishError::FanOutTooLarge { .. }) => {

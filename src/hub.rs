@@ -1,253 +1,24 @@
 //! This node's connections: indexed by group and by user, and delivered to.
 //!
-//! The hub is the bus's [`Deliver`] sink. A copy that arrives through a topic
-//! is offered to the sockets indexed under that topic only, each of which
-//! takes it if [`Route::accepts`](crate::route::Route::accepts) says so —
-//! that is what makes delivery exactly-once per socket.
+//! The hub is where every message for this node's sockets arrives: the
+//! node's own messages ([`Node::publish`](crate::node::Node::publish)) and
+//! other nodes' (the bus's [`Deliver`] sink). A copy that arrives through a
+//! topic is offered to the sockets indexed under that topic only, each of
+//! which takes it if [`Route::accepts`](crate::route::Route::accepts) says
+//! so — that is what makes delivery exactly-once per socket.
 //!
 //! Delivery never waits: each connection has a queue of encoded frames
-//! bounded in bytes, and a connection whose queue is full is closed as a
-//! slow consumer ([`CloseReason::SlowConsumer`]) instead of slowing anyone
-//! else.
+//! bounded in bytes ([`crate::outbox`]), and a connection whose queue is
+//! full is closed as a slow consumer instead of slowing anyone else.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
-use std::task::Poll;
-
-use futures_util::task::AtomicWaker;
-use tracing::warn;
-
-use crate::bus::{Deliver, Envelope};
-use crate::close::CloseReason;
-use crate::logging::Untrusted;
-use crate::message::Frame;
+use crate::bus::Deliver;
+use crate::conn::{Conn, ConnId, Offered};
+use crate::envelope::Envelope;
 use crate::metrics::Metrics;
-use crate::route::{Identity, Topic};
-
-/// A connection's id, unique on this node.
-pub type ConnId = u64;
-
-/// What the hub keeps of one connection.
-#[derive(Debug)]
-pub struct Conn {
-    pub id: ConnId,
-    pub who: Identity,
-    outbox: Outbox,
-    pub closer: Closer,
-}
-
-impl Conn {
-    /// Creates a connection and the receiving end of its outbound queue,
-    /// which may hold up to `queue_bytes` of frames.
-    pub fn new(id: ConnId, who: Identity, queue_bytes: usize) -> (Arc<Self>, OutboxReceiver) {
-        let conn = Arc::new(Conn {
-            id,
-            who,
-            outbox: Outbox::new(queue_bytes),
-            closer: Closer::default(),
-        });
-        let rx = OutboxReceiver { conn: conn.clone() };
-        (conn, rx)
-    }
-
-    /// Queues a frame for this connection without waiting. Returns false when
-    /// the queue was full: the connection is then closed as a slow consumer
-    /// (and that is logged).
-    pub fn offer(&self, frame: Frame) -> bool {
-        match self.try_offer(frame) {
-            Offered::Queued => true,
-            Offered::Full { closed_now } => {
-                if closed_now {
-                    self.log_slow_consumer();
-                }
-                false
-            }
-        }
-    }
-
-    /// [`offer`](Self::offer) without the log line, for callers holding a
-    /// lock: they log with [`log_slow_consumer`](Self::log_slow_consumer)
-    /// after releasing it.
-    fn try_offer(&self, frame: Frame) -> Offered {
-        match self.outbox.push(frame) {
-            Ok(()) => Offered::Queued,
-            Err(Full) => Offered::Full {
-                closed_now: self.closer.close(CloseReason::SlowConsumer),
-            },
-        }
-    }
-
-    fn log_slow_consumer(&self) {
-        warn!(
-            conn = self.id,
-            user = %Untrusted(&self.who.user),
-            "outbound queue full: closing slow consumer"
-        );
-    }
-}
-
-/// What [`Conn::try_offer`] did.
-enum Offered {
-    Queued,
-    /// The queue was full; `closed_now` when this offer closed the
-    /// connection (the first to find it full), which is logged once.
-    Full {
-        closed_now: bool,
-    },
-}
-
-/// Bookkeeping cost of one queued frame beyond its bytes, so that a flood of
-/// tiny frames is bounded too. (The configuration requires room for one
-/// largest frame plus this.)
-pub const FRAME_OVERHEAD: usize = 64;
-
-/// A connection's outbound queue, bounded in bytes rather than frames.
-///
-/// Bytes are what a slow client costs and what "how far behind is it"
-/// means: a burst of a thousand tiny messages is harmless, a few hundred
-/// kilobytes unread is not. [`push`](Self::push) refuses a frame that would
-/// take the queued total past the budget (frames are shared `Bytes`, so the
-/// real memory is often less than the budget says).
-///
-/// A `std::sync::Mutex` around a `VecDeque` and an `AtomicWaker`, rather
-/// than a channel: an idle socket's queue allocates nothing (a tokio channel
-/// allocates its first block of slots up front, over a kilobyte per
-/// socket), both ends hold the lock for a push or a pop only, and waking
-/// the one reader is an atomic swap.
-#[derive(Debug)]
-struct Outbox {
-    queue: std::sync::Mutex<Queue>,
-    budget: usize,
-    ready: AtomicWaker,
-}
-
-#[derive(Debug, Default)]
-struct Queue {
-    frames: VecDeque<Frame>,
-    bytes: usize,
-}
-
-/// The queue was full.
-#[derive(Debug)]
-struct Full;
-
-impl Outbox {
-    fn new(budget: usize) -> Self {
-        Self {
-            queue: std::sync::Mutex::default(),
-            budget,
-            ready: AtomicWaker::new(),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
-        // Every critical section is one push or pop: never inconsistent.
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn push(&self, frame: Frame) -> Result<(), Full> {
-        let cost = frame.len() + FRAME_OVERHEAD;
-        let mut queue = self.lock();
-        if queue.bytes + cost > self.budget {
-            return Err(Full);
-        }
-        queue.bytes += cost;
-        queue.frames.push_back(frame);
-        drop(queue);
-        self.ready.wake();
-        Ok(())
-    }
-
-    fn pop(&self) -> Option<Frame> {
-        let mut queue = self.lock();
-        let frame = queue.frames.pop_front()?;
-        queue.bytes -= frame.len() + FRAME_OVERHEAD;
-        if queue.frames.is_empty() && queue.frames.capacity() > 64 {
-            // Give back what a burst grew.
-            queue.frames = VecDeque::new();
-        }
-        Some(frame)
-    }
-}
-
-/// The session's end of a connection's outbound queue.
-#[derive(Debug)]
-pub struct OutboxReceiver {
-    conn: Arc<Conn>,
-}
-
-impl OutboxReceiver {
-    /// The next frame, waiting for one. (The queue lives as long as the
-    /// connection, so this never ends by itself: the session stops waiting
-    /// when it closes.)
-    pub async fn recv(&mut self) -> Option<Frame> {
-        let outbox = &self.conn.outbox;
-        std::future::poll_fn(|cx| {
-            if let Some(frame) = outbox.pop() {
-                return Poll::Ready(Some(frame));
-            }
-            outbox.ready.register(cx.waker());
-            // A push between the pop and the registration woke nobody:
-            // look again.
-            match outbox.pop() {
-                Some(frame) => Poll::Ready(Some(frame)),
-                None => Poll::Pending,
-            }
-        })
-        .await
-    }
-
-    /// The next frame if one is queued.
-    pub fn try_recv(&mut self) -> Option<Frame> {
-        self.conn.outbox.pop()
-    }
-}
-
-/// Ends a session once, for one reason, from anywhere.
-///
-/// The first [`close`](Self::close) wins; the session waits on
-/// [`closed`](Self::closed) alongside its socket and sends that reason's
-/// close frame. Only the session ever waits, so an `AtomicWaker` (one
-/// atomic swap per wait, no lock) is enough; the reason is checked again
-/// after registering, so a close never goes unnoticed.
-#[derive(Debug, Default)]
-pub struct Closer {
-    reason: OnceLock<CloseReason>,
-    waker: AtomicWaker,
-}
-
-impl Closer {
-    /// Asks the session to close with `reason`. Returns false when a reason
-    /// was already set (which then stands).
-    pub fn close(&self, reason: CloseReason) -> bool {
-        let first = self.reason.set(reason).is_ok();
-        if first {
-            self.waker.wake();
-        }
-        first
-    }
-
-    /// The reason set so far, if any.
-    pub fn reason(&self) -> Option<CloseReason> {
-        self.reason.get().copied()
-    }
-
-    /// Resolves with the reason once one is set. Only the session may wait.
-    pub async fn closed(&self) -> CloseReason {
-        std::future::poll_fn(|cx| {
-            if let Some(reason) = self.reason() {
-                return Poll::Ready(reason);
-            }
-            self.waker.register(cx.waker());
-            match self.reason() {
-                Some(reason) => Poll::Ready(reason),
-                None => Poll::Pending,
-            }
-        })
-        .await
-    }
-}
+use crate::route::Topic;
 
 type Members = HashMap<ConnId, Arc<Conn>>;
 
@@ -376,7 +147,8 @@ impl Deliver for Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::route::Route;
+    use crate::message::Frame;
+    use crate::route::{Identity, Route};
     use std::sync::mpsc;
     use std::time::Duration;
 

@@ -18,10 +18,13 @@
 //!   publishes messages, drains on shutdown.
 //! - [`bus`]: the interface between this node and every other one, with an
 //!   single-node implementation ([`bus::SingleNodeBus`]) and Redis.
-//! - [`hub`]: this node's sockets, indexed by group and user; the bus
-//!   delivers into it.
+//! - [`hub`]: this node's sockets, indexed by group and user; the node and
+//!   the bus deliver into it. [`conn`]: one socket's handle and its
+//!   [`conn::Closer`]; [`outbox`]: its outbound queue, bounded in bytes.
+//! - [`envelope`]: a message on its way: route plus encoded frame.
 //! - [`server`]: binds the listener and runs the node until shutdown.
-//! - [`auth`], [`limits`]: tokens, origins, API keys; rates and capacity.
+//! - [`auth`]: tokens, origins, API keys; [`admission`]: capacity and the
+//!   per-address limit; [`rate_limit`]: each socket's message rate.
 //! - [`config`], [`logging`], [`metrics`]: the operator's side.
 //!
 //! `main.rs` only loads configuration, starts logging and calls [`run`], so
@@ -29,18 +32,22 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod auth;
 pub mod backend;
 pub mod bus;
 pub mod close;
 pub mod config;
+pub mod conn;
+pub mod envelope;
 pub mod http;
 pub mod hub;
-pub mod limits;
 pub mod logging;
 pub mod message;
 pub mod metrics;
 pub mod node;
+pub mod outbox;
+pub mod rate_limit;
 pub mod route;
 pub mod server;
 pub mod session;

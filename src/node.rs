@@ -10,17 +10,16 @@ use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
-use std::sync::atomic::AtomicUsize;
 
-use crate::auth::TokenVerifier;
+use crate::admission::{Admission, Refusal, Slot};
 use crate::backend::{ACTION_CONNECT, ACTION_DISCONNECT, Backend};
-use crate::bus::{Bus, BusError, Deliver, Envelope, MakeBus};
+use crate::bus::{Bus, BusError, Deliver, MakeBus};
 use crate::close::CloseReason;
 use crate::config::Config;
-use crate::hub::{Conn, Hub, OutboxReceiver};
+use crate::conn::{Conn, OutboxReceiver};
+use crate::envelope::Envelope;
+use crate::hub::Hub;
 use crate::logging::{Untrusted, UntrustedOpt};
 use crate::message::{Message, MessageError};
 use crate::metrics::{DropReason, Metrics};
@@ -32,13 +31,10 @@ pub enum ConnectError {
     /// The node is shutting down.
     #[error("the node is shutting down")]
     Draining,
-    /// The node holds as many sockets as it may (`limits.max_connections`
-    /// or the open-file limit).
-    #[error("the node is at capacity ({0} sockets)")]
-    AtCapacity(usize),
-    /// This client address holds `limits.max_connections_per_ip` sockets.
-    #[error("too many sockets from this address (at most {0})")]
-    TooManyFromIp(usize),
+    /// No place for it: the node's capacity or the client address's share
+    /// is used up.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     /// The bus could not subscribe to the connection's topics.
     #[error(transparent)]
     Bus(#[from] BusError),
@@ -73,14 +69,11 @@ pub struct Node {
     hub: Arc<Hub>,
     bus: Arc<dyn Bus>,
     backend: Option<Backend>,
-    tokens: Option<Arc<TokenVerifier>>,
-    /// Sockets this node accepts.
-    capacity: usize,
-    /// Sockets open or being opened (counted before the upgrade, so the
-    /// capacity holds under a burst of connects).
-    open: AtomicUsize,
-    /// Sockets per client address, while `limits.max_connections_per_ip` is set.
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Token mode: a client's messages carry its verified ids, stamped
+    /// over whatever it wrote (the HTTP layer verifies the tokens).
+    stamp_identity: bool,
+    /// Who gets a socket: capacity and the per-address limit.
+    admission: Arc<Admission>,
     draining: AtomicBool,
     next_conn_id: AtomicU64,
     /// Every socket session, so shutdown can wait for them (axum's graceful
@@ -115,9 +108,10 @@ impl Node {
             Backend::start(b, config.node_id.as_str().into(), metrics.clone())
                 .expect("the backend HTTP client can be built")
         });
-        let tokens = TokenVerifier::from_config(&config.auth);
-        let fd_limit = crate::limits::open_file_limit();
-        let (capacity, by_fds) = crate::limits::capacity(config.limits.max_connections, fd_limit);
+        let stamp_identity = config.auth.jwt_key.is_some();
+        let fd_limit = crate::admission::open_file_limit();
+        let (capacity, by_fds) =
+            crate::admission::capacity(config.limits.max_connections, fd_limit);
         metrics.set_capacity(capacity);
         if by_fds {
             tracing::info!(
@@ -126,16 +120,15 @@ impl Node {
                 "the open-file limit caps this node's sockets; raise it (ulimit -n, LimitNOFILE) to hold more"
             );
         }
+        let admission = Admission::new(capacity, &config.limits);
         Ok(Arc::new(Self {
             config: Arc::new(config),
             metrics,
             hub,
             bus,
             backend,
-            tokens,
-            capacity,
-            open: AtomicUsize::new(0),
-            per_ip: Mutex::default(),
+            stamp_identity,
+            admission,
             draining: AtomicBool::new(false),
             next_conn_id: AtomicU64::new(1),
             sessions: TaskTracker::new(),
@@ -153,7 +146,7 @@ impl Node {
         if self.is_draining() {
             return Err(ConnectError::Draining);
         }
-        let slot = self.reserve(ip)?;
+        let slot = self.admission.reserve(ip)?;
         let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let (conn, rx) = Conn::new(id, who, self.config.limits.outbound_queue_bytes);
         self.hub.insert(conn.clone());
@@ -178,38 +171,6 @@ impl Node {
             registration.announced = backend.event(&registration.conn, ACTION_CONNECT);
         }
         Ok(registration)
-    }
-
-    /// Takes a place for a new socket, or says why there is none. The place
-    /// is given back when the [`Slot`] is dropped.
-    fn reserve(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<Slot, ConnectError> {
-        if self.open.fetch_add(1, Ordering::AcqRel) >= self.capacity {
-            self.open.fetch_sub(1, Ordering::AcqRel);
-            return Err(ConnectError::AtCapacity(self.capacity));
-        }
-        let mut slot = Slot {
-            node: self.clone(),
-            ip: None,
-        };
-        let per_ip = self.config.limits.max_connections_per_ip;
-        if let (Some(ip), true) = (ip, per_ip > 0) {
-            // Counted per IPv6 network (`limits.ipv6_prefix_len`), not per
-            // address: one IPv6 host holds a whole /64.
-            let ip = crate::limits::address_key(ip, self.config.limits.ipv6_prefix_len);
-            let mut counts = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-            let n = counts.entry(ip).or_default();
-            if *n >= per_ip {
-                return Err(ConnectError::TooManyFromIp(per_ip));
-            }
-            *n += 1;
-            slot.ip = Some(ip);
-        }
-        Ok(slot)
-    }
-
-    /// The token verifier, in token mode.
-    pub fn tokens(&self) -> Option<&TokenVerifier> {
-        self.tokens.as_deref()
     }
 
     fn parse<'t>(&self, text: &'t str) -> Result<Message<'t>, MessageError> {
@@ -247,7 +208,7 @@ impl Node {
         }
         let stamped;
         let mut text = text;
-        if self.tokens.is_some() {
+        if self.stamp_identity {
             msg.user_id = Some(Cow::Borrowed(&*conn.who.user));
             msg.group_id = conn.who.group.as_deref().map(Cow::Borrowed);
             stamped = msg.encode();
@@ -373,28 +334,6 @@ pub struct Registration {
     announced: bool,
     /// The socket's place in the node's capacity (given back on drop).
     _slot: Slot,
-}
-
-/// A place in the node's capacity; dropping it gives the place back.
-struct Slot {
-    node: Arc<Node>,
-    /// Counted against this address, when per-address limits are on.
-    ip: Option<IpAddr>,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.node.open.fetch_sub(1, Ordering::AcqRel);
-        if let Some(ip) = self.ip {
-            let mut counts = self.node.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = counts.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    counts.remove(&ip);
-                }
-            }
-        }
-    }
 }
 
 impl Registration {

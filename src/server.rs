@@ -77,7 +77,7 @@ impl Server {
             "in-process"
         };
         info!(addr = %listener.local_addr()?, node = %node.config.node_id, bus, "wshub listening");
-        if node.tokens().is_some() {
+        if node.config.auth.jwt_key.is_some() {
             info!("token mode: sockets must present a JWT");
         }
         let stop_accepting = CancellationToken::new();

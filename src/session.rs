@@ -2,7 +2,7 @@
 //! and close with exactly one [`CloseReason`].
 //!
 //! A session is one task. It waits on four things at once: the close signal
-//! (set by anyone through the connection's [`Closer`](crate::hub::Closer)),
+//! (set by anyone through the connection's [`Closer`](crate::conn::Closer)),
 //! the client's next frame, the outbound queue, and the ping timer. Queued
 //! frames are written in batches and flushed once per wake-up, so a busy
 //! socket costs one write system call for many frames.
@@ -22,21 +22,22 @@
 //! the rest of the queue. (Dropping it, as an earlier version did, left a
 //! gap mid-stream: later frames were still sent.)
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::time::{MissedTickBehavior, interval_at};
+use tokio::time::{Interval, MissedTickBehavior, interval_at};
 use tracing::{debug, warn};
 
 use crate::close::CloseReason;
-use crate::hub::{Closer, OutboxReceiver};
-use crate::limits::{RateLimit, Verdict};
+use crate::conn::{Closer, Conn, OutboxReceiver};
 use crate::logging::{Untrusted, UntrustedOpt};
 use crate::message::{Frame, MessageError, error_frame};
 use crate::metrics::DropReason;
-use crate::node::{PublishError, Registration};
+use crate::node::{Node, PublishError, Registration};
+use crate::rate_limit::{RateLimit, Verdict};
 
 /// Most frames written before one flush; bounds how long one wake-up takes.
 const MAX_BATCH: usize = 64;
@@ -45,113 +46,180 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs a session until the socket closes.
 pub async fn run(socket: WebSocket, mut registration: Registration) {
-    let Some(mut outbound) = registration.take_outbound() else {
+    let Some(outbound) = registration.take_outbound() else {
         return;
     };
-    let conn = registration.conn.clone();
-    let node = registration.node().clone();
-    debug!(
-        conn = conn.id,
-        user = %Untrusted(&conn.who.user),
-        group = %UntrustedOpt(conn.who.group.as_deref()),
-        "connection opened"
-    );
-
-    let (mut sink, mut stream) = socket.split();
-    let ping_every = node.config.ws.ping_interval;
-    let mut ping = interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    // Whether the peer sent anything since the last ping.
-    let mut heard = true;
-    let limits = &node.config.limits;
-    let mut rate = RateLimit::new(
-        limits.messages_per_second,
-        limits.message_burst,
-        limits.rate_violations_before_close,
-    );
-    let mut client_closed = false;
-    let write_timeout = node.config.ws.write_timeout;
-    let mut in_flight = InFlight::default();
-
+    let mut session = Session::new(socket, registration, outbound);
     let reason = loop {
-        tokio::select! {
+        // Each arm is one call; the futures borrow disjoint fields and are
+        // dropped before the chosen arm's call runs.
+        let step = tokio::select! {
             biased;
-            reason = conn.closer.closed() => break reason,
-            frame = stream.next() => {
-                heard = true;
-                let data = matches!(frame, Some(Ok(WsMessage::Text(_) | WsMessage::Binary(_))));
-                // Control frames count too: tungstenite owes a pong for
-                // every ping and buffers it even when the peer does not
-                // read, so an unlimited ping flood grows memory.
-                let control = matches!(frame, Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))));
-                if (data || control) && let Some(rate) = rate.as_mut() {
-                    match rate.check(tokio::time::Instant::now()) {
-                        Verdict::Allowed => {}
-                        // A control frame carries no message to refuse or
-                        // reply to: it only adds a violation.
-                        Verdict::Limited if control => continue,
-                        Verdict::Limited => {
-                            rate_limited(&registration);
-                            continue;
-                        }
-                        Verdict::Abusive => {
-                            if data {
-                                node.metrics.received();
-                                node.metrics.dropped(DropReason::RateLimited, 1);
-                            }
-                            break CloseReason::PolicyViolation;
-                        }
+            reason = session.conn.closer.closed() => Err(reason),
+            frame = session.stream.next() => session.on_frame(frame),
+            Some(first) = session.outbound.recv() => session.write(first).await,
+            _ = session.ping.tick() => session.on_ping().await,
+        };
+        if let Err(reason) = step {
+            break reason;
+        }
+    };
+    session.finish(reason).await;
+}
+
+/// One socket's state while its session runs.
+struct Session {
+    registration: Registration,
+    conn: Arc<Conn>,
+    node: Arc<Node>,
+    sink: SplitSink<WebSocket, WsMessage>,
+    stream: SplitStream<WebSocket>,
+    outbound: OutboxReceiver,
+    ping: Interval,
+    /// Whether the peer sent anything since the last ping.
+    heard: bool,
+    rate: Option<RateLimit>,
+    /// The client sent a close frame (its echo is owed).
+    client_closed: bool,
+    write_timeout: Duration,
+    in_flight: InFlight,
+}
+
+impl Session {
+    fn new(socket: WebSocket, registration: Registration, outbound: OutboxReceiver) -> Self {
+        let conn = registration.conn.clone();
+        let node = registration.node().clone();
+        debug!(
+            conn = conn.id,
+            user = %Untrusted(&conn.who.user),
+            group = %UntrustedOpt(conn.who.group.as_deref()),
+            "connection opened"
+        );
+        let (sink, stream) = socket.split();
+        let ping_every = node.config.ws.ping_interval;
+        let mut ping = interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let limits = &node.config.limits;
+        let rate = RateLimit::new(
+            limits.messages_per_second,
+            limits.message_burst,
+            limits.rate_violations_before_close,
+        );
+        let write_timeout = node.config.ws.write_timeout;
+        Self {
+            registration,
+            conn,
+            node,
+            sink,
+            stream,
+            outbound,
+            ping,
+            heard: true,
+            rate,
+            client_closed: false,
+            write_timeout,
+            in_flight: InFlight::default(),
+        }
+    }
+
+    /// Handles the client's next frame (or the end of its stream).
+    fn on_frame(
+        &mut self,
+        frame: Option<Result<WsMessage, axum::Error>>,
+    ) -> Result<(), CloseReason> {
+        self.heard = true;
+        let data = matches!(frame, Some(Ok(WsMessage::Text(_) | WsMessage::Binary(_))));
+        // Control frames count too: tungstenite owes a pong for every ping
+        // and buffers it even when the peer does not read, so an unlimited
+        // ping flood grows memory.
+        let control = matches!(frame, Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))));
+        if (data || control)
+            && let Some(rate) = self.rate.as_mut()
+        {
+            match rate.check(tokio::time::Instant::now()) {
+                Verdict::Allowed => {}
+                // A control frame carries no message to refuse or reply to:
+                // it only adds a violation.
+                Verdict::Limited if control => return Ok(()),
+                Verdict::Limited => {
+                    rate_limited(&self.registration);
+                    return Ok(());
+                }
+                Verdict::Abusive => {
+                    if data {
+                        self.node.metrics.received();
+                        self.node.metrics.dropped(DropReason::RateLimited, 1);
                     }
-                }
-                match frame {
-                    Some(Ok(WsMessage::Text(text))) => on_text(&registration, &text),
-                    Some(Ok(WsMessage::Binary(bytes))) => match std::str::from_utf8(&bytes) {
-                        Ok(text) => on_text(&registration, text),
-                        Err(_) => reply_error(&registration, &PublishError::from(MessageError::NotUtf8)),
-                    },
-                    // tungstenite answers pings itself.
-                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
-                    Some(Ok(WsMessage::Close(_))) => {
-                        client_closed = true;
-                        break CloseReason::Normal;
-                    }
-                    Some(Err(e)) => break read_error_reason(e),
-                    None => break CloseReason::ConnectionLost,
-                }
-            }
-            Some(first) = outbound.recv() => {
-                in_flight.0 = Some(first);
-                let write = write_batch(&mut sink, &mut outbound, &mut in_flight);
-                if let Err(reason) = guarded(&conn.closer, write_timeout, write).await {
-                    break reason;
-                }
-            }
-            _ = ping.tick() => {
-                if !heard {
-                    break CloseReason::PingTimeout;
-                }
-                heard = false;
-                let write = sink.send(WsMessage::Ping(Default::default()));
-                if let Err(reason) = guarded(&conn.closer, write_timeout, write).await {
-                    break reason;
+                    return Err(CloseReason::PolicyViolation);
                 }
             }
         }
-    };
-    if conn.closer.reason().is_none() && reason == CloseReason::SlowConsumer {
-        warn!(
-            conn = conn.id,
-            user = %Untrusted(&conn.who.user),
-            timeout_ms = write_timeout.as_millis() as u64,
-            "write timed out: closing slow consumer"
-        );
+        match frame {
+            Some(Ok(WsMessage::Text(text))) => on_text(&self.registration, &text),
+            Some(Ok(WsMessage::Binary(bytes))) => match std::str::from_utf8(&bytes) {
+                Ok(text) => on_text(&self.registration, text),
+                Err(_) => reply_error(
+                    &self.registration,
+                    &PublishError::from(MessageError::NotUtf8),
+                ),
+            },
+            // tungstenite answers pings itself.
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+            Some(Ok(WsMessage::Close(_))) => {
+                self.client_closed = true;
+                return Err(CloseReason::Normal);
+            }
+            Some(Err(e)) => return Err(read_error_reason(e)),
+            None => return Err(CloseReason::ConnectionLost),
+        }
+        Ok(())
     }
-    // Record the reason (a no-op if someone else set it first), then leave
-    // the hub before the closing handshake so nothing more is queued.
-    conn.closer.close(reason);
-    let reason = conn.closer.reason().unwrap_or(reason);
-    drop(registration);
-    close(sink, stream, in_flight, outbound, reason, client_closed).await;
+
+    /// Writes `first` and what else is queued, racing the close reason.
+    async fn write(&mut self, first: Frame) -> Result<(), CloseReason> {
+        self.in_flight.0 = Some(first);
+        let write = write_batch(&mut self.sink, &mut self.outbound, &mut self.in_flight);
+        guarded(&self.conn.closer, self.write_timeout, write).await
+    }
+
+    /// Pings the peer, or closes it when it was silent since the last ping.
+    async fn on_ping(&mut self) -> Result<(), CloseReason> {
+        if !self.heard {
+            return Err(CloseReason::PingTimeout);
+        }
+        self.heard = false;
+        let write = self.sink.send(WsMessage::Ping(Default::default()));
+        guarded(&self.conn.closer, self.write_timeout, write).await
+    }
+
+    /// Records `reason` (unless someone else's came first), leaves the node,
+    /// and runs the closing handshake.
+    async fn finish(self, reason: CloseReason) {
+        let conn = self.conn;
+        if conn.closer.reason().is_none() && reason == CloseReason::SlowConsumer {
+            warn!(
+                conn = conn.id,
+                user = %Untrusted(&conn.who.user),
+                timeout_ms = self.write_timeout.as_millis() as u64,
+                "write timed out: closing slow consumer"
+            );
+        }
+        // Record the reason (a no-op if someone else set it first), then
+        // leave the hub before the closing handshake so nothing more is
+        // queued.
+        conn.closer.close(reason);
+        let reason = conn.closer.reason().unwrap_or(reason);
+        drop(self.registration);
+        close(
+            self.sink,
+            self.stream,
+            self.in_flight,
+            self.outbound,
+            reason,
+            self.client_closed,
+        )
+        .await;
+    }
 }
 
 /// Runs one write unless the session is closed first or the write takes

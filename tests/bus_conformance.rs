@@ -27,8 +27,9 @@ use std::time::Duration;
 
 use common::redis::{GateProxy, RedisServer, numsub};
 use tokio::sync::mpsc;
-use wshub::bus::{Bus, Deliver, Envelope, RedisBus, SingleNodeBus};
+use wshub::bus::{Bus, Deliver, RedisBus, SingleNodeBus};
 use wshub::config::Config;
+use wshub::envelope::Envelope;
 use wshub::message::Frame;
 use wshub::metrics::Metrics;
 use wshub::route::{Route, Topic};

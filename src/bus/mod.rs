@@ -59,17 +59,9 @@ pub use redis::RedisBus;
 pub use single_node::SingleNodeBus;
 
 use crate::config::Config;
-use crate::message::Frame;
+use crate::envelope::Envelope;
 use crate::metrics::Metrics;
-use crate::route::{Route, Topic};
-
-/// One message on its way through the bus: where it goes and the frame the
-/// recipients receive, already encoded.
-#[derive(Debug)]
-pub struct Envelope {
-    pub route: Route,
-    pub frame: Frame,
-}
+use crate::route::Topic;
 
 /// What a bus hands messages from other nodes to: on a node, the
 /// [`Hub`](crate::hub::Hub) (which the node also hands its own messages to).

@@ -2,7 +2,8 @@
 
 use std::future::ready;
 
-use super::{Bus, BusError, Envelope, Subscribed};
+use super::{Bus, BusError, Subscribed};
+use crate::envelope::Envelope;
 use crate::route::Topic;
 use std::sync::Arc;
 

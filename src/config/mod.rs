@@ -278,7 +278,7 @@ impl Config {
         if l.max_recipients == 0 {
             return Err(invalid("limits.max_recipients", "must be at least 1"));
         }
-        let min_queue = crate::limits::min_outbound_queue_bytes(l);
+        let min_queue = crate::admission::min_outbound_queue_bytes(l);
         if l.outbound_queue_bytes < min_queue {
             return Err(invalid(
                 "limits.outbound_queue_bytes",

@@ -60,8 +60,9 @@ use conn::{
 use queue::PublishQueue;
 
 use super::wire::{self, Channels};
-use super::{Bus, BusError, Deliver, Envelope, Interest, Subscribed};
+use super::{Bus, BusError, Deliver, Interest, Subscribed};
 use crate::config::RedisConfig;
+use crate::envelope::Envelope;
 use crate::metrics::{DropReason, Metrics};
 use crate::route::Topic;
 
@@ -160,13 +161,9 @@ impl RedisBus {
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         tasks.spawn(Publisher::new(shared.clone(), link.clone()).run(stop.clone()));
-        tasks.spawn(subscriber(
-            shared.clone(),
-            link,
-            requests,
-            stop.clone(),
-            tasks.clone(),
-        ));
+        tasks.spawn(
+            Subscriber::new(shared.clone(), link, requests, stop.clone(), tasks.clone()).run(),
+        );
         tasks.close();
         Ok(Self {
             shared,
@@ -531,177 +528,326 @@ async fn connect(shared: &Shared, link: &Link) -> redis::RedisResult<Connected> 
     })
 }
 
-async fn subscriber(
+/// The subscriber task's state across connections: its requests, its
+/// backoff, and what it logged already.
+struct Subscriber {
     shared: Arc<Shared>,
     link: Link,
-    mut requests: mpsc::Receiver<SubscribeRequest>,
+    requests: mpsc::Receiver<SubscribeRequest>,
     stop: CancellationToken,
+    /// The bus's tracker, for the probes it sends off this task.
     tasks: TaskTracker,
-) {
-    let config = shared.config.clone();
-    let mut backoff = Backoff::new(config.reconnect_max);
-    let mut connected_before = false;
-    // Whether the current outage was logged already.
-    let mut outage_logged = false;
-    // When dropped pushes were last logged.
-    let mut lag_logged: Option<Instant> = None;
-    loop {
-        // Connect, and subscribe to everything this node holds.
-        let Connected {
-            mut conn,
-            prober,
-            probes,
-            mut subscribed,
-        } = tokio::select! {
-            () = stop.cancelled() => return,
-            result = timeout(config.command_timeout * 4, connect(&shared, &link)) => match result {
-                Ok(Ok(connected)) => connected,
-                failed => {
-                    let error = match failed { Ok(Err(e)) => e.to_string(), _ => "timed out".to_owned() };
-                    if !outage_logged {
-                        warn!(%error, "subscriber cannot reach Redis; retrying");
-                        outage_logged = true;
-                    }
-                    shared.metrics.bus_reconnect_attempt();
-                    let pause = tokio::time::sleep(backoff.step());
-                    tokio::pin!(pause);
-                    // Refuse subscriptions while disconnected rather than
-                    // keep sockets waiting.
-                    loop {
-                        tokio::select! {
-                            () = stop.cancelled() => return,
-                            () = &mut pause => break,
-                            Some(request) = requests.recv() => {
-                                let _ = request.ack.send(Err(BusError::Unavailable(error.clone())));
-                            }
-                        }
-                    }
-                    continue;
-                }
-            },
+    backoff: Backoff,
+    connected_before: bool,
+    /// Whether the current outage was logged already.
+    outage_logged: bool,
+    /// When dropped pushes were last logged.
+    lag_logged: Option<Instant>,
+}
+
+/// One live subscriber connection: the connections, the probe channels and
+/// when each last came back, and exactly the topics subscribed on it.
+struct Live {
+    conn: SubConn,
+    prober: PubConn,
+    probes: Vec<String>,
+    probe_set: HashSet<String>,
+    probe_seen: HashMap<String, Duration>,
+    subscribed: HashSet<Topic>,
+    connected_at: Duration,
+}
+
+/// What ended a live connection: why, to log it.
+type Lost = String;
+
+impl Subscriber {
+    fn new(
+        shared: Arc<Shared>,
+        link: Link,
+        requests: mpsc::Receiver<SubscribeRequest>,
+        stop: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Self {
+        let backoff = Backoff::new(shared.config.reconnect_max);
+        Self {
+            shared,
+            link,
+            requests,
+            stop,
+            tasks,
+            backoff,
+            connected_before: false,
+            outage_logged: false,
+            lag_logged: None,
+        }
+    }
+
+    /// Connects, serves the connection until it is lost, and again, until
+    /// the bus stops.
+    async fn run(mut self) {
+        loop {
+            let Some(mut live) = self.connect().await else {
+                return;
+            };
+            let Some(lost) = self.serve(&mut live).await else {
+                return;
+            };
+            self.shared.subscriber_up.store(false, Ordering::Release);
+            warn!(reason = %lost, "lost the Redis subscriber connection; reconnecting");
+        }
+    }
+
+    /// Connects and subscribes to everything this node holds, backing off
+    /// between attempts; `None` once the bus stops.
+    async fn connect(&mut self) -> Option<Live> {
+        let shared = self.shared.clone();
+        let config = &shared.config;
+        let connected = loop {
+            let attempt = timeout(config.command_timeout * 4, connect(&shared, &self.link));
+            let error = tokio::select! {
+                () = self.stop.cancelled() => return None,
+                result = attempt => match result {
+                    Ok(Ok(connected)) => break connected,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "timed out".to_owned(),
+                },
+            };
+            if !self.outage_logged {
+                warn!(%error, "subscriber cannot reach Redis; retrying");
+                self.outage_logged = true;
+            }
+            shared.metrics.bus_reconnect_attempt();
+            let pause = self.backoff.step();
+            if !self.refuse_requests_for(pause, &error).await {
+                return None;
+            }
         };
-        backoff.reset();
-        outage_logged = false;
+        self.backoff.reset();
+        self.outage_logged = false;
         // Ready again only once a probe has made the whole trip on the new
         // connection (and the publisher has followed to the new epoch).
         shared.last_probe.store(0, Ordering::Release);
         shared.epoch.fetch_add(1, Ordering::AcqRel);
-        let connected_at = shared.since_start();
-        let probe_set: HashSet<String> = probes.iter().cloned().collect();
-        // When each probe channel last came back.
-        let mut probe_seen: HashMap<String, Duration> = HashMap::new();
+        let Connected {
+            conn,
+            prober,
+            probes,
+            subscribed,
+        } = connected;
         shared.metrics.bus_channels(subscribed.len());
         shared.subscriber_up.store(true, Ordering::Release);
-        info!(node = %shared.node_id, channels = subscribed.len(), probes = probes.len(), reconnect = connected_before, "subscribed to Redis");
-        connected_before = true;
+        info!(node = %shared.node_id, channels = subscribed.len(), probes = probes.len(), reconnect = self.connected_before, "subscribed to Redis");
+        self.connected_before = true;
+        Some(Live {
+            conn,
+            prober,
+            probe_set: probes.iter().cloned().collect(),
+            probes,
+            probe_seen: HashMap::new(),
+            subscribed,
+            connected_at: shared.since_start(),
+        })
+    }
 
-        let release_every = (shared.interest.release_delay() / 2).max(Duration::from_millis(50));
-        let mut release = tokio::time::interval(release_every);
-        let mut probe = tokio::time::interval(config.probe_interval);
-        let lost: String = loop {
+    /// Answers subscription requests with `error` for `pause` (refused
+    /// while disconnected rather than keeping sockets waiting); false once
+    /// the bus stops.
+    async fn refuse_requests_for(&mut self, pause: Duration, error: &str) -> bool {
+        let pause = tokio::time::sleep(pause);
+        tokio::pin!(pause);
+        loop {
             tokio::select! {
-                () = stop.cancelled() => return,
-                incoming = conn.next() => match incoming {
-                    Incoming::Message(channel, _) if probe_set.contains(&channel) => {
-                        probe_seen.insert(channel, shared.since_start());
-                        if probe_seen.len() == probe_set.len() {
-                            let oldest = probe_seen.values().min().copied().unwrap_or_default();
-                            shared.last_probe.store(oldest.as_millis() as u64 + 1, Ordering::Release);
-                        }
-                    }
-                    Incoming::Message(channel, payload) => shared.receive(&channel, payload),
-                    Incoming::Unsubscribed(channels) => {
-                        // A shard gave these up (its slots moved): take back
-                        // those still wanted, at their new owner. The
-                        // cluster client refreshes its slot map on the
-                        // MOVED reply the old owner gives.
-                        let wanted: Vec<String> = channels.into_iter().filter(|c| {
-                            probe_set.contains(c) || shared.channels.topic(c).is_some_and(|t| subscribed.contains(&t))
-                        }).collect();
-                        if !wanted.is_empty() {
-                            info!(channels = wanted.len(), "Redis gave up subscriptions (slot migration); resubscribing");
-                            match timeout(config.command_timeout * 2, conn.subscribe(&wanted)).await {
-                                Ok(Ok(())) => {}
-                                Ok(Err(e)) => break format!("resubscribing after a slot migration: {e}"),
-                                Err(_) => break "resubscribing after a slot migration timed out".into(),
-                            }
-                        }
-                    }
-                    Incoming::Lagged(n) => {
-                        shared.metrics.dropped(DropReason::BusLagging, n);
-                        // Once per episode, not per drop: a node that is
-                        // behind must not also flood its log.
-                        if lag_logged.is_none_or(|at: Instant| at.elapsed() > LAG_LOG_EVERY) {
-                            warn!(dropped = n, "the subscriber fell behind Redis; messages were dropped (see wshub_messages_dropped_total{{reason=\"bus_lagging\"}})");
-                            lag_logged = Some(Instant::now());
-                        }
-                    }
-                    Incoming::Other => {}
-                    Incoming::Closed => break "connection closed".into(),
-                },
-                Some(first) = requests.recv() => {
-                    let mut batch = vec![first];
-                    while batch.len() < MAX_SUBSCRIBE_BATCH {
-                        match requests.try_recv() {
-                            Ok(r) => batch.push(r),
-                            Err(_) => break,
-                        }
-                    }
-                    let mut new: Vec<Topic> = batch.iter().map(|r| r.topic.clone())
-                        .filter(|t| !subscribed.contains(t)).collect();
-                    new.sort();
-                    new.dedup();
-                    let names: Vec<String> = new.iter().map(|t| shared.channels.of(t)).collect();
-                    let result = if names.is_empty() { Ok(Ok(())) }
-                        else { timeout(config.command_timeout, conn.subscribe(&names)).await };
-                    match result {
-                        Ok(Ok(())) => {
-                            subscribed.extend(new);
-                            shared.metrics.bus_channels(subscribed.len());
-                            for r in batch { let _ = r.ack.send(Ok(())); }
-                        }
-                        failed => {
-                            let error = match failed { Ok(Err(e)) => e.to_string(), _ => "SUBSCRIBE timed out".to_owned() };
-                            for r in batch { let _ = r.ack.send(Err(BusError::Unavailable(error.clone()))); }
-                            break error;
-                        }
-                    }
-                }
-                _ = release.tick() => {
-                    let released: Vec<Topic> = shared.interest.expire(Instant::now())
-                        .into_iter().filter(|t| subscribed.contains(t)).collect();
-                    if !released.is_empty() {
-                        let names: Vec<String> = released.iter().map(|t| shared.channels.of(t)).collect();
-                        for t in &released { subscribed.remove(t); }
-                        shared.metrics.bus_channels(subscribed.len());
-                        match timeout(config.command_timeout, conn.unsubscribe(&names)).await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => break e.to_string(),
-                            Err(_) => break "UNSUBSCRIBE timed out".into(),
-                        }
-                    }
-                }
-                _ = probe.tick() => {
-                    // A connection that delivers nothing, not even our own
-                    // probes, is wedged: start over on a new one.
-                    let last = Duration::from_millis(shared.last_probe.load(Ordering::Acquire).saturating_sub(1));
-                    let silent = shared.since_start().saturating_sub(last.max(connected_at));
-                    if silent > config.probe_timeout * 2 {
-                        break format!("no probe came back for {} ms", silent.as_millis());
-                    }
-                    // On the probe's own connection, off this task: a slow
-                    // Redis must not stall deliveries, and a backlog in the
-                    // publisher must not delay the probe.
-                    let mut prober = prober.clone();
-                    let probes = probes.clone();
-                    let limit = config.command_timeout;
-                    tasks.spawn(async move {
-                        let _ = timeout(limit, prober.probe(&probes)).await;
-                    });
+                () = self.stop.cancelled() => return false,
+                () = &mut pause => return true,
+                Some(request) = self.requests.recv() => {
+                    let _ = request.ack.send(Err(BusError::Unavailable(error.to_owned())));
                 }
             }
+        }
+    }
+
+    /// Serves one connection until it is lost (`Some(why)`) or the bus
+    /// stops (`None`).
+    async fn serve(&mut self, live: &mut Live) -> Option<Lost> {
+        let config = &self.shared.config;
+        let release_every =
+            (self.shared.interest.release_delay() / 2).max(Duration::from_millis(50));
+        let mut release = tokio::time::interval(release_every);
+        let mut probe = tokio::time::interval(config.probe_interval);
+        loop {
+            let step = tokio::select! {
+                () = self.stop.cancelled() => return None,
+                incoming = live.conn.next() => self.on_incoming(live, incoming).await,
+                Some(first) = self.requests.recv() => self.on_requests(live, first).await,
+                _ = release.tick() => self.on_release(live).await,
+                _ = probe.tick() => self.on_probe(live),
+            };
+            if let Err(lost) = step {
+                return Some(lost);
+            }
+        }
+    }
+
+    /// Handles one push from the subscriber connection.
+    async fn on_incoming(&mut self, live: &mut Live, incoming: Incoming) -> Result<(), Lost> {
+        let shared = &self.shared;
+        match incoming {
+            Incoming::Message(channel, _) if live.probe_set.contains(&channel) => {
+                live.probe_seen.insert(channel, shared.since_start());
+                if live.probe_seen.len() == live.probe_set.len() {
+                    let oldest = live.probe_seen.values().min().copied().unwrap_or_default();
+                    shared
+                        .last_probe
+                        .store(oldest.as_millis() as u64 + 1, Ordering::Release);
+                }
+            }
+            Incoming::Message(channel, payload) => shared.receive(&channel, payload),
+            Incoming::Unsubscribed(channels) => {
+                // A shard gave these up (its slots moved): take back those
+                // still wanted, at their new owner. The cluster client
+                // refreshes its slot map on the MOVED reply the old owner
+                // gives.
+                let wanted: Vec<String> = channels
+                    .into_iter()
+                    .filter(|c| {
+                        live.probe_set.contains(c)
+                            || shared
+                                .channels
+                                .topic(c)
+                                .is_some_and(|t| live.subscribed.contains(&t))
+                    })
+                    .collect();
+                if !wanted.is_empty() {
+                    info!(
+                        channels = wanted.len(),
+                        "Redis gave up subscriptions (slot migration); resubscribing"
+                    );
+                    let limit = shared.config.command_timeout * 2;
+                    match timeout(limit, live.conn.subscribe(&wanted)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            return Err(format!("resubscribing after a slot migration: {e}"));
+                        }
+                        Err(_) => {
+                            return Err("resubscribing after a slot migration timed out".into());
+                        }
+                    }
+                }
+            }
+            Incoming::Lagged(n) => {
+                shared.metrics.dropped(DropReason::BusLagging, n);
+                // Once per episode, not per drop: a node that is behind must
+                // not also flood its log.
+                if self
+                    .lag_logged
+                    .is_none_or(|at: Instant| at.elapsed() > LAG_LOG_EVERY)
+                {
+                    warn!(
+                        dropped = n,
+                        "the subscriber fell behind Redis; messages were dropped (see wshub_messages_dropped_total{{reason=\"bus_lagging\"}})"
+                    );
+                    self.lag_logged = Some(Instant::now());
+                }
+            }
+            Incoming::Other => {}
+            Incoming::Closed => return Err("connection closed".into()),
+        }
+        Ok(())
+    }
+
+    /// Serves `first` and the requests queued behind it with one SUBSCRIBE.
+    async fn on_requests(&mut self, live: &mut Live, first: SubscribeRequest) -> Result<(), Lost> {
+        let shared = &self.shared;
+        let mut batch = vec![first];
+        while batch.len() < MAX_SUBSCRIBE_BATCH {
+            match self.requests.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut new: Vec<Topic> = batch
+            .iter()
+            .map(|r| r.topic.clone())
+            .filter(|t| !live.subscribed.contains(t))
+            .collect();
+        new.sort();
+        new.dedup();
+        let names: Vec<String> = new.iter().map(|t| shared.channels.of(t)).collect();
+        let result = if names.is_empty() {
+            Ok(Ok(()))
+        } else {
+            timeout(shared.config.command_timeout, live.conn.subscribe(&names)).await
         };
-        shared.subscriber_up.store(false, Ordering::Release);
-        warn!(reason = %lost, "lost the Redis subscriber connection; reconnecting");
+        match result {
+            Ok(Ok(())) => {
+                live.subscribed.extend(new);
+                shared.metrics.bus_channels(live.subscribed.len());
+                for r in batch {
+                    let _ = r.ack.send(Ok(()));
+                }
+                Ok(())
+            }
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "SUBSCRIBE timed out".to_owned(),
+                };
+                for r in batch {
+                    let _ = r.ack.send(Err(BusError::Unavailable(error.clone())));
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Unsubscribes the topics whose release delay is over.
+    async fn on_release(&mut self, live: &mut Live) -> Result<(), Lost> {
+        let shared = &self.shared;
+        let released: Vec<Topic> = shared
+            .interest
+            .expire(Instant::now())
+            .into_iter()
+            .filter(|t| live.subscribed.contains(t))
+            .collect();
+        if released.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = released.iter().map(|t| shared.channels.of(t)).collect();
+        for t in &released {
+            live.subscribed.remove(t);
+        }
+        shared.metrics.bus_channels(live.subscribed.len());
+        match timeout(shared.config.command_timeout, live.conn.unsubscribe(&names)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("UNSUBSCRIBE timed out".into()),
+        }
+    }
+
+    /// Sends the next probe, or gives the connection up when the last ones
+    /// did not come back.
+    fn on_probe(&mut self, live: &mut Live) -> Result<(), Lost> {
+        let shared = &self.shared;
+        let config = &shared.config;
+        // A connection that delivers nothing, not even our own probes, is
+        // wedged: start over on a new one.
+        let last =
+            Duration::from_millis(shared.last_probe.load(Ordering::Acquire).saturating_sub(1));
+        let silent = shared
+            .since_start()
+            .saturating_sub(last.max(live.connected_at));
+        if silent > config.probe_timeout * 2 {
+            return Err(format!("no probe came back for {} ms", silent.as_millis()));
+        }
+        // On the probe's own connection, off this task: a slow Redis must
+        // not stall deliveries, and a backlog in the publisher must not
+        // delay the probe.
+        let mut prober = live.prober.clone();
+        let probes = live.probes.clone();
+        let limit = config.command_timeout;
+        self.tasks.spawn(async move {
+            let _ = timeout(limit, prober.probe(&probes)).await;
+        });
+        Ok(())
     }
 }

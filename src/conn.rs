@@ -1,0 +1,215 @@
+//! One connection as the node sees it: who it is, its outbound queue, and
+//! the [`Closer`] that ends its session once, for one reason.
+
+use std::sync::{Arc, OnceLock};
+use std::task::Poll;
+
+use futures_util::task::AtomicWaker;
+use tracing::warn;
+
+use crate::close::CloseReason;
+use crate::logging::Untrusted;
+use crate::message::Frame;
+use crate::outbox::{Full, Outbox};
+use crate::route::Identity;
+
+/// A connection's id, unique on this node.
+pub type ConnId = u64;
+
+/// What the hub keeps of one connection.
+#[derive(Debug)]
+pub struct Conn {
+    pub id: ConnId,
+    pub who: Identity,
+    outbox: Outbox,
+    pub closer: Closer,
+}
+
+impl Conn {
+    /// Creates a connection and the receiving end of its outbound queue,
+    /// which may hold up to `queue_bytes` of frames.
+    pub fn new(id: ConnId, who: Identity, queue_bytes: usize) -> (Arc<Self>, OutboxReceiver) {
+        let conn = Arc::new(Conn {
+            id,
+            who,
+            outbox: Outbox::new(queue_bytes),
+            closer: Closer::default(),
+        });
+        let rx = OutboxReceiver { conn: conn.clone() };
+        (conn, rx)
+    }
+
+    /// Queues a frame for this connection without waiting. Returns false when
+    /// the queue was full: the connection is then closed as a slow consumer
+    /// (and that is logged).
+    pub fn offer(&self, frame: Frame) -> bool {
+        match self.try_offer(frame) {
+            Offered::Queued => true,
+            Offered::Full { closed_now } => {
+                if closed_now {
+                    self.log_slow_consumer();
+                }
+                false
+            }
+        }
+    }
+
+    /// [`offer`](Self::offer) without the log line, for callers holding a
+    /// lock: they log with [`log_slow_consumer`](Self::log_slow_consumer)
+    /// after releasing it.
+    pub(crate) fn try_offer(&self, frame: Frame) -> Offered {
+        match self.outbox.push(frame) {
+            Ok(()) => Offered::Queued,
+            Err(Full) => Offered::Full {
+                closed_now: self.closer.close(CloseReason::SlowConsumer),
+            },
+        }
+    }
+
+    pub(crate) fn log_slow_consumer(&self) {
+        warn!(
+            conn = self.id,
+            user = %Untrusted(&self.who.user),
+            "outbound queue full: closing slow consumer"
+        );
+    }
+}
+
+/// What [`Conn::try_offer`] did.
+pub(crate) enum Offered {
+    Queued,
+    /// The queue was full; `closed_now` when this offer closed the
+    /// connection (the first to find it full), which is logged once.
+    Full {
+        closed_now: bool,
+    },
+}
+
+/// The session's end of a connection's outbound queue.
+#[derive(Debug)]
+pub struct OutboxReceiver {
+    conn: Arc<Conn>,
+}
+
+impl OutboxReceiver {
+    /// The next frame, waiting for one. (The queue lives as long as the
+    /// connection, so this never ends by itself: the session stops waiting
+    /// when it closes.)
+    pub async fn recv(&mut self) -> Option<Frame> {
+        Some(self.conn.outbox.recv().await)
+    }
+
+    /// The next frame if one is queued.
+    pub fn try_recv(&mut self) -> Option<Frame> {
+        self.conn.outbox.pop()
+    }
+}
+
+/// Ends a session once, for one reason, from anywhere.
+///
+/// The first [`close`](Self::close) wins; the session waits on
+/// [`closed`](Self::closed) alongside its socket and sends that reason's
+/// close frame. Only the session ever waits, so an `AtomicWaker` (one
+/// atomic swap per wait, no lock) is enough; the reason is checked again
+/// after registering, so a close never goes unnoticed.
+#[derive(Debug, Default)]
+pub struct Closer {
+    reason: OnceLock<CloseReason>,
+    waker: AtomicWaker,
+}
+
+impl Closer {
+    /// Asks the session to close with `reason`. Returns false when a reason
+    /// was already set (which then stands).
+    pub fn close(&self, reason: CloseReason) -> bool {
+        let first = self.reason.set(reason).is_ok();
+        if first {
+            self.waker.wake();
+        }
+        first
+    }
+
+    /// The reason set so far, if any.
+    pub fn reason(&self) -> Option<CloseReason> {
+        self.reason.get().copied()
+    }
+
+    /// Resolves with the reason once one is set. Only the session may wait.
+    pub async fn closed(&self) -> CloseReason {
+        std::future::poll_fn(|cx| {
+            if let Some(reason) = self.reason() {
+                return Poll::Ready(reason);
+            }
+            self.waker.register(cx.waker());
+            match self.reason() {
+                Some(reason) => Poll::Ready(reason),
+                None => Poll::Pending,
+            }
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Wake, Waker};
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct CountingWaker(AtomicUsize);
+
+    impl Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn poll_closed(closer: &Closer, waker: &Arc<CountingWaker>) -> Poll<CloseReason> {
+        let waker = Waker::from(waker.clone());
+        let mut cx = Context::from_waker(&waker);
+        std::pin::pin!(closer.closed()).poll(&mut cx)
+    }
+
+    /// The hand-written waker: the waiting session is woken by the first
+    /// close only, and sees the first reason.
+    #[test]
+    fn the_first_close_wakes_the_session_and_wins() {
+        let closer = Closer::default();
+        let waker = Arc::new(CountingWaker::default());
+        assert!(poll_closed(&closer, &waker).is_pending());
+        assert!(closer.close(CloseReason::GoingAway));
+        assert_eq!(
+            waker.0.load(Ordering::SeqCst),
+            1,
+            "the close woke the session"
+        );
+        assert!(
+            !closer.close(CloseReason::SlowConsumer),
+            "the second close loses"
+        );
+        assert_eq!(
+            waker.0.load(Ordering::SeqCst),
+            1,
+            "a losing close wakes nobody"
+        );
+        assert_eq!(
+            poll_closed(&closer, &waker),
+            Poll::Ready(CloseReason::GoingAway)
+        );
+    }
+
+    /// A reason set before the session waits is seen at once.
+    #[test]
+    fn a_close_before_waiting_is_not_missed() {
+        let closer = Closer::default();
+        closer.close(CloseReason::PingTimeout);
+        let waker = Arc::new(CountingWaker::default());
+        assert_eq!(
+            poll_closed(&closer, &waker),
+            Poll::Ready(CloseReason::PingTimeout)
+        );
+    }
+}

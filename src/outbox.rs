@@ -1,0 +1,174 @@
+//! A connection's outbound queue: encoded frames waiting for the session
+//! to write them, bounded in bytes.
+
+use std::collections::VecDeque;
+use std::task::Poll;
+
+use futures_util::task::AtomicWaker;
+
+use crate::message::Frame;
+
+/// Bookkeeping cost of one queued frame beyond its bytes, so that a flood of
+/// tiny frames is bounded too. (The configuration requires room for one
+/// largest frame plus this.)
+pub const FRAME_OVERHEAD: usize = 64;
+
+/// A connection's outbound queue, bounded in bytes rather than frames.
+///
+/// Bytes are what a slow client costs and what "how far behind is it"
+/// means: a burst of a thousand tiny messages is harmless, a few hundred
+/// kilobytes unread is not. [`push`](Self::push) refuses a frame that would
+/// take the queued total past the budget (frames are shared `Bytes`, so the
+/// real memory is often less than the budget says).
+///
+/// A `std::sync::Mutex` around a `VecDeque` and an `AtomicWaker`, rather
+/// than a channel: an idle socket's queue allocates nothing (a tokio channel
+/// allocates its first block of slots up front, over a kilobyte per
+/// socket), both ends hold the lock for a push or a pop only, and waking
+/// the one reader is an atomic swap.
+#[derive(Debug)]
+pub struct Outbox {
+    queue: std::sync::Mutex<Queue>,
+    budget: usize,
+    ready: AtomicWaker,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<Frame>,
+    bytes: usize,
+}
+
+/// The queue was full.
+#[derive(Debug)]
+pub struct Full;
+
+impl Outbox {
+    pub fn new(budget: usize) -> Self {
+        Self {
+            queue: std::sync::Mutex::default(),
+            budget,
+            ready: AtomicWaker::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // Every critical section is one push or pop: never inconsistent.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `frame` and wakes the reader, or refuses it when it would
+    /// take the queue past its budget.
+    pub fn push(&self, frame: Frame) -> Result<(), Full> {
+        let cost = frame.len() + FRAME_OVERHEAD;
+        let mut queue = self.lock();
+        if queue.bytes + cost > self.budget {
+            return Err(Full);
+        }
+        queue.bytes += cost;
+        queue.frames.push_back(frame);
+        drop(queue);
+        self.ready.wake();
+        Ok(())
+    }
+
+    /// The oldest queued frame, if any.
+    pub fn pop(&self) -> Option<Frame> {
+        let mut queue = self.lock();
+        let frame = queue.frames.pop_front()?;
+        queue.bytes -= frame.len() + FRAME_OVERHEAD;
+        if queue.frames.is_empty() && queue.frames.capacity() > 64 {
+            // Give back what a burst grew.
+            queue.frames = VecDeque::new();
+        }
+        Some(frame)
+    }
+
+    /// The next frame, waiting for one. Only one task (the session) may
+    /// wait: the waker slot holds one waker.
+    pub async fn recv(&self) -> Frame {
+        std::future::poll_fn(|cx| {
+            if let Some(frame) = self.pop() {
+                return Poll::Ready(frame);
+            }
+            self.ready.register(cx.waker());
+            // A push between the pop and the registration woke nobody:
+            // look again.
+            match self.pop() {
+                Some(frame) => Poll::Ready(frame),
+                None => Poll::Pending,
+            }
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Wake, Waker};
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct CountingWaker(AtomicUsize);
+
+    impl Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn poll_recv(outbox: &Outbox, waker: &Arc<CountingWaker>) -> Poll<Frame> {
+        let waker = Waker::from(waker.clone());
+        let mut cx = Context::from_waker(&waker);
+        let recv = std::pin::pin!(outbox.recv());
+        recv.poll(&mut cx)
+    }
+
+    use std::future::Future;
+
+    /// The hand-written waker: a reader that found the queue empty is woken
+    /// by the next push, exactly once, and then gets that frame.
+    #[test]
+    fn a_push_wakes_the_waiting_reader() {
+        let outbox = Outbox::new(1024);
+        let waker = Arc::new(CountingWaker::default());
+        assert!(poll_recv(&outbox, &waker).is_pending());
+        assert_eq!(waker.0.load(Ordering::SeqCst), 0);
+        outbox.push(Frame::from("one")).unwrap();
+        assert_eq!(
+            waker.0.load(Ordering::SeqCst),
+            1,
+            "the push woke the reader"
+        );
+        match poll_recv(&outbox, &waker) {
+            Poll::Ready(frame) => assert_eq!(&*frame, "one"),
+            Poll::Pending => panic!("woken but nothing to read"),
+        }
+    }
+
+    /// A frame queued before the reader waits is returned at once, without
+    /// registering (no lost wake-up either way).
+    #[test]
+    fn a_queued_frame_is_ready_without_waiting() {
+        let outbox = Outbox::new(1024);
+        outbox.push(Frame::from("early")).unwrap();
+        let waker = Arc::new(CountingWaker::default());
+        assert!(poll_recv(&outbox, &waker).is_ready());
+        assert!(poll_recv(&outbox, &waker).is_pending());
+    }
+
+    /// The budget counts bytes plus the per-frame overhead, and popping
+    /// gives the room back.
+    #[test]
+    fn the_budget_is_in_bytes_and_given_back() {
+        let outbox = Outbox::new(2 * (3 + FRAME_OVERHEAD));
+        outbox.push(Frame::from("abc")).unwrap();
+        outbox.push(Frame::from("def")).unwrap();
+        assert!(outbox.push(Frame::from("g")).is_err());
+        assert!(outbox.pop().is_some());
+        outbox.push(Frame::from("ghi")).unwrap();
+    }
+}
