@@ -58,6 +58,7 @@ use crate::conn::{Conn, ConnId};
 use crate::message::{Message, error_frame};
 use crate::metrics::Metrics;
 use crate::route::Identity;
+use crate::shutdown::Shutdown;
 
 /// The sender's user id (percent-encoded UTF-8).
 pub const HEADER_USER_ID: &str = "x-wshub-user-id";
@@ -143,11 +144,15 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Starts `backend.concurrency` workers. Requires a Tokio runtime.
+    /// Starts `backend.concurrency` workers on `shutdown` (the node's child
+    /// for the backend: its token abandons the queue, its tracker is what
+    /// [`shutdown`](Self::shutdown) and the node wait for). Requires a
+    /// Tokio runtime.
     pub fn start(
         config: &BackendConfig,
         node_id: Arc<str>,
         metrics: Arc<Metrics>,
+        shutdown: Shutdown,
     ) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
             .timeout(config.timeout)
@@ -160,8 +165,8 @@ impl Backend {
             metrics: metrics.clone(),
             failing: AtomicBool::new(false),
         });
-        let workers = TaskTracker::new();
-        let abandon = CancellationToken::new();
+        let workers = shutdown.tracker().clone();
+        let abandon = shutdown.token().clone();
         for _ in 0..config.concurrency {
             workers.spawn(worker(dispatcher.clone(), queues.clone(), abandon.clone()));
         }

@@ -300,7 +300,7 @@ async fn socket(http: HttpState, request: Request) -> Response {
     let max = http.config.limits.max_message_bytes;
     let ws = &http.config.ws;
     // Held until the session ends, so shutdown waits for it.
-    let tracked = http.node.sessions.token();
+    let tracked = http.node.track_session();
     upgrade
         // Chosen when the client offers it (with a token in the protocol
         // list, browsers require the server to choose one).

@@ -51,6 +51,7 @@ pub mod rate_limit;
 pub mod route;
 pub mod server;
 pub mod session;
+pub mod shutdown;
 
 pub use config::Config;
 pub use server::{Server, run};

@@ -3,11 +3,12 @@
 //! Sessions and HTTP handlers talk to the [`Node`] only; it owns the
 //! [`Hub`], the [`Bus`] and the node's lifecycle (ready, draining).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
-use tokio_util::task::TaskTracker;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -24,6 +25,7 @@ use crate::logging::{Untrusted, UntrustedOpt};
 use crate::message::{Message, MessageError};
 use crate::metrics::{DropReason, Metrics};
 use crate::route::{Identity, Route, Topic};
+use crate::shutdown::Shutdown;
 
 /// Why a socket could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -76,38 +78,63 @@ pub struct Node {
     admission: Arc<Admission>,
     draining: AtomicBool,
     next_conn_id: AtomicU64,
+    /// The owner of every task this node started; see [`Node::shutdown`].
+    shutdown: Shutdown,
     /// Every socket session, so shutdown can wait for them (axum's graceful
     /// shutdown does not wait for upgraded connections).
-    pub sessions: TaskTracker,
+    sessions: Shutdown,
+    /// The HTTP server's task, stopped after the sessions (see
+    /// [`Node::http_shutdown`]).
+    http: Shutdown,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The bus could not be started (an invalid Redis URL). Fix `redis.*`.
+    #[error("cannot start the bus: {0}")]
+    Bus(#[from] BusError),
+    /// The HTTP client for `backend.url` could not be built (no TLS
+    /// backend could be initialised on this system).
+    #[error("cannot build the backend's HTTP client: {0}")]
+    BackendClient(#[source] reqwest::Error),
 }
 
 impl Node {
     /// A node on the bus the configuration asks for: Redis when
     /// `redis.url` is set, the single-node bus otherwise; with a backend when
     /// `backend.url` is set.
-    pub fn new(config: Config) -> Result<Arc<Self>, BusError> {
+    pub fn new(config: Config) -> Result<Arc<Self>, StartError> {
         let metrics = Arc::new(Metrics::new());
         let make_bus = crate::bus::from_config(&config, metrics.clone());
         Self::with_bus(config, metrics, make_bus)
     }
 
     /// A node on the bus `make_bus` builds; the factory is handed this
-    /// node's hub, so the bus delivers into no other.
+    /// node's hub, so the bus delivers into no other, and a child of the
+    /// node's [`Shutdown`] for its tasks.
     pub fn with_bus(
         config: Config,
         metrics: Arc<Metrics>,
         make_bus: MakeBus,
-    ) -> Result<Arc<Self>, BusError> {
+    ) -> Result<Arc<Self>, StartError> {
+        let shutdown = Shutdown::new();
         let hub = Arc::new(Hub::new(metrics.clone()));
-        let bus = make_bus(hub.clone())?;
+        let bus = make_bus(hub.clone(), shutdown.child())?;
         // Every node hears messages for everyone, for as long as it lives.
         drop(bus.subscribe(&Topic::All));
-        let backend = config.backend.as_ref().map(|b| {
-            // Building a client only fails without a TLS backend, which is
-            // compiled in.
-            Backend::start(b, config.node_id.as_str().into(), metrics.clone())
-                .expect("the backend HTTP client can be built")
-        });
+        let backend = match config.backend.as_ref() {
+            None => None,
+            Some(b) => Some(
+                Backend::start(
+                    b,
+                    config.node_id.as_str().into(),
+                    metrics.clone(),
+                    shutdown.child(),
+                )
+                .map_err(StartError::BackendClient)?,
+            ),
+        };
         let stamp_identity = config.auth.jwt_key.is_some();
         let fd_limit = crate::admission::open_file_limit();
         let (capacity, by_fds) =
@@ -131,7 +158,9 @@ impl Node {
             admission,
             draining: AtomicBool::new(false),
             next_conn_id: AtomicU64::new(1),
-            sessions: TaskTracker::new(),
+            sessions: shutdown.child(),
+            http: shutdown.child(),
+            shutdown,
         }))
     }
 
@@ -269,18 +298,70 @@ impl Node {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Starts shutdown: from now on `/readyz` answers 503 and new sockets
-    /// are refused with 503.
-    pub fn begin_drain(&self) {
+    /// Shuts the node down, the one entry point for it. Starts at once
+    /// (from the call, not the first poll): `/readyz` answers 503 and new
+    /// sockets are refused with 503. The future then, in order:
+    ///
+    /// 1. closes every socket with 1001, spread evenly over `window` so that
+    ///    clients do not all reconnect in the same instant (the browser
+    ///    library adds its own jitter on top; a zero window closes all at
+    ///    once);
+    /// 2. waits for the sessions, at most `grace`;
+    /// 3. stops the HTTP server started on [`http_shutdown`](Self::http_shutdown)
+    ///    and waits for requests in flight, at most `grace` (HTTP answered
+    ///    503s until now, so load balancers saw the drain);
+    /// 4. side by side, each within `grace`: the backend sends what is
+    ///    queued (the sessions' disconnect events), and the bus sends what
+    ///    is queued for other nodes;
+    /// 5. resolves once every task the node started has ended.
+    ///
+    /// So the worst case is `window + 3 × grace` (plus the bus's margin of a
+    /// second); a node whose peers behave takes `window` and a round trip.
+    pub fn shutdown(
+        self: &Arc<Self>,
+        window: Duration,
+        grace: Duration,
+    ) -> impl Future<Output = ()> + Send + 'static {
         self.draining.store(true, Ordering::Release);
         self.sessions.close();
+        let node = self.clone();
+        async move {
+            node.close_sockets(window).await;
+            if tokio::time::timeout(grace, node.sessions.wait())
+                .await
+                .is_err()
+            {
+                warn!(
+                    open_sockets = node.connections(),
+                    grace_ms = grace.as_millis() as u64,
+                    "grace period over with sessions still open; exiting anyway"
+                );
+            }
+            node.http.cancel();
+            node.http.close();
+            // In-flight HTTP requests are short; do not let one hold the exit.
+            if tokio::time::timeout(grace, node.http.wait()).await.is_err() {
+                warn!("HTTP requests still in flight after the grace period; exiting anyway");
+            }
+            // The sessions' disconnect events and the messages for other
+            // nodes are queued now; send both before returning, or the
+            // process exits with them (issue 11 item 8).
+            let backend = async {
+                if let Some(backend) = &node.backend {
+                    backend.shutdown(grace).await;
+                }
+            };
+            tokio::join!(backend, node.bus.shutdown(grace));
+            // Whatever is left (nothing, unless a component ignored its
+            // budget) is told to stop, and awaited: no task outlives this.
+            node.shutdown.cancel();
+            node.shutdown.close();
+            node.shutdown.wait().await;
+        }
     }
 
-    /// Closes every open socket with 1001, spread evenly over `window` so
-    /// that clients do not all reconnect in the same instant (the browser
-    /// library adds its own jitter on top). A zero window closes all at once.
-    pub async fn close_sockets(&self, window: std::time::Duration) {
-        self.begin_drain();
+    /// Closes every open socket with 1001, spread evenly over `window`.
+    async fn close_sockets(&self, window: Duration) {
         let conns = self.hub.snapshot();
         let start = tokio::time::Instant::now();
         let n = conns.len().max(1) as u32;
@@ -293,28 +374,37 @@ impl Node {
         }
     }
 
-    /// Starts shutdown and closes every socket with 1001 at once.
-    pub fn drain(&self) {
-        self.begin_drain();
+    /// Test hook: starts draining and closes every socket with 1001 at
+    /// once, and nothing else (HTTP keeps answering, nothing is flushed),
+    /// so a test can watch the sockets' side of a drain. Not for the
+    /// server: [`shutdown`](Self::shutdown) is the way to stop a node.
+    #[doc(hidden)]
+    pub fn drain_sockets_now(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.sessions.close();
         for conn in self.hub.snapshot() {
             conn.closer.close(CloseReason::GoingAway);
         }
     }
 
-    /// Sends what the backend queue still holds (the sessions' disconnect
-    /// events), for at most `grace`, and stops its workers. Call it after
-    /// the sessions are gone.
-    pub async fn stop_backend(&self, grace: std::time::Duration) {
-        if let Some(backend) = &self.backend {
-            backend.shutdown(grace).await;
-        }
+    /// Where the HTTP server runs its task: [`shutdown`](Self::shutdown)
+    /// cancels its token once the sessions are gone and waits for it.
+    pub fn http_shutdown(&self) -> &Shutdown {
+        &self.http
     }
 
-    /// Stops the bus (after the sessions are gone) and waits for it: what
-    /// is queued for other nodes is sent first, for at most
-    /// `shutdown.grace_period`.
-    pub async fn stop_bus(&self) {
-        self.bus.shutdown(self.config.shutdown.grace_period).await;
+    /// Keeps a session counted until the returned token is dropped, so
+    /// [`shutdown`](Self::shutdown) waits for it (sessions are upgraded by
+    /// axum, not spawned by the node).
+    pub fn track_session(&self) -> tokio_util::task::task_tracker::TaskTrackerToken {
+        self.sessions.tracker().token()
+    }
+
+    /// Test hook: tasks the node started that are still running (bus,
+    /// backend workers, sessions, HTTP). Zero once `shutdown` resolved.
+    #[doc(hidden)]
+    pub fn running_tasks(&self) -> usize {
+        self.shutdown.running()
     }
 
     /// Number of open sockets on this node.

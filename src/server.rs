@@ -3,13 +3,13 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::config::Config;
-use crate::node::Node;
+use crate::node::{Node, StartError};
 
 /// Why the server could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -20,9 +20,9 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    /// The bus could not be started (an invalid Redis URL).
-    #[error("cannot start the bus: {0}")]
-    Bus(#[from] crate::bus::BusError),
+    /// The node could not start; the error says which part and why.
+    #[error(transparent)]
+    Start(#[from] StartError),
     /// The HTTP server failed while running.
     #[error("server failed: {0}")]
     Serve(#[from] std::io::Error),
@@ -60,12 +60,10 @@ impl Server {
         &self.node
     }
 
-    /// Serves until `shutdown` resolves, then: report unready and refuse new
-    /// sockets, close every socket with 1001 spread over
-    /// `shutdown.drain_window`, wait for the sessions to end (at most
-    /// `shutdown.grace_period` more), and only then stop accepting HTTP;
-    /// finally send what the backend queue holds (at most
-    /// `shutdown.grace_period` more).
+    /// Serves until `shutdown` resolves, then shuts the node down with
+    /// [`Node::shutdown`]`(shutdown.drain_window, shutdown.grace_period)`
+    /// (which stops this server's HTTP once the sockets are drained) and
+    /// returns once every task the node started has ended.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -80,58 +78,37 @@ impl Server {
         if node.config.auth.jwt_key.is_some() {
             info!("token mode: sockets must present a JWT");
         }
-        let stop_accepting = CancellationToken::new();
         let app =
             crate::http::router(node.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        // The node stops HTTP (through this token) once its sockets are
+        // drained, and waits for this task: HTTP keeps answering while the
+        // node drains, so load balancers see /readyz turn 503 and new
+        // sockets are refused with 503, not reset.
+        let http = node.http_shutdown();
         let serve = axum::serve(listener, app)
-            .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
-        let mut serve = tokio::spawn(async move { serve.await });
+            .with_graceful_shutdown(http.token().clone().cancelled_owned());
+        let mut serve = http.spawn(async move { serve.await });
+        let config = &node.config.shutdown;
 
         tokio::select! {
             () = shutdown => {}
             result = &mut serve => {
-                // axum only returns early on a listener failure.
-                node.drain();
-                tokio::join!(
-                    node.stop_backend(node.config.shutdown.grace_period),
-                    node.stop_bus()
-                );
+                // axum only returns early on a listener failure: close every
+                // socket at once and flush, as on shutdown.
+                node.shutdown(Duration::ZERO, config.grace_period).await;
                 return Err(result.map_err(std::io::Error::other)?.err().unwrap_or_else(|| {
                     std::io::Error::other("server stopped unexpectedly")
                 }).into());
             }
         }
 
-        // Keep answering HTTP while draining, so load balancers see /readyz
-        // turn 503 and new sockets are refused with 503, not reset.
-        let window = node.config.shutdown.drain_window;
         info!(
             open_sockets = node.connections(),
-            window_ms = window.as_millis() as u64,
+            window_ms = config.drain_window.as_millis() as u64,
             "shutting down: draining"
         );
-        node.close_sockets(window).await;
-        let grace = node.config.shutdown.grace_period;
-        if tokio::time::timeout(grace, node.sessions.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                open_sockets = node.connections(),
-                grace_ms = grace.as_millis() as u64,
-                "grace period over with sessions still open; exiting anyway"
-            );
-        }
-        stop_accepting.cancel();
-        // In-flight HTTP requests are short; do not let one hold the exit.
-        if tokio::time::timeout(grace, serve).await.is_err() {
-            warn!("HTTP requests still in flight after the grace period; exiting anyway");
-        }
-        // The sessions' disconnect events and the messages for other nodes
-        // are queued now; send both (side by side, each within the grace
-        // period) before returning, or the process exits with them (issue 11
-        // item 8).
-        tokio::join!(node.stop_backend(grace), node.stop_bus());
+        node.shutdown(config.drain_window, config.grace_period)
+            .await;
         info!("shutdown complete");
         Ok(())
     }

@@ -474,7 +474,8 @@ async fn closed_and_gone(mut client: common::Client) {
 
 /// Issue 11 item 8: on shutdown, queued `wshub.disconnect` events were cut
 /// off (36 of 100 arrived). `run` returns only after the backend has
-/// received and answered every one of them.
+/// received and answered every one of them, and after every task the node
+/// started (the backend's workers among them) has ended (issue 13 item 3).
 #[tokio::test]
 async fn shutdown_sends_every_queued_disconnect_event_before_run_returns() {
     // Slow enough that the queue is still long when the sessions are gone.
@@ -502,6 +503,9 @@ async fn shutdown_sends_every_queued_disconnect_event_before_run_returns() {
     run.expect("run returns within its grace period")
         .unwrap()
         .expect("run returns Ok");
+    // Issue 13 item 3: the backend's workers (and every other task the
+    // node started) had ended when `run` returned.
+    assert_eq!(server.node.running_tasks(), 0, "tasks outlived run");
     let disconnects = backend
         .received_now()
         .await

@@ -33,6 +33,7 @@ use wshub::envelope::Envelope;
 use wshub::message::Frame;
 use wshub::metrics::Metrics;
 use wshub::route::{Route, Topic};
+use wshub::shutdown::Shutdown;
 
 /// The unsubscribe delay the suite configures on every bus.
 pub const RELEASE_DELAY: Duration = Duration::from_millis(100);
@@ -276,6 +277,7 @@ fn start_redis_bus(url: &str, node: &str, sink: Arc<dyn Deliver>) -> Arc<dyn Bus
             sink,
             Arc::new(Metrics::new()),
             RELEASE_DELAY,
+            Shutdown::new(),
         )
         .unwrap(),
     )

@@ -355,7 +355,8 @@ async fn a_sharded_subscription_follows_its_slot_to_another_shard() {
 
 /// Issue 11, item 8 (the Redis half): messages queued for Redis when the
 /// node shuts down are sent before `run` returns, and reach a socket on
-/// another node.
+/// another node; and no task of the node is still running when it returns
+/// (issue 13, item 3).
 #[tokio::test]
 async fn messages_queued_at_shutdown_reach_the_other_nodes() {
     const N: usize = 3000;
@@ -371,6 +372,9 @@ async fn messages_queued_at_shutdown_reach_the_other_nodes() {
     }
     n0.shutdown.cancel();
     n0.handle.await.unwrap().unwrap();
+    // Issue 13 item 3: `run` returned only after the bus's tasks (and
+    // every other task the node started) had ended.
+    assert_eq!(n0.node.running_tasks(), 0, "tasks outlived run");
     for i in 0..N {
         assert_eq!(
             rx.recv().await["message"],

@@ -297,7 +297,7 @@ async fn shutdown_closes_every_socket_with_1001_and_returns() {
 #[tokio::test]
 async fn draining_node_refuses_new_sockets() {
     let server = TestServer::start().await;
-    server.node.drain();
+    server.node.drain_sockets_now();
     let err = tokio_tungstenite::connect_async(format!("ws://{}/ws", server.addr))
         .await
         .unwrap_err();
@@ -587,7 +587,7 @@ async fn a_session_blocked_in_a_ping_write_still_sees_the_drain() {
     config.ws.ping_interval = Duration::from_millis(100);
     let server = TestServer::with(config).await;
     let _flooder = block_a_session_in_its_ping_write(&server).await;
-    server.node.drain();
+    server.node.drain_sockets_now();
     assert!(
         until_no_socket_within(&server, Duration::from_secs(1)).await,
         "the drain's 1001 was ignored by a session blocked in its ping write"
@@ -669,7 +669,7 @@ async fn a_drain_mid_write_delivers_a_prefix_without_gaps() {
     }
     // Close while the session is in a batch write (`slow` reads nothing
     // more until the 1001 is set), as SIGTERM does to a congested socket.
-    server.node.drain();
+    server.node.drain_sockets_now();
     let mut next = N / 2;
     let end = loop {
         match tokio::time::timeout(common::PATIENCE, slow.ws.next())

@@ -62,6 +62,7 @@ use crate::config::Config;
 use crate::envelope::Envelope;
 use crate::metrics::Metrics;
 use crate::route::Topic;
+use crate::shutdown::Shutdown;
 
 /// What a bus hands messages from other nodes to: on a node, the
 /// [`Hub`](crate::hub::Hub) (which the node also hands its own messages to).
@@ -76,18 +77,21 @@ pub trait Deliver: Send + Sync + 'static {
 ///
 /// The node builds its hub first and then calls the factory with it, so a
 /// bus can only ever deliver into the hub of the node that owns it.
-pub type MakeBus = Box<dyn FnOnce(Arc<dyn Deliver>) -> Result<Arc<dyn Bus>, BusError> + Send>;
+/// The bus's tasks run on the [`Shutdown`] it is given (a child of the
+/// node's), so the node's shutdown waits for them.
+pub type MakeBus =
+    Box<dyn FnOnce(Arc<dyn Deliver>, Shutdown) -> Result<Arc<dyn Bus>, BusError> + Send>;
 
 /// The factory for the bus `config` asks for: [`RedisBus`] when
 /// `redis.url` is set, [`SingleNodeBus`] otherwise.
 pub fn from_config(config: &Config, metrics: Arc<Metrics>) -> MakeBus {
     let release_delay = config.bus.unsubscribe_delay;
     match &config.redis {
-        None => Box::new(|_sink| Ok(Arc::new(SingleNodeBus::new()) as Arc<dyn Bus>)),
+        None => Box::new(|_sink, _shutdown| Ok(Arc::new(SingleNodeBus::new()) as Arc<dyn Bus>)),
         Some(redis) => {
             let (node_id, redis) = (config.node_id.as_str().into(), redis.clone());
-            Box::new(move |sink| {
-                let bus = RedisBus::start(node_id, redis, sink, metrics, release_delay)?;
+            Box::new(move |sink, shutdown| {
+                let bus = RedisBus::start(node_id, redis, sink, metrics, release_delay, shutdown)?;
                 Ok(Arc::new(bus) as Arc<dyn Bus>)
             })
         }

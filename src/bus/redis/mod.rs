@@ -65,6 +65,7 @@ use crate::config::RedisConfig;
 use crate::envelope::Envelope;
 use crate::metrics::{DropReason, Metrics};
 use crate::route::Topic;
+use crate::shutdown::Shutdown;
 
 /// Most messages sent in one pipeline.
 const MAX_BATCH: usize = 512;
@@ -138,6 +139,7 @@ impl RedisBus {
         sink: Arc<dyn Deliver>,
         metrics: Arc<Metrics>,
         release_delay: Duration,
+        shutdown: Shutdown,
     ) -> Result<Self, BusError> {
         let link = Link::new(&config)?;
         let channels = Channels::new(&config.channel_prefix);
@@ -158,8 +160,10 @@ impl RedisBus {
             flush_within_ms: AtomicU64::new(0),
         });
         let (commands, requests) = mpsc::channel(SUBSCRIBE_QUEUE);
-        let stop = CancellationToken::new();
-        let tasks = TaskTracker::new();
+        // The node's shutdown owns the tasks: `shutdown()` below cancels
+        // this token, and the node waits for the tracker.
+        let stop = shutdown.token().clone();
+        let tasks = shutdown.tracker().clone();
         tasks.spawn(Publisher::new(shared.clone(), link.clone()).run(stop.clone()));
         tasks.spawn(
             Subscriber::new(shared.clone(), link, requests, stop.clone(), tasks.clone()).run(),
