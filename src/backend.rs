@@ -57,6 +57,7 @@ use crate::config::BackendConfig;
 use crate::conn::{Conn, ConnId};
 use crate::message::{Message, error_frame};
 use crate::metrics::Metrics;
+use crate::outcome::ForwardResult;
 use crate::route::Identity;
 use crate::shutdown::Shutdown;
 
@@ -78,48 +79,6 @@ pub const ACTION_DISCONNECT: &str = "wshub.disconnect";
 /// the ends of a value), non-ASCII (by
 /// `utf8_percent_encode` itself), and `%` so that decoding is unambiguous.
 const HEADER_ESCAPES: &AsciiSet = &CONTROLS.add(b' ').add(b'%').add(b'\x7f');
-
-/// What happened to a forward (the `result` label of
-/// `wshub_backend_forwards_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ForwardResult {
-    Ok,
-    /// The backend answered with a non-2xx status.
-    Status,
-    /// No answer within `backend.timeout_ms`.
-    Timeout,
-    /// Could not connect or the connection failed.
-    Unreachable,
-    /// The queue was full; never sent.
-    QueueFull,
-    /// Not sent, or abandoned unanswered, because the node shut down:
-    /// queued when the grace period ended, or arriving after the queue
-    /// closed.
-    Shutdown,
-}
-
-impl ForwardResult {
-    /// Every result, for initialising metrics.
-    pub const ALL: [ForwardResult; 6] = [
-        Self::Ok,
-        Self::Status,
-        Self::Timeout,
-        Self::Unreachable,
-        Self::QueueFull,
-        Self::Shutdown,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Ok => "ok",
-            Self::Status => "status",
-            Self::Timeout => "timeout",
-            Self::Unreachable => "unreachable",
-            Self::QueueFull => "queue_full",
-            Self::Shutdown => "shutdown",
-        }
-    }
-}
 
 struct Job {
     body: Bytes,

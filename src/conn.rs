@@ -7,10 +7,10 @@ use std::task::Poll;
 use futures_util::task::AtomicWaker;
 use tracing::warn;
 
-use crate::close::CloseReason;
 use crate::logging::Untrusted;
 use crate::message::Frame;
 use crate::outbox::{Full, Outbox};
+use crate::outcome::CloseReason;
 use crate::route::Identity;
 
 /// A connection's id, unique on this node.

@@ -21,6 +21,7 @@ use crate::auth::{self, TokenVerifier};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::node::{ConnectError, Node, PublishError};
+use crate::outcome::{BroadcastStatus, DropReason, RefusalReason};
 use crate::route::Identity;
 
 /// The socket path of Web Connection (matched case-insensitively).
@@ -193,24 +194,57 @@ async fn dispatch(State(http): State<HttpState>, request: Request) -> Response {
     }
 }
 
-fn bad_request(reason: impl Into<String>) -> Response {
-    let mut text = reason.into();
-    text.push('\n');
-    (StatusCode::BAD_REQUEST, text).into_response()
+/// A request the HTTP layer turns away, with what it is counted as and the
+/// one-line reason the client reads. [`HttpState::refuse`] is the one place
+/// it becomes a response (status, text, `WWW-Authenticate` on 401, `Allow`
+/// on 405) and is counted, once.
+#[derive(Debug)]
+enum Refused {
+    /// A socket upgrade (`wshub_connections_refused_total`).
+    Socket(RefusalReason, String),
+    /// A broadcast (`wshub_http_broadcast_total`).
+    Broadcast(BroadcastStatus, String),
 }
 
-fn refuse(http: &HttpState, status: StatusCode, reason: &'static str, text: String) -> Response {
-    http.metrics.refused(reason);
-    let mut text = text;
-    text.push('\n');
-    let mut response = (status, text).into_response();
-    if status == StatusCode::UNAUTHORIZED {
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"wshub\""),
-        );
+impl Refused {
+    fn status(&self) -> StatusCode {
+        let code = match self {
+            Self::Socket(reason, _) => reason.status(),
+            Self::Broadcast(status, _) => status.code(),
+        };
+        // Every code in the outcome enums is a valid status.
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
-    response
+}
+
+impl HttpState {
+    /// Counts `refused` and turns it into its response.
+    fn refuse(&self, refused: Refused) -> Response {
+        let status = refused.status();
+        let mut text = match refused {
+            Refused::Socket(reason, text) => {
+                self.metrics.refused(reason);
+                text
+            }
+            Refused::Broadcast(status, text) => {
+                self.metrics.http_broadcast(status);
+                text
+            }
+        };
+        text.push('\n');
+        let mut response = (status, text).into_response();
+        let headers = response.headers_mut();
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"wshub\""),
+            );
+        }
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            headers.insert(header::ALLOW, HeaderValue::from_static("POST, PUT"));
+        }
+        response
+    }
 }
 
 /// `GET /__initializeWebSocket.wc?groupid=G&userid=U` with Upgrade.
@@ -219,14 +253,22 @@ fn refuse(http: &HttpState, status: StatusCode, reason: &'static str, text: Stri
 /// (403), the identity from the token in token mode (401) or the query,
 /// then the node's capacity (503 when full or draining, 429 per address).
 async fn socket(http: HttpState, request: Request) -> Response {
+    match accept(http.clone(), request).await {
+        Ok(response) => response,
+        Err(refused) => http.refuse(refused),
+    }
+}
+
+/// [`socket`] up to its refusals.
+async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> {
     let (mut parts, _body) = request.into_parts();
     let Ok(upgrade) = WebSocketUpgrade::from_request_parts(&mut parts, &()).await else {
         // Web Connection answers a plain GET of the socket path with 404.
-        return (
+        return Ok((
             StatusCode::NOT_FOUND,
             "not found: this path only accepts WebSocket upgrades\n",
         )
-            .into_response();
+            .into_response());
     };
     let origin = parts
         .headers
@@ -234,11 +276,11 @@ async fn socket(http: HttpState, request: Request) -> Response {
         .and_then(|v| v.to_str().ok());
     if !auth::origin_allowed(&http.config.auth.allowed_origins, origin) {
         let text = format!("origin {} is not allowed", origin.unwrap_or_default());
-        return refuse(&http, StatusCode::FORBIDDEN, "origin", text);
+        return Err(Refused::Socket(RefusalReason::Origin, text));
     }
     let pairs = match query_pairs(parts.uri.query()) {
         Ok(pairs) => pairs,
-        Err(e) => return refuse(&http, StatusCode::BAD_REQUEST, "bad_request", e),
+        Err(e) => return Err(Refused::Socket(RefusalReason::BadRequest, e)),
     };
     let who = match http.tokens.as_deref() {
         Some(tokens) => match auth::token_from_request(&pairs, &parts.headers)
@@ -246,7 +288,7 @@ async fn socket(http: HttpState, request: Request) -> Response {
             .and_then(|t| tokens.verify(&t))
         {
             Ok(who) => who,
-            Err(e) => return refuse(&http, StatusCode::UNAUTHORIZED, "token", e.to_string()),
+            Err(e) => return Err(Refused::Socket(RefusalReason::Token, e.to_string())),
         },
         None => identity_from_query(&pairs),
     };
@@ -258,7 +300,7 @@ async fn socket(http: HttpState, request: Request) -> Response {
     ] {
         if id.is_some_and(|id| id.len() > max_id) {
             let text = format!("the {name} is longer than {max_id} bytes");
-            return refuse(&http, StatusCode::BAD_REQUEST, "bad_request", text);
+            return Err(Refused::Socket(RefusalReason::BadRequest, text));
         }
     }
     let peer = parts
@@ -269,39 +311,24 @@ async fn socket(http: HttpState, request: Request) -> Response {
     let registration = match http.node.connect(who, ip).await {
         Ok(r) => r,
         Err(e @ ConnectError::Draining) => {
-            return refuse(
-                &http,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "draining",
-                e.to_string(),
-            );
+            return Err(Refused::Socket(RefusalReason::Draining, e.to_string()));
         }
         Err(e @ ConnectError::Refused(Refusal::AtCapacity(_))) => {
-            return refuse(
-                &http,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "capacity",
-                e.to_string(),
-            );
+            return Err(Refused::Socket(RefusalReason::Capacity, e.to_string()));
         }
         Err(e @ ConnectError::Refused(Refusal::TooManyFromIp(_))) => {
-            return refuse(
-                &http,
-                StatusCode::TOO_MANY_REQUESTS,
-                "per_ip",
-                e.to_string(),
-            );
+            return Err(Refused::Socket(RefusalReason::PerIp, e.to_string()));
         }
         Err(e @ ConnectError::Bus(_)) => {
             warn!(error = %e, "refusing a socket: bus subscription failed");
-            return refuse(&http, StatusCode::SERVICE_UNAVAILABLE, "bus", e.to_string());
+            return Err(Refused::Socket(RefusalReason::Bus, e.to_string()));
         }
     };
     let max = http.config.limits.max_message_bytes;
     let ws = &http.config.ws;
     // Held until the session ends, so shutdown waits for it.
     let tracked = http.node.track_session();
-    upgrade
+    Ok(upgrade
         // Chosen when the client offers it (with a token in the protocol
         // list, browsers require the server to choose one).
         .protocols([auth::PROTOCOL])
@@ -313,7 +340,7 @@ async fn socket(http: HttpState, request: Request) -> Response {
         .on_upgrade(move |socket| async move {
             crate::session::run(socket, registration).await;
             drop(tracked);
-        })
+        }))
 }
 
 fn query_pairs(query: Option<&str>) -> Result<Vec<(String, String)>, String> {
@@ -356,67 +383,71 @@ pub fn broadcast_allowed(peer: SocketAddr, trusted: &[ipnet::IpNet]) -> bool {
 /// `POST`/`PUT` of one message JSON to any path containing
 /// `__broadcastwebsocket.wc`: delivered like `broadcast`, answered 204.
 async fn broadcast(http: HttpState, request: Request) -> Response {
-    let response = broadcast_inner(&http, request).await;
-    http.metrics.http_broadcast(response.status().as_u16());
-    response
+    match publish(&http, request).await {
+        Ok(()) => {
+            http.metrics.http_broadcast(BroadcastStatus::Published);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(refused) => http.refuse(refused),
+    }
 }
 
-async fn broadcast_inner(http: &HttpState, request: Request) -> Response {
+/// [`broadcast`] up to its refusals.
+async fn publish(http: &HttpState, request: Request) -> Result<(), Refused> {
+    let refused = |status, text: &str| Err(Refused::Broadcast(status, text.to_owned()));
     if request.method() != Method::POST && request.method() != Method::PUT {
-        return (
-            StatusCode::METHOD_NOT_ALLOWED,
-            [(header::ALLOW, "POST, PUT")],
-            "the broadcast endpoint accepts POST or PUT\n",
-        )
-            .into_response();
+        return refused(
+            BroadcastStatus::MethodNotAllowed,
+            "the broadcast endpoint accepts POST or PUT",
+        );
     }
     // With keys configured, a valid key is required from anywhere; without,
     // only loopback and trusted networks may push.
     let keys = &http.config.broadcast.api_keys;
     if !keys.is_empty() {
         if !auth::key_valid(keys, auth::presented_key(request.headers())) {
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer realm=\"wshub\"")],
-                "unauthorized: a valid API key is required (Authorization: Bearer <key> or X-Api-Key)\n",
-            )
-                .into_response();
+            return refused(
+                BroadcastStatus::Unauthorized,
+                "unauthorized: a valid API key is required (Authorization: Bearer <key> or X-Api-Key)",
+            );
         }
     } else if !request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .is_some_and(|c| broadcast_allowed(c.0, &http.config.broadcast.trusted_networks))
     {
-        return (
-            StatusCode::FORBIDDEN,
-            "forbidden: the broadcast endpoint only accepts requests from loopback and broadcast.trusted_networks\n",
-        )
-            .into_response();
+        return refused(
+            BroadcastStatus::Forbidden,
+            "forbidden: the broadcast endpoint only accepts requests from loopback and broadcast.trusted_networks",
+        );
     }
     let max = http.config.limits.max_message_bytes;
     let body = match axum::body::to_bytes(request.into_body(), max).await {
         Ok(body) => body,
         Err(_) => {
-            http.metrics.dropped(crate::metrics::DropReason::TooBig, 1);
-            return (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("message larger than {max} bytes\n"),
-            )
-                .into_response();
+            // The message never reaches the node: this is its one count.
+            http.metrics.dropped(DropReason::TooBig, 1);
+            return refused(
+                BroadcastStatus::TooLarge,
+                &format!("message larger than {max} bytes"),
+            );
         }
     };
     let Ok(text) = std::str::from_utf8(&body) else {
-        return bad_request("invalid message: the body must be UTF-8 JSON");
+        // Refused before it is a message: this is its one count.
+        http.metrics.dropped(DropReason::Invalid, 1);
+        return refused(
+            BroadcastStatus::BadRequest,
+            "invalid message: the body must be UTF-8 JSON",
+        );
     };
     match http.node.publish_text(text) {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(PublishError::Invalid(e)) => bad_request(e.to_string()),
+        Ok(()) => Ok(()),
+        Err(PublishError::Invalid(e)) => refused(BroadcastStatus::BadRequest, &e.to_string()),
         Err(e @ PublishError::FanOutTooLarge { .. }) => {
-            (StatusCode::PAYLOAD_TOO_LARGE, format!("{e}\n")).into_response()
+            refused(BroadcastStatus::TooLarge, &e.to_string())
         }
-        Err(PublishError::Bus(e)) => {
-            (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response()
-        }
+        Err(PublishError::Bus(e)) => refused(BroadcastStatus::Unavailable, &e.to_string()),
     }
 }
 

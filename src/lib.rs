@@ -9,7 +9,7 @@
 //!   starts a [`session`]; the broadcast endpoint takes a message from the
 //!   application's backend; health, metrics and the embedded browser files.
 //! - [`session`]: one socket: reads client frames, writes queued frames,
-//!   pings, and closes with one [`close::CloseReason`].
+//!   pings, and closes with one [`outcome::CloseReason`].
 //! - [`message`]: the message JSON, parsed (borrowing) and encoded once.
 //! - [`backend`]: with `backend.url`, non-`broadcast` client messages (and
 //!   connect/disconnect events) go to the application over HTTP.
@@ -36,7 +36,6 @@ pub mod admission;
 pub mod auth;
 pub mod backend;
 pub mod bus;
-pub mod close;
 pub mod config;
 pub mod conn;
 pub mod envelope;
@@ -47,6 +46,7 @@ pub mod message;
 pub mod metrics;
 pub mod node;
 pub mod outbox;
+pub mod outcome;
 pub mod rate_limit;
 pub mod route;
 pub mod server;

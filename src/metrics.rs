@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::close::CloseReason;
+use crate::outcome::{BroadcastStatus, CloseReason, DropReason, ForwardResult, RefusalReason};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
@@ -33,58 +33,6 @@ struct ResultLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabel {
     status: u16,
-}
-
-/// The `reason` labels of `wshub_connections_refused_total`.
-pub const REFUSALS: [&str; 7] = [
-    "capacity",
-    "per_ip",
-    "token",
-    "origin",
-    "draining",
-    "bus",
-    "bad_request",
-];
-
-/// Why a message was not delivered (the `reason` label of
-/// `wshub_messages_dropped_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DropReason {
-    /// A recipient's outbound queue was full (it is closed as slow).
-    SlowConsumer,
-    /// The message was invalid (bad JSON, wrong types, limits).
-    Invalid,
-    /// The message was over `limits.max_message_bytes`.
-    TooBig,
-    /// The bus refused it (overloaded or unavailable).
-    BusUnavailable,
-    /// The sender was over its message rate.
-    RateLimited,
-    /// Received from Redis while this node's subscriber task was too far
-    /// behind (its byte-bounded push buffer was full).
-    BusLagging,
-}
-
-impl DropReason {
-    const ALL: [DropReason; 6] = [
-        Self::SlowConsumer,
-        Self::Invalid,
-        Self::TooBig,
-        Self::BusUnavailable,
-        Self::RateLimited,
-        Self::BusLagging,
-    ];
-
-    fn label(self) -> &'static str {
-        match self {
-            Self::SlowConsumer => "slow_consumer",
-            Self::Invalid => "invalid",
-            Self::TooBig => "too_big",
-            Self::BusUnavailable => "bus_unavailable",
-            Self::RateLimited => "rate_limited",
-            Self::BusLagging => "bus_lagging",
-        }
-    }
 }
 
 /// The node's counters. Cheap to update: atomics, and for labelled families
@@ -212,8 +160,10 @@ impl Metrics {
             "Socket upgrades refused, by reason",
             m.refused.clone(),
         );
-        for reason in REFUSALS {
-            drop(m.refused.get_or_create(&ReasonLabel { reason }));
+        for reason in RefusalReason::ALL {
+            drop(m.refused.get_or_create(&ReasonLabel {
+                reason: reason.label(),
+            }));
         }
         // Every label value starts at 0, so each series exists from the
         // first scrape (rates and alerts work at once; dashboards are never
@@ -229,13 +179,15 @@ impl Metrics {
                 reason: reason.label(),
             }));
         }
-        for result in crate::backend::ForwardResult::ALL {
+        for result in ForwardResult::ALL {
             drop(m.backend_forwards.get_or_create(&ResultLabel {
                 result: result.label(),
             }));
         }
-        for status in [204, 400, 403, 405, 413, 503] {
-            drop(m.http_broadcast.get_or_create(&StatusLabel { status }));
+        for status in BroadcastStatus::ALL {
+            drop(m.http_broadcast.get_or_create(&StatusLabel {
+                status: status.code(),
+            }));
         }
         Metrics { registry, ..m }
     }
@@ -307,16 +259,20 @@ impl Metrics {
         self.capacity.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
-    /// A socket upgrade refused; `reason` is one of [`REFUSALS`].
-    pub fn refused(&self, reason: &'static str) {
-        self.refused.get_or_create(&ReasonLabel { reason }).inc();
+    /// A socket upgrade refused.
+    pub fn refused(&self, reason: RefusalReason) {
+        self.refused
+            .get_or_create(&ReasonLabel {
+                reason: reason.label(),
+            })
+            .inc();
     }
 
     pub fn bus_latency(&self, latency: std::time::Duration) {
         self.bus_latency.observe(latency.as_secs_f64());
     }
 
-    pub fn backend_forward(&self, result: crate::backend::ForwardResult) {
+    pub fn backend_forward(&self, result: ForwardResult) {
         self.backend_forwards
             .get_or_create(&ResultLabel {
                 result: result.label(),
@@ -324,9 +280,12 @@ impl Metrics {
             .inc();
     }
 
-    pub fn http_broadcast(&self, status: u16) {
+    /// One answer of the broadcast endpoint.
+    pub fn http_broadcast(&self, status: BroadcastStatus) {
         self.http_broadcast
-            .get_or_create(&StatusLabel { status })
+            .get_or_create(&StatusLabel {
+                status: status.code(),
+            })
             .inc();
     }
 }

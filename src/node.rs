@@ -16,14 +16,15 @@ use std::net::IpAddr;
 use crate::admission::{Admission, Refusal, Slot};
 use crate::backend::{ACTION_CONNECT, ACTION_DISCONNECT, Backend};
 use crate::bus::{Bus, BusError, Deliver, MakeBus};
-use crate::close::CloseReason;
 use crate::config::Config;
 use crate::conn::{Conn, OutboxReceiver};
 use crate::envelope::Envelope;
 use crate::hub::Hub;
 use crate::logging::{Untrusted, UntrustedOpt};
 use crate::message::{Message, MessageError};
-use crate::metrics::{DropReason, Metrics};
+use crate::metrics::Metrics;
+use crate::outcome::CloseReason;
+use crate::outcome::DropReason;
 use crate::route::{Identity, Route, Topic};
 use crate::shutdown::Shutdown;
 
@@ -62,6 +63,17 @@ pub enum PublishError {
     },
     #[error(transparent)]
     Bus(#[from] BusError),
+}
+
+impl PublishError {
+    /// How the dropped message is counted.
+    pub fn drop_reason(&self) -> DropReason {
+        match self {
+            Self::Invalid(_) => DropReason::Invalid,
+            Self::FanOutTooLarge { .. } => DropReason::TooBig,
+            Self::Bus(_) => DropReason::BusUnavailable,
+        }
+    }
 }
 
 /// One wshub node.
@@ -204,7 +216,17 @@ impl Node {
 
     fn parse<'t>(&self, text: &'t str) -> Result<Message<'t>, MessageError> {
         Message::parse(text, &self.config.message_limits())
-            .inspect_err(|_| self.metrics.dropped(DropReason::Invalid, 1))
+    }
+
+    /// Counts a message this node refused: the one place a drop of a
+    /// parsed (or unparseable) message is counted. Drops are counted where
+    /// they happen, once: here for what the node refuses, in the HTTP layer
+    /// and the session for what never became a message (a body or frame
+    /// too big, not UTF-8, over the rate), in the hub for a full outbox,
+    /// and in the bus for what it loses after accepting it.
+    fn refused(&self, error: PublishError) -> PublishError {
+        self.metrics.dropped(error.drop_reason(), 1);
+        error
     }
 
     /// Parses a message from the backend (the broadcast endpoint) and
@@ -212,9 +234,8 @@ impl Node {
     /// the backend is the application, trusted by key or network, and may
     /// speak in the hub's name.
     pub fn publish_text(&self, text: &str) -> Result<(), PublishError> {
-        let msg = self.parse(text)?;
-        self.publish(&msg)?;
-        Ok(())
+        let msg = self.parse(text).map_err(|e| self.refused(e.into()))?;
+        self.publish(&msg).map_err(|e| self.refused(e))
     }
 
     /// Handles a message from a client: `broadcast` (and, without a
@@ -230,37 +251,45 @@ impl Node {
     /// backend: a client could otherwise fake hub errors to other clients
     /// or connect/disconnect events to the backend.
     pub fn client_text(&self, conn: &Arc<Conn>, text: &str) -> Result<(), PublishError> {
+        self.client_message(conn, text).map_err(|e| self.refused(e))
+    }
+
+    fn client_message(&self, conn: &Arc<Conn>, text: &str) -> Result<(), PublishError> {
         let mut msg = self.parse(text)?;
         if msg.is_reserved() {
-            self.metrics.dropped(DropReason::Invalid, 1);
             return Err(MessageError::ReservedAction.into());
         }
-        let stamped;
-        let mut text = text;
         if self.stamp_identity {
             msg.user_id = Some(Cow::Borrowed(&*conn.who.user));
             msg.group_id = conn.who.group.as_deref().map(Cow::Borrowed);
-            stamped = msg.encode();
-            text = stamped.as_str();
         }
         match &self.backend {
             Some(backend) if !msg.is_broadcast() => {
+                // The backend receives the JSON as the client sent it, or
+                // as stamped: encoded only on this path, never for a
+                // broadcast (which `publish` encodes, once).
+                let stamped;
+                let mut text = text;
+                if self.stamp_identity {
+                    stamped = msg.encode();
+                    text = stamped.as_str();
+                }
                 backend.forward(conn, text, msg.action.as_deref().unwrap_or("(no action)"));
+                Ok(())
             }
-            _ => self.publish(&msg)?,
+            _ => self.publish(&msg),
         }
-        Ok(())
     }
 
     /// Publishes a parsed message to its recipients, unless its fan-out
-    /// (size × targets) is over `limits.max_fanout_bytes`.
-    pub fn publish(&self, msg: &Message<'_>) -> Result<(), PublishError> {
+    /// (size × targets) is over `limits.max_fanout_bytes`. The message is
+    /// encoded here, once; the caller counts a refusal.
+    fn publish(&self, msg: &Message<'_>) -> Result<(), PublishError> {
         let route = Route::from_recipients(&msg.recipients);
         let frame = msg.encode();
         let (size, targets) = (frame.len(), route.topics().len());
         let max = self.config.limits.max_fanout_bytes;
         if size.saturating_mul(targets) > max {
-            self.metrics.dropped(DropReason::TooBig, 1);
             return Err(PublishError::FanOutTooLarge {
                 size,
                 targets,
@@ -272,10 +301,7 @@ impl Node {
         // The bus first: a message the bus refuses (its queue is full) is
         // sent nowhere, so the sender's error means "not sent", as before
         // local delivery moved out of the bus.
-        self.bus.publish(envelope.clone()).map_err(|e| {
-            self.metrics.dropped(DropReason::BusUnavailable, 1);
-            PublishError::from(e)
-        })?;
+        self.bus.publish(envelope.clone())?;
         // Then this node's own sockets, on the publisher's task: no round
         // trip through the bus, and it goes on while the bus's service is
         // away. The bus never brings a message back to the node that

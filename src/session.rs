@@ -31,12 +31,12 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::time::{Interval, MissedTickBehavior, interval_at};
 use tracing::{debug, warn};
 
-use crate::close::CloseReason;
 use crate::conn::{Closer, Conn, OutboxReceiver};
 use crate::logging::{Untrusted, UntrustedOpt};
 use crate::message::{Frame, MessageError, error_frame};
-use crate::metrics::DropReason;
 use crate::node::{Node, PublishError, Registration};
+use crate::outcome::CloseReason;
+use crate::outcome::DropReason;
 use crate::rate_limit::{RateLimit, Verdict};
 
 /// Most frames written before one flush; bounds how long one wake-up takes.
@@ -158,10 +158,14 @@ impl Session {
             Some(Ok(WsMessage::Text(text))) => on_text(&self.registration, &text),
             Some(Ok(WsMessage::Binary(bytes))) => match std::str::from_utf8(&bytes) {
                 Ok(text) => on_text(&self.registration, text),
-                Err(_) => reply_error(
-                    &self.registration,
-                    &PublishError::from(MessageError::NotUtf8),
-                ),
+                Err(_) => {
+                    // Refused before it is a message: this is its one count.
+                    self.node.metrics.dropped(DropReason::Invalid, 1);
+                    reply_error(
+                        &self.registration,
+                        &PublishError::from(MessageError::NotUtf8),
+                    );
+                }
             },
             // tungstenite answers pings itself.
             Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
@@ -261,9 +265,6 @@ fn on_text(registration: &Registration, text: &str) {
 /// outbound queue, so a client that floods bad messages and never reads is
 /// closed as a slow consumer like any other.
 fn reply_error(registration: &Registration, error: &PublishError) {
-    if matches!(error, PublishError::Invalid(MessageError::NotUtf8)) {
-        registration.node().metrics.dropped(DropReason::Invalid, 1);
-    }
     registration.conn.offer(error_frame(&error.to_string()));
 }
 

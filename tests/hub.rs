@@ -737,3 +737,56 @@ async fn the_smallest_accepted_queue_holds_one_maximal_message() {
     let tag = a.send_sentinel().await;
     assert!(b.until_sentinel(&tag).await.is_empty());
 }
+
+/// Issue 13 item 4: every label of every labelled family is on /metrics
+/// from the start, at 0, so rates and alerts work before the first event
+/// (the broadcast endpoint's 401 once was missing).
+#[tokio::test]
+async fn metrics_list_every_label_of_every_family_at_start() {
+    use wshub::outcome::{BroadcastStatus, CloseReason, DropReason, ForwardResult, RefusalReason};
+    let server = TestServer::start().await;
+    let text = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut want = Vec::new();
+    for r in CloseReason::ALL {
+        want.push(format!(
+            "wshub_connections_closed_total{{code=\"{}\",reason=\"{}\"}} 0",
+            r.code(),
+            r.label()
+        ));
+    }
+    for r in DropReason::ALL {
+        want.push(format!(
+            "wshub_messages_dropped_total{{reason=\"{}\"}} 0",
+            r.label()
+        ));
+    }
+    for r in RefusalReason::ALL {
+        want.push(format!(
+            "wshub_connections_refused_total{{reason=\"{}\"}} 0",
+            r.label()
+        ));
+    }
+    for s in BroadcastStatus::ALL {
+        want.push(format!(
+            "wshub_http_broadcast_requests_total{{status=\"{}\"}} 0",
+            s.code()
+        ));
+    }
+    for r in ForwardResult::ALL {
+        want.push(format!(
+            "wshub_backend_forwards_total{{result=\"{}\"}} 0",
+            r.label()
+        ));
+    }
+    for line in want {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing from /metrics at start: {line}"
+        );
+    }
+}

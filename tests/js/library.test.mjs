@@ -279,7 +279,7 @@ test("close() fires onCloseHandler once, with the close event, after the socket 
 // The close-code table in the README is the contract; these tests read it,
 // so the library, the README and the hub cannot drift apart.
 const README = readFileSync(new URL("../../README.md", import.meta.url), "utf8");
-const CLOSE_RS = readFileSync(new URL("../../src/close.rs", import.meta.url), "utf8");
+const OUTCOME_RS = readFileSync(new URL("../../src/outcome.rs", import.meta.url), "utf8");
 
 /** Rows of the README's close-code table: { codes: [..] | "other" | "other4xxx", action }. */
 function closeCodeTable() {
@@ -341,10 +341,10 @@ test("after each close code the library does what the README's table says", (t) 
   }
 });
 
-test("the README's close-code table lists every code the hub sends (src/close.rs)", () => {
-  const body = CLOSE_RS.slice(CLOSE_RS.indexOf("pub fn code(self)"));
+test("the README's close-code table lists every code the hub sends (src/outcome.rs)", () => {
+  const body = OUTCOME_RS.slice(OUTCOME_RS.indexOf("pub fn code(self)"));
   const sent = [...body.slice(0, body.indexOf("\n    }\n")).matchAll(/=> (\d{4}),/g)].map((m) => Number(m[1]));
-  assert.ok(sent.length >= 9, `found ${sent.length} codes in close.rs`);
+  assert.ok(sent.length >= 9, `found ${sent.length} codes in outcome.rs`);
   const listed = closeCodeTable().flatMap((r) => (Array.isArray(r.codes) ? r.codes : []));
   for (const code of [...sent, 4003, 4005]) assert.ok(listed.includes(code), `${code} is in the README's table`);
 });

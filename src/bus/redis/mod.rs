@@ -63,7 +63,8 @@ use super::wire::{self, Channels};
 use super::{Bus, BusError, Deliver, Interest, Subscribed};
 use crate::config::RedisConfig;
 use crate::envelope::Envelope;
-use crate::metrics::{DropReason, Metrics};
+use crate::metrics::Metrics;
+use crate::outcome::DropReason;
 use crate::route::Topic;
 use crate::shutdown::Shutdown;
 

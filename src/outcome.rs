@@ -1,0 +1,300 @@
+//! The vocabulary of outcomes: every way a session ends, a message is
+//! dropped, a socket or broadcast is refused, and a backend forward ends.
+//!
+//! Each is an enum with `ALL` (metrics seed every label at 0 from it, so
+//! every series exists from the first scrape) and `label()` (the one place
+//! a label is spelled). This module depends on nothing else in the crate,
+//! so every other module may use it without creating an import cycle (it
+//! broke the old `metrics` ↔ `backend` one).
+
+// ---- Close reasons --------------------------------------------------------
+//
+// A session ends exactly once, for exactly one [`CloseReason`]; whoever
+// decides first wins (see [`crate::conn::Closer`]). The codes are part of
+// the public contract and listed in the README: 1000–1011 are RFC 6455
+// codes, 4000–4499 are wshub's "something went wrong on this connection,
+// reconnect" range.
+
+/// Why a session ended. Its [`code`](Self::code) and [`reason`](Self::reason)
+/// go into the close frame the client receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed the socket, or the session ended normally.
+    Normal,
+    /// The node is shutting down; reconnect (to another node).
+    GoingAway,
+    /// The client broke the WebSocket protocol (bad framing, unmasked frames).
+    ProtocolError,
+    /// The client kept sending over its message rate
+    /// (`limits.rate_violations_before_close`).
+    PolicyViolation,
+    /// A single message exceeded `limits.max_message_bytes`.
+    MessageTooBig,
+    /// The hub failed in a way that is not the client's fault.
+    InternalError,
+    /// The client did not read its messages fast enough and its outbound
+    /// queue filled up. Reconnecting is safe; messages queued for it are lost.
+    SlowConsumer,
+    /// The client did not answer a ping within one ping interval.
+    PingTimeout,
+    /// The TCP connection broke; no close frame can be sent.
+    ConnectionLost,
+}
+
+impl CloseReason {
+    /// Every reason, for initialising metrics.
+    pub const ALL: [CloseReason; 9] = [
+        Self::Normal,
+        Self::GoingAway,
+        Self::ProtocolError,
+        Self::PolicyViolation,
+        Self::MessageTooBig,
+        Self::InternalError,
+        Self::SlowConsumer,
+        Self::PingTimeout,
+        Self::ConnectionLost,
+    ];
+
+    /// The close code sent to the client (1006 for [`Self::ConnectionLost`],
+    /// which is never sent on the wire and only appears in logs and metrics).
+    pub fn code(self) -> u16 {
+        match self {
+            Self::Normal => 1000,
+            Self::GoingAway => 1001,
+            Self::ProtocolError => 1002,
+            Self::ConnectionLost => 1006,
+            Self::PolicyViolation => 1008,
+            Self::MessageTooBig => 1009,
+            Self::InternalError => 1011,
+            Self::SlowConsumer => 4000,
+            Self::PingTimeout => 4001,
+        }
+    }
+
+    /// The reason text of the close frame. `Normal` keeps Web Connection's
+    /// "Socket closed".
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Normal => "Socket closed",
+            Self::GoingAway => "Server shutting down",
+            Self::ProtocolError => "Protocol error",
+            Self::ConnectionLost => "Connection lost",
+            Self::PolicyViolation => "Rate limit exceeded",
+            Self::MessageTooBig => "Message too big",
+            Self::InternalError => "Internal error",
+            Self::SlowConsumer => "Too slow: reconnect",
+            Self::PingTimeout => "Ping timeout",
+        }
+    }
+
+    /// A short stable label for logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::GoingAway => "going_away",
+            Self::ProtocolError => "protocol_error",
+            Self::ConnectionLost => "connection_lost",
+            Self::PolicyViolation => "policy_violation",
+            Self::MessageTooBig => "message_too_big",
+            Self::InternalError => "internal_error",
+            Self::SlowConsumer => "slow_consumer",
+            Self::PingTimeout => "ping_timeout",
+        }
+    }
+}
+
+// ---- Drop reasons ---------------------------------------------------------
+
+/// Why a message was not delivered (the `reason` label of
+/// `wshub_messages_dropped_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// A recipient's outbound queue was full (it is closed as slow).
+    SlowConsumer,
+    /// The message was invalid (bad JSON, wrong types, limits).
+    Invalid,
+    /// The message was over `limits.max_message_bytes`.
+    TooBig,
+    /// The bus refused it (overloaded or unavailable).
+    BusUnavailable,
+    /// The sender was over its message rate.
+    RateLimited,
+    /// Received from Redis while this node's subscriber task was too far
+    /// behind (its byte-bounded push buffer was full).
+    BusLagging,
+}
+
+impl DropReason {
+    /// Every reason, for seeding metrics.
+    pub const ALL: [DropReason; 6] = [
+        Self::SlowConsumer,
+        Self::Invalid,
+        Self::TooBig,
+        Self::BusUnavailable,
+        Self::RateLimited,
+        Self::BusLagging,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::SlowConsumer => "slow_consumer",
+            Self::Invalid => "invalid",
+            Self::TooBig => "too_big",
+            Self::BusUnavailable => "bus_unavailable",
+            Self::RateLimited => "rate_limited",
+            Self::BusLagging => "bus_lagging",
+        }
+    }
+}
+
+// ---- Refusals -------------------------------------------------------------
+
+/// Why a socket upgrade was refused (the `reason` label of
+/// `wshub_connections_refused_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// The node holds as many sockets as it may (503).
+    Capacity,
+    /// The client address holds `limits.max_connections_per_ip` (429).
+    PerIp,
+    /// Token mode, and the token is missing or invalid (401).
+    Token,
+    /// The `Origin` is not in `auth.allowed_origins` (403).
+    Origin,
+    /// The node is shutting down (503).
+    Draining,
+    /// The bus could not subscribe the socket's topics (503).
+    Bus,
+    /// The query or the ids are malformed or too long (400).
+    BadRequest,
+}
+
+impl RefusalReason {
+    /// Every reason, for seeding metrics.
+    pub const ALL: [RefusalReason; 7] = [
+        Self::Capacity,
+        Self::PerIp,
+        Self::Token,
+        Self::Origin,
+        Self::Draining,
+        Self::Bus,
+        Self::BadRequest,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Capacity => "capacity",
+            Self::PerIp => "per_ip",
+            Self::Token => "token",
+            Self::Origin => "origin",
+            Self::Draining => "draining",
+            Self::Bus => "bus",
+            Self::BadRequest => "bad_request",
+        }
+    }
+
+    /// The HTTP status the client receives.
+    pub fn status(self) -> u16 {
+        match self {
+            Self::Capacity | Self::Draining | Self::Bus => 503,
+            Self::PerIp => 429,
+            Self::Token => 401,
+            Self::Origin => 403,
+            Self::BadRequest => 400,
+        }
+    }
+}
+
+/// Every answer of the broadcast endpoint (the `status` label of
+/// `wshub_http_broadcast_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BroadcastStatus {
+    /// Published (204).
+    Published,
+    /// Not a valid message (400).
+    BadRequest,
+    /// API keys are configured and none was valid (401).
+    Unauthorized,
+    /// No API keys, and the caller is not on a trusted network (403).
+    Forbidden,
+    /// Not `POST` or `PUT` (405).
+    MethodNotAllowed,
+    /// Over `limits.max_message_bytes` or `limits.max_fanout_bytes` (413).
+    TooLarge,
+    /// The bus refused it (503).
+    Unavailable,
+}
+
+impl BroadcastStatus {
+    /// Every answer, for seeding metrics.
+    pub const ALL: [BroadcastStatus; 7] = [
+        Self::Published,
+        Self::BadRequest,
+        Self::Unauthorized,
+        Self::Forbidden,
+        Self::MethodNotAllowed,
+        Self::TooLarge,
+        Self::Unavailable,
+    ];
+
+    /// The HTTP status code (also the metric label).
+    pub fn code(self) -> u16 {
+        match self {
+            Self::Published => 204,
+            Self::BadRequest => 400,
+            Self::Unauthorized => 401,
+            Self::Forbidden => 403,
+            Self::MethodNotAllowed => 405,
+            Self::TooLarge => 413,
+            Self::Unavailable => 503,
+        }
+    }
+}
+
+// ---- Backend results ------------------------------------------------------
+
+/// What happened to a forward (the `result` label of
+/// `wshub_backend_forwards_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardResult {
+    /// The backend answered 2xx.
+    Ok,
+    /// The backend answered with a non-2xx status.
+    Status,
+    /// No answer within `backend.timeout_ms`.
+    Timeout,
+    /// Could not connect or the connection failed.
+    Unreachable,
+    /// The queue was full; never sent.
+    QueueFull,
+    /// Not sent, or abandoned unanswered, because the node shut down:
+    /// queued when the grace period ended, or arriving after the queue
+    /// closed.
+    Shutdown,
+}
+
+impl ForwardResult {
+    /// Every result, for initialising metrics.
+    pub const ALL: [ForwardResult; 6] = [
+        Self::Ok,
+        Self::Status,
+        Self::Timeout,
+        Self::Unreachable,
+        Self::QueueFull,
+        Self::Shutdown,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Status => "status",
+            Self::Timeout => "timeout",
+            Self::Unreachable => "unreachable",
+            Self::QueueFull => "queue_full",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
