@@ -1,5 +1,5 @@
 //! The properties the fuzz targets check, shared with the corpus replay test
-//! (`tests/fuzz_corpus.rs`), which runs every corpus input in CI.
+//! (`tests/it/fuzz_corpus.rs`), which runs every corpus input in CI.
 
 use wshub::bus::wire;
 use wshub::bus::wire::Bytes;

@@ -28,7 +28,7 @@ pub enum Refusal {
 /// `std::sync::Mutex` for the per-address map: each critical section is one
 /// map operation and never awaits.
 #[derive(Debug)]
-pub struct Admission {
+pub(crate) struct Admission {
     /// Sockets this node accepts.
     capacity: usize,
     /// Most sockets per client address; 0 = no limit.
@@ -42,7 +42,7 @@ pub struct Admission {
 }
 
 impl Admission {
-    pub fn new(capacity: usize, limits: &Limits) -> Arc<Self> {
+    pub(crate) fn new(capacity: usize, limits: &Limits) -> Arc<Self> {
         Arc::new(Self {
             capacity,
             per_ip_max: limits.max_connections_per_ip,
@@ -54,7 +54,7 @@ impl Admission {
 
     /// Takes a place for a new socket, or says why there is none. The place
     /// is given back when the [`Slot`] is dropped.
-    pub fn reserve(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<Slot, Refusal> {
+    pub(crate) fn reserve(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<Slot, Refusal> {
         if self.open.fetch_add(1, Ordering::AcqRel) >= self.capacity {
             self.open.fetch_sub(1, Ordering::AcqRel);
             return Err(Refusal::AtCapacity(self.capacity));
@@ -81,7 +81,7 @@ impl Admission {
 
 /// A place in the node's capacity; dropping it gives the place back.
 #[derive(Debug)]
-pub struct Slot {
+pub(crate) struct Slot {
     admission: Arc<Admission>,
     /// Counted against this address, when per-address limits are on.
     ip: Option<IpAddr>,
@@ -108,7 +108,7 @@ impl Drop for Slot {
 /// or the IPv6 network of `ipv6_prefix_len` bits that contains it. One
 /// IPv6 host is usually given a whole /64, so counting full addresses would
 /// let it open sockets from as many addresses as it likes.
-pub fn address_key(ip: IpAddr, ipv6_prefix_len: u8) -> IpAddr {
+pub(crate) fn address_key(ip: IpAddr, ipv6_prefix_len: u8) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => {
@@ -122,7 +122,7 @@ pub fn address_key(ip: IpAddr, ipv6_prefix_len: u8) -> IpAddr {
 /// The smallest acceptable `limits.outbound_queue_bytes`: room for the
 /// largest frame one message can become, plus the queue's per-frame
 /// overhead ([`crate::outbox::FRAME_OVERHEAD`]).
-pub fn min_outbound_queue_bytes(limits: &Limits) -> usize {
+pub(crate) fn min_outbound_queue_bytes(limits: &Limits) -> usize {
     let message = crate::message::MessageLimits {
         max_id_bytes: limits.max_id_bytes,
         max_recipients: limits.max_recipients,
@@ -132,7 +132,7 @@ pub fn min_outbound_queue_bytes(limits: &Limits) -> usize {
 }
 
 /// The soft open-file limit of this process (Linux: `/proc/self/limits`).
-pub fn open_file_limit() -> Option<u64> {
+pub(crate) fn open_file_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     line.split_whitespace().nth(3)?.parse().ok()
@@ -140,11 +140,11 @@ pub fn open_file_limit() -> Option<u64> {
 
 /// File descriptors kept for everything but sockets: listener, Redis,
 /// backend connections, files.
-pub const RESERVED_FDS: u64 = 64;
+pub(crate) const RESERVED_FDS: u64 = 64;
 
 /// The sockets a node can hold: `configured`, or (0) what the open-file
 /// limit allows. Returns the capacity and whether the limit decided it.
-pub fn capacity(configured: usize, fd_limit: Option<u64>) -> (usize, bool) {
+pub(crate) fn capacity(configured: usize, fd_limit: Option<u64>) -> (usize, bool) {
     let by_fds = fd_limit.map(|l| l.saturating_sub(RESERVED_FDS).max(16) as usize);
     match (configured, by_fds) {
         (0, Some(f)) => (f, true),

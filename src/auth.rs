@@ -26,14 +26,14 @@ use crate::config::AuthConfig;
 use crate::route::Identity;
 
 /// The `Sec-WebSocket-Protocol` entry prefix that carries a token.
-pub const PROTOCOL_TOKEN_PREFIX: &str = "wshub.jwt.";
+pub(crate) const PROTOCOL_TOKEN_PREFIX: &str = "wshub.jwt.";
 /// The subprotocol the hub selects when a client offered it (browsers fail
 /// a handshake whose offered protocols are all ignored).
-pub const PROTOCOL: &str = "wshub";
+pub(crate) const PROTOCOL: &str = "wshub";
 
 /// Why a socket's token was refused; the text is the 401's body.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum TokenError {
+pub(crate) enum TokenError {
     #[error("a token is required: ?token=<JWT> or Sec-WebSocket-Protocol wshub.jwt.<JWT>")]
     Missing,
     #[error("the token is malformed")]
@@ -67,14 +67,14 @@ struct Claims {
 }
 
 /// Verifies socket tokens.
-pub struct TokenVerifier {
+pub(crate) struct TokenVerifier {
     key: DecodingKey,
     validation: Validation,
 }
 
 impl TokenVerifier {
     /// `None` in open mode (no key configured).
-    pub fn from_config(config: &AuthConfig) -> Option<Arc<Self>> {
+    pub(crate) fn from_config(config: &AuthConfig) -> Option<Arc<Self>> {
         let key = config.jwt_key.clone()?.0;
         let mut validation = Validation::new(config.jwt_algorithm);
         validation.leeway = config.leeway_secs;
@@ -91,7 +91,7 @@ impl TokenVerifier {
     }
 
     /// Checks a token and returns the identity it grants.
-    pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
+    pub(crate) fn verify(&self, token: &str) -> Result<Identity, TokenError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
             |e| match e.into_kind() {
                 ErrorKind::InvalidSignature => TokenError::BadSignature,
@@ -120,7 +120,10 @@ impl TokenVerifier {
 
 /// The token a socket request carries: `?token=` (any key case), else a
 /// `wshub.jwt.<token>` subprotocol entry.
-pub fn token_from_request(query: &[(String, String)], headers: &HeaderMap) -> Option<String> {
+pub(crate) fn token_from_request(
+    query: &[(String, String)],
+    headers: &HeaderMap,
+) -> Option<String> {
     if let Some((_, t)) = query.iter().find(|(k, _)| k.eq_ignore_ascii_case("token")) {
         return Some(t.clone());
     }
@@ -139,7 +142,7 @@ pub fn token_from_request(query: &[(String, String)], headers: &HeaderMap) -> Op
 /// Whether a browser's `Origin` may open a socket. Requests without an
 /// `Origin` header do not come from a browser page and are not subject to
 /// the list (a non-browser client can send any header anyway).
-pub fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
+pub(crate) fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
     match origin {
         _ if allowed.is_empty() => true,
         None => true,
@@ -153,7 +156,7 @@ pub fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
 
 /// The key a broadcast request presents: `Authorization: Bearer <key>` or
 /// `X-Api-Key: <key>`.
-pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn presented_key(headers: &HeaderMap) -> Option<&str> {
     let bearer = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -172,7 +175,7 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
 
 /// Whether `presented` is one of `keys`, comparing in constant time (every
 /// key is compared, whatever matched).
-pub fn key_valid(keys: &[String], presented: Option<&str>) -> bool {
+pub(crate) fn key_valid(keys: &[String], presented: Option<&str>) -> bool {
     let Some(presented) = presented else {
         return false;
     };
@@ -185,7 +188,7 @@ pub fn key_valid(keys: &[String], presented: Option<&str>) -> bool {
 
 /// The client's address: the peer, or, when the peer is a trusted proxy,
 /// the last address it appended to `X-Forwarded-For`.
-pub fn client_ip(
+pub(crate) fn client_ip(
     peer: SocketAddr,
     headers: &HeaderMap,
     trusted_proxies: &[ipnet::IpNet],

@@ -62,18 +62,18 @@ use crate::route::Identity;
 use crate::shutdown::Shutdown;
 
 /// The sender's user id (percent-encoded UTF-8).
-pub const HEADER_USER_ID: &str = "x-wshub-user-id";
+pub(crate) const HEADER_USER_ID: &str = "x-wshub-user-id";
 /// The sender's group id (percent-encoded); absent for the null group.
-pub const HEADER_GROUP_ID: &str = "x-wshub-group-id";
+pub(crate) const HEADER_GROUP_ID: &str = "x-wshub-group-id";
 /// The node holding the sender's socket.
-pub const HEADER_NODE_ID: &str = "x-wshub-node-id";
+pub(crate) const HEADER_NODE_ID: &str = "x-wshub-node-id";
 /// The sender's connection, unique in the cluster: `<node id>-<number>`.
-pub const HEADER_CONNECTION_ID: &str = "x-wshub-connection-id";
+pub(crate) const HEADER_CONNECTION_ID: &str = "x-wshub-connection-id";
 
 /// The reserved action of the connect event.
-pub const ACTION_CONNECT: &str = "wshub.connect";
+pub(crate) const ACTION_CONNECT: &str = "wshub.connect";
 /// The reserved action of the disconnect event.
-pub const ACTION_DISCONNECT: &str = "wshub.disconnect";
+pub(crate) const ACTION_DISCONNECT: &str = "wshub.disconnect";
 
 /// Bytes escaped in identity headers: controls, space (HTTP trims it at
 /// the ends of a value), non-ASCII (by
@@ -90,7 +90,7 @@ struct Job {
 }
 
 /// The connection to the application's backend.
-pub struct Backend {
+pub(crate) struct Backend {
     queues: Arc<Queues>,
     node_id: Arc<str>,
     pub events: bool,
@@ -107,7 +107,7 @@ impl Backend {
     /// for the backend: its token abandons the queue, its tracker is what
     /// [`shutdown`](Self::shutdown) and the node wait for). Requires a
     /// Tokio runtime.
-    pub fn start(
+    pub(crate) fn start(
         config: &BackendConfig,
         node_id: Arc<str>,
         metrics: Arc<Metrics>,
@@ -165,7 +165,7 @@ impl Backend {
     /// Forwards a client message (its JSON as received), after the
     /// connection's earlier forwards and events. On any failure the sender
     /// gets a `wshub.error`.
-    pub fn forward(&self, conn: &Arc<Conn>, text: &str, action: &str) {
+    pub(crate) fn forward(&self, conn: &Arc<Conn>, text: &str, action: &str) {
         let job = Job {
             body: Bytes::copy_from_slice(text.as_bytes()),
             headers: self.headers(conn),
@@ -190,7 +190,7 @@ impl Backend {
     /// queued: a connection whose connect event was refused gets no
     /// disconnect event either, so the backend never hears of a departure
     /// without the arrival.
-    pub fn event(&self, conn: &Conn, action: &'static str) -> bool {
+    pub(crate) fn event(&self, conn: &Conn, action: &'static str) -> bool {
         if !self.events {
             return false;
         }
@@ -214,7 +214,7 @@ impl Backend {
     /// queued, for at most `grace`. Then abandons what is left (requests in
     /// flight and jobs never sent), counting each as `shutdown`. Call it
     /// after the sessions ended, so their disconnect events are queued.
-    pub async fn shutdown(&self, grace: Duration) {
+    pub(crate) async fn shutdown(&self, grace: Duration) {
         let queued = self.queues.close();
         if tokio::time::timeout(grace, self.workers.wait())
             .await
@@ -397,7 +397,7 @@ impl Queues {
 }
 
 /// The JSON of an event: the message shape with the connection's ids.
-pub fn event_body(who: &Identity, action: &str) -> String {
+pub(crate) fn event_body(who: &Identity, action: &str) -> String {
     Message {
         user_id: Some(Cow::Borrowed(&who.user)),
         group_id: who.group.as_deref().map(Cow::Borrowed),

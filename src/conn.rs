@@ -14,7 +14,7 @@ use crate::outcome::CloseReason;
 use crate::route::Identity;
 
 /// A connection's id, unique on this node.
-pub type ConnId = u64;
+pub(crate) type ConnId = u64;
 
 /// What the hub keeps of one connection.
 #[derive(Debug)]

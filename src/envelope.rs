@@ -8,6 +8,8 @@ use crate::route::Route;
 /// receive, encoded once and shared by every recipient.
 #[derive(Debug)]
 pub struct Envelope {
+    /// Where it goes.
     pub route: Route,
+    /// What the recipients receive, encoded once.
     pub frame: Frame,
 }

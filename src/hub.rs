@@ -36,13 +36,13 @@ struct Index {
 /// it exclusively for a few map operations. Nothing is logged while it is
 /// held: a log write can block (a full stderr pipe), and a blocked reader
 /// would block every connect and disconnect behind it.
-pub struct Hub {
+pub(crate) struct Hub {
     index: RwLock<Index>,
     metrics: Arc<Metrics>,
 }
 
 impl Hub {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             index: RwLock::default(),
             metrics,
@@ -59,7 +59,7 @@ impl Hub {
     }
 
     /// Adds a connection to the indexes.
-    pub fn insert(&self, conn: Arc<Conn>) {
+    pub(crate) fn insert(&self, conn: Arc<Conn>) {
         let mut index = self.write();
         let id = conn.id;
         index
@@ -77,7 +77,7 @@ impl Hub {
 
     /// Removes a connection; empty index entries are dropped, so the maps
     /// only ever hold groups and users that have a socket here.
-    pub fn remove(&self, conn: &Conn) {
+    pub(crate) fn remove(&self, conn: &Conn) {
         let mut index = self.write();
         index.all.remove(&conn.id);
         if let Some(members) = index.groups.get_mut(&conn.who.group) {
@@ -95,17 +95,12 @@ impl Hub {
     }
 
     /// Number of connections.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.read().all.len()
     }
 
-    /// Whether there are no connections.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Every connection, at this moment.
-    pub fn snapshot(&self) -> Vec<Arc<Conn>> {
+    pub(crate) fn snapshot(&self) -> Vec<Arc<Conn>> {
         self.read().all.values().cloned().collect()
     }
 }

@@ -32,25 +32,30 @@
 
 #![forbid(unsafe_code)]
 
-pub mod admission;
-pub mod auth;
-pub mod backend;
+pub(crate) mod admission;
+pub(crate) mod auth;
+pub(crate) mod backend;
 pub mod bus;
+// The configuration's keys are documented once, in `wshub.example.toml`
+// (which a test keeps equal to the defaults) and docs/deploying.md; its
+// structs mirror them field by field. Doc comments on every field are a
+// follow-up once the deployment branch's config changes are merged.
+#[allow(missing_docs)]
 pub mod config;
-pub mod conn;
+pub(crate) mod conn;
 pub mod envelope;
 pub mod http;
-pub mod hub;
+pub(crate) mod hub;
 pub mod logging;
 pub mod message;
 pub mod metrics;
 pub mod node;
-pub mod outbox;
+pub(crate) mod outbox;
 pub mod outcome;
-pub mod rate_limit;
+pub(crate) mod rate_limit;
 pub mod route;
 pub mod server;
-pub mod session;
+pub(crate) mod session;
 pub mod shutdown;
 
 pub use config::Config;

@@ -38,16 +38,22 @@ pub const RESERVED_PREFIX: &str = "wshub.";
 /// A parsed message, borrowing from the frame it came in.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Message<'a> {
+    /// `userId`: the sender (in token mode, its verified id).
     pub user_id: Option<Cow<'a, str>>,
+    /// `groupId`: the sender's group (in token mode, its verified group).
     pub group_id: Option<Cow<'a, str>>,
+    /// `action`: what the message is for; `broadcast` is delivered by the hub.
     pub action: Option<Cow<'a, str>>,
+    /// `message`: the payload, as text.
     pub message: Option<Cow<'a, str>>,
+    /// `recipients`: who receives it; none means everyone.
     pub recipients: Vec<Recipient<'a>>,
 }
 
 /// One entry of `recipients`.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Recipient<'a> {
+    /// Which kind of target.
     pub kind: RecipientKind,
     /// `None` for JSON `null`; `""` means the same ("null") when matching.
     pub value: Option<Cow<'a, str>>,
@@ -124,10 +130,20 @@ pub enum MessageError {
     NotUtf8,
     /// An id-like field is longer than `limits.max_id_bytes`.
     #[error("invalid message: `{field}` is longer than {max} bytes")]
-    TooLong { field: &'static str, max: usize },
+    TooLong {
+        /// The field.
+        field: &'static str,
+        /// Its limit in bytes.
+        max: usize,
+    },
     /// More recipients than `limits.max_recipients`.
     #[error("invalid message: {count} recipients, at most {max} are allowed")]
-    TooManyRecipients { count: usize, max: usize },
+    TooManyRecipients {
+        /// Recipients given.
+        count: usize,
+        /// `limits.max_recipients`.
+        max: usize,
+    },
     /// A client used an action of the hub's own (`wshub.*`): it could
     /// otherwise fake hub errors to other clients or events to the backend.
     #[error("invalid message: actions starting with `wshub.` are reserved for the hub")]

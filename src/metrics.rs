@@ -63,6 +63,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// A registry with every series registered and seeded at 0.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("wshub");
         let m = Metrics {
@@ -200,11 +201,13 @@ impl Metrics {
         out
     }
 
+    /// A socket was opened.
     pub fn connection_opened(&self) {
         self.opened.inc();
         self.connections.inc();
     }
 
+    /// A socket closed for `reason`.
     pub fn connection_closed(&self, reason: CloseReason) {
         self.connections.dec();
         self.closed
@@ -215,22 +218,26 @@ impl Metrics {
             .inc();
     }
 
+    /// A message arrived from a client.
     pub fn received(&self) {
         self.received.inc();
     }
 
+    /// `n` copies were queued for sockets.
     pub fn delivered(&self, n: u64) {
         if n > 0 {
             self.delivered.inc_by(n);
         }
     }
 
+    /// `n` copies were dropped because a recipient's outbox was full.
     pub fn dropped_slow(&self, n: u64) {
         if n > 0 {
             self.dropped(DropReason::SlowConsumer, n);
         }
     }
 
+    /// `n` messages were dropped for `reason`.
     pub fn dropped(&self, reason: DropReason, n: u64) {
         self.dropped
             .get_or_create(&ReasonLabel {
@@ -239,22 +246,27 @@ impl Metrics {
             .inc_by(n);
     }
 
+    /// A payload from the bus could not be read.
     pub fn bus_unreadable(&self) {
         self.bus_unreadable.inc();
     }
 
+    /// The bus tried to reconnect.
     pub fn bus_reconnect_attempt(&self) {
         self.bus_reconnect_attempts.inc();
     }
 
+    /// A pipeline to the bus failed.
     pub fn bus_publish_failure(&self) {
         self.bus_publish_failures.inc();
     }
 
+    /// The bus holds `n` group and user channels.
     pub fn bus_channels(&self, n: usize) {
         self.bus_channels.set(n as i64);
     }
 
+    /// The node accepts at most `n` sockets.
     pub fn set_capacity(&self, n: usize) {
         self.capacity.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
@@ -268,10 +280,12 @@ impl Metrics {
             .inc();
     }
 
+    /// A message took `latency` from publish to receipt through the bus.
     pub fn bus_latency(&self, latency: std::time::Duration) {
         self.bus_latency.observe(latency.as_secs_f64());
     }
 
+    /// A backend forward ended with `result`.
     pub fn backend_forward(&self, result: ForwardResult) {
         self.backend_forwards
             .get_or_create(&ResultLabel {

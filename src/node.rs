@@ -47,6 +47,7 @@ pub enum ConnectError {
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error(transparent)]
+    /// Not a valid message (or the sender may not send it).
     Invalid(#[from] MessageError),
     /// The message's size times its targets is over
     /// `limits.max_fanout_bytes`: on Redis every target is one publish
@@ -56,12 +57,17 @@ pub enum PublishError {
         "message not sent: {size} bytes to {targets} targets would put {bytes} bytes on the bus, over limits.max_fanout_bytes ({max}); send it smaller or to fewer targets"
     )]
     FanOutTooLarge {
+        /// The encoded message's size.
         size: usize,
+        /// Its number of targets.
         targets: usize,
+        /// Size times targets.
         bytes: usize,
+        /// `limits.max_fanout_bytes`.
         max: usize,
     },
     #[error(transparent)]
+    /// The bus refused it: sent to nobody.
     Bus(#[from] BusError),
 }
 
@@ -78,7 +84,9 @@ impl PublishError {
 
 /// One wshub node.
 pub struct Node {
+    /// The configuration the node runs with.
     pub config: Arc<Config>,
+    /// The node's counters (`/metrics`).
     pub metrics: Arc<Metrics>,
     hub: Arc<Hub>,
     bus: Arc<dyn Bus>,
@@ -320,6 +328,7 @@ impl Node {
         self.bus.health().map_err(|e| e.to_string())
     }
 
+    /// Whether shutdown has begun.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }
@@ -443,6 +452,7 @@ impl Node {
 /// and releases its bus topics.
 pub struct Registration {
     node: Arc<Node>,
+    /// The socket's connection in the hub.
     pub conn: Arc<Conn>,
     rx: Option<OutboxReceiver>,
     /// Whether the backend was told of the connect (and must hear of the
@@ -453,6 +463,7 @@ pub struct Registration {
 }
 
 impl Registration {
+    /// The node the socket belongs to.
     pub fn node(&self) -> &Arc<Node> {
         &self.node
     }

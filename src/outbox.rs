@@ -11,7 +11,7 @@ use crate::message::Frame;
 /// Bookkeeping cost of one queued frame beyond its bytes, so that a flood of
 /// tiny frames is bounded too. (The configuration requires room for one
 /// largest frame plus this.)
-pub const FRAME_OVERHEAD: usize = 64;
+pub(crate) const FRAME_OVERHEAD: usize = 64;
 
 /// A connection's outbound queue, bounded in bytes rather than frames.
 ///
@@ -27,7 +27,7 @@ pub const FRAME_OVERHEAD: usize = 64;
 /// socket), both ends hold the lock for a push or a pop only, and waking
 /// the one reader is an atomic swap.
 #[derive(Debug)]
-pub struct Outbox {
+pub(crate) struct Outbox {
     queue: std::sync::Mutex<Queue>,
     budget: usize,
     ready: AtomicWaker,
@@ -41,10 +41,10 @@ struct Queue {
 
 /// The queue was full.
 #[derive(Debug)]
-pub struct Full;
+pub(crate) struct Full;
 
 impl Outbox {
-    pub fn new(budget: usize) -> Self {
+    pub(crate) fn new(budget: usize) -> Self {
         Self {
             queue: std::sync::Mutex::default(),
             budget,
@@ -59,7 +59,7 @@ impl Outbox {
 
     /// Queues `frame` and wakes the reader, or refuses it when it would
     /// take the queue past its budget.
-    pub fn push(&self, frame: Frame) -> Result<(), Full> {
+    pub(crate) fn push(&self, frame: Frame) -> Result<(), Full> {
         let cost = frame.len() + FRAME_OVERHEAD;
         let mut queue = self.lock();
         if queue.bytes + cost > self.budget {
@@ -73,7 +73,7 @@ impl Outbox {
     }
 
     /// The oldest queued frame, if any.
-    pub fn pop(&self) -> Option<Frame> {
+    pub(crate) fn pop(&self) -> Option<Frame> {
         let mut queue = self.lock();
         let frame = queue.frames.pop_front()?;
         queue.bytes -= frame.len() + FRAME_OVERHEAD;
@@ -86,7 +86,7 @@ impl Outbox {
 
     /// The next frame, waiting for one. Only one task (the session) may
     /// wait: the waker slot holds one waker.
-    pub async fn recv(&self) -> Frame {
+    pub(crate) async fn recv(&self) -> Frame {
         std::future::poll_fn(|cx| {
             if let Some(frame) = self.pop() {
                 return Poll::Ready(frame);

@@ -5,7 +5,7 @@ use tokio::time::Instant;
 
 /// What the rate limiter says about one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Allowed,
     /// Over the rate: refuse this message, tell the sender.
     Limited,
@@ -19,7 +19,7 @@ pub enum Verdict {
 /// away; at `close_after` violations the sender is abusive. A client that
 /// bursts now and then is only told; one that keeps flooding is closed.
 #[derive(Debug)]
-pub struct RateLimit {
+pub(crate) struct RateLimit {
     rate: f64,
     burst: f64,
     tokens: f64,
@@ -30,7 +30,7 @@ pub struct RateLimit {
 
 impl RateLimit {
     /// `None` when `rate` is 0 (no limit).
-    pub fn new(rate: u32, burst: u32, close_after: u32) -> Option<Self> {
+    pub(crate) fn new(rate: u32, burst: u32, close_after: u32) -> Option<Self> {
         (rate > 0).then(|| Self {
             rate: f64::from(rate),
             burst: f64::from(burst.max(1)),
@@ -41,7 +41,7 @@ impl RateLimit {
         })
     }
 
-    pub fn check(&mut self, now: Instant) -> Verdict {
+    pub(crate) fn check(&mut self, now: Instant) -> Verdict {
         let elapsed = now.saturating_duration_since(self.last);
         self.last = now;
         self.tokens = (self.tokens + elapsed.as_secs_f64() * self.rate).min(self.burst);

@@ -33,6 +33,7 @@ pub enum Topic {
 /// The identity a socket connected with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
+    /// The user id (from the query or the token).
     pub user: Arc<str>,
     /// `None` for the null group (no `groupid` at connect).
     pub group: Option<Arc<str>>,

@@ -17,7 +17,9 @@ pub enum ServerError {
     /// The listen address could not be bound (in use, no permission).
     #[error("cannot listen on {addr}: {source}")]
     Bind {
+        /// The address asked for.
         addr: SocketAddr,
+        /// Why binding failed.
         source: std::io::Error,
     },
     /// The node could not start; the error says which part and why.

@@ -45,7 +45,7 @@ const MAX_BATCH: usize = 64;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs a session until the socket closes.
-pub async fn run(socket: WebSocket, mut registration: Registration) {
+pub(crate) async fn run(socket: WebSocket, mut registration: Registration) {
     let Some(outbound) = registration.take_outbound() else {
         return;
     };

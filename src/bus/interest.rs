@@ -31,6 +31,7 @@ struct Inner {
 }
 
 impl Interest {
+    /// Nothing held yet; a topic is released `release_delay` after its count reaches zero.
     pub fn new(release_delay: Duration) -> Self {
         Self {
             delay: release_delay,

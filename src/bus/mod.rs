@@ -12,7 +12,7 @@
 //! carry anything to) and [`RedisBus`] (any number of nodes on one Redis or
 //! Redis Cluster). A bus is built by a [`MakeBus`] factory that is given
 //! the node's delivery sink, so a bus cannot be wired to another node's
-//! hub. `tests/bus_conformance.rs` holds the test suite every
+//! hub. `tests/it/bus_conformance.rs` holds the test suite every
 //! implementation must pass.
 //!
 //! # Contract

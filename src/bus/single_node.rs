@@ -18,6 +18,7 @@ use std::sync::Arc;
 pub struct SingleNodeBus;
 
 impl SingleNodeBus {
+    /// The bus of a node with no others.
     pub fn new() -> Self {
         Self
     }

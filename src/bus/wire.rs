@@ -73,16 +73,19 @@ pub struct Channels {
 }
 
 impl Channels {
+    /// The channel names under `redis.channel_prefix`.
     pub fn new(prefix: &str) -> Self {
         Self {
             prefix: format!("{prefix}:"),
         }
     }
 
+    /// The channel a topic is published on.
     pub fn of(&self, topic: &Topic) -> String {
         format!("{}{}", self.prefix, topic_key(topic))
     }
 
+    /// The probe channel of `node_id` (its own, so only it hears its probes).
     pub fn probe(&self, node_id: &str) -> String {
         format!("{}probe:{node_id}", self.prefix)
     }
@@ -135,10 +138,13 @@ pub fn encode(origin: &str, route: &Route, frame: &Frame) -> Bytes {
 /// A decoded payload.
 #[derive(Debug)]
 pub struct Decoded {
+    /// The node that published it (a node ignores its own).
     pub origin: String,
     /// When the origin published it (ms since the Unix epoch), if it said.
     pub published_ms: Option<u64>,
+    /// Where it goes.
     pub route: Route,
+    /// What the recipients receive, encoded.
     pub frame: Frame,
 }
 
@@ -146,10 +152,13 @@ pub struct Decoded {
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     #[error("unknown payload version")]
+    /// A payload of another wire version.
     Version,
     #[error("malformed header: {0}")]
+    /// The header is malformed; the text says how.
     Header(String),
     #[error("frame is not UTF-8")]
+    /// The frame is not UTF-8.
     Frame,
 }
 

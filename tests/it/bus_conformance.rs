@@ -20,12 +20,10 @@
 //! receiver), with both nodes subscribed to every topic of the route: the
 //! receiver gets exactly one copy per topic, the publisher none.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::redis::{GateProxy, RedisServer, numsub};
+use crate::common::redis::{GateProxy, RedisServer, numsub};
 use tokio::sync::mpsc;
 use wshub::bus::{Bus, Deliver, RedisBus, SingleNodeBus};
 use wshub::config::Config;

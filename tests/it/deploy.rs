@@ -4,18 +4,16 @@
 //! is SIGTERMed closes its sockets with 1001 over its drain window and its
 //! clients reconnect through the balancer to the others.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::node::NodeProcess;
-use common::process::GroupChild;
-use common::redis::RedisServer;
-use common::{Client, Ended, PATIENCE, TestServer};
+use crate::common::node::NodeProcess;
+use crate::common::process::GroupChild;
+use crate::common::redis::RedisServer;
+use crate::common::{Client, Ended, PATIENCE, TestServer};
 use serde_json::json;
 
 /// nginx started by the test with the repository's configuration, in its

@@ -2,12 +2,10 @@
 //! broadcast keys, connection caps, rate limits, flood isolation. Over real
 //! sockets and HTTP.
 
-mod common;
-
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::{Client, Ended, TestServer, test_config};
+use crate::common::{Client, Ended, TestServer, test_config};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -363,8 +361,8 @@ async fn node_and_per_address_caps_answer_503_and_429() {
         "{body}"
     );
     b.close().await;
-    common::eventually("a place is free again", || server.node.connections() == 1).await;
-    common::eventually("the slot is given back", || {
+    crate::common::eventually("a place is free again", || server.node.connections() == 1).await;
+    crate::common::eventually("the slot is given back", || {
         server.metric("wshub_connections") == 1.0
     })
     .await;
@@ -415,7 +413,7 @@ async fn a_flooding_socket_is_limited_then_closed_and_nobody_else_waits() {
     let mut limited = 0;
     let end = loop {
         match tokio::time::timeout(
-            common::PATIENCE,
+            crate::common::PATIENCE,
             futures_util::StreamExt::next(&mut flood.ws),
         )
         .await
@@ -449,7 +447,7 @@ async fn a_flooding_socket_is_limited_then_closed_and_nobody_else_waits() {
         "each refused message was answered: {limited}"
     );
     assert!(server.metric("wshub_messages_dropped_total{reason=\"rate_limited\"}") >= 20.0);
-    common::eventually("the 1008 close is counted", || {
+    crate::common::eventually("the 1008 close is counted", || {
         server.metric("wshub_connections_closed_total{code=\"1008\",reason=\"policy_violation\"}")
             == 1.0
     })
@@ -481,7 +479,7 @@ async fn a_ping_flood_is_rate_limited_and_closed() {
             break;
         }
     }
-    common::eventually("the ping flooder is closed with 1008", || {
+    crate::common::eventually("the ping flooder is closed with 1008", || {
         server.metric("wshub_connections_closed_total{code=\"1008\",reason=\"policy_violation\"}")
             == 1.0
     })
@@ -551,7 +549,7 @@ async fn clients_cannot_send_reserved_actions() {
     // The refusal is synchronous: the first thing the backend hears from
     // mallory is what it sent next.
     mallory.send_json(json!({"action": "legit"})).await;
-    let first = tokio::time::timeout(common::PATIENCE, seen.recv())
+    let first = tokio::time::timeout(crate::common::PATIENCE, seen.recv())
         .await
         .unwrap()
         .unwrap();
@@ -659,7 +657,7 @@ async fn client_ids_cannot_forge_log_lines() {
     let mut seen = Vec::new();
     let next_line = |seen: &mut Vec<String>| {
         let line = lines
-            .recv_timeout(common::PATIENCE)
+            .recv_timeout(crate::common::PATIENCE)
             .expect("wshub logged nothing more");
         seen.push(line.clone());
         line

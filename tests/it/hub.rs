@@ -1,11 +1,9 @@
 //! One node, over real sockets: routing, frames, bad input, limits, slow
 //! consumers, pings, shutdown, and the HTTP endpoints.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Client, Ended, TestServer, eventually, routing::routing_table, test_config};
+use crate::common::{Client, Ended, TestServer, eventually, routing::routing_table, test_config};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
@@ -246,7 +244,7 @@ async fn a_peer_that_answers_pings_stays_connected() {
     // Reading answers pings (tungstenite replies on the next read or write).
     let mut pings = 0;
     while pings < 10 {
-        match tokio::time::timeout(common::PATIENCE, a.ws.next())
+        match tokio::time::timeout(crate::common::PATIENCE, a.ws.next())
             .await
             .unwrap()
         {
@@ -280,7 +278,7 @@ async fn shutdown_closes_every_socket_with_1001_and_returns() {
     assert_eq!(ready.status(), 503);
     assert!(ready.text().await.unwrap().contains("draining"));
     let handle = server.handle;
-    tokio::time::timeout(common::PATIENCE, handle)
+    tokio::time::timeout(crate::common::PATIENCE, handle)
         .await
         .expect("run returns within the grace period")
         .unwrap()
@@ -552,14 +550,17 @@ async fn client_close_is_answered_with_its_code() {
 ///
 /// Runs on paused time: virtual time advances only when every task is idle,
 /// so the sleep at the end is reached with the session already blocked.
-async fn block_a_session_in_its_ping_write(server: &common::TestServer) -> Client {
+async fn block_a_session_in_its_ping_write(server: &crate::common::TestServer) -> Client {
     let mut flooder = server.connect("flooder", None).await;
     let payload = vec![7u8; 125];
     for _ in 0..60_000 {
         let send = flooder.ws.send(Message::Ping(payload.clone().into()));
         // A session blocked in a write stops reading, and then our sends
         // block too: the socket is as full as it gets.
-        if tokio::time::timeout(common::PATIENCE, send).await.is_err() {
+        if tokio::time::timeout(crate::common::PATIENCE, send)
+            .await
+            .is_err()
+        {
             break;
         }
     }
@@ -568,7 +569,7 @@ async fn block_a_session_in_its_ping_write(server: &common::TestServer) -> Clien
 }
 
 /// Waits, on paused time, until the node holds no socket.
-async fn until_no_socket_within(server: &common::TestServer, limit: Duration) -> bool {
+async fn until_no_socket_within(server: &crate::common::TestServer, limit: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
     while server.node.connections() > 0 {
         if tokio::time::Instant::now() >= deadline {
@@ -672,7 +673,7 @@ async fn a_drain_mid_write_delivers_a_prefix_without_gaps() {
     server.node.drain_sockets_now();
     let mut next = N / 2;
     let end = loop {
-        match tokio::time::timeout(common::PATIENCE, slow.ws.next())
+        match tokio::time::timeout(crate::common::PATIENCE, slow.ws.next())
             .await
             .expect("the socket neither delivered nor ended")
         {

@@ -3,13 +3,11 @@
 //! before a socket is accepted, and the faults that matter — Redis restarts,
 //! a frozen Redis, a dying node, unreadable payloads.
 
-mod common;
-
 use std::time::Duration;
 
-use common::node::NodeProcess;
-use common::redis::{GateProxy, RedisCluster, RedisServer, cli, command, numsub};
-use common::{Client, TestServer, eventually, routing::routing_table};
+use crate::common::node::NodeProcess;
+use crate::common::redis::{GateProxy, RedisCluster, RedisServer, cli, command, numsub};
+use crate::common::{Client, TestServer, eventually, routing::routing_table};
 use serde_json::json;
 
 async fn three_nodes(url: &str) -> Vec<TestServer> {
@@ -241,7 +239,7 @@ async fn a_dying_node_takes_only_its_own_sockets() {
 
     victim.child.kill().unwrap();
     victim.child.wait().unwrap();
-    assert_eq!(doomed.ended().await, common::Ended::Dropped);
+    assert_eq!(doomed.ended().await, crate::common::Ended::Dropped);
     a.send_json(json!({"action": "after", "recipients": [{"type": "group", "value": "g"}]}))
         .await;
     assert_eq!(b.recv().await["action"], "after");

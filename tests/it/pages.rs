@@ -2,9 +2,7 @@
 //! Connection page may use, with CORS headers so a page on another origin
 //! can import it as a module, and the chat sample, which can be turned off.
 
-mod common;
-
-use common::{TestServer, test_config};
+use crate::common::{TestServer, test_config};
 
 const LIBRARY_NAMES: [&str; 3] = [
     "/scripts/webconnection-websocket.js",

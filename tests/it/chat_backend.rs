@@ -2,10 +2,8 @@
 //! one Redis forward chat messages to it; it renders Markdown, keeps
 //! history, and answers through the broadcast endpoint.
 
-mod common;
-
-use common::TestServer;
-use common::redis::RedisServer;
+use crate::common::TestServer;
+use crate::common::redis::RedisServer;
 use serde_json::{Value, json};
 use wshub_chat_backend::{ChatEntry, Settings, serve};
 

@@ -2,17 +2,15 @@
 //! headers, and what the sender hears when the backend fails. The backend is
 //! a recording HTTP server on port 0.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
+use crate::common::{TestServer, test_config};
 use axum::Router;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
-use common::{TestServer, test_config};
 use serde_json::json;
 use tokio::sync::{Mutex, mpsc, watch};
 use wshub::Config;
@@ -125,7 +123,7 @@ impl TestBackend {
     }
 
     async fn next(&self) -> Seen {
-        tokio::time::timeout(common::PATIENCE, self.seen.lock().await.recv())
+        tokio::time::timeout(crate::common::PATIENCE, self.seen.lock().await.recv())
             .await
             .expect("the backend received nothing")
             .unwrap()
@@ -223,7 +221,7 @@ async fn the_null_group_sends_no_group_header() {
     ann.send_json(json!({"action": "x"})).await;
     let seen = backend.next().await;
     assert_eq!(header(&seen, "x-wshub-group-id"), None);
-    let mut empty = common::Client::connect(server.addr, "/ws?userid=e&groupid=").await;
+    let mut empty = crate::common::Client::connect(server.addr, "/ws?userid=e&groupid=").await;
     empty.send_json(json!({"action": "x"})).await;
     assert_eq!(header(&backend.next().await, "x-wshub-group-id"), Some(""));
 }
@@ -459,7 +457,7 @@ async fn slow_connections_proceed_side_by_side() {
     backend.open();
     assert_eq!(backend.next().await.summary(), "a 2");
     assert_eq!(backend.overlaps(), 0);
-    common::eventually("every forward answered", || {
+    crate::common::eventually("every forward answered", || {
         server.metric("wshub_backend_forwards_total{result=\"ok\"}") == 3.0
     })
     .await;
@@ -468,7 +466,7 @@ async fn slow_connections_proceed_side_by_side() {
 /// Waits for the server's close frame, then drops the socket, so the
 /// server's closing handshake ends at once (it would otherwise wait for a
 /// reply, and give a lazy backend queue time to empty).
-async fn closed_and_gone(mut client: common::Client) {
+async fn closed_and_gone(mut client: crate::common::Client) {
     client.ended().await;
 }
 
@@ -498,7 +496,7 @@ async fn shutdown_sends_every_queued_disconnect_event_before_run_returns() {
     let ends = futures_util::future::join_all(clients.into_iter().map(closed_and_gone));
     let (_, run) = tokio::join!(
         ends,
-        tokio::time::timeout(common::PATIENCE, &mut server.handle)
+        tokio::time::timeout(crate::common::PATIENCE, &mut server.handle)
     );
     run.expect("run returns within its grace period")
         .unwrap()
@@ -548,7 +546,7 @@ async fn a_stuck_backend_holds_shutdown_for_the_grace_period_only() {
     let ends = futures_util::future::join_all(clients.into_iter().map(closed_and_gone));
     let (_, run) = tokio::join!(
         ends,
-        tokio::time::timeout(common::PATIENCE, &mut server.handle)
+        tokio::time::timeout(crate::common::PATIENCE, &mut server.handle)
     );
     run.expect("run returns despite the stuck backend")
         .unwrap()

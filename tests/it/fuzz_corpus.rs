@@ -3,7 +3,7 @@
 //! regression test on the stable toolchain. Fuzzing itself: fuzz/README.md.
 
 #[allow(dead_code)]
-#[path = "../fuzz/checks.rs"]
+#[path = "../../fuzz/checks.rs"]
 mod checks;
 
 use std::path::Path;

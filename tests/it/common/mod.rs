@@ -46,11 +46,11 @@ pub fn test_config() -> Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         ..Config::default()
     };
-    // Spreading closes over the window is tested in tests/deploy.rs; here
+    // Spreading closes over the window is tested in tests/it/deploy.rs; here
     // a short one keeps shutdown tests quick.
     config.shutdown.drain_window = Duration::from_millis(100);
     // Order and load tests send hundreds of messages at once; rate limits
-    // are tested, with their own settings, in tests/security.rs.
+    // are tested, with their own settings, in tests/it/security.rs.
     config.limits.messages_per_second = 0;
     config
 }

@@ -1,0 +1,22 @@
+//! The integration tests, as one binary: the shared helpers in [`common`]
+//! compile once, not once per test file, and one link step serves every
+//! test. Each module is what used to be its own `tests/*.rs` file; run one
+//! with `cargo test --test it hub::` (a module path filter).
+
+// Test code: its items are `pub` for the sibling modules, not an API.
+#![allow(unreachable_pub, missing_docs)]
+
+mod common;
+
+mod backend;
+mod bus_conformance;
+mod chat_backend;
+mod cli;
+mod cluster;
+mod deploy;
+mod doc_paths;
+mod fuzz_corpus;
+mod hub;
+mod pages;
+mod routing_props;
+mod security;
