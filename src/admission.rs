@@ -1,14 +1,11 @@
 //! Admission: whether this node takes one more socket. Its capacity
-//! (`limits.max_connections`, or what the open-file limit allows), the
-//! per-address limit and the address it counts under, and the smallest
-//! outbound queue the configuration may ask for.
+//! (`limits.max_connections`, or what the open-file limit allows), and the
+//! per-address limit and the address it counts under.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-
-use crate::config::Limits;
 
 /// Why a socket was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -42,11 +39,13 @@ pub(crate) struct Admission {
 }
 
 impl Admission {
-    pub(crate) fn new(capacity: usize, limits: &Limits) -> Arc<Self> {
+    /// `capacity` sockets in all, at most `per_ip_max` per client address
+    /// (0: no limit), IPv6 addresses counted per `ipv6_prefix_len` network.
+    pub(crate) fn new(capacity: usize, per_ip_max: usize, ipv6_prefix_len: u8) -> Arc<Self> {
         Arc::new(Self {
             capacity,
-            per_ip_max: limits.max_connections_per_ip,
-            ipv6_prefix_len: limits.ipv6_prefix_len,
+            per_ip_max,
+            ipv6_prefix_len,
             open: AtomicUsize::new(0),
             per_ip: Mutex::default(),
         })
@@ -117,18 +116,6 @@ pub(crate) fn address_key(ip: IpAddr, ipv6_prefix_len: u8) -> IpAddr {
             IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
         }
     }
-}
-
-/// The smallest acceptable `limits.outbound_queue_bytes`: room for the
-/// largest frame one message can become, plus the queue's per-frame
-/// overhead ([`crate::outbox::FRAME_OVERHEAD`]).
-pub(crate) fn min_outbound_queue_bytes(limits: &Limits) -> usize {
-    let message = crate::message::MessageLimits {
-        max_id_bytes: limits.max_id_bytes,
-        max_recipients: limits.max_recipients,
-    };
-    crate::message::max_frame_bytes(limits.max_message_bytes, &message)
-        .saturating_add(crate::outbox::FRAME_OVERHEAD)
 }
 
 /// The soft open-file limit of this process (Linux: `/proc/self/limits`).

@@ -3,7 +3,7 @@
 //!
 //! Web Connection matches its two special paths case-insensitively (and the
 //! broadcast path anywhere in the URL), which axum's router does not do, so
-//! those two go through [`dispatch`], the router's fallback.
+//! those two go through `dispatch`, the router's fallback.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -3,29 +3,49 @@
 //!
 //! # Layout
 //!
-//! Follow a message from a browser to its recipients:
+//! One concept per file, named by its noun. A message travels in one
+//! straight line, and no module calls back up it:
 //!
-//! - [`http`]: the HTTP surface. The socket endpoint upgrades a request and
-//!   starts a [`session`]; the broadcast endpoint takes a message from the
-//!   application's backend; health, metrics and the embedded browser files.
-//! - [`session`]: one socket: reads client frames, writes queued frames,
-//!   pings, and closes with one [`outcome::CloseReason`].
+//! ```text
+//! socket → session → node ─┬─→ hub → outbox → session → socket   (this node)
+//!                          └─→ bus ══ Redis ══→ bus → hub → …     (every other node)
+//! ```
+//!
+//! - `http` ([`http`]): the HTTP surface and its own state (token
+//!   verifier, auth policy, limits). The socket endpoint admits and
+//!   upgrades a request and starts a session; the broadcast endpoint takes
+//!   a message from the application's backend; health, metrics and the
+//!   embedded browser files. Refusals become responses, counted, in one
+//!   place.
+//! - `session` (`src/session.rs`, internal): one socket: reads client
+//!   frames, writes queued frames, pings, and closes with one
+//!   [`outcome::CloseReason`].
 //! - [`message`]: the message JSON, parsed (borrowing) and encoded once.
-//! - [`backend`]: with `backend.url`, non-`broadcast` client messages (and
-//!   connect/disconnect events) go to the application over HTTP.
+//! - [`node`]: this process: admits sockets, delivers every message to its
+//!   own sockets through the hub and hands it to the bus for the others,
+//!   forwards to the backend, and owns shutdown ([`node::Node::shutdown`]).
 //! - [`route`]: recipients resolved into topics, and the exactly-once rule.
-//! - [`node`]: this process: ties the hub to the bus, connects sockets,
-//!   publishes messages, drains on shutdown.
-//! - [`bus`]: the interface between this node and every other one, with an
-//!   single-node implementation ([`bus::SingleNodeBus`]) and Redis.
-//! - [`hub`]: this node's sockets, indexed by group and user; the node and
-//!   the bus deliver into it. [`conn`]: one socket's handle and its
-//!   [`conn::Closer`]; [`outbox`]: its outbound queue, bounded in bytes.
 //! - [`envelope`]: a message on its way: route plus encoded frame.
+//! - [`bus`]: carries envelopes to every *other* node
+//!   ([`bus::SingleNodeBus`] when there are none, [`bus::RedisBus`]), and
+//!   hands what arrives to this node's hub.
+//! - `hub` (internal): this node's sockets, indexed by group and user;
+//!   `conn`: one socket's handle and the `Closer` that ends its session
+//!   once; `outbox`: its outbound queue, bounded in bytes.
+//! - `backend` (internal): with `backend.url`, non-`broadcast` client
+//!   messages (and connect/disconnect events) go to the application over
+//!   HTTP, in order per socket.
+//! - `auth`, `admission`, `rate_limit` (internal): tokens, origins and API
+//!   keys; capacity and the per-address limit; each socket's message rate.
+//! - [`outcome`]: the vocabulary of outcomes (close, drop and refusal
+//!   reasons, backend results), depending on nothing else here.
+//! - [`shutdown`]: the owner of every task (token + tracker).
 //! - [`server`]: binds the listener and runs the node until shutdown.
-//! - [`auth`]: tokens, origins, API keys; [`admission`]: capacity and the
-//!   per-address limit; [`rate_limit`]: each socket's message rate.
 //! - [`config`], [`logging`], [`metrics`]: the operator's side.
+//!
+//! The modules form no import cycle: `outcome`, `message`, `shutdown`,
+//! `rate_limit` and `admission` import nothing of the crate, and every
+//! arrow of the path above points one way.
 //!
 //! `main.rs` only loads configuration, starts logging and calls [`run`], so
 //! tests start real servers on port 0 through [`server::Server`].

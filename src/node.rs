@@ -1,7 +1,10 @@
 //! The node: this process's hub, its bus, and the rules that join them.
 //!
-//! Sessions and HTTP handlers talk to the [`Node`] only; it owns the
-//! [`Hub`], the [`Bus`] and the node's lifecycle (ready, draining).
+//! Sessions and HTTP handlers talk to the [`Node`] only; it owns the hub
+//! (this node's sockets), the [`Bus`] (every other node), the backend, and
+//! the node's lifecycle (ready, draining, [`Node::shutdown`]). A message
+//! goes one way: the node delivers it to its own sockets through the hub
+//! and hands it to the bus, which brings it to the other nodes' hubs.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -167,7 +170,11 @@ impl Node {
                 "the open-file limit caps this node's sockets; raise it (ulimit -n, LimitNOFILE) to hold more"
             );
         }
-        let admission = Admission::new(capacity, &config.limits);
+        let admission = Admission::new(
+            capacity,
+            config.limits.max_connections_per_ip,
+            config.limits.ipv6_prefix_len,
+        );
         Ok(Arc::new(Self {
             config: Arc::new(config),
             metrics,

@@ -6,12 +6,20 @@ use std::task::Poll;
 
 use futures_util::task::AtomicWaker;
 
-use crate::message::Frame;
+use crate::message::{Frame, MessageLimits, max_frame_bytes};
 
 /// Bookkeeping cost of one queued frame beyond its bytes, so that a flood of
 /// tiny frames is bounded too. (The configuration requires room for one
 /// largest frame plus this.)
 pub(crate) const FRAME_OVERHEAD: usize = 64;
+
+/// The smallest budget an outbox may have (the floor of
+/// `limits.outbound_queue_bytes`): room for the largest frame one message
+/// of `max_message_bytes` can become, plus [`FRAME_OVERHEAD`], so that a
+/// single largest message never closes a healthy client as slow.
+pub(crate) fn min_budget(max_message_bytes: usize, limits: &MessageLimits) -> usize {
+    max_frame_bytes(max_message_bytes, limits).saturating_add(FRAME_OVERHEAD)
+}
 
 /// A connection's outbound queue, bounded in bytes rather than frames.
 ///

@@ -1,8 +1,8 @@
 //! The bus: how a message published on one node reaches the *other* nodes.
 //!
 //! The node delivers a message to its own sockets itself
-//! ([`Node::publish`](crate::node::Node::publish) hands it to the
-//! [`Hub`](crate::hub::Hub)) and then gives it to the [`Bus`], which carries
+//! (`Node::publish` hands it to the
+//! `Hub` (`src/hub.rs`)) and then gives it to the [`Bus`], which carries
 //! it to every other node and never back to this one (as in
 //! Phoenix.PubSub: broadcast = local dispatch + the adapter). The path of a
 //! message is therefore one straight line: socket → node → bus → (other)
@@ -65,7 +65,7 @@ use crate::route::Topic;
 use crate::shutdown::Shutdown;
 
 /// What a bus hands messages from other nodes to: on a node, the
-/// [`Hub`](crate::hub::Hub) (which the node also hands its own messages to).
+/// `Hub` (`src/hub.rs`) (which the node also hands its own messages to).
 pub trait Deliver: Send + Sync + 'static {
     /// Called once per copy received through `via`. Must not block: it runs
     /// on the bus's receiving task (and on the publisher's task, when the

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 /// The bus of a node that is alone: there are no other nodes, so
 /// [`publish`](Bus::publish) has nothing to carry and does nothing. The node
-/// delivers to its own sockets itself ([`Node::publish`](crate::node::Node::publish)),
+/// delivers to its own sockets itself (`Node::publish`),
 /// exactly as it does on a cluster, so one node and many run the same code.
 ///
 /// Subscriptions resolve at once: nothing remote can arrive, so nothing can

@@ -278,7 +278,11 @@ impl Config {
         if l.max_recipients == 0 {
             return Err(invalid("limits.max_recipients", "must be at least 1"));
         }
-        let min_queue = crate::admission::min_outbound_queue_bytes(l);
+        let message = crate::message::MessageLimits {
+            max_id_bytes: l.max_id_bytes,
+            max_recipients: l.max_recipients,
+        };
+        let min_queue = crate::outbox::min_budget(l.max_message_bytes, &message);
         if l.outbound_queue_bytes < min_queue {
             return Err(invalid(
                 "limits.outbound_queue_bytes",

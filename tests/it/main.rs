@@ -17,6 +17,7 @@ mod deploy;
 mod doc_paths;
 mod fuzz_corpus;
 mod hub;
+mod module_cycles;
 mod pages;
 mod routing_props;
 mod security;
