@@ -355,7 +355,9 @@ impl Node {
     /// 4. side by side, each within `grace`: the backend sends what is
     ///    queued (the sessions' disconnect events), and the bus sends what
     ///    is queued for other nodes;
-    /// 5. resolves once every task the node started has ended.
+    /// 5. resolves once every task the node started has ended (or at once,
+    ///    with a warning already logged, when sessions or requests overran
+    ///    their grace period).
     ///
     /// So the worst case is `window + 3 × grace` (plus the bus's margin of a
     /// second); a node whose peers behave takes `window` and a round trip.
@@ -369,10 +371,14 @@ impl Node {
         let node = self.clone();
         async move {
             node.close_sockets(window).await;
+            // Sessions or HTTP requests that outlived their grace period:
+            // the node exits without them, as it always did.
+            let mut stragglers = false;
             if tokio::time::timeout(grace, node.sessions.wait())
                 .await
                 .is_err()
             {
+                stragglers = true;
                 warn!(
                     open_sockets = node.connections(),
                     grace_ms = grace.as_millis() as u64,
@@ -383,6 +389,7 @@ impl Node {
             node.http.close();
             // In-flight HTTP requests are short; do not let one hold the exit.
             if tokio::time::timeout(grace, node.http.wait()).await.is_err() {
+                stragglers = true;
                 warn!("HTTP requests still in flight after the grace period; exiting anyway");
             }
             // The sessions' disconnect events and the messages for other
@@ -394,11 +401,16 @@ impl Node {
                 }
             };
             tokio::join!(backend, node.bus.shutdown(grace));
-            // Whatever is left (nothing, unless a component ignored its
-            // budget) is told to stop, and awaited: no task outlives this.
+            // Whatever is left is told to stop. The backend's and the bus's
+            // tasks have ended (their shutdowns wait for them); unless a
+            // session or request overran its grace period, so has
+            // everything else, and this returns at once: no task outlives
+            // it. With stragglers the node exits anyway, not waiting longer.
             node.shutdown.cancel();
             node.shutdown.close();
-            node.shutdown.wait().await;
+            if !stragglers {
+                node.shutdown.wait().await;
+            }
         }
     }
 
