@@ -36,6 +36,9 @@ pub struct Settings {
     pub hub: String,
     /// Messages kept per group.
     pub keep: usize,
+    /// The hub's broadcast API key (`broadcast.api_keys`), sent as
+    /// `Authorization: Bearer`; `None` where the hub trusts our address.
+    pub hub_key: Option<String>,
 }
 
 /// One chat message as stored and as sent to browsers.
@@ -192,9 +195,14 @@ impl App {
             "{}/__broadcastWebSocket.wc",
             self.settings.hub.trim_end_matches('/')
         );
-        self.http
+        let mut request = self
+            .http
             .post(url)
-            .header("content-type", "application/json")
+            .header("content-type", "application/json");
+        if let Some(key) = &self.settings.hub_key {
+            request = request.bearer_auth(key);
+        }
+        request
             .body(message.to_string())
             .send()
             .await?
