@@ -127,7 +127,10 @@ async fn dispatch(State(node): State<Arc<Node>>, request: Request) -> Response {
 /// passed nginx's block on the broadcast path as `/` (issue 11). No Web
 /// Connection path has them.
 pub fn ambiguous_path(path: &str) -> Option<&'static str> {
-    if path.split('/').any(|segment| segment == "." || segment == "..") {
+    if path
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
         return Some("bad request: the path has a dot-segment (. or ..)");
     }
     let lower = path.to_ascii_lowercase();

@@ -397,11 +397,17 @@ mod process {
                     "Resident memory size in bytes",
                     resident_bytes(),
                 ),
-                ("process_threads", "Number of OS threads in the process", Some(stat.threads)),
+                (
+                    "process_threads",
+                    "Number of OS threads in the process",
+                    Some(stat.threads),
+                ),
                 (
                     "process_open_fds",
                     "Number of open file descriptors",
-                    std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count() as i64),
+                    std::fs::read_dir("/proc/self/fd")
+                        .ok()
+                        .map(|d| d.count() as i64),
                 ),
                 (
                     "process_max_fds",
@@ -412,7 +418,12 @@ mod process {
             for (name, help, value) in gauges {
                 if let Some(value) = value {
                     let gauge = ConstGauge::new(value);
-                    gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+                    gauge.encode(encoder.encode_descriptor(
+                        name,
+                        help,
+                        None,
+                        gauge.metric_type(),
+                    )?)?;
                 }
             }
             Ok(())
@@ -451,6 +462,10 @@ mod process {
     fn max_fds() -> Option<i64> {
         let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
         let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-        line["Max open files".len()..].split_whitespace().next()?.parse().ok()
+        line["Max open files".len()..]
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
     }
 }

@@ -240,7 +240,7 @@ async fn the_dashboard_only_uses_metrics_that_exist() {
     .unwrap();
     let names: std::collections::BTreeSet<String> = dashboard
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .filter(|w| w.starts_with("wshub_"))
+        .filter(|w| w.starts_with("wshub_") || w.starts_with("process_"))
         .map(|w| w.to_owned())
         .collect();
     assert!(names.len() >= 10, "{names:?}");

@@ -245,7 +245,14 @@ fn the_kubernetes_pod_starts_with_everything_it_is_given() {
     let listen_port: u16 = toml
         .lines()
         .find_map(|l| l.trim().strip_prefix("listen = "))
-        .map(|v| v.trim_matches('"').rsplit(':').next().unwrap().parse().unwrap())
+        .map(|v| {
+            v.trim_matches('"')
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
         .unwrap_or(8080);
     let http_port = &container["ports"][0];
     assert_eq!(http_port["containerPort"], listen_port);
@@ -264,7 +271,10 @@ fn the_kubernetes_pod_starts_with_everything_it_is_given() {
     let redis = RedisServer::start();
     let mut env = service_links(&docs);
     assert!(env.contains_key("WSHUB_SERVICE_HOST"), "{env:?}");
-    assert!(env.contains_key("WSHUB_REDIS_PORT_6379_TCP_ADDR"), "{env:?}");
+    assert!(
+        env.contains_key("WSHUB_REDIS_PORT_6379_TCP_ADDR"),
+        "{env:?}"
+    );
     for var in container["env"].as_array().unwrap() {
         let name = var["name"].as_str().unwrap().to_owned();
         let value = if let Some(v) = var["value"].as_str() {
@@ -406,7 +416,8 @@ fn unknown_variables_warn_and_typos_in_a_section_stop_start_up() {
     let warnings: Vec<&String> = before.iter().filter(|l| l.contains("WARN")).collect();
     assert_eq!(warnings.len(), 1, "{warnings:#?}");
     assert!(
-        warnings[0].contains("WSHUB_REDIS_URL") && warnings[0].contains("did you mean WSHUB_REDIS__URL?"),
+        warnings[0].contains("WSHUB_REDIS_URL")
+            && warnings[0].contains("did you mean WSHUB_REDIS__URL?"),
         "{}",
         warnings[0]
     );

@@ -381,8 +381,15 @@ impl Config {
             ));
         }
         for url in &urls {
-            redis::Client::open(url.as_str())
-                .map_err(|e| invalid("redis.url", format!("{} is not a Redis URL: {e}", redact_urls(&format!("{url:?}")))))?;
+            redis::Client::open(url.as_str()).map_err(|e| {
+                invalid(
+                    "redis.url",
+                    format!(
+                        "{} is not a Redis URL: {e}",
+                        redact_urls(&format!("{url:?}"))
+                    ),
+                )
+            })?;
         }
         if config.channel_prefix.is_empty() || config.channel_prefix.contains(['{', '}']) {
             return Err(invalid(

@@ -250,7 +250,9 @@ fn other_unknown_variables_warn_with_a_suggestion() {
     let w = c.env_warnings.join("\n");
     assert_eq!(c.env_warnings.len(), 3, "{w}");
     assert!(
-        w.contains("WSHUB_REDIS_URL: it is not a configuration variable (did you mean WSHUB_REDIS__URL?)"),
+        w.contains(
+            "WSHUB_REDIS_URL: it is not a configuration variable (did you mean WSHUB_REDIS__URL?)"
+        ),
         "{w}"
     );
     assert!(w.contains("WSHUB_BENCH_TARGET"), "{w}");
@@ -294,7 +296,12 @@ fn errors_and_settings_never_show_passwords() {
     .unwrap();
     let s = c.settings();
     let line = format!("{s:?}");
-    for secret in ["hunter2", ":pw@", "key-0123456789abcdef", "0123456789abcdef0123"] {
+    for secret in [
+        "hunter2",
+        ":pw@",
+        "key-0123456789abcdef",
+        "0123456789abcdef0123",
+    ] {
         assert!(!line.contains(secret), "{secret} in {line}");
     }
     assert_eq!(s.bus, "redis redis://default:***@redis:6379");
