@@ -94,7 +94,14 @@ fn header(headers: &HeaderMap, name: &str) -> Option<String> {
 pub fn app(settings: Settings) -> Router {
     let app = Arc::new(App {
         settings,
-        http: reqwest::Client::new(),
+        // Bounded, so that a push to a hub replica that went away (its
+        // address gone mid-connect) fails fast instead of hanging for the
+        // kernel's minutes of SYN retries.
+        http: reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .expect("a reqwest client with timeouts"),
         history: Mutex::default(),
     });
     Router::new().fallback(handle).with_state(app)
