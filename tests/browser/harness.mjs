@@ -173,8 +173,8 @@ export async function startSiteNginx(node, root) {
   writeFileSync(join(dir, "site.conf"), site);
   writeFileSync(join(dir, "nginx.conf"), `error_log stderr warn;\nevents {}\n`
     + `http {\n    access_log off;\n    types { text/html html; text/javascript js; }\n    include site.conf;\n}\n`);
-  track(spawn(bin, ["-p", dir, "-c", join(dir, "nginx.conf"), "-g", `daemon off; pid ${dir}/nginx.pid;`],
-    { stdio: "ignore" }));
+  spawnTracked(bin, ["-p", dir, "-c", join(dir, "nginx.conf"), "-g", `daemon off; pid ${dir}/nginx.pid;`],
+    { stdio: "ignore" });
   await waitFor("the site's nginx", () => portOpen(port));
   return { url: `http://127.0.0.1:${port}`, port };
 }

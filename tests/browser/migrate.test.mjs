@@ -55,7 +55,7 @@ before(async () => {
 
 after(async () => {
   await browser?.close();
-  stopAll();
+  await stopAll();
 });
 
 async function open(url) {
