@@ -33,6 +33,16 @@
 //! and after the grace period abandons the rest, counted as `shutdown`. The
 //! server awaits it before `run` returns.
 //!
+//! **Signing.** With `backend.signing_key`, every request carries
+//! [`HEADER_TIMESTAMP`] and [`HEADER_SIGNATURE`]: HMAC-SHA256 over
+//! [`canonical`] (timestamp, method, path and body), made when the request
+//! is sent (not when it was queued, so a queued forward is not stale on
+//! arrival). The identity headers are not in it: the body and the time are
+//! what a forger would change, and the identity travels with them only
+//! from the hub, whose key the forger lacks; docs/backend.md has the exact
+//! string and verification code. `backend.headers` adds static headers
+//! (an `Authorization`) for backends that prefer those.
+//!
 //! With `backend.events`, the hub also posts `wshub.connect` and
 //! `wshub.disconnect` messages (same shape, same headers) when sockets open
 //! and close, so the backend learns who arrived — which Web Connection's hub
@@ -67,6 +77,11 @@ pub const HEADER_GROUP_ID: &str = "x-wshub-group-id";
 pub const HEADER_NODE_ID: &str = "x-wshub-node-id";
 /// The sender's connection, unique in the cluster: `<node id>-<number>`.
 pub const HEADER_CONNECTION_ID: &str = "x-wshub-connection-id";
+
+/// When the request was signed: Unix time in seconds, decimal.
+pub const HEADER_TIMESTAMP: &str = "x-wshub-timestamp";
+/// Lowercase hex HMAC-SHA256 of [`canonical`] under `backend.signing_key`.
+pub const HEADER_SIGNATURE: &str = "x-wshub-signature";
 
 /// The reserved action of the connect event.
 pub const ACTION_CONNECT: &str = "wshub.connect";
@@ -154,8 +169,27 @@ impl Backend {
             .connect_timeout(config.timeout)
             .build()?;
         let queues = Arc::new(Queues::new(config.queue));
+        let mut fixed = HeaderMap::new();
+        for (name, value) in &config.headers {
+            // Checked when the configuration was loaded.
+            if let (Ok(name), Ok(mut value)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value.expose()),
+            ) {
+                value.set_sensitive(true);
+                fixed.insert(name, value);
+            }
+        }
         let dispatcher = Arc::new(Dispatcher {
             client,
+            path: reqwest::Url::parse(&config.url)
+                .map(|u| match u.query() {
+                    Some(q) => format!("{}?{q}", u.path()),
+                    None => u.path().to_owned(),
+                })
+                .unwrap_or_default(),
+            signing_key: config.signing_key.clone(),
+            fixed,
             url: config.url.clone(),
             metrics: metrics.clone(),
             failing: AtomicBool::new(false),
@@ -448,6 +482,11 @@ pub fn event_body(who: &Identity, action: &str) -> String {
 struct Dispatcher {
     client: reqwest::Client,
     url: String,
+    /// The path (and query) of `url`, as signed.
+    path: String,
+    signing_key: Option<crate::config::Secret>,
+    /// `backend.headers`.
+    fixed: HeaderMap,
     metrics: Arc<Metrics>,
     /// Whether the last forward failed (to log a burst once).
     failing: AtomicBool,
@@ -455,10 +494,26 @@ struct Dispatcher {
 
 impl Dispatcher {
     async fn send(&self, job: Job) {
+        let mut headers = self.fixed.clone();
+        headers.extend(job.headers);
+        if let Some(key) = &self.signing_key {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let signature = sign(key.expose().as_bytes(), now, "POST", &self.path, &job.body);
+            for (name, value) in [
+                (HEADER_TIMESTAMP, now.to_string()),
+                (HEADER_SIGNATURE, signature),
+            ] {
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    headers.insert(HeaderName::from_static(name), v);
+                }
+            }
+        }
         let outcome = self
             .client
             .post(&self.url)
-            .headers(job.headers)
+            .headers(headers)
             .body(job.body)
             .send()
             .await;
@@ -497,9 +552,59 @@ impl Dispatcher {
     }
 }
 
+/// The string a request's signature covers: the timestamp (decimal Unix
+/// seconds), the method, the path with its query as in `backend.url`, and
+/// the body, joined by `\n`. The body is raw bytes (the client's JSON,
+/// UTF-8).
+pub fn canonical(timestamp: u64, method: &str, path: &str, body: &[u8]) -> Vec<u8> {
+    let mut text = format!("{timestamp}\n{method}\n{path}\n").into_bytes();
+    text.extend_from_slice(body);
+    text
+}
+
+/// Lowercase hex HMAC-SHA256 of [`canonical`] under `key`.
+pub fn sign(key: &[u8], timestamp: u64, method: &str, path: &str, body: &[u8]) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes a key of any length");
+    mac.update(&canonical(timestamp, method, path, body));
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_signature_is_hmac_sha256_over_the_documented_string() {
+        // The vector of docs/backend.md, checked there with openssl:
+        // printf '1700000000\nPOST\n/app/__websocket.wwd\n{"action":"x"}' |
+        //   openssl dgst -sha256 -hmac 0123456789abcdef0123456789abcdef
+        assert_eq!(
+            canonical(
+                1_700_000_000,
+                "POST",
+                "/app/__websocket.wwd",
+                br#"{"action":"x"}"#
+            ),
+            b"1700000000\nPOST\n/app/__websocket.wwd\n{\"action\":\"x\"}"
+        );
+        let signature = sign(
+            b"0123456789abcdef0123456789abcdef",
+            1_700_000_000,
+            "POST",
+            "/app/__websocket.wwd",
+            br#"{"action":"x"}"#,
+        );
+        assert_eq!(signature, SIGNATURE_VECTOR);
+    }
+
+    const SIGNATURE_VECTOR: &str =
+        "2a50b9d315b5e2448242ac30f502f67e0e59678e6de8b99aa5ad2c0ec6d7dd5d";
 
     #[test]
     fn identity_headers_are_percent_encoded_and_reversible() {

@@ -8,8 +8,10 @@
 //! and must be kept in step with [`RawConfig`].
 
 mod raw;
+mod trust;
 
 pub use raw::*;
+pub use trust::{RedisAuth, RedisTls, Secret, redact_url};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -100,11 +102,17 @@ pub struct BackendConfig {
     pub concurrency: usize,
     /// Forwards waiting for a free request slot.
     pub queue: usize,
+    /// `Some`: every request is signed (see `src/backend.rs`).
+    pub signing_key: Option<Secret>,
+    /// Static headers added to every request.
+    pub headers: Vec<(String, Secret)>,
 }
 
-/// The Redis bus's settings (see `wshub.example.toml`).
-#[derive(Debug, Clone)]
+/// The Redis bus's settings (see `wshub.example.toml`). Its `Debug`
+/// hides the password in `url`.
+#[derive(Clone)]
 pub struct RedisConfig {
+    /// Empty with Sentinel when no scheme or credentials are needed.
     pub url: String,
     pub channel_prefix: String,
     /// Sharded pub/sub on a Redis Cluster.
@@ -122,6 +130,13 @@ pub struct RedisConfig {
     pub reconnect_max: Duration,
     /// Limit on connecting and on each Redis command.
     pub command_timeout: Duration,
+    /// Username and password beyond (overriding) the URL's.
+    pub auth: RedisAuth,
+    /// Certificates for `rediss://`.
+    pub tls: RedisTls,
+    /// Sentinel addresses (`host:port`); empty: no Sentinel.
+    pub sentinels: Vec<String>,
+    pub sentinel_master: String,
 }
 
 impl RedisConfig {
@@ -238,6 +253,7 @@ impl Config {
                 .with_list_parse_key("broadcast.api_keys")
                 .with_list_parse_key("auth.allowed_origins")
                 .with_list_parse_key("auth.trusted_proxies")
+                .with_list_parse_key("redis.sentinels")
                 .source(Some(env)),
         );
         let raw: RawConfig = builder.build()?.try_deserialize()?;
@@ -384,7 +400,7 @@ impl Config {
     }
 
     fn redis_from_raw(raw: &RawRedis) -> Result<Option<RedisConfig>, ConfigError> {
-        if raw.url.trim().is_empty() {
+        if raw.url.trim().is_empty() && raw.sentinels.is_empty() {
             return Ok(None);
         }
         let config = RedisConfig {
@@ -398,17 +414,25 @@ impl Config {
             probe_timeout: Duration::from_millis(raw.probe_timeout_ms),
             reconnect_max: Duration::from_millis(raw.reconnect_max_ms),
             command_timeout: Duration::from_millis(raw.command_timeout_ms),
+            auth: trust::redis_auth(raw)?,
+            tls: trust::redis_tls(raw)?,
+            sentinels: trust::sentinels(raw)?,
+            sentinel_master: raw.sentinel_master.trim().to_owned(),
         };
         let urls = config.urls();
-        if !config.sharded && urls.len() != 1 {
+        if config.sentinels.is_empty() && !config.sharded && urls.len() != 1 {
             return Err(invalid(
                 "redis.url",
                 "must be one URL unless redis.sharded is set",
             ));
         }
         for url in &urls {
-            redis::Client::open(url.as_str())
-                .map_err(|e| invalid("redis.url", format!("{url:?} is not a Redis URL: {e}")))?;
+            redis::Client::open(url.as_str()).map_err(|e| {
+                invalid(
+                    "redis.url",
+                    format!("{:?} is not a Redis URL: {e}", redact_url(url)),
+                )
+            })?;
         }
         if config.channel_prefix.is_empty() || config.channel_prefix.contains(['{', '}']) {
             return Err(invalid(
@@ -543,12 +567,15 @@ impl Config {
         if raw.queue == 0 {
             return Err(invalid("backend.queue", "must be at least 1"));
         }
+        let (signing_key, headers) = trust::backend_trust(raw)?;
         Ok(Some(BackendConfig {
             url: url.to_owned(),
             events: raw.events,
             timeout: Duration::from_millis(raw.timeout_ms),
             concurrency: raw.concurrency,
             queue: raw.queue,
+            signing_key,
+            headers,
         }))
     }
 

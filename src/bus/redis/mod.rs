@@ -51,6 +51,7 @@ use tracing::{info, warn};
 
 mod conn;
 mod queue;
+mod tls;
 
 use conn::{
     Backoff, Incoming, Link, PubConn, SubConn, connect_prober, connect_publisher,
@@ -111,6 +112,9 @@ struct Shared {
     metrics: Arc<Metrics>,
     started: Instant,
     subscriber_up: AtomicBool,
+    /// Why the subscriber is not connected, for `/readyz` (a wrong
+    /// password or CA must be visible there, not only in the log).
+    down_because: std::sync::Mutex<String>,
     /// Bumped on every subscriber (re)connect. A Redis the subscriber lost
     /// is one the publisher lost too, perhaps without noticing yet (it may
     /// have sent nothing during a short restart): the publisher reconnects
@@ -150,6 +154,7 @@ impl RedisBus {
             metrics,
             started: Instant::now(),
             subscriber_up: AtomicBool::new(false),
+            down_because: std::sync::Mutex::new("connecting".into()),
             epoch: AtomicU64::new(0),
             last_probe: AtomicU64::new(0),
             unreadable_logged: AtomicBool::new(false),
@@ -223,7 +228,14 @@ impl Bus for RedisBus {
     fn health(&self) -> Result<(), BusError> {
         let shared = &self.shared;
         if !shared.subscriber_up.load(Ordering::Acquire) {
-            return Err(BusError::Unavailable("not subscribed to Redis".into()));
+            let why = shared
+                .down_because
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            return Err(BusError::Unavailable(format!(
+                "not subscribed to Redis: {why}"
+            )));
         }
         let last = shared.last_probe.load(Ordering::Acquire);
         if last == 0 {
@@ -558,6 +570,7 @@ async fn subscriber(
                 Ok(Ok(connected)) => connected,
                 failed => {
                     let error = match failed { Ok(Err(e)) => e.to_string(), _ => "timed out".to_owned() };
+                    error.clone_into(&mut shared.down_because.lock().unwrap_or_else(|e| e.into_inner()));
                     if !outage_logged {
                         warn!(%error, "subscriber cannot reach Redis; retrying");
                         outage_logged = true;
@@ -701,6 +714,12 @@ async fn subscriber(
                 }
             }
         };
+        lost.clone_into(
+            &mut shared
+                .down_because
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
         shared.subscriber_up.store(false, Ordering::Release);
         warn!(reason = %lost, "lost the Redis subscriber connection; reconnecting");
     }
