@@ -203,8 +203,8 @@ impl Drop for TlsRedis {
 /// A plain `redis-server` with an ACL user `user` whose password is
 /// `password` (the `default` user stays, for the harness's PING).
 pub fn redis_with_user(user: &str, password: &str) -> RedisServer {
-    let rule = format!("{user} on >{password} ~* &* +@all");
-    RedisServer::start_with(&["--user", &rule])
+    let password = format!(">{password}");
+    RedisServer::start_with(&["--user", user, "on", &password, "~*", "&*", "+@all"])
 }
 
 /// A primary, a replica and three sentinels monitoring them as
