@@ -105,6 +105,20 @@ impl Link {
     }
 }
 
+/// Whether the sentinels now name another primary than `current` (false
+/// when they cannot be asked: a lost primary shows as a lost connection).
+///
+/// Sentinel demotes a primary that is still up only some seconds after a
+/// failover (it waits for the old primary to report its role); until then
+/// both servers accept PUBLISH, and nodes on different ones would not hear
+/// each other. Asked at every probe, this bounds that split to about
+/// `redis.probe_interval_ms`.
+pub(super) async fn primary_moved(config: &RedisConfig, current: &redis::ConnectionAddr) -> bool {
+    tls::sentinel_primary(config)
+        .await
+        .is_ok_and(|primary| primary.addr() != current)
+}
+
 /// The publisher's connection (also the prober's; cloning shares it).
 #[derive(Clone)]
 pub(super) enum PubConn {
@@ -372,6 +386,8 @@ impl PushReceiver {
 pub(super) struct SubConn {
     kind: SubKind,
     pushes: PushReceiver,
+    /// The server it is connected to (single server or Sentinel's primary).
+    pub(super) server: Option<redis::ConnectionAddr>,
 }
 
 enum SubKind {
@@ -392,7 +408,9 @@ pub(super) async fn connect_subscriber_with(
     buffer_bytes: usize,
 ) -> redis::RedisResult<SubConn> {
     let (send, pushes) = bounded_pushes(buffer_bytes);
+    let mut addr = None;
     let kind = if let Some(server) = link.server(config, true).await? {
+        addr = Some(server.get_connection_info().addr().clone());
         let cfg = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.command_timeout))
             .set_response_timeout(Some(config.command_timeout))
@@ -417,7 +435,11 @@ pub(super) async fn connect_subscriber_with(
                 .await?,
         )
     };
-    Ok(SubConn { kind, pushes })
+    Ok(SubConn {
+        kind,
+        pushes,
+        server: addr,
+    })
 }
 
 /// What the subscriber connection produced.

@@ -611,6 +611,9 @@ async fn subscriber(
         let release_every = (shared.interest.release_delay() / 2).max(Duration::from_millis(50));
         let mut release = tokio::time::interval(release_every);
         let mut probe = tokio::time::interval(config.probe_interval);
+        // Set by the probe task when the sentinels name another primary.
+        let moved = Arc::new(AtomicBool::new(false));
+        let sentinel_server = conn.server.clone().filter(|_| !config.sentinels.is_empty());
         let lost: String = loop {
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -695,6 +698,17 @@ async fn subscriber(
                     }
                 }
                 _ = probe.tick() => {
+                    if moved.load(Ordering::Acquire) {
+                        break "the sentinels name another primary".into();
+                    }
+                    if let Some(current) = sentinel_server.clone() {
+                        let (shared, moved, limit) = (shared.clone(), moved.clone(), config.command_timeout);
+                        tasks.spawn(async move {
+                            if let Ok(true) = timeout(limit, conn::primary_moved(&shared.config, &current)).await {
+                                moved.store(true, Ordering::Release);
+                            }
+                        });
+                    }
                     // A connection that delivers nothing, not even our own
                     // probes, is wedged: start over on a new one.
                     let last = Duration::from_millis(shared.last_probe.load(Ordering::Acquire).saturating_sub(1));
