@@ -223,9 +223,13 @@ pub(super) fn sentinels(raw: &RawRedis) -> Result<Vec<String>, ConfigError> {
     Ok(sentinels)
 }
 
+/// `backend.headers`, names lowercased, values secret.
+type StaticHeaders = Vec<(String, Secret)>;
+
+/// `backend.signing_key` and `backend.headers`, validated.
 pub(super) fn backend_trust(
     raw: &RawBackend,
-) -> Result<(Option<super::Secret>, Vec<(String, Secret)>), ConfigError> {
+) -> Result<(Option<Secret>, StaticHeaders), ConfigError> {
     let key = match raw.signing_key.trim() {
         "" => None,
         k if k.len() < 32 => {
