@@ -214,4 +214,10 @@ async fn sentinel_keys_are_validated() {
     assert!(msg.contains("redis.sentinels"), "{msg}");
     let msg = err(&[("sentinels", "localhost"), ("sentinel_master", "m")]);
     assert!(msg.contains("host:port"), "{msg}");
+    let msg = err(&[
+        ("sentinels", "127.0.0.1:26379"),
+        ("sentinel_master", "m"),
+        ("tls_insecure_skip_verify", "true"),
+    ]);
+    assert!(msg.contains("not supported"), "{msg}");
 }

@@ -207,6 +207,18 @@ pub(super) fn sentinels(raw: &RawRedis) -> Result<Vec<String>, ConfigError> {
             "cannot be combined with redis.url or redis.sharded (the sentinels name the primary)",
         ));
     }
+    let tls = [
+        &raw.tls_ca_file,
+        &raw.tls_client_cert_file,
+        &raw.tls_client_key_file,
+    ];
+    if tls.iter().any(|f| !f.trim().is_empty()) || raw.tls_insecure_skip_verify {
+        return Err(invalid(
+            "redis.sentinels",
+            "cannot be combined with redis.tls_* keys: TLS to a Sentinel-managed primary \
+             is not supported in this version",
+        ));
+    }
     for s in &sentinels {
         let port = s.rsplit_once(':').and_then(|(h, p)| {
             (!h.is_empty())
