@@ -45,7 +45,7 @@ const REDIRECT_RETRIES: usize = 3;
 pub(super) enum Link {
     Single(Box<SingleLink>),
     /// Looked up on every connect (see `tls.rs`).
-    Sentinel,
+    Sentinel(tls::Sentinels),
     Sharded(Vec<String>),
 }
 
@@ -67,7 +67,9 @@ impl Link {
             );
         }
         if !config.sentinels.is_empty() {
-            Ok(Link::Sentinel)
+            Ok(Link::Sentinel(tls::Sentinels::new(config).map_err(
+                |e| BusError::Unavailable(format!("invalid redis.sentinels: {e}")),
+            )?))
         } else if config.sharded {
             Ok(Link::Sharded(config.urls()))
         } else {
@@ -91,8 +93,8 @@ impl Link {
             } else {
                 single.client.clone()
             })),
-            Link::Sentinel => {
-                let info = tls::sentinel_primary(config).await?;
+            Link::Sentinel(sentinels) => {
+                let info = sentinels.primary(config).await?;
                 let protocol = if resp3 {
                     redis::ProtocolVersion::RESP3
                 } else {
@@ -113,8 +115,16 @@ impl Link {
 /// both servers accept PUBLISH, and nodes on different ones would not hear
 /// each other. Asked at every probe, this bounds that split to about
 /// `redis.probe_interval_ms`.
-pub(super) async fn primary_moved(config: &RedisConfig, current: &redis::ConnectionAddr) -> bool {
-    tls::sentinel_primary(config)
+pub(super) async fn primary_moved(
+    link: &Link,
+    config: &RedisConfig,
+    current: &redis::ConnectionAddr,
+) -> bool {
+    let Link::Sentinel(sentinels) = link else {
+        return false;
+    };
+    sentinels
+        .primary(config)
         .await
         .is_ok_and(|primary| primary.addr() != current)
 }

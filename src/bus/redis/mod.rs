@@ -702,9 +702,9 @@ async fn subscriber(
                         break "the sentinels name another primary".into();
                     }
                     if let Some(current) = sentinel_server.clone() {
-                        let (shared, moved, limit) = (shared.clone(), moved.clone(), config.command_timeout);
+                        let (shared, link, moved, limit) = (shared.clone(), link.clone(), moved.clone(), config.command_timeout);
                         tasks.spawn(async move {
-                            if let Ok(true) = timeout(limit, conn::primary_moved(&shared.config, &current)).await {
+                            if let Ok(true) = timeout(limit, conn::primary_moved(&link, &shared.config, &current)).await {
                                 moved.store(true, Ordering::Release);
                             }
                         });

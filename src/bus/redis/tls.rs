@@ -94,25 +94,42 @@ pub(super) fn cluster_builder(
     builder
 }
 
-/// The current primary as the sentinels name it, checked to answer as one.
-pub(super) async fn sentinel_primary(config: &RedisConfig) -> redis::RedisResult<ConnectionInfo> {
-    let sentinels = config
-        .sentinels
-        .iter()
-        .map(|s| format!("redis://{s}").into_connection_info())
-        .collect::<redis::RedisResult<Vec<_>>>()?;
-    let mut sentinel = redis::sentinel::Sentinel::build(sentinels)?;
-    let mut settings = redis::RedisConnectionInfo::default();
-    if let Some(user) = &config.auth.username {
-        settings = settings.set_username(user);
+/// The sentinels of `redis.sentinels`, shared by every connection of the
+/// node. redis-rs keeps a connection to each sentinel it asked, so the
+/// lookups at every probe (see `conn::primary_moved`) reuse them; a tokio
+/// mutex, since a lookup awaits, and lookups are rare and short.
+#[derive(Clone)]
+pub(super) struct Sentinels(std::sync::Arc<tokio::sync::Mutex<redis::sentinel::Sentinel>>);
+
+impl Sentinels {
+    pub(super) fn new(config: &RedisConfig) -> redis::RedisResult<Self> {
+        let sentinels = config
+            .sentinels
+            .iter()
+            .map(|s| format!("redis://{s}").into_connection_info())
+            .collect::<redis::RedisResult<Vec<_>>>()?;
+        let sentinel = redis::sentinel::Sentinel::build(sentinels)?;
+        Ok(Self(std::sync::Arc::new(tokio::sync::Mutex::new(sentinel))))
     }
-    if let Some(password) = &config.auth.password {
-        settings = settings.set_password(password.expose());
+
+    /// The current primary as the sentinels name it, checked to answer
+    /// `ROLE` as a master (with the configured credentials).
+    pub(super) async fn primary(&self, config: &RedisConfig) -> redis::RedisResult<ConnectionInfo> {
+        let mut settings = redis::RedisConnectionInfo::default();
+        if let Some(user) = &config.auth.username {
+            settings = settings.set_username(user);
+        }
+        if let Some(password) = &config.auth.password {
+            settings = settings.set_password(password.expose());
+        }
+        let node = redis::sentinel::SentinelNodeConnectionInfo::default()
+            .set_redis_connection_info(settings);
+        let primary = self
+            .0
+            .lock()
+            .await
+            .async_master_for(&config.sentinel_master, Some(&node))
+            .await?;
+        Ok(primary.get_connection_info().clone())
     }
-    let node =
-        redis::sentinel::SentinelNodeConnectionInfo::default().set_redis_connection_info(settings);
-    let primary = sentinel
-        .async_master_for(&config.sentinel_master, Some(&node))
-        .await?;
-    Ok(primary.get_connection_info().clone())
 }
