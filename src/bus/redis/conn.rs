@@ -82,17 +82,13 @@ impl Link {
     }
 
     /// A client for the one server (single or Sentinel's primary).
-    async fn server(
-        &self,
-        config: &RedisConfig,
-        resp3: bool,
-    ) -> redis::RedisResult<Option<redis::Client>> {
+    async fn server(&self, config: &RedisConfig, resp3: bool) -> redis::RedisResult<redis::Client> {
         match self {
-            Link::Single(single) => Ok(Some(if resp3 {
+            Link::Single(single) => Ok(if resp3 {
                 single.resp3.clone()
             } else {
                 single.client.clone()
-            })),
+            }),
             Link::Sentinel(sentinels) => {
                 let info = sentinels.primary(config).await?;
                 let protocol = if resp3 {
@@ -100,9 +96,12 @@ impl Link {
                 } else {
                     redis::ProtocolVersion::RESP2
                 };
-                tls::client(info, config, protocol).map(Some)
+                tls::client(info, config, protocol)
             }
-            Link::Sharded(_) => Ok(None),
+            Link::Sharded(_) => Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "a cluster has no single server",
+            ))),
         }
     }
 }
@@ -140,18 +139,16 @@ pub(super) async fn connect_publisher(
     link: &Link,
     config: &RedisConfig,
 ) -> redis::RedisResult<PubConn> {
-    if let Some(server) = link.server(config, false).await? {
+    let Link::Sharded(nodes) = link else {
         let cfg = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.command_timeout))
             .set_response_timeout(Some(config.command_timeout));
         return Ok(PubConn::Single(
-            server
+            link.server(config, false)
+                .await?
                 .get_multiplexed_async_connection_with_config(&cfg)
                 .await?,
         ));
-    }
-    let Link::Sharded(nodes) = link else {
-        unreachable!("only a cluster has no single server");
     };
     Ok(PubConn::Sharded(
         tls::cluster_builder(nodes, config)
@@ -419,21 +416,7 @@ pub(super) async fn connect_subscriber_with(
 ) -> redis::RedisResult<SubConn> {
     let (send, pushes) = bounded_pushes(buffer_bytes);
     let mut addr = None;
-    let kind = if let Some(server) = link.server(config, true).await? {
-        addr = Some(server.get_connection_info().addr().clone());
-        let cfg = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(config.command_timeout))
-            .set_response_timeout(Some(config.command_timeout))
-            .set_push_sender(send);
-        SubKind::Single(
-            server
-                .get_multiplexed_async_connection_with_config(&cfg)
-                .await?,
-        )
-    } else {
-        let Link::Sharded(nodes) = link else {
-            unreachable!("only a cluster has no single server");
-        };
+    let kind = if let Link::Sharded(nodes) = link {
         SubKind::Sharded(
             tls::cluster_builder(nodes, config)
                 .use_protocol(redis::ProtocolVersion::RESP3)
@@ -442,6 +425,18 @@ pub(super) async fn connect_subscriber_with(
                 .response_timeout(config.command_timeout)
                 .build()?
                 .get_async_connection()
+                .await?,
+        )
+    } else {
+        let server = link.server(config, true).await?;
+        addr = Some(server.get_connection_info().addr().clone());
+        let cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(config.command_timeout))
+            .set_response_timeout(Some(config.command_timeout))
+            .set_push_sender(send);
+        SubKind::Single(
+            server
+                .get_multiplexed_async_connection_with_config(&cfg)
                 .await?,
         )
     };
