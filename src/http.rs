@@ -142,6 +142,7 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
 }
 
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    node.metrics.set_ready(node.readiness().is_ok());
     (
         [(
             header::CONTENT_TYPE,
@@ -154,6 +155,9 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
 
 /// Routes the case-insensitive Web Connection paths; everything else is 404.
 async fn dispatch(State(node): State<Arc<Node>>, request: Request) -> Response {
+    if let Some(reason) = ambiguous_path(request.uri().path()) {
+        return bad_request(reason);
+    }
     let path = request.uri().path().to_ascii_lowercase();
     if path == SOCKET_PATH || path == SOCKET_ALIAS {
         socket(node, request).await
@@ -162,6 +166,26 @@ async fn dispatch(State(node): State<Arc<Node>>, request: Request) -> Response {
     } else {
         (StatusCode::NOT_FOUND, "not found\n").into_response()
     }
+}
+
+/// Why a raw request path is refused before routing, if it is: a `.` or
+/// `..` segment, or an encoded `.` or `/`. A proxy in front normalizes such
+/// a path before matching its rules but forwards it as sent, so the two
+/// would disagree on what was asked for: `POST /__broadcastWebSocket.wc/..`
+/// passed nginx's block on the broadcast path as `/` (issue 11). No Web
+/// Connection path has them.
+pub fn ambiguous_path(path: &str) -> Option<&'static str> {
+    if path
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
+        return Some("bad request: the path has a dot-segment (. or ..)");
+    }
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2e") || lower.contains("%2f") {
+        return Some("bad request: the path has an encoded . or /");
+    }
+    None
 }
 
 fn bad_request(reason: impl Into<String>) -> Response {

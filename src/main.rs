@@ -68,6 +68,9 @@ fn main() -> ExitCode {
         eprintln!("wshub: cannot start logging: {e}");
         return ExitCode::from(2);
     }
+    for warning in &config.env_warnings {
+        tracing::warn!("{warning}");
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

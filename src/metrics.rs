@@ -31,6 +31,11 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabel {
     status: u16,
 }
@@ -106,6 +111,10 @@ pub struct Metrics {
     bus_latency: Histogram,
     capacity: Gauge,
     refused: Family<ReasonLabel, Counter>,
+    ready: Gauge,
+    /// `process_*`, without the `wshub_` prefix, as every Prometheus client
+    /// names them (dashboards and alerts expect these names).
+    process: Registry,
 }
 
 impl Default for Metrics {
@@ -134,7 +143,9 @@ impl Metrics {
             bus_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
             capacity: Gauge::default(),
             refused: Family::default(),
+            ready: Gauge::default(),
             registry: Registry::default(),
+            process: Registry::default(),
         };
         registry.register(
             "connections",
@@ -215,6 +226,20 @@ impl Metrics {
         for reason in REFUSALS {
             drop(m.refused.get_or_create(&ReasonLabel { reason }));
         }
+        registry.register(
+            "ready",
+            "1 while /readyz answers 200, else 0 (as of the last scrape)",
+            m.ready.clone(),
+        );
+        let build: Family<VersionLabel, Gauge> = Family::default();
+        build
+            .get_or_create(&VersionLabel {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "Always 1; the version is a label", build);
+        let mut process = Registry::default();
+        process.register_collector(Box::new(process::Collector));
         // Every label value starts at 0, so each series exists from the
         // first scrape (rates and alerts work at once; dashboards are never
         // empty). The label sets are small and fixed.
@@ -237,15 +262,27 @@ impl Metrics {
         for status in [204, 400, 403, 405, 413, 503] {
             drop(m.http_broadcast.get_or_create(&StatusLabel { status }));
         }
-        Metrics { registry, ..m }
+        Metrics {
+            registry,
+            process,
+            ..m
+        }
     }
 
     /// The registry in Prometheus text format.
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
+        let _ = encode_registry(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.process);
+        let _ = encode_eof(&mut out);
         out
+    }
+
+    /// Sets `wshub_ready` (the `/metrics` handler calls it before rendering).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
     }
 
     pub fn connection_opened(&self) {
@@ -328,5 +365,112 @@ impl Metrics {
         self.http_broadcast
             .get_or_create(&StatusLabel { status })
             .inc();
+    }
+}
+
+/// The standard process metrics, read from `/proc/self` at each scrape:
+/// CPU seconds, resident memory, open and maximum file descriptors, threads.
+/// Elsewhere than Linux they are absent. (prometheus-client has no process
+/// collector of its own.)
+mod process {
+    use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+    use prometheus_client::metrics::counter::ConstCounter;
+    use prometheus_client::metrics::gauge::ConstGauge;
+
+    /// Linux reports CPU time in clock ticks of 1/100 s (`USER_HZ`, fixed in
+    /// the kernel's ABI on every architecture Rust targets).
+    const TICKS_PER_SECOND: f64 = 100.0;
+
+    #[derive(Debug)]
+    pub(super) struct Collector;
+
+    impl prometheus_client::collector::Collector for Collector {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            let Some(stat) = read_stat() else {
+                return Ok(());
+            };
+            let cpu = ConstCounter::new(stat.cpu_ticks as f64 / TICKS_PER_SECOND);
+            cpu.encode(encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds",
+                None,
+                cpu.metric_type(),
+            )?)?;
+            let gauges = [
+                (
+                    "process_resident_memory_bytes",
+                    "Resident memory size in bytes",
+                    resident_bytes(),
+                ),
+                (
+                    "process_threads",
+                    "Number of OS threads in the process",
+                    Some(stat.threads),
+                ),
+                (
+                    "process_open_fds",
+                    "Number of open file descriptors",
+                    std::fs::read_dir("/proc/self/fd")
+                        .ok()
+                        .map(|d| d.count() as i64),
+                ),
+                (
+                    "process_max_fds",
+                    "Maximum number of open file descriptors",
+                    max_fds(),
+                ),
+            ];
+            for (name, help, value) in gauges {
+                if let Some(value) = value {
+                    let gauge = ConstGauge::new(value);
+                    gauge.encode(encoder.encode_descriptor(
+                        name,
+                        help,
+                        None,
+                        gauge.metric_type(),
+                    )?)?;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    struct Stat {
+        cpu_ticks: u64,
+        threads: i64,
+    }
+
+    /// `/proc/self/stat`: utime and stime are fields 14 and 15, threads 20.
+    /// The command name (field 2) may hold spaces, so count from
+    /// its closing parenthesis.
+    fn read_stat() -> Option<Stat> {
+        let text = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let after_name = &text[text.rfind(')')? + 1..];
+        // Field 3 (state) is the first after the name.
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let field = |n: usize| fields.get(n - 3)?.parse::<i64>().ok();
+        Some(Stat {
+            cpu_ticks: u64::try_from(field(14)? + field(15)?).ok()?,
+            threads: field(20)?,
+        })
+    }
+
+    /// VmRSS from `/proc/self/status` (in kB there; no page size needed).
+    fn resident_bytes() -> Option<i64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+        let kb: i64 = kb.trim().trim_end_matches("kB").trim().parse().ok()?;
+        Some(kb * 1024)
+    }
+
+    /// The soft limit, from `/proc/self/limits`.
+    fn max_fds() -> Option<i64> {
+        let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+        let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+        line["Max open files".len()..]
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
     }
 }

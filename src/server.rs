@@ -71,15 +71,11 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let Self { listener, node } = self;
-        let bus = if node.config.redis.is_some() {
-            "redis"
-        } else {
-            "in-process"
-        };
-        info!(addr = %listener.local_addr()?, node = %node.config.node_id, bus, "wshub listening");
-        if node.tokens().is_some() {
-            info!("token mode: sockets must present a JWT");
-        }
+        // One line of effective settings, secrets redacted (config::Settings).
+        let s = node.config.settings();
+        info!(addr = %listener.local_addr()?, node = %node.config.node_id, version = s.version,
+            bus = %s.bus, backend = %s.backend, broadcast = %s.broadcast, auth = %s.auth,
+            "wshub listening");
         let stop_accepting = CancellationToken::new();
         let app =
             crate::http::router(node.clone()).into_make_service_with_connect_info::<SocketAddr>();

@@ -129,6 +129,7 @@ async fn the_sample_backend_accepts_the_hub_and_refuses_tampered_stale_and_repla
     let settings = Settings {
         hub: format!("http://{}", node.addr),
         keep: 10,
+        hub_key: None,
     };
     let app = app_verifying(settings, Some(Verify::new(KEY)));
     tokio::spawn(async move { axum::serve(listener, app).await });

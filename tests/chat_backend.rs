@@ -39,6 +39,7 @@ async fn markdown_chat_with_history_across_two_nodes() {
     let settings = Settings {
         hub: format!("http://{}", n0.addr),
         keep: 10,
+        hub_key: None,
     };
     tokio::spawn(serve(listener, settings));
 

@@ -47,10 +47,15 @@ impl Nginx {
         );
         let config = config.replace("listen 8080;", &format!("listen 127.0.0.1:{port};"));
         std::fs::write(dir.join("nginx.conf"), config).unwrap();
+        // nginx.conf proxies to http://$wshub_upstream; a value naming an
+        // upstream block uses it as is (no resolver needed).
         let servers: String = nodes.iter().map(|a| format!("    server {a};\n")).collect();
         std::fs::write(
             dir.join("upstream.conf"),
-            format!("upstream wshub {{\n    zone wshub 64k;\n    least_conn;\n{servers}}}\n"),
+            format!(
+                "upstream wshub {{\n    zone wshub 64k;\n    least_conn;\n{servers}}}\n\
+                 map $host $wshub_upstream {{\n    default wshub;\n}}\n"
+            ),
         )
         .unwrap();
         let globals = format!("daemon off; pid {}/nginx.pid;", dir.display());
@@ -233,7 +238,7 @@ async fn the_dashboard_only_uses_metrics_that_exist() {
     .unwrap();
     let names: std::collections::BTreeSet<String> = dashboard
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .filter(|w| w.starts_with("wshub_"))
+        .filter(|w| w.starts_with("wshub_") || w.starts_with("process_"))
         .map(|w| w.to_owned())
         .collect();
     assert!(names.len() >= 10, "{names:?}");
@@ -248,4 +253,108 @@ async fn the_dashboard_only_uses_metrics_that_exist() {
             "the dashboard uses {name}, which /metrics does not have"
         );
     }
+}
+
+/// Sends `request` (raw bytes, so that no client library normalizes the
+/// path first) and returns the status code and the body.
+async fn raw_http(port: u16, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response))
+        .await
+        .expect("a response")
+        .unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not HTTP: {text:?}"));
+    (status, text)
+}
+
+/// Issue 11: nginx matched its block on the broadcast path against the
+/// normalized URI but forwarded the raw one, and the node trusted the
+/// balancer's (loopback) address: `POST /__broadcastWebSocket.wc/..` reached
+/// every browser. Now nginx blocks on the raw URI (403), and a node refuses
+/// dot-segments and encoded `.` or `/` itself (400), whatever is in front.
+#[tokio::test]
+async fn the_broadcast_path_cannot_be_smuggled_past_the_balancer() {
+    let node = TestServer::start().await;
+    let lb = Nginx::start(&[node.addr]);
+    let mut listener = node.connect("victim", Some("g")).await;
+    let body = r#"{"action":"evil","recipients":[{"type":"group","value":"g"}]}"#;
+    let paths = [
+        "/__broadcastWebSocket.wc/..",
+        "/__broadcastWebSocket.wc/../",
+        "/a/__broadcastWebSocket.wc/../b",
+        "/__broadcastWebSocket.wc/%2e%2e",
+        "/x/..%2F__broadcastWebSocket.wc",
+    ];
+    let request = |path: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    for path in paths {
+        let (status, text) = raw_http(lb.port, &request(path)).await;
+        assert_eq!(status, 403, "through nginx, {path}: {text}");
+        let (status, text) = raw_http(node.addr.port(), &request(path)).await;
+        assert_eq!(status, 400, "straight to the node, {path}: {text}");
+        assert!(text.contains("bad request: the path has"), "{text}");
+    }
+    // Nothing arrived: a legitimate push from loopback after them is the
+    // first thing the socket gets.
+    let (status, _) = raw_http(
+        node.addr.port(),
+        &request("/app/__broadcastWebSocket.wc").replace("evil", "fine"),
+    )
+    .await;
+    assert_eq!(status, 204);
+    assert_eq!(listener.recv().await["action"], "fine");
+}
+
+/// Process metrics (CPU, memory, file descriptors) and the build's version,
+/// under the names every Prometheus client uses.
+#[tokio::test]
+async fn process_metrics_and_build_info_are_exported() {
+    let server = TestServer::start().await;
+    let text = server.get("/metrics").await.text().await.unwrap();
+    for (name, kind) in [
+        ("process_cpu_seconds_total", "counter"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("process_open_fds", "gauge"),
+        ("process_max_fds", "gauge"),
+        ("wshub_build_info", "gauge"),
+        ("wshub_ready", "gauge"),
+    ] {
+        let base = name.strip_suffix("_total").unwrap_or(name);
+        assert!(
+            text.contains(&format!("# TYPE {base} {kind}\n")),
+            "{name} ({kind}) missing:\n{text}"
+        );
+    }
+    let value = |prefix: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix}"))
+    };
+    assert!(value("process_resident_memory_bytes ") > 1e6);
+    assert!(value("process_open_fds ") >= 3.0);
+    assert_eq!(
+        value(&format!(
+            "wshub_build_info{{version=\"{}\"}} ",
+            env!("CARGO_PKG_VERSION")
+        )),
+        1.0
+    );
+    assert_eq!(value("wshub_ready "), 1.0);
+    assert!(text.ends_with("# EOF\n"), "one EOF, at the end");
 }

@@ -7,13 +7,14 @@
 //! the key it is about. `wshub.example.toml` lists every key with its default
 //! and must be kept in step with [`RawConfig`].
 
+mod env;
 mod raw;
 mod trust;
 
+pub use env::{is_service_link, redact_urls};
 pub use raw::*;
-pub use trust::{RedisAuth, RedisTls, Secret, redact_url};
+pub use trust::{RedisAuth, RedisTls, Secret};
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -28,9 +29,13 @@ pub const ENV_CONFIG_FILE: &str = "WSHUB_CONFIG";
 pub enum ConfigError {
     /// The file could not be read or parsed, a key is unknown, or a value has
     /// the wrong type. The text comes from the `config` crate and names the
-    /// key and the source.
-    #[error("configuration: {0}")]
+    /// key and the source; passwords in URLs are shown as `***`.
+    #[error("configuration: {}", redact_urls(&.0.to_string()))]
     Load(#[from] config::ConfigError),
+    /// A `WSHUB_<SECTION>__<KEY>` variable names a known section but a key
+    /// it does not have: a typo of a real key. Fix or remove the variable.
+    #[error("configuration: the environment variable {name} names no key of its section{hint}")]
+    UnknownVariable { name: String, hint: String },
     /// A value has the right type but is not acceptable.
     #[error("configuration: `{key}` {problem}")]
     Invalid { key: &'static str, problem: String },
@@ -79,6 +84,9 @@ pub struct Config {
     pub auth: AuthConfig,
     pub shutdown: Shutdown,
     pub http: Http,
+    /// `WSHUB_*` variables that were ignored, one line each, for the log
+    /// once logging has started (see `env.rs`).
+    pub env_warnings: Vec<String>,
 }
 
 /// What the hub serves besides sockets and the broadcast endpoint.
@@ -88,6 +96,20 @@ pub struct Http {
     /// application's pages turns it off, so that its address does not
     /// offer an open chat room to whoever finds it.
     pub sample_page: bool,
+}
+
+/// What [`Config::settings`] reports: one value per field of the start-up
+/// log line, none of them secret.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub version: &'static str,
+    /// `in-process`, or `redis <url>` with the password redacted.
+    pub bus: String,
+    pub backend: String,
+    /// Who may use the broadcast endpoint.
+    pub broadcast: String,
+    /// Token or open mode.
+    pub auth: String,
 }
 
 /// Where non-`broadcast` client messages go (see `src/backend.rs`).
@@ -235,10 +257,7 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let env: HashMap<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != ENV_CONFIG_FILE)
-            .collect();
+        let env = env::sort(env)?;
         let mut builder = config::Config::builder();
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
@@ -254,10 +273,12 @@ impl Config {
                 .with_list_parse_key("auth.allowed_origins")
                 .with_list_parse_key("auth.trusted_proxies")
                 .with_list_parse_key("redis.sentinels")
-                .source(Some(env)),
+                .source(Some(env.known)),
         );
         let raw: RawConfig = builder.build()?.try_deserialize()?;
-        Self::from_raw(raw)
+        let mut config = Self::from_raw(raw)?;
+        config.env_warnings = env.warnings;
+        Ok(config)
     }
 
     /// Validates what the user wrote.
@@ -396,6 +417,7 @@ impl Config {
             http: Http {
                 sample_page: raw.http.sample_page,
             },
+            env_warnings: Vec::new(),
         })
     }
 
@@ -430,7 +452,10 @@ impl Config {
             redis::Client::open(url.as_str()).map_err(|e| {
                 invalid(
                     "redis.url",
-                    format!("{:?} is not a Redis URL: {e}", redact_url(url)),
+                    format!(
+                        "{} is not a Redis URL: {e}",
+                        redact_urls(&format!("{url:?}"))
+                    ),
                 )
             })?;
         }
@@ -554,7 +579,7 @@ impl Config {
             _ => {
                 return Err(invalid(
                     "backend.url",
-                    format!("{url:?} is not an http(s) URL"),
+                    format!("{} is not an http(s) URL", redact_urls(&format!("{url:?}"))),
                 ));
             }
         }
@@ -577,6 +602,60 @@ impl Config {
             signing_key,
             headers,
         }))
+    }
+
+    /// The effective settings an operator checks first, for the one start-up
+    /// log line. Secrets never appear: API keys and the JWT secret only as
+    /// counts or modes, URLs with their passwords as `***`.
+    pub fn settings(&self) -> Settings {
+        let bus = match &self.redis {
+            None => "in-process".to_owned(),
+            Some(r) if !r.sentinels.is_empty() => format!(
+                "redis via sentinels {} (master {:?})",
+                r.sentinels.join(","),
+                r.sentinel_master
+            ),
+            Some(r) => format!(
+                "redis{} {}",
+                if r.sharded { " (sharded)" } else { "" },
+                redact_urls(&r.url)
+            ),
+        };
+        let backend = match &self.backend {
+            None => "none (actions are relayed)".to_owned(),
+            Some(b) => format!(
+                "{}{}{}",
+                redact_urls(&b.url),
+                if b.events { " with events" } else { "" },
+                if b.signing_key.is_some() {
+                    ", signed"
+                } else {
+                    ""
+                }
+            ),
+        };
+        let b = &self.broadcast;
+        let broadcast = if b.api_keys.is_empty() {
+            let nets: Vec<String> = b.trusted_networks.iter().map(|n| n.to_string()).collect();
+            if nets.is_empty() {
+                "loopback only".to_owned()
+            } else {
+                format!("loopback and {}", nets.join(", "))
+            }
+        } else {
+            format!("API key required ({} configured)", b.api_keys.len())
+        };
+        let auth = match &self.auth.jwt_key {
+            None => "open (no token required)".to_owned(),
+            Some(_) => format!("token ({:?})", self.auth.jwt_algorithm),
+        };
+        Settings {
+            version: env!("CARGO_PKG_VERSION"),
+            bus,
+            backend,
+            broadcast,
+            auth,
+        }
     }
 
     /// The limits a parsed message must respect.

@@ -4,10 +4,10 @@
 //! `wshub.example.toml` must list the same keys and defaults (a test
 //! checks it).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// What the user wrote, before validation. Field docs are the key docs.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawConfig {
     /// Address and port to listen on.
@@ -27,7 +27,7 @@ pub struct RawConfig {
 }
 
 /// `[http]`: what the hub serves besides sockets and the broadcast endpoint.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawHttp {
     /// Serve the chat sample at `/` (off: `/` answers 404).
@@ -40,7 +40,7 @@ impl Default for RawHttp {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawBackend {
     /// Empty: every action is relayed by the hub.
@@ -70,7 +70,7 @@ impl Default for RawBackend {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawRedis {
     /// Empty: the in-process bus (one node). Otherwise `redis://host:port`;
@@ -135,7 +135,7 @@ impl Default for RawRedis {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawLog {
     /// `text` or `json`.
@@ -146,7 +146,7 @@ pub struct RawLog {
 
 /// `[limits]`: as written and, once validated, as used (every value is
 /// used as it is).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest message a client or the broadcast endpoint may send.
@@ -178,7 +178,7 @@ pub struct Limits {
     pub rate_violations_before_close: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawWs {
     pub ping_interval_ms: u64,
@@ -189,20 +189,20 @@ pub struct RawWs {
     pub write_buffer_bytes: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawBus {
     pub unsubscribe_delay_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawShutdown {
     pub drain_window_ms: u64,
     pub grace_period_ms: u64,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawBroadcast {
     /// CIDRs (besides loopback) allowed to use the broadcast endpoint.
@@ -211,7 +211,7 @@ pub struct RawBroadcast {
     pub api_keys: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawAuth {
     /// HS256 shared secret; turns token mode on.

@@ -116,7 +116,7 @@ fn errors_name_the_key() {
         (&[("WSHUB_LOG__FORMAT", "xml")], "`log.format`"),
         (
             &[("WSHUB_LIMITS__MAX_MESAGE_BYTES", "1")],
-            "max_mesage_bytes",
+            "WSHUB_LIMITS__MAX_MESAGE_BYTES",
         ),
         (
             &[("WSHUB_WS__PING_INTERVAL_MS", "0")],
@@ -224,4 +224,104 @@ fn tempfile() -> TempFile {
     ));
     let file = std::fs::File::create(&path).unwrap();
     TempFile(path, file)
+}
+
+/// What Kubernetes injects for the Services `wshub` and `wshub-redis`
+/// (`enableServiceLinks`, on by default): ignored, without a warning.
+#[test]
+fn kubernetes_service_links_are_ignored_silently() {
+    let c = Config::load_from(
+        None,
+        env(&[
+            ("WSHUB_SERVICE_HOST", "10.0.0.1"),
+            ("WSHUB_SERVICE_PORT", "80"),
+            ("WSHUB_SERVICE_PORT_HTTP", "80"),
+            ("WSHUB_PORT", "tcp://10.0.0.1:80"),
+            ("WSHUB_PORT_80_TCP", "tcp://10.0.0.1:80"),
+            ("WSHUB_PORT_80_TCP_PROTO", "tcp"),
+            ("WSHUB_PORT_80_TCP_PORT", "80"),
+            ("WSHUB_PORT_80_TCP_ADDR", "10.0.0.1"),
+            ("WSHUB_REDIS_SERVICE_HOST", "10.0.0.2"),
+            ("WSHUB_REDIS_SERVICE_PORT", "6379"),
+            ("WSHUB_REDIS_PORT_6379_TCP", "tcp://10.0.0.2:6379"),
+            ("WSHUB_NODE_ID", "wshub-0"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.node_id, "wshub-0");
+    assert!(c.env_warnings.is_empty(), "{:?}", c.env_warnings);
+}
+
+#[test]
+fn other_unknown_variables_warn_with_a_suggestion() {
+    let c = Config::load_from(
+        None,
+        env(&[
+            ("WSHUB_REDIS_URL", "redis://x"),
+            ("WSHUB_BENCH_TARGET", "x"),
+            ("WSHUB_NOSUCH__THING", "x"),
+        ]),
+    )
+    .unwrap();
+    assert!(c.redis.is_none(), "the misspelt variable is not used");
+    let w = c.env_warnings.join("\n");
+    assert_eq!(c.env_warnings.len(), 3, "{w}");
+    assert!(
+        w.contains(
+            "WSHUB_REDIS_URL: it is not a configuration variable (did you mean WSHUB_REDIS__URL?)"
+        ),
+        "{w}"
+    );
+    assert!(w.contains("WSHUB_BENCH_TARGET"), "{w}");
+    assert!(!w.contains("redis://x"), "values are never shown: {w}");
+}
+
+#[test]
+fn an_unknown_key_of_a_known_section_is_refused() {
+    let err = Config::load_from(None, env(&[("WSHUB_REDIS__URLL", "redis://x")]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("WSHUB_REDIS__URLL") && err.contains("did you mean WSHUB_REDIS__URL?"),
+        "{err}"
+    );
+}
+
+#[test]
+fn errors_and_settings_never_show_passwords() {
+    let err = Config::load_from(
+        None,
+        env(&[("WSHUB_REDIS__URL", "redis://:hunter2@redis:99999")]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(!err.contains("hunter2") && err.contains(":***@"), "{err}");
+    let err = Config::load_from(None, env(&[("WSHUB_REDIS__SHARDED", "redis://:hunter2@x")]))
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains("hunter2"), "{err}");
+
+    let c = Config::load_from(
+        None,
+        env(&[
+            ("WSHUB_REDIS__URL", "redis://default:hunter2@redis:6379"),
+            ("WSHUB_BACKEND__URL", "http://app:pw@backend:9000/ws"),
+            ("WSHUB_BROADCAST__API_KEYS", "key-0123456789abcdef"),
+            ("WSHUB_AUTH__JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+        ]),
+    )
+    .unwrap();
+    let s = c.settings();
+    let line = format!("{s:?}");
+    for secret in [
+        "hunter2",
+        ":pw@",
+        "key-0123456789abcdef",
+        "0123456789abcdef0123",
+    ] {
+        assert!(!line.contains(secret), "{secret} in {line}");
+    }
+    assert_eq!(s.bus, "redis redis://default:***@redis:6379");
+    assert_eq!(s.broadcast, "API key required (1 configured)");
+    assert_eq!(s.auth, "token (HS256)");
 }

@@ -61,7 +61,7 @@ impl fmt::Debug for RedisTls {
 impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisConfig")
-            .field("url", &redact_url(&self.url))
+            .field("url", &super::redact_urls(&self.url))
             .field("channel_prefix", &self.channel_prefix)
             .field("sharded", &self.sharded)
             .field("publish_queue", &self.publish_queue)
@@ -77,35 +77,6 @@ impl fmt::Debug for RedisConfig {
             .field("sentinel_master", &self.sentinel_master)
             .finish()
     }
-}
-
-/// `url` (or several, comma-separated) with any password replaced by
-/// `***`, for logs and errors.
-pub fn redact_url(url: &str) -> String {
-    url.split(',')
-        .map(|one| {
-            let Some((scheme, rest)) = one.split_once("://") else {
-                return one.to_owned();
-            };
-            // userinfo ends at the last '@' before the path.
-            let authority_end = rest.find('/').unwrap_or(rest.len());
-            match rest[..authority_end].rfind('@') {
-                Some(at) => {
-                    let userinfo = &rest[..at];
-                    let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-                    let hidden = if userinfo.contains(':') {
-                        format!("{user}:***")
-                    } else {
-                        // `redis://secret@host` is a password alone.
-                        "***".to_owned()
-                    };
-                    format!("{scheme}://{hidden}{}", &rest[at..])
-                }
-                None => one.to_owned(),
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 fn read(key: &'static str, path: &str) -> Result<Vec<u8>, ConfigError> {
@@ -282,21 +253,6 @@ pub(super) fn backend_trust(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls_are_redacted() {
-        assert_eq!(
-            redact_url("redis://user:hunter2@h:1/0"),
-            "redis://user:***@h:1/0"
-        );
-        assert_eq!(redact_url("rediss://:hunter2@h:1"), "rediss://:***@h:1");
-        assert_eq!(redact_url("redis://hunter2@h:1"), "redis://***@h:1");
-        assert_eq!(redact_url("redis://h:1"), "redis://h:1");
-        assert_eq!(
-            redact_url("redis://a:p@h:1,redis://b:q@h:2"),
-            "redis://a:***@h:1,redis://b:***@h:2"
-        );
-    }
 
     #[test]
     fn secrets_do_not_print() {

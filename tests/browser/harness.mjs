@@ -142,7 +142,9 @@ export async function startNginx(nodes) {
   if (conf.split("listen 8080;").length !== 2) throw new Error("nginx.conf must have one 'listen 8080;' line");
   writeFileSync(join(dir, "nginx.conf"), conf.replace("listen 8080;", `listen 127.0.0.1:${port};`));
   const servers = nodes.map((n) => `    server 127.0.0.1:${n.port};\n`).join("");
-  writeFileSync(join(dir, "upstream.conf"), `upstream wshub {\n    zone wshub 64k;\n    least_conn;\n${servers}}\n`);
+  // nginx.conf proxies to http://$wshub_upstream: name this upstream block.
+  writeFileSync(join(dir, "upstream.conf"),
+    `upstream wshub {\n    zone wshub 64k;\n    least_conn;\n${servers}}\nmap $host $wshub_upstream {\n    default wshub;\n}\n`);
   spawnTracked(bin, ["-p", dir, "-c", join(dir, "nginx.conf"), "-g", `daemon off; pid ${dir}/nginx.pid;`],
     { stdio: "ignore" });
   await waitFor("nginx", () => portOpen(port));

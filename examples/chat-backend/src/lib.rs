@@ -41,6 +41,9 @@ pub struct Settings {
     pub hub: String,
     /// Messages kept per group.
     pub keep: usize,
+    /// The hub's broadcast API key (`broadcast.api_keys`), sent as
+    /// `Authorization: Bearer`; `None` where the hub trusts our address.
+    pub hub_key: Option<String>,
 }
 
 /// One chat message as stored and as sent to browsers.
@@ -130,7 +133,14 @@ pub fn app_verifying(settings: Settings, verify: Option<Verify>) -> Router {
         settings,
         verify,
         seen: Mutex::default(),
-        http: reqwest::Client::new(),
+        // Bounded, so that a push to a hub replica that went away (its
+        // address gone mid-connect) fails fast instead of hanging for the
+        // kernel's minutes of SYN retries.
+        http: reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .expect("a reqwest client with timeouts"),
         history: Mutex::default(),
     });
     Router::new().fallback(handle).with_state(app)
@@ -307,9 +317,14 @@ impl App {
             "{}/__broadcastWebSocket.wc",
             self.settings.hub.trim_end_matches('/')
         );
-        self.http
+        let mut request = self
+            .http
             .post(url)
-            .header("content-type", "application/json")
+            .header("content-type", "application/json");
+        if let Some(key) = &self.settings.hub_key {
+            request = request.bearer_auth(key);
+        }
+        request
             .body(message.to_string())
             .send()
             .await?

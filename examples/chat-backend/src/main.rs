@@ -19,6 +19,9 @@ struct Args {
     /// The hub's base URL (its broadcast endpoint must accept us).
     #[arg(long, env = "CHAT_HUB", default_value = "http://127.0.0.1:8080")]
     hub: String,
+    /// The hub's broadcast API key, when it requires one.
+    #[arg(long, env = "CHAT_HUB_KEY", hide_env_values = true)]
+    hub_key: Option<String>,
     /// Messages kept per group.
     #[arg(long, env = "CHAT_KEEP", default_value_t = 50)]
     keep: usize,
@@ -41,8 +44,9 @@ async fn main() -> std::io::Result<()> {
     let settings = Settings {
         hub: args.hub,
         keep: args.keep,
+        hub_key: args.hub_key.filter(|k| !k.is_empty()),
     };
-    let verify = args.signing_key.map(Verify::new);
+    let verify = args.signing_key.filter(|k| !k.is_empty()).map(Verify::new);
     // In a container this is PID 1: without handling SIGTERM it would only
     // stop when killed.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -1,0 +1,279 @@
+//! Which `WSHUB_*` environment variables are configuration.
+//!
+//! The file is the user's own, so an unknown key there stops start-up. The
+//! environment is shared with the platform: Kubernetes puts service-link
+//! variables (`WSHUB_SERVICE_HOST`, `WSHUB_PORT=tcp://…`,
+//! `WSHUB_REDIS_SERVICE_PORT`, …) into every pod of a namespace holding a
+//! Service named `wshub` or `wshub-redis`, and harnesses set their own
+//! `WSHUB_*` variables. Refusing every unknown variable made pods exit 2 at
+//! once (issue 12; Centrifugo made the same fix in its issue 269). So:
+//!
+//! - a variable naming a known key is configuration;
+//! - one naming a known section with an unknown key (`WSHUB_REDIS__URLL`) is
+//!   a typo of a real key and still stops start-up, naming the variable;
+//! - a service-link variable is ignored silently;
+//! - anything else is ignored with one warning naming it, with the closest
+//!   real variable when one is close ("did you mean WSHUB_REDIS__URL?").
+//!
+//! Values are never copied into a message: they may be secrets.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::{ConfigError, ENV_CONFIG_FILE, ENV_PREFIX, RawConfig};
+
+/// The variables that are configuration, and warnings about the others.
+pub(super) struct Sorted {
+    /// Passed on to the loader, by their original names.
+    pub known: HashMap<String, String>,
+    /// One line per ignored variable, for the log.
+    pub warnings: Vec<String>,
+}
+
+/// The keys `RawConfig` has: top-level keys, and each section's keys.
+struct Keys {
+    top: BTreeSet<String>,
+    sections: BTreeMap<String, BTreeSet<String>>,
+    /// `section.key` whose value is a table of free names
+    /// (`backend.headers`: `WSHUB_BACKEND__HEADERS__AUTHORIZATION`).
+    maps: BTreeSet<String>,
+}
+
+impl Keys {
+    fn of_raw_config() -> Self {
+        // The defaults serialize to every key, so this list cannot drift
+        // from the structs.
+        let value = serde_json::to_value(RawConfig::default())
+            .expect("the default configuration serializes");
+        let mut top = BTreeSet::new();
+        let mut sections = BTreeMap::new();
+        let mut maps = BTreeSet::new();
+        for (key, v) in value.as_object().expect("a table") {
+            match v.as_object() {
+                Some(section) => {
+                    sections.insert(key.clone(), section.keys().cloned().collect());
+                    maps.extend(
+                        section
+                            .iter()
+                            .filter(|(_, v)| v.is_object())
+                            .map(|(k, _)| format!("{key}.{k}")),
+                    );
+                }
+                None => {
+                    top.insert(key.clone());
+                }
+            }
+        }
+        Self {
+            top,
+            sections,
+            maps,
+        }
+    }
+
+    /// Every configuration variable's name.
+    fn variables(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.top.iter().map(|k| variable(&[k])).collect();
+        for (section, keys) in &self.sections {
+            names.extend(keys.iter().map(|k| variable(&[section, k])));
+        }
+        names
+    }
+}
+
+fn variable(path: &[&str]) -> String {
+    format!("{ENV_PREFIX}_{}", path.join("__")).to_ascii_uppercase()
+}
+
+/// Sorts the process environment (see the module docs).
+pub(super) fn sort(env: impl IntoIterator<Item = (String, String)>) -> Result<Sorted, ConfigError> {
+    let keys = Keys::of_raw_config();
+    let prefix = format!("{ENV_PREFIX}_");
+    let mut sorted = Sorted {
+        known: HashMap::new(),
+        warnings: Vec::new(),
+    };
+    let mut env: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(name, _)| name.starts_with(&prefix) && name != ENV_CONFIG_FILE)
+        .collect();
+    // Warnings in a stable order.
+    env.sort();
+    for (name, value) in env {
+        let rest = name[prefix.len()..].to_ascii_lowercase();
+        let known = match rest.split_once("__") {
+            Some((section, key)) => match keys.sections.get(section) {
+                Some(section_keys) if section_keys.contains(key) => true,
+                Some(_)
+                    if key.split_once("__").is_some_and(|(map, _)| {
+                        keys.maps.contains(&format!("{section}.{map}"))
+                    }) =>
+                {
+                    true
+                }
+                Some(_) => {
+                    return Err(ConfigError::UnknownVariable {
+                        hint: did_you_mean(&name, &keys),
+                        name,
+                    });
+                }
+                None => false,
+            },
+            None => keys.top.contains(&rest),
+        };
+        if known {
+            sorted.known.insert(name, value);
+        } else if !is_service_link(&name) {
+            sorted.warnings.push(format!(
+                "ignoring the environment variable {name}: it is not a configuration variable{}",
+                did_you_mean(&name, &keys)
+            ));
+        }
+    }
+    Ok(sorted)
+}
+
+/// Whether `name` is one of the variables Kubernetes injects for a Service
+/// (`enableServiceLinks`, on by default): `<SVC>_SERVICE_HOST`,
+/// `<SVC>_SERVICE_PORT`, `<SVC>_SERVICE_PORT_<PORT_NAME>`, `<SVC>_PORT`,
+/// `<SVC>_PORT_<N>_<PROTO>` and that followed by `_PROTO`, `_PORT` or
+/// `_ADDR`. Service names become upper case with `-` as `_`, so they never
+/// contain the `__` of a section variable.
+pub fn is_service_link(name: &str) -> bool {
+    let words: Vec<&str> = name.split('_').collect();
+    if name.contains("__") || words.len() < 2 {
+        return false;
+    }
+    // words[0] is the service name's first word; try every split point
+    // after it.
+    (1..words.len()).any(|i| {
+        let tail = &words[i..];
+        match tail {
+            ["SERVICE", "HOST"] | ["SERVICE", "PORT"] | ["PORT"] => true,
+            ["SERVICE", "PORT", port_name @ ..] => !port_name.is_empty(),
+            ["PORT", number, proto, rest @ ..] => {
+                !number.is_empty()
+                    && number.bytes().all(|b| b.is_ascii_digit())
+                    && matches!(*proto, "TCP" | "UDP" | "SCTP")
+                    && matches!(rest, [] | ["PROTO"] | ["PORT"] | ["ADDR"])
+            }
+            _ => false,
+        }
+    })
+}
+
+/// `" (did you mean WSHUB_X?)"` for the closest configuration variable
+/// within a few edits, else `""`.
+fn did_you_mean(name: &str, keys: &Keys) -> String {
+    let upper = name.to_ascii_uppercase();
+    keys.variables()
+        .into_iter()
+        .map(|candidate| (edit_distance(&upper, &candidate), candidate))
+        .filter(|(d, _)| *d <= 3)
+        .min()
+        .map(|(_, c)| format!(" (did you mean {c}?)"))
+        .unwrap_or_default()
+}
+
+/// Levenshtein distance over bytes (the names are ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, &ca) in a.iter().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let substitute = diagonal + usize::from(ca != cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitute.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
+}
+
+/// `s` with the password of every URL in it replaced by `***`
+/// (`redis://:secret@host` → `redis://:***@host`). For log lines and error
+/// messages that show a configured URL.
+pub fn redact_urls(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        // The authority ends at the first '/', whitespace, quote or comma.
+        let end = tail
+            .find(|c: char| c == '/' || c == ',' || c == '"' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(at) => {
+                let userinfo = &authority[..at];
+                match userinfo.find(':') {
+                    Some(colon) => {
+                        out.push_str(&userinfo[..=colon]);
+                        out.push_str("***");
+                    }
+                    // `redis://secret@host`: redis-rs takes a lone userinfo
+                    // as the user name, but some write passwords there.
+                    None => out.push_str("***"),
+                }
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_links() {
+        for name in [
+            "WSHUB_SERVICE_HOST",
+            "WSHUB_SERVICE_PORT",
+            "WSHUB_SERVICE_PORT_HTTP",
+            "WSHUB_PORT",
+            "WSHUB_PORT_80_TCP",
+            "WSHUB_PORT_80_TCP_PROTO",
+            "WSHUB_PORT_80_TCP_PORT",
+            "WSHUB_PORT_80_TCP_ADDR",
+            "WSHUB_REDIS_SERVICE_HOST",
+            "WSHUB_REDIS_SERVICE_PORT_REDIS",
+            "WSHUB_REDIS_PORT_6379_TCP_ADDR",
+        ] {
+            assert!(is_service_link(name), "{name}");
+        }
+        for name in [
+            "WSHUB_REDIS_URL",
+            "WSHUB_REDIS__URL",
+            "WSHUB_PORT_X_TCP",
+            "WSHUB_PORT_80_HTTP",
+            "WSHUB_SERVICE",
+            "WSHUB_LISTEN",
+        ] {
+            assert!(!is_service_link(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn redaction() {
+        assert_eq!(
+            redact_urls("redis://:s3cret@redis:6379/0, redis://u:p@h"),
+            "redis://:***@redis:6379/0, redis://u:***@h"
+        );
+        assert_eq!(redact_urls("\"redis://pw@h\""), "\"redis://***@h\"");
+        assert_eq!(redact_urls("redis://redis:6379"), "redis://redis:6379");
+        assert_eq!(redact_urls("no url"), "no url");
+    }
+
+    #[test]
+    fn distance() {
+        assert_eq!(edit_distance("WSHUB_REDIS_URL", "WSHUB_REDIS__URL"), 1);
+        assert_eq!(edit_distance("abc", "abc"), 0);
+        assert_eq!(edit_distance("", "ab"), 2);
+    }
+}
