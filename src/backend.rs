@@ -33,6 +33,17 @@
 //! and after the grace period abandons the rest, counted as `shutdown`. The
 //! server awaits it before `run` returns.
 //!
+//! **Signing.** With `backend.signing_key`, every request carries
+//! [`HEADER_TIMESTAMP`], [`HEADER_NONCE`] and [`HEADER_SIGNATURE`]:
+//! HMAC-SHA256 over [`canonical`] (timestamp, nonce, method, path and
+//! body), made when the request
+//! is sent (not when it was queued, so a queued forward is not stale on
+//! arrival). The identity headers are not in it: the body and the time are
+//! what a forger would change, and the identity travels with them only
+//! from the hub, whose key the forger lacks; docs/backend.md has the exact
+//! string and verification code. `backend.headers` adds static headers
+//! (an `Authorization`) for backends that prefer those.
+//!
 //! With `backend.events`, the hub also posts `wshub.connect` and
 //! `wshub.disconnect` messages (same shape, same headers) when sockets open
 //! and close, so the backend learns who arrived — which Web Connection's hub
@@ -69,6 +80,15 @@ pub(crate) const HEADER_GROUP_ID: &str = "x-wshub-group-id";
 pub(crate) const HEADER_NODE_ID: &str = "x-wshub-node-id";
 /// The sender's connection, unique in the cluster: `<node id>-<number>`.
 pub(crate) const HEADER_CONNECTION_ID: &str = "x-wshub-connection-id";
+
+/// When the request was signed: Unix time in seconds, decimal.
+pub(crate) const HEADER_TIMESTAMP: &str = "x-wshub-timestamp";
+/// 32 random hex digits, new for every request. Two identical messages
+/// from one socket within a second would otherwise carry the same
+/// signature, and a backend refusing replays would refuse the second.
+pub(crate) const HEADER_NONCE: &str = "x-wshub-nonce";
+/// Lowercase hex HMAC-SHA256 of [`canonical`] under `backend.signing_key`.
+pub(crate) const HEADER_SIGNATURE: &str = "x-wshub-signature";
 
 /// The reserved action of the connect event.
 pub(crate) const ACTION_CONNECT: &str = "wshub.connect";
@@ -118,8 +138,27 @@ impl Backend {
             .connect_timeout(config.timeout)
             .build()?;
         let queues = Arc::new(Queues::new(config.queue));
+        let mut fixed = HeaderMap::new();
+        for (name, value) in &config.headers {
+            // Checked when the configuration was loaded.
+            if let (Ok(name), Ok(mut value)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value.expose()),
+            ) {
+                value.set_sensitive(true);
+                fixed.insert(name, value);
+            }
+        }
         let dispatcher = Arc::new(Dispatcher {
             client,
+            path: reqwest::Url::parse(&config.url)
+                .map(|u| match u.query() {
+                    Some(q) => format!("{}?{q}", u.path()),
+                    None => u.path().to_owned(),
+                })
+                .unwrap_or_default(),
+            signing_key: config.signing_key.clone(),
+            fixed,
             url: config.url.clone(),
             metrics: metrics.clone(),
             failing: AtomicBool::new(false),
@@ -412,6 +451,11 @@ pub(crate) fn event_body(who: &Identity, action: &str) -> String {
 struct Dispatcher {
     client: reqwest::Client,
     url: String,
+    /// The path (and query) of `url`, as signed.
+    path: String,
+    signing_key: Option<crate::config::Secret>,
+    /// `backend.headers`.
+    fixed: HeaderMap,
     metrics: Arc<Metrics>,
     /// Whether the last forward failed (to log a burst once).
     failing: AtomicBool,
@@ -419,10 +463,35 @@ struct Dispatcher {
 
 impl Dispatcher {
     async fn send(&self, job: Job) {
+        let mut headers = self.fixed.clone();
+        headers.extend(job.headers);
+        if let Some(key) = &self.signing_key {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let nonce = format!("{:032x}", rand::random::<u128>());
+            let signature = sign(
+                key.expose().as_bytes(),
+                now,
+                &nonce,
+                "POST",
+                &self.path,
+                &job.body,
+            );
+            for (name, value) in [
+                (HEADER_TIMESTAMP, now.to_string()),
+                (HEADER_NONCE, nonce),
+                (HEADER_SIGNATURE, signature),
+            ] {
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    headers.insert(HeaderName::from_static(name), v);
+                }
+            }
+        }
         let outcome = self
             .client
             .post(&self.url)
-            .headers(job.headers)
+            .headers(headers)
             .body(job.body)
             .send()
             .await;
@@ -461,9 +530,64 @@ impl Dispatcher {
     }
 }
 
+/// The string a request's signature covers: the timestamp (decimal Unix
+/// seconds), the nonce, the method, the path with its query as in
+/// `backend.url`, and the body, joined by `\n`. The body is raw bytes
+/// (the client's JSON, UTF-8).
+pub(crate) fn canonical(
+    timestamp: u64,
+    nonce: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Vec<u8> {
+    let mut text = format!("{timestamp}\n{nonce}\n{method}\n{path}\n").into_bytes();
+    text.extend_from_slice(body);
+    text
+}
+
+/// Lowercase hex HMAC-SHA256 of [`canonical`] under `key`.
+pub(crate) fn sign(
+    key: &[u8],
+    timestamp: u64,
+    nonce: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes a key of any length");
+    mac.update(&canonical(timestamp, nonce, method, path, body));
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_signature_is_hmac_sha256_over_the_documented_string() {
+        // The example of docs/backend.md, checked there with openssl:
+        // printf '1700000000\n00112233445566778899aabbccddeeff\nPOST\n/app/__websocket.wwd\n{"action":"x"}' |
+        //   openssl dgst -sha256 -hmac 0123456789abcdef0123456789abcdef
+        let nonce = "00112233445566778899aabbccddeeff";
+        let path = "/app/__websocket.wwd";
+        let body = br#"{"action":"x"}"#;
+        assert_eq!(
+            canonical(1_700_000_000, nonce, "POST", path, body),
+            format!("1700000000\n{nonce}\nPOST\n{path}\n{{\"action\":\"x\"}}").into_bytes()
+        );
+        let key = b"0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            sign(key, 1_700_000_000, nonce, "POST", path, body),
+            "ae7dd4a0658e6448d8a6277bfeb6a5b97be434f7809fe364425dda7de1f7926d"
+        );
+    }
 
     #[test]
     fn identity_headers_are_percent_encoded_and_reversible() {

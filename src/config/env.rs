@@ -33,6 +33,9 @@ pub(super) struct Sorted {
 struct Keys {
     top: BTreeSet<String>,
     sections: BTreeMap<String, BTreeSet<String>>,
+    /// `section.key` whose value is a table of free names
+    /// (`backend.headers`: `WSHUB_BACKEND__HEADERS__AUTHORIZATION`).
+    maps: BTreeSet<String>,
 }
 
 impl Keys {
@@ -43,17 +46,28 @@ impl Keys {
             .expect("the default configuration serializes");
         let mut top = BTreeSet::new();
         let mut sections = BTreeMap::new();
+        let mut maps = BTreeSet::new();
         for (key, v) in value.as_object().expect("a table") {
             match v.as_object() {
                 Some(section) => {
                     sections.insert(key.clone(), section.keys().cloned().collect());
+                    maps.extend(
+                        section
+                            .iter()
+                            .filter(|(_, v)| v.is_object())
+                            .map(|(k, _)| format!("{key}.{k}")),
+                    );
                 }
                 None => {
                     top.insert(key.clone());
                 }
             }
         }
-        Self { top, sections }
+        Self {
+            top,
+            sections,
+            maps,
+        }
     }
 
     /// Every configuration variable's name.
@@ -89,6 +103,13 @@ pub(super) fn sort(env: impl IntoIterator<Item = (String, String)>) -> Result<So
         let known = match rest.split_once("__") {
             Some((section, key)) => match keys.sections.get(section) {
                 Some(section_keys) if section_keys.contains(key) => true,
+                Some(_)
+                    if key.split_once("__").is_some_and(|(map, _)| {
+                        keys.maps.contains(&format!("{section}.{map}"))
+                    }) =>
+                {
+                    true
+                }
                 Some(_) => {
                     return Err(ConfigError::UnknownVariable {
                         hint: did_you_mean(&name, &keys),

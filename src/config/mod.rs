@@ -9,9 +9,11 @@
 
 mod env;
 mod raw;
+mod trust;
 
 pub use env::{is_service_link, redact_urls};
 pub use raw::*;
+pub use trust::{RedisAuth, RedisTls, Secret};
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -122,11 +124,17 @@ pub struct BackendConfig {
     pub concurrency: usize,
     /// Forwards waiting for a free request slot.
     pub queue: usize,
+    /// `Some`: every request is signed (see `src/backend.rs`).
+    pub signing_key: Option<Secret>,
+    /// Static headers added to every request.
+    pub headers: Vec<(String, Secret)>,
 }
 
-/// The Redis bus's settings (see `wshub.example.toml`).
-#[derive(Debug, Clone)]
+/// The Redis bus's settings (see `wshub.example.toml`). Its `Debug`
+/// hides the password in `url`.
+#[derive(Clone)]
 pub struct RedisConfig {
+    /// Empty with Sentinel when no scheme or credentials are needed.
     pub url: String,
     pub channel_prefix: String,
     /// Sharded pub/sub on a Redis Cluster.
@@ -144,6 +152,13 @@ pub struct RedisConfig {
     pub reconnect_max: Duration,
     /// Limit on connecting and on each Redis command.
     pub command_timeout: Duration,
+    /// Username and password beyond (overriding) the URL's.
+    pub auth: RedisAuth,
+    /// Certificates for `rediss://`.
+    pub tls: RedisTls,
+    /// Sentinel addresses (`host:port`); empty: no Sentinel.
+    pub sentinels: Vec<String>,
+    pub sentinel_master: String,
 }
 
 impl RedisConfig {
@@ -257,6 +272,7 @@ impl Config {
                 .with_list_parse_key("broadcast.api_keys")
                 .with_list_parse_key("auth.allowed_origins")
                 .with_list_parse_key("auth.trusted_proxies")
+                .with_list_parse_key("redis.sentinels")
                 .source(Some(env.known)),
         );
         let raw: RawConfig = builder.build()?.try_deserialize()?;
@@ -410,7 +426,7 @@ impl Config {
     }
 
     fn redis_from_raw(raw: &RawRedis) -> Result<Option<RedisConfig>, ConfigError> {
-        if raw.url.trim().is_empty() {
+        if raw.url.trim().is_empty() && raw.sentinels.is_empty() {
             return Ok(None);
         }
         let config = RedisConfig {
@@ -424,9 +440,13 @@ impl Config {
             probe_timeout: Duration::from_millis(raw.probe_timeout_ms),
             reconnect_max: Duration::from_millis(raw.reconnect_max_ms),
             command_timeout: Duration::from_millis(raw.command_timeout_ms),
+            auth: trust::redis_auth(raw)?,
+            tls: trust::redis_tls(raw)?,
+            sentinels: trust::sentinels(raw)?,
+            sentinel_master: raw.sentinel_master.trim().to_owned(),
         };
         let urls = config.urls();
-        if !config.sharded && urls.len() != 1 {
+        if config.sentinels.is_empty() && !config.sharded && urls.len() != 1 {
             return Err(invalid(
                 "redis.url",
                 "must be one URL unless redis.sharded is set",
@@ -576,12 +596,15 @@ impl Config {
         if raw.queue == 0 {
             return Err(invalid("backend.queue", "must be at least 1"));
         }
+        let (signing_key, headers) = trust::backend_trust(raw)?;
         Ok(Some(BackendConfig {
             url: url.to_owned(),
             events: raw.events,
             timeout: Duration::from_millis(raw.timeout_ms),
             concurrency: raw.concurrency,
             queue: raw.queue,
+            signing_key,
+            headers,
         }))
     }
 
@@ -591,6 +614,11 @@ impl Config {
     pub fn settings(&self) -> Settings {
         let bus = match &self.redis {
             None => "in-process".to_owned(),
+            Some(r) if !r.sentinels.is_empty() => format!(
+                "redis via sentinels {} (master {:?})",
+                r.sentinels.join(","),
+                r.sentinel_master
+            ),
             Some(r) => format!(
                 "redis{} {}",
                 if r.sharded { " (sharded)" } else { "" },
@@ -600,9 +628,14 @@ impl Config {
         let backend = match &self.backend {
             None => "none (actions are relayed)".to_owned(),
             Some(b) => format!(
-                "{}{}",
+                "{}{}{}",
                 redact_urls(&b.url),
-                if b.events { " with events" } else { "" }
+                if b.events { " with events" } else { "" },
+                if b.signing_key.is_some() {
+                    ", signed"
+                } else {
+                    ""
+                }
             ),
         };
         let b = &self.broadcast;

@@ -49,6 +49,11 @@ pub struct RawBackend {
     pub timeout_ms: u64,
     pub concurrency: usize,
     pub queue: usize,
+    /// HMAC-SHA256 key: every request carries `X-Wshub-Timestamp` and
+    /// `X-Wshub-Signature` (docs/backend.md). Empty: unsigned.
+    pub signing_key: String,
+    /// Static headers added to every request (e.g. `Authorization`).
+    pub headers: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for RawBackend {
@@ -59,6 +64,8 @@ impl Default for RawBackend {
             timeout_ms: 5_000,
             concurrency: 64,
             queue: 1024,
+            signing_key: String::new(),
+            headers: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -80,6 +87,26 @@ pub struct RawRedis {
     pub probe_timeout_ms: u64,
     pub reconnect_max_ms: u64,
     pub command_timeout_ms: u64,
+    /// ACL user (Redis 6+); empty: the URL's, or `default`.
+    pub username: String,
+    /// Password; overrides one in the URL. Prefer `password_file`.
+    pub password: String,
+    /// A file holding the password (a mounted Kubernetes Secret); one
+    /// trailing newline is trimmed.
+    pub password_file: String,
+    /// PEM file of the CA(s) that signed Redis's certificate (`rediss://`);
+    /// empty: the Mozilla roots built in (webpki-roots).
+    pub tls_ca_file: String,
+    /// PEM certificate (chain) and key for mutual TLS; both or neither.
+    pub tls_client_cert_file: String,
+    pub tls_client_key_file: String,
+    /// Accept any certificate from Redis. For tests only; warned at start.
+    pub tls_insecure_skip_verify: bool,
+    /// Sentinel addresses (`host:port`); set: the primary is found through
+    /// them, and `url` is empty or gives only the scheme and credentials.
+    pub sentinels: Vec<String>,
+    /// The master name the sentinels monitor.
+    pub sentinel_master: String,
 }
 
 impl Default for RawRedis {
@@ -95,6 +122,15 @@ impl Default for RawRedis {
             probe_timeout_ms: 2_000,
             reconnect_max_ms: 1_000,
             command_timeout_ms: 2_000,
+            username: String::new(),
+            password: String::new(),
+            password_file: String::new(),
+            tls_ca_file: String::new(),
+            tls_client_cert_file: String::new(),
+            tls_client_key_file: String::new(),
+            tls_insecure_skip_verify: false,
+            sentinels: Vec::new(),
+            sentinel_master: String::new(),
         }
     }
 }

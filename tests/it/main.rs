@@ -9,6 +9,7 @@
 mod common;
 
 mod backend;
+mod backend_signing;
 mod bus_conformance;
 mod chat_backend;
 mod cli;
@@ -21,5 +22,8 @@ mod hub;
 mod manifests;
 mod module_cycles;
 mod pages;
+mod redis_acl;
+mod redis_sentinel;
+mod redis_tls;
 mod routing_props;
 mod security;

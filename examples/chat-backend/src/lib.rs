@@ -13,6 +13,11 @@
 //! - on `wshub.connect` (or a client's `getinitialmessages`): sends that user
 //!   `initialmessages`, a JSON array of the group's recent messages.
 //!
+//! With a signing key ([`Verify`], `--signing-key`), every request must
+//! carry a valid `X-Wshub-Signature` over its `X-Wshub-Timestamp`, method,
+//! path and body (docs/backend.md), signed within the last 5 minutes and
+//! never seen before; anything else is answered 401 and not processed.
+//!
 //! A chat message travels as action `broadcastchatmessage` whose `message`
 //! is JSON text: `{"text": …, "html": …, "time": …}` ([`ChatEntry`]).
 
@@ -23,7 +28,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -70,8 +75,35 @@ struct History {
     groups: HashMap<Option<String>, VecDeque<ChatEntry>>,
 }
 
+/// Signature checking: the hub's `backend.signing_key` and how old a
+/// signed request may be.
+#[derive(Clone)]
+pub struct Verify {
+    pub key: String,
+    /// Requests signed longer ago (or this far in the future) are refused;
+    /// signatures seen within it are refused as replays.
+    pub window: std::time::Duration,
+}
+
+impl Verify {
+    /// The documented window: 5 minutes.
+    pub fn new(key: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            window: std::time::Duration::from_secs(300),
+        }
+    }
+}
+
+/// The nonces accepted within the window (to refuse a replay), with their
+/// timestamps.
+#[derive(Default)]
+struct Seen(HashMap<String, u64>);
+
 struct App {
     settings: Settings,
+    verify: Option<Verify>,
+    seen: Mutex<Seen>,
     http: reqwest::Client,
     history: Mutex<History>,
 }
@@ -92,8 +124,15 @@ fn header(headers: &HeaderMap, name: &str) -> Option<String> {
 
 /// The service's routes: it accepts messages on any path.
 pub fn app(settings: Settings) -> Router {
+    app_verifying(settings, None)
+}
+
+/// [`app`], checking every request's signature when `verify` is given.
+pub fn app_verifying(settings: Settings, verify: Option<Verify>) -> Router {
     let app = Arc::new(App {
         settings,
+        verify,
+        seen: Mutex::default(),
         // Bounded, so that a push to a hub replica that went away (its
         // address gone mid-connect) fails fast instead of hanging for the
         // kernel's minutes of SYN retries.
@@ -112,11 +151,87 @@ pub async fn serve(listener: TcpListener, settings: Settings) -> std::io::Result
     axum::serve(listener, app(settings)).await
 }
 
+/// [`serve`], checking signatures when `verify` is given.
+pub async fn serve_verifying(
+    listener: TcpListener,
+    settings: Settings,
+    verify: Option<Verify>,
+) -> std::io::Result<()> {
+    axum::serve(listener, app_verifying(settings, verify)).await
+}
+
+fn hex_decode(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+impl App {
+    /// Checks the request's signature; `Err` says why it is refused.
+    fn check_signature(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<(), &'static str> {
+        use hmac::{KeyInit, Mac};
+        let Some(verify) = &self.verify else {
+            return Ok(());
+        };
+        let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
+        let (Some(timestamp), Some(nonce), Some(signature)) = (
+            text("x-wshub-timestamp"),
+            text("x-wshub-nonce"),
+            text("x-wshub-signature"),
+        ) else {
+            return Err("unsigned request");
+        };
+        let Ok(signed_at) = timestamp.parse::<u64>() else {
+            return Err("bad timestamp");
+        };
+        let signature = hex_decode(signature).ok_or("bad signature")?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let window = verify.window.as_secs();
+        if now.abs_diff(signed_at) > window {
+            return Err("signed outside the replay window");
+        }
+        // The canonical string of docs/backend.md: timestamp, nonce,
+        // method, path with query, body, joined by newlines.
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(verify.key.as_bytes())
+            .expect("HMAC takes a key of any length");
+        mac.update(format!("{timestamp}\n{nonce}\n{method}\n{path}\n").as_bytes());
+        mac.update(body);
+        // Compared in constant time.
+        mac.verify_slice(&signature)
+            .map_err(|_| "signature mismatch")?;
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.0.retain(|_, at| now.abs_diff(*at) <= window);
+        if seen.0.insert(nonce.to_owned(), signed_at).is_some() {
+            return Err("replayed request");
+        }
+        Ok(())
+    }
+}
+
 async fn handle(
     State(app): State<Arc<App>>,
+    method: Method,
+    uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> (StatusCode, String) {
+    if let Err(why) = app.check_signature(&method, &uri, &headers, &body) {
+        tracing::warn!(why, "refused a request to the backend");
+        return (StatusCode::UNAUTHORIZED, format!("{why}\n"));
+    }
     // The hub's headers say who sent it; ids in the body are not trusted.
     let Some(user) = header(&headers, "x-wshub-user-id") else {
         return (StatusCode::BAD_REQUEST, "missing X-Wshub-User-Id\n".into());

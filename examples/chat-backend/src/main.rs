@@ -6,7 +6,7 @@
 //! ```
 
 use clap::Parser;
-use wshub_chat_backend::{Settings, serve};
+use wshub_chat_backend::{Settings, Verify, serve_verifying};
 
 /// Sample wshub backend: renders chat messages from Markdown and keeps
 /// recent ones for newcomers.
@@ -25,6 +25,10 @@ struct Args {
     /// Messages kept per group.
     #[arg(long, env = "CHAT_KEEP", default_value_t = 50)]
     keep: usize,
+    /// The hub's backend.signing_key: refuse requests not signed with it
+    /// (or signed more than 5 minutes ago, or replayed).
+    #[arg(long, env = "CHAT_SIGNING_KEY", hide_env_values = true)]
+    signing_key: Option<String>,
 }
 
 #[tokio::main]
@@ -42,11 +46,12 @@ async fn main() -> std::io::Result<()> {
         keep: args.keep,
         hub_key: args.hub_key.filter(|k| !k.is_empty()),
     };
+    let verify = args.signing_key.filter(|k| !k.is_empty()).map(Verify::new);
     // In a container this is PID 1: without handling SIGTERM it would only
     // stop when killed.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        result = serve(listener, settings) => result,
+        result = serve_verifying(listener, settings, verify) => result,
         _ = tokio::signal::ctrl_c() => Ok(()),
         _ = term.recv() => Ok(()),
     }

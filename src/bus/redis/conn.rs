@@ -16,8 +16,12 @@ use std::time::Duration;
 use axum::body::Bytes;
 use tokio::sync::mpsc;
 
+use redis::IntoConnectionInfo;
+use tracing::warn;
+
 use super::MIN_BACKOFF;
 use super::queue::Outgoing;
+use super::tls;
 use crate::bus::BusError;
 use crate::config::RedisConfig;
 
@@ -34,11 +38,14 @@ const PUSH_OVERHEAD: usize = 128;
 /// duplicate; every other failure is never retried (see `connect_publisher`).
 const REDIRECT_RETRIES: usize = 3;
 
-/// How this node reaches Redis: a single server (PUBLISH/SUBSCRIBE) or a
-/// Redis Cluster with sharded pub/sub (SPUBLISH/SSUBSCRIBE).
+/// How this node reaches Redis: a single server (PUBLISH/SUBSCRIBE), the
+/// primary the sentinels name, or a Redis Cluster with sharded pub/sub
+/// (SPUBLISH/SSUBSCRIBE).
 #[derive(Clone)]
 pub(super) enum Link {
     Single(Box<SingleLink>),
+    /// Looked up on every connect (see `tls.rs`).
+    Sentinel(tls::Sentinels),
     Sharded(Vec<String>),
 }
 
@@ -53,19 +60,72 @@ pub(super) struct SingleLink {
 impl Link {
     pub(super) fn new(config: &RedisConfig) -> Result<Self, BusError> {
         let bad = |e: redis::RedisError| BusError::Unavailable(format!("invalid redis.url: {e}"));
-        if config.sharded {
+        if config.tls.insecure_skip_verify {
+            warn!(
+                "redis.tls_insecure_skip_verify is on: Redis's certificate is not checked, \
+                 anyone on the path can read and forge the bus's traffic"
+            );
+        }
+        if !config.sentinels.is_empty() {
+            Ok(Link::Sentinel(tls::Sentinels::new(config).map_err(
+                |e| BusError::Unavailable(format!("invalid redis.sentinels: {e}")),
+            )?))
+        } else if config.sharded {
             Ok(Link::Sharded(config.urls()))
         } else {
-            let client = redis::Client::open(config.url.as_str()).map_err(bad)?;
-            let info = client.get_connection_info().clone();
-            let settings = info
-                .redis_settings()
-                .clone()
-                .set_protocol(redis::ProtocolVersion::RESP3);
-            let resp3 = redis::Client::open(info.set_redis_settings(settings)).map_err(bad)?;
+            let info = config.url.as_str().into_connection_info().map_err(bad)?;
+            let client =
+                tls::client(info.clone(), config, info.redis_settings().protocol()).map_err(bad)?;
+            let resp3 = tls::client(info, config, redis::ProtocolVersion::RESP3).map_err(bad)?;
             Ok(Link::Single(Box::new(SingleLink { client, resp3 })))
         }
     }
+
+    /// A client for the one server (single or Sentinel's primary).
+    async fn server(&self, config: &RedisConfig, resp3: bool) -> redis::RedisResult<redis::Client> {
+        match self {
+            Link::Single(single) => Ok(if resp3 {
+                single.resp3.clone()
+            } else {
+                single.client.clone()
+            }),
+            Link::Sentinel(sentinels) => {
+                let info = sentinels.primary(config).await?;
+                let protocol = if resp3 {
+                    redis::ProtocolVersion::RESP3
+                } else {
+                    redis::ProtocolVersion::RESP2
+                };
+                tls::client(info, config, protocol)
+            }
+            Link::Sharded(_) => Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "a cluster has no single server",
+            ))),
+        }
+    }
+}
+
+/// Whether the sentinels now name another primary than `current` (false
+/// when they cannot be asked: a lost primary shows as a lost connection).
+///
+/// Sentinel demotes a primary that is still up only some seconds after a
+/// failover (it waits for the old primary to report its role); until then
+/// both servers accept PUBLISH, and nodes on different ones would not hear
+/// each other. Asked at every probe, this bounds that split to about
+/// `redis.probe_interval_ms`.
+pub(super) async fn primary_moved(
+    link: &Link,
+    config: &RedisConfig,
+    current: &redis::ConnectionAddr,
+) -> bool {
+    let Link::Sentinel(sentinels) = link else {
+        return false;
+    };
+    sentinels
+        .primary(config)
+        .await
+        .is_ok_and(|primary| primary.addr() != current)
 }
 
 /// The publisher's connection (also the prober's; cloning shares it).
@@ -79,32 +139,30 @@ pub(super) async fn connect_publisher(
     link: &Link,
     config: &RedisConfig,
 ) -> redis::RedisResult<PubConn> {
-    match link {
-        Link::Single(single) => {
-            let cfg = redis::AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(config.command_timeout))
-                .set_response_timeout(Some(config.command_timeout));
-            Ok(PubConn::Single(
-                single
-                    .client
-                    .get_multiplexed_async_connection_with_config(&cfg)
-                    .await?,
-            ))
-        }
-        Link::Sharded(nodes) => Ok(PubConn::Sharded(
-            redis::cluster::ClusterClientBuilder::new(nodes.clone())
-                .connection_timeout(config.command_timeout)
-                .response_timeout(config.command_timeout)
-                // No automatic retries: after a timeout or a broken
-                // connection the shard may already have run the SPUBLISH,
-                // and a retry would deliver it twice. Redirects, which are
-                // safe, are resent by `send` itself.
-                .retries(0)
-                .build()?
-                .get_async_connection()
+    let Link::Sharded(nodes) = link else {
+        let cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(config.command_timeout))
+            .set_response_timeout(Some(config.command_timeout));
+        return Ok(PubConn::Single(
+            link.server(config, false)
+                .await?
+                .get_multiplexed_async_connection_with_config(&cfg)
                 .await?,
-        )),
-    }
+        ));
+    };
+    Ok(PubConn::Sharded(
+        tls::cluster_builder(nodes, config)
+            .connection_timeout(config.command_timeout)
+            .response_timeout(config.command_timeout)
+            // No automatic retries: after a timeout or a broken
+            // connection the shard may already have run the SPUBLISH,
+            // and a retry would deliver it twice. Redirects, which are
+            // safe, are resent by `send` itself.
+            .retries(0)
+            .build()?
+            .get_async_connection()
+            .await?,
+    ))
 }
 
 impl PubConn {
@@ -335,6 +393,8 @@ impl PushReceiver {
 pub(super) struct SubConn {
     kind: SubKind,
     pushes: PushReceiver,
+    /// The server it is connected to (single server or Sentinel's primary).
+    pub(super) server: Option<redis::ConnectionAddr>,
 }
 
 enum SubKind {
@@ -355,21 +415,10 @@ pub(super) async fn connect_subscriber_with(
     buffer_bytes: usize,
 ) -> redis::RedisResult<SubConn> {
     let (send, pushes) = bounded_pushes(buffer_bytes);
-    let kind = match link {
-        Link::Single(single) => {
-            let cfg = redis::AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(config.command_timeout))
-                .set_response_timeout(Some(config.command_timeout))
-                .set_push_sender(send);
-            SubKind::Single(
-                single
-                    .resp3
-                    .get_multiplexed_async_connection_with_config(&cfg)
-                    .await?,
-            )
-        }
-        Link::Sharded(nodes) => SubKind::Sharded(
-            redis::cluster::ClusterClientBuilder::new(nodes.clone())
+    let mut addr = None;
+    let kind = if let Link::Sharded(nodes) = link {
+        SubKind::Sharded(
+            tls::cluster_builder(nodes, config)
                 .use_protocol(redis::ProtocolVersion::RESP3)
                 .push_sender(send)
                 .connection_timeout(config.command_timeout)
@@ -377,9 +426,25 @@ pub(super) async fn connect_subscriber_with(
                 .build()?
                 .get_async_connection()
                 .await?,
-        ),
+        )
+    } else {
+        let server = link.server(config, true).await?;
+        addr = Some(server.get_connection_info().addr().clone());
+        let cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(config.command_timeout))
+            .set_response_timeout(Some(config.command_timeout))
+            .set_push_sender(send);
+        SubKind::Single(
+            server
+                .get_multiplexed_async_connection_with_config(&cfg)
+                .await?,
+        )
     };
-    Ok(SubConn { kind, pushes })
+    Ok(SubConn {
+        kind,
+        pushes,
+        server: addr,
+    })
 }
 
 /// What the subscriber connection produced.

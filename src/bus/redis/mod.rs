@@ -52,6 +52,7 @@ use tracing::{info, warn};
 
 mod conn;
 mod queue;
+mod tls;
 
 use conn::{
     Backoff, Incoming, Link, PubConn, SubConn, connect_prober, connect_publisher,
@@ -115,6 +116,9 @@ struct Shared {
     metrics: Arc<Metrics>,
     started: Instant,
     subscriber_up: AtomicBool,
+    /// Why the subscriber is not connected, for `/readyz` (a wrong
+    /// password or CA must be visible there, not only in the log).
+    down_because: std::sync::Mutex<String>,
     /// Bumped on every subscriber (re)connect. A Redis the subscriber lost
     /// is one the publisher lost too, perhaps without noticing yet (it may
     /// have sent nothing during a short restart): the publisher reconnects
@@ -155,6 +159,7 @@ impl RedisBus {
             metrics,
             started: Instant::now(),
             subscriber_up: AtomicBool::new(false),
+            down_because: std::sync::Mutex::new("connecting".into()),
             epoch: AtomicU64::new(0),
             last_probe: AtomicU64::new(0),
             unreadable_logged: AtomicBool::new(false),
@@ -223,7 +228,14 @@ impl Bus for RedisBus {
     fn health(&self) -> Result<(), BusError> {
         let shared = &self.shared;
         if !shared.subscriber_up.load(Ordering::Acquire) {
-            return Err(BusError::Unavailable("not subscribed to Redis".into()));
+            let why = shared
+                .down_because
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            return Err(BusError::Unavailable(format!(
+                "not subscribed to Redis: {why}"
+            )));
         }
         let last = shared.last_probe.load(Ordering::Acquire);
         if last == 0 {
@@ -560,6 +572,11 @@ struct Live {
     probe_seen: HashMap<String, Duration>,
     subscribed: HashSet<Topic>,
     connected_at: Duration,
+    /// With Sentinel: the primary this connection is on, checked against
+    /// the sentinels at every probe.
+    sentinel_server: Option<redis::ConnectionAddr>,
+    /// Set by a probe task when the sentinels name another primary.
+    moved: Arc<AtomicBool>,
 }
 
 /// What ended a live connection: why, to log it.
@@ -597,6 +614,7 @@ impl Subscriber {
             let Some(lost) = self.serve(&mut live).await else {
                 return;
             };
+            self.set_down_because(&lost);
             self.shared.subscriber_up.store(false, Ordering::Release);
             warn!(reason = %lost, "lost the Redis subscriber connection; reconnecting");
         }
@@ -617,6 +635,7 @@ impl Subscriber {
                     Err(_) => "timed out".to_owned(),
                 },
             };
+            self.set_down_because(&error);
             if !self.outage_logged {
                 warn!(%error, "subscriber cannot reach Redis; retrying");
                 self.outage_logged = true;
@@ -639,6 +658,7 @@ impl Subscriber {
             probes,
             subscribed,
         } = connected;
+        let live_server = conn.server.clone();
         shared.metrics.bus_channels(subscribed.len());
         shared.subscriber_up.store(true, Ordering::Release);
         info!(node = %shared.node_id, channels = subscribed.len(), probes = probes.len(), reconnect = self.connected_before, "subscribed to Redis");
@@ -651,7 +671,21 @@ impl Subscriber {
             probe_seen: HashMap::new(),
             subscribed,
             connected_at: shared.since_start(),
+            sentinel_server: live_server.filter(|_| !config.sentinels.is_empty()),
+            moved: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Records why the subscriber is down, for `/readyz` (a wrong password
+    /// or CA must be visible there, not only in the log).
+    fn set_down_because(&self, why: &str) {
+        why.clone_into(
+            &mut self
+                .shared
+                .down_because
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
     }
 
     /// Answers subscription requests with `error` for `pause` (refused
@@ -834,6 +868,20 @@ impl Subscriber {
     fn on_probe(&mut self, live: &mut Live) -> Result<(), Lost> {
         let shared = &self.shared;
         let config = &shared.config;
+        if live.moved.load(Ordering::Acquire) {
+            return Err("the sentinels name another primary".into());
+        }
+        if let Some(current) = live.sentinel_server.clone() {
+            let (shared, link, moved) = (shared.clone(), self.link.clone(), live.moved.clone());
+            let limit = config.command_timeout;
+            self.tasks.spawn(async move {
+                if let Ok(true) =
+                    timeout(limit, conn::primary_moved(&link, &shared.config, &current)).await
+                {
+                    moved.store(true, Ordering::Release);
+                }
+            });
+        }
         // A connection that delivers nothing, not even our own probes, is
         // wedged: start over on a new one.
         let last =

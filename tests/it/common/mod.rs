@@ -10,6 +10,7 @@
 pub mod node;
 pub mod process;
 pub mod redis;
+pub mod redis_tls;
 pub mod routing;
 
 use std::net::SocketAddr;

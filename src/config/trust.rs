@@ -1,0 +1,261 @@
+//! The keys that carry secrets or certificates: Redis credentials, TLS
+//! files and Sentinel addresses, and the backend's signing key and static
+//! headers. Files are read here, at start, so that a missing or unreadable
+//! one is a configuration error naming its key, not a connection failure
+//! later; a secret's value never appears in a `Debug` or an error.
+
+use std::fmt;
+
+use super::{ConfigError, RawBackend, RawRedis, RedisConfig, invalid};
+
+/// A secret value (a password, a key, a header value): its `Debug` and
+/// `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Redis credentials given apart from the URL (they win over the URL's).
+#[derive(Clone, Debug, Default)]
+pub struct RedisAuth {
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+}
+
+/// Certificates for `rediss://`, read from their files at start.
+#[derive(Clone, Default)]
+pub struct RedisTls {
+    /// PEM CA certificates; `None`: the built-in Mozilla roots.
+    pub ca: Option<Vec<u8>>,
+    /// PEM client certificate chain and key (mutual TLS).
+    pub client: Option<(Vec<u8>, Secret)>,
+    /// Accept any server certificate (`redis.tls_insecure_skip_verify`).
+    pub insecure_skip_verify: bool,
+}
+
+impl fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("ca", &self.ca.as_ref().map(Vec::len))
+            .field("client", &self.client.is_some())
+            .field("insecure_skip_verify", &self.insecure_skip_verify)
+            .finish()
+    }
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &super::redact_urls(&self.url))
+            .field("channel_prefix", &self.channel_prefix)
+            .field("sharded", &self.sharded)
+            .field("publish_queue", &self.publish_queue)
+            .field("publish_queue_bytes", &self.publish_queue_bytes)
+            .field("publish_retry", &self.publish_retry)
+            .field("probe_interval", &self.probe_interval)
+            .field("probe_timeout", &self.probe_timeout)
+            .field("reconnect_max", &self.reconnect_max)
+            .field("command_timeout", &self.command_timeout)
+            .field("auth", &self.auth)
+            .field("tls", &self.tls)
+            .field("sentinels", &self.sentinels)
+            .field("sentinel_master", &self.sentinel_master)
+            .finish()
+    }
+}
+
+fn read(key: &'static str, path: &str) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| invalid(key, format!("cannot read {path:?}: {e}")))
+}
+
+pub(super) fn redis_auth(raw: &RawRedis) -> Result<RedisAuth, ConfigError> {
+    let username = Some(raw.username.trim().to_owned()).filter(|u| !u.is_empty());
+    let password = match (raw.password.as_str(), raw.password_file.trim()) {
+        ("", "") => None,
+        (p, "") => Some(Secret::new(p)),
+        ("", path) => {
+            let bytes = read("redis.password_file", path)?;
+            let text = String::from_utf8(bytes)
+                .map_err(|_| invalid("redis.password_file", "does not hold UTF-8 text"))?;
+            // A Secret mounted from `kubectl create secret --from-file`
+            // often ends with the editor's newline; the password does not.
+            let text = text
+                .strip_suffix("\r\n")
+                .or_else(|| text.strip_suffix('\n'))
+                .unwrap_or(&text);
+            if text.is_empty() {
+                return Err(invalid("redis.password_file", format!("{path:?} is empty")));
+            }
+            Some(Secret::new(text))
+        }
+        _ => {
+            return Err(invalid(
+                "redis.password",
+                "and redis.password_file cannot both be set",
+            ));
+        }
+    };
+    Ok(RedisAuth { username, password })
+}
+
+pub(super) fn redis_tls(raw: &RawRedis) -> Result<RedisTls, ConfigError> {
+    let ca = match raw.tls_ca_file.trim() {
+        "" => None,
+        path => Some(read("redis.tls_ca_file", path)?),
+    };
+    let client = match (
+        raw.tls_client_cert_file.trim(),
+        raw.tls_client_key_file.trim(),
+    ) {
+        ("", "") => None,
+        (cert, key) if !cert.is_empty() && !key.is_empty() => {
+            let key = read("redis.tls_client_key_file", key)?;
+            let key = String::from_utf8(key)
+                .map_err(|_| invalid("redis.tls_client_key_file", "is not a PEM file"))?;
+            Some((read("redis.tls_client_cert_file", cert)?, Secret::new(key)))
+        }
+        _ => {
+            return Err(invalid(
+                "redis.tls_client_cert_file",
+                "and redis.tls_client_key_file must be set together",
+            ));
+        }
+    };
+    let tls = RedisTls {
+        ca,
+        client,
+        insecure_skip_verify: raw.tls_insecure_skip_verify,
+    };
+    let wants_tls = tls.ca.is_some() || tls.client.is_some() || tls.insecure_skip_verify;
+    let plain = raw
+        .url
+        .split(',')
+        .map(str::trim)
+        .any(|u| u.starts_with("redis://"));
+    if wants_tls && plain {
+        return Err(invalid(
+            "redis.url",
+            "must use rediss:// when a redis.tls_* key is set",
+        ));
+    }
+    Ok(tls)
+}
+
+pub(super) fn sentinels(raw: &RawRedis) -> Result<Vec<String>, ConfigError> {
+    let sentinels: Vec<String> = raw
+        .sentinels
+        .iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if sentinels.is_empty() {
+        return Ok(sentinels);
+    }
+    if raw.sentinel_master.trim().is_empty() {
+        return Err(invalid(
+            "redis.sentinel_master",
+            "must name the master the sentinels monitor",
+        ));
+    }
+    if !raw.url.trim().is_empty() || raw.sharded {
+        return Err(invalid(
+            "redis.sentinels",
+            "cannot be combined with redis.url or redis.sharded (the sentinels name the primary)",
+        ));
+    }
+    let tls = [
+        &raw.tls_ca_file,
+        &raw.tls_client_cert_file,
+        &raw.tls_client_key_file,
+    ];
+    if tls.iter().any(|f| !f.trim().is_empty()) || raw.tls_insecure_skip_verify {
+        return Err(invalid(
+            "redis.sentinels",
+            "cannot be combined with redis.tls_* keys: TLS to a Sentinel-managed primary \
+             is not supported in this version",
+        ));
+    }
+    for s in &sentinels {
+        let port = s.rsplit_once(':').and_then(|(h, p)| {
+            (!h.is_empty())
+                .then_some(p)
+                .and_then(|p| p.parse::<u16>().ok())
+        });
+        if port.is_none() {
+            return Err(invalid(
+                "redis.sentinels",
+                format!("{s:?} is not host:port"),
+            ));
+        }
+    }
+    Ok(sentinels)
+}
+
+/// `backend.headers`, names lowercased, values secret.
+type StaticHeaders = Vec<(String, Secret)>;
+
+/// `backend.signing_key` and `backend.headers`, validated.
+pub(super) fn backend_trust(
+    raw: &RawBackend,
+) -> Result<(Option<Secret>, StaticHeaders), ConfigError> {
+    let key = match raw.signing_key.trim() {
+        "" => None,
+        k if k.len() < 32 => {
+            return Err(invalid(
+                "backend.signing_key",
+                "must be at least 32 characters",
+            ));
+        }
+        k => Some(Secret::new(k)),
+    };
+    let mut headers = Vec::new();
+    for (name, value) in &raw.headers {
+        let lower = name.to_ascii_lowercase();
+        if reqwest::header::HeaderName::from_bytes(lower.as_bytes()).is_err() {
+            return Err(invalid(
+                "backend.headers",
+                format!("{name:?} is not a header name"),
+            ));
+        }
+        if lower.starts_with("x-wshub-") || lower == "content-type" || lower == "host" {
+            return Err(invalid(
+                "backend.headers",
+                format!("{name:?} is set by the hub itself"),
+            ));
+        }
+        if reqwest::header::HeaderValue::from_str(value).is_err() {
+            // The value may be a credential: not repeated.
+            return Err(invalid(
+                "backend.headers",
+                format!("the value of {name:?} is not a valid header value"),
+            ));
+        }
+        headers.push((lower, Secret::new(value.clone())));
+    }
+    Ok((key, headers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_do_not_print() {
+        assert_eq!(format!("{:?}", Secret::new("hunter2")), "<redacted>");
+    }
+}

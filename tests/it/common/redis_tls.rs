@@ -1,0 +1,335 @@
+//! Redis over TLS, with ACL users, and under Sentinel, for the tests of
+//! `redis.tls_*`, `redis.username`/`password` and `redis.sentinels`.
+//!
+//! Certificates are made per test with the `openssl` command line (a CA, a
+//! server certificate for 127.0.0.1, a client certificate, and an unrelated
+//! CA); every process is a [`GroupChild`] on a free loopback port, killed
+//! with the test. A missing `openssl`, `redis-server` or `redis-cli` fails
+//! the test (`scripts/test` installs them).
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::process::GroupChild;
+use super::redis::{RedisServer, cli};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A scratch directory under target/ (see `RedisServer::start_with`).
+pub fn scratch(what: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "wshub-{what}-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run openssl ({e}): install Debian's openssl"));
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The PEM files of a test PKI, in `dir`.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    /// A CA, a server certificate for 127.0.0.1 and localhost, a client
+    /// certificate, all signed by the CA, and an unrelated CA.
+    pub fn make() -> Self {
+        let dir = scratch("pki");
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        for ca in ["ca", "other-ca"] {
+            let mut args = vec!["req", "-x509"];
+            args.extend(ec);
+            let (key, crt, subj) = (
+                format!("{ca}.key"),
+                format!("{ca}.crt"),
+                format!("/CN=wshub test {ca}"),
+            );
+            args.extend([
+                "-keyout",
+                &key,
+                "-out",
+                &crt,
+                "-days",
+                "2",
+                "-subj",
+                &subj,
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ]);
+            openssl(&dir, &args);
+        }
+        for (leaf, ext) in [
+            (
+                "server",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+            ),
+            ("client", "extendedKeyUsage=clientAuth\n"),
+        ] {
+            std::fs::write(dir.join(format!("{leaf}.ext")), ext).unwrap();
+            let (key, csr, crt, extfile) = (
+                format!("{leaf}.key"),
+                format!("{leaf}.csr"),
+                format!("{leaf}.crt"),
+                format!("{leaf}.ext"),
+            );
+            let subj = format!("/CN=wshub test {leaf}");
+            let mut args = vec!["req"];
+            args.extend(ec);
+            args.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+            openssl(&dir, &args);
+            openssl(
+                &dir,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.crt",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    &crt,
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &extfile,
+                ],
+            );
+        }
+        Self { dir }
+    }
+
+    pub fn path(&self, file: &str) -> String {
+        self.dir.join(file).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `redis-server` that speaks only TLS, on a free port.
+pub struct TlsRedis {
+    pub port: u16,
+    _child: GroupChild,
+    dir: PathBuf,
+}
+
+impl TlsRedis {
+    /// `client_certs`: require a client certificate signed by the CA.
+    pub fn start(pki: &Pki, client_certs: bool) -> Self {
+        let port = free_port();
+        let dir = scratch("redis-tls");
+        let child = GroupChild::spawn(
+            Command::new("redis-server")
+                .args(["--port", "0", "--tls-port", &port.to_string()])
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--tls-cert-file", &pki.path("server.crt")])
+                .args(["--tls-key-file", &pki.path("server.key")])
+                .args(["--tls-ca-cert-file", &pki.path("ca.crt")])
+                .args([
+                    "--tls-auth-clients",
+                    if client_certs { "yes" } else { "no" },
+                ])
+                .arg("--dir")
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .unwrap_or_else(|e| {
+            panic!("cannot start redis-server ({e}): install Debian's redis-server")
+        });
+        // Listening is enough: the TLS handshake is what the tests test.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server (TLS) did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self {
+            port,
+            _child: child,
+            dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A plain `redis-server` with an ACL user `user` whose password is
+/// `password` (the `default` user stays, for the harness's PING).
+pub fn redis_with_user(user: &str, password: &str) -> RedisServer {
+    let password = format!(">{password}");
+    RedisServer::start_with(&["--user", user, "on", &password, "~*", "&*", "+@all"])
+}
+
+/// A primary, a replica and three sentinels monitoring them as
+/// `mymaster`, on free ports.
+pub struct SentinelSetup {
+    pub primary: RedisServer,
+    pub replica: RedisServer,
+    pub sentinels: Vec<(u16, GroupChild)>,
+    dir: PathBuf,
+}
+
+pub const MASTER: &str = "mymaster";
+
+impl SentinelSetup {
+    pub fn start() -> Self {
+        let primary = RedisServer::start();
+        let replica =
+            RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+        let dir = scratch("sentinel");
+        let sentinels = (0..3)
+            .map(|i| {
+                let port = free_port();
+                let conf = dir.join(format!("sentinel-{i}.conf"));
+                // Sentinel rewrites its configuration file: one each.
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "port {port}\nbind 127.0.0.1\ndir {}\n\
+                         sentinel monitor {MASTER} 127.0.0.1 {} 2\n\
+                         sentinel down-after-milliseconds {MASTER} 1000\n\
+                         sentinel failover-timeout {MASTER} 5000\n",
+                        dir.display(),
+                        primary.port
+                    ),
+                )
+                .unwrap();
+                let child = GroupChild::spawn(
+                    Command::new("redis-server")
+                        .arg(&conf)
+                        .arg("--sentinel")
+                        .current_dir(&dir)
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null()),
+                )
+                .unwrap_or_else(|e| {
+                    panic!("cannot start redis-server --sentinel ({e}): install Debian's redis-server / redis-sentinel")
+                });
+                (port, child)
+            })
+            .collect();
+        let setup = Self {
+            primary,
+            replica,
+            sentinels,
+            dir,
+        };
+        setup.wait_until_settled();
+        setup
+    }
+
+    /// `host:port` of each sentinel, as `redis.sentinels` takes them.
+    pub fn addrs(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .map(|(port, _)| format!("127.0.0.1:{port}"))
+            .collect()
+    }
+
+    /// The primary's port as the first sentinel names it.
+    pub fn primary_port(&self) -> Option<u16> {
+        let out = cli(
+            self.sentinels[0].0,
+            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER],
+        );
+        out.lines().nth(1).and_then(|p| p.trim().parse().ok())
+    }
+
+    /// Waits until every sentinel knows the replica (in sync) and the two
+    /// other sentinels, so that a failover can happen.
+    pub fn wait_until_settled(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (port, _) in &self.sentinels {
+            loop {
+                let master = cli(*port, &["SENTINEL", "MASTER", MASTER]);
+                let field = |name: &str| {
+                    let mut lines = master.lines();
+                    lines.find(|l| l.trim() == name)?;
+                    lines.next().map(|v| v.trim().to_owned())
+                };
+                let replicas = cli(*port, &["SENTINEL", "REPLICAS", MASTER]);
+                if field("num-slaves").as_deref() == Some("1")
+                    && field("num-other-sentinels").as_deref() == Some("2")
+                    && replicas.contains("master-link-status\nok")
+                {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "sentinel {port} never saw the replica and the other sentinels: {master}\n{replicas}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// `SENTINEL FAILOVER`: the replica becomes the primary.
+    pub fn failover(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let reply = cli(self.sentinels[0].0, &["SENTINEL", "FAILOVER", MASTER]);
+            if reply == "OK" {
+                return;
+            }
+            // NOGOODSLAVE while the sentinel still checks the replica.
+            assert!(Instant::now() < deadline, "SENTINEL FAILOVER: {reply}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for SentinelSetup {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.sentinels {
+            child.kill_group();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,175 @@
+//! Redis ACL credentials (issue 17): from the URL, from `redis.username`
+//! with `redis.password_file` (a Kubernetes Secret's file, newline and
+//! all), and a wrong password: the node stays unready with the reason on
+//! `/readyz`, and the password appears in no log line and no error.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use crate::common::process::GroupChild;
+use crate::common::redis_tls::{redis_with_user, scratch};
+use crate::common::{PATIENCE, TestServer};
+use serde_json::json;
+use wshub::Config;
+
+const PASSWORD: &str = "s3cret-Acl-pw";
+
+fn config(settings: &[(&str, &str)]) -> Config {
+    let env = settings.iter().map(|(k, v)| {
+        (
+            format!("WSHUB_REDIS__{}", k.to_ascii_uppercase()),
+            v.to_string(),
+        )
+    });
+    let mut config = crate::common::test_config();
+    config.redis = Config::load_from(None, env).expect("redis config").redis;
+    config
+}
+
+async fn ready_node(settings: &[(&str, &str)]) -> TestServer {
+    let server = TestServer::with(config(settings)).await;
+    server.wait_ready().await;
+    server
+}
+
+#[tokio::test]
+async fn credentials_from_the_url_or_from_keys_and_a_password_file() {
+    let redis = redis_with_user("wshub", PASSWORD);
+    let from_url = ready_node(&[(
+        "url",
+        &format!("redis://wshub:{PASSWORD}@127.0.0.1:{}", redis.port),
+    )])
+    .await;
+    let dir = scratch("acl");
+    let file = dir.join("password");
+    // As `kubectl create secret generic --from-file` mounts it.
+    std::fs::write(&file, format!("{PASSWORD}\n")).unwrap();
+    let from_keys = ready_node(&[
+        ("url", &redis.url()),
+        ("username", "wshub"),
+        ("password_file", file.to_str().unwrap()),
+    ])
+    .await;
+    // Both nodes' connections (subscriber and probe each; the publisher
+    // connects on the first message) are the ACL user's; only redis-cli's
+    // own is `default`.
+    let clients = crate::common::redis::cli(redis.port, &["CLIENT", "LIST"]);
+    let users: Vec<&str> = clients
+        .lines()
+        .filter(|l| !l.contains("cmd=client|list"))
+        .map(|l| l.split(" user=").nth(1).unwrap().split(' ').next().unwrap())
+        .collect();
+    assert_eq!(users, ["wshub"; 4], "{clients}");
+    let mut rx = from_keys.connect("rx", None).await;
+    let mut tx = from_url.connect("tx", None).await;
+    tx.send_json(json!({"action": "x", "message": "via ACL"}))
+        .await;
+    assert_eq!(rx.recv().await["message"], "via ACL");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn the_password_keys_are_validated() {
+    let err = |pairs: &[(&str, &str)]| {
+        let env = pairs.iter().map(|(k, v)| {
+            (
+                format!("WSHUB_REDIS__{}", k.to_ascii_uppercase()),
+                v.to_string(),
+            )
+        });
+        Config::load_from(None, env).unwrap_err().to_string()
+    };
+    let msg = err(&[
+        ("url", "redis://127.0.0.1:1"),
+        ("password", PASSWORD),
+        ("password_file", "/x"),
+    ]);
+    assert!(msg.contains("redis.password_file"), "{msg}");
+    let msg = err(&[
+        ("url", "redis://127.0.0.1:1"),
+        ("password_file", "/nonexistent/pw"),
+    ]);
+    assert!(
+        msg.contains("redis.password_file") && msg.contains("/nonexistent/pw"),
+        "{msg}"
+    );
+    // A bad URL is quoted without its password.
+    let msg = err(&[("url", &format!("redis://u:{PASSWORD}@[::1"))]);
+    assert!(
+        msg.contains("redis.url") && !msg.contains(PASSWORD),
+        "{msg}"
+    );
+    // The configuration's Debug hides both.
+    let c = config(&[
+        ("url", &format!("redis://u:{PASSWORD}@127.0.0.1:1")),
+        ("password", PASSWORD),
+    ]);
+    let debug = format!("{c:?}");
+    assert!(!debug.contains(PASSWORD), "{debug}");
+}
+
+/// The binary with a wrong password, in the URL and in the key: `/readyz`
+/// says why, and nothing it logs (at debug level) or answers holds either
+/// password.
+#[tokio::test]
+async fn a_wrong_password_is_reported_and_never_logged() {
+    let redis = redis_with_user("wshub", PASSWORD);
+    let wrong_in_url = "Wrong-url-pw-1234";
+    let wrong_in_key = "Wrong-key-pw-5678";
+    for (url, key) in [
+        (
+            format!("redis://wshub:{wrong_in_url}@127.0.0.1:{}", redis.port),
+            None,
+        ),
+        (redis.url(), Some(wrong_in_key)),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wshub"));
+        cmd.env("WSHUB_LISTEN", "127.0.0.1:0")
+            .env("WSHUB_LOG__FORMAT", "json")
+            .env("WSHUB_LOG__LEVEL", "debug")
+            .env("WSHUB_REDIS__URL", &url)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(pw) = key {
+            cmd.env("WSHUB_REDIS__USERNAME", "wshub")
+                .env("WSHUB_REDIS__PASSWORD", pw);
+        }
+        let mut child = GroupChild::spawn(&mut cmd).expect("spawn wshub");
+        let log = Arc::new(Mutex::new(Vec::<String>::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let lines = log.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                if v["message"] == "wshub listening" {
+                    let _ = addr_tx.send(v["addr"].as_str().unwrap().to_owned());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let addr = addr_rx.recv_timeout(PATIENCE).expect("wshub listening");
+        let ready = format!("http://{addr}/readyz");
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let body = loop {
+            let resp = reqwest::get(&ready).await.unwrap();
+            assert_eq!(resp.status(), 503);
+            let body = resp.text().await.unwrap();
+            if !body.trim_end().ends_with("connecting") {
+                break body;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{body}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        assert!(body.contains("WRONGPASS"), "{body}");
+        child.stop("-TERM", PATIENCE);
+        reader.join().unwrap();
+        let log = log.lock().unwrap().join("\n");
+        assert!(log.contains("WRONGPASS"), "the refusal is logged: {log}");
+        for secret in [wrong_in_url, wrong_in_key, PASSWORD] {
+            assert!(!body.contains(secret), "/readyz shows a password: {body}");
+            assert!(!log.contains(secret), "a password in the log: {log}");
+        }
+    }
+}
