@@ -1,0 +1,444 @@
+//! The subscriber task: one pub/sub connection (per shard on a cluster)
+//! holding exactly the topics this node's sockets need, the probes that
+//! prove it delivers, and the reconnect that subscribes again exactly what
+//! is held.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use super::conn::slot_of;
+use super::conn::{
+    self, Backoff, Incoming, Link, PubConn, SubConn, connect_prober, connect_subscriber,
+};
+use super::{LAG_LOG_EVERY, MAX_SUBSCRIBE_BATCH, PROBE_SEARCH, Shared, SubscribeRequest};
+use crate::bus::BusError;
+use crate::outcome::DropReason;
+use crate::route::Topic;
+
+/// The probe channels of this node: one on a single server; on a cluster one
+/// per slot range, so every shard's subscription is checked.
+async fn probe_channels(shared: &Shared, prober: &mut PubConn) -> redis::RedisResult<Vec<String>> {
+    let Some(ranges) = prober.shard_ranges().await? else {
+        return Ok(vec![shared.probe_channel.clone()]);
+    };
+    let mut channels = Vec::new();
+    for (start, end) in ranges {
+        let found = (0..PROBE_SEARCH)
+            .map(|i| format!("{}:{i}", shared.probe_channel))
+            .find(|c| (start..=end).contains(&slot_of(c)));
+        match found {
+            Some(c) => channels.push(c),
+            None => warn!(
+                start,
+                end, "no probe channel found for a slot range; it is not probed"
+            ),
+        }
+    }
+    if channels.is_empty() {
+        channels.push(shared.probe_channel.clone());
+    }
+    channels.sort();
+    channels.dedup();
+    Ok(channels)
+}
+
+/// What a successful connect attempt produced: the connections, the probe
+/// channels, and exactly the topics that were subscribed.
+struct Connected {
+    conn: SubConn,
+    prober: PubConn,
+    probes: Vec<String>,
+    subscribed: HashSet<Topic>,
+}
+
+async fn connect(shared: &Shared, link: &Link) -> redis::RedisResult<Connected> {
+    let config = &shared.config;
+    let mut conn = connect_subscriber(link, config).await?;
+    let mut prober = connect_prober(link, config).await?;
+    let probes = probe_channels(shared, &mut prober).await?;
+    // One snapshot, used both to subscribe and to record what is
+    // subscribed. A topic taken while this attempt is in flight is not in
+    // it: its request waits in the queue and is served once connected.
+    // (Two snapshots once made such a topic look subscribed when it was
+    // not: acked, and silently deaf until it was released.)
+    let held = shared.interest.held();
+    let mut channels = probes.clone();
+    channels.extend(held.iter().map(|t| shared.channels.of(t)));
+    for chunk in channels.chunks(MAX_SUBSCRIBE_BATCH) {
+        conn.subscribe(chunk).await?;
+    }
+    Ok(Connected {
+        conn,
+        prober,
+        probes,
+        subscribed: held.into_iter().collect(),
+    })
+}
+
+/// The subscriber task's state across connections: its requests, its
+/// backoff, and what it logged already.
+pub(super) struct Subscriber {
+    shared: Arc<Shared>,
+    link: Link,
+    requests: mpsc::Receiver<SubscribeRequest>,
+    stop: CancellationToken,
+    /// The bus's tracker, for the probes it sends off this task.
+    tasks: TaskTracker,
+    backoff: Backoff,
+    connected_before: bool,
+    /// Whether the current outage was logged already.
+    outage_logged: bool,
+    /// When dropped pushes were last logged.
+    lag_logged: Option<Instant>,
+}
+
+/// One live subscriber connection: the connections, the probe channels and
+/// when each last came back, and exactly the topics subscribed on it.
+struct Live {
+    conn: SubConn,
+    prober: PubConn,
+    probes: Vec<String>,
+    probe_set: HashSet<String>,
+    probe_seen: HashMap<String, Duration>,
+    subscribed: HashSet<Topic>,
+    connected_at: Duration,
+    /// With Sentinel: the primary this connection is on, checked against
+    /// the sentinels at every probe.
+    sentinel_server: Option<redis::ConnectionAddr>,
+    /// Set by a probe task when the sentinels name another primary.
+    moved: Arc<AtomicBool>,
+}
+
+/// What ended a live connection: why, to log it.
+type Lost = String;
+
+impl Subscriber {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        link: Link,
+        requests: mpsc::Receiver<SubscribeRequest>,
+        stop: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Self {
+        let backoff = Backoff::new(shared.config.reconnect_max);
+        Self {
+            shared,
+            link,
+            requests,
+            stop,
+            tasks,
+            backoff,
+            connected_before: false,
+            outage_logged: false,
+            lag_logged: None,
+        }
+    }
+
+    /// Connects, serves the connection until it is lost, and again, until
+    /// the bus stops.
+    pub(super) async fn run(mut self) {
+        loop {
+            let Some(mut live) = self.connect().await else {
+                return;
+            };
+            let Some(lost) = self.serve(&mut live).await else {
+                return;
+            };
+            self.set_down_because(&lost);
+            self.shared.subscriber_up.store(false, Ordering::Release);
+            warn!(reason = %lost, "lost the Redis subscriber connection; reconnecting");
+        }
+    }
+
+    /// Connects and subscribes to everything this node holds, backing off
+    /// between attempts; `None` once the bus stops.
+    async fn connect(&mut self) -> Option<Live> {
+        let shared = self.shared.clone();
+        let config = &shared.config;
+        let connected = loop {
+            let attempt = timeout(config.command_timeout * 4, connect(&shared, &self.link));
+            let error = tokio::select! {
+                () = self.stop.cancelled() => return None,
+                result = attempt => match result {
+                    Ok(Ok(connected)) => break connected,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "timed out".to_owned(),
+                },
+            };
+            self.set_down_because(&error);
+            if !self.outage_logged {
+                warn!(%error, "subscriber cannot reach Redis; retrying");
+                self.outage_logged = true;
+            }
+            shared.metrics.bus_reconnect_attempt();
+            let pause = self.backoff.step();
+            if !self.refuse_requests_for(pause, &error).await {
+                return None;
+            }
+        };
+        self.backoff.reset();
+        self.outage_logged = false;
+        // Ready again only once a probe has made the whole trip on the new
+        // connection (and the publisher has followed to the new epoch).
+        shared.last_probe.store(0, Ordering::Release);
+        shared.epoch.fetch_add(1, Ordering::AcqRel);
+        let Connected {
+            conn,
+            prober,
+            probes,
+            subscribed,
+        } = connected;
+        let live_server = conn.server.clone();
+        shared.metrics.bus_channels(subscribed.len());
+        shared.subscriber_up.store(true, Ordering::Release);
+        info!(node = %shared.node_id, channels = subscribed.len(), probes = probes.len(), reconnect = self.connected_before, "subscribed to Redis");
+        self.connected_before = true;
+        Some(Live {
+            conn,
+            prober,
+            probe_set: probes.iter().cloned().collect(),
+            probes,
+            probe_seen: HashMap::new(),
+            subscribed,
+            connected_at: shared.since_start(),
+            sentinel_server: live_server.filter(|_| !config.sentinels.is_empty()),
+            moved: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Records why the subscriber is down, for `/readyz` (a wrong password
+    /// or CA must be visible there, not only in the log).
+    fn set_down_because(&self, why: &str) {
+        why.clone_into(
+            &mut self
+                .shared
+                .down_because
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+    }
+
+    /// Answers subscription requests with `error` for `pause` (refused
+    /// while disconnected rather than keeping sockets waiting); false once
+    /// the bus stops.
+    async fn refuse_requests_for(&mut self, pause: Duration, error: &str) -> bool {
+        let pause = tokio::time::sleep(pause);
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return false,
+                () = &mut pause => return true,
+                Some(request) = self.requests.recv() => {
+                    let _ = request.ack.send(Err(BusError::Unavailable(error.to_owned())));
+                }
+            }
+        }
+    }
+
+    /// Serves one connection until it is lost (`Some(why)`) or the bus
+    /// stops (`None`).
+    async fn serve(&mut self, live: &mut Live) -> Option<Lost> {
+        let config = &self.shared.config;
+        let release_every =
+            (self.shared.interest.release_delay() / 2).max(Duration::from_millis(50));
+        let mut release = tokio::time::interval(release_every);
+        let mut probe = tokio::time::interval(config.probe_interval);
+        loop {
+            let step = tokio::select! {
+                () = self.stop.cancelled() => return None,
+                incoming = live.conn.next() => self.on_incoming(live, incoming).await,
+                Some(first) = self.requests.recv() => self.on_requests(live, first).await,
+                _ = release.tick() => self.on_release(live).await,
+                _ = probe.tick() => self.on_probe(live),
+            };
+            if let Err(lost) = step {
+                return Some(lost);
+            }
+        }
+    }
+
+    /// Handles one push from the subscriber connection.
+    async fn on_incoming(&mut self, live: &mut Live, incoming: Incoming) -> Result<(), Lost> {
+        let shared = &self.shared;
+        match incoming {
+            Incoming::Message(channel, _) if live.probe_set.contains(&channel) => {
+                live.probe_seen.insert(channel, shared.since_start());
+                if live.probe_seen.len() == live.probe_set.len() {
+                    let oldest = live.probe_seen.values().min().copied().unwrap_or_default();
+                    shared
+                        .last_probe
+                        .store(oldest.as_millis() as u64 + 1, Ordering::Release);
+                }
+            }
+            Incoming::Message(channel, payload) => shared.receive(&channel, payload),
+            Incoming::Unsubscribed(channels) => {
+                // A shard gave these up (its slots moved): take back those
+                // still wanted, at their new owner. The cluster client
+                // refreshes its slot map on the MOVED reply the old owner
+                // gives.
+                let wanted: Vec<String> = channels
+                    .into_iter()
+                    .filter(|c| {
+                        live.probe_set.contains(c)
+                            || shared
+                                .channels
+                                .topic(c)
+                                .is_some_and(|t| live.subscribed.contains(&t))
+                    })
+                    .collect();
+                if !wanted.is_empty() {
+                    info!(
+                        channels = wanted.len(),
+                        "Redis gave up subscriptions (slot migration); resubscribing"
+                    );
+                    let limit = shared.config.command_timeout * 2;
+                    match timeout(limit, live.conn.subscribe(&wanted)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            return Err(format!("resubscribing after a slot migration: {e}"));
+                        }
+                        Err(_) => {
+                            return Err("resubscribing after a slot migration timed out".into());
+                        }
+                    }
+                }
+            }
+            Incoming::Lagged(n) => {
+                shared.metrics.dropped(DropReason::BusLagging, n);
+                // Once per episode, not per drop: a node that is behind must
+                // not also flood its log.
+                if self
+                    .lag_logged
+                    .is_none_or(|at: Instant| at.elapsed() > LAG_LOG_EVERY)
+                {
+                    warn!(
+                        dropped = n,
+                        "the subscriber fell behind Redis; messages were dropped (see wshub_messages_dropped_total{{reason=\"bus_lagging\"}})"
+                    );
+                    self.lag_logged = Some(Instant::now());
+                }
+            }
+            Incoming::Other => {}
+            Incoming::Closed => return Err("connection closed".into()),
+        }
+        Ok(())
+    }
+
+    /// Serves `first` and the requests queued behind it with one SUBSCRIBE.
+    async fn on_requests(&mut self, live: &mut Live, first: SubscribeRequest) -> Result<(), Lost> {
+        let shared = &self.shared;
+        let mut batch = vec![first];
+        while batch.len() < MAX_SUBSCRIBE_BATCH {
+            match self.requests.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut new: Vec<Topic> = batch
+            .iter()
+            .map(|r| r.topic.clone())
+            .filter(|t| !live.subscribed.contains(t))
+            .collect();
+        new.sort();
+        new.dedup();
+        let names: Vec<String> = new.iter().map(|t| shared.channels.of(t)).collect();
+        let result = if names.is_empty() {
+            Ok(Ok(()))
+        } else {
+            timeout(shared.config.command_timeout, live.conn.subscribe(&names)).await
+        };
+        match result {
+            Ok(Ok(())) => {
+                live.subscribed.extend(new);
+                shared.metrics.bus_channels(live.subscribed.len());
+                for r in batch {
+                    let _ = r.ack.send(Ok(()));
+                }
+                Ok(())
+            }
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "SUBSCRIBE timed out".to_owned(),
+                };
+                for r in batch {
+                    let _ = r.ack.send(Err(BusError::Unavailable(error.clone())));
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Unsubscribes the topics whose release delay is over.
+    async fn on_release(&mut self, live: &mut Live) -> Result<(), Lost> {
+        let shared = &self.shared;
+        let released: Vec<Topic> = shared
+            .interest
+            .expire(Instant::now())
+            .into_iter()
+            .filter(|t| live.subscribed.contains(t))
+            .collect();
+        if released.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = released.iter().map(|t| shared.channels.of(t)).collect();
+        for t in &released {
+            live.subscribed.remove(t);
+        }
+        shared.metrics.bus_channels(live.subscribed.len());
+        match timeout(shared.config.command_timeout, live.conn.unsubscribe(&names)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("UNSUBSCRIBE timed out".into()),
+        }
+    }
+
+    /// Sends the next probe, or gives the connection up when the last ones
+    /// did not come back.
+    fn on_probe(&mut self, live: &mut Live) -> Result<(), Lost> {
+        let shared = &self.shared;
+        let config = &shared.config;
+        if live.moved.load(Ordering::Acquire) {
+            return Err("the sentinels name another primary".into());
+        }
+        if let Some(current) = live.sentinel_server.clone() {
+            let (shared, link, moved) = (shared.clone(), self.link.clone(), live.moved.clone());
+            let limit = config.command_timeout;
+            self.tasks.spawn(async move {
+                if let Ok(true) =
+                    timeout(limit, conn::primary_moved(&link, &shared.config, &current)).await
+                {
+                    moved.store(true, Ordering::Release);
+                }
+            });
+        }
+        // A connection that delivers nothing, not even our own probes, is
+        // wedged: start over on a new one.
+        let last =
+            Duration::from_millis(shared.last_probe.load(Ordering::Acquire).saturating_sub(1));
+        let silent = shared
+            .since_start()
+            .saturating_sub(last.max(live.connected_at));
+        if silent > config.probe_timeout * 2 {
+            return Err(format!("no probe came back for {} ms", silent.as_millis()));
+        }
+        // On the probe's own connection, off this task: a slow Redis must
+        // not stall deliveries, and a backlog in the publisher must not
+        // delay the probe.
+        let mut prober = live.prober.clone();
+        let probes = live.probes.clone();
+        let limit = config.command_timeout;
+        self.tasks.spawn(async move {
+            let _ = timeout(limit, prober.probe(&probes)).await;
+        });
+        Ok(())
+    }
+}
