@@ -154,7 +154,10 @@ export async function startNginx(nodes) {
 /**
  * The page's own host: nginx with deploy/nginx/webconnection-site.conf,
  * serving the files in `root` and handing /__initializeWebSocket.wc to
- * `node`. Only the three lines the file marks EDIT are substituted.
+ * `node`. Three of the four lines the file marks EDIT are substituted;
+ * `server_name` is left as shipped: this nginx has no other server, so its
+ * only server takes every Host (tests/it/deploy.rs puts the file next to
+ * a Debian-like default server).
  */
 export async function startSiteNginx(node, root) {
   const bin = which("nginx", ["/usr/sbin/nginx"]);

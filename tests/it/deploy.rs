@@ -29,11 +29,7 @@ impl Nginx {
     /// Uses `deploy/nginx/nginx.conf` as it is, except for the listen line,
     /// with an upstream file naming `nodes` (compose's names them by DNS).
     fn start(nodes: &[SocketAddr]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let dir = std::env::temp_dir().join(format!("wshub-nginx-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nginx/nginx.conf");
@@ -56,6 +52,52 @@ impl Nginx {
             ),
         )
         .unwrap();
+        Self::run(dir, port)
+    }
+
+    /// `deploy/nginx/webconnection-site.conf` included in an `http { }`
+    /// block next to a default server as Debian's sites-enabled/default has
+    /// it (`listen 80 default_server; server_name _;`, a root with no
+    /// socket path), both on one port. Only the snippet's `upstream` and
+    /// `listen` lines are substituted: its `server_name` stays
+    /// `app.example.com`, the Host the tests send.
+    fn start_site(node: SocketAddr) -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("wshub-site-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(dir.join("html")).unwrap();
+        let repo =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nginx/webconnection-site.conf");
+        let mut site = std::fs::read_to_string(repo).unwrap();
+        for (from, to) in [
+            ("server 127.0.0.1:8080;", format!("server {node};")),
+            ("listen 80;", format!("listen 127.0.0.1:{port};")),
+        ] {
+            assert_eq!(
+                site.matches(from).count(),
+                1,
+                "one '{from}' line to substitute"
+            );
+            site = site.replace(from, &to);
+        }
+        std::fs::write(dir.join("site.conf"), site).unwrap();
+        std::fs::write(
+            dir.join("nginx.conf"),
+            format!(
+                "error_log stderr warn;\nevents {{}}\nhttp {{\n    access_log off;\n    \
+                 server {{\n        listen 127.0.0.1:{port} default_server;\n        \
+                 server_name _;\n        root {};\n        \
+                 location / {{ try_files $uri $uri/ =404; }}\n    }}\n    \
+                 include site.conf;\n}}\n",
+                dir.join("html").display()
+            ),
+        )
+        .unwrap();
+        Self::run(dir, port)
+    }
+
+    /// Checks and starts nginx with `dir/nginx.conf`; returns once it
+    /// listens on `port`.
+    fn run(dir: PathBuf, port: u16) -> Self {
         let globals = format!("daemon off; pid {}/nginx.pid;", dir.display());
         let args = |extra: &[&str]| {
             let mut cmd = Command::new("nginx");
@@ -84,6 +126,14 @@ impl Nginx {
         }
         Self { child, port, dir }
     }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Drop for Nginx {
@@ -316,6 +366,163 @@ async fn the_broadcast_path_cannot_be_smuggled_past_the_balancer() {
     .await;
     assert_eq!(status, 204);
     assert_eq!(listener.recv().await["action"], "fine");
+}
+
+/// Sends `request` and returns the status code and the response head
+/// (up to the blank line): a 101 keeps the connection open, so the body is
+/// not waited for.
+async fn raw_head(port: u16, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+            .await
+            .expect("a response head")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before the head ended: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not HTTP: {text:?}"));
+    (status, text)
+}
+
+/// A WebSocket upgrade request for `path` with `Host: host`.
+fn upgrade_request(path: &str, host: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
+/// docs/cluster.md pairs nginx.conf with upstream.host.conf on a host, and
+/// compose pairs it with upstream.conf: every shipped upstream*.conf must
+/// define what nginx.conf uses ($wshub_upstream), or nginx does not start.
+#[test]
+fn nginx_conf_starts_with_every_shipped_upstream_file() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nginx");
+    let mut upstreams: Vec<PathBuf> = std::fs::read_dir(&repo)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.starts_with("upstream") && name.ends_with(".conf")
+        })
+        .collect();
+    upstreams.sort();
+    assert!(
+        upstreams.len() >= 2,
+        "upstream.conf and upstream.host.conf: {upstreams:?}"
+    );
+    for upstream in upstreams {
+        let dir = std::env::temp_dir().join(format!("wshub-nginx-t-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(repo.join("nginx.conf"), dir.join("nginx.conf")).unwrap();
+        std::fs::copy(&upstream, dir.join("upstream.conf")).unwrap();
+        let globals = format!("pid {}/nginx.pid;", dir.display());
+        let check = Command::new("nginx")
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .args(["-g", &globals, "-t", "-q"])
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run nginx ({e}): this test needs it; install Debian's nginx-light (scripts/test does)")
+            });
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            check.status.success(),
+            "nginx -t with {}: {}",
+            upstream.display(),
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
+}
+
+/// A stock Debian nginx has a default server (`listen 80 default_server;
+/// server_name _;`) that takes every request no other server names. The
+/// site snippet names its host, so the socket path reaches wshub (101, from
+/// a node) for that Host; any other Host still goes to the default site.
+#[tokio::test]
+async fn the_site_snippet_takes_its_host_past_a_debian_default_server() {
+    let node = TestServer::start().await;
+    let site = Nginx::start_site(node.addr);
+    // An encoded `/` in the query (tokens have them) is no dot-segment.
+    let path = "/__initializeWebSocket.wc?groupid=g&userid=a%2Fb";
+    let (status, head) = raw_head(site.port, &upgrade_request(path, "app.example.com")).await;
+    assert_eq!(status, 101, "Host: app.example.com: {head}");
+    assert!(
+        head.to_ascii_lowercase().contains(wshub::http::NODE_HEADER),
+        "answered by a node: {head}"
+    );
+    let (status, head) = raw_head(site.port, &upgrade_request(path, "other.example.com")).await;
+    assert_eq!(
+        status, 404,
+        "Host: other.example.com, the default site: {head}"
+    );
+}
+
+/// The site snippet checks the raw URI as nginx.conf does: a path that
+/// nginx normalizes to the socket path, but that it would forward as sent,
+/// never reaches wshub. The broadcast endpoint is 403 wherever it appears;
+/// dot-segments and an encoded `.` or `/` are 400, from nginx.
+#[tokio::test]
+async fn the_site_snippet_refuses_smuggled_paths() {
+    let node = TestServer::start().await;
+    let site = Nginx::start_site(node.addr);
+    let cases = [
+        (
+            "GET",
+            "/__broadcastWebSocket.wc/../__initializeWebSocket.wc",
+            403,
+        ),
+        (
+            "GET",
+            "/__initializeWebSocket.wc/%2E%2E/__BroadcastWebSocket.wc",
+            403,
+        ),
+        ("POST", "/__BROADCASTWEBSOCKET.WC", 403),
+        ("POST", "/app/__broadcastWebSocket.wc?x=1", 403),
+        ("POST", "/%5F_broadcastWebSocket.wc", 403),
+        ("GET", "/x/../__initializeWebSocket.wc?groupid=g", 400),
+        ("GET", "/./__initializeWebSocket.wc", 400),
+        ("GET", "/x/..%2F__initializeWebSocket.wc", 400),
+        ("GET", "/%2e/__initializeWebSocket.wc", 400),
+        ("GET", "/x/%2E%2E/__initializeWebSocket.wc", 400),
+    ];
+    for (method, path, expected) in cases {
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: app.example.com\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade, close\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\nContent-Length: 0\r\n\r\n"
+        );
+        let (status, text) = raw_http(site.port, &request).await;
+        assert_eq!(status, expected, "{method} {path}: {text}");
+        let from_nginx = if expected == 403 {
+            "the broadcast endpoint is not reachable through the site"
+        } else {
+            "the site refuses dot-segments and an encoded . or / in the path"
+        };
+        assert!(
+            text.contains(from_nginx),
+            "{method} {path}, refused by nginx: {text}"
+        );
+    }
 }
 
 /// Process metrics (CPU, memory, file descriptors) and the build's version,
