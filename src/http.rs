@@ -301,7 +301,9 @@ impl HttpState {
         let status = refused.status();
         let what = refused.what();
         let label = refused.reason_label();
-        let verdict = self.refusals.note(peer, label, std::time::Instant::now());
+        // Tokio's clock, so tests can pause it and step over the window.
+        let now = tokio::time::Instant::now().into_std();
+        let verdict = self.refusals.note(peer, label, now);
         let mut text = match refused {
             Refused::Socket(reason, text) => {
                 self.metrics.refused(reason);

@@ -309,3 +309,84 @@ async fn no_configured_secret_appears_in_a_debug_log() {
         leaks.join("\n")
     );
 }
+
+/// A log destination the test reads: every line written so far.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn refused(&self) -> Vec<Value> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["message"] == "request refused")
+            .collect()
+    }
+}
+
+/// The count of a flood comes with the pair's next line after the minute.
+/// An in-process node whose log is captured, on a paused clock: a task
+/// that sleeps a millisecond at a time keeps the runtime's automatic
+/// advance (when every task waits) from jumping further, so the burst
+/// takes well under the minute, and `advance` steps over it.
+#[tokio::test(start_paused = true)]
+async fn the_count_of_a_flood_follows_with_the_next_line_after_the_minute() {
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_max_level(tracing::Level::WARN)
+        .with_writer({
+            let captured = captured.clone();
+            move || captured.clone()
+        })
+        .finish();
+    // The runtime is single-threaded: the server's tasks log on this thread.
+    let _default = tracing::subscriber::set_default(subscriber);
+    let ticker = tokio::spawn(async {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    });
+    let mut config = crate::common::test_config();
+    config.broadcast.api_keys = vec!["the-right-key-0123456789".to_owned()];
+    let server = crate::common::TestServer::with(config).await;
+    let push = || async {
+        reqwest::Client::new()
+            .post(server.url("/__broadcastWebSocket.wc"))
+            .header("x-api-key", "a-wrong-key-0123456789")
+            .body("{}")
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    let started = tokio::time::Instant::now();
+    for _ in 0..100 {
+        assert_eq!(push().await, 401);
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    let lines = captured.refused();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert_eq!(lines[0]["suppressed"], 0);
+    assert_eq!(lines[0]["peer"], "127.0.0.1");
+    tokio::time::advance(std::time::Duration::from_secs(61)).await;
+    assert_eq!(push().await, 401);
+    let lines = captured.refused();
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert_eq!(lines[1]["suppressed"], 99, "{}", lines[1]);
+    assert_eq!(lines[1]["status"], 401);
+    ticker.abort();
+    server.shutdown.cancel();
+    let _ = server.handle.await;
+}
