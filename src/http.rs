@@ -420,7 +420,8 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
             return Err(Refused::Socket(RefusalReason::PerIp, e.to_string()));
         }
         Err(e @ ConnectError::Bus(_)) => {
-            warn!(error = %e, "refusing a socket: bus subscription failed");
+            // Logged by `refuse`, rate-limited like every refusal: a line
+            // per upgrade flooded the log while Redis was away.
             return Err(Refused::Socket(RefusalReason::Bus, e.to_string()));
         }
     };

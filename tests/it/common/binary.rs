@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,8 @@ pub struct Binary {
     pub addr: SocketAddr,
     child: GroupChild,
     lines: Arc<Mutex<Vec<String>>>,
+    /// Its stderr closed: it exited (a configuration error, a crash).
+    ended: Arc<AtomicBool>,
 }
 
 impl Binary {
@@ -37,19 +40,22 @@ impl Binary {
         let mut child = GroupChild::spawn(&mut cmd).expect("spawn wshub");
         let stderr = child.stderr.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
+        let ended = Arc::new(AtomicBool::new(false));
         std::thread::spawn({
-            let lines = lines.clone();
+            let (lines, ended) = (lines.clone(), ended.clone());
             move || {
                 for line in BufReader::new(stderr).lines() {
                     let Ok(line) = line else { break };
                     lines.lock().unwrap().push(line);
                 }
+                ended.store(true, Ordering::SeqCst);
             }
         });
         let mut binary = Self {
             addr: "127.0.0.1:0".parse().unwrap(),
             child,
             lines,
+            ended,
         };
         let listening =
             binary.wait_for("the listening line", |v| v["message"] == "wshub listening");
@@ -79,11 +85,14 @@ impl Binary {
     pub fn wait_for(&self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + PATIENCE;
         loop {
+            // Read before looking, so a line written just before the end
+            // is still found.
+            let ended = self.ended.load(Ordering::SeqCst);
             if let Some(found) = self.matching(&matches).into_iter().next() {
                 return found;
             }
             assert!(
-                Instant::now() < deadline,
+                Instant::now() < deadline && !ended,
                 "wshub never logged {what}; it logged:\n{}",
                 self.stderr().join("\n")
             );
