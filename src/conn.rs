@@ -5,9 +5,9 @@ use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 
 use futures_util::task::AtomicWaker;
-use tracing::warn;
+use tracing::{debug, warn};
 
-use crate::logging::Untrusted;
+use crate::logging::{Untrusted, UntrustedOpt};
 use crate::message::Frame;
 use crate::outbox::{Full, Outbox};
 use crate::outcome::CloseReason;
@@ -66,11 +66,23 @@ impl Conn {
         }
     }
 
+    /// The slow-consumer warning. Client ids are logged at debug only
+    /// (docs/security.md, "What is logged"): the warning names the
+    /// connection and the close reason, and a debug line with the same
+    /// `conn` ties it to the user and group when an operator needs them.
     pub(crate) fn log_slow_consumer(&self) {
+        let reason = CloseReason::SlowConsumer;
         warn!(
             conn = self.id,
-            user = %Untrusted(&self.who.user),
+            code = reason.code(),
+            reason = reason.label(),
             "outbound queue full: closing slow consumer"
+        );
+        debug!(
+            conn = self.id,
+            user = %Untrusted(&self.who.user),
+            group = %UntrustedOpt(self.who.group.as_deref()),
+            "slow consumer's ids"
         );
     }
 }

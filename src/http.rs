@@ -5,7 +5,7 @@
 //! broadcast path anywhere in the URL), which axum's router does not do, so
 //! those two go through `dispatch`, the router's fallback.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::Router;
@@ -19,9 +19,11 @@ use tracing::{debug, warn};
 use crate::admission::Refusal;
 use crate::auth::{self, TokenVerifier};
 use crate::config::Config;
+use crate::logging::Untrusted;
 use crate::metrics::Metrics;
 use crate::node::{ConnectError, Node, PublishError};
 use crate::outcome::{BroadcastStatus, DropReason, RefusalReason};
+use crate::refusal_log::{RefusalLog, Verdict};
 use crate::route::Identity;
 
 /// The socket path of Web Connection (matched case-insensitively).
@@ -54,6 +56,9 @@ pub struct HttpState {
     tokens: Option<Arc<TokenVerifier>>,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    /// Which refusals were logged recently (one line per peer and reason
+    /// per minute).
+    refusals: Arc<RefusalLog>,
 }
 
 impl HttpState {
@@ -63,8 +68,20 @@ impl HttpState {
             tokens: TokenVerifier::from_config(&node.config.auth),
             config: node.config.clone(),
             metrics: node.metrics.clone(),
+            refusals: Arc::new(RefusalLog::default()),
             node,
         }
+    }
+
+    /// The address a request came from: the TCP peer, or the client named
+    /// by `X-Forwarded-For` when the peer is a trusted proxy.
+    fn peer(&self, request: &Request) -> Option<IpAddr> {
+        let peer = request.extensions().get::<ConnectInfo<SocketAddr>>()?.0;
+        Some(auth::client_ip(
+            peer,
+            request.headers(),
+            &self.config.auth.trusted_proxies,
+        ))
     }
 }
 
@@ -186,7 +203,8 @@ async fn metrics(State(http): State<HttpState>) -> Response {
 /// Routes the case-insensitive Web Connection paths; everything else is 404.
 async fn dispatch(State(http): State<HttpState>, request: Request) -> Response {
     if let Some(reason) = ambiguous_path(request.uri().path()) {
-        return bad_request(reason);
+        let peer = http.peer(&request);
+        return http.refuse(peer, Refused::Path(reason));
     }
     let path = request.uri().path().to_ascii_lowercase();
     if path == SOCKET_PATH || path == SOCKET_ALIAS {
@@ -218,22 +236,24 @@ pub fn ambiguous_path(path: &str) -> Option<&'static str> {
     None
 }
 
-fn bad_request(reason: impl Into<String>) -> Response {
-    let mut text = reason.into();
-    text.push('\n');
-    (StatusCode::BAD_REQUEST, text).into_response()
-}
-
 /// A request the HTTP layer turns away, with what it is counted as and the
 /// one-line reason the client reads. [`HttpState::refuse`] is the one place
 /// it becomes a response (status, text, `WWW-Authenticate` on 401, `Allow`
-/// on 405) and is counted, once.
+/// on 405), is counted, once, and is logged (rate-limited, see
+/// [`crate::refusal_log`]).
+///
+/// The text is what the client reads and what the log shows, so it never
+/// holds a token, key or secret; it may quote what the client sent (an
+/// origin, a parse error), which the log writes through [`Untrusted`].
 #[derive(Debug)]
 enum Refused {
     /// A socket upgrade (`wshub_connections_refused_total`).
     Socket(RefusalReason, String),
     /// A broadcast (`wshub_http_broadcast_total`).
     Broadcast(BroadcastStatus, String),
+    /// A path with a dot-segment or an encoded `.` or `/`, refused before
+    /// routing ([`ambiguous_path`]); logged, not counted.
+    Path(&'static str),
 }
 
 impl Refused {
@@ -241,16 +261,49 @@ impl Refused {
         let code = match self {
             Self::Socket(reason, _) => reason.status(),
             Self::Broadcast(status, _) => status.code(),
+            Self::Path(_) => 400,
         };
         // Every code in the outcome enums is a valid status.
         StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
+
+    /// What was refused, for the log.
+    fn what(&self) -> &'static str {
+        match self {
+            Self::Socket(..) => "socket",
+            Self::Broadcast(..) => "broadcast",
+            Self::Path(_) => "path",
+        }
+    }
+
+    /// The refusal log's key: one per kind and reason.
+    fn reason_label(&self) -> &'static str {
+        match self {
+            Self::Socket(reason, _) => reason.label(),
+            Self::Broadcast(status, _) => match status {
+                BroadcastStatus::Published => "published",
+                BroadcastStatus::BadRequest => "broadcast_bad_request",
+                BroadcastStatus::Unauthorized => "broadcast_unauthorized",
+                BroadcastStatus::Forbidden => "broadcast_forbidden",
+                BroadcastStatus::MethodNotAllowed => "broadcast_method",
+                BroadcastStatus::TooLarge => "broadcast_too_large",
+                BroadcastStatus::Unavailable => "broadcast_unavailable",
+            },
+            Self::Path(_) => "ambiguous_path",
+        }
+    }
 }
 
 impl HttpState {
-    /// Counts `refused` and turns it into its response.
-    fn refuse(&self, refused: Refused) -> Response {
+    /// Counts and logs `refused` (from `peer`) and turns it into its
+    /// response.
+    fn refuse(&self, peer: Option<IpAddr>, refused: Refused) -> Response {
         let status = refused.status();
+        let what = refused.what();
+        let label = refused.reason_label();
+        // Tokio's clock, so tests can pause it and step over the window.
+        let now = tokio::time::Instant::now().into_std();
+        let verdict = self.refusals.note(peer, label, now);
         let mut text = match refused {
             Refused::Socket(reason, text) => {
                 self.metrics.refused(reason);
@@ -260,7 +313,23 @@ impl HttpState {
                 self.metrics.http_broadcast(status);
                 text
             }
+            Refused::Path(text) => text.to_owned(),
         };
+        if let Verdict::Log {
+            suppressed,
+            overflow,
+        } = verdict
+        {
+            let peer = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+            let status = status.as_u16();
+            let reason = Untrusted(&text);
+            if overflow {
+                warn!(%peer, status, what, label, %reason, suppressed,
+                    "request refused (the refusal log is full: new peers share one line per minute)");
+            } else {
+                warn!(%peer, status, what, label, %reason, suppressed, "request refused");
+            }
+        }
         text.push('\n');
         let mut response = (status, text).into_response();
         let headers = response.headers_mut();
@@ -283,9 +352,10 @@ impl HttpState {
 /// (403), the identity from the token in token mode (401) or the query,
 /// then the node's capacity (503 when full or draining, 429 per address).
 async fn socket(http: HttpState, request: Request) -> Response {
+    let peer = http.peer(&request);
     match accept(http.clone(), request).await {
         Ok(response) => response,
-        Err(refused) => http.refuse(refused),
+        Err(refused) => http.refuse(peer, refused),
     }
 }
 
@@ -350,7 +420,8 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
             return Err(Refused::Socket(RefusalReason::PerIp, e.to_string()));
         }
         Err(e @ ConnectError::Bus(_)) => {
-            warn!(error = %e, "refusing a socket: bus subscription failed");
+            // Logged by `refuse`, rate-limited like every refusal: a line
+            // per upgrade flooded the log while Redis was away.
             return Err(Refused::Socket(RefusalReason::Bus, e.to_string()));
         }
     };
@@ -413,12 +484,13 @@ pub fn broadcast_allowed(peer: SocketAddr, trusted: &[ipnet::IpNet]) -> bool {
 /// `POST`/`PUT` of one message JSON to any path containing
 /// `__broadcastwebsocket.wc`: delivered like `broadcast`, answered 204.
 async fn broadcast(http: HttpState, request: Request) -> Response {
+    let peer = http.peer(&request);
     match publish(&http, request).await {
         Ok(()) => {
             http.metrics.http_broadcast(BroadcastStatus::Published);
             StatusCode::NO_CONTENT.into_response()
         }
-        Err(refused) => http.refuse(refused),
+        Err(refused) => http.refuse(peer, refused),
     }
 }
 

@@ -37,6 +37,8 @@
 //!   HTTP, in order per socket.
 //! - `auth`, `admission`, `rate_limit` (internal): tokens, origins and API
 //!   keys; capacity and the per-address limit; each socket's message rate.
+//! - `refusal_log` (internal): which refusals `http` logs, one line per
+//!   peer and reason per minute, in a bounded map.
 //! - [`outcome`]: the vocabulary of outcomes (close, drop and refusal
 //!   reasons, backend results), depending on nothing else here.
 //! - [`shutdown`]: the owner of every task (token + tracker).
@@ -44,7 +46,7 @@
 //! - [`config`], [`logging`], [`metrics`]: the operator's side.
 //!
 //! The modules form no import cycle: `outcome`, `message`, `shutdown`,
-//! `rate_limit` and `admission` import nothing of the crate, and every
+//! `rate_limit`, `refusal_log` and `admission` import nothing of the crate, and every
 //! arrow of the path above points one way.
 //!
 //! `main.rs` only loads configuration, starts logging and calls [`run`], so
@@ -73,6 +75,7 @@ pub mod node;
 pub(crate) mod outbox;
 pub mod outcome;
 pub(crate) mod rate_limit;
+pub(crate) mod refusal_log;
 pub mod route;
 pub mod server;
 pub(crate) mod session;

@@ -25,5 +25,6 @@ mod pages;
 mod redis_acl;
 mod redis_sentinel;
 mod redis_tls;
+mod refusals;
 mod routing_props;
 mod security;
