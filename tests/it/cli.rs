@@ -117,3 +117,63 @@ fn chat_backend_logs_to_a_pipe_have_no_colour_codes() {
     assert!(!all.contains('\x1b'), "colour codes in piped logs: {all:?}");
     assert!(line.contains("chat backend listening"), "{all:?}");
 }
+
+/// Review 12 item 1: neither the failure warning nor the start-up line
+/// shows the backend URL's password or query (which may hold a key).
+#[tokio::test]
+async fn backend_failures_log_no_url_password_or_query() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = wshub()
+        .env_clear()
+        .env("WSHUB_LISTEN", "127.0.0.1:0")
+        .env(
+            "WSHUB_BACKEND__URL",
+            format!("http://fox:hunter2@127.0.0.1:{port}/__websocket.wwd?apikey=SECRETQ"),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start wshub");
+    let stderr = child.stderr.take().unwrap();
+    // Lines as they come, read on a thread of their own.
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let addr = loop {
+        let line = lines.recv().await.expect("wshub exited before listening");
+        seen.push_str(&line);
+        seen.push('\n');
+        if let Some(rest) = line
+            .split(" addr=")
+            .nth(1)
+            .filter(|_| line.contains("wshub listening"))
+        {
+            break rest.split(' ').next().unwrap().parse().unwrap();
+        }
+    };
+    let mut ann =
+        crate::common::Client::connect(addr, "/__initializeWebSocket.wc?userid=ann").await;
+    ann.send_json(serde_json::json!({"action": "doit"})).await;
+    assert_eq!(ann.recv().await["action"], "wshub.error");
+    while !seen.contains("backend forwards failing") {
+        let line = lines.recv().await.expect("wshub exited");
+        seen.push_str(&line);
+        seen.push('\n');
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !seen.contains("hunter2") && !seen.contains("SECRETQ"),
+        "{seen}"
+    );
+}
