@@ -495,19 +495,27 @@ impl Dispatcher {
             .body(job.body)
             .send()
             .await;
-        let (result, problem) = match outcome {
-            Ok(resp) if resp.status().is_success() => (ForwardResult::Ok, String::new()),
-            Ok(resp) => (
-                ForwardResult::Status,
-                format!("the backend answered {}", resp.status()),
-            ),
+        // `reason` goes to the client, `problem` to the log. Neither shows
+        // the URL: reqwest's errors carry it, with its password and query
+        // (which may hold a key), so they are logged `without_url` and the
+        // client only learns what kind of failure it was (issue 12 item 1).
+        let (result, reason, problem) = match outcome {
+            Ok(resp) if resp.status().is_success() => {
+                (ForwardResult::Ok, String::new(), String::new())
+            }
+            Ok(resp) => {
+                let reason = format!("backend answered {}", resp.status().as_u16());
+                (ForwardResult::Status, reason.clone(), reason)
+            }
             Err(e) if e.is_timeout() => (
                 ForwardResult::Timeout,
+                "backend timed out".into(),
                 "the backend did not answer in time".into(),
             ),
             Err(e) => (
                 ForwardResult::Unreachable,
-                format!("the backend is unreachable ({e})"),
+                "backend unreachable".into(),
+                format!("the backend is unreachable ({})", error_chain(e)),
             ),
         };
         self.metrics.backend_forward(result);
@@ -518,16 +526,29 @@ impl Dispatcher {
             return;
         }
         if !self.failing.swap(true, Ordering::Relaxed) {
-            warn!(url = %self.url, result = result.label(), %problem,
+            warn!(url = %crate::config::redact_url_and_query(&self.url), result = result.label(), %problem,
                 "backend forwards failing (logged once per burst; see wshub_backend_forwards_total)");
         }
         if let Some(conn) = job.sender.and_then(|w| w.upgrade()) {
             conn.offer(error_frame(&format!(
-                "backend error: `{}` was not processed: {problem}",
+                "backend error: `{}` was not processed: {reason}",
                 job.action
             )));
         }
     }
+}
+
+/// `e` and its sources, without the request's URL.
+fn error_chain(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// The string a request's signature covers: the timestamp (decimal Unix

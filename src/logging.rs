@@ -32,16 +32,26 @@ pub fn init(config: &Config) -> Result<(), Box<dyn std::error::Error + Send + Sy
 /// Unicode line separators and direction overrides, and the backslash are
 /// written as Rust escapes (`\n`, `\u{1b}`, `\\`), so a client can
 /// neither start a line of its own nor restyle or reorder what the
-/// operator reads. Everything else (quotes, non-ASCII letters) is kept as
-/// it is, so ordinary ids read as themselves. Every client-chosen string
-/// is logged through this, whatever the format: JSON would escape control
-/// characters anyway, but a line must not change meaning when an operator
-/// switches formats.
+/// operator reads. A value that could pass for more than one field (it is
+/// empty, or holds whitespace, `=` or `"`: `mallory conn=n1-1 user=admin`)
+/// is also put in double quotes with its quotes escaped, so it reads as one
+/// value; ordinary ids read as themselves, unquoted. Every client-chosen
+/// string is logged through this, whatever the format: JSON would escape
+/// control characters anyway, but a line must not change meaning when an
+/// operator switches formats.
 pub struct Untrusted<'a>(pub &'a str);
 
 impl std::fmt::Display for Untrusted<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         use std::fmt::Write;
+        let quoted = self.0.is_empty()
+            || self
+                .0
+                .chars()
+                .any(|c| c.is_whitespace() || c == '=' || c == '"');
+        if quoted {
+            f.write_char('"')?;
+        }
         for c in self.0.chars() {
             let unsafe_char = c.is_control()
                 || c == '\\'
@@ -50,9 +60,14 @@ impl std::fmt::Display for Untrusted<'_> {
                 || ('\u{2066}'..='\u{2069}').contains(&c);
             if unsafe_char {
                 write!(f, "{}", c.escape_default())?;
+            } else if quoted && c == '"' {
+                f.write_str("\\\"")?;
             } else {
                 f.write_char(c)?;
             }
+        }
+        if quoted {
+            f.write_char('"')?;
         }
         Ok(())
     }
@@ -74,16 +89,33 @@ impl std::fmt::Display for UntrustedOpt<'_> {
 mod tests {
     use super::*;
 
+    /// Issue 11 item 9 variant: `user=mallory conn=n1-1 user=admin`.
+    #[test]
+    fn untrusted_strings_cannot_forge_fields() {
+        assert_eq!(
+            Untrusted("mallory conn=n1-1 user=admin").to_string(),
+            r#""mallory conn=n1-1 user=admin""#
+        );
+        assert_eq!(Untrusted("a=b").to_string(), r#""a=b""#);
+        assert_eq!(Untrusted("").to_string(), r#""""#);
+        assert_eq!(Untrusted(r#"x" y"#).to_string(), r#""x\" y""#);
+        assert_eq!(
+            Untrusted("alice@example.com").to_string(),
+            "alice@example.com"
+        );
+    }
+
     #[test]
     fn untrusted_strings_cannot_break_a_line_or_escape_the_terminal() {
         let s = "ann\n2026 INFO forged\u{1b}[31m\r\\";
         assert_eq!(
             Untrusted(s).to_string(),
-            r"ann\n2026 INFO forged\u{1b}[31m\r\\"
+            r#""ann\n2026 INFO forged\u{1b}[31m\r\\""#
         );
-        assert_eq!(Untrusted("o'brien \"é\"").to_string(), "o'brien \"é\"");
+        assert_eq!(Untrusted("o'brien \"é\"").to_string(), r#""o'brien \"é\"""#);
+        assert_eq!(Untrusted("o'brien-é").to_string(), "o'brien-é");
         assert_eq!(Untrusted("a\u{202e}b").to_string(), r"a\u{202e}b");
         assert_eq!(UntrustedOpt(None).to_string(), "null");
-        assert_eq!(UntrustedOpt(Some("a\tb")).to_string(), r"a\tb");
+        assert_eq!(UntrustedOpt(Some("a\tb")).to_string(), r#""a\tb""#);
     }
 }

@@ -40,7 +40,8 @@ Documentation, in the source repository:
 #[derive(clap::Subcommand)]
 enum Command {
     /// Asks the node on this machine (at the configured port) whether it is
-    /// alive: exit 0 if /healthz answers 200 within 2 s, 1 otherwise. For
+    /// alive: exit 0 if /healthz answers 200 within 2 s, 1 otherwise (a
+    /// configuration error included, its message on stderr). For
     /// container health checks, where there is no shell or curl.
     Healthcheck,
 }
@@ -51,7 +52,11 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(e) => {
             eprintln!("wshub: {e}");
-            return ExitCode::from(2);
+            // `healthcheck` promises 0 or 1, and Docker reserves 2.
+            return match args.command {
+                Some(Command::Healthcheck) => ExitCode::FAILURE,
+                None => ExitCode::from(2),
+            };
         }
     };
     if let Some(Command::Healthcheck) = args.command {

@@ -11,11 +11,21 @@
 //! - a variable naming a known key is configuration;
 //! - one naming a known section with an unknown key (`WSHUB_REDIS__URLL`) is
 //!   a typo of a real key and still stops start-up, naming the variable;
-//! - a service-link variable is ignored silently;
+//! - a service-link variable is ignored silently: its name has one of the
+//!   shapes Kubernetes uses, and where Kubernetes puts a URL
+//!   (`WSHUB_PORT=tcp://10.0.0.7:8080`) the value is one; `WSHUB_PORT=8080`
+//!   is someone's guess at the port setting and gets a warning;
 //! - anything else is ignored with one warning naming it, with the closest
 //!   real variable when one is close ("did you mean WSHUB_REDIS__URL?").
 //!
 //! Values are never copied into a message: they may be secrets.
+//!
+//! Each value reaches its key as the exact string written: a string key
+//! (`auth.jwt_secret`, `node_id`) keeps `123…` or `true` as text, a list key
+//! is split at commas here, and numbers and booleans are converted when the
+//! typed configuration is read. (The `config` crate's `try_parsing` guesses
+//! a type from the value alone and turned an all-digit JWT secret into a
+//! float, issue 12 item 3.)
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -23,8 +33,10 @@ use super::{ConfigError, ENV_CONFIG_FILE, ENV_PREFIX, RawConfig};
 
 /// The variables that are configuration, and warnings about the others.
 pub(super) struct Sorted {
-    /// Passed on to the loader, by their original names.
+    /// Passed on to the loader as strings, by their original names.
     pub known: HashMap<String, String>,
+    /// List keys (`broadcast.api_keys`), split at commas, by key path.
+    pub lists: Vec<(String, Vec<String>)>,
     /// One line per ignored variable, for the log.
     pub warnings: Vec<String>,
 }
@@ -36,6 +48,8 @@ struct Keys {
     /// `section.key` whose value is a table of free names
     /// (`backend.headers`: `WSHUB_BACKEND__HEADERS__AUTHORIZATION`).
     maps: BTreeSet<String>,
+    /// `section.key` (or `key`) whose value is a list.
+    lists: BTreeSet<String>,
 }
 
 impl Keys {
@@ -47,6 +61,7 @@ impl Keys {
         let mut top = BTreeSet::new();
         let mut sections = BTreeMap::new();
         let mut maps = BTreeSet::new();
+        let mut lists = BTreeSet::new();
         for (key, v) in value.as_object().expect("a table") {
             match v.as_object() {
                 Some(section) => {
@@ -57,8 +72,17 @@ impl Keys {
                             .filter(|(_, v)| v.is_object())
                             .map(|(k, _)| format!("{key}.{k}")),
                     );
+                    lists.extend(
+                        section
+                            .iter()
+                            .filter(|(_, v)| v.is_array())
+                            .map(|(k, _)| format!("{key}.{k}")),
+                    );
                 }
                 None => {
+                    if v.is_array() {
+                        lists.insert(key.clone());
+                    }
                     top.insert(key.clone());
                 }
             }
@@ -67,6 +91,7 @@ impl Keys {
             top,
             sections,
             maps,
+            lists,
         }
     }
 
@@ -90,6 +115,7 @@ pub(super) fn sort(env: impl IntoIterator<Item = (String, String)>) -> Result<So
     let prefix = format!("{ENV_PREFIX}_");
     let mut sorted = Sorted {
         known: HashMap::new(),
+        lists: Vec::new(),
         warnings: Vec::new(),
     };
     let mut env: Vec<(String, String)> = env
@@ -120,12 +146,24 @@ pub(super) fn sort(env: impl IntoIterator<Item = (String, String)>) -> Result<So
             },
             None => keys.top.contains(&rest),
         };
-        if known {
+        let path = rest.replace("__", ".");
+        if known && keys.lists.contains(&path) {
+            let items = value
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
+            sorted.lists.push((path, items));
+        } else if known {
             sorted.known.insert(name, value);
-        } else if !is_service_link(&name) {
+        } else if !is_service_link(&name, &value) {
+            let mut hint = did_you_mean(&name, &keys);
+            if hint.is_empty() && name.ends_with("_PORT") {
+                hint = format!(" (did you mean {ENV_PREFIX}_LISTEN=0.0.0.0:<port>?)");
+            }
             sorted.warnings.push(format!(
-                "ignoring the environment variable {name}: it is not a configuration variable{}",
-                did_you_mean(&name, &keys)
+                "ignoring the environment variable {name}: it is not a configuration variable{hint}"
             ));
         }
     }
@@ -138,7 +176,14 @@ pub(super) fn sort(env: impl IntoIterator<Item = (String, String)>) -> Result<So
 /// `<SVC>_PORT_<N>_<PROTO>` and that followed by `_PROTO`, `_PORT` or
 /// `_ADDR`. Service names become upper case with `-` as `_`, so they never
 /// contain the `__` of a section variable.
-pub fn is_service_link(name: &str) -> bool {
+///
+/// `<SVC>_PORT` and `<SVC>_PORT_<N>_<PROTO>` hold a URL
+/// (`tcp://10.0.0.7:8080`); with any other `value` the variable is not a
+/// link (`WSHUB_PORT=8080` is a guess at the port setting).
+pub fn is_service_link(name: &str, value: &str) -> bool {
+    let is_url = ["tcp://", "udp://", "sctp://"]
+        .iter()
+        .any(|scheme| value.starts_with(scheme));
     let words: Vec<&str> = name.split('_').collect();
     if name.contains("__") || words.len() < 2 {
         return false;
@@ -148,13 +193,18 @@ pub fn is_service_link(name: &str) -> bool {
     (1..words.len()).any(|i| {
         let tail = &words[i..];
         match tail {
-            ["SERVICE", "HOST"] | ["SERVICE", "PORT"] | ["PORT"] => true,
+            ["SERVICE", "HOST"] | ["SERVICE", "PORT"] => true,
+            ["PORT"] => is_url,
             ["SERVICE", "PORT", port_name @ ..] => !port_name.is_empty(),
             ["PORT", number, proto, rest @ ..] => {
                 !number.is_empty()
                     && number.bytes().all(|b| b.is_ascii_digit())
                     && matches!(*proto, "TCP" | "UDP" | "SCTP")
-                    && matches!(rest, [] | ["PROTO"] | ["PORT"] | ["ADDR"])
+                    && match rest {
+                        [] => is_url,
+                        ["PROTO"] | ["PORT"] | ["ADDR"] => true,
+                        _ => false,
+                    }
             }
             _ => false,
         }
@@ -190,42 +240,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
-/// `s` with the password of every URL in it replaced by `***`
-/// (`redis://:secret@host` → `redis://:***@host`). For log lines and error
-/// messages that show a configured URL.
-pub fn redact_urls(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(at) = rest.find("://") {
-        let (head, tail) = rest.split_at(at + 3);
-        out.push_str(head);
-        // The authority ends at the first '/', whitespace, quote or comma.
-        let end = tail
-            .find(|c: char| c == '/' || c == ',' || c == '"' || c.is_whitespace())
-            .unwrap_or(tail.len());
-        let authority = &tail[..end];
-        match authority.rfind('@') {
-            Some(at) => {
-                let userinfo = &authority[..at];
-                match userinfo.find(':') {
-                    Some(colon) => {
-                        out.push_str(&userinfo[..=colon]);
-                        out.push_str("***");
-                    }
-                    // `redis://secret@host`: redis-rs takes a lone userinfo
-                    // as the user name, but some write passwords there.
-                    None => out.push_str("***"),
-                }
-                out.push_str(&authority[at..]);
-            }
-            None => out.push_str(authority),
-        }
-        rest = &tail[end..];
-    }
-    out.push_str(rest);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,7 +259,12 @@ mod tests {
             "WSHUB_REDIS_SERVICE_PORT_REDIS",
             "WSHUB_REDIS_PORT_6379_TCP_ADDR",
         ] {
-            assert!(is_service_link(name), "{name}");
+            let value = if name.ends_with("_PORT") || name.ends_with("_TCP") {
+                "tcp://10.0.0.7:8080"
+            } else {
+                "8080"
+            };
+            assert!(is_service_link(name, value), "{name}");
         }
         for name in [
             "WSHUB_REDIS_URL",
@@ -255,19 +274,12 @@ mod tests {
             "WSHUB_SERVICE",
             "WSHUB_LISTEN",
         ] {
-            assert!(!is_service_link(name), "{name}");
+            assert!(!is_service_link(name, "tcp://10.0.0.7:8080"), "{name}");
         }
-    }
-
-    #[test]
-    fn redaction() {
-        assert_eq!(
-            redact_urls("redis://:s3cret@redis:6379/0, redis://u:p@h"),
-            "redis://:***@redis:6379/0, redis://u:***@h"
-        );
-        assert_eq!(redact_urls("\"redis://pw@h\""), "\"redis://***@h\"");
-        assert_eq!(redact_urls("redis://redis:6379"), "redis://redis:6379");
-        assert_eq!(redact_urls("no url"), "no url");
+        // Kubernetes puts a URL in these; a number is a guess at the port.
+        for name in ["WSHUB_PORT", "WSHUB_LISTEN_PORT", "WSHUB_PORT_80_TCP"] {
+            assert!(!is_service_link(name, "18122"), "{name}");
+        }
     }
 
     #[test]

@@ -9,10 +9,12 @@
 
 mod env;
 mod raw;
+mod redact;
 mod trust;
 
-pub use env::{is_service_link, redact_urls};
+pub use env::is_service_link;
 pub use raw::*;
+pub use redact::{redact_url_and_query, redact_urls};
 pub use trust::{RedisAuth, RedisTls, Secret};
 
 use std::net::SocketAddr;
@@ -29,8 +31,10 @@ pub const ENV_CONFIG_FILE: &str = "WSHUB_CONFIG";
 pub enum ConfigError {
     /// The file could not be read or parsed, a key is unknown, or a value has
     /// the wrong type. The text comes from the `config` crate and names the
-    /// key and the source; passwords in URLs are shown as `***`.
-    #[error("configuration: {}", redact_urls(&.0.to_string()))]
+    /// key and the source; the values of secret keys, quoted values it
+    /// cannot tie to a key, and passwords in URLs are shown as `***`
+    /// (see `redact.rs`).
+    #[error("configuration: {}", redact::config_error(.0))]
     Load(#[from] config::ConfigError),
     /// A `WSHUB_<SECTION>__<KEY>` variable names a known section but a key
     /// it does not have: a typo of a real key. Fix or remove the variable.
@@ -262,19 +266,18 @@ impl Config {
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
+        // No `try_parsing`: every value stays the string written, and
+        // numbers and booleans are converted by their keys' types (see
+        // `env.rs`). Lists were split by `env::sort`.
         builder = builder.add_source(
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("_")
                 .separator("__")
-                .try_parsing(true)
-                .list_separator(",")
-                .with_list_parse_key("broadcast.trusted_networks")
-                .with_list_parse_key("broadcast.api_keys")
-                .with_list_parse_key("auth.allowed_origins")
-                .with_list_parse_key("auth.trusted_proxies")
-                .with_list_parse_key("redis.sentinels")
                 .source(Some(env.known)),
         );
+        for (key, items) in env.lists {
+            builder = builder.set_override(key, items)?;
+        }
         let raw: RawConfig = builder.build()?.try_deserialize()?;
         let mut config = Self::from_raw(raw)?;
         config.env_warnings = env.warnings;
@@ -583,7 +586,10 @@ impl Config {
             _ => {
                 return Err(invalid(
                     "backend.url",
-                    format!("{} is not an http(s) URL", redact_urls(&format!("{url:?}"))),
+                    format!(
+                        "{} is not an http(s) URL",
+                        redact_url_and_query(&format!("{url:?}"))
+                    ),
                 ));
             }
         }
@@ -629,7 +635,7 @@ impl Config {
             None => "none (actions are relayed)".to_owned(),
             Some(b) => format!(
                 "{}{}{}",
-                redact_urls(&b.url),
+                redact_url_and_query(&b.url),
                 if b.events { " with events" } else { "" },
                 if b.signing_key.is_some() {
                     ", signed"

@@ -325,3 +325,118 @@ fn errors_and_settings_never_show_passwords() {
     assert_eq!(s.broadcast, "API key required (1 configured)");
     assert_eq!(s.auth, "token (HS256)");
 }
+
+/// Issue 12 item 3: every value reaches a string key as written. The
+/// `config` crate's guessing turned an all-digit secret into a float.
+#[test]
+fn environment_values_keep_their_exact_text() {
+    let secret = "123456789012345678901234567890123456";
+    let c = Config::load_from(
+        None,
+        env(&[
+            ("WSHUB_AUTH__JWT_SECRET", secret),
+            (
+                "WSHUB_BROADCAST__API_KEYS",
+                "12345678901234567890, 00000000000000000001",
+            ),
+            ("WSHUB_NODE_ID", "true"),
+            ("WSHUB_LIMITS__MAX_ID_BYTES", "128"),
+            ("WSHUB_REDIS__SHARDED", "false"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.node_id, "true");
+    assert_eq!(
+        c.broadcast.api_keys,
+        ["12345678901234567890", "00000000000000000001"]
+    );
+    assert_eq!(c.limits.max_id_bytes, 128, "numbers are still numbers");
+    // A token signed with the secret as written verifies.
+    let claims = serde_json::json!({"sub": "ann", "exp": 4_000_000_000u64});
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let key = c.auth.jwt_key.expect("token mode");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.required_spec_claims.clear();
+    jsonwebtoken::decode::<serde_json::Value>(&token, &key, &validation)
+        .expect("a token signed with the numeric secret verifies");
+}
+
+/// Issue 12 item 4: Kubernetes puts `tcp://IP:PORT` in `<SVC>_PORT`; a
+/// plain number there is someone's guess at the port setting.
+#[test]
+fn a_port_number_in_a_port_variable_warns() {
+    let c = Config::load_from(
+        None,
+        env(&[("WSHUB_PORT", "18122"), ("WSHUB_LISTEN_PORT", "18122")]),
+    )
+    .unwrap();
+    let w = c.env_warnings.join("\n");
+    assert_eq!(c.env_warnings.len(), 2, "{w}");
+    assert!(
+        w.contains("WSHUB_PORT: it is not a configuration variable (did you mean WSHUB_LISTEN"),
+        "{w}"
+    );
+    assert!(w.contains("WSHUB_LISTEN_PORT"), "{w}");
+    assert!(!w.contains("18122"), "values are never shown: {w}");
+}
+
+/// Issue 12 item 2: the shapes the `config` crate and TOML errors used to
+/// echo, and URLs whose password the old redaction missed.
+#[test]
+fn configuration_errors_never_echo_secret_values() {
+    let file = tempfile();
+    std::fs::write(
+        &file.0,
+        "[broadcast]\napi_keys = \"topsecret-apikey-0123456789\"\n",
+    )
+    .unwrap();
+    let err = Config::load_from(Some(&file.0), env(&[]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        !err.contains("topsecret") && err.contains("broadcast.api_keys"),
+        "{err}"
+    );
+    std::fs::write(
+        &file.0,
+        "[auth]\njwt_secret = \"abcdefghijklmnopqrstuvwxyz0123456789SECRET\n",
+    )
+    .unwrap();
+    let err = Config::load_from(Some(&file.0), env(&[]))
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains("SECRET") && err.contains("line 2"), "{err}");
+    for (name, value) in [
+        ("WSHUB_REDIS__URL", "redis://default:p@ss/w:rd@127.0.0.1:1"),
+        ("WSHUB_REDIS__URL", "redis://:hunter/2@127.0.0.1:1"),
+        ("WSHUB_REDIS__URL", ":hunter2@127.0.0.1:1"),
+        ("WSHUB_REDIS__URL", "redis//:hunter2@127.0.0.1:1"),
+        ("WSHUB_BACKEND__URL", "user:hunter2@app/__websocket.wwd"),
+    ] {
+        let err = Config::load_from(None, env(&[(name, value)]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !err.contains("hunter") && !err.contains("ss/w"),
+            "{value}: {err}"
+        );
+    }
+    let c = Config::load_from(
+        None,
+        env(&[
+            ("WSHUB_REDIS__URL", "redis://:hun ter2@127.0.0.1:1"),
+            (
+                "WSHUB_BACKEND__URL",
+                "http://fox:hunter2@127.0.0.1:1/__websocket.wwd?apikey=SECRETQ",
+            ),
+        ]),
+    )
+    .unwrap();
+    let line = format!("{:?}", c.settings());
+    assert!(!line.contains("hun") && !line.contains("SECRETQ"), "{line}");
+}

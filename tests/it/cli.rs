@@ -58,3 +58,122 @@ fn text_logs_to_a_pipe_have_no_colour_codes() {
         "colour codes in piped logs:\n{seen:?}"
     );
 }
+
+/// `healthcheck` exits 0 or 1, as `--help` says: Docker reserves 2, and a
+/// configuration error is one more reason the node is not healthy.
+#[test]
+fn healthcheck_with_a_configuration_error_exits_1() {
+    let out = wshub()
+        .env_clear()
+        .env("WSHUB_LISTEN", "not an address")
+        .arg("healthcheck")
+        .output()
+        .expect("run wshub");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("listen"), "{err}");
+}
+
+/// The sample backend, like wshub, writes no colour codes into a pipe
+/// (it logs to stderr; whatever it writes to stdout is checked too).
+#[test]
+fn chat_backend_logs_to_a_pipe_have_no_colour_codes() {
+    // Not a binary of this package, so Cargo does not build it for this
+    // test: build it next to wshub.
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "-p", "wshub-chat-backend", "--bin"])
+        .arg("wshub-chat-backend")
+        .status()
+        .expect("run cargo");
+    assert!(status.success());
+    let exe =
+        std::path::Path::new(env!("CARGO_BIN_EXE_wshub")).with_file_name("wshub-chat-backend");
+    let mut child = Command::new(exe)
+        .env_clear()
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start wshub-chat-backend");
+    // A bound on the wait, should the line never come to stderr.
+    let pid = child.id().to_string();
+    let (done, watchdog) = std::sync::mpsc::channel::<()>();
+    let guard = std::thread::spawn(move || {
+        if watchdog
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .is_err()
+        {
+            let _ = Command::new("kill").arg(&pid).status();
+        }
+    });
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).expect("read stderr");
+    let _ = done.send(());
+    guard.join().unwrap();
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let all = format!("{line}{}", String::from_utf8_lossy(&out.stdout));
+    assert!(!all.contains('\x1b'), "colour codes in piped logs: {all:?}");
+    assert!(line.contains("chat backend listening"), "{all:?}");
+}
+
+/// Review 12 item 1: neither the failure warning nor the start-up line
+/// shows the backend URL's password or query (which may hold a key).
+#[tokio::test]
+async fn backend_failures_log_no_url_password_or_query() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = wshub()
+        .env_clear()
+        .env("WSHUB_LISTEN", "127.0.0.1:0")
+        .env(
+            "WSHUB_BACKEND__URL",
+            format!("http://fox:hunter2@127.0.0.1:{port}/__websocket.wwd?apikey=SECRETQ"),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start wshub");
+    let stderr = child.stderr.take().unwrap();
+    // Lines as they come, read on a thread of their own.
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let addr = loop {
+        let line = lines.recv().await.expect("wshub exited before listening");
+        seen.push_str(&line);
+        seen.push('\n');
+        if let Some(rest) = line
+            .split(" addr=")
+            .nth(1)
+            .filter(|_| line.contains("wshub listening"))
+        {
+            break rest.split(' ').next().unwrap().parse().unwrap();
+        }
+    };
+    let mut ann =
+        crate::common::Client::connect(addr, "/__initializeWebSocket.wc?userid=ann").await;
+    ann.send_json(serde_json::json!({"action": "doit"})).await;
+    assert_eq!(ann.recv().await["action"], "wshub.error");
+    while !seen.contains("backend forwards failing") {
+        let line = lines.recv().await.expect("wshub exited");
+        seen.push_str(&line);
+        seen.push('\n');
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !seen.contains("hunter2") && !seen.contains("SECRETQ"),
+        "{seen}"
+    );
+}

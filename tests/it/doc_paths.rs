@@ -142,3 +142,41 @@ fn the_scanner_finds_paths_and_ignores_urls_and_patterns() {
         vec!["docs/cluster.md", "scripts/test", "src/bus/redis/"]
     );
 }
+
+/// Every Markdown table in `README.md` and `docs/` opens with a header and
+/// its `|---|` row: a paragraph once split the Endpoints table, and the rows
+/// after it rendered as plain text (review 12 item 7).
+#[test]
+fn every_markdown_table_row_follows_a_header() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("README.md")];
+    walk(&root.join("docs"), &mut files);
+    let mut broken = Vec::new();
+    for file in files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "md"))
+    {
+        let text = std::fs::read_to_string(file).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let mut in_code = false;
+        for (i, line) in lines.iter().enumerate() {
+            if line.trim_start().starts_with("```") {
+                in_code = !in_code;
+            }
+            let row = |l: &str| l.trim_start().starts_with('|');
+            let first_of_table = row(line) && (i == 0 || !row(lines[i - 1]));
+            let separated = lines.get(i + 1).is_some_and(|next| {
+                let next = next.trim_start();
+                next.starts_with("|-") || next.starts_with("| -") || next.starts_with("|:")
+            });
+            if !in_code && first_of_table && !separated {
+                broken.push(format!("{}:{}: {line}", file.display(), i + 1));
+            }
+        }
+    }
+    assert!(
+        broken.is_empty(),
+        "table rows without a header:\n{}",
+        broken.join("\n")
+    );
+}

@@ -33,10 +33,14 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
+    // As wshub's logs: to stderr, coloured only on a terminal (piped into
+    // `docker logs` or a file, escape codes are noise).
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
