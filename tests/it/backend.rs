@@ -630,7 +630,7 @@ async fn a_disconnect_is_delivered_when_the_queue_is_full() {
     let ann = server.connect("ann", None).await;
     let mut bob = server.connect("bob", None).await;
     // Both connects are in flight (held) and nothing waits.
-    let mut connects = vec![backend.next().await, backend.next().await];
+    let mut connects = [backend.next().await, backend.next().await];
     connects.sort_by_key(|s| header(s, "x-wshub-user-id").unwrap().to_owned());
     let ann_conn = connects[0].connection();
     // bob fills the queue behind its connect: 4 waiting, the rest refused.
