@@ -101,12 +101,49 @@ pub(crate) const ACTION_DISCONNECT: &str = "wshub.disconnect";
 const HEADER_ESCAPES: &AsciiSet = &CONTROLS.add(b' ').add(b'%').add(b'\x7f');
 
 struct Job {
+    kind: Kind,
     body: Bytes,
     headers: HeaderMap,
     /// What to call the job in the sender's error message.
     action: String,
     /// The sender, told when the forward fails; `None` for events.
     sender: Option<Weak<Conn>>,
+}
+
+/// What a job is, for the room it may take in [`Queues`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A client's message: within `backend.queue_per_connection` and
+    /// `backend.queue`.
+    Forward,
+    /// `wshub.connect`: within `backend.queue`.
+    Connect,
+    /// `wshub.disconnect` of an announced connection: always taken (see
+    /// [`Queues`]).
+    Disconnect,
+}
+
+/// Why a job was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// Shutting down.
+    Closed,
+    /// `backend.queue` is full.
+    Full,
+    /// The sender has `backend.queue_per_connection` forwards waiting.
+    ConnectionFull,
+    /// The room kept for disconnect events is full: cannot happen while it
+    /// is at least the node's socket capacity (see [`Queues`]).
+    ReserveFull,
+}
+
+impl Refused {
+    fn result(self) -> ForwardResult {
+        match self {
+            Self::Closed => ForwardResult::Shutdown,
+            Self::Full | Self::ConnectionFull | Self::ReserveFull => ForwardResult::QueueFull,
+        }
+    }
 }
 
 /// The connection to the application's backend.
@@ -125,10 +162,12 @@ pub(crate) struct Backend {
 impl Backend {
     /// Starts `backend.concurrency` workers on `shutdown` (the node's child
     /// for the backend: its token abandons the queue, its tracker is what
-    /// [`shutdown`](Self::shutdown) and the node wait for). Requires a
-    /// Tokio runtime.
+    /// [`shutdown`](Self::shutdown) and the node wait for). `sockets` is the
+    /// node's socket capacity: the room kept for disconnect events.
+    /// Requires a Tokio runtime.
     pub(crate) fn start(
         config: &BackendConfig,
+        sockets: usize,
         node_id: Arc<str>,
         metrics: Arc<Metrics>,
         shutdown: Shutdown,
@@ -137,7 +176,11 @@ impl Backend {
             .timeout(config.timeout)
             .connect_timeout(config.timeout)
             .build()?;
-        let queues = Arc::new(Queues::new(config.queue));
+        let queues = Arc::new(Queues::new(
+            config.queue,
+            config.queue_per_connection,
+            sockets,
+        ));
         let mut fixed = HeaderMap::new();
         for (name, value) in &config.headers {
             // Checked when the configuration was loaded.
@@ -206,6 +249,7 @@ impl Backend {
     /// gets a `wshub.error`.
     pub(crate) fn forward(&self, conn: &Arc<Conn>, text: &str, action: &str) {
         let job = Job {
+            kind: Kind::Forward,
             body: Bytes::copy_from_slice(text.as_bytes()),
             headers: self.headers(conn),
             action: action.to_owned(),
@@ -214,14 +258,20 @@ impl Backend {
         let Err(refused) = self.queues.push(conn.id, job) else {
             return;
         };
-        self.metrics.backend_forward(refused);
-        let why = match refused {
-            ForwardResult::Shutdown => "the node is shutting down",
-            _ => "backend busy",
+        self.metrics.backend_forward(refused.result());
+        let message = match refused {
+            Refused::Closed => format!(
+                "the node is shutting down: `{action}` was not delivered to the application, try again"
+            ),
+            Refused::ConnectionFull => format!(
+                "backend busy: `{action}` was not delivered to the application: {} of this connection's messages are still waiting for the backend; try again",
+                self.queues.per_connection
+            ),
+            Refused::Full | Refused::ReserveFull => {
+                format!("backend busy: `{action}` was not delivered to the application, try again")
+            }
         };
-        conn.offer(error_frame(&format!(
-            "{why}: `{action}` was not delivered to the application, try again"
-        )));
+        conn.offer(error_frame(&message));
     }
 
     /// Queues a `wshub.connect` or `wshub.disconnect` event, if enabled,
@@ -235,6 +285,11 @@ impl Backend {
         }
         let body = event_body(&conn.who, action);
         let job = Job {
+            kind: if action == ACTION_DISCONNECT {
+                Kind::Disconnect
+            } else {
+                Kind::Connect
+            },
             body: Bytes::from(body),
             headers: self.headers(conn),
             action: action.to_owned(),
@@ -243,7 +298,13 @@ impl Backend {
         match self.queues.push(conn.id, job) {
             Ok(()) => true,
             Err(refused) => {
-                self.metrics.backend_forward(refused);
+                self.metrics.backend_forward(refused.result());
+                if refused == Refused::ReserveFull {
+                    warn!(
+                        conn = conn.id,
+                        "disconnect event dropped: more disconnect events waiting than this node holds sockets"
+                    );
+                }
                 false
             }
         }
@@ -322,12 +383,32 @@ async fn worker(dispatcher: Arc<Dispatcher>, queues: Arc<Queues>, abandon: Cance
 /// bound that matters (`backend.queue`) is on the total. The semaphore
 /// counts the connections in `ready`, so a worker that holds a permit is
 /// sure to find one; closing it stops the workers.
+///
+/// **Three bounds.** Forwards and connect events share `backend.queue`.
+/// One connection's forwards wait at most `backend.queue_per_connection`
+/// at once: its requests go one at a time, so a socket sending faster than
+/// the backend answers used to fill the node's whole queue, and every other
+/// user got "backend busy" (issue 11 review). Over either, the sender is
+/// told "backend busy" and the forward is dropped. Disconnect events of
+/// announced connections are never refused for a full queue: the backend
+/// heard the connect and must hear the disconnect (one was once dropped
+/// for a queue full of another socket's messages). They wait in room of
+/// their own, `reserve` events, the node's socket capacity: one per
+/// connection, and a connection's disconnect is queued as it leaves, so
+/// more can wait only when sockets keep coming and going faster than the
+/// backend answers; past it (counted as `queue_full` and logged) the event
+/// is dropped. Memory: a few hundred bytes per waiting event.
 struct Queues {
     state: Mutex<QueueState>,
     /// One permit per connection in [`QueueState::ready`].
     ready: Semaphore,
-    /// At most this many jobs wait (`backend.queue`).
+    /// At most this many forwards and connect events wait (`backend.queue`).
     capacity: usize,
+    /// At most this many forwards of one connection wait
+    /// (`backend.queue_per_connection`).
+    per_connection: usize,
+    /// At most this many disconnect events wait.
+    reserve: usize,
 }
 
 #[derive(Default)]
@@ -338,18 +419,23 @@ struct QueueState {
     /// Connections with a job waiting and none in flight, in the order they
     /// became so (round robin between connections).
     ready: VecDeque<ConnId>,
-    /// Jobs waiting (not in flight), over all connections.
+    /// Forwards and connect events waiting (not in flight), over all
+    /// connections.
     waiting: usize,
+    /// Disconnect events waiting (not in flight).
+    disconnects: usize,
     /// No more jobs are taken (shutdown).
     closed: bool,
 }
 
 impl Queues {
-    fn new(capacity: usize) -> Self {
+    fn new(capacity: usize, per_connection: usize, reserve: usize) -> Self {
         Self {
             state: Mutex::default(),
             ready: Semaphore::new(0),
             capacity,
+            per_connection,
+            reserve: reserve.max(1),
         }
     }
 
@@ -360,15 +446,29 @@ impl Queues {
     }
 
     /// Queues `job` behind `conn`'s earlier ones, or says why not.
-    fn push(&self, conn: ConnId, job: Job) -> Result<(), ForwardResult> {
+    fn push(&self, conn: ConnId, job: Job) -> Result<(), Refused> {
         let mut state = self.lock();
         if state.closed {
-            return Err(ForwardResult::Shutdown);
+            return Err(Refused::Closed);
         }
-        if state.waiting >= self.capacity {
-            return Err(ForwardResult::QueueFull);
+        match job.kind {
+            Kind::Disconnect if state.disconnects >= self.reserve => {
+                return Err(Refused::ReserveFull);
+            }
+            Kind::Disconnect => state.disconnects += 1,
+            Kind::Forward | Kind::Connect if state.waiting >= self.capacity => {
+                return Err(Refused::Full);
+            }
+            Kind::Forward
+                if state
+                    .by_conn
+                    .get(&conn)
+                    .is_some_and(|jobs| jobs.len() >= self.per_connection) =>
+            {
+                return Err(Refused::ConnectionFull);
+            }
+            Kind::Forward | Kind::Connect => state.waiting += 1,
         }
-        state.waiting += 1;
         match state.by_conn.entry(conn) {
             // Already ready, or in flight (and made ready again by `done`).
             Entry::Occupied(mut jobs) => jobs.get_mut().push_back(job),
@@ -387,7 +487,10 @@ impl Queues {
         let mut state = self.lock();
         let conn = state.ready.pop_front()?;
         let job = state.by_conn.get_mut(&conn)?.pop_front()?;
-        state.waiting -= 1;
+        match job.kind {
+            Kind::Disconnect => state.disconnects -= 1,
+            Kind::Forward | Kind::Connect => state.waiting -= 1,
+        }
         Some((conn, job))
     }
 
@@ -410,7 +513,7 @@ impl Queues {
         let mut state = self.lock();
         state.closed = true;
         self.close_if_finished(&state);
-        state.waiting
+        state.waiting + state.disconnects
     }
 
     /// Drops every waiting job (the grace period is over); returns how
@@ -418,10 +521,11 @@ impl Queues {
     fn clear(&self) -> usize {
         let mut state = self.lock();
         state.closed = true;
-        let dropped = state.waiting;
+        let dropped = state.waiting + state.disconnects;
         state.by_conn.clear();
         state.ready.clear();
         state.waiting = 0;
+        state.disconnects = 0;
         self.ready.close();
         dropped
     }
@@ -623,6 +727,11 @@ mod tests {
 
     fn job(action: &str) -> Job {
         Job {
+            kind: match action {
+                ACTION_CONNECT => Kind::Connect,
+                ACTION_DISCONNECT => Kind::Disconnect,
+                _ => Kind::Forward,
+            },
             body: Bytes::new(),
             headers: HeaderMap::new(),
             action: action.to_owned(),
@@ -637,7 +746,7 @@ mod tests {
 
     #[test]
     fn one_connection_is_in_flight_once_and_in_order_and_connections_take_turns() {
-        let queues = Queues::new(10);
+        let queues = Queues::new(10, 10, 10);
         for action in ["a1", "a2"] {
             queues.push(1, job(action)).unwrap();
         }
@@ -662,27 +771,65 @@ mod tests {
 
     #[test]
     fn the_queue_bound_is_over_all_connections() {
-        let queues = Queues::new(2);
+        let queues = Queues::new(2, 2, 2);
         queues.push(1, job("a")).unwrap();
         queues.push(2, job("b")).unwrap();
-        assert_eq!(
-            queues.push(3, job("c")).err(),
-            Some(ForwardResult::QueueFull)
-        );
+        assert_eq!(queues.push(3, job("c")).err(), Some(Refused::Full));
         // A job in flight no longer waits: its place is free.
         take(&queues);
         queues.push(3, job("c")).unwrap();
     }
 
+    /// Issue 11 review: one socket's forwards filled the node's queue.
+    #[test]
+    fn one_connection_waits_at_most_its_share_and_others_still_queue() {
+        let queues = Queues::new(10, 2, 10);
+        queues.push(1, job("a1")).unwrap();
+        queues.push(1, job("a2")).unwrap();
+        assert_eq!(
+            queues.push(1, job("a3")).err(),
+            Some(Refused::ConnectionFull)
+        );
+        queues.push(2, job("b1")).unwrap();
+        // In flight, a1 no longer waits: a share is free again.
+        take(&queues);
+        queues.push(1, job("a3")).unwrap();
+        // And its disconnect is taken whatever waits.
+        queues.push(1, job(ACTION_DISCONNECT)).unwrap();
+    }
+
+    /// Issue 11 review: a disconnect was dropped for a queue full of
+    /// another socket's messages, although its connect had been sent.
+    #[test]
+    fn disconnect_events_are_taken_when_the_queue_is_full_within_the_reserve() {
+        let queues = Queues::new(2, 2, 2);
+        queues.push(1, job("a1")).unwrap();
+        queues.push(1, job("a2")).unwrap();
+        assert_eq!(
+            queues.push(2, job(ACTION_CONNECT)).err(),
+            Some(Refused::Full)
+        );
+        queues.push(3, job(ACTION_DISCONNECT)).unwrap();
+        queues.push(4, job(ACTION_DISCONNECT)).unwrap();
+        assert_eq!(
+            queues.push(5, job(ACTION_DISCONNECT)).err(),
+            Some(Refused::ReserveFull)
+        );
+        assert_eq!(queues.close(), 4);
+        let mut sent = Vec::new();
+        while let Some((conn, job)) = queues.take() {
+            sent.push(job.action);
+            queues.done(conn);
+        }
+        assert_eq!(sent, ["a1", ACTION_DISCONNECT, ACTION_DISCONNECT, "a2"]);
+    }
+
     #[test]
     fn closing_refuses_new_jobs_and_ends_the_workers_once_flushed() {
-        let queues = Queues::new(4);
+        let queues = Queues::new(4, 4, 4);
         queues.push(1, job("a")).unwrap();
         assert_eq!(queues.close(), 1);
-        assert_eq!(
-            queues.push(1, job("b")).err(),
-            Some(ForwardResult::Shutdown)
-        );
+        assert_eq!(queues.push(1, job("b")).err(), Some(Refused::Closed));
         assert!(!queues.ready.is_closed(), "the queued job is still sent");
         take(&queues);
         assert!(!queues.ready.is_closed(), "in flight");

@@ -28,6 +28,7 @@ use crate::message::{Message, MessageError};
 use crate::metrics::Metrics;
 use crate::outcome::CloseReason;
 use crate::outcome::DropReason;
+use crate::rate_limit::{RateLimit, Verdict};
 use crate::route::{Identity, Route, Topic};
 use crate::shutdown::Shutdown;
 
@@ -82,6 +83,46 @@ impl PublishError {
             Self::FanOutTooLarge { .. } => DropReason::TooBig,
             Self::Bus(_) => DropReason::BusUnavailable,
         }
+    }
+}
+
+/// Why a client's message was not sent.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ClientError {
+    /// Refused as any publisher's would be.
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    /// The sender's fan-out bytes (size × targets, summed over its
+    /// messages) are over `limits.fanout_bytes_per_second` and its burst:
+    /// the message is sent to nobody. The sender should slow down or send
+    /// to fewer targets; one that keeps on is closed with 1008.
+    #[error(
+        "rate limit: at most {per_second} bytes per second of fan-out (message size × targets; bursts of {burst}, limits.fanout_bytes_per_second); this message would put {bytes} bytes on the bus; message not sent"
+    )]
+    FanOutRate {
+        /// This message's size times its targets.
+        bytes: usize,
+        /// `limits.fanout_bytes_per_second`.
+        per_second: u64,
+        /// `limits.fanout_bytes_burst`.
+        burst: u64,
+        /// The sender kept on: close it with 1008.
+        close: bool,
+    },
+}
+
+impl ClientError {
+    fn drop_reason(&self) -> DropReason {
+        match self {
+            Self::Publish(e) => e.drop_reason(),
+            Self::FanOutRate { .. } => DropReason::RateLimited,
+        }
+    }
+}
+
+impl From<MessageError> for ClientError {
+    fn from(e: MessageError) -> Self {
+        Self::Publish(e.into())
     }
 }
 
@@ -146,18 +187,6 @@ impl Node {
         let bus = make_bus(hub.clone(), shutdown.child())?;
         // Every node hears messages for everyone, for as long as it lives.
         drop(bus.subscribe(&Topic::All));
-        let backend = match config.backend.as_ref() {
-            None => None,
-            Some(b) => Some(
-                Backend::start(
-                    b,
-                    config.node_id.as_str().into(),
-                    metrics.clone(),
-                    shutdown.child(),
-                )
-                .map_err(StartError::BackendClient)?,
-            ),
-        };
         let stamp_identity = config.auth.jwt_key.is_some();
         let fd_limit = crate::admission::open_file_limit();
         let (capacity, by_fds) =
@@ -170,6 +199,19 @@ impl Node {
                 "the open-file limit caps this node's sockets; raise it (ulimit -n, LimitNOFILE) to hold more"
             );
         }
+        let backend = match config.backend.as_ref() {
+            None => None,
+            Some(b) => Some(
+                Backend::start(
+                    b,
+                    capacity,
+                    config.node_id.as_str().into(),
+                    metrics.clone(),
+                    shutdown.child(),
+                )
+                .map_err(StartError::BackendClient)?,
+            ),
+        };
         let admission = Admission::new(
             capacity,
             config.limits.max_connections_per_ip,
@@ -244,6 +286,12 @@ impl Node {
         error
     }
 
+    /// [`refused`](Self::refused) for a client's message.
+    fn client_refused(&self, error: ClientError) -> ClientError {
+        self.metrics.dropped(error.drop_reason(), 1);
+        error
+    }
+
     /// Parses a message from the backend (the broadcast endpoint) and
     /// publishes it, whatever its action, the hub's own `wshub.*` included:
     /// the backend is the application, trusted by key or network, and may
@@ -265,11 +313,25 @@ impl Node {
     /// The hub's own actions (`wshub.*`) are refused, with or without a
     /// backend: a client could otherwise fake hub errors to other clients
     /// or connect/disconnect events to the backend.
-    pub fn client_text(&self, conn: &Arc<Conn>, text: &str) -> Result<(), PublishError> {
-        self.client_message(conn, text).map_err(|e| self.refused(e))
+    ///
+    /// A published message's fan-out bytes are charged to the sender's
+    /// `rate` (`ClientError::FanOutRate` when over it).
+    pub(crate) fn client_text(
+        &self,
+        conn: &Arc<Conn>,
+        text: &str,
+        rate: &mut RateLimit,
+    ) -> Result<(), ClientError> {
+        self.client_message(conn, text, rate)
+            .map_err(|e| self.client_refused(e))
     }
 
-    fn client_message(&self, conn: &Arc<Conn>, text: &str) -> Result<(), PublishError> {
+    fn client_message(
+        &self,
+        conn: &Arc<Conn>,
+        text: &str,
+        rate: &mut RateLimit,
+    ) -> Result<(), ClientError> {
         let mut msg = self.parse(text)?;
         if msg.is_reserved() {
             return Err(MessageError::ReservedAction.into());
@@ -292,14 +354,39 @@ impl Node {
                 backend.forward(conn, text, msg.action.as_deref().unwrap_or("(no action)"));
                 Ok(())
             }
-            _ => self.publish(&msg),
+            _ => {
+                let envelope = self.prepare(&msg)?;
+                // Charged before the bus sees it: what the sender's budget
+                // protects is the other nodes' Redis subscribers.
+                let bytes = envelope
+                    .frame
+                    .len()
+                    .saturating_mul(envelope.route.topics().len());
+                let verdict = rate.check_bytes(tokio::time::Instant::now(), bytes);
+                if verdict != Verdict::Allowed {
+                    let limits = &self.config.limits;
+                    return Err(ClientError::FanOutRate {
+                        bytes,
+                        per_second: limits.fanout_bytes_per_second,
+                        burst: limits.fanout_bytes_burst,
+                        close: verdict == Verdict::Abusive,
+                    });
+                }
+                Ok(self.send(envelope)?)
+            }
         }
     }
 
-    /// Publishes a parsed message to its recipients, unless its fan-out
-    /// (size × targets) is over `limits.max_fanout_bytes`. The message is
-    /// encoded here, once; the caller counts a refusal.
+    /// Publishes a parsed message to its recipients (see
+    /// [`prepare`](Self::prepare) and [`send`](Self::send)); the caller
+    /// counts a refusal.
     fn publish(&self, msg: &Message<'_>) -> Result<(), PublishError> {
+        self.send(self.prepare(msg)?)
+    }
+
+    /// Encodes a message, once, for its route, unless its fan-out
+    /// (size × targets) is over `limits.max_fanout_bytes`.
+    fn prepare(&self, msg: &Message<'_>) -> Result<Arc<Envelope>, PublishError> {
         let route = Route::from_recipients(&msg.recipients);
         let frame = msg.encode();
         let (size, targets) = (frame.len(), route.topics().len());
@@ -312,7 +399,11 @@ impl Node {
                 max,
             });
         }
-        let envelope = Arc::new(Envelope { route, frame });
+        Ok(Arc::new(Envelope { route, frame }))
+    }
+
+    /// Hands an encoded message to the bus and this node's sockets.
+    fn send(&self, envelope: Arc<Envelope>) -> Result<(), PublishError> {
         // The bus first: a message the bus refuses (its queue is full) is
         // sent nowhere, so the sender's error means "not sent", as before
         // local delivery moved out of the bus.

@@ -34,7 +34,7 @@ use tracing::{debug, warn};
 use crate::conn::{Closer, Conn, OutboxReceiver};
 use crate::logging::{Untrusted, UntrustedOpt};
 use crate::message::{Frame, MessageError, error_frame};
-use crate::node::{Node, PublishError, Registration};
+use crate::node::{ClientError, Node, PublishError, Registration};
 use crate::outcome::CloseReason;
 use crate::outcome::DropReason;
 use crate::rate_limit::{RateLimit, Verdict};
@@ -78,7 +78,7 @@ struct Session {
     ping: Interval,
     /// Whether the peer sent anything since the last ping.
     heard: bool,
-    rate: Option<RateLimit>,
+    rate: RateLimit,
     /// The client sent a close frame (its echo is owed).
     client_closed: bool,
     write_timeout: Duration,
@@ -99,12 +99,7 @@ impl Session {
         let ping_every = node.config.ws.ping_interval;
         let mut ping = interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let limits = &node.config.limits;
-        let rate = RateLimit::new(
-            limits.messages_per_second,
-            limits.message_burst,
-            limits.rate_violations_before_close,
-        );
+        let rate = RateLimit::new(&node.config.limits);
         let write_timeout = node.config.ws.write_timeout;
         Self {
             registration,
@@ -133,10 +128,8 @@ impl Session {
         // and buffers it even when the peer does not read, so an unlimited
         // ping flood grows memory.
         let control = matches!(frame, Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))));
-        if (data || control)
-            && let Some(rate) = self.rate.as_mut()
-        {
-            match rate.check(tokio::time::Instant::now()) {
+        if data || control {
+            match self.rate.check(tokio::time::Instant::now()) {
                 Verdict::Allowed => {}
                 // A control frame carries no message to refuse or reply to:
                 // it only adds a violation.
@@ -155,9 +148,9 @@ impl Session {
             }
         }
         match frame {
-            Some(Ok(WsMessage::Text(text))) => on_text(&self.registration, &text),
+            Some(Ok(WsMessage::Text(text))) => on_text(&self.registration, &mut self.rate, &text)?,
             Some(Ok(WsMessage::Binary(bytes))) => match std::str::from_utf8(&bytes) {
-                Ok(text) => on_text(&self.registration, text),
+                Ok(text) => on_text(&self.registration, &mut self.rate, text)?,
                 Err(_) => {
                     // Refused before it is a message: this is its one count.
                     self.node.metrics.dropped(DropReason::Invalid, 1);
@@ -253,18 +246,32 @@ async fn guarded(
 #[derive(Default)]
 struct InFlight(Option<Frame>);
 
-fn on_text(registration: &Registration, text: &str) {
+/// Publishes or forwards a client's message; a refusal is told to the
+/// sender, and persistent abuse of the fan-out byte rate closes it (1008,
+/// after the reply).
+fn on_text(
+    registration: &Registration,
+    rate: &mut RateLimit,
+    text: &str,
+) -> Result<(), CloseReason> {
     let node = registration.node();
     node.metrics.received();
-    if let Err(e) = node.client_text(&registration.conn, text) {
-        reply_error(registration, &e);
+    match node.client_text(&registration.conn, text, rate) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            reply_error(registration, &e);
+            match e {
+                ClientError::FanOutRate { close: true, .. } => Err(CloseReason::PolicyViolation),
+                _ => Ok(()),
+            }
+        }
     }
 }
 
 /// Tells the sender why its message went nowhere. Goes through the normal
 /// outbound queue, so a client that floods bad messages and never reads is
 /// closed as a slow consumer like any other.
-fn reply_error(registration: &Registration, error: &PublishError) {
+fn reply_error(registration: &Registration, error: &dyn std::fmt::Display) {
     registration.conn.offer(error_frame(&error.to_string()));
 }
 

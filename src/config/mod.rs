@@ -128,6 +128,8 @@ pub struct BackendConfig {
     pub concurrency: usize,
     /// Forwards waiting for a free request slot.
     pub queue: usize,
+    /// Forwards one connection may have waiting (within `queue`).
+    pub queue_per_connection: usize,
     /// `Some`: every request is signed (see `src/backend.rs`).
     pub signing_key: Option<Secret>,
     /// Static headers added to every request.
@@ -362,6 +364,12 @@ impl Config {
             return Err(invalid(
                 "limits.max_fanout_bytes",
                 "must be at least limits.max_message_bytes (one message to one target must fit)",
+            ));
+        }
+        if l.fanout_bytes_per_second > 0 && l.fanout_bytes_burst < l.max_fanout_bytes as u64 {
+            return Err(invalid(
+                "limits.fanout_bytes_burst",
+                "must be at least limits.max_fanout_bytes (the largest message must fit)",
             ));
         }
         let redis = Self::redis_from_raw(&raw.redis)?;
@@ -602,6 +610,12 @@ impl Config {
         if raw.queue == 0 {
             return Err(invalid("backend.queue", "must be at least 1"));
         }
+        if raw.queue_per_connection == 0 {
+            return Err(invalid(
+                "backend.queue_per_connection",
+                "must be at least 1",
+            ));
+        }
         let (signing_key, headers) = trust::backend_trust(raw)?;
         Ok(Some(BackendConfig {
             url: url.to_owned(),
@@ -609,6 +623,8 @@ impl Config {
             timeout: Duration::from_millis(raw.timeout_ms),
             concurrency: raw.concurrency,
             queue: raw.queue,
+            // More than the whole queue means no cap of its own.
+            queue_per_connection: raw.queue_per_connection.min(raw.queue),
             signing_key,
             headers,
         }))

@@ -49,6 +49,8 @@ pub struct RawBackend {
     pub timeout_ms: u64,
     pub concurrency: usize,
     pub queue: usize,
+    /// Forwards one connection may have waiting (part of `queue`).
+    pub queue_per_connection: usize,
     /// HMAC-SHA256 key: every request carries `X-Wshub-Timestamp` and
     /// `X-Wshub-Signature` (docs/backend.md). Empty: unsigned.
     pub signing_key: String,
@@ -64,6 +66,7 @@ impl Default for RawBackend {
             timeout_ms: 5_000,
             concurrency: 64,
             queue: 1024,
+            queue_per_connection: 32,
             signing_key: String::new(),
             headers: std::collections::BTreeMap::new(),
         }
@@ -176,6 +179,12 @@ pub struct Limits {
     /// Rate-limited messages (net of allowed ones) before the socket is
     /// closed with 1008.
     pub rate_violations_before_close: u32,
+    /// Sustained fan-out bytes (encoded size × targets) per second one
+    /// socket may publish (0: no limit).
+    pub fanout_bytes_per_second: u64,
+    /// Fan-out bytes a socket may publish at once above the sustained rate;
+    /// at least `max_fanout_bytes`.
+    pub fanout_bytes_burst: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -284,6 +293,9 @@ impl Default for Limits {
             messages_per_second: 50,
             message_burst: 100,
             rate_violations_before_close: 100,
+            // 1 MiB/s, 4 MiB at once: see docs/security.md#rate-limits.
+            fanout_bytes_per_second: 1024 * 1024,
+            fanout_bytes_burst: 4 * 1024 * 1024,
         }
     }
 }

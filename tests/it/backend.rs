@@ -359,7 +359,10 @@ async fn one_sockets_messages_and_events_reach_the_backend_in_order_one_at_a_tim
     // overlap (and overtake each other).
     let backend = TestBackend::start(StatusCode::NO_CONTENT, Duration::from_millis(5)).await;
     let server = TestServer::with(with_backend(&backend.url, |c| {
-        c.backend.as_mut().unwrap().events = true;
+        let b = c.backend.as_mut().unwrap();
+        b.events = true;
+        // All of them may wait at once (32 by default).
+        b.queue_per_connection = b.queue;
     }))
     .await;
     let mut ann = server.connect("ann", None).await;
@@ -567,4 +570,96 @@ async fn a_stuck_backend_holds_shutdown_for_the_grace_period_only() {
         6.0
     );
     assert_eq!(backend.overlaps(), 0);
+}
+
+/// Issue 11 review: one socket sending within its rate to a slow backend
+/// filled the node's whole `backend.queue` (its requests go one at a time),
+/// and every other user got "backend busy". Its own forwards wait at most
+/// `backend.queue_per_connection`; over it that sender alone is told.
+#[tokio::test]
+async fn one_socket_cannot_fill_the_queue_for_everyone() {
+    let backend = TestBackend::held().await;
+    let server = TestServer::with(with_backend(&backend.url, |c| {
+        let b = c.backend.as_mut().unwrap();
+        b.timeout = Duration::from_secs(30);
+        b.queue = 8;
+        b.queue_per_connection = 3;
+    }))
+    .await;
+    let mut mallory = server.connect("mallory", None).await;
+    let mut ann = server.connect("ann", None).await;
+    // One in flight (held), three waiting, the rest refused.
+    for i in 0..10 {
+        mallory
+            .send_json(json!({"action": "m", "message": i.to_string()}))
+            .await;
+    }
+    assert_eq!(backend.next().await.summary(), "m 0");
+    let tag = mallory.send_sentinel().await;
+    let busy = mallory.until_sentinel(&tag).await;
+    assert!(ann.until_sentinel(&tag).await.is_empty());
+    assert_eq!(busy.len(), 6, "10 sent, 1 in flight, 3 waiting: {busy:?}");
+    for m in &busy {
+        assert_eq!(m["action"], "wshub.error");
+        assert!(
+            m["message"].as_str().unwrap().contains("backend busy"),
+            "{m}"
+        );
+    }
+    // Others are unaffected: ann's message is queued, not refused.
+    ann.send_json(json!({"action": "a", "message": "1"})).await;
+    let tag = ann.send_sentinel().await;
+    let got = ann.until_sentinel(&tag).await;
+    assert!(got.is_empty(), "ann was refused: {got:?}");
+    assert_eq!(backend.next().await.summary(), "a 1");
+    backend.open();
+    let mut rest: Vec<_> = Vec::new();
+    for _ in 0..3 {
+        rest.push(backend.next().await.summary());
+    }
+    assert_eq!(rest, ["m 1", "m 2", "m 3"]);
+}
+
+/// Issue 11 review: a `wshub.disconnect` was dropped when `backend.queue`
+/// was full of another socket's messages, although its `wshub.connect` had
+/// been delivered. Disconnects of announced connections are always taken.
+#[tokio::test]
+async fn a_disconnect_is_delivered_when_the_queue_is_full() {
+    let backend = TestBackend::held().await;
+    let server = TestServer::with(with_backend(&backend.url, |c| {
+        let b = c.backend.as_mut().unwrap();
+        b.timeout = Duration::from_secs(30);
+        b.events = true;
+        b.concurrency = 2;
+        b.queue = 4;
+    }))
+    .await;
+    let ann = server.connect("ann", None).await;
+    let mut bob = server.connect("bob", None).await;
+    // Both connects are in flight (held) and nothing waits.
+    let mut connects = [backend.next().await, backend.next().await];
+    connects.sort_by_key(|s| header(s, "x-wshub-user-id").unwrap().to_owned());
+    let ann_conn = connects[0].connection();
+    // bob fills the queue behind its connect: 4 waiting, the rest refused.
+    for i in 0..6 {
+        bob.send_json(json!({"action": "b", "message": i.to_string()}))
+            .await;
+    }
+    let tag = bob.send_sentinel().await;
+    assert_eq!(bob.until_sentinel(&tag).await.len(), 2, "2 refused");
+    ann.close().await;
+    crate::common::eventually("ann's socket is gone", || server.node.connections() == 1).await;
+    backend.open();
+    let mut ann_events = Vec::new();
+    for _ in 0..5 {
+        let seen = backend.next().await;
+        if seen.connection() == ann_conn {
+            ann_events.push(seen.summary());
+        }
+    }
+    assert_eq!(ann_events, ["wshub.disconnect"]);
+    assert_eq!(
+        server.metric("wshub_backend_forwards_total{result=\"queue_full\"}"),
+        2.0
+    );
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::common::node::NodeProcess;
 use crate::common::redis::{GateProxy, RedisCluster, RedisServer, cli, command, numsub};
 use crate::common::{Client, TestServer, eventually, routing::routing_table};
+use futures_util::StreamExt;
 use serde_json::json;
 
 async fn three_nodes(url: &str) -> Vec<TestServer> {
@@ -483,4 +484,88 @@ async fn a_timed_out_pipeline_takes_no_other_messages_with_it() {
         n0.metric("wshub_messages_dropped_total{reason=\"bus_unavailable\"}") == 1.0
     })
     .await;
+}
+
+/// Issue 11, item 3 (the rest): a message's fan-out bytes count against its
+/// sender's rate. Within 50 messages a second, sockets sending 60 KB to 16
+/// users (~1 MB on Redis each) took another node's subscriber past Redis's
+/// pub/sub output-buffer limit, and an innocent user's messages to that
+/// node vanished. With the default byte budget (1 MiB/s, 4 MiB at once)
+/// the sender gets its burst through, then `wshub.error`, then 1008 when it
+/// keeps on; a user on the same node sending to the other node loses
+/// nothing meanwhile.
+#[tokio::test]
+async fn fan_out_bytes_count_against_the_senders_rate_and_abuse_is_closed() {
+    let redis = RedisServer::start();
+    let tweak = |c: &mut wshub::Config| {
+        let defaults = wshub::Config::default().limits;
+        c.limits.messages_per_second = defaults.messages_per_second;
+        c.limits.fanout_bytes_per_second = defaults.fanout_bytes_per_second;
+        c.limits.fanout_bytes_burst = defaults.fanout_bytes_burst;
+        c.limits.rate_violations_before_close = 10;
+    };
+    let a = TestServer::on_redis(&redis.url(), tweak).await;
+    let b = TestServer::on_redis(&redis.url(), tweak).await;
+    let mut targets = Vec::new();
+    for i in 0..16 {
+        targets.push(b.connect(&format!("t{i}"), None).await);
+    }
+    let mut bob = b.connect("bob", None).await;
+    let mut alice = a.connect("alice", None).await;
+    let mut flooder = a.connect("flooder", None).await;
+    let recipients: Vec<_> = (0..16)
+        .map(|i| json!({"type": "user", "value": format!("t{i}")}))
+        .collect();
+    let big = json!({"action": "big", "message": "x".repeat(60_000), "recipients": recipients});
+    // 4 fit the burst, 10 more are refused: the 10th violation closes.
+    // A few more in case the budget refilled one meanwhile.
+    const SENT: usize = 20;
+    for i in 0..SENT {
+        flooder.send_json(big.clone()).await;
+        alice
+            .send_json(json!({"action": "chat", "message": i.to_string(),
+                "recipients": [{"type": "user", "value": "bob"}]}))
+            .await;
+    }
+    let mut refused = 0;
+    let end = loop {
+        match tokio::time::timeout(crate::common::PATIENCE, flooder.ws.next())
+            .await
+            .expect("the flooder is neither told nor closed")
+        {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+                let m: serde_json::Value = serde_json::from_str(&t).unwrap();
+                assert_eq!(m["action"], "wshub.error", "{m}");
+                assert!(
+                    m["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("limits.fanout_bytes_per_second"),
+                    "{m}"
+                );
+                refused += 1;
+            }
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(f))) => {
+                break f.map(|f| u16::from(f.code));
+            }
+            Some(Ok(_)) => {}
+            other => panic!("the flooder's socket ended without a close frame: {other:?}"),
+        }
+    };
+    assert_eq!(end, Some(1008), "after {refused} refusals");
+    assert!(refused >= 9, "{refused} refusals before the close");
+    // What passed reached its targets: the burst, no more.
+    let tag = alice.send_sentinel().await;
+    for t in targets.iter_mut() {
+        let got = t.until_sentinel(&tag).await;
+        assert!(
+            (4..=SENT - 10).contains(&got.len()),
+            "a target received {} big messages",
+            got.len()
+        );
+    }
+    let got = bob.until_sentinel(&tag).await;
+    let messages: Vec<_> = got.iter().map(|m| m["message"].clone()).collect();
+    let want: Vec<_> = (0..SENT).map(|i| json!(i.to_string())).collect();
+    assert_eq!(messages, want, "the innocent user's messages");
 }

@@ -54,6 +54,7 @@ pub fn test_config() -> Config {
     // Order and load tests send hundreds of messages at once; rate limits
     // are tested, with their own settings, in tests/it/security.rs.
     config.limits.messages_per_second = 0;
+    config.limits.fanout_bytes_per_second = 0;
     config
 }
 
