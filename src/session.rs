@@ -194,11 +194,19 @@ impl Session {
     async fn finish(self, reason: CloseReason) {
         let conn = self.conn;
         if conn.closer.reason().is_none() && reason == CloseReason::SlowConsumer {
+            // Ids only at debug (docs/security.md, "What is logged").
             warn!(
                 conn = conn.id,
-                user = %Untrusted(&conn.who.user),
+                code = reason.code(),
+                reason = reason.label(),
                 timeout_ms = self.write_timeout.as_millis() as u64,
                 "write timed out: closing slow consumer"
+            );
+            debug!(
+                conn = conn.id,
+                user = %Untrusted(&conn.who.user),
+                group = %UntrustedOpt(conn.who.group.as_deref()),
+                "slow consumer's ids"
             );
         }
         // Record the reason (a no-op if someone else set it first), then
