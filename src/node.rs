@@ -404,14 +404,16 @@ impl Node {
 
     /// Hands an encoded message to the bus and this node's sockets.
     fn send(&self, envelope: Arc<Envelope>) -> Result<(), PublishError> {
-        // The bus first: a message the bus refuses (its queue is full) is
-        // sent nowhere, so the sender's error means "not sent", as before
-        // local delivery moved out of the bus.
+        // The bus first: a message the bus refuses (its queue is full, or
+        // Redis has been unreachable for longer than it would hold a
+        // message) is sent nowhere, so the sender's error means "not sent",
+        // as before local delivery moved out of the bus.
         self.bus.publish(envelope.clone())?;
         // Then this node's own sockets, on the publisher's task: no round
-        // trip through the bus, and it goes on while the bus's service is
-        // away. The bus never brings a message back to the node that
-        // published it, so every socket gets it once.
+        // trip through the bus, and it goes on during a short outage of the
+        // bus's service (a longer one is refused above). The bus never
+        // brings a message back to the node that published it, so every
+        // socket gets it once.
         for topic in envelope.route.topics() {
             self.hub.deliver(topic, &envelope);
         }

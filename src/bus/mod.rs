@@ -104,8 +104,9 @@ pub type Subscribed = Pin<Box<dyn Future<Output = Result<(), BusError>> + Send>>
 /// The bus contract; see the module docs.
 pub trait Bus: Send + Sync + 'static {
     /// Carries `envelope` to every topic of its route on every *other*
-    /// node, never back to this one (the node has delivered it to its own
-    /// sockets). An error means no other node will receive it.
+    /// node, never back to this one (the node delivers it to its own
+    /// sockets once the bus has taken it). An error means no other node
+    /// will receive it, and the node delivers it to nobody.
     fn publish(&self, envelope: Arc<Envelope>) -> Result<(), BusError>;
 
     /// Adds a reference to `topic`; the future resolves once the subscription
@@ -136,7 +137,11 @@ pub enum BusError {
     #[error("the hub is overloaded, message not sent")]
     Overloaded,
     /// The bus's backing service cannot be reached; the text says why.
-    /// Same-node delivery may still work; cross-node delivery does not.
+    /// From `subscribe`: the socket is refused and may retry. From
+    /// `publish`: the service has been unreachable for longer than the bus
+    /// would hold a message (`redis.publish_retry_ms`), so the message was
+    /// not published, the node delivers it to nobody, and the sender is
+    /// told; publishing works again once the service is back.
     #[error("message bus unavailable: {0}")]
     Unavailable(String),
 }

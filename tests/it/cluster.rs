@@ -114,9 +114,13 @@ async fn a_new_socket_misses_nothing_published_after_it_was_accepted() {
 async fn redis_restart_unready_then_ready_and_delivery_resumes_without_duplicates() {
     let mut redis = RedisServer::start();
     let url = redis.url();
+    // Long enough that the "local" message below is sent well inside the
+    // window (after it, a message is refused outright: see
+    // a_redis_outage_longer_than_publish_retry_refuses_messages), short
+    // enough that the outage message's drop is seen quickly.
     let fast = |c: &mut wshub::Config| {
         let r = c.redis.as_mut().unwrap();
-        r.publish_retry = Duration::from_millis(300);
+        r.publish_retry = Duration::from_millis(2000);
     };
     let n0 = TestServer::on_redis(&url, fast).await;
     let n1 = TestServer::on_redis(&url, fast).await;
@@ -173,6 +177,73 @@ async fn redis_restart_unready_then_ready_and_delivery_resumes_without_duplicate
             1,
             "exactly once: {actions:?}"
         );
+    }
+}
+
+/// Issue 13: once Redis has been unreachable for longer than
+/// `redis.publish_retry_ms`, a message could only wait out its retry time
+/// and be dropped, so it is refused at once: 503 with the reason from the
+/// broadcast endpoint, `wshub.error` to a socket, delivered to nobody (not
+/// even this node's sockets: the bus decides first). Before the fix the
+/// push got 204 and the socket no error.
+#[tokio::test]
+async fn a_redis_outage_longer_than_publish_retry_refuses_messages() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let retry = Duration::from_millis(300);
+    let fast = move |c: &mut wshub::Config| {
+        c.redis.as_mut().unwrap().publish_retry = retry;
+    };
+    let n0 = TestServer::on_redis(&url, fast).await;
+    let n1 = TestServer::on_redis(&url, fast).await;
+    let mut s0 = n0.connect("s0", Some("g")).await;
+    let mut p0 = n0.connect("p0", Some("g")).await;
+    let mut a1 = n1.connect("a1", Some("g")).await;
+
+    redis.kill();
+    eventually("readyz turns 503 while Redis is down", || {
+        n0.node.readiness().is_err()
+    })
+    .await;
+    // The window itself is the thing under test: only the clock ends it.
+    tokio::time::sleep(retry + Duration::from_millis(200)).await;
+    assert_eq!(n0.get("/readyz").await.status(), 503, "still down");
+
+    let push = r#"{"action":"push-down","recipients":[{"type":"group","value":"g"}]}"#;
+    let resp = n0.post("/__broadcastWebSocket.wc", push).await;
+    let status = resp.status();
+    let body = resp.text().await.unwrap();
+    assert_eq!(status, 503, "push while Redis is long gone: {body}");
+    assert!(body.contains("message bus unavailable:"), "{body}");
+    assert!(body.contains("redis.publish_retry_ms"), "{body}");
+
+    s0.send_json(json!({"action": "socket-down", "recipients": [{"type": "group", "value": "g"}]}))
+        .await;
+    let reply = s0.recv().await;
+    assert_eq!(reply["action"], "wshub.error", "{reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("message bus unavailable:"),
+        "{reply}"
+    );
+
+    redis.restart();
+    for n in [&n0, &n1] {
+        n.wait_ready().await;
+    }
+    // Neither refused message reached anyone, on this node or the other.
+    let tag = s0.send_sentinel().await;
+    for c in [&mut s0, &mut p0, &mut a1] {
+        let seen = c.until_sentinel(&tag).await;
+        assert!(seen.is_empty(), "refused messages arrived: {seen:?}");
+    }
+    let up = r#"{"action":"push-up","recipients":[{"type":"group","value":"g"}]}"#;
+    assert_eq!(n0.post("/__broadcastWebSocket.wc", up).await.status(), 204);
+    for c in [&mut s0, &mut p0, &mut a1] {
+        let got = c.recv().await;
+        assert_eq!(got["action"], "push-up", "{got}");
     }
 }
 

@@ -23,9 +23,16 @@
 //!   holds; on a cluster it also resubscribes a channel whose shard gave it
 //!   up (a slot migration).
 //!
+//! **A long outage is refused, a blip is not.** Once the subscriber has
+//! lost Redis for longer than `redis.publish_retry_ms`, `publish` returns
+//! [`BusError::Unavailable`]: a queued message could only wait out its
+//! retry time and be dropped while its sender heard "sent". A shorter
+//! outage is a blip and is queued as above; messages accepted just before
+//! the outage crossed the window are still dropped and counted.
+//!
 //! The bus carries messages to the *other* nodes only: the node delivers to
-//! its own sockets at publish time (so same-node delivery goes on while
-//! Redis is away), and the subscriber ignores this node's own messages
+//! its own sockets at publish time (so same-node delivery goes on during a
+//! blip; a refused message goes to nobody), and the subscriber ignores this node's own messages
 //! coming back from Redis (the origin node id in every payload), so each
 //! socket gets a message exactly once.
 //!
@@ -117,6 +124,14 @@ struct Shared {
     metrics: Arc<Metrics>,
     started: Instant,
     subscriber_up: AtomicBool,
+    /// Milliseconds since `started` when the subscriber lost Redis (a
+    /// dropped connection or a failed connect), plus one; 0 = connected, or
+    /// not failed yet. Once this is older than `redis.publish_retry_ms`,
+    /// `publish` refuses: anything it queued would wait out its whole retry
+    /// time and be dropped, so the sender is told now instead of getting a
+    /// success that delivers nothing (it once did: a 204 for a message no
+    /// other node ever saw).
+    down_since: AtomicU64,
     /// Why the subscriber is not connected, for `/readyz` (a wrong
     /// password or CA must be visible there, not only in the log).
     down_because: std::sync::Mutex<String>,
@@ -160,6 +175,7 @@ impl RedisBus {
             metrics,
             started: Instant::now(),
             subscriber_up: AtomicBool::new(false),
+            down_since: AtomicU64::new(0),
             down_because: std::sync::Mutex::new("connecting".into()),
             epoch: AtomicU64::new(0),
             last_probe: AtomicU64::new(0),
@@ -196,6 +212,7 @@ impl Bus for RedisBus {
         let shared = &self.shared;
         let topics = envelope.route.topics();
         if !topics.is_empty() {
+            shared.refuse_if_long_down()?;
             let payload = wire::encode(&shared.node_id, &envelope.route, &envelope.frame);
             let channels = topics.iter().map(|t| shared.channels.of(t)).collect();
             shared.queue.push(channels, payload)?;
@@ -278,6 +295,49 @@ impl Bus for RedisBus {
 impl Shared {
     fn since_start(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// Records that the subscriber lost Redis now, unless it already had
+    /// (the outage is timed from its start, not from the latest failed
+    /// reconnect).
+    fn mark_down(&self) {
+        let now = self.since_start().as_millis() as u64 + 1;
+        let _ = self
+            .down_since
+            .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Records that the subscriber is connected again.
+    fn mark_up(&self) {
+        self.down_since.store(0, Ordering::Release);
+    }
+
+    /// `Unavailable` once Redis has been unreachable for longer than
+    /// `redis.publish_retry_ms`. A shorter outage is a blip: the message is
+    /// queued and sent on reconnect. The subscriber's view decides, since it
+    /// notices an outage at once (its connection drops) while the publisher
+    /// only notices when it next sends.
+    fn refuse_if_long_down(&self) -> Result<(), BusError> {
+        let since = self.down_since.load(Ordering::Acquire);
+        if since == 0 {
+            return Ok(());
+        }
+        let down_for = self
+            .since_start()
+            .saturating_sub(Duration::from_millis(since - 1));
+        if down_for <= self.config.publish_retry {
+            return Ok(());
+        }
+        let why = self
+            .down_because
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Err(BusError::Unavailable(format!(
+            "Redis unreachable for {} ms, longer than redis.publish_retry_ms ({} ms): {why}",
+            down_for.as_millis(),
+            self.config.publish_retry.as_millis()
+        )))
     }
 
     /// Handles one message from the subscriber connection (probes are

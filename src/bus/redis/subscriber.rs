@@ -154,6 +154,7 @@ impl Subscriber {
             };
             self.set_down_because(&lost);
             self.shared.subscriber_up.store(false, Ordering::Release);
+            self.shared.mark_down();
             warn!(reason = %lost, "lost the Redis subscriber connection; reconnecting");
         }
     }
@@ -174,6 +175,7 @@ impl Subscriber {
                 },
             };
             self.set_down_because(&error);
+            shared.mark_down();
             if !self.outage_logged {
                 warn!(%error, "subscriber cannot reach Redis; retrying");
                 self.outage_logged = true;
@@ -199,6 +201,7 @@ impl Subscriber {
         let live_server = conn.server.clone();
         shared.metrics.bus_channels(subscribed.len());
         shared.subscriber_up.store(true, Ordering::Release);
+        shared.mark_up();
         info!(node = %shared.node_id, channels = subscribed.len(), probes = probes.len(), reconnect = self.connected_before, "subscribed to Redis");
         self.connected_before = true;
         Some(Live {
