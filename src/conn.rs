@@ -2,14 +2,13 @@
 //! the [`Closer`] that ends its session once, for one reason.
 
 use std::sync::{Arc, OnceLock};
-use std::task::Poll;
 
 use futures_util::task::AtomicWaker;
 use tracing::{debug, warn};
 
 use crate::logging::{Untrusted, UntrustedOpt};
 use crate::message::Frame;
-use crate::outbox::{Full, Outbox};
+use crate::outbox::{Full, Outbox, wait_on};
 use crate::outcome::CloseReason;
 use crate::route::Identity;
 
@@ -47,7 +46,7 @@ impl Conn {
             Offered::Queued => true,
             Offered::Full { closed_now } => {
                 if closed_now {
-                    self.log_slow_consumer();
+                    self.log_slow_consumer(SlowCause::QueueFull);
                 }
                 false
             }
@@ -70,13 +69,17 @@ impl Conn {
     /// (docs/security.md, "What is logged"): the warning names the
     /// connection and the close reason, and a debug line with the same
     /// `conn` ties it to the user and group when an operator needs them.
-    pub(crate) fn log_slow_consumer(&self) {
+    pub(crate) fn log_slow_consumer(&self, cause: SlowCause) {
         let reason = CloseReason::SlowConsumer;
+        let cause = match cause {
+            SlowCause::QueueFull => "outbound queue full",
+            SlowCause::WriteTimedOut => "write timed out",
+        };
         warn!(
             conn = self.id,
             code = reason.code(),
             reason = reason.label(),
-            "outbound queue full: closing slow consumer"
+            "{cause}: closing slow consumer"
         );
         debug!(
             conn = self.id,
@@ -85,6 +88,15 @@ impl Conn {
             "slow consumer's ids"
         );
     }
+}
+
+/// Why a connection was found too slow, for its warning.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum SlowCause {
+    /// Its outbound queue was full.
+    QueueFull,
+    /// One write waited `ws.write_timeout_ms`.
+    WriteTimedOut,
 }
 
 /// What [`Conn::try_offer`] did.
@@ -148,17 +160,7 @@ impl Closer {
 
     /// Resolves with the reason once one is set. Only the session may wait.
     pub async fn closed(&self) -> CloseReason {
-        std::future::poll_fn(|cx| {
-            if let Some(reason) = self.reason() {
-                return Poll::Ready(reason);
-            }
-            self.waker.register(cx.waker());
-            match self.reason() {
-                Some(reason) => Poll::Ready(reason),
-                None => Poll::Pending,
-            }
-        })
-        .await
+        wait_on(&self.waker, || self.reason()).await
     }
 }
 
@@ -167,7 +169,7 @@ mod tests {
     use super::*;
     use std::future::Future;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::{Context, Wake, Waker};
+    use std::task::{Context, Poll, Wake, Waker};
 
     /// Counts its wake-ups.
     #[derive(Default)]

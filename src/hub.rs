@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use crate::bus::Deliver;
-use crate::conn::{Conn, ConnId, Offered};
+use crate::conn::{Conn, ConnId, Offered, SlowCause};
 use crate::envelope::Envelope;
 use crate::metrics::Metrics;
 use crate::route::Topic;
@@ -132,7 +132,7 @@ impl Deliver for Hub {
         }
         drop(index);
         for conn in closed {
-            conn.log_slow_consumer();
+            conn.log_slow_consumer(SlowCause::QueueFull);
         }
         self.metrics.delivered(delivered);
         self.metrics.dropped_slow(dropped);

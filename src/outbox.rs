@@ -95,20 +95,27 @@ impl Outbox {
     /// The next frame, waiting for one. Only one task (the session) may
     /// wait: the waker slot holds one waker.
     pub(crate) async fn recv(&self) -> Frame {
-        std::future::poll_fn(|cx| {
-            if let Some(frame) = self.pop() {
-                return Poll::Ready(frame);
-            }
-            self.ready.register(cx.waker());
-            // A push between the pop and the registration woke nobody:
-            // look again.
-            match self.pop() {
-                Some(frame) => Poll::Ready(frame),
-                None => Poll::Pending,
-            }
-        })
-        .await
+        wait_on(&self.ready, || self.pop()).await
     }
+}
+
+/// Waits until `ready` returns a value, woken through `waker`: the one
+/// waiting task's side of a single-waiter [`AtomicWaker`] (the outbox's and
+/// the [`Closer`](crate::conn::Closer)'s). The check runs again after
+/// registering, because a wake between the first check and the
+/// registration woke nobody.
+pub(crate) async fn wait_on<T>(waker: &AtomicWaker, mut ready: impl FnMut() -> Option<T>) -> T {
+    std::future::poll_fn(|cx| {
+        if let Some(value) = ready() {
+            return Poll::Ready(value);
+        }
+        waker.register(cx.waker());
+        match ready() {
+            Some(value) => Poll::Ready(value),
+            None => Poll::Pending,
+        }
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -29,9 +29,9 @@ use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::time::{Interval, MissedTickBehavior, interval_at};
-use tracing::{debug, warn};
+use tracing::debug;
 
-use crate::conn::{Closer, Conn, OutboxReceiver};
+use crate::conn::{Closer, Conn, OutboxReceiver, SlowCause};
 use crate::logging::{Untrusted, UntrustedOpt};
 use crate::message::{Frame, MessageError, error_frame};
 use crate::node::{ClientError, Node, PublishError, Registration};
@@ -194,20 +194,7 @@ impl Session {
     async fn finish(self, reason: CloseReason) {
         let conn = self.conn;
         if conn.closer.reason().is_none() && reason == CloseReason::SlowConsumer {
-            // Ids only at debug (docs/security.md, "What is logged").
-            warn!(
-                conn = conn.id,
-                code = reason.code(),
-                reason = reason.label(),
-                timeout_ms = self.write_timeout.as_millis() as u64,
-                "write timed out: closing slow consumer"
-            );
-            debug!(
-                conn = conn.id,
-                user = %Untrusted(&conn.who.user),
-                group = %UntrustedOpt(conn.who.group.as_deref()),
-                "slow consumer's ids"
-            );
+            conn.log_slow_consumer(SlowCause::WriteTimedOut);
         }
         // Record the reason (a no-op if someone else set it first), then
         // leave the hub before the closing handshake so nothing more is
