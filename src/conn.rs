@@ -167,24 +167,12 @@ impl Closer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::future::Future;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::{Context, Poll, Wake, Waker};
-
-    /// Counts its wake-ups.
-    #[derive(Default)]
-    struct CountingWaker(AtomicUsize);
-
-    impl Wake for CountingWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
+    use crate::outbox::tests::{CountingWaker, poll_once};
+    use std::sync::atomic::Ordering;
+    use std::task::Poll;
 
     fn poll_closed(closer: &Closer, waker: &Arc<CountingWaker>) -> Poll<CloseReason> {
-        let waker = Waker::from(waker.clone());
-        let mut cx = Context::from_waker(&waker);
-        std::pin::pin!(closer.closed()).poll(&mut cx)
+        poll_once(closer.closed(), waker)
     }
 
     /// The hand-written waker: the waiting session is woken by the first

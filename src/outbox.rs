@@ -119,15 +119,16 @@ pub(crate) async fn wait_on<T>(waker: &AtomicWaker, mut ready: impl FnMut() -> O
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::task::{Context, Wake, Waker};
 
-    /// Counts its wake-ups.
+    /// A waker that counts its wake-ups, for the unit tests of the two
+    /// hand-written wakers ([`wait_on`]'s users).
     #[derive(Default)]
-    struct CountingWaker(AtomicUsize);
+    pub(crate) struct CountingWaker(pub(crate) AtomicUsize);
 
     impl Wake for CountingWaker {
         fn wake(self: Arc<Self>) {
@@ -135,11 +136,15 @@ mod tests {
         }
     }
 
-    fn poll_recv(outbox: &Outbox, waker: &Arc<CountingWaker>) -> Poll<Frame> {
+    /// Polls `future` once with `waker`.
+    pub(crate) fn poll_once<F: Future>(future: F, waker: &Arc<CountingWaker>) -> Poll<F::Output> {
         let waker = Waker::from(waker.clone());
         let mut cx = Context::from_waker(&waker);
-        let recv = std::pin::pin!(outbox.recv());
-        recv.poll(&mut cx)
+        std::pin::pin!(future).poll(&mut cx)
+    }
+
+    fn poll_recv(outbox: &Outbox, waker: &Arc<CountingWaker>) -> Poll<Frame> {
+        poll_once(outbox.recv(), waker)
     }
 
     use std::future::Future;

@@ -7,31 +7,13 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
+use crate::common::PATIENCE;
 use crate::common::process::GroupChild;
-use crate::common::redis_tls::{redis_with_user, scratch};
-use crate::common::{PATIENCE, TestServer};
+use crate::common::redis_tls::{ready_node, redis_config, redis_with_user, scratch};
 use serde_json::json;
 use wshub::Config;
 
 const PASSWORD: &str = "s3cret-Acl-pw";
-
-fn config(settings: &[(&str, &str)]) -> Config {
-    let env = settings.iter().map(|(k, v)| {
-        (
-            format!("WSHUB_REDIS__{}", k.to_ascii_uppercase()),
-            v.to_string(),
-        )
-    });
-    let mut config = crate::common::test_config();
-    config.redis = Config::load_from(None, env).expect("redis config").redis;
-    config
-}
-
-async fn ready_node(settings: &[(&str, &str)]) -> TestServer {
-    let server = TestServer::with(config(settings)).await;
-    server.wait_ready().await;
-    server
-}
 
 #[tokio::test]
 async fn credentials_from_the_url_or_from_keys_and_a_password_file() {
@@ -101,7 +83,7 @@ async fn the_password_keys_are_validated() {
         "{msg}"
     );
     // The configuration's Debug hides both.
-    let c = config(&[
+    let c = redis_config(&[
         ("url", &format!("redis://u:{PASSWORD}@127.0.0.1:1")),
         ("password", PASSWORD),
     ]);

@@ -5,31 +5,11 @@
 //! trust (its own `redis.tls_ca_file`, or the built-in roots), and a
 //! client without a certificate where one is required.
 
-use crate::common::redis_tls::{Pki, TlsRedis};
+use crate::common::redis_tls::{Pki, TlsRedis, ready_node, redis_config};
 use crate::common::routing::routing_table;
 use crate::common::{PATIENCE, TestServer};
 use serde_json::json;
 use wshub::Config;
-
-/// A test configuration with these `WSHUB_REDIS__*` settings.
-fn config(settings: &[(&str, &str)]) -> Config {
-    let env = settings.iter().map(|(k, v)| {
-        (
-            format!("WSHUB_REDIS__{}", k.to_ascii_uppercase()),
-            v.to_string(),
-        )
-    });
-    let mut config = crate::common::test_config();
-    config.redis = Config::load_from(None, env).expect("redis config").redis;
-    config
-}
-
-/// A node on these settings, once ready.
-async fn ready_node(settings: &[(&str, &str)]) -> TestServer {
-    let server = TestServer::with(config(settings)).await;
-    server.wait_ready().await;
-    server
-}
 
 /// Waits until the node's `/readyz` answers 503 with the reason its first
 /// connection attempt failed (before that the reason is "connecting"),
@@ -108,7 +88,7 @@ async fn mutual_tls_is_accepted_with_a_client_certificate_and_refused_without() 
     let (url, ca) = (redis.url(), pki.path("ca.crt"));
     let (cert, key) = (pki.path("client.crt"), pki.path("client.key"));
 
-    let without = TestServer::with(config(&[("url", &url), ("tls_ca_file", &ca)])).await;
+    let without = TestServer::with(redis_config(&[("url", &url), ("tls_ca_file", &ca)])).await;
     // Redis ends the handshake; rustls reports the alert or the closed
     // connection, depending on the TLS version's timing.
     let why = refusal(&without).await;
@@ -138,7 +118,7 @@ async fn a_certificate_from_an_untrusted_ca_is_refused_with_an_error_naming_it()
     let url = redis.url();
 
     // Another CA than the one that signed Redis's certificate.
-    let wrong = TestServer::with(config(&[
+    let wrong = TestServer::with(redis_config(&[
         ("url", &url),
         ("tls_ca_file", &pki.path("other-ca.crt")),
     ]))
@@ -152,7 +132,7 @@ async fn a_certificate_from_an_untrusted_ca_is_refused_with_an_error_naming_it()
 
     // No CA file: the built-in (Mozilla) roots, which do not hold the
     // test CA either.
-    let builtin = TestServer::with(config(&[("url", &url)])).await;
+    let builtin = TestServer::with(redis_config(&[("url", &url)])).await;
     let why = refusal(&builtin).await;
     assert!(
         why.contains("invalid peer certificate: UnknownIssuer"),

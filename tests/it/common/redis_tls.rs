@@ -23,6 +23,29 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A test configuration with these `WSHUB_REDIS__*` settings (read through
+/// the real environment loader, as an operator would set them).
+pub fn redis_config(settings: &[(&str, &str)]) -> wshub::Config {
+    let env = settings.iter().map(|(k, v)| {
+        (
+            format!("WSHUB_REDIS__{}", k.to_ascii_uppercase()),
+            v.to_string(),
+        )
+    });
+    let mut config = super::test_config();
+    config.redis = wshub::Config::load_from(None, env)
+        .expect("redis config")
+        .redis;
+    config
+}
+
+/// A node on these `WSHUB_REDIS__*` settings, once ready.
+pub async fn ready_node(settings: &[(&str, &str)]) -> super::TestServer {
+    let server = super::TestServer::with(redis_config(settings)).await;
+    server.wait_ready().await;
+    server
+}
+
 /// A scratch directory under target/ (see `RedisServer::start_with`).
 pub fn scratch(what: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
