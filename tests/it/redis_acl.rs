@@ -9,9 +9,10 @@ use std::sync::{Arc, Mutex};
 
 use crate::common::PATIENCE;
 use crate::common::process::GroupChild;
-use crate::common::redis_tls::{ready_node, redis_config, redis_with_user, scratch};
+use crate::common::redis_tls::{
+    ready_node, redis_config, redis_config_error, redis_with_user, scratch,
+};
 use serde_json::json;
-use wshub::Config;
 
 const PASSWORD: &str = "s3cret-Acl-pw";
 
@@ -53,15 +54,7 @@ async fn credentials_from_the_url_or_from_keys_and_a_password_file() {
 
 #[tokio::test]
 async fn the_password_keys_are_validated() {
-    let err = |pairs: &[(&str, &str)]| {
-        let env = pairs.iter().map(|(k, v)| {
-            (
-                format!("WSHUB_REDIS__{}", k.to_ascii_uppercase()),
-                v.to_string(),
-            )
-        });
-        Config::load_from(None, env).unwrap_err().to_string()
-    };
+    let err = redis_config_error;
     let msg = err(&[
         ("url", "redis://127.0.0.1:1"),
         ("password", PASSWORD),

@@ -193,15 +193,7 @@ async fn both_nodes_follow_when_the_primary_is_killed() {
 
 #[tokio::test]
 async fn sentinel_keys_are_validated() {
-    let err = |pairs: &[(&str, &str)]| {
-        let env = pairs.iter().map(|(k, v)| {
-            (
-                format!("WSHUB_REDIS__{}", k.to_ascii_uppercase()),
-                v.to_string(),
-            )
-        });
-        Config::load_from(None, env).unwrap_err().to_string()
-    };
+    let err = crate::common::redis_tls::redis_config_error;
     let msg = err(&[("sentinels", "127.0.0.1:26379")]);
     assert!(msg.contains("redis.sentinel_master"), "{msg}");
     let msg = err(&[

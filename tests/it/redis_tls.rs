@@ -5,11 +5,10 @@
 //! trust (its own `redis.tls_ca_file`, or the built-in roots), and a
 //! client without a certificate where one is required.
 
-use crate::common::redis_tls::{Pki, TlsRedis, ready_node, redis_config};
+use crate::common::redis_tls::{Pki, TlsRedis, ready_node, redis_config, redis_config_error};
 use crate::common::routing::routing_table;
 use crate::common::{PATIENCE, TestServer};
 use serde_json::json;
-use wshub::Config;
 
 /// Waits until the node's `/readyz` answers 503 with the reason its first
 /// connection attempt failed (before that the reason is "connecting"),
@@ -145,15 +144,7 @@ async fn a_certificate_from_an_untrusted_ca_is_refused_with_an_error_naming_it()
 
 #[tokio::test]
 async fn tls_keys_need_a_rediss_url_and_both_client_files() {
-    let err = |pairs: &[(&str, &str)]| {
-        let env = pairs.iter().map(|(k, v)| {
-            (
-                format!("WSHUB_REDIS__{}", k.to_ascii_uppercase()),
-                v.to_string(),
-            )
-        });
-        Config::load_from(None, env).unwrap_err().to_string()
-    };
+    let err = redis_config_error;
     let msg = err(&[
         ("url", "redis://127.0.0.1:1"),
         ("tls_insecure_skip_verify", "true"),

@@ -26,17 +26,27 @@ fn free_port() -> u16 {
 /// A test configuration with these `WSHUB_REDIS__*` settings (read through
 /// the real environment loader, as an operator would set them).
 pub fn redis_config(settings: &[(&str, &str)]) -> wshub::Config {
-    let env = settings.iter().map(|(k, v)| {
+    let mut config = super::test_config();
+    config.redis = wshub::Config::load_from(None, redis_env(settings))
+        .expect("redis config")
+        .redis;
+    config
+}
+
+/// The error that loading these `WSHUB_REDIS__*` settings stops at.
+pub fn redis_config_error(settings: &[(&str, &str)]) -> String {
+    wshub::Config::load_from(None, redis_env(settings))
+        .unwrap_err()
+        .to_string()
+}
+
+fn redis_env<'a>(settings: &'a [(&str, &str)]) -> impl Iterator<Item = (String, String)> + 'a {
+    settings.iter().map(|(k, v)| {
         (
             format!("WSHUB_REDIS__{}", k.to_ascii_uppercase()),
             v.to_string(),
         )
-    });
-    let mut config = super::test_config();
-    config.redis = wshub::Config::load_from(None, env)
-        .expect("redis config")
-        .redis;
-    config
+    })
 }
 
 /// A node on these `WSHUB_REDIS__*` settings, once ready.
