@@ -180,10 +180,7 @@ mod tests {
         // A budget of one byte: the first offer overflows it.
         let (slow, _rx) = Conn::new(1, who("slow"), 1);
         hub.insert(slow);
-        let envelope = Arc::new(Envelope {
-            route: Route::everyone(),
-            frame: Frame::from("x"),
-        });
+        let envelope = Arc::new(Envelope::new(Route::everyone(), Frame::from("x")));
         let (entered_tx, entered) = mpsc::sync_channel(1);
         let (release, release_rx) = mpsc::channel::<()>();
         let writer = StuckWriter {

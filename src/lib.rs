@@ -25,7 +25,10 @@
 //!   own sockets through the hub and hands it to the bus for the others,
 //!   forwards to the backend, and owns shutdown ([`node::Node::shutdown`]).
 //! - [`route`]: recipients resolved into topics, and the exactly-once rule.
-//! - [`envelope`]: a message on its way: route plus encoded frame.
+//! - [`envelope`]: a message on its way: route plus encoded frame (and,
+//!   with history on, its stamp: positions per topic).
+//! - [`history`]: positions, stamps and the [`history::History`] interface
+//!   lossless resume reads from (kept by the Redis bus).
 //! - [`bus`]: carries envelopes to every *other* node
 //!   ([`bus::SingleNodeBus`] when there are none, [`bus::RedisBus`]), and
 //!   hands what arrives to this node's hub.
@@ -66,6 +69,7 @@ pub mod bus;
 pub mod config;
 pub(crate) mod conn;
 pub mod envelope;
+pub mod history;
 pub mod http;
 pub(crate) mod hub;
 pub mod logging;

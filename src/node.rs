@@ -399,7 +399,7 @@ impl Node {
                 max,
             });
         }
-        Ok(Arc::new(Envelope { route, frame }))
+        Ok(Arc::new(Envelope::new(route, frame)))
     }
 
     /// Hands an encoded message to the bus and this node's sockets.

@@ -60,6 +60,7 @@ pub use single_node::SingleNodeBus;
 
 use crate::config::Config;
 use crate::envelope::Envelope;
+use crate::history::History;
 use crate::metrics::Metrics;
 use crate::route::Topic;
 use crate::shutdown::Shutdown;
@@ -71,6 +72,16 @@ pub trait Deliver: Send + Sync + 'static {
     /// on the bus's receiving task (and on the publisher's task, when the
     /// node delivers its own messages).
     fn deliver(&self, via: &Topic, envelope: &Arc<Envelope>);
+
+    /// Called when a bus with history found that messages on `topic` were
+    /// lost to this node and cannot be replayed from history (they were
+    /// trimmed, expired, or the topic's history started afresh): sockets
+    /// that speak resume are told (`wshub.gap`). A gap the bus could fill
+    /// is never reported: the missing messages are delivered, in order,
+    /// before the next one.
+    fn gap(&self, topic: &Topic) {
+        let _ = topic;
+    }
 }
 
 /// Builds a node's bus, given the sink that node's received messages go to.
@@ -115,6 +126,15 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Removes a reference to `topic`.
     fn unsubscribe(&self, topic: &Topic);
+
+    /// The history this bus keeps, when `history.enabled`. A bus with
+    /// history stamps every message ([`Envelope::stamp`]) and delivers the
+    /// node's **own** messages to it too, from the same stream as everyone
+    /// else's, so every socket sees one order per topic with positions; the
+    /// node then does not deliver locally at publish time.
+    fn history(&self) -> Option<Arc<dyn History>> {
+        None
+    }
 
     /// `Ok` while the bus can deliver messages published anywhere to this
     /// node; otherwise why not.

@@ -80,6 +80,8 @@ pub struct Config {
     pub limits: Limits,
     pub ws: Ws,
     pub bus: BusConfig,
+    /// `None`: history is off (`history.enabled = false`).
+    pub history: Option<HistoryConfig>,
     /// `None`: the in-process bus.
     pub redis: Option<RedisConfig>,
     /// `None`: no backend; every action is relayed.
@@ -194,6 +196,38 @@ pub struct Ws {
 pub struct BusConfig {
     /// How long a topic with no local socket stays subscribed.
     pub unsubscribe_delay: Duration,
+}
+
+/// `[history]` when enabled: what each topic keeps and how far a resume
+/// may reach back (`docs/resume.md`).
+#[derive(Debug, Clone)]
+pub struct HistoryConfig {
+    /// Replay window by age; also how long a topic's history and a drain
+    /// handoff live in Redis.
+    pub ttl: Duration,
+    /// Entries kept for the everyone topic.
+    pub size_all: usize,
+    /// Entries kept per group, the null group included.
+    pub size_group: usize,
+    /// Entries kept per user.
+    pub size_user: usize,
+    /// More than this to replay on one resume: not recovered.
+    pub max_replay: usize,
+    /// On SIGTERM, store each legacy socket's position for the next socket
+    /// with its identity.
+    pub drain_handoff: bool,
+}
+
+impl HistoryConfig {
+    /// Entries kept for `topic`.
+    pub fn size_of(&self, topic: &crate::route::Topic) -> usize {
+        use crate::route::Topic;
+        match topic {
+            Topic::All => self.size_all,
+            Topic::Group(_) => self.size_group,
+            Topic::User(_) => self.size_user,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -400,7 +434,9 @@ impl Config {
             ));
         }
         let auth = Self::auth_from_raw(&raw.auth)?;
+        let history = Self::history_from_raw(&raw.history, redis.as_ref())?;
         Ok(Config {
+            history,
             broadcast: Broadcast {
                 trusted_networks,
                 api_keys,
@@ -434,6 +470,47 @@ impl Config {
             },
             env_warnings: Vec::new(),
         })
+    }
+
+    fn history_from_raw(
+        raw: &RawHistory,
+        redis: Option<&RedisConfig>,
+    ) -> Result<Option<HistoryConfig>, ConfigError> {
+        if !raw.enabled {
+            return Ok(None);
+        }
+        let Some(redis) = redis else {
+            return Err(invalid(
+                "history.enabled",
+                "history is kept in Redis: set redis.url (or redis.sentinels), or turn history off",
+            ));
+        };
+        if redis.sharded {
+            return Err(invalid(
+                "history.enabled",
+                "history is not supported on a Redis Cluster (redis.sharded) yet: use one Redis or Sentinel, or turn history off",
+            ));
+        }
+        if raw.ttl_ms == 0 {
+            return Err(invalid("history.ttl_ms", "must be at least 1"));
+        }
+        for (key, size) in [
+            ("history.size_all", raw.size_all),
+            ("history.size_group", raw.size_group),
+            ("history.size_user", raw.size_user),
+        ] {
+            if size == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        Ok(Some(HistoryConfig {
+            ttl: Duration::from_millis(raw.ttl_ms),
+            size_all: raw.size_all,
+            size_group: raw.size_group,
+            size_user: raw.size_user,
+            max_replay: raw.max_replay,
+            drain_handoff: raw.drain_handoff,
+        }))
     }
 
     fn redis_from_raw(raw: &RawRedis) -> Result<Option<RedisConfig>, ConfigError> {

@@ -18,6 +18,7 @@ pub struct RawConfig {
     pub limits: Limits,
     pub ws: RawWs,
     pub bus: RawBus,
+    pub history: RawHistory,
     pub redis: RawRedis,
     pub backend: RawBackend,
     pub broadcast: RawBroadcast,
@@ -204,6 +205,20 @@ pub struct RawBus {
     pub unsubscribe_delay_ms: u64,
 }
 
+/// `[history]`: per-topic message history in Redis, for lossless resume
+/// (`docs/resume.md`). Off by default; needs Redis.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawHistory {
+    pub enabled: bool,
+    pub ttl_ms: u64,
+    pub size_all: usize,
+    pub size_group: usize,
+    pub size_user: usize,
+    pub max_replay: usize,
+    pub drain_handoff: bool,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawShutdown {
@@ -260,6 +275,7 @@ impl Default for RawConfig {
             limits: Limits::default(),
             ws: RawWs::default(),
             bus: RawBus::default(),
+            history: RawHistory::default(),
             redis: RawRedis::default(),
             backend: RawBackend::default(),
             broadcast: RawBroadcast::default(),
@@ -317,6 +333,20 @@ impl Default for RawBus {
     fn default() -> Self {
         Self {
             unsubscribe_delay_ms: 2_000,
+        }
+    }
+}
+
+impl Default for RawHistory {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ttl_ms: 120_000,
+            size_all: 1000,
+            size_group: 300,
+            size_user: 100,
+            max_replay: 1000,
+            drain_handoff: true,
         }
     }
 }

@@ -67,10 +67,10 @@ fn user(name: &str) -> Topic {
 }
 
 fn envelope(topics: Vec<Topic>, text: &str) -> Arc<Envelope> {
-    Arc::new(Envelope {
-        route: Route::from_parts(topics, Vec::new()),
-        frame: Frame::from(text.to_owned()),
-    })
+    Arc::new(Envelope::new(
+        Route::from_parts(topics, Vec::new()),
+        Frame::from(text.to_owned()),
+    ))
 }
 
 impl Harness {

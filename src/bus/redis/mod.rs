@@ -356,10 +356,7 @@ impl Shared {
                     let ms = wire::now_ms().saturating_sub(at);
                     self.metrics.bus_latency(Duration::from_millis(ms));
                 }
-                let envelope = Arc::new(Envelope {
-                    route: decoded.route,
-                    frame: decoded.frame,
-                });
+                let envelope = Arc::new(Envelope::new(decoded.route, decoded.frame));
                 self.sink.deliver(&topic, &envelope);
             }
             Err(e) => self.unreadable(channel, &e.to_string()),

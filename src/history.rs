@@ -1,0 +1,265 @@
+//! History and positions: what lossless resume (`docs/resume.md`, contract
+//! in `reference/resume.md`) is made of, independent of where it is kept.
+//!
+//! With `history.enabled`, every message is stamped by the bus as it is
+//! published: a cluster-wide sequence number (publish order) and, for every
+//! topic of its route, a [`Position`] — the topic's epoch and the message's
+//! offset in it. The [`History`] a bus offers reads those messages back, so
+//! a socket that reconnects can be replayed what it missed, and a node can
+//! fill the gap a dropped subscriber connection left.
+//!
+//! This module holds the vocabulary (positions, stamps, the client-facing
+//! topic keys, the `pos` field) and the [`History`] interface; the Redis
+//! implementation lives with the Redis bus (`src/bus/redis/history.rs`).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::envelope::Envelope;
+use crate::route::{Identity, Topic};
+
+/// Where a message stands in one topic's history: `"<epoch>:<offset>"`.
+///
+/// The epoch changes whenever the topic's history starts afresh (first
+/// use, a Redis restart, expiry); offsets count messages published to the
+/// topic in that epoch, from 1. A topic never published to is at offset 0.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Position {
+    /// The history's epoch: short, without `:`.
+    pub epoch: Arc<str>,
+    /// Messages published to the topic in this epoch, up to this one.
+    pub offset: u64,
+}
+
+impl Position {
+    /// Reads `"<epoch>:<offset>"`; `None` when it is not one.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (epoch, offset) = text.rsplit_once(':')?;
+        if epoch.is_empty() || epoch.contains(':') {
+            return None;
+        }
+        // Digits only: `u64::from_str` would also take a leading `+`.
+        if offset.is_empty() || !offset.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(Self {
+            epoch: epoch.into(),
+            offset: offset.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.epoch, self.offset)
+    }
+}
+
+/// What the bus stamped on a message when history is on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamp {
+    /// Cluster-wide publish order (one counter in Redis): replays from
+    /// several topics are merged by it.
+    pub seq: u64,
+    /// The message's position in every topic of its route, in route order.
+    pub positions: Vec<(Topic, Position)>,
+}
+
+impl Stamp {
+    /// The message's position in `topic`, if it is one of its route's.
+    pub fn position(&self, topic: &Topic) -> Option<&Position> {
+        self.positions
+            .iter()
+            .find_map(|(t, p)| (t == topic).then_some(p))
+    }
+}
+
+/// The key a client uses for a topic: `all`, `nullgroup`, `group:<G>`,
+/// `user:<U>` (G and U verbatim, any characters).
+pub fn client_key(topic: &Topic) -> String {
+    match topic {
+        Topic::All => "all".to_owned(),
+        Topic::Group(None) => "nullgroup".to_owned(),
+        Topic::Group(Some(g)) => format!("group:{g}"),
+        Topic::User(u) => format!("user:{u}"),
+    }
+}
+
+/// The three topics a socket can be reached through, in a fixed order:
+/// everyone, its group (or the null group), its user.
+pub fn topics_of(who: &Identity) -> [Topic; 3] {
+    let [group, user] = who.topics();
+    [Topic::All, group, user]
+}
+
+/// A socket's positions in its three topics (indexed as [`topics_of`]);
+/// `None` where it has none.
+pub type Positions = [Option<Position>; 3];
+
+/// Reads the `resume` query parameter's value (already URL-decoded): the
+/// JSON object `{"<client key>":"<position>",…}`. Keys that are not one of
+/// the socket's topics are ignored. `Err` when the value cannot be read at
+/// all (the resume is then not recovered).
+pub fn parse_resume(value: &str, who: &Identity) -> Result<Positions, ResumeParseError> {
+    let map: BTreeMap<String, String> =
+        serde_json::from_str(value).map_err(|_| ResumeParseError)?;
+    let topics = topics_of(who);
+    let mut positions: Positions = Default::default();
+    for (slot, topic) in positions.iter_mut().zip(topics.iter()) {
+        if let Some(text) = map.get(&client_key(topic)) {
+            *slot = Some(Position::parse(text).ok_or(ResumeParseError)?);
+        }
+    }
+    Ok(positions)
+}
+
+/// The `resume` parameter could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the resume positions cannot be read")]
+pub struct ResumeParseError;
+
+/// The JSON object of the per-message `pos` field: every topic of the
+/// message's route, by client key.
+pub fn pos_json(stamp: &Stamp) -> String {
+    let map: BTreeMap<String, String> = stamp
+        .positions
+        .iter()
+        .map(|(t, p)| (client_key(t), p.to_string()))
+        .collect();
+    // A map of strings always serializes.
+    serde_json::to_string(&map).unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// What [`History::read`] found after a position.
+#[derive(Debug)]
+pub enum Read {
+    /// Every message published to the topic after the position, in offset
+    /// order (each with its stamp), and the topic's current top.
+    Complete {
+        /// The messages, oldest first; each envelope has its stamp.
+        messages: Vec<Arc<Envelope>>,
+        /// The topic's position now (the last message's, or the one asked
+        /// for when nothing followed it).
+        top: Position,
+    },
+    /// The messages cannot all be given: the epoch changed, entries were
+    /// trimmed or expired, or there are more than asked for. `top` is the
+    /// topic's current position, from which a socket continues.
+    Incomplete {
+        /// The topic's position now.
+        top: Position,
+    },
+}
+
+/// The future type of the [`History`] calls.
+pub type HistoryFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, HistoryError>> + Send + 'a>>;
+
+/// Where history is kept (offered by a bus that keeps it; see
+/// [`Bus::history`](crate::bus::Bus::history)).
+pub trait History: Send + Sync + 'static {
+    /// The current position of each topic, creating a topic's epoch when it
+    /// has none (so every position handed out names a real epoch).
+    fn tops<'a>(&'a self, topics: &'a [Topic]) -> HistoryFuture<'a, Vec<Position>>;
+
+    /// The messages published to `topic` after `after`, if all of them are
+    /// still kept, no older than `history.ttl_ms`, and at most `max`.
+    fn read<'a>(
+        &'a self,
+        topic: &'a Topic,
+        after: &'a Position,
+        max: usize,
+    ) -> HistoryFuture<'a, Read>;
+
+    /// Stores a legacy socket's positions under its identity, for the next
+    /// socket with that identity (drain handoff); kept for `history.ttl_ms`.
+    fn handoff_put<'a>(
+        &'a self,
+        who: &'a Identity,
+        positions: &'a Positions,
+    ) -> HistoryFuture<'a, ()>;
+
+    /// Takes one stored handoff for `who`, if there is one.
+    fn handoff_take<'a>(&'a self, who: &'a Identity) -> HistoryFuture<'a, Option<Positions>>;
+}
+
+/// Why history could not be read or written.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HistoryError {
+    /// Redis could not be reached or did not answer in time; the text says
+    /// why. A resume is then not recovered (and says so).
+    #[error("history unavailable: {0}")]
+    Unavailable(String),
+    /// Redis answered with something this build cannot read.
+    #[error("unreadable history: {0}")]
+    Unreadable(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn who(user: &str, group: Option<&str>) -> Identity {
+        Identity {
+            user: user.into(),
+            group: group.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn positions_round_trip_and_bad_ones_are_refused() {
+        let p = Position::parse("k3:41").unwrap();
+        assert_eq!(p.epoch.as_ref(), "k3");
+        assert_eq!(p.offset, 41);
+        assert_eq!(p.to_string(), "k3:41");
+        for bad in ["", ":1", "k3:", "k3:+1", "k3:-1", "a:b:1", "k3:1x", "k3"] {
+            assert_eq!(Position::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn client_keys_are_the_contracts() {
+        assert_eq!(client_key(&Topic::All), "all");
+        assert_eq!(client_key(&Topic::Group(None)), "nullgroup");
+        assert_eq!(client_key(&Topic::Group(Some("a:b".into()))), "group:a:b");
+        assert_eq!(client_key(&Topic::User("ann".into())), "user:ann");
+    }
+
+    #[test]
+    fn resume_keeps_only_the_sockets_own_topics() {
+        let ann = who("ann", Some("chat"));
+        let got = parse_resume(
+            r#"{"all":"e:1","group:chat":"g:2","user:ann":"u:3","user:bob":"x:9","group:x":"y:1"}"#,
+            &ann,
+        )
+        .unwrap();
+        assert_eq!(got[0], Position::parse("e:1"));
+        assert_eq!(got[1], Position::parse("g:2"));
+        assert_eq!(got[2], Position::parse("u:3"));
+        let nobody = who("bob", None);
+        let got = parse_resume(r#"{"nullgroup":"n:4","group:chat":"g:2"}"#, &nobody).unwrap();
+        assert_eq!(got, [None, Position::parse("n:4"), None]);
+        assert!(parse_resume("not json", &ann).is_err());
+        assert!(parse_resume(r#"{"all":"garbage"}"#, &ann).is_err());
+        assert!(parse_resume(r#"{"all":5}"#, &ann).is_err());
+    }
+
+    #[test]
+    fn pos_names_every_topic_of_the_route() {
+        let stamp = Stamp {
+            seq: 7,
+            positions: vec![
+                (
+                    Topic::Group(Some("chat".into())),
+                    Position::parse("p7:17").unwrap(),
+                ),
+                (Topic::User("ann".into()), Position::parse("q2:5").unwrap()),
+            ],
+        };
+        assert_eq!(
+            pos_json(&stamp),
+            r#"{"group:chat":"p7:17","user:ann":"q2:5"}"#
+        );
+    }
+}
