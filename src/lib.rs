@@ -27,8 +27,9 @@
 //! - [`route`]: recipients resolved into topics, and the exactly-once rule.
 //! - [`envelope`]: a message on its way: route plus encoded frame (and,
 //!   with history on, its stamp: positions per topic).
-//! - [`history`]: positions, stamps and the [`history::History`] interface
-//!   lossless resume reads from (kept by the Redis bus).
+//! - [`position`]: where a message stands in each topic's history, and
+//!   its stamp; [`history`]: the [`history::History`] interface lossless
+//!   resume reads from (kept by the Redis bus).
 //! - [`bus`]: carries envelopes to every *other* node
 //!   ([`bus::SingleNodeBus`] when there are none, [`bus::RedisBus`]), and
 //!   hands what arrives to this node's hub.
@@ -78,6 +79,7 @@ pub mod metrics;
 pub mod node;
 pub(crate) mod outbox;
 pub mod outcome;
+pub mod position;
 pub(crate) mod rate_limit;
 pub(crate) mod refusal_log;
 pub mod route;
