@@ -575,7 +575,8 @@ impl Node {
         self.registry.nodes().await
     }
 
-    /// The node registry (its version gate, for tests and the bus).
+    /// The node registry and its version gate (the bus holds the same
+    /// gate; tests ask it here).
     pub fn registry(&self) -> &Arc<dyn Registry> {
         &self.registry
     }

@@ -198,6 +198,12 @@ async fn a_killed_node_is_gone_within_its_lease_and_its_leftovers_removed() {
         !members.contains("reg-kill") && !hashes.contains("reg-kill")
     })
     .await;
+    // The set itself expires with the longest lease in it: once the last
+    // node is gone, nothing is left.
+    let ttl: u64 = cli(redis.port, &["PTTL", "{wshub:registry}:nodes"])
+        .parse()
+        .unwrap();
+    assert!(ttl > 0 && ttl <= LEASE.as_millis() as u64, "{ttl}");
 }
 
 #[tokio::test]

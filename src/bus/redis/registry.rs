@@ -12,8 +12,9 @@
 //!
 //! **Heartbeat**: every `presence.heartbeat_ms` one script renews the
 //! member's score and its hash, removes members whose lease has passed
-//! (their hashes expire by themselves), and returns what every live node
-//! reads, for the version gate. Scores come from Redis's own clock (`TIME`),
+//! (their hashes expire by themselves; the set itself expires with its
+//! longest lease, so nothing outlives the last node), and returns what
+//! every live node reads, for the version gate. Scores come from Redis's own clock (`TIME`),
 //! so clock skew between hosts moves no lease. A Redis that restarted
 //! empty is written again by every node's next heartbeat.
 //!
@@ -59,7 +60,8 @@ local now = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[
 local lease = tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], string.format('%.0f', now + lease), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], lease)
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], last[2])
 redis.call('HSET', KEYS[2], unpack(ARGV, 4))
 redis.call('PEXPIRE', KEYS[2], lease)
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
