@@ -14,9 +14,10 @@
 //! - `http` ([`http`]): the HTTP surface and its own state (token
 //!   verifier, auth policy, limits). The socket endpoint admits and
 //!   upgrades a request and starts a session; the broadcast endpoint takes
-//!   a message from the application's backend; health, metrics and the
-//!   embedded browser files. Refusals become responses, counted, in one
-//!   place.
+//!   a message from the application's backend; the server API (`/api/*`,
+//!   `src/http/api.rs`: `GET /api/nodes`, protected like the broadcast
+//!   endpoint, JSON errors); health, metrics and the embedded browser
+//!   files. Refusals become responses, counted, in one place.
 //! - `session` (`src/session.rs`, internal): one socket: reads client
 //!   frames, writes queued frames, pings, and closes with one
 //!   [`outcome::CloseReason`].
@@ -32,7 +33,9 @@
 //!   resume reads from (kept by the Redis bus).
 //! - [`bus`]: carries envelopes to every *other* node
 //!   ([`bus::SingleNodeBus`] when there are none, [`bus::RedisBus`]), and
-//!   hands what arrives to this node's hub.
+//!   hands what arrives to this node's hub. [`bus::registry`]: the nodes
+//!   sharing the bus, with leases (this node alone without Redis), and the
+//!   version gate that decides which payload version the bus writes.
 //! - `hub` (internal): this node's sockets, indexed by group and user;
 //!   `conn`: one socket's handle and the `Closer` that ends its session
 //!   once; `outbox`: its outbound queue, bounded in bytes.

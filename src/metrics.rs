@@ -60,6 +60,8 @@ pub struct Metrics {
     capacity: Gauge,
     refused: Family<ReasonLabel, Counter>,
     ready: Gauge,
+    registry_nodes: Gauge,
+    registry_heartbeat_failures: Counter,
     /// `process_*`, without the `wshub_` prefix, as every Prometheus client
     /// names them (dashboards and alerts expect these names).
     process: Registry,
@@ -93,6 +95,8 @@ impl Metrics {
             capacity: Gauge::default(),
             refused: Family::default(),
             ready: Gauge::default(),
+            registry_nodes: Gauge::default(),
+            registry_heartbeat_failures: Counter::default(),
             registry: Registry::default(),
             process: Registry::default(),
         };
@@ -182,6 +186,17 @@ impl Metrics {
             "1 while /readyz answers 200, else 0 (as of the last scrape)",
             m.ready.clone(),
         );
+        registry.register(
+            "registry_nodes",
+            "Live nodes in the node registry, this one included, as of this node's \
+             last successful heartbeat (0 without Redis)",
+            m.registry_nodes.clone(),
+        );
+        registry.register(
+            "registry_heartbeat_failures",
+            "Node registry heartbeats to Redis that failed (sockets are not affected)",
+            m.registry_heartbeat_failures.clone(),
+        );
         let build: Family<VersionLabel, Gauge> = Family::default();
         build
             .get_or_create(&VersionLabel {
@@ -236,6 +251,17 @@ impl Metrics {
     /// Sets `wshub_ready` (the `/metrics` handler calls it before rendering).
     pub fn set_ready(&self, ready: bool) {
         self.ready.set(i64::from(ready));
+    }
+
+    /// This node's last heartbeat saw `n` live nodes in the registry.
+    pub fn registry_nodes(&self, n: usize) {
+        self.registry_nodes
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A node registry heartbeat failed.
+    pub fn registry_heartbeat_failure(&self) {
+        self.registry_heartbeat_failures.inc();
     }
 
     /// A socket was opened.

@@ -18,6 +18,7 @@ use std::net::IpAddr;
 
 use crate::admission::{Admission, Refusal, Slot};
 use crate::backend::{ACTION_CONNECT, ACTION_DISCONNECT, Backend};
+use crate::bus::registry::{NodeEntry, Registry, Vitals};
 use crate::bus::{Bus, BusError, Deliver, MakeBus};
 use crate::config::Config;
 use crate::conn::{Conn, OutboxReceiver};
@@ -134,6 +135,8 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     hub: Arc<Hub>,
     bus: Arc<dyn Bus>,
+    /// The nodes sharing the bus, this one included (`GET /api/nodes`).
+    registry: Arc<dyn Registry>,
     backend: Option<Backend>,
     /// Token mode: a client's messages carry its verified ids, stamped
     /// over whatever it wrote (the HTTP layer verifies the tokens).
@@ -217,11 +220,13 @@ impl Node {
             config.limits.max_connections_per_ip,
             config.limits.ipv6_prefix_len,
         );
-        Ok(Arc::new(Self {
+        let registry = bus.registry(&config.presence);
+        let node = Arc::new(Self {
             config: Arc::new(config),
             metrics,
             hub,
             bus,
+            registry,
             backend,
             stamp_identity,
             admission,
@@ -230,7 +235,11 @@ impl Node {
             sessions: shutdown.child(),
             http: shutdown.child(),
             shutdown,
-        }))
+        });
+        // Held weakly: the registry never keeps the node alive.
+        let vitals: std::sync::Weak<Self> = Arc::downgrade(&node);
+        node.registry.join(vitals);
+        Ok(node)
     }
 
     /// Registers a socket for `who`: it is in the hub and the bus is
@@ -557,6 +566,33 @@ impl Node {
     /// Number of open sockets on this node.
     pub fn connections(&self) -> usize {
         self.hub.len()
+    }
+
+    /// Every live node of the cluster, this one included (the node
+    /// registry; this node alone without Redis). Fails when Redis cannot be
+    /// reached.
+    pub async fn nodes(&self) -> Result<Vec<NodeEntry>, BusError> {
+        self.registry.nodes().await
+    }
+
+    /// The node registry and its version gate (the bus holds the same
+    /// gate; tests ask it here).
+    pub fn registry(&self) -> &Arc<dyn Registry> {
+        &self.registry
+    }
+}
+
+impl Vitals for Node {
+    fn id(&self) -> &str {
+        &self.config.node_id
+    }
+
+    fn connections(&self) -> usize {
+        Node::connections(self)
+    }
+
+    fn ready(&self) -> bool {
+        self.readiness().is_ok()
     }
 }
 

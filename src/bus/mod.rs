@@ -46,6 +46,7 @@
 
 mod interest;
 mod redis;
+pub mod registry;
 mod single_node;
 pub mod wire;
 
@@ -58,7 +59,7 @@ pub use interest::Interest;
 pub use redis::RedisBus;
 pub use single_node::SingleNodeBus;
 
-use crate::config::Config;
+use crate::config::{Config, PresenceConfig};
 use crate::envelope::Envelope;
 use crate::history::History;
 use crate::metrics::Metrics;
@@ -139,6 +140,14 @@ pub trait Bus: Send + Sync + 'static {
     /// `Ok` while the bus can deliver messages published anywhere to this
     /// node; otherwise why not.
     fn health(&self) -> Result<(), BusError>;
+
+    /// The node registry of the nodes sharing this bus (see [`registry`]),
+    /// with leases per `presence`; the node [joins](registry::Registry::join)
+    /// it. Called once. The default is [`registry::Alone`]: this node only.
+    fn registry(&self, presence: &PresenceConfig) -> Arc<dyn registry::Registry> {
+        let _ = presence;
+        Arc::new(registry::Alone::new())
+    }
 
     /// Stops the bus's background work (the node is exiting): messages
     /// already published are still sent, for at most `within`; resolves

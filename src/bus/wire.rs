@@ -28,6 +28,14 @@
 //! recipients. A payload with another version line is not decoded; the node
 //! counts it and logs it once (a newer node in a rolling upgrade must bump
 //! the version only with a change older nodes cannot read).
+//!
+//! **Versions in a rolling upgrade.** Every node's registry entry lists the
+//! versions it reads ([`READS`]); a node writes the newest version of
+//! [`WRITES`] that every live node reads, as the registry's version gate
+//! (`VersionGate` in `src/bus/registry.rs`) says, and the baseline (the last
+//! of [`WRITES`]) otherwise. So a build that adds version 2 lists it in both,
+//! keeps writing 1 while any node that cannot read 2 is alive, and switches
+//! by itself once the last old node has left. Today there is only 1.
 
 use std::sync::Arc;
 
@@ -40,6 +48,31 @@ use crate::route::{Route, Topic};
 
 /// The payload format version this build writes and reads.
 pub const VERSION_LINE: &[u8] = b"wshub/1\n";
+
+/// A payload format version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// `wshub/1`: the version line, the JSON header, the frame.
+    V1,
+}
+
+impl Version {
+    /// The version's number, as in its version line and in registry entries.
+    pub const fn number(self) -> u32 {
+        match self {
+            Version::V1 => 1,
+        }
+    }
+}
+
+/// The payload versions this build reads (its registry entry says so).
+pub const READS: &[Version] = &[Version::V1];
+
+/// The payload versions this build writes, newest first. The last one is
+/// the baseline, written whenever the version gate does not allow a newer
+/// one: every node a cluster may hold during an upgrade to this build must
+/// read it.
+pub const WRITES: &[Version] = &[Version::V1];
 
 /// Channel suffix of a topic (what follows `P:`), also used in the header.
 pub fn topic_key(topic: &Topic) -> String {
@@ -133,6 +166,14 @@ pub fn encode(origin: &str, route: &Route, frame: &Frame) -> Bytes {
     out.push(b'\n');
     out.extend_from_slice(frame.as_bytes());
     Bytes::from(out)
+}
+
+/// Encodes one message in payload version `version` (chosen by the version
+/// gate, see the module docs).
+pub fn encode_as(version: Version, origin: &str, route: &Route, frame: &Frame) -> Bytes {
+    match version {
+        Version::V1 => encode(origin, route, frame),
+    }
 }
 
 /// A decoded payload.

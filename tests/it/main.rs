@@ -26,5 +26,6 @@ mod redis_acl;
 mod redis_sentinel;
 mod redis_tls;
 mod refusals;
+mod registry;
 mod routing_props;
 mod security;

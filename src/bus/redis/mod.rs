@@ -22,6 +22,10 @@
 //!   reconnects with capped backoff and resubscribes every topic the node
 //!   holds; on a cluster it also resubscribes a channel whose shard gave it
 //!   up (a slot migration).
+//! - the **node registry** (`registry.rs`) renews this node's lease in
+//!   Redis every `presence.heartbeat_ms` on a connection of its own, once
+//!   the node has joined it, keeps the version gate `publish` consults, and
+//!   removes the node's entry when the bus stops.
 //!
 //! **A long outage is refused, a blip is not.** Once the subscriber has
 //! lost Redis for longer than `redis.publish_retry_ms`, `publish` returns
@@ -61,6 +65,7 @@ use tracing::warn;
 mod conn;
 mod publisher;
 mod queue;
+mod registry;
 mod subscriber;
 mod tls;
 
@@ -69,9 +74,10 @@ use publisher::Publisher;
 use queue::PublishQueue;
 use subscriber::Subscriber;
 
+use super::registry::{Registry, VersionGate};
 use super::wire::{self, Channels};
 use super::{Bus, BusError, Deliver, Interest, Subscribed};
-use crate::config::RedisConfig;
+use crate::config::{PresenceConfig, RedisConfig};
 use crate::envelope::Envelope;
 use crate::metrics::Metrics;
 use crate::route::Topic;
@@ -106,6 +112,8 @@ pub struct RedisBus {
     commands: mpsc::Sender<SubscribeRequest>,
     stop: CancellationToken,
     tasks: TaskTracker,
+    /// For the node registry's own connection (`registry.rs`).
+    link: Link,
 }
 
 struct SubscribeRequest {
@@ -149,6 +157,9 @@ struct Shared {
     /// How long the publisher may spend sending what is queued once the
     /// bus is stopping (set by `shutdown`, in milliseconds).
     flush_within_ms: AtomicU64,
+    /// Which payload versions every live node reads (kept by the node
+    /// registry, `registry.rs`); `publish` writes what it allows.
+    gate: VersionGate,
 }
 
 impl RedisBus {
@@ -181,6 +192,7 @@ impl RedisBus {
             last_probe: AtomicU64::new(0),
             unreadable_logged: AtomicBool::new(false),
             flush_within_ms: AtomicU64::new(0),
+            gate: VersionGate::new(),
         });
         let (commands, requests) = mpsc::channel(SUBSCRIBE_QUEUE);
         // The node's shutdown owns the tasks: `shutdown()` below cancels
@@ -189,7 +201,14 @@ impl RedisBus {
         let tasks = shutdown.tracker().clone();
         tasks.spawn(Publisher::new(shared.clone(), link.clone()).run(stop.clone()));
         tasks.spawn(
-            Subscriber::new(shared.clone(), link, requests, stop.clone(), tasks.clone()).run(),
+            Subscriber::new(
+                shared.clone(),
+                link.clone(),
+                requests,
+                stop.clone(),
+                tasks.clone(),
+            )
+            .run(),
         );
         tasks.close();
         Ok(Self {
@@ -197,6 +216,7 @@ impl RedisBus {
             commands,
             stop,
             tasks,
+            link,
         })
     }
 }
@@ -213,7 +233,11 @@ impl Bus for RedisBus {
         let topics = envelope.route.topics();
         if !topics.is_empty() {
             shared.refuse_if_long_down()?;
-            let payload = wire::encode(&shared.node_id, &envelope.route, &envelope.frame);
+            // The newest payload version every live node reads (the node
+            // registry's version gate); the baseline while it is unsure.
+            let version = shared.gate.choose(wire::WRITES, wire::Version::number);
+            let payload =
+                wire::encode_as(version, &shared.node_id, &envelope.route, &envelope.frame);
             let channels = topics.iter().map(|t| shared.channels.of(t)).collect();
             shared.queue.push(channels, payload)?;
         }
@@ -271,6 +295,16 @@ impl Bus for RedisBus {
             )));
         }
         Ok(())
+    }
+
+    fn registry(&self, presence: &PresenceConfig) -> Arc<dyn Registry> {
+        Arc::new(registry::RedisRegistry::new(
+            self.shared.clone(),
+            self.link.clone(),
+            presence,
+            self.stop.clone(),
+            self.tasks.clone(),
+        ))
     }
 
     fn shutdown(&self, within: Duration) -> Pin<Box<dyn Future<Output = ()> + Send>> {
