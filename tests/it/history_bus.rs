@@ -532,7 +532,8 @@ async fn handoffs_are_taken_once_by_the_same_identity() {
 
 /// A batch Redis ran but whose reply never came (the connection is cut
 /// after the script ran) is sent again on the next connection, and the
-/// script skips it: the message is published and recorded once.
+/// script skips it: the message is published and recorded once. A batch
+/// cut before it reached Redis is published by the resend.
 #[tokio::test]
 async fn a_batch_resent_after_a_cut_connection_is_published_once() {
     let redis = RedisServer::start();
@@ -568,6 +569,16 @@ async fn a_batch_resent_after_a_cut_connection_is_published_once() {
         "2",
         "recorded once (and the sentinel)"
     );
+    // A batch cut before it reached Redis is not lost either: the resend
+    // is what publishes it.
+    proxy.arm_commands_on(b"EVALSHA");
+    publisher.publish(std::slice::from_ref(&a), "cut-before");
+    proxy.held().await;
+    proxy.sever();
+    let (_, text, _) = receiver.next_copy().await;
+    assert_eq!(text, "cut-before", "resent after the reconnect");
+    assert_eq!(receiver.until_sentinel(&publisher, &a).await, vec![]);
+    assert_eq!(publisher.metric("wshub_bus_publish_failures_total"), 2.0);
 }
 
 /// Collects `n` copies, answering gaps with a failure.
