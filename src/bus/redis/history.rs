@@ -556,7 +556,7 @@ impl RedisHistory {
                 Ok(Err(e)) if is_answer(&e) => e.to_string(),
                 Ok(Err(e)) => {
                     self.drop_connection(serial);
-                    if !retried {
+                    if !retried && !e.is_timeout() {
                         retried = true;
                         continue;
                     }
