@@ -825,3 +825,30 @@ async fn a_restarted_redis_starts_every_topic_afresh() {
         other => panic!("an old position cannot be resumed: {other:?}"),
     }
 }
+
+/// Scripts flushed from Redis (`SCRIPT FLUSH`, or a failover to a server
+/// that never loaded them) are loaded again and the batch sent again at
+/// once: nothing fails, nothing is published twice.
+#[tokio::test]
+async fn flushed_scripts_are_loaded_again() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let publisher = Member::start(&url, "pub", Some(settings())).await;
+    let mut receiver = Member::start(&url, "rcv", Some(settings())).await;
+    let a = group("a");
+    receiver.subscribe(std::slice::from_ref(&a)).await;
+    publisher.publish(std::slice::from_ref(&a), "first");
+    assert_eq!(receiver.next_copy().await.1, "first");
+    assert_eq!(cli(redis.port, &["SCRIPT", "FLUSH"]), "OK");
+    publisher.publish(std::slice::from_ref(&a), "second");
+    assert_eq!(receiver.next_copy().await.1, "second");
+    // And the reads, on their own connection, too.
+    let tops = receiver.history().tops(std::slice::from_ref(&a)).await;
+    assert_eq!(tops.unwrap()[0].offset, 2);
+    assert_eq!(receiver.until_sentinel(&publisher, &a).await, vec![]);
+    assert_eq!(
+        publisher.metric("wshub_bus_publish_failures_total"),
+        0.0,
+        "NOSCRIPT was handled without failing the batch"
+    );
+}
