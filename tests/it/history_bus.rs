@@ -852,3 +852,23 @@ async fn flushed_scripts_are_loaded_again() {
         "NOSCRIPT was handled without failing the batch"
     );
 }
+
+/// A node restarted under the same node id numbers its messages from 1
+/// again: they are not taken for the previous run's (which the script
+/// would skip as already run).
+#[tokio::test]
+async fn a_node_restarted_under_its_id_is_not_taken_for_its_previous_run() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let mut receiver = Member::start(&url, "rcv", Some(settings())).await;
+    let a = group("a");
+    receiver.subscribe(std::slice::from_ref(&a)).await;
+    let first = Member::start(&url, "same-id", Some(settings())).await;
+    first.publish(std::slice::from_ref(&a), "first run");
+    assert_eq!(receiver.next_copy().await.1, "first run");
+    first.bus.shutdown(Duration::from_secs(1)).await;
+    drop(first);
+    let second = Member::start(&url, "same-id", Some(settings())).await;
+    second.publish(std::slice::from_ref(&a), "second run");
+    assert_eq!(receiver.next_copy().await.1, "second run");
+}
