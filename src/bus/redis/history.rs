@@ -69,8 +69,10 @@
 //!   run on every connection.
 //!
 //! Redis must never evict these keys: `maxmemory-policy` `noeviction` or a
-//! `volatile-*` policy (they all have a TTL except `P:seq`, whose loss
-//! only restarts the sequence). See docs/resume.md.
+//! `volatile-*` policy (every key but `P:seq` has a TTL, and those
+//! policies never evict it; losing a meta hash or a stream only makes a
+//! resume or a repair say it could not), never `allkeys-*` (a lost mark
+//! would let a resent batch run twice). See docs/resume.md.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
