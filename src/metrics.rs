@@ -43,6 +43,34 @@ struct StatusLabel {
     status: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+/// What became of a gap the bus found in a topic's positions (history on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GapKind {
+    /// The missing messages were read from history and delivered, in order.
+    Repaired,
+    /// History no longer had them (trimmed, expired, or started afresh):
+    /// sockets that speak resume were told.
+    Unrepairable,
+}
+
+impl GapKind {
+    /// Every kind, to seed the series.
+    pub const ALL: [GapKind; 2] = [GapKind::Repaired, GapKind::Unrepairable];
+
+    /// The `kind` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            GapKind::Repaired => "repaired",
+            GapKind::Unrepairable => "unrepairable",
+        }
+    }
+}
+
 /// The node's counters. Cheap to update: atomics, and for labelled families
 /// a read lock on a map with a handful of entries.
 pub struct Metrics {
@@ -60,6 +88,8 @@ pub struct Metrics {
     bus_channels: Gauge,
     backend_forwards: Family<ResultLabel, Counter>,
     bus_latency: Histogram,
+    bus_gaps: Family<KindLabel, Counter>,
+    history_publish: Histogram,
     capacity: Gauge,
     refused: Family<ReasonLabel, Counter>,
     ready: Gauge,
@@ -96,6 +126,9 @@ impl Metrics {
             backend_forwards: Family::default(),
             // 0.5 ms … ~8 s
             bus_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
+            bus_gaps: Family::default(),
+            // 0.1 ms … ~1.6 s
+            history_publish: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
             capacity: Gauge::default(),
             refused: Family::default(),
             ready: Gauge::default(),
@@ -173,6 +206,16 @@ impl Metrics {
             m.bus_latency.clone(),
         );
         registry.register(
+            "bus_gaps",
+            "Gaps in a topic's positions the bus found (history on), by what became of them",
+            m.bus_gaps.clone(),
+        );
+        registry.register(
+            "history_publish_seconds",
+            "Time of one call of the publish script (one batch) in Redis, history on",
+            m.history_publish.clone(),
+        );
+        registry.register(
             "connections_max",
             "Sockets this node accepts (limits.max_connections, or the open-file limit)",
             m.capacity.clone(),
@@ -229,6 +272,9 @@ impl Metrics {
             drop(m.dropped.get_or_create(&ReasonLabel {
                 reason: reason.label(),
             }));
+        }
+        for kind in GapKind::ALL {
+            drop(m.bus_gaps.get_or_create(&KindLabel { kind: kind.label() }));
         }
         for result in ForwardResult::ALL {
             drop(m.backend_forwards.get_or_create(&ResultLabel {
@@ -355,6 +401,18 @@ impl Metrics {
     /// A message took `latency` from publish to receipt through the bus.
     pub fn bus_latency(&self, latency: std::time::Duration) {
         self.bus_latency.observe(latency.as_secs_f64());
+    }
+
+    /// The bus found a gap in a topic's positions and it became `kind`.
+    pub fn bus_gap(&self, kind: GapKind) {
+        self.bus_gaps
+            .get_or_create(&KindLabel { kind: kind.label() })
+            .inc();
+    }
+
+    /// One call of the publish script took `took`.
+    pub fn history_publish(&self, took: std::time::Duration) {
+        self.history_publish.observe(took.as_secs_f64());
     }
 
     /// A backend forward ended with `result`.

@@ -101,8 +101,17 @@ pub fn from_config(config: &Config, metrics: Arc<Metrics>) -> MakeBus {
         None => Box::new(|_sink, _shutdown| Ok(Arc::new(SingleNodeBus::new()) as Arc<dyn Bus>)),
         Some(redis) => {
             let (node_id, redis) = (config.node_id.as_str().into(), redis.clone());
+            let history = config.history.clone();
             Box::new(move |sink, shutdown| {
-                let bus = RedisBus::start(node_id, redis, sink, metrics, release_delay, shutdown)?;
+                let bus = RedisBus::start(
+                    node_id,
+                    redis,
+                    history,
+                    sink,
+                    metrics,
+                    release_delay,
+                    shutdown,
+                )?;
                 Ok(Arc::new(bus) as Arc<dyn Bus>)
             })
         }

@@ -18,6 +18,7 @@ mod containers;
 mod deploy;
 mod doc_paths;
 mod fuzz_corpus;
+mod history_bus;
 mod hub;
 mod manifests;
 mod module_cycles;

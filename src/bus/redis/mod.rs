@@ -36,6 +36,20 @@
 //! coming back from Redis (the origin node id in every payload), so each
 //! socket gets a message exactly once.
 //!
+//! **With history** (`history.enabled`, `history.rs`) three things change.
+//! Each batch is one call of a script that stamps every message with its
+//! position in each topic, appends it to the topic's history and publishes
+//! the stamped payload; a batch whose outcome is unknown is resent instead
+//! of dropped. The subscriber delivers this node's **own** messages too,
+//! from Redis's echo ([`Bus::history`] is `Some`; the node then does not
+//! deliver at publish time): every socket, here or elsewhere, sees one
+//! order per topic, with positions. And the subscriber checks those
+//! positions, filling a gap (a dropped connection, a killed subscriber,
+//! pushes it could not keep up with) from history before it delivers what
+//! follows, or reporting it through [`Deliver::gap`] when history no longer
+//! has it (`gaps.rs`). With history off none of this exists: plain
+//! `PUBLISH` pipelines and nothing else in Redis.
+//!
 //! **Health** is end to end: every `redis.probe_interval_ms` the node
 //! publishes a probe to its own probe channel (one per shard on a cluster,
 //! so every shard's subscription is checked), on a connection used for
@@ -59,20 +73,24 @@ use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 mod conn;
+mod gaps;
+mod history;
 mod publisher;
 mod queue;
 mod subscriber;
 mod tls;
 
 use conn::Link;
+use history::RedisHistory;
 use publisher::Publisher;
 use queue::PublishQueue;
 use subscriber::Subscriber;
 
 use super::wire::{self, Channels};
 use super::{Bus, BusError, Deliver, Interest, Subscribed};
-use crate::config::RedisConfig;
+use crate::config::{HistoryConfig, RedisConfig};
 use crate::envelope::Envelope;
+use crate::history::History;
 use crate::metrics::Metrics;
 use crate::route::Topic;
 use crate::shutdown::Shutdown;
@@ -149,20 +167,34 @@ struct Shared {
     /// How long the publisher may spend sending what is queued once the
     /// bus is stopping (set by `shutdown`, in milliseconds).
     flush_within_ms: AtomicU64,
+    /// With `history.enabled`: the history, its script and its command
+    /// connection.
+    history: Option<Arc<RedisHistory>>,
 }
 
 impl RedisBus {
     /// Starts the bus's tasks. Does not wait for Redis: the bus reports
-    /// itself unhealthy until the first probe comes back.
+    /// itself unhealthy until the first probe comes back. With `history`
+    /// (`history.enabled`), every message is stamped and kept, see the
+    /// module docs.
     pub fn start(
         node_id: Arc<str>,
         config: RedisConfig,
+        history: Option<HistoryConfig>,
         sink: Arc<dyn Deliver>,
         metrics: Arc<Metrics>,
         release_delay: Duration,
         shutdown: Shutdown,
     ) -> Result<Self, BusError> {
         let link = Link::new(&config)?;
+        if history.is_some() && config.sharded {
+            // The configuration refuses it too; a bus started directly must not.
+            return Err(BusError::Unavailable(
+                "history is not supported on a Redis Cluster (redis.sharded)".into(),
+            ));
+        }
+        let history =
+            history.map(|h| Arc::new(RedisHistory::new(&node_id, link.clone(), config.clone(), h)));
         let channels = Channels::new(&config.channel_prefix);
         let shared = Arc::new(Shared {
             probe_channel: channels.probe(&node_id),
@@ -181,6 +213,7 @@ impl RedisBus {
             last_probe: AtomicU64::new(0),
             unreadable_logged: AtomicBool::new(false),
             flush_within_ms: AtomicU64::new(0),
+            history,
         });
         let (commands, requests) = mpsc::channel(SUBSCRIBE_QUEUE);
         // The node's shutdown owns the tasks: `shutdown()` below cancels
@@ -211,15 +244,28 @@ impl Bus for RedisBus {
     fn publish(&self, envelope: Arc<Envelope>) -> Result<(), BusError> {
         let shared = &self.shared;
         let topics = envelope.route.topics();
-        if !topics.is_empty() {
-            shared.refuse_if_long_down()?;
-            let payload = wire::encode(&shared.node_id, &envelope.route, &envelope.frame);
-            let channels = topics.iter().map(|t| shared.channels.of(t)).collect();
-            shared.queue.push(channels, payload)?;
+        if topics.is_empty() {
+            return Ok(());
         }
-        // This node's own sockets were served by the node; the copy Redis
-        // echoes back to this node is ignored on arrival (`Shared::receive`).
-        Ok(())
+        shared.refuse_if_long_down()?;
+        let item = match &shared.history {
+            // Delivered here too, from Redis's echo (module docs).
+            Some(history) => history.record(
+                &shared.node_id,
+                &envelope.route,
+                &envelope.frame,
+                &shared.channels,
+            ),
+            None => {
+                // This node's own sockets were served by the node; the copy
+                // Redis echoes back to this node is ignored on arrival
+                // (`Shared::receive`).
+                let payload = wire::encode(&shared.node_id, &envelope.route, &envelope.frame);
+                let channels = topics.iter().map(|t| shared.channels.of(t)).collect();
+                queue::Outgoing::new(channels, payload)
+            }
+        };
+        shared.queue.push(item)
     }
 
     fn subscribe(&self, topic: &Topic) -> Subscribed {
@@ -241,6 +287,10 @@ impl Bus for RedisBus {
     fn unsubscribe(&self, topic: &Topic) {
         // The subscriber task releases it after the delay.
         self.shared.interest.remove(topic);
+    }
+
+    fn history(&self) -> Option<Arc<dyn History>> {
+        self.shared.history.clone().map(|h| h as Arc<dyn History>)
     }
 
     fn health(&self) -> Result<(), BusError> {
@@ -340,8 +390,8 @@ impl Shared {
         )))
     }
 
-    /// Handles one message from the subscriber connection (probes are
-    /// handled by the subscriber task).
+    /// Handles one message from the subscriber connection, history off
+    /// (probes are handled by the subscriber task; with history, `gaps.rs`).
     fn receive(&self, channel: &str, payload: Bytes) {
         let Some(topic) = self.channels.topic(channel) else {
             return self.unreadable(channel, "not a topic channel");
