@@ -27,5 +27,6 @@ mod redis_acl;
 mod redis_sentinel;
 mod redis_tls;
 mod refusals;
+mod resume;
 mod routing_props;
 mod security;
