@@ -209,7 +209,8 @@ impl Node {
                     .map_or(Duration::from_secs(2), |r| r.command_timeout);
                 Some(Arc::new(Resumer::new(
                     history,
-                    settings,
+                    settings.max_replay,
+                    settings.drain_handoff,
                     limit,
                     config.node_id.as_str().into(),
                     metrics.clone(),

@@ -62,7 +62,6 @@ use serde::Serialize;
 use serde::ser::SerializeMap;
 use tracing::{debug, warn};
 
-use crate::config::HistoryConfig;
 use crate::envelope::Envelope;
 use crate::history::{
     History, HistoryError, Position, Positions, Read, client_key, parse_resume, topics_of,
@@ -451,18 +450,22 @@ pub struct Resumer {
 }
 
 impl Resumer {
-    /// The resumer of a node whose bus keeps `history`.
+    /// The resumer of a node whose bus keeps `history`, with
+    /// `history.max_replay` and `history.drain_handoff`. (Not the whole
+    /// `HistoryConfig`: `config` depends on the outbox, which depends on
+    /// this module's [`Mark`].)
     pub fn new(
         history: Arc<dyn History>,
-        config: &HistoryConfig,
+        max_replay: usize,
+        drain_handoff: bool,
         limit: Duration,
         node_id: Arc<str>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             history,
-            max_replay: config.max_replay,
-            drain_handoff: config.drain_handoff,
+            max_replay,
+            drain_handoff,
             limit,
             node_id,
             metrics,

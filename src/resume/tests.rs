@@ -232,22 +232,12 @@ impl History for Mem {
     }
 }
 
-fn settings(max_replay: usize) -> HistoryConfig {
-    HistoryConfig {
-        ttl: Duration::from_secs(120),
-        size_all: 1000,
-        size_group: 300,
-        size_user: 100,
-        max_replay,
-        drain_handoff: true,
-    }
-}
-
 fn resumer(mem: &Arc<Mem>, max_replay: usize) -> (Resumer, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new());
     let resumer = Resumer::new(
         mem.clone(),
-        &settings(max_replay),
+        max_replay,
+        true,
         Duration::from_secs(2),
         "n2".into(),
         metrics.clone(),
