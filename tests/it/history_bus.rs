@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::PATIENCE;
-use crate::common::redis::{RedisServer, cli};
+use crate::common::redis::{GateProxy, RedisServer, cli};
 use tokio::sync::mpsc;
 use wshub::bus::{Bus, Deliver, RedisBus};
 use wshub::config::{Config, HistoryConfig};
@@ -81,11 +81,15 @@ pub struct Member {
     sentinels: usize,
 }
 
-fn redis_config(url: &str) -> wshub::config::RedisConfig {
+fn redis_config(url: &str, command_timeout_ms: u64) -> wshub::config::RedisConfig {
     let env = [
         ("WSHUB_REDIS__URL".to_owned(), url.to_owned()),
         // Quick reconnects keep the fault tests short.
         ("WSHUB_REDIS__RECONNECT_MAX_MS".to_owned(), "200".to_owned()),
+        (
+            "WSHUB_REDIS__COMMAND_TIMEOUT_MS".to_owned(),
+            command_timeout_ms.to_string(),
+        ),
     ];
     Config::load_from(None, env).unwrap().redis.unwrap()
 }
@@ -93,12 +97,23 @@ fn redis_config(url: &str) -> wshub::config::RedisConfig {
 impl Member {
     /// A bus on `url`, healthy, with `history` (None: history off).
     pub async fn start(url: &str, node: &str, history: Option<HistoryConfig>) -> Self {
+        Self::start_with_timeout(url, node, history, 2000).await
+    }
+
+    /// The same, with `redis.command_timeout_ms`.
+    pub async fn start_with_timeout(
+        url: &str,
+        node: &str,
+        history: Option<HistoryConfig>,
+        command_timeout_ms: u64,
+    ) -> Self {
+        crate::common::init_logging();
         let (tx, received) = mpsc::unbounded_channel();
         let metrics = Arc::new(Metrics::new());
         let bus: Arc<dyn Bus> = Arc::new(
             RedisBus::start(
                 node.into(),
-                redis_config(url),
+                redis_config(url, command_timeout_ms),
                 history,
                 Arc::new(Recorder(tx)),
                 metrics.clone(),
@@ -527,4 +542,281 @@ async fn handoffs_are_taken_once_by_the_same_identity() {
         .parse()
         .unwrap();
     assert!(ttl > 0 && ttl <= 120_000, "kept for history.ttl_ms: {ttl}");
+}
+
+/// A batch Redis ran but whose reply never came (the connection is cut
+/// after the script ran) is sent again on the next connection, and the
+/// script skips it: the message is published and recorded once. A batch
+/// cut before it reached Redis is published by the resend.
+#[tokio::test]
+async fn a_batch_resent_after_a_cut_connection_is_published_once() {
+    let redis = RedisServer::start();
+    let proxy = GateProxy::start(redis.port).await;
+    // The publisher goes through the proxy; the receiver straight to Redis.
+    let publisher = Member::start(&proxy.url(), "pub", Some(settings())).await;
+    let mut receiver = Member::start(&redis.url(), "rcv", Some(settings())).await;
+    let a = group("a");
+    receiver.subscribe(std::slice::from_ref(&a)).await;
+    // Hold the replies on the connection that sends the publish script:
+    // the script reaches Redis and runs, its reply does not come back.
+    proxy.arm_on(b"EVALSHA");
+    publisher.publish(std::slice::from_ref(&a), "once");
+    proxy.held().await;
+    let (_, text, _) = receiver.next_copy().await;
+    assert_eq!(text, "once", "Redis ran the batch");
+    // Cut it: the publisher cannot know that the batch ran, and resends it.
+    proxy.sever();
+    let between = receiver.until_sentinel(&publisher, &a).await;
+    assert_eq!(between, vec![], "the resent batch was not published again");
+    assert_eq!(
+        publisher.metric("wshub_bus_publish_failures_total"),
+        1.0,
+        "the batch failed once and was resent"
+    );
+    assert_eq!(
+        publisher.metric("wshub_messages_dropped_total{reason=\"bus_unavailable\"}"),
+        0.0,
+        "nothing was dropped"
+    );
+    assert_eq!(
+        cli(redis.port, &["XLEN", "wshub:h:{g:a}:s"]),
+        "2",
+        "recorded once (and the sentinel)"
+    );
+    // A batch cut before it reached Redis is not lost either: the resend
+    // is what publishes it.
+    proxy.arm_commands_on(b"EVALSHA");
+    publisher.publish(std::slice::from_ref(&a), "cut-before");
+    proxy.held().await;
+    proxy.sever();
+    let (_, text, _) = receiver.next_copy().await;
+    assert_eq!(text, "cut-before", "resent after the reconnect");
+    assert_eq!(receiver.until_sentinel(&publisher, &a).await, vec![]);
+    assert_eq!(publisher.metric("wshub_bus_publish_failures_total"), 2.0);
+}
+
+/// Collects `n` copies, answering gaps with a failure.
+async fn copies(member: &mut Member, n: usize) -> Vec<String> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let (_, text, _) = member.next_copy().await;
+        got.push(text);
+    }
+    got
+}
+
+/// The subscriber connection is killed (`CLIENT KILL TYPE pubsub`, twice)
+/// while another node keeps publishing: the receiver notices the jumps in
+/// the offsets and fills them from history, so it gets every message once,
+/// in order, and reports no gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_subscriber_is_repaired_from_history_while_publishing_goes_on() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let publisher = Arc::new(Member::start(&url, "pub", Some(settings())).await);
+    let mut receiver = Member::start(&url, "rcv", Some(settings())).await;
+    let a = group("a");
+    receiver.subscribe(std::slice::from_ref(&a)).await;
+    const N: usize = 3000;
+    let sender = publisher.clone();
+    let topic = a.clone();
+    let publishing = tokio::spawn(async move {
+        for i in 0..N {
+            sender.publish(std::slice::from_ref(&topic), &format!("k{i}"));
+            if i % 5 == 4 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    });
+    let mut got = copies(&mut receiver, 300).await;
+    for _ in 0..2 {
+        let killed = cli(redis.port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+        assert_ne!(killed, "0", "a subscriber connection was killed");
+        got.extend(copies(&mut receiver, 700).await);
+    }
+    publishing.await.unwrap();
+    got.extend(copies(&mut receiver, N - got.len()).await);
+    let want: Vec<String> = (0..N).map(|i| format!("k{i}")).collect();
+    assert_eq!(got, want, "every message once, in order");
+    assert_eq!(receiver.until_sentinel(&publisher, &a).await, vec![]);
+    assert!(
+        receiver.metric("wshub_bus_gaps_total{kind=\"repaired\"}") >= 1.0,
+        "the kills lost messages that were repaired"
+    );
+    assert_eq!(
+        receiver.metric("wshub_bus_gaps_total{kind=\"unrepairable\"}"),
+        0.0
+    );
+}
+
+/// When the subscriber cannot read the tops after its resubscribe (here
+/// the proxy holds that read until it times out), the messages the killed
+/// connection missed show as a jump in the offsets of the next copy, and
+/// are filled from history before it: every message once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jump_in_the_offsets_is_filled_before_the_copy_that_shows_it() {
+    let redis = RedisServer::start();
+    let proxy = GateProxy::start(redis.port).await;
+    // Room for everything published while the receiver waits for the
+    // read to time out.
+    let roomy = HistoryConfig {
+        size_group: 5000,
+        ..settings()
+    };
+    let publisher = Arc::new(Member::start(&redis.url(), "pub", Some(roomy.clone())).await);
+    let mut receiver = Member::start_with_timeout(&proxy.url(), "rcv", Some(roomy), 300).await;
+    let a = group("a");
+    receiver.subscribe(std::slice::from_ref(&a)).await;
+    const N: usize = 1500;
+    let sender = publisher.clone();
+    let topic = a.clone();
+    let publishing = tokio::spawn(async move {
+        for i in 0..N {
+            sender.publish(std::slice::from_ref(&topic), &format!("j{i}"));
+            if i % 10 == 9 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    });
+    let mut got = copies(&mut receiver, 200).await;
+    // The next HMGET command (the tops read after the resubscribe: the
+    // read of where `a` starts is done before any copy is delivered; the
+    // scripts' text names HMGET too, hence the RESP framing) never
+    // reaches Redis.
+    proxy.arm_commands_on(b"$5\r\nHMGET\r\n");
+    let killed = cli(redis.port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert_ne!(killed, "0");
+    proxy.held().await;
+    publishing.await.unwrap();
+    got.extend(copies(&mut receiver, N - got.len()).await);
+    let want: Vec<String> = (0..N).map(|i| format!("j{i}")).collect();
+    assert_eq!(got, want, "every message once, in order");
+    assert_eq!(receiver.until_sentinel(&publisher, &a).await, vec![]);
+    assert!(
+        receiver.metric("wshub_bus_gaps_total{kind=\"repaired\"}") >= 1.0,
+        "the kill lost messages, repaired at the jump"
+    );
+}
+
+/// Cuts every connection through `proxy` and holds the resubscribe of the
+/// bus behind it (the SUBSCRIBE does not reach Redis) until
+/// `proxy.release()`: what is published meanwhile never reaches that bus
+/// by pub/sub.
+async fn cut_and_hold_resubscribe(proxy: &GateProxy) {
+    proxy.arm_commands_on(b"SUBSCRIBE");
+    proxy.sever();
+    proxy.held().await;
+}
+
+/// Waits until `member` (subscribed to `topic`) received `tag` through its
+/// own echo: Redis has run it.
+async fn wait_echo(member: &mut Member, tag: &str) {
+    member.until(tag).await;
+}
+
+/// A topic that stays quiet after the subscriber lost messages on it is
+/// repaired at the resubscribe, without waiting for a next message.
+#[tokio::test]
+async fn a_quiet_topic_is_repaired_right_after_the_resubscribe() {
+    let redis = RedisServer::start();
+    let proxy = GateProxy::start(redis.port).await;
+    let mut publisher = Member::start(&redis.url(), "pub", Some(settings())).await;
+    let mut receiver = Member::start(&proxy.url(), "rcv", Some(settings())).await;
+    let q = group("quiet");
+    publisher.subscribe(std::slice::from_ref(&q)).await;
+    receiver.subscribe(std::slice::from_ref(&q)).await;
+    publisher.publish(std::slice::from_ref(&q), "q1");
+    assert_eq!(receiver.next_copy().await.1, "q1");
+    cut_and_hold_resubscribe(&proxy).await;
+    publisher.publish(std::slice::from_ref(&q), "q2");
+    publisher.publish(std::slice::from_ref(&q), "q3");
+    wait_echo(&mut publisher, "q3").await;
+    proxy.release();
+    // Nothing else is published: only the repair can bring them.
+    assert_eq!(receiver.next_copy().await.1, "q2");
+    assert_eq!(receiver.next_copy().await.1, "q3");
+    assert_eq!(
+        receiver.metric("wshub_bus_gaps_total{kind=\"repaired\"}"),
+        1.0
+    );
+    // And the live stream goes on without a duplicate.
+    assert_eq!(receiver.until_sentinel(&publisher, &q).await, vec![]);
+}
+
+/// Messages lost to the subscriber that history no longer has (trimmed by
+/// a tiny `size_group`) are reported once through `Deliver::gap`, never
+/// delivered in part, and the topic goes on from there.
+#[tokio::test]
+async fn a_gap_history_cannot_fill_is_reported() {
+    let redis = RedisServer::start_with(&["--stream-node-max-entries", "2"]);
+    let proxy = GateProxy::start(redis.port).await;
+    let small = HistoryConfig {
+        size_group: 2,
+        ..settings()
+    };
+    let mut publisher = Member::start(&redis.url(), "pub", Some(small.clone())).await;
+    let mut receiver = Member::start(&proxy.url(), "rcv", Some(small)).await;
+    let t = group("t");
+    publisher.subscribe(std::slice::from_ref(&t)).await;
+    receiver.subscribe(std::slice::from_ref(&t)).await;
+    publisher.publish(std::slice::from_ref(&t), "t1");
+    assert_eq!(receiver.next_copy().await.1, "t1");
+    cut_and_hold_resubscribe(&proxy).await;
+    for i in 2..=20 {
+        publisher.publish(std::slice::from_ref(&t), &format!("t{i}"));
+    }
+    wait_echo(&mut publisher, "t20").await;
+    proxy.release();
+    assert_eq!(receiver.next().await, Event::Gap(t.clone()));
+    assert_eq!(
+        receiver.until_sentinel(&publisher, &t).await,
+        vec![],
+        "nothing of the gap is delivered, and no second notice"
+    );
+    assert_eq!(
+        receiver.metric("wshub_bus_gaps_total{kind=\"unrepairable\"}"),
+        1.0
+    );
+    assert_eq!(
+        receiver.metric("wshub_bus_gaps_total{kind=\"repaired\"}"),
+        0.0
+    );
+}
+
+/// A Redis restarted from its own persisted data (the topic's meta
+/// survives, offsets would be reused) has another run id: every topic
+/// starts a new epoch, a read from an old position is `Incomplete`, and a
+/// subscriber that held a position reports the gap.
+#[tokio::test]
+async fn a_restarted_redis_starts_every_topic_afresh() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let url = redis.url();
+    let publisher = Member::start(&url, "pub", Some(settings())).await;
+    let mut receiver = Member::start(&url, "rcv", Some(settings())).await;
+    let a = group("a");
+    receiver.subscribe(std::slice::from_ref(&a)).await;
+    publisher.publish(std::slice::from_ref(&a), "before");
+    let (_, _, stamp) = receiver.next_copy().await;
+    let before = position(&stamp, &a);
+    assert_eq!(before.offset, 1);
+    redis.restart();
+    assert_eq!(
+        cli(redis.port, &["HGET", "wshub:h:{g:a}:m", "e"]),
+        &*before.epoch,
+        "the meta survived the restart (persistence)"
+    );
+    // Published at once: the publisher resends it once it has reconnected,
+    // and whether it reaches the receiver live or through the repair after
+    // its resubscribe, it must arrive once, after the gap notice.
+    publisher.publish(std::slice::from_ref(&a), "after");
+    assert_eq!(receiver.next().await, Event::Gap(a.clone()));
+    let (_, text, stamp) = receiver.next_copy().await;
+    assert_eq!(text, "after");
+    let after = position(&stamp, &a);
+    assert_ne!(after.epoch, before.epoch, "a new epoch");
+    assert_eq!(after.offset, 1);
+    match receiver.history().read(&a, &before, 100).await.unwrap() {
+        Read::Incomplete { top } => assert_eq!(top, after),
+        other => panic!("an old position cannot be resumed: {other:?}"),
+    }
 }

@@ -537,30 +537,38 @@ impl RedisHistory {
         self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `call` on the command connection within the command timeout;
-    /// a connection that failed is dropped (the next call opens another).
+    /// Runs `call` on the command connection within the command timeout.
+    /// A connection that failed is dropped, and the call is made once more
+    /// on a new one when it failed at once (a connection that went stale
+    /// while idle, as every one does when Redis restarts or a proxy cuts
+    /// it) rather than by running out of time.
     async fn call<T, F, Fut>(&self, call: F) -> Result<T, HistoryError>
     where
-        F: FnOnce(Command) -> Fut,
+        F: Fn(Command) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let command = self.command().await?;
-        let serial = command.serial;
-        let outcome = timeout(self.config.command_timeout, call(command)).await;
-        let error = match outcome {
-            Ok(Ok(value)) => return Ok(value),
-            Ok(Err(e)) => {
-                if !is_answer(&e) {
+        let mut retried = false;
+        loop {
+            let command = self.command().await?;
+            let serial = command.serial;
+            let error = match timeout(self.config.command_timeout, call(command)).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(e)) if is_answer(&e) => e.to_string(),
+                Ok(Err(e)) => {
                     self.drop_connection(serial);
+                    if !retried && !e.is_timeout() {
+                        retried = true;
+                        continue;
+                    }
+                    e.to_string()
                 }
-                e.to_string()
-            }
-            Err(_) => {
-                self.drop_connection(serial);
-                "Redis did not answer in time".to_owned()
-            }
-        };
-        Err(HistoryError::Unavailable(error))
+                Err(_) => {
+                    self.drop_connection(serial);
+                    "Redis did not answer in time".to_owned()
+                }
+            };
+            return Err(HistoryError::Unavailable(error));
+        }
     }
 
     fn drop_connection(&self, serial: u64) {
@@ -574,9 +582,10 @@ impl RedisHistory {
     /// subscriber's starting points (see `gaps.rs`).
     pub(super) async fn heads(&self, topics: &[Topic]) -> Result<Vec<Head>, HistoryError> {
         let metas: Vec<String> = topics.iter().map(|t| self.keys.meta(t)).collect();
+        let metas = &metas;
         self.call(|mut c| async move {
             let mut pipe = redis::pipe();
-            for meta in &metas {
+            for meta in metas {
                 pipe.cmd("HMGET").arg(meta).arg("e").arg("o").arg("r");
             }
             let rows: Vec<(Option<String>, Option<u64>, Option<String>)> =
@@ -607,14 +616,14 @@ impl RedisHistory {
         until: u64,
         most: usize,
     ) -> Result<(Position, Vec<(String, Bytes)>), HistoryError> {
-        let (meta, stream) = (self.keys.meta(topic), self.keys.stream(topic));
+        let (meta, stream) = (&self.keys.meta(topic), &self.keys.stream(topic));
         let mttl = ms(meta_ttl(&self.history));
         let reply: redis::Value = self
             .call(|mut c| async move {
                 evalsha(&mut c.conn, READ_LUA, &c.read_sha, |cmd| {
                     cmd.arg(2)
-                        .arg(&meta)
-                        .arg(&stream)
+                        .arg(meta)
+                        .arg(stream)
                         .arg(&*c.run_id)
                         .arg(mttl)
                         .arg(&*after.epoch)
@@ -796,7 +805,7 @@ impl History for RedisHistory {
             if topics.is_empty() {
                 return Ok(Vec::new());
             }
-            let keys: Vec<String> = topics
+            let keys: &Vec<String> = &topics
                 .iter()
                 .flat_map(|t| [self.keys.meta(t), self.keys.stream(t)])
                 .collect();
@@ -804,7 +813,7 @@ impl History for RedisHistory {
             let flat: Vec<String> = self
                 .call(|mut c| async move {
                     evalsha(&mut c.conn, TOPS_LUA, &c.tops_sha, |cmd| {
-                        cmd.arg(keys.len()).arg(&keys).arg(&*c.run_id).arg(mttl);
+                        cmd.arg(keys.len()).arg(keys).arg(&*c.run_id).arg(mttl);
                     })
                     .await
                 })
@@ -857,23 +866,22 @@ impl History for RedisHistory {
         positions: &'a Positions,
     ) -> HistoryFuture<'a, ()> {
         Box::pin(async move {
-            let key = self.keys.handoff(who);
-            let value = handoff_json(positions);
+            let (key, value) = (&self.keys.handoff(who), &handoff_json(positions));
             let ttl = ms(self.history.ttl);
             self.call(|mut c| async move {
                 redis::pipe()
                     .atomic()
                     .cmd("RPUSH")
-                    .arg(&key)
-                    .arg(&value)
+                    .arg(key)
+                    .arg(value)
                     .ignore()
                     .cmd("LTRIM")
-                    .arg(&key)
+                    .arg(key)
                     .arg(-(HANDOFFS_KEPT as i64))
                     .arg(-1)
                     .ignore()
                     .cmd("PEXPIRE")
-                    .arg(&key)
+                    .arg(key)
                     .arg(ttl)
                     .ignore()
                     .query_async::<()>(&mut c.conn)
@@ -885,10 +893,10 @@ impl History for RedisHistory {
 
     fn handoff_take<'a>(&'a self, who: &'a Identity) -> HistoryFuture<'a, Option<Positions>> {
         Box::pin(async move {
-            let key = self.keys.handoff(who);
+            let key = &self.keys.handoff(who);
             let taken: Option<String> =
                 self.call(|mut c| async move {
-                    redis::cmd("LPOP").arg(&key).query_async(&mut c.conn).await
+                    redis::cmd("LPOP").arg(key).query_async(&mut c.conn).await
                 })
                 .await?;
             taken.as_deref().map(handoff_from_json).transpose()
