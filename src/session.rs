@@ -142,19 +142,21 @@ impl Session {
         }
     }
 
-    /// With history on: decides the resume (racing the close signal),
-    /// tells the backend, and writes the welcome and the replay before
-    /// anything queued.
+    /// With history on: decides the resume, tells the backend, and writes
+    /// the welcome and the replay before anything queued.
+    ///
+    /// The decision is not raced with the close signal (each History call
+    /// is bounded, `redis.command_timeout_ms`): a drain that arrives
+    /// meanwhile then closes a socket whose floors are known, so the close
+    /// writes the rest of the replay and a legacy socket hands over where
+    /// it really is. (Raced, a legacy socket drained while it took over a
+    /// handoff lost it: taken from Redis, never handed on.)
     async fn begin(&mut self) -> Result<(), CloseReason> {
         let Some(resumer) = self.node.resumer().cloned() else {
             return Ok(());
         };
         let request = self.registration.take_resume();
-        let outcome = tokio::select! {
-            biased;
-            reason = self.conn.closer.closed() => return Err(reason),
-            outcome = resumer.start(&self.conn.who, &request) => outcome,
-        };
+        let outcome = resumer.start(&self.conn.who, &request).await;
         self.registration.announce(&outcome.report);
         self.floors = outcome.floors;
         self.backlog = outcome.frames.into();

@@ -658,6 +658,66 @@ async fn a_legacy_page_is_handed_over_across_a_node_shutdown() {
     assert!(again.until_sentinel(&tag).await.is_empty());
 }
 
+/// A legacy page whose node starts draining while the page's socket takes
+/// over a handoff (the history replies held by a gate proxy): the socket
+/// still gets what it missed before its 1001, and hands the handoff on.
+#[tokio::test]
+async fn a_legacy_page_drained_while_taking_over_a_handoff_hands_it_on() {
+    let redis = RedisServer::start();
+    let proxy = GateProxy::start(redis.port).await;
+    let publisher = node(&redis.url(), Some(settings())).await;
+    let draining = TestServer::on_redis(&proxy.url(), |c| {
+        c.history = Some(settings());
+        c.redis.as_mut().unwrap().command_timeout = Duration::from_secs(20);
+    })
+    .await;
+    let mut watcher = Watcher::on(&publisher).await;
+    // A handoff as a drained node stores it, at the current tops.
+    let page = Page::new("ann", Some("chat"));
+    let at = tops(&publisher, &page).await;
+    let stored = json!([at["all"], at["group:chat"], at["user:ann"]]).to_string();
+    let key = r#"wshub:ho:["ann","chat"]"#;
+    cli(redis.port, &["RPUSH", key, &stored]);
+    publish(&publisher, say("missed", json!([to_user("ann")]))).await;
+    watcher.settle(&publisher).await;
+
+    proxy.arm_on(b"LPOP");
+    let (addr, path) = (draining.addr, page.path(None));
+    let connecting = tokio::spawn(async move { Client::connect(addr, &path).await });
+    proxy.held().await;
+    draining.node.drain_sockets_now();
+    proxy.release();
+    let mut client = connecting.await.unwrap();
+    let mut got = Vec::new();
+    let code = loop {
+        match tokio::time::timeout(PATIENCE, futures_util::StreamExt::next(&mut client.ws))
+            .await
+            .expect("the socket ended")
+        {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) => {
+                got.push(parse(&text)["message"].as_str().unwrap().to_owned());
+            }
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(frame)))) => {
+                break u16::from(frame.code);
+            }
+            Some(Ok(_)) => {}
+            other => panic!("expected frames and a close, got {other:?}"),
+        }
+    };
+    assert_eq!(code, 1001);
+    let got: Vec<&str> = got
+        .iter()
+        .map(String::as_str)
+        .filter(|m| !m.starts_with("resume-sentinel"))
+        .collect();
+    assert_eq!(got, ["missed"], "replayed before the 1001");
+    assert_eq!(
+        cli(redis.port, &["LLEN", key]).trim(),
+        "1",
+        "handed on before the close frame"
+    );
+}
+
 // ---- The backend ----------------------------------------------------------
 
 /// What a recording backend received: headers and body per request.
