@@ -520,6 +520,42 @@ async fn unknown_epochs_and_unreadable_or_missing_positions_are_not_recovered() 
     assert_eq!(welcome["recovered"], true, "{welcome}");
 }
 
+/// Redis stops answering while a socket resumes: the welcome still comes,
+/// once the calls time out, says not recovered, and the socket stays open.
+#[tokio::test]
+async fn history_that_does_not_answer_is_not_recovered_and_the_socket_stays() {
+    let redis = RedisServer::start();
+    let server = TestServer::on_redis(&redis.url(), |c| {
+        c.history = Some(settings());
+        c.redis.as_mut().unwrap().command_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut ann = Page::new("ann", Some("chat"));
+    // Keeps the node subscribed to ann's topics, so the next socket needs
+    // no Redis to be admitted.
+    let _anchor = ann.open(&server, None).await;
+    let mut client = ann.open(&server, Some("")).await;
+    ann.welcome(&mut client).await;
+    client.close().await;
+
+    redis.pause();
+    let mut client = ann
+        .open(
+            &server,
+            Some(&Value::Object(ann.positions.clone()).to_string()),
+        )
+        .await;
+    let frame = client.recv().await;
+    redis.resume();
+    assert_eq!(frame["action"], "wshub.welcome");
+    let welcome = parse(frame["message"].as_str().unwrap());
+    assert_eq!(welcome["recovered"], false, "{welcome}");
+    assert_eq!(welcome["replayed"], 0);
+    server.wait_ready().await;
+    publish(&server, say("still here", json!([to_user("ann")]))).await;
+    assert_eq!(client.recv().await["message"], "still here");
+}
+
 // ---- Live copies during a replay -----------------------------------------------
 
 /// The reading node's history replies are held (a gate proxy in front of
