@@ -2,10 +2,12 @@
 //! in which order, and when the answer is "not recovered".
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use super::*;
-use crate::history::{HistoryFuture, Stamp};
+use crate::history::{History, HistoryError, HistoryFuture, Read, Stamp};
+use crate::metrics::Metrics;
 use crate::route::Route;
 
 fn who(user: &str, group: Option<&str>) -> Identity {
