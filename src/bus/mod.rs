@@ -17,9 +17,12 @@
 //!
 //! # Contract
 //!
-//! * **Other nodes only.** [`Bus::publish`] carries a message to every
-//!   other node, never back to this one: a bus that hears its own node's
-//!   message (Redis echoes every publish to every subscriber) ignores it.
+//! * **Other nodes only** — unless the bus keeps history. [`Bus::publish`]
+//!   carries a message to every other node, never back to this one: a bus
+//!   that hears its own node's message (Redis echoes every publish to every
+//!   subscriber) ignores it. A bus whose [`Bus::history`] is `Some` instead
+//!   delivers every message, its own node's too, from the one stream it
+//!   stamps them in, and the node does not deliver at publish time.
 //! * **Topics.** A message is published once per topic of its
 //!   [`Route`](crate::route::Route); a node receives one copy per topic it is
 //!   subscribed to, handed to its [`Deliver`] sink together with that topic.
@@ -39,7 +42,9 @@
 //! * **No blocking.** `publish`, `subscribe`, `unsubscribe` never block the
 //!   caller; a bus that cannot take a message now says so with an error.
 //! * **Delivery** is at most once: a bus never duplicates a copy, but one that
-//!   is disconnected may lose copies, and says so in its health.
+//!   is disconnected may lose copies, and says so in its health. A bus with
+//!   history fills such losses from it before it delivers anything newer on
+//!   the topic, and reports through [`Deliver::gap`] what it cannot fill.
 //! * **Shutdown** ([`Bus::shutdown`]) first sends what was published and is
 //!   still queued, within the time it is given, and resolves once the bus's
 //!   background tasks have ended; the server awaits it before it returns.

@@ -14,7 +14,8 @@
 //!   fails mid-flight is dropped, not resent: Redis may already have
 //!   delivered part of it, and delivering twice is worse than the loss
 //!   pub/sub already allows. Only that batch is lost; the messages behind
-//!   it wait for the reconnect. On shutdown the publisher first sends what
+//!   it wait for the reconnect. (With history on the batch is resent
+//!   instead: the publish script skips what it already ran.) On shutdown the publisher first sends what
 //!   is queued (bounded by the shutdown timeout), then ends.
 //! - the **subscriber** (`subscriber.rs`) holds the one subscriber connection, subscribes and
 //!   unsubscribes in batches, delivers what arrives to the hub, and sends the

@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use super::conn::{Backoff, Link, PubConn, connect_publisher};
 use super::history::Prepared;
 use super::queue::Outgoing;
-use super::{MAX_BATCH, MAX_BATCH_BYTES, Shared};
+use super::{MAX_BATCH, MAX_BATCH_BYTES, MIN_BACKOFF, Shared};
 use crate::outcome::DropReason;
 
 /// The publisher task's state: its connection and the subscriber epoch it
@@ -268,5 +268,9 @@ impl Publisher {
         self.resend = Some(batch);
         self.conn = None;
         self.outage = true;
+        // An error Redis answered (out of memory, loading) comes back at
+        // once on a new connection: pause, rather than spin reconnecting
+        // until the batch expires.
+        tokio::time::sleep(MIN_BACKOFF).await;
     }
 }
