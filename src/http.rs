@@ -412,7 +412,9 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
     let ip = peer.map(|p| auth::client_ip(p, &parts.headers, &http.config.auth.trusted_proxies));
-    let registration = match http.node.connect(who, ip).await {
+    // With history off the parameter is ignored (the node says Legacy).
+    let resume = http.node.resume_request(resume_parameter(&pairs), &who);
+    let registration = match http.node.connect(who, ip, resume).await {
         Ok(r) => r,
         Err(e @ ConnectError::Draining) => {
             return Err(Refused::Socket(RefusalReason::Draining, e.to_string()));
@@ -476,6 +478,16 @@ pub fn identity_from_query(pairs: &[(String, String)]) -> Identity {
         user: user.into(),
         group: group.map(Into::into),
     }
+}
+
+/// The value of the `resume` query parameter (key in any case, as the
+/// ids' keys), if present; the last one when repeated, as the ids.
+fn resume_parameter(pairs: &[(String, String)]) -> Option<&str> {
+    pairs
+        .iter()
+        .rev()
+        .find(|(key, _)| key.eq_ignore_ascii_case(crate::resume::QUERY_PARAMETER))
+        .map(|(_, value)| value.as_str())
 }
 
 /// Whether a peer may use the broadcast endpoint: loopback, or an address in

@@ -31,6 +31,10 @@
 //! - [`position`]: where a message stands in each topic's history, and
 //!   its stamp; [`history`]: the [`history::History`] interface lossless
 //!   resume reads from (kept by the Redis bus).
+//! - [`resume`]: the socket's side of lossless resume: the `resume`
+//!   request, the decision at connect (replay or not, the welcome), the
+//!   floors a session de-duplicates by and hands over on shutdown, the
+//!   gap notice.
 //! - [`bus`]: carries envelopes to every *other* node
 //!   ([`bus::SingleNodeBus`] when there are none, [`bus::RedisBus`]), and
 //!   hands what arrives to this node's hub. [`bus::registry`]: the nodes
@@ -85,6 +89,7 @@ pub mod outcome;
 pub mod position;
 pub(crate) mod rate_limit;
 pub(crate) mod refusal_log;
+pub mod resume;
 pub mod route;
 pub mod server;
 pub(crate) mod session;

@@ -12,7 +12,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::outcome::{BroadcastStatus, CloseReason, DropReason, ForwardResult, RefusalReason};
+use crate::outcome::{
+    BroadcastStatus, CloseReason, DropReason, ForwardResult, HandoffResult, RefusalReason,
+    ResumeResult,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
@@ -92,6 +95,9 @@ pub struct Metrics {
     ready: Gauge,
     registry_nodes: Gauge,
     registry_heartbeat_failures: Counter,
+    resumes: Family<ResultLabel, Counter>,
+    resume_replayed: Histogram,
+    drain_handoffs: Family<ResultLabel, Counter>,
     /// `process_*`, without the `wshub_` prefix, as every Prometheus client
     /// names them (dashboards and alerts expect these names).
     process: Registry,
@@ -130,6 +136,10 @@ impl Metrics {
             ready: Gauge::default(),
             registry_nodes: Gauge::default(),
             registry_heartbeat_failures: Counter::default(),
+            resumes: Family::default(),
+            // 1 … 4096 messages (max_replay is 1000 by default)
+            resume_replayed: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+            drain_handoffs: Family::default(),
             registry: Registry::default(),
             process: Registry::default(),
         };
@@ -240,6 +250,21 @@ impl Metrics {
             "Node registry heartbeats to Redis that failed (sockets are not affected)",
             m.registry_heartbeat_failures.clone(),
         );
+        registry.register(
+            "resume",
+            "Sockets that asked to resume (or took over a drain handoff), by result",
+            m.resumes.clone(),
+        );
+        registry.register(
+            "resume_replayed",
+            "Messages replayed to one socket whose resume was recovered",
+            m.resume_replayed.clone(),
+        );
+        registry.register(
+            "drain_handoffs",
+            "Sockets that stored their positions for the next socket with their identity on shutdown, by result",
+            m.drain_handoffs.clone(),
+        );
         let build: Family<VersionLabel, Gauge> = Family::default();
         build
             .get_or_create(&VersionLabel {
@@ -268,6 +293,16 @@ impl Metrics {
         }
         for result in ForwardResult::ALL {
             drop(m.backend_forwards.get_or_create(&ResultLabel {
+                result: result.label(),
+            }));
+        }
+        for result in ResumeResult::ALL {
+            drop(m.resumes.get_or_create(&ResultLabel {
+                result: result.label(),
+            }));
+        }
+        for result in HandoffResult::ALL {
+            drop(m.drain_handoffs.get_or_create(&ResultLabel {
                 result: result.label(),
             }));
         }
@@ -409,6 +444,28 @@ impl Metrics {
     /// A backend forward ended with `result`.
     pub fn backend_forward(&self, result: ForwardResult) {
         self.backend_forwards
+            .get_or_create(&ResultLabel {
+                result: result.label(),
+            })
+            .inc();
+    }
+
+    /// A resume (or a drain handoff taken over) ended with `result`, having
+    /// replayed `replayed` messages (observed when recovered).
+    pub fn resumed(&self, result: ResumeResult, replayed: usize) {
+        self.resumes
+            .get_or_create(&ResultLabel {
+                result: result.label(),
+            })
+            .inc();
+        if result == ResumeResult::Recovered {
+            self.resume_replayed.observe(replayed as f64);
+        }
+    }
+
+    /// A socket's drain handoff ended with `result`.
+    pub fn drain_handoff(&self, result: HandoffResult) {
+        self.drain_handoffs
             .get_or_create(&ResultLabel {
                 result: result.label(),
             })

@@ -28,5 +28,6 @@ mod redis_sentinel;
 mod redis_tls;
 mod refusals;
 mod registry;
+mod resume;
 mod routing_props;
 mod security;
