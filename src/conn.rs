@@ -10,7 +10,7 @@ use crate::logging::{Untrusted, UntrustedOpt};
 use crate::message::Frame;
 use crate::outbox::{Full, Outbox, Queued, wait_on};
 use crate::outcome::CloseReason;
-use crate::resume::Mark;
+use crate::position::Mark;
 use crate::route::Identity;
 
 /// A connection's id, unique on this node.

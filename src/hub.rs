@@ -156,7 +156,7 @@ impl Hub {
 
 impl Deliver for Hub {
     fn deliver(&self, via: &Topic, envelope: &Arc<Envelope>) {
-        let mark = Mark::of(via, envelope);
+        let mark = Mark::of(via, envelope.stamp.as_ref());
         self.offer_each(
             via,
             mark.as_ref(),

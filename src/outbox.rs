@@ -11,7 +11,7 @@ use std::task::Poll;
 use futures_util::task::AtomicWaker;
 
 use crate::message::{Frame, MessageLimits, max_frame_bytes};
-use crate::resume::Mark;
+use crate::position::Mark;
 
 /// Bookkeeping cost of one queued frame beyond its bytes, so that a flood of
 /// tiny frames is bounded too. (The configuration requires room for one

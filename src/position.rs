@@ -89,6 +89,44 @@ pub fn pos_json(stamp: &Stamp) -> String {
     serde_json::to_string(&map).unwrap_or_else(|_| "{}".to_owned())
 }
 
+/// Where a queued copy of a stamped message stands in the topic it came
+/// through: the topic's index in a socket's three topics (everyone, its
+/// group, its user: `history::topics_of`) and the message's position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    slot: usize,
+    position: Position,
+}
+
+impl Mark {
+    /// The mark of a copy through `via` of a message stamped `stamp`, when
+    /// it has one.
+    pub fn of(via: &Topic, stamp: Option<&Stamp>) -> Option<Self> {
+        let position = stamp?.position(via)?.clone();
+        let slot = match via {
+            Topic::All => 0,
+            Topic::Group(_) => 1,
+            Topic::User(_) => 2,
+        };
+        Some(Self { slot, position })
+    }
+
+    /// A mark for the topic at index `slot` (0 everyone, 1 group, 2 user).
+    pub fn new(slot: usize, position: Position) -> Self {
+        Self { slot, position }
+    }
+
+    /// The topic's index in the socket's three topics.
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+
+    /// The message's position in that topic.
+    pub fn position(&self) -> &Position {
+        &self.position
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

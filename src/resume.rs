@@ -30,10 +30,10 @@
 use serde::Serialize;
 use serde::ser::SerializeMap;
 
-use crate::envelope::Envelope;
-use crate::history::{Position, Positions, client_key, parse_resume, topics_of};
+use crate::history::{Positions, client_key, parse_resume, topics_of};
 use crate::message::{Frame, Message};
 use crate::outcome::ResumeResult;
+pub use crate::position::Mark;
 use crate::route::{Identity, Topic};
 
 mod decision;
@@ -84,34 +84,6 @@ impl Request {
     }
 }
 
-/// Where a queued copy of a stamped message stands in the topic it came
-/// through: the topic's index in [`topics_of`] and the message's position.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mark {
-    slot: usize,
-    position: Position,
-}
-
-impl Mark {
-    /// The mark of `envelope`'s copy through `via`, when it is stamped.
-    pub fn of(via: &Topic, envelope: &Envelope) -> Option<Self> {
-        let position = envelope.stamp.as_ref()?.position(via)?.clone();
-        Some(Self {
-            slot: slot_of(via),
-            position,
-        })
-    }
-}
-
-/// The index of `topic` in [`topics_of`] of any socket it reaches.
-fn slot_of(topic: &Topic) -> usize {
-    match topic {
-        Topic::All => 0,
-        Topic::Group(_) => 1,
-        Topic::User(_) => 2,
-    }
-}
-
 /// The last position written to a socket, per topic (see the module docs).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Floors {
@@ -133,18 +105,18 @@ impl Floors {
     /// written, and its floor never goes down for one that arrives late.
     pub fn admit(&mut self, mark: Option<&Mark>) -> bool {
         let Some(mark) = mark else { return true };
-        let Some(floor) = self.positions.get_mut(mark.slot) else {
+        let Some(floor) = self.positions.get_mut(mark.slot()) else {
             return true;
         };
         match floor {
-            Some(f) if f.epoch == mark.position.epoch => {
-                if mark.position.offset <= f.offset {
+            Some(f) if f.epoch == mark.position().epoch => {
+                if mark.position().offset <= f.offset {
                     return !self.dedupe;
                 }
-                f.offset = mark.position.offset;
+                f.offset = mark.position().offset;
             }
             // A new epoch (or none known): the topic starts again here.
-            _ => *floor = Some(mark.position.clone()),
+            _ => *floor = Some(mark.position().clone()),
         }
         true
     }

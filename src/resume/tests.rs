@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::*;
-use crate::history::{History, HistoryError, HistoryFuture, Read, Stamp};
+use crate::envelope::Envelope;
+use crate::history::{History, HistoryError, HistoryFuture, Position, Read, Stamp};
 use crate::metrics::Metrics;
 use crate::route::Route;
 
@@ -424,10 +425,7 @@ fn a_read_that_does_not_follow_the_position_is_never_replayed() {
 // ---- Floors -----------------------------------------------------------------
 
 fn mark(slot: usize, text: &str) -> Mark {
-    Mark {
-        slot,
-        position: pos(text),
-    }
+    Mark::new(slot, pos(text))
 }
 
 #[test]
