@@ -125,6 +125,29 @@ export async function startNode(env) {
   return { url, port, nodeId: started.node, process: child };
 }
 
+/** Sends `signal` to a node started by `startNode` and waits until it has exited. */
+export async function stopNode(node, signal = "SIGTERM") {
+  const child = node.process;
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((resolve) => child.once("exit", resolve));
+  child.kill(signal);
+  await exited;
+}
+
+/**
+ * The chat sample's backend (target/debug/wshub-chat-backend, built with the
+ * workspace) pushing through `hub`; resolves with { url, port }: point a
+ * node's backend.url at `${url}/app/__websocket.wwd`.
+ */
+export async function startChatBackend(hub) {
+  const bin = join(ROOT, "target", "debug", "wshub-chat-backend");
+  if (!existsSync(bin)) throw new Error(`${bin} missing: run cargo build --workspace (scripts/test does) first`);
+  const port = await freePort();
+  spawnTracked(bin, ["--listen", `127.0.0.1:${port}`, "--hub", hub], { stdio: "ignore" });
+  await waitFor("the chat backend", () => portOpen(port));
+  return { url: `http://127.0.0.1:${port}`, port };
+}
+
 /** The value of wshub_connections on a node. */
 export async function connectionsOn(node) {
   const text = await (await fetch(`${node.url}/metrics`)).text();
