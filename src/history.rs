@@ -37,12 +37,15 @@ pub type Positions = [Option<Position>; 3];
 /// the socket's topics are ignored. `Err` when the value cannot be read at
 /// all (the resume is then not recovered).
 pub fn parse_resume(value: &str, who: &Identity) -> Result<Positions, ResumeParseError> {
-    let map: BTreeMap<String, String> =
+    // Values are read only for the socket's own keys: a foreign key may
+    // hold anything (a number, an object) without spoiling the resume.
+    let map: BTreeMap<String, serde_json::Value> =
         serde_json::from_str(value).map_err(|_| ResumeParseError)?;
     let topics = topics_of(who);
     let mut positions: Positions = Default::default();
     for (slot, topic) in positions.iter_mut().zip(topics.iter()) {
-        if let Some(text) = map.get(&client_key(topic)) {
+        if let Some(value) = map.get(&client_key(topic)) {
+            let text = value.as_str().ok_or(ResumeParseError)?;
             *slot = Some(Position::parse(text).ok_or(ResumeParseError)?);
         }
     }
@@ -146,5 +149,8 @@ mod tests {
         assert!(parse_resume("not json", &ann).is_err());
         assert!(parse_resume(r#"{"all":"garbage"}"#, &ann).is_err());
         assert!(parse_resume(r#"{"all":5}"#, &ann).is_err());
+        // Review of issue 14, item 7: a foreign key's value is not read.
+        let got = parse_resume(r#"{"all":"e:1","user:bob":5,"x":{},"y":[null]}"#, &ann).unwrap();
+        assert_eq!(got, [Position::parse("e:1"), None, None]);
     }
 }
