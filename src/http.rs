@@ -386,15 +386,15 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
         Ok(pairs) => pairs,
         Err(e) => return Err(Refused::Socket(RefusalReason::BadRequest, e)),
     };
-    let who = match http.tokens.as_deref() {
+    let (who, relay) = match http.tokens.as_deref() {
         Some(tokens) => match auth::token_from_request(&pairs, &parts.headers)
             .ok_or(auth::TokenError::Missing)
             .and_then(|t| tokens.verify(&t))
         {
-            Ok(who) => who,
+            Ok(verified) => (verified.who, verified.relay),
             Err(e) => return Err(Refused::Socket(RefusalReason::Token, e.to_string())),
         },
-        None => identity_from_query(&pairs),
+        None => (identity_from_query(&pairs), None),
     };
     // One check for both modes: query ids and token claims alike.
     let max_id = http.config.limits.max_id_bytes;
@@ -414,8 +414,12 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
     let ip = peer.map(|p| auth::client_ip(p, &parts.headers, &http.config.auth.trusted_proxies));
     // With history off the parameter is ignored (the node says Legacy).
     let resume = http.node.resume_request(resume_parameter(&pairs), &who);
-    let registration = match http.node.connect(who, ip, resume).await {
+    let relay = relay.unwrap_or(http.config.ws.client_relay);
+    let registration = match http.node.connect_with(who, ip, resume, relay).await {
         Ok(r) => r,
+        Err(e @ ConnectError::Banned) => {
+            return Err(Refused::Socket(RefusalReason::Banned, e.to_string()));
+        }
         Err(e @ ConnectError::Draining) => {
             return Err(Refused::Socket(RefusalReason::Draining, e.to_string()));
         }

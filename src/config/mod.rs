@@ -193,6 +193,9 @@ pub struct Ws {
     pub write_timeout: Duration,
     pub read_buffer_bytes: usize,
     pub write_buffer_bytes: usize,
+    /// What a client may address when the hub relays its message
+    /// (`ws.client_relay`; a token's `relay` claim overrides it).
+    pub client_relay: crate::route::Relay,
 }
 
 #[derive(Debug, Clone)]
@@ -228,7 +231,7 @@ impl HistoryConfig {
         match topic {
             Topic::All => self.size_all,
             Topic::Group(_) => self.size_group,
-            Topic::User(_) => self.size_user,
+            Topic::User(_) | Topic::Connection(_) => self.size_user,
         }
     }
 }
@@ -405,6 +408,9 @@ impl Config {
         if raw.ws.read_buffer_bytes < 256 {
             return Err(invalid("ws.read_buffer_bytes", "must be at least 256"));
         }
+        let Some(client_relay) = crate::route::Relay::parse(raw.ws.client_relay.trim()) else {
+            return Err(invalid("ws.client_relay", "must be all, group or none"));
+        };
         let node_id = match raw.node_id.trim() {
             "" => format!("{:08x}", rand::random::<u32>()),
             id if id.len() > 64 || id.contains(char::is_whitespace) => {
@@ -480,6 +486,7 @@ impl Config {
                 write_timeout: Duration::from_millis(raw.ws.write_timeout_ms),
                 read_buffer_bytes: raw.ws.read_buffer_bytes,
                 write_buffer_bytes: raw.ws.write_buffer_bytes,
+                client_relay,
             },
             bus: BusConfig {
                 unsubscribe_delay: Duration::from_millis(raw.bus.unsubscribe_delay_ms),
