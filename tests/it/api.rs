@@ -566,6 +566,36 @@ async fn every_endpoint_is_protected() {
         let status = request(Some(key)).send().await.unwrap().status().as_u16();
         assert!(status != 401 && status != 403, "{path}: {status}");
     }
+    // Without keys: loopback and trusted networks only.
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    socket
+        .connect("192.0.2.200:9")
+        .expect("a route off loopback");
+    let ip = socket.local_addr().unwrap().ip();
+    assert!(
+        !ip.is_loopback(),
+        "this test needs a non-loopback interface"
+    );
+    let mut config = test_config();
+    config.listen = "0.0.0.0:0".parse().unwrap();
+    let open = TestServer::with(config).await;
+    for (method, path) in [
+        ("POST", "/api/publish"),
+        ("POST", "/api/disconnect"),
+        ("GET", "/api/topics"),
+        ("GET", "/api/history/all"),
+    ] {
+        let outside = SocketAddr::new(ip, open.addr.port());
+        let (status, body) = call(outside, method, path, Some(json!({}))).await;
+        assert_eq!(
+            (status, &body["error"]["code"]),
+            (403, &json!("forbidden")),
+            "{path}"
+        );
+        let inside = SocketAddr::new("127.0.0.1".parse().unwrap(), open.addr.port());
+        let (status, _) = call(inside, method, path, Some(json!({}))).await;
+        assert!(status != 403, "{path} from loopback: {status}");
+    }
 }
 
 #[tokio::test]
@@ -594,8 +624,19 @@ async fn a_connection_recipient_reaches_exactly_one_socket_from_any_node() {
     )
     .await;
     assert_eq!(status, 200);
+    // Another publisher than the sentinel's: waited for, not ordered.
+    assert_eq!(target.recv().await["action"], "api");
     sender
         .send_json(json!({"action": "broadcast", "message": "client", "recipients": to_one}))
+        .await;
+    // Two connections of one node: one copy on its channel, one each.
+    let twin_cid = ids.iter().find(|c| **c != cid).unwrap();
+    sender
+        .send_json(
+            json!({"action": "broadcast", "message": "pair", "recipients": [
+                {"type": "connection", "value": cid}, {"type": "connection", "value": twin_cid}
+            ]}),
+        )
         .await;
     sender
         .send_json(
@@ -616,13 +657,17 @@ async fn a_connection_recipient_reaches_exactly_one_socket_from_any_node() {
             )
         })
         .collect();
-    assert_eq!(actions, ["api:", "broadcast:client", "broadcast:both"]);
-    assert_eq!(got[1]["recipients"][0]["type"], "connection");
-    for other in [&mut twin, &mut elsewhere] {
-        let got = other.until_sentinel(&tag).await;
-        let messages: Vec<&Value> = got.iter().map(|m| &m["message"]).collect();
-        assert_eq!(messages, [&json!("both")], "only the group copy");
-    }
+    assert_eq!(
+        actions,
+        ["broadcast:client", "broadcast:pair", "broadcast:both"]
+    );
+    assert_eq!(got[0]["recipients"][0]["type"], "connection");
+    let got = twin.until_sentinel(&tag).await;
+    let messages: Vec<&Value> = got.iter().map(|m| &m["message"]).collect();
+    assert_eq!(messages, [&json!("pair"), &json!("both")]);
+    let got = elsewhere.until_sentinel(&tag).await;
+    let messages: Vec<&Value> = got.iter().map(|m| &m["message"]).collect();
+    assert_eq!(messages, [&json!("both")], "only the group copy");
     assert!(sender.until_sentinel(&tag).await.is_empty());
 }
 
