@@ -39,6 +39,10 @@ pub const BROADCAST_MARKER: &str = "__broadcastwebsocket.wc";
 const LIBRARY_JS: &str = include_str!("../static/webconnection-websocket.js");
 const LIBRARY_DTS: &str = include_str!("../static/webconnection-websocket.d.ts");
 const CHAT_HTML: &str = include_str!("../static/index.html");
+const ADMIN_HTML: &str = include_str!("../static/admin.html");
+
+/// The admin page's path (`static/admin.html`).
+pub const ADMIN_PATH: &str = "/admin";
 
 /// The names a page may load the browser library by: Web Connection's file
 /// name, the one its samples import, and the one in its blog and changelog.
@@ -111,6 +115,7 @@ pub fn router(node: Arc<Node>) -> Router {
     }
     router
         .merge(scripts)
+        .route(ADMIN_PATH, get(admin))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -163,6 +168,21 @@ async fn allow_cross_origin(
     {
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
     }
+    response
+}
+
+/// `GET /admin`: the admin page. The page is public (it holds nothing);
+/// what it shows comes from the server API, with the key the operator
+/// types in. It loads nothing from elsewhere and may not be framed.
+async fn admin() -> Response {
+    let mut response = static_file("text/html; charset=utf-8", ADMIN_HTML);
+    response.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+        ),
+    );
     response
 }
 

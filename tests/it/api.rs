@@ -908,3 +908,33 @@ async fn history_lists_a_topics_recent_messages() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_admin_page_is_one_self_contained_file() {
+    let server = TestServer::start().await;
+    let response = server.get("/admin").await;
+    assert_eq!(response.status(), 200);
+    let headers = response.headers().clone();
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    let page = response.text().await.unwrap();
+    // No CDN, no build step: nothing is loaded from elsewhere.
+    for outside in ["http://", "https://", "<script src", "<link"] {
+        assert!(!page.contains(outside), "the page refers to {outside}");
+    }
+    for api in [
+        "/api/nodes",
+        "/api/topics",
+        "/api/publish",
+        "/api/disconnect",
+        "/api/history/",
+    ] {
+        assert!(page.contains(api), "the page does not use {api}");
+    }
+}
