@@ -54,7 +54,9 @@
 //!   reasons, backend results), depending on nothing else here.
 //! - [`shutdown`]: the owner of every task (token + tracker).
 //! - [`server`]: binds the listener and runs the node until shutdown.
-//! - [`config`], [`logging`], [`metrics`]: the operator's side.
+//! - [`config`], [`logging`], [`metrics`]: the operator's side;
+//!   [`cli`]: the commands besides running a node (`config check`,
+//!   `config defaults`, `token`).
 //!
 //! The modules form no import cycle: `outcome`, `message`, `shutdown`,
 //! `rate_limit`, `refusal_log` and `admission` import nothing of the crate, and every
@@ -69,6 +71,7 @@ pub(crate) mod admission;
 pub(crate) mod auth;
 pub(crate) mod backend;
 pub mod bus;
+pub mod cli;
 // The configuration's keys are documented once, in `wshub.example.toml`
 // (which a test keeps equal to the defaults) and docs/deploying.md; its
 // structs mirror them field by field. Doc comments on every field are a

@@ -10,11 +10,13 @@
 mod env;
 mod raw;
 mod redact;
+mod show;
 mod trust;
 
 pub use env::is_service_link;
 pub use raw::*;
 pub use redact::{redact_url_and_query, redact_urls};
+pub use show::to_toml;
 pub use trust::{RedisAuth, RedisTls, Secret};
 
 use std::net::SocketAddr;
@@ -321,6 +323,18 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
+        let (raw, warnings) = Self::raw_from(file, env)?;
+        let mut config = Self::from_raw(raw)?;
+        config.env_warnings = warnings;
+        Ok(config)
+    }
+
+    /// What the user wrote, merged (defaults, `file`, then `env`) but not
+    /// validated yet, and the warnings about the environment.
+    pub fn raw_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(RawConfig, Vec<String>), ConfigError> {
         let env = env::sort(env)?;
         let mut builder = config::Config::builder();
         if let Some(path) = file {
@@ -339,9 +353,7 @@ impl Config {
             builder = builder.set_override(key, items)?;
         }
         let raw: RawConfig = builder.build()?.try_deserialize()?;
-        let mut config = Self::from_raw(raw)?;
-        config.env_warnings = env.warnings;
-        Ok(config)
+        Ok((raw, env.warnings))
     }
 
     /// Validates what the user wrote.
