@@ -226,7 +226,10 @@ fn config_check_redacts_secrets_and_names_what_is_wrong() {
             "WSHUB_AUTH__JWT_SECRET",
             "jwt-secret-0123456789-0123456789-01",
         ),
-        ("WSHUB_BROADCAST__API_KEYS", "key-one-abc-0123456,key-two-def-0123456"),
+        (
+            "WSHUB_BROADCAST__API_KEYS",
+            "key-one-abc-0123456,key-two-def-0123456",
+        ),
         (
             "WSHUB_REDIS__URL",
             "redis://user:hunter2@redis.internal:6379",
