@@ -18,7 +18,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::envelope::Envelope;
-pub use crate::position::{Position, Stamp, client_key, pos_json};
+pub use crate::position::{Position, Stamp, client_key, pos_json, topic_of_client_key};
 use crate::route::{Identity, Topic};
 
 /// The three topics a socket can be reached through, in a fixed order:
@@ -107,6 +107,32 @@ pub trait History: Send + Sync + 'static {
 
     /// Takes one stored handoff for `who`, if there is one.
     fn handoff_take<'a>(&'a self, who: &'a Identity) -> HistoryFuture<'a, Option<Positions>>;
+
+    /// What `GET /api/history/{topic}` shows: the topic's top and at most
+    /// `limit` of the messages it still keeps, oldest first: those after
+    /// `since` when it is a position of the current epoch (from the
+    /// epoch's start when it names another), else the latest. Unlike
+    /// [`read`](Self::read) it gives what is there, holes and all.
+    fn recent<'a>(
+        &'a self,
+        topic: &'a Topic,
+        since: Option<&'a Position>,
+        limit: usize,
+    ) -> HistoryFuture<'a, Recent> {
+        let _ = (topic, since, limit);
+        Box::pin(std::future::ready(Err(HistoryError::Unavailable(
+            "this history cannot list messages".into(),
+        ))))
+    }
+}
+
+/// What [`History::recent`] found.
+#[derive(Debug)]
+pub struct Recent {
+    /// The topic's position now.
+    pub top: Position,
+    /// The messages, oldest first, each with its stamp.
+    pub messages: Vec<Arc<Envelope>>,
 }
 
 /// Why history could not be read or written.

@@ -95,6 +95,8 @@ pub struct Metrics {
     ready: Gauge,
     registry_nodes: Gauge,
     registry_heartbeat_failures: Counter,
+    control_received: Counter,
+    ban_check_failures: Counter,
     resumes: Family<ResultLabel, Counter>,
     resume_replayed: Histogram,
     drain_handoffs: Family<ResultLabel, Counter>,
@@ -136,6 +138,8 @@ impl Metrics {
             ready: Gauge::default(),
             registry_nodes: Gauge::default(),
             registry_heartbeat_failures: Counter::default(),
+            control_received: Counter::default(),
+            ban_check_failures: Counter::default(),
             resumes: Family::default(),
             // 1 … 4096 messages (max_replay is 1000 by default)
             resume_replayed: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
@@ -251,6 +255,16 @@ impl Metrics {
             m.registry_heartbeat_failures.clone(),
         );
         registry.register(
+            "control_received",
+            "Control orders (POST /api/disconnect) this node received and carried out",
+            m.control_received.clone(),
+        );
+        registry.register(
+            "ban_check_failures",
+            "Sockets let in without a ban check because Redis did not answer it",
+            m.ban_check_failures.clone(),
+        );
+        registry.register(
             "resume",
             "Sockets that asked to resume (or took over a drain handoff), by result",
             m.resumes.clone(),
@@ -343,6 +357,16 @@ impl Metrics {
     /// A node registry heartbeat failed.
     pub fn registry_heartbeat_failure(&self) {
         self.registry_heartbeat_failures.inc();
+    }
+
+    /// This node carried out a control order.
+    pub fn control_received(&self) {
+        self.control_received.inc();
+    }
+
+    /// A ban check failed (the socket was let in).
+    pub fn ban_check_failure(&self) {
+        self.ban_check_failures.inc();
     }
 
     /// A socket was opened.

@@ -23,6 +23,7 @@ use std::net::IpAddr;
 
 use crate::admission::{Admission, Refusal, Slot};
 use crate::backend::{ACTION_CONNECT, ACTION_DISCONNECT, Backend};
+use crate::bus::control::{ControlPlane, Local};
 use crate::bus::registry::{NodeEntry, Registry, Vitals};
 use crate::bus::{Bus, BusError, Deliver, MakeBus};
 use crate::config::Config;
@@ -36,8 +37,13 @@ use crate::outcome::CloseReason;
 use crate::outcome::DropReason;
 use crate::rate_limit::{RateLimit, Verdict};
 use crate::resume::{Report, Request, Resumer};
-use crate::route::{Identity, Route, Topic};
+use crate::route::{Identity, Relay, Route, Topic};
 use crate::shutdown::Shutdown;
+
+mod cluster;
+pub use cluster::{
+    Disconnect, IDEMPOTENCY_TTL, Published, ServerApiError, TopicEntry, position_in,
+};
 
 /// Why a socket could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +58,9 @@ pub enum ConnectError {
     /// The bus could not subscribe to the connection's topics.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// The user is banned (`POST /api/disconnect` with `ban_ms`).
+    #[error("this user is banned for now")]
+    Banned,
 }
 
 /// Why a message was not published.
@@ -116,6 +125,10 @@ pub(crate) enum ClientError {
         /// The sender kept on: close it with 1008.
         close: bool,
     },
+    /// The socket's client relay policy (`ws.client_relay`, a token's
+    /// `relay` claim) does not let it address these recipients.
+    #[error("{0}")]
+    Relay(&'static str),
 }
 
 impl ClientError {
@@ -123,6 +136,7 @@ impl ClientError {
         match self {
             Self::Publish(e) => e.drop_reason(),
             Self::FanOutRate { .. } => DropReason::RateLimited,
+            Self::Relay(_) => DropReason::RelayPolicy,
         }
     }
 }
@@ -143,6 +157,11 @@ pub struct Node {
     bus: Arc<dyn Bus>,
     /// The nodes sharing the bus, this one included (`GET /api/nodes`).
     registry: Arc<dyn Registry>,
+    /// What the server API asks of the cluster (`src/bus/control.rs`).
+    control: Arc<dyn ControlPlane>,
+    /// This node instance's address, `<node id>-<instance>`: its
+    /// connection ids are `<address>-<number>`.
+    address: Arc<str>,
     /// The bus delivers this node's own messages (history on): `send`
     /// does not deliver them at publish time.
     echo: bool,
@@ -155,6 +174,8 @@ pub struct Node {
     /// Who gets a socket: capacity and the per-address limit.
     admission: Arc<Admission>,
     draining: AtomicBool,
+    /// Ban checks fail (logged once per outage).
+    ban_check_failing: AtomicBool,
     next_conn_id: AtomicU64,
     /// The owner of every task this node started; see [`Node::shutdown`].
     shutdown: Shutdown,
@@ -252,7 +273,15 @@ impl Node {
             config.limits.ipv6_prefix_len,
         );
         let registry = bus.registry(&config.presence);
+        let control = bus
+            .control()
+            .unwrap_or_else(|| Arc::new(Local::new(hub.clone())));
+        let address = bus
+            .address()
+            .unwrap_or_else(|| format!("{}-{:08x}", config.node_id, rand::random::<u32>()).into());
         let node = Arc::new(Self {
+            control,
+            address,
             config: Arc::new(config),
             metrics,
             hub,
@@ -264,6 +293,7 @@ impl Node {
             stamp_identity,
             admission,
             draining: AtomicBool::new(false),
+            ban_check_failing: AtomicBool::new(false),
             next_conn_id: AtomicU64::new(1),
             sessions: shutdown.child(),
             http: shutdown.child(),
@@ -297,6 +327,22 @@ impl Node {
         ip: Option<IpAddr>,
         resume: Request,
     ) -> Result<Registration, ConnectError> {
+        let relay = self.config.ws.client_relay;
+        self.connect_with(who, ip, resume, relay).await
+    }
+
+    /// [`connect`](Self::connect) with the socket's client relay policy
+    /// (a token's `relay` claim, or `ws.client_relay`). A banned user is
+    /// refused ([`ConnectError::Banned`]); the ban is checked once the
+    /// socket's topics are subscribed, so a disconnect order published
+    /// before that reaches it and one published after finds the ban.
+    pub async fn connect_with(
+        self: &Arc<Self>,
+        who: Identity,
+        ip: Option<IpAddr>,
+        resume: Request,
+        relay: Relay,
+    ) -> Result<Registration, ConnectError> {
         if self.is_draining() {
             return Err(ConnectError::Draining);
         }
@@ -307,7 +353,8 @@ impl Node {
         let slot = self.admission.reserve(ip)?;
         let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let queue_bytes = self.config.limits.outbound_queue_bytes;
-        let (conn, rx) = Conn::new(id, who, resume.speaks_resume(), queue_bytes);
+        let cid = format!("{}-{id}", self.address).into();
+        let (conn, rx) = Conn::open(id, cid, who, relay, resume.speaks_resume(), queue_bytes);
         self.hub.insert(conn.clone());
         self.metrics.connection_opened();
         // The registration undoes all of this when dropped, also on error.
@@ -323,6 +370,9 @@ impl Node {
         let (g, u) = tokio::join!(self.bus.subscribe(&group), self.bus.subscribe(&user));
         g?;
         u?;
+        if self.banned(&registration.conn.who.user).await {
+            return Err(ConnectError::Banned);
+        }
         if self.is_draining() {
             // Shutdown began while we subscribed and may have missed us.
             return Err(ConnectError::Draining);
@@ -333,6 +383,30 @@ impl Node {
             registration.announced = backend.event(&registration.conn, ACTION_CONNECT, None);
         }
         Ok(registration)
+    }
+
+    /// Whether `user` is banned. Fails open: while Redis cannot answer
+    /// (within `redis.command_timeout_ms`), sockets are let in as they
+    /// were before bans existed, counted in
+    /// `wshub_ban_check_failures_total` and logged once per outage. A
+    /// node whose topics are subscribed serves its sockets through a short
+    /// Redis outage; a ban check must not end that.
+    async fn banned(&self, user: &str) -> bool {
+        match self.control.banned(user).await {
+            Ok(banned) => {
+                if self.ban_check_failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("ban checks work again");
+                }
+                banned
+            }
+            Err(error) => {
+                self.metrics.ban_check_failure();
+                if !self.ban_check_failing.swap(true, Ordering::Relaxed) {
+                    warn!(%error, "cannot check bans: sockets are let in unchecked until Redis answers (logged once per outage, counted in wshub_ban_check_failures_total)");
+                }
+                false
+            }
+        }
     }
 
     fn parse<'t>(&self, text: &'t str) -> Result<Message<'t>, MessageError> {
@@ -420,6 +494,9 @@ impl Node {
             }
             _ => {
                 let envelope = self.prepare(&msg)?;
+                if let Some(why) = conn.relay.refuses(&envelope.route, &conn.who) {
+                    return Err(ClientError::Relay(why));
+                }
                 // Charged before the bus sees it: what the sender's budget
                 // protects is the other nodes' Redis subscribers.
                 let bytes = envelope
@@ -624,6 +701,17 @@ impl Node {
     #[doc(hidden)]
     pub fn running_tasks(&self) -> usize {
         self.shutdown.running()
+    }
+
+    /// Test hook: the connection ids of this node's open sockets (a
+    /// backend learns them from `X-Wshub-Connection-Id`).
+    #[doc(hidden)]
+    pub fn connection_ids(&self) -> Vec<String> {
+        self.hub
+            .snapshot()
+            .iter()
+            .map(|c| c.cid.to_string())
+            .collect()
     }
 
     /// Number of open sockets on this node.

@@ -14,7 +14,8 @@
 // decides first wins (see [`crate::conn::Closer`]). The codes are part of
 // the public contract and listed in the README: 1000–1011 are RFC 6455
 // codes, 4000–4499 are wshub's "something went wrong on this connection,
-// reconnect" range.
+// reconnect" range, and `POST /api/disconnect` may pick any code of
+// 4000–4999 (4005 unless it says otherwise).
 
 /// Why a session ended. Its [`code`](Self::code) and [`reason`](Self::reason)
 /// go into the close frame the client receives.
@@ -40,11 +41,21 @@ pub enum CloseReason {
     PingTimeout,
     /// The TCP connection broke; no close frame can be sent.
     ConnectionLost,
+    /// Closed through the server API (`POST /api/disconnect`), with the
+    /// code it asked for (4000–4999; [`DISCONNECT_CODE`] by default). The
+    /// application decided: a client should not simply reconnect (with a
+    /// ban, it is refused with 403 until the ban expires).
+    Disconnected(u16),
 }
+
+/// The close code of `POST /api/disconnect` when the request names none.
+pub const DISCONNECT_CODE: u16 = 4005;
 
 impl CloseReason {
     /// Every reason, for initialising metrics.
-    pub const ALL: [CloseReason; 9] = [
+    /// ([`Self::Disconnected`] with its default code; the metric takes
+    /// the code an API request chose, at most the 1000 codes of 4000–4999.)
+    pub const ALL: [CloseReason; 10] = [
         Self::Normal,
         Self::GoingAway,
         Self::ProtocolError,
@@ -54,6 +65,7 @@ impl CloseReason {
         Self::SlowConsumer,
         Self::PingTimeout,
         Self::ConnectionLost,
+        Self::Disconnected(DISCONNECT_CODE),
     ];
 
     /// The close code sent to the client (1006 for [`Self::ConnectionLost`],
@@ -69,6 +81,7 @@ impl CloseReason {
             Self::InternalError => 1011,
             Self::SlowConsumer => 4000,
             Self::PingTimeout => 4001,
+            Self::Disconnected(code) => code,
         }
     }
 
@@ -85,6 +98,7 @@ impl CloseReason {
             Self::InternalError => "Internal error",
             Self::SlowConsumer => "Too slow: reconnect",
             Self::PingTimeout => "Ping timeout",
+            Self::Disconnected(_) => "Disconnected by the server",
         }
     }
 
@@ -100,6 +114,7 @@ impl CloseReason {
             Self::InternalError => "internal_error",
             Self::SlowConsumer => "slow_consumer",
             Self::PingTimeout => "ping_timeout",
+            Self::Disconnected(_) => "disconnected",
         }
     }
 }
@@ -123,17 +138,21 @@ pub enum DropReason {
     /// Received from Redis while this node's subscriber task was too far
     /// behind (its byte-bounded push buffer was full).
     BusLagging,
+    /// A client's message its client relay policy does not allow
+    /// (`ws.client_relay`, a token's `relay` claim).
+    RelayPolicy,
 }
 
 impl DropReason {
     /// Every reason, for seeding metrics.
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         Self::SlowConsumer,
         Self::Invalid,
         Self::TooBig,
         Self::BusUnavailable,
         Self::RateLimited,
         Self::BusLagging,
+        Self::RelayPolicy,
     ];
 
     /// The metric label.
@@ -145,6 +164,7 @@ impl DropReason {
             Self::BusUnavailable => "bus_unavailable",
             Self::RateLimited => "rate_limited",
             Self::BusLagging => "bus_lagging",
+            Self::RelayPolicy => "relay_policy",
         }
     }
 }
@@ -169,11 +189,14 @@ pub enum RefusalReason {
     Bus,
     /// The query or the ids are malformed or too long (400).
     BadRequest,
+    /// The user is banned (`POST /api/disconnect` with `ban_ms`) until the
+    /// ban expires (403).
+    Banned,
 }
 
 impl RefusalReason {
     /// Every reason, for seeding metrics.
-    pub const ALL: [RefusalReason; 7] = [
+    pub const ALL: [RefusalReason; 8] = [
         Self::Capacity,
         Self::PerIp,
         Self::Token,
@@ -181,6 +204,7 @@ impl RefusalReason {
         Self::Draining,
         Self::Bus,
         Self::BadRequest,
+        Self::Banned,
     ];
 
     /// The metric label.
@@ -193,6 +217,7 @@ impl RefusalReason {
             Self::Draining => "draining",
             Self::Bus => "bus",
             Self::BadRequest => "bad_request",
+            Self::Banned => "banned",
         }
     }
 
@@ -202,7 +227,7 @@ impl RefusalReason {
             Self::Capacity | Self::Draining | Self::Bus => 503,
             Self::PerIp => 429,
             Self::Token => 401,
-            Self::Origin => 403,
+            Self::Origin | Self::Banned => 403,
             Self::BadRequest => 400,
         }
     }
