@@ -1679,7 +1679,7 @@ fn report(run: &Run, strict: bool) -> (Vec<String>, Vec<String>) {
             problems.push(format!(
                 "received {} message(s) not addressed to it, first {:?}",
                 v.misrouted.len(),
-                describe_ids(run, &v.misrouted)
+                describe_ids(run, &v.misrouted, &w)
             ));
         }
         if !log.strange.is_empty() {
@@ -1691,7 +1691,7 @@ fn report(run: &Run, strict: bool) -> (Vec<String>, Vec<String>) {
                     "lost {} of {} (first: {})",
                     v.missing.len(),
                     v.expected.len(),
-                    describe_ids(run, &v.missing).join(", ")
+                    describe_ids(run, &v.missing, &w).join(", ")
                 ));
             }
             if !v.dup.is_empty() {
@@ -1708,7 +1708,7 @@ fn report(run: &Run, strict: bool) -> (Vec<String>, Vec<String>) {
                             .collect();
                         format!(
                             "{} received {}",
-                            describe_ids(run, &[*id])[0],
+                            describe_ids(run, &[*id], &w)[0],
                             when.join(", ")
                         )
                     })
@@ -1845,16 +1845,23 @@ fn first<T: Clone>(items: &[T], n: usize) -> Vec<T> {
     items.iter().take(n).cloned().collect()
 }
 
-fn describe_ids(run: &Run, ids: &[usize]) -> Vec<String> {
+/// Each message: its kind, the node it went through, when, and the fault
+/// the client was exposed to then.
+fn describe_ids(
+    run: &Run,
+    ids: &[usize],
+    windows: &[(&'static str, Duration, Duration)],
+) -> Vec<String> {
     ids.iter()
         .take(8)
         .map(|&id| {
             let s = run.sent[id];
             format!(
-                "m{id} ({:?}, via {} at {:?})",
+                "m{id} ({:?}, via {} at {:?}, {})",
                 run.plan.messages[id].kind,
                 node_label(s.node, s.inc),
-                s.at
+                s.at,
+                blame(windows, s.at)
             )
         })
         .collect()
