@@ -197,6 +197,63 @@ async fn spawn_node(env: &[(String, String)]) -> NodeProcess {
     NodeProcess::spawn(&pairs).await
 }
 
+/// Log lines of the nodes worth showing when a chaos run fails: warnings,
+/// errors, and (at debug) why a resume was not recovered and which gaps
+/// were repaired. Diagnostics only: nothing is asserted on them.
+type Notes = Arc<Mutex<Vec<String>>>;
+
+/// [`spawn_node`], keeping the node's [`Notes`] under `label`.
+async fn spawn_noting(env: &[(String, String)], label: String, notes: Notes) -> NodeProcess {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = crate::common::process::GroupChild::spawn(
+        Command::new(env!("CARGO_BIN_EXE_wshub"))
+            .env("WSHUB_LISTEN", "127.0.0.1:0")
+            .env("WSHUB_LOG__FORMAT", "json")
+            .env(
+                "WSHUB_LOG__LEVEL",
+                "info,wshub::resume=debug,wshub::bus=debug",
+            )
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )
+    .expect("spawn wshub");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (addr, node_id) = loop {
+        let line = lines
+            .next()
+            .expect("wshub exited before listening")
+            .unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"] == "wshub listening" {
+            break (
+                v["addr"].as_str().unwrap().parse().unwrap(),
+                v["node"].as_str().unwrap().to_owned(),
+            );
+        }
+    };
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let worth = line.contains("\"WARN\"")
+                || line.contains("\"ERROR\"")
+                || line.contains("not recovered")
+                || line.contains("gap");
+            let mut notes = notes.lock().unwrap();
+            if worth && notes.len() < 5_000 {
+                notes.push(format!("{label}: {line}"));
+            }
+        }
+    });
+    let node = NodeProcess {
+        child,
+        addr,
+        node_id,
+    };
+    wait_ready(&reqwest::Client::new(), node.addr, "a chaos node").await;
+    node
+}
+
 async fn is_ready(http: &reqwest::Client, addr: SocketAddr) -> bool {
     http.get(format!("http://{addr}/readyz"))
         .timeout(Duration::from_secs(2))
@@ -657,7 +714,9 @@ struct Session {
     opened: Duration,
     /// The welcome arrived (or, without history, the 101).
     live_at: Option<Duration>,
-    sent_positions: bool,
+    /// The positions it resumed from (`None`: a fresh `resume=`, or no
+    /// history).
+    sent: Option<Positions>,
     welcome: Option<Welcome>,
     ended: Option<Duration>,
     end: End,
@@ -681,6 +740,8 @@ struct ClientLog {
     /// Frames that are none of ours.
     strange: Vec<String>,
     failed_connects: usize,
+    /// Topic key → epoch → where this client first saw it.
+    epochs: BTreeMap<String, BTreeMap<String, String>>,
     finished: bool,
     dropped_as_planned: bool,
 }
@@ -701,6 +762,23 @@ struct ClientCtx {
     back: Arc<AtomicUsize>,
     deadline: Instant,
     rng: StdRng,
+}
+
+/// Remembers the epochs in `positions` not seen before, with `context`.
+fn note_epochs(
+    epochs: &mut BTreeMap<String, BTreeMap<String, String>>,
+    positions: &Positions,
+    context: impl Fn() -> String,
+) {
+    for (key, p) in positions {
+        let Some((epoch, _)) = split_position(p) else {
+            continue;
+        };
+        let known = epochs.entry(key.clone()).or_default();
+        if !known.contains_key(epoch) {
+            known.insert(epoch.to_owned(), context());
+        }
+    }
 }
 
 fn since(start: Option<Instant>, now: Instant) -> Duration {
@@ -744,7 +822,7 @@ async fn run_client(mut c: ClientCtx) -> ClientLog {
             inc,
             opened: since(start, Instant::now()),
             live_at: None,
-            sent_positions: positions.is_some(),
+            sent: positions.clone(),
             welcome: None,
             ended: None,
             end: End::Open,
@@ -788,6 +866,9 @@ async fn run_client(mut c: ClientCtx) -> ClientLog {
                                 }
                                 match parse_welcome(&frame, &t) {
                                     Ok(w) => {
+                                        note_epochs(&mut log.epochs, &w.positions, || {
+                                            format!("the welcome of session {s} on {} at {now:?}", node_label(node, inc))
+                                        });
                                         for key in &keys {
                                             if !w.positions.contains_key(key) {
                                                 log.protocol.push(format!("session {s}: the welcome names no {key}: {t}"));
@@ -831,6 +912,9 @@ async fn run_client(mut c: ClientCtx) -> ClientLog {
                         if c.history {
                             match &frame.pos {
                                 Some(pos) => {
+                                    note_epochs(&mut log.epochs, pos, || {
+                                        format!("{:?} in session {s} on {} at {now:?}", frame.message, node_label(node, inc))
+                                    });
                                     let p = positions.get_or_insert_with(Positions::new);
                                     for wrong in advance(p, &keys, pos, false) {
                                         log.protocol.push(format!("session {s}: {wrong} in {t}"));
@@ -1202,6 +1286,7 @@ async fn sigkill_and_restart(
     env: Vec<(String, String)>,
     live: Arc<Live>,
     mut at: Moment,
+    notes: Notes,
 ) -> (NodeProcess, Fault) {
     const N: usize = 1;
     quiet_then(&live, N, &mut at, SIGKILL_N2).await;
@@ -1210,7 +1295,7 @@ async fn sigkill_and_restart(
     node.child.kill_group();
     drop(node);
     tokio::time::sleep(RESTART_N2_AFTER).await;
-    let node = spawn_node(&env).await;
+    let node = spawn_noting(&env, node_label(N, 2), notes).await;
     let restarted = at.start.elapsed();
     live.set(N, Some((node.addr, 2)));
     live.send[N].store(true, Ordering::SeqCst);
@@ -1228,6 +1313,7 @@ async fn sigterm_and_restart(
     env: Vec<(String, String)>,
     live: Arc<Live>,
     mut at: Moment,
+    notes: Notes,
 ) -> (NodeProcess, Fault) {
     const N: usize = 2;
     quiet_then(&live, N, &mut at, SIGTERM_N3).await;
@@ -1245,7 +1331,7 @@ async fn sigterm_and_restart(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(node);
-    let node = spawn_node(&env).await;
+    let node = spawn_noting(&env, node_label(N, 2), notes).await;
     let restarted = at.start.elapsed();
     live.set(N, Some((node.addr, 2)));
     live.send[N].store(true, Ordering::SeqCst);
@@ -1277,6 +1363,7 @@ struct Run {
     never_ready: usize,
     not_back: usize,
     took: Duration,
+    notes: Vec<String>,
 }
 
 fn seed() -> u64 {
@@ -1294,9 +1381,10 @@ async fn chaos_run(history: bool) -> Run {
     let envs: Vec<Vec<(String, String)>> = (1..=3)
         .map(|i| node_env(&redis.url(), &format!("chaos-n{i}"), history))
         .collect();
-    let n1 = spawn_node(&envs[0]).await;
-    let n2 = spawn_node(&envs[1]).await;
-    let n3 = spawn_node(&envs[2]).await;
+    let notes: Notes = Arc::default();
+    let n1 = spawn_noting(&envs[0], node_label(0, 1), notes.clone()).await;
+    let n2 = spawn_noting(&envs[1], node_label(1, 1), notes.clone()).await;
+    let n3 = spawn_noting(&envs[2], node_label(2, 1), notes.clone()).await;
     let live = Arc::new(Live {
         addrs: Mutex::new([Some((n1.addr, 1)), Some((n2.addr, 1)), Some((n3.addr, 1))]),
         send: [
@@ -1360,8 +1448,15 @@ async fn chaos_run(history: bool) -> Run {
         envs[1].clone(),
         live.clone(),
         at.clone(),
+        notes.clone(),
     ));
-    let terminator = tokio::spawn(sigterm_and_restart(n3, envs[2].clone(), live.clone(), at));
+    let terminator = tokio::spawn(sigterm_and_restart(
+        n3,
+        envs[2].clone(),
+        live.clone(),
+        at,
+        notes.clone(),
+    ));
 
     let (sent, refusals) = generator.await.unwrap();
     // Releases whatever waits for a moment the generator never reached
@@ -1439,6 +1534,7 @@ async fn chaos_run(history: bool) -> Run {
         never_ready,
         not_back,
         took: began.elapsed(),
+        notes: std::mem::take(&mut *notes.lock().unwrap()),
     }
 }
 
@@ -1520,16 +1616,25 @@ fn judge(run: &Run, client: usize) -> Verdict {
         .sessions
         .iter()
         .enumerate()
-        .filter(|(_, s)| s.sent_positions)
+        .filter(|(_, s)| s.sent.is_some())
         .filter_map(|(i, s)| match &s.welcome {
             Some(w) if w.recovered => None,
             Some(w) => Some(format!(
-                "session {i} on {} at {:?}: recovered false (replayed {}, node {})",
+                "session {i} on {} at {:?}: recovered false (replayed {}, node {}); sent {:?}, given {:?}",
                 node_label(s.node, s.inc),
                 s.opened,
                 w.replayed,
-                w.node
+                w.node,
+                s.sent.as_ref().unwrap(),
+                w.positions
             )),
+            // Ended (by the client's own drop, a killed node) before the
+            // welcome could come: no resume outcome, nothing to judge.
+            None if s.ended.is_some_and(|e| e.saturating_sub(s.opened) < PATIENCE)
+                && !matches!(s.end, End::Finished | End::Deadline) =>
+            {
+                None
+            }
             None => Some(format!(
                 "session {i} on {} at {:?}: no welcome ({:?})",
                 node_label(s.node, s.inc),
@@ -1623,7 +1728,7 @@ fn report(run: &Run, strict: bool) -> (Vec<String>, Vec<String>) {
         sessions += log.sessions.len();
         gaps += log.gaps.len();
         for s in &log.sessions {
-            if s.sent_positions {
+            if s.sent.is_some() {
                 resumes += 1;
                 if let Some(wl) = &s.welcome
                     && wl.recovered
@@ -1716,10 +1821,31 @@ fn report(run: &Run, strict: bool) -> (Vec<String>, Vec<String>) {
                 problems.push(format!("{} duplicated, first: {copies:?}", v.dup.len()));
             }
             if !v.disorder.is_empty() {
+                let arrived = |id: usize| {
+                    log.got
+                        .iter()
+                        .filter(|g| g.id == id)
+                        .map(|g| format!("session {} at {:?}", g.session, g.at))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                let pairs: Vec<String> = v
+                    .disorder
+                    .iter()
+                    .take(3)
+                    .map(|(before, after, sender)| {
+                        format!(
+                            "from {sender}: {} (received {}) before {} (received {})",
+                            describe_ids(run, &[*before], &w)[0],
+                            arrived(*before),
+                            describe_ids(run, &[*after], &w)[0],
+                            arrived(*after)
+                        )
+                    })
+                    .collect();
                 problems.push(format!(
-                    "{} out of order (after, then, sender): {:?}",
-                    v.disorder.len(),
-                    first(&v.disorder, 5)
+                    "{} out of order, first: {pairs:?}",
+                    v.disorder.len()
                 ));
             }
             if !v.not_recovered.is_empty() {
@@ -1747,6 +1873,35 @@ fn report(run: &Run, strict: bool) -> (Vec<String>, Vec<String>) {
             }
             let _ = write!(text, "\n    sessions: {}", describe_sessions(log));
             failures.push(text);
+        }
+    }
+    // Redis is never restarted here: every topic keeps one epoch for the
+    // whole run, whoever hears of it.
+    if run.history {
+        let mut epochs: BTreeMap<&String, BTreeMap<&String, (usize, &String)>> = BTreeMap::new();
+        for (client, log) in run.logs.iter().enumerate() {
+            for (key, seen) in &log.epochs {
+                for (epoch, context) in seen {
+                    epochs
+                        .entry(key)
+                        .or_default()
+                        .entry(epoch)
+                        .or_insert((client, context));
+                }
+            }
+        }
+        for (key, seen) in epochs.iter().filter(|(_, seen)| seen.len() > 1) {
+            let how: Vec<String> = seen
+                .iter()
+                .map(|(epoch, (client, context))| {
+                    format!("{epoch:?} (first by client {client}: {context})")
+                })
+                .collect();
+            failures.push(format!(
+                "topic {key} had {} epochs in one run: {}",
+                seen.len(),
+                how.join("; ")
+            ));
         }
     }
     let accepted: BTreeSet<usize> = (0..run.sent.len())
@@ -1892,6 +2047,12 @@ fn print_and_check(run: &Run, strict: bool) {
         eprintln!("{line}");
     }
     if !failures.is_empty() {
+        // What the nodes said, the resume decisions first.
+        let (why, other): (Vec<&String>, Vec<&String>) =
+            run.notes.iter().partition(|n| n.contains("not recovered"));
+        for note in why.iter().take(20).chain(other.iter().take(20)) {
+            eprintln!("NODE {note}");
+        }
         let shown: Vec<&String> = failures.iter().take(15).collect();
         panic!(
             "{} problem(s) (seed {}; showing {}):\n{}\n{}",
