@@ -1809,7 +1809,15 @@ fn report(run: &Run, strict: bool) -> (Vec<String>, Vec<String>) {
                             .got
                             .iter()
                             .filter(|g| g.id == *id)
-                            .map(|g| format!("session {} at {:?}", g.session, g.at))
+                            .map(|g| {
+                                let on = &log.sessions[g.session];
+                                format!(
+                                    "session {} on {} at {:?}",
+                                    g.session,
+                                    node_label(on.node, on.inc),
+                                    g.at
+                                )
+                            })
                             .collect();
                         format!(
                             "{} received {}",
@@ -1825,7 +1833,15 @@ fn report(run: &Run, strict: bool) -> (Vec<String>, Vec<String>) {
                     log.got
                         .iter()
                         .filter(|g| g.id == id)
-                        .map(|g| format!("session {} at {:?}", g.session, g.at))
+                        .map(|g| {
+                            let on = &log.sessions[g.session];
+                            format!(
+                                "session {} on {} at {:?}",
+                                g.session,
+                                node_label(on.node, on.inc),
+                                g.at
+                            )
+                        })
                         .collect::<Vec<_>>()
                         .join(", ")
                 };
