@@ -4,6 +4,8 @@ bench/results/latest.{json,md,png}.
 
     python3 bench/run.py            # the whole matrix (about 10 minutes)
     python3 bench/run.py --quick    # shorter runs, for a smoke test
+    python3 bench/run.py --hubs wshub --history both --no-ramp
+                                    # the cost of history (lossless resume)
 
 It builds wshub and wshub-bench (release), starts a redis-server on a free
 port, and for each hub (wshub, the hand-rolled Node hub, Socket.IO with its
@@ -101,14 +103,18 @@ def bench(*args):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+HISTORY_HUB = "wshub+history"
+
+
 def start_hub(procs, hub, redis_url, workdir):
     ports = free_ports(2)
     nodes = []
     for port in ports:
-        if hub == "wshub":
+        if hub in ("wshub", HISTORY_HUB):
             env = {"WSHUB_LISTEN": f"127.0.0.1:{port}", "WSHUB_REDIS__URL": redis_url,
                    # One publisher socket sends far above the default per-socket rate.
-                   "WSHUB_LIMITS__MESSAGES_PER_SECOND": "0", "WSHUB_LOG__LEVEL": "warn"}
+                   "WSHUB_LIMITS__MESSAGES_PER_SECOND": "0", "WSHUB_LOG__LEVEL": "warn",
+                   "WSHUB_HISTORY__ENABLED": "true" if hub == HISTORY_HUB else "false"}
             nodes.append(procs.start([str(WSHUB)], env))
         else:
             env = {"REDIS_URL": redis_url}
@@ -170,6 +176,9 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--hubs", default="wshub,nodews,socketio")
     ap.add_argument("--no-ramp", action="store_true")
+    ap.add_argument("--history", choices=("off", "on", "both"), default="off",
+                    help="wshub with history.enabled off (today's default), on, or both side by side "
+                         "(as the hubs 'wshub' and 'wshub+history'); Redis CPU per publish is reported for every run")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite latest.md and latest.png from latest.json, run nothing")
     args = ap.parse_args()
@@ -180,6 +189,9 @@ def main():
         print((RESULTS / "latest.md").read_text())
         return
     hubs = args.hubs.split(",")
+    if "wshub" in hubs and args.history != "off":
+        at = hubs.index("wshub")
+        hubs[at:at + 1] = [HISTORY_HUB] if args.history == "on" else ["wshub", HISTORY_HUB]
 
     subprocess.run(["cargo", "build", "--release", "-p", "wshub", "-p", "wshub-bench"], cwd=ROOT, check=True)
     workdir = Path(tempfile.mkdtemp(prefix="wshub-bench-"))
@@ -214,7 +226,9 @@ def main():
                 nodes = []
                 try:
                     nodes, target = start_hub(procs, hub, redis_url, workdir)
+                    redis0 = cpu_seconds(redis.pid)
                     r = bench(*cmd, *target)
+                    r["redis_cpu_s"] = cpu_seconds(redis.pid) - redis0
                 except RuntimeError as e:
                     r = {"error": str(e)}
                 procs.stop(nodes)
@@ -236,6 +250,20 @@ def main():
     (RESULTS / "latest.md").write_text(markdown(results))
     chart(results, RESULTS / "latest.png")
     print((RESULTS / "latest.md").read_text())
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds of a process, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_us_per_publish(r):
+    """Redis CPU per message published, in µs (None when unknown)."""
+    sent = r.get("sent")
+    if not sent or r.get("redis_cpu_s") is None:
+        return None
+    return r["redis_cpu_s"] * 1e6 / sent
 
 
 def cpu_model():
@@ -273,16 +301,18 @@ def markdown(res):
              f"{len(all1)} measurements taken between the hubs ({', '.join(f'{v:.2f}' for v in all1)}): "
              f"**{floor1:.2f} µs** per frame with one frame per write, {floor4:.2f} µs with four per write.",
              "",
-             "| workload | hub | deliveries/s | p50 / p99 ms | missing / dup | server CPU µs per delivery | × floor | server cores | load generator cores |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| workload | hub | deliveries/s | p50 / p99 ms | missing / dup | server CPU µs per delivery | × floor | server cores | load generator cores | Redis CPU µs per publish |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["runs"]:
         if r.get("scenario") in ("fanout", "groups"):
             lat = r["latency"]
+            redis_us = redis_us_per_publish(r)
             lines.append(f"| {r['name']} | {r['hub']} | {r['deliveries_per_s']:,.0f} | {lat['p50_ms']:.1f} / {lat['p99_ms']:.1f} "
                          f"| {r['missing']} / {r['duplicated']} | {r['server_cpu_us_per_delivery']:.2f} "
-                         f"| {r['server_cpu_us_per_delivery'] / floor1:.2f} | {r['server_cpu_cores']:.2f} | {r.get('loadgen_cpu_cores', 0):.2f} |")
+                         f"| {r['server_cpu_us_per_delivery'] / floor1:.2f} | {r['server_cpu_cores']:.2f} | {r.get('loadgen_cpu_cores', 0):.2f} "
+                         f"| {'' if redis_us is None else f'{redis_us:.1f}'} |")
         elif "error" in r:
-            lines.append(f"| {r['name']} | {r['hub']} | error: {r['error'][:80]} | | | | | | |")
+            lines.append(f"| {r['name']} | {r['hub']} | error: {r['error'][:80]} | | | | | | | |")
     lines += ["", "| idle connections | hub | open | failures | connects/s | server RSS per connection |", "|---|---|---:|---:|---:|---:|"]
     for r in res["runs"]:
         if r.get("scenario") == "idle":

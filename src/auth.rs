@@ -10,6 +10,8 @@
 //! - **Origins** (`auth.allowed_origins`): a browser upgrade from another
 //!   origin is refused with 403.
 //! - **Broadcast keys** (`broadcast.api_keys`): compared in constant time.
+//!   They, or else loopback and `broadcast.trusted_networks`, protect the
+//!   broadcast endpoint and every `/api/*` path alike ([`backend_access`]).
 //! - **Client IPs**: the peer address, or the last `X-Forwarded-For` entry
 //!   when the peer is one of `auth.trusted_proxies`.
 
@@ -22,7 +24,7 @@ use jsonwebtoken::{DecodingKey, Validation};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use crate::config::AuthConfig;
+use crate::config::{AuthConfig, Broadcast};
 use crate::route::Identity;
 
 /// The `Sec-WebSocket-Protocol` entry prefix that carries a token.
@@ -184,6 +186,46 @@ pub(crate) fn key_valid(keys: &[String], presented: Option<&str>) -> bool {
             found | k.as_bytes().ct_eq(presented.as_bytes())
         })
         .into()
+}
+
+/// Why a request to the broadcast endpoint or to an `/api/*` path was
+/// turned away by [`backend_access`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Denied {
+    /// `broadcast.api_keys` is set and the request presented no valid key
+    /// (401): send one as `Authorization: Bearer <key>` or `X-Api-Key`.
+    Unauthorized,
+    /// No keys are configured and the peer is neither loopback nor in
+    /// `broadcast.trusted_networks` (403).
+    Forbidden,
+}
+
+/// Who may use the broadcast endpoint and the server API (`/api/*`): with
+/// keys configured, a valid key is required from anywhere; without, only
+/// loopback and trusted networks. The peer is the TCP peer, never a
+/// forwarded address: a proxy in front must block these paths itself.
+pub(crate) fn backend_access(
+    policy: &Broadcast,
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+) -> Result<(), Denied> {
+    if !policy.api_keys.is_empty() {
+        if key_valid(&policy.api_keys, presented_key(headers)) {
+            return Ok(());
+        }
+        return Err(Denied::Unauthorized);
+    }
+    if peer.is_some_and(|p| peer_trusted(p, &policy.trusted_networks)) {
+        Ok(())
+    } else {
+        Err(Denied::Forbidden)
+    }
+}
+
+/// Whether `peer` is loopback or in one of `trusted`.
+pub(crate) fn peer_trusted(peer: SocketAddr, trusted: &[ipnet::IpNet]) -> bool {
+    let ip = peer.ip().to_canonical();
+    ip.is_loopback() || trusted.iter().any(|net| net.contains(&ip))
 }
 
 /// The client's address: the peer, or, when the peer is a trusted proxy,

@@ -47,7 +47,12 @@
 //! With `backend.events`, the hub also posts `wshub.connect` and
 //! `wshub.disconnect` messages (same shape, same headers) when sockets open
 //! and close, so the backend learns who arrived — which Web Connection's hub
-//! never tells it.
+//! never tells it. With history on, the connect event is sent once the
+//! socket's resume is decided, and says how it went: its `message` is
+//! `{"recovered":bool,"replayed":n}` and [`HEADER_RESUME`] is
+//! `recovered`, `not_recovered` or `none` (a chat backend sends its
+//! `initialmessages` only when not recovered). With history off both are
+//! as before (`message` null, no header).
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -69,6 +74,7 @@ use crate::conn::{Conn, ConnId};
 use crate::message::{Message, error_frame};
 use crate::metrics::Metrics;
 use crate::outcome::ForwardResult;
+use crate::resume::Report;
 use crate::route::Identity;
 use crate::shutdown::Shutdown;
 
@@ -89,6 +95,11 @@ pub(crate) const HEADER_TIMESTAMP: &str = "x-wshub-timestamp";
 pub(crate) const HEADER_NONCE: &str = "x-wshub-nonce";
 /// Lowercase hex HMAC-SHA256 of [`canonical`] under `backend.signing_key`.
 pub(crate) const HEADER_SIGNATURE: &str = "x-wshub-signature";
+
+/// How the socket's resume went, on the connect event (history on only):
+/// `recovered`, `not_recovered` or `none` (a legacy socket with no drain
+/// handoff to take over).
+pub(crate) const HEADER_RESUME: &str = "x-wshub-resume";
 
 /// The reserved action of the connect event.
 pub(crate) const ACTION_CONNECT: &str = "wshub.connect";
@@ -278,12 +289,21 @@ impl Backend {
     /// behind the connection's earlier forwards. Returns whether it was
     /// queued: a connection whose connect event was refused gets no
     /// disconnect event either, so the backend never hears of a departure
-    /// without the arrival.
-    pub(crate) fn event(&self, conn: &Conn, action: &'static str) -> bool {
+    /// without the arrival. `resume`: how the socket's resume went (a
+    /// connect event with history on).
+    pub(crate) fn event(&self, conn: &Conn, action: &'static str, resume: Option<&Report>) -> bool {
         if !self.events {
             return false;
         }
-        let body = event_body(&conn.who, action);
+        let message = resume.map(Report::message);
+        let body = event_body(&conn.who, action, message.as_deref());
+        let mut headers = self.headers(conn);
+        if let Some(resume) = resume {
+            headers.insert(
+                HeaderName::from_static(HEADER_RESUME),
+                HeaderValue::from_static(resume.header()),
+            );
+        }
         let job = Job {
             kind: if action == ACTION_DISCONNECT {
                 Kind::Disconnect
@@ -291,7 +311,7 @@ impl Backend {
                 Kind::Connect
             },
             body: Bytes::from(body),
-            headers: self.headers(conn),
+            headers,
             action: action.to_owned(),
             sender: None,
         };
@@ -539,12 +559,14 @@ impl Queues {
     }
 }
 
-/// The JSON of an event: the message shape with the connection's ids.
-pub(crate) fn event_body(who: &Identity, action: &str) -> String {
+/// The JSON of an event: the message shape with the connection's ids (and
+/// `message`, when given).
+pub(crate) fn event_body(who: &Identity, action: &str, message: Option<&str>) -> String {
     Message {
         user_id: Some(Cow::Borrowed(&who.user)),
         group_id: who.group.as_deref().map(Cow::Borrowed),
         action: Some(Cow::Borrowed(action)),
+        message: message.map(Cow::Borrowed),
         ..Message::default()
     }
     .encode()
@@ -844,8 +866,16 @@ mod tests {
             group: None,
         };
         assert_eq!(
-            event_body(&who, ACTION_CONNECT),
+            event_body(&who, ACTION_CONNECT, None),
             r#"{"userId":"ann","groupId":null,"action":"wshub.connect","message":null,"recipients":[]}"#
+        );
+        let resumed = Report {
+            result: Some(crate::outcome::ResumeResult::Recovered),
+            replayed: 3,
+        };
+        assert_eq!(
+            event_body(&who, ACTION_CONNECT, Some(&resumed.message())),
+            r#"{"userId":"ann","groupId":null,"action":"wshub.connect","message":"{\"recovered\":true,\"replayed\":3}","recipients":[]}"#
         );
     }
 }

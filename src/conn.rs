@@ -8,8 +8,9 @@ use tracing::{debug, warn};
 
 use crate::logging::{Untrusted, UntrustedOpt};
 use crate::message::Frame;
-use crate::outbox::{Full, Outbox, wait_on};
+use crate::outbox::{Full, Outbox, Queued, wait_on};
 use crate::outcome::CloseReason;
+use crate::resume::Mark;
 use crate::route::Identity;
 
 /// A connection's id, unique on this node.
@@ -20,6 +21,10 @@ pub(crate) type ConnId = u64;
 pub struct Conn {
     pub id: ConnId,
     pub who: Identity,
+    /// The socket opted in to resume (`resume=` on its URL, history on):
+    /// it gets the welcome, `pos` in every stamped message, and gap
+    /// notices. Otherwise its frames are byte for byte today's.
+    pub speaks_resume: bool,
     outbox: Outbox,
     pub closer: Closer,
 }
@@ -27,10 +32,16 @@ pub struct Conn {
 impl Conn {
     /// Creates a connection and the receiving end of its outbound queue,
     /// which may hold up to `queue_bytes` of frames.
-    pub fn new(id: ConnId, who: Identity, queue_bytes: usize) -> (Arc<Self>, OutboxReceiver) {
+    pub fn new(
+        id: ConnId,
+        who: Identity,
+        speaks_resume: bool,
+        queue_bytes: usize,
+    ) -> (Arc<Self>, OutboxReceiver) {
         let conn = Arc::new(Conn {
             id,
             who,
+            speaks_resume,
             outbox: Outbox::new(queue_bytes),
             closer: Closer::default(),
         });
@@ -42,7 +53,7 @@ impl Conn {
     /// the queue was full: the connection is then closed as a slow consumer
     /// (and that is logged).
     pub fn offer(&self, frame: Frame) -> bool {
-        match self.try_offer(frame) {
+        match self.try_offer(frame, None) {
             Offered::Queued => true,
             Offered::Full { closed_now } => {
                 if closed_now {
@@ -55,9 +66,10 @@ impl Conn {
 
     /// [`offer`](Self::offer) without the log line, for callers holding a
     /// lock: they log with [`log_slow_consumer`](Self::log_slow_consumer)
-    /// after releasing it.
-    pub(crate) fn try_offer(&self, frame: Frame) -> Offered {
-        match self.outbox.push(frame) {
+    /// after releasing it. `mark`: where a copy of a stamped message stands
+    /// in the topic it came through.
+    pub(crate) fn try_offer(&self, frame: Frame, mark: Option<Mark>) -> Offered {
+        match self.outbox.push(frame, mark) {
             Ok(()) => Offered::Queued,
             Err(Full) => Offered::Full {
                 closed_now: self.closer.close(CloseReason::SlowConsumer),
@@ -119,12 +131,12 @@ impl OutboxReceiver {
     /// The next frame, waiting for one. (The queue lives as long as the
     /// connection, so this never ends by itself: the session stops waiting
     /// when it closes.)
-    pub async fn recv(&mut self) -> Option<Frame> {
+    pub(crate) async fn recv(&mut self) -> Option<Queued> {
         Some(self.conn.outbox.recv().await)
     }
 
     /// The next frame if one is queued.
-    pub fn try_recv(&mut self) -> Option<Frame> {
+    pub(crate) fn try_recv(&mut self) -> Option<Queued> {
         self.conn.outbox.pop()
     }
 }

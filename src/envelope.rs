@@ -3,8 +3,8 @@
 
 use std::sync::OnceLock;
 
-use crate::history::{Stamp, pos_json};
 use crate::message::Frame;
+use crate::position::{Stamp, pos_json};
 use crate::route::Route;
 
 /// One message on its way: where it goes and the frame the recipients
@@ -64,7 +64,7 @@ fn with_pos(frame: &Frame, stamp: &Stamp) -> Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::history::Position;
+    use crate::position::Position;
     use crate::route::Topic;
 
     #[test]

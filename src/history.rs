@@ -18,74 +18,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::envelope::Envelope;
+pub use crate::position::{Position, Stamp, client_key, pos_json};
 use crate::route::{Identity, Topic};
-
-/// Where a message stands in one topic's history: `"<epoch>:<offset>"`.
-///
-/// The epoch changes whenever the topic's history starts afresh (first
-/// use, a Redis restart, expiry); offsets count messages published to the
-/// topic in that epoch, from 1. A topic never published to is at offset 0.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Position {
-    /// The history's epoch: short, without `:`.
-    pub epoch: Arc<str>,
-    /// Messages published to the topic in this epoch, up to this one.
-    pub offset: u64,
-}
-
-impl Position {
-    /// Reads `"<epoch>:<offset>"`; `None` when it is not one.
-    pub fn parse(text: &str) -> Option<Self> {
-        let (epoch, offset) = text.rsplit_once(':')?;
-        if epoch.is_empty() || epoch.contains(':') {
-            return None;
-        }
-        // Digits only: `u64::from_str` would also take a leading `+`.
-        if offset.is_empty() || !offset.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        Some(Self {
-            epoch: epoch.into(),
-            offset: offset.parse().ok()?,
-        })
-    }
-}
-
-impl std::fmt::Display for Position {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.epoch, self.offset)
-    }
-}
-
-/// What the bus stamped on a message when history is on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stamp {
-    /// Cluster-wide publish order (one counter in Redis): replays from
-    /// several topics are merged by it.
-    pub seq: u64,
-    /// The message's position in every topic of its route, in route order.
-    pub positions: Vec<(Topic, Position)>,
-}
-
-impl Stamp {
-    /// The message's position in `topic`, if it is one of its route's.
-    pub fn position(&self, topic: &Topic) -> Option<&Position> {
-        self.positions
-            .iter()
-            .find_map(|(t, p)| (t == topic).then_some(p))
-    }
-}
-
-/// The key a client uses for a topic: `all`, `nullgroup`, `group:<G>`,
-/// `user:<U>` (G and U verbatim, any characters).
-pub fn client_key(topic: &Topic) -> String {
-    match topic {
-        Topic::All => "all".to_owned(),
-        Topic::Group(None) => "nullgroup".to_owned(),
-        Topic::Group(Some(g)) => format!("group:{g}"),
-        Topic::User(u) => format!("user:{u}"),
-    }
-}
 
 /// The three topics a socket can be reached through, in a fixed order:
 /// everyone, its group (or the null group), its user.
@@ -119,18 +53,6 @@ pub fn parse_resume(value: &str, who: &Identity) -> Result<Positions, ResumePars
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the resume positions cannot be read")]
 pub struct ResumeParseError;
-
-/// The JSON object of the per-message `pos` field: every topic of the
-/// message's route, by client key.
-pub fn pos_json(stamp: &Stamp) -> String {
-    let map: BTreeMap<String, String> = stamp
-        .positions
-        .iter()
-        .map(|(t, p)| (client_key(t), p.to_string()))
-        .collect();
-    // A map of strings always serializes.
-    serde_json::to_string(&map).unwrap_or_else(|_| "{}".to_owned())
-}
 
 /// What [`History::read`] found after a position.
 #[derive(Debug)]
@@ -208,25 +130,6 @@ mod tests {
     }
 
     #[test]
-    fn positions_round_trip_and_bad_ones_are_refused() {
-        let p = Position::parse("k3:41").unwrap();
-        assert_eq!(p.epoch.as_ref(), "k3");
-        assert_eq!(p.offset, 41);
-        assert_eq!(p.to_string(), "k3:41");
-        for bad in ["", ":1", "k3:", "k3:+1", "k3:-1", "a:b:1", "k3:1x", "k3"] {
-            assert_eq!(Position::parse(bad), None, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn client_keys_are_the_contracts() {
-        assert_eq!(client_key(&Topic::All), "all");
-        assert_eq!(client_key(&Topic::Group(None)), "nullgroup");
-        assert_eq!(client_key(&Topic::Group(Some("a:b".into()))), "group:a:b");
-        assert_eq!(client_key(&Topic::User("ann".into())), "user:ann");
-    }
-
-    #[test]
     fn resume_keeps_only_the_sockets_own_topics() {
         let ann = who("ann", Some("chat"));
         let got = parse_resume(
@@ -243,23 +146,5 @@ mod tests {
         assert!(parse_resume("not json", &ann).is_err());
         assert!(parse_resume(r#"{"all":"garbage"}"#, &ann).is_err());
         assert!(parse_resume(r#"{"all":5}"#, &ann).is_err());
-    }
-
-    #[test]
-    fn pos_names_every_topic_of_the_route() {
-        let stamp = Stamp {
-            seq: 7,
-            positions: vec![
-                (
-                    Topic::Group(Some("chat".into())),
-                    Position::parse("p7:17").unwrap(),
-                ),
-                (Topic::User("ann".into()), Position::parse("q2:5").unwrap()),
-            ],
-        };
-        assert_eq!(
-            pos_json(&stamp),
-            r#"{"group:chat":"p7:17","user:ann":"q2:5"}"#
-        );
     }
 }

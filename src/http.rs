@@ -1,5 +1,6 @@
-//! The HTTP surface: the socket endpoint, the broadcast endpoint, health,
-//! metrics and the embedded browser files.
+//! The HTTP surface: the socket endpoint, the broadcast endpoint, the
+//! server API (`/api/*`, in `api`), health, metrics and the embedded
+//! browser files.
 //!
 //! Web Connection matches its two special paths case-insensitively (and the
 //! broadcast path anywhere in the URL), which axum's router does not do, so
@@ -25,6 +26,8 @@ use crate::node::{ConnectError, Node, PublishError};
 use crate::outcome::{BroadcastStatus, DropReason, RefusalReason};
 use crate::refusal_log::{RefusalLog, Verdict};
 use crate::route::Identity;
+
+mod api;
 
 /// The socket path of Web Connection (matched case-insensitively).
 pub const SOCKET_PATH: &str = "/__initializewebsocket.wc";
@@ -111,6 +114,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .nest("/api", api::routes(http.clone()))
         .fallback(dispatch)
         .layer(axum::middleware::map_response_with_state(
             http.clone(),
@@ -408,7 +412,9 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
     let ip = peer.map(|p| auth::client_ip(p, &parts.headers, &http.config.auth.trusted_proxies));
-    let registration = match http.node.connect(who, ip).await {
+    // With history off the parameter is ignored (the node says Legacy).
+    let resume = http.node.resume_request(resume_parameter(&pairs), &who);
+    let registration = match http.node.connect(who, ip, resume).await {
         Ok(r) => r,
         Err(e @ ConnectError::Draining) => {
             return Err(Refused::Socket(RefusalReason::Draining, e.to_string()));
@@ -474,11 +480,20 @@ pub fn identity_from_query(pairs: &[(String, String)]) -> Identity {
     }
 }
 
+/// The value of the `resume` query parameter (key in any case, as the
+/// ids' keys), if present; the last one when repeated, as the ids.
+fn resume_parameter(pairs: &[(String, String)]) -> Option<&str> {
+    pairs
+        .iter()
+        .rev()
+        .find(|(key, _)| key.eq_ignore_ascii_case(crate::resume::QUERY_PARAMETER))
+        .map(|(_, value)| value.as_str())
+}
+
 /// Whether a peer may use the broadcast endpoint: loopback, or an address in
 /// one of `broadcast.trusted_networks`.
 pub fn broadcast_allowed(peer: SocketAddr, trusted: &[ipnet::IpNet]) -> bool {
-    let ip = peer.ip().to_canonical();
-    ip.is_loopback() || trusted.iter().any(|net| net.contains(&ip))
+    auth::peer_trusted(peer, trusted)
 }
 
 /// `POST`/`PUT` of one message JSON to any path containing
@@ -504,24 +519,25 @@ async fn publish(http: &HttpState, request: Request) -> Result<(), Refused> {
         );
     }
     // With keys configured, a valid key is required from anywhere; without,
-    // only loopback and trusted networks may push.
-    let keys = &http.config.broadcast.api_keys;
-    if !keys.is_empty() {
-        if !auth::key_valid(keys, auth::presented_key(request.headers())) {
+    // only loopback and trusted networks may push (the server API's check too).
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    match auth::backend_access(&http.config.broadcast, request.headers(), peer) {
+        Ok(()) => {}
+        Err(auth::Denied::Unauthorized) => {
             return refused(
                 BroadcastStatus::Unauthorized,
                 "unauthorized: a valid API key is required (Authorization: Bearer <key> or X-Api-Key)",
             );
         }
-    } else if !request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .is_some_and(|c| broadcast_allowed(c.0, &http.config.broadcast.trusted_networks))
-    {
-        return refused(
-            BroadcastStatus::Forbidden,
-            "forbidden: the broadcast endpoint only accepts requests from loopback and broadcast.trusted_networks",
-        );
+        Err(auth::Denied::Forbidden) => {
+            return refused(
+                BroadcastStatus::Forbidden,
+                "forbidden: the broadcast endpoint only accepts requests from loopback and broadcast.trusted_networks",
+            );
+        }
     }
     let max = http.config.limits.max_message_bytes;
     let body = match axum::body::to_bytes(request.into_body(), max).await {

@@ -10,6 +10,13 @@
 //! Delivery never waits: each connection has a queue of encoded frames
 //! bounded in bytes ([`crate::outbox`]), and a connection whose queue is
 //! full is closed as a slow consumer instead of slowing anyone else.
+//!
+//! With history on, a socket that speaks resume is offered the frame with
+//! `pos` ([`Envelope::frame_for`], encoded once per message and shared),
+//! every other socket the plain frame, byte for byte today's; each copy of
+//! a stamped message is queued with its [`Mark`] for the session's
+//! de-duplication. A gap the bus cannot repair ([`Deliver::gap`]) becomes a
+//! `wshub.gap` notice to the sockets of that topic that speak resume.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -18,6 +25,7 @@ use crate::bus::Deliver;
 use crate::conn::{Conn, ConnId, Offered, SlowCause};
 use crate::envelope::Envelope;
 use crate::metrics::Metrics;
+use crate::resume::{Mark, gap_frame};
 use crate::route::Topic;
 
 type Members = HashMap<ConnId, Arc<Conn>>;
@@ -103,10 +111,17 @@ impl Hub {
     pub(crate) fn snapshot(&self) -> Vec<Arc<Conn>> {
         self.read().all.values().cloned().collect()
     }
-}
 
-impl Deliver for Hub {
-    fn deliver(&self, via: &Topic, envelope: &Arc<Envelope>) {
+    /// Offers `frame(conn)` (and `mark`) to the members of `via` for which
+    /// `wanted(conn)`, counting what was queued and dropped; slow
+    /// consumers are logged once the lock is released.
+    fn offer_each<'e>(
+        &self,
+        via: &Topic,
+        mark: Option<&Mark>,
+        wanted: impl Fn(&Conn) -> bool,
+        frame: impl Fn(&Conn) -> &'e crate::message::Frame,
+    ) {
         let index = self.read();
         let members = match via {
             Topic::All => Some(&index.all),
@@ -118,8 +133,8 @@ impl Deliver for Hub {
         // Connections this delivery closed, logged once the lock is released.
         let mut closed = Vec::new();
         for conn in members.values() {
-            if envelope.route.accepts(via, &conn.who) {
-                match conn.try_offer(envelope.frame.clone()) {
+            if wanted(conn) {
+                match conn.try_offer(frame(conn).clone(), mark.cloned()) {
                     Offered::Queued => delivered += 1,
                     Offered::Full { closed_now } => {
                         dropped += 1;
@@ -136,6 +151,23 @@ impl Deliver for Hub {
         }
         self.metrics.delivered(delivered);
         self.metrics.dropped_slow(dropped);
+    }
+}
+
+impl Deliver for Hub {
+    fn deliver(&self, via: &Topic, envelope: &Arc<Envelope>) {
+        let mark = Mark::of(via, envelope);
+        self.offer_each(
+            via,
+            mark.as_ref(),
+            |conn| envelope.route.accepts(via, &conn.who),
+            |conn| envelope.frame_for(conn.speaks_resume),
+        );
+    }
+
+    fn gap(&self, topic: &Topic) {
+        let notice = gap_frame(topic);
+        self.offer_each(topic, None, |conn| conn.speaks_resume, |_| &notice);
     }
 }
 
@@ -178,7 +210,7 @@ mod tests {
             group: None,
         };
         // A budget of one byte: the first offer overflows it.
-        let (slow, _rx) = Conn::new(1, who("slow"), 1);
+        let (slow, _rx) = Conn::new(1, who("slow"), false, 1);
         hub.insert(slow);
         let envelope = Arc::new(Envelope::new(Route::everyone(), Frame::from("x")));
         let (entered_tx, entered) = mpsc::sync_channel(1);
@@ -206,7 +238,7 @@ mod tests {
         std::thread::spawn({
             let hub = hub.clone();
             move || {
-                let (conn, _rx) = Conn::new(2, who("newcomer"), 1024);
+                let (conn, _rx) = Conn::new(2, who("newcomer"), false, 1024);
                 hub.insert(conn);
                 let _ = done_tx.send(());
             }

@@ -14,9 +14,10 @@
 //! - `http` ([`http`]): the HTTP surface and its own state (token
 //!   verifier, auth policy, limits). The socket endpoint admits and
 //!   upgrades a request and starts a session; the broadcast endpoint takes
-//!   a message from the application's backend; health, metrics and the
-//!   embedded browser files. Refusals become responses, counted, in one
-//!   place.
+//!   a message from the application's backend; the server API (`/api/*`,
+//!   `src/http/api.rs`: `GET /api/nodes`, protected like the broadcast
+//!   endpoint, JSON errors); health, metrics and the embedded browser
+//!   files. Refusals become responses, counted, in one place.
 //! - `session` (`src/session.rs`, internal): one socket: reads client
 //!   frames, writes queued frames, pings, and closes with one
 //!   [`outcome::CloseReason`].
@@ -27,11 +28,18 @@
 //! - [`route`]: recipients resolved into topics, and the exactly-once rule.
 //! - [`envelope`]: a message on its way: route plus encoded frame (and,
 //!   with history on, its stamp: positions per topic).
-//! - [`history`]: positions, stamps and the [`history::History`] interface
-//!   lossless resume reads from (kept by the Redis bus).
+//! - [`position`]: where a message stands in each topic's history, and
+//!   its stamp; [`history`]: the [`history::History`] interface lossless
+//!   resume reads from (kept by the Redis bus).
+//! - [`resume`]: the socket's side of lossless resume: the `resume`
+//!   request, the decision at connect (replay or not, the welcome), the
+//!   floors a session de-duplicates by and hands over on shutdown, the
+//!   gap notice.
 //! - [`bus`]: carries envelopes to every *other* node
 //!   ([`bus::SingleNodeBus`] when there are none, [`bus::RedisBus`]), and
-//!   hands what arrives to this node's hub.
+//!   hands what arrives to this node's hub. [`bus::registry`]: the nodes
+//!   sharing the bus, with leases (this node alone without Redis), and the
+//!   version gate that decides which payload version the bus writes.
 //! - `hub` (internal): this node's sockets, indexed by group and user;
 //!   `conn`: one socket's handle and the `Closer` that ends its session
 //!   once; `outbox`: its outbound queue, bounded in bytes.
@@ -78,8 +86,10 @@ pub mod metrics;
 pub mod node;
 pub(crate) mod outbox;
 pub mod outcome;
+pub mod position;
 pub(crate) mod rate_limit;
 pub(crate) mod refusal_log;
+pub mod resume;
 pub mod route;
 pub mod server;
 pub(crate) mod session;

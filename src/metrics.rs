@@ -12,7 +12,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::outcome::{BroadcastStatus, CloseReason, DropReason, ForwardResult, RefusalReason};
+use crate::outcome::{
+    BroadcastStatus, CloseReason, DropReason, ForwardResult, HandoffResult, RefusalReason,
+    ResumeResult,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
@@ -40,6 +43,34 @@ struct StatusLabel {
     status: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+/// What became of a gap the bus found in a topic's positions (history on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GapKind {
+    /// The missing messages were read from history and delivered, in order.
+    Repaired,
+    /// History no longer had them (trimmed, expired, or started afresh):
+    /// sockets that speak resume were told.
+    Unrepairable,
+}
+
+impl GapKind {
+    /// Every kind, to seed the series.
+    pub const ALL: [GapKind; 2] = [GapKind::Repaired, GapKind::Unrepairable];
+
+    /// The `kind` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            GapKind::Repaired => "repaired",
+            GapKind::Unrepairable => "unrepairable",
+        }
+    }
+}
+
 /// The node's counters. Cheap to update: atomics, and for labelled families
 /// a read lock on a map with a handful of entries.
 pub struct Metrics {
@@ -57,9 +88,16 @@ pub struct Metrics {
     bus_channels: Gauge,
     backend_forwards: Family<ResultLabel, Counter>,
     bus_latency: Histogram,
+    bus_gaps: Family<KindLabel, Counter>,
+    history_publish: Histogram,
     capacity: Gauge,
     refused: Family<ReasonLabel, Counter>,
     ready: Gauge,
+    registry_nodes: Gauge,
+    registry_heartbeat_failures: Counter,
+    resumes: Family<ResultLabel, Counter>,
+    resume_replayed: Histogram,
+    drain_handoffs: Family<ResultLabel, Counter>,
     /// `process_*`, without the `wshub_` prefix, as every Prometheus client
     /// names them (dashboards and alerts expect these names).
     process: Registry,
@@ -90,9 +128,18 @@ impl Metrics {
             backend_forwards: Family::default(),
             // 0.5 ms … ~8 s
             bus_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
+            bus_gaps: Family::default(),
+            // 0.1 ms … ~1.6 s
+            history_publish: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
             capacity: Gauge::default(),
             refused: Family::default(),
             ready: Gauge::default(),
+            registry_nodes: Gauge::default(),
+            registry_heartbeat_failures: Counter::default(),
+            resumes: Family::default(),
+            // 1 … 4096 messages (max_replay is 1000 by default)
+            resume_replayed: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+            drain_handoffs: Family::default(),
             registry: Registry::default(),
             process: Registry::default(),
         };
@@ -163,6 +210,16 @@ impl Metrics {
             m.bus_latency.clone(),
         );
         registry.register(
+            "bus_gaps",
+            "Gaps in a topic's positions the bus found (history on), by what became of them",
+            m.bus_gaps.clone(),
+        );
+        registry.register(
+            "history_publish_seconds",
+            "Time of one call of the publish script (one batch) in Redis, history on",
+            m.history_publish.clone(),
+        );
+        registry.register(
             "connections_max",
             "Sockets this node accepts (limits.max_connections, or the open-file limit)",
             m.capacity.clone(),
@@ -181,6 +238,32 @@ impl Metrics {
             "ready",
             "1 while /readyz answers 200, else 0 (as of the last scrape)",
             m.ready.clone(),
+        );
+        registry.register(
+            "registry_nodes",
+            "Live nodes in the node registry, this one included, as of this node's \
+             last successful heartbeat (0 without Redis)",
+            m.registry_nodes.clone(),
+        );
+        registry.register(
+            "registry_heartbeat_failures",
+            "Node registry heartbeats to Redis that failed (sockets are not affected)",
+            m.registry_heartbeat_failures.clone(),
+        );
+        registry.register(
+            "resume",
+            "Sockets that asked to resume (or took over a drain handoff), by result",
+            m.resumes.clone(),
+        );
+        registry.register(
+            "resume_replayed",
+            "Messages replayed to one socket whose resume was recovered",
+            m.resume_replayed.clone(),
+        );
+        registry.register(
+            "drain_handoffs",
+            "Sockets that stored their positions for the next socket with their identity on shutdown, by result",
+            m.drain_handoffs.clone(),
         );
         let build: Family<VersionLabel, Gauge> = Family::default();
         build
@@ -205,8 +288,21 @@ impl Metrics {
                 reason: reason.label(),
             }));
         }
+        for kind in GapKind::ALL {
+            drop(m.bus_gaps.get_or_create(&KindLabel { kind: kind.label() }));
+        }
         for result in ForwardResult::ALL {
             drop(m.backend_forwards.get_or_create(&ResultLabel {
+                result: result.label(),
+            }));
+        }
+        for result in ResumeResult::ALL {
+            drop(m.resumes.get_or_create(&ResultLabel {
+                result: result.label(),
+            }));
+        }
+        for result in HandoffResult::ALL {
+            drop(m.drain_handoffs.get_or_create(&ResultLabel {
                 result: result.label(),
             }));
         }
@@ -236,6 +332,17 @@ impl Metrics {
     /// Sets `wshub_ready` (the `/metrics` handler calls it before rendering).
     pub fn set_ready(&self, ready: bool) {
         self.ready.set(i64::from(ready));
+    }
+
+    /// This node's last heartbeat saw `n` live nodes in the registry.
+    pub fn registry_nodes(&self, n: usize) {
+        self.registry_nodes
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A node registry heartbeat failed.
+    pub fn registry_heartbeat_failure(&self) {
+        self.registry_heartbeat_failures.inc();
     }
 
     /// A socket was opened.
@@ -322,9 +429,43 @@ impl Metrics {
         self.bus_latency.observe(latency.as_secs_f64());
     }
 
+    /// The bus found a gap in a topic's positions and it became `kind`.
+    pub fn bus_gap(&self, kind: GapKind) {
+        self.bus_gaps
+            .get_or_create(&KindLabel { kind: kind.label() })
+            .inc();
+    }
+
+    /// One call of the publish script took `took`.
+    pub fn history_publish(&self, took: std::time::Duration) {
+        self.history_publish.observe(took.as_secs_f64());
+    }
+
     /// A backend forward ended with `result`.
     pub fn backend_forward(&self, result: ForwardResult) {
         self.backend_forwards
+            .get_or_create(&ResultLabel {
+                result: result.label(),
+            })
+            .inc();
+    }
+
+    /// A resume (or a drain handoff taken over) ended with `result`, having
+    /// replayed `replayed` messages (observed when recovered).
+    pub fn resumed(&self, result: ResumeResult, replayed: usize) {
+        self.resumes
+            .get_or_create(&ResultLabel {
+                result: result.label(),
+            })
+            .inc();
+        if result == ResumeResult::Recovered {
+            self.resume_replayed.observe(replayed as f64);
+        }
+    }
+
+    /// A socket's drain handoff ended with `result`.
+    pub fn drain_handoff(&self, result: HandoffResult) {
+        self.drain_handoffs
             .get_or_create(&ResultLabel {
                 result: result.label(),
             })

@@ -5,6 +5,11 @@
 //! the node's lifecycle (ready, draining, [`Node::shutdown`]). A message
 //! goes one way: the node delivers it to its own sockets through the hub
 //! and hands it to the bus, which brings it to the other nodes' hubs.
+//!
+//! With history on (a bus whose [`Bus::history`] is `Some`) the node does
+//! not deliver at publish time: the bus stamps every message in Redis and
+//! delivers the node's own messages from Redis's echo, like everyone
+//! else's, so every socket sees one order per topic, with positions.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -18,6 +23,7 @@ use std::net::IpAddr;
 
 use crate::admission::{Admission, Refusal, Slot};
 use crate::backend::{ACTION_CONNECT, ACTION_DISCONNECT, Backend};
+use crate::bus::registry::{NodeEntry, Registry, Vitals};
 use crate::bus::{Bus, BusError, Deliver, MakeBus};
 use crate::config::Config;
 use crate::conn::{Conn, OutboxReceiver};
@@ -29,6 +35,7 @@ use crate::metrics::Metrics;
 use crate::outcome::CloseReason;
 use crate::outcome::DropReason;
 use crate::rate_limit::{RateLimit, Verdict};
+use crate::resume::{Report, Request, Resumer};
 use crate::route::{Identity, Route, Topic};
 use crate::shutdown::Shutdown;
 
@@ -134,6 +141,13 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     hub: Arc<Hub>,
     bus: Arc<dyn Bus>,
+    /// The nodes sharing the bus, this one included (`GET /api/nodes`).
+    registry: Arc<dyn Registry>,
+    /// The bus delivers this node's own messages (history on): `send`
+    /// does not deliver them at publish time.
+    echo: bool,
+    /// Resume and drain handoff, with history on.
+    resumer: Option<Arc<Resumer>>,
     backend: Option<Backend>,
     /// Token mode: a client's messages carry its verified ids, stamped
     /// over whatever it wrote (the HTTP layer verifies the tokens).
@@ -187,6 +201,26 @@ impl Node {
         let bus = make_bus(hub.clone(), shutdown.child())?;
         // Every node hears messages for everyone, for as long as it lives.
         drop(bus.subscribe(&Topic::All));
+        let history = bus.history();
+        let echo = history.is_some();
+        let resumer = match (history, &config.history) {
+            (Some(history), Some(settings)) => {
+                // Each History call is one Redis command or script.
+                let limit = config
+                    .redis
+                    .as_ref()
+                    .map_or(Duration::from_secs(2), |r| r.command_timeout);
+                Some(Arc::new(Resumer::new(
+                    history,
+                    settings.max_replay,
+                    settings.drain_handoff,
+                    limit,
+                    config.node_id.as_str().into(),
+                    metrics.clone(),
+                )))
+            }
+            _ => None,
+        };
         let stamp_identity = config.auth.jwt_key.is_some();
         let fd_limit = crate::admission::open_file_limit();
         let (capacity, by_fds) =
@@ -217,11 +251,15 @@ impl Node {
             config.limits.max_connections_per_ip,
             config.limits.ipv6_prefix_len,
         );
-        Ok(Arc::new(Self {
+        let registry = bus.registry(&config.presence);
+        let node = Arc::new(Self {
             config: Arc::new(config),
             metrics,
             hub,
             bus,
+            registry,
+            echo,
+            resumer,
             backend,
             stamp_identity,
             admission,
@@ -230,23 +268,46 @@ impl Node {
             sessions: shutdown.child(),
             http: shutdown.child(),
             shutdown,
-        }))
+        });
+        // Held weakly: the registry never keeps the node alive.
+        let vitals: std::sync::Weak<Self> = Arc::downgrade(&node);
+        node.registry.join(vitals);
+        Ok(node)
+    }
+
+    /// What a socket for `who` asks for with the `resume` query parameter
+    /// `value`: always [`Request::Legacy`] with history off, so the
+    /// parameter changes nothing then.
+    pub fn resume_request(&self, value: Option<&str>, who: &Identity) -> Request {
+        match self.resumer {
+            Some(_) => Request::from_parameter(value, who),
+            None => Request::Legacy,
+        }
     }
 
     /// Registers a socket for `who`: it is in the hub and the bus is
     /// subscribed to its topics when this returns, so it receives every
-    /// message published from then on.
+    /// message published from then on. `resume` (see
+    /// [`resume_request`](Self::resume_request)) is decided by the session,
+    /// which then tells the backend of the connect (history on); with
+    /// history off the backend is told here.
     pub async fn connect(
         self: &Arc<Self>,
         who: Identity,
         ip: Option<IpAddr>,
+        resume: Request,
     ) -> Result<Registration, ConnectError> {
         if self.is_draining() {
             return Err(ConnectError::Draining);
         }
+        let resume = match self.resumer {
+            Some(_) => resume,
+            None => Request::Legacy,
+        };
         let slot = self.admission.reserve(ip)?;
         let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
-        let (conn, rx) = Conn::new(id, who, self.config.limits.outbound_queue_bytes);
+        let queue_bytes = self.config.limits.outbound_queue_bytes;
+        let (conn, rx) = Conn::new(id, who, resume.speaks_resume(), queue_bytes);
         self.hub.insert(conn.clone());
         self.metrics.connection_opened();
         // The registration undoes all of this when dropped, also on error.
@@ -254,6 +315,7 @@ impl Node {
             node: self.clone(),
             conn,
             rx: Some(rx),
+            resume: Some(resume),
             announced: false,
             _slot: slot,
         };
@@ -265,8 +327,10 @@ impl Node {
             // Shutdown began while we subscribed and may have missed us.
             return Err(ConnectError::Draining);
         }
-        if let Some(backend) = &self.backend {
-            registration.announced = backend.event(&registration.conn, ACTION_CONNECT);
+        if self.resumer.is_none()
+            && let Some(backend) = &self.backend
+        {
+            registration.announced = backend.event(&registration.conn, ACTION_CONNECT, None);
         }
         Ok(registration)
     }
@@ -402,13 +466,21 @@ impl Node {
         Ok(Arc::new(Envelope::new(route, frame)))
     }
 
-    /// Hands an encoded message to the bus and this node's sockets.
+    /// Hands an encoded message to the bus and this node's sockets (or,
+    /// with history on, to the bus only: it delivers the echo).
     fn send(&self, envelope: Arc<Envelope>) -> Result<(), PublishError> {
         // The bus first: a message the bus refuses (its queue is full, or
         // Redis has been unreachable for longer than it would hold a
         // message) is sent nowhere, so the sender's error means "not sent",
         // as before local delivery moved out of the bus.
         self.bus.publish(envelope.clone())?;
+        if self.echo {
+            // History on: the bus stamps the message and delivers it here
+            // from Redis's echo, in the one order every node sees, with
+            // positions. Delivering it now as well would deliver it twice,
+            // and without its stamp.
+            return Ok(());
+        }
         // Then this node's own sockets, on the publisher's task: no round
         // trip through the bus, and it goes on during a short outage of the
         // bus's service (a longer one is refused above). The bus never
@@ -558,6 +630,38 @@ impl Node {
     pub fn connections(&self) -> usize {
         self.hub.len()
     }
+
+    /// Resume and drain handoff, when history is on.
+    pub(crate) fn resumer(&self) -> Option<&Arc<Resumer>> {
+        self.resumer.as_ref()
+    }
+
+    /// Every live node of the cluster, this one included (the node
+    /// registry; this node alone without Redis). Fails when Redis cannot be
+    /// reached.
+    pub async fn nodes(&self) -> Result<Vec<NodeEntry>, BusError> {
+        self.registry.nodes().await
+    }
+
+    /// The node registry and its version gate (the bus holds the same
+    /// gate; tests ask it here).
+    pub fn registry(&self) -> &Arc<dyn Registry> {
+        &self.registry
+    }
+}
+
+impl Vitals for Node {
+    fn id(&self) -> &str {
+        &self.config.node_id
+    }
+
+    fn connections(&self) -> usize {
+        Node::connections(self)
+    }
+
+    fn ready(&self) -> bool {
+        self.readiness().is_ok()
+    }
 }
 
 /// A socket's place in the node. Dropping it removes the socket from the hub
@@ -567,6 +671,8 @@ pub struct Registration {
     /// The socket's connection in the hub.
     pub conn: Arc<Conn>,
     rx: Option<OutboxReceiver>,
+    /// What the socket asked for with `resume`, until the session takes it.
+    resume: Option<Request>,
     /// Whether the backend was told of the connect (and must hear of the
     /// disconnect).
     announced: bool,
@@ -584,6 +690,21 @@ impl Registration {
     pub fn take_outbound(&mut self) -> Option<OutboxReceiver> {
         self.rx.take()
     }
+
+    /// Takes what the socket asked for with `resume` (once).
+    pub(crate) fn take_resume(&mut self) -> Request {
+        self.resume.take().unwrap_or(Request::Legacy)
+    }
+
+    /// Tells the backend of the connect once the resume is decided
+    /// (history on): after this the disconnect is owed too.
+    pub(crate) fn announce(&mut self, report: &Report) {
+        if let Some(backend) = &self.node.backend
+            && !self.announced
+        {
+            self.announced = backend.event(&self.conn, ACTION_CONNECT, Some(report));
+        }
+    }
 }
 
 impl Drop for Registration {
@@ -596,7 +717,7 @@ impl Drop for Registration {
         if self.announced
             && let Some(backend) = &node.backend
         {
-            backend.event(&self.conn, ACTION_DISCONNECT);
+            backend.event(&self.conn, ACTION_DISCONNECT, None);
         }
         if self.rx.is_none() {
             // The session ran and set its close reason.

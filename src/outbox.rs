@@ -1,5 +1,9 @@
 //! A connection's outbound queue: encoded frames waiting for the session
 //! to write them, bounded in bytes.
+//!
+//! With history on, a queued copy of a stamped message also carries its
+//! [`Mark`] (the topic it came through and its position there), so the
+//! session can drop copies a replay already wrote (`crate::resume`).
 
 use std::collections::VecDeque;
 use std::task::Poll;
@@ -7,6 +11,7 @@ use std::task::Poll;
 use futures_util::task::AtomicWaker;
 
 use crate::message::{Frame, MessageLimits, max_frame_bytes};
+use crate::resume::Mark;
 
 /// Bookkeeping cost of one queued frame beyond its bytes, so that a flood of
 /// tiny frames is bounded too. (The configuration requires room for one
@@ -43,8 +48,15 @@ pub(crate) struct Outbox {
 
 #[derive(Debug, Default)]
 struct Queue {
-    frames: VecDeque<Frame>,
+    frames: VecDeque<Queued>,
     bytes: usize,
+}
+
+/// One queued frame and, for a copy of a stamped message, its mark.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    pub(crate) frame: Frame,
+    pub(crate) mark: Option<Mark>,
 }
 
 /// The queue was full.
@@ -65,36 +77,37 @@ impl Outbox {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `frame` and wakes the reader, or refuses it when it would
-    /// take the queue past its budget.
-    pub(crate) fn push(&self, frame: Frame) -> Result<(), Full> {
+    /// Queues `frame` (with its `mark`) and wakes the reader, or refuses it
+    /// when it would take the queue past its budget. The mark is not
+    /// counted apart: [`FRAME_OVERHEAD`] covers it (its epoch is shared).
+    pub(crate) fn push(&self, frame: Frame, mark: Option<Mark>) -> Result<(), Full> {
         let cost = frame.len() + FRAME_OVERHEAD;
         let mut queue = self.lock();
         if queue.bytes + cost > self.budget {
             return Err(Full);
         }
         queue.bytes += cost;
-        queue.frames.push_back(frame);
+        queue.frames.push_back(Queued { frame, mark });
         drop(queue);
         self.ready.wake();
         Ok(())
     }
 
     /// The oldest queued frame, if any.
-    pub(crate) fn pop(&self) -> Option<Frame> {
+    pub(crate) fn pop(&self) -> Option<Queued> {
         let mut queue = self.lock();
-        let frame = queue.frames.pop_front()?;
-        queue.bytes -= frame.len() + FRAME_OVERHEAD;
+        let queued = queue.frames.pop_front()?;
+        queue.bytes -= queued.frame.len() + FRAME_OVERHEAD;
         if queue.frames.is_empty() && queue.frames.capacity() > 64 {
             // Give back what a burst grew.
             queue.frames = VecDeque::new();
         }
-        Some(frame)
+        Some(queued)
     }
 
     /// The next frame, waiting for one. Only one task (the session) may
     /// wait: the waker slot holds one waker.
-    pub(crate) async fn recv(&self) -> Frame {
+    pub(crate) async fn recv(&self) -> Queued {
         wait_on(&self.ready, || self.pop()).await
     }
 }
@@ -143,7 +156,7 @@ pub(crate) mod tests {
         std::pin::pin!(future).poll(&mut cx)
     }
 
-    fn poll_recv(outbox: &Outbox, waker: &Arc<CountingWaker>) -> Poll<Frame> {
+    fn poll_recv(outbox: &Outbox, waker: &Arc<CountingWaker>) -> Poll<Queued> {
         poll_once(outbox.recv(), waker)
     }
 
@@ -157,14 +170,14 @@ pub(crate) mod tests {
         let waker = Arc::new(CountingWaker::default());
         assert!(poll_recv(&outbox, &waker).is_pending());
         assert_eq!(waker.0.load(Ordering::SeqCst), 0);
-        outbox.push(Frame::from("one")).unwrap();
+        outbox.push(Frame::from("one"), None).unwrap();
         assert_eq!(
             waker.0.load(Ordering::SeqCst),
             1,
             "the push woke the reader"
         );
         match poll_recv(&outbox, &waker) {
-            Poll::Ready(frame) => assert_eq!(&*frame, "one"),
+            Poll::Ready(queued) => assert_eq!(&*queued.frame, "one"),
             Poll::Pending => panic!("woken but nothing to read"),
         }
     }
@@ -174,7 +187,7 @@ pub(crate) mod tests {
     #[test]
     fn a_queued_frame_is_ready_without_waiting() {
         let outbox = Outbox::new(1024);
-        outbox.push(Frame::from("early")).unwrap();
+        outbox.push(Frame::from("early"), None).unwrap();
         let waker = Arc::new(CountingWaker::default());
         assert!(poll_recv(&outbox, &waker).is_ready());
         assert!(poll_recv(&outbox, &waker).is_pending());
@@ -185,10 +198,10 @@ pub(crate) mod tests {
     #[test]
     fn the_budget_is_in_bytes_and_given_back() {
         let outbox = Outbox::new(2 * (3 + FRAME_OVERHEAD));
-        outbox.push(Frame::from("abc")).unwrap();
-        outbox.push(Frame::from("def")).unwrap();
-        assert!(outbox.push(Frame::from("g")).is_err());
+        outbox.push(Frame::from("abc"), None).unwrap();
+        outbox.push(Frame::from("def"), None).unwrap();
+        assert!(outbox.push(Frame::from("g"), None).is_err());
         assert!(outbox.pop().is_some());
-        outbox.push(Frame::from("ghi")).unwrap();
+        outbox.push(Frame::from("ghi"), None).unwrap();
     }
 }

@@ -1,5 +1,6 @@
 //! The vocabulary of outcomes: every way a session ends, a message is
-//! dropped, a socket or broadcast is refused, and a backend forward ends.
+//! dropped, a socket or broadcast is refused, a backend forward ends, and a
+//! resume or a drain handoff turns out.
 //!
 //! Each is an enum with `ALL` (metrics seed every label at 0 from it, so
 //! every series exists from the first scrape) and `label()` (the one place
@@ -295,6 +296,62 @@ impl ForwardResult {
             Self::Unreachable => "unreachable",
             Self::QueueFull => "queue_full",
             Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+// ---- Resume results -------------------------------------------------------
+
+/// How a socket's resume turned out (the `result` label of
+/// `wshub_resume_total`, and what the backend's `X-Wshub-Resume` says).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeResult {
+    /// Everything the socket missed since its positions (or its drain
+    /// handoff's) was replayed, exactly once, in order.
+    Recovered,
+    /// Positions were given (or a handoff was found) but what was missed
+    /// cannot all be replayed: nothing was, the socket continues from the
+    /// tops.
+    NotRecovered,
+    /// `resume=` without positions: a socket that speaks resume, starting
+    /// afresh.
+    Fresh,
+}
+
+impl ResumeResult {
+    /// Every result, for initialising metrics.
+    pub const ALL: [ResumeResult; 3] = [Self::Recovered, Self::NotRecovered, Self::Fresh];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Recovered => "recovered",
+            Self::NotRecovered => "not_recovered",
+            Self::Fresh => "fresh",
+        }
+    }
+}
+
+/// What became of a socket's drain handoff on shutdown (the `result` label
+/// of `wshub_drain_handoffs_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandoffResult {
+    /// Its positions were stored for the next socket with its identity.
+    Stored,
+    /// History could not be written in time: the next socket with its
+    /// identity is not replayed what it missed.
+    Failed,
+}
+
+impl HandoffResult {
+    /// Every result, for initialising metrics.
+    pub const ALL: [HandoffResult; 2] = [Self::Stored, Self::Failed];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Stored => "stored",
+            Self::Failed => "failed",
         }
     }
 }

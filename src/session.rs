@@ -21,6 +21,16 @@
 //! kept ([`InFlight`]) and written first by the closing handshake, before
 //! the rest of the queue. (Dropping it, as an earlier version did, left a
 //! gap mid-stream: later frames were still sent.)
+//!
+//! **With history on, a session starts with its resume decision**
+//! ([`crate::resume`]): the welcome and the replay are written before
+//! anything queued, while the outbox holds the live copies that arrive
+//! meanwhile; every queued copy then passes the session's [`Floors`], which
+//! drop the ones the replay already wrote. The backend hears of the
+//! connect once the decision is made. On a drain (1001), a socket that
+//! does not speak resume stores its floors as a drain handoff *before* its
+//! close frame is sent, so the page's next socket, wherever it lands, is
+//! replayed what it missed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,9 +45,12 @@ use crate::conn::{Closer, Conn, OutboxReceiver, SlowCause};
 use crate::logging::{Untrusted, UntrustedOpt};
 use crate::message::{Frame, MessageError, error_frame};
 use crate::node::{ClientError, Node, PublishError, Registration};
+use crate::outbox::Queued;
 use crate::outcome::CloseReason;
 use crate::outcome::DropReason;
 use crate::rate_limit::{RateLimit, Verdict};
+use crate::resume::{Floors, Resumer};
+use crate::route::Identity;
 
 /// Most frames written before one flush; bounds how long one wake-up takes.
 const MAX_BATCH: usize = 64;
@@ -50,6 +63,10 @@ pub(crate) async fn run(socket: WebSocket, mut registration: Registration) {
         return;
     };
     let mut session = Session::new(socket, registration, outbound);
+    if let Err(reason) = session.begin().await {
+        session.finish(reason).await;
+        return;
+    }
     let reason = loop {
         // Each arm is one call; the futures borrow disjoint fields and are
         // dropped before the chosen arm's call runs.
@@ -83,6 +100,12 @@ struct Session {
     client_closed: bool,
     write_timeout: Duration,
     in_flight: InFlight,
+    /// The last position written per topic; drops copies already written
+    /// (see [`crate::resume`]). Empty with history off.
+    floors: Floors,
+    /// Written before anything queued: the welcome and the replay (what
+    /// is left of them when a close interrupts the writing).
+    backlog: std::collections::VecDeque<Frame>,
 }
 
 impl Session {
@@ -114,7 +137,34 @@ impl Session {
             client_closed: false,
             write_timeout,
             in_flight: InFlight::default(),
+            floors: Floors::default(),
+            backlog: Default::default(),
         }
+    }
+
+    /// With history on: decides the resume, tells the backend, and writes
+    /// the welcome and the replay before anything queued.
+    ///
+    /// The decision is not raced with the close signal (each History call
+    /// is bounded, `redis.command_timeout_ms`): a drain that arrives
+    /// meanwhile then closes a socket whose floors are known, so the close
+    /// writes the rest of the replay and a legacy socket hands over where
+    /// it really is. (Raced, a legacy socket drained while it took over a
+    /// handoff lost it: taken from Redis, never handed on.)
+    async fn begin(&mut self) -> Result<(), CloseReason> {
+        let Some(resumer) = self.node.resumer().cloned() else {
+            return Ok(());
+        };
+        let request = self.registration.take_resume();
+        let outcome = resumer.start(&self.conn.who, &request).await;
+        self.registration.announce(&outcome.report);
+        self.floors = outcome.floors;
+        self.backlog = outcome.frames.into();
+        while !self.backlog.is_empty() {
+            let write = write_backlog(&mut self.sink, &mut self.backlog, &mut self.in_flight);
+            guarded(&self.conn.closer, self.write_timeout, write).await?;
+        }
+        Ok(())
     }
 
     /// Handles the client's next frame (or the end of its stream).
@@ -173,9 +223,16 @@ impl Session {
     }
 
     /// Writes `first` and what else is queued, racing the close reason.
-    async fn write(&mut self, first: Frame) -> Result<(), CloseReason> {
-        self.in_flight.0 = Some(first);
-        let write = write_batch(&mut self.sink, &mut self.outbound, &mut self.in_flight);
+    async fn write(&mut self, first: Queued) -> Result<(), CloseReason> {
+        if self.floors.admit(first.mark.as_ref()) {
+            self.in_flight.0 = Some(first.frame);
+        }
+        let write = write_batch(
+            &mut self.sink,
+            &mut self.outbound,
+            &mut self.in_flight,
+            &mut self.floors,
+        );
         guarded(&self.conn.closer, self.write_timeout, write).await
     }
 
@@ -201,14 +258,35 @@ impl Session {
         // queued.
         conn.closer.close(reason);
         let reason = conn.closer.reason().unwrap_or(reason);
+        // A drain hands a legacy socket's place over (resume speakers
+        // resume from their own positions).
+        let handoff = match self.node.resumer() {
+            Some(resumer)
+                if reason == CloseReason::GoingAway
+                    && resumer.drain_handoff()
+                    && !conn.speaks_resume =>
+            {
+                Some(Handoff {
+                    resumer: resumer.clone(),
+                    who: conn.who.clone(),
+                })
+            }
+            _ => None,
+        };
         drop(self.registration);
+        let pending = Pending {
+            in_flight: self.in_flight,
+            backlog: self.backlog,
+            outbound: self.outbound,
+            floors: self.floors,
+        };
         close(
             self.sink,
             self.stream,
-            self.in_flight,
-            self.outbound,
+            pending,
             reason,
             self.client_closed,
+            handoff,
         )
         .await;
     }
@@ -291,18 +369,30 @@ fn read_error_reason(error: axum::Error) -> CloseReason {
     }
 }
 
+/// The next queued frame the floors admit, if any.
+fn next_admitted(outbound: &mut OutboxReceiver, floors: &mut Floors) -> Option<Frame> {
+    while let Some(queued) = outbound.try_recv() {
+        if floors.admit(queued.mark.as_ref()) {
+            return Some(queued.frame);
+        }
+    }
+    None
+}
+
 /// Writes the frame in flight and up to [`MAX_BATCH`] frames in all from
-/// the queue, then flushes. Each frame stays in `in_flight` until the
-/// socket has taken it (`feed` hands a frame over in the same poll that
-/// completes it, so a cancelled `feed` never took its frame).
+/// the queue (those the floors admit), then flushes. Each frame stays in
+/// `in_flight` until the socket has taken it (`feed` hands a frame over in
+/// the same poll that completes it, so a cancelled `feed` never took its
+/// frame).
 async fn write_batch(
     sink: &mut SplitSink<WebSocket, WsMessage>,
     outbound: &mut OutboxReceiver,
     in_flight: &mut InFlight,
+    floors: &mut Floors,
 ) -> Result<(), axum::Error> {
     for _ in 0..MAX_BATCH {
         if in_flight.0.is_none() {
-            in_flight.0 = outbound.try_recv();
+            in_flight.0 = next_admitted(outbound, floors);
         }
         // A clone is a reference-count increment.
         let Some(frame) = in_flight.0.clone() else {
@@ -314,30 +404,92 @@ async fn write_batch(
     sink.flush().await
 }
 
-/// The closing handshake, bounded by [`CLOSE_TIMEOUT`]. Frames still
-/// queued for the client (the one in flight, error replies, messages that
-/// arrived before the close) are written first and in order, except for a
-/// slow consumer, whose queue is the problem. If the time runs out, the
-/// client has received a prefix of its frames and the connection ends.
+/// Up to [`MAX_BATCH`] frames of the backlog (the welcome and the
+/// replay), through `in_flight` as [`write_batch`], then a flush.
+async fn write_backlog(
+    sink: &mut SplitSink<WebSocket, WsMessage>,
+    backlog: &mut std::collections::VecDeque<Frame>,
+    in_flight: &mut InFlight,
+) -> Result<(), axum::Error> {
+    for _ in 0..MAX_BATCH {
+        if in_flight.0.is_none() {
+            in_flight.0 = backlog.pop_front();
+        }
+        let Some(frame) = in_flight.0.clone() else {
+            break;
+        };
+        sink.feed(WsMessage::Text(frame)).await?;
+        in_flight.0 = None;
+    }
+    sink.flush().await
+}
+
+/// What a closing session still owes its client, in the order owed.
+struct Pending {
+    in_flight: InFlight,
+    backlog: std::collections::VecDeque<Frame>,
+    outbound: OutboxReceiver,
+    floors: Floors,
+}
+
+impl Pending {
+    fn next(&mut self) -> Option<Frame> {
+        self.in_flight
+            .0
+            .take()
+            .or_else(|| self.backlog.pop_front())
+            .or_else(|| next_admitted(&mut self.outbound, &mut self.floors))
+    }
+}
+
+/// A legacy socket's drain handoff, stored before its close frame.
+struct Handoff {
+    resumer: Arc<Resumer>,
+    who: Identity,
+}
+
+/// The closing handshake, bounded by [`CLOSE_TIMEOUT`] (plus the time a
+/// drain handoff may take). Frames still owed to the client (the one in
+/// flight, the rest of a replay, error replies, messages that arrived
+/// before the close) are written first and in order, except for a slow
+/// consumer, whose queue is the problem. If the time runs out, the client
+/// has received a prefix of its frames and the connection ends.
+///
+/// A drain handoff is stored after those frames (so its floors count
+/// them) and before the close frame: a page that reconnects on the close
+/// frame finds it in place. It is bounded by History's own limit, not the
+/// handshake's time: a client slow to read must not cost its next socket
+/// the replay.
 async fn close(
     mut sink: SplitSink<WebSocket, WsMessage>,
     mut stream: SplitStream<WebSocket>,
-    mut in_flight: InFlight,
-    mut outbound: OutboxReceiver,
+    mut pending: Pending,
     reason: CloseReason,
     client_closed: bool,
+    handoff: Option<Handoff>,
 ) {
     if reason == CloseReason::ConnectionLost {
         return;
     }
-    let handshake = async {
+    let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
+    let owed = async {
         if reason != CloseReason::SlowConsumer && !client_closed {
-            while let Some(frame) = in_flight.0.take().or_else(|| outbound.try_recv()) {
-                if sink.feed(WsMessage::Text(frame)).await.is_err() {
-                    return;
-                }
+            while let Some(frame) = pending.next() {
+                sink.feed(WsMessage::Text(frame)).await?;
             }
         }
+        Ok::<(), axum::Error>(())
+    };
+    let written = matches!(tokio::time::timeout_at(deadline, owed).await, Ok(Ok(())));
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if let Some(Handoff { resumer, who }) = &handoff {
+        resumer.hand_off(who, pending.floors.positions()).await;
+    }
+    if !written {
+        // The connection failed or the time ran out.
+        return;
+    }
+    let handshake = async {
         if client_closed {
             // tungstenite queued the echo of the client's close; send it.
             let _ = sink.flush().await;
@@ -357,5 +509,108 @@ async fn close(
             }
         }
     };
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, handshake).await;
+    let _ = tokio::time::timeout(left, handshake).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::Deliver;
+    use crate::envelope::Envelope;
+    use crate::history::{Position, Stamp};
+    use crate::hub::Hub;
+    use crate::metrics::Metrics;
+    use crate::route::{Route, Topic};
+
+    fn pos(text: &str) -> Position {
+        Position::parse(text).unwrap()
+    }
+
+    fn stamped(name: &str, seq: u64, route: Route, positions: &[&str]) -> Arc<Envelope> {
+        let frame = Frame::from(format!(r#"{{"action":"say","message":"{name}"}}"#));
+        let positions = route
+            .topics()
+            .iter()
+            .cloned()
+            .zip(positions.iter().map(|p| pos(p)))
+            .collect();
+        let stamp = Stamp { seq, positions };
+        Arc::new(Envelope::stamped(route, frame, Some(stamp)))
+    }
+
+    fn drain(rx: &mut OutboxReceiver, floors: &mut Floors) -> Vec<serde_json::Value> {
+        std::iter::from_fn(|| next_admitted(rx, floors))
+            .map(|f| serde_json::from_str(f.as_str()).unwrap())
+            .collect()
+    }
+
+    /// The session's half of exactly-once on resume: the live copies the
+    /// hub queued while the replay was decided carry their marks, and the
+    /// ones the replay reached are dropped; the others are written, with
+    /// `pos` for the socket that speaks resume only.
+    #[test]
+    fn live_copies_the_replay_wrote_are_dropped_by_their_mark() {
+        let hub = Hub::new(Arc::new(Metrics::new()));
+        let ann = Identity {
+            user: "ann".into(),
+            group: Some("chat".into()),
+        };
+        let (resumer, mut rx) = Conn::new(1, ann.clone(), true, 1 << 20);
+        let (legacy, mut legacy_rx) = Conn::new(2, ann.clone(), false, 1 << 20);
+        hub.insert(resumer);
+        hub.insert(legacy);
+        let chat = Topic::Group(Some("chat".into()));
+        let user = Topic::User("ann".into());
+        let both = Route::from_parts(vec![chat.clone(), user.clone()], Vec::new());
+        let live = [
+            (Topic::All, stamped("a1", 1, Route::everyone(), &["a:1"])),
+            (
+                chat.clone(),
+                stamped("g5", 2, both.clone(), &["g:5", "u:7"]),
+            ),
+            (
+                user.clone(),
+                stamped("g5", 2, both.clone(), &["g:5", "u:7"]),
+            ),
+            (Topic::All, stamped("a2", 3, Route::everyone(), &["a:2"])),
+            (
+                chat.clone(),
+                stamped("g6", 4, both.clone(), &["g:6", "u:8"]),
+            ),
+            (user.clone(), stamped("g6", 4, both, &["g:6", "u:8"])),
+            (Topic::All, stamped("a3", 5, Route::everyone(), &["a:3"])),
+        ];
+        for (via, envelope) in &live {
+            hub.deliver(via, envelope);
+        }
+        hub.gap(&chat);
+        // The replay reached a:2 and g:5 (and u:7).
+        let reached = [Some(pos("a:2")), Some(pos("g:5")), Some(pos("u:7"))];
+        let mut floors = Floors::new(reached.clone(), true);
+        let written = drain(&mut rx, &mut floors);
+        let names: Vec<_> = written.iter().map(|v| v["message"].clone()).collect();
+        assert_eq!(
+            names,
+            [
+                serde_json::json!("g6"),
+                serde_json::json!("a3"),
+                serde_json::json!(r#"{"topics":["group:chat"]}"#)
+            ],
+            "each message once, those replayed dropped"
+        );
+        assert_eq!(written[0]["pos"]["user:ann"], "u:8");
+        assert_eq!(written[2]["action"], "wshub.gap");
+        assert_eq!(
+            floors.positions(),
+            &[Some(pos("a:3")), Some(pos("g:6")), Some(pos("u:7"))]
+        );
+        // A legacy socket without a handoff drops nothing and sees no pos
+        // and no gap notice; its floors are still kept.
+        let mut floors = Floors::new(reached, false);
+        let written = drain(&mut legacy_rx, &mut floors);
+        let names: Vec<_> = written.iter().map(|v| v["message"].clone()).collect();
+        assert_eq!(names, ["a1", "g5", "a2", "g6", "a3"]);
+        assert!(written.iter().all(|v| v.get("pos").is_none()));
+        assert_eq!(floors.positions()[0], Some(pos("a:3")));
+    }
 }

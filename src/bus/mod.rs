@@ -17,9 +17,12 @@
 //!
 //! # Contract
 //!
-//! * **Other nodes only.** [`Bus::publish`] carries a message to every
-//!   other node, never back to this one: a bus that hears its own node's
-//!   message (Redis echoes every publish to every subscriber) ignores it.
+//! * **Other nodes only** — unless the bus keeps history. [`Bus::publish`]
+//!   carries a message to every other node, never back to this one: a bus
+//!   that hears its own node's message (Redis echoes every publish to every
+//!   subscriber) ignores it. A bus whose [`Bus::history`] is `Some` instead
+//!   delivers every message, its own node's too, from the one stream it
+//!   stamps them in, and the node does not deliver at publish time.
 //! * **Topics.** A message is published once per topic of its
 //!   [`Route`](crate::route::Route); a node receives one copy per topic it is
 //!   subscribed to, handed to its [`Deliver`] sink together with that topic.
@@ -39,13 +42,16 @@
 //! * **No blocking.** `publish`, `subscribe`, `unsubscribe` never block the
 //!   caller; a bus that cannot take a message now says so with an error.
 //! * **Delivery** is at most once: a bus never duplicates a copy, but one that
-//!   is disconnected may lose copies, and says so in its health.
+//!   is disconnected may lose copies, and says so in its health. A bus with
+//!   history fills such losses from it before it delivers anything newer on
+//!   the topic, and reports through [`Deliver::gap`] what it cannot fill.
 //! * **Shutdown** ([`Bus::shutdown`]) first sends what was published and is
 //!   still queued, within the time it is given, and resolves once the bus's
 //!   background tasks have ended; the server awaits it before it returns.
 
 mod interest;
 mod redis;
+pub mod registry;
 mod single_node;
 pub mod wire;
 
@@ -58,7 +64,7 @@ pub use interest::Interest;
 pub use redis::RedisBus;
 pub use single_node::SingleNodeBus;
 
-use crate::config::Config;
+use crate::config::{Config, PresenceConfig};
 use crate::envelope::Envelope;
 use crate::history::History;
 use crate::metrics::Metrics;
@@ -101,8 +107,17 @@ pub fn from_config(config: &Config, metrics: Arc<Metrics>) -> MakeBus {
         None => Box::new(|_sink, _shutdown| Ok(Arc::new(SingleNodeBus::new()) as Arc<dyn Bus>)),
         Some(redis) => {
             let (node_id, redis) = (config.node_id.as_str().into(), redis.clone());
+            let history = config.history.clone();
             Box::new(move |sink, shutdown| {
-                let bus = RedisBus::start(node_id, redis, sink, metrics, release_delay, shutdown)?;
+                let bus = RedisBus::start(
+                    node_id,
+                    redis,
+                    history,
+                    sink,
+                    metrics,
+                    release_delay,
+                    shutdown,
+                )?;
                 Ok(Arc::new(bus) as Arc<dyn Bus>)
             })
         }
@@ -139,6 +154,14 @@ pub trait Bus: Send + Sync + 'static {
     /// `Ok` while the bus can deliver messages published anywhere to this
     /// node; otherwise why not.
     fn health(&self) -> Result<(), BusError>;
+
+    /// The node registry of the nodes sharing this bus (see [`registry`]),
+    /// with leases per `presence`; the node [joins](registry::Registry::join)
+    /// it. Called once. The default is [`registry::Alone`]: this node only.
+    fn registry(&self, presence: &PresenceConfig) -> Arc<dyn registry::Registry> {
+        let _ = presence;
+        Arc::new(registry::Alone::new())
+    }
 
     /// Stops the bus's background work (the node is exiting): messages
     /// already published are still sent, for at most `within`; resolves

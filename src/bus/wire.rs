@@ -23,23 +23,83 @@
 //! `t` is the whole route (every copy carries it: receivers need it for the
 //! exactly-once rule), `x` the excluded users, `ts` (optional) the
 //! publish time in milliseconds since the Unix epoch. serde_json never writes a raw
-//! newline inside the header, so the first newline after it ends it. The
+//! newline inside the header, so the first newline after it ends it.
+//!
+//! **With history on** (`history.enabled`) the header has three more
+//! fields, all optional, written by the publish script in Redis
+//! (`src/bus/redis/history.rs`) rather than by the node:
+//!
+//! ```text
+//! wshub/1\n{"o":"n1","t":["g:chat","u:ann"],"x":[],"ts":1764331200000,"i":"n1.k3x9-41","s":1207,"p":{"g:chat":"mq2k1f0b3c:17","u:ann":"mq2k1f0b3d:5"}}\n{"userId":…}
+//! ```
+//!
+//! `i` is the message id (the publishing node instance and a counter; the
+//! script skips a message it already ran, so a batch can be resent), `s` the
+//! cluster-wide publish sequence, `p` the message's position
+//! (`"<epoch>:<offset>"`) in every topic of its route, by the same keys as
+//! `t`. Decoding gives them back as a [`Stamp`]. The version stays
+//! `wshub/1`: older nodes ignore header fields they do not know (the header
+//! is read without `deny_unknown_fields`), and payloads without them (from
+//! older nodes, or with history off) still decode, unstamped.
+//!
+//! The node cannot write `i`, `s` and `p` itself: the offsets exist only
+//! once Redis has run the script. So it sends the header *without its
+//! closing brace* ([`encode_unstamped`]) and the frame as two script
+//! arguments, and the script appends `,"i":…,"s":…,"p":{…}}`, a newline
+//! and the frame ([`stamp`] is the same concatenation in Rust, for tests).
+//! The topic keys inside `p` arrive already JSON-encoded from the node, so
+//! the script only concatenates and never has to escape a string. The
 //! frame is not re-escaped: a node slices it out and shares it with its
 //! recipients. A payload with another version line is not decoded; the node
 //! counts it and logs it once (a newer node in a rolling upgrade must bump
 //! the version only with a change older nodes cannot read).
+//!
+//! **Versions in a rolling upgrade.** Every node's registry entry lists the
+//! versions it reads ([`READS`]); a node writes the newest version of
+//! [`WRITES`] that every live node reads, as the registry's version gate
+//! (`VersionGate` in `src/bus/registry.rs`) says, and the baseline (the last
+//! of [`WRITES`]) otherwise. So a build that adds version 2 lists it in both,
+//! keeps writing 1 while any node that cannot read 2 is alive, and switches
+//! by itself once the last old node has left. Today there is only 1.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// The byte buffer payloads travel in (re-exported: it is in this module's API).
 pub use axum::body::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::history::{Position, Stamp};
 use crate::message::Frame;
 use crate::route::{Route, Topic};
 
 /// The payload format version this build writes and reads.
 pub const VERSION_LINE: &[u8] = b"wshub/1\n";
+
+/// A payload format version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// `wshub/1`: the version line, the JSON header, the frame.
+    V1,
+}
+
+impl Version {
+    /// The version's number, as in its version line and in registry entries.
+    pub const fn number(self) -> u32 {
+        match self {
+            Version::V1 => 1,
+        }
+    }
+}
+
+/// The payload versions this build reads (its registry entry says so).
+pub const READS: &[Version] = &[Version::V1];
+
+/// The payload versions this build writes, newest first. The last one is
+/// the baseline, written whenever the version gate does not allow a newer
+/// one: every node a cluster may hold during an upgrade to this build must
+/// read it.
+pub const WRITES: &[Version] = &[Version::V1];
 
 /// Channel suffix of a topic (what follows `P:`), also used in the header.
 pub fn topic_key(topic: &Topic) -> String {
@@ -108,6 +168,15 @@ struct Header<'a> {
     /// (optional: for the delivery latency metric).
     #[serde(rename = "ts", default, skip_serializing_if = "Option::is_none")]
     published_ms: Option<u64>,
+    /// The message id (history on; written by the publish script).
+    #[serde(rename = "i", default, skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    /// The publish sequence (history on; written by the publish script).
+    #[serde(rename = "s", default, skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    /// Position per topic key of `t` (history on; written by the script).
+    #[serde(rename = "p", default, skip_serializing_if = "Option::is_none")]
+    positions: Option<HashMap<String, String>>,
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -118,19 +187,80 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Encodes one message for every channel of its route.
-pub fn encode(origin: &str, route: &Route, frame: &Frame) -> Bytes {
-    let header = Header {
+fn header<'a>(origin: &'a str, route: &Route) -> Header<'a> {
+    Header {
         origin: origin.into(),
         topics: route.topics().iter().map(topic_key).collect(),
         excluded: route.excluded().iter().map(|u| u.to_string()).collect(),
         published_ms: Some(now_ms()),
-    };
+        id: None,
+        seq: None,
+        positions: None,
+    }
+}
+
+/// Encodes one message for every channel of its route.
+pub fn encode(origin: &str, route: &Route, frame: &Frame) -> Bytes {
     let mut out = Vec::with_capacity(VERSION_LINE.len() + 64 + frame.len());
     out.extend_from_slice(VERSION_LINE);
     // Serializing owned strings into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut out, &header);
+    let _ = serde_json::to_writer(&mut out, &header(origin, route));
     out.push(b'\n');
+    out.extend_from_slice(frame.as_bytes());
+    Bytes::from(out)
+}
+
+/// Encodes one message in payload version `version` (chosen by the version
+/// gate, see the module docs).
+pub fn encode_as(version: Version, origin: &str, route: &Route, frame: &Frame) -> Bytes {
+    match version {
+        Version::V1 => encode(origin, route, frame),
+    }
+}
+
+/// The start of a payload the publish script completes (history on): the
+/// version line and the header without its closing brace. The script
+/// appends the id, the stamp, `}`, a newline and the frame.
+pub fn encode_unstamped(origin: &str, route: &Route) -> Bytes {
+    let mut out = Vec::with_capacity(VERSION_LINE.len() + 64);
+    out.extend_from_slice(VERSION_LINE);
+    // Serializing owned strings into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut out, &header(origin, route));
+    // A serialized struct always ends with its closing brace.
+    if out.last() == Some(&b'}') {
+        out.pop();
+    }
+    Bytes::from(out)
+}
+
+/// A topic's key as a JSON string (quotes and escapes included), as the
+/// publish script puts it into `p` without escaping anything itself.
+pub fn json_key(topic: &Topic) -> String {
+    // A String always serializes.
+    serde_json::to_string(&topic_key(topic)).unwrap_or_default()
+}
+
+/// What the publish script appends to an [`encode_unstamped`] prefix, in
+/// Rust: the same concatenation, for tests and as its specification.
+/// `positions` pairs each [`json_key`] with the message's position there.
+pub fn stamp(
+    prefix: &[u8],
+    id: &str,
+    seq: u64,
+    positions: &[(String, Position)],
+    frame: &Frame,
+) -> Bytes {
+    let mut out = prefix.to_vec();
+    // The id is JSON-encoded here; the script gets it pre-encoded too.
+    let id = serde_json::to_string(id).unwrap_or_default();
+    out.extend_from_slice(format!(",\"i\":{id},\"s\":{seq},\"p\":{{").as_bytes());
+    for (n, (key, position)) in positions.iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(format!("{key}:\"{position}\"").as_bytes());
+    }
+    out.extend_from_slice(b"}}\n");
     out.extend_from_slice(frame.as_bytes());
     Bytes::from(out)
 }
@@ -146,6 +276,10 @@ pub struct Decoded {
     pub route: Route,
     /// What the recipients receive, encoded.
     pub frame: Frame,
+    /// The message id, when the publish script wrote one (history on).
+    pub id: Option<String>,
+    /// Its sequence and positions, when the publish script stamped it.
+    pub stamp: Option<Stamp>,
 }
 
 /// Why a payload could not be read.
@@ -181,6 +315,11 @@ pub fn decode(payload: Bytes) -> Result<Decoded, DecodeError> {
             topic_from_key(k).ok_or_else(|| DecodeError::Header(format!("unknown topic {k:?}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let stamp = match (header.seq, &header.positions) {
+        (None, None) => None,
+        (Some(seq), Some(positions)) => Some(read_stamp(seq, positions, &header.topics, &topics)?),
+        _ => return Err(DecodeError::Header("a stamp needs both s and p".into())),
+    };
     let excluded = header.excluded.into_iter().map(Arc::from).collect();
     let frame_start = VERSION_LINE.len() + end + 1;
     let frame = Frame::try_from(payload.slice(frame_start..)).map_err(|_| DecodeError::Frame)?;
@@ -189,7 +328,32 @@ pub fn decode(payload: Bytes) -> Result<Decoded, DecodeError> {
         origin: header.origin.into_owned(),
         route: Route::from_parts(topics, excluded),
         frame,
+        id: header.id,
+        stamp,
     })
+}
+
+/// The stamp of a header: a position for every topic of the route, in
+/// route order.
+fn read_stamp(
+    seq: u64,
+    positions: &HashMap<String, String>,
+    keys: &[String],
+    topics: &[Topic],
+) -> Result<Stamp, DecodeError> {
+    let positions = keys
+        .iter()
+        .zip(topics)
+        .map(|(key, topic)| {
+            let text = positions
+                .get(key)
+                .ok_or_else(|| DecodeError::Header(format!("no position for {key:?}")))?;
+            let position = Position::parse(text)
+                .ok_or_else(|| DecodeError::Header(format!("bad position {text:?}")))?;
+            Ok((topic.clone(), position))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Stamp { seq, positions })
 }
 
 #[cfg(test)]
@@ -232,6 +396,76 @@ mod tests {
         assert_eq!(d.origin, "node-1");
         assert_eq!(d.route, route);
         assert_eq!(d.frame, frame);
+    }
+
+    #[test]
+    fn payloads_without_a_stamp_decode_unstamped() {
+        let route = Route::from_parts(vec![Topic::All], Vec::new());
+        let frame = Frame::from("{}");
+        let d = decode(encode("n", &route, &frame)).unwrap();
+        assert_eq!((d.id, d.stamp), (None, None));
+        // A payload of a build before history (no ts either) still decodes.
+        let old = Bytes::from_static(b"wshub/1\n{\"o\":\"n\",\"t\":[\"all\"],\"x\":[]}\n{}");
+        let d = decode(old).unwrap();
+        assert_eq!((d.route, d.stamp), (route, None));
+    }
+
+    #[test]
+    fn stamped_payloads_round_trip_with_the_frame_untouched() {
+        let route = Route::from_parts(
+            vec![
+                Topic::Group(Some("a\"b:}{".into())),
+                Topic::User("ünï".into()),
+                Topic::Group(None),
+            ],
+            vec!["x".into()],
+        );
+        let frame = Frame::from(r#"{"userId":"u","message":"hi\n"}"#.to_owned());
+        let prefix = encode_unstamped("node\"1", &route);
+        assert!(!prefix.ends_with(b"}"), "the script closes the header");
+        let positions: Vec<(String, Position)> = route
+            .topics()
+            .iter()
+            .enumerate()
+            .map(|(n, t)| {
+                let p = Position {
+                    epoch: format!("e{n}").into(),
+                    offset: 40 + n as u64,
+                };
+                (json_key(t), p)
+            })
+            .collect();
+        let bytes = stamp(&prefix, "node\"1.x-7", 99, &positions, &frame);
+        let d = decode(bytes).unwrap();
+        assert_eq!(d.origin, "node\"1");
+        assert_eq!(d.route, route);
+        assert_eq!(d.frame, frame);
+        assert_eq!(d.id.as_deref(), Some("node\"1.x-7"));
+        let stamp = d.stamp.unwrap();
+        assert_eq!(stamp.seq, 99);
+        let want: Vec<(Topic, Position)> = route
+            .topics()
+            .iter()
+            .cloned()
+            .zip(positions.into_iter().map(|(_, p)| p))
+            .collect();
+        assert_eq!(stamp.positions, want, "in route order");
+        assert_eq!(
+            stamp.position(&Topic::Group(None)).unwrap().to_string(),
+            "e2:42"
+        );
+    }
+
+    #[test]
+    fn half_stamps_and_bad_positions_are_errors() {
+        for bad in [
+            &b"wshub/1\n{\"o\":\"n\",\"t\":[\"all\"],\"s\":1}\n{}"[..],
+            b"wshub/1\n{\"o\":\"n\",\"t\":[\"all\"],\"p\":{\"all\":\"e:1\"}}\n{}",
+            b"wshub/1\n{\"o\":\"n\",\"t\":[\"all\"],\"s\":1,\"p\":{}}\n{}",
+            b"wshub/1\n{\"o\":\"n\",\"t\":[\"all\"],\"s\":1,\"p\":{\"all\":\"e:x\"}}\n{}",
+        ] {
+            assert!(decode(Bytes::from_static(bad)).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -82,6 +82,9 @@ pub struct Config {
     pub bus: BusConfig,
     /// `None`: history is off (`history.enabled = false`).
     pub history: Option<HistoryConfig>,
+    /// Node leases (used by the node registry whenever Redis is configured)
+    /// and the presence settings.
+    pub presence: PresenceConfig,
     /// `None`: the in-process bus.
     pub redis: Option<RedisConfig>,
     /// `None`: no backend; every action is relayed.
@@ -228,6 +231,24 @@ impl HistoryConfig {
             Topic::User(_) => self.size_user,
         }
     }
+}
+
+/// `[presence]`: node leases and cluster presence. The node registry
+/// (`GET /api/nodes`) uses `lease` and `heartbeat` whenever Redis is
+/// configured, presence on or off; presence itself (`enabled`,
+/// `leave_delay`, `max_members_events`) is not implemented yet.
+#[derive(Debug, Clone)]
+pub struct PresenceConfig {
+    pub enabled: bool,
+    /// A node whose heartbeats stopped this long is dead: it drops out of
+    /// every cluster-wide answer.
+    pub lease: Duration,
+    /// How often a node renews its lease; at most half the lease.
+    pub heartbeat: Duration,
+    /// A user must be gone this long before `leave`.
+    pub leave_delay: Duration,
+    /// Groups with more members get no per-user join/leave frames.
+    pub max_members_events: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -435,8 +456,10 @@ impl Config {
         }
         let auth = Self::auth_from_raw(&raw.auth)?;
         let history = Self::history_from_raw(&raw.history, redis.as_ref())?;
+        let presence = Self::presence_from_raw(&raw.presence)?;
         Ok(Config {
             history,
+            presence,
             broadcast: Broadcast {
                 trusted_networks,
                 api_keys,
@@ -511,6 +534,26 @@ impl Config {
             max_replay: raw.max_replay,
             drain_handoff: raw.drain_handoff,
         }))
+    }
+
+    fn presence_from_raw(raw: &RawPresence) -> Result<PresenceConfig, ConfigError> {
+        if raw.heartbeat_ms < 10 {
+            return Err(invalid("presence.heartbeat_ms", "must be at least 10"));
+        }
+        // One late or lost heartbeat must not make a live node look dead.
+        if raw.lease_ms < raw.heartbeat_ms.saturating_mul(2) {
+            return Err(invalid(
+                "presence.lease_ms",
+                "must be at least twice presence.heartbeat_ms (one late heartbeat must not make a live node look dead)",
+            ));
+        }
+        Ok(PresenceConfig {
+            enabled: raw.enabled,
+            lease: Duration::from_millis(raw.lease_ms),
+            heartbeat: Duration::from_millis(raw.heartbeat_ms),
+            leave_delay: Duration::from_millis(raw.leave_delay_ms),
+            max_members_events: raw.max_members_events,
+        })
     }
 
     fn redis_from_raw(raw: &RawRedis) -> Result<Option<RedisConfig>, ConfigError> {

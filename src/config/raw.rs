@@ -19,6 +19,7 @@ pub struct RawConfig {
     pub ws: RawWs,
     pub bus: RawBus,
     pub history: RawHistory,
+    pub presence: RawPresence,
     pub redis: RawRedis,
     pub backend: RawBackend,
     pub broadcast: RawBroadcast,
@@ -219,6 +220,35 @@ pub struct RawHistory {
     pub drain_handoff: bool,
 }
 
+/// `[presence]`: node leases (the node registry, on whenever Redis is
+/// configured) and, once it lands, cluster presence (off by default).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawPresence {
+    /// Cluster presence (not implemented yet: accepted, no effect).
+    pub enabled: bool,
+    /// A node whose heartbeats stopped this long is dead.
+    pub lease_ms: u64,
+    /// How often a node renews its lease.
+    pub heartbeat_ms: u64,
+    /// A user must be gone this long before `leave` (presence; no effect yet).
+    pub leave_delay_ms: u64,
+    /// Bigger groups get no per-user join/leave frames (presence; no effect yet).
+    pub max_members_events: usize,
+}
+
+impl Default for RawPresence {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            lease_ms: 10_000,
+            heartbeat_ms: 2_000,
+            leave_delay_ms: 5_000,
+            max_members_events: 200,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawShutdown {
@@ -276,6 +306,7 @@ impl Default for RawConfig {
             ws: RawWs::default(),
             bus: RawBus::default(),
             history: RawHistory::default(),
+            presence: RawPresence::default(),
             redis: RawRedis::default(),
             backend: RawBackend::default(),
             broadcast: RawBroadcast::default(),

@@ -174,11 +174,42 @@ fn errors_name_the_key() {
             &[("WSHUB_AUTH__TRUSTED_PROXIES", "x")],
             "`auth.trusted_proxies`",
         ),
+        (
+            &[("WSHUB_PRESENCE__HEARTBEAT_MS", "5")],
+            "`presence.heartbeat_ms` must be at least 10",
+        ),
+        (
+            &[
+                ("WSHUB_PRESENCE__HEARTBEAT_MS", "2000"),
+                ("WSHUB_PRESENCE__LEASE_MS", "3999"),
+            ],
+            "`presence.lease_ms` must be at least twice presence.heartbeat_ms",
+        ),
     ];
     for (vars, want) in cases {
         let err = Config::load_from(None, env(vars)).unwrap_err().to_string();
         assert!(err.contains(want), "{vars:?}: {err}");
     }
+}
+
+#[test]
+fn presence_keys() {
+    let c = Config::default();
+    assert!(!c.presence.enabled);
+    assert_eq!(c.presence.lease, Duration::from_secs(10));
+    assert_eq!(c.presence.heartbeat, Duration::from_secs(2));
+    assert_eq!(c.presence.leave_delay, Duration::from_secs(5));
+    assert_eq!(c.presence.max_members_events, 200);
+    let c = Config::load_from(
+        None,
+        env(&[
+            ("WSHUB_PRESENCE__LEASE_MS", "1000"),
+            ("WSHUB_PRESENCE__HEARTBEAT_MS", "500"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.presence.lease, Duration::from_secs(1));
+    assert_eq!(c.presence.heartbeat, Duration::from_millis(500));
 }
 
 #[test]

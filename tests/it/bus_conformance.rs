@@ -273,6 +273,7 @@ fn start_redis_bus(url: &str, node: &str, sink: Arc<dyn Deliver>) -> Arc<dyn Bus
         RedisBus::start(
             node.into(),
             config,
+            None,
             sink,
             Arc::new(Metrics::new()),
             RELEASE_DELAY,

@@ -34,16 +34,16 @@ async fn credentials_from_the_url_or_from_keys_and_a_password_file() {
         ("password_file", file.to_str().unwrap()),
     ])
     .await;
-    // Both nodes' connections (subscriber and probe each; the publisher
-    // connects on the first message) are the ACL user's; only redis-cli's
-    // own is `default`.
+    // Both nodes' connections (subscriber, probe and node registry each;
+    // the publisher connects on the first message) are the ACL user's; only
+    // redis-cli's own is `default`.
     let clients = crate::common::redis::cli(redis.port, &["CLIENT", "LIST"]);
     let users: Vec<&str> = clients
         .lines()
         .filter(|l| !l.contains("cmd=client|list"))
         .map(|l| l.split(" user=").nth(1).unwrap().split(' ').next().unwrap())
         .collect();
-    assert_eq!(users, ["wshub"; 4], "{clients}");
+    assert_eq!(users, ["wshub"; 6], "{clients}");
     let mut rx = from_keys.connect("rx", None).await;
     let mut tx = from_url.connect("tx", None).await;
     tx.send_json(json!({"action": "x", "message": "via ACL"}))

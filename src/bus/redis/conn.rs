@@ -234,11 +234,10 @@ pub(super) async fn connect_prober(
 impl PubConn {
     /// Publishes `payload` to each of `channels` (probes: tiny, one per shard).
     pub(super) async fn probe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
-        let batch = [Outgoing {
-            at: tokio::time::Instant::now(),
-            channels: channels.to_vec(),
-            payload: Bytes::from_static(b"probe"),
-        }];
+        let batch = [Outgoing::new(
+            channels.to_vec(),
+            Bytes::from_static(b"probe"),
+        )];
         self.send(&batch).await
     }
 

@@ -14,7 +14,8 @@
 //!   fails mid-flight is dropped, not resent: Redis may already have
 //!   delivered part of it, and delivering twice is worse than the loss
 //!   pub/sub already allows. Only that batch is lost; the messages behind
-//!   it wait for the reconnect. On shutdown the publisher first sends what
+//!   it wait for the reconnect. (With history on the batch is resent
+//!   instead: the publish script skips what it already ran.) On shutdown the publisher first sends what
 //!   is queued (bounded by the shutdown timeout), then ends.
 //! - the **subscriber** (`subscriber.rs`) holds the one subscriber connection, subscribes and
 //!   unsubscribes in batches, delivers what arrives to the hub, and sends the
@@ -22,6 +23,10 @@
 //!   reconnects with capped backoff and resubscribes every topic the node
 //!   holds; on a cluster it also resubscribes a channel whose shard gave it
 //!   up (a slot migration).
+//! - the **node registry** (`registry.rs`) renews this node's lease in
+//!   Redis every `presence.heartbeat_ms` on a connection of its own, once
+//!   the node has joined it, keeps the version gate `publish` consults, and
+//!   removes the node's entry when the bus stops.
 //!
 //! **A long outage is refused, a blip is not.** Once the subscriber has
 //! lost Redis for longer than `redis.publish_retry_ms`, `publish` returns
@@ -35,6 +40,20 @@
 //! blip; a refused message goes to nobody), and the subscriber ignores this node's own messages
 //! coming back from Redis (the origin node id in every payload), so each
 //! socket gets a message exactly once.
+//!
+//! **With history** (`history.enabled`, `history.rs`) three things change.
+//! Each batch is one call of a script that stamps every message with its
+//! position in each topic, appends it to the topic's history and publishes
+//! the stamped payload; a batch whose outcome is unknown is resent instead
+//! of dropped. The subscriber delivers this node's **own** messages too,
+//! from Redis's echo ([`Bus::history`] is `Some`; the node then does not
+//! deliver at publish time): every socket, here or elsewhere, sees one
+//! order per topic, with positions. And the subscriber checks those
+//! positions, filling a gap (a dropped connection, a killed subscriber,
+//! pushes it could not keep up with) from history before it delivers what
+//! follows, or reporting it through [`Deliver::gap`] when history no longer
+//! has it (`gaps.rs`). With history off none of this exists: plain
+//! `PUBLISH` pipelines and nothing else in Redis.
 //!
 //! **Health** is end to end: every `redis.probe_interval_ms` the node
 //! publishes a probe to its own probe channel (one per shard on a cluster,
@@ -59,20 +78,26 @@ use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 mod conn;
+mod gaps;
+mod history;
 mod publisher;
 mod queue;
+mod registry;
 mod subscriber;
 mod tls;
 
 use conn::Link;
+use history::RedisHistory;
 use publisher::Publisher;
 use queue::PublishQueue;
 use subscriber::Subscriber;
 
+use super::registry::{Registry, VersionGate};
 use super::wire::{self, Channels};
 use super::{Bus, BusError, Deliver, Interest, Subscribed};
-use crate::config::RedisConfig;
+use crate::config::{HistoryConfig, PresenceConfig, RedisConfig};
 use crate::envelope::Envelope;
+use crate::history::History;
 use crate::metrics::Metrics;
 use crate::route::Topic;
 use crate::shutdown::Shutdown;
@@ -106,6 +131,8 @@ pub struct RedisBus {
     commands: mpsc::Sender<SubscribeRequest>,
     stop: CancellationToken,
     tasks: TaskTracker,
+    /// For the node registry's own connection (`registry.rs`).
+    link: Link,
 }
 
 struct SubscribeRequest {
@@ -149,20 +176,37 @@ struct Shared {
     /// How long the publisher may spend sending what is queued once the
     /// bus is stopping (set by `shutdown`, in milliseconds).
     flush_within_ms: AtomicU64,
+    /// Which payload versions every live node reads (kept by the node
+    /// registry, `registry.rs`); `publish` writes what it allows.
+    gate: VersionGate,
+    /// With `history.enabled`: the history, its script and its command
+    /// connection.
+    history: Option<Arc<RedisHistory>>,
 }
 
 impl RedisBus {
     /// Starts the bus's tasks. Does not wait for Redis: the bus reports
-    /// itself unhealthy until the first probe comes back.
+    /// itself unhealthy until the first probe comes back. With `history`
+    /// (`history.enabled`), every message is stamped and kept, see the
+    /// module docs.
     pub fn start(
         node_id: Arc<str>,
         config: RedisConfig,
+        history: Option<HistoryConfig>,
         sink: Arc<dyn Deliver>,
         metrics: Arc<Metrics>,
         release_delay: Duration,
         shutdown: Shutdown,
     ) -> Result<Self, BusError> {
         let link = Link::new(&config)?;
+        if history.is_some() && config.sharded {
+            // The configuration refuses it too; a bus started directly must not.
+            return Err(BusError::Unavailable(
+                "history is not supported on a Redis Cluster (redis.sharded)".into(),
+            ));
+        }
+        let history =
+            history.map(|h| Arc::new(RedisHistory::new(&node_id, link.clone(), config.clone(), h)));
         let channels = Channels::new(&config.channel_prefix);
         let shared = Arc::new(Shared {
             probe_channel: channels.probe(&node_id),
@@ -181,6 +225,8 @@ impl RedisBus {
             last_probe: AtomicU64::new(0),
             unreadable_logged: AtomicBool::new(false),
             flush_within_ms: AtomicU64::new(0),
+            gate: VersionGate::new(),
+            history,
         });
         let (commands, requests) = mpsc::channel(SUBSCRIBE_QUEUE);
         // The node's shutdown owns the tasks: `shutdown()` below cancels
@@ -189,7 +235,14 @@ impl RedisBus {
         let tasks = shutdown.tracker().clone();
         tasks.spawn(Publisher::new(shared.clone(), link.clone()).run(stop.clone()));
         tasks.spawn(
-            Subscriber::new(shared.clone(), link, requests, stop.clone(), tasks.clone()).run(),
+            Subscriber::new(
+                shared.clone(),
+                link.clone(),
+                requests,
+                stop.clone(),
+                tasks.clone(),
+            )
+            .run(),
         );
         tasks.close();
         Ok(Self {
@@ -197,6 +250,7 @@ impl RedisBus {
             commands,
             stop,
             tasks,
+            link,
         })
     }
 }
@@ -211,15 +265,34 @@ impl Bus for RedisBus {
     fn publish(&self, envelope: Arc<Envelope>) -> Result<(), BusError> {
         let shared = &self.shared;
         let topics = envelope.route.topics();
-        if !topics.is_empty() {
-            shared.refuse_if_long_down()?;
-            let payload = wire::encode(&shared.node_id, &envelope.route, &envelope.frame);
-            let channels = topics.iter().map(|t| shared.channels.of(t)).collect();
-            shared.queue.push(channels, payload)?;
+        if topics.is_empty() {
+            return Ok(());
         }
-        // This node's own sockets were served by the node; the copy Redis
-        // echoes back to this node is ignored on arrival (`Shared::receive`).
-        Ok(())
+        shared.refuse_if_long_down()?;
+        let item = match &shared.history {
+            // Delivered here too, from Redis's echo (module docs).
+            Some(history) => history.record(
+                &shared.node_id,
+                &envelope.route,
+                &envelope.frame,
+                &shared.channels,
+            ),
+            None => {
+                // This node's own sockets were served by the node; the copy
+                // Redis echoes back to this node is ignored on arrival
+                // (`Shared::receive`).
+                // The newest payload version every live node reads (the
+                // node registry's version gate); the baseline while it is
+                // unsure. (The history script writes version 1, the only
+                // one there is; a version 2 must gate it too.)
+                let version = shared.gate.choose(wire::WRITES, wire::Version::number);
+                let payload =
+                    wire::encode_as(version, &shared.node_id, &envelope.route, &envelope.frame);
+                let channels = topics.iter().map(|t| shared.channels.of(t)).collect();
+                queue::Outgoing::new(channels, payload)
+            }
+        };
+        shared.queue.push(item)
     }
 
     fn subscribe(&self, topic: &Topic) -> Subscribed {
@@ -241,6 +314,10 @@ impl Bus for RedisBus {
     fn unsubscribe(&self, topic: &Topic) {
         // The subscriber task releases it after the delay.
         self.shared.interest.remove(topic);
+    }
+
+    fn history(&self) -> Option<Arc<dyn History>> {
+        self.shared.history.clone().map(|h| h as Arc<dyn History>)
     }
 
     fn health(&self) -> Result<(), BusError> {
@@ -271,6 +348,16 @@ impl Bus for RedisBus {
             )));
         }
         Ok(())
+    }
+
+    fn registry(&self, presence: &PresenceConfig) -> Arc<dyn Registry> {
+        Arc::new(registry::RedisRegistry::new(
+            self.shared.clone(),
+            self.link.clone(),
+            presence,
+            self.stop.clone(),
+            self.tasks.clone(),
+        ))
     }
 
     fn shutdown(&self, within: Duration) -> Pin<Box<dyn Future<Output = ()> + Send>> {
@@ -340,8 +427,8 @@ impl Shared {
         )))
     }
 
-    /// Handles one message from the subscriber connection (probes are
-    /// handled by the subscriber task).
+    /// Handles one message from the subscriber connection, history off
+    /// (probes are handled by the subscriber task; with history, `gaps.rs`).
     fn receive(&self, channel: &str, payload: Bytes) {
         let Some(topic) = self.channels.topic(channel) else {
             return self.unreadable(channel, "not a topic channel");

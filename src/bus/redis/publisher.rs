@@ -1,6 +1,14 @@
 //! The publisher task: drains the publish queue into Redis in pipelines
 //! bounded in messages and bytes, reconnecting with backoff and following
 //! the subscriber's connection epoch; flushes what is queued on shutdown.
+//!
+//! With history on, each batch is one call of the publish script
+//! (`history.rs`), and a batch whose outcome is unknown (a timeout, a
+//! broken connection, an error) is kept and sent again, first, on the next
+//! connection, for as long as its messages are younger than
+//! `redis.publish_retry_ms`: the script skips the messages it already ran,
+//! so a resend never publishes twice. Without history a failed pipeline
+//! is dropped as before (plain `PUBLISH` cannot tell what already ran).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -11,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::conn::{Backoff, Link, PubConn, connect_publisher};
-use super::{MAX_BATCH, MAX_BATCH_BYTES, Shared};
+use super::history::Prepared;
+use super::queue::Outgoing;
+use super::{MAX_BATCH, MAX_BATCH_BYTES, MIN_BACKOFF, Shared};
 use crate::outcome::DropReason;
 
 /// The publisher task's state: its connection and the subscriber epoch it
@@ -20,9 +30,19 @@ use crate::outcome::DropReason;
 pub(super) struct Publisher {
     shared: Arc<Shared>,
     link: Link,
-    conn: Option<(PubConn, u64)>,
+    /// The connection, the subscriber epoch it was opened in, and (history
+    /// on) its script hash and the server's run id.
+    conn: Option<(PubConn, u64, Option<Prepared>)>,
     backoff: Backoff,
     outage: bool,
+    /// History on: the batch whose outcome is unknown, sent again before
+    /// anything else.
+    resend: Option<Vec<Outgoing>>,
+    /// History on: the number given to the last message taken from the
+    /// queue. Given here, in queue order, by this one task (never in
+    /// `publish`, where two callers could push in the other order than
+    /// they drew): the script relies on it (see `history.rs`).
+    numbered: u64,
 }
 
 impl Publisher {
@@ -34,15 +54,25 @@ impl Publisher {
             conn: None,
             backoff,
             outage: false,
+            resend: None,
+            numbered: 0,
         }
+    }
+
+    fn idle(&self) -> bool {
+        self.resend.is_none() && self.shared.queue.is_empty()
     }
 
     pub(super) async fn run(mut self, stop: CancellationToken) {
         loop {
-            tokio::select! {
-                biased;
-                () = stop.cancelled() => break,
-                () = self.shared.queue.wait() => {}
+            if self.resend.is_none() {
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => break,
+                    () = self.shared.queue.wait() => {}
+                }
+            } else if stop.is_cancelled() {
+                break;
             }
             self.expire();
             if self.connected().await {
@@ -66,7 +96,7 @@ impl Publisher {
         let within = Duration::from_millis(self.shared.flush_within_ms.load(Ordering::Acquire))
             .min(self.shared.config.publish_retry);
         let deadline = Instant::now() + within;
-        while !self.shared.queue.is_empty() && Instant::now() < deadline {
+        while !self.idle() && Instant::now() < deadline {
             match timeout_at(deadline, self.connected()).await {
                 Ok(true) => {
                     let _ = timeout_at(deadline, self.send_batch()).await;
@@ -77,7 +107,8 @@ impl Publisher {
                 Err(_) => break,
             }
         }
-        let left = self.shared.queue.take(usize::MAX, usize::MAX).len();
+        let left = self.shared.queue.take(usize::MAX, usize::MAX).len()
+            + self.resend.take().map_or(0, |batch| batch.len());
         if left > 0 {
             self.shared
                 .metrics
@@ -89,9 +120,17 @@ impl Publisher {
         }
     }
 
-    fn expire(&self) {
+    fn expire(&mut self) {
         let shared = &self.shared;
-        let expired = shared.queue.expire(shared.config.publish_retry);
+        let mut expired = shared.queue.expire(shared.config.publish_retry);
+        if let Some(batch) = &mut self.resend {
+            let before = batch.len();
+            batch.retain(|m| m.at.elapsed() <= shared.config.publish_retry);
+            expired += before - batch.len();
+            if batch.is_empty() {
+                self.resend = None;
+            }
+        }
         if expired > 0 {
             shared
                 .metrics
@@ -113,21 +152,27 @@ impl Publisher {
         if self
             .conn
             .as_ref()
-            .is_some_and(|(_, opened)| *opened != epoch)
+            .is_some_and(|(_, opened, _)| *opened != epoch)
         {
             self.conn = None;
         }
         if self.conn.is_some() {
             return true;
         }
-        match timeout(
-            config.command_timeout,
-            connect_publisher(&self.link, config),
-        )
-        .await
-        {
-            Ok(Ok(c)) => {
-                self.conn = Some((c, epoch));
+        let connect = async {
+            let mut conn = connect_publisher(&self.link, config).await?;
+            // With history: the script is loaded on every connection (a
+            // restarted or failed-over Redis has not seen it), and the
+            // server's run id decides whether epochs start afresh.
+            let prepared = match &shared.history {
+                Some(history) => Some(history.prepare(&mut conn).await?),
+                None => None,
+            };
+            Ok::<_, redis::RedisError>((conn, prepared))
+        };
+        match timeout(config.command_timeout, connect).await {
+            Ok(Ok((c, prepared))) => {
+                self.conn = Some((c, epoch, prepared));
                 self.backoff.reset();
                 if self.outage {
                     info!("publisher reconnected to Redis");
@@ -152,7 +197,10 @@ impl Publisher {
 
     /// Sends one batch (bounded in messages and bytes) with its own timeout.
     async fn send_batch(&mut self) {
-        let Some((active, _)) = self.conn.as_mut() else {
+        if self.shared.history.is_some() {
+            return self.send_recorded().await;
+        }
+        let Some((active, _, _)) = self.conn.as_mut() else {
             return;
         };
         let shared = &self.shared;
@@ -175,5 +223,54 @@ impl Publisher {
         warn!(%error, dropped = batch.len(), "publishing to Redis failed; reconnecting");
         self.conn = None;
         self.outage = true;
+    }
+
+    /// History on: sends the batch to resend, or the next one, as one call
+    /// of the publish script. A call that fails keeps its batch for the
+    /// next connection (see the module docs).
+    async fn send_recorded(&mut self) {
+        let shared = self.shared.clone();
+        let Some(history) = &shared.history else {
+            return;
+        };
+        let Some((active, _, Some(prepared))) = self.conn.as_mut() else {
+            return;
+        };
+        let mut batch = match self.resend.take() {
+            Some(batch) => batch,
+            None => shared.queue.take(MAX_BATCH, MAX_BATCH_BYTES),
+        };
+        if batch.is_empty() {
+            return;
+        }
+        for recorded in batch.iter_mut().filter_map(|m| m.history.as_mut()) {
+            if recorded.number == 0 {
+                self.numbered += 1;
+                recorded.number = self.numbered;
+            }
+        }
+        let started = Instant::now();
+        let sent = timeout(
+            shared.config.command_timeout,
+            history.publish(active, prepared, &batch),
+        )
+        .await;
+        shared.metrics.history_publish(started.elapsed());
+        let error = match sent {
+            Ok(Ok(_)) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "the publish script timed out".to_owned(),
+        };
+        // Redis may have run it: it is sent again on the next connection,
+        // and the script skips it if it did.
+        shared.metrics.bus_publish_failure();
+        warn!(%error, messages = batch.len(), "publishing to Redis failed; reconnecting to send the batch again");
+        self.resend = Some(batch);
+        self.conn = None;
+        self.outage = true;
+        // An error Redis answered (out of memory, loading) comes back at
+        // once on a new connection: pause, rather than spin reconnecting
+        // until the batch expires.
+        tokio::time::sleep(MIN_BACKOFF).await;
     }
 }

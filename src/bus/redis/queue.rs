@@ -12,26 +12,80 @@ use crate::bus::BusError;
 pub(super) struct Outgoing {
     pub(super) at: Instant,
     pub(super) channels: Vec<String>,
+    /// The whole payload; with history on, only its start
+    /// ([`wire::encode_unstamped`](crate::bus::wire::encode_unstamped)),
+    /// which the publish script completes.
     pub(super) payload: Bytes,
+    /// With history on: what the publish script needs besides.
+    pub(super) history: Option<Box<Recorded>>,
+}
+
+/// What the publish script needs of one message besides its channels
+/// (history on; see `history.rs`).
+pub(super) struct Recorded {
+    /// The frame, appended by the script after the stamped header.
+    pub(super) frame: Bytes,
+    /// Per channel (same order): the topic's key as JSON, its meta and
+    /// stream keys, and how many entries its stream keeps.
+    pub(super) topics: Vec<TopicKeys>,
+    /// The message's number in this bus instance's publish order, given by
+    /// the publisher when it first takes the message (0: not yet). The
+    /// script skips numbers it has run already (see `history.rs`).
+    pub(super) number: u64,
+}
+
+/// One topic of a [`Recorded`] message.
+pub(super) struct TopicKeys {
+    pub(super) json: String,
+    pub(super) meta: String,
+    pub(super) stream: String,
+    pub(super) size: usize,
+}
+
+impl TopicKeys {
+    fn len(&self) -> usize {
+        self.json.len() + self.meta.len() + self.stream.len() + 8
+    }
 }
 
 /// What one queued message costs besides its payload and channel names.
 const ITEM_OVERHEAD: usize = 64;
 
 impl Outgoing {
+    /// A message for a plain `PUBLISH` on each channel (history off).
+    pub(super) fn new(channels: Vec<String>, payload: Bytes) -> Self {
+        Self {
+            at: Instant::now(),
+            channels,
+            payload,
+            history: None,
+        }
+    }
+
+    /// The frame's length (history on: it travels apart from the header).
+    fn frame_len(&self) -> usize {
+        self.history.as_ref().map_or(0, |h| {
+            h.frame.len() + h.topics.iter().map(TopicKeys::len).sum::<usize>()
+        })
+    }
+
     /// Memory the message holds while queued: the payload once (shared by
-    /// every channel) and the channel names.
+    /// every channel) and the channel names (and with history, the frame
+    /// and the topics' keys).
     pub(super) fn queued_bytes(&self) -> usize {
-        ITEM_OVERHEAD + self.payload.len() + self.channels.iter().map(String::len).sum::<usize>()
+        ITEM_OVERHEAD
+            + self.payload.len()
+            + self.frame_len()
+            + self.channels.iter().map(String::len).sum::<usize>()
     }
 
     /// Bytes it costs on the wire and in the pipeline buffer: the payload
-    /// once per channel.
+    /// once per channel. With history the script receives it once but
+    /// writes it once per channel (stream and publish): the same bound
+    /// keeps a batch's work in Redis, and so its time, as small as today.
     pub(super) fn wire_bytes(&self) -> usize {
-        self.channels
-            .iter()
-            .map(|c| c.len() + self.payload.len() + 32)
-            .sum()
+        let payload = self.payload.len() + self.history.as_ref().map_or(0, |h| h.frame.len());
+        self.channels.iter().map(|c| c.len() + payload + 32).sum()
     }
 }
 
@@ -79,12 +133,7 @@ impl PublishQueue {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(super) fn push(&self, channels: Vec<String>, payload: Bytes) -> Result<(), BusError> {
-        let item = Outgoing {
-            at: Instant::now(),
-            channels,
-            payload,
-        };
+    pub(super) fn push(&self, item: Outgoing) -> Result<(), BusError> {
         let size = item.queued_bytes();
         let mut inner = self.lock();
         if inner.items.len() >= self.capacity || inner.bytes + size > self.capacity_bytes {
@@ -159,20 +208,29 @@ mod tests {
         (0..n).map(|i| format!("wshub:u:{i}")).collect()
     }
 
+    impl PublishQueue {
+        fn push_plain(&self, channels: Vec<String>, payload: Bytes) -> Result<(), BusError> {
+            self.push(Outgoing::new(channels, payload))
+        }
+    }
+
     #[test]
     fn bounded_in_bytes_as_well_as_messages() {
         let q = PublishQueue::new(1000, 10_000);
-        q.push(channels(1), Bytes::from(vec![0; 4000])).unwrap();
-        q.push(channels(1), Bytes::from(vec![0; 4000])).unwrap();
+        q.push_plain(channels(1), Bytes::from(vec![0; 4000]))
+            .unwrap();
+        q.push_plain(channels(1), Bytes::from(vec![0; 4000]))
+            .unwrap();
         assert!(matches!(
-            q.push(channels(1), Bytes::from(vec![0; 4000])),
+            q.push_plain(channels(1), Bytes::from(vec![0; 4000])),
             Err(BusError::Overloaded)
         ));
         // Small messages still fit.
-        q.push(channels(1), Bytes::from_static(b"x")).unwrap();
+        q.push_plain(channels(1), Bytes::from_static(b"x")).unwrap();
         assert_eq!(q.take(10, usize::MAX).len(), 3);
         // Taking gives the bytes back.
-        q.push(channels(1), Bytes::from(vec![0; 9000])).unwrap();
+        q.push_plain(channels(1), Bytes::from(vec![0; 9000]))
+            .unwrap();
     }
 
     #[test]
@@ -180,7 +238,8 @@ mod tests {
         let q = PublishQueue::new(1000, usize::MAX);
         // 100 channels × 1 KB: 100 KB on the wire, 1 KB queued.
         for _ in 0..5 {
-            q.push(channels(100), Bytes::from(vec![0; 1000])).unwrap();
+            q.push_plain(channels(100), Bytes::from(vec![0; 1000]))
+                .unwrap();
         }
         let first = q.take(512, 250_000);
         assert_eq!(
@@ -198,9 +257,12 @@ mod tests {
         assert_eq!(q.take(512, usize::MAX).len(), 1);
         assert!(q.is_empty());
         // Small messages do not join a large one, before or after it.
-        q.push(channels(1), Bytes::from_static(b"small")).unwrap();
-        q.push(channels(100), Bytes::from(vec![0; 1000])).unwrap();
-        q.push(channels(1), Bytes::from_static(b"small")).unwrap();
+        q.push_plain(channels(1), Bytes::from_static(b"small"))
+            .unwrap();
+        q.push_plain(channels(100), Bytes::from(vec![0; 1000]))
+            .unwrap();
+        q.push_plain(channels(1), Bytes::from_static(b"small"))
+            .unwrap();
         let sizes: Vec<usize> = (0..3).map(|_| q.take(512, 250_000).len()).collect();
         assert_eq!(sizes, [1, 1, 1]);
     }

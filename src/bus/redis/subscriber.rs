@@ -1,7 +1,8 @@
 //! The subscriber task: one pub/sub connection (per shard on a cluster)
 //! holding exactly the topics this node's sockets need, the probes that
 //! prove it delivers, and the reconnect that subscribes again exactly what
-//! is held.
+//! is held. With history on it also delivers this node's own messages and
+//! repairs gaps in each topic's positions (`gaps.rs`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -14,12 +15,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use axum::body::Bytes;
+use tracing::debug;
+
 use super::conn::slot_of;
 use super::conn::{
     self, Backoff, Incoming, Link, PubConn, SubConn, connect_prober, connect_subscriber,
 };
+use super::gaps::{Step, Tracks};
+use super::history::Range;
 use super::{LAG_LOG_EVERY, MAX_SUBSCRIBE_BATCH, PROBE_SEARCH, Shared, SubscribeRequest};
 use crate::bus::BusError;
+use crate::bus::wire;
+use crate::envelope::Envelope;
+use crate::metrics::GapKind;
 use crate::outcome::DropReason;
 use crate::route::Topic;
 
@@ -98,6 +107,10 @@ pub(super) struct Subscriber {
     outage_logged: bool,
     /// When dropped pushes were last logged.
     lag_logged: Option<Instant>,
+    /// History on: each subscribed topic's last position (`gaps.rs`).
+    tracks: Tracks,
+    /// When an unrepairable gap was last logged.
+    gap_logged: Option<Instant>,
 }
 
 /// One live subscriber connection: the connections, the probe channels and
@@ -139,6 +152,8 @@ impl Subscriber {
             connected_before: false,
             outage_logged: false,
             lag_logged: None,
+            tracks: Tracks::default(),
+            gap_logged: None,
         }
     }
 
@@ -149,6 +164,9 @@ impl Subscriber {
             let Some(mut live) = self.connect().await else {
                 return;
             };
+            if self.shared.history.is_some() {
+                self.after_resubscribe(&live).await;
+            }
             let Some(lost) = self.serve(&mut live).await else {
                 return;
             };
@@ -281,6 +299,9 @@ impl Subscriber {
                         .store(oldest.as_millis() as u64 + 1, Ordering::Release);
                 }
             }
+            Incoming::Message(channel, payload) if shared.history.is_some() => {
+                self.receive_tracked(&channel, payload).await;
+            }
             Incoming::Message(channel, payload) => shared.receive(&channel, payload),
             Incoming::Unsubscribed(channels) => {
                 // A shard gave these up (its slots moved): take back those
@@ -360,10 +381,13 @@ impl Subscriber {
         };
         match result {
             Ok(Ok(())) => {
-                live.subscribed.extend(new);
+                live.subscribed.extend(new.iter().cloned());
                 shared.metrics.bus_channels(live.subscribed.len());
                 for r in batch {
                     let _ = r.ack.send(Ok(()));
+                }
+                if shared.history.is_some() {
+                    self.start_tracking(&new).await;
                 }
                 Ok(())
             }
@@ -395,6 +419,7 @@ impl Subscriber {
         let names: Vec<String> = released.iter().map(|t| shared.channels.of(t)).collect();
         for t in &released {
             live.subscribed.remove(t);
+            self.tracks.forget(t);
         }
         shared.metrics.bus_channels(live.subscribed.len());
         match timeout(shared.config.command_timeout, live.conn.unsubscribe(&names)).await {
@@ -443,5 +468,143 @@ impl Subscriber {
             let _ = timeout(limit, prober.probe(&probes)).await;
         });
         Ok(())
+    }
+
+    /// History on: one message from the subscriber connection, this node's
+    /// own included, checked against its topic's last position.
+    async fn receive_tracked(&mut self, channel: &str, payload: Bytes) {
+        let shared = self.shared.clone();
+        let Some(topic) = shared.channels.topic(channel) else {
+            return shared.unreadable(channel, "not a topic channel");
+        };
+        let decoded = match wire::decode(payload) {
+            Ok(decoded) => decoded,
+            Err(e) => return shared.unreadable(channel, &e.to_string()),
+        };
+        if let Some(at) = decoded.published_ms {
+            let ms = wire::now_ms().saturating_sub(at);
+            shared.metrics.bus_latency(Duration::from_millis(ms));
+        }
+        let envelope = Arc::new(Envelope::stamped(
+            decoded.route,
+            decoded.frame,
+            decoded.stamp,
+        ));
+        let step = match envelope.stamp.as_ref().and_then(|s| s.position(&topic)) {
+            // From a node without history (a rolling change): as it is.
+            None => Step::Deliver,
+            Some(position) => self.tracks.on_copy(&topic, position),
+        };
+        match step {
+            Step::Skip => {}
+            Step::Deliver => shared.sink.deliver(&topic, &envelope),
+            Step::Repair { restarted, fill } => {
+                self.repair(&topic, restarted, fill).await;
+                shared.sink.deliver(&topic, &envelope);
+            }
+        }
+    }
+
+    /// Reports a restarted history as a gap and delivers the missing
+    /// entries, in order, or reports the gap when history no longer has
+    /// them all (never a part: a client told of a gap resumes afresh).
+    async fn repair(
+        &mut self,
+        topic: &Topic,
+        restarted: bool,
+        fill: Option<(crate::history::Position, u64)>,
+    ) {
+        let shared = self.shared.clone();
+        let Some(history) = &shared.history else {
+            return;
+        };
+        if restarted {
+            self.unrepairable(
+                topic,
+                "the topic's history started afresh (Redis restarted?)",
+            );
+        }
+        let Some((after, until)) = fill else {
+            return;
+        };
+        let why = match history.range(topic, &after, until).await {
+            Ok(Range::Complete(messages)) => {
+                debug!(topic = ?topic, after = %after, until, "repaired a gap from history");
+                shared.metrics.bus_gap(GapKind::Repaired);
+                for message in &messages {
+                    shared.sink.deliver(topic, message);
+                }
+                return;
+            }
+            Ok(Range::Incomplete) => "history no longer has them".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        if !restarted {
+            self.unrepairable(topic, &why);
+        }
+    }
+
+    /// Counts and reports a gap that cannot be filled (logged at most once
+    /// per [`LAG_LOG_EVERY`]; every one is counted).
+    fn unrepairable(&mut self, topic: &Topic, why: &str) {
+        let shared = &self.shared;
+        shared.metrics.bus_gap(GapKind::Unrepairable);
+        shared.sink.gap(topic);
+        if self
+            .gap_logged
+            .is_none_or(|at: Instant| at.elapsed() > LAG_LOG_EVERY)
+        {
+            warn!(
+                why,
+                "messages were lost to this node and cannot be replayed from history; sockets that speak resume are told (see wshub_bus_gaps_total)"
+            );
+            self.gap_logged = Some(Instant::now());
+        }
+    }
+
+    /// History on: reads the heads of topics just subscribed, their soft
+    /// starting points (`gaps.rs`). A failed read leaves them to their
+    /// first copy.
+    async fn start_tracking(&mut self, topics: &[Topic]) {
+        let Some(history) = self.shared.history.clone() else {
+            return;
+        };
+        for chunk in topics.chunks(MAX_SUBSCRIBE_BATCH) {
+            match history.heads(chunk).await {
+                Ok(heads) => {
+                    for (topic, head) in chunk.iter().zip(heads) {
+                        self.tracks.start(topic, head);
+                    }
+                }
+                Err(e) => debug!(error = %e, "cannot read where new topics start"),
+            }
+        }
+    }
+
+    /// History on, after every (re)subscribe: each tracked topic's top is
+    /// read and what the connection missed is filled now, before any newer
+    /// copy (a quiet topic shows no jump until its next message); topics
+    /// not tracked yet get their start.
+    async fn after_resubscribe(&mut self, live: &Live) {
+        let Some(history) = self.shared.history.clone() else {
+            return;
+        };
+        self.tracks.retain(|t| live.subscribed.contains(t));
+        let topics: Vec<Topic> = live.subscribed.iter().cloned().collect();
+        for chunk in topics.chunks(MAX_SUBSCRIBE_BATCH) {
+            let heads = match history.heads(chunk).await {
+                Ok(heads) => heads,
+                Err(e) => {
+                    // The next copy of each topic shows any jump.
+                    warn!(error = %e, "cannot read the topics' tops after resubscribing; gaps are repaired at the next message");
+                    return;
+                }
+            };
+            for (topic, head) in chunk.iter().zip(heads) {
+                if let Some(Step::Repair { restarted, fill }) = self.tracks.on_top(topic, head) {
+                    self.repair(topic, restarted, fill).await;
+                }
+            }
+        }
     }
 }

@@ -1,0 +1,944 @@
+//! History in Redis: the publish script that stamps and records every
+//! message, and the [`History`] the node reads from (`history.enabled`).
+//!
+//! # Why a script, and one per batch
+//!
+//! A message's position (its topic's epoch and offset) must be in the copy
+//! that subscribers receive, so that a node can notice a gap and a client
+//! can say where it stopped. The offsets only exist once Redis has counted
+//! the message, so the counting, the append to the topic's history and the
+//! `PUBLISH` of the stamped payload must happen in one step inside Redis:
+//! a Lua script. One script call carries a whole publish batch (the
+//! publisher's pipeline of up to [`MAX_BATCH`](super::MAX_BATCH) messages):
+//! per call a script costs far more than a `PUBLISH`, per message in a
+//! batch much less (about 58k/s at 16 messages per call against 26–30k/s at
+//! one, on one Redis 7 core).
+//!
+//! # Redis layout
+//!
+//! Under the channel prefix `P` (`redis.channel_prefix`); `K` is the topic's
+//! wire key (`all`, `n`, `g:<G>`, `u:<U>`, as in `wire.rs`), inside a
+//! `{hash tag}` so that a topic's keys share a Cluster slot once history
+//! supports one:
+//!
+//! | key | type | holds | kept |
+//! |---|---|---|---|
+//! | `P:h:{K}:m` | hash | `e` the epoch, `o` the top offset, `r` the Redis `run_id` the epoch was made under | `max(10 × ttl, 24 h)`, renewed by every publish, read and `tops` |
+//! | `P:h:{K}:s` | stream | one entry per message, id `<offset>-1`, field `d` = the stamped payload (route, frame, stamp, `ts`) | `XADD MAXLEN ~ size_*`; `PEXPIRE ttl` on every publish |
+//! | `P:seq` | string | the publish sequence (`s` in every stamp) | always |
+//! | `P:pub:<instance>` | string | the highest message number of one bus instance the script has run | `max(10 × ttl, 24 h)`, renewed by every batch |
+//! | `P:ho:<JSON [user, group or null]>` | list | drain handoffs: JSON `[position or null ×3]` | `ttl`; at most [`HANDOFFS_KEPT`] |
+//!
+//! **Epochs.** A topic's epoch is made by a script from Redis's `TIME`
+//! (base 36, no `:`) when the topic has none, *or when its `r` is not the
+//! `run_id` of the Redis the node is connected to* (read with `INFO server`
+//! on every connection). So a Redis restart, with or without persistence,
+//! and a restore from an older snapshot all start every topic's history
+//! afresh, and a position from before names an epoch that no longer exists:
+//! a resume across it says `recovered: false`, never a replay of the wrong
+//! messages under reused offsets. The price: a Sentinel failover (another
+//! server, another `run_id`) also starts every topic afresh.
+//!
+//! **Resending is safe.** With history on, a batch whose outcome is unknown
+//! (a timeout, a broken connection) is sent again after the reconnect
+//! (`publisher.rs`). Each message carries its bus instance's number for it
+//! (given in queue order by the one publisher task); the script first
+//! raises the instance's high-water mark `P:pub:<instance>` to the batch's
+//! highest number, then runs only the messages above the mark it found. A
+//! batch that ran is therefore skipped whole when it comes again, however
+//! late (even when a paused Redis runs both copies after it resumes).
+//!
+//! # Rejected alternatives
+//!
+//! - **A dedupe key per message** (`SET P:id:<id> NX PX ttl`, the first
+//!   design): one key per message for `ttl` (about 10 MB per 120,000
+//!   messages), and one that expires lets a resend that waited out a pause
+//!   run twice. The mark costs one key per node instance. It relies on one
+//!   thing, checked in `publisher.rs`: the numbers are given when the
+//!   publisher takes a message from its queue, never in `publish`, where
+//!   two tasks could push in the opposite order of their numbers.
+//! - **`MULTI`/`EXEC` instead of a script**: a transaction cannot use the
+//!   offset `HINCRBY` returns inside the payload it then publishes.
+//! - **Reading the streams instead of pub/sub** (`XREAD` per topic): a node
+//!   holds thousands of user topics; one blocking read per topic does not
+//!   scale, and pub/sub already delivers to exactly the subscribed ones.
+//! - **`math.random` for epochs**: Redis seeds it identically on every
+//!   script call; `TIME` differs.
+//! - **redis-rs's `Script`**: it needs the crate's `script` feature and a
+//!   SHA-1 dependency; `SCRIPT LOAD` answers with the hash anyway, and it is
+//!   run on every connection.
+//!
+//! Redis must never evict these keys: `maxmemory-policy` `noeviction` or a
+//! `volatile-*` policy (every key but `P:seq` has a TTL, and those
+//! policies never evict it; losing a meta hash or a stream only makes a
+//! resume or a repair say it could not), never `allkeys-*` (a lost mark
+//! would let a resent batch run twice). See docs/resume.md.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use redis::aio::MultiplexedConnection;
+use tokio::time::timeout;
+
+use super::conn::{Link, PubConn, connect_publisher};
+use super::queue::{Outgoing, Recorded, TopicKeys};
+use crate::bus::wire::{self, Channels};
+use crate::config::{HistoryConfig, RedisConfig};
+use crate::envelope::Envelope;
+use crate::history::{History, HistoryError, HistoryFuture, Position, Positions, Read};
+use crate::message::Frame;
+use crate::route::{Identity, Route, Topic};
+
+/// Most handoffs kept per identity (the oldest go first): a socket per
+/// tab, not an unbounded list when a client reconnects in a loop.
+pub(crate) const HANDOFFS_KEPT: usize = 32;
+
+/// The epoch function every script shares (see the module docs).
+macro_rules! epoch_lua {
+    () => {
+        r#"
+local function b36(n)
+  local digits = '0123456789abcdefghijklmnopqrstuvwxyz'
+  local out = ''
+  repeat
+    local d = n % 36
+    out = string.sub(digits, d + 1, d + 1) .. out
+    n = (n - d) / 36
+  until n == 0
+  return out
+end
+
+-- The epoch of the topic whose meta hash is `meta`, made afresh (its
+-- stream deleted, its offset back to 0) when it has none or was made under
+-- another Redis run than `run`.
+local function epoch_of(meta, stream, run)
+  local m = redis.call('HMGET', meta, 'e', 'r')
+  if m[1] and m[2] == run then
+    return m[1]
+  end
+  local t = redis.call('TIME')
+  local e = b36(tonumber(t[1])) .. string.sub('000' .. b36(tonumber(t[2])), -4)
+  if e == m[1] then
+    e = e .. 'z'
+  end
+  redis.call('DEL', stream)
+  redis.call('HSET', meta, 'e', e, 'o', 0, 'r', run)
+  return e
+end
+"#
+    };
+}
+
+/// Stamps, records and publishes one batch.
+///
+/// KEYS: `[1]` the sequence, `[2]` this instance's high-water mark, then per
+/// message per topic its meta and stream keys.
+/// ARGV: `[1]` run id, `[2]` stream ttl ms, `[3]` meta ttl ms, `[4]` the id
+/// prefix (a JSON string without its closing quote), `[5]` the batch's
+/// highest number, `[6]` message count; then per message its number, header
+/// prefix, frame and topic count, and per topic its JSON key, channel and
+/// size. Returns how many messages ran (the others had run before).
+const PUBLISH_LUA: &str = concat!(
+    epoch_lua!(),
+    r#"
+local run, ttl, mttl, idp = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local hw = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tonumber(ARGV[5]) > hw then
+  redis.call('SET', KEYS[2], ARGV[5], 'PX', mttl)
+end
+local a, k, sent = 7, 3, 0
+for _ = 1, tonumber(ARGV[6]) do
+  local number, prefix, frame, nt = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+  a = a + 4
+  if tonumber(number) > hw then
+    local seq = redis.call('INCR', KEYS[1])
+    local parts, offsets = {}, {}
+    for t = 0, nt - 1 do
+      local meta, stream = KEYS[k + 2 * t], KEYS[k + 2 * t + 1]
+      local e = epoch_of(meta, stream, run)
+      local o = string.format('%d', redis.call('HINCRBY', meta, 'o', 1))
+      redis.call('PEXPIRE', meta, mttl)
+      offsets[t + 1] = o
+      parts[t + 1] = ARGV[a + 3 * t] .. ':"' .. e .. ':' .. o .. '"'
+    end
+    local payload = prefix .. ',"i":' .. idp .. '-' .. number .. '","s":' .. string.format('%d', seq)
+      .. ',"p":{' .. table.concat(parts, ',') .. '}}\n' .. frame
+    for t = 0, nt - 1 do
+      local stream = KEYS[k + 2 * t + 1]
+      -- pcall: an entry that cannot be added (a stream someone else wrote
+      -- to) leaves a hole that readers see, never half a batch.
+      redis.pcall('XADD', stream, 'MAXLEN', '~', ARGV[a + 3 * t + 2], offsets[t + 1] .. '-1', 'd', payload)
+      redis.call('PEXPIRE', stream, ttl)
+    end
+    for t = 0, nt - 1 do
+      redis.call('PUBLISH', ARGV[a + 3 * t + 1], payload)
+    end
+    sent = sent + 1
+  end
+  k = k + 2 * nt
+  a = a + 3 * nt
+end
+return sent
+"#
+);
+
+/// The tops of some topics, making an epoch where there is none.
+/// KEYS: meta, stream per topic. ARGV: run id, meta ttl ms.
+/// Returns `[epoch, offset]` per topic, flattened.
+const TOPS_LUA: &str = concat!(
+    epoch_lua!(),
+    r#"
+local out = {}
+for i = 1, #KEYS, 2 do
+  out[#out + 1] = epoch_of(KEYS[i], KEYS[i + 1], ARGV[1])
+  redis.call('PEXPIRE', KEYS[i], ARGV[2])
+  out[#out + 1] = redis.call('HGET', KEYS[i], 'o')
+end
+return out
+"#
+);
+
+/// One topic's entries after an offset, with its top, in one atomic step.
+/// KEYS: meta, stream. ARGV: run id, meta ttl ms, the epoch asked for, the
+/// offset after which to read, the last offset wanted (0: the top), the
+/// most entries to return. Returns `[epoch, top offset, entries]`; no
+/// entries when the epoch differs or there are more than asked for.
+const READ_LUA: &str = concat!(
+    epoch_lua!(),
+    r#"
+local e = epoch_of(KEYS[1], KEYS[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local o = tonumber(redis.call('HGET', KEYS[1], 'o'))
+local after, upto, most = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+if upto == 0 or upto > o then
+  upto = o
+end
+local top = string.format('%d', o)
+if e ~= ARGV[3] or after >= upto or upto - after > most then
+  return {e, top, {}}
+end
+return {e, top, redis.call('XRANGE', KEYS[2], string.format('%d', after + 1) .. '-0',
+  string.format('%d', upto) .. '-1', 'COUNT', string.format('%d', upto - after))}
+"#
+);
+
+/// The Redis keys of history, under the channel prefix.
+#[derive(Debug, Clone)]
+pub(super) struct Keys {
+    /// `P:`
+    prefix: String,
+}
+
+impl Keys {
+    pub(super) fn new(channel_prefix: &str) -> Self {
+        Self {
+            prefix: format!("{channel_prefix}:"),
+        }
+    }
+
+    /// The topic's meta hash.
+    pub(super) fn meta(&self, topic: &Topic) -> String {
+        format!("{}h:{{{}}}:m", self.prefix, wire::topic_key(topic))
+    }
+
+    /// The topic's stream.
+    pub(super) fn stream(&self, topic: &Topic) -> String {
+        format!("{}h:{{{}}}:s", self.prefix, wire::topic_key(topic))
+    }
+
+    fn seq(&self) -> String {
+        format!("{}seq", self.prefix)
+    }
+
+    fn mark(&self, instance: &str) -> String {
+        format!("{}pub:{instance}", self.prefix)
+    }
+
+    fn handoff(&self, who: &Identity) -> String {
+        // A JSON array names the identity unambiguously, any characters.
+        let name = serde_json::to_string(&(&*who.user, who.group.as_deref())).unwrap_or_default();
+        format!("{}ho:{name}", self.prefix)
+    }
+}
+
+/// Why a script could not be run: Redis's error, or the time ran out.
+fn unavailable(e: impl std::fmt::Display) -> HistoryError {
+    HistoryError::Unavailable(e.to_string())
+}
+
+/// `SCRIPT LOAD`: the hash `EVALSHA` names the script by.
+async fn load(conn: &mut MultiplexedConnection, script: &str) -> redis::RedisResult<String> {
+    redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(script)
+        .query_async(conn)
+        .await
+}
+
+/// `EVALSHA`, and on `NOSCRIPT` (a `SCRIPT FLUSH`, a failover to a server
+/// that never saw it) `SCRIPT LOAD` and the same call again.
+async fn evalsha<T: redis::FromRedisValue>(
+    conn: &mut MultiplexedConnection,
+    script: &str,
+    sha: &str,
+    args: impl Fn(&mut redis::Cmd),
+) -> redis::RedisResult<T> {
+    let command = || {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(sha);
+        args(&mut cmd);
+        cmd
+    };
+    match command().query_async(conn).await {
+        Err(e) if e.code() == Some("NOSCRIPT") => {
+            load(conn, script).await?;
+            command().query_async(conn).await
+        }
+        result => result,
+    }
+}
+
+/// The `run_id` of the server behind `conn` (`INFO server`).
+async fn run_id(conn: &mut MultiplexedConnection) -> redis::RedisResult<Arc<str>> {
+    let info: String = redis::cmd("INFO").arg("server").query_async(conn).await?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("run_id:"))
+        .map(|id| Arc::from(id.trim()))
+        .ok_or_else(|| {
+            redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "INFO server has no run_id",
+            ))
+        })
+}
+
+/// What a publisher connection knows once it is ready for the script.
+pub(super) struct Prepared {
+    sha: String,
+    run_id: Arc<str>,
+}
+
+/// Milliseconds of a duration, at least 1 (Redis refuses `PX 0`).
+fn ms(d: Duration) -> u64 {
+    (d.as_millis() as u64).max(1)
+}
+
+/// How long a topic's meta hash and the publisher's mark are kept: well
+/// beyond the history itself, so that offsets are not reused while any
+/// client may still hold a position in the epoch.
+fn meta_ttl(history: &HistoryConfig) -> Duration {
+    (history.ttl * 10).max(Duration::from_secs(24 * 3600))
+}
+
+/// What a topic's meta hash says, as the subscriber reads it (never making
+/// an epoch): the subscriber's starting point for a topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Head {
+    /// The topic's position in its current epoch.
+    At(Position),
+    /// It has no epoch of this Redis run yet: its next publish makes one.
+    Fresh,
+}
+
+/// What [`RedisHistory::range`] found.
+pub(super) enum Range {
+    /// Exactly the messages asked for, in offset order.
+    Complete(Vec<Arc<Envelope>>),
+    /// Not all of them are kept (or the epoch changed).
+    Incomplete,
+}
+
+/// One command connection, the server's `run_id` and the scripts' hashes.
+#[derive(Clone)]
+struct Command {
+    conn: MultiplexedConnection,
+    run_id: Arc<str>,
+    tops_sha: Arc<str>,
+    read_sha: Arc<str>,
+    /// Which connection this is, so a failed call drops only its own.
+    serial: u64,
+}
+
+/// History kept in Redis, and the stamping half of the publisher.
+///
+/// Reads and handoffs go over a multiplexed connection of their own (never
+/// the publisher's, whose pipelines they must not wait behind, nor the
+/// subscriber's, which is in pub/sub mode), opened on first use and again
+/// after a failure; every call is bounded by `redis.command_timeout_ms`.
+pub(crate) struct RedisHistory {
+    link: Link,
+    config: RedisConfig,
+    history: HistoryConfig,
+    keys: Keys,
+    /// This bus instance: the node id and a random suffix, so that a node
+    /// restarted under the same id never has its numbers taken for the
+    /// previous run's.
+    instance: String,
+    /// The instance as the start of a JSON string (no closing quote): the
+    /// script appends `-<number>"`.
+    id_prefix: String,
+    current: std::sync::Mutex<Option<Command>>,
+    /// Held while connecting, so concurrent calls open one connection.
+    connecting: tokio::sync::Mutex<()>,
+    serials: AtomicU64,
+}
+
+impl RedisHistory {
+    pub(super) fn new(
+        node_id: &str,
+        link: Link,
+        config: RedisConfig,
+        history: HistoryConfig,
+    ) -> Self {
+        let instance = format!("{node_id}.{:x}", rand::random::<u64>());
+        let mut id_prefix = serde_json::to_string(&instance).unwrap_or_default();
+        id_prefix.pop();
+        Self {
+            link,
+            keys: Keys::new(&config.channel_prefix),
+            config,
+            history,
+            instance,
+            id_prefix,
+            current: std::sync::Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            serials: AtomicU64::new(0),
+        }
+    }
+
+    /// The queue item for one message: the header without its stamp, the
+    /// frame, and each topic's keys (a topic named twice in a route is
+    /// recorded once).
+    pub(super) fn record(
+        &self,
+        origin: &str,
+        route: &Route,
+        frame: &Frame,
+        channels: &Channels,
+    ) -> Outgoing {
+        let mut topics: Vec<&Topic> = Vec::with_capacity(route.topics().len());
+        for topic in route.topics() {
+            if !topics.contains(&topic) {
+                topics.push(topic);
+            }
+        }
+        let mut item = Outgoing::new(
+            topics.iter().map(|t| channels.of(t)).collect(),
+            wire::encode_unstamped(origin, route),
+        );
+        item.history = Some(Box::new(Recorded {
+            frame: Bytes::from(frame.clone()),
+            topics: topics
+                .iter()
+                .map(|t| TopicKeys {
+                    json: wire::json_key(t),
+                    meta: self.keys.meta(t),
+                    stream: self.keys.stream(t),
+                    size: self.history.size_of(t),
+                })
+                .collect(),
+            number: 0,
+        }));
+        item
+    }
+
+    /// Readies a new publisher connection: loads the publish script and
+    /// reads the server's `run_id` (see "Epochs" in the module docs).
+    pub(super) async fn prepare(&self, conn: &mut PubConn) -> redis::RedisResult<Prepared> {
+        let conn = single(conn)?;
+        let sha = load(conn, PUBLISH_LUA).await?;
+        let run_id = run_id(conn).await?;
+        Ok(Prepared { sha, run_id })
+    }
+
+    /// Runs the publish script on one batch, whose messages all have their
+    /// numbers; returns how many ran (the rest had run before).
+    pub(super) async fn publish(
+        &self,
+        conn: &mut PubConn,
+        prepared: &Prepared,
+        batch: &[Outgoing],
+    ) -> redis::RedisResult<u64> {
+        let conn = single(conn)?;
+        let recorded = || {
+            batch
+                .iter()
+                .filter_map(|m| Some((m, m.history.as_deref()?)))
+        };
+        let highest = recorded().map(|(_, r)| r.number).max().unwrap_or(0);
+        let ttl = ms(self.history.ttl);
+        let mttl = ms(meta_ttl(&self.history));
+        let (seq, mark) = (self.keys.seq(), self.keys.mark(&self.instance));
+        evalsha(conn, PUBLISH_LUA, &prepared.sha, |cmd| {
+            let keys: usize = 2 + recorded().map(|(_, r)| 2 * r.topics.len()).sum::<usize>();
+            cmd.arg(keys).arg(&seq).arg(&mark);
+            for (_, r) in recorded() {
+                for t in &r.topics {
+                    cmd.arg(&t.meta).arg(&t.stream);
+                }
+            }
+            cmd.arg(&*prepared.run_id)
+                .arg(ttl)
+                .arg(mttl)
+                .arg(&self.id_prefix)
+                .arg(highest)
+                .arg(recorded().count());
+            for (m, r) in recorded() {
+                cmd.arg(r.number)
+                    .arg(&m.payload[..])
+                    .arg(&r.frame[..])
+                    .arg(r.topics.len());
+                for (t, channel) in r.topics.iter().zip(&m.channels) {
+                    cmd.arg(&t.json).arg(channel).arg(t.size);
+                }
+            }
+        })
+        .await
+    }
+
+    /// The command connection: the current one, or a new one.
+    async fn command(&self) -> Result<Command, HistoryError> {
+        if let Some(c) = self.lock().clone() {
+            return Ok(c);
+        }
+        let limit = self.config.command_timeout;
+        let _connecting = timeout(limit, self.connecting.lock())
+            .await
+            .map_err(|_| unavailable("connecting to Redis timed out"))?;
+        if let Some(c) = self.lock().clone() {
+            return Ok(c);
+        }
+        let command = timeout(limit, self.connect())
+            .await
+            .map_err(|_| unavailable("connecting to Redis timed out"))?
+            .map_err(unavailable)?;
+        *self.lock() = Some(command.clone());
+        Ok(command)
+    }
+
+    async fn connect(&self) -> redis::RedisResult<Command> {
+        let mut conn = connect_publisher(&self.link, &self.config).await?;
+        let conn = single(&mut conn)?.clone();
+        let mut c = conn.clone();
+        let tops_sha = load(&mut c, TOPS_LUA).await?;
+        let read_sha = load(&mut c, READ_LUA).await?;
+        let run_id = run_id(&mut c).await?;
+        Ok(Command {
+            conn,
+            run_id,
+            tops_sha: tops_sha.into(),
+            read_sha: read_sha.into(),
+            serial: self.serials.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Command>> {
+        // Only ever replaced whole: a poisoned lock holds a valid value.
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `call` on the command connection within the command timeout.
+    /// A connection that failed is dropped, and the call is made once more
+    /// on a new one when it failed at once (a connection that went stale
+    /// while idle, as every one does when Redis restarts or a proxy cuts
+    /// it) rather than by running out of time.
+    async fn call<T, F, Fut>(&self, call: F) -> Result<T, HistoryError>
+    where
+        F: Fn(Command) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let mut retried = false;
+        loop {
+            let command = self.command().await?;
+            let serial = command.serial;
+            let error = match timeout(self.config.command_timeout, call(command)).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(e)) if is_answer(&e) => e.to_string(),
+                Ok(Err(e)) => {
+                    self.drop_connection(serial);
+                    if !retried && !e.is_timeout() {
+                        retried = true;
+                        continue;
+                    }
+                    e.to_string()
+                }
+                Err(_) => {
+                    self.drop_connection(serial);
+                    "Redis did not answer in time".to_owned()
+                }
+            };
+            return Err(HistoryError::Unavailable(error));
+        }
+    }
+
+    fn drop_connection(&self, serial: u64) {
+        let mut current = self.lock();
+        if current.as_ref().is_some_and(|c| c.serial == serial) {
+            *current = None;
+        }
+    }
+
+    /// What each topic's meta says now, without making epochs: the
+    /// subscriber's starting points (see `gaps.rs`).
+    pub(super) async fn heads(&self, topics: &[Topic]) -> Result<Vec<Head>, HistoryError> {
+        let metas: Vec<String> = topics.iter().map(|t| self.keys.meta(t)).collect();
+        let metas = &metas;
+        self.call(|mut c| async move {
+            let mut pipe = redis::pipe();
+            for meta in metas {
+                pipe.cmd("HMGET").arg(meta).arg("e").arg("o").arg("r");
+            }
+            let rows: Vec<(Option<String>, Option<u64>, Option<String>)> =
+                pipe.query_async(&mut c.conn).await?;
+            Ok(rows
+                .into_iter()
+                .map(|row| match row {
+                    (Some(epoch), Some(offset), Some(run)) if *run == *c.run_id => {
+                        Head::At(Position {
+                            epoch: epoch.into(),
+                            offset,
+                        })
+                    }
+                    _ => Head::Fresh,
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// The entries of `topic` after `after` up to offset `until` (0: the
+    /// top), at most `most`, with the topic's top. `None` for the entries
+    /// when the epoch differs or there are more than `most`.
+    async fn entries(
+        &self,
+        topic: &Topic,
+        after: &Position,
+        until: u64,
+        most: usize,
+    ) -> Result<(Position, Vec<(String, Bytes)>), HistoryError> {
+        let (meta, stream) = (&self.keys.meta(topic), &self.keys.stream(topic));
+        let mttl = ms(meta_ttl(&self.history));
+        let reply: redis::Value = self
+            .call(|mut c| async move {
+                evalsha(&mut c.conn, READ_LUA, &c.read_sha, |cmd| {
+                    cmd.arg(2)
+                        .arg(meta)
+                        .arg(stream)
+                        .arg(&*c.run_id)
+                        .arg(mttl)
+                        .arg(&*after.epoch)
+                        .arg(after.offset)
+                        .arg(until)
+                        .arg(most);
+                })
+                .await
+            })
+            .await?;
+        read_reply(reply)
+    }
+
+    /// The messages of `topic` after `after` up to `until` inclusive (the
+    /// subscriber's repair): complete, contiguous and of the same epoch, or
+    /// `Incomplete`. No age limit: whatever is still kept is right.
+    pub(super) async fn range(
+        &self,
+        topic: &Topic,
+        after: &Position,
+        until: u64,
+    ) -> Result<Range, HistoryError> {
+        let wanted = until.saturating_sub(after.offset);
+        if wanted == 0 {
+            return Ok(Range::Complete(Vec::new()));
+        }
+        // The stream keeps about `size` entries; more cannot all be there.
+        let most = (self.history.size_of(topic) as u64 * 2 + 100).min(wanted);
+        if wanted > most {
+            return Ok(Range::Incomplete);
+        }
+        let (_, entries) = self.entries(topic, after, until, most as usize).await?;
+        Ok(match contiguous(topic, after, wanted, entries, None)? {
+            Some(messages) => Range::Complete(messages),
+            None => Range::Incomplete,
+        })
+    }
+}
+
+/// Whether an error is Redis's answer (the connection is fine) rather than
+/// a failed connection.
+fn is_answer(e: &redis::RedisError) -> bool {
+    !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped()) && e.code().is_some()
+}
+
+/// The one server's connection (history needs one Redis: the
+/// configuration refuses it on a Cluster).
+fn single(conn: &mut PubConn) -> redis::RedisResult<&mut MultiplexedConnection> {
+    match conn {
+        PubConn::Single(c) => Ok(c),
+        PubConn::Sharded(_) => Err(redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "history is not supported on a Redis Cluster",
+        ))),
+    }
+}
+
+/// Reads the read script's reply: the top and the entries (id, payload).
+fn read_reply(reply: redis::Value) -> Result<(Position, Vec<(String, Bytes)>), HistoryError> {
+    let bad = |what: &str| HistoryError::Unreadable(format!("history read: {what}"));
+    let redis::Value::Array(parts) = reply else {
+        return Err(bad("not an array"));
+    };
+    let mut parts = parts.into_iter();
+    let (Some(epoch), Some(top), Some(entries)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad("too short"));
+    };
+    let text = |v: redis::Value| -> Result<String, HistoryError> {
+        redis::from_redis_value::<String>(v).map_err(|e| bad(&e.to_string()))
+    };
+    let epoch = text(epoch)?;
+    let offset: u64 = text(top)?.parse().map_err(|_| bad("offset"))?;
+    let redis::Value::Array(entries) = entries else {
+        return Err(bad("entries"));
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in entries {
+        // [id, [field, value, ...]]
+        let redis::Value::Array(entry) = entry else {
+            return Err(bad("entry"));
+        };
+        let mut entry = entry.into_iter();
+        let (Some(id), Some(redis::Value::Array(fields))) = (entry.next(), entry.next()) else {
+            return Err(bad("entry"));
+        };
+        let id = text(id)?;
+        let mut data = None;
+        let mut fields = fields.into_iter();
+        while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+            if text(name)? == "d" {
+                let redis::Value::BulkString(bytes) = value else {
+                    return Err(bad("payload"));
+                };
+                data = Some(Bytes::from(bytes));
+            }
+        }
+        out.push((id, data.ok_or_else(|| bad("entry without payload"))?));
+    }
+    Ok((
+        Position {
+            epoch: epoch.into(),
+            offset,
+        },
+        out,
+    ))
+}
+
+/// The entries' messages, if they are exactly the `wanted` offsets after
+/// `after`, in order, and (with `max_age_ms`) none is older than that.
+fn contiguous(
+    topic: &Topic,
+    after: &Position,
+    wanted: u64,
+    entries: Vec<(String, Bytes)>,
+    max_age_ms: Option<u64>,
+) -> Result<Option<Vec<Arc<Envelope>>>, HistoryError> {
+    if entries.len() as u64 != wanted {
+        return Ok(None);
+    }
+    let now = wire::now_ms();
+    let mut messages = Vec::with_capacity(entries.len());
+    for (n, (id, payload)) in entries.into_iter().enumerate() {
+        let offset = after.offset + 1 + n as u64;
+        if id != format!("{offset}-1") {
+            return Ok(None);
+        }
+        let decoded = wire::decode(payload).map_err(|e| HistoryError::Unreadable(e.to_string()))?;
+        let stamped_here = decoded
+            .stamp
+            .as_ref()
+            .and_then(|s| s.position(topic))
+            .is_some_and(|p| p.epoch == after.epoch && p.offset == offset);
+        if !stamped_here {
+            return Err(HistoryError::Unreadable(format!(
+                "history entry {id} is not stamped with its own position"
+            )));
+        }
+        if let (Some(max), Some(at)) = (max_age_ms, decoded.published_ms)
+            && now.saturating_sub(at) > max
+        {
+            return Ok(None);
+        }
+        messages.push(Arc::new(Envelope::stamped(
+            decoded.route,
+            decoded.frame,
+            decoded.stamp,
+        )));
+    }
+    Ok(Some(messages))
+}
+
+/// A handoff as stored: the three positions, `null` where there is none.
+fn handoff_json(positions: &Positions) -> String {
+    let texts: Vec<Option<String>> = positions
+        .iter()
+        .map(|p| p.as_ref().map(Position::to_string))
+        .collect();
+    serde_json::to_string(&texts).unwrap_or_default()
+}
+
+fn handoff_from_json(text: &str) -> Result<Positions, HistoryError> {
+    let bad = || HistoryError::Unreadable(format!("handoff {text:?}"));
+    let texts: Vec<Option<String>> = serde_json::from_str(text).map_err(|_| bad())?;
+    let mut positions: Positions = Default::default();
+    if texts.len() != positions.len() {
+        return Err(bad());
+    }
+    for (slot, text) in positions.iter_mut().zip(texts) {
+        if let Some(text) = text {
+            *slot = Some(Position::parse(&text).ok_or_else(bad)?);
+        }
+    }
+    Ok(positions)
+}
+
+impl History for RedisHistory {
+    fn tops<'a>(&'a self, topics: &'a [Topic]) -> HistoryFuture<'a, Vec<Position>> {
+        Box::pin(async move {
+            if topics.is_empty() {
+                return Ok(Vec::new());
+            }
+            let keys: &Vec<String> = &topics
+                .iter()
+                .flat_map(|t| [self.keys.meta(t), self.keys.stream(t)])
+                .collect();
+            let mttl = ms(meta_ttl(&self.history));
+            let flat: Vec<String> = self
+                .call(|mut c| async move {
+                    evalsha(&mut c.conn, TOPS_LUA, &c.tops_sha, |cmd| {
+                        cmd.arg(keys.len()).arg(keys).arg(&*c.run_id).arg(mttl);
+                    })
+                    .await
+                })
+                .await?;
+            if flat.len() != topics.len() * 2 {
+                return Err(HistoryError::Unreadable("tops: wrong length".into()));
+            }
+            flat.chunks(2)
+                .map(|pair| {
+                    let offset = pair[1]
+                        .parse()
+                        .map_err(|_| HistoryError::Unreadable(format!("offset {:?}", pair[1])))?;
+                    Ok(Position {
+                        epoch: pair[0].as_str().into(),
+                        offset,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn read<'a>(
+        &'a self,
+        topic: &'a Topic,
+        after: &'a Position,
+        max: usize,
+    ) -> HistoryFuture<'a, Read> {
+        Box::pin(async move {
+            let (top, entries) = self.entries(topic, after, 0, max).await?;
+            if top.epoch != after.epoch || top.offset < after.offset {
+                return Ok(Read::Incomplete { top });
+            }
+            let wanted = top.offset - after.offset;
+            if wanted > max as u64 {
+                return Ok(Read::Incomplete { top });
+            }
+            let max_age = ms(self.history.ttl);
+            Ok(
+                match contiguous(topic, after, wanted, entries, Some(max_age))? {
+                    Some(messages) => Read::Complete { messages, top },
+                    None => Read::Incomplete { top },
+                },
+            )
+        })
+    }
+
+    fn handoff_put<'a>(
+        &'a self,
+        who: &'a Identity,
+        positions: &'a Positions,
+    ) -> HistoryFuture<'a, ()> {
+        Box::pin(async move {
+            let (key, value) = (&self.keys.handoff(who), &handoff_json(positions));
+            let ttl = ms(self.history.ttl);
+            self.call(|mut c| async move {
+                redis::pipe()
+                    .atomic()
+                    .cmd("RPUSH")
+                    .arg(key)
+                    .arg(value)
+                    .ignore()
+                    .cmd("LTRIM")
+                    .arg(key)
+                    .arg(-(HANDOFFS_KEPT as i64))
+                    .arg(-1)
+                    .ignore()
+                    .cmd("PEXPIRE")
+                    .arg(key)
+                    .arg(ttl)
+                    .ignore()
+                    .query_async::<()>(&mut c.conn)
+                    .await
+            })
+            .await
+        })
+    }
+
+    fn handoff_take<'a>(&'a self, who: &'a Identity) -> HistoryFuture<'a, Option<Positions>> {
+        Box::pin(async move {
+            let key = &self.keys.handoff(who);
+            let taken: Option<String> =
+                self.call(|mut c| async move {
+                    redis::cmd("LPOP").arg(key).query_async(&mut c.conn).await
+                })
+                .await?;
+            taken.as_deref().map(handoff_from_json).transpose()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_under_the_prefix_and_one_per_topic() {
+        let keys = Keys::new("wshub");
+        assert_eq!(keys.meta(&Topic::All), "wshub:h:{all}:m");
+        assert_eq!(
+            keys.stream(&Topic::Group(Some("a}b".into()))),
+            "wshub:h:{g:a}b}:s"
+        );
+        assert_eq!(keys.meta(&Topic::Group(None)), "wshub:h:{n}:m");
+        let ann = Identity {
+            user: "ann".into(),
+            group: None,
+        };
+        assert_eq!(keys.handoff(&ann), r#"wshub:ho:["ann",null]"#);
+        let odd = Identity {
+            user: "a\",".into(),
+            group: Some("g".into()),
+        };
+        assert_eq!(keys.handoff(&odd), r#"wshub:ho:["a\",","g"]"#);
+    }
+
+    #[test]
+    fn handoffs_round_trip_and_bad_ones_are_errors() {
+        let positions: Positions = [Position::parse("k3:41"), None, Position::parse("q2:5")];
+        let text = handoff_json(&positions);
+        assert_eq!(text, r#"["k3:41",null,"q2:5"]"#);
+        assert_eq!(handoff_from_json(&text).unwrap(), positions);
+        for bad in ["", "[]", r#"["x"]"#, r#"["a:1",null,"bad"]"#, "{}"] {
+            assert!(handoff_from_json(bad).is_err(), "{bad:?}");
+        }
+    }
+}

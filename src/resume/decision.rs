@@ -1,0 +1,463 @@
+//! The resume decision (see the parent module for floors and frames).
+//!
+//! A socket that gives positions for its three topics ([`topics_of`]) is
+//! *recovered* when every message it missed is still in history: each
+//! topic is read after the socket's position, every message read is kept
+//! only when the socket accepts it through the topic it was read from
+//! ([`Route::accepts`](crate::route::Route::accepts): the live rule, so a
+//! message to a group and a user is replayed once), and the rest are merged
+//! in publish order (`stamp.seq`). Anything short of that — a topic trimmed
+//! or expired, a new epoch, more than `history.max_replay`, positions that
+//! cannot be read or are missing, history failing or slow — is *not
+//! recovered*: nothing is replayed (all or nothing) and the socket
+//! continues from the topics' tops. Legacy sockets (no `resume`) take over a
+//! drain handoff the same way, without the welcome and without `pos`.
+//!
+//! **Reads repeat until a round finds nothing new.** The three reads are
+//! not one atomic snapshot: a message published to `all` after `all` was
+//! read but before the group was read would be missing from the replay
+//! while a later message of the group is in it. Its live copy would then
+//! arrive *after* that later message: out of order for a sender that sent
+//! both. So the topics are read again from where the last round ended
+//! until a round brings nothing new (usually the second, an empty read of
+//! each topic). Then every replayed message was published before that
+//! round began and every message not replayed after it, so the live copies
+//! that follow are all later in publish order than the replay. (Rejected:
+//! writing the live copies as they come, merged with the replay by `seq`
+//! — a live copy still in flight to this node cannot be waited for without
+//! knowing it exists; waiting until the node has delivered the highest
+//! replayed `seq` stalls whenever that message never reaches this node.)
+//! A topic that keeps growing through [`MAX_ROUNDS`] rounds is not
+//! recovered rather than replayed in a doubtful order.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tracing::{debug, warn};
+
+use super::{Floors, Outcome, Report, Request, welcome_frame};
+use crate::envelope::Envelope;
+use crate::history::{History, HistoryError, Position, Positions, Read, client_key, topics_of};
+use crate::logging::Untrusted;
+use crate::message::Frame;
+use crate::metrics::Metrics;
+use crate::outcome::{HandoffResult, ResumeResult};
+use crate::route::{Identity, Topic};
+
+/// Most rounds of reads before a resume whose topics keep growing is given
+/// up (see the module docs).
+pub const MAX_ROUNDS: usize = 4;
+
+/// One topic's history as read so far: the messages after the socket's
+/// position, oldest first, and the position they reach.
+#[derive(Debug)]
+struct Reach {
+    messages: Vec<Arc<Envelope>>,
+    top: Position,
+}
+
+/// Why a resume is not recovered (logged at debug).
+#[derive(Debug, thiserror::Error)]
+pub enum NotRecovered {
+    /// The `resume` value could not be read.
+    #[error("the positions cannot be read")]
+    Unreadable,
+    /// Positions were given for some of the socket's topics only.
+    #[error("no position for {0}")]
+    Missing(&'static str),
+    /// History no longer holds everything after a position (trimmed,
+    /// expired, a new epoch), or more than the budget follows it.
+    #[error("history of {0} is incomplete")]
+    Incomplete(String),
+    /// More than `history.max_replay` messages to replay.
+    #[error("{count} messages to replay, more than history.max_replay ({max})")]
+    TooMany {
+        /// Messages the socket would be replayed.
+        count: usize,
+        /// `history.max_replay`.
+        max: usize,
+    },
+    /// History answered something that does not follow the position
+    /// (offsets not contiguous, a message without its stamp, a position
+    /// ahead of the topic): never replayed.
+    #[error("history of {0} does not follow the position given")]
+    Inconsistent(String),
+    /// The topics kept growing for [`MAX_ROUNDS`] rounds of reads.
+    #[error("the topics kept growing while they were read")]
+    Unsettled,
+    /// History failed.
+    #[error(transparent)]
+    History(#[from] HistoryError),
+    /// History did not answer in time.
+    #[error("history did not answer within {0:?}")]
+    TimedOut(Duration),
+}
+
+impl Reach {
+    fn at(position: Position) -> Self {
+        Self {
+            messages: Vec::new(),
+            top: position,
+        }
+    }
+
+    /// Adds the read of `topic` after `self.top`; returns whether it
+    /// brought new messages. Refuses a read that is incomplete or is not
+    /// the exact continuation: same epoch, one message per offset from
+    /// `top + 1` to its top, each stamped with that position.
+    fn extend(&mut self, topic: &Topic, read: Read) -> Result<bool, NotRecovered> {
+        let (messages, top) = match read {
+            Read::Complete { messages, top } => (messages, top),
+            Read::Incomplete { .. } => return Err(NotRecovered::Incomplete(client_key(topic))),
+        };
+        let inconsistent = || NotRecovered::Inconsistent(client_key(topic));
+        if top.epoch != self.top.epoch {
+            return Err(inconsistent());
+        }
+        let expected = top
+            .offset
+            .checked_sub(self.top.offset)
+            .ok_or_else(inconsistent)?;
+        if messages.len() as u64 != expected {
+            return Err(inconsistent());
+        }
+        for (n, message) in (1..).zip(&messages) {
+            let position = message
+                .stamp
+                .as_ref()
+                .and_then(|s| s.position(topic))
+                .ok_or_else(inconsistent)?;
+            if position.epoch != top.epoch || position.offset != self.top.offset + n {
+                return Err(inconsistent());
+            }
+        }
+        let grew = !messages.is_empty();
+        self.messages.extend(messages);
+        self.top = top;
+        Ok(grew)
+    }
+}
+
+/// The replay of what was read: every message the socket `who` accepts
+/// through the topic it was read from, in publish order, at most
+/// `max_replay`.
+fn merge(
+    reaches: &[Reach; 3],
+    who: &Identity,
+    max_replay: usize,
+) -> Result<Vec<Arc<Envelope>>, NotRecovered> {
+    let topics = topics_of(who);
+    let mut replay: Vec<(u64, Arc<Envelope>)> = Vec::new();
+    for (reach, topic) in reaches.iter().zip(&topics) {
+        for message in &reach.messages {
+            if message.route.accepts(topic, who) {
+                // Stamped: `extend` checked.
+                let seq = message.stamp.as_ref().map_or(0, |s| s.seq);
+                replay.push((seq, message.clone()));
+            }
+        }
+    }
+    replay.sort_by_key(|(seq, _)| *seq);
+    // One message is accepted through one topic only; a `seq` seen twice
+    // would be history's mistake, and one copy is what the socket is owed.
+    replay.dedup_by_key(|(seq, _)| *seq);
+    if replay.len() > max_replay {
+        return Err(NotRecovered::TooMany {
+            count: replay.len(),
+            max: max_replay,
+        });
+    }
+    Ok(replay.into_iter().map(|(_, m)| m).collect())
+}
+
+/// The resume decision for one round of reads, as a pure function: given
+/// the positions a socket gave (`from`, per [`topics_of`]`(who)`) and what
+/// history answered for each topic after them, the messages to replay in
+/// order and the positions reached. Err: not recovered.
+pub fn decide(
+    from: &[Position; 3],
+    reads: [Read; 3],
+    who: &Identity,
+    max_replay: usize,
+) -> Result<(Vec<Arc<Envelope>>, [Position; 3]), NotRecovered> {
+    let topics = topics_of(who);
+    let mut reaches = from.clone().map(Reach::at);
+    for ((reach, topic), read) in reaches.iter_mut().zip(&topics).zip(reads) {
+        reach.extend(topic, read)?;
+    }
+    let replay = merge(&reaches, who, max_replay)?;
+    Ok((replay, reaches.map(|r| r.top)))
+}
+
+/// History as a node's sockets use it: the resume decision at connect and
+/// the drain handoff at shutdown, every call bounded in time.
+pub struct Resumer {
+    history: Arc<dyn History>,
+    max_replay: usize,
+    drain_handoff: bool,
+    /// The bound on each History call (`redis.command_timeout_ms`).
+    limit: Duration,
+    node_id: Arc<str>,
+    metrics: Arc<Metrics>,
+    /// A failed handoff is logged at warn once per node, then at debug
+    /// (a drain with Redis gone would otherwise log one line per socket);
+    /// every one is counted.
+    handoff_failure_logged: AtomicBool,
+}
+
+impl Resumer {
+    /// The resumer of a node whose bus keeps `history`, with
+    /// `history.max_replay` and `history.drain_handoff`. (Not the whole
+    /// `HistoryConfig`: `config` depends on the outbox, which depends on
+    /// this module's [`Mark`](super::Mark).)
+    pub fn new(
+        history: Arc<dyn History>,
+        max_replay: usize,
+        drain_handoff: bool,
+        limit: Duration,
+        node_id: Arc<str>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            history,
+            max_replay,
+            drain_handoff,
+            limit,
+            node_id,
+            metrics,
+            handoff_failure_logged: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether legacy sockets store their positions on shutdown.
+    pub fn drain_handoff(&self) -> bool {
+        self.drain_handoff
+    }
+
+    /// Decides how a socket for `who` starts (see the module docs), and
+    /// counts it. Never fails: history failing is "not recovered".
+    pub async fn start(&self, who: &Identity, request: &Request) -> Outcome {
+        let speaks = request.speaks_resume();
+        let attempt = match request {
+            // No handoff to give or take: a legacy socket needs no floors.
+            Request::Legacy if !self.drain_handoff => {
+                return self.outcome(None, Vec::new(), Floors::default(), 0);
+            }
+            Request::Legacy => {
+                let (taken, tops) = tokio::join!(self.take_handoff(who), self.tops(who));
+                match taken {
+                    Some(from) => Attempt::From(from, Some(tops)),
+                    None => return self.outcome(None, Vec::new(), Floors::new(tops, false), 0),
+                }
+            }
+            Request::Fresh => Attempt::Fresh,
+            Request::Unreadable => Attempt::Not(NotRecovered::Unreadable),
+            Request::Positions(positions) => match complete(positions) {
+                Ok(from) => Attempt::From(from, None),
+                Err(why) => Attempt::Not(why),
+            },
+        };
+        let (why, tops) = match attempt {
+            Attempt::From(from, tops) => match self.recover(who, &from).await {
+                Ok((replay, reached)) => {
+                    let mut frames = Vec::with_capacity(replay.len() + 1);
+                    if speaks {
+                        // The positions the client sent; `pos` moves them on.
+                        let given = from.map(Some);
+                        let welcome = welcome_frame(who, true, replay.len(), &given, &self.node_id);
+                        frames.push(welcome);
+                    }
+                    frames.extend(replay.iter().map(|m| m.frame_for(speaks).clone()));
+                    let floors = Floors::new(reached.map(Some), true);
+                    let result = Some(ResumeResult::Recovered);
+                    return self.outcome(result, frames, floors, replay.len());
+                }
+                Err(why) => (Some(why), tops),
+            },
+            Attempt::Fresh => (None, None),
+            Attempt::Not(why) => (Some(why), None),
+        };
+        if let Some(why) = &why {
+            debug!(user = %Untrusted(&who.user), %why, "resume not recovered");
+        }
+        let tops = match tops {
+            Some(tops) => tops,
+            None => self.tops(who).await,
+        };
+        let frames = if speaks {
+            vec![welcome_frame(who, false, 0, &tops, &self.node_id)]
+        } else {
+            Vec::new()
+        };
+        let result = match why {
+            None => ResumeResult::Fresh,
+            Some(_) => ResumeResult::NotRecovered,
+        };
+        // A legacy socket whose handoff could not be replayed is today's
+        // socket: it drops nothing.
+        self.outcome(Some(result), frames, Floors::new(tops, speaks), 0)
+    }
+
+    /// Counts a decision and makes its outcome.
+    fn outcome(
+        &self,
+        result: Option<ResumeResult>,
+        frames: Vec<Frame>,
+        floors: Floors,
+        replayed: usize,
+    ) -> Outcome {
+        if let Some(result) = result {
+            self.metrics.resumed(result, replayed);
+        }
+        Outcome {
+            frames,
+            floors,
+            report: Report { result, replayed },
+        }
+    }
+
+    /// Reads every topic after `from` until a round brings nothing new
+    /// (module docs), then merges. Bounded by twice the call limit in all.
+    async fn recover(
+        &self,
+        who: &Identity,
+        from: &[Position; 3],
+    ) -> Result<(Vec<Arc<Envelope>>, [Position; 3]), NotRecovered> {
+        let total = self.limit * 2;
+        let rounds = async {
+            let topics = topics_of(who);
+            let mut reaches = from.clone().map(Reach::at);
+            for _ in 0..MAX_ROUNDS {
+                let budget = |r: &Reach| self.max_replay.saturating_sub(r.messages.len());
+                let [r0, r1, r2] = &reaches;
+                let (a, b, c) = tokio::join!(
+                    self.read(&topics[0], &r0.top, budget(r0)),
+                    self.read(&topics[1], &r1.top, budget(r1)),
+                    self.read(&topics[2], &r2.top, budget(r2)),
+                );
+                let mut grew = false;
+                for ((reach, topic), read) in reaches.iter_mut().zip(&topics).zip([a, b, c]) {
+                    grew |= reach.extend(topic, read?)?;
+                }
+                if !grew {
+                    let replay = merge(&reaches, who, self.max_replay)?;
+                    return Ok((replay, reaches.map(|r| r.top)));
+                }
+            }
+            Err(NotRecovered::Unsettled)
+        };
+        tokio::time::timeout(total, rounds)
+            .await
+            .unwrap_or(Err(NotRecovered::TimedOut(total)))
+    }
+
+    async fn read(
+        &self,
+        topic: &Topic,
+        after: &Position,
+        max: usize,
+    ) -> Result<Read, NotRecovered> {
+        match tokio::time::timeout(self.limit, self.history.read(topic, after, max)).await {
+            Ok(read) => Ok(read?),
+            Err(_) => Err(NotRecovered::TimedOut(self.limit)),
+        }
+    }
+
+    /// The tops of `who`'s topics; `None` for each when history fails.
+    async fn tops(&self, who: &Identity) -> Positions {
+        let topics = topics_of(who);
+        match tokio::time::timeout(self.limit, self.history.tops(&topics)).await {
+            Ok(Ok(tops)) if tops.len() == topics.len() => {
+                let mut positions: Positions = Default::default();
+                for (slot, top) in positions.iter_mut().zip(tops) {
+                    *slot = Some(top);
+                }
+                positions
+            }
+            Ok(Ok(tops)) => {
+                debug!(
+                    got = tops.len(),
+                    "history answered the wrong number of tops"
+                );
+                Default::default()
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "cannot read the topics' tops");
+                Default::default()
+            }
+            Err(_) => {
+                debug!(
+                    limit_ms = self.limit.as_millis() as u64,
+                    "the topics' tops were not read in time"
+                );
+                Default::default()
+            }
+        }
+    }
+
+    /// Takes a drain handoff for `who`; `None` when there is none, or it
+    /// cannot be taken (then there is nothing to recover from).
+    async fn take_handoff(&self, who: &Identity) -> Option<[Position; 3]> {
+        match tokio::time::timeout(self.limit, self.history.handoff_take(who)).await {
+            Ok(Ok(Some(positions))) => complete(&positions).ok(),
+            Ok(Ok(None)) => None,
+            Ok(Err(e)) => {
+                debug!(error = %e, "cannot take a drain handoff");
+                None
+            }
+            Err(_) => {
+                debug!(
+                    limit_ms = self.limit.as_millis() as u64,
+                    "no drain handoff taken in time"
+                );
+                None
+            }
+        }
+    }
+
+    /// Stores a legacy socket's floors under its identity on shutdown, for
+    /// the next socket with that identity (called before its close frame).
+    /// Bounded by the call limit; a failure is counted and logged.
+    pub async fn hand_off(&self, who: &Identity, floors: &Positions) {
+        if !self.drain_handoff || floors.iter().any(Option::is_none) {
+            // Without a position in every topic there is nothing to replay.
+            return;
+        }
+        let error =
+            match tokio::time::timeout(self.limit, self.history.handoff_put(who, floors)).await {
+                Ok(Ok(())) => {
+                    self.metrics.drain_handoff(HandoffResult::Stored);
+                    return;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {} ms", self.limit.as_millis()),
+            };
+        self.metrics.drain_handoff(HandoffResult::Failed);
+        if !self.handoff_failure_logged.swap(true, Ordering::Relaxed) {
+            warn!(%error, "drain handoff failed: the socket's next connection will not be replayed what it missed (logged once; see wshub_drain_handoffs_total)");
+        } else {
+            debug!(%error, "drain handoff failed");
+        }
+    }
+}
+
+/// The positions as one per topic, or why not.
+fn complete(positions: &Positions) -> Result<[Position; 3], NotRecovered> {
+    match positions {
+        [Some(all), Some(group), Some(user)] => Ok([all.clone(), group.clone(), user.clone()]),
+        [None, ..] => Err(NotRecovered::Missing("everyone")),
+        [_, None, _] => Err(NotRecovered::Missing("the group")),
+        [.., None] => Err(NotRecovered::Missing("the user")),
+    }
+}
+
+/// What a socket's request leads to, before history is read.
+enum Attempt {
+    /// Recover from these positions (with the tops, when already read).
+    From([Position; 3], Option<Positions>),
+    /// `resume=`: nothing to recover.
+    Fresh,
+    /// Not recovered before anything is read.
+    Not(NotRecovered),
+}

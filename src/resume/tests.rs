@@ -1,0 +1,795 @@
+//! The resume decision against an in-memory [`History`]: what is replayed,
+//! in which order, and when the answer is "not recovered".
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::*;
+use crate::history::{History, HistoryError, HistoryFuture, Read, Stamp};
+use crate::metrics::Metrics;
+use crate::route::Route;
+
+fn who(user: &str, group: Option<&str>) -> Identity {
+    Identity {
+        user: user.into(),
+        group: group.map(Into::into),
+    }
+}
+
+fn group(g: &str) -> Topic {
+    Topic::Group(Some(g.into()))
+}
+
+fn user(u: &str) -> Topic {
+    Topic::User(u.into())
+}
+
+fn pos(text: &str) -> Position {
+    Position::parse(text).unwrap()
+}
+
+/// The `message` of a replayed frame (its name in these tests).
+fn name_of(frame: &Frame) -> String {
+    let v: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+    v["message"].as_str().unwrap().to_owned()
+}
+
+fn names(messages: &[Arc<Envelope>]) -> Vec<String> {
+    messages.iter().map(|m| name_of(&m.frame)).collect()
+}
+
+/// One topic's history in the double.
+struct Log {
+    epoch: Arc<str>,
+    top: u64,
+    /// The last `size` messages, the newest last.
+    kept: VecDeque<Arc<Envelope>>,
+}
+
+/// A drain handoff's key: the identity.
+type HandoffKey = (Arc<str>, Option<Arc<str>>);
+
+/// Runs after every read the double answers (to publish in between).
+type Hook = Box<dyn FnMut(&mut State, &Topic) + Send>;
+
+#[derive(Default)]
+struct State {
+    logs: HashMap<Topic, Log>,
+    seq: u64,
+    epochs: u64,
+    size: usize,
+    handoffs: HashMap<HandoffKey, Vec<Positions>>,
+    failing: bool,
+    hanging: bool,
+    after_read: Option<Hook>,
+    reads: usize,
+}
+
+impl State {
+    fn log(&mut self, topic: &Topic) -> &mut Log {
+        if !self.logs.contains_key(topic) {
+            self.epochs += 1;
+            let epoch: Arc<str> = format!("e{}", self.epochs).into();
+            self.logs.insert(
+                topic.clone(),
+                Log {
+                    epoch,
+                    top: 0,
+                    kept: VecDeque::new(),
+                },
+            );
+        }
+        self.logs.get_mut(topic).unwrap()
+    }
+
+    /// Publishes `name` to `route`, stamped as the Redis bus would.
+    fn publish(&mut self, route: Route, name: &str) -> Arc<Envelope> {
+        self.seq += 1;
+        let mut positions = Vec::new();
+        for topic in route.topics() {
+            let log = self.log(topic);
+            log.top += 1;
+            positions.push((
+                topic.clone(),
+                Position {
+                    epoch: log.epoch.clone(),
+                    offset: log.top,
+                },
+            ));
+        }
+        let frame = Frame::from(format!(r#"{{"action":"say","message":"{name}"}}"#));
+        let stamp = Stamp {
+            seq: self.seq,
+            positions,
+        };
+        let envelope = Arc::new(Envelope::stamped(route, frame, Some(stamp)));
+        let size = if self.size == 0 { 1000 } else { self.size };
+        for topic in envelope.route.topics().to_vec() {
+            let log = self.log(&topic);
+            log.kept.push_back(envelope.clone());
+            while log.kept.len() > size {
+                log.kept.pop_front();
+            }
+        }
+        envelope
+    }
+
+    fn top(&mut self, topic: &Topic) -> Position {
+        let log = self.log(topic);
+        Position {
+            epoch: log.epoch.clone(),
+            offset: log.top,
+        }
+    }
+
+    fn read(&mut self, topic: &Topic, after: &Position, max: usize) -> Read {
+        let top = self.top(topic);
+        let log = self.log(topic);
+        if after.epoch != log.epoch {
+            return Read::Incomplete { top };
+        }
+        if after.offset >= log.top {
+            // Nothing after it (or a position ahead of the top, which the
+            // decision must refuse itself).
+            return Read::Complete {
+                messages: Vec::new(),
+                top,
+            };
+        }
+        let missed = (log.top - after.offset) as usize;
+        if missed > max || missed > log.kept.len() {
+            return Read::Incomplete { top };
+        }
+        let messages = log.kept.iter().skip(log.kept.len() - missed).cloned();
+        Read::Complete {
+            messages: messages.collect(),
+            top,
+        }
+    }
+}
+
+/// History in memory, with switches for failing and hanging.
+#[derive(Default)]
+struct Mem(Mutex<State>);
+
+impl Mem {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.0.lock().unwrap()
+    }
+
+    fn publish(&self, route: Route, name: &str) -> Arc<Envelope> {
+        self.state().publish(route, name)
+    }
+
+    fn tops_of(&self, who: &Identity) -> [Position; 3] {
+        let mut state = self.state();
+        topics_of(who).map(|t| state.top(&t))
+    }
+
+    /// Ok(value) unless failing; hangs forever when hanging.
+    fn answer<'a, T: Send + 'a>(
+        &'a self,
+        value: impl FnOnce(&mut State) -> T + Send + 'a,
+    ) -> HistoryFuture<'a, T> {
+        Box::pin(async move {
+            let (failing, hanging) = {
+                let state = self.state();
+                (state.failing, state.hanging)
+            };
+            if hanging {
+                std::future::pending::<()>().await;
+            }
+            if failing {
+                return Err(HistoryError::Unavailable("switched off".into()));
+            }
+            Ok(value(&mut self.state()))
+        })
+    }
+}
+
+impl History for Mem {
+    fn tops<'a>(&'a self, topics: &'a [Topic]) -> HistoryFuture<'a, Vec<Position>> {
+        self.answer(move |state| topics.iter().map(|t| state.top(t)).collect())
+    }
+
+    fn read<'a>(
+        &'a self,
+        topic: &'a Topic,
+        after: &'a Position,
+        max: usize,
+    ) -> HistoryFuture<'a, Read> {
+        self.answer(move |state| {
+            state.reads += 1;
+            let read = state.read(topic, after, max);
+            if let Some(mut hook) = state.after_read.take() {
+                hook(state, topic);
+                state.after_read = Some(hook);
+            }
+            read
+        })
+    }
+
+    fn handoff_put<'a>(
+        &'a self,
+        who: &'a Identity,
+        positions: &'a Positions,
+    ) -> HistoryFuture<'a, ()> {
+        self.answer(move |state| {
+            let key = (who.user.clone(), who.group.clone());
+            state
+                .handoffs
+                .entry(key)
+                .or_default()
+                .push(positions.clone());
+        })
+    }
+
+    fn handoff_take<'a>(&'a self, who: &'a Identity) -> HistoryFuture<'a, Option<Positions>> {
+        self.answer(move |state| {
+            let key = (who.user.clone(), who.group.clone());
+            let list = state.handoffs.get_mut(&key)?;
+            (!list.is_empty()).then(|| list.remove(0))
+        })
+    }
+}
+
+fn resumer(mem: &Arc<Mem>, max_replay: usize) -> (Resumer, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new());
+    let resumer = Resumer::new(
+        mem.clone(),
+        max_replay,
+        true,
+        Duration::from_secs(2),
+        "n2".into(),
+        metrics.clone(),
+    );
+    (resumer, metrics)
+}
+
+/// Reads every topic of `who` after `from` in one round, as the decision
+/// does, from the double.
+fn decide_now(
+    mem: &Mem,
+    from: &[Position; 3],
+    who: &Identity,
+    max_replay: usize,
+) -> Result<(Vec<Arc<Envelope>>, [Position; 3]), NotRecovered> {
+    let topics = topics_of(who);
+    let mut state = mem.state();
+    let reads = [0, 1, 2].map(|i| state.read(&topics[i], &from[i], max_replay));
+    drop(state);
+    decide(from, reads, who, max_replay)
+}
+
+fn to(topics: &[Topic]) -> Route {
+    Route::from_parts(topics.to_vec(), Vec::new())
+}
+
+// ---- The pure decision ----------------------------------------------------
+
+#[test]
+fn a_group_and_user_message_is_replayed_once_through_its_first_topic() {
+    let mem = Mem::default();
+    let (ann, bob) = (who("ann", Some("chat")), who("bob", Some("chat")));
+    let (ann_from, bob_from) = (mem.tops_of(&ann), mem.tops_of(&bob));
+    mem.publish(to(&[group("chat"), user("ann")]), "both");
+    mem.publish(to(&[user("ann"), group("chat")]), "user-first");
+    let (replay, reached) = decide_now(&mem, &ann_from, &ann, 100).unwrap();
+    assert_eq!(names(&replay), ["both", "user-first"], "each once");
+    assert_eq!(reached, mem.tops_of(&ann));
+    let (replay, _) = decide_now(&mem, &bob_from, &bob, 100).unwrap();
+    assert_eq!(names(&replay), ["both", "user-first"]);
+    // Ann received "both" (its `pos` moved her group and user positions
+    // on) but not "user-first": read again from there, it is in both
+    // topics, and she accepts it through her user topic only.
+    let mut from = mem.tops_of(&ann);
+    from[1].offset -= 1;
+    from[2].offset -= 1;
+    let (replay, _) = decide_now(&mem, &from, &ann, 100).unwrap();
+    assert_eq!(names(&replay), ["user-first"]);
+}
+
+#[test]
+fn the_replay_is_in_publish_order_across_topics_and_exclusions_hold() {
+    let mem = Mem::default();
+    let ann = who("ann", Some("chat"));
+    let from = mem.tops_of(&ann);
+    mem.publish(Route::everyone(), "1-all");
+    mem.publish(to(&[user("ann")]), "2-user");
+    mem.publish(to(&[group("chat")]), "3-group");
+    mem.publish(
+        Route::from_parts(vec![Topic::All], vec!["ann".into()]),
+        "4-not-ann",
+    );
+    mem.publish(to(&[group("other")]), "5-other");
+    mem.publish(Route::everyone(), "6-all");
+    mem.publish(to(&[user("ann")]), "7-user");
+    let (replay, reached) = decide_now(&mem, &from, &ann, 100).unwrap();
+    assert_eq!(
+        names(&replay),
+        ["1-all", "2-user", "3-group", "6-all", "7-user"]
+    );
+    assert_eq!(
+        reached,
+        mem.tops_of(&ann),
+        "floors cover the excluded one too"
+    );
+}
+
+#[test]
+fn more_than_max_replay_is_not_recovered_and_exactly_max_is() {
+    let mem = Mem::default();
+    let ann = who("ann", None);
+    let from = mem.tops_of(&ann);
+    for i in 0..3 {
+        mem.publish(Route::everyone(), &format!("m{i}"));
+    }
+    assert_eq!(decide_now(&mem, &from, &ann, 3).unwrap().0.len(), 3);
+    // Spread over two topics, each under the limit, together over it.
+    mem.publish(to(&[user("ann")]), "u");
+    let topics = topics_of(&ann);
+    let mut state = mem.state();
+    let reads = [0, 1, 2].map(|i| state.read(&topics[i], &from[i], 3));
+    drop(state);
+    assert!(matches!(
+        decide(&from, reads, &ann, 3),
+        Err(NotRecovered::TooMany { count: 4, max: 3 })
+    ));
+}
+
+#[test]
+fn trimmed_or_renewed_history_is_not_recovered() {
+    let mem = Mem::default();
+    mem.state().size = 2;
+    let ann = who("ann", None);
+    let from = mem.tops_of(&ann);
+    for i in 0..3 {
+        mem.publish(Route::everyone(), &format!("m{i}"));
+    }
+    assert!(matches!(
+        decide_now(&mem, &from, &ann, 100),
+        Err(NotRecovered::Incomplete(key)) if key == "all"
+    ));
+    let mut renewed = mem.tops_of(&ann);
+    renewed[0].epoch = "old".into();
+    assert!(matches!(
+        decide_now(&mem, &renewed, &ann, 100),
+        Err(NotRecovered::Incomplete(_))
+    ));
+}
+
+#[test]
+fn a_read_that_does_not_follow_the_position_is_never_replayed() {
+    let mem = Mem::default();
+    let ann = who("ann", None);
+    let from = mem.tops_of(&ann);
+    let first = mem.publish(Route::everyone(), "m1");
+    let second = mem.publish(Route::everyone(), "m2");
+    let tops = mem.tops_of(&ann);
+    let empty = |i: usize| Read::Complete {
+        messages: Vec::new(),
+        top: tops[i].clone(),
+    };
+    let with = |messages: Vec<Arc<Envelope>>, top: Position| {
+        [Read::Complete { messages, top }, empty(1), empty(2)]
+    };
+    // The last message missing.
+    let short = with(vec![first.clone()], tops[0].clone());
+    assert!(matches!(
+        decide(&from, short, &ann, 100),
+        Err(NotRecovered::Inconsistent(_))
+    ));
+    // A missing offset.
+    let gap = with(vec![second.clone()], tops[0].clone());
+    assert!(matches!(
+        decide(&from, gap, &ann, 100),
+        Err(NotRecovered::Inconsistent(_))
+    ));
+    // Out of order.
+    let swapped = with(vec![second.clone(), first.clone()], tops[0].clone());
+    assert!(matches!(
+        decide(&from, swapped, &ann, 100),
+        Err(NotRecovered::Inconsistent(_))
+    ));
+    // A top of another epoch.
+    let other = with(vec![first.clone(), second.clone()], pos("zz:2"));
+    assert!(matches!(
+        decide(&from, other, &ann, 100),
+        Err(NotRecovered::Inconsistent(_))
+    ));
+    // A message without its stamp.
+    let bare = Arc::new(Envelope::new(Route::everyone(), first.frame.clone()));
+    let unstamped = with(vec![bare, second.clone()], tops[0].clone());
+    assert!(matches!(
+        decide(&from, unstamped, &ann, 100),
+        Err(NotRecovered::Inconsistent(_))
+    ));
+    // A position ahead of the topic (forged, or history restarted under
+    // the same epoch): nothing to replay would be a lie.
+    let mut ahead = tops.clone();
+    ahead[0].offset += 5;
+    assert!(matches!(
+        decide_now(&mem, &ahead, &ann, 100),
+        Err(NotRecovered::Inconsistent(_))
+    ));
+    // And the honest read is recovered.
+    let honest = with(vec![first, second], tops[0].clone());
+    assert_eq!(
+        names(&decide(&from, honest, &ann, 100).unwrap().0),
+        ["m1", "m2"]
+    );
+}
+
+// ---- Floors -----------------------------------------------------------------
+
+fn mark(slot: usize, text: &str) -> Mark {
+    Mark {
+        slot,
+        position: pos(text),
+    }
+}
+
+#[test]
+fn floors_drop_what_was_written_and_rise_with_what_is() {
+    let mut floors = Floors::new([Some(pos("a:5")), Some(pos("g:2")), None], true);
+    assert!(!floors.admit(Some(&mark(0, "a:4"))), "below the floor");
+    assert!(!floors.admit(Some(&mark(0, "a:5"))), "at the floor");
+    assert!(floors.admit(Some(&mark(0, "a:6"))));
+    assert!(!floors.admit(Some(&mark(0, "a:6"))), "the floor rose");
+    assert!(
+        floors.admit(Some(&mark(1, "h:1"))),
+        "a new epoch starts again"
+    );
+    assert!(floors.admit(Some(&mark(1, "h:2"))));
+    assert!(floors.admit(Some(&mark(2, "u:1"))), "no floor yet");
+    assert!(floors.admit(None), "unmarked frames always pass");
+    assert_eq!(
+        floors.positions(),
+        &[Some(pos("a:6")), Some(pos("h:2")), Some(pos("u:1"))]
+    );
+}
+
+#[test]
+fn a_legacy_sockets_floors_never_drop_and_never_go_down() {
+    let mut floors = Floors::new([Some(pos("a:5")), None, None], false);
+    assert!(
+        floors.admit(Some(&mark(0, "a:4"))),
+        "today's behaviour: written"
+    );
+    assert_eq!(
+        floors.positions()[0],
+        Some(pos("a:5")),
+        "but the floor stays"
+    );
+    assert!(floors.admit(Some(&mark(0, "a:7"))));
+    assert_eq!(floors.positions()[0], Some(pos("a:7")));
+}
+
+// ---- The decision with history ---------------------------------------------
+
+fn parse(frame: &Frame) -> serde_json::Value {
+    serde_json::from_str(frame.as_str()).unwrap()
+}
+
+fn welcome_of(frame: &Frame) -> serde_json::Value {
+    let v = parse(frame);
+    assert_eq!(v["action"], ACTION_WELCOME);
+    serde_json::from_str(v["message"].as_str().unwrap()).unwrap()
+}
+
+fn positions_json(who: &Identity, positions: &[Position; 3]) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    for (topic, p) in topics_of(who).iter().zip(positions) {
+        map.insert(client_key(topic), p.to_string().into());
+    }
+    map.into()
+}
+
+fn request(who: &Identity, positions: &[Position; 3]) -> Request {
+    Request::from_parameter(Some(&positions_json(who, positions).to_string()), who)
+}
+
+#[test]
+fn the_welcome_has_the_contracts_shape() {
+    let ann = who("ann", Some("chat"));
+    let positions = [Some(pos("k3:41")), Some(pos("p7:17")), Some(pos("q2:5"))];
+    assert_eq!(
+        welcome_frame(&ann, true, 12, &positions, "n2").as_str(),
+        r#"{"userId":"ann","groupId":"chat","action":"wshub.welcome","message":"{\"recovered\":true,\"replayed\":12,\"positions\":{\"all\":\"k3:41\",\"group:chat\":\"p7:17\",\"user:ann\":\"q2:5\"},\"node\":\"n2\"}","recipients":[]}"#
+    );
+    assert_eq!(
+        gap_frame(&group("chat")).as_str(),
+        r#"{"userId":null,"groupId":null,"action":"wshub.gap","message":"{\"topics\":[\"group:chat\"]}","recipients":[]}"#
+    );
+}
+
+#[tokio::test]
+async fn a_fresh_socket_is_welcomed_at_the_tops() {
+    let mem = Arc::new(Mem::default());
+    mem.publish(Route::everyone(), "old");
+    let (resumer, metrics) = resumer(&mem, 100);
+    let ann = who("ann", None);
+    let outcome = resumer
+        .start(&ann, &Request::from_parameter(Some(""), &ann))
+        .await;
+    assert_eq!(outcome.frames.len(), 1, "the welcome only");
+    let welcome = welcome_of(&outcome.frames[0]);
+    let tops = mem.tops_of(&ann);
+    assert_eq!(welcome["recovered"], false);
+    assert_eq!(welcome["replayed"], 0);
+    assert_eq!(welcome["positions"], positions_json(&ann, &tops));
+    assert_eq!(welcome["node"], "n2");
+    assert_eq!(outcome.floors, Floors::new(tops.map(Some), true));
+    assert_eq!(outcome.report.result, Some(ResumeResult::Fresh));
+    assert_eq!(outcome.report.header(), "not_recovered");
+    assert!(
+        metrics
+            .render()
+            .contains(r#"wshub_resume_total{result="fresh"} 1"#)
+    );
+}
+
+#[tokio::test]
+async fn a_socket_that_missed_messages_is_replayed_them_with_pos() {
+    let mem = Arc::new(Mem::default());
+    let (resumer, metrics) = resumer(&mem, 100);
+    let ann = who("ann", Some("chat"));
+    let from = mem.tops_of(&ann);
+    mem.publish(Route::everyone(), "m1");
+    mem.publish(to(&[group("chat"), user("ann")]), "m2");
+    let outcome = resumer.start(&ann, &request(&ann, &from)).await;
+    let welcome = welcome_of(&outcome.frames[0]);
+    assert_eq!(welcome["recovered"], true);
+    assert_eq!(welcome["replayed"], 2);
+    assert_eq!(
+        welcome["positions"],
+        positions_json(&ann, &from),
+        "the positions the client sent"
+    );
+    let replayed: Vec<_> = outcome.frames[1..].iter().map(parse).collect();
+    assert_eq!(replayed.len(), 2);
+    assert_eq!(replayed[0]["message"], "m1");
+    assert_eq!(replayed[1]["message"], "m2");
+    assert!(
+        replayed[1]["pos"]["group:chat"].is_string() && replayed[1]["pos"]["user:ann"].is_string(),
+        "pos names every topic of the route: {}",
+        replayed[1]
+    );
+    assert_eq!(
+        outcome.floors,
+        Floors::new(mem.tops_of(&ann).map(Some), true)
+    );
+    assert_eq!(outcome.report.header(), "recovered");
+    assert_eq!(
+        outcome.report.message(),
+        r#"{"recovered":true,"replayed":2}"#
+    );
+    let text = metrics.render();
+    assert!(text.contains(r#"wshub_resume_total{result="recovered"} 1"#));
+    assert!(text.contains("wshub_resume_replayed_sum 2"), "{text}");
+}
+
+#[tokio::test]
+async fn unreadable_missing_or_forged_positions_are_not_recovered() {
+    let mem = Arc::new(Mem::default());
+    let (resumer, metrics) = resumer(&mem, 100);
+    let ann = who("ann", None);
+    let tops = mem.tops_of(&ann);
+    mem.publish(Route::everyone(), "m1");
+    let now = mem.tops_of(&ann);
+    let only_all = serde_json::json!({ "all": tops[0].to_string() }).to_string();
+    let forged = serde_json::json!({
+        "all": tops[0].to_string(), "nullgroup": tops[1].to_string(), "user:ann": tops[2].to_string(),
+        "user:bob": "x:1", "group:secret": "y:0"
+    })
+    .to_string();
+    for (value, recovered) in [
+        ("not json", false),
+        (r#"{"all":"garbage"}"#, false),
+        (only_all.as_str(), false),
+        (forged.as_str(), true),
+    ] {
+        let outcome = resumer
+            .start(&ann, &Request::from_parameter(Some(value), &ann))
+            .await;
+        let welcome = welcome_of(&outcome.frames[0]);
+        assert_eq!(welcome["recovered"], recovered, "{value}");
+        if recovered {
+            assert_eq!(
+                names_of_frames(&outcome.frames[1..]),
+                ["m1"],
+                "other keys ignored"
+            );
+        } else {
+            assert_eq!(outcome.frames.len(), 1, "nothing replayed for {value}");
+            assert_eq!(welcome["replayed"], 0);
+            assert_eq!(welcome["positions"], positions_json(&ann, &now));
+        }
+    }
+    assert!(
+        metrics
+            .render()
+            .contains(r#"wshub_resume_total{result="not_recovered"} 3"#)
+    );
+}
+
+fn names_of_frames(frames: &[Frame]) -> Vec<String> {
+    frames.iter().map(name_of).collect()
+}
+
+#[tokio::test]
+async fn failing_history_is_not_recovered_and_still_welcomed() {
+    let mem = Arc::new(Mem::default());
+    let (resumer, _) = resumer(&mem, 100);
+    let ann = who("ann", None);
+    let from = mem.tops_of(&ann);
+    mem.publish(Route::everyone(), "m1");
+    mem.state().failing = true;
+    let outcome = resumer.start(&ann, &request(&ann, &from)).await;
+    assert_eq!(outcome.frames.len(), 1);
+    let welcome = welcome_of(&outcome.frames[0]);
+    assert_eq!(welcome["recovered"], false);
+    assert_eq!(welcome["positions"], serde_json::json!({}), "no tops known");
+    assert_eq!(outcome.floors, Floors::new(Default::default(), true));
+    assert_eq!(outcome.report.header(), "not_recovered");
+}
+
+#[tokio::test(start_paused = true)]
+async fn hanging_history_is_not_recovered_within_its_limits() {
+    let mem = Arc::new(Mem::default());
+    let (resumer, _) = resumer(&mem, 100);
+    let ann = who("ann", None);
+    let from = mem.tops_of(&ann);
+    mem.state().hanging = true;
+    let started = tokio::time::Instant::now();
+    let outcome = resumer.start(&ann, &request(&ann, &from)).await;
+    assert_eq!(welcome_of(&outcome.frames[0])["recovered"], false);
+    // Each call is bounded (2 s here): the reads, then the tops.
+    assert!(
+        started.elapsed() <= Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    let outcome = resumer.start(&ann, &Request::Legacy).await;
+    assert!(outcome.frames.is_empty());
+    assert_eq!(outcome.report.header(), "none");
+}
+
+/// A message published to `all` after `all` was read but before the group
+/// was: the second round finds it, so it is replayed in its place instead
+/// of arriving live after the later group message.
+#[tokio::test]
+async fn messages_published_between_the_reads_are_replayed_in_order() {
+    let mem = Arc::new(Mem::default());
+    let (resumer, _) = resumer(&mem, 100);
+    let ann = who("ann", Some("chat"));
+    let from = mem.tops_of(&ann);
+    mem.publish(Route::everyone(), "1-all");
+    let mut published = false;
+    mem.state().after_read = Some(Box::new(move |state, topic| {
+        if *topic == Topic::All && !published {
+            published = true;
+            state.publish(Route::everyone(), "2-all-between");
+            state.publish(to(&[group("chat")]), "3-group");
+        }
+    }));
+    let outcome = resumer.start(&ann, &request(&ann, &from)).await;
+    assert_eq!(
+        names_of_frames(&outcome.frames[1..]),
+        ["1-all", "2-all-between", "3-group"]
+    );
+    assert_eq!(
+        outcome.floors,
+        Floors::new(mem.tops_of(&ann).map(Some), true)
+    );
+    assert_eq!(
+        mem.state().reads,
+        9,
+        "three rounds: the last one found nothing"
+    );
+}
+
+#[tokio::test]
+async fn topics_that_keep_growing_are_not_recovered() {
+    let mem = Arc::new(Mem::default());
+    let (resumer, _) = resumer(&mem, 1000);
+    let ann = who("ann", None);
+    let from = mem.tops_of(&ann);
+    // Something to replay, so that every round finds something new.
+    mem.publish(Route::everyone(), "first");
+    mem.state().after_read = Some(Box::new(|state, topic| {
+        if *topic == Topic::All {
+            state.publish(Route::everyone(), "again");
+        }
+    }));
+    let outcome = resumer.start(&ann, &request(&ann, &from)).await;
+    assert_eq!(welcome_of(&outcome.frames[0])["recovered"], false);
+    assert_eq!(mem.state().reads, 3 * MAX_ROUNDS);
+}
+
+#[tokio::test]
+async fn a_legacy_socket_takes_over_its_handoff_without_welcome_or_pos() {
+    let mem = Arc::new(Mem::default());
+    let (resumer, metrics) = resumer(&mem, 100);
+    let ann = who("ann", Some("chat"));
+    // No handoff: today's socket, floors from the tops, nothing dropped.
+    let outcome = resumer.start(&ann, &Request::Legacy).await;
+    assert!(outcome.frames.is_empty());
+    assert_eq!(
+        outcome.floors,
+        Floors::new(mem.tops_of(&ann).map(Some), false)
+    );
+    assert_eq!(
+        outcome.report,
+        Report {
+            result: None,
+            replayed: 0
+        }
+    );
+    assert_eq!(outcome.report.header(), "none");
+    assert_eq!(
+        outcome.report.message(),
+        r#"{"recovered":false,"replayed":0}"#
+    );
+    // A drained socket stores its floors; the next one is replayed.
+    resumer.hand_off(&ann, outcome.floors.positions()).await;
+    mem.publish(to(&[group("chat")]), "missed");
+    let outcome = resumer.start(&ann, &Request::Legacy).await;
+    assert_eq!(outcome.frames.len(), 1);
+    assert_eq!(
+        outcome.frames[0].as_str(),
+        r#"{"action":"say","message":"missed"}"#,
+        "no pos"
+    );
+    assert_eq!(
+        outcome.floors,
+        Floors::new(mem.tops_of(&ann).map(Some), true)
+    );
+    assert_eq!(outcome.report.header(), "recovered");
+    // Taken once.
+    assert_eq!(
+        resumer.start(&ann, &Request::Legacy).await.report.header(),
+        "none"
+    );
+    let text = metrics.render();
+    assert!(
+        text.contains(r#"wshub_drain_handoffs_total{result="stored"} 1"#),
+        "{text}"
+    );
+    assert!(text.contains(r#"wshub_resume_total{result="recovered"} 1"#));
+}
+
+#[tokio::test]
+async fn a_failed_handoff_is_counted() {
+    let mem = Arc::new(Mem::default());
+    let (resumer, metrics) = resumer(&mem, 100);
+    let ann = who("ann", None);
+    mem.state().failing = true;
+    let floors = mem.tops_of(&ann).map(Some);
+    resumer.hand_off(&ann, &floors).await;
+    // Without a position in every topic there is nothing to store.
+    resumer.hand_off(&ann, &Default::default()).await;
+    assert!(
+        metrics
+            .render()
+            .contains(r#"wshub_drain_handoffs_total{result="failed"} 1"#)
+    );
+}
+
+#[test]
+fn requests_from_the_parameter() {
+    let ann = who("ann", None);
+    assert_eq!(Request::from_parameter(None, &ann), Request::Legacy);
+    assert!(!Request::Legacy.speaks_resume());
+    assert_eq!(Request::from_parameter(Some(""), &ann), Request::Fresh);
+    assert_eq!(
+        Request::from_parameter(Some("{"), &ann),
+        Request::Unreadable
+    );
+    assert!(Request::Unreadable.speaks_resume());
+    assert_eq!(
+        Request::from_parameter(Some(r#"{"all":"e:1"}"#), &ann),
+        Request::Positions([Some(pos("e:1")), None, None])
+    );
+}

@@ -1,0 +1,874 @@
+//! The Redis bus with history on (`src/bus/redis/history.rs`, `gaps.rs`),
+//! against real `redis-server` processes (missing: the tests fail).
+//!
+//! Deliveries are observed through a recording sink, as in
+//! `bus_conformance.rs`; "nothing else arrived" is shown by a sentinel
+//! published afterwards by the same bus on the same topic (per-topic order
+//! holds), never by a sleep. Faults are made with `CLIENT KILL`, a restart,
+//! or the gate proxy of `common/redis.rs`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::common::PATIENCE;
+use crate::common::redis::{GateProxy, RedisServer, cli};
+use tokio::sync::mpsc;
+use wshub::bus::{Bus, Deliver, RedisBus};
+use wshub::config::{Config, HistoryConfig};
+use wshub::envelope::Envelope;
+use wshub::history::{History, Position, Positions, Read, Stamp};
+use wshub::message::Frame;
+use wshub::metrics::Metrics;
+use wshub::route::{Identity, Route, Topic};
+use wshub::shutdown::Shutdown;
+
+const RELEASE_DELAY: Duration = Duration::from_millis(100);
+
+fn group(name: &str) -> Topic {
+    Topic::Group(Some(name.into()))
+}
+
+fn user(name: &str) -> Topic {
+    Topic::User(name.into())
+}
+
+fn envelope(topics: Vec<Topic>, text: &str) -> Arc<Envelope> {
+    Arc::new(Envelope::new(
+        Route::from_parts(topics, Vec::new()),
+        Frame::from(text.to_owned()),
+    ))
+}
+
+fn settings() -> HistoryConfig {
+    HistoryConfig {
+        ttl: Duration::from_secs(120),
+        size_all: 1000,
+        size_group: 300,
+        size_user: 100,
+        max_replay: 1000,
+        drain_handoff: true,
+    }
+}
+
+/// What a sink was handed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Copy(Topic, String, Option<Stamp>),
+    Gap(Topic),
+}
+
+struct Recorder(mpsc::UnboundedSender<Event>);
+
+impl Deliver for Recorder {
+    fn deliver(&self, via: &Topic, envelope: &Arc<Envelope>) {
+        let _ = self.0.send(Event::Copy(
+            via.clone(),
+            envelope.frame.to_string(),
+            envelope.stamp.clone(),
+        ));
+    }
+
+    fn gap(&self, topic: &Topic) {
+        let _ = self.0.send(Event::Gap(topic.clone()));
+    }
+}
+
+/// One node's bus and what its sink received.
+pub struct Member {
+    pub bus: Arc<dyn Bus>,
+    pub metrics: Arc<Metrics>,
+    received: mpsc::UnboundedReceiver<Event>,
+    sentinels: usize,
+}
+
+fn redis_config(url: &str, command_timeout_ms: u64) -> wshub::config::RedisConfig {
+    let env = [
+        ("WSHUB_REDIS__URL".to_owned(), url.to_owned()),
+        // Quick reconnects keep the fault tests short.
+        ("WSHUB_REDIS__RECONNECT_MAX_MS".to_owned(), "200".to_owned()),
+        (
+            "WSHUB_REDIS__COMMAND_TIMEOUT_MS".to_owned(),
+            command_timeout_ms.to_string(),
+        ),
+    ];
+    Config::load_from(None, env).unwrap().redis.unwrap()
+}
+
+impl Member {
+    /// A bus on `url`, healthy, with `history` (None: history off).
+    pub async fn start(url: &str, node: &str, history: Option<HistoryConfig>) -> Self {
+        Self::start_with_timeout(url, node, history, 2000).await
+    }
+
+    /// The same, with `redis.command_timeout_ms`.
+    pub async fn start_with_timeout(
+        url: &str,
+        node: &str,
+        history: Option<HistoryConfig>,
+        command_timeout_ms: u64,
+    ) -> Self {
+        crate::common::init_logging();
+        let (tx, received) = mpsc::unbounded_channel();
+        let metrics = Arc::new(Metrics::new());
+        let bus: Arc<dyn Bus> = Arc::new(
+            RedisBus::start(
+                node.into(),
+                redis_config(url, command_timeout_ms),
+                history,
+                Arc::new(Recorder(tx)),
+                metrics.clone(),
+                RELEASE_DELAY,
+                Shutdown::new(),
+            )
+            .unwrap(),
+        );
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while let Err(e) = bus.health() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "bus never became healthy: {e}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Self {
+            bus,
+            metrics,
+            received,
+            sentinels: 0,
+        }
+    }
+
+    pub fn history(&self) -> Arc<dyn History> {
+        self.bus.history().expect("history is on")
+    }
+
+    pub async fn subscribe(&self, topics: &[Topic]) {
+        for topic in topics {
+            self.bus.subscribe(topic).await.expect("subscribe");
+        }
+    }
+
+    pub fn publish(&self, topics: &[Topic], text: &str) {
+        self.bus
+            .publish(envelope(topics.to_vec(), text))
+            .expect("publish");
+    }
+
+    pub async fn next(&mut self) -> Event {
+        tokio::time::timeout(PATIENCE, self.received.recv())
+            .await
+            .expect("timed out waiting for a delivery")
+            .expect("sink dropped")
+    }
+
+    /// The next copy (fails on a gap).
+    pub async fn next_copy(&mut self) -> (Topic, String, Option<Stamp>) {
+        match self.next().await {
+            Event::Copy(t, text, stamp) => (t, text, stamp),
+            gap => panic!("expected a copy, got {gap:?}"),
+        }
+    }
+
+    /// Everything received until a copy of `tag` arrives.
+    pub async fn until(&mut self, tag: &str) -> Vec<Event> {
+        let mut seen = Vec::new();
+        loop {
+            let event = self.next().await;
+            if matches!(&event, Event::Copy(_, text, _) if text == tag) {
+                return seen;
+            }
+            seen.push(event);
+        }
+    }
+
+    /// Everything received before a sentinel that `from` publishes now on
+    /// `on` (which this member holds).
+    pub async fn until_sentinel(&mut self, from: &Member, on: &Topic) -> Vec<Event> {
+        self.sentinels += 1;
+        let tag = format!("sentinel-{}-{}", self.sentinels, rand_tag());
+        from.publish(std::slice::from_ref(on), &tag);
+        self.until(&tag).await
+    }
+
+    /// The value of a series in this member's metrics (0 when absent).
+    pub fn metric(&self, series: &str) -> f64 {
+        self.metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0.0)
+    }
+}
+
+fn rand_tag() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn position(stamp: &Option<Stamp>, topic: &Topic) -> Position {
+    stamp
+        .as_ref()
+        .expect("stamped")
+        .position(topic)
+        .expect("a position for the topic it came through")
+        .clone()
+}
+
+/// Every copy names its position in every topic of its route; per topic
+/// the offsets grow by one from the topic's first message, in one epoch;
+/// the copies of one message through its different topics carry the same
+/// stamp; the sequence follows publish order; and history holds exactly
+/// the payload that was published.
+#[tokio::test]
+async fn stamps_are_contiguous_per_topic_and_shared_across_the_route() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let publisher = Member::start(&url, "pub", Some(settings())).await;
+    let mut receiver = Member::start(&url, "rcv", Some(settings())).await;
+    let (a, u) = (group("a"), user("u"));
+    receiver.subscribe(&[a.clone(), u.clone()]).await;
+    let routes: Vec<Vec<Topic>> = (0..60)
+        // Offsets of a and u differ at the messages they share.
+        .map(|i| match i % 4 {
+            0 => vec![a.clone(), u.clone()],
+            1 | 2 => vec![a.clone()],
+            _ => vec![u.clone()],
+        })
+        .collect();
+    for (i, route) in routes.iter().enumerate() {
+        publisher.publish(route, &format!("m{i}"));
+    }
+    let copies = receiver.until_sentinel(&publisher, &a).await;
+    let mut next_offset = std::collections::HashMap::new();
+    let mut epochs = std::collections::HashMap::new();
+    let mut stamps_of = std::collections::HashMap::new();
+    let mut last_seq = 0;
+    for event in &copies {
+        let Event::Copy(via, text, stamp) = event else {
+            panic!("unexpected {event:?}");
+        };
+        let p = position(stamp, via);
+        let want = next_offset.entry(via.clone()).or_insert(1u64);
+        assert_eq!(p.offset, *want, "{text} via {via:?}: offsets grow by one");
+        *want += 1;
+        let epoch = epochs.entry(via.clone()).or_insert(p.epoch.clone());
+        assert_eq!(*epoch, p.epoch, "one epoch per topic");
+        let s = stamp.clone().unwrap();
+        assert_eq!(s.positions.len(), {
+            let i: usize = text[1..].parse().unwrap();
+            routes[i].len()
+        });
+        if let Some(other) = stamps_of.insert(text.clone(), s.clone()) {
+            assert_eq!(other, s, "{text}: one stamp for every topic of the route");
+        } else {
+            assert!(s.seq > last_seq, "sequence follows publish order");
+            last_seq = s.seq;
+        }
+    }
+    assert_eq!(stamps_of.len(), 60, "every message arrived");
+    assert!(
+        publisher.metric("wshub_history_publish_seconds_count") >= 1.0,
+        "script calls are timed"
+    );
+    assert_eq!(
+        copies.len(),
+        75,
+        "one copy per subscribed topic of each route"
+    );
+    // What history holds is what was published, stamp included, in every
+    // topic: `a` had 45 messages and the sentinel, `u` 30.
+    let history = receiver.history();
+    for (topic, count) in [(&a, 46), (&u, 30)] {
+        let start = Position {
+            epoch: epochs[topic].clone(),
+            offset: 0,
+        };
+        let Read::Complete { messages, top } = history.read(topic, &start, 1000).await.unwrap()
+        else {
+            panic!("the whole history of {topic:?} is kept");
+        };
+        assert_eq!(top.offset, count);
+        assert_eq!(messages.len() as u64, count);
+        // Every message but the sentinel.
+        for (n, m) in messages.iter().take(45).enumerate() {
+            let text = m.frame.to_string();
+            assert_eq!(m.stamp.as_ref(), Some(&stamps_of[&text]), "{text}");
+            assert_eq!(position(&m.stamp, topic).offset, n as u64 + 1);
+        }
+    }
+}
+
+/// With history the subscriber delivers this node's own messages too,
+/// stamped, in publish order, once per subscribed topic of the route.
+#[tokio::test]
+async fn own_messages_come_back_through_the_echo() {
+    let redis = RedisServer::start();
+    let mut node = Member::start(&redis.url(), "solo", Some(settings())).await;
+    let (a, u) = (group("a"), user("u"));
+    node.subscribe(&[Topic::All, a.clone(), u.clone()]).await;
+    for i in 0..20 {
+        node.publish(std::slice::from_ref(&a), &format!("own-{i}"));
+    }
+    node.publish(&[a.clone(), u.clone()], "both");
+    node.publish(&[Topic::All], "everyone");
+    let mut got = Vec::new();
+    for _ in 0..23 {
+        let (via, text, stamp) = node.next_copy().await;
+        assert!(stamp.is_some(), "{text} is stamped");
+        got.push((via, text));
+    }
+    let mut want: Vec<(Topic, String)> = (0..20).map(|i| (a.clone(), format!("own-{i}"))).collect();
+    want.push((a.clone(), "both".into()));
+    want.push((u.clone(), "both".into()));
+    want.push((Topic::All, "everyone".into()));
+    assert_eq!(got, want);
+}
+
+/// With history off the publisher behaves as before: plain PUBLISH,
+/// nothing written to Redis, no echo, no stamp.
+#[tokio::test]
+async fn history_off_writes_nothing_to_redis_and_stamps_nothing() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let mut publisher = Member::start(&url, "pub", None).await;
+    let mut receiver = Member::start(&url, "rcv", None).await;
+    assert!(publisher.bus.history().is_none());
+    let a = group("a");
+    receiver.subscribe(std::slice::from_ref(&a)).await;
+    publisher.subscribe(std::slice::from_ref(&a)).await;
+    publisher.publish(std::slice::from_ref(&a), "plain");
+    let (via, text, stamp) = receiver.next_copy().await;
+    assert_eq!((via, text.as_str(), stamp), (a.clone(), "plain", None));
+    assert_eq!(cli(redis.port, &["DBSIZE"]), "0", "no key in Redis");
+    // The publisher's own copy is not delivered to it: only the other's.
+    receiver.publish(std::slice::from_ref(&a), "back");
+    let (_, text, _) = publisher.next_copy().await;
+    assert_eq!(text, "back");
+}
+
+/// `tops` makes an epoch for a topic that has none (offset 0) and the
+/// next publish continues it; `read` gives exactly what follows a
+/// position, or `Incomplete` with the top for another epoch, a position
+/// beyond the top, or more than `max`.
+#[tokio::test]
+async fn tops_and_reads() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let mut node = Member::start(&url, "n", Some(settings())).await;
+    let history = node.history();
+    let (a, u) = (group("a"), user("u"));
+    let tops = history.tops(&[a.clone(), u.clone()]).await.unwrap();
+    assert_eq!(tops.iter().map(|p| p.offset).collect::<Vec<_>>(), [0, 0]);
+    assert!(!tops[0].epoch.contains(':') && !tops[0].epoch.is_empty());
+    let again = history.tops(std::slice::from_ref(&a)).await.unwrap();
+    assert_eq!(again[0], tops[0], "tops does not renew a current epoch");
+    node.subscribe(std::slice::from_ref(&a)).await;
+    for i in 1..=5 {
+        node.publish(std::slice::from_ref(&a), &format!("r{i}"));
+    }
+    for _ in 1..=5 {
+        node.next_copy().await;
+    }
+    let epoch = tops[0].epoch.clone();
+    let at = |offset| Position {
+        epoch: epoch.clone(),
+        offset,
+    };
+    let top = at(5);
+    match history.read(&a, &at(2), 10).await.unwrap() {
+        Read::Complete { messages, top: t } => {
+            assert_eq!(t, top);
+            let texts: Vec<String> = messages.iter().map(|m| m.frame.to_string()).collect();
+            assert_eq!(texts, ["r3", "r4", "r5"]);
+            assert_eq!(position(&messages[0].stamp, &a), at(3));
+        }
+        other => panic!("{other:?}"),
+    }
+    match history.read(&a, &at(5), 10).await.unwrap() {
+        Read::Complete { messages, top: t } => assert_eq!((messages.len(), t), (0, top.clone())),
+        other => panic!("{other:?}"),
+    }
+    match history.read(&a, &at(2), 3).await.unwrap() {
+        Read::Complete { messages, .. } => assert_eq!(messages.len(), 3, "exactly max is fine"),
+        other => panic!("{other:?}"),
+    }
+    let incomplete = |read: Read| match read {
+        Read::Incomplete { top: t } => t,
+        other => panic!("expected Incomplete, got {other:?}"),
+    };
+    assert_eq!(
+        incomplete(history.read(&a, &at(2), 2).await.unwrap()),
+        top,
+        "too many"
+    );
+    let other = Position {
+        epoch: "zzz".into(),
+        offset: 2,
+    };
+    assert_eq!(
+        incomplete(history.read(&a, &other, 10).await.unwrap()),
+        top,
+        "epoch"
+    );
+    assert_eq!(
+        incomplete(history.read(&a, &at(9), 10).await.unwrap()),
+        top,
+        "beyond the top"
+    );
+    // A topic never used: read makes its epoch too, so the top it gives is real.
+    let fresh = user("never");
+    let t = incomplete(history.read(&fresh, &other, 10).await.unwrap());
+    assert_eq!(t.offset, 0);
+    assert_eq!(history.tops(&[fresh]).await.unwrap()[0], t);
+}
+
+/// Entries trimmed by `size_*` (`XADD MAXLEN ~`) make a read that needs
+/// them `Incomplete`; within what is kept it is complete.
+#[tokio::test]
+async fn reads_past_trimmed_entries_are_incomplete() {
+    // Small stream nodes: `MAXLEN ~` trims whole nodes, so with 4 entries
+    // per node the stream keeps close to `size` entries.
+    let redis = RedisServer::start_with(&["--stream-node-max-entries", "4"]);
+    let mut node = Member::start(
+        &redis.url(),
+        "n",
+        Some(HistoryConfig {
+            size_group: 8,
+            ..settings()
+        }),
+    )
+    .await;
+    let a = group("a");
+    node.subscribe(std::slice::from_ref(&a)).await;
+    for i in 1..=40 {
+        node.publish(std::slice::from_ref(&a), &format!("t{i}"));
+    }
+    let mut epoch = None;
+    for _ in 1..=40 {
+        let (_, _, stamp) = node.next_copy().await;
+        epoch = Some(position(&stamp, &a).epoch);
+    }
+    let at = |offset| Position {
+        epoch: epoch.clone().unwrap(),
+        offset,
+    };
+    let kept: u64 = cli(redis.port, &["XLEN", "wshub:h:{g:a}:s"])
+        .parse()
+        .unwrap();
+    assert!((8..40).contains(&kept), "trimmed to about 8: {kept}");
+    match node.history().read(&a, &at(0), 1000).await.unwrap() {
+        Read::Incomplete { top } => assert_eq!(top, at(40)),
+        other => panic!("the trimmed start cannot be replayed: {other:?}"),
+    }
+    match node.history().read(&a, &at(32), 1000).await.unwrap() {
+        Read::Complete { messages, .. } => assert_eq!(messages.len(), 8),
+        other => panic!("the last size_group entries are kept: {other:?}"),
+    }
+}
+
+/// A message older than `history.ttl_ms` (by its publish time) cannot be
+/// replayed, even while its stream is still kept (a later message renewed
+/// the stream's expiry); the newer ones after it can.
+#[tokio::test]
+async fn reads_of_messages_older_than_the_ttl_are_incomplete() {
+    let redis = RedisServer::start();
+    let ttl = Duration::from_millis(600);
+    let mut node =
+        Member::start(&redis.url(), "n", Some(HistoryConfig { ttl, ..settings() })).await;
+    let a = group("a");
+    node.subscribe(std::slice::from_ref(&a)).await;
+    node.publish(std::slice::from_ref(&a), "old");
+    let (_, _, stamp) = node.next_copy().await;
+    let old = position(&stamp, &a);
+    tokio::time::sleep(ttl / 2).await;
+    node.publish(std::slice::from_ref(&a), "new");
+    node.next_copy().await;
+    tokio::time::sleep(ttl / 2 + Duration::from_millis(100)).await;
+    // The stream is still there (its expiry was renewed by "new").
+    assert_eq!(cli(redis.port, &["XLEN", "wshub:h:{g:a}:s"]), "2");
+    let before_old = Position {
+        epoch: old.epoch.clone(),
+        offset: 0,
+    };
+    assert!(
+        matches!(
+            node.history().read(&a, &before_old, 10).await.unwrap(),
+            Read::Incomplete { .. }
+        ),
+        "older than the ttl"
+    );
+    match node.history().read(&a, &old, 10).await.unwrap() {
+        Read::Complete { messages, .. } => assert_eq!(messages[0].frame.as_str(), "new"),
+        other => panic!("the newer message is within the ttl: {other:?}"),
+    }
+}
+
+/// A handoff is taken once, oldest first, by the same identity only.
+#[tokio::test]
+async fn handoffs_are_taken_once_by_the_same_identity() {
+    let redis = RedisServer::start();
+    let node = Member::start(&redis.url(), "n", Some(settings())).await;
+    let history = node.history();
+    let ann = Identity {
+        user: "ann".into(),
+        group: Some("chat".into()),
+    };
+    let ann_alone = Identity {
+        user: "ann".into(),
+        group: None,
+    };
+    let first: Positions = [Position::parse("e:1"), None, Position::parse("u:3")];
+    let second: Positions = [Position::parse("e:2"), Position::parse("g:9"), None];
+    history.handoff_put(&ann, &first).await.unwrap();
+    history.handoff_put(&ann, &second).await.unwrap();
+    assert_eq!(
+        history.handoff_take(&ann_alone).await.unwrap(),
+        None,
+        "another identity"
+    );
+    assert_eq!(
+        history.handoff_take(&ann).await.unwrap(),
+        Some(first.clone())
+    );
+    assert_eq!(history.handoff_take(&ann).await.unwrap(), Some(second));
+    assert_eq!(
+        history.handoff_take(&ann).await.unwrap(),
+        None,
+        "taken once"
+    );
+    let ttl: i64 = cli(redis.port, &["PTTL", r#"wshub:ho:["ann","chat"]"#])
+        .parse()
+        .unwrap();
+    assert_eq!(ttl, -2, "an emptied list is gone");
+    history.handoff_put(&ann_alone, &first).await.unwrap();
+    let ttl: i64 = cli(redis.port, &["PTTL", r#"wshub:ho:["ann",null]"#])
+        .parse()
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 120_000, "kept for history.ttl_ms: {ttl}");
+}
+
+/// A batch Redis ran but whose reply never came (the connection is cut
+/// after the script ran) is sent again on the next connection, and the
+/// script skips it: the message is published and recorded once. A batch
+/// cut before it reached Redis is published by the resend.
+#[tokio::test]
+async fn a_batch_resent_after_a_cut_connection_is_published_once() {
+    let redis = RedisServer::start();
+    let proxy = GateProxy::start(redis.port).await;
+    // The publisher goes through the proxy; the receiver straight to Redis.
+    let publisher = Member::start(&proxy.url(), "pub", Some(settings())).await;
+    let mut receiver = Member::start(&redis.url(), "rcv", Some(settings())).await;
+    let a = group("a");
+    receiver.subscribe(std::slice::from_ref(&a)).await;
+    // Hold the replies on the connection that sends the publish script:
+    // the script reaches Redis and runs, its reply does not come back.
+    proxy.arm_on(b"EVALSHA");
+    publisher.publish(std::slice::from_ref(&a), "once");
+    proxy.held().await;
+    let (_, text, _) = receiver.next_copy().await;
+    assert_eq!(text, "once", "Redis ran the batch");
+    // Cut it: the publisher cannot know that the batch ran, and resends it.
+    proxy.sever();
+    let between = receiver.until_sentinel(&publisher, &a).await;
+    assert_eq!(between, vec![], "the resent batch was not published again");
+    assert_eq!(
+        publisher.metric("wshub_bus_publish_failures_total"),
+        1.0,
+        "the batch failed once and was resent"
+    );
+    assert_eq!(
+        publisher.metric("wshub_messages_dropped_total{reason=\"bus_unavailable\"}"),
+        0.0,
+        "nothing was dropped"
+    );
+    assert_eq!(
+        cli(redis.port, &["XLEN", "wshub:h:{g:a}:s"]),
+        "2",
+        "recorded once (and the sentinel)"
+    );
+    // A batch cut before it reached Redis is not lost either: the resend
+    // is what publishes it.
+    proxy.arm_commands_on(b"EVALSHA");
+    publisher.publish(std::slice::from_ref(&a), "cut-before");
+    proxy.held().await;
+    proxy.sever();
+    let (_, text, _) = receiver.next_copy().await;
+    assert_eq!(text, "cut-before", "resent after the reconnect");
+    assert_eq!(receiver.until_sentinel(&publisher, &a).await, vec![]);
+    assert_eq!(publisher.metric("wshub_bus_publish_failures_total"), 2.0);
+}
+
+/// Collects `n` copies, answering gaps with a failure.
+async fn copies(member: &mut Member, n: usize) -> Vec<String> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let (_, text, _) = member.next_copy().await;
+        got.push(text);
+    }
+    got
+}
+
+/// The subscriber connection is killed (`CLIENT KILL TYPE pubsub`, twice)
+/// while another node keeps publishing: the receiver notices the jumps in
+/// the offsets and fills them from history, so it gets every message once,
+/// in order, and reports no gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_subscriber_is_repaired_from_history_while_publishing_goes_on() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let publisher = Arc::new(Member::start(&url, "pub", Some(settings())).await);
+    let mut receiver = Member::start(&url, "rcv", Some(settings())).await;
+    let a = group("a");
+    receiver.subscribe(std::slice::from_ref(&a)).await;
+    const N: usize = 3000;
+    let sender = publisher.clone();
+    let topic = a.clone();
+    let publishing = tokio::spawn(async move {
+        for i in 0..N {
+            sender.publish(std::slice::from_ref(&topic), &format!("k{i}"));
+            if i % 5 == 4 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    });
+    let mut got = copies(&mut receiver, 300).await;
+    for _ in 0..2 {
+        let killed = cli(redis.port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+        assert_ne!(killed, "0", "a subscriber connection was killed");
+        got.extend(copies(&mut receiver, 700).await);
+    }
+    publishing.await.unwrap();
+    got.extend(copies(&mut receiver, N - got.len()).await);
+    let want: Vec<String> = (0..N).map(|i| format!("k{i}")).collect();
+    assert_eq!(got, want, "every message once, in order");
+    assert_eq!(receiver.until_sentinel(&publisher, &a).await, vec![]);
+    assert!(
+        receiver.metric("wshub_bus_gaps_total{kind=\"repaired\"}") >= 1.0,
+        "the kills lost messages that were repaired"
+    );
+    assert_eq!(
+        receiver.metric("wshub_bus_gaps_total{kind=\"unrepairable\"}"),
+        0.0
+    );
+}
+
+/// When the subscriber cannot read the tops after its resubscribe (here
+/// the proxy holds that read until it times out), the messages the killed
+/// connection missed show as a jump in the offsets of the next copy, and
+/// are filled from history before it: every message once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jump_in_the_offsets_is_filled_before_the_copy_that_shows_it() {
+    let redis = RedisServer::start();
+    let proxy = GateProxy::start(redis.port).await;
+    // Room for everything published while the receiver waits for the
+    // read to time out.
+    let roomy = HistoryConfig {
+        size_group: 5000,
+        ..settings()
+    };
+    let publisher = Arc::new(Member::start(&redis.url(), "pub", Some(roomy.clone())).await);
+    let mut receiver = Member::start_with_timeout(&proxy.url(), "rcv", Some(roomy), 300).await;
+    let a = group("a");
+    receiver.subscribe(std::slice::from_ref(&a)).await;
+    const N: usize = 1500;
+    let sender = publisher.clone();
+    let topic = a.clone();
+    let publishing = tokio::spawn(async move {
+        for i in 0..N {
+            sender.publish(std::slice::from_ref(&topic), &format!("j{i}"));
+            if i % 10 == 9 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    });
+    let mut got = copies(&mut receiver, 200).await;
+    // The next HMGET command (the tops read after the resubscribe: the
+    // read of where `a` starts is done before any copy is delivered; the
+    // scripts' text names HMGET too, hence the RESP framing) never
+    // reaches Redis.
+    proxy.arm_commands_on(b"$5\r\nHMGET\r\n");
+    let killed = cli(redis.port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert_ne!(killed, "0");
+    proxy.held().await;
+    publishing.await.unwrap();
+    got.extend(copies(&mut receiver, N - got.len()).await);
+    let want: Vec<String> = (0..N).map(|i| format!("j{i}")).collect();
+    assert_eq!(got, want, "every message once, in order");
+    assert_eq!(receiver.until_sentinel(&publisher, &a).await, vec![]);
+    assert!(
+        receiver.metric("wshub_bus_gaps_total{kind=\"repaired\"}") >= 1.0,
+        "the kill lost messages, repaired at the jump"
+    );
+}
+
+/// Cuts every connection through `proxy` and holds the resubscribe of the
+/// bus behind it (the SUBSCRIBE does not reach Redis) until
+/// `proxy.release()`: what is published meanwhile never reaches that bus
+/// by pub/sub.
+async fn cut_and_hold_resubscribe(proxy: &GateProxy) {
+    proxy.arm_commands_on(b"SUBSCRIBE");
+    proxy.sever();
+    proxy.held().await;
+}
+
+/// Waits until `member` (subscribed to `topic`) received `tag` through its
+/// own echo: Redis has run it.
+async fn wait_echo(member: &mut Member, tag: &str) {
+    member.until(tag).await;
+}
+
+/// A topic that stays quiet after the subscriber lost messages on it is
+/// repaired at the resubscribe, without waiting for a next message.
+#[tokio::test]
+async fn a_quiet_topic_is_repaired_right_after_the_resubscribe() {
+    let redis = RedisServer::start();
+    let proxy = GateProxy::start(redis.port).await;
+    let mut publisher = Member::start(&redis.url(), "pub", Some(settings())).await;
+    let mut receiver = Member::start(&proxy.url(), "rcv", Some(settings())).await;
+    let q = group("quiet");
+    publisher.subscribe(std::slice::from_ref(&q)).await;
+    receiver.subscribe(std::slice::from_ref(&q)).await;
+    publisher.publish(std::slice::from_ref(&q), "q1");
+    assert_eq!(receiver.next_copy().await.1, "q1");
+    cut_and_hold_resubscribe(&proxy).await;
+    publisher.publish(std::slice::from_ref(&q), "q2");
+    publisher.publish(std::slice::from_ref(&q), "q3");
+    wait_echo(&mut publisher, "q3").await;
+    proxy.release();
+    // Nothing else is published: only the repair can bring them.
+    assert_eq!(receiver.next_copy().await.1, "q2");
+    assert_eq!(receiver.next_copy().await.1, "q3");
+    assert_eq!(
+        receiver.metric("wshub_bus_gaps_total{kind=\"repaired\"}"),
+        1.0
+    );
+    // And the live stream goes on without a duplicate.
+    assert_eq!(receiver.until_sentinel(&publisher, &q).await, vec![]);
+}
+
+/// Messages lost to the subscriber that history no longer has (trimmed by
+/// a tiny `size_group`) are reported once through `Deliver::gap`, never
+/// delivered in part, and the topic goes on from there.
+#[tokio::test]
+async fn a_gap_history_cannot_fill_is_reported() {
+    let redis = RedisServer::start_with(&["--stream-node-max-entries", "2"]);
+    let proxy = GateProxy::start(redis.port).await;
+    let small = HistoryConfig {
+        size_group: 2,
+        ..settings()
+    };
+    let mut publisher = Member::start(&redis.url(), "pub", Some(small.clone())).await;
+    let mut receiver = Member::start(&proxy.url(), "rcv", Some(small)).await;
+    let t = group("t");
+    publisher.subscribe(std::slice::from_ref(&t)).await;
+    receiver.subscribe(std::slice::from_ref(&t)).await;
+    publisher.publish(std::slice::from_ref(&t), "t1");
+    assert_eq!(receiver.next_copy().await.1, "t1");
+    cut_and_hold_resubscribe(&proxy).await;
+    for i in 2..=20 {
+        publisher.publish(std::slice::from_ref(&t), &format!("t{i}"));
+    }
+    wait_echo(&mut publisher, "t20").await;
+    proxy.release();
+    assert_eq!(receiver.next().await, Event::Gap(t.clone()));
+    assert_eq!(
+        receiver.until_sentinel(&publisher, &t).await,
+        vec![],
+        "nothing of the gap is delivered, and no second notice"
+    );
+    assert_eq!(
+        receiver.metric("wshub_bus_gaps_total{kind=\"unrepairable\"}"),
+        1.0
+    );
+    assert_eq!(
+        receiver.metric("wshub_bus_gaps_total{kind=\"repaired\"}"),
+        0.0
+    );
+}
+
+/// A Redis restarted from its own persisted data (the topic's meta
+/// survives, offsets would be reused) has another run id: every topic
+/// starts a new epoch, a read from an old position is `Incomplete`, and a
+/// subscriber that held a position reports the gap.
+#[tokio::test]
+async fn a_restarted_redis_starts_every_topic_afresh() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let url = redis.url();
+    let publisher = Member::start(&url, "pub", Some(settings())).await;
+    let mut receiver = Member::start(&url, "rcv", Some(settings())).await;
+    let a = group("a");
+    receiver.subscribe(std::slice::from_ref(&a)).await;
+    publisher.publish(std::slice::from_ref(&a), "before");
+    let (_, _, stamp) = receiver.next_copy().await;
+    let before = position(&stamp, &a);
+    assert_eq!(before.offset, 1);
+    redis.restart();
+    assert_eq!(
+        cli(redis.port, &["HGET", "wshub:h:{g:a}:m", "e"]),
+        &*before.epoch,
+        "the meta survived the restart (persistence)"
+    );
+    // Published at once: the publisher resends it once it has reconnected,
+    // and whether it reaches the receiver live or through the repair after
+    // its resubscribe, it must arrive once, after the gap notice.
+    publisher.publish(std::slice::from_ref(&a), "after");
+    assert_eq!(receiver.next().await, Event::Gap(a.clone()));
+    let (_, text, stamp) = receiver.next_copy().await;
+    assert_eq!(text, "after");
+    let after = position(&stamp, &a);
+    assert_ne!(after.epoch, before.epoch, "a new epoch");
+    assert_eq!(after.offset, 1);
+    match receiver.history().read(&a, &before, 100).await.unwrap() {
+        Read::Incomplete { top } => assert_eq!(top, after),
+        other => panic!("an old position cannot be resumed: {other:?}"),
+    }
+}
+
+/// Scripts flushed from Redis (`SCRIPT FLUSH`, or a failover to a server
+/// that never loaded them) are loaded again and the batch sent again at
+/// once: nothing fails, nothing is published twice.
+#[tokio::test]
+async fn flushed_scripts_are_loaded_again() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let publisher = Member::start(&url, "pub", Some(settings())).await;
+    let mut receiver = Member::start(&url, "rcv", Some(settings())).await;
+    let a = group("a");
+    receiver.subscribe(std::slice::from_ref(&a)).await;
+    publisher.publish(std::slice::from_ref(&a), "first");
+    assert_eq!(receiver.next_copy().await.1, "first");
+    assert_eq!(cli(redis.port, &["SCRIPT", "FLUSH"]), "OK");
+    publisher.publish(std::slice::from_ref(&a), "second");
+    assert_eq!(receiver.next_copy().await.1, "second");
+    // And the reads, on their own connection, too.
+    let tops = receiver.history().tops(std::slice::from_ref(&a)).await;
+    assert_eq!(tops.unwrap()[0].offset, 2);
+    assert_eq!(receiver.until_sentinel(&publisher, &a).await, vec![]);
+    assert_eq!(
+        publisher.metric("wshub_bus_publish_failures_total"),
+        0.0,
+        "NOSCRIPT was handled without failing the batch"
+    );
+}
+
+/// A node restarted under the same node id numbers its messages from 1
+/// again: they are not taken for the previous run's (which the script
+/// would skip as already run).
+#[tokio::test]
+async fn a_node_restarted_under_its_id_is_not_taken_for_its_previous_run() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let mut receiver = Member::start(&url, "rcv", Some(settings())).await;
+    let a = group("a");
+    receiver.subscribe(std::slice::from_ref(&a)).await;
+    let first = Member::start(&url, "same-id", Some(settings())).await;
+    first.publish(std::slice::from_ref(&a), "first run");
+    assert_eq!(receiver.next_copy().await.1, "first run");
+    first.bus.shutdown(Duration::from_secs(1)).await;
+    drop(first);
+    let second = Member::start(&url, "same-id", Some(settings())).await;
+    second.publish(std::slice::from_ref(&a), "second run");
+    assert_eq!(receiver.next_copy().await.1, "second run");
+}

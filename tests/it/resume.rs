@@ -1,0 +1,988 @@
+//! Lossless resume over real sockets, nodes and Redis (`src/resume.rs`;
+//! contract `reference/resume.md`): the welcome, replays that are
+//! recovered and the ones that honestly are not, exactly once through the
+//! first-matching-topic rule, live copies during a replay, the drain
+//! handoff of unmodified pages, the backend's view, and history off
+//! changing nothing. Each test starts its own `redis-server` (missing: the
+//! test fails).
+//!
+//! "Nothing else arrived" is a sentinel published after the messages under
+//! test from the same node (one publish queue, one script order), never a
+//! sleep; the only sleep waits out `history.ttl_ms` itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::HeaderMap;
+use serde_json::{Map, Value, json};
+use tokio::sync::mpsc;
+use wshub::config::HistoryConfig;
+
+use crate::common::redis::{GateProxy, RedisServer, cli};
+use crate::common::{Client, Ended, PATIENCE, TestServer, eventually};
+
+fn settings() -> HistoryConfig {
+    HistoryConfig {
+        ttl: Duration::from_secs(120),
+        size_all: 1000,
+        size_group: 300,
+        size_user: 100,
+        max_replay: 1000,
+        drain_handoff: true,
+    }
+}
+
+/// A node on `redis` with `history` (None: history off).
+async fn node(redis: &str, history: Option<HistoryConfig>) -> TestServer {
+    TestServer::on_redis(redis, move |c| c.history = history).await
+}
+
+fn parse(text: &str) -> Value {
+    serde_json::from_str(text).expect("JSON")
+}
+
+/// Publishes `body` through `server`'s broadcast endpoint.
+async fn publish(server: &TestServer, body: Value) {
+    let response = server
+        .post("/__broadcastWebSocket.wc", body.to_string())
+        .await;
+    assert_eq!(response.status(), 204, "{body}");
+}
+
+fn say(text: &str, recipients: Value) -> Value {
+    json!({"action": "say", "message": text, "recipients": recipients})
+}
+
+fn to_group(g: &str) -> Value {
+    json!({"type": "group", "value": g})
+}
+
+fn to_user(u: &str) -> Value {
+    json!({"type": "user", "value": u})
+}
+
+fn except(u: &str) -> Value {
+    json!({"type": "excludeUser", "value": u})
+}
+
+static TAGS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Publishes a sentinel to everyone through `server`; returns its text.
+async fn sentinel(server: &TestServer) -> String {
+    let n = TAGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tag = format!("resume-sentinel-{n}");
+    publish(server, json!({"action": "broadcast", "message": tag})).await;
+    tag
+}
+
+/// A socket that only watches: once it has seen a sentinel published
+/// after some messages, Redis has run them (one script order), so their
+/// history is written.
+struct Watcher(Client);
+
+impl Watcher {
+    async fn on(server: &TestServer) -> Self {
+        Self(server.connect("watcher", Some("watchers")).await)
+    }
+
+    async fn settle(&mut self, server: &TestServer) {
+        let tag = sentinel(server).await;
+        self.0.until_sentinel(&tag).await;
+    }
+}
+
+/// A page, as the JS library's `resume: true` keeps it: its ids and the
+/// last position seen per topic key.
+struct Page {
+    user: String,
+    group: Option<String>,
+    positions: Map<String, Value>,
+}
+
+impl Page {
+    fn new(user: &str, group: Option<&str>) -> Self {
+        Self {
+            user: user.into(),
+            group: group.map(Into::into),
+            positions: Map::new(),
+        }
+    }
+
+    fn keys(&self) -> [String; 3] {
+        let group = match &self.group {
+            Some(g) => format!("group:{g}"),
+            None => "nullgroup".into(),
+        };
+        ["all".into(), group, format!("user:{}", self.user)]
+    }
+
+    /// The socket path with `resume` set to `resume` (None: no parameter).
+    fn path(&self, resume: Option<&str>) -> String {
+        let mut query = vec![("userid", self.user.clone())];
+        if let Some(g) = &self.group {
+            query.push(("groupid", g.clone()));
+        }
+        if let Some(r) = resume {
+            query.push(("resume", r.to_owned()));
+        }
+        format!(
+            "/__initializeWebSocket.wc?{}",
+            serde_urlencoded::to_string(&query).unwrap()
+        )
+    }
+
+    async fn open(&self, server: &TestServer, resume: Option<&str>) -> Client {
+        Client::connect(server.addr, &self.path(resume)).await
+    }
+
+    /// Opens a socket that resumes from the positions kept, and reads its
+    /// welcome.
+    async fn resume(&mut self, server: &TestServer) -> (Client, Value) {
+        let positions = Value::Object(self.positions.clone()).to_string();
+        let mut client = self.open(server, Some(&positions)).await;
+        let welcome = self.welcome(&mut client).await;
+        (client, welcome)
+    }
+
+    /// Reads the first frame, which must be the welcome, and keeps its
+    /// positions; returns its `message`.
+    async fn welcome(&mut self, client: &mut Client) -> Value {
+        let frame = client.recv().await;
+        assert_eq!(frame["action"], "wshub.welcome", "the first frame: {frame}");
+        let welcome = parse(frame["message"].as_str().unwrap());
+        self.positions = welcome["positions"].as_object().unwrap().clone();
+        welcome
+    }
+
+    /// Keeps the positions of a frame's `pos` for this page's keys.
+    fn observe(&mut self, frame: &Value) {
+        let keys = self.keys();
+        if let Some(pos) = frame["pos"].as_object() {
+            for (key, position) in pos {
+                if keys.contains(key) {
+                    self.positions.insert(key.clone(), position.clone());
+                }
+            }
+        }
+    }
+
+    /// Every frame before the sentinel `tag` (observed), and the sentinel.
+    async fn until(&mut self, client: &mut Client, tag: &str) -> (Vec<Value>, Value) {
+        let mut seen = Vec::new();
+        loop {
+            let frame = client.recv().await;
+            self.observe(&frame);
+            if frame["message"] == tag {
+                return (seen, frame);
+            }
+            seen.push(frame);
+        }
+    }
+}
+
+fn messages(frames: &[Value]) -> Vec<&str> {
+    frames
+        .iter()
+        .map(|f| f["message"].as_str().unwrap())
+        .collect()
+}
+
+/// The tops `page`'s identity would be welcomed with now (a fresh socket's
+/// welcome), closed again.
+async fn tops(server: &TestServer, page: &Page) -> Value {
+    let mut fresh = Page::new(&page.user, page.group.as_deref());
+    let mut client = fresh.open(server, Some("")).await;
+    let welcome = fresh.welcome(&mut client).await;
+    client.close().await;
+    welcome["positions"].clone()
+}
+
+/// `welcome` says not recovered, from the current tops, and nothing is
+/// replayed before a sentinel.
+async fn assert_not_recovered(
+    server: &TestServer,
+    page: &mut Page,
+    client: &mut Client,
+    welcome: &Value,
+    why: &str,
+) {
+    assert_eq!(welcome["recovered"], false, "{why}: {welcome}");
+    assert_eq!(welcome["replayed"], 0, "{why}");
+    assert_eq!(
+        welcome["positions"],
+        tops(server, page).await,
+        "{why}: the tops"
+    );
+    let tag = sentinel(server).await;
+    let (before, _) = page.until(client, &tag).await;
+    assert!(before.is_empty(), "{why}: nothing replayed, got {before:?}");
+}
+
+// ---- Welcome and recovery ---------------------------------------------------
+
+#[tokio::test]
+async fn a_fresh_socket_is_welcomed_first_at_the_tops() {
+    let redis = RedisServer::start();
+    let server = node(&redis.url(), Some(settings())).await;
+    let mut watcher = Watcher::on(&server).await;
+    publish(&server, say("before", json!([]))).await;
+    publish(&server, say("to chat", json!([to_group("chat")]))).await;
+    watcher.settle(&server).await;
+
+    let mut ann = Page::new("ann", Some("chat"));
+    let mut client = ann.open(&server, Some("")).await;
+    let frame = parse(&client.recv_text().await);
+    let fields: Vec<&str> = frame
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    assert_eq!(
+        fields,
+        ["action", "groupId", "message", "recipients", "userId"],
+        "the five usual fields: {frame}"
+    );
+    assert_eq!(frame["action"], "wshub.welcome");
+    assert_eq!(frame["userId"], "ann");
+    assert_eq!(frame["groupId"], "chat");
+    assert_eq!(frame["recipients"], json!([]));
+    let welcome = parse(frame["message"].as_str().unwrap());
+    assert_eq!(welcome["recovered"], false);
+    assert_eq!(welcome["replayed"], 0);
+    assert_eq!(welcome["node"], server.node.config.node_id.as_str());
+    let positions = welcome["positions"].as_object().unwrap();
+    assert_eq!(
+        positions.keys().collect::<Vec<_>>(),
+        ["all", "group:chat", "user:ann"]
+    );
+    let offset = |key: &str| -> u64 {
+        let p = positions[key].as_str().unwrap();
+        p.rsplit_once(':').unwrap().1.parse().unwrap()
+    };
+    // The two messages and the watcher's sentinel went to `all`.
+    assert_eq!(offset("all"), 2);
+    assert_eq!(offset("group:chat"), 1);
+    assert_eq!(offset("user:ann"), 0, "a topic never published to");
+    ann.positions = positions.clone();
+
+    // Nothing from before the tops; live messages carry `pos`.
+    let tag = sentinel(&server).await;
+    let (before, live) = ann.until(&mut client, &tag).await;
+    assert!(before.is_empty(), "{before:?}");
+    let all_epoch = positions["all"]
+        .as_str()
+        .unwrap()
+        .rsplit_once(':')
+        .unwrap()
+        .0;
+    assert_eq!(live["pos"], json!({"all": format!("{all_epoch}:3")}));
+}
+
+#[tokio::test]
+async fn a_socket_that_reconnects_elsewhere_is_replayed_what_it_missed_once_in_order() {
+    let redis = RedisServer::start();
+    let (one, two) = (
+        node(&redis.url(), Some(settings())).await,
+        node(&redis.url(), Some(settings())).await,
+    );
+    let mut watcher = Watcher::on(&two).await;
+    let mut ann = Page::new("ann", Some("chat"));
+    let mut client = ann.open(&one, Some("")).await;
+    ann.welcome(&mut client).await;
+    publish(&one, say("live", json!([to_user("ann")]))).await;
+    let frame = client.recv().await;
+    ann.observe(&frame);
+    assert_eq!(frame["message"], "live");
+    client.close().await;
+
+    // While ann is away, from the other node:
+    for (text, recipients) in [
+        ("m1 all", json!([])),
+        ("m2 chat", json!([to_group("chat")])),
+        ("m3 ann", json!([to_user("ann")])),
+        ("m4 chat+ann", json!([to_group("chat"), to_user("ann")])),
+        ("m5 ann+chat", json!([to_user("ann"), to_group("chat")])),
+        ("-- other group", json!([to_group("other")])),
+        ("-- bob", json!([to_user("bob")])),
+        ("-- all but ann", json!([except("ann")])),
+        ("-- chat but ann", json!([to_group("chat"), except("ann")])),
+        ("m6 all", json!([])),
+    ] {
+        publish(&two, say(text, recipients)).await;
+    }
+    watcher.settle(&two).await;
+
+    let (mut client, welcome) = ann.resume(&two).await;
+    assert_eq!(welcome["recovered"], true, "{welcome}");
+    let expected = ["m1 all", "m2 chat", "m3 ann", "m4 chat+ann", "m5 ann+chat"];
+    // The watcher's sentinel went to everyone too.
+    assert_eq!(welcome["replayed"], expected.len() + 2, "{welcome}");
+    let tag = sentinel(&one).await;
+    let (got, _) = ann.until(&mut client, &tag).await;
+    let got_messages = messages(&got);
+    let replayed: Vec<&str> = got_messages
+        .iter()
+        .copied()
+        .filter(|m| !m.starts_with("resume-sentinel"))
+        .collect();
+    assert_eq!(
+        replayed,
+        [&expected[..], &["m6 all"]].concat(),
+        "everything ann should have, each once (the group+user ones too), in order"
+    );
+    assert_eq!(got.len(), expected.len() + 2, "{got_messages:?}");
+    for frame in &got {
+        assert!(
+            frame["pos"].is_object(),
+            "every replayed frame has pos: {frame}"
+        );
+    }
+    let both = got.iter().find(|f| f["message"] == "m4 chat+ann").unwrap();
+    let pos = both["pos"].as_object().unwrap();
+    assert!(
+        pos.contains_key("group:chat") && pos.contains_key("user:ann"),
+        "pos names every topic of the route: {both}"
+    );
+    client.close().await;
+
+    // Straight back: nothing missed, recovered with nothing to replay.
+    let (mut client, welcome) = ann.resume(&one).await;
+    assert_eq!(welcome["recovered"], true, "{welcome}");
+    assert_eq!(welcome["replayed"], 0);
+    let tag = sentinel(&two).await;
+    assert!(ann.until(&mut client, &tag).await.0.is_empty());
+}
+
+#[tokio::test]
+async fn forged_keys_are_ignored() {
+    let redis = RedisServer::start();
+    let server = node(&redis.url(), Some(settings())).await;
+    let mut watcher = Watcher::on(&server).await;
+    let mut ann = Page::new("ann", Some("chat"));
+    let mut client = ann.open(&server, Some("")).await;
+    ann.welcome(&mut client).await;
+    client.close().await;
+    // Bob's and another group's topics, at 0 in their epochs.
+    let mut bob = Page::new("bob", Some("secret"));
+    let mut bobs = bob.open(&server, Some("")).await;
+    let bob_at = bob.welcome(&mut bobs).await["positions"].clone();
+    bobs.close().await;
+    publish(&server, say("for bob", json!([to_user("bob")]))).await;
+    publish(&server, say("for secret", json!([to_group("secret")]))).await;
+    publish(&server, say("for ann", json!([to_user("ann")]))).await;
+    watcher.settle(&server).await;
+
+    ann.positions
+        .insert("user:bob".into(), bob_at["user:bob"].clone());
+    ann.positions
+        .insert("group:secret".into(), bob_at["group:secret"].clone());
+    let (mut client, welcome) = ann.resume(&server).await;
+    assert_eq!(welcome["recovered"], true, "{welcome}");
+    let keys: Vec<&String> = welcome["positions"].as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["all", "group:chat", "user:ann"], "only ann's topics");
+    let tag = sentinel(&server).await;
+    let (got, _) = ann.until(&mut client, &tag).await;
+    let got = messages(&got);
+    assert!(got.contains(&"for ann"), "{got:?}");
+    assert!(
+        !got.contains(&"for bob") && !got.contains(&"for secret"),
+        "forged positions reveal nothing: {got:?}"
+    );
+}
+
+// ---- Not recovered -----------------------------------------------------------
+
+/// Opens ann on `server`, then publishes `missed` while she is away, then
+/// resumes her: returns her page, socket and welcome.
+async fn away_then_resume(
+    server: &TestServer,
+    missed: &[(&str, Value)],
+    pause: Duration,
+) -> (Page, Client, Value) {
+    let mut watcher = Watcher::on(server).await;
+    let mut ann = Page::new("ann", Some("chat"));
+    let mut client = ann.open(server, Some("")).await;
+    ann.welcome(&mut client).await;
+    client.close().await;
+    for (text, recipients) in missed {
+        publish(server, say(text, recipients.clone())).await;
+    }
+    watcher.settle(server).await;
+    tokio::time::sleep(pause).await;
+    let (client, welcome) = ann.resume(server).await;
+    (ann, client, welcome)
+}
+
+#[tokio::test]
+async fn a_topic_that_overflowed_is_not_recovered() {
+    // Small stream nodes, so that `MAXLEN ~` trims close to the size.
+    let redis = RedisServer::start_with(&["--stream-node-max-entries", "2"]);
+    let server = node(
+        &redis.url(),
+        Some(HistoryConfig {
+            size_group: 3,
+            ..settings()
+        }),
+    )
+    .await;
+    let missed: Vec<(String, Value)> = (0..20)
+        .map(|i| (format!("m{i}"), json!([to_group("chat")])))
+        .collect();
+    let missed: Vec<(&str, Value)> = missed
+        .iter()
+        .map(|(t, r)| (t.as_str(), r.clone()))
+        .collect();
+    let (mut ann, mut client, welcome) = away_then_resume(&server, &missed, Duration::ZERO).await;
+    assert_not_recovered(&server, &mut ann, &mut client, &welcome, "group trimmed").await;
+}
+
+#[tokio::test]
+async fn more_than_max_replay_is_not_recovered_and_max_replay_is() {
+    let redis = RedisServer::start();
+    let server = node(
+        &redis.url(),
+        Some(HistoryConfig {
+            max_replay: 4,
+            ..settings()
+        }),
+    )
+    .await;
+    // Four messages for ann: the watcher's sentinel makes five.
+    let missed = [
+        ("a1", json!([to_user("ann")])),
+        ("a2", json!([to_group("chat")])),
+        ("a3", json!([to_user("ann")])),
+        ("a4", json!([to_group("chat")])),
+    ];
+    let (mut ann, mut client, welcome) = away_then_resume(&server, &missed, Duration::ZERO).await;
+    assert_not_recovered(&server, &mut ann, &mut client, &welcome, "over max_replay").await;
+    client.close().await;
+    // Three and the sentinel: exactly max_replay.
+    let (_, _, welcome) = away_then_resume(&server, &missed[..3], Duration::ZERO).await;
+    assert_eq!(welcome["recovered"], true, "{welcome}");
+    assert_eq!(welcome["replayed"], 4);
+}
+
+#[tokio::test]
+async fn history_older_than_its_ttl_is_not_recovered() {
+    let redis = RedisServer::start();
+    let server = node(
+        &redis.url(),
+        Some(HistoryConfig {
+            ttl: Duration::from_millis(300),
+            ..settings()
+        }),
+    )
+    .await;
+    let missed = [("old", json!([to_user("ann")]))];
+    // Waiting out the ttl is what this test is about.
+    let (mut ann, mut client, welcome) =
+        away_then_resume(&server, &missed, Duration::from_millis(600)).await;
+    assert_not_recovered(&server, &mut ann, &mut client, &welcome, "expired").await;
+}
+
+#[tokio::test]
+async fn unknown_epochs_and_unreadable_or_missing_positions_are_not_recovered() {
+    let redis = RedisServer::start();
+    let server = node(&redis.url(), Some(settings())).await;
+    let mut ann = Page::new("ann", Some("chat"));
+    let mut client = ann.open(&server, Some("")).await;
+    ann.welcome(&mut client).await;
+    client.close().await;
+    let good = ann.positions.clone();
+
+    let mut epoch = good.clone();
+    epoch.insert("all".into(), json!("gone:1"));
+    let mut missing = good.clone();
+    missing.remove("user:ann");
+    let mut garbage = good.clone();
+    garbage.insert("group:chat".into(), json!("not a position"));
+    let epoch = Value::Object(epoch).to_string();
+    let missing = Value::Object(missing).to_string();
+    let garbage = Value::Object(garbage).to_string();
+    for (why, value) in [
+        ("an unknown epoch", epoch.as_str()),
+        ("a missing topic", missing.as_str()),
+        ("an unreadable position", garbage.as_str()),
+        ("not JSON", "{\"all\":"),
+    ] {
+        let mut client = ann.open(&server, Some(value)).await;
+        let welcome = ann.welcome(&mut client).await;
+        assert_not_recovered(&server, &mut ann, &mut client, &welcome, why).await;
+        client.close().await;
+    }
+    // The honest positions still recover (the sentinels since).
+    ann.positions = good;
+    let (_, welcome) = ann.resume(&server).await;
+    assert_eq!(welcome["recovered"], true, "{welcome}");
+}
+
+/// Redis stops answering while a socket resumes: the welcome still comes,
+/// once the calls time out, says not recovered, and the socket stays open.
+#[tokio::test]
+async fn history_that_does_not_answer_is_not_recovered_and_the_socket_stays() {
+    let redis = RedisServer::start();
+    let server = TestServer::on_redis(&redis.url(), |c| {
+        c.history = Some(settings());
+        c.redis.as_mut().unwrap().command_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut ann = Page::new("ann", Some("chat"));
+    // Keeps the node subscribed to ann's topics, so the next socket needs
+    // no Redis to be admitted.
+    let _anchor = ann.open(&server, None).await;
+    let mut client = ann.open(&server, Some("")).await;
+    ann.welcome(&mut client).await;
+    client.close().await;
+
+    redis.pause();
+    let mut client = ann
+        .open(
+            &server,
+            Some(&Value::Object(ann.positions.clone()).to_string()),
+        )
+        .await;
+    let frame = client.recv().await;
+    redis.resume();
+    assert_eq!(frame["action"], "wshub.welcome");
+    let welcome = parse(frame["message"].as_str().unwrap());
+    assert_eq!(welcome["recovered"], false, "{welcome}");
+    assert_eq!(welcome["replayed"], 0);
+    server.wait_ready().await;
+    publish(&server, say("still here", json!([to_user("ann")]))).await;
+    assert_eq!(client.recv().await["message"], "still here");
+}
+
+// ---- Live copies during a replay -----------------------------------------------
+
+/// The reading node's history replies are held (a gate proxy in front of
+/// Redis) while more messages are published: their live copies reach the
+/// socket's outbox during the replay, and the second round of reads finds
+/// them in history too. Each is delivered once, in order.
+#[tokio::test]
+async fn live_copies_that_arrive_during_the_replay_are_not_duplicated() {
+    let redis = RedisServer::start();
+    let proxy = GateProxy::start(redis.port).await;
+    // History calls wait for the held replies: give them time.
+    let reader = TestServer::on_redis(&proxy.url(), |c| {
+        c.history = Some(settings());
+        c.redis.as_mut().unwrap().command_timeout = Duration::from_secs(20);
+    })
+    .await;
+    let publisher = node(&redis.url(), Some(settings())).await;
+    let mut watcher = Watcher::on(&publisher).await;
+    let mut ann = Page::new("ann", Some("chat"));
+    let mut client = ann.open(&reader, Some("")).await;
+    ann.welcome(&mut client).await;
+    client.close().await;
+    publish(&publisher, say("before 1", json!([]))).await;
+    publish(&publisher, say("before 2", json!([to_user("ann")]))).await;
+    watcher.settle(&publisher).await;
+
+    // Hold the replies of the reader's history connection from ann's first
+    // read on.
+    proxy.arm_on(b"h:{u:ann}:s");
+    let positions = Value::Object(ann.positions.clone()).to_string();
+    let path = ann.path(Some(&positions));
+    let addr = reader.addr;
+    let connecting = tokio::spawn(async move { Client::connect(addr, &path).await });
+    proxy.held().await;
+    let delivered = reader.metric("wshub_messages_delivered_total");
+    for (text, recipients) in [
+        ("during 1", json!([])),
+        ("during 2", json!([to_group("chat"), to_user("ann")])),
+        ("during 3", json!([to_user("ann")])),
+    ] {
+        publish(&publisher, say(text, recipients)).await;
+    }
+    // Their live copies are in ann's outbox (and the watcher's).
+    eventually("the live copies were queued on the reader", || {
+        reader.metric("wshub_messages_delivered_total") >= delivered + 3.0
+    })
+    .await;
+    proxy.release();
+    let mut client = connecting.await.unwrap();
+    let welcome = ann.welcome(&mut client).await;
+    assert_eq!(welcome["recovered"], true, "{welcome}");
+    let tag = sentinel(&publisher).await;
+    let (got, _) = ann.until(&mut client, &tag).await;
+    let got: Vec<&str> = messages(&got)
+        .into_iter()
+        .filter(|m| !m.starts_with("resume-sentinel"))
+        .collect();
+    assert_eq!(
+        got,
+        ["before 1", "before 2", "during 1", "during 2", "during 3"],
+        "each once, in order"
+    );
+}
+
+// ---- Drain handoff ---------------------------------------------------------
+
+/// An unmodified page (no `resume`) on a node that shuts down: its
+/// positions are stored before its 1001 close frame, and its next socket
+/// (same identity, another node) is replayed what it missed, without a
+/// welcome or `pos`.
+#[tokio::test]
+async fn a_legacy_page_is_handed_over_across_a_node_shutdown() {
+    let redis = RedisServer::start();
+    let (one, two) = (
+        node(&redis.url(), Some(settings())).await,
+        node(&redis.url(), Some(settings())).await,
+    );
+    let mut watcher = Watcher::on(&two).await;
+    let page = Page::new("ann", Some("chat"));
+    let mut client = page.open(&one, None).await;
+    publish(&two, say("seen", json!([to_group("chat")]))).await;
+    let seen = client.recv().await;
+    assert_eq!(seen["message"], "seen");
+    assert!(seen.get("pos").is_none(), "a legacy page never sees pos");
+
+    let shutdown = tokio::spawn(one.node.shutdown(Duration::ZERO, Duration::from_secs(5)));
+    match client.ended().await {
+        Ended::Closed(code, _) => assert_eq!(code, 1001),
+        other => panic!("expected 1001, got {other:?}"),
+    }
+    // Stored before the close frame was sent.
+    let key = r#"wshub:ho:["ann","chat"]"#;
+    assert_eq!(
+        cli(redis.port, &["LLEN", key]).trim(),
+        "1",
+        "the handoff is in place"
+    );
+    shutdown.await.unwrap();
+
+    publish(&two, say("missed 1", json!([to_user("ann")]))).await;
+    publish(
+        &two,
+        say("missed 2", json!([to_group("chat"), to_user("ann")])),
+    )
+    .await;
+    watcher.settle(&two).await;
+    let mut client = page.open(&two, None).await;
+    let tag = sentinel(&two).await;
+    let mut got = Vec::new();
+    loop {
+        let text = client.recv_text().await;
+        let frame = parse(&text);
+        if frame["message"] == tag {
+            break;
+        }
+        assert_ne!(
+            frame["action"], "wshub.welcome",
+            "no welcome for a legacy page"
+        );
+        assert!(frame.get("pos").is_none(), "no pos: {text}");
+        got.push(frame);
+    }
+    let got: Vec<&str> = messages(&got)
+        .into_iter()
+        .filter(|m| !m.starts_with("resume-sentinel"))
+        .collect();
+    assert_eq!(
+        got,
+        ["missed 1", "missed 2"],
+        "what it missed, once; not what it saw"
+    );
+    assert_eq!(two.metric("wshub_resume_total{result=\"recovered\"}"), 1.0);
+    // Taken: another page with the identity starts as today.
+    let mut again = page.open(&two, None).await;
+    let tag = sentinel(&two).await;
+    assert!(again.until_sentinel(&tag).await.is_empty());
+}
+
+/// A legacy page whose node starts draining while the page's socket takes
+/// over a handoff (the history replies held by a gate proxy): the socket
+/// still gets what it missed before its 1001, and hands the handoff on.
+#[tokio::test]
+async fn a_legacy_page_drained_while_taking_over_a_handoff_hands_it_on() {
+    let redis = RedisServer::start();
+    let proxy = GateProxy::start(redis.port).await;
+    let publisher = node(&redis.url(), Some(settings())).await;
+    let draining = TestServer::on_redis(&proxy.url(), |c| {
+        c.history = Some(settings());
+        c.redis.as_mut().unwrap().command_timeout = Duration::from_secs(20);
+    })
+    .await;
+    let mut watcher = Watcher::on(&publisher).await;
+    // A handoff as a drained node stores it, at the current tops.
+    let page = Page::new("ann", Some("chat"));
+    let at = tops(&publisher, &page).await;
+    let stored = json!([at["all"], at["group:chat"], at["user:ann"]]).to_string();
+    let key = r#"wshub:ho:["ann","chat"]"#;
+    cli(redis.port, &["RPUSH", key, &stored]);
+    publish(&publisher, say("missed", json!([to_user("ann")]))).await;
+    watcher.settle(&publisher).await;
+
+    proxy.arm_on(b"LPOP");
+    let (addr, path) = (draining.addr, page.path(None));
+    let connecting = tokio::spawn(async move { Client::connect(addr, &path).await });
+    proxy.held().await;
+    draining.node.drain_sockets_now();
+    proxy.release();
+    let mut client = connecting.await.unwrap();
+    let mut got = Vec::new();
+    let code = loop {
+        match tokio::time::timeout(PATIENCE, futures_util::StreamExt::next(&mut client.ws))
+            .await
+            .expect("the socket ended")
+        {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) => {
+                got.push(parse(&text)["message"].as_str().unwrap().to_owned());
+            }
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(frame)))) => {
+                break u16::from(frame.code);
+            }
+            Some(Ok(_)) => {}
+            other => panic!("expected frames and a close, got {other:?}"),
+        }
+    };
+    assert_eq!(code, 1001);
+    let got: Vec<&str> = got
+        .iter()
+        .map(String::as_str)
+        .filter(|m| !m.starts_with("resume-sentinel"))
+        .collect();
+    assert_eq!(got, ["missed"], "replayed before the 1001");
+    assert_eq!(
+        cli(redis.port, &["LLEN", key]).trim(),
+        "1",
+        "handed on before the close frame"
+    );
+}
+
+// ---- The backend ----------------------------------------------------------
+
+/// What a recording backend received: headers and body per request.
+struct Backend {
+    url: String,
+    seen: tokio::sync::Mutex<mpsc::UnboundedReceiver<(HeaderMap, Value)>>,
+}
+
+impl Backend {
+    async fn start() -> Arc<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let app = Router::new().fallback(move |headers: HeaderMap, body: Bytes| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send((headers, serde_json::from_slice(&body).unwrap()));
+                axum::http::StatusCode::NO_CONTENT
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://{}/app/__websocket.wwd",
+            listener.local_addr().unwrap()
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Arc::new(Self {
+            url,
+            seen: tokio::sync::Mutex::new(rx),
+        })
+    }
+
+    /// The next event for `user` (others' are skipped).
+    async fn next_for(&self, user: &str) -> (HeaderMap, Value) {
+        let mut seen = self.seen.lock().await;
+        loop {
+            let (headers, body) = tokio::time::timeout(PATIENCE, seen.recv())
+                .await
+                .expect("the backend received nothing")
+                .unwrap();
+            if body["userId"] == user {
+                return (headers, body);
+            }
+        }
+    }
+}
+
+async fn node_with_backend(
+    redis: &str,
+    history: Option<HistoryConfig>,
+    backend: &Backend,
+) -> TestServer {
+    let url = backend.url.clone();
+    TestServer::on_redis(redis, move |c| {
+        c.history = history;
+        c.backend = wshub::Config::load_from(None, [("WSHUB_BACKEND__URL".to_owned(), url)])
+            .unwrap()
+            .backend;
+        c.backend.as_mut().unwrap().events = true;
+    })
+    .await
+}
+
+fn resume_header(headers: &HeaderMap) -> Option<&str> {
+    headers.get("x-wshub-resume").map(|v| v.to_str().unwrap())
+}
+
+#[tokio::test]
+async fn the_backend_hears_how_each_socket_resumed() {
+    let redis = RedisServer::start();
+    let backend = Backend::start().await;
+    let server = node_with_backend(&redis.url(), Some(settings()), &backend).await;
+    let mut watcher = Watcher::on(&server).await;
+
+    // A legacy page without a handoff.
+    let legacy = Page::new("leg", None);
+    let client = legacy.open(&server, None).await;
+    let (headers, body) = backend.next_for("leg").await;
+    assert_eq!(body["action"], "wshub.connect");
+    assert_eq!(resume_header(&headers), Some("none"));
+    assert_eq!(body["message"], r#"{"recovered":false,"replayed":0}"#);
+    client.close().await;
+    let (_, body) = backend.next_for("leg").await;
+    assert_eq!(body["action"], "wshub.disconnect", "after the connect");
+
+    // Fresh, then recovered with two messages, then not recovered.
+    let mut ann = Page::new("ann", Some("chat"));
+    let mut client = ann.open(&server, Some("")).await;
+    ann.welcome(&mut client).await;
+    let (headers, body) = backend.next_for("ann").await;
+    assert_eq!(resume_header(&headers), Some("not_recovered"));
+    assert_eq!(body["message"], r#"{"recovered":false,"replayed":0}"#);
+    client.close().await;
+    assert_eq!(
+        backend.next_for("ann").await.1["action"],
+        "wshub.disconnect"
+    );
+    publish(&server, say("one", json!([to_user("ann")]))).await;
+    publish(&server, say("two", json!([to_group("chat")]))).await;
+    watcher.settle(&server).await;
+    let (client, welcome) = ann.resume(&server).await;
+    assert_eq!(welcome["recovered"], true);
+    let (headers, body) = backend.next_for("ann").await;
+    assert_eq!(body["action"], "wshub.connect");
+    assert_eq!(resume_header(&headers), Some("recovered"));
+    // Two, and the watcher's sentinel.
+    assert_eq!(body["message"], r#"{"recovered":true,"replayed":3}"#);
+    client.close().await;
+    assert_eq!(
+        backend.next_for("ann").await.1["action"],
+        "wshub.disconnect"
+    );
+    let mut client = ann.open(&server, Some("{}")).await;
+    assert_eq!(ann.welcome(&mut client).await["recovered"], false);
+    let (headers, body) = backend.next_for("ann").await;
+    assert_eq!(resume_header(&headers), Some("not_recovered"));
+    assert_eq!(body["message"], r#"{"recovered":false,"replayed":0}"#);
+    drop(watcher);
+
+    // History off: as before.
+    let plain = node_with_backend(&redis.url(), None, &backend).await;
+    let _client = Page::new("off", None).open(&plain, Some("")).await;
+    let (headers, body) = backend.next_for("off").await;
+    assert_eq!(body["action"], "wshub.connect");
+    assert_eq!(resume_header(&headers), None);
+    assert_eq!(body["message"], Value::Null);
+}
+
+// ---- History off, and legacy sockets with it on ------------------------------------
+
+/// With history off the `resume` parameter changes nothing: no welcome and
+/// the very bytes of today's frames. With history on, a socket that did not
+/// opt in gets those same bytes too.
+#[tokio::test]
+async fn frames_are_todays_bytes_unless_a_socket_opts_in() {
+    let (redis, kept) = (RedisServer::start(), RedisServer::start());
+    let off = node(&redis.url(), None).await;
+    let other = node(&redis.url(), None).await;
+    let on = node(&kept.url(), Some(settings())).await;
+    let page = Page::new("ann", Some("chat"));
+    let mut resuming_off = page.open(&off, Some("")).await;
+    let mut positions_off = page.open(&off, Some(r#"{"all":"x:1"}"#)).await;
+    let mut plain_off = page.open(&off, None).await;
+    let mut plain_on = page.open(&on, None).await;
+    let body = json!({
+        "userId": "bob", "action": "say", "message": "héllo \"you\"",
+        "recipients": [{"type": 2, "value": "ann"}, {"type": "group", "value": "chat"}]
+    });
+    let expected = r#"{"userId":"bob","groupId":null,"action":"say","message":"héllo \"you\"","recipients":[{"type":"user","value":"ann"},{"type":"group","value":"chat"}]}"#;
+    publish(&other, body.clone()).await;
+    for client in [&mut resuming_off, &mut positions_off, &mut plain_off] {
+        assert_eq!(
+            client.recv_text().await,
+            expected,
+            "history off: the first frame, byte for byte"
+        );
+    }
+    // History on keeps its own stream: publish there for the legacy socket.
+    publish(&on, body).await;
+    assert_eq!(
+        plain_on.recv_text().await,
+        expected,
+        "history on, not opted in"
+    );
+    let tag = sentinel(&off).await;
+    for client in [&mut resuming_off, &mut positions_off, &mut plain_off] {
+        assert!(client.until_sentinel(&tag).await.is_empty());
+    }
+    assert_eq!(
+        off.metric("wshub_resume_total{result=\"fresh\"}"),
+        0.0,
+        "history off: no resume at all"
+    );
+}
+
+// ---- Gap notices -------------------------------------------------------------
+
+/// The reader's subscriber is cut while `all` overflows its history: the
+/// node cannot repair the gap, and tells the sockets that speak resume
+/// (only them) with `wshub.gap`.
+#[tokio::test]
+async fn an_unrepairable_gap_is_told_to_resume_speakers_only() {
+    let redis = RedisServer::start_with(&["--stream-node-max-entries", "2"]);
+    let proxy = GateProxy::start(redis.port).await;
+    let small = HistoryConfig {
+        size_all: 2,
+        ..settings()
+    };
+    let reader = node(&proxy.url(), Some(small.clone())).await;
+    let publisher = node(&redis.url(), Some(small)).await;
+    let mut ann = Page::new("ann", Some("chat"));
+    let mut resuming = ann.open(&reader, Some("")).await;
+    ann.welcome(&mut resuming).await;
+    let mut legacy = Page::new("leg", Some("chat")).open(&reader, None).await;
+    publish(&publisher, say("first", json!([]))).await;
+    assert_eq!(resuming.recv().await["message"], "first");
+    assert_eq!(legacy.recv().await["message"], "first");
+
+    // Cut the reader's connections and hold its resubscribe (the command
+    // itself: the reader hears nothing meanwhile) while `all` moves on by
+    // more than it keeps.
+    proxy.arm_commands_on(b"SUBSCRIBE");
+    proxy.sever();
+    proxy.held().await;
+    for i in 0..10 {
+        publish(&publisher, say(&format!("lost {i}"), json!([]))).await;
+    }
+    let mut watcher = Watcher::on(&publisher).await;
+    watcher.settle(&publisher).await;
+    proxy.release();
+    eventually("the reader is ready again", || {
+        reader.node.readiness().is_ok()
+    })
+    .await;
+    // The gap shows at the next message at the latest.
+    publish(&publisher, say("after", json!([]))).await;
+
+    let frame = loop {
+        let frame = resuming.recv().await;
+        if frame["action"] == "wshub.gap" {
+            break frame;
+        }
+    };
+    assert_eq!(
+        parse(frame["message"].as_str().unwrap()),
+        json!({"topics": ["all"]})
+    );
+    let tag = sentinel(&publisher).await;
+    let frames = legacy.until_sentinel(&tag).await;
+    assert!(
+        frames.iter().all(|f| f["action"] != "wshub.gap"),
+        "a legacy socket is never told: {frames:?}"
+    );
+}
