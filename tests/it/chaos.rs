@@ -2129,6 +2129,17 @@ async fn two_history_nodes(redis: &RedisServer, name: &str) -> (NodeProcess, Nod
     (a, b)
 }
 
+/// Waits until everything pushed through `node` so far is in Redis: a
+/// marker pushed after it through the same node (one sender: its order is
+/// kept) has reached `observer`, a legacy socket in the group `sync`. A
+/// 204 only means the node took a message; a socket that resumes must not
+/// race the messages meant to be "before" it.
+async fn settle(http: &reqwest::Client, node: SocketAddr, observer: &mut Client, tag: &str) {
+    push(http, node, &to_group("sync", tag)).await;
+    // What else it got (messages to everyone) does not matter here.
+    frames_until(observer, tag).await;
+}
+
 /// Redis restarts empty (no persistence): the history a resume would need
 /// is gone, so the resume says `recovered: false` (replaying 0) and the
 /// messages it missed never show up, late or twice. A socket that stayed
@@ -2143,6 +2154,7 @@ async fn redis_restarted_without_persistence_resumes_say_not_recovered() {
     let bob = Who::new("bob", Some("chat"));
     let (mut a, _) = ResumeClient::open(n1.addr, &ann, None).await;
     let (mut b, _) = ResumeClient::open(n2.addr, &bob, None).await;
+    let mut observer = Client::connect(n1.addr, &Who::new("obs", Some("sync")).path(None)).await;
 
     push(&http, n2.addr, &to_group("chat", "m1")).await;
     push(&http, n2.addr, &to_user("ann", "m2")).await;
@@ -2163,6 +2175,7 @@ async fn redis_restarted_without_persistence_resumes_say_not_recovered() {
     wait_ready(&http, n2.addr, "node 2 after the Redis restart").await;
 
     push(&http, n1.addr, &to_group("chat", "m6")).await;
+    settle(&http, n1.addr, &mut observer, "x1").await;
     let (mut a, welcome) = ResumeClient::open(n2.addr, &ann, Some(&ann_at)).await;
     assert!(
         !welcome.recovered,
@@ -2186,6 +2199,7 @@ async fn redis_restarted_without_persistence_resumes_say_not_recovered() {
     push(&http, n1.addr, &to_group("chat", "m10")).await;
     push(&http, n1.addr, &to_user("ann", "m11")).await;
     push(&http, n1.addr, &to_user("bob", "m12")).await;
+    settle(&http, n1.addr, &mut observer, "x2").await;
     let (mut a, welcome) = ResumeClient::open(n1.addr, &ann, Some(&ann_at)).await;
     assert!(welcome.recovered, "ann, after the restart: {welcome:?}");
     assert_eq!(welcome.replayed, 2, "{welcome:?}");
@@ -2209,6 +2223,7 @@ async fn history_restored_from_an_older_snapshot_is_not_recovered() {
     let http = reqwest::Client::new();
     let ann = Who::new("ann", Some("chat"));
     let (mut a, _) = ResumeClient::open(n1.addr, &ann, None).await;
+    let mut observer = Client::connect(n2.addr, &Who::new("obs", Some("sync")).path(None)).await;
     for i in 1..=3 {
         push(&http, n2.addr, &to_group("chat", &format!("m{i}"))).await;
     }
@@ -2235,12 +2250,14 @@ async fn history_restored_from_an_older_snapshot_is_not_recovered() {
     );
     wait_ready(&http, n1.addr, "node 1 after the restore").await;
     wait_ready(&http, n2.addr, "node 2 after the restore").await;
-    // The same number of messages again: the offsets ann holds are reused.
+    // As many messages again in each topic: every offset ann holds now
+    // names a different message.
     for i in 8..=10 {
         push(&http, n2.addr, &to_group("chat", &format!("m{i}"))).await;
     }
     push(&http, n2.addr, &to_user("ann", "m11")).await;
     push(&http, n2.addr, &to_all("s3")).await;
+    settle(&http, n2.addr, &mut observer, "x1").await;
 
     let (mut a, welcome) = ResumeClient::open(n1.addr, &ann, Some(&ann_at)).await;
     assert!(
