@@ -1721,21 +1721,24 @@ fn report(run: &Run, strict: bool) -> (Vec<String>, Vec<String>) {
     let mut failures = Vec::new();
     let mut total = Row::default();
     let (mut resumes, mut recovered, mut replayed, mut gaps, mut sessions) = (0, 0, 0u64, 0, 0);
+    // Resuming sockets that ended before their welcome (a drop, a kill).
+    let mut unanswered = 0;
     for client in 0..CLIENTS {
         let v = judge(run, client);
         let w = windows(run, client);
         let log = &run.logs[client];
         sessions += log.sessions.len();
         gaps += log.gaps.len();
-        for s in &log.sessions {
-            if s.sent.is_some() {
-                resumes += 1;
-                if let Some(wl) = &s.welcome
-                    && wl.recovered
-                {
-                    recovered += 1;
-                    replayed += wl.replayed;
+        for s in log.sessions.iter().filter(|s| s.sent.is_some()) {
+            match &s.welcome {
+                Some(wl) => {
+                    resumes += 1;
+                    if wl.recovered {
+                        recovered += 1;
+                        replayed += wl.replayed;
+                    }
                 }
+                None => unanswered += 1,
             }
         }
         for &id in &v.expected {
@@ -1954,7 +1957,7 @@ fn report(run: &Run, strict: bool) -> (Vec<String>, Vec<String>) {
     }
     let last_sent = run.sent.iter().map(|s| s.at).max().unwrap_or_default();
     table.push(format!(
-        "CHAOS history={mode} seed={} clients={CLIENTS} messages={} (uncertain {uncertain}, never accepted {never}, refusals {}) sent in {last_sent:?}; kinds {kinds:?}; sessions={sessions} resumes={resumes} recovered={recovered} replayed={replayed} gap_notices={gaps}; run took {:?}",
+        "CHAOS history={mode} seed={} clients={CLIENTS} messages={} (uncertain {uncertain}, never accepted {never}, refusals {}) sent in {last_sent:?}; kinds {kinds:?}; sessions={sessions} resumes={resumes} recovered={recovered} replayed={replayed} cut_before_welcome={unanswered} gap_notices={gaps}; run took {:?}",
         run.seed,
         run.sent.len(),
         run.refusals,
