@@ -68,6 +68,14 @@
 //!   SHA-1 dependency; `SCRIPT LOAD` answers with the hash anyway, and it is
 //!   run on every connection.
 //!
+//! # Reads: one atomic step each
+//!
+//! A read of several topics is one script, so it is one snapshot: the
+//! resume's read of a socket's three topics ([`READ_MANY_LUA`]; see
+//! `src/resume/decision.rs` for why a snapshot). One script is also one
+//! round trip however many topics it reads (history needs one Redis: every
+//! key is on it).
+//!
 //! Redis must never evict these keys: `maxmemory-policy` `noeviction` or a
 //! `volatile-*` policy (every key but `P:seq` has a TTL, and those
 //! policies never evict it; losing a meta hash or a stream only makes a
@@ -195,6 +203,35 @@ for i = 1, #KEYS, 2 do
   out[#out + 1] = epoch_of(KEYS[i], KEYS[i + 1], ARGV[1])
   redis.call('PEXPIRE', KEYS[i], ARGV[2])
   out[#out + 1] = redis.call('HGET', KEYS[i], 'o')
+end
+return out
+"#
+);
+
+/// Some topics' entries after a position each, with their tops, in one
+/// atomic step (the resume's snapshot, `src/resume/decision.rs`).
+/// KEYS: meta, stream per topic. ARGV: run id, meta ttl ms, the most
+/// entries per topic; then per topic the epoch asked for and the offset
+/// after which to read. Returns `[epoch, top offset, entries]` per topic;
+/// no entries when the epoch differs, nothing follows the offset, or more
+/// than the most do.
+const READ_MANY_LUA: &str = concat!(
+    epoch_lua!(),
+    r#"
+local run, mttl, most = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local out = {}
+for i = 1, #KEYS / 2 do
+  local meta, stream = KEYS[2 * i - 1], KEYS[2 * i]
+  local e = epoch_of(meta, stream, run)
+  redis.call('PEXPIRE', meta, mttl)
+  local o = tonumber(redis.call('HGET', meta, 'o'))
+  local after = tonumber(ARGV[3 + 2 * i])
+  local entries = {}
+  if e == ARGV[2 + 2 * i] and after < o and o - after <= most then
+    entries = redis.call('XRANGE', stream, string.format('%d', after + 1) .. '-0',
+      string.format('%d', o) .. '-1', 'COUNT', string.format('%d', o - after))
+  end
+  out[i] = {e, string.format('%d', o), entries}
 end
 return out
 "#
@@ -357,6 +394,7 @@ struct Command {
     run_id: Arc<str>,
     tops_sha: Arc<str>,
     read_sha: Arc<str>,
+    read_many_sha: Arc<str>,
     /// Which connection this is, so a failed call drops only its own.
     serial: u64,
 }
@@ -524,12 +562,14 @@ impl RedisHistory {
         let mut c = conn.clone();
         let tops_sha = load(&mut c, TOPS_LUA).await?;
         let read_sha = load(&mut c, READ_LUA).await?;
+        let read_many_sha = load(&mut c, READ_MANY_LUA).await?;
         let run_id = run_id(&mut c).await?;
         Ok(Command {
             conn,
             run_id,
             tops_sha: tops_sha.into(),
             read_sha: read_sha.into(),
+            read_many_sha: read_many_sha.into(),
             serial: self.serials.fetch_add(1, Ordering::Relaxed),
         })
     }
@@ -683,54 +723,70 @@ fn single(conn: &mut PubConn) -> redis::RedisResult<&mut MultiplexedConnection> 
     }
 }
 
-/// Reads the read script's reply: the top and the entries (id, payload).
-fn read_reply(reply: redis::Value) -> Result<(Position, Vec<(String, Bytes)>), HistoryError> {
-    let bad = |what: &str| HistoryError::Unreadable(format!("history read: {what}"));
-    let redis::Value::Array(parts) = reply else {
-        return Err(bad("not an array"));
-    };
-    let mut parts = parts.into_iter();
-    let (Some(epoch), Some(top), Some(entries)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(bad("too short"));
-    };
-    let text = |v: redis::Value| -> Result<String, HistoryError> {
-        redis::from_redis_value::<String>(v).map_err(|e| bad(&e.to_string()))
-    };
-    let epoch = text(epoch)?;
-    let offset: u64 = text(top)?.parse().map_err(|_| bad("offset"))?;
-    let redis::Value::Array(entries) = entries else {
-        return Err(bad("entries"));
-    };
+/// A reply of a history script that cannot be read.
+fn bad(what: &str, why: &str) -> HistoryError {
+    HistoryError::Unreadable(format!("history {what}: {why}"))
+}
+
+fn array(value: redis::Value, what: &str) -> Result<Vec<redis::Value>, HistoryError> {
+    match value {
+        redis::Value::Array(items) => Ok(items),
+        _ => Err(bad(what, "not an array")),
+    }
+}
+
+fn text(value: redis::Value, what: &str) -> Result<String, HistoryError> {
+    redis::from_redis_value::<String>(value).map_err(|e| bad(what, &e.to_string()))
+}
+
+fn number(value: redis::Value, what: &str) -> Result<u64, HistoryError> {
+    match value {
+        redis::Value::Int(n) => u64::try_from(n).map_err(|_| bad(what, "a negative number")),
+        other => text(other, what)?
+            .parse()
+            .map_err(|_| bad(what, "not a number")),
+    }
+}
+
+/// Stream entries as `XRANGE` gives them: (id, payload) each.
+fn entries(value: redis::Value, what: &str) -> Result<Vec<(String, Bytes)>, HistoryError> {
+    let entries = array(value, what)?;
     let mut out = Vec::with_capacity(entries.len());
     for entry in entries {
         // [id, [field, value, ...]]
-        let redis::Value::Array(entry) = entry else {
-            return Err(bad("entry"));
-        };
-        let mut entry = entry.into_iter();
+        let mut entry = array(entry, what)?.into_iter();
         let (Some(id), Some(redis::Value::Array(fields))) = (entry.next(), entry.next()) else {
-            return Err(bad("entry"));
+            return Err(bad(what, "entry"));
         };
-        let id = text(id)?;
+        let id = text(id, what)?;
         let mut data = None;
         let mut fields = fields.into_iter();
         while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
-            if text(name)? == "d" {
+            if text(name, what)? == "d" {
                 let redis::Value::BulkString(bytes) = value else {
-                    return Err(bad("payload"));
+                    return Err(bad(what, "payload"));
                 };
                 data = Some(Bytes::from(bytes));
             }
         }
-        out.push((id, data.ok_or_else(|| bad("entry without payload"))?));
+        out.push((id, data.ok_or_else(|| bad(what, "entry without payload"))?));
     }
-    Ok((
-        Position {
-            epoch: epoch.into(),
-            offset,
-        },
-        out,
-    ))
+    Ok(out)
+}
+
+/// One topic's answer to the read script: the top and the entries.
+fn read_reply(reply: redis::Value) -> Result<(Position, Vec<(String, Bytes)>), HistoryError> {
+    let what = "read";
+    let mut parts = array(reply, what)?.into_iter();
+    let (Some(epoch), Some(top), Some(entries_part)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad(what, "too short"));
+    };
+    let position = Position {
+        epoch: text(epoch, what)?.into(),
+        offset: number(top, what)?,
+    };
+    Ok((position, entries(entries_part, what)?))
 }
 
 /// The entries' messages, if they are exactly the `wanted` offsets after
@@ -837,28 +893,59 @@ impl History for RedisHistory {
         })
     }
 
-    fn read<'a>(
+    fn read_many<'a>(
         &'a self,
-        topic: &'a Topic,
-        after: &'a Position,
+        from: &'a [(Topic, Position)],
         max: usize,
-    ) -> HistoryFuture<'a, Read> {
+    ) -> HistoryFuture<'a, Vec<Read>> {
         Box::pin(async move {
-            let (top, entries) = self.entries(topic, after, 0, max).await?;
-            if top.epoch != after.epoch || top.offset < after.offset {
-                return Ok(Read::Incomplete { top });
+            if from.is_empty() {
+                return Ok(Vec::new());
             }
-            let wanted = top.offset - after.offset;
-            if wanted > max as u64 {
-                return Ok(Read::Incomplete { top });
+            let keys: &Vec<String> = &from
+                .iter()
+                .flat_map(|(t, _)| [self.keys.meta(t), self.keys.stream(t)])
+                .collect();
+            let mttl = ms(meta_ttl(&self.history));
+            let reply: redis::Value = self
+                .call(|mut c| async move {
+                    evalsha(&mut c.conn, READ_MANY_LUA, &c.read_many_sha, |cmd| {
+                        cmd.arg(keys.len())
+                            .arg(keys)
+                            .arg(&*c.run_id)
+                            .arg(mttl)
+                            .arg(max);
+                        for (_, after) in from {
+                            cmd.arg(&*after.epoch).arg(after.offset);
+                        }
+                    })
+                    .await
+                })
+                .await?;
+            let parts = array(reply, "read")?;
+            if parts.len() != from.len() {
+                return Err(bad("read", "one answer per topic"));
             }
             let max_age = ms(self.history.ttl);
-            Ok(
-                match contiguous(topic, after, wanted, entries, Some(max_age))? {
-                    Some(messages) => Read::Complete { messages, top },
-                    None => Read::Incomplete { top },
-                },
-            )
+            from.iter()
+                .zip(parts)
+                .map(|((topic, after), part)| {
+                    let (top, entries) = read_reply(part)?;
+                    if top.epoch != after.epoch || top.offset < after.offset {
+                        return Ok(Read::Incomplete { top });
+                    }
+                    let wanted = top.offset - after.offset;
+                    if wanted > max as u64 {
+                        return Ok(Read::Incomplete { top });
+                    }
+                    Ok(
+                        match contiguous(topic, after, wanted, entries, Some(max_age))? {
+                            Some(messages) => Read::Complete { messages, top },
+                            None => Read::Incomplete { top },
+                        },
+                    )
+                })
+                .collect()
         })
     }
 
