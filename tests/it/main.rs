@@ -12,6 +12,7 @@ mod api;
 mod backend;
 mod backend_signing;
 mod bus_conformance;
+mod chaos;
 mod chat_backend;
 mod cli;
 mod cluster;
