@@ -1118,10 +1118,35 @@ impl History for RedisHistory {
                     messages: Vec::new(),
                 });
             }
-            let (top, entries) = self.entries(topic, &after, until, limit).await?;
-            let messages = entries
+            // A plain XRANGE after the top was read: an operator's view,
+            // not a replay, so no snapshot is needed; entries of another
+            // epoch (the topic started afresh in between) are left out.
+            let stream = &self.keys.stream(topic);
+            let start = format!("{}-0", after.offset + 1);
+            let reply: redis::Value = self
+                .call(|mut c| {
+                    let start = start.clone();
+                    async move {
+                        redis::cmd("XRANGE")
+                            .arg(stream)
+                            .arg(start)
+                            .arg("+")
+                            .arg("COUNT")
+                            .arg(until - from)
+                            .query_async(&mut c.conn)
+                            .await
+                    }
+                })
+                .await?;
+            let messages = entries(reply, "history")?
                 .into_iter()
                 .filter_map(|(_, payload)| wire::decode(payload).ok())
+                .filter(|d| {
+                    d.stamp
+                        .as_ref()
+                        .and_then(|s| s.position(topic))
+                        .is_some_and(|p| p.epoch == top.epoch && p.offset <= until)
+                })
                 .map(|d| Arc::new(Envelope::stamped(d.route, d.frame, d.stamp)))
                 .collect();
             Ok(Recent { top, messages })
