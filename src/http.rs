@@ -414,7 +414,8 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
     let ip = peer.map(|p| auth::client_ip(p, &parts.headers, &http.config.auth.trusted_proxies));
     // With history off the parameter is ignored (the node says Legacy).
     let resume = http.node.resume_request(resume_parameter(&pairs), &who);
-    let registration = match http.node.connect(who, ip, resume).await {
+    let presence = crate::presence::opts_in(parameter(&pairs, crate::presence::QUERY_PARAMETER));
+    let registration = match http.node.connect_opted(who, ip, resume, presence).await {
         Ok(r) => r,
         Err(e @ ConnectError::Draining) => {
             return Err(Refused::Socket(RefusalReason::Draining, e.to_string()));
@@ -424,6 +425,9 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
         }
         Err(e @ ConnectError::Refused(Refusal::TooManyFromIp(_))) => {
             return Err(Refused::Socket(RefusalReason::PerIp, e.to_string()));
+        }
+        Err(e @ ConnectError::UserLimit(_)) => {
+            return Err(Refused::Socket(RefusalReason::PerUser, e.to_string()));
         }
         Err(e @ ConnectError::Bus(_)) => {
             // Logged by `refuse`, rate-limited like every refusal: a line
@@ -483,10 +487,16 @@ pub fn identity_from_query(pairs: &[(String, String)]) -> Identity {
 /// The value of the `resume` query parameter (key in any case, as the
 /// ids' keys), if present; the last one when repeated, as the ids.
 fn resume_parameter(pairs: &[(String, String)]) -> Option<&str> {
+    parameter(pairs, crate::resume::QUERY_PARAMETER)
+}
+
+/// The value of query parameter `name` (key in any case), the last one
+/// when repeated.
+fn parameter<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
     pairs
         .iter()
         .rev()
-        .find(|(key, _)| key.eq_ignore_ascii_case(crate::resume::QUERY_PARAMETER))
+        .find(|(key, _)| key.eq_ignore_ascii_case(name))
         .map(|(_, value)| value.as_str())
 }
 

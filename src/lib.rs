@@ -87,6 +87,7 @@ pub mod node;
 pub(crate) mod outbox;
 pub mod outcome;
 pub mod position;
+pub mod presence;
 pub(crate) mod rate_limit;
 pub(crate) mod refusal_log;
 pub mod resume;

@@ -34,6 +34,7 @@ use crate::message::{Message, MessageError};
 use crate::metrics::Metrics;
 use crate::outcome::CloseReason;
 use crate::outcome::DropReason;
+use crate::presence::{ACTION_PRESENCE, AdmitError, Announce, Presence};
 use crate::rate_limit::{RateLimit, Verdict};
 use crate::resume::{Report, Request, Resumer};
 use crate::route::{Identity, Route, Topic};
@@ -49,9 +50,16 @@ pub enum ConnectError {
     /// is used up.
     #[error(transparent)]
     Refused(#[from] Refusal),
-    /// The bus could not subscribe to the connection's topics.
+    /// The bus could not subscribe to the connection's topics (or, with
+    /// the per-user limit, Redis could not be asked).
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// The user already holds `limits.max_connections_per_user` sockets
+    /// in the cluster and the policy is `refuse` (429).
+    #[error(
+        "too many connections for this user: at most {0} across the cluster (limits.max_connections_per_user)"
+    )]
+    UserLimit(usize),
 }
 
 /// Why a message was not published.
@@ -148,6 +156,8 @@ pub struct Node {
     echo: bool,
     /// Resume and drain handoff, with history on.
     resumer: Option<Arc<Resumer>>,
+    /// Cluster presence and the per-user limit, when either is on.
+    presence: Option<Arc<Presence>>,
     backend: Option<Backend>,
     /// Token mode: a client's messages carry its verified ids, stamped
     /// over whatever it wrote (the HTTP layer verifies the tokens).
@@ -252,6 +262,13 @@ impl Node {
             config.limits.ipv6_prefix_len,
         );
         let registry = bus.registry(&config.presence);
+        let presence = Presence::start(
+            registry.presence(),
+            &config,
+            hub.clone(),
+            metrics.clone(),
+            shutdown.child(),
+        );
         let node = Arc::new(Self {
             config: Arc::new(config),
             metrics,
@@ -260,6 +277,7 @@ impl Node {
             registry,
             echo,
             resumer,
+            presence,
             backend,
             stamp_identity,
             admission,
@@ -272,6 +290,10 @@ impl Node {
         // Held weakly: the registry never keeps the node alive.
         let vitals: std::sync::Weak<Self> = Arc::downgrade(&node);
         node.registry.join(vitals);
+        if let Some(presence) = &node.presence {
+            let announce: std::sync::Weak<Self> = Arc::downgrade(&node);
+            presence.announce_to(announce);
+        }
         Ok(node)
     }
 
@@ -297,6 +319,20 @@ impl Node {
         ip: Option<IpAddr>,
         resume: Request,
     ) -> Result<Registration, ConnectError> {
+        self.connect_opted(who, ip, resume, false).await
+    }
+
+    /// [`connect`](Self::connect) for a socket that may have opted in to
+    /// presence frames (`presence=1`; ignored with presence off). With the
+    /// per-user limit on, the user's sockets in the cluster are counted
+    /// first: over the limit, the oldest is replaced or this one refused.
+    pub async fn connect_opted(
+        self: &Arc<Self>,
+        who: Identity,
+        ip: Option<IpAddr>,
+        resume: Request,
+        presence: bool,
+    ) -> Result<Registration, ConnectError> {
         if self.is_draining() {
             return Err(ConnectError::Draining);
         }
@@ -317,6 +353,7 @@ impl Node {
             rx: Some(rx),
             resume: Some(resume),
             announced: false,
+            present: false,
             _slot: slot,
         };
         let [group, user] = registration.conn.who.topics();
@@ -326,6 +363,16 @@ impl Node {
         if self.is_draining() {
             // Shutdown began while we subscribed and may have missed us.
             return Err(ConnectError::Draining);
+        }
+        if let Some(p) = &self.presence {
+            match p.admit(&registration.conn).await {
+                Ok(()) => {}
+                Err(AdmitError::UserLimit(max)) => return Err(ConnectError::UserLimit(max)),
+                Err(AdmitError::Bus(e)) => return Err(ConnectError::Bus(e)),
+            }
+            // From here the registration's drop removes what was recorded.
+            p.connected(&registration.conn, presence);
+            registration.present = true;
         }
         if self.resumer.is_none()
             && let Some(backend) = &self.backend
@@ -398,6 +445,14 @@ impl Node {
     ) -> Result<(), ClientError> {
         let mut msg = self.parse(text)?;
         if msg.is_reserved() {
+            // A socket that opted in to presence asks for its group's
+            // members; from anyone else it is refused as before.
+            if msg.action.as_deref() == Some(ACTION_PRESENCE)
+                && let Some(presence) = &self.presence
+                && presence.request(conn)
+            {
+                return Ok(());
+            }
             return Err(MessageError::ReservedAction.into());
         }
         if self.stamp_identity {
@@ -636,6 +691,12 @@ impl Node {
         self.resumer.as_ref()
     }
 
+    /// Cluster presence, when `presence.enabled` (`None` also when only
+    /// the per-user limit is on).
+    pub(crate) fn presence(&self) -> Option<&Arc<Presence>> {
+        self.presence.as_ref().filter(|p| p.enabled())
+    }
+
     /// Every live node of the cluster, this one included (the node
     /// registry; this node alone without Redis). Fails when Redis cannot be
     /// reached.
@@ -647,6 +708,14 @@ impl Node {
     /// gate; tests ask it here).
     pub fn registry(&self) -> &Arc<dyn Registry> {
         &self.registry
+    }
+}
+
+impl Announce for Node {
+    fn announce(&self, who: &Identity, action: &'static str) {
+        if let Some(backend) = &self.backend {
+            backend.presence_event(who, action);
+        }
     }
 }
 
@@ -676,6 +745,9 @@ pub struct Registration {
     /// Whether the backend was told of the connect (and must hear of the
     /// disconnect).
     announced: bool,
+    /// Whether presence (or the per-user limit) counted the socket (and
+    /// must hear it closed).
+    present: bool,
     /// The socket's place in the node's capacity (given back on drop).
     _slot: Slot,
 }
@@ -711,6 +783,11 @@ impl Drop for Registration {
     fn drop(&mut self) {
         let node = &self.node;
         node.hub.remove(&self.conn);
+        if self.present
+            && let Some(presence) = &node.presence
+        {
+            presence.disconnected(&self.conn);
+        }
         for topic in self.conn.who.topics() {
             node.bus.unsubscribe(&topic);
         }

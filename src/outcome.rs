@@ -40,11 +40,15 @@ pub enum CloseReason {
     PingTimeout,
     /// The TCP connection broke; no close frame can be sent.
     ConnectionLost,
+    /// A newer socket of the same user took this one's place
+    /// (`limits.max_connections_per_user` with `replace_oldest`). The
+    /// client stays closed: coming back would push that one out in turn.
+    SessionReplaced,
 }
 
 impl CloseReason {
     /// Every reason, for initialising metrics.
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 10] = [
         Self::Normal,
         Self::GoingAway,
         Self::ProtocolError,
@@ -54,6 +58,7 @@ impl CloseReason {
         Self::SlowConsumer,
         Self::PingTimeout,
         Self::ConnectionLost,
+        Self::SessionReplaced,
     ];
 
     /// The close code sent to the client (1006 for [`Self::ConnectionLost`],
@@ -69,6 +74,7 @@ impl CloseReason {
             Self::InternalError => 1011,
             Self::SlowConsumer => 4000,
             Self::PingTimeout => 4001,
+            Self::SessionReplaced => 4003,
         }
     }
 
@@ -85,6 +91,7 @@ impl CloseReason {
             Self::InternalError => "Internal error",
             Self::SlowConsumer => "Too slow: reconnect",
             Self::PingTimeout => "Ping timeout",
+            Self::SessionReplaced => "Session replaced",
         }
     }
 
@@ -100,6 +107,7 @@ impl CloseReason {
             Self::InternalError => "internal_error",
             Self::SlowConsumer => "slow_consumer",
             Self::PingTimeout => "ping_timeout",
+            Self::SessionReplaced => "session_replaced",
         }
     }
 }
@@ -169,11 +177,14 @@ pub enum RefusalReason {
     Bus,
     /// The query or the ids are malformed or too long (400).
     BadRequest,
+    /// The user holds `limits.max_connections_per_user` sockets in the
+    /// cluster and the policy is `refuse` (429).
+    PerUser,
 }
 
 impl RefusalReason {
     /// Every reason, for seeding metrics.
-    pub const ALL: [RefusalReason; 7] = [
+    pub const ALL: [RefusalReason; 8] = [
         Self::Capacity,
         Self::PerIp,
         Self::Token,
@@ -181,6 +192,7 @@ impl RefusalReason {
         Self::Draining,
         Self::Bus,
         Self::BadRequest,
+        Self::PerUser,
     ];
 
     /// The metric label.
@@ -193,6 +205,7 @@ impl RefusalReason {
             Self::Draining => "draining",
             Self::Bus => "bus",
             Self::BadRequest => "bad_request",
+            Self::PerUser => "per_user",
         }
     }
 
@@ -200,7 +213,7 @@ impl RefusalReason {
     pub fn status(self) -> u16 {
         match self {
             Self::Capacity | Self::Draining | Self::Bus => 503,
-            Self::PerIp => 429,
+            Self::PerIp | Self::PerUser => 429,
             Self::Token => 401,
             Self::Origin => 403,
             Self::BadRequest => 400,

@@ -50,6 +50,7 @@
 //!   background tasks have ended; the server awaits it before it returns.
 
 mod interest;
+pub mod presence;
 mod redis;
 pub mod registry;
 mod single_node;

@@ -80,6 +80,7 @@ use tracing::warn;
 mod conn;
 mod gaps;
 mod history;
+mod presence;
 mod publisher;
 mod queue;
 mod registry;
