@@ -455,3 +455,119 @@ async fn big_groups_send_no_member_frames() {
         "no frame for a third member"
     );
 }
+
+/// What is open, as the test knows it: (group, user) → sockets.
+type Truth = BTreeMap<(Option<String>, String), u64>;
+
+fn truth_of(truth: &Truth, group: Option<&str>) -> BTreeMap<String, u64> {
+    truth
+        .iter()
+        .filter(|((g, _), n)| g.as_deref() == group && **n > 0)
+        .map(|((_, u), n)| (u.clone(), *n))
+        .collect()
+}
+
+/// Guarantee 1: after thousands of random connects and disconnects over 3
+/// nodes and 50 groups, one second after the churn stops, every
+/// `GET /api/presence/groups/G` and every opted-in client's list equals
+/// the ground truth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_ends_in_the_ground_truth_a_second_later() {
+    const GROUPS: usize = 50;
+    const USERS: usize = 40;
+    const WORKERS: usize = 10;
+    const OPS_PER_WORKER: usize = 300;
+    let redis = RedisServer::start();
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(presence_node(&redis, |_| {}).await);
+    }
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
+    let group = |i: usize| format!("g{i}");
+    let truth: Arc<Mutex<Truth>> = Arc::default();
+    // One opted-in observer per group (a member itself).
+    let mut observers = Vec::new();
+    for i in 0..GROUPS {
+        let observer = Observer::open(addrs[i % 3], &format!("obs{i}"), Some(&group(i))).await;
+        *truth
+            .lock()
+            .unwrap()
+            .entry((Some(group(i)), format!("obs{i}")))
+            .or_default() += 1;
+        observers.push(observer);
+    }
+    within("every observer has its snapshot", PATIENCE, || async {
+        observers.iter().all(Observer::has_snapshot)
+    })
+    .await;
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..WORKERS {
+        let (addrs, truth) = (addrs.clone(), truth.clone());
+        workers.push(tokio::spawn(async move {
+            let mut held: Vec<(Client, String, String)> = Vec::new();
+            for _ in 0..OPS_PER_WORKER {
+                let (connect, node, g, u, pick) = {
+                    let mut rng = rand::rng();
+                    (
+                        held.is_empty() || rng.random_bool(0.55),
+                        rng.random_range(0..3),
+                        rng.random_range(0..GROUPS),
+                        rng.random_range(0..USERS),
+                        rng.random_range(0..held.len().max(1)),
+                    )
+                };
+                if connect {
+                    let (g, u) = (group(g), format!("u{u}"));
+                    let client = Client::connect(addrs[node], &socket_path(&u, Some(&g), false)).await;
+                    *truth.lock().unwrap().entry((Some(g.clone()), u.clone())).or_default() += 1;
+                    held.push((client, g, u));
+                } else {
+                    let (client, g, u) = held.swap_remove(pick);
+                    *truth.lock().unwrap().get_mut(&(Some(g), u)).unwrap() -= 1;
+                    client.close().await;
+                }
+            }
+            held
+        }));
+    }
+    let mut still_open = Vec::new();
+    for worker in workers {
+        still_open.extend(worker.await.unwrap());
+    }
+    let churn = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let truth = truth.lock().unwrap().clone();
+    let mut wrong = Vec::new();
+    for (i, observer) in observers.iter().enumerate() {
+        let want = truth_of(&truth, Some(&group(i)));
+        let api = api_members(addrs[(i + 1) % 3], Some(&group(i))).await;
+        if api != want {
+            wrong.push(format!("API {}: {api:?} != {want:?}", group(i)));
+        }
+        let listed = observer.members();
+        let want_users: BTreeSet<String> = want.into_keys().collect();
+        if listed != want_users {
+            if wrong.is_empty() {
+                eprintln!("events of {}: {:?}", group(i), observer.events());
+                for key in cli(redis.port, &["KEYS", "*pc:*"]).lines() {
+                    eprintln!("control list {key}: {}", cli(redis.port, &["LLEN", key]));
+                }
+            }
+            wrong.push(format!("observer of {}: {listed:?} != {want_users:?}", group(i)));
+        }
+    }
+    assert!(wrong.is_empty(), "one second after the churn:\n{}", wrong.join("\n"));
+    let writes: f64 = nodes
+        .iter()
+        .map(|n| n.metric("wshub_presence_writes_total"))
+        .sum();
+    eprintln!(
+        "churn: {} connects and disconnects in {churn:?}, {writes} presence scripts, {} sockets open",
+        WORKERS * OPS_PER_WORKER,
+        still_open.len() + GROUPS
+    );
+    for observer in observers {
+        observer.close().await;
+    }
+}

@@ -61,6 +61,8 @@ use crate::bus::presence::{
 };
 use crate::config::PresenceConfig;
 
+/// Control items popped per `LPOP` after a `BLPOP` returned one.
+const CONTROL_BATCH: usize = 256;
 /// Holdings removed per sweep call.
 const SWEEP_BATCH: usize = 200;
 /// Dead members claimed per look.
@@ -636,6 +638,18 @@ impl RedisPresence {
         }
     }
 
+    /// Hands one control item to the node.
+    fn deliver(&self, item: &str) {
+        match parse_control(item) {
+            Some(control) => {
+                if let Some(sink) = self.sink() {
+                    sink.control(control);
+                }
+            }
+            None => debug!("ignoring an unreadable presence control item"),
+        }
+    }
+
     /// Pops this node's control list until the bus stops.
     async fn control_loop(self: Arc<Self>) {
         let key = format!("{}pc:{}", self.prefix, self.member);
@@ -678,13 +692,32 @@ impl RedisPresence {
                 match popped {
                     Ok(Some((_, item))) => {
                         backoff.reset();
-                        match parse_control(&item) {
-                            Some(control) => {
-                                if let Some(sink) = self.sink() {
-                                    sink.control(control);
+                        self.deliver(&item);
+                        // What else is waiting, in batches: one round trip
+                        // per item cannot keep up with a busy group.
+                        let mut more = redis::cmd("LPOP");
+                        more.arg(&key).arg(CONTROL_BATCH);
+                        loop {
+                            let batch = tokio::select! {
+                                biased;
+                                () = self.stop.cancelled() => return,
+                                batch = query::<Option<Vec<String>>>(&mut conn, &more) => batch,
+                            };
+                            match batch {
+                                Ok(Some(items)) => {
+                                    for item in &items {
+                                        self.deliver(item);
+                                    }
+                                    if items.len() < CONTROL_BATCH {
+                                        break;
+                                    }
+                                }
+                                Ok(None) => break,
+                                Err(error) => {
+                                    debug!(%error, "presence control connection lost; reconnecting");
+                                    continue 'connect;
                                 }
                             }
-                            None => debug!("ignoring an unreadable presence control item"),
                         }
                     }
                     Ok(None) => {}
