@@ -127,8 +127,8 @@ fn inner(frame: &Value) -> Value {
 struct Seen {
     snapshot_v: Option<u64>,
     members: BTreeSet<String>,
-    /// Join/leave frames that arrived before the snapshot.
-    early: Vec<(bool, String, u64)>,
+    /// The `v` of every snapshot, in arrival order.
+    snapshots: Vec<u64>,
     /// Every join/leave frame: (joined, user, v).
     events: Vec<(bool, String, u64)>,
     others: Vec<Value>,
@@ -175,11 +175,15 @@ impl Observer {
                         let mut seen = state.lock().unwrap();
                         match frame["action"].as_str() {
                             Some("wshub.presence") => {
+                                // The client's rule: the snapshot, then
+                                // every event with a greater v, whenever
+                                // it arrived.
                                 let view = inner(&frame);
                                 let v = view["v"].as_u64().unwrap();
                                 seen.members = members_of(&view).into_keys().collect();
                                 seen.snapshot_v = Some(v);
-                                for (joined, user, ev) in std::mem::take(&mut seen.early) {
+                                seen.snapshots.push(v);
+                                for (joined, user, ev) in seen.events.clone() {
                                     if ev > v { seen.apply(joined, &user); }
                                 }
                             }
@@ -188,10 +192,8 @@ impl Observer {
                                 let (user, v) = (m["userId"].as_str().unwrap().to_owned(), m["v"].as_u64().unwrap());
                                 let joined = a == "wshub.join";
                                 seen.events.push((joined, user.clone(), v));
-                                match seen.snapshot_v {
-                                    None => seen.early.push((joined, user, v)),
-                                    Some(sv) if v > sv => seen.apply(joined, &user),
-                                    Some(_) => {}
+                                if seen.snapshot_v.is_some_and(|sv| v > sv) {
+                                    seen.apply(joined, &user);
                                 }
                             }
                             _ => seen.others.push(frame),
@@ -229,10 +231,13 @@ impl Observer {
     }
 }
 
-/// A backend that records presence events: (action, user, group).
+/// One presence event the backend received: (action, user, group).
+type Event = (String, String, Option<String>);
+
+/// A backend that records presence events.
 struct Events {
     url: String,
-    seen: Arc<Mutex<Vec<(String, String, Option<String>)>>>,
+    seen: Arc<Mutex<Vec<Event>>>,
 }
 
 impl Events {
@@ -269,7 +274,7 @@ impl Events {
         Self { url, seen }
     }
 
-    fn all(&self) -> Vec<(String, String, Option<String>)> {
+    fn all(&self) -> Vec<Event> {
         self.seen.lock().unwrap().clone()
     }
 
@@ -519,8 +524,13 @@ async fn churn_ends_in_the_ground_truth_a_second_later() {
                 };
                 if connect {
                     let (g, u) = (group(g), format!("u{u}"));
-                    let client = Client::connect(addrs[node], &socket_path(&u, Some(&g), false)).await;
-                    *truth.lock().unwrap().entry((Some(g.clone()), u.clone())).or_default() += 1;
+                    let client =
+                        Client::connect(addrs[node], &socket_path(&u, Some(&g), false)).await;
+                    *truth
+                        .lock()
+                        .unwrap()
+                        .entry((Some(g.clone()), u.clone()))
+                        .or_default() += 1;
                     held.push((client, g, u));
                 } else {
                     let (client, g, u) = held.swap_remove(pick);
@@ -554,10 +564,17 @@ async fn churn_ends_in_the_ground_truth_a_second_later() {
                     eprintln!("control list {key}: {}", cli(redis.port, &["LLEN", key]));
                 }
             }
-            wrong.push(format!("observer of {}: {listed:?} != {want_users:?}", group(i)));
+            wrong.push(format!(
+                "observer of {}: {listed:?} != {want_users:?}",
+                group(i)
+            ));
         }
     }
-    assert!(wrong.is_empty(), "one second after the churn:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "one second after the churn:\n{}",
+        wrong.join("\n")
+    );
     let writes: f64 = nodes
         .iter()
         .map(|n| n.metric("wshub_presence_writes_total"))
@@ -570,4 +587,736 @@ async fn churn_ends_in_the_ground_truth_a_second_later() {
     for observer in observers {
         observer.close().await;
     }
+}
+
+/// A `wshub` process with presence on `redis` (short leases), reporting
+/// to `events`.
+async fn presence_process(
+    redis: &RedisServer,
+    events: &Events,
+    extra: &[(&str, &str)],
+) -> NodeProcess {
+    let url = redis.url();
+    let heartbeat = HEARTBEAT.as_millis().to_string();
+    let lease = LEASE.as_millis().to_string();
+    let delay = LEAVE_DELAY.as_millis().to_string();
+    let mut env = vec![
+        ("WSHUB_REDIS__URL", url.as_str()),
+        ("WSHUB_PRESENCE__ENABLED", "true"),
+        ("WSHUB_PRESENCE__HEARTBEAT_MS", heartbeat.as_str()),
+        ("WSHUB_PRESENCE__LEASE_MS", lease.as_str()),
+        ("WSHUB_PRESENCE__LEAVE_DELAY_MS", delay.as_str()),
+        ("WSHUB_BACKEND__URL", events.url.as_str()),
+        ("WSHUB_BACKEND__EVENTS", "true"),
+        ("WSHUB_LIMITS__MESSAGES_PER_SECOND", "0"),
+    ];
+    env.extend_from_slice(extra);
+    NodeProcess::spawn(&env).await
+}
+
+/// Opens `paths` on `addr`, a few at a time.
+async fn open_all(addr: SocketAddr, paths: Vec<String>) -> Vec<Client> {
+    let mut clients = Vec::new();
+    for chunk in paths.chunks(25) {
+        let opened =
+            futures_util::future::join_all(chunk.iter().map(|p| Client::connect(addr, p))).await;
+        clients.extend(opened);
+    }
+    clients
+}
+
+/// Guarantee 2: SIGKILL a node holding 500 sockets: users only on it
+/// vanish from the API within `lease_ms` + 1 s, each with exactly one
+/// leave (per group) and one offline; users who also held a socket
+/// elsewhere, or reconnected elsewhere within the lease, cause none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_users_vanish_within_the_lease_with_one_leave_each() {
+    const GROUPS: usize = 10;
+    let redis = RedisServer::start();
+    let events = Events::start().await;
+    let survivor = presence_node(&redis, |c| events.configure(c)).await;
+    let mut doomed = presence_process(&redis, &events, &[]).await;
+    // 240 users with two sockets each (two groups) only on the doomed
+    // node; 10 with one there and one on the survivor; 10 that reconnect
+    // to the survivor after the kill: 500 sockets.
+    let mut paths = Vec::new();
+    for i in 0..240 {
+        for g in [i % GROUPS, (i + 1) % GROUPS] {
+            paths.push(socket_path(&format!("k{i}"), Some(&format!("r{g}")), false));
+        }
+    }
+    for i in 0..10 {
+        paths.push(socket_path(
+            &format!("both{i}"),
+            Some(&format!("r{i}")),
+            false,
+        ));
+        paths.push(socket_path(
+            &format!("moved{i}"),
+            Some(&format!("r{i}")),
+            false,
+        ));
+    }
+    let doomed_sockets = open_all(doomed.addr, paths).await;
+    assert_eq!(doomed_sockets.len(), 500);
+    let mut kept = Vec::new();
+    for i in 0..10 {
+        kept.push(
+            Client::connect(
+                survivor.addr,
+                &socket_path(&format!("both{i}"), Some(&format!("r{i}")), false),
+            )
+            .await,
+        );
+    }
+    let observer = Observer::open(survivor.addr, "watcher", Some("r0")).await;
+    within("every socket is listed", PATIENCE, || async {
+        let mut n = 0;
+        for g in 0..GROUPS {
+            n += api_members(survivor.addr, Some(&format!("r{g}")))
+                .await
+                .values()
+                .sum::<u64>();
+        }
+        n == 500 + 10 + 1
+    })
+    .await;
+    within("the observer has its snapshot", PATIENCE, || async {
+        observer.has_snapshot()
+    })
+    .await;
+    within("every online was reported", PATIENCE, || async {
+        events.count("wshub.online") == 240 + 20 + 1
+    })
+    .await;
+    let before = events.all().len();
+    let frames_before = observer.events().len();
+
+    doomed.child.kill_group();
+    let killed = Instant::now();
+    for i in 0..10 {
+        kept.push(
+            Client::connect(
+                survivor.addr,
+                &socket_path(&format!("moved{i}"), Some(&format!("r{i}")), false),
+            )
+            .await,
+        );
+    }
+    drop(doomed_sockets);
+    let want = |g: usize| -> BTreeMap<String, u64> {
+        let mut m = BTreeMap::from([(format!("both{g}"), 1), (format!("moved{g}"), 1)]);
+        if g == 0 {
+            m.insert("watcher".into(), 1);
+        }
+        m
+    };
+    let took = within(
+        "the killed node's users vanish",
+        LEASE + Duration::from_secs(1),
+        || async {
+            for g in 0..GROUPS {
+                if api_members(survivor.addr, Some(&format!("r{g}"))).await != want(g) {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    eprintln!(
+        "vanished {:?} after the kill (lease {:?})",
+        killed.elapsed(),
+        LEASE
+    );
+    assert!(took <= LEASE + Duration::from_secs(1));
+    within(
+        "a leave and an offline for each",
+        LEASE + Duration::from_secs(1),
+        || async {
+            let after = &events.all()[before..];
+            after.iter().filter(|e| e.0 == "wshub.leave").count() >= 480
+                && after.iter().filter(|e| e.0 == "wshub.offline").count() >= 240
+        },
+    )
+    .await;
+    // Nothing more comes: a second look a heartbeat later, and a sentinel
+    // for the observer.
+    tokio::time::sleep(HEARTBEAT * 5).await;
+    let after: Vec<_> = events.all()[before..].to_vec();
+    let mut leaves = BTreeMap::<(String, String), usize>::new();
+    let mut offlines = BTreeMap::<String, usize>::new();
+    for (action, user, group) in &after {
+        match action.as_str() {
+            "wshub.leave" => {
+                *leaves
+                    .entry((group.clone().unwrap(), user.clone()))
+                    .or_default() += 1
+            }
+            "wshub.offline" => *offlines.entry(user.clone()).or_default() += 1,
+            other => panic!("unexpected {other} for {user} after the kill"),
+        }
+    }
+    assert_eq!(
+        offlines.len(),
+        240,
+        "an offline for every user only on the killed node"
+    );
+    assert!(
+        offlines.iter().all(|(u, n)| u.starts_with('k') && *n == 1),
+        "{offlines:?}"
+    );
+    assert_eq!(leaves.len(), 480);
+    assert!(
+        leaves
+            .iter()
+            .all(|((_, u), n)| u.starts_with('k') && *n == 1),
+        "{leaves:?}"
+    );
+    // The observer of r0 saw one leave per k-user of r0, nothing else.
+    let frames: Vec<_> = observer.events()[frames_before..].to_vec();
+    let want_r0: BTreeSet<String> = (0..240)
+        .filter(|i| i % GROUPS == 0 || (i + 1) % GROUPS == 0)
+        .map(|i| format!("k{i}"))
+        .collect();
+    assert_eq!(frames.len(), want_r0.len(), "{frames:?}");
+    assert!(
+        frames
+            .iter()
+            .all(|(joined, u, _)| !joined && want_r0.contains(u))
+    );
+    assert_eq!(
+        observer.members(),
+        want(0).into_keys().collect::<BTreeSet<_>>()
+    );
+    assert!(survivor.metric("wshub_presence_sweeps_total") >= 1.0);
+    observer.close().await;
+}
+
+/// Guarantee 3: a socket that drops and reconnects 20 times in 10 s to
+/// random nodes causes zero join and zero leave events (frames or backend
+/// events) after its first join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_socket_causes_no_join_or_leave() {
+    let redis = RedisServer::start();
+    let events = Events::start().await;
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(
+            presence_node(&redis, |c| {
+                events.configure(c);
+                // Reconnects here take milliseconds; a loaded machine may
+                // stretch one, not to a second.
+                c.presence.leave_delay = Duration::from_millis(1000);
+            })
+            .await,
+        );
+    }
+    let observer = Observer::open(nodes[0].addr, "watcher", Some("flap")).await;
+    let mut socket = Client::connect(nodes[1].addr, &socket_path("fl", Some("flap"), false)).await;
+    within(
+        "fl's join reached the backend and the observer",
+        PATIENCE,
+        || async { events.count("wshub.join") == 2 && observer.members().contains("fl") },
+    )
+    .await;
+    let before = events.all().len();
+    let frames_before = observer.events().len();
+    let start = Instant::now();
+    for _ in 0..20 {
+        socket.close().await;
+        let node = rand::rng().random_range(0..3);
+        socket = Client::connect(nodes[node].addr, &socket_path("fl", Some("flap"), false)).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert!(start.elapsed() < Duration::from_secs(10) + Duration::from_secs(1));
+    // Whatever the last drop left behind has settled: fl is listed once.
+    within("fl is listed with one socket", PATIENCE, || async {
+        api_members(nodes[2].addr, Some("flap")).await.get("fl") == Some(&1)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000) + HEARTBEAT * 3).await;
+    assert_eq!(
+        events.all()[before..],
+        [],
+        "no backend events for a flapping socket"
+    );
+    assert_eq!(observer.events()[frames_before..], [], "no frames either");
+    let writes: f64 = nodes
+        .iter()
+        .map(|n| n.metric("wshub_presence_writes_total"))
+        .sum();
+    eprintln!("20 reconnects to random nodes: {writes} presence scripts in all");
+    observer.close().await;
+}
+
+/// Guarantee 4: Redis restarts empty; within `heartbeat_ms` + 1 s presence
+/// equals the ground truth again, with no event (frames or backend).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_redis_restart_presence_is_back_within_a_heartbeat_and_silent() {
+    let mut redis = RedisServer::start();
+    let events = Events::start().await;
+    let heartbeat = Duration::from_millis(300);
+    let tweak = |c: &mut wshub::Config| {
+        presence_on(c);
+        events.configure(c);
+        c.presence.heartbeat = heartbeat;
+        c.presence.lease = Duration::from_secs(10);
+    };
+    let a = TestServer::on_redis(&redis.url(), tweak).await;
+    let b = TestServer::on_redis(&redis.url(), tweak).await;
+    let mut sockets = Vec::new();
+    let mut truth = Truth::new();
+    for i in 0..30 {
+        let (user, group) = (format!("u{}", i % 12), format!("room{}", i % 4));
+        let node = if i % 2 == 0 { &a } else { &b };
+        sockets.push(Client::connect(node.addr, &socket_path(&user, Some(&group), false)).await);
+        *truth.entry((Some(group), user)).or_default() += 1;
+    }
+    sockets.push(Client::connect(a.addr, &socket_path("solo", None, false)).await);
+    *truth.entry((None, "solo".into())).or_default() += 1;
+    let observer = Observer::open(b.addr, "watcher", Some("room0")).await;
+    *truth
+        .entry((Some("room0".into()), "watcher".into()))
+        .or_default() += 1;
+    let groups: Vec<Option<String>> = (0..4)
+        .map(|g| Some(format!("room{g}")))
+        .chain([None])
+        .collect();
+    let matches = |truth: Truth| {
+        let groups = groups.clone();
+        async move {
+            for g in &groups {
+                let path = match g {
+                    Some(g) => format!("/api/presence/groups/{g}"),
+                    None => "/api/presence/nullgroup".into(),
+                };
+                let (status, body) = get_json(a.addr, &path).await;
+                if status != 200 || members_of(&body) != truth_of(&truth, g.as_deref()) {
+                    return false;
+                }
+            }
+            true
+        }
+    };
+    within("presence is complete", PATIENCE, || matches(truth.clone())).await;
+    within("the observer has its snapshot", PATIENCE, || async {
+        observer.has_snapshot()
+    })
+    .await;
+    within("the events settled", PATIENCE, || async {
+        events.count("wshub.online") == 14
+    })
+    .await;
+    let before = events.all();
+    let frames_before = observer.events().len();
+
+    redis.restart();
+    let took = within(
+        "presence equals the ground truth again",
+        heartbeat + Duration::from_secs(1),
+        || matches(truth.clone()),
+    )
+    .await;
+    eprintln!("presence back {took:?} after Redis answered again");
+    // Nothing was announced, and nothing comes late.
+    tokio::time::sleep(heartbeat * 3).await;
+    assert_eq!(events.all(), before, "no events after a Redis restart");
+    assert_eq!(observer.events()[frames_before..], [], "no frames either");
+    assert!(matches(truth.clone()).await);
+    // And presence works on: a new user is a join again.
+    let _late = Client::connect(b.addr, &socket_path("late", Some("room0"), false)).await;
+    within("the late join is announced", PATIENCE, || async {
+        observer.members().contains("late") && events.count("wshub.online") == 15
+    })
+    .await;
+    observer.close().await;
+}
+
+/// Snapshot and events are ordered by `v`: events reach a socket in
+/// increasing `v`, and a client that applies, on top of any snapshot, the
+/// events with a greater `v` (whenever they arrived) ends with the group's
+/// members, even when it asks for snapshots while members come and go on
+/// three nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_and_events_are_ordered_by_v() {
+    let redis = RedisServer::start();
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(presence_node(&redis, |_| {}).await);
+    }
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
+    let observer = Observer::open(addrs[0], "watcher", Some("lobby")).await;
+    let churn = {
+        let addrs = addrs.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            for i in 0..120 {
+                let node = addrs[i % 3];
+                held.push(
+                    Client::connect(
+                        node,
+                        &socket_path(&format!("m{}", i % 20), Some("lobby"), false),
+                    )
+                    .await,
+                );
+                if i % 3 == 2 {
+                    let pick = rand::rng().random_range(0..held.len());
+                    held.swap_remove(pick).close().await;
+                }
+            }
+            held
+        })
+    };
+    for _ in 0..8 {
+        observer.ask();
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let held = churn.await.unwrap();
+    observer.ask();
+    let want: BTreeSet<String> = api_members_settled(addrs[1], "lobby").await;
+    within("the observer's list is the group's", PATIENCE, || async {
+        observer.members() == want
+    })
+    .await;
+    let (snapshots, events) = {
+        let seen = observer.seen.lock().unwrap();
+        (seen.snapshots.clone(), seen.events.clone())
+    };
+    assert!(snapshots.len() >= 5, "{snapshots:?}");
+    let vs: Vec<u64> = events.iter().map(|e| e.2).collect();
+    assert!(
+        vs.windows(2).all(|w| w[0] < w[1]),
+        "events arrive in v order: {vs:?}"
+    );
+    // Joins and leaves of each user alternate.
+    let mut last = BTreeMap::<&str, bool>::new();
+    for (joined, user, _) in &events {
+        if let Some(was) = last.insert(user, *joined) {
+            assert_ne!(
+                was,
+                *joined,
+                "{user}: two {} in a row",
+                if *joined { "joins" } else { "leaves" }
+            );
+        }
+    }
+    drop(held);
+    observer.close().await;
+}
+
+/// The group's members once nothing changes any more (after the leave
+/// delay).
+async fn api_members_settled(addr: SocketAddr, group: &str) -> BTreeSet<String> {
+    let deadline = Instant::now() + PATIENCE;
+    let mut last = BTreeMap::new();
+    loop {
+        let now = api_members(addr, Some(group)).await;
+        if now == last && now.values().all(|n| *n > 0) {
+            return now.into_keys().collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the group never settled: {now:?}"
+        );
+        last = now;
+        tokio::time::sleep(LEAVE_DELAY).await;
+    }
+}
+
+/// Tries to open a socket; the HTTP status when refused.
+async fn try_connect(addr: SocketAddr, path: &str) -> Result<Client, u16> {
+    match tokio_tungstenite::connect_async(format!("ws://{addr}{path}")).await {
+        Ok((ws, _)) => Ok(Client { ws }),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(e) => panic!("connect failed: {e}"),
+    }
+}
+
+fn limit(max: usize, policy: &str) -> impl Fn(&mut wshub::Config) {
+    let policy = policy.to_owned();
+    move |c: &mut wshub::Config| {
+        c.presence.heartbeat = HEARTBEAT;
+        c.presence.lease = LEASE;
+        c.limits.max_connections_per_user = max;
+        c.limits.per_user_policy = match policy.as_str() {
+            "refuse" => wshub::config::PerUserPolicy::Refuse,
+            _ => wshub::config::PerUserPolicy::ReplaceOldest,
+        };
+    }
+}
+
+/// The per-user limit with `replace_oldest` (presence on): the socket
+/// over the limit closes the user's oldest one anywhere with 4003
+/// `Session replaced`; sockets of a dead node do not count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_oldest_closes_the_oldest_socket_and_ignores_dead_nodes() {
+    let redis = RedisServer::start();
+    let events = Events::start().await;
+    let a = presence_node(&redis, limit(2, "replace_oldest")).await;
+    let b = presence_node(&redis, limit(2, "replace_oldest")).await;
+    let mut doomed = presence_process(
+        &redis,
+        &events,
+        &[("WSHUB_LIMITS__MAX_CONNECTIONS_PER_USER", "2")],
+    )
+    .await;
+    let path = socket_path("max", Some("g"), false);
+    let _on_doomed = Client::connect(doomed.addr, &path).await;
+    let mut oldest = Client::connect(a.addr, &path).await;
+    // Two of two. The doomed node dies; its socket stops counting once
+    // its lease has passed.
+    doomed.child.kill_group();
+    within(
+        "the dead node is out of the registry",
+        LEASE + Duration::from_secs(1),
+        || async {
+            let (_, body) = get_json(a.addr, "/api/nodes").await;
+            body["nodes"].as_array().unwrap().len() == 2
+        },
+    )
+    .await;
+    let mut second = Client::connect(b.addr, &path).await;
+    let tag = second.send_sentinel().await;
+    assert!(
+        oldest.until_sentinel(&tag).await.is_empty(),
+        "the oldest is still open"
+    );
+    second.until_sentinel(&tag).await;
+    // The third live socket replaces the oldest, on another node.
+    let mut third = Client::connect(b.addr, &path).await;
+    assert_eq!(
+        oldest.ended().await,
+        Ended::Closed(4003, "Session replaced".into())
+    );
+    let tag = third.send_sentinel().await;
+    assert!(
+        second.until_sentinel(&tag).await.is_empty(),
+        "the second stays"
+    );
+    within("counted as session_replaced", PATIENCE, || async {
+        a.node
+            .metrics
+            .render()
+            .contains("wshub_connections_closed_total{code=\"4003\",reason=\"session_replaced\"} 1")
+    })
+    .await;
+}
+
+/// The per-user limit with `refuse`, presence off: the socket over the
+/// limit is refused with 429 on any node; once one closes, a new one is
+/// accepted.
+#[tokio::test]
+async fn refuse_answers_429_anywhere_in_the_cluster() {
+    let redis = RedisServer::start();
+    let a = TestServer::on_redis(&redis.url(), limit(1, "refuse")).await;
+    let b = TestServer::on_redis(&redis.url(), limit(1, "refuse")).await;
+    let path = socket_path("one", None, false);
+    let first = Client::connect(a.addr, &path).await;
+    for node in [&a, &b] {
+        assert_eq!(try_connect(node.addr, &path).await.err(), Some(429));
+    }
+    assert_eq!(
+        a.metric("wshub_connections_refused_total{reason=\"per_user\"}"),
+        1.0
+    );
+    // Other users are not affected.
+    let _other = Client::connect(b.addr, &socket_path("two", None, false)).await;
+    first.close().await;
+    within(
+        "a new socket is accepted once the first closed",
+        PATIENCE,
+        || async { try_connect(b.addr, &path).await.is_ok() },
+    )
+    .await;
+    // Presence is off: the API says so.
+    let (status, body) = get_json(a.addr, "/api/presence/nullgroup").await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (404, &json!("presence_off"))
+    );
+}
+
+/// `INFO commandstats` as command → calls.
+fn commandstats(port: u16) -> BTreeMap<String, u64> {
+    cli(port, &["INFO", "commandstats"])
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("cmdstat_")?;
+            let (name, stats) = rest.split_once(':')?;
+            let calls = stats
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
+        .filter(|(k, v)| *v > 0 && k != "info")
+        .collect()
+}
+
+/// Guarantee 5, and the benchmark line: with sockets open and nobody
+/// coming or going, Redis receives only the nodes' heartbeats (and the
+/// bus's health probes, which predate presence), whatever the number of
+/// sockets; then what one connect and one disconnect cost.
+/// `WSHUB_PRESENCE_BENCH_SOCKETS` sets the number of idle sockets (1,000
+/// by default; the figures in docs/presence.md are with 10,000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_cost_redis_nothing_but_heartbeats() {
+    let sockets: usize = std::env::var("WSHUB_PRESENCE_BENCH_SOCKETS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1000);
+    let redis = RedisServer::start();
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(presence_node(&redis, |c| c.limits.max_connections_per_user = 50).await);
+    }
+    let mut open = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let paths = (0..sockets / 3 + usize::from(i < sockets % 3))
+            .map(|j| {
+                let n = j * 3 + i;
+                socket_path(
+                    &format!("idle{}", n % (sockets / 2).max(1)),
+                    Some(&format!("room{}", n % 50)),
+                    n % 2 == 0,
+                )
+            })
+            .collect();
+        open.extend(open_all(node.addr, paths).await);
+    }
+    let writes = || -> f64 {
+        nodes
+            .iter()
+            .map(|n| n.metric("wshub_presence_writes_total"))
+            .sum()
+    };
+    within("every socket is written", PATIENCE * 6, || async {
+        let mut n = 0;
+        for g in 0..50 {
+            n += api_members(nodes[0].addr, Some(&format!("room{g}")))
+                .await
+                .values()
+                .sum::<u64>();
+        }
+        n == sockets as u64
+    })
+    .await;
+    let before_writes = writes();
+    let before = commandstats(redis.port);
+    let window = Duration::from_secs(3);
+    tokio::time::sleep(window).await;
+    let idle = delta(&before, &commandstats(redis.port));
+    assert_eq!(writes(), before_writes, "no presence write while idle");
+    // Redis counts the commands a script runs too: the heartbeat's are
+    // these, and nothing else may appear (no presence script, no BLPOP
+    // or LPOP answered, nothing per socket).
+    const HEARTBEAT_INNER: &[&str] = &[
+        "time",
+        "zremrangebyscore",
+        "zadd",
+        "zrange",
+        "pexpireat",
+        "hset",
+        "pexpire",
+        "zrangebyscore",
+        "hget",
+        "get",
+        "set",
+        "zcount",
+    ];
+    let unexpected: Vec<_> = idle
+        .keys()
+        .filter(|k| {
+            !["eval", "publish"].contains(&k.as_str()) && !HEARTBEAT_INNER.contains(&k.as_str())
+        })
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "only heartbeats (eval) and probes (publish) while idle: {idle:?}"
+    );
+    let total = idle.get("eval").copied().unwrap_or(0) + idle.get("publish").copied().unwrap_or(0);
+    let beats = window.as_millis() as u64 / HEARTBEAT.as_millis() as u64 * nodes.len() as u64;
+    let eval = idle.get("eval").copied().unwrap_or(0);
+    assert!(
+        eval <= beats + nodes.len() as u64 * 2,
+        "{eval} heartbeats, expected about {beats}"
+    );
+    eprintln!(
+        "BENCH idle: {sockets} sockets on 3 nodes: {:.1} Redis commands/s ({:.1} heartbeat scripts/s at heartbeat_ms={}, {:.1} bus probes/s): {idle:?}",
+        total as f64 / window.as_secs_f64(),
+        eval as f64 / window.as_secs_f64(),
+        HEARTBEAT.as_millis(),
+        idle.get("publish").copied().unwrap_or(0) as f64 / window.as_secs_f64(),
+    );
+
+    // What connects and disconnects cost: new users in existing groups,
+    // one at a time (no coalescing), then each closed.
+    let rounds = 50;
+    // Top-level commands besides heartbeats and probes: the bus's
+    // (un)subscriptions and the presence script.
+    let quiet = |stats: &BTreeMap<String, u64>| -> u64 {
+        stats
+            .iter()
+            .filter(|(k, _)| {
+                [
+                    "evalsha",
+                    "subscribe",
+                    "unsubscribe",
+                    "blpop",
+                    "lpop",
+                    "script",
+                ]
+                .contains(&k.as_str())
+            })
+            .map(|(_, v)| v)
+            .sum()
+    };
+    let before = commandstats(redis.port);
+    let mut fresh = Vec::new();
+    for i in 0..rounds {
+        let node = &nodes[i % 3];
+        fresh.push(
+            Client::connect(
+                node.addr,
+                &socket_path(&format!("new{i}"), Some(&format!("room{}", i % 50)), false),
+            )
+            .await,
+        );
+        let want = before_writes;
+        within("the connect is written", PATIENCE, || async {
+            writes() > want
+        })
+        .await;
+    }
+    tokio::time::sleep(HEARTBEAT).await;
+    let connects = delta(&before, &commandstats(redis.port));
+    let before = commandstats(redis.port);
+    for client in fresh {
+        client.close().await;
+    }
+    tokio::time::sleep(LEAVE_DELAY + HEARTBEAT * 3).await;
+    let disconnects = delta(&before, &commandstats(redis.port));
+    eprintln!(
+        "BENCH per connect: {:.2} commands besides heartbeats and probes ({:.2} presence scripts) {connects:?}",
+        quiet(&connects) as f64 / rounds as f64,
+        connects.get("evalsha").copied().unwrap_or(0) as f64 / rounds as f64,
+    );
+    eprintln!(
+        "BENCH per disconnect: {:.2} commands besides heartbeats and probes ({:.2} presence scripts) {disconnects:?}",
+        quiet(&disconnects) as f64 / rounds as f64,
+        disconnects.get("evalsha").copied().unwrap_or(0) as f64 / rounds as f64,
+    );
+    drop(open);
 }
