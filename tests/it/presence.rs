@@ -1064,10 +1064,11 @@ async fn replace_oldest_closes_the_oldest_socket_and_ignores_dead_nodes() {
     )
     .await;
     let path = socket_path("max", Some("g"), false);
-    let _on_doomed = Client::connect(doomed.addr, &path).await;
     let mut oldest = Client::connect(a.addr, &path).await;
-    // Two of two. The doomed node dies; its socket stops counting once
-    // its lease has passed.
+    let _on_doomed = Client::connect(doomed.addr, &path).await;
+    // Two of two. The doomed node dies; its (newer) socket stops counting
+    // once its lease has passed: counted, it would make the next socket
+    // replace the oldest.
     doomed.child.kill_group();
     within(
         "the dead node is out of the registry",
