@@ -40,6 +40,12 @@
 //!   hands what arrives to this node's hub. [`bus::registry`]: the nodes
 //!   sharing the bus, with leases (this node alone without Redis), and the
 //!   version gate that decides which payload version the bus writes.
+//! - [`presence`]: cluster presence, the node's side: what it writes about
+//!   the sockets it holds (first and last per group and user, never while
+//!   idle), the opt-in `presence=1` protocol (`wshub.presence`,
+//!   `wshub.join`, `wshub.leave`), the backend's online/offline/join/leave
+//!   events, and the per-user limit; [`bus::presence`] is the store's side
+//!   (kept by the Redis bus, on the registry's leases).
 //! - `hub` (internal): this node's sockets, indexed by group and user;
 //!   `conn`: one socket's handle and the `Closer` that ends its session
 //!   once; `outbox`: its outbound queue, bounded in bytes.

@@ -1255,7 +1255,7 @@ async fn idle_sockets_cost_redis_nothing_but_heartbeats() {
         "{eval} heartbeats, expected about {beats}"
     );
     eprintln!(
-        "BENCH idle: {sockets} sockets on 3 nodes: {:.1} Redis commands/s ({:.1} heartbeat scripts/s at heartbeat_ms={}, {:.1} bus probes/s): {idle:?}",
+        "BENCH idle: {sockets} sockets on 3 nodes: {:.1} Redis commands/s ({:.1} heartbeat scripts per second at heartbeat_ms={}, {:.1} bus probes per second): {idle:?}",
         total as f64 / window.as_secs_f64(),
         eval as f64 / window.as_secs_f64(),
         HEARTBEAT.as_millis(),
