@@ -78,6 +78,26 @@ export interface WebConnectionWebSocketOptions {
   location?: { protocol: string; host: string };
   /** Page document, read for `data-hub` (tests, Node.js). */
   document?: { querySelector(selector: string): unknown } | null;
+  /** Cluster presence (docs/presence.md): opt in with `presence=1`, ask for the group's members on
+   *  every open, keep `members` up to date; presence frames go to `onPresenceHandler` only. */
+  presence?: boolean;
+}
+
+/** One member of the socket's group. */
+export interface PresenceMember {
+  userId: string;
+  /** Open sockets in the group across the cluster, as of the last snapshot (1 for a user who joined since). */
+  connections: number;
+}
+
+/** What `onPresenceHandler` receives after each change of `members`. */
+export interface PresenceEvent {
+  type: "snapshot" | "join" | "leave";
+  /** The user who joined or left; null for a snapshot. */
+  userId: string | null;
+  /** The group's version: grows with every change. */
+  v: number;
+  members: PresenceMember[];
 }
 
 export declare class WebConnectionWebSocket {
@@ -87,6 +107,10 @@ export declare class WebConnectionWebSocket {
   /** Runs on every close, also after `close()`; `state` already says what happens next. */
   onCloseHandler: ((ev: CloseEvent) => void) | null;
   onErrorHandler: ((data: string, err: Error) => void) | null;
+  /** With `presence`: called after each change of `members`. */
+  onPresenceHandler: ((ev: PresenceEvent) => void) | null;
+  /** With `presence`: the group's members, sorted by user id (empty until the first snapshot). */
+  readonly members: PresenceMember[];
   readonly socket: WebSocket | null;
   readonly state: ConnectionState;
   readonly groupId: string | null;
@@ -113,6 +137,9 @@ export declare function buildUrl(
  * The hub named by a `<script data-hub>` element: its value, or when empty the
  * origin the library (or that element's `src`) was loaded from; null without one.
  */
+/** `url` with `presence=1` added to its query. */
+export declare function withPresence(url: string): string;
+
 export declare function hubFromDocument(
   doc: { querySelector(selector: string): unknown } | null | undefined,
   libraryUrl?: string,

@@ -31,4 +31,14 @@ const action: "backoff" | "later" | "never" = reconnectPolicy(4003);
 const never: typeof Reconnect.NEVER = "never";
 ws.send(msg);
 ws.close();
+
+// Presence (docs/presence.md).
+const present = new WebConnectionWebSocket({ presence: true });
+present.onPresenceHandler = (ev) => {
+  const who: string[] = ev.members.map((m) => m.userId);
+  const kind: "snapshot" | "join" | "leave" = ev.type;
+  console.log(who, kind, ev.userId, ev.v, present.members.length);
+};
+// @ts-expect-error members is read-only
+present.members = [];
 export { all, untyped, nullType, action, never };
