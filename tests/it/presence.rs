@@ -431,6 +431,23 @@ async fn the_wire_and_the_api_follow_the_contract() {
         ]
     );
 
+    // Each transition was counted once, by the node that reported it.
+    let counted = |kind: &str| -> f64 {
+        [&a, &b]
+            .iter()
+            .map(|n| n.metric(&format!("wshub_presence_events_total{{kind=\"{kind}\"}}")))
+            .sum()
+    };
+    assert_eq!(
+        (
+            counted("join"),
+            counted("leave"),
+            counted("online"),
+            counted("offline")
+        ),
+        (4.0, 1.0, 4.0, 1.0)
+    );
+
     // Presence off: 404 in the API's error format.
     let off = TestServer::on_redis(&redis.url(), |_| {}).await;
     let (status, body) = get_json(off.addr, "/api/presence/groups/chat").await;
@@ -1320,4 +1337,35 @@ async fn idle_sockets_cost_redis_nothing_but_heartbeats() {
         disconnects.get("evalsha").copied().unwrap_or(0) as f64 / rounds as f64,
     );
     drop(open);
+}
+
+/// While Redis cannot be reached the presence API answers 503 with the
+/// reason, in the API's error format, and a snapshot request gets a
+/// `wshub.error`; sockets stay open.
+#[tokio::test]
+async fn without_redis_the_api_answers_503_and_sockets_stay() {
+    let mut redis = RedisServer::start();
+    let a = presence_node(&redis, |_| {}).await;
+    let mut ann = Client::connect(a.addr, &socket_path("ann", Some("g"), true)).await;
+    assert_eq!(inner(&ann.recv().await)["userId"], "ann", "her own join");
+    redis.kill();
+    for path in [
+        "/api/presence/groups/g",
+        "/api/presence/nullgroup",
+        "/api/presence/users?ids=ann",
+    ] {
+        let (status, body) = get_json(a.addr, path).await;
+        assert_eq!(status, 503, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    }
+    ann.send_json(json!({"action": "wshub.presence"})).await;
+    let reply = ann.recv().await;
+    assert_eq!(reply["action"], "wshub.error", "{reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("presence not available"),
+        "{reply}"
+    );
 }
