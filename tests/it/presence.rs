@@ -498,7 +498,12 @@ async fn churn_ends_in_the_ground_truth_a_second_later() {
     const GROUPS: usize = 50;
     const USERS: usize = 40;
     const WORKERS: usize = 10;
-    const OPS_PER_WORKER: usize = 300;
+    // 3,000 operations by default (seconds); the contract's 20,000 with
+    // WSHUB_PRESENCE_CHURN_OPS=20000.
+    let ops_per_worker: usize = std::env::var("WSHUB_PRESENCE_CHURN_OPS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .map_or(300, |n| n / WORKERS);
     let redis = RedisServer::start();
     let mut nodes = Vec::new();
     for _ in 0..3 {
@@ -526,9 +531,10 @@ async fn churn_ends_in_the_ground_truth_a_second_later() {
     let mut workers = Vec::new();
     for _ in 0..WORKERS {
         let (addrs, truth) = (addrs.clone(), truth.clone());
+        let ops_per_worker = ops_per_worker;
         workers.push(tokio::spawn(async move {
             let mut held: Vec<(Client, String, String)> = Vec::new();
-            for _ in 0..OPS_PER_WORKER {
+            for _ in 0..ops_per_worker {
                 let (connect, node, g, u, pick) = {
                     let mut rng = rand::rng();
                     (
@@ -598,7 +604,7 @@ async fn churn_ends_in_the_ground_truth_a_second_later() {
         .sum();
     eprintln!(
         "churn: {} connects and disconnects in {churn:?}, {writes} presence scripts, {} sockets open",
-        WORKERS * OPS_PER_WORKER,
+        WORKERS * ops_per_worker,
         still_open.len() + GROUPS
     );
     for observer in observers {
