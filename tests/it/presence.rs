@@ -531,7 +531,6 @@ async fn churn_ends_in_the_ground_truth_a_second_later() {
     let mut workers = Vec::new();
     for _ in 0..WORKERS {
         let (addrs, truth) = (addrs.clone(), truth.clone());
-        let ops_per_worker = ops_per_worker;
         workers.push(tokio::spawn(async move {
             let mut held: Vec<(Client, String, String)> = Vec::new();
             for _ in 0..ops_per_worker {
