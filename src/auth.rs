@@ -4,8 +4,9 @@
 //!   socket must present a JWT, in `?token=` or as a `Sec-WebSocket-Protocol`
 //!   entry `wshub.jwt.<token>`. Its `sub` becomes the connection's user id
 //!   and its `group` claim (a string; absent = the null group) its group id;
-//!   ids in the query string are ignored. Anything wrong is a 401 with a
-//!   reason and nothing else happens. Without a key configured, the hub runs
+//!   ids in the query string are ignored. An optional `relay` claim
+//!   (`all`, `group`, `none`) overrides `ws.client_relay` for that socket.
+//!   Anything wrong is a 401 with a reason and nothing else happens. Without a key configured, the hub runs
 //!   in Web Connection's open mode.
 //! - **Origins** (`auth.allowed_origins`): a browser upgrade from another
 //!   origin is refused with 403.
@@ -25,7 +26,7 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use crate::config::{AuthConfig, Broadcast};
-use crate::route::Identity;
+use crate::route::{Identity, Relay};
 
 /// The `Sec-WebSocket-Protocol` entry prefix that carries a token.
 pub(crate) const PROTOCOL_TOKEN_PREFIX: &str = "wshub.jwt.";
@@ -66,6 +67,17 @@ struct Claims {
     sub: Option<String>,
     #[serde(default)]
     group: Option<String>,
+    /// What the socket may address when the hub relays its messages.
+    #[serde(default)]
+    relay: Option<String>,
+}
+
+/// What a verified token grants: an identity and, when it says, a client
+/// relay policy overriding `ws.client_relay`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Verified {
+    pub(crate) who: Identity,
+    pub(crate) relay: Option<Relay>,
 }
 
 /// Verifies socket tokens.
@@ -92,8 +104,8 @@ impl TokenVerifier {
         Some(Arc::new(Self { key, validation }))
     }
 
-    /// Checks a token and returns the identity it grants.
-    pub(crate) fn verify(&self, token: &str) -> Result<Identity, TokenError> {
+    /// Checks a token and returns the identity (and relay policy) it grants.
+    pub(crate) fn verify(&self, token: &str) -> Result<Verified, TokenError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
             |e| match e.into_kind() {
                 ErrorKind::InvalidSignature => TokenError::BadSignature,
@@ -113,9 +125,18 @@ impl TokenVerifier {
         let Some(sub) = sub else {
             return Err(TokenError::MissingClaim("sub".into()));
         };
-        Ok(Identity {
-            user: sub.into(),
-            group: data.claims.group.map(Into::into),
+        let relay = match data.claims.relay.as_deref() {
+            None => None,
+            Some(text) => Some(Relay::parse(text).ok_or_else(|| {
+                TokenError::BadClaims("`relay` must be \"all\", \"group\" or \"none\"".into())
+            })?),
+        };
+        Ok(Verified {
+            who: Identity {
+                user: sub.into(),
+                group: data.claims.group.map(Into::into),
+            },
+            relay,
         })
     }
 }

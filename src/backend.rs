@@ -84,7 +84,8 @@ pub(crate) const HEADER_USER_ID: &str = "x-wshub-user-id";
 pub(crate) const HEADER_GROUP_ID: &str = "x-wshub-group-id";
 /// The node holding the sender's socket.
 pub(crate) const HEADER_NODE_ID: &str = "x-wshub-node-id";
-/// The sender's connection, unique in the cluster: `<node id>-<number>`.
+/// The sender's connection, unique in the cluster:
+/// `<node id>-<instance>-<number>` (the `connection` recipient's value).
 pub(crate) const HEADER_CONNECTION_ID: &str = "x-wshub-connection-id";
 
 /// When the request was signed: Unix time in seconds, decimal.
@@ -248,10 +249,7 @@ impl Backend {
             put(HEADER_GROUP_ID, group);
         }
         put(HEADER_NODE_ID, &self.node_id);
-        put(
-            HEADER_CONNECTION_ID,
-            &format!("{}-{}", self.node_id, conn.id),
-        );
+        put(HEADER_CONNECTION_ID, &conn.cid);
         headers
     }
 

@@ -11,7 +11,7 @@ use crate::message::Frame;
 use crate::outbox::{Full, Outbox, Queued, wait_on};
 use crate::outcome::CloseReason;
 use crate::position::Mark;
-use crate::route::Identity;
+use crate::route::{Addressee, Identity, Relay};
 
 /// A connection's id, unique on this node.
 pub(crate) type ConnId = u64;
@@ -20,7 +20,12 @@ pub(crate) type ConnId = u64;
 #[derive(Debug)]
 pub struct Conn {
     pub id: ConnId,
+    /// The connection id, unique in the cluster: `<node id>-<instance>-<id>`
+    /// (`X-Wshub-Connection-Id`, the `connection` recipient).
+    pub cid: Arc<str>,
     pub who: Identity,
+    /// What the client may address when the hub relays its messages.
+    pub relay: Relay,
     /// The socket opted in to resume (`resume=` on its URL, history on):
     /// it gets the welcome, `pos` in every stamped message, and gap
     /// notices. Otherwise its frames are byte for byte today's.
@@ -38,9 +43,31 @@ impl Conn {
         speaks_resume: bool,
         queue_bytes: usize,
     ) -> (Arc<Self>, OutboxReceiver) {
+        Self::open(
+            id,
+            id.to_string().into(),
+            who,
+            Relay::All,
+            speaks_resume,
+            queue_bytes,
+        )
+    }
+
+    /// [`new`](Self::new) with its cluster-wide id `cid` and its relay
+    /// policy.
+    pub(crate) fn open(
+        id: ConnId,
+        cid: Arc<str>,
+        who: Identity,
+        relay: Relay,
+        speaks_resume: bool,
+        queue_bytes: usize,
+    ) -> (Arc<Self>, OutboxReceiver) {
         let conn = Arc::new(Conn {
             id,
+            cid,
             who,
+            relay,
             speaks_resume,
             outbox: Outbox::new(queue_bytes),
             closer: Closer::default(),
@@ -102,6 +129,16 @@ impl Conn {
     }
 }
 
+impl Addressee for Conn {
+    fn identity(&self) -> &Identity {
+        &self.who
+    }
+
+    fn connection(&self) -> Option<&str> {
+        Some(&self.cid)
+    }
+}
+
 /// Why a connection was found too slow, for its warning.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum SlowCause {
@@ -150,7 +187,9 @@ impl OutboxReceiver {
 /// after registering, so a close never goes unnoticed.
 #[derive(Debug, Default)]
 pub struct Closer {
-    reason: OnceLock<CloseReason>,
+    /// The reason, and the close frame's text when it is not the
+    /// reason's own (`POST /api/disconnect` with a `reason`).
+    reason: OnceLock<(CloseReason, Option<Box<str>>)>,
     waker: AtomicWaker,
 }
 
@@ -158,7 +197,12 @@ impl Closer {
     /// Asks the session to close with `reason`. Returns false when a reason
     /// was already set (which then stands).
     pub fn close(&self, reason: CloseReason) -> bool {
-        let first = self.reason.set(reason).is_ok();
+        self.close_with(reason, None)
+    }
+
+    /// [`close`](Self::close) with the close frame's text, when given.
+    pub fn close_with(&self, reason: CloseReason, text: Option<&str>) -> bool {
+        let first = self.reason.set((reason, text.map(Into::into))).is_ok();
         if first {
             self.waker.wake();
         }
@@ -167,7 +211,14 @@ impl Closer {
 
     /// The reason set so far, if any.
     pub fn reason(&self) -> Option<CloseReason> {
-        self.reason.get().copied()
+        self.reason.get().map(|(reason, _)| *reason)
+    }
+
+    /// The close frame's text: the one given with the reason, or the
+    /// reason's own.
+    pub fn text(&self) -> Option<&str> {
+        let (reason, text) = self.reason.get()?;
+        Some(text.as_deref().unwrap_or(reason.reason()))
     }
 
     /// Resolves with the reason once one is set. Only the session may wait.

@@ -18,7 +18,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::envelope::Envelope;
-pub use crate::position::{Position, Stamp, client_key, pos_json};
+pub use crate::position::{Position, Stamp, client_key, pos_json, topic_of_client_key};
 use crate::route::{Identity, Topic};
 
 /// The three topics a socket can be reached through, in a fixed order:
@@ -37,12 +37,15 @@ pub type Positions = [Option<Position>; 3];
 /// the socket's topics are ignored. `Err` when the value cannot be read at
 /// all (the resume is then not recovered).
 pub fn parse_resume(value: &str, who: &Identity) -> Result<Positions, ResumeParseError> {
-    let map: BTreeMap<String, String> =
+    // Values are read only for the socket's own keys: a foreign key may
+    // hold anything (a number, an object) without spoiling the resume.
+    let map: BTreeMap<String, serde_json::Value> =
         serde_json::from_str(value).map_err(|_| ResumeParseError)?;
     let topics = topics_of(who);
     let mut positions: Positions = Default::default();
     for (slot, topic) in positions.iter_mut().zip(topics.iter()) {
-        if let Some(text) = map.get(&client_key(topic)) {
+        if let Some(value) = map.get(&client_key(topic)) {
+            let text = value.as_str().ok_or(ResumeParseError)?;
             *slot = Some(Position::parse(text).ok_or(ResumeParseError)?);
         }
     }
@@ -104,6 +107,32 @@ pub trait History: Send + Sync + 'static {
 
     /// Takes one stored handoff for `who`, if there is one.
     fn handoff_take<'a>(&'a self, who: &'a Identity) -> HistoryFuture<'a, Option<Positions>>;
+
+    /// What `GET /api/history/{topic}` shows: the topic's top and at most
+    /// `limit` of the messages it still keeps, oldest first: those after
+    /// `since` when it is a position of the current epoch (from the
+    /// epoch's start when it names another), else the latest. Unlike
+    /// [`read`](Self::read) it gives what is there, holes and all.
+    fn recent<'a>(
+        &'a self,
+        topic: &'a Topic,
+        since: Option<&'a Position>,
+        limit: usize,
+    ) -> HistoryFuture<'a, Recent> {
+        let _ = (topic, since, limit);
+        Box::pin(std::future::ready(Err(HistoryError::Unavailable(
+            "this history cannot list messages".into(),
+        ))))
+    }
+}
+
+/// What [`History::recent`] found.
+#[derive(Debug)]
+pub struct Recent {
+    /// The topic's position now.
+    pub top: Position,
+    /// The messages, oldest first, each with its stamp.
+    pub messages: Vec<Arc<Envelope>>,
 }
 
 /// Why history could not be read or written.
@@ -146,5 +175,8 @@ mod tests {
         assert!(parse_resume("not json", &ann).is_err());
         assert!(parse_resume(r#"{"all":"garbage"}"#, &ann).is_err());
         assert!(parse_resume(r#"{"all":5}"#, &ann).is_err());
+        // Review of issue 14, item 7: a foreign key's value is not read.
+        let got = parse_resume(r#"{"all":"e:1","user:bob":5,"x":{},"y":[null]}"#, &ann).unwrap();
+        assert_eq!(got, [Position::parse("e:1"), None, None]);
     }
 }

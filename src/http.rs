@@ -22,7 +22,7 @@ use crate::auth::{self, TokenVerifier};
 use crate::config::Config;
 use crate::logging::Untrusted;
 use crate::metrics::Metrics;
-use crate::node::{ConnectError, Node, PublishError};
+use crate::node::{ConnectError, ConnectOptions, Node, PublishError};
 use crate::outcome::{BroadcastStatus, DropReason, RefusalReason};
 use crate::refusal_log::{RefusalLog, Verdict};
 use crate::route::Identity;
@@ -39,6 +39,10 @@ pub const BROADCAST_MARKER: &str = "__broadcastwebsocket.wc";
 const LIBRARY_JS: &str = include_str!("../static/webconnection-websocket.js");
 const LIBRARY_DTS: &str = include_str!("../static/webconnection-websocket.d.ts");
 const CHAT_HTML: &str = include_str!("../static/index.html");
+const ADMIN_HTML: &str = include_str!("../static/admin.html");
+
+/// The admin page's path (`static/admin.html`).
+pub const ADMIN_PATH: &str = "/admin";
 
 /// The names a page may load the browser library by: Web Connection's file
 /// name, the one its samples import, and the one in its blog and changelog.
@@ -111,6 +115,7 @@ pub fn router(node: Arc<Node>) -> Router {
     }
     router
         .merge(scripts)
+        .route(ADMIN_PATH, get(admin))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -163,6 +168,21 @@ async fn allow_cross_origin(
     {
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
     }
+    response
+}
+
+/// `GET /admin`: the admin page. The page is public (it holds nothing);
+/// what it shows comes from the server API, with the key the operator
+/// types in. It loads nothing from elsewhere and may not be framed.
+async fn admin() -> Response {
+    let mut response = static_file("text/html; charset=utf-8", ADMIN_HTML);
+    response.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+        ),
+    );
     response
 }
 
@@ -386,15 +406,15 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
         Ok(pairs) => pairs,
         Err(e) => return Err(Refused::Socket(RefusalReason::BadRequest, e)),
     };
-    let who = match http.tokens.as_deref() {
+    let (who, relay) = match http.tokens.as_deref() {
         Some(tokens) => match auth::token_from_request(&pairs, &parts.headers)
             .ok_or(auth::TokenError::Missing)
             .and_then(|t| tokens.verify(&t))
         {
-            Ok(who) => who,
+            Ok(verified) => (verified.who, verified.relay),
             Err(e) => return Err(Refused::Socket(RefusalReason::Token, e.to_string())),
         },
-        None => identity_from_query(&pairs),
+        None => (identity_from_query(&pairs), None),
     };
     // One check for both modes: query ids and token claims alike.
     let max_id = http.config.limits.max_id_bytes;
@@ -414,9 +434,16 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
     let ip = peer.map(|p| auth::client_ip(p, &parts.headers, &http.config.auth.trusted_proxies));
     // With history off the parameter is ignored (the node says Legacy).
     let resume = http.node.resume_request(resume_parameter(&pairs), &who);
-    let presence = crate::presence::opts_in(parameter(&pairs, crate::presence::QUERY_PARAMETER));
-    let registration = match http.node.connect_opted(who, ip, resume, presence).await {
+    let options = ConnectOptions {
+        resume,
+        relay: relay.unwrap_or(http.config.ws.client_relay),
+        presence: crate::presence::opts_in(parameter(&pairs, crate::presence::QUERY_PARAMETER)),
+    };
+    let registration = match http.node.connect_with(who, ip, options).await {
         Ok(r) => r,
+        Err(e @ ConnectError::Banned) => {
+            return Err(Refused::Socket(RefusalReason::Banned, e.to_string()));
+        }
         Err(e @ ConnectError::Draining) => {
             return Err(Refused::Socket(RefusalReason::Draining, e.to_string()));
         }

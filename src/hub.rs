@@ -22,11 +22,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use crate::bus::Deliver;
+use crate::bus::wire::Order;
 use crate::conn::{Conn, ConnId, Offered, SlowCause};
 use crate::envelope::Envelope;
 use crate::metrics::Metrics;
+use crate::outcome::CloseReason;
 use crate::resume::{Mark, gap_frame};
-use crate::route::Topic;
+use crate::route::{Topic, connection_number};
 
 type Members = HashMap<ConnId, Arc<Conn>>;
 
@@ -35,6 +37,16 @@ struct Index {
     all: Members,
     groups: HashMap<Option<Arc<str>>, Members>,
     users: HashMap<Arc<str>, Members>,
+}
+
+impl Index {
+    /// The connection whose cluster-wide id is `cid`, if it is here (its
+    /// number finds it, the whole id confirms it: an id of another node
+    /// or of an earlier run of this one is not here).
+    fn connection(&self, cid: &str) -> Option<&Arc<Conn>> {
+        let conn = self.all.get(&connection_number(cid)?)?;
+        (*conn.cid == *cid).then_some(conn)
+    }
 }
 
 /// This node's connections.
@@ -117,6 +129,51 @@ impl Hub {
         self.read().all.values().cloned().collect()
     }
 
+    /// Closes every socket reached through `target` with `reason` (and the
+    /// close frame's `text`, when given); returns how many it closed.
+    /// (`POST /api/disconnect`; never delivered as a message.)
+    pub(crate) fn close_all(
+        &self,
+        target: &Topic,
+        reason: CloseReason,
+        text: Option<&str>,
+    ) -> usize {
+        let index = self.read();
+        let mut n = 0;
+        let mut close = |conn: &Arc<Conn>| {
+            conn.closer.close_with(reason, text);
+            n += 1;
+        };
+        match target {
+            Topic::All => index.all.values().for_each(&mut close),
+            Topic::Group(g) => index
+                .groups
+                .get(g)
+                .into_iter()
+                .flat_map(|m| m.values())
+                .for_each(&mut close),
+            Topic::User(u) => index
+                .users
+                .get(u)
+                .into_iter()
+                .flat_map(|m| m.values())
+                .for_each(&mut close),
+            Topic::Connection(c) => index.connection(c).into_iter().for_each(&mut close),
+        }
+        n
+    }
+
+    /// The topics this node's sockets are reached through (everyone, each
+    /// group, each user), at this moment.
+    pub(crate) fn topics(&self) -> Vec<Topic> {
+        let index = self.read();
+        let mut topics = Vec::with_capacity(1 + index.groups.len() + index.users.len());
+        topics.push(Topic::All);
+        topics.extend(index.groups.keys().map(|g| Topic::Group(g.clone())));
+        topics.extend(index.users.keys().map(|u| Topic::User(u.clone())));
+        topics
+    }
+
     /// Offers `frame(conn)` (and `mark`) to the members of `via` for which
     /// `wanted(conn)`, counting what was queued and dropped; slow
     /// consumers are logged once the lock is released.
@@ -128,16 +185,10 @@ impl Hub {
         frame: impl Fn(&Conn) -> &'e crate::message::Frame,
     ) {
         let index = self.read();
-        let members = match via {
-            Topic::All => Some(&index.all),
-            Topic::Group(g) => index.groups.get(g),
-            Topic::User(u) => index.users.get(u),
-        };
-        let Some(members) = members else { return };
         let (mut delivered, mut dropped) = (0u64, 0u64);
         // Connections this delivery closed, logged once the lock is released.
         let mut closed = Vec::new();
-        for conn in members.values() {
+        let mut offer = |conn: &Arc<Conn>| {
             if wanted(conn) {
                 match conn.try_offer(frame(conn).clone(), mark.cloned()) {
                     Offered::Queued => delivered += 1,
@@ -149,6 +200,22 @@ impl Hub {
                     }
                 }
             }
+        };
+        match via {
+            Topic::All => index.all.values().for_each(&mut offer),
+            Topic::Group(g) => index
+                .groups
+                .get(g)
+                .into_iter()
+                .flat_map(|m| m.values())
+                .for_each(&mut offer),
+            Topic::User(u) => index
+                .users
+                .get(u)
+                .into_iter()
+                .flat_map(|m| m.values())
+                .for_each(&mut offer),
+            Topic::Connection(c) => index.connection(c).into_iter().for_each(&mut offer),
         }
         drop(index);
         for conn in closed {
@@ -165,7 +232,7 @@ impl Deliver for Hub {
         self.offer_each(
             via,
             mark.as_ref(),
-            |conn| envelope.route.accepts(via, &conn.who),
+            |conn| envelope.route.accepts(via, conn),
             |conn| envelope.frame_for(conn.speaks_resume),
         );
     }
@@ -173,6 +240,26 @@ impl Deliver for Hub {
     fn gap(&self, topic: &Topic) {
         let notice = gap_frame(topic);
         self.offer_each(topic, None, |conn| conn.speaks_resume, |_| &notice);
+    }
+
+    fn order(&self, order: &Order) -> usize {
+        let Order::Disconnect {
+            target,
+            code,
+            reason,
+        } = order;
+        // `All` is no disconnect target (the API refuses it; a control
+        // payload naming it is ignored).
+        if *target == Topic::All {
+            return 0;
+        }
+        let closed = self.close_all(target, CloseReason::Disconnected(*code), reason.as_deref());
+        self.metrics.control_received();
+        closed
+    }
+
+    fn topics(&self) -> Vec<Topic> {
+        Hub::topics(self)
     }
 }
 

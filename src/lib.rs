@@ -24,7 +24,9 @@
 //! - [`message`]: the message JSON, parsed (borrowing) and encoded once.
 //! - [`node`]: this process: admits sockets, delivers every message to its
 //!   own sockets through the hub and hands it to the bus for the others,
-//!   forwards to the backend, and owns shutdown ([`node::Node::shutdown`]).
+//!   forwards to the backend, and owns shutdown ([`node::Node::shutdown`]);
+//!   `src/node/cluster.rs`: what the server API asks of the cluster
+//!   (publish with idempotency keys, disconnect and ban, topics, history).
 //! - [`route`]: recipients resolved into topics, and the exactly-once rule.
 //! - [`envelope`]: a message on its way: route plus encoded frame (and,
 //!   with history on, its stamp: positions per topic).
@@ -40,6 +42,8 @@
 //!   hands what arrives to this node's hub. [`bus::registry`]: the nodes
 //!   sharing the bus, with leases (this node alone without Redis), and the
 //!   version gate that decides which payload version the bus writes.
+//!   [`bus::control`]: the control plane the server API uses (disconnect
+//!   orders on the target's own channel, bans, idempotency keys, topics).
 //! - [`presence`]: cluster presence, the node's side: what it writes about
 //!   the sockets it holds (first and last per group and user, never while
 //!   idle), the opt-in `presence=1` protocol (`wshub.presence`,
@@ -60,7 +64,9 @@
 //!   reasons, backend results), depending on nothing else here.
 //! - [`shutdown`]: the owner of every task (token + tracker).
 //! - [`server`]: binds the listener and runs the node until shutdown.
-//! - [`config`], [`logging`], [`metrics`]: the operator's side.
+//! - [`config`], [`logging`], [`metrics`]: the operator's side;
+//!   [`cli`]: the commands besides running a node (`config check`,
+//!   `config defaults`, `token`).
 //!
 //! The modules form no import cycle: `outcome`, `message`, `shutdown`,
 //! `rate_limit`, `refusal_log` and `admission` import nothing of the crate, and every
@@ -75,6 +81,7 @@ pub(crate) mod admission;
 pub(crate) mod auth;
 pub(crate) mod backend;
 pub mod bus;
+pub mod cli;
 // The configuration's keys are documented once, in `wshub.example.toml`
 // (which a test keeps equal to the defaults) and docs/deploying.md; its
 // structs mirror them field by field. Doc comments on every field are a

@@ -26,7 +26,9 @@ struct Args {
 /// Where to read on: the help text is often all an operator has at hand.
 const AFTER_HELP: &str = "\
 Without a command, wshub runs a node. Commands: healthcheck (is the node on
-this machine alive?), help.
+this machine alive?), config check (validate and print the configuration,
+secrets redacted), config defaults, token (mint a token with auth.jwt_secret),
+help.
 
 Documentation, in the source repository:
   README.md               configuration keys, endpoints, messages, close codes
@@ -35,6 +37,7 @@ Documentation, in the source repository:
   docs/cluster.md         several nodes on one Redis
   docs/deploying.md       Docker, Kubernetes, load balancers, metrics
   docs/security.md        tokens, origins, the broadcast endpoint, limits
+  docs/api.md             the server API (/api/*) and the admin page (/admin)
   wshub.example.toml      every key with its default";
 
 #[derive(clap::Subcommand)]
@@ -44,18 +47,87 @@ enum Command {
     /// configuration error included, its message on stderr). For
     /// container health checks, where there is no shell or curl.
     Healthcheck,
+    /// The configuration: `check` validates it (exit 1 if invalid) and
+    /// prints it as in effect, secrets redacted; `defaults` prints every
+    /// key with its default.
+    Config {
+        #[command(subcommand)]
+        what: ConfigCommand,
+    },
+    /// Prints a token for the sockets of a user, signed HS256 with the
+    /// configured auth.jwt_secret (for tests, and for backends that cannot
+    /// sign JWTs).
+    Token {
+        /// The user id (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// The group id (`group`); none: the null group.
+        #[arg(long)]
+        group: Option<String>,
+        /// How long it is valid: 90s, 15m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// A `relay` claim: all, group or none (overrides ws.client_relay).
+        #[arg(long)]
+        relay: Option<String>,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum ConfigCommand {
+    /// Validates the configuration and prints it, secrets redacted.
+    Check,
+    /// Prints every key with its built-in default.
+    Defaults,
+}
+
+/// Runs a command that prints text: stdout and 0, or stderr and 1.
+fn print(result: Result<String, wshub::cli::CliError>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            use std::io::Write;
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = writeln!(std::io::stdout(), "{}", text.trim_end());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wshub: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let file = args.config.as_deref();
+    match &args.command {
+        Some(Command::Config { what }) => {
+            return print(match what {
+                ConfigCommand::Check => wshub::cli::config_check(file, std::env::vars()),
+                ConfigCommand::Defaults => Ok(wshub::cli::config_defaults()),
+            });
+        }
+        Some(Command::Token {
+            sub,
+            group,
+            ttl,
+            relay,
+        }) => {
+            return print(wshub::cli::parse_ttl(ttl).and_then(|ttl| {
+                let (group, relay) = (group.as_deref(), relay.as_deref());
+                wshub::cli::token(file, std::env::vars(), sub, group, ttl, relay)
+            }));
+        }
+        _ => {}
+    }
     let config = match wshub::Config::load(args.config.as_deref()) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("wshub: {e}");
             // `healthcheck` promises 0 or 1, and Docker reserves 2.
             return match args.command {
-                Some(Command::Healthcheck) => ExitCode::FAILURE,
                 None => ExitCode::from(2),
+                Some(_) => ExitCode::FAILURE,
             };
         }
     };

@@ -68,6 +68,9 @@ pub enum RecipientKind {
     User,
     /// `"excludeUser"`, `"allButUser"`, `"allExceptUser"` or integer `0`.
     ExcludeUser,
+    /// `"connection"`: one socket, by its connection id (wshub's own; Web
+    /// Connection clients never send it).
+    Connection,
 }
 
 impl RecipientKind {
@@ -77,16 +80,18 @@ impl RecipientKind {
             Self::Group => "group",
             Self::User => "user",
             Self::ExcludeUser => "excludeUser",
+            Self::Connection => "connection",
         }
     }
 
     fn from_name(name: &str) -> Option<Self> {
-        const NAMES: [(&str, RecipientKind); 5] = [
+        const NAMES: [(&str, RecipientKind); 6] = [
             ("group", RecipientKind::Group),
             ("user", RecipientKind::User),
             ("excludeuser", RecipientKind::ExcludeUser),
             ("allbutuser", RecipientKind::ExcludeUser),
             ("allexceptuser", RecipientKind::ExcludeUser),
+            ("connection", RecipientKind::Connection),
         ];
         NAMES
             .iter()

@@ -98,6 +98,8 @@ pub struct Metrics {
     presence_writes: Counter,
     presence_sweeps: Counter,
     presence_events: Family<KindLabel, Counter>,
+    control_received: Counter,
+    ban_check_failures: Counter,
     resumes: Family<ResultLabel, Counter>,
     resume_replayed: Histogram,
     drain_handoffs: Family<ResultLabel, Counter>,
@@ -142,6 +144,8 @@ impl Metrics {
             presence_writes: Counter::default(),
             presence_sweeps: Counter::default(),
             presence_events: Family::default(),
+            control_received: Counter::default(),
+            ban_check_failures: Counter::default(),
             resumes: Family::default(),
             // 1 … 4096 messages (max_replay is 1000 by default)
             resume_replayed: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
@@ -274,6 +278,16 @@ impl Metrics {
             m.presence_events.clone(),
         );
         registry.register(
+            "control_received",
+            "Control orders (POST /api/disconnect) this node received and carried out",
+            m.control_received.clone(),
+        );
+        registry.register(
+            "ban_check_failures",
+            "Sockets let in without a ban check because Redis did not answer it",
+            m.ban_check_failures.clone(),
+        );
+        registry.register(
             "resume",
             "Sockets that asked to resume (or took over a drain handoff), by result",
             m.resumes.clone(),
@@ -387,6 +401,16 @@ impl Metrics {
         self.presence_events
             .get_or_create(&KindLabel { kind })
             .inc();
+    }
+
+    /// This node carried out a control order.
+    pub fn control_received(&self) {
+        self.control_received.inc();
+    }
+
+    /// A ban check failed (the socket was let in).
+    pub fn ban_check_failure(&self) {
+        self.ban_check_failures.inc();
     }
 
     /// A socket was opened.

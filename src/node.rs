@@ -23,6 +23,7 @@ use std::net::IpAddr;
 
 use crate::admission::{Admission, Refusal, Slot};
 use crate::backend::{ACTION_CONNECT, ACTION_DISCONNECT, Backend};
+use crate::bus::control::{ControlPlane, Local};
 use crate::bus::registry::{NodeEntry, Registry, Vitals};
 use crate::bus::{Bus, BusError, Deliver, MakeBus};
 use crate::config::Config;
@@ -37,8 +38,27 @@ use crate::outcome::DropReason;
 use crate::presence::{ACTION_PRESENCE, AdmitError, Announce, Presence};
 use crate::rate_limit::{RateLimit, Verdict};
 use crate::resume::{Report, Request, Resumer};
-use crate::route::{Identity, Route, Topic};
+use crate::route::{Identity, Relay, Route, Topic};
 use crate::shutdown::Shutdown;
+
+mod cluster;
+pub use cluster::{
+    Disconnect, IDEMPOTENCY_TTL, Published, ServerApiError, TopicEntry, position_in,
+};
+
+/// What a socket asks for at connect, besides who it is and where it
+/// comes from ([`Node::connect_with`]).
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Its `resume` request ([`Node::resume_request`]).
+    pub resume: Request,
+    /// Its client relay policy: a token's `relay` claim, or
+    /// `ws.client_relay`.
+    pub relay: Relay,
+    /// Whether it opted in to presence frames (`presence=1`; ignored with
+    /// presence off).
+    pub presence: bool,
+}
 
 /// Why a socket could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +80,9 @@ pub enum ConnectError {
         "too many connections for this user: at most {0} across the cluster (limits.max_connections_per_user)"
     )]
     UserLimit(usize),
+    /// The user is banned (`POST /api/disconnect` with `ban_ms`).
+    #[error("this user is banned for now")]
+    Banned,
 }
 
 /// Why a message was not published.
@@ -124,6 +147,10 @@ pub(crate) enum ClientError {
         /// The sender kept on: close it with 1008.
         close: bool,
     },
+    /// The socket's client relay policy (`ws.client_relay`, a token's
+    /// `relay` claim) does not let it address these recipients.
+    #[error("{0}")]
+    Relay(&'static str),
 }
 
 impl ClientError {
@@ -131,6 +158,7 @@ impl ClientError {
         match self {
             Self::Publish(e) => e.drop_reason(),
             Self::FanOutRate { .. } => DropReason::RateLimited,
+            Self::Relay(_) => DropReason::RelayPolicy,
         }
     }
 }
@@ -151,6 +179,11 @@ pub struct Node {
     bus: Arc<dyn Bus>,
     /// The nodes sharing the bus, this one included (`GET /api/nodes`).
     registry: Arc<dyn Registry>,
+    /// What the server API asks of the cluster (`src/bus/control.rs`).
+    control: Arc<dyn ControlPlane>,
+    /// This node instance's address, `<node id>-<instance>`: its
+    /// connection ids are `<address>-<number>`.
+    address: Arc<str>,
     /// The bus delivers this node's own messages (history on): `send`
     /// does not deliver them at publish time.
     echo: bool,
@@ -165,6 +198,8 @@ pub struct Node {
     /// Who gets a socket: capacity and the per-address limit.
     admission: Arc<Admission>,
     draining: AtomicBool,
+    /// Ban checks fail (logged once per outage).
+    ban_check_failing: AtomicBool,
     next_conn_id: AtomicU64,
     /// The owner of every task this node started; see [`Node::shutdown`].
     shutdown: Shutdown,
@@ -269,7 +304,15 @@ impl Node {
             metrics.clone(),
             shutdown.child(),
         );
+        let control = bus
+            .control()
+            .unwrap_or_else(|| Arc::new(Local::new(hub.clone())));
+        let address = bus
+            .address()
+            .unwrap_or_else(|| format!("{}-{:08x}", config.node_id, rand::random::<u32>()).into());
         let node = Arc::new(Self {
+            control,
+            address,
             config: Arc::new(config),
             metrics,
             hub,
@@ -282,6 +325,7 @@ impl Node {
             stamp_identity,
             admission,
             draining: AtomicBool::new(false),
+            ban_check_failing: AtomicBool::new(false),
             next_conn_id: AtomicU64::new(1),
             sessions: shutdown.child(),
             http: shutdown.child(),
@@ -319,20 +363,35 @@ impl Node {
         ip: Option<IpAddr>,
         resume: Request,
     ) -> Result<Registration, ConnectError> {
-        self.connect_opted(who, ip, resume, false).await
+        let options = ConnectOptions {
+            resume,
+            relay: self.config.ws.client_relay,
+            presence: false,
+        };
+        self.connect_with(who, ip, options).await
     }
 
-    /// [`connect`](Self::connect) for a socket that may have opted in to
-    /// presence frames (`presence=1`; ignored with presence off). With the
-    /// per-user limit on, the user's sockets in the cluster are counted
-    /// first: over the limit, the oldest is replaced or this one refused.
-    pub async fn connect_opted(
+    /// [`connect`](Self::connect) with everything a socket may ask for at
+    /// connect ([`ConnectOptions`]): `resume`, its client relay policy, and
+    /// presence frames.
+    ///
+    /// A banned user is refused ([`ConnectError::Banned`]); the ban is
+    /// checked once the socket's topics are subscribed, so a disconnect
+    /// order published before that reaches it and one published after
+    /// finds the ban. Then, with the per-user limit on, the user's sockets
+    /// in the cluster are counted: over the limit, the oldest is replaced
+    /// or this one refused ([`ConnectError::UserLimit`]).
+    pub async fn connect_with(
         self: &Arc<Self>,
         who: Identity,
         ip: Option<IpAddr>,
-        resume: Request,
-        presence: bool,
+        options: ConnectOptions,
     ) -> Result<Registration, ConnectError> {
+        let ConnectOptions {
+            resume,
+            relay,
+            presence,
+        } = options;
         if self.is_draining() {
             return Err(ConnectError::Draining);
         }
@@ -343,7 +402,8 @@ impl Node {
         let slot = self.admission.reserve(ip)?;
         let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let queue_bytes = self.config.limits.outbound_queue_bytes;
-        let (conn, rx) = Conn::new(id, who, resume.speaks_resume(), queue_bytes);
+        let cid = format!("{}-{id}", self.address).into();
+        let (conn, rx) = Conn::open(id, cid, who, relay, resume.speaks_resume(), queue_bytes);
         self.hub.insert(conn.clone());
         self.metrics.connection_opened();
         // The registration undoes all of this when dropped, also on error.
@@ -360,6 +420,9 @@ impl Node {
         let (g, u) = tokio::join!(self.bus.subscribe(&group), self.bus.subscribe(&user));
         g?;
         u?;
+        if self.banned(&registration.conn.who.user).await {
+            return Err(ConnectError::Banned);
+        }
         if self.is_draining() {
             // Shutdown began while we subscribed and may have missed us.
             return Err(ConnectError::Draining);
@@ -380,6 +443,30 @@ impl Node {
             registration.announced = backend.event(&registration.conn, ACTION_CONNECT, None);
         }
         Ok(registration)
+    }
+
+    /// Whether `user` is banned. Fails open: while Redis cannot answer
+    /// (within `redis.command_timeout_ms`), sockets are let in as they
+    /// were before bans existed, counted in
+    /// `wshub_ban_check_failures_total` and logged once per outage. A
+    /// node whose topics are subscribed serves its sockets through a short
+    /// Redis outage; a ban check must not end that.
+    async fn banned(&self, user: &str) -> bool {
+        match self.control.banned(user).await {
+            Ok(banned) => {
+                if self.ban_check_failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("ban checks work again");
+                }
+                banned
+            }
+            Err(error) => {
+                self.metrics.ban_check_failure();
+                if !self.ban_check_failing.swap(true, Ordering::Relaxed) {
+                    warn!(%error, "cannot check bans: sockets are let in unchecked until Redis answers (logged once per outage, counted in wshub_ban_check_failures_total)");
+                }
+                false
+            }
+        }
     }
 
     fn parse<'t>(&self, text: &'t str) -> Result<Message<'t>, MessageError> {
@@ -475,6 +562,9 @@ impl Node {
             }
             _ => {
                 let envelope = self.prepare(&msg)?;
+                if let Some(why) = conn.relay.refuses(&envelope.route, &conn.who) {
+                    return Err(ClientError::Relay(why));
+                }
                 // Charged before the bus sees it: what the sender's budget
                 // protects is the other nodes' Redis subscribers.
                 let bytes = envelope
@@ -679,6 +769,17 @@ impl Node {
     #[doc(hidden)]
     pub fn running_tasks(&self) -> usize {
         self.shutdown.running()
+    }
+
+    /// Test hook: the connection ids of this node's open sockets (a
+    /// backend learns them from `X-Wshub-Connection-Id`).
+    #[doc(hidden)]
+    pub fn connection_ids(&self) -> Vec<String> {
+        self.hub
+            .snapshot()
+            .iter()
+            .map(|c| c.cid.to_string())
+            .collect()
     }
 
     /// Number of open sockets on this node.

@@ -14,7 +14,8 @@
 // decides first wins (see [`crate::conn::Closer`]). The codes are part of
 // the public contract and listed in the README: 1000–1011 are RFC 6455
 // codes, 4000–4499 are wshub's "something went wrong on this connection,
-// reconnect" range.
+// reconnect" range, and `POST /api/disconnect` may pick any code of
+// 4000–4999 (4005 unless it says otherwise).
 
 /// Why a session ended. Its [`code`](Self::code) and [`reason`](Self::reason)
 /// go into the close frame the client receives.
@@ -44,11 +45,21 @@ pub enum CloseReason {
     /// (`limits.max_connections_per_user` with `replace_oldest`). The
     /// client stays closed: coming back would push that one out in turn.
     SessionReplaced,
+    /// Closed through the server API (`POST /api/disconnect`), with the
+    /// code it asked for (4000–4999; [`DISCONNECT_CODE`] by default). The
+    /// application decided: a client should not simply reconnect (with a
+    /// ban, it is refused with 403 until the ban expires).
+    Disconnected(u16),
 }
+
+/// The close code of `POST /api/disconnect` when the request names none.
+pub const DISCONNECT_CODE: u16 = 4005;
 
 impl CloseReason {
     /// Every reason, for initialising metrics.
-    pub const ALL: [CloseReason; 10] = [
+    /// ([`Self::Disconnected`] with its default code; the metric takes
+    /// the code an API request chose, at most the 1000 codes of 4000–4999.)
+    pub const ALL: [CloseReason; 11] = [
         Self::Normal,
         Self::GoingAway,
         Self::ProtocolError,
@@ -59,6 +70,7 @@ impl CloseReason {
         Self::PingTimeout,
         Self::ConnectionLost,
         Self::SessionReplaced,
+        Self::Disconnected(DISCONNECT_CODE),
     ];
 
     /// The close code sent to the client (1006 for [`Self::ConnectionLost`],
@@ -75,6 +87,7 @@ impl CloseReason {
             Self::SlowConsumer => 4000,
             Self::PingTimeout => 4001,
             Self::SessionReplaced => 4003,
+            Self::Disconnected(code) => code,
         }
     }
 
@@ -92,6 +105,7 @@ impl CloseReason {
             Self::SlowConsumer => "Too slow: reconnect",
             Self::PingTimeout => "Ping timeout",
             Self::SessionReplaced => "Session replaced",
+            Self::Disconnected(_) => "Disconnected by the server",
         }
     }
 
@@ -108,6 +122,7 @@ impl CloseReason {
             Self::SlowConsumer => "slow_consumer",
             Self::PingTimeout => "ping_timeout",
             Self::SessionReplaced => "session_replaced",
+            Self::Disconnected(_) => "disconnected",
         }
     }
 }
@@ -131,17 +146,21 @@ pub enum DropReason {
     /// Received from Redis while this node's subscriber task was too far
     /// behind (its byte-bounded push buffer was full).
     BusLagging,
+    /// A client's message its client relay policy does not allow
+    /// (`ws.client_relay`, a token's `relay` claim).
+    RelayPolicy,
 }
 
 impl DropReason {
     /// Every reason, for seeding metrics.
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         Self::SlowConsumer,
         Self::Invalid,
         Self::TooBig,
         Self::BusUnavailable,
         Self::RateLimited,
         Self::BusLagging,
+        Self::RelayPolicy,
     ];
 
     /// The metric label.
@@ -153,6 +172,7 @@ impl DropReason {
             Self::BusUnavailable => "bus_unavailable",
             Self::RateLimited => "rate_limited",
             Self::BusLagging => "bus_lagging",
+            Self::RelayPolicy => "relay_policy",
         }
     }
 }
@@ -180,11 +200,14 @@ pub enum RefusalReason {
     /// The user holds `limits.max_connections_per_user` sockets in the
     /// cluster and the policy is `refuse` (429).
     PerUser,
+    /// The user is banned (`POST /api/disconnect` with `ban_ms`) until the
+    /// ban expires (403).
+    Banned,
 }
 
 impl RefusalReason {
     /// Every reason, for seeding metrics.
-    pub const ALL: [RefusalReason; 8] = [
+    pub const ALL: [RefusalReason; 9] = [
         Self::Capacity,
         Self::PerIp,
         Self::Token,
@@ -193,6 +216,7 @@ impl RefusalReason {
         Self::Bus,
         Self::BadRequest,
         Self::PerUser,
+        Self::Banned,
     ];
 
     /// The metric label.
@@ -206,6 +230,7 @@ impl RefusalReason {
             Self::Bus => "bus",
             Self::BadRequest => "bad_request",
             Self::PerUser => "per_user",
+            Self::Banned => "banned",
         }
     }
 
@@ -215,7 +240,7 @@ impl RefusalReason {
             Self::Capacity | Self::Draining | Self::Bus => 503,
             Self::PerIp | Self::PerUser => 429,
             Self::Token => 401,
-            Self::Origin => 403,
+            Self::Origin | Self::Banned => 403,
             Self::BadRequest => 400,
         }
     }

@@ -74,6 +74,23 @@ pub fn client_key(topic: &Topic) -> String {
         Topic::Group(None) => "nullgroup".to_owned(),
         Topic::Group(Some(g)) => format!("group:{g}"),
         Topic::User(u) => format!("user:{u}"),
+        Topic::Connection(c) => format!("connection:{c}"),
+    }
+}
+
+/// The topic a client key names (`all`, `nullgroup`, `group:<G>`,
+/// `user:<U>`), the inverse of [`client_key`]; `None` for anything else.
+pub fn topic_of_client_key(key: &str) -> Option<Topic> {
+    match key {
+        "all" => Some(Topic::All),
+        "nullgroup" => Some(Topic::Group(None)),
+        _ => {
+            if let Some(g) = key.strip_prefix("group:") {
+                Some(Topic::Group(Some(g.into())))
+            } else {
+                key.strip_prefix("user:").map(|u| Topic::User(u.into()))
+            }
+        }
     }
 }
 
@@ -107,6 +124,8 @@ impl Mark {
             Topic::All => 0,
             Topic::Group(_) => 1,
             Topic::User(_) => 2,
+            // Never stamped: messages to a connection skip history.
+            Topic::Connection(_) => return None,
         };
         Some(Self { slot, position })
     }
@@ -148,6 +167,16 @@ mod tests {
         assert_eq!(client_key(&Topic::Group(None)), "nullgroup");
         assert_eq!(client_key(&Topic::Group(Some("a:b".into()))), "group:a:b");
         assert_eq!(client_key(&Topic::User("ann".into())), "user:ann");
+        for topic in [
+            Topic::All,
+            Topic::Group(None),
+            Topic::Group(Some("".into())),
+            Topic::Group(Some("a:b".into())),
+            Topic::User("ann".into()),
+        ] {
+            assert_eq!(topic_of_client_key(&client_key(&topic)), Some(topic));
+        }
+        assert_eq!(topic_of_client_key("u:ann"), None);
     }
 
     #[test]

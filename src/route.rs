@@ -13,6 +13,13 @@
 //! match, so the first matching topic's copy always arrives, and it is the
 //! only one accepted. The rule needs no memory of past messages and works
 //! the same for one node and for many.
+//!
+//! **Connections.** A `connection` recipient names one socket by its
+//! connection id ([`Topic::Connection`]), `<node id>-<instance>-<n>`: the
+//! node instance that holds it (its *address*, [`node_address`]) and a
+//! number. The bus carries such a copy on that node instance's own channel
+//! only, and the socket with that id matches it, by the same first-match
+//! rule as every other topic.
 
 use std::sync::Arc;
 
@@ -28,6 +35,43 @@ pub enum Topic {
     Group(Option<Arc<str>>),
     /// Sockets that connected with this `userid`.
     User(Arc<str>),
+    /// The one socket with this connection id (a `connection` recipient).
+    Connection(Arc<str>),
+}
+
+/// What a topic is matched against: a socket's identity and, when known,
+/// its connection id. An [`Identity`] alone has no connection id, so it
+/// matches no [`Topic::Connection`].
+pub trait Addressee {
+    /// The identity the socket connected with.
+    fn identity(&self) -> &Identity;
+    /// Its connection id, unique in the cluster.
+    fn connection(&self) -> Option<&str> {
+        None
+    }
+}
+
+impl Addressee for Identity {
+    fn identity(&self) -> &Identity {
+        self
+    }
+}
+
+/// The node instance a connection id names (`<node id>-<instance>`, the
+/// id without its last `-<n>`), or `None` when it is not a connection id.
+pub fn node_address(connection: &str) -> Option<&str> {
+    let (address, number) = connection.rsplit_once('-')?;
+    let valid = !address.is_empty()
+        && !number.is_empty()
+        && number.bytes().all(|b| b.is_ascii_digit())
+        && address.contains('-');
+    valid.then_some(address)
+}
+
+/// The local number of a connection id (what follows the last `-`).
+pub fn connection_number(connection: &str) -> Option<u64> {
+    node_address(connection)?;
+    connection.rsplit_once('-')?.1.parse().ok()
 }
 
 /// The identity a socket connected with.
@@ -50,12 +94,15 @@ impl Identity {
 }
 
 impl Topic {
-    /// Whether a socket with this identity is reached through this topic.
-    pub fn matches(&self, who: &Identity) -> bool {
+    /// Whether a socket with this identity (and connection id) is reached
+    /// through this topic.
+    pub fn matches(&self, socket: &(impl Addressee + ?Sized)) -> bool {
+        let who = socket.identity();
         match self {
             Topic::All => true,
             Topic::Group(g) => g.as_deref() == who.group.as_deref(),
             Topic::User(u) => **u == *who.user,
+            Topic::Connection(c) => socket.connection() == Some(&**c),
         }
     }
 }
@@ -104,6 +151,9 @@ impl Route {
                 (RecipientKind::User, None) => continue,
                 (RecipientKind::User, Some(v)) => Topic::User(Arc::from(v)),
                 (RecipientKind::ExcludeUser, None) => continue,
+                // A connection id `""`/null names nobody either.
+                (RecipientKind::Connection, None) => continue,
+                (RecipientKind::Connection, Some(v)) => Topic::Connection(Arc::from(v)),
                 (RecipientKind::ExcludeUser, Some(v)) => {
                     if !excluded.iter().any(|e| **e == *v) {
                         excluded.push(Arc::from(v));
@@ -140,11 +190,76 @@ impl Route {
     /// The exactly-once rule: a socket with identity `who` accepts the copy
     /// that came through `via` when `via` is the first topic of this route
     /// that it matches, and its user is not excluded.
-    pub fn accepts(&self, via: &Topic, who: &Identity) -> bool {
+    pub fn accepts(&self, via: &Topic, socket: &(impl Addressee + ?Sized)) -> bool {
+        let who = socket.identity();
         if self.excluded.iter().any(|e| **e == *who.user) {
             return false;
         }
-        self.topics.iter().find(|t| t.matches(who)) == Some(via)
+        self.topics.iter().find(|t| t.matches(socket)) == Some(via)
+    }
+
+    /// Whether a topic of the route names a connection.
+    pub fn names_connections(&self) -> bool {
+        self.topics
+            .iter()
+            .any(|t| matches!(t, Topic::Connection(_)))
+    }
+}
+
+/// What a client may address when its message is relayed by the hub
+/// (`ws.client_relay`, or a token's `relay` claim): the backend and the
+/// server API are never limited by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Relay {
+    /// Anyone (Web Connection's behaviour, the default).
+    #[default]
+    All,
+    /// Only the sender's own group, optionally with `excludeUser` entries.
+    Group,
+    /// Nobody: clients cannot relay at all.
+    None,
+}
+
+impl Relay {
+    /// Reads `all`, `group` or `none` (any letter case).
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            ("all", Self::All),
+            ("group", Self::Group),
+            ("none", Self::None),
+        ]
+        .into_iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(text))
+        .map(|(_, relay)| relay)
+    }
+
+    /// The policy's name, as configured.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Group => "group",
+            Self::None => "none",
+        }
+    }
+
+    /// Why a client `who` may not relay a message with `route`, if it may
+    /// not (the sentence its `wshub.error` carries).
+    pub fn refuses(self, route: &Route, who: &Identity) -> Option<&'static str> {
+        match self {
+            Self::All => None,
+            Self::None => Some(
+                "message not sent: clients may not relay messages here (client relay policy `none`); \
+                 send it through the application",
+            ),
+            Self::Group => {
+                let own = [Topic::Group(who.group.clone())];
+                (route.topics() != own).then_some(
+                    "message not sent: clients may only address their own group here \
+                     (a `group` recipient with their group id, optionally with `excludeUser` \
+                     entries; client relay policy `group`)",
+                )
+            }
+        }
     }
 }
 

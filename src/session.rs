@@ -280,11 +280,12 @@ impl Session {
             outbound: self.outbound,
             floors: self.floors,
         };
+        let text = conn.closer.text().unwrap_or(reason.reason()).to_owned();
         close(
             self.sink,
             self.stream,
             pending,
-            reason,
+            (reason, text),
             self.client_closed,
             handoff,
         )
@@ -464,7 +465,7 @@ async fn close(
     mut sink: SplitSink<WebSocket, WsMessage>,
     mut stream: SplitStream<WebSocket>,
     mut pending: Pending,
-    reason: CloseReason,
+    (reason, text): (CloseReason, String),
     client_closed: bool,
     handoff: Option<Handoff>,
 ) {
@@ -496,7 +497,7 @@ async fn close(
         } else {
             let frame = CloseFrame {
                 code: reason.code(),
-                reason: reason.reason().into(),
+                reason: text.into(),
             };
             if sink.send(WsMessage::Close(Some(frame))).await.is_err() {
                 return;

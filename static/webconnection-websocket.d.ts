@@ -14,9 +14,10 @@ export type ConnectionState = (typeof State)[keyof typeof State];
 /**
  * The recipient type names the hub accepts (src/message.rs), in any letter
  * case; `allButUser` and `allExceptUser` (named in Web Connection's docs)
- * mean `excludeUser`.
+ * mean `excludeUser`; `connection` names one socket by its connection id
+ * (docs/api.md, "Connection ids").
  */
-export type RecipientTypeName = "group" | "user" | "excludeUser" | "allButUser" | "allExceptUser";
+export type RecipientTypeName = "group" | "user" | "excludeUser" | "allButUser" | "allExceptUser" | "connection";
 
 /** The integer types: 0 = excludeUser, 1 = group, 2 = user. */
 export type RecipientTypeNumber = 0 | 1 | 2;
@@ -56,7 +57,49 @@ export declare class BroadcastMessage implements HubMessage {
   addRecipient(value: string | null, type?: RecipientType): this;
 }
 
+/**
+ * A topic key of lossless resume: `all` (everyone), `nullgroup` (sockets
+ * without a group), `group:<G>`, `user:<U>` (ids exactly as given).
+ */
+export type TopicKey = "all" | "nullgroup" | `group:${string}` | `user:${string}`;
+
+/** A position in a topic's history: `"<epoch>:<offset>"`. */
+export type Position = `${string}:${number}`;
+
+/** What `onResumeHandler` is told once per connection, before any message. */
+export interface ResumeInfo {
+  /** True: every message missed since the last connection follows, once, in order. False:
+   *  nothing is replayed, and messages sent while disconnected may be missing. */
+  recovered: boolean;
+  /** How many messages are replayed (0 when not recovered). */
+  replayed: number;
+  /** The hub node the socket is on, when it said. */
+  node: string | null;
+}
+
+/** What `onGapHandler` is told: this open socket missed messages the hub cannot replay. */
+export interface GapInfo {
+  /** The topic keys with missing messages. */
+  topics: string[];
+}
+
+/** Where `resume` keeps positions across reloads (`sessionStorage` has this shape). */
+export interface PositionStorage {
+  getItem(key: string): string | null;
+  setItem(key: string, value: string): void;
+}
+
 export interface WebConnectionWebSocketOptions {
+  /**
+   * Lossless resume (default false): keep the positions the hub sends, in memory
+   * and in `storage` (so a reload resumes too), and connect with them (`resume=`),
+   * so that the hub replays what a dropped socket missed. `pos` is removed from
+   * messages before `onMessageHandler` sees them; the hub's `wshub.welcome` and
+   * `wshub.gap` frames go to `onResumeHandler` and `onGapHandler` instead.
+   */
+  resume?: boolean;
+  /** Where `resume` keeps positions (default `sessionStorage`; null: memory only). */
+  storage?: PositionStorage | null;
   /** Hub base URL (`wss://hub.example.com`); default: what a `<script data-hub>`
    *  says (see `hubFromDocument`), else the page's own host. */
   url?: string | null;
@@ -111,6 +154,12 @@ export declare class WebConnectionWebSocket {
   onPresenceHandler: ((ev: PresenceEvent) => void) | null;
   /** With `presence`: the group's members, sorted by user id (empty until the first snapshot). */
   readonly members: PresenceMember[];
+  /** With `resume`: once per connection, before any message. */
+  onResumeHandler: ((info: ResumeInfo) => void) | null;
+  /** With `resume`: the open socket missed messages that cannot be replayed. */
+  onGapHandler: ((info: GapInfo) => void) | null;
+  /** With `resume`: the last position seen per topic key of this identity (a copy; empty without). */
+  readonly positions: Readonly<Partial<Record<TopicKey, Position>>>;
   readonly socket: WebSocket | null;
   readonly state: ConnectionState;
   readonly groupId: string | null;
@@ -131,7 +180,21 @@ export declare function buildUrl(
   groupId?: string | null,
   userId?: string | null,
   token?: string | null,
+  /** Positions to resume from (`{}` sends `resume=`); null or absent: no `resume` parameter. */
+  resume?: Readonly<Partial<Record<TopicKey, string>>> | null,
 ): string;
+
+/** The topic keys of an identity: `all`, its group's (or `nullgroup`), its user's when known. */
+export declare function topicKeys(groupId: string | null | undefined, userId: string | null | undefined): TopicKey[];
+
+/** Whether `next` supersedes `current` (a new epoch, or a higher offset in the same one). */
+export declare function isNewerPosition(next: string, current: string | undefined): boolean;
+
+/** The prefix of the `sessionStorage` keys `resume` writes. */
+export declare const RESUME_STORAGE_PREFIX: "wshub.resume:";
+
+/** The `sessionStorage` key of one identity's positions on one hub. */
+export declare function resumeStorageKey(root: string, groupId: string | null, userId: string | null): string;
 
 /**
  * The hub named by a `<script data-hub>` element: its value, or when empty the

@@ -7,7 +7,9 @@
  * (the `url` option, or `data-hub`: {@link hubFromDocument}), reconnects use capped
  * exponential backoff with jitter and follow the close code (see
  * {@link reconnectPolicy}), messages sent while disconnected are queued
- * (bounded) and sent on reopen, and `close()` stops reconnecting.
+ * (bounded) and sent on reopen, and `close()` stops reconnecting. With the
+ * `resume` option the hub replays what a dropped socket missed (lossless
+ * resume: {@link WebConnectionWebSocket}'s `onResumeHandler`).
  *
  * @module webconnection-websocket
  */
@@ -44,6 +46,8 @@ const DEFAULTS = Object.freeze({
   policyReconnectDelay: 10000,
   maxQueue: 100,
   presence: false,
+  resume: false,
+  storage: undefined,
 });
 
 /** The hub's presence actions (docs/presence.md). */
@@ -108,9 +112,12 @@ export function reconnectPolicy(code) {
  * @param {string|null|undefined} groupId left out when empty
  * @param {string|null|undefined} userId left out when empty
  * @param {string|null} [token] a JWT for a hub in token mode, added as `token=`
+ * @param {Record<string, string>|null} [resume] positions to resume from, added as
+ *   `resume=<URL-encoded JSON>`, or `resume=` (empty) when there are none; without
+ *   (null, the default) no `resume` parameter: the socket does not speak resume
  * @returns {string}
  */
-export function buildUrl(location, base, groupId, userId, token = null) {
+export function buildUrl(location, base, groupId, userId, token = null, resume = null) {
   let root;
   if (base) {
     root = String(base).replace(/^http(s?):/i, "ws$1:").replace(/\/+$/, "");
@@ -123,7 +130,62 @@ export function buildUrl(location, base, groupId, userId, token = null) {
   if (groupId) params.push(`groupid=${encodeURIComponent(groupId)}`);
   if (userId) params.push(`userid=${encodeURIComponent(userId)}`);
   if (token) params.push(`token=${encodeURIComponent(token)}`);
+  if (resume) {
+    const keys = Object.keys(resume);
+    params.push(keys.length ? `resume=${encodeURIComponent(JSON.stringify(resume))}` : "resume=");
+  }
   return params.length ? `${root}?${params.join("&")}` : root;
+}
+
+/**
+ * The topic keys a socket is reached through (lossless resume): `all`
+ * (everyone), its group's (`group:<G>`, or `nullgroup` without a group) and
+ * its user's (`user:<U>`, when the user id is known). Ids are used exactly as
+ * given.
+ * @param {string|null|undefined} groupId
+ * @param {string|null|undefined} userId
+ * @returns {string[]}
+ */
+export function topicKeys(groupId, userId) {
+  const keys = ["all", groupId === null || groupId === undefined ? "nullgroup" : `group:${groupId}`];
+  if (userId !== null && userId !== undefined && userId !== "") keys.push(`user:${userId}`);
+  return keys;
+}
+
+const POSITION = /^([^:]+):(\d+)$/;
+
+/**
+ * Whether `next` is a position to keep over `current` (both `"<epoch>:<offset>"`):
+ * always when there is none yet or the epoch changed, else when its offset is
+ * higher. Offsets are compared as decimal strings, so any u64 is exact.
+ * @param {string} next
+ * @param {string|undefined} current
+ * @returns {boolean}
+ */
+export function isNewerPosition(next, current) {
+  const n = POSITION.exec(next);
+  if (!n) return false;
+  const c = current === undefined ? null : POSITION.exec(current);
+  if (!c || c[1] !== n[1]) return true;
+  const a = n[2].replace(/^0+(?=\d)/, "");
+  const b = c[2].replace(/^0+(?=\d)/, "");
+  return a.length !== b.length ? a.length > b.length : a > b;
+}
+
+/** What `sessionStorage` keys the library's resume positions start with. */
+export const RESUME_STORAGE_PREFIX = "wshub.resume:";
+
+/**
+ * The `sessionStorage` key of the positions of one identity on one hub: the
+ * socket URL without its query, the group and the user as passed to
+ * `tryConnect`. Two identities (or two hubs) in one tab keep apart.
+ * @param {string} root the socket URL without query
+ * @param {string|null} groupId
+ * @param {string|null} userId
+ * @returns {string}
+ */
+export function resumeStorageKey(root, groupId, userId) {
+  return RESUME_STORAGE_PREFIX + JSON.stringify([root, groupId ?? null, userId ?? null]);
 }
 
 /** Where this file was loaded from (the hub, when a page imports it from there). */
@@ -191,11 +253,11 @@ export class BroadcastMessage {
 
   /**
    * Adds a recipient. Without any, the message goes to everyone.
-   * @param {string|null} value a group id or user id (`null` or `""`: the sockets
-   *   that connected without a group)
-   * @param {"group"|"user"|"excludeUser"|"allButUser"|"allExceptUser"|0|1|2} [type="group"]
+   * @param {string|null} value a group id, user id or connection id (`null` or `""`:
+   *   the sockets that connected without a group)
+   * @param {"group"|"user"|"excludeUser"|"allButUser"|"allExceptUser"|"connection"|0|1|2} [type="group"]
    *   names in any letter case; `allButUser` and `allExceptUser` mean `excludeUser`;
-   *   0 = excludeUser, 1 = group, 2 = user
+   *   `connection` is one socket (docs/api.md, connection ids); 0 = excludeUser, 1 = group, 2 = user
    * @returns {BroadcastMessage} this, for chaining
    */
   addRecipient(value, type = "group") {
@@ -219,6 +281,13 @@ export class BroadcastMessage {
 export class WebConnectionWebSocket {
   /**
    * @param {object} [options]
+   * @param {boolean} [options.resume=false] lossless resume: keep the positions the hub
+   *   sends (in memory and in `sessionStorage`, so a reload resumes too) and connect
+   *   with them, so that the hub replays what a dropped socket missed; see
+   *   `onResumeHandler`, `onGapHandler` and `positions`. Off: nothing changes.
+   * @param {{getItem(key: string): string|null, setItem(key: string, value: string): void}|null} [options.storage]
+   *   where `resume` keeps positions across reloads (default `sessionStorage`;
+   *   `null`: in memory only)
    * @param {string|null} [options.url] hub base URL (`wss://hub.example.com`); default: what a
    *   `data-hub` attribute says (see {@link hubFromDocument}), else the page's own host
    * @param {number} [options.minReconnectDelay=500] ms before the first reconnect attempt (at most)
@@ -257,6 +326,16 @@ export class WebConnectionWebSocket {
     /** Presence: the members by user id, the snapshot's `v` (null until it
      *  arrived), the last `v` applied, and events that came before it. */
     this._presence = { members: new Map(), v: null, last: null, early: [] };
+    /** With `resume`: called once per connection, before any message, with
+     *  `{recovered, replayed, node}`. `recovered` true: every message missed
+     *  since the last connection follows (`replayed` of them), once, in order;
+     *  false: nothing is replayed and messages sent meanwhile may be missing.
+     *  @type {(info: {recovered: boolean, replayed: number, node: string|null}) => void} */
+    this.onResumeHandler = null;
+    /** With `resume`: called when the hub found that this open socket missed
+     *  messages it cannot replay; `info.topics` names the topic keys.
+     *  @type {(info: {topics: string[]}) => void} */
+    this.onGapHandler = null;
     /** The underlying socket, when there is one. @type {WebSocket|null} */
     this.socket = null;
     /** @type {string} one of {@link State} */
@@ -269,6 +348,14 @@ export class WebConnectionWebSocket {
     this._queue = [];
     /** The socket `close()` closed, until its close event is reported. */
     this._closing = null;
+    /** With `resume`: the last position seen per topic key, for `_scope`. */
+    this._positions = {};
+    /** The storage key `_positions` belong to (null: none loaded yet). */
+    this._scope = null;
+    /** The topic keys of this connection's identity (positions of others are not kept). */
+    this._tracked = new Set();
+    /** The user id the hub assigned (welcome) when `tryConnect` named none. */
+    this._assignedUserId = null;
   }
 
   /**
@@ -287,7 +374,130 @@ export class WebConnectionWebSocket {
     this.userId = userId || null;
     this._attempt = 0;
     clearTimeout(this._timer);
+    if (this.options.resume) this._loadPositions();
     this._open();
+  }
+
+  /**
+   * With `resume`: the last position seen per topic key of this connection's
+   * identity (`all`, `group:<G>` or `nullgroup`, `user:<U>`), as sent back to
+   * the hub on reconnect. A copy; empty without `resume` or before any.
+   * @returns {Record<string, string>}
+   */
+  get positions() {
+    return { ...this._positions };
+  }
+
+  _storage() {
+    if (this.options.storage !== undefined) return this.options.storage;
+    // Reading sessionStorage throws where storage is disabled (sandboxed
+    // frames, some privacy settings): keep positions in memory only there.
+    try {
+      return globalThis.sessionStorage ?? null;
+    } catch {
+      return null;
+    }
+  }
+
+  /** The socket URL without query: what positions are kept per, with the ids. */
+  _root() {
+    return buildUrl(this.options.location || globalThis.location,
+      this.options.url || hubFromDocument(this.options.document || globalThis.document), null, null);
+  }
+
+  /** Switches to the positions of the identity `tryConnect` was given (memory, else storage). */
+  _loadPositions() {
+    this._assignedUserId = null;
+    this._tracked = new Set(topicKeys(this.groupId, this.userId));
+    const scope = resumeStorageKey(this._root(), this.groupId, this.userId);
+    if (scope === this._scope) return;
+    this._scope = scope;
+    this._positions = {};
+    let stored = null;
+    try {
+      stored = JSON.parse(this._storage()?.getItem(scope) ?? "null");
+    } catch {
+      stored = null;
+    }
+    const saved = stored && typeof stored === "object" ? stored.positions : null;
+    if (!saved || typeof saved !== "object") return;
+    for (const [key, value] of Object.entries(saved)) {
+      if (typeof value === "string" && POSITION.test(value)) this._positions[key] = value;
+    }
+  }
+
+  _savePositions() {
+    try {
+      this._storage()?.setItem(this._scope, JSON.stringify({ positions: this._positions }));
+    } catch {
+      // Full or disabled storage: the positions are still kept in memory.
+    }
+  }
+
+  /** What to send as `resume=`: the positions of this identity's topics. */
+  _resumeParam() {
+    const user = this.userId || this._assignedUserId;
+    const out = {};
+    for (const key of topicKeys(this.groupId, user)) {
+      if (this._positions[key] !== undefined) out[key] = this._positions[key];
+    }
+    return out;
+  }
+
+  /** `wshub.welcome`: the hub's word on this connection's resume, and its positions. */
+  _welcome(msg) {
+    let info = null;
+    try {
+      info = JSON.parse(msg.message);
+    } catch {
+      info = null;
+    }
+    if (!info || typeof info !== "object") info = {};
+    // The identity the hub gave the socket: its user id when tryConnect
+    // named none (reconnects then keep it, so its user topic resumes too).
+    const group = "groupId" in msg ? msg.groupId : this.groupId;
+    if (!this.userId && typeof msg.userId === "string" && msg.userId) this._assignedUserId = msg.userId;
+    this._tracked = new Set(topicKeys(group, this.userId || this._assignedUserId));
+    const given = info.positions && typeof info.positions === "object" ? info.positions : {};
+    this._positions = {};
+    for (const key of this._tracked) {
+      const value = given[key];
+      if (typeof value === "string" && POSITION.test(value)) this._positions[key] = value;
+    }
+    this._savePositions();
+    const replayed = Number(info.replayed);
+    const result = {
+      recovered: info.recovered === true,
+      replayed: Number.isFinite(replayed) && replayed > 0 ? replayed : 0,
+      node: typeof info.node === "string" ? info.node : null,
+    };
+    if (this.onResumeHandler) this.onResumeHandler(result);
+  }
+
+  /** `wshub.gap`: messages this open socket missed and cannot be replayed. */
+  _gap(msg) {
+    let info = null;
+    try {
+      info = JSON.parse(msg.message);
+    } catch {
+      info = null;
+    }
+    if (!info || typeof info !== "object") info = {};
+    const topics = Array.isArray(info.topics) ? info.topics.filter((t) => typeof t === "string") : [];
+    if (this.onGapHandler) this.onGapHandler({ ...info, topics });
+  }
+
+  /** A message's `pos`: keeps the positions of the topics this socket tracks. */
+  _advance(pos) {
+    if (!pos || typeof pos !== "object") return;
+    let changed = false;
+    for (const [key, value] of Object.entries(pos)) {
+      if (!this._tracked.has(key) || typeof value !== "string") continue;
+      if (!isNewerPosition(value, this._positions[key])) continue;
+      this._positions[key] = value;
+      changed = true;
+    }
+    if (changed) this._savePositions();
   }
 
   /** The URL `tryConnect` connects to (with the token, unless it goes in the protocol). @returns {string} */
@@ -298,7 +508,9 @@ export class WebConnectionWebSocket {
   _url(token) {
     const location = this.options.location || globalThis.location;
     const base = this.options.url || hubFromDocument(this.options.document || globalThis.document);
-    const url = buildUrl(location, base, this.groupId, this.userId, token);
+    const url = this.options.resume
+      ? buildUrl(location, base, this.groupId, this.userId || this._assignedUserId, token, this._resumeParam())
+      : buildUrl(location, base, this.groupId, this.userId, token);
     return this.options.presence ? withPresence(url) : url;
   }
 
@@ -338,6 +550,17 @@ export class WebConnectionWebSocket {
       } catch (err) {
         if (this.onErrorHandler) this.onErrorHandler(ev.data, err);
         return;
+      }
+      if (this.options.resume && msg && typeof msg === "object") {
+        // The hub's own frames carry no `pos`; every message does (clients
+        // cannot send wshub.* actions, and nothing relayed lacks `pos`).
+        if (!("pos" in msg)) {
+          if (msg.action === "wshub.welcome") return this._welcome(msg);
+          if (msg.action === "wshub.gap") return this._gap(msg);
+        } else {
+          this._advance(msg.pos);
+          delete msg.pos;
+        }
       }
       if (this.options.presence && msg && PRESENCE_ACTIONS.has(msg.action)) {
         this._presenceFrame(msg);

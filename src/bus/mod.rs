@@ -49,6 +49,7 @@
 //!   still queued, within the time it is given, and resolves once the bus's
 //!   background tasks have ended; the server awaits it before it returns.
 
+pub mod control;
 mod interest;
 pub mod presence;
 mod redis;
@@ -88,6 +89,20 @@ pub trait Deliver: Send + Sync + 'static {
     /// before the next one.
     fn gap(&self, topic: &Topic) {
         let _ = topic;
+    }
+
+    /// Carries out a control order (`POST /api/disconnect`, see
+    /// [`control`]): never a message, never delivered to a socket.
+    /// Returns how many sockets it closed.
+    fn order(&self, order: &wire::Order) -> usize {
+        let _ = order;
+        0
+    }
+
+    /// The topics this node's sockets are reached through, now (for the
+    /// single-node control plane, which has no bus to ask).
+    fn topics(&self) -> Vec<Topic> {
+        Vec::new()
     }
 }
 
@@ -162,6 +177,21 @@ pub trait Bus: Send + Sync + 'static {
     fn registry(&self, presence: &PresenceConfig) -> Arc<dyn registry::Registry> {
         let _ = presence;
         Arc::new(registry::Alone::new())
+    }
+
+    /// This node instance's address on the bus (`<node id>-<instance>`),
+    /// the start of its connection ids: the bus brings it what is sent to
+    /// them (see [`crate::route::node_address`]). `None`: the node picks
+    /// one (nothing reaches it from elsewhere).
+    fn address(&self) -> Option<Arc<str>> {
+        None
+    }
+
+    /// The control plane of the cluster this bus joins (see [`control`]),
+    /// or `None` for a node alone, whose node then acts on its own hub
+    /// ([`control::Local`]).
+    fn control(&self) -> Option<Arc<dyn control::ControlPlane>> {
+        None
     }
 
     /// Stops the bus's background work (the node is exiting): messages

@@ -9,9 +9,32 @@
 //! | group `G` | `P:g:G` |
 //! | user `U` | `P:u:U` |
 //! | node `N`'s health probe | `P:probe:N` |
+//! | node instance `A`'s own channel (connections, control) | `P:node:A` |
 //!
 //! The name after the marker is taken verbatim (it may contain `:`), so every
-//! channel name maps back to exactly one topic.
+//! topic channel name maps back to exactly one topic. A node instance's own
+//! channel is the one exception: it carries the copies of every message
+//! that names one of its connections (`{"type":"connection"}`, topic key
+//! `c:<connection id>` in `t`), one copy per message however many of its
+//! connections the message names, and its address `A` is the connection
+//! ids' `<node id>-<instance>` ([`crate::route::node_address`]).
+//!
+//! **Control payloads** (`POST /api/disconnect`) travel on the target's own
+//! channel (a user's, a group's, or a node instance's for one connection)
+//! and start with another first line, so that no node ever takes one for a
+//! message:
+//!
+//! ```text
+//! wshub-control/1\n{"o":"n1","k":"disconnect","t":"u:ann","c":4005,"r":"bye"}
+//! ```
+//!
+//! `k` is the kind (`disconnect` today), `t` the target's topic key, `c`
+//! the close code, `r` the close frame's text (optional). A node of a build
+//! before control payloads finds no `wshub/1` line: it does not decode the
+//! payload, delivers nothing, and counts it in `wshub_bus_unreadable_total`
+//! (logging the first once), so at worst an old node does not close its
+//! sockets. A kind this build does not know is ignored and counted the
+//! same way, so newer kinds need no version gate either.
 //!
 //! **Payload**: a version line, a JSON header, a newline, then the outbound
 //! frame exactly as recipients receive it:
@@ -71,7 +94,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::history::{Position, Stamp};
 use crate::message::Frame;
-use crate::route::{Route, Topic};
+use crate::route::{Route, Topic, node_address};
 
 /// The payload format version this build writes and reads.
 pub const VERSION_LINE: &[u8] = b"wshub/1\n";
@@ -101,13 +124,15 @@ pub const READS: &[Version] = &[Version::V1];
 /// read it.
 pub const WRITES: &[Version] = &[Version::V1];
 
-/// Channel suffix of a topic (what follows `P:`), also used in the header.
+/// The key of a topic in the header (and, but for connections, its
+/// channel suffix: what follows `P:`).
 pub fn topic_key(topic: &Topic) -> String {
     match topic {
         Topic::All => "all".to_owned(),
         Topic::Group(None) => "n".to_owned(),
         Topic::Group(Some(g)) => format!("g:{g}"),
         Topic::User(u) => format!("u:{u}"),
+        Topic::Connection(c) => format!("c:{c}"),
     }
 }
 
@@ -119,6 +144,8 @@ pub fn topic_from_key(key: &str) -> Option<Topic> {
         _ => {
             if let Some(g) = key.strip_prefix("g:") {
                 Some(Topic::Group(Some(Arc::from(g))))
+            } else if let Some(c) = key.strip_prefix("c:") {
+                Some(Topic::Connection(Arc::from(c)))
             } else {
                 key.strip_prefix("u:").map(|u| Topic::User(Arc::from(u)))
             }
@@ -140,9 +167,23 @@ impl Channels {
         }
     }
 
-    /// The channel a topic is published on.
+    /// The channel a topic is published on: a connection's is its node
+    /// instance's own channel.
     pub fn of(&self, topic: &Topic) -> String {
-        format!("{}{}", self.prefix, topic_key(topic))
+        match topic {
+            Topic::Connection(c) => self.node(node_address(c).unwrap_or(c)),
+            _ => format!("{}{}", self.prefix, topic_key(topic)),
+        }
+    }
+
+    /// The own channel of the node instance `address` (`<node id>-<instance>`).
+    pub fn node(&self, address: &str) -> String {
+        format!("{}node:{address}", self.prefix)
+    }
+
+    /// Every topic channel's name starts with this (for `PUBSUB CHANNELS`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// The probe channel of `node_id` (its own, so only it hears its probes).
@@ -150,9 +191,13 @@ impl Channels {
         format!("{}probe:{node_id}", self.prefix)
     }
 
-    /// The topic of a channel, or `None` for a channel that is not a topic.
+    /// The topic of a channel, or `None` for a channel that is not a topic
+    /// (a probe's, a node instance's own).
     pub fn topic(&self, channel: &str) -> Option<Topic> {
-        topic_from_key(channel.strip_prefix(&self.prefix)?)
+        match topic_from_key(channel.strip_prefix(&self.prefix)?)? {
+            Topic::Connection(_) => None,
+            topic => Some(topic),
+        }
     }
 }
 
@@ -356,6 +401,97 @@ fn read_stamp(
     Ok(Stamp { seq, positions })
 }
 
+/// The first line of a control payload.
+pub const CONTROL_LINE: &[u8] = b"wshub-control/1\n";
+
+/// What a control payload asks of the nodes that receive it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Order {
+    /// Close every socket reached through `target` with `code` and, when
+    /// given, `reason` as the close frame's text.
+    Disconnect {
+        /// The user's, group's or connection's topic.
+        target: Topic,
+        /// The close code (4000–4999).
+        code: u16,
+        /// The close frame's text.
+        reason: Option<String>,
+    },
+}
+
+/// A control payload, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Control {
+    /// The node that sent it.
+    pub origin: String,
+    /// What it asks.
+    pub order: Order,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ControlHeader<'a> {
+    #[serde(rename = "o", borrow)]
+    origin: std::borrow::Cow<'a, str>,
+    #[serde(rename = "k", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(rename = "t")]
+    target: String,
+    #[serde(rename = "c", default)]
+    code: u16,
+    #[serde(rename = "r", default, skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+/// Encodes a control payload.
+pub fn encode_control(control: &Control) -> Bytes {
+    let Order::Disconnect {
+        target,
+        code,
+        reason,
+    } = &control.order;
+    let header = ControlHeader {
+        origin: control.origin.as_str().into(),
+        kind: "disconnect".into(),
+        target: topic_key(target),
+        code: *code,
+        reason: reason.clone(),
+    };
+    let mut out = CONTROL_LINE.to_vec();
+    // Serializing owned strings into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut out, &header);
+    Bytes::from(out)
+}
+
+/// Whether a payload is a control payload (whatever its content).
+pub fn is_control(payload: &[u8]) -> bool {
+    payload.starts_with(CONTROL_LINE)
+}
+
+/// Decodes a control payload (see [`is_control`]).
+pub fn decode_control(payload: &[u8]) -> Result<Control, DecodeError> {
+    let rest = payload
+        .strip_prefix(CONTROL_LINE)
+        .ok_or(DecodeError::Version)?;
+    let header: ControlHeader<'_> =
+        serde_json::from_slice(rest).map_err(|e| DecodeError::Header(e.to_string()))?;
+    if header.kind != "disconnect" {
+        return Err(DecodeError::Header(format!(
+            "unknown control kind {:?}",
+            header.kind
+        )));
+    }
+    let target = topic_from_key(&header.target)
+        .ok_or_else(|| DecodeError::Header(format!("unknown topic {:?}", header.target)))?;
+    Ok(Control {
+        origin: header.origin.into_owned(),
+        order: Order::Disconnect {
+            target,
+            code: header.code,
+            reason: header.reason,
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,6 +513,10 @@ mod tests {
         assert_eq!(ch.of(&Topic::Group(Some("chat".into()))), "wshub:g:chat");
         assert_eq!(ch.topic("other:g:chat"), None);
         assert_eq!(ch.topic("wshub:probe:n1"), None);
+        let conn = Topic::Connection("web-1-0a1b-42".into());
+        assert_eq!(ch.of(&conn), "wshub:node:web-1-0a1b");
+        assert_eq!(ch.topic(&ch.of(&conn)), None, "a node's own channel");
+        assert_eq!(topic_from_key(&topic_key(&conn)), Some(conn));
         assert_eq!(ch.probe("n1"), "wshub:probe:n1");
     }
 
@@ -466,6 +606,34 @@ mod tests {
         ] {
             assert!(decode(Bytes::from_static(bad)).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn control_payloads_round_trip_and_old_decoders_refuse_them() {
+        for target in [
+            Topic::User("ann\n:x".into()),
+            Topic::Group(None),
+            Topic::Group(Some("g".into())),
+            Topic::Connection("n-1a-7".into()),
+        ] {
+            let control = Control {
+                origin: "n1".into(),
+                order: Order::Disconnect {
+                    target,
+                    code: 4321,
+                    reason: Some("bye \"now\"".into()),
+                },
+            };
+            let bytes = encode_control(&control);
+            assert!(is_control(&bytes));
+            assert_eq!(decode_control(&bytes).unwrap(), control);
+            // What a node before control payloads does with one.
+            assert!(matches!(decode(bytes), Err(DecodeError::Version)));
+        }
+        let other = b"wshub-control/1\n{\"o\":\"n\",\"k\":\"reboot\",\"t\":\"all\"}";
+        assert!(decode_control(other).is_err(), "unknown kinds are refused");
+        let message = encode("n", &Route::everyone(), &Frame::from("{}"));
+        assert!(!is_control(&message));
     }
 
     #[test]

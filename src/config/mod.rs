@@ -10,11 +10,13 @@
 mod env;
 mod raw;
 mod redact;
+mod show;
 mod trust;
 
 pub use env::is_service_link;
 pub use raw::*;
 pub use redact::{redact_url_and_query, redact_urls};
+pub use show::to_toml;
 pub use trust::{RedisAuth, RedisTls, Secret};
 
 use std::net::SocketAddr;
@@ -193,6 +195,9 @@ pub struct Ws {
     pub write_timeout: Duration,
     pub read_buffer_bytes: usize,
     pub write_buffer_bytes: usize,
+    /// What a client may address when the hub relays its message
+    /// (`ws.client_relay`; a token's `relay` claim overrides it).
+    pub client_relay: crate::route::Relay,
 }
 
 #[derive(Debug, Clone)]
@@ -228,7 +233,7 @@ impl HistoryConfig {
         match topic {
             Topic::All => self.size_all,
             Topic::Group(_) => self.size_group,
-            Topic::User(_) => self.size_user,
+            Topic::User(_) | Topic::Connection(_) => self.size_user,
         }
     }
 }
@@ -318,6 +323,18 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
+        let (raw, warnings) = Self::raw_from(file, env)?;
+        let mut config = Self::from_raw(raw)?;
+        config.env_warnings = warnings;
+        Ok(config)
+    }
+
+    /// What the user wrote, merged (defaults, `file`, then `env`) but not
+    /// validated yet, and the warnings about the environment.
+    pub fn raw_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(RawConfig, Vec<String>), ConfigError> {
         let env = env::sort(env)?;
         let mut builder = config::Config::builder();
         if let Some(path) = file {
@@ -336,9 +353,7 @@ impl Config {
             builder = builder.set_override(key, items)?;
         }
         let raw: RawConfig = builder.build()?.try_deserialize()?;
-        let mut config = Self::from_raw(raw)?;
-        config.env_warnings = env.warnings;
-        Ok(config)
+        Ok((raw, env.warnings))
     }
 
     /// Validates what the user wrote.
@@ -405,6 +420,9 @@ impl Config {
         if raw.ws.read_buffer_bytes < 256 {
             return Err(invalid("ws.read_buffer_bytes", "must be at least 256"));
         }
+        let Some(client_relay) = crate::route::Relay::parse(raw.ws.client_relay.trim()) else {
+            return Err(invalid("ws.client_relay", "must be all, group or none"));
+        };
         let node_id = match raw.node_id.trim() {
             "" => format!("{:08x}", rand::random::<u32>()),
             id if id.len() > 64 || id.contains(char::is_whitespace) => {
@@ -497,6 +515,7 @@ impl Config {
                 write_timeout: Duration::from_millis(raw.ws.write_timeout_ms),
                 read_buffer_bytes: raw.ws.read_buffer_bytes,
                 write_buffer_bytes: raw.ws.write_buffer_bytes,
+                client_relay,
             },
             bus: BusConfig {
                 unsubscribe_delay: Duration::from_millis(raw.bus.unsubscribe_delay_ms),

@@ -216,6 +216,9 @@ pub struct RawWs {
     pub write_timeout_ms: u64,
     pub read_buffer_bytes: usize,
     pub write_buffer_bytes: usize,
+    /// What a client may address when the hub relays its message: `all`,
+    /// `group` or `none` (a token's `relay` claim overrides it).
+    pub client_relay: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -376,6 +379,7 @@ impl Default for RawWs {
             // larger than this costs one more read call, nothing else.
             read_buffer_bytes: 256,
             write_buffer_bytes: 16 * 1024,
+            client_relay: "all".into(),
         }
     }
 }

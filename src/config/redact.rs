@@ -87,7 +87,7 @@ const SECRET_KEYS: &[&str] = &[
     "backend.headers",
 ];
 
-fn is_secret_key(key: &str) -> bool {
+pub(super) fn is_secret_key(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
     SECRET_KEYS.iter().any(|k| {
         key.strip_prefix(k)

@@ -1,7 +1,11 @@
 //! The server API, `/api/*`: what a backend or an operator may ask of the
-//! whole cluster, from any node (`docs/api.md`): `GET /api/nodes`, and with
-//! presence on `GET /api/presence/groups/{G}`, `/api/presence/nullgroup`
-//! and `/api/presence/users?ids=` (404 `presence_off` with it off).
+//! whole cluster, from any node (`docs/api.md`): `POST /api/publish`,
+//! `POST /api/disconnect`, `GET /api/nodes`, `GET /api/topics`,
+//! `GET /api/history/{topic}`, and with presence on
+//! `GET /api/presence/groups/{G}`, `/api/presence/nullgroup` and
+//! `/api/presence/users?ids=` (404 `presence_off` with it off). The rules
+//! live in the node (`src/node/cluster.rs`, `src/presence.rs`); here
+//! requests are read and answers written.
 //!
 //! - **Protection**: every path here, unknown ones included, is protected
 //!   like the broadcast endpoint, by the same check
@@ -25,7 +29,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
@@ -34,8 +38,21 @@ use crate::auth::{self, Denied};
 use crate::bus::BusError;
 use crate::bus::presence::{GroupView, UserView};
 use crate::bus::registry::NodeEntry;
+use crate::history::{Position, client_key, topic_of_client_key};
 use crate::logging::Untrusted;
+use crate::node::{Disconnect, PublishError, ServerApiError, position_in};
+use crate::outcome::{DISCONNECT_CODE, DropReason};
 use crate::refusal_log::Verdict;
+use crate::route::{Topic, node_address};
+
+/// Most messages in one `POST /api/publish`.
+const MAX_PUBLISH_MESSAGES: usize = 1000;
+/// Longest idempotency key, in bytes.
+const MAX_KEY_BYTES: usize = 200;
+/// Longest close reason: what fits a close frame (125 bytes less the code).
+const MAX_REASON_BYTES: usize = 123;
+/// `GET /api/history/*`: messages when `limit` is not given, and at most.
+const HISTORY_LIMIT: (usize, usize) = (100, 1000);
 
 /// The `/api` routes (nested under `/api` by the HTTP router).
 pub(super) fn routes(http: HttpState) -> Router<HttpState> {
@@ -44,6 +61,10 @@ pub(super) fn routes(http: HttpState) -> Router<HttpState> {
         .route("/presence/groups/{group}", get(presence_group))
         .route("/presence/nullgroup", get(presence_nullgroup))
         .route("/presence/users", get(presence_users))
+        .route("/publish", post(publish))
+        .route("/disconnect", post(disconnect))
+        .route("/topics", get(topics))
+        .route("/history/{*topic}", get(history))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(http, protect))
@@ -66,6 +87,10 @@ impl ApiError {
             code,
             message: message.into(),
         }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
     fn denied(denied: Denied) -> Self {
@@ -200,14 +225,6 @@ fn presence(http: &HttpState) -> Result<&std::sync::Arc<crate::presence::Presenc
     })
 }
 
-fn no_store(view: impl Serialize) -> Response {
-    (
-        [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
-        Json(view),
-    )
-        .into_response()
-}
-
 /// `GET /api/presence/groups/{G}`: the group's members (the path segment
 /// is URL-decoded).
 async fn presence_group(
@@ -215,13 +232,13 @@ async fn presence_group(
     Path(group): Path<String>,
 ) -> Result<Response, ApiError> {
     let view: GroupView = presence(&http)?.group(Some(&group)).await?;
-    Ok(no_store(view))
+    Ok(fresh(view))
 }
 
 /// `GET /api/presence/nullgroup`: the null group's members.
 async fn presence_nullgroup(State(http): State<HttpState>) -> Result<Response, ApiError> {
     let view: GroupView = presence(&http)?.group(None).await?;
-    Ok(no_store(view))
+    Ok(fresh(view))
 }
 
 #[derive(Deserialize)]
@@ -264,8 +281,320 @@ async fn presence_users(
         ));
     }
     let views = presence.users(&ids).await?;
-    Ok(no_store(Users {
+    Ok(fresh(Users {
         users: ids.into_iter().zip(views).collect(),
+    }))
+}
+
+/// An answer nobody should cache.
+fn fresh(body: impl Serialize) -> Response {
+    (
+        [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+        Json(body),
+    )
+        .into_response()
+}
+
+/// The body of a request, at most `limit` bytes, as JSON of type `T`.
+async fn json_body<T: serde::de::DeserializeOwned>(
+    request: Request,
+    limit: usize,
+) -> Result<T, ApiError> {
+    let body = axum::body::to_bytes(request.into_body(), limit)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the request body is larger than {limit} bytes"),
+            )
+        })?;
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!("the body is not the JSON this endpoint takes: {e}"))
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishRequest {
+    messages: Vec<serde_json::Value>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+/// `POST /api/publish`: `{"messages":[…],"idempotency_key":"k"}`.
+async fn publish(State(http): State<HttpState>, request: Request) -> Result<Response, ApiError> {
+    let max = http.config.limits.max_message_bytes;
+    let limit = max.saturating_mul(16).max(1 << 20);
+    let body: PublishRequest = json_body(request, limit).await?;
+    if body.messages.len() > MAX_PUBLISH_MESSAGES {
+        return Err(ApiError::bad_request(format!(
+            "at most {MAX_PUBLISH_MESSAGES} messages per request"
+        )));
+    }
+    if let Some(key) = &body.idempotency_key
+        && (key.is_empty() || key.len() > MAX_KEY_BYTES)
+    {
+        return Err(ApiError::bad_request(format!(
+            "idempotency_key must be 1 to {MAX_KEY_BYTES} bytes"
+        )));
+    }
+    let mut texts = Vec::with_capacity(body.messages.len());
+    for (index, message) in body.messages.iter().enumerate() {
+        let text = message.to_string();
+        if text.len() > max {
+            http.metrics.dropped(DropReason::TooBig, 1);
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("messages[{index}]: larger than {max} bytes"),
+            ));
+        }
+        texts.push(text);
+    }
+    match http
+        .node
+        .publish_all(&texts, body.idempotency_key.as_deref())
+        .await
+    {
+        Ok(answer) => Ok(fresh(answer)),
+        Err(e @ ServerApiError::Invalid { .. }) => {
+            let too_large = matches!(
+                e,
+                ServerApiError::Invalid {
+                    source: PublishError::FanOutTooLarge { .. },
+                    ..
+                }
+            );
+            if too_large {
+                Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    e.to_string(),
+                ))
+            } else {
+                Err(ApiError::bad_request(e.to_string()))
+            }
+        }
+        Err(e @ ServerApiError::Bus { .. }) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        )),
+    }
+}
+
+/// Reads a `POST /api/disconnect` body.
+fn disconnect_order(
+    body: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Disconnect, ApiError> {
+    use serde_json::Value;
+    const FIELDS: [&str; 6] = [
+        "userId",
+        "groupId",
+        "connectionId",
+        "code",
+        "reason",
+        "ban_ms",
+    ];
+    if let Some(unknown) = body.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(ApiError::bad_request(format!(
+            "unknown field `{unknown}` (expected one of userId, groupId, connectionId, and code, reason, ban_ms)"
+        )));
+    }
+    let text = |name: &str| -> Result<Option<&str>, ApiError> {
+        match body.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(ApiError::bad_request(format!("`{name}` must be a string"))),
+        }
+    };
+    let targets = ["userId", "groupId", "connectionId"]
+        .iter()
+        .filter(|k| body.contains_key(**k))
+        .count();
+    if targets != 1 {
+        return Err(ApiError::bad_request(
+            "exactly one of userId, groupId or connectionId is required",
+        ));
+    }
+    let target = if let Some(user) = text("userId")? {
+        if user.is_empty() {
+            return Err(ApiError::bad_request("userId must not be empty"));
+        }
+        Topic::User(user.into())
+    } else if body.contains_key("groupId") {
+        // "" and null are the null group, as in recipients.
+        match body.get("groupId") {
+            Some(Value::Null) => Topic::Group(None),
+            _ => Topic::Group(text("groupId")?.filter(|g| !g.is_empty()).map(Into::into)),
+        }
+    } else {
+        let connection = text("connectionId")?.unwrap_or_default();
+        if node_address(connection).is_none() {
+            return Err(ApiError::bad_request(
+                "connectionId is not a connection id (<node id>-<instance>-<number>, as in X-Wshub-Connection-Id)",
+            ));
+        }
+        Topic::Connection(connection.into())
+    };
+    let code = match body.get("code") {
+        None => DISCONNECT_CODE,
+        Some(value) => match value.as_u64() {
+            Some(code @ 4000..=4999) => code as u16,
+            _ => {
+                return Err(ApiError::bad_request(
+                    "code must be an integer from 4000 to 4999",
+                ));
+            }
+        },
+    };
+    let reason = text("reason")?.map(str::to_owned);
+    if reason.as_ref().is_some_and(|r| r.len() > MAX_REASON_BYTES) {
+        return Err(ApiError::bad_request(format!(
+            "reason must be at most {MAX_REASON_BYTES} bytes (it travels in the close frame)"
+        )));
+    }
+    let ban = match body.get("ban_ms") {
+        None | Some(Value::Null) => None,
+        Some(value) => match value.as_u64() {
+            Some(ms @ 1..) => Some(std::time::Duration::from_millis(ms)),
+            _ => return Err(ApiError::bad_request("ban_ms must be a positive integer")),
+        },
+    };
+    if ban.is_some() && !matches!(target, Topic::User(_)) {
+        return Err(ApiError::bad_request(
+            "ban_ms needs userId: bans are per user",
+        ));
+    }
+    Ok(Disconnect {
+        target,
+        code,
+        reason,
+        ban,
+    })
+}
+
+#[derive(Serialize)]
+struct DisconnectAnswer {
+    nodes_reached: u64,
+}
+
+/// `POST /api/disconnect`: `{"userId"|"groupId"|"connectionId":…, "code", "reason", "ban_ms"}`.
+async fn disconnect(State(http): State<HttpState>, request: Request) -> Result<Response, ApiError> {
+    let body: serde_json::Map<String, serde_json::Value> = json_body(request, 16 * 1024).await?;
+    let order = disconnect_order(&body)?;
+    let nodes_reached = http.node.disconnect(&order).await?;
+    Ok(fresh(DisconnectAnswer { nodes_reached }))
+}
+
+#[derive(Deserialize)]
+struct TopicsQuery {
+    #[serde(default)]
+    prefix: String,
+}
+
+#[derive(Serialize)]
+struct TopicsAnswer {
+    topics: Vec<crate::node::TopicEntry>,
+}
+
+/// `GET /api/topics?prefix=group:`.
+async fn topics(State(http): State<HttpState>, request: Request) -> Result<Response, ApiError> {
+    let query: TopicsQuery = serde_urlencoded::from_str(request.uri().query().unwrap_or(""))
+        .map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))?;
+    let topics = http.node.topics(&query.prefix).await?;
+    Ok(fresh(TopicsAnswer { topics }))
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    #[serde(default)]
+    since: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct HistoryAnswer {
+    topic: String,
+    epoch: String,
+    top: u64,
+    messages: Vec<HistoryEntry>,
+}
+
+#[derive(Serialize)]
+struct HistoryEntry {
+    position: String,
+    message: serde_json::Value,
+}
+
+/// `GET /api/history/{topic}?since=<position>&limit=n` (history on).
+async fn history(
+    State(http): State<HttpState>,
+    axum::extract::Path(key): axum::extract::Path<String>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    if !http.node.history_enabled() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "history_off",
+            "history is off on this cluster (history.enabled)",
+        ));
+    }
+    let topic = topic_of_client_key(&key).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "{key:?} is not a topic: all, nullgroup, group:<G> or user:<U>"
+        ))
+    })?;
+    let query: HistoryQuery = serde_urlencoded::from_str(request.uri().query().unwrap_or(""))
+        .map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))?;
+    let since =
+        match query.since.as_deref().filter(|s| !s.is_empty()) {
+            None => None,
+            Some(text) => Some(Position::parse(text).ok_or_else(|| {
+                ApiError::bad_request("since must be a position, <epoch>:<offset>")
+            })?),
+        };
+    let limit = query.limit.unwrap_or(HISTORY_LIMIT.0);
+    if limit > HISTORY_LIMIT.1 {
+        return Err(ApiError::bad_request(format!(
+            "limit must be at most {}",
+            HISTORY_LIMIT.1
+        )));
+    }
+    let recent = match http.node.recent(&topic, since.as_ref(), limit).await {
+        Some(Ok(recent)) => recent,
+        Some(Err(e)) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
+            ));
+        }
+        None => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "history_off",
+                "history is off",
+            ));
+        }
+    };
+    let messages = recent
+        .messages
+        .iter()
+        .filter_map(|envelope| {
+            Some(HistoryEntry {
+                position: position_in(envelope, &topic)?,
+                message: serde_json::from_str(envelope.frame.as_str()).ok()?,
+            })
+        })
+        .collect();
+    Ok(fresh(HistoryAnswer {
+        topic: client_key(&topic),
+        epoch: recent.top.epoch.to_string(),
+        top: recent.top.offset,
+        messages,
     }))
 }
 

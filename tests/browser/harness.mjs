@@ -125,6 +125,29 @@ export async function startNode(env) {
   return { url, port, nodeId: started.node, process: child };
 }
 
+/** Sends `signal` to a node started by `startNode` and waits until it has exited. */
+export async function stopNode(node, signal = "SIGTERM") {
+  const child = node.process;
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((resolve) => child.once("exit", resolve));
+  child.kill(signal);
+  await exited;
+}
+
+/**
+ * The chat sample's backend (target/debug/wshub-chat-backend, built with the
+ * workspace) pushing through `hub`; resolves with { url, port }: point a
+ * node's backend.url at `${url}/app/__websocket.wwd`.
+ */
+export async function startChatBackend(hub) {
+  const bin = join(ROOT, "target", "debug", "wshub-chat-backend");
+  if (!existsSync(bin)) throw new Error(`${bin} missing: run cargo build --workspace (scripts/test does) first`);
+  const port = await freePort();
+  spawnTracked(bin, ["--listen", `127.0.0.1:${port}`, "--hub", hub], { stdio: "ignore" });
+  await waitFor("the chat backend", () => portOpen(port));
+  return { url: `http://127.0.0.1:${port}`, port };
+}
+
 /** The value of wshub_connections on a node. */
 export async function connectionsOn(node) {
   const text = await (await fetch(`${node.url}/metrics`)).text();
@@ -231,6 +254,104 @@ export async function startCloseServer() {
   await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
   track({ kill: () => { for (const s of sockets) s.destroy(); server.close(); } });
   return { url: `http://127.0.0.1:${server.address().port}`, connections: (code) => counts.get(code) ?? 0 };
+}
+
+/**
+ * A stand-in hub driven by the test, for what a page does with frames a
+ * hub sends (lossless resume's welcome, pos, gap): it serves static/ (the
+ * working tree's files: `/` is the chat sample, `/scripts/<file>`) and
+ * completes every WebSocket handshake. Resolves with { url, sockets,
+ * next() }: `next()` waits for the next socket, which has `query` (the
+ * URLSearchParams it connected with), `send(object)`, `close(code)`,
+ * `received` (the client's frames, parsed) and `nextFrame()`.
+ */
+export async function startStandInHub() {
+  const sockets = [];
+  const waiting = [];
+  const server = createHttpServer((req, res) => {
+    const { pathname } = new URL(req.url, "http://localhost");
+    const file = pathname === "/" ? join(ROOT, "static", "index.html")
+      : pathname.startsWith("/scripts/") ? join(ROOT, "static", basename(pathname)) : null;
+    if (!file || !existsSync(file)) return res.writeHead(404).end();
+    const type = file.endsWith(".html") ? "text/html" : "text/javascript";
+    return res.writeHead(200, { "content-type": type }).end(readFileSync(file));
+  });
+  const raws = new Set();
+  server.on("upgrade", (req, raw) => {
+    raw.on("error", () => {});
+    raws.add(raw);
+    raw.on("close", () => raws.delete(raw));
+    const accept = createHash("sha1")
+      .update(`${req.headers["sec-websocket-key"]}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest("base64");
+    raw.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n`
+      + `Sec-WebSocket-Accept: ${accept}\r\n\r\n`);
+    const frameWaiters = [];
+    const socket = {
+      query: new URL(req.url, "http://localhost").searchParams,
+      received: [],
+      closed: false,
+      /** Sends one unmasked text frame with JSON.stringify(value). */
+      send(value) {
+        const payload = Buffer.from(JSON.stringify(value));
+        const n = payload.length;
+        const head = n < 126 ? Buffer.from([0x81, n])
+          : n < 65536 ? Buffer.from([0x81, 126, n >> 8, n & 0xff])
+            : Buffer.concat([Buffer.from([0x81, 127]), (() => { const b = Buffer.alloc(8); b.writeBigUInt64BE(BigInt(n)); return b; })()]);
+        raw.write(Buffer.concat([head, payload]));
+      },
+      close(code = 1001) {
+        raw.write(Buffer.from([0x88, 2, code >> 8, code & 0xff]));
+        raw.end();
+        socket.closed = true;
+      },
+      /** The client's next frame (parsed JSON). */
+      nextFrame() {
+        if (socket.received.length > socket.taken) return Promise.resolve(socket.received[socket.taken++]);
+        return new Promise((resolve) => frameWaiters.push(resolve));
+      },
+      taken: 0,
+    };
+    let buffer = Buffer.alloc(0);
+    raw.on("data", (chunk) => {
+      buffer = Buffer.concat([buffer, chunk]);
+      for (;;) {
+        if (buffer.length < 2) return;
+        const opcode = buffer[0] & 0x0f;
+        let len = buffer[1] & 0x7f;
+        let at = 2;
+        if (len === 126) { if (buffer.length < 4) return; len = buffer.readUInt16BE(2); at = 4; }
+        else if (len === 127) { if (buffer.length < 10) return; len = Number(buffer.readBigUInt64BE(2)); at = 10; }
+        if (buffer.length < at + 4 + len) return;
+        const mask = buffer.subarray(at, at + 4);
+        const data = Buffer.from(buffer.subarray(at + 4, at + 4 + len).map((b, i) => b ^ mask[i % 4]));
+        buffer = buffer.subarray(at + 4 + len);
+        if (opcode === 8) {
+          if (!socket.closed) { socket.closed = true; raw.end(Buffer.from([0x88, 0])); }
+          return;
+        }
+        if (opcode !== 1) continue;
+        socket.received.push(JSON.parse(data.toString("utf8")));
+        while (frameWaiters.length && socket.received.length > socket.taken) {
+          frameWaiters.shift()(socket.received[socket.taken++]);
+        }
+      }
+    });
+    raw.on("close", () => { socket.closed = true; });
+    sockets.push(socket);
+    if (waiting.length) waiting.shift()(socket);
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  let handed = 0;
+  track({ kill: () => { for (const r of raws) r.destroy(); server.closeAllConnections(); server.close(); } });
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    sockets,
+    /** The next socket not handed out yet. */
+    next() {
+      if (sockets.length > handed) return Promise.resolve(sockets[handed++]);
+      return new Promise((resolve) => waiting.push((s) => { handed++; resolve(s); }));
+    },
+  };
 }
 
 /** Debian's Chromium, headless. Throws (fails the suite) if it cannot start. */

@@ -94,3 +94,64 @@ async fn markdown_chat_with_history_across_two_nodes() {
         assert!(c.until_sentinel(&tag).await.is_empty());
     }
 }
+
+/// Lossless resume (docs/resume.md): the backend pushes the history on a
+/// `wshub.connect` only when the hub did not resume the socket (no
+/// `X-Wshub-Resume`, or `none`); a recovered socket was replayed what it
+/// missed, and a page that speaks resume asks with `getinitialmessages`
+/// (answered whatever the hub said). The connect events are posted here
+/// directly, as the hub would, with each value of the header.
+#[tokio::test]
+async fn history_is_pushed_on_connect_only_when_the_hub_did_not_resume() {
+    let hub = TestServer::start().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = format!(
+        "http://{}/app/__websocket.wwd",
+        listener.local_addr().unwrap()
+    );
+    let settings = Settings {
+        hub: format!("http://{}", hub.addr),
+        keep: 10,
+        hub_key: None,
+    };
+    tokio::spawn(serve(listener, settings));
+    let mut ann = hub.connect("ann", Some("room")).await;
+
+    let http = reqwest::Client::new();
+    let post = |action: &'static str, resume: Option<&'static str>| {
+        let mut request = http
+            .post(&backend)
+            .header("content-type", "application/json")
+            .header("x-wshub-user-id", "ann")
+            .header("x-wshub-group-id", "room");
+        if let Some(value) = resume {
+            request = request.header("x-wshub-resume", value);
+        }
+        let body = json!({"userId": "ann", "groupId": "room", "action": action,
+            "message": r#"{"recovered":false,"replayed":0}"#, "recipients": []});
+        request.body(body.to_string()).send()
+    };
+    // Each answered only after its push (if any) reached the hub: in order.
+    for (action, resume, label) in [
+        ("wshub.connect", Some("recovered"), ""),
+        ("wshub.connect", Some("not_recovered"), ""),
+        ("wshub.connect", Some("none"), "none"),
+        ("wshub.connect", None, "no header"),
+        ("getinitialmessages", Some("recovered"), "asked"),
+    ] {
+        let response = post(action, resume).await.expect("the backend answers");
+        assert_eq!(response.status(), 204, "{action} {resume:?} {label}");
+    }
+    let tag = ann.send_sentinel().await;
+    let got = ann.until_sentinel(&tag).await;
+    let actions: Vec<_> = got.iter().map(|m| m["action"].clone()).collect();
+    assert_eq!(
+        actions,
+        vec![json!("initialmessages"); 3],
+        "pushed for `none`, without the header, and when asked; not for a resumed socket: {got:?}"
+    );
+    for m in &got {
+        assert_eq!(m["groupId"], "room", "says which group's history it is");
+        assert_eq!(m["recipients"], json!([{"type": "user", "value": "ann"}]));
+    }
+}

@@ -177,3 +177,142 @@ async fn backend_failures_log_no_url_password_or_query() {
         "{seen}"
     );
 }
+
+/// Runs `wshub args` with only `env` in its environment: exit code,
+/// stdout, stderr.
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = wshub()
+        .env_clear()
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .expect("run wshub");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn config_defaults_is_a_valid_file_that_changes_nothing() {
+    let (code, defaults, _) = run(&["config", "defaults"], &[]);
+    assert_eq!(code, 0);
+    let dir = std::env::temp_dir().join(format!("wshub-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("defaults.toml");
+    std::fs::write(&file, &defaults).unwrap();
+    let (code, checked, stderr) = run(
+        &["config", "check", "--config", file.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        checked.starts_with("# The configuration is valid"),
+        "{checked}"
+    );
+    assert!(
+        checked.ends_with(&defaults),
+        "check prints the defaults back:\n{checked}"
+    );
+    assert!(defaults.contains("client_relay = \"all\""));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn config_check_redacts_secrets_and_names_what_is_wrong() {
+    let secrets = [
+        (
+            "WSHUB_AUTH__JWT_SECRET",
+            "jwt-secret-0123456789-0123456789-01",
+        ),
+        (
+            "WSHUB_BROADCAST__API_KEYS",
+            "key-one-abc-0123456,key-two-def-0123456",
+        ),
+        (
+            "WSHUB_REDIS__URL",
+            "redis://user:hunter2@redis.internal:6379",
+        ),
+        ("WSHUB_BACKEND__URL", "https://app.internal/ws?apikey=zzz"),
+        (
+            "WSHUB_BACKEND__SIGNING_KEY",
+            "signing-key-0123456789-0123456789",
+        ),
+        ("WSHUB_WS__CLIENT_RELAY", "group"),
+    ];
+    let (code, text, stderr) = run(&["config", "check"], &secrets);
+    assert_eq!(code, 0, "{stderr}");
+    for secret in [
+        "jwt-secret",
+        "key-one",
+        "key-two",
+        "hunter2",
+        "apikey=zzz",
+        "signing-key",
+    ] {
+        assert!(!text.contains(secret), "{secret} shown:\n{text}");
+    }
+    for shown in [
+        "jwt_secret = \"***\"",
+        "api_keys = [\"***\", \"***\"]",
+        "url = \"redis://user:***@redis.internal:6379\"",
+        "client_relay = \"group\"",
+    ] {
+        assert!(text.contains(shown), "{shown} missing:\n{text}");
+    }
+    let (code, text, stderr) = run(&["config", "check"], &[("WSHUB_WS__CLIENT_RELAY", "some")]);
+    assert_eq!((code, text.as_str()), (1, ""));
+    assert!(stderr.contains("ws.client_relay"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_minted_token_opens_a_socket_as_its_user() {
+    const SECRET: &str = "cli-token-secret-0123456789abcdefghij";
+    let env = [
+        ("WSHUB_AUTH__JWT_SECRET", SECRET),
+        ("WSHUB_AUTH__AUDIENCE", "app"),
+    ];
+    let (code, token, stderr) = run(
+        &[
+            "token", "--sub", "ann", "--group", "room", "--ttl", "10m", "--relay", "group",
+        ],
+        &env,
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let token = token.trim();
+    let mut config = crate::common::test_config();
+    config.auth = wshub::Config::load_from(
+        None,
+        env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+    )
+    .unwrap()
+    .auth;
+    let server = crate::common::TestServer::with(config).await;
+    let mut ann = crate::common::Client::connect(server.addr, &format!("/ws?token={token}")).await;
+    // Its ids come from the token, and its relay claim holds: its own
+    // group only.
+    ann.send_json(serde_json::json!({"action": "broadcast", "message": "hi",
+        "recipients": [{"type": "group", "value": "room"}]}))
+        .await;
+    let got = ann.recv().await;
+    assert_eq!(
+        (&got["userId"], &got["groupId"]),
+        (&"ann".into(), &"room".into())
+    );
+    ann.send_json(serde_json::json!({"action": "broadcast", "message": "all"}))
+        .await;
+    assert_eq!(ann.recv().await["action"], "wshub.error");
+
+    for (args, wants) in [
+        (&["token", "--sub", "ann", "--ttl", "1y"][..], "--ttl"),
+        (&["token", "--sub", "ann", "--relay", "most"][..], "--relay"),
+    ] {
+        let (code, _, stderr) = run(args, &env);
+        assert_eq!(code, 1);
+        assert!(stderr.contains(wants), "{stderr}");
+    }
+    let (code, out, stderr) = run(&["token", "--sub", "ann"], &[]);
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert!(stderr.contains("auth.jwt_secret"), "{stderr}");
+}

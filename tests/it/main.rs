@@ -8,6 +8,7 @@
 
 mod common;
 
+mod api;
 mod backend;
 mod backend_signing;
 mod bus_conformance;

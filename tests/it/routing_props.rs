@@ -3,13 +3,14 @@
 //! any recipients, delivery through the bus (one copy per topic, accepted by
 //! the first-matching-topic rule) gives every socket exactly the copies the
 //! model says (0 or 1), never two, never one to an excluded user, and never
-//! panics.
+//! panics. Sockets have connection ids (`n-a-<i>`), so `connection`
+//! recipients are part of the walk.
 
 use std::borrow::Cow;
 
 use proptest::prelude::*;
 use wshub::message::{Recipient, RecipientKind};
-use wshub::route::{Identity, Route};
+use wshub::route::{Addressee, Identity, Route};
 
 const USERS: &[&str] = &["a", "b", "c", "g1"];
 const GROUPS: &[Option<&str>] = &[None, Some(""), Some("g1"), Some("g2"), Some("a")];
@@ -21,7 +22,26 @@ const VALUES: &[Option<&str>] = &[
     Some("g1"),
     Some("g2"),
     Some("zz"),
+    Some("n-a-0"),
+    Some("n-a-1"),
+    Some("n-a-5"),
 ];
+
+/// A socket: its identity and its connection id.
+#[derive(Debug)]
+struct Socket {
+    who: Identity,
+    cid: String,
+}
+
+impl Addressee for Socket {
+    fn identity(&self) -> &Identity {
+        &self.who
+    }
+    fn connection(&self) -> Option<&str> {
+        Some(&self.cid)
+    }
+}
 
 fn identity() -> impl Strategy<Value = Identity> {
     (prop::sample::select(USERS), prop::sample::select(GROUPS)).prop_map(|(u, g)| Identity {
@@ -37,6 +57,7 @@ fn recipient() -> impl Strategy<Value = (RecipientKind, Option<&'static str>)> {
                 RecipientKind::Group,
                 RecipientKind::User,
                 RecipientKind::ExcludeUser,
+                RecipientKind::Connection,
             ][..],
         ),
         prop::sample::select(VALUES),
@@ -48,7 +69,8 @@ fn value<'a>(v: &Option<&'a str>) -> Option<&'a str> {
     v.filter(|s| !s.is_empty())
 }
 
-fn model(recipients: &[(RecipientKind, Option<&str>)], who: &Identity) -> bool {
+fn model(recipients: &[(RecipientKind, Option<&str>)], socket: &Socket) -> bool {
+    let who = &socket.who;
     let excluded = recipients
         .iter()
         .any(|(k, v)| *k == RecipientKind::ExcludeUser && value(v) == Some(&*who.user));
@@ -70,6 +92,7 @@ fn model(recipients: &[(RecipientKind, Option<&str>)], who: &Identity) -> bool {
             Some(g) => who.group.as_deref() == Some(g),
         },
         RecipientKind::User => value(v) == Some(&*who.user),
+        RecipientKind::Connection => value(v) == Some(socket.cid.as_str()),
         RecipientKind::ExcludeUser => false,
     })
 }
@@ -87,16 +110,22 @@ proptest! {
             .map(|(kind, v)| Recipient { kind: *kind, value: v.map(Cow::Borrowed) })
             .collect();
         let route = Route::from_recipients(&parsed);
-        for who in &sockets {
+        let sockets: Vec<Socket> = sockets
+            .into_iter()
+            .enumerate()
+            .map(|(i, who)| Socket { who, cid: format!("n-a-{i}") })
+            .collect();
+        for socket in &sockets {
+            let who = &socket.who;
             // What the bus and hub do: a copy per topic, each socket takes
             // the ones `accepts` allows.
             let copies = route
                 .topics()
                 .iter()
-                .filter(|t| t.matches(who) && route.accepts(t, who))
+                .filter(|t| t.matches(socket) && route.accepts(t, socket))
                 .count();
-            prop_assert!(copies <= 1, "{} copies for {:?}", copies, who);
-            prop_assert_eq!(copies == 1, model(&recipients, who), "socket {:?}, recipients {:?}", who, recipients);
+            prop_assert!(copies <= 1, "{} copies for {:?}", copies, socket);
+            prop_assert_eq!(copies == 1, model(&recipients, socket), "socket {:?}, recipients {:?}", socket, recipients);
             if route.excluded().iter().any(|e| **e == *who.user) {
                 prop_assert_eq!(copies, 0);
             }

@@ -10,8 +10,15 @@
 //!   sanitises it (only harmless tags and attributes survive), keeps the last
 //!   `keep` messages of the group, and broadcasts the message to the group
 //!   through the hub's broadcast endpoint;
-//! - on `wshub.connect` (or a client's `getinitialmessages`): sends that user
-//!   `initialmessages`, a JSON array of the group's recent messages.
+//! - on a client's `getinitialmessages`: sends that user `initialmessages`,
+//!   a JSON array of the group's recent messages (the chat page asks when it
+//!   has nothing on screen yet, or when its resume was not recovered);
+//! - on `wshub.connect`: the same, unless the hub resumed the socket
+//!   (`X-Wshub-Resume: recovered` or `not_recovered`, lossless resume,
+//!   docs/resume.md): a recovered socket was replayed what it missed, and a
+//!   page that speaks resume asks for itself. So the history is sent on a
+//!   connect only by a hub without history (no header) or for a socket that
+//!   did not resume (`none`), as before.
 //!
 //! With a signing key ([`Verify`], `--signing-key`), every request must
 //! carry a valid `X-Wshub-Signature` over its `X-Wshub-Timestamp`, method,
@@ -120,6 +127,15 @@ fn header(headers: &HeaderMap, name: &str) -> Option<String> {
         .decode_utf8()
         .ok()
         .map(|s| s.into_owned())
+}
+
+/// Whether the hub resumed the socket of a `wshub.connect` (it decided
+/// `recovered` or `not_recovered`): its page then needs no history pushed.
+fn resumed(headers: &HeaderMap) -> bool {
+    matches!(
+        header(headers, "x-wshub-resume").as_deref(),
+        Some("recovered" | "not_recovered")
+    )
 }
 
 /// The service's routes: it accepts messages on any path.
@@ -244,7 +260,8 @@ async fn handle(
         Some("broadcastchatmessage") => {
             app.chat(user, group, msg.message.unwrap_or_default()).await
         }
-        Some("wshub.connect" | "getinitialmessages") => app.initial(user, group).await,
+        Some("getinitialmessages") => app.initial(user, group).await,
+        Some("wshub.connect") if !resumed(&headers) => app.initial(user, group).await,
         // Disconnects and anything else: nothing to do.
         _ => Ok(()),
     };

@@ -87,7 +87,7 @@ use super::queue::{Outgoing, Recorded, TopicKeys};
 use crate::bus::wire::{self, Channels};
 use crate::config::{HistoryConfig, RedisConfig};
 use crate::envelope::Envelope;
-use crate::history::{History, HistoryError, HistoryFuture, Position, Positions, Read};
+use crate::history::{History, HistoryError, HistoryFuture, Position, Positions, Read, Recent};
 use crate::message::Frame;
 use crate::route::{Identity, Route, Topic};
 
@@ -859,6 +859,44 @@ impl History for RedisHistory {
                     None => Read::Incomplete { top },
                 },
             )
+        })
+    }
+
+    fn recent<'a>(
+        &'a self,
+        topic: &'a Topic,
+        since: Option<&'a Position>,
+        limit: usize,
+    ) -> HistoryFuture<'a, Recent> {
+        Box::pin(async move {
+            let top = self
+                .tops(std::slice::from_ref(topic))
+                .await?
+                .pop()
+                .ok_or_else(|| HistoryError::Unreadable("tops: no answer".into()))?;
+            let from = match since {
+                Some(p) if p.epoch == top.epoch => p.offset.min(top.offset),
+                Some(_) => 0,
+                None => top.offset.saturating_sub(limit as u64),
+            };
+            let after = Position {
+                epoch: top.epoch.clone(),
+                offset: from,
+            };
+            let until = from.saturating_add(limit as u64).min(top.offset);
+            if limit == 0 || until <= from {
+                return Ok(Recent {
+                    top,
+                    messages: Vec::new(),
+                });
+            }
+            let (top, entries) = self.entries(topic, &after, until, limit).await?;
+            let messages = entries
+                .into_iter()
+                .filter_map(|(_, payload)| wire::decode(payload).ok())
+                .map(|d| Arc::new(Envelope::stamped(d.route, d.frame, d.stamp)))
+                .collect();
+            Ok(Recent { top, messages })
         })
     }
 

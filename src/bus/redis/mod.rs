@@ -82,6 +82,7 @@ use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 mod conn;
+mod control;
 mod gaps;
 mod history;
 mod presence;
@@ -147,6 +148,10 @@ struct SubscribeRequest {
 
 struct Shared {
     node_id: Arc<str>,
+    /// This bus instance's address, `<node id>-<instance>` (the start of
+    /// its node's connection ids), and its own channel.
+    address: Arc<str>,
+    node_channel: String,
     config: RedisConfig,
     channels: Channels,
     probe_channel: String,
@@ -213,8 +218,13 @@ impl RedisBus {
         let history =
             history.map(|h| Arc::new(RedisHistory::new(&node_id, link.clone(), config.clone(), h)));
         let channels = Channels::new(&config.channel_prefix);
+        // A new instance per start: a connection id of an earlier run of
+        // this node id never reaches a socket of this one.
+        let address: Arc<str> = format!("{node_id}-{:08x}", rand::random::<u32>()).into();
         let shared = Arc::new(Shared {
             probe_channel: channels.probe(&node_id),
+            node_channel: channels.node(&address),
+            address,
             channels,
             node_id,
             queue: PublishQueue::new(config.publish_queue, config.publish_queue_bytes),
@@ -275,14 +285,17 @@ impl Bus for RedisBus {
         }
         shared.refuse_if_long_down()?;
         let item = match &shared.history {
-            // Delivered here too, from Redis's echo (module docs).
-            Some(history) => history.record(
+            // Delivered here too, from Redis's echo (module docs). A
+            // message to a connection is not kept (it has no topic to
+            // replay it from): it goes as with history off, unstamped, and
+            // is delivered from the echo like the rest.
+            Some(history) if !envelope.route.names_connections() => history.record(
                 &shared.node_id,
                 &envelope.route,
                 &envelope.frame,
                 &shared.channels,
             ),
-            None => {
+            _ => {
                 // This node's own sockets were served by the node; the copy
                 // Redis echoes back to this node is ignored on arrival
                 // (`Shared::receive`).
@@ -293,7 +306,13 @@ impl Bus for RedisBus {
                 let version = shared.gate.choose(wire::WRITES, wire::Version::number);
                 let payload =
                     wire::encode_as(version, &shared.node_id, &envelope.route, &envelope.frame);
-                let channels = topics.iter().map(|t| shared.channels.of(t)).collect();
+                let mut channels: Vec<String> =
+                    topics.iter().map(|t| shared.channels.of(t)).collect();
+                // Connections of one node share its channel: one copy.
+                if envelope.route.names_connections() {
+                    let mut seen = std::collections::HashSet::new();
+                    channels.retain(|c| seen.insert(c.clone()));
+                }
                 queue::Outgoing::new(channels, payload)
             }
         };
@@ -363,6 +382,17 @@ impl Bus for RedisBus {
             self.stop.clone(),
             self.tasks.clone(),
         ))
+    }
+
+    fn address(&self) -> Option<Arc<str>> {
+        Some(self.shared.address.clone())
+    }
+
+    fn control(&self) -> Option<Arc<dyn crate::bus::control::ControlPlane>> {
+        Some(Arc::new(control::RedisControl::new(
+            self.shared.clone(),
+            self.link.clone(),
+        )))
     }
 
     fn shutdown(&self, within: Duration) -> Pin<Box<dyn Future<Output = ()> + Send>> {
@@ -435,6 +465,9 @@ impl Shared {
     /// Handles one message from the subscriber connection, history off
     /// (probes are handled by the subscriber task; with history, `gaps.rs`).
     fn receive(&self, channel: &str, payload: Bytes) {
+        if channel == self.node_channel {
+            return self.receive_direct(payload);
+        }
         let Some(topic) = self.channels.topic(channel) else {
             return self.unreadable(channel, "not a topic channel");
         };
@@ -453,6 +486,44 @@ impl Shared {
             }
             Err(e) => self.unreadable(channel, &e.to_string()),
         }
+    }
+
+    /// A message on this node instance's own channel: delivered through
+    /// each topic of its route that names one of this node's connections
+    /// (the hub finds the socket, if it is still here). This node's own
+    /// messages come back only with history on (module docs).
+    fn receive_direct(&self, payload: Bytes) {
+        let decoded = match wire::decode(payload) {
+            Ok(decoded) => decoded,
+            Err(e) => return self.unreadable(&self.node_channel, &e.to_string()),
+        };
+        if self.history.is_none() && *decoded.origin == *self.node_id {
+            return;
+        }
+        let envelope = Arc::new(Envelope::new(decoded.route, decoded.frame));
+        for topic in envelope.route.topics() {
+            if let Topic::Connection(c) = topic
+                && crate::route::node_address(c) == Some(&*self.address)
+            {
+                self.sink.deliver(topic, &envelope);
+            }
+        }
+    }
+
+    /// A control payload on `channel`: carried out when it is meant for
+    /// this channel (a target's own channel, or this node's for one of its
+    /// connections), ignored and counted otherwise.
+    fn control(&self, channel: &str, payload: &[u8]) {
+        let control = match wire::decode_control(payload) {
+            Ok(control) => control,
+            Err(e) => return self.unreadable(channel, &e.to_string()),
+        };
+        let wire::Order::Disconnect { target, .. } = &control.order;
+        if self.channels.of(target) != channel {
+            return self.unreadable(channel, "a control payload for another channel");
+        }
+        let closed = self.sink.order(&control.order);
+        tracing::debug!(channel, origin = %control.origin, closed, "control order carried out");
     }
 
     fn unreadable(&self, channel: &str, why: &str) {

@@ -80,6 +80,9 @@ async fn connect(shared: &Shared, link: &Link) -> redis::RedisResult<Connected> 
     // not: acked, and silently deaf until it was released.)
     let held = shared.interest.held();
     let mut channels = probes.clone();
+    // This node instance's own channel: messages to its connections and
+    // control orders for them, for as long as it lives.
+    channels.push(shared.node_channel.clone());
     channels.extend(held.iter().map(|t| shared.channels.of(t)));
     for chunk in channels.chunks(MAX_SUBSCRIBE_BATCH) {
         conn.subscribe(chunk).await?;
@@ -299,6 +302,14 @@ impl Subscriber {
                         .store(oldest.as_millis() as u64 + 1, Ordering::Release);
                 }
             }
+            // Control payloads first: never messages, and never part of a
+            // topic's positions.
+            Incoming::Message(channel, payload) if wire::is_control(&payload) => {
+                shared.control(&channel, &payload);
+            }
+            Incoming::Message(channel, payload) if channel == shared.node_channel => {
+                shared.receive_direct(payload);
+            }
             Incoming::Message(channel, payload) if shared.history.is_some() => {
                 self.receive_tracked(&channel, payload).await;
             }
@@ -312,6 +323,7 @@ impl Subscriber {
                     .into_iter()
                     .filter(|c| {
                         live.probe_set.contains(c)
+                            || *c == shared.node_channel
                             || shared
                                 .channels
                                 .topic(c)

@@ -2,6 +2,7 @@
 // every line without @ts-expect-error must type-check, every line with it must not.
 import {
   WebConnectionWebSocket, BroadcastMessage, Recipient, RecipientType, reconnectPolicy, Reconnect,
+  ResumeInfo, GapInfo, TopicKey, buildUrl, topicKeys,
 } from "../../../static/webconnection-websocket.js";
 
 const ws = new WebConnectionWebSocket({ minReconnectDelay: 250, policyReconnectDelay: 20_000 });
@@ -27,6 +28,25 @@ msg.addRecipient("x", "everyone");
 // @ts-expect-error only 0, 1 and 2
 msg.addRecipient("x", 3);
 
+// Lossless resume: the option, its handlers and the positions.
+const resuming = new WebConnectionWebSocket({ resume: true, storage: null });
+resuming.onResumeHandler = (info: ResumeInfo) => {
+  const recovered: boolean = info.recovered;
+  const replayed: number = info.replayed;
+  console.log(recovered, replayed, info.node);
+};
+resuming.onGapHandler = (info: GapInfo) => console.log(info.topics.join(","));
+const allAt: string | undefined = resuming.positions.all;
+const groupAt: string | undefined = resuming.positions["group:chat"];
+const keys: TopicKey[] = topicKeys("chat", "ann");
+const resumeUrl: string = buildUrl({ protocol: "https:", host: "h" }, null, "chat", "ann", null, { all: "e1:4" });
+// @ts-expect-error positions are read-only
+resuming.positions = {};
+// @ts-expect-error resume is a boolean
+new WebConnectionWebSocket({ resume: "yes" });
+// @ts-expect-error not a topic key
+const badKey: TopicKey = "group";
+
 const action: "backoff" | "later" | "never" = reconnectPolicy(4003);
 const never: typeof Reconnect.NEVER = "never";
 ws.send(msg);
@@ -41,4 +61,11 @@ present.onPresenceHandler = (ev) => {
 };
 // @ts-expect-error members is read-only
 present.members = [];
-export { all, untyped, nullType, action, never };
+// @ts-expect-error presence is a boolean
+new WebConnectionWebSocket({ presence: "yes" });
+
+// Both at once: the chat sample's configuration.
+const both = new WebConnectionWebSocket({ resume: true, presence: true });
+both.onResumeHandler = (info) => console.log(info.recovered, both.members.length);
+both.onPresenceHandler = (ev) => console.log(ev.type, both.positions["all"]);
+export { all, untyped, nullType, action, never, allAt, groupAt, keys, resumeUrl, badKey };

@@ -1,0 +1,316 @@
+//! The control plane on Redis (see `src/bus/control.rs`): disconnect
+//! orders published on the target's own channel, idempotency keys and
+//! bans as keys with expiry, and the topics from Redis's own subscription
+//! state.
+//!
+//! **Keys**, under `redis.channel_prefix` `P` (single keys: on a Redis
+//! Cluster each lives on its own slot):
+//!
+//! | key | what | expires |
+//! |---|---|---|
+//! | `P:idem:<key>` | an idempotency key of `POST /api/publish`: `<answer>:<token>` | 5 minutes after its first use |
+//! | `P:ban:<user>` | a ban (`POST /api/disconnect` with `ban_ms`) | with the ban |
+//!
+//! **Topics** are what Redis says: `PUBSUB CHANNELS P:*` and `PUBSUB
+//! NUMSUB` on a single server, `PUBSUB SHARDCHANNELS`/`SHARDNUMSUB` asked
+//! of every shard on a cluster; each node holds one subscriber connection
+//! (one per shard), so a channel's subscriber count is its node count.
+//!
+//! Every call runs on a command connection of its own (opened on first
+//! use, replaced when it fails) within `redis.command_timeout_ms`; a call
+//! that failed at once, on a connection that went stale while idle, is
+//! made once more on a new one. That is safe for each of them: a repeated
+//! `PUBLISH` of a disconnect closes nothing twice, and a claim that ran
+//! already is recognised by its token.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::timeout;
+
+use super::Shared;
+use super::conn::{Link, PubConn, connect_publisher};
+use crate::bus::BusError;
+use crate::bus::control::{ControlFuture, ControlPlane, Held};
+use crate::bus::wire::{self, Control, Order};
+
+/// `KEYS[1]` the key; `ARGV[1]` the value, `ARGV[2]` the expiry (ms).
+/// Returns nil when it claimed the key, else the value already there.
+const CLAIM: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return false
+end
+return redis.call('GET', KEYS[1])
+";
+
+/// Most channels in one `PUBSUB NUMSUB`.
+const NUMSUB_BATCH: usize = 500;
+
+/// The Redis bus's control plane.
+pub(super) struct RedisControl {
+    shared: Arc<Shared>,
+    link: Link,
+    /// `std::sync::Mutex`: locked only to clone or replace it.
+    conn: Mutex<Option<PubConn>>,
+}
+
+/// Runs `cmd` on either kind of connection.
+async fn query<T: redis::FromRedisValue>(
+    conn: &mut PubConn,
+    cmd: &redis::Cmd,
+) -> redis::RedisResult<T> {
+    match conn {
+        PubConn::Single(c) => cmd.query_async(c).await,
+        PubConn::Sharded(c) => cmd.query_async(c).await,
+    }
+}
+
+fn unavailable(why: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(format!("Redis unreachable: {why}"))
+}
+
+/// `*`, `?`, `[`, `]` and `\` escaped for a `PUBSUB CHANNELS` pattern.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A `PUBSUB NUMSUB` answer: channel/count pairs (an array in RESP2, a
+/// map in RESP3).
+fn counts(value: redis::Value) -> Vec<(String, u64)> {
+    let text = |v: &redis::Value| match v {
+        redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        redis::Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    let number = |v: &redis::Value| match v {
+        redis::Value::Int(n) => u64::try_from(*n).ok(),
+        _ => None,
+    };
+    match value {
+        redis::Value::Array(items) => items
+            .chunks_exact(2)
+            .filter_map(|pair| Some((text(&pair[0])?, number(&pair[1])?)))
+            .collect(),
+        redis::Value::Map(pairs) => pairs
+            .iter()
+            .filter_map(|(k, v)| Some((text(k)?, number(v)?)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl RedisControl {
+    pub(super) fn new(shared: Arc<Shared>, link: Link) -> Self {
+        Self {
+            shared,
+            link,
+            conn: Mutex::new(None),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<PubConn>> {
+        // A connection handle: never inconsistent, ignore poisoning.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sharded(&self) -> bool {
+        self.shared.config.sharded
+    }
+
+    async fn connection(&self) -> Result<PubConn, BusError> {
+        if let Some(conn) = self.lock().clone() {
+            return Ok(conn);
+        }
+        let config = &self.shared.config;
+        let conn = timeout(
+            config.command_timeout,
+            connect_publisher(&self.link, config),
+        )
+        .await
+        .map_err(|_| unavailable("connecting timed out"))?
+        .map_err(unavailable)?;
+        *self.lock() = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Runs `cmd` within the command timeout, once more on a new
+    /// connection when it failed at once (see the module docs).
+    async fn run<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BusError> {
+        let limit = self.shared.config.command_timeout;
+        let mut retried = false;
+        loop {
+            let mut conn = self.connection().await?;
+            let started = tokio::time::Instant::now();
+            let error = match timeout(limit, query::<T>(&mut conn, cmd)).await {
+                Ok(Ok(value)) => return Ok(value),
+                // Redis answered with an error: the connection is fine.
+                Ok(Err(e))
+                    if !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped())
+                        && e.code().is_some() =>
+                {
+                    return Err(unavailable(e));
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {} ms", limit.as_millis()),
+            };
+            *self.lock() = None;
+            if retried || started.elapsed() > limit / 2 {
+                return Err(unavailable(error));
+            }
+            retried = true;
+        }
+    }
+
+    async fn publish(&self, order: &Order) -> Result<u64, BusError> {
+        let Order::Disconnect { target, .. } = order;
+        let shared = &self.shared;
+        let channel = shared.channels.of(target);
+        let payload = wire::encode_control(&Control {
+            origin: shared.node_id.to_string(),
+            order: order.clone(),
+        });
+        let mut cmd = redis::cmd(if self.sharded() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        });
+        cmd.arg(&channel).arg(&payload[..]);
+        self.run::<u64>(&cmd).await
+    }
+
+    async fn list_topics(&self) -> Result<Vec<Held>, BusError> {
+        let channels = &self.shared.channels;
+        let (list, numsub) = if self.sharded() {
+            ("SHARDCHANNELS", "SHARDNUMSUB")
+        } else {
+            ("CHANNELS", "NUMSUB")
+        };
+        let pattern = format!("{}*", glob_escape(channels.prefix()));
+        let mut names: Vec<String> = self
+            .run(redis::cmd("PUBSUB").arg(list).arg(&pattern))
+            .await?;
+        names.retain(|name| channels.topic(name).is_some());
+        names.sort();
+        names.dedup();
+        let mut held = Vec::with_capacity(names.len());
+        for chunk in names.chunks(NUMSUB_BATCH) {
+            let value: redis::Value = self
+                .run(redis::cmd("PUBSUB").arg(numsub).arg(chunk))
+                .await?;
+            for (name, nodes) in counts(value) {
+                if nodes == 0 {
+                    continue;
+                }
+                if let Some(topic) = channels.topic(&name) {
+                    held.push(Held { topic, nodes });
+                }
+            }
+        }
+        held.sort_by(|a, b| a.topic.cmp(&b.topic));
+        Ok(held)
+    }
+
+    fn key(&self, kind: &str, name: &str) -> String {
+        format!("{}{kind}:{name}", self.shared.channels.prefix())
+    }
+}
+
+impl ControlPlane for RedisControl {
+    fn disconnect<'a>(&'a self, order: &'a Order) -> ControlFuture<'a, u64> {
+        Box::pin(self.publish(order))
+    }
+
+    fn topics(&self) -> ControlFuture<'_, Vec<Held>> {
+        Box::pin(self.list_topics())
+    }
+
+    fn claim<'a>(
+        &'a self,
+        key: &'a str,
+        answer: u64,
+        ttl: Duration,
+    ) -> ControlFuture<'a, Option<u64>> {
+        Box::pin(async move {
+            let token = format!("{:016x}", rand::random::<u64>());
+            let value = format!("{answer}:{token}");
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(CLAIM)
+                .arg(1)
+                .arg(self.key("idem", key))
+                .arg(&value)
+                .arg(ttl.as_millis() as u64);
+            let earlier: Option<String> = self.run(&cmd).await?;
+            let Some(earlier) = earlier else {
+                return Ok(None);
+            };
+            // Our own claim, made by a first try whose answer was lost.
+            if earlier == value {
+                return Ok(None);
+            }
+            let answer = earlier
+                .split_once(':')
+                .and_then(|(n, _)| n.parse().ok())
+                .unwrap_or(0);
+            Ok(Some(answer))
+        })
+    }
+
+    fn release<'a>(&'a self, key: &'a str) -> ControlFuture<'a, ()> {
+        Box::pin(async move {
+            self.run::<i64>(redis::cmd("DEL").arg(self.key("idem", key)))
+                .await
+                .map(|_| ())
+        })
+    }
+
+    fn ban<'a>(&'a self, user: &'a str, ttl: Duration) -> ControlFuture<'a, ()> {
+        Box::pin(async move {
+            let ms = (ttl.as_millis() as u64).max(1);
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(self.key("ban", user)).arg(1).arg("PX").arg(ms);
+            self.run::<()>(&cmd).await
+        })
+    }
+
+    fn banned<'a>(&'a self, user: &'a str) -> ControlFuture<'a, bool> {
+        Box::pin(async move {
+            self.run::<bool>(redis::cmd("EXISTS").arg(self.key("ban", user)))
+                .await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_are_escaped() {
+        assert_eq!(glob_escape("wshub:"), "wshub:");
+        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+
+    #[test]
+    fn numsub_answers_of_both_protocols_are_read() {
+        use redis::Value::{Array, BulkString, Int, Map};
+        let resp2 = Array(vec![
+            BulkString(b"wshub:all".to_vec()),
+            Int(3),
+            BulkString(b"wshub:g:x".to_vec()),
+            Int(0),
+        ]);
+        assert_eq!(
+            counts(resp2),
+            [("wshub:all".to_owned(), 3), ("wshub:g:x".to_owned(), 0)]
+        );
+        let resp3 = Map(vec![(BulkString(b"wshub:n".to_vec()), Int(2))]);
+        assert_eq!(counts(resp3), [("wshub:n".to_owned(), 2)]);
+    }
+}
