@@ -5,7 +5,7 @@
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { startRedis, startNode, launchBrowser, artifact, stopAll } from "./harness.mjs";
+import { startRedis, startNode, stopNode, freePort, launchBrowser, artifact, stopAll } from "./harness.mjs";
 
 let node1, node2, browser;
 
@@ -94,4 +94,41 @@ test("with presence off the sample shows no member list and no error", async () 
   assert.equal(await page.$eval("#members", (el) => el.hidden), true);
   assert.deepEqual(await page.$$eval("#messages li.error", (lis) => lis.length), 0);
   await page.close();
+});
+
+test("with history on too, a page whose node restarts resumes what it missed and gets its member list back", async () => {
+  // The sample opts in to both: lossless resume (issue 14) and presence.
+  const redis = await startRedis();
+  const port = await freePort();
+  const env = { WSHUB_REDIS__URL: redis, ...PRESENCE, WSHUB_HISTORY__ENABLED: "true" };
+  let nodeA = await startNode({ ...env, WSHUB_LISTEN: `127.0.0.1:${port}` });
+  const nodeB = await startNode(env);
+  const ann = await join(nodeA.url, "ann", "both");
+  const bob = await join(nodeB.url, "bob", "both");
+  await membersAre(ann, ["ann", "bob"]);
+  await membersAre(bob, ["ann", "bob"]);
+  await ann.waitForFunction(() => window.wshubChat.resumes.length >= 1);
+
+  // Ann's node dies: her presence goes with its lease; bob speaks meanwhile.
+  await stopNode(nodeA, "SIGKILL");
+  await ann.waitForSelector('#status[data-state="reconnecting"]');
+  await membersAre(bob, ["bob"]);
+  await bob.fill("#text", "while ann is away");
+  await bob.click("#send");
+  await bob.waitForFunction(() => [...document.querySelectorAll("#messages li .text")]
+    .some((el) => el.textContent.trim() === "while ann is away"));
+
+  // Back on the same address: recovered, the message once, the list again.
+  nodeA = await startNode({ ...env, WSHUB_LISTEN: `127.0.0.1:${port}` });
+  await ann.waitForFunction(() => window.wshubChat.resumes.length >= 2, null, { timeout: 30_000 });
+  const resumes = await ann.evaluate(() => window.wshubChat.resumes);
+  assert.equal(resumes[1].recovered, true, JSON.stringify(resumes));
+  await ann.waitForFunction(() => [...document.querySelectorAll("#messages li .text")]
+    .some((el) => el.textContent.trim() === "while ann is away"));
+  const texts = await ann.$$eval("#messages li .text", (els) => els.map((el) => el.textContent.trim()));
+  assert.equal(texts.filter((t) => t === "while ann is away").length, 1, texts.join(" | "));
+  await membersAre(ann, ["ann", "bob"]);
+  await membersAre(bob, ["ann", "bob"]);
+  await ann.screenshot({ path: artifact("presence-and-resume-after-node-restart.png") });
+  for (const p of [ann, bob]) await p.close();
 });

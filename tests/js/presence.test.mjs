@@ -137,3 +137,45 @@ test("without presence nothing changes: no parameter, no request, frames reach o
   assert.deepEqual(messages, ["wshub.join"]);
   assert.deepEqual(ws.members, []);
 });
+
+test("presence and resume together: one URL with both, each frame to its handler", () => {
+  const store = new Map();
+  const storage = {
+    getItem: (k) => (store.has(k) ? store.get(k) : null),
+    setItem: (k, v) => store.set(k, String(v)),
+    removeItem: (k) => store.delete(k),
+  };
+  const ws = client({ presence: true, resume: true, storage, minReconnectDelay: 0, maxReconnectDelay: 0 });
+  const seen = { presence: [], messages: [], resumes: [] };
+  ws.onPresenceHandler = (ev) => seen.presence.push(ev.type);
+  ws.onMessageHandler = (msg) => seen.messages.push(msg);
+  ws.onResumeHandler = (info) => seen.resumes.push(info.recovered);
+  ws.tryConnect(true, "chat", "ann");
+  const socket = FakeSocket.instances[0];
+  assert.equal(socket.url, "ws://example.com:8080/__initializeWebSocket.wc?groupid=chat&userid=ann&resume=&presence=1");
+  socket.open();
+  assert.deepEqual(socket.sent, ['{"action":"wshub.presence"}']);
+  socket.receive({
+    userId: "ann", groupId: "chat", action: "wshub.welcome",
+    message: JSON.stringify({ recovered: false, replayed: 0, positions: { all: "k:1" }, node: "n1" }),
+    recipients: [],
+  });
+  // Presence frames carry no `pos` (they are not in the history).
+  socket.receive(snapshot("chat", [{ userId: "ann", connections: 1 }], 5));
+  socket.receive(frame("wshub.join", "chat", "bob", 6));
+  socket.receive({ userId: "bob", groupId: "chat", action: "broadcastchatmessage", message: "hi",
+    recipients: [], pos: { all: "k:2" } });
+  assert.deepEqual(seen.resumes, [false]);
+  assert.deepEqual(seen.presence, ["snapshot", "join"]);
+  assert.deepEqual(ws.members.map((m) => m.userId), ["ann", "bob"]);
+  assert.deepEqual(seen.messages.map((m) => m.message), ["hi"]);
+  assert.equal(ws.positions.all, "k:2");
+  // Connecting again resumes from there and asks for the members again.
+  socket.drop(1001);
+  ws.tryConnect(true, "chat", "ann");
+  const again = FakeSocket.instances.at(-1);
+  assert.notEqual(again, socket);
+  assert.match(again.url, /resume=%7B%22all%22%3A%22k%3A2%22%7D&presence=1$/);
+  again.open();
+  assert.deepEqual(again.sent, ['{"action":"wshub.presence"}']);
+});
