@@ -328,6 +328,52 @@ impl Backend {
         }
     }
 
+    /// Queues a cluster presence event (`wshub.online`, `wshub.offline`,
+    /// `wshub.join`, `wshub.leave`; `src/presence.rs`), if events are
+    /// enabled: the message shape with the user's (and for join and leave
+    /// the group's) ids and no connection id. Events of one user go in
+    /// order (they share a queue slot derived from the user id); returns
+    /// whether it was queued.
+    pub(crate) fn presence_event(&self, who: &Identity, action: &'static str) -> bool {
+        if !self.events {
+            return false;
+        }
+        let mut headers = HeaderMap::new();
+        let mut put = |name: &'static str, value: &str| {
+            let encoded = utf8_percent_encode(value, HEADER_ESCAPES).to_string();
+            if let Ok(v) = HeaderValue::from_str(&encoded) {
+                headers.insert(HeaderName::from_static(name), v);
+            }
+        };
+        put(HEADER_USER_ID, &who.user);
+        if let Some(group) = who.group.as_deref() {
+            put(HEADER_GROUP_ID, group);
+        }
+        put(HEADER_NODE_ID, &self.node_id);
+        let job = Job {
+            kind: Kind::Connect,
+            body: Bytes::from(event_body(who, action, None)),
+            headers,
+            action: action.to_owned(),
+            sender: None,
+        };
+        // Socket ids count up from 1; these keys have the top bit set, so
+        // they never share a socket's place in the queues.
+        let key = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            who.user.hash(&mut hasher);
+            hasher.finish() | (1 << 63)
+        };
+        match self.queues.push(key, job) {
+            Ok(()) => true,
+            Err(refused) => {
+                self.metrics.backend_forward(refused.result());
+                false
+            }
+        }
+    }
+
     /// Stops taking jobs and waits until the workers have sent everything
     /// queued, for at most `grace`. Then abandons what is left (requests in
     /// flight and jobs never sent), counting each as `shutdown`. Call it

@@ -22,7 +22,7 @@ use crate::auth::{self, TokenVerifier};
 use crate::config::Config;
 use crate::logging::Untrusted;
 use crate::metrics::Metrics;
-use crate::node::{ConnectError, Node, PublishError};
+use crate::node::{ConnectError, ConnectOptions, Node, PublishError};
 use crate::outcome::{BroadcastStatus, DropReason, RefusalReason};
 use crate::refusal_log::{RefusalLog, Verdict};
 use crate::route::Identity;
@@ -434,8 +434,12 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
     let ip = peer.map(|p| auth::client_ip(p, &parts.headers, &http.config.auth.trusted_proxies));
     // With history off the parameter is ignored (the node says Legacy).
     let resume = http.node.resume_request(resume_parameter(&pairs), &who);
-    let relay = relay.unwrap_or(http.config.ws.client_relay);
-    let registration = match http.node.connect_with(who, ip, resume, relay).await {
+    let options = ConnectOptions {
+        resume,
+        relay: relay.unwrap_or(http.config.ws.client_relay),
+        presence: crate::presence::opts_in(parameter(&pairs, crate::presence::QUERY_PARAMETER)),
+    };
+    let registration = match http.node.connect_with(who, ip, options).await {
         Ok(r) => r,
         Err(e @ ConnectError::Banned) => {
             return Err(Refused::Socket(RefusalReason::Banned, e.to_string()));
@@ -448,6 +452,9 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
         }
         Err(e @ ConnectError::Refused(Refusal::TooManyFromIp(_))) => {
             return Err(Refused::Socket(RefusalReason::PerIp, e.to_string()));
+        }
+        Err(e @ ConnectError::UserLimit(_)) => {
+            return Err(Refused::Socket(RefusalReason::PerUser, e.to_string()));
         }
         Err(e @ ConnectError::Bus(_)) => {
             // Logged by `refuse`, rate-limited like every refusal: a line
@@ -507,10 +514,16 @@ pub fn identity_from_query(pairs: &[(String, String)]) -> Identity {
 /// The value of the `resume` query parameter (key in any case, as the
 /// ids' keys), if present; the last one when repeated, as the ids.
 fn resume_parameter(pairs: &[(String, String)]) -> Option<&str> {
+    parameter(pairs, crate::resume::QUERY_PARAMETER)
+}
+
+/// The value of query parameter `name` (key in any case), the last one
+/// when repeated.
+fn parameter<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
     pairs
         .iter()
         .rev()
-        .find(|(key, _)| key.eq_ignore_ascii_case(crate::resume::QUERY_PARAMETER))
+        .find(|(key, _)| key.eq_ignore_ascii_case(name))
         .map(|(_, value)| value.as_str())
 }
 

@@ -114,6 +114,11 @@ impl Hub {
         }
     }
 
+    /// The connection with id `id`, if it is open here.
+    pub(crate) fn get(&self, id: ConnId) -> Option<Arc<Conn>> {
+        self.read().all.get(&id).cloned()
+    }
+
     /// Number of connections.
     pub(crate) fn len(&self) -> usize {
         self.read().all.len()

@@ -44,6 +44,12 @@
 //!   version gate that decides which payload version the bus writes.
 //!   [`bus::control`]: the control plane the server API uses (disconnect
 //!   orders on the target's own channel, bans, idempotency keys, topics).
+//! - [`presence`]: cluster presence, the node's side: what it writes about
+//!   the sockets it holds (first and last per group and user, never while
+//!   idle), the opt-in `presence=1` protocol (`wshub.presence`,
+//!   `wshub.join`, `wshub.leave`), the backend's online/offline/join/leave
+//!   events, and the per-user limit; [`bus::presence`] is the store's side
+//!   (kept by the Redis bus, on the registry's leases).
 //! - `hub` (internal): this node's sockets, indexed by group and user;
 //!   `conn`: one socket's handle and the `Closer` that ends its session
 //!   once; `outbox`: its outbound queue, bounded in bytes.
@@ -94,6 +100,7 @@ pub mod node;
 pub(crate) mod outbox;
 pub mod outcome;
 pub mod position;
+pub mod presence;
 pub(crate) mod rate_limit;
 pub(crate) mod refusal_log;
 pub mod resume;

@@ -95,6 +95,9 @@ pub struct Metrics {
     ready: Gauge,
     registry_nodes: Gauge,
     registry_heartbeat_failures: Counter,
+    presence_writes: Counter,
+    presence_sweeps: Counter,
+    presence_events: Family<KindLabel, Counter>,
     control_received: Counter,
     ban_check_failures: Counter,
     resumes: Family<ResultLabel, Counter>,
@@ -138,6 +141,9 @@ impl Metrics {
             ready: Gauge::default(),
             registry_nodes: Gauge::default(),
             registry_heartbeat_failures: Counter::default(),
+            presence_writes: Counter::default(),
+            presence_sweeps: Counter::default(),
+            presence_events: Family::default(),
             control_received: Counter::default(),
             ban_check_failures: Counter::default(),
             resumes: Family::default(),
@@ -255,6 +261,23 @@ impl Metrics {
             m.registry_heartbeat_failures.clone(),
         );
         registry.register(
+            "presence_writes",
+            "Presence scripts this node ran in Redis to write (first or last local socket of a \
+             group and user, count changes, the per-user limit); none while nobody comes or goes",
+            m.presence_writes.clone(),
+        );
+        registry.register(
+            "presence_sweeps",
+            "Dead nodes whose presence this node swept",
+            m.presence_sweeps.clone(),
+        );
+        registry.register(
+            "presence_events",
+            "Cluster-wide presence transitions this node was the one to report (join, leave, \
+             online, offline)",
+            m.presence_events.clone(),
+        );
+        registry.register(
             "control_received",
             "Control orders (POST /api/disconnect) this node received and carried out",
             m.control_received.clone(),
@@ -320,6 +343,9 @@ impl Metrics {
                 result: result.label(),
             }));
         }
+        for kind in ["join", "leave", "online", "offline"] {
+            drop(m.presence_events.get_or_create(&KindLabel { kind }));
+        }
         for status in BroadcastStatus::ALL {
             drop(m.http_broadcast.get_or_create(&StatusLabel {
                 status: status.code(),
@@ -357,6 +383,24 @@ impl Metrics {
     /// A node registry heartbeat failed.
     pub fn registry_heartbeat_failure(&self) {
         self.registry_heartbeat_failures.inc();
+    }
+
+    /// A presence script wrote to Redis.
+    pub fn presence_write(&self) {
+        self.presence_writes.inc();
+    }
+
+    /// This node swept a dead node's presence.
+    pub fn presence_sweep(&self) {
+        self.presence_sweeps.inc();
+    }
+
+    /// This node reported a cluster-wide presence transition (`join`,
+    /// `leave`, `online`, `offline`).
+    pub fn presence_event(&self, kind: &'static str) {
+        self.presence_events
+            .get_or_create(&KindLabel { kind })
+            .inc();
     }
 
     /// This node carried out a control order.

@@ -35,6 +35,7 @@ use crate::message::{Message, MessageError};
 use crate::metrics::Metrics;
 use crate::outcome::CloseReason;
 use crate::outcome::DropReason;
+use crate::presence::{ACTION_PRESENCE, AdmitError, Announce, Presence};
 use crate::rate_limit::{RateLimit, Verdict};
 use crate::resume::{Report, Request, Resumer};
 use crate::route::{Identity, Relay, Route, Topic};
@@ -44,6 +45,20 @@ mod cluster;
 pub use cluster::{
     Disconnect, IDEMPOTENCY_TTL, Published, ServerApiError, TopicEntry, position_in,
 };
+
+/// What a socket asks for at connect, besides who it is and where it
+/// comes from ([`Node::connect_with`]).
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Its `resume` request ([`Node::resume_request`]).
+    pub resume: Request,
+    /// Its client relay policy: a token's `relay` claim, or
+    /// `ws.client_relay`.
+    pub relay: Relay,
+    /// Whether it opted in to presence frames (`presence=1`; ignored with
+    /// presence off).
+    pub presence: bool,
+}
 
 /// Why a socket could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -55,9 +70,16 @@ pub enum ConnectError {
     /// is used up.
     #[error(transparent)]
     Refused(#[from] Refusal),
-    /// The bus could not subscribe to the connection's topics.
+    /// The bus could not subscribe to the connection's topics (or, with
+    /// the per-user limit, Redis could not be asked).
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// The user already holds `limits.max_connections_per_user` sockets
+    /// in the cluster and the policy is `refuse` (429).
+    #[error(
+        "too many connections for this user: at most {0} across the cluster (limits.max_connections_per_user)"
+    )]
+    UserLimit(usize),
     /// The user is banned (`POST /api/disconnect` with `ban_ms`).
     #[error("this user is banned for now")]
     Banned,
@@ -167,6 +189,8 @@ pub struct Node {
     echo: bool,
     /// Resume and drain handoff, with history on.
     resumer: Option<Arc<Resumer>>,
+    /// Cluster presence and the per-user limit, when either is on.
+    presence: Option<Arc<Presence>>,
     backend: Option<Backend>,
     /// Token mode: a client's messages carry its verified ids, stamped
     /// over whatever it wrote (the HTTP layer verifies the tokens).
@@ -273,6 +297,13 @@ impl Node {
             config.limits.ipv6_prefix_len,
         );
         let registry = bus.registry(&config.presence);
+        let presence = Presence::start(
+            registry.presence(),
+            &config,
+            hub.clone(),
+            metrics.clone(),
+            shutdown.child(),
+        );
         let control = bus
             .control()
             .unwrap_or_else(|| Arc::new(Local::new(hub.clone())));
@@ -289,6 +320,7 @@ impl Node {
             registry,
             echo,
             resumer,
+            presence,
             backend,
             stamp_identity,
             admission,
@@ -302,6 +334,10 @@ impl Node {
         // Held weakly: the registry never keeps the node alive.
         let vitals: std::sync::Weak<Self> = Arc::downgrade(&node);
         node.registry.join(vitals);
+        if let Some(presence) = &node.presence {
+            let announce: std::sync::Weak<Self> = Arc::downgrade(&node);
+            presence.announce_to(announce);
+        }
         Ok(node)
     }
 
@@ -327,22 +363,35 @@ impl Node {
         ip: Option<IpAddr>,
         resume: Request,
     ) -> Result<Registration, ConnectError> {
-        let relay = self.config.ws.client_relay;
-        self.connect_with(who, ip, resume, relay).await
+        let options = ConnectOptions {
+            resume,
+            relay: self.config.ws.client_relay,
+            presence: false,
+        };
+        self.connect_with(who, ip, options).await
     }
 
-    /// [`connect`](Self::connect) with the socket's client relay policy
-    /// (a token's `relay` claim, or `ws.client_relay`). A banned user is
-    /// refused ([`ConnectError::Banned`]); the ban is checked once the
-    /// socket's topics are subscribed, so a disconnect order published
-    /// before that reaches it and one published after finds the ban.
+    /// [`connect`](Self::connect) with everything a socket may ask for at
+    /// connect ([`ConnectOptions`]): `resume`, its client relay policy, and
+    /// presence frames.
+    ///
+    /// A banned user is refused ([`ConnectError::Banned`]); the ban is
+    /// checked once the socket's topics are subscribed, so a disconnect
+    /// order published before that reaches it and one published after
+    /// finds the ban. Then, with the per-user limit on, the user's sockets
+    /// in the cluster are counted: over the limit, the oldest is replaced
+    /// or this one refused ([`ConnectError::UserLimit`]).
     pub async fn connect_with(
         self: &Arc<Self>,
         who: Identity,
         ip: Option<IpAddr>,
-        resume: Request,
-        relay: Relay,
+        options: ConnectOptions,
     ) -> Result<Registration, ConnectError> {
+        let ConnectOptions {
+            resume,
+            relay,
+            presence,
+        } = options;
         if self.is_draining() {
             return Err(ConnectError::Draining);
         }
@@ -364,6 +413,7 @@ impl Node {
             rx: Some(rx),
             resume: Some(resume),
             announced: false,
+            present: false,
             _slot: slot,
         };
         let [group, user] = registration.conn.who.topics();
@@ -376,6 +426,16 @@ impl Node {
         if self.is_draining() {
             // Shutdown began while we subscribed and may have missed us.
             return Err(ConnectError::Draining);
+        }
+        if let Some(p) = &self.presence {
+            match p.admit(&registration.conn).await {
+                Ok(()) => {}
+                Err(AdmitError::UserLimit(max)) => return Err(ConnectError::UserLimit(max)),
+                Err(AdmitError::Bus(e)) => return Err(ConnectError::Bus(e)),
+            }
+            // From here the registration's drop removes what was recorded.
+            p.connected(&registration.conn, presence);
+            registration.present = true;
         }
         if self.resumer.is_none()
             && let Some(backend) = &self.backend
@@ -472,6 +532,14 @@ impl Node {
     ) -> Result<(), ClientError> {
         let mut msg = self.parse(text)?;
         if msg.is_reserved() {
+            // A socket that opted in to presence asks for its group's
+            // members; from anyone else it is refused as before.
+            if msg.action.as_deref() == Some(ACTION_PRESENCE)
+                && let Some(presence) = &self.presence
+                && presence.request(conn)
+            {
+                return Ok(());
+            }
             return Err(MessageError::ReservedAction.into());
         }
         if self.stamp_identity {
@@ -724,6 +792,12 @@ impl Node {
         self.resumer.as_ref()
     }
 
+    /// Cluster presence, when `presence.enabled` (`None` also when only
+    /// the per-user limit is on).
+    pub(crate) fn presence(&self) -> Option<&Arc<Presence>> {
+        self.presence.as_ref().filter(|p| p.enabled())
+    }
+
     /// Every live node of the cluster, this one included (the node
     /// registry; this node alone without Redis). Fails when Redis cannot be
     /// reached.
@@ -735,6 +809,14 @@ impl Node {
     /// gate; tests ask it here).
     pub fn registry(&self) -> &Arc<dyn Registry> {
         &self.registry
+    }
+}
+
+impl Announce for Node {
+    fn announce(&self, who: &Identity, action: &'static str) {
+        if let Some(backend) = &self.backend {
+            backend.presence_event(who, action);
+        }
     }
 }
 
@@ -764,6 +846,9 @@ pub struct Registration {
     /// Whether the backend was told of the connect (and must hear of the
     /// disconnect).
     announced: bool,
+    /// Whether presence (or the per-user limit) counted the socket (and
+    /// must hear it closed).
+    present: bool,
     /// The socket's place in the node's capacity (given back on drop).
     _slot: Slot,
 }
@@ -799,6 +884,11 @@ impl Drop for Registration {
     fn drop(&mut self) {
         let node = &self.node;
         node.hub.remove(&self.conn);
+        if self.present
+            && let Some(presence) = &node.presence
+        {
+            presence.disconnected(&self.conn);
+        }
         for topic in self.conn.who.topics() {
             node.bus.unsubscribe(&topic);
         }

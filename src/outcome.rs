@@ -41,6 +41,10 @@ pub enum CloseReason {
     PingTimeout,
     /// The TCP connection broke; no close frame can be sent.
     ConnectionLost,
+    /// A newer socket of the same user took this one's place
+    /// (`limits.max_connections_per_user` with `replace_oldest`). The
+    /// client stays closed: coming back would push that one out in turn.
+    SessionReplaced,
     /// Closed through the server API (`POST /api/disconnect`), with the
     /// code it asked for (4000–4999; [`DISCONNECT_CODE`] by default). The
     /// application decided: a client should not simply reconnect (with a
@@ -55,7 +59,7 @@ impl CloseReason {
     /// Every reason, for initialising metrics.
     /// ([`Self::Disconnected`] with its default code; the metric takes
     /// the code an API request chose, at most the 1000 codes of 4000–4999.)
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 11] = [
         Self::Normal,
         Self::GoingAway,
         Self::ProtocolError,
@@ -65,6 +69,7 @@ impl CloseReason {
         Self::SlowConsumer,
         Self::PingTimeout,
         Self::ConnectionLost,
+        Self::SessionReplaced,
         Self::Disconnected(DISCONNECT_CODE),
     ];
 
@@ -81,6 +86,7 @@ impl CloseReason {
             Self::InternalError => 1011,
             Self::SlowConsumer => 4000,
             Self::PingTimeout => 4001,
+            Self::SessionReplaced => 4003,
             Self::Disconnected(code) => code,
         }
     }
@@ -98,6 +104,7 @@ impl CloseReason {
             Self::InternalError => "Internal error",
             Self::SlowConsumer => "Too slow: reconnect",
             Self::PingTimeout => "Ping timeout",
+            Self::SessionReplaced => "Session replaced",
             Self::Disconnected(_) => "Disconnected by the server",
         }
     }
@@ -114,6 +121,7 @@ impl CloseReason {
             Self::InternalError => "internal_error",
             Self::SlowConsumer => "slow_consumer",
             Self::PingTimeout => "ping_timeout",
+            Self::SessionReplaced => "session_replaced",
             Self::Disconnected(_) => "disconnected",
         }
     }
@@ -189,6 +197,9 @@ pub enum RefusalReason {
     Bus,
     /// The query or the ids are malformed or too long (400).
     BadRequest,
+    /// The user holds `limits.max_connections_per_user` sockets in the
+    /// cluster and the policy is `refuse` (429).
+    PerUser,
     /// The user is banned (`POST /api/disconnect` with `ban_ms`) until the
     /// ban expires (403).
     Banned,
@@ -196,7 +207,7 @@ pub enum RefusalReason {
 
 impl RefusalReason {
     /// Every reason, for seeding metrics.
-    pub const ALL: [RefusalReason; 8] = [
+    pub const ALL: [RefusalReason; 9] = [
         Self::Capacity,
         Self::PerIp,
         Self::Token,
@@ -204,6 +215,7 @@ impl RefusalReason {
         Self::Draining,
         Self::Bus,
         Self::BadRequest,
+        Self::PerUser,
         Self::Banned,
     ];
 
@@ -217,6 +229,7 @@ impl RefusalReason {
             Self::Draining => "draining",
             Self::Bus => "bus",
             Self::BadRequest => "bad_request",
+            Self::PerUser => "per_user",
             Self::Banned => "banned",
         }
     }
@@ -225,7 +238,7 @@ impl RefusalReason {
     pub fn status(self) -> u16 {
         match self {
             Self::Capacity | Self::Draining | Self::Bus => 503,
-            Self::PerIp => 429,
+            Self::PerIp | Self::PerUser => 429,
             Self::Token => 401,
             Self::Origin | Self::Banned => 403,
             Self::BadRequest => 400,

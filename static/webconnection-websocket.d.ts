@@ -14,9 +14,10 @@ export type ConnectionState = (typeof State)[keyof typeof State];
 /**
  * The recipient type names the hub accepts (src/message.rs), in any letter
  * case; `allButUser` and `allExceptUser` (named in Web Connection's docs)
- * mean `excludeUser`.
+ * mean `excludeUser`; `connection` names one socket by its connection id
+ * (docs/api.md, "Connection ids").
  */
-export type RecipientTypeName = "group" | "user" | "excludeUser" | "allButUser" | "allExceptUser";
+export type RecipientTypeName = "group" | "user" | "excludeUser" | "allButUser" | "allExceptUser" | "connection";
 
 /** The integer types: 0 = excludeUser, 1 = group, 2 = user. */
 export type RecipientTypeNumber = 0 | 1 | 2;
@@ -120,6 +121,26 @@ export interface WebConnectionWebSocketOptions {
   location?: { protocol: string; host: string };
   /** Page document, read for `data-hub` (tests, Node.js). */
   document?: { querySelector(selector: string): unknown } | null;
+  /** Cluster presence (docs/presence.md): opt in with `presence=1`, ask for the group's members on
+   *  every open, keep `members` up to date; presence frames go to `onPresenceHandler` only. */
+  presence?: boolean;
+}
+
+/** One member of the socket's group. */
+export interface PresenceMember {
+  userId: string;
+  /** Open sockets in the group across the cluster, as of the last snapshot (1 for a user who joined since). */
+  connections: number;
+}
+
+/** What `onPresenceHandler` receives after each change of `members`. */
+export interface PresenceEvent {
+  type: "snapshot" | "join" | "leave";
+  /** The user who joined or left; null for a snapshot. */
+  userId: string | null;
+  /** The group's version: grows with every change. */
+  v: number;
+  members: PresenceMember[];
 }
 
 export declare class WebConnectionWebSocket {
@@ -129,6 +150,10 @@ export declare class WebConnectionWebSocket {
   /** Runs on every close, also after `close()`; `state` already says what happens next. */
   onCloseHandler: ((ev: CloseEvent) => void) | null;
   onErrorHandler: ((data: string, err: Error) => void) | null;
+  /** With `presence`: called after each change of `members`. */
+  onPresenceHandler: ((ev: PresenceEvent) => void) | null;
+  /** With `presence`: the group's members, sorted by user id (empty until the first snapshot). */
+  readonly members: PresenceMember[];
   /** With `resume`: once per connection, before any message. */
   onResumeHandler: ((info: ResumeInfo) => void) | null;
   /** With `resume`: the open socket missed messages that cannot be replayed. */
@@ -175,6 +200,9 @@ export declare function resumeStorageKey(root: string, groupId: string | null, u
  * The hub named by a `<script data-hub>` element: its value, or when empty the
  * origin the library (or that element's `src`) was loaded from; null without one.
  */
+/** `url` with `presence=1` added to its query. */
+export declare function withPresence(url: string): string;
+
 export declare function hubFromDocument(
   doc: { querySelector(selector: string): unknown } | null | undefined,
   libraryUrl?: string,

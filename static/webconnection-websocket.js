@@ -45,9 +45,23 @@ const DEFAULTS = Object.freeze({
   maxReconnectDelay: 30000,
   policyReconnectDelay: 10000,
   maxQueue: 100,
+  presence: false,
   resume: false,
   storage: undefined,
 });
+
+/** The hub's presence actions (docs/presence.md). */
+const PRESENCE_ACTIONS = new Set(["wshub.presence", "wshub.join", "wshub.leave"]);
+
+/**
+ * `url` with `presence=1` added to its query (the socket opts in to
+ * presence frames).
+ * @param {string} url
+ * @returns {string}
+ */
+export function withPresence(url) {
+  return `${url}${url.includes("?") ? "&" : "?"}presence=1`;
+}
 
 /**
  * What the library does after the socket closed with a given code (with
@@ -239,11 +253,11 @@ export class BroadcastMessage {
 
   /**
    * Adds a recipient. Without any, the message goes to everyone.
-   * @param {string|null} value a group id or user id (`null` or `""`: the sockets
-   *   that connected without a group)
-   * @param {"group"|"user"|"excludeUser"|"allButUser"|"allExceptUser"|0|1|2} [type="group"]
+   * @param {string|null} value a group id, user id or connection id (`null` or `""`:
+   *   the sockets that connected without a group)
+   * @param {"group"|"user"|"excludeUser"|"allButUser"|"allExceptUser"|"connection"|0|1|2} [type="group"]
    *   names in any letter case; `allButUser` and `allExceptUser` mean `excludeUser`;
-   *   0 = excludeUser, 1 = group, 2 = user
+   *   `connection` is one socket (docs/api.md, connection ids); 0 = excludeUser, 1 = group, 2 = user
    * @returns {BroadcastMessage} this, for chaining
    */
   addRecipient(value, type = "group") {
@@ -289,6 +303,10 @@ export class WebConnectionWebSocket {
    * @param {{protocol: string, host: string}} [options.location] page location (for tests and Node.js)
    * @param {{querySelector(sel: string): any}} [options.document] page document, read for `data-hub`
    *   (for tests and Node.js)
+   * @param {boolean} [options.presence=false] cluster presence (docs/presence.md): opt the socket in
+   *   (`presence=1`), ask for the group's members on every open, and keep {@link members} up to
+   *   date from that snapshot and the `wshub.join`/`wshub.leave` frames (ordered by `v`); presence
+   *   frames go to `onPresenceHandler`, not `onMessageHandler`
    */
   constructor(options = {}) {
     this.options = { ...DEFAULTS, ...options };
@@ -301,6 +319,13 @@ export class WebConnectionWebSocket {
     this.onCloseHandler = null;
     /** Called when a frame is not JSON. @type {(data: string, err: Error) => void} */
     this.onErrorHandler = null;
+    /** With `presence`: called after each change of {@link members}, with
+     *  `{type: "snapshot"|"join"|"leave", userId, v, members}` (`userId` null for a snapshot).
+     *  @type {(ev: object) => void} */
+    this.onPresenceHandler = null;
+    /** Presence: the members by user id, the snapshot's `v` (null until it
+     *  arrived), the last `v` applied, and events that came before it. */
+    this._presence = { members: new Map(), v: null, last: null, early: [] };
     /** With `resume`: called once per connection, before any message, with
      *  `{recovered, replayed, node}`. `recovered` true: every message missed
      *  since the last connection follows (`replayed` of them), once, in order;
@@ -483,8 +508,10 @@ export class WebConnectionWebSocket {
   _url(token) {
     const location = this.options.location || globalThis.location;
     const base = this.options.url || hubFromDocument(this.options.document || globalThis.document);
-    if (!this.options.resume) return buildUrl(location, base, this.groupId, this.userId, token);
-    return buildUrl(location, base, this.groupId, this.userId || this._assignedUserId, token, this._resumeParam());
+    const url = this.options.resume
+      ? buildUrl(location, base, this.groupId, this.userId || this._assignedUserId, token, this._resumeParam())
+      : buildUrl(location, base, this.groupId, this.userId, token);
+    return this.options.presence ? withPresence(url) : url;
   }
 
   _token() {
@@ -510,6 +537,7 @@ export class WebConnectionWebSocket {
       if (this.socket !== socket) return;
       this.state = State.OPEN;
       this._attempt = 0;
+      if (this.options.presence) this._presenceOpened(socket);
       const queued = this._queue.splice(0);
       for (const text of queued) socket.send(text);
       if (this.onOpenHandler) this.onOpenHandler(ev);
@@ -534,6 +562,10 @@ export class WebConnectionWebSocket {
           delete msg.pos;
         }
       }
+      if (this.options.presence && msg && PRESENCE_ACTIONS.has(msg.action)) {
+        this._presenceFrame(msg);
+        return;
+      }
       if (this.onMessageHandler) this.onMessageHandler(msg);
     };
     socket.onclose = (ev) => {
@@ -541,6 +573,67 @@ export class WebConnectionWebSocket {
       this.socket = null;
       this._dropped(ev);
     };
+  }
+
+  /**
+   * With `presence`: the group's members as last known, sorted by user id
+   * (`connections` as of the last snapshot; a user who joined since counts 1).
+   * Empty until the first snapshot arrived.
+   * @returns {{userId: string, connections: number}[]}
+   */
+  get members() {
+    return [...this._presence.members.entries()]
+      .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
+      .map(([userId, connections]) => ({ userId, connections }));
+  }
+
+  /** A new socket opened: ask for the group's members (events until the
+   *  answer are kept and applied on top of it, by `v`). */
+  _presenceOpened(socket) {
+    this._presence = { members: this._presence.members, v: null, last: null, early: [] };
+    socket.send(JSON.stringify({ action: "wshub.presence" }));
+  }
+
+  _presenceFrame(msg) {
+    let body;
+    try {
+      body = JSON.parse(msg.message);
+    } catch (err) {
+      if (this.onErrorHandler) this.onErrorHandler(msg.message, err);
+      return;
+    }
+    const p = this._presence;
+    if (msg.action === "wshub.presence") {
+      p.members = new Map((body.members || []).map((m) => [m.userId, m.connections]));
+      p.v = p.last = body.v;
+      const early = p.early.splice(0);
+      this._presenceChanged({ type: "snapshot", userId: null, v: body.v });
+      for (const ev of early) this._presenceEvent(ev.joined, ev.userId, ev.v);
+      return;
+    }
+    const joined = msg.action === "wshub.join";
+    if (p.v === null) {
+      p.early.push({ joined, userId: body.userId, v: body.v });
+      return;
+    }
+    this._presenceEvent(joined, body.userId, body.v);
+  }
+
+  /** Applies a join or leave newer than what `members` already shows. */
+  _presenceEvent(joined, userId, v) {
+    const p = this._presence;
+    if (!(v > p.last)) return;
+    p.last = v;
+    if (joined) {
+      if (!p.members.has(userId)) p.members.set(userId, 1);
+    } else {
+      p.members.delete(userId);
+    }
+    this._presenceChanged({ type: joined ? "join" : "leave", userId, v });
+  }
+
+  _presenceChanged(ev) {
+    if (this.onPresenceHandler) this.onPresenceHandler({ ...ev, members: this.members });
   }
 
   /** Closes the current socket (if any) without a trace: its events go nowhere. */

@@ -51,6 +51,7 @@
 
 pub mod control;
 mod interest;
+pub mod presence;
 mod redis;
 pub mod registry;
 mod single_node;

@@ -24,7 +24,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{OnceLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -98,6 +98,13 @@ pub trait Registry: Send + Sync + 'static {
 
     /// The version gate this registry keeps up to date.
     fn gate(&self) -> &VersionGate;
+
+    /// Cluster presence and the per-user limit on these leases
+    /// ([`super::presence`]); `None` for a registry that cannot hold them
+    /// (a node alone, without Redis).
+    fn presence(&self) -> Option<Arc<dyn super::presence::Store>> {
+        None
+    }
 }
 
 /// Whether every live node reads a payload version, as of the registry's
@@ -258,7 +265,6 @@ impl Registry for Alone {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     enum V {

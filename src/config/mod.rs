@@ -241,7 +241,7 @@ impl HistoryConfig {
 /// `[presence]`: node leases and cluster presence. The node registry
 /// (`GET /api/nodes`) uses `lease` and `heartbeat` whenever Redis is
 /// configured, presence on or off; presence itself (`enabled`,
-/// `leave_delay`, `max_members_events`) is not implemented yet.
+/// `leave_delay`, `max_members_events`, `docs/presence.md`) needs Redis.
 #[derive(Debug, Clone)]
 pub struct PresenceConfig {
     pub enabled: bool,
@@ -475,6 +475,23 @@ impl Config {
         let auth = Self::auth_from_raw(&raw.auth)?;
         let history = Self::history_from_raw(&raw.history, redis.as_ref())?;
         let presence = Self::presence_from_raw(&raw.presence)?;
+        // Presence and the per-user limit are cluster-wide state kept in
+        // Redis; a single node without Redis refuses them at start rather
+        // than counting only its own sockets while claiming the cluster's.
+        if redis.is_none() {
+            if presence.enabled {
+                return Err(invalid(
+                    "presence.enabled",
+                    "presence is kept in Redis: set redis.url (or redis.sentinels), or turn presence off",
+                ));
+            }
+            if l.max_connections_per_user > 0 {
+                return Err(invalid(
+                    "limits.max_connections_per_user",
+                    "the per-user limit is counted in Redis: set redis.url (or redis.sentinels), or set it to 0",
+                ));
+            }
+        }
         Ok(Config {
             history,
             presence,

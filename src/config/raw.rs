@@ -187,6 +187,24 @@ pub struct Limits {
     /// Fan-out bytes a socket may publish at once above the sustained rate;
     /// at least `max_fanout_bytes`.
     pub fanout_bytes_burst: u64,
+    /// Sockets one user may hold across the cluster (0: no limit; needs
+    /// Redis).
+    pub max_connections_per_user: usize,
+    /// What the socket over `max_connections_per_user` does.
+    pub per_user_policy: PerUserPolicy,
+}
+
+/// `limits.per_user_policy`: what happens to the socket that would put a
+/// user over `limits.max_connections_per_user`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PerUserPolicy {
+    /// The user's oldest socket anywhere in the cluster is closed with
+    /// 4003 `Session replaced`; the new one is accepted.
+    #[default]
+    ReplaceOldest,
+    /// The new socket is refused with HTTP 429.
+    Refuse,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -224,19 +242,19 @@ pub struct RawHistory {
 }
 
 /// `[presence]`: node leases (the node registry, on whenever Redis is
-/// configured) and, once it lands, cluster presence (off by default).
+/// configured) and cluster presence (off by default; needs Redis).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawPresence {
-    /// Cluster presence (not implemented yet: accepted, no effect).
+    /// Cluster presence (`docs/presence.md`).
     pub enabled: bool,
     /// A node whose heartbeats stopped this long is dead.
     pub lease_ms: u64,
     /// How often a node renews its lease.
     pub heartbeat_ms: u64,
-    /// A user must be gone this long before `leave` (presence; no effect yet).
+    /// A user must be gone this long before `leave`.
     pub leave_delay_ms: u64,
-    /// Bigger groups get no per-user join/leave frames (presence; no effect yet).
+    /// Bigger groups get no per-user join/leave frames.
     pub max_members_events: usize,
 }
 
@@ -346,6 +364,8 @@ impl Default for Limits {
             // 1 MiB/s, 4 MiB at once: see docs/security.md#rate-limits.
             fanout_bytes_per_second: 1024 * 1024,
             fanout_bytes_burst: 4 * 1024 * 1024,
+            max_connections_per_user: 0,
+            per_user_policy: PerUserPolicy::ReplaceOldest,
         }
     }
 }

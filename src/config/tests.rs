@@ -213,6 +213,49 @@ fn presence_keys() {
 }
 
 #[test]
+fn presence_and_the_per_user_limit_need_redis() {
+    let c = Config::default();
+    assert_eq!(c.limits.max_connections_per_user, 0);
+    assert_eq!(c.limits.per_user_policy, PerUserPolicy::ReplaceOldest);
+    for (vars, want) in [
+        (
+            &[("WSHUB_PRESENCE__ENABLED", "true")][..],
+            "`presence.enabled` presence is kept in Redis",
+        ),
+        (
+            &[("WSHUB_LIMITS__MAX_CONNECTIONS_PER_USER", "3")][..],
+            "`limits.max_connections_per_user` the per-user limit is counted in Redis",
+        ),
+    ] {
+        let err = Config::load_from(None, env(vars)).unwrap_err().to_string();
+        assert!(err.contains(want), "{vars:?}: {err}");
+    }
+    let c = Config::load_from(
+        None,
+        env(&[
+            ("WSHUB_REDIS__URL", "redis://127.0.0.1:1"),
+            ("WSHUB_PRESENCE__ENABLED", "true"),
+            ("WSHUB_LIMITS__MAX_CONNECTIONS_PER_USER", "3"),
+            ("WSHUB_LIMITS__PER_USER_POLICY", "refuse"),
+        ]),
+    )
+    .unwrap();
+    assert!(c.presence.enabled);
+    assert_eq!(c.limits.max_connections_per_user, 3);
+    assert_eq!(c.limits.per_user_policy, PerUserPolicy::Refuse);
+    let err = Config::load_from(
+        None,
+        env(&[
+            ("WSHUB_REDIS__URL", "redis://127.0.0.1:1"),
+            ("WSHUB_LIMITS__PER_USER_POLICY", "kick"),
+        ]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("per_user_policy"), "{err}");
+}
+
+#[test]
 fn trusted_networks_from_the_environment() {
     let c = Config::load_from(
         None,

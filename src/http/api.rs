@@ -1,8 +1,11 @@
 //! The server API, `/api/*`: what a backend or an operator may ask of the
 //! whole cluster, from any node (`docs/api.md`): `POST /api/publish`,
 //! `POST /api/disconnect`, `GET /api/nodes`, `GET /api/topics`,
-//! `GET /api/history/{topic}`. The rules live in the node
-//! (`src/node/cluster.rs`); here requests are read and answers written.
+//! `GET /api/history/{topic}`, and with presence on
+//! `GET /api/presence/groups/{G}`, `/api/presence/nullgroup` and
+//! `/api/presence/users?ids=` (404 `presence_off` with it off). The rules
+//! live in the node (`src/node/cluster.rs`, `src/presence.rs`); here
+//! requests are read and answers written.
 //!
 //! - **Protection**: every path here, unknown ones included, is protected
 //!   like the broadcast endpoint, by the same check
@@ -22,7 +25,7 @@
 //! `dispatch` refuses as ambiguous) are handed back to it untouched.
 
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
@@ -33,6 +36,7 @@ use tracing::warn;
 use super::{BROADCAST_MARKER, HttpState, ambiguous_path};
 use crate::auth::{self, Denied};
 use crate::bus::BusError;
+use crate::bus::presence::{GroupView, UserView};
 use crate::bus::registry::NodeEntry;
 use crate::history::{Position, client_key, topic_of_client_key};
 use crate::logging::Untrusted;
@@ -54,6 +58,9 @@ const HISTORY_LIMIT: (usize, usize) = (100, 1000);
 pub(super) fn routes(http: HttpState) -> Router<HttpState> {
     Router::new()
         .route("/nodes", get(nodes))
+        .route("/presence/groups/{group}", get(presence_group))
+        .route("/presence/nullgroup", get(presence_nullgroup))
+        .route("/presence/users", get(presence_users))
         .route("/publish", post(publish))
         .route("/disconnect", post(disconnect))
         .route("/topics", get(topics))
@@ -200,6 +207,83 @@ async fn nodes(State(http): State<HttpState>) -> Result<Response, ApiError> {
         Json(NodesAnswer { nodes }),
     )
         .into_response())
+}
+
+/// Most ids in one `GET /api/presence/users` (each is one hash read in
+/// one script).
+const MAX_USER_IDS: usize = 1000;
+
+/// The node's presence, or 404 when presence is off (with the per-user
+/// limit alone too: nothing is kept per group).
+fn presence(http: &HttpState) -> Result<&std::sync::Arc<crate::presence::Presence>, ApiError> {
+    http.node.presence().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "presence_off",
+            "cluster presence is off on this node (presence.enabled = false; see docs/presence.md)",
+        )
+    })
+}
+
+/// `GET /api/presence/groups/{G}`: the group's members (the path segment
+/// is URL-decoded).
+async fn presence_group(
+    State(http): State<HttpState>,
+    Path(group): Path<String>,
+) -> Result<Response, ApiError> {
+    let view: GroupView = presence(&http)?.group(Some(&group)).await?;
+    Ok(fresh(view))
+}
+
+/// `GET /api/presence/nullgroup`: the null group's members.
+async fn presence_nullgroup(State(http): State<HttpState>) -> Result<Response, ApiError> {
+    let view: GroupView = presence(&http)?.group(None).await?;
+    Ok(fresh(view))
+}
+
+#[derive(Deserialize)]
+struct UsersQuery {
+    ids: Option<String>,
+}
+
+/// `GET /api/presence/users?ids=a,b`: each user's state, keyed by id.
+async fn presence_users(
+    State(http): State<HttpState>,
+    Query(query): Query<UsersQuery>,
+) -> Result<Response, ApiError> {
+    #[derive(Serialize)]
+    struct Users {
+        users: std::collections::BTreeMap<String, UserView>,
+    }
+    let presence = presence(&http)?;
+    let mut ids: Vec<String> = query
+        .ids
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .filter(|id| !id.is_empty())
+        .map(str::to_owned)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    if ids.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "name the users: ?ids=a,b (comma-separated, URL-encoded)",
+        ));
+    }
+    if ids.len() > MAX_USER_IDS {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("at most {MAX_USER_IDS} ids per request"),
+        ));
+    }
+    let views = presence.users(&ids).await?;
+    Ok(fresh(Users {
+        users: ids.into_iter().zip(views).collect(),
+    }))
 }
 
 /// An answer nobody should cache.

@@ -143,7 +143,7 @@ impl Node {
     pub async fn disconnect(&self, order: &Disconnect) -> Result<u64, BusError> {
         if let (Some(ban), Topic::User(user)) = (order.ban, &order.target) {
             // Before the order: a socket that subscribes after the order
-            // went out finds the ban when it checks (`connect_with`).
+            // went out finds the ban when it checks (`Node::connect_with`).
             self.control.ban(user, ban).await?;
         }
         let wire = Order::Disconnect {

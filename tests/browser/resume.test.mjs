@@ -115,7 +115,9 @@ test("the chat sample with resume: a restart of its node loses nothing, repeats 
   const bob = await joinChat(await newPage(), node2.url, "bob", "room");
   assert.deepEqual(await ann.evaluate(() => window.wshubChat.resumes), [{ recovered: false, replayed: 0 }],
     "a first connection has nothing to recover");
-  assert.match(await ann.evaluate(() => window.wshubChat.socket.socket.url), /&resume=$/, "resume= (empty) at first");
+  const first = new URL(await ann.evaluate(() => window.wshubChat.socket.socket.url)).searchParams;
+  assert.equal(first.get("resume"), "", "resume= (empty) at first");
+  assert.equal(first.get("presence"), "1", "the sample opts in to presence as well");
 
   await say(bob, "hello from bob");
   await listShows(ann, "hello from bob");

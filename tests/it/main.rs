@@ -25,6 +25,7 @@ mod hub;
 mod manifests;
 mod module_cycles;
 mod pages;
+mod presence;
 mod redis_acl;
 mod redis_sentinel;
 mod redis_tls;

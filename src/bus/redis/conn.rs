@@ -165,6 +165,37 @@ pub(super) async fn connect_publisher(
     ))
 }
 
+/// A connection for one blocking command at a time (the presence control
+/// list's `BLPOP`, `src/bus/redis/presence.rs`): like the publisher's, but
+/// with no response timeout, since the answer comes whenever something is
+/// pushed. Whoever uses it bounds the wait itself.
+pub(super) async fn connect_blocking(
+    link: &Link,
+    config: &RedisConfig,
+) -> redis::RedisResult<PubConn> {
+    let Link::Sharded(nodes) = link else {
+        let cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(config.command_timeout))
+            .set_response_timeout(None);
+        return Ok(PubConn::Single(
+            link.server(config, false)
+                .await?
+                .get_multiplexed_async_connection_with_config(&cfg)
+                .await?,
+        ));
+    };
+    Ok(PubConn::Sharded(
+        tls::cluster_builder(nodes, config)
+            .connection_timeout(config.command_timeout)
+            // A year: no answer is expected until something is pushed.
+            .response_timeout(std::time::Duration::from_secs(365 * 24 * 3600))
+            .retries(0)
+            .build()?
+            .get_async_connection()
+            .await?,
+    ))
+}
+
 impl PubConn {
     pub(super) async fn send(&mut self, batch: &[Outgoing]) -> redis::RedisResult<()> {
         match self {

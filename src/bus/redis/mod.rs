@@ -27,6 +27,10 @@
 //!   Redis every `presence.heartbeat_ms` on a connection of its own, once
 //!   the node has joined it, keeps the version gate `publish` consults, and
 //!   removes the node's entry when the bus stops.
+//! - **cluster presence** (`presence.rs`), on the registry's leases: one
+//!   script for every write and read, a sweep of dead nodes' holdings, and
+//!   a `BLPOP` per node on a connection of its own for join/leave frames
+//!   and sockets to replace (only with presence or the per-user limit on).
 //!
 //! **A long outage is refused, a blip is not.** Once the subscriber has
 //! lost Redis for longer than `redis.publish_retry_ms`, `publish` returns
@@ -81,6 +85,7 @@ mod conn;
 mod control;
 mod gaps;
 mod history;
+mod presence;
 mod publisher;
 mod queue;
 mod registry;

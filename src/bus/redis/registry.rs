@@ -45,32 +45,54 @@ use tracing::{debug, info, warn};
 
 use super::Shared;
 use super::conn::{Link, PubConn, connect_publisher};
+use super::presence::{self, RedisPresence};
 use crate::bus::BusError;
+use crate::bus::presence::Store;
 use crate::bus::registry::{NodeEntry, Nodes, Registry, VersionGate, Vitals};
 use crate::bus::wire;
 use crate::config::PresenceConfig;
 
-/// `KEYS[1]` the set, `KEYS[2]` this node's hash; `ARGV[1]` the member,
-/// `ARGV[2]` the lease (ms), `ARGV[3]` the hash key prefix, then the hash's
-/// fields and values. Returns each live member's `reads` ("" when its hash
-/// is gone).
+/// `KEYS[1]` the set, `KEYS[2]` this node's hash, `KEYS[3]` presence's
+/// leases, `KEYS[4]` presence's epoch; `ARGV[1]` the member, `ARGV[2]`
+/// the lease (ms), `ARGV[3]` the hash key prefix, `ARGV[4]` an epoch in
+/// case there is none, then the hash's fields and values. Returns each
+/// live member's `reads` ("" when its hash is gone), how many members are
+/// due for a presence sweep, the epoch, and 1 when this member was added
+/// anew (it had missed its lease, or Redis is new).
+///
+/// Presence's leases (`src/bus/redis/presence.rs`) repeat each member's
+/// lease in a set that never expires: a member stays there, due, until a
+/// node swept what it held, even if every node died at once and the set
+/// of members expired with them.
 const HEARTBEAT: &str = r"
 local t = redis.call('TIME')
 local now = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 local lease = tonumber(ARGV[2])
+local expiry = string.format('%.0f', now + lease)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZADD', KEYS[1], string.format('%.0f', now + lease), ARGV[1])
+local added = redis.call('ZADD', KEYS[1], expiry, ARGV[1])
 local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
 redis.call('PEXPIREAT', KEYS[1], last[2])
-redis.call('HSET', KEYS[2], unpack(ARGV, 4))
+redis.call('ZADD', KEYS[3], expiry, ARGV[1])
+redis.call('HSET', KEYS[2], unpack(ARGV, 5))
 redis.call('PEXPIRE', KEYS[2], lease)
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
 local reads = {}
 for i, member in ipairs(live) do
   reads[i] = redis.call('HGET', ARGV[3] .. member, 'reads') or ''
 end
-return reads
+local epoch = redis.call('GET', KEYS[4])
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('SET', KEYS[4], epoch)
+end
+return {reads, redis.call('ZCOUNT', KEYS[3], '-inf', now), epoch, added}
 ";
+
+/// A heartbeat's answer: every live member's `reads`, the dead members
+/// due for a sweep, the presence epoch, and 1 when this member was added
+/// anew.
+type Beat = (Vec<String>, i64, String, i64);
 
 /// `KEYS[1]` the set; `ARGV[1]` the hash key prefix. Returns every live
 /// member's hash as a flat field/value list (empty when it is gone).
@@ -85,10 +107,16 @@ end
 return out
 ";
 
-/// `KEYS[1]` the set, `KEYS[2]` this node's hash; `ARGV[1]` the member.
+/// `KEYS[1]` the set, `KEYS[2]` this node's hash, `KEYS[3]` presence's
+/// leases; `ARGV[1]` the member, `ARGV[2]` `presence.leave_delay_ms`:
+/// what the node held is swept that much later (users who reconnect to
+/// another node meanwhile cause no leave).
 const LEAVE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2])
+redis.call('ZADD', KEYS[3], string.format('%.0f', now + tonumber(ARGV[2])), ARGV[1])
 return 1
 ";
 
@@ -98,6 +126,14 @@ struct Keys {
     nodes: String,
     /// The prefix of every node's hash; the member follows.
     node_prefix: String,
+    /// The prefix of presence's keys (`src/bus/redis/presence.rs`), in the
+    /// same slot: its scripts read the live set.
+    presence_prefix: String,
+    /// Presence's leases: members that may hold presence, scored by when
+    /// they may be swept.
+    dead: String,
+    /// Presence's epoch.
+    epoch: String,
 }
 
 impl Keys {
@@ -107,6 +143,9 @@ impl Keys {
         Self {
             nodes: format!("{tag}:nodes"),
             node_prefix: format!("{tag}:node:"),
+            presence_prefix: format!("{tag}:"),
+            dead: format!("{tag}:pleases"),
+            epoch: format!("{tag}:pepoch"),
         }
     }
 }
@@ -135,6 +174,11 @@ struct Inner {
     down_because: Mutex<Option<String>>,
     stop: CancellationToken,
     tasks: TaskTracker,
+    /// Cluster presence and the per-user limit, on these leases.
+    presence: Arc<RedisPresence>,
+    /// `presence.leave_delay_ms`: how long after a graceful leave its
+    /// holdings are swept.
+    leave_delay: Duration,
 }
 
 impl RedisRegistry {
@@ -150,12 +194,23 @@ impl RedisRegistry {
     ) -> Self {
         let keys = Keys::new(&shared.config.channel_prefix);
         let member = format!("{}:{:016x}", shared.node_id, rand::random::<u64>());
+        let presence_store = Arc::new(RedisPresence::new(
+            shared.clone(),
+            link.clone(),
+            keys.presence_prefix.clone(),
+            member.clone(),
+            presence.clone(),
+            stop.clone(),
+            tasks.clone(),
+        ));
         Self {
             inner: Arc::new(Inner {
                 shared,
                 link,
                 keys,
                 member,
+                presence: presence_store,
+                leave_delay: presence.leave_delay,
                 started: wire::now_ms(),
                 lease: presence.lease,
                 heartbeat: presence.heartbeat,
@@ -184,6 +239,10 @@ impl Registry for RedisRegistry {
 
     fn gate(&self) -> &VersionGate {
         &self.inner.shared.gate
+    }
+
+    fn presence(&self) -> Option<Arc<dyn Store>> {
+        Some(Arc::new(presence::Handle(self.inner.presence.clone())))
     }
 }
 
@@ -281,7 +340,12 @@ impl Inner {
         }
         let metrics = &self.shared.metrics;
         match result {
-            Ok(reads) => {
+            Ok((reads, due, epoch, added)) => {
+                if *outage {
+                    self.presence.redis_back();
+                }
+                self.presence
+                    .after_beat(epoch, added == 1, due.max(0) as u64);
                 let parsed: Vec<Option<Vec<u32>>> = reads.iter().map(|r| parse_reads(r)).collect();
                 self.shared
                     .gate
@@ -313,7 +377,7 @@ impl Inner {
 
     /// Connects if needed and runs the heartbeat script; on failure the
     /// connection is dropped (the next attempt opens a new one).
-    async fn beat(&self, entry: &NodeEntry) -> Result<Vec<String>, String> {
+    async fn beat(&self, entry: &NodeEntry) -> Result<Beat, String> {
         let mut conn = self.connection().await?;
         let hash = format!("{}{}", self.keys.node_prefix, self.member);
         let reads = entry
@@ -324,12 +388,15 @@ impl Inner {
             .join(",");
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(HEARTBEAT)
-            .arg(2)
+            .arg(4)
             .arg(&self.keys.nodes)
             .arg(&hash)
+            .arg(&self.keys.dead)
+            .arg(&self.keys.epoch)
             .arg(&self.member)
             .arg(self.lease.as_millis() as u64)
             .arg(&self.keys.node_prefix)
+            .arg(format!("{:016x}", rand::random::<u64>()))
             .arg("id")
             .arg(&entry.id)
             .arg("version")
@@ -343,7 +410,7 @@ impl Inner {
             .arg("reads")
             .arg(reads);
         let command_timeout = self.shared.config.command_timeout;
-        let failed = match timeout(command_timeout, query::<Vec<String>>(&mut conn, &cmd)).await {
+        let failed = match timeout(command_timeout, query::<Beat>(&mut conn, &cmd)).await {
             Ok(Ok(reads)) => return Ok(reads),
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {} ms", command_timeout.as_millis()),
@@ -412,10 +479,12 @@ impl Inner {
     async fn leave(&self) {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(LEAVE)
-            .arg(2)
+            .arg(3)
             .arg(&self.keys.nodes)
             .arg(format!("{}{}", self.keys.node_prefix, self.member))
-            .arg(&self.member);
+            .arg(&self.keys.dead)
+            .arg(&self.member)
+            .arg(self.leave_delay.as_millis() as u64);
         let command_timeout = self.shared.config.command_timeout;
         let left = timeout(command_timeout, async {
             let mut conn = self.connection().await?;

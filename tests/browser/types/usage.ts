@@ -51,4 +51,21 @@ const action: "backoff" | "later" | "never" = reconnectPolicy(4003);
 const never: typeof Reconnect.NEVER = "never";
 ws.send(msg);
 ws.close();
+
+// Presence (docs/presence.md).
+const present = new WebConnectionWebSocket({ presence: true });
+present.onPresenceHandler = (ev) => {
+  const who: string[] = ev.members.map((m) => m.userId);
+  const kind: "snapshot" | "join" | "leave" = ev.type;
+  console.log(who, kind, ev.userId, ev.v, present.members.length);
+};
+// @ts-expect-error members is read-only
+present.members = [];
+// @ts-expect-error presence is a boolean
+new WebConnectionWebSocket({ presence: "yes" });
+
+// Both at once: the chat sample's configuration.
+const both = new WebConnectionWebSocket({ resume: true, presence: true });
+both.onResumeHandler = (info) => console.log(info.recovered, both.members.length);
+both.onPresenceHandler = (ev) => console.log(ev.type, both.positions["all"]);
 export { all, untyped, nullType, action, never, allAt, groupAt, keys, resumeUrl, badKey };
