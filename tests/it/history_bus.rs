@@ -872,3 +872,67 @@ async fn a_node_restarted_under_its_id_is_not_taken_for_its_previous_run() {
     second.publish(std::slice::from_ref(&a), "second run");
     assert_eq!(receiver.next_copy().await.1, "second run");
 }
+
+/// A counter of `INFO stats` on the server at `port`.
+fn info_stat(port: u16, name: &str) -> u64 {
+    let info = cli(port, &["INFO", "stats"]);
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {name} in INFO stats"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Review of issue 14, item 8: Redis answering the publish script with an
+/// error (here `OOM` under `maxmemory` with `noeviction`) is not a broken
+/// connection: the publisher keeps its connection, tries again with a
+/// growing pause, and the batch goes out once Redis takes it again.
+#[tokio::test]
+async fn an_error_reply_keeps_the_connection_and_the_batch() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let publisher = Member::start(&url, "pub", Some(settings())).await;
+    let mut receiver = Member::start(&url, "rcv", Some(settings())).await;
+    let a = group("a");
+    receiver.subscribe(std::slice::from_ref(&a)).await;
+    publisher.publish(std::slice::from_ref(&a), "before");
+    assert_eq!(receiver.next_copy().await.1, "before");
+
+    assert_eq!(
+        cli(
+            redis.port,
+            &["CONFIG", "SET", "maxmemory-policy", "noeviction"]
+        ),
+        "OK"
+    );
+    assert_eq!(cli(redis.port, &["CONFIG", "SET", "maxmemory", "1"]), "OK");
+    let connections = info_stat(redis.port, "total_connections_received");
+    publisher.publish(std::slice::from_ref(&a), "refused");
+    // What happens over time is what this test is about: Redis refuses
+    // every call for a second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let refused = publisher.metric("wshub_bus_publish_failures_total");
+    assert!(refused >= 2.0, "the refusals are counted: {refused}");
+    // 50, 100, 200, 200, 200, 200 ms (redis.reconnect_max_ms is 200 here).
+    assert!(
+        refused <= 8.0,
+        "tried again with a growing pause: {refused}"
+    );
+    assert_eq!(
+        info_stat(redis.port, "total_connections_received") - connections,
+        1,
+        "no reconnect, the connection is fine (the one is redis-cli's own)"
+    );
+    assert_eq!(cli(redis.port, &["CONFIG", "SET", "maxmemory", "0"]), "OK");
+    assert_eq!(
+        receiver.next_copy().await.1,
+        "refused",
+        "sent once Redis took it"
+    );
+    assert_eq!(receiver.until_sentinel(&publisher, &a).await, vec![]);
+    assert_eq!(
+        publisher.metric("wshub_messages_dropped_total{reason=\"bus_unavailable\"}"),
+        0.0
+    );
+}
