@@ -105,7 +105,12 @@ pub trait History: Send + Sync + 'static {
         positions: &'a Positions,
     ) -> HistoryFuture<'a, ()>;
 
-    /// Takes one stored handoff for `who`, if there is one.
+    /// Takes one stored handoff for `who`, if there is one, and answers
+    /// with the [`earliest`] positions among every handoff stored for `who`
+    /// at that moment (the taken one included): two tabs of one identity
+    /// store two handoffs, closed at different moments, and cannot tell
+    /// which is theirs; each replays from the earliest, so neither loses a
+    /// message (the one that closed later may see some twice).
     fn handoff_take<'a>(&'a self, who: &'a Identity) -> HistoryFuture<'a, Option<Positions>>;
 }
 
@@ -121,9 +126,43 @@ pub enum HistoryError {
     Unreadable(String),
 }
 
+/// The earliest of some handoffs' positions, per topic: `taken`'s position
+/// lowered to the lowest offset any of `others` holds in the same epoch.
+/// A position in another epoch cannot be compared and is left out (a
+/// handoff from before the topic's history started afresh; replaying from
+/// it could not be recovered anyway).
+pub fn earliest(taken: Positions, others: &[Positions]) -> Positions {
+    let mut out = taken;
+    for (slot, mine) in out.iter_mut().enumerate() {
+        let Some(mine) = mine else { continue };
+        for other in others.iter().filter_map(|o| o[slot].as_ref()) {
+            if other.epoch == mine.epoch && other.offset < mine.offset {
+                mine.offset = other.offset;
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_earliest_handoff_is_per_topic_in_the_same_epoch() {
+        let p = Position::parse;
+        let taken: Positions = [p("a:9"), p("g:5"), p("u:3")];
+        let others: [Positions; 2] = [[p("a:4"), p("g:7"), p("old:1")], [p("a:6"), p("g:2"), None]];
+        assert_eq!(
+            earliest(taken.clone(), &others),
+            [p("a:4"), p("g:2"), p("u:3")]
+        );
+        assert_eq!(earliest(taken.clone(), &[]), taken);
+        assert_eq!(
+            earliest([None, p("g:5"), None], &others),
+            [None, p("g:2"), None]
+        );
+    }
 
     fn who(user: &str, group: Option<&str>) -> Identity {
         Identity {

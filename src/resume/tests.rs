@@ -229,8 +229,10 @@ impl History for Mem {
     fn handoff_take<'a>(&'a self, who: &'a Identity) -> HistoryFuture<'a, Option<Positions>> {
         self.answer(move |state| {
             let key = (who.user.clone(), who.group.clone());
+            // As Redis does: the newest is taken, from the earliest stored.
             let list = state.handoffs.get_mut(&key)?;
-            (!list.is_empty()).then(|| list.remove(0))
+            let taken = list.pop()?;
+            Some(crate::history::earliest(taken, list))
         })
     }
 }

@@ -694,6 +694,89 @@ async fn a_legacy_page_is_handed_over_across_a_node_shutdown() {
     assert!(again.until_sentinel(&tag).await.is_empty());
 }
 
+/// Everything a legacy socket receives before a sentinel published now
+/// through `server`, sentinels left out: no welcome, no `pos`.
+async fn legacy_until_sentinel(server: &TestServer, client: &mut Client) -> Vec<String> {
+    let tag = sentinel(server).await;
+    let mut got = Vec::new();
+    loop {
+        let text = client.recv_text().await;
+        let frame = parse(&text);
+        if frame["message"] == tag {
+            return got;
+        }
+        assert_ne!(frame["action"], "wshub.welcome", "no welcome: {text}");
+        assert!(frame.get("pos").is_none(), "no pos: {text}");
+        let message = frame["message"].as_str().unwrap();
+        if !message.starts_with("resume-sentinel") {
+            got.push(message.to_owned());
+        }
+    }
+}
+
+/// Drains `server` and waits for `client`'s 1001.
+async fn drained(server: TestServer, client: &mut Client) {
+    let shutdown = tokio::spawn(server.node.shutdown(Duration::ZERO, Duration::from_secs(5)));
+    match client.ended().await {
+        Ended::Closed(code, _) => assert_eq!(code, 1001),
+        other => panic!("expected 1001, got {other:?}"),
+    }
+    shutdown.await.unwrap();
+}
+
+/// Review of issue 14, item 3: two tabs of one identity closed at
+/// different moments (two handoffs at different positions) and reconnecting
+/// in the other order. Each takes one handoff but replays from the earliest
+/// position stored for the identity: neither loses a message; the tab that
+/// closed later sees what was published in between twice.
+#[tokio::test]
+async fn two_tabs_handed_over_at_different_moments_lose_nothing_in_any_order() {
+    let redis = RedisServer::start();
+    let (one, two, three) = (
+        node(&redis.url(), Some(settings())).await,
+        node(&redis.url(), Some(settings())).await,
+        node(&redis.url(), Some(settings())).await,
+    );
+    let mut watcher = Watcher::on(&three).await;
+    let page = Page::new("ann", Some("chat"));
+    let mut early = page.open(&one, None).await;
+    let mut late = page.open(&two, None).await;
+    publish(&three, say("seen", json!([to_group("chat")]))).await;
+    for tab in [&mut early, &mut late] {
+        assert_eq!(tab.recv().await["message"], "seen");
+    }
+    drained(one, &mut early).await;
+    publish(&three, say("between 1", json!([to_user("ann")]))).await;
+    publish(&three, say("between 2", json!([to_group("chat")]))).await;
+    for text in ["between 1", "between 2"] {
+        assert_eq!(late.recv().await["message"], text, "the later tab saw it");
+    }
+    drained(two, &mut late).await;
+    let key = r#"wshub:ho:["ann","chat"]"#;
+    assert_eq!(cli(redis.port, &["LLEN", key]), "2", "two handoffs");
+    publish(&three, say("after", json!([to_user("ann")]))).await;
+    watcher.settle(&three).await;
+
+    // The tab that closed later comes back first, then the other.
+    let mut late = page.open(&three, None).await;
+    assert_eq!(
+        legacy_until_sentinel(&three, &mut late).await,
+        ["between 1", "between 2", "after"],
+        "from the earliest position: what it saw in between, again"
+    );
+    let mut early = page.open(&three, None).await;
+    assert_eq!(
+        legacy_until_sentinel(&three, &mut early).await,
+        ["between 1", "between 2", "after"],
+        "the tab that closed first loses nothing"
+    );
+    assert_eq!(cli(redis.port, &["EXISTS", key]), "0", "both taken");
+    assert_eq!(
+        three.metric("wshub_resume_total{result=\"recovered\"}"),
+        2.0
+    );
+}
+
 /// A legacy page whose node starts draining while the page's socket takes
 /// over a handoff (the history replies held by a gate proxy): the socket
 /// still gets what it missed before its 1001, and hands the handoff on.
@@ -717,7 +800,7 @@ async fn a_legacy_page_drained_while_taking_over_a_handoff_hands_it_on() {
     publish(&publisher, say("missed", json!([to_user("ann")]))).await;
     watcher.settle(&publisher).await;
 
-    proxy.arm_on(b"LPOP");
+    proxy.arm_on(b"LRANGE");
     let (addr, path) = (draining.addr, page.path(None));
     let connecting = tokio::spawn(async move { Client::connect(addr, &path).await });
     proxy.held().await;

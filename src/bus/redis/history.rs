@@ -224,6 +224,20 @@ return {e, top, redis.call('XRANGE', KEYS[2], string.format('%d', after + 1) .. 
 "#
 );
 
+/// Takes a drain handoff: every handoff stored under `KEYS[1]`, oldest
+/// first, of which the last (the newest) is removed. The taker replays
+/// from the earliest position among them ([`History::handoff_take`]);
+/// taking the newest leaves the earliest for the tabs still to come. Sent
+/// as `EVAL` (a handful of bytes, once per socket that takes a handoff),
+/// so nothing needs loading.
+const TAKE_LUA: &str = r"
+local all = redis.call('LRANGE', KEYS[1], 0, -1)
+if #all > 0 then
+  redis.call('RPOP', KEYS[1])
+end
+return all
+";
+
 /// The Redis keys of history, under the channel prefix.
 #[derive(Debug, Clone)]
 pub(super) struct Keys {
@@ -896,12 +910,27 @@ impl History for RedisHistory {
     fn handoff_take<'a>(&'a self, who: &'a Identity) -> HistoryFuture<'a, Option<Positions>> {
         Box::pin(async move {
             let key = &self.keys.handoff(who);
-            let taken: Option<String> =
-                self.call(|mut c| async move {
-                    redis::cmd("LPOP").arg(key).query_async(&mut c.conn).await
+            let mut stored: Vec<String> = self
+                .call(|mut c| async move {
+                    redis::cmd("EVAL")
+                        .arg(TAKE_LUA)
+                        .arg(1)
+                        .arg(key)
+                        .query_async(&mut c.conn)
+                        .await
                 })
                 .await?;
-            taken.as_deref().map(handoff_from_json).transpose()
+            // The last one is the one taken.
+            let Some(taken) = stored.pop() else {
+                return Ok(None);
+            };
+            let taken = handoff_from_json(&taken)?;
+            // One that cannot be read is no one's to replay from.
+            let others: Vec<Positions> = stored
+                .iter()
+                .filter_map(|text| handoff_from_json(text).ok())
+                .collect();
+            Ok(Some(crate::history::earliest(taken, &others)))
         })
     }
 }
