@@ -88,8 +88,18 @@ pub trait History: Send + Sync + 'static {
     /// has none (so every position handed out names a real epoch).
     fn tops<'a>(&'a self, topics: &'a [Topic]) -> HistoryFuture<'a, Vec<Position>>;
 
+    /// The current position of each topic like [`tops`](Self::tops), but
+    /// never making an epoch: [`Position::unborn`] for a topic that has
+    /// none yet. For sockets that do not speak resume, which must not
+    /// create history keys (one per user topic, kept a day, for every
+    /// page that ever connected).
+    fn peek<'a>(&'a self, topics: &'a [Topic]) -> HistoryFuture<'a, Vec<Position>>;
+
     /// The messages published to `topic` after `after`, if all of them are
     /// still kept, no older than `history.ttl_ms`, and at most `max`.
+    /// After [`Position::unborn`]: every message of the topic's current
+    /// epoch, or none (and the top unborn) when it still has no epoch,
+    /// which is then not made.
     fn read<'a>(
         &'a self,
         topic: &'a Topic,
@@ -127,16 +137,20 @@ pub enum HistoryError {
 }
 
 /// The earliest of some handoffs' positions, per topic: `taken`'s position
-/// lowered to the lowest offset any of `others` holds in the same epoch.
-/// A position in another epoch cannot be compared and is left out (a
-/// handoff from before the topic's history started afresh; replaying from
-/// it could not be recovered anyway).
+/// lowered to the lowest offset any of `others` holds in the same epoch,
+/// or to [`Position::unborn`] when one of them is (that socket saw no
+/// epoch of the topic, so every epoch it has now came later). A position
+/// in another epoch cannot be compared and is left out (a handoff from
+/// before the topic's history started afresh; replaying from it could not
+/// be recovered anyway).
 pub fn earliest(taken: Positions, others: &[Positions]) -> Positions {
     let mut out = taken;
     for (slot, mine) in out.iter_mut().enumerate() {
         let Some(mine) = mine else { continue };
         for other in others.iter().filter_map(|o| o[slot].as_ref()) {
-            if other.epoch == mine.epoch && other.offset < mine.offset {
+            if other.is_unborn() {
+                *mine = Position::unborn();
+            } else if other.epoch == mine.epoch && other.offset < mine.offset {
                 mine.offset = other.offset;
             }
         }
@@ -161,6 +175,16 @@ mod tests {
         assert_eq!(
             earliest([None, p("g:5"), None], &others),
             [None, p("g:2"), None]
+        );
+        let unborn = [Some(Position::unborn()), p("g:1"), Some(Position::unborn())];
+        assert_eq!(
+            earliest(taken.clone(), std::slice::from_ref(&unborn)),
+            unborn
+        );
+        assert_eq!(
+            earliest(unborn.clone(), &others),
+            unborn,
+            "nothing is earlier"
         );
     }
 

@@ -424,6 +424,49 @@ async fn tops_and_reads() {
     assert_eq!(history.tops(&[fresh]).await.unwrap()[0], t);
 }
 
+/// `peek` and a read after an unborn position never make an epoch (what
+/// sockets that do not speak resume use, review of issue 14, item 5); once
+/// the topic has one, the read after unborn is its whole epoch.
+#[tokio::test]
+async fn peeks_and_reads_after_unborn_make_no_epoch() {
+    let redis = RedisServer::start();
+    let mut node = Member::start(&redis.url(), "n", Some(settings())).await;
+    let history = node.history();
+    let a = group("a");
+    let unborn = Position::unborn();
+    assert_eq!(
+        history.peek(std::slice::from_ref(&a)).await.unwrap(),
+        std::slice::from_ref(&unborn)
+    );
+    match history.read(&a, &unborn, 10).await.unwrap() {
+        Read::Complete { messages, top } => assert_eq!((messages.len(), top), (0, unborn.clone())),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        cli(redis.port, &["EXISTS", "wshub:h:{g:a}:m"]),
+        "0",
+        "no epoch made"
+    );
+    node.subscribe(std::slice::from_ref(&a)).await;
+    node.publish(std::slice::from_ref(&a), "p1");
+    node.publish(std::slice::from_ref(&a), "p2");
+    let (_, _, stamp) = node.next_copy().await;
+    node.next_copy().await;
+    let epoch = position(&stamp, &a).epoch;
+    let top = Position { epoch, offset: 2 };
+    assert_eq!(
+        history.peek(std::slice::from_ref(&a)).await.unwrap(),
+        std::slice::from_ref(&top)
+    );
+    match history.read(&a, &unborn, 10).await.unwrap() {
+        Read::Complete { messages, top: t } => {
+            let texts: Vec<String> = messages.iter().map(|m| m.frame.to_string()).collect();
+            assert_eq!((texts, t), (vec!["p1".to_owned(), "p2".to_owned()], top));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 /// Entries trimmed by `size_*` (`XADD MAXLEN ~`) make a read that needs
 /// them `Incomplete`; within what is kept it is complete.
 #[tokio::test]

@@ -777,6 +777,79 @@ async fn two_tabs_handed_over_at_different_moments_lose_nothing_in_any_order() {
     );
 }
 
+/// The history keys in the Redis at `port` (`P:h:{K}:m`, `P:h:{K}:s`).
+fn history_keys(port: u16) -> Vec<String> {
+    let mut keys: Vec<String> = cli(port, &["--scan", "--pattern", "wshub:h:*"])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// Review of issue 14, item 5: sockets that do not speak resume create no
+/// history keys. One whose user id the hub generated can never take a
+/// handoff (its next socket gets another id): it reads nothing at all.
+/// One with a user id reads its topics' tops without making an epoch.
+#[tokio::test]
+async fn legacy_sockets_make_no_history_keys() {
+    let redis = RedisServer::start();
+    let server = node(&redis.url(), Some(settings())).await;
+    for n in 0..20 {
+        let path = if n % 4 == 0 {
+            format!("/__initializeWebSocket.wc?userid=known{n}&groupid=kgrp")
+        } else {
+            "/__initializeWebSocket.wc?groupid=kgrp".to_owned()
+        };
+        let mut client = Client::connect(server.addr, &path).await;
+        // Its decision is made before anything else is written to it.
+        let tag = sentinel(&server).await;
+        client.until_sentinel(&tag).await;
+        client.close().await;
+    }
+    assert_eq!(
+        history_keys(redis.port),
+        ["wshub:h:{all}:m", "wshub:h:{all}:s"],
+        "only the sentinels' topic"
+    );
+}
+
+/// The other half of item 5: a legacy page whose topics had no history yet
+/// when it connected (so its tops made none) is still handed over soundly:
+/// the messages of an epoch made after it connected are replayed from
+/// that epoch's start.
+#[tokio::test]
+async fn a_legacy_page_whose_topics_had_no_history_is_handed_over() {
+    let redis = RedisServer::start();
+    let (one, two) = (
+        node(&redis.url(), Some(settings())).await,
+        node(&redis.url(), Some(settings())).await,
+    );
+    let page = Page::new("ann", Some("chat"));
+    let mut client = page.open(&one, None).await;
+    // Its decision is made (with no keys at all) before this is written.
+    publish(&two, say("seen", json!([to_group("chat")]))).await;
+    assert_eq!(client.recv().await["message"], "seen");
+    assert_eq!(
+        history_keys(redis.port),
+        ["wshub:h:{g:chat}:m", "wshub:h:{g:chat}:s"],
+        "the page made no epoch of its own"
+    );
+    drained(one, &mut client).await;
+    let mut watcher = Watcher::on(&two).await;
+    publish(&two, say("first to ann", json!([to_user("ann")]))).await;
+    publish(&two, say("to chat", json!([to_group("chat")]))).await;
+    watcher.settle(&two).await;
+    let mut client = page.open(&two, None).await;
+    let got = legacy_until_sentinel(&two, &mut client).await;
+    assert_eq!(
+        got,
+        ["first to ann", "to chat"],
+        "the user topic's first epoch from its start, the group after what it saw"
+    );
+    assert_eq!(two.metric("wshub_resume_total{result=\"recovered\"}"), 1.0);
+}
+
 /// A legacy page whose node starts draining while the page's socket takes
 /// over a handoff (the history replies held by a gate proxy): the socket
 /// still gets what it missed before its 1001, and hands the handoff on.

@@ -204,10 +204,20 @@ return out
 /// KEYS: meta, stream. ARGV: run id, meta ttl ms, the epoch asked for, the
 /// offset after which to read, the last offset wanted (0: the top), the
 /// most entries to return. Returns `[epoch, top offset, entries]`; no
-/// entries when the epoch differs or there are more than asked for.
+/// entries when the epoch differs or there are more than asked for. The
+/// epoch `''` ([`Position::unborn`]) asks for the current epoch from its
+/// start, and makes none: `['', '0', []]` when the topic has none.
 const READ_LUA: &str = concat!(
     epoch_lua!(),
     r#"
+local want = ARGV[3]
+if want == '' then
+  local m = redis.call('HMGET', KEYS[1], 'e', 'r')
+  if not (m[1] and m[2] == ARGV[1]) then
+    return {'', '0', {}}
+  end
+  want = m[1]
+end
 local e = epoch_of(KEYS[1], KEYS[2], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local o = tonumber(redis.call('HGET', KEYS[1], 'o'))
@@ -216,7 +226,7 @@ if upto == 0 or upto > o then
   upto = o
 end
 local top = string.format('%d', o)
-if e ~= ARGV[3] or after >= upto or upto - after > most then
+if e ~= want or after >= upto or upto - after > most then
   return {e, top, {}}
 end
 return {e, top, redis.call('XRANGE', KEYS[2], string.format('%d', after + 1) .. '-0',
@@ -809,13 +819,36 @@ fn handoff_from_json(text: &str) -> Result<Positions, HistoryError> {
     }
     for (slot, text) in positions.iter_mut().zip(texts) {
         if let Some(text) = text {
-            *slot = Some(Position::parse(&text).ok_or_else(bad)?);
+            // An unborn position is stored as its text, ":0", which
+            // `parse` (for what clients send) refuses. (A node of an
+            // earlier version refuses the handoff: not recovered.)
+            *slot = Some(if text == UNBORN {
+                Position::unborn()
+            } else {
+                Position::parse(&text).ok_or_else(bad)?
+            });
         }
     }
     Ok(positions)
 }
 
+/// How [`Position::unborn`] is written in a handoff.
+const UNBORN: &str = ":0";
+
 impl History for RedisHistory {
+    fn peek<'a>(&'a self, topics: &'a [Topic]) -> HistoryFuture<'a, Vec<Position>> {
+        Box::pin(async move {
+            let heads = self.heads(topics).await?;
+            Ok(heads
+                .into_iter()
+                .map(|head| match head {
+                    Head::At(position) => position,
+                    Head::Fresh => Position::unborn(),
+                })
+                .collect())
+        })
+    }
+
     fn tops<'a>(&'a self, topics: &'a [Topic]) -> HistoryFuture<'a, Vec<Position>> {
         Box::pin(async move {
             if topics.is_empty() {
@@ -859,6 +892,18 @@ impl History for RedisHistory {
     ) -> HistoryFuture<'a, Read> {
         Box::pin(async move {
             let (top, entries) = self.entries(topic, after, 0, max).await?;
+            // After an unborn position: the current epoch from its start
+            // (or nothing, the top unborn too, while there is none).
+            let from_start;
+            let after = if after.is_unborn() && !top.is_unborn() {
+                from_start = Position {
+                    epoch: top.epoch.clone(),
+                    offset: 0,
+                };
+                &from_start
+            } else {
+                after
+            };
             if top.epoch != after.epoch || top.offset < after.offset {
                 return Ok(Read::Incomplete { top });
             }
@@ -966,7 +1011,18 @@ mod tests {
         let text = handoff_json(&positions);
         assert_eq!(text, r#"["k3:41",null,"q2:5"]"#);
         assert_eq!(handoff_from_json(&text).unwrap(), positions);
-        for bad in ["", "[]", r#"["x"]"#, r#"["a:1",null,"bad"]"#, "{}"] {
+        let unborn: Positions = [Position::parse("k3:41"), Some(Position::unborn()), None];
+        let text = handoff_json(&unborn);
+        assert_eq!(text, r#"["k3:41",":0",null]"#);
+        assert_eq!(handoff_from_json(&text).unwrap(), unborn);
+        for bad in [
+            "",
+            "[]",
+            r#"["x"]"#,
+            r#"["a:1",null,"bad"]"#,
+            "{}",
+            r#"[":1",null,null]"#,
+        ] {
             assert!(handoff_from_json(bad).is_err(), "{bad:?}");
         }
     }
