@@ -57,7 +57,7 @@ pub fn parse_resume(value: &str, who: &Identity) -> Result<Positions, ResumePars
 #[error("the resume positions cannot be read")]
 pub struct ResumeParseError;
 
-/// What [`History::read`] found after a position.
+/// What [`History::read_many`] found after one position.
 #[derive(Debug)]
 pub enum Read {
     /// Every message published to the topic after the position, in offset
@@ -95,17 +95,40 @@ pub trait History: Send + Sync + 'static {
     /// page that ever connected).
     fn peek<'a>(&'a self, topics: &'a [Topic]) -> HistoryFuture<'a, Vec<Position>>;
 
-    /// The messages published to `topic` after `after`, if all of them are
-    /// still kept, no older than `history.ttl_ms`, and at most `max`.
-    /// After [`Position::unborn`]: every message of the topic's current
-    /// epoch, or none (and the top unborn) when it still has no epoch,
-    /// which is then not made.
+    /// For each `(topic, after)`, in order, the messages published to the
+    /// topic after the position, if all of them are still kept, no older
+    /// than `history.ttl_ms`, and at most `max` (per topic). All the topics
+    /// are read in **one atomic snapshot**: a message published while they
+    /// are read is in every read of its topics or in none, and is later in
+    /// publish order than every message read (what the resume decision
+    /// relies on; see `src/resume/decision.rs`). After
+    /// [`Position::unborn`]: every message of the topic's current epoch,
+    /// or none (and the top unborn) when it still has no epoch, which is
+    /// then not made.
+    fn read_many<'a>(
+        &'a self,
+        from: &'a [(Topic, Position)],
+        max: usize,
+    ) -> HistoryFuture<'a, Vec<Read>>;
+
+    /// [`read_many`](Self::read_many) of one topic.
     fn read<'a>(
         &'a self,
         topic: &'a Topic,
         after: &'a Position,
         max: usize,
-    ) -> HistoryFuture<'a, Read>;
+    ) -> HistoryFuture<'a, Read> {
+        Box::pin(async move {
+            let from = [(topic.clone(), after.clone())];
+            let mut reads = self.read_many(&from, max).await?;
+            match (reads.pop(), reads.is_empty()) {
+                (Some(read), true) => Ok(read),
+                _ => Err(HistoryError::Unreadable(
+                    "history answered the wrong number of reads".into(),
+                )),
+            }
+        })
+    }
 
     /// Stores a legacy socket's positions under its identity, for the next
     /// socket with that identity (drain handoff); kept for `history.ttl_ms`.

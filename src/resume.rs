@@ -8,7 +8,7 @@
 //! # The decision
 //!
 //! In `decision.rs` ([`Resumer`], [`decide`]): why a socket is recovered
-//! or not, and why history is read in rounds.
+//! or not, and why a socket's topics are read in one snapshot.
 //!
 //! # De-duplication: floors and marks
 //!
@@ -44,7 +44,7 @@ use crate::route::{Identity, Topic};
 
 mod decision;
 
-pub use decision::{MAX_ROUNDS, NotRecovered, Resumer, decide};
+pub use decision::{NotRecovered, Resumer, decide};
 
 /// The action of the first frame on a socket that speaks resume.
 pub const ACTION_WELCOME: &str = "wshub.welcome";

@@ -11,6 +11,7 @@ mod common;
 mod backend;
 mod backend_signing;
 mod bus_conformance;
+mod chaos;
 mod chat_backend;
 mod cli;
 mod cluster;

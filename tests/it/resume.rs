@@ -558,10 +558,10 @@ async fn history_that_does_not_answer_is_not_recovered_and_the_socket_stays() {
 
 // ---- Live copies during a replay -----------------------------------------------
 
-/// The reading node's history replies are held (a gate proxy in front of
+/// The reading node's history reply is held (a gate proxy in front of
 /// Redis) while more messages are published: their live copies reach the
-/// socket's outbox during the replay, and the second round of reads finds
-/// them in history too. Each is delivered once, in order.
+/// socket's outbox while the snapshot of its topics is on its way, and
+/// follow the replay, above its tops. Each is delivered once, in order.
 #[tokio::test]
 async fn live_copies_that_arrive_during_the_replay_are_not_duplicated() {
     let redis = RedisServer::start();
@@ -618,6 +618,84 @@ async fn live_copies_that_arrive_during_the_replay_are_not_duplicated() {
         ["before 1", "before 2", "during 1", "during 2", "during 3"],
         "each once, in order"
     );
+}
+
+/// A sender keeps sending, alternating between everyone and ann's group,
+/// while ann leaves and resumes again and again, on one node and the
+/// other: her topics grow while they are read, and there is never a quiet
+/// moment. Each resume is recovered all the same (her topics are read in
+/// one snapshot), and across her sockets ann receives every message once,
+/// in the order sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_under_steady_traffic_are_recovered_once_in_order() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let redis = RedisServer::start();
+    // Ann reads more slowly than the sender sends: room for all she falls
+    // behind by, so that no resume needs a trimmed entry.
+    let roomy = HistoryConfig {
+        size_all: 100_000,
+        size_group: 100_000,
+        max_replay: 100_000,
+        ..settings()
+    };
+    let (one, two) = (
+        node(&redis.url(), Some(roomy.clone())).await,
+        node(&redis.url(), Some(roomy)).await,
+    );
+    let mut ann = Page::new("ann", Some("chat"));
+    let mut client = ann.open(&two, Some("")).await;
+    ann.welcome(&mut client).await;
+    // The sender is in no topic it sends to.
+    let mut sender = one.connect("sender", Some("senders")).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopping = stop.clone();
+    let sending = tokio::spawn(async move {
+        let mut n = 0usize;
+        while !stopping.load(Ordering::Relaxed) {
+            let recipients = if n.is_multiple_of(2) {
+                json!([except("sender")])
+            } else {
+                json!([to_group("chat")])
+            };
+            sender.send_json(say(&format!("c{n}"), recipients)).await;
+            n += 1;
+            if n.is_multiple_of(25) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        sender
+            .send_json(say("end", json!([except("sender")])))
+            .await;
+        n
+    });
+    let mut seen: Vec<String> = Vec::new();
+    for round in 0..12 {
+        for _ in 0..100 {
+            let frame = client.recv().await;
+            ann.observe(&frame);
+            seen.push(frame["message"].as_str().unwrap().to_owned());
+        }
+        client.close().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let server = if round % 2 == 0 { &one } else { &two };
+        let (resumed, welcome) = ann.resume(server).await;
+        assert_eq!(welcome["recovered"], true, "resume {round}: {welcome}");
+        client = resumed;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = sending.await.unwrap();
+    let (rest, _) = ann.until(&mut client, "end").await;
+    seen.extend(messages(&rest).into_iter().map(str::to_owned));
+    let want: Vec<String> = (0..sent).map(|i| format!("c{i}")).collect();
+    if let Some(i) = (0..seen.len().min(want.len())).find(|&i| seen[i] != want[i]) {
+        let end = |v: &[String]| (i + 4).min(v.len());
+        panic!(
+            "not every message once in the order sent: from {i}, got {:?} where {:?} was due",
+            &seen[i..end(&seen)],
+            &want[i..end(&want)]
+        );
+    }
+    assert_eq!(seen.len(), want.len(), "every message once");
 }
 
 // ---- Drain handoff ---------------------------------------------------------

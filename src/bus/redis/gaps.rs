@@ -9,17 +9,32 @@
 //! tracks, per subscribed topic, the last position it delivered and:
 //!
 //! - the next offset: delivers it;
-//! - an offset at or below the last: skips it (a repair delivered it);
-//! - a jump: reads the missing entries from history, delivers them in
-//!   order, then the copy; what history no longer has is a gap it reports
-//!   ([`Deliver::gap`](crate::bus::Deliver::gap));
-//! - another epoch: the topic's history started afresh (a Redis restart):
-//!   what followed the last position in the old epoch is unknown, reported
-//!   as a gap, and the new epoch is filled from its start.
+//! - an offset at or below the last: skips it (a catch-up delivered it);
+//! - a jump, or another epoch (the topic's history started afresh, a Redis
+//!   restart): **catches up** before the copy, then delivers it.
 //!
-//! A quiet topic shows no jump until its next message, so after every
-//! resubscribe the subscriber also reads each tracked topic's top and fills
-//! up to it at once ([`Tracks::on_top`]).
+//! **A catch-up reads every tracked topic at once**: one atomic read
+//! ([`RedisHistory::catch_up`](super::history::RedisHistory::catch_up), one
+//! script, one round trip however many topics) of each topic's entries
+//! after its last position, merged in publish order (`seq`) and delivered
+//! before anything newer. After a resubscribe it reads up to each topic's
+//! top (a quiet topic shows no jump until its next message); at a jump on
+//! a copy `m`, only what was published before `m` (its `seq` is the
+//! bound). Why every topic and not only the one that jumped: the copies of
+//! one connection arrive in publish order, so whatever any topic lost
+//! before `m` was lost with it; repaired topic by topic, the losses of one
+//! topic were delivered after newer copies of another (a sender's messages
+//! to a group and to a user out of order). And why at once: after the
+//! read every entry delivered is older than every copy still to come
+//! (those published after the read are above each topic's new last
+//! position, those before it are at or below and are skipped).
+//!
+//! What history no longer has (trimmed, expired, more than a catch-up
+//! reads), or a history that started afresh, is a gap, reported per topic
+//! ([`Deliver::gap`](crate::bus::Deliver::gap)) and never delivered in
+//! part; the topic goes on from the last position the read was for. A
+//! catch-up that fails (Redis down) is a gap of the topic that jumped; the
+//! other topics find their own at their next copy.
 //!
 //! **Where a topic starts.** Right after subscribing, the subscriber reads
 //! the topic's head ([`Head`]) as a *soft* starting point: copies at or
@@ -32,12 +47,15 @@
 //! This file only decides; the subscriber task reads and delivers, in
 //! order, before it takes the next push (so later copies wait in the
 //! bounded push buffer meanwhile). Rejected: repairing off the task, which
-//! would deliver the filled messages after later live ones.
+//! would deliver the filled messages after later live ones; and repairing
+//! each topic on its own (the first design), which broke the order across
+//! topics as above and cost one round trip per topic.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::history::Head;
+use super::history::{Caught, Head, Want};
+use crate::envelope::Envelope;
 use crate::history::Position;
 use crate::route::Topic;
 
@@ -53,23 +71,28 @@ struct Track {
     delivered: bool,
 }
 
-/// What to do with a copy, or after reading a top.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What to do with a copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Step {
     /// Deliver the copy (nothing is missing).
     Deliver,
-    /// Drop the copy: it was delivered already, by a repair.
+    /// Drop the copy: it was delivered already, by a catch-up.
     Skip,
-    /// Messages are missing before the copy (or, after a top was read,
-    /// before the top).
-    Repair {
-        /// The topic's history started afresh: whatever followed the last
-        /// position in the old epoch is lost to this node (report a gap).
-        restarted: bool,
-        /// Read and deliver the entries after this position up to `until`
-        /// (inclusive) first, if any are missing.
-        fill: Option<(Position, u64)>,
-    },
+    /// Messages are missing before the copy (or its topic started afresh):
+    /// catch up every tracked topic up to it first, then ask again.
+    CatchUp,
+}
+
+/// What a catch-up found, for the subscriber to deliver and report.
+#[derive(Debug, Default)]
+pub(super) struct CaughtUp {
+    /// The missing copies, in publish order (and a message's copies in the
+    /// order of its route, as they are published), each with its topic.
+    pub(super) deliver: Vec<(Topic, Arc<Envelope>)>,
+    /// Topics whose missing messages cannot be delivered: a gap each.
+    pub(super) gaps: Vec<Topic>,
+    /// Topics whose missing messages are delivered.
+    pub(super) repaired: usize,
 }
 
 /// The positions of the subscribed topics (with history on).
@@ -112,17 +135,10 @@ impl Tracks {
     }
 
     /// A copy arrived through `topic` at position `p`: what to do with it.
-    /// The topic's last position becomes `p` unless the copy is skipped.
+    /// The topic's last position becomes `p` when it is delivered.
     pub(super) fn on_copy(&mut self, topic: &Topic, p: &Position) -> Step {
         let Some(track) = self.map.get_mut(topic) else {
-            self.map.insert(
-                topic.clone(),
-                Track {
-                    epoch: Some(p.epoch.clone()),
-                    offset: p.offset,
-                    delivered: true,
-                },
-            );
+            self.map.insert(topic.clone(), Track::at(p));
             return Step::Deliver;
         };
         if track.epoch.as_deref() == Some(&*p.epoch) {
@@ -135,96 +151,130 @@ impl Tracks {
                     Step::Deliver
                 };
             }
-            let after = Position {
-                epoch: p.epoch.clone(),
-                offset: track.offset,
-            };
-            track.offset = p.offset;
-            track.delivered = true;
-            return if p.offset == after.offset + 1 {
-                Step::Deliver
-            } else {
-                Step::Repair {
-                    restarted: false,
-                    fill: Some((after, p.offset - 1)),
-                }
-            };
+            if p.offset != track.offset + 1 {
+                return Step::CatchUp;
+            }
+        } else if track.epoch.is_some() || p.offset > 1 {
+            // History started afresh (a gap), or the topic's first epoch
+            // began before this copy: its messages before it can be read.
+            return Step::CatchUp;
         }
-        // Another epoch: history started afresh. Its messages before this
-        // one were published after the restart and can be filled.
-        let restarted = track.epoch.is_some();
-        *track = Track {
+        *track = Track::at(p);
+        Step::Deliver
+    }
+
+    /// The catch-up could not bring the copy at `p` through `topic` in
+    /// line: the topic goes on from it (the caller reports the gap).
+    pub(super) fn skip_to(&mut self, topic: &Topic, p: &Position) {
+        self.map.insert(topic.clone(), Track::at(p));
+    }
+
+    /// What a catch-up reads: each of `topics` after its last position;
+    /// a topic not tracked yet is only given its start (its head).
+    pub(super) fn wants<'a>(&self, topics: impl IntoIterator<Item = &'a Topic>) -> Vec<Want> {
+        topics
+            .into_iter()
+            .map(|topic| match self.map.get(topic) {
+                Some(track) => Want {
+                    topic: topic.clone(),
+                    epoch: track.epoch.clone(),
+                    after: track.offset,
+                    read: true,
+                },
+                None => Want {
+                    topic: topic.clone(),
+                    epoch: None,
+                    after: 0,
+                    read: false,
+                },
+            })
+            .collect()
+    }
+
+    /// Every tracked topic, for the catch-up at a jump.
+    pub(super) fn tracked(&self) -> Vec<Topic> {
+        self.map.keys().cloned().collect()
+    }
+
+    /// Takes in what a catch-up found (`caught[i]` for `wants[i]`): every
+    /// topic moves to the last position the read was for; what to deliver
+    /// comes back merged in publish order, with the topics that have a
+    /// gap.
+    pub(super) fn caught_up(&mut self, wants: &[Want], caught: Vec<Caught>) -> CaughtUp {
+        let mut out = CaughtUp::default();
+        for (want, caught) in wants.iter().zip(caught) {
+            let topic = &want.topic;
+            if !want.read {
+                self.start(topic, caught.head);
+                continue;
+            }
+            let Some(track) = self.map.get_mut(topic) else {
+                // Released meanwhile: nothing to deliver it to.
+                continue;
+            };
+            let top = match caught.head {
+                Head::Fresh => {
+                    // Its history is gone (Redis restarted, nothing
+                    // published since): what followed is unknown.
+                    if track.epoch.is_some() {
+                        out.gaps.push(topic.clone());
+                    }
+                    *track = Track {
+                        epoch: None,
+                        offset: 0,
+                        delivered: true,
+                    };
+                    continue;
+                }
+                Head::At(top) => top,
+            };
+            let same_epoch = track.epoch.as_deref() == Some(&*top.epoch);
+            let restarted = !same_epoch && track.epoch.is_some();
+            if restarted {
+                out.gaps.push(topic.clone());
+            }
+            if caught.reach > caught.from {
+                match caught.messages {
+                    Some(messages) => {
+                        out.repaired += 1;
+                        out.deliver
+                            .extend(messages.into_iter().map(|m| (topic.clone(), m)));
+                    }
+                    None if !restarted => out.gaps.push(topic.clone()),
+                    None => {}
+                }
+            }
+            if same_epoch {
+                if caught.reach > track.offset {
+                    track.offset = caught.reach;
+                    track.delivered = true;
+                }
+            } else {
+                *track = Track {
+                    epoch: Some(top.epoch),
+                    offset: caught.reach,
+                    delivered: true,
+                };
+            }
+        }
+        // Publish order; one message's copies in its route's order.
+        out.deliver.sort_by_key(|(topic, m)| {
+            m.stamp.as_ref().map_or((0, 0), |s| {
+                let index = s.positions.iter().position(|(t, _)| t == topic);
+                (s.seq, index.unwrap_or(usize::MAX))
+            })
+        });
+        out
+    }
+}
+
+impl Track {
+    /// Delivered up to `p`.
+    fn at(p: &Position) -> Self {
+        Self {
             epoch: Some(p.epoch.clone()),
             offset: p.offset,
             delivered: true,
-        };
-        let fill = (p.offset > 1).then(|| {
-            let start = Position {
-                epoch: p.epoch.clone(),
-                offset: 0,
-            };
-            (start, p.offset - 1)
-        });
-        if !restarted && fill.is_none() {
-            return Step::Deliver;
-        }
-        Step::Repair { restarted, fill }
-    }
-
-    /// The top of `topic`, read after a resubscribe: what is missing up to
-    /// it (`None`: nothing, or the topic is not tracked: then `head`
-    /// becomes its start).
-    pub(super) fn on_top(&mut self, topic: &Topic, head: Head) -> Option<Step> {
-        let Some(track) = self.map.get_mut(topic) else {
-            self.start(topic, head);
-            return None;
-        };
-        match head {
-            Head::Fresh => {
-                // Its history is gone (Redis restarted, nothing published
-                // since): what followed the last position is unknown.
-                let restarted = track.epoch.is_some();
-                *track = Track {
-                    epoch: None,
-                    offset: 0,
-                    delivered: true,
-                };
-                restarted.then_some(Step::Repair {
-                    restarted,
-                    fill: None,
-                })
-            }
-            Head::At(top) if track.epoch.as_deref() == Some(&*top.epoch) => {
-                if top.offset <= track.offset {
-                    return None;
-                }
-                let after = Position {
-                    epoch: top.epoch.clone(),
-                    offset: track.offset,
-                };
-                track.offset = top.offset;
-                track.delivered = true;
-                Some(Step::Repair {
-                    restarted: false,
-                    fill: Some((after, top.offset)),
-                })
-            }
-            Head::At(top) => {
-                let restarted = track.epoch.is_some();
-                *track = Track {
-                    epoch: Some(top.epoch.clone()),
-                    offset: top.offset,
-                    delivered: true,
-                };
-                let fill = (top.offset > 0).then(|| {
-                    let start = Position {
-                        epoch: top.epoch.clone(),
-                        offset: 0,
-                    };
-                    (start, top.offset)
-                });
-                (restarted || fill.is_some()).then_some(Step::Repair { restarted, fill })
-            }
         }
     }
 }
@@ -232,44 +282,191 @@ impl Tracks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::history::Stamp;
+    use crate::message::Frame;
+    use crate::route::Route;
 
     fn at(text: &str) -> Position {
         Position::parse(text).unwrap()
     }
 
-    fn fill(after: &str, until: u64) -> Step {
-        Step::Repair {
-            restarted: false,
-            fill: Some((at(after), until)),
+    /// A message `name` with `seq`, at `positions` (its route, in order).
+    fn message(name: &str, seq: u64, positions: &[(&Topic, &str)]) -> Arc<Envelope> {
+        let positions: Vec<(Topic, Position)> = positions
+            .iter()
+            .map(|(t, p)| ((*t).clone(), at(p)))
+            .collect();
+        let route = Route::from_parts(positions.iter().map(|(t, _)| t.clone()).collect(), vec![]);
+        Arc::new(Envelope::stamped(
+            route,
+            Frame::from(name.to_owned()),
+            Some(Stamp { seq, positions }),
+        ))
+    }
+
+    fn caught(head: &str, from: u64, reach: u64, messages: Option<Vec<Arc<Envelope>>>) -> Caught {
+        Caught {
+            head: Head::At(at(head)),
+            from,
+            reach,
+            messages,
         }
     }
 
+    fn names(caught: &CaughtUp) -> Vec<(Topic, String)> {
+        caught
+            .deliver
+            .iter()
+            .map(|(t, m)| (t.clone(), m.frame.to_string()))
+            .collect()
+    }
+
     #[test]
-    fn the_next_offset_is_delivered_a_jump_filled_an_old_one_skipped() {
+    fn the_next_offset_is_delivered_a_jump_caught_up_an_old_one_skipped() {
         let mut tracks = Tracks::default();
         let t = Topic::All;
         assert_eq!(tracks.on_copy(&t, &at("e:5")), Step::Deliver, "first seen");
         assert_eq!(tracks.on_copy(&t, &at("e:6")), Step::Deliver);
-        assert_eq!(tracks.on_copy(&t, &at("e:9")), fill("e:6", 8));
-        assert_eq!(tracks.on_copy(&t, &at("e:8")), Step::Skip, "filled already");
+        assert_eq!(tracks.on_copy(&t, &at("e:9")), Step::CatchUp);
+        let wants = tracks.wants(&tracks.tracked());
+        assert_eq!(
+            wants,
+            [Want {
+                topic: t.clone(),
+                epoch: Some("e".into()),
+                after: 6,
+                read: true
+            }]
+        );
+        let m7 = message("m7", 17, &[(&t, "e:7")]);
+        let m8 = message("m8", 18, &[(&t, "e:8")]);
+        let up = tracks.caught_up(&wants, vec![caught("e:12", 6, 8, Some(vec![m7, m8]))]);
+        assert_eq!(
+            names(&up),
+            [(t.clone(), "m7".into()), (t.clone(), "m8".into())]
+        );
+        assert_eq!((up.repaired, up.gaps.len()), (1, 0));
+        assert_eq!(tracks.on_copy(&t, &at("e:9")), Step::Deliver, "now in line");
+        assert_eq!(
+            tracks.on_copy(&t, &at("e:8")),
+            Step::Skip,
+            "caught up already"
+        );
         assert_eq!(tracks.on_copy(&t, &at("e:9")), Step::Skip);
         assert_eq!(tracks.on_copy(&t, &at("e:10")), Step::Deliver);
     }
 
+    /// Every topic's missing copies come back as one sequence in publish
+    /// order; a message routed to two topics has its copies in its route's
+    /// order, as they are published.
     #[test]
-    fn another_epoch_is_a_gap_and_the_new_one_is_filled_from_its_start() {
+    fn a_catch_up_merges_every_topic_in_publish_order() {
+        let mut tracks = Tracks::default();
+        let (a, u) = (Topic::Group(Some("a".into())), Topic::User("u".into()));
+        tracks.on_copy(&a, &at("ga:1"));
+        tracks.on_copy(&u, &at("gu:1"));
+        let wants = tracks.wants([&a, &u]);
+        let on_a = vec![
+            message("m2", 2, &[(&a, "ga:2")]),
+            message("m4", 4, &[(&u, "gu:3"), (&a, "ga:3")]),
+            message("m5", 5, &[(&a, "ga:4")]),
+        ];
+        let on_u = vec![
+            message("m3", 3, &[(&u, "gu:2")]),
+            message("m4", 4, &[(&u, "gu:3"), (&a, "ga:3")]),
+        ];
+        let up = tracks.caught_up(
+            &wants,
+            vec![
+                caught("ga:4", 1, 4, Some(on_a)),
+                caught("gu:3", 1, 3, Some(on_u)),
+            ],
+        );
+        assert_eq!(
+            names(&up),
+            [
+                (a.clone(), "m2".into()),
+                (u.clone(), "m3".into()),
+                (u.clone(), "m4".into()),
+                (a.clone(), "m4".into()),
+                (a.clone(), "m5".into()),
+            ]
+        );
+        assert_eq!(up.repaired, 2);
+        assert_eq!(tracks.on_copy(&a, &at("ga:4")), Step::Skip);
+        assert_eq!(tracks.on_copy(&u, &at("gu:4")), Step::Deliver);
+    }
+
+    /// What history cannot give is a gap, and nothing of it is delivered;
+    /// the topic goes on from the last position the read was for.
+    #[test]
+    fn what_history_cannot_give_is_a_gap_and_the_topic_goes_on() {
+        let mut tracks = Tracks::default();
+        let (a, b) = (
+            Topic::Group(Some("a".into())),
+            Topic::Group(Some("b".into())),
+        );
+        tracks.on_copy(&a, &at("e:1"));
+        tracks.on_copy(&b, &at("f:1"));
+        let wants = tracks.wants([&a, &b]);
+        let up = tracks.caught_up(
+            &wants,
+            vec![
+                caught("e:9", 1, 7, None),
+                caught(
+                    "f:3",
+                    1,
+                    3,
+                    Some(vec![
+                        message("b2", 5, &[(&b, "f:2")]),
+                        message("b3", 6, &[(&b, "f:3")]),
+                    ]),
+                ),
+            ],
+        );
+        assert_eq!(up.gaps, std::slice::from_ref(&a));
+        assert_eq!(
+            names(&up),
+            [(b.clone(), "b2".into()), (b.clone(), "b3".into())]
+        );
+        assert_eq!(tracks.on_copy(&a, &at("e:8")), Step::Deliver);
+        // A catch-up that fails leaves the copy to be delivered after a gap.
+        assert_eq!(tracks.on_copy(&b, &at("f:6")), Step::CatchUp);
+        tracks.skip_to(&b, &at("f:6"));
+        assert_eq!(tracks.on_copy(&b, &at("f:7")), Step::Deliver);
+    }
+
+    #[test]
+    fn another_epoch_is_a_gap_and_the_new_one_is_caught_up_from_its_start() {
         let mut tracks = Tracks::default();
         let t = Topic::Group(None);
         tracks.on_copy(&t, &at("old:7"));
+        assert_eq!(tracks.on_copy(&t, &at("new:3")), Step::CatchUp);
+        let wants = tracks.wants(&tracks.tracked());
+        let fill = vec![
+            message("n1", 1, &[(&t, "new:1")]),
+            message("n2", 2, &[(&t, "new:2")]),
+        ];
+        let up = tracks.caught_up(&wants, vec![caught("new:5", 0, 2, Some(fill))]);
         assert_eq!(
-            tracks.on_copy(&t, &at("new:3")),
-            Step::Repair {
-                restarted: true,
-                fill: Some((at("new:0"), 2))
-            }
+            up.gaps,
+            std::slice::from_ref(&t),
+            "the old epoch's end is lost"
         );
+        assert_eq!(up.deliver.len(), 2);
+        assert_eq!(tracks.on_copy(&t, &at("new:3")), Step::Deliver);
         assert_eq!(tracks.on_copy(&t, &at("new:4")), Step::Deliver);
-        tracks.on_copy(&t, &at("newer:1"));
+        // History gone and nothing published since: a gap, no epoch.
+        let wants = tracks.wants(&tracks.tracked());
+        let fresh = Caught {
+            head: Head::Fresh,
+            from: 0,
+            reach: 0,
+            messages: Some(Vec::new()),
+        };
+        let up = tracks.caught_up(&wants, vec![fresh]);
+        assert_eq!(up.gaps, std::slice::from_ref(&t));
+        assert_eq!(tracks.on_copy(&t, &at("newer:1")), Step::Deliver);
         assert_eq!(tracks.on_copy(&t, &at("newer:2")), Step::Deliver);
     }
 
@@ -285,50 +482,38 @@ mod tests {
         // A start never overrides what is known.
         tracks.start(&t, Head::At(at("e:2")));
         assert_eq!(tracks.on_copy(&t, &at("e:12")), Step::Deliver);
-        // A fresh topic: its first epoch is no gap, filled from offset 0.
+        // A fresh topic: its first epoch is no gap, caught up from offset 0.
         let f = Topic::User("f".into());
         tracks.start(&f, Head::Fresh);
         assert_eq!(tracks.on_copy(&f, &at("e:1")), Step::Deliver);
         let g = Topic::User("g".into());
         tracks.start(&g, Head::Fresh);
-        assert_eq!(
-            tracks.on_copy(&g, &at("e:3")),
-            Step::Repair {
-                restarted: false,
-                fill: Some((at("e:0"), 2))
-            }
-        );
+        assert_eq!(tracks.on_copy(&g, &at("e:3")), Step::CatchUp);
+        // A catch-up that finds nothing new keeps a start soft.
+        let s = Topic::User("s".into());
+        tracks.start(&s, Head::At(at("e:10")));
+        let wants = tracks.wants([&s]);
+        let up = tracks.caught_up(&wants, vec![caught("e:10", 10, 10, Some(Vec::new()))]);
+        assert!(up.deliver.is_empty() && up.gaps.is_empty());
+        assert_eq!(tracks.on_copy(&s, &at("e:9")), Step::Deliver);
     }
 
+    /// After a resubscribe a quiet topic is caught up at once; a topic not
+    /// tracked yet gets its start from the same read.
     #[test]
-    fn a_top_after_a_resubscribe_fills_a_quiet_topic() {
+    fn a_topic_not_tracked_yet_gets_its_start() {
         let mut tracks = Tracks::default();
-        let t = Topic::All;
-        tracks.on_copy(&t, &at("e:4"));
-        assert_eq!(tracks.on_top(&t, Head::At(at("e:4"))), None);
-        assert_eq!(tracks.on_top(&t, Head::At(at("e:7"))), Some(fill("e:4", 7)));
-        assert_eq!(tracks.on_copy(&t, &at("e:7")), Step::Skip);
-        assert_eq!(tracks.on_copy(&t, &at("e:8")), Step::Deliver);
-        // History gone, then a new epoch.
-        assert_eq!(
-            tracks.on_top(&t, Head::Fresh),
-            Some(Step::Repair {
-                restarted: true,
-                fill: None
-            })
-        );
-        assert_eq!(tracks.on_copy(&t, &at("n:1")), Step::Deliver);
-        assert_eq!(
-            tracks.on_top(&t, Head::At(at("m:2"))),
-            Some(Step::Repair {
-                restarted: true,
-                fill: Some((at("m:0"), 2))
-            })
-        );
-        // An untracked topic gets its start.
         let u = Topic::User("u".into());
-        assert_eq!(tracks.on_top(&u, Head::At(at("e:3"))), None);
+        let wants = tracks.wants([&u]);
+        assert!(!wants[0].read, "its head only");
+        let up = tracks.caught_up(&wants, vec![caught("e:3", 0, 3, None)]);
+        assert!(up.gaps.is_empty() && up.deliver.is_empty());
         assert!(tracks.contains(&u));
+        assert_eq!(
+            tracks.on_copy(&u, &at("e:3")),
+            Step::Deliver,
+            "a soft start"
+        );
         tracks.forget(&u);
         assert!(!tracks.contains(&u));
     }

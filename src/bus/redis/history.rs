@@ -24,7 +24,7 @@
 //! | key | type | holds | kept |
 //! |---|---|---|---|
 //! | `P:h:{K}:m` | hash | `e` the epoch, `o` the top offset, `r` the Redis `run_id` the epoch was made under | `max(10 × ttl, 24 h)`, renewed by every publish, read and `tops` |
-//! | `P:h:{K}:s` | stream | one entry per message, id `<offset>-1`, field `d` = the stamped payload (route, frame, stamp, `ts`) | `XADD MAXLEN ~ size_*`; `PEXPIRE ttl` on every publish |
+//! | `P:h:{K}:s` | stream | one entry per message, id `<offset>-1`, field `d` = the stamped payload (route, frame, stamp, `ts`), field `s` = its `seq` (for the catch-up's bound, without decoding the payload) | `XADD MAXLEN ~ size_*`; `PEXPIRE ttl` on every publish |
 //! | `P:seq` | string | the publish sequence (`s` in every stamp) | always |
 //! | `P:pub:<instance>` | string | the highest message number of one bus instance the script has run | `max(10 × ttl, 24 h)`, renewed by every batch |
 //! | `P:ho:<JSON [user, group or null]>` | list | drain handoffs: JSON `[position or null ×3]` | `ttl`; at most [`HANDOFFS_KEPT`] |
@@ -68,6 +68,15 @@
 //!   SHA-1 dependency; `SCRIPT LOAD` answers with the hash anyway, and it is
 //!   run on every connection.
 //!
+//! # Reads: one atomic step each
+//!
+//! Every read of several topics is one script, so it is one snapshot:
+//! the resume's read of a socket's three topics ([`READ_MANY_LUA`]; see
+//! `src/resume/decision.rs` for why a snapshot) and the subscriber's
+//! catch-up of every topic it tracks ([`CATCH_UP_LUA`]; see `gaps.rs`).
+//! One script is also one round trip however many topics it reads (history
+//! needs one Redis: every key is on it).
+//!
 //! Redis must never evict these keys: `maxmemory-policy` `noeviction` or a
 //! `volatile-*` policy (every key but `P:seq` has a TTL, and those
 //! policies never evict it; losing a meta hash or a stream only makes a
@@ -81,6 +90,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use redis::aio::MultiplexedConnection;
 use tokio::time::timeout;
+use tracing::debug;
 
 use super::conn::{Link, PubConn, connect_publisher};
 use super::queue::{Outgoing, Recorded, TopicKeys};
@@ -169,7 +179,8 @@ for _ = 1, tonumber(ARGV[6]) do
       local stream = KEYS[k + 2 * t + 1]
       -- pcall: an entry that cannot be added (a stream someone else wrote
       -- to) leaves a hole that readers see, never half a batch.
-      redis.pcall('XADD', stream, 'MAXLEN', '~', ARGV[a + 3 * t + 2], offsets[t + 1] .. '-1', 'd', payload)
+      redis.pcall('XADD', stream, 'MAXLEN', '~', ARGV[a + 3 * t + 2], offsets[t + 1] .. '-1',
+        'd', payload, 's', string.format('%d', seq))
       redis.call('PEXPIRE', stream, ttl)
     end
     for t = 0, nt - 1 do
@@ -200,39 +211,131 @@ return out
 "#
 );
 
-/// One topic's entries after an offset, with its top, in one atomic step.
-/// KEYS: meta, stream. ARGV: run id, meta ttl ms, the epoch asked for, the
-/// offset after which to read, the last offset wanted (0: the top), the
-/// most entries to return. Returns `[epoch, top offset, entries]`; no
-/// entries when the epoch differs or there are more than asked for. The
-/// epoch `''` ([`Position::unborn`]) asks for the current epoch from its
-/// start, and makes none: `['', '0', []]` when the topic has none.
-const READ_LUA: &str = concat!(
+/// Some topics' entries after a position each, with their tops, in one
+/// atomic step (the resume's snapshot, `src/resume/decision.rs`).
+/// KEYS: meta, stream per topic. ARGV: run id, meta ttl ms, the most
+/// entries per topic; then per topic the epoch asked for and the offset
+/// after which to read. Returns `[epoch, top offset, entries]` per topic;
+/// no entries when the epoch differs, nothing follows the offset, or more
+/// than the most do. The epoch `''` ([`Position::unborn`]) asks for the
+/// current epoch from its start, and makes none: `['', '0', []]` when the
+/// topic has none.
+const READ_MANY_LUA: &str = concat!(
     epoch_lua!(),
     r#"
-local want = ARGV[3]
-if want == '' then
-  local m = redis.call('HMGET', KEYS[1], 'e', 'r')
-  if not (m[1] and m[2] == ARGV[1]) then
-    return {'', '0', {}}
+local run, mttl, most = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local out = {}
+for i = 1, #KEYS / 2 do
+  local meta, stream = KEYS[2 * i - 1], KEYS[2 * i]
+  local want = ARGV[2 + 2 * i]
+  if want == '' then
+    local m = redis.call('HMGET', meta, 'e', 'r')
+    if m[1] and m[2] == run then
+      want = m[1]
+    end
   end
-  want = m[1]
+  if want == '' then
+    out[i] = {'', '0', {}}
+  else
+    local e = epoch_of(meta, stream, run)
+    redis.call('PEXPIRE', meta, mttl)
+    local o = tonumber(redis.call('HGET', meta, 'o'))
+    local after = tonumber(ARGV[3 + 2 * i])
+    local entries = {}
+    if e == want and after < o and o - after <= most then
+      entries = redis.call('XRANGE', stream, string.format('%d', after + 1) .. '-0',
+        string.format('%d', o) .. '-1', 'COUNT', string.format('%d', o - after))
+    end
+    out[i] = {e, string.format('%d', o), entries}
+  end
 end
-local e = epoch_of(KEYS[1], KEYS[2], ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-local o = tonumber(redis.call('HGET', KEYS[1], 'o'))
-local after, upto, most = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-if upto == 0 or upto > o then
-  upto = o
-end
-local top = string.format('%d', o)
-if e ~= want or after >= upto or upto - after > most then
-  return {e, top, {}}
-end
-return {e, top, redis.call('XRANGE', KEYS[2], string.format('%d', after + 1) .. '-0',
-  string.format('%d', upto) .. '-1', 'COUNT', string.format('%d', upto - after))}
+return out
 "#
 );
+
+/// The subscriber's catch-up (`gaps.rs`): every tracked topic's entries
+/// after the last offset delivered, in one atomic step, never making an
+/// epoch. With a bound (a `seq`), only the entries published before it:
+/// each stream is scanned from its top down past the entries at or above
+/// the bound (`s`, the entry's `seq`), which are few (those still on their
+/// way to the node).
+///
+/// KEYS: meta, stream per topic. ARGV: `[1]` run id, `[2]` the bound (0:
+/// none), `[3]` the most entries in all; then per topic the epoch known
+/// (`''`: none), the last offset delivered, the most entries of the topic.
+/// Returns per topic `[epoch, top, from, reach, entries, whole]`: `epoch`
+/// `''` when the topic has no epoch of this Redis run (then nothing else
+/// counts); `from` the offset read after (the one given, or 0 in another
+/// epoch); `reach` the last offset the answer is for (the top, or the last
+/// below the bound); `entries` those from `from + 1` to `reach` that are
+/// kept, and `whole` 0 when there were too many to read (none are given).
+const CATCH_UP_LUA: &str = r#"
+local run, bound, budget = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local function offset_of(id)
+  return tonumber(string.match(id, '^(%d+)-'))
+end
+local function seq_of(entry)
+  local f = entry[2]
+  for k = 1, #f - 1, 2 do
+    if f[k] == 's' then
+      return tonumber(f[k + 1])
+    end
+  end
+  return nil
+end
+local out = {}
+for i = 1, #KEYS / 2 do
+  local meta, stream = KEYS[2 * i - 1], KEYS[2 * i]
+  local a = 1 + 3 * i
+  local most = tonumber(ARGV[a + 2])
+  local m = redis.call('HMGET', meta, 'e', 'o', 'r')
+  if not m[1] or not m[2] or m[3] ~= run then
+    out[i] = {'', '0', '0', '0', {}, 1}
+  else
+    local e, top = m[1], tonumber(m[2])
+    local from = 0
+    if e == ARGV[a] then
+      from = math.min(tonumber(ARGV[a + 1]), top)
+    end
+    local reach = top
+    if bound > 0 and most > 0 then
+      local hi = top
+      while hi > from do
+        local got = redis.call('XREVRANGE', stream, string.format('%d', hi) .. '-1',
+          string.format('%d', from + 1) .. '-0', 'COUNT', 100)
+        local below = false
+        for _, entry in ipairs(got) do
+          local s = seq_of(entry)
+          if s and s >= bound then
+            reach = offset_of(entry[1]) - 1
+          else
+            below = true
+            break
+          end
+        end
+        if below or #got < 100 then
+          break
+        end
+        hi = offset_of(got[#got][1]) - 1
+      end
+    end
+    local entries, whole = {}, 1
+    local want = reach - from
+    if want > 0 then
+      if want > most or want > budget then
+        whole = 0
+      else
+        entries = redis.call('XRANGE', stream, string.format('%d', from + 1) .. '-0',
+          string.format('%d', reach) .. '-1', 'COUNT', string.format('%d', want))
+        budget = budget - #entries
+      end
+    end
+    out[i] = {e, string.format('%d', top), string.format('%d', from),
+      string.format('%d', reach), entries, whole}
+  end
+end
+return out
+"#;
 
 /// Takes a drain handoff: every handoff stored under `KEYS[1]`, oldest
 /// first, of which the last (the newest) is removed. The taker replays
@@ -366,12 +469,39 @@ pub(super) enum Head {
     Fresh,
 }
 
-/// What [`RedisHistory::range`] found.
-pub(super) enum Range {
-    /// Exactly the messages asked for, in offset order.
-    Complete(Vec<Arc<Envelope>>),
-    /// Not all of them are kept (or the epoch changed).
-    Incomplete,
+/// Most entries one catch-up reads in all (`gaps.rs`): a topic whose
+/// entries would go beyond is reported as a gap. Each topic is also bounded
+/// by what its stream can hold (about twice its `size_*`).
+pub(super) const MAX_CATCH_UP: usize = 20_000;
+
+/// One topic of a catch-up (`gaps.rs`): where its copies stand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Want {
+    pub(super) topic: Topic,
+    /// The epoch of the copies delivered (`None`: none known). In another
+    /// epoch the topic is read from its start.
+    pub(super) epoch: Option<Arc<str>>,
+    /// The last offset delivered (or the soft start).
+    pub(super) after: u64,
+    /// Whether to read its entries at all (false: its head only).
+    pub(super) read: bool,
+}
+
+/// What a catch-up found for one topic.
+#[derive(Debug)]
+pub(super) struct Caught {
+    /// The topic's epoch and top, or `Fresh` when it has no epoch of this
+    /// Redis run (nothing else counts then).
+    pub(super) head: Head,
+    /// The offset the messages follow: the one asked for, or 0 when the
+    /// topic is in another epoch.
+    pub(super) from: u64,
+    /// The last offset the answer is for: the top, or with a bound the last
+    /// offset published before it.
+    pub(super) reach: u64,
+    /// The messages from `from + 1` to `reach`, in order, when history
+    /// still has every one of them and they were not too many to read.
+    pub(super) messages: Option<Vec<Arc<Envelope>>>,
 }
 
 /// One command connection, the server's `run_id` and the scripts' hashes.
@@ -380,7 +510,8 @@ struct Command {
     conn: MultiplexedConnection,
     run_id: Arc<str>,
     tops_sha: Arc<str>,
-    read_sha: Arc<str>,
+    read_many_sha: Arc<str>,
+    catch_up_sha: Arc<str>,
     /// Which connection this is, so a failed call drops only its own.
     serial: u64,
 }
@@ -547,13 +678,15 @@ impl RedisHistory {
         let conn = single(&mut conn)?.clone();
         let mut c = conn.clone();
         let tops_sha = load(&mut c, TOPS_LUA).await?;
-        let read_sha = load(&mut c, READ_LUA).await?;
+        let read_many_sha = load(&mut c, READ_MANY_LUA).await?;
+        let catch_up_sha = load(&mut c, CATCH_UP_LUA).await?;
         let run_id = run_id(&mut c).await?;
         Ok(Command {
             conn,
             run_id,
             tops_sha: tops_sha.into(),
-            read_sha: read_sha.into(),
+            read_many_sha: read_many_sha.into(),
+            catch_up_sha: catch_up_sha.into(),
             serial: self.serials.fetch_add(1, Ordering::Relaxed),
         })
     }
@@ -632,61 +765,112 @@ impl RedisHistory {
         .await
     }
 
-    /// The entries of `topic` after `after` up to offset `until` (0: the
-    /// top), at most `most`, with the topic's top. `None` for the entries
-    /// when the epoch differs or there are more than `most`.
-    async fn entries(
+    /// Every topic of `wants` read in one atomic step (`gaps.rs`): its
+    /// head, and its messages after the last delivered (with `bound`, only
+    /// those published before that `seq`). At most [`MAX_CATCH_UP`]
+    /// entries in all, and per topic about what its stream can hold; a
+    /// topic beyond has no messages. No age limit: whatever is still kept
+    /// is right.
+    pub(super) async fn catch_up(
         &self,
-        topic: &Topic,
-        after: &Position,
-        until: u64,
-        most: usize,
-    ) -> Result<(Position, Vec<(String, Bytes)>), HistoryError> {
-        let (meta, stream) = (&self.keys.meta(topic), &self.keys.stream(topic));
-        let mttl = ms(meta_ttl(&self.history));
+        wants: &[Want],
+        bound: Option<u64>,
+    ) -> Result<Vec<Caught>, HistoryError> {
+        if wants.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: &Vec<String> = &wants
+            .iter()
+            .flat_map(|w| [self.keys.meta(&w.topic), self.keys.stream(&w.topic)])
+            .collect();
+        let most = |w: &Want| {
+            if w.read {
+                self.history.size_of(&w.topic) * 2 + 100
+            } else {
+                0
+            }
+        };
         let reply: redis::Value = self
             .call(|mut c| async move {
-                evalsha(&mut c.conn, READ_LUA, &c.read_sha, |cmd| {
-                    cmd.arg(2)
-                        .arg(meta)
-                        .arg(stream)
+                evalsha(&mut c.conn, CATCH_UP_LUA, &c.catch_up_sha, |cmd| {
+                    cmd.arg(keys.len())
+                        .arg(keys)
                         .arg(&*c.run_id)
-                        .arg(mttl)
-                        .arg(&*after.epoch)
-                        .arg(after.offset)
-                        .arg(until)
-                        .arg(most);
+                        .arg(bound.unwrap_or(0))
+                        .arg(MAX_CATCH_UP);
+                    for w in wants {
+                        cmd.arg(w.epoch.as_deref().unwrap_or(""))
+                            .arg(w.after)
+                            .arg(most(w));
+                    }
                 })
                 .await
             })
             .await?;
-        read_reply(reply)
+        let parts = array(reply, "catch-up")?;
+        if parts.len() != wants.len() {
+            return Err(bad("catch-up", "one answer per topic"));
+        }
+        wants
+            .iter()
+            .zip(parts)
+            .map(|(want, part)| caught(&want.topic, part, bound))
+            .collect()
     }
+}
 
-    /// The messages of `topic` after `after` up to `until` inclusive (the
-    /// subscriber's repair): complete, contiguous and of the same epoch, or
-    /// `Incomplete`. No age limit: whatever is still kept is right.
-    pub(super) async fn range(
-        &self,
-        topic: &Topic,
-        after: &Position,
-        until: u64,
-    ) -> Result<Range, HistoryError> {
-        let wanted = until.saturating_sub(after.offset);
-        if wanted == 0 {
-            return Ok(Range::Complete(Vec::new()));
-        }
-        // The stream keeps about `size` entries; more cannot all be there.
-        let most = (self.history.size_of(topic) as u64 * 2 + 100).min(wanted);
-        if wanted > most {
-            return Ok(Range::Incomplete);
-        }
-        let (_, entries) = self.entries(topic, after, until, most as usize).await?;
-        Ok(match contiguous(topic, after, wanted, entries, None)? {
-            Some(messages) => Range::Complete(messages),
-            None => Range::Incomplete,
-        })
+/// One topic's answer to the catch-up script: `[epoch, top, from, reach,
+/// entries, whole]` (see [`CATCH_UP_LUA`]).
+fn caught(topic: &Topic, part: redis::Value, bound: Option<u64>) -> Result<Caught, HistoryError> {
+    let what = "catch-up";
+    let mut part = array(part, what)?.into_iter();
+    let mut next = || part.next().ok_or_else(|| bad(what, "too short"));
+    let epoch = text(next()?, what)?;
+    let top = number(next()?, what)?;
+    let from = number(next()?, what)?;
+    let mut reach = number(next()?, what)?;
+    let entries = entries(next()?, what)?;
+    let whole = number(next()?, what)? == 1;
+    if epoch.is_empty() {
+        return Ok(Caught {
+            head: Head::Fresh,
+            from: 0,
+            reach: 0,
+            messages: Some(Vec::new()),
+        });
     }
+    let epoch: Arc<str> = epoch.into();
+    let after = Position {
+        epoch: epoch.clone(),
+        offset: from,
+    };
+    let wanted = reach.saturating_sub(from);
+    let messages = match whole.then(|| contiguous(topic, &after, wanted, entries, None)) {
+        Some(Ok(Some(mut messages))) => {
+            // Entries the script could not place (written without their
+            // `seq`) are placed here.
+            if let Some(bound) = bound
+                && let Some(at) = messages
+                    .iter()
+                    .position(|m| m.stamp.as_ref().is_none_or(|s| s.seq >= bound))
+            {
+                messages.truncate(at);
+                reach = from + at as u64;
+            }
+            Some(messages)
+        }
+        Some(Err(e)) => {
+            debug!(error = %e, "an entry of the catch-up cannot be read");
+            None
+        }
+        Some(Ok(None)) | None => None,
+    };
+    Ok(Caught {
+        head: Head::At(Position { epoch, offset: top }),
+        from,
+        reach,
+        messages,
+    })
 }
 
 /// Whether an error is Redis's answer (the connection is fine) rather than
@@ -707,54 +891,70 @@ fn single(conn: &mut PubConn) -> redis::RedisResult<&mut MultiplexedConnection> 
     }
 }
 
-/// Reads the read script's reply: the top and the entries (id, payload).
-fn read_reply(reply: redis::Value) -> Result<(Position, Vec<(String, Bytes)>), HistoryError> {
-    let bad = |what: &str| HistoryError::Unreadable(format!("history read: {what}"));
-    let redis::Value::Array(parts) = reply else {
-        return Err(bad("not an array"));
-    };
-    let mut parts = parts.into_iter();
-    let (Some(epoch), Some(top), Some(entries)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(bad("too short"));
-    };
-    let text = |v: redis::Value| -> Result<String, HistoryError> {
-        redis::from_redis_value::<String>(v).map_err(|e| bad(&e.to_string()))
-    };
-    let epoch = text(epoch)?;
-    let offset: u64 = text(top)?.parse().map_err(|_| bad("offset"))?;
-    let redis::Value::Array(entries) = entries else {
-        return Err(bad("entries"));
-    };
+/// A reply of a history script that cannot be read.
+fn bad(what: &str, why: &str) -> HistoryError {
+    HistoryError::Unreadable(format!("history {what}: {why}"))
+}
+
+fn array(value: redis::Value, what: &str) -> Result<Vec<redis::Value>, HistoryError> {
+    match value {
+        redis::Value::Array(items) => Ok(items),
+        _ => Err(bad(what, "not an array")),
+    }
+}
+
+fn text(value: redis::Value, what: &str) -> Result<String, HistoryError> {
+    redis::from_redis_value::<String>(value).map_err(|e| bad(what, &e.to_string()))
+}
+
+fn number(value: redis::Value, what: &str) -> Result<u64, HistoryError> {
+    match value {
+        redis::Value::Int(n) => u64::try_from(n).map_err(|_| bad(what, "a negative number")),
+        other => text(other, what)?
+            .parse()
+            .map_err(|_| bad(what, "not a number")),
+    }
+}
+
+/// Stream entries as `XRANGE` gives them: (id, payload) each.
+fn entries(value: redis::Value, what: &str) -> Result<Vec<(String, Bytes)>, HistoryError> {
+    let entries = array(value, what)?;
     let mut out = Vec::with_capacity(entries.len());
     for entry in entries {
         // [id, [field, value, ...]]
-        let redis::Value::Array(entry) = entry else {
-            return Err(bad("entry"));
-        };
-        let mut entry = entry.into_iter();
+        let mut entry = array(entry, what)?.into_iter();
         let (Some(id), Some(redis::Value::Array(fields))) = (entry.next(), entry.next()) else {
-            return Err(bad("entry"));
+            return Err(bad(what, "entry"));
         };
-        let id = text(id)?;
+        let id = text(id, what)?;
         let mut data = None;
         let mut fields = fields.into_iter();
         while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
-            if text(name)? == "d" {
+            if text(name, what)? == "d" {
                 let redis::Value::BulkString(bytes) = value else {
-                    return Err(bad("payload"));
+                    return Err(bad(what, "payload"));
                 };
                 data = Some(Bytes::from(bytes));
             }
         }
-        out.push((id, data.ok_or_else(|| bad("entry without payload"))?));
+        out.push((id, data.ok_or_else(|| bad(what, "entry without payload"))?));
     }
-    Ok((
-        Position {
-            epoch: epoch.into(),
-            offset,
-        },
-        out,
-    ))
+    Ok(out)
+}
+
+/// One topic's answer to the read script: the top and the entries.
+fn read_reply(reply: redis::Value) -> Result<(Position, Vec<(String, Bytes)>), HistoryError> {
+    let what = "read";
+    let mut parts = array(reply, what)?.into_iter();
+    let (Some(epoch), Some(top), Some(entries_part)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad(what, "too short"));
+    };
+    let position = Position {
+        epoch: text(epoch, what)?.into(),
+        offset: number(top, what)?,
+    };
+    Ok((position, entries(entries_part, what)?))
 }
 
 /// The entries' messages, if they are exactly the `wanted` offsets after
@@ -884,40 +1084,72 @@ impl History for RedisHistory {
         })
     }
 
-    fn read<'a>(
+    fn read_many<'a>(
         &'a self,
-        topic: &'a Topic,
-        after: &'a Position,
+        from: &'a [(Topic, Position)],
         max: usize,
-    ) -> HistoryFuture<'a, Read> {
+    ) -> HistoryFuture<'a, Vec<Read>> {
         Box::pin(async move {
-            let (top, entries) = self.entries(topic, after, 0, max).await?;
-            // After an unborn position: the current epoch from its start
-            // (or nothing, the top unborn too, while there is none).
-            let from_start;
-            let after = if after.is_unborn() && !top.is_unborn() {
-                from_start = Position {
-                    epoch: top.epoch.clone(),
-                    offset: 0,
-                };
-                &from_start
-            } else {
-                after
-            };
-            if top.epoch != after.epoch || top.offset < after.offset {
-                return Ok(Read::Incomplete { top });
+            if from.is_empty() {
+                return Ok(Vec::new());
             }
-            let wanted = top.offset - after.offset;
-            if wanted > max as u64 {
-                return Ok(Read::Incomplete { top });
+            let keys: &Vec<String> = &from
+                .iter()
+                .flat_map(|(t, _)| [self.keys.meta(t), self.keys.stream(t)])
+                .collect();
+            let mttl = ms(meta_ttl(&self.history));
+            let reply: redis::Value = self
+                .call(|mut c| async move {
+                    evalsha(&mut c.conn, READ_MANY_LUA, &c.read_many_sha, |cmd| {
+                        cmd.arg(keys.len())
+                            .arg(keys)
+                            .arg(&*c.run_id)
+                            .arg(mttl)
+                            .arg(max);
+                        for (_, after) in from {
+                            cmd.arg(&*after.epoch).arg(after.offset);
+                        }
+                    })
+                    .await
+                })
+                .await?;
+            let parts = array(reply, "read")?;
+            if parts.len() != from.len() {
+                return Err(bad("read", "one answer per topic"));
             }
             let max_age = ms(self.history.ttl);
-            Ok(
-                match contiguous(topic, after, wanted, entries, Some(max_age))? {
-                    Some(messages) => Read::Complete { messages, top },
-                    None => Read::Incomplete { top },
-                },
-            )
+            from.iter()
+                .zip(parts)
+                .map(|((topic, after), part)| {
+                    let (top, entries) = read_reply(part)?;
+                    // After an unborn position: the current epoch from its
+                    // start (or nothing, the top unborn too, while there is
+                    // none).
+                    let from_start;
+                    let after = if after.is_unborn() && !top.is_unborn() {
+                        from_start = Position {
+                            epoch: top.epoch.clone(),
+                            offset: 0,
+                        };
+                        &from_start
+                    } else {
+                        after
+                    };
+                    if top.epoch != after.epoch || top.offset < after.offset {
+                        return Ok(Read::Incomplete { top });
+                    }
+                    let wanted = top.offset - after.offset;
+                    if wanted > max as u64 {
+                        return Ok(Read::Incomplete { top });
+                    }
+                    Ok(
+                        match contiguous(topic, after, wanted, entries, Some(max_age))? {
+                            Some(messages) => Read::Complete { messages, top },
+                            None => Read::Incomplete { top },
+                        },
+                    )
+                })
+                .collect()
         })
     }
 

@@ -23,7 +23,7 @@ use super::conn::{
     self, Backoff, Incoming, Link, PubConn, SubConn, connect_prober, connect_subscriber,
 };
 use super::gaps::{Step, Tracks};
-use super::history::Range;
+use super::history::Want;
 use super::{LAG_LOG_EVERY, MAX_SUBSCRIBE_BATCH, PROBE_SEARCH, Shared, SubscribeRequest};
 use crate::bus::BusError;
 use crate::bus::wire;
@@ -490,58 +490,68 @@ impl Subscriber {
             decoded.frame,
             decoded.stamp,
         ));
-        let step = match envelope.stamp.as_ref().and_then(|s| s.position(&topic)) {
+        let Some((seq, position)) = envelope
+            .stamp
+            .as_ref()
+            .and_then(|s| Some((s.seq, s.position(&topic)?.clone())))
+        else {
             // From a node without history (a rolling change): as it is.
-            None => Step::Deliver,
-            Some(position) => self.tracks.on_copy(&topic, position),
+            return shared.sink.deliver(&topic, &envelope);
         };
-        match step {
-            Step::Skip => {}
-            Step::Deliver => shared.sink.deliver(&topic, &envelope),
-            Step::Repair { restarted, fill } => {
-                self.repair(&topic, restarted, fill).await;
-                shared.sink.deliver(&topic, &envelope);
+        let mut step = self.tracks.on_copy(&topic, &position);
+        if step == Step::CatchUp {
+            // Everything published before this copy first, in order.
+            let wants = self.tracks.wants(&self.tracks.tracked());
+            let failed = self.catch_up(&wants, Some(seq)).await.err();
+            step = self.tracks.on_copy(&topic, &position);
+            if step == Step::CatchUp {
+                // Still not in line (the read failed, or history moved on
+                // meanwhile): what it lacks is a gap.
+                let why = failed.unwrap_or_else(|| "history moved on meanwhile".into());
+                self.unrepairable(&topic, &why);
+                self.tracks.skip_to(&topic, &position);
+                step = Step::Deliver;
             }
+        }
+        if step == Step::Deliver {
+            shared.sink.deliver(&topic, &envelope);
         }
     }
 
-    /// Reports a restarted history as a gap and delivers the missing
-    /// entries, in order, or reports the gap when history no longer has
-    /// them all (never a part: a client told of a gap resumes afresh).
-    async fn repair(
-        &mut self,
-        topic: &Topic,
-        restarted: bool,
-        fill: Option<(crate::history::Position, u64)>,
-    ) {
+    /// Catches up the topics of `wants` in one read (`gaps.rs`), up to
+    /// `bound` (a `seq`) or to their tops: delivers what they missed in
+    /// publish order and reports what history no longer has. Err: the read
+    /// failed (nothing changed).
+    async fn catch_up(&mut self, wants: &[Want], bound: Option<u64>) -> Result<(), String> {
         let shared = self.shared.clone();
         let Some(history) = &shared.history else {
-            return;
+            return Ok(());
         };
-        if restarted {
+        let caught = history
+            .catch_up(wants, bound)
+            .await
+            .map_err(|e| e.to_string())?;
+        let caught = self.tracks.caught_up(wants, caught);
+        for topic in &caught.gaps {
             self.unrepairable(
                 topic,
-                "the topic's history started afresh (Redis restarted?)",
+                "history no longer has them (trimmed, expired, too many, or Redis restarted)",
             );
         }
-        let Some((after, until)) = fill else {
-            return;
-        };
-        let why = match history.range(topic, &after, until).await {
-            Ok(Range::Complete(messages)) => {
-                debug!(topic = ?topic, after = %after, until, "repaired a gap from history");
+        if caught.repaired > 0 {
+            debug!(
+                topics = caught.repaired,
+                messages = caught.deliver.len(),
+                "caught up from history"
+            );
+            for _ in 0..caught.repaired {
                 shared.metrics.bus_gap(GapKind::Repaired);
-                for message in &messages {
-                    shared.sink.deliver(topic, message);
-                }
-                return;
             }
-            Ok(Range::Incomplete) => "history no longer has them".to_owned(),
-            Err(e) => e.to_string(),
-        };
-        if !restarted {
-            self.unrepairable(topic, &why);
         }
+        for (topic, message) in &caught.deliver {
+            shared.sink.deliver(topic, message);
+        }
+        Ok(())
     }
 
     /// Counts and reports a gap that cannot be filled (logged at most once
@@ -581,30 +591,19 @@ impl Subscriber {
         }
     }
 
-    /// History on, after every (re)subscribe: each tracked topic's top is
-    /// read and what the connection missed is filled now, before any newer
-    /// copy (a quiet topic shows no jump until its next message); topics
-    /// not tracked yet get their start.
+    /// History on, after every (re)subscribe: every subscribed topic is
+    /// caught up to its top in one read, before any newer copy (a quiet
+    /// topic shows no jump until its next message); topics not tracked yet
+    /// get their start.
     async fn after_resubscribe(&mut self, live: &Live) {
-        let Some(history) = self.shared.history.clone() else {
+        if self.shared.history.is_none() {
             return;
-        };
+        }
         self.tracks.retain(|t| live.subscribed.contains(t));
-        let topics: Vec<Topic> = live.subscribed.iter().cloned().collect();
-        for chunk in topics.chunks(MAX_SUBSCRIBE_BATCH) {
-            let heads = match history.heads(chunk).await {
-                Ok(heads) => heads,
-                Err(e) => {
-                    // The next copy of each topic shows any jump.
-                    warn!(error = %e, "cannot read the topics' tops after resubscribing; gaps are repaired at the next message");
-                    return;
-                }
-            };
-            for (topic, head) in chunk.iter().zip(heads) {
-                if let Some(Step::Repair { restarted, fill }) = self.tracks.on_top(topic, head) {
-                    self.repair(topic, restarted, fill).await;
-                }
-            }
+        let wants = self.tracks.wants(&live.subscribed);
+        if let Err(e) = self.catch_up(&wants, None).await {
+            // The next copy of each topic shows any jump.
+            warn!(error = %e, "cannot catch up from history after resubscribing; gaps are repaired at the next message");
         }
     }
 }
