@@ -97,7 +97,8 @@ pub trait History: Send + Sync + 'static {
 
     /// For each `(topic, after)`, in order, the messages published to the
     /// topic after the position, if all of them are still kept, no older
-    /// than `history.ttl_ms`, and at most `max` (per topic). All the topics
+    /// than `history.ttl_ms`, and at most `max` (per topic; `usize::MAX`:
+    /// as many as history keeps, which its `size_*` bound). All the topics
     /// are read in **one atomic snapshot**: a message published while they
     /// are read is in every read of its topics or in none, and is later in
     /// publish order than every message read (what the resume decision

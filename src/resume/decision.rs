@@ -341,7 +341,13 @@ impl Resumer {
         from: &[Position; 3],
     ) -> Result<(Vec<Arc<Envelope>>, [Position; 3]), NotRecovered> {
         let asked: Vec<(Topic, Position)> = topics_of(who).into_iter().zip(from.clone()).collect();
-        let read = self.history.read_many(&asked, self.max_replay);
+        // As far as history keeps each topic (its `size_*` bound the read),
+        // not `max_replay`: a topic's entries are not all the socket's (one
+        // that excludes it, one it takes through another topic), and
+        // `merge` counts only those it accepts against `max_replay`. (A
+        // read bounded by `max_replay` once said "not recovered" for 4 to
+        // replay and 3 that excluded the socket, with `max_replay` 5.)
+        let read = self.history.read_many(&asked, usize::MAX);
         let reads = match tokio::time::timeout(self.limit, read).await {
             Ok(reads) => reads?,
             Err(_) => return Err(NotRecovered::TimedOut(self.limit)),

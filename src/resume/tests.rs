@@ -371,6 +371,39 @@ fn more_than_max_replay_is_not_recovered_and_exactly_max_is() {
     ));
 }
 
+/// Review of issue 14, item 6: `max_replay` counts the messages the socket
+/// accepts, not the entries of its topics. Four to replay and three to the
+/// group that exclude ann: recovered with `max_replay` 5 (and 4).
+#[tokio::test]
+async fn max_replay_counts_only_what_the_socket_accepts() {
+    let mem = Arc::new(Mem::default());
+    let ann = who("ann", Some("chat"));
+    let from = mem.tops_of(&ann);
+    for i in 0..4 {
+        mem.publish(to(&[group("chat")]), &format!("g{i}"));
+    }
+    for i in 0..3 {
+        let not_ann = Route::from_parts(vec![group("chat")], vec!["ann".into()]);
+        mem.publish(not_ann, &format!("x{i}"));
+    }
+    for max_replay in [5, 4] {
+        let (resumer, _) = resumer(&mem, max_replay);
+        let outcome = resumer.start(&ann, &request(&ann, &from)).await;
+        assert_eq!(
+            welcome_of(&outcome.frames[0])["recovered"],
+            true,
+            "max_replay {max_replay}"
+        );
+        assert_eq!(
+            names_of_frames(&outcome.frames[1..]),
+            ["g0", "g1", "g2", "g3"]
+        );
+    }
+    let (resumer, _) = resumer(&mem, 3);
+    let outcome = resumer.start(&ann, &request(&ann, &from)).await;
+    assert_eq!(welcome_of(&outcome.frames[0])["recovered"], false, "4 > 3");
+}
+
 #[test]
 fn trimmed_or_renewed_history_is_not_recovered() {
     let mem = Mem::default();

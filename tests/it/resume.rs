@@ -466,6 +466,41 @@ async fn more_than_max_replay_is_not_recovered_and_max_replay_is() {
     assert_eq!(welcome["replayed"], 4);
 }
 
+/// Review of issue 14, item 6: `max_replay` counts the messages the socket
+/// accepts, not its topics' entries: four to replay (and the watcher's
+/// sentinel) and three that exclude ann, with `max_replay` 5.
+#[tokio::test]
+async fn max_replay_counts_only_the_messages_the_socket_accepts() {
+    let redis = RedisServer::start();
+    let server = node(
+        &redis.url(),
+        Some(HistoryConfig {
+            max_replay: 5,
+            ..settings()
+        }),
+    )
+    .await;
+    let missed = [
+        ("g1", json!([to_group("chat")])),
+        ("x1", json!([except("ann"), to_group("chat")])),
+        ("g2", json!([to_group("chat")])),
+        ("x2", json!([except("ann"), to_group("chat")])),
+        ("g3", json!([to_group("chat")])),
+        ("x3", json!([except("ann"), to_group("chat")])),
+        ("g4", json!([to_group("chat")])),
+    ];
+    let (mut ann, mut client, welcome) = away_then_resume(&server, &missed, Duration::ZERO).await;
+    assert_eq!(welcome["recovered"], true, "{welcome}");
+    assert_eq!(welcome["replayed"], 5);
+    let tag = sentinel(&server).await;
+    let (got, _) = ann.until(&mut client, &tag).await;
+    let got: Vec<&str> = messages(&got)
+        .into_iter()
+        .filter(|m| !m.starts_with("resume-sentinel"))
+        .collect();
+    assert_eq!(got, ["g1", "g2", "g3", "g4"]);
+}
+
 #[tokio::test]
 async fn history_older_than_its_ttl_is_not_recovered() {
     let redis = RedisServer::start();

@@ -771,6 +771,13 @@ impl RedisHistory {
     /// entries in all, and per topic about what its stream can hold; a
     /// topic beyond has no messages. No age limit: whatever is still kept
     /// is right.
+    /// About the most entries `topic`'s stream can hold (`XADD MAXLEN ~
+    /// size` trims whole stream nodes, so it keeps a little more than its
+    /// `size_*`): more than this after a position cannot all be kept.
+    fn holds_at_most(&self, topic: &Topic) -> usize {
+        self.history.size_of(topic) * 2 + 100
+    }
+
     pub(super) async fn catch_up(
         &self,
         wants: &[Want],
@@ -785,7 +792,7 @@ impl RedisHistory {
             .collect();
         let most = |w: &Want| {
             if w.read {
-                self.history.size_of(&w.topic) * 2 + 100
+                self.holds_at_most(&w.topic)
             } else {
                 0
             }
@@ -1098,6 +1105,12 @@ impl History for RedisHistory {
                 .flat_map(|(t, _)| [self.keys.meta(t), self.keys.stream(t)])
                 .collect();
             let mttl = ms(meta_ttl(&self.history));
+            // Never more than a stream holds (`max` may be unbounded: the
+            // resume counts only what the socket accepts against
+            // `history.max_replay`). A topic that holds less than this
+            // answers what it has, and is then incomplete.
+            let holds = from.iter().map(|(t, _)| self.holds_at_most(t));
+            let max = max.min(holds.max().unwrap_or(0));
             let reply: redis::Value = self
                 .call(|mut c| async move {
                     evalsha(&mut c.conn, READ_MANY_LUA, &c.read_many_sha, |cmd| {
