@@ -1196,6 +1196,69 @@ async fn frames_are_todays_bytes_unless_a_socket_opts_in() {
     );
 }
 
+// ---- Rolling enable: a node without history next to nodes with it ------------
+
+/// Review of issue 14, item 4: messages published through a node with
+/// history off are plain copies, not in history. A node with history on
+/// that receives one on a topic starts that topic's history afresh, so a
+/// resume from a position before it says not recovered instead of
+/// replaying around the hole; the sockets that stayed see no gap notice.
+#[tokio::test]
+async fn a_message_from_a_node_without_history_starts_its_topic_afresh() {
+    let redis = RedisServer::start();
+    let on = node(&redis.url(), Some(settings())).await;
+    let off = node(&redis.url(), None).await;
+    let mut stay = Page::new("stay", Some("mg"));
+    let mut stays = stay.open(&on, Some("")).await;
+    stay.welcome(&mut stays).await;
+    let mut away = Page::new("away", Some("mg"));
+    let mut client = away.open(&on, Some("")).await;
+    away.welcome(&mut client).await;
+    publish(&on, say("on-1", json!([to_group("mg")]))).await;
+    for (page, socket) in [(&mut stay, &mut stays), (&mut away, &mut client)] {
+        let frame = socket.recv().await;
+        page.observe(&frame);
+        assert_eq!(frame["message"], "on-1");
+    }
+    client.close().await;
+    let before = away.positions["group:mg"].as_str().unwrap().to_owned();
+    // One after the other: a 204 only means a node took the message.
+    for (server, text) in [(&off, "off-1"), (&on, "on-2")] {
+        publish(server, say(text, json!([to_group("mg")]))).await;
+        let frame = stays.recv().await;
+        stay.observe(&frame);
+        assert_eq!(frame["message"], text);
+    }
+    let epoch = |position: &str| position.rsplit_once(':').unwrap().0.to_owned();
+    let meta = || cli(redis.port, &["HGET", "wshub:h:{g:mg}:m", "e"]);
+    eventually("the group's history started afresh", || {
+        meta() != epoch(&before)
+    })
+    .await;
+
+    let (mut client, welcome) = away.resume(&on).await;
+    assert_not_recovered(
+        &on,
+        &mut away,
+        &mut client,
+        &welcome,
+        "a plain copy in between",
+    )
+    .await;
+    // The sockets that stayed got every copy and hear of no gap.
+    publish(&on, say("on-3", json!([to_group("mg")]))).await;
+    let (before, frame) = stay.until(&mut stays, "on-3").await;
+    assert!(
+        before.iter().all(|f| f["action"] == "broadcast"),
+        "nothing but the sentinel, no gap notice: {before:?}"
+    );
+    assert_eq!(epoch(frame["pos"]["group:mg"].as_str().unwrap()), meta());
+    assert_eq!(
+        on.metric("wshub_bus_gaps_total{kind=\"unrepairable\"}"),
+        0.0
+    );
+}
+
 // ---- Gap notices -------------------------------------------------------------
 
 /// The reader's subscriber is cut while `all` overflows its history: the

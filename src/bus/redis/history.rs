@@ -337,6 +337,31 @@ end
 return out
 "#;
 
+/// Starts a topic's history afresh (`gaps.rs`, "Rolling enable"): a new
+/// epoch at offset 0, its stream deleted, so that no position from before
+/// names the epoch any more. A topic without an epoch of this Redis run is
+/// left alone (no position names one; nothing is created).
+/// KEYS: meta, stream. ARGV: run id, meta ttl ms. Returns the new epoch,
+/// or `''`.
+const RENEW_LUA: &str = concat!(
+    epoch_lua!(),
+    r#"
+local m = redis.call('HMGET', KEYS[1], 'e', 'r')
+if not (m[1] and m[2] == ARGV[1]) then
+  return ''
+end
+local t = redis.call('TIME')
+local e = b36(tonumber(t[1])) .. string.sub('000' .. b36(tonumber(t[2])), -4)
+if e == m[1] then
+  e = e .. 'z'
+end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'e', e, 'o', 0, 'r', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return e
+"#
+);
+
 /// Takes a drain handoff: every handoff stored under `KEYS[1]`, oldest
 /// first, of which the last (the newest) is removed. The taker replays
 /// from the earliest position among them ([`History::handoff_take`]);
@@ -771,6 +796,28 @@ impl RedisHistory {
     /// entries in all, and per topic about what its stream can hold; a
     /// topic beyond has no messages. No age limit: whatever is still kept
     /// is right.
+    /// Starts `topic`'s history afresh (see [`RENEW_LUA`]), bounded by the
+    /// command timeout; `true` when it had an epoch to renew.
+    pub(super) async fn renew(&self, topic: &Topic) -> Result<bool, HistoryError> {
+        let (meta, stream) = (&self.keys.meta(topic), &self.keys.stream(topic));
+        let mttl = ms(meta_ttl(&self.history));
+        let epoch: String = self
+            .call(|mut c| async move {
+                // EVAL: a few hundred bytes, rarely (a mixed cluster only).
+                redis::cmd("EVAL")
+                    .arg(RENEW_LUA)
+                    .arg(2)
+                    .arg(meta)
+                    .arg(stream)
+                    .arg(&*c.run_id)
+                    .arg(mttl)
+                    .query_async(&mut c.conn)
+                    .await
+            })
+            .await?;
+        Ok(!epoch.is_empty())
+    }
+
     /// About the most entries `topic`'s stream can hold (`XADD MAXLEN ~
     /// size` trims whole stream nodes, so it keeps a little more than its
     /// `size_*`): more than this after a position cannot all be kept.
