@@ -88,13 +88,24 @@ pub trait History: Send + Sync + 'static {
     /// has none (so every position handed out names a real epoch).
     fn tops<'a>(&'a self, topics: &'a [Topic]) -> HistoryFuture<'a, Vec<Position>>;
 
+    /// The current position of each topic like [`tops`](Self::tops), but
+    /// never making an epoch: [`Position::unborn`] for a topic that has
+    /// none yet. For sockets that do not speak resume, which must not
+    /// create history keys (one per user topic, kept a day, for every
+    /// page that ever connected).
+    fn peek<'a>(&'a self, topics: &'a [Topic]) -> HistoryFuture<'a, Vec<Position>>;
+
     /// For each `(topic, after)`, in order, the messages published to the
     /// topic after the position, if all of them are still kept, no older
-    /// than `history.ttl_ms`, and at most `max` (per topic). All the topics
+    /// than `history.ttl_ms`, and at most `max` (per topic; `usize::MAX`:
+    /// as many as history keeps, which its `size_*` bound). All the topics
     /// are read in **one atomic snapshot**: a message published while they
     /// are read is in every read of its topics or in none, and is later in
     /// publish order than every message read (what the resume decision
-    /// relies on; see `src/resume/decision.rs`).
+    /// relies on; see `src/resume/decision.rs`). After
+    /// [`Position::unborn`]: every message of the topic's current epoch,
+    /// or none (and the top unborn) when it still has no epoch, which is
+    /// then not made.
     fn read_many<'a>(
         &'a self,
         from: &'a [(Topic, Position)],
@@ -128,7 +139,12 @@ pub trait History: Send + Sync + 'static {
         positions: &'a Positions,
     ) -> HistoryFuture<'a, ()>;
 
-    /// Takes one stored handoff for `who`, if there is one.
+    /// Takes one stored handoff for `who`, if there is one, and answers
+    /// with the [`earliest`] positions among every handoff stored for `who`
+    /// at that moment (the taken one included): two tabs of one identity
+    /// store two handoffs, closed at different moments, and cannot tell
+    /// which is theirs; each replays from the earliest, so neither loses a
+    /// message (the one that closed later may see some twice).
     fn handoff_take<'a>(&'a self, who: &'a Identity) -> HistoryFuture<'a, Option<Positions>>;
 
     /// What `GET /api/history/{topic}` shows: the topic's top and at most
@@ -170,9 +186,57 @@ pub enum HistoryError {
     Unreadable(String),
 }
 
+/// The earliest of some handoffs' positions, per topic: `taken`'s position
+/// lowered to the lowest offset any of `others` holds in the same epoch,
+/// or to [`Position::unborn`] when one of them is (that socket saw no
+/// epoch of the topic, so every epoch it has now came later). A position
+/// in another epoch cannot be compared and is left out (a handoff from
+/// before the topic's history started afresh; replaying from it could not
+/// be recovered anyway).
+pub fn earliest(taken: Positions, others: &[Positions]) -> Positions {
+    let mut out = taken;
+    for (slot, mine) in out.iter_mut().enumerate() {
+        let Some(mine) = mine else { continue };
+        for other in others.iter().filter_map(|o| o[slot].as_ref()) {
+            if other.is_unborn() {
+                *mine = Position::unborn();
+            } else if other.epoch == mine.epoch && other.offset < mine.offset {
+                mine.offset = other.offset;
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_earliest_handoff_is_per_topic_in_the_same_epoch() {
+        let p = Position::parse;
+        let taken: Positions = [p("a:9"), p("g:5"), p("u:3")];
+        let others: [Positions; 2] = [[p("a:4"), p("g:7"), p("old:1")], [p("a:6"), p("g:2"), None]];
+        assert_eq!(
+            earliest(taken.clone(), &others),
+            [p("a:4"), p("g:2"), p("u:3")]
+        );
+        assert_eq!(earliest(taken.clone(), &[]), taken);
+        assert_eq!(
+            earliest([None, p("g:5"), None], &others),
+            [None, p("g:2"), None]
+        );
+        let unborn = [Some(Position::unborn()), p("g:1"), Some(Position::unborn())];
+        assert_eq!(
+            earliest(taken.clone(), std::slice::from_ref(&unborn)),
+            unborn
+        );
+        assert_eq!(
+            earliest(unborn.clone(), &others),
+            unborn,
+            "nothing is earlier"
+        );
+    }
 
     fn who(user: &str, group: Option<&str>) -> Identity {
         Identity {

@@ -433,7 +433,11 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
         .map(|c| c.0);
     let ip = peer.map(|p| auth::client_ip(p, &parts.headers, &http.config.auth.trusted_proxies));
     // With history off the parameter is ignored (the node says Legacy).
-    let resume = http.node.resume_request(resume_parameter(&pairs), &who);
+    let mut resume = http.node.resume_request(resume_parameter(&pairs), &who);
+    if http.tokens.is_none() && !user_id_given(&pairs) {
+        // Its id is new with every socket: no drain handoff to take or leave.
+        resume = resume.with_generated_user_id();
+    }
     let options = ConnectOptions {
         resume,
         relay: relay.unwrap_or(http.config.ws.client_relay),
@@ -509,6 +513,16 @@ pub fn identity_from_query(pairs: &[(String, String)]) -> Identity {
         user: user.into(),
         group: group.map(Into::into),
     }
+}
+
+/// Whether the query gives a (non-empty) user id; without one
+/// [`identity_from_query`] makes up a random one.
+pub fn user_id_given(pairs: &[(String, String)]) -> bool {
+    pairs
+        .iter()
+        .rev()
+        .find(|(key, _)| key.eq_ignore_ascii_case("userid"))
+        .is_some_and(|(_, value)| !value.is_empty())
 }
 
 /// The value of the `resume` query parameter (key in any case, as the
@@ -659,6 +673,13 @@ mod tests {
             "groupid= is the empty group, not null"
         );
         assert_eq!(who.user.len(), 12, "an empty userid gets a random one");
+        assert!(user_id_given(&q("GroupId=chat&USERID=ann")));
+        assert!(!user_id_given(&[]));
+        assert!(!user_id_given(&q("groupid=&userid=")), "made up");
+        assert!(
+            !user_id_given(&q("userid=ann&userid=")),
+            "the last one counts"
+        );
         let who = identity_from_query(&q("userid=a%20b&groupid=x%2By"));
         assert_eq!((&*who.user, who.group.as_deref()), ("a b", Some("x+y")));
     }

@@ -41,6 +41,26 @@ impl Position {
     }
 }
 
+impl Position {
+    /// Where a socket stands in a topic that had no history yet when its
+    /// tops were read without making any (a socket that does not speak
+    /// resume, `src/resume/decision.rs`): before every message of whatever
+    /// epoch the topic gets later. Its epoch is empty, which no real epoch
+    /// is, so [`parse`](Self::parse) never gives it and no client can send
+    /// it; it is only ever stored in a drain handoff (as `":0"`).
+    pub fn unborn() -> Self {
+        Self {
+            epoch: "".into(),
+            offset: 0,
+        }
+    }
+
+    /// Whether this is [`unborn`](Self::unborn).
+    pub fn is_unborn(&self) -> bool {
+        self.epoch.is_empty()
+    }
+}
+
 impl std::fmt::Display for Position {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}", self.epoch, self.offset)

@@ -22,7 +22,13 @@
 //! epoch. Floors start at the positions the replay reached (or the tops);
 //! a socket that did not opt in and took over no handoff never drops
 //! anything (today's behaviour), but its floors are still kept, from the
-//! tops, for the drain handoff.
+//! tops, for the drain handoff. Those tops are read without making an
+//! epoch ([`History::peek`](crate::history::History::peek)): sockets that
+//! do not speak resume create no history keys. A topic without one is
+//! [`Position::unborn`](crate::history::Position::unborn) — every epoch it
+//! gets later came after the socket connected, so a handoff replays it
+//! from its start — and a socket whose user id the hub made up
+//! ([`Request::Anonymous`]) reads and stores nothing.
 //!
 //! Every History call is bounded (`redis.command_timeout_ms`); a failure or
 //! a timeout is "not recovered", never a refused socket, a panic or a hang.
@@ -55,6 +61,11 @@ pub enum Request {
     /// pages). It takes over a drain handoff for its identity, if there is
     /// one, and never sees a welcome or `pos`.
     Legacy,
+    /// No `resume` parameter and no user id: the hub made one up, which no
+    /// later socket will have, so this socket can neither take a drain
+    /// handoff nor leave one to anybody. A socket as today that reads and
+    /// writes nothing in history.
+    Anonymous,
     /// `resume=`: speaks resume and starts afresh.
     Fresh,
     /// `resume=<positions>`: the positions it last saw (its own topics'
@@ -80,7 +91,16 @@ impl Request {
 
     /// Whether the socket opted in: it gets the welcome, `pos` and gaps.
     pub fn speaks_resume(&self) -> bool {
-        !matches!(self, Self::Legacy)
+        !matches!(self, Self::Legacy | Self::Anonymous)
+    }
+
+    /// The request of a socket whose user id the hub generated (none was
+    /// given): [`Request::Anonymous`] instead of [`Request::Legacy`].
+    pub fn with_generated_user_id(self) -> Self {
+        match self {
+            Self::Legacy => Self::Anonymous,
+            other => other,
+        }
     }
 }
 

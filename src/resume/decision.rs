@@ -117,6 +117,15 @@ impl Reach {
             Read::Incomplete { .. } => return Err(NotRecovered::Incomplete(client_key(topic))),
         };
         let inconsistent = || NotRecovered::Inconsistent(client_key(topic));
+        if self.top.is_unborn() && !top.is_unborn() {
+            // The topic had no epoch when the handoff's socket read it:
+            // every epoch it has now came later, and is read from its
+            // start (see `Resumer::start`).
+            self.top = Position {
+                epoch: top.epoch.clone(),
+                offset: 0,
+            };
+        }
         if top.epoch != self.top.epoch {
             return Err(inconsistent());
         }
@@ -245,11 +254,14 @@ impl Resumer {
         let speaks = request.speaks_resume();
         let attempt = match request {
             // No handoff to give or take: a legacy socket needs no floors.
+            // (A hub-made user id is never seen again: nothing to take,
+            // and a handoff stored under it would never be taken.)
+            Request::Anonymous => return self.outcome(None, Vec::new(), Floors::default(), 0),
             Request::Legacy if !self.drain_handoff => {
                 return self.outcome(None, Vec::new(), Floors::default(), 0);
             }
             Request::Legacy => {
-                let (taken, tops) = tokio::join!(self.take_handoff(who), self.tops(who));
+                let (taken, tops) = tokio::join!(self.take_handoff(who), self.peek(who));
                 match taken {
                     Some(from) => Attempt::From(from, Some(tops)),
                     None => return self.outcome(None, Vec::new(), Floors::new(tops, false), 0),
@@ -329,7 +341,13 @@ impl Resumer {
         from: &[Position; 3],
     ) -> Result<(Vec<Arc<Envelope>>, [Position; 3]), NotRecovered> {
         let asked: Vec<(Topic, Position)> = topics_of(who).into_iter().zip(from.clone()).collect();
-        let read = self.history.read_many(&asked, self.max_replay);
+        // As far as history keeps each topic (its `size_*` bound the read),
+        // not `max_replay`: a topic's entries are not all the socket's (one
+        // that excludes it, one it takes through another topic), and
+        // `merge` counts only those it accepts against `max_replay`. (A
+        // read bounded by `max_replay` once said "not recovered" for 4 to
+        // replay and 3 that excluded the socket, with `max_replay` 5.)
+        let read = self.history.read_many(&asked, usize::MAX);
         let reads = match tokio::time::timeout(self.limit, read).await {
             Ok(reads) => reads?,
             Err(_) => return Err(NotRecovered::TimedOut(self.limit)),
@@ -340,11 +358,25 @@ impl Resumer {
         decide(from, reads, who, self.max_replay)
     }
 
-    /// The tops of `who`'s topics; `None` for each when history fails.
+    /// The tops of `who`'s topics (making their epochs: for sockets that
+    /// speak resume); `None` for each when history fails.
     async fn tops(&self, who: &Identity) -> Positions {
-        let topics = topics_of(who);
-        match tokio::time::timeout(self.limit, self.history.tops(&topics)).await {
-            Ok(Ok(tops)) if tops.len() == topics.len() => {
+        self.positions(self.history.tops(&topics_of(who))).await
+    }
+
+    /// The tops of `who`'s topics without making an epoch (unborn where
+    /// there is none): a legacy socket's floors, for its drain handoff.
+    /// Sockets that do not speak resume create no history keys.
+    async fn peek(&self, who: &Identity) -> Positions {
+        self.positions(self.history.peek(&topics_of(who))).await
+    }
+
+    /// What a tops read answered, one per topic; `None` for each when
+    /// history fails.
+    async fn positions(&self, read: crate::history::HistoryFuture<'_, Vec<Position>>) -> Positions {
+        match tokio::time::timeout(self.limit, read).await {
+            // One per topic of `topics_of`.
+            Ok(Ok(tops)) if tops.len() == 3 => {
                 let mut positions: Positions = Default::default();
                 for (slot, top) in positions.iter_mut().zip(tops) {
                     *slot = Some(top);

@@ -125,6 +125,21 @@ impl State {
     }
 
     fn read(&mut self, topic: &Topic, after: &Position, max: usize) -> Read {
+        if after.is_unborn() {
+            // As Redis does: the current epoch from its start, and none
+            // made.
+            let Some(log) = self.logs.get(topic) else {
+                return Read::Complete {
+                    messages: Vec::new(),
+                    top: Position::unborn(),
+                };
+            };
+            let start = Position {
+                epoch: log.epoch.clone(),
+                offset: 0,
+            };
+            return self.read(topic, &start, max);
+        }
         let top = self.top(topic);
         let log = self.log(topic);
         if after.epoch != log.epoch {
@@ -194,6 +209,18 @@ impl History for Mem {
         self.answer(move |state| topics.iter().map(|t| state.top(t)).collect())
     }
 
+    fn peek<'a>(&'a self, topics: &'a [Topic]) -> HistoryFuture<'a, Vec<Position>> {
+        self.answer(move |state| {
+            topics
+                .iter()
+                .map(|t| match state.logs.get(t) {
+                    Some(_) => state.top(t),
+                    None => Position::unborn(),
+                })
+                .collect()
+        })
+    }
+
     fn read_many<'a>(
         &'a self,
         from: &'a [(Topic, Position)],
@@ -232,8 +259,10 @@ impl History for Mem {
     fn handoff_take<'a>(&'a self, who: &'a Identity) -> HistoryFuture<'a, Option<Positions>> {
         self.answer(move |state| {
             let key = (who.user.clone(), who.group.clone());
+            // As Redis does: the newest is taken, from the earliest stored.
             let list = state.handoffs.get_mut(&key)?;
-            (!list.is_empty()).then(|| list.remove(0))
+            let taken = list.pop()?;
+            Some(crate::history::earliest(taken, list))
         })
     }
 }
@@ -340,6 +369,39 @@ fn more_than_max_replay_is_not_recovered_and_exactly_max_is() {
         decide(&from, reads, &ann, 3),
         Err(NotRecovered::TooMany { count: 4, max: 3 })
     ));
+}
+
+/// Review of issue 14, item 6: `max_replay` counts the messages the socket
+/// accepts, not the entries of its topics. Four to replay and three to the
+/// group that exclude ann: recovered with `max_replay` 5 (and 4).
+#[tokio::test]
+async fn max_replay_counts_only_what_the_socket_accepts() {
+    let mem = Arc::new(Mem::default());
+    let ann = who("ann", Some("chat"));
+    let from = mem.tops_of(&ann);
+    for i in 0..4 {
+        mem.publish(to(&[group("chat")]), &format!("g{i}"));
+    }
+    for i in 0..3 {
+        let not_ann = Route::from_parts(vec![group("chat")], vec!["ann".into()]);
+        mem.publish(not_ann, &format!("x{i}"));
+    }
+    for max_replay in [5, 4] {
+        let (resumer, _) = resumer(&mem, max_replay);
+        let outcome = resumer.start(&ann, &request(&ann, &from)).await;
+        assert_eq!(
+            welcome_of(&outcome.frames[0])["recovered"],
+            true,
+            "max_replay {max_replay}"
+        );
+        assert_eq!(
+            names_of_frames(&outcome.frames[1..]),
+            ["g0", "g1", "g2", "g3"]
+        );
+    }
+    let (resumer, _) = resumer(&mem, 3);
+    let outcome = resumer.start(&ann, &request(&ann, &from)).await;
+    assert_eq!(welcome_of(&outcome.frames[0])["recovered"], false, "4 > 3");
 }
 
 #[test]
@@ -697,13 +759,18 @@ async fn a_legacy_socket_takes_over_its_handoff_without_welcome_or_pos() {
     let mem = Arc::new(Mem::default());
     let (resumer, metrics) = resumer(&mem, 100);
     let ann = who("ann", Some("chat"));
-    // No handoff: today's socket, floors from the tops, nothing dropped.
+    mem.publish(to(&[group("chat")]), "before");
+    // No handoff: today's socket, floors from the tops, nothing dropped;
+    // topics without history yet are unborn, and none is made.
     let outcome = resumer.start(&ann, &Request::Legacy).await;
     assert!(outcome.frames.is_empty());
+    let unborn = Some(Position::unborn());
+    let chat_top = Some(mem.state().top(&group("chat")));
     assert_eq!(
         outcome.floors,
-        Floors::new(mem.tops_of(&ann).map(Some), false)
+        Floors::new([unborn.clone(), chat_top, unborn.clone()], false)
     );
+    assert_eq!(mem.state().logs.len(), 1, "no epoch made");
     assert_eq!(
         outcome.report,
         Report {
@@ -716,19 +783,27 @@ async fn a_legacy_socket_takes_over_its_handoff_without_welcome_or_pos() {
         outcome.report.message(),
         r#"{"recovered":false,"replayed":0}"#
     );
-    // A drained socket stores its floors; the next one is replayed.
+    // A drained socket stores its floors; the next one is replayed, the
+    // topics that had no epoch from the start of the one they have now.
     resumer.hand_off(&ann, outcome.floors.positions()).await;
     mem.publish(to(&[group("chat")]), "missed");
+    mem.publish(to(&[user("ann")]), "to ann");
     let outcome = resumer.start(&ann, &Request::Legacy).await;
-    assert_eq!(outcome.frames.len(), 1);
+    assert_eq!(
+        names_of_frames(&outcome.frames),
+        ["missed", "to ann"],
+        "no welcome"
+    );
     assert_eq!(
         outcome.frames[0].as_str(),
         r#"{"action":"say","message":"missed"}"#,
         "no pos"
     );
+    let [_, chat, ann_top] = mem.tops_of(&ann);
     assert_eq!(
         outcome.floors,
-        Floors::new(mem.tops_of(&ann).map(Some), true)
+        Floors::new([unborn, Some(chat), Some(ann_top)], true),
+        "everyone still has no epoch"
     );
     assert_eq!(outcome.report.header(), "recovered");
     // Taken once.
@@ -742,6 +817,34 @@ async fn a_legacy_socket_takes_over_its_handoff_without_welcome_or_pos() {
         "{text}"
     );
     assert!(text.contains(r#"wshub_resume_total{result="recovered"} 1"#));
+}
+
+/// A socket whose user id the hub made up never reads history, takes a
+/// handoff or stores one (review of issue 14, item 5).
+#[tokio::test]
+async fn an_anonymous_socket_touches_no_history() {
+    let mem = Arc::new(Mem::default());
+    let (resumer, metrics) = resumer(&mem, 100);
+    let anon = who("0123456789ab", Some("chat"));
+    resumer.hand_off(&anon, &mem.tops_of(&anon).map(Some)).await;
+    mem.state().logs.clear();
+    let outcome = resumer.start(&anon, &Request::Anonymous).await;
+    assert!(outcome.frames.is_empty());
+    assert_eq!(outcome.floors, Floors::default(), "nothing to hand off");
+    assert_eq!(outcome.report.header(), "none");
+    assert!(mem.state().logs.is_empty(), "nothing read");
+    assert_eq!(
+        mem.state().handoffs.values().map(Vec::len).sum::<usize>(),
+        1,
+        "nothing taken"
+    );
+    resumer.hand_off(&anon, outcome.floors.positions()).await;
+    assert!(
+        metrics
+            .render()
+            .contains(r#"wshub_drain_handoffs_total{result="stored"} 1"#),
+        "nothing stored"
+    );
 }
 
 #[tokio::test]
@@ -766,6 +869,9 @@ fn requests_from_the_parameter() {
     let ann = who("ann", None);
     assert_eq!(Request::from_parameter(None, &ann), Request::Legacy);
     assert!(!Request::Legacy.speaks_resume());
+    assert!(!Request::Anonymous.speaks_resume());
+    assert_eq!(Request::Legacy.with_generated_user_id(), Request::Anonymous);
+    assert_eq!(Request::Fresh.with_generated_user_id(), Request::Fresh);
     assert_eq!(Request::from_parameter(Some(""), &ann), Request::Fresh);
     assert_eq!(
         Request::from_parameter(Some("{"), &ann),

@@ -424,6 +424,49 @@ async fn tops_and_reads() {
     assert_eq!(history.tops(&[fresh]).await.unwrap()[0], t);
 }
 
+/// `peek` and a read after an unborn position never make an epoch (what
+/// sockets that do not speak resume use, review of issue 14, item 5); once
+/// the topic has one, the read after unborn is its whole epoch.
+#[tokio::test]
+async fn peeks_and_reads_after_unborn_make_no_epoch() {
+    let redis = RedisServer::start();
+    let mut node = Member::start(&redis.url(), "n", Some(settings())).await;
+    let history = node.history();
+    let a = group("a");
+    let unborn = Position::unborn();
+    assert_eq!(
+        history.peek(std::slice::from_ref(&a)).await.unwrap(),
+        std::slice::from_ref(&unborn)
+    );
+    match history.read(&a, &unborn, 10).await.unwrap() {
+        Read::Complete { messages, top } => assert_eq!((messages.len(), top), (0, unborn.clone())),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        cli(redis.port, &["EXISTS", "wshub:h:{g:a}:m"]),
+        "0",
+        "no epoch made"
+    );
+    node.subscribe(std::slice::from_ref(&a)).await;
+    node.publish(std::slice::from_ref(&a), "p1");
+    node.publish(std::slice::from_ref(&a), "p2");
+    let (_, _, stamp) = node.next_copy().await;
+    node.next_copy().await;
+    let epoch = position(&stamp, &a).epoch;
+    let top = Position { epoch, offset: 2 };
+    assert_eq!(
+        history.peek(std::slice::from_ref(&a)).await.unwrap(),
+        std::slice::from_ref(&top)
+    );
+    match history.read(&a, &unborn, 10).await.unwrap() {
+        Read::Complete { messages, top: t } => {
+            let texts: Vec<String> = messages.iter().map(|m| m.frame.to_string()).collect();
+            assert_eq!((texts, t), (vec!["p1".to_owned(), "p2".to_owned()], top));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 /// Entries trimmed by `size_*` (`XADD MAXLEN ~`) make a read that needs
 /// them `Incomplete`; within what is kept it is complete.
 #[tokio::test]
@@ -505,7 +548,8 @@ async fn reads_of_messages_older_than_the_ttl_are_incomplete() {
     }
 }
 
-/// A handoff is taken once, oldest first, by the same identity only.
+/// A handoff is taken once per handoff stored, by the same identity only,
+/// each time from the earliest positions stored.
 #[tokio::test]
 async fn handoffs_are_taken_once_by_the_same_identity() {
     let redis = RedisServer::start();
@@ -528,11 +572,17 @@ async fn handoffs_are_taken_once_by_the_same_identity() {
         None,
         "another identity"
     );
+    // The newest is taken, lowered to the earliest position stored in
+    // each topic (review of issue 14, item 3); the earliest stays for the
+    // next taker.
+    assert_eq!(
+        history.handoff_take(&ann).await.unwrap(),
+        Some([Position::parse("e:1"), Position::parse("g:9"), None])
+    );
     assert_eq!(
         history.handoff_take(&ann).await.unwrap(),
         Some(first.clone())
     );
-    assert_eq!(history.handoff_take(&ann).await.unwrap(), Some(second));
     assert_eq!(
         history.handoff_take(&ann).await.unwrap(),
         None,
@@ -983,4 +1033,68 @@ async fn a_node_restarted_under_its_id_is_not_taken_for_its_previous_run() {
     let second = Member::start(&url, "same-id", Some(settings())).await;
     second.publish(std::slice::from_ref(&a), "second run");
     assert_eq!(receiver.next_copy().await.1, "second run");
+}
+
+/// A counter of `INFO stats` on the server at `port`.
+fn info_stat(port: u16, name: &str) -> u64 {
+    let info = cli(port, &["INFO", "stats"]);
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {name} in INFO stats"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Review of issue 14, item 8: Redis answering the publish script with an
+/// error (here `OOM` under `maxmemory` with `noeviction`) is not a broken
+/// connection: the publisher keeps its connection, tries again with a
+/// growing pause, and the batch goes out once Redis takes it again.
+#[tokio::test]
+async fn an_error_reply_keeps_the_connection_and_the_batch() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let publisher = Member::start(&url, "pub", Some(settings())).await;
+    let mut receiver = Member::start(&url, "rcv", Some(settings())).await;
+    let a = group("a");
+    receiver.subscribe(std::slice::from_ref(&a)).await;
+    publisher.publish(std::slice::from_ref(&a), "before");
+    assert_eq!(receiver.next_copy().await.1, "before");
+
+    assert_eq!(
+        cli(
+            redis.port,
+            &["CONFIG", "SET", "maxmemory-policy", "noeviction"]
+        ),
+        "OK"
+    );
+    assert_eq!(cli(redis.port, &["CONFIG", "SET", "maxmemory", "1"]), "OK");
+    let connections = info_stat(redis.port, "total_connections_received");
+    publisher.publish(std::slice::from_ref(&a), "refused");
+    // What happens over time is what this test is about: Redis refuses
+    // every call for a second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let refused = publisher.metric("wshub_bus_publish_failures_total");
+    assert!(refused >= 2.0, "the refusals are counted: {refused}");
+    // 50, 100, 200, 200, 200, 200 ms (redis.reconnect_max_ms is 200 here).
+    assert!(
+        refused <= 8.0,
+        "tried again with a growing pause: {refused}"
+    );
+    assert_eq!(
+        info_stat(redis.port, "total_connections_received") - connections,
+        1,
+        "no reconnect, the connection is fine (the one is redis-cli's own)"
+    );
+    assert_eq!(cli(redis.port, &["CONFIG", "SET", "maxmemory", "0"]), "OK");
+    assert_eq!(
+        receiver.next_copy().await.1,
+        "refused",
+        "sent once Redis took it"
+    );
+    assert_eq!(receiver.until_sentinel(&publisher, &a).await, vec![]);
+    assert_eq!(
+        publisher.metric("wshub_messages_dropped_total{reason=\"bus_unavailable\"}"),
+        0.0
+    );
 }

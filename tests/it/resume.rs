@@ -466,6 +466,41 @@ async fn more_than_max_replay_is_not_recovered_and_max_replay_is() {
     assert_eq!(welcome["replayed"], 4);
 }
 
+/// Review of issue 14, item 6: `max_replay` counts the messages the socket
+/// accepts, not its topics' entries: four to replay (and the watcher's
+/// sentinel) and three that exclude ann, with `max_replay` 5.
+#[tokio::test]
+async fn max_replay_counts_only_the_messages_the_socket_accepts() {
+    let redis = RedisServer::start();
+    let server = node(
+        &redis.url(),
+        Some(HistoryConfig {
+            max_replay: 5,
+            ..settings()
+        }),
+    )
+    .await;
+    let missed = [
+        ("g1", json!([to_group("chat")])),
+        ("x1", json!([except("ann"), to_group("chat")])),
+        ("g2", json!([to_group("chat")])),
+        ("x2", json!([except("ann"), to_group("chat")])),
+        ("g3", json!([to_group("chat")])),
+        ("x3", json!([except("ann"), to_group("chat")])),
+        ("g4", json!([to_group("chat")])),
+    ];
+    let (mut ann, mut client, welcome) = away_then_resume(&server, &missed, Duration::ZERO).await;
+    assert_eq!(welcome["recovered"], true, "{welcome}");
+    assert_eq!(welcome["replayed"], 5);
+    let tag = sentinel(&server).await;
+    let (got, _) = ann.until(&mut client, &tag).await;
+    let got: Vec<&str> = messages(&got)
+        .into_iter()
+        .filter(|m| !m.starts_with("resume-sentinel"))
+        .collect();
+    assert_eq!(got, ["g1", "g2", "g3", "g4"]);
+}
+
 #[tokio::test]
 async fn history_older_than_its_ttl_is_not_recovered() {
     let redis = RedisServer::start();
@@ -775,6 +810,162 @@ async fn a_legacy_page_is_handed_over_across_a_node_shutdown() {
     assert!(again.until_sentinel(&tag).await.is_empty());
 }
 
+/// Everything a legacy socket receives before a sentinel published now
+/// through `server`, sentinels left out: no welcome, no `pos`.
+async fn legacy_until_sentinel(server: &TestServer, client: &mut Client) -> Vec<String> {
+    let tag = sentinel(server).await;
+    let mut got = Vec::new();
+    loop {
+        let text = client.recv_text().await;
+        let frame = parse(&text);
+        if frame["message"] == tag {
+            return got;
+        }
+        assert_ne!(frame["action"], "wshub.welcome", "no welcome: {text}");
+        assert!(frame.get("pos").is_none(), "no pos: {text}");
+        let message = frame["message"].as_str().unwrap();
+        if !message.starts_with("resume-sentinel") {
+            got.push(message.to_owned());
+        }
+    }
+}
+
+/// Drains `server` and waits for `client`'s 1001.
+async fn drained(server: TestServer, client: &mut Client) {
+    let shutdown = tokio::spawn(server.node.shutdown(Duration::ZERO, Duration::from_secs(5)));
+    match client.ended().await {
+        Ended::Closed(code, _) => assert_eq!(code, 1001),
+        other => panic!("expected 1001, got {other:?}"),
+    }
+    shutdown.await.unwrap();
+}
+
+/// Review of issue 14, item 3: two tabs of one identity closed at
+/// different moments (two handoffs at different positions) and reconnecting
+/// in the other order. Each takes one handoff but replays from the earliest
+/// position stored for the identity: neither loses a message; the tab that
+/// closed later sees what was published in between twice.
+#[tokio::test]
+async fn two_tabs_handed_over_at_different_moments_lose_nothing_in_any_order() {
+    let redis = RedisServer::start();
+    let (one, two, three) = (
+        node(&redis.url(), Some(settings())).await,
+        node(&redis.url(), Some(settings())).await,
+        node(&redis.url(), Some(settings())).await,
+    );
+    let mut watcher = Watcher::on(&three).await;
+    let page = Page::new("ann", Some("chat"));
+    let mut early = page.open(&one, None).await;
+    let mut late = page.open(&two, None).await;
+    publish(&three, say("seen", json!([to_group("chat")]))).await;
+    for tab in [&mut early, &mut late] {
+        assert_eq!(tab.recv().await["message"], "seen");
+    }
+    drained(one, &mut early).await;
+    publish(&three, say("between 1", json!([to_user("ann")]))).await;
+    publish(&three, say("between 2", json!([to_group("chat")]))).await;
+    for text in ["between 1", "between 2"] {
+        assert_eq!(late.recv().await["message"], text, "the later tab saw it");
+    }
+    drained(two, &mut late).await;
+    let key = r#"wshub:ho:["ann","chat"]"#;
+    assert_eq!(cli(redis.port, &["LLEN", key]), "2", "two handoffs");
+    publish(&three, say("after", json!([to_user("ann")]))).await;
+    watcher.settle(&three).await;
+
+    // The tab that closed later comes back first, then the other.
+    let mut late = page.open(&three, None).await;
+    assert_eq!(
+        legacy_until_sentinel(&three, &mut late).await,
+        ["between 1", "between 2", "after"],
+        "from the earliest position: what it saw in between, again"
+    );
+    let mut early = page.open(&three, None).await;
+    assert_eq!(
+        legacy_until_sentinel(&three, &mut early).await,
+        ["between 1", "between 2", "after"],
+        "the tab that closed first loses nothing"
+    );
+    assert_eq!(cli(redis.port, &["EXISTS", key]), "0", "both taken");
+    assert_eq!(
+        three.metric("wshub_resume_total{result=\"recovered\"}"),
+        2.0
+    );
+}
+
+/// The history keys in the Redis at `port` (`P:h:{K}:m`, `P:h:{K}:s`).
+fn history_keys(port: u16) -> Vec<String> {
+    let mut keys: Vec<String> = cli(port, &["--scan", "--pattern", "wshub:h:*"])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// Review of issue 14, item 5: sockets that do not speak resume create no
+/// history keys. One whose user id the hub generated can never take a
+/// handoff (its next socket gets another id): it reads nothing at all.
+/// One with a user id reads its topics' tops without making an epoch.
+#[tokio::test]
+async fn legacy_sockets_make_no_history_keys() {
+    let redis = RedisServer::start();
+    let server = node(&redis.url(), Some(settings())).await;
+    for n in 0..20 {
+        let path = if n % 4 == 0 {
+            format!("/__initializeWebSocket.wc?userid=known{n}&groupid=kgrp")
+        } else {
+            "/__initializeWebSocket.wc?groupid=kgrp".to_owned()
+        };
+        let mut client = Client::connect(server.addr, &path).await;
+        // Its decision is made before anything else is written to it.
+        let tag = sentinel(&server).await;
+        client.until_sentinel(&tag).await;
+        client.close().await;
+    }
+    assert_eq!(
+        history_keys(redis.port),
+        ["wshub:h:{all}:m", "wshub:h:{all}:s"],
+        "only the sentinels' topic"
+    );
+}
+
+/// The other half of item 5: a legacy page whose topics had no history yet
+/// when it connected (so its tops made none) is still handed over soundly:
+/// the messages of an epoch made after it connected are replayed from
+/// that epoch's start.
+#[tokio::test]
+async fn a_legacy_page_whose_topics_had_no_history_is_handed_over() {
+    let redis = RedisServer::start();
+    let (one, two) = (
+        node(&redis.url(), Some(settings())).await,
+        node(&redis.url(), Some(settings())).await,
+    );
+    let page = Page::new("ann", Some("chat"));
+    let mut client = page.open(&one, None).await;
+    // Its decision is made (with no keys at all) before this is written.
+    publish(&two, say("seen", json!([to_group("chat")]))).await;
+    assert_eq!(client.recv().await["message"], "seen");
+    assert_eq!(
+        history_keys(redis.port),
+        ["wshub:h:{g:chat}:m", "wshub:h:{g:chat}:s"],
+        "the page made no epoch of its own"
+    );
+    drained(one, &mut client).await;
+    let mut watcher = Watcher::on(&two).await;
+    publish(&two, say("first to ann", json!([to_user("ann")]))).await;
+    publish(&two, say("to chat", json!([to_group("chat")]))).await;
+    watcher.settle(&two).await;
+    let mut client = page.open(&two, None).await;
+    let got = legacy_until_sentinel(&two, &mut client).await;
+    assert_eq!(
+        got,
+        ["first to ann", "to chat"],
+        "the user topic's first epoch from its start, the group after what it saw"
+    );
+    assert_eq!(two.metric("wshub_resume_total{result=\"recovered\"}"), 1.0);
+}
+
 /// A legacy page whose node starts draining while the page's socket takes
 /// over a handoff (the history replies held by a gate proxy): the socket
 /// still gets what it missed before its 1001, and hands the handoff on.
@@ -798,7 +989,7 @@ async fn a_legacy_page_drained_while_taking_over_a_handoff_hands_it_on() {
     publish(&publisher, say("missed", json!([to_user("ann")]))).await;
     watcher.settle(&publisher).await;
 
-    proxy.arm_on(b"LPOP");
+    proxy.arm_on(b"LRANGE");
     let (addr, path) = (draining.addr, page.path(None));
     let connecting = tokio::spawn(async move { Client::connect(addr, &path).await });
     proxy.held().await;
@@ -1005,6 +1196,69 @@ async fn frames_are_todays_bytes_unless_a_socket_opts_in() {
         off.metric("wshub_resume_total{result=\"fresh\"}"),
         0.0,
         "history off: no resume at all"
+    );
+}
+
+// ---- Rolling enable: a node without history next to nodes with it ------------
+
+/// Review of issue 14, item 4: messages published through a node with
+/// history off are plain copies, not in history. A node with history on
+/// that receives one on a topic starts that topic's history afresh, so a
+/// resume from a position before it says not recovered instead of
+/// replaying around the hole; the sockets that stayed see no gap notice.
+#[tokio::test]
+async fn a_message_from_a_node_without_history_starts_its_topic_afresh() {
+    let redis = RedisServer::start();
+    let on = node(&redis.url(), Some(settings())).await;
+    let off = node(&redis.url(), None).await;
+    let mut stay = Page::new("stay", Some("mg"));
+    let mut stays = stay.open(&on, Some("")).await;
+    stay.welcome(&mut stays).await;
+    let mut away = Page::new("away", Some("mg"));
+    let mut client = away.open(&on, Some("")).await;
+    away.welcome(&mut client).await;
+    publish(&on, say("on-1", json!([to_group("mg")]))).await;
+    for (page, socket) in [(&mut stay, &mut stays), (&mut away, &mut client)] {
+        let frame = socket.recv().await;
+        page.observe(&frame);
+        assert_eq!(frame["message"], "on-1");
+    }
+    client.close().await;
+    let before = away.positions["group:mg"].as_str().unwrap().to_owned();
+    // One after the other: a 204 only means a node took the message.
+    for (server, text) in [(&off, "off-1"), (&on, "on-2")] {
+        publish(server, say(text, json!([to_group("mg")]))).await;
+        let frame = stays.recv().await;
+        stay.observe(&frame);
+        assert_eq!(frame["message"], text);
+    }
+    let epoch = |position: &str| position.rsplit_once(':').unwrap().0.to_owned();
+    let meta = || cli(redis.port, &["HGET", "wshub:h:{g:mg}:m", "e"]);
+    eventually("the group's history started afresh", || {
+        meta() != epoch(&before)
+    })
+    .await;
+
+    let (mut client, welcome) = away.resume(&on).await;
+    assert_not_recovered(
+        &on,
+        &mut away,
+        &mut client,
+        &welcome,
+        "a plain copy in between",
+    )
+    .await;
+    // The sockets that stayed got every copy and hear of no gap.
+    publish(&on, say("on-3", json!([to_group("mg")]))).await;
+    let (before, frame) = stay.until(&mut stays, "on-3").await;
+    assert!(
+        before.iter().all(|f| f["action"] == "broadcast"),
+        "nothing but the sentinel, no gap notice: {before:?}"
+    );
+    assert_eq!(epoch(frame["pos"]["group:mg"].as_str().unwrap()), meta());
+    assert_eq!(
+        on.metric("wshub_bus_gaps_total{kind=\"unrepairable\"}"),
+        0.0
     );
 }
 

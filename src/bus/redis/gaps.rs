@@ -51,7 +51,7 @@
 //! each topic on its own (the first design), which broke the order across
 //! topics as above and cost one round trip per topic.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::history::{Caught, Head, Want};
@@ -99,6 +99,11 @@ pub(super) struct CaughtUp {
 #[derive(Debug, Default)]
 pub(super) struct Tracks {
     map: HashMap<Topic, Track>,
+    /// Topics that delivered a copy from a node without history since the
+    /// last resubscribe: their history is being started afresh
+    /// (`renewal.rs`), so a new epoch is no gap to this node's sockets,
+    /// which got that copy.
+    renewing: HashSet<Topic>,
 }
 
 impl Tracks {
@@ -111,6 +116,19 @@ impl Tracks {
     /// Forgets a released topic.
     pub(super) fn forget(&mut self, topic: &Topic) {
         self.map.remove(topic);
+        self.renewing.remove(topic);
+    }
+
+    /// A copy without a stamp was delivered through `topic`: its next
+    /// epoch is expected (see [`Tracks::renewing`]).
+    pub(super) fn expect_renewal(&mut self, topic: &Topic) {
+        self.renewing.insert(topic.clone());
+    }
+
+    /// Copies may have been lost (a resubscribe, pushes dropped): a new
+    /// epoch is a gap again.
+    pub(super) fn forget_renewals(&mut self) {
+        self.renewing.clear();
     }
 
     /// Forgets every topic not in `keep`.
@@ -229,7 +247,10 @@ impl Tracks {
                 Head::At(top) => top,
             };
             let same_epoch = track.epoch.as_deref() == Some(&*top.epoch);
-            let restarted = !same_epoch && track.epoch.is_some();
+            // Started afresh because of a copy this node delivered (from a
+            // node without history): nothing lost.
+            let renewed = self.renewing.contains(topic);
+            let restarted = !same_epoch && track.epoch.is_some() && !renewed;
             if restarted {
                 out.gaps.push(topic.clone());
             }
@@ -434,6 +455,27 @@ mod tests {
         assert_eq!(tracks.on_copy(&b, &at("f:6")), Step::CatchUp);
         tracks.skip_to(&b, &at("f:6"));
         assert_eq!(tracks.on_copy(&b, &at("f:7")), Step::Deliver);
+    }
+
+    /// A topic started afresh after a copy from a node without history
+    /// (review of issue 14, item 4): this node delivered that copy, so the
+    /// new epoch is no gap; after a resubscribe it is again.
+    #[test]
+    fn an_expected_renewal_is_no_gap() {
+        let mut tracks = Tracks::default();
+        let t = Topic::Group(Some("mg".into()));
+        tracks.on_copy(&t, &at("old:7"));
+        tracks.expect_renewal(&t);
+        assert_eq!(tracks.on_copy(&t, &at("new:1")), Step::CatchUp);
+        let wants = tracks.wants(&tracks.tracked());
+        let up = tracks.caught_up(&wants, vec![caught("new:1", 0, 0, Some(vec![]))]);
+        assert!(up.gaps.is_empty(), "{up:?}");
+        assert_eq!(tracks.on_copy(&t, &at("new:1")), Step::Deliver);
+        tracks.forget_renewals();
+        assert_eq!(tracks.on_copy(&t, &at("newer:1")), Step::CatchUp);
+        let wants = tracks.wants(&tracks.tracked());
+        let up = tracks.caught_up(&wants, vec![caught("newer:1", 0, 0, Some(vec![]))]);
+        assert_eq!(up.gaps, [t]);
     }
 
     #[test]

@@ -217,7 +217,9 @@ return out
 /// entries per topic; then per topic the epoch asked for and the offset
 /// after which to read. Returns `[epoch, top offset, entries]` per topic;
 /// no entries when the epoch differs, nothing follows the offset, or more
-/// than the most do.
+/// than the most do. The epoch `''` ([`Position::unborn`]) asks for the
+/// current epoch from its start, and makes none: `['', '0', []]` when the
+/// topic has none.
 const READ_MANY_LUA: &str = concat!(
     epoch_lua!(),
     r#"
@@ -225,16 +227,27 @@ local run, mttl, most = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local out = {}
 for i = 1, #KEYS / 2 do
   local meta, stream = KEYS[2 * i - 1], KEYS[2 * i]
-  local e = epoch_of(meta, stream, run)
-  redis.call('PEXPIRE', meta, mttl)
-  local o = tonumber(redis.call('HGET', meta, 'o'))
-  local after = tonumber(ARGV[3 + 2 * i])
-  local entries = {}
-  if e == ARGV[2 + 2 * i] and after < o and o - after <= most then
-    entries = redis.call('XRANGE', stream, string.format('%d', after + 1) .. '-0',
-      string.format('%d', o) .. '-1', 'COUNT', string.format('%d', o - after))
+  local want = ARGV[2 + 2 * i]
+  if want == '' then
+    local m = redis.call('HMGET', meta, 'e', 'r')
+    if m[1] and m[2] == run then
+      want = m[1]
+    end
   end
-  out[i] = {e, string.format('%d', o), entries}
+  if want == '' then
+    out[i] = {'', '0', {}}
+  else
+    local e = epoch_of(meta, stream, run)
+    redis.call('PEXPIRE', meta, mttl)
+    local o = tonumber(redis.call('HGET', meta, 'o'))
+    local after = tonumber(ARGV[3 + 2 * i])
+    local entries = {}
+    if e == want and after < o and o - after <= most then
+      entries = redis.call('XRANGE', stream, string.format('%d', after + 1) .. '-0',
+        string.format('%d', o) .. '-1', 'COUNT', string.format('%d', o - after))
+    end
+    out[i] = {e, string.format('%d', o), entries}
+  end
 end
 return out
 "#
@@ -323,6 +336,45 @@ for i = 1, #KEYS / 2 do
 end
 return out
 "#;
+
+/// Starts a topic's history afresh (`gaps.rs`, "Rolling enable"): a new
+/// epoch at offset 0, its stream deleted, so that no position from before
+/// names the epoch any more. A topic without an epoch of this Redis run is
+/// left alone (no position names one; nothing is created).
+/// KEYS: meta, stream. ARGV: run id, meta ttl ms. Returns the new epoch,
+/// or `''`.
+const RENEW_LUA: &str = concat!(
+    epoch_lua!(),
+    r#"
+local m = redis.call('HMGET', KEYS[1], 'e', 'r')
+if not (m[1] and m[2] == ARGV[1]) then
+  return ''
+end
+local t = redis.call('TIME')
+local e = b36(tonumber(t[1])) .. string.sub('000' .. b36(tonumber(t[2])), -4)
+if e == m[1] then
+  e = e .. 'z'
+end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'e', e, 'o', 0, 'r', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return e
+"#
+);
+
+/// Takes a drain handoff: every handoff stored under `KEYS[1]`, oldest
+/// first, of which the last (the newest) is removed. The taker replays
+/// from the earliest position among them ([`History::handoff_take`]);
+/// taking the newest leaves the earliest for the tabs still to come. Sent
+/// as `EVAL` (a handful of bytes, once per socket that takes a handoff),
+/// so nothing needs loading.
+const TAKE_LUA: &str = r"
+local all = redis.call('LRANGE', KEYS[1], 0, -1)
+if #all > 0 then
+  redis.call('RPOP', KEYS[1])
+end
+return all
+";
 
 /// The Redis keys of history, under the channel prefix.
 #[derive(Debug, Clone)]
@@ -744,6 +796,35 @@ impl RedisHistory {
     /// entries in all, and per topic about what its stream can hold; a
     /// topic beyond has no messages. No age limit: whatever is still kept
     /// is right.
+    /// Starts `topic`'s history afresh (see [`RENEW_LUA`]), bounded by the
+    /// command timeout; `true` when it had an epoch to renew.
+    pub(super) async fn renew(&self, topic: &Topic) -> Result<bool, HistoryError> {
+        let (meta, stream) = (&self.keys.meta(topic), &self.keys.stream(topic));
+        let mttl = ms(meta_ttl(&self.history));
+        let epoch: String = self
+            .call(|mut c| async move {
+                // EVAL: a few hundred bytes, rarely (a mixed cluster only).
+                redis::cmd("EVAL")
+                    .arg(RENEW_LUA)
+                    .arg(2)
+                    .arg(meta)
+                    .arg(stream)
+                    .arg(&*c.run_id)
+                    .arg(mttl)
+                    .query_async(&mut c.conn)
+                    .await
+            })
+            .await?;
+        Ok(!epoch.is_empty())
+    }
+
+    /// About the most entries `topic`'s stream can hold (`XADD MAXLEN ~
+    /// size` trims whole stream nodes, so it keeps a little more than its
+    /// `size_*`): more than this after a position cannot all be kept.
+    fn holds_at_most(&self, topic: &Topic) -> usize {
+        self.history.size_of(topic) * 2 + 100
+    }
+
     pub(super) async fn catch_up(
         &self,
         wants: &[Want],
@@ -758,7 +839,7 @@ impl RedisHistory {
             .collect();
         let most = |w: &Want| {
             if w.read {
-                self.history.size_of(&w.topic) * 2 + 100
+                self.holds_at_most(&w.topic)
             } else {
                 0
             }
@@ -992,13 +1073,36 @@ fn handoff_from_json(text: &str) -> Result<Positions, HistoryError> {
     }
     for (slot, text) in positions.iter_mut().zip(texts) {
         if let Some(text) = text {
-            *slot = Some(Position::parse(&text).ok_or_else(bad)?);
+            // An unborn position is stored as its text, ":0", which
+            // `parse` (for what clients send) refuses. (A node of an
+            // earlier version refuses the handoff: not recovered.)
+            *slot = Some(if text == UNBORN {
+                Position::unborn()
+            } else {
+                Position::parse(&text).ok_or_else(bad)?
+            });
         }
     }
     Ok(positions)
 }
 
+/// How [`Position::unborn`] is written in a handoff.
+const UNBORN: &str = ":0";
+
 impl History for RedisHistory {
+    fn peek<'a>(&'a self, topics: &'a [Topic]) -> HistoryFuture<'a, Vec<Position>> {
+        Box::pin(async move {
+            let heads = self.heads(topics).await?;
+            Ok(heads
+                .into_iter()
+                .map(|head| match head {
+                    Head::At(position) => position,
+                    Head::Fresh => Position::unborn(),
+                })
+                .collect())
+        })
+    }
+
     fn tops<'a>(&'a self, topics: &'a [Topic]) -> HistoryFuture<'a, Vec<Position>> {
         Box::pin(async move {
             if topics.is_empty() {
@@ -1048,6 +1152,12 @@ impl History for RedisHistory {
                 .flat_map(|(t, _)| [self.keys.meta(t), self.keys.stream(t)])
                 .collect();
             let mttl = ms(meta_ttl(&self.history));
+            // Never more than a stream holds (`max` may be unbounded: the
+            // resume counts only what the socket accepts against
+            // `history.max_replay`). A topic that holds less than this
+            // answers what it has, and is then incomplete.
+            let holds = from.iter().map(|(t, _)| self.holds_at_most(t));
+            let max = max.min(holds.max().unwrap_or(0));
             let reply: redis::Value = self
                 .call(|mut c| async move {
                     evalsha(&mut c.conn, READ_MANY_LUA, &c.read_many_sha, |cmd| {
@@ -1072,6 +1182,19 @@ impl History for RedisHistory {
                 .zip(parts)
                 .map(|((topic, after), part)| {
                     let (top, entries) = read_reply(part)?;
+                    // After an unborn position: the current epoch from its
+                    // start (or nothing, the top unborn too, while there is
+                    // none).
+                    let from_start;
+                    let after = if after.is_unborn() && !top.is_unborn() {
+                        from_start = Position {
+                            epoch: top.epoch.clone(),
+                            offset: 0,
+                        };
+                        &from_start
+                    } else {
+                        after
+                    };
                     if top.epoch != after.epoch || top.offset < after.offset {
                         return Ok(Read::Incomplete { top });
                     }
@@ -1187,12 +1310,27 @@ impl History for RedisHistory {
     fn handoff_take<'a>(&'a self, who: &'a Identity) -> HistoryFuture<'a, Option<Positions>> {
         Box::pin(async move {
             let key = &self.keys.handoff(who);
-            let taken: Option<String> =
-                self.call(|mut c| async move {
-                    redis::cmd("LPOP").arg(key).query_async(&mut c.conn).await
+            let mut stored: Vec<String> = self
+                .call(|mut c| async move {
+                    redis::cmd("EVAL")
+                        .arg(TAKE_LUA)
+                        .arg(1)
+                        .arg(key)
+                        .query_async(&mut c.conn)
+                        .await
                 })
                 .await?;
-            taken.as_deref().map(handoff_from_json).transpose()
+            // The last one is the one taken.
+            let Some(taken) = stored.pop() else {
+                return Ok(None);
+            };
+            let taken = handoff_from_json(&taken)?;
+            // One that cannot be read is no one's to replay from.
+            let others: Vec<Positions> = stored
+                .iter()
+                .filter_map(|text| handoff_from_json(text).ok())
+                .collect();
+            Ok(Some(crate::history::earliest(taken, &others)))
         })
     }
 }
@@ -1228,7 +1366,18 @@ mod tests {
         let text = handoff_json(&positions);
         assert_eq!(text, r#"["k3:41",null,"q2:5"]"#);
         assert_eq!(handoff_from_json(&text).unwrap(), positions);
-        for bad in ["", "[]", r#"["x"]"#, r#"["a:1",null,"bad"]"#, "{}"] {
+        let unborn: Positions = [Position::parse("k3:41"), Some(Position::unborn()), None];
+        let text = handoff_json(&unborn);
+        assert_eq!(text, r#"["k3:41",":0",null]"#);
+        assert_eq!(handoff_from_json(&text).unwrap(), unborn);
+        for bad in [
+            "",
+            "[]",
+            r#"["x"]"#,
+            r#"["a:1",null,"bad"]"#,
+            "{}",
+            r#"[":1",null,null]"#,
+        ] {
             assert!(handoff_from_json(bad).is_err(), "{bad:?}");
         }
     }

@@ -56,8 +56,10 @@
 //! positions, filling a gap (a dropped connection, a killed subscriber,
 //! pushes it could not keep up with) from history before it delivers what
 //! follows, or reporting it through [`Deliver::gap`] when history no longer
-//! has it (`gaps.rs`). With history off none of this exists: plain
-//! `PUBLISH` pipelines and nothing else in Redis.
+//! has it (`gaps.rs`). A copy without a stamp (from a node with history
+//! off, during a rolling enable) is delivered as it is and starts its
+//! topic's history afresh (`renewal.rs`). With history off none of this
+//! exists: plain `PUBLISH` pipelines and nothing else in Redis.
 //!
 //! **Health** is end to end: every `redis.probe_interval_ms` the node
 //! publishes a probe to its own probe channel (one per shard on a cluster,
@@ -89,6 +91,7 @@ mod presence;
 mod publisher;
 mod queue;
 mod registry;
+mod renewal;
 mod subscriber;
 mod tls;
 

@@ -9,6 +9,18 @@
 //! `redis.publish_retry_ms`: the script skips the messages it already ran,
 //! so a resend never publishes twice. Without history a failed pipeline
 //! is dropped as before (plain `PUBLISH` cannot tell what already ran).
+//!
+//! **An error reply is not a lost connection.** When Redis *answers* with
+//! an error (`OOM` under `maxmemory` with `noeviction`, `BUSY`, `LOADING`;
+//! `NOSCRIPT` is handled where the script is called), the connection is
+//! fine and in step: it is kept, and the batch is tried again after a
+//! pause that doubles up to `redis.reconnect_max_ms`, for as long as its
+//! messages are younger than `redis.publish_retry_ms`. Each refusal is
+//! counted (`wshub_bus_publish_failures_total`); the outage is logged
+//! when it starts and when it ends. (Taken for a broken connection, an
+//! `OOM` once made a node reconnect and log a warning about 20 times a
+//! second.) `READONLY` and `MASTERDOWN` mean the server is not, or no
+//! longer, the primary: those reconnect.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -21,7 +33,7 @@ use tracing::{info, warn};
 use super::conn::{Backoff, Link, PubConn, connect_publisher};
 use super::history::Prepared;
 use super::queue::Outgoing;
-use super::{MAX_BATCH, MAX_BATCH_BYTES, MIN_BACKOFF, Shared};
+use super::{LAG_LOG_EVERY, MAX_BATCH, MAX_BATCH_BYTES, MIN_BACKOFF, Shared};
 use crate::outcome::DropReason;
 
 /// The publisher task's state: its connection and the subscriber epoch it
@@ -43,6 +55,22 @@ pub(super) struct Publisher {
     /// `publish`, where two callers could push in the other order than
     /// they drew): the script relies on it (see `history.rs`).
     numbered: u64,
+    /// Redis answered the last send with an error (module docs): the
+    /// error, and how many sends it refused in a row.
+    refused: Option<(String, u64)>,
+    /// Set by a refused send: how long to wait before the next one.
+    pause: Option<Duration>,
+    /// When expired messages were last logged (they are all counted).
+    expiry_logged: Option<Instant>,
+}
+
+/// Whether `e` is Redis's answer on a connection that is fine (module
+/// docs) rather than a failed connection or a server that is not the
+/// primary.
+fn is_refusal(e: &redis::RedisError) -> bool {
+    !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped())
+        && e.code()
+            .is_some_and(|code| !matches!(code, "READONLY" | "MASTERDOWN"))
 }
 
 impl Publisher {
@@ -56,6 +84,9 @@ impl Publisher {
             outage: false,
             resend: None,
             numbered: 0,
+            refused: None,
+            pause: None,
+            expiry_logged: None,
         }
     }
 
@@ -77,6 +108,13 @@ impl Publisher {
             self.expire();
             if self.connected().await {
                 self.send_batch().await;
+                if let Some(pause) = self.pause.take() {
+                    tokio::select! {
+                        biased;
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                }
             } else {
                 tokio::select! {
                     biased;
@@ -100,6 +138,9 @@ impl Publisher {
             match timeout_at(deadline, self.connected()).await {
                 Ok(true) => {
                     let _ = timeout_at(deadline, self.send_batch()).await;
+                    if let Some(pause) = self.pause.take() {
+                        let _ = timeout_at(deadline, tokio::time::sleep(pause)).await;
+                    }
                 }
                 Ok(false) => {
                     let _ = timeout_at(deadline, tokio::time::sleep(self.backoff.step())).await;
@@ -135,11 +176,18 @@ impl Publisher {
             shared
                 .metrics
                 .dropped(DropReason::BusUnavailable, expired as u64);
-            warn!(
-                dropped = expired,
-                retry_ms = shared.config.publish_retry.as_millis() as u64,
-                "Redis unreachable: dropped messages that waited longer than redis.publish_retry_ms"
-            );
+            // Once per outage rather than at every retry (all are counted).
+            if self
+                .expiry_logged
+                .is_none_or(|at: Instant| at.elapsed() > LAG_LOG_EVERY)
+            {
+                warn!(
+                    dropped = expired,
+                    retry_ms = shared.config.publish_retry.as_millis() as u64,
+                    "Redis unreachable or refusing: dropped messages that waited longer than redis.publish_retry_ms (logged at most every 10 s; see wshub_messages_dropped_total{{reason=\"bus_unavailable\"}})"
+                );
+                self.expiry_logged = Some(Instant::now());
+            }
         }
     }
 
@@ -209,20 +257,53 @@ impl Publisher {
             return;
         }
         let error = match timeout(shared.config.command_timeout, active.send(&batch)).await {
-            Ok(Ok(())) => return,
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "the pipeline timed out".to_owned(),
+            Ok(Ok(())) => return self.accepted(),
+            Ok(Err(e)) if is_refusal(&e) => Err(e.to_string()),
+            Ok(Err(e)) => Ok(e.to_string()),
+            Err(_) => Ok("the pipeline timed out".to_owned()),
         };
         // Part of the pipeline may have been delivered: drop it rather
         // than risk delivering twice. Only this batch: the messages behind
-        // it wait for the reconnect.
+        // it wait for the reconnect (or the pause).
         shared
             .metrics
             .dropped(DropReason::BusUnavailable, batch.len() as u64);
-        shared.metrics.bus_publish_failure();
-        warn!(%error, dropped = batch.len(), "publishing to Redis failed; reconnecting");
-        self.conn = None;
-        self.outage = true;
+        match error {
+            Err(refusal) => self.refused_by_redis(refusal),
+            Ok(error) => {
+                shared.metrics.bus_publish_failure();
+                warn!(%error, dropped = batch.len(), "publishing to Redis failed; reconnecting");
+                self.conn = None;
+                self.outage = true;
+            }
+        }
+    }
+
+    /// Redis answered a send with an error (module docs): counted, logged
+    /// once per outage; the connection is kept and the next send waits a
+    /// pause that doubles up to `redis.reconnect_max_ms`.
+    fn refused_by_redis(&mut self, error: String) {
+        self.shared.metrics.bus_publish_failure();
+        self.pause = Some(self.backoff.step());
+        match &mut self.refused {
+            Some((_, refusals)) => *refusals += 1,
+            None => {
+                warn!(
+                    %error,
+                    retry_ms = self.shared.config.publish_retry.as_millis() as u64,
+                    "Redis refuses to publish; trying again with a growing pause (logged once until it accepts again; messages older than redis.publish_retry_ms are dropped; see wshub_bus_publish_failures_total)"
+                );
+                self.refused = Some((error, 1));
+            }
+        }
+    }
+
+    /// A send went through: an outage of refusals, if any, is over.
+    fn accepted(&mut self) {
+        if let Some((error, refusals)) = self.refused.take() {
+            self.backoff.reset();
+            info!(refusals, %error, "Redis accepts publishes again");
+        }
     }
 
     /// History on: sends the batch to resend, or the next one, as one call
@@ -257,7 +338,14 @@ impl Publisher {
         .await;
         shared.metrics.history_publish(started.elapsed());
         let error = match sent {
-            Ok(Ok(_)) => return,
+            Ok(Ok(_)) => return self.accepted(),
+            Ok(Err(e)) if is_refusal(&e) => {
+                // Answered: the connection is fine. The script raises the
+                // high-water mark first, so a batch it refused part-way is
+                // skipped where it ran when it comes again.
+                self.resend = Some(batch);
+                return self.refused_by_redis(e.to_string());
+            }
             Ok(Err(e)) => e.to_string(),
             Err(_) => "the publish script timed out".to_owned(),
         };
@@ -268,9 +356,8 @@ impl Publisher {
         self.resend = Some(batch);
         self.conn = None;
         self.outage = true;
-        // An error Redis answered (out of memory, loading) comes back at
-        // once on a new connection: pause, rather than spin reconnecting
-        // until the batch expires.
-        tokio::time::sleep(MIN_BACKOFF).await;
+        // Not at once: a connection that fails as soon as it is made must
+        // not make a busy loop.
+        self.pause = Some(MIN_BACKOFF);
     }
 }

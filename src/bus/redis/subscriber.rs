@@ -24,6 +24,7 @@ use super::conn::{
 };
 use super::gaps::{Step, Tracks};
 use super::history::Want;
+use super::renewal::Renewals;
 use super::{LAG_LOG_EVERY, MAX_SUBSCRIBE_BATCH, PROBE_SEARCH, Shared, SubscribeRequest};
 use crate::bus::BusError;
 use crate::bus::wire;
@@ -114,6 +115,9 @@ pub(super) struct Subscriber {
     tracks: Tracks,
     /// When an unrepairable gap was last logged.
     gap_logged: Option<Instant>,
+    /// History on: topics being started afresh after a copy from a node
+    /// without history (`renewal.rs`).
+    renewals: Renewals,
 }
 
 /// One live subscriber connection: the connections, the probe channels and
@@ -157,6 +161,7 @@ impl Subscriber {
             lag_logged: None,
             tracks: Tracks::default(),
             gap_logged: None,
+            renewals: Renewals::default(),
         }
     }
 
@@ -349,6 +354,8 @@ impl Subscriber {
             }
             Incoming::Lagged(n) => {
                 shared.metrics.dropped(DropReason::BusLagging, n);
+                // A dropped copy may be the one before a renewal.
+                self.tracks.forget_renewals();
                 // Once per episode, not per drop: a node that is behind must
                 // not also flood its log.
                 if self
@@ -507,8 +514,15 @@ impl Subscriber {
             .as_ref()
             .and_then(|s| Some((s.seq, s.position(&topic)?.clone())))
         else {
-            // From a node without history (a rolling change): as it is.
-            return shared.sink.deliver(&topic, &envelope);
+            // From a node without history (a rolling enable): as it is,
+            // and the topic's history starts afresh (`renewal.rs`).
+            shared.sink.deliver(&topic, &envelope);
+            if let Some(history) = &shared.history {
+                self.tracks.expect_renewal(&topic);
+                self.renewals
+                    .on_unstamped(&topic, history, &self.tasks, &self.stop);
+            }
+            return;
         };
         let mut step = self.tracks.on_copy(&topic, &position);
         if step == Step::CatchUp {
@@ -612,6 +626,8 @@ impl Subscriber {
             return;
         }
         self.tracks.retain(|t| live.subscribed.contains(t));
+        // Copies were lost meanwhile: a new epoch is a gap again.
+        self.tracks.forget_renewals();
         let wants = self.tracks.wants(&live.subscribed);
         if let Err(e) = self.catch_up(&wants, None).await {
             // The next copy of each topic shows any jump.
