@@ -536,18 +536,20 @@ impl RedisHistory {
         }
     }
 
-    /// The queue item for one message: the header without its stamp, the
-    /// frame, and each topic's keys (a topic named twice in a route is
-    /// recorded once).
+    /// The queue item for one message: the header (the whole route)
+    /// without its stamp, the frame, and the keys of each of `kept`, the
+    /// route's topics that are recorded (not its connections; a topic
+    /// named twice is recorded once).
     pub(super) fn record(
         &self,
         origin: &str,
         route: &Route,
+        kept: &[&Topic],
         frame: &Frame,
         channels: &Channels,
     ) -> Outgoing {
-        let mut topics: Vec<&Topic> = Vec::with_capacity(route.topics().len());
-        for topic in route.topics() {
+        let mut topics: Vec<&Topic> = Vec::with_capacity(kept.len());
+        for &topic in kept {
             if !topics.contains(&topic) {
                 topics.push(topic);
             }
@@ -589,6 +591,9 @@ impl RedisHistory {
         prepared: &Prepared,
         batch: &[Outgoing],
     ) -> redis::RedisResult<u64> {
+        // The publisher sends unrecorded messages (to connections) in a
+        // plain pipeline; one here would be skipped by the script.
+        debug_assert!(batch.iter().all(|m| m.history.is_some()));
         let conn = single(conn)?;
         let recorded = || {
             batch
