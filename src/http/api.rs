@@ -45,6 +45,9 @@ use crate::route::{Topic, node_address};
 const MAX_PUBLISH_MESSAGES: usize = 1000;
 /// Longest idempotency key, in bytes.
 const MAX_KEY_BYTES: usize = 200;
+/// Longest ban, in milliseconds: 30 days (Redis refuses expiries past
+/// `i64` milliseconds; a node alone must refuse what a cluster would).
+const MAX_BAN_MS: u64 = 30 * 24 * 3600 * 1000;
 /// Longest close reason: what fits a close frame (125 bytes less the code).
 const MAX_REASON_BYTES: usize = 123;
 /// `GET /api/history/*`: messages when `limit` is not given, and at most.
@@ -60,6 +63,14 @@ pub(super) fn routes(http: HttpState) -> Router<HttpState> {
         .route("/history/{*topic}", get(history))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(http, protect))
+}
+
+/// `/api/`, which the nested [`routes`] do not match: protected and
+/// answered like any unknown API path.
+pub(super) fn root(http: HttpState) -> Router<HttpState> {
+    Router::new()
+        .route("/api/", axum::routing::any(not_found))
         .layer(middleware::from_fn_with_state(http, protect))
 }
 
@@ -180,7 +191,15 @@ async fn protect(State(http): State<HttpState>, request: Request, next: Next) ->
     {
         let peer = client.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
         let status = error.status.as_u16();
-        let path = Untrusted(request.uri().path());
+        // The whole path: the nested router sees it without `/api`.
+        let path = request
+            .extensions()
+            .get::<axum::extract::OriginalUri>()
+            .map_or_else(
+                || request.uri().path().to_owned(),
+                |o| o.0.path().to_owned(),
+            );
+        let path = Untrusted(path.as_str());
         warn!(%peer, status, what = "api", label, %path, reason = %error.message, suppressed, overflow,
             "request refused");
     }
@@ -374,8 +393,12 @@ fn disconnect_order(
     let ban = match body.get("ban_ms") {
         None | Some(Value::Null) => None,
         Some(value) => match value.as_u64() {
-            Some(ms @ 1..) => Some(std::time::Duration::from_millis(ms)),
-            _ => return Err(ApiError::bad_request("ban_ms must be a positive integer")),
+            Some(ms @ 1..=MAX_BAN_MS) => Some(std::time::Duration::from_millis(ms)),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "ban_ms must be an integer from 1 to {MAX_BAN_MS} (30 days)"
+                )));
+            }
         },
     };
     if ban.is_some() && !matches!(target, Topic::User(_)) {
