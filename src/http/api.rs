@@ -457,7 +457,8 @@ struct HistoryQuery {
 #[derive(Serialize)]
 struct HistoryAnswer {
     topic: String,
-    epoch: String,
+    /// `null` for a topic without history (nothing was ever sent to it).
+    epoch: Option<String>,
     top: u64,
     messages: Vec<HistoryEntry>,
 }
@@ -531,8 +532,8 @@ async fn history(
         .collect();
     Ok(fresh(HistoryAnswer {
         topic: client_key(&topic),
-        epoch: recent.top.epoch.to_string(),
-        top: recent.top.offset,
+        epoch: recent.top.as_ref().map(|top| top.epoch.to_string()),
+        top: recent.top.as_ref().map_or(0, |top| top.offset),
         messages,
     }))
 }
