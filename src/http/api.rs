@@ -311,7 +311,7 @@ async fn publish(State(http): State<HttpState>, request: Request) -> Result<Resp
                 Err(ApiError::bad_request(e.to_string()))
             }
         }
-        Err(e @ ServerApiError::Bus { .. }) => Err(ApiError::new(
+        Err(e @ (ServerApiError::Bus { .. } | ServerApiError::Claim { .. })) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             e.to_string(),
