@@ -306,7 +306,7 @@ impl ControlPlane for RedisControl {
                 let mut conn = self.connection().await?;
                 let started = tokio::time::Instant::now();
                 let why = match timeout(limit, query::<Option<String>>(&mut conn, &cmd)).await {
-                    Ok(Ok(earlier)) => return Ok(claimed(earlier, &value, &token)?),
+                    Ok(Ok(earlier)) => return claimed(earlier, &value, &token),
                     // Redis answered with an error: it did not run it.
                     Ok(Err(e))
                         if !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped())
