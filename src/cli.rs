@@ -128,12 +128,16 @@ pub fn token(
         ),
     };
     let now = crate::bus::wire::now_ms() / 1000;
+    let exp = now
+        .checked_add(ttl.as_secs())
+        .filter(|exp| i64::try_from(*exp).is_ok())
+        .ok_or_else(|| CliError::Usage("--ttl is too long: the expiry overflows".into()))?;
     let claims = Claims {
         sub,
         group,
         relay,
         iat: now,
-        exp: now + ttl.as_secs(),
+        exp,
         aud: Some(raw.auth.audience.trim()).filter(|a| !a.is_empty()),
         iss: Some(raw.auth.issuer.trim()).filter(|i| !i.is_empty()),
     };

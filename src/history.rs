@@ -168,8 +168,10 @@ pub trait History: Send + Sync + 'static {
 /// What [`History::recent`] found.
 #[derive(Debug)]
 pub struct Recent {
-    /// The topic's position now.
-    pub top: Position,
+    /// The topic's position now; `None` when it has no history (no
+    /// message since its history was last started, or it expired). Found
+    /// without writing anything: a read makes no epoch.
+    pub top: Option<Position>,
     /// The messages, oldest first, each with its stamp.
     pub messages: Vec<Arc<Envelope>>,
 }

@@ -120,6 +120,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .nest("/api", api::routes(http.clone()))
+        .merge(api::root(http.clone()))
         .fallback(dispatch)
         .layer(axum::middleware::map_response_with_state(
             http.clone(),

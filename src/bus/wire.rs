@@ -379,7 +379,8 @@ pub fn decode(payload: Bytes) -> Result<Decoded, DecodeError> {
 }
 
 /// The stamp of a header: a position for every topic of the route, in
-/// route order.
+/// route order, but its connections (never recorded: a message naming a
+/// connection and a group is stamped in the group only).
 fn read_stamp(
     seq: u64,
     positions: &HashMap<String, String>,
@@ -389,6 +390,7 @@ fn read_stamp(
     let positions = keys
         .iter()
         .zip(topics)
+        .filter(|(_, topic)| !matches!(topic, Topic::Connection(_)))
         .map(|(key, topic)| {
             let text = positions
                 .get(key)

@@ -49,6 +49,9 @@ use crate::route::{Topic, node_address};
 const MAX_PUBLISH_MESSAGES: usize = 1000;
 /// Longest idempotency key, in bytes.
 const MAX_KEY_BYTES: usize = 200;
+/// Longest ban, in milliseconds: 30 days (Redis refuses expiries past
+/// `i64` milliseconds; a node alone must refuse what a cluster would).
+const MAX_BAN_MS: u64 = 30 * 24 * 3600 * 1000;
 /// Longest close reason: what fits a close frame (125 bytes less the code).
 const MAX_REASON_BYTES: usize = 123;
 /// `GET /api/history/*`: messages when `limit` is not given, and at most.
@@ -67,6 +70,14 @@ pub(super) fn routes(http: HttpState) -> Router<HttpState> {
         .route("/history/{*topic}", get(history))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(http, protect))
+}
+
+/// `/api/`, which the nested [`routes`] do not match: protected and
+/// answered like any unknown API path.
+pub(super) fn root(http: HttpState) -> Router<HttpState> {
+    Router::new()
+        .route("/api/", axum::routing::any(not_found))
         .layer(middleware::from_fn_with_state(http, protect))
 }
 
@@ -187,7 +198,15 @@ async fn protect(State(http): State<HttpState>, request: Request, next: Next) ->
     {
         let peer = client.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
         let status = error.status.as_u16();
-        let path = Untrusted(request.uri().path());
+        // The whole path: the nested router sees it without `/api`.
+        let path = request
+            .extensions()
+            .get::<axum::extract::OriginalUri>()
+            .map_or_else(
+                || request.uri().path().to_owned(),
+                |o| o.0.path().to_owned(),
+            );
+        let path = Untrusted(path.as_str());
         warn!(%peer, status, what = "api", label, %path, reason = %error.message, suppressed, overflow,
             "request refused");
     }
@@ -376,7 +395,7 @@ async fn publish(State(http): State<HttpState>, request: Request) -> Result<Resp
                 Err(ApiError::bad_request(e.to_string()))
             }
         }
-        Err(e @ ServerApiError::Bus { .. }) => Err(ApiError::new(
+        Err(e @ (ServerApiError::Bus { .. } | ServerApiError::Claim { .. })) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             e.to_string(),
@@ -458,8 +477,12 @@ fn disconnect_order(
     let ban = match body.get("ban_ms") {
         None | Some(Value::Null) => None,
         Some(value) => match value.as_u64() {
-            Some(ms @ 1..) => Some(std::time::Duration::from_millis(ms)),
-            _ => return Err(ApiError::bad_request("ban_ms must be a positive integer")),
+            Some(ms @ 1..=MAX_BAN_MS) => Some(std::time::Duration::from_millis(ms)),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "ban_ms must be an integer from 1 to {MAX_BAN_MS} (30 days)"
+                )));
+            }
         },
     };
     if ban.is_some() && !matches!(target, Topic::User(_)) {
@@ -518,7 +541,8 @@ struct HistoryQuery {
 #[derive(Serialize)]
 struct HistoryAnswer {
     topic: String,
-    epoch: String,
+    /// `null` for a topic without history (nothing was ever sent to it).
+    epoch: Option<String>,
     top: u64,
     messages: Vec<HistoryEntry>,
 }
@@ -592,8 +616,8 @@ async fn history(
         .collect();
     Ok(fresh(HistoryAnswer {
         topic: client_key(&topic),
-        epoch: recent.top.epoch.to_string(),
-        top: recent.top.offset,
+        epoch: recent.top.as_ref().map(|top| top.epoch.to_string()),
+        top: recent.top.as_ref().map_or(0, |top| top.offset),
         messages,
     }))
 }

@@ -41,6 +41,14 @@ pub enum ServerApiError {
         /// Why.
         source: PublishError,
     },
+    /// The idempotency key could not be claimed: nothing was published.
+    /// The text says what became of a claim whose outcome was unknown (it
+    /// is withdrawn, so a retry publishes; see `src/bus/redis/control.rs`).
+    #[error("{source} (nothing was published)")]
+    Claim {
+        /// Why.
+        source: BusError,
+    },
     /// Redis (for the key) or the bus refused; `sent` messages of the
     /// batch went out before it did, and the key was given back, so the
     /// request can be sent again (those would then go out twice).
@@ -114,7 +122,7 @@ impl Node {
                         duplicate: true,
                     });
                 }
-                Err(source) => return Err(ServerApiError::Bus { sent: 0, source }),
+                Err(source) => return Err(ServerApiError::Claim { source }),
             }
         }
         for (sent, envelope) in envelopes.into_iter().enumerate() {

@@ -566,6 +566,23 @@ async fn every_endpoint_is_protected() {
         let status = request(Some(key)).send().await.unwrap().status().as_u16();
         assert!(status != 401 && status != 403, "{path}: {status}");
     }
+    // `/api/` (review of issue 16: an unprotected plain-text 404) is
+    // protected and answers JSON like any unknown API path.
+    let (status, body) = call(server.addr, "GET", "/api/", None).await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (401, &json!("unauthorized")),
+        "/api/"
+    );
+    let response = http
+        .get(server.url("/api/"))
+        .header("x-api-key", key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let body: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "not_found");
     // Without keys: loopback and trusted networks only.
     let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
     socket
@@ -937,4 +954,227 @@ async fn the_admin_page_is_one_self_contained_file() {
     ] {
         assert!(page.contains(api), "the page does not use {api}");
     }
+}
+
+/// A node configuration with history on (issue 16 review: a message naming
+/// a connection was lost with history on).
+fn with_history(c: &mut wshub::Config) {
+    c.history = wshub::Config::load_from(
+        None,
+        [
+            ("WSHUB_HISTORY__ENABLED".to_owned(), "true".to_owned()),
+            (
+                "WSHUB_REDIS__URL".to_owned(),
+                "redis://127.0.0.1:1".to_owned(),
+            ),
+        ],
+    )
+    .unwrap()
+    .history;
+}
+
+#[tokio::test]
+async fn with_history_on_a_connection_recipient_is_delivered_exactly_once() {
+    let redis = RedisServer::start();
+    let mut nodes = Vec::new();
+    for i in 0..2 {
+        nodes.push(
+            TestServer::on_redis(&redis.url(), |c| {
+                c.node_id = format!("hconn-{i}");
+                c.bus.unsubscribe_delay = Duration::ZERO;
+                with_history(c);
+            })
+            .await,
+        );
+    }
+    let mut target = nodes[0].connect("ann", Some("g")).await;
+    let mut member = nodes[1].connect("bob", Some("g")).await;
+    let mut sender = nodes[1].connect("sam", None).await;
+    let cid = nodes[0].node.connection_ids()[0].clone();
+    held_by(nodes[0].addr, "group:g", 2).await;
+    let to_one = json!([{"type": "connection", "value": cid}]);
+    let mixed = json!([{"type": "connection", "value": cid}, {"type": "group", "value": "g"}]);
+    // From the API on the target's own node and on the other node.
+    for (at, label, recipients) in [
+        (0, "api-here", &to_one),
+        (1, "api-there", &to_one),
+        (1, "api-mixed", &mixed),
+    ] {
+        let (status, body) = post(
+            nodes[at].addr,
+            "/api/publish",
+            json!({"messages": [{"action": "m", "message": label, "recipients": recipients}]}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // From a client on the other node.
+    sender
+        .send_json(json!({"action": "broadcast", "message": "client", "recipients": to_one}))
+        .await;
+    sender
+        .send_json(json!({"action": "broadcast", "message": "client-mixed", "recipients": mixed}))
+        .await;
+    // Everything after the connection messages still arrives.
+    let (status, _) = post(
+        nodes[0].addr,
+        "/api/publish",
+        json!({"messages": [{"action": "m", "message": "after", "recipients": [{"type": "group", "value": "g"}]}]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let mut got = Vec::new();
+    while got.len() < 6 {
+        let m = target.recv().await;
+        got.push(m["message"].as_str().unwrap_or("").to_owned());
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "after",
+            "api-here",
+            "api-mixed",
+            "api-there",
+            "client",
+            "client-mixed"
+        ]
+    );
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let m = member.recv().await;
+        got.push(m["message"].as_str().unwrap_or("").to_owned());
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        ["after", "api-mixed", "client-mixed"],
+        "the group copies"
+    );
+    // Exactly once: nothing more for either of them.
+    let tag = sender.send_sentinel().await;
+    for client in [&mut target, &mut member, &mut sender] {
+        let got = client.until_sentinel(&tag).await;
+        assert!(got.is_empty(), "unexpected: {got:?}");
+    }
+    for node in &nodes {
+        assert_eq!(node.metric("wshub_messages_dropped_total"), 0.0);
+    }
+}
+
+#[tokio::test]
+async fn an_idempotent_publish_that_timed_out_is_published_by_its_retry() {
+    // Review of issue 16: the claim timed out (503, "the key was
+    // released"), Redis ran it later anyway, and the retry answered
+    // `duplicate` for a message nobody had published.
+    let redis = RedisServer::start();
+    let node = TestServer::on_redis(&redis.url(), |c| {
+        c.node_id = "slow-0".into();
+        c.redis.as_mut().unwrap().command_timeout = Duration::from_millis(400);
+    })
+    .await;
+    let mut watcher = node.connect("w", Some("wg")).await;
+    let body = json!({
+        "messages": [{"action": "m", "message": "must arrive once", "recipients": [{"type": "group", "value": "wg"}]}],
+        "idempotency_key": "slow-1"
+    });
+    // Redis is busy for 1.5 s: the claim waits behind it and times out.
+    let port = redis.port;
+    let sleeper = std::thread::spawn(move || {
+        // A busy script (`DEBUG` is off by default since Redis 7).
+        let busy = "local s = redis.call('TIME') \
+            local function ms(t) return t[1] * 1000 + math.floor(t[2] / 1000) end \
+            while ms(redis.call('TIME')) - ms(s) < 1500 do end return 1";
+        crate::common::redis::cli(port, &["EVAL", busy, "0"]);
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (status, first) = post(node.addr, "/api/publish", body.clone()).await;
+    sleeper.join().unwrap();
+    // Whatever the first answer was, retrying until it is a success
+    // delivers the message exactly once.
+    let deadline = Instant::now() + PATIENCE;
+    let mut answers = vec![(status, first)];
+    while answers.last().unwrap().0 != 200 {
+        assert!(Instant::now() < deadline, "{answers:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        answers.push(post(node.addr, "/api/publish", body.clone()).await);
+    }
+    let (status, _) = post(
+        node.addr,
+        "/api/publish",
+        json!({"messages": [{"action": "broadcast", "message": "sentinel-slow"}]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let got = watcher.until_sentinel("sentinel-slow").await;
+    let copies = got
+        .iter()
+        .filter(|m| m["message"] == "must arrive once")
+        .count();
+    assert_eq!(copies, 1, "answers {answers:?}, got {got:?}");
+}
+
+#[tokio::test]
+async fn ban_ms_is_bounded_with_redis_and_without() {
+    // Review of issue 16: 2^63 answered 503 "value is not an integer" with
+    // Redis and 200 without it.
+    let redis = RedisServer::start();
+    let clustered = TestServer::on_redis(&redis.url(), |c| c.node_id = "ban-0".into()).await;
+    let alone = TestServer::start().await;
+    const MAX_BAN_MS: u64 = 30 * 24 * 3600 * 1000;
+    for node in [&clustered, &alone] {
+        for ms in [
+            json!(9_223_372_036_854_775_808u64),
+            json!(u64::MAX),
+            json!(MAX_BAN_MS + 1),
+        ] {
+            let (status, body) = post(
+                node.addr,
+                "/api/disconnect",
+                json!({"userId": "nobody", "ban_ms": ms}),
+            )
+            .await;
+            assert_eq!(
+                (status, &body["error"]["code"]),
+                (400, &json!("bad_request")),
+                "{ms}: {body}"
+            );
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("ban_ms"),
+                "{body}"
+            );
+        }
+        let (status, body) = post(
+            node.addr,
+            "/api/disconnect",
+            json!({"userId": "nobody", "ban_ms": MAX_BAN_MS}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+#[tokio::test]
+async fn reading_a_topics_history_writes_nothing_to_redis() {
+    // Review of issue 16: GET /api/history/* of a topic that never had a
+    // message created its meta key (kept 24 h).
+    let redis = RedisServer::start();
+    let node = TestServer::on_redis(&redis.url(), |c| {
+        c.node_id = "hread-0".into();
+        with_history(c);
+    })
+    .await;
+    let keys = || crate::common::redis::cli(redis.port, &["--scan", "--pattern", "*nobody*"]);
+    for topic in ["user:nobody", "group:nobody"] {
+        let (status, body) = get(node.addr, &format!("/api/history/{topic}")).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body,
+            json!({"topic": topic, "epoch": null, "top": 0, "messages": []})
+        );
+    }
+    assert_eq!(keys(), "", "keys made by a read");
 }

@@ -307,6 +307,15 @@ async fn a_minted_token_opens_a_socket_as_its_user() {
     for (args, wants) in [
         (&["token", "--sub", "ann", "--ttl", "1y"][..], "--ttl"),
         (&["token", "--sub", "ann", "--relay", "most"][..], "--relay"),
+        // Review of issue 16: it panicked adding this to the time now.
+        (
+            &["token", "--sub", "ann", "--ttl", "18446744073709551615s"][..],
+            "--ttl",
+        ),
+        (
+            &["token", "--sub", "ann", "--ttl", "18446744073709551d"][..],
+            "--ttl",
+        ),
     ] {
         let (code, _, stderr) = run(args, &env);
         assert_eq!(code, 1);

@@ -390,3 +390,19 @@ async fn the_count_of_a_flood_follows_with_the_next_line_after_the_minute() {
     server.shutdown.cancel();
     let _ = server.handle.await;
 }
+
+#[tokio::test]
+async fn a_refused_api_request_logs_its_whole_path() {
+    // Review of issue 16: the line said path=/nodes for /api/nodes.
+    let ip = non_loopback_ip();
+    let binary = Binary::start("info", &[("WSHUB_LISTEN", "0.0.0.0:0")]);
+    let url = format!(
+        "http://{}/api/nodes",
+        SocketAddr::new(ip, binary.addr.port())
+    );
+    let response = reqwest::get(&url).await.unwrap();
+    assert_eq!(response.status(), 403);
+    let line = binary.wait_for("the 403", |v| v["message"] == "request refused");
+    assert_eq!(line["what"], "api", "{line}");
+    assert_eq!(line["path"], "/api/nodes", "{line}");
+}

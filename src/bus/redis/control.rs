@@ -8,7 +8,7 @@
 //!
 //! | key | what | expires |
 //! |---|---|---|
-//! | `P:idem:<key>` | an idempotency key of `POST /api/publish`: `<answer>:<token>` | 5 minutes after its first use |
+//! | `P:idem:<key>` | an idempotency key of `POST /api/publish`: `<answer>:<token>`, or `x:<token>` for a claim withdrawn because its outcome was unknown (free for any other token; see [`WITHDRAW`]) | 5 minutes after its first use |
 //! | `P:ban:<user>` | a ban (`POST /api/disconnect` with `ban_ms`) | with the ban |
 //!
 //! **Topics** are what Redis says: `PUBSUB CHANNELS P:*` and `PUBSUB
@@ -34,14 +34,41 @@ use crate::bus::BusError;
 use crate::bus::control::{ControlFuture, ControlPlane, Held};
 use crate::bus::wire::{self, Control, Order};
 
-/// `KEYS[1]` the key; `ARGV[1]` the value, `ARGV[2]` the expiry (ms).
-/// Returns nil when it claimed the key, else the value already there.
+/// `KEYS[1]` the key; `ARGV[1]` the value (`<answer>:<token>`), `ARGV[2]`
+/// the expiry (ms), `ARGV[3]` the token. Returns nil when it claimed the
+/// key, `x` when this very claim was withdrawn before it ran ([`WITHDRAW`]),
+/// else the value already there. `x:<token>` is a withdrawn claim: free
+/// for any other token.
 const CLAIM: &str = r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return false
+local v = redis.call('GET', KEYS[1])
+if v == 'x:' .. ARGV[3] then
+  return 'x'
 end
-return redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, 2) ~= 'x:' then
+  return v
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
 ";
+
+/// Withdraws a claim whose outcome is unknown (it timed out): deletes it
+/// when it ran, else leaves `x:<token>` so that it does nothing if it runs
+/// later (a Redis busy with a slow script runs it after the node gave up;
+/// it once kept the key for a message nobody published, and the retry
+/// answered `duplicate`). `KEYS[1]` the key; `ARGV` the claim's value, its
+/// token, the expiry (ms).
+const WITHDRAW: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+elseif not v or string.sub(v, 1, 2) == 'x:' then
+  redis.call('SET', KEYS[1], 'x:' .. ARGV[2], 'PX', ARGV[3])
+end
+return 1
+";
+
+/// How often a withdrawal that could not be made at once is tried again.
+const WITHDRAW_RETRY: Duration = Duration::from_millis(250);
 
 /// Most channels in one `PUBSUB NUMSUB`.
 const NUMSUB_BATCH: usize = 500;
@@ -217,6 +244,30 @@ impl RedisControl {
         Ok(held)
     }
 
+    /// Tries `withdraw` again until Redis runs it (or the key would have
+    /// expired anyway), on connections of its own.
+    fn withdraw_later(&self, withdraw: redis::Cmd, ttl: Duration) {
+        let (link, shared) = (self.link.clone(), self.shared.clone());
+        tokio::spawn(async move {
+            let config = &shared.config;
+            let deadline = tokio::time::Instant::now() + ttl;
+            while tokio::time::Instant::now() < deadline {
+                let attempt = async {
+                    let mut conn = connect_publisher(&link, config).await?;
+                    query::<i64>(&mut conn, &withdraw).await
+                };
+                if let Ok(Ok(_)) = timeout(config.command_timeout, attempt).await {
+                    tracing::info!("an idempotency key's unknown claim was withdrawn");
+                    return;
+                }
+                tokio::time::sleep(WITHDRAW_RETRY).await;
+            }
+            tracing::warn!(
+                "an idempotency key's unknown claim could not be withdrawn before it expired"
+            );
+        });
+    }
+
     fn key(&self, kind: &str, name: &str) -> String {
         format!("{}{kind}:{name}", self.shared.channels.prefix())
     }
@@ -240,25 +291,65 @@ impl ControlPlane for RedisControl {
         Box::pin(async move {
             let token = format!("{:016x}", rand::random::<u64>());
             let value = format!("{answer}:{token}");
+            let ttl_ms = ttl.as_millis() as u64;
+            let key = self.key("idem", key);
             let mut cmd = redis::cmd("EVAL");
             cmd.arg(CLAIM)
                 .arg(1)
-                .arg(self.key("idem", key))
+                .arg(&key)
                 .arg(&value)
-                .arg(ttl.as_millis() as u64);
-            let earlier: Option<String> = self.run(&cmd).await?;
-            let Some(earlier) = earlier else {
-                return Ok(None);
+                .arg(ttl_ms)
+                .arg(&token);
+            let limit = self.shared.config.command_timeout;
+            let mut retried = false;
+            let (mut conn, why) = loop {
+                let mut conn = self.connection().await?;
+                let started = tokio::time::Instant::now();
+                let why = match timeout(limit, query::<Option<String>>(&mut conn, &cmd)).await {
+                    Ok(Ok(earlier)) => return claimed(earlier, &value, &token),
+                    // Redis answered with an error: it did not run it.
+                    Ok(Err(e))
+                        if !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped())
+                            && e.code().is_some() =>
+                    {
+                        return Err(unavailable(e));
+                    }
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("no answer within {} ms", limit.as_millis()),
+                };
+                *self.lock() = None;
+                // Failed at once (a stale connection): once more on a new
+                // one; the token recognises a claim that ran.
+                if retried || started.elapsed() > limit / 2 {
+                    break (conn, why);
+                }
+                retried = true;
             };
-            // Our own claim, made by a first try whose answer was lost.
-            if earlier == value {
-                return Ok(None);
+            // The outcome is unknown: Redis may run the claim later. The
+            // withdrawal goes right behind it on the same connection, so
+            // Redis runs it after the claim if it runs the claim at all.
+            let mut withdraw = redis::cmd("EVAL");
+            withdraw
+                .arg(WITHDRAW)
+                .arg(1)
+                .arg(&key)
+                .arg(&value)
+                .arg(&token)
+                .arg(ttl_ms);
+            let done = matches!(
+                timeout(limit, query::<i64>(&mut conn, &withdraw)).await,
+                Ok(Ok(_))
+            );
+            if done {
+                return Err(unavailable(format!(
+                    "{why}; the claim of the idempotency key was withdrawn"
+                )));
             }
-            let answer = earlier
-                .split_once(':')
-                .and_then(|(n, _)| n.parse().ok())
-                .unwrap_or(0);
-            Ok(Some(answer))
+            self.withdraw_later(withdraw, ttl);
+            Err(unavailable(format!(
+                "{why}; the claim of the idempotency key is being withdrawn (a retry may \
+                 answer 503 until Redis answers again, never a duplicate of nothing)"
+            )))
         })
     }
 
@@ -285,6 +376,27 @@ impl ControlPlane for RedisControl {
                 .await
         })
     }
+}
+
+/// What the claim script's answer means for the claim of `value`.
+fn claimed(earlier: Option<String>, value: &str, token: &str) -> Result<Option<u64>, BusError> {
+    let Some(earlier) = earlier else {
+        return Ok(None);
+    };
+    // Our own claim, made by a first try whose answer was lost.
+    if earlier == value {
+        return Ok(None);
+    }
+    if earlier == "x" {
+        return Err(unavailable(format!(
+            "the claim {token} was withdrawn before it ran"
+        )));
+    }
+    let answer = earlier
+        .split_once(':')
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or(0);
+    Ok(Some(answer))
 }
 
 #[cfg(test)]

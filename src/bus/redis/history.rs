@@ -588,18 +588,20 @@ impl RedisHistory {
         }
     }
 
-    /// The queue item for one message: the header without its stamp, the
-    /// frame, and each topic's keys (a topic named twice in a route is
-    /// recorded once).
+    /// The queue item for one message: the header (the whole route)
+    /// without its stamp, the frame, and the keys of each of `kept`, the
+    /// route's topics that are recorded (not its connections; a topic
+    /// named twice is recorded once).
     pub(super) fn record(
         &self,
         origin: &str,
         route: &Route,
+        kept: &[&Topic],
         frame: &Frame,
         channels: &Channels,
     ) -> Outgoing {
-        let mut topics: Vec<&Topic> = Vec::with_capacity(route.topics().len());
-        for topic in route.topics() {
+        let mut topics: Vec<&Topic> = Vec::with_capacity(kept.len());
+        for &topic in kept {
             if !topics.contains(&topic) {
                 topics.push(topic);
             }
@@ -641,6 +643,9 @@ impl RedisHistory {
         prepared: &Prepared,
         batch: &[Outgoing],
     ) -> redis::RedisResult<u64> {
+        // The publisher sends unrecorded messages (to connections) in a
+        // plain pipeline; one here would be skipped by the script.
+        debug_assert!(batch.iter().all(|m| m.history.is_some()));
         let conn = single(conn)?;
         let recorded = || {
             batch
@@ -1220,11 +1225,34 @@ impl History for RedisHistory {
         limit: usize,
     ) -> HistoryFuture<'a, Recent> {
         Box::pin(async move {
-            let top = self
-                .tops(std::slice::from_ref(topic))
-                .await?
-                .pop()
-                .ok_or_else(|| HistoryError::Unreadable("tops: no answer".into()))?;
+            // Read only (`tops` would make an epoch, and keep it 24 h, for
+            // every topic an operator looks at): a topic without an epoch
+            // of this Redis run has no history to list.
+            let meta = &self.keys.meta(topic);
+            let (fields, run_id): (Vec<Option<String>>, Arc<str>) = self
+                .call(|mut c| async move {
+                    let fields = redis::cmd("HMGET")
+                        .arg(meta)
+                        .arg("e")
+                        .arg("o")
+                        .arg("r")
+                        .query_async(&mut c.conn)
+                        .await?;
+                    Ok((fields, c.run_id))
+                })
+                .await?;
+            let top = match fields.as_slice() {
+                [Some(epoch), offset, Some(run)] if **run == *run_id => Position {
+                    epoch: Arc::from(epoch.as_str()),
+                    offset: offset.as_deref().and_then(|o| o.parse().ok()).unwrap_or(0),
+                },
+                _ => {
+                    return Ok(Recent {
+                        top: None,
+                        messages: Vec::new(),
+                    });
+                }
+            };
             let from = match since {
                 Some(p) if p.epoch == top.epoch => p.offset.min(top.offset),
                 Some(_) => 0,
@@ -1237,7 +1265,7 @@ impl History for RedisHistory {
             let until = from.saturating_add(limit as u64).min(top.offset);
             if limit == 0 || until <= from {
                 return Ok(Recent {
-                    top,
+                    top: Some(top),
                     messages: Vec::new(),
                 });
             }
@@ -1272,7 +1300,10 @@ impl History for RedisHistory {
                 })
                 .map(|d| Arc::new(Envelope::stamped(d.route, d.frame, d.stamp)))
                 .collect();
-            Ok(Recent { top, messages })
+            Ok(Recent {
+                top: Some(top),
+                messages,
+            })
         })
     }
 

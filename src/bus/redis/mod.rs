@@ -287,39 +287,56 @@ impl Bus for RedisBus {
             return Ok(());
         }
         shared.refuse_if_long_down()?;
-        let item = match &shared.history {
-            // Delivered here too, from Redis's echo (module docs). A
-            // message to a connection is not kept (it has no topic to
-            // replay it from): it goes as with history off, unstamped, and
-            // is delivered from the echo like the rest.
-            Some(history) if !envelope.route.names_connections() => history.record(
+        // The newest payload version every live node reads (the node
+        // registry's version gate); the baseline while it is unsure. (The
+        // history script writes version 1, the only one there is; a
+        // version 2 must gate it too.)
+        let plain = |topics: &[&Topic]| {
+            let version = shared.gate.choose(wire::WRITES, wire::Version::number);
+            let payload =
+                wire::encode_as(version, &shared.node_id, &envelope.route, &envelope.frame);
+            // Connections of one node share its channel: one copy.
+            let mut channels: Vec<String> = Vec::with_capacity(topics.len());
+            for topic in topics {
+                let channel = shared.channels.of(topic);
+                if !channels.contains(&channel) {
+                    channels.push(channel);
+                }
+            }
+            queue::Outgoing::new(channels, payload)
+        };
+        let all: Vec<&Topic> = topics.iter().collect();
+        let Some(history) = &shared.history else {
+            // This node's own sockets were served by the node; the copy
+            // Redis echoes back to this node is ignored on arrival
+            // (`Shared::receive`).
+            return shared.queue.push(plain(&all));
+        };
+        // History on: delivered here too, from Redis's echo (module docs).
+        // A connection has no topic to replay from, so its copy is not
+        // kept: it goes unstamped on its node's channel as with history
+        // off, and is delivered from the echo like the rest. The route's
+        // other topics are recorded and stamped as usual. Both copies carry
+        // the whole route, so each socket still takes exactly one of them
+        // (`Route::accepts`: the first topic of the route it matches).
+        let (connections, kept): (Vec<&Topic>, Vec<&Topic>) = all
+            .into_iter()
+            .partition(|t| matches!(t, Topic::Connection(_)));
+        let mut items = Vec::with_capacity(2);
+        if !connections.is_empty() {
+            items.push(plain(&connections));
+        }
+        if !kept.is_empty() {
+            items.push(history.record(
                 &shared.node_id,
                 &envelope.route,
+                &kept,
                 &envelope.frame,
                 &shared.channels,
-            ),
-            _ => {
-                // This node's own sockets were served by the node; the copy
-                // Redis echoes back to this node is ignored on arrival
-                // (`Shared::receive`).
-                // The newest payload version every live node reads (the
-                // node registry's version gate); the baseline while it is
-                // unsure. (The history script writes version 1, the only
-                // one there is; a version 2 must gate it too.)
-                let version = shared.gate.choose(wire::WRITES, wire::Version::number);
-                let payload =
-                    wire::encode_as(version, &shared.node_id, &envelope.route, &envelope.frame);
-                let mut channels: Vec<String> =
-                    topics.iter().map(|t| shared.channels.of(t)).collect();
-                // Connections of one node share its channel: one copy.
-                if envelope.route.names_connections() {
-                    let mut seen = std::collections::HashSet::new();
-                    channels.retain(|c| seen.insert(c.clone()));
-                }
-                queue::Outgoing::new(channels, payload)
-            }
-        };
-        shared.queue.push(item)
+            ));
+        }
+        // All or nothing: a message is never half queued.
+        shared.queue.push_all(items)
     }
 
     fn subscribe(&self, topic: &Topic) -> Subscribed {

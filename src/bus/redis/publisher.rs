@@ -319,7 +319,42 @@ impl Publisher {
         };
         let mut batch = match self.resend.take() {
             Some(batch) => batch,
-            None => shared.queue.take(MAX_BATCH, MAX_BATCH_BYTES),
+            None => {
+                // A message to a connection is queued unrecorded (it has no
+                // history: `RedisBus::publish`): it goes in a plain
+                // pipeline, as with history off, never into the script
+                // (which would skip it: it once lost every such message).
+                let (recorded, plain): (Vec<Outgoing>, Vec<Outgoing>) = shared
+                    .queue
+                    .take(MAX_BATCH, MAX_BATCH_BYTES)
+                    .into_iter()
+                    .partition(|m| m.history.is_some());
+                if !plain.is_empty() {
+                    let sent = timeout(shared.config.command_timeout, active.send(&plain)).await;
+                    let error = match sent {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(e.to_string()),
+                        Err(_) => Some("the pipeline timed out".to_owned()),
+                    };
+                    if let Some(error) = error {
+                        // As with history off: dropped, not resent (plain
+                        // `PUBLISH` cannot tell what already ran). The
+                        // recorded ones wait for the reconnect.
+                        shared
+                            .metrics
+                            .dropped(DropReason::BusUnavailable, plain.len() as u64);
+                        shared.metrics.bus_publish_failure();
+                        warn!(%error, dropped = plain.len(), "publishing to Redis failed; reconnecting");
+                        if !recorded.is_empty() {
+                            self.resend = Some(recorded);
+                        }
+                        self.conn = None;
+                        self.outage = true;
+                        return;
+                    }
+                }
+                recorded
+            }
         };
         if batch.is_empty() {
             return;

@@ -146,6 +146,23 @@ impl PublishQueue {
         Ok(())
     }
 
+    /// Queues every item or none (a message split into several items is
+    /// never half queued).
+    pub(super) fn push_all(&self, items: Vec<Outgoing>) -> Result<(), BusError> {
+        let size: usize = items.iter().map(Outgoing::queued_bytes).sum();
+        let mut inner = self.lock();
+        if inner.items.len() + items.len() > self.capacity
+            || inner.bytes + size > self.capacity_bytes
+        {
+            return Err(BusError::Overloaded);
+        }
+        inner.bytes += size;
+        inner.items.extend(items);
+        drop(inner);
+        self.ready.notify_one();
+        Ok(())
+    }
+
     pub(super) async fn wait(&self) {
         loop {
             if !self.is_empty() {
