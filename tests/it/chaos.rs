@@ -2088,13 +2088,10 @@ fn print_and_check(run: &Run, strict: bool) {
     }
 }
 
-/// One chaos run at a time: two at once (the test harness runs tests in
-/// parallel) would measure the machine, not the hub.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 /// A whole run within a hard limit (every wait inside is bounded too).
 async fn bounded_run(history: bool) -> Run {
-    let _turn = ONE_AT_A_TIME.lock().await;
+    // One chaos run at a time, and none beside a timing test (common).
+    let _turn = crate::common::TIMING_CRITICAL.lock().await;
     tokio::time::timeout(RUN_LIMIT + Duration::from_secs(60), chaos_run(history))
         .await
         .expect("the chaos run overran its hard limit")

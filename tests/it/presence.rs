@@ -495,6 +495,7 @@ fn truth_of(truth: &Truth, group: Option<&str>) -> BTreeMap<String, u64> {
 /// the ground truth.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_ends_in_the_ground_truth_a_second_later() {
+    let _turn = crate::common::TIMING_CRITICAL.lock().await;
     const GROUPS: usize = 50;
     const USERS: usize = 40;
     const WORKERS: usize = 10;
@@ -653,6 +654,7 @@ async fn open_all(addr: SocketAddr, paths: Vec<String>) -> Vec<Client> {
 /// elsewhere, or reconnected elsewhere within the lease, cause none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nodes_users_vanish_within_the_lease_with_one_leave_each() {
+    let _turn = crate::common::TIMING_CRITICAL.lock().await;
     const GROUPS: usize = 10;
     let redis = RedisServer::start();
     let events = Events::start().await;
@@ -820,6 +822,7 @@ async fn a_killed_nodes_users_vanish_within_the_lease_with_one_leave_each() {
 /// events) after its first join.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flapping_socket_causes_no_join_or_leave() {
+    let _turn = crate::common::TIMING_CRITICAL.lock().await;
     let redis = RedisServer::start();
     let events = Events::start().await;
     let mut nodes = Vec::new();
@@ -876,6 +879,7 @@ async fn a_flapping_socket_causes_no_join_or_leave() {
 /// equals the ground truth again, with no event (frames or backend).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_redis_restart_presence_is_back_within_a_heartbeat_and_silent() {
+    let _turn = crate::common::TIMING_CRITICAL.lock().await;
     let mut redis = RedisServer::start();
     let events = Events::start().await;
     let heartbeat = Duration::from_millis(300);

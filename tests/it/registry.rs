@@ -175,6 +175,7 @@ async fn a_stopped_node_leaves_the_list_at_once() {
 
 #[tokio::test]
 async fn a_killed_node_is_gone_within_its_lease_and_its_leftovers_removed() {
+    let _turn = crate::common::TIMING_CRITICAL.lock().await;
     let redis = RedisServer::start();
     let observer = TestServer::on_redis(&redis.url(), short_leases).await;
     let lease_ms = LEASE.as_millis().to_string();
@@ -208,6 +209,7 @@ async fn a_killed_node_is_gone_within_its_lease_and_its_leftovers_removed() {
 
 #[tokio::test]
 async fn a_restarted_redis_is_filled_again_within_a_heartbeat() {
+    let _turn = crate::common::TIMING_CRITICAL.lock().await;
     let mut redis = RedisServer::start();
     let heartbeat = Duration::from_millis(300);
     let tweak = |c: &mut wshub::Config| {

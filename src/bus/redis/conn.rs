@@ -196,7 +196,35 @@ pub(super) async fn connect_blocking(
     ))
 }
 
+/// Opens a command connection within `redis.command_timeout_ms` (the
+/// registry's, presence's and the control plane's); the error says why, in
+/// words for a log line or a 503.
+pub(super) async fn open_command_connection(
+    link: &Link,
+    config: &RedisConfig,
+) -> Result<PubConn, String> {
+    match tokio::time::timeout(config.command_timeout, connect_publisher(link, config)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(format!("cannot connect: {e}")),
+        Err(_) => Err(format!(
+            "cannot connect within {} ms",
+            config.command_timeout.as_millis()
+        )),
+    }
+}
+
 impl PubConn {
+    /// Runs `cmd` on either kind of connection.
+    pub(super) async fn query<T: redis::FromRedisValue>(
+        &mut self,
+        cmd: &redis::Cmd,
+    ) -> redis::RedisResult<T> {
+        match self {
+            PubConn::Single(c) => cmd.query_async(c).await,
+            PubConn::Sharded(c) => cmd.query_async(c).await,
+        }
+    }
+
     pub(super) async fn send(&mut self, batch: &[Outgoing]) -> redis::RedisResult<()> {
         match self {
             PubConn::Single(conn) => {

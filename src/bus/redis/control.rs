@@ -29,7 +29,7 @@ use std::time::Duration;
 use tokio::time::timeout;
 
 use super::Shared;
-use super::conn::{Link, PubConn, connect_publisher};
+use super::conn::{Link, PubConn, connect_publisher, open_command_connection};
 use crate::bus::BusError;
 use crate::bus::control::{ControlFuture, ControlPlane, Held};
 use crate::bus::wire::{self, Control, Order};
@@ -79,17 +79,6 @@ pub(super) struct RedisControl {
     link: Link,
     /// `std::sync::Mutex`: locked only to clone or replace it.
     conn: Mutex<Option<PubConn>>,
-}
-
-/// Runs `cmd` on either kind of connection.
-async fn query<T: redis::FromRedisValue>(
-    conn: &mut PubConn,
-    cmd: &redis::Cmd,
-) -> redis::RedisResult<T> {
-    match conn {
-        PubConn::Single(c) => cmd.query_async(c).await,
-        PubConn::Sharded(c) => cmd.query_async(c).await,
-    }
 }
 
 fn unavailable(why: impl std::fmt::Display) -> BusError {
@@ -155,14 +144,9 @@ impl RedisControl {
         if let Some(conn) = self.lock().clone() {
             return Ok(conn);
         }
-        let config = &self.shared.config;
-        let conn = timeout(
-            config.command_timeout,
-            connect_publisher(&self.link, config),
-        )
-        .await
-        .map_err(|_| unavailable("connecting timed out"))?
-        .map_err(unavailable)?;
+        let conn = open_command_connection(&self.link, &self.shared.config)
+            .await
+            .map_err(unavailable)?;
         *self.lock() = Some(conn.clone());
         Ok(conn)
     }
@@ -175,7 +159,7 @@ impl RedisControl {
         loop {
             let mut conn = self.connection().await?;
             let started = tokio::time::Instant::now();
-            let error = match timeout(limit, query::<T>(&mut conn, cmd)).await {
+            let error = match timeout(limit, conn.query::<T>(cmd)).await {
                 Ok(Ok(value)) => return Ok(value),
                 // Redis answered with an error: the connection is fine.
                 Ok(Err(e))
@@ -254,7 +238,7 @@ impl RedisControl {
             while tokio::time::Instant::now() < deadline {
                 let attempt = async {
                     let mut conn = connect_publisher(&link, config).await?;
-                    query::<i64>(&mut conn, &withdraw).await
+                    conn.query::<i64>(&withdraw).await
                 };
                 if let Ok(Ok(_)) = timeout(config.command_timeout, attempt).await {
                     tracing::info!("an idempotency key's unknown claim was withdrawn");
@@ -305,7 +289,7 @@ impl ControlPlane for RedisControl {
             let (mut conn, why) = loop {
                 let mut conn = self.connection().await?;
                 let started = tokio::time::Instant::now();
-                let why = match timeout(limit, query::<Option<String>>(&mut conn, &cmd)).await {
+                let why = match timeout(limit, conn.query::<Option<String>>(&cmd)).await {
                     Ok(Ok(earlier)) => return claimed(earlier, &value, &token),
                     // Redis answered with an error: it did not run it.
                     Ok(Err(e))
@@ -337,7 +321,7 @@ impl ControlPlane for RedisControl {
                 .arg(&token)
                 .arg(ttl_ms);
             let done = matches!(
-                timeout(limit, query::<i64>(&mut conn, &withdraw)).await,
+                timeout(limit, conn.query::<i64>(&withdraw)).await,
                 Ok(Ok(_))
             );
             if done {

@@ -54,7 +54,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::Shared;
-use super::conn::{Backoff, Link, PubConn, connect_blocking, connect_publisher};
+use super::conn::{Backoff, Link, PubConn, connect_blocking, open_command_connection};
 use crate::bus::BusError;
 use crate::bus::presence::{
     Answer, Change, Control, GroupView, Holding, Member, Op, Sink, Store, UserView, Written,
@@ -302,17 +302,6 @@ end
 return redis.error_reply('unknown presence mode')
 "#;
 
-/// Runs `cmd` on either kind of connection.
-async fn query<T: redis::FromRedisValue>(
-    conn: &mut PubConn,
-    cmd: &redis::Cmd,
-) -> redis::RedisResult<T> {
-    match conn {
-        PubConn::Single(c) => cmd.query_async(c).await,
-        PubConn::Sharded(c) => cmd.query_async(c).await,
-    }
-}
-
 /// The group token of the script: `-` for the null group, `+<G>` for `G`
 /// (so no group name can be mistaken for the null group).
 fn group_token(group: Option<&str>) -> String {
@@ -435,23 +424,9 @@ impl RedisPresence {
         if let Some(conn) = self.lock_conn().clone() {
             return Ok(conn);
         }
-        let config = &self.shared.config;
-        match timeout(
-            config.command_timeout,
-            connect_publisher(&self.link, config),
-        )
-        .await
-        {
-            Ok(Ok(conn)) => {
-                *self.lock_conn() = Some(conn.clone());
-                Ok(conn)
-            }
-            Ok(Err(e)) => Err(format!("cannot connect: {e}")),
-            Err(_) => Err(format!(
-                "cannot connect within {} ms",
-                config.command_timeout.as_millis()
-            )),
-        }
+        let conn = open_command_connection(&self.link, &self.shared.config).await?;
+        *self.lock_conn() = Some(conn.clone());
+        Ok(conn)
     }
 
     /// Runs the script in `mode` with the mode's arguments; answers the
@@ -521,7 +496,7 @@ impl RedisPresence {
                     let mut load = redis::cmd("SCRIPT");
                     // On a cluster the crate sends it to every primary.
                     load.arg("LOAD").arg(SCRIPT);
-                    let sha: String = query(conn, &load).await?;
+                    let sha: String = conn.query(&load).await?;
                     *self.sha.lock().unwrap_or_else(|e| e.into_inner()) = Some(sha.clone());
                     loaded_now = true;
                     sha
@@ -532,7 +507,7 @@ impl RedisPresence {
                 .arg(1)
                 .arg(format!("{}pepoch", self.prefix))
                 .arg(argv);
-            match query(conn, &cmd).await {
+            match conn.query(&cmd).await {
                 Err(e)
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
                         && !loaded_now =>
@@ -701,7 +676,7 @@ impl RedisPresence {
                             let batch = tokio::select! {
                                 biased;
                                 () = self.stop.cancelled() => return,
-                                batch = query::<Option<Vec<String>>>(&mut conn, &more) => batch,
+                                batch = conn.query::<Option<Vec<String>>>(&more) => batch,
                             };
                             match batch {
                                 Ok(Some(items)) => {

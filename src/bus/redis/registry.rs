@@ -44,7 +44,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::Shared;
-use super::conn::{Link, PubConn, connect_publisher};
+use super::conn::{Link, PubConn, open_command_connection};
 use super::presence::{self, RedisPresence};
 use crate::bus::BusError;
 use crate::bus::presence::Store;
@@ -246,17 +246,6 @@ impl Registry for RedisRegistry {
     }
 }
 
-/// Runs `cmd` on either kind of connection.
-async fn query<T: redis::FromRedisValue>(
-    conn: &mut PubConn,
-    cmd: &redis::Cmd,
-) -> redis::RedisResult<T> {
-    match conn {
-        PubConn::Single(c) => cmd.query_async(c).await,
-        PubConn::Sharded(c) => cmd.query_async(c).await,
-    }
-}
-
 /// Parses a `reads` field (`1,2`); `None` when it is missing or malformed.
 fn parse_reads(text: &str) -> Option<Vec<u32>> {
     if text.is_empty() {
@@ -410,7 +399,7 @@ impl Inner {
             .arg("reads")
             .arg(reads);
         let command_timeout = self.shared.config.command_timeout;
-        let failed = match timeout(command_timeout, query::<Beat>(&mut conn, &cmd)).await {
+        let failed = match timeout(command_timeout, conn.query::<Beat>(&cmd)).await {
             Ok(Ok(reads)) => return Ok(reads),
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {} ms", command_timeout.as_millis()),
@@ -424,23 +413,9 @@ impl Inner {
         if let Some(conn) = self.lock_conn().clone() {
             return Ok(conn);
         }
-        let config = &self.shared.config;
-        match timeout(
-            config.command_timeout,
-            connect_publisher(&self.link, config),
-        )
-        .await
-        {
-            Ok(Ok(conn)) => {
-                *self.lock_conn() = Some(conn.clone());
-                Ok(conn)
-            }
-            Ok(Err(e)) => Err(format!("cannot connect: {e}")),
-            Err(_) => Err(format!(
-                "cannot connect within {} ms",
-                config.command_timeout.as_millis()
-            )),
-        }
+        let conn = open_command_connection(&self.link, &self.shared.config).await?;
+        *self.lock_conn() = Some(conn.clone());
+        Ok(conn)
     }
 
     /// Every live node, from Redis.
@@ -458,17 +433,16 @@ impl Inner {
             .arg(&self.keys.nodes)
             .arg(&self.keys.node_prefix);
         let command_timeout = self.shared.config.command_timeout;
-        let hashes =
-            match timeout(command_timeout, query::<Vec<Vec<String>>>(&mut conn, &cmd)).await {
-                Ok(Ok(hashes)) => hashes,
-                Ok(Err(e)) => return Err(unavailable(e.to_string())),
-                Err(_) => {
-                    return Err(unavailable(format!(
-                        "no answer within {} ms",
-                        command_timeout.as_millis()
-                    )));
-                }
-            };
+        let hashes = match timeout(command_timeout, conn.query::<Vec<Vec<String>>>(&cmd)).await {
+            Ok(Ok(hashes)) => hashes,
+            Ok(Err(e)) => return Err(unavailable(e.to_string())),
+            Err(_) => {
+                return Err(unavailable(format!(
+                    "no answer within {} ms",
+                    command_timeout.as_millis()
+                )));
+            }
+        };
         let mut nodes: Vec<NodeEntry> = hashes.iter().filter_map(|h| parse_entry(h)).collect();
         nodes.sort_by(|a, b| (&a.id, a.started).cmp(&(&b.id, b.started)));
         Ok(nodes)
@@ -488,9 +462,7 @@ impl Inner {
         let command_timeout = self.shared.config.command_timeout;
         let left = timeout(command_timeout, async {
             let mut conn = self.connection().await?;
-            query::<i64>(&mut conn, &cmd)
-                .await
-                .map_err(|e| e.to_string())
+            conn.query::<i64>(&cmd).await.map_err(|e| e.to_string())
         })
         .await;
         match left {

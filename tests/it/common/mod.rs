@@ -7,6 +7,13 @@
 
 #![allow(dead_code)]
 
+/// Tests that measure time against a promise ("within the lease + 1 s",
+/// "1 s after churn stops") or load the machine on purpose (the chaos
+/// runs) take this lock, so no two of them overlap: the harness runs tests
+/// in parallel on two cores, and a chaos run beside a lease test measured
+/// the machine, not the hub.
+pub static TIMING_CRITICAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 pub mod binary;
 pub mod node;
 pub mod process;
