@@ -18,14 +18,18 @@
 //!   `unavailable`, with the reason, while Redis cannot be reached.
 //! - **Adding an endpoint**: a handler taking `State<HttpState>` and
 //!   returning `Result<_, ApiError>`, routed in [`routes`]; the protection
-//!   and the error format come with the router.
+//!   and the error format come with the router. Path parameters and
+//!   queries are read with [`ApiPath`] and [`ApiQuery`], bodies with
+//!   [`json_body`], never with axum's `Path`, `Query` or `Json`, whose
+//!   rejections are plain text.
 //!
 //! Web Connection's broadcast endpoint is any path containing
 //! `__broadcastWebSocket.wc`, under `/api/` too: such paths (and paths
 //! `dispatch` refuses as ambiguous) are handed back to it untouched.
 
 use axum::Router;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
@@ -104,6 +108,17 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
+    /// An extractor's rejection, with its status and text: 413
+    /// `too_large`, any other 4xx `bad_request` (a 5xx is a bug here).
+    fn rejected(status: StatusCode, text: String) -> Self {
+        let code = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+            s if s.is_client_error() => "bad_request",
+            _ => "internal",
+        };
+        Self::new(status, code, text)
+    }
+
     fn denied(denied: Denied) -> Self {
         match denied {
             Denied::Unauthorized => Self::new(
@@ -165,6 +180,60 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// A path parameter, percent-decoded: axum's `Path`, its rejections
+/// (a segment that is not UTF-8 once decoded) answered as [`ApiError`]s.
+struct ApiPath<T>(T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(Self(value)),
+            Err(rejection) => Err(ApiError::rejected(
+                rejection.status(),
+                rejection.body_text(),
+            )),
+        }
+    }
+}
+
+/// The query, read strictly as `T`: a query that is not UTF-8 once
+/// percent-decoded is refused (not decoded lossily into U+FFFD), and so is
+/// a parameter given twice (`?ids=a&ids=b`); both 400 `bad_request`.
+struct ApiQuery<T>(T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        read_query(parts.uri.query().unwrap_or("")).map(Self)
+    }
+}
+
+/// [`ApiQuery`]'s reading. `&` and `=` are ASCII, so the whole query is
+/// UTF-8 once decoded exactly when every name and value is.
+fn read_query<T: serde::de::DeserializeOwned>(query: &str) -> Result<T, ApiError> {
+    if percent_encoding::percent_decode_str(query)
+        .decode_utf8()
+        .is_err()
+    {
+        return Err(ApiError::bad_request(
+            "invalid query: it is not UTF-8 once percent-decoded",
+        ));
+    }
+    serde_urlencoded::from_str(query)
+        .map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))
 }
 
 /// Whether a path belongs to Web Connection's broadcast endpoint (which
@@ -248,7 +317,7 @@ fn presence(http: &HttpState) -> Result<&std::sync::Arc<crate::presence::Presenc
 /// is URL-decoded).
 async fn presence_group(
     State(http): State<HttpState>,
-    Path(group): Path<String>,
+    ApiPath(group): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let view: GroupView = presence(&http)?.group(Some(&group)).await?;
     Ok(fresh(view))
@@ -268,7 +337,7 @@ struct UsersQuery {
 /// `GET /api/presence/users?ids=a,b`: each user's state, keyed by id.
 async fn presence_users(
     State(http): State<HttpState>,
-    Query(query): Query<UsersQuery>,
+    ApiQuery(query): ApiQuery<UsersQuery>,
 ) -> Result<Response, ApiError> {
     #[derive(Serialize)]
     struct Users {
@@ -523,9 +592,10 @@ struct TopicsAnswer {
 }
 
 /// `GET /api/topics?prefix=group:`.
-async fn topics(State(http): State<HttpState>, request: Request) -> Result<Response, ApiError> {
-    let query: TopicsQuery = serde_urlencoded::from_str(request.uri().query().unwrap_or(""))
-        .map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))?;
+async fn topics(
+    State(http): State<HttpState>,
+    ApiQuery(query): ApiQuery<TopicsQuery>,
+) -> Result<Response, ApiError> {
     let topics = http.node.topics(&query.prefix).await?;
     Ok(fresh(TopicsAnswer { topics }))
 }
@@ -556,8 +626,8 @@ struct HistoryEntry {
 /// `GET /api/history/{topic}?since=<position>&limit=n` (history on).
 async fn history(
     State(http): State<HttpState>,
-    axum::extract::Path(key): axum::extract::Path<String>,
-    request: Request,
+    ApiPath(key): ApiPath<String>,
+    ApiQuery(query): ApiQuery<HistoryQuery>,
 ) -> Result<Response, ApiError> {
     if !http.node.history_enabled() {
         return Err(ApiError::new(
@@ -571,8 +641,6 @@ async fn history(
             "{key:?} is not a topic: all, nullgroup, group:<G> or user:<U>"
         ))
     })?;
-    let query: HistoryQuery = serde_urlencoded::from_str(request.uri().query().unwrap_or(""))
-        .map_err(|e| ApiError::bad_request(format!("invalid query: {e}")))?;
     let since =
         match query.since.as_deref().filter(|s| !s.is_empty()) {
             None => None,

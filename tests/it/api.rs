@@ -1178,3 +1178,124 @@ async fn reading_a_topics_history_writes_nothing_to_redis() {
     }
     assert_eq!(keys(), "", "keys made by a read");
 }
+
+/// Sends `method path` with a raw `body` and content type: the status, the
+/// answer's content type and its text.
+async fn raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: impl Into<reqwest::Body>,
+) -> (u16, String, String) {
+    let http = reqwest::Client::new();
+    let url = format!("http://{addr}{path}");
+    let mut request = match method {
+        "GET" => http.get(url),
+        _ => http.post(url).body(body),
+    };
+    if let Some(content_type) = content_type {
+        request = request.header("content-type", content_type);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    let kind = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, kind, response.text().await.unwrap())
+}
+
+/// What axum's extractors would refuse in plain text (a path segment or a
+/// query that is not UTF-8 once decoded, a repeated query parameter) and
+/// what the JSON bodies refuse are all answered in the API's error format;
+/// invalid UTF-8 in a query is refused, not decoded lossily.
+#[tokio::test]
+async fn malformed_paths_queries_and_bodies_answer_in_the_api_format() {
+    let server = TestServer::start().await;
+    let addr = server.addr;
+    let json_type = Some("application/json");
+    let big = format!(
+        "{{\"messages\":[],\"idempotency_key\":\"{}\"}}",
+        "k".repeat(2 << 20)
+    );
+    let cases: Vec<(&str, &str, Option<&str>, String, u16)> = vec![
+        ("GET", "/api/history/group:%FF", None, String::new(), 400),
+        ("GET", "/api/history/%E2%82", None, String::new(), 400),
+        ("GET", "/api/topics?prefix=%FF", None, String::new(), 400),
+        (
+            "GET",
+            "/api/topics?prefix=group:%E2%82",
+            None,
+            String::new(),
+            400,
+        ),
+        (
+            "GET",
+            "/api/topics?prefix=a&prefix=b",
+            None,
+            String::new(),
+            400,
+        ),
+        ("POST", "/api/publish", json_type, "{nope".into(), 400),
+        ("POST", "/api/publish", json_type, String::new(), 400),
+        ("POST", "/api/publish", json_type, "[]".into(), 400),
+        ("POST", "/api/publish", json_type, big, 413),
+        ("POST", "/api/disconnect", json_type, "{nope".into(), 400),
+        ("POST", "/api/disconnect", json_type, "[1]".into(), 400),
+        (
+            "POST",
+            "/api/disconnect",
+            Some("text/plain"),
+            "\u{1}".into(),
+            400,
+        ),
+    ];
+    for (method, path, content_type, body, want) in cases {
+        let (status, kind, text) = raw(addr, method, path, content_type, body).await;
+        assert_eq!(status, want, "{method} {path}: {text}");
+        assert_eq!(kind, "application/json", "{method} {path}: {text}");
+        let answer: Value = serde_json::from_str(&text).unwrap();
+        let code = if want == 413 {
+            "too_large"
+        } else {
+            "bad_request"
+        };
+        assert_eq!(answer["error"]["code"], code, "{method} {path}: {answer}");
+        assert!(answer["error"]["message"].as_str().unwrap().len() > 10);
+    }
+    // Valid UTF-8, encoded, is still read.
+    let (status, answer) = get(addr, "/api/topics?prefix=caf%C3%A9").await;
+    assert_eq!((status, answer), (200, json!({"topics": []})));
+    // The body is read as JSON whatever its declared type (wwHttp and
+    // `curl -d` send form types by default).
+    let (status, _, text) = raw(
+        addr,
+        "POST",
+        "/api/publish",
+        Some("application/x-www-form-urlencoded"),
+        r#"{"messages":[]}"#,
+    )
+    .await;
+    assert_eq!((status, text.as_str()), (200, r#"{"published":0}"#));
+    // A request line over 64 KB never reaches wshub: hyper answers 414
+    // (with no body) before routing.
+    // (Raw bytes: reqwest refuses to build such a URI.)
+    let long = format!(
+        "GET /api/topics?prefix={} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stream, long.as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    // hyper may close before reading all of the request: a reset is fine.
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 414") && answer.ends_with("\r\n\r\n"),
+        "{answer}"
+    );
+}

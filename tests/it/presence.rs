@@ -455,6 +455,38 @@ async fn the_wire_and_the_api_follow_the_contract() {
     assert_eq!(body["error"]["code"], "presence_off", "{body}");
 }
 
+/// Malformed group paths and user ids are refused in the API's error
+/// format (400 `bad_request`), never decoded lossily.
+#[tokio::test]
+async fn malformed_group_paths_and_user_ids_are_refused_in_the_api_format() {
+    let redis = RedisServer::start();
+    let node = presence_node(&redis, |_| {}).await;
+    let addr = node.addr;
+    for path in [
+        "/api/presence/groups/%FF",
+        "/api/presence/groups/%E2%82",
+        "/api/presence/groups/a%FFb",
+        "/api/presence/users?ids=a&ids=b",
+        "/api/presence/users?ids=%FF",
+        "/api/presence/users?ids=ann,%C3",
+        "/api/presence/users?%FF=ann",
+    ] {
+        let response = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        assert_eq!(status, 400, "{path}: {text}");
+        let body: Value =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("{path}: not JSON: {text}"));
+        assert_eq!(body["error"]["code"], "bad_request", "{path}: {body}");
+    }
+    let (status, body) = get_json(addr, "/api/presence/users?ids=caf%C3%A9").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"users": {"caf\u{e9}": {"online": false, "connections": 0}}})
+    );
+}
+
 /// Groups over `max_members_events` get no join/leave frames (the backend
 /// still hears of them).
 #[tokio::test]
