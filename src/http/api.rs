@@ -66,6 +66,7 @@ pub(super) fn routes(http: HttpState) -> Router<HttpState> {
     Router::new()
         .route("/nodes", get(nodes))
         .route("/presence/groups/{group}", get(presence_group))
+        .route("/presence/groups/", get(presence_empty_group))
         .route("/presence/nullgroup", get(presence_nullgroup))
         .route("/presence/users", get(presence_users))
         .route("/publish", post(publish))
@@ -320,6 +321,13 @@ async fn presence_group(
     ApiPath(group): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let view: GroupView = presence(&http)?.group(Some(&group)).await?;
+    Ok(fresh(view))
+}
+
+/// `GET /api/presence/groups/`: the group `""` (sockets opened with
+/// `groupid=`), which Web Connection tells from the null group.
+async fn presence_empty_group(State(http): State<HttpState>) -> Result<Response, ApiError> {
+    let view: GroupView = presence(&http)?.group(Some("")).await?;
     Ok(fresh(view))
 }
 

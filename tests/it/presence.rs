@@ -487,6 +487,28 @@ async fn malformed_group_paths_and_user_ids_are_refused_in_the_api_format() {
     );
 }
 
+/// The group `""` (`groupid=`, not the null group) has its path,
+/// `/api/presence/groups/`.
+#[tokio::test]
+async fn the_empty_group_has_its_path() {
+    let redis = RedisServer::start();
+    let node = presence_node(&redis, |_| {}).await;
+    let addr = node.addr;
+    let _eve = Client::connect(addr, &socket_path("eve", Some(""), false)).await;
+    let _nil = Client::connect(addr, &socket_path("nil", None, false)).await;
+    within("eve is listed in the group \"\"", PATIENCE, || async {
+        api_members(addr, Some("")).await == BTreeMap::from([("eve".into(), 1)])
+    })
+    .await;
+    within("nil is listed in the null group", PATIENCE, || async {
+        api_members(addr, None).await == BTreeMap::from([("nil".into(), 1)])
+    })
+    .await;
+    let (status, body) = get_json(addr, "/api/presence/groups/").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["group"], "");
+}
+
 /// Groups over `max_members_events` get no join/leave frames (the backend
 /// still hears of them).
 #[tokio::test]
