@@ -5,7 +5,6 @@
 //! quick to watch.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,26 +33,7 @@ fn presence_on(config: &mut wshub::Config) {
     config.presence.leave_delay = LEAVE_DELAY;
 }
 
-/// Polls `check` every 20 ms until it holds; fails after `within`. Returns
-/// how long it took.
-async fn within<F, Fut>(what: &str, within: Duration, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if check().await {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < within,
-            "not within {} ms: {what}",
-            within.as_millis()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use crate::common::within;
 
 async fn get_json(addr: SocketAddr, path: &str) -> (u16, Value) {
     let response = reqwest::get(format!("http://{addr}{path}"))

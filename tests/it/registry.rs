@@ -4,7 +4,6 @@
 //! short here so that expiry is quick to watch.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -25,26 +24,7 @@ fn short_leases(config: &mut wshub::Config) {
     config.presence.lease = LEASE;
 }
 
-/// Polls `check` every 20 ms until it holds; fails after `within`. Returns
-/// how long it took.
-async fn within<F, Fut>(what: &str, within: Duration, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if check().await {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < within,
-            "not within {} ms: {what}",
-            within.as_millis()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use crate::common::within;
 
 /// `GET /api/nodes` at `addr`: the status and the body.
 async fn api_nodes(addr: SocketAddr) -> (u16, Value) {

@@ -139,30 +139,7 @@ pub(super) async fn connect_publisher(
     link: &Link,
     config: &RedisConfig,
 ) -> redis::RedisResult<PubConn> {
-    let Link::Sharded(nodes) = link else {
-        let cfg = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(config.command_timeout))
-            .set_response_timeout(Some(config.command_timeout));
-        return Ok(PubConn::Single(
-            link.server(config, false)
-                .await?
-                .get_multiplexed_async_connection_with_config(&cfg)
-                .await?,
-        ));
-    };
-    Ok(PubConn::Sharded(
-        tls::cluster_builder(nodes, config)
-            .connection_timeout(config.command_timeout)
-            .response_timeout(config.command_timeout)
-            // No automatic retries: after a timeout or a broken
-            // connection the shard may already have run the SPUBLISH,
-            // and a retry would deliver it twice. Redirects, which are
-            // safe, are resent by `send` itself.
-            .retries(0)
-            .build()?
-            .get_async_connection()
-            .await?,
-    ))
+    connect_command(link, config, Some(config.command_timeout)).await
 }
 
 /// A connection for one blocking command at a time (the presence control
@@ -173,10 +150,20 @@ pub(super) async fn connect_blocking(
     link: &Link,
     config: &RedisConfig,
 ) -> redis::RedisResult<PubConn> {
+    connect_command(link, config, None).await
+}
+
+/// A command connection whose answers are awaited for at most `answer`
+/// (`None`: as long as it takes).
+async fn connect_command(
+    link: &Link,
+    config: &RedisConfig,
+    answer: Option<std::time::Duration>,
+) -> redis::RedisResult<PubConn> {
     let Link::Sharded(nodes) = link else {
         let cfg = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.command_timeout))
-            .set_response_timeout(None);
+            .set_response_timeout(answer);
         return Ok(PubConn::Single(
             link.server(config, false)
                 .await?
@@ -184,11 +171,16 @@ pub(super) async fn connect_blocking(
                 .await?,
         ));
     };
+    // The cluster client wants a response timeout: a year stands for none.
+    let answer = answer.unwrap_or(std::time::Duration::from_secs(365 * 24 * 3600));
     Ok(PubConn::Sharded(
         tls::cluster_builder(nodes, config)
             .connection_timeout(config.command_timeout)
-            // A year: no answer is expected until something is pushed.
-            .response_timeout(std::time::Duration::from_secs(365 * 24 * 3600))
+            .response_timeout(answer)
+            // No automatic retries: after a timeout or a broken
+            // connection the shard may already have run the SPUBLISH,
+            // and a retry would deliver it twice. Redirects, which are
+            // safe, are resent by `send` itself.
             .retries(0)
             .build()?
             .get_async_connection()

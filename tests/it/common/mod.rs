@@ -14,6 +14,27 @@
 /// the machine, not the hub.
 pub static TIMING_CRITICAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Polls `check` every 20 ms until it holds; fails after `within`. Returns
+/// how long it took.
+pub async fn within<F, Fut>(what: &str, within: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if check().await {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "not within {} ms: {what}",
+            within.as_millis()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub mod binary;
 pub mod node;
 pub mod process;
