@@ -23,16 +23,7 @@ use wshub::config::HistoryConfig;
 use crate::common::redis::{GateProxy, RedisServer, cli};
 use crate::common::{Client, Ended, PATIENCE, TestServer, eventually};
 
-fn settings() -> HistoryConfig {
-    HistoryConfig {
-        ttl: Duration::from_secs(120),
-        size_all: 1000,
-        size_group: 300,
-        size_user: 100,
-        max_replay: 1000,
-        drain_handoff: true,
-    }
-}
+use crate::common::history_settings as settings;
 
 /// A node on `redis` with `history` (None: history off).
 async fn node(redis: &str, history: Option<HistoryConfig>) -> TestServer {

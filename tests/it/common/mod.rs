@@ -35,6 +35,19 @@ where
     }
 }
 
+/// The history settings the resume and history tests start from: the
+/// defaults of `[history]`, on.
+pub fn history_settings() -> wshub::config::HistoryConfig {
+    wshub::config::HistoryConfig {
+        ttl: Duration::from_secs(120),
+        size_all: 1000,
+        size_group: 300,
+        size_user: 100,
+        max_replay: 1000,
+        drain_handoff: true,
+    }
+}
+
 pub mod binary;
 pub mod node;
 pub mod process;
