@@ -8,11 +8,12 @@ bench/results/latest.{json,md,png}.
                                     # the cost of history (lossless resume)
 
 It builds wshub and wshub-bench (release), starts a redis-server on a free
-port, and for each hub (wshub, the hand-rolled Node hub, Socket.IO with its
-Redis adapter) starts two nodes on loopback, runs every scenario against
-them, and stops them. The peers come from ../shared/peers (copied to a
-temporary folder, `npm ci` run there). Every run is bounded in count and
-time and targets 127.0.0.1 only.
+port, and for each hub (wshub, the same hub on uWebSockets.js, the hand-rolled
+Node hub, Socket.IO with its Redis adapter) starts two nodes on loopback, runs
+every scenario against them, and stops them; then it ramps the fanout rate
+for every hub. The peers are vendored in bench/peers/ (each folder copied to
+a temporary folder, `npm ci` run there; see bench/peers/README.md). Every run
+is bounded in count and time and targets 127.0.0.1 only.
 """
 
 import argparse
@@ -33,7 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "target" / "release" / "wshub-bench"
 WSHUB = ROOT / "target" / "release" / "wshub"
-PEERS = ROOT.parent / "shared" / "peers"
+PEERS = ROOT / "bench" / "peers"
+# The peer hubs, each a folder of PEERS started as `node server.js PORT`.
+PEER_HUBS = ("uws", "nodews", "socketio")
 RESULTS = ROOT / "bench" / "results"
 
 
@@ -143,16 +146,21 @@ def scenarios(quick):
     ]
 
 
+# The ramp's steps: offered fanout messages per second to 2,000 receivers.
+RAMP_RATES = (65, 100, 150, 200, 300, 400, 600, 800)
+
+
 def ramp(procs, hub, redis_url, workdir, quick, p99_bound_ms=250.0):
     """Highest fanout rate (2,000 receivers) with < 0.1 % missing and p99 under
     the bound, confirmed twice."""
-    rates = [65, 100, 150, 200, 300, 400, 600, 800]
+    rates = RAMP_RATES
     best, points = None, []
     for rate in rates:
         ok = 0
         for _ in range(2):
-            nodes, target = start_hub(procs, hub, redis_url, workdir)
+            nodes = []
             try:
+                nodes, target = start_hub(procs, hub, redis_url, workdir)
                 r = bench("fanout", "--receivers", 2000, "--rate", rate, "--seconds", 3 if quick else 5, *target)
             except RuntimeError as e:
                 r = {"error": str(e), "rate": rate}
@@ -174,7 +182,8 @@ def ramp(procs, hub, redis_url, workdir, quick, p99_bound_ms=250.0):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--hubs", default="wshub,nodews,socketio")
+    ap.add_argument("--hubs", default="wshub,uws,nodews,socketio",
+                    help=f"comma-separated, from wshub and the peers in bench/peers/ ({', '.join(PEER_HUBS)})")
     ap.add_argument("--no-ramp", action="store_true")
     ap.add_argument("--history", choices=("off", "on", "both"), default="off",
                     help="wshub with history.enabled off (today's default), on, or both side by side "
@@ -189,15 +198,20 @@ def main():
         print((RESULTS / "latest.md").read_text())
         return
     hubs = args.hubs.split(",")
+    unknown = [h for h in hubs if h not in ("wshub", HISTORY_HUB, *PEER_HUBS)]
+    if unknown:
+        ap.error(f"unknown hub(s) {', '.join(unknown)}: choose from wshub, {', '.join(PEER_HUBS)}")
     if "wshub" in hubs and args.history != "off":
         at = hubs.index("wshub")
         hubs[at:at + 1] = [HISTORY_HUB] if args.history == "on" else ["wshub", HISTORY_HUB]
 
     subprocess.run(["cargo", "build", "--release", "-p", "wshub", "-p", "wshub-bench"], cwd=ROOT, check=True)
     workdir = Path(tempfile.mkdtemp(prefix="wshub-bench-"))
-    for peer in ("nodews", "socketio"):
+    for peer in PEER_HUBS:
         if peer in hubs:
-            shutil.copytree(PEERS / peer, workdir / peer)
+            # Only the vendored files: a node_modules left by a manual `npm ci`
+            # in bench/peers/ is not copied, `npm ci` installs afresh.
+            shutil.copytree(PEERS / peer, workdir / peer, ignore=shutil.ignore_patterns("node_modules"))
             for p in (workdir / peer).rglob("*"):
                 p.chmod(p.stat().st_mode | 0o200)
             subprocess.run(["npm", "ci", "--silent", "--no-audit", "--no-fund"], cwd=workdir / peer, check=True)
@@ -237,7 +251,7 @@ def main():
                 print(f"{hub:9} {name:24} {summary(r)}", flush=True)
             measure_floor()
         if not args.no_ramp:
-            for hub in [h for h in hubs if h in ("wshub", "socketio")]:
+            for hub in hubs:
                 best, points = ramp(procs, hub, redis_url, workdir, args.quick)
                 results["ramp"][hub] = {"best_rate": best, "points": points}
                 print(f"{hub:9} ramp: highest fanout rate sustained = {best} msg/s", flush=True)
@@ -324,11 +338,14 @@ def markdown(res):
             if r["best_rate"] is None:
                 first = next((p for p in r["points"] if "latency" in p), None)
                 why = f" (p99 {first['latency']['p99_ms']:.0f} ms)" if first else ""
+                if not first and r["points"] and "error" in r["points"][0]:
+                    why = f" (error: {r['points'][0]['error'][:80]})"
                 lines.append(f"- {hub}: none; the first step, 65 msg/s, already failed{why}")
             else:
                 best = [p for p in r["points"] if p.get("rate") == r["best_rate"] and "latency" in p]
                 measured = min(p["deliveries_per_s"] for p in best)
-                lines.append(f"- {hub}: {r['best_rate']} msg/s ({measured:,.0f} deliveries/s measured)")
+                top = " (the ramp's last step: it may sustain more)" if r["best_rate"] == RAMP_RATES[-1] else ""
+                lines.append(f"- {hub}: {r['best_rate']} msg/s ({measured:,.0f} deliveries/s measured){top}")
     return "\n".join(lines) + "\n"
 
 
@@ -337,16 +354,36 @@ def chart(res, path):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("matplotlib not installed: no chart (pip install matplotlib)", file=sys.stderr)
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for hub, r in res["ramp"].items():
+    # One colour per hub, the same in every run's chart.
+    colours = {"wshub": "C0", HISTORY_HUB: "C4", "uws": "C2", "nodews": "C1", "socketio": "C3"}
+    top = max((p["rate"] for r in res["ramp"].values() for p in r["points"] if "rate" in p), default=0)
+    if top:
+        # What the receivers would get if every message reached every one of them.
+        offered = [x for x in RAMP_RATES if x <= top]
+        a.plot(offered, [x * 2000 / 1000 for x in offered], ":", color="grey", label="offered × 2,000")
+        b.axhline(250, ls=":", color="grey", label="p99 bound (250 ms)")
+    for i, (hub, r) in enumerate(res["ramp"].items()):
         pts = [p for p in r["points"] if "deliveries_per_s" in p]
-        a.plot([p["rate"] for p in pts], [p["deliveries_per_s"] / 1000 for p in pts], "o-", label=hub)
-        b.plot([p["rate"] for p in pts], [p["latency"]["p99_ms"] for p in pts], "o-", label=hub)
+        colour = colours.get(hub, f"C{5 + i}")
+        # Every measurement as a point (each step runs twice), a line through each step's mean.
+        rates = sorted({p["rate"] for p in pts})
+        mean = lambda key, rate: statistics.mean(key(p) for p in pts if p["rate"] == rate)
+        through = lambda p: p["deliveries_per_s"] / 1000
+        p99 = lambda p: p["latency"]["p99_ms"]
+        label = hub if pts else f"{hub} (no measurement)"
+        a.plot(rates, [mean(through, x) for x in rates], "-", color=colour, label=label)
+        a.plot([p["rate"] for p in pts], [through(p) for p in pts], "o", color=colour, ms=4)
+        b.plot(rates, [mean(p99, x) for x in rates], "-", color=colour, label=label)
+        b.plot([p["rate"] for p in pts], [p99(p) for p in pts], "o", color=colour, ms=4)
     a.set(title="Fanout to 2,000 receivers: throughput", xlabel="offered msg/s", ylabel="deliveries/s (thousands)")
     b.set(title="Fanout to 2,000 receivers: p99 latency", xlabel="offered msg/s", ylabel="p99 ms", yscale="log")
+    b.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    b.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend()
