@@ -387,7 +387,8 @@ def chart(res, path):
     b.yaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))
     for ax in (a, b):
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # nothing to label with --no-ramp
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
