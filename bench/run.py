@@ -2,7 +2,7 @@
 """Runs wshub's benchmark matrix side by side with its peers and writes
 bench/results/latest.{json,md,png}.
 
-    python3 bench/run.py            # the whole matrix (about 10 minutes)
+    python3 bench/run.py            # the whole matrix (about 20 minutes)
     python3 bench/run.py --quick    # shorter runs, for a smoke test
     python3 bench/run.py --hubs wshub --history both --no-ramp
                                     # the cost of history (lossless resume)
@@ -60,9 +60,13 @@ def raise_fd_limit():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def wait_port(port, timeout=20):
+def wait_port(port, timeout=20, proc=None):
+    """Waits until something accepts on 127.0.0.1:port; gives up early when
+    `proc` (the process meant to listen there) has exited."""
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode} before listening on {port}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
@@ -121,13 +125,26 @@ def start_hub(procs, hub, redis_url, workdir):
             nodes.append(procs.start([str(WSHUB)], env))
         else:
             env = {"REDIS_URL": redis_url}
-            nodes.append(procs.start(["node", str(workdir / hub / "server.js"), str(port)], env))
-    for port in ports:
-        wait_port(port)
+            # A peer's output (its start line, or why it refuses to start,
+            # e.g. uws without a native binary) goes to a log in the workdir.
+            with open(workdir / f"{hub}-{port}.log", "w") as log:
+                nodes.append(procs.start(["node", str(workdir / hub / "server.js"), str(port)], env, log))
+
+    def failed(why):
+        procs.stop(nodes)
+        logs = [workdir / f"{hub}-{port}.log" for port in ports]
+        said = " | ".join(f.read_text().strip()[-300:] for f in logs if f.exists() and f.read_text().strip())
+        return RuntimeError(f"{hub} node {why}" + (f": {said}" if said else ""))
+
+    for port, p in zip(ports, nodes):
+        try:
+            wait_port(port, proc=p)
+        except RuntimeError as e:
+            raise failed(str(e)) from None
     time.sleep(0.5)
     for p in nodes:
         if p.poll() is not None:
-            raise RuntimeError(f"{hub} node exited with {p.returncode}")
+            raise failed(f"exited with {p.returncode}")
     target = []
     for port, p in zip(ports, nodes):
         target += ["--node", f"127.0.0.1:{port}", "--server-pid", p.pid]
