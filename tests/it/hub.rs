@@ -697,6 +697,68 @@ async fn a_drain_mid_write_delivers_a_prefix_without_gaps() {
     assert!(end.is_none() || next == N, "1001 after only {next} of {N}");
 }
 
+/// Issue 19: a client that reads in step, then stops reading while far
+/// more than its socket holds is queued (its session blocked mid-write),
+/// then reads again, gets every frame once and in order, before, during
+/// and after. (The guard for any change to who writes a socket's frames:
+/// an experiment that let deliveries write to idle sockets themselves
+/// passed it too; docs/architecture.md, "The delivery path".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_pauses_gets_every_frame_once_and_in_order() {
+    const N: usize = 1_500;
+    let mut config = test_config();
+    config.limits.outbound_queue_bytes = 64 * 1024 * 1024;
+    let server = TestServer::with(config).await;
+    // A fixed 64 KB receive buffer, as in the drain test above: the
+    // socket fills after a few hundred frames of 8 KB.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let stream = socket.connect(server.addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(
+        format!("ws://{}/ws?userid=paused", server.addr),
+        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+    )
+    .await
+    .unwrap();
+    let mut paused = Client { ws };
+    let mut watch = server.connect("watch", None).await;
+    let mut tx = server.connect("tx", None).await;
+    let seq = |text: &str| -> usize {
+        let at = text.find(r#""message":""#).expect("a message field") + 11;
+        text[at..at + 6].parse().expect("a sequence number")
+    };
+    let pad = "p".repeat(8_000);
+    let send = |i: usize| {
+        json!({"action": "seq", "message": format!("{i:06}{pad}"),
+            "recipients": [{"type": "user", "value": "paused"}]})
+    };
+    // Read in step first: every frame is written as it arrives.
+    for i in 0..10 {
+        tx.send_json(send(i)).await;
+        assert_eq!(seq(&paused.recv_text().await), i);
+    }
+    // Then stop reading while far more than the socket holds is sent.
+    for i in 10..N {
+        tx.send_json(send(i)).await;
+    }
+    tx.send_json(json!({"action": "marker", "recipients": [{"type": "user", "value": "watch"}]}))
+        .await;
+    assert_eq!(watch.recv().await["action"], "marker");
+    // Read again: everything, once, in order; then in step again.
+    for i in 10..N {
+        assert_eq!(seq(&paused.recv_text().await), i, "a gap or a repeat");
+    }
+    for i in N..N + 10 {
+        tx.send_json(send(i)).await;
+        assert_eq!(seq(&paused.recv_text().await), i);
+    }
+    let tag = tx.send_sentinel().await;
+    assert!(
+        paused.until_sentinel(&tag).await.is_empty(),
+        "more than was sent"
+    );
+}
+
 /// Issue 11, item 10: the smallest `limits.outbound_queue_bytes` the
 /// configuration accepts holds one maximal message as it is sent out
 /// (re-encoded with every field and recipient type written, plus the
