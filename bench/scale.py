@@ -178,6 +178,7 @@ def split_fanout(ctx, name, nodes, receivers, processes, rate, seconds):
         "name": name, "kind": "fanout", "nodes": nodes, "receivers": receivers, "processes": processes,
         "rate": rate, "seconds": seconds, "sent": sent, "expected": sent * receivers,
         "delivered": delivered, "missing": missing, "duplicated": duplicated,
+        "receivers_closed_before_stop": sum(s.get("closed_before_stop", 0) for s in shares),
         "send_window_s": pub["elapsed_s"], "elapsed_s": elapsed,
         "deliveries_per_s": delivered / pub["elapsed_s"],
         "node_cpu_s": node_cpu, "node_cpu_s_each": cpu_each, "node_cores": node_cpu / elapsed,
@@ -249,6 +250,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="scaleout,sizes,connects,nodes")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--note", help="conditions of the run, printed under the first line of the .md")
     ap.add_argument("--no-build", action="store_true", help="use the release binaries as they are")
     args = ap.parse_args()
     if args.report_only:
@@ -264,7 +266,7 @@ def main():
     ctx.floors = []
     res = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu": cpu_model(),
                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": args.quick},
-           "floors": ctx.floors, "runs": {}}
+           "floors": ctx.floors, "runs": {}, "note": args.note}
     started = time.time()
     try:
         ctx.redis, ctx.redis_url = start_redis(ctx.procs, ctx.workdir)
@@ -312,7 +314,10 @@ def markdown(res):
     m = res["machine"]
     out = [f"Measured {m['date']} on {cores} CPUs ({m['cpu']}){' (--quick)' if m.get('quick') else ''}: "
            "wshub nodes, Redis and every load-generator process on the same machine.",
-           "",
+           ""]
+    if res.get("note"):
+        out += [f"**Conditions:** {res['note']}", ""]
+    out += [
            f"Lone-write floor of this run (a trivial process writing one pre-encoded frame per write to 2,000 "
            f"loopback sockets), median of {len(res['floors'])} measurements taken between the scenarios "
            f"({', '.join(f'{v:.2f}' for v in res['floors'])}): **{floor:.2f} µs** per frame.",
@@ -342,6 +347,10 @@ def markdown(res):
         for r in runs["scaleout"]:
             if "error" not in r:
                 x = r["node_cpu_us_per_delivery"] / floor
+                if "receivers_closed_before_stop" in r:
+                    out += ["", f"Receivers whose socket the node closed before the end: "
+                                f"{r['receivers_closed_before_stop']}. Missing counts what had not arrived when the "
+                                "receivers stopped waiting (30 s after the last send at most, or 3 s without any delivery)."]
                 out += ["", f"Met: nothing missing or duplicated {verdict(r['missing'] == 0 and r['duplicated'] == 0)}; "
                             f"p99 < {P99_BOUND_MS:.0f} ms {verdict(r['latency']['p99_ms'] < P99_BOUND_MS)}; "
                             f"≤ {FLOOR_FACTOR} × floor {verdict(x <= FLOOR_FACTOR)} ({x:.2f}). Node cores each: "

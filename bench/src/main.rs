@@ -143,6 +143,10 @@ enum Command {
         /// Upper bound on this process's life after it is ready.
         #[arg(long, default_value_t = 600)]
         max_seconds: u64,
+        /// After `stop`, how long to wait for deliveries still in flight
+        /// (less if they stop growing for 0.5 s, or all have arrived).
+        #[arg(long, default_value_t = 30)]
+        drain_seconds: u64,
     },
     /// The publisher only: sends `--messages` to everyone at `--rate`.
     Publish {
@@ -203,7 +207,11 @@ async fn main() -> Result<()> {
             first,
             messages,
             max_seconds,
-        } => receive_share(target, receivers, first, messages, max_seconds).await?,
+            drain_seconds,
+        } => {
+            let bounds = (max_seconds, drain_seconds);
+            receive_share(target, receivers, first, messages, bounds).await?
+        }
         Command::Publish {
             target,
             messages,
@@ -485,17 +493,22 @@ async fn connect_all(target: &Target, who: &[(String, String)], first: usize) ->
     Ok(out)
 }
 
-/// Waits until deliveries stop growing (or a bound), after the last send.
-async fn drain(delivered: &AtomicU64, expected_total: u64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut last = u64::MAX;
+/// Waits, after the last send, until every expected delivery has arrived,
+/// or deliveries stopped growing for `stall`, or `bound` has passed.
+async fn drain(delivered: &AtomicU64, expected_total: u64, bound: Duration, stall: Duration) {
+    let deadline = Instant::now() + bound;
+    let (mut last, mut since) = (u64::MAX, Instant::now());
     while Instant::now() < deadline {
         let now = delivered.load(Ordering::Relaxed);
-        if now >= expected_total || now == last {
+        if now >= expected_total {
             return;
         }
-        last = now;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() >= stall {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -581,7 +594,13 @@ async fn fanout(
             .send(Message::text(encode(target.proto, seq as u64, &[])))
             .await?;
     }
-    drain(&tally.delivered, (total * receivers) as u64).await;
+    drain(
+        &tally.delivered,
+        (total * receivers) as u64,
+        Duration::from_secs(10),
+        Duration::from_millis(500),
+    )
+    .await;
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = total_cpu(&target.server_pids)? - cpu0;
     let own = (own_cpu()? - own0) / elapsed;
@@ -642,7 +661,13 @@ async fn groups_run(
             seq += 1;
         }
     }
-    drain(&tally.delivered, (total * size) as u64).await;
+    drain(
+        &tally.delivered,
+        (total * size) as u64,
+        Duration::from_secs(10),
+        Duration::from_millis(500),
+    )
+    .await;
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = total_cpu(&target.server_pids)? - cpu0;
     let own = (own_cpu()? - own0) / elapsed;
@@ -689,6 +714,8 @@ struct Share {
     delivered: AtomicU64,
     buckets: Vec<AtomicU64>,
     max_us: AtomicU64,
+    /// Receivers whose socket ended (closed by the node, or an error).
+    closed: AtomicU64,
 }
 
 impl Share {
@@ -699,6 +726,7 @@ impl Share {
             delivered: AtomicU64::new(0),
             buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             max_us: AtomicU64::new(0),
+            closed: AtomicU64::new(0),
         })
     }
 
@@ -764,6 +792,7 @@ async fn receive_counted(mut ws: Ws, share: Arc<Share>) {
             share.record(&mut seen, &t);
         }
     }
+    share.closed.fetch_add(1, Ordering::Relaxed);
 }
 
 async fn receive_share(
@@ -771,7 +800,7 @@ async fn receive_share(
     receivers: usize,
     first: usize,
     messages: usize,
-    max_seconds: u64,
+    (max_seconds, drain_seconds): (u64, u64),
 ) -> Result<serde_json::Value> {
     use std::io::Write;
     use tokio::io::AsyncBufReadExt;
@@ -809,7 +838,15 @@ async fn receive_share(
     })
     .await
     .unwrap_or(false);
-    drain(&share.delivered, (messages * receivers) as u64).await;
+    drain(
+        &share.delivered,
+        (messages * receivers) as u64,
+        Duration::from_secs(drain_seconds),
+        // A generous stall: on a busy machine this process may not run for
+        // a while, and nothing counted then is not the same as nothing sent.
+        Duration::from_secs(3),
+    )
+    .await;
     let elapsed = t1.elapsed().as_secs_f64();
     let counts = share.bucket_counts();
     let per_seq: Vec<u32> = share
@@ -833,6 +870,7 @@ async fn receive_share(
         "delivered": share.delivered.load(Ordering::Relaxed),
         "missing": missing,
         "duplicated": share.duplicated.load(Ordering::Relaxed),
+        "closed_before_stop": share.closed.load(Ordering::Relaxed),
         "per_seq": per_seq,
         "latency_buckets": {"per_doubling": BUCKETS_PER_DOUBLING, "unit": "us", "counts": counts},
         "max_us": share.max_us.load(Ordering::Relaxed),
