@@ -884,10 +884,9 @@ async fn receive_share(
 }
 
 async fn publish(target: Target, messages: usize, rate: f64) -> Result<serde_json::Value> {
-    let tally = Tally::new(1);
-    let publisher = connect(&target, 0, "pub", "publisher").await?;
-    // Its own copies (if any) are read and dropped.
-    let publisher = start(publisher, &tally, 0, false);
+    let (mut sink, mut stream) = connect(&target, 0, "pub", "publisher").await?.split();
+    // Its own copies (if any) are read and dropped, until the node closes.
+    let reader = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
     tokio::time::sleep(Duration::from_millis(200)).await;
     let own0 = own_cpu()?;
     let t0 = Instant::now();
@@ -895,18 +894,23 @@ async fn publish(target: Target, messages: usize, rate: f64) -> Result<serde_jso
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     for seq in 0..messages {
         tick.tick().await;
-        publisher
-            .lock()
-            .await
-            .send(Message::text(encode(target.proto, seq as u64, &[])))
+        sink.send(Message::text(encode(target.proto, seq as u64, &[])))
             .await?;
     }
     let elapsed = t0.elapsed().as_secs_f64();
+    // A close handshake before exiting: a socket closed with unread data in
+    // it is reset, and a reset makes the node drop whatever of the last
+    // messages it has not read yet (a busy node may be seconds behind).
+    sink.send(Message::Close(None)).await?;
+    let closed = tokio::time::timeout(Duration::from_secs(120), reader)
+        .await
+        .is_ok();
     Ok(json!({
         "scenario": "publish",
         "sent": messages,
         "rate": rate,
         "elapsed_s": elapsed,
+        "closed_cleanly": closed,
         "loadgen_cpu_s": own_cpu()? - own0,
     }))
 }
