@@ -110,11 +110,20 @@ def bench(*args):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def start_redis(procs, workdir):
+    """A redis-server on a free loopback port, no persistence: (process, url)."""
+    port = free_ports(1)[0]
+    redis = procs.start(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                         "--appendonly", "no", "--dir", str(workdir)])
+    wait_port(port)
+    return redis, f"redis://127.0.0.1:{port}"
+
+
 HISTORY_HUB = "wshub+history"
 
 
-def start_hub(procs, hub, redis_url, workdir):
-    ports = free_ports(2)
+def start_hub(procs, hub, redis_url, workdir, n=2):
+    ports = free_ports(n)
     nodes = []
     for port in ports:
         if hub in ("wshub", HISTORY_HUB):
@@ -234,11 +243,7 @@ def main():
             subprocess.run(["npm", "ci", "--silent", "--no-audit", "--no-fund"], cwd=workdir / peer, check=True)
 
     procs = Procs()
-    redis_port = free_ports(1)[0]
-    redis = procs.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                         "--appendonly", "no", "--dir", str(workdir)])
-    wait_port(redis_port)
-    redis_url = f"redis://127.0.0.1:{redis_port}"
+    redis, redis_url = start_redis(procs, workdir)
 
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                            "cpu": cpu_model(), "date": time.strftime("%Y-%m-%d")},

@@ -12,6 +12,11 @@
 //!   failures, and the servers' RSS per connection.
 //! - `floor`: the physical floor: a trivial process writing pre-encoded
 //!   frames to loopback sockets, and its CPU per frame.
+//! - `receive` and `publish`: one fanout split over several processes (see
+//!   `bench/scale.py`): receiver-only processes, each holding its share of
+//!   the receivers, and one publisher. Each receiver process reports, per
+//!   message, how many of its receivers got it, its duplicates, and a latency
+//!   histogram of fixed log buckets, so the coordinator can merge them.
 //!
 //! Server CPU time comes from `/proc/<pid>/stat` of the `--server-pid`
 //! processes, so efficiency is comparable even though the load generator
@@ -63,6 +68,10 @@ struct Target {
     /// Source addresses for client sockets (127.0.0.x), round-robin.
     #[arg(long = "source", default_value = "127.0.0.1")]
     sources: Vec<IpAddr>,
+    /// Source address of every client socket (e.g. 127.0.0.2: each process
+    /// its own, so their ports do not compete); overrides `--source`.
+    #[arg(long)]
+    bind: Option<IpAddr>,
 }
 
 #[derive(Subcommand)]
@@ -116,6 +125,39 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// Receivers only (one share of a fanout split over processes): connects,
+    /// prints a `ready` line, counts deliveries until `stop` on stdin (or
+    /// `--max-seconds`), waits for the last deliveries, prints its counts.
+    Receive {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        receivers: usize,
+        /// Global index of this process's first receiver: user ids are
+        /// `r<first + i>`, and nodes are chosen round-robin by that index.
+        #[arg(long, default_value_t = 0)]
+        first: usize,
+        /// Messages the publisher sends (sequence numbers 0..messages).
+        #[arg(long)]
+        messages: usize,
+        /// Upper bound on this process's life after it is ready.
+        #[arg(long, default_value_t = 600)]
+        max_seconds: u64,
+        /// After `stop`, how long to wait for deliveries still in flight
+        /// (less if they stop growing for 0.5 s, or all have arrived).
+        #[arg(long, default_value_t = 30)]
+        drain_seconds: u64,
+    },
+    /// The publisher only: sends `--messages` to everyone at `--rate`.
+    Publish {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        messages: usize,
+        /// Messages per second.
+        #[arg(long)]
+        rate: f64,
+    },
     /// (internal) The floor's writer process.
     FloorWriter {
         #[arg(long)]
@@ -159,6 +201,22 @@ async fn main() -> Result<()> {
             batch,
             seconds,
         } => floor(sockets, rate, batch, seconds).await?,
+        Command::Receive {
+            target,
+            receivers,
+            first,
+            messages,
+            max_seconds,
+            drain_seconds,
+        } => {
+            let bounds = (max_seconds, drain_seconds);
+            receive_share(target, receivers, first, messages, bounds).await?
+        }
+        Command::Publish {
+            target,
+            messages,
+            rate,
+        } => publish(target, messages, rate).await?,
         Command::FloorWriter {
             addr,
             sockets,
@@ -229,7 +287,9 @@ fn client_config() -> WebSocketConfig {
 
 async fn connect(target: &Target, i: usize, group: &str, user: &str) -> Result<Ws> {
     let node = target.nodes[i % target.nodes.len()];
-    let source = target.sources[i % target.sources.len()];
+    let source = target
+        .bind
+        .unwrap_or(target.sources[i % target.sources.len()]);
     let socket = if node.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -237,8 +297,11 @@ async fn connect(target: &Target, i: usize, group: &str, user: &str) -> Result<W
     };
     // Binding to (source, port 0) makes the kernel search its bind table for
     // a port, which grows with every socket (quadratic over a run): only do
-    // it for a non-default source address; connect() picks ports cheaply.
-    if !source.is_loopback() || source != IpAddr::from([127, 0, 0, 1]) {
+    // it for a non-default source address, and then let connect() pick the
+    // port (IP_BIND_ADDRESS_NO_PORT), which is cheap and lets the same port
+    // serve different destinations.
+    if source != IpAddr::from([127, 0, 0, 1]) {
+        bind_address_no_port(&socket)?;
         socket.bind(SocketAddr::new(source, 0))?;
     }
     let stream = socket.connect(node).await?;
@@ -268,6 +331,28 @@ async fn connect(target: &Target, i: usize, group: &str, user: &str) -> Result<W
         }
     }
     Ok(ws)
+}
+
+/// Sets IP_BIND_ADDRESS_NO_PORT: a later `bind(ip, 0)` takes the address
+/// only, and `connect` chooses the port by the whole 4-tuple.
+fn bind_address_no_port(socket: &TcpSocket) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor, and a pointer to a c_int of the
+    // length given, alive for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("IP_BIND_ADDRESS_NO_PORT");
+    }
+    Ok(())
 }
 
 async fn next_text(ws: &mut Ws) -> Result<String> {
@@ -388,10 +473,12 @@ fn start(ws: Ws, tally: &Arc<Tally>, shard: usize, count: bool) -> Sink {
     sink
 }
 
-async fn connect_all(target: &Target, who: &[(String, String)]) -> Result<Vec<Ws>> {
+/// Connects `who` (group, user), 200 at a time; client `j` of `who` has the
+/// global index `first + j` (its node and source address, round-robin).
+async fn connect_all(target: &Target, who: &[(String, String)], first: usize) -> Result<Vec<Ws>> {
     let mut out = Vec::with_capacity(who.len());
     for chunk in who.chunks(200).enumerate() {
-        let (base, chunk) = (chunk.0 * 200, chunk.1);
+        let (base, chunk) = (first + chunk.0 * 200, chunk.1);
         let conns = futures_util::future::join_all(
             chunk
                 .iter()
@@ -406,17 +493,22 @@ async fn connect_all(target: &Target, who: &[(String, String)]) -> Result<Vec<Ws
     Ok(out)
 }
 
-/// Waits until deliveries stop growing (or a bound), after the last send.
-async fn drain(tally: &Tally, expected_total: u64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut last = u64::MAX;
+/// Waits, after the last send, until every expected delivery has arrived,
+/// or deliveries stopped growing for `stall`, or `bound` has passed.
+async fn drain(delivered: &AtomicU64, expected_total: u64, bound: Duration, stall: Duration) {
+    let deadline = Instant::now() + bound;
+    let (mut last, mut since) = (u64::MAX, Instant::now());
     while Instant::now() < deadline {
-        let now = tally.delivered.load(Ordering::Relaxed);
-        if now >= expected_total || now == last {
+        let now = delivered.load(Ordering::Relaxed);
+        if now >= expected_total {
             return;
         }
-        last = now;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() >= stall {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -479,7 +571,7 @@ async fn fanout(
     let who: Vec<_> = (0..receivers)
         .map(|i| (format!("g{}", i % 100), format!("r{i}")))
         .collect();
-    let clients = connect_all(&target, &who).await?;
+    let clients = connect_all(&target, &who, 0).await?;
     let _sinks: Vec<Sink> = clients
         .into_iter()
         .enumerate()
@@ -502,7 +594,13 @@ async fn fanout(
             .send(Message::text(encode(target.proto, seq as u64, &[])))
             .await?;
     }
-    drain(&tally, (total * receivers) as u64).await;
+    drain(
+        &tally.delivered,
+        (total * receivers) as u64,
+        Duration::from_secs(10),
+        Duration::from_millis(500),
+    )
+    .await;
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = total_cpu(&target.server_pids)? - cpu0;
     let own = (own_cpu()? - own0) / elapsed;
@@ -534,7 +632,7 @@ async fn groups_run(
     let who: Vec<_> = (0..members)
         .map(|i| (format!("grp{}", i % groups), format!("m{i}")))
         .collect();
-    let clients = connect_all(&target, &who).await?;
+    let clients = connect_all(&target, &who, 0).await?;
     let sinks: Vec<Sink> = clients
         .into_iter()
         .enumerate()
@@ -563,7 +661,13 @@ async fn groups_run(
             seq += 1;
         }
     }
-    drain(&tally, (total * size) as u64).await;
+    drain(
+        &tally.delivered,
+        (total * size) as u64,
+        Duration::from_secs(10),
+        Duration::from_millis(500),
+    )
+    .await;
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = total_cpu(&target.server_pids)? - cpu0;
     let own = (own_cpu()? - own0) / elapsed;
@@ -580,6 +684,235 @@ async fn groups_run(
         json!({"groups": groups, "size": size, "rate_per_member": rate, "messages_per_s": members as f64 * rate,
                "seconds": seconds, "loadgen_cpu_cores": own}),
     ))
+}
+
+// ---- A fanout split over processes ---------------------------------------
+
+/// Buckets per doubling of the latency histogram that `receive` reports:
+/// bucket `k` holds latencies in [2^(k/8), 2^((k+1)/8)) µs (9 % wide), the
+/// same in every process, so counts add up and percentiles of the sum are
+/// those of the whole run to within one bucket.
+const BUCKETS_PER_DOUBLING: f64 = 8.0;
+/// 2^(256/8) µs is over an hour: every latency fits.
+const BUCKETS: usize = 256;
+
+fn bucket(us: u64) -> usize {
+    ((us.max(1) as f64).log2() * BUCKETS_PER_DOUBLING).floor() as usize
+}
+
+/// The upper edge of bucket `k`, in µs.
+fn bucket_upper_us(k: usize) -> f64 {
+    2f64.powf((k + 1) as f64 / BUCKETS_PER_DOUBLING)
+}
+
+/// One receiver process's share of a split fanout.
+struct Share {
+    /// Receivers of this process that got each message (at least once).
+    per_seq: Vec<AtomicU32>,
+    /// Copies beyond the first of a message to one receiver.
+    duplicated: AtomicU64,
+    delivered: AtomicU64,
+    buckets: Vec<AtomicU64>,
+    max_us: AtomicU64,
+    /// Receivers whose socket ended (closed by the node, or an error).
+    closed: AtomicU64,
+}
+
+impl Share {
+    fn new(messages: usize) -> Arc<Self> {
+        Arc::new(Self {
+            per_seq: (0..messages).map(|_| AtomicU32::new(0)).collect(),
+            duplicated: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            max_us: AtomicU64::new(0),
+            closed: AtomicU64::new(0),
+        })
+    }
+
+    /// Counts a frame to one receiver, whose messages so far are `seen`.
+    fn record(&self, seen: &mut [u64], text: &str) {
+        let Some((seq, sent)) = decode(text) else {
+            return;
+        };
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        let us = now_ns().saturating_sub(sent) / 1000;
+        let k = bucket(us).min(BUCKETS - 1);
+        self.buckets[k].fetch_add(1, Ordering::Relaxed);
+        self.max_us.fetch_max(us, Ordering::Relaxed);
+        let seq = seq as usize;
+        if seq >= self.per_seq.len() {
+            return;
+        }
+        let (word, bit) = (seq / 64, 1u64 << (seq % 64));
+        if seen[word] & bit != 0 {
+            self.duplicated.fetch_add(1, Ordering::Relaxed);
+        } else {
+            seen[word] |= bit;
+            self.per_seq[seq].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The histogram's counts, without the trailing empty buckets.
+    fn bucket_counts(&self) -> Vec<u64> {
+        let mut counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        while counts.last() == Some(&0) {
+            counts.pop();
+        }
+        counts
+    }
+}
+
+/// p-quantile (upper bucket edge, in ms) of fixed-bucket counts.
+fn bucket_quantile_ms(counts: &[u64], q: f64) -> f64 {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return 0.0;
+    }
+    let want = (q * total as f64).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (k, c) in counts.iter().enumerate() {
+        seen += c;
+        if seen >= want {
+            return bucket_upper_us(k) / 1000.0;
+        }
+    }
+    bucket_upper_us(counts.len()) / 1000.0
+}
+
+/// Reads one receiver's frames into its process's share.
+async fn receive_counted(mut ws: Ws, share: Arc<Share>) {
+    let mut seen = vec![0u64; share.per_seq.len().div_ceil(64)];
+    while let Some(Ok(msg)) = ws.next().await {
+        if let Message::Text(t) = msg {
+            share.record(&mut seen, &t);
+        }
+    }
+    share.closed.fetch_add(1, Ordering::Relaxed);
+}
+
+async fn receive_share(
+    target: Target,
+    receivers: usize,
+    first: usize,
+    messages: usize,
+    (max_seconds, drain_seconds): (u64, u64),
+) -> Result<serde_json::Value> {
+    use std::io::Write;
+    use tokio::io::AsyncBufReadExt;
+    let share = Share::new(messages);
+    let who: Vec<_> = (first..first + receivers)
+        .map(|i| (format!("g{}", i % 100), format!("r{i}")))
+        .collect();
+    let t0 = Instant::now();
+    let clients = connect_all(&target, &who, first).await?;
+    let connect_s = t0.elapsed().as_secs_f64();
+    let open = clients.len();
+    for ws in clients {
+        tokio::spawn(receive_counted(ws, share.clone()));
+    }
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "{}",
+            json!({"ready": true, "open": open, "connect_s": connect_s})
+        )?;
+        out.flush()?;
+    }
+    let own0 = own_cpu()?;
+    let t1 = Instant::now();
+    // Until `stop` (or end of input) on stdin, or the bound.
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let told = tokio::time::timeout(Duration::from_secs(max_seconds), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.trim() == "stop" {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    drain(
+        &share.delivered,
+        (messages * receivers) as u64,
+        Duration::from_secs(drain_seconds),
+        // A generous stall: on a busy machine this process may not run for
+        // a while, and nothing counted then is not the same as nothing sent.
+        Duration::from_secs(3),
+    )
+    .await;
+    let elapsed = t1.elapsed().as_secs_f64();
+    let counts = share.bucket_counts();
+    let per_seq: Vec<u32> = share
+        .per_seq
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .collect();
+    let missing: u64 = per_seq
+        .iter()
+        .map(|&n| (receivers as u64).saturating_sub(u64::from(n)))
+        .sum();
+    Ok(json!({
+        "scenario": "receive",
+        "stopped_by": if told { "stop" } else { "bound" },
+        "nodes": target.nodes.len(),
+        "receivers": receivers,
+        "first": first,
+        "open": open,
+        "connect_s": connect_s,
+        "messages": messages,
+        "delivered": share.delivered.load(Ordering::Relaxed),
+        "missing": missing,
+        "duplicated": share.duplicated.load(Ordering::Relaxed),
+        "closed_before_stop": share.closed.load(Ordering::Relaxed),
+        "per_seq": per_seq,
+        "latency_buckets": {"per_doubling": BUCKETS_PER_DOUBLING, "unit": "us", "counts": counts},
+        "max_us": share.max_us.load(Ordering::Relaxed),
+        "latency": {
+            "p50_ms": bucket_quantile_ms(&counts, 0.5),
+            "p99_ms": bucket_quantile_ms(&counts, 0.99),
+        },
+        "elapsed_s": elapsed,
+        "loadgen_cpu_s": own_cpu()? - own0,
+    }))
+}
+
+async fn publish(target: Target, messages: usize, rate: f64) -> Result<serde_json::Value> {
+    let (mut sink, mut stream) = connect(&target, 0, "pub", "publisher").await?.split();
+    // Its own copies (if any) are read and dropped, until the node closes.
+    let reader = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let own0 = own_cpu()?;
+    let t0 = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for seq in 0..messages {
+        tick.tick().await;
+        sink.send(Message::text(encode(target.proto, seq as u64, &[])))
+            .await?;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    // A close handshake before exiting: a socket closed with unread data in
+    // it is reset, and a reset makes the node drop whatever of the last
+    // messages it has not read yet (a busy node may be seconds behind).
+    sink.send(Message::Close(None)).await?;
+    let closed = tokio::time::timeout(Duration::from_secs(120), reader)
+        .await
+        .is_ok();
+    Ok(json!({
+        "scenario": "publish",
+        "sent": messages,
+        "rate": rate,
+        "elapsed_s": elapsed,
+        "closed_cleanly": closed,
+        "loadgen_cpu_s": own_cpu()? - own0,
+    }))
 }
 
 async fn idle(target: Target, connections: usize, concurrency: usize) -> Result<serde_json::Value> {
