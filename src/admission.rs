@@ -1,11 +1,24 @@
 //! Admission: whether this node takes one more socket. Its capacity
-//! (`limits.max_connections`, or what the open-file limit allows), and the
-//! per-address limit and the address it counts under.
+//! (`limits.max_connections`, or what the open-file limit allows, less a
+//! reserve), whether it is *full*, and the per-address limit and the
+//! address it counts under.
+//!
+//! **Full.** A node that holds `capacity` sockets is full: `/readyz`
+//! answers 503 with the reason, `wshub_connections_full` is 1, and one
+//! warning is logged. It has room again (one info line) only once it is
+//! down to [`Admission::room_at`], 1 % below its capacity, so a node
+//! hovering at its limit does not flip its readiness (and its load
+//! balancer's pool) with every socket that comes and goes. Upgrades are
+//! refused (503) only at the capacity itself.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+
+use tracing::{info, warn};
+
+use crate::metrics::Metrics;
 
 /// Why a socket was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -19,15 +32,16 @@ pub enum Refusal {
     TooManyFromIp(usize),
 }
 
-/// The node's socket places: how many it has, and how many each client
-/// address holds.
+/// The node's socket places: how many it has, how many each client
+/// address holds, and whether it is full.
 ///
-/// `std::sync::Mutex` for the per-address map: each critical section is one
-/// map operation and never awaits.
-#[derive(Debug)]
+/// `std::sync::Mutex` for the per-address map and the full state: each
+/// critical section is a map operation or a comparison, and never awaits.
 pub(crate) struct Admission {
     /// Sockets this node accepts.
     capacity: usize,
+    /// A full node has room again at this many sockets or fewer.
+    room_at: usize,
     /// Most sockets per client address; 0 = no limit.
     per_ip_max: usize,
     ipv6_prefix_len: u8,
@@ -36,18 +50,36 @@ pub(crate) struct Admission {
     open: AtomicUsize,
     /// Sockets per client address, while the per-address limit is set.
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Whether the node is full. Changed only under `transition`, after
+    /// reading `open` there, so the last change of `open` always decides
+    /// the state; read without the lock by `/readyz`.
+    full: AtomicBool,
+    /// Serialises the full/room transitions (see [`settle`](Self::settle)).
+    transition: Mutex<()>,
+    metrics: Arc<Metrics>,
 }
 
 impl Admission {
     /// `capacity` sockets in all, at most `per_ip_max` per client address
     /// (0: no limit), IPv6 addresses counted per `ipv6_prefix_len` network.
-    pub(crate) fn new(capacity: usize, per_ip_max: usize, ipv6_prefix_len: u8) -> Arc<Self> {
+    pub(crate) fn new(
+        capacity: usize,
+        per_ip_max: usize,
+        ipv6_prefix_len: u8,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        metrics.set_capacity(capacity);
+        metrics.set_full(false);
         Arc::new(Self {
             capacity,
+            room_at: room_at(capacity),
             per_ip_max,
             ipv6_prefix_len,
             open: AtomicUsize::new(0),
             per_ip: Mutex::default(),
+            full: AtomicBool::new(false),
+            transition: Mutex::default(),
+            metrics,
         })
     }
 
@@ -69,17 +101,86 @@ impl Admission {
             let mut counts = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
             let n = counts.entry(ip).or_default();
             if *n >= self.per_ip_max {
+                // Not settled here: the slot's drop settles, and a place
+                // taken and given back at once must not log "full".
                 return Err(Refusal::TooManyFromIp(self.per_ip_max));
             }
             *n += 1;
             slot.ip = Some(ip);
         }
+        self.settle();
         Ok(slot)
+    }
+
+    /// Why the node is not ready because it is full, while it is (for
+    /// `/readyz`, in the format of its other reasons).
+    pub(crate) fn full_reason(&self) -> Option<String> {
+        if !self.full.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(format!(
+            "full: {} of {} sockets (limits.max_connections, or the open-file limit less a reserve); \
+             ready again at {} sockets or fewer",
+            self.open.load(Ordering::Acquire).min(self.capacity),
+            self.capacity,
+            self.room_at
+        ))
+    }
+
+    /// A full node has room again at this many sockets or fewer.
+    #[cfg(test)]
+    pub(crate) fn room_at(&self) -> usize {
+        self.room_at
+    }
+
+    /// Brings the full state up to date with `open`, after every place
+    /// taken or given back: full at the capacity, room again at
+    /// `room_at`. `open` is read under the lock, so whichever change
+    /// settles last decides, and two racing changes cannot leave the node
+    /// marked full with room (or the reverse). Logged after the lock is
+    /// released (a log write can block); each line carries the count.
+    fn settle(&self) {
+        let changed = {
+            let _transition = self.transition.lock().unwrap_or_else(|e| e.into_inner());
+            let open = self.open.load(Ordering::Acquire);
+            let full = self.full.load(Ordering::Acquire);
+            let now = if full {
+                open > self.room_at
+            } else {
+                open >= self.capacity
+            };
+            if now != full {
+                self.full.store(now, Ordering::Release);
+                self.metrics.set_full(now);
+                Some((now, open))
+            } else {
+                None
+            }
+        };
+        match changed {
+            Some((true, open)) => warn!(
+                open,
+                capacity = self.capacity,
+                room_at = self.room_at,
+                "node full: new sockets are refused with 503 and /readyz answers 503 until it has room"
+            ),
+            Some((false, open)) => info!(
+                open,
+                capacity = self.capacity,
+                "node has room again: accepting sockets, /readyz ready"
+            ),
+            None => {}
+        }
     }
 }
 
+/// Where a full node of `capacity` has room again: 1 % below it, at least
+/// one socket below.
+fn room_at(capacity: usize) -> usize {
+    capacity.saturating_sub((capacity / 100).max(1))
+}
+
 /// A place in the node's capacity; dropping it gives the place back.
-#[derive(Debug)]
 pub(crate) struct Slot {
     admission: Arc<Admission>,
     /// Counted against this address, when per-address limits are on.
@@ -99,6 +200,7 @@ impl Drop for Slot {
                 }
             }
         }
+        admission.settle();
     }
 }
 
@@ -118,21 +220,83 @@ pub(crate) fn address_key(ip: IpAddr, ipv6_prefix_len: u8) -> IpAddr {
     }
 }
 
-/// The soft open-file limit of this process (Linux: `/proc/self/limits`).
-pub(crate) fn open_file_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse().ok()
+/// This process's open-file limits (`RLIMIT_NOFILE`); `None` is
+/// unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileLimits {
+    /// The soft limit: what the process may open now.
+    pub(crate) soft: Option<u64>,
+    /// The hard limit: what the soft limit may be raised to.
+    pub(crate) hard: Option<u64>,
 }
 
-/// File descriptors kept for everything but sockets: listener, Redis,
-/// backend connections, files.
-pub(crate) const RESERVED_FDS: u64 = 64;
+/// The open-file limits of this process (`None` where there are none to
+/// read: not Unix).
+pub(crate) fn file_limits() -> Option<FileLimits> {
+    #[cfg(unix)]
+    {
+        use rustix::process::{Resource, getrlimit};
+        let limit = getrlimit(Resource::Nofile);
+        Some(FileLimits {
+            soft: limit.current,
+            hard: limit.maximum,
+        })
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+/// The soft open-file limit of this process, when it has one.
+pub(crate) fn open_file_limit() -> Option<u64> {
+    file_limits().and_then(|l| l.soft)
+}
+
+/// Raises the soft open-file limit to the hard one, as Go's runtime and
+/// many servers do at start: each socket is a file, and a soft limit of
+/// 1,024 (common) would cap the node far below what the system allows.
+/// `limits.max_connections` is the way to hold fewer. Returns the limits
+/// before and after (equal when there was nothing to raise).
+///
+/// An unlimited hard limit is not copied to the soft one (Linux refuses
+/// it for open files above `fs.nr_open`): the soft limit is raised to
+/// 1,048,576 (Linux's default `nr_open`) then.
+pub(crate) fn raise_open_file_limit() -> std::io::Result<(FileLimits, FileLimits)> {
+    #[cfg(unix)]
+    {
+        use rustix::process::{Resource, Rlimit, setrlimit};
+        let Some(before) = file_limits() else {
+            return Err(std::io::Error::other("no open-file limit to read"));
+        };
+        let target = before.hard.unwrap_or(1 << 20);
+        if before.soft.is_some_and(|soft| soft < target) {
+            setrlimit(
+                Resource::Nofile,
+                Rlimit {
+                    current: Some(target),
+                    maximum: before.hard,
+                },
+            )?;
+        }
+        let after = file_limits().unwrap_or(before);
+        Ok((before, after))
+    }
+    #[cfg(not(unix))]
+    Err(std::io::Error::other("no open-file limit on this platform"))
+}
+
+/// File descriptors kept for everything but sockets when the capacity
+/// comes from the open-file limit: the listener, the runtime's own,
+/// Redis connections (three per node, more on a Redis Cluster: a few per
+/// shard), HTTP requests that are not sockets (`/readyz`, `/metrics`,
+/// refused upgrades, pushes) and files. The backend's connections
+/// (`backend.concurrency`) are reserved on top.
+pub(crate) const RESERVED_FDS: u64 = 128;
 
 /// The sockets a node can hold: `configured`, or (0) what the open-file
-/// limit allows. Returns the capacity and whether the limit decided it.
-pub(crate) fn capacity(configured: usize, fd_limit: Option<u64>) -> (usize, bool) {
-    let by_fds = fd_limit.map(|l| l.saturating_sub(RESERVED_FDS).max(16) as usize);
+/// limit allows after `reserved` descriptors for everything else. Returns
+/// the capacity and whether the limit decided it.
+pub(crate) fn capacity(configured: usize, fd_limit: Option<u64>, reserved: u64) -> (usize, bool) {
+    let by_fds = fd_limit.map(|l| l.saturating_sub(reserved).max(16) as usize);
     match (configured, by_fds) {
         (0, Some(f)) => (f, true),
         (0, None) => (usize::MAX, false),
@@ -158,10 +322,64 @@ mod tests {
 
     #[test]
     fn capacity_from_the_fd_limit() {
-        assert_eq!(capacity(0, Some(20_000)), (19_936, true));
-        assert_eq!(capacity(5_000, Some(20_000)), (5_000, false));
-        assert_eq!(capacity(50_000, Some(20_000)), (19_936, true));
-        assert_eq!(capacity(0, None), (usize::MAX, false));
+        assert_eq!(capacity(0, Some(20_000), 128), (19_872, true));
+        assert_eq!(capacity(0, Some(20_000), 192), (19_808, true));
+        assert_eq!(capacity(5_000, Some(20_000), 128), (5_000, false));
+        assert_eq!(capacity(50_000, Some(20_000), 128), (19_872, true));
+        assert_eq!(capacity(0, None, 128), (usize::MAX, false));
+        assert_eq!(capacity(0, Some(100), 128), (16, true));
         assert!(open_file_limit().is_some_and(|l| l > 0));
+    }
+
+    /// Full at the capacity, room again only 1 % below it (at least one
+    /// socket below), whatever order places are taken and given back in.
+    #[test]
+    fn full_at_capacity_with_room_again_below_it() {
+        assert_eq!(room_at(1), 0);
+        assert_eq!(room_at(3), 2);
+        assert_eq!(room_at(19_872), 19_674);
+        let metrics = Arc::new(Metrics::new());
+        let admission = Admission::new(200, 0, 64, metrics.clone());
+        assert_eq!(admission.room_at(), 198);
+        let mut slots: Vec<Slot> = (0..199).map(|_| admission.reserve(None).unwrap()).collect();
+        assert!(admission.full_reason().is_none(), "199 of 200");
+        slots.push(admission.reserve(None).unwrap());
+        let why = admission.full_reason().expect("200 of 200 is full");
+        assert!(why.starts_with("full: 200 of 200 sockets"), "{why}");
+        assert!(matches!(
+            admission.reserve(None),
+            Err(Refusal::AtCapacity(200))
+        ));
+        assert!(metrics.render().contains("wshub_connections_full 1"));
+        slots.pop();
+        assert!(admission.full_reason().is_some(), "199: still full");
+        slots.pop();
+        assert!(admission.full_reason().is_none(), "198: room again");
+        assert!(metrics.render().contains("wshub_connections_full 0"));
+        slots.push(admission.reserve(None).unwrap());
+        assert!(admission.full_reason().is_none(), "199: not full again");
+    }
+
+    /// Places taken and given back from many threads at once leave the
+    /// state the final count says.
+    #[test]
+    fn racing_places_settle_on_the_final_count() {
+        let admission = Admission::new(4, 0, 64, Arc::new(Metrics::new()));
+        for _ in 0..50 {
+            std::thread::scope(|s| {
+                for _ in 0..4 {
+                    s.spawn(|| {
+                        for _ in 0..200 {
+                            drop(admission.reserve(None));
+                        }
+                    });
+                }
+            });
+            assert!(admission.full_reason().is_none(), "all given back");
+        }
+        let held: Vec<_> = (0..4).map(|_| admission.reserve(None).unwrap()).collect();
+        assert!(admission.full_reason().is_some());
+        drop(held);
+        assert!(admission.full_reason().is_none());
     }
 }

@@ -91,6 +91,7 @@ pub struct Metrics {
     bus_gaps: Family<KindLabel, Counter>,
     history_publish: Histogram,
     capacity: Gauge,
+    full: Gauge,
     refused: Family<ReasonLabel, Counter>,
     ready: Gauge,
     registry_nodes: Gauge,
@@ -137,6 +138,7 @@ impl Metrics {
             // 0.1 ms … ~1.6 s
             history_publish: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
             capacity: Gauge::default(),
+            full: Gauge::default(),
             refused: Family::default(),
             ready: Gauge::default(),
             registry_nodes: Gauge::default(),
@@ -233,6 +235,12 @@ impl Metrics {
             "connections_max",
             "Sockets this node accepts (limits.max_connections, or the open-file limit)",
             m.capacity.clone(),
+        );
+        registry.register(
+            "connections_full",
+            "1 while the node is full: it reached wshub_connections_max and has not yet \
+             fallen 1 % below it (/readyz answers 503 meanwhile)",
+            m.full.clone(),
         );
         registry.register(
             "connections_refused",
@@ -481,6 +489,11 @@ impl Metrics {
     /// The node accepts at most `n` sockets.
     pub fn set_capacity(&self, n: usize) {
         self.capacity.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// The node is full (or has room again).
+    pub fn set_full(&self, full: bool) {
+        self.full.set(i64::from(full));
     }
 
     /// A socket upgrade refused.

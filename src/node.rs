@@ -268,14 +268,17 @@ impl Node {
         };
         let stamp_identity = config.auth.jwt_key.is_some();
         let fd_limit = crate::admission::open_file_limit();
+        // The backend's connections come out of the same open-file limit.
+        let reserved = crate::admission::RESERVED_FDS
+            + config.backend.as_ref().map_or(0, |b| b.concurrency as u64);
         let (capacity, by_fds) =
-            crate::admission::capacity(config.limits.max_connections, fd_limit);
-        metrics.set_capacity(capacity);
+            crate::admission::capacity(config.limits.max_connections, fd_limit, reserved);
         if by_fds {
             tracing::info!(
                 max_connections = capacity,
                 open_file_limit = fd_limit.unwrap_or_default(),
-                "the open-file limit caps this node's sockets; raise it (ulimit -n, LimitNOFILE) to hold more"
+                reserved_fds = reserved,
+                "the open-file limit caps this node's sockets; raise it (ulimit -Hn, LimitNOFILE) to hold more"
             );
         }
         let backend = match config.backend.as_ref() {
@@ -295,6 +298,7 @@ impl Node {
             capacity,
             config.limits.max_connections_per_ip,
             config.limits.ipv6_prefix_len,
+            metrics.clone(),
         );
         let registry = bus.registry(&config.presence);
         let presence = Presence::start(
@@ -641,6 +645,9 @@ impl Node {
     pub fn readiness(&self) -> Result<(), String> {
         if self.is_draining() {
             return Err("draining".into());
+        }
+        if let Some(full) = self.admission.full_reason() {
+            return Err(full);
         }
         self.bus.health().map_err(|e| e.to_string())
     }

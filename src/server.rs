@@ -5,8 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::node::{Node, StartError};
@@ -37,8 +38,10 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds `config.listen` (port 0 picks a free port) and builds the node.
+    /// Raises the soft open-file limit to the hard one (logged), binds
+    /// `config.listen` (port 0 picks a free port) and builds the node.
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
+        raise_open_file_limit();
         let addr = config.listen;
         let listener = TcpListener::bind(addr)
             .await
@@ -83,6 +86,9 @@ impl Server {
         // node drains, so load balancers see /readyz turn 503 and new
         // sockets are refused with 503, not reset.
         let http = node.http_shutdown();
+        // The no-op tap only makes axum's `ConnectInfo<SocketAddr>` apply
+        // to a listener of ours (axum implements it for a tapped listener).
+        let listener = Acceptor::new(listener).tap_io(|_| {});
         let serve = axum::serve(listener, app)
             .with_graceful_shutdown(http.token().clone().cancelled_owned());
         let mut serve = http.spawn(async move { serve.await });
@@ -109,6 +115,104 @@ impl Server {
             .await;
         info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// How long the accept loop waits after a failed accept, at first and at
+/// most (it doubles while accepts keep failing).
+const ACCEPT_RETRY: (Duration, Duration) = (Duration::from_millis(10), Duration::from_millis(200));
+
+/// The listener the server accepts from: tokio's, with failed accepts
+/// handled here rather than by axum.
+///
+/// axum's own loop logs every failed accept at error level and then
+/// sleeps a whole second. At the open-file limit (`EMFILE`: a node full
+/// of sockets, plus requests that are not) that made the node deaf for a
+/// second at a time, `/readyz` included, long after a descriptor was free
+/// again. Here a failed accept is retried after 10 ms, doubling up to
+/// 200 ms while it keeps failing (never a busy loop), one warning is
+/// logged when the failures start and one info line when accepting works
+/// again. A connection that failed while being accepted (reset, aborted
+/// by the peer) is skipped at once, as axum does.
+struct Acceptor {
+    listener: TcpListener,
+    /// Failed accepts since the last one that worked.
+    failures: u64,
+}
+
+impl Acceptor {
+    fn new(listener: TcpListener) -> Self {
+        Self {
+            listener,
+            failures: 0,
+        }
+    }
+}
+
+impl axum::serve::Listener for Acceptor {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let mut pause = ACCEPT_RETRY.0;
+        loop {
+            match self.listener.accept().await {
+                Ok(accepted) => {
+                    if self.failures > 0 {
+                        info!(failures = self.failures, "accepting connections again");
+                        self.failures = 0;
+                    }
+                    return accepted;
+                }
+                Err(e) if is_connection_error(&e) => {}
+                Err(error) => {
+                    if self.failures == 0 {
+                        warn!(%error, retry_ms = pause.as_millis() as u64,
+                            "cannot accept connections (at the open-file limit?): retrying until a descriptor is free");
+                    }
+                    self.failures += 1;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(ACCEPT_RETRY.1);
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.listener.local_addr()
+    }
+}
+
+/// A failed accept that concerns that one connection only.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    )
+}
+
+/// Raises this process's soft open-file limit to its hard limit
+/// ([`crate::admission::raise_open_file_limit`]) and logs both, before the
+/// node computes its capacity from it. Failing to raise it is logged and
+/// the node runs with the limit it has.
+fn raise_open_file_limit() {
+    let limit = |l: Option<u64>| l.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
+    match crate::admission::raise_open_file_limit() {
+        Ok((before, after)) if before.soft != after.soft => info!(
+            soft = %limit(after.soft),
+            hard = %limit(after.hard),
+            was = %limit(before.soft),
+            "open-file limit raised to the hard limit"
+        ),
+        Ok((_, after)) => info!(
+            soft = %limit(after.soft),
+            hard = %limit(after.hard),
+            "open-file limit already at the hard limit"
+        ),
+        Err(error) => {
+            warn!(%error, "cannot raise the open-file limit; the node keeps the one it has")
+        }
     }
 }
 

@@ -19,6 +19,7 @@ mod cluster;
 mod containers;
 mod deploy;
 mod doc_paths;
+mod full_node;
 mod fuzz_corpus;
 mod history_bus;
 mod hub;

@@ -27,7 +27,21 @@ impl Binary {
     /// Starts the binary with JSON logs at `level` and the `WSHUB_*`
     /// variables in `env`, and waits for its "wshub listening" line.
     pub fn start(level: &str, env: &[(&str, &str)]) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wshub"));
+        Self::spawn(Command::new(env!("CARGO_BIN_EXE_wshub")), level, env)
+    }
+
+    /// [`start`](Self::start) under `ulimit <limit>` (`-Sn 256`: the soft
+    /// open-file limit; `-n 64`: soft and hard), set by a shell that then
+    /// execs the binary.
+    pub fn start_with_ulimit(limit: &str, level: &str, env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("ulimit {limit} && exec \"$0\""))
+            .arg(env!("CARGO_BIN_EXE_wshub"));
+        Self::spawn(cmd, level, env)
+    }
+
+    fn spawn(mut cmd: Command, level: &str, env: &[(&str, &str)]) -> Self {
         cmd.env("WSHUB_LISTEN", "127.0.0.1:0")
             .env("WSHUB_LOG__FORMAT", "json")
             .env("WSHUB_LOG__LEVEL", level)
