@@ -144,7 +144,7 @@ def split_fanout(ctx, name, nodes, receivers, processes, rate, seconds):
     try:
         first = 0
         for k, n in enumerate(split(receivers, processes)):
-            gens.append(Gen(["receive", *target, "--bind", f"127.0.0.{2 + k}", "--receivers", n, "--first", first,
+            gens.append(Gen(["receive", *target, "--source", f"127.0.0.{2 + k}", "--receivers", n, "--first", first,
                              "--messages", messages, "--max-seconds", int(seconds * 3 + 120)],
                             ctx.workdir / f"{slug(name)}-{k}.log"))
             first += n
@@ -199,7 +199,7 @@ def connects(ctx, name, processes, each, concurrency=256):
     gens = []
     try:
         for k in range(processes):
-            gens.append(Gen(["idle", *target, "--bind", f"127.0.0.{2 + k}", "--connections", each,
+            gens.append(Gen(["idle", *target, "--source", f"127.0.0.{2 + k}", "--connections", each,
                              "--concurrency", concurrency], ctx.workdir / f"{slug(name)}-{k}.log"))
         results = [g.answer(timeout=300) for g in gens]
     finally:

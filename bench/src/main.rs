@@ -68,10 +68,6 @@ struct Target {
     /// Source addresses for client sockets (127.0.0.x), round-robin.
     #[arg(long = "source", default_value = "127.0.0.1")]
     sources: Vec<IpAddr>,
-    /// Source address of every client socket (e.g. 127.0.0.2: each process
-    /// its own, so their ports do not compete); overrides `--source`.
-    #[arg(long)]
-    bind: Option<IpAddr>,
 }
 
 #[derive(Subcommand)]
@@ -287,9 +283,7 @@ fn client_config() -> WebSocketConfig {
 
 async fn connect(target: &Target, i: usize, group: &str, user: &str) -> Result<Ws> {
     let node = target.nodes[i % target.nodes.len()];
-    let source = target
-        .bind
-        .unwrap_or(target.sources[i % target.sources.len()]);
+    let source = target.sources[i % target.sources.len()];
     let socket = if node.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
