@@ -21,6 +21,7 @@ mod deploy;
 mod doc_paths;
 mod fuzz_corpus;
 mod history_bus;
+mod history_cluster;
 mod hub;
 mod manifests;
 mod module_cycles;

@@ -205,6 +205,39 @@ pub(super) async fn open_command_connection(
     }
 }
 
+/// Either kind of connection runs commands and scripts (history's reads,
+/// `history.rs`): on a cluster each is routed by its first key.
+impl redis::aio::ConnectionLike for PubConn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            PubConn::Single(c) => c.req_packed_command(cmd),
+            PubConn::Sharded(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            PubConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            PubConn::Sharded(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            PubConn::Single(c) => c.get_db(),
+            PubConn::Sharded(c) => c.get_db(),
+        }
+    }
+}
+
 impl PubConn {
     /// Runs `cmd` on either kind of connection.
     pub(super) async fn query<T: redis::FromRedisValue>(

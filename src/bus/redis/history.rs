@@ -88,7 +88,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 use tokio::time::timeout;
 use tracing::debug;
 
@@ -140,6 +140,22 @@ end
 "#
     };
 }
+
+/// The run id of the server a script runs on, when the caller does not
+/// know it (`ARGV[1]` empty: on a Cluster, where the node does not know
+/// which shard holds a slot; see `history/sharded.rs`). On one Redis the
+/// node passes it (read once per connection), and this does nothing.
+macro_rules! run_lua {
+    () => {
+        r#"
+if ARGV[1] == '' then
+  ARGV[1] = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+end
+"#
+    };
+}
+
+mod sharded;
 
 /// Stamps, records and publishes one batch.
 ///
@@ -199,6 +215,7 @@ return sent
 /// KEYS: meta, stream per topic. ARGV: run id, meta ttl ms.
 /// Returns `[epoch, offset]` per topic, flattened.
 const TOPS_LUA: &str = concat!(
+    run_lua!(),
     epoch_lua!(),
     r#"
 local out = {}
@@ -221,6 +238,7 @@ return out
 /// current epoch from its start, and makes none: `['', '0', []]` when the
 /// topic has none.
 const READ_MANY_LUA: &str = concat!(
+    run_lua!(),
     epoch_lua!(),
     r#"
 local run, mttl, most = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -269,7 +287,9 @@ return out
 /// epoch); `reach` the last offset the answer is for (the top, or the last
 /// below the bound); `entries` those from `from + 1` to `reach` that are
 /// kept, and `whole` 0 when there were too many to read (none are given).
-const CATCH_UP_LUA: &str = r#"
+const CATCH_UP_LUA: &str = concat!(
+    run_lua!(),
+    r#"
 local run, bound, budget = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local function offset_of(id)
   return tonumber(string.match(id, '^(%d+)-'))
@@ -335,7 +355,8 @@ for i = 1, #KEYS / 2 do
   end
 end
 return out
-"#;
+"#
+);
 
 /// Starts a topic's history afresh (`gaps.rs`, "Rolling enable"): a new
 /// epoch at offset 0, its stream deleted, so that no position from before
@@ -344,6 +365,7 @@ return out
 /// KEYS: meta, stream. ARGV: run id, meta ttl ms. Returns the new epoch,
 /// or `''`.
 const RENEW_LUA: &str = concat!(
+    run_lua!(),
     epoch_lua!(),
     r#"
 local m = redis.call('HMGET', KEYS[1], 'e', 'r')
@@ -381,23 +403,38 @@ return all
 pub(super) struct Keys {
     /// `P:`
     prefix: String,
+    /// On a Cluster: a topic's keys are in its channel's slot
+    /// (`history/sharded.rs`).
+    sharded: bool,
 }
 
 impl Keys {
-    pub(super) fn new(channel_prefix: &str) -> Self {
+    pub(super) fn new(channel_prefix: &str, sharded: bool) -> Self {
         Self {
             prefix: format!("{channel_prefix}:"),
+            sharded,
         }
+    }
+
+    /// What a topic's keys start with: `P:h:{K}` on one Redis, on a
+    /// Cluster `P:h:{<the channel's hash tag>}:K`.
+    fn topic(&self, topic: &Topic) -> String {
+        let key = wire::topic_key(topic);
+        if !self.sharded {
+            return format!("{}h:{{{key}}}", self.prefix);
+        }
+        let channel = format!("{}{key}", self.prefix);
+        format!("{}h:{{{}}}:{key}", self.prefix, sharded::slot_tag(&channel))
     }
 
     /// The topic's meta hash.
     pub(super) fn meta(&self, topic: &Topic) -> String {
-        format!("{}h:{{{}}}:m", self.prefix, wire::topic_key(topic))
+        format!("{}:m", self.topic(topic))
     }
 
     /// The topic's stream.
     pub(super) fn stream(&self, topic: &Topic) -> String {
-        format!("{}h:{{{}}}:s", self.prefix, wire::topic_key(topic))
+        format!("{}:s", self.topic(topic))
     }
 
     fn seq(&self) -> String {
@@ -421,7 +458,7 @@ fn unavailable(e: impl std::fmt::Display) -> HistoryError {
 }
 
 /// `SCRIPT LOAD`: the hash `EVALSHA` names the script by.
-async fn load(conn: &mut MultiplexedConnection, script: &str) -> redis::RedisResult<String> {
+async fn load<C: ConnectionLike>(conn: &mut C, script: &str) -> redis::RedisResult<String> {
     redis::cmd("SCRIPT")
         .arg("LOAD")
         .arg(script)
@@ -431,8 +468,8 @@ async fn load(conn: &mut MultiplexedConnection, script: &str) -> redis::RedisRes
 
 /// `EVALSHA`, and on `NOSCRIPT` (a `SCRIPT FLUSH`, a failover to a server
 /// that never saw it) `SCRIPT LOAD` and the same call again.
-async fn evalsha<T: redis::FromRedisValue>(
-    conn: &mut MultiplexedConnection,
+async fn evalsha<T: redis::FromRedisValue, C: ConnectionLike>(
+    conn: &mut C,
     script: &str,
     sha: &str,
     args: impl Fn(&mut redis::Cmd),
@@ -453,7 +490,7 @@ async fn evalsha<T: redis::FromRedisValue>(
 }
 
 /// The `run_id` of the server behind `conn` (`INFO server`).
-async fn run_id(conn: &mut MultiplexedConnection) -> redis::RedisResult<Arc<str>> {
+async fn run_id<C: ConnectionLike>(conn: &mut C) -> redis::RedisResult<Arc<str>> {
     let info: String = redis::cmd("INFO").arg("server").query_async(conn).await?;
     info.lines()
         .find_map(|line| line.strip_prefix("run_id:"))
@@ -529,10 +566,11 @@ pub(super) struct Caught {
     pub(super) messages: Option<Vec<Arc<Envelope>>>,
 }
 
-/// One command connection, the server's `run_id` and the scripts' hashes.
+/// One command connection, the server's `run_id` (`""` on a Cluster: each
+/// script reads its shard's) and the scripts' hashes.
 #[derive(Clone)]
 struct Command {
-    conn: MultiplexedConnection,
+    conn: PubConn,
     run_id: Arc<str>,
     tops_sha: Arc<str>,
     read_many_sha: Arc<str>,
@@ -577,7 +615,7 @@ impl RedisHistory {
         id_prefix.pop();
         Self {
             link,
-            keys: Keys::new(&config.channel_prefix),
+            keys: Keys::new(&config.channel_prefix, config.sharded),
             config,
             history,
             instance,
@@ -622,6 +660,7 @@ impl RedisHistory {
                 })
                 .collect(),
             number: 0,
+            published_ms: wire::now_ms(),
         }));
         item
     }
@@ -629,6 +668,9 @@ impl RedisHistory {
     /// Readies a new publisher connection: loads the publish script and
     /// reads the server's `run_id` (see "Epochs" in the module docs).
     pub(super) async fn prepare(&self, conn: &mut PubConn) -> redis::RedisResult<Prepared> {
+        if let PubConn::Sharded(_) = conn {
+            return sharded::prepare(conn).await;
+        }
         let conn = single(conn)?;
         let sha = load(conn, PUBLISH_LUA).await?;
         let run_id = run_id(conn).await?;
@@ -646,6 +688,18 @@ impl RedisHistory {
         // The publisher sends unrecorded messages (to connections) in a
         // plain pipeline; one here would be skipped by the script.
         debug_assert!(batch.iter().all(|m| m.history.is_some()));
+        let ttl = ms(self.history.ttl);
+        let mttl = ms(meta_ttl(&self.history));
+        if let PubConn::Sharded(_) = conn {
+            let mark = format!("pub:{}", self.instance);
+            let args = sharded::Batch {
+                ttl,
+                mttl,
+                id_prefix: &self.id_prefix,
+                mark: &mark,
+            };
+            return sharded::publish(conn, prepared, &args, batch).await;
+        }
         let conn = single(conn)?;
         let recorded = || {
             batch
@@ -653,8 +707,6 @@ impl RedisHistory {
                 .filter_map(|m| Some((m, m.history.as_deref()?)))
         };
         let highest = recorded().map(|(_, r)| r.number).max().unwrap_or(0);
-        let ttl = ms(self.history.ttl);
-        let mttl = ms(meta_ttl(&self.history));
         let (seq, mark) = (self.keys.seq(), self.keys.mark(&self.instance));
         evalsha(conn, PUBLISH_LUA, &prepared.sha, |cmd| {
             let keys: usize = 2 + recorded().map(|(_, r)| 2 * r.topics.len()).sum::<usize>();
@@ -704,13 +756,15 @@ impl RedisHistory {
     }
 
     async fn connect(&self) -> redis::RedisResult<Command> {
-        let mut conn = connect_publisher(&self.link, &self.config).await?;
-        let conn = single(&mut conn)?.clone();
+        let conn = connect_publisher(&self.link, &self.config).await?;
         let mut c = conn.clone();
         let tops_sha = load(&mut c, TOPS_LUA).await?;
         let read_many_sha = load(&mut c, READ_MANY_LUA).await?;
         let catch_up_sha = load(&mut c, CATCH_UP_LUA).await?;
-        let run_id = run_id(&mut c).await?;
+        let run_id = match &mut c {
+            PubConn::Single(single) => run_id(single).await?,
+            PubConn::Sharded(_) => "".into(),
+        };
         Ok(Command {
             conn,
             run_id,
@@ -770,6 +824,21 @@ impl RedisHistory {
     /// What each topic's meta says now, without making epochs: the
     /// subscriber's starting points (see `gaps.rs`).
     pub(super) async fn heads(&self, topics: &[Topic]) -> Result<Vec<Head>, HistoryError> {
+        if self.keys.sharded {
+            // A pipeline of HMGETs would span slots: the catch-up script
+            // per topic, reading no entries, says the same.
+            let wants: Vec<Want> = topics
+                .iter()
+                .map(|topic| Want {
+                    topic: topic.clone(),
+                    epoch: None,
+                    after: 0,
+                    read: false,
+                })
+                .collect();
+            let caught = self.catch_up(&wants, None).await?;
+            return Ok(caught.into_iter().map(|c| c.head).collect());
+        }
         let metas: Vec<String> = topics.iter().map(|t| self.keys.meta(t)).collect();
         let metas = &metas;
         self.call(|mut c| async move {
@@ -849,24 +918,27 @@ impl RedisHistory {
                 0
             }
         };
-        let reply: redis::Value = self
-            .call(|mut c| async move {
-                evalsha(&mut c.conn, CATCH_UP_LUA, &c.catch_up_sha, |cmd| {
-                    cmd.arg(keys.len())
-                        .arg(keys)
-                        .arg(&*c.run_id)
-                        .arg(bound.unwrap_or(0))
-                        .arg(MAX_CATCH_UP);
-                    for w in wants {
-                        cmd.arg(w.epoch.as_deref().unwrap_or(""))
-                            .arg(w.after)
-                            .arg(most(w));
-                    }
-                })
-                .await
+        // On a Cluster there is no `seq` to bound by: each topic is read in
+        // its own slot, to its top (`history/sharded.rs`).
+        let bound = bound.filter(|_| !self.keys.sharded);
+        let per = &wants
+            .iter()
+            .map(|w| {
+                let epoch = w.epoch.as_deref().unwrap_or("").to_owned();
+                vec![epoch, w.after.to_string(), most(w).to_string()]
+            })
+            .collect::<Vec<_>>();
+        let parts = self
+            .call(|c| async move {
+                let head = [
+                    c.run_id.to_string(),
+                    bound.unwrap_or(0).to_string(),
+                    MAX_CATCH_UP.to_string(),
+                ];
+                let script = (CATCH_UP_LUA, &*c.catch_up_sha);
+                sharded::per_topic(&c.conn, self.keys.sharded, script, keys, &head, per).await
             })
             .await?;
-        let parts = array(reply, "catch-up")?;
         if parts.len() != wants.len() {
             return Err(bad("catch-up", "one answer per topic"));
         }
@@ -1117,29 +1189,31 @@ impl History for RedisHistory {
                 .iter()
                 .flat_map(|t| [self.keys.meta(t), self.keys.stream(t)])
                 .collect();
-            let mttl = ms(meta_ttl(&self.history));
-            let flat: Vec<String> = self
-                .call(|mut c| async move {
-                    evalsha(&mut c.conn, TOPS_LUA, &c.tops_sha, |cmd| {
-                        cmd.arg(keys.len()).arg(keys).arg(&*c.run_id).arg(mttl);
-                    })
-                    .await
+            let mttl = ms(meta_ttl(&self.history)).to_string();
+            let per = &vec![Vec::new(); topics.len()];
+            let flat = self
+                .call(|c| {
+                    let mttl = mttl.clone();
+                    async move {
+                        let head = [c.run_id.to_string(), mttl];
+                        let script = (TOPS_LUA, &*c.tops_sha);
+                        sharded::per_topic(&c.conn, self.keys.sharded, script, keys, &head, per)
+                            .await
+                    }
                 })
                 .await?;
             if flat.len() != topics.len() * 2 {
                 return Err(HistoryError::Unreadable("tops: wrong length".into()));
             }
-            flat.chunks(2)
-                .map(|pair| {
-                    let offset = pair[1]
-                        .parse()
-                        .map_err(|_| HistoryError::Unreadable(format!("offset {:?}", pair[1])))?;
-                    Ok(Position {
-                        epoch: pair[0].as_str().into(),
-                        offset,
-                    })
-                })
-                .collect()
+            let mut flat = flat.into_iter();
+            let mut tops = Vec::with_capacity(topics.len());
+            while let (Some(epoch), Some(offset)) = (flat.next(), flat.next()) {
+                tops.push(Position {
+                    epoch: text(epoch, "tops")?.into(),
+                    offset: number(offset, "tops")?,
+                });
+            }
+            Ok(tops)
         })
     }
 
@@ -1163,22 +1237,19 @@ impl History for RedisHistory {
             // answers what it has, and is then incomplete.
             let holds = from.iter().map(|(t, _)| self.holds_at_most(t));
             let max = max.min(holds.max().unwrap_or(0));
-            let reply: redis::Value = self
-                .call(|mut c| async move {
-                    evalsha(&mut c.conn, READ_MANY_LUA, &c.read_many_sha, |cmd| {
-                        cmd.arg(keys.len())
-                            .arg(keys)
-                            .arg(&*c.run_id)
-                            .arg(mttl)
-                            .arg(max);
-                        for (_, after) in from {
-                            cmd.arg(&*after.epoch).arg(after.offset);
-                        }
-                    })
-                    .await
+            let per = &from
+                .iter()
+                .map(|(_, after)| vec![after.epoch.to_string(), after.offset.to_string()])
+                .collect::<Vec<_>>();
+            // On a Cluster each topic is read in its own slot: a snapshot
+            // per topic (`history/sharded.rs`).
+            let parts = self
+                .call(|c| async move {
+                    let head = [c.run_id.to_string(), mttl.to_string(), max.to_string()];
+                    let script = (READ_MANY_LUA, &*c.read_many_sha);
+                    sharded::per_topic(&c.conn, self.keys.sharded, script, keys, &head, per).await
                 })
                 .await?;
-            let parts = array(reply, "read")?;
             if parts.len() != from.len() {
                 return Err(bad("read", "one answer per topic"));
             }
@@ -1228,24 +1299,9 @@ impl History for RedisHistory {
             // Read only (`tops` would make an epoch, and keep it 24 h, for
             // every topic an operator looks at): a topic without an epoch
             // of this Redis run has no history to list.
-            let meta = &self.keys.meta(topic);
-            let (fields, run_id): (Vec<Option<String>>, Arc<str>) = self
-                .call(|mut c| async move {
-                    let fields = redis::cmd("HMGET")
-                        .arg(meta)
-                        .arg("e")
-                        .arg("o")
-                        .arg("r")
-                        .query_async(&mut c.conn)
-                        .await?;
-                    Ok((fields, c.run_id))
-                })
-                .await?;
-            let top = match fields.as_slice() {
-                [Some(epoch), offset, Some(run)] if **run == *run_id => Position {
-                    epoch: Arc::from(epoch.as_str()),
-                    offset: offset.as_deref().and_then(|o| o.parse().ok()).unwrap_or(0),
-                },
+            let head = self.heads(std::slice::from_ref(topic)).await?;
+            let top = match head.into_iter().next() {
+                Some(Head::At(top)) => top,
                 _ => {
                     return Ok(Recent {
                         top: None,
@@ -1372,7 +1428,7 @@ mod tests {
 
     #[test]
     fn keys_are_under_the_prefix_and_one_per_topic() {
-        let keys = Keys::new("wshub");
+        let keys = Keys::new("wshub", false);
         assert_eq!(keys.meta(&Topic::All), "wshub:h:{all}:m");
         assert_eq!(
             keys.stream(&Topic::Group(Some("a}b".into()))),

@@ -526,9 +526,17 @@ impl Subscriber {
         };
         let mut step = self.tracks.on_copy(&topic, &position);
         if step == Step::CatchUp {
-            // Everything published before this copy first, in order.
-            let wants = self.tracks.wants(&self.tracks.tracked());
-            let failed = self.catch_up(&wants, Some(seq)).await.err();
+            // Everything published before this copy first, in order. On a
+            // Cluster only this topic, to its top: there is no order
+            // across topics (each is its own shard's), and no `seq` to
+            // bound by; the copy itself then comes from history, and is
+            // skipped here (`history/sharded.rs`).
+            let (wants, bound) = if shared.config.sharded {
+                (self.tracks.wants([&topic]), None)
+            } else {
+                (self.tracks.wants(&self.tracks.tracked()), Some(seq))
+            };
+            let failed = self.catch_up(&wants, bound).await.err();
             step = self.tracks.on_copy(&topic, &position);
             if step == Step::CatchUp {
                 // Still not in line (the read failed, or history moved on
