@@ -18,8 +18,9 @@
 //!
 //! Under the channel prefix `P` (`redis.channel_prefix`); `K` is the topic's
 //! wire key (`all`, `n`, `g:<G>`, `u:<U>`, as in `wire.rs`), inside a
-//! `{hash tag}` so that a topic's keys share a Cluster slot once history
-//! supports one:
+//! `{hash tag}` (on a Redis Cluster the keys are named after the topic's
+//! channel's slot instead, and there is no `P:seq` nor `P:pub:…`: see
+//! `history/sharded.rs`, which holds everything that differs there):
 //!
 //! | key | type | holds | kept |
 //! |---|---|---|---|
@@ -74,8 +75,9 @@
 //! the resume's read of a socket's three topics ([`READ_MANY_LUA`]; see
 //! `src/resume/decision.rs` for why a snapshot) and the subscriber's
 //! catch-up of every topic it tracks ([`CATCH_UP_LUA`]; see `gaps.rs`).
-//! One script is also one round trip however many topics it reads (history
-//! needs one Redis: every key is on it).
+//! One script is also one round trip however many topics it reads (on one
+//! Redis, where every key is; on a Cluster each topic is read by its own
+//! call, in its slot: a snapshot per topic, `history/sharded.rs`).
 //!
 //! Redis must never evict these keys: `maxmemory-policy` `noeviction` or a
 //! `volatile-*` policy (every key but `P:seq` has a TTL, and those
@@ -90,7 +92,6 @@ use std::time::Duration;
 use axum::body::Bytes;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use tokio::time::timeout;
-use tracing::debug;
 
 use super::conn::{Link, PubConn, connect_publisher};
 use super::queue::{Outgoing, Recorded, TopicKeys};
@@ -155,7 +156,10 @@ end
     };
 }
 
+mod reply;
 mod sharded;
+
+use reply::{bad, caught, contiguous, entries, number, read_reply, text};
 
 /// Stamps, records and publishes one batch.
 ///
@@ -950,186 +954,22 @@ impl RedisHistory {
     }
 }
 
-/// One topic's answer to the catch-up script: `[epoch, top, from, reach,
-/// entries, whole]` (see [`CATCH_UP_LUA`]).
-fn caught(topic: &Topic, part: redis::Value, bound: Option<u64>) -> Result<Caught, HistoryError> {
-    let what = "catch-up";
-    let mut part = array(part, what)?.into_iter();
-    let mut next = || part.next().ok_or_else(|| bad(what, "too short"));
-    let epoch = text(next()?, what)?;
-    let top = number(next()?, what)?;
-    let from = number(next()?, what)?;
-    let mut reach = number(next()?, what)?;
-    let entries = entries(next()?, what)?;
-    let whole = number(next()?, what)? == 1;
-    if epoch.is_empty() {
-        return Ok(Caught {
-            head: Head::Fresh,
-            from: 0,
-            reach: 0,
-            messages: Some(Vec::new()),
-        });
-    }
-    let epoch: Arc<str> = epoch.into();
-    let after = Position {
-        epoch: epoch.clone(),
-        offset: from,
-    };
-    let wanted = reach.saturating_sub(from);
-    let messages = match whole.then(|| contiguous(topic, &after, wanted, entries, None)) {
-        Some(Ok(Some(mut messages))) => {
-            // Entries the script could not place (written without their
-            // `seq`) are placed here.
-            if let Some(bound) = bound
-                && let Some(at) = messages
-                    .iter()
-                    .position(|m| m.stamp.as_ref().is_none_or(|s| s.seq >= bound))
-            {
-                messages.truncate(at);
-                reach = from + at as u64;
-            }
-            Some(messages)
-        }
-        Some(Err(e)) => {
-            debug!(error = %e, "an entry of the catch-up cannot be read");
-            None
-        }
-        Some(Ok(None)) | None => None,
-    };
-    Ok(Caught {
-        head: Head::At(Position { epoch, offset: top }),
-        from,
-        reach,
-        messages,
-    })
-}
-
 /// Whether an error is Redis's answer (the connection is fine) rather than
 /// a failed connection.
 fn is_answer(e: &redis::RedisError) -> bool {
     !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped()) && e.code().is_some()
 }
 
-/// The one server's connection (history needs one Redis: the
-/// configuration refuses it on a Cluster).
+/// The one server's connection, for the one-Redis publish script (a
+/// Cluster publishes through `history/sharded.rs`, never through this).
 fn single(conn: &mut PubConn) -> redis::RedisResult<&mut MultiplexedConnection> {
     match conn {
         PubConn::Single(c) => Ok(c),
         PubConn::Sharded(_) => Err(redis::RedisError::from((
             redis::ErrorKind::InvalidClientConfig,
-            "history is not supported on a Redis Cluster",
+            "the one-Redis publish script cannot run on a Redis Cluster",
         ))),
     }
-}
-
-/// A reply of a history script that cannot be read.
-fn bad(what: &str, why: &str) -> HistoryError {
-    HistoryError::Unreadable(format!("history {what}: {why}"))
-}
-
-fn array(value: redis::Value, what: &str) -> Result<Vec<redis::Value>, HistoryError> {
-    match value {
-        redis::Value::Array(items) => Ok(items),
-        _ => Err(bad(what, "not an array")),
-    }
-}
-
-fn text(value: redis::Value, what: &str) -> Result<String, HistoryError> {
-    redis::from_redis_value::<String>(value).map_err(|e| bad(what, &e.to_string()))
-}
-
-fn number(value: redis::Value, what: &str) -> Result<u64, HistoryError> {
-    match value {
-        redis::Value::Int(n) => u64::try_from(n).map_err(|_| bad(what, "a negative number")),
-        other => text(other, what)?
-            .parse()
-            .map_err(|_| bad(what, "not a number")),
-    }
-}
-
-/// Stream entries as `XRANGE` gives them: (id, payload) each.
-fn entries(value: redis::Value, what: &str) -> Result<Vec<(String, Bytes)>, HistoryError> {
-    let entries = array(value, what)?;
-    let mut out = Vec::with_capacity(entries.len());
-    for entry in entries {
-        // [id, [field, value, ...]]
-        let mut entry = array(entry, what)?.into_iter();
-        let (Some(id), Some(redis::Value::Array(fields))) = (entry.next(), entry.next()) else {
-            return Err(bad(what, "entry"));
-        };
-        let id = text(id, what)?;
-        let mut data = None;
-        let mut fields = fields.into_iter();
-        while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
-            if text(name, what)? == "d" {
-                let redis::Value::BulkString(bytes) = value else {
-                    return Err(bad(what, "payload"));
-                };
-                data = Some(Bytes::from(bytes));
-            }
-        }
-        out.push((id, data.ok_or_else(|| bad(what, "entry without payload"))?));
-    }
-    Ok(out)
-}
-
-/// One topic's answer to the read script: the top and the entries.
-fn read_reply(reply: redis::Value) -> Result<(Position, Vec<(String, Bytes)>), HistoryError> {
-    let what = "read";
-    let mut parts = array(reply, what)?.into_iter();
-    let (Some(epoch), Some(top), Some(entries_part)) = (parts.next(), parts.next(), parts.next())
-    else {
-        return Err(bad(what, "too short"));
-    };
-    let position = Position {
-        epoch: text(epoch, what)?.into(),
-        offset: number(top, what)?,
-    };
-    Ok((position, entries(entries_part, what)?))
-}
-
-/// The entries' messages, if they are exactly the `wanted` offsets after
-/// `after`, in order, and (with `max_age_ms`) none is older than that.
-fn contiguous(
-    topic: &Topic,
-    after: &Position,
-    wanted: u64,
-    entries: Vec<(String, Bytes)>,
-    max_age_ms: Option<u64>,
-) -> Result<Option<Vec<Arc<Envelope>>>, HistoryError> {
-    if entries.len() as u64 != wanted {
-        return Ok(None);
-    }
-    let now = wire::now_ms();
-    let mut messages = Vec::with_capacity(entries.len());
-    for (n, (id, payload)) in entries.into_iter().enumerate() {
-        let offset = after.offset + 1 + n as u64;
-        if id != format!("{offset}-1") {
-            return Ok(None);
-        }
-        let decoded = wire::decode(payload).map_err(|e| HistoryError::Unreadable(e.to_string()))?;
-        let stamped_here = decoded
-            .stamp
-            .as_ref()
-            .and_then(|s| s.position(topic))
-            .is_some_and(|p| p.epoch == after.epoch && p.offset == offset);
-        if !stamped_here {
-            return Err(HistoryError::Unreadable(format!(
-                "history entry {id} is not stamped with its own position"
-            )));
-        }
-        if let (Some(max), Some(at)) = (max_age_ms, decoded.published_ms)
-            && now.saturating_sub(at) > max
-        {
-            return Ok(None);
-        }
-        messages.push(Arc::new(Envelope::stamped(
-            decoded.route,
-            decoded.frame,
-            decoded.stamp,
-        )));
-    }
-    Ok(Some(messages))
 }
 
 /// A handoff as stored: the three positions, `null` where there is none.
