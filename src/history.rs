@@ -28,6 +28,36 @@ pub fn topics_of(who: &Identity) -> [Topic; 3] {
     [Topic::All, group, user]
 }
 
+/// Merges lists that are each in their own order (a topic's messages, by
+/// offset) into one, taking at each step the head with the lowest `key`
+/// (ties: the earlier list). No list's order is ever changed: on one Redis,
+/// where every list is in `seq` order, this is the publish order; on a
+/// Redis Cluster, where `seq` is only a hint (`history/sharded.rs`), each
+/// topic still comes out in its own order.
+pub fn merge_ordered<T, K: Ord>(lists: Vec<Vec<T>>, key: impl Fn(&T) -> K) -> Vec<T> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let total = lists.iter().map(Vec::len).sum();
+    let mut lists: Vec<std::vec::IntoIter<T>> = lists.into_iter().map(Vec::into_iter).collect();
+    let mut heads: Vec<Option<T>> = lists.iter_mut().map(Iterator::next).collect();
+    let mut heap: BinaryHeap<Reverse<(K, usize)>> = heads
+        .iter()
+        .enumerate()
+        .filter_map(|(i, head)| Some(Reverse((key(head.as_ref()?), i))))
+        .collect();
+    let mut out = Vec::with_capacity(total);
+    while let Some(Reverse((_, i))) = heap.pop() {
+        if let Some(item) = heads[i].take() {
+            out.push(item);
+        }
+        heads[i] = lists[i].next();
+        if let Some(next) = &heads[i] {
+            heap.push(Reverse((key(next), i)));
+        }
+    }
+    out
+}
+
 /// A socket's positions in its three topics (indexed as [`topics_of`]);
 /// `None` where it has none.
 pub type Positions = [Option<Position>; 3];

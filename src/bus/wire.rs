@@ -378,23 +378,34 @@ pub fn decode(payload: Bytes) -> Result<Decoded, DecodeError> {
     })
 }
 
-/// The stamp of a header: a position for every topic of the route, in
-/// route order, but its connections (never recorded: a message naming a
-/// connection and a group is stamped in the group only).
+/// The stamp of a header: a position for the topics of the route it names,
+/// in route order. On one Redis that is every topic but its connections
+/// (never recorded: a message naming a connection and a group is stamped
+/// in the group only); on a Redis Cluster a copy names its own topic only
+/// (each topic is stamped by its own shard, `history/sharded.rs`). A stamp
+/// that names none of the route's topics, or one outside it, is refused.
 fn read_stamp(
     seq: u64,
     positions: &HashMap<String, String>,
     keys: &[String],
     topics: &[Topic],
 ) -> Result<Stamp, DecodeError> {
+    let recorded = |key: &String| {
+        keys.iter()
+            .zip(topics)
+            .any(|(k, t)| k == key && !matches!(t, Topic::Connection(_)))
+    };
+    if positions.is_empty() || !positions.keys().all(recorded) {
+        return Err(DecodeError::Header(
+            "a stamp must name topics of its route only, at least one".into(),
+        ));
+    }
     let positions = keys
         .iter()
         .zip(topics)
         .filter(|(_, topic)| !matches!(topic, Topic::Connection(_)))
-        .map(|(key, topic)| {
-            let text = positions
-                .get(key)
-                .ok_or_else(|| DecodeError::Header(format!("no position for {key:?}")))?;
+        .filter_map(|(key, topic)| Some((positions.get(key)?, topic)))
+        .map(|(text, topic)| {
             let position = Position::parse(text)
                 .ok_or_else(|| DecodeError::Header(format!("bad position {text:?}")))?;
             Ok((topic.clone(), position))
@@ -605,9 +616,22 @@ mod tests {
             b"wshub/1\n{\"o\":\"n\",\"t\":[\"all\"],\"p\":{\"all\":\"e:1\"}}\n{}",
             b"wshub/1\n{\"o\":\"n\",\"t\":[\"all\"],\"s\":1,\"p\":{}}\n{}",
             b"wshub/1\n{\"o\":\"n\",\"t\":[\"all\"],\"s\":1,\"p\":{\"all\":\"e:x\"}}\n{}",
+            b"wshub/1\n{\"o\":\"n\",\"t\":[\"all\"],\"s\":1,\"p\":{\"n\":\"e:1\"}}\n{}",
         ] {
             assert!(decode(Bytes::from_static(bad)).is_err(), "{bad:?}");
         }
+        // A copy stamped by a Cluster shard names its own topic only.
+        let copy =
+            b"wshub/1\n{\"o\":\"n\",\"t\":[\"n\",\"u:a\"],\"s\":1,\"p\":{\"u:a\":\"e:3\"}}\n{}";
+        let stamp = decode(Bytes::from_static(copy)).unwrap().stamp.unwrap();
+        assert_eq!(stamp.positions.len(), 1);
+        assert_eq!(
+            stamp
+                .position(&Topic::User("a".into()))
+                .unwrap()
+                .to_string(),
+            "e:3"
+        );
     }
 
     #[test]

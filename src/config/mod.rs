@@ -538,16 +538,10 @@ impl Config {
         if !raw.enabled {
             return Ok(None);
         }
-        let Some(redis) = redis else {
+        if redis.is_none() {
             return Err(invalid(
                 "history.enabled",
                 "history is kept in Redis: set redis.url (or redis.sentinels), or turn history off",
-            ));
-        };
-        if redis.sharded {
-            return Err(invalid(
-                "history.enabled",
-                "history is not supported on a Redis Cluster (redis.sharded) yet: use one Redis or Sentinel, or turn history off",
             ));
         }
         if raw.ttl_ms == 0 {

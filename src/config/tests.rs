@@ -514,3 +514,21 @@ fn configuration_errors_never_echo_secret_values() {
     let line = format!("{:?}", c.settings());
     assert!(!line.contains("hun") && !line.contains("SECRETQ"), "{line}");
 }
+
+#[test]
+fn history_runs_on_a_redis_cluster_too() {
+    let c = Config::load_from(
+        None,
+        env(&[
+            (
+                "WSHUB_REDIS__URL",
+                "redis://127.0.0.1:7000,redis://127.0.0.1:7001",
+            ),
+            ("WSHUB_REDIS__SHARDED", "true"),
+            ("WSHUB_HISTORY__ENABLED", "true"),
+        ]),
+    )
+    .unwrap();
+    assert!(c.redis.unwrap().sharded);
+    assert!(c.history.is_some(), "history on a Cluster, per topic");
+}

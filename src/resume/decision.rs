@@ -161,27 +161,34 @@ fn merge(
     max_replay: usize,
 ) -> Result<Vec<Arc<Envelope>>, NotRecovered> {
     let topics = topics_of(who);
-    let mut replay: Vec<(u64, Arc<Envelope>)> = Vec::new();
-    for (reach, topic) in reaches.iter().zip(&topics) {
-        for message in &reach.messages {
-            if message.route.accepts(topic, who) {
-                // Stamped: `extend` checked.
-                let seq = message.stamp.as_ref().map_or(0, |s| s.seq);
-                replay.push((seq, message.clone()));
-            }
-        }
-    }
-    replay.sort_by_key(|(seq, _)| *seq);
-    // One message is accepted through one topic only; a `seq` seen twice
-    // would be history's mistake, and one copy is what the socket is owed.
-    replay.dedup_by_key(|(seq, _)| *seq);
+    let lists: Vec<Vec<Arc<Envelope>>> = reaches
+        .iter()
+        .zip(&topics)
+        .map(|(reach, topic)| {
+            reach
+                .messages
+                .iter()
+                .filter(|message| message.route.accepts(topic, who))
+                .cloned()
+                .collect()
+        })
+        .collect();
+    // Stamped: `extend` checked. Each topic in its own order (on a Cluster
+    // `seq` is only a hint: `history::merge_ordered`).
+    let mut replay =
+        crate::history::merge_ordered(lists, |m| m.stamp.as_ref().map_or(0, |s| s.seq));
+    // One message is accepted through one topic only; the same stamp seen
+    // twice would be history's mistake, and one copy is what the socket is
+    // owed. (Not the same `seq` alone: on a Cluster two messages can share
+    // one.)
+    replay.dedup_by(|a, b| a.stamp == b.stamp);
     if replay.len() > max_replay {
         return Err(NotRecovered::TooMany {
             count: replay.len(),
             max: max_replay,
         });
     }
-    Ok(replay.into_iter().map(|(_, m)| m).collect())
+    Ok(replay)
 }
 
 /// The resume decision, as a pure function: given the positions a socket

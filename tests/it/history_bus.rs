@@ -24,7 +24,7 @@ use wshub::shutdown::Shutdown;
 
 const RELEASE_DELAY: Duration = Duration::from_millis(100);
 
-fn group(name: &str) -> Topic {
+pub fn group(name: &str) -> Topic {
     Topic::Group(Some(name.into()))
 }
 
@@ -72,8 +72,9 @@ pub struct Member {
     sentinels: usize,
 }
 
-fn redis_config(url: &str, command_timeout_ms: u64) -> wshub::config::RedisConfig {
+fn redis_config(url: &str, command_timeout_ms: u64, sharded: bool) -> wshub::config::RedisConfig {
     let env = [
+        ("WSHUB_REDIS__SHARDED".to_owned(), sharded.to_string()),
         ("WSHUB_REDIS__URL".to_owned(), url.to_owned()),
         // Quick reconnects keep the fault tests short.
         ("WSHUB_REDIS__RECONNECT_MAX_MS".to_owned(), "200".to_owned()),
@@ -91,6 +92,17 @@ impl Member {
         Self::start_with_timeout(url, node, history, 2000).await
     }
 
+    /// A bus on a Redis Cluster (`urls`: its nodes), sharded pub/sub, with
+    /// `history`, and `redis.command_timeout_ms`.
+    pub async fn start_sharded(
+        urls: &str,
+        node: &str,
+        history: Option<HistoryConfig>,
+        command_timeout_ms: u64,
+    ) -> Self {
+        Self::start_on(redis_config(urls, command_timeout_ms, true), node, history).await
+    }
+
     /// The same, with `redis.command_timeout_ms`.
     pub async fn start_with_timeout(
         url: &str,
@@ -98,13 +110,21 @@ impl Member {
         history: Option<HistoryConfig>,
         command_timeout_ms: u64,
     ) -> Self {
+        Self::start_on(redis_config(url, command_timeout_ms, false), node, history).await
+    }
+
+    async fn start_on(
+        config: wshub::config::RedisConfig,
+        node: &str,
+        history: Option<HistoryConfig>,
+    ) -> Self {
         crate::common::init_logging();
         let (tx, received) = mpsc::unbounded_channel();
         let metrics = Arc::new(Metrics::new());
         let bus: Arc<dyn Bus> = Arc::new(
             RedisBus::start(
                 node.into(),
-                redis_config(url, command_timeout_ms),
+                config,
                 history,
                 Arc::new(Recorder(tx)),
                 metrics.clone(),
@@ -198,7 +218,7 @@ fn rand_tag() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
-fn position(stamp: &Option<Stamp>, topic: &Topic) -> Position {
+pub fn position(stamp: &Option<Stamp>, topic: &Topic) -> Position {
     stamp
         .as_ref()
         .expect("stamped")
@@ -660,7 +680,22 @@ async fn a_killed_subscriber_is_repaired_from_history_while_publishing_goes_on()
     let redis = RedisServer::start();
     let url = redis.url();
     let publisher = Arc::new(Member::start(&url, "pub", Some(settings())).await);
-    let mut receiver = Member::start(&url, "rcv", Some(settings())).await;
+    let receiver = Member::start(&url, "rcv", Some(settings())).await;
+    killed_twice_and_repaired(publisher, receiver, || {
+        cli(redis.port, &["CLIENT", "KILL", "TYPE", "pubsub"])
+    })
+    .await;
+}
+
+/// `receiver`'s subscriber connection to group `a` is killed twice (by
+/// `kill`, which answers how many connections it killed) while `publisher`
+/// publishes 3,000 messages to `a`: every one arrives once, in order, and
+/// every gap is repaired.
+pub async fn killed_twice_and_repaired(
+    publisher: Arc<Member>,
+    mut receiver: Member,
+    kill: impl Fn() -> String,
+) {
     let a = group("a");
     receiver.subscribe(std::slice::from_ref(&a)).await;
     const N: usize = 3000;
@@ -676,7 +711,7 @@ async fn a_killed_subscriber_is_repaired_from_history_while_publishing_goes_on()
     });
     let mut got = copies(&mut receiver, 300).await;
     for _ in 0..2 {
-        let killed = cli(redis.port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+        let killed = kill();
         assert_ne!(killed, "0", "a subscriber connection was killed");
         got.extend(copies(&mut receiver, 700).await);
     }

@@ -22,6 +22,7 @@ mod doc_paths;
 mod full_node;
 mod fuzz_corpus;
 mod history_bus;
+mod history_cluster;
 mod hub;
 mod manifests;
 mod module_cycles;

@@ -26,42 +26,42 @@ use crate::common::{Client, Ended, PATIENCE, TestServer, eventually};
 use crate::common::history_settings as settings;
 
 /// A node on `redis` with `history` (None: history off).
-async fn node(redis: &str, history: Option<HistoryConfig>) -> TestServer {
+pub async fn node(redis: &str, history: Option<HistoryConfig>) -> TestServer {
     TestServer::on_redis(redis, move |c| c.history = history).await
 }
 
-fn parse(text: &str) -> Value {
+pub fn parse(text: &str) -> Value {
     serde_json::from_str(text).expect("JSON")
 }
 
 /// Publishes `body` through `server`'s broadcast endpoint.
-async fn publish(server: &TestServer, body: Value) {
+pub async fn publish(server: &TestServer, body: Value) {
     let response = server
         .post("/__broadcastWebSocket.wc", body.to_string())
         .await;
     assert_eq!(response.status(), 204, "{body}");
 }
 
-fn say(text: &str, recipients: Value) -> Value {
+pub fn say(text: &str, recipients: Value) -> Value {
     json!({"action": "say", "message": text, "recipients": recipients})
 }
 
-fn to_group(g: &str) -> Value {
+pub fn to_group(g: &str) -> Value {
     json!({"type": "group", "value": g})
 }
 
-fn to_user(u: &str) -> Value {
+pub fn to_user(u: &str) -> Value {
     json!({"type": "user", "value": u})
 }
 
-fn except(u: &str) -> Value {
+pub fn except(u: &str) -> Value {
     json!({"type": "excludeUser", "value": u})
 }
 
 static TAGS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Publishes a sentinel to everyone through `server`; returns its text.
-async fn sentinel(server: &TestServer) -> String {
+pub async fn sentinel(server: &TestServer) -> String {
     let n = TAGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tag = format!("resume-sentinel-{n}");
     publish(server, json!({"action": "broadcast", "message": tag})).await;
@@ -71,14 +71,14 @@ async fn sentinel(server: &TestServer) -> String {
 /// A socket that only watches: once it has seen a sentinel published
 /// after some messages, Redis has run them (one script order), so their
 /// history is written.
-struct Watcher(Client);
+pub struct Watcher(Client);
 
 impl Watcher {
-    async fn on(server: &TestServer) -> Self {
+    pub async fn on(server: &TestServer) -> Self {
         Self(server.connect("watcher", Some("watchers")).await)
     }
 
-    async fn settle(&mut self, server: &TestServer) {
+    pub async fn settle(&mut self, server: &TestServer) {
         let tag = sentinel(server).await;
         self.0.until_sentinel(&tag).await;
     }
@@ -86,14 +86,14 @@ impl Watcher {
 
 /// A page, as the JS library's `resume: true` keeps it: its ids and the
 /// last position seen per topic key.
-struct Page {
+pub struct Page {
     user: String,
     group: Option<String>,
-    positions: Map<String, Value>,
+    pub positions: Map<String, Value>,
 }
 
 impl Page {
-    fn new(user: &str, group: Option<&str>) -> Self {
+    pub fn new(user: &str, group: Option<&str>) -> Self {
         Self {
             user: user.into(),
             group: group.map(Into::into),
@@ -101,7 +101,7 @@ impl Page {
         }
     }
 
-    fn keys(&self) -> [String; 3] {
+    pub fn keys(&self) -> [String; 3] {
         let group = match &self.group {
             Some(g) => format!("group:{g}"),
             None => "nullgroup".into(),
@@ -110,7 +110,7 @@ impl Page {
     }
 
     /// The socket path with `resume` set to `resume` (None: no parameter).
-    fn path(&self, resume: Option<&str>) -> String {
+    pub fn path(&self, resume: Option<&str>) -> String {
         let mut query = vec![("userid", self.user.clone())];
         if let Some(g) = &self.group {
             query.push(("groupid", g.clone()));
@@ -124,13 +124,13 @@ impl Page {
         )
     }
 
-    async fn open(&self, server: &TestServer, resume: Option<&str>) -> Client {
+    pub async fn open(&self, server: &TestServer, resume: Option<&str>) -> Client {
         Client::connect(server.addr, &self.path(resume)).await
     }
 
     /// Opens a socket that resumes from the positions kept, and reads its
     /// welcome.
-    async fn resume(&mut self, server: &TestServer) -> (Client, Value) {
+    pub async fn resume(&mut self, server: &TestServer) -> (Client, Value) {
         let positions = Value::Object(self.positions.clone()).to_string();
         let mut client = self.open(server, Some(&positions)).await;
         let welcome = self.welcome(&mut client).await;
@@ -139,7 +139,7 @@ impl Page {
 
     /// Reads the first frame, which must be the welcome, and keeps its
     /// positions; returns its `message`.
-    async fn welcome(&mut self, client: &mut Client) -> Value {
+    pub async fn welcome(&mut self, client: &mut Client) -> Value {
         let frame = client.recv().await;
         assert_eq!(frame["action"], "wshub.welcome", "the first frame: {frame}");
         let welcome = parse(frame["message"].as_str().unwrap());
@@ -148,7 +148,7 @@ impl Page {
     }
 
     /// Keeps the positions of a frame's `pos` for this page's keys.
-    fn observe(&mut self, frame: &Value) {
+    pub fn observe(&mut self, frame: &Value) {
         let keys = self.keys();
         if let Some(pos) = frame["pos"].as_object() {
             for (key, position) in pos {
@@ -160,7 +160,7 @@ impl Page {
     }
 
     /// Every frame before the sentinel `tag` (observed), and the sentinel.
-    async fn until(&mut self, client: &mut Client, tag: &str) -> (Vec<Value>, Value) {
+    pub async fn until(&mut self, client: &mut Client, tag: &str) -> (Vec<Value>, Value) {
         let mut seen = Vec::new();
         loop {
             let frame = client.recv().await;
@@ -173,7 +173,7 @@ impl Page {
     }
 }
 
-fn messages(frames: &[Value]) -> Vec<&str> {
+pub fn messages(frames: &[Value]) -> Vec<&str> {
     frames
         .iter()
         .map(|f| f["message"].as_str().unwrap())
@@ -182,7 +182,7 @@ fn messages(frames: &[Value]) -> Vec<&str> {
 
 /// The tops `page`'s identity would be welcomed with now (a fresh socket's
 /// welcome), closed again.
-async fn tops(server: &TestServer, page: &Page) -> Value {
+pub async fn tops(server: &TestServer, page: &Page) -> Value {
     let mut fresh = Page::new(&page.user, page.group.as_deref());
     let mut client = fresh.open(server, Some("")).await;
     let welcome = fresh.welcome(&mut client).await;

@@ -205,6 +205,39 @@ pub(super) async fn open_command_connection(
     }
 }
 
+/// Either kind of connection runs commands and scripts (history's reads,
+/// `history.rs`): on a cluster each is routed by its first key.
+impl redis::aio::ConnectionLike for PubConn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            PubConn::Single(c) => c.req_packed_command(cmd),
+            PubConn::Sharded(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            PubConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            PubConn::Sharded(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            PubConn::Single(c) => c.get_db(),
+            PubConn::Sharded(c) => c.get_db(),
+        }
+    }
+}
+
 impl PubConn {
     /// Runs `cmd` on either kind of connection.
     pub(super) async fn query<T: redis::FromRedisValue>(
@@ -567,6 +600,37 @@ impl SubConn {
         }
     }
 
+    /// Sharded only: how many shard channels the primaries hold for this
+    /// connection, summed (`ssub` of `CLIENT INFO` on each primary's
+    /// connection); `None` on a single server, or when a primary does not
+    /// say (before Redis 7.0.3) or did not answer.
+    ///
+    /// The cluster client repairs its connection to a shard by itself (a
+    /// shard that restarted, a connection it found broken), and a
+    /// subscription made on the connection it replaced is gone with it,
+    /// with no push to tell: the subscriber compares this with what it
+    /// subscribed (`subscriber.rs`).
+    pub(super) fn shard_subscriptions(
+        &self,
+    ) -> Option<impl Future<Output = redis::RedisResult<Option<usize>>> + Send + 'static> {
+        let SubKind::Sharded(conn) = &self.kind else {
+            return None;
+        };
+        let mut conn = conn.clone();
+        Some(async move {
+            use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+            let mut cmd = redis::cmd("CLIENT");
+            cmd.arg("INFO");
+            let answer = conn
+                .route_command(
+                    cmd,
+                    RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
+                )
+                .await?;
+            Ok(sum_ssub(&answer))
+        })
+    }
+
     pub(super) async fn next(&mut self) -> Incoming {
         let dropped = self.pushes.take_dropped();
         if dropped > 0 {
@@ -606,9 +670,57 @@ impl SubConn {
     }
 }
 
+/// The sum of `ssub=<n>` over the answers of a `CLIENT INFO` sent to every
+/// primary (a map of address to answer); `None` if one has none.
+fn sum_ssub(answer: &redis::Value) -> Option<usize> {
+    let redis::Value::Map(answers) = answer else {
+        return None;
+    };
+    let mut sum = 0;
+    for (_, info) in answers {
+        let text = match info {
+            redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            redis::Value::VerbatimString { text, .. } => text.clone(),
+            redis::Value::SimpleString(s) => s.clone(),
+            _ => return None,
+        };
+        let n = text
+            .split_ascii_whitespace()
+            .find_map(|field| field.strip_prefix("ssub="))?
+            .parse::<usize>()
+            .ok()?;
+        sum += n;
+    }
+    Some(sum)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shard_subscriptions_are_summed_over_the_primaries() {
+        let info = |s: &str| redis::Value::BulkString(s.as_bytes().to_vec());
+        let answer = redis::Value::Map(vec![
+            (
+                info("a:1"),
+                info("id=3 addr=x fd=8 sub=0 psub=0 ssub=2 multi=-1"),
+            ),
+            (
+                info("b:2"),
+                redis::Value::VerbatimString {
+                    format: redis::VerbatimFormat::Text,
+                    text: "id=4 ssub=3 multi=-1\n".into(),
+                },
+            ),
+        ]);
+        assert_eq!(sum_ssub(&answer), Some(5));
+        let old = redis::Value::Map(vec![(info("a:1"), info("id=3 sub=0 psub=0"))]);
+        assert_eq!(sum_ssub(&old), None, "a Redis that does not say");
+        // A primary that answered no text (an error): unknown.
+        let failed = redis::Value::Map(vec![(info("a:1"), redis::Value::Nil)]);
+        assert_eq!(sum_ssub(&failed), None);
+    }
 
     #[test]
     fn slots_match_redis() {

@@ -220,6 +220,7 @@ impl Tracks {
     /// gap.
     pub(super) fn caught_up(&mut self, wants: &[Want], caught: Vec<Caught>) -> CaughtUp {
         let mut out = CaughtUp::default();
+        let mut lists = Vec::new();
         for (want, caught) in wants.iter().zip(caught) {
             let topic = &want.topic;
             if !want.read {
@@ -258,8 +259,7 @@ impl Tracks {
                 match caught.messages {
                     Some(messages) => {
                         out.repaired += 1;
-                        out.deliver
-                            .extend(messages.into_iter().map(|m| (topic.clone(), m)));
+                        lists.push(messages.into_iter().map(|m| (topic.clone(), m)).collect());
                     }
                     None if !restarted => out.gaps.push(topic.clone()),
                     None => {}
@@ -279,7 +279,8 @@ impl Tracks {
             }
         }
         // Publish order; one message's copies in its route's order.
-        out.deliver.sort_by_key(|(topic, m)| {
+        // Each topic in its own order (on a Cluster `seq` is only a hint).
+        out.deliver = crate::history::merge_ordered(lists, |(topic, m)| {
             m.stamp.as_ref().map_or((0, 0), |s| {
                 let index = s.positions.iter().position(|(t, _)| t == topic);
                 (s.seq, index.unwrap_or(usize::MAX))

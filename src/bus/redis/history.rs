@@ -18,8 +18,9 @@
 //!
 //! Under the channel prefix `P` (`redis.channel_prefix`); `K` is the topic's
 //! wire key (`all`, `n`, `g:<G>`, `u:<U>`, as in `wire.rs`), inside a
-//! `{hash tag}` so that a topic's keys share a Cluster slot once history
-//! supports one:
+//! `{hash tag}` (on a Redis Cluster the keys are named after the topic's
+//! channel's slot instead, and there is no `P:seq` nor `P:pub:…`: see
+//! `history/sharded.rs`, which holds everything that differs there):
 //!
 //! | key | type | holds | kept |
 //! |---|---|---|---|
@@ -74,8 +75,9 @@
 //! the resume's read of a socket's three topics ([`READ_MANY_LUA`]; see
 //! `src/resume/decision.rs` for why a snapshot) and the subscriber's
 //! catch-up of every topic it tracks ([`CATCH_UP_LUA`]; see `gaps.rs`).
-//! One script is also one round trip however many topics it reads (history
-//! needs one Redis: every key is on it).
+//! One script is also one round trip however many topics it reads (on one
+//! Redis, where every key is; on a Cluster each topic is read by its own
+//! call, in its slot: a snapshot per topic, `history/sharded.rs`).
 //!
 //! Redis must never evict these keys: `maxmemory-policy` `noeviction` or a
 //! `volatile-*` policy (every key but `P:seq` has a TTL, and those
@@ -88,9 +90,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 use tokio::time::timeout;
-use tracing::debug;
 
 use super::conn::{Link, PubConn, connect_publisher};
 use super::queue::{Outgoing, Recorded, TopicKeys};
@@ -140,6 +141,25 @@ end
 "#
     };
 }
+
+/// The run id of the server a script runs on, when the caller does not
+/// know it (`ARGV[1]` empty: on a Cluster, where the node does not know
+/// which shard holds a slot; see `history/sharded.rs`). On one Redis the
+/// node passes it (read once per connection), and this does nothing.
+macro_rules! run_lua {
+    () => {
+        r#"
+if ARGV[1] == '' then
+  ARGV[1] = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+end
+"#
+    };
+}
+
+mod reply;
+mod sharded;
+
+use reply::{bad, caught, contiguous, entries, number, read_reply, text};
 
 /// Stamps, records and publishes one batch.
 ///
@@ -199,6 +219,7 @@ return sent
 /// KEYS: meta, stream per topic. ARGV: run id, meta ttl ms.
 /// Returns `[epoch, offset]` per topic, flattened.
 const TOPS_LUA: &str = concat!(
+    run_lua!(),
     epoch_lua!(),
     r#"
 local out = {}
@@ -221,6 +242,7 @@ return out
 /// current epoch from its start, and makes none: `['', '0', []]` when the
 /// topic has none.
 const READ_MANY_LUA: &str = concat!(
+    run_lua!(),
     epoch_lua!(),
     r#"
 local run, mttl, most = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -269,7 +291,9 @@ return out
 /// epoch); `reach` the last offset the answer is for (the top, or the last
 /// below the bound); `entries` those from `from + 1` to `reach` that are
 /// kept, and `whole` 0 when there were too many to read (none are given).
-const CATCH_UP_LUA: &str = r#"
+const CATCH_UP_LUA: &str = concat!(
+    run_lua!(),
+    r#"
 local run, bound, budget = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local function offset_of(id)
   return tonumber(string.match(id, '^(%d+)-'))
@@ -335,7 +359,8 @@ for i = 1, #KEYS / 2 do
   end
 end
 return out
-"#;
+"#
+);
 
 /// Starts a topic's history afresh (`gaps.rs`, "Rolling enable"): a new
 /// epoch at offset 0, its stream deleted, so that no position from before
@@ -344,6 +369,7 @@ return out
 /// KEYS: meta, stream. ARGV: run id, meta ttl ms. Returns the new epoch,
 /// or `''`.
 const RENEW_LUA: &str = concat!(
+    run_lua!(),
     epoch_lua!(),
     r#"
 local m = redis.call('HMGET', KEYS[1], 'e', 'r')
@@ -381,23 +407,38 @@ return all
 pub(super) struct Keys {
     /// `P:`
     prefix: String,
+    /// On a Cluster: a topic's keys are in its channel's slot
+    /// (`history/sharded.rs`).
+    sharded: bool,
 }
 
 impl Keys {
-    pub(super) fn new(channel_prefix: &str) -> Self {
+    pub(super) fn new(channel_prefix: &str, sharded: bool) -> Self {
         Self {
             prefix: format!("{channel_prefix}:"),
+            sharded,
         }
+    }
+
+    /// What a topic's keys start with: `P:h:{K}` on one Redis, on a
+    /// Cluster `P:h:{<the channel's hash tag>}:K`.
+    fn topic(&self, topic: &Topic) -> String {
+        let key = wire::topic_key(topic);
+        if !self.sharded {
+            return format!("{}h:{{{key}}}", self.prefix);
+        }
+        let channel = format!("{}{key}", self.prefix);
+        format!("{}h:{{{}}}:{key}", self.prefix, sharded::slot_tag(&channel))
     }
 
     /// The topic's meta hash.
     pub(super) fn meta(&self, topic: &Topic) -> String {
-        format!("{}h:{{{}}}:m", self.prefix, wire::topic_key(topic))
+        format!("{}:m", self.topic(topic))
     }
 
     /// The topic's stream.
     pub(super) fn stream(&self, topic: &Topic) -> String {
-        format!("{}h:{{{}}}:s", self.prefix, wire::topic_key(topic))
+        format!("{}:s", self.topic(topic))
     }
 
     fn seq(&self) -> String {
@@ -421,7 +462,7 @@ fn unavailable(e: impl std::fmt::Display) -> HistoryError {
 }
 
 /// `SCRIPT LOAD`: the hash `EVALSHA` names the script by.
-async fn load(conn: &mut MultiplexedConnection, script: &str) -> redis::RedisResult<String> {
+async fn load<C: ConnectionLike>(conn: &mut C, script: &str) -> redis::RedisResult<String> {
     redis::cmd("SCRIPT")
         .arg("LOAD")
         .arg(script)
@@ -431,8 +472,8 @@ async fn load(conn: &mut MultiplexedConnection, script: &str) -> redis::RedisRes
 
 /// `EVALSHA`, and on `NOSCRIPT` (a `SCRIPT FLUSH`, a failover to a server
 /// that never saw it) `SCRIPT LOAD` and the same call again.
-async fn evalsha<T: redis::FromRedisValue>(
-    conn: &mut MultiplexedConnection,
+async fn evalsha<T: redis::FromRedisValue, C: ConnectionLike>(
+    conn: &mut C,
     script: &str,
     sha: &str,
     args: impl Fn(&mut redis::Cmd),
@@ -453,7 +494,7 @@ async fn evalsha<T: redis::FromRedisValue>(
 }
 
 /// The `run_id` of the server behind `conn` (`INFO server`).
-async fn run_id(conn: &mut MultiplexedConnection) -> redis::RedisResult<Arc<str>> {
+async fn run_id<C: ConnectionLike>(conn: &mut C) -> redis::RedisResult<Arc<str>> {
     let info: String = redis::cmd("INFO").arg("server").query_async(conn).await?;
     info.lines()
         .find_map(|line| line.strip_prefix("run_id:"))
@@ -529,10 +570,11 @@ pub(super) struct Caught {
     pub(super) messages: Option<Vec<Arc<Envelope>>>,
 }
 
-/// One command connection, the server's `run_id` and the scripts' hashes.
+/// One command connection, the server's `run_id` (`""` on a Cluster: each
+/// script reads its shard's) and the scripts' hashes.
 #[derive(Clone)]
 struct Command {
-    conn: MultiplexedConnection,
+    conn: PubConn,
     run_id: Arc<str>,
     tops_sha: Arc<str>,
     read_many_sha: Arc<str>,
@@ -577,7 +619,7 @@ impl RedisHistory {
         id_prefix.pop();
         Self {
             link,
-            keys: Keys::new(&config.channel_prefix),
+            keys: Keys::new(&config.channel_prefix, config.sharded),
             config,
             history,
             instance,
@@ -622,6 +664,7 @@ impl RedisHistory {
                 })
                 .collect(),
             number: 0,
+            published_ms: wire::now_ms(),
         }));
         item
     }
@@ -629,6 +672,9 @@ impl RedisHistory {
     /// Readies a new publisher connection: loads the publish script and
     /// reads the server's `run_id` (see "Epochs" in the module docs).
     pub(super) async fn prepare(&self, conn: &mut PubConn) -> redis::RedisResult<Prepared> {
+        if let PubConn::Sharded(_) = conn {
+            return sharded::prepare(conn).await;
+        }
         let conn = single(conn)?;
         let sha = load(conn, PUBLISH_LUA).await?;
         let run_id = run_id(conn).await?;
@@ -646,6 +692,18 @@ impl RedisHistory {
         // The publisher sends unrecorded messages (to connections) in a
         // plain pipeline; one here would be skipped by the script.
         debug_assert!(batch.iter().all(|m| m.history.is_some()));
+        let ttl = ms(self.history.ttl);
+        let mttl = ms(meta_ttl(&self.history));
+        if let PubConn::Sharded(_) = conn {
+            let mark = format!("pub:{}", self.instance);
+            let args = sharded::Batch {
+                ttl,
+                mttl,
+                id_prefix: &self.id_prefix,
+                mark: &mark,
+            };
+            return sharded::publish(conn, prepared, &args, batch).await;
+        }
         let conn = single(conn)?;
         let recorded = || {
             batch
@@ -653,8 +711,6 @@ impl RedisHistory {
                 .filter_map(|m| Some((m, m.history.as_deref()?)))
         };
         let highest = recorded().map(|(_, r)| r.number).max().unwrap_or(0);
-        let ttl = ms(self.history.ttl);
-        let mttl = ms(meta_ttl(&self.history));
         let (seq, mark) = (self.keys.seq(), self.keys.mark(&self.instance));
         evalsha(conn, PUBLISH_LUA, &prepared.sha, |cmd| {
             let keys: usize = 2 + recorded().map(|(_, r)| 2 * r.topics.len()).sum::<usize>();
@@ -704,13 +760,15 @@ impl RedisHistory {
     }
 
     async fn connect(&self) -> redis::RedisResult<Command> {
-        let mut conn = connect_publisher(&self.link, &self.config).await?;
-        let conn = single(&mut conn)?.clone();
+        let conn = connect_publisher(&self.link, &self.config).await?;
         let mut c = conn.clone();
         let tops_sha = load(&mut c, TOPS_LUA).await?;
         let read_many_sha = load(&mut c, READ_MANY_LUA).await?;
         let catch_up_sha = load(&mut c, CATCH_UP_LUA).await?;
-        let run_id = run_id(&mut c).await?;
+        let run_id = match &mut c {
+            PubConn::Single(single) => run_id(single).await?,
+            PubConn::Sharded(_) => "".into(),
+        };
         Ok(Command {
             conn,
             run_id,
@@ -770,6 +828,21 @@ impl RedisHistory {
     /// What each topic's meta says now, without making epochs: the
     /// subscriber's starting points (see `gaps.rs`).
     pub(super) async fn heads(&self, topics: &[Topic]) -> Result<Vec<Head>, HistoryError> {
+        if self.keys.sharded {
+            // A pipeline of HMGETs would span slots: the catch-up script
+            // per topic, reading no entries, says the same.
+            let wants: Vec<Want> = topics
+                .iter()
+                .map(|topic| Want {
+                    topic: topic.clone(),
+                    epoch: None,
+                    after: 0,
+                    read: false,
+                })
+                .collect();
+            let caught = self.catch_up(&wants, None).await?;
+            return Ok(caught.into_iter().map(|c| c.head).collect());
+        }
         let metas: Vec<String> = topics.iter().map(|t| self.keys.meta(t)).collect();
         let metas = &metas;
         self.call(|mut c| async move {
@@ -849,24 +922,27 @@ impl RedisHistory {
                 0
             }
         };
-        let reply: redis::Value = self
-            .call(|mut c| async move {
-                evalsha(&mut c.conn, CATCH_UP_LUA, &c.catch_up_sha, |cmd| {
-                    cmd.arg(keys.len())
-                        .arg(keys)
-                        .arg(&*c.run_id)
-                        .arg(bound.unwrap_or(0))
-                        .arg(MAX_CATCH_UP);
-                    for w in wants {
-                        cmd.arg(w.epoch.as_deref().unwrap_or(""))
-                            .arg(w.after)
-                            .arg(most(w));
-                    }
-                })
-                .await
+        // On a Cluster there is no `seq` to bound by: each topic is read in
+        // its own slot, to its top (`history/sharded.rs`).
+        let bound = bound.filter(|_| !self.keys.sharded);
+        let per = &wants
+            .iter()
+            .map(|w| {
+                let epoch = w.epoch.as_deref().unwrap_or("").to_owned();
+                vec![epoch, w.after.to_string(), most(w).to_string()]
+            })
+            .collect::<Vec<_>>();
+        let parts = self
+            .call(|c| async move {
+                let head = [
+                    c.run_id.to_string(),
+                    bound.unwrap_or(0).to_string(),
+                    MAX_CATCH_UP.to_string(),
+                ];
+                let script = (CATCH_UP_LUA, &*c.catch_up_sha);
+                sharded::per_topic(&c.conn, self.keys.sharded, script, keys, &head, per).await
             })
             .await?;
-        let parts = array(reply, "catch-up")?;
         if parts.len() != wants.len() {
             return Err(bad("catch-up", "one answer per topic"));
         }
@@ -878,186 +954,22 @@ impl RedisHistory {
     }
 }
 
-/// One topic's answer to the catch-up script: `[epoch, top, from, reach,
-/// entries, whole]` (see [`CATCH_UP_LUA`]).
-fn caught(topic: &Topic, part: redis::Value, bound: Option<u64>) -> Result<Caught, HistoryError> {
-    let what = "catch-up";
-    let mut part = array(part, what)?.into_iter();
-    let mut next = || part.next().ok_or_else(|| bad(what, "too short"));
-    let epoch = text(next()?, what)?;
-    let top = number(next()?, what)?;
-    let from = number(next()?, what)?;
-    let mut reach = number(next()?, what)?;
-    let entries = entries(next()?, what)?;
-    let whole = number(next()?, what)? == 1;
-    if epoch.is_empty() {
-        return Ok(Caught {
-            head: Head::Fresh,
-            from: 0,
-            reach: 0,
-            messages: Some(Vec::new()),
-        });
-    }
-    let epoch: Arc<str> = epoch.into();
-    let after = Position {
-        epoch: epoch.clone(),
-        offset: from,
-    };
-    let wanted = reach.saturating_sub(from);
-    let messages = match whole.then(|| contiguous(topic, &after, wanted, entries, None)) {
-        Some(Ok(Some(mut messages))) => {
-            // Entries the script could not place (written without their
-            // `seq`) are placed here.
-            if let Some(bound) = bound
-                && let Some(at) = messages
-                    .iter()
-                    .position(|m| m.stamp.as_ref().is_none_or(|s| s.seq >= bound))
-            {
-                messages.truncate(at);
-                reach = from + at as u64;
-            }
-            Some(messages)
-        }
-        Some(Err(e)) => {
-            debug!(error = %e, "an entry of the catch-up cannot be read");
-            None
-        }
-        Some(Ok(None)) | None => None,
-    };
-    Ok(Caught {
-        head: Head::At(Position { epoch, offset: top }),
-        from,
-        reach,
-        messages,
-    })
-}
-
 /// Whether an error is Redis's answer (the connection is fine) rather than
 /// a failed connection.
 fn is_answer(e: &redis::RedisError) -> bool {
     !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped()) && e.code().is_some()
 }
 
-/// The one server's connection (history needs one Redis: the
-/// configuration refuses it on a Cluster).
+/// The one server's connection, for the one-Redis publish script (a
+/// Cluster publishes through `history/sharded.rs`, never through this).
 fn single(conn: &mut PubConn) -> redis::RedisResult<&mut MultiplexedConnection> {
     match conn {
         PubConn::Single(c) => Ok(c),
         PubConn::Sharded(_) => Err(redis::RedisError::from((
             redis::ErrorKind::InvalidClientConfig,
-            "history is not supported on a Redis Cluster",
+            "the one-Redis publish script cannot run on a Redis Cluster",
         ))),
     }
-}
-
-/// A reply of a history script that cannot be read.
-fn bad(what: &str, why: &str) -> HistoryError {
-    HistoryError::Unreadable(format!("history {what}: {why}"))
-}
-
-fn array(value: redis::Value, what: &str) -> Result<Vec<redis::Value>, HistoryError> {
-    match value {
-        redis::Value::Array(items) => Ok(items),
-        _ => Err(bad(what, "not an array")),
-    }
-}
-
-fn text(value: redis::Value, what: &str) -> Result<String, HistoryError> {
-    redis::from_redis_value::<String>(value).map_err(|e| bad(what, &e.to_string()))
-}
-
-fn number(value: redis::Value, what: &str) -> Result<u64, HistoryError> {
-    match value {
-        redis::Value::Int(n) => u64::try_from(n).map_err(|_| bad(what, "a negative number")),
-        other => text(other, what)?
-            .parse()
-            .map_err(|_| bad(what, "not a number")),
-    }
-}
-
-/// Stream entries as `XRANGE` gives them: (id, payload) each.
-fn entries(value: redis::Value, what: &str) -> Result<Vec<(String, Bytes)>, HistoryError> {
-    let entries = array(value, what)?;
-    let mut out = Vec::with_capacity(entries.len());
-    for entry in entries {
-        // [id, [field, value, ...]]
-        let mut entry = array(entry, what)?.into_iter();
-        let (Some(id), Some(redis::Value::Array(fields))) = (entry.next(), entry.next()) else {
-            return Err(bad(what, "entry"));
-        };
-        let id = text(id, what)?;
-        let mut data = None;
-        let mut fields = fields.into_iter();
-        while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
-            if text(name, what)? == "d" {
-                let redis::Value::BulkString(bytes) = value else {
-                    return Err(bad(what, "payload"));
-                };
-                data = Some(Bytes::from(bytes));
-            }
-        }
-        out.push((id, data.ok_or_else(|| bad(what, "entry without payload"))?));
-    }
-    Ok(out)
-}
-
-/// One topic's answer to the read script: the top and the entries.
-fn read_reply(reply: redis::Value) -> Result<(Position, Vec<(String, Bytes)>), HistoryError> {
-    let what = "read";
-    let mut parts = array(reply, what)?.into_iter();
-    let (Some(epoch), Some(top), Some(entries_part)) = (parts.next(), parts.next(), parts.next())
-    else {
-        return Err(bad(what, "too short"));
-    };
-    let position = Position {
-        epoch: text(epoch, what)?.into(),
-        offset: number(top, what)?,
-    };
-    Ok((position, entries(entries_part, what)?))
-}
-
-/// The entries' messages, if they are exactly the `wanted` offsets after
-/// `after`, in order, and (with `max_age_ms`) none is older than that.
-fn contiguous(
-    topic: &Topic,
-    after: &Position,
-    wanted: u64,
-    entries: Vec<(String, Bytes)>,
-    max_age_ms: Option<u64>,
-) -> Result<Option<Vec<Arc<Envelope>>>, HistoryError> {
-    if entries.len() as u64 != wanted {
-        return Ok(None);
-    }
-    let now = wire::now_ms();
-    let mut messages = Vec::with_capacity(entries.len());
-    for (n, (id, payload)) in entries.into_iter().enumerate() {
-        let offset = after.offset + 1 + n as u64;
-        if id != format!("{offset}-1") {
-            return Ok(None);
-        }
-        let decoded = wire::decode(payload).map_err(|e| HistoryError::Unreadable(e.to_string()))?;
-        let stamped_here = decoded
-            .stamp
-            .as_ref()
-            .and_then(|s| s.position(topic))
-            .is_some_and(|p| p.epoch == after.epoch && p.offset == offset);
-        if !stamped_here {
-            return Err(HistoryError::Unreadable(format!(
-                "history entry {id} is not stamped with its own position"
-            )));
-        }
-        if let (Some(max), Some(at)) = (max_age_ms, decoded.published_ms)
-            && now.saturating_sub(at) > max
-        {
-            return Ok(None);
-        }
-        messages.push(Arc::new(Envelope::stamped(
-            decoded.route,
-            decoded.frame,
-            decoded.stamp,
-        )));
-    }
-    Ok(Some(messages))
 }
 
 /// A handoff as stored: the three positions, `null` where there is none.
@@ -1117,29 +1029,31 @@ impl History for RedisHistory {
                 .iter()
                 .flat_map(|t| [self.keys.meta(t), self.keys.stream(t)])
                 .collect();
-            let mttl = ms(meta_ttl(&self.history));
-            let flat: Vec<String> = self
-                .call(|mut c| async move {
-                    evalsha(&mut c.conn, TOPS_LUA, &c.tops_sha, |cmd| {
-                        cmd.arg(keys.len()).arg(keys).arg(&*c.run_id).arg(mttl);
-                    })
-                    .await
+            let mttl = ms(meta_ttl(&self.history)).to_string();
+            let per = &vec![Vec::new(); topics.len()];
+            let flat = self
+                .call(|c| {
+                    let mttl = mttl.clone();
+                    async move {
+                        let head = [c.run_id.to_string(), mttl];
+                        let script = (TOPS_LUA, &*c.tops_sha);
+                        sharded::per_topic(&c.conn, self.keys.sharded, script, keys, &head, per)
+                            .await
+                    }
                 })
                 .await?;
             if flat.len() != topics.len() * 2 {
                 return Err(HistoryError::Unreadable("tops: wrong length".into()));
             }
-            flat.chunks(2)
-                .map(|pair| {
-                    let offset = pair[1]
-                        .parse()
-                        .map_err(|_| HistoryError::Unreadable(format!("offset {:?}", pair[1])))?;
-                    Ok(Position {
-                        epoch: pair[0].as_str().into(),
-                        offset,
-                    })
-                })
-                .collect()
+            let mut flat = flat.into_iter();
+            let mut tops = Vec::with_capacity(topics.len());
+            while let (Some(epoch), Some(offset)) = (flat.next(), flat.next()) {
+                tops.push(Position {
+                    epoch: text(epoch, "tops")?.into(),
+                    offset: number(offset, "tops")?,
+                });
+            }
+            Ok(tops)
         })
     }
 
@@ -1163,22 +1077,19 @@ impl History for RedisHistory {
             // answers what it has, and is then incomplete.
             let holds = from.iter().map(|(t, _)| self.holds_at_most(t));
             let max = max.min(holds.max().unwrap_or(0));
-            let reply: redis::Value = self
-                .call(|mut c| async move {
-                    evalsha(&mut c.conn, READ_MANY_LUA, &c.read_many_sha, |cmd| {
-                        cmd.arg(keys.len())
-                            .arg(keys)
-                            .arg(&*c.run_id)
-                            .arg(mttl)
-                            .arg(max);
-                        for (_, after) in from {
-                            cmd.arg(&*after.epoch).arg(after.offset);
-                        }
-                    })
-                    .await
+            let per = &from
+                .iter()
+                .map(|(_, after)| vec![after.epoch.to_string(), after.offset.to_string()])
+                .collect::<Vec<_>>();
+            // On a Cluster each topic is read in its own slot: a snapshot
+            // per topic (`history/sharded.rs`).
+            let parts = self
+                .call(|c| async move {
+                    let head = [c.run_id.to_string(), mttl.to_string(), max.to_string()];
+                    let script = (READ_MANY_LUA, &*c.read_many_sha);
+                    sharded::per_topic(&c.conn, self.keys.sharded, script, keys, &head, per).await
                 })
                 .await?;
-            let parts = array(reply, "read")?;
             if parts.len() != from.len() {
                 return Err(bad("read", "one answer per topic"));
             }
@@ -1228,24 +1139,9 @@ impl History for RedisHistory {
             // Read only (`tops` would make an epoch, and keep it 24 h, for
             // every topic an operator looks at): a topic without an epoch
             // of this Redis run has no history to list.
-            let meta = &self.keys.meta(topic);
-            let (fields, run_id): (Vec<Option<String>>, Arc<str>) = self
-                .call(|mut c| async move {
-                    let fields = redis::cmd("HMGET")
-                        .arg(meta)
-                        .arg("e")
-                        .arg("o")
-                        .arg("r")
-                        .query_async(&mut c.conn)
-                        .await?;
-                    Ok((fields, c.run_id))
-                })
-                .await?;
-            let top = match fields.as_slice() {
-                [Some(epoch), offset, Some(run)] if **run == *run_id => Position {
-                    epoch: Arc::from(epoch.as_str()),
-                    offset: offset.as_deref().and_then(|o| o.parse().ok()).unwrap_or(0),
-                },
+            let head = self.heads(std::slice::from_ref(topic)).await?;
+            let top = match head.into_iter().next() {
+                Some(Head::At(top)) => top,
                 _ => {
                     return Ok(Recent {
                         top: None,
@@ -1372,7 +1268,7 @@ mod tests {
 
     #[test]
     fn keys_are_under_the_prefix_and_one_per_topic() {
-        let keys = Keys::new("wshub");
+        let keys = Keys::new("wshub", false);
         assert_eq!(keys.meta(&Topic::All), "wshub:h:{all}:m");
         assert_eq!(
             keys.stream(&Topic::Group(Some("a}b".into()))),

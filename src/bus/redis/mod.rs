@@ -212,12 +212,6 @@ impl RedisBus {
         shutdown: Shutdown,
     ) -> Result<Self, BusError> {
         let link = Link::new(&config)?;
-        if history.is_some() && config.sharded {
-            // The configuration refuses it too; a bus started directly must not.
-            return Err(BusError::Unavailable(
-                "history is not supported on a Redis Cluster (redis.sharded)".into(),
-            ));
-        }
         let history =
             history.map(|h| Arc::new(RedisHistory::new(&node_id, link.clone(), config.clone(), h)));
         let channels = Channels::new(&config.channel_prefix);

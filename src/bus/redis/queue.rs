@@ -32,6 +32,9 @@ pub(super) struct Recorded {
     /// the publisher when it first takes the message (0: not yet). The
     /// script skips numbers it has run already (see `history.rs`).
     pub(super) number: u64,
+    /// When it was published (ms since the Unix epoch): on a Cluster part
+    /// of its `seq`, a merge hint (`history/sharded.rs`).
+    pub(super) published_ms: u64,
 }
 
 /// One topic of a [`Recorded`] message.

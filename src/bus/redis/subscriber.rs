@@ -118,7 +118,27 @@ pub(super) struct Subscriber {
     /// History on: topics being started afresh after a copy from a node
     /// without history (`renewal.rs`).
     renewals: Renewals,
+    /// History on: the catch-up after the last resubscribe failed (a shard
+    /// that just restarted answers `CLUSTERDOWN` for a while): when to try
+    /// it again, and the pause after that.
+    catch_up_retry: Option<(Instant, Duration)>,
 }
+
+/// Sharded: what the last checks of the subscriptions Redis holds found
+/// ([`SubConn::shard_subscriptions`](super::conn::SubConn::shard_subscriptions)).
+#[derive(Default)]
+struct HeldCheck {
+    /// How many checks in a row found fewer than were subscribed.
+    short: u32,
+    /// What the last short one found: held, and subscribed.
+    held: usize,
+    want: usize,
+}
+
+/// Checks in a row that must find subscriptions missing before the
+/// connection is given up: one may race a slot migration's resubscribe or
+/// an unsubscribe.
+const SHORT_CHECKS: u32 = 2;
 
 /// One live subscriber connection: the connections, the probe channels and
 /// when each last came back, and exactly the topics subscribed on it.
@@ -135,7 +155,13 @@ struct Live {
     sentinel_server: Option<redis::ConnectionAddr>,
     /// Set by a probe task when the sentinels name another primary.
     moved: Arc<AtomicBool>,
+    /// Sharded: set by the check tasks that count what Redis holds.
+    held: Arc<std::sync::Mutex<HeldCheck>>,
 }
+
+/// The longest pause between tries of a failed catch-up after a
+/// resubscribe.
+const MAX_CATCH_UP_PAUSE: Duration = Duration::from_secs(5);
 
 /// What ended a live connection: why, to log it.
 type Lost = String;
@@ -162,6 +188,7 @@ impl Subscriber {
             tracks: Tracks::default(),
             gap_logged: None,
             renewals: Renewals::default(),
+            catch_up_retry: None,
         }
     }
 
@@ -240,6 +267,7 @@ impl Subscriber {
             connected_at: shared.since_start(),
             sentinel_server: live_server.filter(|_| !config.sentinels.is_empty()),
             moved: Arc::new(AtomicBool::new(false)),
+            held: Arc::default(),
         })
     }
 
@@ -286,7 +314,13 @@ impl Subscriber {
                 incoming = live.conn.next() => self.on_incoming(live, incoming).await,
                 Some(first) = self.requests.recv() => self.on_requests(live, first).await,
                 _ = release.tick() => self.on_release(live).await,
-                _ = probe.tick() => self.on_probe(live),
+                _ = probe.tick() => match self.on_probe(live) {
+                    Ok(()) => {
+                        self.retry_catch_up(live).await;
+                        Ok(())
+                    }
+                    lost => lost,
+                },
             };
             if let Err(lost) = step {
                 return Some(lost);
@@ -467,6 +501,40 @@ impl Subscriber {
                 }
             });
         }
+        // Sharded: subscriptions lost with a shard's connection that the
+        // cluster client replaced by itself, with no push to say so (a
+        // shard restart): the probes cannot show it when the probe channel
+        // of that shard was subscribed on the new connection. Start over.
+        {
+            let check = live.held.lock().unwrap_or_else(|e| e.into_inner());
+            if check.short >= SHORT_CHECKS {
+                return Err(format!(
+                    "Redis holds {} of this node's {} shard channels: subscriptions were lost with a shard's connection",
+                    check.held, check.want
+                ));
+            }
+        }
+        if let Some(count) = live.conn.shard_subscriptions() {
+            // Every channel of this connection is held by exactly one shard.
+            let want = live.probes.len() + 1 + live.subscribed.len();
+            let (check, limit) = (live.held.clone(), config.command_timeout);
+            self.tasks.spawn(async move {
+                // Unknown (an old Redis, a shard down): not counted either
+                // way; a shard down shows in the probes.
+                if let Ok(Ok(Some(held))) = timeout(limit, count).await {
+                    let mut check = check.lock().unwrap_or_else(|e| e.into_inner());
+                    if held < want {
+                        *check = HeldCheck {
+                            short: check.short + 1,
+                            held,
+                            want,
+                        };
+                    } else {
+                        check.short = 0;
+                    }
+                }
+            });
+        }
         // A connection that delivers nothing, not even our own probes, is
         // wedged: start over on a new one.
         let last =
@@ -526,9 +594,17 @@ impl Subscriber {
         };
         let mut step = self.tracks.on_copy(&topic, &position);
         if step == Step::CatchUp {
-            // Everything published before this copy first, in order.
-            let wants = self.tracks.wants(&self.tracks.tracked());
-            let failed = self.catch_up(&wants, Some(seq)).await.err();
+            // Everything published before this copy first, in order. On a
+            // Cluster only this topic, to its top: there is no order
+            // across topics (each is its own shard's), and no `seq` to
+            // bound by; the copy itself then comes from history, and is
+            // skipped here (`history/sharded.rs`).
+            let (wants, bound) = if shared.config.sharded {
+                (self.tracks.wants([&topic]), None)
+            } else {
+                (self.tracks.wants(&self.tracks.tracked()), Some(seq))
+            };
+            let failed = self.catch_up(&wants, bound).await.err();
             step = self.tracks.on_copy(&topic, &position);
             if step == Step::CatchUp {
                 // Still not in line (the read failed, or history moved on
@@ -629,9 +705,43 @@ impl Subscriber {
         // Copies were lost meanwhile: a new epoch is a gap again.
         self.tracks.forget_renewals();
         let wants = self.tracks.wants(&live.subscribed);
+        self.catch_up_retry = None;
         if let Err(e) = self.catch_up(&wants, None).await {
-            // The next copy of each topic shows any jump.
-            warn!(error = %e, "cannot catch up from history after resubscribing; gaps are repaired at the next message");
+            // Tried again at the probes (a quiet topic shows no jump), and
+            // the next copy of each topic shows any jump meanwhile.
+            warn!(error = %e, "cannot catch up from history after resubscribing; trying again, and gaps are repaired at the next message");
+            let pause = self.shared.config.probe_interval;
+            self.catch_up_retry = Some((Instant::now() + pause, pause));
+        }
+    }
+
+    /// History on: tries again the catch-up after a resubscribe that
+    /// failed, when it is due; the pause doubles up to
+    /// [`MAX_CATCH_UP_PAUSE`] (each try is bounded by the command timeout,
+    /// and deliveries wait for it), until it succeeds or the connection is
+    /// replaced.
+    async fn retry_catch_up(&mut self, live: &Live) {
+        let Some((due, pause)) = self.catch_up_retry else {
+            return;
+        };
+        if Instant::now() < due {
+            return;
+        }
+        self.tracks.retain(|t| live.subscribed.contains(t));
+        let wants = self.tracks.wants(&live.subscribed);
+        match self.catch_up(&wants, None).await {
+            Ok(()) => {
+                info!(
+                    topics = wants.len(),
+                    "caught up from history after resubscribing, on a retry"
+                );
+                self.catch_up_retry = None;
+            }
+            Err(e) => {
+                debug!(error = %e, "the catch-up after resubscribing failed again");
+                let pause = (pause * 2).min(MAX_CATCH_UP_PAUSE);
+                self.catch_up_retry = Some((Instant::now() + pause, pause));
+            }
         }
     }
 }

@@ -399,7 +399,7 @@ pub fn numsub(port: u16, channel: &str, sharded: bool) -> i64 {
 impl RedisCluster {
     /// The index of the node that owns `key`'s slot, the slot, and the node
     /// ids (from `CLUSTER NODES` as each node sees itself).
-    fn owner_of(&self, key: &str) -> (usize, u16, Vec<String>) {
+    pub fn owner_of(&self, key: &str) -> (usize, u16, Vec<String>) {
         let slot: u16 = cli(self.nodes[0].port, &["CLUSTER", "KEYSLOT", key])
             .parse()
             .expect("CLUSTER KEYSLOT");

@@ -1,0 +1,314 @@
+//! History on a Redis Cluster with sharded pub/sub (`redis.sharded`): the
+//! same guarantees as on one Redis, **per topic**.
+//!
+//! A message to a group and a user is published on two channels, which a
+//! Cluster keeps in two slots, usually on two shards: no one script can
+//! stamp both copies atomically, and there is no cluster-wide sequence.
+//! So each topic is its own history:
+//!
+//! - **Keys in the channel's slot.** A script may only touch keys of one
+//!   slot, and its `SPUBLISH` must name a channel of that slot too. The
+//!   channel names are the ones the live path already uses (nodes without
+//!   history, during a rolling enable, subscribe to the same), so the keys
+//!   follow the channel: `P:h:{<tag>}:<K>:m` and `…:s`, where `<tag>` is
+//!   what Redis hashes of the channel's name ([`slot_tag`]).
+//! - **One script per topic copy** ([`PUBLISH_TOPIC_LUA`]): a batch is
+//!   grouped by topic, and each topic's messages of the batch go in one
+//!   call, in the topic's slot: dedupe (the bus instance's high-water mark
+//!   for *this topic*, a field of the topic's meta hash), offset, `XADD`,
+//!   `SPUBLISH` of a payload that carries this topic's position only. The
+//!   calls of one batch run concurrently, one per topic; a batch whose
+//!   outcome is unknown is resent whole, and each topic skips what it ran.
+//! - **Epochs per shard.** The scripts read the `run_id` of the shard they
+//!   run on themselves (`INFO server` inside the script: the node does not
+//!   know which shard holds a slot), so a restarted shard starts the
+//!   history of its own topics afresh, and no other's.
+//! - **Reads per topic.** The reads (a resume's three topics, a catch-up, a
+//!   topic's tops) run the one-Redis scripts once per topic, in its slot
+//!   ([`per_topic`]): atomic per topic, not across topics.
+//! - **No order across topics.** The `seq` of a sharded stamp is not a
+//!   cluster-wide counter but the publishing node's clock and its message
+//!   number (`ms × 4096 + number mod 4096`): replays from several topics
+//!   are merged by it (each topic in its own order), which keeps one
+//!   node's messages in the order sent in most cases but promises nothing
+//!   across topics — as live delivery in sharded mode does not either (two
+//!   topics are two shards, two subscriber connections).
+//!
+//! A copy's `pos` holds its own topic's position only (the other copies
+//! are stamped by other shards, maybe later).
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use redis::aio::ConnectionLike;
+
+use super::super::conn::{PubConn, slot_of};
+use super::super::queue::Outgoing;
+use super::{Prepared, evalsha, load};
+
+/// Stamps, records and publishes one batch's messages to one topic.
+///
+/// KEYS: `[1]` the topic's meta hash, `[2]` its stream (one slot, the
+/// channel's). ARGV: `[1]` run id (`''`: this server's), `[2]` stream ttl
+/// ms, `[3]` meta ttl ms, `[4]` the id prefix (a JSON string without its
+/// closing quote), `[5]` this bus instance's mark field, `[6]` the highest
+/// number among these messages, `[7]` the channel, `[8]` the topic's JSON
+/// key, `[9]` the stream's size, `[10]` message count; then per message its
+/// number, `seq`, header prefix and frame. Returns how many ran.
+pub(super) const PUBLISH_TOPIC_LUA: &str = concat!(
+    run_lua!(),
+    epoch_lua!(),
+    r#"
+local run, ttl, mttl, idp, mark = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local meta, stream = KEYS[1], KEYS[2]
+local hw = tonumber(redis.call('HGET', meta, mark) or '0')
+if tonumber(ARGV[6]) > hw then
+  redis.call('HSET', meta, mark, ARGV[6])
+end
+local channel, jkey, size = ARGV[7], ARGV[8], ARGV[9]
+local a, sent = 11, 0
+for _ = 1, tonumber(ARGV[10]) do
+  local number, seq, prefix, frame = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  a = a + 4
+  if tonumber(number) > hw then
+    local e = epoch_of(meta, stream, run)
+    local o = string.format('%d', redis.call('HINCRBY', meta, 'o', 1))
+    local payload = prefix .. ',"i":' .. idp .. '-' .. number .. '","s":' .. seq
+      .. ',"p":{' .. jkey .. ':"' .. e .. ':' .. o .. '"}}\n' .. frame
+    redis.pcall('XADD', stream, 'MAXLEN', '~', size, o .. '-1', 'd', payload, 's', seq)
+    redis.call('SPUBLISH', channel, payload)
+    sent = sent + 1
+  end
+end
+redis.call('PEXPIRE', meta, mttl)
+if sent > 0 then
+  redis.call('PEXPIRE', stream, ttl)
+end
+return sent
+"#
+);
+
+/// The hash tag that puts a topic's keys in the slot of its channel: what
+/// Redis hashes of the channel's name (its own `{tag}` if it has one, else
+/// the whole name), or, for a name that cannot be put between braces (it
+/// holds a `}` outside a tag), a short name found for that slot.
+pub(super) fn slot_tag(channel: &str) -> String {
+    let bytes = channel.as_bytes();
+    let own = bytes.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &channel[open + 1..];
+        let close = rest.find('}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    match own {
+        Some(tag) => tag.to_owned(),
+        None if !channel.contains('}') => channel.to_owned(),
+        None => tag_for_slot(slot_of(channel)),
+    }
+}
+
+/// A short name per slot (`~<n>`, the first that hashes to it), made once:
+/// about 170,000 hashes of a few bytes, bounded by [`SLOT_SEARCH`].
+fn tag_for_slot(slot: u16) -> String {
+    static TABLE: OnceLock<Vec<Option<u32>>> = OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let mut table = vec![None; 16384];
+        let mut missing = table.len();
+        for n in 0..SLOT_SEARCH {
+            let at = &mut table[usize::from(slot_of(&format!("~{n}")))];
+            if at.is_none() {
+                *at = Some(n);
+                missing -= 1;
+                if missing == 0 {
+                    break;
+                }
+            }
+        }
+        table
+    });
+    match table[usize::from(slot)] {
+        Some(n) => format!("~{n}"),
+        // Not found within the search (never seen): the whole name, which
+        // is then in another slot, and the script is refused with a
+        // CROSSSLOT error (a failed publish, never a wrong one).
+        None => format!("~slot{slot}"),
+    }
+}
+
+/// Most names tried to fill the slot table (every slot is found after
+/// about 170,000).
+const SLOT_SEARCH: u32 = 2_000_000;
+
+/// Readies a cluster publisher connection: loads the topic script on every
+/// primary (`SCRIPT LOAD` goes to all of them). The run id is each shard's
+/// own, read by the script.
+pub(super) async fn prepare(conn: &mut PubConn) -> redis::RedisResult<Prepared> {
+    let sha = load(conn, PUBLISH_TOPIC_LUA).await?;
+    Ok(Prepared {
+        sha,
+        run_id: "".into(),
+    })
+}
+
+/// What one batch publishes: the arguments common to every topic's call.
+pub(super) struct Batch<'a> {
+    pub(super) ttl: u64,
+    pub(super) mttl: u64,
+    pub(super) id_prefix: &'a str,
+    pub(super) mark: &'a str,
+}
+
+/// Runs the topic script once per topic of the batch, each with that
+/// topic's messages in batch order; the calls are issued together and run
+/// concurrently on their shards. Ok only when every one ran: otherwise
+/// the batch is resent whole and each topic skips what it ran.
+pub(super) async fn publish(
+    conn: &PubConn,
+    prepared: &Prepared,
+    args: &Batch<'_>,
+    batch: &[Outgoing],
+) -> redis::RedisResult<u64> {
+    struct Copies<'b> {
+        meta: &'b str,
+        stream: &'b str,
+        channel: &'b str,
+        json: &'b str,
+        size: usize,
+        messages: Vec<(u64, u64, &'b [u8], &'b [u8])>,
+    }
+    let mut topics: Vec<Copies<'_>> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    for m in batch {
+        let Some(r) = m.history.as_deref() else {
+            continue;
+        };
+        // Merge hint only (module docs): the clock and the number.
+        let seq = (r.published_ms << 12) | (r.number & 0xfff);
+        for (t, channel) in r.topics.iter().zip(&m.channels) {
+            let at = *index.entry(t.meta.as_str()).or_insert_with(|| {
+                topics.push(Copies {
+                    meta: &t.meta,
+                    stream: &t.stream,
+                    channel: channel.as_str(),
+                    json: &t.json,
+                    size: t.size,
+                    messages: Vec::new(),
+                });
+                topics.len() - 1
+            });
+            topics[at]
+                .messages
+                .push((r.number, seq, &m.payload[..], &r.frame[..]));
+        }
+    }
+    let calls = topics.iter().map(|copies| {
+        let mut conn = conn.clone();
+        async move {
+            let highest = copies.messages.iter().map(|m| m.0).max().unwrap_or(0);
+            evalsha::<u64, _>(&mut conn, PUBLISH_TOPIC_LUA, &prepared.sha, |cmd| {
+                cmd.arg(2)
+                    .arg(copies.meta)
+                    .arg(copies.stream)
+                    .arg(&*prepared.run_id)
+                    .arg(args.ttl)
+                    .arg(args.mttl)
+                    .arg(args.id_prefix)
+                    .arg(args.mark)
+                    .arg(highest)
+                    .arg(copies.channel)
+                    .arg(copies.json)
+                    .arg(copies.size)
+                    .arg(copies.messages.len());
+                for (number, seq, prefix, frame) in &copies.messages {
+                    cmd.arg(*number).arg(*seq).arg(*prefix).arg(*frame);
+                }
+            })
+            .await
+        }
+    });
+    let mut sent = 0;
+    let mut failed = None;
+    for result in futures_util::future::join_all(calls).await {
+        match result {
+            Ok(n) => sent += n,
+            // A broken connection outranks an answer (the publisher
+            // reconnects on it).
+            Err(e)
+                if failed
+                    .as_ref()
+                    .is_none_or(|f: &redis::RedisError| f.code().is_some()) =>
+            {
+                failed = Some(e);
+            }
+            Err(_) => {}
+        }
+    }
+    failed.map_or(Ok(sent), Err)
+}
+
+/// Runs a history script over some topics (`keys`: meta and stream per
+/// topic; `head`: the arguments before the per-topic ones). On one Redis
+/// one call; on a Cluster one call per topic, in its slot, issued together.
+/// The answers (an array per call) come back concatenated in topic order.
+pub(super) async fn per_topic<C: ConnectionLike + Clone + Send>(
+    conn: &C,
+    sharded: bool,
+    (script, sha): (&str, &str),
+    keys: &[String],
+    head: &[String],
+    per: &[Vec<String>],
+) -> redis::RedisResult<Vec<redis::Value>> {
+    let call = |keys: &[String], per: &[Vec<String>]| {
+        let mut conn = conn.clone();
+        let (keys, per) = (keys.to_vec(), per.to_vec());
+        async move {
+            let value: redis::Value = evalsha(&mut conn, script, sha, |cmd| {
+                cmd.arg(keys.len()).arg(&keys).arg(head);
+                for args in &per {
+                    cmd.arg(args);
+                }
+            })
+            .await?;
+            match value {
+                redis::Value::Array(items) => Ok(items),
+                _ => Err(redis::RedisError::from((
+                    redis::ErrorKind::UnexpectedReturnType,
+                    "a history script did not answer an array",
+                ))),
+            }
+        }
+    };
+    if !sharded {
+        return call(keys, per).await;
+    }
+    let calls = keys
+        .chunks(2)
+        .zip(per)
+        .map(|(keys, per)| call(keys, std::slice::from_ref(per)));
+    let mut out = Vec::new();
+    for answer in futures_util::future::join_all(calls).await {
+        out.extend(answer?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_topics_keys_share_its_channels_slot() {
+        for channel in [
+            "wshub:g:chat",
+            "wshub:u:ann",
+            "wshub:all",
+            "wshub:g:a{b}c",
+            "wshub:g:a{b",
+            "wshub:g:{}x",
+            "wshub:g:a}b",
+            "wshub:u:}{",
+        ] {
+            let key = format!("wshub:h:{{{}}}:g:x:m", slot_tag(channel));
+            assert_eq!(slot_of(&key), slot_of(channel), "{channel} -> {key}");
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! History on a Redis Cluster with sharded pub/sub
+//! (`src/bus/redis/history/sharded.rs`): the resume guarantees, per topic,
+//! against a real cluster of `redis-server`s (missing: the tests fail).
+//!
+//! On a cluster the scripts of one publish batch run concurrently, one per
+//! topic, each on its topic's shard: a sentinel seen through one topic
+//! proves only that topic's earlier messages ran. So "everything before
+//! has run" is shown by two sentinels in a row ([`settle`]): the second is
+//! published once the first came back, so it goes in a later batch, which
+//! the publisher sends only once every script of the first one answered.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use wshub::history::Read;
+use wshub::route::Topic;
+
+use crate::common::history_settings as settings;
+use crate::common::redis::{RedisCluster, cli};
+use crate::common::{TestServer, eventually};
+use crate::history_bus::{Event, Member, group, killed_twice_and_repaired, position};
+use crate::resume::{Page, Watcher, except, messages, publish, say, sentinel, to_group, to_user};
+
+/// A node on the cluster `urls`, sharded pub/sub, history on.
+async fn cluster_node(urls: &str) -> TestServer {
+    TestServer::on_redis(urls, |c| {
+        c.redis.as_mut().unwrap().sharded = true;
+        c.history = Some(settings());
+    })
+    .await
+}
+
+/// Everything `server` published before has run on every shard (module
+/// docs).
+async fn settle(watcher: &mut Watcher, server: &TestServer) {
+    watcher.settle(server).await;
+    watcher.settle(server).await;
+}
+
+/// The channel of a group (where its keys live too).
+fn group_channel(name: &str) -> String {
+    format!("wshub:g:{name}")
+}
+
+/// A group name whose channel is on shard `owner` (`want`) or not on it.
+fn group_on(cluster: &RedisCluster, shard: usize, on: bool) -> String {
+    (0..200)
+        .map(|i| format!("g{i}"))
+        .find(|g| (cluster.owner_of(&group_channel(g)).0 == shard) == on)
+        .expect("a group name for the shard")
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_socket_is_replayed_what_it_missed_once_in_order_per_topic() {
+    let cluster = RedisCluster::start(3);
+    let urls = cluster.urls();
+    let (one, two) = (cluster_node(&urls).await, cluster_node(&urls).await);
+    let mut watcher = Watcher::on(&two).await;
+    let mut ann = Page::new("ann", Some("chat"));
+    let mut client = ann.open(&one, Some("")).await;
+    ann.welcome(&mut client).await;
+    publish(&one, say("live", json!([to_user("ann")]))).await;
+    let frame = client.recv().await;
+    ann.observe(&frame);
+    assert_eq!(frame["message"], "live");
+    client.close().await;
+
+    // While ann is away, from the other node:
+    for (text, recipients) in [
+        ("m1 all", json!([])),
+        ("m2 chat", json!([to_group("chat")])),
+        ("m3 ann", json!([to_user("ann")])),
+        ("m4 chat+ann", json!([to_group("chat"), to_user("ann")])),
+        ("m5 ann+chat", json!([to_user("ann"), to_group("chat")])),
+        ("-- other group", json!([to_group("other")])),
+        ("-- bob", json!([to_user("bob")])),
+        ("-- all but ann", json!([except("ann")])),
+        ("-- chat but ann", json!([to_group("chat"), except("ann")])),
+        ("m6 all", json!([])),
+    ] {
+        publish(&two, say(text, recipients)).await;
+    }
+    settle(&mut watcher, &two).await;
+
+    let (mut client, welcome) = ann.resume(&two).await;
+    assert_eq!(welcome["recovered"], true, "{welcome}");
+    // The watcher's two sentinels went to everyone too.
+    assert_eq!(welcome["replayed"], 6 + 2, "{welcome}");
+    let tag = sentinel(&one).await;
+    let (got, _) = ann.until(&mut client, &tag).await;
+    assert_eq!(got.len(), 8, "{:?}", messages(&got));
+    // Each message once, through the first topic of its route that is
+    // ann's, in the order sent within that topic (no order is promised
+    // across topics on a cluster), with that topic's position only.
+    for (key, want) in [
+        ("all", &["m1 all", "m6 all"][..]),
+        ("group:chat", &["m2 chat", "m4 chat+ann"][..]),
+        ("user:ann", &["m3 ann", "m5 ann+chat"][..]),
+    ] {
+        let through: Vec<&str> = got
+            .iter()
+            .filter(|f| f["pos"].as_object().unwrap().contains_key(key))
+            .map(|f| f["message"].as_str().unwrap())
+            .filter(|m| !m.starts_with("resume-sentinel"))
+            .collect();
+        assert_eq!(through, want, "through {key}");
+    }
+    for frame in &got {
+        assert_eq!(frame["pos"].as_object().unwrap().len(), 1, "{frame}");
+    }
+    client.close().await;
+
+    // Straight back: nothing missed, recovered with nothing to replay.
+    let (mut client, welcome) = ann.resume(&one).await;
+    assert_eq!(welcome["recovered"], true, "{welcome}");
+    assert_eq!(welcome["replayed"], 0);
+    let tag = sentinel(&two).await;
+    assert!(ann.until(&mut client, &tag).await.0.is_empty());
+}
+
+/// A sharded subscriber connection killed on its shard (`CLIENT KILL TYPE
+/// pubsub`) while publishing goes on: every message once, in order, every
+/// gap repaired from history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_a_killed_subscriber_is_repaired_from_history() {
+    let cluster = RedisCluster::start(3);
+    let urls = cluster.urls();
+    let publisher = Arc::new(Member::start_sharded(&urls, "pub", Some(settings()), 2000).await);
+    let receiver = Member::start_sharded(&urls, "rcv", Some(settings()), 2000).await;
+    let shard = cluster.nodes[cluster.owner_of(&group_channel("a")).0].port;
+    killed_twice_and_repaired(publisher, receiver, || {
+        cli(shard, &["CLIENT", "KILL", "TYPE", "pubsub"])
+    })
+    .await;
+}
+
+/// Everything `member` receives until a sentinel from `from` came back
+/// through each of `topics`.
+async fn until_sentinels(member: &mut Member, from: &Member, topics: &[Topic]) -> Vec<Event> {
+    let tags: Vec<String> = topics
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let tag = format!("sentinel-{i}");
+            from.publish(std::slice::from_ref(t), &tag);
+            tag
+        })
+        .collect();
+    let mut seen = Vec::new();
+    let mut left = tags.len();
+    while left > 0 {
+        match member.next().await {
+            Event::Copy(_, text, _) if tags.contains(&text) => left -= 1,
+            event => seen.push(event),
+        }
+    }
+    seen
+}
+
+/// A batch for two topics on two shards, one of them frozen: the other
+/// topic's script runs, the frozen one's times out, and the publisher
+/// sends the batch again. When the shard thaws it runs the first call and
+/// then the resend: each topic publishes the message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_a_batch_resent_after_a_timeout_is_published_once_per_topic() {
+    let cluster = RedisCluster::start(3);
+    let urls = cluster.urls();
+    let frozen = cluster.owner_of(&group_channel("a")).0;
+    let other = group(&group_on(&cluster, frozen, false));
+    let a = group("a");
+    let publisher = Member::start_sharded(&urls, "pub", Some(settings()), 300).await;
+    let mut receiver = Member::start_sharded(&urls, "rcv", Some(settings()), 2000).await;
+    receiver.subscribe(&[a.clone(), other.clone()]).await;
+    // The publisher's connection and scripts are ready before the freeze.
+    let warm = until_sentinels(&mut receiver, &publisher, &[a.clone(), other.clone()]).await;
+    assert_eq!(warm, vec![]);
+    cluster.nodes[frozen].pause();
+    publisher.publish(&[a.clone(), other.clone()], "once");
+    eventually("the publisher gives the batch up and resends it", || {
+        publisher.metric("wshub_bus_publish_failures_total") >= 1.0
+    })
+    .await;
+    // Shorter than the cluster's node timeout (2 s): no failover.
+    cluster.nodes[frozen].resume();
+    let got = until_sentinels(&mut receiver, &publisher, &[a.clone(), other.clone()]).await;
+    let copies = |t: &Topic| {
+        got.iter()
+            .filter(|e| matches!(e, Event::Copy(via, text, _) if via == t && text == "once"))
+            .count()
+    };
+    assert_eq!((copies(&a), copies(&other)), (1, 1), "{got:?}");
+    assert_eq!(got.len(), 2, "nothing else: {got:?}");
+}
+
+/// One shard restarts without persistence: the topics it holds start
+/// afresh (a read from before is incomplete: `recovered: false`, and a
+/// subscribed node reports a gap, never a replay), the others keep their
+/// history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_a_restarted_shard_starts_its_topics_afresh_and_only_them() {
+    let mut cluster = RedisCluster::start(3);
+    let urls = cluster.urls();
+    let restarted = cluster.owner_of(&group_channel("a")).0;
+    let (a, kept) = (group("a"), group(&group_on(&cluster, restarted, false)));
+    let publisher = Member::start_sharded(&urls, "pub", Some(settings()), 2000).await;
+    let mut receiver = Member::start_sharded(&urls, "rcv", Some(settings()), 2000).await;
+    receiver.subscribe(&[a.clone(), kept.clone()]).await;
+    let history = receiver.history();
+    let mut before = Vec::new();
+    for topic in [&a, &kept] {
+        publisher.publish(std::slice::from_ref(topic), "first");
+        let (via, _, stamp) = receiver.next_copy().await;
+        assert_eq!(&via, topic);
+        before.push(position(&stamp, topic));
+    }
+    for topic in [&a, &kept] {
+        publisher.publish(std::slice::from_ref(topic), "second");
+    }
+    let got = until_sentinels(&mut receiver, &publisher, &[a.clone(), kept.clone()]).await;
+    assert_eq!(got.len(), 2, "{got:?}");
+
+    cluster.nodes[restarted].restart();
+    let port = cluster.nodes[restarted].port;
+    eventually("the cluster is whole again", || {
+        cli(port, &["CLUSTER", "INFO"]).contains("cluster_state:ok")
+    })
+    .await;
+    // The receiver's subscriber lost the shard: after it resubscribed,
+    // topic `a` shows as a gap (its history is gone), and nothing is
+    // replayed.
+    let deadline = tokio::time::Instant::now() + crate::common::PATIENCE;
+    let from = [
+        (a.clone(), before[0].clone()),
+        (kept.clone(), before[1].clone()),
+    ];
+    let reads = loop {
+        match history.read_many(&from, 100).await {
+            Ok(reads) => break reads,
+            Err(e) => {
+                assert!(tokio::time::Instant::now() < deadline, "{e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert!(
+        matches!(&reads[0], Read::Incomplete { top } if top.epoch != before[0].epoch),
+        "the restarted shard's topic started afresh: {reads:?}"
+    );
+    match &reads[1] {
+        Read::Complete { messages, .. } => assert_eq!(
+            messages
+                .iter()
+                .map(|m| m.frame.to_string())
+                .collect::<Vec<_>>(),
+            ["second", "sentinel-1"],
+            "the other shard's topic kept its history"
+        ),
+        other => panic!("the other shard's topic is readable: {other:?}"),
+    }
+    // A sentinel on each topic after it: if the copy of "after" was lost
+    // while the receiver resubscribed, the sentinel's jump repairs it.
+    publisher.publish(std::slice::from_ref(&a), "after");
+    let events = until_sentinels(&mut receiver, &publisher, &[a.clone(), kept.clone()]).await;
+    let copies: Vec<(&Topic, &str, u64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Copy(via, text, stamp) => {
+                Some((via, text.as_str(), position(stamp, via).offset))
+            }
+            Event::Gap(_) => None,
+        })
+        .collect();
+    assert_eq!(
+        copies,
+        [(&a, "after", 1)],
+        "once, in a new epoch: {events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| matches!(e, Event::Copy(..)) || *e == Event::Gap(a.clone())),
+        "at most a gap of the restarted topic, no replay: {events:?}"
+    );
+    let after = until_sentinels(&mut receiver, &publisher, &[a.clone(), kept.clone()]).await;
+    assert_eq!(after, vec![], "nothing twice");
+}
