@@ -40,11 +40,10 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use redis::aio::ConnectionLike;
-
 use super::super::conn::{PubConn, slot_of};
 use super::super::queue::Outgoing;
 use super::{Prepared, evalsha, load};
+use redis::cluster_routing::SingleNodeRoutingInfo;
 
 /// Stamps, records and publishes one batch's messages to one topic.
 ///
@@ -204,7 +203,7 @@ pub(super) async fn publish(
         let mut conn = conn.clone();
         async move {
             let highest = copies.messages.iter().map(|m| m.0).max().unwrap_or(0);
-            evalsha::<u64, _>(&mut conn, PUBLISH_TOPIC_LUA, &prepared.sha, |cmd| {
+            routed::<u64>(&mut conn, PUBLISH_TOPIC_LUA, &prepared.sha, |cmd| {
                 cmd.arg(2)
                     .arg(copies.meta)
                     .arg(copies.stream)
@@ -249,8 +248,8 @@ pub(super) async fn publish(
 /// topic; `head`: the arguments before the per-topic ones). On one Redis
 /// one call; on a Cluster one call per topic, in its slot, issued together.
 /// The answers (an array per call) come back concatenated in topic order.
-pub(super) async fn per_topic<C: ConnectionLike + Clone + Send>(
-    conn: &C,
+pub(super) async fn per_topic(
+    conn: &PubConn,
     sharded: bool,
     (script, sha): (&str, &str),
     keys: &[String],
@@ -261,7 +260,7 @@ pub(super) async fn per_topic<C: ConnectionLike + Clone + Send>(
         let mut conn = conn.clone();
         let (keys, per) = (keys.to_vec(), per.to_vec());
         async move {
-            let value: redis::Value = evalsha(&mut conn, script, sha, |cmd| {
+            let value: redis::Value = routed(&mut conn, script, sha, |cmd| {
                 cmd.arg(keys.len()).arg(&keys).arg(head);
                 for args in &per {
                     cmd.arg(args);
@@ -290,6 +289,80 @@ pub(super) async fn per_topic<C: ConnectionLike + Clone + Send>(
     }
     Ok(out)
 }
+
+/// `EVALSHA` of a history script, following the cluster's redirections
+/// (the cluster connection is built without retries, so the client does
+/// not follow them itself, `conn.rs`): on `ASK` (the slot is being
+/// migrated and the topic's keys are already on the importing shard)
+/// `ASKING` and the call go to the named node together, in one pipeline,
+/// so that nothing else on that connection comes between them; on `MOVED`
+/// (the client refreshes its slot map on that reply) and `TRYAGAIN` (the
+/// topic's keys are split across the two shards for a moment) the call is
+/// made again after a short pause. A redirected call did not run, so
+/// following it never runs a script twice; and the publish script skips
+/// what it ran anyway. At most [`REDIRECTS`] of them per call.
+async fn routed<T: redis::FromRedisValue>(
+    conn: &mut PubConn,
+    script: &str,
+    sha: &str,
+    args: impl Fn(&mut redis::Cmd),
+) -> redis::RedisResult<T> {
+    let mut result = evalsha::<redis::Value, _>(conn, script, sha, &args).await;
+    for tries in 1..=REDIRECTS {
+        let Err(e) = &result else { break };
+        match e.code() {
+            Some("ASK") => {
+                let Some((node, _)) = e.redirect_node() else {
+                    break;
+                };
+                let Some((host, port)) = node
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+                else {
+                    break;
+                };
+                let PubConn::Sharded(cluster) = conn else {
+                    break;
+                };
+                let mut call = redis::cmd("EVALSHA");
+                call.arg(sha);
+                args(&mut call);
+                let mut pipe = redis::pipe();
+                pipe.cmd("ASKING").add_command(call);
+                let route = SingleNodeRoutingInfo::ByAddress { host, port };
+                result = match cluster.route_pipeline(pipe, 1, 1, route).await {
+                    Ok(mut values) => match values.pop() {
+                        Some(value) => value.extract_error(),
+                        None => Err(redis::RedisError::from((
+                            redis::ErrorKind::UnexpectedReturnType,
+                            "no answer to a redirected history script",
+                        ))),
+                    },
+                    Err(e) => Err(e),
+                };
+                if matches!(&result, Err(e) if e.code() == Some("NOSCRIPT")) {
+                    // A primary that was not there when the scripts were
+                    // loaded: load them everywhere, and ask again.
+                    load(conn, script).await?;
+                    result = evalsha::<redis::Value, _>(conn, script, sha, &args).await;
+                }
+            }
+            Some("MOVED") | Some("TRYAGAIN") => {
+                tokio::time::sleep(REDIRECT_PAUSE * tries).await;
+                result = evalsha::<redis::Value, _>(conn, script, sha, &args).await;
+            }
+            _ => break,
+        }
+    }
+    let value = result?;
+    T::from_redis_value(value).map_err(redis::RedisError::from)
+}
+
+/// Most redirections followed per history script call.
+const REDIRECTS: u32 = 5;
+
+/// The pause before a call after `MOVED` or `TRYAGAIN`, times the try.
+const REDIRECT_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
 
 #[cfg(test)]
 mod tests {
