@@ -378,3 +378,44 @@ async fn on_a_cluster_a_long_slot_migration_loses_nothing() {
         );
     }
 }
+
+/// Every node (re)start is a new bus instance with its own high-water mark
+/// per topic it publishes to: those marks are keys of their own that
+/// expire (like the topic's meta hash), not fields of the meta hash, which
+/// a busy topic keeps forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_each_instances_mark_expires_on_its_own() {
+    let cluster = RedisCluster::start(3);
+    let urls = cluster.urls();
+    let (owner, slot, _) = cluster.owner_of(&group_channel("a"));
+    let a = group("a");
+    let mut receiver = Member::start_sharded(&urls, "rcv", Some(settings()), 2000).await;
+    receiver.subscribe(std::slice::from_ref(&a)).await;
+    // Three instances in turn, as three restarts of one node make.
+    for i in 0..3 {
+        let publisher = Member::start_sharded(&urls, "pub", Some(settings()), 2000).await;
+        let got = receiver.until_sentinel(&publisher, &a).await;
+        assert_eq!(got, vec![], "instance {i}");
+    }
+    let port = cluster.nodes[owner].port;
+    let keys = cli(
+        port,
+        &["CLUSTER", "GETKEYSINSLOT", &slot.to_string(), "100"],
+    );
+    let keys: Vec<&str> = keys.split_whitespace().collect();
+    let meta = keys
+        .iter()
+        .find(|k| k.ends_with(":m"))
+        .unwrap_or_else(|| panic!("a meta hash among {keys:?}"));
+    let fields = cli(port, &["HKEYS", meta]);
+    assert!(
+        !fields.split_whitespace().any(|f| f.starts_with("pub:")),
+        "no instance marks in the meta hash: {fields}"
+    );
+    let marks: Vec<&&str> = keys.iter().filter(|k| k.contains(":pub:")).collect();
+    assert_eq!(marks.len(), 3, "one mark per instance: {keys:?}");
+    for mark in marks {
+        let ttl: i64 = cli(port, &["PTTL", mark]).trim().parse().unwrap();
+        assert!(ttl > 0, "{mark} expires: {ttl}");
+    }
+}

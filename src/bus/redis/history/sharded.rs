@@ -15,7 +15,8 @@
 //! - **One script per topic copy** ([`PUBLISH_TOPIC_LUA`]): a batch is
 //!   grouped by topic, and each topic's messages of the batch go in one
 //!   call, in the topic's slot: dedupe (the bus instance's high-water mark
-//!   for *this topic*, a field of the topic's meta hash), offset, `XADD`,
+//!   for *this topic*, a key of its own in the topic's slot, expiring like
+//!   the meta hash: [`mark_key`]), offset, `XADD`,
 //!   `SPUBLISH` of a payload that carries this topic's position only. The
 //!   calls of one batch run concurrently, one per topic; a batch whose
 //!   outcome is unknown is resent whole, and each topic skips what it ran.
@@ -47,10 +48,11 @@ use redis::cluster_routing::SingleNodeRoutingInfo;
 
 /// Stamps, records and publishes one batch's messages to one topic.
 ///
-/// KEYS: `[1]` the topic's meta hash, `[2]` its stream (one slot, the
-/// channel's). ARGV: `[1]` run id (`''`: this server's), `[2]` stream ttl
+/// KEYS: `[1]` the topic's meta hash, `[2]` its stream, `[3]` this bus
+/// instance's mark for the topic (one slot, the channel's: [`mark_key`]).
+/// ARGV: `[1]` run id (`''`: this server's), `[2]` stream ttl
 /// ms, `[3]` meta ttl ms, `[4]` the id prefix (a JSON string without its
-/// closing quote), `[5]` this bus instance's mark field, `[6]` the highest
+/// closing quote), `[5]` unused (was the mark's field), `[6]` the highest
 /// number among these messages, `[7]` the channel, `[8]` the topic's JSON
 /// key, `[9]` the stream's size, `[10]` message count; then per message its
 /// number, `seq`, header prefix and frame. Returns how many ran.
@@ -58,11 +60,13 @@ pub(super) const PUBLISH_TOPIC_LUA: &str = concat!(
     run_lua!(),
     epoch_lua!(),
     r#"
-local run, ttl, mttl, idp, mark = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local meta, stream = KEYS[1], KEYS[2]
-local hw = tonumber(redis.call('HGET', meta, mark) or '0')
+local run, ttl, mttl, idp = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local meta, stream, mark = KEYS[1], KEYS[2], KEYS[3]
+local hw = tonumber(redis.call('GET', mark) or '0')
 if tonumber(ARGV[6]) > hw then
-  redis.call('HSET', meta, mark, ARGV[6])
+  redis.call('SET', mark, ARGV[6], 'PX', mttl)
+else
+  redis.call('PEXPIRE', mark, mttl)
 end
 local channel, jkey, size = ARGV[7], ARGV[8], ARGV[9]
 local a, sent = 11, 0
@@ -148,6 +152,16 @@ pub(super) async fn prepare(conn: &mut PubConn) -> redis::RedisResult<Prepared> 
     })
 }
 
+/// The key of one bus instance's high-water mark for one topic: the
+/// topic's meta key (so its slot) and the mark's name (`pub:<instance>`).
+/// A key of its own, with the meta hash's ttl, rather than a field of the
+/// meta hash: an instance that stopped publishing (every node restart
+/// makes a new one) is forgotten after the ttl, even on a topic that stays
+/// busy (a field lived as long as the hash, which every publish renews).
+fn mark_key(meta: &str, mark: &str) -> String {
+    format!("{meta}:{mark}")
+}
+
 /// What one batch publishes: the arguments common to every topic's call.
 pub(super) struct Batch<'a> {
     pub(super) ttl: u64,
@@ -204,9 +218,10 @@ pub(super) async fn publish(
         async move {
             let highest = copies.messages.iter().map(|m| m.0).max().unwrap_or(0);
             routed::<u64>(&mut conn, PUBLISH_TOPIC_LUA, &prepared.sha, |cmd| {
-                cmd.arg(2)
+                cmd.arg(3)
                     .arg(copies.meta)
                     .arg(copies.stream)
+                    .arg(mark_key(copies.meta, args.mark))
                     .arg(&*prepared.run_id)
                     .arg(args.ttl)
                     .arg(args.mttl)
