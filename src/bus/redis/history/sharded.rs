@@ -30,10 +30,10 @@
 //! - **No order across topics.** The `seq` of a sharded stamp is not a
 //!   cluster-wide counter but the publishing node's clock and its message
 //!   number (`ms × 4096 + number mod 4096`): replays from several topics
-//!   are merged by it (each topic in its own order), which keeps one
-//!   node's messages in the order sent in most cases but promises nothing
-//!   across topics — as live delivery in sharded mode does not either (two
-//!   topics are two shards, two subscriber connections).
+//!   are merged by it (each topic in its own order), which promises
+//!   nothing across topics (a review saw a node's messages inverted across
+//!   topics, live and replayed) — as live delivery in sharded mode does
+//!   not either (two topics are two shards, two subscriber connections).
 //!
 //! A copy's `pos` holds its own topic's position only (the other copies
 //! are stamped by other shards, maybe later).
