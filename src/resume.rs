@@ -188,6 +188,9 @@ pub struct Outcome {
     pub floors: Floors,
     /// What the backend and the metrics are told.
     pub report: Report,
+    /// History could not be read for the welcome's positions: the socket
+    /// is closed (1011, no frame written) so that the client comes back.
+    pub unreadable: bool,
 }
 
 /// The welcome frame: the socket's ids, and in `message` (a JSON string)

@@ -187,6 +187,9 @@ impl Session {
         let request = self.registration.take_resume();
         let outcome = resumer.start(&self.conn.who, &request).await;
         self.registration.announce(&outcome.report);
+        if outcome.unreadable {
+            return Err(CloseReason::InternalError);
+        }
         self.floors = outcome.floors;
         self.backlog = outcome.frames.into();
         while !self.backlog.is_empty() {

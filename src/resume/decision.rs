@@ -305,9 +305,24 @@ impl Resumer {
             debug!(user = %Untrusted(&who.user), %why, "resume not recovered");
         }
         let tops = match tops {
-            Some(tops) => tops,
-            None => self.tops(who).await,
+            Some(tops) if !speaks || tops.iter().all(Option::is_some) => tops,
+            _ => self.tops(who).await,
         };
+        if speaks && tops.iter().any(Option::is_none) {
+            // The contract's not-recovered welcome names the current tops;
+            // with history unreadable (a shard down, a slot in flux) there
+            // are none to name: the socket is closed (1011) before any
+            // frame, and the client reconnects with the positions it had.
+            debug!(user = %Untrusted(&who.user), "history unreadable: closing the socket (1011)");
+            let mut outcome = self.outcome(
+                Some(ResumeResult::NotRecovered),
+                Vec::new(),
+                Floors::default(),
+                0,
+            );
+            outcome.unreadable = true;
+            return outcome;
+        }
         let frames = if speaks {
             vec![welcome_frame(who, false, 0, &tops, &self.node_id)]
         } else {
@@ -337,6 +352,7 @@ impl Resumer {
             frames,
             floors,
             report: Report { result, replayed },
+            unreadable: false,
         }
     }
 
@@ -367,8 +383,23 @@ impl Resumer {
 
     /// The tops of `who`'s topics (making their epochs: for sockets that
     /// speak resume); `None` for each when history fails.
+    /// Tried again briefly (a cluster's shard failing over, a slot being
+    /// moved): [`TOPS_TRIES`] tries, [`TOPS_PAUSE`] times the try apart.
+    /// All of it within the call limit.
     async fn tops(&self, who: &Identity) -> Positions {
-        self.positions(self.history.tops(&topics_of(who))).await
+        let topics = topics_of(who);
+        let deadline = tokio::time::Instant::now() + self.limit;
+        let read = || tokio::time::timeout_at(deadline, self.positions(self.history.tops(&topics)));
+        let mut tops = read().await.unwrap_or_default();
+        for tries in 1..TOPS_TRIES {
+            let pause = TOPS_PAUSE * tries;
+            if tops.iter().all(Option::is_some) || tokio::time::Instant::now() + pause >= deadline {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            tops = read().await.unwrap_or_default();
+        }
+        tops
     }
 
     /// The tops of `who`'s topics without making an epoch (unborn where
@@ -456,6 +487,13 @@ impl Resumer {
         }
     }
 }
+
+/// How many times the tops are read for a welcome before the socket is
+/// closed instead ([`Resumer::tops`]).
+const TOPS_TRIES: u32 = 3;
+
+/// The pause between two reads of the tops, times the try.
+const TOPS_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The positions as one per topic, or why not.
 fn complete(positions: &Positions) -> Result<[Position; 3], NotRecovered> {

@@ -73,7 +73,16 @@ pub struct Member {
 }
 
 fn redis_config(url: &str, command_timeout_ms: u64, sharded: bool) -> wshub::config::RedisConfig {
-    let env = [
+    redis_config_with(url, command_timeout_ms, sharded, &[])
+}
+
+fn redis_config_with(
+    url: &str,
+    command_timeout_ms: u64,
+    sharded: bool,
+    extra: &[(&str, &str)],
+) -> wshub::config::RedisConfig {
+    let mut env = vec![
         ("WSHUB_REDIS__SHARDED".to_owned(), sharded.to_string()),
         ("WSHUB_REDIS__URL".to_owned(), url.to_owned()),
         // Quick reconnects keep the fault tests short.
@@ -83,6 +92,7 @@ fn redis_config(url: &str, command_timeout_ms: u64, sharded: bool) -> wshub::con
             command_timeout_ms.to_string(),
         ),
     ];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     Config::load_from(None, env).unwrap().redis.unwrap()
 }
 
@@ -101,6 +111,20 @@ impl Member {
         command_timeout_ms: u64,
     ) -> Self {
         Self::start_on(redis_config(urls, command_timeout_ms, true), node, history).await
+    }
+
+    /// The same, with `redis.publish_retry_ms` too.
+    pub async fn start_sharded_retry(
+        urls: &str,
+        node: &str,
+        history: Option<HistoryConfig>,
+        command_timeout_ms: u64,
+        publish_retry_ms: u64,
+    ) -> Self {
+        let retry = publish_retry_ms.to_string();
+        let extra = [("WSHUB_REDIS__PUBLISH_RETRY_MS", retry.as_str())];
+        let config = redis_config_with(urls, command_timeout_ms, true, &extra);
+        Self::start_on(config, node, history).await
     }
 
     /// The same, with `redis.command_timeout_ms`.

@@ -15,7 +15,8 @@
 //! - **One script per topic copy** ([`PUBLISH_TOPIC_LUA`]): a batch is
 //!   grouped by topic, and each topic's messages of the batch go in one
 //!   call, in the topic's slot: dedupe (the bus instance's high-water mark
-//!   for *this topic*, a field of the topic's meta hash), offset, `XADD`,
+//!   for *this topic*, a key of its own in the topic's slot, expiring like
+//!   the meta hash: [`mark_key`]), offset, `XADD`,
 //!   `SPUBLISH` of a payload that carries this topic's position only. The
 //!   calls of one batch run concurrently, one per topic; a batch whose
 //!   outcome is unknown is resent whole, and each topic skips what it ran.
@@ -29,10 +30,10 @@
 //! - **No order across topics.** The `seq` of a sharded stamp is not a
 //!   cluster-wide counter but the publishing node's clock and its message
 //!   number (`ms × 4096 + number mod 4096`): replays from several topics
-//!   are merged by it (each topic in its own order), which keeps one
-//!   node's messages in the order sent in most cases but promises nothing
-//!   across topics — as live delivery in sharded mode does not either (two
-//!   topics are two shards, two subscriber connections).
+//!   are merged by it (each topic in its own order), which promises
+//!   nothing across topics (a review saw a node's messages inverted across
+//!   topics, live and replayed) — as live delivery in sharded mode does
+//!   not either (two topics are two shards, two subscriber connections).
 //!
 //! A copy's `pos` holds its own topic's position only (the other copies
 //! are stamped by other shards, maybe later).
@@ -40,18 +41,18 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use redis::aio::ConnectionLike;
-
 use super::super::conn::{PubConn, slot_of};
 use super::super::queue::Outgoing;
 use super::{Prepared, evalsha, load};
+use redis::cluster_routing::SingleNodeRoutingInfo;
 
 /// Stamps, records and publishes one batch's messages to one topic.
 ///
-/// KEYS: `[1]` the topic's meta hash, `[2]` its stream (one slot, the
-/// channel's). ARGV: `[1]` run id (`''`: this server's), `[2]` stream ttl
+/// KEYS: `[1]` the topic's meta hash, `[2]` its stream, `[3]` this bus
+/// instance's mark for the topic (one slot, the channel's: [`mark_key`]).
+/// ARGV: `[1]` run id (`''`: this server's), `[2]` stream ttl
 /// ms, `[3]` meta ttl ms, `[4]` the id prefix (a JSON string without its
-/// closing quote), `[5]` this bus instance's mark field, `[6]` the highest
+/// closing quote), `[5]` unused (was the mark's field), `[6]` the highest
 /// number among these messages, `[7]` the channel, `[8]` the topic's JSON
 /// key, `[9]` the stream's size, `[10]` message count; then per message its
 /// number, `seq`, header prefix and frame. Returns how many ran.
@@ -59,11 +60,13 @@ pub(super) const PUBLISH_TOPIC_LUA: &str = concat!(
     run_lua!(),
     epoch_lua!(),
     r#"
-local run, ttl, mttl, idp, mark = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local meta, stream = KEYS[1], KEYS[2]
-local hw = tonumber(redis.call('HGET', meta, mark) or '0')
+local run, ttl, mttl, idp = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local meta, stream, mark = KEYS[1], KEYS[2], KEYS[3]
+local hw = tonumber(redis.call('GET', mark) or '0')
 if tonumber(ARGV[6]) > hw then
-  redis.call('HSET', meta, mark, ARGV[6])
+  redis.call('SET', mark, ARGV[6], 'PX', mttl)
+else
+  redis.call('PEXPIRE', mark, mttl)
 end
 local channel, jkey, size = ARGV[7], ARGV[8], ARGV[9]
 local a, sent = 11, 0
@@ -149,6 +152,16 @@ pub(super) async fn prepare(conn: &mut PubConn) -> redis::RedisResult<Prepared> 
     })
 }
 
+/// The key of one bus instance's high-water mark for one topic: the
+/// topic's meta key (so its slot) and the mark's name (`pub:<instance>`).
+/// A key of its own, with the meta hash's ttl, rather than a field of the
+/// meta hash: an instance that stopped publishing (every node restart
+/// makes a new one) is forgotten after the ttl, even on a topic that stays
+/// busy (a field lived as long as the hash, which every publish renews).
+fn mark_key(meta: &str, mark: &str) -> String {
+    format!("{meta}:{mark}")
+}
+
 /// What one batch publishes: the arguments common to every topic's call.
 pub(super) struct Batch<'a> {
     pub(super) ttl: u64,
@@ -204,10 +217,11 @@ pub(super) async fn publish(
         let mut conn = conn.clone();
         async move {
             let highest = copies.messages.iter().map(|m| m.0).max().unwrap_or(0);
-            evalsha::<u64, _>(&mut conn, PUBLISH_TOPIC_LUA, &prepared.sha, |cmd| {
-                cmd.arg(2)
+            routed::<u64>(&mut conn, PUBLISH_TOPIC_LUA, &prepared.sha, |cmd| {
+                cmd.arg(3)
                     .arg(copies.meta)
                     .arg(copies.stream)
+                    .arg(mark_key(copies.meta, args.mark))
                     .arg(&*prepared.run_id)
                     .arg(args.ttl)
                     .arg(args.mttl)
@@ -249,8 +263,8 @@ pub(super) async fn publish(
 /// topic; `head`: the arguments before the per-topic ones). On one Redis
 /// one call; on a Cluster one call per topic, in its slot, issued together.
 /// The answers (an array per call) come back concatenated in topic order.
-pub(super) async fn per_topic<C: ConnectionLike + Clone + Send>(
-    conn: &C,
+pub(super) async fn per_topic(
+    conn: &PubConn,
     sharded: bool,
     (script, sha): (&str, &str),
     keys: &[String],
@@ -261,7 +275,7 @@ pub(super) async fn per_topic<C: ConnectionLike + Clone + Send>(
         let mut conn = conn.clone();
         let (keys, per) = (keys.to_vec(), per.to_vec());
         async move {
-            let value: redis::Value = evalsha(&mut conn, script, sha, |cmd| {
+            let value: redis::Value = routed(&mut conn, script, sha, |cmd| {
                 cmd.arg(keys.len()).arg(&keys).arg(head);
                 for args in &per {
                     cmd.arg(args);
@@ -290,6 +304,80 @@ pub(super) async fn per_topic<C: ConnectionLike + Clone + Send>(
     }
     Ok(out)
 }
+
+/// `EVALSHA` of a history script, following the cluster's redirections
+/// (the cluster connection is built without retries, so the client does
+/// not follow them itself, `conn.rs`): on `ASK` (the slot is being
+/// migrated and the topic's keys are already on the importing shard)
+/// `ASKING` and the call go to the named node together, in one pipeline,
+/// so that nothing else on that connection comes between them; on `MOVED`
+/// (the client refreshes its slot map on that reply) and `TRYAGAIN` (the
+/// topic's keys are split across the two shards for a moment) the call is
+/// made again after a short pause. A redirected call did not run, so
+/// following it never runs a script twice; and the publish script skips
+/// what it ran anyway. At most [`REDIRECTS`] of them per call.
+async fn routed<T: redis::FromRedisValue>(
+    conn: &mut PubConn,
+    script: &str,
+    sha: &str,
+    args: impl Fn(&mut redis::Cmd),
+) -> redis::RedisResult<T> {
+    let mut result = evalsha::<redis::Value, _>(conn, script, sha, &args).await;
+    for tries in 1..=REDIRECTS {
+        let Err(e) = &result else { break };
+        match e.code() {
+            Some("ASK") => {
+                let Some((node, _)) = e.redirect_node() else {
+                    break;
+                };
+                let Some((host, port)) = node
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+                else {
+                    break;
+                };
+                let PubConn::Sharded(cluster) = conn else {
+                    break;
+                };
+                let mut call = redis::cmd("EVALSHA");
+                call.arg(sha);
+                args(&mut call);
+                let mut pipe = redis::pipe();
+                pipe.cmd("ASKING").add_command(call);
+                let route = SingleNodeRoutingInfo::ByAddress { host, port };
+                result = match cluster.route_pipeline(pipe, 1, 1, route).await {
+                    Ok(mut values) => match values.pop() {
+                        Some(value) => value.extract_error(),
+                        None => Err(redis::RedisError::from((
+                            redis::ErrorKind::UnexpectedReturnType,
+                            "no answer to a redirected history script",
+                        ))),
+                    },
+                    Err(e) => Err(e),
+                };
+                if matches!(&result, Err(e) if e.code() == Some("NOSCRIPT")) {
+                    // A primary that was not there when the scripts were
+                    // loaded: load them everywhere, and ask again.
+                    load(conn, script).await?;
+                    result = evalsha::<redis::Value, _>(conn, script, sha, &args).await;
+                }
+            }
+            Some("MOVED") | Some("TRYAGAIN") => {
+                tokio::time::sleep(REDIRECT_PAUSE * tries).await;
+                result = evalsha::<redis::Value, _>(conn, script, sha, &args).await;
+            }
+            _ => break,
+        }
+    }
+    let value = result?;
+    T::from_redis_value(value).map_err(redis::RedisError::from)
+}
+
+/// Most redirections followed per history script call.
+const REDIRECTS: u32 = 5;
+
+/// The pause before a call after `MOVED` or `TRYAGAIN`, times the try.
+const REDIRECT_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
 
 #[cfg(test)]
 mod tests {
