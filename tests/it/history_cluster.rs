@@ -12,7 +12,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
 use wshub::history::Read;
 use wshub::route::Topic;
 
@@ -20,7 +19,7 @@ use crate::common::history_settings as settings;
 use crate::common::redis::{RedisCluster, cli};
 use crate::common::{TestServer, eventually};
 use crate::history_bus::{Event, Member, group, killed_twice_and_repaired, position};
-use crate::resume::{Page, Watcher, except, messages, publish, say, sentinel, to_group, to_user};
+use crate::resume::{Watcher, ann_away_while_the_route_mix_is_sent, messages, sentinel};
 
 /// A node on the cluster `urls`, sharded pub/sub, history on.
 async fn cluster_node(urls: &str) -> TestServer {
@@ -56,31 +55,7 @@ async fn on_a_cluster_a_socket_is_replayed_what_it_missed_once_in_order_per_topi
     let cluster = RedisCluster::start(3);
     let urls = cluster.urls();
     let (one, two) = (cluster_node(&urls).await, cluster_node(&urls).await);
-    let mut watcher = Watcher::on(&two).await;
-    let mut ann = Page::new("ann", Some("chat"));
-    let mut client = ann.open(&one, Some("")).await;
-    ann.welcome(&mut client).await;
-    publish(&one, say("live", json!([to_user("ann")]))).await;
-    let frame = client.recv().await;
-    ann.observe(&frame);
-    assert_eq!(frame["message"], "live");
-    client.close().await;
-
-    // While ann is away, from the other node:
-    for (text, recipients) in [
-        ("m1 all", json!([])),
-        ("m2 chat", json!([to_group("chat")])),
-        ("m3 ann", json!([to_user("ann")])),
-        ("m4 chat+ann", json!([to_group("chat"), to_user("ann")])),
-        ("m5 ann+chat", json!([to_user("ann"), to_group("chat")])),
-        ("-- other group", json!([to_group("other")])),
-        ("-- bob", json!([to_user("bob")])),
-        ("-- all but ann", json!([except("ann")])),
-        ("-- chat but ann", json!([to_group("chat"), except("ann")])),
-        ("m6 all", json!([])),
-    ] {
-        publish(&two, say(text, recipients)).await;
-    }
+    let (mut ann, mut watcher) = ann_away_while_the_route_mix_is_sent(&one, &two).await;
     settle(&mut watcher, &two).await;
 
     let (mut client, welcome) = ann.resume(&two).await;

@@ -272,18 +272,21 @@ async fn a_fresh_socket_is_welcomed_first_at_the_tops() {
     assert_eq!(live["pos"], json!({"all": format!("{all_epoch}:3")}));
 }
 
-#[tokio::test]
-async fn a_socket_that_reconnects_elsewhere_is_replayed_what_it_missed_once_in_order() {
-    let redis = RedisServer::start();
-    let (one, two) = (
-        node(&redis.url(), Some(settings())).await,
-        node(&redis.url(), Some(settings())).await,
-    );
-    let mut watcher = Watcher::on(&two).await;
+/// Ann (user `ann`, group `chat`) opens a resume socket on `one`, takes one
+/// live message and leaves; while she is away `two` publishes the route
+/// mix the replay tests check: `m1`…`m6` are hers (everyone, her group, her
+/// user, group+user both ways), the `--` ones are not (another group,
+/// another user, `excludeUser` of her). Returns her page and a watcher on
+/// `two` (the caller settles it its own way).
+pub async fn ann_away_while_the_route_mix_is_sent(
+    one: &TestServer,
+    two: &TestServer,
+) -> (Page, Watcher) {
+    let watcher = Watcher::on(two).await;
     let mut ann = Page::new("ann", Some("chat"));
-    let mut client = ann.open(&one, Some("")).await;
+    let mut client = ann.open(one, Some("")).await;
     ann.welcome(&mut client).await;
-    publish(&one, say("live", json!([to_user("ann")]))).await;
+    publish(one, say("live", json!([to_user("ann")]))).await;
     let frame = client.recv().await;
     ann.observe(&frame);
     assert_eq!(frame["message"], "live");
@@ -302,8 +305,19 @@ async fn a_socket_that_reconnects_elsewhere_is_replayed_what_it_missed_once_in_o
         ("-- chat but ann", json!([to_group("chat"), except("ann")])),
         ("m6 all", json!([])),
     ] {
-        publish(&two, say(text, recipients)).await;
+        publish(two, say(text, recipients)).await;
     }
+    (ann, watcher)
+}
+
+#[tokio::test]
+async fn a_socket_that_reconnects_elsewhere_is_replayed_what_it_missed_once_in_order() {
+    let redis = RedisServer::start();
+    let (one, two) = (
+        node(&redis.url(), Some(settings())).await,
+        node(&redis.url(), Some(settings())).await,
+    );
+    let (mut ann, mut watcher) = ann_away_while_the_route_mix_is_sent(&one, &two).await;
     watcher.settle(&two).await;
 
     let (mut client, welcome) = ann.resume(&two).await;
