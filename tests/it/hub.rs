@@ -618,6 +618,23 @@ async fn a_write_the_peer_never_takes_ends_at_the_write_deadline() {
     );
 }
 
+/// A client of `user` whose socket has a fixed 64 KB receive buffer:
+/// without it, Linux may grow the buffer of a socket that is not read to
+/// tens of megabytes, and a test that stops reading would never block the
+/// node's writes.
+async fn small_buffer_client(server: &TestServer, user: &str) -> Client {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let stream = socket.connect(server.addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(
+        format!("ws://{}/ws?userid={user}", server.addr),
+        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+    )
+    .await
+    .unwrap();
+    Client { ws }
+}
+
 /// Issue 11, item 7: what a client receives before the drain's close is a
 /// prefix of what was queued for it: the frame being written when the 1001
 /// arrived is neither dropped nor overtaken.
@@ -627,18 +644,7 @@ async fn a_drain_mid_write_delivers_a_prefix_without_gaps() {
     let mut config = test_config();
     config.limits.outbound_queue_bytes = 64 * 1024 * 1024;
     let server = TestServer::with(config).await;
-    // A fixed 64 KB receive buffer: without it, Linux may grow the buffer
-    // of a socket that is not read to tens of megabytes.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(64 * 1024).unwrap();
-    let stream = socket.connect(server.addr).await.unwrap();
-    let (ws, _) = tokio_tungstenite::client_async(
-        format!("ws://{}/ws?userid=slow", server.addr),
-        tokio_tungstenite::MaybeTlsStream::Plain(stream),
-    )
-    .await
-    .unwrap();
-    let mut slow = Client { ws };
+    let mut slow = small_buffer_client(&server, "slow").await;
     let mut watch = server.connect("watch", None).await;
     let mut tx = server.connect("tx", None).await;
     // 2,000 × 8 KB: far more than the socket buffers hold while `slow`
@@ -709,18 +715,8 @@ async fn a_reader_that_pauses_gets_every_frame_once_and_in_order() {
     let mut config = test_config();
     config.limits.outbound_queue_bytes = 64 * 1024 * 1024;
     let server = TestServer::with(config).await;
-    // A fixed 64 KB receive buffer, as in the drain test above: the
-    // socket fills after a few hundred frames of 8 KB.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(64 * 1024).unwrap();
-    let stream = socket.connect(server.addr).await.unwrap();
-    let (ws, _) = tokio_tungstenite::client_async(
-        format!("ws://{}/ws?userid=paused", server.addr),
-        tokio_tungstenite::MaybeTlsStream::Plain(stream),
-    )
-    .await
-    .unwrap();
-    let mut paused = Client { ws };
+    // The socket fills after a few hundred frames of 8 KB.
+    let mut paused = small_buffer_client(&server, "paused").await;
     let mut watch = server.connect("watch", None).await;
     let mut tx = server.connect("tx", None).await;
     let seq = |text: &str| -> usize {
