@@ -694,3 +694,38 @@ async fn after_a_shard_restart_every_sharded_subscription_delivers_again() {
         }
     }
 }
+
+/// The check that counts the shard channels Redis holds (it ends a
+/// connection that lost subscriptions, test above) must not mistake churn
+/// for loss: topics subscribed and released all the time while the counts
+/// run never make the subscriber reconnect.
+#[tokio::test]
+async fn churn_of_sharded_subscriptions_is_not_taken_for_lost_ones() {
+    use crate::history_bus::{Member, group};
+    let cluster = RedisCluster::start(3);
+    let member = Member::start_sharded(&cluster.urls(), "churn", None, 2000).await;
+    let steady: Vec<_> = (0..20).map(|i| group(&format!("steady{i}"))).collect();
+    member.subscribe(&steady).await;
+    // 8 s of churn (16 probe ticks of 500 ms): every 5 ms a topic taken and
+    // one released, so that unsubscribes land while counts run.
+    let end = tokio::time::Instant::now() + Duration::from_secs(8);
+    let mut i = 0u32;
+    while tokio::time::Instant::now() < end {
+        let topic = group(&format!("churn{i}"));
+        member.subscribe(std::slice::from_ref(&topic)).await;
+        member.bus.unsubscribe(&topic);
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(i > 500, "only {i} topics churned");
+    let rendered = member.metrics.render();
+    assert!(
+        rendered.contains("\nwshub_bus_reconnect_attempts_total "),
+        "the reconnect counter is exported: {rendered}"
+    );
+    assert_eq!(
+        member.metric("wshub_bus_reconnect_attempts_total"),
+        0.0,
+        "the subscriber reconnected during churn"
+    );
+}

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -157,6 +157,10 @@ struct Live {
     moved: Arc<AtomicBool>,
     /// Sharded: set by the check tasks that count what Redis holds.
     held: Arc<std::sync::Mutex<HeldCheck>>,
+    /// Bumped whenever `subscribed` changes: a count that raced a change
+    /// (an unsubscribe taking effect while it ran) says nothing and is
+    /// dropped, so churn of topics never looks like lost subscriptions.
+    changes: Arc<AtomicU64>,
 }
 
 /// The longest pause between tries of a failed catch-up after a
@@ -268,6 +272,7 @@ impl Subscriber {
             sentinel_server: live_server.filter(|_| !config.sentinels.is_empty()),
             moved: Arc::new(AtomicBool::new(false)),
             held: Arc::default(),
+            changes: Arc::default(),
         })
     }
 
@@ -434,6 +439,7 @@ impl Subscriber {
         };
         match result {
             Ok(Ok(())) => {
+                live.changes.fetch_add(1, Ordering::AcqRel);
                 live.subscribed.extend(new.iter().cloned());
                 shared.metrics.bus_channels(live.subscribed.len());
                 for r in batch {
@@ -470,6 +476,7 @@ impl Subscriber {
             return Ok(());
         }
         let names: Vec<String> = released.iter().map(|t| shared.channels.of(t)).collect();
+        live.changes.fetch_add(1, Ordering::AcqRel);
         for t in &released {
             live.subscribed.remove(t);
             self.tracks.forget(t);
@@ -518,10 +525,16 @@ impl Subscriber {
             // Every channel of this connection is held by exactly one shard.
             let want = live.probes.len() + 1 + live.subscribed.len();
             let (check, limit) = (live.held.clone(), config.command_timeout);
+            let (changes, before) = (live.changes.clone(), live.changes.load(Ordering::Acquire));
             self.tasks.spawn(async move {
                 // Unknown (an old Redis, a shard down): not counted either
-                // way; a shard down shows in the probes.
-                if let Ok(Ok(Some(held))) = timeout(limit, count).await {
+                // way; a shard down shows in the probes. Nor is a count
+                // that raced a change of the subscriptions.
+                let counted = timeout(limit, count).await;
+                if changes.load(Ordering::Acquire) != before {
+                    return;
+                }
+                if let Ok(Ok(Some(held))) = counted {
                     let mut check = check.lock().unwrap_or_else(|e| e.into_inner());
                     if held < want {
                         *check = HeldCheck {
