@@ -26,15 +26,13 @@ async fn metric(binary: &Binary, series: &str) -> f64 {
 
 /// A socket upgrade's status and body, without keeping the socket.
 async fn upgrade_status(binary: &Binary, user: &str) -> (u16, String) {
-    let response = reqwest::Client::new()
-        .get(binary.url(&format!("/ws?userid={user}")))
-        .header("connection", "upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-        .send()
-        .await
-        .unwrap();
+    let response = crate::common::upgrade_request(
+        &reqwest::Client::new(),
+        binary.url(&format!("/ws?userid={user}")),
+    )
+    .send()
+    .await
+    .unwrap();
     let status = response.status().as_u16();
     (status, response.text().await.unwrap())
 }

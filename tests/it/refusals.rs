@@ -108,15 +108,11 @@ async fn the_key_or_token_of_a_refused_request_is_not_logged() {
         &jsonwebtoken::EncodingKey::from_secret(b"not-the-secret").unwrap(),
     )
     .unwrap();
-    let upgrade = client
-        .get(binary.url(&format!("/ws?token={forged}")))
-        .header("connection", "upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-        .send()
-        .await
-        .unwrap();
+    let upgrade =
+        crate::common::upgrade_request(&client, binary.url(&format!("/ws?token={forged}")))
+            .send()
+            .await
+            .unwrap();
     assert_eq!(upgrade.status(), 401);
     let line = binary.wait_for("the 401 upgrade", |v| v["label"] == "token");
     assert_eq!(line["peer"], "127.0.0.1", "{line}");
@@ -262,12 +258,7 @@ async fn no_configured_secret_appears_in_a_debug_log() {
         .await
         .unwrap();
     assert_eq!(wrong.status(), 401);
-    let upgrade = http
-        .get(binary.url("/ws?token=not.a.token"))
-        .header("connection", "upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+    let upgrade = crate::common::upgrade_request(&http, binary.url("/ws?token=not.a.token"))
         .send()
         .await
         .unwrap();

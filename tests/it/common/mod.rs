@@ -35,6 +35,16 @@ where
     }
 }
 
+/// A WebSocket upgrade request for `url` (plain HTTP, for tests that read
+/// the refusal's status and body rather than open a socket).
+pub fn upgrade_request(http: &reqwest::Client, url: String) -> reqwest::RequestBuilder {
+    http.get(url)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+}
+
 /// The history settings the resume and history tests start from: the
 /// defaults of `[history]`, on.
 pub fn history_settings() -> wshub::config::HistoryConfig {
