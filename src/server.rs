@@ -31,6 +31,27 @@ pub enum ServerError {
     Serve(#[from] std::io::Error),
 }
 
+/// A listener on `addr` whose accept queue holds `backlog` connections.
+///
+/// `TcpListener::bind` listens with the standard library's backlog of 128:
+/// a burst of connects beyond that (a reconnect storm after a node restart,
+/// a load balancer moving pages over) overflows the queue, and each
+/// connection that overflowed waits for its SYN to be retransmitted, a
+/// second and more later. Measured with `bench/scale.py`'s connects scenario
+/// (512 in flight): hundreds of overflows per run and a connect rate that
+/// collapsed to a few thousand a second. `SO_REUSEADDR` as `bind` sets it,
+/// so a restarted node rebinds at once.
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// A bound, not yet running server.
 pub struct Server {
     listener: TcpListener,
@@ -39,12 +60,12 @@ pub struct Server {
 
 impl Server {
     /// Raises the soft open-file limit to the hard one (logged), binds
-    /// `config.listen` (port 0 picks a free port) and builds the node.
+    /// `config.listen` (port 0 picks a free port) with a backlog of
+    /// `config.listen_backlog`, and builds the node.
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
         raise_open_file_limit();
         let addr = config.listen;
-        let listener = TcpListener::bind(addr)
-            .await
+        let listener = listen(addr, config.listen_backlog)
             .map_err(|source| ServerError::Bind { addr, source })?;
         Ok(Self {
             listener,

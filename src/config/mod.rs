@@ -75,6 +75,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// The listen backlog (`listen_backlog`, at least 1).
+    pub listen_backlog: u32,
     /// This node's id: configured, or generated at start.
     pub node_id: String,
     pub log_format: LogFormat,
@@ -364,6 +366,9 @@ impl Config {
                 format!("is not an address like 0.0.0.0:8080: {e}"),
             )
         })?;
+        if raw.listen_backlog == 0 {
+            return Err(invalid("listen_backlog", "must be at least 1"));
+        }
         let log_format = match raw.log.format.to_ascii_lowercase().as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -501,6 +506,7 @@ impl Config {
             },
             auth,
             listen,
+            listen_backlog: raw.listen_backlog,
             node_id,
             redis,
             backend,

@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 pub struct RawConfig {
     /// Address and port to listen on.
     pub listen: String,
+    /// Connections the kernel holds for the node before it accepts them
+    /// (the listen backlog; the kernel caps it at `net.core.somaxconn`).
+    pub listen_backlog: u32,
     /// This node's id in logs and on the bus; empty = generated.
     pub node_id: String,
     pub log: RawLog,
@@ -321,6 +324,7 @@ impl Default for RawConfig {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:8080".into(),
+            listen_backlog: 4096,
             node_id: String::new(),
             log: RawLog::default(),
             limits: Limits::default(),

@@ -85,6 +85,10 @@ fn errors_name_the_key() {
     let cases: &[(&[(&str, &str)], &str)] = &[
         (&[("WSHUB_LISTEN", "nowhere")], "`listen`"),
         (
+            &[("WSHUB_LISTEN_BACKLOG", "0")],
+            "`listen_backlog` must be at least 1",
+        ),
+        (
             &[("WSHUB_LIMITS__MAX_MESSAGE_BYTES", "lots")],
             "max_message_bytes",
         ),

@@ -24,6 +24,7 @@ mod fuzz_corpus;
 mod history_bus;
 mod history_cluster;
 mod hub;
+mod listener;
 mod manifests;
 mod module_cycles;
 mod pages;
