@@ -37,10 +37,9 @@ pub enum ServerError {
 /// a burst of connects beyond that (a reconnect storm after a node restart,
 /// a load balancer moving pages over) overflows the queue, and each
 /// connection that overflowed waits for its SYN to be retransmitted, a
-/// second and more later. Measured with `bench/scale.py`'s connects scenario
-/// (512 in flight): hundreds of overflows per run and a connect rate that
-/// collapsed to a few thousand a second. `SO_REUSEADDR` as `bind` sets it,
-/// so a restarted node rebinds at once.
+/// second and more later (docs/architecture.md, "The accept queue", has
+/// the measurement). `SO_REUSEADDR` as `bind` sets it, so a restarted node
+/// rebinds at once.
 fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
