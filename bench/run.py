@@ -120,13 +120,19 @@ def start_redis(procs, workdir):
 
 
 HISTORY_HUB = "wshub+history"
+# Not a hub: `wshub-bench accept-server`, a bare WebSocket server for the
+# connect and idle-memory floors (bench/scale.py).
+CONNECT_FLOOR = "connect-floor"
 
 
 def start_hub(procs, hub, redis_url, workdir, n=2):
     ports = free_ports(n)
     nodes = []
     for port in ports:
-        if hub in ("wshub", HISTORY_HUB):
+        if hub == CONNECT_FLOOR:
+            # The connect floor: a bare tokio-tungstenite server, no hub.
+            nodes.append(procs.start([str(BENCH), "accept-server", "--listen", f"127.0.0.1:{port}"]))
+        elif hub in ("wshub", HISTORY_HUB):
             env = {"WSHUB_LISTEN": f"127.0.0.1:{port}", "WSHUB_REDIS__URL": redis_url,
                    # One publisher socket sends far above the default per-socket rate.
                    "WSHUB_LIMITS__MESSAGES_PER_SECOND": "0", "WSHUB_LOG__LEVEL": "warn",
@@ -247,13 +253,18 @@ def main():
 
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                            "cpu": cpu_model(), "date": time.strftime("%Y-%m-%d")},
-               "floor": [], "runs": [], "ramp": {}}
+               "floor": [], "latency_floor": [], "runs": [], "ramp": {}}
     def measure_floor():
         # The floor drifts with the machine's state: measure it between the
         # hubs and use the median of each kind.
         for batch in (1, 4):
             results["floor"].append(bench("floor", "--sockets", 2000, "--rate", 65, "--batch", batch,
                                           "--seconds", 4 if args.quick else 6))
+        # The latency floor of the two fanouts: the same trivial writer on
+        # as many threads as cores, one round of writes per message.
+        for sockets, rate in ((2000, 65), (10000, 13)):
+            results["latency_floor"].append(bench("floor", "--sockets", sockets, "--rate", rate,
+                                                  "--threads", os.cpu_count(), "--seconds", 4 if args.quick else 6))
 
     try:
         measure_floor()
@@ -327,6 +338,30 @@ def floor_median(res, batch):
     return statistics.median(values), values
 
 
+def latency_floor(res, sockets):
+    """Median (p50, p99) in ms of the latency floors to `sockets`, and how
+    many were measured."""
+    runs = [f for f in res.get("latency_floor", []) if f["sockets"] == sockets]
+    if not runs:
+        return None
+    return (statistics.median(f["latency"]["p50_ms"] for f in runs),
+            statistics.median(f["latency"]["p99_ms"] for f in runs), len(runs))
+
+
+def latency_floor_line(res):
+    parts = []
+    for sockets, rate in ((2000, 65), (10000, 13)):
+        got = latency_floor(res, sockets)
+        if got:
+            parts.append(f"{sockets:,} sockets @ {rate}/s: **{got[0]:.1f} / {got[1]:.1f} ms** (median of {got[2]})")
+    if not parts:
+        return None
+    threads = res["latency_floor"][0].get("threads", 1)
+    return ("Latency floor (the same trivial writer on " + f"{threads} thread{'s' if threads > 1 else ''}"
+            + ", one round of writes to every socket per message, read by the load generator; p50 / p99 from "
+            "the start of a round to each frame's arrival): " + "; ".join(parts) + ".")
+
+
 def markdown(res):
     floor1, all1 = floor_median(res, 1)
     floor4, _ = floor_median(res, 4)
@@ -336,7 +371,11 @@ def markdown(res):
              f"Floor (a trivial process writing pre-encoded frames to 2,000 loopback sockets), median of "
              f"{len(all1)} measurements taken between the hubs ({', '.join(f'{v:.2f}' for v in all1)}): "
              f"**{floor1:.2f} µs** per frame with one frame per write, {floor4:.2f} µs with four per write.",
-             "",
+             ""]
+    lat_floor = latency_floor_line(res)
+    if lat_floor:
+        lines += [lat_floor, ""]
+    lines += [
              "| workload | hub | deliveries/s | p50 / p99 ms | missing / dup | server CPU µs per delivery | × floor | server cores | load generator cores | Redis CPU µs per publish |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["runs"]:

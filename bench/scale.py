@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import (BENCH, RESULTS, ROOT, Procs, bench, cpu_model, cpu_seconds,  # noqa: E402
+from run import (BENCH, CONNECT_FLOOR, RESULTS, ROOT, Procs, bench, cpu_model, cpu_seconds,  # noqa: E402
                  raise_fd_limit, start_hub, start_redis)
 
 P99_BOUND_MS = 250.0
@@ -192,16 +192,22 @@ def split_fanout(ctx, name, nodes, receivers, processes, rate, seconds):
     }
 
 
-def connects(ctx, name, processes, each, concurrency=256):
+def connects(ctx, name, processes, each, concurrency=256, hub="wshub"):
     """`processes` idle generators at once, each bound to its own address,
-    `each` connects to one node."""
-    node_procs, target = start_hub(ctx.procs, "wshub", ctx.redis_url, ctx.workdir, n=1)
+    `each` connects to one node (`hub`: wshub, or the connect floor)."""
+    node_procs, target = start_hub(ctx.procs, hub, ctx.redis_url, ctx.workdir, n=1)
     gens = []
+    cpu0 = cpu_seconds(node_procs[0].pid)
+    redis0 = cpu_seconds(ctx.redis.pid)
     try:
         for k in range(processes):
             gens.append(Gen(["idle", *target, "--source", f"127.0.0.{2 + k}", "--connections", each,
                              "--concurrency", concurrency], ctx.workdir / f"{slug(name)}-{k}.log"))
         results = [g.answer(timeout=300) for g in gens]
+        # From before the first connect to after the last one (the node is
+        # idle otherwise).
+        node_cpu = cpu_seconds(node_procs[0].pid) - cpu0
+        redis_cpu = cpu_seconds(ctx.redis.pid) - redis0
     finally:
         for g in gens:
             g.stop()
@@ -210,12 +216,19 @@ def connects(ctx, name, processes, each, concurrency=256):
     # Each process's own connect time; they ran at once, so the whole took
     # the longest of them.
     spans = [r["open"] / r["connects_per_s"] for r in results if r["connects_per_s"]]
-    return {"name": name, "kind": "connects", "nodes": 1, "processes": processes, "connections": processes * each,
+    return {"name": name, "kind": "connects", "hub": hub, "nodes": 1, "processes": processes, "connections": processes * each,
             "concurrency_per_process": concurrency, "open": opened,
             "failures": sum(r["failures"] for r in results),
             "first_error": next((r["first_error"] for r in results if r["first_error"]), None),
             "connects_per_s": opened / max(spans) if spans else 0.0,
             "connects_per_s_each": [r["connects_per_s"] for r in results],
+            "node_cpu_us_per_connect": node_cpu * 1e6 / max(opened, 1),
+            "loadgen_cpu_us_per_connect": sum(r["loadgen_cpu_s"] for r in results) * 1e6 / max(opened, 1),
+            "redis_cpu_us_per_connect": redis_cpu * 1e6 / max(opened, 1),
+            # Cores busy with this scenario while it connected (server,
+            # Redis, generators): near the machine's cores means CPU-bound.
+            "cores_busy": (node_cpu + redis_cpu + sum(r["loadgen_cpu_s"] for r in results))
+            / max(max(spans) if spans else 1.0, 1e-9),
             "rss_bytes_per_connection": (max(r["server_rss_bytes_after"] for r in results)
                                          - min(r["server_rss_bytes_before"] for r in results)) / max(opened, 1)}
 
@@ -230,6 +243,34 @@ def measure_floor(ctx, quick):
     print(f"floor: {f['writer_cpu_us_per_frame']:.2f} us/frame", flush=True)
 
 
+def latency_floor(receivers, rate, quick):
+    """The latency floor of a fanout: the trivial writer delivering one
+    round of frames per message to `receivers` loopback sockets at `rate`,
+    on every core. One writer process holds at most 18,000 sockets (its
+    reader, this machine's file limit of 20,000 per process), so a bigger
+    fanout runs as several writers at once, each with its share on one
+    thread (one core each); the floor's p99 is then the highest of theirs."""
+    cores = os.cpu_count() or 1
+    parts = max(1, math.ceil(receivers / 18000))
+    args = ["--rate", rate, "--seconds", 4 if quick else 8]
+    if parts == 1:
+        runs = [bench("floor", "--sockets", receivers, "--threads", cores, *args)]
+    else:
+        procs = [subprocess.Popen([str(BENCH), "floor", "--sockets", str(n), "--threads", "1", *map(str, args)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  preexec_fn=raise_fd_limit) for n in split(receivers, parts)]
+        runs = []
+        for p in procs:
+            out, err = p.communicate(timeout=600)
+            if p.returncode != 0:
+                raise RuntimeError(f"wshub-bench floor failed: {err.strip()[-400:]}")
+            runs.append(json.loads(out.strip().splitlines()[-1]))
+    return {"writers": len(runs), "threads": runs[0]["threads"],
+            "p50_ms": max(r["latency"]["p50_ms"] for r in runs),
+            "p99_ms": max(r["latency"]["p99_ms"] for r in runs),
+            "writer_cpu_us_per_frame": statistics.median(r["writer_cpu_us_per_frame"] for r in runs)}
+
+
 def plan(quick):
     div = 10 if quick else 1
     s = 4 if quick else 15
@@ -239,7 +280,9 @@ def plan(quick):
         "sizes": [("one node: 2,000 receivers @ 63/s", dict(nodes=1, receivers=2000 // div, processes=1, rate=63, seconds=s)),
                   ("one node: 6,000 receivers @ 21/s", dict(nodes=1, receivers=6000 // div, processes=1, rate=21, seconds=s)),
                   ("one node: 18,000 receivers @ 7/s", dict(nodes=1, receivers=18000 // div, processes=2, rate=7, seconds=s))],
-        "connects": [("connects: one node, 2 x 9,000", dict(processes=2, each=9000 // div))],
+        "connects": [("connects: one node, 2 x 9,000", dict(processes=2, each=9000 // div)),
+                     ("connect floor: bare tokio-tungstenite server, 2 x 9,000",
+                      dict(processes=2, each=9000 // div, hub=CONNECT_FLOOR))],
         "nodes": [(f"nodes: {n} node{'s' if n > 1 else ''}, 12,000 receivers @ 10/s",
                    dict(nodes=n, receivers=12000 // div, processes=2, rate=10, seconds=s)) for n in (1, 2, 3)],
     }
@@ -281,6 +324,11 @@ def main():
                 except RuntimeError as e:
                     r = {"name": name, "error": str(e)}
                 r["floor_before_us"] = ctx.floors[-1]
+                if group in ("sizes", "scaleout") and "error" not in r:
+                    try:
+                        r["latency_floor"] = latency_floor(kw["receivers"], kw["rate"], args.quick)
+                    except (RuntimeError, subprocess.TimeoutExpired) as e:
+                        r["latency_floor"] = {"error": str(e)}
                 res["runs"][group].append(r)
                 print(f"{name:48} {line(r)}", flush=True)
             measure_floor(ctx, args.quick)
@@ -302,6 +350,15 @@ def line(r):
         return f"{r['open']} open, {r['failures']} failed, {r['connects_per_s']:,.0f} connects/s"
     return (f"{r['deliveries_per_s']:,.0f} deliveries/s, p50 {r['latency']['p50_ms']:.1f} p99 {r['latency']['p99_ms']:.1f} ms, "
             f"{r['node_cpu_us_per_delivery']:.2f} us/delivery, missing {r['missing']}, dup {r['duplicated']}")
+
+
+def floor_cell(r):
+    lf = r.get("latency_floor")
+    if not lf:
+        return ""
+    if "error" in lf:
+        return "error: " + lf["error"][:60]
+    return f"{lf['p50_ms']:.1f} / {lf['p99_ms']:.1f}"
 
 
 def verdict(ok):
@@ -351,6 +408,12 @@ def markdown(res):
                     out += ["", f"Receivers whose socket the node closed before the end: "
                                 f"{r['receivers_closed_before_stop']}. Missing counts what had not arrived when the "
                                 "receivers stopped waiting (30 s after the last send at most, or 3 s without any delivery)."]
+                lf = r.get("latency_floor")
+                if lf and "error" not in lf:
+                    how = (f"{lf['writers']} trivial writers at once, one core each" if lf["writers"] > 1
+                           else f"the trivial writer on {lf['threads']} threads")
+                    out += ["", f"Latency floor at the same size and rate ({how}, read by the load generator): "
+                                f"p50 / p99 {floor_cell(r)} ms."]
                 out += ["", f"Met: nothing missing or duplicated {verdict(r['missing'] == 0 and r['duplicated'] == 0)}; "
                             f"p99 < {P99_BOUND_MS:.0f} ms {verdict(r['latency']['p99_ms'] < P99_BOUND_MS)}; "
                             f"≤ {FLOOR_FACTOR} × floor {verdict(x <= FLOOR_FACTOR)} ({x:.2f}). Node cores each: "
@@ -360,27 +423,41 @@ def markdown(res):
         out += ["## One node, the same delivery rate at every size", "",
                 f"Goal: ≤ {FLOOR_FACTOR} × the floor at every size; the p99 of a big fanout close to "
                 "receivers × floor ÷ cores (the time the node's cores need to write one message to everyone).", ""]
-        out += [fan_head[0] + " model p99 ms (receivers × floor ÷ cores) |", fan_head[1] + "---:|"]
+        out += [fan_head[0] + " model p99 ms (receivers × floor ÷ cores) | latency floor p50 / p99 ms (measured) |",
+                fan_head[1] + "---:|---:|"]
         for r in runs["sizes"]:
             model = f"{r['receivers'] * floor / cores / 1000:.1f}" if "error" not in r else ""
-            out.append(fan_row(r) + f" {model} |")
+            out.append(fan_row(r) + f" {model} | {floor_cell(r)} |")
+        out += ["", "The latency floor is the trivial writer delivering one round of frames per message to as many "
+                    "loopback sockets at the same rate, on every core, read by the load generator: what the model "
+                    "leaves out (the readers and Redis share the cores, and a round waits for the one before it) "
+                    "is in it."]
         ok = [r for r in runs["sizes"] if "error" not in r]
         if ok:
             out += ["", f"Met: ≤ {FLOOR_FACTOR} × floor at every size "
                         f"{verdict(all(r['node_cpu_us_per_delivery'] / floor <= FLOOR_FACTOR for r in ok))}."]
         out.append("")
     if "connects" in runs:
-        out += ["## Connects per second, one node", "", f"Goal: ≥ {CONNECTS_GOAL:,}/s.", "",
-                "| run | processes (in flight each) | open | failures | connects/s (all) | per process | node RSS per connection |",
-                "|---|---:|---:|---:|---:|---:|---:|"]
+        out += ["## Connects per second, one node", "", f"Goal: ≥ {CONNECTS_GOAL:,}/s. The connect floor is the same "
+                "load against a bare tokio-tungstenite server (`wshub-bench accept-server`: accept, upgrade, hold; "
+                "no routing, no Redis), with wshub's read buffer.", "",
+                "| run | processes (in flight each) | open | failures | connects/s (all) | per process "
+                "| server CPU µs per connect | Redis | load generator | cores busy | server RSS per connection |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in runs["connects"]:
             if "error" in r:
-                out.append(f"| {r['name']} | error: {r['error'][:100]} | | | | | |")
+                out.append(f"| {r['name']} | error: {r['error'][:100]} | | | | | | | | | |")
                 continue
             out.append(f"| {r['name']} | {r['processes']} ({r['concurrency_per_process']}) | {r['open']:,} | {r['failures']} "
                        f"| {r['connects_per_s']:,.0f} | {', '.join(f'{c:,.0f}' for c in r['connects_per_s_each'])} "
+                       f"| {r['node_cpu_us_per_connect']:.1f} | {r['redis_cpu_us_per_connect']:.1f} "
+                       f"| {r['loadgen_cpu_us_per_connect']:.1f} | {r['cores_busy']:.2f} "
                        f"| {r['rss_bytes_per_connection'] / 1024:.1f} KiB |")
-            out += ["", f"Met: {verdict(r['connects_per_s'] >= CONNECTS_GOAL and r['failures'] == 0)}. "
+        hubs = [r for r in runs["connects"] if "error" not in r and r.get("hub", "wshub") == "wshub"]
+        floors = [r for r in runs["connects"] if "error" not in r and r.get("hub") == CONNECT_FLOOR]
+        for r in hubs:
+            vs = (f" ({r['connects_per_s'] / floors[0]['connects_per_s']:.2f} × the connect floor)" if floors else "")
+            out += ["", f"Met: {verdict(r['connects_per_s'] >= CONNECTS_GOAL and r['failures'] == 0)}{vs}. "
                         "connects/s (all) = connections opened by all processes ÷ the longest process's connect time "
                         "(the processes start together)."]
         out.append("")

@@ -11,7 +11,13 @@
 //! - `idle`: connections opened as fast as allowed and held; connect rate,
 //!   failures, and the servers' RSS per connection.
 //! - `floor`: the physical floor: a trivial process writing pre-encoded
-//!   frames to loopback sockets, and its CPU per frame.
+//!   frames to loopback sockets (on one or several threads), its CPU per
+//!   frame, and the latency from the start of a round of writes to each
+//!   frame's arrival (what a fanout to that many sockets cannot beat).
+//! - `accept-server`: the connect floor: a trivial WebSocket server
+//!   (tokio-tungstenite, no hub) that accepts and holds sockets, for the
+//!   `idle` scenario to measure connects per second and memory per idle
+//!   socket without a hub behind them.
 //! - `receive` and `publish`: one fanout split over several processes (see
 //!   `bench/scale.py`): receiver-only processes, each holding its share of
 //!   the receivers, and one publisher. Each receiver process reports, per
@@ -120,6 +126,22 @@ enum Command {
         batch: usize,
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// Writer threads, each writing its share of the sockets every
+        /// round (the cores a hub could deliver one message on).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// The connect floor: accepts WebSocket upgrades on `--listen` and
+    /// holds the sockets (reading and discarding) until killed or
+    /// `--max-seconds` have passed.
+    AcceptServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Per-socket read buffer (wshub's default `ws.read_buffer_bytes`).
+        #[arg(long, default_value_t = 256)]
+        read_buffer: usize,
+        #[arg(long, default_value_t = 900)]
+        max_seconds: u64,
     },
     /// Receivers only (one share of a fanout split over processes): connects,
     /// prints a `ready` line, counts deliveries until `stop` on stdin (or
@@ -166,6 +188,8 @@ enum Command {
         batch: usize,
         #[arg(long)]
         seconds: u64,
+        #[arg(long)]
+        threads: usize,
     },
 }
 
@@ -196,7 +220,16 @@ async fn main() -> Result<()> {
             rate,
             batch,
             seconds,
-        } => floor(sockets, rate, batch, seconds).await?,
+            threads,
+        } => floor(sockets, rate, batch, seconds, threads).await?,
+        Command::AcceptServer {
+            listen,
+            read_buffer,
+            max_seconds,
+        } => {
+            accept_server(listen, read_buffer, max_seconds).await?;
+            return Ok(());
+        }
         Command::Receive {
             target,
             receivers,
@@ -219,8 +252,9 @@ async fn main() -> Result<()> {
             rate,
             batch,
             seconds,
+            threads,
         } => {
-            floor_writer(addr, sockets, rate, batch, seconds)?;
+            floor_writer(addr, sockets, rate, batch, seconds, threads)?;
             return Ok(());
         }
     };
@@ -917,6 +951,8 @@ async fn idle(target: Target, connections: usize, concurrency: usize) -> Result<
         .sum::<Result<u64>>()?;
     let tally = Tally::new(1);
     let sem = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let cpu0 = total_cpu(&target.server_pids)?;
+    let own0 = own_cpu()?;
     let t0 = Instant::now();
     let mut tasks = Vec::with_capacity(connections);
     for i in 0..connections {
@@ -941,6 +977,8 @@ async fn idle(target: Target, connections: usize, concurrency: usize) -> Result<
         }
     }
     let elapsed = t0.elapsed().as_secs_f64();
+    let server_cpu = total_cpu(&target.server_pids)? - cpu0;
+    let loadgen_cpu = own_cpu()? - own0;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss1: u64 = target
         .server_pids
@@ -957,6 +995,9 @@ async fn idle(target: Target, connections: usize, concurrency: usize) -> Result<
         "failures": failures,
         "first_error": first_error,
         "connects_per_s": open as f64 / elapsed,
+        "connect_s": elapsed,
+        "server_cpu_s": server_cpu,
+        "loadgen_cpu_s": loadgen_cpu,
         "server_rss_bytes_before": rss0,
         "server_rss_bytes_after": rss1,
         "rss_bytes_per_connection": (rss1.saturating_sub(rss0)) as f64 / open.max(1) as f64,
@@ -964,8 +1005,16 @@ async fn idle(target: Target, connections: usize, concurrency: usize) -> Result<
 }
 
 /// The floor: a child process writes pre-encoded frames to `sockets`
-/// loopback sockets; this process reads them. Returns the child's CPU per frame.
-async fn floor(sockets: usize, rate: f64, batch: usize, seconds: u64) -> Result<serde_json::Value> {
+/// loopback sockets on `threads` threads; this process reads them. Returns
+/// the child's CPU per frame and the latency of the frames (from the start
+/// of the round that wrote them to their arrival here).
+async fn floor(
+    sockets: usize,
+    rate: f64,
+    batch: usize,
+    seconds: u64,
+    threads: usize,
+) -> Result<serde_json::Value> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let exe = std::env::current_exe()?;
@@ -984,23 +1033,16 @@ async fn floor(sockets: usize, rate: f64, batch: usize, seconds: u64) -> Result<
             &batch.to_string(),
             "--seconds",
             &seconds.to_string(),
+            "--threads",
+            &threads.max(1).to_string(),
         ])
+        .kill_on_drop(true)
         .spawn()?;
     let received = Arc::new(AtomicU64::new(0));
     let mut readers = Vec::new();
     for _ in 0..sockets {
-        let (mut s, _) = listener.accept().await?;
-        let received = received.clone();
-        readers.push(tokio::spawn(async move {
-            use tokio::io::AsyncReadExt;
-            let mut buf = vec![0u8; 4096];
-            while let Ok(n) = s.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-                received.fetch_add(n as u64, Ordering::Relaxed);
-            }
-        }));
+        let (s, _) = listener.accept().await?;
+        readers.push(tokio::spawn(floor_reader(s, received.clone())));
     }
     let t0 = Instant::now();
     let status = child.wait().await?;
@@ -1011,19 +1053,70 @@ async fn floor(sockets: usize, rate: f64, batch: usize, seconds: u64) -> Result<
         bail!("floor writer failed");
     }
     let elapsed = t0.elapsed().as_secs_f64();
+    // The writer's sockets are closed: every reader sees the end soon.
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for r in readers {
+        let h = tokio::time::timeout(Duration::from_secs(30), r)
+            .await
+            .context("a floor reader did not see the end of its socket")??;
+        latency.add(&h)?;
+    }
     let rounds = ((rate * seconds as f64) / batch as f64).floor();
     let frames = rounds * batch as f64 * sockets as f64;
+    let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
     Ok(json!({
         "scenario": "floor",
         "sockets": sockets,
         "rate": rate,
         "frames_per_write": batch,
+        "threads": threads.max(1),
         "frames": frames,
+        "frames_timed": latency.len(),
         "bytes_received": received.load(Ordering::Relaxed),
         "writer_cpu_s": cpu,
         "writer_cpu_us_per_frame": cpu * 1e6 / frames,
         "elapsed_s": elapsed,
+        "latency": {"p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99),
+                    "max_ms": latency.max() as f64 / 1000.0},
     }))
+}
+
+/// A small text frame, as a hub would send it (server frames are unmasked),
+/// whose `message` ends in a 19-digit send time in ns since the epoch, at
+/// [`FLOOR_STAMP_AT`].
+const FLOOR_PAYLOAD: &[u8] = br#"{"userId":null,"groupId":null,"action":"bench","message":"123456:1764331200000000000","recipients":[]}"#;
+/// Where the send time starts in a floor frame (2 header bytes + offset).
+const FLOOR_STAMP_AT: usize = 2 + 65;
+const FLOOR_STAMP_LEN: usize = 19;
+const FLOOR_FRAME_LEN: usize = 2 + FLOOR_PAYLOAD.len();
+
+/// Reads one floor socket to its end: counts bytes, and records each
+/// frame's latency from the send time written in it.
+async fn floor_reader(mut s: TcpStream, received: Arc<AtomicU64>) -> Histogram<u64> {
+    use tokio::io::AsyncReadExt;
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    let mut buf = vec![0u8; 4096];
+    let mut carry: Vec<u8> = Vec::with_capacity(FLOOR_FRAME_LEN);
+    while let Ok(n) = s.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        received.fetch_add(n as u64, Ordering::Relaxed);
+        let now = now_ns();
+        carry.extend_from_slice(&buf[..n]);
+        let whole = carry.len() - carry.len() % FLOOR_FRAME_LEN;
+        for frame in carry[..whole].chunks_exact(FLOOR_FRAME_LEN) {
+            let stamp = &frame[FLOOR_STAMP_AT..FLOOR_STAMP_AT + FLOOR_STAMP_LEN];
+            if let Some(sent) = std::str::from_utf8(stamp)
+                .ok()
+                .and_then(|t| t.parse::<u64>().ok())
+            {
+                h.saturating_record(now.saturating_sub(sent) / 1000);
+            }
+        }
+        carry.drain(..whole);
+    }
+    h
 }
 
 /// CPU seconds this process has used so far (the load generator's own cost).
@@ -1048,17 +1141,16 @@ fn floor_writer(
     rate: f64,
     batch: usize,
     seconds: u64,
+    threads: usize,
 ) -> Result<()> {
     use std::io::Write;
-    // A small text frame, as a hub would send it (server frames are unmasked).
-    let payload = br#"{"userId":null,"groupId":null,"action":"bench","message":"123456:1764331200000000000","recipients":[]}"#;
-    let mut frame = vec![0x81, payload.len() as u8];
-    frame.extend_from_slice(payload);
-    let mut out = Vec::new();
-    for _ in 0..batch {
-        out.extend_from_slice(&frame);
-    }
-    let mut conns: Vec<std::net::TcpStream> = (0..sockets)
+    assert_eq!(
+        &FLOOR_PAYLOAD[FLOOR_STAMP_AT - 2..FLOOR_STAMP_AT - 2 + FLOOR_STAMP_LEN],
+        b"1764331200000000000"
+    );
+    let mut frame = vec![0x81, FLOOR_PAYLOAD.len() as u8];
+    frame.extend_from_slice(FLOOR_PAYLOAD);
+    let conns: Vec<std::net::TcpStream> = (0..sockets)
         .map(|_| {
             let s = std::net::TcpStream::connect(addr)?;
             s.set_nodelay(true)?;
@@ -1068,14 +1160,81 @@ fn floor_writer(
     let rounds = ((rate * seconds as f64) / batch as f64).floor() as u64;
     let every = Duration::from_secs_f64(batch as f64 / rate);
     let start = Instant::now();
-    for round in 0..rounds {
-        let due = start + every * round as u32;
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
+    let threads = threads.clamp(1, sockets.max(1));
+    let share = sockets.div_ceil(threads);
+    let mut conns = conns.into_iter();
+    std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        for _ in 0..threads {
+            let mut mine: Vec<std::net::TcpStream> = conns.by_ref().take(share).collect();
+            let frame = frame.clone();
+            handles.push(scope.spawn(move || -> Result<()> {
+                let mut out = Vec::with_capacity(frame.len() * batch);
+                for _ in 0..batch {
+                    out.extend_from_slice(&frame);
+                }
+                for round in 0..rounds {
+                    let due = start + every * round as u32;
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    // Every frame of the round carries the round's start.
+                    let stamp = format!("{:019}", now_ns());
+                    for k in 0..batch {
+                        let at = k * frame.len() + FLOOR_STAMP_AT;
+                        out[at..at + FLOOR_STAMP_LEN].copy_from_slice(stamp.as_bytes());
+                    }
+                    for c in mine.iter_mut() {
+                        c.write_all(&out)?;
+                    }
+                }
+                Ok(())
+            }));
         }
-        for c in conns.iter_mut() {
-            c.write_all(&out)?;
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a floor writer thread panicked"))?
+        })
+    })
+}
+
+/// The connect floor's server: accepts WebSocket upgrades with
+/// tokio-tungstenite (no routing, no bus; wshub's backlog and read buffer)
+/// and holds each socket, reading
+/// and discarding, until the client closes it or `max_seconds` pass.
+async fn accept_server(listen: SocketAddr, read_buffer: usize, max_seconds: u64) -> Result<()> {
+    // wshub's default `listen_backlog` (tokio's `bind` listens with 128).
+    let socket = if listen.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(listen)?;
+    let listener = socket.listen(4096)?;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(read_buffer)
+        .write_buffer_size(16 * 1024);
+    let serve = async {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                // Out of descriptors or a reset before accept: go on.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = stream.set_nodelay(true);
+                if let Ok(mut ws) =
+                    tokio_tungstenite::accept_async_with_config(stream, Some(config)).await
+                {
+                    while let Some(Ok(_)) = ws.next().await {}
+                }
+            });
         }
+    };
+    tokio::select! {
+        () = serve => {}
+        () = tokio::time::sleep(Duration::from_secs(max_seconds)) => {}
     }
     Ok(())
 }
