@@ -415,7 +415,9 @@ impl Node {
             node: self.clone(),
             conn,
             rx: Some(rx),
-            resume: Some(resume),
+            // Boxed, and only when it says more than `Legacy` (always with
+            // history off): the registration lives as long as the socket.
+            resume: (!matches!(resume, Request::Legacy)).then(|| Box::new(resume)),
             announced: false,
             present: false,
             _slot: slot,
@@ -848,8 +850,9 @@ pub struct Registration {
     /// The socket's connection in the hub.
     pub conn: Arc<Conn>,
     rx: Option<OutboxReceiver>,
-    /// What the socket asked for with `resume`, until the session takes it.
-    resume: Option<Request>,
+    /// What the socket asked for with `resume`, until the session takes it
+    /// (`None` for [`Request::Legacy`]).
+    resume: Option<Box<Request>>,
     /// Whether the backend was told of the connect (and must hear of the
     /// disconnect).
     announced: bool,
@@ -873,7 +876,7 @@ impl Registration {
 
     /// Takes what the socket asked for with `resume` (once).
     pub(crate) fn take_resume(&mut self) -> Request {
-        self.resume.take().unwrap_or(Request::Legacy)
+        self.resume.take().map_or(Request::Legacy, |r| *r)
     }
 
     /// Tells the backend of the connect once the resume is decided
