@@ -407,6 +407,7 @@ impl Node {
         let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let queue_bytes = self.config.limits.outbound_queue_bytes;
         let cid = format!("{}-{id}", self.address).into();
+        let who = self.hub.shared(who);
         let (conn, rx) = Conn::open(id, cid, who, relay, resume.speaks_resume(), queue_bytes);
         self.hub.insert(conn.clone());
         self.metrics.connection_opened();
