@@ -469,8 +469,11 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
     };
     let max = http.config.limits.max_message_bytes;
     let ws = &http.config.ws;
-    // Held until the session ends, so shutdown waits for it.
-    let tracked = http.node.track_session();
+    // Held until the session ends, so shutdown waits for it. Boxed with
+    // the registration: axum's upgrade task keeps room for its callback's
+    // captures for the socket's whole life, and a box is one pointer,
+    // freed as the session starts (issue 19).
+    let start = Box::new((registration, http.node.track_session()));
     Ok(upgrade
         // Chosen when the client offers it (with a token in the protocol
         // list, browsers require the server to choose one).
@@ -480,9 +483,9 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
         .max_message_size(max)
         .max_frame_size(max)
         .on_failed_upgrade(|e| debug!(error = %e, "websocket upgrade failed"))
-        .on_upgrade(move |socket| async move {
-            crate::session::run(socket, registration).await;
-            drop(tracked);
+        .on_upgrade(move |socket| {
+            let (registration, tracked) = *start;
+            crate::session::run(socket, registration, tracked)
         }))
 }
 

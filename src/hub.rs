@@ -19,6 +19,7 @@
 //! `wshub.gap` notice to the sockets of that topic that speak resume.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::{Arc, RwLock};
 
 use crate::bus::Deliver;
@@ -28,13 +29,96 @@ use crate::envelope::Envelope;
 use crate::metrics::Metrics;
 use crate::outcome::CloseReason;
 use crate::resume::{Mark, gap_frame};
-use crate::route::{Topic, connection_number};
+use crate::route::{Identity, Topic, connection_number};
 
-type Members = HashMap<ConnId, Arc<Conn>>;
+/// The sockets of one group or one user.
+///
+/// Most users have one socket, and an idle node holds one entry per user:
+/// a lone socket is held inline, a map is made for the second (issue 19: a
+/// map per user was an allocation per idle socket, and its 48 bytes were
+/// in every entry of the user index). Two words, so an entry of the user
+/// index is four.
+enum Members {
+    /// One socket, the common case.
+    One(Arc<Conn>),
+    /// Two or more. Boxed: a map is six words, which would be in every
+    /// entry, and the box's allocation is only made for a second socket.
+    #[allow(
+        clippy::box_collection,
+        reason = "the box keeps the common entry small (see above)"
+    )]
+    Many(Box<HashMap<ConnId, Arc<Conn>>>),
+}
+
+impl Members {
+    /// Adds `conn` to the members in `entry`, creating them for the first.
+    fn insert<K>(entry: Entry<'_, K, Members>, conn: Arc<Conn>) {
+        match entry {
+            Entry::Vacant(vacant) => {
+                vacant.insert(Members::One(conn));
+            }
+            Entry::Occupied(mut occupied) => {
+                let members = occupied.get_mut();
+                match members {
+                    Members::One(one) if one.id == conn.id => *one = conn,
+                    Members::One(one) => {
+                        let map = HashMap::from([(one.id, one.clone()), (conn.id, conn)]);
+                        *members = Members::Many(Box::new(map));
+                    }
+                    Members::Many(map) => {
+                        map.insert(conn.id, conn);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes the socket `id` from the members of `key` in `index`, and
+    /// the entry once no member is left.
+    fn remove<K, Q>(index: &mut HashMap<K, Members>, key: &Q, id: ConnId)
+    where
+        K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        let Some(members) = index.get_mut(key) else {
+            return;
+        };
+        match members {
+            Members::One(one) => {
+                if one.id == id {
+                    index.remove(key);
+                }
+            }
+            Members::Many(map) => {
+                map.remove(&id);
+                // Back to one: the map goes (a user who had two tabs open
+                // for a moment keeps no map for good).
+                if map.len() <= 1 {
+                    let last = map.drain().next();
+                    match last {
+                        Some((_, last)) => *members = Members::One(last),
+                        None => {
+                            index.remove(key);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every member.
+    fn iter(&self) -> impl Iterator<Item = &Arc<Conn>> {
+        let (one, many) = match self {
+            Members::One(one) => (Some(one), None),
+            Members::Many(map) => (None, Some(map.values())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+}
 
 #[derive(Default)]
 struct Index {
-    all: Members,
+    all: HashMap<ConnId, Arc<Conn>>,
     groups: HashMap<Option<Arc<str>>, Members>,
     users: HashMap<Arc<str>, Members>,
 }
@@ -81,18 +165,9 @@ impl Hub {
     /// Adds a connection to the indexes.
     pub(crate) fn insert(&self, conn: Arc<Conn>) {
         let mut index = self.write();
-        let id = conn.id;
-        index
-            .groups
-            .entry(conn.who.group.clone())
-            .or_default()
-            .insert(id, conn.clone());
-        index
-            .users
-            .entry(conn.who.user.clone())
-            .or_default()
-            .insert(id, conn.clone());
-        index.all.insert(id, conn);
+        Members::insert(index.groups.entry(conn.who.group.clone()), conn.clone());
+        Members::insert(index.users.entry(conn.who.user.clone()), conn.clone());
+        index.all.insert(conn.id, conn);
     }
 
     /// Removes a connection; empty index entries are dropped, so the maps
@@ -100,18 +175,22 @@ impl Hub {
     pub(crate) fn remove(&self, conn: &Conn) {
         let mut index = self.write();
         index.all.remove(&conn.id);
-        if let Some(members) = index.groups.get_mut(&conn.who.group) {
-            members.remove(&conn.id);
-            if members.is_empty() {
-                index.groups.remove(&conn.who.group);
-            }
+        Members::remove(&mut index.groups, &conn.who.group, conn.id);
+        Members::remove(&mut index.users, &*conn.who.user, conn.id);
+    }
+
+    /// `who`, with its group's and its user's names taken from the index
+    /// when a socket here already has them: the sockets of a group then
+    /// share one string instead of holding a copy each (issue 19).
+    pub(crate) fn shared(&self, mut who: Identity) -> Identity {
+        let index = self.read();
+        if let Some((group, _)) = index.groups.get_key_value(&who.group) {
+            who.group = group.clone();
         }
-        if let Some(members) = index.users.get_mut(&conn.who.user) {
-            members.remove(&conn.id);
-            if members.is_empty() {
-                index.users.remove(&conn.who.user);
-            }
+        if let Some((user, _)) = index.users.get_key_value(&who.user) {
+            who.user = user.clone();
         }
+        who
     }
 
     /// The connection with id `id`, if it is open here.
@@ -150,13 +229,13 @@ impl Hub {
                 .groups
                 .get(g)
                 .into_iter()
-                .flat_map(|m| m.values())
+                .flat_map(Members::iter)
                 .for_each(&mut close),
             Topic::User(u) => index
                 .users
                 .get(u)
                 .into_iter()
-                .flat_map(|m| m.values())
+                .flat_map(Members::iter)
                 .for_each(&mut close),
             Topic::Connection(c) => index.connection(c).into_iter().for_each(&mut close),
         }
@@ -207,13 +286,13 @@ impl Hub {
                 .groups
                 .get(g)
                 .into_iter()
-                .flat_map(|m| m.values())
+                .flat_map(Members::iter)
                 .for_each(&mut offer),
             Topic::User(u) => index
                 .users
                 .get(u)
                 .into_iter()
-                .flat_map(|m| m.values())
+                .flat_map(Members::iter)
                 .for_each(&mut offer),
             Topic::Connection(c) => index.connection(c).into_iter().for_each(&mut offer),
         }
@@ -267,7 +346,7 @@ impl Deliver for Hub {
 mod tests {
     use super::*;
     use crate::message::Frame;
-    use crate::route::{Identity, Route};
+    use crate::route::Route;
     use std::sync::mpsc;
     use std::time::Duration;
 
@@ -289,6 +368,77 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    /// Issue 19: a user with one socket costs its index entry only (the
+    /// socket inline, no map of its own); a map is made for a second
+    /// socket and goes again when one is left, and the entry goes with the
+    /// last.
+    #[test]
+    fn a_lone_socket_is_indexed_without_a_map() {
+        assert!(std::mem::size_of::<Members>() <= 16, "two words at most");
+        let hub = Hub::new(Arc::new(Metrics::new()));
+        let ann = Identity {
+            user: "ann".into(),
+            group: Some("chat".into()),
+        };
+        let users = |hub: &Hub| {
+            let index = hub.read();
+            index.users.get("ann").map(|m| match m {
+                Members::One(one) => vec![one.id],
+                Members::Many(map) => {
+                    let mut ids: Vec<_> = map.keys().copied().collect();
+                    ids.sort_unstable();
+                    assert!(ids.len() > 1, "a map holds two or more");
+                    ids
+                }
+            })
+        };
+        let (first, _rx1) = Conn::new(1, ann.clone(), false, 1024);
+        let (second, _rx2) = Conn::new(2, ann.clone(), false, 1024);
+        hub.insert(first.clone());
+        assert!(matches!(hub.read().users["ann"], Members::One(_)));
+        assert_eq!(users(&hub), Some(vec![1]));
+        hub.insert(second.clone());
+        assert_eq!(users(&hub), Some(vec![1, 2]));
+        hub.remove(&first);
+        assert!(
+            matches!(hub.read().users["ann"], Members::One(_)),
+            "back to one: no map kept"
+        );
+        assert_eq!(users(&hub), Some(vec![2]));
+        // Every index reaches the one left.
+        let reached = hub.close_all(
+            &Topic::Group(Some("chat".into())),
+            CloseReason::Normal,
+            None,
+        );
+        assert_eq!(reached, 1);
+        hub.remove(&second);
+        assert_eq!(users(&hub), None, "the entry goes with the last socket");
+        assert!(hub.read().groups.is_empty());
+        assert_eq!(hub.topics(), [Topic::All]);
+    }
+
+    /// Issue 19: a new socket's group (and user) name is the string the
+    /// index already holds, not a copy per socket.
+    #[test]
+    fn the_sockets_of_a_group_share_its_name() {
+        let hub = Hub::new(Arc::new(Metrics::new()));
+        let who = |user: &str| Identity {
+            user: user.into(),
+            group: Some("chat".into()),
+        };
+        let (ann, _rx) = Conn::new(1, hub.shared(who("ann")), false, 1024);
+        hub.insert(ann.clone());
+        let bob = hub.shared(who("bob"));
+        assert!(Arc::ptr_eq(
+            bob.group.as_ref().unwrap(),
+            ann.who.group.as_ref().unwrap()
+        ));
+        assert_eq!(bob, who("bob"), "the same names");
+        let again = hub.shared(who("ann"));
+        assert!(Arc::ptr_eq(&again.user, &ann.who.user));
     }
 
     /// Issue 11, item 14: the slow-consumer warning is written with the

@@ -407,6 +407,7 @@ impl Node {
         let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let queue_bytes = self.config.limits.outbound_queue_bytes;
         let cid = format!("{}-{id}", self.address).into();
+        let who = self.hub.shared(who);
         let (conn, rx) = Conn::open(id, cid, who, relay, resume.speaks_resume(), queue_bytes);
         self.hub.insert(conn.clone());
         self.metrics.connection_opened();
@@ -415,7 +416,9 @@ impl Node {
             node: self.clone(),
             conn,
             rx: Some(rx),
-            resume: Some(resume),
+            // Boxed, and only when it says more than `Legacy` (always with
+            // history off): the registration lives as long as the socket.
+            resume: (!matches!(resume, Request::Legacy)).then(|| Box::new(resume)),
             announced: false,
             present: false,
             _slot: slot,
@@ -848,8 +851,9 @@ pub struct Registration {
     /// The socket's connection in the hub.
     pub conn: Arc<Conn>,
     rx: Option<OutboxReceiver>,
-    /// What the socket asked for with `resume`, until the session takes it.
-    resume: Option<Request>,
+    /// What the socket asked for with `resume`, until the session takes it
+    /// (`None` for [`Request::Legacy`]).
+    resume: Option<Box<Request>>,
     /// Whether the backend was told of the connect (and must hear of the
     /// disconnect).
     announced: bool,
@@ -873,7 +877,7 @@ impl Registration {
 
     /// Takes what the socket asked for with `resume` (once).
     pub(crate) fn take_resume(&mut self) -> Request {
-        self.resume.take().unwrap_or(Request::Legacy)
+        self.resume.take().map_or(Request::Legacy, |r| *r)
     }
 
     /// Tells the backend of the connect once the resume is decided
