@@ -165,11 +165,11 @@ pub struct OutboxReceiver {
 }
 
 impl OutboxReceiver {
-    /// The next frame, waiting for one. (The queue lives as long as the
-    /// connection, so this never ends by itself: the session stops waiting
-    /// when it closes.)
-    pub(crate) async fn recv(&mut self) -> Option<Queued> {
-        Some(self.conn.outbox.recv().await)
+    /// The next frame, or `Pending` until one is queued. (The queue lives
+    /// as long as the connection, so this never ends by itself: the
+    /// session stops waiting when it closes.)
+    pub(crate) fn poll_recv(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Queued> {
+        self.conn.outbox.poll_recv(cx)
     }
 
     /// The next frame if one is queued.

@@ -6,7 +6,7 @@
 //! session can drop copies a replay already wrote (`crate::resume`).
 
 use std::collections::VecDeque;
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
 
@@ -105,30 +105,39 @@ impl Outbox {
         Some(queued)
     }
 
-    /// The next frame, waiting for one. Only one task (the session) may
-    /// wait: the waker slot holds one waker.
-    pub(crate) async fn recv(&self) -> Queued {
-        wait_on(&self.ready, || self.pop()).await
+    /// The next frame, or `Pending` and `cx` woken by the next push. Only
+    /// one task (the session) may wait: the waker slot holds one waker. A
+    /// poll function rather than a future, so that the session's `select!`
+    /// holds a reference, not a future's state, for it.
+    pub(crate) fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Queued> {
+        poll_on(&self.ready, cx, || self.pop())
     }
 }
 
 /// Waits until `ready` returns a value, woken through `waker`: the one
-/// waiting task's side of a single-waiter [`AtomicWaker`] (the outbox's and
-/// the [`Closer`](crate::conn::Closer)'s). The check runs again after
+/// waiting task's side of a single-waiter [`AtomicWaker`] (the
+/// [`Closer`](crate::conn::Closer)'s).
+pub(crate) async fn wait_on<T>(waker: &AtomicWaker, mut ready: impl FnMut() -> Option<T>) -> T {
+    std::future::poll_fn(|cx| poll_on(waker, cx, &mut ready)).await
+}
+
+/// One poll of [`wait_on`] (and of the outbox's
+/// [`poll_recv`](Outbox::poll_recv)). The check runs again after
 /// registering, because a wake between the first check and the
 /// registration woke nobody.
-pub(crate) async fn wait_on<T>(waker: &AtomicWaker, mut ready: impl FnMut() -> Option<T>) -> T {
-    std::future::poll_fn(|cx| {
-        if let Some(value) = ready() {
-            return Poll::Ready(value);
-        }
-        waker.register(cx.waker());
-        match ready() {
-            Some(value) => Poll::Ready(value),
-            None => Poll::Pending,
-        }
-    })
-    .await
+fn poll_on<T>(
+    waker: &AtomicWaker,
+    cx: &mut Context<'_>,
+    mut ready: impl FnMut() -> Option<T>,
+) -> Poll<T> {
+    if let Some(value) = ready() {
+        return Poll::Ready(value);
+    }
+    waker.register(cx.waker());
+    match ready() {
+        Some(value) => Poll::Ready(value),
+        None => Poll::Pending,
+    }
 }
 
 #[cfg(test)]
@@ -157,7 +166,7 @@ pub(crate) mod tests {
     }
 
     fn poll_recv(outbox: &Outbox, waker: &Arc<CountingWaker>) -> Poll<Queued> {
-        poll_once(outbox.recv(), waker)
+        poll_once(std::future::poll_fn(|cx| outbox.poll_recv(cx)), waker)
     }
 
     use std::future::Future;

@@ -33,10 +33,10 @@
 //! replayed what it missed.
 
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
-use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::time::{Interval, MissedTickBehavior, interval_at};
 use tokio_util::task::task_tracker::TaskTrackerToken;
@@ -57,6 +57,10 @@ use crate::route::Identity;
 
 /// Most frames written before one flush; bounds how long one wake-up takes.
 const MAX_BATCH: usize = 64;
+/// Most batch writes in a row before the client's side is read again
+/// (see [`Session::serve`]): a queue that never empties cannot starve the
+/// reads (the client's pongs and messages).
+const WRITES_BEFORE_READ: u8 = 4;
 /// How long the closing handshake may take before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -84,11 +88,16 @@ pub(crate) fn run(
     async move {
         // Used in place, not moved into a local: the future then holds
         // one `Session`, not two.
-        if let Some(live) = session.as_mut() {
-            let reason = live.serve().await;
-            if let Some(session) = session.take() {
-                Box::pin(session.finish(reason)).await;
-            }
+        let Some(live) = session.as_mut() else {
+            drop(tracked);
+            return;
+        };
+        let reason = live.serve().await;
+        // Boxed in a closure: a `Session` bound to a local here would be
+        // held in this future next to the captured one (it was: the future
+        // held two).
+        if let Some(finish) = session.take().map(|s| Box::pin(s.finish(reason))) {
+            finish.await;
         }
         drop(tracked);
     }
@@ -101,9 +110,14 @@ pub(crate) fn run(
 /// history needs unless history is on ([`Replay`]).
 struct Session {
     registration: Registration,
-    sink: SplitSink<WebSocket, WsMessage>,
-    stream: SplitStream<WebSocket>,
+    /// The socket, not split into halves: the session reads and writes it
+    /// in turn (a batch write runs after the `select!` that chose it has
+    /// dropped its read), so no `BiLock` is taken per frame.
+    socket: WebSocket,
     outbound: OutboxReceiver,
+    /// Batch writes in a row that the read side was not polled before
+    /// (see [`Session::serve`]).
+    writes_unread: u8,
     ping: Interval,
     /// Whether the peer sent anything since the last ping.
     heard: bool,
@@ -147,16 +161,15 @@ impl Session {
             group = %UntrustedOpt(conn.who.group.as_deref()),
             "connection opened"
         );
-        let (sink, stream) = socket.split();
         let ping_every = node.config.ws.ping_interval;
         let mut ping = interval_at(tokio::time::Instant::now() + ping_every, ping_every);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let replay = node.resumer().map(|_| Box::default());
         Self {
             registration,
-            sink,
-            stream,
+            socket,
             outbound,
+            writes_unread: 0,
             ping,
             heard: true,
             rate: None,
@@ -190,15 +203,44 @@ impl Session {
         loop {
             // Each arm is one call; the futures borrow disjoint fields and
             // are dropped before the chosen arm's call runs.
+            //
+            // The queue is looked at before the socket's read side (issue
+            // 19): a wake-up for a delivery then polls the read side once,
+            // when the session waits again after the write, not also
+            // before it (polling it goes through tungstenite, the socket's
+            // readiness lock and two wakers: about a tenth of a node's CPU
+            // in a fanout profile, when it was polled twice). So that a
+            // queue that never empties cannot starve the reads, the read
+            // side comes first again after WRITES_BEFORE_READ writes in a
+            // row that it was not polled before.
+            let write_first = self.writes_unread < WRITES_BEFORE_READ;
+            let mut read_polled = false;
             let step = tokio::select! {
                 biased;
                 reason = self.registration.conn.closer.closed() => Err(reason),
-                frame = self.stream.next() => self.on_frame(frame),
                 // Boxed too: a write (its batch, flush and timer) is about
                 // a kilobyte of future, one allocation per wake-up that
                 // already makes a system call or more.
-                Some(first) = self.outbound.recv() => Box::pin(self.write(first)).await,
-                _ = self.ping.tick() => Box::pin(self.on_ping()).await,
+                first = std::future::poll_fn(|cx| self.outbound.poll_recv(cx)), if write_first => {
+                    // The read side was polled if this select waited.
+                    self.writes_unread = if read_polled { 0 } else { self.writes_unread + 1 };
+                    Box::pin(self.write(first)).await
+                }
+                frame = std::future::poll_fn(|cx| {
+                    read_polled = true;
+                    self.socket.poll_next_unpin(cx)
+                }) => {
+                    self.writes_unread = 0;
+                    self.on_frame(frame)
+                }
+                first = std::future::poll_fn(|cx| self.outbound.poll_recv(cx)), if !write_first => {
+                    self.writes_unread = 0;
+                    Box::pin(self.write(first)).await
+                }
+                _ = self.ping.tick() => {
+                    self.writes_unread = 0;
+                    Box::pin(self.on_ping()).await
+                }
             };
             if let Err(reason) = step {
                 return reason;
@@ -232,7 +274,7 @@ impl Session {
         while let Some(replay) = self.replay.as_mut()
             && !replay.backlog.is_empty()
         {
-            let write = write_backlog(&mut self.sink, &mut replay.backlog, &mut self.in_flight);
+            let write = write_backlog(&mut self.socket, &mut replay.backlog, &mut self.in_flight);
             guarded(&self.registration.conn.closer, limit, write).await?;
         }
         Ok(())
@@ -306,7 +348,7 @@ impl Session {
         }
         let limit = self.write_timeout();
         let write = write_batch(
-            &mut self.sink,
+            &mut self.socket,
             &mut self.outbound,
             &mut self.in_flight,
             &mut self.replay,
@@ -321,7 +363,7 @@ impl Session {
         }
         self.heard = false;
         let limit = self.write_timeout();
-        let write = self.sink.send(WsMessage::Ping(Default::default()));
+        let write = self.socket.send(WsMessage::Ping(Default::default()));
         guarded(&self.registration.conn.closer, limit, write).await
     }
 
@@ -361,8 +403,7 @@ impl Session {
         };
         let text = conn.closer.text().unwrap_or(reason.reason()).to_owned();
         close(
-            self.sink,
-            self.stream,
+            self.socket,
             pending,
             (reason, text),
             self.client_closed,
@@ -375,20 +416,38 @@ impl Session {
 /// Runs one write unless the session is closed first or the write takes
 /// longer than `limit`. A write that fails means the connection is gone; one
 /// that runs out of time means the peer does not read: a slow consumer.
+///
+/// The close reason is read (one atomic load) before each poll of the
+/// write; the closer's waker and the timer are only registered once the
+/// write waits. Most writes finish in their first poll (the socket takes
+/// the batch), and then neither is touched (issue 19: arming a timer cost
+/// a clock read and the runtime handle's shared reference count per
+/// wake-up). The time limit counts from that first wait.
 async fn guarded(
     closer: &Closer,
     limit: Duration,
     write: impl Future<Output = Result<(), axum::Error>>,
 ) -> Result<(), CloseReason> {
-    tokio::select! {
-        biased;
-        reason = closer.closed() => Err(reason),
-        result = tokio::time::timeout(limit, write) => match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(CloseReason::ConnectionLost),
-            Err(_) => Err(CloseReason::SlowConsumer),
-        },
-    }
+    let mut write = std::pin::pin!(write);
+    let mut closed = std::pin::pin!(closer.closed());
+    let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    std::future::poll_fn(|cx| {
+        if let Some(reason) = closer.reason() {
+            return Poll::Ready(Err(reason));
+        }
+        if let Poll::Ready(result) = write.as_mut().poll(cx) {
+            return Poll::Ready(result.map_err(|_| CloseReason::ConnectionLost));
+        }
+        if let Poll::Ready(reason) = closed.as_mut().poll(cx) {
+            return Poll::Ready(Err(reason));
+        }
+        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(CloseReason::SlowConsumer)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// The frame a batch write has taken from the queue but not yet handed to
@@ -461,11 +520,9 @@ fn next_admitted(outbound: &mut OutboxReceiver, replay: &mut Option<Box<Replay>>
 
 /// Writes the frame in flight and up to [`MAX_BATCH`] frames in all from
 /// the queue (those the floors admit), then flushes. Each frame stays in
-/// `in_flight` until the socket has taken it (`feed` hands a frame over in
-/// the same poll that completes it, so a cancelled `feed` never took its
-/// frame).
+/// `in_flight` until the socket has taken it ([`hand_over`]).
 async fn write_batch(
-    sink: &mut SplitSink<WebSocket, WsMessage>,
+    socket: &mut WebSocket,
     outbound: &mut OutboxReceiver,
     in_flight: &mut InFlight,
     replay: &mut Option<Box<Replay>>,
@@ -474,20 +531,17 @@ async fn write_batch(
         if in_flight.0.is_none() {
             in_flight.0 = next_admitted(outbound, replay);
         }
-        // A clone is a reference-count increment.
-        let Some(frame) = in_flight.0.clone() else {
+        if !hand_over(socket, in_flight).await? {
             break;
-        };
-        sink.feed(WsMessage::Text(frame)).await?;
-        in_flight.0 = None;
+        }
     }
-    sink.flush().await
+    socket.flush().await
 }
 
 /// Up to [`MAX_BATCH`] frames of the backlog (the welcome and the
 /// replay), through `in_flight` as [`write_batch`], then a flush.
 async fn write_backlog(
-    sink: &mut SplitSink<WebSocket, WsMessage>,
+    socket: &mut WebSocket,
     backlog: &mut std::collections::VecDeque<Frame>,
     in_flight: &mut InFlight,
 ) -> Result<(), axum::Error> {
@@ -495,13 +549,30 @@ async fn write_backlog(
         if in_flight.0.is_none() {
             in_flight.0 = backlog.pop_front();
         }
-        let Some(frame) = in_flight.0.clone() else {
+        if !hand_over(socket, in_flight).await? {
             break;
-        };
-        sink.feed(WsMessage::Text(frame)).await?;
-        in_flight.0 = None;
+        }
     }
-    sink.flush().await
+    socket.flush().await
+}
+
+/// Hands the frame in flight (if any; false when none) to the socket once
+/// the socket is ready for one. The frame leaves `in_flight` only after
+/// the wait, in the call that gives it to tungstenite's write buffer, so a
+/// write abandoned while the socket was not ready keeps it. (`feed` would
+/// own the frame while it waits: keeping it meant a clone, and a shared
+/// frame's reference count is one cache line written by every recipient's
+/// session, on every worker.)
+async fn hand_over(socket: &mut WebSocket, in_flight: &mut InFlight) -> Result<bool, axum::Error> {
+    if in_flight.0.is_none() {
+        return Ok(false);
+    }
+    std::future::poll_fn(|cx| socket.poll_ready_unpin(cx)).await?;
+    let Some(frame) = in_flight.0.take() else {
+        return Ok(false);
+    };
+    socket.start_send_unpin(WsMessage::Text(frame))?;
+    Ok(true)
 }
 
 /// What a closing session still owes its client, in the order owed.
@@ -549,8 +620,7 @@ struct Handoff {
 /// handshake's time: a client slow to read must not cost its next socket
 /// the replay.
 async fn close(
-    mut sink: SplitSink<WebSocket, WsMessage>,
-    mut stream: SplitStream<WebSocket>,
+    mut socket: WebSocket,
     mut pending: Pending,
     (reason, text): (CloseReason, String),
     client_closed: bool,
@@ -563,7 +633,7 @@ async fn close(
     let owed = async {
         if reason != CloseReason::SlowConsumer && !client_closed {
             while let Some(frame) = pending.next() {
-                sink.feed(WsMessage::Text(frame)).await?;
+                socket.feed(WsMessage::Text(frame)).await?;
             }
         }
         Ok::<(), axum::Error>(())
@@ -580,17 +650,17 @@ async fn close(
     let handshake = async {
         if client_closed {
             // tungstenite queued the echo of the client's close; send it.
-            let _ = sink.flush().await;
+            let _ = socket.flush().await;
         } else {
             let frame = CloseFrame {
                 code: reason.code(),
                 reason: text.into(),
             };
-            if sink.send(WsMessage::Close(Some(frame))).await.is_err() {
+            if socket.send(WsMessage::Close(Some(frame))).await.is_err() {
                 return;
             }
             // Wait for the client's close reply (or the end of the stream).
-            while let Some(Ok(msg)) = stream.next().await {
+            while let Some(Ok(msg)) = socket.next().await {
                 if matches!(msg, WsMessage::Close(_)) {
                     break;
                 }
@@ -624,11 +694,14 @@ mod tests {
     #[test]
     fn an_idle_session_task_is_small() {
         // Debug build: 3,208 bytes at first, 1,072 with the boxed awaits,
-        // 536 with the session slimmed (the `Session` from 528 to 232).
+        // 536 with the session slimmed (the `Session` from 528 to 232),
+        // 784 (the `Session` 536) with the socket (368 bytes) held in the
+        // session, not split: the split kept it in a 400-byte `BiLock`
+        // allocation of its own instead, so the socket costs less in all.
         let size = size_of_output(run);
-        assert!(size <= 576, "the session future is {size} bytes");
+        assert!(size <= 832, "the session future is {size} bytes");
         let session = std::mem::size_of::<Session>();
-        assert!(session <= 256, "the session is {session} bytes");
+        assert!(session <= 576, "the session is {session} bytes");
     }
 
     fn pos(text: &str) -> Position {
