@@ -421,10 +421,16 @@ impl Node {
             _slot: slot,
         };
         let [group, user] = registration.conn.who.topics();
-        let (g, u) = tokio::join!(self.bus.subscribe(&group), self.bus.subscribe(&user));
+        // The ban check's round trip overlaps the subscribes' (it once
+        // waited for them): a connect waits for the slower, not the sum.
+        let (g, u, banned) = tokio::join!(
+            self.bus.subscribe(&group),
+            self.bus.subscribe(&user),
+            self.banned(&registration.conn.who.user)
+        );
         g?;
         u?;
-        if self.banned(&registration.conn.who.user).await {
+        if banned {
             return Err(ConnectError::Banned);
         }
         if self.is_draining() {
