@@ -142,13 +142,15 @@ impl TokenVerifier {
 }
 
 /// The token a socket request carries: `?token=` (any key case), else a
-/// `wshub.jwt.<token>` subprotocol entry.
+/// `wshub.jwt.<token>` subprotocol entry. `query`: the request's decoded
+/// key-value pairs (`http::QueryPairs`, spelled out here: `http` imports
+/// this module, not the other way round).
 pub(crate) fn token_from_request(
-    query: &[(String, String)],
+    query: &[(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)],
     headers: &HeaderMap,
 ) -> Option<String> {
     if let Some((_, t)) = query.iter().find(|(k, _)| k.eq_ignore_ascii_case("token")) {
-        return Some(t.clone());
+        return Some(t.to_string());
     }
     headers
         .get_all("sec-websocket-protocol")
@@ -347,7 +349,7 @@ mod tests {
 
     #[test]
     fn token_sources() {
-        let q = vec![("Token".to_owned(), "abc".to_owned())];
+        let q = vec![("Token".into(), "abc".into())];
         assert_eq!(
             token_from_request(&q, &HeaderMap::new()).as_deref(),
             Some("abc")

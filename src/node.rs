@@ -27,7 +27,7 @@ use crate::bus::control::{ControlPlane, Local};
 use crate::bus::registry::{NodeEntry, Registry, Vitals};
 use crate::bus::{Bus, BusError, Deliver, MakeBus};
 use crate::config::Config;
-use crate::conn::{Conn, OutboxReceiver};
+use crate::conn::{Conn, ConnId, OutboxReceiver};
 use crate::envelope::Envelope;
 use crate::hub::Hub;
 use crate::logging::{Untrusted, UntrustedOpt};
@@ -406,7 +406,7 @@ impl Node {
         let slot = self.admission.reserve(ip)?;
         let id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let queue_bytes = self.config.limits.outbound_queue_bytes;
-        let cid = format!("{}-{id}", self.address).into();
+        let cid = connection_id(&self.address, id);
         let who = self.hub.shared(who);
         let (conn, rx) = Conn::open(id, cid, who, relay, resume.speaks_resume(), queue_bytes);
         self.hub.insert(conn.clone());
@@ -424,10 +424,16 @@ impl Node {
             _slot: slot,
         };
         let [group, user] = registration.conn.who.topics();
-        let (g, u) = tokio::join!(self.bus.subscribe(&group), self.bus.subscribe(&user));
+        // The ban check's round trip overlaps the subscribes' (it once
+        // waited for them): a connect waits for the slower, not the sum.
+        let (g, u, banned) = tokio::join!(
+            self.bus.subscribe(&group),
+            self.bus.subscribe(&user),
+            self.banned(&registration.conn.who.user)
+        );
         g?;
         u?;
-        if self.banned(&registration.conn.who.user).await {
+        if banned {
             return Err(ConnectError::Banned);
         }
         if self.is_draining() {
@@ -891,6 +897,26 @@ impl Registration {
     }
 }
 
+/// The cluster-wide id of this node's connection `id`: `<address>-<id>`,
+/// made with one allocation and without `format!`, which showed in every
+/// connect's profile (issue 19).
+fn connection_id(address: &str, id: ConnId) -> Arc<str> {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = id;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    let digits = std::str::from_utf8(&digits[at..]).unwrap_or_default();
+    Arc::from([address, "-", digits].concat())
+}
+
 impl Drop for Registration {
     fn drop(&mut self) {
         let node = &self.node;
@@ -923,6 +949,18 @@ impl Drop for Registration {
         } else {
             // Refused while subscribing, or the upgrade never completed.
             node.metrics.connection_closed(CloseReason::ConnectionLost);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_ids_are_the_address_and_the_number() {
+        for id in [0, 7, 10, 1234, u64::MAX] {
+            assert_eq!(&*connection_id("n1-ab12", id), format!("n1-ab12-{id}"));
         }
     }
 }

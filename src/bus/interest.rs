@@ -23,11 +23,22 @@ pub struct Interest {
 
 #[derive(Debug, Default)]
 struct Inner {
-    counts: HashMap<Topic, usize>,
+    counts: HashMap<Topic, Count>,
     /// Topics whose count fell to zero, oldest first, with the time they may
     /// be released. A topic can appear more than once; stale entries are
     /// skipped by `expire`.
     zeroed: VecDeque<(Instant, Topic)>,
+}
+
+/// One held topic: its references, and whether it is live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Count {
+    refs: usize,
+    /// Subscribed on the bus's current connection: set by the bus once
+    /// Redis confirmed it, cleared for every topic when the connection is
+    /// lost, gone with the topic when it is released. A reference taken
+    /// on a live topic needs no subscribe ([`Interest::add_live`]).
+    live: bool,
 }
 
 impl Interest {
@@ -53,16 +64,57 @@ impl Interest {
     /// Adds a reference. Returns true when the topic was not held before, so
     /// the caller must subscribe to it.
     pub fn add(&self, topic: &Topic) -> bool {
+        self.take(topic).is_none()
+    }
+
+    /// Adds a reference, as [`add`](Self::add), and returns whether the
+    /// topic is live ([`set_live`](Self::set_live)): its subscription is in
+    /// effect already, so the new reference needs no subscribe request.
+    ///
+    /// Issue 19: most connects join a group that is subscribed already,
+    /// and a request to the bus's subscriber task only to be told so cost
+    /// a channel send, a task wake-up and a oneshot each.
+    pub fn add_live(&self, topic: &Topic) -> bool {
+        self.take(topic).is_some_and(|live| live)
+    }
+
+    /// Adds a reference; `None` when the topic was not held before, else
+    /// whether it is live.
+    fn take(&self, topic: &Topic) -> Option<bool> {
         let mut inner = self.lock();
         match inner.counts.get_mut(topic) {
             Some(n) => {
-                *n += 1;
-                false
+                n.refs += 1;
+                Some(n.live)
             }
             None => {
-                inner.counts.insert(topic.clone(), 1);
-                true
+                let fresh = Count {
+                    refs: 1,
+                    live: false,
+                };
+                inner.counts.insert(topic.clone(), fresh);
+                None
             }
+        }
+    }
+
+    /// Marks `topics` live: subscribed on the bus's current connection
+    /// (Redis confirmed it). Topics no longer held are skipped.
+    pub fn set_live<'a>(&self, topics: impl IntoIterator<Item = &'a Topic>) {
+        let mut inner = self.lock();
+        for topic in topics {
+            if let Some(n) = inner.counts.get_mut(topic) {
+                n.live = true;
+            }
+        }
+    }
+
+    /// Marks every topic not live: the bus lost the connection its
+    /// subscriptions were on, and a new reference must wait for the
+    /// resubscribe (or be refused while there is none).
+    pub fn clear_live(&self) {
+        for n in self.lock().counts.values_mut() {
+            n.live = false;
         }
     }
 
@@ -70,8 +122,8 @@ impl Interest {
     pub fn remove(&self, topic: &Topic) {
         let mut inner = self.lock();
         if let Some(n) = inner.counts.get_mut(topic) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
+            n.refs = n.refs.saturating_sub(1);
+            if n.refs == 0 {
                 let at = Instant::now() + self.delay;
                 inner.zeroed.push_back((at, topic.clone()));
             }
@@ -97,7 +149,7 @@ impl Interest {
             let Some((_, topic)) = inner.zeroed.pop_front() else {
                 break;
             };
-            if inner.counts.get(&topic) == Some(&0) {
+            if inner.counts.get(&topic).is_some_and(|n| n.refs == 0) {
                 inner.counts.remove(&topic);
                 released.push(topic);
             }
@@ -127,6 +179,30 @@ mod tests {
             interest.add(&t),
             "a released topic must be subscribed again"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_topic_is_live_from_its_confirmation_until_lost_or_released() {
+        let interest = Interest::new(Duration::from_secs(2));
+        let t = Topic::User("u".into());
+        assert!(!interest.add_live(&t), "new: not subscribed yet");
+        assert!(!interest.add_live(&t), "held, but not confirmed yet");
+        interest.set_live([&t]);
+        assert!(interest.add_live(&t));
+        interest.clear_live();
+        assert!(!interest.add_live(&t), "the connection was lost");
+        interest.set_live([&t]);
+        for _ in 0..4 {
+            interest.remove(&t);
+        }
+        assert!(interest.add_live(&t), "held through the delay, still live");
+        interest.remove(&t);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(interest.expire(Instant::now()), std::slice::from_ref(&t));
+        assert!(!interest.add_live(&t), "released: subscribed again");
+        let gone = Topic::User("gone".into());
+        interest.set_live([&gone]);
+        assert!(!interest.contains(&gone), "only held topics are marked");
     }
 
     #[tokio::test(start_paused = true)]

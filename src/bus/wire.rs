@@ -127,12 +127,22 @@ pub const WRITES: &[Version] = &[Version::V1];
 /// The key of a topic in the header (and, but for connections, its
 /// channel suffix: what follows `P:`).
 pub fn topic_key(topic: &Topic) -> String {
+    let (tag, name) = key_parts(topic);
+    [tag, name].concat()
+}
+
+/// A topic's key as its tag and its name (empty for `all` and `n`), so a
+/// channel name is built with one allocation and no formatting machinery:
+/// every subscribe, release and publish names its channels through
+/// [`Channels::of`] (issue 19: its two `format!`s showed in the profiles
+/// of connects and disconnects).
+fn key_parts(topic: &Topic) -> (&'static str, &str) {
     match topic {
-        Topic::All => "all".to_owned(),
-        Topic::Group(None) => "n".to_owned(),
-        Topic::Group(Some(g)) => format!("g:{g}"),
-        Topic::User(u) => format!("u:{u}"),
-        Topic::Connection(c) => format!("c:{c}"),
+        Topic::All => ("all", ""),
+        Topic::Group(None) => ("n", ""),
+        Topic::Group(Some(g)) => ("g:", g),
+        Topic::User(u) => ("u:", u),
+        Topic::Connection(c) => ("c:", c),
     }
 }
 
@@ -172,7 +182,10 @@ impl Channels {
     pub fn of(&self, topic: &Topic) -> String {
         match topic {
             Topic::Connection(c) => self.node(node_address(c).unwrap_or(c)),
-            _ => format!("{}{}", self.prefix, topic_key(topic)),
+            _ => {
+                let (tag, name) = key_parts(topic);
+                [self.prefix.as_str(), tag, name].concat()
+            }
         }
     }
 

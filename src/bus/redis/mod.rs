@@ -334,7 +334,11 @@ impl Bus for RedisBus {
     }
 
     fn subscribe(&self, topic: &Topic) -> Subscribed {
-        self.shared.interest.add(topic);
+        if self.shared.interest.add_live(topic) {
+            // Subscribed on the current connection already: the
+            // subscriber task would only answer so.
+            return Box::pin(std::future::ready(Ok(())));
+        }
         let (ack, done) = oneshot::channel();
         let request = SubscribeRequest {
             topic: topic.clone(),

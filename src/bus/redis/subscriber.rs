@@ -210,6 +210,8 @@ impl Subscriber {
                 return;
             };
             self.set_down_because(&lost);
+            // New references wait for the resubscribe from here on.
+            self.shared.interest.clear_live();
             self.shared.subscriber_up.store(false, Ordering::Release);
             self.shared.mark_down();
             warn!(reason = %lost, "lost the Redis subscriber connection; reconnecting");
@@ -256,6 +258,7 @@ impl Subscriber {
             subscribed,
         } = connected;
         let live_server = conn.server.clone();
+        shared.interest.set_live(&subscribed);
         shared.metrics.bus_channels(subscribed.len());
         shared.subscriber_up.store(true, Ordering::Release);
         shared.mark_up();
@@ -440,6 +443,7 @@ impl Subscriber {
         match result {
             Ok(Ok(())) => {
                 live.changes.fetch_add(1, Ordering::AcqRel);
+                shared.interest.set_live(&new);
                 live.subscribed.extend(new.iter().cloned());
                 shared.metrics.bus_channels(live.subscribed.len());
                 for r in batch {
