@@ -4,7 +4,7 @@ load-generator process, split over several `wshub-bench` processes, each
 bound to its own loopback source address (127.0.0.2, .3, ...). Writes
 bench/results/scale-latest.{json,md}.
 
-    python3 bench/scale.py                  # all four, full size (about 8 minutes)
+    python3 bench/scale.py                  # all four, full size (about 10 minutes)
     python3 bench/scale.py --quick          # a tenth of the receivers, short runs
     python3 bench/scale.py --only scaleout,connects
     python3 bench/scale.py --report-only    # rewrite the .md from the .json
