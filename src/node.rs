@@ -424,16 +424,10 @@ impl Node {
             _slot: slot,
         };
         let [group, user] = registration.conn.who.topics();
-        // The ban check's round trip overlaps the subscribes' (it once
-        // waited for them): a connect waits for the slower, not the sum.
-        let (g, u, banned) = tokio::join!(
-            self.bus.subscribe(&group),
-            self.bus.subscribe(&user),
-            self.banned(&registration.conn.who.user)
-        );
+        let (g, u) = tokio::join!(self.bus.subscribe(&group), self.bus.subscribe(&user));
         g?;
         u?;
-        if banned {
+        if self.banned(&registration.conn.who.user).await {
             return Err(ConnectError::Banned);
         }
         if self.is_draining() {
