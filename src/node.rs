@@ -427,6 +427,11 @@ impl Node {
         let (g, u) = tokio::join!(self.bus.subscribe(&group), self.bus.subscribe(&user));
         g?;
         u?;
+        // After the subscribes, never beside them: a ban that lands between
+        // a check run early and the user's subscribe would publish its
+        // disconnect order to no one, and the socket would be let in and
+        // stay (docs/api.md, "Bans"; test
+        // `api::a_ban_during_a_connect_refuses_the_socket`).
         if self.banned(&registration.conn.who.user).await {
             return Err(ConnectError::Banned);
         }

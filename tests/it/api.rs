@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::connect_async;
 use tokio_tungstenite::tungstenite::Error as WsError;
 
-use crate::common::redis::RedisServer;
+use crate::common::redis::{GateProxy, RedisServer};
 use crate::common::{Client, Ended, PATIENCE, TestServer, test_config};
 
 /// Sends `method path` with a JSON `body` (or none): the status and the
@@ -220,6 +220,43 @@ async fn a_ban_refuses_the_user_on_every_node_until_it_expires() {
             None,
             "expired"
         );
+    }
+}
+
+/// A ban that lands while a socket of the user is connecting, its
+/// subscribe not yet in effect, still keeps the user out: the ban is
+/// checked once the subscribes are in effect, so the socket finds it (or
+/// hears the disconnect order). Issue 19's review: with the check run
+/// beside the subscribes, the socket read "not banned" before the ban,
+/// the disconnect order reached no one, and the socket stayed open.
+#[tokio::test]
+async fn a_ban_during_a_connect_refuses_the_socket() {
+    let redis = RedisServer::start();
+    let proxy = GateProxy::start(redis.port).await;
+    let node = TestServer::on_redis(&proxy.url(), |_| {}).await;
+    // The connect's SUBSCRIBE and what follows on the subscriber's
+    // connection wait in the proxy until released.
+    proxy.arm_commands_on(b"SUBSCRIBE");
+    let addr = node.addr;
+    let connecting =
+        tokio::spawn(async move { connect_async(format!("ws://{addr}/ws?userid=ann")).await });
+    proxy.held().await;
+    let (status, body) = post(
+        addr,
+        "/api/disconnect",
+        json!({"userId": "ann", "ban_ms": 60000}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    proxy.release();
+    match connecting.await.unwrap() {
+        Err(WsError::Http(response)) => assert_eq!(response.status().as_u16(), 403),
+        Err(e) => panic!("unexpected error: {e}"),
+        Ok((ws, _)) => assert_eq!(
+            Client { ws }.ended().await,
+            Ended::Closed(4005, "Disconnected by the server".into()),
+            "a banned user's socket was let in and not closed"
+        ),
     }
 }
 
