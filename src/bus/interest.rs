@@ -109,6 +109,18 @@ impl Interest {
         }
     }
 
+    /// Marks `topics` not live: Redis gave up their subscriptions (a
+    /// shard's slots moved) and they are being taken back, so a new
+    /// reference waits for that resubscribe, as it would for a first one.
+    pub fn unset_live<'a>(&self, topics: impl IntoIterator<Item = &'a Topic>) {
+        let mut inner = self.lock();
+        for topic in topics {
+            if let Some(n) = inner.counts.get_mut(topic) {
+                n.live = false;
+            }
+        }
+    }
+
     /// Marks every topic not live: the bus lost the connection its
     /// subscriptions were on, and a new reference must wait for the
     /// resubscribe (or be refused while there is none).
@@ -192,6 +204,14 @@ mod tests {
         interest.clear_live();
         assert!(!interest.add_live(&t), "the connection was lost");
         interest.set_live([&t]);
+        let other = Topic::Group(None);
+        interest.add(&other);
+        interest.set_live([&other]);
+        interest.unset_live([&t]);
+        assert!(!interest.add_live(&t), "given up by a shard, being retaken");
+        assert!(interest.add_live(&other), "only the topics given up");
+        interest.set_live([&t]);
+        interest.remove(&t);
         for _ in 0..4 {
             interest.remove(&t);
         }

@@ -382,9 +382,17 @@ impl Subscriber {
                         channels = wanted.len(),
                         "Redis gave up subscriptions (slot migration); resubscribing"
                     );
+                    // Not live until taken back: a socket connecting to one
+                    // of these topics meanwhile waits for the resubscribe
+                    // (its subscribe-before-101), as for a first subscribe.
+                    let topics: Vec<Topic> = wanted
+                        .iter()
+                        .filter_map(|c| shared.channels.topic(c))
+                        .collect();
+                    shared.interest.unset_live(&topics);
                     let limit = shared.config.command_timeout * 2;
                     match timeout(limit, live.conn.subscribe(&wanted)).await {
-                        Ok(Ok(())) => {}
+                        Ok(Ok(())) => shared.interest.set_live(&topics),
                         Ok(Err(e)) => {
                             return Err(format!("resubscribing after a slot migration: {e}"));
                         }
