@@ -500,9 +500,14 @@ fn rate_limited(registration: &Registration) {
 }
 
 fn read_error_reason(error: axum::Error) -> CloseReason {
-    use tungstenite::error::{CapacityError, Error};
+    use tungstenite::error::{CapacityError, Error, ProtocolError};
     match error.into_inner().downcast::<Error>().map(|e| *e) {
         Ok(Error::Capacity(CapacityError::MessageTooLong { .. })) => CloseReason::MessageTooBig,
+        // The peer ended the TCP connection without a close frame: a
+        // dropped connection (1006), not a malformed frame.
+        Ok(Error::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
+            CloseReason::ConnectionLost
+        }
         Ok(Error::Protocol(_) | Error::Utf8(_)) => CloseReason::ProtocolError,
         _ => CloseReason::ConnectionLost,
     }

@@ -542,6 +542,27 @@ async fn client_close_is_answered_with_its_code() {
     eventually("the socket left the hub", || server.node.connections() == 0).await;
 }
 
+/// A client that ends its TCP connection (FIN) without a close frame is
+/// counted and logged as a lost connection, 1006, as README's close codes
+/// say of a dropped connection; not as a protocol error (review of issue
+/// 19: tungstenite reports the missing handshake as a protocol error, and
+/// the hub counted it as 1002).
+#[tokio::test]
+async fn a_tcp_close_without_a_close_frame_counts_as_1006() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start().await;
+    let mut a = server.connect("a", None).await;
+    match a.ws.get_mut() {
+        tokio_tungstenite::MaybeTlsStream::Plain(stream) => stream.shutdown().await.unwrap(),
+        _ => unreachable!("a plain loopback socket"),
+    }
+    eventually("the socket left the hub", || server.node.connections() == 0).await;
+    assert_eq!(
+        server.metric("wshub_connections_closed_total{code=\"1006\",reason=\"connection_lost\"}"),
+        1.0
+    );
+}
+
 /// Connects `user` and floods the server with pings without ever reading,
 /// so that the pongs tungstenite owes fill the socket's buffers (about
 /// 7.5 MB of pongs, more than loopback's send buffer and the unread
