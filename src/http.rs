@@ -519,8 +519,20 @@ pub type QueryPairs<'a> = [QueryPair<'a>];
 pub type QueryPair<'a> = (Cow<'a, str>, Cow<'a, str>);
 
 fn query_pairs(query: Option<&str>) -> Result<Vec<QueryPair<'_>>, String> {
-    let parts: Vec<(Part<'_>, Part<'_>)> = serde_urlencoded::from_str(query.unwrap_or(""))
-        .map_err(|e| format!("invalid query string: {e}"))?;
+    let query = query.unwrap_or("");
+    // serde_urlencoded decodes an escape that is not UTF-8 to U+FFFD, so
+    // `userid=%FF` and `userid=%FE` would be one user: refuse it instead.
+    if query.contains('%')
+        && query.split('&').any(|part| {
+            percent_encoding::percent_decode_str(part)
+                .decode_utf8()
+                .is_err()
+        })
+    {
+        return Err("invalid query string: a percent-encoded key or value is not UTF-8".into());
+    }
+    let parts: Vec<(Part<'_>, Part<'_>)> =
+        serde_urlencoded::from_str(query).map_err(|e| format!("invalid query string: {e}"))?;
     Ok(parts.into_iter().map(|(k, v)| (k.0, v.0)).collect())
 }
 
@@ -762,5 +774,23 @@ mod tests {
         ));
         assert!(matches!(&pairs[1], (Cow::Borrowed("userid"), Cow::Owned(v)) if v == "a b"));
         assert!(query_pairs(None).unwrap().is_empty());
+    }
+
+    /// Two ids that differ only in bytes that are not UTF-8 must not
+    /// become one user (both decoded to U+FFFD): refused with a reason.
+    #[test]
+    fn escapes_that_are_not_utf8_are_refused() {
+        for bad in ["userid=%FF", "groupid=x&userid=a%FEb", "%C3=v"] {
+            let e = query_pairs(Some(bad)).unwrap_err();
+            assert!(e.contains("not UTF-8"), "{bad}: {e}");
+        }
+        for good in [
+            "userid=%C3%A9",
+            "userid=%25FF",
+            "userid=a%ZZ",
+            "userid=\u{FFFD}",
+        ] {
+            assert!(query_pairs(Some(good)).is_ok(), "{good}");
+        }
     }
 }
