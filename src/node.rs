@@ -897,23 +897,16 @@ impl Registration {
 }
 
 /// The cluster-wide id of this node's connection `id`: `<address>-<id>`,
-/// made with one allocation and without `format!`, which showed in every
-/// connect's profile (issue 19).
+/// written into one buffer of the right size (issue 19: the `format!`
+/// that made it showed in every connect's profile).
 fn connection_id(address: &str, id: ConnId) -> Arc<str> {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut n = id;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    // Only ASCII digits were written.
-    let digits = std::str::from_utf8(&digits[at..]).unwrap_or_default();
-    Arc::from([address, "-", digits].concat())
+    use std::fmt::Write;
+    let mut cid = String::with_capacity(address.len() + 21);
+    cid.push_str(address);
+    cid.push('-');
+    // Writing to a `String` cannot fail.
+    let _ = write!(cid, "{id}");
+    Arc::from(cid)
 }
 
 impl Drop for Registration {

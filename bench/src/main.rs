@@ -315,14 +315,19 @@ fn client_config() -> WebSocketConfig {
         .write_buffer_size(0)
 }
 
+/// A TCP socket of `addr`'s family.
+fn tcp_socket(addr: SocketAddr) -> std::io::Result<TcpSocket> {
+    if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+}
+
 async fn connect(target: &Target, i: usize, group: &str, user: &str) -> Result<Ws> {
     let node = target.nodes[i % target.nodes.len()];
     let source = target.sources[i % target.sources.len()];
-    let socket = if node.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    let socket = tcp_socket(node)?;
     // Binding to (source, port 0) makes the kernel search its bind table for
     // a port, which grows with every socket (quadratic over a run): only do
     // it for a non-default source address, and then let connect() pick the
@@ -1204,11 +1209,7 @@ fn floor_writer(
 /// and discarding, until the client closes it or `max_seconds` pass.
 async fn accept_server(listen: SocketAddr, read_buffer: usize, max_seconds: u64) -> Result<()> {
     // wshub's default `listen_backlog` (tokio's `bind` listens with 128).
-    let socket = if listen.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    let socket = tcp_socket(listen)?;
     socket.set_reuseaddr(true)?;
     socket.bind(listen)?;
     let listener = socket.listen(4096)?;
