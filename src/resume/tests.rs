@@ -522,7 +522,10 @@ fn floors_adopt_the_epoch_allocation_of_what_they_admit() {
     let shared = mark(0, "a:6");
     assert!(floors.admit(Some(&shared)));
     let floor = floors.positions()[0].clone().unwrap();
-    assert!(std::sync::Arc::ptr_eq(&floor.epoch, &shared.position().epoch));
+    assert!(std::sync::Arc::ptr_eq(
+        &floor.epoch,
+        &shared.position().epoch
+    ));
     let next = Mark::new(
         0,
         Position {
