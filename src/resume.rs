@@ -129,11 +129,16 @@ impl Floors {
             return true;
         };
         match floor {
+            // By address first (`Arc`'s `==` does): the subscriber gives
+            // one topic's copies one epoch allocation, adopted here.
             Some(f) if f.epoch == mark.position().epoch => {
                 if mark.position().offset <= f.offset {
                     return !self.dedupe;
                 }
                 f.offset = mark.position().offset;
+                if !std::sync::Arc::ptr_eq(&f.epoch, &mark.position().epoch) {
+                    f.epoch = mark.position().epoch.clone();
+                }
             }
             // A new epoch (or none known): the topic starts again here.
             _ => *floor = Some(mark.position().clone()),

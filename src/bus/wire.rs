@@ -85,7 +85,7 @@
 //! keeps writing 1 while any node that cannot read 2 is alive, and switches
 //! by itself once the last old node has left. Today there is only 1.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// The byte buffer payloads travel in (re-exported: it is in this module's API).
@@ -136,7 +136,7 @@ pub fn topic_key(topic: &Topic) -> String {
 /// every subscribe, release and publish names its channels through
 /// [`Channels::of`] (issue 19: its two `format!`s showed in the profiles
 /// of connects and disconnects).
-fn key_parts(topic: &Topic) -> (&'static str, &str) {
+pub(crate) fn key_parts(topic: &Topic) -> (&'static str, &str) {
     match topic {
         Topic::All => ("all", ""),
         Topic::Group(None) => ("n", ""),
@@ -226,15 +226,96 @@ struct Header<'a> {
     /// (optional: for the delivery latency metric).
     #[serde(rename = "ts", default, skip_serializing_if = "Option::is_none")]
     published_ms: Option<u64>,
-    /// The message id (history on; written by the publish script).
-    #[serde(rename = "i", default, skip_serializing_if = "Option::is_none")]
-    id: Option<String>,
+    /// The message id (history on; written by the publish script). Read
+    /// but not kept: nothing but the script's dedupe uses it (its number),
+    /// so it is borrowed from the payload, not copied.
+    #[serde(rename = "i", default, skip_serializing_if = "Option::is_none", borrow)]
+    id: Option<Text<'a>>,
     /// The publish sequence (history on; written by the publish script).
     #[serde(rename = "s", default, skip_serializing_if = "Option::is_none")]
     seq: Option<u64>,
     /// Position per topic key of `t` (history on; written by the script).
-    #[serde(rename = "p", default, skip_serializing_if = "Option::is_none")]
-    positions: Option<HashMap<String, String>>,
+    #[serde(rename = "p", default, skip_serializing_if = "Option::is_none", borrow)]
+    positions: Option<Pairs<'a>>,
+}
+
+/// A JSON object of strings as its pairs, in order, each string borrowed
+/// from the payload when it has no escapes: the `p` of a stamp. (A
+/// `HashMap<String, String>` made a table and two strings per topic of
+/// every copy received; issue 19.)
+#[derive(Debug, Default)]
+struct Pairs<'a>(Vec<(Text<'a>, Text<'a>)>);
+
+/// A string of the header, borrowed from the payload unless it had to be
+/// unescaped.
+#[derive(Debug)]
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(Visit)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Pairs<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Pairs<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of strings")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Self::Value, M::Error> {
+                let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(2));
+                while let Some(pair) = map.next_entry::<Text<'de>, Text<'de>>()? {
+                    pairs.push(pair);
+                }
+                Ok(Pairs(pairs))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+impl Serialize for Text<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl Serialize for Pairs<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, v)| (&*k.0, &*v.0)))
+    }
+}
+
+impl Pairs<'_> {
+    /// The value of `key` (the last one, as a map would keep it).
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .rev()
+            .find_map(|(k, v)| (k.0 == key).then_some(&*v.0))
+    }
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -334,8 +415,6 @@ pub struct Decoded {
     pub route: Route,
     /// What the recipients receive, encoded.
     pub frame: Frame,
-    /// The message id, when the publish script wrote one (history on).
-    pub id: Option<String>,
     /// Its sequence and positions, when the publish script stamped it.
     pub stamp: Option<Stamp>,
 }
@@ -386,7 +465,6 @@ pub fn decode(payload: Bytes) -> Result<Decoded, DecodeError> {
         origin: header.origin.into_owned(),
         route: Route::from_parts(topics, excluded),
         frame,
-        id: header.id,
         stamp,
     })
 }
@@ -399,16 +477,16 @@ pub fn decode(payload: Bytes) -> Result<Decoded, DecodeError> {
 /// that names none of the route's topics, or one outside it, is refused.
 fn read_stamp(
     seq: u64,
-    positions: &HashMap<String, String>,
+    positions: &Pairs<'_>,
     keys: &[String],
     topics: &[Topic],
 ) -> Result<Stamp, DecodeError> {
-    let recorded = |key: &String| {
+    let recorded = |key: &str| {
         keys.iter()
             .zip(topics)
             .any(|(k, t)| k == key && !matches!(t, Topic::Connection(_)))
     };
-    if positions.is_empty() || !positions.keys().all(recorded) {
+    if positions.0.is_empty() || !positions.0.iter().all(|(k, _)| recorded(&k.0)) {
         return Err(DecodeError::Header(
             "a stamp must name topics of its route only, at least one".into(),
         ));
@@ -522,6 +600,14 @@ pub fn decode_control(payload: &[u8]) -> Result<Control, DecodeError> {
 mod tests {
     use super::*;
 
+    /// The message id of a stamped payload (`i`), unescaped.
+    fn id_of(payload: &[u8]) -> Option<String> {
+        let rest = payload.strip_prefix(VERSION_LINE)?;
+        let end = rest.iter().position(|&b| b == b'\n')?;
+        let header: Header<'_> = serde_json::from_slice(&rest[..end]).ok()?;
+        header.id.map(|id| id.0.into_owned())
+    }
+
     #[test]
     fn channel_names_round_trip() {
         let ch = Channels::new("wshub");
@@ -569,7 +655,7 @@ mod tests {
         let route = Route::from_parts(vec![Topic::All], Vec::new());
         let frame = Frame::from("{}");
         let d = decode(encode("n", &route, &frame)).unwrap();
-        assert_eq!((d.id, d.stamp), (None, None));
+        assert_eq!(d.stamp, None);
         // A payload of a build before history (no ts either) still decodes.
         let old = Bytes::from_static(b"wshub/1\n{\"o\":\"n\",\"t\":[\"all\"],\"x\":[]}\n{}");
         let d = decode(old).unwrap();
@@ -602,11 +688,11 @@ mod tests {
             })
             .collect();
         let bytes = stamp(&prefix, "node\"1.x-7", 99, &positions, &frame);
+        assert_eq!(id_of(&bytes), Some("node\"1.x-7".to_owned()));
         let d = decode(bytes).unwrap();
         assert_eq!(d.origin, "node\"1");
         assert_eq!(d.route, route);
         assert_eq!(d.frame, frame);
-        assert_eq!(d.id.as_deref(), Some("node\"1.x-7"));
         let stamp = d.stamp.unwrap();
         assert_eq!(stamp.seq, 99);
         let want: Vec<(Topic, Position)> = route

@@ -514,6 +514,31 @@ fn floors_drop_what_was_written_and_rise_with_what_is() {
 }
 
 #[test]
+fn floors_adopt_the_epoch_allocation_of_what_they_admit() {
+    // Issue 19: the subscriber gives one topic's copies one epoch
+    // allocation; a floor read elsewhere (the welcome's tops) takes it
+    // over, so later copies compare by address.
+    let mut floors = Floors::new([Some(pos("a:5")), None, None], true);
+    let shared = mark(0, "a:6");
+    assert!(floors.admit(Some(&shared)));
+    let floor = floors.positions()[0].clone().unwrap();
+    assert!(std::sync::Arc::ptr_eq(
+        &floor.epoch,
+        &shared.position().epoch
+    ));
+    let next = Mark::new(
+        0,
+        Position {
+            epoch: shared.position().epoch.clone(),
+            offset: 7,
+        },
+    );
+    assert!(floors.admit(Some(&next)));
+    assert!(!floors.admit(Some(&next)), "the floor rose");
+    assert_eq!(floors.positions()[0], Some(pos("a:7")));
+}
+
+#[test]
 fn a_legacy_sockets_floors_never_drop_and_never_go_down() {
     let mut floors = Floors::new([Some(pos("a:5")), None, None], false);
     assert!(

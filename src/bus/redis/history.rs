@@ -94,7 +94,7 @@ use redis::aio::{ConnectionLike, MultiplexedConnection};
 use tokio::time::timeout;
 
 use super::conn::{Link, PubConn, connect_publisher};
-use super::queue::{Outgoing, Recorded, TopicKeys};
+use super::queue::{Outgoing, Recorded};
 use crate::bus::wire::{self, Channels};
 use crate::config::{HistoryConfig, RedisConfig};
 use crate::envelope::Envelope;
@@ -431,6 +431,37 @@ impl Keys {
         format!("{}h:{{{}}}:{key}", self.prefix, sharded::slot_tag(&channel))
     }
 
+    /// Writes the topic's meta hash ([`meta`](Self::meta)) as the next
+    /// argument of `cmd` (one Redis only).
+    fn write_meta(&self, cmd: &mut redis::Cmd, topic: &Topic) {
+        self.write_single(cmd, topic, b":m");
+    }
+
+    /// Writes the topic's stream ([`stream`](Self::stream)) as the next
+    /// argument of `cmd` (one Redis only).
+    fn write_stream(&self, cmd: &mut redis::Cmd, topic: &Topic) {
+        self.write_single(cmd, topic, b":s");
+    }
+
+    /// `P:h:{K}` and `suffix`, written into `cmd` as one argument: the
+    /// publish script's keys, per message (issue 19: as strings they were
+    /// four `format!`s a topic).
+    fn write_single(&self, cmd: &mut redis::Cmd, topic: &Topic, suffix: &[u8]) {
+        use redis::RedisWrite;
+        use std::io::Write;
+        debug_assert!(!self.sharded, "a Cluster's keys are named by slot");
+        let (tag, name) = wire::key_parts(topic);
+        let mut out = cmd.writer_for_next_arg();
+        // Writing to a Vec cannot fail.
+        let _ = out
+            .write_all(self.prefix.as_bytes())
+            .and_then(|()| out.write_all(b"h:{"))
+            .and_then(|()| out.write_all(tag.as_bytes()))
+            .and_then(|()| out.write_all(name.as_bytes()))
+            .and_then(|()| out.write_all(b"}"))
+            .and_then(|()| out.write_all(suffix));
+    }
+
     /// The topic's meta hash.
     pub(super) fn meta(&self, topic: &Topic) -> String {
         format!("{}:m", self.topic(topic))
@@ -471,16 +502,19 @@ async fn load<C: ConnectionLike>(conn: &mut C, script: &str) -> redis::RedisResu
 }
 
 /// `EVALSHA`, and on `NOSCRIPT` (a `SCRIPT FLUSH`, a failover to a server
-/// that never saw it) `SCRIPT LOAD` and the same call again.
+/// that never saw it) `SCRIPT LOAD` and the same call again. `capacity`:
+/// about how many arguments and bytes `args` writes (see
+/// [`redis::Cmd::with_capacity`]).
 async fn evalsha<T: redis::FromRedisValue, C: ConnectionLike>(
     conn: &mut C,
     script: &str,
     sha: &str,
+    capacity: (usize, usize),
     args: impl Fn(&mut redis::Cmd),
 ) -> redis::RedisResult<T> {
     let command = || {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(sha);
+        let mut cmd = redis::Cmd::with_capacity(capacity.0, capacity.1);
+        cmd.arg("EVALSHA").arg(sha);
         args(&mut cmd);
         cmd
     };
@@ -491,6 +525,16 @@ async fn evalsha<T: redis::FromRedisValue, C: ConnectionLike>(
         }
         result => result,
     }
+}
+
+/// Writes a topic's key as a JSON string ([`wire::json_key`]) as the next
+/// argument of `cmd`, without making a string of it first.
+fn write_json_key(cmd: &mut redis::Cmd, topic: &Topic) {
+    use redis::RedisWrite;
+    let (tag, name) = wire::key_parts(topic);
+    let mut json = serde_json::Serializer::new(cmd.writer_for_next_arg());
+    // Writing to a Vec cannot fail.
+    let _ = serde::Serializer::collect_str(&mut json, &format_args!("{tag}{name}"));
 }
 
 /// The `run_id` of the server behind `conn` (`INFO server`).
@@ -594,13 +638,17 @@ pub(crate) struct RedisHistory {
     config: RedisConfig,
     history: HistoryConfig,
     keys: Keys,
-    /// This bus instance: the node id and a random suffix, so that a node
+    /// This bus instance (the node id and a random suffix, so that a node
     /// restarted under the same id never has its numbers taken for the
-    /// previous run's.
-    instance: String,
-    /// The instance as the start of a JSON string (no closing quote): the
-    /// script appends `-<number>"`.
+    /// previous run's) as the start of a JSON string (no closing quote):
+    /// the script appends `-<number>"`.
     id_prefix: String,
+    /// The publish script's first two keys, the sequence and the
+    /// instance's mark (one Redis), and on a Cluster the mark's name in
+    /// each topic's slot: made once, not per call (issue 19).
+    seq_key: String,
+    mark_key: String,
+    shard_mark: String,
     current: std::sync::Mutex<Option<Command>>,
     /// Held while connecting, so concurrent calls open one connection.
     connecting: tokio::sync::Mutex<()>,
@@ -617,12 +665,15 @@ impl RedisHistory {
         let instance = format!("{node_id}.{:x}", rand::random::<u64>());
         let mut id_prefix = serde_json::to_string(&instance).unwrap_or_default();
         id_prefix.pop();
+        let keys = Keys::new(&config.channel_prefix, config.sharded);
         Self {
             link,
-            keys: Keys::new(&config.channel_prefix, config.sharded),
+            seq_key: keys.seq(),
+            mark_key: keys.mark(&instance),
+            shard_mark: format!("pub:{instance}"),
+            keys,
             config,
             history,
-            instance,
             id_prefix,
             current: std::sync::Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
@@ -631,9 +682,10 @@ impl RedisHistory {
     }
 
     /// The queue item for one message: the header (the whole route)
-    /// without its stamp, the frame, and the keys of each of `kept`, the
-    /// route's topics that are recorded (not its connections; a topic
-    /// named twice is recorded once).
+    /// without its stamp, the frame, and each of `kept`, the route's
+    /// topics that are recorded (not its connections; a topic named twice
+    /// is recorded once). Their keys are written when the batch is sent
+    /// ([`publish`](Self::publish)).
     pub(super) fn record(
         &self,
         origin: &str,
@@ -642,10 +694,10 @@ impl RedisHistory {
         frame: &Frame,
         channels: &Channels,
     ) -> Outgoing {
-        let mut topics: Vec<&Topic> = Vec::with_capacity(kept.len());
+        let mut topics: Vec<Topic> = Vec::with_capacity(kept.len());
         for &topic in kept {
-            if !topics.contains(&topic) {
-                topics.push(topic);
+            if !topics.contains(topic) {
+                topics.push(topic.clone());
             }
         }
         let mut item = Outgoing::new(
@@ -654,15 +706,7 @@ impl RedisHistory {
         );
         item.history = Some(Box::new(Recorded {
             frame: Bytes::from(frame.clone()),
-            topics: topics
-                .iter()
-                .map(|t| TopicKeys {
-                    json: wire::json_key(t),
-                    meta: self.keys.meta(t),
-                    stream: self.keys.stream(t),
-                    size: self.history.size_of(t),
-                })
-                .collect(),
+            topics,
             number: 0,
             published_ms: wire::now_ms(),
         }));
@@ -695,12 +739,13 @@ impl RedisHistory {
         let ttl = ms(self.history.ttl);
         let mttl = ms(meta_ttl(&self.history));
         if let PubConn::Sharded(_) = conn {
-            let mark = format!("pub:{}", self.instance);
             let args = sharded::Batch {
                 ttl,
                 mttl,
                 id_prefix: &self.id_prefix,
-                mark: &mark,
+                mark: &self.shard_mark,
+                keys: &self.keys,
+                history: &self.history,
             };
             return sharded::publish(conn, prepared, &args, batch).await;
         }
@@ -711,13 +756,23 @@ impl RedisHistory {
                 .filter_map(|m| Some((m, m.history.as_deref()?)))
         };
         let highest = recorded().map(|(_, r)| r.number).max().unwrap_or(0);
-        let (seq, mark) = (self.keys.seq(), self.keys.mark(&self.instance));
-        evalsha(conn, PUBLISH_LUA, &prepared.sha, |cmd| {
+        let (seq, mark) = (&self.seq_key, &self.mark_key);
+        // The call's size, so that its buffers are allocated once: the
+        // arguments grew them a few times per call, and at low rates a
+        // call carries one message (issue 19).
+        let (mut args, mut bytes) = (12, 256 + seq.len() + mark.len() + prepared.sha.len());
+        for (m, r) in recorded() {
+            args += 4 + 5 * r.topics.len();
+            bytes += 32 + m.payload.len() + r.frame.len();
+            bytes += m.channels.iter().map(|c| 4 * c.len() + 48).sum::<usize>();
+        }
+        evalsha(conn, PUBLISH_LUA, &prepared.sha, (args, bytes), |cmd| {
             let keys: usize = 2 + recorded().map(|(_, r)| 2 * r.topics.len()).sum::<usize>();
-            cmd.arg(keys).arg(&seq).arg(&mark);
+            cmd.arg(keys).arg(seq).arg(mark);
             for (_, r) in recorded() {
                 for t in &r.topics {
-                    cmd.arg(&t.meta).arg(&t.stream);
+                    self.keys.write_meta(cmd, t);
+                    self.keys.write_stream(cmd, t);
                 }
             }
             cmd.arg(&*prepared.run_id)
@@ -732,7 +787,8 @@ impl RedisHistory {
                     .arg(&r.frame[..])
                     .arg(r.topics.len());
                 for (t, channel) in r.topics.iter().zip(&m.channels) {
-                    cmd.arg(&t.json).arg(channel).arg(t.size);
+                    write_json_key(cmd, t);
+                    cmd.arg(channel).arg(self.history.size_of(t));
                 }
             }
         })
@@ -1285,6 +1341,35 @@ mod tests {
             group: Some("g".into()),
         };
         assert_eq!(keys.handoff(&odd), r#"wshub:ho:["a\",","g"]"#);
+    }
+
+    #[test]
+    fn keys_written_into_the_script_call_are_the_keys() {
+        let keys = Keys::new("ws:{x}", false);
+        let topics = [
+            Topic::All,
+            Topic::Group(None),
+            Topic::Group(Some("a}b\"c\\\n".into())),
+            Topic::User("ünï cödé\u{1}".into()),
+        ];
+        let mut cmd = redis::Cmd::new();
+        for t in &topics {
+            keys.write_meta(&mut cmd, t);
+            keys.write_stream(&mut cmd, t);
+            write_json_key(&mut cmd, t);
+        }
+        let written: Vec<String> = cmd
+            .args_iter()
+            .map(|arg| match arg {
+                redis::Arg::Simple(bytes) => String::from_utf8(bytes.to_vec()).unwrap(),
+                _ => panic!("only plain arguments"),
+            })
+            .collect();
+        let want: Vec<String> = topics
+            .iter()
+            .flat_map(|t| [keys.meta(t), keys.stream(t), wire::json_key(t)])
+            .collect();
+        assert_eq!(written, want);
     }
 
     #[test]

@@ -597,18 +597,14 @@ impl Subscriber {
             let ms = wire::now_ms().saturating_sub(at);
             shared.metrics.bus_latency(Duration::from_millis(ms));
         }
-        let envelope = Arc::new(Envelope::stamped(
-            decoded.route,
-            decoded.frame,
-            decoded.stamp,
-        ));
-        let Some((seq, position)) = envelope
-            .stamp
+        let mut stamp = decoded.stamp;
+        let Some((seq, position)) = stamp
             .as_ref()
             .and_then(|s| Some((s.seq, s.position(&topic)?.clone())))
         else {
             // From a node without history (a rolling enable): as it is,
             // and the topic's history starts afresh (`renewal.rs`).
+            let envelope = Arc::new(Envelope::stamped(decoded.route, decoded.frame, stamp));
             shared.sink.deliver(&topic, &envelope);
             if let Some(history) = &shared.history {
                 self.tracks.expect_renewal(&topic);
@@ -641,6 +637,10 @@ impl Subscriber {
             }
         }
         if step == Step::Deliver {
+            if let Some(stamp) = &mut stamp {
+                self.tracks.share_epoch(&topic, stamp);
+            }
+            let envelope = Arc::new(Envelope::stamped(decoded.route, decoded.frame, stamp));
             shared.sink.deliver(&topic, &envelope);
         }
     }

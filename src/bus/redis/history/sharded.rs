@@ -168,6 +168,9 @@ pub(super) struct Batch<'a> {
     pub(super) mttl: u64,
     pub(super) id_prefix: &'a str,
     pub(super) mark: &'a str,
+    /// For the topics' keys and sizes.
+    pub(super) keys: &'a super::Keys,
+    pub(super) history: &'a crate::config::HistoryConfig,
 }
 
 /// Runs the topic script once per topic of the batch, each with that
@@ -181,10 +184,10 @@ pub(super) async fn publish(
     batch: &[Outgoing],
 ) -> redis::RedisResult<u64> {
     struct Copies<'b> {
-        meta: &'b str,
-        stream: &'b str,
+        meta: String,
+        stream: String,
         channel: &'b str,
-        json: &'b str,
+        json: String,
         size: usize,
         messages: Vec<(u64, u64, &'b [u8], &'b [u8])>,
     }
@@ -197,13 +200,14 @@ pub(super) async fn publish(
         // Merge hint only (module docs): the clock and the number.
         let seq = (r.published_ms << 12) | (r.number & 0xfff);
         for (t, channel) in r.topics.iter().zip(&m.channels) {
-            let at = *index.entry(t.meta.as_str()).or_insert_with(|| {
+            // A topic's channel names it, and its keys follow the channel.
+            let at = *index.entry(channel.as_str()).or_insert_with(|| {
                 topics.push(Copies {
-                    meta: &t.meta,
-                    stream: &t.stream,
+                    meta: args.keys.meta(t),
+                    stream: args.keys.stream(t),
                     channel: channel.as_str(),
-                    json: &t.json,
-                    size: t.size,
+                    json: crate::bus::wire::json_key(t),
+                    size: args.history.size_of(t),
                     messages: Vec::new(),
                 });
                 topics.len() - 1
@@ -219,9 +223,9 @@ pub(super) async fn publish(
             let highest = copies.messages.iter().map(|m| m.0).max().unwrap_or(0);
             routed::<u64>(&mut conn, PUBLISH_TOPIC_LUA, &prepared.sha, |cmd| {
                 cmd.arg(3)
-                    .arg(copies.meta)
-                    .arg(copies.stream)
-                    .arg(mark_key(copies.meta, args.mark))
+                    .arg(&copies.meta)
+                    .arg(&copies.stream)
+                    .arg(mark_key(&copies.meta, args.mark))
                     .arg(&*prepared.run_id)
                     .arg(args.ttl)
                     .arg(args.mttl)
@@ -229,7 +233,7 @@ pub(super) async fn publish(
                     .arg(args.mark)
                     .arg(highest)
                     .arg(copies.channel)
-                    .arg(copies.json)
+                    .arg(&copies.json)
                     .arg(copies.size)
                     .arg(copies.messages.len());
                 for (number, seq, prefix, frame) in &copies.messages {
@@ -322,7 +326,7 @@ async fn routed<T: redis::FromRedisValue>(
     sha: &str,
     args: impl Fn(&mut redis::Cmd),
 ) -> redis::RedisResult<T> {
-    let mut result = evalsha::<redis::Value, _>(conn, script, sha, &args).await;
+    let mut result = evalsha::<redis::Value, _>(conn, script, sha, (0, 0), &args).await;
     for tries in 1..=REDIRECTS {
         let Err(e) = &result else { break };
         match e.code() {
@@ -359,12 +363,12 @@ async fn routed<T: redis::FromRedisValue>(
                     // A primary that was not there when the scripts were
                     // loaded: load them everywhere, and ask again.
                     load(conn, script).await?;
-                    result = evalsha::<redis::Value, _>(conn, script, sha, &args).await;
+                    result = evalsha::<redis::Value, _>(conn, script, sha, (0, 0), &args).await;
                 }
             }
             Some("MOVED") | Some("TRYAGAIN") => {
                 tokio::time::sleep(REDIRECT_PAUSE * tries).await;
-                result = evalsha::<redis::Value, _>(conn, script, sha, &args).await;
+                result = evalsha::<redis::Value, _>(conn, script, sha, (0, 0), &args).await;
             }
             _ => break,
         }
