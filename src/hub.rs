@@ -269,7 +269,7 @@ impl Hub {
         let mut closed = Vec::new();
         let mut offer = |conn: &Arc<Conn>| {
             if wanted(conn) {
-                match conn.try_offer(frame(conn).clone(), mark.cloned()) {
+                match conn.try_offer(frame(conn), mark) {
                     Offered::Queued => delivered += 1,
                     Offered::Full { closed_now } => {
                         dropped += 1;
