@@ -97,7 +97,7 @@ impl Conn {
     /// the queue was full: the connection is then closed as a slow consumer
     /// (and that is logged).
     pub fn offer(&self, frame: Frame) -> bool {
-        match self.try_offer(&frame, None) {
+        match self.try_offer(&frame, None, true) {
             Offered::Queued => true,
             Offered::Full { closed_now } => {
                 if closed_now {
@@ -113,12 +113,12 @@ impl Conn {
     /// after releasing it. `mark`: where a copy of a stamped message stands
     /// in the topic it came through.
     ///
-    /// A copy without a mark, for a socket whose queue is empty, is
-    /// written to the socket by the caller when it can be at once
-    /// ([`Wire::try_deliver`]); what the socket does not take is left to
-    /// the session, which is woken for it.
-    pub(crate) fn try_offer(&self, frame: &Frame, mark: Option<&Mark>) -> Offered {
-        if mark.is_none() && self.closer.reason().is_none() {
+    /// With `direct`, a copy without a mark, for a socket whose queue is
+    /// empty, is written to the socket by the caller when it can be at
+    /// once ([`Wire::try_deliver`]); what the socket does not take is left
+    /// to the session, which is woken for it.
+    pub(crate) fn try_offer(&self, frame: &Frame, mark: Option<&Mark>, direct: bool) -> Offered {
+        if direct && mark.is_none() && self.closer.reason().is_none() {
             match self.wire.try_deliver(frame, || self.outbox.is_empty()) {
                 Direct::Written => return Offered::Queued,
                 Direct::Owed => {

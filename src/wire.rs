@@ -158,9 +158,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> State<T> {
         Poll::Ready(Ok(()))
     }
 
-    /// Writes `frames` (nothing owed) with one vectored write; what the
-    /// socket does not take becomes owed.
-    fn write_frames(&mut self, cx: &mut Context<'_>, frames: &[Frame]) -> io::Result<()> {
+    /// Writes `frames` (their payloads; nothing owed) with one vectored
+    /// write; what the socket does not take becomes owed.
+    fn write_frames(&mut self, cx: &mut Context<'_>, frames: &[&[u8]]) -> io::Result<()> {
         debug_assert!(!self.owes() && frames.len() <= MAX_BATCH);
         let mut headers = [[0u8; 10]; MAX_BATCH];
         let mut lens = [0usize; MAX_BATCH];
@@ -171,7 +171,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> State<T> {
         let mut total = 0;
         for (i, frame) in frames.iter().enumerate() {
             slices[2 * i] = IoSlice::new(&headers[i][..lens[i]]);
-            slices[2 * i + 1] = IoSlice::new(frame.as_bytes());
+            slices[2 * i + 1] = IoSlice::new(frame);
             total += lens[i] + frame.len();
         }
         let slices = &slices[..2 * frames.len()];
@@ -248,7 +248,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Wire<T> {
         // socket "not ready" once the delivering task's budget ran out.
         let mut cx = Context::from_waker(Waker::noop());
         let write = tokio::task::coop::unconstrained(std::future::poll_fn(|cx| {
-            Poll::Ready(state.write_frames(cx, std::slice::from_ref(frame)))
+            Poll::Ready(state.write_frames(cx, &[frame.as_bytes()]))
         }));
         let written = std::pin::pin!(write).poll(&mut cx);
         match written {
@@ -272,21 +272,27 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Wire<T> {
         next: &mut impl FnMut() -> Option<Frame>,
     ) -> Poll<io::Result<()>> {
         let mut state = self.lock();
-        let mut batch: [Frame; MAX_BATCH] = std::array::from_fn(|_| Frame::default());
+        // `None`s: an empty `Frame` is dropped through a function call.
+        const NONE: Option<Frame> = None;
+        let mut batch = [NONE; MAX_BATCH];
         loop {
             ready!(state.poll_owed(cx))?;
             let mut taken = 0;
             while taken < MAX_BATCH
                 && let Some(frame) = next()
             {
-                batch[taken] = frame;
+                batch[taken] = Some(frame);
                 taken += 1;
             }
             if taken == 0 {
                 return Poll::Ready(Ok(()));
             }
-            state.write_frames(cx, &batch[..taken])?;
-            batch[..taken].fill_with(Frame::default);
+            let mut payloads: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+            for (payload, frame) in payloads.iter_mut().zip(&batch[..taken]) {
+                *payload = frame.as_ref().map_or(&[], |f| f.as_bytes());
+            }
+            state.write_frames(cx, &payloads[..taken])?;
+            batch[..taken].iter_mut().for_each(|f| *f = None);
         }
     }
 
