@@ -12,6 +12,7 @@ use crate::outbox::{Full, Outbox, Queued, wait_on};
 use crate::outcome::CloseReason;
 use crate::position::Mark;
 use crate::route::{Addressee, Identity, Relay};
+use crate::wire::{Direct, Wire};
 
 /// A connection's id, unique on this node.
 pub(crate) type ConnId = u64;
@@ -31,7 +32,22 @@ pub struct Conn {
     /// notices. Otherwise its frames are byte for byte today's.
     pub speaks_resume: bool,
     outbox: Outbox,
+    /// The socket's write side, shared with the tasks that deliver to it.
+    wire: Wire,
     pub closer: Closer,
+}
+
+impl AsRef<Wire> for Conn {
+    fn as_ref(&self) -> &Wire {
+        &self.wire
+    }
+}
+
+impl Conn {
+    /// The socket's write side.
+    pub(crate) fn wire(&self) -> &Wire {
+        &self.wire
+    }
 }
 
 impl Conn {
@@ -70,6 +86,7 @@ impl Conn {
             relay,
             speaks_resume,
             outbox: Outbox::new(queue_bytes),
+            wire: Wire::default(),
             closer: Closer::default(),
         });
         let rx = OutboxReceiver { conn: conn.clone() };
@@ -80,7 +97,7 @@ impl Conn {
     /// the queue was full: the connection is then closed as a slow consumer
     /// (and that is logged).
     pub fn offer(&self, frame: Frame) -> bool {
-        match self.try_offer(frame, None) {
+        match self.try_offer(&frame, None, true) {
             Offered::Queued => true,
             Offered::Full { closed_now } => {
                 if closed_now {
@@ -95,8 +112,23 @@ impl Conn {
     /// lock: they log with [`log_slow_consumer`](Self::log_slow_consumer)
     /// after releasing it. `mark`: where a copy of a stamped message stands
     /// in the topic it came through.
-    pub(crate) fn try_offer(&self, frame: Frame, mark: Option<Mark>) -> Offered {
-        match self.outbox.push(frame, mark) {
+    ///
+    /// With `direct`, a copy without a mark, for a socket whose queue is
+    /// empty, is written to the socket by the caller when it can be at
+    /// once ([`Wire::try_deliver`]); what the socket does not take is left
+    /// to the session, which is woken for it.
+    pub(crate) fn try_offer(&self, frame: &Frame, mark: Option<&Mark>, direct: bool) -> Offered {
+        if direct && mark.is_none() && self.closer.reason().is_none() {
+            match self.wire.try_deliver(frame, || self.outbox.is_empty()) {
+                Direct::Written => return Offered::Queued,
+                Direct::Owed => {
+                    self.outbox.wake();
+                    return Offered::Queued;
+                }
+                Direct::No => {}
+            }
+        }
+        match self.outbox.push(frame.clone(), mark.cloned()) {
             Ok(()) => Offered::Queued,
             Err(Full) => Offered::Full {
                 closed_now: self.closer.close(CloseReason::SlowConsumer),
@@ -165,15 +197,21 @@ pub struct OutboxReceiver {
 }
 
 impl OutboxReceiver {
-    /// The next frame, or `Pending` until one is queued. (The queue lives
+    /// `Ready` once the session has a write to do: a frame queued or
+    /// bytes owed to the socket; `Pending` until then. (The queue lives
     /// as long as the connection, so this never ends by itself: the
     /// session stops waiting when it closes.)
-    pub(crate) fn poll_recv(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Queued> {
-        self.conn.outbox.poll_recv(cx)
+    pub(crate) fn poll_work(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.conn.outbox.poll_work(cx, || self.conn.wire.owes())
+    }
+
+    /// The connection's write side.
+    pub(crate) fn wire(&self) -> &Wire {
+        &self.conn.wire
     }
 
     /// The next frame if one is queued.
-    pub(crate) fn try_recv(&mut self) -> Option<Queued> {
+    pub(crate) fn try_recv(&self) -> Option<Queued> {
         self.conn.outbox.pop()
     }
 }

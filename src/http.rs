@@ -11,8 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -408,7 +407,7 @@ async fn socket(http: HttpState, request: Request) -> Response {
 /// [`socket`] up to its refusals.
 async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> {
     let (mut parts, _body) = request.into_parts();
-    let Ok(upgrade) = WebSocketUpgrade::from_request_parts(&mut parts, &()).await else {
+    let Some(upgrade) = Upgrade::from_parts(&mut parts) else {
         // Web Connection answers a plain GET of the socket path with 404.
         return Ok((
             StatusCode::NOT_FOUND,
@@ -495,19 +494,103 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
     // captures for the socket's whole life, and a box is one pointer,
     // freed as the session starts (issue 19).
     let start = Box::new((registration, http.node.track_session()));
-    Ok(upgrade
-        // Chosen when the client offers it (with a token in the protocol
-        // list, browsers require the server to choose one).
-        .protocols([auth::PROTOCOL])
+    let config = tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(ws.read_buffer_bytes)
         .write_buffer_size(ws.write_buffer_bytes)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_failed_upgrade(|e| debug!(error = %e, "websocket upgrade failed"))
-        .on_upgrade(move |socket| {
-            let (registration, tracked) = *start;
-            crate::session::run(socket, registration, tracked)
-        }))
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    Ok(upgrade.accept(move |io| {
+        let (registration, tracked) = *start;
+        crate::session::run(io, config, registration, tracked)
+    }))
+}
+
+/// A WebSocket upgrade request, checked as axum's `WebSocketUpgrade`
+/// checked it (HTTP/1.1 `GET`, `Connection: upgrade`, `Upgrade:
+/// websocket`, a key, version 13, an upgradable connection): the socket
+/// is served without axum's `WebSocket`, so that the delivering task can
+/// write to it ([`crate::wire`]).
+struct Upgrade {
+    key: HeaderValue,
+    /// The protocol chosen: [`auth::PROTOCOL`] when the client offers it
+    /// (with a token in the protocol list, browsers require the server to
+    /// choose one).
+    protocol: Option<HeaderValue>,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+}
+
+impl Upgrade {
+    fn from_parts(parts: &mut axum::http::request::Parts) -> Option<Self> {
+        let headers = &parts.headers;
+        let has = |name: header::HeaderName, token: &str| {
+            headers.get_all(name).iter().any(|value| {
+                value
+                    .to_str()
+                    .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            })
+        };
+        let ok = parts.version <= axum::http::Version::HTTP_11
+            && parts.method == Method::GET
+            && has(header::CONNECTION, "upgrade")
+            && has(header::UPGRADE, "websocket")
+            && headers
+                .get(header::SEC_WEBSOCKET_VERSION)
+                .is_some_and(|v| v.as_bytes() == b"13");
+        let key = headers
+            .get(header::SEC_WEBSOCKET_KEY)
+            .filter(|_| ok)?
+            .clone();
+        let protocol = headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|p| p.trim() == auth::PROTOCOL)
+            .then(|| HeaderValue::from_static(auth::PROTOCOL));
+        let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?;
+        Some(Self {
+            key,
+            protocol,
+            on_upgrade,
+        })
+    }
+
+    /// The 101 response; once the connection is upgraded, `serve` runs
+    /// with the socket on a task of its own.
+    fn accept<F>(self, serve: impl FnOnce(crate::wire::Io) -> F + Send + 'static) -> Response
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let Self {
+            key,
+            protocol,
+            on_upgrade,
+        } = self;
+        tokio::spawn(async move {
+            let upgraded = match on_upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(e) => {
+                    debug!(error = %e, "websocket upgrade failed");
+                    return;
+                }
+            };
+            serve(hyper_util::rt::TokioIo::new(upgraded)).await;
+        });
+        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let mut response = Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(header::CONNECTION, HeaderValue::from_static("upgrade"))
+            .header(header::UPGRADE, HeaderValue::from_static("websocket"))
+            .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+            .body(axum::body::Body::empty())
+            .unwrap_or_default();
+        if let Some(protocol) = protocol {
+            response
+                .headers_mut()
+                .insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+        }
+        response
+    }
 }
 
 /// A query's key-value pairs, in order, decoded: each borrowed from the

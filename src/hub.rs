@@ -106,6 +106,14 @@ impl Members {
         }
     }
 
+    /// How many members.
+    fn len(&self) -> usize {
+        match self {
+            Members::One(_) => 1,
+            Members::Many(map) => map.len(),
+        }
+    }
+
     /// Every member.
     fn iter(&self) -> impl Iterator<Item = &Arc<Conn>> {
         let (one, many) = match self {
@@ -132,6 +140,13 @@ impl Index {
         (*conn.cid == *cid).then_some(conn)
     }
 }
+
+/// Deliveries to at most this many of this node's sockets may be written
+/// to idle sockets by the delivering task ([`crate::wire`]); larger ones
+/// are queued for the sessions, which run on every worker and batch what
+/// piles up (docs/architecture.md, "The delivery path": one task writing
+/// thousands of sockets one frame per system call fell behind).
+const DIRECT_MAX: usize = 64;
 
 /// This node's connections.
 ///
@@ -267,9 +282,16 @@ impl Hub {
         let (mut delivered, mut dropped) = (0u64, 0u64);
         // Connections this delivery closed, logged once the lock is released.
         let mut closed = Vec::new();
+        let members = match via {
+            Topic::All => index.all.len(),
+            Topic::Group(g) => index.groups.get(g).map_or(0, Members::len),
+            Topic::User(u) => index.users.get(u).map_or(0, Members::len),
+            Topic::Connection(_) => 1,
+        };
+        let direct = members <= DIRECT_MAX;
         let mut offer = |conn: &Arc<Conn>| {
             if wanted(conn) {
-                match conn.try_offer(frame(conn).clone(), mark.cloned()) {
+                match conn.try_offer(frame(conn), mark, direct) {
                     Offered::Queued => delivered += 1,
                     Offered::Full { closed_now } => {
                         dropped += 1;

@@ -52,7 +52,9 @@
 //!   (kept by the Redis bus, on the registry's leases).
 //! - `hub` (internal): this node's sockets, indexed by group and user;
 //!   `conn`: one socket's handle and the `Closer` that ends its session
-//!   once; `outbox`: its outbound queue, bounded in bytes.
+//!   once; `outbox`: its outbound queue, bounded in bytes; `wire`: its
+//!   socket's write side, which a delivering task writes an idle socket's
+//!   frame to itself.
 //! - `backend` (internal): with `backend.url`, non-`broadcast` client
 //!   messages (and connect/disconnect events) go to the application over
 //!   HTTP, in order per socket.
@@ -108,6 +110,7 @@ pub mod route;
 pub mod server;
 pub(crate) mod session;
 pub mod shutdown;
+pub(crate) mod wire;
 
 pub use config::Config;
 pub use server::{Server, run};

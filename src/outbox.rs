@@ -105,10 +105,31 @@ impl Outbox {
         Some(queued)
     }
 
+    /// Whether no frame is queued.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.lock().frames.is_empty()
+    }
+
+    /// Wakes the reader without a frame: a delivering task left bytes
+    /// owed on the socket ([`crate::wire`]) for the session to write.
+    pub(crate) fn wake(&self) {
+        self.ready.wake();
+    }
+
+    /// `Ready` once a frame is queued or `more()` (the session has work),
+    /// else `Pending` and `cx` woken by the next push or
+    /// [`wake`](Self::wake). Only the session may wait.
+    pub(crate) fn poll_work(&self, cx: &mut Context<'_>, more: impl Fn() -> bool) -> Poll<()> {
+        poll_on(&self.ready, cx, || {
+            (!self.is_empty() || more()).then_some(())
+        })
+    }
+
     /// The next frame, or `Pending` and `cx` woken by the next push. Only
     /// one task (the session) may wait: the waker slot holds one waker. A
     /// poll function rather than a future, so that the session's `select!`
     /// holds a reference, not a future's state, for it.
+    #[cfg(test)]
     pub(crate) fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Queued> {
         poll_on(&self.ready, cx, || self.pop())
     }

@@ -3,9 +3,12 @@
 //!
 //! A session is one task. It waits on four things at once: the close signal
 //! (set by anyone through the connection's [`Closer`](crate::conn::Closer)),
-//! the client's next frame, the outbound queue, and the ping timer. Queued
-//! frames are written in batches and flushed once per wake-up, so a busy
-//! socket costs one write system call for many frames.
+//! the client's next frame, the outbound queue (and bytes owed to the
+//! socket), and the ping timer. Queued frames are written in batches, one
+//! vectored write per batch, so a busy socket costs one write system call
+//! for many frames. A delivery to an idle socket does not wait for the
+//! session: the delivering task writes it ([`crate::wire`]), and leaves
+//! the session only what the socket did not take.
 //!
 //! **Every write races the close signal and `ws.write_timeout_ms`.** A peer
 //! that does not read blocks a write for as long as it likes; a session
@@ -17,10 +20,11 @@
 //! slow consumer.
 //!
 //! **What a client receives before the close is a prefix** of what was
-//! queued for it: the frame being written when a close reason arrives is
-//! kept ([`InFlight`]) and written first by the closing handshake, before
-//! the rest of the queue. (Dropping it, as an earlier version did, left a
-//! gap mid-stream: later frames were still sent.)
+//! queued for it: a frame leaves the queue only under the socket's lock,
+//! in the call that writes it, and what the socket did not take of it is
+//! owed and written first by the closing handshake, before the rest of the
+//! queue. (Dropping a frame being written, as an earlier version did, left
+//! a gap mid-stream: later frames were still sent.)
 //!
 //! **With history on, a session starts with its resume decision**
 //! ([`crate::resume`]): the welcome and the replay are written before
@@ -36,27 +40,31 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::time::{Interval, MissedTickBehavior, interval_at};
+use tokio_tungstenite::WebSocketStream;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::debug;
+use tungstenite::Message as WsMessage;
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 
 use crate::conn::{Closer, Conn, OutboxReceiver, SlowCause};
 use crate::history::Positions;
 use crate::logging::{Untrusted, UntrustedOpt};
 use crate::message::{Frame, MessageError, error_frame};
 use crate::node::{ClientError, Node, PublishError, Registration};
-use crate::outbox::Queued;
 use crate::outcome::CloseReason;
 use crate::outcome::DropReason;
 use crate::position::Mark;
 use crate::rate_limit::{RateLimit, Verdict};
 use crate::resume::{Floors, Resumer};
 use crate::route::Identity;
+use crate::wire::{Io, MAX_BATCH, WireIo};
 
-/// Most frames written before one flush; bounds how long one wake-up takes.
-const MAX_BATCH: usize = 64;
+/// The socket as the session reads it: tungstenite over the connection's
+/// [`Wire`](crate::wire::Wire), which frames are written through.
+pub(crate) type Socket = WebSocketStream<WireIo<Arc<Conn>>>;
+
 /// Most batch writes in a row before the client's side is read again
 /// (see [`Session::serve`]): a queue that never empties cannot starve the
 /// reads (the client's pongs and messages).
@@ -74,17 +82,28 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// that run rarely (the resume decision and the closing handshake, which
 /// await Redis calls, and the ping) or briefly (a batch write) are boxed
 /// while they run instead of being laid out in it. The caller passes it
-/// to axum as the upgrade's callback as it is, not wrapped in a future of
+/// to the upgrade as its callback as it is, not wrapped in a future of
 /// its own: a wrapper would hold the socket and the registration as well
 /// (a future keeps room for what it captured for its whole life).
+///
+/// `io`, the upgraded connection, goes into the connection's
+/// [`Wire`](crate::wire::Wire); the session reads it through tungstenite
+/// (configured by `config`), and writes frames through the wire.
 pub(crate) fn run(
-    socket: WebSocket,
+    io: Io,
+    config: WebSocketConfig,
     mut registration: Registration,
     tracked: TaskTrackerToken,
 ) -> impl Future<Output = ()> + Send + 'static {
-    let mut session = registration
-        .take_outbound()
-        .map(|outbound| Session::new(socket, registration, outbound));
+    let conn = registration.conn.clone();
+    conn.wire().install(io);
+    // Without a handshake, the stream is made in its first poll.
+    let socket =
+        WebSocketStream::from_raw_socket(WireIo(conn), Role::Server, Some(config)).now_or_never();
+    let mut session = match (socket, registration.take_outbound()) {
+        (Some(socket), Some(outbound)) => Some(Session::new(socket, registration, outbound)),
+        _ => None,
+    };
     async move {
         // Used in place, not moved into a local: the future then holds
         // one `Session`, not two.
@@ -110,10 +129,10 @@ pub(crate) fn run(
 /// history needs unless history is on ([`Replay`]).
 struct Session {
     registration: Registration,
-    /// The socket, not split into halves: the session reads and writes it
-    /// in turn (a batch write runs after the `select!` that chose it has
-    /// dropped its read), so no `BiLock` is taken per frame.
-    socket: WebSocket,
+    /// The socket's read side (and tungstenite's writes: pings, pongs,
+    /// the close frame); frames are written through the connection's
+    /// [`Wire`](crate::wire::Wire).
+    socket: Socket,
     outbound: OutboxReceiver,
     /// Batch writes in a row that the read side was not polled before
     /// (see [`Session::serve`]).
@@ -127,7 +146,6 @@ struct Session {
     rate: Option<Box<RateLimit>>,
     /// The client sent a close frame (its echo is owed).
     client_closed: bool,
-    in_flight: InFlight,
     /// With history on: the floors and the replay. `None` with history
     /// off, where nothing is dropped and nothing is replayed.
     replay: Option<Box<Replay>>,
@@ -152,7 +170,7 @@ fn admit(replay: &mut Option<Box<Replay>>, mark: Option<&Mark>) -> bool {
 }
 
 impl Session {
-    fn new(socket: WebSocket, registration: Registration, outbound: OutboxReceiver) -> Self {
+    fn new(socket: Socket, registration: Registration, outbound: OutboxReceiver) -> Self {
         let conn = &registration.conn;
         let node = registration.node();
         debug!(
@@ -174,7 +192,6 @@ impl Session {
             heard: true,
             rate: None,
             client_closed: false,
-            in_flight: InFlight::default(),
             replay,
         }
     }
@@ -200,6 +217,9 @@ impl Session {
         {
             return reason;
         }
+        // Deliveries may write to the socket themselves from now on
+        // (without history: with it, every copy passes the floors).
+        self.outbound.wire().set_direct(self.replay.is_none());
         loop {
             // Each arm is one call; the futures borrow disjoint fields and
             // are dropped before the chosen arm's call runs.
@@ -221,10 +241,10 @@ impl Session {
                 // Boxed too: a write (its batch, flush and timer) is about
                 // a kilobyte of future, one allocation per wake-up that
                 // already makes a system call or more.
-                first = std::future::poll_fn(|cx| self.outbound.poll_recv(cx)), if write_first => {
+                () = std::future::poll_fn(|cx| self.outbound.poll_work(cx)), if write_first => {
                     // The read side was polled if this select waited.
                     self.writes_unread = if read_polled { 0 } else { self.writes_unread + 1 };
-                    Box::pin(self.write(first)).await
+                    Box::pin(self.write()).await
                 }
                 frame = std::future::poll_fn(|cx| {
                     read_polled = true;
@@ -233,9 +253,9 @@ impl Session {
                     self.writes_unread = 0;
                     self.on_frame(frame)
                 }
-                first = std::future::poll_fn(|cx| self.outbound.poll_recv(cx)), if !write_first => {
+                () = std::future::poll_fn(|cx| self.outbound.poll_work(cx)), if !write_first => {
                     self.writes_unread = 0;
-                    Box::pin(self.write(first)).await
+                    Box::pin(self.write()).await
                 }
                 _ = self.ping.tick() => {
                     self.writes_unread = 0;
@@ -271,10 +291,11 @@ impl Session {
         replay.floors = outcome.floors;
         replay.backlog = outcome.frames.into();
         let limit = self.write_timeout();
-        while let Some(replay) = self.replay.as_mut()
-            && !replay.backlog.is_empty()
-        {
-            let write = write_backlog(&mut self.socket, &mut replay.backlog, &mut self.in_flight);
+        let wire = self.outbound.wire();
+        if let Some(replay) = self.replay.as_mut() {
+            let backlog = &mut replay.backlog;
+            let mut next = || backlog.pop_front();
+            let write = std::future::poll_fn(|cx| wire.poll_frames(cx, &mut next));
             guarded(&self.registration.conn.closer, limit, write).await?;
         }
         Ok(())
@@ -283,7 +304,7 @@ impl Session {
     /// Handles the client's next frame (or the end of its stream).
     fn on_frame(
         &mut self,
-        frame: Option<Result<WsMessage, axum::Error>>,
+        frame: Option<Result<WsMessage, tungstenite::Error>>,
     ) -> Result<(), CloseReason> {
         self.heard = true;
         let data = matches!(frame, Some(Ok(WsMessage::Text(_) | WsMessage::Binary(_))));
@@ -330,7 +351,7 @@ impl Session {
                 }
             },
             // tungstenite answers pings itself.
-            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+            Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {}
             Some(Ok(WsMessage::Close(_))) => {
                 self.client_closed = true;
                 return Err(CloseReason::Normal);
@@ -341,18 +362,20 @@ impl Session {
         Ok(())
     }
 
-    /// Writes `first` and what else is queued, racing the close reason.
-    async fn write(&mut self, first: Queued) -> Result<(), CloseReason> {
-        if admit(&mut self.replay, first.mark.as_ref()) {
-            self.in_flight.0 = Some(first.frame);
-        }
+    /// Writes what is owed to the socket and up to [`MAX_BATCH`] queued
+    /// frames (those the floors admit), racing the close reason.
+    async fn write(&mut self) -> Result<(), CloseReason> {
         let limit = self.write_timeout();
-        let write = write_batch(
-            &mut self.socket,
-            &mut self.outbound,
-            &mut self.in_flight,
-            &mut self.replay,
-        );
+        let (outbound, replay) = (&self.outbound, &mut self.replay);
+        let mut taken = 0;
+        let mut next = || {
+            if taken == MAX_BATCH {
+                return None;
+            }
+            taken += 1;
+            next_admitted(outbound, replay)
+        };
+        let write = std::future::poll_fn(|cx| outbound.wire().poll_frames(cx, &mut next));
         guarded(&self.registration.conn.closer, limit, write).await
     }
 
@@ -379,6 +402,9 @@ impl Session {
         // leave the hub before the closing handshake so nothing more is
         // queued.
         conn.closer.close(reason);
+        // No delivery writes to the socket after this: what is still owed
+        // goes before the close frame, and nothing after it.
+        self.outbound.wire().set_direct(false);
         let reason = conn.closer.reason().unwrap_or(reason);
         // A drain hands a legacy socket's place over (resume speakers
         // resume from their own positions).
@@ -397,7 +423,6 @@ impl Session {
         };
         drop(self.registration);
         let pending = Pending {
-            in_flight: self.in_flight,
             outbound: self.outbound,
             replay: self.replay,
         };
@@ -410,6 +435,9 @@ impl Session {
             handoff,
         )
         .await;
+        // The socket closes now, not when the last handle on the
+        // connection goes.
+        conn.wire().release();
     }
 }
 
@@ -423,10 +451,10 @@ impl Session {
 /// the batch), and then neither is touched (issue 19: arming a timer cost
 /// a clock read and the runtime handle's shared reference count per
 /// wake-up). The time limit counts from that first wait.
-async fn guarded(
+async fn guarded<E>(
     closer: &Closer,
     limit: Duration,
-    write: impl Future<Output = Result<(), axum::Error>>,
+    write: impl Future<Output = Result<(), E>>,
 ) -> Result<(), CloseReason> {
     let mut write = std::pin::pin!(write);
     let mut closed = std::pin::pin!(closer.closed());
@@ -449,14 +477,6 @@ async fn guarded(
     })
     .await
 }
-
-/// The frame a batch write has taken from the queue but not yet handed to
-/// the socket. A write abandoned for a close reason leaves it here, and the
-/// closing handshake writes it before the rest of the queue, so the client
-/// never sees a gap. (A frame handed over is in tungstenite's buffer and is
-/// flushed by whatever is written next, the close frame included.)
-#[derive(Default)]
-struct InFlight(Option<Frame>);
 
 /// Publishes or forwards a client's message; a refusal is told to the
 /// sender, and persistent abuse of the fan-out byte rate closes it (1008,
@@ -499,22 +519,20 @@ fn rate_limited(registration: &Registration) {
     )));
 }
 
-fn read_error_reason(error: axum::Error) -> CloseReason {
+fn read_error_reason(error: tungstenite::Error) -> CloseReason {
     use tungstenite::error::{CapacityError, Error, ProtocolError};
-    match error.into_inner().downcast::<Error>().map(|e| *e) {
-        Ok(Error::Capacity(CapacityError::MessageTooLong { .. })) => CloseReason::MessageTooBig,
+    match error {
+        Error::Capacity(CapacityError::MessageTooLong { .. }) => CloseReason::MessageTooBig,
         // The peer ended the TCP connection without a close frame: a
         // dropped connection (1006), not a malformed frame.
-        Ok(Error::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
-            CloseReason::ConnectionLost
-        }
-        Ok(Error::Protocol(_) | Error::Utf8(_)) => CloseReason::ProtocolError,
+        Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => CloseReason::ConnectionLost,
+        Error::Protocol(_) | Error::Utf8(_) => CloseReason::ProtocolError,
         _ => CloseReason::ConnectionLost,
     }
 }
 
 /// The next queued frame the floors admit, if any.
-fn next_admitted(outbound: &mut OutboxReceiver, replay: &mut Option<Box<Replay>>) -> Option<Frame> {
+fn next_admitted(outbound: &OutboxReceiver, replay: &mut Option<Box<Replay>>) -> Option<Frame> {
     while let Some(queued) = outbound.try_recv() {
         if admit(replay, queued.mark.as_ref()) {
             return Some(queued.frame);
@@ -523,78 +541,19 @@ fn next_admitted(outbound: &mut OutboxReceiver, replay: &mut Option<Box<Replay>>
     None
 }
 
-/// Writes the frame in flight and up to [`MAX_BATCH`] frames in all from
-/// the queue (those the floors admit), then flushes. Each frame stays in
-/// `in_flight` until the socket has taken it ([`hand_over`]).
-async fn write_batch(
-    socket: &mut WebSocket,
-    outbound: &mut OutboxReceiver,
-    in_flight: &mut InFlight,
-    replay: &mut Option<Box<Replay>>,
-) -> Result<(), axum::Error> {
-    for _ in 0..MAX_BATCH {
-        if in_flight.0.is_none() {
-            in_flight.0 = next_admitted(outbound, replay);
-        }
-        if !hand_over(socket, in_flight).await? {
-            break;
-        }
-    }
-    socket.flush().await
-}
-
-/// Up to [`MAX_BATCH`] frames of the backlog (the welcome and the
-/// replay), through `in_flight` as [`write_batch`], then a flush.
-async fn write_backlog(
-    socket: &mut WebSocket,
-    backlog: &mut std::collections::VecDeque<Frame>,
-    in_flight: &mut InFlight,
-) -> Result<(), axum::Error> {
-    for _ in 0..MAX_BATCH {
-        if in_flight.0.is_none() {
-            in_flight.0 = backlog.pop_front();
-        }
-        if !hand_over(socket, in_flight).await? {
-            break;
-        }
-    }
-    socket.flush().await
-}
-
-/// Hands the frame in flight (if any; false when none) to the socket once
-/// the socket is ready for one. The frame leaves `in_flight` only after
-/// the wait, in the call that gives it to tungstenite's write buffer, so a
-/// write abandoned while the socket was not ready keeps it. (`feed` would
-/// own the frame while it waits: keeping it meant a clone, and a shared
-/// frame's reference count is one cache line written by every recipient's
-/// session, on every worker.)
-async fn hand_over(socket: &mut WebSocket, in_flight: &mut InFlight) -> Result<bool, axum::Error> {
-    if in_flight.0.is_none() {
-        return Ok(false);
-    }
-    std::future::poll_fn(|cx| socket.poll_ready_unpin(cx)).await?;
-    let Some(frame) = in_flight.0.take() else {
-        return Ok(false);
-    };
-    socket.start_send_unpin(WsMessage::Text(frame))?;
-    Ok(true)
-}
-
 /// What a closing session still owes its client, in the order owed.
 struct Pending {
-    in_flight: InFlight,
     outbound: OutboxReceiver,
-    /// The rest of the replay comes after the frame in flight.
+    /// The rest of the replay comes before what is queued.
     replay: Option<Box<Replay>>,
 }
 
 impl Pending {
     fn next(&mut self) -> Option<Frame> {
-        self.in_flight
-            .0
-            .take()
-            .or_else(|| self.replay.as_mut()?.backlog.pop_front())
-            .or_else(|| next_admitted(&mut self.outbound, &mut self.replay))
+        self.replay
+            .as_mut()
+            .and_then(|r| r.backlog.pop_front())
+            .or_else(|| next_admitted(&self.outbound, &mut self.replay))
     }
 
     /// The floors, per topic (none known without history).
@@ -625,7 +584,7 @@ struct Handoff {
 /// handshake's time: a client slow to read must not cost its next socket
 /// the replay.
 async fn close(
-    mut socket: WebSocket,
+    mut socket: Socket,
     mut pending: Pending,
     (reason, text): (CloseReason, String),
     client_closed: bool,
@@ -635,13 +594,13 @@ async fn close(
         return;
     }
     let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
+    let conn = socket.get_ref().0.clone();
     let owed = async {
         if reason != CloseReason::SlowConsumer && !client_closed {
-            while let Some(frame) = pending.next() {
-                socket.feed(WsMessage::Text(frame)).await?;
-            }
+            let mut next = || pending.next();
+            std::future::poll_fn(|cx| conn.wire().poll_frames(cx, &mut next)).await?;
         }
-        Ok::<(), axum::Error>(())
+        Ok::<(), std::io::Error>(())
     };
     let written = matches!(tokio::time::timeout_at(deadline, owed).await, Ok(Ok(())));
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -658,7 +617,7 @@ async fn close(
             let _ = socket.flush().await;
         } else {
             let frame = CloseFrame {
-                code: reason.code(),
+                code: reason.code().into(),
                 reason: text.into(),
             };
             if socket.send(WsMessage::Close(Some(frame))).await.is_err() {
@@ -686,7 +645,7 @@ mod tests {
     use crate::route::{Route, Topic};
 
     /// The size of the future `f` returns, without calling it.
-    fn size_of_output<A, B, C, F>(_: impl FnOnce(A, B, C) -> F) -> usize {
+    fn size_of_output<A, B, C, D, F>(_: impl FnOnce(A, B, C, D) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 

@@ -1,0 +1,492 @@
+//! A socket's write side, shared by its session and the tasks that deliver
+//! to it (issue 19: the delivering task writes the frame itself).
+//!
+//! The socket (the upgraded connection) lives behind a `std::sync::Mutex`
+//! with the bytes **owed** to it: bytes that were accepted for the socket
+//! but that it has not taken yet, always the next to go, before any other
+//! frame. Three kinds of writer share it:
+//!
+//! - a **delivering task** ([`Wire::try_deliver`]) writes a frame to an
+//!   idle socket itself, only when the lock is free (`try_lock`, never a
+//!   wait on the delivery path), nothing is owed, the socket's outbox is
+//!   empty (checked under this lock, which the session holds while it
+//!   takes frames from the outbox: no frame can overtake one taken
+//!   earlier) and the session allows it ([`Wire::set_direct`]: history
+//!   off, session serving). What the socket does not take at once
+//!   becomes owed, and the caller wakes the session;
+//! - the **session** ([`Wire::poll_frames`]) writes what is owed, then
+//!   batches of queued frames, waiting for the socket with its own waker
+//!   (so the write timeout and the close race apply to what the
+//!   delivering task could not write);
+//! - **tungstenite** (pings, pongs, close frames) writes through
+//!   [`Wire::poll_write`], which accepts every byte at once (what the
+//!   socket does not take is owed): tungstenite's own buffer is then
+//!   always empty, so its bytes cannot be overtaken by a frame written
+//!   here.
+//!
+//! Frames are written without tungstenite: a frame from the server is not
+//! masked, so it is a 2 to 10 byte header and the payload, written with
+//! one vectored write (no copy of the payload unless the socket leaves
+//! part of it owed).
+//!
+//! Reads take the lock too (the upgraded connection is one object), for
+//! the time of one `poll_read`; a delivery that finds the lock taken
+//! queues its frame.
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::task::{Context, Poll, Waker, ready};
+
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::message::Frame;
+
+/// The upgraded connection.
+pub(crate) type Io = TokioIo<hyper::upgrade::Upgraded>;
+
+/// Most frames one [`Wire::poll_frames`] call takes from its source
+/// before it writes them.
+pub(crate) const MAX_BATCH: usize = 64;
+
+/// Owed bytes' buffer capacity kept once it is empty: more is given back,
+/// so that a socket that once fell behind does not keep its burst's
+/// buffer while idle.
+const OWED_KEPT: usize = 4096;
+
+/// A socket's write side (and, for tungstenite, its read side). Generic
+/// over the connection only so that its tests can use a TCP stream.
+pub(crate) struct Wire<T = Io> {
+    state: Mutex<State<T>>,
+}
+
+impl<T> Default for Wire<T> {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(State {
+                io: None,
+                owed: Vec::new(),
+                sent: 0,
+                direct: false,
+            }),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Wire<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wire").finish_non_exhaustive()
+    }
+}
+
+struct State<T> {
+    /// `None` until the upgrade is done.
+    io: Option<T>,
+    /// Bytes owed to the socket, from `sent` on.
+    owed: Vec<u8>,
+    sent: usize,
+    /// Whether a delivering task may write (see [`Wire::set_direct`]).
+    direct: bool,
+}
+
+/// What [`Wire::try_deliver`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Direct {
+    /// Not written: queue the frame.
+    No,
+    /// Written, all of it.
+    Written,
+    /// Written in part: the rest is owed, and the session must be woken
+    /// to write it.
+    Owed,
+}
+
+fn not_connected() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "the socket is not upgraded yet",
+    )
+}
+
+/// Writes a text frame's header for a payload of `len` bytes into `out`
+/// (FIN set, opcode 1, not masked) and returns its length.
+fn text_header(len: usize, out: &mut [u8; 10]) -> usize {
+    out[0] = 0x81;
+    if len < 126 {
+        out[1] = len as u8;
+        2
+    } else if let Ok(len) = u16::try_from(len) {
+        out[1] = 126;
+        out[2..4].copy_from_slice(&len.to_be_bytes());
+        4
+    } else {
+        out[1] = 127;
+        out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> State<T> {
+    fn owes(&self) -> bool {
+        self.sent < self.owed.len()
+    }
+
+    fn owe(&mut self, bytes: &[u8]) {
+        self.owed.extend_from_slice(bytes);
+    }
+
+    fn io(&mut self) -> io::Result<Pin<&mut T>> {
+        self.io.as_mut().map(Pin::new).ok_or_else(not_connected)
+    }
+
+    /// Writes the owed bytes; `Ready(Ok)` once none are left, `Pending`
+    /// (with `cx` registered by the socket) while it takes no more.
+    fn poll_owed(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.owes() {
+            let io = self.io.as_mut().ok_or_else(not_connected)?;
+            match ready!(Pin::new(io).poll_write(cx, &self.owed[self.sent..]))? {
+                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                n => self.sent += n,
+            }
+        }
+        self.owed.clear();
+        self.sent = 0;
+        if self.owed.capacity() > OWED_KEPT {
+            self.owed = Vec::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes `frames` (their payloads; nothing owed) with one vectored
+    /// write; what the socket does not take becomes owed.
+    fn write_frames(&mut self, cx: &mut Context<'_>, frames: &[&[u8]]) -> io::Result<()> {
+        debug_assert!(!self.owes() && frames.len() <= MAX_BATCH);
+        let mut headers = [[0u8; 10]; MAX_BATCH];
+        let mut lens = [0usize; MAX_BATCH];
+        for (i, frame) in frames.iter().enumerate() {
+            lens[i] = text_header(frame.len(), &mut headers[i]);
+        }
+        let mut slices = [IoSlice::new(&[]); 2 * MAX_BATCH];
+        let mut total = 0;
+        for (i, frame) in frames.iter().enumerate() {
+            slices[2 * i] = IoSlice::new(&headers[i][..lens[i]]);
+            slices[2 * i + 1] = IoSlice::new(frame);
+            total += lens[i] + frame.len();
+        }
+        let slices = &slices[..2 * frames.len()];
+        let written = match self.io()?.poll_write_vectored(cx, slices) {
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => 0,
+        };
+        if written < total {
+            // What the socket left is owed, from where it stopped.
+            let mut skip = written;
+            for slice in slices {
+                if skip >= slice.len() {
+                    skip -= slice.len();
+                    continue;
+                }
+                let rest = &slice[skip..];
+                skip = 0;
+                self.owed.extend_from_slice(rest);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Wire<T> {
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        // Every critical section leaves the state whole: ignore poisoning.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands the upgraded connection over.
+    pub(crate) fn install(&self, io: T) {
+        self.lock().io = Some(io);
+    }
+
+    /// Drops the upgraded connection (which closes it), once the session
+    /// has ended.
+    pub(crate) fn release(&self) {
+        let mut state = self.lock();
+        state.direct = false;
+        state.io = None;
+        state.owed = Vec::new();
+        state.sent = 0;
+    }
+
+    /// Allows (or stops) writes by delivering tasks. The session allows
+    /// them while it serves without history (with history, every copy
+    /// passes the session's floors) and stops them before its closing
+    /// handshake.
+    pub(crate) fn set_direct(&self, on: bool) {
+        self.lock().direct = on;
+    }
+
+    /// Whether bytes are owed (the session then has a write to do).
+    pub(crate) fn owes(&self) -> bool {
+        self.lock().owes()
+    }
+
+    /// A delivering task's write of `frame` (see the module docs): only
+    /// when the lock is free, nothing is owed, writes are allowed and
+    /// `queue_empty()` (the socket's outbox, checked under the lock).
+    pub(crate) fn try_deliver(&self, frame: &Frame, queue_empty: impl FnOnce() -> bool) -> Direct {
+        let mut state = match self.state.try_lock() {
+            Ok(state) => state,
+            Err(TryLockError::WouldBlock | TryLockError::Poisoned(_)) => return Direct::No,
+        };
+        if !state.direct || state.owes() || state.io.is_none() || !queue_empty() {
+            return Direct::No;
+        }
+        // A no-op waker: the session is woken for what is left. Outside
+        // tokio's cooperative budget, which counts a task's operations:
+        // a delivery to thousands of sockets would otherwise find every
+        // socket "not ready" once the delivering task's budget ran out.
+        let mut cx = Context::from_waker(Waker::noop());
+        let write = tokio::task::coop::unconstrained(std::future::poll_fn(|cx| {
+            Poll::Ready(state.write_frames(cx, &[frame.as_bytes()]))
+        }));
+        let written = std::pin::pin!(write).poll(&mut cx);
+        match written {
+            Poll::Ready(Ok(())) if state.owes() => Direct::Owed,
+            Poll::Ready(Ok(())) => Direct::Written,
+            // The connection failed: the session finds out on its side.
+            Poll::Ready(Err(_)) | Poll::Pending => {
+                state.direct = false;
+                Direct::No
+            }
+        }
+    }
+
+    /// The session's write: what is owed, then up to [`MAX_BATCH`] frames
+    /// at a time from `next` (called under the lock, so that a delivering
+    /// task cannot write between the frames it takes), until `next` has
+    /// none. `Pending` while the socket takes no more.
+    pub(crate) fn poll_frames(
+        &self,
+        cx: &mut Context<'_>,
+        next: &mut impl FnMut() -> Option<Frame>,
+    ) -> Poll<io::Result<()>> {
+        let mut state = self.lock();
+        // `None`s: an empty `Frame` is dropped through a function call.
+        const NONE: Option<Frame> = None;
+        let mut batch = [NONE; MAX_BATCH];
+        loop {
+            ready!(state.poll_owed(cx))?;
+            let mut taken = 0;
+            while taken < MAX_BATCH
+                && let Some(frame) = next()
+            {
+                batch[taken] = Some(frame);
+                taken += 1;
+            }
+            if taken == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            let mut payloads: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+            for (payload, frame) in payloads.iter_mut().zip(&batch[..taken]) {
+                *payload = frame.as_ref().map_or(&[], |f| f.as_bytes());
+            }
+            state.write_frames(cx, &payloads[..taken])?;
+            batch[..taken].iter_mut().for_each(|f| *f = None);
+        }
+    }
+
+    /// tungstenite's read.
+    pub(crate) fn poll_read(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut state = self.lock();
+        match state.io() {
+            Ok(io) => io.poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    /// tungstenite's write: every byte is accepted (what the socket does
+    /// not take is owed), so tungstenite never holds bytes of its own.
+    pub(crate) fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let mut state = self.lock();
+        if state.owes() {
+            state.owe(buf);
+            // Progress if the socket takes some; `cx` is woken otherwise.
+            if let Poll::Ready(Err(e)) = state.poll_owed(cx) {
+                return Poll::Ready(Err(e));
+            }
+        } else {
+            match state.io()?.poll_write(cx, buf) {
+                Poll::Ready(Ok(n)) => state.owe(&buf[n..]),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => state.owe(buf),
+            }
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    /// tungstenite's flush: done once nothing is owed.
+    pub(crate) fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut state = self.lock();
+        ready!(state.poll_owed(cx))?;
+        state.io()?.poll_flush(cx)
+    }
+
+    /// tungstenite's shutdown, after what is owed.
+    pub(crate) fn poll_shutdown(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut state = self.lock();
+        ready!(state.poll_owed(cx))?;
+        state.io()?.poll_shutdown(cx)
+    }
+}
+
+/// The socket as tungstenite sees it: reads and writes through the
+/// [`Wire`] of `W`.
+pub(crate) struct WireIo<W>(pub(crate) W);
+
+impl<W> AsyncRead for WireIo<W>
+where
+    W: std::ops::Deref + Unpin,
+    W::Target: AsRef<Wire>,
+{
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        (*self.0).as_ref().poll_read(cx, buf)
+    }
+}
+
+impl<W> AsyncWrite for WireIo<W>
+where
+    W: std::ops::Deref + Unpin,
+    W::Target: AsRef<Wire>,
+{
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        (*self.0).as_ref().poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        (*self.0).as_ref().poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        (*self.0).as_ref().poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (server, client)
+    }
+
+    /// Reads `n` text frames as the server writes them (not masked).
+    async fn read_frames(client: &mut TcpStream, n: usize) -> Vec<String> {
+        let mut frames = Vec::new();
+        for _ in 0..n {
+            let mut head = [0u8; 2];
+            client.read_exact(&mut head).await.unwrap();
+            assert_eq!(head[0], 0x81, "a final text frame");
+            let len = match head[1] {
+                126 => {
+                    let mut len = [0u8; 2];
+                    client.read_exact(&mut len).await.unwrap();
+                    u16::from_be_bytes(len) as usize
+                }
+                127 => {
+                    let mut len = [0u8; 8];
+                    client.read_exact(&mut len).await.unwrap();
+                    u64::from_be_bytes(len) as usize
+                }
+                len => len as usize,
+            };
+            let mut payload = vec![0; len];
+            client.read_exact(&mut payload).await.unwrap();
+            frames.push(String::from_utf8(payload).unwrap());
+        }
+        frames
+    }
+
+    #[test]
+    fn text_headers_use_the_shortest_length() {
+        let mut out = [0u8; 10];
+        assert_eq!(text_header(5, &mut out), 2);
+        assert_eq!(out[..2], [0x81, 5]);
+        assert_eq!(text_header(126, &mut out), 4);
+        assert_eq!(out[..4], [0x81, 126, 0, 126]);
+        assert_eq!(text_header(70_000, &mut out), 10);
+        assert_eq!(out[..10], [0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+    }
+
+    /// A delivery writes to an idle socket itself, once the session
+    /// allows it, and only when nothing is queued before it.
+    #[tokio::test]
+    async fn a_frame_for_an_idle_socket_is_written_by_its_deliverer() {
+        let (server, mut client) = pair().await;
+        let wire = Wire::default();
+        let frame = Frame::from("hello");
+        assert_eq!(wire.try_deliver(&frame, || true), Direct::No, "no socket");
+        wire.install(server);
+        assert_eq!(wire.try_deliver(&frame, || true), Direct::No, "not allowed");
+        wire.set_direct(true);
+        assert_eq!(wire.try_deliver(&frame, || false), Direct::No, "queued");
+        let held = wire.lock();
+        assert_eq!(wire.try_deliver(&frame, || true), Direct::No, "locked");
+        drop(held);
+        assert_eq!(wire.try_deliver(&frame, || true), Direct::Written);
+        assert_eq!(read_frames(&mut client, 1).await, ["hello"]);
+    }
+
+    /// What a socket does not take is owed: deliveries stop writing, and
+    /// the session's write sends it before the frames it takes; the client
+    /// reads every frame whole, once and in order.
+    #[tokio::test]
+    async fn what_the_socket_does_not_take_is_written_first() {
+        let (server, mut client) = pair().await;
+        let wire = Wire::default();
+        wire.install(server);
+        wire.set_direct(true);
+        let big = "x".repeat(100_000);
+        let mut sent = Vec::new();
+        for i in 0..1_000 {
+            let text = format!("{i}{big}");
+            let direct = wire.try_deliver(&Frame::from(text.clone()), || true);
+            assert_ne!(direct, Direct::No, "frame {i}");
+            sent.push(text);
+            if direct == Direct::Owed {
+                break;
+            }
+        }
+        assert!(wire.owes(), "the socket filled up");
+        let late = Frame::from("late");
+        assert_eq!(wire.try_deliver(&late, || true), Direct::No);
+        sent.push("next".into());
+        let n = sent.len();
+        let reader = tokio::spawn(async move { read_frames(&mut client, n).await });
+        let mut queued = vec![Frame::from("next")].into_iter();
+        std::future::poll_fn(|cx| wire.poll_frames(cx, &mut || queued.next()))
+            .await
+            .unwrap();
+        assert_eq!(reader.await.unwrap(), sent);
+        assert!(!wire.owes());
+    }
+}
