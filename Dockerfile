@@ -3,6 +3,14 @@
 # non-root image. Build: docker build -t wshub .
 
 FROM rust:1.95-slim-bookworm AS build
+# jemalloc, the binary's allocator, is built from C by its crate's build
+# script: the image has gcc, and its configure step needs make (the
+# release's own make, not pinned: a pinned Debian version breaks the build
+# when the archive moves on).
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends make \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Dependencies first, with stub sources: this layer is rebuilt only when
 # Cargo.toml or Cargo.lock change.

@@ -113,6 +113,11 @@ enum Command {
         /// Connects in flight at once.
         #[arg(long, default_value_t = 256)]
         concurrency: usize,
+        /// Also reads the servers' RSS this many seconds after the first
+        /// reading (2 s after the last connect), sockets still open: does
+        /// the allocator return the connect burst's free memory later?
+        #[arg(long, default_value_t = 0)]
+        hold_seconds: u64,
     },
     /// The loopback write floor, measured in a child process.
     Floor {
@@ -214,7 +219,8 @@ async fn main() -> Result<()> {
             target,
             connections,
             concurrency,
-        } => idle(target, connections, concurrency).await?,
+            hold_seconds,
+        } => idle(target, connections, concurrency, hold_seconds).await?,
         Command::Floor {
             sockets,
             rate,
@@ -948,7 +954,12 @@ async fn publish(target: Target, messages: usize, rate: f64) -> Result<serde_jso
     }))
 }
 
-async fn idle(target: Target, connections: usize, concurrency: usize) -> Result<serde_json::Value> {
+async fn idle(
+    target: Target,
+    connections: usize,
+    concurrency: usize,
+    hold_seconds: u64,
+) -> Result<serde_json::Value> {
     let rss0: u64 = target
         .server_pids
         .iter()
@@ -991,7 +1002,7 @@ async fn idle(target: Target, connections: usize, concurrency: usize) -> Result<
         .map(|&p| rss_bytes(p))
         .sum::<Result<u64>>()?;
     let open = held.len();
-    Ok(json!({
+    let mut report = json!({
         "scenario": "idle",
         "proto": format!("{:?}", target.proto).to_lowercase(),
         "nodes": target.nodes.len(),
@@ -1006,7 +1017,20 @@ async fn idle(target: Target, connections: usize, concurrency: usize) -> Result<
         "server_rss_bytes_before": rss0,
         "server_rss_bytes_after": rss1,
         "rss_bytes_per_connection": (rss1.saturating_sub(rss0)) as f64 / open.max(1) as f64,
-    }))
+    });
+    if hold_seconds > 0 {
+        tokio::time::sleep(Duration::from_secs(hold_seconds)).await;
+        let rss2: u64 = target
+            .server_pids
+            .iter()
+            .map(|&p| rss_bytes(p))
+            .sum::<Result<u64>>()?;
+        report["hold_seconds"] = json!(hold_seconds);
+        report["server_rss_bytes_held"] = json!(rss2);
+        report["rss_bytes_per_connection_held"] =
+            json!((rss2.saturating_sub(rss0)) as f64 / open.max(1) as f64);
+    }
+    Ok(report)
 }
 
 /// The floor: a child process writes pre-encoded frames to `sockets`
