@@ -784,6 +784,56 @@ async fn publish(http: &HttpState, request: Request) -> Result<(), Refused> {
 mod tests {
     use super::*;
 
+    /// Whether a request with these headers (and a key, version 13) is an
+    /// upgrade; `on_upgrade` stands in for hyper's.
+    fn upgrades(method: Method, headers: &[(&str, &str)]) -> bool {
+        let mut request = axum::http::Request::builder()
+            .method(method)
+            .uri("/ws")
+            .header(header::SEC_WEBSOCKET_KEY, "dGhlIHNhbXBsZSBub25jZQ==")
+            .header(header::SEC_WEBSOCKET_VERSION, "13");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let mut request = request.body(()).unwrap();
+        let on_upgrade = hyper::upgrade::on(&mut request);
+        let (mut parts, ()) = request.into_parts();
+        parts.extensions.insert(on_upgrade);
+        Upgrade::from_parts(&mut parts).is_some()
+    }
+
+    /// The upgrade's `Connection` and `Upgrade` headers are token lists
+    /// (RFC 9110), read over every line and in any letter case; README's
+    /// endpoint table says so.
+    #[test]
+    fn an_upgrade_is_read_from_token_lists() {
+        for ok in [
+            &[("connection", "Upgrade"), ("upgrade", "websocket")][..],
+            &[
+                ("connection", "keep-alive, upgrade"),
+                ("upgrade", "WebSocket"),
+            ],
+            &[
+                ("connection", "keep-alive"),
+                ("connection", "Upgrade"),
+                ("upgrade", "websocket"),
+            ],
+            &[("connection", "upgrade"), ("upgrade", "h2c, websocket")],
+        ] {
+            assert!(upgrades(Method::GET, ok), "{ok:?}");
+        }
+        for no in [
+            &[("upgrade", "websocket")][..],
+            &[("connection", "upgraded"), ("upgrade", "websocket")],
+            &[("connection", "upgrade"), ("upgrade", "websockets")],
+            &[("connection", "upgrade")],
+        ] {
+            assert!(!upgrades(Method::GET, no), "{no:?}");
+        }
+        let good = [("connection", "upgrade"), ("upgrade", "websocket")];
+        assert!(!upgrades(Method::POST, &good), "not a GET");
+    }
+
     #[test]
     fn only_loopback_and_trusted_networks_may_broadcast() {
         for ok in [

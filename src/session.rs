@@ -96,7 +96,7 @@ pub(crate) fn run(
     tracked: TaskTrackerToken,
 ) -> impl Future<Output = ()> + Send + 'static {
     let conn = registration.conn.clone();
-    conn.wire().install(io);
+    conn.wire().install(io, config.write_buffer_size);
     // Without a handshake, the stream is made in its first poll.
     let socket =
         WebSocketStream::from_raw_socket(WireIo(conn), Role::Server, Some(config)).now_or_never();

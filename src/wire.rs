@@ -69,6 +69,7 @@ impl<T> Default for Wire<T> {
                 owed: Vec::new(),
                 sent: 0,
                 direct: false,
+                gather: usize::MAX,
             }),
         }
     }
@@ -88,6 +89,11 @@ struct State<T> {
     sent: usize,
     /// Whether a delivering task may write (see [`Wire::set_direct`]).
     direct: bool,
+    /// The session's batch ends once it holds this many bytes
+    /// (`ws.write_buffer_bytes`), or [`MAX_BATCH`] frames: what one write
+    /// gathers, and about the most a batch can leave owed beyond the
+    /// outbox's bound.
+    gather: usize,
 }
 
 /// What [`Wire::try_deliver`] did.
@@ -203,9 +209,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Wire<T> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Hands the upgraded connection over.
-    pub(crate) fn install(&self, io: T) {
-        self.lock().io = Some(io);
+    /// Hands the upgraded connection over; the session's batches gather
+    /// up to `gather` bytes (at least one frame each).
+    pub(crate) fn install(&self, io: T, gather: usize) {
+        let mut state = self.lock();
+        state.io = Some(io);
+        state.gather = gather;
     }
 
     /// Drops the upgraded connection (which closes it), once the session
@@ -277,10 +286,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Wire<T> {
         let mut batch = [NONE; MAX_BATCH];
         loop {
             ready!(state.poll_owed(cx))?;
-            let mut taken = 0;
+            let (mut taken, mut bytes) = (0, 0);
             while taken < MAX_BATCH
+                && bytes < state.gather
                 && let Some(frame) = next()
             {
+                bytes += frame.len();
                 batch[taken] = Some(frame);
                 taken += 1;
             }
@@ -445,7 +456,7 @@ mod tests {
         let wire = Wire::default();
         let frame = Frame::from("hello");
         assert_eq!(wire.try_deliver(&frame, || true), Direct::No, "no socket");
-        wire.install(server);
+        wire.install(server, usize::MAX);
         assert_eq!(wire.try_deliver(&frame, || true), Direct::No, "not allowed");
         wire.set_direct(true);
         assert_eq!(wire.try_deliver(&frame, || false), Direct::No, "queued");
@@ -456,6 +467,75 @@ mod tests {
         assert_eq!(read_frames(&mut client, 1).await, ["hello"]);
     }
 
+    /// A socket that takes every write whole and records each one's size.
+    struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<usize>>>);
+
+    impl AsyncRead for Recorder {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.0.lock().unwrap().push(buf.len());
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let n = bufs.iter().map(|b| b.len()).sum();
+            self.0.lock().unwrap().push(n);
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A session's write gathers queued frames up to `ws.write_buffer_bytes`
+    /// per write (at least one frame), not only up to [`MAX_BATCH`]
+    /// frames: what a batch can leave owed stays about that size.
+    #[test]
+    fn a_batch_gathers_up_to_the_write_buffer_size() {
+        let writes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let wire = Wire::default();
+        wire.install(Recorder(writes.clone()), 100);
+        let mut queued = (0..10).map(|_| Frame::from("x".repeat(40)));
+        let mut cx = Context::from_waker(Waker::noop());
+        let done = wire.poll_frames(&mut cx, &mut || queued.next());
+        assert!(matches!(done, Poll::Ready(Ok(()))));
+        // 42 bytes a frame (2 of header): three frames reach 100 bytes.
+        assert_eq!(*writes.lock().unwrap(), [126, 126, 126, 42]);
+
+        // One frame larger than the size is written on its own.
+        writes.lock().unwrap().clear();
+        let mut queued = [Frame::from("y".repeat(300)), Frame::from("z")].into_iter();
+        let done = wire.poll_frames(&mut cx, &mut || queued.next());
+        assert!(matches!(done, Poll::Ready(Ok(()))));
+        assert_eq!(*writes.lock().unwrap(), [304, 3]);
+    }
+
     /// What a socket does not take is owed: deliveries stop writing, and
     /// the session's write sends it before the frames it takes; the client
     /// reads every frame whole, once and in order.
@@ -463,7 +543,7 @@ mod tests {
     async fn what_the_socket_does_not_take_is_written_first() {
         let (server, mut client) = pair().await;
         let wire = Wire::default();
-        wire.install(server);
+        wire.install(server, usize::MAX);
         wire.set_direct(true);
         let big = "x".repeat(100_000);
         let mut sent = Vec::new();
