@@ -1,6 +1,7 @@
 //! One connection as the node sees it: who it is, its outbound queue, and
 //! the [`Closer`] that ends its session once, for one reason.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use futures_util::task::AtomicWaker;
@@ -12,7 +13,7 @@ use crate::outbox::{Full, Outbox, Queued, wait_on};
 use crate::outcome::CloseReason;
 use crate::position::Mark;
 use crate::route::{Addressee, Identity, Relay};
-use crate::wire::{Direct, Wire};
+use crate::wire::{Direct, Flushed, Wire};
 
 /// A connection's id, unique on this node.
 pub(crate) type ConnId = u64;
@@ -34,6 +35,10 @@ pub struct Conn {
     outbox: Outbox,
     /// The socket's write side, shared with the tasks that deliver to it.
     wire: Wire,
+    /// A delivery lane has this connection on its list
+    /// ([`crate::lane`]): at most once, so a lane's list is bounded by
+    /// its connections.
+    on_lane: AtomicBool,
     pub closer: Closer,
 }
 
@@ -87,6 +92,7 @@ impl Conn {
             speaks_resume,
             outbox: Outbox::new(queue_bytes),
             wire: Wire::default(),
+            on_lane: AtomicBool::new(false),
             closer: Closer::default(),
         });
         let rx = OutboxReceiver { conn: conn.clone() };
@@ -133,6 +139,44 @@ impl Conn {
             Err(Full) => Offered::Full {
                 closed_now: self.closer.close(CloseReason::SlowConsumer),
             },
+        }
+    }
+
+    /// Queues a copy of a message (no mark: history off) for a delivery
+    /// lane to write, without waking the session. `Queued { visit: true }`
+    /// when the lane must be handed this connection (it was not on the
+    /// lane's list already); then the lane writes the frame, or wakes the
+    /// session for it ([`visit`](Self::visit)).
+    pub(crate) fn offer_to_lane(&self, frame: &Frame) -> LaneOffer {
+        match self.outbox.push_quiet(frame.clone(), None) {
+            // AcqRel: the lane that takes the flag back sees the frame.
+            Ok(()) => LaneOffer::Queued {
+                visit: !self.on_lane.swap(true, Ordering::AcqRel),
+            },
+            Err(Full) => LaneOffer::Full {
+                closed_now: self.closer.close(CloseReason::SlowConsumer),
+            },
+        }
+    }
+
+    /// A lane's visit: writes what is queued when the socket takes it at
+    /// once, and wakes the session for whatever is left. With
+    /// `write: false` (the lane has stopped), only wakes the session.
+    pub(crate) fn visit(&self, write: bool) {
+        // Off the list first: a frame queued from now on hands the
+        // connection to the lane again (at worst a visit that finds
+        // nothing), never to no one.
+        self.on_lane.swap(false, Ordering::AcqRel);
+        let left = if write {
+            // Frames are taken under the wire's lock, as the session takes
+            // them, so the two never reorder a socket's frames.
+            self.wire
+                .try_flush(&mut || self.outbox.pop().map(|queued| queued.frame))
+        } else {
+            Flushed::Session
+        };
+        if left == Flushed::Session {
+            self.outbox.wake();
         }
     }
 
@@ -188,6 +232,14 @@ pub(crate) enum Offered {
     Full {
         closed_now: bool,
     },
+}
+
+/// What [`Conn::offer_to_lane`] did.
+pub(crate) enum LaneOffer {
+    /// Queued; `visit` when the lane must be handed the connection.
+    Queued { visit: bool },
+    /// As [`Offered::Full`].
+    Full { closed_now: bool },
 }
 
 /// The session's end of a connection's outbound queue.

@@ -24,8 +24,9 @@ use std::sync::{Arc, RwLock};
 
 use crate::bus::Deliver;
 use crate::bus::wire::Order;
-use crate::conn::{Conn, ConnId, Offered, SlowCause};
+use crate::conn::{Conn, ConnId, LaneOffer, Offered, SlowCause};
 use crate::envelope::Envelope;
+use crate::lane::{HAND_EVERY, Lanes};
 use crate::metrics::Metrics;
 use crate::outcome::CloseReason;
 use crate::resume::{Mark, gap_frame};
@@ -143,9 +144,10 @@ impl Index {
 
 /// Deliveries to at most this many of this node's sockets may be written
 /// to idle sockets by the delivering task ([`crate::wire`]); larger ones
-/// are queued for the sessions, which run on every worker and batch what
-/// piles up (docs/architecture.md, "The delivery path": one task writing
-/// thousands of sockets one frame per system call fell behind).
+/// are queued and handed to the delivery lanes ([`crate::lane`]), one per
+/// worker, which write them (docs/architecture.md, "The delivery path":
+/// one task writing thousands of sockets one frame per system call fell
+/// behind).
 const DIRECT_MAX: usize = 64;
 
 /// This node's connections.
@@ -158,13 +160,23 @@ const DIRECT_MAX: usize = 64;
 pub(crate) struct Hub {
     index: RwLock<Index>,
     metrics: Arc<Metrics>,
+    lanes: Lanes,
 }
 
 impl Hub {
+    /// A hub without delivery lanes: every delivery to more than
+    /// [`DIRECT_MAX`] sockets wakes their sessions.
+    #[cfg(test)]
     pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
+        Self::with_lanes(metrics, Lanes::default())
+    }
+
+    /// A hub whose big deliveries are written by `lanes`.
+    pub(crate) fn with_lanes(metrics: Arc<Metrics>, lanes: Lanes) -> Self {
         Self {
             index: RwLock::default(),
             metrics,
+            lanes,
         }
     }
 
@@ -289,15 +301,45 @@ impl Hub {
             Topic::Connection(_) => 1,
         };
         let direct = members <= DIRECT_MAX;
+        // A big delivery without marks (history off) goes to the lanes: the
+        // sockets each lane is handed, collected here per lane.
+        let lanes = !direct && mark.is_none() && self.lanes.len() > 0;
+        let mut handed: Vec<Vec<Arc<Conn>>> = if lanes {
+            (0..self.lanes.len()).map(|_| Vec::new()).collect()
+        } else {
+            Vec::new()
+        };
         let mut offer = |conn: &Arc<Conn>| {
-            if wanted(conn) {
-                match conn.try_offer(frame(conn), mark, direct) {
-                    Offered::Queued => delivered += 1,
-                    Offered::Full { closed_now } => {
-                        dropped += 1;
-                        if closed_now {
-                            closed.push(conn.clone());
+            if !wanted(conn) {
+                return;
+            }
+            let full = if lanes {
+                match conn.offer_to_lane(frame(conn)) {
+                    LaneOffer::Queued { visit } => {
+                        if visit {
+                            let lane = self.lanes.of(conn.id);
+                            let list = &mut handed[lane];
+                            list.push(conn.clone());
+                            if list.len() == HAND_EVERY {
+                                self.lanes.hand(lane, list);
+                            }
                         }
+                        None
+                    }
+                    LaneOffer::Full { closed_now } => Some(closed_now),
+                }
+            } else {
+                match conn.try_offer(frame(conn), mark, direct) {
+                    Offered::Queued => None,
+                    Offered::Full { closed_now } => Some(closed_now),
+                }
+            };
+            match full {
+                None => delivered += 1,
+                Some(closed_now) => {
+                    dropped += 1;
+                    if closed_now {
+                        closed.push(conn.clone());
                     }
                 }
             }
@@ -319,6 +361,9 @@ impl Hub {
             Topic::Connection(c) => index.connection(c).into_iter().for_each(&mut offer),
         }
         drop(index);
+        for (lane, list) in handed.iter_mut().enumerate() {
+            self.lanes.hand(lane, list);
+        }
         for conn in closed {
             conn.log_slow_consumer(SlowCause::QueueFull);
         }

@@ -54,7 +54,8 @@
 //!   `conn`: one socket's handle and the `Closer` that ends its session
 //!   once; `outbox`: its outbound queue, bounded in bytes; `wire`: its
 //!   socket's write side, which a delivering task writes an idle socket's
-//!   frame to itself.
+//!   frame to itself; `lane`: the delivery lanes, one task per worker,
+//!   that write a big fanout's queued frames without waking the sessions.
 //! - `backend` (internal): with `backend.url`, non-`broadcast` client
 //!   messages (and connect/disconnect events) go to the application over
 //!   HTTP, in order per socket.
@@ -95,6 +96,7 @@ pub mod envelope;
 pub mod history;
 pub mod http;
 pub(crate) mod hub;
+pub(crate) mod lane;
 pub mod logging;
 pub mod message;
 pub mod metrics;

@@ -242,7 +242,8 @@ impl Node {
         make_bus: MakeBus,
     ) -> Result<Arc<Self>, StartError> {
         let shutdown = Shutdown::new();
-        let hub = Arc::new(Hub::new(metrics.clone()));
+        let lanes = crate::lane::Lanes::per_worker(&shutdown.child());
+        let hub = Arc::new(Hub::with_lanes(metrics.clone(), lanes));
         let bus = make_bus(hub.clone(), shutdown.child())?;
         // Every node hears messages for everyone, for as long as it lives.
         drop(bus.subscribe(&Topic::All));

@@ -81,6 +81,14 @@ impl Outbox {
     /// when it would take the queue past its budget. The mark is not
     /// counted apart: [`FRAME_OVERHEAD`] covers it (its epoch is shared).
     pub(crate) fn push(&self, frame: Frame, mark: Option<Mark>) -> Result<(), Full> {
+        self.push_quiet(frame, mark)?;
+        self.ready.wake();
+        Ok(())
+    }
+
+    /// [`push`](Self::push) without waking the reader: for a frame that a
+    /// delivery lane ([`crate::lane`]) will write, or wake the reader for.
+    pub(crate) fn push_quiet(&self, frame: Frame, mark: Option<Mark>) -> Result<(), Full> {
         let cost = frame.len() + FRAME_OVERHEAD;
         let mut queue = self.lock();
         if queue.bytes + cost > self.budget {
@@ -88,8 +96,6 @@ impl Outbox {
         }
         queue.bytes += cost;
         queue.frames.push_back(Queued { frame, mark });
-        drop(queue);
-        self.ready.wake();
         Ok(())
     }
 

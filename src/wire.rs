@@ -4,7 +4,7 @@
 //! The socket (the upgraded connection) lives behind a `std::sync::Mutex`
 //! with the bytes **owed** to it: bytes that were accepted for the socket
 //! but that it has not taken yet, always the next to go, before any other
-//! frame. Three kinds of writer share it:
+//! frame. Four kinds of writer share it:
 //!
 //! - a **delivering task** ([`Wire::try_deliver`]) writes a frame to an
 //!   idle socket itself, only when the lock is free (`try_lock`, never a
@@ -18,6 +18,10 @@
 //!   batches of queued frames, waiting for the socket with its own waker
 //!   (so the write timeout and the close race apply to what the
 //!   delivering task could not write);
+//! - a **delivery lane** ([`Wire::try_flush`], [`crate::lane`]) writes a
+//!   socket's queued frames for a big delivery, as the session would, but
+//!   only when the lock is free and deliveries may write, and never
+//!   waiting: what is left, it leaves to the session, which it wakes;
 //! - **tungstenite** (pings, pongs, close frames) writes through
 //!   [`Wire::poll_write`], which accepts every byte at once (what the
 //!   socket does not take is owed): tungstenite's own buffer is then
@@ -94,6 +98,15 @@ struct State<T> {
     /// gathers, and about the most a batch can leave owed beyond the
     /// outbox's bound.
     gather: usize,
+}
+
+/// What [`Wire::try_flush`] left.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Flushed {
+    /// Everything was written: nothing owed, `next` had no more.
+    Done,
+    /// Something is left for the session, which must be woken.
+    Session,
 }
 
 /// What [`Wire::try_deliver`] did.
@@ -203,6 +216,42 @@ impl<T: AsyncRead + AsyncWrite + Unpin> State<T> {
     }
 }
 
+impl<T: AsyncRead + AsyncWrite + Unpin> State<T> {
+    /// What is owed, then up to [`MAX_BATCH`] frames (or `gather` bytes)
+    /// at a time from `next`, each batch in one vectored write, until
+    /// `next` has none; `Pending` while the socket takes no more.
+    fn poll_batches(
+        &mut self,
+        cx: &mut Context<'_>,
+        next: &mut impl FnMut() -> Option<Frame>,
+    ) -> Poll<io::Result<()>> {
+        // `None`s: an empty `Frame` is dropped through a function call.
+        const NONE: Option<Frame> = None;
+        let mut batch = [NONE; MAX_BATCH];
+        loop {
+            ready!(self.poll_owed(cx))?;
+            let (mut taken, mut bytes) = (0, 0);
+            while taken < MAX_BATCH
+                && bytes < self.gather
+                && let Some(frame) = next()
+            {
+                bytes += frame.len();
+                batch[taken] = Some(frame);
+                taken += 1;
+            }
+            if taken == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            let mut payloads: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+            for (payload, frame) in payloads.iter_mut().zip(&batch[..taken]) {
+                *payload = frame.as_ref().map_or(&[], |f| f.as_bytes());
+            }
+            self.write_frames(cx, &payloads[..taken])?;
+            batch[..taken].iter_mut().for_each(|f| *f = None);
+        }
+    }
+}
+
 impl<T: AsyncRead + AsyncWrite + Unpin> Wire<T> {
     fn lock(&self) -> MutexGuard<'_, State<T>> {
         // Every critical section leaves the state whole: ignore poisoning.
@@ -280,30 +329,38 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Wire<T> {
         cx: &mut Context<'_>,
         next: &mut impl FnMut() -> Option<Frame>,
     ) -> Poll<io::Result<()>> {
-        let mut state = self.lock();
-        // `None`s: an empty `Frame` is dropped through a function call.
-        const NONE: Option<Frame> = None;
-        let mut batch = [NONE; MAX_BATCH];
-        loop {
-            ready!(state.poll_owed(cx))?;
-            let (mut taken, mut bytes) = (0, 0);
-            while taken < MAX_BATCH
-                && bytes < state.gather
-                && let Some(frame) = next()
-            {
-                bytes += frame.len();
-                batch[taken] = Some(frame);
-                taken += 1;
+        self.lock().poll_batches(cx, next)
+    }
+
+    /// A delivery lane's write ([`crate::lane`]): what is owed, then the
+    /// frames `next` gives, as [`poll_frames`](Self::poll_frames) writes
+    /// them, but only when the lock is free and deliveries may write
+    /// ([`set_direct`](Self::set_direct)), and never waiting for the
+    /// socket. [`Flushed::Session`] when anything is left for the session
+    /// (frames not taken, bytes owed, or the socket not the lane's to
+    /// write): the caller wakes it.
+    pub(crate) fn try_flush(&self, next: &mut impl FnMut() -> Option<Frame>) -> Flushed {
+        let mut state = match self.state.try_lock() {
+            Ok(state) => state,
+            Err(TryLockError::WouldBlock | TryLockError::Poisoned(_)) => return Flushed::Session,
+        };
+        if !state.direct || state.io.is_none() {
+            return Flushed::Session;
+        }
+        // As in `try_deliver`: a no-op waker (the session waits for the
+        // socket, not the lane), outside tokio's cooperative budget.
+        let mut cx = Context::from_waker(Waker::noop());
+        let write = tokio::task::coop::unconstrained(std::future::poll_fn(|cx| {
+            state.poll_batches(cx, next)
+        }));
+        match std::pin::pin!(write).poll(&mut cx) {
+            Poll::Ready(Ok(())) => Flushed::Done,
+            Poll::Ready(Err(_)) => {
+                // The session finds the failure on its own write or read.
+                state.direct = false;
+                Flushed::Session
             }
-            if taken == 0 {
-                return Poll::Ready(Ok(()));
-            }
-            let mut payloads: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
-            for (payload, frame) in payloads.iter_mut().zip(&batch[..taken]) {
-                *payload = frame.as_ref().map_or(&[], |f| f.as_bytes());
-            }
-            state.write_frames(cx, &payloads[..taken])?;
-            batch[..taken].iter_mut().for_each(|f| *f = None);
+            Poll::Pending => Flushed::Session,
         }
     }
 
@@ -568,5 +625,48 @@ mod tests {
             .unwrap();
         assert_eq!(reader.await.unwrap(), sent);
         assert!(!wire.owes());
+    }
+
+    /// A lane writes a socket's queued frames only when the session
+    /// allows deliveries to write and the lock is free, and leaves the
+    /// rest to the session (`Flushed::Session`) when the socket stops
+    /// taking them: the frames it took are owed, none is lost or
+    /// reordered.
+    #[tokio::test]
+    async fn a_lane_writes_what_the_socket_takes_and_leaves_the_rest() {
+        let (server, mut client) = pair().await;
+        let wire = Wire::default();
+        let mut queued: std::collections::VecDeque<Frame> =
+            ["a", "b"].into_iter().map(Frame::from).collect();
+        let mut next = || queued.pop_front();
+        assert_eq!(wire.try_flush(&mut next), Flushed::Session, "no socket");
+        wire.install(server, usize::MAX);
+        assert_eq!(wire.try_flush(&mut next), Flushed::Session, "not allowed");
+        wire.set_direct(true);
+        let held = wire.lock();
+        assert_eq!(wire.try_flush(&mut next), Flushed::Session, "locked");
+        drop(held);
+        assert_eq!(queued.len(), 2, "nothing taken while it was not the lane's");
+        let mut next = || queued.pop_front();
+        assert_eq!(wire.try_flush(&mut next), Flushed::Done);
+        assert_eq!(read_frames(&mut client, 2).await, ["a", "b"]);
+
+        // A backlog the socket does not take at once.
+        let big = "x".repeat(100_000);
+        let mut sent: Vec<String> = (0..200).map(|i| format!("{i}{big}")).collect();
+        let mut queued: std::collections::VecDeque<Frame> =
+            sent.iter().cloned().map(Frame::from).collect();
+        assert_eq!(wire.try_flush(&mut || queued.pop_front()), Flushed::Session);
+        assert!(wire.owes(), "the socket filled up");
+        assert!(!queued.is_empty(), "the lane stopped taking frames");
+        sent.push("last".into());
+        queued.push_back(Frame::from("last"));
+        let n = sent.len();
+        let reader = tokio::spawn(async move { read_frames(&mut client, n).await });
+        // The session writes the rest, what is owed first.
+        std::future::poll_fn(|cx| wire.poll_frames(cx, &mut || queued.pop_front()))
+            .await
+            .unwrap();
+        assert_eq!(reader.await.unwrap(), sent);
     }
 }

@@ -644,11 +644,16 @@ async fn a_write_the_peer_never_takes_ends_at_the_write_deadline() {
 /// tens of megabytes, and a test that stops reading would never block the
 /// node's writes.
 async fn small_buffer_client(server: &TestServer, user: &str) -> Client {
+    small_buffer_client_at(server, &format!("userid={user}")).await
+}
+
+/// [`small_buffer_client`] with the socket URL's `query`.
+async fn small_buffer_client_at(server: &TestServer, query: &str) -> Client {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(64 * 1024).unwrap();
     let stream = socket.connect(server.addr).await.unwrap();
     let (ws, _) = tokio_tungstenite::client_async(
-        format!("ws://{}/ws?userid={user}", server.addr),
+        format!("ws://{}/ws?{query}", server.addr),
         tokio_tungstenite::MaybeTlsStream::Plain(stream),
     )
     .await
@@ -774,6 +779,70 @@ async fn a_reader_that_pauses_gets_every_frame_once_and_in_order() {
         paused.until_sentinel(&tag).await.is_empty(),
         "more than was sent"
     );
+}
+
+/// Issue 19, delivery lanes: a group of more sockets than a delivering
+/// task writes itself (its messages queued and written by the lanes, one
+/// per worker), with messages to a user of the group and to a reader that
+/// pauses in between (small deliveries, written directly when the socket
+/// is idle): every socket gets its messages once and in the order sent,
+/// across the two paths, while one of them stops reading and resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_fanout_and_small_deliveries_keep_each_sockets_order() {
+    const MEMBERS: usize = 100; // more than DIRECT_MAX (64)
+    const N: usize = 600;
+    let mut config = test_config();
+    config.limits.outbound_queue_bytes = 64 * 1024 * 1024;
+    let server = TestServer::with(config).await;
+    let mut members = Vec::new();
+    for i in 0..MEMBERS {
+        members.push(server.connect(&format!("m{i}"), Some("big")).await);
+    }
+    let mut paused = small_buffer_client_at(&server, "userid=paused&groupid=big").await;
+    let mut tx = server.connect("tx", None).await;
+    let pad = "p".repeat(2_000);
+    // Even messages to the group, odd ones to `m7` and `paused` only.
+    let expected = |user: &str| -> Vec<usize> {
+        (0..N)
+            .filter(|i| i % 2 == 0 || user == "m7" || user == "paused")
+            .collect()
+    };
+    for i in 0..N {
+        let to = if i % 2 == 0 {
+            json!([{"type": "group", "value": "big"}])
+        } else {
+            json!([{"type": "user", "value": "m7"}, {"type": "user", "value": "paused"}])
+        };
+        tx.send_json(json!({"action": "seq", "message": format!("{i:06}{pad}"), "recipients": to}))
+            .await;
+    }
+    let seq = |text: &str| -> usize {
+        let at = text.find(r#""message":""#).expect("a message field") + 11;
+        text[at..at + 6].parse().expect("a sequence number")
+    };
+    // `paused` has not read yet: far more than its socket holds is owed
+    // to it now. Everyone else reads in turn.
+    for (i, member) in members.iter_mut().enumerate() {
+        let user = format!("m{i}");
+        let mut got = Vec::new();
+        for _ in 0..expected(&user).len() {
+            got.push(seq(&member.recv_text().await));
+        }
+        assert_eq!(got, expected(&user), "{user}: a gap, a repeat or a swap");
+    }
+    let mut got = Vec::new();
+    for _ in 0..expected("paused").len() {
+        got.push(seq(&paused.recv_text().await));
+    }
+    assert_eq!(got, expected("paused"), "paused: a gap, a repeat or a swap");
+    // Nothing more than was sent.
+    let tag = tx.send_sentinel().await;
+    for member in members.iter_mut().chain([&mut paused]) {
+        assert!(
+            member.until_sentinel(&tag).await.is_empty(),
+            "more than was sent"
+        );
+    }
 }
 
 /// Issue 11, item 10: the smallest `limits.outbound_queue_bytes` the
