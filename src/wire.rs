@@ -332,9 +332,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Wire<T> {
         self.lock().poll_batches(cx, next)
     }
 
-    /// A delivery lane's write ([`crate::lane`]): what is owed, then the
-    /// frames `next` gives, as [`poll_frames`](Self::poll_frames) writes
-    /// them, but only when the lock is free and deliveries may write
+    /// A delivery lane's write ([`crate::lane`]): the frames `next`
+    /// gives, as [`poll_frames`](Self::poll_frames) writes them, but only
+    /// when the lock is free, nothing is owed and deliveries may write
     /// ([`set_direct`](Self::set_direct)), and never waiting for the
     /// socket. [`Flushed::Session`] when anything is left for the session
     /// (frames not taken, bytes owed, or the socket not the lane's to
@@ -344,7 +344,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Wire<T> {
             Ok(state) => state,
             Err(TryLockError::WouldBlock | TryLockError::Poisoned(_)) => return Flushed::Session,
         };
-        if !state.direct || state.io.is_none() {
+        // Bytes owed: the session is waiting for the socket (or about to),
+        // with its waker registered there. The socket keeps one waker for
+        // writes, so a poll here would replace the session's with the
+        // no-op one and leave the session asleep until its write timeout
+        // (an adversarial review found healthy readers closed as slow
+        // consumers that way): the session writes what follows.
+        if !state.direct || state.io.is_none() || state.owes() {
             return Flushed::Session;
         }
         // As in `try_deliver`: a no-op waker (the session waits for the
@@ -668,5 +674,52 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(reader.await.unwrap(), sent);
+    }
+
+    /// A session waiting for a full socket is woken when the socket takes
+    /// bytes again, even if a lane visited the socket meanwhile: the lane
+    /// leaves an owing socket alone rather than polling it with its no-op
+    /// waker, which replaced the session's (the socket keeps one write
+    /// waker) and left the session asleep until its write timeout.
+    #[tokio::test]
+    async fn a_lane_does_not_take_the_waiting_sessions_wake_up() {
+        use crate::outbox::tests::CountingWaker;
+        use std::sync::atomic::Ordering;
+        let (server, mut client) = pair().await;
+        let wire = Wire::default();
+        wire.install(server, usize::MAX);
+        wire.set_direct(true);
+        // The session writes until the socket is full and waits.
+        let session = std::sync::Arc::new(CountingWaker::default());
+        let waker = Waker::from(session.clone());
+        let mut cx = Context::from_waker(&waker);
+        let big = Frame::from("x".repeat(100_000));
+        let mut sent = 0;
+        loop {
+            let mut one = Some(big.clone());
+            match wire.poll_frames(&mut cx, &mut || one.take()) {
+                Poll::Ready(Ok(())) => sent += 1,
+                Poll::Ready(Err(e)) => panic!("{e}"),
+                Poll::Pending => break,
+            }
+            assert!(sent < 1_000, "the socket never filled");
+        }
+        assert!(wire.owes());
+        // A lane visits the socket: it takes nothing and touches nothing.
+        let mut queued = Some(Frame::from("after"));
+        assert_eq!(wire.try_flush(&mut || queued.take()), Flushed::Session);
+        assert!(
+            queued.is_some(),
+            "the lane took a frame from an owing socket"
+        );
+        // The client reads: the session is woken for the rest.
+        let mut buf = vec![0u8; 1 << 20];
+        let woken = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while session.0.load(Ordering::SeqCst) == 0 {
+                let _ = client.read(&mut buf).await.unwrap();
+            }
+        })
+        .await;
+        assert!(woken.is_ok(), "the session was never woken for the socket");
     }
 }
