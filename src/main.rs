@@ -138,6 +138,12 @@ fn main() -> ExitCode {
         }
         _ => {}
     }
+    // tokio reads this variable when the runtime starts and panics on a
+    // value that is not a whole number above 0: answer it here instead.
+    if let Some(bad) = bad_worker_threads() {
+        eprintln!("wshub: TOKIO_WORKER_THREADS must be a whole number above 0, got {bad:?}");
+        return ExitCode::from(2);
+    }
     let config = match wshub::Config::load(args.config.as_deref()) {
         Ok(config) => config,
         Err(e) => {
@@ -179,6 +185,16 @@ fn main() -> ExitCode {
             tracing::error!(error = %e, "wshub stopped");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `TOKIO_WORKER_THREADS` when it is set to something tokio refuses (its
+/// worker-thread count: README, "Operating a node").
+fn bad_worker_threads() -> Option<String> {
+    let value = std::env::var_os("TOKIO_WORKER_THREADS")?;
+    match value.to_str().map(str::parse::<usize>) {
+        Some(Ok(n)) if n > 0 => None,
+        _ => Some(value.to_string_lossy().into_owned()),
     }
 }
 

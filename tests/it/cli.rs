@@ -74,6 +74,40 @@ fn healthcheck_with_a_configuration_error_exits_1() {
     assert!(err.contains("listen"), "{err}");
 }
 
+/// A worker-thread count tokio would refuse (with a panic when the
+/// runtime starts) is answered with a line naming it and exit code 2,
+/// like any configuration error; a good one starts the node.
+#[test]
+fn a_bad_worker_thread_count_is_refused_with_a_reason() {
+    for bad in ["0", "two", "-1", ""] {
+        let out = wshub()
+            .env_clear()
+            .env("WSHUB_LISTEN", "127.0.0.1:0")
+            .env("TOKIO_WORKER_THREADS", bad)
+            .output()
+            .expect("run wshub");
+        assert_eq!(out.status.code(), Some(2), "TOKIO_WORKER_THREADS={bad:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("TOKIO_WORKER_THREADS must be a whole number above 0")
+                && !err.contains("panicked"),
+            "TOKIO_WORKER_THREADS={bad:?}: {err}"
+        );
+    }
+    let out = wshub()
+        .env_clear()
+        .env("TOKIO_WORKER_THREADS", "1")
+        .env("WSHUB_LISTEN", "not an address")
+        .arg("healthcheck")
+        .output()
+        .expect("run wshub");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("TOKIO_WORKER_THREADS"),
+        "a good value was refused: {err}"
+    );
+}
+
 /// The sample backend, like wshub, writes no colour codes into a pipe
 /// (it logs to stderr; whatever it writes to stdout is checked too).
 #[test]
