@@ -119,13 +119,17 @@ impl Conn {
     /// after releasing it. `mark`: where a copy of a stamped message stands
     /// in the topic it came through.
     ///
-    /// With `direct`, a copy without a mark, for a socket whose queue is
-    /// empty, is written to the socket by the caller when it can be at
-    /// once ([`Wire::try_deliver`]); what the socket does not take is left
-    /// to the session, which is woken for it.
+    /// With `direct`, a copy for a socket whose queue is empty is written
+    /// to the socket by the caller when it can be at once
+    /// ([`Wire::try_deliver`], which checks its `mark` against the
+    /// socket's floors with history on); what the socket does not take is
+    /// left to the session, which is woken for it.
     pub(crate) fn try_offer(&self, frame: &Frame, mark: Option<&Mark>, direct: bool) -> Offered {
-        if direct && mark.is_none() && self.closer.reason().is_none() {
-            match self.wire.try_deliver(frame, || self.outbox.is_empty()) {
+        if direct && self.closer.reason().is_none() {
+            match self
+                .wire
+                .try_deliver(frame, mark, || self.outbox.is_empty())
+            {
                 Direct::Written => return Offered::Queued,
                 Direct::Owed => {
                     self.outbox.wake();
@@ -142,13 +146,13 @@ impl Conn {
         }
     }
 
-    /// Queues a copy of a message (no mark: history off) for a delivery
-    /// lane to write, without waking the session. `Queued { visit: true }`
+    /// Queues a copy of a message (with its `mark`, history on) for a
+    /// delivery lane to write, without waking the session. `Queued { visit: true }`
     /// when the lane must be handed this connection (it was not on the
     /// lane's list already); then the lane writes the frame, or wakes the
     /// session for it ([`visit`](Self::visit)).
-    pub(crate) fn offer_to_lane(&self, frame: &Frame) -> LaneOffer {
-        match self.outbox.push_quiet(frame.clone(), None) {
+    pub(crate) fn offer_to_lane(&self, frame: &Frame, mark: Option<&Mark>) -> LaneOffer {
+        match self.outbox.push_quiet(frame.clone(), mark.cloned()) {
             // AcqRel: the lane that takes the flag back sees the frame.
             Ok(()) => LaneOffer::Queued {
                 visit: !self.on_lane.swap(true, Ordering::AcqRel),
@@ -170,8 +174,7 @@ impl Conn {
         let left = if write {
             // Frames are taken under the wire's lock, as the session takes
             // them, so the two never reorder a socket's frames.
-            self.wire
-                .try_flush(&mut || self.outbox.pop().map(|queued| queued.frame))
+            self.wire.try_flush(&mut || self.outbox.pop())
         } else {
             Flushed::Session
         };

@@ -301,9 +301,9 @@ impl Hub {
             Topic::Connection(_) => 1,
         };
         let direct = members <= DIRECT_MAX;
-        // A big delivery without marks (history off) goes to the lanes: the
-        // sockets each lane is handed, collected here per lane.
-        let lanes = !direct && mark.is_none() && self.lanes.len() > 0;
+        // A big delivery goes to the lanes: the sockets each lane is
+        // handed, collected here per lane.
+        let lanes = !direct && self.lanes.len() > 0;
         let mut handed: Vec<Vec<Arc<Conn>>> = if lanes {
             (0..self.lanes.len()).map(|_| Vec::new()).collect()
         } else {
@@ -314,7 +314,7 @@ impl Hub {
                 return;
             }
             let full = if lanes {
-                match conn.offer_to_lane(frame(conn)) {
+                match conn.offer_to_lane(frame(conn), mark) {
                     LaneOffer::Queued { visit } => {
                         if visit {
                             let lane = self.lanes.of(conn.id);

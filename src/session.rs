@@ -53,11 +53,11 @@ use crate::history::Positions;
 use crate::logging::{Untrusted, UntrustedOpt};
 use crate::message::{Frame, MessageError, error_frame};
 use crate::node::{ClientError, Node, PublishError, Registration};
+use crate::outbox::Queued;
 use crate::outcome::CloseReason;
 use crate::outcome::DropReason;
-use crate::position::Mark;
 use crate::rate_limit::{RateLimit, Verdict};
-use crate::resume::{Floors, Resumer};
+use crate::resume::Resumer;
 use crate::route::Identity;
 use crate::wire::{Io, MAX_BATCH, WireIo};
 
@@ -146,8 +146,9 @@ struct Session {
     rate: Option<Box<RateLimit>>,
     /// The client sent a close frame (its echo is owed).
     client_closed: bool,
-    /// With history on: the floors and the replay. `None` with history
-    /// off, where nothing is dropped and nothing is replayed.
+    /// With history on: the replay. `None` with history off, where
+    /// nothing is replayed. (The floors that drop the copies a replay
+    /// wrote are the wire's: every writer checks them.)
     replay: Option<Box<Replay>>,
 }
 
@@ -155,18 +156,9 @@ struct Session {
 /// session without history does not carry it (issue 19).
 #[derive(Default)]
 struct Replay {
-    /// The last position written per topic; drops copies already written
-    /// (see [`crate::resume`]).
-    floors: Floors,
     /// Written before anything queued: the welcome and the replay (what
     /// is left of them when a close interrupts the writing).
     backlog: std::collections::VecDeque<Frame>,
-}
-
-/// Whether a queued copy with `mark` is written: always without history
-/// ([`Floors::admit`] otherwise).
-fn admit(replay: &mut Option<Box<Replay>>, mark: Option<&Mark>) -> bool {
-    replay.as_mut().is_none_or(|r| r.floors.admit(mark))
 }
 
 impl Session {
@@ -217,9 +209,10 @@ impl Session {
         {
             return reason;
         }
-        // Deliveries may write to the socket themselves from now on
-        // (without history: with it, every copy passes the floors).
-        self.outbound.wire().set_direct(self.replay.is_none());
+        // Deliveries may write to the socket themselves from now on (with
+        // history, they check every copy against the wire's floors, as
+        // the session does).
+        self.outbound.wire().set_direct(true);
         loop {
             // Each arm is one call; the futures borrow disjoint fields and
             // are dropped before the chosen arm's call runs.
@@ -287,8 +280,10 @@ impl Session {
         if outcome.unreadable {
             return Err(CloseReason::InternalError);
         }
+        // The floors first: the backlog has no marks, and the copies
+        // queued meanwhile are checked against them when they are taken.
+        self.outbound.wire().set_floors(outcome.floors);
         let replay = self.replay.get_or_insert_default();
-        replay.floors = outcome.floors;
         replay.backlog = outcome.frames.into();
         let limit = self.write_timeout();
         let wire = self.outbound.wire();
@@ -366,14 +361,14 @@ impl Session {
     /// frames (those the floors admit), racing the close reason.
     async fn write(&mut self) -> Result<(), CloseReason> {
         let limit = self.write_timeout();
-        let (outbound, replay) = (&self.outbound, &mut self.replay);
+        let outbound = &self.outbound;
         let mut taken = 0;
         let mut next = || {
             if taken == MAX_BATCH {
                 return None;
             }
             taken += 1;
-            next_admitted(outbound, replay)
+            outbound.try_recv()
         };
         let write = std::future::poll_fn(|cx| outbound.wire().poll_frames(cx, &mut next));
         guarded(&self.registration.conn.closer, limit, write).await
@@ -531,16 +526,6 @@ fn read_error_reason(error: tungstenite::Error) -> CloseReason {
     }
 }
 
-/// The next queued frame the floors admit, if any.
-fn next_admitted(outbound: &OutboxReceiver, replay: &mut Option<Box<Replay>>) -> Option<Frame> {
-    while let Some(queued) = outbound.try_recv() {
-        if admit(replay, queued.mark.as_ref()) {
-            return Some(queued.frame);
-        }
-    }
-    None
-}
-
 /// What a closing session still owes its client, in the order owed.
 struct Pending {
     outbound: OutboxReceiver,
@@ -549,18 +534,22 @@ struct Pending {
 }
 
 impl Pending {
-    fn next(&mut self) -> Option<Frame> {
-        self.replay
-            .as_mut()
-            .and_then(|r| r.backlog.pop_front())
-            .or_else(|| next_admitted(&self.outbound, &mut self.replay))
+    /// The rest of the replay, then the queue (whose copies the wire
+    /// checks against the floors).
+    fn next(&mut self) -> Option<Queued> {
+        let backlog = self.replay.as_mut().and_then(|r| r.backlog.pop_front());
+        match backlog {
+            Some(frame) => Some(Queued { frame, mark: None }),
+            None => self.outbound.try_recv(),
+        }
     }
 
     /// The floors, per topic (none known without history).
     fn positions(&self) -> Positions {
-        self.replay
-            .as_ref()
-            .map(|r| r.floors.positions().clone())
+        self.outbound
+            .wire()
+            .floors()
+            .map(|f| f.positions().clone())
             .unwrap_or_default()
     }
 }
@@ -642,6 +631,7 @@ mod tests {
     use crate::history::{Position, Stamp};
     use crate::hub::Hub;
     use crate::metrics::Metrics;
+    use crate::resume::Floors;
     use crate::route::{Route, Topic};
 
     /// The size of the future `f` returns, without calling it.
@@ -684,16 +674,13 @@ mod tests {
         Arc::new(Envelope::stamped(route, frame, Some(stamp)))
     }
 
+    /// What the wire writes of `rx`'s queue: the copies `floors` admit
+    /// (the check every writer makes, `wire::State::admits`).
     fn drain(rx: &mut OutboxReceiver, floors: &mut Floors) -> Vec<serde_json::Value> {
-        let mut replay = Some(Box::new(Replay {
-            floors: std::mem::take(floors),
-            backlog: Default::default(),
-        }));
-        let written = std::iter::from_fn(|| next_admitted(rx, &mut replay))
-            .map(|f| serde_json::from_str(f.as_str()).unwrap())
-            .collect();
-        *floors = replay.unwrap().floors;
-        written
+        std::iter::from_fn(|| rx.try_recv())
+            .filter(|queued| floors.admit(queued.mark.as_ref()))
+            .map(|queued| serde_json::from_str(queued.frame.as_str()).unwrap())
+            .collect()
     }
 
     /// The session's half of exactly-once on resume: the live copies the

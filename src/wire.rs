@@ -46,6 +46,9 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::message::Frame;
+use crate::outbox::Queued;
+use crate::position::Mark;
+use crate::resume::Floors;
 
 /// The upgraded connection.
 pub(crate) type Io = TokioIo<hyper::upgrade::Upgraded>;
@@ -74,6 +77,7 @@ impl<T> Default for Wire<T> {
                 sent: 0,
                 direct: false,
                 gather: usize::MAX,
+                floors: None,
             }),
         }
     }
@@ -98,6 +102,37 @@ struct State<T> {
     /// gathers, and about the most a batch can leave owed beyond the
     /// outbox's bound.
     gather: usize,
+    /// With history on: the last position written per topic
+    /// ([`Floors`]). Every writer checks a copy of a stamped message
+    /// against them, and raises them, when it takes the copy, so that a
+    /// copy the replay already wrote is dropped whoever would write it,
+    /// and the floors a drain hands over count every copy written.
+    floors: Option<Box<Floors>>,
+}
+
+/// A frame on its way to the socket: a frame (no mark), or a queued copy
+/// with the mark the floors check.
+pub(crate) trait Outgoing {
+    fn mark(&self) -> Option<&Mark>;
+    fn into_frame(self) -> Frame;
+}
+
+impl Outgoing for Frame {
+    fn mark(&self) -> Option<&Mark> {
+        None
+    }
+    fn into_frame(self) -> Frame {
+        self
+    }
+}
+
+impl Outgoing for Queued {
+    fn mark(&self) -> Option<&Mark> {
+        self.mark.as_ref()
+    }
+    fn into_frame(self) -> Frame {
+        self.frame
+    }
 }
 
 /// What [`Wire::try_flush`] left.
@@ -143,6 +178,14 @@ fn text_header(len: usize, out: &mut [u8; 10]) -> usize {
         out[1] = 127;
         out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
         10
+    }
+}
+
+impl<T> State<T> {
+    /// Whether a copy with `mark` is written (see [`Floors::admit`]);
+    /// always without history.
+    fn admits(&mut self, mark: Option<&Mark>) -> bool {
+        self.floors.as_deref_mut().is_none_or(|f| f.admit(mark))
     }
 }
 
@@ -220,10 +263,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> State<T> {
     /// What is owed, then up to [`MAX_BATCH`] frames (or `gather` bytes)
     /// at a time from `next`, each batch in one vectored write, until
     /// `next` has none; `Pending` while the socket takes no more.
-    fn poll_batches(
+    fn poll_batches<Q: Outgoing>(
         &mut self,
         cx: &mut Context<'_>,
-        next: &mut impl FnMut() -> Option<Frame>,
+        next: &mut impl FnMut() -> Option<Q>,
     ) -> Poll<io::Result<()>> {
         // `None`s: an empty `Frame` is dropped through a function call.
         const NONE: Option<Frame> = None;
@@ -233,8 +276,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> State<T> {
             let (mut taken, mut bytes) = (0, 0);
             while taken < MAX_BATCH
                 && bytes < self.gather
-                && let Some(frame) = next()
+                && let Some(item) = next()
             {
+                if !self.admits(item.mark()) {
+                    continue;
+                }
+                let frame = item.into_frame();
                 bytes += frame.len();
                 batch[taken] = Some(frame);
                 taken += 1;
@@ -274,6 +321,18 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Wire<T> {
         state.io = None;
         state.owed = Vec::new();
         state.sent = 0;
+        state.floors = None;
+    }
+
+    /// With history on: the socket's floors, from the resume decision on
+    /// (before deliveries may write, [`set_direct`](Self::set_direct)).
+    pub(crate) fn set_floors(&self, floors: Floors) {
+        self.lock().floors = Some(Box::new(floors));
+    }
+
+    /// The floors as they stand (`None` without history).
+    pub(crate) fn floors(&self) -> Option<Floors> {
+        self.lock().floors.as_deref().cloned()
     }
 
     /// Allows (or stops) writes by delivering tasks. The session allows
@@ -291,14 +350,24 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Wire<T> {
 
     /// A delivering task's write of `frame` (see the module docs): only
     /// when the lock is free, nothing is owed, writes are allowed and
-    /// `queue_empty()` (the socket's outbox, checked under the lock).
-    pub(crate) fn try_deliver(&self, frame: &Frame, queue_empty: impl FnOnce() -> bool) -> Direct {
+    /// `queue_empty()` (the socket's outbox, checked under the lock). A
+    /// copy with a `mark` the floors do not admit is dropped
+    /// ([`Direct::Written`]: it was, by the replay).
+    pub(crate) fn try_deliver(
+        &self,
+        frame: &Frame,
+        mark: Option<&Mark>,
+        queue_empty: impl FnOnce() -> bool,
+    ) -> Direct {
         let mut state = match self.state.try_lock() {
             Ok(state) => state,
             Err(TryLockError::WouldBlock | TryLockError::Poisoned(_)) => return Direct::No,
         };
         if !state.direct || state.owes() || state.io.is_none() || !queue_empty() {
             return Direct::No;
+        }
+        if !state.admits(mark) {
+            return Direct::Written;
         }
         // A no-op waker: the session is woken for what is left. Outside
         // tokio's cooperative budget, which counts a task's operations:
@@ -312,10 +381,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Wire<T> {
         match written {
             Poll::Ready(Ok(())) if state.owes() => Direct::Owed,
             Poll::Ready(Ok(())) => Direct::Written,
-            // The connection failed: the session finds out on its side.
+            // The connection failed: the session finds out on its side
+            // and ends without writing anything more (the floors count
+            // this copy, so it is not queued again).
             Poll::Ready(Err(_)) | Poll::Pending => {
                 state.direct = false;
-                Direct::No
+                Direct::Written
             }
         }
     }
@@ -324,10 +395,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Wire<T> {
     /// at a time from `next` (called under the lock, so that a delivering
     /// task cannot write between the frames it takes), until `next` has
     /// none. `Pending` while the socket takes no more.
-    pub(crate) fn poll_frames(
+    pub(crate) fn poll_frames<Q: Outgoing>(
         &self,
         cx: &mut Context<'_>,
-        next: &mut impl FnMut() -> Option<Frame>,
+        next: &mut impl FnMut() -> Option<Q>,
     ) -> Poll<io::Result<()>> {
         self.lock().poll_batches(cx, next)
     }
@@ -339,7 +410,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Wire<T> {
     /// socket. [`Flushed::Session`] when anything is left for the session
     /// (frames not taken, bytes owed, or the socket not the lane's to
     /// write): the caller wakes it.
-    pub(crate) fn try_flush(&self, next: &mut impl FnMut() -> Option<Frame>) -> Flushed {
+    pub(crate) fn try_flush<Q: Outgoing>(&self, next: &mut impl FnMut() -> Option<Q>) -> Flushed {
         let mut state = match self.state.try_lock() {
             Ok(state) => state,
             Err(TryLockError::WouldBlock | TryLockError::Poisoned(_)) => return Flushed::Session,
@@ -518,15 +589,31 @@ mod tests {
         let (server, mut client) = pair().await;
         let wire = Wire::default();
         let frame = Frame::from("hello");
-        assert_eq!(wire.try_deliver(&frame, || true), Direct::No, "no socket");
+        assert_eq!(
+            wire.try_deliver(&frame, None, || true),
+            Direct::No,
+            "no socket"
+        );
         wire.install(server, usize::MAX);
-        assert_eq!(wire.try_deliver(&frame, || true), Direct::No, "not allowed");
+        assert_eq!(
+            wire.try_deliver(&frame, None, || true),
+            Direct::No,
+            "not allowed"
+        );
         wire.set_direct(true);
-        assert_eq!(wire.try_deliver(&frame, || false), Direct::No, "queued");
+        assert_eq!(
+            wire.try_deliver(&frame, None, || false),
+            Direct::No,
+            "queued"
+        );
         let held = wire.lock();
-        assert_eq!(wire.try_deliver(&frame, || true), Direct::No, "locked");
+        assert_eq!(
+            wire.try_deliver(&frame, None, || true),
+            Direct::No,
+            "locked"
+        );
         drop(held);
-        assert_eq!(wire.try_deliver(&frame, || true), Direct::Written);
+        assert_eq!(wire.try_deliver(&frame, None, || true), Direct::Written);
         assert_eq!(read_frames(&mut client, 1).await, ["hello"]);
     }
 
@@ -612,7 +699,7 @@ mod tests {
         let mut sent = Vec::new();
         for i in 0..1_000 {
             let text = format!("{i}{big}");
-            let direct = wire.try_deliver(&Frame::from(text.clone()), || true);
+            let direct = wire.try_deliver(&Frame::from(text.clone()), None, || true);
             assert_ne!(direct, Direct::No, "frame {i}");
             sent.push(text);
             if direct == Direct::Owed {
@@ -621,7 +708,7 @@ mod tests {
         }
         assert!(wire.owes(), "the socket filled up");
         let late = Frame::from("late");
-        assert_eq!(wire.try_deliver(&late, || true), Direct::No);
+        assert_eq!(wire.try_deliver(&late, None, || true), Direct::No);
         sent.push("next".into());
         let n = sent.len();
         let reader = tokio::spawn(async move { read_frames(&mut client, n).await });
@@ -721,5 +808,56 @@ mod tests {
         })
         .await;
         assert!(woken.is_ok(), "the session was never woken for the socket");
+    }
+
+    /// With history on, every writer (a small delivery's direct write, a
+    /// lane, the session) drops a copy the socket's floors say was
+    /// already written (by the replay) and raises the floors with what it
+    /// writes, so the floors a drain hands over count every copy.
+    #[tokio::test]
+    async fn every_writer_drops_what_the_floors_say_was_written() {
+        use crate::position::{Position, Stamp};
+        use crate::route::Topic;
+        let pos = |text: &str| Position::parse(text).unwrap();
+        let mark = |text: &str| {
+            let stamp = Stamp {
+                seq: 1,
+                positions: vec![(Topic::All, pos(text))],
+            };
+            Mark::of(&Topic::All, Some(&stamp)).unwrap()
+        };
+        let queued = |text: &str, at: Option<&str>| Queued {
+            frame: Frame::from(text),
+            mark: at.map(mark),
+        };
+        let (server, mut client) = pair().await;
+        let wire = Wire::default();
+        wire.install(server, usize::MAX);
+        // The replay wrote up to a:2.
+        wire.set_floors(Floors::new([Some(pos("a:2")), None, None], true));
+        wire.set_direct(true);
+        let direct =
+            |text: &str, at: &str| wire.try_deliver(&Frame::from(text), Some(&mark(at)), || true);
+        assert_eq!(direct("replayed", "a:2"), Direct::Written, "dropped");
+        assert_eq!(direct("three", "a:3"), Direct::Written);
+        let mut lane = std::collections::VecDeque::from([
+            queued("three again", Some("a:3")),
+            queued("four", Some("a:4")),
+            queued("gap notice", None),
+        ]);
+        assert_eq!(wire.try_flush(&mut || lane.pop_front()), Flushed::Done);
+        let mut session = std::collections::VecDeque::from([
+            queued("four again", Some("a:4")),
+            queued("five", Some("a:5")),
+        ]);
+        std::future::poll_fn(|cx| wire.poll_frames(cx, &mut || session.pop_front()))
+            .await
+            .unwrap();
+        assert_eq!(
+            read_frames(&mut client, 4).await,
+            ["three", "four", "gap notice", "five"]
+        );
+        let floors = wire.floors().expect("history on");
+        assert_eq!(floors.positions()[0], Some(pos("a:5")));
     }
 }

@@ -664,6 +664,19 @@ async fn live_copies_that_arrive_during_the_replay_are_not_duplicated() {
 /// in the order sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resumes_under_steady_traffic_are_recovered_once_in_order() {
+    resumes_under_steady_traffic(0).await;
+}
+
+/// The same with 70 more sockets in ann's group on each node: every
+/// message then reaches more sockets than a delivering task writes
+/// itself, and ann's copies are written by the delivery lanes, which
+/// check each against her floors as the session does (issue 19).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_under_steady_traffic_in_a_big_group_are_recovered_once_in_order() {
+    resumes_under_steady_traffic(70).await;
+}
+
+async fn resumes_under_steady_traffic(fillers: usize) {
     use std::sync::atomic::{AtomicBool, Ordering};
     let redis = RedisServer::start();
     // Ann reads more slowly than the sender sends: room for all she falls
@@ -678,6 +691,13 @@ async fn resumes_under_steady_traffic_are_recovered_once_in_order() {
         node(&redis.url(), Some(roomy.clone())).await,
         node(&redis.url(), Some(roomy)).await,
     );
+    // Members that never read (their copies wait in their sockets'
+    // buffers and queues; none is closed within this test's traffic).
+    let mut members = Vec::new();
+    for i in 0..fillers {
+        members.push(one.connect(&format!("m{i}"), Some("chat")).await);
+        members.push(two.connect(&format!("n{i}"), Some("chat")).await);
+    }
     let mut ann = Page::new("ann", Some("chat"));
     let mut client = ann.open(&two, Some("")).await;
     ann.welcome(&mut client).await;
@@ -735,6 +755,7 @@ async fn resumes_under_steady_traffic_are_recovered_once_in_order() {
         );
     }
     assert_eq!(seen.len(), want.len(), "every message once");
+    drop(members);
 }
 
 // ---- Drain handoff ---------------------------------------------------------
