@@ -1,8 +1,13 @@
 #!/usr/bin/env python3
 """A/B of two wshub builds: node CPU per delivery for fanout 2,000 @ 65/s and
-groups 500x10 @ 0.5/s, two nodes on one Redis (a redis-server it starts on a
-free loopback port), the two builds alternated over ROUNDS rounds; prints
-each run and the medians. For "did this change make the hot path slower":
+groups 500x10 @ 0.5/s, two nodes on one Redis (a fresh redis-server for
+every run, on a free loopback port), the two builds alternated over ROUNDS
+rounds; prints each run and the medians. For "did this change make the hot
+path slower". The nodes get this process's environment, so
+`WSHUB_HISTORY__ENABLED=true python3 bench/ab.py ...` compares history on.
+(One Redis for all runs once made history-on runs report duplicates: the
+drain handoff of one run's sockets replayed the next run's identities what
+was published in between, as it should.)
 
     python3 bench/ab.py BEFORE/wshub AFTER/wshub target/release/wshub-bench [ROUNDS]
 
@@ -24,9 +29,12 @@ def wait(port):
         try: socket.create_connection(("127.0.0.1", port), 0.2).close(); return
         except OSError: time.sleep(0.05)
     raise SystemExit(f"port {port} never opened")
-rp = free(); d = tempfile.mkdtemp()
-redis = subprocess.Popen(["redis-server", "--port", str(rp), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", d], stdout=subprocess.DEVNULL, start_new_session=True)
-wait(rp)
+def start_redis():
+    port, d = free(), tempfile.mkdtemp()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", d], stdout=subprocess.DEVNULL, start_new_session=True)
+    wait(port)
+    return port, server
+rp, redis = start_redis()
 res = {k: {"fanout": [], "groups": []} for k in BIN}
 SC = {"fanout": ["fanout", "--receivers", "2000", "--rate", "65", "--seconds", "8"],
       "groups": ["groups", "--groups", "500", "--size", "10", "--rate", "0.5", "--seconds", "8"]}
@@ -34,6 +42,8 @@ try:
     for rnd in range(ROUNDS):
         for which in (["before", "after"] if rnd % 2 == 0 else ["after", "before"]):
             for sc, args in SC.items():
+                os.killpg(redis.pid, 9); redis.wait()
+                rp, redis = start_redis()
                 ports = [free(), free()]
                 env = lambda p: {**os.environ, "WSHUB_LISTEN": f"127.0.0.1:{p}", "WSHUB_REDIS__URL": f"redis://127.0.0.1:{rp}",
                                  "WSHUB_LIMITS__MESSAGES_PER_SECOND": "0", "WSHUB_LOG__LEVEL": "warn"}

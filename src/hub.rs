@@ -14,8 +14,9 @@
 //! With history on, a socket that speaks resume is offered the frame with
 //! `pos` ([`Envelope::frame_for`], encoded once per message and shared),
 //! every other socket the plain frame, byte for byte today's; each copy of
-//! a stamped message is queued with its [`Mark`] for the session's
-//! de-duplication. A gap the bus cannot repair ([`Deliver::gap`]) becomes a
+//! a stamped message is offered with its [`Mark`], which whoever writes
+//! it checks against the socket's floors (de-duplication after a replay,
+//! [`crate::wire`]). A gap the bus cannot repair ([`Deliver::gap`]) becomes a
 //! `wshub.gap` notice to the sockets of that topic that speak resume.
 
 use std::collections::HashMap;

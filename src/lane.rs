@@ -7,7 +7,9 @@
 //! connection's id). The lane writes what the socket's queue holds when
 //! the socket takes it at once, and wakes the session only for what is
 //! left: a socket that is busy (its session holds the write side), slow
-//! (bytes owed) or not the lane's to write (history on, or closing).
+//! (bytes owed) or not the lane's to write (before the resume decision,
+//! or closing). With history on, the lane checks each copy against the
+//! socket's floors as the session would ([`crate::wire`]).
 //! Waking thousands of sessions for one message each was most of a big
 //! fanout's cost beyond the writes themselves; lanes turn that into one
 //! wake-up per lane and a loop of writes, and with one lane per worker a

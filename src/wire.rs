@@ -11,9 +11,9 @@
 //!   wait on the delivery path), nothing is owed, the socket's outbox is
 //!   empty (checked under this lock, which the session holds while it
 //!   takes frames from the outbox: no frame can overtake one taken
-//!   earlier) and the session allows it ([`Wire::set_direct`]: history
-//!   off, session serving). What the socket does not take at once
-//!   becomes owed, and the caller wakes the session;
+//!   earlier) and the session allows it ([`Wire::set_direct`]: serving,
+//!   after the resume decision with history on). What the socket does
+//!   not take at once becomes owed, and the caller wakes the session;
 //! - the **session** ([`Wire::poll_frames`]) writes what is owed, then
 //!   batches of queued frames, waiting for the socket with its own waker
 //!   (so the write timeout and the close race apply to what the
@@ -27,6 +27,10 @@
 //!   socket does not take is owed): tungstenite's own buffer is then
 //!   always empty, so its bytes cannot be overtaken by a frame written
 //!   here.
+//!
+//! With history on, every writer checks each copy of a stamped message
+//! against the socket's floors (kept here, under the same lock) and
+//! raises them as it takes the copy ([`Floors::admit`]).
 //!
 //! Frames are written without tungstenite: a frame from the server is not
 //! masked, so it is a 2 to 10 byte header and the payload, written with
@@ -335,10 +339,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Wire<T> {
         self.lock().floors.as_deref().cloned()
     }
 
-    /// Allows (or stops) writes by delivering tasks. The session allows
-    /// them while it serves without history (with history, every copy
-    /// passes the session's floors) and stops them before its closing
-    /// handshake.
+    /// Allows (or stops) writes by delivering tasks and lanes. The
+    /// session allows them while it serves (with history on, once the
+    /// floors are set: every writer checks copies against them) and
+    /// stops them before its closing handshake.
     pub(crate) fn set_direct(&self, on: bool) {
         self.lock().direct = on;
     }
