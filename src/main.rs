@@ -142,7 +142,11 @@ fn main() -> ExitCode {
     // value that is not a whole number above 0: answer it here instead.
     if let Some(bad) = bad_worker_threads() {
         eprintln!("wshub: TOKIO_WORKER_THREADS must be a whole number above 0, got {bad:?}");
-        return ExitCode::from(2);
+        // As for a configuration error: `healthcheck` promises 0 or 1.
+        return match args.command {
+            None => ExitCode::from(2),
+            Some(_) => ExitCode::FAILURE,
+        };
     }
     let config = match wshub::Config::load(args.config.as_deref()) {
         Ok(config) => config,

@@ -94,6 +94,14 @@ fn a_bad_worker_thread_count_is_refused_with_a_reason() {
             "TOKIO_WORKER_THREADS={bad:?}: {err}"
         );
     }
+    // `healthcheck` keeps its promise of 0 or 1.
+    let out = wshub()
+        .env_clear()
+        .env("TOKIO_WORKER_THREADS", "0")
+        .arg("healthcheck")
+        .output()
+        .expect("run wshub");
+    assert_eq!(out.status.code(), Some(1));
     let out = wshub()
         .env_clear()
         .env("TOKIO_WORKER_THREADS", "1")
