@@ -20,8 +20,9 @@
 //!   delivering task could not write);
 //! - a **delivery lane** ([`Wire::try_flush`], [`crate::lane`]) writes a
 //!   socket's queued frames for a big delivery, as the session would, but
-//!   only when the lock is free and deliveries may write, and never
-//!   waiting: what is left, it leaves to the session, which it wakes;
+//!   only when the lock is free, nothing is owed (the session is then
+//!   waiting for the socket) and deliveries may write, and never waiting:
+//!   what is left, it leaves to the session, which it wakes;
 //! - **tungstenite** (pings, pongs, close frames) writes through
 //!   [`Wire::poll_write`], which accepts every byte at once (what the
 //!   socket does not take is owed): tungstenite's own buffer is then
