@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::node::{Node, StartError};
@@ -108,7 +108,7 @@ impl Server {
         let http = node.http_shutdown();
         // The no-op tap only makes axum's `ConnectInfo<SocketAddr>` apply
         // to a listener of ours (axum implements it for a tapped listener).
-        let listener = Acceptor::new(listener).tap_io(|_| {});
+        let listener = Acceptor::new(listener, node.config.tcp_nodelay).tap_io(|_| {});
         let serve = axum::serve(listener, app)
             .with_graceful_shutdown(http.token().clone().cancelled_owned());
         let mut serve = http.spawn(async move { serve.await });
@@ -153,18 +153,22 @@ const ACCEPT_RETRY: (Duration, Duration) = (Duration::from_millis(10), Duration:
 /// 200 ms while it keeps failing (never a busy loop), one warning is
 /// logged when the failures start and one info line when accepting works
 /// again. A connection that failed while being accepted (reset, aborted
-/// by the peer) is skipped at once, as axum does.
+/// by the peer) is skipped at once, as axum does. Each accepted
+/// connection gets `TCP_NODELAY` unless `tcp_nodelay` is off.
 struct Acceptor {
     listener: TcpListener,
     /// Failed accepts since the last one that worked.
     failures: u64,
+    /// `TCP_NODELAY` on each accepted connection (`tcp_nodelay`).
+    nodelay: bool,
 }
 
 impl Acceptor {
-    fn new(listener: TcpListener) -> Self {
+    fn new(listener: TcpListener, nodelay: bool) -> Self {
         Self {
             listener,
             failures: 0,
+            nodelay,
         }
     }
 }
@@ -178,6 +182,14 @@ impl axum::serve::Listener for Acceptor {
         loop {
             match self.listener.accept().await {
                 Ok(accepted) => {
+                    // Frames leave when they are written, not when the peer
+                    // has acknowledged the last one (`tcp_nodelay`;
+                    // docs/architecture.md, "Nagle's algorithm").
+                    if self.nodelay
+                        && let Err(error) = accepted.0.set_nodelay(true)
+                    {
+                        debug!(%error, "cannot set TCP_NODELAY on an accepted connection");
+                    }
                     if self.failures > 0 {
                         info!(failures = self.failures, "accepting connections again");
                         self.failures = 0;

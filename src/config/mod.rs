@@ -77,6 +77,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The listen backlog (`listen_backlog`, at least 1).
     pub listen_backlog: u32,
+    /// `TCP_NODELAY` on each accepted connection (`tcp_nodelay`).
+    pub tcp_nodelay: bool,
     /// This node's id: configured, or generated at start.
     pub node_id: String,
     pub log_format: LogFormat,
@@ -507,6 +509,7 @@ impl Config {
             auth,
             listen,
             listen_backlog: raw.listen_backlog,
+            tcp_nodelay: raw.tcp_nodelay,
             node_id,
             redis,
             backend,

@@ -15,6 +15,10 @@ pub struct RawConfig {
     /// Connections the kernel holds for the node before it accepts them
     /// (the listen backlog; the kernel caps it at `net.core.somaxconn`).
     pub listen_backlog: u32,
+    /// Send every frame at once (`TCP_NODELAY` on each accepted
+    /// connection); off: the kernel may hold a small frame back until the
+    /// peer acknowledges the previous one (Nagle).
+    pub tcp_nodelay: bool,
     /// This node's id in logs and on the bus; empty = generated.
     pub node_id: String,
     pub log: RawLog,
@@ -325,6 +329,7 @@ impl Default for RawConfig {
         Self {
             listen: "0.0.0.0:8080".into(),
             listen_backlog: 4096,
+            tcp_nodelay: true,
             node_id: String::new(),
             log: RawLog::default(),
             limits: Limits::default(),

@@ -70,10 +70,16 @@ fn file_then_environment() {
             ("WSHUB_LIMITS__MAX_MESSAGE_BYTES", "2048"),
             ("WSHUB_LOG__FORMAT", "json"),
             ("WSHUB_CONFIG", "/ignored/here"),
+            ("WSHUB_TCP_NODELAY", "false"),
         ]),
     )
     .unwrap();
     assert_eq!(c.listen.port(), 9001, "environment wins over the file");
+    assert!(!c.tcp_nodelay, "a top-level key with an underscore");
+    assert!(
+        Config::default().tcp_nodelay,
+        "frames leave at once by default"
+    );
     assert_eq!(c.limits.max_message_bytes, 2048);
     assert_eq!(c.limits.max_recipients, 5);
     assert_eq!(c.ws.ping_interval, Duration::from_millis(500));

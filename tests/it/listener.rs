@@ -2,14 +2,16 @@
 //! waits in the kernel's queue until the node accepts it, instead of
 //! overflowing the standard library's backlog of 128 and waiting a second
 //! or more for its SYN to be retransmitted (issue 19, connects per second).
+//! And what the node sets on each connection it accepts (`tcp_nodelay`).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
+use serde_json::json;
 use tokio::net::TcpStream;
 use wshub::server::Server;
 
-use crate::common::test_config;
+use crate::common::{TIMING_CRITICAL, TestServer, test_config};
 
 /// A burst of loopback connects to a node that is bound but not accepting
 /// (the state of a busy node's queue); how many finished their handshake
@@ -60,5 +62,72 @@ async fn a_connect_burst_waits_in_the_accept_queue() {
     assert!(
         queued <= 40,
         "with listen_backlog = 32, {queued} of {BURST} connects were queued"
+    );
+}
+
+/// How long each of a few second frames took to arrive, when a client
+/// that delays its ACKs is sent two frames 2 ms apart (median, ms), on a
+/// node with `tcp_nodelay` as given.
+async fn second_frame_delay(tcp_nodelay: bool) -> f64 {
+    use tokio_tungstenite::MaybeTlsStream;
+
+    let mut config = test_config();
+    config.tcp_nodelay = tcp_nodelay;
+    let server = TestServer::with(config).await;
+    let mut sender = server.connect("sender", Some("nagle")).await;
+    let mut reader = server.connect("reader", Some("nagle")).await;
+    let mut delays = Vec::new();
+    for round in 0..7 {
+        // Delayed ACKs, as a receiving client's kernel does once it
+        // leaves quick-ack mode (not permanent: set again each round).
+        match reader.ws.get_ref() {
+            MaybeTlsStream::Plain(tcp) => socket2::SockRef::from(tcp)
+                .set_tcp_quickack(false)
+                .expect("TCP_QUICKACK"),
+            _ => unreachable!("a plain ws:// test client"),
+        }
+        sender
+            .send_json(json!({"action": "broadcast", "message": format!("first {round}")}))
+            .await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let sent = Instant::now();
+        sender
+            .send_json(json!({"action": "broadcast", "message": format!("second {round}")}))
+            .await;
+        // Each client also gets its own broadcasts; the reader's two:
+        loop {
+            let frame = reader.recv().await;
+            if frame["message"] == format!("second {round}") {
+                break;
+            }
+        }
+        delays.push(sent.elapsed().as_secs_f64() * 1e3);
+        // Everything acknowledged before the next round.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    delays.sort_by(f64::total_cmp);
+    delays[delays.len() / 2]
+}
+
+/// A frame is sent when it is due, not held back until the client
+/// acknowledges the one before it (`tcp_nodelay`, on by default). With
+/// Nagle's algorithm on, a small frame written while the previous one is
+/// unacknowledged waits for the client's delayed ACK (40 ms and more on
+/// Linux, up to 200 ms on Windows): before the fix every socket ran so,
+/// and the second of two broadcasts 2 ms apart arrived ~40 ms late. The
+/// node with `tcp_nodelay = false` shows that this measurement sees the
+/// hold-back.
+#[tokio::test]
+async fn a_frame_is_not_held_back_for_the_clients_ack() {
+    let _timing = TIMING_CRITICAL.lock().await;
+    let nagle = second_frame_delay(false).await;
+    assert!(
+        nagle >= 20.0,
+        "with tcp_nodelay = false the second frame took {nagle:.1} ms (median): the client's ACKs were not delayed, so this test measures nothing"
+    );
+    let nodelay = second_frame_delay(wshub::config::Config::default().tcp_nodelay).await;
+    assert!(
+        nodelay < 15.0,
+        "the second of two frames 2 ms apart took {nodelay:.1} ms (median; with Nagle on: {nagle:.1} ms)"
     );
 }
