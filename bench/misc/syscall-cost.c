@@ -7,9 +7,11 @@
  * (user + system, which on loopback includes the receiving side's
  * softirq work) per call, the four calls interleaved over 12 repetitions.
  *
- *     cc -O2 -o /tmp/syscall-cost bench/misc/syscall-cost.c && /tmp/syscall-cost
+ *     cc -O2 -o /tmp/syscall-cost bench/misc/syscall-cost.c && (ulimit -n 8200 && /tmp/syscall-cost)
  *
  * Needs 8,000 open files (`ulimit -n 8200`). Loopback only; bounded.
+ * bench/README.md shows the command; docs/architecture.md ("The delivery
+ * path") what it showed and what it did not.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
