@@ -47,15 +47,23 @@ async fn wait_ready(addr: SocketAddr) {
 
 /// Connects `user` in group `g`; returns the client and the node behind it.
 async fn connect(addr: SocketAddr, user: &str) -> (Client, String) {
-    let url = format!("ws://{addr}/__initializeWebSocket.wc?userid={user}&groupid=g");
-    let (ws, response) = tokio_tungstenite::connect_async(url)
+    try_connect(addr, user)
         .await
-        .unwrap_or_else(|e| panic!("connect {user} through {addr}: {e}"));
+        .unwrap_or_else(|e| panic!("connect {user} through {addr}: {e}"))
+}
+
+/// [`connect`], failing with the reason instead of panicking.
+async fn try_connect(
+    addr: SocketAddr,
+    user: &str,
+) -> Result<(Client, String), tokio_tungstenite::tungstenite::Error> {
+    let url = format!("ws://{addr}/__initializeWebSocket.wc?userid={user}&groupid=g");
+    let (ws, response) = tokio_tungstenite::connect_async(url).await?;
     let node = response.headers()[wshub::http::NODE_HEADER]
         .to_str()
         .unwrap()
         .to_owned();
-    (Client { ws }, node)
+    Ok((Client { ws }, node))
 }
 
 /// One message from `clients[0]` to group `g` reaches every client once.
@@ -219,8 +227,21 @@ async fn the_backend_profile_answers() {
     wait_ready(lb).await;
     let deadline = Instant::now() + STARTUP;
     loop {
+        // `up --profile backend` recreates the replicas with the backend's
+        // URL: until nginx resolves their new addresses (`valid=5s`) a
+        // connect can time out at a removed one (504).
+        let (mut c, node) = match try_connect(lb, "newcomer").await {
+            Ok(connected) => connected,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "connect newcomer through {lb}: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
         // The backend may still be starting: its first pushes can fail.
-        let (mut c, node) = connect(lb, "newcomer").await;
         let got = tokio::time::timeout(Duration::from_secs(5), c.recv()).await;
         match got {
             Ok(v) if v["action"] == "initialmessages" => return,
