@@ -14,7 +14,7 @@ was published in between, as it should.)
 Build each side with `cargo build --release -p wshub -p wshub-bench` in its
 own checkout. Every run is bounded (8 s of load) and targets 127.0.0.1 only.
 """
-import json, os, resource, socket, statistics, subprocess, sys, time, tempfile
+import json, os, resource, shutil, socket, statistics, subprocess, sys, time, tempfile
 if len(sys.argv) < 4:
     raise SystemExit(__doc__)
 BIN = {"before": sys.argv[1], "after": sys.argv[2]}
@@ -33,17 +33,21 @@ def start_redis():
     port, d = free(), tempfile.mkdtemp()
     server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", d], stdout=subprocess.DEVNULL, start_new_session=True)
     wait(port)
-    return port, server
-rp, redis = start_redis()
+    return port, server, d
+def stop(proc):
+    # Each was started in its own session: the whole group goes.
+    try: os.killpg(proc.pid, 9)
+    except ProcessLookupError: pass
+    proc.wait()
 res = {k: {"fanout": [], "groups": []} for k in BIN}
 SC = {"fanout": ["fanout", "--receivers", "2000", "--rate", "65", "--seconds", "8"],
       "groups": ["groups", "--groups", "500", "--size", "10", "--rate", "0.5", "--seconds", "8"]}
-try:
-    for rnd in range(ROUNDS):
-        for which in (["before", "after"] if rnd % 2 == 0 else ["after", "before"]):
-            for sc, args in SC.items():
-                os.killpg(redis.pid, 9); redis.wait()
-                rp, redis = start_redis()
+for rnd in range(ROUNDS):
+    for which in (["before", "after"] if rnd % 2 == 0 else ["after", "before"]):
+        for sc, args in SC.items():
+            rp, redis, redis_dir = start_redis()
+            nodes = []
+            try:
                 ports = [free(), free()]
                 env = lambda p: {**os.environ, "WSHUB_LISTEN": f"127.0.0.1:{p}", "WSHUB_REDIS__URL": f"redis://127.0.0.1:{rp}",
                                  "WSHUB_LIMITS__MESSAGES_PER_SECOND": "0", "WSHUB_LOG__LEVEL": "warn"}
@@ -55,11 +59,13 @@ try:
                 out = subprocess.run([BENCH, *args, *tgt], capture_output=True, text=True, timeout=300, preexec_fn=lim)
                 for n in nodes: n.terminate()
                 for n in nodes: n.wait(timeout=30)
-                r = json.loads(out.stdout.strip().splitlines()[-1])
-                res[which][sc].append(r["server_cpu_us_per_delivery"])
-                print(which, sc, round(r["server_cpu_us_per_delivery"], 2), "us/delivery", "p99", r["latency"]["p99_ms"], "missing", r["missing"], "dup", r["duplicated"], flush=True)
-finally:
-    os.killpg(redis.pid, 9)
+            finally:
+                # Nothing outlives its run, whatever failed.
+                for proc in [*nodes, redis]: stop(proc)
+                shutil.rmtree(redis_dir, ignore_errors=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            res[which][sc].append(r["server_cpu_us_per_delivery"])
+            print(which, sc, round(r["server_cpu_us_per_delivery"], 2), "us/delivery", "p99", r["latency"]["p99_ms"], "missing", r["missing"], "dup", r["duplicated"], flush=True)
 for sc in SC:
     b, a = statistics.median(res["before"][sc]), statistics.median(res["after"][sc])
     print(f"{sc}: before {b:.2f} us, after {a:.2f} us (medians of {len(res['before'][sc])}), after/before {a/b:.3f}")
