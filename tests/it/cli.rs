@@ -121,15 +121,23 @@ fn a_bad_worker_thread_count_is_refused_with_a_reason() {
 #[test]
 fn chat_backend_logs_to_a_pipe_have_no_colour_codes() {
     // Not a binary of this package, so Cargo does not build it for this
-    // test: build it next to wshub.
+    // test: build it next to wshub, with the profile wshub was built with
+    // (its folder: `debug` is the `dev` profile), so that `cargo test
+    // --release` finds it too.
+    let wshub = std::path::Path::new(env!("CARGO_BIN_EXE_wshub"));
+    let profile_dir = wshub.parent().expect("wshub's folder");
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev",
+        Some(name) => name,
+    };
     let status = Command::new(env!("CARGO"))
         .args(["build", "--quiet", "-p", "wshub-chat-backend", "--bin"])
         .arg("wshub-chat-backend")
+        .args(["--profile", profile])
         .status()
         .expect("run cargo");
     assert!(status.success());
-    let exe =
-        std::path::Path::new(env!("CARGO_BIN_EXE_wshub")).with_file_name("wshub-chat-backend");
+    let exe = wshub.with_file_name("wshub-chat-backend");
     let mut child = Command::new(exe)
         .env_clear()
         .args(["--listen", "127.0.0.1:0"])
