@@ -542,3 +542,50 @@ fn history_runs_on_a_redis_cluster_too() {
     assert!(c.redis.unwrap().sharded);
     assert!(c.history.is_some(), "history on a Cluster, per topic");
 }
+
+/// A boolean key takes `true`/`false` (and, as text, `1`/`0`, `yes`/`no`,
+/// `on`/`off`, any case); a number or another word is refused with the
+/// key's name, from a file or the environment. (The `config` crate alone
+/// took `2` as true.)
+#[test]
+fn booleans_are_booleans() {
+    let load = |text: &str, vars: &[(&str, &str)]| {
+        let mut file = tempfile();
+        writeln!(file.1, "{text}").unwrap();
+        Config::load_from(Some(&file.0), env(vars))
+    };
+    for (text, key) in [
+        ("tcp_nodelay = 2", "tcp_nodelay"),
+        ("tcp_nodelay = 0", "tcp_nodelay"),
+        ("[http]\nsample_page = \"maybe\"", "sample_page"),
+        ("[history]\nenabled = 1.5", "enabled"),
+    ] {
+        let err = load(text, &[]).unwrap_err().to_string();
+        assert!(err.contains(key), "{text}: {err}");
+        assert!(err.contains("true or false"), "{text}: {err}");
+    }
+    let err = load("", &[("WSHUB_TCP_NODELAY", "2")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tcp_nodelay"), "{err}");
+    for (value, expected) in [
+        ("off", false),
+        ("NO", false),
+        ("0", false),
+        ("False", false),
+        ("YES", true),
+        ("on", true),
+        ("1", true),
+        ("true", true),
+    ] {
+        let config = load("", &[("WSHUB_TCP_NODELAY", value)]).unwrap();
+        assert_eq!(config.tcp_nodelay, expected, "{value}");
+    }
+    assert!(!load("tcp_nodelay = false", &[]).unwrap().tcp_nodelay);
+    assert!(
+        !load("[http]\nsample_page = \"off\"", &[])
+            .unwrap()
+            .http
+            .sample_page
+    );
+}
