@@ -47,6 +47,65 @@ pub enum ConfigError {
     Invalid { key: &'static str, problem: String },
 }
 
+/// Refuses a number where a boolean key is (`tcp_nodelay = 2`), which
+/// the `config` crate would take as true (0 as false). What it does take
+/// for a boolean, and so what a boolean key accepts: `true`/`false`, and
+/// as text (every environment value is text) `true`/`false`, `1`/`0`,
+/// `yes`/`no`, `on`/`off` in any case; it refuses other words itself,
+/// naming the key and the source, as this does for numbers.
+/// `origin(key)` names where `key` was set (a `config::Value` read back
+/// by key has lost its origin).
+fn refuse_numeric_booleans(
+    built: &config::Config,
+    origin: impl Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    use config::ValueKind as K;
+    for key in boolean_keys() {
+        let Ok(value) = built.get::<config::Value>(key) else {
+            continue;
+        };
+        let found = match value.kind {
+            K::I64(_) | K::I128(_) | K::U64(_) | K::U128(_) => "an integer",
+            K::Float(_) => "a floating point number",
+            _ => continue,
+        };
+        return Err(ConfigError::Load(config::ConfigError::At {
+            error: Box::new(config::ConfigError::Message(format!(
+                "invalid type: {found}, expected true or false"
+            ))),
+            origin: origin(key),
+            key: Some(key.to_owned()),
+        }));
+    }
+    Ok(())
+}
+
+/// The dotted paths of every boolean key of [`RawConfig`], from its
+/// defaults (which serialize every key), so the list cannot drift.
+fn boolean_keys() -> &'static [String] {
+    static KEYS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        let defaults = serde_json::to_value(RawConfig::default())
+            .expect("the default configuration serializes");
+        let mut keys = Vec::new();
+        if let serde_json::Value::Object(top) = defaults {
+            for (name, value) in top {
+                match value {
+                    serde_json::Value::Bool(_) => keys.push(name),
+                    serde_json::Value::Object(section) => keys.extend(
+                        section
+                            .into_iter()
+                            .filter(|(_, v)| v.is_boolean())
+                            .map(|(key, _)| format!("{name}.{key}")),
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        keys
+    })
+}
+
 fn cidrs(key: &'static str, list: &[String]) -> Result<Vec<ipnet::IpNet>, ConfigError> {
     list.iter()
         .map(|n| {
@@ -340,6 +399,12 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<(RawConfig, Vec<String>), ConfigError> {
         let env = env::sort(env)?;
+        // Where each boolean key was set, for `refuse_numeric_booleans`.
+        let from_env: std::collections::HashSet<String> = env
+            .known
+            .keys()
+            .map(|name| name.to_ascii_uppercase())
+            .collect();
         let mut builder = config::Config::builder();
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
@@ -356,7 +421,16 @@ impl Config {
         for (key, items) in env.lists {
             builder = builder.set_override(key, items)?;
         }
-        let raw: RawConfig = builder.build()?.try_deserialize()?;
+        let built = builder.build()?;
+        refuse_numeric_booleans(&built, |key| {
+            let var = format!("{ENV_PREFIX}_{}", key.replace('.', "__")).to_ascii_uppercase();
+            if from_env.contains(&var) {
+                Some("the environment".to_owned())
+            } else {
+                file.map(|f| f.display().to_string())
+            }
+        })?;
+        let raw: RawConfig = built.try_deserialize()?;
         Ok((raw, env.warnings))
     }
 

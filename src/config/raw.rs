@@ -4,32 +4,7 @@
 //! `wshub.example.toml` must list the same keys and defaults (a test
 //! checks it).
 
-use serde::{Deserialize, Deserializer, Serialize};
-
-/// A boolean key: `true` or `false` in a file, or (as every environment
-/// value is a string) `true`/`false`, `1`/`0`, `yes`/`no` or `on`/`off`,
-/// in any case. Anything else is refused with the key's name. (The
-/// `config` crate's own conversion also took any number, `2` as true.)
-fn strict_bool<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
-    struct Strict;
-    impl serde::de::Visitor<'_> for Strict {
-        type Value = bool;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("true or false")
-        }
-        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<bool, E> {
-            Ok(v)
-        }
-        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<bool, E> {
-            match v.to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" | "on" => Ok(true),
-                "false" | "0" | "no" | "off" => Ok(false),
-                _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
-            }
-        }
-    }
-    deserializer.deserialize_any(Strict)
-}
+use serde::{Deserialize, Serialize};
 
 /// What the user wrote, before validation. Field docs are the key docs.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -43,7 +18,6 @@ pub struct RawConfig {
     /// Send every frame at once (`TCP_NODELAY` on each accepted
     /// connection); off: the kernel may hold a small frame back until the
     /// peer acknowledges the previous one (Nagle).
-    #[serde(deserialize_with = "strict_bool")]
     pub tcp_nodelay: bool,
     /// This node's id in logs and on the bus; empty = generated.
     pub node_id: String,
@@ -66,7 +40,6 @@ pub struct RawConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct RawHttp {
     /// Serve the chat sample at `/` (off: `/` answers 404).
-    #[serde(deserialize_with = "strict_bool")]
     pub sample_page: bool,
 }
 
@@ -81,7 +54,6 @@ impl Default for RawHttp {
 pub struct RawBackend {
     /// Empty: every action is relayed by the hub.
     pub url: String,
-    #[serde(deserialize_with = "strict_bool")]
     pub events: bool,
     pub timeout_ms: u64,
     pub concurrency: usize,
@@ -117,7 +89,6 @@ pub struct RawRedis {
     /// with `sharded`, one or more cluster nodes separated by commas.
     pub url: String,
     pub channel_prefix: String,
-    #[serde(deserialize_with = "strict_bool")]
     pub sharded: bool,
     pub publish_queue: usize,
     /// Bytes of messages waiting to be published (payload and channel
@@ -142,7 +113,6 @@ pub struct RawRedis {
     pub tls_client_cert_file: String,
     pub tls_client_key_file: String,
     /// Accept any certificate from Redis. For tests only; warned at start.
-    #[serde(deserialize_with = "strict_bool")]
     pub tls_insecure_skip_verify: bool,
     /// Sentinel addresses (`host:port`); set: the primary is found through
     /// them, and `url` is empty or gives only the scheme and credentials.
@@ -269,14 +239,12 @@ pub struct RawBus {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawHistory {
-    #[serde(deserialize_with = "strict_bool")]
     pub enabled: bool,
     pub ttl_ms: u64,
     pub size_all: usize,
     pub size_group: usize,
     pub size_user: usize,
     pub max_replay: usize,
-    #[serde(deserialize_with = "strict_bool")]
     pub drain_handoff: bool,
 }
 
@@ -286,7 +254,6 @@ pub struct RawHistory {
 #[serde(default, deny_unknown_fields)]
 pub struct RawPresence {
     /// Cluster presence (`docs/presence.md`).
-    #[serde(deserialize_with = "strict_bool")]
     pub enabled: bool,
     /// A node whose heartbeats stopped this long is dead.
     pub lease_ms: u64,

@@ -545,8 +545,8 @@ fn history_runs_on_a_redis_cluster_too() {
 
 /// A boolean key takes `true`/`false` (and, as text, `1`/`0`, `yes`/`no`,
 /// `on`/`off`, any case); a number or another word is refused with the
-/// key's name, from a file or the environment. (The `config` crate alone
-/// took `2` as true.)
+/// key's name and where it came from, from a file or the environment.
+/// (The `config` crate alone took `2` as true.)
 #[test]
 fn booleans_are_booleans() {
     let load = |text: &str, vars: &[(&str, &str)]| {
@@ -562,12 +562,19 @@ fn booleans_are_booleans() {
     ] {
         let err = load(text, &[]).unwrap_err().to_string();
         assert!(err.contains(key), "{text}: {err}");
-        assert!(err.contains("true or false"), "{text}: {err}");
+        assert!(err.contains("wshub-config-test-"), "the file: {err}");
     }
+    assert!(
+        load("tcp_nodelay = 2", &[])
+            .unwrap_err()
+            .to_string()
+            .contains("expected true or false"),
+    );
     let err = load("", &[("WSHUB_TCP_NODELAY", "2")])
         .unwrap_err()
         .to_string();
     assert!(err.contains("tcp_nodelay"), "{err}");
+    assert!(err.contains("the environment"), "{err}");
     for (value, expected) in [
         ("off", false),
         ("NO", false),
