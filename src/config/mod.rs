@@ -53,6 +53,7 @@ pub enum ConfigError {
 /// as text (every environment value is text) `true`/`false`, `1`/`0`,
 /// `yes`/`no`, `on`/`off` in any case; it refuses other words itself,
 /// naming the key and the source, as this does for numbers.
+///
 /// `origin(key)` names where `key` was set (a `config::Value` read back
 /// by key has lost its origin).
 fn refuse_numeric_booleans(
