@@ -764,51 +764,18 @@ mod tests {
         assert_eq!(*writes.lock().unwrap(), [(COPY_MAX + 4, true)]);
     }
 
-    /// The copied write's rest is owed as the vectored write's is: small
-    /// frames delivered until the socket stops taking them, then the
-    /// session's write, reach the client whole, once and in order.
-    #[tokio::test]
-    async fn what_a_copied_write_leaves_is_written_first() {
+    /// Delivers the frames `text(0)`, `text(1)`, … directly until the
+    /// socket leaves one owed (a delivery then finds it owed and queues),
+    /// then has the session write one more frame: the client must read
+    /// every frame whole, once and in order, and nothing stays owed.
+    async fn fill_the_socket_then_flush(text: impl Fn(usize) -> String) {
         let (server, mut client) = pair().await;
         let wire = Wire::default();
         wire.install(server, usize::MAX);
         wire.set_direct(true);
         let mut sent = Vec::new();
         for i in 0..100_000 {
-            // Odd sizes, so that the socket stops in the middle of one.
-            let text = format!("{i}{}", "y".repeat(1000 + i % 7));
-            let direct = wire.try_deliver(&Frame::from(text.clone()), None, || true);
-            assert_ne!(direct, Direct::No, "frame {i}");
-            sent.push(text);
-            if direct == Direct::Owed {
-                break;
-            }
-        }
-        assert!(wire.owes(), "the socket filled up");
-        sent.push("next".into());
-        let n = sent.len();
-        let reader = tokio::spawn(async move { read_frames(&mut client, n).await });
-        let mut queued = vec![Frame::from("next")].into_iter();
-        std::future::poll_fn(|cx| wire.poll_frames(cx, &mut || queued.next()))
-            .await
-            .unwrap();
-        assert_eq!(reader.await.unwrap(), sent);
-        assert!(!wire.owes());
-    }
-
-    /// What a socket does not take is owed: deliveries stop writing, and
-    /// the session's write sends it before the frames it takes; the client
-    /// reads every frame whole, once and in order.
-    #[tokio::test]
-    async fn what_the_socket_does_not_take_is_written_first() {
-        let (server, mut client) = pair().await;
-        let wire = Wire::default();
-        wire.install(server, usize::MAX);
-        wire.set_direct(true);
-        let big = "x".repeat(100_000);
-        let mut sent = Vec::new();
-        for i in 0..1_000 {
-            let text = format!("{i}{big}");
+            let text = text(i);
             let direct = wire.try_deliver(&Frame::from(text.clone()), None, || true);
             assert_ne!(direct, Direct::No, "frame {i}");
             sent.push(text);
@@ -828,6 +795,23 @@ mod tests {
             .unwrap();
         assert_eq!(reader.await.unwrap(), sent);
         assert!(!wire.owes());
+    }
+
+    /// The copied write's rest is owed as the vectored write's is: small
+    /// frames (odd sizes, so that the socket stops in the middle of one),
+    /// each written by a copy into one buffer.
+    #[tokio::test]
+    async fn what_a_copied_write_leaves_is_written_first() {
+        fill_the_socket_then_flush(|i| format!("{i}{}", "y".repeat(1000 + i % 7))).await;
+    }
+
+    /// What a socket does not take is owed: deliveries stop writing, and
+    /// the session's write sends it before the frames it takes (frames
+    /// above `COPY_MAX`, each a vectored write).
+    #[tokio::test]
+    async fn what_the_socket_does_not_take_is_written_first() {
+        let big = "x".repeat(100_000);
+        fill_the_socket_then_flush(|i| format!("{i}{big}")).await;
     }
 
     /// A lane writes a socket's queued frames only when the session
