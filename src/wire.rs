@@ -71,11 +71,12 @@ const OWED_KEPT: usize = 4096;
 
 /// Batches up to this many bytes (headers and payloads) are copied into
 /// one buffer and written with one `send`, larger ones with `writev` of
-/// the pieces. On Linux a socket's `writev` goes through the file layer
-/// (`vfs_writev`, the file position lock, the iovec copied in) where
-/// `send` goes to the socket directly: in a profile of the fanout to
-/// 2,000 that difference was about 0.5 us of each delivery's ~7 us, and
-/// copying a few hundred bytes costs far less. Above this size the copy
+/// the pieces. On Linux a socket's `writev` costs more than `send` of one
+/// buffer (`vfs_writev`, the file position lock, the iovec copied in):
+/// in a profile of the fanout to 2,000 the difference was about 0.5 us of
+/// each delivery's ~7 us (and `bench/misc/syscall-cost.c` measured
+/// `send` at 0.93 of `writev` on the same machine), and copying a few
+/// hundred bytes costs far less. Above this size the copy
 /// would cost more than the system call saves.
 const COPY_MAX: usize = 16 * 1024;
 

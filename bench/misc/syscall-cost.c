@@ -1,8 +1,9 @@
 /*
  * What one small frame costs the sender with each system call a hub could
- * write it with: writev (header and payload apart, as wshub writes),
- * sendmsg (the same two slices), send and write (one buffer, as uWS and
- * the benchmark's floor write). 4,000 loopback connections, 62-byte
+ * write it with: writev (header and payload apart, as wshub wrote before
+ * commit 64d1e6d), sendmsg (the same two slices), send and write (one
+ * buffer: wshub now, for batches up to 16 KiB, uWS, and the benchmark's
+ * floor). 4,000 loopback connections, 62-byte
  * frames, rounds of one write per connection; the sender's thread CPU
  * (user + system, which on loopback includes the receiving side's
  * softirq work) per call, the four calls interleaved over 12 repetitions.
