@@ -50,7 +50,9 @@ for rnd in range(ROUNDS):
             try:
                 ports = [free(), free()]
                 env = lambda p: {**os.environ, "WSHUB_LISTEN": f"127.0.0.1:{p}", "WSHUB_REDIS__URL": f"redis://127.0.0.1:{rp}",
-                                 "WSHUB_LIMITS__MESSAGES_PER_SECOND": "0", "WSHUB_LOG__LEVEL": "warn"}
+                                 "WSHUB_LIMITS__MESSAGES_PER_SECOND": "0", "WSHUB_LOG__LEVEL": "warn",
+                                 # Each node its share of the cores, as bench/run.py runs them.
+                                 "TOKIO_WORKER_THREADS": str(max(1, (os.cpu_count() or 1) // 2))}
                 nodes = [subprocess.Popen([BIN[which]], env=env(p), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=lim, start_new_session=True) for p in ports]
                 for p in ports: wait(p)
                 time.sleep(0.5)

@@ -125,6 +125,15 @@ HISTORY_HUB = "wshub+history"
 CONNECT_FLOOR = "connect-floor"
 
 
+def workers_per_node(n):
+    """Worker threads for each of `n` wshub nodes on this machine: its share
+    of the cores, at least one. Two nodes on two cores run one worker each,
+    as a node given one core's CPU limit would (and as the peers, one Node
+    thread per node, do); one node runs one per core. docs/deploying.md,
+    "Worker threads", has the measurements behind it."""
+    return max(1, (os.cpu_count() or 1) // n)
+
+
 def start_hub(procs, hub, redis_url, workdir, n=2):
     ports = free_ports(n)
     nodes = []
@@ -136,7 +145,8 @@ def start_hub(procs, hub, redis_url, workdir, n=2):
             env = {"WSHUB_LISTEN": f"127.0.0.1:{port}", "WSHUB_REDIS__URL": redis_url,
                    # One publisher socket sends far above the default per-socket rate.
                    "WSHUB_LIMITS__MESSAGES_PER_SECOND": "0", "WSHUB_LOG__LEVEL": "warn",
-                   "WSHUB_HISTORY__ENABLED": "true" if hub == HISTORY_HUB else "false"}
+                   "WSHUB_HISTORY__ENABLED": "true" if hub == HISTORY_HUB else "false",
+                   "TOKIO_WORKER_THREADS": str(workers_per_node(n))}
             nodes.append(procs.start([str(WSHUB)], env))
         else:
             env = {"REDIS_URL": redis_url}
