@@ -5,6 +5,8 @@ every run, on a free loopback port), the two builds alternated over ROUNDS
 rounds; prints each run and the medians. For "did this change make the hot
 path slower". The nodes get this process's environment, so
 `WSHUB_HISTORY__ENABLED=true python3 bench/ab.py ...` compares history on.
+Each node runs its share of the cores as worker threads, as in
+bench/run.py, unless the environment sets `TOKIO_WORKER_THREADS`.
 (One Redis for all runs once made history-on runs report duplicates: the
 drain handoff of one run's sockets replayed the next run's identities what
 was published in between, as it should.)
@@ -17,6 +19,9 @@ own checkout. Every run is bounded (8 s of load) and targets 127.0.0.1 only.
 import json, os, resource, shutil, socket, statistics, subprocess, sys, time, tempfile
 if len(sys.argv) < 4:
     raise SystemExit(__doc__)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run import workers_per_node  # noqa: E402
+WORKERS = workers_per_node(2)
 BIN = {"before": sys.argv[1], "after": sys.argv[2]}
 BENCH = sys.argv[3]
 ROUNDS = int(sys.argv[4]) if len(sys.argv) > 4 else 3
@@ -51,8 +56,9 @@ for rnd in range(ROUNDS):
                 ports = [free(), free()]
                 env = lambda p: {**os.environ, "WSHUB_LISTEN": f"127.0.0.1:{p}", "WSHUB_REDIS__URL": f"redis://127.0.0.1:{rp}",
                                  "WSHUB_LIMITS__MESSAGES_PER_SECOND": "0", "WSHUB_LOG__LEVEL": "warn",
-                                 # Each node its share of the cores, as bench/run.py runs them.
-                                 "TOKIO_WORKER_THREADS": str(max(1, (os.cpu_count() or 1) // 2))}
+                                 # Each node its share of the cores, as bench/run.py runs them
+                                 # (unless this environment sets TOKIO_WORKER_THREADS).
+                                 **({"TOKIO_WORKER_THREADS": WORKERS} if WORKERS else {})}
                 nodes = [subprocess.Popen([BIN[which]], env=env(p), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=lim, start_new_session=True) for p in ports]
                 for p in ports: wait(p)
                 time.sleep(0.5)

@@ -125,13 +125,42 @@ HISTORY_HUB = "wshub+history"
 CONNECT_FLOOR = "connect-floor"
 
 
+def available_cores():
+    """The cores this process may use, counted as Rust's
+    `available_parallelism` (and so tokio's default) counts them: the CPU
+    affinity mask, capped by a cgroup CPU quota (v2 `cpu.max`, or v1's
+    `cpu.cfs_quota_us` / `cpu.cfs_period_us`)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    for quota_file, period_file in ((Path("/sys/fs/cgroup/cpu.max"), None),
+                                    (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),
+                                     Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us"))):
+        try:
+            if period_file is None:
+                quota, period = quota_file.read_text().split()
+            else:
+                quota, period = quota_file.read_text().strip(), period_file.read_text().strip()
+            if quota not in ("max", "-1"):
+                cores = min(cores, max(1, int(quota) // int(period)))
+            break
+        except (OSError, ValueError):
+            continue
+    return cores
+
+
 def workers_per_node(n):
-    """Worker threads for each of `n` wshub nodes on this machine: its share
-    of the cores, at least one. Two nodes on two cores run one worker each,
-    as a node given one core's CPU limit would (and as the peers, one Node
-    thread per node, do); one node runs one per core. docs/deploying.md,
-    "Worker threads", has the measurements behind it."""
-    return max(1, (os.cpu_count() or 1) // n)
+    """`TOKIO_WORKER_THREADS` for each of `n` wshub nodes on this machine, or
+    None to leave it alone: when the environment sets it (the nodes inherit
+    it), and for a node alone (tokio's default, one worker per available
+    core). Otherwise each node's share of the available cores, at least one:
+    two nodes on two cores run one worker each, as nodes given one core's
+    CPU limit would (and as the peers, one Node.js thread per node, do).
+    docs/deploying.md, "Worker threads", has the measurements behind it."""
+    if "TOKIO_WORKER_THREADS" in os.environ or n == 1:
+        return None
+    return str(max(1, available_cores() // n))
 
 
 def start_hub(procs, hub, redis_url, workdir, n=2):
@@ -145,8 +174,9 @@ def start_hub(procs, hub, redis_url, workdir, n=2):
             env = {"WSHUB_LISTEN": f"127.0.0.1:{port}", "WSHUB_REDIS__URL": redis_url,
                    # One publisher socket sends far above the default per-socket rate.
                    "WSHUB_LIMITS__MESSAGES_PER_SECOND": "0", "WSHUB_LOG__LEVEL": "warn",
-                   "WSHUB_HISTORY__ENABLED": "true" if hub == HISTORY_HUB else "false",
-                   "TOKIO_WORKER_THREADS": str(workers_per_node(n))}
+                   "WSHUB_HISTORY__ENABLED": "true" if hub == HISTORY_HUB else "false"}
+            if workers_per_node(n):
+                env["TOKIO_WORKER_THREADS"] = workers_per_node(n)
             nodes.append(procs.start([str(WSHUB)], env))
         else:
             env = {"REDIS_URL": redis_url}
@@ -261,8 +291,12 @@ def main():
     procs = Procs()
     redis, redis_url = start_redis(procs, workdir)
 
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                            "cpu": cpu_model(), "date": time.strftime("%Y-%m-%d")},
+               # What wshub was built from, and each of its two nodes' worker threads.
+               "wshub": {"commit": commit or "unknown",
+                         "workers_per_node": os.environ.get("TOKIO_WORKER_THREADS") or workers_per_node(2) or "default"},
                "floor": [], "latency_floor": [], "runs": [], "ramp": {}}
     def measure_floor():
         # The floor drifts with the machine's state: measure it between the
@@ -377,7 +411,12 @@ def markdown(res):
     floor4, _ = floor_median(res, 4)
     m = res["machine"]
     lines = [f"Measured {m['date']} on {m['cpus']} CPUs ({m['cpu']}), 2 nodes + Redis + load generator on the same machine.",
-             "",
+             ""]
+    if "wshub" in res:
+        w = res["wshub"]
+        lines += [f"wshub at commit {w['commit']}, each node with {w['workers_per_node']} worker thread(s) "
+                  "(`TOKIO_WORKER_THREADS`; run.py's `workers_per_node`).", ""]
+    lines += [
              f"Floor (a trivial process writing pre-encoded frames to 2,000 loopback sockets), median of "
              f"{len(all1)} measurements taken between the hubs ({', '.join(f'{v:.2f}' for v in all1)}): "
              f"**{floor1:.2f} µs** per frame with one frame per write, {floor4:.2f} µs with four per write.",
