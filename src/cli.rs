@@ -21,6 +21,10 @@ pub enum CliError {
     /// The command's arguments are wrong.
     #[error("{0}")]
     Usage(String),
+    /// The environment holds something the node would refuse to start
+    /// with, outside its configuration (`TOKIO_WORKER_THREADS`).
+    #[error("{0}")]
+    Environment(String),
     /// `wshub token` needs `auth.jwt_secret`.
     #[error(
         "no auth.jwt_secret is configured: wshub token signs HS256 tokens with it (set it in the file or WSHUB_AUTH__JWT_SECRET)"

@@ -121,7 +121,12 @@ fn main() -> ExitCode {
     match &args.command {
         Some(Command::Config { what }) => {
             return print(match what {
-                ConfigCommand::Check => wshub::cli::config_check(file, std::env::vars()),
+                // The node would refuse to start with a bad count: so does
+                // the check.
+                ConfigCommand::Check => match worker_threads_problem() {
+                    Some(problem) => Err(wshub::cli::CliError::Environment(problem)),
+                    None => wshub::cli::config_check(file, std::env::vars()),
+                },
                 ConfigCommand::Defaults => Ok(wshub::cli::config_defaults()),
             });
         }
@@ -139,9 +144,10 @@ fn main() -> ExitCode {
         _ => {}
     }
     // tokio reads this variable when the runtime starts and panics on a
-    // value that is not a whole number above 0: answer it here instead.
-    if let Some(bad) = bad_worker_threads() {
-        eprintln!("wshub: TOKIO_WORKER_THREADS must be a whole number above 0, got {bad:?}");
+    // value that is not a whole number above 0 (and fails on huge ones):
+    // answer it here instead.
+    if let Some(problem) = worker_threads_problem() {
+        eprintln!("wshub: {problem}");
         // As for a configuration error: `healthcheck` promises 0 or 1.
         return match args.command {
             None => ExitCode::from(2),
@@ -160,7 +166,7 @@ fn main() -> ExitCode {
         }
     };
     if let Some(Command::Healthcheck) = args.command {
-        let alive = tokio::runtime::Runtime::new()
+        let alive = start_runtime()
             .map(|rt| rt.block_on(wshub::server::healthcheck(&config)))
             .unwrap_or(false);
         return if alive {
@@ -176,7 +182,7 @@ fn main() -> ExitCode {
     for warning in &config.env_warnings {
         tracing::warn!("{warning}");
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match start_runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("wshub: cannot start the runtime: {e}");
@@ -192,14 +198,47 @@ fn main() -> ExitCode {
     }
 }
 
-/// `TOKIO_WORKER_THREADS` when it is set to something tokio refuses (its
-/// worker-thread count: README, "Operating a node").
-fn bad_worker_threads() -> Option<String> {
+/// The most worker threads `TOKIO_WORKER_THREADS` may ask for. tokio sets
+/// no bound: a huge count failed with a capacity overflow or an aborted
+/// allocation before any thread ran. More workers than any machine wshub
+/// runs on has cores only cost memory and wake-ups.
+const MAX_WORKER_THREADS: usize = 1024;
+
+/// Why `TOKIO_WORKER_THREADS` (the worker-thread count: README,
+/// "Operating a node") cannot be used, when it is set to something tokio
+/// refuses or to more than [`MAX_WORKER_THREADS`].
+fn worker_threads_problem() -> Option<String> {
     let value = std::env::var_os("TOKIO_WORKER_THREADS")?;
     match value.to_str().map(str::parse::<usize>) {
-        Some(Ok(n)) if n > 0 => None,
-        _ => Some(value.to_string_lossy().into_owned()),
+        Some(Ok(n)) if (1..=MAX_WORKER_THREADS).contains(&n) => None,
+        _ => Some(format!(
+            "TOKIO_WORKER_THREADS must be a whole number from 1 to {MAX_WORKER_THREADS}, got {:?}",
+            value.to_string_lossy()
+        )),
     }
+}
+
+/// The multi-threaded runtime. tokio panics on the calling thread when
+/// the system refuses a worker thread (a thread or memory limit), and
+/// unwinding then waits for the workers already started, forever: the
+/// node hung without listening. For as long as the runtime starts, a
+/// panic ends the process at once with a line saying why, and exit code 1
+/// (as for the runtime's other start errors).
+fn start_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|info| {
+        let why = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("a panic");
+        eprintln!("wshub: cannot start the runtime: {why}");
+        std::process::exit(1);
+    }));
+    let runtime = tokio::runtime::Runtime::new();
+    std::panic::set_hook(previous);
+    runtime
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -75,11 +75,13 @@ fn healthcheck_with_a_configuration_error_exits_1() {
 }
 
 /// A worker-thread count tokio would refuse (with a panic when the
-/// runtime starts) is answered with a line naming it and exit code 2,
-/// like any configuration error; a good one starts the node.
+/// runtime starts), or one above 1,024 (a capacity overflow or an aborted
+/// allocation in tokio), is answered with a line naming it and exit code
+/// 2, like any configuration error; `config check` refuses it too; a good
+/// one starts the node.
 #[test]
 fn a_bad_worker_thread_count_is_refused_with_a_reason() {
-    for bad in ["0", "two", "-1", ""] {
+    for bad in ["0", "two", "-1", "", "1025", "18446744073709551615"] {
         let out = wshub()
             .env_clear()
             .env("WSHUB_LISTEN", "127.0.0.1:0")
@@ -89,11 +91,24 @@ fn a_bad_worker_thread_count_is_refused_with_a_reason() {
         assert_eq!(out.status.code(), Some(2), "TOKIO_WORKER_THREADS={bad:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
-            err.contains("TOKIO_WORKER_THREADS must be a whole number above 0")
+            err.contains("TOKIO_WORKER_THREADS must be a whole number from 1 to 1024")
                 && !err.contains("panicked"),
             "TOKIO_WORKER_THREADS={bad:?}: {err}"
         );
     }
+    // The check says what the start would.
+    let out = wshub()
+        .env_clear()
+        .env("TOKIO_WORKER_THREADS", "1025")
+        .args(["config", "check"])
+        .output()
+        .expect("run wshub");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("TOKIO_WORKER_THREADS must be a whole number from 1 to 1024"),
+        "{err}"
+    );
     // `healthcheck` keeps its promise of 0 or 1.
     let out = wshub()
         .env_clear()
@@ -113,6 +128,48 @@ fn a_bad_worker_thread_count_is_refused_with_a_reason() {
     assert!(
         !err.contains("TOKIO_WORKER_THREADS"),
         "a good value was refused: {err}"
+    );
+}
+
+/// When the system refuses the worker threads (here 1,024 of them under
+/// a 1 GB address-space limit), the node says so and exits 1 at once.
+/// tokio panics on the starting thread, and unwinding waited for the
+/// workers already started: the node hung without listening, or aborted.
+#[test]
+fn a_runtime_that_cannot_start_is_one_line_and_exit_1() {
+    let mut node = Command::new("/bin/sh")
+        .args([
+            "-c",
+            "ulimit -v 1000000 && exec \"$0\"",
+            env!("CARGO_BIN_EXE_wshub"),
+        ])
+        .env_clear()
+        .env("WSHUB_LISTEN", "127.0.0.1:0")
+        .env("TOKIO_WORKER_THREADS", "1024")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run wshub");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = node.try_wait().expect("wait for wshub") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = node.kill();
+            let _ = node.wait();
+            panic!("wshub neither started nor exited within 20 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut node.stderr.take().expect("stderr"), &mut err)
+        .expect("read stderr");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("wshub: cannot start the runtime: OS can't spawn worker thread")
+            && !err.contains("panicked"),
+        "{err}"
     );
 }
 
