@@ -17,6 +17,7 @@ worker threads unless the environment or the script sets
 `TOKIO_WORKER_THREADS`; the order of the hubs is reversed every other
 round. Every run is bounded (8 s of load) and targets 127.0.0.1 only.
 """
+import os
 import shutil
 import statistics
 import subprocess
@@ -37,14 +38,14 @@ WORKLOADS = {
 
 
 def main():
-    if len(sys.argv) < 4 or sys.argv[2] not in WORKLOADS:
+    if len(sys.argv) < 4 or sys.argv[2] not in WORKLOADS or not sys.argv[1].isdigit() or int(sys.argv[1]) < 1:
         raise SystemExit(__doc__)
     rounds, workload, hubs = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
     for hub in hubs:
         if "=" not in hub and hub not in run.PEER_HUBS:
             raise SystemExit(f"unknown hub {hub!r}: a peer ({', '.join(run.PEER_HUBS)}) or NAME=PATH")
-        if "=" in hub and not Path(hub.split("=", 1)[1]).is_file():
-            raise SystemExit(f"{hub}: no such file")
+        if "=" in hub and not os.access(hub.split("=", 1)[1], os.X_OK):
+            raise SystemExit(f"{hub}: no such executable")
     workdir = Path(tempfile.mkdtemp(prefix="wshub-pairs-"))
     procs = run.Procs()
     runs = {hub: [] for hub in hubs}

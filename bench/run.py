@@ -128,26 +128,50 @@ CONNECT_FLOOR = "connect-floor"
 def available_cores():
     """The cores this process may use, counted as Rust's
     `available_parallelism` (and so tokio's default) counts them: the CPU
-    affinity mask, capped by a cgroup CPU quota (v2 `cpu.max`, or v1's
-    `cpu.cfs_quota_us` / `cpu.cfs_period_us`)."""
+    affinity mask, capped by the CPU quota of this process's cgroup and
+    its parents (v2 `cpu.max`, or v1's `cpu.cfs_quota_us` /
+    `cpu.cfs_period_us`), the smallest one found."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    for quota_file, period_file in ((Path("/sys/fs/cgroup/cpu.max"), None),
-                                    (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),
-                                     Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us"))):
-        try:
-            if period_file is None:
-                quota, period = quota_file.read_text().split()
-            else:
-                quota, period = quota_file.read_text().strip(), period_file.read_text().strip()
-            if quota not in ("max", "-1"):
-                cores = min(cores, max(1, int(quota) // int(period)))
-            break
-        except (OSError, ValueError):
-            continue
+    for quota, period in cgroup_quotas():
+        if quota > 0 and period > 0:
+            cores = min(cores, max(1, quota // period))
     return cores
+
+
+def cgroup_quotas():
+    """(quota, period) of every CPU quota over this process: its cgroup's
+    and each parent's, v2 or v1 (a quota of -1 or `max` is none)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and controllers == "":
+            # cgroup v2: one hierarchy, `cpu.max` is "QUOTA PERIOD" or "max PERIOD".
+            dirs, read = [Path("/sys/fs/cgroup")], lambda d: (d / "cpu.max").read_text().split()
+        elif "cpu" in controllers.split(","):
+            dirs = [Path("/sys/fs/cgroup") / name for name in (controllers, "cpu", "cpu,cpuacct")]
+            read = lambda d: [(d / "cpu.cfs_quota_us").read_text().strip(),  # noqa: E731
+                              (d / "cpu.cfs_period_us").read_text().strip()]
+        else:
+            continue
+        for mount in dirs:
+            if not mount.is_dir():
+                continue
+            parts = [p for p in path.split("/") if p]
+            for depth in range(len(parts), -1, -1):
+                try:
+                    quota, period = read(mount.joinpath(*parts[:depth]))
+                    found.append((int(quota), int(period)))
+                except (OSError, ValueError):
+                    continue
+            break
+    return found
 
 
 def workers_per_node(n):
