@@ -97,30 +97,14 @@ fn a_bad_worker_thread_count_is_refused_with_a_reason() {
         );
     }
     // The check says what the start would.
-    let out = wshub()
-        .env_clear()
-        .env("TOKIO_WORKER_THREADS", "1025")
-        .args(["config", "check"])
-        .output()
-        .expect("run wshub");
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, _, err) = run(&["config", "check"], &[("TOKIO_WORKER_THREADS", "1025")]);
+    assert_eq!(code, 1);
     assert!(
         err.contains("TOKIO_WORKER_THREADS must be a whole number from 1 to 1024"),
         "{err}"
     );
-    let out = wshub()
-        .env_clear()
-        .env("TOKIO_WORKER_THREADS", "1024")
-        .args(["config", "check"])
-        .output()
-        .expect("run wshub");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, _, err) = run(&["config", "check"], &[("TOKIO_WORKER_THREADS", "1024")]);
+    assert_eq!(code, 0, "{err}");
     // `healthcheck` keeps its promise of 0 or 1.
     let out = wshub()
         .env_clear()
