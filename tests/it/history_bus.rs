@@ -725,17 +725,8 @@ pub async fn killed_twice_and_repaired(
     const N: usize = 3000;
     let sender = publisher.clone();
     let topic = a.clone();
-    // The publisher waits for each kill at these points, so that it is
-    // still publishing when the connection goes, however slowly the
-    // receiver gets its copies (on a loaded machine it once published
-    // everything before a kill, which then lost nothing).
-    let killed = Arc::new(tokio::sync::Notify::new());
-    let kills_seen = killed.clone();
     let publishing = tokio::spawn(async move {
         for i in 0..N {
-            if i == 400 || i == 1200 {
-                kills_seen.notified().await;
-            }
             sender.publish(std::slice::from_ref(&topic), &format!("k{i}"));
             if i % 5 == 4 {
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -744,9 +735,8 @@ pub async fn killed_twice_and_repaired(
     });
     let mut got = copies(&mut receiver, 300).await;
     for _ in 0..2 {
-        let connections = kill();
-        assert_ne!(connections, "0", "a subscriber connection was killed");
-        killed.notify_one();
+        let killed = kill();
+        assert_ne!(killed, "0", "a subscriber connection was killed");
         got.extend(copies(&mut receiver, 700).await);
     }
     publishing.await.unwrap();
@@ -778,17 +768,8 @@ async fn a_jump_in_the_offsets_is_filled_before_the_copy_that_shows_it() {
     const N: usize = 1500;
     let sender = publisher.clone();
     let topic = a.clone();
-    // The publisher waits for the kill after 300 messages, so that most
-    // are published after it however slowly the receiver gets its first
-    // 200 (on a loaded machine it once published everything before the
-    // kill, which then lost nothing to repair).
-    let killed = Arc::new(tokio::sync::Notify::new());
-    let kill_seen = killed.clone();
     let publishing = tokio::spawn(async move {
         for i in 0..N {
-            if i == 300 {
-                kill_seen.notified().await;
-            }
             sender.publish(std::slice::from_ref(&topic), &format!("j{i}"));
             if i % 10 == 9 {
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -800,9 +781,8 @@ async fn a_jump_in_the_offsets_is_filled_before_the_copy_that_shows_it() {
     // resubscribe: the read of where `a` starts is done before any copy is
     // delivered) never reaches Redis.
     proxy.arm_commands_on(b"h:{g:a}:m");
-    let connections = cli(redis.port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
-    assert_ne!(connections, "0");
-    killed.notify_one();
+    let killed = cli(redis.port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert_ne!(killed, "0");
     proxy.held().await;
     publishing.await.unwrap();
     got.extend(copies(&mut receiver, N - got.len()).await);
@@ -842,22 +822,16 @@ fn assert_send_order(got: &[String], want: &[String]) {
 }
 
 /// A sender that alternates between two topics (`a`, a group, and `u`, a
-/// user) while it publishes `n` messages, a little at a time, waiting
-/// for `killed` before each message numbered in `waits` (so that it is
-/// still publishing when the test kills a connection, however slowly the
-/// receiver gets its copies).
+/// user) while it publishes `n` messages, a little at a time.
 fn alternate(
     sender: Arc<Member>,
-    (a, u): (Topic, Topic),
+    a: Topic,
+    u: Topic,
     n: usize,
     prefix: &'static str,
-    (waits, killed): (&'static [usize], Arc<tokio::sync::Notify>),
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         for i in 0..n {
-            if waits.contains(&i) {
-                killed.notified().await;
-            }
             let topic = if i.is_multiple_of(2) { &a } else { &u };
             sender.publish(std::slice::from_ref(topic), &format!("{prefix}{i}"));
             if i % 5 == 4 {
@@ -892,19 +866,11 @@ async fn after_a_killed_subscriber_two_topics_arrive_in_send_order() {
     let (a, u) = (group("a"), user("u"));
     receiver.subscribe(&[a.clone(), u.clone()]).await;
     const N: usize = 3000;
-    let killed = Arc::new(tokio::sync::Notify::new());
-    let publishing = alternate(
-        publisher.clone(),
-        (a.clone(), u.clone()),
-        N,
-        "k",
-        (&[400, 1000, 1600], killed.clone()),
-    );
+    let publishing = alternate(publisher.clone(), a.clone(), u.clone(), N, "k");
     let mut got = copies(&mut receiver, 300).await;
     for _ in 0..3 {
-        let connections = cli(redis.port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
-        assert_ne!(connections, "0", "a subscriber connection was killed");
-        killed.notify_one();
+        let killed = cli(redis.port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+        assert_ne!(killed, "0", "a subscriber connection was killed");
         got.extend(copies(&mut receiver, 600).await);
     }
     publishing.await.unwrap();
@@ -928,21 +894,13 @@ async fn a_jump_catches_up_every_topic_in_send_order() {
     let (a, u) = (group("a"), user("u"));
     receiver.subscribe(&[a.clone(), u.clone()]).await;
     const N: usize = 1500;
-    let killed = Arc::new(tokio::sync::Notify::new());
-    let publishing = alternate(
-        publisher.clone(),
-        (a.clone(), u.clone()),
-        N,
-        "j",
-        (&[300], killed.clone()),
-    );
+    let publishing = alternate(publisher.clone(), a.clone(), u.clone(), N, "j");
     let mut got = copies(&mut receiver, 200).await;
     // The first history read naming `a` after the kill (the one that
     // catches up after the resubscribe) never reaches Redis.
     proxy.arm_commands_on(b"h:{g:a}:m");
-    let connections = cli(redis.port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
-    assert_ne!(connections, "0");
-    killed.notify_one();
+    let killed = cli(redis.port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert_ne!(killed, "0");
     proxy.held().await;
     publishing.await.unwrap();
     got.extend(copies(&mut receiver, N - got.len()).await);
