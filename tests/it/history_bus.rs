@@ -10,8 +10,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::PATIENCE;
 use crate::common::redis::{GateProxy, RedisServer, cli};
+use crate::common::{PATIENCE, eventually};
 use tokio::sync::mpsc;
 use wshub::bus::{Bus, Deliver, RedisBus};
 use wshub::config::{Config, HistoryConfig};
@@ -695,56 +695,116 @@ async fn copies(member: &mut Member, n: usize) -> Vec<String> {
     got
 }
 
-/// The subscriber connection is killed (`CLIENT KILL TYPE pubsub`, twice)
-/// while another node keeps publishing: the receiver notices the jumps in
-/// the offsets and fills them from history, so it gets every message once,
-/// in order, and reports no gap.
+/// Messages `prefix0`, `prefix1`, ... published to `topics` in turn, five
+/// at a time with a millisecond's pause, until [`stop`](Self::stop): a
+/// kill made before that lands while publishing goes on, however loaded
+/// the machine. Bounded: after `PUBLISHING_CAP` messages it stops by
+/// itself (a test still waiting for a loss then fails).
+struct Publishing {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<usize>,
+}
+
+const PUBLISHING_CAP: usize = 60_000;
+
+impl Publishing {
+    fn start(sender: Arc<Member>, topics: Vec<Topic>, prefix: &'static str) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut sent = 0;
+            while sent < PUBLISHING_CAP {
+                for _ in 0..5 {
+                    let topic = &topics[sent % topics.len()];
+                    sender.publish(std::slice::from_ref(topic), &format!("{prefix}{sent}"));
+                    sent += 1;
+                }
+                if stopped.load(std::sync::atomic::Ordering::Acquire) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            sent
+        });
+        Self { stop, task }
+    }
+
+    /// Stops publishing; answers how many messages were published, so the
+    /// test knows what every receiver is owed: `prefix0` up to that count.
+    async fn stop(self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.task.await.unwrap()
+    }
+}
+
+/// Most kills a test makes waiting for one that loses messages.
+const MAX_KILLS: usize = 12;
+
+/// Kills `receiver`'s subscriber connection with `kill` at least `at_least`
+/// times, and on until a kill lost messages that were repaired (no more
+/// than [`MAX_KILLS`]), taking `between` copies after each; answers the
+/// copies. Whether one kill loses anything is a race (a publish must run
+/// between the kill and the resubscribe, often well under a millisecond
+/// apart), so a test that needs a loss kills until it has one: publishing
+/// goes on until then (see [`Publishing`]).
+async fn kill_until_repaired(
+    receiver: &mut Member,
+    at_least: usize,
+    between: usize,
+    mut kill: impl AsyncFnMut(),
+) -> Vec<String> {
+    let mut got = Vec::new();
+    for kills in 1..=MAX_KILLS {
+        kill().await;
+        got.extend(copies(receiver, between).await);
+        if kills >= at_least && receiver.metric(REPAIRED) >= 1.0 {
+            return got;
+        }
+    }
+    panic!("none of {MAX_KILLS} kills while publishing went on lost a message to repair");
+}
+
+const REPAIRED: &str = "wshub_bus_gaps_total{kind=\"repaired\"}";
+
+/// `CLIENT KILL TYPE pubsub` on the Redis at `port`: fails unless it
+/// killed a connection.
+pub fn kill_pubsub(port: u16) {
+    let killed = cli(port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert_ne!(killed, "0", "a subscriber connection was killed");
+}
+
+/// The subscriber connection is killed (`CLIENT KILL TYPE pubsub`, twice
+/// or more) while another node keeps publishing: the receiver notices the
+/// jumps in the offsets and fills them from history, so it gets every
+/// message once, in order, and reports no gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_subscriber_is_repaired_from_history_while_publishing_goes_on() {
     let redis = RedisServer::start();
     let url = redis.url();
     let publisher = Arc::new(Member::start(&url, "pub", Some(settings())).await);
     let receiver = Member::start(&url, "rcv", Some(settings())).await;
-    killed_twice_and_repaired(publisher, receiver, || {
-        cli(redis.port, &["CLIENT", "KILL", "TYPE", "pubsub"])
-    })
-    .await;
+    killed_while_publishing_and_repaired(publisher, receiver, || kill_pubsub(redis.port)).await;
 }
 
-/// `receiver`'s subscriber connection to group `a` is killed twice (by
-/// `kill`, which answers how many connections it killed) while `publisher`
-/// publishes 3,000 messages to `a`: every one arrives once, in order, and
-/// every gap is repaired.
-pub async fn killed_twice_and_repaired(
+/// `receiver`'s subscriber connection to group `a` is killed (by `kill`)
+/// twice or more while `publisher` publishes to `a`: every message arrives
+/// once, in order, and every gap is repaired.
+pub async fn killed_while_publishing_and_repaired(
     publisher: Arc<Member>,
     mut receiver: Member,
-    kill: impl Fn() -> String,
+    kill: impl Fn(),
 ) {
     let a = group("a");
     receiver.subscribe(std::slice::from_ref(&a)).await;
-    const N: usize = 3000;
-    let sender = publisher.clone();
-    let topic = a.clone();
-    let publishing = tokio::spawn(async move {
-        for i in 0..N {
-            sender.publish(std::slice::from_ref(&topic), &format!("k{i}"));
-            if i % 5 == 4 {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        }
-    });
+    let publishing = Publishing::start(publisher.clone(), vec![a.clone()], "k");
     let mut got = copies(&mut receiver, 300).await;
-    for _ in 0..2 {
-        let killed = kill();
-        assert_ne!(killed, "0", "a subscriber connection was killed");
-        got.extend(copies(&mut receiver, 700).await);
-    }
-    publishing.await.unwrap();
-    got.extend(copies(&mut receiver, N - got.len()).await);
-    let want: Vec<String> = (0..N).map(|i| format!("k{i}")).collect();
+    got.extend(kill_until_repaired(&mut receiver, 2, 700, async || kill()).await);
+    let n = publishing.stop().await;
+    got.extend(copies(&mut receiver, n - got.len()).await);
+    let want: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
     assert_eq!(got, want, "every message once, in order");
     assert_eq!(receiver.until_sentinel(&publisher, &a).await, vec![]);
-    assert_every_gap_repaired(&receiver);
+    assert_no_unrepairable_gap(&receiver);
 }
 
 /// When the subscriber cannot catch up after its resubscribe (here the
@@ -765,42 +825,54 @@ async fn a_jump_in_the_offsets_is_filled_before_the_copy_that_shows_it() {
     let mut receiver = Member::start_with_timeout(&proxy.url(), "rcv", Some(roomy), 300).await;
     let a = group("a");
     receiver.subscribe(std::slice::from_ref(&a)).await;
-    const N: usize = 1500;
-    let sender = publisher.clone();
-    let topic = a.clone();
-    let publishing = tokio::spawn(async move {
-        for i in 0..N {
-            sender.publish(std::slice::from_ref(&topic), &format!("j{i}"));
-            if i % 10 == 9 {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        }
-    });
+    let publishing = Publishing::start(publisher.clone(), vec![a.clone()], "j");
     let mut got = copies(&mut receiver, 200).await;
-    // The next history read naming `a` (the catch-up after the
-    // resubscribe: the read of where `a` starts is done before any copy is
-    // delivered) never reaches Redis.
-    proxy.arm_commands_on(b"h:{g:a}:m");
-    let killed = cli(redis.port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
-    assert_ne!(killed, "0");
-    proxy.held().await;
-    publishing.await.unwrap();
-    got.extend(copies(&mut receiver, N - got.len()).await);
-    let want: Vec<String> = (0..N).map(|i| format!("j{i}")).collect();
+    kill_losing_and_holding_catch_up(&proxy, redis.port, &["wshub:h:{g:a}:s"]).await;
+    got.extend(copies(&mut receiver, 300).await);
+    let n = publishing.stop().await;
+    got.extend(copies(&mut receiver, n - got.len()).await);
+    let want: Vec<String> = (0..n).map(|i| format!("j{i}")).collect();
     assert_eq!(got, want, "every message once, in order");
     assert_eq!(receiver.until_sentinel(&publisher, &a).await, vec![]);
     assert!(
-        receiver.metric("wshub_bus_gaps_total{kind=\"repaired\"}") >= 1.0,
+        receiver.metric(REPAIRED) >= 1.0,
         "the kill lost messages, repaired at the jump"
     );
+    assert_no_unrepairable_gap(&receiver);
 }
 
-/// The kills lost messages (at least one gap), and every gap was repaired.
-fn assert_every_gap_repaired(receiver: &Member) {
-    assert!(
-        receiver.metric("wshub_bus_gaps_total{kind=\"repaired\"}") >= 1.0,
-        "the kills lost messages that were repaired"
-    );
+/// Kills the subscriber connection behind `proxy` (`CLIENT KILL TYPE
+/// pubsub` on the Redis at `port`) so that it loses messages to each of
+/// `streams` (history streams, such as `wshub:h:{g:a}:s`): its
+/// resubscribe is held until Redis ran a publish to each (publishing must
+/// go on). Then holds the first history read naming `a` (the
+/// catch-up after the resubscribe: the read of where `a` starts is done
+/// before any copy is delivered) so that it never reaches Redis: the loss
+/// can only be found by a jump in the offsets.
+async fn kill_losing_and_holding_catch_up(proxy: &GateProxy, port: u16, streams: &[&str]) {
+    let catch_up = proxy.gate();
+    proxy.arm_commands_on(b"SUBSCRIBE");
+    kill_pubsub(port);
+    proxy.held().await;
+    let tops = || -> Vec<String> {
+        streams
+            .iter()
+            .map(|s| cli(port, &["XREVRANGE", s, "+", "-", "COUNT", "1"]))
+            .collect()
+    };
+    let before = tops();
+    eventually(
+        "a publish to each topic while the subscriber is away",
+        || tops().iter().zip(&before).all(|(now, then)| now != then),
+    )
+    .await;
+    catch_up.arm_commands_on(b"h:{g:a}:m");
+    proxy.release();
+    catch_up.held().await;
+}
+
+/// No gap went unrepaired.
+fn assert_no_unrepairable_gap(receiver: &Member) {
     assert_eq!(
         receiver.metric("wshub_bus_gaps_total{kind=\"unrepairable\"}"),
         0.0
@@ -821,26 +893,6 @@ fn assert_send_order(got: &[String], want: &[String]) {
     assert_eq!(got.len(), want.len(), "every message once");
 }
 
-/// A sender that alternates between two topics (`a`, a group, and `u`, a
-/// user) while it publishes `n` messages, a little at a time.
-fn alternate(
-    sender: Arc<Member>,
-    a: Topic,
-    u: Topic,
-    n: usize,
-    prefix: &'static str,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        for i in 0..n {
-            let topic = if i.is_multiple_of(2) { &a } else { &u };
-            sender.publish(std::slice::from_ref(topic), &format!("{prefix}{i}"));
-            if i % 5 == 4 {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        }
-    })
-}
-
 /// Room for what two topics lose while a subscriber is away.
 fn roomy() -> HistoryConfig {
     HistoryConfig {
@@ -850,13 +902,13 @@ fn roomy() -> HistoryConfig {
     }
 }
 
-/// One sender alternating between two topics while the receiver's
-/// subscriber connection is killed (`CLIENT KILL TYPE pubsub`, three
-/// times): both topics lose messages, and the repair after each
-/// resubscribe reads them in one snapshot and delivers them merged in
-/// publish order, before any newer copy. So the receiver sees every
-/// message once, in the order sent (not one topic's losses, then the
-/// other's, after newer copies).
+/// One sender alternating between two topics (`a`, a group, and `u`, a
+/// user) while the receiver's subscriber connection is killed (`CLIENT
+/// KILL TYPE pubsub`, three times or more): both topics lose messages,
+/// and the repair after each resubscribe reads them in one snapshot and
+/// delivers them merged in publish order, before any newer copy. So the
+/// receiver sees every message once, in the order sent (not one topic's
+/// losses, then the other's, after newer copies).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_killed_subscriber_two_topics_arrive_in_send_order() {
     let redis = RedisServer::start();
@@ -865,20 +917,15 @@ async fn after_a_killed_subscriber_two_topics_arrive_in_send_order() {
     let mut receiver = Member::start(&url, "rcv", Some(roomy())).await;
     let (a, u) = (group("a"), user("u"));
     receiver.subscribe(&[a.clone(), u.clone()]).await;
-    const N: usize = 3000;
-    let publishing = alternate(publisher.clone(), a.clone(), u.clone(), N, "k");
+    let publishing = Publishing::start(publisher.clone(), vec![a.clone(), u], "k");
     let mut got = copies(&mut receiver, 300).await;
-    for _ in 0..3 {
-        let killed = cli(redis.port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
-        assert_ne!(killed, "0", "a subscriber connection was killed");
-        got.extend(copies(&mut receiver, 600).await);
-    }
-    publishing.await.unwrap();
-    got.extend(copies(&mut receiver, N - got.len()).await);
-    let want: Vec<String> = (0..N).map(|i| format!("k{i}")).collect();
+    got.extend(kill_until_repaired(&mut receiver, 3, 600, async || kill_pubsub(redis.port)).await);
+    let n = publishing.stop().await;
+    got.extend(copies(&mut receiver, n - got.len()).await);
+    let want: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
     assert_send_order(&got, &want);
     assert_eq!(receiver.until_sentinel(&publisher, &a).await, vec![]);
-    assert_every_gap_repaired(&receiver);
+    assert_no_unrepairable_gap(&receiver);
 }
 
 /// The same loss found by a jump instead (the read after the resubscribe
@@ -893,24 +940,21 @@ async fn a_jump_catches_up_every_topic_in_send_order() {
     let mut receiver = Member::start_with_timeout(&proxy.url(), "rcv", Some(roomy()), 300).await;
     let (a, u) = (group("a"), user("u"));
     receiver.subscribe(&[a.clone(), u.clone()]).await;
-    const N: usize = 1500;
-    let publishing = alternate(publisher.clone(), a.clone(), u.clone(), N, "j");
+    let publishing = Publishing::start(publisher.clone(), vec![a.clone(), u], "j");
     let mut got = copies(&mut receiver, 200).await;
-    // The first history read naming `a` after the kill (the one that
-    // catches up after the resubscribe) never reaches Redis.
-    proxy.arm_commands_on(b"h:{g:a}:m");
-    let killed = cli(redis.port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
-    assert_ne!(killed, "0");
-    proxy.held().await;
-    publishing.await.unwrap();
-    got.extend(copies(&mut receiver, N - got.len()).await);
-    let want: Vec<String> = (0..N).map(|i| format!("j{i}")).collect();
+    let streams = ["wshub:h:{g:a}:s", "wshub:h:{u:u}:s"];
+    kill_losing_and_holding_catch_up(&proxy, redis.port, &streams).await;
+    got.extend(copies(&mut receiver, 300).await);
+    let n = publishing.stop().await;
+    got.extend(copies(&mut receiver, n - got.len()).await);
+    let want: Vec<String> = (0..n).map(|i| format!("j{i}")).collect();
     assert_send_order(&got, &want);
     assert_eq!(receiver.until_sentinel(&publisher, &a).await, vec![]);
     assert!(
-        receiver.metric("wshub_bus_gaps_total{kind=\"repaired\"}") >= 1.0,
-        "the kill lost messages, repaired at the jump"
+        receiver.metric(REPAIRED) >= 2.0,
+        "both topics lost messages, repaired at the jump"
     );
+    assert_no_unrepairable_gap(&receiver);
 }
 
 /// Cuts every connection through `proxy` and holds the resubscribe of the

@@ -18,7 +18,9 @@ use wshub::route::Topic;
 use crate::common::history_settings as settings;
 use crate::common::redis::{RedisCluster, cli};
 use crate::common::{TestServer, eventually};
-use crate::history_bus::{Event, Member, group, killed_twice_and_repaired, position};
+use crate::history_bus::{
+    Event, Member, group, kill_pubsub, killed_while_publishing_and_repaired, position,
+};
 use crate::resume::{Watcher, ann_away_while_the_route_mix_is_sent, messages, sentinel};
 
 /// A node on the cluster `urls`, sharded pub/sub, history on.
@@ -104,10 +106,7 @@ async fn on_a_cluster_a_killed_subscriber_is_repaired_from_history() {
     let publisher = Arc::new(Member::start_sharded(&urls, "pub", Some(settings()), 2000).await);
     let receiver = Member::start_sharded(&urls, "rcv", Some(settings()), 2000).await;
     let shard = cluster.nodes[cluster.owner_of(&group_channel("a")).0].port;
-    killed_twice_and_repaired(publisher, receiver, || {
-        cli(shard, &["CLIENT", "KILL", "TYPE", "pubsub"])
-    })
-    .await;
+    killed_while_publishing_and_repaired(publisher, receiver, || kill_pubsub(shard)).await;
 }
 
 /// Everything `member` receives until a sentinel from `from` came back

@@ -199,26 +199,87 @@ impl RedisCluster {
 /// ([`held`](Self::held)), do what must happen meanwhile, then
 /// [`release`](Self::release). Commands still reach Redis: only the
 /// replies wait. [`sever`](Self::sever) closes
-/// every connection through it (the node reconnects).
+/// every connection through it (the node reconnects). A test that must
+/// hold two connections at once (a resubscribe, then the read after it)
+/// takes a second, independent [`gate`](Self::gate).
 pub struct GateProxy {
     pub port: u16,
+    /// The gate the proxy's own `arm*`, `held` and `release` work.
+    gate: std::sync::Arc<Gate>,
     state: std::sync::Arc<GateState>,
     task: tokio::task::JoinHandle<()>,
 }
 
 struct GateState {
+    /// Every gate, the proxy's own first; each holds one connection.
+    gates: std::sync::Mutex<Vec<std::sync::Arc<Gate>>>,
+    /// Bumped to close every connection.
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+/// Holds the next connection that sends its marker, until released.
+pub struct Gate {
     /// The next connection that sends `marker` is held.
     armed: std::sync::atomic::AtomicBool,
     marker: std::sync::Mutex<Vec<u8>>,
     /// Hold the commands from the marker on (they never reach Redis unless
     /// released), not the replies.
     hold_commands: std::sync::atomic::AtomicBool,
-    /// Set once a SUBSCRIBE is being held.
+    /// Set once a connection is being held.
     seen: tokio::sync::watch::Sender<bool>,
-    /// Set to let held replies through.
+    /// Set to let what is held through.
     open: tokio::sync::watch::Sender<bool>,
-    /// Bumped to close every connection.
-    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl Gate {
+    fn new() -> Self {
+        Self {
+            armed: false.into(),
+            marker: std::sync::Mutex::new(b"SUBSCRIBE".to_vec()),
+            hold_commands: false.into(),
+            seen: tokio::sync::watch::channel(false).0,
+            open: tokio::sync::watch::channel(true).0,
+        }
+    }
+
+    /// Holds the commands, from the one that contains `marker` on, on the
+    /// next connection that sends it: they do not reach Redis unless
+    /// released (the connection is dropped with the proxy otherwise).
+    pub fn arm_commands_on(&self, marker: &[u8]) {
+        self.arm_with(marker, true);
+    }
+
+    fn arm_with(&self, marker: &[u8], commands: bool) {
+        use std::sync::atomic::Ordering;
+        self.hold_commands.store(commands, Ordering::SeqCst);
+        *self.marker.lock().unwrap() = marker.to_ascii_uppercase();
+        self.open.send_replace(false);
+        self.seen.send_replace(false);
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until a connection is being held (fails after the patience).
+    pub async fn held(&self) {
+        let mut seen = self.seen.subscribe();
+        let marker = String::from_utf8_lossy(&self.marker.lock().unwrap()).into_owned();
+        tokio::time::timeout(super::PATIENCE, seen.wait_for(|s| *s))
+            .await
+            .unwrap_or_else(|_| panic!("no {marker} reached the proxy"))
+            .unwrap();
+    }
+
+    /// Lets what is held through (the gate stays open until the next arm).
+    pub fn release(&self) {
+        self.open.send_replace(true);
+    }
+
+    /// Whether `chunk` (upper-cased) takes this gate: it holds its marker
+    /// and the gate is armed (which it no longer is).
+    fn takes(&self, upper: &[u8]) -> bool {
+        let marker = self.marker.lock().unwrap().clone();
+        upper.windows(marker.len()).any(|w| w == marker)
+            && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl GateProxy {
@@ -226,12 +287,9 @@ impl GateProxy {
         use std::sync::Arc;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
+        let gate = Arc::new(Gate::new());
         let state = Arc::new(GateState {
-            armed: false.into(),
-            marker: std::sync::Mutex::new(b"SUBSCRIBE".to_vec()),
-            hold_commands: false.into(),
-            seen: tokio::sync::watch::channel(false).0,
-            open: tokio::sync::watch::channel(true).0,
+            gates: std::sync::Mutex::new(vec![gate.clone()]),
             generation: tokio::sync::watch::channel(0).0,
         });
         let shared = state.clone();
@@ -244,11 +302,24 @@ impl GateProxy {
                 tokio::spawn(proxy_connection(client, server, shared.clone()));
             }
         });
-        Self { port, state, task }
+        Self {
+            port,
+            gate,
+            state,
+            task,
+        }
     }
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A second gate, independent of the proxy's own: it holds another
+    /// connection while the first is held, or after it is released.
+    pub fn gate(&self) -> std::sync::Arc<Gate> {
+        let gate = std::sync::Arc::new(Gate::new());
+        self.state.gates.lock().unwrap().push(gate.clone());
+        gate
     }
 
     /// Holds the reply to the next SUBSCRIBE until [`release`](Self::release).
@@ -259,40 +330,24 @@ impl GateProxy {
     /// Holds the replies on the next connection that sends `marker` (any
     /// case) until [`release`](Self::release).
     pub fn arm_on(&self, marker: &[u8]) {
-        self.arm_with(marker, false);
+        self.gate.arm_with(marker, false);
     }
 
     /// Holds the commands, from the one that contains `marker` on, on the
     /// next connection that sends it: they do not reach Redis unless
     /// released (the connection is dropped with the proxy otherwise).
     pub fn arm_commands_on(&self, marker: &[u8]) {
-        self.arm_with(marker, true);
+        self.gate.arm_commands_on(marker);
     }
 
-    fn arm_with(&self, marker: &[u8], commands: bool) {
-        self.state
-            .hold_commands
-            .store(commands, std::sync::atomic::Ordering::SeqCst);
-        *self.state.marker.lock().unwrap() = marker.to_ascii_uppercase();
-        self.state.open.send_replace(false);
-        self.state.seen.send_replace(false);
-        self.state
-            .armed
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    /// Waits until a SUBSCRIBE is being held (fails after the patience).
+    /// Waits until a connection is being held (fails after the patience).
     pub async fn held(&self) {
-        let mut seen = self.state.seen.subscribe();
-        tokio::time::timeout(super::PATIENCE, seen.wait_for(|s| *s))
-            .await
-            .expect("no SUBSCRIBE reached the proxy")
-            .unwrap();
+        self.gate.held().await;
     }
 
-    /// Lets held replies through (the gate stays open until the next arm).
+    /// Lets what is held through (the gate stays open until the next arm).
     pub fn release(&self) {
-        self.state.open.send_replace(true);
+        self.gate.release();
     }
 
     /// Closes every connection through the proxy.
@@ -313,36 +368,42 @@ async fn proxy_connection(
     server: tokio::net::TcpStream,
     state: std::sync::Arc<GateState>,
 ) {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
+    use std::sync::{Arc, Mutex};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut client_rd, mut client_wr) = client.into_split();
     let (mut server_rd, mut server_wr) = server.into_split();
-    let gated = Arc::new(AtomicBool::new(false));
+    // The gate holding this connection, if any.
+    let gated: Arc<Mutex<Option<Arc<Gate>>>> = Arc::default();
     let mut generation = state.generation.subscribe();
     generation.mark_unchanged();
     let upstream = {
         let (state, gated) = (state.clone(), gated.clone());
         async move {
             let mut buf = vec![0u8; 64 * 1024];
-            let mut open = state.open.subscribe();
             loop {
                 let n = match client_rd.read(&mut buf).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 };
                 let upper = buf[..n].to_ascii_uppercase();
-                let marker = state.marker.lock().unwrap().clone();
-                if upper.windows(marker.len()).any(|w| w == marker)
-                    && state.armed.swap(false, Ordering::SeqCst)
+                let holder = {
+                    let mut gated = gated.lock().unwrap();
+                    if gated.is_none() {
+                        let gates = state.gates.lock().unwrap();
+                        if let Some(gate) = gates.iter().find(|g| g.takes(&upper)) {
+                            // Gate before the command reaches Redis, so
+                            // its reply is certainly held.
+                            *gated = Some(gate.clone());
+                            gate.seen.send_replace(true);
+                        }
+                    }
+                    gated.clone()
+                };
+                if let Some(gate) = holder
+                    && gate.hold_commands.load(Ordering::SeqCst)
                 {
-                    // Gate before the command reaches Redis, so its reply
-                    // is certainly held.
-                    gated.store(true, Ordering::SeqCst);
-                    state.seen.send_replace(true);
-                }
-                if gated.load(Ordering::SeqCst) && state.hold_commands.load(Ordering::SeqCst) {
-                    let _ = open.wait_for(|o| *o).await;
+                    let _ = gate.open.subscribe().wait_for(|o| *o).await;
                 }
                 if server_wr.write_all(&buf[..n]).await.is_err() {
                     return;
@@ -352,15 +413,17 @@ async fn proxy_connection(
     };
     let downstream = async move {
         let mut buf = vec![0u8; 64 * 1024];
-        let mut open = state.open.subscribe();
         loop {
             let n = match server_rd.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            if gated.load(Ordering::SeqCst) && !state.hold_commands.load(Ordering::SeqCst) {
-                let _ = open.wait_for(|o| *o).await;
-                gated.store(false, Ordering::SeqCst);
+            let holder = gated.lock().unwrap().clone();
+            if let Some(gate) = holder
+                && !gate.hold_commands.load(Ordering::SeqCst)
+            {
+                let _ = gate.open.subscribe().wait_for(|o| *o).await;
+                *gated.lock().unwrap() = None;
             }
             if client_wr.write_all(&buf[..n]).await.is_err() {
                 return;
