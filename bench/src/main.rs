@@ -12,8 +12,9 @@
 //!   failures, and the servers' RSS per connection.
 //! - `floor`: the physical floor: a trivial process writing pre-encoded
 //!   frames to loopback sockets (on one or several threads), its CPU per
-//!   frame, and the latency from the start of a round of writes to each
-//!   frame's arrival (what a fanout to that many sockets cannot beat).
+//!   frame while it writes (its connects are not counted), and the latency
+//!   from the start of a round of writes to each frame's arrival (what a
+//!   fanout to that many sockets cannot beat).
 //! - `accept-server`: the connect floor: a trivial WebSocket server
 //!   (tokio-tungstenite, no hub) that accepts and holds sockets, for the
 //!   `idle` scenario to measure connects per second and memory per idle
@@ -260,7 +261,9 @@ async fn main() -> Result<()> {
             seconds,
             threads,
         } => {
-            floor_writer(addr, sockets, rate, batch, seconds, threads)?;
+            let conns = floor_connect(addr, sockets).await?;
+            let cpu = floor_writer(conns, rate, batch, seconds, threads)?;
+            println!("{}", json!(cpu));
             return Ok(());
         }
     };
@@ -1047,7 +1050,7 @@ async fn floor(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let exe = std::env::current_exe()?;
-    let mut child = tokio::process::Command::new(exe)
+    let child = tokio::process::Command::new(exe)
         .args([
             "floor-writer",
             "--addr",
@@ -1065,34 +1068,53 @@ async fn floor(
             "--threads",
             &threads.max(1).to_string(),
         ])
+        .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
     let received = Arc::new(AtomicU64::new(0));
+    let latency = Arc::new(FloorLatency::default());
     let mut readers = Vec::new();
     for _ in 0..sockets {
         let (s, _) = listener.accept().await?;
-        readers.push(tokio::spawn(floor_reader(s, received.clone())));
+        readers.push(tokio::spawn(floor_reader(
+            s,
+            received.clone(),
+            latency.clone(),
+        )));
     }
     let t0 = Instant::now();
-    let status = child.wait().await?;
+    let output = child.wait_with_output().await?;
     // The writer has exited and been waited for: its CPU time is ours as
-    // a parent's (it is our only child).
+    // a parent's (it is our only child). What it spent writing it reports
+    // itself (its connects are no part of a delivery's cost).
     let cpu = children_cpu()?;
-    if !status.success() {
+    if !output.status.success() {
         bail!("floor writer failed");
     }
     let elapsed = t0.elapsed().as_secs_f64();
+    let writer: WriterCpu = serde_json::from_slice(
+        output
+            .stdout
+            .split(|&b| b == b'\n')
+            .rfind(|l| !l.is_empty())
+            .context("the floor writer reported nothing")?,
+    )
+    .context("the floor writer's report")?;
     // The writer's sockets are closed: every reader sees the end soon.
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     for r in readers {
-        let h = tokio::time::timeout(Duration::from_secs(30), r)
+        tokio::time::timeout(Duration::from_secs(30), r)
             .await
             .context("a floor reader did not see the end of its socket")??;
-        latency.add(&h)?;
     }
     let rounds = ((rate * seconds as f64) / batch as f64).floor();
     let frames = rounds * batch as f64 * sockets as f64;
-    let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
+    let counts: Vec<u64> = latency
+        .buckets
+        .iter()
+        .map(|b| b.load(Ordering::Relaxed))
+        .collect();
+    let timed: u64 = counts.iter().sum();
+    let ms = |q: f64| bucket_quantile_ms(&counts, q);
     Ok(json!({
         "scenario": "floor",
         "sockets": sockets,
@@ -1100,13 +1122,15 @@ async fn floor(
         "frames_per_write": batch,
         "threads": threads.max(1),
         "frames": frames,
-        "frames_timed": latency.len(),
+        "frames_timed": timed,
         "bytes_received": received.load(Ordering::Relaxed),
-        "writer_cpu_s": cpu,
-        "writer_cpu_us_per_frame": cpu * 1e6 / frames,
+        "writer_cpu_s": writer.writing_s,
+        "writer_connect_cpu_s": writer.connecting_s,
+        "writer_process_cpu_s": cpu,
+        "writer_cpu_us_per_frame": writer.writing_s * 1e6 / frames,
         "elapsed_s": elapsed,
         "latency": {"p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99),
-                    "max_ms": latency.max() as f64 / 1000.0},
+                    "max_ms": latency.max_us.load(Ordering::Relaxed) as f64 / 1000.0},
     }))
 }
 
@@ -1119,11 +1143,27 @@ const FLOOR_STAMP_AT: usize = 2 + 65;
 const FLOOR_STAMP_LEN: usize = 19;
 const FLOOR_FRAME_LEN: usize = 2 + FLOOR_PAYLOAD.len();
 
+/// The latencies of every floor frame, in the receivers' fixed log buckets
+/// ([`bucket`]): one set for all sockets (a histogram per socket took
+/// 128 KiB each, 2.3 GB and long stalls of page faults at 18,000).
+struct FloorLatency {
+    buckets: Vec<AtomicU64>,
+    max_us: AtomicU64,
+}
+
+impl Default for FloorLatency {
+    fn default() -> Self {
+        Self {
+            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            max_us: AtomicU64::new(0),
+        }
+    }
+}
+
 /// Reads one floor socket to its end: counts bytes, and records each
 /// frame's latency from the send time written in it.
-async fn floor_reader(mut s: TcpStream, received: Arc<AtomicU64>) -> Histogram<u64> {
+async fn floor_reader(mut s: TcpStream, received: Arc<AtomicU64>, latency: Arc<FloorLatency>) {
     use tokio::io::AsyncReadExt;
-    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
     let mut buf = vec![0u8; 4096];
     let mut carry: Vec<u8> = Vec::with_capacity(FLOOR_FRAME_LEN);
     while let Ok(n) = s.read(&mut buf).await {
@@ -1140,12 +1180,13 @@ async fn floor_reader(mut s: TcpStream, received: Arc<AtomicU64>) -> Histogram<u
                 .ok()
                 .and_then(|t| t.parse::<u64>().ok())
             {
-                h.saturating_record(now.saturating_sub(sent) / 1000);
+                let us = now.saturating_sub(sent) / 1000;
+                latency.buckets[bucket(us).min(BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+                latency.max_us.fetch_max(us, Ordering::Relaxed);
             }
         }
         carry.drain(..whole);
     }
-    h
 }
 
 /// CPU seconds this process has used so far (the load generator's own cost).
@@ -1164,28 +1205,51 @@ fn children_cpu() -> Result<f64> {
     Ok((cutime + cstime) / clock_ticks())
 }
 
+/// The floor writer's CPU seconds: opening its sockets, and writing.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WriterCpu {
+    connecting_s: f64,
+    writing_s: f64,
+}
+
+/// Opens the floor writer's `sockets` blocking sockets to `addr`. On
+/// loopback they come from four source addresses (127.0.0.2 to .5), the
+/// port picked at connect (`IP_BIND_ADDRESS_NO_PORT`): from one address,
+/// connect's search for a free port grows with every socket, and 18,000
+/// took some 90 s and 3 s of CPU here.
+async fn floor_connect(addr: SocketAddr, sockets: usize) -> Result<Vec<std::net::TcpStream>> {
+    let mut conns = Vec::with_capacity(sockets);
+    for i in 0..sockets {
+        let socket = tcp_socket(addr)?;
+        if addr.ip() == IpAddr::from([127, 0, 0, 1]) {
+            bind_address_no_port(&socket)?;
+            socket.bind(SocketAddr::from(([127, 0, 0, 2 + (i % 4) as u8], 0)))?;
+        }
+        let stream = socket.connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let stream = stream.into_std()?;
+        stream.set_nonblocking(false)?;
+        conns.push(stream);
+    }
+    Ok(conns)
+}
+
 fn floor_writer(
-    addr: SocketAddr,
-    sockets: usize,
+    conns: Vec<std::net::TcpStream>,
     rate: f64,
     batch: usize,
     seconds: u64,
     threads: usize,
-) -> Result<()> {
+) -> Result<WriterCpu> {
     use std::io::Write;
     assert_eq!(
         &FLOOR_PAYLOAD[FLOOR_STAMP_AT - 2..FLOOR_STAMP_AT - 2 + FLOOR_STAMP_LEN],
         b"1764331200000000000"
     );
+    let sockets = conns.len();
     let mut frame = vec![0x81, FLOOR_PAYLOAD.len() as u8];
     frame.extend_from_slice(FLOOR_PAYLOAD);
-    let conns: Vec<std::net::TcpStream> = (0..sockets)
-        .map(|_| {
-            let s = std::net::TcpStream::connect(addr)?;
-            s.set_nodelay(true)?;
-            Ok(s)
-        })
-        .collect::<Result<_>>()?;
+    let connected = own_cpu()?;
     let rounds = ((rate * seconds as f64) / batch as f64).floor() as u64;
     let every = Duration::from_secs_f64(batch as f64 / rate);
     let start = Instant::now();
@@ -1224,6 +1288,10 @@ fn floor_writer(
             h.join()
                 .map_err(|_| anyhow::anyhow!("a floor writer thread panicked"))?
         })
+    })?;
+    Ok(WriterCpu {
+        connecting_s: connected,
+        writing_s: own_cpu()? - connected,
     })
 }
 
