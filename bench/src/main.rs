@@ -1145,7 +1145,7 @@ const FLOOR_FRAME_LEN: usize = 2 + FLOOR_PAYLOAD.len();
 
 /// The latencies of every floor frame, in the receivers' fixed log buckets
 /// ([`bucket`]): one set for all sockets (a histogram per socket took
-/// 128 KiB each, 2.3 GB and long stalls of page faults at 18,000).
+/// 136 KiB each, 2.4 GB and long stalls of page faults at 18,000).
 struct FloorLatency {
     buckets: Vec<AtomicU64>,
     max_us: AtomicU64,
