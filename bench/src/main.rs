@@ -261,6 +261,7 @@ async fn main() -> Result<()> {
             seconds,
             threads,
         } => {
+            check_floor_args(rate, batch)?;
             let conns = floor_connect(addr, sockets).await?;
             let cpu = floor_writer(conns, rate, batch, seconds, threads)?;
             println!("{}", json!(cpu));
@@ -1047,10 +1048,11 @@ async fn floor(
     seconds: u64,
     threads: usize,
 ) -> Result<serde_json::Value> {
+    check_floor_args(rate, batch)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let exe = std::env::current_exe()?;
-    let child = tokio::process::Command::new(exe)
+    let mut child = tokio::process::Command::new(exe)
         .args([
             "floor-writer",
             "--addr",
@@ -1072,12 +1074,18 @@ async fn floor(
         .kill_on_drop(true)
         .spawn()?;
     let received = Arc::new(AtomicU64::new(0));
-    let latency = Arc::new(FloorLatency::default());
+    let latency = Arc::new(FloorLatency::new()?);
     let mut readers = Vec::new();
-    for _ in 0..sockets {
-        let (s, _) = listener.accept().await?;
+    for shard in 0..sockets {
+        // A writer that dies before it connected every socket ends the
+        // floor with its status, not an accept that waits forever.
+        let s = tokio::select! {
+            accepted = listener.accept() => accepted?.0,
+            status = child.wait() => bail!("the floor writer exited while connecting: {}", status?),
+        };
         readers.push(tokio::spawn(floor_reader(
             s,
+            shard,
             received.clone(),
             latency.clone(),
         )));
@@ -1108,19 +1116,13 @@ async fn floor(
     }
     let rounds = ((rate * seconds as f64) / batch as f64).floor();
     let frames = rounds * batch as f64 * sockets as f64;
-    let counts: Vec<u64> = latency
-        .buckets
-        .iter()
-        .map(|b| b.load(Ordering::Relaxed))
-        .collect();
-    let timed: u64 = counts.iter().sum();
-    let ms = |q: f64| bucket_quantile_ms(&counts, q);
+    let (timed, hdr, edges) = latency.report()?;
     Ok(json!({
         "scenario": "floor",
         "sockets": sockets,
         "rate": rate,
         "frames_per_write": batch,
-        "threads": threads.max(1),
+        "threads": threads.clamp(1, sockets.max(1)),
         "frames": frames,
         "frames_timed": timed,
         "bytes_received": received.load(Ordering::Relaxed),
@@ -1129,8 +1131,8 @@ async fn floor(
         "writer_process_cpu_s": cpu,
         "writer_cpu_us_per_frame": writer.writing_s * 1e6 / frames,
         "elapsed_s": elapsed,
-        "latency": {"p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99),
-                    "max_ms": latency.max_us.load(Ordering::Relaxed) as f64 / 1000.0},
+        "latency": hdr,
+        "latency_buckets": edges,
     }))
 }
 
@@ -1143,26 +1145,69 @@ const FLOOR_STAMP_AT: usize = 2 + 65;
 const FLOOR_STAMP_LEN: usize = 19;
 const FLOOR_FRAME_LEN: usize = 2 + FLOOR_PAYLOAD.len();
 
-/// The latencies of every floor frame, in the receivers' fixed log buckets
-/// ([`bucket`]): one set for all sockets (a histogram per socket took
-/// 136 KiB each, 2.4 GB and long stalls of page faults at 18,000).
+/// The latencies of every floor frame, two ways, one set for all sockets
+/// (a histogram per socket took 136 KiB each, 2.4 GB and long stalls of
+/// page faults at 18,000): sharded HdrHistograms, read as `run.py`'s hubs
+/// are ([`Tally`]), and the fixed log buckets of `receive` ([`bucket`]),
+/// read as `scale.py`'s receivers are (their percentiles are upper bucket
+/// edges, up to 9 % above the other).
 struct FloorLatency {
+    shards: Vec<Mutex<Histogram<u64>>>,
     buckets: Vec<AtomicU64>,
     max_us: AtomicU64,
 }
 
-impl Default for FloorLatency {
-    fn default() -> Self {
-        Self {
+impl FloorLatency {
+    fn new() -> Result<Self> {
+        Ok(Self {
+            shards: (0..32)
+                .map(|_| Ok(Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3)?)))
+                .collect::<Result<_>>()?,
             buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             max_us: AtomicU64::new(0),
+        })
+    }
+
+    fn record(&self, shard: usize, us: u64) {
+        let _ = self.shards[shard % self.shards.len()]
+            .lock()
+            .unwrap()
+            .record(us.max(1));
+        self.buckets[bucket(us).min(BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+        self.max_us.fetch_max(us, Ordering::Relaxed);
+    }
+
+    /// (frames timed, HdrHistogram percentiles, bucket percentiles), each
+    /// at most the largest latency seen.
+    fn report(&self) -> Result<(u64, serde_json::Value, serde_json::Value)> {
+        let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        for h in &self.shards {
+            all.add(&*h.lock().unwrap())?;
         }
+        let max_ms = self.max_us.load(Ordering::Relaxed) as f64 / 1000.0;
+        let hdr = |q: f64| (all.value_at_quantile(q) as f64 / 1000.0).min(max_ms);
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let edge = |q: f64| bucket_quantile_ms(&counts, q).min(max_ms);
+        Ok((
+            all.len(),
+            json!({"p50_ms": hdr(0.5), "p90_ms": hdr(0.9), "p99_ms": hdr(0.99), "max_ms": max_ms}),
+            json!({"p50_ms": edge(0.5), "p90_ms": edge(0.9), "p99_ms": edge(0.99), "max_ms": max_ms}),
+        ))
     }
 }
 
 /// Reads one floor socket to its end: counts bytes, and records each
 /// frame's latency from the send time written in it.
-async fn floor_reader(mut s: TcpStream, received: Arc<AtomicU64>, latency: Arc<FloorLatency>) {
+async fn floor_reader(
+    mut s: TcpStream,
+    shard: usize,
+    received: Arc<AtomicU64>,
+    latency: Arc<FloorLatency>,
+) {
     use tokio::io::AsyncReadExt;
     let mut buf = vec![0u8; 4096];
     let mut carry: Vec<u8> = Vec::with_capacity(FLOOR_FRAME_LEN);
@@ -1180,9 +1225,7 @@ async fn floor_reader(mut s: TcpStream, received: Arc<AtomicU64>, latency: Arc<F
                 .ok()
                 .and_then(|t| t.parse::<u64>().ok())
             {
-                let us = now.saturating_sub(sent) / 1000;
-                latency.buckets[bucket(us).min(BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
-                latency.max_us.fetch_max(us, Ordering::Relaxed);
+                latency.record(shard, now.saturating_sub(sent) / 1000);
             }
         }
         carry.drain(..whole);
@@ -1205,6 +1248,18 @@ fn children_cpu() -> Result<f64> {
     Ok((cutime + cstime) / clock_ticks())
 }
 
+/// A floor needs a rate above zero (its rounds are `batch / rate` apart)
+/// and at least one frame per write.
+fn check_floor_args(rate: f64, batch: usize) -> Result<()> {
+    if !(rate.is_finite() && rate > 0.0) {
+        bail!("--rate must be a number of frames per second above 0, not {rate}");
+    }
+    if batch == 0 {
+        bail!("--batch must be at least 1 frame per write");
+    }
+    Ok(())
+}
+
 /// The floor writer's CPU seconds: opening its sockets, and writing.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct WriterCpu {
@@ -1215,8 +1270,8 @@ struct WriterCpu {
 /// Opens the floor writer's `sockets` blocking sockets to `addr`. On
 /// loopback they come from four source addresses (127.0.0.2 to .5), the
 /// port picked at connect (`IP_BIND_ADDRESS_NO_PORT`): from one address,
-/// connect's search for a free port grows with every socket, and 18,000
-/// took some 90 s and 3 s of CPU here.
+/// connect's search for a free port grows with every socket, and opening
+/// 18,000 took 3 s of CPU here (0.5 s from four).
 async fn floor_connect(addr: SocketAddr, sockets: usize) -> Result<Vec<std::net::TcpStream>> {
     let mut conns = Vec::with_capacity(sockets);
     for i in 0..sockets {
@@ -1256,12 +1311,14 @@ fn floor_writer(
     let threads = threads.clamp(1, sockets.max(1));
     let share = sockets.div_ceil(threads);
     let mut conns = conns.into_iter();
-    std::thread::scope(|scope| {
+    let written = std::thread::scope(|scope| {
         let mut handles = Vec::new();
         for _ in 0..threads {
             let mut mine: Vec<std::net::TcpStream> = conns.by_ref().take(share).collect();
             let frame = frame.clone();
-            handles.push(scope.spawn(move || -> Result<()> {
+            // Each thread hands its sockets back, so that closing them is
+            // not counted as writing.
+            handles.push(scope.spawn(move || -> Result<Vec<std::net::TcpStream>> {
                 let mut out = Vec::with_capacity(frame.len() * batch);
                 for _ in 0..batch {
                     out.extend_from_slice(&frame);
@@ -1281,18 +1338,23 @@ fn floor_writer(
                         c.write_all(&out)?;
                     }
                 }
-                Ok(())
+                Ok(mine)
             }));
         }
-        handles.into_iter().try_for_each(|h| {
-            h.join()
-                .map_err(|_| anyhow::anyhow!("a floor writer thread panicked"))?
-        })
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a floor writer thread panicked"))?
+            })
+            .collect::<Result<Vec<_>>>()
     })?;
-    Ok(WriterCpu {
+    let cpu = WriterCpu {
         connecting_s: connected,
         writing_s: own_cpu()? - connected,
-    })
+    };
+    drop(written);
+    Ok(cpu)
 }
 
 /// The connect floor's server: accepts WebSocket upgrades with
