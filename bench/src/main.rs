@@ -437,8 +437,43 @@ struct Tally {
     /// Deliveries per message sequence number.
     per_seq: Vec<AtomicU32>,
     delivered: AtomicU64,
-    /// Latency in microseconds, sharded to keep receivers off one lock.
-    latency: Vec<Mutex<Histogram<u64>>>,
+    latency: ShardedLatency,
+}
+
+/// Latencies in µs in HdrHistograms, sharded to keep receivers off one
+/// lock.
+struct ShardedLatency(Vec<Mutex<Histogram<u64>>>);
+
+impl ShardedLatency {
+    fn new() -> Self {
+        Self(
+            (0..32)
+                .map(|_| Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).unwrap()))
+                .collect(),
+        )
+    }
+
+    fn record(&self, shard: usize, us: u64) {
+        let _ = self.0[shard % self.0.len()]
+            .lock()
+            .unwrap()
+            .record(us.max(1));
+    }
+
+    /// (values recorded, p50/p90/p99/max in ms); a percentile is at most
+    /// the largest value (a histogram bin's upper end can pass it).
+    fn percentiles(&self) -> (u64, serde_json::Value) {
+        let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        for h in &self.0 {
+            all.add(&*h.lock().unwrap()).unwrap();
+        }
+        let max_ms = all.max() as f64 / 1000.0;
+        let ms = |q: f64| (all.value_at_quantile(q) as f64 / 1000.0).min(max_ms);
+        (
+            all.len(),
+            json!({"p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "max_ms": max_ms}),
+        )
+    }
 }
 
 impl Tally {
@@ -446,9 +481,7 @@ impl Tally {
         Arc::new(Self {
             per_seq: (0..max_seq).map(|_| AtomicU32::new(0)).collect(),
             delivered: AtomicU64::new(0),
-            latency: (0..32)
-                .map(|_| Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).unwrap()))
-                .collect(),
+            latency: ShardedLatency::new(),
         })
     }
 
@@ -460,11 +493,8 @@ impl Tally {
             c.fetch_add(1, Ordering::Relaxed);
         }
         self.delivered.fetch_add(1, Ordering::Relaxed);
-        let us = now_ns().saturating_sub(sent) / 1000;
-        let _ = self.latency[shard % self.latency.len()]
-            .lock()
-            .unwrap()
-            .record(us.max(1));
+        self.latency
+            .record(shard, now_ns().saturating_sub(sent) / 1000);
     }
 
     /// (missing, duplicated) against `expected` copies of each of `sent` messages.
@@ -479,12 +509,7 @@ impl Tally {
     }
 
     fn percentiles(&self) -> serde_json::Value {
-        let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
-        for h in &self.latency {
-            all.add(&*h.lock().unwrap()).unwrap();
-        }
-        let ms = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
-        json!({"p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "max_ms": all.max() as f64 / 1000.0})
+        self.latency.percentiles().1
     }
 }
 
@@ -755,8 +780,7 @@ struct Share {
     /// Copies beyond the first of a message to one receiver.
     duplicated: AtomicU64,
     delivered: AtomicU64,
-    buckets: Vec<AtomicU64>,
-    max_us: AtomicU64,
+    latency: LogBuckets,
     /// Receivers whose socket ended (closed by the node, or an error).
     closed: AtomicU64,
 }
@@ -767,8 +791,7 @@ impl Share {
             per_seq: (0..messages).map(|_| AtomicU32::new(0)).collect(),
             duplicated: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
-            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
-            max_us: AtomicU64::new(0),
+            latency: LogBuckets::new(),
             closed: AtomicU64::new(0),
         })
     }
@@ -779,10 +802,7 @@ impl Share {
             return;
         };
         self.delivered.fetch_add(1, Ordering::Relaxed);
-        let us = now_ns().saturating_sub(sent) / 1000;
-        let k = bucket(us).min(BUCKETS - 1);
-        self.buckets[k].fetch_add(1, Ordering::Relaxed);
-        self.max_us.fetch_max(us, Ordering::Relaxed);
+        self.latency.record(now_ns().saturating_sub(sent) / 1000);
         let seq = seq as usize;
         if seq >= self.per_seq.len() {
             return;
@@ -795,11 +815,31 @@ impl Share {
             self.per_seq[seq].fetch_add(1, Ordering::Relaxed);
         }
     }
+}
 
-    /// The histogram's counts, without the trailing empty buckets.
-    fn bucket_counts(&self) -> Vec<u64> {
+/// Latencies in µs in the fixed log buckets ([`bucket`]), and the largest.
+struct LogBuckets {
+    counts: Vec<AtomicU64>,
+    max_us: AtomicU64,
+}
+
+impl LogBuckets {
+    fn new() -> Self {
+        Self {
+            counts: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            max_us: AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self, us: u64) {
+        self.counts[bucket(us).min(BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+        self.max_us.fetch_max(us, Ordering::Relaxed);
+    }
+
+    /// The counts, without the trailing empty buckets.
+    fn counts(&self) -> Vec<u64> {
         let mut counts: Vec<u64> = self
-            .buckets
+            .counts
             .iter()
             .map(|b| b.load(Ordering::Relaxed))
             .collect();
@@ -807,6 +847,10 @@ impl Share {
             counts.pop();
         }
         counts
+    }
+
+    fn max_us(&self) -> u64 {
+        self.max_us.load(Ordering::Relaxed)
     }
 }
 
@@ -891,7 +935,7 @@ async fn receive_share(
     )
     .await;
     let elapsed = t1.elapsed().as_secs_f64();
-    let counts = share.bucket_counts();
+    let counts = share.latency.counts();
     let per_seq: Vec<u32> = share
         .per_seq
         .iter()
@@ -916,7 +960,7 @@ async fn receive_share(
         "closed_before_stop": share.closed.load(Ordering::Relaxed),
         "per_seq": per_seq,
         "latency_buckets": {"per_doubling": BUCKETS_PER_DOUBLING, "unit": "us", "counts": counts},
-        "max_us": share.max_us.load(Ordering::Relaxed),
+        "max_us": share.latency.max_us(),
         "latency": {
             "p50_ms": bucket_quantile_ms(&counts, 0.5),
             "p99_ms": bucket_quantile_ms(&counts, 0.99),
@@ -1074,7 +1118,10 @@ async fn floor(
         .kill_on_drop(true)
         .spawn()?;
     let received = Arc::new(AtomicU64::new(0));
-    let latency = Arc::new(FloorLatency::new()?);
+    let latency = Arc::new(FloorLatency {
+        hdr: ShardedLatency::new(),
+        buckets: LogBuckets::new(),
+    });
     let mut readers = Vec::new();
     for shard in 0..sockets {
         // A writer that dies before it connected every socket ends the
@@ -1116,7 +1163,7 @@ async fn floor(
     }
     let rounds = ((rate * seconds as f64) / batch as f64).floor();
     let frames = rounds * batch as f64 * sockets as f64;
-    let (timed, hdr, edges) = latency.report()?;
+    let (timed, hdr, edges) = latency.report();
     Ok(json!({
         "scenario": "floor",
         "sockets": sockets,
@@ -1147,56 +1194,30 @@ const FLOOR_FRAME_LEN: usize = 2 + FLOOR_PAYLOAD.len();
 
 /// The latencies of every floor frame, two ways, one set for all sockets
 /// (a histogram per socket took 136 KiB each, 2.4 GB and long stalls of
-/// page faults at 18,000): sharded HdrHistograms, read as `run.py`'s hubs
-/// are ([`Tally`]), and the fixed log buckets of `receive` ([`bucket`]),
-/// read as `scale.py`'s receivers are (their percentiles are upper bucket
-/// edges, up to 9 % above the other).
+/// page faults at 18,000): as `run.py`'s hubs are read ([`Tally`]'s
+/// HdrHistograms), and as `scale.py`'s receivers are (`receive`'s fixed
+/// log buckets, whose percentiles are upper bucket edges, up to 9 % above
+/// the other).
 struct FloorLatency {
-    shards: Vec<Mutex<Histogram<u64>>>,
-    buckets: Vec<AtomicU64>,
-    max_us: AtomicU64,
+    hdr: ShardedLatency,
+    buckets: LogBuckets,
 }
 
 impl FloorLatency {
-    fn new() -> Result<Self> {
-        Ok(Self {
-            shards: (0..32)
-                .map(|_| Ok(Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3)?)))
-                .collect::<Result<_>>()?,
-            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
-            max_us: AtomicU64::new(0),
-        })
-    }
-
     fn record(&self, shard: usize, us: u64) {
-        let _ = self.shards[shard % self.shards.len()]
-            .lock()
-            .unwrap()
-            .record(us.max(1));
-        self.buckets[bucket(us).min(BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
-        self.max_us.fetch_max(us, Ordering::Relaxed);
+        self.hdr.record(shard, us);
+        self.buckets.record(us);
     }
 
     /// (frames timed, HdrHistogram percentiles, bucket percentiles), each
     /// at most the largest latency seen.
-    fn report(&self) -> Result<(u64, serde_json::Value, serde_json::Value)> {
-        let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-        for h in &self.shards {
-            all.add(&*h.lock().unwrap())?;
-        }
-        let max_ms = self.max_us.load(Ordering::Relaxed) as f64 / 1000.0;
-        let hdr = |q: f64| (all.value_at_quantile(q) as f64 / 1000.0).min(max_ms);
-        let counts: Vec<u64> = self
-            .buckets
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .collect();
+    fn report(&self) -> (u64, serde_json::Value, serde_json::Value) {
+        let (timed, hdr) = self.hdr.percentiles();
+        let counts = self.buckets.counts();
+        let max_ms = self.buckets.max_us() as f64 / 1000.0;
         let edge = |q: f64| bucket_quantile_ms(&counts, q).min(max_ms);
-        Ok((
-            all.len(),
-            json!({"p50_ms": hdr(0.5), "p90_ms": hdr(0.9), "p99_ms": hdr(0.99), "max_ms": max_ms}),
-            json!({"p50_ms": edge(0.5), "p90_ms": edge(0.9), "p99_ms": edge(0.99), "max_ms": max_ms}),
-        ))
+        let edges = json!({"p50_ms": edge(0.5), "p90_ms": edge(0.9), "p99_ms": edge(0.99), "max_ms": max_ms});
+        (timed, hdr, edges)
     }
 }
 
