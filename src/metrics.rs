@@ -48,6 +48,11 @@ struct KindLabel {
     kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AnsweredLabel {
+    answered_by: &'static str,
+}
+
 /// What became of a gap the bus found in a topic's positions (history on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GapKind {
@@ -101,6 +106,10 @@ pub struct Metrics {
     presence_events: Family<KindLabel, Counter>,
     control_received: Counter,
     ban_check_failures: Counter,
+    /// `ban_checks` by who answered: this node's copy of the bans, or
+    /// Redis (held apart: one is counted per connect).
+    ban_checks_here: Counter,
+    ban_checks_redis: Counter,
     resumes: Family<ResultLabel, Counter>,
     resume_replayed: Histogram,
     drain_handoffs: Family<ResultLabel, Counter>,
@@ -119,6 +128,12 @@ impl Metrics {
     /// A registry with every series registered and seeded at 0.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("wshub");
+        let ban_checks = Family::<AnsweredLabel, Counter>::default();
+        let answered = |answered_by| {
+            ban_checks
+                .get_or_create(&AnsweredLabel { answered_by })
+                .clone()
+        };
         let m = Metrics {
             connections: Gauge::default(),
             opened: Counter::default(),
@@ -148,6 +163,8 @@ impl Metrics {
             presence_events: Family::default(),
             control_received: Counter::default(),
             ban_check_failures: Counter::default(),
+            ban_checks_here: answered("node"),
+            ban_checks_redis: answered("redis"),
             resumes: Family::default(),
             // 1 … 4096 messages (max_replay is 1000 by default)
             resume_replayed: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
@@ -296,6 +313,11 @@ impl Metrics {
             m.ban_check_failures.clone(),
         );
         registry.register(
+            "ban_checks",
+            "Ban checks of connecting sockets, by who answered: the node's own copy of the bans, or Redis",
+            ban_checks,
+        );
+        registry.register(
             "resume",
             "Sockets that asked to resume (or took over a drain handoff), by result",
             m.resumes.clone(),
@@ -414,6 +436,16 @@ impl Metrics {
     /// This node carried out a control order.
     pub fn control_received(&self) {
         self.control_received.inc();
+    }
+
+    /// A ban check was answered by this node's copy of the bans (`here`)
+    /// or by Redis.
+    pub fn ban_checked(&self, here: bool) {
+        if here {
+            self.ban_checks_here.inc();
+        } else {
+            self.ban_checks_redis.inc();
+        }
     }
 
     /// A ban check failed (the socket was let in).

@@ -464,7 +464,16 @@ impl Node {
     /// `wshub_ban_check_failures_total` and logged once per outage. A
     /// node whose topics are subscribed serves its sockets through a short
     /// Redis outage; a ban check must not end that.
+    ///
+    /// On Redis the node's copy of the bans answers when it can (every
+    /// ban is published to every node, `src/bus/redis/bans.rs`), and
+    /// Redis is asked otherwise.
     async fn banned(&self, user: &str) -> bool {
+        if let Some(banned) = self.control.banned_here(user) {
+            self.metrics.ban_checked(true);
+            return banned;
+        }
+        self.metrics.ban_checked(false);
         match self.control.banned(user).await {
             Ok(banned) => {
                 if self.ban_check_failing.swap(false, Ordering::Relaxed) {

@@ -63,6 +63,13 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// Bans `user` for `ttl`: its new sockets are refused on every node.
     fn ban<'a>(&'a self, user: &'a str, ttl: Duration) -> ControlFuture<'a, ()>;
 
+    /// Whether `user` is banned now, if this node knows without asking
+    /// anyone (the Redis bus's ban mirror, `src/bus/redis/bans.rs`);
+    /// `None`: ask [`banned`](Self::banned).
+    fn banned_here(&self, _user: &str) -> Option<bool> {
+        None
+    }
+
     /// Whether `user` is banned now.
     fn banned<'a>(&'a self, user: &'a str) -> ControlFuture<'a, bool>;
 }
@@ -170,9 +177,13 @@ impl ControlPlane for Local {
         ready(bans.put(user, (), now + ttl, now))
     }
 
-    fn banned<'a>(&'a self, user: &'a str) -> ControlFuture<'a, bool> {
+    fn banned_here(&self, user: &str) -> Option<bool> {
         let bans = self.bans.lock().unwrap_or_else(|e| e.into_inner());
-        ready(Ok(bans.get(user, Instant::now()).is_some()))
+        Some(bans.get(user, Instant::now()).is_some())
+    }
+
+    fn banned<'a>(&'a self, user: &'a str) -> ControlFuture<'a, bool> {
+        ready(Ok(self.banned_here(user) == Some(true)))
     }
 }
 

@@ -19,11 +19,14 @@
 //! while every live node reads it. Each entry lists the versions its node
 //! reads (`wire::READS`); the registry feeds what every live node reads
 //! into the bus's [`VersionGate`] at each heartbeat, and the publisher asks
-//! it ([`VersionGate::choose`]) for the version to write.
+//! it ([`VersionGate::choose`]) for the version to write. The gate also
+//! says whether every live node publishes its bans
+//! ([`VersionGate::bans_pushed`]): only then may a node answer ban checks
+//! from its own copy (`src/bus/redis/bans.rs`).
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -121,6 +124,8 @@ pub trait Registry: Send + Sync + 'static {
 pub struct VersionGate {
     /// Versions every live node reads: bit `n - 1` for version `n`.
     readable: AtomicU64,
+    /// Whether every live node publishes its bans.
+    bans: AtomicBool,
     /// Until when `readable` may be trusted: milliseconds since `base`,
     /// plus one; 0 = never (nothing known yet).
     until: AtomicU64,
@@ -147,6 +152,7 @@ impl VersionGate {
     pub fn new() -> Self {
         Self {
             readable: AtomicU64::new(0),
+            bans: AtomicBool::new(false),
             until: AtomicU64::new(0),
             base: Instant::now(),
         }
@@ -159,6 +165,7 @@ impl VersionGate {
         let own = wire::READS.iter().map(|v| v.number()).collect::<Vec<_>>();
         gate.readable
             .store(own.iter().fold(0, |m, v| m | bit(*v)), Ordering::Release);
+        gate.bans.store(true, Ordering::Release);
         gate.until.store(u64::MAX, Ordering::Release);
         gate
     }
@@ -167,9 +174,11 @@ impl VersionGate {
     /// per live node, `None` for a node whose versions are not known (which
     /// closes the gate: nothing is known to be readable by it). Trusted for
     /// `fresh_for` (the node lease).
+    /// `bans_pushed`: whether every one of them publishes its bans.
     pub fn observe<'a>(
         &self,
         live: impl IntoIterator<Item = Option<&'a [u32]>>,
+        bans_pushed: bool,
         fresh_for: Duration,
     ) {
         let mut readable = u64::MAX;
@@ -181,6 +190,7 @@ impl VersionGate {
         // sees this `readable` too. One that sees the old `until` with the
         // new `readable` only has fresher news.
         self.readable.store(readable, Ordering::Release);
+        self.bans.store(bans_pushed, Ordering::Release);
         self.until.store(
             u64::try_from(until.as_millis()).unwrap_or(u64::MAX - 1) + 1,
             Ordering::Release,
@@ -190,6 +200,17 @@ impl VersionGate {
     /// Whether every live node reads payload version `version` (false when
     /// the gate knows nothing, or nothing recent).
     pub fn may_write(&self, version: u32) -> bool {
+        self.fresh() && self.readable.load(Ordering::Acquire) & bit(version) != 0
+    }
+
+    /// Whether every live node publishes every ban it makes (false when
+    /// the gate knows nothing, or nothing recent).
+    pub fn bans_pushed(&self) -> bool {
+        self.fresh() && self.bans.load(Ordering::Acquire)
+    }
+
+    /// Whether the last look is recent enough to trust.
+    fn fresh(&self) -> bool {
         let until = self.until.load(Ordering::Acquire);
         if until == 0 {
             return false;
@@ -197,10 +218,7 @@ impl VersionGate {
         let now = Instant::now()
             .saturating_duration_since(self.base)
             .as_millis();
-        if u128::from(until - 1) < now {
-            return false;
-        }
-        self.readable.load(Ordering::Acquire) & bit(version) != 0
+        u128::from(until - 1) >= now
     }
 
     /// The version to write: the first of `writes` (newest first) that
@@ -292,26 +310,26 @@ mod tests {
         assert_eq!(gate.choose(WRITES, number), V::One);
 
         let (old, new, newest): (&[u32], &[u32], &[u32]) = (&[1], &[1, 2], &[1, 2, 3]);
-        gate.observe([Some(new), Some(newest), Some(old)], LEASE);
+        gate.observe([Some(new), Some(newest), Some(old)], false, LEASE);
         assert!(gate.may_write(1));
         assert!(!gate.may_write(2), "the old node cannot read 2");
         assert_eq!(gate.choose(WRITES, number), V::One);
 
         // The old node left: 2 is open, 3 is not (one node lacks it).
-        gate.observe([Some(new), Some(newest)], LEASE);
+        gate.observe([Some(new), Some(newest)], false, LEASE);
         assert!(gate.may_write(2) && !gate.may_write(3));
         assert_eq!(gate.choose(WRITES, number), V::Two);
 
-        gate.observe([Some(newest), Some(newest)], LEASE);
+        gate.observe([Some(newest), Some(newest)], false, LEASE);
         assert_eq!(gate.choose(WRITES, number), V::Three);
 
         // A live node whose versions are unknown closes the gate.
-        gate.observe([Some(newest), None], LEASE);
+        gate.observe([Some(newest), None], false, LEASE);
         assert!(!gate.may_write(1));
         assert_eq!(gate.choose(WRITES, number), V::One);
 
         // A node that dropped version 1 closes it for everyone.
-        gate.observe([Some(newest), Some(&[2, 3])], LEASE);
+        gate.observe([Some(newest), Some(&[2, 3])], false, LEASE);
         assert!(!gate.may_write(1) && gate.may_write(2));
         assert!(!gate.may_write(0) && !gate.may_write(65), "out of range");
     }
@@ -320,17 +338,19 @@ mod tests {
     async fn what_the_gate_knows_expires_with_the_lease() {
         let gate = VersionGate::new();
         let both: &[u32] = &[1, 2];
-        gate.observe([Some(both)], LEASE);
+        assert!(!gate.bans_pushed(), "nothing known yet");
+        gate.observe([Some(both)], true, LEASE);
         tokio::time::advance(LEASE - Duration::from_millis(1)).await;
-        assert!(gate.may_write(2));
+        assert!(gate.may_write(2) && gate.bans_pushed());
         tokio::time::advance(Duration::from_millis(2)).await;
         assert!(
-            !gate.may_write(2),
+            !gate.may_write(2) && !gate.bans_pushed(),
             "a look older than the lease is not trusted"
         );
         assert_eq!(gate.choose(WRITES, number), V::One);
-        gate.observe([Some(both)], LEASE);
+        gate.observe([Some(both)], false, LEASE);
         assert!(gate.may_write(2), "the next look opens it again");
+        assert!(!gate.bans_pushed(), "a node that does not push its bans");
     }
 
     #[test]

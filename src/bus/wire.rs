@@ -199,6 +199,12 @@ impl Channels {
         &self.prefix
     }
 
+    /// The channel every ban is published on, and the key of the sorted
+    /// set that holds them (`src/bus/redis/bans.rs`); not a topic.
+    pub fn bans(&self) -> String {
+        format!("{}bans", self.prefix)
+    }
+
     /// The probe channel of `node_id` (its own, so only it hears its probes).
     pub fn probe(&self, node_id: &str) -> String {
         format!("{}probe:{node_id}", self.prefix)
@@ -608,6 +614,8 @@ mod tests {
         assert_eq!(ch.topic(&ch.of(&conn)), None, "a node's own channel");
         assert_eq!(topic_from_key(&topic_key(&conn)), Some(conn));
         assert_eq!(ch.probe("n1"), "wshub:probe:n1");
+        assert_eq!(ch.bans(), "wshub:bans");
+        assert_eq!(ch.topic(&ch.bans()), None, "the bans' channel");
     }
 
     #[test]

@@ -466,6 +466,20 @@ impl PushReceiver {
         Some(push)
     }
 
+    /// How many pushes are queued.
+    fn queued(&self) -> usize {
+        self.rx.len()
+    }
+
+    /// A push already queued, without waiting.
+    fn try_recv(&mut self) -> Option<redis::PushInfo> {
+        let push = self.rx.try_recv().ok()?;
+        self.budget
+            .bytes
+            .fetch_sub(push_bytes(&push), Ordering::AcqRel);
+        Some(push)
+    }
+
     fn take_dropped(&self) -> u64 {
         self.budget.dropped.swap(0, Ordering::Relaxed)
     }
@@ -639,6 +653,27 @@ impl SubConn {
         let Some(push) = self.pushes.recv().await else {
             return Incoming::Closed;
         };
+        Self::read(push)
+    }
+
+    /// What came before now, without waiting: `None` once nothing more is
+    /// queued. Redis-rs queues a push before it completes the reply of a
+    /// command that Redis answered after it, so once a `SUBSCRIBE` has
+    /// returned, every push that preceded its reply is here.
+    pub(super) fn try_next(&mut self) -> Option<Incoming> {
+        let dropped = self.pushes.take_dropped();
+        if dropped > 0 {
+            return Some(Incoming::Lagged(dropped));
+        }
+        self.pushes.try_recv().map(Self::read)
+    }
+
+    /// How many pushes are queued now.
+    pub(super) fn queued(&self) -> usize {
+        self.pushes.queued()
+    }
+
+    fn read(push: redis::PushInfo) -> Incoming {
         match push.kind {
             redis::PushKind::Message | redis::PushKind::SMessage => {
                 let mut data = push.data.into_iter();

@@ -10,6 +10,7 @@
 //! |---|---|---|
 //! | `P:idem:<key>` | an idempotency key of `POST /api/publish`: `<answer>:<token>`, or `x:<token>` for a claim withdrawn because its outcome was unknown (free for any other token; see [`WITHDRAW`]) | 5 minutes after its first use |
 //! | `P:ban:<user>` | a ban (`POST /api/disconnect` with `ban_ms`) | with the ban |
+//! | `P:bans` | every ban, for the nodes' mirrors (not on a Redis Cluster; `bans.rs`) | with the longest ban |
 //!
 //! **Topics** are what Redis says: `PUBSUB CHANNELS P:*` and `PUBSUB
 //! NUMSUB` on a single server, `PUBSUB SHARDCHANNELS`/`SHARDNUMSUB` asked
@@ -29,6 +30,7 @@ use std::time::Duration;
 use tokio::time::timeout;
 
 use super::Shared;
+use super::bans;
 use super::conn::{Link, PubConn, connect_publisher, open_command_connection};
 use crate::bus::BusError;
 use crate::bus::control::{ControlFuture, ControlPlane, Held};
@@ -351,10 +353,35 @@ impl ControlPlane for RedisControl {
     fn ban<'a>(&'a self, user: &'a str, ttl: Duration) -> ControlFuture<'a, ()> {
         Box::pin(async move {
             let ms = (ttl.as_millis() as u64).max(1);
-            let mut cmd = redis::cmd("SET");
-            cmd.arg(self.key("ban", user)).arg(1).arg("PX").arg(ms);
-            self.run::<()>(&cmd).await
+            let key = self.key("ban", user);
+            if self.sharded() {
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(key).arg(1).arg("PX").arg(ms);
+                return self.run::<()>(&cmd).await;
+            }
+            // The key, the set the mirrors load and the push that keeps
+            // them current, in one step (`bans.rs`). Safe to run twice
+            // (`run` may): the second replaces the first.
+            let bans = &self.shared.bans_channel;
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(bans::BAN)
+                .arg(2)
+                .arg(key)
+                .arg(bans)
+                .arg(user)
+                .arg(ms)
+                .arg(bans);
+            self.run::<i64>(&cmd).await.map(|_| ())
         })
+    }
+
+    fn banned_here(&self, user: &str) -> Option<bool> {
+        // Only while every live node publishes its bans: one of an older
+        // build only sets the key (`bans.rs`).
+        if self.sharded() || !self.shared.gate.bans_pushed() {
+            return None;
+        }
+        self.shared.bans.check(user, tokio::time::Instant::now())
     }
 
     fn banned<'a>(&'a self, user: &'a str) -> ControlFuture<'a, bool> {

@@ -27,6 +27,8 @@
 //!   Redis every `presence.heartbeat_ms` on a connection of its own, once
 //!   the node has joined it, keeps the version gate `publish` consults, and
 //!   removes the node's entry when the bus stops.
+//! - the **ban mirror** (`bans.rs`): every ban published to every node,
+//!   so that a connect's ban check asks no one (not on a Redis Cluster).
 //! - **cluster presence** (`presence.rs`), on the registry's leases: one
 //!   script for every write and read, a sweep of dead nodes' holdings, and
 //!   a `BLPOP` per node on a connection of its own for join/leave frames
@@ -83,6 +85,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
+mod bans;
 mod conn;
 mod control;
 mod gaps;
@@ -195,6 +198,10 @@ struct Shared {
     /// With `history.enabled`: the history, its script and its command
     /// connection.
     history: Option<Arc<RedisHistory>>,
+    /// This node's copy of the bans, and their channel (`bans.rs`; unused
+    /// on a Redis Cluster).
+    bans: bans::BanMirror,
+    bans_channel: String,
 }
 
 impl RedisBus {
@@ -215,6 +222,7 @@ impl RedisBus {
         let history =
             history.map(|h| Arc::new(RedisHistory::new(&node_id, link.clone(), config.clone(), h)));
         let channels = Channels::new(&config.channel_prefix);
+        let bans_channel = channels.bans();
         // A new instance per start: a connection id of an earlier run of
         // this node id never reaches a socket of this one.
         let address: Arc<str> = format!("{node_id}-{:08x}", rand::random::<u32>()).into();
@@ -239,6 +247,8 @@ impl RedisBus {
             flush_within_ms: AtomicU64::new(0),
             gate: VersionGate::new(),
             history,
+            bans: bans::BanMirror::default(),
+            bans_channel,
         });
         let (commands, requests) = mpsc::channel(SUBSCRIBE_QUEUE);
         // The node's shutdown owns the tasks: `shutdown()` below cancels

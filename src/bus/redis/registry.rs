@@ -8,13 +8,14 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `{P:registry}:nodes` | sorted set | one member per node incarnation (`<node_id>:<random>`), scored by its lease's expiry (ms, Redis's clock) |
-//! | `{P:registry}:node:<member>` | hash | `id`, `version`, `connections`, `started`, `ready` (1/0), `reads` (payload versions, `1,2`); expires with the lease |
+//! | `{P:registry}:node:<member>` | hash | `id`, `version`, `connections`, `started`, `ready` (1/0), `reads` (payload versions, `1,2`), `bans` (`push` when the node publishes its bans for the mirrors, `../redis/bans.rs`; not on a Redis Cluster); expires with the lease |
 //!
 //! **Heartbeat**: every `presence.heartbeat_ms` one script renews the
 //! member's score and its hash, removes members whose lease has passed
 //! (their hashes expire by themselves; the set itself expires with its
 //! longest lease, so nothing outlives the last node), and returns what
-//! every live node reads, for the version gate. Scores come from Redis's own clock (`TIME`),
+//! every live node reads and whether it publishes its bans, for the
+//! version gate. Scores come from Redis's own clock (`TIME`),
 //! so clock skew between hosts moves no lease. A Redis that restarted
 //! empty is written again by every node's next heartbeat.
 //!
@@ -44,6 +45,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::Shared;
+use super::bans;
 use super::conn::{Link, PubConn, open_command_connection};
 use super::presence::{self, RedisPresence};
 use crate::bus::BusError;
@@ -57,8 +59,9 @@ use crate::config::PresenceConfig;
 /// the lease (ms), `ARGV[3]` the hash key prefix, `ARGV[4]` an epoch in
 /// case there is none, then the hash's fields and values. Returns each
 /// live member's `reads` ("" when its hash is gone), how many members are
-/// due for a presence sweep, the epoch, and 1 when this member was added
-/// anew (it had missed its lease, or Redis is new).
+/// due for a presence sweep, the epoch, 1 when this member was added
+/// anew (it had missed its lease, or Redis is new), and each live member's
+/// `bans` ("" when it has none).
 ///
 /// Presence's leases (`src/bus/redis/presence.rs`) repeat each member's
 /// lease in a set that never expires: a member stays there, due, until a
@@ -78,21 +81,23 @@ redis.call('HSET', KEYS[2], unpack(ARGV, 5))
 redis.call('PEXPIRE', KEYS[2], lease)
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
 local reads = {}
+local bans = {}
 for i, member in ipairs(live) do
   reads[i] = redis.call('HGET', ARGV[3] .. member, 'reads') or ''
+  bans[i] = redis.call('HGET', ARGV[3] .. member, 'bans') or ''
 end
 local epoch = redis.call('GET', KEYS[4])
 if not epoch then
   epoch = ARGV[4]
   redis.call('SET', KEYS[4], epoch)
 end
-return {reads, redis.call('ZCOUNT', KEYS[3], '-inf', now), epoch, added}
+return {reads, redis.call('ZCOUNT', KEYS[3], '-inf', now), epoch, added, bans}
 ";
 
 /// A heartbeat's answer: every live member's `reads`, the dead members
-/// due for a sweep, the presence epoch, and 1 when this member was added
-/// anew.
-type Beat = (Vec<String>, i64, String, i64);
+/// due for a sweep, the presence epoch, 1 when this member was added
+/// anew, and every live member's `bans`.
+type Beat = (Vec<String>, i64, String, i64, Vec<String>);
 
 /// `KEYS[1]` the set; `ARGV[1]` the hash key prefix. Returns every live
 /// member's hash as a flat field/value list (empty when it is gone).
@@ -329,16 +334,19 @@ impl Inner {
         }
         let metrics = &self.shared.metrics;
         match result {
-            Ok((reads, due, epoch, added)) => {
+            Ok((reads, due, epoch, added, bans)) => {
                 if *outage {
                     self.presence.redis_back();
                 }
                 self.presence
                     .after_beat(epoch, added == 1, due.max(0) as u64);
                 let parsed: Vec<Option<Vec<u32>>> = reads.iter().map(|r| parse_reads(r)).collect();
-                self.shared
-                    .gate
-                    .observe(parsed.iter().map(Option::as_deref), self.lease);
+                let bans_pushed = !bans.is_empty() && bans.iter().all(|b| b == bans::BANS_PUSHED);
+                self.shared.gate.observe(
+                    parsed.iter().map(Option::as_deref),
+                    bans_pushed,
+                    self.lease,
+                );
                 metrics.registry_nodes(parsed.len());
                 self.set_down(None);
                 if std::mem::take(outage) {
@@ -398,6 +406,10 @@ impl Inner {
             .arg(if entry.ready { "1" } else { "0" })
             .arg("reads")
             .arg(reads);
+        if !self.shared.config.sharded {
+            // This node publishes every ban it makes (`bans.rs`).
+            cmd.arg("bans").arg(bans::BANS_PUSHED);
+        }
         let command_timeout = self.shared.config.command_timeout;
         let failed = match timeout(command_timeout, conn.query::<Beat>(&cmd)).await {
             Ok(Ok(reads)) => return Ok(reads),

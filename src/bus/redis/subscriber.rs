@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use axum::body::Bytes;
 use tracing::debug;
 
+use super::bans;
 use super::conn::slot_of;
 use super::conn::{
     self, Backoff, Incoming, Link, PubConn, SubConn, connect_prober, connect_subscriber,
@@ -84,9 +85,16 @@ async fn connect(shared: &Shared, link: &Link) -> redis::RedisResult<Connected> 
     // This node instance's own channel: messages to its connections and
     // control orders for them, for as long as it lives.
     channels.push(shared.node_channel.clone());
+    if !config.sharded {
+        channels.push(shared.bans_channel.clone());
+    }
     channels.extend(held.iter().map(|t| shared.channels.of(t)));
     for chunk in channels.chunks(MAX_SUBSCRIBE_BATCH) {
         conn.subscribe(chunk).await?;
+    }
+    // Only now: every ban from here on arrives as a push (`bans.rs`).
+    if !config.sharded {
+        load_bans(shared, &mut prober).await;
     }
     Ok(Connected {
         conn,
@@ -94,6 +102,39 @@ async fn connect(shared: &Shared, link: &Link) -> redis::RedisResult<Connected> 
         probes,
         subscribed: held.into_iter().collect(),
     })
+}
+
+/// Loads the ban mirror (`bans.rs`) on `conn`, once `P:bans` is
+/// subscribed on the current connection. When Redis does not answer the
+/// mirror stays stale (the node asks Redis per connect) and the load is
+/// tried again at the next probe.
+async fn load_bans(shared: &Shared, conn: &mut PubConn) {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(bans::LOAD)
+        .arg(1)
+        .arg(&shared.bans_channel)
+        .arg(bans::MAX_BANS + 1);
+    let limit = shared.config.command_timeout;
+    let why = match timeout(limit, conn.query::<Vec<String>>(&cmd)).await {
+        Ok(Ok(flat)) => match bans::parse_load(flat) {
+            Some(mut list) => {
+                let complete = list.len() <= bans::MAX_BANS;
+                list.truncate(bans::MAX_BANS);
+                if !complete {
+                    warn!(
+                        most = bans::MAX_BANS,
+                        "more bans than a node keeps: ban checks of users it does not hold ask Redis"
+                    );
+                }
+                shared.bans.load(list, complete, Instant::now());
+                return;
+            }
+            None => "an unreadable answer".to_owned(),
+        },
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {} ms", limit.as_millis()),
+    };
+    debug!(%why, "could not load the bans; ban checks ask Redis until they are loaded");
 }
 
 /// The subscriber task's state across connections: its requests, its
@@ -210,8 +251,10 @@ impl Subscriber {
                 return;
             };
             self.set_down_because(&lost);
-            // New references wait for the resubscribe from here on.
+            // New references wait for the resubscribe from here on, and
+            // bans published meanwhile reach no mirror.
             self.shared.interest.clear_live();
+            self.shared.bans.stale();
             self.shared.subscriber_up.store(false, Ordering::Release);
             self.shared.mark_down();
             warn!(reason = %lost, "lost the Redis subscriber connection; reconnecting");
@@ -325,6 +368,9 @@ impl Subscriber {
                 _ = probe.tick() => match self.on_probe(live) {
                     Ok(()) => {
                         self.retry_catch_up(live).await;
+                        if !self.shared.config.sharded && self.shared.bans.is_stale() {
+                            load_bans(&self.shared, &mut live.prober).await;
+                        }
                         Ok(())
                     }
                     lost => lost,
@@ -347,6 +393,15 @@ impl Subscriber {
                     shared
                         .last_probe
                         .store(oldest.as_millis() as u64 + 1, Ordering::Release);
+                }
+            }
+            Incoming::Message(channel, payload) if channel == shared.bans_channel => {
+                match bans::parse_push(&payload) {
+                    Ok((user, ttl)) => shared.bans.apply(user, ttl, Instant::now()),
+                    Err(e) => {
+                        shared.bans.stale();
+                        shared.unreadable(&channel, &e.to_string());
+                    }
                 }
             }
             // Control payloads first: never messages, and never part of a
@@ -404,6 +459,8 @@ impl Subscriber {
             }
             Incoming::Lagged(n) => {
                 shared.metrics.dropped(DropReason::BusLagging, n);
+                // A dropped push may be a ban.
+                shared.bans.stale();
                 // A dropped copy may be the one before a renewal.
                 self.tracks.forget_renewals();
                 // Once per episode, not per drop: a node that is behind must
@@ -450,6 +507,23 @@ impl Subscriber {
         };
         match result {
             Ok(Ok(())) => {
+                if !names.is_empty() && !shared.config.sharded {
+                    // What came before the SUBSCRIBE's reply first: a ban
+                    // among it must be in the mirror before a connect
+                    // waiting on this subscribe checks it (`bans.rs`).
+                    for _ in 0..=live.conn.queued() {
+                        let Some(incoming) = live.conn.try_next() else {
+                            break;
+                        };
+                        if let Err(lost) = self.on_incoming(live, incoming).await {
+                            for r in batch {
+                                let _ = r.ack.send(Err(BusError::Unavailable(lost.clone())));
+                            }
+                            return Err(lost);
+                        }
+                    }
+                }
+                let shared = &self.shared;
                 live.changes.fetch_add(1, Ordering::AcqRel);
                 shared.interest.set_live(&new);
                 live.subscribed.extend(new.iter().cloned());
