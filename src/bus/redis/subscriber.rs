@@ -369,6 +369,10 @@ impl Subscriber {
                     Ok(()) => {
                         self.retry_catch_up(live).await;
                         if !self.shared.config.sharded && self.shared.bans.is_stale() {
+                            // On this task, not off it: the load replaces
+                            // the copy, so a push applied while it ran
+                            // would be lost. Pushes wait for it (at most
+                            // the command timeout, and only when stale).
                             load_bans(&self.shared, &mut live.prober).await;
                         }
                         Ok(())
