@@ -469,12 +469,17 @@ impl Node {
     /// ban is published to every node, `src/bus/redis/bans.rs`), and
     /// Redis is asked otherwise.
     async fn banned(&self, user: &str) -> bool {
-        if let Some(banned) = self.control.banned_here(user) {
-            self.metrics.ban_checked(true);
-            return banned;
-        }
-        self.metrics.ban_checked(false);
-        match self.control.banned(user).await {
+        let answer = match self.control.banned_here(user) {
+            Some(banned) => {
+                self.metrics.ban_checked(true);
+                Ok(banned)
+            }
+            None => {
+                self.metrics.ban_checked(false);
+                self.control.banned(user).await
+            }
+        };
+        match answer {
             Ok(banned) => {
                 if self.ban_check_failing.swap(false, Ordering::Relaxed) {
                     tracing::info!("ban checks work again");

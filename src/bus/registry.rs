@@ -126,6 +126,10 @@ pub struct VersionGate {
     readable: AtomicU64,
     /// Whether every live node publishes its bans.
     bans: AtomicBool,
+    /// Bumped by every look that does not continue an open, fresh gate
+    /// for bans: a node's copy of the bans loaded before the bump may miss
+    /// a ban made meanwhile by a node that does not publish its bans.
+    bans_epoch: AtomicU64,
     /// Until when `readable` may be trusted: milliseconds since `base`,
     /// plus one; 0 = never (nothing known yet).
     until: AtomicU64,
@@ -153,6 +157,7 @@ impl VersionGate {
         Self {
             readable: AtomicU64::new(0),
             bans: AtomicBool::new(false),
+            bans_epoch: AtomicU64::new(0),
             until: AtomicU64::new(0),
             base: Instant::now(),
         }
@@ -185,6 +190,9 @@ impl VersionGate {
         for reads in live {
             readable &= reads.map_or(0, |r| r.iter().fold(0, |m, v| m | bit(*v)));
         }
+        if !(bans_pushed && self.bans_pushed()) {
+            self.bans_epoch.fetch_add(1, Ordering::AcqRel);
+        }
         let until = Instant::now().saturating_duration_since(self.base) + fresh_for;
         // `readable` first: a reader that sees the new `until` (Acquire)
         // sees this `readable` too. One that sees the old `until` with the
@@ -207,6 +215,13 @@ impl VersionGate {
     /// the gate knows nothing, or nothing recent).
     pub fn bans_pushed(&self) -> bool {
         self.fresh() && self.bans.load(Ordering::Acquire)
+    }
+
+    /// Counts the looks that did not continue an open, fresh gate for
+    /// bans ([`bans_pushed`](Self::bans_pushed)): while it stays the same
+    /// and the gate open, every live node has published its bans all along.
+    pub fn bans_epoch(&self) -> u64 {
+        self.bans_epoch.load(Ordering::Acquire)
     }
 
     /// Whether the last look is recent enough to trust.
@@ -340,17 +355,25 @@ mod tests {
         let both: &[u32] = &[1, 2];
         assert!(!gate.bans_pushed(), "nothing known yet");
         gate.observe([Some(both)], true, LEASE);
+        let epoch = gate.bans_epoch();
         tokio::time::advance(LEASE - Duration::from_millis(1)).await;
         assert!(gate.may_write(2) && gate.bans_pushed());
-        tokio::time::advance(Duration::from_millis(2)).await;
+        gate.observe([Some(both)], true, LEASE);
+        assert_eq!(gate.bans_epoch(), epoch, "open all along");
+        tokio::time::advance(LEASE + Duration::from_millis(1)).await;
         assert!(
             !gate.may_write(2) && !gate.bans_pushed(),
             "a look older than the lease is not trusted"
         );
         assert_eq!(gate.choose(WRITES, number), V::One);
-        gate.observe([Some(both)], false, LEASE);
+        gate.observe([Some(both)], true, LEASE);
         assert!(gate.may_write(2), "the next look opens it again");
+        assert!(gate.bans_epoch() > epoch, "open again after a lapse");
+        let epoch = gate.bans_epoch();
+        gate.observe([Some(both)], false, LEASE);
         assert!(!gate.bans_pushed(), "a node that does not push its bans");
+        gate.observe([Some(both)], true, LEASE);
+        assert!(gate.bans_pushed() && gate.bans_epoch() > epoch);
     }
 
     #[test]

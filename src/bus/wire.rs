@@ -199,8 +199,8 @@ impl Channels {
         &self.prefix
     }
 
-    /// The channel every ban is published on, and the key of the sorted
-    /// set that holds them (`src/bus/redis/bans.rs`); not a topic.
+    /// The channel every ban is published on, for the nodes' copies of
+    /// the bans (`src/bus/redis/bans.rs`); not a topic.
     pub fn bans(&self) -> String {
         format!("{}bans", self.prefix)
     }

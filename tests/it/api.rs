@@ -371,18 +371,31 @@ async fn on_a_redis_cluster_every_ban_check_asks_redis() {
     }
 }
 
-/// One node of an older build (its registry entry does not say that it
-/// publishes its bans; it only sets the ban's key) turns every node's copy
-/// off: each ban check asks Redis again, and finds that node's bans.
+/// Bans of an older build are keys only, never published: one made
+/// before the upgrade is in each node's copy (loaded from the keys), and
+/// while a node of an older build is live (its registry entry does not say
+/// that it publishes its bans) every ban check asks Redis; once it has
+/// left, the copies are loaded again, its bans with them.
 #[tokio::test]
-async fn a_node_of_an_older_build_turns_the_copies_of_the_bans_off() {
+async fn bans_of_an_older_build_hold_during_and_after_an_upgrade() {
     let redis = RedisServer::start();
+    let old_ban = |user: &str| {
+        cli(
+            redis.port,
+            &["SET", &format!("wshub:ban:{user}"), "1", "PX", "60000"],
+        );
+    };
+    old_ban("early");
     let node = TestServer::on_redis(&redis.url(), |c| {
         c.presence.heartbeat = Duration::from_millis(50);
         c.presence.lease = Duration::from_millis(500);
     })
     .await;
     until_ban_checks_answered_by(&node, "node").await;
+    let asked = node.metric(&ban_checks("redis"));
+    assert_eq!(refused_status(node.addr, "userid=early").await, Some(403));
+    assert_eq!(node.metric(&ban_checks("redis")), asked, "from the copy");
+    // A node of the older build joins.
     let member = "old-node:0000000000000001";
     let hash = format!("{{wshub:registry}}:node:{member}");
     cli(
@@ -403,13 +416,21 @@ async fn a_node_of_an_older_build_turns_the_copies_of_the_bans_off() {
         &["ZADD", "{wshub:registry}:nodes", &far, member],
     );
     until_ban_checks_answered_by(&node, "redis").await;
-    // What the older build does for a ban.
-    cli(redis.port, &["SET", "wshub:ban:ann", "1", "PX", "60000"]);
+    old_ban("ann");
     assert_eq!(refused_status(node.addr, "userid=ann").await, Some(403));
-    // The older node gone, the copy answers again (and loaded nothing of
-    // the old node's ban: the check finds it in Redis until then).
+    // It leaves: the copy answers again, with its ban.
     cli(redis.port, &["ZREM", "{wshub:registry}:nodes", member]);
+    cli(redis.port, &["DEL", &hash]);
     until_ban_checks_answered_by(&node, "node").await;
+    let asked = node.metric(&ban_checks("redis"));
+    for user in ["ann", "early"] {
+        assert_eq!(
+            refused_status(node.addr, &format!("userid={user}")).await,
+            Some(403),
+            "{user}"
+        );
+    }
+    assert_eq!(node.metric(&ban_checks("redis")), asked, "from the copy");
 }
 
 /// A ban that lands while a socket of the user is connecting, its

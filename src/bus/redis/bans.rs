@@ -2,89 +2,97 @@
 //! ban check of a connect asks no one (issue 19: an `EXISTS` per connect,
 //! its round trip and its wake-ups were a fifth of a connect's CPU).
 //!
-//! **In Redis**, under `redis.channel_prefix` `P`, one script per ban
-//! ([`BAN`]) on a single server (or Sentinel's primary):
+//! **In Redis** the bans are what they were: a key `P:ban:<user>` per ban
+//! (under `redis.channel_prefix` `P`), expiring with it, the truth. On a
+//! single server (or Sentinel's primary) a ban is also published on the
+//! channel `P:bans` (`<ttl ms> <user>`), in the same script as its key
+//! ([`BAN`]); every node subscribes that channel with its topics.
 //!
-//! | what | holds | why |
-//! |---|---|---|
-//! | key `P:ban:<user>` | `1`, expiring with the ban | the truth; what nodes of older builds check |
-//! | key `P:bans` | sorted set: user → expiry (ms, Redis's clock); expires with its longest ban | what a node loads |
-//! | channel `P:bans` | `<ttl ms> <user>` per ban | what keeps a loaded mirror current |
+//! **A copy** is loaded from the keys (`SCAN MATCH P:ban:*`, then `PTTL`;
+//! [`load`], off the subscriber task) once the subscriber has subscribed
+//! `P:bans` on its current connection, so every ban after the load began
+//! arrives as a push; a push applied while the load runs wins over what
+//! the load read. A later ban of a user replaces an earlier one, shorter or
+//! longer, as `SET … PX` always did. A ban's push carries its length, so
+//! on a node whose subscriber is behind it ends that much later.
 //!
-//! A later ban of a user replaces an earlier one, shorter or longer, as
-//! `SET … PX` always did.
-//!
-//! **When the mirror answers.** Only while it is sure to hold every ban
+//! **When the copy answers.** Only while it cannot have missed a ban
 //! ([`BanMirror::check`] says `None` otherwise, and the node asks Redis as
 //! before):
 //!
-//! - it was loaded on the current subscriber connection, after that
-//!   connection subscribed `P:bans`, so every later ban arrives as a push;
-//! - no push was dropped since (a lagging subscriber, an unreadable ban),
-//!   else it is stale until reloaded (at the next probe);
-//! - every live node publishes its bans: the registry's `bans` field
-//!   (`push`, [`BANS_PUSHED`]); a node of an older build only sets the key, so one
-//!   such node in the cluster turns every mirror off;
+//! - its load finished, and nothing made it stale since: the subscriber's
+//!   connection lost, a push dropped (the connection's count of dropped
+//!   pushes is read at every check, so a drop counts before the subscriber
+//!   has seen it) or unreadable; a stale copy is loaded again at the next
+//!   probe;
+//! - every live node publishes its bans (the registry's `bans` field,
+//!   [`BANS_PUSHED`]), and has done so since the load began (the gate's
+//!   [`bans_epoch`](crate::bus::registry::VersionGate::bans_epoch)): a node
+//!   of an older build only sets the key, so while one is live every check
+//!   asks Redis, and once the last has left the copy is loaded again, its
+//!   bans with it;
 //! - it is not full ([`MAX_BANS`]; then it still answers "banned" for the
-//!   bans it holds).
+//!   bans it holds, until its next load).
+//!
+//! A key deleted or written by hand is seen at the next load only (the
+//! subscriber's next connect, or a stale copy): to lift a ban, ban again
+//! with `ban_ms` 1.
 //!
 //! **A socket racing a ban** is refused or closed, as with `EXISTS`: the
 //! ban's push on `P:bans` and the reply to the connect's `SUBSCRIBE` come on
 //! the subscriber's one connection in Redis's order, and the subscriber
 //! applies every push that came before a reply before it acknowledges the
 //! subscribe (`subscriber.rs`). So a ban that Redis ran before the user's
-//! channel was subscribed is in the mirror when the connect checks it, and
+//! channel was subscribed is in the copy when the connect checks it, and
 //! one it ran after sends its disconnect order to a node already subscribed.
 //! A connect to a topic subscribed already asks no one: a ban is then
-//! either in the mirror, or its order is still on its way to the socket,
+//! either in the copy, or its order is still on its way to the socket,
 //! which is in the hub already.
 //!
 //! **Not on a Redis Cluster**: `P:bans` and a user's channel live on
 //! different shards, with no order between them; there each connect asks
 //! Redis (`EXISTS`), and nodes do not announce [`BANS_PUSHED`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::time::Instant;
+use tokio::time::{Instant, timeout};
 
-/// Most bans a mirror holds. A mirror that would hold more is full: it
-/// still answers for the bans it holds, and asks Redis for everyone else.
+use super::conn::PubConn;
+
+/// Most bans a copy holds. A copy that would hold more is full: it still
+/// answers for the bans it holds, and asks Redis for everyone else, until
+/// its next load.
 pub(super) const MAX_BANS: usize = 100_000;
 
 /// The value of the registry field `bans` (`registry.rs`) of a node that
-/// publishes every ban it makes on `P:bans`: other nodes' mirrors may trust
+/// publishes every ban it makes on `P:bans`: other nodes' copies may trust
 /// their pushes only while every live node says so.
 pub(super) const BANS_PUSHED: &str = "push";
 
-/// `KEYS[1]` the ban key, `KEYS[2]` the sorted set; `ARGV[1]` the user,
-/// `ARGV[2]` the ban in ms, `ARGV[3]` the channel. Sets the key, records the
-/// ban in the set (dropping expired ones) and publishes it, in one step.
+/// Keys asked for per `SCAN` of a load.
+const SCAN_COUNT: usize = 1000;
+
+/// How long a ban whose key has no expiry (written by hand) is held:
+/// until the next load, in practice.
+const NO_EXPIRY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// `KEYS[1]` the ban key; `ARGV[1]` the ban in ms, `ARGV[2]` the channel,
+/// `ARGV[3]` the user. Sets the key and publishes the ban, in one step.
 pub(super) const BAN: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[2])
-redis.call('SET', KEYS[1], 1, 'PX', ttl)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', string.format('%.0f', now))
-redis.call('ZADD', KEYS[2], string.format('%.0f', now + ttl), ARGV[1])
-local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[2], last[2])
-redis.call('PUBLISH', ARGV[3], ARGV[2] .. ' ' .. ARGV[1])
+redis.call('SET', KEYS[1], 1, 'PX', ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[1] .. ' ' .. ARGV[3])
 return 1
 ";
 
-/// `KEYS[1]` the sorted set; `ARGV[1]` the most entries to return. Returns
-/// the bans in force as a flat list: user, then the ms it has left.
-pub(super) const LOAD: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now))
-local bans = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')
+/// The `PTTL` of each of `KEYS`, in one round trip.
+const PTTLS: &str = r"
 local out = {}
-for i = 1, #bans, 2 do
-  out[#out + 1] = bans[i]
-  out[#out + 1] = string.format('%.0f', math.max(tonumber(bans[i + 1]) - now, 1))
+for i, key in ipairs(KEYS) do
+  out[i] = redis.call('PTTL', key)
 end
 return out
 ";
@@ -102,16 +110,69 @@ pub(super) fn parse_push(payload: &[u8]) -> Result<(&str, Duration), Unreadable>
     Ok((user, Duration::from_millis(ms)))
 }
 
-/// Reads [`LOAD`]'s answer: user, ms left, … Entries that do not parse
-/// make the whole answer unreadable (`None`).
-pub(super) fn parse_load(flat: Vec<String>) -> Option<Vec<(String, Duration)>> {
-    let mut out = Vec::with_capacity(flat.len() / 2);
-    let mut items = flat.into_iter();
-    while let Some(user) = items.next() {
-        let ms: u64 = items.next()?.parse().ok()?;
-        out.push((user, Duration::from_millis(ms)));
+/// The bans in force, read from their keys: `(user, time left)`, and
+/// whether that is all of them (false past [`MAX_BANS`]). `prefix` is the
+/// keys' (`P:ban:`), `pattern` its glob (`P:ban:*`, escaped). Gives up
+/// (`Err`) when a command fails or takes longer than `limit`, or when
+/// `go_on` says the load is no longer wanted.
+pub(super) async fn load(
+    conn: &mut PubConn,
+    prefix: &str,
+    pattern: &str,
+    limit: Duration,
+    go_on: impl Fn() -> bool,
+) -> Result<(Vec<(String, Duration)>, bool), String> {
+    let mut bans = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        if !go_on() {
+            return Err("no longer wanted".into());
+        }
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT);
+        let (next, keys): (u64, Vec<String>) = ask(conn, &scan, limit).await?;
+        if !keys.is_empty() {
+            let mut ttls = redis::cmd("EVAL");
+            ttls.arg(PTTLS).arg(keys.len()).arg(&keys);
+            let ttls: Vec<i64> = ask(conn, &ttls, limit).await?;
+            for (key, ms) in keys.into_iter().zip(ttls) {
+                let left = match ms {
+                    // Gone since the scan.
+                    -2 => continue,
+                    -1 => NO_EXPIRY,
+                    ms => Duration::from_millis(ms.max(1).unsigned_abs()),
+                };
+                let Some(user) = key.strip_prefix(prefix) else {
+                    continue;
+                };
+                if bans.len() == MAX_BANS {
+                    return Ok((bans, false));
+                }
+                bans.push((user.to_owned(), left));
+            }
+        }
+        if next == 0 {
+            return Ok((bans, true));
+        }
+        cursor = next;
     }
-    Some(out)
+}
+
+/// One command of a load, within `limit`.
+async fn ask<T: redis::FromRedisValue>(
+    conn: &mut PubConn,
+    cmd: &redis::Cmd,
+    limit: Duration,
+) -> Result<T, String> {
+    match timeout(limit, conn.query::<T>(cmd)).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {} ms", limit.as_millis())),
+    }
 }
 
 /// This node's copy of the bans; see the module docs.
@@ -127,10 +188,25 @@ pub(super) struct BanMirror {
 struct State {
     /// User → until when the ban holds.
     bans: HashMap<Box<str>, Instant>,
-    /// Loaded on the current connection, and nothing dropped since.
-    fresh: bool,
+    /// Bumped whenever the copy may have missed a ban.
+    generation: u64,
+    /// What the last finished load is good for, if it still is.
+    fresh: Option<Basis>,
+    /// The load running, and the users pushed since it began.
+    loading: Option<(Basis, HashSet<Box<str>>)>,
     /// A ban did not fit: a user not in `bans` may still be banned.
     full: bool,
+    /// The subscriber connection's count of dropped pushes, and its value
+    /// when the load began.
+    drops: Option<(Arc<AtomicU64>, u64)>,
+}
+
+/// What a load stands on: the copy's generation and the gate's bans epoch
+/// when it began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Basis {
+    generation: u64,
+    epoch: u64,
 }
 
 impl BanMirror {
@@ -139,13 +215,18 @@ impl BanMirror {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether `user` is banned at `now`, or `None` when the mirror cannot
-    /// say (stale, or full and without this user): ask Redis then. The
-    /// registry's say (whether every node publishes its bans) is the
-    /// caller's to add.
-    pub(super) fn check(&self, user: &str, now: Instant) -> Option<bool> {
+    /// Whether `user` is banned at `now`, or `None` when the copy cannot
+    /// say: ask Redis then. `epoch` is the gate's bans epoch now, asked
+    /// only while the gate says every node publishes its bans.
+    pub(super) fn check(&self, user: &str, epoch: u64, now: Instant) -> Option<bool> {
         let state = self.lock();
-        if !state.fresh {
+        let fresh = state.fresh?;
+        if fresh.generation != state.generation || fresh.epoch != epoch {
+            return None;
+        }
+        if let Some((drops, seen)) = &state.drops
+            && drops.load(Ordering::Acquire) != *seen
+        {
             return None;
         }
         match state.bans.get(user) {
@@ -156,12 +237,18 @@ impl BanMirror {
     }
 
     /// A ban pushed on `P:bans`, received at `now`: it replaces what the
-    /// mirror held for `user`.
+    /// copy held for `user`.
     pub(super) fn apply(&self, user: &str, ttl: Duration, now: Instant) {
         let mut state = self.lock();
+        if let Some((_, pushed)) = &mut state.loading {
+            pushed.insert(user.into());
+        }
         let until = now + ttl;
         if let Some(held) = state.bans.get_mut(user) {
             *held = until;
+            return;
+        }
+        if state.full {
             return;
         }
         if state.bans.len() >= MAX_BANS {
@@ -174,31 +261,82 @@ impl BanMirror {
         state.bans.insert(user.into(), until);
     }
 
-    /// The mirror may have missed a ban (the connection was lost, a push
-    /// was dropped or unreadable): it answers nothing until reloaded.
+    /// The copy may have missed a ban (the connection was lost, a push was
+    /// dropped or unreadable): it answers nothing until loaded again, and a
+    /// load running now does not count.
     pub(super) fn stale(&self) {
-        self.lock().fresh = false;
-    }
-
-    /// Whether it is to be (re)loaded.
-    pub(super) fn is_stale(&self) -> bool {
-        !self.lock().fresh
-    }
-
-    /// What [`LOAD`] read, at `now`: replaces the mirror, which answers
-    /// from now on. `complete` is false when Redis held more than was read
-    /// (the mirror is full).
-    pub(super) fn load(&self, bans: Vec<(String, Duration)>, complete: bool, now: Instant) {
         let mut state = self.lock();
-        state.bans = bans
+        state.generation += 1;
+        state.fresh = None;
+        state.loading = None;
+    }
+
+    /// Begins a load at the gate's bans `epoch`, on a connection whose
+    /// dropped pushes are counted by `drops`, unless the copy is good for
+    /// it already or a load for it is running. Call it only once `P:bans`
+    /// is subscribed on that connection.
+    pub(super) fn begin_load(&self, epoch: u64, drops: Arc<AtomicU64>) -> Option<Basis> {
+        let mut state = self.lock();
+        let basis = Basis {
+            generation: state.generation,
+            epoch,
+        };
+        if state.fresh == Some(basis) || state.loading.as_ref().is_some_and(|(b, _)| *b == basis) {
+            return None;
+        }
+        let seen = drops.load(Ordering::Acquire);
+        state.drops = Some((drops, seen));
+        state.loading = Some((basis, HashSet::new()));
+        Some(basis)
+    }
+
+    /// Whether the load begun on `basis` is still wanted.
+    pub(super) fn loading(&self, basis: Basis) -> bool {
+        self.lock()
+            .loading
+            .as_ref()
+            .is_some_and(|(b, _)| *b == basis)
+    }
+
+    /// The load begun on `basis` read `bans` at `now` (`complete`: all of
+    /// them): the copy is what it read, but for the users pushed since it
+    /// began, whose pushes are newer. Ignored when a newer load, or
+    /// something that made the copy stale, came since.
+    pub(super) fn finish_load(
+        &self,
+        basis: Basis,
+        bans: Vec<(String, Duration)>,
+        complete: bool,
+        now: Instant,
+    ) {
+        let mut state = self.lock();
+        let Some((_, pushed)) = state.loading.take_if(|(b, _)| *b == basis) else {
+            return;
+        };
+        let mut fresh: HashMap<Box<str>, Instant> = bans
             .into_iter()
+            .filter(|(user, _)| !pushed.contains(user.as_str()))
             .map(|(user, ttl)| (user.into_boxed_str(), now + ttl))
             .collect();
+        for user in pushed {
+            if let Some(until) = state.bans.get(&user) {
+                fresh.insert(user, *until);
+            }
+        }
+        state.bans = fresh;
         state.full = !complete;
-        state.fresh = true;
+        state.fresh = Some(basis);
     }
 
-    /// How many bans it holds (expired ones included until pruned).
+    /// The load begun on `basis` failed: the next probe tries again.
+    pub(super) fn fail_load(&self, basis: Basis) {
+        let mut state = self.lock();
+        if state.loading.as_ref().is_some_and(|(b, _)| *b == basis) {
+            state.loading = None;
+        }
+    }
+
+    /// How many bans it holds (expired ones included until dropped).
     #[cfg(test)]
     fn len(&self) -> usize {
         self.lock().bans.len()
@@ -211,68 +349,135 @@ mod tests {
 
     const SEC: Duration = Duration::from_secs(1);
 
+    fn drops() -> Arc<AtomicU64> {
+        Arc::new(AtomicU64::new(0))
+    }
+
+    /// A copy loaded with `bans` at gate epoch 1.
+    fn loaded(bans: Vec<(String, Duration)>, now: Instant) -> BanMirror {
+        let mirror = BanMirror::default();
+        let basis = mirror.begin_load(1, drops()).unwrap();
+        mirror.finish_load(basis, bans, true, now);
+        mirror
+    }
+
     #[test]
-    fn a_mirror_answers_only_once_loaded_and_until_stale() {
+    fn a_copy_answers_only_once_loaded_and_until_stale() {
         let mirror = BanMirror::default();
         let now = Instant::now();
         mirror.apply("ann", SEC, now);
-        assert_eq!(mirror.check("ann", now), None, "never loaded");
-        mirror.load(vec![("bob".into(), SEC)], true, now);
-        assert_eq!(mirror.check("bob", now), Some(true));
+        assert_eq!(mirror.check("ann", 1, now), None, "never loaded");
+        let basis = mirror.begin_load(1, drops()).unwrap();
+        assert!(mirror.begin_load(1, drops()).is_none(), "one at a time");
+        assert_eq!(mirror.check("ann", 1, now), None, "still loading");
+        mirror.finish_load(basis, vec![("bob".into(), SEC)], true, now);
+        assert_eq!(mirror.check("bob", 1, now), Some(true));
         assert_eq!(
-            mirror.check("ann", now),
+            mirror.check("ann", 1, now),
             Some(false),
             "the load replaced it"
         );
+        assert!(mirror.begin_load(1, drops()).is_none(), "good already");
         mirror.apply("ann", SEC, now);
-        assert_eq!(mirror.check("ann", now), Some(true));
+        assert_eq!(mirror.check("ann", 1, now), Some(true));
+        assert_eq!(mirror.check("ann", 2, now), None, "the gate closed since");
         mirror.stale();
-        assert!(mirror.is_stale());
-        assert_eq!(mirror.check("ann", now), None);
-        assert_eq!(mirror.check("cy", now), None);
+        assert_eq!(mirror.check("ann", 1, now), None);
+        assert_eq!(mirror.check("cy", 1, now), None);
+        assert!(mirror.begin_load(1, drops()).is_some(), "loaded again");
+    }
+
+    #[test]
+    fn a_push_during_a_load_wins_and_a_stale_copy_drops_the_load() {
+        let mirror = BanMirror::default();
+        let now = Instant::now();
+        let basis = mirror.begin_load(1, drops()).unwrap();
+        // Pushed while the load runs: a new ban, and a shortened one that
+        // the load read before it was shortened.
+        mirror.apply("ann", 10 * SEC, now);
+        mirror.apply("bob", SEC, now);
+        assert!(mirror.loading(basis));
+        mirror.finish_load(
+            basis,
+            vec![("bob".into(), 100 * SEC), ("cy".into(), 10 * SEC)],
+            true,
+            now,
+        );
+        assert_eq!(mirror.check("ann", 1, now), Some(true));
+        assert_eq!(
+            mirror.check("bob", 1, now + 2 * SEC),
+            Some(false),
+            "the push won"
+        );
+        assert_eq!(mirror.check("cy", 1, now), Some(true));
+        // Stale while a load runs: that load no longer counts.
+        mirror.stale();
+        let basis = mirror.begin_load(1, drops()).unwrap();
+        mirror.stale();
+        assert!(!mirror.loading(basis));
+        mirror.finish_load(basis, Vec::new(), true, now);
+        assert_eq!(mirror.check("cy", 1, now), None);
+        // A failed load lets the next one begin.
+        let basis = mirror.begin_load(1, drops()).unwrap();
+        mirror.fail_load(basis);
+        assert!(mirror.begin_load(1, drops()).is_some());
+    }
+
+    #[test]
+    fn a_dropped_push_silences_the_copy_at_once() {
+        let mirror = BanMirror::default();
+        let now = Instant::now();
+        let dropped = drops();
+        let basis = mirror.begin_load(1, dropped.clone()).unwrap();
+        mirror.finish_load(basis, Vec::new(), true, now);
+        assert_eq!(mirror.check("ann", 1, now), Some(false));
+        dropped.fetch_add(1, Ordering::AcqRel);
+        assert_eq!(mirror.check("ann", 1, now), None);
     }
 
     #[test]
     fn bans_expire_and_a_later_ban_replaces_an_earlier_one() {
-        let mirror = BanMirror::default();
         let now = Instant::now();
-        mirror.load(Vec::new(), true, now);
+        let mirror = loaded(Vec::new(), now);
         mirror.apply("ann", 10 * SEC, now);
-        assert_eq!(mirror.check("ann", now + 9 * SEC), Some(true));
-        assert_eq!(mirror.check("ann", now + 10 * SEC), Some(false));
+        assert_eq!(mirror.check("ann", 1, now + 9 * SEC), Some(true));
+        assert_eq!(mirror.check("ann", 1, now + 10 * SEC), Some(false));
         // Shorter, as `SET … PX` replaces the key's expiry.
         mirror.apply("ann", SEC, now);
-        assert_eq!(mirror.check("ann", now + 2 * SEC), Some(false));
+        assert_eq!(mirror.check("ann", 1, now + 2 * SEC), Some(false));
         assert_eq!(mirror.len(), 1);
     }
 
     #[test]
-    fn a_full_mirror_answers_only_for_the_bans_it_holds() {
-        let mirror = BanMirror::default();
+    fn a_full_copy_answers_only_for_the_bans_it_holds_until_loaded_again() {
         let now = Instant::now();
         let bans = (0..MAX_BANS).map(|i| (format!("u{i}"), SEC)).collect();
-        mirror.load(bans, true, now);
-        assert_eq!(mirror.check("other", now), Some(false));
+        let mirror = loaded(bans, now);
+        assert_eq!(mirror.check("other", 1, now), Some(false));
         mirror.apply("late", SEC, now);
-        assert_eq!(mirror.check("u7", now), Some(true));
-        assert_eq!(mirror.check("late", now), None, "did not fit");
-        assert_eq!(mirror.check("other", now), None);
-        // Expired entries make room, but what did not fit may be missing
-        // until the next load.
+        assert_eq!(mirror.check("u7", 1, now), Some(true));
+        assert_eq!(mirror.check("late", 1, now), None, "did not fit");
+        assert_eq!(mirror.check("other", 1, now), None);
         mirror.apply("later", SEC, now + 2 * SEC);
-        assert_eq!(mirror.len(), 1, "the expired ones were dropped");
-        assert_eq!(mirror.check("later", now + 2 * SEC), Some(true));
-        assert_eq!(mirror.check("other", now + 2 * SEC), None);
-        mirror.load(vec![("late".into(), SEC)], true, now);
-        assert_eq!(mirror.check("other", now), Some(false));
+        assert_eq!(
+            mirror.check("later", 1, now + 2 * SEC),
+            None,
+            "full until loaded"
+        );
+        mirror.stale();
+        let basis = mirror.begin_load(1, drops()).unwrap();
+        mirror.finish_load(basis, vec![("late".into(), SEC)], true, now);
+        assert_eq!(mirror.check("other", 1, now), Some(false));
         // A load that could not read everything is full from the start.
-        mirror.load(vec![("a".into(), SEC)], false, now);
-        assert_eq!(mirror.check("a", now), Some(true));
-        assert_eq!(mirror.check("b", now), None);
+        mirror.stale();
+        let basis = mirror.begin_load(1, drops()).unwrap();
+        mirror.finish_load(basis, vec![("a".into(), SEC)], false, now);
+        assert_eq!(mirror.check("a", 1, now), Some(true));
+        assert_eq!(mirror.check("b", 1, now), None);
     }
 
     #[test]
-    fn pushes_and_loads_are_read_strictly() {
+    fn pushes_are_read_strictly() {
         assert_eq!(
             parse_push(b"60000 ann lee").unwrap(),
             ("ann lee", Duration::from_millis(60000))
@@ -280,14 +485,5 @@ mod tests {
         for bad in [&b""[..], b"60000", b"x ann", b"-1 ann", b"1 \xff"] {
             assert!(parse_push(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(
-            parse_load(vec!["ann".into(), "5".into(), "bob".into(), "7".into()]),
-            Some(vec![
-                ("ann".into(), Duration::from_millis(5)),
-                ("bob".into(), Duration::from_millis(7))
-            ])
-        );
-        assert_eq!(parse_load(vec!["ann".into()]), None);
-        assert_eq!(parse_load(vec!["ann".into(), "x".into()]), None);
     }
 }

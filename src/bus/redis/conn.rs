@@ -405,6 +405,9 @@ impl Backoff {
 struct PushBudget {
     bytes: AtomicUsize,
     dropped: AtomicU64,
+    /// Every push dropped on this connection, never reset (the ban
+    /// mirror reads it at every check, `bans.rs`).
+    dropped_ever: Arc<AtomicU64>,
 }
 
 /// Bytes a push holds while queued.
@@ -441,6 +444,7 @@ fn bounded_pushes(
         );
         if is_data && account.bytes.load(Ordering::Acquire) + size > limit {
             account.dropped.fetch_add(1, Ordering::Relaxed);
+            account.dropped_ever.fetch_add(1, Ordering::AcqRel);
             return Ok(());
         }
         account.bytes.fetch_add(size, Ordering::AcqRel);
@@ -671,6 +675,11 @@ impl SubConn {
     /// How many pushes are queued now.
     pub(super) fn queued(&self) -> usize {
         self.pushes.queued()
+    }
+
+    /// The count of every push this connection dropped.
+    pub(super) fn dropped_ever(&self) -> Arc<AtomicU64> {
+        self.pushes.budget.dropped_ever.clone()
     }
 
     fn read(push: redis::PushInfo) -> Incoming {

@@ -9,8 +9,7 @@
 //! | key | what | expires |
 //! |---|---|---|
 //! | `P:idem:<key>` | an idempotency key of `POST /api/publish`: `<answer>:<token>`, or `x:<token>` for a claim withdrawn because its outcome was unknown (free for any other token; see [`WITHDRAW`]) | 5 minutes after its first use |
-//! | `P:ban:<user>` | a ban (`POST /api/disconnect` with `ban_ms`) | with the ban |
-//! | `P:bans` | every ban, for the nodes' mirrors (not on a Redis Cluster; `bans.rs`) | with the longest ban |
+//! | `P:ban:<user>` | a ban (`POST /api/disconnect` with `ban_ms`); on a single server also published on the channel `P:bans` for the nodes' copies (`bans.rs`) | with the ban |
 //!
 //! **Topics** are what Redis says: `PUBSUB CHANNELS P:*` and `PUBSUB
 //! NUMSUB` on a single server, `PUBSUB SHARDCHANNELS`/`SHARDNUMSUB` asked
@@ -88,7 +87,7 @@ fn unavailable(why: impl std::fmt::Display) -> BusError {
 }
 
 /// `*`, `?`, `[`, `]` and `\` escaped for a `PUBSUB CHANNELS` pattern.
-fn glob_escape(text: &str) -> String {
+pub(super) fn glob_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
     for c in text.chars() {
         if matches!(c, '*' | '?' | '[' | ']' | '\\') {
@@ -359,18 +358,16 @@ impl ControlPlane for RedisControl {
                 cmd.arg(key).arg(1).arg("PX").arg(ms);
                 return self.run::<()>(&cmd).await;
             }
-            // The key, the set the mirrors load and the push that keeps
-            // them current, in one step (`bans.rs`). Safe to run twice
-            // (`run` may): the second replaces the first.
-            let bans = &self.shared.bans_channel;
+            // The key and the push that keeps the nodes' copies current,
+            // in one step (`bans.rs`). Safe to run twice (`run` may): the
+            // second replaces the first.
             let mut cmd = redis::cmd("EVAL");
             cmd.arg(bans::BAN)
-                .arg(2)
+                .arg(1)
                 .arg(key)
-                .arg(bans)
-                .arg(user)
                 .arg(ms)
-                .arg(bans);
+                .arg(&self.shared.bans_channel)
+                .arg(user);
             self.run::<i64>(&cmd).await.map(|_| ())
         })
     }
@@ -378,10 +375,13 @@ impl ControlPlane for RedisControl {
     fn banned_here(&self, user: &str) -> Option<bool> {
         // Only while every live node publishes its bans: one of an older
         // build only sets the key (`bans.rs`).
-        if self.sharded() || !self.shared.gate.bans_pushed() {
+        let gate = &self.shared.gate;
+        if self.sharded() || !gate.bans_pushed() {
             return None;
         }
-        self.shared.bans.check(user, tokio::time::Instant::now())
+        self.shared
+            .bans
+            .check(user, gate.bans_epoch(), tokio::time::Instant::now())
     }
 
     fn banned<'a>(&'a self, user: &'a str) -> ControlFuture<'a, bool> {

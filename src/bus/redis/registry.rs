@@ -8,7 +8,7 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `{P:registry}:nodes` | sorted set | one member per node incarnation (`<node_id>:<random>`), scored by its lease's expiry (ms, Redis's clock) |
-//! | `{P:registry}:node:<member>` | hash | `id`, `version`, `connections`, `started`, `ready` (1/0), `reads` (payload versions, `1,2`), `bans` (`push` when the node publishes its bans for the mirrors, `../redis/bans.rs`; not on a Redis Cluster); expires with the lease |
+//! | `{P:registry}:node:<member>` | hash | `id`, `version`, `connections`, `started`, `ready` (1/0), `reads` (payload versions, `1,2`), `bans` (`push` when the node publishes its bans for the mirrors, `bans.rs`; not on a Redis Cluster); expires with the lease |
 //!
 //! **Heartbeat**: every `presence.heartbeat_ms` one script renews the
 //! member's score and its hash, removes members whose lease has passed

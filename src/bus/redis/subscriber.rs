@@ -23,6 +23,7 @@ use super::conn::slot_of;
 use super::conn::{
     self, Backoff, Incoming, Link, PubConn, SubConn, connect_prober, connect_subscriber,
 };
+use super::control::glob_escape;
 use super::gaps::{Step, Tracks};
 use super::history::Want;
 use super::renewal::Renewals;
@@ -92,49 +93,12 @@ async fn connect(shared: &Shared, link: &Link) -> redis::RedisResult<Connected> 
     for chunk in channels.chunks(MAX_SUBSCRIBE_BATCH) {
         conn.subscribe(chunk).await?;
     }
-    // Only now: every ban from here on arrives as a push (`bans.rs`).
-    if !config.sharded {
-        load_bans(shared, &mut prober).await;
-    }
     Ok(Connected {
         conn,
         prober,
         probes,
         subscribed: held.into_iter().collect(),
     })
-}
-
-/// Loads the ban mirror (`bans.rs`) on `conn`, once `P:bans` is
-/// subscribed on the current connection. When Redis does not answer the
-/// mirror stays stale (the node asks Redis per connect) and the load is
-/// tried again at the next probe.
-async fn load_bans(shared: &Shared, conn: &mut PubConn) {
-    let mut cmd = redis::cmd("EVAL");
-    cmd.arg(bans::LOAD)
-        .arg(1)
-        .arg(&shared.bans_channel)
-        .arg(bans::MAX_BANS + 1);
-    let limit = shared.config.command_timeout;
-    let why = match timeout(limit, conn.query::<Vec<String>>(&cmd)).await {
-        Ok(Ok(flat)) => match bans::parse_load(flat) {
-            Some(mut list) => {
-                let complete = list.len() <= bans::MAX_BANS;
-                list.truncate(bans::MAX_BANS);
-                if !complete {
-                    warn!(
-                        most = bans::MAX_BANS,
-                        "more bans than a node keeps: ban checks of users it does not hold ask Redis"
-                    );
-                }
-                shared.bans.load(list, complete, Instant::now());
-                return;
-            }
-            None => "an unreadable answer".to_owned(),
-        },
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => format!("no answer within {} ms", limit.as_millis()),
-    };
-    debug!(%why, "could not load the bans; ban checks ask Redis until they are loaded");
 }
 
 /// The subscriber task's state across connections: its requests, its
@@ -244,6 +208,8 @@ impl Subscriber {
             let Some(mut live) = self.connect().await else {
                 return;
             };
+            // Only now: every ban from here on arrives as a push.
+            self.load_bans(&live);
             if self.shared.history.is_some() {
                 self.after_resubscribe(&live).await;
             }
@@ -322,6 +288,45 @@ impl Subscriber {
         })
     }
 
+    /// Loads this node's copy of the bans (`bans.rs`), off this task, on
+    /// the probe's connection: when the gate says every node publishes its
+    /// bans, and the copy is neither good for that nor being loaded. Call
+    /// it only once `P:bans` is subscribed on `live`.
+    fn load_bans(&self, live: &Live) {
+        let shared = &self.shared;
+        if shared.config.sharded || !shared.gate.bans_pushed() {
+            return;
+        }
+        let epoch = shared.gate.bans_epoch();
+        let Some(basis) = shared.bans.begin_load(epoch, live.conn.dropped_ever()) else {
+            return;
+        };
+        let (shared, mut conn, stop) = (shared.clone(), live.prober.clone(), self.stop.clone());
+        self.tasks.spawn(async move {
+            let prefix = [shared.channels.prefix(), "ban:"].concat();
+            let pattern = format!("{}*", glob_escape(&prefix));
+            let limit = shared.config.command_timeout;
+            let wanted = || !stop.is_cancelled() && shared.bans.loading(basis);
+            match bans::load(&mut conn, &prefix, &pattern, limit, wanted).await {
+                Ok((list, complete)) => {
+                    if !complete {
+                        warn!(
+                            most = bans::MAX_BANS,
+                            "more bans than a node keeps: ban checks of users it does not hold ask Redis"
+                        );
+                    }
+                    shared
+                        .bans
+                        .finish_load(basis, list, complete, Instant::now());
+                }
+                Err(why) => {
+                    debug!(%why, "could not load the bans; ban checks ask Redis until they are loaded");
+                    shared.bans.fail_load(basis);
+                }
+            }
+        });
+    }
+
     /// Records why the subscriber is down, for `/readyz` (a wrong password
     /// or CA must be visible there, not only in the log).
     fn set_down_because(&self, why: &str) {
@@ -368,13 +373,7 @@ impl Subscriber {
                 _ = probe.tick() => match self.on_probe(live) {
                     Ok(()) => {
                         self.retry_catch_up(live).await;
-                        if !self.shared.config.sharded && self.shared.bans.is_stale() {
-                            // On this task, not off it: the load replaces
-                            // the copy, so a push applied while it ran
-                            // would be lost. Pushes wait for it (at most
-                            // the command timeout, and only when stale).
-                            load_bans(&self.shared, &mut live.prober).await;
-                        }
+                        self.load_bans(live);
                         Ok(())
                     }
                     lost => lost,
