@@ -30,9 +30,10 @@
 //!   [`bans_epoch`](crate::bus::registry::VersionGate::bans_epoch)): a node
 //!   of an older build only sets the key, so while one is live every check
 //!   asks Redis, and once the last has left the copy is loaded again, its
-//!   bans with it;
+//!   bans with it. The gate sees the registry at this node's heartbeats
+//!   only: an older node whose whole life falls between two goes unseen;
 //! - it is not full ([`MAX_BANS`]; then it still answers "banned" for the
-//!   bans it holds, until its next load).
+//!   bans it holds, and is loaded again after [`FULL_RELOAD`]).
 //!
 //! A key deleted or written by hand is seen at the next load only (the
 //! subscriber's next connect, or a stale copy): to lift a ban, ban again
@@ -53,7 +54,7 @@
 //! different shards, with no order between them; there each connect asks
 //! Redis (`EXISTS`), and nodes do not announce [`BANS_PUSHED`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,6 +76,15 @@ pub(super) const BANS_PUSHED: &str = "push";
 
 /// Keys asked for per `SCAN` of a load.
 const SCAN_COUNT: usize = 1000;
+
+/// How long a full copy is kept before it is loaded again (the bans that
+/// did not fit may have expired by then).
+const FULL_RELOAD: Duration = Duration::from_secs(60);
+
+/// The pause after a failed load, doubled per failure in a row up to
+/// [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// How long a ban whose key has no expiry (written by hand) is held:
 /// until the next load, in practice.
@@ -110,18 +120,19 @@ pub(super) fn parse_push(payload: &[u8]) -> Result<(&str, Duration), Unreadable>
     Ok((user, Duration::from_millis(ms)))
 }
 
-/// The bans in force, read from their keys: `(user, time left)`, and
-/// whether that is all of them (false past [`MAX_BANS`]). `prefix` is the
-/// keys' (`P:ban:`), `pattern` its glob (`P:ban:*`, escaped). Gives up
-/// (`Err`) when a command fails or takes longer than `limit`, or when
-/// `go_on` says the load is no longer wanted.
+/// The bans in force, read from their keys: `(user, until when)`, each
+/// timed when its `PTTL` came back, and whether that is all of them (false
+/// past [`MAX_BANS`]). `prefix` is the keys' (`P:ban:`), `pattern` its glob
+/// (`P:ban:*`, escaped). A key whose user is not UTF-8 is no user's (ids
+/// are text) and skipped. Gives up (`Err`) when a command fails or takes
+/// longer than `limit`, or when `go_on` says the load is no longer wanted.
 pub(super) async fn load(
     conn: &mut PubConn,
     prefix: &str,
     pattern: &str,
     limit: Duration,
     go_on: impl Fn() -> bool,
-) -> Result<(Vec<(String, Duration)>, bool), String> {
+) -> Result<(Vec<(String, Instant)>, bool), String> {
     let mut bans = Vec::new();
     let mut cursor = 0u64;
     loop {
@@ -134,11 +145,12 @@ pub(super) async fn load(
             .arg(pattern)
             .arg("COUNT")
             .arg(SCAN_COUNT);
-        let (next, keys): (u64, Vec<String>) = ask(conn, &scan, limit).await?;
+        let (next, keys): (u64, Vec<Vec<u8>>) = ask(conn, &scan, limit).await?;
         if !keys.is_empty() {
             let mut ttls = redis::cmd("EVAL");
             ttls.arg(PTTLS).arg(keys.len()).arg(&keys);
             let ttls: Vec<i64> = ask(conn, &ttls, limit).await?;
+            let now = Instant::now();
             for (key, ms) in keys.into_iter().zip(ttls) {
                 let left = match ms {
                     // Gone since the scan.
@@ -146,13 +158,16 @@ pub(super) async fn load(
                     -1 => NO_EXPIRY,
                     ms => Duration::from_millis(ms.max(1).unsigned_abs()),
                 };
-                let Some(user) = key.strip_prefix(prefix) else {
+                let Some(user) = key
+                    .strip_prefix(prefix.as_bytes())
+                    .and_then(|u| std::str::from_utf8(u).ok())
+                else {
                     continue;
                 };
                 if bans.len() == MAX_BANS {
                     return Ok((bans, false));
                 }
-                bans.push((user.to_owned(), left));
+                bans.push((user.to_owned(), now + left));
             }
         }
         if next == 0 {
@@ -192,10 +207,16 @@ struct State {
     generation: u64,
     /// What the last finished load is good for, if it still is.
     fresh: Option<Basis>,
-    /// The load running, and the users pushed since it began.
-    loading: Option<(Basis, HashSet<Box<str>>)>,
+    /// The load running, and the bans pushed since it began (kept apart
+    /// from `bans`, which may be full).
+    loading: Option<(Basis, HashMap<Box<str>, Instant>)>,
     /// A ban did not fit: a user not in `bans` may still be banned.
     full: bool,
+    /// When the last load finished.
+    loaded_at: Option<Instant>,
+    /// Loads failed in a row, and when the next may begin.
+    failures: u32,
+    retry_at: Option<Instant>,
     /// The subscriber connection's count of dropped pushes, and its value
     /// when the load began.
     drops: Option<(Arc<AtomicU64>, u64)>,
@@ -240,10 +261,10 @@ impl BanMirror {
     /// copy held for `user`.
     pub(super) fn apply(&self, user: &str, ttl: Duration, now: Instant) {
         let mut state = self.lock();
-        if let Some((_, pushed)) = &mut state.loading {
-            pushed.insert(user.into());
-        }
         let until = now + ttl;
+        if let Some((_, pushed)) = &mut state.loading {
+            pushed.insert(user.into(), until);
+        }
         if let Some(held) = state.bans.get_mut(user) {
             *held = until;
             return;
@@ -272,21 +293,34 @@ impl BanMirror {
     }
 
     /// Begins a load at the gate's bans `epoch`, on a connection whose
-    /// dropped pushes are counted by `drops`, unless the copy is good for
-    /// it already or a load for it is running. Call it only once `P:bans`
-    /// is subscribed on that connection.
-    pub(super) fn begin_load(&self, epoch: u64, drops: Arc<AtomicU64>) -> Option<Basis> {
+    /// dropped pushes are counted by `drops`, at `now`, unless the copy is
+    /// good for it already (and not full for [`FULL_RELOAD`]), a load is
+    /// running, or the last failed a moment ago. Call it only once
+    /// `P:bans` is subscribed on that connection.
+    pub(super) fn begin_load(
+        &self,
+        epoch: u64,
+        drops: Arc<AtomicU64>,
+        now: Instant,
+    ) -> Option<Basis> {
         let mut state = self.lock();
         let basis = Basis {
             generation: state.generation,
             epoch,
         };
-        if state.fresh == Some(basis) || state.loading.as_ref().is_some_and(|(b, _)| *b == basis) {
+        let full_for_long = state.full
+            && state
+                .loaded_at
+                .is_some_and(|at| now.saturating_duration_since(at) >= FULL_RELOAD);
+        if (state.fresh == Some(basis) && !full_for_long)
+            || state.loading.is_some()
+            || state.retry_at.is_some_and(|at| now < at)
+        {
             return None;
         }
         let seen = drops.load(Ordering::Acquire);
         state.drops = Some((drops, seen));
-        state.loading = Some((basis, HashSet::new()));
+        state.loading = Some((basis, HashMap::new()));
         Some(basis)
     }
 
@@ -298,14 +332,14 @@ impl BanMirror {
             .is_some_and(|(b, _)| *b == basis)
     }
 
-    /// The load begun on `basis` read `bans` at `now` (`complete`: all of
-    /// them): the copy is what it read, but for the users pushed since it
-    /// began, whose pushes are newer. Ignored when a newer load, or
-    /// something that made the copy stale, came since.
+    /// The load begun on `basis` read `bans` (`complete`: all of them),
+    /// finishing at `now`: the copy is what it read, but for the users
+    /// pushed since it began, whose pushes are newer. Ignored when
+    /// something that made the copy stale came since.
     pub(super) fn finish_load(
         &self,
         basis: Basis,
-        bans: Vec<(String, Duration)>,
+        bans: Vec<(String, Instant)>,
         complete: bool,
         now: Instant,
     ) {
@@ -313,27 +347,41 @@ impl BanMirror {
         let Some((_, pushed)) = state.loading.take_if(|(b, _)| *b == basis) else {
             return;
         };
+        let mut full = !complete;
         let mut fresh: HashMap<Box<str>, Instant> = bans
             .into_iter()
-            .filter(|(user, _)| !pushed.contains(user.as_str()))
-            .map(|(user, ttl)| (user.into_boxed_str(), now + ttl))
+            .map(|(user, until)| (user.into_boxed_str(), until))
             .collect();
-        for user in pushed {
-            if let Some(until) = state.bans.get(&user) {
-                fresh.insert(user, *until);
+        for (user, until) in pushed {
+            if fresh.len() >= MAX_BANS && !fresh.contains_key(&user) {
+                full = true;
+                continue;
             }
+            fresh.insert(user, until);
         }
         state.bans = fresh;
-        state.full = !complete;
+        state.full = full;
         state.fresh = Some(basis);
+        state.loaded_at = Some(now);
+        state.failures = 0;
+        state.retry_at = None;
     }
 
-    /// The load begun on `basis` failed: the next probe tries again.
-    pub(super) fn fail_load(&self, basis: Basis) {
+    /// The load begun on `basis` failed at `now`: the next may begin
+    /// after a pause that doubles with each failure in a row (from
+    /// [`RETRY_MIN`] up to [`RETRY_MAX`]: each load scans the whole
+    /// keyspace). Returns how many failed in a row.
+    pub(super) fn fail_load(&self, basis: Basis, now: Instant) -> u32 {
         let mut state = self.lock();
         if state.loading.as_ref().is_some_and(|(b, _)| *b == basis) {
             state.loading = None;
         }
+        state.failures = state.failures.saturating_add(1);
+        let pause = RETRY_MIN
+            .saturating_mul(1 << state.failures.min(16))
+            .min(RETRY_MAX);
+        state.retry_at = Some(now + pause);
+        state.failures
     }
 
     /// How many bans it holds (expired ones included until dropped).
@@ -353,12 +401,15 @@ mod tests {
         Arc::new(AtomicU64::new(0))
     }
 
-    /// A copy loaded with `bans` at gate epoch 1.
-    fn loaded(bans: Vec<(String, Duration)>, now: Instant) -> BanMirror {
-        let mirror = BanMirror::default();
-        let basis = mirror.begin_load(1, drops()).unwrap();
+    /// `(user, until now + ttl)`.
+    fn ban(user: &str, now: Instant, ttl: Duration) -> (String, Instant) {
+        (user.into(), now + ttl)
+    }
+
+    /// Loads `mirror` with `bans` at gate epoch 1.
+    fn load_with(mirror: &BanMirror, bans: Vec<(String, Instant)>, now: Instant) {
+        let basis = mirror.begin_load(1, drops(), now).unwrap();
         mirror.finish_load(basis, bans, true, now);
-        mirror
     }
 
     #[test]
@@ -367,31 +418,34 @@ mod tests {
         let now = Instant::now();
         mirror.apply("ann", SEC, now);
         assert_eq!(mirror.check("ann", 1, now), None, "never loaded");
-        let basis = mirror.begin_load(1, drops()).unwrap();
-        assert!(mirror.begin_load(1, drops()).is_none(), "one at a time");
+        let basis = mirror.begin_load(1, drops(), now).unwrap();
+        assert!(
+            mirror.begin_load(1, drops(), now).is_none(),
+            "one at a time"
+        );
         assert_eq!(mirror.check("ann", 1, now), None, "still loading");
-        mirror.finish_load(basis, vec![("bob".into(), SEC)], true, now);
+        mirror.finish_load(basis, vec![ban("bob", now, SEC)], true, now);
         assert_eq!(mirror.check("bob", 1, now), Some(true));
         assert_eq!(
             mirror.check("ann", 1, now),
             Some(false),
             "the load replaced it"
         );
-        assert!(mirror.begin_load(1, drops()).is_none(), "good already");
+        assert!(mirror.begin_load(1, drops(), now).is_none(), "good already");
         mirror.apply("ann", SEC, now);
         assert_eq!(mirror.check("ann", 1, now), Some(true));
         assert_eq!(mirror.check("ann", 2, now), None, "the gate closed since");
         mirror.stale();
         assert_eq!(mirror.check("ann", 1, now), None);
         assert_eq!(mirror.check("cy", 1, now), None);
-        assert!(mirror.begin_load(1, drops()).is_some(), "loaded again");
+        assert!(mirror.begin_load(1, drops(), now).is_some(), "loaded again");
     }
 
     #[test]
     fn a_push_during_a_load_wins_and_a_stale_copy_drops_the_load() {
         let mirror = BanMirror::default();
         let now = Instant::now();
-        let basis = mirror.begin_load(1, drops()).unwrap();
+        let basis = mirror.begin_load(1, drops(), now).unwrap();
         // Pushed while the load runs: a new ban, and a shortened one that
         // the load read before it was shortened.
         mirror.apply("ann", 10 * SEC, now);
@@ -399,7 +453,7 @@ mod tests {
         assert!(mirror.loading(basis));
         mirror.finish_load(
             basis,
-            vec![("bob".into(), 100 * SEC), ("cy".into(), 10 * SEC)],
+            vec![ban("bob", now, 100 * SEC), ban("cy", now, 10 * SEC)],
             true,
             now,
         );
@@ -412,15 +466,39 @@ mod tests {
         assert_eq!(mirror.check("cy", 1, now), Some(true));
         // Stale while a load runs: that load no longer counts.
         mirror.stale();
-        let basis = mirror.begin_load(1, drops()).unwrap();
+        let basis = mirror.begin_load(1, drops(), now).unwrap();
         mirror.stale();
         assert!(!mirror.loading(basis));
         mirror.finish_load(basis, Vec::new(), true, now);
         assert_eq!(mirror.check("cy", 1, now), None);
-        // A failed load lets the next one begin.
-        let basis = mirror.begin_load(1, drops()).unwrap();
-        mirror.fail_load(basis);
-        assert!(mirror.begin_load(1, drops()).is_some());
+    }
+
+    #[test]
+    fn failed_loads_are_retried_later_and_later() {
+        let mirror = BanMirror::default();
+        let now = Instant::now();
+        let basis = mirror.begin_load(1, drops(), now).unwrap();
+        assert_eq!(mirror.fail_load(basis, now), 1);
+        assert!(
+            mirror.begin_load(1, drops(), now).is_none(),
+            "a pause first"
+        );
+        let later = now + RETRY_MIN * 2;
+        let basis = mirror.begin_load(1, drops(), later).unwrap();
+        assert_eq!(mirror.fail_load(basis, later), 2);
+        assert!(
+            mirror
+                .begin_load(1, drops(), later + RETRY_MIN * 2)
+                .is_none()
+        );
+        let much_later = later + RETRY_MAX;
+        let basis = mirror.begin_load(1, drops(), much_later).unwrap();
+        mirror.finish_load(basis, Vec::new(), true, much_later);
+        assert_eq!(mirror.check("ann", 1, much_later), Some(false));
+        // A success ends the run of failures.
+        mirror.stale();
+        let basis = mirror.begin_load(1, drops(), much_later).unwrap();
+        assert_eq!(mirror.fail_load(basis, much_later), 1);
     }
 
     #[test]
@@ -428,7 +506,7 @@ mod tests {
         let mirror = BanMirror::default();
         let now = Instant::now();
         let dropped = drops();
-        let basis = mirror.begin_load(1, dropped.clone()).unwrap();
+        let basis = mirror.begin_load(1, dropped.clone(), now).unwrap();
         mirror.finish_load(basis, Vec::new(), true, now);
         assert_eq!(mirror.check("ann", 1, now), Some(false));
         dropped.fetch_add(1, Ordering::AcqRel);
@@ -438,7 +516,8 @@ mod tests {
     #[test]
     fn bans_expire_and_a_later_ban_replaces_an_earlier_one() {
         let now = Instant::now();
-        let mirror = loaded(Vec::new(), now);
+        let mirror = BanMirror::default();
+        load_with(&mirror, Vec::new(), now);
         mirror.apply("ann", 10 * SEC, now);
         assert_eq!(mirror.check("ann", 1, now + 9 * SEC), Some(true));
         assert_eq!(mirror.check("ann", 1, now + 10 * SEC), Some(false));
@@ -451,29 +530,38 @@ mod tests {
     #[test]
     fn a_full_copy_answers_only_for_the_bans_it_holds_until_loaded_again() {
         let now = Instant::now();
-        let bans = (0..MAX_BANS).map(|i| (format!("u{i}"), SEC)).collect();
-        let mirror = loaded(bans, now);
+        let bans = (0..MAX_BANS)
+            .map(|i| ban(&format!("u{i}"), now, SEC))
+            .collect();
+        let mirror = BanMirror::default();
+        load_with(&mirror, bans, now);
         assert_eq!(mirror.check("other", 1, now), Some(false));
         mirror.apply("late", SEC, now);
         assert_eq!(mirror.check("u7", 1, now), Some(true));
         assert_eq!(mirror.check("late", 1, now), None, "did not fit");
         assert_eq!(mirror.check("other", 1, now), None);
-        mirror.apply("later", SEC, now + 2 * SEC);
+        // Loaded again once full for a while; a ban pushed during that
+        // load is kept although the copy was full (the review of 3d76479:
+        // it was lost).
+        let soon = now + FULL_RELOAD / 2;
+        assert!(mirror.begin_load(1, drops(), soon).is_none(), "not yet");
+        let later = now + FULL_RELOAD;
+        let basis = mirror.begin_load(1, drops(), later).unwrap();
+        mirror.apply("victim", 600 * SEC, later);
+        mirror.finish_load(basis, vec![ban("late", later, SEC)], true, later);
+        assert_eq!(mirror.check("victim", 1, later), Some(true));
+        assert_eq!(mirror.check("late", 1, later), Some(true));
         assert_eq!(
-            mirror.check("later", 1, now + 2 * SEC),
-            None,
-            "full until loaded"
+            mirror.check("other", 1, later),
+            Some(false),
+            "no longer full"
         );
-        mirror.stale();
-        let basis = mirror.begin_load(1, drops()).unwrap();
-        mirror.finish_load(basis, vec![("late".into(), SEC)], true, now);
-        assert_eq!(mirror.check("other", 1, now), Some(false));
         // A load that could not read everything is full from the start.
         mirror.stale();
-        let basis = mirror.begin_load(1, drops()).unwrap();
-        mirror.finish_load(basis, vec![("a".into(), SEC)], false, now);
-        assert_eq!(mirror.check("a", 1, now), Some(true));
-        assert_eq!(mirror.check("b", 1, now), None);
+        let basis = mirror.begin_load(1, drops(), later).unwrap();
+        mirror.finish_load(basis, vec![ban("a", later, SEC)], false, later);
+        assert_eq!(mirror.check("a", 1, later), Some(true));
+        assert_eq!(mirror.check("b", 1, later), None);
     }
 
     #[test]

@@ -298,7 +298,8 @@ impl Subscriber {
             return;
         }
         let epoch = shared.gate.bans_epoch();
-        let Some(basis) = shared.bans.begin_load(epoch, live.conn.dropped_ever()) else {
+        let drops = live.conn.dropped_ever();
+        let Some(basis) = shared.bans.begin_load(epoch, drops, Instant::now()) else {
             return;
         };
         let (shared, mut conn, stop) = (shared.clone(), live.prober.clone(), self.stop.clone());
@@ -319,9 +320,15 @@ impl Subscriber {
                         .bans
                         .finish_load(basis, list, complete, Instant::now());
                 }
+                Err(why) if !shared.bans.loading(basis) => {
+                    debug!(%why, "a load of the bans was given up");
+                }
                 Err(why) => {
-                    debug!(%why, "could not load the bans; ban checks ask Redis until they are loaded");
-                    shared.bans.fail_load(basis);
+                    // Once per run of failures: each is retried, later
+                    // and later, by the probe.
+                    if shared.bans.fail_load(basis, Instant::now()) == 1 {
+                        warn!(%why, "cannot load the bans: ban checks ask Redis until they are loaded");
+                    }
                 }
             }
         });
