@@ -20,6 +20,11 @@
 //! ([`BanMirror::check`] says `None` otherwise, and the node asks Redis as
 //! before):
 //!
+//! - a probe came back through the subscriber's connection within two
+//!   probe intervals (`control.rs`): a connection that went deaf, unnoticed
+//!   yet, brings no bans. A ban made in those two intervals before the
+//!   connection died can still miss a connect to a topic subscribed
+//!   already (documented in docs/api.md);
 //! - its load finished, and nothing made it stale since: the subscriber's
 //!   connection lost, a push dropped (the connection's count of dropped
 //!   pushes is read at every check, so a drop counts before the subscriber
@@ -133,7 +138,8 @@ pub(super) async fn load(
     limit: Duration,
     go_on: impl Fn() -> bool,
 ) -> Result<(Vec<(String, Instant)>, bool), String> {
-    let mut bans = Vec::new();
+    // A map: `SCAN` may return a key twice.
+    let mut bans: HashMap<String, Instant> = HashMap::new();
     let mut cursor = 0u64;
     loop {
         if !go_on() {
@@ -164,14 +170,14 @@ pub(super) async fn load(
                 else {
                     continue;
                 };
-                if bans.len() == MAX_BANS {
-                    return Ok((bans, false));
+                if bans.len() == MAX_BANS && !bans.contains_key(user) {
+                    return Ok((bans.into_iter().collect(), false));
                 }
-                bans.push((user.to_owned(), now + left));
+                bans.insert(user.to_owned(), now + left);
             }
         }
         if next == 0 {
-            return Ok((bans, true));
+            return Ok((bans.into_iter().collect(), true));
         }
         cursor = next;
     }

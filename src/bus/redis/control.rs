@@ -375,8 +375,19 @@ impl ControlPlane for RedisControl {
     fn banned_here(&self, user: &str) -> Option<bool> {
         // Only while every live node publishes its bans: one of an older
         // build only sets the key (`bans.rs`).
-        let gate = &self.shared.gate;
+        let shared = &self.shared;
+        let gate = &shared.gate;
         if self.sharded() || !gate.bans_pushed() {
+            return None;
+        }
+        // A subscriber connection that went deaf, unnoticed yet, brings
+        // no more bans: the copy answers only while a probe came back on
+        // it within two probe intervals (the third review: a ban made
+        // while the connection was silently dead let a socket in).
+        if shared
+            .probe_age()
+            .is_none_or(|age| age > shared.config.probe_interval * 2)
+        {
             return None;
         }
         self.shared

@@ -384,15 +384,11 @@ impl Bus for RedisBus {
                 "not subscribed to Redis: {why}"
             )));
         }
-        let last = shared.last_probe.load(Ordering::Acquire);
-        if last == 0 {
+        let Some(age) = shared.probe_age() else {
             return Err(BusError::Unavailable(
                 "no probe has come back through Redis yet".into(),
             ));
-        }
-        let age = shared
-            .since_start()
-            .saturating_sub(Duration::from_millis(last - 1));
+        };
         if age > shared.config.probe_timeout {
             return Err(BusError::Unavailable(format!(
                 "no probe has come back through Redis for {} ms",
@@ -445,6 +441,16 @@ impl Bus for RedisBus {
 impl Shared {
     fn since_start(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// How long ago the oldest probe channel's probe last came back on
+    /// the current subscriber connection; `None` before one has.
+    fn probe_age(&self) -> Option<Duration> {
+        let last = self.last_probe.load(Ordering::Acquire);
+        (last > 0).then(|| {
+            self.since_start()
+                .saturating_sub(Duration::from_millis(last - 1))
+        })
     }
 
     /// Records that the subscriber lost Redis now, unless it already had

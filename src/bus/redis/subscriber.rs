@@ -307,7 +307,11 @@ impl Subscriber {
             let prefix = [shared.channels.prefix(), "ban:"].concat();
             let pattern = format!("{}*", glob_escape(&prefix));
             let limit = shared.config.command_timeout;
-            let wanted = || !stop.is_cancelled() && shared.bans.loading(basis);
+            let wanted = || {
+                !stop.is_cancelled()
+                    && shared.bans.loading(basis)
+                    && shared.gate.bans_epoch() == epoch
+            };
             match bans::load(&mut conn, &prefix, &pattern, limit, wanted).await {
                 Ok((list, complete)) => {
                     if !complete {
@@ -320,13 +324,16 @@ impl Subscriber {
                         .bans
                         .finish_load(basis, list, complete, Instant::now());
                 }
-                Err(why) if !shared.bans.loading(basis) => {
-                    debug!(%why, "a load of the bans was given up");
-                }
                 Err(why) => {
-                    // Once per run of failures: each is retried, later
-                    // and later, by the probe.
-                    if shared.bans.fail_load(basis, Instant::now()) == 1 {
+                    let given_up = !wanted();
+                    // Given up or failed, the next load waits (later and
+                    // later: each scans the whole keyspace, and a node that
+                    // keeps lagging must not keep starting them); a failure
+                    // is logged once per run of them.
+                    let failures = shared.bans.fail_load(basis, Instant::now());
+                    if given_up {
+                        debug!(%why, "a load of the bans was given up");
+                    } else if failures == 1 {
                         warn!(%why, "cannot load the bans: ban checks ask Redis until they are loaded");
                     }
                 }
