@@ -481,7 +481,11 @@ impl Node {
         };
         match answer {
             Ok(banned) => {
-                if self.ban_check_failing.swap(false, Ordering::Relaxed) {
+                // A read first: every connect passes here, and a write
+                // would move the flag's cache line between the cores.
+                if self.ban_check_failing.load(Ordering::Relaxed)
+                    && self.ban_check_failing.swap(false, Ordering::Relaxed)
+                {
                     tracing::info!("ban checks work again");
                 }
                 banned

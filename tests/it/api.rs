@@ -263,6 +263,58 @@ async fn a_ban_refuses_the_user_on_every_node_until_it_expires() {
     assert_eq!(now, asked, "every check was answered by the node");
 }
 
+/// A registry entry as a node of an older build writes it: no `bans`
+/// field (it only sets ban keys, never publishes them), a lease ten
+/// minutes long. Joins on creation; [`leave`](Self::leave) removes it.
+struct OldNode {
+    port: u16,
+    member: &'static str,
+}
+
+impl OldNode {
+    fn join(port: u16, member: &'static str) -> Self {
+        let hash = format!("{{wshub:registry}}:node:{member}");
+        cli(
+            port,
+            &[
+                "HSET", &hash, "id", member, "version", "0.0.9", "reads", "1",
+            ],
+        );
+        cli(port, &["PEXPIRE", &hash, "600000"]);
+        let expiry = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            + 600_000;
+        cli(
+            port,
+            &[
+                "ZADD",
+                "{wshub:registry}:nodes",
+                &expiry.to_string(),
+                member,
+            ],
+        );
+        Self { port, member }
+    }
+
+    fn leave(self) {
+        cli(self.port, &["ZREM", "{wshub:registry}:nodes", self.member]);
+        let hash = format!("{{wshub:registry}}:node:{}", self.member);
+        cli(self.port, &["DEL", &hash]);
+    }
+}
+
+/// A node on `url` whose registry heartbeat (so its view of which nodes
+/// publish their bans) turns every 50 ms.
+async fn quick_heartbeat_node(url: &str) -> TestServer {
+    TestServer::on_redis(url, |c| {
+        c.presence.heartbeat = Duration::from_millis(50);
+        c.presence.lease = Duration::from_millis(500);
+    })
+    .await
+}
+
 /// The series of ban checks answered by `by`: `node` (its copy of the
 /// bans) or `redis`.
 fn ban_checks(by: &str) -> String {
@@ -412,41 +464,18 @@ async fn bans_of_an_older_build_hold_during_and_after_an_upgrade() {
         );
     };
     old_ban("early");
-    let node = TestServer::on_redis(&redis.url(), |c| {
-        c.presence.heartbeat = Duration::from_millis(50);
-        c.presence.lease = Duration::from_millis(500);
-    })
-    .await;
+    let node = quick_heartbeat_node(&redis.url()).await;
     until_ban_checks_answered_by(&node, "node").await;
     let asked = node.metric(&ban_checks("redis"));
     assert_eq!(refused_status(node.addr, "userid=early").await, Some(403));
     assert_eq!(node.metric(&ban_checks("redis")), asked, "from the copy");
     // A node of the older build joins.
-    let member = "old-node:0000000000000001";
-    let hash = format!("{{wshub:registry}}:node:{member}");
-    cli(
-        redis.port,
-        &[
-            "HSET", &hash, "id", "old-node", "version", "0.0.9", "reads", "1",
-        ],
-    );
-    cli(redis.port, &["PEXPIRE", &hash, "600000"]);
-    let far = (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-        + 600_000)
-        .to_string();
-    cli(
-        redis.port,
-        &["ZADD", "{wshub:registry}:nodes", &far, member],
-    );
+    let old = OldNode::join(redis.port, "old-node:0000000000000001");
     until_ban_checks_answered_by(&node, "redis").await;
     old_ban("ann");
     assert_eq!(refused_status(node.addr, "userid=ann").await, Some(403));
     // It leaves: the copy answers again, with its ban.
-    cli(redis.port, &["ZREM", "{wshub:registry}:nodes", member]);
-    cli(redis.port, &["DEL", &hash]);
+    old.leave();
     until_ban_checks_answered_by(&node, "node").await;
     let asked = node.metric(&ban_checks("redis"));
     for user in ["ann", "early"] {
@@ -477,21 +506,8 @@ async fn a_ban_during_a_connect_refuses_the_socket() {
 async fn ban_during_a_connect(answered_by: &str) {
     let redis = RedisServer::start();
     let proxy = GateProxy::start(redis.port).await;
-    let node = TestServer::on_redis(&proxy.url(), |c| {
-        c.presence.heartbeat = Duration::from_millis(50);
-        c.presence.lease = Duration::from_millis(500);
-    })
-    .await;
-    if answered_by == "redis" {
-        let member = "old-node:0000000000000002";
-        let hash = format!("{{wshub:registry}}:node:{member}");
-        cli(redis.port, &["HSET", &hash, "id", "old", "reads", "1"]);
-        cli(redis.port, &["PEXPIRE", &hash, "600000"]);
-        cli(
-            redis.port,
-            &["ZADD", "{wshub:registry}:nodes", "99999999999999", member],
-        );
-    }
+    let node = quick_heartbeat_node(&proxy.url()).await;
+    let _old = (answered_by == "redis").then(|| OldNode::join(redis.port, "old-node:02"));
     until_ban_checks_answered_by(&node, answered_by).await;
     // Keeps a topic subscribed, for the pushes below.
     let _bob = node.connect("bob", Some("busy")).await;
