@@ -53,17 +53,45 @@ impl RedisServer {
             free_port()
         ));
         std::fs::create_dir_all(&dir).unwrap();
+        let cluster = extra.contains(&"--cluster-enabled");
         let mut server = Self {
-            port: free_port(),
+            port: 0,
             child: None,
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
-        server.launch();
-        server
+        // A free port can be taken again before redis-server binds it
+        // (another test's connection), and a cluster node also binds port
+        // + 10000 for its bus, which may be in use or past 65535: a server
+        // that exits as it starts is started again on another port.
+        const ATTEMPTS: u32 = 5;
+        for attempt in 1..=ATTEMPTS {
+            server.port = loop {
+                let port = free_port();
+                if !cluster || port <= u16::MAX - 10_000 {
+                    break port;
+                }
+            };
+            match server.launch() {
+                Ok(()) => return server,
+                Err(why) if attempt < ATTEMPTS => {
+                    eprintln!(
+                        "redis-server on port {}: {why}; trying another port",
+                        server.port
+                    );
+                }
+                Err(why) => panic!(
+                    "redis-server on port {}: {why}, {ATTEMPTS} times",
+                    server.port
+                ),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
     }
 
-    fn launch(&mut self) {
+    /// Starts the server on `self.port` and waits until it answers; an
+    /// error if it exited first (its port was taken).
+    fn launch(&mut self) -> Result<(), String> {
         let child = GroupChild::spawn(
             Command::new("redis-server")
                 .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -82,6 +110,14 @@ impl RedisServer {
             .map(|r| r != "+PONG")
             .unwrap_or(true)
         {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                self.kill();
+                return Err(format!("exited as it started ({status})"));
+            }
             assert!(
                 Instant::now() < deadline,
                 "redis-server did not answer on port {}",
@@ -89,6 +125,7 @@ impl RedisServer {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+        Ok(())
     }
 
     pub fn url(&self) -> String {
@@ -106,7 +143,9 @@ impl RedisServer {
     /// Starts it again on the same port.
     pub fn restart(&mut self) {
         self.kill();
-        self.launch();
+        if let Err(why) = self.launch() {
+            panic!("redis-server did not restart on port {}: {why}", self.port);
+        }
     }
 
     fn signal(&self, sig: &str) {
