@@ -5,8 +5,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
-use tokio::net::TcpListener;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tower::Service;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
@@ -99,30 +103,37 @@ impl Server {
         info!(addr = %listener.local_addr()?, node = %node.config.node_id, version = s.version,
             bus = %s.bus, backend = %s.backend, broadcast = %s.broadcast, auth = %s.auth,
             "wshub listening");
-        let app =
-            crate::http::router(node.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let router = crate::http::router(node.clone());
         // The node stops HTTP (through this token) once its sockets are
-        // drained, and waits for this task: HTTP keeps answering while the
-        // node drains, so load balancers see /readyz turn 503 and new
-        // sockets are refused with 503, not reset.
-        let http = node.http_shutdown();
-        // The no-op tap only makes axum's `ConnectInfo<SocketAddr>` apply
-        // to a listener of ours (axum implements it for a tapped listener).
-        let listener = Acceptor::new(listener, node.config.tcp_nodelay).tap_io(|_| {});
-        let serve = axum::serve(listener, app)
-            .with_graceful_shutdown(http.token().clone().cancelled_owned());
-        let mut serve = http.spawn(async move { serve.await });
+        // drained, and waits for its tasks (this loop and every
+        // connection's): HTTP keeps answering while the node drains, so
+        // load balancers see /readyz turn 503 and new sockets are refused
+        // with 503, not reset.
+        let http = node.http_shutdown().clone();
+        let mut acceptor = Acceptor::new(listener, node.config.tcp_nodelay);
+        let mut serve = http.clone().spawn(async move {
+            let stop = http.token().clone();
+            loop {
+                let (io, peer) = tokio::select! {
+                    accepted = acceptor.accept() => accepted,
+                    () = stop.cancelled() => break,
+                };
+                http.spawn(serve_connection(io, peer, router.clone(), stop.clone()));
+            }
+        });
         let config = &node.config.shutdown;
 
         tokio::select! {
             () = shutdown => {}
             result = &mut serve => {
-                // axum only returns early on a listener failure: close every
-                // socket at once and flush, as on shutdown.
+                // The accept loop only ends early if it panicked: close
+                // every socket at once and flush, as on shutdown.
                 node.shutdown(Duration::ZERO, config.grace_period).await;
-                return Err(result.map_err(std::io::Error::other)?.err().unwrap_or_else(|| {
-                    std::io::Error::other("server stopped unexpectedly")
-                }).into());
+                let why = match result {
+                    Err(e) => format!("the accept loop failed: {e}"),
+                    Ok(()) => "the accept loop stopped unexpectedly".to_owned(),
+                };
+                return Err(std::io::Error::other(why).into());
             }
         }
 
@@ -173,11 +184,10 @@ impl Acceptor {
     }
 }
 
-impl axum::serve::Listener for Acceptor {
-    type Io = tokio::net::TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+impl Acceptor {
+    /// The next connection, waiting (and retrying, as above) until one
+    /// is accepted.
+    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
         let mut pause = ACCEPT_RETRY.0;
         loop {
             match self.listener.accept().await {
@@ -209,9 +219,47 @@ impl axum::serve::Listener for Acceptor {
             }
         }
     }
+}
 
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.listener.local_addr()
+/// Serves one accepted connection with hyper's HTTP/1 (upgrades allowed)
+/// and the router, until the peer closes it or it is upgraded (the
+/// session then runs on a task of its own, [`crate::http`]); once `stop`
+/// is cancelled, the request in flight is answered and the connection
+/// closed.
+///
+/// HTTP/1 only, as wshub served before (axum's default features have no
+/// HTTP/2), but without the version sniffing of hyper-util's automatic
+/// builder: it read a connection's first 24 bytes on their own, so
+/// every connect took two reads and a grown read buffer (8 KiB, then
+/// more than 16, in fresh pages) where one read into one buffer does.
+/// A connection that starts with HTTP/2's preface is closed, as it was
+/// (hyper recognises the preface). Each request
+/// carries the peer's address as axum's `ConnectInfo`, as
+/// `into_make_service_with_connect_info` gave it.
+async fn serve_connection(
+    io: TcpStream,
+    peer: SocketAddr,
+    router: axum::Router,
+    stop: CancellationToken,
+) {
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        // The router is always ready (axum's `Router::poll_ready`).
+        router.clone().call(request)
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    let mut connection = std::pin::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = stop.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        debug!(%error, %peer, "connection ended with an error");
     }
 }
 

@@ -2,7 +2,8 @@
 //! waits in the kernel's queue until the node accepts it, instead of
 //! overflowing the standard library's backlog of 128 and waiting a second
 //! or more for its SYN to be retransmitted (issue 19, connects per second).
-//! And what the node sets on each connection it accepts (`tcp_nodelay`).
+//! What the node sets on each connection it accepts (`tcp_nodelay`), and
+//! how it serves HTTP on them (keep-alive, shutdown).
 
 use std::time::{Duration, Instant};
 
@@ -130,4 +131,81 @@ async fn a_frame_is_not_held_back_for_the_clients_ack() {
         nodelay < 15.0,
         "the second of two frames 2 ms apart took {nodelay:.1} ms (median; with Nagle on: {nagle:.1} ms)"
     );
+}
+
+/// Sends `request` on `stream` and reads until the end of the response's
+/// head and its `content-length` body (`ok\n` from /healthz).
+async fn http_exchange(stream: &mut TcpStream, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.ends_with(b"\r\n\r\nok\n") {
+        let n = tokio::time::timeout(crate::common::PATIENCE, stream.read(&mut buf))
+            .await
+            .expect("a response")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed mid-response: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8(got).unwrap()
+}
+
+/// Whether the node closes `stream` (EOF or reset) within `within`.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(within, stream.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+/// The node serves HTTP/1.1 itself (src/server.rs): keep-alive requests
+/// on one connection are answered, a connection that opens with HTTP/2's
+/// preface is closed without harm to the others, and at shutdown an idle
+/// keep-alive connection is closed at once rather than holding the exit
+/// for the grace period.
+#[tokio::test]
+async fn http_connections_are_kept_alive_and_closed_at_shutdown() {
+    let mut config = test_config();
+    config.shutdown.grace_period = Duration::from_secs(30);
+    let server = TestServer::with(config).await;
+    let get = "GET /healthz HTTP/1.1\r\nhost: wshub\r\n\r\n";
+    let mut idle = TcpStream::connect(server.addr).await.unwrap();
+    for _ in 0..2 {
+        let response = http_exchange(&mut idle, get).await;
+        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    }
+
+    let mut h2 = TcpStream::connect(server.addr).await.unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+    }
+    assert!(
+        closed_within(&mut h2, crate::common::PATIENCE).await,
+        "a connection opening with HTTP/2's preface stays open"
+    );
+    let response = http_exchange(&mut idle, get).await;
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+
+    let started = Instant::now();
+    server.shutdown.cancel();
+    assert!(
+        closed_within(&mut idle, Duration::from_secs(5)).await,
+        "an idle keep-alive connection is still open 5 s into the shutdown"
+    );
+    tokio::time::timeout(Duration::from_secs(10), server.handle)
+        .await
+        .expect("run returns well within the 30 s grace period")
+        .unwrap()
+        .expect("run returns Ok");
+    assert!(started.elapsed() < Duration::from_secs(10));
 }
