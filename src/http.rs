@@ -490,9 +490,9 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
     let max = http.config.limits.max_message_bytes;
     let ws = &http.config.ws;
     // Held until the session ends, so shutdown waits for it. Boxed with
-    // the registration: axum's upgrade task keeps room for its callback's
-    // captures for the socket's whole life, and a box is one pointer,
-    // freed as the session starts (issue 19).
+    // the registration: the upgrade task (`Upgrade::accept`) keeps room
+    // for its callback's captures for the socket's whole life, and a box
+    // is one pointer, freed as the session starts (issue 19).
     let start = Box::new((registration, http.node.track_session()));
     let config = tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(ws.read_buffer_bytes)

@@ -153,19 +153,20 @@ impl Server {
 /// most (it doubles while accepts keep failing).
 const ACCEPT_RETRY: (Duration, Duration) = (Duration::from_millis(10), Duration::from_millis(200));
 
-/// The listener the server accepts from: tokio's, with failed accepts
-/// handled here rather than by axum.
+/// The listener the accept loop takes connections from: tokio's, with
+/// failed accepts handled here.
 ///
-/// axum's own loop logs every failed accept at error level and then
-/// sleeps a whole second. At the open-file limit (`EMFILE`: a node full
-/// of sockets, plus requests that are not) that made the node deaf for a
-/// second at a time, `/readyz` included, long after a descriptor was free
-/// again. Here a failed accept is retried after 10 ms, doubling up to
-/// 200 ms while it keeps failing (never a busy loop), one warning is
-/// logged when the failures start and one info line when accepting works
-/// again. A connection that failed while being accepted (reset, aborted
-/// by the peer) is skipped at once, as axum does. Each accepted
-/// connection gets `TCP_NODELAY` unless `tcp_nodelay` is off.
+/// `axum::serve`'s loop, which served the node before, logged every
+/// failed accept at error level and then slept a whole second. At the
+/// open-file limit (`EMFILE`: a node full of sockets, plus requests that
+/// are not) that made the node deaf for a second at a time, `/readyz`
+/// included, long after a descriptor was free again. Here a failed
+/// accept is retried after 10 ms, doubling up to 200 ms while it keeps
+/// failing (never a busy loop), one warning is logged when the failures
+/// start and one info line when accepting works again. A connection that
+/// failed while being accepted (reset, aborted by the peer) is skipped at
+/// once. Each accepted connection gets `TCP_NODELAY` unless `tcp_nodelay`
+/// is off.
 struct Acceptor {
     listener: TcpListener,
     /// Failed accepts since the last one that worked.
