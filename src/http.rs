@@ -574,7 +574,7 @@ impl Upgrade {
                     return;
                 }
             };
-            serve(hyper_util::rt::TokioIo::new(upgraded)).await;
+            serve(crate::wire::Io::new(upgraded)).await;
         });
         let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
         let mut response = Response::builder()

@@ -49,16 +49,117 @@ use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard, TryLockError};
 use std::task::{Context, Poll, Waker, ready};
 
+use hyper::body::Bytes;
+use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 use crate::message::Frame;
 use crate::outbox::Queued;
 use crate::position::Mark;
 use crate::resume::Floors;
 
-/// The upgraded connection.
-pub(crate) type Io = TokioIo<hyper::upgrade::Upgraded>;
+/// The upgraded connection: the TCP stream itself, with what the client
+/// sent after its upgrade request (read before the stream), as the
+/// node's HTTP/1 server (`src/server.rs`) hands every upgrade back; or
+/// hyper's `Upgraded` as it is, should an upgrade come over anything else.
+///
+/// The stream itself spares every read and write of the socket hyper's
+/// boxed, type-erased connection (a virtual call and one more allocation
+/// per socket to reach it), and the socket one allocation.
+pub(crate) enum Io {
+    Tcp {
+        stream: TcpStream,
+        /// Bytes the client sent after the upgrade request, read with it;
+        /// empty (and then holding no buffer) once they are read.
+        early: Bytes,
+    },
+    Upgraded(TokioIo<Upgraded>),
+}
+
+impl Io {
+    pub(crate) fn new(upgraded: Upgraded) -> Self {
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => Io::Tcp {
+                stream: parts.io.into_inner(),
+                // An empty rest may still hold hyper's read buffer.
+                early: if parts.read_buf.is_empty() {
+                    Bytes::new()
+                } else {
+                    parts.read_buf
+                },
+            },
+            Err(upgraded) => Io::Upgraded(TokioIo::new(upgraded)),
+        }
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp { stream, early } if early.is_empty() => Pin::new(stream).poll_read(cx, buf),
+            Io::Tcp { early, .. } => {
+                let n = early.len().min(buf.remaining());
+                buf.put_slice(&early.split_to(n));
+                if early.is_empty() {
+                    *early = Bytes::new();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Io::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tcp { stream, .. } => Pin::new(stream).poll_write(cx, buf),
+            Io::Upgraded(io) => Pin::new(io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tcp { stream, .. } => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Io::Upgraded(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Tcp { stream, .. } => stream.is_write_vectored(),
+            Io::Upgraded(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp { stream, .. } => Pin::new(stream).poll_flush(cx),
+            Io::Upgraded(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp { stream, .. } => Pin::new(stream).poll_shutdown(cx),
+            Io::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
+}
 
 /// Most frames one [`Wire::poll_frames`] call takes from its source
 /// before it writes them.

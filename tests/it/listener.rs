@@ -209,3 +209,50 @@ async fn http_connections_are_kept_alive_and_closed_at_shutdown() {
         .expect("run returns Ok");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+/// A client that sends a frame in the same write as its upgrade request
+/// (nothing forbids it) has that frame read: hyper reads past the
+/// request's head, and the session reads those bytes before the socket
+/// (`wire::Io`).
+#[tokio::test]
+async fn a_frame_sent_with_the_upgrade_request_is_read() {
+    use futures_util::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    let server = TestServer::start().await;
+    let payload = json!({"action": "early", "message": "with the request"}).to_string();
+    assert!(payload.len() < 126, "one length byte");
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut bytes = b"GET /ws?userid=early HTTP/1.1\r\nhost: wshub\r\nconnection: Upgrade\r\n\
+        upgrade: websocket\r\nsec-websocket-version: 13\r\n\
+        sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        .to_vec();
+    bytes.extend_from_slice(&[0x81, 0x80 | payload.len() as u8]);
+    bytes.extend_from_slice(&mask);
+    bytes.extend(payload.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(&bytes).await.unwrap();
+    // The 101's head, byte by byte so that no frame is read with it.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let byte = tokio::time::timeout(crate::common::PATIENCE, stream.read_u8())
+            .await
+            .expect("the upgrade's answer")
+            .unwrap();
+        head.push(byte);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    let mut ws =
+        tokio_tungstenite::WebSocketStream::from_raw_socket(stream, Role::Client, None).await;
+    // No recipients: a broadcast to everyone, its sender included.
+    let frame = tokio::time::timeout(crate::common::PATIENCE, ws.next())
+        .await
+        .expect("the early frame's broadcast")
+        .expect("a frame")
+        .unwrap();
+    let got: serde_json::Value = serde_json::from_str(frame.to_text().unwrap()).unwrap();
+    assert_eq!(got["action"], "early");
+    assert_eq!(got["message"], "with the request");
+}
