@@ -203,11 +203,12 @@ pub struct Node {
     next_conn_id: AtomicU64,
     /// The owner of every task this node started; see [`Node::shutdown`].
     shutdown: Shutdown,
-    /// Every socket session, so shutdown can wait for them (axum's graceful
-    /// shutdown does not wait for upgraded connections).
+    /// Every socket session, so shutdown can wait for them (an HTTP
+    /// connection's task ends once it is upgraded).
     sessions: Shutdown,
-    /// The HTTP server's task, stopped after the sessions (see
-    /// [`Node::http_shutdown`]).
+    /// The HTTP server's tasks (the accept loop and one per open HTTP
+    /// connection; `running_tasks` counts them), stopped after the
+    /// sessions (see [`Node::http_shutdown`]).
     http: Shutdown,
 }
 

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tower::Service;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use crate::config::Config;
 use crate::node::{Node, StartError};
@@ -111,6 +111,7 @@ impl Server {
         // with 503, not reset.
         let http = node.http_shutdown().clone();
         let mut acceptor = Acceptor::new(listener, node.config.tcp_nodelay);
+        let header_timeout = node.config.http.header_read_timeout;
         let mut serve = http.clone().spawn(async move {
             let stop = http.token().clone();
             loop {
@@ -118,7 +119,13 @@ impl Server {
                     accepted = acceptor.accept() => accepted,
                     () = stop.cancelled() => break,
                 };
-                http.spawn(serve_connection(io, peer, router.clone(), stop.clone()));
+                http.spawn(serve_connection(
+                    io,
+                    peer,
+                    router.clone(),
+                    header_timeout,
+                    stop.clone(),
+                ));
             }
         });
         let config = &node.config.shutdown;
@@ -228,6 +235,10 @@ impl Acceptor {
 /// is cancelled, the request in flight is answered and the connection
 /// closed.
 ///
+/// A connection that has not sent a whole request head within
+/// `header_timeout` of opening or of its last response is closed
+/// (`http.header_read_timeout_ms`).
+///
 /// HTTP/1 only, as wshub served before (axum's default features have no
 /// HTTP/2), but without the version sniffing of hyper-util's automatic
 /// builder: it read a connection's first 24 bytes on their own, so
@@ -241,6 +252,7 @@ async fn serve_connection(
     io: TcpStream,
     peer: SocketAddr,
     router: axum::Router,
+    header_timeout: Option<Duration>,
     stop: CancellationToken,
 ) {
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
@@ -249,6 +261,8 @@ async fn serve_connection(
         router.clone().call(request)
     });
     let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     let mut connection = std::pin::pin!(connection);
@@ -260,7 +274,10 @@ async fn serve_connection(
         }
     };
     if let Err(error) = result {
-        debug!(%error, %peer, "connection ended with an error");
+        // Garbage, a reset, a cut-off request, a head too slow: the
+        // client's doing, at whatever rate clients choose, so below the
+        // levels a production log runs at (axum logged these at trace).
+        trace!(%error, %peer, "connection ended with an error");
     }
 }
 

@@ -171,6 +171,12 @@ pub struct Http {
     /// application's pages turns it off, so that its address does not
     /// offer an open chat room to whoever finds it.
     pub sample_page: bool,
+    /// How long a connection may take to send a whole request head, from
+    /// when it opened or from its last response (an idle keep-alive
+    /// connection is closed after it too); `None`: no limit. Without one,
+    /// a client that connects and sends nothing, or half a head, holds a
+    /// task and a descriptor for as long as the node runs.
+    pub header_read_timeout: Option<Duration>,
 }
 
 /// What [`Config::settings`] reports: one value per field of the start-up
@@ -610,6 +616,8 @@ impl Config {
             },
             http: Http {
                 sample_page: raw.http.sample_page,
+                header_read_timeout: (raw.http.header_read_timeout_ms > 0)
+                    .then(|| Duration::from_millis(raw.http.header_read_timeout_ms)),
             },
             env_warnings: Vec::new(),
         })

@@ -41,11 +41,17 @@ pub struct RawConfig {
 pub struct RawHttp {
     /// Serve the chat sample at `/` (off: `/` answers 404).
     pub sample_page: bool,
+    /// Close a connection that has not sent a whole request head this
+    /// long after it opened or after its last response (0: never).
+    pub header_read_timeout_ms: u64,
 }
 
 impl Default for RawHttp {
     fn default() -> Self {
-        Self { sample_page: true }
+        Self {
+            sample_page: true,
+            header_read_timeout_ms: 30_000,
+        }
     }
 }
 

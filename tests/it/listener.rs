@@ -256,3 +256,56 @@ async fn a_frame_sent_with_the_upgrade_request_is_read() {
     assert_eq!(got["action"], "early");
     assert_eq!(got["message"], "with the request");
 }
+
+/// `http.header_read_timeout_ms`: a connection that sends nothing, or
+/// half a request head, and a keep-alive connection idle after its
+/// response, are closed once it passes; with 0 none is.
+#[tokio::test]
+async fn a_connection_without_a_whole_head_is_closed_after_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+
+    let config = wshub::Config::load_from(
+        None,
+        [(
+            "WSHUB_HTTP__HEADER_READ_TIMEOUT_MS".to_owned(),
+            "300".to_owned(),
+        )],
+    )
+    .expect("config");
+    assert_eq!(
+        config.http.header_read_timeout,
+        Some(Duration::from_millis(300))
+    );
+    assert_eq!(
+        wshub::Config::default().http.header_read_timeout,
+        Some(Duration::from_secs(30))
+    );
+    for timeout in [Some(Duration::from_millis(300)), None] {
+        let mut config = test_config();
+        config.http.header_read_timeout = timeout;
+        let server = TestServer::with(config).await;
+        let mut silent = TcpStream::connect(server.addr).await.unwrap();
+        let mut half = TcpStream::connect(server.addr).await.unwrap();
+        half.write_all(b"GET /healthz HTTP/1.1\r\nhost: ws")
+            .await
+            .unwrap();
+        let mut idle = TcpStream::connect(server.addr).await.unwrap();
+        let response =
+            http_exchange(&mut idle, "GET /healthz HTTP/1.1\r\nhost: wshub\r\n\r\n").await;
+        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        let closed = join_all(
+            [&mut silent, &mut half, &mut idle].map(|s| closed_within(s, Duration::from_secs(2))),
+        )
+        .await;
+        for (what, closed) in ["silent", "half a head", "idle keep-alive"]
+            .iter()
+            .zip(closed)
+        {
+            assert_eq!(
+                closed,
+                timeout.is_some(),
+                "{what} connection with a header timeout of {timeout:?}: closed {closed}"
+            );
+        }
+    }
+}
