@@ -245,9 +245,9 @@ impl Acceptor {
 /// every connect took two reads and a grown read buffer (8 KiB, then
 /// more than 16, in fresh pages) where one read into one buffer does.
 /// A connection that starts with HTTP/2's preface is closed, as it was
-/// (hyper recognises the preface). Each request
-/// carries the peer's address as axum's `ConnectInfo`, as
-/// `into_make_service_with_connect_info` gave it.
+/// (hyper recognises the preface). Each request carries the peer's
+/// address as axum's `ConnectInfo`, as `into_make_service_with_connect_info`
+/// gave it.
 async fn serve_connection(
     io: TcpStream,
     peer: SocketAddr,

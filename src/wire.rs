@@ -65,9 +65,10 @@ use crate::resume::Floors;
 /// node's HTTP/1 server (`src/server.rs`) hands every upgrade back; or
 /// hyper's `Upgraded` as it is, should an upgrade come over anything else.
 ///
-/// The stream itself spares every read and write of the socket hyper's
-/// boxed, type-erased connection (a virtual call and one more allocation
-/// per socket to reach it), and the socket one allocation.
+/// The stream itself spares each read and write a virtual call through
+/// hyper's boxed connection, and each socket that box (about 25 bytes;
+/// no difference in CPU per delivery was measurable at 2,000 sockets,
+/// docs/architecture.md).
 pub(crate) enum Io {
     Tcp {
         stream: TcpStream,

@@ -173,9 +173,10 @@ pub struct Http {
     pub sample_page: bool,
     /// How long a connection may take to send a whole request head, from
     /// when it opened or from its last response (an idle keep-alive
-    /// connection is closed after it too); `None`: no limit. Without one,
-    /// a client that connects and sends nothing, or half a head, holds a
-    /// task and a descriptor for as long as the node runs.
+    /// connection is closed after it too, so it is longer than the idle
+    /// timeouts of common balancers and client pools); `None`: no limit.
+    /// Without one, a client that connects and sends nothing, or half a
+    /// head, holds a task and a descriptor for as long as the node runs.
     pub header_read_timeout: Option<Duration>,
 }
 

@@ -50,7 +50,7 @@ impl Default for RawHttp {
     fn default() -> Self {
         Self {
             sample_page: true,
-            header_read_timeout_ms: 30_000,
+            header_read_timeout_ms: 120_000,
         }
     }
 }

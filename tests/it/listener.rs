@@ -278,7 +278,7 @@ async fn a_connection_without_a_whole_head_is_closed_after_the_header_timeout() 
     );
     assert_eq!(
         wshub::Config::default().http.header_read_timeout,
-        Some(Duration::from_secs(30))
+        Some(Duration::from_secs(120))
     );
     for timeout in [Some(Duration::from_millis(300)), None] {
         let mut config = test_config();
