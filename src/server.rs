@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -111,7 +112,7 @@ impl Server {
         // with 503, not reset.
         let http = node.http_shutdown().clone();
         let mut acceptor = Acceptor::new(listener, node.config.tcp_nodelay);
-        let header_timeout = node.config.http.header_read_timeout;
+        let http1 = Arc::new(http1_builder(node.config.http.header_read_timeout));
         let mut serve = http.clone().spawn(async move {
             let stop = http.token().clone();
             loop {
@@ -123,7 +124,7 @@ impl Server {
                     io,
                     peer,
                     router.clone(),
-                    header_timeout,
+                    http1.clone(),
                     stop.clone(),
                 ));
             }
@@ -229,15 +230,33 @@ impl Acceptor {
     }
 }
 
+/// The HTTP/1 settings every connection is served with, made once.
+///
+/// A connection that has not sent a whole request head within
+/// `header_timeout` of opening or of its last response is closed
+/// (`http.header_read_timeout_ms`).
+///
+/// Responses are written with one plain write of one buffer, not a
+/// vectored write of head and body: hyper would `writev` every
+/// response (the 101 of each connect included), and on Linux `writev`'s
+/// own path costs more than `send`'s (the same finding, and
+/// `bench/misc/syscall-cost.c`, as for the wire's small batches,
+/// docs/architecture.md). The bodies it then copies are the API's and
+/// the probes', a few KiB at most (`/metrics` the largest).
+fn http1_builder(header_timeout: Option<Duration>) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .writev(false);
+    builder
+}
+
 /// Serves one accepted connection with hyper's HTTP/1 (upgrades allowed)
 /// and the router, until the peer closes it or it is upgraded (the
 /// session then runs on a task of its own, [`crate::http`]); once `stop`
 /// is cancelled, the request in flight is answered and the connection
 /// closed.
-///
-/// A connection that has not sent a whole request head within
-/// `header_timeout` of opening or of its last response is closed
-/// (`http.header_read_timeout_ms`).
 ///
 /// HTTP/1 only, as wshub served before (axum's default features have no
 /// HTTP/2), but without the version sniffing of hyper-util's automatic
@@ -252,7 +271,7 @@ async fn serve_connection(
     io: TcpStream,
     peer: SocketAddr,
     router: axum::Router,
-    header_timeout: Option<Duration>,
+    http1: Arc<http1::Builder>,
     stop: CancellationToken,
 ) {
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
@@ -260,9 +279,7 @@ async fn serve_connection(
         // The router is always ready (axum's `Router::poll_ready`).
         router.clone().call(request)
     });
-    let connection = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
+    let connection = http1
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     let mut connection = std::pin::pin!(connection);
