@@ -230,25 +230,30 @@ impl Acceptor {
     }
 }
 
-/// The HTTP/1 settings every connection is served with, made once.
+/// The HTTP/1 settings every connection is served with, made once (per
+/// connection, the timer's `Arc` was an allocation per connect).
 ///
 /// A connection that has not sent a whole request head within
 /// `header_timeout` of opening or of its last response is closed
 /// (`http.header_read_timeout_ms`).
 ///
-/// Responses are written with one plain write of one buffer, not a
-/// vectored write of head and body: hyper would `writev` every
-/// response (the 101 of each connect included), and on Linux `writev`'s
-/// own path costs more than `send`'s (the same finding, and
-/// `bench/misc/syscall-cost.c`, as for the wire's small batches,
-/// docs/architecture.md). The bodies it then copies are the API's and
-/// the probes', a few KiB at most (`/metrics` the largest).
+/// Responses keep hyper's vectored writes (its default for a
+/// `TcpStream`), though a 101 then goes out with `writev` rather than
+/// the cheaper `send`: with `writev(false)` hyper copies every body into
+/// the connection's write buffer and never shrinks it, so each
+/// keep-alive connection held as much memory as the largest response it
+/// had been sent (the API's listings and history reach megabytes) until
+/// it closed (docs/architecture.md, "The connect path").
+///
+/// A client that half-closes its side (shuts down writing) before the
+/// answer has arrived gets none: hyper's default, which stops the work
+/// of a request whose client has gone (`half_close(false)`, as
+/// `axum::serve` had it).
 fn http1_builder(header_timeout: Option<Duration>) -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .writev(false);
+        .header_read_timeout(header_timeout);
     builder
 }
 
