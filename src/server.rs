@@ -230,8 +230,9 @@ impl Acceptor {
     }
 }
 
-/// The HTTP/1 settings every connection is served with, made once (per
-/// connection, the timer's `Arc` was an allocation per connect).
+/// The HTTP/1 settings every connection is served with, made once for
+/// all of them (made per connection, the timer's `Arc` cost an
+/// allocation a connect).
 ///
 /// A connection that has not sent a whole request head within
 /// `header_timeout` of opening or of its last response is closed
