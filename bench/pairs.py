@@ -15,7 +15,11 @@ starts two fresh nodes on one Redis (started here, on a free loopback
 port) as bench/run.py does, wshub's with their share of the cores as
 worker threads unless the environment or the script sets
 `TOKIO_WORKER_THREADS`; the order of the hubs is reversed every other
-round. Every run is bounded (8 s of load) and targets 127.0.0.1 only.
+round. Before each round the workload's floor is measured (the groups
+workloads: the groups-shaped floor of bench/run.py at their rate; the
+fanouts: the lone-write floor, 2,000 sockets @ 65/s), and the medians are
+also given as multiples of the floors' median. Every run is bounded (8 s
+of load) and targets 127.0.0.1 only.
 """
 import os
 import shutil
@@ -35,6 +39,14 @@ WORKLOADS = {
     "groups": ["groups", "--groups", 500, "--size", 10, "--rate", 0.5, "--seconds", 8],
     "groups15": ["groups", "--groups", 500, "--size", 10, "--rate", 1.5, "--seconds", 8],
 }
+LONE_WRITE_FLOOR = ["floor", "--sockets", 2000, "--rate", 65, "--seconds", 6]
+FLOORS = {
+    "fanout": LONE_WRITE_FLOOR,
+    "fanout10k": LONE_WRITE_FLOOR,
+    "fanout400": LONE_WRITE_FLOOR,
+    "groups": [*run.GROUPS_FLOOR, "--rate", 5, "--seconds", 6],
+    "groups15": [*run.GROUPS_FLOOR, "--rate", 15, "--seconds", 6],
+}
 
 
 def main():
@@ -49,12 +61,15 @@ def main():
     workdir = Path(tempfile.mkdtemp(prefix="wshub-pairs-"))
     procs = run.Procs()
     runs = {hub: [] for hub in hubs}
+    floors = []
     try:
         for peer in {h for h in hubs if "=" not in h}:
             shutil.copytree(run.PEERS / peer, workdir / peer, ignore=shutil.ignore_patterns("node_modules"))
             subprocess.run(["npm", "ci", "--silent", "--no-audit", "--no-fund"], cwd=workdir / peer, check=True)
         _, redis_url = run.start_redis(procs, workdir)
         for i in range(rounds):
+            floors.append(run.bench(*FLOORS[workload])["writer_cpu_us_per_frame"])
+            print(f"{'floor':24} {floors[-1]:6.2f} us/frame ({' '.join(map(str, FLOORS[workload][1:-2]))})", flush=True)
             for hub in hubs if i % 2 == 0 else hubs[::-1]:
                 kind = hub
                 if "=" in hub:
@@ -71,11 +86,13 @@ def main():
     finally:
         procs.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+    floor = statistics.median(floors)
     print(f"\nmedians of {rounds} ({workload}):")
+    print(f"{'floor':24} {floor:6.2f} us/frame")
     for hub in hubs:
         cpu = statistics.median(r["server_cpu_us_per_delivery"] for r in runs[hub])
         p99 = statistics.median(r["latency"]["p99_ms"] for r in runs[hub])
-        print(f"{hub:24} {cpu:6.2f} us/delivery, p99 {p99:7.1f} ms")
+        print(f"{hub:24} {cpu:6.2f} us/delivery = {cpu / floor:.2f}x the floor, p99 {p99:7.1f} ms")
 
 
 if __name__ == "__main__":

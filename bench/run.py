@@ -321,7 +321,7 @@ def main():
                # What wshub was built from, and each of its two nodes' worker threads.
                "wshub": {"commit": commit or "unknown",
                          "workers_per_node": os.environ.get("TOKIO_WORKER_THREADS") or workers_per_node(2) or "default"},
-               "floor": [], "latency_floor": [], "runs": [], "ramp": {}}
+               "floor": [], "latency_floor": [], "groups_floor": [], "runs": [], "ramp": {}}
     def measure_floor():
         # The floor drifts with the machine's state: measure it between the
         # hubs and use the median of each kind.
@@ -333,6 +333,9 @@ def main():
         for sockets, rate in ((2000, 65), (10000, 13)):
             results["latency_floor"].append(bench("floor", "--sockets", sockets, "--rate", rate,
                                                   "--threads", os.cpu_count(), "--seconds", 4 if args.quick else 6))
+        # The groups-shaped floor: one node's share of the groups scenarios.
+        for rate in (5, 15):
+            results["groups_floor"].append(bench(*GROUPS_FLOOR, "--rate", rate, "--seconds", 4 if args.quick else 6))
 
     try:
         measure_floor()
@@ -416,6 +419,36 @@ def latency_floor(res, sockets):
             statistics.median(f["latency"]["p99_ms"] for f in runs), len(runs))
 
 
+# The groups-shaped floor: the trivial writer as one node of the groups
+# scenarios sees them (2,500 of the 5,000 members; each message to the 5 of
+# its 10 members on that node; at 0.5 messages a second per member, 5
+# frames a second per socket, --rate 5; at 1.5, --rate 15), 5 sockets a
+# round, 2,500 (or 7,500) rounds a second, sleeping between: every frame a
+# lone write to an idle socket, the writer woken for each message.
+GROUPS_FLOOR = ("floor", "--sockets", 2500, "--per-round", 5)
+
+
+def groups_floor(res, rate):
+    """Median CPU per frame of the groups-shaped floors at `rate` frames a
+    second per socket, and the values."""
+    values = sorted(f["writer_cpu_us_per_frame"] for f in res.get("groups_floor", []) if f["rate"] == rate)
+    return (statistics.median(values), values) if values else (None, [])
+
+
+def groups_floor_line(res):
+    parts = []
+    for rate, name in ((5, "0.5"), (15, "1.5")):
+        median, values = groups_floor(res, rate)
+        if median is not None:
+            parts.append(f"groups @ {name}/s **{median:.2f} µs** per frame (median of {len(values)}: "
+                         f"{', '.join(f'{v:.2f}' for v in values)})")
+    if not parts:
+        return None
+    return ("Groups-shaped floor (the same trivial writer as one node of the groups scenarios sees them: 2,500 "
+            "sockets, 5 written per round, one round per message, sleeping between rounds, so every frame is a "
+            "lone write to an idle socket and the writer is woken for each message): " + "; ".join(parts) + ".")
+
+
 def latency_floor_line(res):
     parts = []
     for sockets, rate in ((2000, 65), (10000, 13)):
@@ -448,6 +481,9 @@ def markdown(res):
     lat_floor = latency_floor_line(res)
     if lat_floor:
         lines += [lat_floor, ""]
+    g_floor = groups_floor_line(res)
+    if g_floor:
+        lines += [g_floor, ""]
     lines += [
              "| workload | hub | deliveries/s | p50 / p99 ms | missing / dup | server CPU µs per delivery | × floor | server cores | load generator cores | Redis CPU µs per publish |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -136,6 +136,13 @@ enum Command {
         /// round (the cores a hub could deliver one message on).
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Sockets written per round, in turn (default: every socket): the
+        /// groups-shaped floor, where a message goes to a few idle sockets
+        /// and the writer sleeps between messages. Rounds then come
+        /// sockets ÷ per-round times as often, so each socket still gets
+        /// `--rate` frames a second. One writer thread only.
+        #[arg(long)]
+        per_round: Option<usize>,
     },
     /// The connect floor: accepts WebSocket upgrades on `--listen` and
     /// holds the sockets (reading and discarding) until killed or
@@ -196,6 +203,8 @@ enum Command {
         seconds: u64,
         #[arg(long)]
         threads: usize,
+        #[arg(long)]
+        per_round: Option<usize>,
     },
 }
 
@@ -228,7 +237,11 @@ async fn main() -> Result<()> {
             batch,
             seconds,
             threads,
-        } => floor(sockets, rate, batch, seconds, threads).await?,
+            per_round,
+        } => {
+            let pace = Pace::new(sockets, rate, batch, seconds, threads, per_round)?;
+            floor(pace).await?
+        }
         Command::AcceptServer {
             listen,
             read_buffer,
@@ -260,10 +273,11 @@ async fn main() -> Result<()> {
             batch,
             seconds,
             threads,
+            per_round,
         } => {
-            check_floor_args(rate, batch)?;
+            let pace = Pace::new(sockets, rate, batch, seconds, threads, per_round)?;
             let conns = floor_connect(addr, sockets).await?;
-            let cpu = floor_writer(conns, rate, batch, seconds, threads)?;
+            let cpu = floor_writer(conns, &pace)?;
             println!("{}", json!(cpu));
             return Ok(());
         }
@@ -1081,18 +1095,89 @@ async fn idle(
     Ok(report)
 }
 
-/// The floor: a child process writes pre-encoded frames to `sockets`
-/// loopback sockets on `threads` threads; this process reads them. Returns
-/// the child's CPU per frame and the latency of the frames (from the start
-/// of the round that wrote them to their arrival here).
-async fn floor(
+/// How a floor writes: how many sockets, how often, how many frames per
+/// write, on how many threads, and how many sockets per round. The writer
+/// process and the parent that counts its frames compute the same rounds
+/// from it.
+#[derive(Clone, Debug)]
+struct Pace {
     sockets: usize,
     rate: f64,
     batch: usize,
     seconds: u64,
     threads: usize,
-) -> Result<serde_json::Value> {
-    check_floor_args(rate, batch)?;
+    /// Sockets written per round (every socket unless `--per-round`).
+    per_round: usize,
+}
+
+impl Pace {
+    /// Checks the arguments: a rate above zero (rounds are `batch / rate`
+    /// apart), at least one frame per write, and a per-round count between
+    /// 1 and the sockets, with one writer thread.
+    fn new(
+        sockets: usize,
+        rate: f64,
+        batch: usize,
+        seconds: u64,
+        threads: usize,
+        per_round: Option<usize>,
+    ) -> Result<Self> {
+        if !(rate.is_finite() && rate > 0.0) {
+            bail!("--rate must be a number of frames per second above 0, not {rate}");
+        }
+        if batch == 0 {
+            bail!("--batch must be at least 1 frame per write");
+        }
+        if sockets == 0 {
+            bail!("--sockets must be at least 1");
+        }
+        let threads = threads.clamp(1, sockets);
+        let per_round = match per_round {
+            None => sockets,
+            Some(k) if (1..=sockets).contains(&k) && threads == 1 => k,
+            Some(_) if threads > 1 => bail!("--per-round takes one writer thread (--threads 1)"),
+            Some(k) => bail!("--per-round must be from 1 to --sockets ({sockets}), not {k}"),
+        };
+        Ok(Self {
+            sockets,
+            rate,
+            batch,
+            seconds,
+            threads,
+            per_round,
+        })
+    }
+
+    /// Rounds a second: each socket gets `rate` frames a second, `batch`
+    /// to a write, `per_round` sockets a round.
+    fn rounds_per_second(&self) -> f64 {
+        self.rate / self.batch as f64 * self.sockets as f64 / self.per_round as f64
+    }
+
+    fn rounds(&self) -> u64 {
+        (self.rounds_per_second() * self.seconds as f64).floor() as u64
+    }
+
+    /// Frames written in all: every round writes `batch` frames to each of
+    /// `per_round` sockets (all of them, over all threads, by default).
+    fn frames(&self) -> f64 {
+        self.rounds() as f64 * self.batch as f64 * self.per_round as f64
+    }
+}
+
+/// The floor: a child process writes pre-encoded frames to `sockets`
+/// loopback sockets on `threads` threads; this process reads them. Returns
+/// the child's CPU per frame and the latency of the frames (from the start
+/// of the round that wrote them to their arrival here).
+async fn floor(pace: Pace) -> Result<serde_json::Value> {
+    let Pace {
+        sockets,
+        rate,
+        batch,
+        seconds,
+        threads,
+        per_round,
+    } = pace.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let exe = std::env::current_exe()?;
@@ -1112,7 +1197,9 @@ async fn floor(
             "--seconds",
             &seconds.to_string(),
             "--threads",
-            &threads.max(1).to_string(),
+            &threads.to_string(),
+            "--per-round",
+            &per_round.to_string(),
         ])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -1161,15 +1248,15 @@ async fn floor(
             .await
             .context("a floor reader did not see the end of its socket")??;
     }
-    let rounds = ((rate * seconds as f64) / batch as f64).floor();
-    let frames = rounds * batch as f64 * sockets as f64;
+    let frames = pace.frames();
     let (timed, hdr, edges) = latency.report();
     Ok(json!({
         "scenario": "floor",
         "sockets": sockets,
         "rate": rate,
         "frames_per_write": batch,
-        "threads": threads.clamp(1, sockets.max(1)),
+        "threads": threads,
+        "sockets_per_round": per_round,
         "frames": frames,
         "frames_timed": timed,
         "bytes_received": received.load(Ordering::Relaxed),
@@ -1269,18 +1356,6 @@ fn children_cpu() -> Result<f64> {
     Ok((cutime + cstime) / clock_ticks())
 }
 
-/// A floor needs a rate above zero (its rounds are `batch / rate` apart)
-/// and at least one frame per write.
-fn check_floor_args(rate: f64, batch: usize) -> Result<()> {
-    if !(rate.is_finite() && rate > 0.0) {
-        bail!("--rate must be a number of frames per second above 0, not {rate}");
-    }
-    if batch == 0 {
-        bail!("--batch must be at least 1 frame per write");
-    }
-    Ok(())
-}
-
 /// The floor writer's CPU seconds: opening its sockets, and writing.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct WriterCpu {
@@ -1310,26 +1385,26 @@ async fn floor_connect(addr: SocketAddr, sockets: usize) -> Result<Vec<std::net:
     Ok(conns)
 }
 
-fn floor_writer(
-    conns: Vec<std::net::TcpStream>,
-    rate: f64,
-    batch: usize,
-    seconds: u64,
-    threads: usize,
-) -> Result<WriterCpu> {
+fn floor_writer(conns: Vec<std::net::TcpStream>, pace: &Pace) -> Result<WriterCpu> {
     use std::io::Write;
     assert_eq!(
         &FLOOR_PAYLOAD[FLOOR_STAMP_AT - 2..FLOOR_STAMP_AT - 2 + FLOOR_STAMP_LEN],
         b"1764331200000000000"
     );
-    let sockets = conns.len();
+    let (sockets, batch, threads, per_round) =
+        (conns.len(), pace.batch, pace.threads, pace.per_round);
+    if sockets != pace.sockets {
+        bail!(
+            "the floor writer opened {sockets} sockets of {}",
+            pace.sockets
+        );
+    }
     let mut frame = vec![0x81, FLOOR_PAYLOAD.len() as u8];
     frame.extend_from_slice(FLOOR_PAYLOAD);
     let connected = own_cpu()?;
-    let rounds = ((rate * seconds as f64) / batch as f64).floor() as u64;
-    let every = Duration::from_secs_f64(batch as f64 / rate);
+    let rounds = pace.rounds();
+    let every = Duration::from_secs_f64(1.0 / pace.rounds_per_second());
     let start = Instant::now();
-    let threads = threads.clamp(1, sockets.max(1));
     let share = sockets.div_ceil(threads);
     let mut conns = conns.into_iter();
     let written = std::thread::scope(|scope| {
@@ -1344,8 +1419,11 @@ fn floor_writer(
                 for _ in 0..batch {
                     out.extend_from_slice(&frame);
                 }
+                // Where the next round starts, when a round writes only
+                // some of the sockets (in turn).
+                let mut next = 0;
                 for round in 0..rounds {
-                    let due = start + every * round as u32;
+                    let due = start + every.mul_f64(round as f64);
                     if let Some(wait) = due.checked_duration_since(Instant::now()) {
                         std::thread::sleep(wait);
                     }
@@ -1355,8 +1433,15 @@ fn floor_writer(
                         let at = k * frame.len() + FLOOR_STAMP_AT;
                         out[at..at + FLOOR_STAMP_LEN].copy_from_slice(stamp.as_bytes());
                     }
-                    for c in mine.iter_mut() {
-                        c.write_all(&out)?;
+                    if per_round >= mine.len() {
+                        for c in mine.iter_mut() {
+                            c.write_all(&out)?;
+                        }
+                    } else {
+                        for _ in 0..per_round {
+                            mine[next].write_all(&out)?;
+                            next = (next + 1) % mine.len();
+                        }
                     }
                 }
                 Ok(mine)
@@ -1413,4 +1498,45 @@ async fn accept_server(listen: SocketAddr, read_buffer: usize, max_seconds: u64)
         () = tokio::time::sleep(Duration::from_secs(max_seconds)) => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pace;
+
+    #[test]
+    fn a_floor_writes_every_socket_each_round_unless_told_otherwise() {
+        // 2,000 sockets at 65 frames a second each: 65 rounds a second of
+        // 2,000 frames, 5 s.
+        let dense = Pace::new(2000, 65.0, 1, 5, 1, None).unwrap();
+        assert_eq!(dense.per_round, 2000);
+        assert_eq!(dense.rounds(), 325);
+        assert_eq!(dense.frames(), 650_000.0);
+        // Four frames a write: a quarter of the rounds, the same frames.
+        let batched = Pace::new(2000, 65.0, 4, 5, 2, None).unwrap();
+        assert_eq!(batched.rounds(), 81);
+        assert_eq!(batched.frames(), 81.0 * 4.0 * 2000.0);
+    }
+
+    #[test]
+    fn a_groups_shaped_floor_keeps_each_sockets_rate() {
+        // 2,500 sockets at 5 frames a second each, 5 a round: 2,500
+        // rounds a second, and every socket still gets 5 a second.
+        let paced = Pace::new(2500, 5.0, 1, 6, 1, Some(5)).unwrap();
+        assert_eq!(paced.rounds_per_second(), 2500.0);
+        assert_eq!(paced.rounds(), 15_000);
+        assert_eq!(paced.frames(), 2500.0 * 5.0 * 6.0);
+    }
+
+    #[test]
+    fn bad_floor_arguments_are_refused_with_a_reason() {
+        let refused = |r: anyhow::Result<Pace>| r.unwrap_err().to_string();
+        assert!(refused(Pace::new(10, 0.0, 1, 1, 1, None)).contains("--rate"));
+        assert!(refused(Pace::new(10, f64::NAN, 1, 1, 1, None)).contains("--rate"));
+        assert!(refused(Pace::new(10, 5.0, 0, 1, 1, None)).contains("--batch"));
+        assert!(refused(Pace::new(0, 5.0, 1, 1, 1, None)).contains("--sockets"));
+        assert!(refused(Pace::new(10, 5.0, 1, 1, 1, Some(0))).contains("--per-round"));
+        assert!(refused(Pace::new(10, 5.0, 1, 1, 1, Some(11))).contains("--per-round"));
+        assert!(refused(Pace::new(10, 5.0, 1, 1, 2, Some(5))).contains("--threads 1"));
+    }
 }
