@@ -116,8 +116,16 @@ impl TokenVerifier {
                 ErrorKind::ImmatureSignature => TokenError::NotYetValid,
                 ErrorKind::InvalidAudience => TokenError::WrongAudience,
                 ErrorKind::InvalidIssuer => TokenError::WrongIssuer,
-                ErrorKind::MissingRequiredClaim(c) => TokenError::MissingClaim(c),
-                ErrorKind::Json(e) => TokenError::BadClaims(e.to_string()),
+                ErrorKind::MissingRequiredClaim(c) => self.missing_or_invalid(token, c),
+                ErrorKind::Json(e) => match jsonwebtoken::decode_header(token) {
+                    // The header is read first: an algorithm it does not
+                    // know (`none`, `hs256`) fails there, as JSON.
+                    Err(h) if h.to_string().contains("unknown variant") => {
+                        TokenError::WrongAlgorithm
+                    }
+                    Err(_) => TokenError::Malformed,
+                    Ok(_) => TokenError::BadClaims(e.to_string()),
+                },
                 _ => TokenError::Malformed,
             },
         )?;
@@ -138,6 +146,25 @@ impl TokenVerifier {
             },
             relay,
         })
+    }
+}
+
+impl TokenVerifier {
+    /// jsonwebtoken reports a required time claim it cannot read as a
+    /// number of seconds (`"exp": -1`, `1e30`, `"soon"`) as missing. The
+    /// signature was checked before the claims: read them again without
+    /// their checks, to tell a missing claim from an invalid one.
+    fn missing_or_invalid(&self, token: &str, claim: String) -> TokenError {
+        let mut lenient = Validation::new(self.validation.algorithms[0]);
+        lenient.required_spec_claims.clear();
+        lenient.validate_exp = false;
+        lenient.validate_aud = false;
+        match jsonwebtoken::decode::<serde_json::Value>(token, &self.key, &lenient) {
+            Ok(data) if data.claims.get(&claim).is_some() => TokenError::BadClaims(format!(
+                "`{claim}` must be a whole number of seconds since 1970"
+            )),
+            _ => TokenError::MissingClaim(claim),
+        }
     }
 }
 

@@ -294,7 +294,7 @@ pub fn ambiguous_path(path: &str) -> Option<&'static str> {
 enum Refused {
     /// A socket upgrade (`wshub_connections_refused_total`).
     Socket(RefusalReason, String),
-    /// A broadcast (`wshub_http_broadcast_total`).
+    /// A broadcast (`wshub_http_broadcast_requests_total`).
     Broadcast(BroadcastStatus, String),
     /// A path with a dot-segment or an encoded `.` or `/`, refused before
     /// routing ([`ambiguous_path`]); logged, not counted.
@@ -667,7 +667,12 @@ pub fn identity_from_query(pairs: &QueryPairs<'_>) -> Identity {
     }
     let user = match user.filter(|u| !u.is_empty()) {
         Some(u) => u.into(),
-        None => format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff).into(),
+        None => format!(
+            "{:0width$x}",
+            rand::random::<u64>() & 0xffff_ffff_ffff,
+            width = crate::route::GENERATED_ID_LEN
+        )
+        .into(),
     };
     Identity {
         user,

@@ -56,6 +56,9 @@ Documentation, in the source repository:
   docs/deploying.md       Docker, Kubernetes, load balancers, metrics
   docs/security.md        tokens, origins, the broadcast endpoint, limits
   docs/api.md             the server API (/api/*) and the admin page (/admin)
+  docs/resume.md          lossless resume: history, positions, replay
+  docs/presence.md        who is online, across the cluster
+  docs/architecture.md    how it works inside, and why
   wshub.example.toml      every key with its default";
 
 #[derive(clap::Subcommand)]

@@ -247,7 +247,7 @@ impl RefusalReason {
 }
 
 /// Every answer of the broadcast endpoint (the `status` label of
-/// `wshub_http_broadcast_total`).
+/// `wshub_http_broadcast_requests_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BroadcastStatus {
     /// Published (204).

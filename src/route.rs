@@ -74,6 +74,11 @@ pub fn connection_number(connection: &str) -> Option<u64> {
     connection.rsplit_once('-')?.1.parse().ok()
 }
 
+/// The length of the user id made up for a socket that gives none (hex
+/// digits, `http::identity_from_query`); `limits.max_id_bytes` may not be
+/// less.
+pub(crate) const GENERATED_ID_LEN: usize = 12;
+
 /// The identity a socket connected with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {

@@ -347,8 +347,15 @@ impl Session {
             },
             // tungstenite answers pings itself.
             Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {}
-            Some(Ok(WsMessage::Close(_))) => {
+            Some(Ok(WsMessage::Close(frame))) => {
                 self.client_closed = true;
+                // tungstenite hands a close code the protocol does not
+                // allow (999, 1005, …) over as 1002: answered as a
+                // protocol error. Any other close is a normal one.
+                let code = frame.map(|f| f.code);
+                if code == Some(tungstenite::protocol::frame::coding::CloseCode::Protocol) {
+                    return Err(CloseReason::ProtocolError);
+                }
                 return Err(CloseReason::Normal);
             }
             Some(Err(e)) => return Err(read_error_reason(e)),
@@ -600,15 +607,30 @@ async fn close(
         // The connection failed or the time ran out.
         return;
     }
+    let frame = CloseFrame {
+        code: reason.code().into(),
+        reason: text.into(),
+    };
     let handshake = async {
         if client_closed {
-            // tungstenite queued the echo of the client's close; send it.
-            let _ = socket.flush().await;
+            // The client's close is answered with the hub's own close
+            // frame: 1000 `Socket closed` (Web Connection's answer,
+            // README's close codes), or 1002 `Protocol error`. tungstenite
+            // queued an echo of the client's frame instead; it is never
+            // sent: these bytes go to the connection under it, and the
+            // socket is dropped after them.
+            let mut bytes = Vec::new();
+            if tungstenite::protocol::frame::Frame::close(Some(frame))
+                .format(&mut bytes)
+                .is_ok()
+            {
+                use tokio::io::AsyncWriteExt;
+                let io = socket.get_mut();
+                if io.write_all(&bytes).await.is_ok() {
+                    let _ = io.flush().await;
+                }
+            }
         } else {
-            let frame = CloseFrame {
-                code: reason.code().into(),
-                reason: text.into(),
-            };
             if socket.send(WsMessage::Close(Some(frame))).await.is_err() {
                 return;
             }

@@ -45,6 +45,13 @@ pub enum ConfigError {
     /// A value has the right type but is not acceptable.
     #[error("configuration: `{key}` {problem}")]
     Invalid { key: &'static str, problem: String },
+    /// The configuration file named (`--config`, `WSHUB_CONFIG`) cannot be
+    /// read. Its path is shown: it is no secret, and the operator needs it.
+    #[error("configuration: cannot read the configuration file {}: {error}", .path.display())]
+    File {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
 }
 
 /// Refuses a number where a boolean key is (`tcp_nodelay = 2`), which
@@ -116,6 +123,9 @@ fn cidrs(key: &'static str, list: &[String]) -> Result<Vec<ipnet::IpNet>, Config
         })
         .collect()
 }
+
+/// The most clock skew `auth.leeway_secs` may tolerate: a day.
+pub(crate) const MAX_LEEWAY_SECS: u64 = 86_400;
 
 fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -415,6 +425,14 @@ impl Config {
             .collect();
         let mut builder = config::Config::builder();
         if let Some(path) = file {
+            // Checked here: the `config` crate's own error quotes the path,
+            // which the redaction of quoted values then hides.
+            if let Err(error) = std::fs::File::open(path) {
+                return Err(ConfigError::File {
+                    path: path.to_owned(),
+                    error,
+                });
+            }
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
         // No `try_parsing`: every value stays the string written, and
@@ -470,10 +488,16 @@ impl Config {
         if l.max_message_bytes < 1024 {
             return Err(invalid("limits.max_message_bytes", "must be at least 1024"));
         }
-        if !(1..=l.max_message_bytes).contains(&l.max_id_bytes) {
+        // The user ids the hub makes up for sockets that give none
+        // (`http::identity_from_query`) must pass its own check.
+        if !(crate::route::GENERATED_ID_LEN..=l.max_message_bytes).contains(&l.max_id_bytes) {
             return Err(invalid(
                 "limits.max_id_bytes",
-                "must be between 1 and limits.max_message_bytes",
+                format!(
+                    "must be between {} (the length of the user ids the hub makes up for \
+                     sockets that give none) and limits.max_message_bytes",
+                    crate::route::GENERATED_ID_LEN
+                ),
             ));
         }
         if l.max_recipients == 0 {
@@ -811,6 +835,18 @@ impl Config {
                 ));
             }
         };
+        if raw.leeway_secs > MAX_LEEWAY_SECS {
+            // jsonwebtoken subtracts the leeway from the clock unchecked: a
+            // leeway past the epoch's age wrapped around and refused every
+            // token as expired.
+            return Err(invalid(
+                "auth.leeway_secs",
+                format!(
+                    "must be at most {MAX_LEEWAY_SECS} (a day of clock skew), not {}",
+                    raw.leeway_secs
+                ),
+            ));
+        }
         let non_empty = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
         Ok(AuthConfig {
             jwt_key,

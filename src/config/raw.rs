@@ -210,7 +210,7 @@ pub struct Limits {
 /// `limits.per_user_policy`: what happens to the socket that would put a
 /// user over `limits.max_connections_per_user`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", try_from = "String")]
 pub enum PerUserPolicy {
     /// The user's oldest socket anywhere in the cluster is closed with
     /// 4003 `Session replaced`; the new one is accepted.
@@ -218,6 +218,21 @@ pub enum PerUserPolicy {
     ReplaceOldest,
     /// The new socket is refused with HTTP 429.
     Refuse,
+}
+
+impl TryFrom<String> for PerUserPolicy {
+    type Error = String;
+
+    /// `replace_oldest` or `refuse`, in any letter case; anything else is
+    /// refused with the values that are accepted (serde's own message
+    /// named the Rust enum).
+    fn try_from(text: String) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "replace_oldest" => Ok(Self::ReplaceOldest),
+            "refuse" => Ok(Self::Refuse),
+            _ => Err("must be replace_oldest or refuse".into()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -152,6 +152,11 @@ fn errors_name_the_key() {
             "`redis.probe_timeout_ms`",
         ),
         (&[("WSHUB_NODE_ID", "a b")], "`node_id`"),
+        // Below the length of the user ids the hub makes up itself.
+        (
+            &[("WSHUB_LIMITS__MAX_ID_BYTES", "11")],
+            "`limits.max_id_bytes`",
+        ),
         (&[("WSHUB_BACKEND__URL", "ftp://x")], "`backend.url`"),
         (
             &[
@@ -179,6 +184,13 @@ fn errors_name_the_key() {
         (
             &[("WSHUB_AUTH__JWT_ALGORITHM", "none")],
             "`auth.jwt_algorithm`",
+        ),
+        (
+            &[
+                ("WSHUB_AUTH__JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+                ("WSHUB_AUTH__LEEWAY_SECS", "2000000000"),
+            ],
+            "`auth.leeway_secs`",
         ),
         (
             &[("WSHUB_AUTH__TRUSTED_PROXIES", "x")],
@@ -263,6 +275,10 @@ fn presence_and_the_per_user_limit_need_redis() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("per_user_policy"), "{err}");
+    assert!(
+        err.contains("must be replace_oldest or refuse"),
+        "the values it takes: {err}"
+    );
 }
 
 #[test]
@@ -289,6 +305,16 @@ fn unknown_key_in_the_file_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("max_mesage_bytes"), "{err}");
+}
+
+#[test]
+fn a_missing_file_is_refused_with_its_path() {
+    let path = std::env::temp_dir().join("wshub-config-test-no-such-dir/wshub.toml");
+    let err = Config::load_from(Some(&path), env(&[]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    assert!(err.contains("cannot read"), "{err}");
 }
 
 /// A scratch file, removed when dropped.

@@ -225,7 +225,12 @@ pub(super) fn backend_trust(
     };
     let mut headers = Vec::new();
     for (name, value) in &raw.headers {
-        let lower = name.to_ascii_lowercase();
+        // `_` is sent as `-`: an environment variable's name cannot hold a
+        // `-` (`WSHUB_BACKEND__HEADERS__X_API_KEY` is `X-Api-Key`), nginx
+        // drops headers with `_` by default, and CGI-style servers read
+        // both spellings as one variable, so `x_wshub_user_id` must not
+        // get past the check below.
+        let lower = name.to_ascii_lowercase().replace('_', "-");
         if reqwest::header::HeaderName::from_bytes(lower.as_bytes()).is_err() {
             return Err(invalid(
                 "backend.headers",

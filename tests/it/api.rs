@@ -603,6 +603,30 @@ async fn an_idempotent_publish_delivers_once_whichever_node_gets_it() {
     assert_eq!(listener.recv().await["action"], "x");
 }
 
+/// `/api/publish` reads each message as the broadcast endpoint reads it: a
+/// review found a message with a deeply nested unknown field delivered by
+/// the broadcast endpoint and refused by the API (serde_json's recursion
+/// limit, met while the API read the messages as JSON values).
+#[tokio::test]
+async fn the_api_publishes_what_the_broadcast_endpoint_takes() {
+    let server = TestServer::start().await;
+    let mut listener = server.connect("lis", Some("room")).await;
+    let nested = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    let message = format!(r#"{{"action":"deep","message":"m","extra":{nested}}}"#);
+    let response = server
+        .post("/app/__broadcastWebSocket.wc", message.clone())
+        .await;
+    assert_eq!(response.status(), 204);
+    assert_eq!(listener.recv().await["action"], "deep");
+    let response = server
+        .post("/api/publish", format!(r#"{{"messages":[{message}]}}"#))
+        .await;
+    let status = response.status().as_u16();
+    let body = response.text().await.unwrap();
+    assert_eq!((status, body.as_str()), (200, r#"{"published":1}"#));
+    assert_eq!(listener.recv().await["action"], "deep");
+}
+
 #[tokio::test]
 async fn publish_and_disconnect_refuse_bad_requests_clearly() {
     let server = TestServer::start().await;
@@ -911,6 +935,26 @@ async fn every_endpoint_is_protected() {
         (401, &json!("unauthorized")),
         "/api/"
     );
+    // A path with Web Connection's broadcast marker is the broadcast
+    // endpoint under /api/ too, never an API route taking it as a name (a
+    // review read history and presence through such paths without a key).
+    for path in [
+        "/api/history/group:x__broadcastWebSocket.wc",
+        "/api/presence/groups/x__broadcastWebSocket.wc",
+    ] {
+        let response = http.get(server.url(path)).send().await.unwrap();
+        assert_eq!(
+            response.status(),
+            405,
+            "{path}: the broadcast endpoint's answer to GET"
+        );
+        let response = http.post(server.url(path)).body("{}").send().await.unwrap();
+        assert_eq!(
+            response.status(),
+            401,
+            "{path}: the broadcast endpoint wants a key"
+        );
+    }
     let response = http
         .get(server.url("/api/"))
         .header("x-api-key", key)

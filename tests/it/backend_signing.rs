@@ -203,6 +203,23 @@ fn the_backend_keys_are_validated() {
     assert!(msg.contains("backend.signing_key"), "{msg}");
     let msg = err(&[url, ("WSHUB_BACKEND__HEADERS__X-WSHUB-USER-ID", "forged")]);
     assert!(msg.contains("backend.headers"), "{msg}");
+    // The spelling an environment variable can hold is the same header.
+    let msg = err(&[url, ("WSHUB_BACKEND__HEADERS__X_WSHUB_USER_ID", "forged")]);
+    assert!(msg.contains("backend.headers"), "{msg}");
+    let headers = |pairs: &[(&str, &str)]| {
+        let env = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let backend = Config::load_from(None, env).unwrap().backend.unwrap();
+        backend
+            .headers
+            .iter()
+            .map(|(name, _)| name.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        headers(&[url, ("WSHUB_BACKEND__HEADERS__X_API_KEY", "k")]),
+        ["x-api-key"],
+        "`_` in a header's name is sent as `-`"
+    );
     let secret_value = "Bearer secret\nvalue";
     let msg = err(&[url, ("WSHUB_BACKEND__HEADERS__AUTHORIZATION", secret_value)]);
     assert!(

@@ -467,6 +467,28 @@ async fn malformed_group_paths_and_user_ids_are_refused_in_the_api_format() {
     );
 }
 
+/// `?ids=` is split at its commas once decoded: a client that URL-encodes
+/// the whole list, as `curl --data-urlencode` and most HTTP libraries do,
+/// asks for each user (a review asked for `%2C` to stand for a comma
+/// inside an id; that would have made docs/api.md's own example ask for
+/// one user named "ann,bob").
+#[tokio::test]
+async fn an_encoded_list_of_ids_names_each_user() {
+    let redis = RedisServer::start();
+    let node = presence_node(&redis, |_| {}).await;
+    let _ann = Client::connect(node.addr, &socket_path("ann", Some("g"), false)).await;
+    within("ann is online", PATIENCE, || async {
+        get_json(node.addr, "/api/presence/users?ids=ann%2Cbob")
+            .await
+            .1
+            == json!({"users": {
+                "ann": {"online": true, "connections": 1},
+                "bob": {"online": false, "connections": 0},
+            }})
+    })
+    .await;
+}
+
 /// The group `""` (`groupid=`, not the null group) has its path,
 /// `/api/presence/groups/`.
 #[tokio::test]

@@ -38,6 +38,18 @@ fn hs256(claims: Value, secret: &str) -> String {
     .unwrap()
 }
 
+/// A token whose header names `alg` as given (not one jsonwebtoken
+/// knows), with an empty signature.
+fn unsigned(claims: &Value, alg: &str) -> String {
+    use base64::Engine;
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    format!(
+        "{}.{}.",
+        b64(&json!({"alg": alg, "typ": "JWT"})),
+        b64(claims)
+    )
+}
+
 fn config_with(env: &[(&str, &str)]) -> Config {
     let loaded = Config::load_from(
         None,
@@ -155,6 +167,19 @@ async fn every_token_failure_is_a_401_with_its_reason() {
             "claims are invalid",
         ),
         (rs256, "algorithm"),
+        // A time claim that is there but not a number of seconds is
+        // invalid, not missing; an algorithm the hub does not know is the
+        // wrong one, not invalid claims.
+        (
+            hs256(with(json!({"exp": -1})), SECRET),
+            "`exp` must be a whole number of seconds",
+        ),
+        (
+            hs256(with(json!({"exp": "soon"})), SECRET),
+            "`exp` must be a whole number of seconds",
+        ),
+        (unsigned(&good, "none"), "algorithm"),
+        (unsigned(&good, "hs256"), "algorithm"),
     ];
     for (token, want) in cases {
         let path = if token.is_empty() {

@@ -79,11 +79,11 @@
 //! Redis, where every key is; on a Cluster each topic is read by its own
 //! call, in its slot: a snapshot per topic, `history/sharded.rs`).
 //!
-//! Redis must never evict these keys: `maxmemory-policy` `noeviction` or a
-//! `volatile-*` policy (every key but `P:seq` has a TTL, and those
-//! policies never evict it; losing a meta hash or a stream only makes a
-//! resume or a repair say it could not), never `allkeys-*` (a lost mark
-//! would let a resent batch run twice). See docs/resume.md.
+//! Redis must never evict these keys: `maxmemory-policy` `noeviction`.
+//! Losing a meta hash or a stream only makes a resume or a repair say it
+//! could not, but a lost mark would let a resent batch run twice, and the
+//! marks have a TTL, so a `volatile-*` policy may evict them as
+//! `allkeys-*` would. See docs/cluster.md ("Managed Redis services").
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
