@@ -178,6 +178,10 @@ async fn every_token_failure_is_a_401_with_its_reason() {
             hs256(with(json!({"exp": "soon"})), SECRET),
             "`exp` must be a whole number of seconds",
         ),
+        (
+            hs256(with(json!({"sub": 5})), SECRET),
+            "claims are invalid: invalid type: integer",
+        ),
         (unsigned(&good, "none"), "algorithm"),
         (unsigned(&good, "hs256"), "algorithm"),
     ];
