@@ -117,6 +117,7 @@ impl TokenVerifier {
                 ErrorKind::InvalidAudience => TokenError::WrongAudience,
                 ErrorKind::InvalidIssuer => TokenError::WrongIssuer,
                 ErrorKind::MissingRequiredClaim(c) => self.missing_or_invalid(token, c),
+                ErrorKind::InvalidClaimFormat(c) => invalid_claim(&c),
                 ErrorKind::Json(e) => match jsonwebtoken::decode_header(token) {
                     // The header is read first: an algorithm it does not
                     // know (`none`, `hs256`) fails there, as JSON.
@@ -150,22 +151,37 @@ impl TokenVerifier {
 }
 
 impl TokenVerifier {
-    /// jsonwebtoken reports a required time claim it cannot read as a
-    /// number of seconds (`"exp": -1`, `1e30`, `"soon"`) as missing. The
-    /// signature was checked before the claims: read them again without
-    /// their checks, to tell a missing claim from an invalid one.
+    /// jsonwebtoken reports a required claim that is there but cannot be
+    /// read (`"exp": -1`, `1e30`, `"soon"`) as missing. The signature was
+    /// checked before the claims: read them again, each as raw JSON (no
+    /// depth limit, no checks), to tell a missing claim from an invalid
+    /// one.
     fn missing_or_invalid(&self, token: &str, claim: String) -> TokenError {
+        use serde_json::value::RawValue;
         let mut lenient = Validation::new(self.validation.algorithms[0]);
         lenient.required_spec_claims.clear();
         lenient.validate_exp = false;
         lenient.validate_aud = false;
-        match jsonwebtoken::decode::<serde_json::Value>(token, &self.key, &lenient) {
-            Ok(data) if data.claims.get(&claim).is_some() => TokenError::BadClaims(format!(
-                "`{claim}` must be a whole number of seconds since 1970"
-            )),
+        let claims = jsonwebtoken::decode::<std::collections::HashMap<String, Box<RawValue>>>(
+            token, &self.key, &lenient,
+        );
+        match claims {
+            Ok(data) if data.claims.get(&claim).is_some_and(|v| v.get() != "null") => {
+                invalid_claim(&claim)
+            }
             _ => TokenError::MissingClaim(claim),
         }
     }
+}
+
+/// A registered claim that is there in the wrong form.
+fn invalid_claim(claim: &str) -> TokenError {
+    let want = match claim {
+        "exp" | "nbf" => "a whole number of seconds since 1970",
+        "aud" => "a string or a list of strings",
+        _ => "a string",
+    };
+    TokenError::BadClaims(format!("`{claim}` must be {want}"))
 }
 
 /// The token a socket request carries: `?token=` (any key case), else a

@@ -65,6 +65,10 @@ use crate::wire::{Io, MAX_BATCH, WireIo};
 /// [`Wire`](crate::wire::Wire), which frames are written through.
 pub(crate) type Socket = WebSocketStream<WireIo<Arc<Conn>>>;
 
+/// The reason tungstenite puts in place of a client's close frame whose
+/// code the protocol does not allow (its code then reads 1002).
+const TUNGSTENITE_REFUSED_CLOSE: &str = "Protocol violation";
+
 /// Most batch writes in a row before the client's side is read again
 /// (see [`Session::serve`]): a queue that never empties cannot starve the
 /// reads (the client's pongs and messages).
@@ -349,14 +353,19 @@ impl Session {
             Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {}
             Some(Ok(WsMessage::Close(frame))) => {
                 self.client_closed = true;
-                // tungstenite hands a close code the protocol does not
-                // allow (999, 1005, …) over as 1002: answered as a
-                // protocol error. Any other close is a normal one.
-                let code = frame.map(|f| f.code);
-                if code == Some(tungstenite::protocol::frame::coding::CloseCode::Protocol) {
-                    return Err(CloseReason::ProtocolError);
-                }
-                return Err(CloseReason::Normal);
+                // tungstenite hands a close code it does not allow (999,
+                // 1005, …) over as 1002 "Protocol violation": answered as
+                // a protocol error. Any other close, a client's own 1002
+                // included, is a normal one.
+                let refused = frame.is_some_and(|f| {
+                    f.code == tungstenite::protocol::frame::coding::CloseCode::Protocol
+                        && f.reason.as_str() == TUNGSTENITE_REFUSED_CLOSE
+                });
+                return Err(if refused {
+                    CloseReason::ProtocolError
+                } else {
+                    CloseReason::Normal
+                });
             }
             Some(Err(e)) => return Err(read_error_reason(e)),
             None => return Err(CloseReason::ConnectionLost),

@@ -1133,7 +1133,10 @@ impl Pace {
         }
         let threads = threads.clamp(1, sockets);
         let per_round = match per_round {
+            // Every socket each round: the default, on any number of
+            // threads (the parent passes it on to its writer so).
             None => sockets,
+            Some(k) if k == sockets => k,
             Some(k) if (1..=sockets).contains(&k) && threads == 1 => k,
             Some(_) if threads > 1 => bail!("--per-round takes one writer thread (--threads 1)"),
             Some(k) => bail!("--per-round must be from 1 to --sockets ({sockets}), not {k}"),
@@ -1516,6 +1519,11 @@ mod tests {
         let batched = Pace::new(2000, 65.0, 4, 5, 2, None).unwrap();
         assert_eq!(batched.rounds(), 81);
         assert_eq!(batched.frames(), 81.0 * 4.0 * 2000.0);
+        // What the parent passes its writer for the default: every socket
+        // a round, on several threads (a review found it refused, which
+        // broke every floor with --threads).
+        let passed_on = Pace::new(2000, 65.0, 1, 5, 2, Some(2000)).unwrap();
+        assert_eq!(passed_on.rounds(), dense.rounds());
     }
 
     #[test]

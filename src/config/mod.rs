@@ -427,7 +427,14 @@ impl Config {
         if let Some(path) = file {
             // Checked here: the `config` crate's own error quotes the path,
             // which the redaction of quoted values then hides.
-            if let Err(error) = std::fs::File::open(path) {
+            let readable = std::fs::File::open(path).and_then(|file| {
+                if file.metadata()?.is_dir() {
+                    Err(std::io::Error::other("it is a directory"))
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(error) = readable {
                 return Err(ConfigError::File {
                     path: path.to_owned(),
                     error,

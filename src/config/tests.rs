@@ -315,6 +315,15 @@ fn a_missing_file_is_refused_with_its_path() {
         .to_string();
     assert!(err.contains(&path.display().to_string()), "{err}");
     assert!(err.contains("cannot read"), "{err}");
+    // A directory opens, but is no file.
+    let dir = std::env::temp_dir();
+    let err = Config::load_from(Some(&dir), env(&[]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&dir.display().to_string()) && err.contains("directory"),
+        "{err}"
+    );
 }
 
 /// A scratch file, removed when dropped.

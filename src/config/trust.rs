@@ -210,6 +210,21 @@ pub(super) fn sentinels(raw: &RawRedis) -> Result<Vec<String>, ConfigError> {
 type StaticHeaders = Vec<(String, Secret)>;
 
 /// `backend.signing_key` and `backend.headers`, validated.
+/// Headers the hub's HTTP client sets on every forward, its framing and
+/// its connection's (a static `Content-Length` made the backend cut every
+/// body short), besides the `X-Wshub-*` ones.
+const HUB_HEADERS: [&str; 9] = [
+    "content-type",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "host",
+];
+
 pub(super) fn backend_trust(
     raw: &RawBackend,
 ) -> Result<(Option<Secret>, StaticHeaders), ConfigError> {
@@ -237,10 +252,16 @@ pub(super) fn backend_trust(
                 format!("{name:?} is not a header name"),
             ));
         }
-        if lower.starts_with("x-wshub-") || lower == "content-type" || lower == "host" {
+        if lower.starts_with("x-wshub-") || HUB_HEADERS.contains(&lower.as_str()) {
             return Err(invalid(
                 "backend.headers",
                 format!("{name:?} is set by the hub itself"),
+            ));
+        }
+        if headers.iter().any(|(seen, _)| *seen == lower) {
+            return Err(invalid(
+                "backend.headers",
+                format!("{name:?} is set twice (`_` and `-` are the same in a name)"),
             ));
         }
         if reqwest::header::HeaderValue::from_str(value).is_err() {

@@ -203,9 +203,25 @@ fn the_backend_keys_are_validated() {
     assert!(msg.contains("backend.signing_key"), "{msg}");
     let msg = err(&[url, ("WSHUB_BACKEND__HEADERS__X-WSHUB-USER-ID", "forged")]);
     assert!(msg.contains("backend.headers"), "{msg}");
-    // The spelling an environment variable can hold is the same header.
-    let msg = err(&[url, ("WSHUB_BACKEND__HEADERS__X_WSHUB_USER_ID", "forged")]);
-    assert!(msg.contains("backend.headers"), "{msg}");
+    // The spelling an environment variable can hold is the same header;
+    // the framing and connection headers are the hub's too.
+    for name in [
+        "X_WSHUB_USER_ID",
+        "CONTENT_LENGTH",
+        "TRANSFER_ENCODING",
+        "CONNECTION",
+    ] {
+        let var = format!("WSHUB_BACKEND__HEADERS__{name}");
+        let msg = err(&[url, (&var, "5")]);
+        assert!(msg.contains("set by the hub itself"), "{name}: {msg}");
+    }
+    // One header in two spellings is refused, not merged.
+    let msg = err(&[
+        url,
+        ("WSHUB_BACKEND__HEADERS__X-API-KEY", "a"),
+        ("WSHUB_BACKEND__HEADERS__X_API_KEY", "b"),
+    ]);
+    assert!(msg.contains("set twice"), "{msg}");
     let headers = |pairs: &[(&str, &str)]| {
         let env = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()));
         let backend = Config::load_from(None, env).unwrap().backend.unwrap();

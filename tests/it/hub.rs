@@ -543,6 +543,8 @@ async fn client_close_is_answered_with_socket_closed() {
         (Some((1000, "bye")), (1000, "Socket closed")),
         (Some((4321, "")), (1000, "Socket closed")),
         (Some((3000, "x")), (1000, "Socket closed")),
+        // A client's own 1002 is a close like any other.
+        (Some((1002, "you erred")), (1000, "Socket closed")),
         (Some((999, "")), (1002, "Protocol error")),
     ];
     for (close, want) in sent {

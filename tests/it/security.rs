@@ -38,6 +38,11 @@ fn hs256(claims: Value, secret: &str) -> String {
     .unwrap()
 }
 
+/// `[[[…]]]`, `depth` deep.
+fn deep_json(depth: usize) -> Value {
+    (0..depth).fold(json!([]), |inner, _| json!([inner]))
+}
+
 /// A token whose header names `alg` as given (not one jsonwebtoken
 /// knows), with an empty signature.
 fn unsigned(claims: &Value, alg: &str) -> String {
@@ -181,6 +186,20 @@ async fn every_token_failure_is_a_401_with_its_reason() {
         (
             hs256(with(json!({"sub": 5})), SECRET),
             "claims are invalid: invalid type: integer",
+        ),
+        // null is no value: missing, not invalid.
+        {
+            let mut claims = good.clone();
+            claims["sub"] = Value::Null;
+            (hs256(claims, SECRET), "required claim: sub")
+        },
+        (
+            hs256(with(json!({"nbf": "soon"})), SECRET),
+            "`nbf` must be a whole number of seconds",
+        ),
+        (
+            hs256(with(json!({"exp": "soon", "deep": deep_json(200)})), SECRET),
+            "`exp` must be a whole number of seconds",
         ),
         (unsigned(&good, "none"), "algorithm"),
         (unsigned(&good, "hs256"), "algorithm"),
