@@ -264,6 +264,10 @@ pub(crate) enum Denied {
     /// No keys are configured and the peer is neither loopback nor in
     /// `broadcast.trusted_networks` (403).
     Forbidden,
+    /// No keys are configured, the peer is trusted, but the request comes
+    /// from a web page of another site (403): a browser on a trusted
+    /// machine must not lend a page its address.
+    CrossSite,
 }
 
 /// Who may use the broadcast endpoint and the server API (`/api/*`): with
@@ -281,10 +285,38 @@ pub(crate) fn backend_access(
         }
         return Err(Denied::Unauthorized);
     }
-    if peer.is_some_and(|p| peer_trusted(p, &policy.trusted_networks)) {
-        Ok(())
-    } else {
-        Err(Denied::Forbidden)
+    if !peer.is_some_and(|p| peer_trusted(p, &policy.trusted_networks)) {
+        return Err(Denied::Forbidden);
+    }
+    if from_another_site(headers) {
+        return Err(Denied::CrossSite);
+    }
+    Ok(())
+}
+
+/// Whether a browser sent this request for a page of another site: its
+/// `Sec-Fetch-Site` says so, or its `Origin` is not the host asked. Trust
+/// by address would otherwise let any page a browser on a trusted machine
+/// opens publish, disconnect and ban (a form or `fetch` with
+/// `mode: "no-cors"` needs no permission, and bodies are read as JSON
+/// whatever their type). Backends send neither header; `/admin` is
+/// same-origin.
+fn from_another_site(headers: &HeaderMap) -> bool {
+    let text = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or(""));
+    if let Some(site) = text("sec-fetch-site") {
+        return !matches!(
+            site.trim().to_ascii_lowercase().as_str(),
+            "same-origin" | "none"
+        );
+    }
+    match text("origin") {
+        None => false,
+        Some(origin) => {
+            // `scheme://host[:port]`, or `null`: compared with `Host`.
+            let authority = origin.split_once("://").map(|(_, rest)| rest);
+            let host = text("host").unwrap_or("");
+            authority.is_none_or(|a| !a.trim_end_matches('/').eq_ignore_ascii_case(host.trim()))
+        }
     }
 }
 
@@ -336,6 +368,38 @@ mod tests {
             "scheme matters"
         );
         assert!(origin_allowed(&["*".to_owned()], Some("https://x")));
+    }
+
+    #[test]
+    fn pages_of_other_sites_are_told_apart() {
+        let headers = |pairs: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(
+                    axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            h
+        };
+        // Backends (curl, wwHttp) send neither header.
+        assert!(!from_another_site(&headers(&[("host", "hub:8080")])));
+        for cross in [
+            &[("sec-fetch-site", "cross-site")][..],
+            &[("sec-fetch-site", "same-site")],
+            &[("host", "hub:8080"), ("origin", "https://evil.example")],
+            &[("host", "hub:8080"), ("origin", "null")],
+            &[("host", "hub:8080"), ("origin", "http://hub:8081")],
+        ] {
+            assert!(from_another_site(&headers(cross)), "{cross:?}");
+        }
+        for same in [
+            &[("sec-fetch-site", "same-origin")][..],
+            &[("sec-fetch-site", "none")],
+            &[("host", "hub:8080"), ("origin", "http://HUB:8080")],
+        ] {
+            assert!(!from_another_site(&headers(same)), "{same:?}");
+        }
     }
 
     #[test]

@@ -754,6 +754,12 @@ async fn publish(http: &HttpState, request: Request) -> Result<(), Refused> {
                 "forbidden: the broadcast endpoint only accepts requests from loopback and broadcast.trusted_networks",
             );
         }
+        Err(auth::Denied::CrossSite) => {
+            return refused(
+                BroadcastStatus::Forbidden,
+                "forbidden: the broadcast endpoint does not take requests from web pages of other sites (without broadcast.api_keys it trusts addresses, which a browser would lend them)",
+            );
+        }
     }
     let max = http.config.limits.max_message_bytes;
     let body = match axum::body::to_bytes(request.into_body(), max).await {

@@ -212,10 +212,7 @@ impl<'a> Message<'a> {
 
     /// True when the action is one of the hub's own (`wshub.*`, any case).
     pub fn is_reserved(&self) -> bool {
-        self.action.as_deref().is_some_and(|a| {
-            a.get(..RESERVED_PREFIX.len())
-                .is_some_and(|p| p.eq_ignore_ascii_case(RESERVED_PREFIX))
-        })
+        self.action.as_deref().is_some_and(reserved)
     }
 
     /// Encodes the outbound frame: the five fields in protocol order, nulls
@@ -323,6 +320,59 @@ impl<'de> Visitor<'de> for StrField {
     }
 }
 
+/// Whether `action` is one of the hub's own (`wshub.*`, any case).
+fn reserved(action: &str) -> bool {
+    action
+        .get(..RESERVED_PREFIX.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(RESERVED_PREFIX))
+}
+
+/// The value of a key the hub does not read as `action` but a backend
+/// might: a second `action` (a backend may take the first), or `Action`
+/// in another letter case (a backend may read names without regard to
+/// it). Any JSON value; true when it is a reserved action.
+struct ShadowAction;
+
+impl<'de> de::DeserializeSeed<'de> for ShadowAction {
+    type Value = bool;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ShadowAction {
+    type Value = bool;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_str<E>(self, v: &str) -> Result<bool, E> {
+        Ok(reserved(v))
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_unit<E>(self) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(false)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(false)
+    }
+}
+
 fn field_str<'de, A: MapAccess<'de>>(
     map: &mut A,
     field: &'static str,
@@ -340,11 +390,22 @@ impl<'de> Deserialize<'de> for Message<'de> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut msg = Message::default();
+                // A reserved action where a backend, not the hub, may read
+                // it (review: `{"action":"chat","Action":"wshub.disconnect"}`
+                // reached a case-insensitive backend as a fake event).
+                let mut shadow = false;
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                     match key.as_ref() {
                         "userId" => msg.user_id = field_str(&mut map, "userId")?,
                         "groupId" => msg.group_id = field_str(&mut map, "groupId")?,
-                        "action" => msg.action = field_str(&mut map, "action")?,
+                        "action" => {
+                            // The last one wins here; a backend may take this one.
+                            shadow |= msg.action.as_deref().is_some_and(reserved);
+                            msg.action = field_str(&mut map, "action")?;
+                        }
+                        k if k.eq_ignore_ascii_case("action") => {
+                            shadow |= map.next_value_seed(ShadowAction)?;
+                        }
                         "message" => msg.message = field_str(&mut map, "message")?,
                         "recipients" => {
                             msg.recipients = map
@@ -355,6 +416,12 @@ impl<'de> Deserialize<'de> for Message<'de> {
                             map.next_value::<IgnoredAny>()?;
                         }
                     }
+                }
+                if shadow {
+                    return Err(de::Error::custom(
+                        "actions starting with `wshub.` are reserved for the hub, in a second \
+                         `action` or one in another letter case too (a backend may read it)",
+                    ));
                 }
                 Ok(msg)
             }
@@ -460,6 +527,28 @@ mod tests {
 
     fn parse(text: &str) -> Result<Message<'_>, MessageError> {
         Message::parse(text, &LIMITS)
+    }
+
+    #[test]
+    fn a_reserved_action_where_a_backend_may_read_it_is_refused() {
+        for text in [
+            r#"{"action":"chat","Action":"wshub.disconnect"}"#,
+            r#"{"aCtIoN":"WSHUB.connect"}"#,
+            r#"{"action":"wshub.error","action":"chat"}"#,
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains("reserved"), "{text}: {err}");
+        }
+        // Anything else under such a key is ignored, as unknown fields are;
+        // the last `action` is the hub's.
+        for (text, action) in [
+            (r#"{"Action":5,"action":"chat"}"#, Some("chat")),
+            (r#"{"ACTION":{"a":[1,{"b":null}]},"action":"x"}"#, Some("x")),
+            (r#"{"Action":"chat"}"#, None),
+            (r#"{"action":"a","action":"b"}"#, Some("b")),
+        ] {
+            assert_eq!(parse(text).unwrap().action.as_deref(), action, "{text}");
+        }
     }
 
     #[test]

@@ -133,6 +133,12 @@ impl ApiError {
                 "the server API only accepts requests from loopback and broadcast.trusted_networks, \
                  or with a key once broadcast.api_keys is set",
             ),
+            Denied::CrossSite => Self::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the server API does not take requests from web pages of other sites \
+                 (without broadcast.api_keys it trusts addresses, which a browser would lend them)",
+            ),
         }
     }
 

@@ -603,6 +603,65 @@ async fn an_idempotent_publish_delivers_once_whichever_node_gets_it() {
     assert_eq!(listener.recv().await["action"], "x");
 }
 
+/// Without keys the API and the broadcast endpoint trust addresses; a web
+/// page of another site opened in a browser on a trusted machine must not
+/// borrow that trust (a review published and banned through a visitor's
+/// browser: a `no-cors` fetch needs no permission, and bodies are read as
+/// JSON whatever their type). Backends send no `Origin` and pass; the
+/// hub's own pages (`/admin`) are same-origin and pass.
+#[tokio::test]
+async fn pages_of_other_sites_cannot_use_a_trusted_address() {
+    let server = TestServer::start().await;
+    let mut listener = server.connect("lis", None).await;
+    let http = reqwest::Client::new();
+    let publish = r#"{"messages":[{"action":"csrf"}]}"#;
+    let push = r#"{"action":"csrf"}"#;
+    for (path, body) in [
+        ("/api/publish", publish),
+        ("/__broadcastWebSocket.wc", push),
+    ] {
+        for (name, value) in [
+            ("origin", "https://evil.example"),
+            ("origin", "null"),
+            ("sec-fetch-site", "cross-site"),
+        ] {
+            let response = http
+                .post(server.url(path))
+                .header("content-type", "text/plain;charset=UTF-8")
+                .header(name, value)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            let text = response.text().await.unwrap();
+            assert_eq!(status, 403, "{path} with {name}: {value}: {text}");
+            assert!(text.contains("web pages of other sites"), "{text}");
+        }
+    }
+    // The hub's own origin, and a backend (no Origin), pass.
+    let own = format!("http://{}", server.addr);
+    let response = http
+        .post(server.url("/api/publish"))
+        .header("origin", &own)
+        .header("sec-fetch-site", "same-origin")
+        .body(publish.replace("csrf", "own"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let response = http
+        .post(server.url("/__broadcastWebSocket.wc"))
+        .body(push.replace("csrf", "backend"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    // Nothing refused arrived: the first two the socket gets are these.
+    assert_eq!(listener.recv().await["action"], "own");
+    assert_eq!(listener.recv().await["action"], "backend");
+}
+
 /// `/api/publish` reads each message as the broadcast endpoint reads it: a
 /// review found a message with a deeply nested unknown field delivered by
 /// the broadcast endpoint and refused by the API (serde_json's recursion

@@ -357,6 +357,34 @@ async fn the_broadcast_path_cannot_be_smuggled_past_the_balancer() {
         assert_eq!(status, 400, "straight to the node, {path}: {text}");
         assert!(text.contains("bad request: the path has"), "{text}");
     }
+    // The server API has the same power (publish, disconnect and ban) and
+    // the same trust in the balancer's loopback address: blocked too (a
+    // review published to every browser and banned a user through the
+    // same-host setup of docs/cluster.md).
+    let api = |path: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{}",
+            r#"{"messages":[{"action":"evil"}]}"#.len(),
+            r#"{"messages":[{"action":"evil"}]}"#
+        )
+    };
+    for path in [
+        "/api/publish",
+        "/API/publish",
+        "/api/x/../publish",
+        "/x/../api/publish",
+        "/api",
+    ] {
+        let (status, text) = raw_http(lb.port, &api(path)).await;
+        assert_eq!(status, 403, "through nginx, {path}: {text}");
+    }
+    let (status, text) = raw_http(
+        lb.port,
+        "GET /api/nodes HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 403, "through nginx, GET /api/nodes: {text}");
     // Nothing arrived: a legitimate push from loopback after them is the
     // first thing the socket gets.
     let (status, _) = raw_http(

@@ -594,6 +594,24 @@ async fn clients_cannot_send_reserved_actions() {
         reply["message"].as_str().unwrap().contains("reserved"),
         "{reply}"
     );
+    // Where the hub reads another action than a backend may: a second
+    // `action` (a backend may take the first) or one in another letter
+    // case (a backend may ignore case). The raw text goes to the backend
+    // in open mode, so these are refused too (a review reached a
+    // case-insensitive backend with a fake disconnect event so).
+    for text in [
+        r#"{"action":"chat","Action":"wshub.disconnect","message":"case"}"#,
+        r#"{"ACTION":"wshub.connect","message":"alone"}"#,
+        r#"{"action":"wshub.disconnect","action":"chat","message":"dup"}"#,
+    ] {
+        mallory.send_text(text).await;
+        let reply = mallory.recv().await;
+        assert_eq!(reply["action"], "wshub.error", "{text}: {reply}");
+        assert!(
+            reply["message"].as_str().unwrap().contains("reserved"),
+            "{text}: {reply}"
+        );
+    }
     // The refusal is synchronous: the first thing the backend hears from
     // mallory is what it sent next.
     mallory.send_json(json!({"action": "legit"})).await;
