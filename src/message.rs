@@ -48,6 +48,14 @@ pub struct Message<'a> {
     pub message: Option<Cow<'a, str>>,
     /// `recipients`: who receives it; none means everyone.
     pub recipients: Vec<Recipient<'a>>,
+    /// A reserved action (`wshub.*`) where a backend, not the hub, may
+    /// read it: in an earlier `action` key (a backend may take the first
+    /// of duplicates) or under a key that is `action` in another letter
+    /// case (`Action`, `actıon`: a backend may ignore case). In open mode
+    /// a client's text goes to the backend as sent, so a client's message
+    /// with it is refused like a reserved action (`Node`); the backend's
+    /// own pushes may carry anything.
+    pub shadow_reserved: bool,
 }
 
 /// One entry of `recipients`.
@@ -320,11 +328,28 @@ impl<'de> Visitor<'de> for StrField {
     }
 }
 
-/// Whether `action` is one of the hub's own (`wshub.*`, any case).
+/// Whether `action` is one of the hub's own (`wshub.*`, any case; after
+/// leading white space, which a backend may trim).
 fn reserved(action: &str) -> bool {
     action
+        .trim_start()
         .get(..RESERVED_PREFIX.len())
         .is_some_and(|p| p.eq_ignore_ascii_case(RESERVED_PREFIX))
+}
+
+/// Whether `key` is `action` to a reader that ignores letter case, in the
+/// ways common ones do: character by character, upper case against upper
+/// case or lower against lower, Unicode's mappings included (`actıon`,
+/// `ACTİON` are `action` to Java's `equalsIgnoreCase`).
+fn names_action(key: &str) -> bool {
+    let mut chars = key.chars();
+    "action".chars().all(|want| {
+        chars.next().is_some_and(|c| {
+            c == want
+                || c.to_lowercase().next() == Some(want)
+                || c.to_uppercase().next() == want.to_uppercase().next()
+        })
+    }) && chars.next().is_none()
 }
 
 /// The value of a key the hub does not read as `action` but a backend
@@ -403,7 +428,7 @@ impl<'de> Deserialize<'de> for Message<'de> {
                             shadow |= msg.action.as_deref().is_some_and(reserved);
                             msg.action = field_str(&mut map, "action")?;
                         }
-                        k if k.eq_ignore_ascii_case("action") => {
+                        k if names_action(k) => {
                             shadow |= map.next_value_seed(ShadowAction)?;
                         }
                         "message" => msg.message = field_str(&mut map, "message")?,
@@ -417,12 +442,7 @@ impl<'de> Deserialize<'de> for Message<'de> {
                         }
                     }
                 }
-                if shadow {
-                    return Err(de::Error::custom(
-                        "actions starting with `wshub.` are reserved for the hub, in a second \
-                         `action` or one in another letter case too (a backend may read it)",
-                    ));
-                }
+                msg.shadow_reserved = shadow;
                 Ok(msg)
             }
         }
@@ -530,15 +550,24 @@ mod tests {
     }
 
     #[test]
-    fn a_reserved_action_where_a_backend_may_read_it_is_refused() {
+    fn a_reserved_action_where_a_backend_may_read_it_is_marked() {
         for text in [
             r#"{"action":"chat","Action":"wshub.disconnect"}"#,
             r#"{"aCtIoN":"WSHUB.connect"}"#,
             r#"{"action":"wshub.error","action":"chat"}"#,
+            // Unicode's case mappings, as Java's equalsIgnoreCase reads them.
+            "{\"action\":\"chat\",\"act\u{131}on\":\"wshub.disconnect\"}",
+            "{\"action\":\"chat\",\"ACT\u{130}ON\":\"wshub.disconnect\"}",
+            // A backend may trim the value.
+            r#"{"action":"chat","Action":" wshub.disconnect"}"#,
         ] {
-            let err = parse(text).unwrap_err().to_string();
-            assert!(err.contains("reserved"), "{text}: {err}");
+            assert!(parse(text).unwrap().shadow_reserved, "{text}");
         }
+        assert!(
+            parse(r#"{"action":"\twshub.error"}"#)
+                .unwrap()
+                .is_reserved()
+        );
         // Anything else under such a key is ignored, as unknown fields are;
         // the last `action` is the hub's.
         for (text, action) in [
@@ -546,8 +575,11 @@ mod tests {
             (r#"{"ACTION":{"a":[1,{"b":null}]},"action":"x"}"#, Some("x")),
             (r#"{"Action":"chat"}"#, None),
             (r#"{"action":"a","action":"b"}"#, Some("b")),
+            (r#"{"actions":"wshub.x","action_":"wshub.y"}"#, None),
         ] {
-            assert_eq!(parse(text).unwrap().action.as_deref(), action, "{text}");
+            let msg = parse(text).unwrap();
+            assert_eq!(msg.action.as_deref(), action, "{text}");
+            assert!(!msg.shadow_reserved, "{text}");
         }
     }
 

@@ -563,6 +563,10 @@ impl Node {
         rate: &mut RateLimit,
     ) -> Result<(), ClientError> {
         let mut msg = self.parse(text)?;
+        if msg.shadow_reserved {
+            // Where a backend may read it (`Message::shadow_reserved`).
+            return Err(MessageError::ReservedAction.into());
+        }
         if msg.is_reserved() {
             // A socket that opted in to presence asks for its group's
             // members; from anyone else it is refused as before.

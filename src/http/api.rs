@@ -137,7 +137,9 @@ impl ApiError {
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 "the server API does not take requests from web pages of other sites \
-                 (without broadcast.api_keys it trusts addresses, which a browser would lend them)",
+                 (without broadcast.api_keys it trusts addresses, which a browser would lend them): \
+                 the request's Sec-Fetch-Site, or its Origin against its Host, says another site \
+                 (behind a proxy, pass the browser's Host as sent)",
             ),
         }
     }
