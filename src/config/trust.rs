@@ -209,7 +209,6 @@ pub(super) fn sentinels(raw: &RawRedis) -> Result<Vec<String>, ConfigError> {
 /// `backend.headers`, names lowercased, values secret.
 type StaticHeaders = Vec<(String, Secret)>;
 
-/// `backend.signing_key` and `backend.headers`, validated.
 /// Headers the hub's HTTP client sets on every forward, its framing and
 /// its connection's (a static `Content-Length` made the backend cut every
 /// body short), besides the `X-Wshub-*` ones.
@@ -225,6 +224,7 @@ const HUB_HEADERS: [&str; 9] = [
     "host",
 ];
 
+/// `backend.signing_key` and `backend.headers`, validated.
 pub(super) fn backend_trust(
     raw: &RawBackend,
 ) -> Result<(Option<Secret>, StaticHeaders), ConfigError> {
