@@ -122,27 +122,8 @@ enum Command {
     },
     /// The loopback write floor, measured in a child process.
     Floor {
-        #[arg(long, default_value_t = 2000)]
-        sockets: usize,
-        /// Frames per second per socket.
-        #[arg(long, default_value_t = 65.0)]
-        rate: f64,
-        /// Frames per write call.
-        #[arg(long, default_value_t = 1)]
-        batch: usize,
-        #[arg(long, default_value_t = 5)]
-        seconds: u64,
-        /// Writer threads, each writing its share of the sockets every
-        /// round (the cores a hub could deliver one message on).
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
-        /// Sockets written per round, in turn (default: every socket): the
-        /// groups-shaped floor, where a message goes to a few idle sockets
-        /// and the writer sleeps between messages. Rounds then come
-        /// sockets ÷ per-round times as often, so each socket still gets
-        /// `--rate` frames a second. One writer thread only.
-        #[arg(long)]
-        per_round: Option<usize>,
+        #[command(flatten)]
+        shape: FloorArgs,
     },
     /// The connect floor: accepts WebSocket upgrades on `--listen` and
     /// holds the sockets (reading and discarding) until killed or
@@ -193,19 +174,58 @@ enum Command {
     FloorWriter {
         #[arg(long)]
         addr: SocketAddr,
-        #[arg(long)]
-        sockets: usize,
-        #[arg(long)]
-        rate: f64,
-        #[arg(long)]
-        batch: usize,
-        #[arg(long)]
-        seconds: u64,
-        #[arg(long)]
-        threads: usize,
-        #[arg(long)]
-        per_round: Option<usize>,
+        #[command(flatten)]
+        shape: FloorArgs,
     },
+}
+
+/// What a floor writes: the `floor` command's arguments, passed on as they
+/// are to its writer process (`floor-writer`).
+#[derive(clap::Args, Clone, Debug)]
+struct FloorArgs {
+    #[arg(long, default_value_t = 2000)]
+    sockets: usize,
+    /// Frames per second per socket.
+    #[arg(long, default_value_t = 65.0)]
+    rate: f64,
+    /// Frames per write call.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Writer threads, each writing its share of the sockets every
+    /// round (the cores a hub could deliver one message on).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Sockets written per round, in turn (default: every socket): the
+    /// groups-shaped floor, where a message goes to a few idle sockets
+    /// and the writer sleeps between messages. Rounds then come
+    /// sockets ÷ per-round times as often, so each socket still gets
+    /// `--rate` frames a second. One writer thread only.
+    #[arg(long)]
+    per_round: Option<usize>,
+}
+
+impl FloorArgs {
+    /// The arguments as the command line takes them.
+    fn to_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--sockets".into(),
+            self.sockets.to_string(),
+            "--rate".into(),
+            self.rate.to_string(),
+            "--batch".into(),
+            self.batch.to_string(),
+            "--seconds".into(),
+            self.seconds.to_string(),
+            "--threads".into(),
+            self.threads.to_string(),
+        ];
+        if let Some(k) = self.per_round {
+            args.extend(["--per-round".into(), k.to_string()]);
+        }
+        args
+    }
 }
 
 #[tokio::main]
@@ -231,17 +251,7 @@ async fn main() -> Result<()> {
             concurrency,
             hold_seconds,
         } => idle(target, connections, concurrency, hold_seconds).await?,
-        Command::Floor {
-            sockets,
-            rate,
-            batch,
-            seconds,
-            threads,
-            per_round,
-        } => {
-            let pace = Pace::new(sockets, rate, batch, seconds, threads, per_round)?;
-            floor(pace).await?
-        }
+        Command::Floor { shape } => floor(shape).await?,
         Command::AcceptServer {
             listen,
             read_buffer,
@@ -266,17 +276,9 @@ async fn main() -> Result<()> {
             messages,
             rate,
         } => publish(target, messages, rate).await?,
-        Command::FloorWriter {
-            addr,
-            sockets,
-            rate,
-            batch,
-            seconds,
-            threads,
-            per_round,
-        } => {
-            let pace = Pace::new(sockets, rate, batch, seconds, threads, per_round)?;
-            let conns = floor_connect(addr, sockets).await?;
+        Command::FloorWriter { addr, shape } => {
+            let pace = Pace::new(&shape)?;
+            let conns = floor_connect(addr, pace.sockets).await?;
             let cpu = floor_writer(conns, &pace)?;
             println!("{}", json!(cpu));
             return Ok(());
@@ -1099,7 +1101,7 @@ async fn idle(
 /// write, on how many threads, and how many sockets per round. The writer
 /// process and the parent that counts its frames compute the same rounds
 /// from it.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Pace {
     sockets: usize,
     rate: f64,
@@ -1114,14 +1116,15 @@ impl Pace {
     /// Checks the arguments: a rate above zero (rounds are `batch / rate`
     /// apart), at least one frame per write, and a per-round count between
     /// 1 and the sockets, with one writer thread.
-    fn new(
-        sockets: usize,
-        rate: f64,
-        batch: usize,
-        seconds: u64,
-        threads: usize,
-        per_round: Option<usize>,
-    ) -> Result<Self> {
+    fn new(shape: &FloorArgs) -> Result<Self> {
+        let FloorArgs {
+            sockets,
+            rate,
+            batch,
+            seconds,
+            threads,
+            per_round,
+        } = *shape;
         if !(rate.is_finite() && rate > 0.0) {
             bail!("--rate must be a number of frames per second above 0, not {rate}");
         }
@@ -1134,7 +1137,7 @@ impl Pace {
         let threads = threads.clamp(1, sockets);
         let per_round = match per_round {
             // Every socket each round: the default, on any number of
-            // threads (the parent passes it on to its writer so).
+            // threads.
             None => sockets,
             Some(k) if k == sockets => k,
             Some(k) if (1..=sockets).contains(&k) && threads == 1 => k,
@@ -1172,38 +1175,22 @@ impl Pace {
 /// loopback sockets on `threads` threads; this process reads them. Returns
 /// the child's CPU per frame and the latency of the frames (from the start
 /// of the round that wrote them to their arrival here).
-async fn floor(pace: Pace) -> Result<serde_json::Value> {
+async fn floor(shape: FloorArgs) -> Result<serde_json::Value> {
+    let pace = Pace::new(&shape)?;
     let Pace {
         sockets,
         rate,
         batch,
-        seconds,
         threads,
         per_round,
-    } = pace.clone();
+        ..
+    } = pace;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let exe = std::env::current_exe()?;
     let mut child = tokio::process::Command::new(exe)
-        .args([
-            "floor-writer",
-            "--addr",
-            &addr.to_string(),
-            "--sockets",
-            &sockets.to_string(),
-        ])
-        .args([
-            "--rate",
-            &rate.to_string(),
-            "--batch",
-            &batch.to_string(),
-            "--seconds",
-            &seconds.to_string(),
-            "--threads",
-            &threads.to_string(),
-            "--per-round",
-            &per_round.to_string(),
-        ])
+        .args(["floor-writer", "--addr", &addr.to_string()])
+        .args(shape.to_args())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
@@ -1505,24 +1492,75 @@ async fn accept_server(listen: SocketAddr, read_buffer: usize, max_seconds: u64)
 
 #[cfg(test)]
 mod tests {
-    use super::Pace;
+    use super::{FloorArgs, Pace};
+
+    /// `Pace::new` of these arguments.
+    fn pace(
+        sockets: usize,
+        rate: f64,
+        batch: usize,
+        seconds: u64,
+        threads: usize,
+        per_round: Option<usize>,
+    ) -> anyhow::Result<Pace> {
+        Pace::new(&FloorArgs {
+            sockets,
+            rate,
+            batch,
+            seconds,
+            threads,
+            per_round,
+        })
+    }
+
+    #[test]
+    fn the_writer_is_passed_the_floors_arguments_as_given() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            shape: FloorArgs,
+        }
+        for given in [
+            FloorArgs {
+                sockets: 2000,
+                rate: 65.0,
+                batch: 4,
+                seconds: 6,
+                threads: 2,
+                per_round: None,
+            },
+            FloorArgs {
+                sockets: 2500,
+                rate: 0.5,
+                batch: 1,
+                seconds: 6,
+                threads: 1,
+                per_round: Some(5),
+            },
+        ] {
+            let args = std::iter::once("w".to_owned()).chain(given.to_args());
+            let read = Cli::parse_from(args).shape;
+            assert_eq!(format!("{read:?}"), format!("{given:?}"));
+        }
+    }
 
     #[test]
     fn a_floor_writes_every_socket_each_round_unless_told_otherwise() {
         // 2,000 sockets at 65 frames a second each: 65 rounds a second of
         // 2,000 frames, 5 s.
-        let dense = Pace::new(2000, 65.0, 1, 5, 1, None).unwrap();
+        let dense = pace(2000, 65.0, 1, 5, 1, None).unwrap();
         assert_eq!(dense.per_round, 2000);
         assert_eq!(dense.rounds(), 325);
         assert_eq!(dense.frames(), 650_000.0);
         // Four frames a write: a quarter of the rounds, the same frames.
-        let batched = Pace::new(2000, 65.0, 4, 5, 2, None).unwrap();
+        let batched = pace(2000, 65.0, 4, 5, 2, None).unwrap();
         assert_eq!(batched.rounds(), 81);
         assert_eq!(batched.frames(), 81.0 * 4.0 * 2000.0);
         // What the parent passes its writer for the default: every socket
         // a round, on several threads (a review found it refused, which
         // broke every floor with --threads).
-        let passed_on = Pace::new(2000, 65.0, 1, 5, 2, Some(2000)).unwrap();
+        let passed_on = pace(2000, 65.0, 1, 5, 2, Some(2000)).unwrap();
         assert_eq!(passed_on.rounds(), dense.rounds());
     }
 
@@ -1530,7 +1568,7 @@ mod tests {
     fn a_groups_shaped_floor_keeps_each_sockets_rate() {
         // 2,500 sockets at 5 frames a second each, 5 a round: 2,500
         // rounds a second, and every socket still gets 5 a second.
-        let paced = Pace::new(2500, 5.0, 1, 6, 1, Some(5)).unwrap();
+        let paced = pace(2500, 5.0, 1, 6, 1, Some(5)).unwrap();
         assert_eq!(paced.rounds_per_second(), 2500.0);
         assert_eq!(paced.rounds(), 15_000);
         assert_eq!(paced.frames(), 2500.0 * 5.0 * 6.0);
@@ -1539,12 +1577,12 @@ mod tests {
     #[test]
     fn bad_floor_arguments_are_refused_with_a_reason() {
         let refused = |r: anyhow::Result<Pace>| r.unwrap_err().to_string();
-        assert!(refused(Pace::new(10, 0.0, 1, 1, 1, None)).contains("--rate"));
-        assert!(refused(Pace::new(10, f64::NAN, 1, 1, 1, None)).contains("--rate"));
-        assert!(refused(Pace::new(10, 5.0, 0, 1, 1, None)).contains("--batch"));
-        assert!(refused(Pace::new(0, 5.0, 1, 1, 1, None)).contains("--sockets"));
-        assert!(refused(Pace::new(10, 5.0, 1, 1, 1, Some(0))).contains("--per-round"));
-        assert!(refused(Pace::new(10, 5.0, 1, 1, 1, Some(11))).contains("--per-round"));
-        assert!(refused(Pace::new(10, 5.0, 1, 1, 2, Some(5))).contains("--threads 1"));
+        assert!(refused(pace(10, 0.0, 1, 1, 1, None)).contains("--rate"));
+        assert!(refused(pace(10, f64::NAN, 1, 1, 1, None)).contains("--rate"));
+        assert!(refused(pace(10, 5.0, 0, 1, 1, None)).contains("--batch"));
+        assert!(refused(pace(0, 5.0, 1, 1, 1, None)).contains("--sockets"));
+        assert!(refused(pace(10, 5.0, 1, 1, 1, Some(0))).contains("--per-round"));
+        assert!(refused(pace(10, 5.0, 1, 1, 1, Some(11))).contains("--per-round"));
+        assert!(refused(pace(10, 5.0, 1, 1, 2, Some(5))).contains("--threads 1"));
     }
 }
