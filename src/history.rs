@@ -106,6 +106,12 @@ pub enum Read {
         /// The topic's position now.
         top: Position,
     },
+    /// Reading the messages went beyond the bytes allowed (`max_bytes` of
+    /// [`History::read_many`]); the read stopped there.
+    TooLarge {
+        /// The topic's position now.
+        top: Position,
+    },
 }
 
 /// The future type of the [`History`] calls.
@@ -128,21 +134,29 @@ pub trait History: Send + Sync + 'static {
     /// For each `(topic, after)`, in order, the messages published to the
     /// topic after the position, if all of them are still kept, no older
     /// than `history.ttl_ms`, and at most `max` (per topic; `usize::MAX`:
-    /// as many as history keeps, which its `size_*` bound). All the topics
-    /// are read in **one atomic snapshot**: a message published while they
+    /// as many as history keeps, which its `size_*` bound). The messages
+    /// are read as **one atomic snapshot**: a message published while they
     /// are read is in every read of its topics or in none, and is later in
     /// publish order than every message read (what the resume decision
     /// relies on; see `src/resume/decision.rs`). After
     /// [`Position::unborn`]: every message of the topic's current epoch,
     /// or none (and the top unborn) when it still has no epoch, which is
     /// then not made.
+    ///
+    /// `max_bytes` bounds what is read in all, as history stores it (a
+    /// message kept in two of the topics counts twice): reading stops
+    /// once it is passed, and the topic it was passed on (and every topic
+    /// not read to its end yet) is [`Read::TooLarge`]. A client chooses
+    /// how far back a resume reads, so this, not the history's size, must
+    /// bound the cost of one (`docs/security.md`).
     fn read_many<'a>(
         &'a self,
         from: &'a [(Topic, Position)],
         max: usize,
+        max_bytes: usize,
     ) -> HistoryFuture<'a, Vec<Read>>;
 
-    /// [`read_many`](Self::read_many) of one topic.
+    /// [`read_many`](Self::read_many) of one topic, without a byte bound.
     fn read<'a>(
         &'a self,
         topic: &'a Topic,
@@ -151,7 +165,7 @@ pub trait History: Send + Sync + 'static {
     ) -> HistoryFuture<'a, Read> {
         Box::pin(async move {
             let from = [(topic.clone(), after.clone())];
-            let mut reads = self.read_many(&from, max).await?;
+            let mut reads = self.read_many(&from, max, usize::MAX).await?;
             match (reads.pop(), reads.is_empty()) {
                 (Some(read), true) => Ok(read),
                 _ => Err(HistoryError::Unreadable(

@@ -259,7 +259,7 @@ impl Node {
                     .map_or(Duration::from_secs(2), |r| r.command_timeout);
                 Some(Arc::new(Resumer::new(
                     history,
-                    settings.max_replay,
+                    (settings.max_replay, settings.max_replay_bytes),
                     settings.drain_handoff,
                     limit,
                     config.node_id.as_str().into(),

@@ -302,6 +302,9 @@ pub struct HistoryConfig {
     pub size_user: usize,
     /// More than this to replay on one resume: not recovered.
     pub max_replay: usize,
+    /// More than this many bytes of history to read for one resume: not
+    /// recovered (the bound on what a client can make a node read).
+    pub max_replay_bytes: usize,
     /// On SIGTERM, store each legacy socket's position for the next socket
     /// with its identity.
     pub drain_handoff: bool,
@@ -686,6 +689,7 @@ impl Config {
             size_group: raw.size_group,
             size_user: raw.size_user,
             max_replay: raw.max_replay,
+            max_replay_bytes: raw.max_replay_bytes,
             drain_handoff: raw.drain_handoff,
         }))
     }

@@ -266,6 +266,7 @@ pub struct RawHistory {
     pub size_group: usize,
     pub size_user: usize,
     pub max_replay: usize,
+    pub max_replay_bytes: usize,
     pub drain_handoff: bool,
 }
 
@@ -431,6 +432,7 @@ impl Default for RawHistory {
             size_group: 300,
             size_user: 100,
             max_replay: 1000,
+            max_replay_bytes: 4 * 1024 * 1024,
             drain_handoff: true,
         }
     }

@@ -14,8 +14,10 @@
 //! drain handoff the same way, without the welcome and without `pos`.
 //!
 //! **One snapshot of the three topics.** The socket is subscribed and in
-//! the hub before history is read, and its three topics are then read in
-//! one atomic step ([`History::read_many`]: one script in Redis). A message
+//! the hub before history is read, and its three topics are then read as
+//! one atomic snapshot ([`History::read_many`]: one script in Redis reads
+//! every top, and the entries up to them, which never change, in bounded
+//! steps after it). A message
 //! published after that step has a `seq` above every replayed one and, in
 //! each topic of its route, an offset above the top the step read: it
 //! reaches the socket live, after the replay, and the floors (which start
@@ -78,6 +80,10 @@ pub enum NotRecovered {
     /// expired, a new epoch), or more than the budget follows it.
     #[error("history of {0} is incomplete")]
     Incomplete(String),
+    /// Reading what the socket missed went beyond
+    /// `history.max_replay_bytes`.
+    #[error("more than history.max_replay_bytes to read, reached at {0}")]
+    TooLarge(String),
     /// More than `history.max_replay` messages to replay.
     #[error("{count} messages to replay, more than history.max_replay ({max})")]
     TooMany {
@@ -115,6 +121,7 @@ impl Reach {
         let (messages, top) = match read {
             Read::Complete { messages, top } => (messages, top),
             Read::Incomplete { .. } => return Err(NotRecovered::Incomplete(client_key(topic))),
+            Read::TooLarge { .. } => return Err(NotRecovered::TooLarge(client_key(topic))),
         };
         let inconsistent = || NotRecovered::Inconsistent(client_key(topic));
         if self.top.is_unborn() && !top.is_unborn() {
@@ -215,6 +222,8 @@ pub fn decide(
 pub struct Resumer {
     history: Arc<dyn History>,
     max_replay: usize,
+    /// `history.max_replay_bytes`: the most one resume reads.
+    max_replay_bytes: usize,
     drain_handoff: bool,
     /// The bound on each History call (`redis.command_timeout_ms`).
     limit: Duration,
@@ -228,12 +237,13 @@ pub struct Resumer {
 
 impl Resumer {
     /// The resumer of a node whose bus keeps `history`, with
-    /// `history.max_replay` and `history.drain_handoff`. (Not the whole
-    /// `HistoryConfig`: `config` depends on the outbox, which depends on
-    /// this module's [`Mark`](super::Mark).)
+    /// `history.max_replay`, `history.max_replay_bytes` and
+    /// `history.drain_handoff`. (Not the whole `HistoryConfig`: `config`
+    /// depends on the outbox, which depends on this module's
+    /// [`Mark`](super::Mark).)
     pub fn new(
         history: Arc<dyn History>,
-        max_replay: usize,
+        (max_replay, max_replay_bytes): (usize, usize),
         drain_handoff: bool,
         limit: Duration,
         node_id: Arc<str>,
@@ -242,6 +252,7 @@ impl Resumer {
         Self {
             history,
             max_replay,
+            max_replay_bytes,
             drain_handoff,
             limit,
             node_id,
@@ -370,7 +381,10 @@ impl Resumer {
         // `merge` counts only those it accepts against `max_replay`. (A
         // read bounded by `max_replay` once said "not recovered" for 4 to
         // replay and 3 that excluded the socket, with `max_replay` 5.)
-        let read = self.history.read_many(&asked, usize::MAX);
+        // Bounded by bytes instead: the client chooses how far back.
+        let read = self
+            .history
+            .read_many(&asked, usize::MAX, self.max_replay_bytes);
         let reads = match tokio::time::timeout(self.limit, read).await {
             Ok(reads) => reads?,
             Err(_) => return Err(NotRecovered::TimedOut(self.limit)),

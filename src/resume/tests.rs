@@ -225,13 +225,26 @@ impl History for Mem {
         &'a self,
         from: &'a [(Topic, Position)],
         max: usize,
+        max_bytes: usize,
     ) -> HistoryFuture<'a, Vec<Read>> {
         // Under one lock: a snapshot.
         self.answer(move |state| {
             state.reads += 1;
+            // As Redis does: the bytes read in all, the frames here.
+            let mut bytes = 0usize;
             let reads = from
                 .iter()
-                .map(|(topic, after)| state.read(topic, after, max))
+                .map(|(topic, after)| match state.read(topic, after, max) {
+                    Read::Complete { messages, top } => {
+                        bytes += messages.iter().map(|m| m.frame.len()).sum::<usize>();
+                        if bytes > max_bytes {
+                            Read::TooLarge { top }
+                        } else {
+                            Read::Complete { messages, top }
+                        }
+                    }
+                    other => other,
+                })
                 .collect();
             if let Some(mut hook) = state.after_read.take() {
                 hook(state);
@@ -268,10 +281,18 @@ impl History for Mem {
 }
 
 fn resumer(mem: &Arc<Mem>, max_replay: usize) -> (Resumer, Arc<Metrics>) {
+    resumer_bytes(mem, max_replay, usize::MAX)
+}
+
+fn resumer_bytes(
+    mem: &Arc<Mem>,
+    max_replay: usize,
+    max_replay_bytes: usize,
+) -> (Resumer, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new());
     let resumer = Resumer::new(
         mem.clone(),
-        max_replay,
+        (max_replay, max_replay_bytes),
         true,
         Duration::from_secs(2),
         "n2".into(),
@@ -590,6 +611,33 @@ fn the_welcome_has_the_contracts_shape() {
         gap_frame(&group("chat")).as_str(),
         r#"{"userId":null,"groupId":null,"action":"wshub.gap","message":"{\"topics\":[\"group:chat\"]}","recipients":[]}"#
     );
+}
+
+/// `history.max_replay_bytes`: a read that goes beyond it is not
+/// recovered (and counted so), one within it is.
+#[tokio::test]
+async fn a_read_beyond_max_replay_bytes_is_not_recovered() {
+    let mem = Arc::new(Mem::default());
+    let ann = who("ann", None);
+    let from = mem.tops_of(&ann);
+    for name in ["one", "two"] {
+        mem.publish(Route::everyone(), name);
+    }
+    // Each frame is `{"action":"say","message":"<name>"}`.
+    let frame = mem.state().logs[&Topic::All].kept[0].frame.len();
+    let (resumer, metrics) = resumer_bytes(&mem, 100, 2 * frame - 1);
+    let outcome = resumer.start(&ann, &request(&ann, &from)).await;
+    assert_eq!(welcome_of(&outcome.frames[0])["recovered"], false);
+    assert_eq!(outcome.frames.len(), 1, "nothing replayed");
+    assert!(
+        metrics
+            .render()
+            .contains(r#"wshub_resume_total{result="not_recovered"} 1"#)
+    );
+    let (resumer, _) = resumer_bytes(&mem, 100, 2 * frame);
+    let outcome = resumer.start(&ann, &request(&ann, &from)).await;
+    assert_eq!(welcome_of(&outcome.frames[0])["recovered"], true);
+    assert_eq!(names_of_frames(&outcome.frames[1..]), ["one", "two"]);
 }
 
 #[tokio::test]

@@ -546,6 +546,119 @@ async fn reads_past_trimmed_entries_are_incomplete() {
     }
 }
 
+/// Review of 2026-12-01 (docs/security.md): a client chooses how far back
+/// a resume reads, so the read of everything three topics hold (here about
+/// 3.7 MB) goes in steps of about 256 KiB, other commands running between
+/// them, where it was one script that held Redis for the whole read (a
+/// quarter of a second at the defaults); the messages are the same, in
+/// order; and `max_bytes` stops the read, every topic then too large.
+#[tokio::test]
+async fn a_far_back_read_goes_in_bounded_steps_and_stops_at_max_bytes() {
+    let redis = RedisServer::start();
+    let mut node = Member::start(&redis.url(), "n", Some(settings())).await;
+    let history = node.history();
+    let topics = [Topic::All, group("a"), user("u")];
+    let start = history.tops(&topics).await.unwrap();
+    node.subscribe(&topics).await;
+    let filler = "x".repeat(16 * 1024);
+    let counts = [150, 60, 20];
+    let mut sent: [Vec<String>; 3] = Default::default();
+    for i in 0..150 {
+        for (t, topic) in topics.iter().enumerate() {
+            if i < counts[t] {
+                let text = format!("{t}-{i}-{filler}");
+                node.publish(std::slice::from_ref(topic), &text);
+                sent[t].push(text);
+            }
+        }
+    }
+    for _ in 0..counts.iter().sum::<usize>() {
+        node.next_copy().await;
+    }
+    let from: Vec<(Topic, Position)> = topics.iter().cloned().zip(start).collect();
+    cli(redis.port, &["CONFIG", "RESETSTAT"]);
+    let reads = history
+        .read_many(&from, usize::MAX, 64 << 20)
+        .await
+        .unwrap();
+    let calls = command_calls(redis.port, "evalsha");
+    for (read, sent) in reads.into_iter().zip(&sent) {
+        match read {
+            Read::Complete { messages, .. } => {
+                let texts: Vec<String> = messages.iter().map(|m| m.frame.to_string()).collect();
+                assert!(texts == *sent, "every message, in order");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // 3.7 MB in steps of about 256 KiB: 14 or more (one before the fix).
+    assert!(calls >= 12, "{calls} calls read 3.7 MB");
+    let reads = history.read_many(&from, usize::MAX, 1 << 20).await.unwrap();
+    for read in reads {
+        assert!(matches!(read, Read::TooLarge { .. }), "{read:?}");
+    }
+}
+
+/// Review of 2026-12-01 (docs/security.md): a client could write to ever
+/// new user ids, each leaving a meta hash for a day. Now a topic's meta is
+/// kept a day only once it is adopted: published to while a node is
+/// subscribed to it, or read by a socket (`tops`, `peek`); otherwise as
+/// long as its history (`ttl_ms`, here 120 s). An adopted topic stays
+/// adopted when nobody listens any more.
+#[tokio::test]
+async fn only_adopted_topics_keep_their_meta_for_a_day() {
+    let redis = RedisServer::start();
+    let mut node = Member::start(&redis.url(), "n", Some(settings())).await;
+    let history = node.history();
+    let (nobody, listened, peeked) = (user("nobody"), user("listened"), user("peeked"));
+    let pttl = |name: &str| -> i64 {
+        let key = format!("wshub:h:{{u:{name}}}:m");
+        cli(redis.port, &["PTTL", &key]).parse().unwrap()
+    };
+    let ttl = settings().ttl.as_millis() as i64;
+    node.subscribe(std::slice::from_ref(&listened)).await;
+    node.publish(&[nobody.clone(), listened.clone(), peeked.clone()], "m1");
+    assert_eq!(node.next_copy().await.1, "m1");
+    assert!((1..=ttl).contains(&pttl("nobody")), "{}", pttl("nobody"));
+    assert!((1..=ttl).contains(&pttl("peeked")), "{}", pttl("peeked"));
+    assert!(pttl("listened") > ttl, "subscribed: {}", pttl("listened"));
+    let peek = history.peek(std::slice::from_ref(&peeked)).await.unwrap();
+    assert_eq!(peek[0].offset, 1);
+    assert!(pttl("peeked") > ttl, "peeked: {}", pttl("peeked"));
+    node.bus.unsubscribe(&listened);
+    let listeners = || crate::common::redis::numsub(redis.port, "wshub:u:listened", false);
+    eventually("the node unsubscribed", || listeners() == 0).await;
+    // Published by another node; its sentinel, after m2 in the same
+    // publisher's order, shows that m2 ran.
+    let other = Member::start(&redis.url(), "other", Some(settings())).await;
+    node.subscribe(&[group("a")]).await;
+    other.publish(&[nobody, listened, peeked], "m2");
+    assert_eq!(node.until_sentinel(&other, &group("a")).await, vec![]);
+    assert!((1..=ttl).contains(&pttl("nobody")), "{}", pttl("nobody"));
+    for adopted in ["listened", "peeked"] {
+        assert!(
+            pttl(adopted) > ttl,
+            "{adopted} stays adopted: {}",
+            pttl(adopted)
+        );
+    }
+    assert_eq!(
+        history.peek(&[user("never")]).await.unwrap(),
+        [Position::unborn()]
+    );
+    assert_eq!(pttl("never"), -2, "peek makes no key");
+}
+
+/// The calls of `command` on the server at `port` since the last `CONFIG
+/// RESETSTAT` (`INFO commandstats`; 0 when none).
+fn command_calls(port: u16, command: &str) -> u64 {
+    let info = cli(port, &["INFO", "commandstats"]);
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A message older than `history.ttl_ms` (by its publish time) cannot be
 /// replayed, even while its stream is still kept (a later message renewed
 /// the stream's expiry); the newer ones after it can.

@@ -211,7 +211,7 @@ async fn on_a_cluster_a_restarted_shard_starts_its_topics_afresh_and_only_them()
         (kept.clone(), before[1].clone()),
     ];
     let reads = loop {
-        match history.read_many(&from, 100).await {
+        match history.read_many(&from, 100, usize::MAX).await {
             Ok(reads) => break reads,
             Err(e) => {
                 assert!(tokio::time::Instant::now() < deadline, "{e}");
@@ -394,4 +394,33 @@ async fn on_a_cluster_each_instances_mark_expires_on_its_own() {
         let ttl: i64 = cli(port, &["PTTL", mark]).trim().parse().unwrap();
         assert!(ttl > 0, "{mark} expires: {ttl}");
     }
+}
+
+/// As on one Redis (`history_bus.rs`): on a cluster too, a topic's meta
+/// is kept a day only once a subscriber made it adopted; one nobody
+/// listens to is kept as long as its history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_only_adopted_topics_keep_their_meta_for_a_day() {
+    let cluster = RedisCluster::start(3);
+    let urls = cluster.urls();
+    let mut node = Member::start_sharded(&urls, "n", Some(settings()), 2000).await;
+    let (nobody, listened) = (group("nobody"), group("listened"));
+    node.subscribe(std::slice::from_ref(&listened)).await;
+    node.publish(&[nobody, listened], "m1");
+    assert_eq!(node.next_copy().await.1, "m1");
+    // Both scripts ran: a second message through the listened group came
+    // after them in the same publisher's order.
+    node.publish(&[group("listened")], "m2");
+    assert_eq!(node.next_copy().await.1, "m2");
+    let pttl = |name: &str| -> i64 {
+        let (owner, _, _) = cluster.owner_of(&format!("wshub:g:{name}"));
+        let port = cluster.nodes[owner].port;
+        let pattern = format!("wshub:h:*:g:{name}:m");
+        let key = cli(port, &["--scan", "--pattern", &pattern]);
+        assert!(!key.is_empty(), "no meta for {name}");
+        cli(port, &["PTTL", key.trim()]).parse().unwrap()
+    };
+    let ttl = settings().ttl.as_millis() as i64;
+    assert!((1..=ttl).contains(&pttl("nobody")), "{}", pttl("nobody"));
+    assert!(pttl("listened") > ttl, "{}", pttl("listened"));
 }

@@ -471,6 +471,43 @@ async fn more_than_max_replay_is_not_recovered_and_max_replay_is() {
     assert_eq!(welcome["replayed"], 4);
 }
 
+/// Review of 2026-12-01 (docs/security.md): `history.max_replay_bytes`
+/// bounds what a resume reads from history. Four messages of 2 KiB (and
+/// the watcher's sentinel) are more than 6,000 bytes as stored; two are
+/// not.
+#[tokio::test]
+async fn more_than_max_replay_bytes_is_not_recovered_and_less_is() {
+    let redis = RedisServer::start();
+    let server = node(
+        &redis.url(),
+        Some(HistoryConfig {
+            max_replay_bytes: 6000,
+            ..settings()
+        }),
+    )
+    .await;
+    let texts: Vec<String> = (1..=4)
+        .map(|i| format!("b{i}-{}", "x".repeat(2048)))
+        .collect();
+    let missed: Vec<(&str, Value)> = texts
+        .iter()
+        .map(|t| (t.as_str(), json!([to_group("chat")])))
+        .collect();
+    let (mut ann, mut client, welcome) = away_then_resume(&server, &missed, Duration::ZERO).await;
+    assert_not_recovered(
+        &server,
+        &mut ann,
+        &mut client,
+        &welcome,
+        "over max_replay_bytes",
+    )
+    .await;
+    client.close().await;
+    let (_, _, welcome) = away_then_resume(&server, &missed[..2], Duration::ZERO).await;
+    assert_eq!(welcome["recovered"], true, "{welcome}");
+    assert_eq!(welcome["replayed"], 3);
+}
+
 /// Review of issue 14, item 6: `max_replay` counts the messages the socket
 /// accepts, not its topics' entries: four to replay (and the watcher's
 /// sentinel) and three that exclude ann, with `max_replay` 5.

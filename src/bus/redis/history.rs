@@ -24,7 +24,7 @@
 //!
 //! | key | type | holds | kept |
 //! |---|---|---|---|
-//! | `P:h:{K}:m` | hash | `e` the epoch, `o` the top offset, `r` the Redis `run_id` the epoch was made under | `max(10 × ttl, 24 h)`, renewed by every publish, read and `tops` |
+//! | `P:h:{K}:m` | hash | `e` the epoch, `o` the top offset, `r` the Redis `run_id` the epoch was made under, `a` set once the topic is adopted | adopted: `max(10 × ttl, 24 h)`, renewed by every publish, read, `tops` and `peek`; not adopted: `ttl`, renewed by every publish |
 //! | `P:h:{K}:s` | stream | one entry per message, id `<offset>-1`, field `d` = the stamped payload (route, frame, stamp, `ts`), field `s` = its `seq` (for the catch-up's bound, without decoding the payload) | `XADD MAXLEN ~ size_*`; `PEXPIRE ttl` on every publish |
 //! | `P:seq` | string | the publish sequence (`s` in every stamp) | always |
 //! | `P:pub:<instance>` | string | the highest message number of one bus instance the script has run | `max(10 × ttl, 24 h)`, renewed by every batch |
@@ -39,6 +39,17 @@
 //! a resume across it says `recovered: false`, never a replay of the wrong
 //! messages under reused offsets. The price: a Sentinel failover (another
 //! server, another `run_id`) also starts every topic afresh.
+//!
+//! **Adoption.** A topic's meta outlives its history so that a client at
+//! the top of a quiet topic (nothing missed, its stream long expired) is
+//! still recovered: its epoch must not be made afresh. That matters only
+//! for topics someone holds positions in, so a meta is kept long only
+//! once the topic is *adopted*: read by a socket (`tops`, a resume's read,
+//! a legacy socket's `peek`), or published to while some node is
+//! subscribed to it (`PUBLISH` answers how many are). Until then it lives
+//! as long as the topic's history (`ttl`). A client writing to ever new
+//! user ids that nobody is connected as (review of 2026-12-01) so leaves
+//! keys for `ttl`, like the messages themselves, not for a day each.
 //!
 //! **Resending is safe.** With history on, a batch whose outcome is unknown
 //! (a timeout, a broken connection) is sent again after the reconnect
@@ -69,15 +80,25 @@
 //!   SHA-1 dependency; `SCRIPT LOAD` answers with the hash anyway, and it is
 //!   run on every connection.
 //!
-//! # Reads: one atomic step each
+//! # Reads: one snapshot each
 //!
-//! Every read of several topics is one script, so it is one snapshot:
-//! the resume's read of a socket's three topics ([`READ_MANY_LUA`]; see
-//! `src/resume/decision.rs` for why a snapshot) and the subscriber's
-//! catch-up of every topic it tracks ([`CATCH_UP_LUA`]; see `gaps.rs`).
-//! One script is also one round trip however many topics it reads (on one
-//! Redis, where every key is; on a Cluster each topic is read by its own
-//! call, in its slot: a snapshot per topic, `history/sharded.rs`).
+//! Every read of several topics starts with one script, so it is one
+//! snapshot: the resume's read of a socket's three topics
+//! ([`READ_MANY_LUA`]; see `src/resume/decision.rs` for why a snapshot)
+//! and the subscriber's catch-up of every topic it tracks
+//! ([`CATCH_UP_LUA`]; see `gaps.rs`). One script is also one round trip
+//! however many topics it reads (on one Redis, where every key is; on a
+//! Cluster each topic is read by its own call, in its slot: a snapshot per
+//! topic, `history/sharded.rs`).
+//!
+//! The resume's script reads the tops and about [`READ_STEP_BYTES`] of
+//! entries; a socket that missed more is read on in further steps of that
+//! size, up to the tops the first one found
+//! ([`RedisHistory::read_stepped`]). The positions a client sends decide
+//! how far back a resume reads, so one script reading everything (up to
+//! every entry of three topics, 90 MB at the defaults) let any client hold
+//! Redis for a quarter of a second per connect; `history.max_replay_bytes`
+//! bounds the whole read.
 //!
 //! Redis must never evict these keys: `maxmemory-policy` `noeviction`.
 //! Losing a meta hash or a stream only makes a resume or a repair say it
@@ -123,11 +144,13 @@ end
 
 -- The epoch of the topic whose meta hash is `meta`, made afresh (its
 -- stream deleted, its offset back to 0) when it has none or was made under
--- another Redis run than `run`.
+-- another Redis run than `run`; and whether the topic is adopted (`a`: a
+-- socket holds positions in it, so its meta is kept `max(10 x ttl, 24 h)`,
+-- not `ttl`).
 local function epoch_of(meta, stream, run)
-  local m = redis.call('HMGET', meta, 'e', 'r')
+  local m = redis.call('HMGET', meta, 'e', 'r', 'a')
   if m[1] and m[2] == run then
-    return m[1]
+    return m[1], m[3]
   end
   local t = redis.call('TIME')
   local e = b36(tonumber(t[1])) .. string.sub('000' .. b36(tonumber(t[2])), -4)
@@ -136,7 +159,7 @@ local function epoch_of(meta, stream, run)
   end
   redis.call('DEL', stream)
   redis.call('HSET', meta, 'e', e, 'o', 0, 'r', run)
-  return e
+  return e, m[3]
 end
 "#
     };
@@ -184,12 +207,12 @@ for _ = 1, tonumber(ARGV[6]) do
   a = a + 4
   if tonumber(number) > hw then
     local seq = redis.call('INCR', KEYS[1])
-    local parts, offsets = {}, {}
+    local parts, offsets, adopted = {}, {}, {}
     for t = 0, nt - 1 do
       local meta, stream = KEYS[k + 2 * t], KEYS[k + 2 * t + 1]
-      local e = epoch_of(meta, stream, run)
+      local e, was_adopted = epoch_of(meta, stream, run)
       local o = string.format('%d', redis.call('HINCRBY', meta, 'o', 1))
-      redis.call('PEXPIRE', meta, mttl)
+      adopted[t + 1] = was_adopted and true or false
       offsets[t + 1] = o
       parts[t + 1] = ARGV[a + 3 * t] .. ':"' .. e .. ':' .. o .. '"'
     end
@@ -204,7 +227,19 @@ for _ = 1, tonumber(ARGV[6]) do
       redis.call('PEXPIRE', stream, ttl)
     end
     for t = 0, nt - 1 do
-      redis.call('PUBLISH', ARGV[a + 3 * t + 1], payload)
+      -- A topic some node is subscribed to (or one a socket read) is
+      -- adopted: its meta is kept long. One nobody listens to (a client
+      -- writing to ever new user ids) is kept as long as its history.
+      local meta = KEYS[k + 2 * t]
+      if redis.call('PUBLISH', ARGV[a + 3 * t + 1], payload) > 0 and not adopted[t + 1] then
+        redis.call('HSET', meta, 'a', '1')
+        adopted[t + 1] = true
+      end
+      if adopted[t + 1] then
+        redis.call('PEXPIRE', meta, mttl)
+      else
+        redis.call('PEXPIRE', meta, ttl)
+      end
     end
     sent = sent + 1
   end
@@ -225,6 +260,7 @@ const TOPS_LUA: &str = concat!(
 local out = {}
 for i = 1, #KEYS, 2 do
   out[#out + 1] = epoch_of(KEYS[i], KEYS[i + 1], ARGV[1])
+  redis.call('HSET', KEYS[i], 'a', '1')
   redis.call('PEXPIRE', KEYS[i], ARGV[2])
   out[#out + 1] = redis.call('HGET', KEYS[i], 'o')
 end
@@ -232,24 +268,63 @@ return out
 "#
 );
 
+/// The tops of some topics without making an epoch, adopting each that has
+/// one (its meta is then kept long: a legacy socket's drain handoff may
+/// name its epoch; see "Adoption" in the module docs).
+/// KEYS: meta, stream per topic. ARGV: run id, meta ttl ms.
+/// Returns `[epoch, offset]` per topic, flattened; `''` and `'0'` for a
+/// topic without an epoch of this Redis run.
+const PEEK_LUA: &str = concat!(
+    run_lua!(),
+    r#"
+local out = {}
+for i = 1, #KEYS, 2 do
+  local m = redis.call('HMGET', KEYS[i], 'e', 'o', 'r')
+  if m[1] and m[2] and m[3] == ARGV[1] then
+    redis.call('HSET', KEYS[i], 'a', '1')
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+    out[#out + 1] = m[1]
+    out[#out + 1] = m[2]
+  else
+    out[#out + 1] = ''
+    out[#out + 1] = '0'
+  end
+end
+return out
+"#
+);
+
 /// Some topics' entries after a position each, with their tops, in one
-/// atomic step (the resume's snapshot, `src/resume/decision.rs`).
-/// KEYS: meta, stream per topic. ARGV: run id, meta ttl ms, the most
-/// entries per topic; then per topic the epoch asked for and the offset
-/// after which to read. Returns `[epoch, top offset, entries]` per topic;
-/// no entries when the epoch differs, nothing follows the offset, or more
-/// than the most do. The epoch `''` ([`Position::unborn`]) asks for the
-/// current epoch from its start, and makes none: `['', '0', []]` when the
-/// topic has none.
+/// atomic step (the resume's snapshot, `src/resume/decision.rs`), reading
+/// at most about a byte budget of entries.
+///
+/// KEYS: meta, stream per topic. ARGV: `[1]` run id, `[2]` meta ttl ms,
+/// `[3]` the most entries per topic, `[4]` the byte budget; then per topic
+/// the epoch asked for, the offset after which to read and the last offset
+/// to read (`0`: the top). Returns `[epoch, top offset, entries]` per
+/// topic: the entries from the one after the offset on, in order, up to
+/// the last offset or until the budget is spent (counting every field of
+/// every entry), whichever comes first; once it is spent, later topics get
+/// their tops only. No entries when the epoch differs, nothing follows the
+/// offset, or more than the most do. The epoch `''`
+/// ([`Position::unborn`]) asks for the current epoch from its start, and
+/// makes none: `['', '0', []]` when the topic has none.
+///
+/// The entries are read a few at a time (`XRANGE … COUNT`, the count sized
+/// from the average entry so far) so that one call never holds Redis for
+/// much more than the budget's worth, whatever the entries weigh: a client
+/// chooses how far back a resume reads (`docs/security.md`).
 const READ_MANY_LUA: &str = concat!(
     run_lua!(),
     epoch_lua!(),
     r#"
-local run, mttl, most = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local run, mttl, most, budget = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local used, count_read = 0, 0
 local out = {}
 for i = 1, #KEYS / 2 do
   local meta, stream = KEYS[2 * i - 1], KEYS[2 * i]
-  local want = ARGV[2 + 2 * i]
+  local b = 2 + 3 * i
+  local want = ARGV[b]
   if want == '' then
     local m = redis.call('HMGET', meta, 'e', 'r')
     if m[1] and m[2] == run then
@@ -260,13 +335,35 @@ for i = 1, #KEYS / 2 do
     out[i] = {'', '0', {}}
   else
     local e = epoch_of(meta, stream, run)
+    redis.call('HSET', meta, 'a', '1')
     redis.call('PEXPIRE', meta, mttl)
     local o = tonumber(redis.call('HGET', meta, 'o'))
-    local after = tonumber(ARGV[3 + 2 * i])
+    local after, last = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
+    if last == 0 or last > o then
+      last = o
+    end
     local entries = {}
-    if e == want and after < o and o - after <= most then
-      entries = redis.call('XRANGE', stream, string.format('%d', after + 1) .. '-0',
-        string.format('%d', o) .. '-1', 'COUNT', string.format('%d', o - after))
+    if e == want and after < last and last - after <= most then
+      local from = after
+      while from < last and used < budget do
+        local count = 8
+        if count_read > 0 then
+          count = math.max(1, math.min(256, math.floor((budget - used) * count_read / used)))
+        end
+        local got = redis.call('XRANGE', stream, string.format('%d', from + 1) .. '-0',
+          string.format('%d', last) .. '-1', 'COUNT', count)
+        for _, entry in ipairs(got) do
+          entries[#entries + 1] = entry
+          for _, field in ipairs(entry[2]) do
+            used = used + #field
+          end
+        end
+        count_read = count_read + #got
+        if #got < count then
+          break
+        end
+        from = tonumber(string.match(got[#got][1], '^(%d+)-'))
+      end
     end
     out[i] = {e, string.format('%d', o), entries}
   end
@@ -584,6 +681,89 @@ pub(super) enum Head {
 /// by what its stream can hold (about twice its `size_*`).
 pub(super) const MAX_CATCH_UP: usize = 20_000;
 
+/// About how many bytes of entries one step of a resume's read takes from
+/// Redis ([`RedisHistory::read_stepped`]): a fraction of a millisecond of
+/// Redis's time, where one read of everything a client could ask for
+/// (every entry of three topics, up to `size_*` of
+/// `limits.max_message_bytes` each) once held it for a quarter of a second.
+pub(super) const READ_STEP_BYTES: usize = 256 * 1024;
+
+/// How many resume reads per node may go on past their first step at once
+/// (the others wait their turn, within the resume's time limit).
+pub(super) const LARGE_READS: usize = 4;
+
+/// The budget of the next step of a read that has `bytes` of `max_bytes`:
+/// a step's worth, and never much past the bound (a step reads at least
+/// one entry).
+fn step_budget(max_bytes: usize, bytes: usize) -> usize {
+    READ_STEP_BYTES.min(max_bytes.saturating_sub(bytes).saturating_add(1))
+}
+
+/// One topic of a stepped read ([`RedisHistory::read_stepped`]).
+#[derive(Debug)]
+enum Step {
+    /// Read to its end, or stopped.
+    Done(Read),
+    /// Read up to `after`; `top` is where the snapshot found it.
+    Reading {
+        after: Position,
+        top: Position,
+        messages: Vec<Arc<Envelope>>,
+    },
+}
+
+impl Step {
+    /// Adds the `entries` a step read (the offsets right after `after`),
+    /// counting their bytes into `bytes`; done when they reach the top,
+    /// when they are not the next offsets or are too old (incomplete), or
+    /// when `bytes` passes `max_bytes` (too large).
+    fn extend(
+        &mut self,
+        topic: &Topic,
+        entries: Vec<(String, Bytes)>,
+        bytes: &mut usize,
+        max_bytes: usize,
+        max_age: u64,
+    ) -> Result<(), HistoryError> {
+        let Step::Reading {
+            after,
+            top,
+            messages,
+        } = self
+        else {
+            return Ok(());
+        };
+        let wanted = top.offset - after.offset;
+        if entries.len() as u64 > wanted {
+            *self = Step::Done(Read::Incomplete { top: top.clone() });
+            return Ok(());
+        }
+        *bytes = entries.iter().fold(*bytes, |sum, (_, payload)| {
+            sum.saturating_add(payload.len())
+        });
+        if *bytes > max_bytes {
+            *self = Step::Done(Read::TooLarge { top: top.clone() });
+            return Ok(());
+        }
+        let count = entries.len() as u64;
+        match contiguous(topic, after, count, entries, Some(max_age))? {
+            Some(read) => messages.extend(read),
+            None => {
+                *self = Step::Done(Read::Incomplete { top: top.clone() });
+                return Ok(());
+            }
+        }
+        after.offset += count;
+        if after.offset == top.offset {
+            *self = Step::Done(Read::Complete {
+                messages: std::mem::take(messages),
+                top: top.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// One topic of a catch-up (`gaps.rs`): where its copies stand.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Want {
@@ -621,6 +801,7 @@ struct Command {
     conn: PubConn,
     run_id: Arc<str>,
     tops_sha: Arc<str>,
+    peek_sha: Arc<str>,
     read_many_sha: Arc<str>,
     catch_up_sha: Arc<str>,
     /// Which connection this is, so a failed call drops only its own.
@@ -650,6 +831,9 @@ pub(crate) struct RedisHistory {
     mark_key: String,
     shard_mark: String,
     current: std::sync::Mutex<Option<Command>>,
+    /// Turns for resume reads that go on past their first step
+    /// ([`LARGE_READS`]).
+    large_reads: tokio::sync::Semaphore,
     /// Held while connecting, so concurrent calls open one connection.
     connecting: tokio::sync::Mutex<()>,
     serials: AtomicU64,
@@ -676,6 +860,7 @@ impl RedisHistory {
             history,
             id_prefix,
             current: std::sync::Mutex::new(None),
+            large_reads: tokio::sync::Semaphore::new(LARGE_READS),
             connecting: tokio::sync::Mutex::new(()),
             serials: AtomicU64::new(0),
         }
@@ -819,6 +1004,7 @@ impl RedisHistory {
         let conn = connect_publisher(&self.link, &self.config).await?;
         let mut c = conn.clone();
         let tops_sha = load(&mut c, TOPS_LUA).await?;
+        let peek_sha = load(&mut c, PEEK_LUA).await?;
         let read_many_sha = load(&mut c, READ_MANY_LUA).await?;
         let catch_up_sha = load(&mut c, CATCH_UP_LUA).await?;
         let run_id = match &mut c {
@@ -829,6 +1015,7 @@ impl RedisHistory {
             conn,
             run_id,
             tops_sha: tops_sha.into(),
+            peek_sha: peek_sha.into(),
             read_many_sha: read_many_sha.into(),
             catch_up_sha: catch_up_sha.into(),
             serial: self.serials.fetch_add(1, Ordering::Relaxed),
@@ -959,6 +1146,194 @@ impl RedisHistory {
         self.history.size_of(topic) * 2 + 100
     }
 
+    /// The tops of `topics`, adopting every one that has an epoch: made
+    /// where there is none ([`TOPS_LUA`]) or not ([`PEEK_LUA`]).
+    async fn positions(&self, topics: &[Topic], make: bool) -> Result<Vec<Position>, HistoryError> {
+        if topics.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: &Vec<String> = &topics
+            .iter()
+            .flat_map(|t| [self.keys.meta(t), self.keys.stream(t)])
+            .collect();
+        let mttl = ms(meta_ttl(&self.history)).to_string();
+        let per = &vec![Vec::new(); topics.len()];
+        let flat = self
+            .call(|c| {
+                let mttl = mttl.clone();
+                async move {
+                    let head = [c.run_id.to_string(), mttl];
+                    let script = if make {
+                        (TOPS_LUA, &*c.tops_sha)
+                    } else {
+                        (PEEK_LUA, &*c.peek_sha)
+                    };
+                    sharded::per_topic(&c.conn, self.keys.sharded, script, keys, &head, per).await
+                }
+            })
+            .await?;
+        if flat.len() != topics.len() * 2 {
+            return Err(HistoryError::Unreadable("tops: wrong length".into()));
+        }
+        let mut flat = flat.into_iter();
+        let mut tops = Vec::with_capacity(topics.len());
+        while let (Some(epoch), Some(offset)) = (flat.next(), flat.next()) {
+            tops.push(Position {
+                epoch: text(epoch, "tops")?.into(),
+                offset: number(offset, "tops")?,
+            });
+        }
+        Ok(tops)
+    }
+
+    /// [`History::read_many`] in bounded steps: one snapshot of every
+    /// topic's top (and its first entries), then, for a topic with more
+    /// to read, further calls from where the last one stopped up to that
+    /// top, each reading about [`READ_STEP_BYTES`].
+    ///
+    /// The same messages as one read of everything: a stream's entries up
+    /// to a top it had never change, they can only go (trimmed, expired, a
+    /// new epoch's stream in their place). A step that finds the epoch
+    /// changed, or does not find the very next offset, makes the topic
+    /// [`Read::Incomplete`]. Reads that need more than their first step
+    /// take turns, [`LARGE_READS`] at a time per node, so that a burst of
+    /// far-back resumes neither holds many replays in memory at once nor
+    /// keeps Redis busy for long (each step is one short call, and other
+    /// commands run between them).
+    async fn read_stepped(
+        &self,
+        from: &[(Topic, Position)],
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Read>, HistoryError> {
+        if from.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Never more than a stream holds (`max` may be unbounded: the
+        // resume counts only what the socket accepts against
+        // `history.max_replay`). A topic that holds less than this
+        // answers what it has, and is then incomplete.
+        let holds = from.iter().map(|(t, _)| self.holds_at_most(t));
+        let max = max.min(holds.max().unwrap_or(0));
+        let max_age = ms(self.history.ttl);
+        let mut bytes = 0usize;
+        let asked: Vec<(&Topic, Position, u64)> = from
+            .iter()
+            .map(|(topic, after)| (topic, after.clone(), 0))
+            .collect();
+        let parts = self
+            .read_step(&asked, max, step_budget(max_bytes, 0))
+            .await?;
+        let mut reads: Vec<Step> = Vec::with_capacity(from.len());
+        for ((topic, after), part) in from.iter().zip(parts) {
+            let (top, entries) = read_reply(part)?;
+            // After an unborn position: the current epoch from its start
+            // (or nothing, the top unborn too, while there is none).
+            let after = if after.is_unborn() && !top.is_unborn() {
+                Position {
+                    epoch: top.epoch.clone(),
+                    offset: 0,
+                }
+            } else {
+                after.clone()
+            };
+            if top.epoch != after.epoch
+                || top.offset < after.offset
+                || top.offset - after.offset > max as u64
+            {
+                reads.push(Step::Done(Read::Incomplete { top }));
+                continue;
+            }
+            let mut step = Step::Reading {
+                after,
+                top,
+                messages: Vec::new(),
+            };
+            step.extend(topic, entries, &mut bytes, max_bytes, max_age)?;
+            reads.push(step);
+        }
+        if reads.iter().any(|r| matches!(r, Step::Reading { .. })) {
+            let _turn = self
+                .large_reads
+                .acquire()
+                .await
+                .map_err(|_| unavailable("history is shutting down"))?;
+            for (step, (topic, _)) in reads.iter_mut().zip(from) {
+                if bytes > max_bytes {
+                    // Too large already: the rest need not be read.
+                    break;
+                }
+                while let Step::Reading { after, top, .. } = step {
+                    let asked = [(topic, after.clone(), top.offset)];
+                    let budget = step_budget(max_bytes, bytes);
+                    let part = self
+                        .read_step(&asked, max, budget)
+                        .await?
+                        .into_iter()
+                        .next();
+                    let (now, entries) = read_reply(part.ok_or_else(|| bad("read", "no answer"))?)?;
+                    if now.epoch != top.epoch || entries.is_empty() {
+                        // Started afresh, or the next entry is gone.
+                        *step = Step::Done(Read::Incomplete { top: now });
+                        break;
+                    }
+                    step.extend(topic, entries, &mut bytes, max_bytes, max_age)?;
+                }
+            }
+        }
+        Ok(reads
+            .into_iter()
+            .map(|step| match step {
+                Step::Done(read) => read,
+                // Left unread once another topic passed the bound.
+                Step::Reading { top, .. } => Read::TooLarge { top },
+            })
+            .collect())
+    }
+
+    /// One call of [`READ_MANY_LUA`]: per topic (`after`, and the last
+    /// offset to read, `0` for the top), its answer. On a Cluster each
+    /// topic is read in its own slot: a snapshot per topic
+    /// (`history/sharded.rs`).
+    async fn read_step(
+        &self,
+        asked: &[(&Topic, Position, u64)],
+        max: usize,
+        budget: usize,
+    ) -> Result<Vec<redis::Value>, HistoryError> {
+        let keys: &Vec<String> = &asked
+            .iter()
+            .flat_map(|(t, _, _)| [self.keys.meta(t), self.keys.stream(t)])
+            .collect();
+        let mttl = ms(meta_ttl(&self.history));
+        let per = &asked
+            .iter()
+            .map(|(_, after, last)| {
+                vec![
+                    after.epoch.to_string(),
+                    after.offset.to_string(),
+                    last.to_string(),
+                ]
+            })
+            .collect::<Vec<_>>();
+        let parts = self
+            .call(|c| async move {
+                let head = [
+                    c.run_id.to_string(),
+                    mttl.to_string(),
+                    max.to_string(),
+                    budget.to_string(),
+                ];
+                let script = (READ_MANY_LUA, &*c.read_many_sha);
+                sharded::per_topic(&c.conn, self.keys.sharded, script, keys, &head, per).await
+            })
+            .await?;
+        if parts.len() != asked.len() {
+            return Err(bad("read", "one answer per topic"));
+        }
+        Ok(parts)
+    }
+
     pub(super) async fn catch_up(
         &self,
         wants: &[Want],
@@ -1064,125 +1439,21 @@ const UNBORN: &str = ":0";
 
 impl History for RedisHistory {
     fn peek<'a>(&'a self, topics: &'a [Topic]) -> HistoryFuture<'a, Vec<Position>> {
-        Box::pin(async move {
-            let heads = self.heads(topics).await?;
-            Ok(heads
-                .into_iter()
-                .map(|head| match head {
-                    Head::At(position) => position,
-                    Head::Fresh => Position::unborn(),
-                })
-                .collect())
-        })
+        // An unborn top reads as `''` and `0`: `Position::unborn()`.
+        Box::pin(self.positions(topics, false))
     }
 
     fn tops<'a>(&'a self, topics: &'a [Topic]) -> HistoryFuture<'a, Vec<Position>> {
-        Box::pin(async move {
-            if topics.is_empty() {
-                return Ok(Vec::new());
-            }
-            let keys: &Vec<String> = &topics
-                .iter()
-                .flat_map(|t| [self.keys.meta(t), self.keys.stream(t)])
-                .collect();
-            let mttl = ms(meta_ttl(&self.history)).to_string();
-            let per = &vec![Vec::new(); topics.len()];
-            let flat = self
-                .call(|c| {
-                    let mttl = mttl.clone();
-                    async move {
-                        let head = [c.run_id.to_string(), mttl];
-                        let script = (TOPS_LUA, &*c.tops_sha);
-                        sharded::per_topic(&c.conn, self.keys.sharded, script, keys, &head, per)
-                            .await
-                    }
-                })
-                .await?;
-            if flat.len() != topics.len() * 2 {
-                return Err(HistoryError::Unreadable("tops: wrong length".into()));
-            }
-            let mut flat = flat.into_iter();
-            let mut tops = Vec::with_capacity(topics.len());
-            while let (Some(epoch), Some(offset)) = (flat.next(), flat.next()) {
-                tops.push(Position {
-                    epoch: text(epoch, "tops")?.into(),
-                    offset: number(offset, "tops")?,
-                });
-            }
-            Ok(tops)
-        })
+        Box::pin(self.positions(topics, true))
     }
 
     fn read_many<'a>(
         &'a self,
         from: &'a [(Topic, Position)],
         max: usize,
+        max_bytes: usize,
     ) -> HistoryFuture<'a, Vec<Read>> {
-        Box::pin(async move {
-            if from.is_empty() {
-                return Ok(Vec::new());
-            }
-            let keys: &Vec<String> = &from
-                .iter()
-                .flat_map(|(t, _)| [self.keys.meta(t), self.keys.stream(t)])
-                .collect();
-            let mttl = ms(meta_ttl(&self.history));
-            // Never more than a stream holds (`max` may be unbounded: the
-            // resume counts only what the socket accepts against
-            // `history.max_replay`). A topic that holds less than this
-            // answers what it has, and is then incomplete.
-            let holds = from.iter().map(|(t, _)| self.holds_at_most(t));
-            let max = max.min(holds.max().unwrap_or(0));
-            let per = &from
-                .iter()
-                .map(|(_, after)| vec![after.epoch.to_string(), after.offset.to_string()])
-                .collect::<Vec<_>>();
-            // On a Cluster each topic is read in its own slot: a snapshot
-            // per topic (`history/sharded.rs`).
-            let parts = self
-                .call(|c| async move {
-                    let head = [c.run_id.to_string(), mttl.to_string(), max.to_string()];
-                    let script = (READ_MANY_LUA, &*c.read_many_sha);
-                    sharded::per_topic(&c.conn, self.keys.sharded, script, keys, &head, per).await
-                })
-                .await?;
-            if parts.len() != from.len() {
-                return Err(bad("read", "one answer per topic"));
-            }
-            let max_age = ms(self.history.ttl);
-            from.iter()
-                .zip(parts)
-                .map(|((topic, after), part)| {
-                    let (top, entries) = read_reply(part)?;
-                    // After an unborn position: the current epoch from its
-                    // start (or nothing, the top unborn too, while there is
-                    // none).
-                    let from_start;
-                    let after = if after.is_unborn() && !top.is_unborn() {
-                        from_start = Position {
-                            epoch: top.epoch.clone(),
-                            offset: 0,
-                        };
-                        &from_start
-                    } else {
-                        after
-                    };
-                    if top.epoch != after.epoch || top.offset < after.offset {
-                        return Ok(Read::Incomplete { top });
-                    }
-                    let wanted = top.offset - after.offset;
-                    if wanted > max as u64 {
-                        return Ok(Read::Incomplete { top });
-                    }
-                    Ok(
-                        match contiguous(topic, after, wanted, entries, Some(max_age))? {
-                            Some(messages) => Read::Complete { messages, top },
-                            None => Read::Incomplete { top },
-                        },
-                    )
-                })
-                .collect()
-        })
+        Box::pin(self.read_stepped(from, max, max_bytes))
     }
 
     fn recent<'a>(

@@ -69,7 +69,7 @@ else
   redis.call('PEXPIRE', mark, mttl)
 end
 local channel, jkey, size = ARGV[7], ARGV[8], ARGV[9]
-local a, sent = 11, 0
+local a, sent, adopted = 11, 0, redis.call('HGET', meta, 'a')
 for _ = 1, tonumber(ARGV[10]) do
   local number, seq, prefix, frame = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   a = a + 4
@@ -79,11 +79,19 @@ for _ = 1, tonumber(ARGV[10]) do
     local payload = prefix .. ',"i":' .. idp .. '-' .. number .. '","s":' .. seq
       .. ',"p":{' .. jkey .. ':"' .. e .. ':' .. o .. '"}}\n' .. frame
     redis.pcall('XADD', stream, 'MAXLEN', '~', size, o .. '-1', 'd', payload, 's', seq)
-    redis.call('SPUBLISH', channel, payload)
+    -- Adopted by a subscriber, as on one Redis (`history.rs`).
+    if redis.call('SPUBLISH', channel, payload) > 0 and not adopted then
+      redis.call('HSET', meta, 'a', '1')
+      adopted = '1'
+    end
     sent = sent + 1
   end
 end
-redis.call('PEXPIRE', meta, mttl)
+if adopted then
+  redis.call('PEXPIRE', meta, mttl)
+else
+  redis.call('PEXPIRE', meta, ttl)
+end
 if sent > 0 then
   redis.call('PEXPIRE', stream, ttl)
 end
