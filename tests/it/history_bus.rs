@@ -1179,6 +1179,46 @@ async fn a_gap_history_cannot_fill_is_reported() {
     );
 }
 
+/// Review of 2026-12-01: a catch-up read was bounded by its count of
+/// entries only (20,000 of up to 64 KB: one script holding Redis for
+/// seconds). 20 messages of 1 MiB missed while the subscriber was cut off
+/// are more than a catch-up reads (16 MiB): a gap, reported, none of it
+/// delivered.
+#[tokio::test]
+async fn a_gap_bigger_than_a_catch_up_reads_is_reported() {
+    let redis = RedisServer::start();
+    let proxy = GateProxy::start(redis.port).await;
+    let mut publisher = Member::start(&redis.url(), "pub", Some(settings())).await;
+    let mut receiver = Member::start(&proxy.url(), "rcv", Some(settings())).await;
+    let t = group("t");
+    publisher.subscribe(std::slice::from_ref(&t)).await;
+    receiver.subscribe(std::slice::from_ref(&t)).await;
+    publisher.publish(std::slice::from_ref(&t), "t1");
+    assert_eq!(receiver.next_copy().await.1, "t1");
+    cut_and_hold_resubscribe(&proxy).await;
+    let big = "x".repeat(1 << 20);
+    for i in 2..=21 {
+        publisher.publish(std::slice::from_ref(&t), &format!("t{i} {big}"));
+    }
+    publisher.publish(std::slice::from_ref(&t), "last");
+    wait_echo(&mut publisher, "last").await;
+    proxy.release();
+    // Only the start of each text: a failure prints what came, not 1 MiB.
+    let short = |event: &Event| match event {
+        Event::Copy(_, text, _) => text.chars().take(8).collect::<String>(),
+        Event::Gap(topic) => format!("gap {topic:?}"),
+    };
+    let first = receiver.next().await;
+    assert_eq!(short(&first), format!("gap {t:?}"));
+    let rest = receiver.until_sentinel(&publisher, &t).await;
+    let rest: Vec<String> = rest.iter().map(short).collect();
+    assert!(rest.is_empty(), "nothing of the gap is delivered: {rest:?}");
+    assert_eq!(
+        receiver.metric("wshub_bus_gaps_total{kind=\"unrepairable\"}"),
+        1.0
+    );
+}
+
 /// A Redis restarted from its own persisted data (the topic's meta
 /// survives, offsets would be reused) has another run id: every topic
 /// starts a new epoch, a read from an old position is `Incomplete`, and a

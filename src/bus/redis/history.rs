@@ -380,18 +380,23 @@ return out
 /// way to the node).
 ///
 /// KEYS: meta, stream per topic. ARGV: `[1]` run id, `[2]` the bound (0:
-/// none), `[3]` the most entries in all; then per topic the epoch known
-/// (`''`: none), the last offset delivered, the most entries of the topic.
-/// Returns per topic `[epoch, top, from, reach, entries, whole]`: `epoch`
-/// `''` when the topic has no epoch of this Redis run (then nothing else
-/// counts); `from` the offset read after (the one given, or 0 in another
-/// epoch); `reach` the last offset the answer is for (the top, or the last
-/// below the bound); `entries` those from `from + 1` to `reach` that are
-/// kept, and `whole` 0 when there were too many to read (none are given).
+/// none), `[3]` the most entries in all, `[4]` the most bytes in all; then
+/// per topic the epoch known (`''`: none), the last offset delivered, the
+/// most entries of the topic. Returns per topic `[epoch, top, from, reach,
+/// entries, whole]`: `epoch` `''` when the topic has no epoch of this
+/// Redis run (then nothing else counts); `from` the offset read after (the
+/// one given, or 0 in another epoch); `reach` the last offset the answer
+/// is for (the top, or the last below the bound); `entries` those from
+/// `from + 1` to `reach` that are kept, and `whole` 0 when there were too
+/// many to read (none are given). Entries are read 64 at a time: once the
+/// bytes read pass the most ([`MAX_CATCH_UP_BYTES`]), the topic being read
+/// and every later one are too many (so one catch-up holds Redis for about
+/// that many bytes at most, however big the messages clients sent).
 const CATCH_UP_LUA: &str = concat!(
     run_lua!(),
     r#"
-local run, bound, budget = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local run, bound, budget, bytes = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local used, CATCH_UP_STEP = 0, 64
 local function offset_of(id)
   return tonumber(string.match(id, '^(%d+)-'))
 end
@@ -407,7 +412,7 @@ end
 local out = {}
 for i = 1, #KEYS / 2 do
   local meta, stream = KEYS[2 * i - 1], KEYS[2 * i]
-  local a = 1 + 3 * i
+  local a = 2 + 3 * i
   local most = tonumber(ARGV[a + 2])
   local m = redis.call('HMGET', meta, 'e', 'o', 'r')
   if not m[1] or not m[2] or m[3] ~= run then
@@ -443,11 +448,28 @@ for i = 1, #KEYS / 2 do
     local entries, whole = {}, 1
     local want = reach - from
     if want > 0 then
-      if want > most or want > budget then
+      if want > most or want > budget or used > bytes then
         whole = 0
       else
-        entries = redis.call('XRANGE', stream, string.format('%d', from + 1) .. '-0',
-          string.format('%d', reach) .. '-1', 'COUNT', string.format('%d', want))
+        local after = from
+        while after < reach do
+          local got = redis.call('XRANGE', stream, string.format('%d', after + 1) .. '-0',
+            string.format('%d', reach) .. '-1', 'COUNT', CATCH_UP_STEP)
+          for _, entry in ipairs(got) do
+            entries[#entries + 1] = entry
+            for _, field in ipairs(entry[2]) do
+              used = used + #field
+            end
+          end
+          if used > bytes then
+            whole, entries = 0, {}
+            break
+          end
+          if #got < CATCH_UP_STEP then
+            break
+          end
+          after = offset_of(got[#got][1])
+        end
         budget = budget - #entries
       end
     end
@@ -680,6 +702,14 @@ pub(super) enum Head {
 /// entries would go beyond is reported as a gap. Each topic is also bounded
 /// by what its stream can hold (about twice its `size_*`).
 pub(super) const MAX_CATCH_UP: usize = 20_000;
+
+/// Most bytes of entries one catch-up reads in all (as stored, every field
+/// counted): a topic whose entries would go beyond is reported as a gap.
+/// Entries were bounded by count only: 20,000 of up to
+/// `limits.max_message_bytes` (1.3 GB at the defaults) in one script,
+/// holding Redis for seconds right when a subscriber had just been cut
+/// off, perhaps by that very traffic (review of 2026-12-01).
+pub(super) const MAX_CATCH_UP_BYTES: usize = 16 * 1024 * 1024;
 
 /// About how many bytes of entries one step of a resume's read takes from
 /// Redis ([`RedisHistory::read_stepped`]): a fraction of a millisecond of
@@ -1114,8 +1144,8 @@ impl RedisHistory {
     /// Every topic of `wants` read in one atomic step (`gaps.rs`): its
     /// head, and its messages after the last delivered (with `bound`, only
     /// those published before that `seq`). At most [`MAX_CATCH_UP`]
-    /// entries in all, and per topic about what its stream can hold; a
-    /// topic beyond has no messages. No age limit: whatever is still kept
+    /// entries and [`MAX_CATCH_UP_BYTES`] in all, and per topic about what
+    /// its stream can hold; a topic beyond has no messages. No age limit: whatever is still kept
     /// is right.
     /// Starts `topic`'s history afresh (see [`RENEW_LUA`]), bounded by the
     /// command timeout; `true` when it had an epoch to renew.
@@ -1369,6 +1399,7 @@ impl RedisHistory {
                     c.run_id.to_string(),
                     bound.unwrap_or(0).to_string(),
                     MAX_CATCH_UP.to_string(),
+                    MAX_CATCH_UP_BYTES.to_string(),
                 ];
                 let script = (CATCH_UP_LUA, &*c.catch_up_sha);
                 sharded::per_topic(&c.conn, self.keys.sharded, script, keys, &head, per).await
