@@ -1141,12 +1141,6 @@ impl RedisHistory {
         .await
     }
 
-    /// Every topic of `wants` read in one atomic step (`gaps.rs`): its
-    /// head, and its messages after the last delivered (with `bound`, only
-    /// those published before that `seq`). At most [`MAX_CATCH_UP`]
-    /// entries and [`MAX_CATCH_UP_BYTES`] in all, and per topic about what
-    /// its stream can hold; a topic beyond has no messages. No age limit: whatever is still kept
-    /// is right.
     /// Starts `topic`'s history afresh (see [`RENEW_LUA`]), bounded by the
     /// command timeout; `true` when it had an epoch to renew.
     pub(super) async fn renew(&self, topic: &Topic) -> Result<bool, HistoryError> {
@@ -1364,6 +1358,12 @@ impl RedisHistory {
         Ok(parts)
     }
 
+    /// Every topic of `wants` read in one atomic step (`gaps.rs`): its
+    /// head, and its messages after the last delivered (with `bound`, only
+    /// those published before that `seq`). At most [`MAX_CATCH_UP`]
+    /// entries and [`MAX_CATCH_UP_BYTES`] in all, and per topic about what
+    /// its stream can hold; a topic beyond has no messages. No age limit:
+    /// whatever is still kept is right.
     pub(super) async fn catch_up(
         &self,
         wants: &[Want],
