@@ -649,6 +649,76 @@ async fn only_adopted_topics_keep_their_meta_for_a_day() {
     assert_eq!(pttl("never"), -2, "peek makes no key");
 }
 
+/// Review of 2026-12-01, second round: the script sized each `XRANGE`
+/// from the average entry read so far, so a resume from just before 8
+/// small entries that precede big ones read 256 big entries in one call
+/// (15 MB, 125 ms of Redis). Now no call reads more than its budget and 8
+/// entries: 60 entries of 60 KB after 8 small ones take several calls.
+#[tokio::test]
+async fn small_entries_first_do_not_make_one_step_read_everything() {
+    let redis = RedisServer::start();
+    let mut node = Member::start(&redis.url(), "n", Some(settings())).await;
+    let history = node.history();
+    let topics = [Topic::All, group("a"), user("u")];
+    let start = history.tops(&topics).await.unwrap();
+    node.subscribe(&topics).await;
+    let filler = "x".repeat(60 * 1024);
+    for i in 0..8 {
+        node.publish(&[Topic::All], &format!("small {i}"));
+    }
+    for i in 0..60 {
+        node.publish(&[Topic::All], &format!("big {i} {filler}"));
+    }
+    for _ in 0..68 {
+        node.next_copy().await;
+    }
+    let from: Vec<(Topic, Position)> = topics.iter().cloned().zip(start).collect();
+    cli(redis.port, &["CONFIG", "RESETSTAT"]);
+    let reads = history
+        .read_many(&from, usize::MAX, 64 << 20)
+        .await
+        .unwrap();
+    let calls = command_calls(redis.port, "evalsha");
+    match &reads[0] {
+        Read::Complete { messages, .. } => assert_eq!(messages.len(), 68),
+        other => panic!("{other:?}"),
+    }
+    // 3.6 MB at most 256 KiB + 8 entries (480 KB) a call: 5 or more.
+    assert!(calls >= 5, "{calls} calls read 3.6 MB");
+}
+
+/// Review of 2026-12-01, second round: a topic whose first message was
+/// published while the only node tracking it was cut off (no `PUBLISH`
+/// reached anyone) reached that node through its catch-up, and its meta
+/// was kept only `ttl_ms`: a Web Connection page's drain handoff could
+/// name an epoch gone by its next connect. The catch-up adopts it.
+#[tokio::test]
+async fn a_topic_first_seen_through_a_catch_up_is_adopted() {
+    let redis = RedisServer::start();
+    let proxy = GateProxy::start(redis.port).await;
+    let mut publisher = Member::start(&redis.url(), "pub", Some(settings())).await;
+    let mut receiver = Member::start(&proxy.url(), "rcv", Some(settings())).await;
+    let (echo, lz) = (group("echo"), user("lz"));
+    publisher.subscribe(std::slice::from_ref(&echo)).await;
+    receiver.subscribe(&[echo.clone(), lz.clone()]).await;
+    publisher.publish(std::slice::from_ref(&echo), "e1");
+    assert_eq!(receiver.next_copy().await.1, "e1");
+    cut_and_hold_resubscribe(&proxy).await;
+    publisher.publish(&[lz.clone(), echo.clone()], "during the cut");
+    wait_echo(&mut publisher, "during the cut").await;
+    let pttl = || -> i64 {
+        cli(redis.port, &["PTTL", "wshub:h:{u:lz}:m"])
+            .parse()
+            .unwrap()
+    };
+    let ttl = settings().ttl.as_millis() as i64;
+    assert!((1..=ttl).contains(&pttl()), "nobody heard it: {}", pttl());
+    proxy.release();
+    let (via, text, _) = receiver.next_copy().await;
+    assert_eq!((via, text.as_str()), (lz, "during the cut"));
+    assert!(pttl() > ttl, "adopted by the catch-up: {}", pttl());
+}
+
 /// The calls of `command` on the server at `port` since the last `CONFIG
 /// RESETSTAT` (`INFO commandstats`; 0 when none).
 fn command_calls(port: u16, command: &str) -> u64 {

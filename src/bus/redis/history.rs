@@ -45,8 +45,9 @@
 //! still recovered: its epoch must not be made afresh. That matters only
 //! for topics someone holds positions in, so a meta is kept long only
 //! once the topic is *adopted*: read by a socket (`tops`, a resume's read,
-//! a legacy socket's `peek`), or published to while some node is
-//! subscribed to it (`PUBLISH` answers how many are). Until then it lives
+//! a legacy socket's `peek`), published to while some node is subscribed
+//! to it (`PUBLISH` answers how many are), or caught up by a node that
+//! tracks it (its first message may have reached the node only that way). Until then it lives
 //! as long as the topic's history (`ttl`). A client writing to ever new
 //! user ids that nobody is connected as (review of 2026-12-01) so leaves
 //! keys for `ttl`, like the messages themselves, not for a day each.
@@ -310,16 +311,17 @@ return out
 /// ([`Position::unborn`]) asks for the current epoch from its start, and
 /// makes none: `['', '0', []]` when the topic has none.
 ///
-/// The entries are read a few at a time (`XRANGE … COUNT`, the count sized
-/// from the average entry so far) so that one call never holds Redis for
-/// much more than the budget's worth, whatever the entries weigh: a client
-/// chooses how far back a resume reads (`docs/security.md`).
+/// The entries are read a few at a time (`XRANGE … COUNT`, at most 8, as
+/// many as fit the rest of the budget at the largest entry seen so far,
+/// one to begin with), so that one call reads at most the budget and 8
+/// entries more, whatever the entries weigh and in whatever order: a
+/// client chooses how far back a resume reads (`docs/security.md`).
 const READ_MANY_LUA: &str = concat!(
     run_lua!(),
     epoch_lua!(),
     r#"
 local run, mttl, most, budget = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local used, count_read = 0, 0
+local used, largest = 0, 0
 local out = {}
 for i = 1, #KEYS / 2 do
   local meta, stream = KEYS[2 * i - 1], KEYS[2 * i]
@@ -346,19 +348,24 @@ for i = 1, #KEYS / 2 do
     if e == want and after < last and last - after <= most then
       local from = after
       while from < last and used < budget do
-        local count = 8
-        if count_read > 0 then
-          count = math.max(1, math.min(256, math.floor((budget - used) * count_read / used)))
+        -- As many as fit the rest of the budget at the largest size seen,
+        -- at most 8: small entries first cannot make one XRANGE take
+        -- hundreds of big ones (review of 2026-12-01).
+        local count = 1
+        if largest > 0 then
+          count = math.max(1, math.min(8, math.floor((budget - used) / largest)))
         end
         local got = redis.call('XRANGE', stream, string.format('%d', from + 1) .. '-0',
           string.format('%d', last) .. '-1', 'COUNT', count)
         for _, entry in ipairs(got) do
           entries[#entries + 1] = entry
+          local size = 0
           for _, field in ipairs(entry[2]) do
-            used = used + #field
+            size = size + #field
           end
+          used = used + size
+          largest = math.max(largest, size)
         end
-        count_read = count_read + #got
         if #got < count then
           break
         end
@@ -379,8 +386,12 @@ return out
 /// the bound (`s`, the entry's `seq`), which are few (those still on their
 /// way to the node).
 ///
+/// Every topic read that has an epoch is adopted (see "Adoption" in the
+/// module docs).
+///
 /// KEYS: meta, stream per topic. ARGV: `[1]` run id, `[2]` the bound (0:
-/// none), `[3]` the most entries in all, `[4]` the most bytes in all; then
+/// none), `[3]` the most entries in all, `[4]` the most bytes in all, `[5]`
+/// the meta ttl ms; then
 /// per topic the epoch known (`''`: none), the last offset delivered, the
 /// most entries of the topic. Returns per topic `[epoch, top, from, reach,
 /// entries, whole]`: `epoch` `''` when the topic has no epoch of this
@@ -395,7 +406,7 @@ return out
 const CATCH_UP_LUA: &str = concat!(
     run_lua!(),
     r#"
-local run, bound, budget, bytes = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local run, bound, budget, bytes, mttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local used, CATCH_UP_STEP = 0, 64
 local function offset_of(id)
   return tonumber(string.match(id, '^(%d+)-'))
@@ -412,12 +423,19 @@ end
 local out = {}
 for i = 1, #KEYS / 2 do
   local meta, stream = KEYS[2 * i - 1], KEYS[2 * i]
-  local a = 2 + 3 * i
+  local a = 3 + 3 * i
   local most = tonumber(ARGV[a + 2])
-  local m = redis.call('HMGET', meta, 'e', 'o', 'r')
+  local m = redis.call('HMGET', meta, 'e', 'o', 'r', 'a')
   if not m[1] or not m[2] or m[3] ~= run then
     out[i] = {'', '0', '0', '0', {}, 1}
   else
+    -- A topic the node tracks is adopted: its sockets may hold positions
+    -- in it (its first messages may have come through a catch-up, never
+    -- through a PUBLISH anyone heard).
+    if not m[4] then
+      redis.call('HSET', meta, 'a', '1')
+      redis.call('PEXPIRE', meta, mttl)
+    end
     local e, top = m[1], tonumber(m[2])
     local from = 0
     if e == ARGV[a] then
@@ -1386,6 +1404,7 @@ impl RedisHistory {
         // On a Cluster there is no `seq` to bound by: each topic is read in
         // its own slot, to its top (`history/sharded.rs`).
         let bound = bound.filter(|_| !self.keys.sharded);
+        let mttl = ms(meta_ttl(&self.history));
         let per = &wants
             .iter()
             .map(|w| {
@@ -1400,6 +1419,7 @@ impl RedisHistory {
                     bound.unwrap_or(0).to_string(),
                     MAX_CATCH_UP.to_string(),
                     MAX_CATCH_UP_BYTES.to_string(),
+                    mttl.to_string(),
                 ];
                 let script = (CATCH_UP_LUA, &*c.catch_up_sha);
                 sharded::per_topic(&c.conn, self.keys.sharded, script, keys, &head, per).await
