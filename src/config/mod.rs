@@ -303,7 +303,8 @@ pub struct HistoryConfig {
     /// More than this to replay on one resume: not recovered.
     pub max_replay: usize,
     /// More than this many bytes of history to read for one resume: not
-    /// recovered (the bound on what a client can make a node read).
+    /// recovered (the bound on what a client can make a node read and
+    /// hold); 0: no bound but the history's own.
     pub max_replay_bytes: usize,
     /// On SIGTERM, store each legacy socket's position for the next socket
     /// with its identity.

@@ -432,7 +432,7 @@ impl Default for RawHistory {
             size_group: 300,
             size_user: 100,
             max_replay: 1000,
-            max_replay_bytes: 4 * 1024 * 1024,
+            max_replay_bytes: 0,
             drain_handoff: true,
         }
     }

@@ -222,7 +222,8 @@ pub fn decide(
 pub struct Resumer {
     history: Arc<dyn History>,
     max_replay: usize,
-    /// `history.max_replay_bytes`: the most one resume reads.
+    /// `history.max_replay_bytes`: the most one resume reads
+    /// (`usize::MAX` for the setting's 0, no bound).
     max_replay_bytes: usize,
     drain_handoff: bool,
     /// The bound on each History call (`redis.command_timeout_ms`).
@@ -252,7 +253,10 @@ impl Resumer {
         Self {
             history,
             max_replay,
-            max_replay_bytes,
+            max_replay_bytes: match max_replay_bytes {
+                0 => usize::MAX,
+                bytes => bytes,
+            },
             drain_handoff,
             limit,
             node_id,

@@ -614,7 +614,7 @@ fn the_welcome_has_the_contracts_shape() {
 }
 
 /// `history.max_replay_bytes`: a read that goes beyond it is not
-/// recovered (and counted so), one within it is.
+/// recovered (and counted so), one within it is; 0 is no bound.
 #[tokio::test]
 async fn a_read_beyond_max_replay_bytes_is_not_recovered() {
     let mem = Arc::new(Mem::default());
@@ -634,10 +634,13 @@ async fn a_read_beyond_max_replay_bytes_is_not_recovered() {
             .render()
             .contains(r#"wshub_resume_total{result="not_recovered"} 1"#)
     );
-    let (resumer, _) = resumer_bytes(&mem, 100, 2 * frame);
-    let outcome = resumer.start(&ann, &request(&ann, &from)).await;
-    assert_eq!(welcome_of(&outcome.frames[0])["recovered"], true);
-    assert_eq!(names_of_frames(&outcome.frames[1..]), ["one", "two"]);
+    // Exactly the bytes read, and 0 (the default: no bound).
+    for max_replay_bytes in [2 * frame, 0] {
+        let (resumer, _) = resumer_bytes(&mem, 100, max_replay_bytes);
+        let outcome = resumer.start(&ann, &request(&ann, &from)).await;
+        assert_eq!(welcome_of(&outcome.frames[0])["recovered"], true);
+        assert_eq!(names_of_frames(&outcome.frames[1..]), ["one", "two"]);
+    }
 }
 
 #[tokio::test]

@@ -719,6 +719,73 @@ async fn a_topic_first_seen_through_a_catch_up_is_adopted() {
     assert!(pttl() > ttl, "adopted by the catch-up: {}", pttl());
 }
 
+/// Review of 2026-12-01, third round: a step of 900 tiny entries kept
+/// Redis ~10 ms (each entry costs the script a Lua table). A call takes at
+/// most 256 entries: 600 tiny ones take 3 calls.
+#[tokio::test]
+async fn a_read_step_takes_at_most_256_entries() {
+    let redis = RedisServer::start();
+    let mut node = Member::start(&redis.url(), "n", Some(settings())).await;
+    let history = node.history();
+    let topics = [Topic::All, group("a"), user("u")];
+    let start = history.tops(&topics).await.unwrap();
+    node.subscribe(&topics).await;
+    for i in 0..600 {
+        node.publish(&[Topic::All], &format!("t{i}"));
+    }
+    for _ in 0..600 {
+        node.next_copy().await;
+    }
+    let from: Vec<(Topic, Position)> = topics.iter().cloned().zip(start).collect();
+    cli(redis.port, &["CONFIG", "RESETSTAT"]);
+    let reads = history
+        .read_many(&from, usize::MAX, usize::MAX)
+        .await
+        .unwrap();
+    match &reads[0] {
+        Read::Complete { messages, .. } => assert_eq!(messages.len(), 600),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(command_calls(redis.port, "evalsha"), 3);
+}
+
+/// Review of 2026-12-01, third round: only reads past their first step
+/// took turns, so a burst of resuming connects sent all their first steps
+/// to Redis at once (200 of them held Redis half a second; probes and
+/// publishes wait behind them). A node now has at most 4 read steps in
+/// flight: with Redis's answers held, 10 concurrent reads reach it 4 at a
+/// time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_has_at_most_four_read_steps_in_flight() {
+    let redis = RedisServer::start();
+    let proxy = GateProxy::start(redis.port).await;
+    let node = Member::start(&proxy.url(), "n", Some(settings())).await;
+    let history = node.history();
+    let topics = [Topic::All, group("a"), user("u")];
+    // The history connection and its scripts are ready first.
+    let start = history.tops(&topics).await.unwrap();
+    let from: Vec<(Topic, Position)> = topics.iter().cloned().zip(start).collect();
+    cli(redis.port, &["CONFIG", "RESETSTAT"]);
+    proxy.arm_on(b"EVALSHA");
+    let reads: Vec<_> = (0..10)
+        .map(|_| {
+            let (history, from) = (history.clone(), from.clone());
+            tokio::spawn(async move { history.read_many(&from, usize::MAX, usize::MAX).await })
+        })
+        .collect();
+    proxy.held().await;
+    // Let any that could go through the node reach Redis.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let in_flight = command_calls(redis.port, "evalsha");
+    proxy.release();
+    for read in reads {
+        let reads = read.await.unwrap().expect("answered once released");
+        assert!(matches!(reads[0], Read::Complete { .. }), "{reads:?}");
+    }
+    assert_eq!(in_flight, 4, "read steps in Redis at once");
+    assert_eq!(command_calls(redis.port, "evalsha"), 10);
+}
+
 /// The calls of `command` on the server at `port` since the last `CONFIG
 /// RESETSTAT` (`INFO commandstats`; 0 when none).
 fn command_calls(port: u16, command: &str) -> u64 {

@@ -98,8 +98,9 @@
 //! ([`RedisHistory::read_stepped`]). The positions a client sends decide
 //! how far back a resume reads, so one script reading everything (up to
 //! every entry of three topics, 90 MB at the defaults) let any client hold
-//! Redis for a quarter of a second per connect; `history.max_replay_bytes`
-//! bounds the whole read.
+//! Redis for a quarter of a second per connect. A node has at most
+//! [`READS_AT_ONCE`] steps in flight; `history.max_replay_bytes`, when
+//! set, bounds the whole read.
 //!
 //! Redis must never evict these keys: `maxmemory-policy` `noeviction`.
 //! Losing a meta hash or a stream only makes a resume or a repair say it
@@ -313,15 +314,16 @@ return out
 ///
 /// The entries are read a few at a time (`XRANGE … COUNT`, at most 8, as
 /// many as fit the rest of the budget at the largest entry seen so far,
-/// one to begin with), so that one call reads at most the budget and 8
-/// entries more, whatever the entries weigh and in whatever order: a
-/// client chooses how far back a resume reads (`docs/security.md`).
+/// one to begin with), and at most 256 in a call, so that one call reads
+/// at most the budget and 8 entries more, whatever the entries weigh and
+/// in whatever order: a client chooses how far back a resume reads
+/// (`docs/security.md`).
 const READ_MANY_LUA: &str = concat!(
     run_lua!(),
     epoch_lua!(),
     r#"
 local run, mttl, most, budget = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local used, largest = 0, 0
+local used, largest, taken, MOST_TAKEN = 0, 0, 0, 256
 local out = {}
 for i = 1, #KEYS / 2 do
   local meta, stream = KEYS[2 * i - 1], KEYS[2 * i]
@@ -347,14 +349,16 @@ for i = 1, #KEYS / 2 do
     local entries = {}
     if e == want and after < last and last - after <= most then
       local from = after
-      while from < last and used < budget do
+      while from < last and used < budget and taken < MOST_TAKEN do
         -- As many as fit the rest of the budget at the largest size seen,
         -- at most 8: small entries first cannot make one XRANGE take
-        -- hundreds of big ones (review of 2026-12-01).
+        -- hundreds of big ones (review of 2026-12-01). And at most 256 in
+        -- a call, however small: each costs Lua a table.
         local count = 1
         if largest > 0 then
           count = math.max(1, math.min(8, math.floor((budget - used) / largest)))
         end
+        count = math.min(count, MOST_TAKEN - taken)
         local got = redis.call('XRANGE', stream, string.format('%d', from + 1) .. '-0',
           string.format('%d', last) .. '-1', 'COUNT', count)
         for _, entry in ipairs(got) do
@@ -366,6 +370,7 @@ for i = 1, #KEYS / 2 do
           used = used + size
           largest = math.max(largest, size)
         end
+        taken = taken + #got
         if #got < count then
           break
         end
@@ -399,10 +404,12 @@ return out
 /// one given, or 0 in another epoch); `reach` the last offset the answer
 /// is for (the top, or the last below the bound); `entries` those from
 /// `from + 1` to `reach` that are kept, and `whole` 0 when there were too
-/// many to read (none are given). Entries are read 64 at a time: once the
-/// bytes read pass the most ([`MAX_CATCH_UP_BYTES`]), the topic being read
-/// and every later one are too many (so one catch-up holds Redis for about
-/// that many bytes at most, however big the messages clients sent).
+/// many to read (none are given). Entries are read 64 at a time, and the
+/// scan for the bound 16 at a time: once the bytes read (both counted)
+/// pass the most ([`MAX_CATCH_UP_BYTES`]), the topic being read and every
+/// later one are too many (so one catch-up reads about that many bytes at
+/// most, however big the messages clients sent; a topic whose scan was cut
+/// short is a gap up to where the scan got).
 const CATCH_UP_LUA: &str = concat!(
     run_lua!(),
     r#"
@@ -444,11 +451,16 @@ for i = 1, #KEYS / 2 do
     local reach = top
     if bound > 0 and most > 0 then
       local hi = top
-      while hi > from do
+      while hi > from and used <= bytes do
         local got = redis.call('XREVRANGE', stream, string.format('%d', hi) .. '-1',
-          string.format('%d', from + 1) .. '-0', 'COUNT', 100)
+          string.format('%d', from + 1) .. '-0', 'COUNT', 16)
         local below = false
         for _, entry in ipairs(got) do
+          -- The scan reads whole entries too: counted (review of
+          -- 2026-12-01).
+          for _, field in ipairs(entry[2]) do
+            used = used + #field
+          end
           local s = seq_of(entry)
           if s and s >= bound then
             reach = offset_of(entry[1]) - 1
@@ -457,7 +469,7 @@ for i = 1, #KEYS / 2 do
             break
           end
         end
-        if below or #got < 100 then
+        if below or #got < 16 then
           break
         end
         hi = offset_of(got[#got][1]) - 1
@@ -730,8 +742,9 @@ pub(super) const MAX_CATCH_UP: usize = 20_000;
 pub(super) const MAX_CATCH_UP_BYTES: usize = 16 * 1024 * 1024;
 
 /// About how many bytes of entries one step of a resume's read takes from
-/// Redis ([`RedisHistory::read_stepped`]): a fraction of a millisecond of
-/// Redis's time, where one read of everything a client could ask for
+/// Redis ([`RedisHistory::read_stepped`]; also at most 256 entries, and 8
+/// entries more than this): a few milliseconds of Redis's time at most,
+/// where one read of everything a client could ask for
 /// (every entry of three topics, up to `size_*` of
 /// `limits.max_message_bytes` each) once held it for a quarter of a second.
 pub(super) const READ_STEP_BYTES: usize = 256 * 1024;
@@ -739,6 +752,13 @@ pub(super) const READ_STEP_BYTES: usize = 256 * 1024;
 /// How many resume reads per node may go on past their first step at once
 /// (the others wait their turn, within the resume's time limit).
 pub(super) const LARGE_READS: usize = 4;
+
+/// How many read steps (first or later, of any resume) one node has in
+/// flight at once: a burst of resuming connects (a deploy's reconnect
+/// storm, or an attacker's far-back resumes) then queues in the node, not
+/// in Redis, where probes and publishes wait behind every queued script
+/// (review of 2026-12-01: 200 concurrent first steps held Redis 0.5 s).
+pub(super) const READS_AT_ONCE: usize = 4;
 
 /// The budget of the next step of a read that has `bytes` of `max_bytes`:
 /// a step's worth, and never much past the bound (a step reads at least
@@ -882,6 +902,8 @@ pub(crate) struct RedisHistory {
     /// Turns for resume reads that go on past their first step
     /// ([`LARGE_READS`]).
     large_reads: tokio::sync::Semaphore,
+    /// Turns for each read step ([`READS_AT_ONCE`]).
+    read_steps: tokio::sync::Semaphore,
     /// Held while connecting, so concurrent calls open one connection.
     connecting: tokio::sync::Mutex<()>,
     serials: AtomicU64,
@@ -909,6 +931,7 @@ impl RedisHistory {
             id_prefix,
             current: std::sync::Mutex::new(None),
             large_reads: tokio::sync::Semaphore::new(LARGE_READS),
+            read_steps: tokio::sync::Semaphore::new(READS_AT_ONCE),
             connecting: tokio::sync::Mutex::new(()),
             serials: AtomicU64::new(0),
         }
@@ -1348,6 +1371,11 @@ impl RedisHistory {
             .flat_map(|(t, _, _)| [self.keys.meta(t), self.keys.stream(t)])
             .collect();
         let mttl = ms(meta_ttl(&self.history));
+        let _turn = self
+            .read_steps
+            .acquire()
+            .await
+            .map_err(|_| unavailable("history is shutting down"))?;
         let per = &asked
             .iter()
             .map(|(_, after, last)| {

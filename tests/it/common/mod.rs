@@ -54,7 +54,7 @@ pub fn history_settings() -> wshub::config::HistoryConfig {
         size_group: 300,
         size_user: 100,
         max_replay: 1000,
-        max_replay_bytes: 4 * 1024 * 1024,
+        max_replay_bytes: 0,
         drain_handoff: true,
     }
 }

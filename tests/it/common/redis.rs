@@ -13,6 +13,9 @@ use super::process::GroupChild;
 
 pub struct RedisServer {
     pub port: u16,
+    /// A cluster node's bus port (`--cluster-port`), chosen free like the
+    /// port (Redis's default, port + 10000, may be taken or past 65535).
+    bus_port: Option<u16>,
     child: Option<GroupChild>,
     dir: PathBuf,
     extra: Vec<String>,
@@ -56,22 +59,26 @@ impl RedisServer {
         let cluster = extra.contains(&"--cluster-enabled");
         let mut server = Self {
             port: 0,
+            bus_port: None,
             child: None,
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         // A free port can be taken again before redis-server binds it
-        // (another test's connection), and a cluster node also binds port
-        // + 10000 for its bus, which may be in use or past 65535: a server
-        // that exits as it starts is started again on another port.
+        // (another test's connection), and so can a cluster node's bus
+        // port: a server that exits as it starts is started again on
+        // other ports.
         const ATTEMPTS: u32 = 5;
         for attempt in 1..=ATTEMPTS {
-            server.port = loop {
-                let port = free_port();
-                if !cluster || port <= u16::MAX - 10_000 {
-                    break port;
+            server.port = free_port();
+            server.bus_port = cluster.then(|| {
+                loop {
+                    let bus = free_port();
+                    if bus != server.port {
+                        break bus;
+                    }
                 }
-            };
+            });
             match server.launch() {
                 Ok(()) => return server,
                 Err(why) if attempt < ATTEMPTS => {
@@ -97,6 +104,7 @@ impl RedisServer {
                 .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
                 .arg("--dir")
                 .arg(&self.dir)
+                .args(self.bus_port.iter().flat_map(|p| ["--cluster-port".to_owned(), p.to_string()]))
                 .args(&self.extra)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
@@ -179,31 +187,31 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start(masters: usize) -> Self {
-        let nodes: Vec<RedisServer> = (0..masters)
-            .map(|_| {
-                RedisServer::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-node-timeout",
-                    "2000",
-                ])
-            })
-            .collect();
-        let addrs: Vec<String> = nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
-        let out = Command::new("redis-cli")
-            .args(["--cluster", "create"])
-            .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}): install Debian's redis-tools"));
-        assert!(
-            out.status.success(),
-            "cluster create failed: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        // `redis-cli --cluster create` waits for ever for a node that died
+        // meanwhile (a port taken under it): bounded, and tried again with
+        // new servers.
+        const ATTEMPTS: u32 = 3;
+        let mut attempt = 1;
+        let nodes = loop {
+            let nodes: Vec<RedisServer> = (0..masters)
+                .map(|_| {
+                    RedisServer::start_with(&[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-node-timeout",
+                        "2000",
+                    ])
+                })
+                .collect();
+            match create_cluster(&nodes) {
+                Ok(()) => break nodes,
+                Err(why) if attempt < ATTEMPTS => {
+                    eprintln!("redis cluster create: {why}; trying with new servers");
+                    attempt += 1;
+                }
+                Err(why) => panic!("redis cluster create: {why}, {ATTEMPTS} times"),
+            }
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         for node in &nodes {
             loop {
@@ -228,6 +236,36 @@ impl RedisCluster {
             .map(|n| n.url())
             .collect::<Vec<_>>()
             .join(",")
+    }
+}
+
+/// `redis-cli --cluster create` of `nodes`, within 30 s.
+fn create_cluster(nodes: &[RedisServer]) -> Result<(), String> {
+    let addrs: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let mut child = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}): install Debian's redis-tools"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => return Err(format!("redis-cli exited with {status}")),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("redis-cli did not finish within 30 s".into());
+            }
+            Err(e) => return Err(format!("cannot wait for redis-cli: {e}")),
+        }
     }
 }
 
