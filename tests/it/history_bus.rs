@@ -1247,19 +1247,33 @@ async fn wait_echo(member: &mut Member, tag: &str) {
     member.until(tag).await;
 }
 
+/// A publisher on `redis` and a receiver through a new gate proxy, both
+/// with `history` and subscribed to `topic`, and `first` published and
+/// received: the start of every test that cuts the receiver off.
+async fn publisher_and_gated_receiver(
+    redis: &RedisServer,
+    history: HistoryConfig,
+    topic: &Topic,
+    first: &str,
+) -> (GateProxy, Member, Member) {
+    let proxy = GateProxy::start(redis.port).await;
+    let publisher = Member::start(&redis.url(), "pub", Some(history.clone())).await;
+    let mut receiver = Member::start(&proxy.url(), "rcv", Some(history)).await;
+    publisher.subscribe(std::slice::from_ref(topic)).await;
+    receiver.subscribe(std::slice::from_ref(topic)).await;
+    publisher.publish(std::slice::from_ref(topic), first);
+    assert_eq!(receiver.next_copy().await.1, first);
+    (proxy, publisher, receiver)
+}
+
 /// A topic that stays quiet after the subscriber lost messages on it is
 /// repaired at the resubscribe, without waiting for a next message.
 #[tokio::test]
 async fn a_quiet_topic_is_repaired_right_after_the_resubscribe() {
     let redis = RedisServer::start();
-    let proxy = GateProxy::start(redis.port).await;
-    let mut publisher = Member::start(&redis.url(), "pub", Some(settings())).await;
-    let mut receiver = Member::start(&proxy.url(), "rcv", Some(settings())).await;
     let q = group("quiet");
-    publisher.subscribe(std::slice::from_ref(&q)).await;
-    receiver.subscribe(std::slice::from_ref(&q)).await;
-    publisher.publish(std::slice::from_ref(&q), "q1");
-    assert_eq!(receiver.next_copy().await.1, "q1");
+    let (proxy, mut publisher, mut receiver) =
+        publisher_and_gated_receiver(&redis, settings(), &q, "q1").await;
     cut_and_hold_resubscribe(&proxy).await;
     publisher.publish(std::slice::from_ref(&q), "q2");
     publisher.publish(std::slice::from_ref(&q), "q3");
@@ -1282,18 +1296,13 @@ async fn a_quiet_topic_is_repaired_right_after_the_resubscribe() {
 #[tokio::test]
 async fn a_gap_history_cannot_fill_is_reported() {
     let redis = RedisServer::start_with(&["--stream-node-max-entries", "2"]);
-    let proxy = GateProxy::start(redis.port).await;
     let small = HistoryConfig {
         size_group: 2,
         ..settings()
     };
-    let mut publisher = Member::start(&redis.url(), "pub", Some(small.clone())).await;
-    let mut receiver = Member::start(&proxy.url(), "rcv", Some(small)).await;
     let t = group("t");
-    publisher.subscribe(std::slice::from_ref(&t)).await;
-    receiver.subscribe(std::slice::from_ref(&t)).await;
-    publisher.publish(std::slice::from_ref(&t), "t1");
-    assert_eq!(receiver.next_copy().await.1, "t1");
+    let (proxy, mut publisher, mut receiver) =
+        publisher_and_gated_receiver(&redis, small, &t, "t1").await;
     cut_and_hold_resubscribe(&proxy).await;
     for i in 2..=20 {
         publisher.publish(std::slice::from_ref(&t), &format!("t{i}"));
@@ -1324,14 +1333,9 @@ async fn a_gap_history_cannot_fill_is_reported() {
 #[tokio::test]
 async fn a_gap_bigger_than_a_catch_up_reads_is_reported() {
     let redis = RedisServer::start();
-    let proxy = GateProxy::start(redis.port).await;
-    let mut publisher = Member::start(&redis.url(), "pub", Some(settings())).await;
-    let mut receiver = Member::start(&proxy.url(), "rcv", Some(settings())).await;
     let t = group("t");
-    publisher.subscribe(std::slice::from_ref(&t)).await;
-    receiver.subscribe(std::slice::from_ref(&t)).await;
-    publisher.publish(std::slice::from_ref(&t), "t1");
-    assert_eq!(receiver.next_copy().await.1, "t1");
+    let (proxy, mut publisher, mut receiver) =
+        publisher_and_gated_receiver(&redis, settings(), &t, "t1").await;
     cut_and_hold_resubscribe(&proxy).await;
     let big = "x".repeat(1 << 20);
     for i in 2..=21 {

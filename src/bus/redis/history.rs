@@ -261,8 +261,11 @@ const TOPS_LUA: &str = concat!(
     r#"
 local out = {}
 for i = 1, #KEYS, 2 do
-  out[#out + 1] = epoch_of(KEYS[i], KEYS[i + 1], ARGV[1])
-  redis.call('HSET', KEYS[i], 'a', '1')
+  local e, adopted = epoch_of(KEYS[i], KEYS[i + 1], ARGV[1])
+  out[#out + 1] = e
+  if not adopted then
+    redis.call('HSET', KEYS[i], 'a', '1')
+  end
   redis.call('PEXPIRE', KEYS[i], ARGV[2])
   out[#out + 1] = redis.call('HGET', KEYS[i], 'o')
 end
@@ -281,9 +284,11 @@ const PEEK_LUA: &str = concat!(
     r#"
 local out = {}
 for i = 1, #KEYS, 2 do
-  local m = redis.call('HMGET', KEYS[i], 'e', 'o', 'r')
+  local m = redis.call('HMGET', KEYS[i], 'e', 'o', 'r', 'a')
   if m[1] and m[2] and m[3] == ARGV[1] then
-    redis.call('HSET', KEYS[i], 'a', '1')
+    if not m[4] then
+      redis.call('HSET', KEYS[i], 'a', '1')
+    end
     redis.call('PEXPIRE', KEYS[i], ARGV[2])
     out[#out + 1] = m[1]
     out[#out + 1] = m[2]
@@ -338,8 +343,10 @@ for i = 1, #KEYS / 2 do
   if want == '' then
     out[i] = {'', '0', {}}
   else
-    local e = epoch_of(meta, stream, run)
-    redis.call('HSET', meta, 'a', '1')
+    local e, adopted = epoch_of(meta, stream, run)
+    if not adopted then
+      redis.call('HSET', meta, 'a', '1')
+    end
     redis.call('PEXPIRE', meta, mttl)
     local o = tonumber(redis.call('HGET', meta, 'o'))
     local after, last = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
