@@ -1,7 +1,7 @@
 //! Admission: whether this node takes one more socket. Its capacity
 //! (`limits.max_connections`, or what the open-file limit allows, less a
-//! reserve), whether it is *full*, and the per-address limit and the
-//! address it counts under.
+//! reserve), whether it is *full*, the per-address limits (sockets held,
+//! connects a second) and the address they count under.
 //!
 //! **Full.** A node that holds `capacity` sockets is full: `/readyz`
 //! answers 503 with the reason, `wshub_connections_full` is 1, and one
@@ -15,10 +15,13 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
+use crate::outcome::RefusalReason;
 
 /// Why a socket was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -30,6 +33,45 @@ pub enum Refusal {
     /// This client address holds `limits.max_connections_per_ip` sockets.
     #[error("too many sockets from this address (at most {0})")]
     TooManyFromIp(usize),
+    /// This client address connects faster than
+    /// `limits.connects_per_second_per_ip` (beyond its burst).
+    #[error(
+        "too many connects from this address (at most {0} a second, after a burst of {1}); retry later"
+    )]
+    ConnectRate(u32, u32),
+}
+
+impl Refusal {
+    /// The refusal's reason, for the answer's status and the metrics.
+    pub(crate) fn reason(self) -> RefusalReason {
+        match self {
+            Self::AtCapacity(_) => RefusalReason::Capacity,
+            Self::TooManyFromIp(_) => RefusalReason::PerIp,
+            Self::ConnectRate(..) => RefusalReason::ConnectRate,
+        }
+    }
+}
+
+/// The per-address limits (`limits.max_connections_per_ip`,
+/// `limits.connects_per_second_per_ip`, `limits.connect_burst_per_ip`),
+/// each 0 when off, and the IPv6 network they count a client by.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PerAddress {
+    pub(crate) max_sockets: usize,
+    pub(crate) connects_per_second: u32,
+    pub(crate) connect_burst: u32,
+    pub(crate) ipv6_prefix_len: u8,
+}
+
+impl Default for PerAddress {
+    fn default() -> Self {
+        Self {
+            max_sockets: 0,
+            connects_per_second: 0,
+            connect_burst: 1,
+            ipv6_prefix_len: 64,
+        }
+    }
 }
 
 /// The node's socket places: how many it has, how many each client
@@ -50,6 +92,8 @@ pub(crate) struct Admission {
     open: AtomicUsize,
     /// Sockets per client address, while the per-address limit is set.
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Connects per client address, while that limit is set.
+    connect_rate: Option<ConnectRate>,
     /// Whether the node is full. Changed only under `transition`, after
     /// reading `open` there, so the last change of `open` always decides
     /// the state; read without the lock by `/readyz`.
@@ -60,12 +104,11 @@ pub(crate) struct Admission {
 }
 
 impl Admission {
-    /// `capacity` sockets in all, at most `per_ip_max` per client address
-    /// (0: no limit), IPv6 addresses counted per `ipv6_prefix_len` network.
+    /// `capacity` sockets in all, and the per-address limits of
+    /// `per_address`.
     pub(crate) fn new(
         capacity: usize,
-        per_ip_max: usize,
-        ipv6_prefix_len: u8,
+        per_address: PerAddress,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         metrics.set_capacity(capacity);
@@ -73,10 +116,14 @@ impl Admission {
         Arc::new(Self {
             capacity,
             room_at: room_at(capacity),
-            per_ip_max,
-            ipv6_prefix_len,
+            per_ip_max: per_address.max_sockets,
+            ipv6_prefix_len: per_address.ipv6_prefix_len,
             open: AtomicUsize::new(0),
             per_ip: Mutex::default(),
+            connect_rate: ConnectRate::new(
+                per_address.connects_per_second,
+                per_address.connect_burst,
+            ),
             full: AtomicBool::new(false),
             transition: Mutex::default(),
             metrics,
@@ -110,6 +157,17 @@ impl Admission {
         }
         self.settle();
         Ok(slot)
+    }
+
+    /// Counts a connect from `ip` against `limits.connects_per_second_per_ip`
+    /// (nothing when it is off or the address is not known), or says it is
+    /// over. Asked for every upgrade before anything else is done for it,
+    /// so refused and failing connects count too.
+    pub(crate) fn connect(&self, ip: Option<IpAddr>, now: Instant) -> Result<(), Refusal> {
+        match (&self.connect_rate, ip) {
+            (Some(rate), Some(ip)) => rate.connect(address_key(ip, self.ipv6_prefix_len), now),
+            _ => Ok(()),
+        }
     }
 
     /// Why the node is not ready because it is full, while it is (for
@@ -204,7 +262,107 @@ impl Drop for Slot {
     }
 }
 
-/// What `limits.max_connections_per_ip` counts a client address under: an
+/// Addresses the connect rate keeps a state for at most: about 48 bytes
+/// each, 3 MiB in all. A burst of new addresses beyond it is let through
+/// unlimited (and logged) until the next sweep frees room: the limit is one
+/// address's, and one client holding this many addresses is past what a
+/// per-address limit can stop; refusing new addresses instead would turn
+/// such a flood into one against everybody.
+const MAX_TRACKED: usize = 65_536;
+
+/// How often the connect rate forgets the addresses it no longer needs
+/// (each sweep is one pass over at most [`MAX_TRACKED`] entries).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// `limits.connects_per_second_per_ip`: a token bucket per client address,
+/// kept as the time its bucket will be full again (the generic cell rate
+/// algorithm): a connect at `now` is allowed when that time is at most
+/// `burst - 1` intervals ahead of `now`, and moves it one interval on. An
+/// address whose time has passed is the same as one never seen, so it is
+/// forgotten at the next sweep: the table holds only the addresses that
+/// connected within the last `burst` intervals.
+///
+/// One node's count: behind a balancer that spreads connects over `n`
+/// nodes an address may connect up to `n` times the rate in all. A
+/// cluster-wide count would cost a Redis round trip per connect.
+struct ConnectRate {
+    per_second: u32,
+    burst: u32,
+    /// Time between two connects at the sustained rate.
+    interval: Duration,
+    /// How far ahead of now an address's time may be and still connect.
+    tolerance: Duration,
+    table: Mutex<RateTable>,
+}
+
+struct RateTable {
+    /// When each address's bucket is full again.
+    full_at: HashMap<IpAddr, Instant>,
+    swept: Option<Instant>,
+    /// Whether the table's overflow was logged since it last had room.
+    overflow_logged: bool,
+}
+
+impl ConnectRate {
+    /// `None` when `per_second` is 0 (no limit).
+    fn new(per_second: u32, burst: u32) -> Option<Self> {
+        let burst = burst.max(1);
+        (per_second > 0).then(|| {
+            let interval = Duration::from_secs(1) / per_second;
+            Self {
+                per_second,
+                burst,
+                interval,
+                tolerance: interval * (burst - 1),
+                table: Mutex::new(RateTable {
+                    full_at: HashMap::new(),
+                    swept: None,
+                    overflow_logged: false,
+                }),
+            }
+        })
+    }
+
+    fn connect(&self, key: IpAddr, now: Instant) -> Result<(), Refusal> {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if table
+            .swept
+            .is_none_or(|swept| now.saturating_duration_since(swept) >= SWEEP_EVERY)
+        {
+            table.full_at.retain(|_, full_at| *full_at > now);
+            table.swept = Some(now);
+            if table.full_at.len() < MAX_TRACKED {
+                table.overflow_logged = false;
+            }
+        }
+        let tracked = table.full_at.len();
+        match table.full_at.get_mut(&key) {
+            Some(full_at) => {
+                let from = (*full_at).max(now);
+                if from.saturating_duration_since(now) > self.tolerance {
+                    return Err(Refusal::ConnectRate(self.per_second, self.burst));
+                }
+                *full_at = from + self.interval;
+            }
+            None if tracked < MAX_TRACKED => {
+                table.full_at.insert(key, now + self.interval);
+            }
+            None => {
+                if !std::mem::replace(&mut table.overflow_logged, true) {
+                    drop(table);
+                    warn!(
+                        tracked,
+                        "limits.connects_per_second_per_ip: more addresses connecting than the \
+                         node keeps count of; new ones are not limited until some fall idle"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the per-address limits count a client address under: an
 /// IPv4 address (an IPv4-mapped IPv6 address is the IPv4 address it maps),
 /// or the IPv6 network of `ipv6_prefix_len` bits that contains it. One
 /// IPv6 host is usually given a whole /64, so counting full addresses would
@@ -339,7 +497,7 @@ mod tests {
         assert_eq!(room_at(3), 2);
         assert_eq!(room_at(19_872), 19_674);
         let metrics = Arc::new(Metrics::new());
-        let admission = Admission::new(200, 0, 64, metrics.clone());
+        let admission = Admission::new(200, PerAddress::default(), metrics.clone());
         assert_eq!(admission.room_at(), 198);
         let mut slots: Vec<Slot> = (0..199).map(|_| admission.reserve(None).unwrap()).collect();
         assert!(admission.full_reason().is_none(), "199 of 200");
@@ -360,11 +518,128 @@ mod tests {
         assert!(admission.full_reason().is_none(), "199: not full again");
     }
 
+    /// The connect rate: a burst, then one connect per interval; each
+    /// address (an IPv6 client by its network) on its own; a refused
+    /// connect does not use up the budget; an idle address is forgotten.
+    #[test]
+    fn connects_per_address_are_limited_to_the_rate_after_a_burst() {
+        let per_address = PerAddress {
+            connects_per_second: 4,
+            connect_burst: 3,
+            ..PerAddress::default()
+        };
+        let admission = Admission::new(100, per_address, Arc::new(Metrics::new()));
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2::a".parse().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(admission.connect(Some(a), t0), Ok(()));
+        }
+        for _ in 0..5 {
+            assert_eq!(
+                admission.connect(Some(a), t0),
+                Err(Refusal::ConnectRate(4, 3))
+            );
+        }
+        // Another address, and connects of unknown origin, are not limited.
+        assert_eq!(admission.connect(Some(b), t0), Ok(()));
+        assert_eq!(admission.connect(None, t0), Ok(()));
+        // The same /64 is the same client.
+        let b2: IpAddr = "2001:db8:1:2:ffff::1".parse().unwrap();
+        assert_eq!(admission.connect(Some(b2), t0), Ok(()));
+        assert_eq!(admission.connect(Some(b2), t0), Ok(()));
+        assert!(admission.connect(Some(b), t0).is_err());
+        // One interval (250 ms) later: exactly one more, refusals or not.
+        let t1 = t0 + Duration::from_millis(250);
+        assert_eq!(admission.connect(Some(a), t1), Ok(()));
+        assert!(admission.connect(Some(a), t1).is_err());
+        // Idle for a burst's worth of intervals: a whole burst again, and
+        // the sweep has forgotten both addresses.
+        let t2 = t1 + Duration::from_secs(2);
+        assert_eq!(admission.connect(Some(a), t2), Ok(()));
+        let table = admission
+            .connect_rate
+            .as_ref()
+            .unwrap()
+            .table
+            .lock()
+            .unwrap();
+        assert_eq!(table.full_at.len(), 1, "only the address just seen");
+    }
+
+    /// Off (0), the limit refuses nothing; a burst of 0 is one connect.
+    #[test]
+    fn a_connect_rate_of_zero_is_off_and_a_burst_of_zero_is_one() {
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let now = Instant::now();
+        let off = Admission::new(100, PerAddress::default(), Arc::new(Metrics::new()));
+        assert!((0..1_000).all(|_| off.connect(Some(ip), now).is_ok()));
+        let one = Admission::new(
+            100,
+            PerAddress {
+                connects_per_second: 1,
+                connect_burst: 0,
+                ..PerAddress::default()
+            },
+            Arc::new(Metrics::new()),
+        );
+        assert_eq!(one.connect(Some(ip), now), Ok(()));
+        assert_eq!(one.connect(Some(ip), now), Err(Refusal::ConnectRate(1, 1)));
+    }
+
+    /// The table is bounded: past `MAX_TRACKED` addresses new ones are let
+    /// through without a state, the known ones stay limited, and once the
+    /// sweep frees room new addresses are counted again.
+    #[test]
+    fn the_connect_rate_table_is_bounded() {
+        let per_address = PerAddress {
+            connects_per_second: 1,
+            connect_burst: 1,
+            ..PerAddress::default()
+        };
+        let admission = Admission::new(100, per_address, Arc::new(Metrics::new()));
+        let ip = |n: u32| IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + n));
+        let t0 = Instant::now();
+        for n in 0..MAX_TRACKED as u32 {
+            assert_eq!(admission.connect(Some(ip(n)), t0), Ok(()));
+        }
+        let len = || {
+            admission
+                .connect_rate
+                .as_ref()
+                .unwrap()
+                .table
+                .lock()
+                .unwrap()
+                .full_at
+                .len()
+        };
+        assert_eq!(len(), MAX_TRACKED);
+        let new = ip(MAX_TRACKED as u32);
+        assert_eq!(admission.connect(Some(new), t0), Ok(()));
+        assert_eq!(
+            admission.connect(Some(new), t0),
+            Ok(()),
+            "not tracked: not limited"
+        );
+        assert_eq!(len(), MAX_TRACKED);
+        assert!(
+            admission.connect(Some(ip(7)), t0).is_err(),
+            "a known one still is"
+        );
+        // A second later every bucket is full again: the sweep empties the
+        // table, and the new address is counted.
+        let t1 = t0 + SWEEP_EVERY;
+        assert_eq!(admission.connect(Some(new), t1), Ok(()));
+        assert!(admission.connect(Some(new), t1).is_err());
+        assert_eq!(len(), 1);
+    }
+
     /// Places taken and given back from many threads at once leave the
     /// state the final count says.
     #[test]
     fn racing_places_settle_on_the_final_count() {
-        let admission = Admission::new(4, 0, 64, Arc::new(Metrics::new()));
+        let admission = Admission::new(4, PerAddress::default(), Arc::new(Metrics::new()));
         for _ in 0..50 {
             std::thread::scope(|s| {
                 for _ in 0..4 {

@@ -17,7 +17,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tracing::{debug, warn};
 
-use crate::admission::Refusal;
 use crate::auth::{self, TokenVerifier};
 use crate::config::Config;
 use crate::logging::Untrusted;
@@ -384,6 +383,11 @@ impl HttpState {
                 HeaderValue::from_static("Bearer realm=\"wshub\""),
             );
         }
+        if label == RefusalReason::ConnectRate.label() {
+            // Within one interval of the rate (at least 1 connect a second)
+            // the client has a connect again.
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         if status == StatusCode::METHOD_NOT_ALLOWED {
             headers.insert(header::ALLOW, HeaderValue::from_static("POST, PUT"));
         }
@@ -393,9 +397,10 @@ impl HttpState {
 
 /// `GET /__initializeWebSocket.wc?groupid=G&userid=U` with Upgrade.
 ///
-/// In order: a WebSocket upgrade (else 404, as Web Connection), the origin
-/// (403), the identity from the token in token mode (401) or the query,
-/// then the node's capacity (503 when full or draining, 429 per address).
+/// In order: a WebSocket upgrade (else 404, as Web Connection), the
+/// client address's connect rate (429), the origin (403), the identity
+/// from the token in token mode (401) or the query, then the node's
+/// capacity (503 when full or draining, 429 per address).
 async fn socket(http: HttpState, request: Request) -> Response {
     let peer = http.peer(&request);
     match accept(http.clone(), request).await {
@@ -415,6 +420,16 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
         )
             .into_response());
     };
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let ip = peer.map(|p| auth::client_ip(p, &parts.headers, &http.config.auth.trusted_proxies));
+    // First: a client connecting in a loop is refused before its token is
+    // checked or anything is subscribed or written for it.
+    if let Err(refusal) = http.node.connect_attempt(ip) {
+        return Err(Refused::Socket(refusal.reason(), refusal.to_string()));
+    }
     let origin = parts
         .headers
         .get(header::ORIGIN)
@@ -448,11 +463,6 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
             return Err(Refused::Socket(RefusalReason::BadRequest, text));
         }
     }
-    let peer = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
-    let ip = peer.map(|p| auth::client_ip(p, &parts.headers, &http.config.auth.trusted_proxies));
     // With history off the parameter is ignored (the node says Legacy).
     let mut resume = http.node.resume_request(resume_parameter(&pairs), &who);
     if http.tokens.is_none() && !user_id_given(&pairs) {
@@ -472,11 +482,8 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
         Err(e @ ConnectError::Draining) => {
             return Err(Refused::Socket(RefusalReason::Draining, e.to_string()));
         }
-        Err(e @ ConnectError::Refused(Refusal::AtCapacity(_))) => {
-            return Err(Refused::Socket(RefusalReason::Capacity, e.to_string()));
-        }
-        Err(e @ ConnectError::Refused(Refusal::TooManyFromIp(_))) => {
-            return Err(Refused::Socket(RefusalReason::PerIp, e.to_string()));
+        Err(ConnectError::Refused(refusal)) => {
+            return Err(Refused::Socket(refusal.reason(), refusal.to_string()));
         }
         Err(e @ ConnectError::UserLimit(_)) => {
             return Err(Refused::Socket(RefusalReason::PerUser, e.to_string()));

@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 use std::borrow::Cow;
 use std::net::IpAddr;
 
-use crate::admission::{Admission, Refusal, Slot};
+use crate::admission::{Admission, PerAddress, Refusal, Slot};
 use crate::backend::{ACTION_CONNECT, ACTION_DISCONNECT, Backend};
 use crate::bus::control::{ControlPlane, Local};
 use crate::bus::registry::{NodeEntry, Registry, Vitals};
@@ -298,8 +298,12 @@ impl Node {
         };
         let admission = Admission::new(
             capacity,
-            config.limits.max_connections_per_ip,
-            config.limits.ipv6_prefix_len,
+            PerAddress {
+                max_sockets: config.limits.max_connections_per_ip,
+                connects_per_second: config.limits.connects_per_second_per_ip,
+                connect_burst: config.limits.connect_burst_per_ip,
+                ipv6_prefix_len: config.limits.ipv6_prefix_len,
+            },
             metrics.clone(),
         );
         let registry = bus.registry(&config.presence);
@@ -682,6 +686,13 @@ impl Node {
             return Err(full);
         }
         self.bus.health().map_err(|e| e.to_string())
+    }
+
+    /// Counts an upgrade from client address `ip` against
+    /// `limits.connects_per_second_per_ip`; over it, the refusal. Asked
+    /// for every upgrade of the socket path, before the rest of its checks.
+    pub(crate) fn connect_attempt(&self, ip: Option<IpAddr>) -> Result<(), Refusal> {
+        self.admission.connect(ip, tokio::time::Instant::now())
     }
 
     /// Whether shutdown has begun.

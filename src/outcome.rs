@@ -187,6 +187,9 @@ pub enum RefusalReason {
     Capacity,
     /// The client address holds `limits.max_connections_per_ip` (429).
     PerIp,
+    /// The client address connects faster than
+    /// `limits.connects_per_second_per_ip` allows (429, `Retry-After`).
+    ConnectRate,
     /// Token mode, and the token is missing or invalid (401).
     Token,
     /// The `Origin` is not in `auth.allowed_origins` (403).
@@ -207,9 +210,10 @@ pub enum RefusalReason {
 
 impl RefusalReason {
     /// Every reason, for seeding metrics.
-    pub const ALL: [RefusalReason; 9] = [
+    pub const ALL: [RefusalReason; 10] = [
         Self::Capacity,
         Self::PerIp,
+        Self::ConnectRate,
         Self::Token,
         Self::Origin,
         Self::Draining,
@@ -224,6 +228,7 @@ impl RefusalReason {
         match self {
             Self::Capacity => "capacity",
             Self::PerIp => "per_ip",
+            Self::ConnectRate => "connect_rate",
             Self::Token => "token",
             Self::Origin => "origin",
             Self::Draining => "draining",
@@ -238,7 +243,7 @@ impl RefusalReason {
     pub fn status(self) -> u16 {
         match self {
             Self::Capacity | Self::Draining | Self::Bus => 503,
-            Self::PerIp | Self::PerUser => 429,
+            Self::PerIp | Self::ConnectRate | Self::PerUser => 429,
             Self::Token => 401,
             Self::Origin | Self::Banned => 403,
             Self::BadRequest => 400,

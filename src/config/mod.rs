@@ -634,6 +634,7 @@ impl Config {
             log_level: raw.log.level,
             limits: Limits {
                 message_burst: l.message_burst.max(1),
+                connect_burst_per_ip: l.connect_burst_per_ip.max(1),
                 ..l.clone()
             },
             ws: Ws {

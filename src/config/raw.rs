@@ -187,6 +187,11 @@ pub struct Limits {
     /// IPv6 clients are counted per network of this many bits (an IPv4
     /// client per address).
     pub ipv6_prefix_len: u8,
+    /// Sustained socket connects (upgrade requests) per second from one
+    /// client address, on this node (0: no limit).
+    pub connects_per_second_per_ip: u32,
+    /// Connects one client address may make at once above that rate.
+    pub connect_burst_per_ip: u32,
     /// Sustained messages per second a socket may send (0: no limit).
     pub messages_per_second: u32,
     /// Messages a socket may send at once above the sustained rate.
@@ -389,6 +394,8 @@ impl Default for Limits {
             max_connections: 0,
             max_connections_per_ip: 0,
             ipv6_prefix_len: 64,
+            connects_per_second_per_ip: 0,
+            connect_burst_per_ip: 20,
             messages_per_second: 50,
             message_burst: 100,
             rate_violations_before_close: 100,

@@ -649,6 +649,70 @@ async fn the_broadcast_endpoint_may_send_reserved_actions() {
     assert_eq!(a.recv().await["action"], "chat");
 }
 
+/// `limits.connects_per_second_per_ip`: an address past its burst is
+/// answered 429 with `Retry-After` and the reason, refused upgrades count
+/// towards it, other addresses are not touched, and the address connects
+/// again once an interval has passed.
+#[tokio::test]
+async fn connects_from_one_address_past_the_rate_answer_429_with_retry_after() {
+    let server = TestServer::with(config_with(&[
+        ("WSHUB_LIMITS__CONNECTS_PER_SECOND_PER_IP", "2"),
+        ("WSHUB_LIMITS__CONNECT_BURST_PER_IP", "3"),
+        ("WSHUB_AUTH__TRUSTED_PROXIES", "127.0.0.0/8"),
+    ]))
+    .await;
+    let from = |addr: &'static str| [("x-forwarded-for", addr)];
+    let http = reqwest::Client::new();
+    let attempt = |addr: &'static str| {
+        crate::common::upgrade_request(&http, server.url("/ws?userid=u"))
+            .header("x-forwarded-for", addr)
+            .send()
+    };
+    let mut open = Vec::new();
+    for i in 0..3 {
+        let socket = upgrade(&server, "/ws", &from("192.0.2.1")).await;
+        open.push(socket.unwrap_or_else(|e| panic!("connect {i}: {e:?}")));
+    }
+    let over = attempt("192.0.2.1").await.unwrap();
+    assert_eq!(over.status(), 429);
+    assert_eq!(over.headers()["retry-after"], "1");
+    let body = over.text().await.unwrap();
+    assert!(
+        body.contains(
+            "too many connects from this address (at most 2 a second, after a burst of 3)"
+        ),
+        "{body}"
+    );
+    // Refused upgrades count: three 400s (an id over limits.max_id_bytes)
+    // use up another address's burst.
+    let long = format!("/ws?userid={}", "x".repeat(300));
+    for _ in 0..3 {
+        assert_eq!(refused(&server, &long, &from("192.0.2.2")).await.0, 400);
+    }
+    assert_eq!(attempt("192.0.2.2").await.unwrap().status(), 429);
+    // Another address is not touched, and the open sockets still work.
+    open.push(
+        upgrade(&server, "/ws", &from("192.0.2.3"))
+            .await
+            .expect("another address"),
+    );
+    let (first, _) = &mut open[0];
+    let tag = first.send_sentinel().await;
+    assert_eq!(first.until_sentinel(&tag).await, Vec::<Value>::new());
+    assert_eq!(
+        server.metric("wshub_connections_refused_total{reason=\"connect_rate\"}"),
+        2.0
+    );
+    // An interval (500 ms) later the address connects once more.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    open.push(
+        upgrade(&server, "/ws", &from("192.0.2.1"))
+            .await
+            .expect("after the interval"),
+    );
+    assert_eq!(attempt("192.0.2.1").await.unwrap().status(), 429);
+}
+
 /// Issue 11, item 13: the per-address limit counts an IPv6 client by its
 /// /64 (one host usually holds a whole /64), and an IPv4-mapped IPv6
 /// address as the IPv4 address it is.
