@@ -1360,6 +1360,59 @@ async fn a_gap_bigger_than_a_catch_up_reads_is_reported() {
     );
 }
 
+/// At a jump the catch-up first scans down from the top for its bound
+/// (what was published before the copy that jumped), reading whole
+/// entries: the scan counts against the catch-up's 16 MiB too. One
+/// message lost (written to history, its `PUBLISH` refused by an ACL), then
+/// 20 of 1 MiB published before the catch-up may run: the scan passes
+/// 16 MiB before it gets down to the lost one, so the topic is a gap,
+/// reported, and the lost message is not delivered. (Uncounted, the scan
+/// read all 20 MiB in one script and the lost message was repaired.)
+#[tokio::test]
+async fn a_catch_ups_scan_for_its_bound_counts_what_it_reads() {
+    let redis = RedisServer::start();
+    let t = group("t");
+    let (proxy, publisher, mut receiver) =
+        publisher_and_gated_receiver(&redis, settings(), &t, "t1").await;
+    let offset = || cli(redis.port, &["HGET", "wshub:h:{g:t}:m", "o"]);
+    // The catch-up the jump starts waits until everything is published.
+    let catch_up = proxy.gate();
+    catch_up.arm_commands_on(b"h:{g:t}:m");
+    let acl = |rule: &str| cli(redis.port, &["ACL", "SETUSER", "default", rule]);
+    assert_eq!(acl("-publish"), "OK");
+    publisher.publish(std::slice::from_ref(&t), "lost");
+    eventually("the lost message written, its PUBLISH refused", || {
+        offset() == "2" && publisher.metric("wshub_bus_publish_failures_total") >= 1.0
+    })
+    .await;
+    assert_eq!(acl("+publish"), "OK");
+    let big = "x".repeat(1 << 20);
+    for i in 3..=22 {
+        publisher.publish(std::slice::from_ref(&t), &format!("t{i} {big}"));
+    }
+    publisher.publish(std::slice::from_ref(&t), "last");
+    catch_up.held().await;
+    eventually("everything published", || offset() == "23").await;
+    catch_up.release();
+    assert_eq!(receiver.next().await, Event::Gap(t.clone()));
+    let mut texts = Vec::new();
+    loop {
+        match receiver.next().await {
+            Event::Copy(_, text, _) if text == "last" => break,
+            Event::Copy(_, text, _) => texts.push(text.chars().take(8).collect::<String>()),
+            Event::Gap(topic) => panic!("a second gap in {topic:?} after {texts:?}"),
+        }
+    }
+    assert!(
+        !texts.iter().any(|t| t == "lost"),
+        "the lost message is past what the catch-up reads: {texts:?}"
+    );
+    assert_eq!(
+        receiver.metric("wshub_bus_gaps_total{kind=\"unrepairable\"}"),
+        1.0
+    );
+}
+
 /// A Redis restarted from its own persisted data (the topic's meta
 /// survives, offsets would be reused) has another run id: every topic
 /// starts a new epoch, a read from an old position is `Incomplete`, and a
