@@ -1413,6 +1413,46 @@ async fn a_catch_ups_scan_for_its_bound_counts_what_it_reads() {
     );
 }
 
+/// A batch whose `PUBLISH`es Redis refuses (here an ACL rule) is still
+/// recorded whole: the error goes back to the publisher, which counts it,
+/// and the receiver reads what it did not hear from history at the next
+/// copy. (With the script stopped at the first refusal, the messages after
+/// it in the batch were never recorded, and its resend was a no-op: they
+/// were lost with the topic's offsets contiguous, so no subscriber saw a
+/// gap.)
+#[tokio::test]
+async fn a_refused_publish_records_the_whole_batch() {
+    let redis = RedisServer::start();
+    let t = group("t");
+    let (_proxy, publisher, mut receiver) =
+        publisher_and_gated_receiver(&redis, settings(), &t, "t1").await;
+    let acl = |rule: &str| cli(redis.port, &["ACL", "SETUSER", "default", rule]);
+    assert_eq!(acl("-publish"), "OK");
+    // Queued before the publisher's task runs (this runtime has one
+    // thread): one batch.
+    for i in 2..=6 {
+        publisher.publish(std::slice::from_ref(&t), &format!("t{i}"));
+    }
+    eventually("the batch refused", || {
+        publisher.metric("wshub_bus_publish_failures_total") >= 1.0
+    })
+    .await;
+    assert_eq!(
+        cli(redis.port, &["HGET", "wshub:h:{g:t}:m", "o"]),
+        "6",
+        "every message of the batch recorded"
+    );
+    assert_eq!(acl("+publish"), "OK");
+    publisher.publish(std::slice::from_ref(&t), "t7");
+    let mut got = Vec::new();
+    for _ in 2..=7 {
+        got.push(receiver.next_copy().await.1);
+    }
+    assert_eq!(got, ["t2", "t3", "t4", "t5", "t6", "t7"]);
+    assert!(receiver.metric(REPAIRED) >= 1.0, "read from history");
+    assert_no_unrepairable_gap(&receiver);
+}
+
 /// A Redis restarted from its own persisted data (the topic's meta
 /// survives, offsets would be reused) has another run id: every topic
 /// starts a new epoch, a read from an old position is `Incomplete`, and a

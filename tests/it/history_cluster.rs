@@ -424,3 +424,43 @@ async fn on_a_cluster_only_adopted_topics_keep_their_meta_for_a_day() {
     assert!((1..=ttl).contains(&pttl("nobody")), "{}", pttl("nobody"));
     assert!(pttl("listened") > ttl, "{}", pttl("listened"));
 }
+
+/// On a cluster too, a batch whose `SPUBLISH`es the shard refuses (an ACL
+/// rule) is recorded whole, and the receiver reads what it did not hear
+/// from history at the next copy (`history_bus::a_refused_publish_records_
+/// the_whole_batch`).
+#[tokio::test]
+async fn on_a_cluster_a_refused_publish_records_the_whole_batch() {
+    let cluster = RedisCluster::start(3);
+    let urls = cluster.urls();
+    let publisher = Member::start_sharded(&urls, "pub", Some(settings()), 2000).await;
+    let mut receiver = Member::start_sharded(&urls, "rcv", Some(settings()), 2000).await;
+    let t = group("t");
+    receiver.subscribe(std::slice::from_ref(&t)).await;
+    publisher.publish(std::slice::from_ref(&t), "t1");
+    assert_eq!(receiver.next_copy().await.1, "t1");
+    let port = cluster.nodes[cluster.owner_of(&group_channel("t")).0].port;
+    let acl = |rule: &str| cli(port, &["ACL", "SETUSER", "default", rule]);
+    let offset = || {
+        let key = cli(port, &["--scan", "--pattern", "wshub:h:*:g:t:m"]);
+        cli(port, &["HGET", key.trim(), "o"])
+    };
+    assert_eq!(acl("-spublish"), "OK");
+    // Queued before the publisher's task runs (this runtime has one
+    // thread): one batch, one script for the topic.
+    for i in 2..=6 {
+        publisher.publish(std::slice::from_ref(&t), &format!("t{i}"));
+    }
+    eventually("the batch refused", || {
+        publisher.metric("wshub_bus_publish_failures_total") >= 1.0
+    })
+    .await;
+    assert_eq!(offset(), "6", "every message of the batch recorded");
+    assert_eq!(acl("+spublish"), "OK");
+    publisher.publish(std::slice::from_ref(&t), "t7");
+    let mut got = Vec::new();
+    for _ in 2..=7 {
+        got.push(receiver.next_copy().await.1);
+    }
+    assert_eq!(got, ["t2", "t3", "t4", "t5", "t6", "t7"]);
+}

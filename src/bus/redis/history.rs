@@ -181,6 +181,42 @@ end
     };
 }
 
+/// `heard(reply)`: whether a `PUBLISH` (or `SPUBLISH`) run with `pcall`
+/// reached a subscriber; a refused one (an ACL without the channel, say)
+/// reached none, and its error is kept. `published(sent)`: the script's
+/// answer, `sent`, or the first refusal as an error reply once the whole
+/// batch has run.
+///
+/// Why not `redis.call`: an error stops a script where it is, after the
+/// batch's high-water mark was raised and with the messages after the
+/// refused one never recorded. The publisher sends the batch again on an
+/// error reply, the mark makes that a no-op, and those messages were lost
+/// without a trace (offsets stay contiguous: no subscriber sees a gap).
+/// With `pcall` every message is recorded (and stamped), a subscriber finds
+/// the ones it did not hear at its next copy's jump and reads them from
+/// history, and the error still reaches the publisher, which counts and
+/// logs it (`wshub_bus_publish_failures_total`).
+macro_rules! heard_lua {
+    () => {
+        r#"
+local refused = nil
+local function heard(reply)
+  if type(reply) == 'table' and reply.err then
+    refused = refused or reply.err
+    return false
+  end
+  return reply > 0
+end
+local function published(sent)
+  if refused then
+    return redis.error_reply(refused)
+  end
+  return sent
+end
+"#
+    };
+}
+
 mod reply;
 mod sharded;
 
@@ -194,9 +230,12 @@ use reply::{bad, caught, contiguous, entries, number, read_reply, text};
 /// prefix (a JSON string without its closing quote), `[5]` the batch's
 /// highest number, `[6]` message count; then per message its number, header
 /// prefix, frame and topic count, and per topic its JSON key, channel and
-/// size. Returns how many messages ran (the others had run before).
+/// size. Returns how many messages ran (the others had run before), or,
+/// when a `PUBLISH` was refused, its error once every message has run
+/// ([`heard_lua`]).
 const PUBLISH_LUA: &str = concat!(
     epoch_lua!(),
+    heard_lua!(),
     r#"
 local run, ttl, mttl, idp = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local hw = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -233,7 +272,7 @@ for _ = 1, tonumber(ARGV[6]) do
       -- adopted: its meta is kept long. One nobody listens to (a client
       -- writing to ever new user ids) is kept as long as its history.
       local meta = KEYS[k + 2 * t]
-      if redis.call('PUBLISH', ARGV[a + 3 * t + 1], payload) > 0 and not adopted[t + 1] then
+      if heard(redis.pcall('PUBLISH', ARGV[a + 3 * t + 1], payload)) and not adopted[t + 1] then
         redis.call('HSET', meta, 'a', '1')
         adopted[t + 1] = true
       end
@@ -248,7 +287,7 @@ for _ = 1, tonumber(ARGV[6]) do
   k = k + 2 * nt
   a = a + 3 * nt
 end
-return sent
+return published(sent)
 "#
 );
 

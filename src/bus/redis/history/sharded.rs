@@ -55,10 +55,13 @@ use redis::cluster_routing::SingleNodeRoutingInfo;
 /// closing quote), `[5]` unused (was the mark's field), `[6]` the highest
 /// number among these messages, `[7]` the channel, `[8]` the topic's JSON
 /// key, `[9]` the stream's size, `[10]` message count; then per message its
-/// number, `seq`, header prefix and frame. Returns how many ran.
+/// number, `seq`, header prefix and frame. Returns how many ran, or a
+/// refused `SPUBLISH`'s error once all have run (`heard_lua` in
+/// `history.rs`).
 pub(super) const PUBLISH_TOPIC_LUA: &str = concat!(
     run_lua!(),
     epoch_lua!(),
+    heard_lua!(),
     r#"
 local run, ttl, mttl, idp = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local meta, stream, mark = KEYS[1], KEYS[2], KEYS[3]
@@ -80,7 +83,7 @@ for _ = 1, tonumber(ARGV[10]) do
       .. ',"p":{' .. jkey .. ':"' .. e .. ':' .. o .. '"}}\n' .. frame
     redis.pcall('XADD', stream, 'MAXLEN', '~', size, o .. '-1', 'd', payload, 's', seq)
     -- Adopted by a subscriber, as on one Redis (`history.rs`).
-    if redis.call('SPUBLISH', channel, payload) > 0 and not adopted then
+    if heard(redis.pcall('SPUBLISH', channel, payload)) and not adopted then
       redis.call('HSET', meta, 'a', '1')
       adopted = '1'
     end
@@ -95,7 +98,7 @@ end
 if sent > 0 then
   redis.call('PEXPIRE', stream, ttl)
 end
-return sent
+return published(sent)
 "#
 );
 
