@@ -253,6 +253,8 @@ pub struct RedisConfig {
     /// Sentinel addresses (`host:port`); empty: no Sentinel.
     pub sentinels: Vec<String>,
     pub sentinel_master: String,
+    /// TLS to the sentinels and the primary they name (with `tls`).
+    pub sentinel_tls: bool,
 }
 
 impl RedisConfig {
@@ -735,6 +737,7 @@ impl Config {
             tls: trust::redis_tls(raw)?,
             sentinels: trust::sentinels(raw)?,
             sentinel_master: raw.sentinel_master.trim().to_owned(),
+            sentinel_tls: raw.sentinel_tls,
         };
         let urls = config.urls();
         if config.sentinels.is_empty() && !config.sharded && urls.len() != 1 {

@@ -125,6 +125,9 @@ pub struct RawRedis {
     pub sentinels: Vec<String>,
     /// The master name the sentinels monitor.
     pub sentinel_master: String,
+    /// TLS to the sentinels and to the servers they name, with the
+    /// `tls_*` keys above.
+    pub sentinel_tls: bool,
 }
 
 impl Default for RawRedis {
@@ -149,6 +152,7 @@ impl Default for RawRedis {
             tls_insecure_skip_verify: false,
             sentinels: Vec::new(),
             sentinel_master: String::new(),
+            sentinel_tls: false,
         }
     }
 }

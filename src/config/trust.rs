@@ -75,6 +75,7 @@ impl fmt::Debug for RedisConfig {
             .field("tls", &self.tls)
             .field("sentinels", &self.sentinels)
             .field("sentinel_master", &self.sentinel_master)
+            .field("sentinel_tls", &self.sentinel_tls)
             .finish()
     }
 }
@@ -164,6 +165,12 @@ pub(super) fn sentinels(raw: &RawRedis) -> Result<Vec<String>, ConfigError> {
         .filter(|s| !s.is_empty())
         .collect();
     if sentinels.is_empty() {
+        if raw.sentinel_tls {
+            return Err(invalid(
+                "redis.sentinel_tls",
+                "needs redis.sentinels (with redis.url, TLS is its rediss:// scheme)",
+            ));
+        }
         return Ok(sentinels);
     }
     if raw.sentinel_master.trim().is_empty() {
@@ -183,11 +190,13 @@ pub(super) fn sentinels(raw: &RawRedis) -> Result<Vec<String>, ConfigError> {
         &raw.tls_client_cert_file,
         &raw.tls_client_key_file,
     ];
-    if tls.iter().any(|f| !f.trim().is_empty()) || raw.tls_insecure_skip_verify {
+    if (tls.iter().any(|f| !f.trim().is_empty()) || raw.tls_insecure_skip_verify)
+        && !raw.sentinel_tls
+    {
         return Err(invalid(
-            "redis.sentinels",
-            "cannot be combined with redis.tls_* keys: TLS to a Sentinel-managed primary \
-             is not supported in this version",
+            "redis.sentinel_tls",
+            "must be true when a redis.tls_* key is set with redis.sentinels \
+             (TLS to the sentinels and the primary)",
         ));
     }
     for s in &sentinels {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::common::redis_tls::{MASTER, SentinelSetup};
+use crate::common::redis_tls::{MASTER, Pki, SentinelSetup};
 use crate::common::{Client, PATIENCE, TestServer};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -24,10 +24,21 @@ const FOLLOW_FAILOVER: Duration = Duration::from_secs(10);
 const FOLLOW_KILL: Duration = Duration::from_secs(30);
 
 async fn node(setup: &SentinelSetup) -> TestServer {
-    let env = [
+    node_with(setup, &[]).await
+}
+
+/// A node on `setup`'s sentinels with these `WSHUB_REDIS__*` settings too.
+async fn node_with(setup: &SentinelSetup, settings: &[(&str, &str)]) -> TestServer {
+    let mut env = vec![
         ("WSHUB_REDIS__SENTINELS".to_owned(), setup.addrs().join(",")),
         ("WSHUB_REDIS__SENTINEL_MASTER".to_owned(), MASTER.to_owned()),
     ];
+    env.extend(settings.iter().map(|(k, v)| {
+        (
+            format!("WSHUB_REDIS__{}", k.to_ascii_uppercase()),
+            v.to_string(),
+        )
+    }));
     let mut config = crate::common::test_config();
     config.redis = Config::load_from(None, env).expect("sentinel config").redis;
     let server = TestServer::with(config).await;
@@ -116,15 +127,58 @@ async fn check_received(rx: &mut Client, tx: &mut Client, after: usize, sent: us
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_nodes_follow_a_sentinel_failover_during_a_stream() {
-    let setup = Arc::new(
-        tokio::task::spawn_blocking(SentinelSetup::start)
-            .await
-            .unwrap(),
-    );
-    let old = setup.primary.port;
+    let setup = tokio::task::spawn_blocking(SentinelSetup::start)
+        .await
+        .unwrap();
+    follow_a_failover_during_a_stream(Arc::new(setup), &[]).await;
+}
+
+/// The same with `redis.sentinel_tls`: sentinels, primary and replica
+/// speak TLS only on the ports the sentinels name (a private CA, given as
+/// `redis.tls_ca_file`); the nodes find the primary, carry a stream, and
+/// follow a failover. A node that does not trust the CA stays unready,
+/// saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_both_nodes_find_the_primary_and_follow_a_failover() {
+    let pki = Arc::new(Pki::make());
+    let for_setup = pki.clone();
+    let setup = tokio::task::spawn_blocking(move || SentinelSetup::start_tls(&for_setup))
+        .await
+        .unwrap();
+    assert_ne!(setup.named[0], setup.primary.port, "named by its TLS port");
+    let untrusted = TestServer::with({
+        let mut c = crate::common::test_config();
+        let ca = pki.path("other-ca.crt");
+        let env = [
+            ("WSHUB_REDIS__SENTINELS", setup.addrs().join(",")),
+            ("WSHUB_REDIS__SENTINEL_MASTER", MASTER.to_owned()),
+            ("WSHUB_REDIS__SENTINEL_TLS", "true".to_owned()),
+            ("WSHUB_REDIS__TLS_CA_FILE", ca),
+        ];
+        c.redis = Config::load_from(None, env.map(|(k, v)| (k.to_owned(), v)))
+            .expect("sentinel config")
+            .redis;
+        c
+    })
+    .await;
+    let ca = pki.path("ca.crt");
+    let settings = [("sentinel_tls", "true"), ("tls_ca_file", ca.as_str())];
+    follow_a_failover_during_a_stream(Arc::new(setup), &settings).await;
+    let why = untrusted
+        .node
+        .readiness()
+        .expect_err("a CA it does not trust");
+    assert!(why.to_lowercase().contains("certificate"), "{why}");
+}
+
+/// Two nodes on `setup` (with `settings`), a stream from one to a socket
+/// on the other, a `SENTINEL FAILOVER` in the middle of it: both nodes
+/// follow, and nothing sent once both are ready again is lost.
+async fn follow_a_failover_during_a_stream(setup: Arc<SentinelSetup>, settings: &[(&str, &str)]) {
+    let old = setup.named[0];
     assert_eq!(setup.primary_port(), Some(old));
-    let n0 = node(&setup).await;
-    let n1 = node(&setup).await;
+    let n0 = node_with(&setup, settings).await;
+    let n1 = node_with(&setup, settings).await;
     let mut rx = n1.connect("rx", Some("g")).await;
     let mut tx = n0.connect("tx", None).await;
 
@@ -150,7 +204,7 @@ async fn both_nodes_follow_a_sentinel_failover_during_a_stream() {
     .await;
     stop.cancel();
     let new = tokio::task::block_in_place(|| setup.primary_port());
-    assert_eq!(new, Some(setup.replica.port), "the replica was promoted");
+    assert_eq!(new, Some(setup.named[1]), "the replica was promoted");
     let lost = check_received(&mut rx, &mut tx, after, sent).await;
     eprintln!("SENTINEL FAILOVER: {sent} sent, {lost} lost in the window");
 }
@@ -186,7 +240,7 @@ async fn both_nodes_follow_when_the_primary_is_killed() {
         assert_eq!(node.get("/readyz").await.status(), 200);
     }
     let new = tokio::task::block_in_place(|| setup.primary_port());
-    assert_eq!(new, Some(setup.replica.port), "the replica was promoted");
+    assert_eq!(new, Some(setup.named[1]), "the replica was promoted");
     let lost = check_received(&mut rx, &mut tx, after, sent).await;
     eprintln!("SIGKILL: {sent} sent, {lost} lost in the window");
 }
@@ -209,5 +263,7 @@ async fn sentinel_keys_are_validated() {
         ("sentinel_master", "m"),
         ("tls_insecure_skip_verify", "true"),
     ]);
-    assert!(msg.contains("not supported"), "{msg}");
+    assert!(msg.contains("`redis.sentinel_tls` must be true"), "{msg}");
+    let msg = err(&[("url", "redis://127.0.0.1:1"), ("sentinel_tls", "true")]);
+    assert!(msg.contains("needs redis.sentinels"), "{msg}");
 }

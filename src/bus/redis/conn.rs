@@ -90,7 +90,7 @@ impl Link {
                 single.client.clone()
             }),
             Link::Sentinel(sentinels) => {
-                let info = sentinels.primary(config).await?;
+                let info = sentinels.primary().await?;
                 let protocol = if resp3 {
                     redis::ProtocolVersion::RESP3
                 } else {
@@ -114,16 +114,12 @@ impl Link {
 /// both servers accept PUBLISH, and nodes on different ones would not hear
 /// each other. Asked at every probe, this bounds that split to about
 /// `redis.probe_interval_ms`.
-pub(super) async fn primary_moved(
-    link: &Link,
-    config: &RedisConfig,
-    current: &redis::ConnectionAddr,
-) -> bool {
+pub(super) async fn primary_moved(link: &Link, current: &redis::ConnectionAddr) -> bool {
     let Link::Sentinel(sentinels) = link else {
         return false;
     };
     sentinels
-        .primary(config)
+        .primary()
         .await
         .is_ok_and(|primary| primary.addr() != current)
 }

@@ -601,12 +601,10 @@ impl Subscriber {
             return Err("the sentinels name another primary".into());
         }
         if let Some(current) = live.sentinel_server.clone() {
-            let (shared, link, moved) = (shared.clone(), self.link.clone(), live.moved.clone());
+            let (link, moved) = (self.link.clone(), live.moved.clone());
             let limit = config.command_timeout;
             self.tasks.spawn(async move {
-                if let Ok(true) =
-                    timeout(limit, conn::primary_moved(&link, &shared.config, &current)).await
-                {
+                if let Ok(true) = timeout(limit, conn::primary_moved(&link, &current)).await {
                     moved.store(true, Ordering::Release);
                 }
             });

@@ -98,38 +98,72 @@ pub(super) fn cluster_builder(
 /// node. redis-rs keeps a connection to each sentinel it asked, so the
 /// lookups at every probe (see `conn::primary_moved`) reuse them; a tokio
 /// mutex, since a lookup awaits, and lookups are rare and short.
+///
+/// With `redis.sentinel_tls` the sentinels and the servers they name are
+/// reached over TLS, with the same certificates as a `rediss://` URL (the
+/// CA, the client certificate, or none checked with
+/// `redis.tls_insecure_skip_verify`); the credentials are the primary's
+/// only (sentinels are asked without them, as Sentinel's own `requirepass`
+/// is rare and separate).
 #[derive(Clone)]
-pub(super) struct Sentinels(std::sync::Arc<tokio::sync::Mutex<redis::sentinel::Sentinel>>);
+pub(super) struct Sentinels(std::sync::Arc<tokio::sync::Mutex<redis::sentinel::SentinelClient>>);
 
 impl Sentinels {
     pub(super) fn new(config: &RedisConfig) -> redis::RedisResult<Self> {
-        let sentinels = config
+        use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
+        let tls = config.sentinel_tls;
+        let addrs = config
             .sentinels
             .iter()
-            .map(|s| format!("redis://{s}").into_connection_info())
+            .map(|s| {
+                let addr = format!("redis://{s}")
+                    .into_connection_info()?
+                    .addr()
+                    .clone();
+                Ok(match addr {
+                    ConnectionAddr::Tcp(host, port) if tls => ConnectionAddr::TcpTls {
+                        host,
+                        port,
+                        insecure: config.tls.insecure_skip_verify,
+                        tls_params: None,
+                    },
+                    addr => addr,
+                })
+            })
             .collect::<redis::RedisResult<Vec<_>>>()?;
-        let sentinel = redis::sentinel::Sentinel::build(sentinels)?;
-        Ok(Self(std::sync::Arc::new(tokio::sync::Mutex::new(sentinel))))
+        let mut builder =
+            SentinelClientBuilder::new(addrs, &config.sentinel_master, SentinelServerType::Master)?;
+        if let Some(user) = &config.auth.username {
+            builder = builder.set_client_to_redis_username(user);
+        }
+        if let Some(password) = &config.auth.password {
+            builder = builder.set_client_to_redis_password(password.expose());
+        }
+        if tls {
+            let mode = if config.tls.insecure_skip_verify {
+                redis::TlsMode::Insecure
+            } else {
+                redis::TlsMode::Secure
+            };
+            builder = builder
+                .set_client_to_redis_tls_mode(mode)
+                .set_client_to_sentinel_tls_mode(mode);
+            if let Some(certs) = certificates(config) {
+                builder = builder
+                    .set_client_to_redis_certificates(certs.clone())
+                    .set_client_to_sentinel_certificates(certs);
+            }
+        }
+        Ok(Self(std::sync::Arc::new(tokio::sync::Mutex::new(
+            builder.build()?,
+        ))))
     }
 
     /// The current primary as the sentinels name it, checked to answer
-    /// `ROLE` as a master (with the configured credentials).
-    pub(super) async fn primary(&self, config: &RedisConfig) -> redis::RedisResult<ConnectionInfo> {
-        let mut settings = redis::RedisConnectionInfo::default();
-        if let Some(user) = &config.auth.username {
-            settings = settings.set_username(user);
-        }
-        if let Some(password) = &config.auth.password {
-            settings = settings.set_password(password.expose());
-        }
-        let node = redis::sentinel::SentinelNodeConnectionInfo::default()
-            .set_redis_connection_info(settings);
-        let primary = self
-            .0
-            .lock()
-            .await
-            .async_master_for(&config.sentinel_master, Some(&node))
-            .await?;
+    /// `ROLE` as a master (with the configured credentials, over TLS with
+    /// `redis.sentinel_tls`).
+    pub(super) async fn primary(&self) -> redis::RedisResult<ConnectionInfo> {
+        let primary = self.0.lock().await.async_get_client().await?;
         Ok(primary.get_connection_info().clone())
     }
 }

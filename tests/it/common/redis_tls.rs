@@ -241,11 +241,16 @@ pub fn redis_with_user(user: &str, password: &str) -> RedisServer {
 }
 
 /// A primary, a replica and three sentinels monitoring them as
-/// `mymaster`, on free ports.
+/// `mymaster`, on free ports; over TLS with [`start_tls`](Self::start_tls).
 pub struct SentinelSetup {
     pub primary: RedisServer,
     pub replica: RedisServer,
     pub sentinels: Vec<(u16, GroupChild)>,
+    /// The ports the sentinels name the primary and the replica by (their
+    /// TLS ports over TLS).
+    pub named: [u16; 2],
+    /// The CA file, over TLS (for redis-cli).
+    ca: Option<String>,
     dir: PathBuf,
 }
 
@@ -253,24 +258,76 @@ pub const MASTER: &str = "mymaster";
 
 impl SentinelSetup {
     pub fn start() -> Self {
-        let primary = RedisServer::start();
-        let replica =
-            RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+        Self::launch(None)
+    }
+
+    /// Everything over TLS, with `pki`'s server certificate and CA: the
+    /// primary and the replica (replicating over TLS) each keep a plain
+    /// port for the harness's own checks, but the sentinels monitor, name
+    /// and are reached on TLS ports only.
+    pub fn start_tls(pki: &Pki) -> Self {
+        Self::launch(Some(pki))
+    }
+
+    fn launch(pki: Option<&Pki>) -> Self {
+        let tls_args = |port: u16| -> Vec<String> {
+            let Some(pki) = pki else { return Vec::new() };
+            [
+                "--tls-port",
+                &port.to_string(),
+                "--tls-cert-file",
+                &pki.path("server.crt"),
+                "--tls-key-file",
+                &pki.path("server.key"),
+                "--tls-ca-cert-file",
+                &pki.path("ca.crt"),
+                "--tls-auth-clients",
+                "no",
+                "--tls-replication",
+                "yes",
+            ]
+            .map(str::to_owned)
+            .to_vec()
+        };
+        let server = |extra: Vec<String>| {
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            RedisServer::start_with(&extra)
+        };
+        let tls_ports = pki.map(|_| [free_port(), free_port()]);
+        let primary = server(tls_args(tls_ports.map_or(0, |p| p[0])));
+        let named_primary = tls_ports.map_or(primary.port, |p| p[0]);
+        let mut replica_args = vec![
+            "--replicaof".to_owned(),
+            "127.0.0.1".to_owned(),
+            named_primary.to_string(),
+        ];
+        replica_args.extend(tls_args(tls_ports.map_or(0, |p| p[1])));
+        let replica = server(replica_args);
+        let named = [named_primary, tls_ports.map_or(replica.port, |p| p[1])];
         let dir = scratch("sentinel");
         let sentinels = (0..3)
             .map(|i| {
                 let port = free_port();
                 let conf = dir.join(format!("sentinel-{i}.conf"));
+                let listen = match pki {
+                    None => format!("port {port}\n"),
+                    Some(pki) => format!(
+                        "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\n\
+                         tls-ca-cert-file {}\ntls-auth-clients no\ntls-replication yes\n",
+                        pki.path("server.crt"),
+                        pki.path("server.key"),
+                        pki.path("ca.crt"),
+                    ),
+                };
                 // Sentinel rewrites its configuration file: one each.
                 std::fs::write(
                     &conf,
                     format!(
-                        "port {port}\nbind 127.0.0.1\ndir {}\n\
-                         sentinel monitor {MASTER} 127.0.0.1 {} 2\n\
+                        "{listen}bind 127.0.0.1\ndir {}\n\
+                         sentinel monitor {MASTER} 127.0.0.1 {named_primary} 2\n\
                          sentinel down-after-milliseconds {MASTER} 1000\n\
                          sentinel failover-timeout {MASTER} 5000\n",
                         dir.display(),
-                        primary.port
                     ),
                 )
                 .unwrap();
@@ -292,6 +349,8 @@ impl SentinelSetup {
             primary,
             replica,
             sentinels,
+            named,
+            ca: pki.map(|p| p.path("ca.crt")),
             dir,
         };
         setup.wait_until_settled();
@@ -306,12 +365,22 @@ impl SentinelSetup {
             .collect()
     }
 
+    /// redis-cli against sentinel `i`, over TLS when the setup is.
+    fn sentinel_cli(&self, i: usize, args: &[&str]) -> String {
+        let port = self.sentinels[i].0;
+        match &self.ca {
+            None => cli(port, args),
+            Some(ca) => {
+                let mut all = vec!["--tls", "--cacert", ca];
+                all.extend(args);
+                cli(port, &all)
+            }
+        }
+    }
+
     /// The primary's port as the first sentinel names it.
     pub fn primary_port(&self) -> Option<u16> {
-        let out = cli(
-            self.sentinels[0].0,
-            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER],
-        );
+        let out = self.sentinel_cli(0, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER]);
         out.lines().nth(1).and_then(|p| p.trim().parse().ok())
     }
 
@@ -319,15 +388,15 @@ impl SentinelSetup {
     /// other sentinels, so that a failover can happen.
     pub fn wait_until_settled(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        for (port, _) in &self.sentinels {
+        for (i, (port, _)) in self.sentinels.iter().enumerate() {
             loop {
-                let master = cli(*port, &["SENTINEL", "MASTER", MASTER]);
+                let master = self.sentinel_cli(i, &["SENTINEL", "MASTER", MASTER]);
                 let field = |name: &str| {
                     let mut lines = master.lines();
                     lines.find(|l| l.trim() == name)?;
                     lines.next().map(|v| v.trim().to_owned())
                 };
-                let replicas = cli(*port, &["SENTINEL", "REPLICAS", MASTER]);
+                let replicas = self.sentinel_cli(i, &["SENTINEL", "REPLICAS", MASTER]);
                 if field("num-slaves").as_deref() == Some("1")
                     && field("num-other-sentinels").as_deref() == Some("2")
                     && replicas.contains("master-link-status\nok")
@@ -347,7 +416,7 @@ impl SentinelSetup {
     pub fn failover(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let reply = cli(self.sentinels[0].0, &["SENTINEL", "FAILOVER", MASTER]);
+            let reply = self.sentinel_cli(0, &["SENTINEL", "FAILOVER", MASTER]);
             if reply == "OK" {
                 return;
             }
