@@ -262,8 +262,9 @@ impl Drop for Slot {
     }
 }
 
-/// Addresses the connect rate keeps a state for at most: about 48 bytes
-/// each, 3 MiB in all. A burst of new addresses beyond it is let through
+/// Addresses the connect rate keeps a state for at most: 40 bytes each in
+/// a table of twice as many slots, about 5 MiB in all (given back once
+/// they fall idle). A burst of new addresses beyond it is let through
 /// unlimited (and logged) until the next sweep frees room: the limit is one
 /// address's, and one client holding this many addresses is past what a
 /// per-address limit can stop; refusing new addresses instead would turn
@@ -330,6 +331,11 @@ impl ConnectRate {
             .is_none_or(|swept| now.saturating_duration_since(swept) >= SWEEP_EVERY)
         {
             table.full_at.retain(|_, full_at| *full_at > now);
+            if table.full_at.capacity() > 4 * table.full_at.len().max(1024) {
+                // Give back what a burst of addresses grew.
+                let keep = 2 * table.full_at.len();
+                table.full_at.shrink_to(keep);
+            }
             table.swept = Some(now);
             if table.full_at.len() < MAX_TRACKED {
                 table.overflow_logged = false;
@@ -633,6 +639,9 @@ mod tests {
         assert_eq!(admission.connect(Some(new), t1), Ok(()));
         assert!(admission.connect(Some(new), t1).is_err());
         assert_eq!(len(), 1);
+        let rate = admission.connect_rate.as_ref().unwrap();
+        let capacity = rate.table.lock().unwrap().full_at.capacity();
+        assert!(capacity < 1024, "the burst's table given back: {capacity}");
     }
 
     /// Places taken and given back from many threads at once leave the

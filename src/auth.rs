@@ -327,7 +327,11 @@ pub(crate) fn peer_trusted(peer: SocketAddr, trusted: &[ipnet::IpNet]) -> bool {
 }
 
 /// The client's address: the peer, or, when the peer is a trusted proxy,
-/// the last address it appended to `X-Forwarded-For`.
+/// the last address it appended to `X-Forwarded-For` (with or without a
+/// port: some proxies, Azure Application Gateway among them, write
+/// `203.0.113.7:5123` or `[2001:db8::1]:443`). A last entry that is no
+/// address leaves the proxy's own, logged once: every client behind it
+/// then shares the per-address limits.
 pub(crate) fn client_ip(
     peer: SocketAddr,
     headers: &HeaderMap,
@@ -340,15 +344,42 @@ pub(crate) fn client_ip(
     // Only the last entry was written by the trusted proxy; earlier ones
     // come from the client. If the last one is unreadable, do not fall back
     // to an earlier (forgeable) one.
-    headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .next_back()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit(',').next())
-        .and_then(|s| s.trim().parse::<IpAddr>().ok())
-        .map(|a| a.to_canonical())
-        .unwrap_or(ip)
+    let Some(last) = headers.get_all("x-forwarded-for").iter().next_back() else {
+        return ip;
+    };
+    let entry = last.to_str().ok().and_then(|v| v.rsplit(',').next());
+    match entry.and_then(|e| forwarded_address(e.trim())) {
+        Some(client) => client.to_canonical(),
+        None => {
+            static WARNED: std::sync::atomic::AtomicBool =
+                std::sync::atomic::AtomicBool::new(false);
+            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    proxy = %ip,
+                    entry = %crate::logging::Untrusted(entry.unwrap_or("(not text)")),
+                    "a trusted proxy's last X-Forwarded-For entry is no address: its clients \
+                     count as the proxy's address for the per-address limits (logged once)"
+                );
+            }
+            ip
+        }
+    }
+}
+
+/// An `X-Forwarded-For` entry: an address, or an address and port
+/// (`1.2.3.4:5`, `[v6]:5`), or a bracketed IPv6 address.
+fn forwarded_address(entry: &str) -> Option<IpAddr> {
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        .or_else(|| {
+            entry
+                .strip_prefix('[')
+                .and_then(|e| e.strip_suffix(']'))
+                .and_then(|e| e.parse::<std::net::Ipv6Addr>().ok())
+                .map(IpAddr::V6)
+        })
 }
 
 #[cfg(test)]
@@ -442,6 +473,22 @@ mod tests {
             client_ip(proxy, &HeaderMap::new(), &trusted),
             "10.0.0.2".parse::<IpAddr>().unwrap()
         );
+        // With a port, bracketed, mapped: the address.
+        for (entry, want) in [
+            ("203.0.113.7:5123", "203.0.113.7"),
+            ("[2001:db8::1]:443", "2001:db8::1"),
+            ("[2001:db8::1]", "2001:db8::1"),
+            ("::ffff:192.0.2.9", "192.0.2.9"),
+            ("[::ffff:192.0.2.9]:80", "192.0.2.9"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("x-forwarded-for", HeaderValue::from_str(entry).unwrap());
+            assert_eq!(
+                client_ip(proxy, &h, &trusted),
+                want.parse::<IpAddr>().unwrap(),
+                "{entry}"
+            );
+        }
         // A forged earlier entry never wins over an unreadable last one.
         let mut h = HeaderMap::new();
         h.insert(

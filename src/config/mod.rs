@@ -531,6 +531,12 @@ impl Config {
                 ),
             ));
         }
+        if l.connects_per_second_per_ip > 1_000_000 {
+            return Err(invalid(
+                "limits.connects_per_second_per_ip",
+                "must be at most 1000000 (0: no limit)",
+            ));
+        }
         if !(1..=128).contains(&l.ipv6_prefix_len) {
             return Err(invalid(
                 "limits.ipv6_prefix_len",

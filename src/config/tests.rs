@@ -107,6 +107,11 @@ fn errors_name_the_key() {
             "`limits.outbound_queue_bytes` must be at least",
         ),
         (
+            // Above it one connect's interval rounds to 0 ns: no limit.
+            &[("WSHUB_LIMITS__CONNECTS_PER_SECOND_PER_IP", "1000001")],
+            "`limits.connects_per_second_per_ip` must be at most 1000000",
+        ),
+        (
             // Issue 11, item 10: one maximal message goes out larger than it
             // came in, and the queue counts per-frame overhead too.
             &[

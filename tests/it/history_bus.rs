@@ -1453,6 +1453,42 @@ async fn a_refused_publish_records_the_whole_batch() {
     assert_no_unrepairable_gap(&receiver);
 }
 
+/// While Redis keeps refusing the PUBLISHes, the publisher backs off as for
+/// any refusal: the resend of a refused batch runs nothing (the script
+/// recorded it whole), which says nothing of whether Redis accepts again.
+/// (Taken for an acceptance, it reset the pause after every batch: a
+/// refusal, a warning and an "accepts again" line per batch.) Once Redis
+/// accepts, every message arrives, in order.
+#[tokio::test]
+async fn refused_publishes_back_off_and_arrive_once_accepted() {
+    let redis = RedisServer::start();
+    let t = group("t");
+    let (_proxy, publisher, mut receiver) =
+        publisher_and_gated_receiver(&redis, settings(), &t, "t1").await;
+    let acl = |rule: &str| cli(redis.port, &["ACL", "SETUSER", "default", rule]);
+    assert_eq!(acl("-publish"), "OK");
+    // One message every 20 ms for 1.5 s while Redis refuses.
+    for i in 2..=76 {
+        publisher.publish(std::slice::from_ref(&t), &format!("t{i}"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = publisher.metric("wshub_bus_publish_failures_total");
+    // 50, 100, 200, 200 ... ms (redis.reconnect_max_ms is 200 here).
+    assert!(
+        (1.0..=12.0).contains(&refused),
+        "refusals back off: {refused}"
+    );
+    assert_eq!(acl("+publish"), "OK");
+    publisher.publish(std::slice::from_ref(&t), "t77");
+    let mut got = Vec::new();
+    for _ in 2..=77 {
+        got.push(receiver.next_copy().await.1);
+    }
+    let want: Vec<String> = (2..=77).map(|i| format!("t{i}")).collect();
+    assert_send_order(&got, &want);
+    assert_no_unrepairable_gap(&receiver);
+}
+
 /// A Redis restarted from its own persisted data (the topic's meta
 /// survives, offsets would be reused) has another run id: every topic
 /// starts a new epoch, a read from an old position is `Incomplete`, and a

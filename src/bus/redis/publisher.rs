@@ -317,6 +317,7 @@ impl Publisher {
         let Some((active, _, Some(prepared))) = self.conn.as_mut() else {
             return;
         };
+        let resent = self.resend.is_some();
         let mut batch = match self.resend.take() {
             Some(batch) => batch,
             None => {
@@ -373,11 +374,20 @@ impl Publisher {
         .await;
         shared.metrics.history_publish(started.elapsed());
         let error = match sent {
+            // A resend that ran nothing had run whole before: after a
+            // refused PUBLISH (the script records the whole batch, then
+            // answers the refusal) it says nothing of whether Redis now
+            // accepts; the next batch will. Taken for an acceptance, it
+            // logged "accepts again" and reset the pause after every
+            // refused batch.
+            Ok(Ok(0)) if resent && self.refused.is_some() => return,
             Ok(Ok(_)) => return self.accepted(),
             Ok(Err(e)) if is_refusal(&e) => {
                 // Answered: the connection is fine. The script raises the
-                // high-water mark first, so a batch it refused part-way is
-                // skipped where it ran when it comes again.
+                // high-water mark first, so what it ran is skipped when the
+                // batch comes again (an OOM refuses its first write, before
+                // anything ran; a refused PUBLISH comes after the whole
+                // batch was recorded).
                 self.resend = Some(batch);
                 return self.refused_by_redis(e.to_string());
             }
