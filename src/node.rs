@@ -37,7 +37,7 @@ use crate::outcome::CloseReason;
 use crate::outcome::DropReason;
 use crate::presence::{ACTION_PRESENCE, AdmitError, Announce, Presence};
 use crate::rate_limit::{RateLimit, Verdict};
-use crate::resume::{Report, Request, Resumer};
+use crate::resume::{Bounds, Report, Request, Resumer};
 use crate::route::{Identity, Relay, Route, Topic};
 use crate::shutdown::Shutdown;
 
@@ -259,7 +259,11 @@ impl Node {
                     .map_or(Duration::from_secs(2), |r| r.command_timeout);
                 Some(Arc::new(Resumer::new(
                     history,
-                    (settings.max_replay, settings.max_replay_bytes),
+                    Bounds {
+                        max_replay: settings.max_replay,
+                        max_replay_bytes: settings.max_replay_bytes,
+                        replay_budget_bytes: settings.replay_budget_bytes,
+                    },
                     settings.drain_handoff,
                     limit,
                     config.node_id.as_str().into(),

@@ -44,7 +44,7 @@ use crate::route::{Identity, Topic};
 
 mod decision;
 
-pub use decision::{NotRecovered, Resumer, decide};
+pub use decision::{Bounds, BudgetShare, NotRecovered, Resumer, decide};
 
 /// The action of the first frame on a socket that speaks resume.
 pub const ACTION_WELCOME: &str = "wshub.welcome";
@@ -196,6 +196,9 @@ pub struct Outcome {
     /// History could not be read for the welcome's positions: the socket
     /// is closed (1011, no frame written) so that the client comes back.
     pub unreadable: bool,
+    /// The replay's share of `history.replay_budget_bytes`: held until the
+    /// replay is written, or the socket ends.
+    pub budget: Option<BudgetShare>,
 }
 
 /// The welcome frame: the socket's ids, and in `message` (a JSON string)

@@ -163,6 +163,9 @@ struct Replay {
     /// Written before anything queued: the welcome and the replay (what
     /// is left of them when a close interrupts the writing).
     backlog: std::collections::VecDeque<Frame>,
+    /// The backlog's share of `history.replay_budget_bytes`, given back
+    /// once it is written (or with the session).
+    budget: Option<crate::resume::BudgetShare>,
 }
 
 impl Session {
@@ -289,6 +292,7 @@ impl Session {
         self.outbound.wire().set_floors(outcome.floors);
         let replay = self.replay.get_or_insert_default();
         replay.backlog = outcome.frames.into();
+        replay.budget = outcome.budget;
         let limit = self.write_timeout();
         let wire = self.outbound.wire();
         if let Some(replay) = self.replay.as_mut() {
@@ -296,6 +300,10 @@ impl Session {
             let mut next = || backlog.pop_front();
             let write = std::future::poll_fn(|cx| wire.poll_frames(cx, &mut next));
             guarded(&self.registration.conn.closer, limit, write).await?;
+            // Written (taken by the socket, or owed to it: what is owed is
+            // no longer the replay's).
+            replay.budget = None;
+            replay.backlog = std::collections::VecDeque::new();
         }
         Ok(())
     }

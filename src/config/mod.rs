@@ -308,6 +308,10 @@ pub struct HistoryConfig {
     /// recovered (the bound on what a client can make a node read and
     /// hold); 0: no bound but the history's own.
     pub max_replay_bytes: usize,
+    /// The most bytes of replays a node holds for its sockets at once
+    /// (read, not yet written); a resume that finds no room within
+    /// `redis.command_timeout_ms` is not recovered. 0: no bound.
+    pub replay_budget_bytes: usize,
     /// On SIGTERM, store each legacy socket's position for the next socket
     /// with its identity.
     pub drain_handoff: bool,
@@ -700,6 +704,7 @@ impl Config {
             size_user: raw.size_user,
             max_replay: raw.max_replay,
             max_replay_bytes: raw.max_replay_bytes,
+            replay_budget_bytes: raw.replay_budget_bytes,
             drain_handoff: raw.drain_handoff,
         }))
     }

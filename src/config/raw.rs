@@ -276,6 +276,7 @@ pub struct RawHistory {
     pub size_user: usize,
     pub max_replay: usize,
     pub max_replay_bytes: usize,
+    pub replay_budget_bytes: usize,
     pub drain_handoff: bool,
 }
 
@@ -444,6 +445,7 @@ impl Default for RawHistory {
             size_user: 100,
             max_replay: 1000,
             max_replay_bytes: 0,
+            replay_budget_bytes: 256 * 1024 * 1024,
             drain_handoff: true,
         }
     }

@@ -103,6 +103,10 @@ pub enum NotRecovered {
     /// History did not answer in time.
     #[error("history did not answer within {0:?}")]
     TimedOut(Duration),
+    /// The replay did not fit in `history.replay_budget_bytes` (the
+    /// replays the node holds at once) within the call limit.
+    #[error("no room for {0} bytes of replay in history.replay_budget_bytes")]
+    OverBudget(usize),
 }
 
 impl Reach {
@@ -217,6 +221,59 @@ pub fn decide(
     Ok((replay, reaches.map(|r| r.top)))
 }
 
+/// The bounds of a node's resumes: `history.max_replay`,
+/// `history.max_replay_bytes` and `history.replay_budget_bytes` (0: no
+/// bound, for both byte settings).
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// More messages to replay: not recovered.
+    pub max_replay: usize,
+    /// More bytes to read for one resume: not recovered.
+    pub max_replay_bytes: usize,
+    /// The bytes of replays the node holds at once.
+    pub replay_budget_bytes: usize,
+}
+
+/// `history.replay_budget_bytes`: the bytes of replays a node holds at
+/// once, in KiB permits. A recovered resume takes its replay's size once it
+/// has read it and gives it back once the replay is written (or the socket
+/// ended): a client that resumes far back and then does not read holds its
+/// replay until its write times out, and without this bound any number of
+/// such clients made a node hold any amount. A resume that finds no room
+/// within the call limit is not recovered ([`NotRecovered::OverBudget`]),
+/// like one whose history did not answer in time; one bigger than the whole
+/// budget is not recovered at once. What a read holds while it runs is
+/// bounded apart, by the reads in flight (`bus/redis/history.rs`).
+struct Budget {
+    permits: Arc<tokio::sync::Semaphore>,
+    /// Every permit: a replay needing more can never fit.
+    total: u32,
+}
+
+/// A replay's share of the node's [`Budget`], given back when dropped.
+pub type BudgetShare = tokio::sync::OwnedSemaphorePermit;
+
+impl Budget {
+    /// `None` for 0 (no bound).
+    fn new(bytes: usize) -> Option<Self> {
+        let total = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        (total > 0).then(|| Self {
+            permits: Arc::new(tokio::sync::Semaphore::new(total as usize)),
+            total,
+        })
+    }
+
+    /// Room for `bytes` within `limit`, or `None`.
+    async fn take(&self, bytes: usize, limit: Duration) -> Option<BudgetShare> {
+        let kib = u32::try_from(bytes.div_ceil(1024)).ok()?.max(1);
+        if kib > self.total {
+            return None;
+        }
+        let wait = self.permits.clone().acquire_many_owned(kib);
+        tokio::time::timeout(limit, wait).await.ok()?.ok()
+    }
+}
+
 /// History as a node's sockets use it: the resume decision at connect and
 /// the drain handoff at shutdown, every call bounded in time.
 pub struct Resumer {
@@ -225,6 +282,8 @@ pub struct Resumer {
     /// `history.max_replay_bytes`: the most one resume reads
     /// (`usize::MAX` for the setting's 0, no bound).
     max_replay_bytes: usize,
+    /// `history.replay_budget_bytes`; `None`: no bound.
+    budget: Option<Budget>,
     drain_handoff: bool,
     /// The bound on each History call (`redis.command_timeout_ms`).
     limit: Duration,
@@ -237,14 +296,13 @@ pub struct Resumer {
 }
 
 impl Resumer {
-    /// The resumer of a node whose bus keeps `history`, with
-    /// `history.max_replay`, `history.max_replay_bytes` and
-    /// `history.drain_handoff`. (Not the whole `HistoryConfig`: `config`
-    /// depends on the outbox, which depends on this module's
-    /// [`Mark`](super::Mark).)
+    /// The resumer of a node whose bus keeps `history`, with its
+    /// [`Bounds`] and `history.drain_handoff`. (Not the whole
+    /// `HistoryConfig`: `config` depends on the outbox, which depends on
+    /// this module's [`Mark`](super::Mark).)
     pub fn new(
         history: Arc<dyn History>,
-        (max_replay, max_replay_bytes): (usize, usize),
+        bounds: Bounds,
         drain_handoff: bool,
         limit: Duration,
         node_id: Arc<str>,
@@ -252,11 +310,12 @@ impl Resumer {
     ) -> Self {
         Self {
             history,
-            max_replay,
-            max_replay_bytes: match max_replay_bytes {
+            max_replay: bounds.max_replay,
+            max_replay_bytes: match bounds.max_replay_bytes {
                 0 => usize::MAX,
                 bytes => bytes,
             },
+            budget: Budget::new(bounds.replay_budget_bytes),
             drain_handoff,
             limit,
             node_id,
@@ -298,19 +357,25 @@ impl Resumer {
         };
         let (why, tops) = match attempt {
             Attempt::From(from, tops) => match self.recover(who, &from).await {
-                Ok((replay, reached)) => {
-                    let mut frames = Vec::with_capacity(replay.len() + 1);
-                    if speaks {
-                        // The positions the client sent; `pos` moves them on.
-                        let given = from.map(Some);
-                        let welcome = welcome_frame(who, true, replay.len(), &given, &self.node_id);
-                        frames.push(welcome);
+                Ok((replay, reached)) => match self.share(&replay, speaks).await {
+                    Ok(share) => {
+                        let mut frames = Vec::with_capacity(replay.len() + 1);
+                        if speaks {
+                            // The positions the client sent; `pos` moves them on.
+                            let given = from.map(Some);
+                            let welcome =
+                                welcome_frame(who, true, replay.len(), &given, &self.node_id);
+                            frames.push(welcome);
+                        }
+                        frames.extend(replay.iter().map(|m| m.frame_for(speaks).clone()));
+                        let floors = Floors::new(reached.map(Some), true);
+                        let result = Some(ResumeResult::Recovered);
+                        let mut outcome = self.outcome(result, frames, floors, replay.len());
+                        outcome.budget = share;
+                        return outcome;
                     }
-                    frames.extend(replay.iter().map(|m| m.frame_for(speaks).clone()));
-                    let floors = Floors::new(reached.map(Some), true);
-                    let result = Some(ResumeResult::Recovered);
-                    return self.outcome(result, frames, floors, replay.len());
-                }
+                    Err(why) => (Some(why), tops),
+                },
                 Err(why) => (Some(why), tops),
             },
             Attempt::Fresh => (None, None),
@@ -352,6 +417,26 @@ impl Resumer {
         self.outcome(Some(result), frames, Floors::new(tops, speaks), 0)
     }
 
+    /// The replay's share of the node's budget, when there is one and the
+    /// replay is not empty.
+    async fn share(
+        &self,
+        replay: &[Arc<Envelope>],
+        speaks: bool,
+    ) -> Result<Option<BudgetShare>, NotRecovered> {
+        let Some(budget) = &self.budget else {
+            return Ok(None);
+        };
+        if replay.is_empty() {
+            return Ok(None);
+        }
+        let bytes = replay.iter().map(|m| m.frame_for(speaks).len()).sum();
+        match budget.take(bytes, self.limit).await {
+            Some(share) => Ok(Some(share)),
+            None => Err(NotRecovered::OverBudget(bytes)),
+        }
+    }
+
     /// Counts a decision and makes its outcome.
     fn outcome(
         &self,
@@ -368,6 +453,7 @@ impl Resumer {
             floors,
             report: Report { result, replayed },
             unreadable: false,
+            budget: None,
         }
     }
 

@@ -289,10 +289,21 @@ fn resumer_bytes(
     max_replay: usize,
     max_replay_bytes: usize,
 ) -> (Resumer, Arc<Metrics>) {
+    resumer_bounds(
+        mem,
+        Bounds {
+            max_replay,
+            max_replay_bytes,
+            replay_budget_bytes: 0,
+        },
+    )
+}
+
+fn resumer_bounds(mem: &Arc<Mem>, bounds: Bounds) -> (Resumer, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new());
     let resumer = Resumer::new(
         mem.clone(),
-        (max_replay, max_replay_bytes),
+        bounds,
         true,
         Duration::from_secs(2),
         "n2".into(),
@@ -641,6 +652,64 @@ async fn a_read_beyond_max_replay_bytes_is_not_recovered() {
         assert_eq!(welcome_of(&outcome.frames[0])["recovered"], true);
         assert_eq!(names_of_frames(&outcome.frames[1..]), ["one", "two"]);
     }
+}
+
+/// `history.replay_budget_bytes`: a recovered replay holds its share of
+/// the node's budget until its outcome (the session's backlog) is dropped;
+/// a resume that finds no room within the call limit is not recovered, one
+/// bigger than the whole budget at once; once a share is given back the
+/// next one fits.
+#[tokio::test(start_paused = true)]
+async fn replays_share_the_nodes_replay_budget() {
+    let mem = Arc::new(Mem::default());
+    let ann = who("ann", None);
+    let from = mem.tops_of(&ann);
+    let big = "x".repeat(3000);
+    for _ in 0..2 {
+        mem.publish(Route::everyone(), &big);
+    }
+    // Two frames of about 3 KiB: 6 KiB of replay; room for one and a half.
+    let budget = |replay_budget_bytes| {
+        resumer_bounds(
+            &mem,
+            Bounds {
+                max_replay: 100,
+                max_replay_bytes: 0,
+                replay_budget_bytes,
+            },
+        )
+        .0
+    };
+    let resumer = budget(9 * 1024);
+    let first = resumer.start(&ann, &request(&ann, &from)).await;
+    assert_eq!(welcome_of(&first.frames[0])["recovered"], true);
+    assert!(first.budget.is_some(), "the replay holds its share");
+    let waited = tokio::time::Instant::now();
+    let second = resumer.start(&ann, &request(&ann, &from)).await;
+    assert_eq!(welcome_of(&second.frames[0])["recovered"], false);
+    assert_eq!(second.frames.len(), 1, "nothing replayed");
+    assert_eq!(
+        waited.elapsed(),
+        Duration::from_secs(2),
+        "waited the call limit"
+    );
+    drop(first);
+    let third = resumer.start(&ann, &request(&ann, &from)).await;
+    assert_eq!(welcome_of(&third.frames[0])["recovered"], true);
+    assert_eq!(third.frames.len(), 3);
+    // Bigger than the whole budget: not recovered, without waiting.
+    let small = budget(4 * 1024);
+    let waited = tokio::time::Instant::now();
+    let outcome = small.start(&ann, &request(&ann, &from)).await;
+    assert_eq!(welcome_of(&outcome.frames[0])["recovered"], false);
+    assert_eq!(waited.elapsed(), Duration::ZERO);
+    // No replay (nothing missed) takes no share; 0 is no budget.
+    let tops = mem.tops_of(&ann);
+    let quiet = resumer.start(&ann, &request(&ann, &tops)).await;
+    assert!(quiet.budget.is_none());
+    let unbounded = budget(0).start(&ann, &request(&ann, &from)).await;
+    assert!(unbounded.budget.is_none());
+    assert_eq!(welcome_of(&unbounded.frames[0])["recovered"], true);
 }
 
 #[tokio::test]

@@ -508,6 +508,48 @@ async fn more_than_max_replay_bytes_is_not_recovered_and_less_is() {
     assert_eq!(welcome["replayed"], 3);
 }
 
+/// `history.replay_budget_bytes`: a client that resumes far back and does
+/// not read holds its replay's share of the node's budget (here 15 of 20
+/// MB: the kernel takes a few MB, the rest waits in the node until the
+/// write times out). Another resume that finds no room within
+/// `redis.command_timeout_ms` is not recovered, welcomed at the tops; once
+/// the first socket is gone, the next one is recovered. Without the budget
+/// any number of such clients made the node hold any amount.
+#[tokio::test]
+async fn a_replay_that_does_not_fit_the_nodes_budget_is_not_recovered() {
+    let redis = RedisServer::start();
+    let server = TestServer::on_redis(&redis.url(), |c| {
+        c.history = Some(HistoryConfig {
+            replay_budget_bytes: 20 << 20,
+            ..settings()
+        });
+        c.ws.write_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let big = "x".repeat(60_000);
+    let texts: Vec<String> = (0..250).map(|i| format!("m{i} {big}")).collect();
+    let missed: Vec<(&str, Value)> = texts
+        .iter()
+        .map(|t| (t.as_str(), json!([to_group("chat")])))
+        .collect();
+    let (mut ann, first, welcome) = away_then_resume(&server, &missed, Duration::ZERO).await;
+    assert_eq!(welcome["recovered"], true, "{welcome}");
+    // And the watcher's sentinel, to everyone.
+    assert_eq!(welcome["replayed"], 251);
+    // `first` reads no further: its replay holds 15 MB of the budget.
+    let from = ann.positions.clone();
+    let (second, welcome) = ann.resume(&server).await;
+    assert_eq!(welcome["recovered"], false, "no room: {welcome}");
+    second.close().await;
+    drop(first);
+    ann.positions = from;
+    let (mut third, welcome) = ann.resume(&server).await;
+    assert_eq!(welcome["recovered"], true, "room again: {welcome}");
+    assert_eq!(welcome["replayed"], 251);
+    let last = third.recv().await;
+    assert!(last["message"].as_str().unwrap().starts_with("m0 "));
+}
+
 /// Review of issue 14, item 6: `max_replay` counts the messages the socket
 /// accepts, not its topics' entries: four to replay (and the watcher's
 /// sentinel) and three that exclude ann, with `max_replay` 5.

@@ -55,6 +55,7 @@ pub fn history_settings() -> wshub::config::HistoryConfig {
         size_user: 100,
         max_replay: 1000,
         max_replay_bytes: 0,
+        replay_budget_bytes: 256 << 20,
         drain_handoff: true,
     }
 }
