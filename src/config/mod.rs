@@ -731,6 +731,8 @@ impl Config {
 
     fn redis_from_raw(raw: &RawRedis) -> Result<Option<RedisConfig>, ConfigError> {
         if raw.url.trim().is_empty() && raw.sentinels.is_empty() {
+            // Refuses redis.sentinel_tls without sentinels.
+            trust::sentinels(raw)?;
             return Ok(None);
         }
         let config = RedisConfig {

@@ -199,6 +199,17 @@ pub(super) fn sentinels(raw: &RawRedis) -> Result<Vec<String>, ConfigError> {
              (TLS to the sentinels and the primary)",
         ));
     }
+    if raw.tls_insecure_skip_verify && !raw.tls_client_cert_file.trim().is_empty() {
+        // redis-rs checks that the primary the sentinels name is a master
+        // (`ROLE`) without the client certificate when the server's is not
+        // checked, so a server that asks for one refuses the check and the
+        // node never finds its primary.
+        return Err(invalid(
+            "redis.tls_insecure_skip_verify",
+            "cannot be combined with a client certificate (redis.tls_client_cert_file) \
+             with redis.sentinels: give the CA of Redis's certificate in redis.tls_ca_file",
+        ));
+    }
     for s in &sentinels {
         let port = s.rsplit_once(':').and_then(|(h, p)| {
             (!h.is_empty())

@@ -266,4 +266,23 @@ async fn sentinel_keys_are_validated() {
     assert!(msg.contains("`redis.sentinel_tls` must be true"), "{msg}");
     let msg = err(&[("url", "redis://127.0.0.1:1"), ("sentinel_tls", "true")]);
     assert!(msg.contains("needs redis.sentinels"), "{msg}");
+    // Without any Redis, too: the key would otherwise be ignored.
+    let msg = err(&[("sentinel_tls", "true")]);
+    assert!(msg.contains("needs redis.sentinels"), "{msg}");
+    // redis-rs checks the primary's role without the client certificate
+    // when the server's is not checked: refused, not a node that never
+    // becomes ready.
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+    let msg = err(&[
+        ("sentinels", "127.0.0.1:26379"),
+        ("sentinel_master", "m"),
+        ("sentinel_tls", "true"),
+        ("tls_insecure_skip_verify", "true"),
+        ("tls_client_cert_file", manifest),
+        ("tls_client_key_file", manifest),
+    ]);
+    assert!(
+        msg.contains("redis.tls_insecure_skip_verify") && msg.contains("redis.tls_ca_file"),
+        "{msg}"
+    );
 }
