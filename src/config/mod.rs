@@ -697,6 +697,15 @@ impl Config {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
+        if raw.replay_budget_bytes != 0
+            && raw.max_replay_bytes != 0
+            && raw.replay_budget_bytes < raw.max_replay_bytes
+        {
+            return Err(invalid(
+                "history.replay_budget_bytes",
+                "must be 0 or at least history.max_replay_bytes (a replay of that size could never fit)",
+            ));
+        }
         Ok(Some(HistoryConfig {
             ttl: Duration::from_millis(raw.ttl_ms),
             size_all: raw.size_all,

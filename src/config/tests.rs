@@ -583,6 +583,35 @@ fn history_runs_on_a_redis_cluster_too() {
     assert!(c.history.is_some(), "history on a Cluster, per topic");
 }
 
+/// A node-wide replay budget smaller than what one resume may read would
+/// refuse every resume of that size: refused at start.
+#[test]
+fn the_replay_budget_holds_at_least_one_largest_replay() {
+    let load = |budget: &str, max: &str| {
+        Config::load_from(
+            None,
+            env(&[
+                ("WSHUB_REDIS__URL", "redis://127.0.0.1:6379"),
+                ("WSHUB_HISTORY__ENABLED", "true"),
+                ("WSHUB_HISTORY__REPLAY_BUDGET_BYTES", budget),
+                ("WSHUB_HISTORY__MAX_REPLAY_BYTES", max),
+            ]),
+        )
+    };
+    let err = load("1048576", "4194304").unwrap_err().to_string();
+    assert!(
+        err.contains("history.replay_budget_bytes") && err.contains("max_replay_bytes"),
+        "{err}"
+    );
+    for (budget, max) in [("4194304", "4194304"), ("0", "4194304"), ("1024", "0")] {
+        let c = load(budget, max).unwrap();
+        assert_eq!(
+            c.history.unwrap().replay_budget_bytes,
+            budget.parse::<usize>().unwrap()
+        );
+    }
+}
+
 /// A boolean key takes `true`/`false` (and, as text, `1`/`0`, `yes`/`no`,
 /// `on`/`off`, any case); a number or another word is refused with the
 /// key's name and where it came from, from a file or the environment.

@@ -245,20 +245,51 @@ pub struct Bounds {
 /// budget is not recovered at once. What a read holds while it runs is
 /// bounded apart, by the reads in flight (`bus/redis/history.rs`).
 struct Budget {
-    permits: Arc<tokio::sync::Semaphore>,
-    /// Every permit: a replay needing more can never fit.
+    room: Arc<Room>,
+    /// Every KiB: a replay needing more can never fit.
     total: u32,
 }
 
+/// The budget's free KiB, and the signal that some were given back.
+///
+/// Not a `tokio::sync::Semaphore`: a fair semaphore hands what is free to
+/// the first replay waiting, so one that does not fit would hold up every
+/// later one that does (each up to the call limit). Here a replay takes
+/// room whenever there is enough for it; a big one passed over by small
+/// ones waits at most the call limit, like any other.
+struct Room {
+    free: std::sync::Mutex<u32>,
+    given_back: tokio::sync::Notify,
+}
+
 /// A replay's share of the node's [`Budget`], given back when dropped.
-pub type BudgetShare = tokio::sync::OwnedSemaphorePermit;
+pub struct BudgetShare {
+    room: Arc<Room>,
+    kib: u32,
+}
+
+impl Drop for BudgetShare {
+    fn drop(&mut self) {
+        *self.room.free.lock().unwrap_or_else(|p| p.into_inner()) += self.kib;
+        self.room.given_back.notify_waiters();
+    }
+}
+
+impl std::fmt::Debug for BudgetShare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BudgetShare({} KiB)", self.kib)
+    }
+}
 
 impl Budget {
     /// `None` for 0 (no bound).
     fn new(bytes: usize) -> Option<Self> {
         let total = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
         (total > 0).then(|| Self {
-            permits: Arc::new(tokio::sync::Semaphore::new(total as usize)),
+            room: Arc::new(Room {
+                free: std::sync::Mutex::new(total),
+                given_back: tokio::sync::Notify::new(),
+            }),
             total,
         })
     }
@@ -269,8 +300,29 @@ impl Budget {
         if kib > self.total {
             return None;
         }
-        let wait = self.permits.clone().acquire_many_owned(kib);
-        tokio::time::timeout(limit, wait).await.ok()?.ok()
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            // Listening before looking: a share given back between the
+            // look and the wait still wakes this one.
+            let given_back = self.room.given_back.notified();
+            tokio::pin!(given_back);
+            given_back.as_mut().enable();
+            if let Some(share) = self.try_take(kib) {
+                return Some(share);
+            }
+            tokio::time::timeout_at(deadline, given_back).await.ok()?;
+        }
+    }
+
+    fn try_take(&self, kib: u32) -> Option<BudgetShare> {
+        let mut free = self.room.free.lock().unwrap_or_else(|p| p.into_inner());
+        (*free >= kib).then(|| {
+            *free -= kib;
+            BudgetShare {
+                room: self.room.clone(),
+                kib,
+            }
+        })
     }
 }
 

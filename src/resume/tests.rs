@@ -712,6 +712,50 @@ async fn replays_share_the_nodes_replay_budget() {
     assert_eq!(welcome_of(&unbounded.frames[0])["recovered"], true);
 }
 
+/// A replay that fits the budget's room is not held up behind a waiting
+/// one that does not fit (the semaphore queues fairly).
+#[tokio::test(start_paused = true)]
+async fn a_replay_that_fits_does_not_wait_behind_one_that_does_not() {
+    let mem = Arc::new(Mem::default());
+    let (ann, bob) = (who("ann", None), who("bob", None));
+    let (ann_from, bob_from) = (mem.tops_of(&ann), mem.tops_of(&bob));
+    let big = "x".repeat(3000);
+    for _ in 0..2 {
+        mem.publish(to(&[Topic::User("ann".into())]), &big);
+    }
+    mem.publish(to(&[Topic::User("bob".into())]), "small");
+    let resumer = Arc::new(
+        resumer_bounds(
+            &mem,
+            Bounds {
+                max_replay: 100,
+                max_replay_bytes: 0,
+                replay_budget_bytes: 9 * 1024,
+            },
+        )
+        .0,
+    );
+    // Ann's replay (about 6 KiB) holds its share; a second one waits.
+    let first = resumer.start(&ann, &request(&ann, &ann_from)).await;
+    assert!(first.budget.is_some());
+    let waiting = tokio::spawn({
+        let (resumer, ann) = (resumer.clone(), ann.clone());
+        async move { resumer.start(&ann, &request(&ann, &ann_from)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiting.is_finished(), "no room for a second 6 KiB");
+    // Bob's 1 KiB fits the room left: recovered at once.
+    let asked = tokio::time::Instant::now();
+    let small = resumer.start(&bob, &request(&bob, &bob_from)).await;
+    assert_eq!(asked.elapsed(), Duration::ZERO, "did not wait");
+    assert_eq!(welcome_of(&small.frames[0])["recovered"], true);
+    assert_eq!(names_of_frames(&small.frames[1..]), ["small"]);
+    // The waiting one still gets its share once Ann's first is given back.
+    drop(first);
+    let second = waiting.await.unwrap();
+    assert_eq!(welcome_of(&second.frames[0])["recovered"], true);
+}
+
 #[tokio::test]
 async fn a_fresh_socket_is_welcomed_at_the_tops() {
     let mem = Arc::new(Mem::default());
