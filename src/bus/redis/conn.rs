@@ -246,19 +246,23 @@ impl PubConn {
         }
     }
 
-    pub(super) async fn send(&mut self, batch: &[Outgoing]) -> redis::RedisResult<()> {
-        match self {
+    /// Publishes each message of `batch` on each of its channels. Every
+    /// command runs whatever another's answer (a pipeline, or one request
+    /// per `SPUBLISH`): the answers are read one by one, and what Redis
+    /// refused comes back as [`Unheard`]; an error that is not an answer
+    /// on a healthy connection (see [`is_refusal`]) is the `Err`.
+    pub(super) async fn send(&mut self, batch: &[Outgoing]) -> redis::RedisResult<Unheard> {
+        let results: Vec<redis::RedisResult<()>> = match self {
             PubConn::Single(conn) => {
                 let mut pipe = redis::pipe();
+                pipe.ignore_errors();
                 for m in batch {
                     for channel in &m.channels {
-                        pipe.cmd("PUBLISH")
-                            .arg(channel)
-                            .arg(&m.payload[..])
-                            .ignore();
+                        pipe.cmd("PUBLISH").arg(channel).arg(&m.payload[..]);
                     }
                 }
-                pipe.query_async(conn).await
+                let replies: Vec<redis::RedisResult<redis::Value>> = pipe.query_async(conn).await?;
+                replies.into_iter().map(|r| r.map(drop)).collect()
             }
             PubConn::Sharded(conn) => {
                 // A cluster pipeline must stay on one slot, so each SPUBLISH
@@ -271,11 +275,47 @@ impl PubConn {
                         async move { spublish(conn, channel, payload).await }
                     })
                 });
-                let results = futures_util::future::join_all(sends).await;
-                results.into_iter().collect()
+                futures_util::future::join_all(sends).await
             }
+        };
+        let mut unheard = Unheard::default();
+        let mut results = results.into_iter();
+        for m in batch {
+            let mut refused = false;
+            for result in results.by_ref().take(m.channels.len()) {
+                match result {
+                    Ok(()) => unheard.heard += 1,
+                    Err(e) if is_refusal(&e) => {
+                        refused = true;
+                        unheard.error.get_or_insert(e);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            unheard.messages += usize::from(refused);
         }
+        Ok(unheard)
     }
+}
+
+/// What Redis refused of a batch it answered ([`PubConn::send`]): the
+/// messages with at least one refused channel, the `PUBLISH`es it ran,
+/// and the first refusal.
+#[derive(Debug, Default)]
+pub(super) struct Unheard {
+    pub messages: usize,
+    pub heard: usize,
+    pub error: Option<redis::RedisError>,
+}
+
+/// Whether `e` is Redis's answer on a connection that is fine (an ACL's
+/// `NOPERM`, `OOM`, `BUSY`, `LOADING`) rather than a failed connection or
+/// a server that is not the primary (`READONLY`, `MASTERDOWN`: those
+/// reconnect).
+pub(super) fn is_refusal(e: &redis::RedisError) -> bool {
+    !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped())
+        && e.code()
+            .is_some_and(|code| !matches!(code, "READONLY" | "MASTERDOWN"))
 }
 
 /// One `SPUBLISH`, sent again only when the shard answered with a redirect
@@ -318,7 +358,10 @@ impl PubConn {
             channels.to_vec(),
             Bytes::from_static(b"probe"),
         )];
-        self.send(&batch).await
+        match self.send(&batch).await?.error {
+            Some(refused) => Err(refused),
+            None => Ok(()),
+        }
     }
 
     /// The cluster's shards as their slot ranges (sharded only; `None` on a

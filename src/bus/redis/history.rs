@@ -184,8 +184,9 @@ end
 /// `heard(reply)`: whether a `PUBLISH` (or `SPUBLISH`) run with `pcall`
 /// reached a subscriber; a refused one (an ACL without the channel, say)
 /// reached none, and its error is kept. `published(sent)`: the script's
-/// answer, `sent`, or the first refusal as an error reply once the whole
-/// batch has run.
+/// answer, `sent`, or once the whole batch has run the first refusal as an
+/// error reply with the code [`UNHEARD`] (`UNHEARD NOPERM …`), which tells
+/// the publisher the batch ran whole: nothing to send again, no pause.
 ///
 /// Why not `redis.call`: an error stops a script where it is, after the
 /// batch's high-water mark was raised and with the messages after the
@@ -209,7 +210,7 @@ local function heard(reply)
 end
 local function published(sent)
   if refused then
-    return redis.error_reply(refused)
+    return redis.error_reply('UNHEARD ' .. refused)
   end
   return sent
 end
@@ -219,6 +220,10 @@ end
 
 mod reply;
 mod sharded;
+
+/// The error code of a publish script whose batch ran whole but some of
+/// whose `PUBLISH`es Redis refused ([`heard_lua`]).
+pub(super) const UNHEARD: &str = "UNHEARD";
 
 use reply::{bad, caught, contiguous, entries, number, read_reply, text};
 

@@ -21,6 +21,17 @@
 //! `OOM` once made a node reconnect and log a warning about 20 times a
 //! second.) `READONLY` and `MASTERDOWN` mean the server is not, or no
 //! longer, the primary: those reconnect.
+//!
+//! **A `PUBLISH` refused among others that ran is not Redis refusing.**
+//! An ACL without some channels refuses the `PUBLISH`es to those only:
+//! the publish script records the whole batch and answers `UNHEARD`
+//! (`history.rs`), a plain pipeline's commands are answered one by one
+//! and only the refused messages are dropped. Neither is sent again nor
+//! paused for (a pause protected nothing and held up every other
+//! channel's messages); each such send is counted
+//! (`wshub_bus_publish_failures_total`) and logged at most every 10 s.
+//! A plain batch of which Redis refused every `PUBLISH` is a refusal as
+//! above.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -30,8 +41,8 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::conn::{Backoff, Link, PubConn, connect_publisher};
-use super::history::Prepared;
+use super::conn::{Backoff, Link, PubConn, Unheard, connect_publisher, is_refusal};
+use super::history::{Prepared, RedisHistory, UNHEARD};
 use super::queue::Outgoing;
 use super::{LAG_LOG_EVERY, MAX_BATCH, MAX_BATCH_BYTES, MIN_BACKOFF, Shared};
 use crate::outcome::DropReason;
@@ -62,15 +73,9 @@ pub(super) struct Publisher {
     pause: Option<Duration>,
     /// When expired messages were last logged (they are all counted).
     expiry_logged: Option<Instant>,
-}
-
-/// Whether `e` is Redis's answer on a connection that is fine (module
-/// docs) rather than a failed connection or a server that is not the
-/// primary.
-fn is_refusal(e: &redis::RedisError) -> bool {
-    !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped())
-        && e.code()
-            .is_some_and(|code| !matches!(code, "READONLY" | "MASTERDOWN"))
+    /// Messages with a `PUBLISH` Redis refused while running the rest
+    /// (module docs) since the last log line, and when that was.
+    unheard: (u64, Option<Instant>),
 }
 
 impl Publisher {
@@ -87,6 +92,7 @@ impl Publisher {
             refused: None,
             pause: None,
             expiry_logged: None,
+            unheard: (0, None),
         }
     }
 
@@ -257,7 +263,7 @@ impl Publisher {
             return;
         }
         let error = match timeout(shared.config.command_timeout, active.send(&batch)).await {
-            Ok(Ok(())) => return self.accepted(),
+            Ok(Ok(unheard)) => return self.answered(unheard),
             Ok(Err(e)) if is_refusal(&e) => Err(e.to_string()),
             Ok(Err(e)) => Ok(e.to_string()),
             Err(_) => Ok("the pipeline timed out".to_owned()),
@@ -276,6 +282,50 @@ impl Publisher {
                 self.conn = None;
                 self.outage = true;
             }
+        }
+    }
+
+    /// Redis answered every command of a plain batch of `sent` messages
+    /// (history off, or messages to connections): those it refused are
+    /// dropped and counted. When it refused them all it is refusing
+    /// (`BUSY`, `LOADING`, an ACL without `PUBLISH`): the next send waits
+    /// a pause. When it ran some, only some channels are refused: nothing
+    /// to wait for.
+    fn answered(&mut self, unheard: Unheard) {
+        let Some(error) = unheard.error else {
+            return self.accepted();
+        };
+        self.shared
+            .metrics
+            .dropped(DropReason::BusUnavailable, unheard.messages as u64);
+        if unheard.heard == 0 {
+            return self.refused_by_redis(error.to_string());
+        }
+        self.accepted();
+        self.unheard(&error, false);
+    }
+
+    /// Counts a send of which Redis refused some `PUBLISH`es while it ran
+    /// the rest (module docs: no pause), and logs it at most every 10 s.
+    /// `recorded`: the refused messages are in history (the publish
+    /// script), else they were dropped.
+    fn unheard(&mut self, error: &redis::RedisError, recorded: bool) {
+        self.shared.metrics.bus_publish_failure();
+        let (sends, logged) = &mut self.unheard;
+        *sends += 1;
+        if logged.is_none_or(|at: Instant| at.elapsed() > LAG_LOG_EVERY) {
+            let fate = if recorded {
+                "recorded in history but not heard live (subscribers read them from history when a later message on the channel reaches them)"
+            } else {
+                "dropped (counted in wshub_messages_dropped_total{reason=\"bus_unavailable\"})"
+            };
+            warn!(
+                %error,
+                sends = *sends,
+                "Redis refuses PUBLISH on some channels (an ACL without them?) and runs the rest: the refused messages are {fate}; no pause, since Redis accepts the rest; logged at most every 10 s; see wshub_bus_publish_failures_total"
+            );
+            *sends = 0;
+            *logged = Some(Instant::now());
         }
     }
 
@@ -314,11 +364,10 @@ impl Publisher {
         let Some(history) = &shared.history else {
             return;
         };
-        let Some((active, _, Some(prepared))) = self.conn.as_mut() else {
+        if self.conn.as_ref().is_none_or(|(_, _, p)| p.is_none()) {
             return;
-        };
-        let resent = self.resend.is_some();
-        let mut batch = match self.resend.take() {
+        }
+        let batch = match self.resend.take() {
             Some(batch) => batch,
             None => {
                 // A message to a connection is queued unrecorded (it has no
@@ -331,9 +380,15 @@ impl Publisher {
                     .into_iter()
                     .partition(|m| m.history.is_some());
                 if !plain.is_empty() {
+                    let Some((active, _, _)) = self.conn.as_mut() else {
+                        return;
+                    };
                     let sent = timeout(shared.config.command_timeout, active.send(&plain)).await;
                     let error = match sent {
-                        Ok(Ok(())) => None,
+                        Ok(Ok(unheard)) => {
+                            self.answered(unheard);
+                            None
+                        }
                         Ok(Err(e)) => Some(e.to_string()),
                         Err(_) => Some("the pipeline timed out".to_owned()),
                     };
@@ -357,9 +412,20 @@ impl Publisher {
                 recorded
             }
         };
+        self.send_script(history, batch).await;
+    }
+
+    /// Sends `batch` (recorded messages, new or to send again) as one call
+    /// of the publish script.
+    async fn send_script(&mut self, history: &RedisHistory, mut batch: Vec<Outgoing>) {
         if batch.is_empty() {
             return;
         }
+        let shared = self.shared.clone();
+        let Some((active, _, Some(prepared))) = self.conn.as_mut() else {
+            self.resend = Some(batch);
+            return;
+        };
         for recorded in batch.iter_mut().filter_map(|m| m.history.as_mut()) {
             if recorded.number == 0 {
                 self.numbered += 1;
@@ -374,20 +440,21 @@ impl Publisher {
         .await;
         shared.metrics.history_publish(started.elapsed());
         let error = match sent {
-            // A resend that ran nothing had run whole before: after a
-            // refused PUBLISH (the script records the whole batch, then
-            // answers the refusal) it says nothing of whether Redis now
-            // accepts; the next batch will. Taken for an acceptance, it
-            // logged "accepts again" and reset the pause after every
-            // refused batch.
-            Ok(Ok(0)) if resent && self.refused.is_some() => return,
             Ok(Ok(_)) => return self.accepted(),
+            // The script ran the whole batch, recorded every message and
+            // answers the PUBLISHes Redis refused (`heard_lua` in
+            // `history.rs`): nothing to send again, nothing to wait for
+            // (a pause protected nothing and held up the other channels'
+            // messages, up to `redis.reconnect_max_ms` a batch).
+            Ok(Err(e)) if e.code() == Some(UNHEARD) => {
+                self.accepted();
+                return self.unheard(&e, true);
+            }
             Ok(Err(e)) if is_refusal(&e) => {
-                // Answered: the connection is fine. The script raises the
-                // high-water mark first, so what it ran is skipped when the
-                // batch comes again (an OOM refuses its first write, before
-                // anything ran; a refused PUBLISH comes after the whole
-                // batch was recorded).
+                // Answered: the connection is fine, and nothing ran (an
+                // OOM refuses the script's first write). The script raises
+                // the high-water mark first, so were anything run, it
+                // would be skipped when the batch comes again.
                 self.resend = Some(batch);
                 return self.refused_by_redis(e.to_string());
             }

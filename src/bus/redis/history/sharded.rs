@@ -254,20 +254,20 @@ pub(super) async fn publish(
             .await
         }
     });
+    // A broken connection outranks an answer (the publisher reconnects on
+    // it), and an answer that a topic's call did not run outranks one that
+    // it ran whole with some SPUBLISH refused (the batch is sent again).
+    let rank = |e: &redis::RedisError| match e.code() {
+        None => 2,
+        Some(super::UNHEARD) => 0,
+        Some(_) => 1,
+    };
     let mut sent = 0;
-    let mut failed = None;
+    let mut failed: Option<redis::RedisError> = None;
     for result in futures_util::future::join_all(calls).await {
         match result {
             Ok(n) => sent += n,
-            // A broken connection outranks an answer (the publisher
-            // reconnects on it).
-            Err(e)
-                if failed
-                    .as_ref()
-                    .is_none_or(|f: &redis::RedisError| f.code().is_some()) =>
-            {
-                failed = Some(e);
-            }
+            Err(e) if failed.as_ref().is_none_or(|f| rank(&e) > rank(f)) => failed = Some(e),
             Err(_) => {}
         }
     }
