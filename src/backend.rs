@@ -319,7 +319,7 @@ impl Backend {
                 self.metrics.backend_forward(refused.result());
                 if refused == Refused::ReserveFull {
                     warn!(
-                        conn = &*conn.cid,
+                        conn = %conn.cid,
                         "disconnect event dropped: more disconnect events waiting than this node holds sockets"
                     );
                 }

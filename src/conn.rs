@@ -194,13 +194,13 @@ impl Conn {
             SlowCause::WriteTimedOut => "write timed out",
         };
         warn!(
-            conn = &*self.cid,
+            conn = %self.cid,
             code = reason.code(),
             reason = reason.label(),
             "{cause}: closing slow consumer"
         );
         debug!(
-            conn = &*self.cid,
+            conn = %self.cid,
             user = %Untrusted(&self.who.user),
             group = %UntrustedOpt(self.who.group.as_deref()),
             "slow consumer's ids"

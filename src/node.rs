@@ -970,7 +970,7 @@ impl Drop for Registration {
             let reason = self.conn.closer.reason().unwrap_or(CloseReason::Normal);
             node.metrics.connection_closed(reason);
             debug!(
-                conn = &*self.conn.cid,
+                conn = %self.conn.cid,
                 user = %Untrusted(&self.conn.who.user),
                 group = %UntrustedOpt(self.conn.who.group.as_deref()),
                 code = reason.code(),

@@ -173,7 +173,7 @@ impl Session {
         let conn = &registration.conn;
         let node = registration.node();
         debug!(
-            conn = &*conn.cid,
+            conn = %conn.cid,
             user = %Untrusted(&conn.who.user),
             group = %UntrustedOpt(conn.who.group.as_deref()),
             "connection opened"
