@@ -73,8 +73,8 @@ pub(super) struct Publisher {
     pause: Option<Duration>,
     /// When expired messages were last logged (they are all counted).
     expiry_logged: Option<Instant>,
-    /// Messages with a `PUBLISH` Redis refused while running the rest
-    /// (module docs) since the last log line, and when that was.
+    /// Sends of which Redis refused some `PUBLISH`es while it ran the
+    /// rest (module docs) since the last log line, and when that was.
     unheard: (u64, Option<Instant>),
 }
 
@@ -285,8 +285,8 @@ impl Publisher {
         }
     }
 
-    /// Redis answered every command of a plain batch of `sent` messages
-    /// (history off, or messages to connections): those it refused are
+    /// Redis answered every command of a plain batch (history off, or
+    /// messages to connections): the messages it refused are
     /// dropped and counted. When it refused them all it is refusing
     /// (`BUSY`, `LOADING`, an ACL without `PUBLISH`): the next send waits
     /// a pause. When it ran some, only some channels are refused: nothing
