@@ -8,8 +8,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde_json::{Value, json};
 
-use crate::common::Client;
 use crate::common::binary::Binary;
+use crate::common::{Captured, Client};
 
 fn refused_lines(binary: &Binary, label: &str) -> Vec<Value> {
     binary.matching(|v| v["message"] == "request refused" && v["label"] == label)
@@ -304,30 +304,6 @@ async fn no_configured_secret_appears_in_a_debug_log() {
     );
 }
 
-/// A log destination the test reads: every line written so far.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn refused(&self) -> Vec<Value> {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v["message"] == "request refused")
-            .collect()
-    }
-}
-
 /// The count of a flood comes with the pair's next line after the minute.
 /// An in-process node whose log is captured, on a paused clock: a task
 /// that sleeps a millisecond at a time keeps the runtime's automatic
@@ -335,18 +311,8 @@ impl Captured {
 /// takes well under the minute, and `advance` steps over it.
 #[tokio::test(start_paused = true)]
 async fn the_count_of_a_flood_follows_with_the_next_line_after_the_minute() {
-    let captured = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_max_level(tracing::Level::WARN)
-        .with_writer({
-            let captured = captured.clone();
-            move || captured.clone()
-        })
-        .finish();
     // The runtime is single-threaded: the server's tasks log on this thread.
-    let _default = tracing::subscriber::set_default(subscriber);
+    let (captured, _default) = Captured::warnings();
     let ticker = tokio::spawn(async {
         loop {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
@@ -370,13 +336,13 @@ async fn the_count_of_a_flood_follows_with_the_next_line_after_the_minute() {
         assert_eq!(push().await, 401);
     }
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
-    let lines = captured.refused();
+    let lines = captured.lines("request refused");
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert_eq!(lines[0]["suppressed"], 0);
     assert_eq!(lines[0]["peer"], "127.0.0.1");
     tokio::time::advance(std::time::Duration::from_secs(61)).await;
     assert_eq!(push().await, 401);
-    let lines = captured.refused();
+    let lines = captured.lines("request refused");
     assert_eq!(lines.len(), 2, "{lines:#?}");
     assert_eq!(lines[1]["suppressed"], 99, "{}", lines[1]);
     assert_eq!(lines[1]["status"], 401);

@@ -284,10 +284,14 @@ impl PubConn {
             let mut refused = false;
             for result in results.by_ref().take(m.channels.len()) {
                 match result {
-                    Ok(()) => unheard.heard += 1,
+                    Ok(()) => {}
+                    Err(e) if is_denied(&e) => {
+                        refused = true;
+                        unheard.denied.get_or_insert(e);
+                    }
                     Err(e) if is_refusal(&e) => {
                         refused = true;
-                        unheard.error.get_or_insert(e);
+                        unheard.refusing.get_or_insert(e);
                     }
                     Err(e) => return Err(e),
                 }
@@ -299,13 +303,21 @@ impl PubConn {
 }
 
 /// What Redis refused of a batch it answered ([`PubConn::send`]): the
-/// messages with at least one refused channel, the `PUBLISH`es it ran,
-/// and the first refusal.
+/// messages with at least one refused channel (their subscribers on it
+/// do not get them), the first refusal of this user's rights ([`is_denied`])
+/// and the first other refusal (Redis refusing the command itself).
 #[derive(Debug, Default)]
 pub(super) struct Unheard {
     pub messages: usize,
-    pub heard: usize,
-    pub error: Option<redis::RedisError>,
+    pub denied: Option<redis::RedisError>,
+    pub refusing: Option<redis::RedisError>,
+}
+
+/// Whether `e` is an ACL's refusal (`NOPERM`): this user may not publish
+/// on that channel (or at all). Unlike `OOM`, `BUSY` or `LOADING`, waiting
+/// does not change it, and the other channels' messages go through.
+pub(super) fn is_denied(e: &redis::RedisError) -> bool {
+    e.code() == Some("NOPERM")
 }
 
 /// Whether `e` is Redis's answer on a connection that is fine (an ACL's
@@ -358,7 +370,8 @@ impl PubConn {
             channels.to_vec(),
             Bytes::from_static(b"probe"),
         )];
-        match self.send(&batch).await?.error {
+        let unheard = self.send(&batch).await?;
+        match unheard.refusing.or(unheard.denied) {
             Some(refused) => Err(refused),
             None => Ok(()),
         }

@@ -30,8 +30,9 @@
 //! paused for (a pause protected nothing and held up every other
 //! channel's messages); each such send is counted
 //! (`wshub_bus_publish_failures_total`) and logged at most every 10 s.
-//! A plain batch of which Redis refused every `PUBLISH` is a refusal as
-//! above.
+//! Told apart by the code: `NOPERM` is the ACL's (waiting changes
+//! nothing; without `PUBLISH` at all the node also stays unready, its
+//! probes refused), any other answer is Redis refusing, as above.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -263,7 +264,7 @@ impl Publisher {
             return;
         }
         let error = match timeout(shared.config.command_timeout, active.send(&batch)).await {
-            Ok(Ok(unheard)) => return self.answered(unheard),
+            Ok(Ok(unheard)) => return self.answered(unheard, true),
             Ok(Err(e)) if is_refusal(&e) => Err(e.to_string()),
             Ok(Err(e)) => Ok(e.to_string()),
             Err(_) => Ok("the pipeline timed out".to_owned()),
@@ -286,23 +287,27 @@ impl Publisher {
     }
 
     /// Redis answered every command of a plain batch (history off, or
-    /// messages to connections): the messages it refused are
-    /// dropped and counted. When it refused them all it is refusing
-    /// (`BUSY`, `LOADING`, an ACL without `PUBLISH`): the next send waits
-    /// a pause. When it ran some, only some channels are refused: nothing
-    /// to wait for.
-    fn answered(&mut self, unheard: Unheard) {
-        let Some(error) = unheard.error else {
-            return self.accepted();
-        };
+    /// messages to connections): the messages it refused are dropped and
+    /// counted. A refusal of the command itself (`BUSY`, `LOADING`) means
+    /// Redis is refusing: the next send waits a pause. An ACL's (`NOPERM`)
+    /// refuses those channels only, whatever the wait: no pause, and a
+    /// line at most every 10 s. `proves`: whether a batch Redis took
+    /// shows that a refusal is over (not when it is the plain part of a
+    /// batch with history on: plain `PUBLISH` goes through an `OOM` that
+    /// refuses the publish script).
+    fn answered(&mut self, unheard: Unheard, proves: bool) {
         self.shared
             .metrics
             .dropped(DropReason::BusUnavailable, unheard.messages as u64);
-        if unheard.heard == 0 {
-            return self.refused_by_redis(error.to_string());
+        if let Some(refusing) = unheard.refusing {
+            return self.refused_by_redis(refusing.to_string());
         }
-        self.accepted();
-        self.unheard(&error, false);
+        if proves {
+            self.accepted();
+        }
+        if let Some(denied) = unheard.denied {
+            self.unheard(&denied, false);
+        }
     }
 
     /// Counts a send of which Redis refused some `PUBLISH`es while it ran
@@ -386,7 +391,7 @@ impl Publisher {
                     let sent = timeout(shared.config.command_timeout, active.send(&plain)).await;
                     let error = match sent {
                         Ok(Ok(unheard)) => {
-                            self.answered(unheard);
+                            self.answered(unheard, false);
                             None
                         }
                         Ok(Err(e)) => Some(e.to_string()),
