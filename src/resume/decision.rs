@@ -235,8 +235,8 @@ pub struct Bounds {
 }
 
 /// `history.replay_budget_bytes`: the bytes of replays a node holds at
-/// once, in KiB permits. A recovered resume takes its replay's size once it
-/// has read it and gives it back once the replay is written (or the socket
+/// once, in KiB. A recovered resume takes its replay's size once it has
+/// read it and gives it back once the replay is written (or the socket
 /// ended): a client that resumes far back and then does not read holds its
 /// replay until its write times out, and without this bound any number of
 /// such clients made a node hold any amount. A resume that finds no room
@@ -250,16 +250,29 @@ struct Budget {
     total: u32,
 }
 
-/// The budget's free KiB, and the signal that some were given back.
+/// The budget's free KiB and the replays waiting for room, first fit.
 ///
 /// Not a `tokio::sync::Semaphore`: a fair semaphore hands what is free to
 /// the first replay waiting, so one that does not fit would hold up every
 /// later one that does (each up to the call limit). Here a replay takes
-/// room whenever there is enough for it; a big one passed over by small
-/// ones waits at most the call limit, like any other.
-struct Room {
-    free: std::sync::Mutex<u32>,
-    given_back: tokio::sync::Notify,
+/// room whenever there is enough for it; what is given back goes to the
+/// waiting replays it fits, in the order they came, each woken only when
+/// its share is granted (not all of them at every give-back). A big one
+/// passed over by smaller ones waits at most the call limit, like any
+/// other.
+struct Room(std::sync::Mutex<RoomState>);
+
+struct RoomState {
+    free: u32,
+    waiting: std::collections::VecDeque<Waiting>,
+    /// When the queue holds this many, the ones that stopped waiting (their
+    /// resume timed out or its socket ended) are swept out.
+    sweep_at: usize,
+}
+
+struct Waiting {
+    kib: u32,
+    grant: tokio::sync::oneshot::Sender<BudgetShare>,
 }
 
 /// A replay's share of the node's [`Budget`], given back when dropped.
@@ -270,8 +283,9 @@ pub struct BudgetShare {
 
 impl Drop for BudgetShare {
     fn drop(&mut self) {
-        *self.room.free.lock().unwrap_or_else(|p| p.into_inner()) += self.kib;
-        self.room.given_back.notify_waiters();
+        if self.kib > 0 {
+            self.room.give_back(self.kib);
+        }
     }
 }
 
@@ -281,15 +295,53 @@ impl std::fmt::Debug for BudgetShare {
     }
 }
 
+impl Room {
+    fn state(&self) -> std::sync::MutexGuard<'_, RoomState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds `kib` to the free room and grants the waiting replays it now
+    /// fits, first come first.
+    fn give_back(self: &Arc<Self>, kib: u32) {
+        let mut state = self.state();
+        state.free += kib;
+        let mut at = 0;
+        while at < state.waiting.len() && state.free > 0 {
+            let waiting = &state.waiting[at];
+            if waiting.grant.is_closed() {
+                state.waiting.remove(at);
+            } else if waiting.kib <= state.free {
+                let Some(waiting) = state.waiting.remove(at) else {
+                    break;
+                };
+                state.free -= waiting.kib;
+                let share = BudgetShare {
+                    room: self.clone(),
+                    kib: waiting.kib,
+                };
+                // Stopped waiting just now: the room stays free (and the
+                // share, defused, does not give it back under this lock).
+                if let Err(mut share) = waiting.grant.send(share) {
+                    state.free += share.kib;
+                    share.kib = 0;
+                }
+            } else {
+                at += 1;
+            }
+        }
+    }
+}
+
 impl Budget {
     /// `None` for 0 (no bound).
     fn new(bytes: usize) -> Option<Self> {
         let total = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
         (total > 0).then(|| Self {
-            room: Arc::new(Room {
-                free: std::sync::Mutex::new(total),
-                given_back: tokio::sync::Notify::new(),
-            }),
+            room: Arc::new(Room(std::sync::Mutex::new(RoomState {
+                free: total,
+                waiting: std::collections::VecDeque::new(),
+                sweep_at: 64,
+            }))),
             total,
         })
     }
@@ -300,29 +352,26 @@ impl Budget {
         if kib > self.total {
             return None;
         }
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            // Listening before looking: a share given back between the
-            // look and the wait still wakes this one.
-            let given_back = self.room.given_back.notified();
-            tokio::pin!(given_back);
-            given_back.as_mut().enable();
-            if let Some(share) = self.try_take(kib) {
-                return Some(share);
+        let granted = {
+            let mut state = self.room.state();
+            if state.free >= kib {
+                state.free -= kib;
+                return Some(BudgetShare {
+                    room: self.room.clone(),
+                    kib,
+                });
             }
-            tokio::time::timeout_at(deadline, given_back).await.ok()?;
-        }
-    }
-
-    fn try_take(&self, kib: u32) -> Option<BudgetShare> {
-        let mut free = self.room.free.lock().unwrap_or_else(|p| p.into_inner());
-        (*free >= kib).then(|| {
-            *free -= kib;
-            BudgetShare {
-                room: self.room.clone(),
-                kib,
+            if state.waiting.len() >= state.sweep_at {
+                state.waiting.retain(|w| !w.grant.is_closed());
+                state.sweep_at = (2 * state.waiting.len()).max(64);
             }
-        })
+            let (grant, granted) = tokio::sync::oneshot::channel();
+            state.waiting.push_back(Waiting { kib, grant });
+            granted
+        };
+        // A share granted as the wait times out is dropped with the
+        // receiver, and so given back.
+        tokio::time::timeout(limit, granted).await.ok()?.ok()
     }
 }
 
@@ -669,4 +718,65 @@ enum Attempt {
     Fresh,
     /// Not recovered before anything is read.
     Not(NotRecovered),
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    const LIMIT: Duration = Duration::from_secs(2);
+
+    fn waiting(budget: &Budget) -> usize {
+        budget.room.state().waiting.len()
+    }
+
+    fn free(budget: &Budget) -> u32 {
+        budget.room.state().free
+    }
+
+    /// What is given back goes to the waiting replays it fits, in the
+    /// order they came, and only to them.
+    #[tokio::test(start_paused = true)]
+    async fn room_given_back_goes_to_the_waiting_replays_it_fits() {
+        let budget = Arc::new(Budget::new(10 * 1024).unwrap());
+        let all = budget.take(10 * 1024, LIMIT).await.unwrap();
+        let wait = |kib: usize| {
+            let budget = budget.clone();
+            tokio::spawn(async move { budget.take(kib * 1024, LIMIT).await })
+        };
+        let (big, small, second) = (wait(8), wait(2), wait(2));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(waiting(&budget), 3);
+        // 10 KiB back: the big one first (it came first and fits), then
+        // the first small one; the second does not fit what is left.
+        drop(all);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(big.is_finished() && small.is_finished());
+        assert!(!second.is_finished());
+        assert_eq!(free(&budget), 0);
+        let big = big.await.unwrap().unwrap();
+        drop(small.await.unwrap().unwrap());
+        let second = second.await.unwrap().unwrap();
+        assert_eq!(second.kib, 2);
+        assert_eq!(free(&budget), 0);
+        drop((big, second));
+        assert_eq!(free(&budget), 10);
+    }
+
+    /// A replay that stopped waiting (timed out) takes nothing and leaves
+    /// nothing behind: its place is swept, and all the room comes back.
+    #[tokio::test(start_paused = true)]
+    async fn a_replay_that_stops_waiting_leaks_nothing() {
+        let budget = Budget::new(4 * 1024).unwrap();
+        let held = budget.take(4 * 1024, LIMIT).await.unwrap();
+        for _ in 0..200 {
+            assert!(budget.take(1024, Duration::from_millis(1)).await.is_none());
+        }
+        assert!(waiting(&budget) <= 128, "swept: {}", waiting(&budget));
+        drop(held);
+        assert_eq!(waiting(&budget), 0);
+        assert_eq!(free(&budget), 4);
+        let again = budget.take(4 * 1024, LIMIT).await.unwrap();
+        assert_eq!(again.kib, 4);
+    }
 }
