@@ -1612,6 +1612,38 @@ async fn plain_publishes_do_not_end_an_outage_of_the_script() {
     );
 }
 
+/// A node whose probes Redis refuses (an ACL without `PUBLISH`) says why
+/// it is not healthy, not only that no probe came back.
+#[tokio::test]
+async fn a_refused_probe_is_named_in_the_health_reason() {
+    let redis = RedisServer::start();
+    let node = Member::start(&redis.url(), "solo", None).await;
+    assert_eq!(
+        cli(redis.port, &["ACL", "SETUSER", "default", "-publish"]),
+        "OK"
+    );
+    let mut reason = String::new();
+    eventually("the node unhealthy, saying why", || {
+        reason = node
+            .bus
+            .health()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        reason.contains("could not be published")
+    })
+    .await;
+    assert!(
+        reason.contains("NOPERM") || reason.contains("NoPerm"),
+        "{reason}"
+    );
+    assert_eq!(
+        cli(redis.port, &["ACL", "SETUSER", "default", "+publish"]),
+        "OK"
+    );
+    eventually("healthy again", || node.bus.health().is_ok()).await;
+}
+
 /// A Redis restarted from its own persisted data (the topic's meta
 /// survives, offsets would be reused) has another run id: every topic
 /// starts a new epoch, a read from an old position is `Incomplete`, and a

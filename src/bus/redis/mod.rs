@@ -187,6 +187,10 @@ struct Shared {
     /// Milliseconds since `started` when the *oldest* of the probe channels
     /// last came back, plus one; 0 = not every probe channel came back yet.
     last_probe: AtomicU64,
+    /// Why the last probe could not be published (an ACL without the
+    /// probe channels, say), said with the silence it causes; `None` once
+    /// one is published again.
+    probe_failed: std::sync::Mutex<Option<String>>,
     /// Unreadable payloads are logged once per node.
     unreadable_logged: AtomicBool,
     /// How long the publisher may spend sending what is queued once the
@@ -243,6 +247,7 @@ impl RedisBus {
             down_because: std::sync::Mutex::new("connecting".into()),
             epoch: AtomicU64::new(0),
             last_probe: AtomicU64::new(0),
+            probe_failed: std::sync::Mutex::new(None),
             unreadable_logged: AtomicBool::new(false),
             flush_within_ms: AtomicU64::new(0),
             gate: VersionGate::new(),
@@ -385,14 +390,16 @@ impl Bus for RedisBus {
             )));
         }
         let Some(age) = shared.probe_age() else {
-            return Err(BusError::Unavailable(
-                "no probe has come back through Redis yet".into(),
-            ));
+            return Err(BusError::Unavailable(format!(
+                "no probe has come back through Redis yet{}",
+                shared.probe_failure()
+            )));
         };
         if age > shared.config.probe_timeout {
             return Err(BusError::Unavailable(format!(
-                "no probe has come back through Redis for {} ms",
-                age.as_millis()
+                "no probe has come back through Redis for {} ms{}",
+                age.as_millis(),
+                shared.probe_failure()
             )));
         }
         Ok(())
@@ -451,6 +458,22 @@ impl Shared {
             self.since_start()
                 .saturating_sub(Duration::from_millis(last - 1))
         })
+    }
+
+    /// `": the last probe could not be published: <error>"` when it could
+    /// not, else empty.
+    fn probe_failure(&self) -> String {
+        self.probe_failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|e| format!(": the last probe could not be published: {e}"))
+            .unwrap_or_default()
+    }
+
+    /// Records the outcome of publishing a probe (see `probe_failed`).
+    fn probe_published(&self, outcome: Result<(), String>) {
+        *self.probe_failed.lock().unwrap_or_else(|e| e.into_inner()) = outcome.err();
     }
 
     /// Records that the subscriber lost Redis now, unless it already had

@@ -657,7 +657,11 @@ impl Subscriber {
             .since_start()
             .saturating_sub(last.max(live.connected_at));
         if silent > config.probe_timeout * 2 {
-            return Err(format!("no probe came back for {} ms", silent.as_millis()));
+            return Err(format!(
+                "no probe came back for {} ms{}",
+                silent.as_millis(),
+                shared.probe_failure()
+            ));
         }
         // On the probe's own connection, off this task: a slow Redis must
         // not stall deliveries, and a backlog in the publisher must not
@@ -665,8 +669,15 @@ impl Subscriber {
         let mut prober = live.prober.clone();
         let probes = live.probes.clone();
         let limit = config.command_timeout;
+        let shared = shared.clone();
         self.tasks.spawn(async move {
-            let _ = timeout(limit, prober.probe(&probes)).await;
+            // Timing out says nothing the silence does not; a refusal (an
+            // ACL without the probe channels) is kept to be said with it.
+            match timeout(limit, prober.probe(&probes)).await {
+                Ok(Ok(())) => shared.probe_published(Ok(())),
+                Ok(Err(e)) => shared.probe_published(Err(e.to_string())),
+                Err(_) => {}
+            }
         });
         Ok(())
     }
