@@ -740,7 +740,8 @@ impl Config {
 
     fn redis_from_raw(raw: &RawRedis) -> Result<Option<RedisConfig>, ConfigError> {
         if raw.url.trim().is_empty() && raw.sentinels.is_empty() {
-            // Refuses redis.sentinel_tls without sentinels.
+            // Refuses redis.sentinel_tls or sentinel_master without
+            // sentinels (a blank list included).
             trust::sentinels(raw)?;
             return Ok(None);
         }

@@ -171,6 +171,12 @@ pub(super) fn sentinels(raw: &RawRedis) -> Result<Vec<String>, ConfigError> {
                 "needs redis.sentinels (with redis.url, TLS is its rediss:// scheme)",
             ));
         }
+        if !raw.sentinel_master.trim().is_empty() {
+            return Err(invalid(
+                "redis.sentinel_master",
+                "needs redis.sentinels (host:port of each sentinel)",
+            ));
+        }
         return Ok(sentinels);
     }
     if raw.sentinel_master.trim().is_empty() {

@@ -269,6 +269,17 @@ async fn sentinel_keys_are_validated() {
     // Without any Redis, too: the key would otherwise be ignored.
     let msg = err(&[("sentinel_tls", "true")]);
     assert!(msg.contains("needs redis.sentinels"), "{msg}");
+    // A master without sentinels, or with a blank list, would run the node
+    // on its in-process bus.
+    for sentinels in [None, Some(","), Some(" ")] {
+        let mut settings = vec![("sentinel_master", "m")];
+        settings.extend(sentinels.map(|s| ("sentinels", s)));
+        let msg = err(&settings);
+        assert!(
+            msg.contains("redis.sentinel_master") && msg.contains("needs redis.sentinels"),
+            "{sentinels:?}: {msg}"
+        );
+    }
     // redis-rs checks the primary's role without the client certificate
     // when the server's is not checked: refused, not a node that never
     // becomes ready.
