@@ -763,6 +763,14 @@ impl Config {
             sentinel_tls: raw.sentinel_tls,
         };
         let urls = config.urls();
+        if config.sentinels.is_empty() && urls.is_empty() {
+            // Only blanks (`","`, `sentinels = [" "]`): a sharded node
+            // would start with no node to reach and never be ready.
+            return Err(invalid(
+                "redis.url",
+                "holds no URL (and redis.sentinels no sentinel): give one, or neither for the in-process bus",
+            ));
+        }
         if config.sentinels.is_empty() && !config.sharded && urls.len() != 1 {
             return Err(invalid(
                 "redis.url",

@@ -612,6 +612,28 @@ fn the_replay_budget_holds_at_least_one_largest_replay() {
     }
 }
 
+/// A Redis setting of blanks only is refused, not a node that never
+/// becomes ready (a sharded node with no URL once started so).
+#[test]
+fn blank_redis_addresses_are_refused() {
+    for vars in [
+        vec![("WSHUB_REDIS__URL", ","), ("WSHUB_REDIS__SHARDED", "true")],
+        vec![
+            ("WSHUB_REDIS__URL", " , "),
+            ("WSHUB_REDIS__SHARDED", "false"),
+        ],
+    ] {
+        let err = Config::load_from(None, env(&vars)).unwrap_err().to_string();
+        assert!(err.contains("redis.url"), "{vars:?}: {err}");
+    }
+    let mut file = tempfile();
+    writeln!(file.1, "[redis]\nsentinels = [\" \"]\nsharded = true").unwrap();
+    let err = Config::load_from(Some(&file.0), env(&[]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("redis.url"), "{err}");
+}
+
 /// A boolean key takes `true`/`false` (and, as text, `1`/`0`, `yes`/`no`,
 /// `on`/`off`, any case); a number or another word is refused with the
 /// key's name and where it came from, from a file or the environment.
