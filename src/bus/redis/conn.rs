@@ -284,7 +284,7 @@ impl PubConn {
             let mut refused = false;
             for result in results.by_ref().take(m.channels.len()) {
                 match result {
-                    Ok(()) => {}
+                    Ok(()) => unheard.heard += 1,
                     Err(e) if is_denied(&e) => {
                         refused = true;
                         unheard.denied.get_or_insert(e);
@@ -304,11 +304,13 @@ impl PubConn {
 
 /// What Redis refused of a batch it answered ([`PubConn::send`]): the
 /// messages with at least one refused channel (their subscribers on it
-/// do not get them), the first refusal of this user's rights ([`is_denied`])
-/// and the first other refusal (Redis refusing the command itself).
+/// do not get them), the `PUBLISH`es that ran, the first refusal of this
+/// user's rights ([`is_denied`]) and the first other refusal (Redis
+/// refusing the command itself).
 #[derive(Debug, Default)]
 pub(super) struct Unheard {
     pub messages: usize,
+    pub heard: usize,
     pub denied: Option<redis::RedisError>,
     pub refusing: Option<redis::RedisError>,
 }

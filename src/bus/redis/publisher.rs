@@ -17,22 +17,27 @@
 //! pause that doubles up to `redis.reconnect_max_ms`, for as long as its
 //! messages are younger than `redis.publish_retry_ms`. Each refusal is
 //! counted (`wshub_bus_publish_failures_total`); the outage is logged
-//! when it starts and when it ends. (Taken for a broken connection, an
-//! `OOM` once made a node reconnect and log a warning about 20 times a
-//! second.) `READONLY` and `MASTERDOWN` mean the server is not, or no
-//! longer, the primary: those reconnect.
+//! when it starts and when it ends, and only a send that proves it over
+//! ends it: a plain `PUBLISH` that ran ends an outage of plain sends, but
+//! not one of the script (an `OOM` refuses the script and lets plain
+//! `PUBLISH` through). (Taken for a broken connection, an `OOM` once made
+//! a node reconnect and log a warning about 20 times a second.)
+//! `READONLY` and `MASTERDOWN` mean the server is not, or no longer, the
+//! primary: those reconnect.
 //!
-//! **A `PUBLISH` refused among others that ran is not Redis refusing.**
-//! An ACL without some channels refuses the `PUBLISH`es to those only:
-//! the publish script records the whole batch and answers `UNHEARD`
-//! (`history.rs`), a plain pipeline's commands are answered one by one
-//! and only the refused messages are dropped. Neither is sent again nor
-//! paused for (a pause protected nothing and held up every other
-//! channel's messages); each such send is counted
+//! **The ACL's refusal is not Redis refusing.** An ACL without some
+//! channels refuses the `PUBLISH`es to those only, with `NOPERM`, and
+//! waiting changes nothing: the publish script records the whole batch
+//! and answers `UNHEARD` (`history.rs`); a plain pipeline's commands are
+//! answered one by one and only the refused messages are dropped; a
+//! script call refused for a history key the user may not touch is made
+//! again at once one message per call, and only the messages refused
+//! then are dropped. None is paused for (a pause protected nothing and
+//! held up every other channel's messages); each such send is counted
 //! (`wshub_bus_publish_failures_total`) and logged at most every 10 s.
-//! Told apart by the code: `NOPERM` is the ACL's (waiting changes
-//! nothing; without `PUBLISH` at all the node also stays unready, its
-//! probes refused), any other answer is Redis refusing, as above.
+//! Without `PUBLISH` at all the node also stays unready, its probes
+//! refused. Redis checks the ACL before it is busy, so a send the ACL
+//! refused whole proves nothing about an outage.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -42,7 +47,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::conn::{Backoff, Link, PubConn, Unheard, connect_publisher, is_refusal};
+use super::conn::{Backoff, Link, PubConn, Unheard, connect_publisher, is_denied, is_refusal};
 use super::history::{Prepared, RedisHistory, UNHEARD};
 use super::queue::Outgoing;
 use super::{LAG_LOG_EVERY, MAX_BATCH, MAX_BATCH_BYTES, MIN_BACKOFF, Shared};
@@ -68,8 +73,9 @@ pub(super) struct Publisher {
     /// they drew): the script relies on it (see `history.rs`).
     numbered: u64,
     /// Redis answered the last send with an error (module docs): the
-    /// error, and how many sends it refused in a row.
-    refused: Option<(String, u64)>,
+    /// error, how many sends it refused in a row, and which kind of send
+    /// must go through to end it ([`Proof`]).
+    refused: Option<(String, u64, Proof)>,
     /// Set by a refused send: how long to wait before the next one.
     pause: Option<Duration>,
     /// When expired messages were last logged (they are all counted).
@@ -77,6 +83,31 @@ pub(super) struct Publisher {
     /// Sends of which Redis refused some `PUBLISH`es while it ran the
     /// rest (module docs) since the last log line, and when that was.
     unheard: (u64, Option<Instant>),
+}
+
+/// What a send that went through proves. A plain `PUBLISH` goes through
+/// an `OOM` that refuses the publish script (it writes nothing), so it
+/// ends only an outage that plain sends were refused in; the script's
+/// running ends any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proof {
+    Plain,
+    Script,
+}
+
+/// The outcome of one call of the publish script.
+enum Call {
+    /// Ran whole.
+    Ran,
+    /// Ran whole; some of its `PUBLISH`es were refused (`UNHEARD`).
+    Unheard(redis::RedisError),
+    /// Refused by the ACL before it ran (`NOPERM`: a history key the user
+    /// may not touch); waiting changes nothing.
+    Denied(redis::RedisError),
+    /// Refused before it ran (`OOM`, `BUSY`, `LOADING`): try again later.
+    Refused(redis::RedisError),
+    /// No answer, or the connection failed: it may have run.
+    Failed(String),
 }
 
 impl Publisher {
@@ -264,7 +295,10 @@ impl Publisher {
             return;
         }
         let error = match timeout(shared.config.command_timeout, active.send(&batch)).await {
-            Ok(Ok(unheard)) => return self.answered(unheard, true),
+            Ok(Ok(unheard)) => {
+                self.answered(unheard);
+                return;
+            }
             Ok(Err(e)) if is_refusal(&e) => Err(e.to_string()),
             Ok(Err(e)) => Ok(e.to_string()),
             Err(_) => Ok("the pipeline timed out".to_owned()),
@@ -276,7 +310,7 @@ impl Publisher {
             .metrics
             .dropped(DropReason::BusUnavailable, batch.len() as u64);
         match error {
-            Err(refusal) => self.refused_by_redis(refusal),
+            Err(refusal) => self.refused_by_redis(refusal, Proof::Plain),
             Ok(error) => {
                 shared.metrics.bus_publish_failure();
                 warn!(%error, dropped = batch.len(), "publishing to Redis failed; reconnecting");
@@ -289,45 +323,48 @@ impl Publisher {
     /// Redis answered every command of a plain batch (history off, or
     /// messages to connections): the messages it refused are dropped and
     /// counted. A refusal of the command itself (`BUSY`, `LOADING`) means
-    /// Redis is refusing: the next send waits a pause. An ACL's (`NOPERM`)
-    /// refuses those channels only, whatever the wait: no pause, and a
-    /// line at most every 10 s. `proves`: whether a batch Redis took
-    /// shows that a refusal is over (not when it is the plain part of a
-    /// batch with history on: plain `PUBLISH` goes through an `OOM` that
-    /// refuses the publish script).
-    fn answered(&mut self, unheard: Unheard, proves: bool) {
+    /// Redis is refusing: the next send waits a pause (and true is
+    /// returned). An ACL's (`NOPERM`) refuses those channels only, whatever
+    /// the wait: no pause, and a line at most every 10 s. Only a `PUBLISH`
+    /// that ran ends an outage (Redis checks the ACL before it is busy: a
+    /// batch the ACL refused whole proves nothing).
+    fn answered(&mut self, unheard: Unheard) -> bool {
         self.shared
             .metrics
             .dropped(DropReason::BusUnavailable, unheard.messages as u64);
         if let Some(refusing) = unheard.refusing {
-            return self.refused_by_redis(refusing.to_string());
+            self.refused_by_redis(refusing.to_string(), Proof::Plain);
+            return true;
         }
-        if proves {
-            self.accepted();
+        if unheard.heard > 0 {
+            self.accepted(Proof::Plain);
         }
         if let Some(denied) = unheard.denied {
-            self.unheard(&denied, false);
+            self.denied(&denied, Fate::Dropped);
         }
+        false
     }
 
-    /// Counts a send of which Redis refused some `PUBLISH`es while it ran
-    /// the rest (module docs: no pause), and logs it at most every 10 s.
-    /// `recorded`: the refused messages are in history (the publish
-    /// script), else they were dropped.
-    fn unheard(&mut self, error: &redis::RedisError, recorded: bool) {
+    /// Counts a send of which Redis's ACL refused some messages (`NOPERM`:
+    /// their channels, or their history keys) while it took the rest
+    /// (module docs: no pause), and logs it at most every 10 s.
+    fn denied(&mut self, error: &redis::RedisError, fate: Fate) {
         self.shared.metrics.bus_publish_failure();
         let (sends, logged) = &mut self.unheard;
         *sends += 1;
         if logged.is_none_or(|at: Instant| at.elapsed() > LAG_LOG_EVERY) {
-            let fate = if recorded {
-                "recorded in history but not heard live (subscribers read them from history when a later message on the channel reaches them)"
-            } else {
-                "dropped (counted in wshub_messages_dropped_total{reason=\"bus_unavailable\"})"
+            let fate = match fate {
+                Fate::Recorded => {
+                    "recorded in history but not heard live (subscribers read them from history when a later message on the channel reaches them)"
+                }
+                Fate::Dropped => {
+                    "dropped (counted in wshub_messages_dropped_total{reason=\"bus_unavailable\"})"
+                }
             };
             warn!(
                 %error,
                 sends = *sends,
-                "Redis refuses PUBLISH on some channels (an ACL without them?) and runs the rest: the refused messages are {fate}; no pause, since Redis accepts the rest; logged at most every 10 s; see wshub_bus_publish_failures_total"
+                "Redis's ACL refuses some messages (NOPERM: their channels or history keys) and Redis takes the rest: the refused ones are {fate}; not waited out (no pause); logged at most every 10 s; see wshub_bus_publish_failures_total"
             );
             *sends = 0;
             *logged = Some(Instant::now());
@@ -336,26 +373,37 @@ impl Publisher {
 
     /// Redis answered a send with an error (module docs): counted, logged
     /// once per outage; the connection is kept and the next send waits a
-    /// pause that doubles up to `redis.reconnect_max_ms`.
-    fn refused_by_redis(&mut self, error: String) {
+    /// pause that doubles up to `redis.reconnect_max_ms`. `proof`: the
+    /// kind of send that was refused, and so must go through to end it.
+    fn refused_by_redis(&mut self, error: String, proof: Proof) {
         self.shared.metrics.bus_publish_failure();
         self.pause = Some(self.backoff.step());
         match &mut self.refused {
-            Some((_, refusals)) => *refusals += 1,
+            Some((_, refusals, needs)) => {
+                *refusals += 1;
+                if proof == Proof::Script {
+                    *needs = Proof::Script;
+                }
+            }
             None => {
                 warn!(
                     %error,
                     retry_ms = self.shared.config.publish_retry.as_millis() as u64,
                     "Redis refuses to publish; trying again with a growing pause (logged once until it accepts again; messages older than redis.publish_retry_ms are dropped; see wshub_bus_publish_failures_total)"
                 );
-                self.refused = Some((error, 1));
+                self.refused = Some((error, 1, proof));
             }
         }
     }
 
-    /// A send went through: an outage of refusals, if any, is over.
-    fn accepted(&mut self) {
-        if let Some((error, refusals)) = self.refused.take() {
+    /// A send of kind `proof` went through: an outage of refusals it
+    /// proves over, if any, is over.
+    fn accepted(&mut self, proof: Proof) {
+        if let Some((error, refusals, needs)) = self.refused.take() {
+            if needs == Proof::Script && proof == Proof::Plain {
+                self.refused = Some((error, refusals, needs));
+                return;
+            }
             self.backoff.reset();
             info!(refusals, %error, "Redis accepts publishes again");
         }
@@ -391,7 +439,14 @@ impl Publisher {
                     let sent = timeout(shared.config.command_timeout, active.send(&plain)).await;
                     let error = match sent {
                         Ok(Ok(unheard)) => {
-                            self.answered(unheard, false);
+                            if self.answered(unheard) {
+                                // Redis is refusing: the script waits out
+                                // the pause too (and doubles it only once).
+                                if !recorded.is_empty() {
+                                    self.resend = Some(recorded);
+                                }
+                                return;
+                            }
                             None
                         }
                         Ok(Err(e)) => Some(e.to_string()),
@@ -426,55 +481,111 @@ impl Publisher {
         if batch.is_empty() {
             return;
         }
-        let shared = self.shared.clone();
-        let Some((active, _, Some(prepared))) = self.conn.as_mut() else {
-            self.resend = Some(batch);
-            return;
-        };
         for recorded in batch.iter_mut().filter_map(|m| m.history.as_mut()) {
             if recorded.number == 0 {
                 self.numbered += 1;
                 recorded.number = self.numbered;
             }
         }
+        match self.call_script(history, &batch).await {
+            Call::Denied(_) if batch.len() > 1 => self.one_by_one(history, batch).await,
+            call => {
+                if let Some(rest) = self.settle(call, batch) {
+                    self.resend = Some(rest);
+                }
+            }
+        }
+    }
+
+    /// The ACL refused a batch's call (`NOPERM`, a history key): its
+    /// messages are sent again one per call, at once, so that only those
+    /// the ACL refuses are dropped. What a call that does not answer, or
+    /// Redis refusing, leaves (that message and the rest) is sent again
+    /// later, as a batch.
+    async fn one_by_one(&mut self, history: &RedisHistory, batch: Vec<Outgoing>) {
+        let mut rest = batch.into_iter();
+        while let Some(message) = rest.next() {
+            let single = vec![message];
+            let call = self.call_script(history, &single).await;
+            if let Some(mut left) = self.settle(call, single) {
+                left.extend(rest);
+                self.resend = Some(left);
+                return;
+            }
+        }
+    }
+
+    /// Acts on a call's outcome; returns the batch when it is to be sent
+    /// again.
+    fn settle(&mut self, call: Call, batch: Vec<Outgoing>) -> Option<Vec<Outgoing>> {
+        match call {
+            Call::Ran => self.accepted(Proof::Script),
+            // Recorded whole, some PUBLISHes refused (`heard_lua` in
+            // `history.rs`): nothing to send again, nothing to wait for (a
+            // pause protected nothing and held up the other channels'
+            // messages, up to `redis.reconnect_max_ms` a batch).
+            Call::Unheard(e) => {
+                self.accepted(Proof::Script);
+                self.denied(&e, Fate::Recorded);
+            }
+            // Waiting changes nothing: dropped and counted.
+            Call::Denied(e) => {
+                self.shared
+                    .metrics
+                    .dropped(DropReason::BusUnavailable, batch.len() as u64);
+                self.denied(&e, Fate::Dropped);
+            }
+            // Answered: the connection is fine, and nothing ran (an OOM
+            // refuses the script's first write). The script raises the
+            // high-water mark first, so were anything run, it would be
+            // skipped when the batch comes again.
+            Call::Refused(e) => {
+                self.refused_by_redis(e.to_string(), Proof::Script);
+                return Some(batch);
+            }
+            Call::Failed(error) => {
+                // Redis may have run it: it is sent again on the next
+                // connection, and the script skips it if it did.
+                self.shared.metrics.bus_publish_failure();
+                warn!(%error, messages = batch.len(), "publishing to Redis failed; reconnecting to send the batch again");
+                self.conn = None;
+                self.outage = true;
+                // Not at once: a connection that fails as soon as it is
+                // made must not make a busy loop.
+                self.pause = Some(MIN_BACKOFF);
+                return Some(batch);
+            }
+        }
+        None
+    }
+
+    /// One call of the publish script with `batch` (numbered).
+    async fn call_script(&mut self, history: &RedisHistory, batch: &[Outgoing]) -> Call {
+        let shared = self.shared.clone();
+        let Some((active, _, Some(prepared))) = self.conn.as_mut() else {
+            return Call::Failed("not connected".to_owned());
+        };
         let started = Instant::now();
         let sent = timeout(
             shared.config.command_timeout,
-            history.publish(active, prepared, &batch),
+            history.publish(active, prepared, batch),
         )
         .await;
         shared.metrics.history_publish(started.elapsed());
-        let error = match sent {
-            Ok(Ok(_)) => return self.accepted(),
-            // The script ran the whole batch, recorded every message and
-            // answers the PUBLISHes Redis refused (`heard_lua` in
-            // `history.rs`): nothing to send again, nothing to wait for
-            // (a pause protected nothing and held up the other channels'
-            // messages, up to `redis.reconnect_max_ms` a batch).
-            Ok(Err(e)) if e.code() == Some(UNHEARD) => {
-                self.accepted();
-                return self.unheard(&e, true);
-            }
-            Ok(Err(e)) if is_refusal(&e) => {
-                // Answered: the connection is fine, and nothing ran (an
-                // OOM refuses the script's first write). The script raises
-                // the high-water mark first, so were anything run, it
-                // would be skipped when the batch comes again.
-                self.resend = Some(batch);
-                return self.refused_by_redis(e.to_string());
-            }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "the publish script timed out".to_owned(),
-        };
-        // Redis may have run it: it is sent again on the next connection,
-        // and the script skips it if it did.
-        shared.metrics.bus_publish_failure();
-        warn!(%error, messages = batch.len(), "publishing to Redis failed; reconnecting to send the batch again");
-        self.resend = Some(batch);
-        self.conn = None;
-        self.outage = true;
-        // Not at once: a connection that fails as soon as it is made must
-        // not make a busy loop.
-        self.pause = Some(MIN_BACKOFF);
+        match sent {
+            Ok(Ok(_)) => Call::Ran,
+            Ok(Err(e)) if e.code() == Some(UNHEARD) => Call::Unheard(e),
+            Ok(Err(e)) if is_denied(&e) => Call::Denied(e),
+            Ok(Err(e)) if is_refusal(&e) => Call::Refused(e),
+            Ok(Err(e)) => Call::Failed(e.to_string()),
+            Err(_) => Call::Failed("the publish script timed out".to_owned()),
+        }
     }
+}
+
+/// What became of messages Redis's ACL refused ([`Publisher::denied`]).
+#[derive(Debug, Clone, Copy)]
+enum Fate {
+    Recorded,
+    Dropped,
 }
