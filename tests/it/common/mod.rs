@@ -355,7 +355,19 @@ impl Captured {
     }
 
     /// Captures what this thread logs at `level` and above.
+    ///
+    /// `tracing` caches each callsite's interest process-wide, computed on
+    /// the thread that first reaches it: a test on another thread with no
+    /// subscriber made it `never`, and this thread's capture then missed
+    /// the event (seen when tests ran in parallel). A global subscriber
+    /// that is always asked per event ([`PerEvent`]) keeps every callsite
+    /// asking the current thread's.
     pub fn at(level: tracing::Level) -> (Self, tracing::subscriber::DefaultGuard) {
+        static GLOBAL: std::sync::Once = std::sync::Once::new();
+        GLOBAL.call_once(|| {
+            // Fails only when `init_logging` set one (RUST_LOG): fine.
+            let _ = tracing::subscriber::set_global_default(PerEvent);
+        });
         let captured = Self::default();
         let subscriber = tracing_subscriber::fmt()
             .json()
@@ -366,7 +378,9 @@ impl Captured {
                 move || captured.clone()
             })
             .finish();
-        (captured, tracing::subscriber::set_default(subscriber))
+        let guard = tracing::subscriber::set_default(subscriber);
+        tracing::callsite::rebuild_interest_cache();
+        (captured, guard)
     }
 
     /// The lines whose message starts with `message`.
@@ -381,4 +395,32 @@ impl Captured {
             })
             .collect()
     }
+}
+
+/// A global subscriber that records nothing and tells every callsite to
+/// ask per event (`Interest::sometimes`), so that no callsite's interest
+/// is cached as `never` for the process ([`Captured::at`]).
+struct PerEvent;
+
+impl tracing::Subscriber for PerEvent {
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::TRACE)
+    }
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        false
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {}
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
 }
