@@ -1689,6 +1689,37 @@ async fn a_script_that_fails_part_way_counts_its_batch_as_lost() {
     assert!(captured.lines("Redis accepts publishes again").is_empty());
 }
 
+/// A shutdown whose flush deadline cuts a publish call short counts what
+/// that call held as dropped. (The call's future was dropped with its
+/// batch, which was then in neither the queue nor the resend: lost
+/// without a count or a line.)
+#[tokio::test]
+async fn a_flush_cut_short_counts_what_its_call_held() {
+    let redis = RedisServer::start();
+    let proxy = GateProxy::start(redis.port).await;
+    let config = redis_config_with(
+        &proxy.url(),
+        2000,
+        false,
+        &[("WSHUB_REDIS__PUBLISH_RETRY_MS", "600")],
+    );
+    let publisher = Member::start_on(config, "pub", Some(settings())).await;
+    // The run loop's call is held until it times out (2 s); then the
+    // flush's, on its new connection, until the flush's deadline (600 ms).
+    proxy.arm_commands_on(b"EVALSHA");
+    proxy.gate().arm_commands_on(b"EVALSHA");
+    let a = group("a");
+    for i in 1..=5 {
+        publisher.publish(std::slice::from_ref(&a), &format!("a{i}"));
+    }
+    proxy.held().await;
+    publisher.bus.shutdown(Duration::from_secs(3)).await;
+    assert_eq!(
+        publisher.metric("wshub_messages_dropped_total{reason=\"bus_unavailable\"}"),
+        5.0
+    );
+}
+
 /// Redis busy with a long script (`BUSY`) is one outage, logged once when
 /// it starts and once when it ends, with history off and on, whatever the
 /// ACL refuses meanwhile (Redis checks the ACL first, so a send it

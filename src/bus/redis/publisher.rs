@@ -88,10 +88,11 @@ pub(super) struct Publisher {
     pause: Option<Duration>,
     /// When expired messages were last logged (they are all counted).
     expiry_logged: Option<Instant>,
-    /// Messages of a batch the ACL refused that are still to be sent in
-    /// its halves ([`Publisher::halves`]): counted as dropped by `flush`
-    /// when its deadline cuts that short.
-    splitting: usize,
+    /// The messages a send holds while it awaits Redis (taken from the
+    /// queue or `resend`, not yet settled): counted as dropped by `flush`
+    /// when its deadline cuts the send short (the future is dropped with
+    /// them).
+    in_flight: usize,
     /// When a publish script that failed part-way was last logged.
     broken_logged: Option<Instant>,
     /// Sends of which Redis refused some `PUBLISH`es while it ran the
@@ -144,7 +145,7 @@ impl Publisher {
             pause: None,
             expiry_logged: None,
             unheard: (0, None),
-            splitting: 0,
+            in_flight: 0,
             broken_logged: None,
         }
     }
@@ -209,7 +210,7 @@ impl Publisher {
         }
         let left = self.shared.queue.take(usize::MAX, usize::MAX).len()
             + self.resend.take().map_or(0, |batch| batch.len())
-            + std::mem::take(&mut self.splitting);
+            + std::mem::take(&mut self.in_flight);
         if left > 0 {
             self.shared
                 .metrics
@@ -305,6 +306,13 @@ impl Publisher {
 
     /// Sends one batch (bounded in messages and bytes) with its own timeout.
     async fn send_batch(&mut self) {
+        self.send_taken().await;
+        // Not reached when `flush`'s deadline drops this future: what the
+        // send held is then counted there.
+        self.in_flight = 0;
+    }
+
+    async fn send_taken(&mut self) {
         if self.shared.history.is_some() {
             return self.send_recorded().await;
         }
@@ -316,6 +324,7 @@ impl Publisher {
         if batch.is_empty() {
             return;
         }
+        self.in_flight = batch.len();
         let error = match timeout(shared.config.command_timeout, active.send(&batch)).await {
             Ok(Ok(unheard)) => {
                 self.answered(unheard);
@@ -455,6 +464,7 @@ impl Publisher {
                     .into_iter()
                     .partition(|m| m.history.is_some());
                 if !plain.is_empty() {
+                    self.in_flight = plain.len() + recorded.len();
                     let Some((active, _, _)) = self.conn.as_mut() else {
                         return;
                     };
@@ -509,10 +519,11 @@ impl Publisher {
                 recorded.number = self.numbered;
             }
         }
+        self.in_flight = batch.len();
         match self.call_script(history, &batch).await {
             Call::Denied(_) if batch.len() > 1 => self.halves(history, batch).await,
             call => {
-                if let Some(rest) = self.settle(call, batch) {
+                if let Some(rest) = self.settle(call, batch, 0) {
                     self.resend = Some(rest);
                 }
             }
@@ -534,8 +545,9 @@ impl Publisher {
         let back = batch.split_off(batch.len() / 2);
         pending.push_back(batch);
         pending.push_back(back);
-        self.splitting = pending.iter().map(Vec::len).sum();
+        let mut held: usize = pending.iter().map(Vec::len).sum();
         while let Some(mut part) = pending.pop_front() {
+            self.in_flight = held;
             let call = self.call_script(history, &part).await;
             if matches!(call, Call::Denied(_)) && part.len() > 1 {
                 let back = part.split_off(part.len() / 2);
@@ -543,20 +555,19 @@ impl Publisher {
                 pending.push_front(part);
                 continue;
             }
-            self.splitting -= part.len();
-            if let Some(mut left) = self.settle(call, part) {
+            held -= part.len();
+            if let Some(mut left) = self.settle(call, part, held) {
                 left.extend(pending.into_iter().flatten());
-                self.splitting = 0;
                 self.resend = Some(left);
                 return;
             }
         }
-        self.splitting = 0;
     }
 
     /// Acts on a call's outcome; returns the batch when it is to be sent
-    /// again.
-    fn settle(&mut self, call: Call, batch: Vec<Outgoing>) -> Option<Vec<Outgoing>> {
+    /// again (with the `behind` messages still pending after it, which
+    /// the caller adds).
+    fn settle(&mut self, call: Call, batch: Vec<Outgoing>, behind: usize) -> Option<Vec<Outgoing>> {
         match call {
             Call::Ran => self.accepted(Proof::Script),
             // Recorded whole, some PUBLISHes refused (`heard_lua` in
@@ -603,7 +614,7 @@ impl Publisher {
                 // Redis may have run it: it is sent again on the next
                 // connection, and the script skips it if it did.
                 self.shared.metrics.bus_publish_failure();
-                warn!(%error, messages = batch.len(), "publishing to Redis failed; reconnecting to send the batch again");
+                warn!(%error, messages = batch.len() + behind, "publishing to Redis failed; reconnecting to send the batch again");
                 self.conn = None;
                 self.outage = true;
                 // Not at once: a connection that fails as soon as it is
@@ -632,9 +643,7 @@ impl Publisher {
             Ok(Ok(_)) => Call::Ran,
             Ok(Err(e)) if e.code() == Some(UNHEARD) => Call::Unheard(e),
             Ok(Err(e)) if is_denied(&e) && !in_script(&e) => Call::Denied(e),
-            // An OOM refuses the script's first write, before anything ran
-            // (Redis never stops a script for memory once it has written).
-            Ok(Err(e)) if in_script(&e) && e.code() != Some("OOM") => Call::Broken(e),
+            Ok(Err(e)) if in_script(&e) && !ran_nothing(&e) => Call::Broken(e),
             Ok(Err(e)) if is_refusal(&e) => Call::Refused(e),
             Ok(Err(e)) => Call::Failed(e.to_string()),
             Err(_) => Call::Failed("the publish script timed out".to_owned()),
@@ -646,6 +655,18 @@ impl Publisher {
 /// <sha>, on @user_script:<line>`), not answered for the command.
 fn in_script(e: &redis::RedisError) -> bool {
     e.to_string().contains("@user_script")
+}
+
+/// Whether an error raised inside the script says it ran nothing: an
+/// `OOM` refuses the script's first write (Redis never stops a script for
+/// memory once it has written), and `SCRIPT KILL` is allowed only before
+/// a write. By the text too: Redis 6 wraps a script's errors in `ERR
+/// Error running script … -OOM …`.
+fn ran_nothing(e: &redis::RedisError) -> bool {
+    let text = e.to_string();
+    e.code() == Some("OOM")
+        || text.contains("OOM command not allowed")
+        || text.contains("Script killed")
 }
 
 /// What became of messages Redis's ACL refused ([`Publisher::denied`]).
