@@ -1740,16 +1740,14 @@ async fn a_busy_redis_is_one_outage_whatever_the_acl_refuses_meanwhile() {
             "OK"
         );
         let publisher = Member::start(&redis.url(), "pub", history.clone()).await;
-        let (xg, elsewhere) = (group("xg"), Topic::Connection("other-1a-7".into()));
-        // Connected (and, with history, its script loaded) before Redis
-        // is busy.
-        publisher.publish(std::slice::from_ref(&elsewhere), "before");
-        eventually("connected", || {
-            !captured.lines("subscribed to Redis").is_empty()
-                && publisher.metric("wshub_bus_publish_failures_total") == 0.0
-        })
-        .await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut receiver = Member::start(&redis.url(), "rcv", history.clone()).await;
+        let (ok, xg) = (group("ok"), group("xg"));
+        let elsewhere = Topic::Connection("other-1a-7".into());
+        // The publisher connected (and, with history, its script loaded)
+        // before Redis is busy: its first message arrived.
+        receiver.subscribe(std::slice::from_ref(&ok)).await;
+        publisher.publish(std::slice::from_ref(&ok), "before");
+        assert_eq!(receiver.next_copy().await.1, "before");
         let port = redis.port;
         let busy = tokio::task::spawn_blocking(move || {
             let script = "local t = redis.call('TIME') \
@@ -1758,7 +1756,7 @@ async fn a_busy_redis_is_one_outage_whatever_the_acl_refuses_meanwhile() {
                 if tonumber(n[1]) * 1000000 + tonumber(n[2]) >= e then break end end";
             cli(port, &["EVAL", script, "0"])
         });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        eventually("Redis busy", || cli(port, &["PING"]).contains("BUSY")).await;
         for topic in [&elsewhere, &xg, &xg, &elsewhere, &xg] {
             publisher.publish(std::slice::from_ref(topic), "during");
             tokio::time::sleep(Duration::from_millis(250)).await;
