@@ -1655,11 +1655,12 @@ async fn a_refused_history_key_costs_calls_by_halves() {
     assert!((2.0..=20.0).contains(&made), "script calls: {made}");
 }
 
-/// A publish script that fails part-way (here an ACL without `INCR`,
-/// which it calls after raising its high-water mark) loses its batch,
-/// counted and logged as such. (It was taken for Redis refusing: the
-/// batch was sent again, skipped whole under the mark, and the node
-/// logged "accepts again" with nothing counted.)
+/// A publish script that fails part-way (here an ACL without `PEXPIRE`,
+/// which it calls after raising its high-water mark and stamping the
+/// first message) loses its batch, counted and logged as such. (It was
+/// taken for Redis refusing: the batch was sent again, skipped whole
+/// under the mark, and the node logged "accepts again" with nothing
+/// counted.)
 #[tokio::test]
 async fn a_script_that_fails_part_way_counts_its_batch_as_lost() {
     let (captured, _guard) = crate::common::Captured::at(tracing::Level::INFO);
@@ -1668,7 +1669,7 @@ async fn a_script_that_fails_part_way_counts_its_batch_as_lost() {
     let publisher = Member::start(&url, "pub", Some(settings())).await;
     let a = group("a");
     assert_eq!(
-        cli(redis.port, &["ACL", "SETUSER", "default", "-incr"]),
+        cli(redis.port, &["ACL", "SETUSER", "default", "-pexpire"]),
         "OK"
     );
     for i in 1..=10 {
@@ -1682,6 +1683,66 @@ async fn a_script_that_fails_part_way_counts_its_batch_as_lost() {
     assert_eq!(lost.len(), 1, "{lost:#?}");
     assert!(captured.lines("Redis refuses to publish").is_empty());
     assert!(captured.lines("Redis accepts publishes again").is_empty());
+}
+
+/// A key of another type where a topic's meta belongs (a stray key in
+/// wshub's namespace) loses that topic's copies only: the batch's other
+/// messages are published, a message to it and another topic reaches the
+/// other, the lost ones are counted and logged once, and the stray key is
+/// left as it is. (The script stopped at the first message to the topic,
+/// after raising its high-water mark: every message after it in the
+/// batch, other topics' included, was lost.)
+#[tokio::test]
+async fn a_stray_key_loses_only_the_copies_of_its_topic() {
+    let (captured, _guard) = crate::common::Captured::at(tracing::Level::INFO);
+    let redis = RedisServer::start();
+    let publisher = Member::start(&redis.url(), "pub", Some(settings())).await;
+    let mut receiver = Member::start(&redis.url(), "rcv", Some(settings())).await;
+    let (ok, bad, u) = (group("ok"), group("bad"), user("u"));
+    receiver.subscribe(&[ok.clone(), u.clone()]).await;
+    publisher.publish(std::slice::from_ref(&ok), "m0");
+    assert_eq!(receiver.next_copy().await.1, "m0");
+    let stray = "wshub:h:{g:bad}:m";
+    assert_eq!(cli(redis.port, &["SET", stray, "not a hash"]), "OK");
+    // Queued before the publisher's task runs (one thread): one batch.
+    for i in 1..=10 {
+        publisher.publish(std::slice::from_ref(&bad), &format!("b{i}"));
+        publisher.publish(std::slice::from_ref(&ok), &format!("m{i}"));
+    }
+    publisher.publish(&[bad.clone(), u.clone()], "both");
+    let mut got = Vec::new();
+    for _ in 1..=11 {
+        let (topic, text, stamp) = receiver.next_copy().await;
+        if text == "both" {
+            assert_eq!(topic, u);
+            position(&stamp, &u);
+        }
+        got.push(text);
+    }
+    let mut want: Vec<String> = (1..=10).map(|i| format!("m{i}")).collect();
+    want.push("both".into());
+    assert_send_order(&got, &want);
+    eventually("the stray topic's messages counted as dropped", || {
+        publisher.metric("wshub_messages_dropped_total{reason=\"bus_unavailable\"}") == 11.0
+    })
+    .await;
+    let lost = captured.lines("Redis could not stamp some messages");
+    assert_eq!(lost.len(), 1, "{lost:#?}");
+    assert!(
+        lost[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("WRONGTYPE")),
+        "{}",
+        lost[0]
+    );
+    assert!(
+        captured
+            .lines("the publish script failed part-way")
+            .is_empty()
+    );
+    assert!(captured.lines("Redis refuses to publish").is_empty());
+    assert_eq!(cli(redis.port, &["GET", stray]), "not a hash");
+    assert_eq!(cli(redis.port, &["PTTL", stray]), "-1");
 }
 
 /// A shutdown whose flush deadline cuts a publish call short counts what

@@ -464,3 +464,59 @@ async fn on_a_cluster_a_refused_publish_records_the_whole_batch() {
     }
     assert_eq!(got, ["t2", "t3", "t4", "t5", "t6", "t7"]);
 }
+
+/// On a cluster too, a key of another type where a topic's meta belongs
+/// loses that topic's messages only, counted once each: the other topics'
+/// scripts ran, and their messages arrive (`history_bus::a_stray_key_
+/// loses_only_the_copies_of_its_topic`). (The topic's script failed, and
+/// the whole batch was counted as dropped, the messages that arrived too.)
+#[tokio::test]
+async fn on_a_cluster_a_stray_key_loses_only_the_copies_of_its_topic() {
+    let (captured, _guard) = crate::common::Captured::at(tracing::Level::INFO);
+    let cluster = RedisCluster::start(3);
+    let urls = cluster.urls();
+    let publisher = Member::start_sharded(&urls, "pub", Some(settings()), 2000).await;
+    let mut receiver = Member::start_sharded(&urls, "rcv", Some(settings()), 2000).await;
+    let (ok, bad) = (group("ok"), group("bad"));
+    receiver.subscribe(std::slice::from_ref(&ok)).await;
+    publisher.publish(std::slice::from_ref(&ok), "m0");
+    assert_eq!(receiver.next_copy().await.1, "m0");
+    let (bad2, mut strays) = (group("bad2"), Vec::new());
+    for name in ["bad", "bad2"] {
+        let channel = group_channel(name);
+        let port = cluster.nodes[cluster.owner_of(&channel).0].port;
+        let stray = format!("wshub:h:{{{channel}}}:g:{name}:m");
+        assert_eq!(cli(port, &["SET", &stray, "not a hash"]), "OK");
+        strays.push((port, stray));
+    }
+    // Queued before the publisher's task runs (one thread): one batch.
+    for i in 1..=10 {
+        publisher.publish(std::slice::from_ref(&bad), &format!("b{i}"));
+        publisher.publish(std::slice::from_ref(&ok), &format!("m{i}"));
+    }
+    // Lost on both its topics, each a script of its own: one message.
+    publisher.publish(&[bad.clone(), bad2], "lost twice");
+    // Lost on one of its topics: it reaches the other.
+    publisher.publish(&[bad, ok], "half");
+    let mut got = Vec::new();
+    for _ in 1..=11 {
+        got.push(receiver.next_copy().await.1);
+    }
+    let mut want: Vec<String> = (1..=10).map(|i| format!("m{i}")).collect();
+    want.push("half".into());
+    assert_eq!(got, want);
+    eventually("the stray topics' messages counted as dropped", || {
+        publisher.metric("wshub_messages_dropped_total{reason=\"bus_unavailable\"}") == 12.0
+    })
+    .await;
+    let lost = captured.lines("Redis could not stamp some messages");
+    assert_eq!(lost.len(), 1, "{lost:#?}");
+    assert!(
+        captured
+            .lines("the publish script failed part-way")
+            .is_empty()
+    );
+    for (port, stray) in strays {
+        assert_eq!(cli(port, &["GET", &stray]), "not a hash");
+    }
+}

@@ -181,26 +181,39 @@ end
     };
 }
 
+/// The outcome of a publish script, shared by both scripts.
+///
 /// `heard(reply)`: whether a `PUBLISH` (or `SPUBLISH`) run with `pcall`
 /// reached a subscriber; a refused one (an ACL without the channel, say)
-/// reached none, and its error is kept. `published(sent)`: the script's
-/// answer, `sent`, or once the whole batch has run the first refusal as an
-/// error reply with the code [`UNHEARD`] (`UNHEARD NOPERM …`), which tells
-/// the publisher the batch ran whole: nothing to send again, no pause.
+/// reached none, and its error is kept. Why not `redis.call`: an error
+/// stops a script where it is, after the batch's high-water mark was
+/// raised and with the messages after the refused one never recorded. The
+/// publisher sends the batch again on an error reply, the mark makes that
+/// a no-op, and those messages were lost without a trace (offsets stay
+/// contiguous: no subscriber sees a gap). With `pcall` every message is
+/// recorded (and stamped), a subscriber finds the ones it did not hear at
+/// its next copy's jump and reads them from history, and the error still
+/// reaches the publisher, which counts and logs it
+/// (`wshub_bus_publish_failures_total`).
 ///
-/// Why not `redis.call`: an error stops a script where it is, after the
-/// batch's high-water mark was raised and with the messages after the
-/// refused one never recorded. The publisher sends the batch again on an
-/// error reply, the mark makes that a no-op, and those messages were lost
-/// without a trace (offsets stay contiguous: no subscriber sees a gap).
-/// With `pcall` every message is recorded (and stamped), a subscriber finds
-/// the ones it did not hear at its next copy's jump and reads them from
-/// history, and the error still reaches the publisher, which counts and
-/// logs it (`wshub_bus_publish_failures_total`).
+/// `stamped(number, ok, err)`: whether a message's stamping on one topic
+/// (its `INCR`, epoch and offset, run with Lua's `pcall`) went through;
+/// when not, the message is published without that topic (or not at all,
+/// when it has no other), its number is noted as lost and the first error
+/// kept. The same reasoning: a key of another type in wshub's namespace,
+/// or an ACL without a command the stamping calls, once stopped the script
+/// at that message, and every message after it in the batch (other
+/// topics', other clients') was lost with it.
+///
+/// `published(sent)`: the script's answer, `sent`, or once the whole
+/// batch has run an error reply: [`UNSTAMPED`] with the lost numbers and
+/// the first stamping error (`UNSTAMPED 3,4 WRONGTYPE …`), else
+/// [`UNHEARD`] with the first refusal (`UNHEARD NOPERM …`). Either tells
+/// the publisher the batch ran whole: nothing to send again, no pause.
 macro_rules! heard_lua {
     () => {
         r#"
-local refused = nil
+local refused, unstamped, lost = nil, nil, {}
 local function heard(reply)
   if type(reply) == 'table' and reply.err then
     refused = refused or reply.err
@@ -208,7 +221,23 @@ local function heard(reply)
   end
   return reply > 0
 end
+local function stamped(number, ok, err)
+  if ok then
+    return true
+  end
+  if type(err) == 'table' then
+    err = err.err
+  end
+  unstamped = unstamped or tostring(err)
+  if lost[#lost] ~= number then
+    lost[#lost + 1] = number
+  end
+  return false
+end
 local function published(sent)
+  if unstamped then
+    return redis.error_reply('UNSTAMPED ' .. table.concat(lost, ',') .. ' ' .. unstamped)
+  end
   if refused then
     return redis.error_reply('UNHEARD ' .. refused)
   end
@@ -225,6 +254,38 @@ mod sharded;
 /// whose `PUBLISH`es Redis refused ([`heard_lua`]).
 pub(super) const UNHEARD: &str = "UNHEARD";
 
+/// The error code of a publish script whose batch ran whole but some of
+/// whose messages could not be stamped on some of their topics
+/// ([`heard_lua`]): `UNSTAMPED <numbers> <first error>`.
+const UNSTAMPED: &str = "UNSTAMPED";
+
+/// A publish that ran whole but could not stamp some of its messages on
+/// some of their topics (a key of another type in wshub's namespace, an
+/// ACL without a command the stamping calls): those were published
+/// without those topics, or not at all; the rest of the batch was.
+#[derive(Debug)]
+pub(super) struct Unstamped {
+    /// How many messages missed at least one of their topics.
+    pub(super) lost: usize,
+    /// The first error Redis gave.
+    pub(super) error: String,
+}
+
+/// The numbers and the first error of an `UNSTAMPED` answer
+/// ([`heard_lua`]); `None` for any other error.
+fn unstamped(e: &redis::RedisError) -> Option<(Vec<u64>, String)> {
+    if e.code() != Some(UNSTAMPED) {
+        return None;
+    }
+    let (numbers, error) = e.detail()?.split_once(' ')?;
+    let numbers = numbers
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    Some((numbers, error.to_owned()))
+}
+
 use reply::{bad, caught, contiguous, entries, number, read_reply, text};
 
 /// Stamps, records and publishes one batch.
@@ -236,8 +297,8 @@ use reply::{bad, caught, contiguous, entries, number, read_reply, text};
 /// highest number, `[6]` message count; then per message its number, header
 /// prefix, frame and topic count, and per topic its JSON key, channel and
 /// size. Returns how many messages ran (the others had run before), or,
-/// when a `PUBLISH` was refused, its error once every message has run
-/// ([`heard_lua`]).
+/// when a message could not be stamped on a topic or a `PUBLISH` was
+/// refused, an error once every message has run ([`heard_lua`]).
 const PUBLISH_LUA: &str = concat!(
     epoch_lua!(),
     heard_lua!(),
@@ -247,24 +308,36 @@ local hw = tonumber(redis.call('GET', KEYS[2]) or '0')
 if tonumber(ARGV[5]) > hw then
   redis.call('SET', KEYS[2], ARGV[5], 'PX', mttl)
 end
+-- A message's stamp on one topic: its epoch, whether it is adopted, and
+-- its offset (run with `pcall`: `stamped` in `heard_lua`).
+local function stamp(meta, stream)
+  local e, was_adopted = epoch_of(meta, stream, run)
+  return e, was_adopted, string.format('%d', redis.call('HINCRBY', meta, 'o', 1))
+end
 local a, k, sent = 7, 3, 0
 for _ = 1, tonumber(ARGV[6]) do
   local number, prefix, frame, nt = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
   a = a + 4
+  local ok, seq = false, nil
   if tonumber(number) > hw then
-    local seq = redis.call('INCR', KEYS[1])
-    local parts, offsets, adopted = {}, {}, {}
+    ok, seq = pcall(redis.call, 'INCR', KEYS[1])
+    ok = stamped(number, ok, seq)
+  end
+  if ok then
+    -- The topics stamped (`live`, by index) and their parts of the stamp.
+    local parts, live, offsets, adopted = {}, {}, {}, {}
     for t = 0, nt - 1 do
-      local meta, stream = KEYS[k + 2 * t], KEYS[k + 2 * t + 1]
-      local e, was_adopted = epoch_of(meta, stream, run)
-      local o = string.format('%d', redis.call('HINCRBY', meta, 'o', 1))
-      adopted[t + 1] = was_adopted and true or false
-      offsets[t + 1] = o
-      parts[t + 1] = ARGV[a + 3 * t] .. ':"' .. e .. ':' .. o .. '"'
+      local ok, e, was_adopted, o = pcall(stamp, KEYS[k + 2 * t], KEYS[k + 2 * t + 1])
+      if stamped(number, ok, e) then
+        live[#live + 1] = t
+        adopted[t + 1] = was_adopted and true or false
+        offsets[t + 1] = o
+        parts[#parts + 1] = ARGV[a + 3 * t] .. ':"' .. e .. ':' .. o .. '"'
+      end
     end
     local payload = prefix .. ',"i":' .. idp .. '-' .. number .. '","s":' .. string.format('%d', seq)
       .. ',"p":{' .. table.concat(parts, ',') .. '}}\n' .. frame
-    for t = 0, nt - 1 do
+    for _, t in ipairs(live) do
       local stream = KEYS[k + 2 * t + 1]
       -- pcall: an entry that cannot be added (a stream someone else wrote
       -- to) leaves a hole that readers see, never half a batch.
@@ -272,7 +345,7 @@ for _ = 1, tonumber(ARGV[6]) do
         'd', payload, 's', string.format('%d', seq))
       redis.call('PEXPIRE', stream, ttl)
     end
-    for t = 0, nt - 1 do
+    for _, t in ipairs(live) do
       -- A topic some node is subscribed to (or one a socket read) is
       -- adopted: its meta is kept long. One nobody listens to (a client
       -- writing to ever new user ids) is kept as long as its history.
@@ -1039,7 +1112,7 @@ impl RedisHistory {
         conn: &mut PubConn,
         prepared: &Prepared,
         batch: &[Outgoing],
-    ) -> redis::RedisResult<u64> {
+    ) -> redis::RedisResult<Option<Unstamped>> {
         // The publisher sends unrecorded messages (to connections) in a
         // plain pipeline; one here would be skipped by the script.
         debug_assert!(batch.iter().all(|m| m.history.is_some()));
@@ -1100,6 +1173,14 @@ impl RedisHistory {
             }
         })
         .await
+        .map(|_: u64| None)
+        .or_else(|e| match unstamped(&e) {
+            Some((lost, error)) => Ok(Some(Unstamped {
+                lost: lost.len(),
+                error,
+            })),
+            None => Err(e),
+        })
     }
 
     /// The command connection: the current one, or a new one.

@@ -39,13 +39,21 @@
 //! refused. Redis checks the ACL before it is busy, so a send the ACL
 //! refused whole proves nothing about an outage.
 //!
-//! **A script that fails part-way loses its batch, counted.** An error
-//! raised inside the publish script after it raised its high-water mark
-//! (an ACL without a command it calls, a key of another type in wshub's
-//! namespace) would make a resend skip the whole batch: the batch is
-//! counted as dropped and logged as an error (at most every 10 s), not
-//! resent or paused for. (It was taken for Redis refusing, resent, skipped,
-//! and logged as Redis accepting again, with nothing counted.)
+//! **A message the script cannot stamp is lost alone.** The script stamps
+//! each message on each topic under Lua's `pcall`: one it cannot stamp
+//! on a topic (a key of another type in wshub's namespace, an ACL without
+//! a command the stamping calls) is published without that topic, and
+//! the script answers `UNSTAMPED` once the rest of the batch has run;
+//! those messages are counted as dropped and logged as an error (at most
+//! every 10 s), nothing is resent or paused for.
+//!
+//! **A script that fails part-way loses its batch, counted.** Any other
+//! error raised inside the publish script after it raised its high-water
+//! mark (an ACL without `PEXPIRE`) would make a resend skip the whole
+//! batch: the batch is counted as dropped and logged as an error (at most
+//! every 10 s), not resent or paused for. (It was taken for Redis
+//! refusing, resent, skipped, and logged as Redis accepting again, with
+//! nothing counted.)
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -56,7 +64,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::conn::{Backoff, Link, PubConn, Unheard, connect_publisher, is_denied, is_refusal};
-use super::history::{Prepared, RedisHistory, UNHEARD};
+use super::history::{Prepared, RedisHistory, UNHEARD, Unstamped};
 use super::queue::Outgoing;
 use super::{LAG_LOG_EVERY, MAX_BATCH, MAX_BATCH_BYTES, MIN_BACKOFF, Shared};
 use crate::outcome::DropReason;
@@ -93,7 +101,8 @@ pub(super) struct Publisher {
     /// when its deadline cuts the send short (the future is dropped with
     /// them).
     in_flight: usize,
-    /// When a publish script that failed part-way was last logged.
+    /// When a publish script that failed part-way, or could not stamp
+    /// some messages, was last logged.
     broken_logged: Option<Instant>,
     /// Sends of which Redis refused some `PUBLISH`es while it ran the
     /// rest (module docs) since the last log line, and when that was.
@@ -116,13 +125,16 @@ enum Call {
     Ran,
     /// Ran whole; some of its `PUBLISH`es were refused (`UNHEARD`).
     Unheard(redis::RedisError),
+    /// Ran whole; some of its messages could not be stamped on some of
+    /// their topics, and were published without them (`UNSTAMPED`).
+    Unstamped(Unstamped),
     /// Refused by the ACL before it ran (`NOPERM`: a history key the user
     /// may not touch); waiting changes nothing.
     Denied(redis::RedisError),
     /// Refused before it ran (`OOM`, `BUSY`, `LOADING`): try again later.
     Refused(redis::RedisError),
-    /// Failed inside the script (an ACL without a command it calls, a key
-    /// of another type in wshub's namespace), after it raised the
+    /// Failed inside the script (an ACL without a command it calls beyond
+    /// the stamping), after it raised the
     /// high-water mark: a resend would skip the batch, and waiting changes
     /// nothing.
     Broken(redis::RedisError),
@@ -585,21 +597,33 @@ impl Publisher {
                     .dropped(DropReason::BusUnavailable, batch.len() as u64);
                 self.denied(&e, Fate::Dropped);
             }
+            // The rest of the batch ran: nothing to send again.
+            Call::Unstamped(Unstamped { lost, error }) => {
+                self.accepted(Proof::Script);
+                self.shared
+                    .metrics
+                    .dropped(DropReason::BusUnavailable, lost as u64);
+                self.shared.metrics.bus_publish_failure();
+                if self.broken_logged() {
+                    tracing::error!(
+                        %error,
+                        lost,
+                        messages = batch.len(),
+                        "Redis could not stamp some messages for history (a key of another type in wshub's namespace, or a Redis user without a command history needs): they were not published on those topics, counted as dropped; the rest of the batch was published; waiting would not help: give the Redis user every command history needs (docs/cluster.md, ACL users) and keep other keys out of wshub's namespace (logged at most every 10 s)"
+                    );
+                }
+            }
             Call::Broken(e) => {
                 self.shared
                     .metrics
                     .dropped(DropReason::BusUnavailable, batch.len() as u64);
                 self.shared.metrics.bus_publish_failure();
-                if self
-                    .broken_logged
-                    .is_none_or(|at: Instant| at.elapsed() > LAG_LOG_EVERY)
-                {
+                if self.broken_logged() {
                     tracing::error!(
                         error = %e,
                         messages = batch.len(),
                         "the publish script failed part-way: its batch is lost (the messages it had run were published, the others not), counted as dropped; waiting would not help: give the Redis user every command history needs (docs/cluster.md, ACL users) and keep other keys out of wshub's namespace (logged at most every 10 s)"
                     );
-                    self.broken_logged = Some(Instant::now());
                 }
             }
             // Answered: the connection is fine, and nothing ran (an OOM
@@ -626,6 +650,18 @@ impl Publisher {
         None
     }
 
+    /// Whether a publish script's failure is to be logged now (at most
+    /// every [`LAG_LOG_EVERY`]); if so, the time is noted.
+    fn broken_logged(&mut self) -> bool {
+        let due = self
+            .broken_logged
+            .is_none_or(|at: Instant| at.elapsed() > LAG_LOG_EVERY);
+        if due {
+            self.broken_logged = Some(Instant::now());
+        }
+        due
+    }
+
     /// One call of the publish script with `batch` (numbered).
     async fn call_script(&mut self, history: &RedisHistory, batch: &[Outgoing]) -> Call {
         let shared = self.shared.clone();
@@ -640,7 +676,8 @@ impl Publisher {
         .await;
         shared.metrics.history_publish(started.elapsed());
         match sent {
-            Ok(Ok(_)) => Call::Ran,
+            Ok(Ok(None)) => Call::Ran,
+            Ok(Ok(Some(unstamped))) => Call::Unstamped(unstamped),
             Ok(Err(e)) if e.code() == Some(UNHEARD) => Call::Unheard(e),
             Ok(Err(e)) if is_denied(&e) && !in_script(&e) => Call::Denied(e),
             Ok(Err(e)) if in_script(&e) && !ran_nothing(&e) => Call::Broken(e),

@@ -38,12 +38,12 @@
 //! A copy's `pos` holds its own topic's position only (the other copies
 //! are stamped by other shards, maybe later).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::OnceLock;
 
 use super::super::conn::{PubConn, slot_of};
 use super::super::queue::Outgoing;
-use super::{Prepared, evalsha, load};
+use super::{Prepared, Unstamped, evalsha, load, unstamped};
 use redis::cluster_routing::SingleNodeRoutingInfo;
 
 /// Stamps, records and publishes one batch's messages to one topic.
@@ -55,9 +55,9 @@ use redis::cluster_routing::SingleNodeRoutingInfo;
 /// closing quote), `[5]` unused (was the mark's field), `[6]` the highest
 /// number among these messages, `[7]` the channel, `[8]` the topic's JSON
 /// key, `[9]` the stream's size, `[10]` message count; then per message its
-/// number, `seq`, header prefix and frame. Returns how many ran, or a
-/// refused `SPUBLISH`'s error once all have run (`heard_lua` in
-/// `history.rs`).
+/// number, `seq`, header prefix and frame. Returns how many ran, or, when
+/// a message could not be stamped or an `SPUBLISH` was refused, an error
+/// once all have run (`heard_lua` in `history.rs`).
 pub(super) const PUBLISH_TOPIC_LUA: &str = concat!(
     run_lua!(),
     epoch_lua!(),
@@ -72,13 +72,27 @@ else
   redis.call('PEXPIRE', mark, mttl)
 end
 local channel, jkey, size = ARGV[7], ARGV[8], ARGV[9]
-local a, sent, adopted = 11, 0, redis.call('HGET', meta, 'a')
+-- A message's stamp: the topic's epoch and its offset (run with `pcall`:
+-- `stamped` in `heard_lua`).
+local function stamp()
+  local e = epoch_of(meta, stream, run)
+  return e, string.format('%d', redis.call('HINCRBY', meta, 'o', 1))
+end
+-- A meta of another type is left as it is (its messages are unstamped).
+local readable, adopted = pcall(redis.call, 'HGET', meta, 'a')
+if not readable then
+  adopted = nil
+end
+local a, sent = 11, 0
 for _ = 1, tonumber(ARGV[10]) do
   local number, seq, prefix, frame = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   a = a + 4
+  local ok, e, o = false, nil, nil
   if tonumber(number) > hw then
-    local e = epoch_of(meta, stream, run)
-    local o = string.format('%d', redis.call('HINCRBY', meta, 'o', 1))
+    ok, e, o = pcall(stamp)
+    ok = stamped(number, ok, e)
+  end
+  if ok then
     local payload = prefix .. ',"i":' .. idp .. '-' .. number .. '","s":' .. seq
       .. ',"p":{' .. jkey .. ':"' .. e .. ':' .. o .. '"}}\n' .. frame
     redis.pcall('XADD', stream, 'MAXLEN', '~', size, o .. '-1', 'd', payload, 's', seq)
@@ -92,7 +106,7 @@ for _ = 1, tonumber(ARGV[10]) do
 end
 if adopted then
   redis.call('PEXPIRE', meta, mttl)
-else
+elseif readable then
   redis.call('PEXPIRE', meta, ttl)
 end
 if sent > 0 then
@@ -193,7 +207,7 @@ pub(super) async fn publish(
     prepared: &Prepared,
     args: &Batch<'_>,
     batch: &[Outgoing],
-) -> redis::RedisResult<u64> {
+) -> redis::RedisResult<Option<Unstamped>> {
     struct Copies<'b> {
         meta: String,
         stream: String,
@@ -256,22 +270,39 @@ pub(super) async fn publish(
     });
     // A broken connection outranks an answer (the publisher reconnects on
     // it), and an answer that a topic's call did not run outranks one that
-    // it ran whole with some SPUBLISH refused (the batch is sent again).
+    // it ran whole with some messages unstamped (counted here, over every
+    // topic: a message lost on two topics is one) or with some SPUBLISH
+    // refused (the batch is sent again; the unstamped messages are then
+    // skipped by their topic's mark, and not counted).
     let rank = |e: &redis::RedisError| match e.code() {
         None => 2,
         Some(super::UNHEARD) => 0,
         Some(_) => 1,
     };
-    let mut sent = 0;
     let mut failed: Option<redis::RedisError> = None;
+    let mut lost: Option<(BTreeSet<u64>, String)> = None;
     for result in futures_util::future::join_all(calls).await {
         match result {
-            Ok(n) => sent += n,
-            Err(e) if failed.as_ref().is_none_or(|f| rank(&e) > rank(f)) => failed = Some(e),
-            Err(_) => {}
+            Ok(_) => {}
+            Err(e) => match unstamped(&e) {
+                Some((numbers, error)) => {
+                    let (all, _) = lost.get_or_insert_with(|| (BTreeSet::new(), error));
+                    all.extend(numbers);
+                }
+                None if failed.as_ref().is_none_or(|f| rank(&e) > rank(f)) => failed = Some(e),
+                None => {}
+            },
         }
     }
-    failed.map_or(Ok(sent), Err)
+    match (failed, lost) {
+        (Some(e), _) if rank(&e) > 0 => Err(e),
+        (_, Some((numbers, error))) => Ok(Some(Unstamped {
+            lost: numbers.len(),
+            error,
+        })),
+        (Some(unheard), None) => Err(unheard),
+        (None, None) => Ok(None),
+    }
 }
 
 /// Runs a history script over some topics (`keys`: meta and stream per
