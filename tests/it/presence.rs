@@ -1025,6 +1025,41 @@ async fn after_a_redis_restart_presence_is_back_within_a_heartbeat_and_silent() 
     observer.close().await;
 }
 
+/// After a Redis restart, a node that holds no sockets (so wrote nothing
+/// back) answers its first presence request, and admits its first socket
+/// under the per-user limit, on a new connection. (Its connection from
+/// before the restart was kept until a call failed on it: a review saw
+/// each idle node's first answer be a 503, "broken pipe", and a socket
+/// refused with 503, Redis long back and `/readyz` 200.)
+#[tokio::test]
+async fn an_idle_node_answers_at_once_after_a_redis_restart() {
+    let (captured, _guard) = crate::common::Captured::at(tracing::Level::INFO);
+    let mut redis = RedisServer::start();
+    let a = presence_node(&redis, limit(1, "refuse")).await;
+    let (status, body) = get_json(a.addr, "/api/presence/groups/g").await;
+    assert_eq!(status, 200, "{body}");
+    redis.restart();
+    within("the subscriber reconnected", PATIENCE, || async {
+        captured
+            .lines("subscribed to Redis")
+            .iter()
+            .any(|line| line["reconnect"] == true)
+    })
+    .await;
+    a.wait_ready().await;
+    let (status, body) = get_json(a.addr, "/api/presence/groups/g").await;
+    assert_eq!(status, 200, "the first presence answer: {body}");
+    let b = presence_node(&redis, limit(1, "refuse")).await;
+    let _ann = Client::connect(b.addr, &socket_path("ann", Some("g"), false)).await;
+    assert_eq!(
+        try_connect(a.addr, &socket_path("ann", Some("g"), false))
+            .await
+            .err(),
+        Some(429),
+        "the per-user limit answered, not Redis's absence"
+    );
+}
+
 /// Snapshot and events are ordered by `v`: events reach a socket in
 /// increasing `v`, and a client that applies, on top of any snapshot, the
 /// events with a greater `v` (whenever they arrived) ends with the group's

@@ -364,9 +364,9 @@ pub(super) struct RedisPresence {
     /// The script's SHA1 as `SCRIPT LOAD` answered; loaded again when
     /// Redis forgot it (`NOSCRIPT`, after a restart).
     sha: Mutex<Option<String>>,
-    /// The command connection; `std::sync::Mutex`, locked only to clone or
-    /// replace it.
-    conn: Mutex<Option<PubConn>>,
+    /// The command connection and the subscriber epoch it was opened in;
+    /// `std::sync::Mutex`, locked only to clone or replace it.
+    conn: Mutex<Option<(PubConn, u64)>>,
     /// The epoch this node last saw (see the module docs).
     epoch: Mutex<Option<String>>,
     sink: OnceLock<Weak<dyn Sink>>,
@@ -406,7 +406,7 @@ impl RedisPresence {
         }
     }
 
-    fn lock_conn(&self) -> std::sync::MutexGuard<'_, Option<PubConn>> {
+    fn lock_conn(&self) -> std::sync::MutexGuard<'_, Option<(PubConn, u64)>> {
         // A connection handle: never inconsistent, ignore poisoning.
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -419,13 +419,21 @@ impl RedisPresence {
         self.sink.get().and_then(Weak::upgrade)
     }
 
-    /// The command connection, opened when there is none.
+    /// The command connection, opened when there is none or the one there
+    /// is was opened before the subscriber last reconnected: a Redis that
+    /// restarted closed it, and a node that wrote nothing since (no sockets
+    /// to write back) would otherwise find out only by failing a call
+    /// (a review saw each idle node's first presence answer after a Redis
+    /// restart be a 503, and a socket refused for it, Redis long back).
     async fn connection(&self) -> Result<PubConn, String> {
-        if let Some(conn) = self.lock_conn().clone() {
+        let epoch = self.shared.epoch.load(Ordering::Acquire);
+        if let Some((conn, opened)) = self.lock_conn().clone()
+            && opened == epoch
+        {
             return Ok(conn);
         }
         let conn = open_command_connection(&self.link, &self.shared.config).await?;
-        *self.lock_conn() = Some(conn.clone());
+        *self.lock_conn() = Some((conn.clone(), epoch));
         Ok(conn)
     }
 
