@@ -19,7 +19,8 @@
 //! node instance that holds it (its *address*, [`node_address`]) and a
 //! number. The bus carries such a copy on that node instance's own channel
 //! only, and the socket with that id matches it, by the same first-match
-//! rule as every other topic.
+//! rule as every other topic, except that connection topics come after
+//! the others ([`Route::accepts`]).
 
 use std::sync::Arc;
 
@@ -195,12 +196,33 @@ impl Route {
     /// The exactly-once rule: a socket with identity `who` accepts the copy
     /// that came through `via` when `via` is the first topic of this route
     /// that it matches, and its user is not excluded.
+    ///
+    /// A connection topic comes after every other: a socket named by its
+    /// connection and by its user or group takes the user's or group's
+    /// copy. With history on that is the copy with a position (the
+    /// connection's has none, having no history), so the socket's floors
+    /// and its client's positions move past the message, and a resume or
+    /// a drain handoff does not replay it (a review saw it delivered
+    /// twice); and it travels the way the sender's other messages to that
+    /// user or group do, in their order.
     pub fn accepts(&self, via: &Topic, socket: &(impl Addressee + ?Sized)) -> bool {
         let who = socket.identity();
         if self.excluded.iter().any(|e| **e == *who.user) {
             return false;
         }
-        self.topics.iter().find(|t| t.matches(socket)) == Some(via)
+        let is_connection = |t: &&Topic| matches!(t, Topic::Connection(_));
+        let first = self
+            .topics
+            .iter()
+            .filter(|t| !is_connection(t))
+            .find(|t| t.matches(socket))
+            .or_else(|| {
+                self.topics
+                    .iter()
+                    .filter(is_connection)
+                    .find(|t| t.matches(socket))
+            });
+        first == Some(via)
     }
 
     /// Whether a topic of the route names a connection.

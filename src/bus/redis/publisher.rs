@@ -470,53 +470,47 @@ impl Publisher {
                 // history: `RedisBus::publish`): it goes in a plain
                 // pipeline, as with history off, never into the script
                 // (which would skip it: it once lost every such message).
-                let (recorded, plain): (Vec<Outgoing>, Vec<Outgoing>) = shared
+                // A batch is a run of one kind, in queue order, so one
+                // sender's messages keep their order (a review saw
+                // messages to a connection overtake earlier ones to a
+                // group: the plain pipeline of a mixed batch went first).
+                let batch = shared
                     .queue
-                    .take(MAX_BATCH, MAX_BATCH_BYTES)
-                    .into_iter()
-                    .partition(|m| m.history.is_some());
-                if !plain.is_empty() {
-                    self.in_flight = plain.len() + recorded.len();
-                    let Some((active, _, _)) = self.conn.as_mut() else {
-                        return;
-                    };
-                    let sent = timeout(shared.config.command_timeout, active.send(&plain)).await;
-                    let error = match sent {
-                        Ok(Ok(unheard)) => {
-                            if self.answered(unheard) {
-                                // Redis is refusing: the script waits out
-                                // the pause too (and doubles it only once).
-                                if !recorded.is_empty() {
-                                    self.resend = Some(recorded);
-                                }
-                                return;
-                            }
-                            None
-                        }
-                        Ok(Err(e)) => Some(e.to_string()),
-                        Err(_) => Some("the pipeline timed out".to_owned()),
-                    };
-                    if let Some(error) = error {
-                        // As with history off: dropped, not resent (plain
-                        // `PUBLISH` cannot tell what already ran). The
-                        // recorded ones wait for the reconnect.
-                        shared
-                            .metrics
-                            .dropped(DropReason::BusUnavailable, plain.len() as u64);
-                        shared.metrics.bus_publish_failure();
-                        warn!(%error, dropped = plain.len(), "publishing to Redis failed; reconnecting");
-                        if !recorded.is_empty() {
-                            self.resend = Some(recorded);
-                        }
-                        self.conn = None;
-                        self.outage = true;
-                        return;
-                    }
+                    .take_run(MAX_BATCH, MAX_BATCH_BYTES, |m| m.history.is_some());
+                if batch.first().is_some_and(|m| m.history.is_none()) {
+                    self.send_plain_unrecorded(batch).await;
+                    return;
                 }
-                recorded
+                batch
             }
         };
         self.send_script(history, batch).await;
+    }
+
+    /// History on: sends a batch of unrecorded messages (to connections)
+    /// in a plain pipeline. On an error it is dropped and counted, as with
+    /// history off (plain `PUBLISH` cannot tell what already ran).
+    async fn send_plain_unrecorded(&mut self, plain: Vec<Outgoing>) {
+        let shared = self.shared.clone();
+        self.in_flight = plain.len();
+        let Some((active, _, _)) = self.conn.as_mut() else {
+            return;
+        };
+        let error = match timeout(shared.config.command_timeout, active.send(&plain)).await {
+            Ok(Ok(unheard)) => {
+                self.answered(unheard);
+                return;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "the pipeline timed out".to_owned(),
+        };
+        shared
+            .metrics
+            .dropped(DropReason::BusUnavailable, plain.len() as u64);
+        shared.metrics.bus_publish_failure();
+        warn!(%error, dropped = plain.len(), "publishing to Redis failed; reconnecting");
+        self.conn = None;
+        self.outage = true;
     }
 
     /// Sends `batch` (recorded messages, new or to send again) as one call

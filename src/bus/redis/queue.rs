@@ -203,14 +203,31 @@ impl PublishQueue {
     /// it, and the large fan-outs, the pipelines most likely to time out,
     /// take nobody else's.
     pub(super) fn take(&self, max: usize, max_bytes: usize) -> Vec<Outgoing> {
+        self.take_run(max, max_bytes, |_| true)
+    }
+
+    /// As [`take`](Self::take), and only messages of the first one's
+    /// `kind` (the next of another kind starts the next batch): batches
+    /// sent by different means (history's script, a plain pipeline) in
+    /// queue order keep one sender's order.
+    pub(super) fn take_run(
+        &self,
+        max: usize,
+        max_bytes: usize,
+        kind: impl Fn(&Outgoing) -> bool,
+    ) -> Vec<Outgoing> {
         let large = max_bytes / 4;
         let mut inner = self.lock();
         let mut batch = Vec::new();
         let mut bytes = 0;
+        let mut first = None;
         while batch.len() < max {
             let Some(next) = inner.items.front() else {
                 break;
             };
+            if *first.get_or_insert_with(|| kind(next)) != kind(next) {
+                break;
+            }
             let size = next.wire_bytes();
             if !batch.is_empty() && (bytes + size > max_bytes || size >= large || bytes >= large) {
                 break;
@@ -253,6 +270,21 @@ mod tests {
         // Taking gives the bytes back.
         q.push_plain(channels(1), Bytes::from(vec![0; 9000]))
             .unwrap();
+    }
+
+    #[test]
+    fn a_run_is_taken_in_order_and_of_one_kind() {
+        let q = PublishQueue::new(1000, usize::MAX);
+        for n in [1, 1, 2, 1, 2, 2, 2] {
+            q.push_plain(channels(n), Bytes::from_static(b"x")).unwrap();
+        }
+        let two = |m: &Outgoing| m.channels.len() == 2;
+        let runs: Vec<Vec<usize>> = std::iter::from_fn(|| {
+            let run = q.take_run(2, usize::MAX, two);
+            (!run.is_empty()).then(|| run.iter().map(|m| m.channels.len()).collect())
+        })
+        .collect();
+        assert_eq!(runs, [vec![1, 1], vec![2], vec![1], vec![2, 2], vec![2]]);
     }
 
     #[test]
