@@ -555,8 +555,9 @@ fn disconnect_order(
         }
         Topic::Connection(connection.into())
     };
+    // The options' null is their absence (as `ban_ms`'s always was).
     let code = match body.get("code") {
-        None => DISCONNECT_CODE,
+        None | Some(Value::Null) => DISCONNECT_CODE,
         Some(value) => match value.as_u64() {
             Some(code @ 4000..=4999) => code as u16,
             _ => {
@@ -566,7 +567,10 @@ fn disconnect_order(
             }
         },
     };
-    let reason = text("reason")?.map(str::to_owned);
+    let reason = match body.get("reason") {
+        Some(Value::Null) => None,
+        _ => text("reason")?.map(str::to_owned),
+    };
     if reason.as_ref().is_some_and(|r| r.len() > MAX_REASON_BYTES) {
         return Err(ApiError::bad_request(format!(
             "reason must be at most {MAX_REASON_BYTES} bytes (it travels in the close frame)"
@@ -601,9 +605,43 @@ struct DisconnectAnswer {
     nodes_reached: u64,
 }
 
+/// A JSON object read with every key once: a repeated key is an error.
+/// (`serde_json::Map` keeps the last: `{"userId":"a","userId":"b"}` banned
+/// `b` without a word, where `/api/publish`'s typed body refuses it.)
+struct UniqueKeys(serde_json::Map<String, serde_json::Value>);
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = UniqueKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<UniqueKeys, A::Error> {
+                let mut out = serde_json::Map::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if out.contains_key(&key) {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "duplicate field `{key}`"
+                        )));
+                    }
+                    let value = map.next_value()?;
+                    out.insert(key, value);
+                }
+                Ok(UniqueKeys(out))
+            }
+        }
+        deserializer.deserialize_map(Keys)
+    }
+}
+
 /// `POST /api/disconnect`: `{"userId"|"groupId"|"connectionId":…, "code", "reason", "ban_ms"}`.
 async fn disconnect(State(http): State<HttpState>, request: Request) -> Result<Response, ApiError> {
-    let body: serde_json::Map<String, serde_json::Value> = json_body(request, 16 * 1024).await?;
+    let UniqueKeys(body) = json_body(request, 16 * 1024).await?;
     let order = disconnect_order(&body)?;
     let nodes_reached = http.node.disconnect(&order).await?;
     Ok(fresh(DisconnectAnswer { nodes_reached }))

@@ -753,6 +753,31 @@ async fn publish_and_disconnect_refuse_bad_requests_clearly() {
         assert_eq!(answer["error"]["code"], code, "{answer}");
         assert!(answer["error"]["message"].as_str().unwrap().len() > 10);
     }
+    // A field given twice is refused, not read as its last value (a
+    // review saw `{"userId":"dupA","userId":"dupB"}` ban dupB).
+    let twice = server
+        .post(
+            "/api/disconnect",
+            r#"{"userId":"dupA","userId":"dupB","ban_ms":60000}"#,
+        )
+        .await;
+    assert_eq!(twice.status(), 400);
+    let answer: Value = serde_json::from_str(&twice.text().await.unwrap()).unwrap();
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate field `userId`"),
+        "{answer}"
+    );
+    // The options' null is their absence, for each of them.
+    let (status, answer) = post(
+        addr,
+        "/api/disconnect",
+        json!({"userId": "nobody", "code": null, "reason": null, "ban_ms": null}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
     // The message names the bad message.
     let (_, answer) = post(
         addr,
