@@ -569,6 +569,26 @@ impl Presence {
         }
         Ok(())
     }
+
+    /// Offers the frame `make` builds (once) to this node's opted-in
+    /// sockets of `group`.
+    fn offer_opted(&self, group: &Option<Arc<str>>, make: impl FnOnce() -> Frame) {
+        let conns: Vec<Arc<Conn>> = {
+            let state = self.lock();
+            state
+                .opted
+                .get(group)
+                .map(|members| members.values().map(|o| o.conn.clone()).collect())
+                .unwrap_or_default()
+        };
+        if conns.is_empty() {
+            return;
+        }
+        let frame = make();
+        for conn in conns {
+            conn.offer(frame.clone());
+        }
+    }
 }
 
 impl Sink for Presence {
@@ -580,26 +600,16 @@ impl Sink for Presence {
                 user,
                 v,
             } => {
-                let conns: Vec<Arc<Conn>> = {
-                    let state = self.lock();
-                    state
-                        .opted
-                        .get(&group)
-                        .map(|members| members.values().map(|o| o.conn.clone()).collect())
-                        .unwrap_or_default()
-                };
-                if conns.is_empty() {
-                    return;
-                }
-                let frame = member_frame(joined, group.as_deref(), &user, v);
-                for conn in conns {
-                    conn.offer(frame.clone());
-                }
+                self.offer_opted(&group, || member_frame(joined, group.as_deref(), &user, v));
             }
             Control::Replace(id) => {
                 if let Some(conn) = self.hub.get(id) {
                     conn.closer.close(CloseReason::SessionReplaced);
                 }
+            }
+            Control::Snapshot(view) => {
+                let group: Option<Arc<str>> = view.group.as_deref().map(Into::into);
+                self.offer_opted(&group, || snapshot_frame(&view));
             }
         }
     }

@@ -604,6 +604,10 @@ export class WebConnectionWebSocket {
     }
     const p = this._presence;
     if (msg.action === "wshub.presence") {
+      // The hub also sends the list unasked, when a group that was too big
+      // for join/leave frames is back at `max_members_events` members: a
+      // list no newer than what `members` shows is ignored.
+      if (p.v !== null && !(body.v > p.last)) return;
       p.members = new Map((body.members || []).map((m) => [m.userId, m.connections]));
       p.v = p.last = body.v;
       const early = p.early.splice(0);

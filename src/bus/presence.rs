@@ -129,6 +129,10 @@ pub enum Control {
     /// Close this node's socket `id`: a newer socket of its user took its
     /// place (the per-user limit).
     Replace(u64),
+    /// A group that had more than `max_members_events` members (and sent
+    /// no join or leave frames) is back at that size: its whole list, a
+    /// `wshub.presence` snapshot for this node's opted-in sockets of it.
+    Snapshot(GroupView),
 }
 
 /// What the node gives the store to report to.

@@ -534,6 +534,54 @@ async fn big_groups_send_no_member_frames() {
     );
 }
 
+/// A group back at `max_members_events` members after being over it sends
+/// its whole list to its opted-in sockets, so that a list kept from
+/// events is right again. (It sent the leave that brought it back, to
+/// lists that had missed the changes made while it was over: a review saw
+/// a client keep a member list that was wrong for good.)
+#[tokio::test]
+async fn a_big_group_back_at_the_limit_sends_its_whole_list() {
+    let redis = RedisServer::start();
+    let a = presence_node(&redis, |c| c.presence.max_members_events = 2).await;
+    let mut ann = Client::connect(a.addr, &socket_path("ann", Some("big"), true)).await;
+    assert_eq!(inner(&ann.recv().await)["userId"], "ann", "her own join");
+    let bob = Client::connect(a.addr, &socket_path("bob", Some("big"), false)).await;
+    let join = inner(&ann.recv().await);
+    assert_eq!(join["userId"], "bob", "two members: still framed");
+    let cid = Client::connect(a.addr, &socket_path("cid", Some("big"), false)).await;
+    let dan = Client::connect(a.addr, &socket_path("dan", Some("big"), false)).await;
+    within("four members", PATIENCE, || async {
+        api_members(a.addr, Some("big")).await.len() == 4
+    })
+    .await;
+    // Over the limit: bob's leave is not framed, nor were the two joins.
+    bob.close().await;
+    within("bob is gone", PATIENCE, || async {
+        api_members(a.addr, Some("big")).await.len() == 3
+    })
+    .await;
+    // Back at the limit: the list, not cid's leave.
+    cid.close().await;
+    let frame = ann.recv().await;
+    assert_eq!(frame["action"], "wshub.presence", "{frame}");
+    let list = inner(&frame);
+    assert_eq!(list["group"], "big");
+    assert_eq!(
+        list["members"],
+        json!([{"userId": "ann", "connections": 1}, {"userId": "dan", "connections": 1}])
+    );
+    assert!(
+        list["v"].as_u64().unwrap() > join["v"].as_u64().unwrap(),
+        "{list}"
+    );
+    assert_eq!(api_members(a.addr, Some("big")).await.len(), 2);
+    // Under the limit, frames again.
+    dan.close().await;
+    let frame = ann.recv().await;
+    assert_eq!(frame["action"], "wshub.leave", "{frame}");
+    assert_eq!(inner(&frame)["userId"], "dan");
+}
+
 /// What is open, as the test knows it: (group, user) → sockets.
 type Truth = BTreeMap<(Option<String>, String), u64>;
 

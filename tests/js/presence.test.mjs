@@ -124,6 +124,25 @@ test("a reconnect asks again and the new snapshot replaces the list", () => {
   });
 });
 
+test("a list the hub sends unasked replaces the members, unless it is older than them", () => {
+  const ws = client({ presence: true });
+  const seen = [];
+  ws.onPresenceHandler = (ev) => seen.push([ev.type, ev.v]);
+  ws.tryConnect(false, "big", "ann");
+  const socket = FakeSocket.instances[0];
+  socket.open();
+  socket.receive(snapshot("big", [{ userId: "ann", connections: 1 }, { userId: "bob", connections: 1 }], 10));
+  // The group grew over max_members_events: no frames for cid, dan, or
+  // bob's leave; back at the limit, the hub sends the list.
+  socket.receive(snapshot("big", [{ userId: "ann", connections: 1 }, { userId: "dan", connections: 1 }], 20));
+  assert.deepEqual(ws.members.map((m) => m.userId), ["ann", "dan"]);
+  socket.receive(frame("wshub.leave", "big", "dan", 21));
+  // A list older than what the members show changes nothing.
+  socket.receive(snapshot("big", [{ userId: "ann", connections: 1 }, { userId: "dan", connections: 1 }], 20));
+  assert.deepEqual(ws.members.map((m) => m.userId), ["ann"]);
+  assert.deepEqual(seen, [["snapshot", 10], ["snapshot", 20], ["leave", 21]]);
+});
+
 test("without presence nothing changes: no parameter, no request, frames reach onMessageHandler", () => {
   const ws = client();
   const messages = [];

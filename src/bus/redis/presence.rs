@@ -113,6 +113,22 @@ end
 
 local out = {}
 
+-- A group's members as the snapshot lists them: user, connections on live
+-- nodes, flattened.
+local function members_of(g)
+  local l = live()
+  local res = {}
+  local all = redis.call('HGETALL', P .. 'pg' .. g)
+  for i = 1, #all, 2 do
+    local n, held = 0, false
+    for m, c in pairs(cjson.decode(all[i + 1])) do
+      if l[m] then held = true; n = n + c end
+    end
+    if held then res[#res + 1] = all[i]; res[#res + 1] = fmt(n) end
+  end
+  return res
+end
+
 local function set_group(m, g, u, count)
   local gk = P .. 'pg' .. g
   local mk = P .. 'pm' .. g
@@ -145,8 +161,17 @@ local function set_group(m, g, u, count)
   if exists and not existed then kind = 'join' elseif existed and not exists then kind = 'leave' end
   if kind and not silent then
     out[#out + 1] = {kind, g, u, fmt(v)}
-    if redis.call('HLEN', gk) <= maxev then
-      local item = cjson.encode({kind, g, u, fmt(v)})
+    -- Over maxev members a group gets no frames; the leave that brings it
+    -- back to maxev sends the whole list instead, so that lists kept from
+    -- events are right again (they missed the changes made meanwhile).
+    local size = redis.call('HLEN', gk)
+    local item = nil
+    if size < maxev or (size == maxev and kind == 'join') then
+      item = cjson.encode({kind, g, u, fmt(v)})
+    elseif size == maxev then
+      item = cjson.encode({'snap', g, fmt(v), members_of(g)})
+    end
+    if item then
       local l = live()
       for _, n in ipairs(redis.call('HKEYS', mk)) do
         if n ~= 'v' and l[n] then push(n, item) end
@@ -232,17 +257,7 @@ end
 
 if mode == 'group' then
   local g = ARGV[9]
-  local l = live()
-  local res = {}
-  local all = redis.call('HGETALL', P .. 'pg' .. g)
-  for i = 1, #all, 2 do
-    local n, held = 0, false
-    for m, c in pairs(cjson.decode(all[i + 1])) do
-      if l[m] then held = true; n = n + c end
-    end
-    if held then res[#res + 1] = all[i]; res[#res + 1] = fmt(n) end
-  end
-  return {epoch, redis.call('HGET', P .. 'pm' .. g, 'v') or '0', res}
+  return {epoch, redis.call('HGET', P .. 'pm' .. g, 'v') or '0', members_of(g)}
 end
 
 if mode == 'users' then
@@ -338,17 +353,54 @@ fn parse_change(item: &[String]) -> Option<Change> {
 
 /// One control item from a node's list.
 fn parse_control(text: &str) -> Option<Control> {
-    let item: Vec<String> = serde_json::from_str(text).ok()?;
-    match item.as_slice() {
-        [kind, g, u, v] if kind == "join" || kind == "leave" => Some(Control::Member {
+    use serde_json::Value;
+    let item: Vec<Value> = serde_json::from_str(text).ok()?;
+    let text = |i: usize| item.get(i).and_then(Value::as_str);
+    match (text(0)?, item.len()) {
+        (kind @ ("join" | "leave"), 4) => Some(Control::Member {
             joined: kind == "join",
-            group: parse_group_token(g)?,
-            user: u.as_str().into(),
-            v: v.parse().ok()?,
+            group: parse_group_token(text(1)?)?,
+            user: text(2)?.into(),
+            v: text(3)?.parse().ok()?,
         }),
-        [kind, id] if kind == "replace" => Some(Control::Replace(id.parse().ok()?)),
+        ("replace", 2) => Some(Control::Replace(text(1)?.parse().ok()?)),
+        ("snap", 4) => {
+            let group = parse_group_token(text(1)?)?;
+            // The script's flat list; Lua's cjson writes an empty one as {}.
+            let flat: Vec<&str> = match &item[3] {
+                Value::Array(flat) => flat.iter().map(Value::as_str).collect::<Option<_>>()?,
+                Value::Object(empty) if empty.is_empty() => Vec::new(),
+                _ => return None,
+            };
+            Some(Control::Snapshot(group_view(
+                group.as_deref(),
+                text(2)?.parse().ok()?,
+                &flat,
+            )?))
+        }
         _ => None,
     }
+}
+
+/// A group's view from the script's flat `[user, connections, …]`,
+/// sorted by user id; `None` for an odd list.
+fn group_view(group: Option<&str>, v: u64, flat: &[impl AsRef<str>]) -> Option<GroupView> {
+    if !flat.len().is_multiple_of(2) {
+        return None;
+    }
+    let mut members: Vec<Member> = flat
+        .chunks_exact(2)
+        .map(|pair| Member {
+            user_id: pair[0].as_ref().to_owned(),
+            connections: pair[1].as_ref().parse().unwrap_or(0),
+        })
+        .collect();
+    members.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+    Some(GroupView {
+        group: group.map(str::to_owned),
+        members,
+        v,
+    })
 }
 
 /// The Redis presence store; see the module docs. Built by the registry,
@@ -788,19 +840,8 @@ impl Store for Handle {
         Box::pin(async move {
             let args = [group_token(group)];
             let (v, flat) = self.0.call::<Vec<String>>("group", false, &args).await?;
-            let mut members: Vec<Member> = flat
-                .chunks_exact(2)
-                .map(|pair| Member {
-                    user_id: pair[0].clone(),
-                    connections: pair[1].parse().unwrap_or(0),
-                })
-                .collect();
-            members.sort_by(|a, b| a.user_id.cmp(&b.user_id));
-            Ok(GroupView {
-                group: group.map(str::to_owned),
-                members,
-                v: v.parse().unwrap_or(0),
-            })
+            group_view(group, v.parse().unwrap_or(0), &flat)
+                .ok_or_else(|| BusError::Unavailable("Redis answered an odd members list".into()))
         })
     }
 
@@ -853,6 +894,29 @@ mod tests {
         );
         assert_eq!(parse_control(r#"["replace","x"]"#), None);
         assert_eq!(parse_control("nonsense"), None);
+        let member = |user: &str, connections| Member {
+            user_id: user.into(),
+            connections,
+        };
+        assert_eq!(
+            parse_control(r#"["snap","+big","20",["dan","1","ann","2"]]"#),
+            Some(Control::Snapshot(GroupView {
+                group: Some("big".into()),
+                members: vec![member("ann", 2), member("dan", 1)],
+                v: 20
+            }))
+        );
+        // Lua's cjson writes an empty list as an object.
+        assert_eq!(
+            parse_control(r#"["snap","-","21",{}]"#),
+            Some(Control::Snapshot(GroupView {
+                group: None,
+                members: vec![],
+                v: 21
+            }))
+        );
+        assert_eq!(parse_control(r#"["snap","+big","20",["dan"]]"#), None);
+        assert_eq!(parse_control(r#"["snap","+big","20",[1, 2]]"#), None);
         let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(
             parse_change(&s(&["leave", "-", "bob", "9"])),
