@@ -109,8 +109,11 @@ pub(crate) const ACTION_DISCONNECT: &str = "wshub.disconnect";
 
 /// Bytes escaped in identity headers: controls, space (HTTP trims it at
 /// the ends of a value), non-ASCII (by
-/// `utf8_percent_encode` itself), and `%` so that decoding is unambiguous.
-const HEADER_ESCAPES: &AsciiSet = &CONTROLS.add(b' ').add(b'%').add(b'\x7f');
+/// `utf8_percent_encode` itself), `%` so that decoding is unambiguous, and
+/// `+`, which form decoders (`UrlDecode()` in FoxPro, .NET's
+/// `HttpUtility.UrlDecode`, PHP's `urldecode`) read as a space: the user
+/// `ann+bob` arrived as `ann bob` (review of 2026-12-02).
+const HEADER_ESCAPES: &AsciiSet = &CONTROLS.add(b' ').add(b'%').add(b'+').add(b'\x7f');
 
 struct Job {
     kind: Kind,
@@ -184,9 +187,15 @@ impl Backend {
         metrics: Arc<Metrics>,
         shutdown: Shutdown,
     ) -> Result<Self, reqwest::Error> {
+        // Redirects are not followed: a 301 or 302 would turn the POST into
+        // a GET without its body (answered 2xx, the message was lost with
+        // nobody told), and a 307 would hand the body, the identity and
+        // the static headers to whatever host it names. A 3xx is a failure
+        // like any other non-2xx (review of 2026-12-02).
         let client = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout)
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         let queues = Arc::new(Queues::new(
             config.queue,
@@ -672,6 +681,13 @@ impl Dispatcher {
         let (result, reason, problem) = match outcome {
             Ok(resp) if resp.status().is_success() => {
                 (ForwardResult::Ok, String::new(), String::new())
+            }
+            Ok(resp) if resp.status().is_redirection() => {
+                let reason = format!("backend answered {}", resp.status().as_u16());
+                let problem = format!(
+                    "{reason}, a redirect, which is not followed: set backend.url to the address it redirects to"
+                );
+                (ForwardResult::Status, reason, problem)
             }
             Ok(resp) => {
                 let reason = format!("backend answered {}", resp.status().as_u16());

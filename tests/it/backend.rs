@@ -258,6 +258,53 @@ async fn backend_answering_500_is_reported_to_the_sender() {
     failing_backend_case(&backend.url, 5_000, "backend answered 500").await;
 }
 
+/// A redirect from the backend is a failure, reported to the sender, and
+/// is not followed. (A 301 was followed as a GET without the body, counted
+/// as a success, the message lost with nobody told; a 307 to another host
+/// handed it the message, the identity and the static headers.)
+#[tokio::test]
+async fn a_redirect_from_the_backend_is_a_failure_and_not_followed() {
+    let target = TestBackend::start(StatusCode::NO_CONTENT, Duration::ZERO).await;
+    for status in [
+        StatusCode::MOVED_PERMANENTLY,
+        StatusCode::FOUND,
+        StatusCode::TEMPORARY_REDIRECT,
+        StatusCode::PERMANENT_REDIRECT,
+    ] {
+        let location = target.url.clone();
+        let app = Router::new().fallback(move || {
+            let location = location.clone();
+            async move { (status, [(axum::http::header::LOCATION, location)]) }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/__websocket.wwd", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let want = format!("backend answered {}", status.as_u16());
+        failing_backend_case(&url, 5_000, &want).await;
+    }
+    let reached = target.received_now().await;
+    assert!(
+        reached.is_empty(),
+        "the redirects were followed: {reached:?}"
+    );
+}
+
+/// Identity headers escape `+`, which form decoders (`UrlDecode()` in
+/// FoxPro, .NET's `HttpUtility.UrlDecode`) read as a space: `ann+bob`
+/// would be replied to as `ann bob`.
+#[tokio::test]
+async fn identity_headers_escape_what_form_decoders_would_change() {
+    let backend = TestBackend::start(StatusCode::NO_CONTENT, Duration::ZERO).await;
+    let server = TestServer::with(with_backend(&backend.url, |_| {})).await;
+    let mut ann =
+        crate::common::Client::connect(server.addr, "/ws?userid=ann%2Bbob&groupid=C%2B%2B%20x")
+            .await;
+    ann.send_json(json!({"action": "x"})).await;
+    let seen = backend.next().await;
+    assert_eq!(header(&seen, "x-wshub-user-id"), Some("ann%2Bbob"));
+    assert_eq!(header(&seen, "x-wshub-group-id"), Some("C%2B%2B%20x"));
+}
+
 #[tokio::test]
 async fn backend_timing_out_is_reported_to_the_sender() {
     let backend = TestBackend::start(StatusCode::NO_CONTENT, Duration::from_secs(30)).await;
