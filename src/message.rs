@@ -163,6 +163,53 @@ pub enum MessageError {
     ReservedAction,
 }
 
+/// `text` with each lone UTF-16 surrogate escape (`\uD800` to `\uDFFF`
+/// without its pair) replaced by `\uFFFD`, the same length; `None` when
+/// it has none. Backslashes appear only in strings in JSON, and each
+/// escape is stepped over whole, so `\\ud83d` (an escaped backslash) is
+/// left alone.
+fn without_lone_surrogates(text: &str) -> Option<String> {
+    let hex = |at: usize| {
+        let digits = text.get(at..at + 4)?;
+        u16::from_str_radix(digits, 16).ok()
+    };
+    let bytes = text.as_bytes();
+    let mut lone = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        if bytes.get(i + 1) != Some(&b'u') {
+            i += 2;
+            continue;
+        }
+        match hex(i + 2) {
+            Some(0xD800..=0xDBFF)
+                if bytes.get(i + 6) == Some(&b'\\')
+                    && bytes.get(i + 7) == Some(&b'u')
+                    && matches!(hex(i + 8), Some(0xDC00..=0xDFFF)) =>
+            {
+                i += 12;
+            }
+            Some(0xD800..=0xDFFF) => {
+                lone.push(i + 2);
+                i += 6;
+            }
+            _ => i += 2,
+        }
+    }
+    if lone.is_empty() {
+        return None;
+    }
+    let mut repaired = text.to_owned();
+    for at in lone {
+        repaired.replace_range(at..at + 4, "fffd");
+    }
+    Some(repaired)
+}
+
 impl From<serde_json::Error> for MessageError {
     fn from(e: serde_json::Error) -> Self {
         use serde_json::error::Category;
@@ -175,10 +222,44 @@ impl From<serde_json::Error> for MessageError {
 
 impl<'a> Message<'a> {
     /// Parses one message and checks it against `limits`.
+    ///
+    /// A lone UTF-16 surrogate escape (`"\ud83d"` not followed by its
+    /// pair) is read as U+FFFD: valid JSON by RFC 8259's grammar, what a
+    /// browser writes for a string cut in the middle of an emoji
+    /// (`JSON.stringify("hi 😀".slice(0, 4))`), and what Web Connection's
+    /// .NET hub takes; a Rust string cannot hold it, so serde_json refuses
+    /// it, and the message was refused as "not JSON" (review of
+    /// 2026-12-02). The text forwarded to the backend is the one received.
     pub fn parse(text: &'a str, limits: &MessageLimits) -> Result<Self, MessageError> {
-        let msg: Message<'a> = serde_json::from_str(text)?;
+        let msg: Message<'a> = match serde_json::from_str(text) {
+            Ok(msg) => msg,
+            Err(e) => match without_lone_surrogates(text) {
+                Some(repaired) => serde_json::from_str::<Message<'_>>(&repaired)?.into_owned(),
+                None => return Err(e.into()),
+            },
+        };
         msg.check(limits)?;
         Ok(msg)
+    }
+
+    /// The same message, owning its text.
+    fn into_owned(self) -> Message<'static> {
+        let own = |v: Option<Cow<'_, str>>| v.map(|v| Cow::Owned(v.into_owned()));
+        Message {
+            user_id: own(self.user_id),
+            group_id: own(self.group_id),
+            action: own(self.action),
+            message: own(self.message),
+            recipients: self
+                .recipients
+                .into_iter()
+                .map(|r| Recipient {
+                    kind: r.kind,
+                    value: own(r.value),
+                })
+                .collect(),
+            shadow_reserved: self.shadow_reserved,
+        }
     }
 
     fn check(&self, limits: &MessageLimits) -> Result<(), MessageError> {
@@ -581,6 +662,43 @@ mod tests {
             assert_eq!(msg.action.as_deref(), action, "{text}");
             assert!(!msg.shadow_reserved, "{text}");
         }
+    }
+
+    #[test]
+    fn lone_surrogates_are_read_as_the_replacement_character() {
+        let message = |text: &str| parse(text).map(|m| m.message.map(Cow::into_owned));
+        // What a browser writes for "hi 😀".slice(0, 4), and a lone low one.
+        assert_eq!(
+            message(r#"{"message":"hi \ud83d"}"#).unwrap().as_deref(),
+            Some("hi \u{fffd}")
+        );
+        assert_eq!(
+            message(r#"{"message":"\uDE00x\ud83d\u0041"}"#)
+                .unwrap()
+                .as_deref(),
+            Some("\u{fffd}x\u{fffd}A")
+        );
+        // Pairs and escaped backslashes are what they were.
+        assert_eq!(
+            message(r#"{"message":"\ud83d\ude00 \\ud83d"}"#)
+                .unwrap()
+                .as_deref(),
+            Some("😀 \\ud83d")
+        );
+        // In any field, and the rest of the message is read as usual.
+        let msg = parse(r#"{"userId":"a\ud800","action":"say","recipients":[{"type":"user","value":"\udfff"}]}"#).unwrap();
+        assert_eq!(msg.user_id.as_deref(), Some("a\u{fffd}"));
+        assert_eq!(msg.action.as_deref(), Some("say"));
+        assert_eq!(msg.recipients[0].value.as_deref(), Some("\u{fffd}"));
+        // Not JSON stays not JSON.
+        assert!(matches!(
+            parse(r#"{"message":"\ud83"#),
+            Err(MessageError::NotJson(_))
+        ));
+        assert!(matches!(
+            parse(r#"{"message":"\ud83d""#),
+            Err(MessageError::NotJson(_))
+        ));
     }
 
     #[test]
