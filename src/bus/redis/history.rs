@@ -196,24 +196,25 @@ end
 /// reaches the publisher, which counts and logs it
 /// (`wshub_bus_publish_failures_total`).
 ///
-/// `stamped(number, ok, err)`: whether a message's stamping on one topic
-/// (its `INCR`, epoch and offset, run with Lua's `pcall`) went through;
-/// when not, the message is published without that topic (or not at all,
-/// when it has no other), its number is noted as lost and the first error
-/// kept. The same reasoning: a key of another type in wshub's namespace,
-/// or an ACL without a command the stamping calls, once stopped the script
-/// at that message, and every message after it in the batch (other
-/// topics', other clients') was lost with it.
+/// `went(number, ok, err)`: whether a message's stamping on one topic
+/// (its `INCR`, epoch and offset, run with Lua's `pcall`) went through, or
+/// the `PUBLISH` of a message relayed as it is (to connections: no history
+/// to read a refused one from); when not, the message is published without
+/// that topic (or not at all, when it has no other), its number is noted
+/// as lost and the first error kept. The same reasoning: a key of another
+/// type in wshub's namespace, or an ACL without a command the stamping
+/// calls, once stopped the script at that message, and every message after
+/// it in the batch (other topics', other clients') was lost with it.
 ///
 /// `published(sent)`: the script's answer, `sent`, or once the whole
-/// batch has run an error reply: [`UNSTAMPED`] with the lost numbers and
-/// the first stamping error (`UNSTAMPED 3,4 WRONGTYPE …`), else
+/// batch has run an error reply: [`LOST`] with the lost numbers and
+/// the first error (`LOST 3,4 WRONGTYPE …`), else
 /// [`UNHEARD`] with the first refusal (`UNHEARD NOPERM …`). Either tells
 /// the publisher the batch ran whole: nothing to send again, no pause.
 macro_rules! heard_lua {
     () => {
         r#"
-local refused, unstamped, lost = nil, nil, {}
+local refused, failed, lost = nil, nil, {}
 local function heard(reply)
   if type(reply) == 'table' and reply.err then
     refused = refused or reply.err
@@ -221,22 +222,22 @@ local function heard(reply)
   end
   return reply > 0
 end
-local function stamped(number, ok, err)
+local function went(number, ok, err)
   if ok then
     return true
   end
   if type(err) == 'table' then
     err = err.err
   end
-  unstamped = unstamped or tostring(err)
+  failed = failed or tostring(err)
   if lost[#lost] ~= number then
     lost[#lost + 1] = number
   end
   return false
 end
 local function published(sent)
-  if unstamped then
-    return redis.error_reply('UNSTAMPED ' .. table.concat(lost, ',') .. ' ' .. unstamped)
+  if failed then
+    return redis.error_reply('LOST ' .. table.concat(lost, ',') .. ' ' .. failed)
   end
   if refused then
     return redis.error_reply('UNHEARD ' .. refused)
@@ -255,26 +256,27 @@ mod sharded;
 pub(super) const UNHEARD: &str = "UNHEARD";
 
 /// The error code of a publish script whose batch ran whole but some of
-/// whose messages could not be stamped on some of their topics
-/// ([`heard_lua`]): `UNSTAMPED <numbers> <first error>`.
-const UNSTAMPED: &str = "UNSTAMPED";
+/// whose messages could not be stamped on some of their topics, or
+/// relayed ([`heard_lua`]): `LOST <numbers> <first error>`.
+const LOST: &str = "LOST";
 
 /// A publish that ran whole but could not stamp some of its messages on
 /// some of their topics (a key of another type in wshub's namespace, an
-/// ACL without a command the stamping calls): those were published
-/// without those topics, or not at all; the rest of the batch was.
+/// ACL without a command the stamping calls), or could not relay some
+/// (an ACL without a connection's channel): those were published without
+/// those topics, or not at all; the rest of the batch was.
 #[derive(Debug)]
-pub(super) struct Unstamped {
+pub(super) struct Lost {
     /// How many messages missed at least one of their topics.
     pub(super) lost: usize,
     /// The first error Redis gave.
     pub(super) error: String,
 }
 
-/// The numbers and the first error of an `UNSTAMPED` answer
+/// The numbers and the first error of a `LOST` answer
 /// ([`heard_lua`]); `None` for any other error.
-fn unstamped(e: &redis::RedisError) -> Option<(Vec<u64>, String)> {
-    if e.code() != Some(UNSTAMPED) {
+fn lost_of(e: &redis::RedisError) -> Option<(Vec<u64>, String)> {
+    if e.code() != Some(LOST) {
         return None;
     }
     let (numbers, error) = e.detail()?.split_once(' ')?;
@@ -296,7 +298,9 @@ use reply::{bad, caught, contiguous, entries, number, read_reply, text};
 /// prefix (a JSON string without its closing quote), `[5]` the batch's
 /// highest number, `[6]` message count; then per message its number, header
 /// prefix, frame and topic count, and per topic its JSON key, channel and
-/// size. Returns how many messages ran (the others had run before), or,
+/// size (a topic count of 0: a message relayed as it is, its whole payload
+/// in place of the header prefix and an empty frame, then its channel
+/// count and channels). Returns how many messages ran (the others had run before), or,
 /// when a message could not be stamped on a topic or a `PUBLISH` was
 /// refused, an error once every message has run ([`heard_lua`]).
 const PUBLISH_LUA: &str = concat!(
@@ -319,16 +323,31 @@ for _ = 1, tonumber(ARGV[6]) do
   local number, prefix, frame, nt = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
   a = a + 4
   local ok, seq = false, nil
-  if tonumber(number) > hw then
+  if nt == 0 then
+    -- Relayed as it is, in its place among the others (a message to
+    -- connections: no history): `prefix` is the whole payload, then the
+    -- channel count and the channels.
+    local c = tonumber(ARGV[a])
+    if tonumber(number) > hw then
+      for j = 1, c do
+        local reply = redis.pcall('PUBLISH', ARGV[a + j], prefix)
+        if type(reply) == 'table' and reply.err then
+          went(number, false, reply.err)
+        end
+      end
+      sent = sent + 1
+    end
+    a = a + 1 + c
+  elseif tonumber(number) > hw then
     ok, seq = pcall(redis.call, 'INCR', KEYS[1])
-    ok = stamped(number, ok, seq)
+    ok = went(number, ok, seq)
   end
   if ok then
     -- The topics stamped (`live`, by index) and their parts of the stamp.
     local parts, live, offsets, adopted = {}, {}, {}, {}
     for t = 0, nt - 1 do
       local ok, e, was_adopted, o = pcall(stamp, KEYS[k + 2 * t], KEYS[k + 2 * t + 1])
-      if stamped(number, ok, e) then
+      if went(number, ok, e) then
         live[#live + 1] = t
         adopted[t + 1] = was_adopted and true or false
         offsets[t + 1] = o
@@ -1112,9 +1131,10 @@ impl RedisHistory {
         conn: &mut PubConn,
         prepared: &Prepared,
         batch: &[Outgoing],
-    ) -> redis::RedisResult<Option<Unstamped>> {
-        // The publisher sends unrecorded messages (to connections) in a
-        // plain pipeline; one here would be skipped by the script.
+    ) -> redis::RedisResult<Option<Lost>> {
+        // The publisher sends unrecorded messages (to connections on a
+        // Cluster) in a plain pipeline; one here would be skipped by the
+        // script. On one Redis they come relayed (`Outgoing::relayed`).
         debug_assert!(batch.iter().all(|m| m.history.is_some()));
         let ttl = ms(self.history.ttl);
         let mttl = ms(meta_ttl(&self.history));
@@ -1142,7 +1162,7 @@ impl RedisHistory {
         // call carries one message (issue 19).
         let (mut args, mut bytes) = (12, 256 + seq.len() + mark.len() + prepared.sha.len());
         for (m, r) in recorded() {
-            args += 4 + 5 * r.topics.len();
+            args += 5 + 5 * r.topics.len() + m.channels.len();
             bytes += 32 + m.payload.len() + r.frame.len();
             bytes += m.channels.iter().map(|c| 4 * c.len() + 48).sum::<usize>();
         }
@@ -1166,6 +1186,10 @@ impl RedisHistory {
                     .arg(&m.payload[..])
                     .arg(&r.frame[..])
                     .arg(r.topics.len());
+                if r.topics.is_empty() {
+                    // Relayed as it is (`Outgoing::relayed`).
+                    cmd.arg(m.channels.len()).arg(&m.channels);
+                }
                 for (t, channel) in r.topics.iter().zip(&m.channels) {
                     write_json_key(cmd, t);
                     cmd.arg(channel).arg(self.history.size_of(t));
@@ -1174,8 +1198,8 @@ impl RedisHistory {
         })
         .await
         .map(|_: u64| None)
-        .or_else(|e| match unstamped(&e) {
-            Some((lost, error)) => Ok(Some(Unstamped {
+        .or_else(|e| match lost_of(&e) {
+            Some((lost, error)) => Ok(Some(Lost {
                 lost: lost.len(),
                 error,
             })),

@@ -324,16 +324,26 @@ impl Bus for RedisBus {
         // History on: delivered here too, from Redis's echo (module docs).
         // A connection has no topic to replay from, so its copy is not
         // kept: it goes unstamped on its node's channel as with history
-        // off, and is delivered from the echo like the rest. The route's
-        // other topics are recorded and stamped as usual. Both copies carry
-        // the whole route, so each socket still takes exactly one of them
+        // off, and is delivered from the echo like the rest. On one Redis
+        // it goes through the publish script with the recorded messages,
+        // in their order (a plain pipeline beside the script let it
+        // overtake them, or, sent in turn, cost a round trip per change of
+        // kind); on a Cluster, where order across channels is not
+        // promised, in a plain pipeline. The route's other topics are
+        // recorded and stamped as usual. Both copies carry the whole
+        // route, so each socket still takes exactly one of them
         // (`Route::accepts`: the first topic of the route it matches).
         let (connections, kept): (Vec<&Topic>, Vec<&Topic>) = all
             .into_iter()
             .partition(|t| matches!(t, Topic::Connection(_)));
         let mut items = Vec::with_capacity(2);
         if !connections.is_empty() {
-            items.push(plain(&connections));
+            let item = plain(&connections);
+            items.push(if shared.config.sharded {
+                item
+            } else {
+                queue::Outgoing::relayed(item.channels, item.payload)
+            });
         }
         if !kept.is_empty() {
             items.push(history.record(

@@ -43,7 +43,7 @@
 //! each message on each topic under Lua's `pcall`: one it cannot stamp
 //! on a topic (a key of another type in wshub's namespace, an ACL without
 //! a command the stamping calls) is published without that topic, and
-//! the script answers `UNSTAMPED` once the rest of the batch has run;
+//! the script answers `LOST` once the rest of the batch has run;
 //! those messages are counted as dropped and logged as an error (at most
 //! every 10 s), nothing is resent or paused for.
 //!
@@ -64,7 +64,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::conn::{Backoff, Link, PubConn, Unheard, connect_publisher, is_denied, is_refusal};
-use super::history::{Prepared, RedisHistory, UNHEARD, Unstamped};
+use super::history::{Lost, Prepared, RedisHistory, UNHEARD};
 use super::queue::Outgoing;
 use super::{LAG_LOG_EVERY, MAX_BATCH, MAX_BATCH_BYTES, MIN_BACKOFF, Shared};
 use crate::outcome::DropReason;
@@ -126,8 +126,8 @@ enum Call {
     /// Ran whole; some of its `PUBLISH`es were refused (`UNHEARD`).
     Unheard(redis::RedisError),
     /// Ran whole; some of its messages could not be stamped on some of
-    /// their topics, and were published without them (`UNSTAMPED`).
-    Unstamped(Unstamped),
+    /// their topics, and were published without them (`LOST`).
+    Lost(Lost),
     /// Refused by the ACL before it ran (`NOPERM`: a history key the user
     /// may not touch); waiting changes nothing.
     Denied(redis::RedisError),
@@ -391,7 +391,7 @@ impl Publisher {
     /// Counts a send of which Redis's ACL refused some messages (`NOPERM`:
     /// their channels, or their history keys) while it took the rest
     /// (module docs: no pause), and logs it at most every 10 s.
-    fn denied(&mut self, error: &redis::RedisError, fate: Fate) {
+    fn denied(&mut self, error: &dyn std::fmt::Display, fate: Fate) {
         self.shared.metrics.bus_publish_failure();
         let (sends, logged) = &mut self.unheard;
         *sends += 1;
@@ -466,14 +466,17 @@ impl Publisher {
         let batch = match self.resend.take() {
             Some(batch) => batch,
             None => {
-                // A message to a connection is queued unrecorded (it has no
-                // history: `RedisBus::publish`): it goes in a plain
-                // pipeline, as with history off, never into the script
-                // (which would skip it: it once lost every such message).
-                // A batch is a run of one kind, in queue order, so one
-                // sender's messages keep their order (a review saw
-                // messages to a connection overtake earlier ones to a
-                // group: the plain pipeline of a mixed batch went first).
+                // A message to a connection has no history. On one Redis
+                // it goes through the script with the rest, relayed as it
+                // is (`Outgoing::relayed`), in its place. On a Cluster it
+                // is queued unrecorded (`RedisBus::publish`) and goes in a
+                // plain pipeline, as with history off, never into the
+                // topic scripts (which would skip it: it once lost every
+                // such message). A batch is a run of one kind, in queue
+                // order, so one sender's messages keep their order (a
+                // review saw messages to a connection overtake earlier
+                // ones to a group: the plain pipeline of a mixed batch
+                // went first).
                 let batch = shared
                     .queue
                     .take_run(MAX_BATCH, MAX_BATCH_BYTES, |m| m.history.is_some());
@@ -487,8 +490,8 @@ impl Publisher {
         self.send_script(history, batch).await;
     }
 
-    /// History on: sends a batch of unrecorded messages (to connections)
-    /// in a plain pipeline. On an error it is dropped and counted, as with
+    /// History on, on a Cluster: sends a batch of unrecorded messages (to
+    /// connections) in a plain pipeline. On an error it is dropped and counted, as with
     /// history off (plain `PUBLISH` cannot tell what already ran).
     async fn send_plain_unrecorded(&mut self, plain: Vec<Outgoing>) {
         let shared = self.shared.clone();
@@ -591,12 +594,18 @@ impl Publisher {
                     .dropped(DropReason::BusUnavailable, batch.len() as u64);
                 self.denied(&e, Fate::Dropped);
             }
-            // The rest of the batch ran: nothing to send again.
-            Call::Unstamped(Unstamped { lost, error }) => {
+            // The rest of the batch ran: nothing to send again. The ACL
+            // refusing a connection's channel is told as the ACL's other
+            // refusals are.
+            Call::Lost(Lost { lost, error }) => {
                 self.accepted(Proof::Script);
                 self.shared
                     .metrics
                     .dropped(DropReason::BusUnavailable, lost as u64);
+                if error.starts_with("NOPERM") {
+                    self.denied(&error, Fate::Dropped);
+                    return None;
+                }
                 self.shared.metrics.bus_publish_failure();
                 if self.broken_logged() {
                     tracing::error!(
@@ -671,7 +680,7 @@ impl Publisher {
         shared.metrics.history_publish(started.elapsed());
         match sent {
             Ok(Ok(None)) => Call::Ran,
-            Ok(Ok(Some(unstamped))) => Call::Unstamped(unstamped),
+            Ok(Ok(Some(unstamped))) => Call::Lost(unstamped),
             Ok(Err(e)) if e.code() == Some(UNHEARD) => Call::Unheard(e),
             Ok(Err(e)) if is_denied(&e) && !in_script(&e) => Call::Denied(e),
             Ok(Err(e)) if in_script(&e) && !ran_nothing(&e) => Call::Broken(e),

@@ -62,16 +62,34 @@ impl Outgoing {
         }
     }
 
+    /// History on, on one Redis: a message that is not recorded (to
+    /// connections, which have no history) but goes through the publish
+    /// script with the recorded ones, in their order, published as it is
+    /// on each channel (no topics: see `history.rs`).
+    pub(super) fn relayed(channels: Vec<String>, payload: Bytes) -> Self {
+        let mut item = Self::new(channels, payload);
+        item.history = Some(Box::new(Recorded {
+            frame: Bytes::new(),
+            topics: Vec::new(),
+            number: 0,
+            published_ms: crate::bus::wire::now_ms(),
+        }));
+        item
+    }
+
     /// The frame's length (history on: it travels apart from the header).
     fn frame_len(&self) -> usize {
-        self.history.as_ref().map_or(0, |h| {
-            h.frame.len()
-                + self
-                    .channels
-                    .iter()
-                    .map(|c| topic_keys_len(c))
-                    .sum::<usize>()
-        })
+        self.history
+            .as_ref()
+            .filter(|h| !h.topics.is_empty())
+            .map_or(0, |h| {
+                h.frame.len()
+                    + self
+                        .channels
+                        .iter()
+                        .map(|c| topic_keys_len(c))
+                        .sum::<usize>()
+            })
     }
 
     /// Memory the message holds while queued: the payload once (shared by

@@ -43,7 +43,7 @@ use std::sync::OnceLock;
 
 use super::super::conn::{PubConn, slot_of};
 use super::super::queue::Outgoing;
-use super::{Prepared, Unstamped, evalsha, load, unstamped};
+use super::{Lost, Prepared, evalsha, load, lost_of};
 use redis::cluster_routing::SingleNodeRoutingInfo;
 
 /// Stamps, records and publishes one batch's messages to one topic.
@@ -90,7 +90,7 @@ for _ = 1, tonumber(ARGV[10]) do
   local ok, e, o = false, nil, nil
   if tonumber(number) > hw then
     ok, e, o = pcall(stamp)
-    ok = stamped(number, ok, e)
+    ok = went(number, ok, e)
   end
   if ok then
     local payload = prefix .. ',"i":' .. idp .. '-' .. number .. '","s":' .. seq
@@ -207,7 +207,7 @@ pub(super) async fn publish(
     prepared: &Prepared,
     args: &Batch<'_>,
     batch: &[Outgoing],
-) -> redis::RedisResult<Option<Unstamped>> {
+) -> redis::RedisResult<Option<Lost>> {
     struct Copies<'b> {
         meta: String,
         stream: String,
@@ -222,6 +222,8 @@ pub(super) async fn publish(
         let Some(r) = m.history.as_deref() else {
             continue;
         };
+        // Relayed messages (`Outgoing::relayed`) are made on one Redis only.
+        debug_assert!(!r.topics.is_empty());
         // Merge hint only (module docs): the clock and the number.
         let seq = (r.published_ms << 12) | (r.number & 0xfff);
         for (t, channel) in r.topics.iter().zip(&m.channels) {
@@ -284,7 +286,7 @@ pub(super) async fn publish(
     for result in futures_util::future::join_all(calls).await {
         match result {
             Ok(_) => {}
-            Err(e) => match unstamped(&e) {
+            Err(e) => match lost_of(&e) {
                 Some((numbers, error)) => {
                     let (all, _) = lost.get_or_insert_with(|| (BTreeSet::new(), error));
                     all.extend(numbers);
@@ -296,7 +298,7 @@ pub(super) async fn publish(
     }
     match (failed, lost) {
         (Some(e), _) if rank(&e) > 0 => Err(e),
-        (_, Some((numbers, error))) => Ok(Some(Unstamped {
+        (_, Some((numbers, error))) => Ok(Some(Lost {
             lost: numbers.len(),
             error,
         })),
