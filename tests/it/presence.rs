@@ -582,6 +582,38 @@ async fn a_big_group_back_at_the_limit_sends_its_whole_list() {
     assert_eq!(inner(&frame)["userId"], "dan");
 }
 
+/// A user who takes a group over `max_members_events` and leaves again
+/// sends nothing: the members are the ones the lists kept from events
+/// hold. (Each such return sent the whole list to every opted-in socket: a
+/// review measured 63 times the bytes of the leave frames with 200
+/// members and one user coming and going.)
+#[tokio::test]
+async fn a_user_coming_and_going_at_the_limit_sends_no_list() {
+    let redis = RedisServer::start();
+    let a = presence_node(&redis, |c| c.presence.max_members_events = 2).await;
+    let mut ann = Client::connect(a.addr, &socket_path("ann", Some("big"), true)).await;
+    assert_eq!(inner(&ann.recv().await)["userId"], "ann", "her own join");
+    let bob = Client::connect(a.addr, &socket_path("bob", Some("big"), false)).await;
+    assert_eq!(inner(&ann.recv().await)["userId"], "bob");
+    for _ in 0..3 {
+        let eve = Client::connect(a.addr, &socket_path("eve", Some("big"), false)).await;
+        within("eve is listed", PATIENCE, || async {
+            api_members(a.addr, Some("big")).await.len() == 3
+        })
+        .await;
+        eve.close().await;
+        within("eve is gone", PATIENCE, || async {
+            api_members(a.addr, Some("big")).await.len() == 2
+        })
+        .await;
+    }
+    // The next frame is bob's leave: no list came before it.
+    bob.close().await;
+    let frame = ann.recv().await;
+    assert_eq!(frame["action"], "wshub.leave", "{frame}");
+    assert_eq!(inner(&frame)["userId"], "bob");
+}
+
 /// What is open, as the test knows it: (group, user) → sockets.
 type Truth = BTreeMap<(Option<String>, String), u64>;
 

@@ -8,6 +8,7 @@
 //! |---|---|---|
 //! | `T:pg-` / `T:pg+<G>` | hash | the null group / group `G`: user → JSON `{"<member>":<sockets>}` per node incarnation holding it |
 //! | `T:pm-` / `T:pm+<G>` | hash | the group's `v`, and member → how many users it holds there (whom to send join/leave frames) |
+//! | `T:pp-` / `T:pp+<G>` | string | while the group is over `max_members_events`: its users before the join that took it over (JSON, sorted), to tell at its return whether the lists kept from events need the whole list |
 //! | `T:pu:<U>` | hash | member → the user's sockets on that node (online/offline, `/api/presence/users`) |
 //! | `T:ps:<U>` | sorted set | the per-user limit: `<member>#<socket id>` scored by when it opened |
 //! | `T:ph:<member>` | set | what a node holds, so a survivor can sweep it when it dies |
@@ -129,6 +130,16 @@ local function members_of(g)
   return res
 end
 
+-- The users of the group hash `gk` but `but`, sorted, as one string.
+local function names_of(gk, but)
+  local names = {}
+  for _, name in ipairs(redis.call('HKEYS', gk)) do
+    if name ~= but then names[#names + 1] = name end
+  end
+  table.sort(names)
+  return cjson.encode(names)
+end
+
 local function set_group(m, g, u, count)
   local gk = P .. 'pg' .. g
   local mk = P .. 'pm' .. g
@@ -163,13 +174,22 @@ local function set_group(m, g, u, count)
     out[#out + 1] = {kind, g, u, fmt(v)}
     -- Over maxev members a group gets no frames; the leave that brings it
     -- back to maxev sends the whole list instead, so that lists kept from
-    -- events are right again (they missed the changes made meanwhile).
+    -- events are right again (they missed the changes made meanwhile),
+    -- unless the members are those the lists hold: the ones before the
+    -- join that took the group over, kept at that join (a user joining and
+    -- leaving at the limit would otherwise send the list every time).
     local size = redis.call('HLEN', gk)
+    local pk = P .. 'pp' .. g
     local item = nil
     if size < maxev or (size == maxev and kind == 'join') then
       item = cjson.encode({kind, g, u, fmt(v)})
+    elseif size == maxev + 1 and kind == 'join' then
+      redis.call('SET', pk, names_of(gk, u))
     elseif size == maxev then
-      item = cjson.encode({'snap', g, fmt(v), members_of(g)})
+      if redis.call('GET', pk) ~= names_of(gk, nil) then
+        item = cjson.encode({'snap', g, fmt(v), members_of(g)})
+      end
+      redis.call('DEL', pk)
     end
     if item then
       local l = live()
@@ -178,7 +198,7 @@ local function set_group(m, g, u, count)
       end
     end
   end
-  if redis.call('HLEN', gk) == 0 then redis.call('DEL', mk) end
+  if redis.call('HLEN', gk) == 0 then redis.call('DEL', mk, P .. 'pp' .. g) end
 end
 
 local function set_user(m, u, count)
