@@ -94,12 +94,20 @@ impl TokenVerifier {
         validation.leeway = config.leeway_secs;
         validation.validate_nbf = true;
         validation.required_spec_claims = ["exp", "sub"].iter().map(|s| s.to_string()).collect();
+        // A configured audience or issuer is required, not only checked
+        // when there: jsonwebtoken checks `aud` and `iss` only in tokens
+        // that carry them, so a token made for something else without
+        // them opened sockets (review of 2026-12-02).
         match &config.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                validation.required_spec_claims.insert("aud".to_owned());
+            }
             None => validation.validate_aud = false,
         }
         if let Some(iss) = &config.issuer {
             validation.set_issuer(&[iss]);
+            validation.required_spec_claims.insert("iss".to_owned());
         }
         Some(Arc::new(Self { key, validation }))
     }

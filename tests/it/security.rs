@@ -163,6 +163,26 @@ async fn every_token_failure_is_a_401_with_its_reason() {
             hs256(with(json!({"exp": null})), SECRET),
             "required claim: exp",
         ),
+        // A configured audience or issuer must be there, not only right
+        // when it is (a token without them was let in).
+        (
+            hs256(with(json!({"aud": null})), SECRET),
+            "required claim: aud",
+        ),
+        (
+            hs256(with(json!({"iss": null})), SECRET),
+            "required claim: iss",
+        ),
+        {
+            let mut claims = good.clone();
+            claims["aud"] = Value::Null;
+            (hs256(claims, SECRET), "required claim: aud")
+        },
+        {
+            let mut claims = good.clone();
+            claims["iss"] = Value::Null;
+            (hs256(claims, SECRET), "required claim: iss")
+        },
         (
             hs256(with(json!({"sub": null})), SECRET),
             "required claim: sub",
