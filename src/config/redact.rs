@@ -46,6 +46,34 @@ pub fn redact_urls(s: &str) -> String {
         out.push_str(&redact_userinfo(&tail[..end]));
         rest = &tail[end..];
     }
+    redact_password_params(&out)
+}
+
+/// `s` with the value of every `pass=` or `password=` query parameter
+/// (after `?` or `&`) replaced by `***`, up to the next `&`, white space,
+/// quote or comma: a Unix socket's Redis URL carries its password there
+/// (`redis+unix:///run/redis.sock?pass=secret`), which was printed as it
+/// is (review of 2026-12-02).
+fn redact_password_params(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(at) = rest.find(['?', '&']) {
+        out.push_str(&rest[..=at]);
+        rest = &rest[at + 1..];
+        let Some(name) = ["password=", "pass="]
+            .into_iter()
+            .find(|name| rest.starts_with(name))
+        else {
+            continue;
+        };
+        out.push_str(name);
+        out.push_str("***");
+        let value_end = rest[name.len()..]
+            .find(|c: char| c == '&' || c.is_whitespace() || matches!(c, '"' | '\'' | ','))
+            .map_or(rest.len(), |i| name.len() + i);
+        rest = &rest[value_end..];
+    }
+    out.push_str(rest);
     out
 }
 
@@ -225,6 +253,16 @@ mod tests {
         assert_eq!(redact_urls("\"redis://pw@h\""), "\"redis://***@h\"");
         assert_eq!(redact_urls("redis://redis:6379"), "redis://redis:6379");
         assert_eq!(redact_urls("no url"), "no url");
+        // A Unix socket's URL carries its password in the query.
+        assert_eq!(
+            redact_urls("redis+unix:///run/r.sock?db=1&pass=s3cr&t x, unix:///s?password=p"),
+            "redis+unix:///run/r.sock?db=1&pass=***&t x, unix:///s?password=***"
+        );
+        assert_eq!(
+            redact_urls("redis+unix:///run/r.sock?user=u&pass=p"),
+            "redis+unix:///run/r.sock?user=u&pass=***"
+        );
+        assert_eq!(redact_urls("x?bypass=1&passes=2"), "x?bypass=1&passes=2");
         // Shapes from issue 12 item 2: unencoded `/`, `@` or space in the
         // password, no scheme, a mistyped scheme.
         for (url, want) in [
