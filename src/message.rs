@@ -157,6 +157,15 @@ pub enum MessageError {
         /// `limits.max_recipients`.
         max: usize,
     },
+    /// An id-like field holds a lone UTF-16 surrogate escape (only
+    /// `message` may: read as U+FFFD there).
+    #[error(
+        "invalid message: `{field}` holds a lone UTF-16 surrogate (\\uD800 to \\uDFFF without its pair)"
+    )]
+    LoneSurrogate {
+        /// The field.
+        field: &'static str,
+    },
     /// A client used an action of the hub's own (`wshub.*`): it could
     /// otherwise fake hub errors to other clients or events to the backend.
     #[error("invalid message: actions starting with `wshub.` are reserved for the hub")]
@@ -234,7 +243,28 @@ impl<'a> Message<'a> {
         let msg: Message<'a> = match serde_json::from_str(text) {
             Ok(msg) => msg,
             Err(e) => match without_lone_surrogates(text) {
-                Some(repaired) => serde_json::from_str::<Message<'_>>(&repaired)?.into_owned(),
+                Some(repaired) => {
+                    let msg = serde_json::from_str::<Message<'_>>(&repaired)?;
+                    // Only text may hold one: lone surrogates read as one
+                    // character would make different ids one.
+                    let ids = [
+                        ("userId", &msg.user_id),
+                        ("groupId", &msg.group_id),
+                        ("action", &msg.action),
+                    ];
+                    let values = msg
+                        .recipients
+                        .iter()
+                        .map(|r| ("recipients[].value", &r.value));
+                    if let Some((field, _)) = ids
+                        .into_iter()
+                        .chain(values)
+                        .find(|(_, v)| v.as_deref().is_some_and(|v| v.contains('\u{fffd}')))
+                    {
+                        return Err(MessageError::LoneSurrogate { field });
+                    }
+                    msg.into_owned()
+                }
                 None => return Err(e.into()),
             },
         };
@@ -685,11 +715,24 @@ mod tests {
                 .as_deref(),
             Some("😀 \\ud83d")
         );
-        // In any field, and the rest of the message is read as usual.
-        let msg = parse(r#"{"userId":"a\ud800","action":"say","recipients":[{"type":"user","value":"\udfff"}]}"#).unwrap();
-        assert_eq!(msg.user_id.as_deref(), Some("a\u{fffd}"));
-        assert_eq!(msg.action.as_deref(), Some("say"));
-        assert_eq!(msg.recipients[0].value.as_deref(), Some("\u{fffd}"));
+        // In an id it is refused, naming the field: two such ids would be
+        // one.
+        for (text, field) in [
+            (r#"{"userId":"a\ud800","message":"x"}"#, "userId"),
+            (r#"{"message":"\ud800","groupId":"\udbff"}"#, "groupId"),
+            (r#"{"action":"\udfff"}"#, "action"),
+            (
+                r#"{"recipients":[{"type":"user","value":"\ud800"}]}"#,
+                "recipients[].value",
+            ),
+        ] {
+            match parse(text) {
+                Err(e @ MessageError::LoneSurrogate { .. }) => {
+                    assert!(e.to_string().contains(&format!("`{field}`")), "{e}")
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
         // Not JSON stays not JSON.
         assert!(matches!(
             parse(r#"{"message":"\ud83"#),
