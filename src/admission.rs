@@ -384,6 +384,101 @@ pub(crate) fn address_key(ip: IpAddr, ipv6_prefix_len: u8) -> IpAddr {
     }
 }
 
+/// Open HTTP connections per peer address (`limits.max_http_connections_per_ip`):
+/// counted from the accept until the connection ends or becomes a socket
+/// (hyper's connection future ends at the upgrade), so a request being
+/// read or answered, an idle keep-alive and an upgrade not yet answered
+/// all count, and the sockets themselves do not (they have
+/// `limits.max_connections_per_ip`). The per-socket limits count only
+/// upgrades, so one address opening TCP connections that never finish a
+/// request (each held up to `http.header_read_timeout_ms`) could take
+/// every descriptor the node has, `/healthz` included (review of
+/// 2026-12-02). Keyed by the peer address as [`address_key`] keys it (no
+/// `X-Forwarded-For`: nothing is read yet); peers in
+/// `auth.trusted_proxies` are not counted, since every client behind
+/// them shares their address. The table holds only addresses with an
+/// open connection, so it is bounded by the open-file limit.
+pub(crate) struct HttpConnections {
+    limit: usize,
+    ipv6_prefix_len: u8,
+    trusted: Vec<ipnet::IpNet>,
+    open: Mutex<HashMap<IpAddr, usize>>,
+    metrics: Arc<Metrics>,
+    /// When a refusal was last logged (at most one line every 10 s).
+    logged: Mutex<Option<Instant>>,
+}
+
+/// One counted HTTP connection; uncounted when dropped.
+pub(crate) struct HttpSlot {
+    owner: Arc<HttpConnections>,
+    key: IpAddr,
+}
+
+impl HttpConnections {
+    pub(crate) fn new(
+        limit: usize,
+        ipv6_prefix_len: u8,
+        trusted: Vec<ipnet::IpNet>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            ipv6_prefix_len,
+            trusted,
+            open: Mutex::new(HashMap::new()),
+            metrics,
+            logged: Mutex::new(None),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        // Counts only: never inconsistent, ignore poisoning.
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a new connection from `peer`: `Ok(None)` when uncounted (no
+    /// limit, or a trusted proxy), `Err` when the address holds the limit
+    /// already (counted in `wshub_connections_refused_total{reason="http_per_ip"}`,
+    /// logged at most every 10 s).
+    pub(crate) fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Option<HttpSlot>, ()> {
+        if self.limit == 0 || self.trusted.iter().any(|net| net.contains(&peer)) {
+            return Ok(None);
+        }
+        let key = address_key(peer, self.ipv6_prefix_len);
+        {
+            let mut open = self.lock();
+            let n = open.entry(key).or_insert(0);
+            if *n < self.limit {
+                *n += 1;
+                return Ok(Some(HttpSlot {
+                    owner: self.clone(),
+                    key,
+                }));
+            }
+        }
+        self.metrics.refused(RefusalReason::HttpPerIp);
+        let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+        if logged.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
+            *logged = Some(Instant::now());
+            warn!(address = %key, limit = self.limit,
+                "an address holds limits.max_http_connections_per_ip HTTP connections: its new ones are closed at once with a 429 (logged at most every 10 s; see wshub_connections_refused_total{{reason=\"http_per_ip\"}})");
+        }
+        Err(())
+    }
+}
+
+impl Drop for HttpSlot {
+    fn drop(&mut self) {
+        let mut open = self.owner.lock();
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// This process's open-file limits (`RLIMIT_NOFILE`); `None` is
 /// unlimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -187,6 +187,10 @@ pub enum RefusalReason {
     Capacity,
     /// The client address holds `limits.max_connections_per_ip` (429).
     PerIp,
+    /// The peer address holds `limits.max_http_connections_per_ip` HTTP
+    /// connections: the new TCP connection is closed before any request
+    /// (no status).
+    HttpPerIp,
     /// The client address connects faster than
     /// `limits.connects_per_second_per_ip` allows (429, `Retry-After`).
     ConnectRate,
@@ -210,9 +214,10 @@ pub enum RefusalReason {
 
 impl RefusalReason {
     /// Every reason, for seeding metrics.
-    pub const ALL: [RefusalReason; 10] = [
+    pub const ALL: [RefusalReason; 11] = [
         Self::Capacity,
         Self::PerIp,
+        Self::HttpPerIp,
         Self::ConnectRate,
         Self::Token,
         Self::Origin,
@@ -228,6 +233,7 @@ impl RefusalReason {
         match self {
             Self::Capacity => "capacity",
             Self::PerIp => "per_ip",
+            Self::HttpPerIp => "http_per_ip",
             Self::ConnectRate => "connect_rate",
             Self::Token => "token",
             Self::Origin => "origin",
@@ -243,7 +249,7 @@ impl RefusalReason {
     pub fn status(self) -> u16 {
         match self {
             Self::Capacity | Self::Draining | Self::Bus => 503,
-            Self::PerIp | Self::ConnectRate | Self::PerUser => 429,
+            Self::PerIp | Self::ConnectRate | Self::PerUser | Self::HttpPerIp => 429,
             Self::Token => 401,
             Self::Origin | Self::Banned => 403,
             Self::BadRequest => 400,

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tower::Service;
 use tracing::{debug, info, trace, warn};
 
+use crate::admission::{HttpConnections, HttpSlot};
 use crate::config::Config;
 use crate::node::{Node, StartError};
 
@@ -113,6 +114,12 @@ impl Server {
         let http = node.http_shutdown().clone();
         let mut acceptor = Acceptor::new(listener, node.config.tcp_nodelay);
         let http1 = Arc::new(http1_builder(node.config.http.header_read_timeout));
+        let per_ip = HttpConnections::new(
+            node.config.limits.max_http_connections_per_ip,
+            node.config.limits.ipv6_prefix_len,
+            node.config.auth.trusted_proxies.clone(),
+            node.metrics.clone(),
+        );
         let mut serve = http.clone().spawn(async move {
             let stop = http.token().clone();
             loop {
@@ -120,12 +127,17 @@ impl Server {
                     accepted = acceptor.accept() => accepted,
                     () = stop.cancelled() => break,
                 };
+                let Ok(slot) = per_ip.admit(peer.ip()) else {
+                    refuse_at_once(&io);
+                    continue;
+                };
                 http.spawn(serve_connection(
                     io,
                     peer,
                     router.clone(),
                     http1.clone(),
                     stop.clone(),
+                    slot,
                 ));
             }
         });
@@ -279,6 +291,9 @@ async fn serve_connection(
     router: axum::Router,
     http1: Arc<http1::Builder>,
     stop: CancellationToken,
+    // Held until the connection ends or becomes a socket (the future below
+    // ends at the upgrade).
+    _slot: Option<HttpSlot>,
 ) {
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));
@@ -302,6 +317,14 @@ async fn serve_connection(
         // levels a production log runs at (axum logged these at trace).
         trace!(%error, %peer, "connection ended with an error");
     }
+}
+
+/// The answer to a connection over `limits.max_http_connections_per_ip`,
+/// written before any of its request is read (the socket's send buffer is
+/// empty: the write does not wait), then the connection is closed.
+fn refuse_at_once(io: &TcpStream) {
+    const ANSWER: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: 50\r\n\r\ntoo many open connections from this client address";
+    let _ = io.try_write(ANSWER);
 }
 
 /// A failed accept that concerns that one connection only.

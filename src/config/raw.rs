@@ -188,6 +188,11 @@ pub struct Limits {
     pub max_connections: usize,
     /// Sockets from one client address (0: no limit).
     pub max_connections_per_ip: usize,
+    /// Open HTTP connections that are not sockets (a request being read
+    /// or answered, an idle keep-alive, an upgrade not yet answered) from
+    /// one peer address, not counting `auth.trusted_proxies` (0: no
+    /// limit). Over it a new TCP connection is closed at once.
+    pub max_http_connections_per_ip: usize,
     /// IPv6 clients are counted per network of this many bits (an IPv4
     /// client per address).
     pub ipv6_prefix_len: u8,
@@ -398,6 +403,7 @@ impl Default for Limits {
             outbound_queue_bytes: 1024 * 1024,
             max_connections: 0,
             max_connections_per_ip: 0,
+            max_http_connections_per_ip: 0,
             ipv6_prefix_len: 64,
             connects_per_second_per_ip: 0,
             connect_burst_per_ip: 20,

@@ -309,3 +309,122 @@ async fn a_connection_without_a_whole_head_is_closed_after_the_header_timeout() 
         }
     }
 }
+
+/// A TCP connection to `server` from the loopback address `ip`.
+async fn connect_from(server: &TestServer, ip: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    socket.connect(server.addr).await.unwrap()
+}
+
+/// Everything the node sends on `stream` until it closes it.
+async fn until_closed(stream: &mut TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(crate::common::PATIENCE, stream.read_to_end(&mut got))
+        .await
+        .expect("closed");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// `limits.max_http_connections_per_ip`: an address holding that many
+/// HTTP connections that are not sockets (here half request heads, as a
+/// slow client holds them) has its next one answered 429 and closed at
+/// once; other addresses and a trusted proxy are served, the address is
+/// again once one of its connections closed, and its sockets do not
+/// count. (The socket limits count only upgrades: a review held 450
+/// such connections from one address and the node, at its open-file
+/// limit, answered nobody, `/healthz` included.)
+#[tokio::test]
+async fn http_connections_per_address_are_limited() {
+    use tokio::io::AsyncWriteExt;
+    let mut config = test_config();
+    config.limits.max_http_connections_per_ip = 3;
+    config.auth.trusted_proxies = vec!["127.0.0.4/32".parse().unwrap()];
+    let server = TestServer::with(config).await;
+    let healthz = "GET /healthz HTTP/1.1\r\nhost: wshub\r\n\r\n";
+    let half_heads = async |ip: &str, n: usize| {
+        let mut held = Vec::new();
+        for _ in 0..n {
+            let mut stream = connect_from(&server, ip).await;
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nhost: wshub\r\n")
+                .await
+                .unwrap();
+            held.push(stream);
+        }
+        held
+    };
+    let mut held = half_heads("127.0.0.2", 3).await;
+    let mut fourth = connect_from(&server, "127.0.0.2").await;
+    let answer = until_closed(&mut fourth).await;
+    assert!(answer.starts_with("HTTP/1.1 429 "), "{answer}");
+    assert_eq!(
+        server.metric("wshub_connections_refused_total{reason=\"http_per_ip\"}"),
+        1.0
+    );
+    // Another address, and a trusted proxy holding more than the limit.
+    let _proxied = half_heads("127.0.0.4", 5).await;
+    for ip in ["127.0.0.3", "127.0.0.4"] {
+        let mut stream = connect_from(&server, ip).await;
+        assert!(
+            http_exchange(&mut stream, healthz)
+                .await
+                .starts_with("HTTP/1.1 200")
+        );
+    }
+    // One of the address's connections closes: it is served again.
+    drop(held.pop());
+    let deadline = Instant::now() + crate::common::PATIENCE;
+    loop {
+        let mut stream = connect_from(&server, "127.0.0.2").await;
+        stream.write_all(healthz.as_bytes()).await.unwrap();
+        let answer = until_closed_or_ok(&mut stream).await;
+        if answer.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        // Refused: the 429, or a reset (the request was sent unread).
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 429"),
+            "{answer}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection still counts"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Sockets are not HTTP connections once upgraded.
+    let mut sockets = Vec::new();
+    for i in 0..3 {
+        let stream = connect_from(&server, "127.0.0.5").await;
+        let (ws, _) = tokio_tungstenite::client_async(format!("ws://wshub/ws?userid=s{i}"), stream)
+            .await
+            .unwrap();
+        sockets.push(ws);
+    }
+    let mut stream = connect_from(&server, "127.0.0.5").await;
+    assert!(
+        http_exchange(&mut stream, healthz)
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+}
+
+/// The answer to a request: the response once it is whole (`ok` body),
+/// or whatever came before the node closed the connection.
+async fn until_closed_or_ok(stream: &mut TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.ends_with(b"\r\n\r\nok\n") {
+        match tokio::time::timeout(crate::common::PATIENCE, stream.read(&mut buf))
+            .await
+            .expect("an answer")
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
