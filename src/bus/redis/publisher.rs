@@ -491,8 +491,9 @@ impl Publisher {
     }
 
     /// History on, on a Cluster: sends a batch of unrecorded messages (to
-    /// connections) in a plain pipeline. On an error it is dropped and counted, as with
-    /// history off (plain `PUBLISH` cannot tell what already ran).
+    /// connections) in a plain pipeline. On an error it is dropped and
+    /// counted, as with history off (plain `PUBLISH` cannot tell what
+    /// already ran).
     async fn send_plain_unrecorded(&mut self, plain: Vec<Outgoing>) {
         let shared = self.shared.clone();
         self.in_flight = plain.len();
