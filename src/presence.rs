@@ -369,7 +369,7 @@ impl Presence {
         }
         let (me, conn) = (self.clone(), conn.clone());
         self.shutdown.spawn(async move {
-            let answer = me.store.group(conn.who.group.as_deref()).await;
+            let answer = me.store.group(conn.who.group.as_deref(), true).await;
             asking.store(false, Ordering::Release);
             match answer {
                 Ok(view) => conn.offer(snapshot_frame(&view)),
@@ -381,7 +381,7 @@ impl Presence {
 
     /// `GET /api/presence/groups/{G}`.
     pub(crate) async fn group(&self, group: Option<&str>) -> Result<GroupView, BusError> {
-        self.store.group(group).await
+        self.store.group(group, false).await
     }
 
     /// `GET /api/presence/users`.

@@ -202,7 +202,10 @@ pub trait Store: Send + Sync + 'static {
     fn admit<'a>(&'a self, user: &'a str, id: u64, max: usize, refuse: bool) -> Answer<'a, bool>;
 
     /// A group's members on live nodes.
-    fn group<'a>(&'a self, group: Option<&'a str>) -> Answer<'a, GroupView>;
+    ///
+    /// `for_socket`: a socket's `wshub.presence` asks (it keeps a list from
+    /// frames from then on), not the API.
+    fn group<'a>(&'a self, group: Option<&'a str>, for_socket: bool) -> Answer<'a, GroupView>;
 
     /// Users, in the order asked.
     fn users<'a>(&'a self, ids: &'a [String]) -> Answer<'a, Vec<UserView>>;

@@ -612,6 +612,29 @@ async fn a_user_coming_and_going_at_the_limit_sends_no_list() {
     let frame = ann.recv().await;
     assert_eq!(frame["action"], "wshub.leave", "{frame}");
     assert_eq!(inner(&frame)["userId"], "bob");
+    // A list read while the group is over holds its users then: at the
+    // return the list is sent, even to the same users as before. (A
+    // socket that asked meanwhile kept eve for good: a review.)
+    let _cid = Client::connect(a.addr, &socket_path("cid", Some("big"), false)).await;
+    assert_eq!(inner(&ann.recv().await)["userId"], "cid");
+    let eve = Client::connect(a.addr, &socket_path("eve", Some("big"), false)).await;
+    within("eve is listed", PATIENCE, || async {
+        api_members(a.addr, Some("big")).await.len() == 3
+    })
+    .await;
+    let mut late = Client::connect(a.addr, &socket_path("dan", Some("big"), true)).await;
+    late.send_json(json!({"action": "wshub.presence"})).await;
+    let asked = loop {
+        let frame = late.recv().await;
+        if frame["action"] == "wshub.presence" {
+            break inner(&frame);
+        }
+    };
+    assert!(asked["members"].to_string().contains("eve"), "{asked}");
+    drop(late);
+    eve.close().await;
+    let frame = ann.recv().await;
+    assert_eq!(frame["action"], "wshub.presence", "{frame}");
 }
 
 /// What is open, as the test knows it: (group, user) → sockets.

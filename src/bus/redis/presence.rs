@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `T:pg-` / `T:pg+<G>` | hash | the null group / group `G`: user → JSON `{"<member>":<sockets>}` per node incarnation holding it |
 //! | `T:pm-` / `T:pm+<G>` | hash | the group's `v`, and member → how many users it holds there (whom to send join/leave frames) |
-//! | `T:pp-` / `T:pp+<G>` | string | while the group is over `max_members_events`: its users before the join that took it over (JSON, sorted), to tell at its return whether the lists kept from events need the whole list |
+//! | `T:pp-` / `T:pp+<G>` | string | while the group is over `max_members_events`: its users before the join that took it over (JSON, sorted), to tell at its return whether the lists kept from events need the whole list; deleted when a socket reads the list meanwhile (then the whole list is sent) |
 //! | `T:pu:<U>` | hash | member → the user's sockets on that node (online/offline, `/api/presence/users`) |
 //! | `T:ps:<U>` | sorted set | the per-user limit: `<member>#<socket id>` scored by when it opened |
 //! | `T:ph:<member>` | set | what a node holds, so a survivor can sweep it when it dies |
@@ -277,6 +277,13 @@ end
 
 if mode == 'group' then
   local g = ARGV[9]
+  -- A list a socket reads while the group is over maxev holds users the
+  -- lists kept from events do not: at its return the group sends its list
+  -- whatever its users are then (a socket that took its list meanwhile
+  -- kept the users who left after). The API's reads keep no list.
+  if ARGV[10] == '1' then
+    redis.call('DEL', P .. 'pp' .. g)
+  end
   return {epoch, redis.call('HGET', P .. 'pm' .. g, 'v') or '0', members_of(g)}
 end
 
@@ -856,9 +863,12 @@ impl Store for Handle {
         })
     }
 
-    fn group<'a>(&'a self, group: Option<&'a str>) -> Answer<'a, GroupView> {
+    fn group<'a>(&'a self, group: Option<&'a str>, for_socket: bool) -> Answer<'a, GroupView> {
         Box::pin(async move {
-            let args = [group_token(group)];
+            let args = [
+                group_token(group),
+                if for_socket { "1" } else { "0" }.to_owned(),
+            ];
             let (v, flat) = self.0.call::<Vec<String>>("group", false, &args).await?;
             group_view(group, v.parse().unwrap_or(0), &flat)
                 .ok_or_else(|| BusError::Unavailable("Redis answered an odd members list".into()))
