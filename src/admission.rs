@@ -441,6 +441,11 @@ impl HttpConnections {
     /// already (counted in `wshub_connections_refused_total{reason="http_per_ip"}`,
     /// logged at most every 10 s).
     pub(crate) fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Option<HttpSlot>, ()> {
+        // An IPv4 client of a `[::]` listener arrives as `::ffff:a.b.c.d`:
+        // matched against the proxies' networks as the IPv4 address it is
+        // (a review saw a trusted IPv4 proxy counted on a dual-stack
+        // listener, and refused).
+        let peer = peer.to_canonical();
         if self.limit == 0 || self.trusted.iter().any(|net| net.contains(&peer)) {
             return Ok(None);
         }
@@ -577,6 +582,44 @@ mod tests {
         assert_eq!(key("::ffff:192.0.2.7", 64), "192.0.2.7");
         assert_eq!(key("192.0.2.7", 64), "192.0.2.7");
         assert_eq!(key("::1", 64), "::");
+    }
+
+    #[test]
+    fn http_connections_are_counted_per_address_and_trusted_proxies_are_not() {
+        let metrics = Arc::new(Metrics::new());
+        let trusted = vec!["10.0.0.0/24".parse().unwrap()];
+        let table = HttpConnections::new(2, 64, trusted, metrics);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let a = [
+            table.admit(ip("192.0.2.1")).unwrap(),
+            table.admit(ip("::ffff:192.0.2.1")).unwrap(),
+        ];
+        assert!(a.iter().all(Option::is_some));
+        assert!(
+            table.admit(ip("192.0.2.1")).is_err(),
+            "the same address, mapped or not"
+        );
+        // The same /64 is one client; another is not.
+        let _b = [
+            table.admit(ip("2001:db8::1")).unwrap(),
+            table.admit(ip("2001:db8::2")).unwrap(),
+        ];
+        assert!(table.admit(ip("2001:db8::3")).is_err());
+        let other = table.admit(ip("2001:db8:1::1")).unwrap();
+        assert!(other.is_some());
+        // A trusted proxy, also as seen by a dual-stack listener.
+        for _ in 0..5 {
+            assert!(table.admit(ip("10.0.0.7")).unwrap().is_none());
+            assert!(table.admit(ip("::ffff:10.0.0.7")).unwrap().is_none());
+        }
+        // A closed connection frees its place; the table forgets idle
+        // addresses.
+        drop(a);
+        let again = table.admit(ip("192.0.2.1")).unwrap();
+        assert!(again.is_some());
+        drop(other);
+        let open = table.lock().clone();
+        assert_eq!(open.len(), 2, "{open:?}");
     }
 
     #[test]
