@@ -603,7 +603,7 @@ impl Publisher {
                 self.shared
                     .metrics
                     .dropped(DropReason::BusUnavailable, lost as u64);
-                if error.starts_with("NOPERM") {
+                if is_acl_refusal(&error) {
                     self.denied(&error, Fate::Dropped);
                     return None;
                 }
@@ -690,6 +690,13 @@ impl Publisher {
             Err(_) => Call::Failed("the publish script timed out".to_owned()),
         }
     }
+}
+
+/// Whether an error a script caught is the ACL refusing a channel:
+/// `NOPERM …` (Redis 7.2 and later), or, from Redis 7.0 inside a script,
+/// `ERR The user executing the script can't publish to the channel …`.
+fn is_acl_refusal(error: &str) -> bool {
+    error.starts_with("NOPERM") || error.contains("executing the script can't")
 }
 
 /// Whether `e` was raised inside a script (Redis adds where: `script:
