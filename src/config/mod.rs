@@ -15,7 +15,7 @@ mod trust;
 
 pub use env::is_service_link;
 pub use raw::*;
-pub use redact::{redact_url_and_query, redact_urls};
+pub use redact::{redact_redis_urls, redact_url_and_query, redact_urls};
 pub use show::to_toml;
 pub use trust::{RedisAuth, RedisTls, Secret};
 
@@ -782,8 +782,9 @@ impl Config {
                 invalid(
                     "redis.url",
                     format!(
-                        "{} is not a Redis URL: {e}",
-                        redact_urls(&format!("{url:?}"))
+                        "{:?} is not a Redis URL: {}",
+                        redact_redis_urls(url),
+                        redact_urls(&e.to_string())
                     ),
                 )
             })?;
@@ -970,7 +971,7 @@ impl Config {
             Some(r) => format!(
                 "redis{} {}",
                 if r.sharded { " (sharded)" } else { "" },
-                redact_urls(&r.url)
+                redact_redis_urls(&r.url)
             ),
         };
         let backend = match &self.backend {

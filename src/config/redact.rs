@@ -101,6 +101,20 @@ pub fn redact_url_and_query(url: &str) -> String {
     redact_urls(&url)
 }
 
+/// A configured `redis.url` (one URL, or a Cluster's list separated by
+/// commas) as the node prints it: each URL's password and whole query
+/// hidden ([`redact_url_and_query`]). A query is where a Unix socket's URL
+/// carries its password (`?pass=…`), under names the redis crate also
+/// takes percent-encoded (`?p%61ss=`), with values that may hold spaces
+/// or quotes: hiding the query whole is the safe mistake (a review saw
+/// both forms printed).
+pub fn redact_redis_urls(urls: &str) -> String {
+    urls.split(',')
+        .map(redact_url_and_query)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Keys whose values never appear in an error (prefixes of key paths:
 /// `backend.headers` covers `backend.headers.authorization`).
 const SECRET_KEYS: &[&str] = &[
@@ -263,6 +277,15 @@ mod tests {
             "redis+unix:///run/r.sock?user=u&pass=***"
         );
         assert_eq!(redact_urls("x?bypass=1&passes=2"), "x?bypass=1&passes=2");
+        // The configured URL: its query whole, whatever names or values.
+        assert_eq!(
+            redact_redis_urls("redis+unix:///r.sock?p%61ss=Top'Secret Tail&db=1"),
+            "redis+unix:///r.sock?***"
+        );
+        assert_eq!(
+            redact_redis_urls("redis://:pw@a:1/0,redis://b:2?password=x"),
+            "redis://:***@a:1/0,redis://b:2?***"
+        );
         // Shapes from issue 12 item 2: unencoded `/`, `@` or space in the
         // password, no scheme, a mistyped scheme.
         for (url, want) in [

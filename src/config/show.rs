@@ -6,7 +6,7 @@
 use serde_json::Value;
 
 use super::raw::RawConfig;
-use super::redact::{is_secret_key, redact_url_and_query, redact_urls};
+use super::redact::{is_secret_key, redact_redis_urls, redact_url_and_query};
 
 /// `raw` as TOML, secrets redacted.
 pub fn to_toml(raw: &RawConfig) -> String {
@@ -81,7 +81,7 @@ fn redact(key: &str, value: &str) -> String {
         return value.to_owned();
     }
     match key {
-        "redis.url" => redact_urls(value),
+        "redis.url" => redact_redis_urls(value),
         "backend.url" => redact_url_and_query(value),
         _ => "***".to_owned(),
     }
