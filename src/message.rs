@@ -172,12 +172,32 @@ pub enum MessageError {
     ReservedAction,
 }
 
+/// The first id-like field of two parses of one text (lone surrogates
+/// read as two different characters) that differs between them: the
+/// field that held a lone surrogate.
+fn lone_surrogate_in_ids(a: &Message<'_>, b: &Message<'_>) -> Option<&'static str> {
+    let ids = [
+        ("userId", a.user_id.as_deref(), b.user_id.as_deref()),
+        ("groupId", a.group_id.as_deref(), b.group_id.as_deref()),
+        ("action", a.action.as_deref(), b.action.as_deref()),
+    ];
+    if let Some((field, _, _)) = ids.into_iter().find(|(_, x, y)| x != y) {
+        return Some(field);
+    }
+    let values = a
+        .recipients
+        .iter()
+        .zip(&b.recipients)
+        .any(|(x, y)| x.value.as_deref() != y.value.as_deref());
+    values.then_some("recipients[].value")
+}
+
 /// `text` with each lone UTF-16 surrogate escape (`\uD800` to `\uDFFF`
-/// without its pair) replaced by `\uFFFD`, the same length; `None` when
-/// it has none. Backslashes appear only in strings in JSON, and each
+/// without its pair) replaced by `\u<with>` (four hex digits: the same
+/// length); `None` when it has none. Backslashes appear only in strings in JSON, and each
 /// escape is stepped over whole, so `\\ud83d` (an escaped backslash) is
 /// left alone.
-fn without_lone_surrogates(text: &str) -> Option<String> {
+fn without_lone_surrogates(text: &str, with: &str) -> Option<String> {
     let hex = |at: usize| {
         let digits = text.get(at..at + 4)?;
         u16::from_str_radix(digits, 16).ok()
@@ -214,7 +234,7 @@ fn without_lone_surrogates(text: &str) -> Option<String> {
     }
     let mut repaired = text.to_owned();
     for at in lone {
-        repaired.replace_range(at..at + 4, "fffd");
+        repaired.replace_range(at..at + 4, with);
     }
     Some(repaired)
 }
@@ -242,25 +262,17 @@ impl<'a> Message<'a> {
     pub fn parse(text: &'a str, limits: &MessageLimits) -> Result<Self, MessageError> {
         let msg: Message<'a> = match serde_json::from_str(text) {
             Ok(msg) => msg,
-            Err(e) => match without_lone_surrogates(text) {
+            Err(e) => match without_lone_surrogates(text, "fffd") {
                 Some(repaired) => {
                     let msg = serde_json::from_str::<Message<'_>>(&repaired)?;
                     // Only text may hold one: lone surrogates read as one
-                    // character would make different ids one.
-                    let ids = [
-                        ("userId", &msg.user_id),
-                        ("groupId", &msg.group_id),
-                        ("action", &msg.action),
-                    ];
-                    let values = msg
-                        .recipients
-                        .iter()
-                        .map(|r| ("recipients[].value", &r.value));
-                    if let Some((field, _)) = ids
-                        .into_iter()
-                        .chain(values)
-                        .find(|(_, v)| v.as_deref().is_some_and(|v| v.contains('\u{fffd}')))
-                    {
+                    // character would make different ids one. Which field
+                    // held one: the one that reads otherwise when they are
+                    // read as another character (U+FDD0), so an id that
+                    // holds U+FFFD itself is not taken for one.
+                    let marked = without_lone_surrogates(text, "fdd0").unwrap_or_default();
+                    let other = serde_json::from_str::<Message<'_>>(&marked)?;
+                    if let Some(field) = lone_surrogate_in_ids(&msg, &other) {
                         return Err(MessageError::LoneSurrogate { field });
                     }
                     msg.into_owned()
@@ -733,6 +745,14 @@ mod tests {
                 other => panic!("{text}: {other:?}"),
             }
         }
+        // An id that holds U+FFFD itself is one, beside a lone surrogate
+        // in the text.
+        let msg = parse(
+            r#"{"userId":"\ufffd","message":"\ud800","recipients":[{"type":"user","value":"�"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(msg.user_id.as_deref(), Some("\u{fffd}"));
+        assert_eq!(msg.recipients[0].value.as_deref(), Some("\u{fffd}"));
         // Not JSON stays not JSON.
         assert!(matches!(
             parse(r#"{"message":"\ud83"#),
