@@ -331,6 +331,7 @@ impl Refused {
                 BroadcastStatus::Forbidden => "broadcast_forbidden",
                 BroadcastStatus::MethodNotAllowed => "broadcast_method",
                 BroadcastStatus::TooLarge => "broadcast_too_large",
+                BroadcastStatus::Timeout => "broadcast_timeout",
                 BroadcastStatus::Unavailable => "broadcast_unavailable",
             },
             Self::Path(_) => "ambiguous_path",
@@ -713,6 +714,32 @@ fn parameter<'a>(pairs: &'a QueryPairs<'_>, name: &str) -> Option<&'a str> {
         .map(|(_, value)| &**value)
 }
 
+/// Why a request's body was not read.
+pub(crate) enum BodyError {
+    /// Over the size limit (or the connection failed while it came).
+    TooLarge,
+    /// Not whole within this long (`http.header_read_timeout_ms`).
+    Late(std::time::Duration),
+}
+
+/// A request's body, at most `max` bytes, within `within` (hyper's
+/// header timeout stops at the head: a body that stalls held its
+/// connection for good, a review saw it open after 90 s).
+pub(crate) async fn read_body(
+    request: Request,
+    max: usize,
+    within: Option<std::time::Duration>,
+) -> Result<axum::body::Bytes, BodyError> {
+    let read = axum::body::to_bytes(request.into_body(), max);
+    match within {
+        Some(limit) => match tokio::time::timeout(limit, read).await {
+            Ok(body) => body.map_err(|_| BodyError::TooLarge),
+            Err(_) => Err(BodyError::Late(limit)),
+        },
+        None => read.await.map_err(|_| BodyError::TooLarge),
+    }
+}
+
 /// Whether a peer may use the broadcast endpoint: loopback, or an address in
 /// one of `broadcast.trusted_networks`.
 pub fn broadcast_allowed(peer: SocketAddr, trusted: &[ipnet::IpNet]) -> bool {
@@ -769,9 +796,19 @@ async fn publish(http: &HttpState, request: Request) -> Result<(), Refused> {
         }
     }
     let max = http.config.limits.max_message_bytes;
-    let body = match axum::body::to_bytes(request.into_body(), max).await {
+    let body = match read_body(request, max, http.config.http.header_read_timeout).await {
         Ok(body) => body,
-        Err(_) => {
+        Err(BodyError::Late(after)) => {
+            http.metrics.dropped(DropReason::Invalid, 1);
+            return refused(
+                BroadcastStatus::Timeout,
+                &format!(
+                    "the request body did not arrive within {} ms",
+                    after.as_millis()
+                ),
+            );
+        }
+        Err(BodyError::TooLarge) => {
             // The message never reaches the node: this is its one count.
             http.metrics.dropped(DropReason::TooBig, 1);
             return refused(

@@ -273,19 +273,22 @@ pub enum BroadcastStatus {
     MethodNotAllowed,
     /// Over `limits.max_message_bytes` or `limits.max_fanout_bytes` (413).
     TooLarge,
+    /// The body did not arrive within `http.header_read_timeout_ms` (408).
+    Timeout,
     /// The bus refused it (503).
     Unavailable,
 }
 
 impl BroadcastStatus {
     /// Every answer, for seeding metrics.
-    pub const ALL: [BroadcastStatus; 7] = [
+    pub const ALL: [BroadcastStatus; 8] = [
         Self::Published,
         Self::BadRequest,
         Self::Unauthorized,
         Self::Forbidden,
         Self::MethodNotAllowed,
         Self::TooLarge,
+        Self::Timeout,
         Self::Unavailable,
     ];
 
@@ -298,6 +301,7 @@ impl BroadcastStatus {
             Self::Forbidden => 403,
             Self::MethodNotAllowed => 405,
             Self::TooLarge => 413,
+            Self::Timeout => 408,
             Self::Unavailable => 503,
         }
     }

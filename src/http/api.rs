@@ -413,15 +413,24 @@ fn fresh(body: impl Serialize) -> Response {
 async fn json_body<T: serde::de::DeserializeOwned>(
     request: Request,
     limit: usize,
+    within: Option<std::time::Duration>,
 ) -> Result<T, ApiError> {
-    let body = axum::body::to_bytes(request.into_body(), limit)
+    let body = super::read_body(request, limit, within)
         .await
-        .map_err(|_| {
-            ApiError::new(
+        .map_err(|e| match e {
+            super::BodyError::TooLarge => ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
                 format!("the request body is larger than {limit} bytes"),
-            )
+            ),
+            super::BodyError::Late(after) => ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!(
+                    "the request body did not arrive within {} ms",
+                    after.as_millis()
+                ),
+            ),
         })?;
     serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!("the body is not the JSON this endpoint takes: {e}"))
@@ -443,7 +452,8 @@ struct PublishRequest {
 async fn publish(State(http): State<HttpState>, request: Request) -> Result<Response, ApiError> {
     let max = http.config.limits.max_message_bytes;
     let limit = max.saturating_mul(16).max(1 << 20);
-    let body: PublishRequest = json_body(request, limit).await?;
+    let within = http.config.http.header_read_timeout;
+    let body: PublishRequest = json_body(request, limit, within).await?;
     if body.messages.len() > MAX_PUBLISH_MESSAGES {
         return Err(ApiError::bad_request(format!(
             "at most {MAX_PUBLISH_MESSAGES} messages per request"
@@ -641,7 +651,8 @@ impl<'de> Deserialize<'de> for UniqueKeys {
 
 /// `POST /api/disconnect`: `{"userId"|"groupId"|"connectionId":…, "code", "reason", "ban_ms"}`.
 async fn disconnect(State(http): State<HttpState>, request: Request) -> Result<Response, ApiError> {
-    let UniqueKeys(body) = json_body(request, 16 * 1024).await?;
+    let within = http.config.http.header_read_timeout;
+    let UniqueKeys(body) = json_body(request, 16 * 1024, within).await?;
     let order = disconnect_order(&body)?;
     let nodes_reached = http.node.disconnect(&order).await?;
     Ok(fresh(DisconnectAnswer { nodes_reached }))

@@ -428,3 +428,38 @@ async fn until_closed_or_ok(stream: &mut TcpStream) -> String {
     }
     String::from_utf8_lossy(&got).into_owned()
 }
+
+/// A request whose head is whole but whose body stalls is answered 408
+/// once `http.header_read_timeout_ms` has passed, at the broadcast
+/// endpoint and the API. (Hyper's header timeout stops at the head: a
+/// review saw such a request still open after 90 s.)
+#[tokio::test]
+async fn a_body_that_stalls_is_answered_408() {
+    use tokio::io::AsyncWriteExt;
+    let mut config = test_config();
+    config.http.header_read_timeout = Some(Duration::from_millis(300));
+    let server = TestServer::with(config).await;
+    for path in [
+        "/__broadcastWebSocket.wc",
+        "/api/publish",
+        "/api/disconnect",
+    ] {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: wshub\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"act"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let started = Instant::now();
+        let answer = until_closed_or_ok(&mut stream).await;
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{path}: {answer}");
+        assert!(
+            answer.contains("did not arrive within 300 ms"),
+            "{path}: {answer}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5), "{path}");
+    }
+    assert_eq!(
+        server.metric("wshub_http_broadcast_requests_total{status=\"408\"}"),
+        1.0
+    );
+}
