@@ -313,7 +313,7 @@ if tonumber(ARGV[5]) > hw then
   redis.call('SET', KEYS[2], ARGV[5], 'PX', mttl)
 end
 -- A message's stamp on one topic: its epoch, whether it is adopted, and
--- its offset (run with `pcall`: `stamped` in `heard_lua`).
+-- its offset (run with `pcall`: `went` in `heard_lua`).
 local function stamp(meta, stream)
   local e, was_adopted = epoch_of(meta, stream, run)
   return e, was_adopted, string.format('%d', redis.call('HINCRBY', meta, 'o', 1))

@@ -73,7 +73,7 @@ else
 end
 local channel, jkey, size = ARGV[7], ARGV[8], ARGV[9]
 -- A message's stamp: the topic's epoch and its offset (run with `pcall`:
--- `stamped` in `heard_lua`).
+-- `went` in `heard_lua`).
 local function stamp()
   local e = epoch_of(meta, stream, run)
   return e, string.format('%d', redis.call('HINCRBY', meta, 'o', 1))
