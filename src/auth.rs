@@ -70,6 +70,12 @@ struct Claims {
     /// What the socket may address when the hub relays its messages.
     #[serde(default)]
     relay: Option<String>,
+    /// Read only to refuse what is not one string: jsonwebtoken takes a
+    /// list too, and accepts one that holds `auth.issuer` among others
+    /// (RFC 7519 makes `iss` one string; a review).
+    #[serde(default)]
+    #[allow(dead_code)]
+    iss: Option<String>,
 }
 
 /// What a verified token grants: an identity and, when it says, a client

@@ -169,6 +169,14 @@ async fn every_token_failure_is_a_401_with_its_reason() {
             hs256(with(json!({"aud": null})), SECRET),
             "required claim: aud",
         ),
+        // One issuer, not a list that holds it among others.
+        (
+            hs256(
+                with(json!({"iss": ["https://other", "https://app"]})),
+                SECRET,
+            ),
+            "claims are invalid",
+        ),
         (
             hs256(with(json!({"iss": null})), SECRET),
             "required claim: iss",
