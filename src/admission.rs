@@ -445,8 +445,11 @@ impl HttpConnections {
         // matched against the proxies' networks as the IPv4 address it is
         // (a review saw a trusted IPv4 proxy counted on a dual-stack
         // listener, and refused).
+        if self.limit == 0 {
+            return Ok(None);
+        }
         let peer = peer.to_canonical();
-        if self.limit == 0 || self.trusted.iter().any(|net| net.contains(&peer)) {
+        if self.trusted.iter().any(|net| net.contains(&peer)) {
             return Ok(None);
         }
         let key = address_key(peer, self.ipv6_prefix_len);

@@ -511,6 +511,14 @@ async fn the_empty_group_has_its_path() {
     assert_eq!(body["group"], "");
 }
 
+/// Waits until the API lists `n` members in the group `big` (`what`).
+async fn big_has(addr: SocketAddr, n: usize, what: &str) {
+    within(what, PATIENCE, || async {
+        api_members(addr, Some("big")).await.len() == n
+    })
+    .await;
+}
+
 /// Groups over `max_members_events` get no join/leave frames (the backend
 /// still hears of them).
 #[tokio::test]
@@ -523,10 +531,7 @@ async fn big_groups_send_no_member_frames() {
     let join = ann.recv().await;
     assert_eq!(inner(&join)["userId"], "bob", "two members: still framed");
     let _cid = Client::connect(a.addr, &socket_path("cid", Some("big"), false)).await;
-    within("cid is listed", PATIENCE, || async {
-        api_members(a.addr, Some("big")).await.len() == 3
-    })
-    .await;
+    big_has(a.addr, 3, "cid is listed").await;
     let tag = ann.send_sentinel().await;
     assert!(
         ann.until_sentinel(&tag).await.is_empty(),
@@ -550,16 +555,10 @@ async fn a_big_group_back_at_the_limit_sends_its_whole_list() {
     assert_eq!(join["userId"], "bob", "two members: still framed");
     let cid = Client::connect(a.addr, &socket_path("cid", Some("big"), false)).await;
     let dan = Client::connect(a.addr, &socket_path("dan", Some("big"), false)).await;
-    within("four members", PATIENCE, || async {
-        api_members(a.addr, Some("big")).await.len() == 4
-    })
-    .await;
+    big_has(a.addr, 4, "four members").await;
     // Over the limit: bob's leave is not framed, nor were the two joins.
     bob.close().await;
-    within("bob is gone", PATIENCE, || async {
-        api_members(a.addr, Some("big")).await.len() == 3
-    })
-    .await;
+    big_has(a.addr, 3, "bob is gone").await;
     // Back at the limit: the list, not cid's leave.
     cid.close().await;
     let frame = ann.recv().await;
@@ -597,15 +596,9 @@ async fn a_user_coming_and_going_at_the_limit_sends_no_list() {
     assert_eq!(inner(&ann.recv().await)["userId"], "bob");
     for _ in 0..3 {
         let eve = Client::connect(a.addr, &socket_path("eve", Some("big"), false)).await;
-        within("eve is listed", PATIENCE, || async {
-            api_members(a.addr, Some("big")).await.len() == 3
-        })
-        .await;
+        big_has(a.addr, 3, "eve is listed").await;
         eve.close().await;
-        within("eve is gone", PATIENCE, || async {
-            api_members(a.addr, Some("big")).await.len() == 2
-        })
-        .await;
+        big_has(a.addr, 2, "eve is gone").await;
     }
     // The next frame is bob's leave: no list came before it.
     bob.close().await;
@@ -618,10 +611,7 @@ async fn a_user_coming_and_going_at_the_limit_sends_no_list() {
     let _cid = Client::connect(a.addr, &socket_path("cid", Some("big"), false)).await;
     assert_eq!(inner(&ann.recv().await)["userId"], "cid");
     let eve = Client::connect(a.addr, &socket_path("eve", Some("big"), false)).await;
-    within("eve is listed", PATIENCE, || async {
-        api_members(a.addr, Some("big")).await.len() == 3
-    })
-    .await;
+    big_has(a.addr, 3, "eve is listed").await;
     let mut late = Client::connect(a.addr, &socket_path("dan", Some("big"), true)).await;
     late.send_json(json!({"action": "wshub.presence"})).await;
     let asked = loop {
