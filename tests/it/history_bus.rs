@@ -1689,6 +1689,37 @@ async fn a_script_that_fails_part_way_counts_its_batch_as_lost() {
     assert!(captured.lines("Redis accepts publishes again").is_empty());
 }
 
+/// An ACL without a command the stamping calls (`INCR`) loses the
+/// messages, counted, and is told as a stamping error, whose advice names
+/// the commands, not as a refused channel (Redis 7.0 words both refusals
+/// alike inside a script: "The user executing the script can't …").
+#[tokio::test]
+async fn an_acl_without_a_stamping_command_is_told_as_such() {
+    let (captured, _guard) = crate::common::Captured::at(tracing::Level::INFO);
+    let redis = RedisServer::start();
+    let publisher = Member::start(&redis.url(), "pub", Some(settings())).await;
+    assert_eq!(
+        cli(redis.port, &["ACL", "SETUSER", "default", "-incr"]),
+        "OK"
+    );
+    for i in 1..=3 {
+        publisher.publish(&[group("a")], &format!("a{i}"));
+    }
+    eventually("the messages counted as dropped", || {
+        publisher.metric("wshub_messages_dropped_total{reason=\"bus_unavailable\"}") == 3.0
+    })
+    .await;
+    assert_eq!(
+        captured.lines("Redis could not stamp some messages").len(),
+        1
+    );
+    assert!(
+        captured
+            .lines("Redis's ACL refuses some messages")
+            .is_empty()
+    );
+}
+
 /// A key of another type where a topic's meta belongs (a stray key in
 /// wshub's namespace) loses that topic's copies only: the batch's other
 /// messages are published, a message to it and another topic reaches the

@@ -519,17 +519,26 @@ async fn big_has(addr: SocketAddr, n: usize, what: &str) {
     .await;
 }
 
-/// Groups over `max_members_events` get no join/leave frames (the backend
-/// still hears of them).
-#[tokio::test]
-async fn big_groups_send_no_member_frames() {
+/// A node whose `max_members_events` is 2, and the group `big` at that
+/// limit: `ann`, opted in (her own join and bob's read), and `bob`; the
+/// `v` of bob's join.
+async fn big_group_of_two() -> (RedisServer, TestServer, Client, Client, u64) {
     let redis = RedisServer::start();
     let a = presence_node(&redis, |c| c.presence.max_members_events = 2).await;
     let mut ann = Client::connect(a.addr, &socket_path("ann", Some("big"), true)).await;
     assert_eq!(inner(&ann.recv().await)["userId"], "ann", "her own join");
-    let _bob = Client::connect(a.addr, &socket_path("bob", Some("big"), false)).await;
-    let join = ann.recv().await;
-    assert_eq!(inner(&join)["userId"], "bob", "two members: still framed");
+    let bob = Client::connect(a.addr, &socket_path("bob", Some("big"), false)).await;
+    let join = inner(&ann.recv().await);
+    assert_eq!(join["userId"], "bob", "two members: still framed");
+    let v = join["v"].as_u64().expect("a v");
+    (redis, a, ann, bob, v)
+}
+
+/// Groups over `max_members_events` get no join/leave frames (the backend
+/// still hears of them).
+#[tokio::test]
+async fn big_groups_send_no_member_frames() {
+    let (_redis, a, mut ann, _bob, _) = big_group_of_two().await;
     let _cid = Client::connect(a.addr, &socket_path("cid", Some("big"), false)).await;
     big_has(a.addr, 3, "cid is listed").await;
     let tag = ann.send_sentinel().await;
@@ -546,13 +555,7 @@ async fn big_groups_send_no_member_frames() {
 /// a client keep a member list that was wrong for good.)
 #[tokio::test]
 async fn a_big_group_back_at_the_limit_sends_its_whole_list() {
-    let redis = RedisServer::start();
-    let a = presence_node(&redis, |c| c.presence.max_members_events = 2).await;
-    let mut ann = Client::connect(a.addr, &socket_path("ann", Some("big"), true)).await;
-    assert_eq!(inner(&ann.recv().await)["userId"], "ann", "her own join");
-    let bob = Client::connect(a.addr, &socket_path("bob", Some("big"), false)).await;
-    let join = inner(&ann.recv().await);
-    assert_eq!(join["userId"], "bob", "two members: still framed");
+    let (_redis, a, mut ann, bob, joined) = big_group_of_two().await;
     let cid = Client::connect(a.addr, &socket_path("cid", Some("big"), false)).await;
     let dan = Client::connect(a.addr, &socket_path("dan", Some("big"), false)).await;
     big_has(a.addr, 4, "four members").await;
@@ -569,10 +572,7 @@ async fn a_big_group_back_at_the_limit_sends_its_whole_list() {
         list["members"],
         json!([{"userId": "ann", "connections": 1}, {"userId": "dan", "connections": 1}])
     );
-    assert!(
-        list["v"].as_u64().unwrap() > join["v"].as_u64().unwrap(),
-        "{list}"
-    );
+    assert!(list["v"].as_u64().unwrap() > joined, "{list}");
     assert_eq!(api_members(a.addr, Some("big")).await.len(), 2);
     // Under the limit, frames again.
     dan.close().await;
@@ -588,12 +588,7 @@ async fn a_big_group_back_at_the_limit_sends_its_whole_list() {
 /// members and one user coming and going.)
 #[tokio::test]
 async fn a_user_coming_and_going_at_the_limit_sends_no_list() {
-    let redis = RedisServer::start();
-    let a = presence_node(&redis, |c| c.presence.max_members_events = 2).await;
-    let mut ann = Client::connect(a.addr, &socket_path("ann", Some("big"), true)).await;
-    assert_eq!(inner(&ann.recv().await)["userId"], "ann", "her own join");
-    let bob = Client::connect(a.addr, &socket_path("bob", Some("big"), false)).await;
-    assert_eq!(inner(&ann.recv().await)["userId"], "bob");
+    let (_redis, a, mut ann, bob, _) = big_group_of_two().await;
     for _ in 0..3 {
         let eve = Client::connect(a.addr, &socket_path("eve", Some("big"), false)).await;
         big_has(a.addr, 3, "eve is listed").await;

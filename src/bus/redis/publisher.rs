@@ -695,8 +695,10 @@ impl Publisher {
 /// Whether an error a script caught is the ACL refusing a channel:
 /// `NOPERM …` (Redis 7.2 and later), or, from Redis 7.0 inside a script,
 /// `ERR The user executing the script can't publish to the channel …`.
+/// (Its refusal of a command, `… can't run this command`, is not: that one
+/// is told as a stamping error, whose advice names the commands.)
 fn is_acl_refusal(error: &str) -> bool {
-    error.starts_with("NOPERM") || error.contains("executing the script can't")
+    error.starts_with("NOPERM") || error.contains("executing the script can't publish")
 }
 
 /// Whether `e` was raised inside a script (Redis adds where: `script:
