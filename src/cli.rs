@@ -39,6 +39,7 @@ pub fn config_check(
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<String, CliError> {
     let (raw, warnings) = Config::raw_from(file, env)?;
+    let raw = raw.in_effect();
     Config::from_raw(raw.clone())?;
     let mut out = String::from("# The configuration is valid. In effect (secrets redacted):\n");
     for warning in warnings {

@@ -479,6 +479,7 @@ impl Config {
 
     /// Validates what the user wrote.
     pub fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
+        let raw = raw.in_effect();
         let listen = raw.listen.parse().map_err(|e| {
             invalid(
                 "listen",
@@ -644,11 +645,7 @@ impl Config {
             backend,
             log_format,
             log_level: raw.log.level,
-            limits: Limits {
-                message_burst: l.message_burst.max(1),
-                connect_burst_per_ip: l.connect_burst_per_ip.max(1),
-                ..l.clone()
-            },
+            limits: l.clone(),
             ws: Ws {
                 ping_interval: Duration::from_millis(raw.ws.ping_interval_ms),
                 write_timeout: Duration::from_millis(raw.ws.write_timeout_ms),
@@ -950,8 +947,7 @@ impl Config {
             timeout: Duration::from_millis(raw.timeout_ms),
             concurrency: raw.concurrency,
             queue: raw.queue,
-            // More than the whole queue means no cap of its own.
-            queue_per_connection: raw.queue_per_connection.min(raw.queue),
+            queue_per_connection: raw.queue_per_connection,
             signing_key,
             headers,
         }))

@@ -361,6 +361,20 @@ impl Default for RawAuth {
     }
 }
 
+impl RawConfig {
+    /// The values that are taken as another where they are written: a
+    /// burst of 0 is 1, a per-connection backend queue above the whole
+    /// queue is the whole queue. Validation and `wshub config check` both
+    /// start from this, so what check prints is what the node runs with.
+    pub fn in_effect(mut self) -> Self {
+        self.limits.message_burst = self.limits.message_burst.max(1);
+        self.limits.connect_burst_per_ip = self.limits.connect_burst_per_ip.max(1);
+        self.backend.queue_per_connection =
+            self.backend.queue_per_connection.min(self.backend.queue);
+        self
+    }
+}
+
 impl Default for RawConfig {
     fn default() -> Self {
         Self {

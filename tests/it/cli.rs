@@ -371,6 +371,32 @@ fn config_check_redacts_secrets_and_names_what_is_wrong() {
     assert!(stderr.contains("ws.client_relay"), "{stderr}");
 }
 
+#[test]
+fn config_check_prints_the_values_the_node_runs_with() {
+    // A burst of 0 is taken as 1, a per-connection backend queue above the
+    // whole queue as the whole queue: check prints those, not what was
+    // written.
+    let (code, text, stderr) = run(
+        &["config", "check"],
+        &[
+            ("WSHUB_LIMITS__MESSAGE_BURST", "0"),
+            ("WSHUB_LIMITS__CONNECT_BURST_PER_IP", "0"),
+            ("WSHUB_BACKEND__URL", "http://127.0.0.1:9/ws"),
+            ("WSHUB_BACKEND__QUEUE", "10"),
+            ("WSHUB_BACKEND__QUEUE_PER_CONNECTION", "50"),
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    for shown in [
+        "message_burst = 1\n",
+        "connect_burst_per_ip = 1\n",
+        "queue = 10\n",
+        "queue_per_connection = 10\n",
+    ] {
+        assert!(text.contains(shown), "{shown:?} missing:\n{text}");
+    }
+}
+
 #[tokio::test]
 async fn a_minted_token_opens_a_socket_as_its_user() {
     const SECRET: &str = "cli-token-secret-0123456789abcdefghij";
