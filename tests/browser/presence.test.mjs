@@ -84,6 +84,31 @@ test("the chat sample shows the room's members live across two nodes, with join 
   for (const p of [ann, ann2, eve]) await p.close();
 });
 
+test("a room back at max_members_events after being over shows its members as they are", async () => {
+  // Over the limit a room gets no join or leave frames; the leave that
+  // brings it back sends every page the whole list (docs/presence.md).
+  const redis = await startRedis();
+  const env = { WSHUB_REDIS__URL: redis, ...PRESENCE, WSHUB_PRESENCE__MAX_MEMBERS_EVENTS: "2" };
+  const nodeA = await startNode(env);
+  const nodeB = await startNode(env);
+  const ann = await join(nodeA.url, "ann", "big");
+  const bob = await join(nodeB.url, "bob", "big");
+  await membersAre(ann, ["ann", "bob"]);
+  // Carol makes three: no join frame, so ann's list stays as it was.
+  const carol = await join(nodeB.url, "carol", "big");
+  await membersAre(carol, ["ann", "bob", "carol"]);
+  await new Promise((r) => setTimeout(r, 1000));
+  assert.deepEqual(await membersAre(ann, ["ann", "bob"]), ["ann", "bob"]);
+  // Bob goes: the room is back at two, and ann's page gets the list
+  // (without it, ann would still show bob and never carol).
+  await bob.close();
+  assert.deepEqual(await membersAre(ann, ["ann", "carol"]), ["ann", "carol"]);
+  await membersAre(carol, ["ann", "carol"]);
+  assert.equal(await ann.textContent("#member-count"), "In the room (2)");
+  await ann.screenshot({ path: artifact("presence-back-at-max-members-events.png") });
+  for (const p of [ann, carol]) await p.close();
+});
+
 test("with presence off the sample shows no member list and no error", async () => {
   const plain = await startNode({ WSHUB_REDIS__URL: (await startRedis()) });
   const page = await join(plain.url, "solo", "quiet");
