@@ -2104,3 +2104,47 @@ async fn an_error_reply_keeps_the_connection_and_the_batch() {
         0.0
     );
 }
+
+/// A message to a connection and a group is two items in the queue with
+/// history on (the connection's copy is relayed, the group's recorded);
+/// lost, it is one message dropped: when it expires, and when a flush
+/// leaves it. (It was counted twice.)
+#[tokio::test]
+async fn a_message_to_a_connection_and_a_group_is_counted_once_when_lost() {
+    let mut redis = RedisServer::start();
+    let config = redis_config_with(
+        &redis.url(),
+        500,
+        false,
+        &[("WSHUB_REDIS__PUBLISH_RETRY_MS", "300")],
+    );
+    let publisher = Member::start_on(config, "pub", Some(settings())).await;
+    let both = [group("a"), Topic::Connection("rcv-1-1".into())];
+    let dropped = || publisher.metric("wshub_messages_dropped_total{reason=\"bus_unavailable\"}");
+    redis.kill();
+    for i in 1..=4 {
+        publisher.publish(&both, &format!("m{i}"));
+    }
+    eventually("the messages expire", || dropped() >= 4.0).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(dropped(), 4.0, "each message once");
+    // Back, then frozen: the next ones wait in a call that gets no answer,
+    // and the shutdown's flush leaves them.
+    redis.restart();
+    let probe = [group("probe")];
+    eventually("the bus publishes again", || {
+        publisher.bus.publish(envelope(probe.to_vec(), "p")).is_ok()
+    })
+    .await;
+    eventually("the probe is in Redis", || {
+        !cli(redis.port, &["HGET", "wshub:h:{g:probe}:m", "o"]).is_empty()
+    })
+    .await;
+    redis.pause();
+    for i in 5..=7 {
+        publisher.publish(&both, &format!("m{i}"));
+    }
+    publisher.bus.shutdown(Duration::from_millis(100)).await;
+    redis.resume();
+    assert_eq!(dropped(), 7.0, "and once each when a flush leaves them");
+}

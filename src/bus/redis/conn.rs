@@ -280,7 +280,7 @@ impl PubConn {
         };
         let mut unheard = Unheard::default();
         let mut results = results.into_iter();
-        for m in batch {
+        for (i, m) in batch.iter().enumerate() {
             let mut refused = false;
             for result in results.by_ref().take(m.channels.len()) {
                 match result {
@@ -296,7 +296,9 @@ impl PubConn {
                     Err(e) => return Err(e),
                 }
             }
-            unheard.messages += usize::from(refused);
+            if refused {
+                unheard.refused.push(i);
+            }
         }
         Ok(unheard)
     }
@@ -309,7 +311,8 @@ impl PubConn {
 /// refusing the command itself).
 #[derive(Debug, Default)]
 pub(super) struct Unheard {
-    pub messages: usize,
+    /// The positions in the batch of the messages with a refused channel.
+    pub refused: Vec<usize>,
     pub heard: usize,
     pub denied: Option<redis::RedisError>,
     pub refusing: Option<redis::RedisError>,

@@ -267,8 +267,9 @@ const LOST: &str = "LOST";
 /// those topics, or not at all; the rest of the batch was.
 #[derive(Debug)]
 pub(super) struct Lost {
-    /// How many messages missed at least one of their topics.
-    pub(super) lost: usize,
+    /// The numbers of the messages that missed at least one of their
+    /// topics (`Recorded::number`), ascending.
+    pub(super) numbers: Vec<u64>,
     /// The first error Redis gave.
     pub(super) error: String,
 }
@@ -1199,10 +1200,10 @@ impl RedisHistory {
         .await
         .map(|_: u64| None)
         .or_else(|e| match lost_of(&e) {
-            Some((lost, error)) => Ok(Some(Lost {
-                lost: lost.len(),
-                error,
-            })),
+            Some((mut numbers, error)) => {
+                numbers.sort_unstable();
+                Ok(Some(Lost { numbers, error }))
+            }
             None => Err(e),
         })
     }

@@ -354,6 +354,13 @@ impl Bus for RedisBus {
                 &shared.channels,
             ));
         }
+        // Two items, one message: dropped, it counts once.
+        if items.len() == 2 {
+            let twin = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            for item in &mut items {
+                item.twin = Some(twin.clone());
+            }
+        }
         // All or nothing: a message is never half queued.
         shared.queue.push_all(items)
     }

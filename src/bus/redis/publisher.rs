@@ -65,7 +65,7 @@ use tracing::{info, warn};
 
 use super::conn::{Backoff, Link, PubConn, Unheard, connect_publisher, is_denied, is_refusal};
 use super::history::{Lost, Prepared, RedisHistory, UNHEARD};
-use super::queue::Outgoing;
+use super::queue::{InFlight, Outgoing, lost};
 use super::{LAG_LOG_EVERY, MAX_BATCH, MAX_BATCH_BYTES, MIN_BACKOFF, Shared};
 use crate::outcome::DropReason;
 
@@ -100,7 +100,7 @@ pub(super) struct Publisher {
     /// queue or `resend`, not yet settled): counted as dropped by `flush`
     /// when its deadline cuts the send short (the future is dropped with
     /// them).
-    in_flight: usize,
+    in_flight: InFlight,
     /// When a publish script that failed part-way, or could not stamp
     /// some messages, was last logged.
     broken_logged: Option<Instant>,
@@ -157,7 +157,7 @@ impl Publisher {
             pause: None,
             expiry_logged: None,
             unheard: (0, None),
-            in_flight: 0,
+            in_flight: InFlight::default(),
             broken_logged: None,
         }
     }
@@ -220,9 +220,9 @@ impl Publisher {
                 Err(_) => break,
             }
         }
-        let left = self.shared.queue.take(usize::MAX, usize::MAX).len()
-            + self.resend.take().map_or(0, |batch| batch.len())
-            + std::mem::take(&mut self.in_flight);
+        let left = lost(&self.shared.queue.take(usize::MAX, usize::MAX))
+            + self.resend.take().map_or(0, |batch| lost(&batch))
+            + std::mem::take(&mut self.in_flight).lost();
         if left > 0 {
             self.shared
                 .metrics
@@ -237,18 +237,23 @@ impl Publisher {
     fn expire(&mut self) {
         let shared = &self.shared;
         let mut expired = shared.queue.expire(shared.config.publish_retry);
-        if let Some(batch) = &mut self.resend {
-            let before = batch.len();
-            batch.retain(|m| m.at.elapsed() <= shared.config.publish_retry);
-            expired += before - batch.len();
+        let retry = shared.config.publish_retry;
+        if let Some(batch) = self
+            .resend
+            .as_mut()
+            .filter(|b| b.iter().any(|m| m.at.elapsed() > retry))
+        {
+            let (kept, old): (Vec<_>, Vec<_>) = std::mem::take(batch)
+                .into_iter()
+                .partition(|m| m.at.elapsed() <= retry);
+            *batch = kept;
+            expired += lost(&old);
             if batch.is_empty() {
                 self.resend = None;
             }
         }
         if expired > 0 {
-            shared
-                .metrics
-                .dropped(DropReason::BusUnavailable, expired as u64);
+            shared.metrics.dropped(DropReason::BusUnavailable, expired);
             // Once per outage rather than at every retry (all are counted).
             if self
                 .expiry_logged
@@ -321,7 +326,7 @@ impl Publisher {
         self.send_taken().await;
         // Not reached when `flush`'s deadline drops this future: what the
         // send held is then counted there.
-        self.in_flight = 0;
+        self.in_flight = InFlight::default();
     }
 
     async fn send_taken(&mut self) {
@@ -336,10 +341,10 @@ impl Publisher {
         if batch.is_empty() {
             return;
         }
-        self.in_flight = batch.len();
+        self.in_flight = InFlight::of(&batch);
         let error = match timeout(shared.config.command_timeout, active.send(&batch)).await {
             Ok(Ok(unheard)) => {
-                self.answered(unheard);
+                self.answered(&batch, unheard);
                 return;
             }
             Ok(Err(e)) if is_refusal(&e) => Err(e.to_string()),
@@ -349,14 +354,13 @@ impl Publisher {
         // Part of the pipeline may have been delivered: drop it rather
         // than risk delivering twice. Only this batch: the messages behind
         // it wait for the reconnect (or the pause).
-        shared
-            .metrics
-            .dropped(DropReason::BusUnavailable, batch.len() as u64);
+        let dropped = lost(&batch);
+        shared.metrics.dropped(DropReason::BusUnavailable, dropped);
         match error {
             Err(refusal) => self.refused_by_redis(refusal, Proof::Plain),
             Ok(error) => {
                 shared.metrics.bus_publish_failure();
-                warn!(%error, dropped = batch.len(), "publishing to Redis failed; reconnecting");
+                warn!(%error, dropped, "publishing to Redis failed; reconnecting");
                 self.conn = None;
                 self.outage = true;
             }
@@ -371,10 +375,11 @@ impl Publisher {
     /// the wait: no pause, and a line at most every 10 s. Only a `PUBLISH`
     /// that ran ends an outage (Redis checks the ACL before it is busy: a
     /// batch the ACL refused whole proves nothing).
-    fn answered(&mut self, unheard: Unheard) -> bool {
+    fn answered(&mut self, batch: &[Outgoing], unheard: Unheard) -> bool {
+        let refused = unheard.refused.iter().filter_map(|&i| batch.get(i));
         self.shared
             .metrics
-            .dropped(DropReason::BusUnavailable, unheard.messages as u64);
+            .dropped(DropReason::BusUnavailable, lost(refused));
         if let Some(refusing) = unheard.refusing {
             self.refused_by_redis(refusing.to_string(), Proof::Plain);
             return true;
@@ -496,23 +501,22 @@ impl Publisher {
     /// already ran).
     async fn send_plain_unrecorded(&mut self, plain: Vec<Outgoing>) {
         let shared = self.shared.clone();
-        self.in_flight = plain.len();
+        self.in_flight = InFlight::of(&plain);
         let Some((active, _, _)) = self.conn.as_mut() else {
             return;
         };
         let error = match timeout(shared.config.command_timeout, active.send(&plain)).await {
             Ok(Ok(unheard)) => {
-                self.answered(unheard);
+                self.answered(&plain, unheard);
                 return;
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => "the pipeline timed out".to_owned(),
         };
-        shared
-            .metrics
-            .dropped(DropReason::BusUnavailable, plain.len() as u64);
+        let dropped = lost(&plain);
+        shared.metrics.dropped(DropReason::BusUnavailable, dropped);
         shared.metrics.bus_publish_failure();
-        warn!(%error, dropped = plain.len(), "publishing to Redis failed; reconnecting");
+        warn!(%error, dropped, "publishing to Redis failed; reconnecting");
         self.conn = None;
         self.outage = true;
     }
@@ -529,7 +533,7 @@ impl Publisher {
                 recorded.number = self.numbered;
             }
         }
-        self.in_flight = batch.len();
+        self.in_flight = InFlight::of(&batch);
         match self.call_script(history, &batch).await {
             Call::Denied(_) if batch.len() > 1 => self.halves(history, batch).await,
             call => {
@@ -557,7 +561,7 @@ impl Publisher {
         pending.push_back(back);
         let mut held: usize = pending.iter().map(Vec::len).sum();
         while let Some(mut part) = pending.pop_front() {
-            self.in_flight = held;
+            self.in_flight = InFlight::of(pending.iter().flatten().chain(&part));
             let call = self.call_script(history, &part).await;
             if matches!(call, Call::Denied(_)) && part.len() > 1 {
                 let back = part.split_off(part.len() / 2);
@@ -592,17 +596,22 @@ impl Publisher {
             Call::Denied(e) => {
                 self.shared
                     .metrics
-                    .dropped(DropReason::BusUnavailable, batch.len() as u64);
+                    .dropped(DropReason::BusUnavailable, lost(&batch));
                 self.denied(&e, Fate::Dropped);
             }
             // The rest of the batch ran: nothing to send again. The ACL
             // refusing a connection's channel is told as the ACL's other
             // refusals are.
-            Call::Lost(Lost { lost, error }) => {
+            Call::Lost(Lost { numbers, error }) => {
                 self.accepted(Proof::Script);
+                let lost = lost(batch.iter().filter(|m| {
+                    m.history
+                        .as_ref()
+                        .is_some_and(|h| numbers.binary_search(&h.number).is_ok())
+                }));
                 self.shared
                     .metrics
-                    .dropped(DropReason::BusUnavailable, lost as u64);
+                    .dropped(DropReason::BusUnavailable, lost);
                 if is_acl_refusal(&error) {
                     self.denied(&error, Fate::Dropped);
                     return None;
@@ -620,7 +629,7 @@ impl Publisher {
             Call::Broken(e) => {
                 self.shared
                     .metrics
-                    .dropped(DropReason::BusUnavailable, batch.len() as u64);
+                    .dropped(DropReason::BusUnavailable, lost(&batch));
                 self.shared.metrics.bus_publish_failure();
                 if self.broken_logged() {
                     tracing::error!(

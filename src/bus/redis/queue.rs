@@ -1,6 +1,8 @@
 //! Messages waiting for the publisher.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -19,6 +21,55 @@ pub(super) struct Outgoing {
     pub(super) payload: Bytes,
     /// With history on: what the publish script needs besides.
     pub(super) history: Option<Box<Recorded>>,
+    /// One message queued as two items (history on, to connections and to
+    /// other topics: `RedisBus::publish`): shared by both, set when either
+    /// is lost, so the message is counted dropped once ([`lost`]).
+    pub(super) twin: Option<Arc<AtomicBool>>,
+}
+
+/// How many messages the lost `items` were: each item counts, except one
+/// whose twin was counted already (this call or an earlier one).
+pub(super) fn lost<'a>(items: impl IntoIterator<Item = &'a Outgoing>) -> u64 {
+    items
+        .into_iter()
+        .filter(|m| {
+            m.twin
+                .as_ref()
+                .is_none_or(|t| !t.swap(true, Ordering::Relaxed))
+        })
+        .count() as u64
+}
+
+/// What a send holds while it awaits Redis, for counting if the send is
+/// cut short with them (the publisher's `flush`): a count, and the twins'
+/// shared marks (few; usually none).
+#[derive(Debug, Default)]
+pub(super) struct InFlight {
+    alone: u64,
+    twins: Vec<Arc<AtomicBool>>,
+}
+
+impl InFlight {
+    pub(super) fn of<'a>(items: impl IntoIterator<Item = &'a Outgoing>) -> Self {
+        let mut held = Self::default();
+        for m in items {
+            match &m.twin {
+                None => held.alone += 1,
+                Some(twin) => held.twins.push(twin.clone()),
+            }
+        }
+        held
+    }
+
+    /// How many messages they were, counted as [`lost`] counts.
+    pub(super) fn lost(self) -> u64 {
+        self.alone
+            + self
+                .twins
+                .iter()
+                .filter(|t| !t.swap(true, Ordering::Relaxed))
+                .count() as u64
+    }
 }
 
 /// What the publish script needs of one message besides its channels
@@ -59,6 +110,7 @@ impl Outgoing {
             channels,
             payload,
             history: None,
+            twin: None,
         }
     }
 
@@ -199,8 +251,8 @@ impl PublishQueue {
         self.lock().items.is_empty()
     }
 
-    /// Drops messages older than `max_age`; returns how many.
-    pub(super) fn expire(&self, max_age: Duration) -> usize {
+    /// Drops messages older than `max_age`; returns how many ([`lost`]).
+    pub(super) fn expire(&self, max_age: Duration) -> u64 {
         let mut inner = self.lock();
         let mut dropped = 0;
         while inner
@@ -208,8 +260,9 @@ impl PublishQueue {
             .front()
             .is_some_and(|m| m.at.elapsed() > max_age)
         {
-            inner.pop_front();
-            dropped += 1;
+            if let Some(m) = inner.pop_front() {
+                dropped += lost([&m]);
+            }
         }
         dropped
     }

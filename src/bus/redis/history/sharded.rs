@@ -299,7 +299,7 @@ pub(super) async fn publish(
     match (failed, lost) {
         (Some(e), _) if rank(&e) > 0 => Err(e),
         (_, Some((numbers, error))) => Ok(Some(Lost {
-            lost: numbers.len(),
+            numbers: numbers.into_iter().collect(),
             error,
         })),
         (Some(unheard), None) => Err(unheard),
