@@ -127,6 +127,7 @@ async fn the_sample_backend_accepts_the_hub_and_refuses_tampered_stale_and_repla
     let settings = Settings {
         hub: format!("http://{}", node.addr),
         keep: 10,
+        max_bytes: 65536,
         hub_key: None,
     };
     let app = app_verifying(settings, Some(Verify::new(KEY)));

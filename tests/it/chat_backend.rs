@@ -37,6 +37,7 @@ async fn markdown_chat_with_history_across_two_nodes() {
     let settings = Settings {
         hub: format!("http://{}", n0.addr),
         keep: 10,
+        max_bytes: 65536,
         hub_key: None,
     };
     tokio::spawn(serve(listener, settings));
@@ -112,6 +113,7 @@ async fn history_is_pushed_on_connect_only_when_the_hub_did_not_resume() {
     let settings = Settings {
         hub: format!("http://{}", hub.addr),
         keep: 10,
+        max_bytes: 65536,
         hub_key: None,
     };
     tokio::spawn(serve(listener, settings));
@@ -154,4 +156,61 @@ async fn history_is_pushed_on_connect_only_when_the_hub_did_not_resume() {
         assert_eq!(m["groupId"], "room", "says which group's history it is");
         assert_eq!(m["recipients"], json!([{"type": "user", "value": "ann"}]));
     }
+}
+
+/// The history a newcomer is sent is one request to the hub, so no bigger
+/// than its `limits.max_message_bytes`: the newest messages that fit. A
+/// message the hub refused is not kept. (A review saw 50 messages of 700
+/// characters make every newcomer's history a 413, and a refused message
+/// kept.)
+#[tokio::test]
+async fn a_newcomer_gets_the_newest_history_that_fits_one_request() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_url = format!("http://{}/ws", listener.local_addr().unwrap());
+    let mut config = wshub::Config::load_from(
+        None,
+        [
+            ("WSHUB_BACKEND__URL".to_owned(), backend_url),
+            ("WSHUB_BACKEND__EVENTS".to_owned(), "true".to_owned()),
+            ("WSHUB_LIMITS__MAX_MESSAGE_BYTES".to_owned(), "16384".to_owned()),
+        ],
+    )
+    .unwrap();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    let hub = TestServer::with(config).await;
+    let settings = Settings {
+        hub: format!("http://{}", hub.addr),
+        keep: 50,
+        max_bytes: 16384,
+        hub_key: None,
+    };
+    tokio::spawn(serve(listener, settings));
+    let mut ann = hub.connect("ann", Some("room")).await;
+    assert_eq!(ann.recv().await["message"], "[]");
+    for i in 0..50 {
+        let text = format!("{i:02} {}", "x".repeat(700));
+        ann.send_json(json!({"action": "broadcastchatmessage", "message": text}))
+            .await;
+        assert_eq!(ann.recv().await["action"], "broadcastchatmessage");
+    }
+    // Too big for the hub once rendered: refused, told, not kept.
+    ann.send_json(json!({"action": "broadcastchatmessage", "message": "y".repeat(15000)}))
+        .await;
+    let refused = ann.recv().await;
+    assert_eq!(refused["action"], "wshub.error", "{refused}");
+
+    let mut bob = hub.connect("bob", Some("room")).await;
+    let initial = bob.recv().await;
+    assert_eq!(initial["action"], "initialmessages", "{initial}");
+    let earlier: Vec<ChatEntry> =
+        serde_json::from_str(initial["message"].as_str().unwrap()).unwrap();
+    let numbers: Vec<&str> = earlier.iter().map(|e| &e.text[..2]).collect();
+    let want: Vec<String> = (50 - earlier.len()..50).map(|i| format!("{i:02}")).collect();
+    assert!(
+        // Each about 1.5 KB: its text and its HTML, escaped twice.
+        (9..=11).contains(&earlier.len()),
+        "as many as fit in 16 KiB: {}",
+        earlier.len()
+    );
+    assert_eq!(numbers, want, "the newest, in order, without the refused one");
 }

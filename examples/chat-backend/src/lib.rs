@@ -7,11 +7,12 @@
 //! `wshub.disconnect`. This service:
 //!
 //! - on `broadcastchatmessage`: renders the text from Markdown to HTML,
-//!   sanitises it (only harmless tags and attributes survive), keeps the last
-//!   `keep` messages of the group, and broadcasts the message to the group
-//!   through the hub's broadcast endpoint;
+//!   sanitises it (only harmless tags and attributes survive), broadcasts
+//!   the message to the group through the hub's broadcast endpoint, and,
+//!   once the hub took it, keeps it among the group's last `keep`;
 //! - on a client's `getinitialmessages`: sends that user `initialmessages`,
-//!   a JSON array of the group's recent messages (the chat page asks when it
+//!   a JSON array of the group's recent messages, as many of the newest as
+//!   fit one request to the hub (`max_bytes`) (the chat page asks when it
 //!   has nothing on screen yet, or when its resume was not recovered);
 //! - on `wshub.connect`: the same, unless the hub resumed the socket
 //!   (`X-Wshub-Resume: recovered` or `not_recovered`, lossless resume,
@@ -48,6 +49,10 @@ pub struct Settings {
     pub hub: String,
     /// Messages kept per group.
     pub keep: usize,
+    /// The largest request the hub's broadcast endpoint takes (its
+    /// `limits.max_message_bytes`): `initialmessages` carries the newest
+    /// messages that fit.
+    pub max_bytes: usize,
     /// The hub's broadcast API key (`broadcast.api_keys`), sent as
     /// `Authorization: Bearer`; `None` where the hub trusts our address.
     pub hub_key: Option<String>,
@@ -290,14 +295,6 @@ impl App {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
         };
-        {
-            let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
-            let log = history.groups.entry(group.clone()).or_default();
-            log.push_back(entry.clone());
-            while log.len() > self.settings.keep {
-                log.pop_front();
-            }
-        }
         let message = serde_json::to_string(&entry).unwrap_or_default();
         self.push(json!({
             "userId": user,
@@ -307,7 +304,16 @@ impl App {
             // "" is the null group (sockets that connected without groupid).
             "recipients": [{"type": "group", "value": group.as_deref().unwrap_or("")}],
         }))
-        .await
+        .await?;
+        // Kept only once the hub took it: one it refused (too big) would
+        // otherwise reach newcomers that its room never saw.
+        let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        let log = history.groups.entry(group).or_default();
+        log.push_back(entry);
+        while log.len() > self.settings.keep {
+            log.pop_front();
+        }
+        Ok(())
     }
 
     async fn initial(&self, user: String, group: Option<String>) -> Result<(), reqwest::Error> {
@@ -319,14 +325,37 @@ impl App {
                 .map(|log| log.iter().cloned().collect())
                 .unwrap_or_default()
         };
-        self.push(json!({
-            "userId": null,
-            "groupId": group,
-            "action": "initialmessages",
-            "message": serde_json::to_string(&earlier).unwrap_or_default(),
-            "recipients": [{"type": "user", "value": user}],
-        }))
-        .await
+        // The newest that fit one request: older ones are left out first.
+        // Each entry costs its JSON text as escaped again inside the
+        // request's `message` string, and a comma.
+        let cost = |e: &ChatEntry| {
+            let text = serde_json::to_string(e).unwrap_or_default();
+            serde_json::to_string(&text).map_or(0, |t| t.len() - 2) + 1
+        };
+        let mut from = earlier.len();
+        let mut total = 0;
+        while from > 0 {
+            total += cost(&earlier[from - 1]);
+            if total > self.settings.max_bytes {
+                break;
+            }
+            from -= 1;
+        }
+        // The rest of the request is not counted above: leave out more
+        // while it does not fit.
+        loop {
+            let request = json!({
+                "userId": null,
+                "groupId": group,
+                "action": "initialmessages",
+                "message": serde_json::to_string(&earlier[from..]).unwrap_or_default(),
+                "recipients": [{"type": "user", "value": user}],
+            });
+            if from == earlier.len() || request.to_string().len() <= self.settings.max_bytes {
+                return self.push(request).await;
+            }
+            from += 1;
+        }
     }
 
     async fn push(&self, message: serde_json::Value) -> Result<(), reqwest::Error> {

@@ -25,6 +25,10 @@ struct Args {
     /// Messages kept per group.
     #[arg(long, env = "CHAT_KEEP", default_value_t = 50)]
     keep: usize,
+    /// The hub's limits.max_message_bytes: the history sent to a newcomer
+    /// is the newest messages that fit one request of this size.
+    #[arg(long, env = "CHAT_MAX_BYTES", default_value_t = 65536)]
+    max_bytes: usize,
     /// The hub's backend.signing_key: refuse requests not signed with it
     /// (or signed more than 5 minutes ago, or replayed).
     #[arg(long, env = "CHAT_SIGNING_KEY", hide_env_values = true)]
@@ -48,6 +52,7 @@ async fn main() -> std::io::Result<()> {
     let settings = Settings {
         hub: args.hub,
         keep: args.keep,
+        max_bytes: args.max_bytes,
         hub_key: args.hub_key.filter(|k| !k.is_empty()),
     };
     let verify = args.signing_key.filter(|k| !k.is_empty()).map(Verify::new);
