@@ -192,10 +192,16 @@ impl Backend {
         // nobody told), and a 307 would hand the body, the identity and
         // the static headers to whatever host it names. A 3xx is a failure
         // like any other non-2xx (review of 2026-12-02).
+        // Nor is a proxy from the environment (`HTTP_PROXY`, `ALL_PROXY`
+        // …) used: the backend is the application's own server, and
+        // containers inherit those variables from the machine that started
+        // them; through one, the identity and static headers went to the
+        // proxy, a loopback backend included (review of 2026-12-02).
         let client = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout)
             .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
             .build()?;
         let queues = Arc::new(Queues::new(
             config.queue,

@@ -370,8 +370,12 @@ pub async fn healthcheck(config: &Config) -> bool {
             SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
         });
     }
+    // The node is on this machine: never through a proxy from the
+    // environment (a container inherits `HTTP_PROXY` from the machine that
+    // started it, and a live node was reported unhealthy).
     let Ok(client) = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(2))
+        .no_proxy()
         .build()
     else {
         return false;

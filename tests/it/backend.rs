@@ -712,3 +712,56 @@ async fn a_disconnect_is_delivered_when_the_queue_is_full() {
         2.0
     );
 }
+
+/// Proxies in the environment (`HTTP_PROXY` and the like, which containers
+/// inherit) are not used: not for the backend, which got nothing while
+/// the proxy got the identity and static headers, nor by `wshub
+/// healthcheck`, which called a live node unhealthy (review of
+/// 2026-12-02). The "proxy" here is a listener that counts connections.
+#[tokio::test]
+async fn proxies_in_the_environment_are_not_used() {
+    use crate::common::node::NodeProcess;
+    let backend = TestBackend::start(StatusCode::NO_CONTENT, Duration::ZERO).await;
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+    let reached = Arc::new(AtomicUsize::new(0));
+    let counted = reached.clone();
+    tokio::spawn(async move {
+        while let Ok((_socket, _)) = proxy.accept().await {
+            counted.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let proxies: Vec<(&str, &str)> = [
+        "http_proxy",
+        "HTTP_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ]
+    .into_iter()
+    .map(|name| (name, proxy_url.as_str()))
+    .chain([("NO_PROXY", ""), ("no_proxy", "")])
+    .collect();
+    let mut env = proxies.clone();
+    env.push(("WSHUB_BACKEND__URL", &backend.url));
+    let node = NodeProcess::spawn(&env).await;
+    let mut ann = crate::common::Client::connect(node.addr, "/ws?userid=ann").await;
+    ann.send_json(json!({"action": "save", "message": "via the backend"}))
+        .await;
+    let seen = backend.next().await;
+    assert!(seen.body.contains("via the backend"), "{}", seen.body);
+    let listen = node.addr.to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wshub"))
+        .envs(proxies.iter().copied())
+        .env("WSHUB_LISTEN", &listen)
+        .arg("healthcheck")
+        .output()
+        .expect("run wshub healthcheck");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(reached.load(Ordering::Relaxed), 0, "the proxy was used");
+}

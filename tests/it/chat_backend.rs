@@ -172,7 +172,10 @@ async fn a_newcomer_gets_the_newest_history_that_fits_one_request() {
         [
             ("WSHUB_BACKEND__URL".to_owned(), backend_url),
             ("WSHUB_BACKEND__EVENTS".to_owned(), "true".to_owned()),
-            ("WSHUB_LIMITS__MAX_MESSAGE_BYTES".to_owned(), "16384".to_owned()),
+            (
+                "WSHUB_LIMITS__MAX_MESSAGE_BYTES".to_owned(),
+                "16384".to_owned(),
+            ),
         ],
     )
     .unwrap();
@@ -205,12 +208,17 @@ async fn a_newcomer_gets_the_newest_history_that_fits_one_request() {
     let earlier: Vec<ChatEntry> =
         serde_json::from_str(initial["message"].as_str().unwrap()).unwrap();
     let numbers: Vec<&str> = earlier.iter().map(|e| &e.text[..2]).collect();
-    let want: Vec<String> = (50 - earlier.len()..50).map(|i| format!("{i:02}")).collect();
+    let want: Vec<String> = (50 - earlier.len()..50)
+        .map(|i| format!("{i:02}"))
+        .collect();
     assert!(
         // Each about 1.5 KB: its text and its HTML, escaped twice.
         (9..=11).contains(&earlier.len()),
         "as many as fit in 16 KiB: {}",
         earlier.len()
     );
-    assert_eq!(numbers, want, "the newest, in order, without the refused one");
+    assert_eq!(
+        numbers, want,
+        "the newest, in order, without the refused one"
+    );
 }
