@@ -451,13 +451,38 @@ impl<'de> Visitor<'de> for StrField {
     }
 }
 
-/// Whether `action` is one of the hub's own (`wshub.*`, any case; after
-/// leading white space, which a backend may trim).
+/// Whether `action` is one of the hub's own (`wshub.*`, in any letter
+/// case a backend may ignore, [`same_ignoring_case`]), also after leading
+/// characters a backend may trim or not see ([`trimmed_away`]).
 fn reserved(action: &str) -> bool {
-    action
-        .trim_start()
-        .get(..RESERVED_PREFIX.len())
-        .is_some_and(|p| p.eq_ignore_ascii_case(RESERVED_PREFIX))
+    let mut rest = action.trim_start_matches(trimmed_away).chars();
+    RESERVED_PREFIX
+        .chars()
+        .all(|want| rest.next().is_some_and(|c| same_ignoring_case(c, want)))
+}
+
+/// Characters the common trims remove, or that show as nothing: Unicode
+/// white space (Rust, .NET), every control character (Java's `trim`
+/// removes all up to U+0020; Python's `strip` U+001C to U+001F), the byte
+/// order mark (JavaScript's `trim`), and the zero-width ones. A review
+/// reached backends that trim with `\u{FEFF}wshub.connect`.
+fn trimmed_away(c: char) -> bool {
+    c.is_whitespace()
+        || c.is_control()
+        || matches!(
+            c,
+            '\u{FEFF}' | '\u{180E}' | '\u{200B}'..='\u{200D}' | '\u{2060}'
+        )
+}
+
+/// Whether `c` is `want` to a reader that ignores letter case the ways
+/// common ones do: upper case against upper case or lower against lower,
+/// Unicode's mappings included (`ſ` is `s` to Java's `equalsIgnoreCase`,
+/// `ı` is `i`).
+fn same_ignoring_case(c: char, want: char) -> bool {
+    c == want
+        || c.to_lowercase().next() == Some(want)
+        || c.to_uppercase().next() == want.to_uppercase().next()
 }
 
 /// Whether `key` is `action` to a reader that ignores letter case, in the
@@ -466,13 +491,10 @@ fn reserved(action: &str) -> bool {
 /// `ACTİON` are `action` to Java's `equalsIgnoreCase`).
 fn names_action(key: &str) -> bool {
     let mut chars = key.chars();
-    "action".chars().all(|want| {
-        chars.next().is_some_and(|c| {
-            c == want
-                || c.to_lowercase().next() == Some(want)
-                || c.to_uppercase().next() == want.to_uppercase().next()
-        })
-    }) && chars.next().is_none()
+    "action"
+        .chars()
+        .all(|want| chars.next().is_some_and(|c| same_ignoring_case(c, want)))
+        && chars.next().is_none()
 }
 
 /// The value of a key the hub does not read as `action` but a backend
@@ -879,6 +901,28 @@ mod tests {
             let text = format!(r#"{{"action":"{action}"}}"#);
             assert!(parse(&text).unwrap().is_reserved(), "{action}");
         }
+        // After what a backend's trim removes or nobody sees, and in the
+        // letter cases a backend's comparison ignores (a review reached
+        // trimming backends with the first of these).
+        for lead in [
+            "\u{feff}",
+            "\u{1c}",
+            "\u{1f}",
+            "\u{0}",
+            "\u{7f}",
+            "\u{85}",
+            "\u{a0}",
+            "\u{180e}",
+            "\u{200b}",
+            "\u{2060}",
+            "\u{3000}",
+            "\t \u{feff}\u{200b}",
+        ] {
+            let text = serde_json::json!({ "action": format!("{lead}wshub.x") }).to_string();
+            assert!(parse(&text).unwrap().is_reserved(), "{lead:?}");
+        }
+        let text = serde_json::json!({ "action": "w\u{17f}hub.x" }).to_string();
+        assert!(parse(&text).unwrap().is_reserved(), "long s");
         for action in ["wshub", "wshubx", "broadcast", "my.wshub.x", "é"] {
             let text = format!(r#"{{"action":"{action}"}}"#);
             assert!(!parse(&text).unwrap().is_reserved(), "{action}");
