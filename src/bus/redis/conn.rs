@@ -432,6 +432,78 @@ pub(super) fn slot_of(channel: &str) -> u16 {
 }
 
 /// Capped exponential backoff.
+/// How many times the subscriber has (re)connected. A Redis the
+/// subscriber lost, or left because the sentinels name another primary,
+/// is one every other connection of the node is to leave too: each
+/// command connection notes the epoch it was opened in and is replaced
+/// when it changed ([`Kept`]), and a connection that blocks (`BLPOP`)
+/// watches it. (A review saw the registry's, presence's control and
+/// history's connections stay on a demoted primary for 10 s after a
+/// Sentinel failover: users vanished from presence, and a resume read the
+/// old primary's history and said it had recovered what it had not.)
+pub(super) struct Epoch(tokio::sync::watch::Sender<u64>);
+
+impl Default for Epoch {
+    fn default() -> Self {
+        Self(tokio::sync::watch::channel(0).0)
+    }
+}
+
+impl Epoch {
+    pub(super) fn current(&self) -> u64 {
+        *self.0.borrow()
+    }
+
+    /// The subscriber connected (again).
+    pub(super) fn bump(&self) {
+        self.0.send_modify(|n| *n += 1);
+    }
+
+    /// For a task that blocks on a connection: `changed()` wakes it.
+    pub(super) fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.subscribe()
+    }
+}
+
+/// A command connection kept for reuse, with the [`Epoch`] it was opened
+/// in: handed out only within that epoch. `std::sync::Mutex`: locked only
+/// to clone or replace it, never across an await.
+pub(super) struct Kept<C>(std::sync::Mutex<Option<(C, u64)>>);
+
+impl<C> Default for Kept<C> {
+    fn default() -> Self {
+        Self(std::sync::Mutex::new(None))
+    }
+}
+
+impl<C: Clone> Kept<C> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(C, u64)>> {
+        // A connection handle: never inconsistent, ignore poisoning.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The connection, if one was opened in `epoch`.
+    pub(super) fn get(&self, epoch: u64) -> Option<C> {
+        self.lock()
+            .as_ref()
+            .filter(|(_, opened)| *opened == epoch)
+            .map(|(conn, _)| conn.clone())
+    }
+
+    /// Whether there is one, of any epoch.
+    pub(super) fn is_some(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    pub(super) fn set(&self, conn: C, epoch: u64) {
+        *self.lock() = Some((conn, epoch));
+    }
+
+    pub(super) fn clear(&self) {
+        *self.lock() = None;
+    }
+}
+
 pub(super) struct Backoff {
     pub(super) next: Duration,
     max: Duration,

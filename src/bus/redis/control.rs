@@ -23,14 +23,14 @@
 //! `PUBLISH` of a disconnect closes nothing twice, and a claim that ran
 //! already is recognised by its token.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::timeout;
 
 use super::Shared;
 use super::bans;
-use super::conn::{Link, PubConn, connect_publisher, open_command_connection};
+use super::conn::{Kept, Link, PubConn, connect_publisher, open_command_connection};
 use crate::bus::BusError;
 use crate::bus::control::{ControlFuture, ControlPlane, Held};
 use crate::bus::wire::{self, Control, Order};
@@ -78,8 +78,8 @@ const NUMSUB_BATCH: usize = 500;
 pub(super) struct RedisControl {
     shared: Arc<Shared>,
     link: Link,
-    /// `std::sync::Mutex`: locked only to clone or replace it.
-    conn: Mutex<Option<PubConn>>,
+    /// Replaced after the subscriber reconnects ([`Kept`]).
+    conn: Kept<PubConn>,
 }
 
 fn unavailable(why: impl std::fmt::Display) -> BusError {
@@ -128,13 +128,8 @@ impl RedisControl {
         Self {
             shared,
             link,
-            conn: Mutex::new(None),
+            conn: Kept::default(),
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<PubConn>> {
-        // A connection handle: never inconsistent, ignore poisoning.
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn sharded(&self) -> bool {
@@ -142,13 +137,14 @@ impl RedisControl {
     }
 
     async fn connection(&self) -> Result<PubConn, BusError> {
-        if let Some(conn) = self.lock().clone() {
+        let epoch = self.shared.epoch.current();
+        if let Some(conn) = self.conn.get(epoch) {
             return Ok(conn);
         }
         let conn = open_command_connection(&self.link, &self.shared.config)
             .await
             .map_err(unavailable)?;
-        *self.lock() = Some(conn.clone());
+        self.conn.set(conn.clone(), epoch);
         Ok(conn)
     }
 
@@ -172,7 +168,7 @@ impl RedisControl {
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => format!("no answer within {} ms", limit.as_millis()),
             };
-            *self.lock() = None;
+            self.conn.clear();
             if retried || started.elapsed() > limit / 2 {
                 return Err(unavailable(error));
             }
@@ -305,7 +301,7 @@ impl ControlPlane for RedisControl {
                     Ok(Err(e)) => e.to_string(),
                     Err(_) => format!("no answer within {} ms", limit.as_millis()),
                 };
-                *self.lock() = None;
+                self.conn.clear();
                 // Failed at once (a stale connection): once more on a new
                 // one; the token recognises a claim that ran.
                 if retried || started.elapsed() > limit / 2 {

@@ -116,7 +116,7 @@ use axum::body::Bytes;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use tokio::time::timeout;
 
-use super::conn::{Link, PubConn, connect_publisher};
+use super::conn::{Epoch, Link, PubConn, connect_publisher};
 use super::queue::{Outgoing, Recorded};
 use crate::bus::wire::{self, Channels};
 use crate::config::{HistoryConfig, RedisConfig};
@@ -1018,6 +1018,9 @@ struct Command {
     catch_up_sha: Arc<str>,
     /// Which connection this is, so a failed call drops only its own.
     serial: u64,
+    /// The subscriber epoch it was opened in ([`Epoch`]): it is replaced
+    /// in a later one.
+    epoch: u64,
 }
 
 /// History kept in Redis, and the stamping half of the publisher.
@@ -1051,6 +1054,8 @@ pub(crate) struct RedisHistory {
     /// Held while connecting, so concurrent calls open one connection.
     connecting: tokio::sync::Mutex<()>,
     serials: AtomicU64,
+    /// The subscriber's epoch: the command connection follows it.
+    epoch: Arc<Epoch>,
 }
 
 impl RedisHistory {
@@ -1059,6 +1064,7 @@ impl RedisHistory {
         link: Link,
         config: RedisConfig,
         history: HistoryConfig,
+        epoch: Arc<Epoch>,
     ) -> Self {
         let instance = format!("{node_id}.{:x}", rand::random::<u64>());
         let mut id_prefix = serde_json::to_string(&instance).unwrap_or_default();
@@ -1078,6 +1084,7 @@ impl RedisHistory {
             read_steps: tokio::sync::Semaphore::new(READS_AT_ONCE),
             connecting: tokio::sync::Mutex::new(()),
             serials: AtomicU64::new(0),
+            epoch,
         }
     }
 
@@ -1210,14 +1217,18 @@ impl RedisHistory {
 
     /// The command connection: the current one, or a new one.
     async fn command(&self) -> Result<Command, HistoryError> {
-        if let Some(c) = self.lock().clone() {
+        let current = || {
+            let epoch = self.epoch.current();
+            self.lock().clone().filter(|c| c.epoch == epoch)
+        };
+        if let Some(c) = current() {
             return Ok(c);
         }
         let limit = self.config.command_timeout;
         let _connecting = timeout(limit, self.connecting.lock())
             .await
             .map_err(|_| unavailable("connecting to Redis timed out"))?;
-        if let Some(c) = self.lock().clone() {
+        if let Some(c) = current() {
             return Ok(c);
         }
         let command = timeout(limit, self.connect())
@@ -1229,6 +1240,9 @@ impl RedisHistory {
     }
 
     async fn connect(&self) -> redis::RedisResult<Command> {
+        // Read before connecting: a reconnect of the subscriber meanwhile
+        // makes this connection old at once.
+        let epoch = self.epoch.current();
         let conn = connect_publisher(&self.link, &self.config).await?;
         let mut c = conn.clone();
         let tops_sha = load(&mut c, TOPS_LUA).await?;
@@ -1247,6 +1261,7 @@ impl RedisHistory {
             read_many_sha: read_many_sha.into(),
             catch_up_sha: catch_up_sha.into(),
             serial: self.serials.fetch_add(1, Ordering::Relaxed),
+            epoch,
         })
     }
 

@@ -183,7 +183,7 @@ struct Shared {
     /// have sent nothing during a short restart): the publisher reconnects
     /// before it sends on a connection from an older epoch, instead of
     /// finding out by losing a batch.
-    epoch: AtomicU64,
+    epoch: Arc<conn::Epoch>,
     /// Milliseconds since `started` when the *oldest* of the probe channels
     /// last came back, plus one; 0 = not every probe channel came back yet.
     last_probe: AtomicU64,
@@ -223,8 +223,16 @@ impl RedisBus {
         shutdown: Shutdown,
     ) -> Result<Self, BusError> {
         let link = Link::new(&config)?;
-        let history =
-            history.map(|h| Arc::new(RedisHistory::new(&node_id, link.clone(), config.clone(), h)));
+        let epoch = Arc::new(conn::Epoch::default());
+        let history = history.map(|h| {
+            Arc::new(RedisHistory::new(
+                &node_id,
+                link.clone(),
+                config.clone(),
+                h,
+                epoch.clone(),
+            ))
+        });
         let channels = Channels::new(&config.channel_prefix);
         let bans_channel = channels.bans();
         // A new instance per start: a connection id of an earlier run of
@@ -245,7 +253,7 @@ impl RedisBus {
             subscriber_up: AtomicBool::new(false),
             down_since: AtomicU64::new(0),
             down_because: std::sync::Mutex::new("connecting".into()),
-            epoch: AtomicU64::new(0),
+            epoch,
             last_probe: AtomicU64::new(0),
             probe_failed: std::sync::Mutex::new(None),
             unreadable_logged: AtomicBool::new(false),

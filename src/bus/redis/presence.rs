@@ -55,7 +55,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::Shared;
-use super::conn::{Backoff, Link, PubConn, connect_blocking, open_command_connection};
+use super::conn::{Backoff, Kept, Link, PubConn, connect_blocking, open_command_connection};
 use crate::bus::BusError;
 use crate::bus::presence::{
     Answer, Change, Control, GroupView, Holding, Member, Op, Sink, Store, UserView, Written,
@@ -443,9 +443,8 @@ pub(super) struct RedisPresence {
     /// The script's SHA1 as `SCRIPT LOAD` answered; loaded again when
     /// Redis forgot it (`NOSCRIPT`, after a restart).
     sha: Mutex<Option<String>>,
-    /// The command connection and the subscriber epoch it was opened in;
-    /// `std::sync::Mutex`, locked only to clone or replace it.
-    conn: Mutex<Option<(PubConn, u64)>>,
+    /// The command connection, replaced after the subscriber reconnects.
+    conn: Kept<PubConn>,
     /// The epoch this node last saw (see the module docs).
     epoch: Mutex<Option<String>>,
     sink: OnceLock<Weak<dyn Sink>>,
@@ -475,7 +474,7 @@ impl RedisPresence {
             member,
             config,
             sha: Mutex::new(None),
-            conn: Mutex::new(None),
+            conn: Kept::default(),
             epoch: Mutex::new(None),
             sink: OnceLock::new(),
             sweeping: AtomicBool::new(false),
@@ -483,11 +482,6 @@ impl RedisPresence {
             stop,
             tasks,
         }
-    }
-
-    fn lock_conn(&self) -> std::sync::MutexGuard<'_, Option<(PubConn, u64)>> {
-        // A connection handle: never inconsistent, ignore poisoning.
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_epoch(&self) -> std::sync::MutexGuard<'_, Option<String>> {
@@ -505,14 +499,12 @@ impl RedisPresence {
     /// (a review saw each idle node's first presence answer after a Redis
     /// restart be a 503, and a socket refused for it, Redis long back).
     async fn connection(&self) -> Result<PubConn, String> {
-        let epoch = self.shared.epoch.load(Ordering::Acquire);
-        if let Some((conn, opened)) = self.lock_conn().clone()
-            && opened == epoch
-        {
+        let epoch = self.shared.epoch.current();
+        if let Some(conn) = self.conn.get(epoch) {
             return Ok(conn);
         }
         let conn = open_command_connection(&self.link, &self.shared.config).await?;
-        *self.lock_conn() = Some((conn.clone(), epoch));
+        self.conn.set(conn.clone(), epoch);
         Ok(conn)
     }
 
@@ -544,11 +536,11 @@ impl RedisPresence {
         let (epoch, status, payload): (String, String, T) = match answer {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => {
-                *self.lock_conn() = None;
+                self.conn.clear();
                 return Err(unavailable(e.to_string()));
             }
             Err(_) => {
-                *self.lock_conn() = None;
+                self.conn.clear();
                 return Err(unavailable(format!(
                     "no answer within {} ms",
                     command_timeout.as_millis()
@@ -717,7 +709,11 @@ impl RedisPresence {
         let key = format!("{}pc:{}", self.prefix, self.member);
         let mut backoff = Backoff::new(self.shared.config.reconnect_max);
         let config = self.shared.config.clone();
+        // A new connection when the subscriber reconnects: the Redis this
+        // one is on may be gone, or no longer the primary ([`Epoch`]).
+        let mut epoch = self.shared.epoch.watch();
         'connect: loop {
+            epoch.borrow_and_update();
             let connected = tokio::select! {
                 biased;
                 () = self.stop.cancelled() => return,
@@ -744,6 +740,7 @@ impl RedisPresence {
                     biased;
                     () = self.stop.cancelled() => return,
                     () = self.reconnect.notified() => continue 'connect,
+                    _ = epoch.changed() => continue 'connect,
                     popped = async {
                         match &mut conn {
                             PubConn::Single(c) => cmd.query_async::<Option<(String, String)>>(c).await,

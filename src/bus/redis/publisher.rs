@@ -274,7 +274,7 @@ impl Publisher {
     async fn connected(&mut self) -> bool {
         let shared = &self.shared;
         let config = &shared.config;
-        let epoch = shared.epoch.load(Ordering::Acquire);
+        let epoch = shared.epoch.current();
         if self
             .conn
             .as_ref()

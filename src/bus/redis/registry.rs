@@ -46,7 +46,7 @@ use tracing::{debug, info, warn};
 
 use super::Shared;
 use super::bans;
-use super::conn::{Link, PubConn, open_command_connection};
+use super::conn::{Kept, Link, PubConn, open_command_connection};
 use super::presence::{self, RedisPresence};
 use crate::bus::BusError;
 use crate::bus::presence::Store;
@@ -174,7 +174,7 @@ struct Inner {
     /// The registry's connection: the heartbeat task (re)connects it, reads
     /// use a clone. `std::sync::Mutex`: locked only to clone or replace it,
     /// never across an await.
-    conn: Mutex<Option<PubConn>>,
+    conn: Kept<PubConn>,
     /// Why the last heartbeat failed; `None` while it succeeds.
     down_because: Mutex<Option<String>>,
     stop: CancellationToken,
@@ -219,7 +219,7 @@ impl RedisRegistry {
                 started: wire::now_ms(),
                 lease: presence.lease,
                 heartbeat: presence.heartbeat,
-                conn: Mutex::new(None),
+                conn: Kept::default(),
                 down_because: Mutex::new(None),
                 stop,
                 tasks,
@@ -280,11 +280,6 @@ fn parse_entry(fields: &[String]) -> Option<NodeEntry> {
 }
 
 impl Inner {
-    fn lock_conn(&self) -> std::sync::MutexGuard<'_, Option<PubConn>> {
-        // A connection handle: never inconsistent, ignore poisoning.
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn why_down(&self) -> Option<String> {
         self.down_because
             .lock()
@@ -327,7 +322,7 @@ impl Inner {
     /// failed (after a Redis restart the old connection fails at once, and
     /// the entry must be back within the heartbeat).
     async fn heartbeat(&self, entry: &NodeEntry, outage: &mut bool) {
-        let had_connection = self.lock_conn().is_some();
+        let had_connection = self.conn.is_some();
         let mut result = self.beat(entry).await;
         if result.is_err() && had_connection {
             result = self.beat(entry).await;
@@ -416,29 +411,34 @@ impl Inner {
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {} ms", command_timeout.as_millis()),
         };
-        *self.lock_conn() = None;
+        self.conn.clear();
         Err(failed)
     }
 
-    /// The registry's connection, opened when there is none.
+    /// The registry's connection, opened when there is none of the
+    /// subscriber's current epoch ([`Kept`]).
     async fn connection(&self) -> Result<PubConn, String> {
-        if let Some(conn) = self.lock_conn().clone() {
+        let epoch = self.shared.epoch.current();
+        if let Some(conn) = self.conn.get(epoch) {
             return Ok(conn);
         }
         let conn = open_command_connection(&self.link, &self.shared.config).await?;
-        *self.lock_conn() = Some(conn.clone());
+        self.conn.set(conn.clone(), epoch);
         Ok(conn)
     }
 
     /// Every live node, from Redis.
     async fn read(&self) -> Result<Vec<NodeEntry>, BusError> {
         let unavailable = |why: String| BusError::Unavailable(format!("Redis unreachable: {why}"));
-        let Some(mut conn) = self.lock_conn().clone() else {
+        // Without a connection (the heartbeat makes it) the reason is
+        // said; with one of an older epoch, a new one is made.
+        if !self.conn.is_some() {
             let why = self
                 .why_down()
                 .unwrap_or_else(|| "not connected to Redis yet".into());
             return Err(unavailable(why));
-        };
+        }
+        let mut conn = self.connection().await.map_err(unavailable)?;
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(READ)
             .arg(1)
@@ -488,7 +488,7 @@ impl Inner {
                 );
             }
         }
-        *self.lock_conn() = None;
+        self.conn.clear();
     }
 }
 

@@ -259,7 +259,7 @@ impl Subscriber {
         // Ready again only once a probe has made the whole trip on the new
         // connection (and the publisher has followed to the new epoch).
         shared.last_probe.store(0, Ordering::Release);
-        shared.epoch.fetch_add(1, Ordering::AcqRel);
+        shared.epoch.bump();
         let Connected {
             conn,
             prober,
