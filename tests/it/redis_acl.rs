@@ -148,3 +148,49 @@ async fn a_wrong_password_is_reported_and_never_logged() {
         }
     }
 }
+
+/// The narrowest user docs/cluster.md describes for history off, presence
+/// off: pub/sub on the node's channels and the node registry's commands on
+/// its keys. Messages flow and `GET /api/nodes` lists the node. (A review
+/// found the documented list lacking the `GET`, `SET` and `ZCOUNT` the
+/// heartbeat calls: every heartbeat failed, and the API answered 503.)
+#[tokio::test]
+async fn the_documented_narrow_user_runs_the_registry() {
+    let rule = "+@pubsub &wshub:* ~{wshub:registry}:* +eval +time +zadd +zrem \
+                +zremrangebyscore +zrangebyscore +zrange +zcount +pexpire +pexpireat \
+                +hset +hget +hgetall +get +set +del";
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/cluster.md"))
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    for grant in rule.split_whitespace().filter(|g| g.starts_with('+') && *g != "+@pubsub") {
+        assert!(docs.contains(&format!("{grant} ")), "docs/cluster.md lacks {grant}");
+    }
+    let mut args = vec!["--user", "narrow", "on", ">narrow-pw"];
+    args.extend(rule.split_whitespace());
+    let redis = crate::common::redis::RedisServer::start_with(&args);
+    let url = format!("redis://narrow:narrow-pw@127.0.0.1:{}", redis.port);
+    let a = ready_node(&[("url", &url)]).await;
+    let b = ready_node(&[("url", &url)]).await;
+    let mut rx = b.connect("rx", None).await;
+    let mut tx = a.connect("tx", None).await;
+    tx.send_json(json!({"action": "x", "message": "narrow"}))
+        .await;
+    assert_eq!(rx.recv().await["message"], "narrow");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let response = a.get("/api/nodes").await;
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        let listed: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if status == 200 && listed["nodes"].as_array().is_some_and(|n| n.len() == 2) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "GET /api/nodes: {status} {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
