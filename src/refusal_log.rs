@@ -1,5 +1,7 @@
-//! Refused requests in the log, at most one line per (peer address, reason)
-//! per window.
+//! Refused requests in the log, at most one line per (peer address, kind of
+//! refusal: the caller's label) per window. Not per reason: reasons hold
+//! text the client chose, and a pair per reason would let one client write
+//! a line per variant.
 //!
 //! A refusal is logged at warn so an operator can see why a FoxPro push or a
 //! browser's upgrade was turned away — a counter alone says that something
