@@ -248,7 +248,16 @@ async fn metrics(State(http): State<HttpState>) -> Response {
 async fn dispatch(State(http): State<HttpState>, request: Request) -> Response {
     if let Some(reason) = ambiguous_path(request.uri().path()) {
         let peer = http.peer(&request);
-        return http.refuse(peer, Refused::Path(reason));
+        // Under /api/ every answer but a success is JSON (docs/api.md).
+        // (The API's own fallback sends its ambiguous paths here, with
+        // `/api` stripped from the URI by the nesting.)
+        let raw = request
+            .extensions()
+            .get::<axum::extract::OriginalUri>()
+            .map_or(request.uri().path(), |original| original.path());
+        let api = (raw == "/api" || raw.starts_with("/api/"))
+            && !raw.to_ascii_lowercase().contains(BROADCAST_MARKER);
+        return http.refuse(peer, Refused::Path(reason, api));
     }
     let path = request.uri().path().to_ascii_lowercase();
     if path == SOCKET_PATH || path == SOCKET_ALIAS {
@@ -296,8 +305,9 @@ enum Refused {
     /// A broadcast (`wshub_http_broadcast_requests_total`).
     Broadcast(BroadcastStatus, String),
     /// A path with a dot-segment or an encoded `.` or `/`, refused before
-    /// routing ([`ambiguous_path`]); logged, not counted.
-    Path(&'static str),
+    /// routing ([`ambiguous_path`]); logged, not counted. `true`: under
+    /// `/api/`, answered as the API answers (JSON).
+    Path(&'static str, bool),
 }
 
 impl Refused {
@@ -305,7 +315,7 @@ impl Refused {
         let code = match self {
             Self::Socket(reason, _) => reason.status(),
             Self::Broadcast(status, _) => status.code(),
-            Self::Path(_) => 400,
+            Self::Path(..) => 400,
         };
         // Every code in the outcome enums is a valid status.
         StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
@@ -316,7 +326,7 @@ impl Refused {
         match self {
             Self::Socket(..) => "socket",
             Self::Broadcast(..) => "broadcast",
-            Self::Path(_) => "path",
+            Self::Path(..) => "path",
         }
     }
 
@@ -334,7 +344,7 @@ impl Refused {
                 BroadcastStatus::Timeout => "broadcast_timeout",
                 BroadcastStatus::Unavailable => "broadcast_unavailable",
             },
-            Self::Path(_) => "ambiguous_path",
+            Self::Path(..) => "ambiguous_path",
         }
     }
 }
@@ -349,6 +359,7 @@ impl HttpState {
         // Tokio's clock, so tests can pause it and step over the window.
         let now = tokio::time::Instant::now().into_std();
         let verdict = self.refusals.note(peer, label, now);
+        let api = matches!(refused, Refused::Path(_, true));
         let mut text = match refused {
             Refused::Socket(reason, text) => {
                 self.metrics.refused(reason);
@@ -358,7 +369,7 @@ impl HttpState {
                 self.metrics.http_broadcast(status);
                 text
             }
-            Refused::Path(text) => text.to_owned(),
+            Refused::Path(text, _) => text.to_owned(),
         };
         if let Verdict::Log {
             suppressed,
@@ -374,6 +385,9 @@ impl HttpState {
             } else {
                 warn!(%peer, status, what, label, %reason, suppressed, "request refused");
             }
+        }
+        if api {
+            return api::bad_request(text);
         }
         text.push('\n');
         let mut response = (status, text).into_response();

@@ -262,6 +262,12 @@ async fn protect(State(http): State<HttpState>, request: Request, next: Next) ->
         // since the API's routes took the names and nothing checked them.
         return super::dispatch(State(http), request).await;
     }
+    if ambiguous_path(request.uri().path()).is_some() {
+        // A dot-segment or an encoded `.` or `/` is refused before any
+        // route takes it as a name (`/api/presence/groups/..` was read as
+        // the group `..`), as outside the API (400, here as JSON).
+        return super::dispatch(State(http), request).await;
+    }
     let peer = request
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
@@ -768,12 +774,15 @@ async fn history(
     }))
 }
 
-async fn not_found(State(http): State<HttpState>, request: Request) -> Response {
-    let path = request.uri().path();
-    // (A broadcast path never gets here: `protect` sent it on.)
-    if ambiguous_path(path).is_some() {
-        return super::dispatch(State(http), request).await;
-    }
+/// A 400 `bad_request` as the API answers it, for a request refused
+/// before it reached the API's routes (an ambiguous path).
+pub(super) fn bad_request(message: String) -> Response {
+    ApiError::bad_request(message).into_response()
+}
+
+/// (A broadcast path or an ambiguous one never gets here: `protect` sent
+/// it on.)
+async fn not_found() -> Response {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",

@@ -1730,6 +1730,35 @@ async fn malformed_paths_queries_and_bodies_answer_in_the_api_format() {
         assert_eq!(answer["error"]["code"], code, "{method} {path}: {answer}");
         assert!(answer["error"]["message"].as_str().unwrap().len() > 10);
     }
+    // A path with a dot-segment or an encoded `.` or `/` is refused before
+    // routing; under /api/ in the API's format too (it was plain text).
+    // Raw requests: reqwest would resolve the dots.
+    for path in [
+        "/api/nodes/..",
+        "/api/presence/groups/..",
+        "/api/history/%2e%2e",
+        "/api/topics/%2F",
+        "/api/./nodes",
+    ] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut answer)
+            .await
+            .unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{path}: {answer}"
+        );
+        let error: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(error["error"]["code"], "bad_request", "{path}: {error}");
+    }
     // Valid UTF-8, encoded, is still read.
     let (status, answer) = get(addr, "/api/topics?prefix=caf%C3%A9").await;
     assert_eq!((status, answer), (200, json!({"topics": []})));

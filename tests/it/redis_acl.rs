@@ -164,8 +164,14 @@ async fn the_documented_narrow_user_runs_the_registry() {
         .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ");
-    for grant in rule.split_whitespace().filter(|g| g.starts_with('+') && *g != "+@pubsub") {
-        assert!(docs.contains(&format!("{grant} ")), "docs/cluster.md lacks {grant}");
+    for grant in rule
+        .split_whitespace()
+        .filter(|g| g.starts_with('+') && *g != "+@pubsub")
+    {
+        assert!(
+            docs.contains(&format!("{grant} ")),
+            "docs/cluster.md lacks {grant}"
+        );
     }
     let mut args = vec!["--user", "narrow", "on", ">narrow-pw"];
     args.extend(rule.split_whitespace());
