@@ -699,15 +699,26 @@ impl Dispatcher {
                 let reason = format!("backend answered {}", resp.status().as_u16());
                 (ForwardResult::Status, reason.clone(), reason)
             }
+            // The backend may have the message: said so, since a client
+            // told "unreachable" would send it again (forwards are not
+            // retried for that reason).
             Err(e) if e.is_timeout() => (
                 ForwardResult::Timeout,
                 "backend timed out".into(),
                 "the backend did not answer in time".into(),
             ),
-            Err(e) => (
+            Err(e) if e.is_connect() => (
                 ForwardResult::Unreachable,
                 "backend unreachable".into(),
                 format!("the backend is unreachable ({})", error_chain(e)),
+            ),
+            Err(e) => (
+                ForwardResult::NoAnswer,
+                "backend gave no answer".into(),
+                format!(
+                    "the backend took the request but gave no HTTP answer ({})",
+                    error_chain(e)
+                ),
             ),
         };
         self.metrics.backend_forward(result);
@@ -722,8 +733,13 @@ impl Dispatcher {
                 "backend forwards failing (logged once per burst; see wshub_backend_forwards_total)");
         }
         if let Some(conn) = job.sender.and_then(|w| w.upgrade()) {
+            // After a timeout or a lost answer the backend may have it.
+            let fate = match result {
+                ForwardResult::Timeout | ForwardResult::NoAnswer => "may not have been processed",
+                _ => "was not processed",
+            };
             conn.offer(error_frame(&format!(
-                "backend error: `{}` was not processed: {reason}",
+                "backend error: `{}` {fate}: {reason}",
                 job.action
             )));
         }

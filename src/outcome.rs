@@ -319,8 +319,11 @@ pub enum ForwardResult {
     Status,
     /// No answer within `backend.timeout_ms`.
     Timeout,
-    /// Could not connect or the connection failed.
+    /// Could not connect: the backend never saw the request.
     Unreachable,
+    /// Connected and sent, but no HTTP answer came: the connection closed
+    /// first, or what came was not HTTP. The backend may have processed it.
+    NoAnswer,
     /// The queue was full; never sent.
     QueueFull,
     /// Not sent, or abandoned unanswered, because the node shut down:
@@ -331,11 +334,12 @@ pub enum ForwardResult {
 
 impl ForwardResult {
     /// Every result, for initialising metrics.
-    pub const ALL: [ForwardResult; 6] = [
+    pub const ALL: [ForwardResult; 7] = [
         Self::Ok,
         Self::Status,
         Self::Timeout,
         Self::Unreachable,
+        Self::NoAnswer,
         Self::QueueFull,
         Self::Shutdown,
     ];
@@ -347,6 +351,7 @@ impl ForwardResult {
             Self::Status => "status",
             Self::Timeout => "timeout",
             Self::Unreachable => "unreachable",
+            Self::NoAnswer => "no_answer",
             Self::QueueFull => "queue_full",
             Self::Shutdown => "shutdown",
         }
