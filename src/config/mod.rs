@@ -141,6 +141,9 @@ pub enum LogFormat {
     Json,
 }
 
+/// The most requests to the backend a node may have in flight at once.
+pub const MAX_BACKEND_CONCURRENCY: usize = 10_000;
+
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -928,8 +931,14 @@ impl Config {
         if raw.timeout_ms == 0 {
             return Err(invalid("backend.timeout_ms", "must be at least 1"));
         }
-        if raw.concurrency == 0 {
-            return Err(invalid("backend.concurrency", "must be at least 1"));
+        // Each unit is a worker task and, at once, a descriptor: a value
+        // beyond any real backend's capacity only exhausts memory or files
+        // (100,000,000 aborted the node on start).
+        if !(1..=MAX_BACKEND_CONCURRENCY).contains(&raw.concurrency) {
+            return Err(invalid(
+                "backend.concurrency",
+                format!("must be between 1 and {MAX_BACKEND_CONCURRENCY}"),
+            ));
         }
         if raw.queue == 0 {
             return Err(invalid("backend.queue", "must be at least 1"));

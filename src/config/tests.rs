@@ -170,6 +170,15 @@ fn errors_name_the_key() {
             ],
             "`backend.concurrency`",
         ),
+        // One worker task and one descriptor each: 100,000,000 aborted the
+        // node on start (out of memory) instead of refusing the value.
+        (
+            &[
+                ("WSHUB_BACKEND__URL", "http://x"),
+                ("WSHUB_BACKEND__CONCURRENCY", "10001"),
+            ],
+            "`backend.concurrency` must be between 1 and 10000",
+        ),
         (
             &[("WSHUB_BROADCAST__TRUSTED_NETWORKS", "10.0.0.0/8,nope")],
             "`broadcast.trusted_networks`",
