@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
@@ -295,10 +296,18 @@ async fn serve_connection(
     // ends at the upgrade).
     _slot: Option<HttpSlot>,
 ) {
+    // Requests being handled on this connection (see the shutdown below).
+    let handling = Arc::new(AtomicUsize::new(0));
+    let counted = handling.clone();
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));
+        let guard = Handling::start(&counted);
         // The router is always ready (axum's `Router::poll_ready`).
-        router.clone().call(request)
+        let call = router.clone().call(request);
+        async move {
+            let _guard = guard;
+            call.await
+        }
     });
     let connection = http1
         .serve_connection(TokioIo::new(io), service)
@@ -307,8 +316,19 @@ async fn serve_connection(
     let result = tokio::select! {
         result = connection.as_mut() => result,
         () = stop.cancelled() => {
+            // A request being handled is answered first (within the
+            // node's grace period). A connection handling none is given
+            // a moment to finish writing and close; one that is still
+            // reading a request head then is closed: half a head from any
+            // client held the exit for the whole grace period (reviewer).
             connection.as_mut().graceful_shutdown();
-            connection.await
+            loop {
+                match tokio::time::timeout(SHUTDOWN_LINGER, connection.as_mut()).await {
+                    Ok(result) => break result,
+                    Err(_) if handling.load(Ordering::Acquire) > 0 => {}
+                    Err(_) => break Ok(()),
+                }
+            }
         }
     };
     if let Err(error) = result {
@@ -316,6 +336,26 @@ async fn serve_connection(
         // client's doing, at whatever rate clients choose, so below the
         // levels a production log runs at (axum logged these at trace).
         trace!(%error, %peer, "connection ended with an error");
+    }
+}
+
+/// How long a connection that handles no request is given to close at
+/// shutdown ([`serve_connection`]).
+const SHUTDOWN_LINGER: Duration = Duration::from_millis(500);
+
+/// One request being handled on a connection, counted while it lives.
+struct Handling(Arc<AtomicUsize>);
+
+impl Handling {
+    fn start(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
