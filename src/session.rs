@@ -651,6 +651,21 @@ async fn close(
             if socket.send(WsMessage::Close(Some(frame))).await.is_err() {
                 return;
             }
+            if matches!(
+                reason,
+                CloseReason::MessageTooBig | CloseReason::ProtocolError
+            ) {
+                // What the client sends next (the rest of a message too
+                // big, refused from its header) cannot be read as frames.
+                // It is read and discarded until the client closes: closed
+                // with it unread, the connection is reset, and a browser
+                // drops the close frame with it (1006 for 1009; reviewer).
+                use tokio::io::AsyncReadExt;
+                let io = socket.get_mut();
+                let mut scratch = vec![0u8; 16 * 1024];
+                while matches!(io.read(&mut scratch).await, Ok(n) if n > 0) {}
+                return;
+            }
             // Wait for the client's close reply (or the end of the stream).
             while let Some(Ok(msg)) = socket.next().await {
                 if matches!(msg, WsMessage::Close(_)) {

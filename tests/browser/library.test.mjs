@@ -63,6 +63,30 @@ async function eventually(check) {
   }
 }
 
+test("a message far over limits.max_message_bytes closes with 1009 in the browser, not 1006", async () => {
+  // The hub refuses it from its header; unless it reads and discards the
+  // rest until the browser closes, the connection is reset and Chromium
+  // drops the close frame (reviewer: 1006 from 66 KB to 1 MB).
+  const page = await pageWithLibrary(node.url);
+  const codes = await page.evaluate(async (url) => {
+    const out = [];
+    for (const size of [70_000, 1_000_000, 4_000_000]) {
+      out.push(await new Promise((resolve) => {
+        const ws = new WebSocket(`${url.replace("http", "ws")}/ws?userid=big`);
+        ws.onopen = () => ws.send(JSON.stringify({ action: "x", message: "y".repeat(size) }));
+        ws.onclose = (ev) => resolve(`${size}: ${ev.code} ${ev.reason}`);
+      }));
+    }
+    return out;
+  }, node.url);
+  assert.deepEqual(codes, [
+    "70000: 1009 Message too big",
+    "1000000: 1009 Message too big",
+    "4000000: 1009 Message too big",
+  ]);
+  await page.close();
+});
+
 test("tryConnect on a connected page closes the old socket on the hub, silently", async () => {
   const page = await pageWithLibrary(node.url);
   const base = await connectionsOn(node);

@@ -157,6 +157,30 @@ async fn oversized_message_closes_with_1009_and_others_carry_on() {
     assert!(other.until_sentinel(&tag).await.is_empty());
 }
 
+/// A message far over the limit: the hub refuses it from its header and
+/// cannot read the rest as frames. It must still read (and discard) what
+/// the client sends until the client closes: closing with it unread
+/// resets the connection, and Chromium then drops the 1009 frame and
+/// reports 1006 (reviewer, 66 KB to 1 MB against the default 64 KiB).
+/// This client reads the close frame either way; the browser test
+/// (tests/browser/library.test.mjs, "far over") is the one that failed.
+#[tokio::test]
+async fn a_message_far_over_the_limit_still_gets_its_1009() {
+    let mut config = test_config();
+    config.limits.max_message_bytes = 2048;
+    let server = TestServer::with(config).await;
+    for size in [100_000, 1_000_000] {
+        let mut big = server.connect("big", None).await;
+        let body = format!(r#"{{"action":"x","message":"{}"}}"#, "y".repeat(size));
+        big.send_text(body).await;
+        assert_eq!(
+            big.ended().await,
+            Ended::Closed(1009, "Message too big".into()),
+            "{size} bytes"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_client_that_never_reads_is_dropped_while_others_keep_receiving() {
     let mut config = test_config();
