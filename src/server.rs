@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
@@ -296,18 +296,15 @@ async fn serve_connection(
     // ends at the upgrade).
     _slot: Option<HttpSlot>,
 ) {
-    // Requests being handled on this connection (see the shutdown below).
-    let handling = Arc::new(AtomicUsize::new(0));
-    let counted = handling.clone();
+    // Whether a whole request head has arrived on this connection yet
+    // (see the shutdown below).
+    let headed = Arc::new(AtomicBool::new(false));
+    let noted = headed.clone();
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));
-        let guard = Handling::start(&counted);
+        noted.store(true, Ordering::Release);
         // The router is always ready (axum's `Router::poll_ready`).
-        let call = router.clone().call(request);
-        async move {
-            let _guard = guard;
-            call.await
-        }
+        router.clone().call(request)
     });
     let connection = http1
         .serve_connection(TokioIo::new(io), service)
@@ -316,16 +313,20 @@ async fn serve_connection(
     let result = tokio::select! {
         result = connection.as_mut() => result,
         () = stop.cancelled() => {
-            // A request being handled is answered first (within the
-            // node's grace period). A connection handling none is given
-            // a moment to finish writing and close; one that is still
-            // reading a request head then is closed: half a head from any
-            // client held the exit for the whole grace period (reviewer).
+            // hyper closes an idle keep-alive connection at once (one
+            // reading the next request's head too), and one answering a
+            // request once the answer is written, within the node's grace
+            // period. But it waits for the first head of a new connection:
+            // half a head from any client held the exit for the whole grace
+            // period (reviewer). Such a connection is given a moment, and
+            // closed if its head has still not come. (Counting requests
+            // being handled instead cut responses still being written to a
+            // slow reader: the body is done before its bytes are sent.)
             connection.as_mut().graceful_shutdown();
             loop {
                 match tokio::time::timeout(SHUTDOWN_LINGER, connection.as_mut()).await {
                     Ok(result) => break result,
-                    Err(_) if handling.load(Ordering::Acquire) > 0 => {}
+                    Err(_) if headed.load(Ordering::Acquire) => {}
                     Err(_) => break Ok(()),
                 }
             }
@@ -339,25 +340,9 @@ async fn serve_connection(
     }
 }
 
-/// How long a connection that handles no request is given to close at
-/// shutdown ([`serve_connection`]).
+/// How long a connection that has not sent a whole request head is given
+/// at shutdown ([`serve_connection`]).
 const SHUTDOWN_LINGER: Duration = Duration::from_millis(500);
-
-/// One request being handled on a connection, counted while it lives.
-struct Handling(Arc<AtomicUsize>);
-
-impl Handling {
-    fn start(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
-        Self(count.clone())
-    }
-}
-
-impl Drop for Handling {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 /// The answer to a connection over `limits.max_http_connections_per_ip`,
 /// written before any of its request is read (the socket's send buffer is
