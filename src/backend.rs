@@ -684,6 +684,7 @@ impl Dispatcher {
         // the URL: reqwest's errors carry it, with its password and query
         // (which may hold a key), so they are logged `without_url` and the
         // client only learns what kind of failure it was (issue 12 item 1).
+        let server_error = matches!(&outcome, Ok(resp) if resp.status().is_server_error());
         let (result, reason, problem) = match outcome {
             Ok(resp) if resp.status().is_success() => {
                 (ForwardResult::Ok, String::new(), String::new())
@@ -734,8 +735,11 @@ impl Dispatcher {
         }
         if let Some(conn) = job.sender.and_then(|w| w.upgrade()) {
             // After a timeout or a lost answer the backend may have it.
+            // A 5xx (an application error, or a gateway's 502/504 in front
+            // of it) may come after the work was done, too.
             let fate = match result {
                 ForwardResult::Timeout | ForwardResult::NoAnswer => "may not have been processed",
+                ForwardResult::Status if server_error => "may not have been processed",
                 _ => "was not processed",
             };
             conn.offer(error_frame(&format!(

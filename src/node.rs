@@ -279,12 +279,12 @@ impl Node {
             + config.backend.as_ref().map_or(0, |b| b.concurrency as u64);
         let (capacity, by_fds) =
             crate::admission::capacity(config.limits.max_connections, fd_limit, reserved);
-        if by_fds && fd_limit.is_some_and(|limit| limit <= reserved + 16) {
+        if by_fds && fd_limit.is_some_and(|limit| reserved.saturating_mul(2) > limit) {
             tracing::warn!(
                 max_connections = capacity,
                 open_file_limit = fd_limit.unwrap_or_default(),
                 reserved_fds = reserved,
-                "the open-file limit leaves almost nothing for sockets once backend.concurrency and the node's own descriptors are reserved: lower backend.concurrency or raise the limit (ulimit -Hn, LimitNOFILE)"
+                "backend.concurrency and the node's own descriptors take more than half the open-file limit, leaving fewer sockets: lower backend.concurrency or raise the limit (ulimit -Hn, LimitNOFILE)"
             );
         } else if by_fds {
             tracing::info!(

@@ -157,9 +157,12 @@ pub fn app_verifying(settings: Settings, verify: Option<Verify>) -> Router {
         // Bounded, so that a push to a hub replica that went away (its
         // address gone mid-connect) fails fast instead of hanging for the
         // kernel's minutes of SYN retries.
+        // Straight to the hub: never through a proxy from the environment
+        // (which would get the hub key; containers inherit HTTP_PROXY).
         http: reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(2))
             .timeout(std::time::Duration::from_secs(10))
+            .no_proxy()
             .build()
             .expect("a reqwest client with timeouts"),
         history: Mutex::default(),

@@ -431,7 +431,6 @@ pub(super) fn slot_of(channel: &str) -> u16 {
     crc % 16384
 }
 
-/// Capped exponential backoff.
 /// How many times the subscriber has (re)connected. A Redis the
 /// subscriber lost, or left because the sentinels name another primary,
 /// is one every other connection of the node is to leave too: each
@@ -504,6 +503,7 @@ impl<C: Clone> Kept<C> {
     }
 }
 
+/// Capped exponential backoff.
 pub(super) struct Backoff {
     pub(super) next: Duration,
     max: Duration,

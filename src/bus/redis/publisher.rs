@@ -621,20 +621,21 @@ impl Publisher {
                     tracing::error!(
                         %error,
                         lost,
-                        messages = batch.len(),
+                        items = batch.len(),
                         "Redis could not stamp some messages for history (a key of another type in wshub's namespace, or a Redis user without a command history needs): they were not published on those topics, counted as dropped; the rest of the batch was published; waiting would not help: give the Redis user every command history needs (docs/cluster.md, ACL users) and keep other keys out of wshub's namespace (logged at most every 10 s)"
                     );
                 }
             }
             Call::Broken(e) => {
+                let dropped = lost(&batch);
                 self.shared
                     .metrics
-                    .dropped(DropReason::BusUnavailable, lost(&batch));
+                    .dropped(DropReason::BusUnavailable, dropped);
                 self.shared.metrics.bus_publish_failure();
                 if self.broken_logged() {
                     tracing::error!(
                         error = %e,
-                        messages = batch.len(),
+                        messages = dropped,
                         "the publish script failed part-way: its batch is lost (the messages it had run were published, the others not), counted as dropped; waiting would not help: give the Redis user every command history needs (docs/cluster.md, ACL users) and keep other keys out of wshub's namespace (logged at most every 10 s)"
                     );
                 }
@@ -651,7 +652,7 @@ impl Publisher {
                 // Redis may have run it: it is sent again on the next
                 // connection, and the script skips it if it did.
                 self.shared.metrics.bus_publish_failure();
-                warn!(%error, messages = batch.len() + behind, "publishing to Redis failed; reconnecting to send the batch again");
+                warn!(%error, items = batch.len() + behind, "publishing to Redis failed; reconnecting to send the batch again");
                 self.conn = None;
                 self.outage = true;
                 // Not at once: a connection that fails as soon as it is
