@@ -102,6 +102,21 @@ pub(crate) const HEADER_SIGNATURE: &str = "x-wshub-signature";
 /// handoff to take over).
 pub(crate) const HEADER_RESUME: &str = "x-wshub-resume";
 
+/// On every event the hub posts (connect, disconnect, and presence's
+/// online, offline, join, leave), never on a client's forwarded message:
+/// the event's name (its action without `wshub.`). A backend that checks it
+/// cannot be fooled by a client's action however it is spelled.
+pub(crate) const HEADER_EVENT: &str = "x-wshub-event";
+
+/// The event's name for [`HEADER_EVENT`]: its action without `wshub.`.
+fn event_header(action: &'static str) -> HeaderValue {
+    HeaderValue::from_static(
+        action
+            .strip_prefix(crate::message::RESERVED_PREFIX)
+            .unwrap_or(action),
+    )
+}
+
 /// The reserved action of the connect event.
 pub(crate) const ACTION_CONNECT: &str = "wshub.connect";
 /// The reserved action of the disconnect event.
@@ -311,6 +326,7 @@ impl Backend {
         let message = resume.map(Report::message);
         let body = event_body(&conn.who, action, message.as_deref());
         let mut headers = self.headers(conn);
+        headers.insert(HeaderName::from_static(HEADER_EVENT), event_header(action));
         if let Some(resume) = resume {
             headers.insert(
                 HeaderName::from_static(HEADER_RESUME),
@@ -365,6 +381,7 @@ impl Backend {
             put(HEADER_GROUP_ID, group);
         }
         put(HEADER_NODE_ID, &self.node_id);
+        headers.insert(HeaderName::from_static(HEADER_EVENT), event_header(action));
         let job = Job {
             kind: Kind::Connect,
             body: Bytes::from(event_body(who, action, None)),

@@ -451,38 +451,64 @@ impl<'de> Visitor<'de> for StrField {
     }
 }
 
-/// Whether `action` is one of the hub's own (`wshub.*`, in any letter
-/// case a backend may ignore, [`same_ignoring_case`]), also after leading
-/// characters a backend may trim or not see ([`trimmed_away`]).
+/// Whether `action` is one of the hub's own (`wshub.*`) as a backend may
+/// read it: in compatibility decomposition (NFKD: full-width and
+/// mathematical letters are ASCII ones, `ŵ` is `w` and a mark), without
+/// the marks and the characters that show as nothing ([`unseen`]), after
+/// leading characters a trim removes ([`trimmed_away`]), in any letter
+/// case a comparison may ignore ([`same_ignoring_case`]). A review reached
+/// backends with `\u{feff}wshub.connect`, `wsh\u{ad}ub.connect` (equal to
+/// it for JavaScript's `localeCompare`) and `ｗｓｈｕｂ.connect` (NFKC, and
+/// Windows' best-fit conversion to a code page, as FoxPro may do).
 fn reserved(action: &str) -> bool {
-    let mut rest = action.trim_start_matches(trimmed_away).chars();
+    const NFKD: icu_normalizer::DecomposingNormalizerBorrowed<'static> =
+        icu_normalizer::DecomposingNormalizerBorrowed::new_nfkd();
+    let mut rest = NFKD
+        .normalize_iter(action.chars())
+        .filter(|&c| !unseen(c))
+        .skip_while(|&c| trimmed_away(c));
     RESERVED_PREFIX
         .chars()
         .all(|want| rest.next().is_some_and(|c| same_ignoring_case(c, want)))
 }
 
-/// Characters the common trims remove, or that show as nothing: Unicode
-/// white space (Rust, .NET), every control character (Java's `trim`
-/// removes all up to U+0020; Python's `strip` U+001C to U+001F), the byte
-/// order mark (JavaScript's `trim`), and the zero-width ones. A review
-/// reached backends that trim with `\u{FEFF}wshub.connect`.
+/// Characters that show as nothing, wherever they are: combining marks
+/// (after NFKD, a letter's accents) and Unicode's default-ignorable code
+/// points (soft hyphen, zero-width and joiner characters, bidi controls,
+/// variation selectors, the byte order mark, …).
+fn unseen(c: char) -> bool {
+    matches!(c,
+        '\u{0300}'..='\u{036F}' | '\u{1AB0}'..='\u{1AFF}' | '\u{1DC0}'..='\u{1DFF}'
+        | '\u{20D0}'..='\u{20FF}' | '\u{FE20}'..='\u{FE2F}'
+        | '\u{00AD}' | '\u{061C}' | '\u{115F}'..='\u{1160}'
+        | '\u{17B4}'..='\u{17B5}' | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}'
+        | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{3164}'
+        | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}' | '\u{FFA0}' | '\u{1BCA0}'..='\u{1BCA3}'
+        | '\u{1D173}'..='\u{1D17A}' | '\u{E0000}'..='\u{E0FFF}')
+}
+
+/// Leading characters the common trims remove (besides [`unseen`] ones,
+/// the byte order mark among them, which JavaScript's `trim` removes):
+/// Unicode white space (Rust, .NET) and every control character (Java's
+/// `trim` removes all up to U+0020; Python's `strip` U+001C to U+001F).
 fn trimmed_away(c: char) -> bool {
-    c.is_whitespace()
-        || c.is_control()
-        || matches!(
-            c,
-            '\u{FEFF}' | '\u{180E}' | '\u{200B}'..='\u{200D}' | '\u{2060}'
-        )
+    c.is_whitespace() || c.is_control()
 }
 
 /// Whether `c` is `want` to a reader that ignores letter case the ways
 /// common ones do: upper case against upper case or lower against lower,
 /// Unicode's mappings included (`ſ` is `s` to Java's `equalsIgnoreCase`,
-/// `ı` is `i`).
+/// `ı` and `İ` are `i`; `ß`, whose upper case is `SS`, is not `s`).
 fn same_ignoring_case(c: char, want: char) -> bool {
+    fn single(mut chars: impl Iterator<Item = char>) -> Option<char> {
+        let c = chars.next()?;
+        chars.next().is_none().then_some(c)
+    }
+    // Lower case: its first character (`İ` is `i` and a dot to Rust, `i`
+    // to Java). Upper case: only a one-character mapping (`ß` is `SS`).
     c == want
         || c.to_lowercase().next() == Some(want)
-        || c.to_uppercase().next() == want.to_uppercase().next()
+        || single(c.to_uppercase()).is_some_and(|u| Some(u) == single(want.to_uppercase()))
 }
 
 /// Whether `key` is `action` to a reader that ignores letter case, in the
@@ -923,6 +949,31 @@ mod tests {
         }
         let text = serde_json::json!({ "action": "w\u{17f}hub.x" }).to_string();
         assert!(parse(&text).unwrap().is_reserved(), "long s");
+        // Inside, characters that show as nothing; compatibility forms
+        // (full-width, mathematical, a one-dot leader); letters with
+        // accents (a review reached backends with each).
+        for action in [
+            "wsh\u{ad}ub.x",
+            "ws\u{200b}hub.x",
+            "wshub\u{2060}.x",
+            "\u{200e}wshub.x",
+            "\u{34f}wshub.x",
+            "\u{ff57}\u{ff53}\u{ff48}ub.x",
+            "wshub\u{ff0e}x",
+            "\u{1d430}\u{1d42c}hub.x",
+            "wshub\u{2024}x",
+            "\u{175}shub.x",
+            "w\u{302}shub.x",
+        ] {
+            let text = serde_json::json!({ "action": action }).to_string();
+            assert!(parse(&text).unwrap().is_reserved(), "{action:?}");
+        }
+        // Not reserved: ß (upper case SS) is no s, nor are letters that
+        // only look alike.
+        for action in ["w\u{df}hub.x", "wshub", "wsh ub.x", "w-shub.x", "chat"] {
+            let text = serde_json::json!({ "action": action }).to_string();
+            assert!(!parse(&text).unwrap().is_reserved(), "{action:?}");
+        }
         for action in ["wshub", "wshubx", "broadcast", "my.wshub.x", "é"] {
             let text = format!(r#"{{"action":"{action}"}}"#);
             assert!(!parse(&text).unwrap().is_reserved(), "{action}");

@@ -413,7 +413,15 @@ async fn connect_and_disconnect_events_when_enabled() {
         r#"{"userId":"ann","groupId":"room","action":"wshub.connect","message":null,"recipients":[]}"#
     );
     assert_eq!(header(&seen, "x-wshub-user-id"), Some("ann"));
+    // Events carry X-Wshub-Event; a client's forwarded message never does,
+    // however its action is spelled.
+    assert_eq!(header(&seen, "x-wshub-event"), Some("connect"));
     let conn_id = header(&seen, "x-wshub-connection-id").unwrap().to_owned();
+    let mut ann = ann;
+    ann.send_json(json!({"action": "chat"})).await;
+    let forwarded = backend.next().await;
+    assert!(forwarded.body.contains("\"chat\""), "{}", forwarded.body);
+    assert_eq!(header(&forwarded, "x-wshub-event"), None);
     ann.close().await;
     let seen = backend.next().await;
     assert!(
@@ -421,6 +429,7 @@ async fn connect_and_disconnect_events_when_enabled() {
         "{}",
         seen.body
     );
+    assert_eq!(header(&seen, "x-wshub-event"), Some("disconnect"));
     assert_eq!(
         header(&seen, "x-wshub-connection-id"),
         Some(conn_id.as_str())
