@@ -369,6 +369,12 @@ export class WebConnectionWebSocket {
    */
   tryConnect(retryOnFail, groupId, userId) {
     this._discard();
+    // Messages queued for another identity are not sent as this one: their
+    // recipients were chosen for the old group or user (a review saw a
+    // message queued in one room reach it from a page that had moved on).
+    // (Before the first tryConnect there is no old identity.)
+    const moved = this.groupId !== (groupId || null) || this.userId !== (userId || null);
+    if (moved && this.state !== State.IDLE) this._queue = [];
     this._retry = !!retryOnFail;
     this.groupId = groupId || null;
     this.userId = userId || null;
@@ -529,6 +535,10 @@ export class WebConnectionWebSocket {
         ? new Impl(this._url(null), ["wshub", `wshub.jwt.${token}`])
         : new Impl(this._url(token));
     } catch (err) {
+      // A URL that cannot be made (an id with a lone UTF-16 surrogate:
+      // URIError) or that the browser refuses (SyntaxError, SecurityError)
+      // would fail the same way on every retry: reported, not retried.
+      if (["URIError", "SyntaxError", "SecurityError"].includes(err?.name)) this._retry = false;
       this._dropped({ code: 1006, reason: String(err), wasClean: false });
       return;
     }

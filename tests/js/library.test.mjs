@@ -156,6 +156,33 @@ test("messages sent while disconnected are queued (bounded) and sent on open", (
   assert.equal(ws.queued, 0);
 });
 
+test("tryConnect with another identity drops what was queued for the old one", () => {
+  const ws = client();
+  ws.tryConnect(true, "g1", "ann");
+  FakeSocket.instances[0].open();
+  FakeSocket.instances[0].drop();
+  assert.equal(ws.send({ to: "g1" }), true);
+  ws.tryConnect(true, "g1", "ann");
+  assert.equal(ws.queued, 1, "the same identity keeps its queue");
+  ws.tryConnect(true, "g2", "ann");
+  assert.equal(ws.queued, 0, "another group does not send g1's messages");
+  FakeSocket.instances.at(-1).open();
+  assert.deepEqual(FakeSocket.instances.at(-1).sent, []);
+});
+
+test("an id that cannot be put in a URL is reported once, not retried", (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const ws = client();
+  const closes = [];
+  ws.onCloseHandler = (ev) => closes.push(`${ev.code} ${ev.reason}`);
+  ws.tryConnect(true, "g", "bad\ud800");
+  t.mock.timers.tick(60_000);
+  assert.equal(closes.length, 1, closes.join(" | "));
+  assert.match(closes[0], /^1006 URIError/);
+  assert.equal(ws.state, State.CLOSED);
+  assert.equal(FakeSocket.instances.length, 0);
+});
+
 test("reconnects with backoff after a drop, and resets the backoff on open", (t) => {
   t.mock.timers.enable({ apis: ["setTimeout"] });
   const random = mock.method(Math, "random", () => 0.999999);
