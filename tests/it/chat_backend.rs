@@ -201,6 +201,10 @@ async fn a_newcomer_gets_the_newest_history_that_fits_one_request() {
         .await;
     let refused = ann.recv().await;
     assert_eq!(refused["action"], "wshub.error", "{refused}");
+    assert!(
+        refused["message"].as_str().unwrap().ends_with("backend answered 413"),
+        "{refused}"
+    );
 
     let mut bob = hub.connect("bob", Some("room")).await;
     let initial = bob.recv().await;

@@ -275,6 +275,13 @@ async fn handle(
     };
     match result {
         Ok(()) => (StatusCode::NO_CONTENT, String::new()),
+        // Too big for the hub once rendered (the HTML is about as long as
+        // the text again): said as such, so the sender reads "backend
+        // answered 413" rather than a gateway error.
+        Err(e) if e.status() == Some(reqwest::StatusCode::PAYLOAD_TOO_LARGE) => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the message is too large once rendered\n".into(),
+        ),
         Err(e) => (
             StatusCode::BAD_GATEWAY,
             format!("pushing to the hub failed: {e}\n"),
