@@ -121,6 +121,26 @@ test("editing the group field without reconnecting does not move where messages 
   for (const p of [ann, bob, eve]) await p.close();
 });
 
+test("Reconnect into another group starts with an empty list; a name of spaces is refused", async () => {
+  const ann = await join(node1.url, "ann", "room-a");
+  await say(ann, "said in room-a");
+  await messages(ann, 1);
+  await ann.fill("#group", "room-b");
+  await ann.click("#connect");
+  await ann.waitForFunction(() => window.wshubChat.socket.groupId === "room-b"
+    && document.querySelector("#status").dataset.state === "open");
+  const texts = await ann.$$eval("#messages li .text", (els) => els.map((el) => el.textContent));
+  assert.ok(!texts.includes("said in room-a"), texts.join(" | "));
+  const page = await browser.newPage();
+  await page.goto(`${node1.url}/`);
+  await page.fill("#user", "   ");
+  await page.fill("#group", "room-a");
+  await page.click("#connect");
+  assert.equal(await page.evaluate(() => document.querySelector("#user").validity.valid), false);
+  assert.equal(await page.evaluate(() => window.wshubChat.socket ?? null), null, "no socket was opened");
+  for (const p of [ann, page]) await p.close();
+});
+
 test("HTML and script in a message are shown as text, never run", async () => {
   const ann = await join(node1.url, "ann", "xss");
   const bob = await join(node2.url, "bob", "xss");
