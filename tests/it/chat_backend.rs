@@ -202,7 +202,10 @@ async fn a_newcomer_gets_the_newest_history_that_fits_one_request() {
     let refused = ann.recv().await;
     assert_eq!(refused["action"], "wshub.error", "{refused}");
     assert!(
-        refused["message"].as_str().unwrap().ends_with("backend answered 413"),
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("backend answered 413"),
         "{refused}"
     );
 
