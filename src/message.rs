@@ -451,48 +451,31 @@ impl<'de> Visitor<'de> for StrField {
     }
 }
 
-/// Whether `action` is one of the hub's own (`wshub.*`) as a backend may
-/// read it: in compatibility decomposition (NFKD: full-width and
-/// mathematical letters are ASCII ones, `ŵ` is `w` and a mark), without
-/// the marks and the characters that show as nothing ([`unseen`]), after
-/// leading characters a trim removes ([`trimmed_away`]), in any letter
-/// case a comparison may ignore ([`same_ignoring_case`]). A review reached
-/// backends with `\u{feff}wshub.connect`, `wsh\u{ad}ub.connect` (equal to
-/// it for JavaScript's `localeCompare`) and `ｗｓｈｕｂ.connect` (NFKC, and
-/// Windows' best-fit conversion to a code page, as FoxPro may do).
+/// Whether `action` is one of the hub's own (`wshub.*`) as any backend may
+/// read it. Its *skeleton* is compared: the action in compatibility
+/// decomposition (NFKD: full-width and mathematical letters are ASCII
+/// ones, `ŵ` is `w` and a mark), each character in lower case (its first
+/// character, as Java's `Character.toLowerCase`: `İ` is `i`, `K` (Kelvin)
+/// is `k`), keeping only ASCII letters, digits and `.`: everything else
+/// (white space, controls, marks, invisible and format characters, other
+/// scripts' signs) is dropped wherever it is. Reviews reached backends with
+/// `\u{feff}wshub.connect` (trim), `wsh\u{ad}ub.connect` and
+/// `ws\u{1}hub.connect` (equal to it for JavaScript's `localeCompare` and
+/// Java's `Collator`, which give such characters no weight), and
+/// `ｗｓｈｕｂ.connect` (NFKC, Windows' best-fit conversion). A character
+/// a collator takes for a Latin letter at base strength (`ħ` for `h`) is
+/// dropped, not mapped: such an action is forwarded; hub events carry
+/// `X-Wshub-Event`, which settles it for a backend that checks it.
 fn reserved(action: &str) -> bool {
     const NFKD: icu_normalizer::DecomposingNormalizerBorrowed<'static> =
         icu_normalizer::DecomposingNormalizerBorrowed::new_nfkd();
-    let mut rest = NFKD
+    let mut skeleton = NFKD
         .normalize_iter(action.chars())
-        .filter(|&c| !unseen(c))
-        .skip_while(|&c| trimmed_away(c));
+        .filter_map(|c| c.to_lowercase().next())
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '.');
     RESERVED_PREFIX
         .chars()
-        .all(|want| rest.next().is_some_and(|c| same_ignoring_case(c, want)))
-}
-
-/// Characters that show as nothing, wherever they are: combining marks
-/// (after NFKD, a letter's accents) and Unicode's default-ignorable code
-/// points (soft hyphen, zero-width and joiner characters, bidi controls,
-/// variation selectors, the byte order mark, …).
-fn unseen(c: char) -> bool {
-    matches!(c,
-        '\u{0300}'..='\u{036F}' | '\u{1AB0}'..='\u{1AFF}' | '\u{1DC0}'..='\u{1DFF}'
-        | '\u{20D0}'..='\u{20FF}' | '\u{FE20}'..='\u{FE2F}'
-        | '\u{00AD}' | '\u{061C}' | '\u{115F}'..='\u{1160}'
-        | '\u{17B4}'..='\u{17B5}' | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}'
-        | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{3164}'
-        | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}' | '\u{FFA0}' | '\u{1BCA0}'..='\u{1BCA3}'
-        | '\u{1D173}'..='\u{1D17A}' | '\u{E0000}'..='\u{E0FFF}')
-}
-
-/// Leading characters the common trims remove (besides [`unseen`] ones,
-/// the byte order mark among them, which JavaScript's `trim` removes):
-/// Unicode white space (Rust, .NET) and every control character (Java's
-/// `trim` removes all up to U+0020; Python's `strip` U+001C to U+001F).
-fn trimmed_away(c: char) -> bool {
-    c.is_whitespace() || c.is_control()
+        .all(|want| skeleton.next() == Some(want))
 }
 
 /// Whether `c` is `want` to a reader that ignores letter case the ways
@@ -968,9 +951,21 @@ mod tests {
             let text = serde_json::json!({ "action": action }).to_string();
             assert!(parse(&text).unwrap().is_reserved(), "{action:?}");
         }
-        // Not reserved: ß (upper case SS) is no s, nor are letters that
-        // only look alike.
-        for action in ["w\u{df}hub.x", "wshub", "wsh ub.x", "w-shub.x", "chat"] {
+        // Anything between the letters that is not a letter, digit or dot
+        // (a collator gives controls and many signs no weight).
+        for action in [
+            "ws\u{1}hub.x",
+            "\u{640}wshub.x",
+            "ws\u{591}hub.x",
+            "wsh ub.x",
+            "w-shub.x",
+        ] {
+            let text = serde_json::json!({ "action": action }).to_string();
+            assert!(parse(&text).unwrap().is_reserved(), "{action:?}");
+        }
+        // Not reserved: ß (upper case SS) is no s, other letters and a dot
+        // elsewhere are not dropped.
+        for action in ["w\u{df}hub.x", "wshub", "ws.hub.x", "wshubx.y", "chat"] {
             let text = serde_json::json!({ "action": action }).to_string();
             assert!(!parse(&text).unwrap().is_reserved(), "{action:?}");
         }

@@ -660,8 +660,14 @@ async fn close(
                 // It is read and discarded until the client closes: closed
                 // with it unread, the connection is reset, and a browser
                 // drops the close frame with it (1006 for 1009; reviewer).
-                use tokio::io::AsyncReadExt;
+                // The hub's side is shut first (FIN after the close frame,
+                // as RFC 6455 has the server close first): the client
+                // then closes at once rather than waiting for the hub,
+                // which cannot read its close reply among the discarded
+                // bytes (each such close took the whole close timeout).
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
                 let io = socket.get_mut();
+                let _ = io.shutdown().await;
                 let mut scratch = vec![0u8; 16 * 1024];
                 while matches!(io.read(&mut scratch).await, Ok(n) if n > 0) {}
                 return;

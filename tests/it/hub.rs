@@ -178,6 +178,19 @@ async fn a_message_far_over_the_limit_still_gets_its_1009() {
             Ended::Closed(1009, "Message too big".into()),
             "{size} bytes"
         );
+        // The hub closes its side after the close frame: the stream ends
+        // at once, not when the close timeout (2 s) runs out (reviewer:
+        // every such close took 2 s while the hub waited for the client's
+        // end of the connection and the client for the hub's).
+        let started = std::time::Instant::now();
+        while let Ok(Some(Ok(_))) =
+            tokio::time::timeout(crate::common::PATIENCE, big.ws.next()).await
+        {}
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "{size} bytes: the connection ended after {:?}",
+            started.elapsed()
+        );
     }
 }
 
