@@ -451,31 +451,50 @@ impl<'de> Visitor<'de> for StrField {
     }
 }
 
-/// Whether `action` is one of the hub's own (`wshub.*`) as any backend may
-/// read it. Its *skeleton* is compared: the action in compatibility
-/// decomposition (NFKD: full-width and mathematical letters are ASCII
-/// ones, `ŵ` is `w` and a mark), each character in lower case (its first
-/// character, as Java's `Character.toLowerCase`: `İ` is `i`, `K` (Kelvin)
-/// is `k`), keeping only ASCII letters, digits and `.`: everything else
-/// (white space, controls, marks, invisible and format characters, other
-/// scripts' signs) is dropped wherever it is. Reviews reached backends with
-/// `\u{feff}wshub.connect` (trim), `wsh\u{ad}ub.connect` and
-/// `ws\u{1}hub.connect` (equal to it for JavaScript's `localeCompare` and
-/// Java's `Collator`, which give such characters no weight), and
-/// `ｗｓｈｕｂ.connect` (NFKC, Windows' best-fit conversion). A character
-/// a collator takes for a Latin letter at base strength (`ħ` for `h`) is
-/// dropped, not mapped: such an action is forwarded; hub events carry
-/// `X-Wshub-Event`, which settles it for a backend that checks it.
+/// Whether `action` is one of the hub's own (`wshub.*`) as a backend may
+/// read it with the common comparisons: trimmed, in another letter case,
+/// normalized (NFKC), with Java's `equalsIgnoreCase` or `Collator`, or
+/// JavaScript's `localeCompare` with its default options. Its *skeleton* is
+/// compared: the action in compatibility decomposition (NFKD: full-width
+/// and mathematical letters are ASCII ones, `ŵ` is `w` and a mark), each
+/// character in lower case (the first of its mapping, as Java's
+/// `Character.toLowerCase`: `İ` is `i`), leading white space skipped, and
+/// dropped wherever they are the characters collators give no weight
+/// ([`weightless`]). ASCII punctuation and other scripts' letters stay:
+/// `ws_hub.status` or `日本wshub.sync` are an application's own.
+///
+/// Reviews reached backends with `\u{feff}wshub.connect` (trim),
+/// `wsh\u{ad}ub.connect`, `ws\u{1}hub.connect` and `\u{640}wshub.connect`
+/// (equal to it for `localeCompare` and `Collator`) and `ｗｓｈｕｂ.connect`
+/// (NFKC). Comparisons that ignore more (a collator at base or accent
+/// strength, or ignoring punctuation) can still be fooled: no list covers
+/// every reading, and hub events carry `X-Wshub-Event` for that.
 fn reserved(action: &str) -> bool {
     const NFKD: icu_normalizer::DecomposingNormalizerBorrowed<'static> =
         icu_normalizer::DecomposingNormalizerBorrowed::new_nfkd();
     let mut skeleton = NFKD
         .normalize_iter(action.chars())
         .filter_map(|c| c.to_lowercase().next())
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '.');
+        .filter(|&c| !weightless(c))
+        .skip_while(|c| c.is_whitespace());
     RESERVED_PREFIX
         .chars()
         .all(|want| skeleton.next() == Some(want))
+}
+
+/// Characters a collator gives no weight (Unicode's root collation):
+/// controls, and outside ASCII whatever is not a letter or digit (marks,
+/// format and invisible characters, spaces, signs), the Arabic tatweel and
+/// the Hangul fillers (letters, but default-ignorable).
+fn weightless(c: char) -> bool {
+    if c.is_ascii() {
+        return c.is_ascii_control();
+    }
+    !c.is_alphanumeric()
+        || matches!(
+            c,
+            '\u{0640}' | '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}'
+        )
 }
 
 /// Whether `c` is `want` to a reader that ignores letter case the ways
@@ -951,21 +970,34 @@ mod tests {
             let text = serde_json::json!({ "action": action }).to_string();
             assert!(parse(&text).unwrap().is_reserved(), "{action:?}");
         }
-        // Anything between the letters that is not a letter, digit or dot
-        // (a collator gives controls and many signs no weight).
+        // Between the letters, what a collator gives no weight: controls,
+        // tatweel, marks of other scripts, format characters.
         for action in [
             "ws\u{1}hub.x",
             "\u{640}wshub.x",
             "ws\u{591}hub.x",
-            "wsh ub.x",
-            "w-shub.x",
+            "\u{6dd}wshub.x",
+            "ws\u{605}hub.x",
         ] {
             let text = serde_json::json!({ "action": action }).to_string();
             assert!(parse(&text).unwrap().is_reserved(), "{action:?}");
         }
-        // Not reserved: ß (upper case SS) is no s, other letters and a dot
-        // elsewhere are not dropped.
-        for action in ["w\u{df}hub.x", "wshub", "ws.hub.x", "wshubx.y", "chat"] {
+        // Not reserved: ß (upper case SS) is no s; ASCII punctuation and
+        // other scripts' letters are an application's own (a review found
+        // these refused by a skeleton that dropped them).
+        for action in [
+            "w\u{df}hub.x",
+            "wshub",
+            "ws.hub.x",
+            "wshubx.y",
+            "chat",
+            "ws_hub.status",
+            "_wshub.ping",
+            "@wshub.status",
+            "\u{65e5}wshub.x",
+            "\u{142}wshub.x",
+            "ws-hub.s",
+        ] {
             let text = serde_json::json!({ "action": action }).to_string();
             assert!(!parse(&text).unwrap().is_reserved(), "{action:?}");
         }

@@ -133,7 +133,7 @@ test("Reconnect into another group starts with an empty list; a name of spaces i
   assert.ok(!texts.includes("said in room-a"), texts.join(" | "));
   const page = await browser.newPage();
   await page.goto(`${node1.url}/`);
-  await page.fill("#user", "  \u200b ");
+  await page.fill("#user", "  \u200b\u200e\u3164 ");
   await page.fill("#group", "room-a");
   await page.click("#connect");
   assert.equal(await page.evaluate(() => document.querySelector("#user").validity.valid), false);
