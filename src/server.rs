@@ -297,12 +297,12 @@ async fn serve_connection(
     _slot: Option<HttpSlot>,
 ) {
     // Whether a whole request head has arrived on this connection yet
-    // (see the shutdown below).
-    let headed = Arc::new(AtomicBool::new(false));
-    let noted = headed.clone();
+    // (see the shutdown below). Borrowed by the service: no allocation.
+    let headed = AtomicBool::new(false);
+    let noted = &headed;
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));
-        noted.store(true, Ordering::Release);
+        noted.store(true, Ordering::Relaxed);
         // The router is always ready (axum's `Router::poll_ready`).
         router.clone().call(request)
     });
@@ -326,7 +326,7 @@ async fn serve_connection(
             loop {
                 match tokio::time::timeout(SHUTDOWN_LINGER, connection.as_mut()).await {
                     Ok(result) => break result,
-                    Err(_) if headed.load(Ordering::Acquire) => {}
+                    Err(_) if headed.load(Ordering::Relaxed) => {}
                     Err(_) => break Ok(()),
                 }
             }

@@ -1421,23 +1421,6 @@ async fn the_admin_page_is_one_self_contained_file() {
     }
 }
 
-/// A node configuration with history on (issue 16 review: a message naming
-/// a connection was lost with history on).
-fn with_history(c: &mut wshub::Config) {
-    c.history = wshub::Config::load_from(
-        None,
-        [
-            ("WSHUB_HISTORY__ENABLED".to_owned(), "true".to_owned()),
-            (
-                "WSHUB_REDIS__URL".to_owned(),
-                "redis://127.0.0.1:1".to_owned(),
-            ),
-        ],
-    )
-    .unwrap()
-    .history;
-}
-
 #[tokio::test]
 async fn with_history_on_a_connection_recipient_is_delivered_exactly_once() {
     let redis = RedisServer::start();
@@ -1447,7 +1430,7 @@ async fn with_history_on_a_connection_recipient_is_delivered_exactly_once() {
             TestServer::on_redis(&redis.url(), |c| {
                 c.node_id = format!("hconn-{i}");
                 c.bus.unsubscribe_delay = Duration::ZERO;
-                with_history(c);
+                crate::common::with_history(c);
             })
             .await,
         );
@@ -1629,7 +1612,7 @@ async fn reading_a_topics_history_writes_nothing_to_redis() {
     let redis = RedisServer::start();
     let node = TestServer::on_redis(&redis.url(), |c| {
         c.node_id = "hread-0".into();
-        with_history(c);
+        crate::common::with_history(c);
     })
     .await;
     let keys = || crate::common::redis::cli(redis.port, &["--scan", "--pattern", "*nobody*"]);

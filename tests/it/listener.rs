@@ -273,18 +273,7 @@ async fn a_response_being_written_at_shutdown_is_written_whole() {
     let redis = crate::common::redis::RedisServer::start();
     let server = TestServer::on_redis(&redis.url(), |c| {
         c.shutdown.grace_period = Duration::from_secs(30);
-        c.history = wshub::Config::load_from(
-            None,
-            [
-                ("WSHUB_HISTORY__ENABLED".to_owned(), "true".to_owned()),
-                (
-                    "WSHUB_REDIS__URL".to_owned(),
-                    "redis://127.0.0.1:1".to_owned(),
-                ),
-            ],
-        )
-        .unwrap()
-        .history;
+        crate::common::with_history(c);
     })
     .await;
     server.wait_ready().await;

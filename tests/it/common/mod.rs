@@ -424,3 +424,20 @@ impl tracing::Subscriber for PerEvent {
     fn enter(&self, _: &tracing::span::Id) {}
     fn exit(&self, _: &tracing::span::Id) {}
 }
+
+/// A node configuration with history on (`redis.url` is only there to pass
+/// validation: the test server's own Redis settings are kept).
+pub fn with_history(c: &mut Config) {
+    c.history = Config::load_from(
+        None,
+        [
+            ("WSHUB_HISTORY__ENABLED".to_owned(), "true".to_owned()),
+            (
+                "WSHUB_REDIS__URL".to_owned(),
+                "redis://127.0.0.1:1".to_owned(),
+            ),
+        ],
+    )
+    .unwrap()
+    .history;
+}
