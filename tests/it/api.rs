@@ -1303,21 +1303,7 @@ async fn a_relay_claim_overrides_the_policy_per_user() {
 #[tokio::test]
 async fn history_lists_a_topics_recent_messages() {
     let redis = RedisServer::start();
-    let node = TestServer::on_redis(&redis.url(), |c| {
-        c.history = wshub::Config::load_from(
-            None,
-            [
-                ("WSHUB_HISTORY__ENABLED".to_owned(), "true".to_owned()),
-                (
-                    "WSHUB_REDIS__URL".to_owned(),
-                    "redis://127.0.0.1:1".to_owned(),
-                ),
-            ],
-        )
-        .unwrap()
-        .history;
-    })
-    .await;
+    let node = TestServer::on_redis(&redis.url(), crate::common::with_history).await;
     let mut reader = node.connect("r", Some("chat")).await;
     let to_chat = |m: &str| json!({"action": "say", "message": m, "recipients": [{"type": "group", "value": "chat"}]});
     let (status, _) = post(
