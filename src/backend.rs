@@ -35,14 +35,15 @@
 //!
 //! **Signing.** With `backend.signing_key`, every request carries
 //! [`HEADER_TIMESTAMP`], [`HEADER_NONCE`] and [`HEADER_SIGNATURE`]:
-//! HMAC-SHA256 over [`canonical`] (timestamp, nonce, method, path and
-//! body), made when the request
-//! is sent (not when it was queued, so a queued forward is not stale on
-//! arrival). The identity headers are not in it: the body and the time are
-//! what a forger would change, and the identity travels with them only
-//! from the hub, whose key the forger lacks; docs/backend.md has the exact
-//! string and verification code. `backend.headers` adds static headers
-//! (an `Authorization`) for backends that prefer those.
+//! HMAC-SHA256 over [`canonical`] (timestamp, nonce, method, path, the
+//! hub's identity and event headers ([`SIGNED_HEADERS`]) and body), made
+//! when the request is sent (not when it was queued, so a queued forward
+//! is not stale on arrival). The headers are signed because they are what
+//! the backend trusts: a review re-labelled a captured request's
+//! `X-Wshub-User-Id` and `X-Wshub-Group-Id` while they were not, and the
+//! sample backend took it. docs/backend.md has the exact string and
+//! verification code. `backend.headers` adds static headers (an
+//! `Authorization`) for backends that prefer those.
 //!
 //! With `backend.events`, the hub also posts `wshub.connect` and
 //! `wshub.disconnect` messages (same shape, same headers) when sockets open
@@ -678,6 +679,7 @@ impl Dispatcher {
                 &nonce,
                 "POST",
                 &self.path,
+                &headers,
                 &job.body,
             );
             for (name, value) in [
@@ -780,18 +782,43 @@ fn error_chain(e: reqwest::Error) -> String {
     text
 }
 
+/// The hub's headers a signature covers, in the order of the canonical
+/// string: who sent the request and, on a hub event, which event.
+pub(crate) const SIGNED_HEADERS: [&str; 6] = [
+    HEADER_USER_ID,
+    HEADER_GROUP_ID,
+    HEADER_NODE_ID,
+    HEADER_CONNECTION_ID,
+    HEADER_EVENT,
+    HEADER_RESUME,
+];
+
 /// The string a request's signature covers: the timestamp (decimal Unix
 /// seconds), the nonce, the method, the path with its query as in
-/// `backend.url`, and the body, joined by `\n`. The body is raw bytes
-/// (the client's JSON, UTF-8).
+/// `backend.url`, each line ending in `\n`; then a line `name:value` for
+/// each of [`SIGNED_HEADERS`] the request carries (lower-case name, the
+/// value as sent, percent-encoded), in that order; an empty line; and
+/// the body, raw bytes (the client's JSON, UTF-8). No value holds a line
+/// feed, so the empty line ends the headers whatever the body holds, and
+/// a header added, dropped or changed changes the string.
 pub(crate) fn canonical(
     timestamp: u64,
     nonce: &str,
     method: &str,
     path: &str,
+    headers: &HeaderMap,
     body: &[u8],
 ) -> Vec<u8> {
     let mut text = format!("{timestamp}\n{nonce}\n{method}\n{path}\n").into_bytes();
+    for name in SIGNED_HEADERS {
+        if let Some(value) = headers.get(name) {
+            text.extend_from_slice(name.as_bytes());
+            text.push(b':');
+            text.extend_from_slice(value.as_bytes());
+            text.push(b'\n');
+        }
+    }
+    text.push(b'\n');
     text.extend_from_slice(body);
     text
 }
@@ -803,12 +830,13 @@ pub(crate) fn sign(
     nonce: &str,
     method: &str,
     path: &str,
+    headers: &HeaderMap,
     body: &[u8],
 ) -> String {
     use hmac::{KeyInit, Mac};
     let mut mac =
         hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes a key of any length");
-    mac.update(&canonical(timestamp, nonce, method, path, body));
+    mac.update(&canonical(timestamp, nonce, method, path, headers, body));
     mac.finalize()
         .into_bytes()
         .iter()
@@ -823,20 +851,62 @@ mod tests {
     #[test]
     fn the_signature_is_hmac_sha256_over_the_documented_string() {
         // The example of docs/backend.md, checked there with openssl:
-        // printf '1700000000\n00112233445566778899aabbccddeeff\nPOST\n/app/__websocket.wwd\n{"action":"x"}' |
+        // printf '1700000000\n00112233445566778899aabbccddeeff\nPOST\n/app/__websocket.wwd\nx-wshub-user-id:ann\nx-wshub-group-id:room\nx-wshub-node-id:web-1\nx-wshub-connection-id:web-1-5f3a9c1e-42\n\n{"action":"x"}' |
         //   openssl dgst -sha256 -hmac 0123456789abcdef0123456789abcdef
         let nonce = "00112233445566778899aabbccddeeff";
         let path = "/app/__websocket.wwd";
         let body = br#"{"action":"x"}"#;
+        let mut headers = HeaderMap::new();
+        // Inserted out of order, with one header the string does not
+        // cover: the string has the documented order and only those.
+        for (name, value) in [
+            (HEADER_CONNECTION_ID, "web-1-5f3a9c1e-42"),
+            ("content-type", "application/json"),
+            (HEADER_NODE_ID, "web-1"),
+            (HEADER_GROUP_ID, "room"),
+            (HEADER_USER_ID, "ann"),
+        ] {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
         assert_eq!(
-            canonical(1_700_000_000, nonce, "POST", path, body),
-            format!("1700000000\n{nonce}\nPOST\n{path}\n{{\"action\":\"x\"}}").into_bytes()
+            String::from_utf8(canonical(
+                1_700_000_000,
+                nonce,
+                "POST",
+                path,
+                &headers,
+                body
+            ))
+            .unwrap(),
+            format!(
+                "1700000000\n{nonce}\nPOST\n{path}\nx-wshub-user-id:ann\nx-wshub-group-id:room\n\
+                 x-wshub-node-id:web-1\nx-wshub-connection-id:web-1-5f3a9c1e-42\n\n{{\"action\":\"x\"}}"
+            )
         );
         let key = b"0123456789abcdef0123456789abcdef";
         assert_eq!(
-            sign(key, 1_700_000_000, nonce, "POST", path, body),
-            "ae7dd4a0658e6448d8a6277bfeb6a5b97be434f7809fe364425dda7de1f7926d"
+            sign(key, 1_700_000_000, nonce, "POST", path, &headers, body),
+            "ccad0413f3f0a0dc883218c1136836f4dc11a1f5a2f31702b3abf8521bcdeb38"
         );
+        // Each identity or event header, changed, added or dropped,
+        // changes the signature; an empty group is not the null group.
+        let signed =
+            |headers: &HeaderMap| sign(key, 1_700_000_000, nonce, "POST", path, headers, body);
+        let base = signed(&headers);
+        for name in SIGNED_HEADERS {
+            let mut changed = headers.clone();
+            changed.insert(name, HeaderValue::from_static("other"));
+            assert_ne!(signed(&changed), base, "{name} changed");
+            let mut dropped = headers.clone();
+            if dropped.remove(name).is_some() {
+                assert_ne!(signed(&dropped), base, "{name} dropped");
+            }
+        }
+        let mut empty_group = headers.clone();
+        empty_group.insert(HEADER_GROUP_ID, HeaderValue::from_static(""));
+        let mut null_group = headers.clone();
+        null_group.remove(HEADER_GROUP_ID);
+        assert_ne!(signed(&empty_group), signed(&null_group));
     }
 
     #[test]

@@ -102,8 +102,14 @@ async fn every_request_is_signed_over_the_documented_string() {
         let nonce = text(&headers, "x-wshub-nonce");
         assert!(now().abs_diff(timestamp.parse().unwrap()) < 60);
         assert_eq!(nonce.len(), 32);
+        // The identity headers, in the documented order, then an empty
+        // line and the body.
         let canonical = format!(
-            "{timestamp}\n{nonce}\nPOST\n/app/__websocket.wwd?x=1\n{}",
+            "{timestamp}\n{nonce}\nPOST\n/app/__websocket.wwd?x=1\n\
+             x-wshub-user-id:ann\nx-wshub-group-id:room\nx-wshub-node-id:{}\n\
+             x-wshub-connection-id:{}\n\n{}",
+            text(&headers, "x-wshub-node-id"),
+            text(&headers, "x-wshub-connection-id"),
             std::str::from_utf8(&body).unwrap()
         );
         assert_eq!(
@@ -145,18 +151,36 @@ async fn the_sample_backend_accepts_the_hub_and_refuses_tampered_stale_and_repla
     // Requests made by hand, as a forger (or a replaying eavesdropper)
     // would send them.
     let http = reqwest::Client::new();
+    // Signed for ann in room; `sent` are the identity headers sent (in
+    // this order, repeats kept).
+    let signed_for_ann = |timestamp: u64, nonce: &str, signed_body: &str| {
+        hmac_hex(
+            format!(
+                "{timestamp}\n{nonce}\nPOST\n/app/__websocket.wwd\n\
+                 x-wshub-user-id:ann\nx-wshub-group-id:room\n\n{signed_body}"
+            )
+            .as_bytes(),
+        )
+    };
+    let send_as =
+        |sent: &[(&str, &str)], timestamp: u64, nonce: &str, signed_body: &str, sent_body: &str| {
+            let mut request = http.post(&url);
+            for (name, value) in sent {
+                request = request.header(*name, *value);
+            }
+            request
+                .header("x-wshub-timestamp", timestamp.to_string())
+                .header("x-wshub-nonce", nonce)
+                .header(
+                    "x-wshub-signature",
+                    signed_for_ann(timestamp, nonce, signed_body),
+                )
+                .body(sent_body.to_owned())
+                .send()
+        };
+    const ANN: &[(&str, &str)] = &[("x-wshub-user-id", "ann"), ("x-wshub-group-id", "room")];
     let send = |timestamp: u64, nonce: &str, signed_body: &str, sent_body: &str| {
-        let signature = hmac_hex(
-            format!("{timestamp}\n{nonce}\nPOST\n/app/__websocket.wwd\n{signed_body}").as_bytes(),
-        );
-        http.post(&url)
-            .header("x-wshub-user-id", "ann")
-            .header("x-wshub-group-id", "room")
-            .header("x-wshub-timestamp", timestamp.to_string())
-            .header("x-wshub-nonce", nonce)
-            .header("x-wshub-signature", signature)
-            .body(sent_body.to_owned())
-            .send()
+        send_as(ANN, timestamp, nonce, signed_body, sent_body)
     };
     let body = r#"{"action":"getinitialmessages","message":null}"#;
     let status = |r: reqwest::Result<reqwest::Response>| r.unwrap().status();
@@ -173,6 +197,25 @@ async fn the_sample_backend_accepts_the_hub_and_refuses_tampered_stale_and_repla
     let r = send(now(), "n-2", body, &tampered).await.unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(r.text().await.unwrap(), "signature mismatch\n");
+    // The identity re-labelled after signing (the body untouched): a
+    // review had the sample backend take this as boss's in admins.
+    let forged: &[(&str, &str)] = &[("x-wshub-user-id", "boss"), ("x-wshub-group-id", "admins")];
+    let r = send_as(forged, now(), "n-4", body, body).await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.text().await.unwrap(), "signature mismatch\n");
+    // A hub event's header added, or the group dropped: not the string
+    // signed either.
+    let with_event: &[(&str, &str)] = &[ANN[0], ANN[1], ("x-wshub-event", "connect")];
+    let r = send_as(with_event, now(), "n-5", body, body).await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "signature mismatch\n");
+    let r = send_as(&ANN[..1], now(), "n-6", body, body).await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "signature mismatch\n");
+    // A second user id after the signed one: refused, whichever a reader
+    // would take.
+    let twice: &[(&str, &str)] = &[ANN[0], ANN[1], ("x-wshub-user-id", "boss")];
+    let r = send_as(twice, now(), "n-7", body, body).await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.text().await.unwrap(), "a signed header given twice\n");
     // Signed six minutes ago: outside the 5-minute window.
     let r = send(now() - 360, "n-3", body, body).await.unwrap();
     assert_eq!(r.status(), 401);

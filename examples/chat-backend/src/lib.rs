@@ -194,6 +194,17 @@ fn hex_decode(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// The hub's headers its signature covers, in the canonical string's
+/// order (docs/backend.md, "Signed requests").
+const SIGNED_HEADERS: [&str; 6] = [
+    "x-wshub-user-id",
+    "x-wshub-group-id",
+    "x-wshub-node-id",
+    "x-wshub-connection-id",
+    "x-wshub-event",
+    "x-wshub-resume",
+];
+
 impl App {
     /// Checks the request's signature; `Err` says why it is refused.
     fn check_signature(
@@ -227,11 +238,27 @@ impl App {
             return Err("signed outside the replay window");
         }
         // The canonical string of docs/backend.md: timestamp, nonce,
-        // method, path with query, body, joined by newlines.
+        // method, path with query, a line for each of the hub's signed
+        // headers present, an empty line, the body.
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
         let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(verify.key.as_bytes())
             .expect("HMAC takes a key of any length");
         mac.update(format!("{timestamp}\n{nonce}\n{method}\n{path}\n").as_bytes());
+        for name in SIGNED_HEADERS {
+            let mut values = headers.get_all(name).iter();
+            let Some(value) = values.next() else {
+                continue;
+            };
+            if values.next().is_some() {
+                // Which of two would a reader take? Neither.
+                return Err("a signed header given twice");
+            }
+            mac.update(name.as_bytes());
+            mac.update(b":");
+            mac.update(value.as_bytes());
+            mac.update(b"\n");
+        }
+        mac.update(b"\n");
         mac.update(body);
         // Compared in constant time.
         mac.verify_slice(&signature)
