@@ -771,15 +771,7 @@ impl Dispatcher {
 
 /// `e` and its sources, without the request's URL.
 fn error_chain(e: reqwest::Error) -> String {
-    let e = e.without_url();
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
+    crate::logging::error_chain(&e.without_url())
 }
 
 /// The hub's headers a signature covers, in the order of the canonical

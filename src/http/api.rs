@@ -429,6 +429,9 @@ async fn json_body<T: serde::de::DeserializeOwned>(
                 "too_large",
                 format!("the request body is larger than {limit} bytes"),
             ),
+            super::BodyError::Broken(why) => {
+                ApiError::bad_request(format!("the request body could not be read: {why}"))
+            }
             super::BodyError::Late(after) => ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "timeout",

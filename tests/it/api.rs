@@ -1742,8 +1742,9 @@ async fn malformed_paths_queries_and_bodies_answer_in_the_api_format() {
     )
     .await;
     assert_eq!((status, text.as_str()), (200, r#"{"published":0}"#));
-    // A request line over 64 KB never reaches wshub: hyper answers 414
-    // (with no body) before routing.
+    // A request line over 64 KB never reaches wshub: the head is over
+    // the node's 64 KiB, and hyper answers 431 (with no body) before
+    // routing.
     // (Raw bytes: reqwest refuses to build such a URI.)
     let long = format!(
         "GET /api/topics?prefix={} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
@@ -1758,7 +1759,7 @@ async fn malformed_paths_queries_and_bodies_answer_in_the_api_format() {
     let _ = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut answer).await;
     let answer = String::from_utf8_lossy(&answer);
     assert!(
-        answer.starts_with("HTTP/1.1 414") && answer.ends_with("\r\n\r\n"),
+        answer.starts_with("HTTP/1.1 431") && answer.ends_with("\r\n\r\n"),
         "{answer}"
     );
 }
