@@ -236,23 +236,26 @@ pub(crate) fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
     }
 }
 
-/// The key a broadcast request presents: `Authorization: Bearer <key>` or
-/// `X-Api-Key: <key>`.
-pub(crate) fn presented_key(headers: &HeaderMap) -> Option<&str> {
+/// The keys a broadcast or API request presents: `Authorization: Bearer
+/// <key>` (the scheme in any letter case, as RFC 9110 reads schemes) and
+/// every `X-Api-Key: <key>`. A valid key in either header is enough: a
+/// gateway in front may add an `Authorization` of its own (a review had
+/// `Bearer nope` outweigh a valid `X-Api-Key`).
+pub(crate) fn presented_keys(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     let bearer = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
+        .get_all("authorization")
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| {
+            let (scheme, key) = v.trim_start().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+        });
+    let api_key = headers
+        .get_all("x-api-key")
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
         .map(str::trim);
-    bearer.or_else(|| {
-        headers
-            .get("x-api-key")
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-    })
+    bearer.chain(api_key)
 }
 
 /// Whether `presented` is one of `keys`, comparing in constant time (every
@@ -294,7 +297,11 @@ pub(crate) fn backend_access(
     peer: Option<SocketAddr>,
 ) -> Result<(), Denied> {
     if !policy.api_keys.is_empty() {
-        if key_valid(&policy.api_keys, presented_key(headers)) {
+        // Every key presented is compared (no early exit on the first).
+        let valid = presented_keys(headers).fold(false, |found, key| {
+            key_valid(&policy.api_keys, Some(key)) | found
+        });
+        if valid {
             return Ok(());
         }
         return Err(Denied::Unauthorized);
@@ -455,15 +462,30 @@ mod tests {
         assert!(!key_valid(&keys, Some("k2-otherx")));
         assert!(!key_valid(&keys, Some("")));
         assert!(!key_valid(&keys, None));
-        let mut h = HeaderMap::new();
-        h.insert(
-            "authorization",
-            HeaderValue::from_static("Bearer k1-secret"),
+        let presented = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (name, value) in pairs {
+                h.append(*name, HeaderValue::from_static(value));
+            }
+            presented_keys(&h).map(str::to_owned).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            presented(&[("authorization", "Bearer k1-secret")]),
+            ["k1-secret"]
         );
-        assert_eq!(presented_key(&h), Some("k1-secret"));
-        let mut h = HeaderMap::new();
-        h.insert("x-api-key", HeaderValue::from_static("k2-other"));
-        assert_eq!(presented_key(&h), Some("k2-other"));
+        assert_eq!(presented(&[("x-api-key", "k2-other")]), ["k2-other"]);
+        // The scheme in any case; another scheme is no key.
+        assert_eq!(presented(&[("authorization", "BEARER k1")]), ["k1"]);
+        assert!(presented(&[("authorization", "Basic azE6eA==")]).is_empty());
+        // Both headers, and repeated ones: every key, for any to be valid.
+        assert_eq!(
+            presented(&[
+                ("authorization", "Bearer nope"),
+                ("x-api-key", "k2-other"),
+                ("x-api-key", "k3"),
+            ]),
+            ["nope", "k2-other", "k3"]
+        );
     }
 
     #[test]

@@ -445,10 +445,12 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
     if let Err(refusal) = http.node.connect_attempt(ip) {
         return Err(Refused::Socket(refusal.reason(), refusal.to_string()));
     }
+    // An Origin that is not text is no origin in the list (read as none,
+    // it was let in: a review's `https://evil.example\xe9`).
     let origin = parts
         .headers
         .get(header::ORIGIN)
-        .and_then(|v| v.to_str().ok());
+        .map(|v| v.to_str().unwrap_or(""));
     if !auth::origin_allowed(&http.config.auth.allowed_origins, origin) {
         let text = format!("origin {} is not allowed", origin.unwrap_or_default());
         return Err(Refused::Socket(RefusalReason::Origin, text));

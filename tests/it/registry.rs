@@ -322,8 +322,20 @@ async fn the_api_is_protected_like_the_broadcast_endpoint() {
         assert_eq!(body["error"]["code"], "unauthorized", "{body}");
         assert!(body["error"]["message"].is_string(), "{body}");
     }
-    for headers in [[("authorization", bearer.as_str())], [("x-api-key", key)]] {
-        let (status, body, push) = ask(&base, "/api/nodes", &headers).await;
+    let lower = format!("bearer {key}");
+    let upper = format!("BEARER {key}");
+    for headers in [
+        &[("authorization", bearer.as_str())][..],
+        &[("x-api-key", key)],
+        // The scheme in any letter case (RFC 9110).
+        &[("authorization", lower.as_str())],
+        &[("authorization", upper.as_str())],
+        // A valid key in either header is enough: a gateway's own
+        // Authorization beside it does not outweigh it.
+        &[("authorization", "Bearer nope"), ("x-api-key", key)],
+        &[("authorization", "Basic Z3c6eA=="), ("x-api-key", key)],
+    ] {
+        let (status, body, push) = ask(&base, "/api/nodes", headers).await;
         assert_eq!((status, push), (200, 204), "{body}");
         // Without Redis: this node alone, from memory.
         let nodes = body["nodes"].as_array().unwrap();

@@ -375,6 +375,22 @@ async fn sockets_from_other_origins_are_refused() {
     );
     // Not a browser: no Origin header.
     assert!(upgrade(&server, "/ws?userid=c", &[]).await.is_ok());
+    // An Origin that is not text (a byte over 0x7f) is not in the list
+    // either: it was read as no Origin and let in.
+    let mut request = format!("ws://{}/ws?userid=d", server.addr)
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "origin",
+        tokio_tungstenite::tungstenite::http::HeaderValue::from_bytes(b"https://app.example\xe9")
+            .unwrap(),
+    );
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 403)
+        }
+        other => panic!("not refused: {:?}", other.map(|(_, r)| r.status())),
+    }
 }
 
 #[tokio::test]
