@@ -144,13 +144,29 @@ impl ApiError {
         }
     }
 
-    /// The refusal log's label.
+    /// The refusal log's label: one line per client and label a minute.
     fn label(&self) -> &'static str {
-        match self.status {
-            StatusCode::UNAUTHORIZED => "api_unauthorized",
-            _ => "api_forbidden",
+        match self.code {
+            "unauthorized" => "api_unauthorized",
+            "forbidden" => "api_forbidden",
+            "bad_request" => "api_bad_request",
+            "too_large" => "api_too_large",
+            "timeout" => "api_timeout",
+            "not_found" => "api_not_found",
+            "method_not_allowed" => "api_method_not_allowed",
+            _ => "api_refused",
         }
     }
+}
+
+/// What an [`ApiError`] answer carries for [`protect`] to log: every
+/// refusal of a client's request (4xx) is logged, not only the key's (a
+/// review sent bad bodies and queries with a valid key and found no
+/// line).
+#[derive(Clone)]
+struct Refusal {
+    label: &'static str,
+    message: String,
 }
 
 impl From<BusError> for ApiError {
@@ -181,6 +197,12 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (self.status, Json(body)).into_response();
+        if self.status.is_client_error() {
+            response.extensions_mut().insert(Refusal {
+                label: self.label(),
+                message: self.message.clone(),
+            });
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -272,34 +294,45 @@ async fn protect(State(http): State<HttpState>, request: Request, next: Next) ->
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0);
-    let Err(denied) = auth::backend_access(&http.config.broadcast, request.headers(), peer) else {
-        return next.run(request).await;
-    };
-    let error = ApiError::denied(denied);
     let client = http.peer(&request);
-    let label = error.label();
+    // The whole path: the nested router sees it without `/api`.
+    let path = request
+        .extensions()
+        .get::<axum::extract::OriginalUri>()
+        .map_or_else(|| request.uri().clone(), |o| o.0.clone());
+    let mut response = match auth::backend_access(&http.config.broadcast, request.headers(), peer) {
+        Ok(()) => next.run(request).await,
+        Err(denied) => ApiError::denied(denied).into_response(),
+    };
+    if let Some(refusal) = response.extensions_mut().remove::<Refusal>() {
+        log_refusal(&http, client, response.status(), path.path(), refusal);
+    }
+    response
+}
+
+/// Logs a refused API request, at most once a minute per client and kind
+/// of refusal (with a count of the rest).
+fn log_refusal(
+    http: &HttpState,
+    client: Option<std::net::IpAddr>,
+    status: StatusCode,
+    path: &str,
+    refusal: Refusal,
+) {
     // Tokio's clock, as the other refusals (tests can pause it).
     let now = tokio::time::Instant::now().into_std();
     if let Verdict::Log {
         suppressed,
         overflow,
-    } = http.refusals.note(client, label, now)
+    } = http.refusals.note(client, refusal.label, now)
     {
         let peer = client.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
-        let status = error.status.as_u16();
-        // The whole path: the nested router sees it without `/api`.
-        let path = request
-            .extensions()
-            .get::<axum::extract::OriginalUri>()
-            .map_or_else(
-                || request.uri().path().to_owned(),
-                |o| o.0.path().to_owned(),
-            );
-        let path = Untrusted(path.as_str());
-        warn!(%peer, status, what = "api", label, %path, reason = %error.message, suppressed, overflow,
-            "request refused");
+        let status = status.as_u16();
+        let path = Untrusted(path);
+        let label = refusal.label;
+        warn!(%peer, status, what = "api", label, %path, reason = %Untrusted(refusal.message.as_str()),
+            suppressed, overflow, "request refused");
     }
-    error.into_response()
 }
 
 /// `GET /api/nodes`: the node registry.

@@ -366,3 +366,43 @@ async fn a_refused_api_request_logs_its_whole_path() {
     assert_eq!(line["what"], "api", "{line}");
     assert_eq!(line["path"], "/api/nodes", "{line}");
 }
+
+/// Every refused API request is logged, not only those the key or address
+/// turned away: a review sent a bad body, a repeated query key and a
+/// malformed name with a valid key and found no line.
+#[tokio::test]
+async fn a_refused_api_request_with_a_valid_key_is_logged_too() {
+    let key = "api-key-0123456789abcdef";
+    let binary = Binary::start("info", &[("WSHUB_BROADCAST__API_KEYS", key)]);
+    let base = format!("http://{}", binary.addr);
+    let http = reqwest::Client::new();
+    let response = http
+        .post(format!("{base}/api/publish"))
+        .header("x-api-key", key)
+        .body(r#"{"messages":[{"action":7}]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let line = binary.wait_for("the 400", |v| {
+        v["message"] == "request refused" && v["label"] == "api_bad_request"
+    });
+    assert_eq!(line["level"], "WARN", "{line}");
+    assert_eq!(line["status"], 400, "{line}");
+    assert_eq!(line["path"], "/api/publish", "{line}");
+    assert!(
+        line["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{line}"
+    );
+    assert!(!line.to_string().contains(key), "{line}");
+    let response = http
+        .get(format!("{base}/api/no-such-thing"))
+        .header("x-api-key", key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    binary.wait_for("the 404", |v| {
+        v["message"] == "request refused" && v["label"] == "api_not_found"
+    });
+}
