@@ -55,7 +55,10 @@ impl std::fmt::Display for Untrusted<'_> {
         for c in self.0.chars() {
             let unsafe_char = c.is_control()
                 || c == '\\'
-                || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}')
+                || matches!(
+                    c,
+                    '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{061c}'
+                )
                 || ('\u{202a}'..='\u{202e}').contains(&c)
                 || ('\u{2066}'..='\u{2069}').contains(&c);
             if unsafe_char {
@@ -131,6 +134,8 @@ mod tests {
         assert_eq!(Untrusted("o'brien \"é\"").to_string(), r#""o'brien \"é\"""#);
         assert_eq!(Untrusted("o'brien-é").to_string(), "o'brien-é");
         assert_eq!(Untrusted("a\u{202e}b").to_string(), r"a\u{202e}b");
+        // The Arabic letter mark is a direction mark too.
+        assert_eq!(Untrusted("a\u{61c}b").to_string(), r"a\u{61c}b");
         assert_eq!(UntrustedOpt(None).to_string(), "null");
         assert_eq!(UntrustedOpt(Some("a\tb")).to_string(), r#""a\tb""#);
     }

@@ -612,6 +612,18 @@ impl Config {
                 "each key must be at least 16 characters",
             ));
         }
+        // A key travels in a header, which holds visible ASCII: any other
+        // character could never match (a review's `ключ-…` passed the
+        // check and locked its operator out).
+        if api_keys
+            .iter()
+            .any(|k| !k.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(invalid(
+                "broadcast.api_keys",
+                "a key may hold only visible ASCII characters (no spaces or letters outside ASCII): it is sent in a header",
+            ));
+        }
         let auth = Self::auth_from_raw(&raw.auth)?;
         let history = Self::history_from_raw(&raw.history, redis.as_ref())?;
         let presence = Self::presence_from_raw(&raw.presence)?;

@@ -90,12 +90,13 @@ fn redact_userinfo(s: &str) -> String {
     }
 }
 
-/// `url` without its query (`?apikey=…` → `?***`) and with its password
-/// hidden ([`redact_urls`]): the backend URL as logs show it, since a
-/// query may carry a key.
+/// `url` without its query (`?apikey=…` → `?***`) or fragment (`#…` →
+/// `#***`) and with its password hidden ([`redact_urls`]): the backend URL
+/// as logs show it, since a query may carry a key (and a fragment, never
+/// sent, may hold what an operator pasted there).
 pub fn redact_url_and_query(url: &str) -> String {
-    let url = match url.find('?') {
-        Some(q) => format!("{}?***", &url[..q]),
+    let url = match url.find(['?', '#']) {
+        Some(q) => format!("{}{}***", &url[..q], &url[q..=q]),
         None => url.to_owned(),
     };
     redact_urls(&url)
@@ -305,6 +306,8 @@ mod tests {
             redact_url_and_query("http://fox:hunter2@h:1/__websocket.wwd?apikey=SECRETQ"),
             "http://fox:***@h:1/__websocket.wwd?***"
         );
+        // A fragment without a query is hidden too.
+        assert_eq!(redact_url_and_query("http://h/x#SEKRIT6"), "http://h/x#***");
     }
 
     #[test]

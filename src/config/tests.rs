@@ -187,6 +187,23 @@ fn errors_name_the_key() {
             &[("WSHUB_BROADCAST__API_KEYS", "short")],
             "`broadcast.api_keys`",
         ),
+        // A header holds visible ASCII: such a key could never match.
+        (
+            &[("WSHUB_BROADCAST__API_KEYS", "ключ-ключ-ключ-ключ")],
+            "`broadcast.api_keys` a key may hold only visible ASCII",
+        ),
+        (
+            &[("WSHUB_BROADCAST__API_KEYS", "a key with spaces in it")],
+            "`broadcast.api_keys` a key may hold only visible ASCII",
+        ),
+        // Credentials put in a sentinel's address are not echoed.
+        (
+            &[
+                ("WSHUB_REDIS__SENTINELS", "u:SEKRIT19@127.0.0.1:26379x"),
+                ("WSHUB_REDIS__SENTINEL_MASTER", "m"),
+            ],
+            "`redis.sentinels` an entry with an `@`",
+        ),
         (
             &[("WSHUB_AUTH__JWT_SECRET", "too-short")],
             "`auth.jwt_secret`",
@@ -225,6 +242,7 @@ fn errors_name_the_key() {
     for (vars, want) in cases {
         let err = Config::load_from(None, env(vars)).unwrap_err().to_string();
         assert!(err.contains(want), "{vars:?}: {err}");
+        assert!(!err.contains("SEKRIT"), "{vars:?}: {err}");
     }
 }
 

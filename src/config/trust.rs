@@ -223,9 +223,17 @@ pub(super) fn sentinels(raw: &RawRedis) -> Result<Vec<String>, ConfigError> {
                 .and_then(|p| p.parse::<u16>().ok())
         });
         if port.is_none() {
+            // Not echoed when it holds an `@`: credentials put there by
+            // mistake (`user:pass@host:port`) would go to the log.
+            let shown = if s.contains('@') {
+                "an entry with an `@` (credentials go in redis.username and redis.password)"
+                    .to_owned()
+            } else {
+                format!("{s:?}")
+            };
             return Err(invalid(
                 "redis.sentinels",
-                format!("{s:?} is not host:port"),
+                format!("{shown} is not host:port"),
             ));
         }
     }
