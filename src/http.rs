@@ -427,13 +427,31 @@ async fn socket(http: HttpState, request: Request) -> Response {
 /// [`socket`] up to its refusals.
 async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> {
     let (mut parts, _body) = request.into_parts();
-    let Some(upgrade) = Upgrade::from_parts(&mut parts) else {
+    let upgrade = match Upgrade::from_parts(&mut parts) {
+        Ok(upgrade) => upgrade,
         // Web Connection answers a plain GET of the socket path with 404.
-        return Ok((
-            StatusCode::NOT_FOUND,
-            "not found: this path only accepts WebSocket upgrades\n",
-        )
-            .into_response());
+        Err(Handshake::NotUpgrade) => {
+            return Ok((
+                StatusCode::NOT_FOUND,
+                "not found: this path only accepts WebSocket upgrades\n",
+            )
+                .into_response());
+        }
+        // RFC 6455 4.2.2: the versions this server speaks, with 426.
+        Err(Handshake::Version) => {
+            return Ok((
+                StatusCode::UPGRADE_REQUIRED,
+                [(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"))],
+                "upgrade required: this server speaks WebSocket version 13 (Sec-WebSocket-Version: 13)\n",
+            )
+                .into_response());
+        }
+        Err(Handshake::Key) => {
+            return Err(Refused::Socket(
+                RefusalReason::BadRequest,
+                "bad request: Sec-WebSocket-Key must be one header, 16 bytes in base64".into(),
+            ));
+        }
     };
     let peer = parts
         .extensions
@@ -543,8 +561,37 @@ struct Upgrade {
     on_upgrade: hyper::upgrade::OnUpgrade,
 }
 
+/// Why a request to the socket path is not an upgrade wshub takes.
+enum Handshake {
+    /// Not a WebSocket upgrade at all (404, as Web Connection).
+    NotUpgrade,
+    /// An upgrade of another version than 13 (426, RFC 6455 4.2.2).
+    Version,
+    /// No `Sec-WebSocket-Key`, two, or one that is not 16 bytes in base64
+    /// (400, RFC 6455 4.2.1; a review had an empty key upgraded).
+    Key,
+}
+
+/// Whether `key` is 16 bytes in base64, as RFC 6455 4.1 has clients
+/// send it: 22 characters of the alphabet, the last with its low four
+/// bits clear (no bits beyond the 128), then `==`.
+fn valid_key(key: &[u8]) -> bool {
+    let digit = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    key.len() == 24
+        && key.ends_with(b"==")
+        && key[..22].iter().all(|&c| digit(c).is_some())
+        && digit(key[21]).is_some_and(|d| d & 0b1111 == 0)
+}
+
 impl Upgrade {
-    fn from_parts(parts: &mut axum::http::request::Parts) -> Option<Self> {
+    fn from_parts(parts: &mut axum::http::request::Parts) -> Result<Self, Handshake> {
         let headers = &parts.headers;
         let has = |name: header::HeaderName, token: &str| {
             headers.get_all(name).iter().any(|value| {
@@ -553,17 +600,22 @@ impl Upgrade {
                     .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
             })
         };
-        let ok = parts.version <= axum::http::Version::HTTP_11
+        let upgrade = parts.version <= axum::http::Version::HTTP_11
             && parts.method == Method::GET
             && has(header::CONNECTION, "upgrade")
-            && has(header::UPGRADE, "websocket")
-            && headers
-                .get(header::SEC_WEBSOCKET_VERSION)
-                .is_some_and(|v| v.as_bytes() == b"13");
-        let key = headers
-            .get(header::SEC_WEBSOCKET_KEY)
-            .filter(|_| ok)?
-            .clone();
+            && has(header::UPGRADE, "websocket");
+        if !upgrade {
+            return Err(Handshake::NotUpgrade);
+        }
+        let mut versions = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter();
+        if !(versions.next().is_some_and(|v| v.as_bytes() == b"13") && versions.next().is_none()) {
+            return Err(Handshake::Version);
+        }
+        let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+        let key = match (keys.next(), keys.next()) {
+            (Some(key), None) if valid_key(key.as_bytes()) => key.clone(),
+            _ => return Err(Handshake::Key),
+        };
         let protocol = headers
             .get_all(header::SEC_WEBSOCKET_PROTOCOL)
             .iter()
@@ -571,8 +623,11 @@ impl Upgrade {
             .flat_map(|v| v.split(','))
             .any(|p| p.trim() == auth::PROTOCOL)
             .then(|| HeaderValue::from_static(auth::PROTOCOL));
-        let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?;
-        Some(Self {
+        let on_upgrade = parts
+            .extensions
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .ok_or(Handshake::NotUpgrade)?;
+        Ok(Self {
             key,
             protocol,
             on_upgrade,
@@ -919,7 +974,7 @@ mod tests {
         let on_upgrade = hyper::upgrade::on(&mut request);
         let (mut parts, ()) = request.into_parts();
         parts.extensions.insert(on_upgrade);
-        Upgrade::from_parts(&mut parts).is_some()
+        Upgrade::from_parts(&mut parts).is_ok()
     }
 
     /// The upgrade's `Connection` and `Upgrade` headers are token lists
@@ -952,6 +1007,30 @@ mod tests {
         }
         let good = [("connection", "upgrade"), ("upgrade", "websocket")];
         assert!(!upgrades(Method::POST, &good), "not a GET");
+    }
+
+    /// RFC 6455 4.1: a client's key is 16 random bytes in base64.
+    #[test]
+    fn a_key_is_16_bytes_in_base64() {
+        for ok in [
+            "dGhlIHNhbXBsZSBub25jZQ==",
+            "AAAAAAAAAAAAAAAAAAAAAA==",
+            "/+9zZ3w0AbCdEfGhIjKlMA==",
+        ] {
+            assert!(valid_key(ok.as_bytes()), "{ok}");
+        }
+        for no in [
+            "",
+            "abc",
+            "dGhlIHNhbXBsZSBub25jZQ=",
+            "dGhlIHNhbXBsZSBub25jZQ==x",
+            "dGhlIHNhbXBsZSBub25jZQ=A",
+            "dGhlIHNhbXBsZSBub25j!Q==",
+            // Bits beyond the 128 in the last character.
+            "dGhlIHNhbXBsZSBub25jZR==",
+        ] {
+            assert!(!valid_key(no.as_bytes()), "{no}");
+        }
     }
 
     #[test]

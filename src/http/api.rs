@@ -724,8 +724,10 @@ async fn topics(
 struct HistoryQuery {
     #[serde(default)]
     since: Option<String>,
+    /// Read as text and parsed here, so that its error names it (serde's
+    /// said "invalid digit found in string").
     #[serde(default)]
-    limit: Option<usize>,
+    limit: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -768,7 +770,15 @@ async fn history(
                 ApiError::bad_request("since must be a position, <epoch>:<offset>")
             })?),
         };
-    let limit = query.limit.unwrap_or(HISTORY_LIMIT.0);
+    let limit = match query.limit.as_deref().filter(|s| !s.is_empty()) {
+        None => HISTORY_LIMIT.0,
+        Some(text) => text.parse::<usize>().map_err(|_| {
+            ApiError::bad_request(format!(
+                "limit must be a whole number from 0 to {}",
+                HISTORY_LIMIT.1
+            ))
+        })?,
+    };
     if limit > HISTORY_LIMIT.1 {
         return Err(ApiError::bad_request(format!(
             "limit must be at most {}",

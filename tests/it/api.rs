@@ -1367,6 +1367,7 @@ async fn history_lists_a_topics_recent_messages() {
         "/api/history/group:chat?since=nope",
         "/api/history/group:chat?limit=5000",
         "/api/history/group:chat?limit=x",
+        "/api/history/group:chat?limit=-1",
     ] {
         let (status, body) = get(node.addr, bad).await;
         assert_eq!(
@@ -1374,6 +1375,16 @@ async fn history_lists_a_topics_recent_messages() {
             (400, &json!("bad_request")),
             "{bad}"
         );
+        // The message names the field (api.md).
+        let message = body["error"]["message"].as_str().unwrap();
+        let field = if bad.contains("since") {
+            "since"
+        } else if bad.contains("limit") {
+            "limit"
+        } else {
+            "topic"
+        };
+        assert!(message.contains(field), "{bad}: {message}");
     }
 }
 

@@ -546,6 +546,63 @@ async fn until_closed_or_ok(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
+/// An upgrade of another WebSocket version is answered 426 with the one
+/// this server speaks (RFC 6455 4.2.2; it was a 404 "this path only
+/// accepts WebSocket upgrades"), one without a valid key 400 (an empty or
+/// non-base64 key, or two, were upgraded); a good one still gets its 101.
+#[tokio::test]
+async fn a_handshake_of_another_version_is_426_and_a_bad_key_400() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start().await;
+    let ask = |extra: String| {
+        let addr = server.addr;
+        async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let head = format!(
+                "GET /ws?userid=ann HTTP/1.1\r\nhost: wshub\r\nconnection: Upgrade\r\nupgrade: websocket\r\n{extra}\r\n"
+            );
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                use tokio::io::AsyncReadExt;
+                match tokio::time::timeout(crate::common::PATIENCE, stream.read(&mut buf))
+                    .await
+                    .expect("an answer")
+                {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            String::from_utf8_lossy(&got).to_lowercase()
+        }
+    };
+    const KEY: &str = "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let answer = ask(
+        "sec-websocket-version: 8\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n".to_owned(),
+    )
+    .await;
+    assert!(answer.starts_with("http/1.1 426 "), "{answer}");
+    assert!(answer.contains("sec-websocket-version: 13\r\n"), "{answer}");
+    let answer = ask(KEY.to_owned()).await;
+    assert!(answer.starts_with("http/1.1 426 "), "no version: {answer}");
+    for key in [
+        "sec-websocket-key: \r\n",
+        "sec-websocket-key: not base64 at all\r\n",
+        "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-key: AAAAAAAAAAAAAAAAAAAAAA==\r\n",
+        "",
+    ] {
+        let extra = format!("sec-websocket-version: 13\r\n{key}");
+        let answer = ask(extra).await;
+        assert!(answer.starts_with("http/1.1 400 "), "{key:?}: {answer}");
+    }
+    let answer = ask(
+        "sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n".to_owned(),
+    )
+    .await;
+    assert!(answer.starts_with("http/1.1 101 "), "{answer}");
+}
+
 /// A request head over 64 KiB is answered 431 and its connection closed
 /// as soon as that much has come, not held (with its buffer) until the
 /// header timeout: a review held 200 unfinished heads of 384 KB from one
