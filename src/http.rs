@@ -138,6 +138,14 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        // A reason with the 405 (axum's is empty; it keeps the `Allow`
+        // header). Before the API's routes, which answer theirs in JSON.
+        .method_not_allowed_fallback(|method: Method| async move {
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method not allowed: {method} (see the Allow header)\n"),
+            )
+        })
         .nest("/api", api::routes(http.clone()))
         .merge(api::root(http.clone()))
         .fallback(dispatch)

@@ -467,6 +467,15 @@ async fn http_broadcast_rejects_bad_requests_with_a_reason() {
     let resp = server.get("/__broadcastWebSocket.wc").await;
     assert_eq!(resp.status(), 405);
 
+    // Any route's 405 says why, and which methods it takes.
+    let resp = server.post("/healthz", "x".to_owned()).await;
+    assert_eq!(resp.status(), 405);
+    assert_eq!(resp.headers()["allow"], "GET,HEAD");
+    assert_eq!(
+        resp.text().await.unwrap(),
+        "method not allowed: POST (see the Allow header)\n"
+    );
+
     // None of it reached the socket.
     let tag = a.send_sentinel().await;
     assert!(a.until_sentinel(&tag).await.is_empty());
