@@ -39,6 +39,10 @@ pub(crate) const PROTOCOL: &str = "wshub";
 pub(crate) enum TokenError {
     #[error("a token is required: ?token=<JWT> or Sec-WebSocket-Protocol wshub.jwt.<JWT>")]
     Missing,
+    #[error(
+        "more than one token: give one, ?token=<JWT> or Sec-WebSocket-Protocol wshub.jwt.<JWT>"
+    )]
+    Several,
     #[error("the token is malformed")]
     Malformed,
     #[error("the token's signature is invalid")]
@@ -198,27 +202,37 @@ fn invalid_claim(claim: &str) -> TokenError {
     TokenError::BadClaims(format!("`{claim}` must be {want}"))
 }
 
-/// The token a socket request carries: `?token=` (any key case), else a
-/// `wshub.jwt.<token>` subprotocol entry. `query`: the request's decoded
-/// key-value pairs (`http::QueryPairs`, spelled out here: `http` imports
-/// this module, not the other way round).
+/// The token a socket request carries: `?token=` (any key case) or a
+/// `wshub.jwt.<token>` subprotocol entry. Exactly one: a request with
+/// more (two parameters, two entries, or one of each) is refused rather
+/// than one of them picked (a review found the query's first taken, and
+/// a bad one beside it ignored). `query`: the request's decoded key-value
+/// pairs (`http::QueryPairs`, spelled out here: `http` imports this
+/// module, not the other way round).
 pub(crate) fn token_from_request(
     query: &[(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)],
     headers: &HeaderMap,
-) -> Option<String> {
-    if let Some((_, t)) = query.iter().find(|(k, _)| k.eq_ignore_ascii_case("token")) {
-        return Some(t.to_string());
-    }
-    headers
+) -> Result<String, TokenError> {
+    let in_query = query
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("token"))
+        .map(|(_, t)| t.to_string());
+    let in_protocol = headers
         .get_all("sec-websocket-protocol")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .find_map(|p| {
+        .filter_map(|p| {
             p.trim()
                 .strip_prefix(PROTOCOL_TOKEN_PREFIX)
                 .map(str::to_owned)
-        })
+        });
+    let mut tokens = in_query.chain(in_protocol);
+    match (tokens.next(), tokens.next()) {
+        (Some(token), None) => Ok(token),
+        (None, _) => Err(TokenError::Missing),
+        (Some(_), Some(_)) => Err(TokenError::Several),
+    }
 }
 
 /// Whether a browser's `Origin` may open a socket. Requests without an
@@ -542,14 +556,30 @@ mod tests {
         let q = vec![("Token".into(), "abc".into())];
         assert_eq!(
             token_from_request(&q, &HeaderMap::new()).as_deref(),
-            Some("abc")
+            Ok("abc")
         );
         let mut h = HeaderMap::new();
         h.insert(
             "sec-websocket-protocol",
             HeaderValue::from_static("wshub, wshub.jwt.x.y.z"),
         );
-        assert_eq!(token_from_request(&[], &h).as_deref(), Some("x.y.z"));
-        assert_eq!(token_from_request(&[], &HeaderMap::new()), None);
+        assert_eq!(token_from_request(&[], &h).as_deref(), Ok("x.y.z"));
+        assert_eq!(
+            token_from_request(&[], &HeaderMap::new()),
+            Err(TokenError::Missing)
+        );
+        // More than one, wherever they are: refused, none picked.
+        let two = vec![("token".into(), "a".into()), ("TOKEN".into(), "b".into())];
+        assert_eq!(
+            token_from_request(&two, &HeaderMap::new()),
+            Err(TokenError::Several)
+        );
+        assert_eq!(token_from_request(&q, &h), Err(TokenError::Several));
+        let mut both = HeaderMap::new();
+        both.insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static("wshub, wshub.jwt.a, wshub.jwt.b"),
+        );
+        assert_eq!(token_from_request(&[], &both), Err(TokenError::Several));
     }
 }

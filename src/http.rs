@@ -486,13 +486,12 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
         Err(e) => return Err(Refused::Socket(RefusalReason::BadRequest, e)),
     };
     let (who, relay) = match http.tokens.as_deref() {
-        Some(tokens) => match auth::token_from_request(&pairs, &parts.headers)
-            .ok_or(auth::TokenError::Missing)
-            .and_then(|t| tokens.verify(&t))
-        {
-            Ok(verified) => (verified.who, verified.relay),
-            Err(e) => return Err(Refused::Socket(RefusalReason::Token, e.to_string())),
-        },
+        Some(tokens) => {
+            match auth::token_from_request(&pairs, &parts.headers).and_then(|t| tokens.verify(&t)) {
+                Ok(verified) => (verified.who, verified.relay),
+                Err(e) => return Err(Refused::Socket(RefusalReason::Token, e.to_string())),
+            }
+        }
         None => (identity_from_query(&pairs), None),
     };
     // One check for both modes: query ids and token claims alike.

@@ -278,6 +278,20 @@ async fn the_token_decides_identity_and_every_message_is_stamped_with_it() {
         .await
         .unwrap();
     assert_eq!(response.headers()["sec-websocket-protocol"], "wshub");
+    // Two tokens (query and protocol, or twice in the query): refused,
+    // none picked (the query's used to win, a bad one beside it ignored).
+    let bad = format!("wshub, wshub.jwt.{bob}x");
+    for (path, headers) in [
+        (
+            format!("/ws?token={ann}"),
+            vec![("sec-websocket-protocol", bad.as_str())],
+        ),
+        (format!("/ws?token={ann}&token={bob}"), vec![]),
+    ] {
+        let (status, body) = refused(&server, &path, &headers).await;
+        assert_eq!(status, 401, "{path}");
+        assert!(body.contains("more than one token"), "{body}");
+    }
     // Ann claims to be someone else in a group she is not in.
     a.send_json(json!({"userId": "bob", "groupId": "admins", "action": "x",
         "recipients": [{"type": "group", "value": "room"}]}))
