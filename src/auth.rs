@@ -264,10 +264,17 @@ pub(crate) fn presented_keys(headers: &HeaderMap) -> impl Iterator<Item = &str> 
             let (scheme, key) = v.trim_start().split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
         });
+    // Each header whole, and split at commas: a proxy may join repeated
+    // headers into one (`nope, <key>`), and a key from the file may hold
+    // a comma itself.
     let api_key = headers
         .get_all("x-api-key")
         .into_iter()
         .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| {
+            let parts = v.contains(',').then(|| v.split(',')).into_iter().flatten();
+            std::iter::once(v).chain(parts)
+        })
         .map(str::trim);
     bearer.chain(api_key)
 }
@@ -499,6 +506,11 @@ mod tests {
                 ("x-api-key", "k3"),
             ]),
             ["nope", "k2-other", "k3"]
+        );
+        // Joined by a proxy: the whole value and each part.
+        assert_eq!(
+            presented(&[("x-api-key", "nope, k2-other")]),
+            ["nope, k2-other", "nope", "k2-other"]
         );
     }
 

@@ -406,6 +406,12 @@ impl HttpState {
                 HeaderValue::from_static("Bearer realm=\"wshub\""),
             );
         }
+        if status == StatusCode::UPGRADE_REQUIRED {
+            headers.insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+        }
         if label == RefusalReason::ConnectRate.label() {
             // Within one interval of the rate (at least 1 connect a second)
             // the client has a connect again.
@@ -445,14 +451,13 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
             )
                 .into_response());
         }
-        // RFC 6455 4.2.2: the versions this server speaks, with 426.
+        // RFC 6455 4.2.2: 426, with the versions this server speaks
+        // (the header is added by `refuse`).
         Err(Handshake::Version) => {
-            return Ok((
-                StatusCode::UPGRADE_REQUIRED,
-                [(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"))],
-                "upgrade required: this server speaks WebSocket version 13 (Sec-WebSocket-Version: 13)\n",
-            )
-                .into_response());
+            return Err(Refused::Socket(
+                RefusalReason::Version,
+                "upgrade required: this server speaks WebSocket version 13 (one Sec-WebSocket-Version: 13 header)".into(),
+            ));
         }
         Err(Handshake::Key) => {
             return Err(Refused::Socket(
@@ -471,14 +476,19 @@ async fn accept(http: HttpState, request: Request) -> Result<Response, Refused> 
     if let Err(refusal) = http.node.connect_attempt(ip) {
         return Err(Refused::Socket(refusal.reason(), refusal.to_string()));
     }
-    // An Origin that is not text is no origin in the list (read as none,
-    // it was let in: a review's `https://evil.example\xe9`).
-    let origin = parts
-        .headers
-        .get(header::ORIGIN)
-        .map(|v| v.to_str().unwrap_or(""));
-    if !auth::origin_allowed(&http.config.auth.allowed_origins, origin) {
-        let text = format!("origin {} is not allowed", origin.unwrap_or_default());
+    // An Origin that is not text, or two, is no origin in the list (read
+    // as none, a review's `https://evil.example\xe9` was let in; of two,
+    // the first decided).
+    let mut origins = parts.headers.get_all(header::ORIGIN).iter();
+    let origin = match (origins.next(), origins.next()) {
+        (None, _) => None,
+        (Some(one), None) => Some(one.to_str().map_err(|_| "(not text)")),
+        (Some(_), Some(_)) => Some(Err("(two Origin headers)")),
+    };
+    let allowed = &http.config.auth.allowed_origins;
+    if !auth::origin_allowed(allowed, origin.map(|o| o.unwrap_or(""))) {
+        let shown = origin.map_or("", |o| o.unwrap_or_else(|why| why));
+        let text = format!("origin {shown} is not allowed");
         return Err(Refused::Socket(RefusalReason::Origin, text));
     }
     let pairs = match query_pairs(parts.uri.query()) {

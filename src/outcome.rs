@@ -210,11 +210,14 @@ pub enum RefusalReason {
     /// The user is banned (`POST /api/disconnect` with `ban_ms`) until the
     /// ban expires (403).
     Banned,
+    /// An upgrade of another WebSocket version than 13, or none (426, with
+    /// `Sec-WebSocket-Version: 13`).
+    Version,
 }
 
 impl RefusalReason {
     /// Every reason, for seeding metrics.
-    pub const ALL: [RefusalReason; 11] = [
+    pub const ALL: [RefusalReason; 12] = [
         Self::Capacity,
         Self::PerIp,
         Self::HttpPerIp,
@@ -226,6 +229,7 @@ impl RefusalReason {
         Self::BadRequest,
         Self::PerUser,
         Self::Banned,
+        Self::Version,
     ];
 
     /// The metric label.
@@ -242,6 +246,7 @@ impl RefusalReason {
             Self::BadRequest => "bad_request",
             Self::PerUser => "per_user",
             Self::Banned => "banned",
+            Self::Version => "version",
         }
     }
 
@@ -253,6 +258,7 @@ impl RefusalReason {
             Self::Token => 401,
             Self::Origin | Self::Banned => 403,
             Self::BadRequest => 400,
+            Self::Version => 426,
         }
     }
 }

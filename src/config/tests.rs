@@ -205,6 +205,20 @@ fn errors_name_the_key() {
             "`redis.sentinels` an entry with an `@`",
         ),
         (
+            &[
+                ("WSHUB_REDIS__SENTINELS", "u:SEKRIT19@127.0.0.1:26379"),
+                ("WSHUB_REDIS__SENTINEL_MASTER", "m"),
+            ],
+            "`redis.sentinels` an entry with an `@`",
+        ),
+        (
+            &[
+                ("WSHUB_REDIS__SENTINELS", "127.0.0.1:26379,:SEKRIT@h:1"),
+                ("WSHUB_REDIS__SENTINEL_MASTER", "m"),
+            ],
+            "`redis.sentinels` an entry with an `@`",
+        ),
+        (
             &[("WSHUB_AUTH__JWT_SECRET", "too-short")],
             "`auth.jwt_secret`",
         ),

@@ -217,23 +217,24 @@ pub(super) fn sentinels(raw: &RawRedis) -> Result<Vec<String>, ConfigError> {
         ));
     }
     for s in &sentinels {
+        // Credentials put in an entry by mistake (`user:pass@host:port`)
+        // are refused without being echoed: accepted, the entry was
+        // printed by `config check` and in the start line.
+        if s.contains('@') {
+            return Err(invalid(
+                "redis.sentinels",
+                "an entry with an `@` is not host:port (credentials go in redis.username and redis.password)",
+            ));
+        }
         let port = s.rsplit_once(':').and_then(|(h, p)| {
             (!h.is_empty())
                 .then_some(p)
                 .and_then(|p| p.parse::<u16>().ok())
         });
         if port.is_none() {
-            // Not echoed when it holds an `@`: credentials put there by
-            // mistake (`user:pass@host:port`) would go to the log.
-            let shown = if s.contains('@') {
-                "an entry with an `@` (credentials go in redis.username and redis.password)"
-                    .to_owned()
-            } else {
-                format!("{s:?}")
-            };
             return Err(invalid(
                 "redis.sentinels",
-                format!("{shown} is not host:port"),
+                format!("{s:?} is not host:port"),
             ));
         }
     }

@@ -154,6 +154,8 @@ impl ApiError {
             "timeout" => "api_timeout",
             "not_found" => "api_not_found",
             "method_not_allowed" => "api_method_not_allowed",
+            "presence_off" => "api_presence_off",
+            "history_off" => "api_history_off",
             _ => "api_refused",
         }
     }

@@ -601,6 +601,15 @@ async fn a_handshake_of_another_version_is_426_and_a_bad_key_400() {
     )
     .await;
     assert!(answer.starts_with("http/1.1 101 "), "{answer}");
+    // Refusals like any other: counted (and logged) by their reason.
+    assert_eq!(
+        server.metric("wshub_connections_refused_total{reason=\"version\"}"),
+        2.0
+    );
+    assert_eq!(
+        server.metric("wshub_connections_refused_total{reason=\"bad_request\"}"),
+        4.0
+    );
 }
 
 /// A request head over 64 KiB is answered 431 and its connection closed

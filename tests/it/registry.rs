@@ -322,6 +322,7 @@ async fn the_api_is_protected_like_the_broadcast_endpoint() {
         assert_eq!(body["error"]["code"], "unauthorized", "{body}");
         assert!(body["error"]["message"].is_string(), "{body}");
     }
+    let joined = format!("nope, {key}");
     let lower = format!("bearer {key}");
     let upper = format!("BEARER {key}");
     for headers in [
@@ -334,6 +335,8 @@ async fn the_api_is_protected_like_the_broadcast_endpoint() {
         // Authorization beside it does not outweigh it.
         &[("authorization", "Bearer nope"), ("x-api-key", key)],
         &[("authorization", "Basic Z3c6eA=="), ("x-api-key", key)],
+        // Two X-Api-Key headers joined by a proxy.
+        &[("x-api-key", joined.as_str())],
     ] {
         let (status, body, push) = ask(&base, "/api/nodes", headers).await;
         assert_eq!((status, push), (200, 204), "{body}");

@@ -401,6 +401,21 @@ async fn sockets_from_other_origins_are_refused() {
     );
     match tokio_tungstenite::connect_async(request).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 403);
+            let body = String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default());
+            assert!(body.contains("origin (not text) is not allowed"), "{body}");
+        }
+        other => panic!("not refused: {:?}", other.map(|(_, r)| r.status())),
+    }
+    // Two Origin headers: neither decides (the first did).
+    let mut request = format!("ws://{}/ws?userid=e", server.addr)
+        .into_client_request()
+        .unwrap();
+    let headers = request.headers_mut();
+    headers.append("origin", "https://app.example".parse().unwrap());
+    headers.append("origin", "https://evil.example".parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             assert_eq!(resp.status().as_u16(), 403)
         }
         other => panic!("not refused: {:?}", other.map(|(_, r)| r.status())),
