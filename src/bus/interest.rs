@@ -39,6 +39,11 @@ struct Count {
     /// lost, gone with the topic when it is released. A reference taken
     /// on a live topic needs no subscribe ([`Interest::add_live`]).
     live: bool,
+    /// When the count last fell to zero, plus the delay: the topic may be
+    /// released from then on (if it is still at zero). An older entry of
+    /// `zeroed` for it (from an earlier fall to zero) releases nothing: a
+    /// topic taken and dropped again was released a full delay too early.
+    release_at: Option<Instant>,
 }
 
 impl Interest {
@@ -91,6 +96,7 @@ impl Interest {
                 let fresh = Count {
                     refs: 1,
                     live: false,
+                    release_at: None,
                 };
                 inner.counts.insert(topic.clone(), fresh);
                 None
@@ -137,6 +143,7 @@ impl Interest {
             n.refs = n.refs.saturating_sub(1);
             if n.refs == 0 {
                 let at = Instant::now() + self.delay;
+                n.release_at = Some(at);
                 inner.zeroed.push_back((at, topic.clone()));
             }
         }
@@ -158,10 +165,15 @@ impl Interest {
         let mut inner = self.lock();
         let mut released = Vec::new();
         while inner.zeroed.front().is_some_and(|(at, _)| *at <= now) {
-            let Some((_, topic)) = inner.zeroed.pop_front() else {
+            let Some((at, topic)) = inner.zeroed.pop_front() else {
                 break;
             };
-            if inner.counts.get(&topic).is_some_and(|n| n.refs == 0) {
+            // Only the entry of the count's last fall to zero releases it.
+            if inner
+                .counts
+                .get(&topic)
+                .is_some_and(|n| n.refs == 0 && n.release_at == Some(at))
+            {
                 inner.counts.remove(&topic);
                 released.push(topic);
             }
@@ -223,6 +235,29 @@ mod tests {
         let gone = Topic::User("gone".into());
         interest.set_live([&gone]);
         assert!(!interest.contains(&gone), "only held topics are marked");
+    }
+
+    /// A topic taken again and dropped again is held a whole delay after
+    /// its last drop, not released when its first drop's delay is over
+    /// (found in the review of 2026-12-02: more release and resubscribe
+    /// churn than the delay promises).
+    #[tokio::test(start_paused = true)]
+    async fn the_delay_counts_from_the_last_drop() {
+        let interest = Interest::new(Duration::from_secs(2));
+        let t = Topic::Group(None);
+        interest.add(&t);
+        interest.remove(&t);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(!interest.add(&t));
+        interest.remove(&t);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(
+            interest.expire(Instant::now()).is_empty(),
+            "one second after the last drop"
+        );
+        assert!(interest.contains(&t));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(interest.expire(Instant::now()), std::slice::from_ref(&t));
     }
 
     #[tokio::test(start_paused = true)]

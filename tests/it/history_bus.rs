@@ -1325,6 +1325,73 @@ async fn a_gap_history_cannot_fill_is_reported() {
     );
 }
 
+/// Review of 2026-12-02 (`wshub.gap` notices to sockets that missed
+/// nothing, and `unrepairable` gaps in normal running): a copy that was on
+/// its way when its topic was released (its track forgotten, the
+/// `UNSUBSCRIBE` sent but not yet in effect) left a track behind. The
+/// topic's next subscribe kept that stale track as its start instead of
+/// the head it read (a start never overrides a track), so the first copy
+/// after it looked like a jump over everything published while the topic
+/// was not held: caught up again (old messages to the new subscribers) or,
+/// once history had trimmed them, reported as a gap. The `UNSUBSCRIBE` is
+/// held at the proxy while a copy arrives, so the race happens every time.
+async fn resubscribe_after_a_copy_in_flight_at_the_release(
+    redis: &RedisServer,
+    history: HistoryConfig,
+) -> Member {
+    let t = group("t");
+    let (proxy, mut publisher, mut receiver) =
+        publisher_and_gated_receiver(redis, history, &t, "t1").await;
+    proxy.arm_commands_on(b"UNSUBSCRIBE");
+    receiver.bus.unsubscribe(&t);
+    proxy.held().await;
+    // Still subscribed in Redis: this copy reaches the released topic.
+    publisher.publish(std::slice::from_ref(&t), "t2");
+    wait_echo(&mut publisher, "t2").await;
+    proxy.release();
+    assert_eq!(receiver.next_copy().await.1, "t2");
+    // Only the publisher listens any more.
+    let listeners = || crate::common::redis::numsub(redis.port, "wshub:g:t", false);
+    eventually("the receiver unsubscribed", || listeners() == 1).await;
+    // Published while the receiver does not hold the topic: nothing of it
+    // is the receiver's to deliver, or to miss.
+    for i in 3..=20 {
+        publisher.publish(std::slice::from_ref(&t), &format!("t{i}"));
+    }
+    wait_echo(&mut publisher, "t20").await;
+    receiver.subscribe(std::slice::from_ref(&t)).await;
+    assert_eq!(
+        receiver.until_sentinel(&publisher, &t).await,
+        vec![],
+        "a new subscription starts at the head: no gap, nothing from before it"
+    );
+    assert_eq!(
+        receiver.metric("wshub_bus_gaps_total{kind=\"unrepairable\"}"),
+        0.0
+    );
+    assert_eq!(receiver.metric(REPAIRED), 0.0);
+    receiver
+}
+
+/// The review's case: history trimmed what was published meanwhile.
+#[tokio::test]
+async fn a_copy_in_flight_at_a_release_makes_no_gap_at_the_next_subscribe() {
+    let redis = RedisServer::start_with(&["--stream-node-max-entries", "2"]);
+    let small = HistoryConfig {
+        size_group: 2,
+        ..settings()
+    };
+    resubscribe_after_a_copy_in_flight_at_the_release(&redis, small).await;
+}
+
+/// The same with room in history: nothing from before the subscribe is
+/// caught up and delivered.
+#[tokio::test]
+async fn a_copy_in_flight_at_a_release_replays_nothing_at_the_next_subscribe() {
+    let redis = RedisServer::start();
+    resubscribe_after_a_copy_in_flight_at_the_release(&redis, settings()).await;
+}
+
 /// Review of 2026-12-01: a catch-up read was bounded by its count of
 /// entries only (20,000 of up to 64 KB: one script holding Redis for
 /// seconds). 20 messages of 1 MiB missed while the subscriber was cut off

@@ -430,7 +430,8 @@ impl Subscriber {
                 shared.receive_direct(payload);
             }
             Incoming::Message(channel, payload) if shared.history.is_some() => {
-                self.receive_tracked(&channel, payload).await;
+                self.receive_tracked(&live.subscribed, &channel, payload)
+                    .await;
             }
             Incoming::Message(channel, payload) => shared.receive(&channel, payload),
             Incoming::Unsubscribed(channels) => {
@@ -683,8 +684,14 @@ impl Subscriber {
     }
 
     /// History on: one message from the subscriber connection, this node's
-    /// own included, checked against its topic's last position.
-    async fn receive_tracked(&mut self, channel: &str, payload: Bytes) {
+    /// own included, checked against its topic's last position (`subscribed`:
+    /// the topics subscribed on this connection, the only ones tracked).
+    async fn receive_tracked(
+        &mut self,
+        subscribed: &HashSet<Topic>,
+        channel: &str,
+        payload: Bytes,
+    ) {
         let shared = self.shared.clone();
         let Some(topic) = shared.channels.topic(channel) else {
             return shared.unreadable(channel, "not a topic channel");
@@ -707,12 +714,32 @@ impl Subscriber {
             let envelope = Arc::new(Envelope::stamped(decoded.route, decoded.frame, stamp));
             shared.sink.deliver(&topic, &envelope);
             if let Some(history) = &shared.history {
-                self.tracks.expect_renewal(&topic);
+                // Only for a topic subscribed (and so tracked): a released
+                // one's entry would outlive it and hide a real new epoch
+                // after its next subscribe.
+                if subscribed.contains(&topic) {
+                    self.tracks.expect_renewal(&topic);
+                }
                 self.renewals
                     .on_unstamped(&topic, history, &self.tasks, &self.stop);
             }
             return;
         };
+        if !subscribed.contains(&topic) {
+            // Released: its track is forgotten and its UNSUBSCRIBE sent, but
+            // copies published before that took effect still arrive. No
+            // socket holds the topic; delivered as they are, not tracked. A
+            // track made of one would outlive the release, and the topic's
+            // next subscribe would keep it as its start instead of the head
+            // it reads then (`Tracks::start`): its first copy would look
+            // like a jump over everything published while the topic was not
+            // held, caught up again or, once history had trimmed it, a
+            // `wshub.gap` to sockets that missed nothing (review of
+            // 2026-12-02). So tracks are only ever of subscribed topics.
+            let envelope = Arc::new(Envelope::stamped(decoded.route, decoded.frame, stamp));
+            shared.sink.deliver(&topic, &envelope);
+            return;
+        }
         let mut step = self.tracks.on_copy(&topic, &position);
         if step == Step::CatchUp {
             // Everything published before this copy first, in order. On a
