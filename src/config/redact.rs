@@ -93,13 +93,23 @@ fn redact_userinfo(s: &str) -> String {
 /// `url` without its query (`?apikey=…` → `?***`) or fragment (`#…` →
 /// `#***`) and with its password hidden ([`redact_urls`]): the backend URL
 /// as logs show it, since a query may carry a key (and a fragment, never
-/// sent, may hold what an operator pasted there).
+/// sent, may hold what an operator pasted there). The password is hidden
+/// first, and the query looked for only after it: a password holding `?`
+/// or `#` (`user:se#cret@h`) was cut there and its start shown.
 pub fn redact_url_and_query(url: &str) -> String {
-    let url = match url.find(['?', '#']) {
-        Some(q) => format!("{}{}***", &url[..q], &url[q..=q]),
-        None => url.to_owned(),
-    };
-    redact_urls(&url)
+    let url = redact_urls(url);
+    let from = url
+        .rfind("***@")
+        .map(|i| i + "***@".len())
+        .or_else(|| url.find("//").map(|i| i + 2))
+        .unwrap_or(0);
+    match url[from..].find(['?', '#']) {
+        Some(at) => {
+            let at = from + at;
+            format!("{}{}***", &url[..at], &url[at..=at])
+        }
+        None => url,
+    }
 }
 
 /// A configured `redis.url` (one URL, or a Cluster's list separated by
@@ -308,6 +318,22 @@ mod tests {
         );
         // A fragment without a query is hidden too.
         assert_eq!(redact_url_and_query("http://h/x#SEKRIT6"), "http://h/x#***");
+        // A password holding `#` or `?` is hidden whole, then the query;
+        // quoted as in an error message too.
+        for (url, want) in [
+            (
+                "http://user:se#cret@127.0.0.1:1/p",
+                "http://user:***@127.0.0.1:1/p",
+            ),
+            (
+                "http://user:se?cret@h/p?apikey=X",
+                "http://user:***@h/p?***",
+            ),
+            ("http://user:a#b?c@h/p#f", "http://user:***@h/p#***"),
+            ("\"http://user:se#cret@h/p\"", "\"http://user:***@h/p\""),
+        ] {
+            assert_eq!(redact_url_and_query(url), want, "{url}");
+        }
     }
 
     #[test]

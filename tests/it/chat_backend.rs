@@ -120,7 +120,7 @@ async fn history_is_pushed_on_connect_only_when_the_hub_did_not_resume() {
     let mut ann = hub.connect("ann", Some("room")).await;
 
     let http = reqwest::Client::new();
-    let post = |action: &'static str, resume: Option<&'static str>| {
+    let post = |action: &'static str, event: Option<&'static str>, resume: Option<&'static str>| {
         let mut request = http
             .post(&backend)
             .header("content-type", "application/json")
@@ -129,19 +129,29 @@ async fn history_is_pushed_on_connect_only_when_the_hub_did_not_resume() {
         if let Some(value) = resume {
             request = request.header("x-wshub-resume", value);
         }
+        // The hub's events carry X-Wshub-Event (a client message never).
+        if let Some(event) = event {
+            request = request.header("x-wshub-event", event);
+        }
         let body = json!({"userId": "ann", "groupId": "room", "action": action,
             "message": r#"{"recovered":false,"replayed":0}"#, "recipients": []});
         request.body(body.to_string()).send()
     };
     // Each answered only after its push (if any) reached the hub: in order.
-    for (action, resume, label) in [
-        ("wshub.connect", Some("recovered"), ""),
-        ("wshub.connect", Some("not_recovered"), ""),
-        ("wshub.connect", Some("none"), "none"),
-        ("wshub.connect", None, "no header"),
-        ("getinitialmessages", Some("recovered"), "asked"),
+    let connect = Some("connect");
+    for (action, event, resume, label) in [
+        ("wshub.connect", connect, Some("recovered"), ""),
+        ("wshub.connect", connect, Some("not_recovered"), ""),
+        ("wshub.connect", connect, Some("none"), "none"),
+        ("wshub.connect", connect, None, "no header"),
+        ("getinitialmessages", None, Some("recovered"), "asked"),
+        // The connect action without the event header is not the hub's
+        // (which refuses it from clients anyway): nothing pushed.
+        ("wshub.connect", None, None, "not an event"),
     ] {
-        let response = post(action, resume).await.expect("the backend answers");
+        let response = post(action, event, resume)
+            .await
+            .expect("the backend answers");
         assert_eq!(response.status(), 204, "{action} {resume:?} {label}");
     }
     let tag = ann.send_sentinel().await;

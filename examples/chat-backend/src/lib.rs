@@ -14,7 +14,8 @@
 //!   a JSON array of the group's recent messages, as many of the newest as
 //!   fit one request to the hub (`max_bytes`) (the chat page asks when it
 //!   has nothing on screen yet, or when its resume was not recovered);
-//! - on `wshub.connect`: the same, unless the hub resumed the socket
+//! - on the hub's connect event (`X-Wshub-Event: connect`, action
+//!   `wshub.connect`): the same, unless the hub resumed the socket
 //!   (`X-Wshub-Resume: recovered` or `not_recovered`, lossless resume,
 //!   docs/resume.md): a recovered socket was replayed what it missed, and a
 //!   page that speaks resume asks for itself. So the history is sent on a
@@ -22,9 +23,11 @@
 //!   did not resume (`none`), as before.
 //!
 //! With a signing key ([`Verify`], `--signing-key`), every request must
-//! carry a valid `X-Wshub-Signature` over its `X-Wshub-Timestamp`, method,
-//! path and body (docs/backend.md), signed within the last 5 minutes and
-//! never seen before; anything else is answered 401 and not processed.
+//! carry a valid `X-Wshub-Signature` over its timestamp, nonce, method,
+//! path, the hub's identity and event headers, and body (docs/backend.md,
+//! "Signed requests"), signed within the last 5 minutes, its nonce never
+//! seen before and no signed header given twice; anything else is
+//! answered 401 and not processed.
 //!
 //! A chat message travels as action `broadcastchatmessage` whose `message`
 //! is JSON text: `{"text": …, "html": …, "time": …}` ([`ChatEntry`]).
@@ -291,13 +294,17 @@ async fn handle(
     let Ok(msg) = serde_json::from_slice::<Incoming>(&body) else {
         return (StatusCode::BAD_REQUEST, "invalid message JSON\n".into());
     };
-    let result = match msg.action.as_deref() {
-        Some("broadcastchatmessage") => {
+    // A hub event is known by its X-Wshub-Event header, which no client
+    // message carries, not by its action (docs/backend.md).
+    let event = header(&headers, "x-wshub-event");
+    let result = match (event.as_deref(), msg.action.as_deref()) {
+        (Some("connect"), _) if !resumed(&headers) => app.initial(user, group).await,
+        // Disconnects and other events: nothing to do.
+        (Some(_), _) => Ok(()),
+        (None, Some("broadcastchatmessage")) => {
             app.chat(user, group, msg.message.unwrap_or_default()).await
         }
-        Some("getinitialmessages") => app.initial(user, group).await,
-        Some("wshub.connect") if !resumed(&headers) => app.initial(user, group).await,
-        // Disconnects and anything else: nothing to do.
+        (None, Some("getinitialmessages")) => app.initial(user, group).await,
         _ => Ok(()),
     };
     match result {
