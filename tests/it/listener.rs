@@ -649,54 +649,39 @@ async fn a_head_over_64_kib_is_431_at_once() {
 /// not counted as a message too big).
 #[tokio::test]
 async fn a_body_declared_too_large_is_413_at_once_and_a_broken_one_400() {
-    use tokio::io::AsyncWriteExt;
     let server = TestServer::start().await;
-    let answer = |stream: TcpStream| async move {
-        let mut stream = stream;
-        let started = Instant::now();
-        let answer = until_closed_or_ok(&mut stream).await;
-        (answer, started.elapsed())
-    };
     for path in [
         "/__broadcastWebSocket.wc",
         "/api/publish",
         "/api/disconnect",
     ] {
-        let mut stream = TcpStream::connect(server.addr).await.unwrap();
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nhost: wshub\r\ncontent-type: application/json\r\ncontent-length: 1000000000000\r\n\r\n{{"
-        );
-        stream.write_all(head.as_bytes()).await.unwrap();
-        let (text, took) = answer(stream).await;
+        let head =
+            format!("POST {path} HTTP/1.1\r\nhost: wshub\r\ncontent-type: application/json\r\n");
+        let started = Instant::now();
+        let text = sent(
+            &server,
+            &format!("{head}content-length: 1000000000000\r\n\r\n{{"),
+            false,
+        )
+        .await;
         assert!(text.starts_with("HTTP/1.1 413 "), "{path}: {text}");
-        assert!(took < Duration::from_secs(5), "{path}: {took:?}");
-
-        // 2 of the 100 bytes declared, then the client's side closed.
-        let mut stream = TcpStream::connect(server.addr).await.unwrap();
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nhost: wshub\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{}}"
-        );
-        stream.write_all(head.as_bytes()).await.unwrap();
-        stream.shutdown().await.unwrap();
-        let (text, _) = answer(stream).await;
-        assert!(text.starts_with("HTTP/1.1 400 "), "{path}: {text}");
-        assert!(
-            text.contains("the request body could not be read"),
-            "{path}: {text}"
-        );
-
-        // A chunk size that is not hex.
-        let mut stream = TcpStream::connect(server.addr).await.unwrap();
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nhost: wshub\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n{{}}\r\n0\r\n\r\n"
-        );
-        stream.write_all(head.as_bytes()).await.unwrap();
-        let (text, _) = answer(stream).await;
-        assert!(text.starts_with("HTTP/1.1 400 "), "{path}: {text}");
-        assert!(
-            text.contains("the request body could not be read"),
-            "{path}: {text}"
-        );
+        assert!(started.elapsed() < Duration::from_secs(5), "{path}");
+        for (broken, close) in [
+            // 2 of the 100 bytes declared, then the client's side closed.
+            ("content-length: 100\r\n\r\n{}", true),
+            // A chunk size that is not hex.
+            (
+                "transfer-encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+                false,
+            ),
+        ] {
+            let text = sent(&server, &format!("{head}{broken}"), close).await;
+            assert!(text.starts_with("HTTP/1.1 400 "), "{path}: {text}");
+            assert!(
+                text.contains("the request body could not be read"),
+                "{path}: {text}"
+            );
+        }
     }
     // One message too big (the declared terabyte), none for the broken.
     assert_eq!(
@@ -707,6 +692,18 @@ async fn a_body_declared_too_large_is_413_at_once_and_a_broken_one_400() {
         server.metric("wshub_http_broadcast_requests_total{status=\"400\"}"),
         2.0
     );
+}
+
+/// Sends `request` on a new connection (then shuts its writing side when
+/// `close`) and returns the answer ([`until_closed_or_ok`]).
+async fn sent(server: &TestServer, request: &str, close: bool) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    if close {
+        stream.shutdown().await.unwrap();
+    }
+    until_closed_or_ok(&mut stream).await
 }
 
 /// A request whose head is whole but whose body stalls is answered 408
