@@ -452,8 +452,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> State<T> {
             let wrote = BATCH.with_borrow_mut(|batch| {
                 batch.clear();
                 let mut bytes = 0;
+                // At least one frame, whatever `gather` (a review set
+                // `ws.write_buffer_bytes = 0`: nothing queued was ever
+                // written, and the session spun on a core).
                 while batch.len() < MAX_BATCH
-                    && bytes < self.gather
+                    && (batch.is_empty() || bytes < self.gather)
                     && let Some(item) = next()
                 {
                     if !self.admits(item.mark()) {
@@ -899,6 +902,25 @@ mod tests {
         assert_eq!(*writes.lock().unwrap(), [(COPY_MAX + 4, true)]);
     }
 
+    /// A batch takes at least one frame, whatever its byte bound: with
+    /// `ws.write_buffer_bytes = 0` it took none, and a queued frame was
+    /// never written.
+    #[test]
+    fn a_batch_takes_one_frame_even_with_no_byte_room() {
+        let writes = Writes::default();
+        let wire = Wire::default();
+        wire.install(Recorder(writes.clone()), 0);
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut queued = (0..3).map(|_| Frame::from("abc"));
+        let done = wire.poll_frames(&mut cx, &mut || queued.next());
+        assert!(matches!(done, Poll::Ready(Ok(()))));
+        assert_eq!(
+            *writes.lock().unwrap(),
+            [(5, false); 3],
+            "one frame a write"
+        );
+    }
+
     /// Delivers the frames `text(0)`, `text(1)`, … directly until the
     /// socket leaves one owed (a delivery then finds it owed and queues),
     /// then has the session write one more frame: the client must read
@@ -1028,11 +1050,19 @@ mod tests {
             queued.is_some(),
             "the lane took a frame from an owing socket"
         );
-        // The client reads: the session is woken for the rest.
+        // The client reads: the session is woken for the rest. The count
+        // is looked at between reads and while a read waits (the wake-up
+        // comes from the runtime's driver, which may run only once the
+        // client has read everything and waits: the test was flaky).
         let mut buf = vec![0u8; 1 << 20];
         let woken = tokio::time::timeout(std::time::Duration::from_secs(10), async {
             while session.0.load(Ordering::SeqCst) == 0 {
-                let _ = client.read(&mut buf).await.unwrap();
+                tokio::select! {
+                    read = client.read(&mut buf) => {
+                        read.unwrap();
+                    }
+                    () = tokio::time::sleep(std::time::Duration::from_millis(10)) => {}
+                }
             }
         })
         .await;
