@@ -814,27 +814,31 @@ pub(crate) enum BodyError {
     Late(std::time::Duration),
 }
 
-/// A request's body, at most `max` bytes, within `within` (hyper's
-/// header timeout stops at the head: a body that stalls held its
-/// connection for good, a review saw it open after 90 s).
+/// A request's body, at most `max` bytes, within
+/// `http.header_read_timeout_ms` (hyper's header timeout stops at the
+/// head: a body that stalls held its connection for good, a review saw it
+/// open after 90 s).
 ///
 /// A `Content-Length` over `max` is refused before any byte is read: a
 /// review declared a terabyte, sent one byte, and waited the whole
 /// timeout for a 408. And a body that cannot be read is `Broken`, not
 /// too large (a cut-short body of 2 bytes was answered 413 "larger than
-/// 65536 bytes", and counted as a message too big).
+/// 65536 bytes", and counted as a message too big). What a refused body
+/// still sends is read and dropped for a while ([`linger`]).
 pub(crate) async fn read_body(
+    http: &HttpState,
     request: Request,
     max: usize,
-    within: Option<std::time::Duration>,
 ) -> Result<axum::body::Bytes, BodyError> {
     use futures_util::StreamExt;
+    let shutdown = http.node.http_shutdown();
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max as u64) {
+        linger(shutdown, request.into_body().into_data_stream());
         return Err(BodyError::TooLarge);
     }
     let read = async {
@@ -844,6 +848,7 @@ pub(crate) async fn read_body(
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk.map_err(|e| BodyError::Broken(crate::logging::error_chain(&e)))?;
             if body.len() + joined.len() + chunk.len() > max {
+                linger(shutdown, chunks);
                 return Err(BodyError::TooLarge);
             }
             // One chunk (the usual case) is kept as it is; more are joined.
@@ -862,12 +867,42 @@ pub(crate) async fn read_body(
             joined.into()
         })
     };
-    match within {
+    match http.config.http.header_read_timeout {
         Some(limit) => tokio::time::timeout(limit, read)
             .await
             .unwrap_or(Err(BodyError::Late(limit))),
         None => read.await,
     }
+}
+
+/// How long, and how many bytes, a refused body is still read ([`linger`]).
+const LINGER_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+const LINGER_BYTES: usize = 8 << 20;
+
+/// Reads and drops the rest of a refused body, for at most [`LINGER_FOR`]
+/// and [`LINGER_BYTES`] (or until the node stops), so that a client still
+/// sending it reads the 413 rather than a reset: closed with the body
+/// unread, the connection made clients that stop at a failed send (curl,
+/// Python's http.client) report a broken pipe instead (nginx's lingering
+/// close does the same). The connection is then closed as before.
+fn linger(shutdown: &crate::shutdown::Shutdown, mut chunks: axum::body::BodyDataStream) {
+    use futures_util::StreamExt;
+    let stop = shutdown.token().clone();
+    shutdown.spawn(async move {
+        let drain = async {
+            let mut read = 0;
+            while let Some(Ok(chunk)) = chunks.next().await {
+                read += chunk.len();
+                if read >= LINGER_BYTES {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            () = stop.cancelled() => {}
+            _ = tokio::time::timeout(LINGER_FOR, drain) => {}
+        }
+    });
 }
 
 /// Whether a peer may use the broadcast endpoint: loopback, or an address in
@@ -926,7 +961,7 @@ async fn publish(http: &HttpState, request: Request) -> Result<(), Refused> {
         }
     }
     let max = http.config.limits.max_message_bytes;
-    let body = match read_body(request, max, http.config.http.header_read_timeout).await {
+    let body = match read_body(http, request, max).await {
         Ok(body) => body,
         Err(BodyError::Late(after)) => {
             http.metrics.dropped(DropReason::Invalid, 1);

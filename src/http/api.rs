@@ -452,11 +452,11 @@ fn fresh(body: impl Serialize) -> Response {
 
 /// The body of a request, at most `limit` bytes, as JSON of type `T`.
 async fn json_body<T: serde::de::DeserializeOwned>(
+    http: &HttpState,
     request: Request,
     limit: usize,
-    within: Option<std::time::Duration>,
 ) -> Result<T, ApiError> {
-    let body = super::read_body(request, limit, within)
+    let body = super::read_body(http, request, limit)
         .await
         .map_err(|e| match e {
             super::BodyError::TooLarge => ApiError::new(
@@ -496,8 +496,7 @@ struct PublishRequest {
 async fn publish(State(http): State<HttpState>, request: Request) -> Result<Response, ApiError> {
     let max = http.config.limits.max_message_bytes;
     let limit = max.saturating_mul(16).max(1 << 20);
-    let within = http.config.http.header_read_timeout;
-    let body: PublishRequest = json_body(request, limit, within).await?;
+    let body: PublishRequest = json_body(&http, request, limit).await?;
     if body.messages.len() > MAX_PUBLISH_MESSAGES {
         return Err(ApiError::bad_request(format!(
             "at most {MAX_PUBLISH_MESSAGES} messages per request"
@@ -695,8 +694,7 @@ impl<'de> Deserialize<'de> for UniqueKeys {
 
 /// `POST /api/disconnect`: `{"userId"|"groupId"|"connectionId":…, "code", "reason", "ban_ms"}`.
 async fn disconnect(State(http): State<HttpState>, request: Request) -> Result<Response, ApiError> {
-    let within = http.config.http.header_read_timeout;
-    let UniqueKeys(body) = json_body(request, 16 * 1024, within).await?;
+    let UniqueKeys(body) = json_body(&http, request, 16 * 1024).await?;
     let order = disconnect_order(&body)?;
     let nodes_reached = http.node.disconnect(&order).await?;
     Ok(fresh(DisconnectAnswer { nodes_reached }))

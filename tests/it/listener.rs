@@ -694,6 +694,36 @@ async fn a_body_declared_too_large_is_413_at_once_and_a_broken_one_400() {
     );
 }
 
+/// A client still sending a refused body reads the 413, not a reset: the
+/// node reads and drops what comes for a while (a client that stops at a
+/// failed send, as curl and Python's http.client do, reported a broken
+/// pipe when the node closed with the body unread).
+#[tokio::test]
+async fn a_client_sending_a_refused_body_whole_reads_the_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start().await;
+    let body = "a".repeat(5_000_000);
+    for framing in [
+        format!("content-length: {}\r\n\r\n{body}", body.len()),
+        format!(
+            "transfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+            body.len()
+        ),
+    ] {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let request = format!(
+            "POST /__broadcastWebSocket.wc HTTP/1.1\r\nhost: wshub\r\ncontent-type: application/json\r\n{framing}"
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("the whole body is taken (read and dropped)");
+        let mut answer = [0u8; 12];
+        stream.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 413");
+    }
+}
+
 /// Sends `request` on a new connection (then shuts its writing side when
 /// `close`) and returns the answer ([`until_closed_or_ok`]).
 async fn sent(server: &TestServer, request: &str, close: bool) -> String {
