@@ -842,9 +842,8 @@ mod tests {
 
     #[test]
     fn the_signature_is_hmac_sha256_over_the_documented_string() {
-        // The example of docs/backend.md, checked there with openssl:
-        // printf '1700000000\n00112233445566778899aabbccddeeff\nPOST\n/app/__websocket.wwd\nx-wshub-user-id:ann\nx-wshub-group-id:room\nx-wshub-node-id:web-1\nx-wshub-connection-id:web-1-5f3a9c1e-42\n\n{"action":"x"}' |
-        //   openssl dgst -sha256 -hmac 0123456789abcdef0123456789abcdef
+        // The example of docs/backend.md, checked there with openssl
+        // ("Signed requests": each part given to printf '%s').
         let nonce = "00112233445566778899aabbccddeeff";
         let path = "/app/__websocket.wwd";
         let body = br#"{"action":"x"}"#;

@@ -838,6 +838,8 @@ pub(crate) async fn read_body(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max as u64) {
+        // (A client waiting for `100 Continue` gets the 413 instead: once
+        // the response has started, hyper sends no 100.)
         linger(shutdown, request.into_body().into_data_stream());
         return Err(BodyError::TooLarge);
     }

@@ -294,8 +294,6 @@ fn not_connected() -> io::Error {
     )
 }
 
-/// Writes a text frame's header for a payload of `len` bytes into `out`
-/// (FIN set, opcode 1, not masked) and returns its length.
 /// The length of [`text_header`]'s header for a payload of `len` bytes.
 fn text_header_len(len: usize) -> usize {
     if len < 126 {
@@ -307,6 +305,8 @@ fn text_header_len(len: usize) -> usize {
     }
 }
 
+/// Writes a text frame's header for a payload of `len` bytes into `out`
+/// (FIN set, opcode 1, not masked) and returns its length.
 fn text_header(len: usize, out: &mut [u8; 10]) -> usize {
     out[0] = 0x81;
     if len < 126 {
@@ -762,6 +762,10 @@ mod tests {
         assert_eq!(out[..4], [0x81, 126, 0, 126]);
         assert_eq!(text_header(70_000, &mut out), 10);
         assert_eq!(out[..10], [0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+        // The copy path sizes its batch with text_header_len: the same.
+        for len in [0, 125, 126, 65_535, 65_536, 70_000] {
+            assert_eq!(text_header_len(len), text_header(len, &mut out), "{len}");
+        }
     }
 
     /// A delivery writes to an idle socket itself, once the session

@@ -531,10 +531,15 @@ async fn http_connections_per_address_are_limited() {
 /// The answer to a request: the response once it is whole (`ok` body),
 /// or whatever came before the node closed the connection.
 async fn until_closed_or_ok(stream: &mut TcpStream) -> String {
+    read_until(stream, |got| got.ends_with(b"\r\n\r\nok\n")).await
+}
+
+/// What the node sends until `done` says it is enough, or it closes.
+async fn read_until(stream: &mut TcpStream, done: impl Fn(&[u8]) -> bool) -> String {
     use tokio::io::AsyncReadExt;
     let mut got = Vec::new();
     let mut buf = [0u8; 1024];
-    while !got.ends_with(b"\r\n\r\nok\n") {
+    while !done(&got) {
         match tokio::time::timeout(crate::common::PATIENCE, stream.read(&mut buf))
             .await
             .expect("an answer")
@@ -562,26 +567,14 @@ async fn a_handshake_of_another_version_is_426_and_a_bad_key_400() {
                 "GET /ws?userid=ann HTTP/1.1\r\nhost: wshub\r\nconnection: Upgrade\r\nupgrade: websocket\r\n{extra}\r\n"
             );
             stream.write_all(head.as_bytes()).await.unwrap();
-            let mut got = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                use tokio::io::AsyncReadExt;
-                match tokio::time::timeout(crate::common::PATIENCE, stream.read(&mut buf))
-                    .await
-                    .expect("an answer")
-                {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => got.extend_from_slice(&buf[..n]),
-                }
-            }
-            String::from_utf8_lossy(&got).to_lowercase()
+            // The response's head.
+            read_until(&mut stream, |got| got.windows(4).any(|w| w == b"\r\n\r\n"))
+                .await
+                .to_lowercase()
         }
     };
     const KEY: &str = "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
-    let answer = ask(
-        "sec-websocket-version: 8\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n".to_owned(),
-    )
-    .await;
+    let answer = ask(format!("sec-websocket-version: 8\r\n{KEY}")).await;
     assert!(answer.starts_with("http/1.1 426 "), "{answer}");
     assert!(answer.contains("sec-websocket-version: 13\r\n"), "{answer}");
     let answer = ask(KEY.to_owned()).await;
@@ -596,10 +589,7 @@ async fn a_handshake_of_another_version_is_426_and_a_bad_key_400() {
         let answer = ask(extra).await;
         assert!(answer.starts_with("http/1.1 400 "), "{key:?}: {answer}");
     }
-    let answer = ask(
-        "sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n".to_owned(),
-    )
-    .await;
+    let answer = ask(format!("sec-websocket-version: 13\r\n{KEY}")).await;
     assert!(answer.starts_with("http/1.1 101 "), "{answer}");
     // Refusals like any other: counted (and logged) by their reason.
     assert_eq!(
@@ -722,6 +712,18 @@ async fn a_client_sending_a_refused_body_whole_reads_the_413() {
         stream.read_exact(&mut answer).await.unwrap();
         assert_eq!(&answer, b"HTTP/1.1 413");
     }
+    // A client that waits for `100 Continue` is not asked for the body
+    // (the lingering read must not make hyper send the 100): the 413 is
+    // the first answer.
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let head = format!(
+        "POST /__broadcastWebSocket.wc HTTP/1.1\r\nhost: wshub\r\ncontent-length: {}\r\nexpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = [0u8; 12];
+    stream.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 413", "no 100 Continue first");
 }
 
 /// Sends `request` on a new connection (then shuts its writing side when
