@@ -30,6 +30,7 @@ use crate::envelope::Envelope;
 use crate::lane::{HAND_EVERY, Lanes};
 use crate::metrics::Metrics;
 use crate::outcome::CloseReason;
+use crate::position::Position;
 use crate::resume::{Mark, gap_frame};
 use crate::route::{Identity, Topic, connection_number};
 
@@ -384,9 +385,13 @@ impl Deliver for Hub {
         );
     }
 
-    fn gap(&self, topic: &Topic) {
+    fn gap(&self, topic: &Topic, through: Option<&Position>) {
         let notice = gap_frame(topic);
-        self.offer_each(topic, None, |conn| conn.speaks_resume, |_| &notice);
+        // Marked with the last position lost: a socket's floors drop the
+        // notice where a replay already wrote that far, and raise to it
+        // where it is written (what it lost is behind it now).
+        let mark = through.and_then(|p| Mark::at(topic, p.clone()));
+        self.offer_each(topic, mark.as_ref(), |conn| conn.speaks_resume, |_| &notice);
     }
 
     fn order(&self, order: &Order) -> usize {

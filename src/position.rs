@@ -139,7 +139,12 @@ impl Mark {
     /// The mark of a copy through `via` of a message stamped `stamp`, when
     /// it has one.
     pub fn of(via: &Topic, stamp: Option<&Stamp>) -> Option<Self> {
-        let position = stamp?.position(via)?.clone();
+        Self::at(via, stamp?.position(via)?.clone())
+    }
+
+    /// The mark of `position` in `via` (`None` for a connection's topic,
+    /// which has no history).
+    pub fn at(via: &Topic, position: Position) -> Option<Self> {
         let slot = match via {
             Topic::All => 0,
             Topic::Group(_) => 1,

@@ -743,6 +743,41 @@ mod tests {
             .collect()
     }
 
+    /// A gap notice is marked with the last position lost: a socket whose
+    /// replay already wrote that far (it resumed while history still held
+    /// the messages this node's subscriber missed) is not told, one short
+    /// of it is, and its floor rises to it; a gap of unknown extent (the
+    /// history started afresh) tells every socket that speaks resume.
+    #[test]
+    fn a_gap_notice_skips_sockets_whose_replay_covered_it() {
+        let hub = Hub::new(Arc::new(Metrics::new()));
+        let who = |user: &str| Identity {
+            user: user.into(),
+            group: Some("chat".into()),
+        };
+        let (covered, mut covered_rx) = Conn::new(1, who("ann"), true, 1 << 20);
+        let (short, mut short_rx) = Conn::new(2, who("bob"), true, 1 << 20);
+        hub.insert(covered);
+        hub.insert(short);
+        let chat = Topic::Group(Some("chat".into()));
+        hub.gap(&chat, Some(&pos("g:7")));
+        hub.gap(&chat, None);
+        let notice = serde_json::json!(r#"{"topics":["group:chat"]}"#);
+        let mut floors = Floors::new([None, Some(pos("g:7")), None], true);
+        let written = drain(&mut covered_rx, &mut floors);
+        assert_eq!(
+            written.len(),
+            1,
+            "only the gap of unknown extent: {written:?}"
+        );
+        assert_eq!(written[0]["message"], notice);
+        let mut floors = Floors::new([None, Some(pos("g:6")), None], true);
+        let written = drain(&mut short_rx, &mut floors);
+        assert_eq!(written.len(), 2, "both gaps: {written:?}");
+        assert!(written.iter().all(|v| v["action"] == "wshub.gap"));
+        assert_eq!(floors.positions()[1], Some(pos("g:7")));
+    }
+
     /// The session's half of exactly-once on resume: the live copies the
     /// hub queued while the replay was decided carry their marks, and the
     /// ones the replay reached are dropped; the others are written, with
@@ -782,7 +817,7 @@ mod tests {
         for (via, envelope) in &live {
             hub.deliver(via, envelope);
         }
-        hub.gap(&chat);
+        hub.gap(&chat, None);
         // The replay reached a:2 and g:5 (and u:7).
         let reached = [Some(pos("a:2")), Some(pos("g:5")), Some(pos("u:7"))];
         let mut floors = Floors::new(reached.clone(), true);

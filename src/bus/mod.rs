@@ -70,6 +70,7 @@ use crate::config::{Config, PresenceConfig};
 use crate::envelope::Envelope;
 use crate::history::History;
 use crate::metrics::Metrics;
+use crate::position::Position;
 use crate::route::Topic;
 use crate::shutdown::Shutdown;
 
@@ -87,8 +88,15 @@ pub trait Deliver: Send + Sync + 'static {
     /// that speak resume are told (`wshub.gap`). A gap the bus could fill
     /// is never reported: the missing messages are delivered, in order,
     /// before the next one.
-    fn gap(&self, topic: &Topic) {
-        let _ = topic;
+    ///
+    /// `through`: the last position lost, when the loss is a run of one
+    /// epoch of the topic (history trimmed or expired); a socket whose
+    /// floor in that epoch reaches it already has those messages (a
+    /// resume's replay read them while history still held them) and is
+    /// not told. `None` (the history started afresh, the lost range is
+    /// unknown): every socket that speaks resume is told.
+    fn gap(&self, topic: &Topic, through: Option<&Position>) {
+        let _ = (topic, through);
     }
 
     /// Carries out a control order (`POST /api/disconnect`, see

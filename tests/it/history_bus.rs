@@ -45,7 +45,8 @@ use crate::common::history_settings as settings;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Copy(Topic, String, Option<Stamp>),
-    Gap(Topic),
+    /// A gap, with the last offset lost when it is known.
+    Gap(Topic, Option<u64>),
 }
 
 struct Recorder(mpsc::UnboundedSender<Event>);
@@ -59,8 +60,10 @@ impl Deliver for Recorder {
         ));
     }
 
-    fn gap(&self, topic: &Topic) {
-        let _ = self.0.send(Event::Gap(topic.clone()));
+    fn gap(&self, topic: &Topic, through: Option<&Position>) {
+        let _ = self
+            .0
+            .send(Event::Gap(topic.clone(), through.map(|p| p.offset)));
     }
 }
 
@@ -1309,7 +1312,8 @@ async fn a_gap_history_cannot_fill_is_reported() {
     }
     wait_echo(&mut publisher, "t20").await;
     proxy.release();
-    assert_eq!(receiver.next().await, Event::Gap(t.clone()));
+    // Lost: t2 to t20, the top the catch-up read to.
+    assert_eq!(receiver.next().await, Event::Gap(t.clone(), Some(20)));
     assert_eq!(
         receiver.until_sentinel(&publisher, &t).await,
         vec![],
@@ -1414,10 +1418,11 @@ async fn a_gap_bigger_than_a_catch_up_reads_is_reported() {
     // Only the start of each text: a failure prints what came, not 1 MiB.
     let short = |event: &Event| match event {
         Event::Copy(_, text, _) => text.chars().take(8).collect::<String>(),
-        Event::Gap(topic) => format!("gap {topic:?}"),
+        Event::Gap(topic, through) => format!("gap {topic:?} through {through:?}"),
     };
     let first = receiver.next().await;
-    assert_eq!(short(&first), format!("gap {t:?}"));
+    // Lost: t2 to "last", the top the catch-up was for (22).
+    assert_eq!(short(&first), format!("gap {t:?} through Some(22)"));
     let rest = receiver.until_sentinel(&publisher, &t).await;
     let rest: Vec<String> = rest.iter().map(short).collect();
     assert!(rest.is_empty(), "nothing of the gap is delivered: {rest:?}");
@@ -1461,13 +1466,15 @@ async fn a_catch_ups_scan_for_its_bound_counts_what_it_reads() {
     catch_up.held().await;
     eventually("everything published", || offset() == "23").await;
     catch_up.release();
-    assert_eq!(receiver.next().await, Event::Gap(t.clone()));
+    // Lost: "lost" (offset 2), all the bounded catch-up was for; t3 on
+    // arrive live.
+    assert_eq!(receiver.next().await, Event::Gap(t.clone(), Some(2)));
     let mut texts = Vec::new();
     loop {
         match receiver.next().await {
             Event::Copy(_, text, _) if text == "last" => break,
             Event::Copy(_, text, _) => texts.push(text.chars().take(8).collect::<String>()),
-            Event::Gap(topic) => panic!("a second gap in {topic:?} after {texts:?}"),
+            Event::Gap(topic, _) => panic!("a second gap in {topic:?} after {texts:?}"),
         }
     }
     assert!(
@@ -2049,7 +2056,8 @@ async fn a_restarted_redis_starts_every_topic_afresh() {
     // and whether it reaches the receiver live or through the repair after
     // its resubscribe, it must arrive once, after the gap notice.
     publisher.publish(std::slice::from_ref(&a), "after");
-    assert_eq!(receiver.next().await, Event::Gap(a.clone()));
+    // A new epoch: how much of the old one was lost is unknown.
+    assert_eq!(receiver.next().await, Event::Gap(a.clone(), None));
     let (_, text, stamp) = receiver.next_copy().await;
     assert_eq!(text, "after");
     let after = position(&stamp, &a);

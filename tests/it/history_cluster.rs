@@ -244,7 +244,7 @@ async fn on_a_cluster_a_restarted_shard_starts_its_topics_afresh_and_only_them()
             Event::Copy(via, text, stamp) => {
                 Some((via, text.as_str(), position(stamp, via).offset))
             }
-            Event::Gap(_) => None,
+            Event::Gap(..) => None,
         })
         .collect();
     assert_eq!(
@@ -255,7 +255,8 @@ async fn on_a_cluster_a_restarted_shard_starts_its_topics_afresh_and_only_them()
     assert!(
         events
             .iter()
-            .all(|e| matches!(e, Event::Copy(..)) || *e == Event::Gap(a.clone())),
+            .all(|e| matches!(e, Event::Copy(..) | Event::Gap(..))
+                && !matches!(e, Event::Gap(t, _) if *t != a)),
         "at most a gap of the restarted topic, no replay: {events:?}"
     );
     let after = until_sentinels(&mut receiver, &publisher, &[a.clone(), kept.clone()]).await;
@@ -332,7 +333,7 @@ async fn on_a_cluster_a_long_slot_migration_loses_nothing() {
     got.extend(until_sentinels(&mut receiver, &publisher, &all).await);
     let dropped = publisher.metric("wshub_messages_dropped_total{reason=\"bus_unavailable\"}");
     assert_eq!(dropped, 0.0, "nothing dropped: {got:?}");
-    let gap_a = got.contains(&Event::Gap(a.clone()));
+    let gap_a = got.iter().any(|e| matches!(e, Event::Gap(t, _) if *t == a));
     for topic in &all {
         for (text, to) in &sent {
             if !to.contains(topic) {
@@ -349,7 +350,10 @@ async fn on_a_cluster_a_long_slot_migration_loses_nothing() {
             }
         }
         assert!(
-            !got.contains(&Event::Gap(topic.clone())) || *topic == a,
+            *topic == a
+                || !got
+                    .iter()
+                    .any(|e| matches!(e, Event::Gap(t, _) if t == topic)),
             "no gap on the other shards' topics: {got:?}"
         );
     }

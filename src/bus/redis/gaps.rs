@@ -89,8 +89,10 @@ pub(super) struct CaughtUp {
     /// The missing copies, in publish order (and a message's copies in the
     /// order of its route, as they are published), each with its topic.
     pub(super) deliver: Vec<(Topic, Arc<Envelope>)>,
-    /// Topics whose missing messages cannot be delivered: a gap each.
-    pub(super) gaps: Vec<Topic>,
+    /// Topics whose missing messages cannot be delivered: a gap each,
+    /// with the last position lost when the loss is within the topic's
+    /// current epoch ([`Deliver::gap`](crate::bus::Deliver::gap)).
+    pub(super) gaps: Vec<(Topic, Option<Position>)>,
     /// Topics whose missing messages are delivered.
     pub(super) repaired: usize,
 }
@@ -208,6 +210,22 @@ impl Tracks {
     }
 
     /// The catch-up could not bring the copy at `p` through `topic` in
+    /// line: the last position lost before it, when that is within `p`'s
+    /// epoch (the track is in it, or had none yet); `None` when the topic
+    /// started afresh in between (what the old epoch lost is unknown).
+    pub(super) fn lost_before(&self, topic: &Topic, p: &Position) -> Option<Position> {
+        let track = self.map.get(topic)?;
+        let in_epoch = match &track.epoch {
+            Some(epoch) => **epoch == *p.epoch,
+            None => true,
+        };
+        (in_epoch && p.offset > 1).then(|| Position {
+            epoch: p.epoch.clone(),
+            offset: p.offset - 1,
+        })
+    }
+
+    /// The catch-up could not bring the copy at `p` through `topic` in
     /// line: the topic goes on from it (the caller reports the gap).
     pub(super) fn skip_to(&mut self, topic: &Topic, p: &Position) {
         self.map.insert(topic.clone(), Track::at(p));
@@ -262,7 +280,7 @@ impl Tracks {
                     // Its history is gone (Redis restarted, nothing
                     // published since): what followed is unknown.
                     if track.epoch.is_some() {
-                        out.gaps.push(topic.clone());
+                        out.gaps.push((topic.clone(), None));
                     }
                     *track = Track {
                         epoch: None,
@@ -279,7 +297,7 @@ impl Tracks {
             let renewed = self.renewing.contains(topic);
             let restarted = !same_epoch && track.epoch.is_some() && !renewed;
             if restarted {
-                out.gaps.push(topic.clone());
+                out.gaps.push((topic.clone(), None));
             }
             if caught.reach > caught.from {
                 match caught.messages {
@@ -287,7 +305,14 @@ impl Tracks {
                         out.repaired += 1;
                         lists.push(messages.into_iter().map(|m| (topic.clone(), m)).collect());
                     }
-                    None if !restarted => out.gaps.push(topic.clone()),
+                    // Lost: `from + 1` to `reach` of the top's epoch.
+                    None if !restarted => out.gaps.push((
+                        topic.clone(),
+                        Some(Position {
+                            epoch: top.epoch.clone(),
+                            offset: caught.reach,
+                        }),
+                    )),
                     None => {}
                 }
             }
@@ -505,7 +530,9 @@ mod tests {
                 ),
             ],
         );
-        assert_eq!(up.gaps, std::slice::from_ref(&a));
+        // Lost: e:2 to e:7, the read's reach; a socket whose replay got
+        // that far is not told (`Deliver::gap`).
+        assert_eq!(up.gaps, [(a.clone(), Some(at("e:7")))]);
         assert_eq!(
             names(&up),
             [(b.clone(), "b2".into()), (b.clone(), "b3".into())]
@@ -513,6 +540,7 @@ mod tests {
         assert_eq!(tracks.on_copy(&a, &at("e:8")), Step::Deliver);
         // A catch-up that fails leaves the copy to be delivered after a gap.
         assert_eq!(tracks.on_copy(&b, &at("f:6")), Step::CatchUp);
+        assert_eq!(tracks.lost_before(&b, &at("f:6")), Some(at("f:5")));
         tracks.skip_to(&b, &at("f:6"));
         assert_eq!(tracks.on_copy(&b, &at("f:7")), Step::Deliver);
     }
@@ -535,7 +563,7 @@ mod tests {
         assert_eq!(tracks.on_copy(&t, &at("newer:1")), Step::CatchUp);
         let wants = tracks.wants(&tracks.tracked());
         let up = tracks.caught_up(&wants, vec![caught("newer:1", 0, 0, Some(vec![]))]);
-        assert_eq!(up.gaps, [t]);
+        assert_eq!(up.gaps, [(t, None)]);
     }
 
     #[test]
@@ -552,8 +580,8 @@ mod tests {
         let up = tracks.caught_up(&wants, vec![caught("new:5", 0, 2, Some(fill))]);
         assert_eq!(
             up.gaps,
-            std::slice::from_ref(&t),
-            "the old epoch's end is lost"
+            [(t.clone(), None)],
+            "the old epoch's end is lost, how much of it unknown"
         );
         assert_eq!(up.deliver.len(), 2);
         assert_eq!(tracks.on_copy(&t, &at("new:3")), Step::Deliver);
@@ -567,9 +595,26 @@ mod tests {
             messages: Some(Vec::new()),
         };
         let up = tracks.caught_up(&wants, vec![fresh]);
-        assert_eq!(up.gaps, std::slice::from_ref(&t));
+        assert_eq!(up.gaps, [(t.clone(), None)]);
         assert_eq!(tracks.on_copy(&t, &at("newer:1")), Step::Deliver);
         assert_eq!(tracks.on_copy(&t, &at("newer:2")), Step::Deliver);
+    }
+
+    /// What a copy that could not be brought in line lost before it: a
+    /// run of its own epoch when the track is in it (or had none yet),
+    /// unknown across a new epoch.
+    #[test]
+    fn the_loss_before_a_copy_is_known_within_its_epoch() {
+        let mut tracks = Tracks::default();
+        let t = Topic::Group(Some("l".into()));
+        assert_eq!(tracks.lost_before(&t, &at("e:5")), None, "not tracked");
+        tracks.on_copy(&t, &at("e:2"));
+        assert_eq!(tracks.lost_before(&t, &at("e:9")), Some(at("e:8")));
+        assert_eq!(tracks.lost_before(&t, &at("other:9")), None);
+        let f = Topic::Group(Some("f".into()));
+        tracks.start(&f, Head::Fresh);
+        assert_eq!(tracks.lost_before(&f, &at("n:4")), Some(at("n:3")));
+        assert_eq!(tracks.lost_before(&f, &at("n:1")), None);
     }
 
     #[test]

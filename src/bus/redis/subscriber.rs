@@ -31,6 +31,7 @@ use super::{LAG_LOG_EVERY, MAX_SUBSCRIBE_BATCH, PROBE_SEARCH, Shared, SubscribeR
 use crate::bus::BusError;
 use crate::bus::wire;
 use crate::envelope::Envelope;
+use crate::history::Position;
 use crate::metrics::GapKind;
 use crate::outcome::DropReason;
 use crate::route::Topic;
@@ -758,7 +759,8 @@ impl Subscriber {
                 // Still not in line (the read failed, or history moved on
                 // meanwhile): what it lacks is a gap.
                 let why = failed.unwrap_or_else(|| "history moved on meanwhile".into());
-                self.unrepairable(&topic, &why);
+                let through = self.tracks.lost_before(&topic, &position);
+                self.unrepairable(&topic, through.as_ref(), &why);
                 self.tracks.skip_to(&topic, &position);
                 step = Step::Deliver;
             }
@@ -786,9 +788,10 @@ impl Subscriber {
             .await
             .map_err(|e| e.to_string())?;
         let caught = self.tracks.caught_up(wants, caught);
-        for topic in &caught.gaps {
+        for (topic, through) in &caught.gaps {
             self.unrepairable(
                 topic,
+                through.as_ref(),
                 "history no longer has them (trimmed, expired, too many, or Redis restarted)",
             );
         }
@@ -810,10 +813,10 @@ impl Subscriber {
 
     /// Counts and reports a gap that cannot be filled (logged at most once
     /// per [`LAG_LOG_EVERY`]; every one is counted).
-    fn unrepairable(&mut self, topic: &Topic, why: &str) {
+    fn unrepairable(&mut self, topic: &Topic, through: Option<&Position>, why: &str) {
         let shared = &self.shared;
         shared.metrics.bus_gap(GapKind::Unrepairable);
-        shared.sink.gap(topic);
+        shared.sink.gap(topic, through);
         if self
             .gap_logged
             .is_none_or(|at: Instant| at.elapsed() > LAG_LOG_EVERY)
