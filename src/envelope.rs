@@ -39,18 +39,29 @@ impl Envelope {
     }
 
     /// The frame a socket receives: with `pos` for a socket that speaks
-    /// resume (when the message has a stamp), otherwise the plain frame,
-    /// byte for byte what every other socket gets.
+    /// resume, otherwise the plain frame, byte for byte what every other
+    /// socket gets. A message without a stamp (to a connection, which has
+    /// no history, or from a node without history during a rolling
+    /// enable) carries `"pos":{}` there: every message to a socket that
+    /// speaks resume has `pos`, so a client tells a relayed message from
+    /// the hub's own frames (`wshub.welcome`, `wshub.gap`) by it, whatever
+    /// its action (a backend may send `wshub.*` actions).
     pub fn frame_for(&self, speaks_resume: bool) -> &Frame {
-        match (&self.stamp, speaks_resume) {
-            (Some(stamp), true) => self.resumable.get_or_init(|| with_pos(&self.frame, stamp)),
-            _ => &self.frame,
+        if !speaks_resume {
+            return &self.frame;
         }
+        self.resumable.get_or_init(|| {
+            let pos = self
+                .stamp
+                .as_ref()
+                .map_or_else(|| "{}".to_owned(), pos_json);
+            with_pos(&self.frame, &pos)
+        })
     }
 }
 
-/// `frame` (a JSON object) with `"pos":{…}` added as its last field.
-fn with_pos(frame: &Frame, stamp: &Stamp) -> Frame {
+/// `frame` (a JSON object) with `"pos":<pos>` added as its last field.
+fn with_pos(frame: &Frame, pos: &str) -> Frame {
     let text = frame.as_str().trim_end();
     let Some(body) = text.strip_suffix('}') else {
         // Every frame the hub encodes is an object; leave anything else be.
@@ -58,7 +69,7 @@ fn with_pos(frame: &Frame, stamp: &Stamp) -> Frame {
     };
     let body = body.trim_end();
     let comma = if body.ends_with('{') { "" } else { "," };
-    Frame::from(format!("{body}{comma}\"pos\":{}}}", pos_json(stamp)))
+    Frame::from(format!("{body}{comma}\"pos\":{pos}}}"))
 }
 
 #[cfg(test)]
@@ -81,7 +92,15 @@ mod tests {
         let with: serde_json::Value = serde_json::from_str(e.frame_for(true).as_str()).unwrap();
         assert_eq!(with["pos"]["all"], "k3:41");
         assert_eq!(with["message"], "hi");
-        let plain = Envelope::new(Route::everyone(), frame.clone());
-        assert_eq!(plain.frame_for(true), &frame, "no stamp, no pos");
+        // No stamp (a message to a connection, or from a node without
+        // history): an empty `pos` for resume speakers, so that a backend's
+        // `wshub.*` action to a connection is not read as the hub's own
+        // frame (review of 2026-12-02); nothing for the others.
+        let text = r#"{"userId":null,"groupId":null,"action":"wshub.welcome","message":"x","recipients":[]}"#;
+        let plain = Envelope::new(Route::everyone(), Frame::from(text));
+        assert_eq!(plain.frame_for(false).as_str(), text);
+        let with: serde_json::Value = serde_json::from_str(plain.frame_for(true).as_str()).unwrap();
+        assert_eq!(with["pos"], serde_json::json!({}));
+        assert_eq!(with["action"], "wshub.welcome");
     }
 }

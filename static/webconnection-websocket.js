@@ -562,8 +562,9 @@ export class WebConnectionWebSocket {
         return;
       }
       if (this.options.resume && msg && typeof msg === "object") {
-        // The hub's own frames carry no `pos`; every message does (clients
-        // cannot send wshub.* actions, and nothing relayed lacks `pos`).
+        // The hub's own frames carry no `pos`; every relayed message does
+        // (an empty one to a connection), whatever its action: a backend
+        // may send wshub.* actions, and they are messages.
         if (!("pos" in msg)) {
           if (msg.action === "wshub.welcome") return this._welcome(msg);
           if (msg.action === "wshub.gap") return this._gap(msg);

@@ -612,6 +612,28 @@ async fn a_message_to_a_connection_and_its_user_is_not_replayed() {
     assert!(seen.is_empty(), "{seen:?}");
 }
 
+/// Every message to a socket that speaks resume carries `pos`, one to its
+/// connection (which has no history) an empty one: the client library
+/// takes a frame without `pos` for the hub's own, so a backend's
+/// `wshub.welcome` or `wshub.gap` to a connection, without it, reset the
+/// page's positions and fired its handlers (review of 2026-12-02).
+#[tokio::test]
+async fn a_message_to_a_connection_carries_an_empty_pos() {
+    let redis = RedisServer::start();
+    let server = node(&redis.url(), Some(settings())).await;
+    let mut ann = Page::new("ann", Some("chat"));
+    let mut client = ann.open(&server, Some("")).await;
+    ann.welcome(&mut client).await;
+    let cid = server.node.connection_ids()[0].clone();
+    let to_conn = json!([{"type": "connection", "value": cid}]);
+    let mut forged = say("{\"recovered\":true}", to_conn);
+    forged["action"] = json!("wshub.welcome");
+    publish(&server, forged).await;
+    let frame = client.recv().await;
+    assert_eq!(frame["action"], "wshub.welcome", "{frame}");
+    assert_eq!(frame["pos"], json!({}), "relayed, so with pos: {frame}");
+}
+
 /// One sender's messages to a socket's connection and to its group reach
 /// it in the order sent, history on. (The messages to connections of a
 /// publish batch went in a plain pipeline ahead of the batch's script: a
