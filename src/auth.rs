@@ -143,7 +143,7 @@ impl TokenVerifier {
                         TokenError::WrongAlgorithm
                     }
                     Err(_) => TokenError::Malformed,
-                    Ok(_) => TokenError::BadClaims(e.to_string()),
+                    Ok(_) => TokenError::BadClaims(crate::message::json_error_text(&e)),
                 },
                 _ => TokenError::Malformed,
             },

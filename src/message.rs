@@ -133,10 +133,10 @@ pub enum MessageError {
     /// The text is not JSON at all (a syntax error, or it ends too soon).
     /// Said in plain words: the people reading it in a `wshub.error` are
     /// often FoxPro developers, not readers of serde's vocabulary.
-    #[error("invalid message: not JSON: {0}")]
+    #[error("invalid message: not JSON: {}", json_error_text(.0))]
     NotJson(serde_json::Error),
     /// JSON, but not a message object, or a field has the wrong type.
-    #[error("invalid message: {0}")]
+    #[error("invalid message: {}", json_error_text(.0))]
     Json(serde_json::Error),
     /// A binary frame that is not UTF-8 text.
     #[error("invalid message: binary frames must contain UTF-8 JSON text")]
@@ -237,6 +237,45 @@ fn without_lone_surrogates(text: &str, with: &str) -> Option<String> {
         repaired.replace_range(at..at + 4, with);
     }
     Some(repaired)
+}
+
+/// The most characters of an error's own text echoed back ([`brief`]).
+const BRIEF_CHARS: usize = 200;
+
+/// `text` cut to about [`BRIEF_CHARS`] characters: its start and its end
+/// (where serde_json says what it expected), `…` for the middle. An error
+/// that quotes what it refused is echoed to the sender (a `wshub.error`, a
+/// 400 body) and into a log line, so it must not grow with the input:
+/// serde_json quotes a wrongly typed string whole, and escaped (`\u{7f}`
+/// for one byte), so 64 KiB of text made a 458 KB reply, escaped again as
+/// JSON (review of 2026-12-02).
+pub fn brief(text: &str) -> Cow<'_, str> {
+    const TAIL: usize = BRIEF_CHARS / 2;
+    if text.chars().nth(BRIEF_CHARS).is_none() {
+        return Cow::Borrowed(text);
+    }
+    let head_end = text
+        .char_indices()
+        .nth(BRIEF_CHARS - TAIL)
+        .map_or(text.len(), |(i, _)| i);
+    let tail_start = text
+        .char_indices()
+        .rev()
+        .nth(TAIL - 1)
+        .map_or(0, |(i, _)| i);
+    Cow::Owned(format!("{}…{}", &text[..head_end], &text[tail_start..]))
+}
+
+/// A serde_json error's text: its message [`brief`], where it is in the
+/// input kept.
+pub fn json_error_text(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    if text.len() <= BRIEF_CHARS || e.line() == 0 {
+        return brief(&text).into_owned();
+    }
+    let at = format!(" at line {} column {}", e.line(), e.column());
+    let message = text.strip_suffix(&at).unwrap_or(&text);
+    format!("{}{at}", brief(message))
 }
 
 impl From<serde_json::Error> for MessageError {
@@ -720,6 +759,33 @@ mod tests {
 
     fn parse(text: &str) -> Result<Message<'_>, MessageError> {
         Message::parse(text, &LIMITS)
+    }
+
+    /// The reason a sender reads stays short whatever it quotes: serde_json
+    /// quotes a wrongly typed string whole, each control character as six
+    /// (`\u{7f}`), so 64 KiB of them made a 458 KB `wshub.error`.
+    #[test]
+    fn a_refusal_quotes_at_most_a_brief_part_of_the_input() {
+        let long = "\u{7f}".repeat(65_500);
+        let text = format!(r#"{{"recipients":"{long}"}}"#);
+        let reason = parse(&text).unwrap_err().to_string();
+        assert!(reason.chars().count() < 300, "{} chars", reason.len());
+        assert!(
+            reason.starts_with("invalid message: invalid type: string"),
+            "{reason}"
+        );
+        assert!(
+            reason.ends_with(
+                "\", expected `recipients` to be an array of {type, value} objects at line 1 column 65516"
+            ),
+            "what was expected and where are kept: {reason}"
+        );
+        assert!(reason.contains('…'), "{reason}");
+        let short = parse(r#"{"recipients":"x"}"#).unwrap_err().to_string();
+        assert!(!short.contains('…'), "{short}");
+        let cut = brief(&"é".repeat(300)).into_owned();
+        assert_eq!(cut.chars().count(), BRIEF_CHARS + 1, "{cut}");
+        assert_eq!(brief("short"), "short");
     }
 
     #[test]

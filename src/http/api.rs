@@ -477,7 +477,10 @@ async fn json_body<T: serde::de::DeserializeOwned>(
             ),
         })?;
     serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(format!("the body is not the JSON this endpoint takes: {e}"))
+        ApiError::bad_request(format!(
+            "the body is not the JSON this endpoint takes: {}",
+            crate::message::json_error_text(&e)
+        ))
     })
 }
 
