@@ -626,6 +626,10 @@ impl Sink for Presence {
     fn swept(&self, changes: Vec<Change>) {
         self.report(changes);
     }
+
+    fn reports(&self) -> bool {
+        self.enabled
+    }
 }
 
 #[cfg(test)]

@@ -146,6 +146,13 @@ pub trait Sink: Send + Sync + 'static {
     /// This node swept a dead node's holdings; these transitions are its
     /// to report.
     fn swept(&self, changes: Vec<Change>);
+    /// Whether this node reports what it sweeps (presence is on here). One
+    /// that does not (the per-user limit alone, while presence is enabled
+    /// node by node) sweeps a dead node only once the nodes that do had
+    /// time to, or its users' leave and offline events would be lost.
+    fn reports(&self) -> bool {
+        true
+    }
 }
 
 /// One member of a group, as the API and the snapshot show it.

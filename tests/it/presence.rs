@@ -961,6 +961,46 @@ async fn a_killed_nodes_users_vanish_within_the_lease_with_one_leave_each() {
     observer.close().await;
 }
 
+/// A node with presence off (presence enabled node by node) leaves a dead
+/// node's sweep to a node with presence on, which posts its users' leave
+/// and offline events. (The node without presence won the sweep, having
+/// the faster heartbeat here, and the backend heard nothing: review of
+/// 2026-12-02.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_presence_leaves_the_sweep_to_one_that_reports() {
+    let _turn = crate::common::TIMING_CRITICAL.lock().await;
+    let redis = RedisServer::start();
+    let events = Events::start().await;
+    let survivor = presence_node(&redis, |c| {
+        events.configure(c);
+        c.presence.heartbeat = Duration::from_millis(600);
+    })
+    .await;
+    let quiet = TestServer::on_redis(&redis.url(), |c| {
+        presence_on(c);
+        c.presence.enabled = false;
+        c.presence.heartbeat = Duration::from_millis(20);
+        events.configure(c);
+    })
+    .await;
+    let mut doomed = presence_process(&redis, &events, &[]).await;
+    let client = Client::connect(doomed.addr, &socket_path("gone", Some("sg"), false)).await;
+    within("the online reported", PATIENCE, || async {
+        events.count("wshub.online") == 1
+    })
+    .await;
+    doomed.child.kill_group();
+    drop(client);
+    within(
+        "a leave and an offline",
+        LEASE * 2 + Duration::from_secs(2),
+        || async { events.count("wshub.leave") == 1 && events.count("wshub.offline") == 1 },
+    )
+    .await;
+    assert_eq!(survivor.metric("wshub_presence_sweeps_total"), 1.0);
+    assert_eq!(quiet.metric("wshub_presence_sweeps_total"), 0.0);
+}
+
 /// Guarantee 3: a socket that drops and reconnects 20 times in 10 s to
 /// random nodes causes zero join and zero leave events (frames or backend
 /// events) after its first join.

@@ -303,7 +303,7 @@ if mode == 'users' then
 end
 
 if mode == 'claim' then
-  local due = redis.call('ZRANGEBYSCORE', P .. 'pleases', '-inf', fmt(now_ms), 'LIMIT', 0, tonumber(ARGV[9]))
+  local due = redis.call('ZRANGEBYSCORE', P .. 'pleases', '-inf', fmt(now_ms - tonumber(ARGV[11])), 'LIMIT', 0, tonumber(ARGV[9]))
   local mine = {}
   for _, m in ipairs(due) do
     if redis.call('SET', P .. 'psweep:' .. m, me, 'NX', 'PX', tonumber(ARGV[10])) then
@@ -598,6 +598,13 @@ impl RedisPresence {
         }
     }
 
+    /// How long after a dead member fell due a node that does not report
+    /// sweeps waits for one that does: two leases (every live node
+    /// heartbeats several times within one).
+    fn quiet_grace(&self) -> Duration {
+        self.config.lease.saturating_mul(2)
+    }
+
     /// A control list outlives a dead node by a few leases at most.
     fn ctl_ttl_ms(&self) -> u64 {
         (self.config.lease.as_millis() as u64)
@@ -643,12 +650,23 @@ impl RedisPresence {
         self.reconnect.notify_one();
     }
 
-    /// Claims the dead members that are due and sweeps each.
+    /// Claims the dead members that are due and sweeps each. A node that
+    /// does not report what it sweeps ([`Sink::reports`]: presence off
+    /// here) claims a member only [`quiet_grace`](Self::quiet_grace) after
+    /// it fell due, leaving it to a node that does (review of 2026-12-02:
+    /// a presence-off node won the sweeps of a mixed cluster, and the
+    /// backend never heard of the dead node's users leaving).
     async fn sweep(&self) {
         let claim_for = self.config.lease.max(Duration::from_secs(5));
+        let grace = if self.sink().is_some_and(|s| s.reports()) {
+            Duration::ZERO
+        } else {
+            self.quiet_grace()
+        };
         let args = [
             SWEEP_CLAIMS.to_string(),
             (claim_for.as_millis() as u64).to_string(),
+            (grace.as_millis() as u64).to_string(),
         ];
         let claimed = match self.call::<Vec<String>>("claim", false, &args).await {
             Ok((_, claimed)) => claimed,
