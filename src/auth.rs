@@ -43,6 +43,10 @@ pub(crate) enum TokenError {
         "more than one token: give one, ?token=<JWT> or Sec-WebSocket-Protocol wshub.jwt.<JWT>"
     )]
     Several,
+    #[error(
+        "the token is offered as a subprotocol without `wshub` beside it: a WebSocket client fails a connection whose answer selects none of the subprotocols it offered, and the hub selects `wshub`; offer both: [\"wshub\", \"wshub.jwt.<JWT>\"]"
+    )]
+    ProtocolAlone,
     #[error("the token is malformed")]
     Malformed,
     #[error("the token's signature is invalid")]
@@ -217,18 +221,26 @@ pub(crate) fn token_from_request(
         .iter()
         .filter(|(k, _)| k.eq_ignore_ascii_case("token"))
         .map(|(_, t)| t.to_string());
-    let in_protocol = headers
-        .get_all("sec-websocket-protocol")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|p| {
-            p.trim()
-                .strip_prefix(PROTOCOL_TOKEN_PREFIX)
-                .map(str::to_owned)
-        });
+    let offered = || {
+        headers
+            .get_all("sec-websocket-protocol")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+    };
+    let in_protocol = offered()
+        .filter_map(|p| p.strip_prefix(PROTOCOL_TOKEN_PREFIX))
+        .map(str::to_owned);
+    let from_protocol = offered().any(|p| p.starts_with(PROTOCOL_TOKEN_PREFIX));
     let mut tokens = in_query.chain(in_protocol);
     match (tokens.next(), tokens.next()) {
+        // The 101 would select no subprotocol the client offered, which it
+        // must fail: refused with the reason instead (review of 2026-12-02:
+        // a socket opened and lost at once, and the backend told of both).
+        (Some(_), None) if from_protocol && !offered().any(|p| p == PROTOCOL) => {
+            Err(TokenError::ProtocolAlone)
+        }
         (Some(token), None) => Ok(token),
         (None, _) => Err(TokenError::Missing),
         (Some(_), Some(_)) => Err(TokenError::Several),
@@ -593,5 +605,17 @@ mod tests {
             HeaderValue::from_static("wshub, wshub.jwt.a, wshub.jwt.b"),
         );
         assert_eq!(token_from_request(&[], &both), Err(TokenError::Several));
+        // Alone, the 101 could select none of the client's subprotocols.
+        let mut alone = HeaderMap::new();
+        alone.insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static("wshub.jwt.x.y.z"),
+        );
+        assert_eq!(
+            token_from_request(&[], &alone),
+            Err(TokenError::ProtocolAlone)
+        );
+        alone.append("sec-websocket-protocol", HeaderValue::from_static("wshub"));
+        assert_eq!(token_from_request(&[], &alone).as_deref(), Ok("x.y.z"));
     }
 }

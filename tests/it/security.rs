@@ -292,6 +292,13 @@ async fn the_token_decides_identity_and_every_message_is_stamped_with_it() {
         assert_eq!(status, 401, "{path}");
         assert!(body.contains("more than one token"), "{body}");
     }
+    // The token alone as a subprotocol: the 101 would select none of the
+    // client's, which fails it (and the backend heard of a socket that
+    // never opened); refused with the way to offer it instead.
+    let alone = format!("wshub.jwt.{bob}");
+    let (status, body) = refused(&server, "/ws", &[("sec-websocket-protocol", &alone)]).await;
+    assert_eq!(status, 401);
+    assert!(body.contains("without `wshub` beside it"), "{body}");
     // Ann claims to be someone else in a group she is not in.
     a.send_json(json!({"userId": "bob", "groupId": "admins", "action": "x",
         "recipients": [{"type": "group", "value": "room"}]}))
