@@ -317,6 +317,57 @@ async fn quick_heartbeat_node(url: &str) -> TestServer {
 
 /// The series of ban checks answered by `by`: `node` (its copy of the
 /// bans) or `redis`.
+/// A Redis that restarts without its data has forgotten the bans: the
+/// nodes set the bans of their copies again, with what is left of each,
+/// so a banned user stays out (review of 2026-12-02: every banned user
+/// connected again, the copies reloaded from the empty Redis). An expired
+/// ban is not brought back.
+#[tokio::test]
+async fn bans_outlive_a_redis_restart_without_data() {
+    let mut redis = RedisServer::start();
+    let nodes = cluster(&redis, "rban", 2).await;
+    for node in &nodes {
+        until_ban_checks_answered_by(node, "node").await;
+    }
+    for (user, ms) in [("ann", 600_000), ("bob", 1)] {
+        let (status, _) = post(
+            nodes[0].addr,
+            "/api/disconnect",
+            json!({"userId": user, "ban_ms": ms}),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    for node in &nodes {
+        assert_eq!(refused_status(node.addr, "userid=ann").await, Some(403));
+    }
+    redis.restart();
+    assert_eq!(
+        cli(redis.port, &["EXISTS", "wshub:ban:ann"]),
+        "0",
+        "Redis kept nothing"
+    );
+    crate::common::eventually("the ban set again", || {
+        cli(redis.port, &["EXISTS", "wshub:ban:ann"]) == "1"
+    })
+    .await;
+    let left: u64 = cli(redis.port, &["PTTL", "wshub:ban:ann"]).parse().unwrap();
+    assert!(
+        (500_000..=600_000).contains(&left),
+        "what was left of it: {left} ms"
+    );
+    assert_eq!(
+        cli(redis.port, &["EXISTS", "wshub:ban:bob"]),
+        "0",
+        "expired, not restored"
+    );
+    for node in &nodes {
+        until_ban_checks_answered_by(node, "node").await;
+        assert_eq!(refused_status(node.addr, "userid=ann").await, Some(403));
+        assert_eq!(refused_status(node.addr, "userid=bob").await, None);
+    }
+}
+
 fn ban_checks(by: &str) -> String {
     format!("wshub_ban_checks_total{{answered_by=\"{by}\"}}")
 }

@@ -40,6 +40,12 @@
 //! - it is not full ([`MAX_BANS`]; then it still answers "banned" for the
 //!   bans it holds, and is loaded again after [`FULL_RELOAD`]).
 //!
+//! **A Redis restart without data** loses the keys. Each load first reads
+//! Redis's `run_id`; another than the last load's means a restart (or a
+//! failover), and the node sets the bans its copy still holds back where
+//! their keys are missing ([`restore`], `SET NX` and the push), with what
+//! is left of each, before it reads them.
+//!
 //! A key deleted or written by hand is seen at the next load only (the
 //! subscriber's next connect, or a stale copy): to lift a ban, ban again
 //! with `ban_ms` 1.
@@ -101,6 +107,16 @@ pub(super) const BAN: &str = r"
 redis.call('SET', KEYS[1], 1, 'PX', ARGV[1])
 redis.call('PUBLISH', ARGV[2], ARGV[1] .. ' ' .. ARGV[3])
 return 1
+";
+
+/// A ban set again where Redis lost it ([`restore`]): only if its key is
+/// missing (a ban made meanwhile wins), published as [`BAN`] does.
+const RESTORE: &str = r"
+if redis.call('SET', KEYS[1], 1, 'PX', ARGV[1], 'NX') then
+  redis.call('PUBLISH', ARGV[2], ARGV[1] .. ' ' .. ARGV[3])
+  return 1
+end
+return 0
 ";
 
 /// The `PTTL` of each of `KEYS`, in one round trip.
@@ -183,6 +199,42 @@ pub(super) async fn load(
     }
 }
 
+/// The `run_id` of the Redis server `conn` is on: another one than at the
+/// last load means Redis restarted (or failed over), and may have lost
+/// the bans' keys.
+pub(super) async fn run_id(conn: &mut PubConn, limit: Duration) -> Result<String, String> {
+    let info: String = ask(conn, redis::cmd("INFO").arg("server"), limit).await?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("run_id:"))
+        .map(|id| id.trim().to_owned())
+        .ok_or_else(|| "INFO server names no run_id".to_owned())
+}
+
+/// Sets `bans` (user, time left) again where their keys are missing, each
+/// published on `channel`: a Redis that restarted without its data forgot
+/// them, and the nodes' copies would load that (review of 2026-12-02:
+/// every banned user connected again). Returns how many were missing.
+pub(super) async fn restore(
+    conn: &mut PubConn,
+    prefix: &str,
+    channel: &str,
+    bans: &[(String, Duration)],
+    limit: Duration,
+) -> Result<usize, String> {
+    let mut restored = 0;
+    for (user, left) in bans {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(RESTORE)
+            .arg(1)
+            .arg([prefix, user].concat())
+            .arg((left.as_millis() as u64).max(1))
+            .arg(channel)
+            .arg(user);
+        restored += ask::<i64>(conn, &cmd, limit).await? as usize;
+    }
+    Ok(restored)
+}
+
 /// One command of a load, within `limit`.
 async fn ask<T: redis::FromRedisValue>(
     conn: &mut PubConn,
@@ -226,6 +278,8 @@ struct State {
     /// The subscriber connection's count of dropped pushes, and its value
     /// when the load began.
     drops: Option<(Arc<AtomicU64>, u64)>,
+    /// The Redis `run_id` the last load began on.
+    run_id: Option<String>,
 }
 
 /// What a load stands on: the copy's generation and the gate's bans epoch
@@ -328,6 +382,26 @@ impl BanMirror {
         state.drops = Some((drops, seen));
         state.loading = Some((basis, HashMap::new()));
         Some(basis)
+    }
+
+    /// Records the Redis `run_id` a load begins on; the bans to set again
+    /// when it is another than the last load's (Redis restarted): those
+    /// of the copy still running, with what is left of each. Bans without
+    /// an expiry (keys written by hand) are not set again.
+    pub(super) fn on_run(&self, run_id: String, now: Instant) -> Vec<(String, Duration)> {
+        let mut state = self.lock();
+        let before = state.run_id.replace(run_id);
+        if before.is_none() || before == state.run_id {
+            return Vec::new();
+        }
+        state
+            .bans
+            .iter()
+            .filter_map(|(user, until)| {
+                let left = until.checked_duration_since(now)?;
+                (!left.is_zero() && left < NO_EXPIRY / 2).then(|| (user.to_string(), left))
+            })
+            .collect()
     }
 
     /// Whether the load begun on `basis` is still wanted.
@@ -477,6 +551,29 @@ mod tests {
         assert!(!mirror.loading(basis));
         mirror.finish_load(basis, Vec::new(), true, now);
         assert_eq!(mirror.check("cy", 1, now), None);
+    }
+
+    /// Another Redis run than the last load's hands back the bans still
+    /// running, with what is left of each; the first run, the same run
+    /// again, an expired ban and one without an expiry hand back nothing.
+    #[test]
+    fn a_new_redis_run_hands_back_the_bans_still_running() {
+        let mirror = BanMirror::default();
+        let now = Instant::now();
+        assert!(mirror.on_run("r1".into(), now).is_empty(), "the first run");
+        let basis = mirror.begin_load(1, drops(), now).unwrap();
+        let hand_set = ("hand".to_owned(), now + NO_EXPIRY);
+        mirror.finish_load(
+            basis,
+            vec![ban("ann", now, 10 * SEC), ban("bob", now, SEC), hand_set],
+            true,
+            now,
+        );
+        assert!(mirror.on_run("r1".into(), now).is_empty(), "the same run");
+        let later = now + 2 * SEC;
+        let back = mirror.on_run("r2".into(), later);
+        assert_eq!(back, [("ann".to_owned(), 8 * SEC)]);
+        assert!(mirror.on_run("r2".into(), later).is_empty());
     }
 
     #[test]
