@@ -1001,6 +1001,60 @@ async fn a_node_without_presence_leaves_the_sweep_to_one_that_reports() {
     assert_eq!(quiet.metric("wshub_presence_sweeps_total"), 0.0);
 }
 
+/// `v` grows with every change of a group's list, the one a dead node's
+/// lease makes too: its users leave the list at the lease's expiry, before
+/// the sweep, and that list had the `v` of the one before (review of
+/// 2026-12-02: two lists with one `v` for up to a heartbeat, and a client
+/// keeping the stale one, "no newer").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_users_leaving_the_list_give_it_a_new_v() {
+    let _turn = crate::common::TIMING_CRITICAL.lock().await;
+    let redis = RedisServer::start();
+    let events = Events::start().await;
+    // A slow heartbeat: the sweep comes up to 700 ms after the lease.
+    let survivor = presence_node(&redis, |c| {
+        events.configure(c);
+        c.presence.heartbeat = Duration::from_millis(700);
+    })
+    .await;
+    let mut doomed = presence_process(&redis, &events, &[]).await;
+    let _stays = Client::connect(survivor.addr, &socket_path("stays", Some("dv"), false)).await;
+    let gone = Client::connect(doomed.addr, &socket_path("gone", Some("dv"), false)).await;
+    within("both listed", PATIENCE, || async {
+        api_members(survivor.addr, Some("dv")).await.len() == 2
+    })
+    .await;
+    doomed.child.kill_group();
+    drop(gone);
+    // Each list read until the sweep's leave is reported, with its `v`.
+    let mut seen: Vec<(u64, BTreeMap<String, u64>)> = Vec::new();
+    let deadline = Instant::now() + LEASE * 3;
+    while Instant::now() < deadline {
+        let swept = events.count("wshub.leave") > 0;
+        let (status, view) = get_json(survivor.addr, "/api/presence/groups/dv").await;
+        assert_eq!(status, 200, "{view}");
+        if swept {
+            break;
+        }
+        let v = view["v"].as_u64().unwrap();
+        let members = members_of(&view);
+        if seen.last().is_none_or(|(_, last)| *last != members) {
+            seen.push((v, members));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(events.count("wshub.leave"), 1, "swept: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        2,
+        "both lists seen before the sweep, the dead user's and without: {seen:?}"
+    );
+    assert!(
+        seen[1].0 > seen[0].0,
+        "the second with a higher v: {seen:?}"
+    );
+}
+
 /// Guarantee 3: a socket that drops and reconnects 20 times in 10 s to
 /// random nodes causes zero join and zero leave events (frames or backend
 /// events) after its first join.

@@ -115,19 +115,21 @@ end
 local out = {}
 
 -- A group's members as the snapshot lists them: user, connections on live
--- nodes, flattened.
+-- nodes, flattened; and whether it left out a holding of a dead node (one
+-- not swept yet).
 local function members_of(g)
   local l = live()
   local res = {}
+  local dead = false
   local all = redis.call('HGETALL', P .. 'pg' .. g)
   for i = 1, #all, 2 do
     local n, held = 0, false
     for m, c in pairs(cjson.decode(all[i + 1])) do
-      if l[m] then held = true; n = n + c end
+      if l[m] then held = true; n = n + c else dead = true end
     end
     if held then res[#res + 1] = all[i]; res[#res + 1] = fmt(n) end
   end
-  return res
+  return res, dead
 end
 
 -- The users of the group hash `gk` but `but`, sorted, as one string.
@@ -187,7 +189,7 @@ local function set_group(m, g, u, count)
       redis.call('SET', pk, names_of(gk, u))
     elseif size == maxev then
       if redis.call('GET', pk) ~= names_of(gk, nil) then
-        item = cjson.encode({'snap', g, fmt(v), members_of(g)})
+        item = cjson.encode({'snap', g, fmt(v), (members_of(g))})
       end
       redis.call('DEL', pk)
     end
@@ -284,7 +286,17 @@ if mode == 'group' then
   if ARGV[10] == '1' then
     redis.call('DEL', P .. 'pp' .. g)
   end
-  return {epoch, redis.call('HGET', P .. 'pm' .. g, 'v') or '0', members_of(g)}
+  local members, dead = members_of(g)
+  local mk = P .. 'pm' .. g
+  local v = redis.call('HGET', mk, 'v') or '0'
+  if dead then
+    -- The list differs from the one `v` was given for (a dead node's
+    -- users are left out before its sweep): a new `v`, kept, so that
+    -- every change, and the sweep's leaves after it, count higher.
+    v = fmt(math.max(tonumber(v) + 1, now_us))
+    redis.call('HSET', mk, 'v', v)
+  end
+  return {epoch, v, members}
 end
 
 if mode == 'users' then
