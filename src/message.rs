@@ -270,6 +270,19 @@ pub fn brief(text: &str) -> Cow<'_, str> {
 /// input kept.
 pub fn json_error_text(e: &serde_json::Error) -> String {
     let text = e.to_string();
+    // serde_json names a lone surrogate (`"\ud800"`, which a Rust string
+    // cannot hold) "unexpected end of hex escape", as for `"\u12"`: both
+    // said (review of 2026-12-02).
+    let text = if text.contains("hex escape") {
+        let at = text.find(" at line ").unwrap_or(text.len());
+        format!(
+            "{} (a \\u escape that is not four hex digits, or a lone UTF-16 surrogate, \\uD800 to \\uDFFF without its pair){}",
+            &text[..at],
+            &text[at..]
+        )
+    } else {
+        text
+    };
     if text.len() <= BRIEF_CHARS || e.line() == 0 {
         return brief(&text).into_owned();
     }
@@ -786,6 +799,10 @@ mod tests {
         let cut = brief(&"é".repeat(300)).into_owned();
         assert_eq!(cut.chars().count(), BRIEF_CHARS + 1, "{cut}");
         assert_eq!(brief("short"), "short");
+        let lone = serde_json::from_str::<String>(r#""\ud800""#).unwrap_err();
+        let said = json_error_text(&lone);
+        assert!(said.contains("lone UTF-16 surrogate"), "{said}");
+        assert!(said.ends_with("at line 1 column 8"), "{said}");
     }
 
     #[test]
