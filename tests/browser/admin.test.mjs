@@ -102,13 +102,19 @@ test("log in with a key, see 3 nodes, kick a user and see the socket closed", as
   await page.screenshot({ path: artifact("admin.png"), fullPage: true });
 });
 
-test("the history of a group whose name holds a / is shown", async () => {
+test("the history of a group whose name holds a / or the broadcast marker is shown", async () => {
   // The page encoded the whole topic, `/` as %2F, which the API refuses
-  // (400) like any encoded `/` in a path (review of 2026-12-02).
+  // (400) like any encoded `/` in a path, and left `__broadcastWebSocket.wc`
+  // whole, which makes any path the broadcast endpoint (405) (reviews of
+  // 2026-12-02).
+  const groups = { "a/b": "slash-history", "x__broadcastWebSocket.wc": "marker-history" };
   const published = await fetch(`${nodes[1].url}/api/publish`, {
     method: "POST",
     headers: { "content-type": "application/json", authorization: `Bearer ${KEY}` },
-    body: JSON.stringify({ messages: [{ action: "note", message: "slash-history", recipients: [{ type: "group", value: "a/b" }] }] }),
+    body: JSON.stringify({
+      messages: Object.entries(groups).map(([group, text]) =>
+        ({ action: "note", message: text, recipients: [{ type: "group", value: group }] })),
+    }),
   });
   assert.equal(published.status, 200, await published.text());
   const page = await browser.newPage();
@@ -117,7 +123,9 @@ test("the history of a group whose name holds a / is shown", async () => {
   await page.fill("#key", KEY);
   await page.click("#login-go");
   await page.waitForSelector("#app:not([hidden])");
-  await page.fill("#history-topic", "group:a/b");
-  await page.waitForSelector("#history pre:has-text('slash-history')");
-  assert.equal(await page.$eval("#history", (el) => el.className), "");
+  for (const [group, text] of Object.entries(groups)) {
+    await page.fill("#history-topic", `group:${group}`);
+    await page.waitForSelector(`#history pre:has-text('${text}')`);
+    assert.equal(await page.$eval("#history", (el) => el.className), "", group);
+  }
 });
