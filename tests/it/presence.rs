@@ -961,6 +961,23 @@ async fn a_killed_nodes_users_vanish_within_the_lease_with_one_leave_each() {
     observer.close().await;
 }
 
+/// A Redis, a backend recording presence events, a node with presence on
+/// whose heartbeat (`heartbeat`) decides when it sweeps, and a node process
+/// with presence on, to kill.
+async fn survivor_and_doomed(
+    heartbeat: Duration,
+) -> (RedisServer, Events, TestServer, NodeProcess) {
+    let redis = RedisServer::start();
+    let events = Events::start().await;
+    let survivor = presence_node(&redis, |c| {
+        events.configure(c);
+        c.presence.heartbeat = heartbeat;
+    })
+    .await;
+    let doomed = presence_process(&redis, &events, &[]).await;
+    (redis, events, survivor, doomed)
+}
+
 /// A node with presence off (presence enabled node by node) leaves a dead
 /// node's sweep to a node with presence on, which posts its users' leave
 /// and offline events. (The node without presence won the sweep, having
@@ -969,13 +986,8 @@ async fn a_killed_nodes_users_vanish_within_the_lease_with_one_leave_each() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_presence_leaves_the_sweep_to_one_that_reports() {
     let _turn = crate::common::TIMING_CRITICAL.lock().await;
-    let redis = RedisServer::start();
-    let events = Events::start().await;
-    let survivor = presence_node(&redis, |c| {
-        events.configure(c);
-        c.presence.heartbeat = Duration::from_millis(600);
-    })
-    .await;
+    let (redis, events, survivor, mut doomed) =
+        survivor_and_doomed(Duration::from_millis(600)).await;
     let quiet = TestServer::on_redis(&redis.url(), |c| {
         presence_on(c);
         c.presence.enabled = false;
@@ -983,7 +995,6 @@ async fn a_node_without_presence_leaves_the_sweep_to_one_that_reports() {
         events.configure(c);
     })
     .await;
-    let mut doomed = presence_process(&redis, &events, &[]).await;
     let client = Client::connect(doomed.addr, &socket_path("gone", Some("sg"), false)).await;
     within("the online reported", PATIENCE, || async {
         events.count("wshub.online") == 1
@@ -1009,15 +1020,9 @@ async fn a_node_without_presence_leaves_the_sweep_to_one_that_reports() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_nodes_users_leaving_the_list_give_it_a_new_v() {
     let _turn = crate::common::TIMING_CRITICAL.lock().await;
-    let redis = RedisServer::start();
-    let events = Events::start().await;
     // A slow heartbeat: the sweep comes up to 700 ms after the lease.
-    let survivor = presence_node(&redis, |c| {
-        events.configure(c);
-        c.presence.heartbeat = Duration::from_millis(700);
-    })
-    .await;
-    let mut doomed = presence_process(&redis, &events, &[]).await;
+    let (_redis, events, survivor, mut doomed) =
+        survivor_and_doomed(Duration::from_millis(700)).await;
     let _stays = Client::connect(survivor.addr, &socket_path("stays", Some("dv"), false)).await;
     let gone = Client::connect(doomed.addr, &socket_path("gone", Some("dv"), false)).await;
     within("both listed", PATIENCE, || async {

@@ -585,6 +585,16 @@ async fn max_replay_counts_only_the_messages_the_socket_accepts() {
     assert_eq!(got, ["g1", "g2", "g3", "g4"]);
 }
 
+/// Ann in `chat` on `server`, on a socket that speaks resume and has had
+/// its welcome: the page, the socket and its connection id.
+async fn ann_resuming(server: &TestServer) -> (Page, Client, String) {
+    let mut ann = Page::new("ann", Some("chat"));
+    let mut client = ann.open(server, Some("")).await;
+    ann.welcome(&mut client).await;
+    let cid = server.node.connection_ids()[0].clone();
+    (ann, client, cid)
+}
+
 /// A message to a socket's connection and its user reaches it once, with
 /// the user's position, so a resume from the positions it saw replays
 /// nothing. (It took the connection's copy, which has no position: the
@@ -593,10 +603,7 @@ async fn max_replay_counts_only_the_messages_the_socket_accepts() {
 async fn a_message_to_a_connection_and_its_user_is_not_replayed() {
     let redis = RedisServer::start();
     let server = node(&redis.url(), Some(settings())).await;
-    let mut ann = Page::new("ann", Some("chat"));
-    let mut client = ann.open(&server, Some("")).await;
-    ann.welcome(&mut client).await;
-    let cid = server.node.connection_ids()[0].clone();
+    let (mut ann, mut client, cid) = ann_resuming(&server).await;
     let to_both = json!([{"type": "connection", "value": cid}, to_user("ann")]);
     publish(&server, say("once", to_both)).await;
     let tag = sentinel(&server).await;
@@ -621,10 +628,7 @@ async fn a_message_to_a_connection_and_its_user_is_not_replayed() {
 async fn a_message_to_a_connection_carries_an_empty_pos() {
     let redis = RedisServer::start();
     let server = node(&redis.url(), Some(settings())).await;
-    let mut ann = Page::new("ann", Some("chat"));
-    let mut client = ann.open(&server, Some("")).await;
-    ann.welcome(&mut client).await;
-    let cid = server.node.connection_ids()[0].clone();
+    let (_ann, mut client, cid) = ann_resuming(&server).await;
     let to_conn = json!([{"type": "connection", "value": cid}]);
     let mut forged = say("{\"recovered\":true}", to_conn);
     forged["action"] = json!("wshub.welcome");
