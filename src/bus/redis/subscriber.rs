@@ -315,16 +315,22 @@ impl Subscriber {
             };
             // Redis restarted: the bans of this node's copy go back first
             // (where missing), so that the load reads them.
-            if let Ok(run) = bans::run_id(&mut conn, limit).await {
-                let held = shared.bans.on_run(run, Instant::now());
-                if !held.is_empty() {
-                    let channel = &shared.bans_channel;
-                    match bans::restore(&mut conn, &prefix, channel, &held, limit).await {
-                        Ok(0) => {}
-                        Ok(n) => warn!(bans = n, "Redis lost bans (restarted without its data?): set them again from this node's copy"),
-                        Err(why) => warn!(%why, "Redis lost bans, and setting them again failed"),
+            match bans::run_id(&mut conn, limit).await {
+                Ok(run) => {
+                    let held = shared.bans.on_run(run, Instant::now());
+                    if !held.is_empty() {
+                        let channel = &shared.bans_channel;
+                        match bans::restore(&mut conn, &prefix, channel, &held, limit).await {
+                            Ok(0) => {}
+                            Ok(n) => warn!(bans = n, "Redis lost bans (restarted without its data?): set them again from this node's copy"),
+                            Err(why) => warn!(%why, "Redis lost bans, and setting them again failed"),
+                        }
                     }
                 }
+                Err(why) => warn!(
+                    %why,
+                    "cannot read Redis's run_id (INFO): bans a Redis restart loses are not set again"
+                ),
             }
             match bans::load(&mut conn, &prefix, &pattern, limit, wanted).await {
                 Ok((list, complete)) => {
