@@ -98,6 +98,11 @@ pub enum Read {
         /// The topic's position now (the last message's, or the one asked
         /// for when nothing followed it).
         top: Position,
+        /// Where history passed over messages that all excluded the reader
+        /// (`reader` of [`History::read_many`]): the messages follow this
+        /// position of the same epoch, later than the one asked for, not
+        /// that one. `None`: they follow the one asked for.
+        passed: Option<Position>,
     },
     /// The messages cannot all be given: the epoch changed, entries were
     /// trimmed or expired, or there are more than asked for. `top` is the
@@ -149,11 +154,18 @@ pub trait History: Send + Sync + 'static {
     /// not read to its end yet) is [`Read::TooLarge`]. A client chooses
     /// how far back a resume reads, so this, not the history's size, must
     /// bound the cost of one (`docs/security.md`).
+    ///
+    /// `reader`, the user of the socket the read is for: a history that
+    /// knows every message after a position up to a later one excluded
+    /// that user (`excludeUser`) may start after the later one instead
+    /// ([`Read::Complete::passed`]), so that a client whose position was
+    /// left behind by messages it was never to get is still recovered.
     fn read_many<'a>(
         &'a self,
         from: &'a [(Topic, Position)],
         max: usize,
         max_bytes: usize,
+        reader: Option<&'a str>,
     ) -> HistoryFuture<'a, Vec<Read>>;
 
     /// [`read_many`](Self::read_many) of one topic, without a byte bound.
@@ -165,7 +177,7 @@ pub trait History: Send + Sync + 'static {
     ) -> HistoryFuture<'a, Read> {
         Box::pin(async move {
             let from = [(topic.clone(), after.clone())];
-            let mut reads = self.read_many(&from, max, usize::MAX).await?;
+            let mut reads = self.read_many(&from, max, usize::MAX, None).await?;
             match (reads.pop(), reads.is_empty()) {
                 (Some(read), true) => Ok(read),
                 _ => Err(HistoryError::Unreadable(

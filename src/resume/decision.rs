@@ -122,8 +122,12 @@ impl Reach {
     /// per offset from `top + 1` to its top, each stamped with that
     /// position.
     fn extend(&mut self, topic: &Topic, read: Read) -> Result<(), NotRecovered> {
-        let (messages, top) = match read {
-            Read::Complete { messages, top } => (messages, top),
+        let (messages, top, passed) = match read {
+            Read::Complete {
+                messages,
+                top,
+                passed,
+            } => (messages, top, passed),
             Read::Incomplete { .. } => return Err(NotRecovered::Incomplete(client_key(topic))),
             Read::TooLarge { .. } => return Err(NotRecovered::TooLarge(client_key(topic))),
         };
@@ -139,6 +143,15 @@ impl Reach {
         }
         if top.epoch != self.top.epoch {
             return Err(inconsistent());
+        }
+        if let Some(passed) = passed {
+            // Every message up to `passed` excluded the socket's user
+            // (history's excluded runs): the read follows it. Never
+            // backwards, never into another epoch.
+            if passed.epoch != top.epoch || passed.offset < self.top.offset {
+                return Err(inconsistent());
+            }
+            self.top = passed;
         }
         let expected = top
             .offset
@@ -573,9 +586,9 @@ impl Resumer {
         // read bounded by `max_replay` once said "not recovered" for 4 to
         // replay and 3 that excluded the socket, with `max_replay` 5.)
         // Bounded by bytes instead: the client chooses how far back.
-        let read = self
-            .history
-            .read_many(&asked, usize::MAX, self.max_replay_bytes);
+        let read =
+            self.history
+                .read_many(&asked, usize::MAX, self.max_replay_bytes, Some(&who.user));
         let reads = match tokio::time::timeout(self.limit, read).await {
             Ok(reads) => reads?,
             Err(_) => return Err(NotRecovered::TimedOut(self.limit)),

@@ -132,6 +132,7 @@ impl State {
                 return Read::Complete {
                     messages: Vec::new(),
                     top: Position::unborn(),
+                    passed: None,
                 };
             };
             let start = Position {
@@ -151,6 +152,7 @@ impl State {
             return Read::Complete {
                 messages: Vec::new(),
                 top,
+                passed: None,
             };
         }
         let missed = (log.top - after.offset) as usize;
@@ -161,6 +163,7 @@ impl State {
         Read::Complete {
             messages: messages.collect(),
             top,
+            passed: None,
         }
     }
 }
@@ -226,6 +229,7 @@ impl History for Mem {
         from: &'a [(Topic, Position)],
         max: usize,
         max_bytes: usize,
+        _reader: Option<&'a str>,
     ) -> HistoryFuture<'a, Vec<Read>> {
         // Under one lock: a snapshot.
         self.answer(move |state| {
@@ -235,12 +239,20 @@ impl History for Mem {
             let reads = from
                 .iter()
                 .map(|(topic, after)| match state.read(topic, after, max) {
-                    Read::Complete { messages, top } => {
+                    Read::Complete {
+                        messages,
+                        top,
+                        passed,
+                    } => {
                         bytes += messages.iter().map(|m| m.frame.len()).sum::<usize>();
                         if bytes > max_bytes {
                             Read::TooLarge { top }
                         } else {
-                            Read::Complete { messages, top }
+                            Read::Complete {
+                                messages,
+                                top,
+                                passed,
+                            }
                         }
                     }
                     other => other,
@@ -468,9 +480,18 @@ fn a_read_that_does_not_follow_the_position_is_never_replayed() {
     let empty = |i: usize| Read::Complete {
         messages: Vec::new(),
         top: tops[i].clone(),
+        passed: None,
     };
     let with = |messages: Vec<Arc<Envelope>>, top: Position| {
-        [Read::Complete { messages, top }, empty(1), empty(2)]
+        [
+            Read::Complete {
+                messages,
+                top,
+                passed: None,
+            },
+            empty(1),
+            empty(2),
+        ]
     };
     // The last message missing.
     let short = with(vec![first.clone()], tops[0].clone());
@@ -517,6 +538,91 @@ fn a_read_that_does_not_follow_the_position_is_never_replayed() {
         names(&decide(&from, honest, &ann, 100).unwrap().0),
         ["m1", "m2"]
     );
+}
+
+/// A read that history started past the position given, over a run of
+/// messages that all excluded the socket's user (`Read::Complete::passed`),
+/// follows the run's end; a run that would go back, past the top or into
+/// another epoch is never taken.
+#[test]
+fn a_read_past_an_excluded_run_follows_the_runs_end() {
+    let mem = Mem::default();
+    let ann = who("ann", None);
+    mem.publish(Route::everyone(), "m0");
+    let from = mem.tops_of(&ann);
+    assert_eq!(from[0].offset, 1);
+    let not_ann = || Route::from_parts(vec![Topic::All], vec!["ann".into()]);
+    mem.publish(not_ann(), "x1");
+    let x2 = mem.publish(not_ann(), "x2");
+    let m3 = mem.publish(Route::everyone(), "m3");
+    let tops = mem.tops_of(&ann);
+    let run_end = x2.stamp.as_ref().unwrap().position(&Topic::All).unwrap();
+    let read = |passed: Option<Position>, messages: Vec<Arc<Envelope>>| {
+        let empty = |i: usize| Read::Complete {
+            messages: Vec::new(),
+            top: tops[i].clone(),
+            passed: None,
+        };
+        [
+            Read::Complete {
+                messages,
+                top: tops[0].clone(),
+                passed,
+            },
+            empty(1),
+            empty(2),
+        ]
+    };
+    let (replay, reached) = decide(
+        &from,
+        read(Some(run_end.clone()), vec![m3.clone()]),
+        &ann,
+        100,
+    )
+    .expect("recovered past the run");
+    assert_eq!(names(&replay), ["m3"]);
+    assert_eq!(reached, tops);
+    // Without the run, the same messages do not follow the position.
+    assert!(matches!(
+        decide(&from, read(None, vec![m3.clone()]), &ann, 100),
+        Err(NotRecovered::Inconsistent(_))
+    ));
+    let refused = [
+        // Behind the position given.
+        Position {
+            epoch: from[0].epoch.clone(),
+            offset: from[0].offset - 1,
+        },
+        // Another epoch.
+        Position {
+            epoch: "zz".into(),
+            offset: run_end.offset,
+        },
+        // Past the top.
+        Position {
+            epoch: run_end.epoch.clone(),
+            offset: tops[0].offset + 1,
+        },
+        // Short of the message before the one read.
+        Position {
+            epoch: run_end.epoch.clone(),
+            offset: run_end.offset - 1,
+        },
+    ];
+    for passed in refused {
+        assert!(
+            matches!(
+                decide(
+                    &from,
+                    read(Some(passed.clone()), vec![m3.clone()]),
+                    &ann,
+                    100
+                ),
+                Err(NotRecovered::Inconsistent(_))
+            ),
+            "{passed}"
+        );
+    }
 }
 
 // ---- Floors -----------------------------------------------------------------

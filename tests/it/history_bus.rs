@@ -323,7 +323,7 @@ async fn stamps_are_contiguous_per_topic_and_shared_across_the_route() {
             epoch: epochs[topic].clone(),
             offset: 0,
         };
-        let Read::Complete { messages, top } = history.read(topic, &start, 1000).await.unwrap()
+        let Read::Complete { messages, top, .. } = history.read(topic, &start, 1000).await.unwrap()
         else {
             panic!("the whole history of {topic:?} is kept");
         };
@@ -416,7 +416,9 @@ async fn tops_and_reads() {
     };
     let top = at(5);
     match history.read(&a, &at(2), 10).await.unwrap() {
-        Read::Complete { messages, top: t } => {
+        Read::Complete {
+            messages, top: t, ..
+        } => {
             assert_eq!(t, top);
             let texts: Vec<String> = messages.iter().map(|m| m.frame.to_string()).collect();
             assert_eq!(texts, ["r3", "r4", "r5"]);
@@ -425,7 +427,9 @@ async fn tops_and_reads() {
         other => panic!("{other:?}"),
     }
     match history.read(&a, &at(5), 10).await.unwrap() {
-        Read::Complete { messages, top: t } => assert_eq!((messages.len(), t), (0, top.clone())),
+        Read::Complete {
+            messages, top: t, ..
+        } => assert_eq!((messages.len(), t), (0, top.clone())),
         other => panic!("{other:?}"),
     }
     match history.read(&a, &at(2), 3).await.unwrap() {
@@ -477,7 +481,9 @@ async fn peeks_and_reads_after_unborn_make_no_epoch() {
         std::slice::from_ref(&unborn)
     );
     match history.read(&a, &unborn, 10).await.unwrap() {
-        Read::Complete { messages, top } => assert_eq!((messages.len(), top), (0, unborn.clone())),
+        Read::Complete { messages, top, .. } => {
+            assert_eq!((messages.len(), top), (0, unborn.clone()))
+        }
         other => panic!("{other:?}"),
     }
     assert_eq!(
@@ -497,7 +503,9 @@ async fn peeks_and_reads_after_unborn_make_no_epoch() {
         std::slice::from_ref(&top)
     );
     match history.read(&a, &unborn, 10).await.unwrap() {
-        Read::Complete { messages, top: t } => {
+        Read::Complete {
+            messages, top: t, ..
+        } => {
             let texts: Vec<String> = messages.iter().map(|m| m.frame.to_string()).collect();
             assert_eq!((texts, t), (vec!["p1".to_owned(), "p2".to_owned()], top));
         }
@@ -581,7 +589,7 @@ async fn a_far_back_read_goes_in_bounded_steps_and_stops_at_max_bytes() {
     let from: Vec<(Topic, Position)> = topics.iter().cloned().zip(start).collect();
     cli(redis.port, &["CONFIG", "RESETSTAT"]);
     let reads = history
-        .read_many(&from, usize::MAX, 64 << 20)
+        .read_many(&from, usize::MAX, 64 << 20, None)
         .await
         .unwrap();
     let calls = command_calls(redis.port, "evalsha");
@@ -596,7 +604,10 @@ async fn a_far_back_read_goes_in_bounded_steps_and_stops_at_max_bytes() {
     }
     // 3.7 MB in steps of about 256 KiB: 14 or more (one before the fix).
     assert!(calls >= 12, "{calls} calls read 3.7 MB");
-    let reads = history.read_many(&from, usize::MAX, 1 << 20).await.unwrap();
+    let reads = history
+        .read_many(&from, usize::MAX, 1 << 20, None)
+        .await
+        .unwrap();
     for read in reads {
         assert!(matches!(read, Read::TooLarge { .. }), "{read:?}");
     }
@@ -678,7 +689,7 @@ async fn small_entries_first_do_not_make_one_step_read_everything() {
     let from: Vec<(Topic, Position)> = topics.iter().cloned().zip(start).collect();
     cli(redis.port, &["CONFIG", "RESETSTAT"]);
     let reads = history
-        .read_many(&from, usize::MAX, 64 << 20)
+        .read_many(&from, usize::MAX, 64 << 20, None)
         .await
         .unwrap();
     let calls = command_calls(redis.port, "evalsha");
@@ -742,7 +753,7 @@ async fn a_read_step_takes_at_most_256_entries() {
     let from: Vec<(Topic, Position)> = topics.iter().cloned().zip(start).collect();
     cli(redis.port, &["CONFIG", "RESETSTAT"]);
     let reads = history
-        .read_many(&from, usize::MAX, usize::MAX)
+        .read_many(&from, usize::MAX, usize::MAX, None)
         .await
         .unwrap();
     match &reads[0] {
@@ -773,7 +784,9 @@ async fn a_node_has_at_most_four_read_steps_in_flight() {
     let reads: Vec<_> = (0..10)
         .map(|_| {
             let (history, from) = (history.clone(), from.clone());
-            tokio::spawn(async move { history.read_many(&from, usize::MAX, usize::MAX).await })
+            tokio::spawn(
+                async move { history.read_many(&from, usize::MAX, usize::MAX, None).await },
+            )
         })
         .collect();
     proxy.held().await;

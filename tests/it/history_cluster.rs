@@ -12,6 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use wshub::config::HistoryConfig;
 use wshub::history::Read;
 use wshub::route::Topic;
 
@@ -21,7 +22,9 @@ use crate::common::{TestServer, eventually};
 use crate::history_bus::{
     Event, Member, group, kill_pubsub, killed_while_publishing_and_repaired, position,
 };
-use crate::resume::{Watcher, ann_away_while_the_route_mix_is_sent, messages, sentinel};
+use crate::resume::{
+    Watcher, ann_away_while_the_route_mix_is_sent, excluded_then_away, messages, sentinel,
+};
 
 /// A node on the cluster `urls`, sharded pub/sub, history on.
 async fn cluster_node(urls: &str) -> TestServer {
@@ -94,6 +97,30 @@ async fn on_a_cluster_a_socket_is_replayed_what_it_missed_once_in_order_per_topi
     assert_eq!(welcome["replayed"], 0);
     let tag = sentinel(&two).await;
     assert!(ann.until(&mut client, &tag).await.0.is_empty());
+}
+
+/// The excluded runs on a cluster: kept per topic by the topic's script
+/// in its slot, read by the resume's read of that topic.
+#[tokio::test]
+async fn on_a_cluster_messages_that_exclude_a_client_do_not_leave_its_position_behind() {
+    let cluster = RedisCluster::start(3);
+    for node in &cluster.nodes {
+        // Small stream nodes, so that `MAXLEN ~` trims close to the size.
+        cli(
+            node.port,
+            &["CONFIG", "SET", "stream-node-max-entries", "2"],
+        );
+    }
+    let server = TestServer::on_redis(&cluster.urls(), |c| {
+        c.redis.as_mut().unwrap().sharded = true;
+        c.history = Some(HistoryConfig {
+            size_group: 3,
+            ..settings()
+        });
+    })
+    .await;
+    // Two sentinels in a row: everything before ran on every shard.
+    excluded_then_away(&server, 2).await;
 }
 
 /// A sharded subscriber connection killed on its shard (`CLIENT KILL TYPE
@@ -211,7 +238,7 @@ async fn on_a_cluster_a_restarted_shard_starts_its_topics_afresh_and_only_them()
         (kept.clone(), before[1].clone()),
     ];
     let reads = loop {
-        match history.read_many(&from, 100, usize::MAX).await {
+        match history.read_many(&from, 100, usize::MAX, None).await {
             Ok(reads) => break reads,
             Err(e) => {
                 assert!(tokio::time::Instant::now() < deadline, "{e}");

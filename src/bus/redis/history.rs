@@ -26,6 +26,7 @@
 //! |---|---|---|---|
 //! | `P:h:{K}:m` | hash | `e` the epoch, `o` the top offset, `r` the Redis `run_id` the epoch was made under, `a` set once the topic is adopted | adopted: `max(10 × ttl, 24 h)`, renewed by every publish, read, `tops` and `peek`; not adopted: `ttl`, renewed by every publish |
 //! | `P:h:{K}:s` | stream | one entry per message, id `<offset>-1`, field `d` = the stamped payload (route, frame, stamp, `ts`), field `s` = its `seq` (for the catch-up's bound, without decoding the payload) | `XADD MAXLEN ~ size_*`; `PEXPIRE ttl` on every publish |
+//! | `P:h:{K}:x` | hash | excluded runs: per user, `<epoch>` and `<first> <last>` of each of the newest four runs of consecutive offsets whose messages all excluded that user | `ttl`, renewed by every message that excludes someone; emptied when it holds `4 × size_*` users |
 //! | `P:seq` | string | the publish sequence (`s` in every stamp) | always |
 //! | `P:pub:<instance>` | string | the highest message number of one bus instance the script has run | `max(10 × ttl, 24 h)`, renewed by every batch |
 //! | `P:ho:<JSON [user, group or null]>` | list | drain handoffs: JSON `[position or null ×3]` | `ttl`; at most [`HANDOFFS_KEPT`] |
@@ -60,6 +61,25 @@
 //! highest number, then runs only the messages above the mark it found. A
 //! batch that ran is therefore skipped whole when it comes again, however
 //! late (even when a paused Redis runs both copies after it resumes).
+//!
+//! **Excluded runs.** A client's position in a topic moves only with the
+//! messages it receives, so messages that exclude it (`excludeUser`: a
+//! typing notice to a group, skipping its sender) leave its position
+//! behind; after more than `size_*` of them its position has left the
+//! stream, and a resume after even a short drop could not be told that
+//! nothing it should have had is missing. So the publish script keeps, per
+//! topic and per excluded user, the newest four runs of consecutive
+//! offsets whose messages all excluded that user (`P:h:{K}:x`; a message
+//! that does not exclude the user ends a run, since the next exclusion no
+//! longer follows it), and the resume's read ([`READ_MANY_LUA`]) starts
+//! after a run's end when the client's position is inside the run or just
+//! before it (four, not one: a client away while one message it missed
+//! and then more exclusions came needs the run before that message): what it passes over is, by the run, nothing the user's
+//! sockets would have been given. A message that excludes more than
+//! [`RUN_USERS`] users keeps no runs (the users' runs then end there: a
+//! resume passes over less, never more). Losing the hash (expiry, the
+//! `4 × size_*` bound, a Redis restart) only makes resumes as they were
+//! without it.
 //!
 //! # Rejected alternatives
 //!
@@ -128,6 +148,58 @@ use crate::route::{Identity, Route, Topic};
 /// Most handoffs kept per identity (the oldest go first): a socket per
 /// tab, not an unbounded list when a client reconnects in a loop.
 pub(crate) const HANDOFFS_KEPT: usize = 32;
+
+/// The most users a message may exclude for the publish script to keep
+/// their runs ("Excluded runs" in the module docs): each costs the script
+/// a read and a write per topic.
+pub(super) const RUN_USERS: usize = 8;
+
+/// The excluded runs (see the module docs), shared by both publish
+/// scripts: `exclude(meta, epoch, offset, users, size, ttl)` records that
+/// the message at `offset` of the topic whose meta hash is `meta` excluded
+/// each of `users`: it extends the user's newest run when that ends just
+/// before, else starts a run, keeping the newest 4 (a client that was away
+/// while a message it missed broke its run needs the run before). The
+/// runs hash is the meta's name with `x` for its last letter (same hash
+/// tag, same slot on a Cluster). Best effort: run it with `pcall`, a
+/// failure only loses runs.
+macro_rules! runs_lua {
+    () => {
+        r#"
+local function exclude(meta, e, o, users, size, ttl)
+  local runs = string.sub(meta, 1, -2) .. 'x'
+  if redis.call('HLEN', runs) >= 4 * tonumber(size) then
+    redis.call('DEL', runs)
+  end
+  local n = tonumber(o)
+  for _, user in ipairs(users) do
+    -- `<epoch> <first> <last>`, newest run first, at most 4 runs.
+    local kept, value = {}, redis.call('HGET', runs, user)
+    if value then
+      local re, rest = string.match(value, '^(%S+)(.*)$')
+      if re == e then
+        for first, last in string.gmatch(rest, ' (%d+) (%d+)') do
+          kept[#kept + 1] = {first, last}
+        end
+      end
+    end
+    if kept[1] and tonumber(kept[1][2]) + 1 == n then
+      kept[1][2] = o
+    else
+      table.insert(kept, 1, {o, o})
+      kept[5] = nil
+    end
+    local out = {e}
+    for _, run in ipairs(kept) do
+      out[#out + 1] = run[1] .. ' ' .. run[2]
+    end
+    redis.call('HSET', runs, user, table.concat(out, ' '))
+  end
+  redis.call('PEXPIRE', runs, ttl)
+end
+"#
+    };
+}
 
 /// The epoch function every script shares (see the module docs).
 macro_rules! epoch_lua {
@@ -289,7 +361,7 @@ fn lost_of(e: &redis::RedisError) -> Option<(Vec<u64>, String)> {
     Some((numbers, error.to_owned()))
 }
 
-use reply::{bad, caught, contiguous, entries, number, read_reply, text};
+use reply::{ReadReply, bad, caught, contiguous, entries, number, read_reply, text};
 
 /// Stamps, records and publishes one batch.
 ///
@@ -298,8 +370,9 @@ use reply::{bad, caught, contiguous, entries, number, read_reply, text};
 /// ARGV: `[1]` run id, `[2]` stream ttl ms, `[3]` meta ttl ms, `[4]` the id
 /// prefix (a JSON string without its closing quote), `[5]` the batch's
 /// highest number, `[6]` message count; then per message its number, header
-/// prefix, frame and topic count, and per topic its JSON key, channel and
-/// size (a topic count of 0: a message relayed as it is, its whole payload
+/// prefix, frame and topic count, the count of users whose runs it extends
+/// and their names, and per topic its JSON key, channel and size (a topic
+/// count of 0, without the users: a message relayed as it is, its whole payload
 /// in place of the header prefix and an empty frame, then its channel
 /// count and channels). Returns how many messages ran (the others had run before), or,
 /// when a message could not be stamped on a topic or a `PUBLISH` was
@@ -307,6 +380,7 @@ use reply::{bad, caught, contiguous, entries, number, read_reply, text};
 const PUBLISH_LUA: &str = concat!(
     epoch_lua!(),
     heard_lua!(),
+    runs_lua!(),
     r#"
 local run, ttl, mttl, idp = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local hw = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -319,7 +393,7 @@ local function stamp(meta, stream)
   local e, was_adopted = epoch_of(meta, stream, run)
   return e, was_adopted, string.format('%d', redis.call('HINCRBY', meta, 'o', 1))
 end
-local a, k, sent = 7, 3, 0
+local a, k, sent, excluded = 7, 3, 0, {}
 for _ = 1, tonumber(ARGV[6]) do
   local number, prefix, frame, nt = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
   a = a + 4
@@ -339,19 +413,31 @@ for _ = 1, tonumber(ARGV[6]) do
       sent = sent + 1
     end
     a = a + 1 + c
-  elseif tonumber(number) > hw then
-    ok, seq = pcall(redis.call, 'INCR', KEYS[1])
-    ok = went(number, ok, seq)
+  else
+    -- The users it excludes (for their runs), then the topics.
+    local nx = tonumber(ARGV[a])
+    for j = 1, nx do
+      excluded[j] = ARGV[a + j]
+    end
+    for j = nx + 1, #excluded do
+      excluded[j] = nil
+    end
+    a = a + 1 + nx
+    if tonumber(number) > hw then
+      ok, seq = pcall(redis.call, 'INCR', KEYS[1])
+      ok = went(number, ok, seq)
+    end
   end
   if ok then
     -- The topics stamped (`live`, by index) and their parts of the stamp.
-    local parts, live, offsets, adopted = {}, {}, {}, {}
+    local parts, live, offsets, adopted, epochs = {}, {}, {}, {}, {}
     for t = 0, nt - 1 do
       local ok, e, was_adopted, o = pcall(stamp, KEYS[k + 2 * t], KEYS[k + 2 * t + 1])
       if went(number, ok, e) then
         live[#live + 1] = t
         adopted[t + 1] = was_adopted and true or false
         offsets[t + 1] = o
+        epochs[t + 1] = e
         parts[#parts + 1] = ARGV[a + 3 * t] .. ':"' .. e .. ':' .. o .. '"'
       end
     end
@@ -364,6 +450,9 @@ for _ = 1, tonumber(ARGV[6]) do
       redis.pcall('XADD', stream, 'MAXLEN', '~', ARGV[a + 3 * t + 2], offsets[t + 1] .. '-1',
         'd', payload, 's', string.format('%d', seq))
       redis.call('PEXPIRE', stream, ttl)
+      if #excluded > 0 then
+        pcall(exclude, KEYS[k + 2 * t], epochs[t + 1], offsets[t + 1], excluded, ARGV[a + 3 * t + 2], ttl)
+      end
     end
     for _, t in ipairs(live) do
       -- A topic some node is subscribed to (or one a socket read) is
@@ -443,10 +532,14 @@ return out
 /// at most about a byte budget of entries.
 ///
 /// KEYS: meta, stream per topic. ARGV: `[1]` run id, `[2]` meta ttl ms,
-/// `[3]` the most entries per topic, `[4]` the byte budget; then per topic
+/// `[3]` the most entries per topic, `[4]` the byte budget, `[5]` the
+/// reader's user (`''`: none); then per topic
 /// the epoch asked for, the offset after which to read and the last offset
-/// to read (`0`: the top). Returns `[epoch, top offset, entries]` per
-/// topic: the entries from the one after the offset on, in order, up to
+/// to read (`0`: the top). Returns `[epoch, top offset, entries, after]` per
+/// topic, where `after` is the offset read after: the one given, or the
+/// end of the reader's excluded run when the offset given is inside it or
+/// just before it ("Excluded runs" in the module docs). The entries are
+/// those from the one after `after` on, in order, up to
 /// the last offset or until the budget is spent (counting every field of
 /// every entry), whichever comes first; once it is spent, later topics get
 /// their tops only. No entries when the epoch differs, nothing follows the
@@ -464,12 +557,28 @@ const READ_MANY_LUA: &str = concat!(
     run_lua!(),
     epoch_lua!(),
     r#"
-local run, mttl, most, budget = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local run, mttl, most, budget, user = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local used, largest, taken, MOST_TAKEN = 0, 0, 0, 256
 local out = {}
+-- Where the reader's run of excluded messages in the topic whose meta is
+-- `meta` (epoch `e`) lets a read after `after` start instead, up to `last`.
+local function passed(meta, e, after, last)
+  local ok, value = pcall(redis.call, 'HGET', string.sub(meta, 1, -2) .. 'x', user)
+  if ok and value then
+    local re, rest = string.match(value, '^(%S+)(.*)$')
+    if re == e then
+      for first, final in string.gmatch(rest, ' (%d+) (%d+)') do
+        if tonumber(first) <= after + 1 and tonumber(final) > after then
+          return math.min(tonumber(final), last)
+        end
+      end
+    end
+  end
+  return after
+end
 for i = 1, #KEYS / 2 do
   local meta, stream = KEYS[2 * i - 1], KEYS[2 * i]
-  local b = 2 + 3 * i
+  local b = 3 + 3 * i
   local want = ARGV[b]
   if want == '' then
     local m = redis.call('HMGET', meta, 'e', 'r')
@@ -489,6 +598,9 @@ for i = 1, #KEYS / 2 do
     local after, last = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
     if last == 0 or last > o then
       last = o
+    end
+    if user ~= '' and e == want and after < last then
+      after = passed(meta, e, after, last)
     end
     local entries = {}
     if e == want and after < last and last - after <= most then
@@ -521,7 +633,7 @@ for i = 1, #KEYS / 2 do
         from = tonumber(string.match(got[#got][1], '^(%d+)-'))
       end
     end
-    out[i] = {e, string.format('%d', o), entries}
+    out[i] = {e, string.format('%d', o), entries, string.format('%d', after)}
   end
 end
 return out
@@ -921,6 +1033,9 @@ enum Step {
         after: Position,
         top: Position,
         messages: Vec<Arc<Envelope>>,
+        /// Where the read started past the position asked for (the
+        /// reader's excluded run), if it did.
+        passed: Option<Position>,
     },
 }
 
@@ -941,6 +1056,7 @@ impl Step {
             after,
             top,
             messages,
+            passed,
         } = self
         else {
             return Ok(());
@@ -970,6 +1086,7 @@ impl Step {
             *self = Step::Done(Read::Complete {
                 messages: std::mem::take(messages),
                 top: top.clone(),
+                passed: passed.take(),
             });
         }
         Ok(())
@@ -1111,9 +1228,15 @@ impl RedisHistory {
             topics.iter().map(|t| channels.of(t)).collect(),
             wire::encode_unstamped(origin, route),
         );
+        let excluded = route.excluded();
         item.history = Some(Box::new(Recorded {
             frame: Bytes::from(frame.clone()),
             topics,
+            excluded: if excluded.len() <= RUN_USERS {
+                excluded.to_vec()
+            } else {
+                Vec::new()
+            },
             number: 0,
             published_ms: wire::now_ms(),
         }));
@@ -1170,8 +1293,9 @@ impl RedisHistory {
         // call carries one message (issue 19).
         let (mut args, mut bytes) = (12, 256 + seq.len() + mark.len() + prepared.sha.len());
         for (m, r) in recorded() {
-            args += 5 + 5 * r.topics.len() + m.channels.len();
-            bytes += 32 + m.payload.len() + r.frame.len();
+            args += 6 + 5 * r.topics.len() + m.channels.len() + r.excluded.len();
+            bytes += 40 + m.payload.len() + r.frame.len();
+            bytes += r.excluded.iter().map(|u| u.len() + 16).sum::<usize>();
             bytes += m.channels.iter().map(|c| 4 * c.len() + 48).sum::<usize>();
         }
         evalsha(conn, PUBLISH_LUA, &prepared.sha, (args, bytes), |cmd| {
@@ -1197,6 +1321,11 @@ impl RedisHistory {
                 if r.topics.is_empty() {
                     // Relayed as it is (`Outgoing::relayed`).
                     cmd.arg(m.channels.len()).arg(&m.channels);
+                } else {
+                    cmd.arg(r.excluded.len());
+                    for user in &r.excluded {
+                        cmd.arg(&**user);
+                    }
                 }
                 for (t, channel) in r.topics.iter().zip(&m.channels) {
                     write_json_key(cmd, t);
@@ -1442,6 +1571,7 @@ impl RedisHistory {
         from: &[(Topic, Position)],
         max: usize,
         max_bytes: usize,
+        reader: Option<&str>,
     ) -> Result<Vec<Read>, HistoryError> {
         if from.is_empty() {
             return Ok(Vec::new());
@@ -1459,14 +1589,18 @@ impl RedisHistory {
             .map(|(topic, after)| (topic, after.clone(), 0))
             .collect();
         let parts = self
-            .read_step(&asked, max, step_budget(max_bytes, 0))
+            .read_step(&asked, max, step_budget(max_bytes, 0), reader)
             .await?;
         let mut reads: Vec<Step> = Vec::with_capacity(from.len());
         for ((topic, after), part) in from.iter().zip(parts) {
-            let (top, entries) = read_reply(part)?;
+            let ReadReply {
+                top,
+                entries,
+                after: read_after,
+            } = read_reply(part)?;
             // After an unborn position: the current epoch from its start
             // (or nothing, the top unborn too, while there is none).
-            let after = if after.is_unborn() && !top.is_unborn() {
+            let mut after = if after.is_unborn() && !top.is_unborn() {
                 Position {
                     epoch: top.epoch.clone(),
                     offset: 0,
@@ -1474,6 +1608,14 @@ impl RedisHistory {
             } else {
                 after.clone()
             };
+            // Past the reader's excluded run: the entries follow its end.
+            let mut passed = None;
+            if let Some(offset) = read_after.filter(|&o| o > after.offset)
+                && top.epoch == after.epoch
+            {
+                after.offset = offset;
+                passed = Some(after.clone());
+            }
             if top.epoch != after.epoch
                 || top.offset < after.offset
                 || top.offset - after.offset > max as u64
@@ -1485,6 +1627,7 @@ impl RedisHistory {
                 after,
                 top,
                 messages: Vec::new(),
+                passed,
             };
             step.extend(topic, entries, &mut bytes, max_bytes, max_age)?;
             reads.push(step);
@@ -1503,12 +1646,16 @@ impl RedisHistory {
                 while let Step::Reading { after, top, .. } = step {
                     let asked = [(topic, after.clone(), top.offset)];
                     let budget = step_budget(max_bytes, bytes);
+                    // Only the first step may pass over a run: the
+                    // later ones continue a read.
                     let part = self
-                        .read_step(&asked, max, budget)
+                        .read_step(&asked, max, budget, None)
                         .await?
                         .into_iter()
                         .next();
-                    let (now, entries) = read_reply(part.ok_or_else(|| bad("read", "no answer"))?)?;
+                    let ReadReply {
+                        top: now, entries, ..
+                    } = read_reply(part.ok_or_else(|| bad("read", "no answer"))?)?;
                     if now.epoch != top.epoch || entries.is_empty() {
                         // Started afresh, or the next entry is gone.
                         *step = Step::Done(Read::Incomplete { top: now });
@@ -1537,6 +1684,7 @@ impl RedisHistory {
         asked: &[(&Topic, Position, u64)],
         max: usize,
         budget: usize,
+        reader: Option<&str>,
     ) -> Result<Vec<redis::Value>, HistoryError> {
         let keys: &Vec<String> = &asked
             .iter()
@@ -1565,6 +1713,7 @@ impl RedisHistory {
                     mttl.to_string(),
                     max.to_string(),
                     budget.to_string(),
+                    reader.unwrap_or_default().to_owned(),
                 ];
                 let script = (READ_MANY_LUA, &*c.read_many_sha);
                 sharded::per_topic(&c.conn, self.keys.sharded, script, keys, &head, per).await
@@ -1703,8 +1852,9 @@ impl History for RedisHistory {
         from: &'a [(Topic, Position)],
         max: usize,
         max_bytes: usize,
+        reader: Option<&'a str>,
     ) -> HistoryFuture<'a, Vec<Read>> {
-        Box::pin(self.read_stepped(from, max, max_bytes))
+        Box::pin(self.read_stepped(from, max, max_bytes, reader))
     }
 
     fn recent<'a>(

@@ -83,6 +83,9 @@ pub(super) struct Recorded {
     /// message was a quarter of what history added to a node's work per
     /// message in groups (issue 19).
     pub(super) topics: Vec<Topic>,
+    /// The users the message excludes, when they are few enough to keep a
+    /// run for (`history.rs`, "Excluded runs"); else none.
+    pub(super) excluded: Vec<Arc<str>>,
     /// The message's number in this bus instance's publish order, given by
     /// the publisher when it first takes the message (0: not yet). The
     /// script skips numbers it has run already (see `history.rs`).
@@ -123,6 +126,7 @@ impl Outgoing {
         item.history = Some(Box::new(Recorded {
             frame: Bytes::new(),
             topics: Vec::new(),
+            excluded: Vec::new(),
             number: 0,
             published_ms: crate::bus::wire::now_ms(),
         }));
@@ -136,6 +140,7 @@ impl Outgoing {
             .filter(|h| !h.topics.is_empty())
             .map_or(0, |h| {
                 h.frame.len()
+                    + h.excluded.iter().map(|u| u.len()).sum::<usize>()
                     + self
                         .channels
                         .iter()

@@ -127,20 +127,35 @@ pub(super) fn entries(
 }
 
 /// One topic's answer to the read script: the top and the entries.
-pub(super) fn read_reply(
-    reply: redis::Value,
-) -> Result<(Position, Vec<(String, Bytes)>), HistoryError> {
+pub(super) fn read_reply(reply: redis::Value) -> Result<ReadReply, HistoryError> {
     let what = "read";
     let mut parts = array(reply, what)?.into_iter();
     let (Some(epoch), Some(top), Some(entries_part)) = (parts.next(), parts.next(), parts.next())
     else {
         return Err(bad(what, "too short"));
     };
-    let position = Position {
+    let top = Position {
         epoch: text(epoch, what)?.into(),
         offset: number(top, what)?,
     };
-    Ok((position, entries(entries_part, what)?))
+    // Absent for a topic without an epoch.
+    let after = parts.next().map(|a| number(a, what)).transpose()?;
+    Ok(ReadReply {
+        top,
+        entries: entries(entries_part, what)?,
+        after,
+    })
+}
+
+/// One topic's answer to the resume's read (`READ_MANY_LUA`).
+pub(super) struct ReadReply {
+    /// The topic's top.
+    pub(super) top: Position,
+    /// The entries read, as ids and payloads.
+    pub(super) entries: Vec<(String, Bytes)>,
+    /// The offset the entries follow, when the topic has an epoch: the one
+    /// asked for, or the end of the reader's excluded run.
+    pub(super) after: Option<u64>,
 }
 
 /// The entries' messages, if they are exactly the `wanted` offsets after

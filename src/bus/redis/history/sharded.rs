@@ -42,7 +42,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::OnceLock;
 
 use super::super::conn::{PubConn, slot_of};
-use super::super::queue::Outgoing;
+use super::super::queue::{Outgoing, Recorded};
 use super::{Lost, Prepared, evalsha, load, lost_of};
 use redis::cluster_routing::SingleNodeRoutingInfo;
 
@@ -55,13 +55,15 @@ use redis::cluster_routing::SingleNodeRoutingInfo;
 /// closing quote), `[5]` unused (was the mark's field), `[6]` the highest
 /// number among these messages, `[7]` the channel, `[8]` the topic's JSON
 /// key, `[9]` the stream's size, `[10]` message count; then per message its
-/// number, `seq`, header prefix and frame. Returns how many ran, or, when
-/// a message could not be stamped or an `SPUBLISH` was refused, an error
+/// number, `seq`, header prefix and frame, and the count of users whose
+/// excluded runs it extends and their names (`runs_lua` in `history.rs`).
+/// Returns how many ran, or, when a message could not be stamped or an `SPUBLISH` was refused, an error
 /// once all have run (`heard_lua` in `history.rs`).
 pub(super) const PUBLISH_TOPIC_LUA: &str = concat!(
     run_lua!(),
     epoch_lua!(),
     heard_lua!(),
+    runs_lua!(),
     r#"
 local run, ttl, mttl, idp = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local meta, stream, mark = KEYS[1], KEYS[2], KEYS[3]
@@ -85,8 +87,12 @@ if not readable then
 end
 local a, sent = 11, 0
 for _ = 1, tonumber(ARGV[10]) do
-  local number, seq, prefix, frame = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  a = a + 4
+  local number, seq, prefix, frame, nx = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
+  local excluded = {}
+  for j = 1, nx do
+    excluded[j] = ARGV[a + 4 + j]
+  end
+  a = a + 5 + nx
   local ok, e, o = false, nil, nil
   if tonumber(number) > hw then
     ok, e, o = pcall(stamp)
@@ -96,6 +102,9 @@ for _ = 1, tonumber(ARGV[10]) do
     local payload = prefix .. ',"i":' .. idp .. '-' .. number .. '","s":' .. seq
       .. ',"p":{' .. jkey .. ':"' .. e .. ':' .. o .. '"}}\n' .. frame
     redis.pcall('XADD', stream, 'MAXLEN', '~', size, o .. '-1', 'd', payload, 's', seq)
+    if nx > 0 then
+      pcall(exclude, meta, e, o, excluded, size, ttl)
+    end
     -- Adopted by a subscriber, as on one Redis (`history.rs`).
     if heard(redis.pcall('SPUBLISH', channel, payload)) and not adopted then
       redis.call('HSET', meta, 'a', '1')
@@ -214,7 +223,8 @@ pub(super) async fn publish(
         channel: &'b str,
         json: String,
         size: usize,
-        messages: Vec<(u64, u64, &'b [u8], &'b [u8])>,
+        /// Each message's `seq`, its queue item and its record.
+        messages: Vec<(u64, &'b Outgoing, &'b Recorded)>,
     }
     let mut topics: Vec<Copies<'_>> = Vec::new();
     let mut index: HashMap<&str, usize> = HashMap::new();
@@ -239,15 +249,18 @@ pub(super) async fn publish(
                 });
                 topics.len() - 1
             });
-            topics[at]
-                .messages
-                .push((r.number, seq, &m.payload[..], &r.frame[..]));
+            topics[at].messages.push((seq, m, r));
         }
     }
     let calls = topics.iter().map(|copies| {
         let mut conn = conn.clone();
         async move {
-            let highest = copies.messages.iter().map(|m| m.0).max().unwrap_or(0);
+            let highest = copies
+                .messages
+                .iter()
+                .map(|m| m.2.number)
+                .max()
+                .unwrap_or(0);
             routed::<u64>(&mut conn, PUBLISH_TOPIC_LUA, &prepared.sha, |cmd| {
                 cmd.arg(3)
                     .arg(&copies.meta)
@@ -263,8 +276,15 @@ pub(super) async fn publish(
                     .arg(&copies.json)
                     .arg(copies.size)
                     .arg(copies.messages.len());
-                for (number, seq, prefix, frame) in &copies.messages {
-                    cmd.arg(*number).arg(*seq).arg(*prefix).arg(*frame);
+                for (seq, m, r) in &copies.messages {
+                    cmd.arg(r.number)
+                        .arg(*seq)
+                        .arg(&m.payload[..])
+                        .arg(&r.frame[..]);
+                    cmd.arg(r.excluded.len());
+                    for user in &r.excluded {
+                        cmd.arg(&**user);
+                    }
                 }
             })
             .await
