@@ -116,13 +116,24 @@ pub fn token(
 ) -> Result<String, CliError> {
     let (raw, _) = Config::raw_from(file, env)?;
     // The whole configuration must be valid, or the hub would not start.
-    Config::from_raw(raw.clone())?;
-    let secret = raw.auth.jwt_secret.trim();
+    let config = Config::from_raw(raw.clone())?;
+    // As the hub reads it: exactly as written.
+    let secret = raw.auth.jwt_secret.as_str();
     if secret.is_empty() {
         return Err(CliError::NoSecret);
     }
     if sub.is_empty() {
         return Err(CliError::Usage("--sub must not be empty".into()));
+    }
+    // The hub refuses longer ids with a 400 (`src/http.rs`): a token it
+    // would refuse is not minted (review of 2026-12-02).
+    let max_id = config.limits.max_id_bytes;
+    for (flag, id) in [("--sub", Some(sub)), ("--group", group)] {
+        if id.is_some_and(|id| id.len() > max_id) {
+            return Err(CliError::Usage(format!(
+                "{flag} is longer than limits.max_id_bytes ({max_id} bytes): the hub would refuse the token"
+            )));
+        }
     }
     let relay = match relay {
         None => None,

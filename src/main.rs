@@ -34,8 +34,8 @@ static JEMALLOC_CONF: &[u8; 43] = b"background_thread:true,dirty_decay_ms:1000\0
 #[derive(Parser)]
 #[command(version, about, long_about, after_help = AFTER_HELP)]
 struct Args {
-    /// TOML configuration file.
-    #[arg(long, env = "WSHUB_CONFIG", value_name = "PATH", global = true)]
+    /// TOML configuration file [env: WSHUB_CONFIG; empty: none].
+    #[arg(long, value_name = "PATH", global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
@@ -119,8 +119,31 @@ fn print(result: Result<String, wshub::cli::CliError>) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    let file = args.config.as_deref();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            // `--help` and `--version` are answers; a usage error is a
+            // configuration error, and `healthcheck` promises 0 or 1
+            // (Docker reserves 2).
+            return if !e.use_stderr() {
+                ExitCode::SUCCESS
+            } else if std::env::args().skip(1).any(|a| a == "healthcheck") {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::from(2)
+            };
+        }
+    };
+    // `WSHUB_CONFIG` when `--config` is not given; set but empty means no
+    // file, as unset (clap's own `env` refused an empty value, and so
+    // `healthcheck` exited 2: review of 2026-12-02).
+    let config_file = args.config.clone().or_else(|| {
+        std::env::var_os("WSHUB_CONFIG")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    });
+    let file = config_file.as_deref();
     match &args.command {
         Some(Command::Config { what }) => {
             return print(match what {
@@ -157,7 +180,7 @@ fn main() -> ExitCode {
             Some(_) => ExitCode::FAILURE,
         };
     }
-    let config = match wshub::Config::load(args.config.as_deref()) {
+    let config = match wshub::Config::load(file) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("wshub: {e}");

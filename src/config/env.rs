@@ -124,6 +124,18 @@ pub(super) fn sort(env: impl IntoIterator<Item = (String, String)>) -> Result<So
         .collect();
     // Warnings in a stable order.
     env.sort();
+    // Names are read in any case, so two variables that differ only in
+    // case set one key: which one won was up to a hash map's order
+    // (review of 2026-12-02). Refused, naming both.
+    let mut seen: HashMap<String, &str> = HashMap::new();
+    for (name, _) in &env {
+        if let Some(first) = seen.insert(name.to_ascii_uppercase(), name) {
+            return Err(ConfigError::DuplicateVariable {
+                first: first.to_owned(),
+                second: name.clone(),
+            });
+        }
+    }
     for (name, value) in env {
         let rest = name[prefix.len()..].to_ascii_lowercase();
         let known = match rest.split_once("__") {

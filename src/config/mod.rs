@@ -42,6 +42,13 @@ pub enum ConfigError {
     /// it does not have: a typo of a real key. Fix or remove the variable.
     #[error("configuration: the environment variable {name} names no key of its section{hint}")]
     UnknownVariable { name: String, hint: String },
+    /// Two environment variables name one key: their names differ only in
+    /// case (names are read in any case). Keep one.
+    #[error(
+        "configuration: the environment variables {first} and {second} set the same key \
+         (names are read in any case): keep one"
+    )]
+    DuplicateVariable { first: String, second: String },
     /// A value has the right type but is not acceptable.
     #[error("configuration: `{key}` {problem}")]
     Invalid { key: &'static str, problem: String },
@@ -55,31 +62,43 @@ pub enum ConfigError {
 }
 
 /// Refuses a number where a boolean key is (`tcp_nodelay = 2`), which
-/// the `config` crate would take as true (0 as false). What it does take
-/// for a boolean, and so what a boolean key accepts: `true`/`false`, and
-/// as text (every environment value is text) `true`/`false`, `1`/`0`,
-/// `yes`/`no`, `on`/`off` in any case; it refuses other words itself,
-/// naming the key and the source, as this does for numbers.
+/// the `config` crate would take as true (0 as false), and a floating
+/// point number where an integer key is (`max_message_bytes = 70000.9`,
+/// `1e2`), which it would round (the same text in the environment is
+/// refused: review of 2026-12-02). What it does take for a boolean, and
+/// so what a boolean key accepts: `true`/`false`, and as text (every
+/// environment value is text) `true`/`false`, `1`/`0`, `yes`/`no`,
+/// `on`/`off` in any case; it refuses other words itself, naming the key
+/// and the source, as this does for numbers.
 ///
 /// `origin(key)` names where `key` was set (a `config::Value` read back
 /// by key has lost its origin).
-fn refuse_numeric_booleans(
+fn refuse_mistyped_numbers(
     built: &config::Config,
     origin: impl Fn(&str) -> Option<String>,
 ) -> Result<(), ConfigError> {
     use config::ValueKind as K;
-    for key in boolean_keys() {
+    let keys = typed_keys();
+    let checks = keys
+        .booleans
+        .iter()
+        .map(|key| (key, true))
+        .chain(keys.integers.iter().map(|key| (key, false)));
+    for (key, boolean) in checks {
         let Ok(value) = built.get::<config::Value>(key) else {
             continue;
         };
-        let found = match value.kind {
-            K::I64(_) | K::I128(_) | K::U64(_) | K::U128(_) => "an integer",
-            K::Float(_) => "a floating point number",
+        let (found, expected) = match (&value.kind, boolean) {
+            (K::I64(_) | K::I128(_) | K::U64(_) | K::U128(_), true) => {
+                ("an integer", "true or false")
+            }
+            (K::Float(_), true) => ("a floating point number", "true or false"),
+            (K::Float(_), false) => ("a floating point number", "an integer"),
             _ => continue,
         };
         return Err(ConfigError::Load(config::ConfigError::At {
             error: Box::new(config::ConfigError::Message(format!(
-                "invalid type: {found}, expected true or false"
+                "invalid type: {found}, expected {expected}"
             ))),
             origin: origin(key),
             key: Some(key.to_owned()),
@@ -88,30 +107,104 @@ fn refuse_numeric_booleans(
     Ok(())
 }
 
-/// The dotted paths of every boolean key of [`RawConfig`], from its
-/// defaults (which serialize every key), so the list cannot drift.
-fn boolean_keys() -> &'static [String] {
-    static KEYS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+/// The dotted paths of [`RawConfig`]'s boolean and integer keys.
+struct TypedKeys {
+    booleans: Vec<String>,
+    integers: Vec<String>,
+}
+
+/// The keys of each type, from [`RawConfig`]'s defaults (which serialize
+/// every key), so the lists cannot drift.
+fn typed_keys() -> &'static TypedKeys {
+    static KEYS: std::sync::OnceLock<TypedKeys> = std::sync::OnceLock::new();
     KEYS.get_or_init(|| {
         let defaults = serde_json::to_value(RawConfig::default())
             .expect("the default configuration serializes");
-        let mut keys = Vec::new();
+        let mut keys = TypedKeys {
+            booleans: Vec::new(),
+            integers: Vec::new(),
+        };
+        let mut sort = |path: String, value: &serde_json::Value| match value {
+            serde_json::Value::Bool(_) => keys.booleans.push(path),
+            serde_json::Value::Number(n) if n.is_u64() || n.is_i64() => keys.integers.push(path),
+            _ => {}
+        };
         if let serde_json::Value::Object(top) = defaults {
             for (name, value) in top {
                 match value {
-                    serde_json::Value::Bool(_) => keys.push(name),
-                    serde_json::Value::Object(section) => keys.extend(
-                        section
-                            .into_iter()
-                            .filter(|(_, v)| v.is_boolean())
-                            .map(|(key, _)| format!("{name}.{key}")),
-                    ),
-                    _ => {}
+                    serde_json::Value::Object(section) => {
+                        for (key, value) in &section {
+                            sort(format!("{name}.{key}"), value);
+                        }
+                    }
+                    value => sort(name, &value),
                 }
             }
         }
         keys
     })
+}
+
+/// A key file holds a public key of the algorithm's kind: jsonwebtoken
+/// reads a private key's PEM and a P-384 key without a word, and then no
+/// token ever verifies (review of 2026-12-02). `algorithm` is RS256 or
+/// ES256.
+fn check_public_key(text: &[u8], algorithm: jsonwebtoken::Algorithm) -> Result<(), String> {
+    /// The DER of the OID of the P-256 curve (`prime256v1`), as a
+    /// `SubjectPublicKeyInfo` names it.
+    const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    let pem = pem::parse(text).map_err(|e| format!("is not a PEM file: {e}"))?;
+    let tag = pem.tag();
+    if tag.contains("PRIVATE") {
+        return Err(format!(
+            "holds a private key ({tag}); give its public key (`openssl pkey -in KEY -pubout`): \
+             the hub only verifies"
+        ));
+    }
+    match algorithm {
+        jsonwebtoken::Algorithm::ES256 => {
+            if tag != "PUBLIC KEY" {
+                return Err(format!("holds a {tag}, not a PUBLIC KEY"));
+            }
+            if !pem.contents().windows(P256.len()).any(|w| w == P256) {
+                return Err("is not a P-256 key, which ES256 needs".into());
+            }
+        }
+        _ => {
+            if tag != "PUBLIC KEY" && tag != "RSA PUBLIC KEY" {
+                return Err(format!("holds a {tag}, not a PUBLIC KEY"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `log.level` names a level, or a target's level (`wshub=debug`). A
+/// `tracing` filter reads a bare word as a *target*, so a misspelt level
+/// (`warning`, `inf`) or an empty value was a filter that let nothing
+/// through: a node that logged nothing at all, errors included (review
+/// of 2026-12-02). A target on its own (all its levels) is written
+/// `target=trace`.
+fn check_log_level(text: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let directives: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    if directives.is_empty() {
+        return Err("must name a level: trace, debug, info, warn, error or off".into());
+    }
+    for directive in directives {
+        let bare = !directive.contains(['=', '[', '{']);
+        if bare && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(directive)) {
+            return Err(format!(
+                "{directive:?} is not a level (trace, debug, info, warn, error or off); \
+                 a target's level is written target=level"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn cidrs(key: &'static str, list: &[String]) -> Result<Vec<ipnet::IpNet>, ConfigError> {
@@ -430,7 +523,7 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<(RawConfig, Vec<String>), ConfigError> {
         let env = env::sort(env)?;
-        // Where each boolean key was set, for `refuse_numeric_booleans`.
+        // Where each key was set, for `refuse_mistyped_numbers`.
         let from_env: std::collections::HashSet<String> = env
             .known
             .keys()
@@ -468,7 +561,7 @@ impl Config {
             builder = builder.set_override(key, items)?;
         }
         let built = builder.build()?;
-        refuse_numeric_booleans(&built, |key| {
+        refuse_mistyped_numbers(&built, |key| {
             let var = format!("{ENV_PREFIX}_{}", key.replace('.', "__")).to_ascii_uppercase();
             if from_env.contains(&var) {
                 Some("the environment".to_owned())
@@ -476,7 +569,29 @@ impl Config {
                 file.map(|f| f.display().to_string())
             }
         })?;
-        let raw: RawConfig = built.try_deserialize()?;
+        let mut raw: RawConfig = built.try_deserialize()?;
+        // A backend header set in the environment replaces the file's of
+        // the same name, however the file spells it: the `config` crate
+        // keeps a file's key as written (`Authorization`) and an
+        // environment variable's in lower case, so both reached the
+        // headers, and the node refused to start with one "set twice"
+        // (review of 2026-12-02).
+        // The crate's key for a variable is in lower case: a name with a
+        // capital came from the file.
+        let in_env = |name: &str| {
+            let var = format!("{ENV_PREFIX}_BACKEND__HEADERS__{name}").to_ascii_uppercase();
+            !name.bytes().any(|b| b.is_ascii_uppercase()) && from_env.contains(&var)
+        };
+        let replaced: Vec<String> = raw
+            .backend
+            .headers
+            .keys()
+            .filter(|name| in_env(name))
+            .map(|name| trust::header_name(name))
+            .collect();
+        raw.backend
+            .headers
+            .retain(|name, _| in_env(name) || !replaced.contains(&trust::header_name(name)));
         Ok((raw, env.warnings))
     }
 
@@ -502,6 +617,7 @@ impl Config {
                 ));
             }
         };
+        check_log_level(&raw.log.level).map_err(|problem| invalid("log.level", problem))?;
         tracing_subscriber::EnvFilter::try_new(&raw.log.level)
             .map_err(|e| invalid("log.level", format!("is not a valid filter: {e}")))?;
 
@@ -565,10 +681,13 @@ impl Config {
         };
         let node_id = match raw.node_id.trim() {
             "" => format!("{:08x}", rand::random::<u32>()),
-            id if id.len() > 64 || id.contains(char::is_whitespace) => {
+            // It is sent in the `X-Wshub-Node-Id` header, where a control
+            // character made the header vanish from every response and
+            // non-ASCII went out raw (review of 2026-12-02).
+            id if id.len() > 64 || !id.bytes().all(|b| b.is_ascii_graphic()) => {
                 return Err(invalid(
                     "node_id",
-                    "must be at most 64 characters without spaces",
+                    "must be at most 64 printable ASCII characters, without spaces",
                 ));
             }
             id => id.to_owned(),
@@ -830,7 +949,10 @@ impl Config {
 
     fn auth_from_raw(raw: &RawAuth) -> Result<AuthConfig, ConfigError> {
         use jsonwebtoken::{Algorithm, DecodingKey};
-        let secret = raw.jwt_secret.trim();
+        // Exactly as written: tokens are signed with the secret as the
+        // issuer has it (review of 2026-12-02: a trailing space was
+        // trimmed here, and every token was refused).
+        let secret = raw.jwt_secret.as_str();
         let key_file = raw.jwt_public_key_file.trim();
         let algorithm = match (raw.jwt_algorithm.trim(), secret.is_empty()) {
             ("", false) => Algorithm::HS256,
@@ -869,6 +991,9 @@ impl Config {
                         "auth.jwt_public_key_file",
                         format!("cannot read {path:?}: {e}"),
                     )
+                })?;
+                check_public_key(&pem, algorithm).map_err(|problem| {
+                    invalid("auth.jwt_public_key_file", format!("{path:?} {problem}"))
                 })?;
                 let key = match algorithm {
                     Algorithm::RS256 => DecodingKey::from_rsa_pem(&pem),

@@ -728,3 +728,186 @@ fn booleans_are_booleans() {
             .sample_page
     );
 }
+
+/// Review of 2026-12-02, the configuration's silent surprises, each now
+/// refused (or taken as written) with the key named.
+mod review_2026_12_02 {
+    use super::*;
+
+    fn load(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut file = tempfile();
+        writeln!(file.1, "{text}").unwrap();
+        Config::load_from(Some(&file.0), env(vars))
+    }
+
+    fn fixture(name: &str) -> String {
+        format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    /// A float in an integer key was rounded (`70000.9` ran as 70001).
+    #[test]
+    fn floats_in_integer_keys_are_refused() {
+        for (text, key) in [
+            (
+                "[limits]\nmax_message_bytes = 70000.9",
+                "limits.max_message_bytes",
+            ),
+            ("[limits]\nmax_recipients = 1e2", "limits.max_recipients"),
+            ("[ws]\nping_interval_ms = 1.5e4", "ws.ping_interval_ms"),
+        ] {
+            let err = load(text, &[]).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+            assert!(err.contains("expected an integer"), "{text}: {err}");
+        }
+        let config = load("[limits]\nmax_recipients = 100", &[]).unwrap();
+        assert_eq!(config.limits.max_recipients, 100);
+    }
+
+    /// Two variables that differ in case only: one won at random.
+    #[test]
+    fn variables_that_differ_in_case_only_are_refused() {
+        let err = Config::load_from(
+            None,
+            env(&[
+                ("WSHUB_LISTEN", "127.0.0.1:1"),
+                ("WSHUB_listen", "127.0.0.1:2"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("WSHUB_LISTEN") && err.contains("WSHUB_listen"),
+            "{err}"
+        );
+    }
+
+    /// The environment overrides a file's header however the file spells
+    /// its name; the node refused to start with it "set twice".
+    #[test]
+    fn an_environment_header_replaces_the_files_in_any_spelling() {
+        let text = "[backend]\nurl = \"http://127.0.0.1:9/x\"\n\
+                    [backend.headers]\nAuthorization = \"Bearer file\"\nX-Api-Key = \"file\"\n\
+                    X-Other = \"kept\"";
+        let config = load(
+            text,
+            &[
+                ("WSHUB_BACKEND__HEADERS__AUTHORIZATION", "Bearer env"),
+                ("WSHUB_BACKEND__HEADERS__X_API_KEY", "env"),
+            ],
+        )
+        .unwrap();
+        let headers: Vec<(String, String)> = config
+            .backend
+            .unwrap()
+            .headers
+            .iter()
+            .map(|(n, v)| (n.clone(), v.expose().to_owned()))
+            .collect();
+        let mut headers = headers;
+        headers.sort();
+        assert_eq!(
+            headers,
+            [
+                ("authorization".to_owned(), "Bearer env".to_owned()),
+                ("x-api-key".to_owned(), "env".to_owned()),
+                ("x-other".to_owned(), "kept".to_owned()),
+            ],
+            "{headers:?}"
+        );
+        // Two spellings in the file itself are still refused.
+        let twice = "[backend]\nurl = \"http://127.0.0.1:9/x\"\n\
+                     [backend.headers]\nX-Api-Key = \"a\"\nx_api_key = \"b\"";
+        assert!(
+            load(twice, &[])
+                .unwrap_err()
+                .to_string()
+                .contains("set twice")
+        );
+    }
+
+    /// Secrets are taken as written: a trailing space was trimmed, and no
+    /// token or signature matched the application's.
+    #[test]
+    fn secrets_are_taken_as_written() {
+        let key = "0123456789abcdef0123456789abcdef ";
+        let config = load(
+            "[backend]\nurl = \"http://127.0.0.1:9/x\"",
+            &[("WSHUB_BACKEND__SIGNING_KEY", key)],
+        )
+        .unwrap();
+        let backend = config.backend.unwrap();
+        assert_eq!(backend.signing_key.unwrap().expose(), key);
+        // 31 characters and a space: 32, as written.
+        assert!(load("", &[("WSHUB_AUTH__JWT_SECRET", key)]).is_ok());
+        let short = "0123456789abcdef0123456789abcde ";
+        assert!(load("", &[("WSHUB_AUTH__JWT_SECRET", short.trim_end())]).is_err());
+    }
+
+    /// A node id goes in a response header: a control character made it
+    /// vanish from every response.
+    #[test]
+    fn node_id_is_printable_ascii() {
+        for bad in ["a\u{1}b", "caf\u{e9}", "a b", &"n".repeat(65)] {
+            let err = load("", &[("WSHUB_NODE_ID", bad)]).unwrap_err().to_string();
+            assert!(err.contains("node_id"), "{bad:?}: {err}");
+        }
+        let config = load("", &[("WSHUB_NODE_ID", "wshub-7d9f-x2")]).unwrap();
+        assert_eq!(config.node_id, "wshub-7d9f-x2");
+    }
+
+    /// A misspelt level was a filter that let nothing through.
+    #[test]
+    fn log_level_names_a_level() {
+        for bad in ["warning", "inf", "", " , ", "info,debg"] {
+            let err = load("", &[("WSHUB_LOG__LEVEL", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("log.level"), "{bad:?}: {err}");
+        }
+        for good in [
+            "WARN",
+            "info",
+            "info,wshub=debug",
+            "off",
+            "wshub=trace",
+            "warn,tower[x]=info",
+        ] {
+            assert!(load("", &[("WSHUB_LOG__LEVEL", good)]).is_ok(), "{good:?}");
+        }
+    }
+
+    /// A private key, or a key of another curve, made a hub that refused
+    /// every token.
+    #[test]
+    fn a_key_file_must_hold_a_public_key_of_its_algorithm() {
+        let cases = [
+            ("RS256", "rsa_private.pem", "private key"),
+            ("ES256", "ec_private.pem", "private key"),
+            ("ES256", "ec_p384_public.pem", "P-256"),
+            ("ES256", "rsa_public.pem", "P-256"),
+        ];
+        for (algorithm, file, says) in cases {
+            let err = load(
+                "",
+                &[
+                    ("WSHUB_AUTH__JWT_ALGORITHM", algorithm),
+                    ("WSHUB_AUTH__JWT_PUBLIC_KEY_FILE", &fixture(file)),
+                ],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("auth.jwt_public_key_file"), "{file}: {err}");
+            assert!(err.contains(says), "{file}: {err}");
+        }
+        for (algorithm, file) in [("RS256", "rsa_public.pem"), ("ES256", "ec_public.pem")] {
+            let config = load(
+                "",
+                &[
+                    ("WSHUB_AUTH__JWT_ALGORITHM", algorithm),
+                    ("WSHUB_AUTH__JWT_PUBLIC_KEY_FILE", &fixture(file)),
+                ],
+            );
+            assert!(config.is_ok(), "{file}: {:?}", config.err());
+        }
+    }
+}

@@ -259,11 +259,20 @@ const HUB_HEADERS: [&str; 9] = [
     "host",
 ];
 
+/// A `backend.headers` name as it is sent: lower case, `_` as `-` (see
+/// [`backend_trust`]).
+pub(super) fn header_name(name: &str) -> String {
+    name.to_ascii_lowercase().replace('_', "-")
+}
+
 /// `backend.signing_key` and `backend.headers`, validated.
 pub(super) fn backend_trust(
     raw: &RawBackend,
 ) -> Result<(Option<Secret>, StaticHeaders), ConfigError> {
-    let key = match raw.signing_key.trim() {
+    // Exactly as written, like every secret: the backend checks the
+    // signature with the key it was given (review of 2026-12-02: a key
+    // with a trailing space was trimmed here, and nothing verified).
+    let key = match raw.signing_key.as_str() {
         "" => None,
         k if k.len() < 32 => {
             return Err(invalid(
@@ -280,7 +289,7 @@ pub(super) fn backend_trust(
         // drops headers with `_` by default, and CGI-style servers read
         // both spellings as one variable, so `x_wshub_user_id` must not
         // get past the check below.
-        let lower = name.to_ascii_lowercase().replace('_', "-");
+        let lower = header_name(name);
         if reqwest::header::HeaderName::from_bytes(lower.as_bytes()).is_err() {
             return Err(invalid(
                 "backend.headers",

@@ -78,6 +78,29 @@ fn healthcheck_with_a_configuration_error_exits_1() {
     assert!(err.contains("listen"), "{err}");
 }
 
+/// Review of 2026-12-02: an empty `WSHUB_CONFIG` (a template that leaves
+/// it blank) is no file, as unset; clap refused it, and `healthcheck`
+/// exited 2, as it did for an unknown argument. Both promise 0 or 1.
+#[test]
+fn healthcheck_exits_0_or_1_whatever_its_arguments() {
+    let (code, out, err) = run(&["config", "check"], &[("WSHUB_CONFIG", "")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("listen = \"0.0.0.0:8080\""), "{out}");
+    // Nothing listens on this port: unhealthy, 1.
+    let env = [("WSHUB_CONFIG", ""), ("WSHUB_LISTEN", "127.0.0.1:9")];
+    let (code, _, err) = run(&["healthcheck"], &env);
+    assert_eq!(code, 1, "{err}");
+    let (code, _, err) = run(&["healthcheck", "--bogus"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--bogus"), "{err}");
+    // A node with an unknown argument still refuses to start with 2.
+    let (code, _, err) = run(&["--bogus"], &[]);
+    assert_eq!(code, 2, "{err}");
+    let (code, out, _) = run(&["--version"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("wshub "), "{out}");
+}
+
 /// A worker-thread count tokio would refuse (with a panic when the
 /// runtime starts), or one above 1,024 (a capacity overflow or an aborted
 /// allocation in tokio), is answered with a line naming it and exit code
@@ -455,4 +478,15 @@ async fn a_minted_token_opens_a_socket_as_its_user() {
     let (code, out, stderr) = run(&["token", "--sub", "ann"], &[]);
     assert_eq!((code, out.as_str()), (1, ""));
     assert!(stderr.contains("auth.jwt_secret"), "{stderr}");
+    // Review of 2026-12-02: ids the hub refuses (longer than
+    // limits.max_id_bytes) are not minted into a token.
+    let long = "u".repeat(257);
+    for args in [
+        &["token", "--sub", long.as_str()][..],
+        &["token", "--sub", "ann", "--group", long.as_str()][..],
+    ] {
+        let (code, out, stderr) = run(args, &env);
+        assert_eq!((code, out.as_str()), (1, ""), "{stderr}");
+        assert!(stderr.contains("limits.max_id_bytes"), "{stderr}");
+    }
 }
