@@ -489,6 +489,7 @@ impl Presence {
             );
         }
         let dirty = std::mem::take(&mut state.dirty);
+        let mut sets = Vec::new();
         for holding in dirty {
             let wanted = match state.counts.get(&holding) {
                 Some(count) if count.n > 0 => Some(count.n),
@@ -506,9 +507,23 @@ impl Presence {
                 None => None,
             };
             if wanted != written.get(&holding).copied() {
-                ops.push(Op::Set(holding, wanted));
+                sets.push((holding, wanted));
             }
         }
+        // A user's events in the order they happen: `online` before its
+        // `join`s, `leave`s before its `offline`. The holdings come out of
+        // a set in any order, and so did the events (review of
+        // 2026-12-02: one user's `offline` before its `leave`, another's
+        // after).
+        sets.sort_by_key(|(holding, wanted)| match (holding, wanted) {
+            (Holding::User(_), Some(_)) => 0,
+            (Holding::Group { .. }, _) => 1,
+            (Holding::User(_), None) => 2,
+        });
+        ops.extend(
+            sets.into_iter()
+                .map(|(holding, wanted)| Op::Set(holding, wanted)),
+        );
         ops.extend(
             state
                 .gone

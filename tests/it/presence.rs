@@ -1666,3 +1666,47 @@ async fn without_redis_the_api_answers_503_and_sockets_stay() {
         "{reply}"
     );
 }
+
+/// Review of 2026-12-02: one node's events of a user reached the backend
+/// in either order (`offline` before `leave` for one user, after it for
+/// another): the holdings were written in a hash set's order. Now each
+/// user's `online` comes before its `join`, and its `leave` before its
+/// `offline`.
+#[tokio::test]
+async fn a_users_events_reach_the_backend_in_the_order_they_happen() {
+    let redis = RedisServer::start();
+    let events = Events::start().await;
+    let node = presence_node(&redis, |c| events.configure(c)).await;
+    let users: Vec<String> = (0..8).map(|i| format!("user{i}")).collect();
+    let mut sockets = Vec::new();
+    for user in &users {
+        sockets.push(Client::connect(node.addr, &socket_path(user, Some("room"), false)).await);
+    }
+    within("every user online and in the room", PATIENCE, || async {
+        events.count("wshub.online") == users.len() && events.count("wshub.join") == users.len()
+    })
+    .await;
+    for socket in sockets {
+        socket.close().await;
+    }
+    within("every user gone", PATIENCE, || async {
+        events.count("wshub.offline") == users.len() && events.count("wshub.leave") == users.len()
+    })
+    .await;
+    let seen = events.all();
+    let at = |action: &str, user: &str| {
+        seen.iter()
+            .position(|e| e.0 == action && e.1 == user)
+            .unwrap_or_else(|| panic!("no {action} for {user}: {seen:?}"))
+    };
+    for user in &users {
+        assert!(
+            at("wshub.online", user) < at("wshub.join", user),
+            "{user}: join before online: {seen:?}"
+        );
+        assert!(
+            at("wshub.leave", user) < at("wshub.offline", user),
+            "{user}: offline before leave: {seen:?}"
+        );
+    }
+}
