@@ -179,6 +179,36 @@ fn check_public_key(text: &[u8], algorithm: jsonwebtoken::Algorithm) -> Result<(
     Ok(())
 }
 
+/// An `auth.allowed_origins` entry: `*`, `null`, or an origin as a browser
+/// sends it, `scheme://host[:port]` (a trailing `/` is allowed). An entry
+/// with a path, a query or no scheme could never match an `Origin`, and
+/// was kept without a word (review of 2026-12-02).
+fn origin_entry(entry: &str) -> Result<String, ConfigError> {
+    if entry == "*" || entry == "null" {
+        return Ok(entry.to_owned());
+    }
+    let origin = reqwest::Url::parse(entry).ok().filter(|u| {
+        u.has_host()
+            && u.path() == "/"
+            && !entry.trim_end_matches('/').ends_with(['?', '#'])
+            && u.query().is_none()
+            && u.fragment().is_none()
+            && u.username().is_empty()
+            && u.password().is_none()
+            && entry.contains("://")
+    });
+    match origin {
+        Some(_) => Ok(entry.to_owned()),
+        None => Err(invalid(
+            "auth.allowed_origins",
+            format!(
+                "{entry:?} is not an origin like https://app.example.com (a scheme, a host and \
+                 an optional port; no path), `*` or `null`"
+            ),
+        )),
+    }
+}
+
 /// `log.level` names a level, or a target's level (`wshub=debug`). A
 /// `tracing` filter reads a bare word as a *target*, so a misspelt level
 /// (`warning`, `inf`) or an empty value was a filter that let nothing
@@ -1042,8 +1072,8 @@ impl Config {
             allowed_origins: raw
                 .allowed_origins
                 .iter()
-                .map(|o| o.trim().to_owned())
-                .collect(),
+                .map(|o| origin_entry(o.trim()))
+                .collect::<Result<_, _>>()?,
             trusted_proxies: cidrs("auth.trusted_proxies", &raw.trusted_proxies)?,
         })
     }
@@ -1053,8 +1083,14 @@ impl Config {
         if url.is_empty() {
             return Ok(None);
         }
+        // `http:///x` parses with `x` as its host (the URL standard skips
+        // the empty authority): refused, as it names no host.
+        let empty_authority = url
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.is_empty() || rest.starts_with(['/', '?', '#']));
         match reqwest::Url::parse(url) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => {}
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() && !empty_authority => {
+            }
             _ => {
                 return Err(invalid(
                     "backend.url",

@@ -855,6 +855,37 @@ mod review_2026_12_02 {
         assert_eq!(config.node_id, "wshub-7d9f-x2");
     }
 
+    /// An origin entry that could never match was kept silently.
+    #[test]
+    fn allowed_origins_are_origins() {
+        for bad in [
+            "notanorigin",
+            "https://app.example.com/chat",
+            "app.example.com",
+            "https://a.com?x",
+        ] {
+            let err = load("", &[("WSHUB_AUTH__ALLOWED_ORIGINS", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("auth.allowed_origins"), "{bad:?}: {err}");
+        }
+        let good = "https://app.example.com, http://localhost:8080/,*,null";
+        let config = load("", &[("WSHUB_AUTH__ALLOWED_ORIGINS", good)]).unwrap();
+        assert_eq!(config.auth.allowed_origins.len(), 4);
+    }
+
+    /// `http:///x` was taken as the host `x`.
+    #[test]
+    fn a_backend_url_names_its_host() {
+        for bad in ["http:///x", "http://", "https:///", "http://?q"] {
+            let err = load("", &[("WSHUB_BACKEND__URL", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("backend.url"), "{bad:?}: {err}");
+        }
+        assert!(load("", &[("WSHUB_BACKEND__URL", "http://x/y")]).is_ok());
+    }
+
     /// A misspelt level was a filter that let nothing through.
     #[test]
     fn log_level_names_a_level() {
