@@ -154,6 +154,12 @@ export function topicKeys(groupId, userId) {
 
 const POSITION = /^([^:]+):(\d+)$/;
 
+/** Whether `key` is a topic key ({@link topicKeys}). */
+function isTopicKey(key) {
+  return typeof key === "string"
+    && (key === "all" || key === "nullgroup" || key.startsWith("group:") || key.startsWith("user:"));
+}
+
 /**
  * Whether `next` is a position to keep over `current` (both `"<epoch>:<offset>"`):
  * always when there is none yet or the epoch changed, else when its offset is
@@ -411,40 +417,65 @@ export class WebConnectionWebSocket {
       this.options.url || hubFromDocument(this.options.document || globalThis.document), null, null);
   }
 
-  /** Switches to the positions of the identity `tryConnect` was given (memory, else storage). */
+  /**
+   * Switches to the positions of the identity `tryConnect` was given
+   * (memory, else storage). A page loaded again (a reload) also takes back
+   * the identity the hub gave its last socket: the user id it assigned,
+   * and with a token the token's group and user, which `tryConnect` does
+   * not name (without them the reloaded page sent no `user:` position, or
+   * no group position, and was never recovered: review of 2026-12-02).
+   */
   _loadPositions() {
-    this._assignedUserId = null;
-    this._tracked = new Set(topicKeys(this.groupId, this.userId));
     const scope = resumeStorageKey(this._root(), this.groupId, this.userId);
-    if (scope === this._scope) return;
+    if (scope === this._scope) {
+      // The same `tryConnect` again on this page. Without a token, one that
+      // names no user asks the hub for a new one; with a token, the token
+      // says who the socket is, as before.
+      if (!this.options.token) {
+        this._assignedUserId = null;
+        this._tracked = new Set(topicKeys(this.groupId, this.userId));
+      }
+      return;
+    }
     this._scope = scope;
     this._positions = {};
+    this._assignedUserId = null;
+    this._tracked = new Set(topicKeys(this.groupId, this.userId));
     let stored = null;
     try {
       stored = JSON.parse(this._storage()?.getItem(scope) ?? "null");
     } catch {
       stored = null;
     }
-    const saved = stored && typeof stored === "object" ? stored.positions : null;
+    if (!stored || typeof stored !== "object") return;
+    const saved = stored.positions;
     if (!saved || typeof saved !== "object") return;
     for (const [key, value] of Object.entries(saved)) {
       if (typeof value === "string" && POSITION.test(value)) this._positions[key] = value;
     }
+    if (!this.userId && typeof stored.assigned === "string" && stored.assigned) {
+      this._assignedUserId = stored.assigned;
+    }
+    const tracked = Array.isArray(stored.tracked) ? stored.tracked.filter(isTopicKey) : [];
+    if (tracked.includes("all")) this._tracked = new Set(tracked);
   }
 
   _savePositions() {
     try {
-      this._storage()?.setItem(this._scope, JSON.stringify({ positions: this._positions }));
+      const saved = { positions: this._positions, tracked: [...this._tracked], assigned: this._assignedUserId };
+      this._storage()?.setItem(this._scope, JSON.stringify(saved));
     } catch {
       // Full or disabled storage: the positions are still kept in memory.
     }
   }
 
-  /** What to send as `resume=`: the positions of this identity's topics. */
+  /**
+   * What to send as `resume=`: the positions of this identity's topics, as
+   * the last welcome named them (a token's group, a user the hub assigned).
+   */
   _resumeParam() {
-    const user = this.userId || this._assignedUserId;
     const out = {};
-    for (const key of topicKeys(this.groupId, user)) {
+    for (const key of this._tracked) {
       if (this._positions[key] !== undefined) out[key] = this._positions[key];
     }
     return out;

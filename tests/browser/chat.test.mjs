@@ -8,10 +8,9 @@
 // anything that leaked would have arrived before the marker.
 
 import { test, before, after } from "node:test";
-import { createHmac } from "node:crypto";
 import assert from "node:assert/strict";
 import {
-  startRedis, startNode, startNginx, launchBrowser, connectionsOn, artifact, stopAll,
+  startRedis, startNode, startNginx, launchBrowser, connectionsOn, artifact, stopAll, mintToken,
 } from "./harness.mjs";
 
 let redis, node1, node2, lb, browser;
@@ -196,14 +195,6 @@ test("code written against Web Connection's documented API runs unchanged", asyn
   await page.close();
   await watcher.close();
 });
-
-/** An HS256 JWT, as an application backend would mint it. */
-function mintToken(secret, claims) {
-  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
-  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64(claims)}`;
-  const sig = createHmac("sha256", secret).update(body).digest("base64url");
-  return `${body}.${sig}`;
-}
 
 test("token mode: the token travels in the protocol list and decides the identity", async () => {
   const secret = "browser-test-secret-0123456789abcdef";

@@ -14,7 +14,7 @@ import { spawn, execFileSync } from "node:child_process";
 import { createInterface } from "node:readline";
 import { createServer, connect } from "node:net";
 import { createServer as createHttpServer } from "node:http";
-import { createHash } from "node:crypto";
+import { createHash, createHmac } from "node:crypto";
 import { mkdtempSync, readFileSync, writeFileSync, existsSync, mkdirSync, rmSync, chmodSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, dirname, basename } from "node:path";
@@ -389,4 +389,12 @@ export async function stopAll() {
   }
   await Promise.race([Promise.all(exits), new Promise((r) => setTimeout(r, PATIENCE_MS).unref())]);
   for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
+}
+
+/** An HS256 JWT, as an application backend would mint it. */
+export function mintToken(secret, claims) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64(claims)}`;
+  const sig = createHmac("sha256", secret).update(body).digest("base64url");
+  return `${body}.${sig}`;
 }

@@ -20,8 +20,10 @@ import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import {
   startRedis, startNode, stopNode, startNginx, startChatBackend, launchBrowser, connectionsOn,
-  freePort, artifact, stopAll,
+  freePort, artifact, stopAll, mintToken, ROOT,
 } from "./harness.mjs";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
 
 const HISTORY = { WSHUB_HISTORY__ENABLED: "true" };
 
@@ -261,3 +263,79 @@ test("an unchanged Web Connection page behind nginx receives every message once 
   assert.equal(await connectionsOn(survivor), 1, "the page is on the node that stayed");
   await page.close();
 });
+
+// ---------------------------------------------------------------------------
+// (c) Pages whose identity the hub gives (review of 2026-12-02): a token's
+// group and user, or a user id the hub assigned. Both were never recovered
+// after a reload (the positions sent back lacked the group's or the user's
+// topic), and a token page not even on a reconnect.
+
+/**
+ * Loads into `page` at `node`'s origin the working tree's library with
+ * `resume: true` and `options`, `tryConnect(true, group, user)`; it
+ * records welcomes and messages. (Content set on a page of the node's
+ * origin, as library.test.mjs does: Chromium's local-network checks let
+ * it open sockets to the node.) Loading it again in the same tab is a
+ * reload: a new library object, the same sessionStorage.
+ */
+async function loadProbe(page, node, options, group, user) {
+  await page.route("**/scripts/webconnection-websocket.js", (route) => route.fulfill({
+    contentType: "text/javascript",
+    body: readFileSync(join(ROOT, "static", "webconnection-websocket.js"), "utf8"),
+  }));
+  await page.goto(`${node.url}/healthz`);
+  await page.setContent(`<!doctype html><script type="module">
+    import { WebConnectionWebSocket } from "/scripts/webconnection-websocket.js";
+    window.resumes = []; window.got = [];
+    const ws = new WebConnectionWebSocket({ resume: true, ...${JSON.stringify(options)} });
+    ws.onResumeHandler = (r) => window.resumes.push(r);
+    ws.onMessageHandler = (m) => window.got.push(m.message);
+    ws.tryConnect(true, ${JSON.stringify(group)}, ${JSON.stringify(user)});
+    window.ws = ws;
+  </script>`);
+  await page.waitForFunction(() => window.resumes?.length >= 1);
+}
+
+test("a page whose identity the hub gave (a token's, an assigned user id) resumes after a reconnect and a reload", async () => {
+  const secret = "resume-probe-secret-0123456789abcdef";
+  const secured = await startNode({ WSHUB_REDIS__URL: redis, ...HISTORY, WSHUB_AUTH__JWT_SECRET: secret });
+  const open = await startNode({ WSHUB_REDIS__URL: redis, ...HISTORY });
+  const token = mintToken(secret, { sub: "tina", group: "troom", exp: Math.floor(Date.now() / 1000) + 600 });
+  const cases = [
+    { name: "token", node: secured, options: { token, minReconnectDelay: 200 }, group: null, user: null, room: "troom" },
+    { name: "assigned user", node: open, options: { minReconnectDelay: 200 }, group: "anon", user: "", room: "anon" },
+  ];
+  for (const c of cases) {
+    const page = await newPage();
+    await loadProbe(page, c.node, c.options, c.group, c.user);
+    const to = [{ type: "group", value: c.room }];
+    await publish(c.node, `${c.name}: before`, to);
+    await page.waitForFunction((t) => window.got.includes(t), `${c.name}: before`);
+    // A reconnect: the socket drops; something is published meanwhile.
+    await page.evaluate(() => window.ws.socket.close(3000));
+    await publish(c.node, `${c.name}: while away`, to);
+    await page.waitForFunction(() => window.resumes.length >= 2);
+    await page.waitForFunction((t) => window.got.includes(t), `${c.name}: while away`);
+    assert.deepEqual(await page.evaluate(() => window.resumes[1]), { recovered: true, replayed: 1, node: await nodeIdOf(c.node) },
+      `${c.name}: the reconnect is recovered`);
+    await page.unrouteAll();
+    // A reload: away from the page, a message, back again (same tab, same
+    // sessionStorage).
+    await page.goto("about:blank");
+    await publish(c.node, `${c.name}: while reloading`, to);
+    await loadProbe(page, c.node, c.options, c.group, c.user);
+    assert.equal(await page.evaluate(() => window.resumes[0].recovered), true, `${c.name}: the reload is recovered`);
+    await page.waitForFunction((t) => window.got.includes(t), `${c.name}: while reloading`);
+    await publish(c.node, `${c.name}: after`, to);
+    await page.waitForFunction((t) => window.got.includes(t), `${c.name}: after`);
+    assert.deepEqual(await page.evaluate(() => window.got), [`${c.name}: while reloading`, `${c.name}: after`],
+      `${c.name}: once each, in order`);
+    await page.close();
+  }
+});
+
+/** A node's id, as its responses name it. */
+async function nodeIdOf(node) {
+  const res = await fetch(`${node.url}/healthz`);
+  return res.headers.get("x-wshub-node-id");
+}

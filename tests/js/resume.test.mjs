@@ -379,3 +379,44 @@ test("frames from a replaced socket change no positions", () => {
   assert.equal(ws.positions.all, "k:1");
   assert.deepEqual(seen.messages, []);
 });
+
+// Review of 2026-12-02: the identity the hub gave the socket, not only the
+// one tryConnect named, decides which positions go back.
+test("with a token, the group the welcome names is resumed on reconnect and after a reload", (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  FakeSocket.instances = [];
+  const storage = new FakeStorage();
+  const { ws } = resuming(undefined, undefined, { token: "jwt", storage, minReconnectDelay: 100 });
+  last().receive(welcome({ userId: "tok-ann", groupId: "troom",
+    positions: { all: "k:1", "group:troom": "g:3", "user:tok-ann": "u:0" } }));
+  last().receive(message("t1", { "group:troom": "g:4" }));
+  last().drop(1006);
+  t.mock.timers.tick(100);
+  assert.deepEqual(JSON.parse(resumeOf(last().url)), { all: "k:1", "group:troom": "g:4", "user:tok-ann": "u:0" },
+    last().url);
+  // A reload: a new client object, the same storage, tryConnect naming nobody.
+  const reloaded = client({ resume: true, storage, token: "jwt" });
+  reloaded.tryConnect(true);
+  assert.deepEqual(JSON.parse(resumeOf(last().url)), { all: "k:1", "group:troom": "g:4", "user:tok-ann": "u:0" },
+    last().url);
+});
+
+test("a reload keeps the user id the hub assigned, so its user topic resumes too", () => {
+  FakeSocket.instances = [];
+  const storage = new FakeStorage();
+  resuming("anon", null, { storage });
+  last().receive(welcome({ userId: "e044f066527c", groupId: "anon",
+    positions: { all: "k:1", "group:anon": "p:2", "user:e044f066527c": "u:1" } }));
+  const reloaded = client({ resume: true, storage });
+  reloaded.tryConnect(true, "anon", "");
+  assert.ok(last().url.startsWith(`${ROOT}?groupid=anon&userid=e044f066527c&resume=`), last().url);
+  assert.deepEqual(JSON.parse(resumeOf(last().url)), { all: "k:1", "group:anon": "p:2", "user:e044f066527c": "u:1" });
+  assert.equal(reloaded.userId, null, "userId still says what tryConnect was given");
+  // Stored keys that are not topic keys are not taken back.
+  const key = resumeStorageKey(ROOT, "anon", null);
+  const stored = JSON.parse(storage.items.get(key));
+  storage.items.set(key, JSON.stringify({ ...stored, tracked: ["all", "nullgroup", "evil", 7] }));
+  const odd = client({ resume: true, storage });
+  odd.tryConnect(true, "anon", "");
+  assert.deepEqual(Object.keys(JSON.parse(resumeOf(last().url))).sort(), ["all"]);
+});
