@@ -14,7 +14,13 @@ use crate::config::{Config, LogFormat};
 /// lines hard to grep.
 pub fn init(config: &Config) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let filter = match std::env::var("RUST_LOG") {
-        Ok(directives) if !directives.is_empty() => EnvFilter::try_new(directives)?,
+        Ok(directives) if !directives.is_empty() => {
+            // The same check as `log.level`: a misspelt level (`warning`)
+            // was a filter that let nothing through (review of 2026-12-02).
+            crate::config::check_log_level(&directives)
+                .map_err(|problem| format!("RUST_LOG {problem}"))?;
+            EnvFilter::try_new(directives)?
+        }
         _ => EnvFilter::try_new(&config.log_level)?,
     };
     let builder = tracing_subscriber::fmt()

@@ -138,8 +138,14 @@ fn main() -> ExitCode {
     // `WSHUB_CONFIG` when `--config` is not given; set but empty means no
     // file, as unset (clap's own `env` refused an empty value, and so
     // `healthcheck` exited 2: review of 2026-12-02).
+    // Its name in any case, as every variable's (`src/config/env.rs`).
     let config_file = args.config.clone().or_else(|| {
-        std::env::var_os("WSHUB_CONFIG")
+        std::env::vars_os()
+            .find(|(name, _)| {
+                name.to_str()
+                    .is_some_and(|n| n.eq_ignore_ascii_case(wshub::config::ENV_CONFIG_FILE))
+            })
+            .map(|(_, value)| value)
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
     });

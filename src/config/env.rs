@@ -118,15 +118,20 @@ pub(super) fn sort(env: impl IntoIterator<Item = (String, String)>) -> Result<So
         lists: Vec::new(),
         warnings: Vec::new(),
     };
+    // Names are read in any case, the prefix too (`wshub_listen` was
+    // ignored without a word: review of 2026-12-02).
     let mut env: Vec<(String, String)> = env
         .into_iter()
-        .filter(|(name, _)| name.starts_with(&prefix) && name != ENV_CONFIG_FILE)
+        .filter(|(name, _)| {
+            name.get(..prefix.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(&prefix))
+        })
         .collect();
     // Warnings in a stable order.
     env.sort();
-    // Names are read in any case, so two variables that differ only in
-    // case set one key: which one won was up to a hash map's order
-    // (review of 2026-12-02). Refused, naming both.
+    // So two variables that differ only in case set one key: which one
+    // won was up to a hash map's order (review of 2026-12-02). Refused,
+    // naming both.
     let mut seen: HashMap<String, &str> = HashMap::new();
     for (name, _) in &env {
         if let Some(first) = seen.insert(name.to_ascii_uppercase(), name) {
@@ -137,6 +142,12 @@ pub(super) fn sort(env: impl IntoIterator<Item = (String, String)>) -> Result<So
         }
     }
     for (name, value) in env {
+        if name.eq_ignore_ascii_case(ENV_CONFIG_FILE) {
+            // The file itself (`main.rs`), not a key.
+            continue;
+        }
+        // The prefix as the `config` crate matches it.
+        let name = format!("{prefix}{}", &name[prefix.len()..]);
         let rest = name[prefix.len()..].to_ascii_lowercase();
         let known = match rest.split_once("__") {
             Some((section, key)) => match keys.sections.get(section) {

@@ -145,7 +145,7 @@ fn typed_keys() -> &'static TypedKeys {
     })
 }
 
-/// A key file holds a public key of the algorithm's kind: jsonwebtoken
+/// A key file holds a public key (or a certificate) of the algorithm's kind: jsonwebtoken
 /// reads a private key's PEM and a P-384 key without a word, and then no
 /// token ever verifies (review of 2026-12-02). `algorithm` is RS256 or
 /// ES256.
@@ -155,6 +155,8 @@ fn check_public_key(text: &[u8], algorithm: jsonwebtoken::Algorithm) -> Result<(
     const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
     let pem = pem::parse(text).map_err(|e| format!("is not a PEM file: {e}"))?;
     let tag = pem.tag();
+    // jsonwebtoken reads the public key out of a certificate too.
+    let public = tag == "PUBLIC KEY" || tag == "CERTIFICATE";
     if tag.contains("PRIVATE") {
         return Err(format!(
             "holds a private key ({tag}); give its public key (`openssl pkey -in KEY -pubout`): \
@@ -163,16 +165,16 @@ fn check_public_key(text: &[u8], algorithm: jsonwebtoken::Algorithm) -> Result<(
     }
     match algorithm {
         jsonwebtoken::Algorithm::ES256 => {
-            if tag != "PUBLIC KEY" {
-                return Err(format!("holds a {tag}, not a PUBLIC KEY"));
+            if !public {
+                return Err(format!("holds a {tag}, not a PUBLIC KEY or a CERTIFICATE"));
             }
             if !pem.contents().windows(P256.len()).any(|w| w == P256) {
                 return Err("is not a P-256 key, which ES256 needs".into());
             }
         }
         _ => {
-            if tag != "PUBLIC KEY" && tag != "RSA PUBLIC KEY" {
-                return Err(format!("holds a {tag}, not a PUBLIC KEY"));
+            if !public && tag != "RSA PUBLIC KEY" {
+                return Err(format!("holds a {tag}, not a PUBLIC KEY or a CERTIFICATE"));
             }
         }
     }
@@ -180,33 +182,53 @@ fn check_public_key(text: &[u8], algorithm: jsonwebtoken::Algorithm) -> Result<(
 }
 
 /// An `auth.allowed_origins` entry: `*`, `null`, or an origin as a browser
-/// sends it, `scheme://host[:port]` (a trailing `/` is allowed). An entry
-/// with a path, a query or no scheme could never match an `Origin`, and
-/// was kept without a word (review of 2026-12-02).
+/// sends it, `scheme://host[:port]` (a trailing `/` is allowed), kept as a
+/// browser would send it: an http(s) origin in its serialized form (lower
+/// case, an international name in punycode, the scheme's default port left
+/// out: `https://a.example:443` is `https://a.example`), any other scheme
+/// (`chrome-extension://…`, `capacitor://localhost`) as written. An entry
+/// with a path, a query, a wildcard or no scheme could never match an
+/// `Origin`, and was kept without a word (review of 2026-12-02).
 fn origin_entry(entry: &str) -> Result<String, ConfigError> {
     if entry == "*" || entry == "null" {
         return Ok(entry.to_owned());
     }
-    let origin = reqwest::Url::parse(entry).ok().filter(|u| {
-        u.has_host()
-            && u.path() == "/"
-            && !entry.trim_end_matches('/').ends_with(['?', '#'])
-            && u.query().is_none()
-            && u.fragment().is_none()
-            && u.username().is_empty()
-            && u.password().is_none()
-            && entry.contains("://")
-    });
-    match origin {
-        Some(_) => Ok(entry.to_owned()),
-        None => Err(invalid(
+    let refused = |why: &str| {
+        invalid(
             "auth.allowed_origins",
             format!(
                 "{entry:?} is not an origin like https://app.example.com (a scheme, a host and \
-                 an optional port; no path), `*` or `null`"
+                 an optional port; no path){why}; `*` allows any"
             ),
-        )),
+        )
+    };
+    if entry.contains('*') {
+        return Err(refused(": wildcards are not supported, list each origin"));
     }
+    let trimmed = entry.strip_suffix('/').unwrap_or(entry);
+    let url = reqwest::Url::parse(trimmed)
+        .ok()
+        .filter(|u| {
+            u.has_host()
+                && (u.path().is_empty() || u.path() == "/")
+                && u.query().is_none()
+                && u.fragment().is_none()
+                && u.username().is_empty()
+                && u.password().is_none()
+                && !trimmed.ends_with(['?', '#'])
+        })
+        .filter(|_| {
+            trimmed
+                .split_once("://")
+                .is_some_and(|(_, rest)| !rest.is_empty() && !rest.starts_with(['/', '\\']))
+        })
+        .ok_or_else(|| refused(""))?;
+    let origin = url.origin();
+    Ok(if origin.is_tuple() {
+        origin.ascii_serialization()
+    } else {
+        trimmed.to_owned()
+    })
 }
 
 /// `log.level` names a level, or a target's level (`wshub=debug`). A
@@ -215,8 +237,11 @@ fn origin_entry(entry: &str) -> Result<String, ConfigError> {
 /// through: a node that logged nothing at all, errors included (review
 /// of 2026-12-02). A target on its own (all its levels) is written
 /// `target=trace`.
-fn check_log_level(text: &str) -> Result<(), String> {
-    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+pub(crate) fn check_log_level(text: &str) -> Result<(), String> {
+    // And `0` (off) to `5` (trace), as `tracing` reads them.
+    const LEVELS: [&str; 12] = [
+        "trace", "debug", "info", "warn", "error", "off", "0", "1", "2", "3", "4", "5",
+    ];
     let directives: Vec<&str> = text
         .split(',')
         .map(str::trim)
@@ -1085,9 +1110,11 @@ impl Config {
         }
         // `http:///x` parses with `x` as its host (the URL standard skips
         // the empty authority): refused, as it names no host.
-        let empty_authority = url
-            .split_once("://")
-            .is_some_and(|(_, rest)| rest.is_empty() || rest.starts_with(['/', '?', '#']));
+        // Likewise `http:/x`, `http:x` and `http:\\x`: a host follows `//`.
+        let empty_authority = match url.split_once("://") {
+            None => true,
+            Some((_, rest)) => rest.is_empty() || rest.starts_with(['/', '?', '#', '\\']),
+        };
         match reqwest::Url::parse(url) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() && !empty_authority => {
             }

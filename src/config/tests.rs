@@ -763,6 +763,24 @@ mod review_2026_12_02 {
         assert_eq!(config.limits.max_recipients, 100);
     }
 
+    /// A variable's name is read in any case, its prefix too
+    /// (`wshub_listen` was ignored without a word).
+    #[test]
+    fn a_lower_case_prefix_is_read() {
+        let config = Config::load_from(None, env(&[("wshub_listen", "127.0.0.1:2")])).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:2");
+        let err = Config::load_from(
+            None,
+            env(&[
+                ("WSHUB_LISTEN", "127.0.0.1:1"),
+                ("wshub_listen", "127.0.0.1:2"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("wshub_listen"), "{err}");
+    }
+
     /// Two variables that differ in case only: one won at random.
     #[test]
     fn variables_that_differ_in_case_only_are_refused() {
@@ -863,21 +881,57 @@ mod review_2026_12_02 {
             "https://app.example.com/chat",
             "app.example.com",
             "https://a.com?x",
+            "https://*.example.com",
+            "http:/x",
         ] {
             let err = load("", &[("WSHUB_AUTH__ALLOWED_ORIGINS", bad)])
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("auth.allowed_origins"), "{bad:?}: {err}");
         }
-        let good = "https://app.example.com, http://localhost:8080/,*,null";
-        let config = load("", &[("WSHUB_AUTH__ALLOWED_ORIGINS", good)]).unwrap();
-        assert_eq!(config.auth.allowed_origins.len(), 4);
+        // Kept as a browser sends them: http(s) serialized (default port
+        // dropped, punycode, lower case), other schemes as written.
+        let good = [
+            "https://app.example.com",
+            "http://localhost:8080/",
+            "*",
+            "null",
+            "https://A.example:443",
+            "https://b\u{fc}cher.example",
+            "http://[::1]:8080",
+            "chrome-extension://abcdefghijklmnopabcdefghijklmnop",
+            "capacitor://localhost",
+        ]
+        .join(",");
+        let config = load("", &[("WSHUB_AUTH__ALLOWED_ORIGINS", &good)]).unwrap();
+        assert_eq!(
+            config.auth.allowed_origins,
+            [
+                "https://app.example.com",
+                "http://localhost:8080",
+                "*",
+                "null",
+                "https://a.example",
+                "https://xn--bcher-kva.example",
+                "http://[::1]:8080",
+                "chrome-extension://abcdefghijklmnopabcdefghijklmnop",
+                "capacitor://localhost",
+            ]
+        );
     }
 
     /// `http:///x` was taken as the host `x`.
     #[test]
     fn a_backend_url_names_its_host() {
-        for bad in ["http:///x", "http://", "https:///", "http://?q"] {
+        for bad in [
+            "http:///x",
+            "http://",
+            "https:///",
+            "http://?q",
+            "http:/x/api",
+            "http:x/api",
+            r"http:\\x/api",
+        ] {
             let err = load("", &[("WSHUB_BACKEND__URL", bad)])
                 .unwrap_err()
                 .to_string();
@@ -902,6 +956,8 @@ mod review_2026_12_02 {
             "off",
             "wshub=trace",
             "warn,tower[x]=info",
+            "3",
+            "0",
         ] {
             assert!(load("", &[("WSHUB_LOG__LEVEL", good)]).is_ok(), "{good:?}");
         }
@@ -930,7 +986,12 @@ mod review_2026_12_02 {
             assert!(err.contains("auth.jwt_public_key_file"), "{file}: {err}");
             assert!(err.contains(says), "{file}: {err}");
         }
-        for (algorithm, file) in [("RS256", "rsa_public.pem"), ("ES256", "ec_public.pem")] {
+        for (algorithm, file) in [
+            ("RS256", "rsa_public.pem"),
+            ("ES256", "ec_public.pem"),
+            ("RS256", "rsa_cert.pem"),
+            ("ES256", "ec_cert.pem"),
+        ] {
             let config = load(
                 "",
                 &[

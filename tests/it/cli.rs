@@ -490,3 +490,34 @@ async fn a_minted_token_opens_a_socket_as_its_user() {
         assert!(stderr.contains("limits.max_id_bytes"), "{stderr}");
     }
 }
+
+/// Review of 2026-12-02: `RUST_LOG=warning` (which overrides `log.level`)
+/// was a filter that let nothing through, errors included; it gets the
+/// same check as `log.level`, and the node does not start.
+#[test]
+fn a_misspelt_rust_log_stops_the_start() {
+    let mut child = wshub()
+        .env_clear()
+        .env("RUST_LOG", "warning")
+        .env("WSHUB_LISTEN", "127.0.0.1:0")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("run wshub");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the node started with RUST_LOG=warning");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("RUST_LOG") && err.contains("warning"), "{err}");
+}
