@@ -400,6 +400,22 @@ async fn forged_keys_are_ignored() {
 
 // ---- Not recovered -----------------------------------------------------------
 
+/// A node whose groups keep 3 messages, on a Redis with small stream nodes
+/// (so that `MAXLEN ~` trims close to the size): the Redis, to keep, and
+/// the node.
+async fn trimming_group_node() -> (RedisServer, TestServer) {
+    let redis = RedisServer::start_with(&["--stream-node-max-entries", "2"]);
+    let server = node(
+        &redis.url(),
+        Some(HistoryConfig {
+            size_group: 3,
+            ..settings()
+        }),
+    )
+    .await;
+    (redis, server)
+}
+
 /// Opens ann on `server`, then publishes `missed` while she is away, then
 /// resumes her: returns her page, socket and welcome.
 async fn away_then_resume(
@@ -423,16 +439,7 @@ async fn away_then_resume(
 
 #[tokio::test]
 async fn a_topic_that_overflowed_is_not_recovered() {
-    // Small stream nodes, so that `MAXLEN ~` trims close to the size.
-    let redis = RedisServer::start_with(&["--stream-node-max-entries", "2"]);
-    let server = node(
-        &redis.url(),
-        Some(HistoryConfig {
-            size_group: 3,
-            ..settings()
-        }),
-    )
-    .await;
+    let (_redis, server) = trimming_group_node().await;
     let missed: Vec<(String, Value)> = (0..20)
         .map(|i| (format!("m{i}"), json!([to_group("chat")])))
         .collect();
@@ -592,16 +599,7 @@ async fn max_replay_counts_only_the_messages_the_socket_accepts() {
 /// her run of excluded messages, and the resume starts after it.
 #[tokio::test]
 async fn messages_that_exclude_a_client_do_not_leave_its_position_behind() {
-    // Small stream nodes, so that `MAXLEN ~` trims close to the size.
-    let redis = RedisServer::start_with(&["--stream-node-max-entries", "2"]);
-    let server = node(
-        &redis.url(),
-        Some(HistoryConfig {
-            size_group: 3,
-            ..settings()
-        }),
-    )
-    .await;
+    let (_redis, server) = trimming_group_node().await;
     excluded_then_away(&server, 1).await;
 }
 
@@ -663,15 +661,7 @@ pub async fn excluded_then_away(server: &TestServer, settles: usize) {
 /// before the excluded ones, and trimmed by them, is never passed over.
 #[tokio::test]
 async fn a_missed_message_before_excluded_ones_is_not_passed_over() {
-    let redis = RedisServer::start_with(&["--stream-node-max-entries", "2"]);
-    let server = node(
-        &redis.url(),
-        Some(HistoryConfig {
-            size_group: 3,
-            ..settings()
-        }),
-    )
-    .await;
+    let (_redis, server) = trimming_group_node().await;
     let mut missed = vec![("for ann".to_owned(), json!([to_group("chat")]))];
     for i in 0..20 {
         missed.push((
