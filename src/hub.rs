@@ -385,13 +385,25 @@ impl Deliver for Hub {
         );
     }
 
-    fn gap(&self, topic: &Topic, through: Option<&Position>) {
-        let notice = gap_frame(topic);
-        // Marked with the last position lost: a socket's floors drop the
-        // notice where a replay already wrote that far, and raise to it
-        // where it is written (what it lost is behind it now).
-        let mark = through.and_then(|p| Mark::at(topic, p.clone()));
+    fn gap(&self, topic: &Topic, at: Option<&Position>) {
+        let notice = gap_frame(topic, at);
+        // Marked with the position everything lost is at or before: a
+        // socket's floors drop the notice where a replay already wrote
+        // that far (or started in that epoch), and raise to it where it
+        // is written (what it lost is behind it now).
+        let mark = at.and_then(|p| Mark::at(topic, p.clone()));
         self.offer_each(topic, mark.as_ref(), |conn| conn.speaks_resume, |_| &notice);
+    }
+
+    fn resume_held(&self, topic: &Topic) -> bool {
+        let index = self.read();
+        let speaks = |members: &Members| members.iter().any(|c| c.speaks_resume);
+        match topic {
+            Topic::All => index.all.values().any(|c| c.speaks_resume),
+            Topic::Group(g) => index.groups.get(g).is_some_and(speaks),
+            Topic::User(u) => index.users.get(u).is_some_and(speaks),
+            Topic::Connection(_) => false,
+        }
     }
 
     fn order(&self, order: &Order) -> usize {

@@ -249,9 +249,27 @@ pub fn welcome_frame(
     .encode()
 }
 
-/// The gap notice for `topic`: `message` is `{"topics":["<client key>"]}`.
-pub fn gap_frame(topic: &Topic) -> Frame {
-    let message = serde_json::json!({ "topics": [client_key(topic)] }).to_string();
+/// The gap notice for `topic`: `message` is `{"topics":["<client key>"]}`,
+/// with `"positions":{"<client key>":"<position>"}` when the position
+/// everything lost is at or before is known ([`Deliver::gap`]): a client
+/// keeps it as the topic's position (when newer than its own), so that
+/// its next resume asks only for what follows the loss.
+///
+/// [`Deliver::gap`]: crate::bus::Deliver::gap
+pub fn gap_frame(topic: &Topic, at: Option<&crate::history::Position>) -> Frame {
+    #[derive(Serialize)]
+    struct Notice<'a> {
+        topics: [&'a str; 1],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        positions: Option<std::collections::BTreeMap<&'a str, String>>,
+    }
+    let key = client_key(topic);
+    let notice = Notice {
+        topics: [&key],
+        positions: at.map(|at| [(&*key, at.to_string())].into()),
+    };
+    // Strings only: always serializes.
+    let message = serde_json::to_string(&notice).unwrap_or_default();
     Message {
         action: Some(ACTION_GAP.into()),
         message: Some(message.into()),

@@ -81,6 +81,12 @@ export interface ResumeInfo {
 export interface GapInfo {
   /** The topic keys with missing messages. */
   topics: string[];
+  /**
+   * Where each of those topics goes on from, after what was lost (absent
+   * when the hub cannot say). The library has already taken them as the
+   * topics' positions, so the next resume asks only for what follows.
+   */
+  positions?: { [topicKey: string]: string };
 }
 
 /** Where `resume` keeps positions across reloads (`sessionStorage` has this shape). */

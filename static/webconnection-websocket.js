@@ -511,7 +511,12 @@ export class WebConnectionWebSocket {
     if (this.onResumeHandler) this.onResumeHandler(result);
   }
 
-  /** `wshub.gap`: messages this open socket missed and cannot be replayed. */
+  /**
+   * `wshub.gap`: messages this open socket missed and cannot be replayed.
+   * Its `positions` (where each topic goes on from, after the loss) are
+   * kept like a message's `pos`: the next resume asks only for what
+   * follows, and is recovered when nothing more was missed.
+   */
   _gap(msg) {
     let info = null;
     try {
@@ -519,8 +524,9 @@ export class WebConnectionWebSocket {
     } catch {
       info = null;
     }
-    if (!info || typeof info !== "object") info = {};
+    if (!info || typeof info !== "object" || Array.isArray(info)) info = {};
     const topics = Array.isArray(info.topics) ? info.topics.filter((t) => typeof t === "string") : [];
+    this._advance(info.positions);
     if (this.onGapHandler) this.onGapHandler({ ...info, topics });
   }
 

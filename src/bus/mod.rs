@@ -89,14 +89,27 @@ pub trait Deliver: Send + Sync + 'static {
     /// is never reported: the missing messages are delivered, in order,
     /// before the next one.
     ///
-    /// `through`: the last position lost, when the loss is a run of one
-    /// epoch of the topic (history trimmed or expired); a socket whose
-    /// floor in that epoch reaches it already has those messages (a
-    /// resume's replay read them while history still held them) and is
-    /// not told. `None` (the history started afresh, the lost range is
-    /// unknown): every socket that speaks resume is told.
-    fn gap(&self, topic: &Topic, through: Option<&Position>) {
-        let _ = (topic, through);
+    /// `at`: the position of the topic's current epoch that everything
+    /// lost is at or before — the last position lost when the loss is a
+    /// run of one epoch (history trimmed or expired); where the new epoch
+    /// goes on from when the topic's history started afresh (what the old
+    /// one lost is unknown, and behind it). The notice names it, so that
+    /// a client's next resume starts there; and a socket whose floor in
+    /// that epoch reaches it already has what it would be told of (a
+    /// resume's replay read those messages, or started from that epoch)
+    /// and is not told. `None` (the topic has no epoch now): every socket
+    /// that speaks resume is told, with no position.
+    fn gap(&self, topic: &Topic, at: Option<&Position>) {
+        let _ = (topic, at);
+    }
+
+    /// Whether sockets here that speak resume hold `topic`: positions in
+    /// it were handed out, so a catch-up that finds the topic without an
+    /// epoch of this Redis run makes it one and reports a gap at its
+    /// start (`src/bus/redis/gaps.rs`).
+    fn resume_held(&self, topic: &Topic) -> bool {
+        let _ = topic;
+        false
     }
 
     /// Carries out a control order (`POST /api/disconnect`, see

@@ -725,8 +725,13 @@ fn the_welcome_has_the_contracts_shape() {
         r#"{"userId":"ann","groupId":"chat","action":"wshub.welcome","message":"{\"recovered\":true,\"replayed\":12,\"positions\":{\"all\":\"k3:41\",\"group:chat\":\"p7:17\",\"user:ann\":\"q2:5\"},\"node\":\"n2\"}","recipients":[]}"#
     );
     assert_eq!(
-        gap_frame(&group("chat")).as_str(),
+        gap_frame(&group("chat"), None).as_str(),
         r#"{"userId":null,"groupId":null,"action":"wshub.gap","message":"{\"topics\":[\"group:chat\"]}","recipients":[]}"#
+    );
+    // With where the topic goes on from, under the same client key.
+    assert_eq!(
+        gap_frame(&group("chat"), Some(&pos("p8:0"))).as_str(),
+        r#"{"userId":null,"groupId":null,"action":"wshub.gap","message":"{\"topics\":[\"group:chat\"],\"positions\":{\"group:chat\":\"p8:0\"}}","recipients":[]}"#
     );
 }
 

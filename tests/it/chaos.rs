@@ -388,7 +388,7 @@ impl ResumeClient {
             let frame: Frame = serde_json::from_str(&raw).expect("frame is JSON");
             match frame.action.as_deref() {
                 Some("wshub.gap") => {
-                    self.gaps.push(raw);
+                    self.gap(raw);
                     continue;
                 }
                 Some("wshub.welcome") => panic!("a second welcome: {raw}"),
@@ -409,6 +409,48 @@ impl ResumeClient {
                 return seen;
             }
             seen.push(text);
+        }
+    }
+
+    /// A `wshub.gap` notice: kept, and its `positions` taken as the
+    /// library takes them (a tracked topic's newer position: what the
+    /// socket lost is behind it now).
+    fn gap(&mut self, raw: String) {
+        let frame: Frame = serde_json::from_str(&raw).expect("frame is JSON");
+        let info: Value = serde_json::from_str(frame.message.as_deref().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("a gap notice's message is not JSON ({e}): {raw}"));
+        if let Some(positions) = info.get("positions") {
+            let positions: Positions = serde_json::from_value(positions.clone())
+                .unwrap_or_else(|e| panic!("a gap notice's positions ({e}): {raw}"));
+            for (key, new) in positions {
+                let newer = match (
+                    self.positions.get(&key).and_then(|p| split_position(p)),
+                    split_position(&new),
+                ) {
+                    (Some((old_epoch, old_offset)), Some((epoch, offset))) => {
+                        old_epoch != epoch || offset > old_offset
+                    }
+                    (None, Some(_)) => true,
+                    (_, None) => panic!("an unreadable position in a gap notice: {raw}"),
+                };
+                if newer && self.who.keys().contains(&key) {
+                    self.positions.insert(key, new);
+                }
+            }
+        }
+        self.gaps.push(raw);
+    }
+
+    /// Reads frames until `n` gap notices were seen in all; no message
+    /// may come meanwhile.
+    async fn until_gaps(&mut self, n: usize) {
+        while self.gaps.len() < n {
+            let raw = self
+                .recv_raw_for(&format!("a gap notice (seen: {:?})", self.gaps))
+                .await;
+            let frame: Frame = serde_json::from_str(&raw).expect("frame is JSON");
+            assert_eq!(frame.action.as_deref(), Some("wshub.gap"), "{raw}");
+            self.gap(raw);
         }
     }
 
@@ -2209,6 +2251,57 @@ async fn redis_restarted_without_persistence_resumes_say_not_recovered() {
     push(&http, n2.addr, &to_all("s4")).await;
     assert_eq!(a.until("s4").await, ["m10", "m11"]);
     assert_eq!(b.until("s4").await, ["m10", "m12"]);
+    drop((n1, n2));
+}
+
+/// Redis restarts empty while a resume-speaking socket stays open on
+/// topics nobody publishes to: each of its topics' history starts afresh
+/// when its node catches up, and the gap notice names the new epoch's
+/// position, so that the socket's next resume is recovered even though no
+/// message came through those topics since (review of 2026-12-02: its old
+/// positions named an epoch Redis no longer had, and every resume of a
+/// quiet topic said `recovered: false` until a message reached it).
+#[tokio::test]
+async fn after_redis_restarts_empty_a_quiet_topics_gap_notice_lets_the_next_resume_recover() {
+    let mut redis = RedisServer::start();
+    let (n1, n2) = two_history_nodes(&redis, "quiet").await;
+    let http = reqwest::Client::new();
+    let ann = Who::new("ann", Some("chat"));
+    let (mut a, _) = ResumeClient::open(n1.addr, &ann, None).await;
+    let mut observer = Client::connect(n2.addr, &Who::new("obs", Some("sync")).path(None)).await;
+    push(&http, n2.addr, &to_group("chat", "m1")).await;
+    assert_eq!(a.until("m1").await, Vec::<String>::new());
+    let before = a.positions.clone();
+
+    redis.restart();
+    a.epoch_may_change = true;
+    wait_ready(&http, n1.addr, "node 1 after the Redis restart").await;
+    wait_ready(&http, n2.addr, "node 2 after the Redis restart").await;
+    // Nothing is published: every one of ann's topics is told, with where
+    // it goes on from.
+    a.until_gaps(3).await;
+    for key in ann.keys() {
+        let (old, new) = (&before[&key], &a.positions[&key]);
+        assert_ne!(
+            split_position(old).unwrap().0,
+            split_position(new).unwrap().0,
+            "{key}: the gap notice gave no new epoch's position: {:?}",
+            a.gaps
+        );
+    }
+
+    // Ann goes away; a message to her group meanwhile.
+    let ann_at = a.vanish();
+    push(&http, n2.addr, &to_group("chat", "m2")).await;
+    settle(&http, n2.addr, &mut observer, "x1").await;
+    let (mut a, welcome) = ResumeClient::open(n2.addr, &ann, Some(&ann_at)).await;
+    assert!(
+        welcome.recovered,
+        "positions from the gap notices, yet: {welcome:?}"
+    );
+    assert_eq!(welcome.replayed, 1, "{welcome:?}");
+    push(&http, n1.addr, &to_all("s1")).await;
+    assert_eq!(a.until("s1").await, ["m2"]);
     drop((n1, n2));
 }
 

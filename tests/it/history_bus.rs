@@ -45,7 +45,7 @@ use crate::common::history_settings as settings;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Copy(Topic, String, Option<Stamp>),
-    /// A gap, with the last offset lost when it is known.
+    /// A gap, with the offset everything lost is at or before, when known.
     Gap(Topic, Option<u64>),
 }
 
@@ -2069,8 +2069,13 @@ async fn a_restarted_redis_starts_every_topic_afresh() {
     // and whether it reaches the receiver live or through the repair after
     // its resubscribe, it must arrive once, after the gap notice.
     publisher.publish(std::slice::from_ref(&a), "after");
-    // A new epoch: how much of the old one was lost is unknown.
-    assert_eq!(receiver.next().await, Event::Gap(a.clone(), None));
+    // A new epoch: how much of the old one was lost is unknown. Told at
+    // the resubscribe (no epoch yet: no position, since no socket here
+    // speaks resume to ask for one) or at the copy (the new epoch's start).
+    match receiver.next().await {
+        Event::Gap(topic, None | Some(0)) if topic == a => {}
+        other => panic!("expected the gap of {a:?}, got {other:?}"),
+    }
     let (_, text, stamp) = receiver.next_copy().await;
     assert_eq!(text, "after");
     let after = position(&stamp, &a);

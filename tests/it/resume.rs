@@ -1589,10 +1589,20 @@ async fn an_unrepairable_gap_is_told_to_resume_speakers_only() {
             break frame;
         }
     };
+    let notice = parse(frame["message"].as_str().unwrap());
+    assert_eq!(notice["topics"], json!(["all"]), "{notice}");
+    // With where `all` goes on from: at or after the last message lost
+    // ("lost 9", the 11th), in the epoch of the messages before.
+    let welcomed = ann.positions["all"].as_str().unwrap_or_default();
+    let at = notice["positions"]["all"].as_str().unwrap_or_default();
+    let (epoch, offset) = at.split_once(':').unwrap_or_default();
     assert_eq!(
-        parse(frame["message"].as_str().unwrap()),
-        json!({"topics": ["all"]})
+        Some(epoch),
+        welcomed.split_once(':').map(|(e, _)| e),
+        "{notice}"
     );
+    assert!(offset.parse::<u64>().is_ok_and(|o| o >= 11), "{notice}");
+    assert_eq!(notice.as_object().map(|o| o.len()), Some(2), "{notice}");
     let tag = sentinel(&publisher).await;
     let frames = legacy.until_sentinel(&tag).await;
     assert!(

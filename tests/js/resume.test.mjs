@@ -314,6 +314,28 @@ test("sessionStorage is the default store; unreadable or failing storage leaves 
   assert.equal(resumeOf(last().url), "");
 });
 
+test("wshub.gap's positions are kept like a message's pos: newer ones of tracked topics only", () => {
+  FakeSocket.instances = [];
+  const { ws, seen } = resuming("chat", "ann");
+  last().receive(welcome({ positions: { all: "k:1", "group:chat": "p:4", "user:ann": "q:1" } }));
+  const gap = (info) => last().receive({ userId: null, groupId: null, action: "wshub.gap",
+    message: JSON.stringify(info), recipients: [] });
+  // Redis lost its history: the group goes on from a new epoch's start.
+  gap({ topics: ["group:chat"], positions: { "group:chat": "r:0" } });
+  assert.deepEqual(ws.positions, { all: "k:1", "group:chat": "r:0", "user:ann": "q:1" });
+  assert.deepEqual(seen.gaps, [{ topics: ["group:chat"], positions: { "group:chat": "r:0" } }]);
+  // Older than what it holds (a replay got further), or not its topic: ignored.
+  last().receive(message("m", { "group:chat": "r:2" }));
+  gap({ topics: ["group:chat"], positions: { "group:chat": "r:1", "user:bob": "z:9" } });
+  gap({ topics: ["all"], positions: "k:9" });
+  assert.deepEqual(ws.positions, { all: "k:1", "group:chat": "r:2", "user:ann": "q:1" });
+  // The next connect resumes from there.
+  last().close(1006);
+  ws.tryConnect(true, "chat", "ann");
+  assert.deepEqual(JSON.parse(resumeOf(last().url)), { all: "k:1", "group:chat": "r:2", "user:ann": "q:1" });
+  assert.equal(seen.messages.length, 1);
+});
+
 test("wshub.gap calls onGapHandler with the topics and never reaches onMessageHandler", () => {
   FakeSocket.instances = [];
   const { ws, seen } = resuming("chat", "ann");

@@ -31,10 +31,20 @@
 //!
 //! What history no longer has (trimmed, expired, more than a catch-up
 //! reads), or a history that started afresh, is a gap, reported per topic
-//! ([`Deliver::gap`](crate::bus::Deliver::gap)) and never delivered in
-//! part; the topic goes on from the last position the read was for. A
-//! catch-up that fails (Redis down) is a gap of the topic that jumped; the
-//! other topics find their own at their next copy.
+//! ([`Deliver::gap`](crate::bus::Deliver::gap)) with the position the
+//! loss is at or before, and never delivered in part; the topic goes on
+//! from the last position the read was for. A catch-up that fails (Redis
+//! down) is a gap of the topic that jumped; the other topics find their
+//! own at their next copy.
+//!
+//! **Quiet topics after Redis lost its data.** A topic nobody published to
+//! since has no epoch of the new Redis run, yet the node's sockets that
+//! speak resume hold positions in the old one, which no resume can start
+//! from any more. So the catch-up makes such a topic an epoch when the
+//! node's sink says resume sockets hold it ([`Want::make`]; never for
+//! topics only legacy sockets hold, which must create no history keys),
+//! and the gap is reported at its start: the sockets are told where the
+//! topic goes on from, and their next resume is recovered.
 //!
 //! **Where a topic starts.** Right after subscribing, the subscriber reads
 //! the topic's head ([`Head`]) as a *soft* starting point: copies at or
@@ -90,8 +100,9 @@ pub(super) struct CaughtUp {
     /// order of its route, as they are published), each with its topic.
     pub(super) deliver: Vec<(Topic, Arc<Envelope>)>,
     /// Topics whose missing messages cannot be delivered: a gap each,
-    /// with the last position lost when the loss is within the topic's
-    /// current epoch ([`Deliver::gap`](crate::bus::Deliver::gap)).
+    /// with the position in the topic's current epoch that everything
+    /// lost is at or before ([`Deliver::gap`](crate::bus::Deliver::gap));
+    /// `None` only when the topic has no epoch now.
     pub(super) gaps: Vec<(Topic, Option<Position>)>,
     /// Topics whose missing messages are delivered.
     pub(super) repaired: usize,
@@ -210,18 +221,17 @@ impl Tracks {
     }
 
     /// The catch-up could not bring the copy at `p` through `topic` in
-    /// line: the last position lost before it, when that is within `p`'s
-    /// epoch (the track is in it, or had none yet); `None` when the topic
-    /// started afresh in between (what the old epoch lost is unknown).
+    /// line: the position in `p`'s epoch that everything lost is at or
+    /// before, the one before `p` (when the topic started afresh in
+    /// between, the old epoch's loss is before it too); `None` when
+    /// nothing of `p`'s epoch can be missing (the track had no epoch and
+    /// `p` is its first message) or the topic is not tracked.
     pub(super) fn lost_before(&self, topic: &Topic, p: &Position) -> Option<Position> {
         let track = self.map.get(topic)?;
-        let in_epoch = match &track.epoch {
-            Some(epoch) => **epoch == *p.epoch,
-            None => true,
-        };
-        (in_epoch && p.offset > 1).then(|| Position {
+        let other_epoch = track.epoch.as_deref().is_some_and(|e| *e != *p.epoch);
+        (other_epoch || p.offset > 1).then(|| Position {
             epoch: p.epoch.clone(),
-            offset: p.offset - 1,
+            offset: p.offset.saturating_sub(1),
         })
     }
 
@@ -232,8 +242,15 @@ impl Tracks {
     }
 
     /// What a catch-up reads: each of `topics` after its last position;
-    /// a topic not tracked yet is only given its start (its head).
-    pub(super) fn wants<'a>(&self, topics: impl IntoIterator<Item = &'a Topic>) -> Vec<Want> {
+    /// a topic not tracked yet is only given its start (its head). A
+    /// tracked topic that `held` (sockets that speak resume hold positions
+    /// in it) is given an epoch when it has none of this Redis run (see
+    /// [`Want::make`]).
+    pub(super) fn wants<'a>(
+        &self,
+        topics: impl IntoIterator<Item = &'a Topic>,
+        held: impl Fn(&Topic) -> bool,
+    ) -> Vec<Want> {
         topics
             .into_iter()
             .map(|topic| match self.map.get(topic) {
@@ -242,12 +259,14 @@ impl Tracks {
                     epoch: track.epoch.clone(),
                     after: track.offset,
                     read: true,
+                    make: held(topic),
                 },
                 None => Want {
                     topic: topic.clone(),
                     epoch: None,
                     after: 0,
                     read: false,
+                    make: false,
                 },
             })
             .collect()
@@ -278,7 +297,9 @@ impl Tracks {
             let top = match caught.head {
                 Head::Fresh => {
                     // Its history is gone (Redis restarted, nothing
-                    // published since): what followed is unknown.
+                    // published since) and no socket here speaks resume
+                    // in it (none asked for an epoch): what followed is
+                    // unknown.
                     if track.epoch.is_some() {
                         out.gaps.push((topic.clone(), None));
                     }
@@ -295,9 +316,22 @@ impl Tracks {
             // Started afresh because of a copy this node delivered (from a
             // node without history): nothing lost.
             let renewed = self.renewing.contains(topic);
-            let restarted = !same_epoch && track.epoch.is_some() && !renewed;
+            // The topic's history started afresh: what the old epoch lost
+            // is unknown. Made by this catch-up (the node's resume
+            // sockets hold positions in it, yet Redis had no epoch of this
+            // run), the same even when the track had none: those
+            // positions name an epoch that is gone.
+            let restarted = !same_epoch && (track.epoch.is_some() || caught.made) && !renewed;
+            let whole = caught.reach == caught.from || caught.messages.is_some();
             if restarted {
-                out.gaps.push((topic.clone(), None));
+                // Told where the new epoch goes on from: its start when
+                // what it holds up to `reach` follows, else `reach`.
+                let offset = if whole { caught.from } else { caught.reach };
+                let at = Position {
+                    epoch: top.epoch.clone(),
+                    offset,
+                };
+                out.gaps.push((topic.clone(), Some(at)));
             }
             if caught.reach > caught.from {
                 match caught.messages {
@@ -383,6 +417,7 @@ mod tests {
             from,
             reach,
             messages,
+            made: false,
         }
     }
 
@@ -434,14 +469,15 @@ mod tests {
         assert_eq!(tracks.on_copy(&t, &at("e:5")), Step::Deliver, "first seen");
         assert_eq!(tracks.on_copy(&t, &at("e:6")), Step::Deliver);
         assert_eq!(tracks.on_copy(&t, &at("e:9")), Step::CatchUp);
-        let wants = tracks.wants(&tracks.tracked());
+        let wants = tracks.wants(&tracks.tracked(), |_| false);
         assert_eq!(
             wants,
             [Want {
                 topic: t.clone(),
                 epoch: Some("e".into()),
                 after: 6,
-                read: true
+                read: true,
+                make: false
             }]
         );
         let m7 = message("m7", 17, &[(&t, "e:7")]);
@@ -471,7 +507,7 @@ mod tests {
         let (a, u) = (Topic::Group(Some("a".into())), Topic::User("u".into()));
         tracks.on_copy(&a, &at("ga:1"));
         tracks.on_copy(&u, &at("gu:1"));
-        let wants = tracks.wants([&a, &u]);
+        let wants = tracks.wants([&a, &u], |_| false);
         let on_a = vec![
             message("m2", 2, &[(&a, "ga:2")]),
             message("m4", 4, &[(&u, "gu:3"), (&a, "ga:3")]),
@@ -514,7 +550,7 @@ mod tests {
         );
         tracks.on_copy(&a, &at("e:1"));
         tracks.on_copy(&b, &at("f:1"));
-        let wants = tracks.wants([&a, &b]);
+        let wants = tracks.wants([&a, &b], |_| false);
         let up = tracks.caught_up(
             &wants,
             vec![
@@ -555,15 +591,15 @@ mod tests {
         tracks.on_copy(&t, &at("old:7"));
         tracks.expect_renewal(&t);
         assert_eq!(tracks.on_copy(&t, &at("new:1")), Step::CatchUp);
-        let wants = tracks.wants(&tracks.tracked());
+        let wants = tracks.wants(&tracks.tracked(), |_| false);
         let up = tracks.caught_up(&wants, vec![caught("new:1", 0, 0, Some(vec![]))]);
         assert!(up.gaps.is_empty(), "{up:?}");
         assert_eq!(tracks.on_copy(&t, &at("new:1")), Step::Deliver);
         tracks.forget_renewals();
         assert_eq!(tracks.on_copy(&t, &at("newer:1")), Step::CatchUp);
-        let wants = tracks.wants(&tracks.tracked());
+        let wants = tracks.wants(&tracks.tracked(), |_| false);
         let up = tracks.caught_up(&wants, vec![caught("newer:1", 0, 0, Some(vec![]))]);
-        assert_eq!(up.gaps, [(t, None)]);
+        assert_eq!(up.gaps, [(t, Some(at("newer:0")))]);
     }
 
     #[test]
@@ -572,7 +608,7 @@ mod tests {
         let t = Topic::Group(None);
         tracks.on_copy(&t, &at("old:7"));
         assert_eq!(tracks.on_copy(&t, &at("new:3")), Step::CatchUp);
-        let wants = tracks.wants(&tracks.tracked());
+        let wants = tracks.wants(&tracks.tracked(), |_| false);
         let fill = vec![
             message("n1", 1, &[(&t, "new:1")]),
             message("n2", 2, &[(&t, "new:2")]),
@@ -580,19 +616,20 @@ mod tests {
         let up = tracks.caught_up(&wants, vec![caught("new:5", 0, 2, Some(fill))]);
         assert_eq!(
             up.gaps,
-            [(t.clone(), None)],
-            "the old epoch's end is lost, how much of it unknown"
+            [(t.clone(), Some(at("new:0")))],
+            "the old epoch's end is lost, how much of it unknown; the new one follows from its start"
         );
         assert_eq!(up.deliver.len(), 2);
         assert_eq!(tracks.on_copy(&t, &at("new:3")), Step::Deliver);
         assert_eq!(tracks.on_copy(&t, &at("new:4")), Step::Deliver);
         // History gone and nothing published since: a gap, no epoch.
-        let wants = tracks.wants(&tracks.tracked());
+        let wants = tracks.wants(&tracks.tracked(), |_| false);
         let fresh = Caught {
             head: Head::Fresh,
             from: 0,
             reach: 0,
             messages: Some(Vec::new()),
+            made: false,
         };
         let up = tracks.caught_up(&wants, vec![fresh]);
         assert_eq!(up.gaps, [(t.clone(), None)]);
@@ -610,7 +647,12 @@ mod tests {
         assert_eq!(tracks.lost_before(&t, &at("e:5")), None, "not tracked");
         tracks.on_copy(&t, &at("e:2"));
         assert_eq!(tracks.lost_before(&t, &at("e:9")), Some(at("e:8")));
-        assert_eq!(tracks.lost_before(&t, &at("other:9")), None);
+        assert_eq!(
+            tracks.lost_before(&t, &at("other:9")),
+            Some(at("other:8")),
+            "the old epoch's loss is before it too"
+        );
+        assert_eq!(tracks.lost_before(&t, &at("other:1")), Some(at("other:0")));
         let f = Topic::Group(Some("f".into()));
         tracks.start(&f, Head::Fresh);
         assert_eq!(tracks.lost_before(&f, &at("n:4")), Some(at("n:3")));
@@ -639,10 +681,63 @@ mod tests {
         // A catch-up that finds nothing new keeps a start soft.
         let s = Topic::User("s".into());
         tracks.start(&s, Head::At(at("e:10")));
-        let wants = tracks.wants([&s]);
+        let wants = tracks.wants([&s], |_| false);
         let up = tracks.caught_up(&wants, vec![caught("e:10", 10, 10, Some(Vec::new()))]);
         assert!(up.deliver.is_empty() && up.gaps.is_empty());
         assert_eq!(tracks.on_copy(&s, &at("e:9")), Step::Deliver);
+    }
+
+    /// A new epoch whose messages cannot all be read: the gap is told at
+    /// the last of them, where the topic goes on from.
+    #[test]
+    fn a_new_epoch_too_long_to_read_is_a_gap_up_to_its_reach() {
+        let mut tracks = Tracks::default();
+        let t = Topic::User("u".into());
+        tracks.on_copy(&t, &at("old:3"));
+        let wants = tracks.wants(&tracks.tracked(), |_| false);
+        let up = tracks.caught_up(&wants, vec![caught("new:40", 0, 40, None)]);
+        assert_eq!(up.gaps, [(t.clone(), Some(at("new:40")))]);
+        assert!(up.deliver.is_empty());
+        assert_eq!(tracks.on_copy(&t, &at("new:41")), Step::Deliver);
+    }
+
+    /// Review of 2026-12-02: a quiet topic held by sockets that speak
+    /// resume, after Redis lost its data. The catch-up is asked to make it
+    /// an epoch (and only for such topics); made, it is a gap at the new
+    /// epoch's start, even when the node had never seen an epoch of the
+    /// topic (its sockets' welcome made the one now gone).
+    #[test]
+    fn an_epoch_made_for_resume_sockets_is_a_gap_at_its_start() {
+        let mut tracks = Tracks::default();
+        let (held, other) = (Topic::User("ann".into()), Topic::User("bob".into()));
+        tracks.start(&held, Head::Fresh);
+        tracks.start(&other, Head::Fresh);
+        let wants = tracks.wants([&held, &other], |t| *t == held);
+        assert_eq!(
+            wants.iter().map(|w| w.make).collect::<Vec<_>>(),
+            [true, false],
+            "an epoch only where resume sockets hold positions"
+        );
+        let made = Caught {
+            made: true,
+            ..caught("e2:0", 0, 0, Some(Vec::new()))
+        };
+        let fresh = Caught {
+            head: Head::Fresh,
+            from: 0,
+            reach: 0,
+            messages: Some(Vec::new()),
+            made: false,
+        };
+        let up = tracks.caught_up(&wants, vec![made, fresh]);
+        assert_eq!(up.gaps, [(held.clone(), Some(at("e2:0")))]);
+        assert_eq!(tracks.on_copy(&held, &at("e2:1")), Step::Deliver);
+        // Found made by someone else (a welcome's tops): no gap.
+        let third = Topic::User("cy".into());
+        tracks.start(&third, Head::Fresh);
+        let wants = tracks.wants([&third], |_| true);
+        let up = tracks.caught_up(&wants, vec![caught("e3:0", 0, 0, Some(Vec::new()))]);
+        assert!(up.gaps.is_empty(), "{up:?}");
     }
 
     /// After a resubscribe a quiet topic is caught up at once; a topic not
@@ -651,7 +746,7 @@ mod tests {
     fn a_topic_not_tracked_yet_gets_its_start() {
         let mut tracks = Tracks::default();
         let u = Topic::User("u".into());
-        let wants = tracks.wants([&u]);
+        let wants = tracks.wants([&u], |_| false);
         assert!(!wants[0].read, "its head only");
         let up = tracks.caught_up(&wants, vec![caught("e:3", 0, 3, None)]);
         assert!(up.gaps.is_empty() && up.deliver.is_empty());

@@ -641,22 +641,27 @@ return out
 );
 
 /// The subscriber's catch-up (`gaps.rs`): every tracked topic's entries
-/// after the last offset delivered, in one atomic step, never making an
-/// epoch. With a bound (a `seq`), only the entries published before it:
+/// after the last offset delivered, in one atomic step. It makes an epoch
+/// only for a topic the node asks it to (`make`: sockets hold positions
+/// in it, yet it has no epoch of this Redis run: Redis restarted without
+/// its data, or the meta expired), so that the node can tell those sockets
+/// where the topic goes on from. With a bound (a `seq`), only the entries published before it:
 /// each stream is scanned from its top down past the entries at or above
 /// the bound (`s`, the entry's `seq`), which are few (those still on their
 /// way to the node).
 ///
-/// Every topic read that has an epoch is adopted (see "Adoption" in the
-/// module docs).
+/// Every topic read that has an epoch, or is given one, is adopted (see
+/// "Adoption" in the module docs).
 ///
 /// KEYS: meta, stream per topic. ARGV: `[1]` run id, `[2]` the bound (0:
 /// none), `[3]` the most entries in all, `[4]` the most bytes in all, `[5]`
 /// the meta ttl ms; then
 /// per topic the epoch known (`''`: none), the last offset delivered, the
-/// most entries of the topic. Returns per topic `[epoch, top, from, reach,
-/// entries, whole]`: `epoch` `''` when the topic has no epoch of this
-/// Redis run (then nothing else counts); `from` the offset read after (the
+/// most entries of the topic, and `make` (`1`: make the topic an epoch
+/// when it has none of this Redis run). Returns per topic `[epoch, top,
+/// from, reach, entries, whole, made]`: `epoch` `''` when the topic has no
+/// epoch of this Redis run and none was made (then nothing else counts);
+/// `made` 1 when this call made it (at offset 0, nothing to read); `from` the offset read after (the
 /// one given, or 0 in another epoch); `reach` the last offset the answer
 /// is for (the top, or the last below the bound); `entries` those from
 /// `from + 1` to `reach` that are kept, and `whole` 0 when there were too
@@ -668,6 +673,7 @@ return out
 /// short is a gap up to where the scan got).
 const CATCH_UP_LUA: &str = concat!(
     run_lua!(),
+    epoch_lua!(),
     r#"
 local run, bound, budget, bytes, mttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local used, CATCH_UP_STEP = 0, 64
@@ -686,11 +692,16 @@ end
 local out = {}
 for i = 1, #KEYS / 2 do
   local meta, stream = KEYS[2 * i - 1], KEYS[2 * i]
-  local a = 3 + 3 * i
+  local a = 2 + 4 * i
   local most = tonumber(ARGV[a + 2])
   local m = redis.call('HMGET', meta, 'e', 'o', 'r', 'a')
-  if not m[1] or not m[2] or m[3] ~= run then
-    out[i] = {'', '0', '0', '0', {}, 1}
+  if (not m[1] or not m[2] or m[3] ~= run) and ARGV[a + 3] == '1' then
+    local e = epoch_of(meta, stream, run)
+    redis.call('HSET', meta, 'a', '1')
+    redis.call('PEXPIRE', meta, mttl)
+    out[i] = {e, '0', '0', '0', {}, 1, 1}
+  elseif not m[1] or not m[2] or m[3] ~= run then
+    out[i] = {'', '0', '0', '0', {}, 1, 0}
   else
     -- A topic the node tracks is adopted: its sockets may hold positions
     -- in it (its first messages may have come through a catch-up, never
@@ -760,7 +771,7 @@ for i = 1, #KEYS / 2 do
       end
     end
     out[i] = {e, string.format('%d', top), string.format('%d', from),
-      string.format('%d', reach), entries, whole}
+      string.format('%d', reach), entries, whole, 0}
   end
 end
 return out
@@ -1104,6 +1115,9 @@ pub(super) struct Want {
     pub(super) after: u64,
     /// Whether to read its entries at all (false: its head only).
     pub(super) read: bool,
+    /// Whether to make the topic an epoch when it has none of this Redis
+    /// run: the node's sockets hold positions in it ([`CATCH_UP_LUA`]).
+    pub(super) make: bool,
 }
 
 /// What a catch-up found for one topic.
@@ -1121,6 +1135,10 @@ pub(super) struct Caught {
     /// The messages from `from + 1` to `reach`, in order, when history
     /// still has every one of them and they were not too many to read.
     pub(super) messages: Option<Vec<Arc<Envelope>>>,
+    /// The catch-up made the topic's epoch (asked to by [`Want::make`]):
+    /// it had none of this Redis run, so whatever positions the node's
+    /// sockets hold in it name an epoch that is gone.
+    pub(super) made: bool,
 }
 
 /// One command connection, the server's `run_id` (`""` on a Cluster: each
@@ -1453,6 +1471,7 @@ impl RedisHistory {
                     epoch: None,
                     after: 0,
                     read: false,
+                    make: false,
                 })
                 .collect();
             let caught = self.catch_up(&wants, None).await?;
@@ -1758,7 +1777,8 @@ impl RedisHistory {
             .iter()
             .map(|w| {
                 let epoch = w.epoch.as_deref().unwrap_or("").to_owned();
-                vec![epoch, w.after.to_string(), most(w).to_string()]
+                let make = if w.make { "1" } else { "0" };
+                vec![epoch, w.after.to_string(), most(w).to_string(), make.into()]
             })
             .collect::<Vec<_>>();
         let parts = self

@@ -768,9 +768,13 @@ impl Subscriber {
             // bound by; the copy itself then comes from history, and is
             // skipped here (`history/sharded.rs`).
             let (wants, bound) = if shared.config.sharded {
-                (self.tracks.wants([&topic]), None)
+                (
+                    self.tracks.wants([&topic], |t| shared.sink.resume_held(t)),
+                    None,
+                )
             } else {
-                (self.tracks.wants(&self.tracks.tracked()), Some(seq))
+                let held = |t: &Topic| shared.sink.resume_held(t);
+                (self.tracks.wants(&self.tracks.tracked(), held), Some(seq))
             };
             let failed = self.catch_up(&wants, bound).await.err();
             step = self.tracks.on_copy(&topic, &position);
@@ -778,8 +782,8 @@ impl Subscriber {
                 // Still not in line (the read failed, or history moved on
                 // meanwhile): what it lacks is a gap.
                 let why = failed.unwrap_or_else(|| "history moved on meanwhile".into());
-                let through = self.tracks.lost_before(&topic, &position);
-                self.unrepairable(&topic, through.as_ref(), &why);
+                let at = self.tracks.lost_before(&topic, &position);
+                self.unrepairable(&topic, at.as_ref(), &why);
                 self.tracks.skip_to(&topic, &position);
                 step = Step::Deliver;
             }
@@ -807,10 +811,10 @@ impl Subscriber {
             .await
             .map_err(|e| e.to_string())?;
         let caught = self.tracks.caught_up(wants, caught);
-        for (topic, through) in &caught.gaps {
+        for (topic, at) in &caught.gaps {
             self.unrepairable(
                 topic,
-                through.as_ref(),
+                at.as_ref(),
                 "history no longer has them (trimmed, expired, too many, or Redis restarted)",
             );
         }
@@ -832,10 +836,10 @@ impl Subscriber {
 
     /// Counts and reports a gap that cannot be filled (logged at most once
     /// per [`LAG_LOG_EVERY`]; every one is counted).
-    fn unrepairable(&mut self, topic: &Topic, through: Option<&Position>, why: &str) {
+    fn unrepairable(&mut self, topic: &Topic, at: Option<&Position>, why: &str) {
         let shared = &self.shared;
         shared.metrics.bus_gap(GapKind::Unrepairable);
-        shared.sink.gap(topic, through);
+        shared.sink.gap(topic, at);
         if self
             .gap_logged
             .is_none_or(|at: Instant| at.elapsed() > LAG_LOG_EVERY)
@@ -878,7 +882,8 @@ impl Subscriber {
         self.tracks.retain(|t| live.subscribed.contains(t));
         // Copies were lost meanwhile: a new epoch is a gap again.
         self.tracks.forget_renewals();
-        let wants = self.tracks.wants(&live.subscribed);
+        let sink = &self.shared.sink;
+        let wants = self.tracks.wants(&live.subscribed, |t| sink.resume_held(t));
         self.catch_up_retry = None;
         if let Err(e) = self.catch_up(&wants, None).await {
             // Tried again at the probes (a quiet topic shows no jump), and
@@ -902,7 +907,8 @@ impl Subscriber {
             return;
         }
         self.tracks.retain(|t| live.subscribed.contains(t));
-        let wants = self.tracks.wants(&live.subscribed);
+        let sink = &self.shared.sink;
+        let wants = self.tracks.wants(&live.subscribed, |t| sink.resume_held(t));
         match self.catch_up(&wants, None).await {
             Ok(()) => {
                 info!(

@@ -35,7 +35,7 @@ resuming.onResumeHandler = (info: ResumeInfo) => {
   const replayed: number = info.replayed;
   console.log(recovered, replayed, info.node);
 };
-resuming.onGapHandler = (info: GapInfo) => console.log(info.topics.join(","));
+resuming.onGapHandler = (info: GapInfo) => console.log(info.topics.join(","), info.positions?.["all"]);
 const allAt: string | undefined = resuming.positions.all;
 const groupAt: string | undefined = resuming.positions["group:chat"];
 const keys: TopicKey[] = topicKeys("chat", "ann");

@@ -15,7 +15,7 @@ use crate::history::{HistoryError, Position};
 use crate::route::Topic;
 
 /// One topic's answer to the catch-up script: `[epoch, top, from, reach,
-/// entries, whole]` (see [`CATCH_UP_LUA`](super::CATCH_UP_LUA)).
+/// entries, whole, made]` (see [`CATCH_UP_LUA`](super::CATCH_UP_LUA)).
 pub(super) fn caught(
     topic: &Topic,
     part: redis::Value,
@@ -30,12 +30,14 @@ pub(super) fn caught(
     let mut reach = number(next()?, what)?;
     let entries = entries(next()?, what)?;
     let whole = number(next()?, what)? == 1;
+    let made = number(next()?, what)? == 1;
     if epoch.is_empty() {
         return Ok(Caught {
             head: Head::Fresh,
             from: 0,
             reach: 0,
             messages: Some(Vec::new()),
+            made: false,
         });
     }
     let epoch: Arc<str> = epoch.into();
@@ -69,6 +71,7 @@ pub(super) fn caught(
         from,
         reach,
         messages,
+        made,
     })
 }
 
