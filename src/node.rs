@@ -688,6 +688,20 @@ impl Node {
         Ok(())
     }
 
+    /// [`send`](Self::send) of every one of `envelopes`, or of none: the
+    /// bus takes them all or refuses them all (`POST /api/publish`).
+    pub(crate) fn send_all(&self, envelopes: &[Arc<Envelope>]) -> Result<(), PublishError> {
+        self.bus.publish_all(envelopes)?;
+        if !self.echo {
+            for envelope in envelopes {
+                for topic in envelope.route.topics() {
+                    self.hub.deliver(topic, envelope);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `Ok` when the node can deliver; otherwise why not (for `/readyz`).
     pub fn readiness(&self) -> Result<(), String> {
         if self.is_draining() {

@@ -172,6 +172,12 @@ pub trait Bus: Send + Sync + 'static {
     /// will receive it, and the node delivers it to nobody.
     fn publish(&self, envelope: Arc<Envelope>) -> Result<(), BusError>;
 
+    /// [`publish`](Self::publish) of every one of `envelopes`, in order,
+    /// **or of none**: an error means no message of them will reach any
+    /// node (`POST /api/publish`, whose retry must not send the first of
+    /// them again).
+    fn publish_all(&self, envelopes: &[Arc<Envelope>]) -> Result<(), BusError>;
+
     /// Adds a reference to `topic`; the future resolves once the subscription
     /// is in effect.
     fn subscribe(&self, topic: &Topic) -> Subscribed;

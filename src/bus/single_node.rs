@@ -31,6 +31,10 @@ impl Bus for SingleNodeBus {
         Ok(())
     }
 
+    fn publish_all(&self, _envelopes: &[Arc<Envelope>]) -> Result<(), BusError> {
+        Ok(())
+    }
+
     fn subscribe(&self, _topic: &Topic) -> Subscribed {
         Box::pin(ready(Ok(())))
     }

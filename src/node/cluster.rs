@@ -49,15 +49,13 @@ pub enum ServerApiError {
         /// Why.
         source: BusError,
     },
-    /// Redis (for the key) or the bus refused; `sent` messages of the
-    /// batch went out before it did, and the key was given back, so the
-    /// request can be sent again (those would then go out twice).
-    #[error(
-        "{source} ({sent} of the messages were published first; the idempotency key was released)"
-    )]
+    /// The bus refused the batch: none of its messages was published
+    /// (the bus takes a batch whole or not at all), and a key claimed for
+    /// it was given back, so the request can be sent again.
+    #[error("{source} (nothing was published{released})")]
     Bus {
-        /// Messages published before the refusal.
-        sent: usize,
+        /// `"; the idempotency key was released"`, or empty without one.
+        released: &'static str,
         /// The refusal.
         source: BusError,
     },
@@ -125,19 +123,24 @@ impl Node {
                 Err(source) => return Err(ServerApiError::Claim { source }),
             }
         }
-        for (sent, envelope) in envelopes.into_iter().enumerate() {
-            if let Err(e) = self.send(envelope) {
-                let e = self.refused(e);
-                if let Some(key) = key {
-                    // Best effort: if it fails too, the key expires.
-                    let _ = self.control.release(key).await;
-                }
-                let source = match e {
-                    PublishError::Bus(source) => source,
-                    other => BusError::Unavailable(other.to_string()),
-                };
-                return Err(ServerApiError::Bus { sent, source });
+        // Every message or none: a retry with the same key (given back
+        // below) must not send the first ones again (review of
+        // 2026-12-03: one by one, a full queue part-way through published
+        // the start of the batch on every try).
+        if let Err(e) = self.send_all(&envelopes) {
+            self.metrics
+                .dropped(e.drop_reason(), envelopes.len() as u64);
+            let mut released = "";
+            if let Some(key) = key {
+                // Best effort: if it fails too, the key expires.
+                let _ = self.control.release(key).await;
+                released = "; the idempotency key was released";
             }
+            let source = match e {
+                PublishError::Bus(source) => source,
+                other => BusError::Unavailable(other.to_string()),
+            };
+            return Err(ServerApiError::Bus { released, source });
         }
         Ok(Published {
             published,

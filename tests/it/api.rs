@@ -654,6 +654,57 @@ async fn an_idempotent_publish_delivers_once_whichever_node_gets_it() {
     assert_eq!(listener.recv().await["action"], "x");
 }
 
+/// Review of 2026-12-03: a batch the publish queue cannot take whole is
+/// refused whole. Sent one message at a time, the first ones went out
+/// before the queue was full, the key was given back, and every retry with
+/// it sent them again.
+#[tokio::test]
+async fn a_batch_the_bus_cannot_take_whole_publishes_nothing_and_a_retry_nothing_twice() {
+    let redis = RedisServer::start();
+    let node = TestServer::on_redis(&redis.url(), |c| {
+        c.node_id = "batch".into();
+        c.redis.as_mut().unwrap().publish_queue = 5;
+    })
+    .await;
+    let mut listener = node.connect("lis", Some("room")).await;
+    let batch = |n: usize| {
+        let messages: Vec<Value> = (0..n)
+            .map(|i| json!({"action": "news", "message": format!("m{i}"), "recipients": [{"type": "group", "value": "room"}]}))
+            .collect();
+        json!({"messages": messages, "idempotency_key": "too-many"})
+    };
+    for _ in 0..3 {
+        let (status, body) = post(node.addr, "/api/publish", batch(20)).await;
+        assert_eq!(status, 503, "{body}");
+        let text = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            text.contains("nothing was published; the idempotency key was released"),
+            "{body}"
+        );
+    }
+    // Not one of them reached anybody.
+    let (status, _) = post(
+        node.addr,
+        "/api/publish",
+        json!({"messages": [{"action": "broadcast", "message": "sentinel-batch"}]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        listener.until_sentinel("sentinel-batch").await,
+        Vec::<Value>::new()
+    );
+    // The key was given back: a batch that fits publishes under it, once.
+    let (status, body) = post(node.addr, "/api/publish", batch(4)).await;
+    assert_eq!((status, &body), (200, &json!({"published": 4})));
+    let (_, body) = post(node.addr, "/api/publish", batch(4)).await;
+    assert_eq!(body["duplicate"], true);
+    for i in 0..4 {
+        assert_eq!(listener.recv().await["message"], format!("m{i}"));
+    }
+    nothing_but_sentinel(&mut listener, &mut []).await;
+}
+
 /// Without keys the API and the broadcast endpoint trust addresses; a web
 /// page of another site opened in a browser on a trusted machine must not
 /// borrow that trust (a review published and banned through a visitor's

@@ -137,6 +137,7 @@ where
     one_copy_per_subscribed_topic_of_a_route(Harness::new(&make).await).await;
     subscriptions_are_reference_counted_and_released_late(Harness::new(&make).await).await;
     keeps_publish_order(Harness::new(&make).await).await;
+    a_batch_arrives_whole_in_order(Harness::new(&make).await).await;
     is_healthy(Harness::new(&make).await).await;
 }
 
@@ -156,6 +157,11 @@ where
     }
     bus.publish(envelope(topics.clone(), "own"))
         .expect("publish does not fail on a healthy bus");
+    bus.publish_all(&[
+        envelope(topics.clone(), "own 2"),
+        envelope(vec![group("a")], "own 3"),
+    ])
+    .expect("publish_all does not fail on a healthy bus");
     // Nothing may have reached the sink by now. For a bus that could only
     // echo synchronously (the single-node bus) this is exact; for Redis the
     // echo would take a round trip, and
@@ -244,6 +250,26 @@ async fn keeps_publish_order(mut h: Harness) {
     for i in 0..1000 {
         assert_eq!(h.next().await.1, i.to_string(), "order across topics");
     }
+}
+
+/// `publish_all`: every message of the batch, in order, among others.
+async fn a_batch_arrives_whole_in_order(mut h: Harness) {
+    h.subscribe(&group("a")).await;
+    h.subscribe(&user("u")).await;
+    h.publish(vec![group("a")], "before");
+    let batch: Vec<Arc<Envelope>> = (0..300)
+        .map(|i| {
+            let topic = if i % 3 == 0 { user("u") } else { group("a") };
+            envelope(vec![topic], &i.to_string())
+        })
+        .collect();
+    h.publisher.publish_all(&batch).expect("publish_all");
+    h.publish(vec![user("u")], "after");
+    assert_eq!(h.next().await.1, "before");
+    for i in 0..300 {
+        assert_eq!(h.next().await.1, i.to_string(), "a batch in order");
+    }
+    assert_eq!(h.next().await.1, "after");
 }
 
 async fn is_healthy(h: Harness) {

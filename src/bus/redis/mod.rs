@@ -296,14 +296,15 @@ impl Drop for RedisBus {
     }
 }
 
-impl Bus for RedisBus {
-    fn publish(&self, envelope: Arc<Envelope>) -> Result<(), BusError> {
+impl RedisBus {
+    /// The queue items of one message (none when its route names no
+    /// topic): see [`Bus::publish`].
+    fn items(&self, envelope: &Envelope) -> Vec<queue::Outgoing> {
         let shared = &self.shared;
         let topics = envelope.route.topics();
         if topics.is_empty() {
-            return Ok(());
+            return Vec::new();
         }
-        shared.refuse_if_long_down()?;
         // The newest payload version every live node reads (the node
         // registry's version gate); the baseline while it is unsure. (The
         // history script writes version 1, the only one there is; a
@@ -327,7 +328,7 @@ impl Bus for RedisBus {
             // This node's own sockets were served by the node; the copy
             // Redis echoes back to this node is ignored on arrival
             // (`Shared::receive`).
-            return shared.queue.push(plain(&all));
+            return vec![plain(&all)];
         };
         // History on: delivered here too, from Redis's echo (module docs).
         // A connection has no topic to replay from, so its copy is not
@@ -369,8 +370,28 @@ impl Bus for RedisBus {
                 item.twin = Some(twin.clone());
             }
         }
+        items
+    }
+}
+
+impl Bus for RedisBus {
+    fn publish(&self, envelope: Arc<Envelope>) -> Result<(), BusError> {
+        let items = self.items(&envelope);
+        if items.is_empty() {
+            return Ok(());
+        }
+        self.shared.refuse_if_long_down()?;
         // All or nothing: a message is never half queued.
-        shared.queue.push_all(items)
+        self.shared.queue.push_all(items)
+    }
+
+    fn publish_all(&self, envelopes: &[Arc<Envelope>]) -> Result<(), BusError> {
+        let items: Vec<queue::Outgoing> = envelopes.iter().flat_map(|e| self.items(e)).collect();
+        if items.is_empty() {
+            return Ok(());
+        }
+        self.shared.refuse_if_long_down()?;
+        self.shared.queue.push_all(items)
     }
 
     fn subscribe(&self, topic: &Topic) -> Subscribed {

@@ -213,21 +213,8 @@ impl PublishQueue {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(super) fn push(&self, item: Outgoing) -> Result<(), BusError> {
-        let size = item.queued_bytes();
-        let mut inner = self.lock();
-        if inner.items.len() >= self.capacity || inner.bytes + size > self.capacity_bytes {
-            return Err(BusError::Overloaded);
-        }
-        inner.bytes += size;
-        inner.items.push_back(item);
-        drop(inner);
-        self.ready.notify_one();
-        Ok(())
-    }
-
-    /// Queues every item or none (a message split into several items is
-    /// never half queued).
+    /// Queues every item or none (a message split into several items, or
+    /// a request's batch of messages, is never half queued).
     pub(super) fn push_all(&self, items: Vec<Outgoing>) -> Result<(), BusError> {
         let size: usize = items.iter().map(Outgoing::queued_bytes).sum();
         let mut inner = self.lock();
@@ -325,7 +312,7 @@ mod tests {
 
     impl PublishQueue {
         fn push_plain(&self, channels: Vec<String>, payload: Bytes) -> Result<(), BusError> {
-            self.push(Outgoing::new(channels, payload))
+            self.push_all(vec![Outgoing::new(channels, payload)])
         }
     }
 
