@@ -935,6 +935,15 @@ impl Registration {
         &self.node
     }
 
+    /// Takes the socket out of the hub (nothing more is delivered to it)
+    /// ahead of the rest of what dropping the registration does: a
+    /// drained socket's session still publishes what the client sends
+    /// while its close runs (`src/session.rs`), and the backend and
+    /// presence hear of the disconnect after it.
+    pub fn leave_hub(&self) {
+        self.node.hub.remove(&self.conn);
+    }
+
     /// Takes the connection's outbound queue (once).
     pub fn take_outbound(&mut self) -> Option<OutboxReceiver> {
         self.rx.take()

@@ -440,7 +440,28 @@ impl Session {
             }
             _ => None,
         };
-        drop(self.registration);
+        // A drain: the client did nothing wrong and goes on sending until
+        // it reads the 1001, which comes after what it is owed and, for a
+        // legacy socket with history, after its handoff is stored (up to
+        // `redis.command_timeout_ms` when Redis is slow). What it sends
+        // meanwhile is published, not dropped (review of 2026-12-03: up to
+        // two seconds of a page's messages were lost on every drain with
+        // Redis slow, a few milliseconds' with it healthy). The socket
+        // leaves the hub now all the same, so nothing more is queued to it.
+        let inbound = if reason == CloseReason::GoingAway && !self.client_closed {
+            self.registration.leave_hub();
+            let limits = &self.registration.node().config.limits;
+            let rate = self
+                .rate
+                .unwrap_or_else(|| Box::new(RateLimit::new(limits)));
+            Some(Inbound {
+                registration: self.registration,
+                rate,
+            })
+        } else {
+            drop(self.registration);
+            None
+        };
         let pending = Pending {
             outbound: self.outbound,
             replay: self.replay,
@@ -452,6 +473,7 @@ impl Session {
             (reason, text),
             self.client_closed,
             handoff,
+            inbound,
         )
         .await;
         // The socket closes now, not when the last handle on the
@@ -578,6 +600,86 @@ impl Pending {
     }
 }
 
+/// A drained socket's inbound side while its close runs: what the client
+/// sends until its close reply is published as usual (its rate limit
+/// still applies; a refusal's reply is queued, and written if the close
+/// still writes what is owed). Dropped after the close, with the
+/// registration: the backend and presence then hear of the disconnect.
+struct Inbound {
+    registration: Registration,
+    rate: Box<RateLimit>,
+}
+
+/// What a frame read while closing means for the closing handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Heard {
+    /// A message (handled) or a control frame: the client goes on.
+    More,
+    /// The client's close frame: the hub's answer is owed.
+    Closed,
+    /// The stream failed or ended: nothing more can be read or written.
+    Ended,
+}
+
+impl Inbound {
+    fn on_frame(&mut self, frame: Option<Result<WsMessage, tungstenite::Error>>) -> Heard {
+        let text = match frame {
+            Some(Ok(WsMessage::Text(text))) => text,
+            Some(Ok(WsMessage::Binary(bytes))) => match tungstenite::Utf8Bytes::try_from(bytes) {
+                Ok(text) => text,
+                Err(_) => {
+                    let metrics = &self.registration.node().metrics;
+                    metrics.dropped(DropReason::Invalid, 1);
+                    reply_error(
+                        &self.registration,
+                        &PublishError::from(MessageError::NotUtf8),
+                    );
+                    return Heard::More;
+                }
+            },
+            Some(Ok(WsMessage::Close(_))) => return Heard::Closed,
+            Some(Ok(_)) => return Heard::More,
+            Some(Err(_)) | None => return Heard::Ended,
+        };
+        match self.rate.check(tokio::time::Instant::now()) {
+            Verdict::Allowed => {
+                // Closing already: a policy close it would call for has
+                // nothing left to close.
+                let _ = on_text(&self.registration, &mut self.rate, &text);
+            }
+            Verdict::Limited => rate_limited(&self.registration),
+            Verdict::Abusive => {
+                let metrics = &self.registration.node().metrics;
+                metrics.received();
+                metrics.dropped(DropReason::RateLimited, 1);
+            }
+        }
+        Heard::More
+    }
+}
+
+/// Runs `work` while reading what the client sends, when there is an
+/// `inbound` to hand it to and the client's side is still open
+/// (`heard == More`); `heard` then says how the reading ended.
+async fn reading<F: std::future::Future>(
+    socket: &mut Socket,
+    inbound: &mut Option<Inbound>,
+    heard: &mut Heard,
+    work: F,
+) -> F::Output {
+    let mut work = std::pin::pin!(work);
+    loop {
+        let Some(inbound) = inbound.as_mut().filter(|_| *heard == Heard::More) else {
+            return work.await;
+        };
+        tokio::select! {
+            biased;
+            out = &mut work => return out,
+            frame = socket.next() => *heard = inbound.on_frame(frame),
+        }
+    }
+}
+
 /// A legacy socket's drain handoff, stored before its close frame.
 struct Handoff {
     resumer: Arc<Resumer>,
@@ -596,12 +698,16 @@ struct Handoff {
 /// frame finds it in place. It is bounded by History's own limit, not the
 /// handshake's time: a client slow to read must not cost its next socket
 /// the replay.
+///
+/// With `inbound` (a drain), what the client sends until its close reply
+/// is published meanwhile ([`Inbound`]).
 async fn close(
     mut socket: Socket,
     mut pending: Pending,
     (reason, text): (CloseReason, String),
-    client_closed: bool,
+    mut client_closed: bool,
     handoff: Option<Handoff>,
+    mut inbound: Option<Inbound>,
 ) {
     if reason == CloseReason::ConnectionLost {
         return;
@@ -615,15 +721,25 @@ async fn close(
         }
         Ok::<(), std::io::Error>(())
     };
-    let written = matches!(tokio::time::timeout_at(deadline, owed).await, Ok(Ok(())));
+    let mut heard = Heard::More;
+    let owed = tokio::time::timeout_at(deadline, owed);
+    let written = matches!(
+        reading(&mut socket, &mut inbound, &mut heard, owed).await,
+        Ok(Ok(()))
+    );
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
     if let Some(Handoff { resumer, who }) = &handoff {
-        resumer.hand_off(who, &pending.positions()).await;
+        let positions = pending.positions();
+        let store = resumer.hand_off(who, &positions);
+        reading(&mut socket, &mut inbound, &mut heard, store).await;
     }
-    if !written {
+    if !written || heard == Heard::Ended {
         // The connection failed or the time ran out.
         return;
     }
+    // The client closed while it was owed frames: answered as any
+    // client's close.
+    client_closed |= heard == Heard::Closed;
     let frame = CloseFrame {
         code: reason.code().into(),
         reason: text.into(),
@@ -672,10 +788,14 @@ async fn close(
                 while matches!(io.read(&mut scratch).await, Ok(n) if n > 0) {}
                 return;
             }
-            // Wait for the client's close reply (or the end of the stream).
+            // Wait for the client's close reply (or the end of the stream);
+            // on a drain, what it sent before it is published.
             while let Some(Ok(msg)) = socket.next().await {
                 if matches!(msg, WsMessage::Close(_)) {
                     break;
+                }
+                if let Some(inbound) = &mut inbound {
+                    inbound.on_frame(Some(Ok(msg)));
                 }
             }
         }

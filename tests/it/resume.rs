@@ -1109,6 +1109,57 @@ async fn legacy_until_sentinel(server: &TestServer, client: &mut Client) -> Vec<
     }
 }
 
+/// Review of 2026-12-03: a drained page goes on sending until it reads
+/// its 1001, which waits for the drain handoff to be stored (as long as
+/// `redis.command_timeout_ms` with Redis slow). What it sent meanwhile was
+/// read and dropped, silently (up to two seconds of a page's messages on
+/// every drain); it is published.
+#[tokio::test]
+async fn what_a_drained_page_sends_before_its_close_frame_is_published() {
+    let redis = RedisServer::start();
+    let proxy = GateProxy::start(redis.port).await;
+    let draining = TestServer::on_redis(&proxy.url(), |c| {
+        c.history = Some(settings());
+        c.redis.as_mut().unwrap().command_timeout = Duration::from_secs(20);
+    })
+    .await;
+    let other = node(&redis.url(), Some(settings())).await;
+    let mut sender = Page::new("snd", Some("room")).open(&draining, None).await;
+    let mut receiver = Page::new("rcv", Some("room")).open(&other, None).await;
+    let say_to_room = |text: &str| json!({"action": "broadcast", "message": text, "recipients": [to_group("room")]});
+    sender.send_json(say_to_room("warm")).await;
+    assert_eq!(receiver.recv().await["message"], "warm");
+
+    // The handoff's store is held: the 1001 waits for it.
+    proxy.arm_on(b"RPUSH");
+    let shutdown = tokio::spawn(
+        draining
+            .node
+            .shutdown(Duration::ZERO, Duration::from_secs(30)),
+    );
+    proxy.held().await;
+    for i in 0..5 {
+        sender.send_json(say_to_room(&format!("during {i}"))).await;
+    }
+    proxy.release();
+    match sender.ended().await {
+        Ended::Closed(code, _) => assert_eq!(code, 1001),
+        other => panic!("expected 1001, got {other:?}"),
+    }
+    shutdown.await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(receiver.recv().await["message"].clone());
+    }
+    assert_eq!(
+        got,
+        (0..5)
+            .map(|i| json!(format!("during {i}")))
+            .collect::<Vec<_>>(),
+        "every message the page sent before its close, once, in order"
+    );
+}
+
 /// Drains `server` and waits for `client`'s 1001.
 async fn drained(server: TestServer, client: &mut Client) {
     let shutdown = tokio::spawn(server.node.shutdown(Duration::ZERO, Duration::from_secs(5)));
