@@ -1490,6 +1490,72 @@ async fn history_lists_a_topics_recent_messages() {
     }
 }
 
+/// Review of 2026-12-03: a `since` older than what the topic still keeps
+/// lists the first messages kept after it (`limit` of them), not the few
+/// (or none) whose offsets fall within `since + limit`.
+#[tokio::test]
+async fn history_after_a_trimmed_since_lists_the_oldest_kept() {
+    let redis = RedisServer::start_with(&["--stream-node-max-entries", "2"]);
+    let node = TestServer::on_redis(&redis.url(), |c| {
+        crate::common::with_history(c);
+        c.history.as_mut().unwrap().size_group = 5;
+    })
+    .await;
+    let mut reader = node.connect("r", Some("chat")).await;
+    let messages: Vec<Value> = (1..=30)
+        .map(|i| json!({"action": "say", "message": i.to_string(), "recipients": [{"type": "group", "value": "chat"}]}))
+        .collect();
+    let (status, _) = post(node.addr, "/api/publish", json!({"messages": messages})).await;
+    assert_eq!(status, 200);
+    for i in 1..=30 {
+        assert_eq!(reader.recv().await["message"], i.to_string());
+    }
+    let (_, body) = get(node.addr, "/api/history/group:chat").await;
+    let epoch = body["epoch"].as_str().unwrap().to_owned();
+    let kept: Vec<u64> = body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            m["position"]
+                .as_str()
+                .unwrap()
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        kept.len() >= 5 && kept[0] > 1 && *kept.last().unwrap() == 30,
+        "trimmed: {kept:?}"
+    );
+    for since in [
+        format!("{epoch}:0"),
+        format!("{epoch}:1"),
+        "other:7".to_owned(),
+    ] {
+        let (status, body) = get(
+            node.addr,
+            &format!("/api/history/group:chat?since={since}&limit=3"),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let listed: Vec<Value> = body["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["position"].clone())
+            .collect();
+        let want: Vec<Value> = kept[..3]
+            .iter()
+            .map(|o| json!(format!("{epoch}:{o}")))
+            .collect();
+        assert_eq!(listed, want, "since {since}: the oldest three kept");
+    }
+}
+
 #[tokio::test]
 async fn the_admin_page_is_one_self_contained_file() {
     let server = TestServer::start().await;

@@ -1906,8 +1906,7 @@ impl History for RedisHistory {
                 epoch: top.epoch.clone(),
                 offset: from,
             };
-            let until = from.saturating_add(limit as u64).min(top.offset);
-            if limit == 0 || until <= from {
+            if limit == 0 || top.offset <= from {
                 return Ok(Recent {
                     top: Some(top),
                     messages: Vec::new(),
@@ -1915,7 +1914,12 @@ impl History for RedisHistory {
             }
             // A plain XRANGE after the top was read: an operator's view,
             // not a replay, so no snapshot is needed; entries of another
-            // epoch (the topic started afresh in between) are left out.
+            // epoch (the topic started afresh in between) or above the top
+            // (published since) are left out. The first `limit` entries
+            // still kept after `from`, whatever their offsets: when the
+            // oldest after it were trimmed, the next ones (review of
+            // 2026-12-03: bounded by `from + limit` as offsets, a `since`
+            // older than what is kept listed a few messages or none).
             let stream = &self.keys.stream(topic);
             let start = format!("{}-0", after.offset + 1);
             let reply: redis::Value = self
@@ -1927,7 +1931,7 @@ impl History for RedisHistory {
                             .arg(start)
                             .arg("+")
                             .arg("COUNT")
-                            .arg(until - from)
+                            .arg(limit)
                             .query_async(&mut c.conn)
                             .await
                     }
@@ -1940,7 +1944,7 @@ impl History for RedisHistory {
                     d.stamp
                         .as_ref()
                         .and_then(|s| s.position(topic))
-                        .is_some_and(|p| p.epoch == top.epoch && p.offset <= until)
+                        .is_some_and(|p| p.epoch == top.epoch && p.offset <= top.offset)
                 })
                 .map(|d| Arc::new(Envelope::stamped(d.route, d.frame, d.stamp)))
                 .collect();
