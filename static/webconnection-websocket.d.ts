@@ -177,6 +177,11 @@ export declare class WebConnectionWebSocket {
   createBroadcastMessage(action: string, message: string): BroadcastMessage;
   /** Returns false when the message could not be sent or queued. */
   send(msg: object | string): boolean;
+  /**
+   * Closes (1000 unless told; 3000-4999 allowed, a reason of at most 123
+   * bytes) and stops reconnecting. A code or reason the browser refuses
+   * throws its error (InvalidAccessError, SyntaxError) and changes nothing.
+   */
   close(code?: number, reason?: string): void;
 }
 

@@ -754,25 +754,32 @@ export class WebConnectionWebSocket {
    * closed, with the browser's close event, unless `tryConnect` was called
    * in between. With no socket (a reconnect was pending) there is nothing
    * new to report: the handler already ran for the drop.
+   * A code or reason the browser refuses throws its error, and nothing
+   * changes: the socket stays open and connected as before.
    * @param {number} [code=1000] 1000 or 3000-4999, as browsers allow
-   * @param {string} [reason]
+   * @param {string} [reason] at most 123 bytes of UTF-8, as browsers allow
    */
   close(code = 1000, reason = "Socket closed") {
+    const socket = this.socket;
+    // First: a browser throws (InvalidAccessError, SyntaxError) for a code
+    // or reason it refuses, before it closes anything. Called last, it left
+    // an open socket nobody held any more behind a `closed` state, still
+    // receiving the user's messages (review of 2026-12-03).
+    if (socket) socket.close(code, reason);
     this._retry = false;
     this._queue = [];
     clearTimeout(this._timer);
-    const socket = this.socket;
     this.socket = null;
     this.state = State.CLOSED;
     if (!socket) return;
     this._closing = socket;
+    // The close event comes later, in a task of its own: set in time.
     socket.onopen = socket.onmessage = null;
     socket.onclose = (ev) => {
       if (this._closing !== socket) return;
       this._closing = null;
       if (this.onCloseHandler) this.onCloseHandler(ev);
     };
-    socket.close(code, reason);
   }
 }
 

@@ -128,6 +128,44 @@ test("close() fires onCloseHandler with the hub's close event", async () => {
   await page.close();
 });
 
+test("close() with a code or reason Chromium refuses throws, and leaves no socket behind", async () => {
+  // Review of 2026-12-03: the library marked itself closed before the
+  // browser refused the close, which left an open socket nobody held on
+  // the hub (and a second one after the next tryConnect).
+  const page = await pageWithLibrary(node.url);
+  const base = await connectionsOn(node);
+  await page.evaluate(() => {
+    const ws = new window.lib.WebConnectionWebSocket();
+    window.ws = ws;
+    ws.onOpenHandler = () => window.log.push("open");
+    ws.onCloseHandler = (ev) => window.log.push(`close ${ev.code}`);
+    ws.tryConnect(true, "g", "refused-close");
+  });
+  await page.waitForFunction(() => window.log.includes("open"));
+  const thrown = await page.evaluate(() => {
+    const out = [];
+    for (const args of [[1001], [1000, "x".repeat(200)]]) {
+      try {
+        window.ws.close(...args);
+        out.push("closed");
+      } catch (e) {
+        out.push(`${e.name} ${window.ws.state} ${window.ws.socket?.readyState}`);
+      }
+    }
+    return out;
+  });
+  assert.deepEqual(thrown, ["InvalidAccessError open 1", "SyntaxError open 1"]);
+  assert.equal(await connectionsOn(node), base + 1);
+  // Then an accepted close, and a new connect: one socket on the hub.
+  await page.evaluate(() => window.ws.close());
+  await page.waitForFunction(() => window.log.includes("close 1000"));
+  await page.evaluate(() => window.ws.tryConnect(true, "g", "refused-close"));
+  await page.waitForFunction(() => window.log.filter((e) => e === "open").length === 2);
+  assert.equal(await eventually(async () => (await connectionsOn(node)) === base + 1), true,
+    `the hub holds ${(await connectionsOn(node)) - base} sockets of this page`);
+  await page.close();
+});
+
 test("no reconnect after 1002, 4003 (session replaced) or 4005 (disconnected), a reconnect after 4000", async () => {
   const page = await pageWithLibrary(closer.url);
   const subjects = [1002, 4003, 4005];

@@ -30,6 +30,13 @@ class FakeSocket {
     this.sent.push(text);
   }
   close(code, reason) {
+    // As browsers refuse them (WebSocket.close, WHATWG).
+    if (code !== undefined && code !== 1000 && !(code >= 3000 && code <= 4999)) {
+      throw new DOMException(`code ${code} refused`, "InvalidAccessError");
+    }
+    if (reason !== undefined && new TextEncoder().encode(reason).length > 123) {
+      throw new DOMException("reason too long", "SyntaxError");
+    }
     this.closedWith = { code, reason };
     this.readyState = 2;
   }
@@ -275,6 +282,29 @@ test("tryConnect on a connected client closes the old socket, and its close reac
   assert.deepEqual(FakeSocket.instances[2].closedWith, { code: 1000, reason: "Socket closed" });
   FakeSocket.instances[2].drop(1006);
   assert.deepEqual(events, ["open", "open"]);
+});
+
+test("close() with a code or reason the browser refuses throws and changes nothing", () => {
+  const ws = client();
+  const seen = [];
+  ws.onCloseHandler = (ev) => seen.push(ev);
+  ws.tryConnect(true, "chat", "ann");
+  const socket = FakeSocket.instances[0];
+  socket.open();
+  assert.throws(() => ws.close(1001), { name: "InvalidAccessError" });
+  assert.throws(() => ws.close(1000, "x".repeat(200)), { name: "SyntaxError" });
+  assert.equal(socket.closedWith, null, "the socket is still open");
+  assert.equal(ws.socket, socket, "and still the library's");
+  assert.notEqual(ws.state, "closed");
+  assert.equal(ws.send("hi"), true, "it still sends");
+  // A close it accepts then closes it, once.
+  ws.close(4100, "bye");
+  assert.deepEqual(socket.closedWith, { code: 4100, reason: "bye" });
+  assert.equal(ws.state, "closed");
+  socket.finishClose();
+  assert.equal(seen.length, 1);
+  ws.tryConnect(true, "chat", "ann");
+  assert.equal(FakeSocket.instances.length, 2, "one socket at a time: the first is closed");
 });
 
 test("close() fires onCloseHandler once, with the close event, after the socket has closed", () => {
