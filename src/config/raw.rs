@@ -363,12 +363,14 @@ impl Default for RawAuth {
 
 impl RawConfig {
     /// The values that are taken as another where they are written: a
-    /// burst of 0 is 1, a per-connection backend queue above the whole
+    /// burst of 0 is 1, and so are 0 rate violations before a close (the
+    /// first closes); a per-connection backend queue above the whole
     /// queue is the whole queue. Validation and `wshub config check` both
     /// start from this, so what check prints is what the node runs with.
     pub fn in_effect(mut self) -> Self {
         self.limits.message_burst = self.limits.message_burst.max(1);
         self.limits.connect_burst_per_ip = self.limits.connect_burst_per_ip.max(1);
+        self.limits.rate_violations_before_close = self.limits.rate_violations_before_close.max(1);
         self.backend.queue_per_connection =
             self.backend.queue_per_connection.min(self.backend.queue);
         self

@@ -396,14 +396,16 @@ fn config_check_redacts_secrets_and_names_what_is_wrong() {
 
 #[test]
 fn config_check_prints_the_values_the_node_runs_with() {
-    // A burst of 0 is taken as 1, a per-connection backend queue above the
-    // whole queue as the whole queue: check prints those, not what was
-    // written.
+    // A burst of 0 is taken as 1 (and 0 rate violations before a close),
+    // a per-connection backend queue above the whole queue as the whole
+    // queue: check prints those, not what was written.
     let (code, text, stderr) = run(
         &["config", "check"],
         &[
             ("WSHUB_LIMITS__MESSAGE_BURST", "0"),
             ("WSHUB_LIMITS__CONNECT_BURST_PER_IP", "0"),
+            // Review of 2026-12-03: printed 0, run as 1.
+            ("WSHUB_LIMITS__RATE_VIOLATIONS_BEFORE_CLOSE", "0"),
             ("WSHUB_BACKEND__URL", "http://127.0.0.1:9/ws"),
             ("WSHUB_BACKEND__QUEUE", "10"),
             ("WSHUB_BACKEND__QUEUE_PER_CONNECTION", "50"),
@@ -413,6 +415,7 @@ fn config_check_prints_the_values_the_node_runs_with() {
     for shown in [
         "message_burst = 1\n",
         "connect_burst_per_ip = 1\n",
+        "rate_violations_before_close = 1\n",
         "queue = 10\n",
         "queue_per_connection = 10\n",
     ] {
