@@ -999,6 +999,10 @@ async fn publish(http: &HttpState, request: Request) -> Result<(), Refused> {
             "invalid message: the body must be UTF-8 JSON",
         );
     };
+    // A UTF-8 byte-order mark in front (text written through a Windows or
+    // .NET text API may carry one) is not part of the JSON: read past it,
+    // as .NET's own readers do.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     match http.node.publish_text(text) {
         Ok(()) => Ok(()),
         Err(PublishError::Invalid(e)) => refused(BroadcastStatus::BadRequest, &e.to_string()),
