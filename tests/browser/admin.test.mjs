@@ -129,3 +129,28 @@ test("the history of a group whose name holds a / or the broadcast marker is sho
     assert.equal(await page.$eval("#history", (el) => el.className), "", group);
   }
 });
+
+test("a group or topic named with a . or .. segment is refused, never shown as another", async () => {
+  // Chromium resolves dot segments before the request leaves: group `.`
+  // showed the members of group "", `group:dot/./x` the history of
+  // `group:dot/x`, and `..` said the feature was off (review of 2026-12-03).
+  const page = await browser.newPage();
+  page.setDefaultTimeout(10_000);
+  const asked = [];
+  page.on("request", (r) => { if (r.url().includes("/api/")) asked.push(new URL(r.url()).pathname); });
+  await page.goto(`${nodes[0].url}/admin`);
+  await page.fill("#key", KEY);
+  await page.click("#login-go");
+  await page.waitForSelector("#app:not([hidden])");
+  const refused = "cannot be asked for through the API";
+  for (const group of [".", ".."]) {
+    await page.fill("#members-group", group);
+    await page.waitForFunction((t) => document.querySelector("#members").textContent.includes(t), refused);
+  }
+  for (const topic of ["group:dot/./x", "group:dot/..", "group:../y"]) {
+    await page.fill("#history-topic", topic);
+    await page.waitForFunction((t) => document.querySelector("#history").textContent.includes(t), refused);
+  }
+  assert.deepEqual(asked.filter((p) => p.startsWith("/api/presence/groups") || p.startsWith("/api/history")), [],
+    "nothing was asked for them");
+});
