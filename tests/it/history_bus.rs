@@ -1052,8 +1052,12 @@ pub fn kill_pubsub(port: u16) {
 async fn a_killed_subscriber_is_repaired_from_history_while_publishing_goes_on() {
     let redis = RedisServer::start();
     let proxy = GateProxy::start(redis.port).await;
-    let publisher = Arc::new(Member::start(&redis.url(), "pub", Some(settings())).await);
-    let receiver = Member::start(&proxy.url(), "rcv", Some(settings())).await;
+    // Room for seconds of publishing: on a loaded machine the resubscribe
+    // can take longer than 300 messages (one a millisecond), and what
+    // history no longer has is a gap, not the repair this test is about
+    // (it failed so once under four other test runs).
+    let publisher = Arc::new(Member::start(&redis.url(), "pub", Some(roomy())).await);
+    let receiver = Member::start(&proxy.url(), "rcv", Some(roomy())).await;
     let streams = ["wshub:h:{g:a}:s"];
     let kill = async || kill_losing(&proxy, redis.port, &streams, false).await;
     let repaired = killed_while_publishing_and_repaired(publisher, receiver, kill).await;
