@@ -31,14 +31,14 @@ use crate::conn::{Conn, ConnId, OutboxReceiver};
 use crate::envelope::Envelope;
 use crate::hub::Hub;
 use crate::logging::{Untrusted, UntrustedOpt};
-use crate::message::{Message, MessageError};
+use crate::message::{Message, MessageError, RecipientKind};
 use crate::metrics::Metrics;
 use crate::outcome::CloseReason;
 use crate::outcome::DropReason;
 use crate::presence::{ACTION_PRESENCE, AdmitError, Announce, Presence};
 use crate::rate_limit::{RateLimit, Verdict};
 use crate::resume::{Bounds, Report, Request, Resumer};
-use crate::route::{Identity, Relay, Route, Topic};
+use crate::route::{Identity, Relay, Route, Topic, connection_number};
 use crate::shutdown::Shutdown;
 
 mod cluster;
@@ -647,6 +647,18 @@ impl Node {
     /// Encodes a message, once, for its route, unless its fan-out
     /// (size × targets) is over `limits.max_fanout_bytes`.
     fn prepare(&self, msg: &Message<'_>) -> Result<Arc<Envelope>, PublishError> {
+        // A `connection` recipient that names no possible socket (no value,
+        // `null`, not of the form, a number past any) would reach nobody,
+        // silently (review of 2026-12-03); `POST /api/disconnect` refuses
+        // the same id.
+        if msg.recipients.iter().any(|r| {
+            r.kind == RecipientKind::Connection
+                && r.value
+                    .as_deref()
+                    .is_none_or(|v| connection_number(v).is_none())
+        }) {
+            return Err(MessageError::NotAConnectionId.into());
+        }
         let route = Route::from_recipients(&msg.recipients);
         let frame = msg.encode();
         let (size, targets) = (frame.len(), route.topics().len());

@@ -47,7 +47,7 @@ use crate::logging::Untrusted;
 use crate::node::{Disconnect, PublishError, ServerApiError, position_in};
 use crate::outcome::{DISCONNECT_CODE, DropReason};
 use crate::refusal_log::Verdict;
-use crate::route::{Topic, node_address};
+use crate::route::{Topic, connection_number};
 
 /// Most messages in one `POST /api/publish`.
 const MAX_PUBLISH_MESSAGES: usize = 1000;
@@ -604,7 +604,7 @@ fn disconnect_order(
         }
     } else {
         let connection = text("connectionId")?.unwrap_or_default();
-        if node_address(connection).is_none() {
+        if connection_number(connection).is_none() {
             return Err(ApiError::bad_request(
                 "connectionId is not a connection id (<node id>-<instance>-<number>, as in X-Wshub-Connection-Id)",
             ));

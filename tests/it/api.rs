@@ -843,6 +843,11 @@ async fn publish_and_disconnect_refuse_bad_requests_clearly() {
             400,
         ),
         ("/api/disconnect", json!({"userId": "a", "kick": true}), 400),
+        (
+            "/api/disconnect",
+            json!({"connectionId": "a-b-99999999999999999999999"}),
+            400,
+        ),
     ];
     for (path, body, want) in cases {
         let (status, answer) = post(addr, path, body.clone()).await;
@@ -894,6 +899,46 @@ async fn publish_and_disconnect_refuse_bad_requests_clearly() {
             .starts_with("messages[1]"),
         "{answer}"
     );
+    // A connection recipient that names no possible socket (review of
+    // 2026-12-03: 200, to nobody), from the API, the broadcast endpoint
+    // and a socket; an id of the form that names no open socket is sent.
+    for value in [
+        json!("zz"),
+        json!("n1-7"),
+        json!(null),
+        json!("a-b-99999999999999999999999"),
+    ] {
+        let message =
+            json!({"action": "x", "recipients": [{"type": "connection", "value": value}]});
+        let (status, answer) = post(addr, "/api/publish", json!({"messages": [message]})).await;
+        assert_eq!(status, 400, "{value}: {answer}");
+        let text = answer["error"]["message"].as_str().unwrap();
+        assert!(text.contains("is not a connection id"), "{value}: {text}");
+        let pushed = server
+            .post("/__broadcastWebSocket.wc", message.to_string())
+            .await;
+        assert_eq!(pushed.status(), 400, "{value}");
+    }
+    let without = json!({"action": "x", "recipients": [{"type": "connection"}]});
+    let (status, _) = post(addr, "/api/publish", json!({"messages": [without]})).await;
+    assert_eq!(status, 400);
+    let mut sender = server.connect("conn-sender", None).await;
+    sender
+        .send_json(json!({"action": "broadcast", "message": "x", "recipients": [{"type": "connection", "value": "zz"}]}))
+        .await;
+    let reply = sender.recv().await;
+    assert_eq!(reply["action"], "wshub.error", "{reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .contains("is not a connection id"),
+        "{reply}"
+    );
+    let formed =
+        json!({"action": "x", "recipients": [{"type": "connection", "value": "n1-ab12-7"}]});
+    let (status, _) = post(addr, "/api/publish", json!({"messages": [formed]})).await;
+    assert_eq!(status, 200, "well formed, no such socket: sent to nobody");
     // Not JSON at all.
     let response = reqwest::Client::new()
         .post(format!("http://{addr}/api/publish"))
