@@ -1594,6 +1594,75 @@ async fn a_message_from_a_node_without_history_starts_its_topic_afresh() {
 
 // ---- Gap notices -------------------------------------------------------------
 
+/// Review of 2026-12-03: a resume socket's group had no message yet when
+/// its node was cut off from Redis; a message was published to it, Redis
+/// restarted without its data, and another node's publish made the
+/// group's new epoch before the node was back. The node had never seen an
+/// epoch of the group (its track knew none), so its catch-up took the new
+/// one for the first: the socket got the new message, took its position,
+/// and was never told of the one lost; its next resume said `recovered:
+/// true`. It is told now, before the new message.
+#[tokio::test]
+async fn a_loss_across_a_redis_restart_on_a_topic_the_node_never_saw_is_told() {
+    let mut redis = RedisServer::start();
+    let proxy = GateProxy::start(redis.port).await;
+    let reader = node(&proxy.url(), Some(settings())).await;
+    let publisher = node(&redis.url(), Some(settings())).await;
+    let mut ann = Page::new("ann", Some("fresh-group"));
+    let mut socket = ann.open(&reader, Some("")).await;
+    let welcome = ann.welcome(&mut socket).await;
+    let before = welcome["positions"]["group:fresh-group"].clone();
+
+    // The reader is cut off (its resubscribe held) and misses m1.
+    proxy.arm_commands_on(b"SUBSCRIBE");
+    proxy.sever();
+    proxy.held().await;
+    publish(&publisher, say("m1", json!([to_group("fresh-group")]))).await;
+    eventually("m1 is in Redis", || {
+        cli(redis.port, &["HGET", "wshub:h:{g:fresh-group}:m", "o"]) == "1"
+    })
+    .await;
+    // Redis loses everything; the reader's next resubscribe is held again
+    // until another node's publish has made the group's new epoch.
+    proxy.arm_commands_on(b"SUBSCRIBE");
+    redis.restart();
+    eventually("the publisher is ready again", || {
+        publisher.node.readiness().is_ok()
+    })
+    .await;
+    publish(&publisher, say("m2", json!([to_group("fresh-group")]))).await;
+    eventually("m2 made the new epoch", || {
+        cli(redis.port, &["HGET", "wshub:h:{g:fresh-group}:m", "o"]) == "1"
+    })
+    .await;
+    proxy.held().await;
+    proxy.release();
+
+    let mut told = None;
+    loop {
+        let frame = socket.recv().await;
+        if frame["action"] == "wshub.gap" {
+            let notice = parse(frame["message"].as_str().unwrap());
+            if notice["topics"] == json!(["group:fresh-group"]) {
+                told = Some(notice);
+            }
+            continue;
+        }
+        assert_eq!(frame["message"], "m2", "{frame}");
+        break;
+    }
+    let told = told.expect("the group's loss was told before m2");
+    let at = told["positions"]["group:fresh-group"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(
+        at.split(':').next(),
+        before.as_str().unwrap().split(':').next(),
+        "{told}: the new epoch's position"
+    );
+}
+
 /// The reader's subscriber is cut while `all` overflows its history: the
 /// node cannot repair the gap, and tells the sockets that speak resume
 /// (only them) with `wshub.gap`.

@@ -106,6 +106,13 @@ pub(super) struct CaughtUp {
     pub(super) gaps: Vec<(Topic, Option<Position>)>,
     /// Topics whose missing messages are delivered.
     pub(super) repaired: usize,
+    /// Topics the node's resume-speaking sockets hold but whose track
+    /// knew no epoch, found in one now: a notice at its start, which only
+    /// sockets whose positions name another epoch take (their floors drop
+    /// it otherwise), so not counted as a gap. Those positions were handed
+    /// out (a welcome's `tops`) in an epoch the node never saw a copy of,
+    /// and Redis may have lost it since, with messages the node missed.
+    pub(super) notices: Vec<(Topic, Position)>,
 }
 
 /// The positions of the subscribed topics (with history on).
@@ -322,8 +329,15 @@ impl Tracks {
             // run), the same even when the track had none: those
             // positions name an epoch that is gone.
             let restarted = !same_epoch && (track.epoch.is_some() || caught.made) && !renewed;
+            // Held by resume sockets, no epoch known, one found (not made
+            // here): it may be the one their welcome made, or a later one
+            // (review of 2026-12-03: Redis restarted while the node was
+            // cut off, and a publish elsewhere made the new epoch; its
+            // first message was caught up and the one lost before the
+            // restart never told).
+            let unknown = !same_epoch && want.make && track.epoch.is_none() && !renewed;
             let whole = caught.reach == caught.from || caught.messages.is_some();
-            if restarted {
+            if restarted || unknown {
                 // Told where the new epoch goes on from: its start when
                 // what it holds up to `reach` follows, else `reach`.
                 let offset = if whole { caught.from } else { caught.reach };
@@ -331,7 +345,12 @@ impl Tracks {
                     epoch: top.epoch.clone(),
                     offset,
                 };
-                out.gaps.push((topic.clone(), Some(at)));
+                if restarted {
+                    out.gaps.push((topic.clone(), Some(at)));
+                } else if whole {
+                    // (Not whole: the loss is reported below, at `reach`.)
+                    out.notices.push((topic.clone(), at));
+                }
             }
             if caught.reach > caught.from {
                 match caught.messages {
@@ -732,12 +751,25 @@ mod tests {
         let up = tracks.caught_up(&wants, vec![made, fresh]);
         assert_eq!(up.gaps, [(held.clone(), Some(at("e2:0")))]);
         assert_eq!(tracks.on_copy(&held, &at("e2:1")), Step::Deliver);
-        // Found made by someone else (a welcome's tops): no gap.
+        // Found made by someone else: a welcome's tops (the sockets'
+        // floors are in it, and drop the notice), or a publish after a
+        // restart (their floors are in the old epoch: told). A notice, not
+        // a gap; and not when no resume socket holds it.
         let third = Topic::User("cy".into());
         tracks.start(&third, Head::Fresh);
         let wants = tracks.wants([&third], |_| true);
         let up = tracks.caught_up(&wants, vec![caught("e3:0", 0, 0, Some(Vec::new()))]);
         assert!(up.gaps.is_empty(), "{up:?}");
+        assert_eq!(up.notices, [(third.clone(), at("e3:0"))]);
+        let fourth = Topic::User("dee".into());
+        tracks.start(&fourth, Head::Fresh);
+        let wants = tracks.wants([&fourth], |_| false);
+        let up = tracks.caught_up(&wants, vec![caught("e4:0", 0, 0, Some(Vec::new()))]);
+        assert!(up.gaps.is_empty() && up.notices.is_empty(), "{up:?}");
+        // Once known, the epoch is the track's: no notice at the next one.
+        let wants = tracks.wants([&third], |_| true);
+        let up = tracks.caught_up(&wants, vec![caught("e3:0", 0, 0, Some(Vec::new()))]);
+        assert!(up.gaps.is_empty() && up.notices.is_empty(), "{up:?}");
     }
 
     /// After a resubscribe a quiet topic is caught up at once; a topic not

@@ -811,6 +811,10 @@ impl Subscriber {
             .await
             .map_err(|e| e.to_string())?;
         let caught = self.tracks.caught_up(wants, caught);
+        for (topic, at) in &caught.notices {
+            // Not counted: most sockets already hold this epoch (gaps.rs).
+            shared.sink.gap(topic, Some(at));
+        }
         for (topic, at) in &caught.gaps {
             self.unrepairable(
                 topic,
