@@ -737,11 +737,20 @@ async fn close(
         // The connection failed or the time ran out.
         return;
     }
-    // The client closed while it was owed frames: answered as any
-    // client's close.
-    client_closed |= heard == Heard::Closed;
+    // The client closed while it was owed frames (a drain): answered as
+    // any client's close, with 1000 `Socket closed` (review of 2026-12-03:
+    // it was answered with the drain's 1001).
+    let (code, text) = if heard == Heard::Closed {
+        client_closed = true;
+        (
+            CloseReason::Normal.code(),
+            CloseReason::Normal.reason().to_owned(),
+        )
+    } else {
+        (reason.code(), text)
+    };
     let frame = CloseFrame {
-        code: reason.code().into(),
+        code: code.into(),
         reason: text.into(),
     };
     let handshake = async {

@@ -1125,6 +1125,7 @@ async fn what_a_drained_page_sends_before_its_close_frame_is_published() {
     .await;
     let other = node(&redis.url(), Some(settings())).await;
     let mut sender = Page::new("snd", Some("room")).open(&draining, None).await;
+    let mut leaver = Page::new("lvr", Some("room")).open(&draining, None).await;
     let mut receiver = Page::new("rcv", Some("room")).open(&other, None).await;
     let say_to_room = |text: &str| json!({"action": "broadcast", "message": text, "recipients": [to_group("room")]});
     sender.send_json(say_to_room("warm")).await;
@@ -1141,10 +1142,27 @@ async fn what_a_drained_page_sends_before_its_close_frame_is_published() {
     for i in 0..5 {
         sender.send_json(say_to_room(&format!("during {i}"))).await;
     }
+    // A page that closes meanwhile, before it read the 1001, is answered
+    // as a client's close is: 1000 (it was the drain's 1001).
+    use futures_util::SinkExt;
+    leaver
+        .ws
+        .send(tokio_tungstenite::tungstenite::Message::Close(Some(
+            tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal,
+                reason: "bye".into(),
+            },
+        )))
+        .await
+        .unwrap();
     proxy.release();
     match sender.ended().await {
         Ended::Closed(code, _) => assert_eq!(code, 1001),
         other => panic!("expected 1001, got {other:?}"),
+    }
+    match leaver.ended().await {
+        Ended::Closed(code, reason) => assert_eq!((code, &*reason), (1000, "Socket closed")),
+        other => panic!("expected 1000, got {other:?}"),
     }
     shutdown.await.unwrap();
     let mut got = Vec::new();
