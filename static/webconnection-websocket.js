@@ -178,6 +178,21 @@ export function isNewerPosition(next, current) {
   return a.length !== b.length ? a.length > b.length : a > b;
 }
 
+/**
+ * Throws what a browser's `WebSocket.close` throws for a code or reason it
+ * refuses (for `close()` with no socket to ask).
+ * @param {number|undefined} code
+ * @param {string|undefined} reason
+ */
+function refuseClose(code, reason) {
+  if (code !== undefined && code !== 1000 && !(Number.isInteger(code) && code >= 3000 && code <= 4999)) {
+    throw new DOMException(`The close code must be 1000 or between 3000 and 4999; ${code} is neither.`, "InvalidAccessError");
+  }
+  if (reason !== undefined && new TextEncoder().encode(String(reason)).length > 123) {
+    throw new DOMException("The close reason must not be longer than 123 bytes.", "SyntaxError");
+  }
+}
+
 /** What `sessionStorage` keys the library's resume positions start with. */
 export const RESUME_STORAGE_PREFIX = "wshub.resume:";
 
@@ -764,8 +779,10 @@ export class WebConnectionWebSocket {
     // First: a browser throws (InvalidAccessError, SyntaxError) for a code
     // or reason it refuses, before it closes anything. Called last, it left
     // an open socket nobody held any more behind a `closed` state, still
-    // receiving the user's messages (review of 2026-12-03).
+    // receiving the user's messages (review of 2026-12-03). Without a
+    // socket (a reconnect pending) the same rules, checked here.
     if (socket) socket.close(code, reason);
+    else refuseClose(code, reason);
     this._retry = false;
     this._queue = [];
     clearTimeout(this._timer);

@@ -305,6 +305,14 @@ test("close() with a code or reason the browser refuses throws and changes nothi
   assert.equal(seen.length, 1);
   ws.tryConnect(true, "chat", "ann");
   assert.equal(FakeSocket.instances.length, 2, "one socket at a time: the first is closed");
+  // With a reconnect pending (no socket) the same rules.
+  FakeSocket.instances[1].drop(1006);
+  assert.equal(ws.socket, null);
+  assert.throws(() => ws.close(1001), { name: "InvalidAccessError" });
+  assert.throws(() => ws.close(1000, "é".repeat(62)), { name: "SyntaxError" });
+  assert.notEqual(ws.state, "closed", "a refused close changes nothing");
+  ws.close();
+  assert.equal(ws.state, "closed");
 });
 
 test("close() fires onCloseHandler once, with the close event, after the socket has closed", () => {
