@@ -615,8 +615,11 @@ struct Inbound {
 enum Heard {
     /// A message (handled) or a control frame: the client goes on.
     More,
-    /// The client's close frame: the hub's answer is owed.
-    Closed,
+    /// The client closed: its close frame (answered 1000, or 1002 for a
+    /// code the protocol does not allow), or a frame the protocol does not
+    /// allow (answered 1002; one too big, 1009), as the session answers
+    /// them outside a drain.
+    Closed(CloseReason),
     /// The stream failed or ended: nothing more can be read or written.
     Ended,
 }
@@ -637,9 +640,29 @@ impl Inbound {
                     return Heard::More;
                 }
             },
-            Some(Ok(WsMessage::Close(_))) => return Heard::Closed,
+            Some(Ok(WsMessage::Close(frame))) => {
+                // As `Session::on_frame` reads it (review of 2026-12-03:
+                // a refused code was answered 1000 during a drain).
+                let refused = frame.is_some_and(|f| {
+                    f.code == tungstenite::protocol::frame::coding::CloseCode::Protocol
+                        && f.reason.as_str() == TUNGSTENITE_REFUSED_CLOSE
+                });
+                return Heard::Closed(if refused {
+                    CloseReason::ProtocolError
+                } else {
+                    CloseReason::Normal
+                });
+            }
             Some(Ok(_)) => return Heard::More,
-            Some(Err(_)) | None => return Heard::Ended,
+            Some(Err(e)) => {
+                return match read_error_reason(e) {
+                    CloseReason::ConnectionLost => Heard::Ended,
+                    // A close frame whose reason is not UTF-8, say: 1002,
+                    // not a connection dropped without a frame.
+                    reason => Heard::Closed(reason),
+                };
+            }
+            None => return Heard::Ended,
         };
         match self.rate.check(tokio::time::Instant::now()) {
             Verdict::Allowed => {
@@ -738,14 +761,12 @@ async fn close(
         return;
     }
     // The client closed while it was owed frames (a drain): answered as
-    // any client's close, with 1000 `Socket closed` (review of 2026-12-03:
-    // it was answered with the drain's 1001).
-    let (code, text) = if heard == Heard::Closed {
+    // any client's close, with 1000 `Socket closed`, or 1002 for a close
+    // the protocol does not allow (review of 2026-12-03: answered with the
+    // drain's 1001, then every close with 1000).
+    let (code, text) = if let Heard::Closed(answer) = heard {
         client_closed = true;
-        (
-            CloseReason::Normal.code(),
-            CloseReason::Normal.reason().to_owned(),
-        )
+        (answer.code(), answer.reason().to_owned())
     } else {
         (reason.code(), text)
     };

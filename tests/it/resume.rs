@@ -1126,6 +1126,7 @@ async fn what_a_drained_page_sends_before_its_close_frame_is_published() {
     let other = node(&redis.url(), Some(settings())).await;
     let mut sender = Page::new("snd", Some("room")).open(&draining, None).await;
     let mut leaver = Page::new("lvr", Some("room")).open(&draining, None).await;
+    let mut refused = Page::new("bad", Some("room")).open(&draining, None).await;
     let mut receiver = Page::new("rcv", Some("room")).open(&other, None).await;
     let say_to_room = |text: &str| json!({"action": "broadcast", "message": text, "recipients": [to_group("room")]});
     sender.send_json(say_to_room("warm")).await;
@@ -1155,7 +1156,22 @@ async fn what_a_drained_page_sends_before_its_close_frame_is_published() {
         )))
         .await
         .unwrap();
+    // One with a code the protocol does not allow: 1002, as outside a drain.
+    refused
+        .ws
+        .send(tokio_tungstenite::tungstenite::Message::Close(Some(
+            tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::from(999),
+                reason: "bad".into(),
+            },
+        )))
+        .await
+        .unwrap();
     proxy.release();
+    match refused.ended().await {
+        Ended::Closed(code, reason) => assert_eq!((code, &*reason), (1002, "Protocol error")),
+        other => panic!("expected 1002, got {other:?}"),
+    }
     match sender.ended().await {
         Ended::Closed(code, _) => assert_eq!(code, 1001),
         other => panic!("expected 1001, got {other:?}"),
