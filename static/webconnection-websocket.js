@@ -185,8 +185,18 @@ export function isNewerPosition(next, current) {
  * @param {string|undefined} reason
  */
 function refuseClose(code, reason) {
-  if (code !== undefined && code !== 1000 && !(Number.isInteger(code) && code >= 3000 && code <= 4999)) {
-    throw new DOMException(`The close code must be 1000 or between 3000 and 4999; ${code} is neither.`, "InvalidAccessError");
+  if (code !== undefined) {
+    // As WebIDL reads a `[Clamp] unsigned short`: a number (a string of
+    // digits too), clamped to 0-65535, rounded half to even.
+    let n = Number(code);
+    if (Number.isNaN(n)) n = 0;
+    n = Math.min(Math.max(n, 0), 65535);
+    const floor = Math.floor(n);
+    const rest = n - floor;
+    n = rest > 0.5 || (rest === 0.5 && floor % 2 === 1) ? floor + 1 : floor;
+    if (n !== 1000 && !(n >= 3000 && n <= 4999)) {
+      throw new DOMException(`The close code must be 1000 or between 3000 and 4999; ${code} is neither.`, "InvalidAccessError");
+    }
   }
   if (reason !== undefined && new TextEncoder().encode(String(reason)).length > 123) {
     throw new DOMException("The close reason must not be longer than 123 bytes.", "SyntaxError");

@@ -310,7 +310,19 @@ test("close() with a code or reason the browser refuses throws and changes nothi
   assert.equal(ws.socket, null);
   assert.throws(() => ws.close(1001), { name: "InvalidAccessError" });
   assert.throws(() => ws.close(1000, "é".repeat(62)), { name: "SyntaxError" });
+  assert.throws(() => ws.close(2999.4), { name: "InvalidAccessError" });
+  assert.throws(() => ws.close("x"), { name: "InvalidAccessError" });
   assert.notEqual(ws.state, "closed", "a refused close changes nothing");
+  // What a browser accepts, after its conversion (WebIDL [Clamp]
+  // unsigned short: 3000.5 -> 3000, "4000" -> 4000): closes.
+  for (const code of [3000.5, "4000", 4999.4]) {
+    const other = client();
+    other.tryConnect(true, "chat", "ann");
+    FakeSocket.instances[0].open();
+    FakeSocket.instances[0].drop(1006);
+    other.close(code);
+    assert.equal(other.state, "closed", `close(${JSON.stringify(code)})`);
+  }
   ws.close();
   assert.equal(ws.state, "closed");
 });
