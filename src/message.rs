@@ -711,7 +711,7 @@ struct KindField(Option<RecipientKind>);
 impl<'de> Deserialize<'de> for KindField {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
-        const EXPECTED: &str = "recipient `type` must be group, user, excludeUser (or allButUser, allExceptUser), 0, 1 or 2";
+        const EXPECTED: &str = "recipient `type` must be group, user, excludeUser (or allButUser, allExceptUser), connection, 0, 1 or 2";
         impl Visitor<'_> for V {
             type Value = KindField;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
