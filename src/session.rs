@@ -347,33 +347,13 @@ impl Session {
             Some(Ok(WsMessage::Text(text))) => on_text(&self.registration, rate, &text)?,
             Some(Ok(WsMessage::Binary(bytes))) => match std::str::from_utf8(&bytes) {
                 Ok(text) => on_text(&self.registration, rate, text)?,
-                Err(_) => {
-                    // Refused before it is a message: this is its one count.
-                    let metrics = &self.registration.node().metrics;
-                    metrics.dropped(DropReason::Invalid, 1);
-                    reply_error(
-                        &self.registration,
-                        &PublishError::from(MessageError::NotUtf8),
-                    );
-                }
+                Err(_) => binary_not_utf8(&self.registration),
             },
             // tungstenite answers pings itself.
             Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {}
             Some(Ok(WsMessage::Close(frame))) => {
                 self.client_closed = true;
-                // tungstenite hands a close code it does not allow (999,
-                // 1005, …) over as 1002 "Protocol violation": answered as
-                // a protocol error. Any other close, a client's own 1002
-                // included, is a normal one.
-                let refused = frame.is_some_and(|f| {
-                    f.code == tungstenite::protocol::frame::coding::CloseCode::Protocol
-                        && f.reason.as_str() == TUNGSTENITE_REFUSED_CLOSE
-                });
-                return Err(if refused {
-                    CloseReason::ProtocolError
-                } else {
-                    CloseReason::Normal
-                });
+                return Err(answer_to_close(frame.as_ref()));
             }
             Some(Err(e)) => return Err(read_error_reason(e)),
             None => return Err(CloseReason::ConnectionLost),
@@ -541,6 +521,30 @@ fn on_text(
     }
 }
 
+/// How a client's close frame is answered. tungstenite hands a close code
+/// it does not allow (999, 1005, …) over as 1002 "Protocol violation":
+/// answered as a protocol error. Any other close, a client's own 1002
+/// included, is a normal one.
+fn answer_to_close(frame: Option<&CloseFrame>) -> CloseReason {
+    let refused = frame.is_some_and(|f| {
+        f.code == tungstenite::protocol::frame::coding::CloseCode::Protocol
+            && f.reason.as_str() == TUNGSTENITE_REFUSED_CLOSE
+    });
+    if refused {
+        CloseReason::ProtocolError
+    } else {
+        CloseReason::Normal
+    }
+}
+
+/// Refuses a binary frame that is not UTF-8 text, and says so. Refused
+/// before it is a message: this is its one count.
+fn binary_not_utf8(registration: &Registration) {
+    let metrics = &registration.node().metrics;
+    metrics.dropped(DropReason::Invalid, 1);
+    reply_error(registration, &PublishError::from(MessageError::NotUtf8));
+}
+
 /// Tells the sender why its message went nowhere. Goes through the normal
 /// outbound queue, so a client that floods bad messages and never reads is
 /// closed as a slow consumer like any other.
@@ -631,27 +635,14 @@ impl Inbound {
             Some(Ok(WsMessage::Binary(bytes))) => match tungstenite::Utf8Bytes::try_from(bytes) {
                 Ok(text) => text,
                 Err(_) => {
-                    let metrics = &self.registration.node().metrics;
-                    metrics.dropped(DropReason::Invalid, 1);
-                    reply_error(
-                        &self.registration,
-                        &PublishError::from(MessageError::NotUtf8),
-                    );
+                    binary_not_utf8(&self.registration);
                     return Heard::More;
                 }
             },
+            // As `Session::on_frame` answers it (review of 2026-12-03: a
+            // refused code was answered 1000 during a drain).
             Some(Ok(WsMessage::Close(frame))) => {
-                // As `Session::on_frame` reads it (review of 2026-12-03:
-                // a refused code was answered 1000 during a drain).
-                let refused = frame.is_some_and(|f| {
-                    f.code == tungstenite::protocol::frame::coding::CloseCode::Protocol
-                        && f.reason.as_str() == TUNGSTENITE_REFUSED_CLOSE
-                });
-                return Heard::Closed(if refused {
-                    CloseReason::ProtocolError
-                } else {
-                    CloseReason::Normal
-                });
+                return Heard::Closed(answer_to_close(frame.as_ref()));
             }
             Some(Ok(_)) => return Heard::More,
             Some(Err(e)) => {
