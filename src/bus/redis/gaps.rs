@@ -440,6 +440,17 @@ mod tests {
         }
     }
 
+    /// What a catch-up finds of a topic without an epoch of this run.
+    fn fresh() -> Caught {
+        Caught {
+            head: Head::Fresh,
+            from: 0,
+            reach: 0,
+            messages: Some(Vec::new()),
+            made: false,
+        }
+    }
+
     fn names(caught: &CaughtUp) -> Vec<(Topic, String)> {
         caught
             .deliver
@@ -643,14 +654,7 @@ mod tests {
         assert_eq!(tracks.on_copy(&t, &at("new:4")), Step::Deliver);
         // History gone and nothing published since: a gap, no epoch.
         let wants = tracks.wants(&tracks.tracked(), |_| false);
-        let fresh = Caught {
-            head: Head::Fresh,
-            from: 0,
-            reach: 0,
-            messages: Some(Vec::new()),
-            made: false,
-        };
-        let up = tracks.caught_up(&wants, vec![fresh]);
+        let up = tracks.caught_up(&wants, vec![fresh()]);
         assert_eq!(up.gaps, [(t.clone(), None)]);
         assert_eq!(tracks.on_copy(&t, &at("newer:1")), Step::Deliver);
         assert_eq!(tracks.on_copy(&t, &at("newer:2")), Step::Deliver);
@@ -741,14 +745,7 @@ mod tests {
             made: true,
             ..caught("e2:0", 0, 0, Some(Vec::new()))
         };
-        let fresh = Caught {
-            head: Head::Fresh,
-            from: 0,
-            reach: 0,
-            messages: Some(Vec::new()),
-            made: false,
-        };
-        let up = tracks.caught_up(&wants, vec![made, fresh]);
+        let up = tracks.caught_up(&wants, vec![made, fresh()]);
         assert_eq!(up.gaps, [(held.clone(), Some(at("e2:0")))]);
         assert_eq!(tracks.on_copy(&held, &at("e2:1")), Step::Deliver);
         // Found made by someone else: a welcome's tops (the sockets'
