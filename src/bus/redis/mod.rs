@@ -297,13 +297,14 @@ impl Drop for RedisBus {
 }
 
 impl RedisBus {
-    /// The queue items of one message (none when its route names no
-    /// topic): see [`Bus::publish`].
-    fn items(&self, envelope: &Envelope) -> Vec<queue::Outgoing> {
+    /// The queue items of one message, at most two (none when its route
+    /// names no topic): see [`Bus::publish`]. An array, not a `Vec`: no
+    /// allocation per message for it.
+    fn items(&self, envelope: &Envelope) -> [Option<queue::Outgoing>; 2] {
         let shared = &self.shared;
         let topics = envelope.route.topics();
         if topics.is_empty() {
-            return Vec::new();
+            return [None, None];
         }
         // The newest payload version every live node reads (the node
         // registry's version gate); the baseline while it is unsure. (The
@@ -328,7 +329,7 @@ impl RedisBus {
             // This node's own sockets were served by the node; the copy
             // Redis echoes back to this node is ignored on arrival
             // (`Shared::receive`).
-            return vec![plain(&all)];
+            return [Some(plain(&all)), None];
         };
         // History on: delivered here too, from Redis's echo (module docs).
         // A connection has no topic to replay from, so its copy is not
@@ -345,17 +346,17 @@ impl RedisBus {
         let (connections, kept): (Vec<&Topic>, Vec<&Topic>) = all
             .into_iter()
             .partition(|t| matches!(t, Topic::Connection(_)));
-        let mut items = Vec::with_capacity(2);
+        let mut items = [None, None];
         if !connections.is_empty() {
             let item = plain(&connections);
-            items.push(if shared.config.sharded {
+            items[0] = Some(if shared.config.sharded {
                 item
             } else {
                 queue::Outgoing::relayed(item.channels, item.payload)
             });
         }
         if !kept.is_empty() {
-            items.push(history.record(
+            items[1] = Some(history.record(
                 &shared.node_id,
                 &envelope.route,
                 &kept,
@@ -364,11 +365,10 @@ impl RedisBus {
             ));
         }
         // Two items, one message: dropped, it counts once.
-        if items.len() == 2 {
+        if let [Some(a), Some(b)] = &mut items {
             let twin = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            for item in &mut items {
-                item.twin = Some(twin.clone());
-            }
+            a.twin = Some(twin.clone());
+            b.twin = Some(twin);
         }
         items
     }
@@ -377,16 +377,19 @@ impl RedisBus {
 impl Bus for RedisBus {
     fn publish(&self, envelope: Arc<Envelope>) -> Result<(), BusError> {
         let items = self.items(&envelope);
-        if items.is_empty() {
+        if items.iter().all(Option::is_none) {
             return Ok(());
         }
         self.shared.refuse_if_long_down()?;
         // All or nothing: a message is never half queued.
-        self.shared.queue.push_all(items)
+        self.shared.queue.push_all(items.into_iter().flatten())
     }
 
     fn publish_all(&self, envelopes: &[Arc<Envelope>]) -> Result<(), BusError> {
-        let items: Vec<queue::Outgoing> = envelopes.iter().flat_map(|e| self.items(e)).collect();
+        let items: Vec<queue::Outgoing> = envelopes
+            .iter()
+            .flat_map(|e| self.items(e).into_iter().flatten())
+            .collect();
         if items.is_empty() {
             return Ok(());
         }

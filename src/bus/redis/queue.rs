@@ -215,16 +215,25 @@ impl PublishQueue {
 
     /// Queues every item or none (a message split into several items, or
     /// a request's batch of messages, is never half queued).
-    pub(super) fn push_all(&self, items: Vec<Outgoing>) -> Result<(), BusError> {
-        let size: usize = items.iter().map(Outgoing::queued_bytes).sum();
+    /// (Any iterator, so that one message's one or two items need no
+    /// `Vec` of their own: the per-message path allocates nothing here.)
+    pub(super) fn push_all(
+        &self,
+        items: impl IntoIterator<Item = Outgoing>,
+    ) -> Result<(), BusError> {
         let mut inner = self.lock();
-        if inner.items.len() + items.len() > self.capacity
-            || inner.bytes + size > self.capacity_bytes
-        {
-            return Err(BusError::Overloaded);
+        let (len, bytes) = (inner.items.len(), inner.bytes);
+        for item in items {
+            let size = item.queued_bytes();
+            if inner.items.len() >= self.capacity || inner.bytes + size > self.capacity_bytes {
+                // None of them, then: what this call queued goes again.
+                inner.items.truncate(len);
+                inner.bytes = bytes;
+                return Err(BusError::Overloaded);
+            }
+            inner.bytes += size;
+            inner.items.push_back(item);
         }
-        inner.bytes += size;
-        inner.items.extend(items);
         drop(inner);
         self.ready.notify_one();
         Ok(())
@@ -333,6 +342,30 @@ mod tests {
         // Taking gives the bytes back.
         q.push_plain(channels(1), Bytes::from(vec![0; 9000]))
             .unwrap();
+    }
+
+    /// A batch that does not fit whole is refused whole, and leaves the
+    /// queue as it was (`POST /api/publish`: all or none).
+    #[test]
+    fn a_batch_that_does_not_fit_leaves_the_queue_as_it_was() {
+        let q = PublishQueue::new(3, 10_000);
+        q.push_plain(channels(1), Bytes::from(vec![0; 1000]))
+            .unwrap();
+        let batch = |n: usize, each: usize| {
+            (0..n).map(move |_| Outgoing::new(channels(1), Bytes::from(vec![0; each])))
+        };
+        assert!(
+            matches!(q.push_all(batch(3, 10)), Err(BusError::Overloaded)),
+            "by count"
+        );
+        assert!(
+            matches!(q.push_all(batch(2, 5000)), Err(BusError::Overloaded)),
+            "by bytes"
+        );
+        // Nothing of them stayed: exactly the room there was is still there.
+        q.push_all(batch(2, 4000)).unwrap();
+        assert!(matches!(q.push_all(batch(1, 1)), Err(BusError::Overloaded)));
+        assert_eq!(q.take(10, usize::MAX).len(), 3);
     }
 
     #[test]
