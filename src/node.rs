@@ -25,7 +25,7 @@ use crate::admission::{Admission, PerAddress, Refusal, Slot};
 use crate::backend::{ACTION_CONNECT, ACTION_DISCONNECT, Backend};
 use crate::bus::control::{ControlPlane, Local};
 use crate::bus::registry::{NodeEntry, Registry, Vitals};
-use crate::bus::{Bus, BusError, Deliver, MakeBus};
+use crate::bus::{Bus, BusError, Deliver, MakeBus, Receipt};
 use crate::config::Config;
 use crate::conn::{Conn, ConnId, OutboxReceiver};
 use crate::envelope::Envelope;
@@ -701,9 +701,10 @@ impl Node {
     }
 
     /// [`send`](Self::send) of every one of `envelopes`, or of none: the
-    /// bus takes them all or refuses them all (`POST /api/publish`).
-    pub(crate) fn send_all(&self, envelopes: &[Arc<Envelope>]) -> Result<(), PublishError> {
-        self.bus.publish_all(envelopes)?;
+    /// bus takes them all or refuses them all (`POST /api/publish`), and
+    /// its receipt says when it has carried them.
+    pub(crate) fn send_all(&self, envelopes: &[Arc<Envelope>]) -> Result<Receipt, PublishError> {
+        let receipt = self.bus.publish_all(envelopes)?;
         if !self.echo {
             for envelope in envelopes {
                 for topic in envelope.route.topics() {
@@ -711,7 +712,7 @@ impl Node {
                 }
             }
         }
-        Ok(())
+        Ok(receipt)
     }
 
     /// `Ok` when the node can deliver; otherwise why not (for `/readyz`).

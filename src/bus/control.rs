@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,17 +49,30 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// subscription state of the bus itself (Redis's `PUBSUB`).
     fn topics(&self) -> ControlFuture<'_, Vec<Held>>;
 
-    /// Claims idempotency key `key` for `ttl`, recording `answer`: `None`
-    /// when this call claimed it, `Some(answer)` of the call that had.
+    /// Claims idempotency key `key`, pending, for `pending` at most: the
+    /// publish it guards must then be confirmed ([`confirm`](Self::confirm))
+    /// or the claim given back ([`release`](Self::release)). A pending
+    /// claim whose node died expires, and the key is free again.
     fn claim<'a>(
         &'a self,
         key: &'a str,
         answer: u64,
-        ttl: Duration,
-    ) -> ControlFuture<'a, Option<u64>>;
+        pending: Duration,
+    ) -> ControlFuture<'a, Claim>;
 
-    /// Gives a claimed key back (what it was claimed for did not happen).
-    fn release<'a>(&'a self, key: &'a str) -> ControlFuture<'a, ()>;
+    /// Records that what `ticket` claimed `key` for happened: the key
+    /// answers [`Claim::Done`] for `ttl` from now. `false` when the claim
+    /// was no longer there (it expired; another request may hold the key).
+    fn confirm<'a>(
+        &'a self,
+        key: &'a str,
+        ticket: &'a Ticket,
+        ttl: Duration,
+    ) -> ControlFuture<'a, bool>;
+
+    /// Gives a claim back (what it was made for did not happen); a claim
+    /// that is no longer `ticket`'s is left alone.
+    fn release<'a>(&'a self, key: &'a str, ticket: &'a Ticket) -> ControlFuture<'a, ()>;
 
     /// Bans `user` for `ttl`: its new sockets are refused on every node.
     fn ban<'a>(&'a self, user: &'a str, ttl: Duration) -> ControlFuture<'a, ()>;
@@ -74,6 +88,24 @@ pub trait ControlPlane: Send + Sync + 'static {
     fn banned<'a>(&'a self, user: &'a str) -> ControlFuture<'a, bool>;
 }
 
+/// What [`ControlPlane::claim`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This call claimed the key, pending: confirm it or give it back
+    /// with the ticket.
+    Ours(Ticket),
+    /// A request with the key was published: the number of messages it
+    /// published.
+    Done(u64),
+    /// Another request holds the key and has not settled yet.
+    Pending,
+}
+
+/// A pending claim, as its maker holds it: what tells it from a claim of
+/// the same key made by anyone else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket(pub(crate) String);
+
 /// Most idempotency keys (and, apart, bans) a [`Local`] control plane
 /// keeps at once; beyond it, new ones are refused with
 /// [`BusError::Overloaded`] until old ones expire.
@@ -84,8 +116,20 @@ pub const LOCAL_MAX_ENTRIES: usize = 100_000;
 pub struct Local {
     sink: Arc<dyn Deliver>,
     /// `std::sync::Mutex`: a few map operations, never held across an await.
-    claims: Mutex<Expiring<u64>>,
+    claims: Mutex<Expiring<Kept>>,
+    /// The number of the next claim's ticket.
+    tickets: AtomicU64,
     bans: Mutex<Expiring<()>>,
+}
+
+/// An idempotency key in a [`Local`] control plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kept {
+    /// Claimed by the ticket of number `ticket`, for `answer`, not yet
+    /// settled.
+    Pending { ticket: u64, answer: u64 },
+    /// Published: its answer.
+    Done(u64),
 }
 
 /// A map whose entries expire, bounded by [`LOCAL_MAX_ENTRIES`].
@@ -125,6 +169,7 @@ impl Local {
         Self {
             sink,
             claims: Mutex::new(Expiring::new()),
+            tickets: AtomicU64::new(0),
             bans: Mutex::new(Expiring::new()),
         }
     }
@@ -154,20 +199,48 @@ impl ControlPlane for Local {
         &'a self,
         key: &'a str,
         answer: u64,
-        ttl: Duration,
-    ) -> ControlFuture<'a, Option<u64>> {
+        pending: Duration,
+    ) -> ControlFuture<'a, Claim> {
         let now = Instant::now();
         let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
         let result = match claims.get(key, now) {
-            Some(earlier) => Ok(Some(earlier)),
-            None => claims.put(key, answer, now + ttl, now).map(|()| None),
+            Some(Kept::Done(answer)) => Ok(Claim::Done(answer)),
+            Some(Kept::Pending { .. }) => Ok(Claim::Pending),
+            None => {
+                let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+                claims
+                    .put(key, Kept::Pending { ticket, answer }, now + pending, now)
+                    .map(|()| Claim::Ours(Ticket(ticket.to_string())))
+            }
         };
         ready(result)
     }
 
-    fn release<'a>(&'a self, key: &'a str) -> ControlFuture<'a, ()> {
+    fn confirm<'a>(
+        &'a self,
+        key: &'a str,
+        ticket: &'a Ticket,
+        ttl: Duration,
+    ) -> ControlFuture<'a, bool> {
+        let now = Instant::now();
         let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
-        claims.entries.remove(key);
+        let result = match claims.get(key, now) {
+            Some(Kept::Pending { ticket: t, answer }) if ticket.0 == t.to_string() => claims
+                .put(key, Kept::Done(answer), now + ttl, now)
+                .map(|()| true),
+            _ => Ok(false),
+        };
+        ready(result)
+    }
+
+    fn release<'a>(&'a self, key: &'a str, ticket: &'a Ticket) -> ControlFuture<'a, ()> {
+        let now = Instant::now();
+        let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(Kept::Pending { ticket: t, .. }) = claims.get(key, now)
+            && ticket.0 == t.to_string()
+        {
+            claims.entries.remove(key);
+        }
         ready(Ok(()))
     }
 
@@ -197,16 +270,39 @@ mod tests {
         fn deliver(&self, _: &Topic, _: &Arc<Envelope>) {}
     }
 
+    fn ours(claim: Claim) -> Ticket {
+        match claim {
+            Claim::Ours(ticket) => ticket,
+            other => panic!("not claimed: {other:?}"),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn keys_and_bans_expire() {
         let local = Local::new(Arc::new(Nothing));
-        let ttl = Duration::from_secs(300);
-        assert_eq!(local.claim("k", 3, ttl).await.unwrap(), None);
-        assert_eq!(local.claim("k", 9, ttl).await.unwrap(), Some(3));
-        local.release("k").await.unwrap();
-        assert_eq!(local.claim("k", 4, ttl).await.unwrap(), None);
+        let (pending, ttl) = (Duration::from_secs(10), Duration::from_secs(300));
+        let first = ours(local.claim("k", 3, pending).await.unwrap());
+        assert_eq!(local.claim("k", 9, pending).await.unwrap(), Claim::Pending);
+        assert!(local.confirm("k", &first, ttl).await.unwrap());
+        assert_eq!(local.claim("k", 9, pending).await.unwrap(), Claim::Done(3));
+        // A confirmed key is not given back by its old ticket.
+        local.release("k", &first).await.unwrap();
+        assert_eq!(local.claim("k", 9, pending).await.unwrap(), Claim::Done(3));
         tokio::time::advance(ttl).await;
-        assert_eq!(local.claim("k", 5, ttl).await.unwrap(), None, "expired");
+        let second = ours(local.claim("k", 4, pending).await.unwrap());
+        local.release("k", &second).await.unwrap();
+        let third = ours(local.claim("k", 5, pending).await.unwrap());
+        // Pending, never confirmed (its node died): free again after it.
+        tokio::time::advance(pending).await;
+        let fourth = ours(local.claim("k", 6, pending).await.unwrap());
+        assert!(
+            !local.confirm("k", &third, ttl).await.unwrap(),
+            "an expired claim is not confirmed over a later one"
+        );
+        local.release("k", &third).await.unwrap();
+        assert_eq!(local.claim("k", 7, pending).await.unwrap(), Claim::Pending);
+        assert!(local.confirm("k", &fourth, ttl).await.unwrap());
+        assert_eq!(local.claim("k", 7, pending).await.unwrap(), Claim::Done(6));
 
         assert!(!local.banned("u").await.unwrap());
         local.ban("u", Duration::from_millis(500)).await.unwrap();
@@ -227,6 +323,6 @@ mod tests {
             Err(BusError::Overloaded)
         ));
         tokio::time::advance(ttl).await;
-        assert_eq!(local.claim("one more", 1, ttl).await.unwrap(), None);
+        ours(local.claim("one more", 1, ttl).await.unwrap());
     }
 }

@@ -161,6 +161,38 @@ pub fn from_config(config: &Config, metrics: Arc<Metrics>) -> MakeBus {
     }
 }
 
+/// What became of a batch [`Bus::publish_all`] took: see
+/// [`published`](Self::published).
+#[derive(Debug)]
+#[must_use = "a batch's receipt says whether it was published"]
+pub struct Receipt(Option<tokio::sync::oneshot::Receiver<bool>>);
+
+impl Receipt {
+    /// The receipt of a batch carried already (or with nobody to carry it
+    /// to: one node alone).
+    pub fn carried() -> Self {
+        Self(None)
+    }
+
+    /// A receipt told through `told` (`true`: carried whole).
+    pub fn pending(told: tokio::sync::oneshot::Receiver<bool>) -> Self {
+        Self(Some(told))
+    }
+
+    /// Resolves once the batch is settled: `true` when every message of
+    /// it was carried (on Redis: every `PUBLISH` ran), `false` when some
+    /// or all of it may not have been (dropped after a failed or unknown
+    /// send, counted in `wshub_messages_dropped_total`). A bus settles
+    /// every batch within `redis.publish_retry_ms` and
+    /// `redis.command_timeout_ms` of taking it.
+    pub async fn published(self) -> bool {
+        match self.0 {
+            None => true,
+            Some(told) => told.await.unwrap_or(false),
+        }
+    }
+}
+
 /// Resolves when a subscription has taken effect, see [`Bus::subscribe`].
 pub type Subscribed = Pin<Box<dyn Future<Output = Result<(), BusError>> + Send>>;
 
@@ -175,8 +207,10 @@ pub trait Bus: Send + Sync + 'static {
     /// [`publish`](Self::publish) of every one of `envelopes`, in order,
     /// **or of none**: an error means no message of them will reach any
     /// node (`POST /api/publish`, whose retry must not send the first of
-    /// them again).
-    fn publish_all(&self, envelopes: &[Arc<Envelope>]) -> Result<(), BusError>;
+    /// them again). Taken, the batch comes with a [`Receipt`] that says
+    /// when the bus has carried all of it (Redis ran every `PUBLISH`), or
+    /// that some of it may be lost.
+    fn publish_all(&self, envelopes: &[Arc<Envelope>]) -> Result<Receipt, BusError>;
 
     /// Adds a reference to `topic`; the future resolves once the subscription
     /// is in effect.

@@ -2,7 +2,7 @@
 
 use std::future::ready;
 
-use super::{Bus, BusError, Subscribed};
+use super::{Bus, BusError, Receipt, Subscribed};
 use crate::envelope::Envelope;
 use crate::route::Topic;
 use std::sync::Arc;
@@ -31,8 +31,8 @@ impl Bus for SingleNodeBus {
         Ok(())
     }
 
-    fn publish_all(&self, _envelopes: &[Arc<Envelope>]) -> Result<(), BusError> {
-        Ok(())
+    fn publish_all(&self, _envelopes: &[Arc<Envelope>]) -> Result<Receipt, BusError> {
+        Ok(Receipt::carried())
     }
 
     fn subscribe(&self, _topic: &Topic) -> Subscribed {

@@ -156,6 +156,7 @@ impl ApiError {
             "method_not_allowed" => "api_method_not_allowed",
             "presence_off" => "api_presence_off",
             "history_off" => "api_history_off",
+            "in_progress" => "api_in_progress",
             _ => "api_refused",
         }
     }
@@ -210,6 +211,12 @@ impl IntoResponse for ApiError {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"wshub\""),
             );
+        }
+        if self.code == "in_progress" {
+            // The other request settles within moments.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
     }
@@ -549,9 +556,19 @@ async fn publish(State(http): State<HttpState>, request: Request) -> Result<Resp
                 Err(ApiError::bad_request(e.to_string()))
             }
         }
-        Err(e @ (ServerApiError::Bus { .. } | ServerApiError::Claim { .. })) => Err(ApiError::new(
+        Err(
+            e @ (ServerApiError::Bus { .. }
+            | ServerApiError::Claim { .. }
+            | ServerApiError::Unsent { .. }
+            | ServerApiError::Unsettled),
+        ) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
+            e.to_string(),
+        )),
+        Err(e @ ServerApiError::InProgress) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "in_progress",
             e.to_string(),
         )),
     }

@@ -10,13 +10,62 @@ use serde::Serialize;
 
 use super::{Node, PublishError};
 use crate::bus::BusError;
+use crate::bus::control::{Claim, ControlPlane, Ticket};
 use crate::bus::wire::Order;
 use crate::envelope::Envelope;
 use crate::history::{HistoryError, Position, Recent, client_key};
 use crate::route::Topic;
 
-/// How long an idempotency key of `POST /api/publish` is remembered.
+/// How long an idempotency key of `POST /api/publish` is remembered
+/// after its batch was published.
 pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(300);
+
+/// What a pending claim's expiry allows beyond the longest a publish takes
+/// to settle and be confirmed ([`Node::claim_pending`]).
+const CLAIM_MARGIN: Duration = Duration::from_secs(1);
+
+/// How often a request whose key another request holds, pending, asks
+/// again.
+const CLAIM_POLL: Duration = Duration::from_millis(50);
+
+/// How often a claim that could not be confirmed or given back is tried
+/// again (until it would have expired).
+const SETTLE_RETRY: Duration = Duration::from_millis(250);
+
+/// Confirms `ticket`'s claim of `key` when its batch was `carried`,
+/// otherwise gives it back; a Redis that cannot be reached is asked again
+/// until the claim would have expired anyway. A claim not confirmed
+/// expires, and a retry then publishes again: at least once.
+async fn settle_claim(control: &dyn ControlPlane, key: &str, ticket: &Ticket, carried: bool) {
+    let give_up = tokio::time::Instant::now() + IDEMPOTENCY_TTL.min(Duration::from_secs(60));
+    loop {
+        let settled = if carried {
+            match control.confirm(key, ticket, IDEMPOTENCY_TTL).await {
+                Ok(true) => Ok(()),
+                Ok(false) => {
+                    tracing::warn!(
+                        "a batch of POST /api/publish was published after its idempotency key's pending claim expired: a retry with the key may have published it again"
+                    );
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            control.release(key, ticket).await
+        };
+        match settled {
+            Ok(()) => return,
+            Err(e) if tokio::time::Instant::now() >= give_up => {
+                tracing::warn!(
+                    error = %e,
+                    "an idempotency key's claim could not be settled: it expires by itself (a retry then publishes)"
+                );
+                return;
+            }
+            Err(_) => tokio::time::sleep(SETTLE_RETRY).await,
+        }
+    }
+}
 
 /// The answer of [`Node::publish_all`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -59,6 +108,29 @@ pub enum ServerApiError {
         /// The refusal.
         source: BusError,
     },
+    /// The bus took the batch but could not carry all of it (Redis went
+    /// away or refused it before its `PUBLISH`es ran, or their outcome is
+    /// unknown): some or all of it may not have been published; a key is
+    /// given back, so a retry publishes the whole batch (at least once).
+    #[error(
+        "the messages could not all be published to Redis (some or all may not have been; see wshub_messages_dropped_total){released}"
+    )]
+    Unsent {
+        /// What became of the key, or empty without one.
+        released: &'static str,
+    },
+    /// The bus took the batch and had not settled it when the claim's
+    /// pending time was up: its outcome is unknown.
+    #[error(
+        "the messages were not confirmed published in time: their outcome is unknown (the idempotency key, if any, is settled when they are)"
+    )]
+    Unsettled,
+    /// Another request with the idempotency key is being published and
+    /// had not settled within `redis.command_timeout_ms`.
+    #[error(
+        "another request with this idempotency key is still being published: retry in a moment (it answers duplicate once that one is published, or publishes if it failed)"
+    )]
+    InProgress,
 }
 
 /// A `POST /api/disconnect`, validated.
@@ -110,42 +182,108 @@ impl Node {
             }
         }
         let published = envelopes.len() as u64;
-        if let Some(key) = key {
-            let claim = self.control.claim(key, published, IDEMPOTENCY_TTL).await;
-            match claim {
-                Ok(None) => {}
-                Ok(Some(first)) => {
-                    return Ok(Published {
-                        published: first,
-                        duplicate: true,
-                    });
-                }
-                Err(source) => return Err(ServerApiError::Claim { source }),
-            }
-        }
+        let ticket = match key {
+            Some(key) => match self.claim(key, published).await? {
+                Ok(ticket) => Some((key.to_owned(), ticket)),
+                Err(first) => return Ok(first),
+            },
+            None => None,
+        };
         // Every message or none: a retry with the same key (given back
         // below) must not send the first ones again (review of
         // 2026-12-03: one by one, a full queue part-way through published
         // the start of the batch on every try).
-        if let Err(e) = self.send_all(&envelopes) {
-            self.metrics
-                .dropped(e.drop_reason(), envelopes.len() as u64);
-            let mut released = "";
-            if let Some(key) = key {
-                // Best effort: if it fails too, the key expires.
-                let _ = self.control.release(key).await;
-                released = "; the idempotency key was released";
+        let receipt = match self.send_all(&envelopes) {
+            Ok(receipt) => receipt,
+            Err(e) => {
+                self.metrics
+                    .dropped(e.drop_reason(), envelopes.len() as u64);
+                let mut released = "";
+                if let Some((key, ticket)) = &ticket {
+                    // Best effort: if it fails too, the claim expires.
+                    let _ = self.control.release(key, ticket).await;
+                    released = "; the idempotency key was released";
+                }
+                let source = match e {
+                    PublishError::Bus(source) => source,
+                    other => BusError::Unavailable(other.to_string()),
+                };
+                return Err(ServerApiError::Bus { released, source });
             }
-            let source = match e {
-                PublishError::Bus(source) => source,
-                other => BusError::Unavailable(other.to_string()),
-            };
-            return Err(ServerApiError::Bus { released, source });
+        };
+        // The answer waits for Redis to have run every `PUBLISH` (a node
+        // that died with the batch still queued answered 200 and kept the
+        // key: the retry said `duplicate` and nothing was sent). The claim
+        // is settled by a task of its own, so that a client that hangs up
+        // does not leave it pending.
+        let control = self.control.clone();
+        let (tell, told) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let carried = receipt.published().await;
+            if let Some((key, ticket)) = ticket {
+                settle_claim(&*control, &key, &ticket, carried).await;
+            }
+            let _ = tell.send(carried);
+        });
+        match tokio::time::timeout(self.claim_pending(), told).await {
+            Ok(Ok(true)) => Ok(Published {
+                published,
+                duplicate: false,
+            }),
+            Ok(Ok(false) | Err(_)) => Err(ServerApiError::Unsent {
+                released: if key.is_some() {
+                    "; the idempotency key was released: a retry publishes the whole batch"
+                } else {
+                    ""
+                },
+            }),
+            Err(_) => Err(ServerApiError::Unsettled),
         }
-        Ok(Published {
-            published,
-            duplicate: false,
+    }
+
+    /// How long a claim of an idempotency key stays pending at most: past
+    /// the longest a publish takes to settle (`Receipt::published`: a
+    /// message waits `redis.publish_retry_ms` at most, then the
+    /// publisher's turn ends within a connect or a send and a backoff),
+    /// with room for the confirmation. 13 s by default.
+    fn claim_pending(&self) -> Duration {
+        self.config.redis.as_ref().map_or(CLAIM_MARGIN, |redis| {
+            redis.publish_retry + redis.reconnect_max + redis.command_timeout * 3 + CLAIM_MARGIN
         })
+    }
+
+    /// Claims `key` for a batch of `published` messages: its ticket, or
+    /// the answer when a request with it was published already. A claim
+    /// another request holds, unsettled, is waited for (polled) for up to
+    /// `redis.command_timeout_ms`, then answered 409.
+    async fn claim(
+        &self,
+        key: &str,
+        published: u64,
+    ) -> Result<Result<Ticket, Published>, ServerApiError> {
+        let patience = self
+            .config
+            .redis
+            .as_ref()
+            .map_or(Duration::from_secs(2), |r| r.command_timeout);
+        let until = tokio::time::Instant::now() + patience;
+        loop {
+            let claim = self.control.claim(key, published, self.claim_pending());
+            match claim.await {
+                Ok(Claim::Ours(ticket)) => return Ok(Ok(ticket)),
+                Ok(Claim::Done(first)) => {
+                    return Ok(Err(Published {
+                        published: first,
+                        duplicate: true,
+                    }));
+                }
+                Ok(Claim::Pending) if tokio::time::Instant::now() < until => {
+                    tokio::time::sleep(CLAIM_POLL).await;
+                }
+                Ok(Claim::Pending) => return Err(ServerApiError::InProgress),
+                Err(source) => return Err(ServerApiError::Claim { source }),
+            }
+        }
     }
 
     /// Closes every socket of `order`'s target on every node that holds

@@ -1987,3 +1987,84 @@ async fn malformed_paths_queries_and_bodies_answer_in_the_api_format() {
         "{answer}"
     );
 }
+
+/// Review of 2026-12-03 (left open then, docs/api.md "What the 200
+/// means"): `200` meant queued, and a node killed before its publisher
+/// sent the batch lost it while the key stayed claimed: the retry, on
+/// any node, answered `duplicate` and the message never went out. The
+/// answer now waits for Redis to have run the batch, and a claim whose
+/// node died pending expires: the retry publishes it.
+#[tokio::test]
+async fn a_publish_whose_node_dies_before_redis_has_it_is_published_by_the_retry() {
+    let redis = RedisServer::start();
+    let proxy = GateProxy::start(redis.port).await;
+    let mut victim = crate::common::node::NodeProcess::spawn(&[
+        ("WSHUB_REDIS__URL", &proxy.url()),
+        ("WSHUB_NODE_ID", "victim"),
+        ("WSHUB_REDIS__PUBLISH_RETRY_MS", "1000"),
+        ("WSHUB_REDIS__COMMAND_TIMEOUT_MS", "1000"),
+    ])
+    .await;
+    let survivor = TestServer::on_redis(&redis.url(), |c| c.node_id = "survivor".into()).await;
+    let mut watcher = survivor.connect("w", Some("wg")).await;
+    let body = json!({
+        "messages": [{"action": "m", "message": "sudden-death-1", "recipients": [{"type": "group", "value": "wg"}]}],
+        "idempotency_key": "sudden-1"
+    });
+    // The victim's publisher connection is held from the batch on: its
+    // PUBLISH never reaches Redis.
+    proxy.arm_commands_on(b"sudden-death-1");
+    let url = format!("http://{}/api/publish", victim.addr);
+    let sent = body.to_string();
+    let first = tokio::spawn(async move {
+        let response = reqwest::Client::new()
+            .post(url)
+            .header("content-type", "application/json")
+            .body(sent)
+            .send()
+            .await;
+        match response {
+            Ok(r) => Some((r.status().as_u16(), r.text().await.unwrap_or_default())),
+            Err(_) => None,
+        }
+    });
+    proxy.held().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    victim.child.kill_group();
+    let first = first.await.unwrap();
+    // The backend retries on another node until it gets a 200.
+    let deadline = Instant::now() + PATIENCE;
+    let mut answers = Vec::new();
+    loop {
+        let (status, answer) = post(survivor.addr, "/api/publish", body.clone()).await;
+        answers.push((status, answer.clone()));
+        if status == 200 {
+            assert_eq!(
+                answer,
+                json!({"published": 1}),
+                "first answer {first:?}, then {answers:?}"
+            );
+            break;
+        }
+        assert_eq!(
+            (status, &answer["error"]["code"]),
+            (409, &json!("in_progress")),
+            "{answers:?}"
+        );
+        assert!(Instant::now() < deadline, "{answers:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, _) = post(
+        survivor.addr,
+        "/api/publish",
+        json!({"messages": [{"action": "broadcast", "message": "sentinel-sudden"}]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let got = watcher.until_sentinel("sentinel-sudden").await;
+    let texts: Vec<&str> = got.iter().filter_map(|m| m["message"].as_str()).collect();
+    assert_eq!(texts, ["sudden-death-1"], "first answer {first:?}");
+    // Once published, the key answers duplicate.
+    let (_, answer) = post(survivor.addr, "/api/publish", body).await;
+    assert_eq!(answer, json!({"published": 1, "duplicate": true}));
+}

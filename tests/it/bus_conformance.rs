@@ -157,11 +157,18 @@ where
     }
     bus.publish(envelope(topics.clone(), "own"))
         .expect("publish does not fail on a healthy bus");
-    bus.publish_all(&[
-        envelope(topics.clone(), "own 2"),
-        envelope(vec![group("a")], "own 3"),
-    ])
-    .expect("publish_all does not fail on a healthy bus");
+    let receipt = bus
+        .publish_all(&[
+            envelope(topics.clone(), "own 2"),
+            envelope(vec![group("a")], "own 3"),
+        ])
+        .expect("publish_all does not fail on a healthy bus");
+    assert!(
+        tokio::time::timeout(PATIENCE, receipt.published())
+            .await
+            .expect("a healthy bus settles a batch"),
+        "a healthy bus carries a batch whole"
+    );
     // Nothing may have reached the sink by now. For a bus that could only
     // echo synchronously (the single-node bus) this is exact; for Redis the
     // echo would take a round trip, and
@@ -263,13 +270,19 @@ async fn a_batch_arrives_whole_in_order(mut h: Harness) {
             envelope(vec![topic], &i.to_string())
         })
         .collect();
-    h.publisher.publish_all(&batch).expect("publish_all");
+    let receipt = h.publisher.publish_all(&batch).expect("publish_all");
     h.publish(vec![user("u")], "after");
     assert_eq!(h.next().await.1, "before");
     for i in 0..300 {
         assert_eq!(h.next().await.1, i.to_string(), "a batch in order");
     }
     assert_eq!(h.next().await.1, "after");
+    assert!(
+        tokio::time::timeout(PATIENCE, receipt.published())
+            .await
+            .expect("a batch delivered is settled"),
+        "a batch delivered whole is receipted as carried"
+    );
 }
 
 async fn is_healthy(h: Harness) {
@@ -488,5 +501,58 @@ async fn exactly_once_from(from: &mut Member, to: &mut Member, route: &[Topic], 
         from.until(&back).await,
         vec![],
         "{name}: the publisher received its own publish"
+    );
+}
+
+/// A batch's receipt says when Redis could not take it: Redis frozen, the
+/// pipeline times out and the batch is dropped (counted); the receipt
+/// says so rather than "carried" (`POST /api/publish` then answers 503
+/// and gives its key back).
+#[tokio::test]
+async fn redis_receipts_tell_a_batch_that_was_lost() {
+    let redis = RedisServer::start();
+    let config = Config::load_from(
+        None,
+        [
+            ("WSHUB_REDIS__URL".to_owned(), redis.url()),
+            (
+                "WSHUB_REDIS__COMMAND_TIMEOUT_MS".to_owned(),
+                "300".to_owned(),
+            ),
+            ("WSHUB_REDIS__PUBLISH_RETRY_MS".to_owned(), "600".to_owned()),
+        ],
+    )
+    .unwrap()
+    .redis
+    .unwrap();
+    let bus: Arc<dyn Bus> = Arc::new(
+        RedisBus::start(
+            "receipts".into(),
+            config,
+            None,
+            Arc::new(Nowhere),
+            Arc::new(Metrics::new()),
+            RELEASE_DELAY,
+            Shutdown::new(),
+        )
+        .unwrap(),
+    );
+    wait_healthy(&bus).await;
+    let carried = bus
+        .publish_all(&[envelope(vec![group("a")], "healthy")])
+        .unwrap();
+    assert!(carried.published().await, "Redis ran it");
+    redis.pause();
+    let lost = bus
+        .publish_all(&[
+            envelope(vec![group("a")], "frozen 1"),
+            envelope(vec![group("b")], "frozen 2"),
+        ])
+        .expect("a blip is queued");
+    let told = tokio::time::timeout(PATIENCE, lost.published()).await;
+    redis.resume();
+    assert!(
+        !told.expect("the batch is settled within the retry time"),
+        "a batch Redis never ran is not receipted as carried"
     );
 }

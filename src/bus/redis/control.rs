@@ -8,7 +8,7 @@
 //!
 //! | key | what | expires |
 //! |---|---|---|
-//! | `P:idem:<key>` | an idempotency key of `POST /api/publish`: `<answer>:<token>`, or `x:<token>` for a claim withdrawn because its outcome was unknown (free for any other token; see [`WITHDRAW`]) | 5 minutes after its first use |
+//! | `P:idem:<key>` | an idempotency key of `POST /api/publish`: `p:<answer>:<token>` while its publish is pending, `<answer>:<token>` once Redis ran it ([`CONFIRM`]), or `x:<token>` for a claim withdrawn because its outcome was unknown (free for any other token; see [`WITHDRAW`]) | pending: after `redis.publish_retry_ms` + `redis.reconnect_max_ms` + 3 × `redis.command_timeout_ms` + 1 s, 13 s by default (its node died before it settled: the key is free again); published: 5 minutes after its publish |
 //! | `P:ban:<user>` | a ban (`POST /api/disconnect` with `ban_ms`); on a single server also published on the channel `P:bans` for the nodes' copies (`bans.rs`) | with the ban |
 //!
 //! **Topics** are what Redis says: `PUBSUB CHANNELS P:*` and `PUBSUB
@@ -32,14 +32,15 @@ use super::Shared;
 use super::bans;
 use super::conn::{Kept, Link, PubConn, connect_publisher, open_command_connection};
 use crate::bus::BusError;
-use crate::bus::control::{ControlFuture, ControlPlane, Held};
+use crate::bus::control::{Claim, ControlFuture, ControlPlane, Held, Ticket};
 use crate::bus::wire::{self, Control, Order};
 
-/// `KEYS[1]` the key; `ARGV[1]` the value (`<answer>:<token>`), `ARGV[2]`
-/// the expiry (ms), `ARGV[3]` the token. Returns nil when it claimed the
-/// key, `x` when this very claim was withdrawn before it ran ([`WITHDRAW`]),
-/// else the value already there. `x:<token>` is a withdrawn claim: free
-/// for any other token.
+/// `KEYS[1]` the key; `ARGV[1]` the pending value (`p:<answer>:<token>`),
+/// `ARGV[2]` its expiry (ms), `ARGV[3]` the token. Returns nil when it
+/// claimed the key, `x` when this very claim was withdrawn before it ran
+/// ([`WITHDRAW`]), else the value already there (pending, `p:…`, or
+/// published). `x:<token>` is a withdrawn claim: free for any other
+/// token.
 const CLAIM: &str = r"
 local v = redis.call('GET', KEYS[1])
 if v == 'x:' .. ARGV[3] then
@@ -64,6 +65,27 @@ if v == ARGV[1] then
   redis.call('DEL', KEYS[1])
 elseif not v or string.sub(v, 1, 2) == 'x:' then
   redis.call('SET', KEYS[1], 'x:' .. ARGV[2], 'PX', ARGV[3])
+end
+return 1
+";
+
+/// Turns a pending claim into a published one, if it is still there (a
+/// claim that expired may have been taken by another request since).
+/// `KEYS[1]` the key; `ARGV` the pending value, the published value, its
+/// expiry (ms). Returns 1 when it did.
+const CONFIRM: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+";
+
+/// Gives a pending claim back, if it is still this one's. `KEYS[1]` the
+/// key; `ARGV[1]` the pending value.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
 end
 return 1
 ";
@@ -270,12 +292,12 @@ impl ControlPlane for RedisControl {
         &'a self,
         key: &'a str,
         answer: u64,
-        ttl: Duration,
-    ) -> ControlFuture<'a, Option<u64>> {
+        pending: Duration,
+    ) -> ControlFuture<'a, Claim> {
         Box::pin(async move {
             let token = format!("{:016x}", rand::random::<u64>());
-            let value = format!("{answer}:{token}");
-            let ttl_ms = ttl.as_millis() as u64;
+            let value = format!("p:{answer}:{token}");
+            let ttl_ms = pending.as_millis() as u64;
             let key = self.key("idem", key);
             let mut cmd = redis::cmd("EVAL");
             cmd.arg(CLAIM)
@@ -329,7 +351,7 @@ impl ControlPlane for RedisControl {
                     "{why}; the claim of the idempotency key was withdrawn"
                 )));
             }
-            self.withdraw_later(withdraw, ttl);
+            self.withdraw_later(withdraw, pending);
             Err(unavailable(format!(
                 "{why}; the claim of the idempotency key is being withdrawn (a retry may \
                  answer 503 until Redis answers again, never a duplicate of nothing)"
@@ -337,11 +359,34 @@ impl ControlPlane for RedisControl {
         })
     }
 
-    fn release<'a>(&'a self, key: &'a str) -> ControlFuture<'a, ()> {
+    fn confirm<'a>(
+        &'a self,
+        key: &'a str,
+        ticket: &'a Ticket,
+        ttl: Duration,
+    ) -> ControlFuture<'a, bool> {
         Box::pin(async move {
-            self.run::<i64>(redis::cmd("DEL").arg(self.key("idem", key)))
-                .await
-                .map(|_| ())
+            let published = ticket.0.strip_prefix("p:").unwrap_or(&ticket.0);
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(CONFIRM)
+                .arg(1)
+                .arg(self.key("idem", key))
+                .arg(&ticket.0)
+                .arg(published)
+                .arg(ttl.as_millis() as u64);
+            // Safe to run twice (`run` may): the second finds it published.
+            self.run::<i64>(&cmd).await.map(|done| done == 1)
+        })
+    }
+
+    fn release<'a>(&'a self, key: &'a str, ticket: &'a Ticket) -> ControlFuture<'a, ()> {
+        Box::pin(async move {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(RELEASE)
+                .arg(1)
+                .arg(self.key("idem", key))
+                .arg(&ticket.0);
+            self.run::<i64>(&cmd).await.map(|_| ())
         })
     }
 
@@ -400,24 +445,28 @@ impl ControlPlane for RedisControl {
 }
 
 /// What the claim script's answer means for the claim of `value`.
-fn claimed(earlier: Option<String>, value: &str, token: &str) -> Result<Option<u64>, BusError> {
+fn claimed(earlier: Option<String>, value: &str, token: &str) -> Result<Claim, BusError> {
+    let ours = || Claim::Ours(Ticket(value.to_owned()));
     let Some(earlier) = earlier else {
-        return Ok(None);
+        return Ok(ours());
     };
     // Our own claim, made by a first try whose answer was lost.
     if earlier == value {
-        return Ok(None);
+        return Ok(ours());
     }
     if earlier == "x" {
         return Err(unavailable(format!(
             "the claim {token} was withdrawn before it ran"
         )));
     }
+    if earlier.starts_with("p:") {
+        return Ok(Claim::Pending);
+    }
     let answer = earlier
         .split_once(':')
         .and_then(|(n, _)| n.parse().ok())
         .unwrap_or(0);
-    Ok(Some(answer))
+    Ok(Claim::Done(answer))
 }
 
 #[cfg(test)]

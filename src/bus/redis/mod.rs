@@ -106,7 +106,7 @@ use subscriber::Subscriber;
 
 use super::registry::{Registry, VersionGate};
 use super::wire::{self, Channels};
-use super::{Bus, BusError, Deliver, Interest, Subscribed};
+use super::{Bus, BusError, Deliver, Interest, Receipt, Subscribed};
 use crate::config::{HistoryConfig, PresenceConfig, RedisConfig};
 use crate::envelope::Envelope;
 use crate::history::History;
@@ -385,16 +385,24 @@ impl Bus for RedisBus {
         self.shared.queue.push_all(items.into_iter().flatten())
     }
 
-    fn publish_all(&self, envelopes: &[Arc<Envelope>]) -> Result<(), BusError> {
+    fn publish_all(&self, envelopes: &[Arc<Envelope>]) -> Result<Receipt, BusError> {
+        let (ack, told) = queue::Ack::new();
         let items: Vec<queue::Outgoing> = envelopes
             .iter()
             .flat_map(|e| self.items(e).into_iter().flatten())
+            .map(|mut item| {
+                item.ack = Some(ack.clone());
+                item
+            })
             .collect();
+        // The items hold it now: the last of them to settle tells.
+        drop(ack);
         if items.is_empty() {
-            return Ok(());
+            return Ok(Receipt::carried());
         }
         self.shared.refuse_if_long_down()?;
-        self.shared.queue.push_all(items)
+        self.shared.queue.push_all(items)?;
+        Ok(Receipt::pending(told))
     }
 
     fn subscribe(&self, topic: &Topic) -> Subscribed {

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use crate::bus::BusError;
@@ -25,28 +25,77 @@ pub(super) struct Outgoing {
     /// other topics: `RedisBus::publish`): shared by both, set when either
     /// is lost, so the message is counted dropped once ([`lost`]).
     pub(super) twin: Option<Arc<AtomicBool>>,
+    /// The batch of `POST /api/publish` it belongs to (none for any other
+    /// message): told once all of the batch's items are settled.
+    pub(super) ack: Option<Arc<Ack>>,
+}
+
+/// What a batch's sender waits on (`Bus::publish_all`'s receipt): every
+/// item of the batch holds it, and when the last lets go (published, or
+/// counted [`lost`]) it tells whether any was lost. An item dropped any
+/// other way (none is: every loss is counted) would read as published.
+pub(super) struct Ack {
+    lost: AtomicBool,
+    tell: Option<oneshot::Sender<bool>>,
+}
+
+impl Ack {
+    /// The ack of one batch, and what resolves to `true` once all of it
+    /// was published (`false`: some or all of it may not have been).
+    pub(super) fn new() -> (Arc<Self>, oneshot::Receiver<bool>) {
+        let (tell, told) = oneshot::channel();
+        let ack = Self {
+            lost: AtomicBool::new(false),
+            tell: Some(tell),
+        };
+        (Arc::new(ack), told)
+    }
+}
+
+impl Drop for Ack {
+    fn drop(&mut self) {
+        if let Some(tell) = self.tell.take() {
+            let _ = tell.send(!*self.lost.get_mut());
+        }
+    }
+}
+
+impl Outgoing {
+    /// Marks its batch, if any, as not published whole.
+    fn mark_lost(&self) {
+        if let Some(ack) = &self.ack {
+            ack.lost.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 /// How many messages the lost `items` were: each item counts, except one
 /// whose twin was counted already (this call or an earlier one).
+/// Each one's batch, if any, is marked as not published whole ([`Ack`]).
 pub(super) fn lost<'a>(items: impl IntoIterator<Item = &'a Outgoing>) -> u64 {
-    items
-        .into_iter()
-        .filter(|m| {
-            m.twin
-                .as_ref()
-                .is_none_or(|t| !t.swap(true, Ordering::Relaxed))
-        })
-        .count() as u64
+    let mut count = 0;
+    for m in items {
+        m.mark_lost();
+        if m.twin
+            .as_ref()
+            .is_none_or(|t| !t.swap(true, Ordering::Relaxed))
+        {
+            count += 1;
+        }
+    }
+    count
 }
 
 /// What a send holds while it awaits Redis, for counting if the send is
-/// cut short with them (the publisher's `flush`): a count, and the twins'
-/// shared marks (few; usually none).
-#[derive(Debug, Default)]
+/// cut short with them (the publisher's `flush`): a count, the twins'
+/// shared marks and the batches' acks (few; usually none). Holding the
+/// acks keeps them from telling "published" when the cut-short send
+/// drops its items, before [`lost`](Self::lost) marks them.
+#[derive(Default)]
 pub(super) struct InFlight {
     alone: u64,
     twins: Vec<Arc<AtomicBool>>,
+    acks: Vec<Arc<Ack>>,
 }
 
 impl InFlight {
@@ -57,12 +106,21 @@ impl InFlight {
                 None => held.alone += 1,
                 Some(twin) => held.twins.push(twin.clone()),
             }
+            if let Some(ack) = &m.ack
+                && !held.acks.last().is_some_and(|a| Arc::ptr_eq(a, ack))
+            {
+                held.acks.push(ack.clone());
+            }
         }
         held
     }
 
-    /// How many messages they were, counted as [`lost`] counts.
+    /// How many messages they were, counted as [`lost`] counts; their
+    /// batches are marked as not published whole.
     pub(super) fn lost(self) -> u64 {
+        for ack in &self.acks {
+            ack.lost.store(true, Ordering::Relaxed);
+        }
         self.alone
             + self
                 .twins
@@ -114,6 +172,7 @@ impl Outgoing {
             payload,
             history: None,
             twin: None,
+            ack: None,
         }
     }
 
@@ -227,7 +286,9 @@ impl PublishQueue {
             let size = item.queued_bytes();
             if inner.items.len() >= self.capacity || inner.bytes + size > self.capacity_bytes {
                 // None of them, then: what this call queued goes again.
-                inner.items.truncate(len);
+                for taken_back in inner.items.drain(len..) {
+                    taken_back.mark_lost();
+                }
                 inner.bytes = bytes;
                 return Err(BusError::Overloaded);
             }
