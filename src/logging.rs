@@ -6,6 +6,22 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, LogFormat};
 
+/// `RUST_LOG`, when set and not empty, checked as `log.level` is (a
+/// misspelt level, `warning`, was a filter that let nothing through:
+/// review of 2026-12-02); the problem otherwise, for the node's start and
+/// `config check` alike.
+pub fn rust_log() -> Result<Option<String>, String> {
+    match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.is_empty() => {
+            crate::config::check_log_level(&directives)
+                .map_err(|problem| format!("RUST_LOG {problem}"))?;
+            Ok(Some(directives))
+        }
+        Ok(_) | Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err("RUST_LOG is not valid UTF-8".into()),
+    }
+}
+
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides
 /// `log.level`. Fails if a subscriber is already installed.
 ///
@@ -13,15 +29,9 @@ use crate::config::{Config, LogFormat};
 /// journald, `docker logs` or a file, escape codes are noise that makes
 /// lines hard to grep.
 pub fn init(config: &Config) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(directives) if !directives.is_empty() => {
-            // The same check as `log.level`: a misspelt level (`warning`)
-            // was a filter that let nothing through (review of 2026-12-02).
-            crate::config::check_log_level(&directives)
-                .map_err(|problem| format!("RUST_LOG {problem}"))?;
-            EnvFilter::try_new(directives)?
-        }
-        _ => EnvFilter::try_new(&config.log_level)?,
+    let filter = match rust_log()? {
+        Some(directives) => EnvFilter::try_new(directives)?,
+        None => EnvFilter::try_new(&config.log_level)?,
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

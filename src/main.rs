@@ -155,10 +155,14 @@ fn main() -> ExitCode {
             return print(match what {
                 // The node would refuse to start with a bad count: so does
                 // the check.
-                ConfigCommand::Check => match worker_threads_problem() {
-                    Some(problem) => Err(wshub::cli::CliError::Environment(problem)),
-                    None => wshub::cli::config_check(file, std::env::vars()),
-                },
+                ConfigCommand::Check => {
+                    match worker_threads_problem().or_else(|| wshub::logging::rust_log().err()) {
+                        Some(problem) => Err(wshub::cli::CliError::Environment(problem)),
+                        None => wshub::config::environment()
+                            .map_err(Into::into)
+                            .and_then(|env| wshub::cli::config_check(file, env)),
+                    }
+                }
                 ConfigCommand::Defaults => Ok(wshub::cli::config_defaults()),
             });
         }
@@ -170,7 +174,8 @@ fn main() -> ExitCode {
         }) => {
             return print(wshub::cli::parse_ttl(ttl).and_then(|ttl| {
                 let (group, relay) = (group.as_deref(), relay.as_deref());
-                wshub::cli::token(file, std::env::vars(), sub, group, ttl, relay)
+                let env = wshub::config::environment()?;
+                wshub::cli::token(file, env, sub, group, ttl, relay)
             }));
         }
         _ => {}

@@ -52,6 +52,12 @@ pub enum ConfigError {
     /// A value has the right type but is not acceptable.
     #[error("configuration: `{key}` {problem}")]
     Invalid { key: &'static str, problem: String },
+    /// A `WSHUB_*` variable's name or value is not Unicode (a Latin-1
+    /// byte). Its value is not shown: it may be a secret.
+    #[error(
+        "configuration: the environment variable {name} is not valid UTF-8 (its value is not shown: it may be a secret)"
+    )]
+    NotUnicode { name: String },
     /// The configuration file named (`--config`, `WSHUB_CONFIG`) cannot be
     /// read. Its path is shown: it is no secret, and the operator needs it.
     #[error("configuration: cannot read the configuration file {}: {error}", .path.display())]
@@ -62,10 +68,12 @@ pub enum ConfigError {
 }
 
 /// Refuses a number where a boolean key is (`tcp_nodelay = 2`), which
-/// the `config` crate would take as true (0 as false), and a floating
+/// the `config` crate would take as true (0 as false), a floating
 /// point number where an integer key is (`max_message_bytes = 70000.9`,
 /// `1e2`), which it would round (the same text in the environment is
-/// refused: review of 2026-12-02). What it does take for a boolean, and
+/// refused: review of 2026-12-02), a boolean (or `yes`, `on`, …)
+/// where an integer key is, which it would take as 1 or 0, and a `*_ms`
+/// key over [`MAX_MS`]. What it does take for a boolean, and
 /// so what a boolean key accepts: `true`/`false`, and as text (every
 /// environment value is text) `true`/`false`, `1`/`0`, `yes`/`no`,
 /// `on`/`off` in any case; it refuses other words itself, naming the key
@@ -88,12 +96,37 @@ fn refuse_mistyped_numbers(
         let Ok(value) = built.get::<config::Value>(key) else {
             continue;
         };
+        if !boolean && key.ends_with("_ms") {
+            let ms = match &value.kind {
+                K::I64(n) => Some(i128::from(*n)),
+                K::U64(n) => Some(i128::from(*n)),
+                K::I128(n) => Some(*n),
+                K::U128(n) => i128::try_from(*n).ok().or(Some(i128::MAX)),
+                K::String(text) => text.trim().parse::<i128>().ok(),
+                _ => None,
+            };
+            if ms.is_some_and(|ms| ms > i128::from(MAX_MS)) {
+                return Err(ConfigError::Load(config::ConfigError::At {
+                    error: Box::new(config::ConfigError::Message(format!(
+                        "must be at most {MAX_MS} (30 days)"
+                    ))),
+                    origin: origin(key),
+                    key: Some(key.to_owned()),
+                }));
+            }
+        }
         let (found, expected) = match (&value.kind, boolean) {
             (K::I64(_) | K::I128(_) | K::U64(_) | K::U128(_), true) => {
                 ("an integer", "true or false")
             }
             (K::Float(_), true) => ("a floating point number", "true or false"),
             (K::Float(_), false) => ("a floating point number", "an integer"),
+            // The crate reads a boolean, and the words it takes for one,
+            // as 1 or 0 where a number is wanted (`max_connections_per_ip
+            // = true` held a node to one socket per address: review of
+            // 2026-12-03).
+            (K::Boolean(_), false) => ("a boolean", "an integer"),
+            (K::String(text), false) if is_boolean_word(text) => ("a boolean word", "an integer"),
             _ => continue,
         };
         return Err(ConfigError::Load(config::ConfigError::At {
@@ -105,6 +138,19 @@ fn refuse_mistyped_numbers(
         }));
     }
     Ok(())
+}
+
+/// The most any `*_ms` key takes: 30 days. Longer is a typo, and near
+/// the top of the type it overflowed where it was added to a time or
+/// sent to Redis as an expiry (`history.ttl_ms` = 2^63 − 1 failed every
+/// publish while the node said it was ready: review of 2026-12-03).
+pub const MAX_MS: u64 = 30 * 24 * 3600 * 1000;
+
+/// Whether the `config` crate would read `text` as a boolean.
+fn is_boolean_word(text: &str) -> bool {
+    ["true", "false", "yes", "no", "on", "off"]
+        .iter()
+        .any(|word| text.trim().eq_ignore_ascii_case(word))
 }
 
 /// The dotted paths of [`RawConfig`]'s boolean and integer keys.
@@ -554,10 +600,40 @@ impl Default for Config {
     }
 }
 
+/// The process environment as the configuration reads it: every variable
+/// whose name and value are Unicode. A `WSHUB_*` one that is not is
+/// refused, by name; any other is skipped (`std::env::vars` panicked on
+/// one, any one, and printed its value: review of 2026-12-03).
+pub fn environment() -> Result<Vec<(String, String)>, ConfigError> {
+    environment_from(std::env::vars_os())
+}
+
+fn environment_from(
+    vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut out = Vec::new();
+    for (name, value) in vars {
+        match (name.into_string(), value.into_string()) {
+            (Ok(name), Ok(value)) => out.push((name, value)),
+            (name, _) => {
+                let name = name.unwrap_or_else(|n| n.to_string_lossy().into_owned());
+                let prefix = ENV_PREFIX.len() + 1;
+                let ours = name.len() >= prefix
+                    && name.is_char_boundary(prefix)
+                    && name[..prefix].eq_ignore_ascii_case(&format!("{ENV_PREFIX}_"));
+                if ours {
+                    return Err(ConfigError::NotUnicode { name });
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 impl Config {
     /// Loads defaults, then `file` (if any), then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::load_from(file, std::env::vars())
+        Self::load_from(file, environment()?)
     }
 
     /// Like [`load`](Self::load), with the environment given explicitly.
@@ -595,7 +671,19 @@ impl Config {
                     Ok(())
                 }
             });
-            if let Err(error) = readable {
+            // TOML is UTF-8, and the `config` crate would replace what is
+            // not with U+FFFD, silently: a secret written in Windows-1252
+            // became another secret than the application signs with
+            // (review of 2026-12-03).
+            let text = readable.and_then(|()| std::fs::read(path)).and_then(|bytes| {
+                std::str::from_utf8(&bytes).map(|_| ()).map_err(|e| {
+                    std::io::Error::other(format!(
+                        "it is not UTF-8 text, as TOML must be (the first byte that is not is at offset {}): save it as UTF-8",
+                        e.valid_up_to()
+                    ))
+                })
+            });
+            if let Err(error) = text {
                 return Err(ConfigError::File {
                     path: path.to_owned(),
                     error,

@@ -1002,4 +1002,135 @@ mod review_2026_12_02 {
             assert!(config.is_ok(), "{file}: {:?}", config.err());
         }
     }
+
+    /// Review of 2026-12-03: `true` where a number is was read as 1.
+    #[test]
+    fn booleans_in_integer_keys_are_refused() {
+        for text in [
+            "[limits]\nmax_connections_per_ip = true",
+            "[limits]\nmax_recipients = false",
+        ] {
+            let err = load(text, &[]).unwrap_err().to_string();
+            assert!(err.contains("expected an integer"), "{text}: {err}");
+        }
+        for word in ["true", "On", "no"] {
+            let err = load("", &[("WSHUB_LIMITS__MAX_RECIPIENTS", word)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("limits.max_recipients"), "{word}: {err}");
+            assert!(err.contains("the environment"), "{word}: {err}");
+        }
+        let config = load("", &[("WSHUB_LIMITS__MAX_RECIPIENTS", "7")]).unwrap();
+        assert_eq!(config.limits.max_recipients, 7);
+    }
+
+    /// Review of 2026-12-03: a file that is not UTF-8 was read with its
+    /// bad bytes replaced, a secret's too.
+    #[test]
+    fn a_file_that_is_not_utf8_is_refused() {
+        let mut file = tempfile();
+        file.1
+            .write_all(b"[auth]\njwt_secret = \"abc\xffdef0123456789012345678901234567\"\n")
+            .unwrap();
+        let err = Config::load_from(Some(&file.0), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not UTF-8"), "{err}");
+        assert!(err.contains(&file.0.display().to_string()), "{err}");
+    }
+
+    /// Review of 2026-12-03: one variable that was not Unicode, any
+    /// variable, made every command panic, printing its value.
+    #[test]
+    fn variables_that_are_not_unicode() {
+        use std::ffi::OsString;
+        use std::os::unix::ffi::OsStringExt;
+        let latin1 = || OsString::from_vec(b"caf\xe9".to_vec());
+        let vars = vec![
+            (OsString::from("LANG_NOTE"), latin1()),
+            (
+                OsString::from("WSHUB_LISTEN"),
+                OsString::from("127.0.0.1:9"),
+            ),
+        ];
+        let read = environment_from(vars).unwrap();
+        assert_eq!(read, env(&[("WSHUB_LISTEN", "127.0.0.1:9")]), "skipped");
+        let err = environment_from(vec![(OsString::from("wshub_redis__password"), latin1())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("wshub_redis__password"), "{err}");
+        assert!(!err.contains("caf"), "the value is not shown: {err}");
+    }
+
+    /// Review of 2026-12-03: `history.ttl_ms` near 2^63 passed, and every
+    /// publish failed; any duration key that far up overflowed somewhere.
+    #[test]
+    fn durations_are_at_most_30_days() {
+        let err = load("[history]\nttl_ms = 9223372036854775807", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("history.ttl_ms"), "{err}");
+        assert!(err.contains("at most 2592000000"), "{err}");
+        for var in [
+            "WSHUB_REDIS__COMMAND_TIMEOUT_MS",
+            "WSHUB_WS__PING_INTERVAL_MS",
+            "WSHUB_PRESENCE__LEASE_MS",
+        ] {
+            let err = load("", &[(var, "18446744073709551615")])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("at most 2592000000"), "{var}: {err}");
+        }
+        let config = load("[ws]\nping_interval_ms = 2592000000", &[]).unwrap();
+        assert_eq!(config.ws.ping_interval.as_millis(), 2_592_000_000);
+    }
+
+    /// Review of 2026-12-03: TLS files that hold no certificate or key
+    /// were taken, and failed at every connect with errors about Redis.
+    #[test]
+    fn tls_files_must_hold_what_they_are_for() {
+        let not_pem = fixture("README.md");
+        let url = ("WSHUB_REDIS__URL", "rediss://127.0.0.1:1");
+        let err = load("", &[url, ("WSHUB_REDIS__TLS_CA_FILE", &not_pem)])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("redis.tls_ca_file"), "{err}");
+        assert!(err.contains("holds no certificate"), "{err}");
+        // A key where the CA should be: PEM, but no certificate.
+        let err = load(
+            "",
+            &[
+                url,
+                ("WSHUB_REDIS__TLS_CA_FILE", &fixture("ec_private.pem")),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("holds no certificate"), "{err}");
+        let client = |cert: &str, key: &str| {
+            load(
+                "",
+                &[
+                    url,
+                    ("WSHUB_REDIS__TLS_CLIENT_CERT_FILE", &fixture(cert)),
+                    ("WSHUB_REDIS__TLS_CLIENT_KEY_FILE", &fixture(key)),
+                ],
+            )
+        };
+        let err = client("README.md", "ec_private.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("redis.tls_client_cert_file"), "{err}");
+        let err = client("ec_cert.pem", "ec_cert.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("redis.tls_client_key_file"), "{err}");
+        assert!(err.contains("holds no private key"), "{err}");
+        assert!(client("ec_cert.pem", "ec_private.pem").is_ok());
+        let ca = load(
+            "",
+            &[url, ("WSHUB_REDIS__TLS_CA_FILE", &fixture("rsa_cert.pem"))],
+        );
+        assert!(ca.is_ok(), "{:?}", ca.err());
+    }
 }

@@ -283,14 +283,17 @@ async fn sentinel_keys_are_validated() {
     // redis-rs checks the primary's role without the client certificate
     // when the server's is not checked: refused, not a node that never
     // becomes ready.
-    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+    // (Files that hold a certificate and a key: what they hold is
+    // checked first.)
+    let cert = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ec_cert.pem");
+    let key = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ec_private.pem");
     let msg = err(&[
         ("sentinels", "127.0.0.1:26379"),
         ("sentinel_master", "m"),
         ("sentinel_tls", "true"),
         ("tls_insecure_skip_verify", "true"),
-        ("tls_client_cert_file", manifest),
-        ("tls_client_key_file", manifest),
+        ("tls_client_cert_file", cert),
+        ("tls_client_key_file", key),
     ]);
     assert!(
         msg.contains("redis.tls_insecure_skip_verify") && msg.contains("redis.tls_ca_file"),
