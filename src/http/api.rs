@@ -483,6 +483,14 @@ async fn json_body<T: serde::de::DeserializeOwned>(
                 ),
             ),
         })?;
+    // Every body of the API is an object. serde reads a struct from an
+    // array too, field by field (`[[{…}],"key"]` published: review of
+    // 2026-12-03).
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::bad_request(
+            "the body is not the JSON this endpoint takes: it must be a JSON object ({…})",
+        ));
+    }
     serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
             "the body is not the JSON this endpoint takes: {}",

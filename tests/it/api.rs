@@ -816,6 +816,11 @@ async fn publish_and_disconnect_refuse_bad_requests_clearly() {
             json!({"messages": [{"message": "x".repeat(70_000)}]}),
             413,
         ),
+        // An array is not the object (review of 2026-12-03: serde read
+        // the struct from it, field by field, and it published).
+        ("/api/publish", json!([[{"action": "arr"}]]), 400),
+        ("/api/publish", json!([[{"action": "arr"}], "k-arr"]), 400),
+        ("/api/disconnect", json!(["a"]), 400),
         ("/api/disconnect", json!({}), 400),
         (
             "/api/disconnect",
