@@ -355,7 +355,7 @@ impl Session {
                 self.client_closed = true;
                 return Err(answer_to_close(frame.as_ref()));
             }
-            Some(Err(e)) => return Err(read_error_reason(e)),
+            Some(Err(e)) => return Err(read_failed(&self.registration, e)),
             None => return Err(CloseReason::ConnectionLost),
         }
         Ok(())
@@ -564,6 +564,20 @@ fn rate_limited(registration: &Registration) {
     )));
 }
 
+/// Why reading failed, as the close reason; a message over the limit
+/// (1009) is counted as received and dropped `too_big`, as one the
+/// broadcast endpoint refuses is (review of 2026-12-03: it was counted
+/// nowhere).
+fn read_failed(registration: &Registration, error: tungstenite::Error) -> CloseReason {
+    let reason = read_error_reason(error);
+    if reason == CloseReason::MessageTooBig {
+        let metrics = &registration.node().metrics;
+        metrics.received();
+        metrics.dropped(DropReason::TooBig, 1);
+    }
+    reason
+}
+
 fn read_error_reason(error: tungstenite::Error) -> CloseReason {
     use tungstenite::error::{CapacityError, Error, ProtocolError};
     match error {
@@ -646,7 +660,7 @@ impl Inbound {
             }
             Some(Ok(_)) => return Heard::More,
             Some(Err(e)) => {
-                return match read_error_reason(e) {
+                return match read_failed(&self.registration, e) {
                     CloseReason::ConnectionLost => Heard::Ended,
                     // A close frame whose reason is not UTF-8, say: 1002,
                     // not a connection dropped without a frame.

@@ -155,6 +155,11 @@ async fn oversized_message_closes_with_1009_and_others_carry_on() {
     );
     let tag = other.send_sentinel().await;
     assert!(other.until_sentinel(&tag).await.is_empty());
+    // Counted, as the broadcast endpoint's 413 is (review of 2026-12-03).
+    assert_eq!(
+        server.metric("wshub_messages_dropped_total{reason=\"too_big\"}"),
+        1.0
+    );
 }
 
 /// A message far over the limit: the hub refuses it from its header and
@@ -546,11 +551,12 @@ async fn metrics_count_connections_and_messages() {
     a.recv().await;
     b.recv().await;
     let resp = server.get("/metrics").await;
+    // OpenMetrics, as the text is (review of 2026-12-03: it said 0.0.4).
     assert!(
         resp.headers()["content-type"]
             .to_str()
             .unwrap()
-            .starts_with("text/plain")
+            .starts_with("application/openmetrics-text; version=1.0.0")
     );
     let text = resp.text().await.unwrap();
     for line in [
