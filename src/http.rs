@@ -242,10 +242,14 @@ async fn readyz(State(http): State<HttpState>) -> Response {
 
 async fn metrics(State(http): State<HttpState>) -> Response {
     http.metrics.set_ready(http.node.readiness().is_ok());
+    // The text is OpenMetrics (`prometheus-client`: a counter's family
+    // without `_total`, `# EOF`), so it says so; labelled 0.0.4, a strict
+    // parser of that format took the counters as untyped (review of
+    // 2026-12-03). Prometheus reads either by the content type.
     (
         [(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
         )],
         http.metrics.render(),
     )
