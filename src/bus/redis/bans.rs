@@ -280,6 +280,8 @@ struct State {
     drops: Option<(Arc<AtomicU64>, u64)>,
     /// The Redis `run_id` the last load began on.
     run_id: Option<String>,
+    /// The last load could not read the `run_id` (it was said once).
+    run_id_unreadable: bool,
 }
 
 /// What a load stands on: the copy's generation and the gate's bans epoch
@@ -390,6 +392,7 @@ impl BanMirror {
     /// an expiry (keys written by hand) are not set again.
     pub(super) fn on_run(&self, run_id: String, now: Instant) -> Vec<(String, Duration)> {
         let mut state = self.lock();
+        state.run_id_unreadable = false;
         let before = state.run_id.replace(run_id);
         if before.is_none() || before == state.run_id {
             return Vec::new();
@@ -402,6 +405,13 @@ impl BanMirror {
                 (!left.is_zero() && left < NO_EXPIRY / 2).then(|| (user.to_string(), left))
             })
             .collect()
+    }
+
+    /// Records that a load could not read the `run_id`: true the first
+    /// time since one could (a user without `+info` warned at every
+    /// load, every few seconds: review of 2026-12-03).
+    pub(super) fn run_id_unreadable(&self) -> bool {
+        !std::mem::replace(&mut self.lock().run_id_unreadable, true)
     }
 
     /// Whether the load begun on `basis` is still wanted.

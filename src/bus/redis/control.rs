@@ -108,6 +108,13 @@ fn unavailable(why: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(format!("Redis unreachable: {why}"))
 }
 
+/// Redis answered with an error (`NOPERM`, `OOM`, `BUSY`): reachable, and
+/// refusing (an ACL's refusal read "Redis unreachable": review of
+/// 2026-12-03).
+fn refused(error: redis::RedisError) -> BusError {
+    BusError::Unavailable(format!("Redis refused the command: {error}"))
+}
+
 /// `*`, `?`, `[`, `]` and `\` escaped for a `PUBSUB CHANNELS` pattern.
 pub(super) fn glob_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
@@ -185,7 +192,7 @@ impl RedisControl {
                     if !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped())
                         && e.code().is_some() =>
                 {
-                    return Err(unavailable(e));
+                    return Err(refused(e));
                 }
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => format!("no answer within {} ms", limit.as_millis()),
@@ -318,7 +325,7 @@ impl ControlPlane for RedisControl {
                         if !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped())
                             && e.code().is_some() =>
                     {
-                        return Err(unavailable(e));
+                        return Err(refused(e));
                     }
                     Ok(Err(e)) => e.to_string(),
                     Err(_) => format!("no answer within {} ms", limit.as_millis()),

@@ -639,7 +639,7 @@ impl RedisPresence {
             }
             Some(_) if added => {
                 warn!(
-                    "this node missed its lease and was swept: writing its presence again (its users' leaves were announced)"
+                    "this node missed its lease (it or Redis stalled longer than presence.lease_ms): writing its presence again; if another node swept it meanwhile, its users' leaves were announced and their joins are now"
                 );
                 if let Some(sink) = self.sink() {
                     sink.restore(false);

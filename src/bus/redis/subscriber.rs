@@ -327,10 +327,11 @@ impl Subscriber {
                         }
                     }
                 }
-                Err(why) => warn!(
+                Err(why) if shared.bans.run_id_unreadable() => warn!(
                     %why,
-                    "cannot read Redis's run_id (INFO): bans a Redis restart loses are not set again"
+                    "cannot read Redis's run_id (INFO): bans a Redis restart loses are not set again (said once until it can)"
                 ),
+                Err(_) => {}
             }
             match bans::load(&mut conn, &prefix, &pattern, limit, wanted).await {
                 Ok((list, complete)) => {
