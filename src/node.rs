@@ -906,6 +906,10 @@ impl Announce for Node {
             backend.presence_event(who, action);
         }
     }
+
+    fn posts_events(&self) -> bool {
+        self.backend.as_ref().is_some_and(|b| b.events)
+    }
 }
 
 impl Vitals for Node {
@@ -919,6 +923,10 @@ impl Vitals for Node {
 
     fn ready(&self) -> bool {
         self.readiness().is_ok()
+    }
+
+    fn posts_presence_events(&self) -> bool {
+        self.presence().is_some() && self.backend.as_ref().is_some_and(|b| b.events)
     }
 }
 

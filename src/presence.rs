@@ -90,6 +90,10 @@ pub(crate) trait Announce: Send + Sync + 'static {
     /// Posts the event `action` for `who` (user, and group for join and
     /// leave).
     fn announce(&self, who: &Identity, action: &'static str);
+
+    /// Whether [`announce`](Self::announce) reaches a backend
+    /// (`backend.events` on).
+    fn posts_events(&self) -> bool;
 }
 
 /// The snapshot a socket receives for `{"action":"wshub.presence"}`.
@@ -644,6 +648,15 @@ impl Sink for Presence {
 
     fn reports(&self) -> bool {
         self.enabled
+    }
+
+    fn posts_events(&self) -> bool {
+        self.enabled
+            && self
+                .announce
+                .get()
+                .and_then(Weak::upgrade)
+                .is_some_and(|a| a.posts_events())
     }
 }
 

@@ -153,6 +153,12 @@ pub trait Sink: Send + Sync + 'static {
     fn reports(&self) -> bool {
         true
     }
+    /// Whether this node also posts what it reports to a backend
+    /// (`backend.events`). One that does not sweeps a dead node only once
+    /// a live node that does had time to, when there is one.
+    fn posts_events(&self) -> bool {
+        true
+    }
 }
 
 /// One member of a group, as the API and the snapshot show it.

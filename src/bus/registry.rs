@@ -46,6 +46,12 @@ pub trait Vitals: Send + Sync + 'static {
     fn connections(&self) -> usize;
     /// Whether it answers `/readyz` with 200.
     fn ready(&self) -> bool;
+    /// Whether it posts presence events to a backend (presence and
+    /// `backend.events` on): a node that does not leaves dead nodes'
+    /// sweeps to one that does (`src/bus/redis/presence.rs`).
+    fn posts_presence_events(&self) -> bool {
+        false
+    }
 }
 
 /// One live node, as `GET /api/nodes` shows it.
@@ -65,6 +71,10 @@ pub struct NodeEntry {
     /// of the API's answer).
     #[serde(skip)]
     pub reads: Vec<u32>,
+    /// Whether it posts presence events to a backend (not part of the
+    /// API's answer).
+    #[serde(skip)]
+    pub presence_events: bool,
 }
 
 impl NodeEntry {
@@ -78,6 +88,7 @@ impl NodeEntry {
             started,
             ready: vitals.ready(),
             reads: wire::READS.iter().map(|v| v.number()).collect(),
+            presence_events: vitals.posts_presence_events(),
         }
     }
 }

@@ -1012,6 +1012,40 @@ async fn a_node_without_presence_leaves_the_sweep_to_one_that_reports() {
     assert_eq!(quiet.metric("wshub_presence_sweeps_total"), 0.0);
 }
 
+/// A node with presence on but no backend events (`backend.events`
+/// turned on node by node) leaves a dead node's sweep to one that posts
+/// them. (It won the sweep with a faster heartbeat, reported the leaves to
+/// sockets, and the backend never heard of the users going offline:
+/// review of 2026-12-03.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_backend_events_leaves_the_sweep_to_one_that_posts_them() {
+    let _turn = crate::common::TIMING_CRITICAL.lock().await;
+    let (redis, events, survivor, mut doomed) =
+        survivor_and_doomed(Duration::from_millis(600)).await;
+    let quiet = TestServer::on_redis(&redis.url(), |c| {
+        presence_on(c);
+        c.presence.heartbeat = Duration::from_millis(20);
+    })
+    .await;
+    let watcher = quiet.connect("watcher", Some("sg")).await;
+    let client = Client::connect(doomed.addr, &socket_path("gone", Some("sg"), false)).await;
+    within("the online reported", PATIENCE, || async {
+        events.count("wshub.online") == 1
+    })
+    .await;
+    doomed.child.kill_group();
+    drop(client);
+    within(
+        "a leave and an offline",
+        LEASE * 2 + Duration::from_secs(2),
+        || async { events.count("wshub.leave") == 1 && events.count("wshub.offline") == 1 },
+    )
+    .await;
+    assert_eq!(survivor.metric("wshub_presence_sweeps_total"), 1.0);
+    assert_eq!(quiet.metric("wshub_presence_sweeps_total"), 0.0);
+    watcher.close().await;
+}
+
 /// `v` grows with every change of a group's list, the one a dead node's
 /// lease makes too: its users leave the list at the lease's expiry, before
 /// the sweep, and that list had the `v` of the one before (review of

@@ -315,7 +315,20 @@ if mode == 'users' then
 end
 
 if mode == 'claim' then
-  local due = redis.call('ZRANGEBYSCORE', P .. 'pleases', '-inf', fmt(now_ms - tonumber(ARGV[11])), 'LIMIT', 0, tonumber(ARGV[9]))
+  local grace = tonumber(ARGV[11])
+  -- A node that reports but posts no backend events waits only while a
+  -- live node that posts them is there to sweep instead.
+  if ARGV[12] == 'if-events' then
+    local wait = false
+    for m, _ in pairs(live()) do
+      if redis.call('HGET', P .. 'node:' .. m, 'events') == '1' then
+        wait = true
+        break
+      end
+    end
+    if not wait then grace = 0 end
+  end
+  local due = redis.call('ZRANGEBYSCORE', P .. 'pleases', '-inf', fmt(now_ms - grace), 'LIMIT', 0, tonumber(ARGV[9]))
   local mine = {}
   for _, m in ipairs(due) do
     if redis.call('SET', P .. 'psweep:' .. m, me, 'NX', 'PX', tonumber(ARGV[10])) then
@@ -667,18 +680,27 @@ impl RedisPresence {
     /// here) claims a member only [`quiet_grace`](Self::quiet_grace) after
     /// it fell due, leaving it to a node that does (review of 2026-12-02:
     /// a presence-off node won the sweeps of a mixed cluster, and the
-    /// backend never heard of the dead node's users leaving).
+    /// backend never heard of the dead node's users leaving); one that
+    /// reports but posts no backend events ([`Sink::posts_events`]) waits
+    /// as long while a live node that posts them is registered (its
+    /// `events` field), and not at all when none is.
     async fn sweep(&self) {
         let claim_for = self.config.lease.max(Duration::from_secs(5));
-        let grace = if self.sink().is_some_and(|s| s.reports()) {
-            Duration::ZERO
-        } else {
-            self.quiet_grace()
+        let sink = self.sink();
+        let (grace, when) = match sink.as_ref().map(|s| (s.reports(), s.posts_events())) {
+            Some((true, true)) => (Duration::ZERO, "always"),
+            // Reports to sockets, posts nothing to a backend: waits if a
+            // live node posts events (review of 2026-12-03: a node
+            // without `backend.events` won a sweep and the backend never
+            // heard of 60 users going offline), else sweeps at once.
+            Some((true, false)) => (self.quiet_grace(), "if-events"),
+            _ => (self.quiet_grace(), "always"),
         };
         let args = [
             SWEEP_CLAIMS.to_string(),
             (claim_for.as_millis() as u64).to_string(),
             (grace.as_millis() as u64).to_string(),
+            when.to_string(),
         ];
         let claimed = match self.call::<Vec<String>>("claim", false, &args).await {
             Ok((_, claimed)) => claimed,

@@ -8,7 +8,7 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `{P:registry}:nodes` | sorted set | one member per node incarnation (`<node_id>:<random>`), scored by its lease's expiry (ms, Redis's clock) |
-//! | `{P:registry}:node:<member>` | hash | `id`, `version`, `connections`, `started`, `ready` (1/0), `reads` (payload versions, `1,2`), `bans` (`push` when the node publishes its bans for the mirrors, `bans.rs`; not on a Redis Cluster); expires with the lease |
+//! | `{P:registry}:node:<member>` | hash | `id`, `version`, `connections`, `started`, `ready` (1/0), `reads` (payload versions, `1,2`), `bans` (`push` when the node publishes its bans for the mirrors, `bans.rs`; not on a Redis Cluster), `events` (1 when it posts presence events to a backend: presence's sweeps wait for it, `presence.rs`); expires with the lease |
 //!
 //! **Heartbeat**: every `presence.heartbeat_ms` one script renews the
 //! member's score and its hash, removes members whose lease has passed
@@ -276,6 +276,7 @@ fn parse_entry(fields: &[String]) -> Option<NodeEntry> {
         started: get("started")?.parse().ok()?,
         ready: get("ready")? == "1",
         reads: get("reads").and_then(parse_reads).unwrap_or_default(),
+        presence_events: get("events") == Some("1"),
     })
 }
 
@@ -400,7 +401,9 @@ impl Inner {
             .arg("ready")
             .arg(if entry.ready { "1" } else { "0" })
             .arg("reads")
-            .arg(reads);
+            .arg(reads)
+            .arg("events")
+            .arg(if entry.presence_events { "1" } else { "0" });
         if !self.shared.config.sharded {
             // This node publishes every ban it makes (`bans.rs`).
             cmd.arg("bans").arg(bans::BANS_PUSHED);
