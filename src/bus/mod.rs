@@ -271,6 +271,10 @@ pub enum BusError {
     /// full). The message was not published; the sender is told.
     #[error("the hub is overloaded, message not sent")]
     Overloaded,
+    /// A batch ([`Bus::publish_all`]) larger than the publish queue can
+    /// ever hold: no retry goes through. The text names the limits.
+    #[error("{0}")]
+    BatchTooLarge(String),
     /// The bus's backing service cannot be reached; the text says why.
     /// From `subscribe`: the socket is refused and may retry. From
     /// `publish`: the service has been unreachable for longer than the bus

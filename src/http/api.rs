@@ -177,6 +177,7 @@ impl From<BusError> for ApiError {
         let code = match e {
             BusError::Unavailable(_) => "unavailable",
             BusError::Overloaded => "overloaded",
+            BusError::BatchTooLarge(_) => "too_large",
         };
         Self::new(StatusCode::SERVICE_UNAVAILABLE, code, e.to_string())
     }
@@ -540,11 +541,23 @@ async fn publish(State(http): State<HttpState>, request: Request) -> Result<Resp
         }
         texts.push(text);
     }
-    match http
-        .node
-        .publish_all(&texts, body.idempotency_key.as_deref())
+    // On a task of its own: hyper drops this handler when the client hangs
+    // up, which cancelled a claim in flight before its withdrawal could
+    // run, or a release after a refused batch, and left the key pending
+    // for nobody (409 for every retry until it expired: review of
+    // 2026-12-03).
+    let node = http.node.clone();
+    let key = body.idempotency_key;
+    let published = tokio::spawn(async move { node.publish_all(&texts, key.as_deref()).await })
         .await
-    {
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("the publish failed: {e}"),
+            )
+        })?;
+    match published {
         Ok(answer) => Ok(fresh(answer)),
         Err(e @ ServerApiError::Invalid { .. }) => {
             let too_large = matches!(
@@ -564,6 +577,16 @@ async fn publish(State(http): State<HttpState>, request: Request) -> Result<Resp
                 Err(ApiError::bad_request(e.to_string()))
             }
         }
+        Err(
+            e @ ServerApiError::Bus {
+                source: BusError::BatchTooLarge(_),
+                ..
+            },
+        ) => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            e.to_string(),
+        )),
         Err(
             e @ (ServerApiError::Bus { .. }
             | ServerApiError::Claim { .. }

@@ -103,7 +103,8 @@ pub enum ServerApiError {
     /// it was given back, so the request can be sent again.
     #[error("{source} (nothing was published{released})")]
     Bus {
-        /// `"; the idempotency key was released"`, or empty without one.
+        /// What became of the key (`"; the idempotency key was
+        /// released"`), or empty without one.
         released: &'static str,
         /// The refusal.
         source: BusError,
@@ -200,9 +201,15 @@ impl Node {
                     .dropped(e.drop_reason(), envelopes.len() as u64);
                 let mut released = "";
                 if let Some((key, ticket)) = &ticket {
-                    // Best effort: if it fails too, the claim expires.
-                    let _ = self.control.release(key, ticket).await;
-                    released = "; the idempotency key was released";
+                    // If it fails too, the claim expires (a retry answers
+                    // 409 until then): said so, not "released".
+                    released = match self.control.release(key, ticket).await {
+                        Ok(()) => "; the idempotency key was released",
+                        Err(_) => {
+                            "; the idempotency key could not be released (Redis did not answer): \
+                             it frees itself within seconds, a retry meanwhile answers 409"
+                        }
+                    };
                 }
                 let source = match e {
                     PublishError::Bus(source) => source,

@@ -674,11 +674,15 @@ async fn a_batch_the_bus_cannot_take_whole_publishes_nothing_and_a_retry_nothing
         json!({"messages": messages, "idempotency_key": "too-many"})
     };
     for _ in 0..3 {
+        // Larger than the queue can ever hold: 413, saying so (review of
+        // 2026-12-03: "overloaded" read as worth a retry).
         let (status, body) = post(node.addr, "/api/publish", batch(20)).await;
-        assert_eq!(status, 503, "{body}");
+        assert_eq!(status, 413, "{body}");
         let text = body["error"]["message"].as_str().unwrap_or_default();
         assert!(
-            text.contains("nothing was published; the idempotency key was released"),
+            text.contains("larger than the publish queue can ever hold")
+                && text.contains("redis.publish_queue = 5")
+                && text.contains("nothing was published; the idempotency key was released"),
             "{body}"
         );
     }
@@ -2072,4 +2076,98 @@ async fn a_publish_whose_node_dies_before_redis_has_it_is_published_by_the_retry
     // Once published, the key answers duplicate.
     let (_, answer) = post(survivor.addr, "/api/publish", body).await;
     assert_eq!(answer, json!({"published": 1, "duplicate": true}));
+}
+
+/// Review of 2026-12-03: with history on, a batch Redis recorded but whose
+/// `PUBLISH`es an ACL refused (`UNHEARD`) was answered 200 and its key
+/// confirmed: the retry said `duplicate` while no subscriber had heard
+/// it. Not carried live, it is a 503 and the key is given back, with
+/// history on as with it off.
+#[tokio::test]
+async fn a_batch_recorded_but_not_heard_live_is_not_answered_200() {
+    let redis = RedisServer::start();
+    for history in [true, false] {
+        let node = TestServer::on_redis(&redis.url(), |c| {
+            c.node_id = format!("unheard-{history}");
+            if history {
+                crate::common::with_history(c);
+            }
+        })
+        .await;
+        let key = format!("unheard-{history}");
+        let body = json!({
+            "messages": [{"action": "m", "message": "refused", "recipients": [{"type": "group", "value": "ug"}]}],
+            "idempotency_key": key
+        });
+        let acl = |rule: &str| cli(redis.port, &["ACL", "SETUSER", "default", rule]);
+        assert_eq!(acl("-publish"), "OK");
+        let (status, answer) = post(node.addr, "/api/publish", body.clone()).await;
+        assert_eq!(acl("+publish"), "OK");
+        assert_eq!(status, 503, "history {history}: {answer}");
+        let text = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            text.contains("the idempotency key was released"),
+            "history {history}: {answer}"
+        );
+        // The key was given back: the retry publishes, not `duplicate`.
+        let mut listener = node.connect("lis", Some("ug")).await;
+        let (status, answer) = post(node.addr, "/api/publish", body).await;
+        assert_eq!(
+            (status, &answer),
+            (200, &json!({"published": 1})),
+            "history {history}"
+        );
+        assert_eq!(listener.recv().await["message"], "refused");
+    }
+}
+
+/// Review of 2026-12-03: a client that hung up while its claim waited for
+/// a frozen Redis cancelled the claim before its withdrawal could run;
+/// Redis ran it when it woke, and every retry got 409 until the pending
+/// claim expired (13 s). The request now runs to its end on its own.
+#[tokio::test]
+async fn a_client_that_hangs_up_mid_claim_leaves_no_orphan_claim() {
+    let redis = RedisServer::start();
+    let node = TestServer::on_redis(&redis.url(), |c| c.node_id = "hangup".into()).await;
+    let mut listener = node.connect("lis", Some("hg")).await;
+    let body = json!({
+        "messages": [{"action": "m", "message": "once", "recipients": [{"type": "group", "value": "hg"}]}],
+        "idempotency_key": "hangup-1"
+    });
+    // The control plane's connection is open (a first call opens it).
+    let (status, _) = post(
+        node.addr,
+        "/api/publish",
+        json!({"messages": [], "idempotency_key": "warm-up"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    redis.pause();
+    let hung_up = reqwest::Client::new()
+        .post(format!("http://{}/api/publish", node.addr))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(hung_up.is_err(), "the client gave up: {hung_up:?}");
+    redis.resume();
+    // Well within the 13 s a claim may stay pending, the retry settles.
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    loop {
+        let (status, answer) = post(node.addr, "/api/publish", body.clone()).await;
+        answers.push((status, answer.clone()));
+        if status == 200 {
+            assert_eq!(answer["published"], 1, "{answers:?}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "still refused: {answers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(listener.recv().await["message"], "once");
+    nothing_but_sentinel(&mut listener, &mut []).await;
 }

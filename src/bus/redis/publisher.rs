@@ -65,7 +65,7 @@ use tracing::{info, warn};
 
 use super::conn::{Backoff, Link, PubConn, Unheard, connect_publisher, is_denied, is_refusal};
 use super::history::{Lost, Prepared, RedisHistory, UNHEARD};
-use super::queue::{InFlight, Outgoing, lost};
+use super::queue::{InFlight, Outgoing, lost, unheard};
 use super::{LAG_LOG_EVERY, MAX_BATCH, MAX_BATCH_BYTES, MIN_BACKOFF, Shared};
 use crate::outcome::DropReason;
 
@@ -591,6 +591,11 @@ impl Publisher {
             Call::Unheard(e) => {
                 self.accepted(Proof::Script);
                 self.denied(&e, Fate::Recorded);
+                // Recorded, not carried live: a batch that waits on its
+                // receipt (`POST /api/publish`) is not told "carried"
+                // (review of 2026-12-03: 200 and a `duplicate` for the
+                // retry, while no subscriber had it).
+                unheard(&batch);
             }
             // Waiting changes nothing: dropped and counted.
             Call::Denied(e) => {

@@ -86,6 +86,15 @@ pub(super) fn lost<'a>(items: impl IntoIterator<Item = &'a Outgoing>) -> u64 {
     count
 }
 
+/// Marks the batches of `items` (if any) as not carried whole, without
+/// counting them lost: what Redis recorded in history but did not
+/// publish live (`UNHEARD`).
+pub(super) fn unheard<'a>(items: impl IntoIterator<Item = &'a Outgoing>) {
+    for m in items {
+        m.mark_lost();
+    }
+}
+
 /// What a send holds while it awaits Redis, for counting if the send is
 /// cut short with them (the publisher's `flush`): a count, the twins'
 /// shared marks and the batches' acks (few; usually none). Holding the
@@ -228,6 +237,13 @@ impl Outgoing {
     }
 }
 
+/// What a refused batch had queued before the item of `size` that did
+/// not fit: the queue's bytes now (`now`) less those before it (`before`),
+/// plus that item.
+fn bytes_of_batch(size: usize, now: usize, before: usize) -> usize {
+    size + now.saturating_sub(before)
+}
+
 /// Messages waiting for the publisher, bounded by `redis.publish_queue`
 /// messages and `redis.publish_queue_bytes` bytes; a message that does not
 /// fit is refused with [`BusError::Overloaded`] (the sender is told).
@@ -282,14 +298,33 @@ impl PublishQueue {
     ) -> Result<(), BusError> {
         let mut inner = self.lock();
         let (len, bytes) = (inner.items.len(), inner.bytes);
-        for item in items {
+        let mut items = items.into_iter();
+        while let Some(item) = items.next() {
             let size = item.queued_bytes();
             if inner.items.len() >= self.capacity || inner.bytes + size > self.capacity_bytes {
                 // None of them, then: what this call queued goes again.
+                let (mut count, mut total) = (1, bytes_of_batch(size, inner.bytes, bytes));
                 for taken_back in inner.items.drain(len..) {
                     taken_back.mark_lost();
+                    count += 1;
                 }
                 inner.bytes = bytes;
+                drop(inner);
+                for rest in items {
+                    rest.mark_lost();
+                    count += 1;
+                    total += rest.queued_bytes();
+                }
+                // A batch the empty queue could not hold never goes through
+                // (review of 2026-12-03: "overloaded" read as worth a retry).
+                if count > self.capacity || total > self.capacity_bytes {
+                    return Err(BusError::BatchTooLarge(format!(
+                        "the batch is larger than the publish queue can ever hold (it needs {count} \
+                         places and about {total} bytes; redis.publish_queue = {}, \
+                         redis.publish_queue_bytes = {}): split it, or raise those keys",
+                        self.capacity, self.capacity_bytes
+                    )));
+                }
                 return Err(BusError::Overloaded);
             }
             inner.bytes += size;
@@ -420,9 +455,18 @@ mod tests {
             "by count"
         );
         assert!(
-            matches!(q.push_all(batch(2, 5000)), Err(BusError::Overloaded)),
+            matches!(q.push_all(batch(2, 4500)), Err(BusError::Overloaded)),
             "by bytes"
         );
+        // Larger than the empty queue: never, and said so.
+        for (n, each, why) in [(4, 1, "by count"), (2, 5000, "by bytes")] {
+            match q.push_all(batch(n, each)) {
+                Err(BusError::BatchTooLarge(text)) => {
+                    assert!(text.contains("can ever hold"), "{why}: {text}")
+                }
+                other => panic!("{why}: {other:?}"),
+            }
+        }
         // Nothing of them stayed: exactly the room there was is still there.
         q.push_all(batch(2, 4000)).unwrap();
         assert!(matches!(q.push_all(batch(1, 1)), Err(BusError::Overloaded)));
