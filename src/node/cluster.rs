@@ -160,7 +160,9 @@ impl Node {
     /// Publishes every message of `texts` (each one message JSON) as the
     /// broadcast endpoint would, or none when one is invalid. With `key`,
     /// a key used within [`IDEMPOTENCY_TTL`] on any node publishes nothing
-    /// and answers as the first request did, with `duplicate`.
+    /// and answers as the first request did, with `duplicate`. Run it to
+    /// its end (the HTTP handler spawns it): dropped while its claim is in
+    /// flight, the claim may stay pending, for nobody, until it expires.
     pub async fn publish_all(
         &self,
         texts: &[String],
@@ -221,8 +223,8 @@ impl Node {
         // The answer waits for Redis to have run every `PUBLISH` (a node
         // that died with the batch still queued answered 200 and kept the
         // key: the retry said `duplicate` and nothing was sent). The claim
-        // is settled by a task of its own, so that a client that hangs up
-        // does not leave it pending.
+        // is settled by a task of its own, so that it is settled even when
+        // the answer stopped waiting (`Unsettled`).
         let control = self.control.clone();
         let (tell, told) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {

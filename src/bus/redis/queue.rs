@@ -70,8 +70,8 @@ impl Outgoing {
 }
 
 /// How many messages the lost `items` were: each item counts, except one
-/// whose twin was counted already (this call or an earlier one).
-/// Each one's batch, if any, is marked as not published whole ([`Ack`]).
+/// whose twin was counted already (this call or an earlier one). Each
+/// one's batch, if any, is marked as not published whole ([`Ack`]).
 pub(super) fn lost<'a>(items: impl IntoIterator<Item = &'a Outgoing>) -> u64 {
     let mut count = 0;
     for m in items {
