@@ -652,7 +652,7 @@ impl RedisPresence {
             }
             Some(_) if added => {
                 warn!(
-                    "this node missed its lease (it or Redis stalled longer than presence.lease_ms): writing its presence again; if another node swept it meanwhile, its users' leaves were announced and their joins are now"
+                    "this node missed its lease (it or Redis stalled longer than presence.lease_ms): writing its presence again; if another node swept it meanwhile, its users' leaves were announced, and their joins are announced again now"
                 );
                 if let Some(sink) = self.sink() {
                     sink.restore(false);
