@@ -967,7 +967,9 @@ async fn publish(http: &HttpState, request: Request) -> Result<(), Refused> {
         }
     }
     let max = http.config.limits.max_message_bytes;
-    let body = match read_body(http, request, max).await {
+    // Room for a byte-order mark, which is not part of the message (below).
+    const BOM: &str = "\u{feff}";
+    let body = match read_body(http, request, max + BOM.len()).await {
         Ok(body) => body,
         Err(BodyError::Late(after)) => {
             http.metrics.dropped(DropReason::Invalid, 1);
@@ -1006,7 +1008,16 @@ async fn publish(http: &HttpState, request: Request) -> Result<(), Refused> {
     // A UTF-8 byte-order mark in front (text written through a Windows or
     // .NET text API may carry one) is not part of the JSON: read past it,
     // as .NET's own readers do.
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    // Nor does it count against the limit (it did: a message of exactly
+    // `max_message_bytes` behind one was 413).
+    let text = text.strip_prefix(BOM).unwrap_or(text);
+    if text.len() > max {
+        http.metrics.dropped(DropReason::TooBig, 1);
+        return refused(
+            BroadcastStatus::TooLarge,
+            &format!("message larger than {max} bytes"),
+        );
+    }
     match http.node.publish_text(text) {
         Ok(()) => Ok(()),
         Err(PublishError::Invalid(e)) => refused(BroadcastStatus::BadRequest, &e.to_string()),

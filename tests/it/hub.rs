@@ -478,6 +478,25 @@ async fn http_broadcast_rejects_bad_requests_with_a_reason() {
         .post("/__broadcastWebSocket.wc", "x".repeat(2000))
         .await;
     assert_eq!(resp.status(), 413);
+    // A byte-order mark does not count against the limit; the message
+    // does, to the byte (over it by 1 to 3 bytes: the room the mark has).
+    let exactly = |n: usize| {
+        let head = r#"{"action":"bom","message":""#;
+        let tail = r#""}"#;
+        format!("{head}{}{tail}", "y".repeat(n - head.len() - tail.len()))
+    };
+    let resp = server
+        .post(
+            "/__broadcastWebSocket.wc",
+            format!("\u{feff}{}", exactly(1024)),
+        )
+        .await;
+    assert_eq!(resp.status(), 204, "{}", resp.text().await.unwrap());
+    assert_eq!(a.recv().await["action"], "bom");
+    for over in [1025, 1027] {
+        let resp = server.post("/__broadcastWebSocket.wc", exactly(over)).await;
+        assert_eq!(resp.status(), 413, "{over}");
+    }
 
     let resp = server.get("/__broadcastWebSocket.wc").await;
     assert_eq!(resp.status(), 405);
