@@ -153,7 +153,25 @@ pub(super) fn is_secret_key(key: &str) -> bool {
 /// TOML error loses its excerpt of the file, and URL passwords are hidden
 /// everywhere.
 pub(super) fn config_error(e: &config::ConfigError) -> String {
-    redact_urls(&describe(e, false))
+    sections_named(&redact_urls(&describe(e, false)))
+}
+
+/// serde names a section by its Rust type (`expected struct RawRedis`,
+/// where the user wrote a value in place of `[redis]`): said as the file
+/// says it.
+fn sections_named(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("struct Raw") {
+        out.push_str(&rest[..at]);
+        let name_end = rest[at + 7..]
+            .find(|c: char| !c.is_ascii_alphanumeric())
+            .map_or(rest.len(), |end| at + 7 + end);
+        out.push_str("a section (a table, `[name]`)");
+        rest = &rest[name_end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `masked`: an enclosing error already named a secret key.

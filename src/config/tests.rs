@@ -1133,4 +1133,13 @@ mod review_2026_12_02 {
         );
         assert!(ca.is_ok(), "{:?}", ca.err());
     }
+
+    /// Review of 2026-12-03: a value where a section goes was answered
+    /// with the section's Rust type ("expected struct RawRedis").
+    #[test]
+    fn a_value_in_place_of_a_section_is_said_so() {
+        let err = load("redis = \"x\"", &[]).unwrap_err().to_string();
+        assert!(err.contains("expected a section"), "{err}");
+        assert!(!err.contains("Raw"), "{err}");
+    }
 }
