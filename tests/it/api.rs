@@ -2171,3 +2171,61 @@ async fn a_client_that_hangs_up_mid_claim_leaves_no_orphan_claim() {
     assert_eq!(listener.recv().await["message"], "once");
     nothing_but_sentinel(&mut listener, &mut []).await;
 }
+
+/// Idempotent publishing on a Redis Cluster (sharded pub/sub), with
+/// history and without: the claim, the receipt and the confirmation each
+/// work there too (single-key scripts; the receipt of a batch whose
+/// messages go to several shards).
+#[tokio::test]
+async fn an_idempotent_publish_on_a_redis_cluster_delivers_once() {
+    let cluster = RedisCluster::start(3);
+    for history in [false, true] {
+        let mut nodes = Vec::new();
+        for i in 0..2 {
+            nodes.push(
+                TestServer::on_redis(&cluster.urls(), |c| {
+                    c.node_id = format!("cidem-{history}-{i}");
+                    c.redis.as_mut().unwrap().sharded = true;
+                    if history {
+                        crate::common::with_history(c);
+                    }
+                })
+                .await,
+            );
+        }
+        let mut listener = nodes[1].connect("lis", Some("cg")).await;
+        let key = format!("cluster-{history}");
+        let body = json!({
+            "messages": [
+                {"action": "m", "message": "one", "recipients": [{"type": "group", "value": "cg"}]},
+                {"action": "m", "message": "two", "recipients": [{"type": "user", "value": "lis"}]},
+                {"action": "m", "message": "three"}
+            ],
+            "idempotency_key": key
+        });
+        let (status, answer) = post(nodes[0].addr, "/api/publish", body.clone()).await;
+        assert_eq!(
+            (status, &answer),
+            (200, &json!({"published": 3})),
+            "history {history}"
+        );
+        let (status, answer) = post(nodes[1].addr, "/api/publish", body).await;
+        assert_eq!(
+            (status, &answer),
+            (200, &json!({"published": 3, "duplicate": true})),
+            "history {history}"
+        );
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            got.push(
+                listener.recv().await["message"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+        }
+        got.sort();
+        assert_eq!(got, ["one", "three", "two"], "history {history}");
+        nothing_but_sentinel(&mut listener, &mut []).await;
+    }
+}
