@@ -1127,6 +1127,13 @@ mod review_2026_12_02 {
         assert!(err.contains("redis.tls_client_key_file"), "{err}");
         assert!(err.contains("holds no private key"), "{err}");
         assert!(client("ec_cert.pem", "ec_private.pem").is_ok());
+        // Each whole, but not a pair: refused at start, not at every
+        // connect ("KeyMismatch" in /readyz).
+        let err = client("ec_cert.pem", "rsa_private.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not belong to the certificate"), "{err}");
+        assert!(client("rsa_cert.pem", "rsa_private.pem").is_ok());
         let ca = load(
             "",
             &[url, ("WSHUB_REDIS__TLS_CA_FILE", &fixture("rsa_cert.pem"))],

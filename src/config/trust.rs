@@ -142,6 +142,34 @@ fn check_pem(
     }
 }
 
+/// Refuses a client certificate and key that do not belong together, or
+/// a key TLS cannot use, as rustls would at every connect ("KeyMismatch"
+/// in `/readyz`, the node never ready: review of 2026-12-03). What a key
+/// holds is never shown.
+fn check_key_pair(cert_pem: &[u8], key_pem: &[u8]) -> Result<(), ConfigError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    const KEY: &str = "redis.tls_client_key_file";
+    let certs = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid("redis.tls_client_cert_file", format!("cannot be read: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| invalid(KEY, format!("cannot be read as a private key: {e}")))?;
+    let key = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| invalid(KEY, format!("is not a key TLS can sign with: {e}")))?;
+    match rustls::sign::CertifiedKey::new(certs, key).keys_match() {
+        // A key whose public half rustls cannot tell: left to the server.
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(()),
+        Err(e) => Err(invalid(
+            KEY,
+            format!(
+                "does not belong to the certificate in redis.tls_client_cert_file (the first \
+                 certificate must be the one the key signs for): {e}"
+            ),
+        )),
+    }
+}
+
 pub(super) fn redis_tls(raw: &RawRedis) -> Result<RedisTls, ConfigError> {
     const CERTIFICATE: &[&str] = &["CERTIFICATE"];
     let ca = match raw.tls_ca_file.trim() {
@@ -176,6 +204,7 @@ pub(super) fn redis_tls(raw: &RawRedis) -> Result<RedisTls, ConfigError> {
                 CERTIFICATE,
                 "certificate",
             )?;
+            check_key_pair(&cert, key.as_bytes())?;
             Some((cert, Secret::new(key)))
         }
         _ => {
