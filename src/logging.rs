@@ -15,6 +15,10 @@ pub fn rust_log() -> Result<Option<String>, String> {
         Ok(directives) if !directives.is_empty() => {
             crate::config::check_log_level(&directives)
                 .map_err(|problem| format!("RUST_LOG {problem}"))?;
+            // And as the filter the node builds from it (`wshub=warning`
+            // passed the check above and stopped the node: review of
+            // 2026-12-03).
+            EnvFilter::try_new(&directives).map_err(|e| format!("RUST_LOG: {e}"))?;
             Ok(Some(directives))
         }
         Ok(_) | Err(std::env::VarError::NotPresent) => Ok(None),

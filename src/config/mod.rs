@@ -618,9 +618,12 @@ fn environment_from(
             (name, _) => {
                 let name = name.unwrap_or_else(|n| n.to_string_lossy().into_owned());
                 let prefix = ENV_PREFIX.len() + 1;
+                // `WSHUB_CONFIG` is a path, which need not be UTF-8 on
+                // Linux: read apart, as an `OsString` (`main.rs`).
                 let ours = name.len() >= prefix
                     && name.is_char_boundary(prefix)
-                    && name[..prefix].eq_ignore_ascii_case(&format!("{ENV_PREFIX}_"));
+                    && name[..prefix].eq_ignore_ascii_case(&format!("{ENV_PREFIX}_"))
+                    && !name.eq_ignore_ascii_case(ENV_CONFIG_FILE);
                 if ours {
                     return Err(ConfigError::NotUnicode { name });
                 }

@@ -484,6 +484,9 @@ async fn json_body<T: serde::de::DeserializeOwned>(
                 ),
             ),
         })?;
+    // A UTF-8 byte-order mark in front is read past, as the broadcast
+    // endpoint does (text from a Windows or .NET API may carry one).
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&body);
     // Every body of the API is an object. serde reads a struct from an
     // array too, field by field (`[[{…}],"key"]` published: review of
     // 2026-12-03).
@@ -492,7 +495,7 @@ async fn json_body<T: serde::de::DeserializeOwned>(
             "the body is not the JSON this endpoint takes: it must be a JSON object ({…})",
         ));
     }
-    serde_json::from_slice(&body).map_err(|e| {
+    serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!(
             "the body is not the JSON this endpoint takes: {}",
             crate::message::json_error_text(&e)

@@ -114,7 +114,7 @@ pub enum ServerApiError {
     /// unknown): some or all of it may not have been published; a key is
     /// given back, so a retry publishes the whole batch (at least once).
     #[error(
-        "the messages could not all be published to Redis (some or all may not have been; see wshub_messages_dropped_total){released}"
+        "the messages could not all be published to Redis (some or all may not have been; the node's log says why){released}"
     )]
     Unsent {
         /// What became of the key, or empty without one.

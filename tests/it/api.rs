@@ -643,6 +643,20 @@ async fn an_idempotent_publish_delivers_once_whichever_node_gets_it() {
     let got = listener.until_sentinel("sentinel-idem").await;
     let texts: Vec<&str> = got.iter().map(|m| m["message"].as_str().unwrap()).collect();
     assert_eq!(texts, ["one", "two"], "each message once, in order");
+    // A body behind a UTF-8 byte-order mark is read as the broadcast
+    // endpoint reads one (review of 2026-12-03: "it must be a JSON object").
+    let bom = reqwest::Client::new()
+        .post(format!("http://{}/api/publish", nodes[0].addr))
+        .header("content-type", "application/json")
+        .body(format!(
+            "\u{feff}{}",
+            json!({"messages": [{"action": "bom"}], "idempotency_key": "order-bom"})
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bom.status(), 200, "{}", bom.text().await.unwrap());
+    assert_eq!(listener.recv().await["action"], "bom");
     // Another key publishes again.
     let (_, body) = post(
         nodes[1].addr,

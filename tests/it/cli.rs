@@ -524,3 +524,34 @@ fn a_misspelt_rust_log_stops_the_start() {
     assert_eq!(status.code(), Some(2), "{err}");
     assert!(err.contains("RUST_LOG") && err.contains("warning"), "{err}");
 }
+
+/// Review of 2026-12-03: `config check` said a `RUST_LOG` was fine that
+/// the node then refused (`wshub=warning`: a target's level, which the
+/// level check passed and the filter did not), and a `WSHUB_CONFIG` path
+/// that is not UTF-8 (a Linux path may be anything) was refused as a
+/// secret-like variable.
+#[test]
+fn config_check_refuses_every_rust_log_the_node_refuses() {
+    for directives in ["warning", "wshub=warning", "info,wshub=verbose"] {
+        let (code, _, stderr) = run(&["config", "check"], &[("RUST_LOG", directives)]);
+        assert_eq!(code, 1, "{directives}: {stderr}");
+        assert!(stderr.contains("RUST_LOG"), "{directives}: {stderr}");
+    }
+    let (code, _, stderr) = run(&["config", "check"], &[("RUST_LOG", "info,wshub=debug")]);
+    assert_eq!(code, 0, "{stderr}");
+    // A config path that is not UTF-8: read as a path (here: none there).
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::OsStr::from_bytes(b"/nonexistent/caf\xe9.toml");
+    let out = wshub()
+        .env_clear()
+        .env("WSHUB_CONFIG", path)
+        .args(["config", "check"])
+        .output()
+        .expect("run wshub");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot read the configuration file"),
+        "{stderr}"
+    );
+}
