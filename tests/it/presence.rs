@@ -985,31 +985,11 @@ async fn survivor_and_doomed(
 /// 2026-12-02.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_presence_leaves_the_sweep_to_one_that_reports() {
-    let _turn = crate::common::TIMING_CRITICAL.lock().await;
-    let (redis, events, survivor, mut doomed) =
-        survivor_and_doomed(Duration::from_millis(600)).await;
-    let quiet = TestServer::on_redis(&redis.url(), |c| {
-        presence_on(c);
+    the_sweep_is_left_to_the_survivor(|c, events| {
         c.presence.enabled = false;
-        c.presence.heartbeat = Duration::from_millis(20);
         events.configure(c);
     })
     .await;
-    let client = Client::connect(doomed.addr, &socket_path("gone", Some("sg"), false)).await;
-    within("the online reported", PATIENCE, || async {
-        events.count("wshub.online") == 1
-    })
-    .await;
-    doomed.child.kill_group();
-    drop(client);
-    within(
-        "a leave and an offline",
-        LEASE * 2 + Duration::from_secs(2),
-        || async { events.count("wshub.leave") == 1 && events.count("wshub.offline") == 1 },
-    )
-    .await;
-    assert_eq!(survivor.metric("wshub_presence_sweeps_total"), 1.0);
-    assert_eq!(quiet.metric("wshub_presence_sweeps_total"), 0.0);
 }
 
 /// A node with presence on but no backend events (`backend.events`
@@ -1019,12 +999,21 @@ async fn a_node_without_presence_leaves_the_sweep_to_one_that_reports() {
 /// review of 2026-12-03.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_backend_events_leaves_the_sweep_to_one_that_posts_them() {
+    the_sweep_is_left_to_the_survivor(|_, _| {}).await;
+}
+
+/// A survivor that reports presence and posts backend events, a node to
+/// kill, and a "quiet" node with a much faster heartbeat (so it would
+/// win the sweep), presence on unless `quiet` says otherwise: the
+/// backend hears the dead node's user leave once, from the survivor.
+async fn the_sweep_is_left_to_the_survivor(quiet: impl FnOnce(&mut wshub::Config, &Events)) {
     let _turn = crate::common::TIMING_CRITICAL.lock().await;
     let (redis, events, survivor, mut doomed) =
         survivor_and_doomed(Duration::from_millis(600)).await;
     let quiet = TestServer::on_redis(&redis.url(), |c| {
         presence_on(c);
         c.presence.heartbeat = Duration::from_millis(20);
+        quiet(c, &events);
     })
     .await;
     let watcher = quiet.connect("watcher", Some("sg")).await;
