@@ -557,7 +557,18 @@ async fn a_ban_during_a_connect_refuses_the_socket() {
 async fn ban_during_a_connect(answered_by: &str) {
     let redis = RedisServer::start();
     let proxy = GateProxy::start(redis.port).await;
-    let node = quick_heartbeat_node(&proxy.url()).await;
+    // The node's copy answers only while a probe came back within two
+    // probe intervals, and the hold below holds the probes too: long
+    // intervals keep the copy trusted through it (with the default 500 ms
+    // a loaded machine's hold outlasted them, and Redis answered).
+    let node = TestServer::on_redis(&proxy.url(), |c| {
+        c.presence.heartbeat = Duration::from_millis(50);
+        c.presence.lease = Duration::from_millis(500);
+        let redis = c.redis.as_mut().unwrap();
+        redis.probe_interval = Duration::from_secs(5);
+        redis.probe_timeout = Duration::from_secs(10);
+    })
+    .await;
     let _old = (answered_by == "redis").then(|| OldNode::join(redis.port, "old-node:02"));
     until_ban_checks_answered_by(&node, answered_by).await;
     // Keeps a topic subscribed, for the pushes below.
