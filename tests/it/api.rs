@@ -93,6 +93,20 @@ async fn nothing_but_sentinel(from: &mut Client, others: &mut [&mut Client]) {
     }
 }
 
+/// Publishes a sentinel through `POST /api/publish` on `addr` and returns
+/// what `client` received before it: with one publisher, everything the
+/// earlier requests sent that will ever reach it.
+async fn api_sentinel(addr: SocketAddr, client: &mut Client, tag: &str) -> Vec<Value> {
+    let (status, answer) = post(
+        addr,
+        "/api/publish",
+        json!({"messages": [{"action": "broadcast", "message": tag}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    client.until_sentinel(tag).await
+}
+
 /// The close code and reason a socket ended with, and how long it took.
 async fn closed_within(client: &mut Client, limit: Duration) -> (u16, String) {
     let start = Instant::now();
@@ -644,14 +658,7 @@ async fn an_idempotent_publish_delivers_once_whichever_node_gets_it() {
     let (_, body) = post(nodes[2].addr, "/api/publish", batch).await;
     assert_eq!(body["duplicate"], true);
     // A sentinel published after both: everything before it is all there is.
-    let (status, _) = post(
-        nodes[1].addr,
-        "/api/publish",
-        json!({"messages": [{"action": "broadcast", "message": "sentinel-idem"}]}),
-    )
-    .await;
-    assert_eq!(status, 200);
-    let got = listener.until_sentinel("sentinel-idem").await;
+    let got = api_sentinel(nodes[1].addr, &mut listener, "sentinel-idem").await;
     let texts: Vec<&str> = got.iter().map(|m| m["message"].as_str().unwrap()).collect();
     assert_eq!(texts, ["one", "two"], "each message once, in order");
     // A body behind a UTF-8 byte-order mark is read as the broadcast
@@ -712,15 +719,8 @@ async fn a_batch_the_bus_cannot_take_whole_publishes_nothing_and_a_retry_nothing
         );
     }
     // Not one of them reached anybody.
-    let (status, _) = post(
-        node.addr,
-        "/api/publish",
-        json!({"messages": [{"action": "broadcast", "message": "sentinel-batch"}]}),
-    )
-    .await;
-    assert_eq!(status, 200);
     assert_eq!(
-        listener.until_sentinel("sentinel-batch").await,
+        api_sentinel(node.addr, &mut listener, "sentinel-batch").await,
         Vec::<Value>::new()
     );
     // The key was given back: a batch that fits publishes under it, once.
@@ -1791,14 +1791,7 @@ async fn an_idempotent_publish_that_timed_out_is_published_by_its_retry() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         answers.push(post(node.addr, "/api/publish", body.clone()).await);
     }
-    let (status, _) = post(
-        node.addr,
-        "/api/publish",
-        json!({"messages": [{"action": "broadcast", "message": "sentinel-slow"}]}),
-    )
-    .await;
-    assert_eq!(status, 200);
-    let got = watcher.until_sentinel("sentinel-slow").await;
+    let got = api_sentinel(node.addr, &mut watcher, "sentinel-slow").await;
     let copies = got
         .iter()
         .filter(|m| m["message"] == "must arrive once")
@@ -2088,14 +2081,7 @@ async fn a_publish_whose_node_dies_before_redis_has_it_is_published_by_the_retry
         assert!(Instant::now() < deadline, "{answers:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (status, _) = post(
-        survivor.addr,
-        "/api/publish",
-        json!({"messages": [{"action": "broadcast", "message": "sentinel-sudden"}]}),
-    )
-    .await;
-    assert_eq!(status, 200);
-    let got = watcher.until_sentinel("sentinel-sudden").await;
+    let got = api_sentinel(survivor.addr, &mut watcher, "sentinel-sudden").await;
     let texts: Vec<&str> = got.iter().filter_map(|m| m["message"].as_str()).collect();
     assert_eq!(texts, ["sudden-death-1"], "first answer {first:?}");
     // Once published, the key answers duplicate.
