@@ -59,8 +59,9 @@
 //! - `backend` (internal): with `backend.url`, non-`broadcast` client
 //!   messages (and connect/disconnect events) go to the application over
 //!   HTTP, in order per socket.
-//! - `auth`, `admission`, `rate_limit` (internal): tokens, origins and API
-//!   keys; capacity and the per-address limit; each socket's message rate.
+//! - `auth`, `admission`, `rate_limit`, `fragments` (internal): tokens,
+//!   origins and API keys; capacity and the per-address limit; each
+//!   socket's message rate; the frames of a message being read.
 //! - `refusal_log` (internal): which refusals `http` logs, one line per
 //!   peer and reason per minute, in a bounded map.
 //! - [`outcome`]: the vocabulary of outcomes (close, drop and refusal
@@ -72,7 +73,7 @@
 //!   `config defaults`, `token`).
 //!
 //! The modules form no import cycle: `outcome`, `message`, `shutdown`,
-//! `rate_limit`, `refusal_log` and `admission` import nothing of the crate, and every
+//! `rate_limit`, `fragments`, `refusal_log` and `admission` import nothing of the crate, and every
 //! arrow of the path above points one way.
 //!
 //! `main.rs` only loads configuration, starts logging and calls [`run`], so
@@ -93,6 +94,7 @@ pub mod cli;
 pub mod config;
 pub(crate) mod conn;
 pub mod envelope;
+pub(crate) mod fragments;
 pub mod history;
 pub mod http;
 pub(crate) mod hub;

@@ -102,8 +102,8 @@ pub(crate) fn run(
     let conn = registration.conn.clone();
     conn.wire().install(io, config.write_buffer_size);
     // Without a handshake, the stream is made in its first poll.
-    let socket =
-        WebSocketStream::from_raw_socket(WireIo(conn), Role::Server, Some(config)).now_or_never();
+    let socket = WebSocketStream::from_raw_socket(WireIo::new(conn), Role::Server, Some(config))
+        .now_or_never();
     let mut session = match (socket, registration.take_outbound()) {
         (Some(socket), Some(outbound)) => Some(Session::new(socket, registration, outbound)),
         _ => None,
@@ -582,6 +582,8 @@ fn read_error_reason(error: tungstenite::Error) -> CloseReason {
     use tungstenite::error::{CapacityError, Error, ProtocolError};
     match error {
         Error::Capacity(CapacityError::MessageTooLong { .. }) => CloseReason::MessageTooBig,
+        // Too many frames is too big too (`crate::fragments`).
+        Error::Io(e) if crate::fragments::is_too_many(&e) => CloseReason::MessageTooBig,
         // The peer ended the TCP connection without a close frame: a
         // dropped connection (1006), not a malformed frame.
         Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => CloseReason::ConnectionLost,
@@ -741,7 +743,7 @@ async fn close(
         return;
     }
     let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
-    let conn = socket.get_ref().0.clone();
+    let conn = socket.get_ref().conn.clone();
     let owed = async {
         if reason != CloseReason::SlowConsumer && !client_closed {
             let mut next = || pending.next();

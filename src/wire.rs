@@ -55,6 +55,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::fragments::Fragments;
 use crate::message::Frame;
 use crate::outbox::Queued;
 use crate::position::Mark;
@@ -672,8 +673,20 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Wire<T> {
 }
 
 /// The socket as tungstenite sees it: reads and writes through the
-/// [`Wire`] of `W`.
-pub(crate) struct WireIo<W>(pub(crate) W);
+/// [`Wire`] of `W`, its reads' frames counted ([`Fragments`]).
+pub(crate) struct WireIo<W> {
+    pub(crate) conn: W,
+    fragments: Fragments,
+}
+
+impl<W> WireIo<W> {
+    pub(crate) fn new(conn: W) -> Self {
+        Self {
+            conn,
+            fragments: Fragments::default(),
+        }
+    }
+}
 
 impl<W> AsyncRead for WireIo<W>
 where
@@ -685,7 +698,13 @@ where
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        (*self.0).as_ref().poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!((*this.conn).as_ref().poll_read(cx, buf))?;
+        this.fragments
+            .scan(&buf.filled()[before..])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -699,15 +718,15 @@ where
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        (*self.0).as_ref().poll_write(cx, buf)
+        (*self.conn).as_ref().poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        (*self.0).as_ref().poll_flush(cx)
+        (*self.conn).as_ref().poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        (*self.0).as_ref().poll_shutdown(cx)
+        (*self.conn).as_ref().poll_shutdown(cx)
     }
 }
 

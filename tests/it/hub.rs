@@ -162,6 +162,62 @@ async fn oversized_message_closes_with_1009_and_others_carry_on() {
     );
 }
 
+/// A message may come in pieces (a client other than a browser may stream
+/// one), up to 1,024 frames; one in more frames is too big, whatever its
+/// bytes. Before, a client that began a message and sent nothing but empty
+/// continuation frames kept a core busy as long as it liked, counted
+/// nowhere and never closed (review of 2026-12-03).
+#[tokio::test]
+async fn a_message_in_too_many_frames_closes_with_1009_and_others_carry_on() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let server = TestServer::start().await;
+    let mut other = server.connect("other", None).await;
+    let mut streamer = server.connect("streamer", None).await;
+    // The most pieces allowed: relayed whole.
+    let body = r#"{"action":"pieces","message":"ok"}"#;
+    let pieces = 1024;
+    for i in 0..pieces {
+        let (opcode, data) = match i {
+            0 => (Data::Text, body.as_bytes()),
+            _ => (Data::Continue, &b""[..]),
+        };
+        let frame = Frame::message(data.to_vec(), OpCode::Data(opcode), i + 1 == pieces);
+        streamer.ws.feed(Message::Frame(frame)).await.unwrap();
+    }
+    streamer.ws.flush().await.unwrap();
+    let got = other.recv().await;
+    assert_eq!(
+        (got["action"].as_str(), got["message"].as_str()),
+        (Some("pieces"), Some("ok"))
+    );
+    // Empty pieces without end: closed once there are too many.
+    let mut flooder = server.connect("flooder", None).await;
+    let start = Frame::message(b"{".to_vec(), OpCode::Data(Data::Text), false);
+    flooder.ws.feed(Message::Frame(start)).await.unwrap();
+    for _ in 0..2000 {
+        let piece = Frame::message(Vec::new(), OpCode::Data(Data::Continue), false);
+        if flooder.ws.feed(Message::Frame(piece)).await.is_err() {
+            break;
+        }
+    }
+    let _ = flooder.ws.flush().await;
+    assert_eq!(
+        flooder.ended().await,
+        Ended::Closed(1009, "Message too big".into())
+    );
+    let tag = other.send_sentinel().await;
+    let seen = other.until_sentinel(&tag).await;
+    assert!(
+        seen.iter().all(|m| m["action"] == "pieces"),
+        "nothing of the flood reached others: {seen:?}"
+    );
+    assert_eq!(
+        server.metric("wshub_messages_dropped_total{reason=\"too_big\"}"),
+        1.0
+    );
+}
+
 /// A message far over the limit: the hub refuses it from its header and
 /// cannot read the rest as frames. It must still read (and discard) what
 /// the client sends until the client closes: closing with it unread
