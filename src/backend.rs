@@ -56,8 +56,8 @@
 //! as before (`message` null, no header).
 
 use std::borrow::Cow;
-use std::collections::VecDeque;
 use std::collections::hash_map::{Entry, HashMap};
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -360,6 +360,23 @@ impl Backend {
         }
     }
 
+    /// `conn` closed: its forwards still waiting are sent after every open
+    /// socket's, in room of their own ([`Queues`]). Call it after its
+    /// disconnect event is queued.
+    pub(crate) fn left(&self, conn: &Conn) {
+        let dropped = self.queues.left(conn.id);
+        if dropped > 0 {
+            for _ in 0..dropped {
+                self.metrics.backend_forward(ForwardResult::QueueFull);
+            }
+            warn!(
+                conn = %conn.cid,
+                dropped,
+                "forwards of a closed socket dropped: backend.queue forwards of closed sockets are waiting already"
+            );
+        }
+    }
+
     /// Queues a cluster presence event (`wshub.online`, `wshub.offline`,
     /// `wshub.join`, `wshub.leave`; `src/presence.rs`), if events are
     /// enabled: the message shape with the user's (and for join and leave
@@ -495,6 +512,17 @@ async fn worker(dispatcher: Arc<Dispatcher>, queues: Arc<Queues>, abandon: Cance
 /// more can wait only when sockets keep coming and going faster than the
 /// backend answers; past it (counted as `queue_full` and logged) the event
 /// is dropped. Memory: a few hundred bytes per waiting event.
+///
+/// **A socket that closes** with forwards still waiting leaves them to be
+/// sent (a page that sends and then navigates away expects its message to
+/// arrive), but they stop counting against `backend.queue` and its
+/// share: they move to room of their own, `backend.queue` forwards of
+/// departed sockets in all (past it the departing socket's newest are
+/// dropped, counted `queue_full`), and a departed socket's jobs go only
+/// when no open socket's job is waiting. Before, they kept their place:
+/// one address that opened a socket, sent its share and closed, again and
+/// again, filled the whole queue within the per-address socket limit,
+/// and every other user got "backend busy" (review of 2026-12-03).
 struct Queues {
     state: Mutex<QueueState>,
     /// One permit per connection in [`QueueState::ready`].
@@ -516,11 +544,18 @@ struct QueueState {
     /// Connections with a job waiting and none in flight, in the order they
     /// became so (round robin between connections).
     ready: VecDeque<ConnId>,
+    /// The same for departed connections, whose turn comes when `ready`
+    /// is empty.
+    ready_left: VecDeque<ConnId>,
+    /// Departed connections that still have a job waiting or in flight.
+    left: HashSet<ConnId>,
     /// Forwards and connect events waiting (not in flight), over all
     /// connections.
     waiting: usize,
     /// Disconnect events waiting (not in flight).
     disconnects: usize,
+    /// Forwards and connect events of departed connections waiting.
+    orphans: usize,
     /// No more jobs are taken (shutdown).
     closed: bool,
 }
@@ -564,6 +599,9 @@ impl Queues {
             {
                 return Err(Refused::ConnectionFull);
             }
+            // A departed connection queues nothing but its disconnect
+            // event; counted where `take` looks, whatever comes.
+            Kind::Forward | Kind::Connect if state.left.contains(&conn) => state.orphans += 1,
             Kind::Forward | Kind::Connect => state.waiting += 1,
         }
         match state.by_conn.entry(conn) {
@@ -582,10 +620,14 @@ impl Queues {
     /// flight until [`done`](Self::done).
     fn take(&self) -> Option<(ConnId, Job)> {
         let mut state = self.lock();
-        let conn = state.ready.pop_front()?;
+        let conn = match state.ready.pop_front() {
+            Some(conn) => conn,
+            None => state.ready_left.pop_front()?,
+        };
         let job = state.by_conn.get_mut(&conn)?.pop_front()?;
         match job.kind {
             Kind::Disconnect => state.disconnects -= 1,
+            Kind::Forward | Kind::Connect if state.left.contains(&conn) => state.orphans -= 1,
             Kind::Forward | Kind::Connect => state.waiting -= 1,
         }
         Some((conn, job))
@@ -597,6 +639,10 @@ impl Queues {
         if let Entry::Occupied(jobs) = state.by_conn.entry(conn) {
             if jobs.get().is_empty() {
                 jobs.remove();
+                state.left.remove(&conn);
+            } else if state.left.contains(&conn) {
+                state.ready_left.push_back(conn);
+                self.ready.add_permits(1);
             } else {
                 state.ready.push_back(conn);
                 self.ready.add_permits(1);
@@ -605,12 +651,55 @@ impl Queues {
         self.close_if_finished(&state);
     }
 
+    /// `conn` closed: its waiting forwards (and connect event) leave
+    /// `backend.queue` for the departed connections' room, the oldest
+    /// first; returns how many did not fit and were dropped.
+    fn left(&self, conn: ConnId) -> usize {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let Some(jobs) = state.by_conn.get_mut(&conn) else {
+            return 0;
+        };
+        state.left.insert(conn);
+        let room = self.capacity.saturating_sub(state.orphans);
+        let (mut kept, mut dropped) = (0, 0);
+        jobs.retain(|job| match job.kind {
+            Kind::Disconnect => true,
+            Kind::Forward | Kind::Connect if kept < room => {
+                kept += 1;
+                true
+            }
+            Kind::Forward | Kind::Connect => {
+                dropped += 1;
+                false
+            }
+        });
+        let empty = jobs.is_empty();
+        state.waiting -= kept + dropped;
+        state.orphans += kept;
+        if let Some(at) = state.ready.iter().position(|&c| c == conn) {
+            // Waiting for its turn, none in flight.
+            state.ready.remove(at);
+            if empty {
+                // Nothing left to send: forgotten (the permit it held finds
+                // no connection, which a worker takes as a spurious turn).
+                state.by_conn.remove(&conn);
+                state.left.remove(&conn);
+            } else {
+                state.ready_left.push_back(conn);
+            }
+        }
+        // In flight: `done` puts it in its line, or forgets it.
+        self.close_if_finished(state);
+        dropped
+    }
+
     /// Refuses new jobs from now on; returns how many are waiting.
     fn close(&self) -> usize {
         let mut state = self.lock();
         state.closed = true;
         self.close_if_finished(&state);
-        state.waiting + state.disconnects
+        state.waiting + state.disconnects + state.orphans
     }
 
     /// Drops every waiting job (the grace period is over); returns how
@@ -618,11 +707,14 @@ impl Queues {
     fn clear(&self) -> usize {
         let mut state = self.lock();
         state.closed = true;
-        let dropped = state.waiting + state.disconnects;
+        let dropped = state.waiting + state.disconnects + state.orphans;
         state.by_conn.clear();
         state.ready.clear();
+        state.ready_left.clear();
+        state.left.clear();
         state.waiting = 0;
         state.disconnects = 0;
+        state.orphans = 0;
         self.ready.close();
         dropped
     }
@@ -1008,6 +1100,75 @@ mod tests {
             queues.done(conn);
         }
         assert_eq!(sent, ["a1", ACTION_DISCONNECT, ACTION_DISCONNECT, "a2"]);
+    }
+
+    /// Review of 2026-12-03: a closed socket's forwards kept their places
+    /// in `backend.queue`, so a client that opened, sent and closed, again
+    /// and again, filled it for everyone.
+    #[test]
+    fn a_departed_connections_forwards_leave_the_queue_and_go_last() {
+        let queues = Queues::new(2, 2, 10);
+        queues.push(1, job("a1")).unwrap();
+        queues.push(1, job("a2")).unwrap();
+        assert_eq!(queues.push(2, job("b1")).err(), Some(Refused::Full));
+        assert_eq!(queues.left(1), 0);
+        queues.push(2, job("b1")).unwrap();
+        queues.push(3, job("c1")).unwrap();
+        // Open connections first, then the departed one, in order.
+        assert_eq!(take(&queues), (2, "b1".into()));
+        assert_eq!(take(&queues), (3, "c1".into()));
+        assert_eq!(take(&queues), (1, "a1".into()));
+        queues.done(1);
+        assert_eq!(take(&queues), (1, "a2".into()));
+        queues.done(1);
+        queues.done(2);
+        queues.done(3);
+        let state = queues.lock();
+        assert!(state.by_conn.is_empty() && state.left.is_empty());
+        assert_eq!((state.waiting, state.orphans), (0, 0));
+    }
+
+    #[test]
+    fn the_departed_connections_room_is_bounded_and_their_disconnects_kept() {
+        let queues = Queues::new(2, 2, 10);
+        queues.push(1, job("a1")).unwrap();
+        queues.push(1, job("a2")).unwrap();
+        queues.push(1, job(ACTION_DISCONNECT)).unwrap();
+        assert_eq!(queues.left(1), 0);
+        queues.push(2, job("b1")).unwrap();
+        queues.push(2, job("b2")).unwrap();
+        // No room left for 2's: dropped, its place forgotten.
+        assert_eq!(queues.left(2), 2);
+        assert!(!queues.lock().by_conn.contains_key(&2));
+        queues.push(3, job("c1")).unwrap();
+        queues.push(3, job(ACTION_DISCONNECT)).unwrap();
+        assert_eq!(queues.left(3), 1);
+        assert_eq!(queues.close(), 4);
+        let mut sent = Vec::new();
+        while let Some((conn, job)) = queues.take() {
+            sent.push(job.action);
+            queues.done(conn);
+        }
+        assert_eq!(sent, ["a1", ACTION_DISCONNECT, "a2", ACTION_DISCONNECT]);
+        assert!(queues.ready.is_closed());
+    }
+
+    #[test]
+    fn a_connection_that_departs_with_a_job_in_flight_keeps_its_order() {
+        let queues = Queues::new(4, 4, 4);
+        queues.push(1, job("a1")).unwrap();
+        assert_eq!(take(&queues), (1, "a1".into()));
+        queues.push(1, job("a2")).unwrap();
+        assert_eq!(queues.left(1), 0);
+        queues.push(2, job("b1")).unwrap();
+        assert!(queues.take().is_some_and(|(conn, _)| conn == 2));
+        // a2 waits for a1, then goes.
+        assert!(queues.take().is_none());
+        queues.done(1);
+        assert_eq!(take(&queues), (1, "a2".into()));
+        queues.done(1);
+        queues.done(2);
+        assert!(queues.lock().left.is_empty());
     }
 
     #[test]

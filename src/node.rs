@@ -1011,10 +1011,11 @@ impl Drop for Registration {
         for topic in self.conn.who.topics() {
             node.bus.unsubscribe(&topic);
         }
-        if self.announced
-            && let Some(backend) = &node.backend
-        {
-            backend.event(&self.conn, ACTION_DISCONNECT, None);
+        if let Some(backend) = &node.backend {
+            if self.announced {
+                backend.event(&self.conn, ACTION_DISCONNECT, None);
+            }
+            backend.left(&self.conn);
         }
         if self.rx.is_none() {
             // The session ran and set its close reason.

@@ -716,6 +716,80 @@ async fn one_socket_cannot_fill_the_queue_for_everyone() {
     assert_eq!(rest, ["m 1", "m 2", "m 3"]);
 }
 
+/// Review of 2026-12-03: the per-socket share did not bound one client, who
+/// could open a socket, send its share, close and start again: the closed
+/// sockets' forwards kept their places in `backend.queue` and every other
+/// user got "backend busy". A closed socket's forwards are still sent, in
+/// room of their own, after every open socket's.
+#[tokio::test]
+async fn closed_sockets_forwards_cannot_fill_the_queue_for_everyone() {
+    let backend = TestBackend::held().await;
+    let server = TestServer::with(with_backend(&backend.url, |c| {
+        let b = c.backend.as_mut().unwrap();
+        b.timeout = Duration::from_secs(30);
+        b.concurrency = 1;
+        b.queue = 4;
+        b.queue_per_connection = 2;
+    }))
+    .await;
+    let mut ann = server.connect("ann", None).await;
+    let mut sent = Vec::new();
+    for cycle in 0..3 {
+        let mut mallory = server.connect("mallory", None).await;
+        // The first cycle's first forward holds the one request slot.
+        let count = if cycle == 0 { 3 } else { 2 };
+        for i in 0..count {
+            let message = format!("{cycle}.{i}");
+            mallory
+                .send_json(json!({"action": "m", "message": message}))
+                .await;
+            sent.push(format!("m {message}"));
+        }
+        let tag = mallory.send_sentinel().await;
+        let busy = mallory.until_sentinel(&tag).await;
+        assert!(
+            busy.iter().all(|m| m["action"] != "wshub.error"),
+            "cycle {cycle}: {busy:?}"
+        );
+        if cycle == 0 {
+            assert_eq!(backend.next().await.summary(), "m 0.0");
+        }
+        mallory.close().await;
+        let closed = f64::from(cycle + 1);
+        crate::common::eventually("mallory's socket gone", || {
+            server.metric("wshub_connections_closed_total{code=\"1000\",reason=\"normal\"}")
+                == closed
+        })
+        .await;
+    }
+    // Room for 4 waiting forwards of closed sockets: the last cycle's two
+    // were dropped, and counted.
+    assert_eq!(
+        server.metric("wshub_backend_forwards_total{result=\"queue_full\"}"),
+        2.0
+    );
+    // ann is not refused, and goes before the closed sockets' forwards.
+    ann.send_json(json!({"action": "a", "message": "1"})).await;
+    let tag = ann.send_sentinel().await;
+    let got = ann.until_sentinel(&tag).await;
+    // (mallory's sentinels went to everyone.)
+    assert!(
+        got.iter().all(|m| m["action"] != "wshub.error"),
+        "ann was refused: {got:?}"
+    );
+    backend.open();
+    let mut order = Vec::new();
+    for _ in 0..5 {
+        order.push(backend.next().await.summary());
+    }
+    assert_eq!(order[0], "a 1");
+    // The closed sockets' take turns, each in the order sent.
+    let of =
+        |socket: &str| -> Vec<&String> { order.iter().filter(|m| m.starts_with(socket)).collect() };
+    assert_eq!(of("m 0."), [&sent[1], &sent[2]], "{order:?}");
+    assert_eq!(of("m 1."), [&sent[3], &sent[4]], "{order:?}");
+}
+
 /// Issue 11 review: a `wshub.disconnect` was dropped when `backend.queue`
 /// was full of another socket's messages, although its `wshub.connect` had
 /// been delivered. Disconnects of announced connections are always taken.
