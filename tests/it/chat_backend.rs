@@ -239,3 +239,46 @@ async fn a_newcomer_gets_the_newest_history_that_fits_one_request() {
         "the newest, in order, without the refused one"
     );
 }
+
+/// `groupid=` is the group "", which no recipient can name (a `group`
+/// recipient "" is the null group): the sample pushed such a room's chat
+/// to the sockets without a group, and its own members never saw it
+/// (review of 2026-12-03). It refuses it, and the sender is told.
+#[tokio::test]
+async fn chat_from_the_group_with_no_name_is_refused_not_sent_to_the_null_group() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_url = format!(
+        "http://{}/app/__websocket.wwd",
+        listener.local_addr().unwrap()
+    );
+    let mut config = crate::common::test_config();
+    config.backend =
+        wshub::Config::load_from(None, [("WSHUB_BACKEND__URL".to_owned(), backend_url)])
+            .unwrap()
+            .backend;
+    let hub = TestServer::with(config).await;
+    let settings = Settings {
+        hub: format!("http://{}", hub.addr),
+        keep: 10,
+        max_bytes: 65536,
+        hub_key: None,
+    };
+    tokio::spawn(serve(listener, settings));
+    let mut unnamed = hub.connect("ann", Some("")).await;
+    let mut nogroup = hub.connect("bob", None).await;
+    unnamed
+        .send_json(json!({"action": "broadcastchatmessage", "message": "for the room"}))
+        .await;
+    let reply = unnamed.recv().await;
+    assert_eq!(reply["action"], "wshub.error", "{reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .contains("was not processed: backend answered 422"),
+        "{reply}"
+    );
+    let tag = unnamed.send_sentinel().await;
+    let seen = nogroup.until_sentinel(&tag).await;
+    assert!(seen.is_empty(), "the null group got {seen:?}");
+}

@@ -301,6 +301,17 @@ async fn handle(
         (Some("connect"), _) if !resumed(&headers) => app.initial(user, group).await,
         // Disconnects and other events: nothing to do.
         (Some(_), _) => Ok(()),
+        // `groupid=` is the group "", which no recipient can name: a
+        // `group` recipient "" is the null group (docs/backend.md), so the
+        // room's chat would reach the sockets without a group, not the
+        // room. Refused: the sender reads "was not processed: backend
+        // answered 422".
+        (None, Some("broadcastchatmessage")) if group.as_deref() == Some("") => {
+            return (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "the group \"\" (groupid= with no name) cannot be addressed; connect with a group name, or without groupid\n".into(),
+            );
+        }
         (None, Some("broadcastchatmessage")) => {
             app.chat(user, group, msg.message.unwrap_or_default()).await
         }
