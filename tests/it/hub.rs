@@ -218,6 +218,35 @@ async fn a_message_in_too_many_frames_closes_with_1009_and_others_carry_on() {
     );
 }
 
+/// A message over the byte limit, then pieces without end: the close reads
+/// and discards what follows until the client closes, and counting its
+/// frames must not end that early (the connection would be reset with the
+/// 1009 unread, which a browser reports as 1006).
+#[tokio::test]
+async fn a_message_over_the_limit_then_endless_pieces_still_gets_its_1009() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let mut config = test_config();
+    config.limits.max_message_bytes = 2048;
+    let server = TestServer::with(config).await;
+    let mut big = server.connect("big", None).await;
+    let start = Frame::message(vec![b'x'; 2000], OpCode::Data(Data::Text), false);
+    let _ = big.ws.feed(Message::Frame(start)).await;
+    let over = Frame::message(vec![b'x'; 100], OpCode::Data(Data::Continue), false);
+    let _ = big.ws.feed(Message::Frame(over)).await;
+    for _ in 0..50_000 {
+        let piece = Frame::message(Vec::new(), OpCode::Data(Data::Continue), false);
+        if big.ws.feed(Message::Frame(piece)).await.is_err() {
+            break;
+        }
+    }
+    let _ = big.ws.flush().await;
+    assert_eq!(
+        big.ended().await,
+        Ended::Closed(1009, "Message too big".into())
+    );
+}
+
 /// A message far over the limit: the hub refuses it from its header and
 /// cannot read the rest as frames. It must still read (and discard) what
 /// the client sends until the client closes: closing with it unread
