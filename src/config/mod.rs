@@ -338,6 +338,10 @@ pub enum LogFormat {
 /// The most requests to the backend a node may have in flight at once.
 pub const MAX_BACKEND_CONCURRENCY: usize = 10_000;
 
+/// The least `redis.publish_retry_ms`: a message waits at least its round
+/// trip to Redis, and one older than the retry is dropped.
+pub const MIN_PUBLISH_RETRY: Duration = Duration::from_millis(100);
+
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -1055,6 +1059,17 @@ impl Config {
             ));
         }
         for url in &urls {
+            // The Redis client reads `rediss://…#insecure` as "skip the
+            // certificate checks", silently, and redacted logs show it as
+            // `#***` (review of 2026-12-03): the one way to skip them is
+            // the key that says so and warns.
+            if url.contains('#') {
+                return Err(invalid(
+                    "redis.url",
+                    "must not have a fragment (`#…`): `#insecure` would turn off the TLS certificate checks unannounced; \
+                     set redis.tls_insecure_skip_verify (a test setup only; warned at start)",
+                ));
+            }
             redis::Client::open(url.as_str()).map_err(|e| {
                 invalid(
                     "redis.url",
@@ -1074,6 +1089,18 @@ impl Config {
         }
         if config.publish_queue == 0 {
             return Err(invalid("redis.publish_queue", "must be at least 1"));
+        }
+        if config.publish_retry < MIN_PUBLISH_RETRY {
+            // 0 dropped every message before it was sent, Redis healthy
+            // (review of 2026-12-03): a message waits at least its round
+            // trip.
+            return Err(invalid(
+                "redis.publish_retry_ms",
+                format!(
+                    "must be at least {} (a message waits for its round trip to Redis; below it, messages are dropped while Redis is healthy)",
+                    MIN_PUBLISH_RETRY.as_millis()
+                ),
+            ));
         }
         if config.probe_interval.is_zero() {
             return Err(invalid("redis.probe_interval_ms", "must be at least 1"));

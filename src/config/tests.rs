@@ -128,6 +128,31 @@ fn errors_name_the_key() {
             &[("WSHUB_WS__WRITE_TIMEOUT_MS", "0")],
             "`ws.write_timeout_ms`",
         ),
+        (
+            // Review of 2026-12-03: accepted, and every message to other
+            // nodes was dropped with Redis healthy.
+            &[
+                ("WSHUB_REDIS__URL", "redis://127.0.0.1:6379"),
+                ("WSHUB_REDIS__PUBLISH_RETRY_MS", "0"),
+            ],
+            "`redis.publish_retry_ms` must be at least 100",
+        ),
+        (
+            // Review of 2026-12-03: `#insecure` turned certificate checks
+            // off with no warning, and redacted logs showed `#***`.
+            &[("WSHUB_REDIS__URL", "rediss://redis.example:6380/#insecure")],
+            "`redis.url` must not have a fragment",
+        ),
+        (
+            &[
+                ("WSHUB_REDIS__SHARDED", "true"),
+                (
+                    "WSHUB_REDIS__URL",
+                    "rediss://a:7000,rediss://b:7000/#insecure",
+                ),
+            ],
+            "`redis.url` must not have a fragment",
+        ),
         (&[("WSHUB_LOG__FORMAT", "xml")], "`log.format`"),
         (
             &[("WSHUB_LIMITS__MAX_MESAGE_BYTES", "1")],
