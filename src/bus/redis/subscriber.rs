@@ -224,6 +224,7 @@ impl Subscriber {
             self.shared.bans.stale();
             self.shared.subscriber_up.store(false, Ordering::Release);
             self.shared.mark_down();
+            self.shared.metrics.bus_subscriber_lost();
             warn!(reason = %lost, "lost the Redis subscriber connection; reconnecting");
         }
     }
