@@ -758,3 +758,36 @@ async fn a_lost_subscriber_connection_is_counted() {
     }
     assert_eq!(node.metric("wshub_bus_reconnect_attempts_total"), 0.0);
 }
+
+/// Review of 2026-12-03: `redis.url` naming a replica, or a Redis Cluster
+/// node without `redis.sharded`, made a node that said it was ready while
+/// its messages reached no other node (a replica's `PUBLISH` stays on the
+/// replica) and its keys failed (`READONLY`, `MOVED`). Such a node is not
+/// ready and says why; the replica promoted, it becomes ready.
+#[tokio::test]
+async fn a_node_on_a_replica_or_an_unsharded_cluster_is_unready_and_says_why() {
+    let unready_saying = async |url: String, what: &str| {
+        let mut config = crate::common::test_config();
+        config.redis = wshub::Config::load_from(None, [("WSHUB_REDIS__URL".to_owned(), url)])
+            .unwrap()
+            .redis;
+        let node = TestServer::with(config).await;
+        eventually(&format!("unready, saying {what:?}"), || {
+            node.node.readiness().is_err_and(|why| why.contains(what))
+        })
+        .await;
+        // And stays so: the check is made at every connect.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let why = node.node.readiness().unwrap_err();
+        assert!(why.contains(what), "{why}");
+        node
+    };
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    let node = unready_saying(replica.url(), "is a replica").await;
+    assert_eq!(command(replica.port, "REPLICAOF NO ONE").unwrap(), "+OK");
+    node.wait_ready().await;
+
+    let cluster = RedisCluster::start(3);
+    unready_saying(cluster.nodes[0].url(), "set redis.sharded = true").await;
+}

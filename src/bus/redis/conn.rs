@@ -382,6 +382,46 @@ impl PubConn {
         }
     }
 
+    /// On a single server (`redis.url` or Sentinel): why the server cannot
+    /// carry the cluster's traffic, `None` when it can or will not say
+    /// (`INFO` refused by an ACL). A **replica** takes `PUBLISH` but hands
+    /// it only to its own subscribers, and refuses writes: the node's
+    /// messages reached no other node while it looked ready, and with
+    /// history on not even its own sockets. A **Redis Cluster node**
+    /// answers every key of another slot with `MOVED`: the registry, bans,
+    /// presence, idempotency keys and history all failed, the node ready
+    /// (review of 2026-12-03). Asked at every subscriber connect, so a
+    /// primary demoted by a failover is noticed at the reconnect.
+    pub(super) async fn unfit(&mut self) -> Option<String> {
+        let PubConn::Single(conn) = self else {
+            return None;
+        };
+        let section = async |conn: &mut redis::aio::MultiplexedConnection, name: &str| {
+            redis::cmd("INFO")
+                .arg(name)
+                .query_async::<String>(conn)
+                .await
+                .ok()
+        };
+        if let Some(info) = section(conn, "replication").await
+            && let Some(role) = info_field(&info, "role")
+            && role != "master"
+        {
+            return Some(format!(
+                "the Redis server is a replica (role:{role}), not the primary: its PUBLISH reaches only its own subscribers and it refuses writes; point redis.url at the primary, or use redis.sentinels"
+            ));
+        }
+        if let Some(info) = section(conn, "cluster").await
+            && info_field(&info, "cluster_enabled") == Some("1")
+        {
+            return Some(
+                "the Redis server is a Redis Cluster node: set redis.sharded = true (Redis 7+) and list the cluster's nodes in redis.url; a single-server client gets MOVED for most keys"
+                    .to_owned(),
+            );
+        }
+        None
+    }
+
     /// The cluster's shards as their slot ranges (sharded only; `None` on a
     /// single server).
     pub(super) async fn shard_ranges(&mut self) -> redis::RedisResult<Option<Vec<(u16, u16)>>> {
@@ -865,6 +905,15 @@ fn sum_ssub(answer: &redis::Value) -> Option<usize> {
         sum += n;
     }
     Some(sum)
+}
+
+/// The value of `name` in an `INFO` answer (`name:value` lines).
+fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines().find_map(|line| {
+        line.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .map(str::trim)
+    })
 }
 
 #[cfg(test)]

@@ -76,6 +76,13 @@ async fn connect(shared: &Shared, link: &Link) -> redis::RedisResult<Connected> 
     let config = &shared.config;
     let mut conn = connect_subscriber(link, config).await?;
     let mut prober = connect_prober(link, config).await?;
+    if let Some(why) = prober.unfit().await {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "unfit Redis server",
+            why,
+        )));
+    }
     let probes = probe_channels(shared, &mut prober).await?;
     // One snapshot, used both to subscribe and to record what is
     // subscribed. A topic taken while this attempt is in flight is not in
