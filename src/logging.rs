@@ -35,7 +35,7 @@ pub fn rust_log() -> Result<Option<String>, String> {
 pub fn init(config: &Config) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let filter = match rust_log()? {
         Some(directives) => EnvFilter::try_new(directives)?,
-        None => EnvFilter::try_new(&config.log_level)?,
+        None => EnvFilter::try_new(level_filter(&config.log_level))?,
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -44,6 +44,23 @@ pub fn init(config: &Config) -> Result<(), Box<dyn std::error::Error + Send + Sy
     match config.log_format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    }
+}
+
+/// The filter `log.level` stands for: as written, with the Redis client
+/// library held to errors unless `redis` is named in it. The library logs
+/// each failed retry of its own (about 30 lines a second per node while a
+/// cluster shard was down: review of 2026-12-03), where the node's own
+/// lines say once per outage what happened and what it does about it.
+/// `RUST_LOG` is taken as written.
+pub fn level_filter(level: &str) -> String {
+    let names_redis = level
+        .split(',')
+        .any(|d| d.trim().split(['=', '[', ':']).next() == Some("redis"));
+    if names_redis {
+        level.to_owned()
+    } else {
+        format!("{level},redis=error")
     }
 }
 
@@ -127,6 +144,23 @@ pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_redis_library_is_held_to_errors_unless_named() {
+        for (level, filter) in [
+            ("info", "info,redis=error"),
+            ("warn,wshub=debug", "warn,wshub=debug,redis=error"),
+            ("info,redis=warn", "info,redis=warn"),
+            (
+                "debug,redis::cluster_async=info",
+                "debug,redis::cluster_async=info",
+            ),
+            ("info,redis_other=warn", "info,redis_other=warn,redis=error"),
+        ] {
+            assert_eq!(level_filter(level), filter, "{level}");
+            assert!(EnvFilter::try_new(level_filter(level)).is_ok(), "{level}");
+        }
+    }
 
     /// Issue 11 item 9 variant: `user=mallory conn=n1-1 user=admin`.
     #[test]
