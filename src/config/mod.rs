@@ -1070,7 +1070,7 @@ impl Config {
                      set redis.tls_insecure_skip_verify (a test setup only; warned at start)",
                 ));
             }
-            redis::Client::open(url.as_str()).map_err(|e| {
+            let client = redis::Client::open(url.as_str()).map_err(|e| {
                 invalid(
                     "redis.url",
                     format!(
@@ -1080,6 +1080,13 @@ impl Config {
                     ),
                 )
             })?;
+            // Passed here and failed every connect (review of 2026-12-03).
+            if config.sharded && client.get_connection_info().redis_settings().db() != 0 {
+                return Err(invalid(
+                    "redis.url",
+                    "names a database other than 0, which a Redis Cluster does not have (leave the /db out with redis.sharded)",
+                ));
+            }
         }
         if config.channel_prefix.is_empty() || config.channel_prefix.contains(['{', '}']) {
             return Err(invalid(

@@ -153,6 +153,23 @@ fn errors_name_the_key() {
             ],
             "`redis.url` must not have a fragment",
         ),
+        (
+            // Review of 2026-12-03: passed, and every connect failed.
+            &[
+                ("WSHUB_REDIS__SHARDED", "true"),
+                ("WSHUB_REDIS__URL", "redis://a:7000,redis://b:7000/3"),
+            ],
+            "`redis.url` names a database other than 0",
+        ),
+        (
+            // Review of 2026-12-03: passed, and the node stopped with
+            // "Invalid database number".
+            &[
+                ("WSHUB_REDIS__SENTINELS", "rediss://127.0.0.1:26379"),
+                ("WSHUB_REDIS__SENTINEL_MASTER", "mymaster"),
+            ],
+            "`redis.sentinels` \"rediss://127.0.0.1:26379\" is a URL, not host:port",
+        ),
         (&[("WSHUB_LOG__FORMAT", "xml")], "`log.format`"),
         (
             &[("WSHUB_LIMITS__MAX_MESAGE_BYTES", "1")],

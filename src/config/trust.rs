@@ -303,6 +303,17 @@ pub(super) fn sentinels(raw: &RawRedis) -> Result<Vec<String>, ConfigError> {
                 "an entry with an `@` is not host:port (credentials go in redis.username and redis.password)",
             ));
         }
+        // `rediss://host:port` passed the port check below, and the node
+        // then stopped with "Invalid database number" (review of
+        // 2026-12-03).
+        if s.contains("://") {
+            return Err(invalid(
+                "redis.sentinels",
+                format!(
+                    "{s:?} is a URL, not host:port (TLS to the sentinels is redis.sentinel_tls = true)"
+                ),
+            ));
+        }
         let port = s.rsplit_once(':').and_then(|(h, p)| {
             (!h.is_empty())
                 .then_some(p)
