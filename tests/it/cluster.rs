@@ -247,6 +247,57 @@ async fn a_redis_outage_longer_than_publish_retry_refuses_messages() {
     }
 }
 
+/// A Redis that takes connections and subscriptions but no `PUBLISH`
+/// (`CLIENT PAUSE … WRITE`): the subscriber gives up on its silent
+/// connection and reconnects at once. Each reconnect restarted the
+/// outage's clock, so the node never refused: every push got 204 and was
+/// dropped 5 s later (review of 2026-12-03). The clock now runs from the
+/// last probe Redis carried until one comes back.
+#[tokio::test]
+async fn a_redis_that_takes_connections_but_no_publishes_gets_messages_refused() {
+    let redis = RedisServer::start();
+    let retry = Duration::from_millis(1000);
+    let node = TestServer::on_redis(&redis.url(), move |c| {
+        c.redis.as_mut().unwrap().publish_retry = retry;
+    })
+    .await;
+    let push = r#"{"action":"paused","recipients":[{"type":"group","value":"g"}]}"#;
+    assert_eq!(
+        command(redis.port, "CLIENT PAUSE 9000 WRITE").unwrap(),
+        "+OK"
+    );
+    let paused = tokio::time::Instant::now();
+    let refused = loop {
+        let resp = node.post("/__broadcastWebSocket.wc", push).await;
+        if resp.status() == 503 {
+            break resp.text().await.unwrap();
+        }
+        assert_eq!(resp.status(), 204);
+        assert!(
+            paused.elapsed() < Duration::from_secs(8),
+            "never refused while Redis took no PUBLISH"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(refused.contains("redis.publish_retry_ms"), "{refused}");
+    // The subscriber reconnected meanwhile (SUBSCRIBE works in a pause),
+    // and the refusals went on.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        node.post("/__broadcastWebSocket.wc", push).await.status(),
+        503
+    );
+    assert_eq!(command(redis.port, "CLIENT UNPAUSE").unwrap(), "+OK");
+    node.wait_ready().await;
+    let mut s = node.connect("s", Some("g")).await;
+    let up = r#"{"action":"unpaused","recipients":[{"type":"group","value":"g"}]}"#;
+    assert_eq!(
+        node.post("/__broadcastWebSocket.wc", up).await.status(),
+        204
+    );
+    assert_eq!(s.recv().await["action"], "unpaused");
+}
+
 #[tokio::test]
 async fn a_frozen_redis_makes_nodes_unready_until_it_thaws() {
     let redis = RedisServer::start();

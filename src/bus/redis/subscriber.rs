@@ -279,7 +279,7 @@ impl Subscriber {
         shared.interest.set_live(&subscribed);
         shared.metrics.bus_channels(subscribed.len());
         shared.subscriber_up.store(true, Ordering::Release);
-        shared.mark_up();
+        // (Up for publishing only once a probe comes back: `on_incoming`.)
         info!(node = %shared.node_id, channels = subscribed.len(), probes = probes.len(), reconnect = self.connected_before, "subscribed to Redis");
         self.connected_before = true;
         Some(Live {
@@ -439,6 +439,7 @@ impl Subscriber {
                     shared
                         .last_probe
                         .store(oldest.as_millis() as u64 + 1, Ordering::Release);
+                    shared.mark_up();
                 }
             }
             Incoming::Message(channel, payload) if channel == shared.bans_channel => {
@@ -687,6 +688,9 @@ impl Subscriber {
             .since_start()
             .saturating_sub(last.max(live.connected_at));
         if silent > config.probe_timeout * 2 {
+            // The outage began when Redis last carried a probe (or this
+            // connection came up without one), not now.
+            shared.mark_down_since(last.max(live.connected_at));
             return Err(format!(
                 "no probe came back for {} ms{}",
                 silent.as_millis(),
