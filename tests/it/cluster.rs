@@ -838,6 +838,16 @@ async fn a_node_on_a_replica_or_an_unsharded_cluster_is_unready_and_says_why() {
     let node = unready_saying(replica.url(), "is a replica").await;
     assert_eq!(command(replica.port, "REPLICAOF NO ONE").unwrap(), "+OK");
     node.wait_ready().await;
+    // Demoted again while the node is connected (its clients stay
+    // connected): noticed at the next probes, not only at a connect.
+    let again = format!("REPLICAOF 127.0.0.1 {}", primary.port);
+    assert_eq!(command(replica.port, &again).unwrap(), "+OK");
+    eventually("unready again, saying it is a replica", || {
+        node.node
+            .readiness()
+            .is_err_and(|why| why.contains("is a replica"))
+    })
+    .await;
 
     let cluster = RedisCluster::start(3);
     unready_saying(cluster.nodes[0].url(), "set redis.sharded = true").await;

@@ -168,6 +168,12 @@ struct Live {
     sentinel_server: Option<redis::ConnectionAddr>,
     /// Set by a probe task when the sentinels name another primary.
     moved: Arc<AtomicBool>,
+    /// Single server: set by a probe task when the server is no longer
+    /// fit ([`PubConn::unfit`]): a primary demoted to a replica keeps its
+    /// clients connected, so the check at connect alone never saw it
+    /// (review of 2026-12-03: the node stayed ready while its messages
+    /// reached no other node).
+    unfit: Arc<std::sync::Mutex<Option<String>>>,
     /// Sharded: set by the check tasks that count what Redis holds.
     held: Arc<std::sync::Mutex<HeldCheck>>,
     /// Bumped whenever `subscribed` changes: a count that raced a change
@@ -292,6 +298,7 @@ impl Subscriber {
             connected_at: shared.since_start(),
             sentinel_server: live_server.filter(|_| !config.sentinels.is_empty()),
             moved: Arc::new(AtomicBool::new(false)),
+            unfit: Arc::default(),
             held: Arc::default(),
             changes: Arc::default(),
         })
@@ -630,6 +637,20 @@ impl Subscriber {
         let config = &shared.config;
         if live.moved.load(Ordering::Acquire) {
             return Err("the sentinels name another primary".into());
+        }
+        if let Some(why) = live.unfit.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            // Reconnected, the check at connect keeps the node unready
+            // for as long as the server stays unfit.
+            return Err(why);
+        }
+        if !config.sharded {
+            let (mut prober, unfit) = (live.prober.clone(), live.unfit.clone());
+            let limit = config.command_timeout;
+            self.tasks.spawn(async move {
+                if let Ok(Some(why)) = timeout(limit, prober.unfit()).await {
+                    *unfit.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+                }
+            });
         }
         if let Some(current) = live.sentinel_server.clone() {
             let (link, moved) = (self.link.clone(), live.moved.clone());
