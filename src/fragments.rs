@@ -7,13 +7,18 @@
 //! (6 bytes each, masked) kept a core busy for as long as it liked, and no
 //! message ever reached the rate limiter (review of 2026-12-03: 169 million
 //! frames in 15 s, nothing counted, nothing closed, nothing said). A
-//! message in more than [`MAX_FRAGMENTS`] frames is now too big, whatever
-//! its bytes: the session closes with 1009, as for one over the byte
-//! limit. Browsers send every message in one frame; the bound leaves
-//! other clients room to stream a message in pieces (a 64 KiB message in
-//! 64-byte pieces). Control frames between the pieces are not counted
-//! here: tungstenite hands each to the session, which counts it against
-//! the message rate.
+//! message may come in [`MAX_FRAGMENTS`] frames, and one more for every
+//! [`BYTES_PER_FRAME`] of payload it carried so far; in more, it is too
+//! big: the session closes with 1009, as for one over the byte limit.
+//! What costs the node is frames that carry little, and those meet the
+//! fixed part. Chromium sends a message of up to about 128 KiB in one
+//! frame and a larger one in frames of about 128 KiB (a review counted
+//! 764 frames for 100 MB: with a fixed bound of 1,024 frames, a message
+//! of 140 MB under a `limits.max_message_bytes` of 200 MB was refused);
+//! the allowance per byte keeps any message within the byte limit clear
+//! of the frame bound whatever size its frames are, down to 4 KiB.
+//! Control frames between the pieces are not counted here: tungstenite
+//! hands each to the session, which counts it against the message rate.
 //!
 //! The scanner reads only frame headers (2 to 14 bytes) and skips
 //! payloads by their length, so it costs nothing per payload byte. It
@@ -23,8 +28,11 @@
 
 use std::fmt;
 
-/// The most frames one client message may come in.
-pub(crate) const MAX_FRAGMENTS: u32 = 1024;
+/// The frames any client message may come in, whatever it carries.
+pub(crate) const MAX_FRAGMENTS: u64 = 1024;
+
+/// One frame more is allowed for each this many bytes of payload.
+pub(crate) const BYTES_PER_FRAME: u64 = 4096;
 
 /// A client message arrived in more than [`MAX_FRAGMENTS`] frames. Carried
 /// as the source of the read's `io::Error`, so that the session can tell it
@@ -34,7 +42,10 @@ pub(crate) struct TooManyFragments;
 
 impl fmt::Display for TooManyFragments {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "a message in more than {MAX_FRAGMENTS} frames")
+        write!(
+            f,
+            "a message in more than {MAX_FRAGMENTS} frames and one per {BYTES_PER_FRAME} bytes"
+        )
     }
 }
 
@@ -59,7 +70,9 @@ pub(crate) struct Fragments {
     /// Payload bytes of the current frame still to skip.
     skip: u64,
     /// Data frames of the message being read so far.
-    frames: u32,
+    frames: u64,
+    /// Payload bytes of those frames (the current one's included).
+    bytes: u64,
     /// Said once; what follows is not scanned (the session is closing and
     /// reads what comes only to discard it).
     tripped: bool,
@@ -130,14 +143,17 @@ impl Fragments {
         if opcode != 0 {
             // A text or binary frame starts a message.
             self.frames = 0;
+            self.bytes = 0;
         }
         self.frames = self.frames.saturating_add(1);
-        if self.frames > MAX_FRAGMENTS {
+        self.bytes = self.bytes.saturating_add(self.skip);
+        if self.frames > MAX_FRAGMENTS.saturating_add(self.bytes / BYTES_PER_FRAME) {
             self.tripped = true;
             return Err(TooManyFragments);
         }
         if fin {
             self.frames = 0;
+            self.bytes = 0;
         }
         Ok(())
     }
@@ -173,7 +189,7 @@ mod tests {
 
     /// `count` frames of one message: a first text frame, continuations,
     /// the last with FIN.
-    fn message_in(count: u32, piece: &[u8]) -> Vec<u8> {
+    fn message_in(count: u64, piece: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         for i in 0..count {
             let opcode = if i == 0 { TEXT } else { CONTINUATION };
@@ -203,26 +219,34 @@ mod tests {
         // Every length encoding, pings between the pieces, and the bytes
         // handed over one at a time: the same count as all at once.
         let mut bytes = frame(TEXT, &[b'x'; 200]);
-        for i in 1..MAX_FRAGMENTS {
+        let mut payload = 200;
+        let mut frames = 1;
+        // Pieces up to the allowance: the fixed part and one frame per
+        // 4 KiB carried (three pieces of 70,000 bytes: 51 more).
+        while frames < MAX_FRAGMENTS + payload / BYTES_PER_FRAME {
             bytes.extend(frame(PING, b"p"));
-            let piece: &[u8] = match i % 3 {
+            let piece: &[u8] = match frames % 3 {
                 0 => b"",
                 1 => &[b'y'; 126],
-                _ if i < 10 => &[b'z'; 70_000],
+                _ if frames < 10 => &[b'z'; 70_000],
                 _ => b"z",
             };
             bytes.extend(frame(CONTINUATION, piece));
+            payload += piece.len() as u64;
+            frames += 1;
         }
+        assert!(frames > MAX_FRAGMENTS + 50, "{frames}");
         let last = frame(CONTINUATION | FIN, b"end");
         let mut whole = Fragments::default();
         assert_eq!(whole.scan(&bytes), Ok(()));
-        assert_eq!(whole.frames, MAX_FRAGMENTS);
+        assert_eq!((whole.frames, whole.bytes), (frames, payload));
         let mut bytewise = Fragments::default();
         for b in &bytes {
             assert_eq!(bytewise.scan(std::slice::from_ref(b)), Ok(()));
         }
-        assert_eq!(bytewise.frames, MAX_FRAGMENTS);
-        // One more piece than allowed, then the end: refused either way.
+        assert_eq!((bytewise.frames, bytewise.bytes), (frames, payload));
+        // One more empty piece than allowed, then the end: refused either
+        // way.
         let over = [frame(CONTINUATION, b""), last].concat();
         assert_eq!(whole.scan(&over), Err(TooManyFragments));
         for (i, b) in over.iter().enumerate() {
@@ -230,6 +254,35 @@ mod tests {
             // The header of the extra piece is complete at its sixth byte.
             assert_eq!(result.is_err(), i == 5, "byte {i}");
         }
+    }
+
+    /// Chromium sends a message over about 128 KiB in frames of about
+    /// 128 KiB: 1,100 of them (140 MB, under a byte limit of 200 MB) were
+    /// refused by a bound of 1,024 frames (review of 2026-12-03).
+    #[test]
+    fn big_frames_earn_their_count() {
+        let mut scan = Fragments::default();
+        let piece = 128 * 1024;
+        let zeros = vec![0u8; piece];
+        for i in 0..1100 {
+            let first = if i == 0 { TEXT } else { CONTINUATION };
+            let mut header = vec![first, 0x80 | 127];
+            header.extend_from_slice(&(piece as u64).to_be_bytes());
+            header.extend_from_slice(&[0; 4]);
+            assert_eq!(scan.scan(&header), Ok(()), "frame {i}");
+            assert_eq!(scan.scan(&zeros), Ok(()));
+        }
+        // And 1-byte pieces earn almost nothing: refused soon after 1,024.
+        let mut scan = Fragments::default();
+        assert_eq!(scan.scan(&frame(TEXT, b"{")), Ok(()));
+        let mut refused_at = None;
+        for i in 2..2000 {
+            if scan.scan(&frame(CONTINUATION, b"x")).is_err() {
+                refused_at = Some(i);
+                break;
+            }
+        }
+        assert_eq!(refused_at, Some(MAX_FRAGMENTS + 1));
     }
 
     #[test]
