@@ -54,10 +54,12 @@ pub fn init(config: &Config) -> Result<(), Box<dyn std::error::Error + Send + Sy
 /// lines say once per outage what happened and what it does about it.
 /// `RUST_LOG` is taken as written.
 pub fn level_filter(level: &str) -> String {
-    let names_redis = level
-        .split(',')
-        .any(|d| d.trim().split(['=', '[', ':']).next() == Some("redis"));
-    if names_redis {
+    let directives = || level.split(',').map(str::trim);
+    let names_redis = directives().any(|d| d.split(['=', '[', ':']).next() == Some("redis"));
+    // `off` (or `0`) means nothing at all: `off,redis=error` would let the
+    // library's errors through (review of 2026-12-03).
+    let off = directives().any(|d| d.eq_ignore_ascii_case("off") || d == "0");
+    if names_redis || off {
         level.to_owned()
     } else {
         format!("{level},redis=error")
@@ -156,6 +158,8 @@ mod tests {
                 "debug,redis::cluster_async=info",
             ),
             ("info,redis_other=warn", "info,redis_other=warn,redis=error"),
+            ("off", "off"),
+            ("0", "0"),
         ] {
             assert_eq!(level_filter(level), filter, "{level}");
             assert!(EnvFilter::try_new(level_filter(level)).is_ok(), "{level}");

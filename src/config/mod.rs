@@ -1067,7 +1067,8 @@ impl Config {
                 return Err(invalid(
                     "redis.url",
                     "must not have a fragment (`#…`): `#insecure` would turn off the TLS certificate checks unannounced; \
-                     set redis.tls_insecure_skip_verify (a test setup only; warned at start)",
+                     set redis.tls_insecure_skip_verify (a test setup only; warned at start). A `#` in a password is written %23, \
+                     or the password goes in redis.password",
                 ));
             }
             let client = redis::Client::open(url.as_str()).map_err(|e| {
