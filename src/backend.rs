@@ -665,11 +665,17 @@ impl Queues {
         let (mut kept, mut dropped) = (0, 0);
         jobs.retain(|job| match job.kind {
             Kind::Disconnect => true,
-            Kind::Forward | Kind::Connect if kept < room => {
+            // Its disconnect event follows it: the backend never hears of
+            // a departure without the arrival. One per connection.
+            Kind::Connect => {
                 kept += 1;
                 true
             }
-            Kind::Forward | Kind::Connect => {
+            Kind::Forward if kept < room => {
+                kept += 1;
+                true
+            }
+            Kind::Forward => {
                 dropped += 1;
                 false
             }
@@ -1151,6 +1157,24 @@ mod tests {
         }
         assert_eq!(sent, ["a1", ACTION_DISCONNECT, "a2", ACTION_DISCONNECT]);
         assert!(queues.ready.is_closed());
+    }
+
+    /// A connect event still waiting when its socket closes is never
+    /// dropped for want of room: its disconnect event will be sent.
+    #[test]
+    fn a_departed_connections_connect_event_is_kept_with_its_disconnect() {
+        let queues = Queues::new(1, 1, 10);
+        queues.push(1, job("a1")).unwrap();
+        assert_eq!(queues.left(1), 0);
+        queues.push(2, job(ACTION_CONNECT)).unwrap();
+        queues.push(2, job(ACTION_DISCONNECT)).unwrap();
+        assert_eq!(queues.left(2), 0);
+        let mut sent = Vec::new();
+        while let Some((conn, job)) = queues.take() {
+            sent.push(job.action);
+            queues.done(conn);
+        }
+        assert_eq!(sent, ["a1", ACTION_CONNECT, ACTION_DISCONNECT]);
     }
 
     #[test]
