@@ -390,8 +390,8 @@ impl PubConn {
     /// history on not even its own sockets. A **Redis Cluster node**
     /// answers every key of another slot with `MOVED`: the registry, bans,
     /// presence, idempotency keys and history all failed, the node ready
-    /// (review of 2026-12-03). Asked at every subscriber connect, so a
-    /// primary demoted by a failover is noticed at the reconnect.
+    /// (review of 2026-12-03). Asked at every subscriber connect and at
+    /// every probe (a demoted primary keeps its clients connected).
     pub(super) async fn unfit(&mut self) -> Option<String> {
         let PubConn::Single(conn) = self else {
             return None;
