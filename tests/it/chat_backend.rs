@@ -12,6 +12,23 @@ fn entry(msg: &Value) -> ChatEntry {
         .expect("a chat entry")
 }
 
+/// Serves the sample backend on `listener` (bound first, so that its URL
+/// can go into the hub's configuration), pushing to the hub at `hub`.
+fn serve_sample(
+    listener: tokio::net::TcpListener,
+    hub: std::net::SocketAddr,
+    keep: usize,
+    max_bytes: usize,
+) {
+    let settings = Settings {
+        hub: format!("http://{hub}"),
+        keep,
+        max_bytes,
+        hub_key: None,
+    };
+    tokio::spawn(serve(listener, settings));
+}
+
 #[tokio::test]
 async fn markdown_chat_with_history_across_two_nodes() {
     let redis = RedisServer::start();
@@ -34,13 +51,7 @@ async fn markdown_chat_with_history_across_two_nodes() {
     let n0 = TestServer::on_redis(&redis.url(), with_backend).await;
     let n1 = TestServer::on_redis(&redis.url(), with_backend).await;
     // The backend pushes through node 0; its messages reach node 1 via Redis.
-    let settings = Settings {
-        hub: format!("http://{}", n0.addr),
-        keep: 10,
-        max_bytes: 65536,
-        hub_key: None,
-    };
-    tokio::spawn(serve(listener, settings));
+    serve_sample(listener, n0.addr, 10, 65536);
 
     let mut ann = n0.connect("ann", Some("room")).await;
     let mut bob = n1.connect("bob", Some("room")).await;
@@ -110,13 +121,7 @@ async fn history_is_pushed_on_connect_only_when_the_hub_did_not_resume() {
         "http://{}/app/__websocket.wwd",
         listener.local_addr().unwrap()
     );
-    let settings = Settings {
-        hub: format!("http://{}", hub.addr),
-        keep: 10,
-        max_bytes: 65536,
-        hub_key: None,
-    };
-    tokio::spawn(serve(listener, settings));
+    serve_sample(listener, hub.addr, 10, 65536);
     let mut ann = hub.connect("ann", Some("room")).await;
 
     let http = reqwest::Client::new();
@@ -191,13 +196,7 @@ async fn a_newcomer_gets_the_newest_history_that_fits_one_request() {
     .unwrap();
     config.listen = "127.0.0.1:0".parse().unwrap();
     let hub = TestServer::with(config).await;
-    let settings = Settings {
-        hub: format!("http://{}", hub.addr),
-        keep: 50,
-        max_bytes: 16384,
-        hub_key: None,
-    };
-    tokio::spawn(serve(listener, settings));
+    serve_sample(listener, hub.addr, 50, 16384);
     let mut ann = hub.connect("ann", Some("room")).await;
     assert_eq!(ann.recv().await["message"], "[]");
     for i in 0..50 {
@@ -257,13 +256,7 @@ async fn chat_from_the_group_with_no_name_is_refused_not_sent_to_the_null_group(
             .unwrap()
             .backend;
     let hub = TestServer::with(config).await;
-    let settings = Settings {
-        hub: format!("http://{}", hub.addr),
-        keep: 10,
-        max_bytes: 65536,
-        hub_key: None,
-    };
-    tokio::spawn(serve(listener, settings));
+    serve_sample(listener, hub.addr, 10, 65536);
     let mut unnamed = hub.connect("ann", Some("")).await;
     let mut nogroup = hub.connect("bob", None).await;
     unnamed
