@@ -298,6 +298,73 @@ async fn a_redis_that_takes_connections_but_no_publishes_gets_messages_refused()
     assert_eq!(s.recv().await["action"], "unpaused");
 }
 
+/// A Redis full under `noeviction`, history on: it takes the probes'
+/// plain `PUBLISH` but refuses the publish script (`OOM`). The node stayed
+/// ready, answered every message 204 and dropped it (review of
+/// 2026-12-03). Refusals outlasting `redis.publish_retry_ms` now refuse
+/// messages and make the node unready, and a canary notices, with
+/// nothing to send, when Redis takes writes again.
+#[tokio::test]
+async fn a_full_redis_with_history_refuses_messages_until_it_has_room() {
+    let redis = RedisServer::start_with(&["--maxmemory-policy", "noeviction"]);
+    let retry = Duration::from_millis(1000);
+    let node = TestServer::on_redis(&redis.url(), move |c| {
+        crate::common::with_history(c);
+        c.redis.as_mut().unwrap().publish_retry = retry;
+    })
+    .await;
+    let mut s = node.connect("s", Some("g")).await;
+    let push = |i: u32| {
+        json!({"action": "full", "message": i.to_string(),
+            "recipients": [{"type": "group", "value": "g"}]})
+        .to_string()
+    };
+    assert_eq!(
+        command(redis.port, "CONFIG SET maxmemory 1").unwrap(),
+        "+OK"
+    );
+    let full = tokio::time::Instant::now();
+    let mut i = 0;
+    let refused = loop {
+        i += 1;
+        let resp = node.post("/__broadcastWebSocket.wc", push(i)).await;
+        if resp.status() == 503 {
+            break resp.text().await.unwrap();
+        }
+        assert_eq!(resp.status(), 204);
+        assert!(
+            full.elapsed() < Duration::from_secs(8),
+            "never refused while Redis refused every publish"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(refused.contains("Redis refuses to publish"), "{refused}");
+    assert!(refused.contains("OOM"), "{refused}");
+    let why = node.node.readiness().unwrap_err();
+    assert!(why.contains("Redis refuses to publish"), "{why}");
+    // Room again, nothing sent meanwhile: the canary notices.
+    assert_eq!(
+        command(redis.port, "CONFIG SET maxmemory 0").unwrap(),
+        "+OK"
+    );
+    node.wait_ready().await;
+    let up = r#"{"action":"room","recipients":[{"type":"group","value":"g"}]}"#;
+    assert_eq!(
+        node.post("/__broadcastWebSocket.wc", up).await.status(),
+        204
+    );
+    // Messages accepted within the retry time of Redis's return are sent
+    // then; the refused one never.
+    loop {
+        let got = s.recv().await;
+        match got["action"].as_str() {
+            Some("room") => break,
+            Some("full") => assert_ne!(got["message"], i.to_string(), "the refused one"),
+            _ => panic!("{got}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_frozen_redis_makes_nodes_unready_until_it_thaws() {
     let redis = RedisServer::start();

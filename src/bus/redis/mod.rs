@@ -178,6 +178,16 @@ struct Shared {
     /// Why the subscriber is not connected, for `/readyz` (a wrong
     /// password or CA must be visible there, not only in the log).
     down_because: std::sync::Mutex<String>,
+    /// Milliseconds since `started` when Redis began refusing the
+    /// publisher's sends (`OOM` of a full Redis under `noeviction`, `BUSY`,
+    /// `LOADING`: answered, not carried), plus one; 0 = it takes them.
+    /// Timed and answered like an outage: a full Redis with history on
+    /// took the probes' plain `PUBLISH` but not the publish script, and
+    /// the node stayed ready, answered every message 204 and dropped it
+    /// (review of 2026-12-03).
+    refused_since: AtomicU64,
+    /// What Redis answered, for the refusals and `/readyz`.
+    refused_because: std::sync::Mutex<String>,
     /// Bumped on every subscriber (re)connect. A Redis the subscriber lost
     /// is one the publisher lost too, perhaps without noticing yet (it may
     /// have sent nothing during a short restart): the publisher reconnects
@@ -253,6 +263,8 @@ impl RedisBus {
             subscriber_up: AtomicBool::new(false),
             down_since: AtomicU64::new(0),
             down_because: std::sync::Mutex::new("connecting".into()),
+            refused_since: AtomicU64::new(0),
+            refused_because: std::sync::Mutex::default(),
             epoch,
             last_probe: AtomicU64::new(0),
             probe_failed: std::sync::Mutex::new(None),
@@ -459,7 +471,9 @@ impl Bus for RedisBus {
                 shared.probe_failure()
             )));
         }
-        Ok(())
+        // The probes' plain PUBLISH may go through where the publisher's
+        // sends do not (the publish script on a full Redis).
+        shared.refuse_if_long_refusing()
     }
 
     fn registry(&self, presence: &PresenceConfig) -> Arc<dyn Registry> {
@@ -567,6 +581,7 @@ impl Shared {
     /// notices an outage at once (its connection drops) while the publisher
     /// only notices when it next sends.
     fn refuse_if_long_down(&self) -> Result<(), BusError> {
+        self.refuse_if_long_refusing()?;
         let since = self.down_since.load(Ordering::Acquire);
         if since == 0 {
             return Ok(());
@@ -585,6 +600,52 @@ impl Shared {
         Err(BusError::Unavailable(format!(
             "Redis unreachable for {} ms, longer than redis.publish_retry_ms ({} ms): {why}",
             down_for.as_millis(),
+            self.config.publish_retry.as_millis()
+        )))
+    }
+
+    /// Records that Redis refuses the publisher's sends, unless it already
+    /// did (timed from the first refusal).
+    fn mark_refused(&self, why: &str) {
+        let now = self.since_start().as_millis() as u64 + 1;
+        if self
+            .refused_since
+            .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            *self
+                .refused_because
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = why.to_owned();
+        }
+    }
+
+    /// Records that Redis takes the publisher's sends again.
+    fn mark_accepted(&self) {
+        self.refused_since.store(0, Ordering::Release);
+    }
+
+    /// `Unavailable` once Redis has refused the publisher's sends for
+    /// longer than `redis.publish_retry_ms` (see `refused_since`).
+    fn refuse_if_long_refusing(&self) -> Result<(), BusError> {
+        let since = self.refused_since.load(Ordering::Acquire);
+        if since == 0 {
+            return Ok(());
+        }
+        let refused_for = self
+            .since_start()
+            .saturating_sub(Duration::from_millis(since - 1));
+        if refused_for <= self.config.publish_retry {
+            return Ok(());
+        }
+        let why = self
+            .refused_because
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Err(BusError::Unavailable(format!(
+            "Redis refuses to publish for {} ms, longer than redis.publish_retry_ms ({} ms): {why}",
+            refused_for.as_millis(),
             self.config.publish_retry.as_millis()
         )))
     }

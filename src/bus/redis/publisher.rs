@@ -169,10 +169,27 @@ impl Publisher {
     pub(super) async fn run(mut self, stop: CancellationToken) {
         loop {
             if self.resend.is_none() {
-                tokio::select! {
-                    biased;
-                    () = stop.cancelled() => break,
-                    () = self.shared.queue.wait() => {}
+                if self.refused.is_some() {
+                    // While Redis refuses, nothing queued may come to show
+                    // that it takes sends again (the node refuses messages
+                    // once the refusals outlast `redis.publish_retry_ms`):
+                    // a canary asks, after each pause.
+                    let pause = self.backoff.step();
+                    tokio::select! {
+                        biased;
+                        () = stop.cancelled() => break,
+                        () = self.shared.queue.wait() => {}
+                        () = tokio::time::sleep(pause) => {
+                            self.canary().await;
+                            continue;
+                        }
+                    }
+                } else {
+                    tokio::select! {
+                        biased;
+                        () = stop.cancelled() => break,
+                        () = self.shared.queue.wait() => {}
+                    }
                 }
             } else if stop.is_cancelled() {
                 break;
@@ -321,6 +338,49 @@ impl Publisher {
         }
     }
 
+    /// Asks whether Redis takes sends again, with nothing queued to send:
+    /// with history on a write of a key of this node's (the publish
+    /// script's writes are what a full Redis refuses; its `PUBLISH` is
+    /// not), else a probe's `PUBLISH`. Taken: the refusals are over. An
+    /// ACL that refuses the canary itself cannot tell, and is taken as
+    /// over too (the next send says otherwise if it is not).
+    async fn canary(&mut self) {
+        if !self.connected().await {
+            return;
+        }
+        let Some((conn, _, _)) = self.conn.as_mut() else {
+            return;
+        };
+        let shared = &self.shared;
+        let asked = async {
+            if shared.history.is_some() {
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(format!(
+                    "{}:canary:{}",
+                    shared.config.channel_prefix, shared.node_id
+                ))
+                .arg(1)
+                .arg("PX")
+                .arg(shared.config.publish_retry.as_millis() as u64);
+                conn.query::<()>(&cmd).await
+            } else {
+                conn.probe(std::slice::from_ref(&shared.probe_channel))
+                    .await
+            }
+        };
+        match timeout(shared.config.command_timeout, asked).await {
+            Ok(Ok(())) => self.accepted(Proof::Script),
+            Ok(Err(e)) if is_acl_refusal(&e.to_string()) => self.accepted(Proof::Script),
+            // Still refusing (not counted: no message was refused).
+            Ok(Err(e)) if is_refusal(&e) => {}
+            Ok(Err(_)) | Err(_) => {
+                // Unreachable: the next send reconnects (the subscriber
+                // times the outage).
+                self.conn = None;
+            }
+        }
+    }
+
     /// Sends one batch (bounded in messages and bytes) with its own timeout.
     async fn send_batch(&mut self) {
         self.send_taken().await;
@@ -434,6 +494,7 @@ impl Publisher {
                 }
             }
             None => {
+                self.shared.mark_refused(&error);
                 warn!(
                     %error,
                     retry_ms = self.shared.config.publish_retry.as_millis() as u64,
@@ -453,6 +514,7 @@ impl Publisher {
                 return;
             }
             self.backoff.reset();
+            self.shared.mark_accepted();
             info!(refusals, %error, "Redis accepts publishes again");
         }
     }
