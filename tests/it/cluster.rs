@@ -307,8 +307,26 @@ async fn a_redis_that_takes_connections_but_no_publishes_gets_messages_refused()
 #[tokio::test]
 async fn a_full_redis_with_history_refuses_messages_until_it_has_room() {
     let redis = RedisServer::start_with(&["--maxmemory-policy", "noeviction"]);
+    full_redis_refuses_until_it_has_room(&redis, redis.url()).await;
+}
+
+/// The same for a Redis user that may not write the canary's key: an ACL
+/// that refuses the canary is taken as Redis accepting. (A review found
+/// the refusal read by its text, which redis-rs writes `NoPerm`: the node
+/// refused every message for good once Redis had room again.)
+#[tokio::test]
+async fn a_full_redis_recovers_for_a_user_without_the_canary_key() {
+    let redis = RedisServer::start_with(&["--maxmemory-policy", "noeviction"]);
+    let keys = "~wshub:h:* ~wshub:seq ~wshub:pub:* ~wshub:ho:* ~wshub:ban:* ~wshub:idem:* ~{wshub:registry}:*";
+    let user = format!("ACL SETUSER wshub on >pw +@all &* {keys}");
+    assert_eq!(command(redis.port, &user).unwrap(), "+OK");
+    let url = format!("redis://wshub:pw@127.0.0.1:{}", redis.port);
+    full_redis_refuses_until_it_has_room(&redis, url).await;
+}
+
+async fn full_redis_refuses_until_it_has_room(redis: &RedisServer, url: String) {
     let retry = Duration::from_millis(1000);
-    let node = TestServer::on_redis(&redis.url(), move |c| {
+    let node = TestServer::on_redis(&url, move |c| {
         crate::common::with_history(c);
         c.redis.as_mut().unwrap().publish_retry = retry;
     })
@@ -342,6 +360,15 @@ async fn a_full_redis_with_history_refuses_messages_until_it_has_room() {
     assert!(refused.contains("OOM"), "{refused}");
     let why = node.node.readiness().unwrap_err();
     assert!(why.contains("Redis refuses to publish"), "{why}");
+    // Until what was accepted has expired: nothing is left to send that
+    // could show Redis taking it.
+    tokio::time::sleep(retry * 2).await;
+    assert_eq!(
+        node.post("/__broadcastWebSocket.wc", push(0))
+            .await
+            .status(),
+        503
+    );
     // Room again, nothing sent meanwhile: the canary notices.
     assert_eq!(
         command(redis.port, "CONFIG SET maxmemory 0").unwrap(),
