@@ -266,19 +266,7 @@ async fn a_redis_that_takes_connections_but_no_publishes_gets_messages_refused()
         command(redis.port, "CLIENT PAUSE 9000 WRITE").unwrap(),
         "+OK"
     );
-    let paused = tokio::time::Instant::now();
-    let refused = loop {
-        let resp = node.post("/__broadcastWebSocket.wc", push).await;
-        if resp.status() == 503 {
-            break resp.text().await.unwrap();
-        }
-        assert_eq!(resp.status(), 204);
-        assert!(
-            paused.elapsed() < Duration::from_secs(8),
-            "never refused while Redis took no PUBLISH"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let (_, refused) = pushed_until_refused(&node, |_| push.to_owned()).await;
     assert!(refused.contains("redis.publish_retry_ms"), "{refused}");
     // The subscriber reconnected meanwhile (SUBSCRIBE works in a pause),
     // and the refusals went on.
@@ -296,6 +284,27 @@ async fn a_redis_that_takes_connections_but_no_publishes_gets_messages_refused()
         204
     );
     assert_eq!(s.recv().await["action"], "unpaused");
+}
+
+/// Pushes `body(1)`, `body(2)`, … every 200 ms, each answered 204, until
+/// one is refused (503), for at most 8 s; answers its number and the
+/// refusal's text.
+async fn pushed_until_refused(node: &TestServer, body: impl Fn(u32) -> String) -> (u32, String) {
+    let started = tokio::time::Instant::now();
+    let mut i = 0;
+    loop {
+        i += 1;
+        let resp = node.post("/__broadcastWebSocket.wc", body(i)).await;
+        if resp.status() == 503 {
+            return (i, resp.text().await.unwrap());
+        }
+        assert_eq!(resp.status(), 204);
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "never refused while Redis carried no message"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// A Redis full under `noeviction`, history on: it takes the probes'
@@ -341,21 +350,7 @@ async fn full_redis_refuses_until_it_has_room(redis: &RedisServer, url: String) 
         command(redis.port, "CONFIG SET maxmemory 1").unwrap(),
         "+OK"
     );
-    let full = tokio::time::Instant::now();
-    let mut i = 0;
-    let refused = loop {
-        i += 1;
-        let resp = node.post("/__broadcastWebSocket.wc", push(i)).await;
-        if resp.status() == 503 {
-            break resp.text().await.unwrap();
-        }
-        assert_eq!(resp.status(), 204);
-        assert!(
-            full.elapsed() < Duration::from_secs(8),
-            "never refused while Redis refused every publish"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let (i, refused) = pushed_until_refused(&node, push).await;
     assert!(refused.contains("Redis refuses to publish"), "{refused}");
     assert!(refused.contains("OOM"), "{refused}");
     let why = node.node.readiness().unwrap_err();

@@ -582,24 +582,32 @@ impl Shared {
     /// only notices when it next sends.
     fn refuse_if_long_down(&self) -> Result<(), BusError> {
         self.refuse_if_long_refusing()?;
-        let since = self.down_since.load(Ordering::Acquire);
+        self.refuse_if_longer_than_retry(&self.down_since, "unreachable", &self.down_because)
+    }
+
+    /// `Unavailable` when `since` (milliseconds since `started`, plus one;
+    /// 0: not timing) is longer ago than `redis.publish_retry_ms`, saying
+    /// Redis is `what` for that long and `why`.
+    fn refuse_if_longer_than_retry(
+        &self,
+        since: &AtomicU64,
+        what: &str,
+        why: &std::sync::Mutex<String>,
+    ) -> Result<(), BusError> {
+        let since = since.load(Ordering::Acquire);
         if since == 0 {
             return Ok(());
         }
-        let down_for = self
+        let lasted = self
             .since_start()
             .saturating_sub(Duration::from_millis(since - 1));
-        if down_for <= self.config.publish_retry {
+        if lasted <= self.config.publish_retry {
             return Ok(());
         }
-        let why = self
-            .down_because
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let why = why.lock().unwrap_or_else(|e| e.into_inner()).clone();
         Err(BusError::Unavailable(format!(
-            "Redis unreachable for {} ms, longer than redis.publish_retry_ms ({} ms): {why}",
-            down_for.as_millis(),
+            "Redis {what} for {} ms, longer than redis.publish_retry_ms ({} ms): {why}",
+            lasted.as_millis(),
             self.config.publish_retry.as_millis()
         )))
     }
@@ -628,26 +636,11 @@ impl Shared {
     /// `Unavailable` once Redis has refused the publisher's sends for
     /// longer than `redis.publish_retry_ms` (see `refused_since`).
     fn refuse_if_long_refusing(&self) -> Result<(), BusError> {
-        let since = self.refused_since.load(Ordering::Acquire);
-        if since == 0 {
-            return Ok(());
-        }
-        let refused_for = self
-            .since_start()
-            .saturating_sub(Duration::from_millis(since - 1));
-        if refused_for <= self.config.publish_retry {
-            return Ok(());
-        }
-        let why = self
-            .refused_because
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        Err(BusError::Unavailable(format!(
-            "Redis refuses to publish for {} ms, longer than redis.publish_retry_ms ({} ms): {why}",
-            refused_for.as_millis(),
-            self.config.publish_retry.as_millis()
-        )))
+        self.refuse_if_longer_than_retry(
+            &self.refused_since,
+            "refuses to publish",
+            &self.refused_because,
+        )
     }
 
     /// Handles one message from the subscriber connection, history off
