@@ -1028,6 +1028,17 @@ mod tests {
         (conn, job.action)
     }
 
+    /// Takes and finishes every job, one at a time, as a lone worker would;
+    /// answers their actions in the order sent.
+    fn drain(queues: &Queues) -> Vec<String> {
+        let mut sent = Vec::new();
+        while let Some((conn, job)) = queues.take() {
+            sent.push(job.action);
+            queues.done(conn);
+        }
+        sent
+    }
+
     #[test]
     fn one_connection_is_in_flight_once_and_in_order_and_connections_take_turns() {
         let queues = Queues::new(10, 10, 10);
@@ -1100,11 +1111,7 @@ mod tests {
             Some(Refused::ReserveFull)
         );
         assert_eq!(queues.close(), 4);
-        let mut sent = Vec::new();
-        while let Some((conn, job)) = queues.take() {
-            sent.push(job.action);
-            queues.done(conn);
-        }
+        let sent = drain(&queues);
         assert_eq!(sent, ["a1", ACTION_DISCONNECT, ACTION_DISCONNECT, "a2"]);
     }
 
@@ -1150,11 +1157,7 @@ mod tests {
         queues.push(3, job(ACTION_DISCONNECT)).unwrap();
         assert_eq!(queues.left(3), 1);
         assert_eq!(queues.close(), 4);
-        let mut sent = Vec::new();
-        while let Some((conn, job)) = queues.take() {
-            sent.push(job.action);
-            queues.done(conn);
-        }
+        let sent = drain(&queues);
         assert_eq!(sent, ["a1", ACTION_DISCONNECT, "a2", ACTION_DISCONNECT]);
         assert!(queues.ready.is_closed());
     }
@@ -1169,11 +1172,7 @@ mod tests {
         queues.push(2, job(ACTION_CONNECT)).unwrap();
         queues.push(2, job(ACTION_DISCONNECT)).unwrap();
         assert_eq!(queues.left(2), 0);
-        let mut sent = Vec::new();
-        while let Some((conn, job)) = queues.take() {
-            sent.push(job.action);
-            queues.done(conn);
-        }
+        let sent = drain(&queues);
         assert_eq!(sent, ["a1", ACTION_CONNECT, ACTION_DISCONNECT]);
     }
 
