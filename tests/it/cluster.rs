@@ -286,6 +286,45 @@ async fn a_redis_that_takes_connections_but_no_publishes_gets_messages_refused()
     assert_eq!(s.recv().await["action"], "unpaused");
 }
 
+/// The same with `redis.publish_retry_ms` below twice the probe timeout:
+/// the subscriber gives up on its silent connection only at twice the
+/// probe timeout, and the messages of the seconds before were answered
+/// 204 and dropped (review of 2026-12-03). They are refused once no probe
+/// came back for longer than both the probe timeout and the retry.
+#[tokio::test]
+async fn a_redis_that_stops_carrying_publishes_is_refused_after_the_probe_timeout() {
+    let redis = RedisServer::start();
+    let probe_timeout = Duration::from_millis(3000);
+    let node = TestServer::on_redis(&redis.url(), move |c| {
+        let redis = c.redis.as_mut().unwrap();
+        redis.publish_retry = Duration::from_millis(1000);
+        redis.probe_interval = Duration::from_millis(500);
+        redis.probe_timeout = probe_timeout;
+    })
+    .await;
+    let push = r#"{"action":"paused","recipients":[{"type":"group","value":"g"}]}"#;
+    let paused = tokio::time::Instant::now();
+    assert_eq!(
+        command(redis.port, "CLIENT PAUSE 9000 WRITE").unwrap(),
+        "+OK"
+    );
+    let (_, refused) = pushed_until_refused(&node, |_| push.to_owned()).await;
+    // The last probe came back at most one interval before the pause:
+    // refused by 3 s; before, by the subscriber's 6 s less that interval.
+    let after = paused.elapsed();
+    assert!(
+        after < probe_timeout + Duration::from_millis(1500),
+        "refused only {after:?} after Redis stopped carrying messages: {refused}"
+    );
+    assert!(refused.contains("redis.probe_timeout_ms"), "{refused}");
+    assert_eq!(command(redis.port, "CLIENT UNPAUSE").unwrap(), "+OK");
+    node.wait_ready().await;
+    assert_eq!(
+        node.post("/__broadcastWebSocket.wc", push).await.status(),
+        204
+    );
+}
+
 /// Pushes `body(1)`, `body(2)`, … every 200 ms, each answered 204, until
 /// one is refused (503), for at most 8 s; answers its number and the
 /// refusal's text.

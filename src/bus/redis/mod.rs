@@ -582,7 +582,36 @@ impl Shared {
     /// only notices when it next sends.
     fn refuse_if_long_down(&self) -> Result<(), BusError> {
         self.refuse_if_long_refusing()?;
-        self.refuse_if_longer_than_retry(&self.down_since, "unreachable", &self.down_because)
+        self.refuse_if_longer_than_retry(&self.down_since, "unreachable", &self.down_because)?;
+        self.refuse_if_long_silent()
+    }
+
+    /// `Unavailable` while the subscriber is still connected but no probe
+    /// came back for longer than both `redis.probe_timeout_ms` (a probe is
+    /// lost, not late) and `redis.publish_retry_ms`. The subscriber gives
+    /// up on a silent connection only at twice the probe timeout, and
+    /// starts the outage's clock then: with `publish_retry_ms` below that
+    /// (4 s by default), a Redis taking connections but no `PUBLISH` had
+    /// messages answered 204 and dropped for the difference (review of
+    /// 2026-12-03).
+    /// A lost connection is timed by `down_since`, from when it was lost.
+    fn refuse_if_long_silent(&self) -> Result<(), BusError> {
+        if !self.subscriber_up.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let Some(silent) = self.probe_age() else {
+            return Ok(());
+        };
+        if silent <= self.config.probe_timeout || silent <= self.config.publish_retry {
+            return Ok(());
+        }
+        Err(BusError::Unavailable(format!(
+            "Redis carried no probe for {} ms, longer than redis.probe_timeout_ms ({} ms) and redis.publish_retry_ms ({} ms){}",
+            silent.as_millis(),
+            self.config.probe_timeout.as_millis(),
+            self.config.publish_retry.as_millis(),
+            self.probe_failure()
+        )))
     }
 
     /// `Unavailable` when `since` (milliseconds since `started`, plus one;
