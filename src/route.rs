@@ -69,6 +69,10 @@ pub fn node_address(connection: &str) -> Option<&str> {
     valid.then_some(address)
 }
 
+/// The longest connection id a node gives: a `node_id` of at most 64
+/// bytes, 8 hex digits of instance, a `u64`.
+pub(crate) const MAX_CONNECTION_ID_LEN: usize = 64 + 1 + 8 + 1 + 20;
+
 /// The local number of a connection id (what follows the last `-`).
 pub fn connection_number(connection: &str) -> Option<u64> {
     node_address(connection)?;

@@ -47,7 +47,7 @@ use crate::logging::Untrusted;
 use crate::node::{Disconnect, PublishError, ServerApiError, position_in};
 use crate::outcome::{DISCONNECT_CODE, DropReason};
 use crate::refusal_log::Verdict;
-use crate::route::{Topic, connection_number};
+use crate::route::{MAX_CONNECTION_ID_LEN, Topic, connection_number};
 
 /// Most messages in one `POST /api/publish`.
 const MAX_PUBLISH_MESSAGES: usize = 1000;
@@ -611,6 +611,7 @@ async fn publish(State(http): State<HttpState>, request: Request) -> Result<Resp
 /// Reads a `POST /api/disconnect` body.
 fn disconnect_order(
     body: &serde_json::Map<String, serde_json::Value>,
+    max_id_bytes: usize,
 ) -> Result<Disconnect, ApiError> {
     use serde_json::Value;
     const FIELDS: [&str; 6] = [
@@ -633,6 +634,15 @@ fn disconnect_order(
             Some(_) => Err(ApiError::bad_request(format!("`{name}` must be a string"))),
         }
     };
+    // An id no socket can have (the upgrade and `/api/publish` refuse
+    // it) is a mistake, not an order that reaches nobody.
+    for name in ["userId", "groupId"] {
+        if text(name)?.is_some_and(|id| id.len() > max_id_bytes) {
+            return Err(ApiError::bad_request(format!(
+                "`{name}` is longer than {max_id_bytes} bytes (limits.max_id_bytes): no socket has it"
+            )));
+        }
+    }
     let targets = ["userId", "groupId", "connectionId"]
         .iter()
         .filter(|k| body.contains_key(**k))
@@ -655,7 +665,7 @@ fn disconnect_order(
         }
     } else {
         let connection = text("connectionId")?.unwrap_or_default();
-        if connection_number(connection).is_none() {
+        if connection.len() > MAX_CONNECTION_ID_LEN || connection_number(connection).is_none() {
             return Err(ApiError::bad_request(
                 "connectionId is not a connection id (<node id>-<instance>-<number>, as in X-Wshub-Connection-Id)",
             ));
@@ -749,7 +759,7 @@ impl<'de> Deserialize<'de> for UniqueKeys {
 /// `POST /api/disconnect`: `{"userId"|"groupId"|"connectionId":…, "code", "reason", "ban_ms"}`.
 async fn disconnect(State(http): State<HttpState>, request: Request) -> Result<Response, ApiError> {
     let UniqueKeys(body) = json_body(&http, request, 16 * 1024).await?;
-    let order = disconnect_order(&body)?;
+    let order = disconnect_order(&body, http.config.limits.max_id_bytes)?;
     let nodes_reached = http.node.disconnect(&order).await?;
     Ok(fresh(DisconnectAnswer { nodes_reached }))
 }

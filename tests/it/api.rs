@@ -882,6 +882,20 @@ async fn publish_and_disconnect_refuse_bad_requests_clearly() {
             json!({"connectionId": "a-b-99999999999999999999999"}),
             400,
         ),
+        // Ids no socket can have (over `limits.max_id_bytes`, as
+        // `/api/publish` and the upgrade refuse them): a review saw a
+        // 16,000-byte ban answered 200 and stored in Redis.
+        (
+            "/api/disconnect",
+            json!({"userId": "u".repeat(257), "ban_ms": 60000}),
+            400,
+        ),
+        ("/api/disconnect", json!({"groupId": "g".repeat(257)}), 400),
+        (
+            "/api/disconnect",
+            json!({"connectionId": format!("{}-1-1", "n".repeat(300))}),
+            400,
+        ),
     ];
     for (path, body, want) in cases {
         let (status, answer) = post(addr, path, body.clone()).await;
