@@ -182,6 +182,21 @@ const UNKNOWN: u32 = u32::MAX;
 
 /// The node's presence; see the module docs. Exists when presence or the
 /// per-user limit is on (both need Redis).
+/// A socket [`Presence::admit`] asked Redis to record, until the answer
+/// is read: dropped with the socket still in it, it is forgotten again.
+struct Unanswered<'a> {
+    presence: &'a Presence,
+    socket: Option<(Arc<str>, ConnId)>,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let Some((user, id)) = self.socket.take() {
+            self.presence.forget_socket(user, id);
+        }
+    }
+}
+
 pub(crate) struct Presence {
     store: Arc<dyn Store>,
     /// `presence.enabled`: group and user holdings are kept (otherwise
@@ -274,16 +289,37 @@ impl Presence {
             return Ok(());
         };
         let refuse = policy == PerUserPolicy::Refuse;
-        match self.store.admit(&conn.who.user, conn.id, max, refuse).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(AdmitError::UserLimit(max)),
-            Err(e) => {
-                // It may have been recorded before the answer was lost.
-                self.lock().gone.push((conn.who.user.clone(), conn.id));
-                self.wake.notify_one();
-                Err(e.into())
+        // Until Redis answers, the socket may be recorded: forgotten
+        // again if the answer is an error or never read. A client that
+        // resets its connection mid-upgrade drops this future at the
+        // await; the record it left held one of the user's places for
+        // as long as the node ran (review of 2026-12-03: three aborted
+        // handshakes, the user refused with 429 everywhere while online
+        // nowhere).
+        let mut pending = Unanswered {
+            presence: self,
+            socket: Some((conn.who.user.clone(), conn.id)),
+        };
+        let answer = self.store.admit(&conn.who.user, conn.id, max, refuse).await;
+        match answer {
+            Ok(true) => {
+                pending.socket = None;
+                Ok(())
             }
+            Ok(false) => {
+                // Refused: nothing was recorded.
+                pending.socket = None;
+                Err(AdmitError::UserLimit(max))
+            }
+            Err(e) => Err(e.into()),
         }
+    }
+
+    /// Records that a socket's place in its user's count may be held in
+    /// Redis by mistake: the next flush removes it.
+    fn forget_socket(&self, user: Arc<str>, id: ConnId) {
+        self.lock().gone.push((user, id));
+        self.wake.notify_one();
     }
 
     /// A socket opened (after [`admit`](Self::admit)); `opted_in`: it

@@ -1477,6 +1477,42 @@ async fn refuse_answers_429_anywhere_in_the_cluster() {
     );
 }
 
+/// A client that resets its connection while Redis records its socket
+/// (the upgrade waits on the per-user limit's script) leaves no place
+/// held: the handler's future is dropped at that await, and the record
+/// it left counted against the user for as long as the node ran (review
+/// of 2026-12-03: after three aborted upgrades the user was refused 429
+/// on every node while online nowhere).
+#[tokio::test]
+async fn an_upgrade_abandoned_while_redis_records_it_holds_no_place() {
+    use tokio::io::AsyncWriteExt;
+    let redis = RedisServer::start();
+    let node = TestServer::on_redis(&redis.url(), limit(1, "refuse")).await;
+    let path = socket_path("gone", None, false);
+    // Redis holds every write (the script) for a while, not SUBSCRIBE.
+    assert_eq!(cli(redis.port, &["CLIENT", "PAUSE", "1000", "WRITE"]), "OK");
+    let mut tcp = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        node.addr
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Reset, not a graceful close.
+    tcp.set_zero_linger().unwrap();
+    drop(tcp);
+    // Once Redis takes writes again, the script records the socket; the
+    // node forgets it at its next flush.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    within(
+        "the user may open a socket: the abandoned one holds no place",
+        PATIENCE,
+        || async { try_connect(node.addr, &path).await.is_ok() },
+    )
+    .await;
+}
+
 /// `INFO commandstats` as command → calls.
 fn commandstats(port: u16) -> BTreeMap<String, u64> {
     cli(port, &["INFO", "commandstats"])
