@@ -49,13 +49,19 @@ pub struct Message<'a> {
     /// `recipients`: who receives it; none means everyone.
     pub recipients: Vec<Recipient<'a>>,
     /// A reserved action (`wshub.*`) where a backend, not the hub, may
-    /// read it: in an earlier `action` key (a backend may take the first
-    /// of duplicates) or under a key that is `action` in another letter
-    /// case (`Action`, `actıon`: a backend may ignore case). In open mode
+    /// read it: under a key that is `action` in another letter case
+    /// (`Action`, `actıon`: a backend may ignore case). (A second `action`
+    /// key is refused outright.) In open mode
     /// a client's text goes to the backend as sent, so a client's message
     /// with it is refused like a reserved action (`Node`); the backend's
     /// own pushes may carry anything.
     pub shadow_reserved: bool,
+    /// The first field given twice (`action`, `recipients[].type`, …),
+    /// whose last value was kept. The hub and a backend reading the same
+    /// text could act on different values (`JSON.parse` keeps the last,
+    /// other parsers the first): a client's message with one is refused
+    /// (`Node`); the backend's own pushes may carry anything.
+    pub duplicate: Option<&'static str>,
 }
 
 /// One entry of `recipients`.
@@ -170,6 +176,14 @@ pub enum MessageError {
     /// otherwise fake hub errors to other clients or events to the backend.
     #[error("invalid message: actions starting with `wshub.` are reserved for the hub")]
     ReservedAction,
+    /// A client gave a field twice (`Message::duplicate`).
+    #[error(
+        "invalid message: duplicate field `{field}` (the hub and a backend could read different ones)"
+    )]
+    DuplicateField {
+        /// The field.
+        field: &'static str,
+    },
     /// A `connection` recipient whose value cannot be a connection id (or
     /// that has none): it would reach nobody, silently (`POST
     /// /api/disconnect` refuses the same id).
@@ -360,6 +374,7 @@ impl<'a> Message<'a> {
                 })
                 .collect(),
             shadow_reserved: self.shadow_reserved,
+            duplicate: self.duplicate,
         }
     }
 
@@ -510,6 +525,47 @@ impl<'de> Visitor<'de> for StrField {
     }
 }
 
+/// An id (`userId`, `groupId`, a recipient's `value`): a string, null, or
+/// an integer, read as its decimal text. The original hub reads its
+/// messages with Json.NET, which takes a number for a string property, and
+/// the browser library copies the ids a page gives `tryConnect` into every
+/// message as they are: a page that passes database ids (`tryConnect(true,
+/// 7, 42)`) sent `{"userId":42,"groupId":7,…}`, which wshub refused
+/// (review of 2026-12-03). Other types stay errors.
+struct IdField(&'static str);
+
+impl<'de> de::DeserializeSeed<'de> for IdField {
+    type Value = Option<Cow<'de, str>>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for IdField {
+    type Value = Option<Cow<'de, str>>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "`{}` to be a string, an integer or null", self.0)
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Some(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Some(Cow::Owned(v.to_owned())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Some(Cow::Owned(v)))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Some(Cow::Owned(v.to_string())))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Some(Cow::Owned(v.to_string())))
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
 /// Whether `action` is one of the hub's own (`wshub.*`) as a backend may
 /// read it with the common comparisons: trimmed, in another letter case,
 /// normalized (NFKC), with Java's `equalsIgnoreCase` or `Collator`, or
@@ -585,9 +641,8 @@ fn names_action(key: &str) -> bool {
 }
 
 /// The value of a key the hub does not read as `action` but a backend
-/// might: a second `action` (a backend may take the first), or `Action`
-/// in another letter case (a backend may read names without regard to
-/// it). Any JSON value; true when it is a reserved action.
+/// might: `Action` in another letter case (a backend may read names
+/// without regard to it). Any JSON value; true when it is a reserved action.
 struct ShadowAction;
 
 impl<'de> de::DeserializeSeed<'de> for ShadowAction {
@@ -651,23 +706,37 @@ impl<'de> Deserialize<'de> for Message<'de> {
                 // it (review: `{"action":"chat","Action":"wshub.disconnect"}`
                 // reached a case-insensitive backend as a fake event).
                 let mut shadow = false;
+                let mut seen = Seen::default();
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                     match key.as_ref() {
-                        "userId" => msg.user_id = field_str(&mut map, "userId")?,
-                        "groupId" => msg.group_id = field_str(&mut map, "groupId")?,
+                        "userId" => {
+                            seen.note(0, "userId");
+                            msg.user_id = map.next_value_seed(IdField("userId"))?;
+                        }
+                        "groupId" => {
+                            seen.note(1, "groupId");
+                            msg.group_id = map.next_value_seed(IdField("groupId"))?;
+                        }
                         "action" => {
-                            // The last one wins here; a backend may take this one.
-                            shadow |= msg.action.as_deref().is_some_and(reserved);
+                            seen.note(2, "action");
                             msg.action = field_str(&mut map, "action")?;
                         }
                         k if names_action(k) => {
                             shadow |= map.next_value_seed(ShadowAction)?;
                         }
-                        "message" => msg.message = field_str(&mut map, "message")?,
+                        "message" => {
+                            seen.note(3, "message");
+                            msg.message = field_str(&mut map, "message")?;
+                        }
                         "recipients" => {
-                            msg.recipients = map
-                                .next_value::<Option<Recipients<'de>>>()?
-                                .map_or_else(Vec::new, |r| r.0)
+                            seen.note(4, "recipients");
+                            let recipients = map.next_value::<Option<Recipients<'de>>>()?;
+                            if let Some(Recipients(list, twice)) = recipients {
+                                msg.recipients = list;
+                                seen.twice = seen.twice.or(twice);
+                            } else {
+                                msg.recipients = Vec::new();
+                            }
                         }
                         _ => {
                             map.next_value::<IgnoredAny>()?;
@@ -675,6 +744,7 @@ impl<'de> Deserialize<'de> for Message<'de> {
                     }
                 }
                 msg.shadow_reserved = shadow;
+                msg.duplicate = seen.twice;
                 Ok(msg)
             }
         }
@@ -682,8 +752,32 @@ impl<'de> Deserialize<'de> for Message<'de> {
     }
 }
 
-/// `recipients`: an array (or null), with an error that says so.
-struct Recipients<'a>(Vec<Recipient<'a>>);
+/// The fields of an object read so far, and the first given twice: the
+/// hub and a backend reading the same text could act on different values
+/// (`Message::duplicate`; review of 2026-12-03:
+/// `{"action":"broadcast","action":"chat"}` went to the backend as `chat`,
+/// which a backend taking the first value reads as `broadcast`, an action
+/// no backend is meant to see; the other order was relayed, unseen by a
+/// backend that would read `chat`).
+#[derive(Default)]
+struct Seen {
+    fields: u8,
+    /// The first field given twice.
+    twice: Option<&'static str>,
+}
+
+impl Seen {
+    fn note(&mut self, bit: u8, name: &'static str) {
+        if self.fields & (1 << bit) != 0 {
+            self.twice.get_or_insert(name);
+        }
+        self.fields |= 1 << bit;
+    }
+}
+
+/// `recipients`: an array (or null), with an error that says so; and the
+/// first field given twice in one of its objects.
+struct Recipients<'a>(Vec<Recipient<'a>>, Option<&'static str>);
 
 impl<'de> Deserialize<'de> for Recipients<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -695,10 +789,12 @@ impl<'de> Deserialize<'de> for Recipients<'de> {
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
                 let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(16));
-                while let Some(r) = seq.next_element::<Recipient<'de>>()? {
+                let mut twice = None;
+                while let Some(Entry(r, dup)) = seq.next_element::<Entry<'de>>()? {
                     out.push(r);
+                    twice = twice.or(dup);
                 }
-                Ok(Recipients(out))
+                Ok(Recipients(out, twice))
             }
         }
         d.deserialize_seq(V)
@@ -738,30 +834,43 @@ impl<'de> Deserialize<'de> for KindField {
     }
 }
 
-impl<'de> Deserialize<'de> for Recipient<'de> {
+/// One recipient object, and its first field given twice.
+struct Entry<'a>(Recipient<'a>, Option<&'static str>);
+
+impl<'de> Deserialize<'de> for Entry<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = Recipient<'de>;
+            type Value = Entry<'de>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("each recipient to be a {type, value} object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut kind = None;
                 let mut value = None;
+                let mut seen = Seen::default();
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                     match key.as_ref() {
-                        "type" => kind = map.next_value::<KindField>()?.0,
-                        "value" => value = field_str(&mut map, "recipients[].value")?,
+                        "type" => {
+                            seen.note(0, "recipients[].type");
+                            kind = map.next_value::<KindField>()?.0;
+                        }
+                        "value" => {
+                            seen.note(1, "recipients[].value");
+                            value = map.next_value_seed(IdField("recipients[].value"))?;
+                        }
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
                     }
                 }
-                Ok(Recipient {
-                    kind: kind.unwrap_or(RecipientKind::Group),
-                    value,
-                })
+                Ok(Entry(
+                    Recipient {
+                        kind: kind.unwrap_or(RecipientKind::Group),
+                        value,
+                    },
+                    seen.twice,
+                ))
             }
         }
         d.deserialize_map(V)
@@ -817,7 +926,6 @@ mod tests {
         for text in [
             r#"{"action":"chat","Action":"wshub.disconnect"}"#,
             r#"{"aCtIoN":"WSHUB.connect"}"#,
-            r#"{"action":"wshub.error","action":"chat"}"#,
             // Unicode's case mappings, as Java's equalsIgnoreCase reads them.
             "{\"action\":\"chat\",\"act\u{131}on\":\"wshub.disconnect\"}",
             "{\"action\":\"chat\",\"ACT\u{130}ON\":\"wshub.disconnect\"}",
@@ -831,18 +939,89 @@ mod tests {
                 .unwrap()
                 .is_reserved()
         );
-        // Anything else under such a key is ignored, as unknown fields are;
-        // the last `action` is the hub's.
+        // Anything else under such a key is ignored, as unknown fields are.
         for (text, action) in [
             (r#"{"Action":5,"action":"chat"}"#, Some("chat")),
             (r#"{"ACTION":{"a":[1,{"b":null}]},"action":"x"}"#, Some("x")),
             (r#"{"Action":"chat"}"#, None),
-            (r#"{"action":"a","action":"b"}"#, Some("b")),
             (r#"{"actions":"wshub.x","action_":"wshub.y"}"#, None),
         ] {
             let msg = parse(text).unwrap();
             assert_eq!(msg.action.as_deref(), action, "{text}");
             assert!(!msg.shadow_reserved, "{text}");
+        }
+    }
+
+    /// A field given twice is marked (a client's message with one is
+    /// refused): the hub and a backend could read different values
+    /// (review of 2026-12-03: `{"action":"broadcast","action":"chat"}`
+    /// was forwarded as `chat`, `broadcast` to a backend taking the first).
+    #[test]
+    fn a_field_given_twice_is_marked() {
+        for (text, field) in [
+            (r#"{"action":"broadcast","action":"chat"}"#, "action"),
+            (r#"{"action":"chat","action":"broadcast"}"#, "action"),
+            (r#"{"action":"wshub.error","action":"chat"}"#, "action"),
+            (r#"{"userId":"a","userId":"b"}"#, "userId"),
+            (r#"{"groupId":null,"groupId":"g"}"#, "groupId"),
+            (r#"{"message":"a","message":"b"}"#, "message"),
+            (r#"{"recipients":[],"recipients":null}"#, "recipients"),
+            (
+                r#"{"recipients":[{"type":"user","value":"a","type":"group"}]}"#,
+                "recipients[].type",
+            ),
+            (
+                r#"{"recipients":[{"value":"a","value":"b"}]}"#,
+                "recipients[].value",
+            ),
+        ] {
+            assert_eq!(parse(text).unwrap().duplicate, Some(field), "{text}");
+        }
+        // The last value is read (what a backend's push means: it is
+        // delivered); the first duplicate is the one named.
+        let msg = parse(
+            r#"{"action":"a","action":"b","recipients":[{"value":"x","value":"y"}],"message":"m","message":"n"}"#,
+        )
+        .unwrap();
+        assert_eq!(msg.action.as_deref(), Some("b"));
+        assert_eq!(msg.recipients[0].value.as_deref(), Some("y"));
+        assert_eq!(msg.duplicate, Some("action"));
+        // Different objects may each have their own.
+        let two = parse(r#"{"recipients":[{"value":"a"},{"value":"b"}]}"#).unwrap();
+        assert_eq!((two.recipients.len(), two.duplicate), (2, None));
+    }
+
+    /// Ids may be integers, as the original hub (Json.NET) reads them: a
+    /// page passing database ids to `tryConnect` sends them as numbers
+    /// (review of 2026-12-03: every such message was refused).
+    #[test]
+    fn integer_ids_are_read_as_their_decimal_text() {
+        let msg = parse(
+            r#"{"userId":42,"groupId":-7,"action":"chat","recipients":[{"type":"user","value":9007199254740993},{"value":0}]}"#,
+        )
+        .unwrap();
+        assert_eq!(msg.user_id.as_deref(), Some("42"));
+        assert_eq!(msg.group_id.as_deref(), Some("-7"));
+        let values: Vec<_> = msg.recipients.iter().map(|r| r.value.as_deref()).collect();
+        assert_eq!(values, [Some("9007199254740993"), Some("0")]);
+        for (text, field) in [
+            (
+                r#"{"userId":4.5}"#,
+                "`userId` to be a string, an integer or null",
+            ),
+            (
+                r#"{"groupId":true}"#,
+                "`groupId` to be a string, an integer or null",
+            ),
+            (
+                r#"{"recipients":[{"value":{}}]}"#,
+                "`recipients[].value` to be a string, an integer or null",
+            ),
+            (r#"{"message":5}"#, "`message` to be a string or null"),
+            (r#"{"action":5}"#, "`action` to be a string or null"),
+        ] {
+            let said = parse(text).unwrap_err().to_string();
+            assert!(said.contains(field), "{text}: {said}");
         }
     }
 
@@ -960,7 +1139,7 @@ mod tests {
             ),
             (
                 r#"{"userId":{}}"#,
-                "expected `userId` to be a string or null",
+                "expected `userId` to be a string, an integer or null",
             ),
             (r#"{"recipients":"g"}"#, "`recipients` to be an array"),
             (
@@ -973,7 +1152,7 @@ mod tests {
             ),
             (r#"{"recipients":[{"type":7}]}"#, "recipient `type` must be"),
             (
-                r#"{"recipients":[{"value":1}]}"#,
+                r#"{"recipients":[{"value":1.5}]}"#,
                 "expected `recipients[].value` to be",
             ),
             (r#"[1,2]"#, "a message object"),

@@ -582,6 +582,9 @@ impl Node {
             // Where a backend may read it (`Message::shadow_reserved`).
             return Err(MessageError::ReservedAction.into());
         }
+        if let Some(field) = msg.duplicate {
+            return Err(MessageError::DuplicateField { field }.into());
+        }
         if msg.is_reserved() {
             // A socket that opted in to presence asks for its group's
             // members; from anyone else it is refused as before.

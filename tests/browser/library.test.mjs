@@ -115,6 +115,37 @@ test("tryConnect on a connected page closes the old socket on the hub, silently"
   await page.close();
 });
 
+test("a page that passes numbers as ids to tryConnect sends and receives (as with the original hub)", async () => {
+  // The library copies the ids into each message as given: {"userId":42,
+  // "groupId":7,...,"recipients":[{"type":"group","value":7}]}. The
+  // original hub reads them with Json.NET, which takes numbers for its
+  // string fields; wshub refused every such message (review of 2026-12-03).
+  const page = await pageWithLibrary(node.url);
+  await page.evaluate(() => {
+    const ws = new window.lib.WebConnectionWebSocket();
+    window.ws = ws;
+    ws.onOpenHandler = () => window.log.push("open");
+    ws.onMessageHandler = (m) => window.log.push(`${m.action} ${m.userId} ${m.groupId} ${m.message}`);
+    ws.tryConnect(true, 7, 42);
+  });
+  await page.waitForFunction(() => window.log.includes("open"));
+  await page.evaluate(() => {
+    const m = window.ws.createBroadcastMessage("broadcast", "to group 7");
+    m.addRecipient(7);
+    window.ws.send(m);
+    const u = window.ws.createBroadcastMessage("broadcast", "to user 42");
+    u.addRecipient(42, "user");
+    window.ws.send(u);
+  });
+  await page.waitForFunction(() => window.log.length === 3);
+  assert.deepEqual(await page.evaluate(() => window.log), [
+    "open",
+    "broadcast 42 7 to group 7",
+    "broadcast 42 7 to user 42",
+  ]);
+  await page.close();
+});
+
 test("close() fires onCloseHandler with the hub's close event", async () => {
   const page = await pageWithLibrary(node.url);
   await page.evaluate(() => {

@@ -937,7 +937,7 @@ async fn publish_and_disconnect_refuse_bad_requests_clearly() {
     let (_, answer) = post(
         addr,
         "/api/publish",
-        json!({"messages": [{}, {"userId": 1}]}),
+        json!({"messages": [{}, {"userId": 1.5}]}),
     )
     .await;
     assert!(

@@ -679,17 +679,34 @@ async fn clients_cannot_send_reserved_actions() {
     // case (a backend may ignore case). The raw text goes to the backend
     // in open mode, so these are refused too (a review reached a
     // case-insensitive backend with a fake disconnect event so).
-    for text in [
-        r#"{"action":"chat","Action":"wshub.disconnect","message":"case"}"#,
-        r#"{"ACTION":"wshub.connect","message":"alone"}"#,
-        r#"{"action":"wshub.disconnect","action":"chat","message":"dup"}"#,
-        "{\"action\":\"chat\",\"act\u{131}on\":\"wshub.disconnect\"}",
+    for (text, why) in [
+        (
+            r#"{"action":"chat","Action":"wshub.disconnect","message":"case"}"#,
+            "reserved",
+        ),
+        (
+            r#"{"ACTION":"wshub.connect","message":"alone"}"#,
+            "reserved",
+        ),
+        (
+            r#"{"action":"wshub.disconnect","action":"chat","message":"dup"}"#,
+            "duplicate field `action`",
+        ),
+        // Relayed before, unseen by a backend that takes the first.
+        (
+            r#"{"action":"chat","action":"broadcast","message":"dup"}"#,
+            "duplicate field `action`",
+        ),
+        (
+            "{\"action\":\"chat\",\"act\u{131}on\":\"wshub.disconnect\"}",
+            "reserved",
+        ),
     ] {
         mallory.send_text(text).await;
         let reply = mallory.recv().await;
         assert_eq!(reply["action"], "wshub.error", "{text}: {reply}");
         assert!(
-            reply["message"].as_str().unwrap().contains("reserved"),
+            reply["message"].as_str().unwrap().contains(why),
             "{text}: {reply}"
         );
     }
