@@ -197,6 +197,11 @@ impl Drop for Unanswered<'_> {
     }
 }
 
+/// How long a node back from missing its lease waits before it writes its
+/// presence again: long enough for the closes that arrived during a stall
+/// to be read, short next to any lease.
+const RESTORE_SETTLE: Duration = Duration::from_millis(250);
+
 pub(crate) struct Presence {
     store: Arc<dyn Store>,
     /// `presence.enabled`: group and user holdings are kept (otherwise
@@ -469,6 +474,18 @@ impl Presence {
                 () = self.wake.notified() => {}
                 () = lingering => {}
             }
+            if self.lock().restore == Some(false) {
+                // Back from a stall (the process stopped, its machine
+                // frozen): the closes that arrived meanwhile are read in
+                // the first moments after it. The restore writes what is
+                // held after them, not sockets already gone (review of
+                // 2026-12-03: a SIGSTOPped node announced users whose
+                // sockets had closed during the stop).
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(RESTORE_SETTLE) => {}
+                }
+            }
             loop {
                 let plan = self.plan(&mut written);
                 if plan.ops.is_empty() {
@@ -525,6 +542,7 @@ impl Presence {
                         user: user.clone(),
                         id: *id,
                         since_ms: *since_ms,
+                        max: self.limit.map_or(0, |(max, _)| max),
                     }),
             );
         }

@@ -60,6 +60,11 @@ pub enum Op {
         id: u64,
         /// When it opened (ms since the Unix epoch): the oldest is replaced.
         since_ms: u64,
+        /// `limits.max_connections_per_user` (0: none). The restore of a
+        /// node that missed its lease brings back sockets the cluster
+        /// took for dead and may have admitted others in place of: past
+        /// the limit, the user's oldest are replaced.
+        max: usize,
     },
     /// The per-user limit: a local socket closed.
     SocketGone {

@@ -1513,6 +1513,114 @@ async fn an_upgrade_abandoned_while_redis_records_it_holds_no_place() {
     .await;
 }
 
+/// The per-user limit across a node that missed its lease: its sockets
+/// were taken for dead and others admitted in their place. When it comes
+/// back, the user's oldest sockets past the limit are replaced (4003);
+/// they were kept (review of 2026-12-03: three sockets against a limit of
+/// two, until the user's next connect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_after_its_lease_keeps_the_per_user_limit() {
+    let redis = RedisServer::start();
+    let events = Events::start().await;
+    let a = presence_node(&redis, limit(2, "replace_oldest")).await;
+    let stalled = presence_process(
+        &redis,
+        &events,
+        &[("WSHUB_LIMITS__MAX_CONNECTIONS_PER_USER", "2")],
+    )
+    .await;
+    let path = socket_path("z", Some("g"), false);
+    let mut old = [
+        Client::connect(stalled.addr, &path).await,
+        Client::connect(stalled.addr, &path).await,
+    ];
+    assert!(stalled.child.signal("-STOP"));
+    within(
+        "the stalled node is out of the registry",
+        LEASE + Duration::from_secs(2),
+        || async {
+            let (_, body) = get_json(a.addr, "/api/nodes").await;
+            body["nodes"].as_array().unwrap().len() == 1
+        },
+    )
+    .await;
+    let mut new = [
+        Client::connect(a.addr, &path).await,
+        Client::connect(a.addr, &path).await,
+    ];
+    assert!(stalled.child.signal("-CONT"));
+    for socket in &mut old {
+        assert_eq!(
+            socket.ended().await,
+            Ended::Closed(4003, "Session replaced".into())
+        );
+    }
+    within("z holds two sockets", PATIENCE, || async {
+        api_members(a.addr, Some("g")).await.get("z") == Some(&2)
+    })
+    .await;
+    let tag = new[0].send_sentinel().await;
+    assert!(new[0].until_sentinel(&tag).await.is_empty());
+    assert!(
+        new[1].until_sentinel(&tag).await.is_empty(),
+        "the newer sockets stay"
+    );
+}
+
+/// A node back after missing its lease writes its presence again with
+/// events (a survivor may have swept it and announced its users' leaves),
+/// but not for users whose sockets closed while it was stalled: they got
+/// their leave from the sweep, and were announced online again, then
+/// offline a second time (review of 2026-12-03).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_after_its_lease_does_not_bring_back_sockets_closed_meanwhile() {
+    let redis = RedisServer::start();
+    let events = Events::start().await;
+    let _a = presence_node(&redis, |c| events.configure(c)).await;
+    let stalled = presence_process(&redis, &events, &[]).await;
+    let _stay = Client::connect(stalled.addr, &socket_path("stay", Some("g"), false)).await;
+    let gone = Client::connect(stalled.addr, &socket_path("gone", Some("g"), false)).await;
+    let of = |user: &str| -> Vec<String> {
+        events
+            .all()
+            .into_iter()
+            .filter(|e| e.1 == user)
+            .map(|e| e.0)
+            .collect()
+    };
+    within("both are online", PATIENCE, || async {
+        events.count("wshub.online") == 2
+    })
+    .await;
+    assert!(stalled.child.signal("-STOP"));
+    within(
+        "the stalled node's users are swept",
+        LEASE + Duration::from_secs(3),
+        || async { events.count("wshub.offline") == 2 },
+    )
+    .await;
+    // `gone` resets its connection while the node is stopped.
+    if let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = gone.ws.get_ref() {
+        tcp.set_zero_linger().unwrap();
+    }
+    drop(gone);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(stalled.child.signal("-CONT"));
+    within("stay is announced again", PATIENCE, || async {
+        of("stay").iter().filter(|a| *a == "wshub.online").count() == 2
+    })
+    .await;
+    // Past the leave delay, `gone` has had nothing more.
+    tokio::time::sleep(LEAVE_DELAY + Duration::from_millis(700)).await;
+    let mut seen = of("gone");
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["wshub.join", "wshub.leave", "wshub.offline", "wshub.online"],
+        "gone: one of each"
+    );
+}
+
 /// `INFO commandstats` as command → calls.
 fn commandstats(port: u16) -> BTreeMap<String, u64> {
     cli(port, &["INFO", "commandstats"])

@@ -159,6 +159,11 @@ local function set_group(m, g, u, count)
     redis.call('SREM', hk, token)
   else
     if had == count then return end
+    -- No sockets left, kept through the leave delay: only a holding that
+    -- is there is kept. One that is not was swept while this node was
+    -- stalled (its leave announced) or never written: writing it would
+    -- announce a join, then a leave after the delay (review of 2026-12-03).
+    if had == nil and count == 0 then return end
     cur[m] = count
     if had == nil then
       redis.call('HINCRBY', mk, m, 1)
@@ -214,6 +219,7 @@ local function set_user(m, u, count)
     redis.call('SREM', hk, 'u' .. u)
   else
     if had and tonumber(had) == count then return end
+    if not had and count == 0 then return end
     redis.call('HSET', uk, m, count)
     if not had then redis.call('SADD', hk, 'u' .. u) end
   end
@@ -227,6 +233,28 @@ end
 local function socket_held(m, u, id, since)
   redis.call('ZADD', P .. 'ps:' .. u, since, m .. '#' .. id)
   redis.call('SADD', P .. 'ph:' .. m, 's' .. id .. ':' .. u)
+end
+
+-- The user's sockets on live nodes (this one included), oldest first.
+local function alive_sockets(u)
+  local l = live()
+  local alive = {}
+  for _, e in ipairs(redis.call('ZRANGE', P .. 'ps:' .. u, 0, -1)) do
+    local node = string.match(e, '^(.*)#%d+$')
+    if node and (l[node] or node == me) then alive[#alive + 1] = e end
+  end
+  return alive
+end
+
+-- Replaces the first n of `alive` (the oldest): each node closes its own.
+local function replace_first(u, alive, n)
+  for i = 1, n do
+    local e = alive[i]
+    local node, id = string.match(e, '^(.*)#(%d+)$')
+    redis.call('ZREM', P .. 'ps:' .. u, e)
+    redis.call('SREM', P .. 'ph:' .. node, 's' .. id .. ':' .. u)
+    push(node, cjson.encode({'replace', id}))
+  end
 end
 
 local function socket_gone(m, u, id)
@@ -243,7 +271,15 @@ if mode == 'write' then
     elseif op == 'u' then
       set_user(me, ARGV[i + 1], tonumber(ARGV[i + 2])); i = i + 3
     elseif op == 'h' then
-      socket_held(me, ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]); i = i + 4
+      local u, max = ARGV[i + 1], tonumber(ARGV[i + 4])
+      socket_held(me, u, ARGV[i + 2], ARGV[i + 3])
+      -- A node back after missing its lease brings back sockets the
+      -- cluster took for dead: past the limit, the oldest are replaced.
+      if max > 0 then
+        local alive = alive_sockets(u)
+        if #alive > max then replace_first(u, alive, #alive - max) end
+      end
+      i = i + 5
     elseif op == 'x' then
       socket_gone(me, ARGV[i + 1], ARGV[i + 2]); i = i + 3
     else
@@ -255,23 +291,11 @@ end
 
 if mode == 'admit' then
   local u = ARGV[9]
-  local sk = P .. 'ps:' .. u
-  local l = live()
-  local alive = {}
-  for _, e in ipairs(redis.call('ZRANGE', sk, 0, -1)) do
-    local node = string.match(e, '^(.*)#%d+$')
-    if node and (l[node] or node == me) then alive[#alive + 1] = e end
-  end
+  local alive = alive_sockets(u)
   local max = tonumber(ARGV[11])
   if #alive >= max then
     if ARGV[12] == '1' then return {epoch, 'refused', {}} end
-    for i = 1, #alive - max + 1 do
-      local e = alive[i]
-      local node, id = string.match(e, '^(.*)#(%d+)$')
-      redis.call('ZREM', sk, e)
-      redis.call('SREM', P .. 'ph:' .. node, 's' .. id .. ':' .. u)
-      push(node, cjson.encode({'replace', id}))
-    end
+    replace_first(u, alive, #alive - max + 1)
   end
   socket_held(me, u, ARGV[10], fmt(now_ms))
   return {epoch, 'ok', {}}
@@ -871,11 +895,17 @@ impl Store for Handle {
                         args.push(user.to_string());
                         args.push(count.map_or(-1, i64::from).to_string());
                     }
-                    Op::SocketHeld { user, id, since_ms } => {
+                    Op::SocketHeld {
+                        user,
+                        id,
+                        since_ms,
+                        max,
+                    } => {
                         args.push("h".into());
                         args.push(user.to_string());
                         args.push(id.to_string());
                         args.push(since_ms.to_string());
+                        args.push(max.to_string());
                     }
                     Op::SocketGone { user, id } => {
                         args.push("x".into());
