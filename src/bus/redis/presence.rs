@@ -163,7 +163,9 @@ local function set_group(m, g, u, count)
     -- is there is kept. One that is not was swept while this node was
     -- stalled (its leave announced) or never written: writing it would
     -- announce a join, then a leave after the delay (review of 2026-12-03).
-    if had == nil and count == 0 then return end
+    -- Except silently, after Redis restarted empty: kept there, a user
+    -- who comes back within the delay causes no join, as before.
+    if had == nil and count == 0 and not silent then return end
     cur[m] = count
     if had == nil then
       redis.call('HINCRBY', mk, m, 1)
@@ -219,7 +221,7 @@ local function set_user(m, u, count)
     redis.call('SREM', hk, 'u' .. u)
   else
     if had and tonumber(had) == count then return end
-    if not had and count == 0 then return end
+    if not had and count == 0 and not silent then return end
     redis.call('HSET', uk, m, count)
     if not had then redis.call('SADD', hk, 'u' .. u) end
   end
