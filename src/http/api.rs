@@ -65,7 +65,7 @@ const HISTORY_LIMIT: (usize, usize) = (100, 1000);
 pub(super) fn routes(http: HttpState) -> Router<HttpState> {
     Router::new()
         .route("/nodes", get(nodes))
-        .route("/presence/groups/{group}", get(presence_group))
+        .route("/presence/groups/{*group}", get(presence_group))
         .route("/presence/groups/", get(presence_empty_group))
         .route("/presence/nullgroup", get(presence_nullgroup))
         .route("/presence/users", get(presence_users))
@@ -376,8 +376,10 @@ fn presence(http: &HttpState) -> Result<&std::sync::Arc<crate::presence::Presenc
     })
 }
 
-/// `GET /api/presence/groups/{G}`: the group's members (the path segment
-/// is URL-decoded).
+/// `GET /api/presence/groups/{G}`: the group's members. Everything after
+/// `groups/` is the name, URL-decoded segment by segment, as for
+/// `/api/history/`: a group whose name holds `/` has its path (its `/`
+/// ended the segment, and its encoded form `%2F` is refused).
 async fn presence_group(
     State(http): State<HttpState>,
     ApiPath(group): ApiPath<String>,

@@ -467,6 +467,46 @@ async fn malformed_group_paths_and_user_ids_are_refused_in_the_api_format() {
     );
 }
 
+/// A group whose name holds `/` is read as `/api/history/` reads such a
+/// topic: everything after `/api/presence/groups/` is the name (it could
+/// not be asked for at all: its `/` ended the path segment, its encoded
+/// form is refused).
+#[tokio::test]
+async fn a_group_with_a_slash_in_its_name_has_its_path() {
+    let redis = RedisServer::start();
+    let node = presence_node(&redis, |_| {}).await;
+    let _ann = Client::connect(node.addr, &socket_path("ann", Some("team/red"), false)).await;
+    let _bob = Client::connect(node.addr, &socket_path("bob", Some("a//b/"), false)).await;
+    // Each segment encoded, the slashes kept.
+    let members = |group: &'static str| async move {
+        let path: Vec<String> = group
+            .split('/')
+            .map(|s| {
+                percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)
+                    .to_string()
+            })
+            .collect();
+        let (status, body) = get_json(
+            node.addr,
+            &format!("/api/presence/groups/{}", path.join("/")),
+        )
+        .await;
+        assert_eq!(status, 200, "{group}: {body}");
+        assert_eq!(body["group"], group, "{body}");
+        members_of(&body)
+    };
+    within("ann is listed in team/red", PATIENCE, || async {
+        members("team/red").await.contains_key("ann")
+    })
+    .await;
+    assert_eq!(
+        members("a//b/").await,
+        BTreeMap::from([("bob".to_owned(), 1)])
+    );
+    // Not the group `team`, which nobody is in.
+    assert!(members("team").await.is_empty());
+}
+
 /// `?ids=` is split at its commas once decoded: a client that URL-encodes
 /// the whole list, as `curl --data-urlencode` and most HTTP libraries do,
 /// asks for each user (a review asked for `%2C` to stand for a comma
