@@ -143,7 +143,7 @@ test("a group or topic named with a . or .. segment is refused, never shown as a
   await page.click("#login-go");
   await page.waitForSelector("#app:not([hidden])");
   const refused = "cannot be asked for through the API";
-  for (const group of [".", ".."]) {
+  for (const group of [".", "..", "team/./red", "team/.."]) {
     await page.fill("#members-group", group);
     await page.waitForFunction((t) => document.querySelector("#members").textContent.includes(t), refused);
   }
@@ -153,4 +153,12 @@ test("a group or topic named with a . or .. segment is refused, never shown as a
   }
   assert.deepEqual(asked.filter((p) => p.startsWith("/api/presence/groups") || p.startsWith("/api/history")), [],
     "nothing was asked for them");
+  // A group holding `/` is asked for with its slashes, each segment
+  // encoded (its `%2F` would be refused).
+  await page.fill("#members-group", "team/red_1");
+  await page.waitForFunction(() => document.querySelector("#members").textContent.length > 0
+    && !document.querySelector("#members").textContent.includes("cannot be asked for"));
+  // (The page refreshes every 2 s: the same path, perhaps more than once.)
+  assert.deepEqual([...new Set(asked.filter((p) => p.startsWith("/api/presence/groups")))],
+    ["/api/presence/groups/team/red%5F1"]);
 });
