@@ -497,7 +497,36 @@ impl Serialize for Recipient<'_> {
 
 /// A string or null for the named field; a type error names the field, any
 /// other error (truncated JSON, say) passes through as serde_json wrote it.
-struct StrField(&'static str);
+///
+/// With `integers`, an integer too, read as its decimal text: for the ids
+/// (`userId`, `groupId`, a recipient's `value`). The original hub reads
+/// its messages with Json.NET, which takes a number for a string property,
+/// and the browser library copies the ids a page gives `tryConnect` into
+/// every message as they are: a page that passes database ids
+/// (`tryConnect(true, 7, 42)`) sent `{"userId":42,"groupId":7,…}`, which
+/// wshub refused (review of 2026-12-03). Other types stay errors.
+struct StrField {
+    name: &'static str,
+    integers: bool,
+}
+
+impl StrField {
+    /// A text field (`action`, `message`).
+    fn text(name: &'static str) -> Self {
+        Self {
+            name,
+            integers: false,
+        }
+    }
+
+    /// An id: text, or an integer read as text.
+    fn id(name: &'static str) -> Self {
+        Self {
+            name,
+            integers: true,
+        }
+    }
+}
 
 impl<'de> de::DeserializeSeed<'de> for StrField {
     type Value = Option<Cow<'de, str>>;
@@ -509,7 +538,11 @@ impl<'de> de::DeserializeSeed<'de> for StrField {
 impl<'de> Visitor<'de> for StrField {
     type Value = Option<Cow<'de, str>>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "`{}` to be a string or null", self.0)
+        if self.integers {
+            write!(f, "`{}` to be a string, an integer or null", self.name)
+        } else {
+            write!(f, "`{}` to be a string or null", self.name)
+        }
     }
     fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
         Ok(Some(Cow::Borrowed(v)))
@@ -520,45 +553,16 @@ impl<'de> Visitor<'de> for StrField {
     fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
         Ok(Some(Cow::Owned(v)))
     }
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-}
-
-/// An id (`userId`, `groupId`, a recipient's `value`): a string, null, or
-/// an integer, read as its decimal text. The original hub reads its
-/// messages with Json.NET, which takes a number for a string property, and
-/// the browser library copies the ids a page gives `tryConnect` into every
-/// message as they are: a page that passes database ids (`tryConnect(true,
-/// 7, 42)`) sent `{"userId":42,"groupId":7,…}`, which wshub refused
-/// (review of 2026-12-03). Other types stay errors.
-struct IdField(&'static str);
-
-impl<'de> de::DeserializeSeed<'de> for IdField {
-    type Value = Option<Cow<'de, str>>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for IdField {
-    type Value = Option<Cow<'de, str>>;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "`{}` to be a string, an integer or null", self.0)
-    }
-    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-        Ok(Some(Cow::Borrowed(v)))
-    }
-    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(Some(Cow::Owned(v.to_owned())))
-    }
-    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
-        Ok(Some(Cow::Owned(v)))
-    }
-    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        if !self.integers {
+            return Err(E::invalid_type(de::Unexpected::Signed(v), &self));
+        }
         Ok(Some(Cow::Owned(v.to_string())))
     }
-    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        if !self.integers {
+            return Err(E::invalid_type(de::Unexpected::Unsigned(v), &self));
+        }
         Ok(Some(Cow::Owned(v.to_string())))
     }
     fn visit_unit<E>(self) -> Result<Self::Value, E> {
@@ -689,7 +693,7 @@ fn field_str<'de, A: MapAccess<'de>>(
     map: &mut A,
     field: &'static str,
 ) -> Result<Option<Cow<'de, str>>, A::Error> {
-    map.next_value_seed(StrField(field))
+    map.next_value_seed(StrField::text(field))
 }
 
 impl<'de> Deserialize<'de> for Message<'de> {
@@ -711,11 +715,11 @@ impl<'de> Deserialize<'de> for Message<'de> {
                     match key.as_ref() {
                         "userId" => {
                             seen.note(0, "userId");
-                            msg.user_id = map.next_value_seed(IdField("userId"))?;
+                            msg.user_id = map.next_value_seed(StrField::id("userId"))?;
                         }
                         "groupId" => {
                             seen.note(1, "groupId");
-                            msg.group_id = map.next_value_seed(IdField("groupId"))?;
+                            msg.group_id = map.next_value_seed(StrField::id("groupId"))?;
                         }
                         "action" => {
                             seen.note(2, "action");
@@ -857,7 +861,7 @@ impl<'de> Deserialize<'de> for Entry<'de> {
                         }
                         "value" => {
                             seen.note(1, "recipients[].value");
-                            value = map.next_value_seed(IdField("recipients[].value"))?;
+                            value = map.next_value_seed(StrField::id("recipients[].value"))?;
                         }
                         _ => {
                             map.next_value::<IgnoredAny>()?;
