@@ -43,9 +43,19 @@ pub fn init(config: &Config) -> Result<(), Box<dyn std::error::Error + Send + Sy
         .with_ansi(std::io::stderr().is_terminal());
     match config.log_format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Json => {
+            QUOTE_UNTRUSTED.store(false, std::sync::atomic::Ordering::Relaxed);
+            builder.json().flatten_event(true).try_init()
+        }
     }
 }
+
+/// Whether [`Untrusted`] quotes a value that could pass for several
+/// fields: in text logs, where fields are only spaces and `=` apart. A
+/// JSON log's values are delimited by the format itself; quoted there too,
+/// `"user":"\"ann lee\""` matched no query for `ann lee` (review of
+/// 2026-12-03).
+static QUOTE_UNTRUSTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 /// The filter `log.level` stands for: as written, with the Redis client
 /// library held to errors unless `redis` is named in it. The library logs
@@ -74,20 +84,23 @@ pub fn level_filter(level: &str) -> String {
 /// operator reads. A value that could pass for more than one field (it is
 /// empty, or holds whitespace, `=` or `"`: `mallory conn=n1-1 user=admin`)
 /// is also put in double quotes with its quotes escaped, so it reads as one
-/// value; ordinary ids read as themselves, unquoted. Every client-chosen
-/// string is logged through this, whatever the format: JSON would escape
-/// control characters anyway, but a line must not change meaning when an
+/// value; ordinary ids read as themselves, unquoted. In JSON logs no
+/// quotes are added (the format delimits each value: `"user":"ann lee"`),
+/// and the escapes are the same. Every client-chosen string is logged
+/// through this, whatever the format: JSON would escape control
+/// characters anyway, but a value must not change meaning when an
 /// operator switches formats.
 pub struct Untrusted<'a>(pub &'a str);
 
 impl std::fmt::Display for Untrusted<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         use std::fmt::Write;
-        let quoted = self.0.is_empty()
-            || self
-                .0
-                .chars()
-                .any(|c| c.is_whitespace() || c == '=' || c == '"');
+        let quoted = QUOTE_UNTRUSTED.load(std::sync::atomic::Ordering::Relaxed)
+            && (self.0.is_empty()
+                || self
+                    .0
+                    .chars()
+                    .any(|c| c.is_whitespace() || c == '=' || c == '"'));
         if quoted {
             f.write_char('"')?;
         }

@@ -306,6 +306,74 @@ async fn backend_failures_log_no_url_password_or_query() {
     );
 }
 
+/// JSON logs hold a client's strings as the values they are: a review
+/// found `"user":"\"ann lee\""` and a refusal's `"reason"` in quotes of
+/// its own, which no query for `ann lee` or the reason's text matched.
+/// Control characters are still escaped as in text logs.
+#[tokio::test]
+async fn json_logs_hold_client_strings_without_extra_quotes() {
+    let mut child = wshub()
+        .env_clear()
+        .env("WSHUB_LISTEN", "127.0.0.1:0")
+        .env("WSHUB_LOG__FORMAT", "json")
+        .env("WSHUB_LOG__LEVEL", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start wshub");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            if tx.send(value).is_err() {
+                break;
+            }
+        }
+    });
+    let addr: std::net::SocketAddr = loop {
+        let line = lines.recv().await.expect("wshub exited before listening");
+        if line["message"] == "wshub listening" {
+            break line["addr"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    let ann = crate::common::Client::connect(addr, "/ws?userid=ann%20lee%0A%22x").await;
+    ann.close().await;
+    let long = "u".repeat(300);
+    let refused = reqwest::Client::new()
+        .get(format!("http://{addr}/ws?userid={long}"))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    let told = refused.text().await.unwrap();
+    let (mut user, mut reason) = (None, None);
+    let deadline = tokio::time::Instant::now() + crate::common::PATIENCE;
+    while user.is_none() || reason.is_none() {
+        let line = tokio::time::timeout_at(deadline, lines.recv())
+            .await
+            .expect("no such log lines")
+            .expect("wshub exited");
+        if line["message"] == "connection closed" {
+            user = line["user"].as_str().map(str::to_owned);
+        }
+        if let Some(r) = line["reason"]
+            .as_str()
+            .filter(|r| r.contains("longer than"))
+        {
+            reason = Some(r.to_owned());
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(user.as_deref(), Some("ann lee\\n\"x"));
+    assert_eq!(reason.as_deref(), Some(told.trim()));
+}
+
 /// Runs `wshub args` with only `env` in its environment: exit code,
 /// stdout, stderr.
 fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
