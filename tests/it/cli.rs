@@ -266,16 +266,7 @@ async fn backend_failures_log_no_url_password_or_query() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start wshub");
-    let stderr = child.stderr.take().unwrap();
-    // Lines as they come, read on a thread of their own.
-    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let mut lines = stderr_lines(&mut child);
     let mut seen = String::new();
     let addr = loop {
         let line = lines.recv().await.expect("wshub exited before listening");
@@ -321,18 +312,13 @@ async fn json_logs_hold_client_strings_without_extra_quotes() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start wshub");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<serde_json::Value>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
-            if tx.send(value).is_err() {
-                break;
-            }
-        }
-    });
+    let mut lines = stderr_lines(&mut child);
+    let mut next = async || -> serde_json::Value {
+        let line = lines.recv().await.expect("wshub exited");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    };
     let addr: std::net::SocketAddr = loop {
-        let line = lines.recv().await.expect("wshub exited before listening");
+        let line = next().await;
         if line["message"] == "wshub listening" {
             break line["addr"].as_str().unwrap().parse().unwrap();
         }
@@ -354,10 +340,9 @@ async fn json_logs_hold_client_strings_without_extra_quotes() {
     let (mut user, mut reason) = (None, None);
     let deadline = tokio::time::Instant::now() + crate::common::PATIENCE;
     while user.is_none() || reason.is_none() {
-        let line = tokio::time::timeout_at(deadline, lines.recv())
+        let line = tokio::time::timeout_at(deadline, next())
             .await
-            .expect("no such log lines")
-            .expect("wshub exited");
+            .expect("no such log lines");
         if line["message"] == "connection closed" {
             user = line["user"].as_str().map(str::to_owned);
         }
@@ -372,6 +357,21 @@ async fn json_logs_hold_client_strings_without_extra_quotes() {
     child.wait().unwrap();
     assert_eq!(user.as_deref(), Some("ann lee\\n\"x"));
     assert_eq!(reason.as_deref(), Some(told.trim()));
+}
+
+/// The child's stderr, line by line as it comes, read on a thread of its
+/// own.
+fn stderr_lines(child: &mut std::process::Child) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    lines
 }
 
 /// Runs `wshub args` with only `env` in its environment: exit code,
