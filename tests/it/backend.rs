@@ -352,11 +352,7 @@ async fn a_backend_that_took_the_request_but_gave_no_answer_is_not_unreachable()
 #[tokio::test]
 async fn backend_down_is_reported_to_the_sender() {
     // A port nobody listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::common::free_port();
     failing_backend_case(
         &format!("http://fox:hunter2@127.0.0.1:{port}/x?apikey=SECRETQ"),
         2_000,

@@ -250,11 +250,7 @@ fn chat_backend_logs_to_a_pipe_have_no_colour_codes() {
 /// shows the backend URL's password or query (which may hold a key).
 #[tokio::test]
 async fn backend_failures_log_no_url_password_or_query() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::common::free_port();
     let mut child = wshub()
         .env_clear()
         .env("WSHUB_LISTEN", "127.0.0.1:0")

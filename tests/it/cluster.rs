@@ -262,19 +262,30 @@ async fn a_redis_that_takes_connections_but_no_publishes_gets_messages_refused()
     })
     .await;
     let push = r#"{"action":"paused","recipients":[{"type":"group","value":"g"}]}"#;
+    // Long enough never to end by itself: the test unpauses.
     assert_eq!(
-        command(redis.port, "CLIENT PAUSE 9000 WRITE").unwrap(),
+        command(redis.port, "CLIENT PAUSE 60000 WRITE").unwrap(),
         "+OK"
     );
     let (_, refused) = pushed_until_refused(&node, |_| push.to_owned()).await;
     assert!(refused.contains("redis.publish_retry_ms"), "{refused}");
-    // The subscriber reconnected meanwhile (SUBSCRIBE works in a pause),
-    // and the refusals went on.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(
-        node.post("/__broadcastWebSocket.wc", push).await.status(),
-        503
-    );
+    // The subscriber gives up on its silent connection and reconnects
+    // (SUBSCRIBE works in a pause), and the refusals go on.
+    eventually(
+        "the subscriber gave up its silent connection and resubscribed",
+        || {
+            node.metric("wshub_bus_subscriber_disconnects_total") >= 1.0
+                && node
+                    .node
+                    .readiness()
+                    .is_err_and(|e| e.contains("no probe has come back through Redis yet"))
+        },
+    )
+    .await;
+    let refused = node.post("/__broadcastWebSocket.wc", push).await;
+    assert_eq!(refused.status(), 503);
+    let refused = refused.text().await.unwrap();
+    assert!(refused.contains("unreachable"), "{refused}");
     assert_eq!(command(redis.port, "CLIENT UNPAUSE").unwrap(), "+OK");
     node.wait_ready().await;
     let mut s = node.connect("s", Some("g")).await;

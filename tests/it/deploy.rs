@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crate::common::node::NodeProcess;
 use crate::common::process::GroupChild;
 use crate::common::redis::RedisServer;
-use crate::common::{Client, Ended, PATIENCE, TestServer};
+use crate::common::{Client, Ended, PATIENCE, TestServer, free_port};
 use serde_json::json;
 
 /// nginx started by the test with the repository's configuration, in its
@@ -164,14 +164,6 @@ impl Nginx {
         }
         Self { child, port, dir }
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Drop for Nginx {

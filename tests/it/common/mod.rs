@@ -35,6 +35,30 @@ where
     }
 }
 
+/// A port free now, for a server a test starts (`redis-server`, a sentinel,
+/// nginx) or for one nobody is to listen on, and never one this process
+/// handed out before: the kernel may give a port it gave a moment ago to
+/// the next `bind` to port 0, and two Redis servers started on one port by
+/// tests running side by side looked like one server to both (the second
+/// exits, but its harness's `PING` is answered by the first). Two tests
+/// then shared a Redis, and one's `CLIENT UNPAUSE` ended the other's
+/// pause (CI failure at stop 45).
+pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+}
+
 /// A WebSocket upgrade request for `url` (plain HTTP, for tests that read
 /// the refusal's status and body rather than open a socket).
 pub fn upgrade_request(http: &reqwest::Client, url: String) -> reqwest::RequestBuilder {

@@ -4,11 +4,11 @@
 //! `redis-server` fails the test: it never skips (`scripts/test` installs
 //! it).
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::free_port;
 use super::process::GroupChild;
 
 pub struct RedisServer {
@@ -19,14 +19,6 @@ pub struct RedisServer {
     child: Option<GroupChild>,
     dir: PathBuf,
     extra: Vec<String>,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Sends one inline command and returns the first reply line.
@@ -132,6 +124,21 @@ impl RedisServer {
                 self.port
             );
             std::thread::sleep(Duration::from_millis(10));
+        }
+        // The `PONG` may be another test's server on the same port (ours
+        // exits when it cannot bind, but not before the `PING`): then two
+        // tests would share one Redis.
+        let ours = self.child.as_ref().map(|c| c.id().to_string());
+        let info = cli(self.port, &["INFO", "server"]);
+        let answering = info
+            .lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .map(|pid| pid.trim().to_owned());
+        if answering != ours {
+            self.kill();
+            return Err(format!(
+                "another redis-server (process {answering:?}) answers on it"
+            ));
         }
         Ok(())
     }

@@ -12,16 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::free_port;
 use super::process::GroupChild;
 use super::redis::{RedisServer, cli};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A test configuration with these `WSHUB_REDIS__*` settings (read through
 /// the real environment loader, as an operator would set them).
