@@ -421,23 +421,27 @@ async fn presence_users(
         users: std::collections::BTreeMap<String, UserView>,
     }
     let presence = presence(&http)?;
-    let mut ids: Vec<String> = query
-        .ids
-        .as_deref()
-        .unwrap_or("")
-        .split(',')
-        .filter(|id| !id.is_empty())
-        .map(str::to_owned)
-        .collect();
-    ids.sort();
-    ids.dedup();
-    if ids.is_empty() {
+    let list = query.ids.as_deref().unwrap_or("");
+    if list.is_empty() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_request",
             "name the users: ?ids=a,b (comma-separated, URL-encoded)",
         ));
     }
+    // No user has an empty id (the hub gives one to a socket without):
+    // `a,,b` or `a,b,` is a list built wrong, said so rather than
+    // answered without the empty one.
+    if list.split(',').any(str::is_empty) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "`ids` holds an empty id (two commas in a row, or one at an end): no user has an empty id",
+        ));
+    }
+    let mut ids: Vec<String> = list.split(',').map(str::to_owned).collect();
+    ids.sort();
+    ids.dedup();
     if ids.len() > MAX_USER_IDS {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,

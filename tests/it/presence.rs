@@ -436,7 +436,8 @@ async fn the_wire_and_the_api_follow_the_contract() {
 }
 
 /// Malformed group paths and user ids are refused in the API's error
-/// format (400 `bad_request`), never decoded lossily.
+/// format (400 `bad_request`), never decoded lossily. An empty id in the
+/// list was dropped without a word (`ann,,bob` answered two users).
 #[tokio::test]
 async fn malformed_group_paths_and_user_ids_are_refused_in_the_api_format() {
     let redis = RedisServer::start();
@@ -450,6 +451,10 @@ async fn malformed_group_paths_and_user_ids_are_refused_in_the_api_format() {
         "/api/presence/users?ids=%FF",
         "/api/presence/users?ids=ann,%C3",
         "/api/presence/users?%FF=ann",
+        "/api/presence/users?ids=",
+        "/api/presence/users?ids=ann,,bob",
+        "/api/presence/users?ids=ann,",
+        "/api/presence/users?ids=%2Cann",
     ] {
         let response = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
         let status = response.status().as_u16();
