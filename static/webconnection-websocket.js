@@ -517,13 +517,18 @@ export class WebConnectionWebSocket {
     if (!info || typeof info !== "object") info = {};
     // The identity the hub gave the socket: its user id when tryConnect
     // named none (reconnects then keep it, so its user topic resumes too).
+    // The topics are those of the welcome's group and user: with a token
+    // they are the token's, whatever tryConnect named (a page that still
+    // passed its own user id tracked that user's topic, not the token's,
+    // and no resume was ever recovered).
     const group = "groupId" in msg ? msg.groupId : this.groupId;
-    if (!this.userId && typeof msg.userId === "string" && msg.userId) this._assignedUserId = msg.userId;
-    this._tracked = new Set(topicKeys(group, this.userId || this._assignedUserId));
-    const given = info.positions && typeof info.positions === "object" ? info.positions : {};
+    const given = typeof msg.userId === "string" && msg.userId ? msg.userId : null;
+    if (!this.userId && given) this._assignedUserId = given;
+    this._tracked = new Set(topicKeys(group, given || this.userId || this._assignedUserId));
+    const tops = info.positions && typeof info.positions === "object" ? info.positions : {};
     this._positions = {};
     for (const key of this._tracked) {
-      const value = given[key];
+      const value = tops[key];
       if (typeof value === "string" && POSITION.test(value)) this._positions[key] = value;
     }
     this._savePositions();

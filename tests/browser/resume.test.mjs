@@ -304,11 +304,17 @@ test("a page whose identity the hub gave (a token's, an assigned user id) resume
   const cases = [
     { name: "token", node: secured, options: { token, minReconnectDelay: 200 }, group: null, user: null, room: "troom" },
     { name: "assigned user", node: open, options: { minReconnectDelay: 200 }, group: "anon", user: "", room: "anon" },
+    // A page that kept passing its own user id beside the token (the
+    // token's user wins): the library tracked the named user's topic,
+    // not the token's, and messages to the token's user were never
+    // recovered (review of 2026-12-03).
+    { name: "token, another user named", node: secured, options: { token, minReconnectDelay: 200 }, group: "troom", user: "Tina T.",
+      to: [{ type: "user", value: "tina" }] },
   ];
   for (const c of cases) {
     const page = await newPage();
     await loadProbe(page, c.node, c.options, c.group, c.user);
-    const to = [{ type: "group", value: c.room }];
+    const to = c.to ?? [{ type: "group", value: c.room }];
     await publish(c.node, `${c.name}: before`, to);
     await page.waitForFunction((t) => window.got.includes(t), `${c.name}: before`);
     // A reconnect: the socket drops; something is published meanwhile.

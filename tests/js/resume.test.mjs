@@ -442,3 +442,15 @@ test("a reload keeps the user id the hub assigned, so its user topic resumes too
   odd.tryConnect(true, "anon", "");
   assert.deepEqual(Object.keys(JSON.parse(resumeOf(last().url))).sort(), ["all"]);
 });
+
+test("with a token the welcome's user is the socket's: its topic is tracked whatever tryConnect named", () => {
+  FakeSocket.instances = [];
+  const { ws } = resuming("chat", "Ann A.", { token: "t" });
+  // The token says bob: the hub's welcome names him and his topic.
+  last().receive(welcome({ userId: "bob", positions: { all: "k:1", "group:chat": "p:1", "user:bob": "b:1" } }));
+  assert.deepEqual(ws.positions, { all: "k:1", "group:chat": "p:1", "user:bob": "b:1" });
+  last().receive(message("m", { all: "k:2", "user:bob": "b:2" }));
+  last().drop(1001);
+  ws.tryConnect(true, "chat", "Ann A.");
+  assert.deepEqual(JSON.parse(resumeOf(last().url)), { all: "k:2", "group:chat": "p:1", "user:bob": "b:2" });
+});
