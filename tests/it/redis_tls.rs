@@ -2,10 +2,13 @@
 //! per-sender order across three nodes on a TLS-only `redis-server`,
 //! mutual TLS, and the certificate failures an operator must be able to
 //! read from `/readyz`: a server certificate from a CA the node does not
-//! trust (its own `redis.tls_ca_file`, or the built-in roots), and a
-//! client without a certificate where one is required.
+//! trust (its own `redis.tls_ca_file`, or the built-in roots), a client
+//! without a certificate where one is required, and a Redis Cluster whose
+//! certificates do not name the addresses it announces.
 
-use crate::common::redis_tls::{Pki, TlsRedis, ready_node, redis_config, redis_config_error};
+use crate::common::redis_tls::{
+    Pki, TlsCluster, TlsRedis, ready_node, redis_config, redis_config_error,
+};
 use crate::common::routing::routing_table;
 use crate::common::{PATIENCE, TestServer};
 use serde_json::json;
@@ -162,5 +165,52 @@ async fn tls_keys_need_a_rediss_url_and_both_client_files() {
     assert!(
         msg.contains("redis.tls_ca_file") && msg.contains("/nonexistent/ca.crt"),
         "{msg}"
+    );
+}
+
+/// Sharded pub/sub on a Redis Cluster over TLS: the routing table across
+/// three nodes.
+#[tokio::test]
+async fn routing_table_on_a_cluster_over_tls() {
+    let pki = Pki::make();
+    let cluster = TlsCluster::start(&pki, "server");
+    let (url, ca) = (cluster.url("127.0.0.1"), pki.path("ca.crt"));
+    let settings = [
+        ("url", url.as_str()),
+        ("sharded", "true"),
+        ("tls_ca_file", &ca),
+    ];
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(ready_node(&settings).await);
+    }
+    let addrs: Vec<_> = nodes.iter().map(|n| n.addr).collect();
+    routing_table(&addrs).await;
+}
+
+/// A Redis Cluster over TLS whose certificates name the host of
+/// `redis.url` (`localhost`) but not the addresses its nodes announce
+/// (127.0.0.1): the cluster client reached the seed and then no shard,
+/// and the node stayed unready saying only "No connections found -
+/// ClusterConnectionNotFound" (review of 2026-12-03). It names the shard,
+/// the certificate's error and what to do.
+#[tokio::test]
+async fn a_cluster_whose_certificates_do_not_name_its_announced_addresses_says_so() {
+    let pki = Pki::make();
+    let cluster = TlsCluster::start(&pki, "localhost");
+    let (url, ca) = (cluster.url("localhost"), pki.path("ca.crt"));
+    let node = TestServer::with(redis_config(&[
+        ("url", &url),
+        ("sharded", "true"),
+        ("tls_ca_file", &ca),
+    ]))
+    .await;
+    naming(&node, "the cluster announces a shard at 127.0.0.1:").await;
+    let why = refusal(&node).await;
+    assert!(why.contains("not valid for name"), "{why}");
+    assert!(
+        why.contains("the certificate does not name 127.0.0.1")
+            && why.contains("cluster-announce-hostname"),
+        "{why}"
     );
 }

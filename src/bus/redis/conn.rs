@@ -184,6 +184,121 @@ async fn connect_command(
     ))
 }
 
+/// Most shards [`why_no_shard`] tries.
+const SHARDS_TRIED: usize = 16;
+
+/// Sharded: why the cluster client could connect to no shard, when its
+/// own error does not say (`ClusterConnectionNotFound`, a timeout). It
+/// reaches the seeds of `redis.url` but then connects to the addresses the
+/// cluster announces for its shards, whose errors it keeps to itself: a
+/// certificate that names the seeds' host name but not the announced
+/// addresses left the node unready saying only "No connections found"
+/// (review of 2026-12-03). Asks a seed for the slot map (`CLUSTER SLOTS`)
+/// and connects to each shard as the cluster client does; the first
+/// failure is the answer. `None` when every shard answers or no seed does.
+pub(super) async fn why_no_shard(link: &Link, config: &RedisConfig) -> Option<String> {
+    let Link::Sharded(seeds) = link else {
+        return None;
+    };
+    let limit = config.command_timeout;
+    let ping = async |info: redis::ConnectionInfo| -> Result<(), String> {
+        let client =
+            tls::client(info, config, redis::ProtocolVersion::RESP2).map_err(|e| e.to_string())?;
+        let asked = async {
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            redis::cmd("PING").query_async::<()>(&mut conn).await
+        };
+        match tokio::time::timeout(limit, asked).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {} ms", limit.as_millis())),
+        }
+    };
+    for seed in seeds {
+        let Ok(info) = seed.as_str().into_connection_info() else {
+            continue;
+        };
+        let Ok(client) = tls::client(info.clone(), config, redis::ProtocolVersion::RESP2) else {
+            continue;
+        };
+        let asked = async {
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async::<redis::Value>(&mut conn)
+                .await
+        };
+        let Ok(Ok(slots)) = tokio::time::timeout(limit, asked).await else {
+            continue;
+        };
+        for (host, port) in shard_endpoints(&slots).into_iter().take(SHARDS_TRIED) {
+            let addr = match info.addr() {
+                redis::ConnectionAddr::TcpTls {
+                    insecure,
+                    tls_params,
+                    ..
+                } => redis::ConnectionAddr::TcpTls {
+                    host: host.clone(),
+                    port,
+                    insecure: *insecure,
+                    tls_params: tls_params.clone(),
+                },
+                _ => redis::ConnectionAddr::Tcp(host.clone(), port),
+            };
+            if let Err(e) = ping(info.clone().set_addr(addr)).await {
+                let hint = if e.contains("NotValidForName") || e.contains("not valid for name") {
+                    format!(
+                        " (the certificate does not name {host}: the cluster announces its shards by the address its nodes give, not by the name in redis.url; have them announce a name the certificate holds, cluster-announce-hostname with cluster-preferred-endpoint-type hostname, or give them certificates for their addresses)"
+                    )
+                } else {
+                    String::new()
+                };
+                return Some(format!(
+                    "the cluster announces a shard at {host}:{port}, and connecting there fails: {e}{hint}"
+                ));
+            }
+        }
+        return None;
+    }
+    None
+}
+
+/// The primaries' endpoints in a `CLUSTER SLOTS` reply, each once, in order.
+fn shard_endpoints(slots: &redis::Value) -> Vec<(String, u16)> {
+    use redis::Value;
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    let mut out: Vec<(String, u16)> = Vec::new();
+    let Value::Array(ranges) = slots else {
+        return out;
+    };
+    for range in ranges {
+        let Value::Array(fields) = range else {
+            continue;
+        };
+        let Some(Value::Array(primary)) = fields.get(2) else {
+            continue;
+        };
+        let (Some(host), Some(Value::Int(port))) = (primary.first().and_then(text), primary.get(1))
+        else {
+            continue;
+        };
+        let Ok(port) = u16::try_from(*port) else {
+            continue;
+        };
+        // "?" (or empty): no endpoint known; the cluster client does not
+        // use it either.
+        if host.is_empty() || host == "?" || out.iter().any(|(h, p)| *h == host && *p == port) {
+            continue;
+        }
+        out.push((host, port));
+    }
+    out
+}
+
 /// Opens a command connection within `redis.command_timeout_ms` (the
 /// registry's, presence's and the control plane's); the error says why, in
 /// words for a log line or a 503.
@@ -919,6 +1034,38 @@ fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shard_endpoints_are_the_primaries_each_once() {
+        use redis::Value;
+        let text = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let range = |start: i64, end: i64, host: &str, port: i64| {
+            Value::Array(vec![
+                Value::Int(start),
+                Value::Int(end),
+                Value::Array(vec![text(host), Value::Int(port), text("id")]),
+                // A replica: not a shard's primary.
+                Value::Array(vec![text("10.0.0.9"), Value::Int(7000), text("id2")]),
+            ])
+        };
+        let slots = Value::Array(vec![
+            range(0, 99, "10.0.0.1", 6379),
+            range(100, 199, "10.0.0.2", 6379),
+            range(200, 299, "10.0.0.1", 6379),
+            range(300, 399, "?", 6379),
+            range(400, 16383, "redis-2.example", 6380),
+            Value::Int(3),
+        ]);
+        assert_eq!(
+            shard_endpoints(&slots),
+            [
+                ("10.0.0.1".to_owned(), 6379),
+                ("10.0.0.2".to_owned(), 6379),
+                ("redis-2.example".to_owned(), 6380)
+            ]
+        );
+        assert!(shard_endpoints(&Value::Nil).is_empty());
+    }
 
     #[test]
     fn shard_subscriptions_are_summed_over_the_primaries() {

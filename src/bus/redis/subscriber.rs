@@ -122,6 +122,9 @@ pub(super) struct Subscriber {
     connected_before: bool,
     /// Whether the current outage was logged already.
     outage_logged: bool,
+    /// Sharded: why no shard could be reached, found once per outage when
+    /// the cluster client does not say (`conn::why_no_shard`).
+    why_no_shard: Option<String>,
     /// When dropped pushes were last logged.
     lag_logged: Option<Instant>,
     /// History on: each subscribed topic's last position (`gaps.rs`).
@@ -207,6 +210,7 @@ impl Subscriber {
             backoff,
             connected_before: false,
             outage_logged: false,
+            why_no_shard: None,
             lag_logged: None,
             tracks: Tracks::default(),
             gap_logged: None,
@@ -257,6 +261,20 @@ impl Subscriber {
                     Err(_) => "timed out".to_owned(),
                 },
             };
+            if !self.outage_logged && says_nothing_of_the_shards(&error) {
+                let asked = timeout(
+                    config.command_timeout * 4,
+                    conn::why_no_shard(&self.link, config),
+                );
+                self.why_no_shard = tokio::select! {
+                    () = self.stop.cancelled() => return None,
+                    found = asked => found.ok().flatten(),
+                };
+            }
+            let error = match &self.why_no_shard {
+                Some(why) => format!("{error}: {why}"),
+                None => error,
+            };
             self.set_down_because(&error);
             shared.mark_down();
             if !self.outage_logged {
@@ -271,6 +289,7 @@ impl Subscriber {
         };
         self.backoff.reset();
         self.outage_logged = false;
+        self.why_no_shard = None;
         // Ready again only once a probe has made the whole trip on the new
         // connection (and the publisher has followed to the new epoch).
         shared.last_probe.store(0, Ordering::Release);
@@ -962,4 +981,11 @@ impl Subscriber {
             }
         }
     }
+}
+
+/// Whether a failed sharded connect's error leaves out why: the cluster
+/// client's "no connection found" (it reached the seeds but no shard) and
+/// a connect that timed out.
+fn says_nothing_of_the_shards(error: &str) -> bool {
+    error == "timed out" || error.contains("ClusterConnectionNotFound")
 }

@@ -194,6 +194,12 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start(masters: usize) -> Self {
+        Self::start_each(masters, Vec::new)
+    }
+
+    /// A cluster whose nodes each take the arguments `extra` gives (called
+    /// once per node, so each may have its own ports).
+    pub fn start_each(masters: usize, extra: impl Fn() -> Vec<String>) -> Self {
         // `redis-cli --cluster create` waits for ever for a node that died
         // meanwhile (a port taken under it): bounded, and tried again with
         // new servers.
@@ -202,12 +208,11 @@ impl RedisCluster {
         let nodes = loop {
             let nodes: Vec<RedisServer> = (0..masters)
                 .map(|_| {
-                    RedisServer::start_with(&[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-node-timeout",
-                        "2000",
-                    ])
+                    let mut args =
+                        vec!["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"];
+                    let more = extra();
+                    args.extend(more.iter().map(String::as_str));
+                    RedisServer::start_with(&args)
                 })
                 .collect();
             match create_cluster(&nodes) {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::free_port;
 use super::process::GroupChild;
-use super::redis::{RedisServer, cli};
+use super::redis::{RedisCluster, RedisServer, cli};
 
 /// A test configuration with these `WSHUB_REDIS__*` settings (read through
 /// the real environment loader, as an operator would set them).
@@ -79,8 +79,9 @@ pub struct Pki {
 }
 
 impl Pki {
-    /// A CA, a server certificate for 127.0.0.1 and localhost, a client
-    /// certificate, all signed by the CA, and an unrelated CA.
+    /// A CA, a server certificate for 127.0.0.1 and localhost, one for
+    /// localhost only, a client certificate, all signed by the CA, and an
+    /// unrelated CA.
     pub fn make() -> Self {
         let dir = scratch("pki");
         let ec = [
@@ -120,6 +121,12 @@ impl Pki {
                 "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
             ),
             ("client", "extendedKeyUsage=clientAuth\n"),
+            // A name only, not the address: what a cluster's nodes
+            // announce (127.0.0.1) is not in it.
+            (
+                "localhost",
+                "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n",
+            ),
         ] {
             std::fs::write(dir.join(format!("{leaf}.ext")), ext).unwrap();
             let (key, csr, crt, extfile) = (
@@ -165,6 +172,58 @@ impl Pki {
 impl Drop for Pki {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis Cluster of three primaries whose clients may speak TLS, with
+/// the certificate `cert` (`server` or `localhost`, of [`Pki`]): each node
+/// has a plain port (for the harness) and a TLS port, and the cluster bus
+/// is TLS too (`tls-cluster`, the nodes presenting the client
+/// certificate), so a TLS client's `CLUSTER SLOTS` names the TLS ports.
+pub struct TlsCluster {
+    pub cluster: RedisCluster,
+    pub tls_ports: Vec<u16>,
+}
+
+impl TlsCluster {
+    pub fn start(pki: &Pki, cert: &str) -> Self {
+        let ports = std::sync::Mutex::new(Vec::new());
+        let cluster = RedisCluster::start_each(3, || {
+            let port = free_port();
+            ports.lock().unwrap().push(port);
+            [
+                "--tls-port",
+                &port.to_string(),
+                "--tls-cluster",
+                "yes",
+                "--tls-auth-clients",
+                "no",
+                "--tls-cert-file",
+                &pki.path(&format!("{cert}.crt")),
+                "--tls-key-file",
+                &pki.path(&format!("{cert}.key")),
+                "--tls-ca-cert-file",
+                &pki.path("ca.crt"),
+                // The cluster bus asks the connecting node for a client
+                // certificate whatever `tls-auth-clients` says.
+                "--tls-client-cert-file",
+                &pki.path("client.crt"),
+                "--tls-client-key-file",
+                &pki.path("client.key"),
+            ]
+            .map(str::to_owned)
+            .to_vec()
+        });
+        // The ports of the servers that made the cluster: the last three
+        // given (a failed attempt starts three new ones).
+        let ports = ports.into_inner().unwrap();
+        let tls_ports = ports[ports.len() - 3..].to_vec();
+        Self { cluster, tls_ports }
+    }
+
+    /// `redis.url` naming the first node by `host`.
+    pub fn url(&self, host: &str) -> String {
+        format!("rediss://{host}:{}", self.tls_ports[0])
     }
 }
 
