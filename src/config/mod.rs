@@ -1230,6 +1230,32 @@ impl Config {
     }
 
     fn backend_from_raw(raw: &RawBackend) -> Result<Option<BackendConfig>, ConfigError> {
+        // The bounds hold with or without a URL: a file whose backend keys
+        // were wrong passed `config check` while the URL was empty, and
+        // the node refused to start only once the URL came (from the
+        // environment of another deployment, say; review of 2026-12-03).
+        if raw.timeout_ms == 0 {
+            return Err(invalid("backend.timeout_ms", "must be at least 1"));
+        }
+        // Each unit is a worker task and, at once, a descriptor: a value
+        // beyond any real backend's capacity only exhausts memory or files
+        // (100,000,000 aborted the node on start).
+        if !(1..=MAX_BACKEND_CONCURRENCY).contains(&raw.concurrency) {
+            return Err(invalid(
+                "backend.concurrency",
+                format!("must be between 1 and {MAX_BACKEND_CONCURRENCY}"),
+            ));
+        }
+        if raw.queue == 0 {
+            return Err(invalid("backend.queue", "must be at least 1"));
+        }
+        if raw.queue_per_connection == 0 {
+            return Err(invalid(
+                "backend.queue_per_connection",
+                "must be at least 1",
+            ));
+        }
+        let (signing_key, headers) = trust::backend_trust(raw)?;
         let url = raw.url.trim();
         if url.is_empty() {
             return Ok(None);
@@ -1254,28 +1280,6 @@ impl Config {
                 ));
             }
         }
-        if raw.timeout_ms == 0 {
-            return Err(invalid("backend.timeout_ms", "must be at least 1"));
-        }
-        // Each unit is a worker task and, at once, a descriptor: a value
-        // beyond any real backend's capacity only exhausts memory or files
-        // (100,000,000 aborted the node on start).
-        if !(1..=MAX_BACKEND_CONCURRENCY).contains(&raw.concurrency) {
-            return Err(invalid(
-                "backend.concurrency",
-                format!("must be between 1 and {MAX_BACKEND_CONCURRENCY}"),
-            ));
-        }
-        if raw.queue == 0 {
-            return Err(invalid("backend.queue", "must be at least 1"));
-        }
-        if raw.queue_per_connection == 0 {
-            return Err(invalid(
-                "backend.queue_per_connection",
-                "must be at least 1",
-            ));
-        }
-        let (signing_key, headers) = trust::backend_trust(raw)?;
         Ok(Some(BackendConfig {
             url: url.to_owned(),
             events: raw.events,

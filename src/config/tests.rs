@@ -221,6 +221,21 @@ fn errors_name_the_key() {
             ],
             "`backend.concurrency` must be between 1 and 10000",
         ),
+        // Checked without a URL too: such a file passed `config check` and
+        // failed at start once the URL came from the environment.
+        (
+            &[("WSHUB_BACKEND__CONCURRENCY", "0")],
+            "`backend.concurrency`",
+        ),
+        (&[("WSHUB_BACKEND__QUEUE", "0")], "`backend.queue`"),
+        (
+            &[("WSHUB_BACKEND__TIMEOUT_MS", "0")],
+            "`backend.timeout_ms`",
+        ),
+        (
+            &[("WSHUB_BACKEND__SIGNING_KEY", "short")],
+            "`backend.signing_key`",
+        ),
         (
             &[("WSHUB_BROADCAST__TRUSTED_NETWORKS", "10.0.0.0/8,nope")],
             "`broadcast.trusted_networks`",
