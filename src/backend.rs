@@ -58,7 +58,7 @@
 use std::borrow::Cow;
 use std::collections::hash_map::{Entry, HashMap};
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -446,10 +446,15 @@ impl Backend {
         }
         // Quick: every worker returns as soon as it sees the cancellation.
         self.workers.wait().await;
+        // Both: with a grace period of 0 the requests in flight are most of
+        // what is lost, and the line said `never_sent=0` (review of
+        // 2026-12-03: 19 of 20 disconnect events lost so).
+        let in_flight = self.queues.cut_off.load(Ordering::Relaxed);
         warn!(
             never_sent,
+            in_flight,
             grace_ms = grace.as_millis() as u64,
-            "backend queue not flushed within the grace period; the rest is dropped (counted as result=\"shutdown\")"
+            "backend queue not flushed within the grace period; the requests in flight are cut off and the rest is dropped (both counted as result=\"shutdown\")"
         );
     }
 }
@@ -482,6 +487,7 @@ async fn worker(dispatcher: Arc<Dispatcher>, queues: Arc<Queues>, abandon: Cance
             biased;
             () = abandon.cancelled() => {
                 dispatcher.metrics.backend_forward(ForwardResult::Shutdown);
+                queues.cut_off.fetch_add(1, Ordering::Relaxed);
                 return;
             }
             () = dispatcher.send(job) => {}
@@ -534,6 +540,9 @@ struct Queues {
     per_connection: usize,
     /// At most this many disconnect events wait.
     reserve: usize,
+    /// Requests in flight that shutdown cut off (for its log line: the
+    /// queued ones are counted by `clear`).
+    cut_off: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -568,6 +577,7 @@ impl Queues {
             capacity,
             per_connection,
             reserve: reserve.max(1),
+            cut_off: AtomicUsize::new(0),
         }
     }
 

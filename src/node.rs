@@ -780,10 +780,13 @@ impl Node {
                 .is_err()
             {
                 stragglers = true;
+                // The sessions' tasks, not the registered sockets: a
+                // session still closing or flushing has left the registry
+                // (the line said `open_sockets=0`, review of 2026-12-03).
                 warn!(
-                    open_sockets = node.connections(),
+                    sessions = node.sessions.tracker().len(),
                     grace_ms = grace.as_millis() as u64,
-                    "grace period over with sessions still open; exiting anyway"
+                    "grace period over with sessions still running; exiting anyway"
                 );
             }
             node.http.cancel();

@@ -664,6 +664,58 @@ async fn a_stuck_backend_holds_shutdown_for_the_grace_period_only() {
     assert_eq!(backend.overlaps(), 0);
 }
 
+/// What the operator reads when the grace period ends with the backend
+/// and a session behind: the backend's line counts the requests cut off
+/// in flight as well as the jobs never sent (it counted only the latter:
+/// with a grace period of 0 most disconnect events were lost in flight
+/// while it said `never_sent=0`), and the sessions' line counts the
+/// sessions still running (it said `open_sockets=0`: a session closing has
+/// left the registry). Review of 2026-12-03.
+#[tokio::test]
+async fn the_shutdown_log_counts_what_the_grace_period_cut_off() {
+    use crate::common::binary::Binary;
+    let backend = TestBackend::held().await;
+    let binary = Binary::start(
+        "info",
+        &[
+            ("WSHUB_BACKEND__URL", &backend.url),
+            ("WSHUB_BACKEND__EVENTS", "true"),
+            ("WSHUB_BACKEND__TIMEOUT_MS", "60000"),
+            ("WSHUB_SHUTDOWN__DRAIN_WINDOW_MS", "0"),
+            ("WSHUB_SHUTDOWN__GRACE_PERIOD_MS", "500"),
+        ],
+    );
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        let path = format!("/__initializeWebSocket.wc?userid=u{i}");
+        clients.push(crate::common::Client::connect(binary.addr, &path).await);
+    }
+    for _ in 0..4 {
+        assert_eq!(backend.next().await.summary(), "wshub.connect");
+    }
+    // One client never reads its close: its session outlives the grace.
+    let _silent = clients.pop();
+    binary.signal("-TERM");
+    futures_util::future::join_all(clients.into_iter().map(closed_and_gone)).await;
+    let line = binary.wait_for("the sessions' warning", |v| {
+        v["message"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("grace period over with sessions still running")
+    });
+    assert_eq!(line["sessions"], 1, "{line}");
+    let line = binary.wait_for("the backend's warning", |v| {
+        v["message"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("backend queue not flushed")
+    });
+    // 4 connect events in flight; the 3 closed sockets' disconnect events
+    // queued behind them.
+    assert_eq!(line["in_flight"], 4, "{line}");
+    assert_eq!(line["never_sent"], 3, "{line}");
+}
+
 /// Issue 11 review: one socket sending within its rate to a slow backend
 /// filled the node's whole `backend.queue` (its requests go one at a time),
 /// and every other user got "backend busy". Its own forwards wait at most

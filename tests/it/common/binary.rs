@@ -118,6 +118,11 @@ impl Binary {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// Sends it `signal` (`-TERM`, …) without waiting for it to exit.
+    pub fn signal(&self, signal: &str) {
+        assert!(self.child.signal(signal), "could not signal wshub");
+    }
+
     /// Stops it (SIGTERM, then SIGKILL after a few seconds).
     pub fn stop(&mut self) {
         self.child.stop("-TERM", Duration::from_secs(5));
