@@ -248,6 +248,7 @@ impl Backend {
             url: config.url.clone(),
             metrics: metrics.clone(),
             failing: AtomicBool::new(false),
+            redirect_logged: AtomicBool::new(false),
         });
         let workers = shutdown.tracker().clone();
         let abandon = shutdown.token().clone();
@@ -770,6 +771,10 @@ struct Dispatcher {
     metrics: Arc<Metrics>,
     /// Whether the last forward failed (to log a burst once).
     failing: AtomicBool,
+    /// Whether this burst's first redirect was logged: a redirect is
+    /// logged even inside a burst another failure began, since what to do
+    /// about it (the address it names) is in its line only.
+    redirect_logged: AtomicBool,
 }
 
 impl Dispatcher {
@@ -818,8 +823,14 @@ impl Dispatcher {
             }
             Ok(resp) if resp.status().is_redirection() => {
                 let reason = format!("backend answered {}", resp.status().as_u16());
+                let to = resp
+                    .headers()
+                    .get(reqwest::header::LOCATION)
+                    .and_then(|l| l.to_str().ok())
+                    .map(|l| format!(" ({})", crate::config::redact_url_and_query(l)))
+                    .unwrap_or_default();
                 let problem = format!(
-                    "{reason}, a redirect, which is not followed: set backend.url to the address it redirects to"
+                    "{reason}, a redirect, which is not followed: set backend.url to the address it redirects to{to}"
                 );
                 (ForwardResult::Status, reason, problem)
             }
@@ -851,12 +862,15 @@ impl Dispatcher {
         };
         self.metrics.backend_forward(result);
         if result == ForwardResult::Ok {
+            self.redirect_logged.store(false, Ordering::Relaxed);
             if self.failing.swap(false, Ordering::Relaxed) {
                 info!("backend forwards succeed again");
             }
             return;
         }
-        if !self.failing.swap(true, Ordering::Relaxed) {
+        let redirect = problem.contains("a redirect, which is not followed");
+        let first_redirect = redirect && !self.redirect_logged.swap(true, Ordering::Relaxed);
+        if !self.failing.swap(true, Ordering::Relaxed) || first_redirect {
             warn!(url = %crate::config::redact_url_and_query(&self.url), result = result.label(), %problem,
                 "backend forwards failing (logged once per burst; see wshub_backend_forwards_total)");
         }

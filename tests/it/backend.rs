@@ -291,6 +291,52 @@ async fn a_redirect_from_the_backend_is_a_failure_and_not_followed() {
     );
 }
 
+/// The log says where a redirect points, even inside a burst of failures
+/// another failure began: the burst's line was the only one, and a 301
+/// after a 404 left the operator nothing to act on (review of 2026-12-03).
+#[tokio::test]
+async fn a_redirect_is_logged_with_its_address_even_inside_a_burst() {
+    use crate::common::binary::Binary;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let count = answered.clone();
+    let app = Router::new().fallback(move || {
+        let n = count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                (StatusCode::NOT_FOUND, [(axum::http::header::LOCATION, "")])
+            } else {
+                (
+                    StatusCode::MOVED_PERMANENTLY,
+                    [(
+                        axum::http::header::LOCATION,
+                        "https://app.example/ws.wc?key=SECRET",
+                    )],
+                )
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/__websocket.wwd", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let binary = Binary::start("info", &[("WSHUB_BACKEND__URL", &url)]);
+    let mut ann = crate::common::Client::connect(binary.addr, "/ws?userid=ann").await;
+    for text in ["first", "second"] {
+        ann.send_json(json!({"action": "x", "message": text})).await;
+        assert_eq!(ann.recv().await["action"], "wshub.error");
+    }
+    let line = binary.wait_for("the redirect's line", |v| {
+        v["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("a redirect, which is not followed"))
+    });
+    let problem = line["problem"].as_str().unwrap();
+    assert!(
+        problem.contains("(https://app.example/ws.wc?***)"),
+        "{line}"
+    );
+    assert!(!problem.contains("SECRET"), "{line}");
+}
+
 /// Identity headers escape `+`, which form decoders (`UrlDecode()` in
 /// FoxPro, .NET's `HttpUtility.UrlDecode`) read as a space: `ann+bob`
 /// would be replied to as `ann bob`.
