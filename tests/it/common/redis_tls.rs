@@ -167,6 +167,26 @@ impl Pki {
     pub fn path(&self, file: &str) -> String {
         self.dir.join(file).to_string_lossy().into_owned()
     }
+
+    /// `redis-server` arguments for TLS on `port` with the certificate
+    /// `cert` (`server`, `localhost`), trusting the CA, asking clients for
+    /// no certificate, and `more`.
+    pub fn server_args(&self, port: u16, cert: &str, more: &[&str]) -> Vec<String> {
+        let mut args = vec![
+            "--tls-port".to_owned(),
+            port.to_string(),
+            "--tls-cert-file".to_owned(),
+            self.path(&format!("{cert}.crt")),
+            "--tls-key-file".to_owned(),
+            self.path(&format!("{cert}.key")),
+            "--tls-ca-cert-file".to_owned(),
+            self.path("ca.crt"),
+            "--tls-auth-clients".to_owned(),
+            "no".to_owned(),
+        ];
+        args.extend(more.iter().map(|s| s.to_string()));
+        args
+    }
 }
 
 impl Drop for Pki {
@@ -191,28 +211,20 @@ impl TlsCluster {
         let cluster = RedisCluster::start_each(3, || {
             let port = free_port();
             ports.lock().unwrap().push(port);
-            [
-                "--tls-port",
-                &port.to_string(),
-                "--tls-cluster",
-                "yes",
-                "--tls-auth-clients",
-                "no",
-                "--tls-cert-file",
-                &pki.path(&format!("{cert}.crt")),
-                "--tls-key-file",
-                &pki.path(&format!("{cert}.key")),
-                "--tls-ca-cert-file",
-                &pki.path("ca.crt"),
-                // The cluster bus asks the connecting node for a client
-                // certificate whatever `tls-auth-clients` says.
-                "--tls-client-cert-file",
-                &pki.path("client.crt"),
-                "--tls-client-key-file",
-                &pki.path("client.key"),
-            ]
-            .map(str::to_owned)
-            .to_vec()
+            // The cluster bus asks the connecting node for a client
+            // certificate whatever `tls-auth-clients` says.
+            pki.server_args(
+                port,
+                cert,
+                &[
+                    "--tls-cluster",
+                    "yes",
+                    "--tls-client-cert-file",
+                    &pki.path("client.crt"),
+                    "--tls-client-key-file",
+                    &pki.path("client.key"),
+                ],
+            )
         });
         // The ports of the servers that made the cluster: the last three
         // given (a failed attempt starts three new ones).
@@ -323,23 +335,8 @@ impl SentinelSetup {
 
     fn launch(pki: Option<&Pki>) -> Self {
         let tls_args = |port: u16| -> Vec<String> {
-            let Some(pki) = pki else { return Vec::new() };
-            [
-                "--tls-port",
-                &port.to_string(),
-                "--tls-cert-file",
-                &pki.path("server.crt"),
-                "--tls-key-file",
-                &pki.path("server.key"),
-                "--tls-ca-cert-file",
-                &pki.path("ca.crt"),
-                "--tls-auth-clients",
-                "no",
-                "--tls-replication",
-                "yes",
-            ]
-            .map(str::to_owned)
-            .to_vec()
+            pki.map(|pki| pki.server_args(port, "server", &["--tls-replication", "yes"]))
+                .unwrap_or_default()
         };
         let server = |extra: Vec<String>| {
             let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
