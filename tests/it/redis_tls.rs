@@ -193,18 +193,23 @@ async fn routing_table_on_a_cluster_over_tls() {
 /// (127.0.0.1): the cluster client reached the seed and then no shard,
 /// and the node stayed unready saying only "No connections found -
 /// ClusterConnectionNotFound" (review of 2026-12-03). It names the shard,
-/// the certificate's error and what to do.
+/// the certificate's error and what to do; also when its first failure
+/// was another (the seed down as the node starts), and never with another
+/// failure later (the seed down again).
 #[tokio::test]
 async fn a_cluster_whose_certificates_do_not_name_its_announced_addresses_says_so() {
     let pki = Pki::make();
-    let cluster = TlsCluster::start(&pki, "localhost");
+    let mut cluster = TlsCluster::start(&pki, "localhost");
     let (url, ca) = (cluster.url("localhost"), pki.path("ca.crt"));
+    cluster.cluster.nodes[0].kill();
     let node = TestServer::with(redis_config(&[
         ("url", &url),
         ("sharded", "true"),
         ("tls_ca_file", &ca),
     ]))
     .await;
+    naming(&node, "Connection refused").await;
+    cluster.cluster.nodes[0].restart();
     naming(&node, "the cluster announces a shard at 127.0.0.1:").await;
     let why = refusal(&node).await;
     assert!(why.contains("not valid for name"), "{why}");
@@ -213,4 +218,8 @@ async fn a_cluster_whose_certificates_do_not_name_its_announced_addresses_says_s
             && why.contains("cluster-announce-hostname"),
         "{why}"
     );
+    cluster.cluster.nodes[0].kill();
+    naming(&node, "Connection refused").await;
+    let why = refusal(&node).await;
+    assert!(!why.contains("announces a shard"), "{why}");
 }

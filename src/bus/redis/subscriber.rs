@@ -122,9 +122,9 @@ pub(super) struct Subscriber {
     connected_before: bool,
     /// Whether the current outage was logged already.
     outage_logged: bool,
-    /// Sharded: why no shard could be reached, found once per outage when
-    /// the cluster client does not say (`conn::why_no_shard`).
-    why_no_shard: Option<String>,
+    /// Sharded: why no shard could be reached, when the cluster client
+    /// does not say (`conn::why_no_shard`), and when that was asked.
+    why_no_shard: Option<(Instant, Option<String>)>,
     /// When dropped pushes were last logged.
     lag_logged: Option<Instant>,
     /// History on: each subscribed topic's last position (`gaps.rs`).
@@ -261,19 +261,33 @@ impl Subscriber {
                     Err(_) => "timed out".to_owned(),
                 },
             };
-            if !self.outage_logged && says_nothing_of_the_shards(&error) {
-                let asked = timeout(
-                    config.command_timeout * 4,
-                    conn::why_no_shard(&self.link, config),
-                );
-                self.why_no_shard = tokio::select! {
-                    () = self.stop.cancelled() => return None,
-                    found = asked => found.ok().flatten(),
-                };
-            }
-            let error = match &self.why_no_shard {
-                Some(why) => format!("{error}: {why}"),
-                None => error,
+            // Asked at the first such failure of an outage (which may
+            // follow others: a node started before its cluster), again
+            // when the answer is older than `ASK_SHARDS_EVERY` (the fault
+            // may have changed), and said only with such a failure (not
+            // with a seed refusing the connection meanwhile).
+            let error = if says_nothing_of_the_shards(&error) {
+                if self
+                    .why_no_shard
+                    .as_ref()
+                    .is_none_or(|(at, _)| at.elapsed() >= ASK_SHARDS_EVERY)
+                {
+                    let asked = timeout(
+                        config.command_timeout * 4,
+                        conn::why_no_shard(&self.link, config),
+                    );
+                    let found = tokio::select! {
+                        () = self.stop.cancelled() => return None,
+                        found = asked => found.ok().flatten(),
+                    };
+                    self.why_no_shard = Some((Instant::now(), found));
+                }
+                match self.why_no_shard.as_ref().and_then(|(_, why)| why.as_ref()) {
+                    Some(why) => format!("{error}: {why}"),
+                    None => error,
+                }
+            } else {
+                error
             };
             self.set_down_because(&error);
             shared.mark_down();
@@ -982,6 +996,11 @@ impl Subscriber {
         }
     }
 }
+
+/// How often a sharded subscriber that cannot reach its shards asks them
+/// why itself (`conn::why_no_shard`): a connection to a seed and one to
+/// each shard, so not at every reconnect attempt.
+const ASK_SHARDS_EVERY: Duration = Duration::from_secs(10);
 
 /// Whether a failed sharded connect's error leaves out why: the cluster
 /// client's "no connection found" (it reached the seeds but no shard) and
