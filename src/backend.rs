@@ -826,8 +826,7 @@ impl Dispatcher {
                 let to = resp
                     .headers()
                     .get(reqwest::header::LOCATION)
-                    .and_then(|l| l.to_str().ok())
-                    .map(|l| format!(" ({})", crate::config::redact_url_and_query(l)))
+                    .map(|l| format!(" ({})", redirect_target(&self.url, l.as_bytes())))
                     .unwrap_or_default();
                 let problem = format!(
                     "{reason}, a redirect, which is not followed: set backend.url to the address it redirects to{to}"
@@ -889,6 +888,32 @@ impl Dispatcher {
             )));
         }
     }
+}
+
+/// Where a redirect's `Location` points, for the log: resolved against
+/// `backend.url` (a relative one names a path of it), read as a URL parser
+/// reads it (an `@` in the query is not the end of a password), without
+/// user information, its query and fragment hidden; bytes that are not
+/// UTF-8 shown as U+FFFD. What no parser reads is shown redacted as any
+/// logged URL is.
+fn redirect_target(backend_url: &str, location: &[u8]) -> String {
+    let location = String::from_utf8_lossy(location);
+    let parsed = match reqwest::Url::parse(backend_url) {
+        Ok(base) => base.join(&location),
+        Err(_) => reqwest::Url::parse(&location),
+    };
+    let Ok(mut url) = parsed else {
+        return crate::config::redact_url_and_query(&location);
+    };
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    if url.query().is_some() {
+        url.set_query(Some("***"));
+    }
+    if url.fragment().is_some() {
+        url.set_fragment(Some("***"));
+    }
+    url.to_string()
 }
 
 /// `e` and its sources, without the request's URL.
@@ -1020,6 +1045,33 @@ mod tests {
         let mut null_group = headers.clone();
         null_group.remove(HEADER_GROUP_ID);
         assert_ne!(signed(&empty_group), signed(&null_group));
+    }
+
+    #[test]
+    fn a_redirect_target_is_resolved_and_shown_without_secrets() {
+        let base = "http://fox:pw@app.example:8080/app/__websocket.wwd?key=K";
+        for (location, want) in [
+            (
+                &b"https://new.example/cb?next=ann@example.com&apikey=SECRET"[..],
+                "https://new.example/cb?***",
+            ),
+            (
+                b"https://new.example/p?a=1#x@y&token=SECRET",
+                "https://new.example/p?***#***",
+            ),
+            (b"https://u:SECRET@new.example/x", "https://new.example/x"),
+            (
+                b"/relative/path?key=SECRET",
+                "http://app.example:8080/relative/path?***",
+            ),
+            (
+                "https://new.example/café/x?k=SECRET".as_bytes(),
+                "https://new.example/caf%C3%A9/x?***",
+            ),
+            (b"https://new.example/\xff", "https://new.example/%EF%BF%BD"),
+        ] {
+            assert_eq!(redirect_target(base, location), want, "{location:?}");
+        }
     }
 
     #[test]

@@ -96,19 +96,28 @@ fn redact_userinfo(s: &str) -> String {
 /// sent, may hold what an operator pasted there). The password is hidden
 /// first, and the query looked for only after it: a password holding `?`
 /// or `#` (`user:se#cret@h`) was cut there and its start shown.
+///
+/// An `@` in the query (`?next=ann@example.com&apikey=…`) is taken for the
+/// end of a password too, and the `?` with it: what follows it is hidden
+/// whole when it reads as parameters (holds `=` or `&`), since the query
+/// can no longer be told from the host there (review of 2026-12-03: the
+/// `apikey` was shown).
 pub fn redact_url_and_query(url: &str) -> String {
-    let url = redact_urls(url);
-    let from = url
+    let redacted = redact_urls(url);
+    let from = redacted
         .rfind("***@")
         .map(|i| i + "***@".len())
-        .or_else(|| url.find("//").map(|i| i + 2))
+        .or_else(|| redacted.find("//").map(|i| i + 2))
         .unwrap_or(0);
-    match url[from..].find(['?', '#']) {
+    match redacted[from..].find(['?', '#']) {
         Some(at) => {
             let at = from + at;
-            format!("{}{}***", &url[..at], &url[at..=at])
+            format!("{}{}***", &redacted[..at], &redacted[at..=at])
         }
-        None => url,
+        None if redacted[from..].contains(['=', '&']) && redacted[..from].ends_with("***@") => {
+            format!("{}***", &redacted[..from])
+        }
+        None => redacted,
     }
 }
 
@@ -349,6 +358,15 @@ mod tests {
             ),
             ("http://user:a#b?c@h/p#f", "http://user:***@h/p#***"),
             ("\"http://user:se#cret@h/p\"", "\"http://user:***@h/p\""),
+            // An `@` in the query: the parameters after it are hidden.
+            (
+                "https://new.example/cb?next=ann@example.com&apikey=SECRET1",
+                "https://***@***",
+            ),
+            (
+                "https://new.example/p?a=1#x@y&token=SECRET2",
+                "https://***@***",
+            ),
         ] {
             assert_eq!(redact_url_and_query(url), want, "{url}");
         }

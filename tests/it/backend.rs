@@ -749,17 +749,22 @@ async fn the_shutdown_log_counts_what_the_grace_period_cut_off() {
             .unwrap_or_default()
             .starts_with("grace period over with sessions still running")
     });
-    assert_eq!(line["sessions"], 1, "{line}");
+    // The silent one at least (the others close within the grace on a
+    // machine that is not overloaded).
+    let running = line["sessions"].as_u64().unwrap_or_default();
+    assert!(running >= 1, "{line}");
     let line = binary.wait_for("the backend's warning", |v| {
         v["message"]
             .as_str()
             .unwrap_or_default()
             .starts_with("backend queue not flushed")
     });
-    // 4 connect events in flight; the 3 closed sockets' disconnect events
-    // queued behind them.
+    // 4 connect events in flight; the closed sockets' disconnect events
+    // queued behind them (3 unless the machine is slow: a session still
+    // running at the sessions' grace has queued none).
     assert_eq!(line["in_flight"], 4, "{line}");
-    assert_eq!(line["never_sent"], 3, "{line}");
+    let never_sent = line["never_sent"].as_u64().expect("never_sent");
+    assert!(never_sent <= 4 - running, "{line}");
 }
 
 /// Issue 11 review: one socket sending within its rate to a slow backend
