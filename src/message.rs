@@ -147,6 +147,13 @@ pub enum MessageError {
     /// A binary frame that is not UTF-8 text.
     #[error("invalid message: binary frames must contain UTF-8 JSON text")]
     NotUtf8,
+    /// The text starts with a byte-order mark, which JSON sent over a
+    /// network must not (RFC 8259): said so, since serde's "expected value
+    /// at line 1 column 1" points at a character nobody sees.
+    #[error(
+        "invalid message: not JSON: it starts with a byte-order mark (U+FEFF); send the JSON without it"
+    )]
+    ByteOrderMark,
     /// An id-like field is longer than `limits.max_id_bytes`.
     #[error("invalid message: `{field}` is longer than {max} bytes")]
     TooLong {
@@ -350,6 +357,7 @@ impl<'a> Message<'a> {
                     }
                     msg.into_owned()
                 }
+                None if text.starts_with('\u{feff}') => return Err(MessageError::ByteOrderMark),
                 None => return Err(e.into()),
             },
         };
@@ -1326,6 +1334,12 @@ mod tests {
             (
                 "{oops",
                 "invalid message: not JSON: key must be a string at line 1 column 2",
+            ),
+            // A byte-order mark, which serde reports at a character nobody
+            // sees ("expected value at line 1 column 1").
+            (
+                "\u{feff}{\"action\":\"x\"}",
+                "invalid message: not JSON: it starts with a byte-order mark (U+FEFF); send the JSON without it",
             ),
         ] {
             assert_eq!(parse(input).unwrap_err().to_string(), want, "{input}");
