@@ -817,6 +817,7 @@ impl Dispatcher {
         // (which may hold a key), so they are logged `without_url` and the
         // client only learns what kind of failure it was (issue 12 item 1).
         let server_error = matches!(&outcome, Ok(resp) if resp.status().is_server_error());
+        let redirect = matches!(&outcome, Ok(resp) if resp.status().is_redirection());
         let (result, reason, problem) = match outcome {
             Ok(resp) if resp.status().is_success() => {
                 (ForwardResult::Ok, String::new(), String::new())
@@ -867,7 +868,6 @@ impl Dispatcher {
             }
             return;
         }
-        let redirect = problem.contains("a redirect, which is not followed");
         let first_redirect = redirect && !self.redirect_logged.swap(true, Ordering::Relaxed);
         if !self.failing.swap(true, Ordering::Relaxed) || first_redirect {
             warn!(url = %crate::config::redact_url_and_query(&self.url), result = result.label(), %problem,
