@@ -40,10 +40,13 @@ pub fn config_check(
 ) -> Result<String, CliError> {
     let (raw, warnings) = Config::raw_from(file, env)?;
     let raw = raw.in_effect();
-    Config::from_raw(raw.clone())?;
+    let config = Config::from_raw(raw.clone())?;
     let mut out = String::from("# The configuration is valid. In effect (secrets redacted):\n");
     for warning in warnings {
         out.push_str(&format!("# warning: {warning}\n"));
+    }
+    for note in &config.notes {
+        out.push_str(&format!("# note: {note}\n"));
     }
     out.push('\n');
     out.push_str(&to_toml(&raw));

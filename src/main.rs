@@ -219,6 +219,9 @@ fn main() -> ExitCode {
     for warning in &config.env_warnings {
         tracing::warn!("{warning}");
     }
+    for note in &config.notes {
+        tracing::info!("{note}");
+    }
     let runtime = match start_runtime() {
         Ok(rt) => rt,
         Err(e) => {

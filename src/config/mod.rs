@@ -373,6 +373,10 @@ pub struct Config {
     /// `WSHUB_*` variables that were ignored, one line each, for the log
     /// once logging has started (see `env.rs`).
     pub env_warnings: Vec<String>,
+    /// Settings that are valid but do nothing in the company they are in,
+    /// one line each: logged at info at start and printed by `config
+    /// check` ([`Config::from_raw`]).
+    pub notes: Vec<String>,
 }
 
 /// What the hub serves besides sockets and the broadcast endpoint.
@@ -748,6 +752,7 @@ impl Config {
     /// Validates what the user wrote.
     pub fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
         let raw = raw.in_effect();
+        let notes = Self::notes_of(&raw);
         let listen = raw.listen.parse().map_err(|e| {
             invalid(
                 "listen",
@@ -950,7 +955,23 @@ impl Config {
                     .then(|| Duration::from_millis(raw.http.header_read_timeout_ms)),
             },
             env_warnings: Vec::new(),
+            notes,
         })
+    }
+
+    /// Keys that are valid but do nothing as combined, one line each.
+    fn notes_of(raw: &RawConfig) -> Vec<String> {
+        let mut notes = Vec::new();
+        // Events asked for and posted nowhere went without a word (review
+        // of 2026-12-03). Neither refused nor a warning: the shipped
+        // compose file turns them on and takes the URL from the
+        // environment, empty when there is no backend.
+        if raw.backend.events && raw.backend.url.trim().is_empty() {
+            notes.push(
+                "backend.events is on but backend.url is empty: no events are posted until a backend URL is set".to_owned(),
+            );
+        }
+        notes
     }
 
     fn history_from_raw(

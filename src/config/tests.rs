@@ -997,6 +997,50 @@ mod review_2026_12_02 {
         assert!(load("", &[("WSHUB_BACKEND__URL", "http://x/y")]).is_ok());
     }
 
+    /// Events turned on without a URL were posted nowhere, and nothing
+    /// said so. Neither refused nor a warning: the shipped compose file
+    /// turns them on and takes the URL from the environment, empty
+    /// without a backend.
+    #[test]
+    fn backend_events_without_a_url_are_noted() {
+        for (file, env) in [
+            ("[backend]\nevents = true\n", vec![]),
+            ("", vec![("WSHUB_BACKEND__EVENTS", "true")]),
+            (
+                "",
+                vec![
+                    ("WSHUB_BACKEND__EVENTS", "true"),
+                    ("WSHUB_BACKEND__URL", " "),
+                ],
+            ),
+        ] {
+            let config = load(file, &env).unwrap();
+            assert!(config.backend.is_none());
+            assert_eq!(
+                config.notes.len(),
+                1,
+                "{file:?} {env:?}: {:?}",
+                config.notes
+            );
+            assert!(
+                config.notes[0].contains("backend.events is on but backend.url is empty"),
+                "{:?}",
+                config.notes
+            );
+        }
+        let on = load(
+            "",
+            &[
+                ("WSHUB_BACKEND__EVENTS", "true"),
+                ("WSHUB_BACKEND__URL", "http://x/y"),
+            ],
+        )
+        .unwrap();
+        assert!(on.notes.is_empty(), "{:?}", on.notes);
+        assert!(on.backend.unwrap().events);
+        assert!(load("", &[]).unwrap().notes.is_empty());
+    }
+
     /// A misspelt level was a filter that let nothing through.
     #[test]
     fn log_level_names_a_level() {

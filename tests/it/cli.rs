@@ -487,6 +487,28 @@ fn config_check_prints_the_values_the_node_runs_with() {
     }
 }
 
+/// Events turned on without a backend URL are posted nowhere: check says
+/// so (a note, not an error: the compose file leaves the URL to its
+/// environment).
+#[test]
+fn config_check_notes_backend_events_without_a_url() {
+    let (code, text, stderr) = run(&["config", "check"], &[("WSHUB_BACKEND__EVENTS", "true")]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        text.contains("# note: backend.events is on but backend.url is empty"),
+        "{text}"
+    );
+    let (code, text, stderr) = run(
+        &["config", "check"],
+        &[
+            ("WSHUB_BACKEND__EVENTS", "true"),
+            ("WSHUB_BACKEND__URL", "http://127.0.0.1:9/ws"),
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!text.contains("# note"), "{text}");
+}
+
 #[tokio::test]
 async fn a_minted_token_opens_a_socket_as_its_user() {
     const SECRET: &str = "cli-token-secret-0123456789abcdefghij";
