@@ -62,8 +62,9 @@
 //! - `auth`, `admission`, `rate_limit`, `fragments` (internal): tokens,
 //!   origins and API keys; capacity and the per-address limit; each
 //!   socket's message rate; the frames of a message being read.
-//! - `refusal_log` (internal): which refusals `http` logs, one line per
-//!   peer and reason per minute, in a bounded map.
+//! - `refusal_log` (internal): which refusals `http` and `server` (what the
+//!   HTTP library refused) log, one line per peer and reason per minute, in a
+//!   bounded map.
 //! - [`outcome`]: the vocabulary of outcomes (close, drop and refusal
 //!   reasons, backend results), depending on nothing else here.
 //! - [`shutdown`]: the owner of every task (token + tracker).

@@ -13,8 +13,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::outcome::{
-    BroadcastStatus, CloseReason, DropReason, ForwardResult, HandoffResult, RefusalReason,
-    ResumeResult,
+    BroadcastStatus, CloseReason, DropReason, ForwardResult, HandoffResult, HeadError,
+    RefusalReason, ResumeResult,
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -99,6 +99,7 @@ pub struct Metrics {
     capacity: Gauge,
     full: Gauge,
     refused: Family<ReasonLabel, Counter>,
+    head_errors: Family<KindLabel, Counter>,
     ready: Gauge,
     registry_nodes: Gauge,
     registry_heartbeat_failures: Counter,
@@ -157,6 +158,7 @@ impl Metrics {
             capacity: Gauge::default(),
             full: Gauge::default(),
             refused: Family::default(),
+            head_errors: Family::default(),
             ready: Gauge::default(),
             registry_nodes: Gauge::default(),
             registry_heartbeat_failures: Counter::default(),
@@ -275,6 +277,18 @@ impl Metrics {
             drop(m.refused.get_or_create(&ReasonLabel {
                 reason: reason.label(),
             }));
+        }
+        registry.register(
+            "http_connection_errors",
+            "HTTP connections the HTTP library ended before a request reached wshub, by kind: \
+             head_too_large (431 or 414), malformed (400), http2 (closed), head_timeout (closed)",
+            m.head_errors.clone(),
+        );
+        for kind in HeadError::ALL {
+            drop(
+                m.head_errors
+                    .get_or_create(&KindLabel { kind: kind.label() }),
+            );
         }
         registry.register(
             "ready",
@@ -555,6 +569,13 @@ impl Metrics {
     /// A message took `latency` from publish to receipt through the bus.
     pub fn bus_latency(&self, latency: std::time::Duration) {
         self.bus_latency.observe(latency.as_secs_f64());
+    }
+
+    /// A connection the HTTP library ended before routing.
+    pub fn head_error(&self, kind: HeadError) {
+        self.head_errors
+            .get_or_create(&KindLabel { kind: kind.label() })
+            .inc();
     }
 
     /// The bus found a gap in a topic's positions and it became `kind`.

@@ -263,6 +263,45 @@ impl RefusalReason {
     }
 }
 
+/// Why the HTTP library (hyper) ended a connection before any request of
+/// it reached the router (the `kind` label of
+/// `wshub_http_connection_errors_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadError {
+    /// A request head over the node's bound (64 KiB, 100 fields) or a
+    /// request target over hyper's (431, or 414 for the target).
+    TooLarge,
+    /// A head that is not HTTP/1: a bad method, target, version or header
+    /// (400).
+    Malformed,
+    /// HTTP/2's connection preface on the HTTP/1 port (closed, no answer).
+    Http2,
+    /// No whole head within `http.header_read_timeout_ms` of the
+    /// connection's start or its last response (closed, no answer): a
+    /// slow or stalled client, an unused preconnect, an idle keep-alive.
+    Timeout,
+}
+
+impl HeadError {
+    /// Every kind, to seed the series.
+    pub const ALL: [HeadError; 4] = [
+        HeadError::TooLarge,
+        HeadError::Malformed,
+        HeadError::Http2,
+        HeadError::Timeout,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::TooLarge => "head_too_large",
+            Self::Malformed => "malformed",
+            Self::Http2 => "http2",
+            Self::Timeout => "head_timeout",
+        }
+    }
+}
+
 /// Every answer of the broadcast endpoint (the `status` label of
 /// `wshub_http_broadcast_requests_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

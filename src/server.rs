@@ -17,7 +17,10 @@ use tracing::{debug, info, trace, warn};
 
 use crate::admission::{HttpConnections, HttpSlot};
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::node::{Node, StartError};
+use crate::outcome::HeadError;
+use crate::refusal_log::{RefusalLog, Verdict};
 
 /// Why the server could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +118,10 @@ impl Server {
         let http = node.http_shutdown().clone();
         let mut acceptor = Acceptor::new(listener, node.config.tcp_nodelay);
         let http1 = Arc::new(http1_builder(node.config.http.header_read_timeout));
+        let head_errors = Arc::new(HeadErrors {
+            metrics: node.metrics.clone(),
+            log: RefusalLog::default(),
+        });
         let per_ip = HttpConnections::new(
             node.config.limits.max_http_connections_per_ip,
             node.config.limits.ipv6_prefix_len,
@@ -137,6 +144,7 @@ impl Server {
                     peer,
                     router.clone(),
                     http1.clone(),
+                    head_errors.clone(),
                     stop.clone(),
                     slot,
                 ));
@@ -304,6 +312,7 @@ async fn serve_connection(
     peer: SocketAddr,
     router: axum::Router,
     http1: Arc<http1::Builder>,
+    head_errors: Arc<HeadErrors>,
     stop: CancellationToken,
     // Held until the connection ends or becomes a socket (the future below
     // ends at the upgrade).
@@ -346,10 +355,65 @@ async fn serve_connection(
         }
     };
     if let Err(error) = result {
-        // Garbage, a reset, a cut-off request, a head too slow: the
-        // client's doing, at whatever rate clients choose, so below the
-        // levels a production log runs at (axum logged these at trace).
-        trace!(%error, %peer, "connection ended with an error");
+        head_errors.note(peer, &error);
+    }
+}
+
+/// What the HTTP library refused on a connection before any request of it
+/// reached the router, where wshub's own refusals are counted and logged
+/// ([`crate::http`]): a head too large (431, or 414 for the target),
+/// not HTTP (400), HTTP/2's preface (closed) or too slow (closed).
+///
+/// Each is counted in `wshub_http_connection_errors_total{kind}`. The
+/// first three are logged at warn, one line per peer address and kind a
+/// minute like the router's refusals ([`crate::refusal_log`], a log of
+/// its own): a browser whose cookies outgrew the head's bound gets 431
+/// with an empty body, and before this nothing on the node said so.
+/// A head timeout is logged at debug only: it also ends unused
+/// preconnects and idle keep-alive connections, which are nobody's fault.
+/// Any other error (a reset, a request cut off) is the client's doing
+/// and logged at trace, as axum did.
+struct HeadErrors {
+    metrics: Arc<Metrics>,
+    log: RefusalLog,
+}
+
+impl HeadErrors {
+    fn note(&self, peer: SocketAddr, error: &hyper::Error) {
+        let kind = if error.is_parse_too_large() {
+            HeadError::TooLarge
+        } else if error.is_parse_version_h2() {
+            HeadError::Http2
+        } else if error.is_parse() {
+            HeadError::Malformed
+        } else if error.is_timeout() {
+            HeadError::Timeout
+        } else {
+            trace!(%error, %peer, "connection ended with an error");
+            return;
+        };
+        self.metrics.head_error(kind);
+        if kind == HeadError::Timeout {
+            debug!(%peer, "connection closed: no whole request head within http.header_read_timeout_ms");
+            return;
+        }
+        let kind = kind.label();
+        // Tokio's clock, as the router's refusals use.
+        let now = tokio::time::Instant::now().into_std();
+        if let Verdict::Log {
+            suppressed,
+            overflow,
+        } = self.log.note(Some(peer.ip()), kind, now)
+        {
+            // hyper's own words (fixed texts, nothing the client sent).
+            let peer = peer.ip();
+            if overflow {
+                warn!(%peer, kind, %error, suppressed,
+                    "request refused by the HTTP layer (the refusal log is full: new peers share one line per minute)");
+            } else {
+                warn!(%peer, kind, %error, suppressed, "request refused by the HTTP layer");
+            }
+        }
     }
 }
 

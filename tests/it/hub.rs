@@ -1096,7 +1096,9 @@ async fn the_smallest_accepted_queue_holds_one_maximal_message() {
 /// (the broadcast endpoint's 401 once was missing).
 #[tokio::test]
 async fn metrics_list_every_label_of_every_family_at_start() {
-    use wshub::outcome::{BroadcastStatus, CloseReason, DropReason, ForwardResult, RefusalReason};
+    use wshub::outcome::{
+        BroadcastStatus, CloseReason, DropReason, ForwardResult, HeadError, RefusalReason,
+    };
     let server = TestServer::start().await;
     let text = reqwest::get(server.url("/metrics"))
         .await
@@ -1134,6 +1136,12 @@ async fn metrics_list_every_label_of_every_family_at_start() {
         want.push(format!(
             "wshub_backend_forwards_total{{result=\"{}\"}} 0",
             r.label()
+        ));
+    }
+    for k in HeadError::ALL {
+        want.push(format!(
+            "wshub_http_connection_errors_total{{kind=\"{}\"}} 0",
+            k.label()
         ));
     }
     for line in want {

@@ -632,6 +632,68 @@ async fn a_head_over_64_kib_is_431_at_once() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
+/// What hyper refuses before a request reaches the router (a head too
+/// large, not HTTP, HTTP/2's preface, a head too slow) is counted by kind
+/// and logged: at warn once per peer and kind a minute, the timeout (which
+/// also ends idle keep-alives) at debug. Before, none of it was (a review
+/// found a browser's oversized cookies answered 431 with nothing on the
+/// node saying so).
+#[tokio::test]
+async fn what_the_http_layer_refuses_is_counted_and_logged() {
+    let (log, _guard) = crate::common::Captured::at(tracing::Level::DEBUG);
+    let mut config = test_config();
+    config.http.header_read_timeout = Some(Duration::from_millis(300));
+    let server = TestServer::with(config).await;
+    let filler: String = (0..70)
+        .map(|i| format!("x-filler-{i}: {}\r\n", "v".repeat(1000)))
+        .collect();
+    for _ in 0..2 {
+        let head = format!("GET /healthz HTTP/1.1\r\nhost: wshub\r\n{filler}");
+        let text = sent(&server, &head, false).await;
+        assert!(text.starts_with("HTTP/1.1 431 "), "{text}");
+    }
+    let text = sent(
+        &server,
+        "GET /healthz HTTP/1.1\r\nhost wshub\r\n\r\n",
+        false,
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+    let text = sent(&server, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", false).await;
+    assert_eq!(text, "", "HTTP/2's preface: closed without an answer");
+    let started = Instant::now();
+    let text = sent(&server, "GET /healthz HTTP/1.1\r\nhost: wshub\r\n", false).await;
+    assert_eq!(text, "", "half a head: closed without an answer");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    for (kind, count) in [
+        ("head_too_large", 2.0),
+        ("malformed", 1.0),
+        ("http2", 1.0),
+        ("head_timeout", 1.0),
+    ] {
+        let series = format!("wshub_http_connection_errors_total{{kind=\"{kind}\"}}");
+        crate::common::eventually(&series, || server.metric(&series) == count).await;
+    }
+    let refused = log.lines("request refused by the HTTP layer");
+    let kinds: Vec<&str> = refused
+        .iter()
+        .map(|l| l["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["head_too_large", "malformed", "http2"],
+        "{refused:#?}"
+    );
+    for line in &refused {
+        assert_eq!(line["level"], "WARN", "{line}");
+        assert_eq!(line["peer"], "127.0.0.1", "{line}");
+    }
+    assert_eq!(refused[0]["error"], "message head is too large");
+    let slow = log.lines("connection closed: no whole request head");
+    assert_eq!(slow.len(), 1, "{slow:#?}");
+    assert_eq!(slow[0]["level"], "DEBUG");
+}
+
 /// The head's other bound, as documented (docs/security.md): 100 header
 /// fields are served, 101 are 431, however small (review of 2026-12-03:
 /// the count was not documented).
