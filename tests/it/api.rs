@@ -189,6 +189,29 @@ async fn disconnect_reaches_every_holding_node_and_no_other() {
     }
 }
 
+/// `groupId` `null` and `""` are the null group (sockets without
+/// `groupid`), as docs/api.md says: null was refused as "must be a
+/// string" (review of 2026-12-03).
+#[tokio::test]
+async fn disconnect_by_the_null_group_takes_null_and_empty() {
+    let server = TestServer::start().await;
+    for group in [json!(null), json!("")] {
+        let mut alone = server.connect("ann", None).await;
+        let mut grouped = server.connect("bob", Some("g")).await;
+        let (status, body) =
+            post(server.addr, "/api/disconnect", json!({ "groupId": group })).await;
+        assert_eq!(
+            (status, &body),
+            (200, &json!({"nodes_reached": 1})),
+            "{group}"
+        );
+        let (code, _) = closed_within(&mut alone, Duration::from_secs(1)).await;
+        assert_eq!(code, 4005, "{group}");
+        nothing_but_sentinel(&mut grouped, &mut []).await;
+        grouped.close().await;
+    }
+}
+
 /// Tries to open a socket; its HTTP status when refused.
 async fn refused_status(addr: SocketAddr, query: &str) -> Option<u16> {
     match connect_async(format!("ws://{addr}/ws?{query}")).await {
