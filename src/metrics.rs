@@ -281,7 +281,7 @@ impl Metrics {
         registry.register(
             "http_connection_errors",
             "HTTP connections the HTTP library ended before a request reached wshub, by kind: \
-             head_too_large (431 or 414), malformed (400), http2 (closed), head_timeout (closed)",
+             head_too_large (431), malformed (400), http2 (closed), head_timeout (closed)",
             m.head_errors.clone(),
         );
         for kind in HeadError::ALL {

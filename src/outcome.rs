@@ -268,8 +268,9 @@ impl RefusalReason {
 /// `wshub_http_connection_errors_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeadError {
-    /// A request head over the node's bound (64 KiB, 100 fields) or a
-    /// request target over hyper's (431, or 414 for the target).
+    /// A request head over the node's bound (64 KiB, 100 fields): 431.
+    /// (hyper's 414 for a request target over 65,534 bytes is never
+    /// reached: such a head is over 64 KiB first.)
     TooLarge,
     /// A head that is not HTTP/1: a bad method, target, version or header
     /// (400).

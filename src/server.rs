@@ -361,7 +361,7 @@ async fn serve_connection(
 
 /// What the HTTP library refused on a connection before any request of it
 /// reached the router, where wshub's own refusals are counted and logged
-/// ([`crate::http`]): a head too large (431, or 414 for the target),
+/// ([`crate::http`]): a head too large (431),
 /// not HTTP (400), HTTP/2's preface (closed) or too slow (closed).
 ///
 /// Each is counted in `wshub_http_connection_errors_total{kind}`. The
