@@ -860,10 +860,8 @@ impl Config {
             ));
         }
         let redis = Self::redis_from_raw(&raw.redis)?;
-        if redis
-            .as_ref()
-            .is_some_and(|r| r.publish_queue_bytes < l.max_fanout_bytes)
-        {
+        // Checked with or without a Redis URL, as every redis.* bound.
+        if raw.redis.publish_queue_bytes < l.max_fanout_bytes {
             return Err(invalid(
                 "redis.publish_queue_bytes",
                 "must be at least limits.max_fanout_bytes (the largest message must fit)",
@@ -978,15 +976,7 @@ impl Config {
         raw: &RawHistory,
         redis: Option<&RedisConfig>,
     ) -> Result<Option<HistoryConfig>, ConfigError> {
-        if !raw.enabled {
-            return Ok(None);
-        }
-        if redis.is_none() {
-            return Err(invalid(
-                "history.enabled",
-                "history is kept in Redis: set redis.url (or redis.sentinels), or turn history off",
-            ));
-        }
+        // The bounds hold with history off too (as redis.*'s).
         if raw.ttl_ms == 0 {
             return Err(invalid("history.ttl_ms", "must be at least 1"));
         }
@@ -1006,6 +996,15 @@ impl Config {
             return Err(invalid(
                 "history.replay_budget_bytes",
                 "must be 0 or at least history.max_replay_bytes (a replay of that size could never fit)",
+            ));
+        }
+        if !raw.enabled {
+            return Ok(None);
+        }
+        if redis.is_none() {
+            return Err(invalid(
+                "history.enabled",
+                "history is kept in Redis: set redis.url (or redis.sentinels), or turn history off",
             ));
         }
         Ok(Some(HistoryConfig {
@@ -1041,6 +1040,46 @@ impl Config {
     }
 
     fn redis_from_raw(raw: &RawRedis) -> Result<Option<RedisConfig>, ConfigError> {
+        // The bounds hold with or without a URL, as backend.*'s: a
+        // template that leaves the URL to its environment passed `config
+        // check` with a bad value, and the node refused to start once the
+        // URL came (review of 2026-12-03).
+        if raw.channel_prefix.is_empty() || raw.channel_prefix.contains(['{', '}']) {
+            return Err(invalid(
+                "redis.channel_prefix",
+                "must be non-empty and without braces (they would pin every channel to one cluster slot)",
+            ));
+        }
+        if raw.publish_queue == 0 {
+            return Err(invalid("redis.publish_queue", "must be at least 1"));
+        }
+        if Duration::from_millis(raw.publish_retry_ms) < MIN_PUBLISH_RETRY {
+            // 0 dropped every message before it was sent, Redis healthy
+            // (review of 2026-12-03): a message waits at least its round
+            // trip.
+            return Err(invalid(
+                "redis.publish_retry_ms",
+                format!(
+                    "must be at least {} (a message waits for its round trip to Redis; below it, messages are dropped while Redis is healthy)",
+                    MIN_PUBLISH_RETRY.as_millis()
+                ),
+            ));
+        }
+        if raw.probe_interval_ms == 0 {
+            return Err(invalid("redis.probe_interval_ms", "must be at least 1"));
+        }
+        if raw.probe_timeout_ms <= raw.probe_interval_ms {
+            return Err(invalid(
+                "redis.probe_timeout_ms",
+                "must be longer than redis.probe_interval_ms",
+            ));
+        }
+        if raw.reconnect_max_ms == 0 || raw.command_timeout_ms == 0 {
+            return Err(invalid(
+                "redis.reconnect_max_ms",
+                "and redis.command_timeout_ms must be at least 1",
+            ));
+        }
         if raw.url.trim().is_empty() && raw.sentinels.is_empty() {
             // Refuses redis.sentinel_tls or sentinel_master without
             // sentinels (a blank list included).
@@ -1109,42 +1148,6 @@ impl Config {
                     "names a database other than 0, which a Redis Cluster does not have (leave the /db out with redis.sharded)",
                 ));
             }
-        }
-        if config.channel_prefix.is_empty() || config.channel_prefix.contains(['{', '}']) {
-            return Err(invalid(
-                "redis.channel_prefix",
-                "must be non-empty and without braces (they would pin every channel to one cluster slot)",
-            ));
-        }
-        if config.publish_queue == 0 {
-            return Err(invalid("redis.publish_queue", "must be at least 1"));
-        }
-        if config.publish_retry < MIN_PUBLISH_RETRY {
-            // 0 dropped every message before it was sent, Redis healthy
-            // (review of 2026-12-03): a message waits at least its round
-            // trip.
-            return Err(invalid(
-                "redis.publish_retry_ms",
-                format!(
-                    "must be at least {} (a message waits for its round trip to Redis; below it, messages are dropped while Redis is healthy)",
-                    MIN_PUBLISH_RETRY.as_millis()
-                ),
-            ));
-        }
-        if config.probe_interval.is_zero() {
-            return Err(invalid("redis.probe_interval_ms", "must be at least 1"));
-        }
-        if config.probe_timeout <= config.probe_interval {
-            return Err(invalid(
-                "redis.probe_timeout_ms",
-                "must be longer than redis.probe_interval_ms",
-            ));
-        }
-        if config.reconnect_max.is_zero() || config.command_timeout.is_zero() {
-            return Err(invalid(
-                "redis.reconnect_max_ms",
-                "and redis.command_timeout_ms must be at least 1",
-            ));
         }
         Ok(Some(config))
     }

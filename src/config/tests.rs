@@ -236,6 +236,30 @@ fn errors_name_the_key() {
             &[("WSHUB_BACKEND__SIGNING_KEY", "short")],
             "`backend.signing_key`",
         ),
+        // Likewise redis.* without a Redis URL and history.* with history
+        // off (review of 2026-12-03).
+        (
+            &[("WSHUB_REDIS__CHANNEL_PREFIX", "{x}")],
+            "`redis.channel_prefix`",
+        ),
+        (
+            &[("WSHUB_REDIS__PUBLISH_RETRY_MS", "50")],
+            "`redis.publish_retry_ms`",
+        ),
+        (
+            &[("WSHUB_REDIS__PUBLISH_QUEUE", "0")],
+            "`redis.publish_queue`",
+        ),
+        (
+            &[("WSHUB_REDIS__PUBLISH_QUEUE_BYTES", "1000")],
+            "`redis.publish_queue_bytes`",
+        ),
+        (
+            &[("WSHUB_REDIS__PROBE_TIMEOUT_MS", "1")],
+            "`redis.probe_timeout_ms`",
+        ),
+        (&[("WSHUB_HISTORY__SIZE_USER", "0")], "`history.size_user`"),
+        (&[("WSHUB_HISTORY__TTL_MS", "0")], "`history.ttl_ms`"),
         (
             &[("WSHUB_BROADCAST__TRUSTED_NETWORKS", "10.0.0.0/8,nope")],
             "`broadcast.trusted_networks`",
