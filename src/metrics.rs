@@ -280,7 +280,7 @@ impl Metrics {
         }
         registry.register(
             "http_connection_errors",
-            "HTTP connections the HTTP library ended before a request reached wshub, by kind: \
+            "HTTP connections the HTTP library ended on a request head that never reached wshub, by kind: \
              head_too_large (431), malformed (400), http2 (closed), head_timeout (closed)",
             m.head_errors.clone(),
         );

@@ -17,6 +17,7 @@ use tracing::{debug, info, trace, warn};
 
 use crate::admission::{HttpConnections, HttpSlot};
 use crate::config::Config;
+use crate::logging::Untrusted;
 use crate::metrics::Metrics;
 use crate::node::{Node, StartError};
 use crate::outcome::HeadError;
@@ -394,7 +395,7 @@ impl HeadErrors {
         };
         self.metrics.head_error(kind);
         if kind == HeadError::Timeout {
-            debug!(%peer, "connection closed: no whole request head within http.header_read_timeout_ms");
+            debug!(peer = %peer.ip(), "connection closed: no whole request head within http.header_read_timeout_ms");
             return;
         }
         let kind = kind.label();
@@ -405,8 +406,11 @@ impl HeadErrors {
             overflow,
         } = self.log.note(Some(peer.ip()), kind, now)
         {
-            // hyper's own words (fixed texts, nothing the client sent).
+            // hyper's own words (fixed texts, nothing the client sent),
+            // quoted in text logs as the router's reasons are.
             let peer = peer.ip();
+            let error = error.to_string();
+            let error = Untrusted(&error);
             if overflow {
                 warn!(%peer, kind, %error, suppressed,
                     "request refused by the HTTP layer (the refusal log is full: new peers share one line per minute)");

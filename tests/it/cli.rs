@@ -63,6 +63,58 @@ fn text_logs_to_a_pipe_have_no_colour_codes() {
     );
 }
 
+/// In text logs the HTTP layer's refusal quotes hyper's words, as the
+/// router's refusals quote their reason, so that a logfmt reader takes
+/// them as one value (review of 2026-12-03: `error=invalid HTTP method
+/// parsed` read as four fields).
+#[test]
+fn the_http_layer_refusal_quotes_its_error_in_text_logs() {
+    use std::io::{Read, Write};
+    let mut child = wshub()
+        .env_clear()
+        .env("WSHUB_LISTEN", "127.0.0.1:0")
+        .env("WSHUB_LOG__FORMAT", "text")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start wshub");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let mut seen = String::new();
+    while !line.contains("wshub listening") {
+        line.clear();
+        let n = stderr.read_line(&mut line).expect("read stderr");
+        assert!(n > 0, "wshub exited before listening:\n{seen}");
+        seen.push_str(&line);
+    }
+    let addr = line
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("addr="))
+        .expect("the listening line names its address")
+        .to_owned();
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream.write_all(b"HELLO\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let _ = stream.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    while !line.contains("request refused by the HTTP layer") {
+        line.clear();
+        let n = stderr.read_line(&mut line).expect("read stderr");
+        assert!(n > 0, "wshub exited:\n{seen}");
+        seen.push_str(&line);
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        line.contains("error=\"invalid HTTP method parsed\""),
+        "{line}"
+    );
+    assert!(line.contains("peer=127.0.0.1 "), "{line}");
+}
+
 /// `healthcheck` exits 0 or 1, as `--help` says: Docker reserves 2, and a
 /// configuration error is one more reason the node is not healthy.
 #[test]
