@@ -183,6 +183,17 @@ pub enum MessageError {
     /// otherwise fake hub errors to other clients or events to the backend.
     #[error("invalid message: actions starting with `wshub.` are reserved for the hub")]
     ReservedAction,
+    /// A socket asked for its group's members (`wshub.presence`) on a
+    /// node with presence off: said so, rather than "reserved", so that a
+    /// page can tell (review of 2026-12-03).
+    #[error(
+        "presence is off on this hub (presence.enabled = false): `wshub.presence` is not answered"
+    )]
+    PresenceOff,
+    /// A socket that did not opt in to presence asked for its group's
+    /// members.
+    #[error("`wshub.presence` is answered only on a socket opened with presence=1")]
+    PresenceNotOptedIn,
     /// A client gave a field twice (`Message::duplicate`).
     #[error(
         "invalid message: duplicate field `{field}` (the hub and a backend could read different ones)"

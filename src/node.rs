@@ -587,12 +587,18 @@ impl Node {
         }
         if msg.is_reserved() {
             // A socket that opted in to presence asks for its group's
-            // members; from anyone else it is refused as before.
-            if msg.action.as_deref() == Some(ACTION_PRESENCE)
-                && let Some(presence) = &self.presence
-                && presence.request(conn)
-            {
-                return Ok(());
+            // members; from anyone else it is refused, saying why.
+            if msg.action.as_deref() == Some(ACTION_PRESENCE) {
+                return match &self.presence {
+                    Some(presence) if presence.enabled() => {
+                        if presence.request(conn) {
+                            Ok(())
+                        } else {
+                            Err(MessageError::PresenceNotOptedIn.into())
+                        }
+                    }
+                    _ => Err(MessageError::PresenceOff.into()),
+                };
             }
             return Err(MessageError::ReservedAction.into());
         }

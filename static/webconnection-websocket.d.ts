@@ -139,12 +139,13 @@ export interface PresenceMember {
   connections: number;
 }
 
-/** What `onPresenceHandler` receives after each change of `members`. */
+/** What `onPresenceHandler` receives after each change of `members`; `"off"` when the hub
+ *  has presence off (on each open: no members, `v` 0). */
 export interface PresenceEvent {
-  type: "snapshot" | "join" | "leave";
-  /** The user who joined or left; null for a snapshot. */
+  type: "snapshot" | "join" | "leave" | "off";
+  /** The user who joined or left; null for a snapshot and for `"off"`. */
   userId: string | null;
-  /** The group's version: grows with every change. */
+  /** The group's version: grows with every change (0 for `"off"`). */
   v: number;
   members: PresenceMember[];
 }

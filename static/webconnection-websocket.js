@@ -53,6 +53,9 @@ const DEFAULTS = Object.freeze({
 /** The hub's presence actions (docs/presence.md). */
 const PRESENCE_ACTIONS = new Set(["wshub.presence", "wshub.join", "wshub.leave"]);
 
+/** How a hub with presence off answers the members request (`wshub.error`). */
+const PRESENCE_OFF = "presence is off on this hub";
+
 /**
  * `url` with `presence=1` added to its query (the socket opts in to
  * presence frames).
@@ -351,7 +354,9 @@ export class WebConnectionWebSocket {
     /** Called when a frame is not JSON. @type {(data: string, err: Error) => void} */
     this.onErrorHandler = null;
     /** With `presence`: called after each change of {@link members}, with
-     *  `{type: "snapshot"|"join"|"leave", userId, v, members}` (`userId` null for a snapshot).
+     *  `{type: "snapshot"|"join"|"leave", userId, v, members}` (`userId` null for a snapshot),
+     *  and with `{type: "off", userId: null, v: 0, members: []}` when the hub has presence
+     *  off (on each open; its refusal does not reach `onMessageHandler`).
      *  @type {(ev: object) => void} */
     this.onPresenceHandler = null;
     /** Presence: the members by user id, the snapshot's `v` (null until it
@@ -642,6 +647,19 @@ export class WebConnectionWebSocket {
       }
       if (this.options.presence && msg && PRESENCE_ACTIONS.has(msg.action)) {
         this._presenceFrame(msg);
+        return;
+      }
+      if (
+        this.options.presence &&
+        msg &&
+        msg.action === "wshub.error" &&
+        typeof msg.message === "string" &&
+        msg.message.startsWith(PRESENCE_OFF)
+      ) {
+        // The answer to the library's own request, not the page's: told
+        // as a presence event, not as a message.
+        this._presence = { members: new Map(), v: null, last: null, early: [] };
+        this._presenceChanged({ type: "off", userId: null, v: 0 });
         return;
       }
       if (this.onMessageHandler) this.onMessageHandler(msg);

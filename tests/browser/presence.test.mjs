@@ -119,6 +119,31 @@ test("with presence off the sample shows no member list and no error", async () 
   assert.equal(await page.$eval("#members", (el) => el.hidden), true);
   assert.deepEqual(await page.$$eval("#messages li.error", (lis) => lis.length), 0);
   await page.close();
+  // The library itself (the node's copy): the hub's answer to its members
+  // request reaches onPresenceHandler as type "off", and onMessageHandler
+  // gets nothing of it (it got "reserved for the hub" before).
+  const lib = await browser.newPage();
+  lib.setDefaultTimeout(10_000);
+  await lib.goto(`${plain.url}/healthz`);
+  const seen = await lib.evaluate(async () => {
+    const { WebConnectionWebSocket } = await import("/scripts/webconnection-websocket.js");
+    const ws = new WebConnectionWebSocket({ presence: true });
+    const events = [];
+    const messages = [];
+    ws.onPresenceHandler = (ev) => events.push(ev);
+    ws.onMessageHandler = (msg) => messages.push(msg);
+    ws.tryConnect(true, "room", "ann");
+    const deadline = Date.now() + 5000;
+    while (events.length === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 25));
+    // A round trip later nothing else has come.
+    ws.send(JSON.stringify({ action: "echo", message: "after" }));
+    while (messages.length === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 25));
+    ws.close();
+    return { events, messages };
+  });
+  assert.deepEqual(seen.events, [{ type: "off", userId: null, v: 0, members: [] }]);
+  assert.deepEqual(seen.messages.map((m) => m.action), ["echo"]);
+  await lib.close();
 });
 
 test("with history on too, a page whose node restarts resumes what it missed and gets its member list back", async () => {

@@ -351,12 +351,16 @@ async fn the_wire_and_the_api_follow_the_contract() {
     assert!(!api_members(a.addr, Some("chat")).await.contains_key("bob"));
 
     // The socket that did not opt in saw none of it, and its
-    // wshub.presence is refused as any reserved action.
+    // wshub.presence is refused, saying how to opt in.
     plain.send_json(json!({"action": "wshub.presence"})).await;
     let tag = plain.send_sentinel().await;
     let got = plain.until_sentinel(&tag).await;
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0]["action"], "wshub.error");
+    assert_eq!(
+        got[0]["message"],
+        "`wshub.presence` is answered only on a socket opened with presence=1"
+    );
     // Ann saw nothing but the sentinel since (no snapshot for pat).
     assert!(ann.until_sentinel(&tag).await.is_empty());
 
@@ -1920,5 +1924,27 @@ async fn a_users_events_reach_the_backend_in_the_order_they_happen() {
             at("wshub.leave", user) < at("wshub.offline", user),
             "{user}: offline before leave: {seen:?}"
         );
+    }
+}
+
+/// A page asking for its group's members on a hub with presence off is
+/// told that presence is off, not that the action is reserved (review of
+/// 2026-12-03: the library's request got "reserved for the hub", and a
+/// page could only tell by matching that text), whether or not its
+/// socket asked for presence=1.
+#[tokio::test]
+async fn a_hub_with_presence_off_says_so() {
+    let server = crate::common::TestServer::start().await;
+    for query in ["userid=ann&groupid=chat&presence=1", "userid=bob"] {
+        let mut socket = Client::connect(server.addr, &format!("/ws?{query}")).await;
+        socket.send_json(json!({"action": "wshub.presence"})).await;
+        let reply = socket.recv().await;
+        assert_eq!(reply["action"], "wshub.error", "{query}: {reply}");
+        assert_eq!(
+            reply["message"],
+            "presence is off on this hub (presence.enabled = false): `wshub.presence` is not answered",
+            "{query}"
+        );
+        socket.close().await;
     }
 }

@@ -198,3 +198,36 @@ test("presence and resume together: one URL with both, each frame to its handler
   again.open();
   assert.deepEqual(again.sent, ['{"action":"wshub.presence"}']);
 });
+
+test("a hub with presence off is told to onPresenceHandler as type off, not to onMessageHandler", () => {
+  const ws = client({ presence: true, minReconnectDelay: 0, maxReconnectDelay: 0 });
+  const seen = [];
+  const messages = [];
+  ws.onPresenceHandler = (ev) => seen.push(ev);
+  ws.onMessageHandler = (msg) => messages.push(msg);
+  ws.tryConnect(false, "chat", "ann");
+  const socket = FakeSocket.instances[0];
+  socket.open();
+  const off = {
+    userId: null,
+    groupId: null,
+    action: "wshub.error",
+    message: "presence is off on this hub (presence.enabled = false): `wshub.presence` is not answered",
+    recipients: [],
+  };
+  socket.receive(off);
+  assert.deepEqual(seen, [{ type: "off", userId: null, v: 0, members: [] }]);
+  assert.deepEqual(ws.members, []);
+  // Other errors still reach the page.
+  const other = { ...off, message: "rate limit: slow down" };
+  socket.receive(other);
+  assert.deepEqual(messages, [other]);
+  // Without the presence option the same frame is the page's to read.
+  const plain = client();
+  const got = [];
+  plain.onMessageHandler = (msg) => got.push(msg);
+  plain.tryConnect(false, "chat", "bob");
+  FakeSocket.instances[0].open();
+  FakeSocket.instances[0].receive(off);
+  assert.deepEqual(got, [off]);
+});

@@ -56,7 +56,7 @@ ws.close();
 const present = new WebConnectionWebSocket({ presence: true });
 present.onPresenceHandler = (ev) => {
   const who: string[] = ev.members.map((m) => m.userId);
-  const kind: "snapshot" | "join" | "leave" = ev.type;
+  const kind: "snapshot" | "join" | "leave" | "off" = ev.type;
   console.log(who, kind, ev.userId, ev.v, present.members.length);
 };
 // @ts-expect-error members is read-only
