@@ -668,6 +668,13 @@ impl Node {
         }) {
             return Err(MessageError::NotAConnectionId.into());
         }
+        if msg
+            .recipients
+            .iter()
+            .any(|r| r.kind == RecipientKind::User && r.value.as_deref().is_none_or(str::is_empty))
+        {
+            return Err(MessageError::NoUserId.into());
+        }
         let route = Route::from_recipients(&msg.recipients);
         let frame = msg.encode();
         let (size, targets) = (frame.len(), route.topics().len());

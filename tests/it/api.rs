@@ -1008,6 +1008,49 @@ async fn publish_and_disconnect_refuse_bad_requests_clearly() {
             .contains("is not a connection id"),
         "{reply}"
     );
+    // Likewise a user recipient without a user id (review of 2026-12-03:
+    // 204 and 200, to nobody; every socket has a user id).
+    for user in [
+        json!({"type": "user"}),
+        json!({"type": "user", "value": null}),
+        json!({"type": "user", "value": ""}),
+        json!({"type": 2, "value": ""}),
+    ] {
+        let message = json!({"action": "x", "recipients": [user]});
+        let (status, answer) = post(addr, "/api/publish", json!({"messages": [message]})).await;
+        assert_eq!(status, 400, "{user}: {answer}");
+        let text = answer["error"]["message"].as_str().unwrap();
+        assert!(
+            text.contains("a `user` recipient needs a user id"),
+            "{user}: {text}"
+        );
+        let pushed = server
+            .post("/__broadcastWebSocket.wc", message.to_string())
+            .await;
+        assert_eq!(pushed.status(), 400, "{user}");
+        sender
+            .send_json(json!({"action": "broadcast", "message": "x", "recipients": [user]}))
+            .await;
+        let reply = sender.recv().await;
+        assert_eq!(reply["action"], "wshub.error", "{reply}");
+        assert!(
+            reply["message"]
+                .as_str()
+                .unwrap()
+                .contains("a `user` recipient needs a user id"),
+            "{reply}"
+        );
+    }
+    // excludeUser "" excludes nobody, and a group "" is the null group:
+    // both reach someone.
+    for other in [
+        json!({"type": "excludeUser", "value": ""}),
+        json!({"type": "group", "value": ""}),
+    ] {
+        let message = json!({"action": "x", "recipients": [other]});
+        let (status, answer) = post(addr, "/api/publish", json!({"messages": [message]})).await;
+        assert_eq!(status, 200, "{other}: {answer}");
+    }
     let formed =
         json!({"action": "x", "recipients": [{"type": "connection", "value": "n1-ab12-7"}]});
     let (status, _) = post(addr, "/api/publish", json!({"messages": [formed]})).await;
