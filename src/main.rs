@@ -203,13 +203,16 @@ fn main() -> ExitCode {
         }
     };
     if let Some(Command::Healthcheck) = args.command {
-        let alive = start_runtime()
-            .map(|rt| rt.block_on(wshub::server::healthcheck(&config)))
-            .unwrap_or(false);
-        return if alive {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
+        let health = match start_runtime() {
+            Ok(rt) => rt.block_on(wshub::server::healthcheck(&config)),
+            Err(e) => Err(format!("cannot start the runtime: {e}")),
+        };
+        return match health {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(why) => {
+                eprintln!("wshub healthcheck: unhealthy: {why}");
+                ExitCode::FAILURE
+            }
         };
     }
     if let Err(e) = wshub::logging::init(&config) {

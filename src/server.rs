@@ -17,7 +17,7 @@ use tracing::{debug, info, trace, warn};
 
 use crate::admission::{HttpConnections, HttpSlot};
 use crate::config::Config;
-use crate::logging::Untrusted;
+use crate::logging::{Untrusted, error_chain};
 use crate::metrics::Metrics;
 use crate::node::{Node, StartError};
 use crate::outcome::HeadError;
@@ -467,8 +467,11 @@ fn raise_open_file_limit() {
 }
 
 /// Whether the node configured by `config` answers `GET /healthz` with 200
-/// within two seconds, on the loopback address when it listens on all.
-pub async fn healthcheck(config: &Config) -> bool {
+/// within two seconds, on the loopback address when it listens on all;
+/// if not, why, in one line (printed by `wshub healthcheck`, which a
+/// container's health log keeps: an exit code alone did not tell a refused
+/// connection from a timeout or a 503, review of 2026-12-03).
+pub async fn healthcheck(config: &Config) -> Result<(), String> {
     let mut addr = config.listen;
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr {
@@ -476,21 +479,25 @@ pub async fn healthcheck(config: &Config) -> bool {
             SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
         });
     }
+    let url = format!("http://{addr}/healthz");
     // The node is on this machine: never through a proxy from the
     // environment (a container inherits `HTTP_PROXY` from the machine that
     // started it, and a live node was reported unhealthy).
-    let Ok(client) = reqwest::Client::builder()
+    let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(2))
         .no_proxy()
         .build()
-    else {
-        return false;
-    };
-    client
-        .get(format!("http://{addr}/healthz"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status().is_success())
+        .map_err(|e| format!("cannot make an HTTP client: {}", error_chain(&e)))?;
+    match client.get(&url).send().await {
+        Ok(r) if r.status().is_success() => Ok(()),
+        Ok(r) => Err(format!("{url} answered {}", r.status())),
+        Err(e) if e.is_timeout() => Err(format!("{url} did not answer within 2 s")),
+        // reqwest's own text repeats the URL: its causes say why.
+        Err(e) => Err(match std::error::Error::source(&e) {
+            Some(cause) => format!("no answer from {url}: {}", error_chain(cause)),
+            None => format!("no answer from {url}: {e}"),
+        }),
+    }
 }
 
 /// Binds and runs a node until `shutdown` resolves.

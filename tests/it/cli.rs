@@ -138,10 +138,17 @@ fn healthcheck_exits_0_or_1_whatever_its_arguments() {
     let (code, out, err) = run(&["config", "check"], &[("WSHUB_CONFIG", "")]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("listen = \"0.0.0.0:8080\""), "{out}");
-    // Nothing listens on this port: unhealthy, 1.
+    // Nothing listens on this port: unhealthy, 1, saying why (review of
+    // 2026-12-03: nothing on stderr).
     let env = [("WSHUB_CONFIG", ""), ("WSHUB_LISTEN", "127.0.0.1:9")];
     let (code, _, err) = run(&["healthcheck"], &env);
     assert_eq!(code, 1, "{err}");
+    assert!(
+        err.starts_with(
+            "wshub healthcheck: unhealthy: no answer from http://127.0.0.1:9/healthz: "
+        ) && err.contains("refused"),
+        "{err}"
+    );
     let (code, _, err) = run(&["healthcheck", "--bogus"], &[]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("--bogus"), "{err}");
