@@ -127,6 +127,14 @@ fn refuse_mistyped_numbers(
             // 2026-12-03).
             (K::Boolean(_), false) => ("a boolean", "an integer"),
             (K::String(text), false) if is_boolean_word(text) => ("a boolean word", "an integer"),
+            // Every integer key is unsigned: the crate's "invalid type:
+            // string \"-1\", expected an integer" said -1 was no integer
+            // (review of 2026-12-03).
+            (K::I64(n), false) if *n < 0 => ("a negative number", "a whole number of at least 0"),
+            (K::I128(n), false) if *n < 0 => ("a negative number", "a whole number of at least 0"),
+            (K::String(text), false) if text.trim().parse::<i128>().is_ok_and(|n| n < 0) => {
+                ("a negative number", "a whole number of at least 0")
+            }
             _ => continue,
         };
         return Err(ConfigError::Load(config::ConfigError::At {
@@ -313,9 +321,32 @@ fn cidrs(key: &'static str, list: &[String]) -> Result<Vec<ipnet::IpNet>, Config
         .map(|n| {
             n.trim()
                 .parse::<ipnet::IpNet>()
-                .map_err(|e| invalid(key, format!("{n:?} is not a CIDR like 10.0.0.0/8: {e}")))
+                .map_err(|_| invalid(key, cidr_problem(n)))
         })
         .collect()
+}
+
+/// What is wrong with `text`, which is not a CIDR. ipnet's own "invalid
+/// IP address syntax" was said of a bare address and of a bad prefix
+/// alike (review of 2026-12-03), where the address was fine.
+fn cidr_problem(text: &str) -> String {
+    let trimmed = text.trim();
+    let (address, prefix) = match trimmed.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (trimmed, None),
+    };
+    let Ok(ip) = address.parse::<std::net::IpAddr>() else {
+        return format!("{text:?} is not a CIDR like 10.0.0.0/8: {address:?} is not an IP address");
+    };
+    let bits = if ip.is_ipv4() { 32 } else { 128 };
+    match prefix {
+        None => format!(
+            "{text:?} is an address, not a network: write {ip}/{bits} for that one address, or a network like 10.0.0.0/8"
+        ),
+        Some(p) => format!(
+            "{text:?} is not a CIDR like 10.0.0.0/8: the prefix length {p:?} is not a number from 0 to {bits}"
+        ),
+    }
 }
 
 /// The most clock skew `auth.leeway_secs` may tolerate: a day.

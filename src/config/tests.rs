@@ -844,6 +844,28 @@ mod review_2026_12_02 {
         assert_eq!(config.limits.max_recipients, 100);
     }
 
+    /// `-1` was "invalid type: string \"-1\", expected an integer".
+    #[test]
+    fn negative_numbers_in_integer_keys_say_so() {
+        for (text, vars) in [
+            ("[limits]\nmax_message_bytes = -1", vec![]),
+            ("", vec![("WSHUB_LIMITS__MAX_MESSAGE_BYTES", "-1")]),
+            ("", vec![("WSHUB_LIMITS__MAX_MESSAGE_BYTES", " -70000 ")]),
+        ] {
+            let err = load(text, &vars).unwrap_err().to_string();
+            assert!(
+                err.contains("limits.max_message_bytes"),
+                "{text} {vars:?}: {err}"
+            );
+            assert!(
+                err.contains(
+                    "invalid type: a negative number, expected a whole number of at least 0"
+                ),
+                "{text} {vars:?}: {err}"
+            );
+        }
+    }
+
     /// A variable's name is read in any case, its prefix too
     /// (`wshub_listen` was ignored without a word).
     #[test]
@@ -1019,6 +1041,32 @@ mod review_2026_12_02 {
             assert!(err.contains("backend.url"), "{bad:?}: {err}");
         }
         assert!(load("", &[("WSHUB_BACKEND__URL", "http://x/y")]).is_ok());
+    }
+
+    /// A bare address or a bad prefix was "invalid IP address syntax",
+    /// though the address was fine.
+    #[test]
+    fn a_cidr_that_is_not_one_says_what_is_wrong() {
+        for (bad, said) in [
+            (
+                "10.0.0.1",
+                "is an address, not a network: write 10.0.0.1/32",
+            ),
+            ("::1", "write ::1/128"),
+            (
+                "10.0.0.0/33",
+                "the prefix length \"33\" is not a number from 0 to 32",
+            ),
+            ("::1/129", "from 0 to 128"),
+            ("10.0.0.0/x", "the prefix length \"x\""),
+            ("nope/8", "\"nope\" is not an IP address"),
+        ] {
+            for key in ["broadcast.trusted_networks", "auth.trusted_proxies"] {
+                let var = format!("WSHUB_{}", key.to_ascii_uppercase().replace('.', "__"));
+                let err = load("", &[(var.as_str(), bad)]).unwrap_err().to_string();
+                assert!(err.contains(key) && err.contains(said), "{bad}: {err}");
+            }
+        }
     }
 
     /// Events turned on without a URL were posted nowhere, and nothing
