@@ -157,6 +157,18 @@ pub(super) fn sort(env: impl IntoIterator<Item = (String, String)>) -> Result<So
                         keys.maps.contains(&format!("{section}.{map}"))
                     }) =>
                 {
+                    // `WSHUB_BACKEND__HEADERS__=x` named no header: the
+                    // crate's "unknown field `backend.headers.`" listed
+                    // the top-level keys (review of 2026-12-03).
+                    if key
+                        .split_once("__")
+                        .is_some_and(|(_, entry)| entry.is_empty())
+                    {
+                        return Err(ConfigError::UnknownVariable {
+                            hint: " (the name after the last __ is empty: it names the entry, e.g. WSHUB_BACKEND__HEADERS__AUTHORIZATION)".to_owned(),
+                            name,
+                        });
+                    }
                     true
                 }
                 Some(_) => {

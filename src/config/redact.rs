@@ -162,7 +162,7 @@ pub(super) fn is_secret_key(key: &str) -> bool {
 /// TOML error loses its excerpt of the file, and URL passwords are hidden
 /// everywhere.
 pub(super) fn config_error(e: &config::ConfigError) -> String {
-    sections_named(&redact_urls(&describe(e, false)))
+    sections_named(&redact_urls(&describe(e, None)))
 }
 
 /// serde names a section by its Rust type (`expected struct RawRedis`,
@@ -183,8 +183,11 @@ fn sections_named(text: &str) -> String {
     out
 }
 
-/// `masked`: an enclosing error already named a secret key.
-fn describe(e: &config::ConfigError, masked: bool) -> String {
+/// `secret`: whether the key an enclosing error named is a secret one
+/// (`None`: no enclosing error named a key). A value is shown only when
+/// the error, or one around it, ties it to a key that is not secret (a
+/// list key given a string was shown as `***`: review of 2026-12-03).
+fn describe(e: &config::ConfigError, secret: Option<bool>) -> String {
     use config::ConfigError as E;
     let suffix = |key: &Option<String>, origin: &Option<String>| {
         let mut s = String::new();
@@ -203,7 +206,8 @@ fn describe(e: &config::ConfigError, masked: bool) -> String {
             expected,
             key,
         } => {
-            let secret = masked || key.as_deref().is_none_or(is_secret_key);
+            let secret =
+                secret == Some(true) || key.as_deref().map_or(secret.is_none(), is_secret_key);
             let unexpected = unexpected.to_string();
             let unexpected = if secret {
                 mask_values(&unexpected)
@@ -211,12 +215,16 @@ fn describe(e: &config::ConfigError, masked: bool) -> String {
                 unexpected
             };
             format!(
-                "invalid type: {unexpected}, expected {expected}{}",
-                suffix(key, origin)
+                "invalid type: {unexpected}, expected {expected}{}{}",
+                suffix(key, origin),
+                list_hint(expected)
             )
         }
         E::At { error, origin, key } => {
-            let secret = masked || key.as_deref().is_none_or(is_secret_key);
+            let secret = match key {
+                Some(key) => Some(secret == Some(true) || is_secret_key(key)),
+                None => secret,
+            };
             format!("{}{}", describe(error, secret), suffix(key, origin))
         }
         E::FileParse { uri, cause } => {
@@ -240,8 +248,30 @@ fn describe(e: &config::ConfigError, masked: bool) -> String {
             }
         }
         E::NotFound(_) | E::Frozen | E::PathParse { .. } => e.to_string(),
-        // A message with no key: it may be about any value.
-        other => mask_values(&other.to_string()),
+        // A message tied to a key that is not secret is shown as it is;
+        // with no key, it may be about any value.
+        other => {
+            let text = other.to_string();
+            let hint = if text.contains("expected a sequence") {
+                list_hint("a sequence")
+            } else {
+                ""
+            };
+            if secret == Some(false) {
+                format!("{text}{hint}")
+            } else {
+                format!("{}{hint}", mask_values(&text))
+            }
+        }
+    }
+}
+
+/// How to write a list, after an error that expected one.
+fn list_hint(expected: &str) -> &'static str {
+    if expected.contains("sequence") {
+        " (a list: [\"a\", \"b\"] in the file, comma-separated in the environment)"
+    } else {
+        ""
     }
 }
 

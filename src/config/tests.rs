@@ -531,6 +531,16 @@ fn an_unknown_key_of_a_known_section_is_refused() {
         err.contains("WSHUB_REDIS__URLL") && err.contains("did you mean WSHUB_REDIS__URL?"),
         "{err}"
     );
+    // A map's entry with no name (review of 2026-12-03: "unknown field
+    // `backend.headers.`, expected one of" the top-level keys).
+    let err = Config::load_from(None, env(&[("WSHUB_BACKEND__HEADERS__", "x")]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("WSHUB_BACKEND__HEADERS__")
+            && err.contains("the name after the last __ is empty"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -685,6 +695,41 @@ fn configuration_errors_never_echo_secret_values() {
     .unwrap();
     let line = format!("{:?}", c.settings());
     assert!(!line.contains("hun") && !line.contains("SECRETQ"), "{line}");
+}
+
+/// A value of the wrong type for a key that is not secret is shown, and a
+/// list key given one value says how to write a list (review of
+/// 2026-12-03: `string ***, expected a sequence`, a CIDR masked as if
+/// secret); a secret key's value stays hidden, with the same hint.
+#[test]
+fn type_errors_show_values_that_are_not_secret_and_how_to_write_a_list() {
+    let file = tempfile();
+    for (text, shown, hidden) in [
+        (
+            "[broadcast]\ntrusted_networks = \"10.0.0.0/8\"\n",
+            "string \"10.0.0.0/8\", expected a sequence (a list: [\"a\", \"b\"] in the file, comma-separated in the environment)",
+            None,
+        ),
+        (
+            "[broadcast]\napi_keys = \"topsecret-apikey-0123456789\"\n",
+            "string ***, expected a sequence (a list:",
+            Some("topsecret"),
+        ),
+        (
+            "[limits]\nmax_recipients = \"many\"\n",
+            "string \"many\", expected an integer",
+            None,
+        ),
+    ] {
+        std::fs::write(&file.0, text).unwrap();
+        let err = Config::load_from(Some(&file.0), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(shown), "{text}: {err}");
+        if let Some(hidden) = hidden {
+            assert!(!err.contains(hidden), "{text}: {err}");
+        }
+    }
 }
 
 #[test]
