@@ -34,7 +34,7 @@ static JEMALLOC_CONF: &[u8; 43] = b"background_thread:true,dirty_decay_ms:1000\0
 #[derive(Parser)]
 #[command(version, about, long_about, after_help = AFTER_HELP)]
 struct Args {
-    /// TOML configuration file [env: WSHUB_CONFIG; empty: none].
+    /// TOML configuration file [env: WSHUB_CONFIG, where empty means none].
     #[arg(long, value_name = "PATH", global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
