@@ -972,74 +972,44 @@ async fn publish_and_disconnect_refuse_bad_requests_clearly() {
             .starts_with("messages[1]"),
         "{answer}"
     );
-    // A connection recipient that names no possible socket (review of
-    // 2026-12-03: 200, to nobody), from the API, the broadcast endpoint
-    // and a socket; an id of the form that names no open socket is sent.
-    for value in [
-        json!("zz"),
-        json!("n1-7"),
-        json!(null),
-        json!("a-b-99999999999999999999999"),
-    ] {
-        let message =
-            json!({"action": "x", "recipients": [{"type": "connection", "value": value}]});
-        let (status, answer) = post(addr, "/api/publish", json!({"messages": [message]})).await;
-        assert_eq!(status, 400, "{value}: {answer}");
-        let text = answer["error"]["message"].as_str().unwrap();
-        assert!(text.contains("is not a connection id"), "{value}: {text}");
-        let pushed = server
-            .post("/__broadcastWebSocket.wc", message.to_string())
-            .await;
-        assert_eq!(pushed.status(), 400, "{value}");
-    }
-    let without = json!({"action": "x", "recipients": [{"type": "connection"}]});
-    let (status, _) = post(addr, "/api/publish", json!({"messages": [without]})).await;
-    assert_eq!(status, 400);
+    // A recipient that can name no socket is refused from the API, the
+    // broadcast endpoint and a socket (review of 2026-12-03: 200, to
+    // nobody): a connection recipient that is not a connection id, a user
+    // recipient without a user id (every socket has one). An id of the
+    // form that names no open socket is sent (below).
     let mut sender = server.connect("conn-sender", None).await;
-    sender
-        .send_json(json!({"action": "broadcast", "message": "x", "recipients": [{"type": "connection", "value": "zz"}]}))
-        .await;
-    let reply = sender.recv().await;
-    assert_eq!(reply["action"], "wshub.error", "{reply}");
-    assert!(
-        reply["message"]
-            .as_str()
-            .unwrap()
-            .contains("is not a connection id"),
-        "{reply}"
-    );
-    // Likewise a user recipient without a user id (review of 2026-12-03:
-    // 204 and 200, to nobody; every socket has a user id).
-    for user in [
-        json!({"type": "user"}),
-        json!({"type": "user", "value": null}),
-        json!({"type": "user", "value": ""}),
-        json!({"type": 2, "value": ""}),
+    let not_an_id = "is not a connection id";
+    let no_user = "a `user` recipient needs a user id";
+    for (recipient, why) in [
+        (json!({"type": "connection", "value": "zz"}), not_an_id),
+        (json!({"type": "connection", "value": "n1-7"}), not_an_id),
+        (json!({"type": "connection", "value": null}), not_an_id),
+        (
+            json!({"type": "connection", "value": "a-b-99999999999999999999999"}),
+            not_an_id,
+        ),
+        (json!({"type": "connection"}), not_an_id),
+        (json!({"type": "user"}), no_user),
+        (json!({"type": "user", "value": null}), no_user),
+        (json!({"type": "user", "value": ""}), no_user),
+        (json!({"type": 2, "value": ""}), no_user),
     ] {
-        let message = json!({"action": "x", "recipients": [user]});
+        let message = json!({"action": "x", "recipients": [recipient]});
         let (status, answer) = post(addr, "/api/publish", json!({"messages": [message]})).await;
-        assert_eq!(status, 400, "{user}: {answer}");
+        assert_eq!(status, 400, "{recipient}: {answer}");
         let text = answer["error"]["message"].as_str().unwrap();
-        assert!(
-            text.contains("a `user` recipient needs a user id"),
-            "{user}: {text}"
-        );
+        assert!(text.contains(why), "{recipient}: {text}");
         let pushed = server
             .post("/__broadcastWebSocket.wc", message.to_string())
             .await;
-        assert_eq!(pushed.status(), 400, "{user}");
+        assert_eq!(pushed.status(), 400, "{recipient}");
         sender
-            .send_json(json!({"action": "broadcast", "message": "x", "recipients": [user]}))
+            .send_json(json!({"action": "broadcast", "message": "x", "recipients": [recipient]}))
             .await;
         let reply = sender.recv().await;
         assert_eq!(reply["action"], "wshub.error", "{reply}");
-        assert!(
-            reply["message"]
-                .as_str()
-                .unwrap()
-                .contains("a `user` recipient needs a user id"),
-            "{reply}"
-        );
+        let text = reply["message"].as_str().unwrap();
+        assert!(text.contains(why), "{recipient}: {reply}");
     }
     // excludeUser "" excludes nobody, and a group "" is the null group:
     // both reach someone.

@@ -33,10 +33,13 @@ fn help_names_the_subcommands_and_the_docs() {
     }
 }
 
-/// Text logs to a pipe carry no ANSI colour codes: they end up in journald,
-/// `docker logs` or a file, where `\x1b[2m` is noise.
-#[test]
-fn text_logs_to_a_pipe_have_no_colour_codes() {
+/// A node logging text to a pipe: the child, its stderr, and what it
+/// wrote up to the line saying where it listens (that line last).
+fn text_logging_node() -> (
+    std::process::Child,
+    BufReader<std::process::ChildStderr>,
+    String,
+) {
     let mut child = wshub()
         .env_clear()
         .env("WSHUB_LISTEN", "127.0.0.1:0")
@@ -46,15 +49,30 @@ fn text_logs_to_a_pipe_have_no_colour_codes() {
         .spawn()
         .expect("start wshub");
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let seen = read_until(&mut stderr, "wshub listening");
+    (child, stderr, seen)
+}
+
+/// What `stderr` gives up to the first line containing `marker` (that
+/// line last); fails if it ends first.
+fn read_until(stderr: &mut impl BufRead, marker: &str) -> String {
     let mut line = String::new();
     let mut seen = String::new();
-    // The start-up lines end with the one saying where it listens.
-    while !seen.contains("wshub listening") {
+    while !line.contains(marker) {
         line.clear();
         let n = stderr.read_line(&mut line).expect("read stderr");
-        assert!(n > 0, "wshub exited before listening:\n{seen}");
+        assert!(n > 0, "wshub exited before {marker:?}:\n{seen}");
         seen.push_str(&line);
     }
+    seen
+}
+
+/// Text logs to a pipe carry no ANSI colour codes: they end up in journald,
+/// `docker logs` or a file, where `\x1b[2m` is noise.
+#[test]
+fn text_logs_to_a_pipe_have_no_colour_codes() {
+    // The start-up lines end with the one saying where it listens.
+    let (mut child, _, seen) = text_logging_node();
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(
@@ -70,24 +88,11 @@ fn text_logs_to_a_pipe_have_no_colour_codes() {
 #[test]
 fn the_http_layer_refusal_quotes_its_error_in_text_logs() {
     use std::io::{Read, Write};
-    let mut child = wshub()
-        .env_clear()
-        .env("WSHUB_LISTEN", "127.0.0.1:0")
-        .env("WSHUB_LOG__FORMAT", "text")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start wshub");
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let mut seen = String::new();
-    while !line.contains("wshub listening") {
-        line.clear();
-        let n = stderr.read_line(&mut line).expect("read stderr");
-        assert!(n > 0, "wshub exited before listening:\n{seen}");
-        seen.push_str(&line);
-    }
-    let addr = line
+    let (mut child, mut stderr, seen) = text_logging_node();
+    let addr = seen
+        .lines()
+        .last()
+        .unwrap()
         .split_whitespace()
         .find_map(|field| field.strip_prefix("addr="))
         .expect("the listening line names its address")
@@ -100,14 +105,10 @@ fn the_http_layer_refusal_quotes_its_error_in_text_logs() {
         .unwrap();
     let _ = stream.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
-    while !line.contains("request refused by the HTTP layer") {
-        line.clear();
-        let n = stderr.read_line(&mut line).expect("read stderr");
-        assert!(n > 0, "wshub exited:\n{seen}");
-        seen.push_str(&line);
-    }
+    let seen = read_until(&mut stderr, "request refused by the HTTP layer");
     child.kill().unwrap();
     child.wait().unwrap();
+    let line = seen.lines().last().unwrap();
     assert!(
         line.contains("error=\"invalid HTTP method parsed\""),
         "{line}"
