@@ -277,13 +277,20 @@ impl Acceptor {
 /// answered 431 and the connection closed. hyper's own bound is its read
 /// buffer's, about 400 KiB, which an unfinished head holds until the
 /// header timeout: a review held 200 such heads from one address and the
-/// node grew by 89 MB.
+/// node grew by 89 MB. The read buffer is bounded to the same (one byte
+/// more, so that a head of exactly [`MAX_HEAD_BYTES`] still fits): hyper
+/// grows it by doubling towards its own bound, and an unfinished head
+/// just under 64 KiB held about 134 KiB a connection; bounded, about 79
+/// (`bench/misc/head-memory.py`; review of 2026-12-03). The bound is also
+/// how much of a response hyper queues before writing, which only makes
+/// it write a large response in more pieces.
 fn http1_builder(header_timeout: Option<Duration>) -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
-        .max_header_size(MAX_HEAD_BYTES);
+        .max_header_size(MAX_HEAD_BYTES)
+        .max_buf_size(MAX_HEAD_BYTES + 1);
     builder
 }
 
