@@ -183,12 +183,22 @@ pub(super) fn sort(env: impl IntoIterator<Item = (String, String)>) -> Result<So
         };
         let path = rest.replace("__", ".");
         if known && keys.lists.contains(&path) {
-            let items = value
+            let items: Vec<String> = value
                 .split(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
                 .map(str::to_owned)
                 .collect();
+            // A TOML or JSON array written in a variable (`["k1","k2"]`)
+            // was split on its commas, brackets and quotes kept in the
+            // items: every API key refused, no word said (review of
+            // 2026-12-03). No item of any list starts or ends so.
+            if items
+                .iter()
+                .any(|item| item.starts_with(['[', '"', '\'']) || item.ends_with([']', '"', '\'']))
+            {
+                return Err(ConfigError::ArrayInVariable { name });
+            }
             sorted.lists.push((path, items));
         } else if known {
             sorted.known.insert(name, value);

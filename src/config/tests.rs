@@ -522,6 +522,39 @@ fn other_unknown_variables_warn_with_a_suggestion() {
     assert!(!w.contains("redis://x"), "values are never shown: {w}");
 }
 
+/// An array in a list variable was split on its commas, the brackets and
+/// quotes kept: every API key was refused and nothing said why (review of
+/// 2026-12-03).
+#[test]
+fn an_array_in_a_list_variable_is_refused() {
+    for (name, value) in [
+        (
+            "WSHUB_BROADCAST__API_KEYS",
+            r#"["key-0123456789abcdef","other-key-abcdefghij"]"#,
+        ),
+        ("WSHUB_BROADCAST__API_KEYS", "'key-0123456789abcdef'"),
+        ("WSHUB_AUTH__ALLOWED_ORIGINS", r#"["https://a.example"]"#),
+    ] {
+        let err = Config::load_from(None, env(&[(name, value)]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(name) && err.contains("is a comma-separated list"),
+            "{value}: {err}"
+        );
+        assert!(!err.contains("key-0123"), "{err}");
+    }
+    let c = Config::load_from(
+        None,
+        env(&[(
+            "WSHUB_BROADCAST__API_KEYS",
+            " key-0123456789abcdef , other-key-abcdefghij ",
+        )]),
+    )
+    .unwrap();
+    assert_eq!(c.broadcast.api_keys.len(), 2);
+}
+
 #[test]
 fn an_unknown_key_of_a_known_section_is_refused() {
     let err = Config::load_from(None, env(&[("WSHUB_REDIS__URLL", "redis://x")]))
