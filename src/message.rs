@@ -209,9 +209,10 @@ pub enum MessageError {
         "invalid message: a `connection` recipient's value is not a connection id (<node id>-<instance>-<number>, as in X-Wshub-Connection-Id)"
     )]
     NotAConnectionId,
-    /// A `user` recipient without a user id (`""`, `null` or none): every
-    /// socket has one (a page that gives none gets a generated one), so it
-    /// would reach nobody, silently (review of 2026-12-03).
+    /// The message's only targets are `user` recipients without a user id
+    /// (`""`, `null` or none): every socket has one (a page that gives none
+    /// gets a generated one), so it would reach nobody, silently (review
+    /// of 2026-12-03). Beside other targets such an entry adds none.
     #[error(
         "invalid message: a `user` recipient needs a user id (a socket opened without userid gets a generated one, so an empty one reaches nobody)"
     )]

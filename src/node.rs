@@ -668,10 +668,21 @@ impl Node {
         }) {
             return Err(MessageError::NotAConnectionId.into());
         }
-        if msg
+        // A `user` recipient without a user id reaches nobody (every socket
+        // has one): beside other targets it adds none, as an unknown user
+        // would (Web Connection delivers the union, and a backend's
+        // `AddRecipient(lcUserId, "user")` with an empty id still reached
+        // the group it also named: review of 2026-12-03); as the only
+        // target, the message would reach nobody, so it is refused.
+        let mut targets = msg
             .recipients
             .iter()
-            .any(|r| r.kind == RecipientKind::User && r.value.as_deref().is_none_or(str::is_empty))
+            .filter(|r| r.kind != RecipientKind::ExcludeUser)
+            .peekable();
+        if targets.peek().is_some()
+            && targets.all(|r| {
+                r.kind == RecipientKind::User && r.value.as_deref().is_none_or(str::is_empty)
+            })
         {
             return Err(MessageError::NoUserId.into());
         }

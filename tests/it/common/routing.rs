@@ -87,8 +87,14 @@ fn cases() -> Vec<(Option<Value>, &'static [&'static str])> {
         // Comparisons are case-sensitive.
         (Some(json!([{"type": "group", "value": "G1"}])), &["f"]),
         (Some(json!([{"type": "user", "value": "f"}])), &[]),
-        // (A user recipient "" is refused with wshub.error: every socket
-        // has a user id. `api::publish_and_disconnect_refuse_bad_requests_clearly`.)
+        // A user recipient "" reaches nobody (every socket has a user id):
+        // beside a group, the group's sockets get it, as in Web Connection
+        // (the union); alone it is refused with wshub.error
+        // (`api::publish_and_disconnect_refuse_bad_requests_clearly`).
+        (
+            Some(json!([{"type": "group", "value": "g1"}, {"type": "user", "value": ""}])),
+            &["a1", "b"],
+        ),
     ]
 }
 
