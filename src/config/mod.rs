@@ -898,8 +898,13 @@ impl Config {
             ));
         }
         let redis = Self::redis_from_raw(&raw.redis)?;
-        // Checked with or without a Redis URL, as every redis.* bound.
-        if raw.redis.publish_queue_bytes < l.max_fanout_bytes {
+        // Only with Redis: the in-process bus has no such queue, and a
+        // node without Redis that raised limits.max_fanout_bytes above it
+        // was refused (review of 2026-12-03).
+        if redis
+            .as_ref()
+            .is_some_and(|r| r.publish_queue_bytes < l.max_fanout_bytes)
+        {
             return Err(invalid(
                 "redis.publish_queue_bytes",
                 "must be at least limits.max_fanout_bytes (the largest message must fit)",

@@ -251,10 +251,6 @@ fn errors_name_the_key() {
             "`redis.publish_queue`",
         ),
         (
-            &[("WSHUB_REDIS__PUBLISH_QUEUE_BYTES", "1000")],
-            "`redis.publish_queue_bytes`",
-        ),
-        (
             &[("WSHUB_REDIS__PROBE_TIMEOUT_MS", "1")],
             "`redis.probe_timeout_ms`",
         ),
@@ -1145,6 +1141,23 @@ mod review_2026_12_02 {
                 assert!(err.contains(key) && err.contains(said), "{bad}: {err}");
             }
         }
+    }
+
+    /// The publish queue exists only with Redis: a node on the in-process
+    /// bus may take fan-outs larger than its default (review of
+    /// 2026-12-03: refused after the redis.* bounds were checked without
+    /// a URL).
+    #[test]
+    fn a_large_fanout_needs_a_large_publish_queue_only_with_redis() {
+        let big = [
+            ("WSHUB_LIMITS__MAX_FANOUT_BYTES", "134217728"),
+            ("WSHUB_LIMITS__FANOUT_BYTES_PER_SECOND", "0"),
+        ];
+        assert!(load("", &big).is_ok());
+        let mut with_redis = big.to_vec();
+        with_redis.push(("WSHUB_REDIS__URL", "redis://127.0.0.1:1"));
+        let err = load("", &with_redis).unwrap_err().to_string();
+        assert!(err.contains("`redis.publish_queue_bytes`"), "{err}");
     }
 
     /// Events turned on without a URL were posted nowhere, and nothing
