@@ -139,13 +139,12 @@ export interface PresenceMember {
   connections: number;
 }
 
-/** What `onPresenceHandler` receives after each change of `members`; `"off"` when the hub
- *  has presence off (on each open: no members, `v` 0). */
+/** What `onPresenceHandler` receives after each change of `members`. */
 export interface PresenceEvent {
-  type: "snapshot" | "join" | "leave" | "off";
-  /** The user who joined or left; null for a snapshot and for `"off"`. */
+  type: "snapshot" | "join" | "leave";
+  /** The user who joined or left; null for a snapshot. */
   userId: string | null;
-  /** The group's version: grows with every change (0 for `"off"`). */
+  /** The group's version: grows with every change. */
   v: number;
   members: PresenceMember[];
 }
@@ -159,6 +158,9 @@ export declare class WebConnectionWebSocket {
   onErrorHandler: ((data: string, err: Error) => void) | null;
   /** With `presence`: called after each change of `members`. */
   onPresenceHandler: ((ev: PresenceEvent) => void) | null;
+  /** With `presence`: called with the hub's text when the hub has presence off (on each open);
+   *  that `wshub.error` then does not reach `onMessageHandler` (it does while this is unset). */
+  onPresenceOffHandler: ((message: string) => void) | null;
   /** With `presence`: the group's members, sorted by user id (empty until the first snapshot). */
   readonly members: PresenceMember[];
   /** With `resume`: once per connection, before any message. */

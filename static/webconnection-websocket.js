@@ -354,11 +354,13 @@ export class WebConnectionWebSocket {
     /** Called when a frame is not JSON. @type {(data: string, err: Error) => void} */
     this.onErrorHandler = null;
     /** With `presence`: called after each change of {@link members}, with
-     *  `{type: "snapshot"|"join"|"leave", userId, v, members}` (`userId` null for a snapshot),
-     *  and with `{type: "off", userId: null, v: 0, members: []}` when the hub has presence
-     *  off (on each open; its refusal does not reach `onMessageHandler`).
+     *  `{type: "snapshot"|"join"|"leave", userId, v, members}` (`userId` null for a snapshot).
      *  @type {(ev: object) => void} */
     this.onPresenceHandler = null;
+    /** With `presence`: called, with the hub's text, when the hub has presence off (on each
+     *  open); the hub's `wshub.error` then does not reach `onMessageHandler`. Unset, it does.
+     *  @type {(message: string) => void} */
+    this.onPresenceOffHandler = null;
     /** Presence: the members by user id, the snapshot's `v` (null until it
      *  arrived), the last `v` applied, and events that came before it. */
     this._presence = { members: new Map(), v: null, last: null, early: [] };
@@ -651,15 +653,17 @@ export class WebConnectionWebSocket {
       }
       if (
         this.options.presence &&
+        this.onPresenceOffHandler &&
         msg &&
         msg.action === "wshub.error" &&
         typeof msg.message === "string" &&
         msg.message.startsWith(PRESENCE_OFF)
       ) {
-        // The answer to the library's own request, not the page's: told
-        // as a presence event, not as a message.
+        // The answer to the library's own request: to the page's handler
+        // for it when it has one (a new handler, so that pages written
+        // before it still get it in onMessageHandler, as they did).
         this._presence = { members: new Map(), v: null, last: null, early: [] };
-        this._presenceChanged({ type: "off", userId: null, v: 0 });
+        this.onPresenceOffHandler(msg.message);
         return;
       }
       if (this.onMessageHandler) this.onMessageHandler(msg);

@@ -120,8 +120,8 @@ test("with presence off the sample shows no member list and no error", async () 
   assert.deepEqual(await page.$$eval("#messages li.error", (lis) => lis.length), 0);
   await page.close();
   // The library itself (the node's copy): the hub's answer to its members
-  // request reaches onPresenceHandler as type "off", and onMessageHandler
-  // gets nothing of it (it got "reserved for the hub" before).
+  // request reaches onPresenceOffHandler, and onMessageHandler gets
+  // nothing of it (it got "reserved for the hub" before).
   const lib = await browser.newPage();
   lib.setDefaultTimeout(10_000);
   await lib.goto(`${plain.url}/healthz`);
@@ -131,6 +131,7 @@ test("with presence off the sample shows no member list and no error", async () 
     const events = [];
     const messages = [];
     ws.onPresenceHandler = (ev) => events.push(ev);
+    ws.onPresenceOffHandler = (text) => events.push(text);
     ws.onMessageHandler = (msg) => messages.push(msg);
     ws.tryConnect(true, "room", "ann");
     const deadline = Date.now() + 5000;
@@ -141,7 +142,9 @@ test("with presence off the sample shows no member list and no error", async () 
     ws.close();
     return { events, messages };
   });
-  assert.deepEqual(seen.events, [{ type: "off", userId: null, v: 0, members: [] }]);
+  assert.deepEqual(seen.events, [
+    "presence is off on this hub (presence.enabled = false): `wshub.presence` is not answered",
+  ]);
   assert.deepEqual(seen.messages.map((m) => m.action), ["echo"]);
   await lib.close();
 });

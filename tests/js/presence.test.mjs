@@ -199,15 +199,7 @@ test("presence and resume together: one URL with both, each frame to its handler
   assert.deepEqual(again.sent, ['{"action":"wshub.presence"}']);
 });
 
-test("a hub with presence off is told to onPresenceHandler as type off, not to onMessageHandler", () => {
-  const ws = client({ presence: true, minReconnectDelay: 0, maxReconnectDelay: 0 });
-  const seen = [];
-  const messages = [];
-  ws.onPresenceHandler = (ev) => seen.push(ev);
-  ws.onMessageHandler = (msg) => messages.push(msg);
-  ws.tryConnect(false, "chat", "ann");
-  const socket = FakeSocket.instances[0];
-  socket.open();
+test("a hub with presence off is told to onPresenceOffHandler when the page has one, else to onMessageHandler", () => {
   const off = {
     userId: null,
     groupId: null,
@@ -215,19 +207,31 @@ test("a hub with presence off is told to onPresenceHandler as type off, not to o
     message: "presence is off on this hub (presence.enabled = false): `wshub.presence` is not answered",
     recipients: [],
   };
-  socket.receive(off);
-  assert.deepEqual(seen, [{ type: "off", userId: null, v: 0, members: [] }]);
-  assert.deepEqual(ws.members, []);
-  // Other errors still reach the page.
   const other = { ...off, message: "rate limit: slow down" };
-  socket.receive(other);
-  assert.deepEqual(messages, [other]);
-  // Without the presence option the same frame is the page's to read.
-  const plain = client();
-  const got = [];
-  plain.onMessageHandler = (msg) => got.push(msg);
-  plain.tryConnect(false, "chat", "bob");
-  FakeSocket.instances[0].open();
-  FakeSocket.instances[0].receive(off);
-  assert.deepEqual(got, [off]);
+  const run = (options, withOffHandler) => {
+    const ws = client(options);
+    const seen = { presence: [], off: [], messages: [] };
+    ws.onPresenceHandler = (ev) => seen.presence.push(ev);
+    if (withOffHandler) ws.onPresenceOffHandler = (text) => seen.off.push(text);
+    ws.onMessageHandler = (msg) => seen.messages.push(msg);
+    ws.tryConnect(false, "chat", "ann");
+    FakeSocket.instances[0].open();
+    FakeSocket.instances[0].receive(off);
+    FakeSocket.instances[0].receive(other);
+    return seen;
+  };
+  // A page with the handler: the hub's text goes there only; other
+  // errors still reach onMessageHandler; onPresenceHandler hears nothing.
+  let seen = run({ presence: true }, true);
+  assert.deepEqual(seen.off, [off.message]);
+  assert.deepEqual(seen.messages, [other]);
+  assert.deepEqual(seen.presence, []);
+  // A page written before the handler: as it was, both in onMessageHandler.
+  seen = run({ presence: true }, false);
+  assert.deepEqual(seen.messages, [off, other]);
+  assert.deepEqual(seen.presence, []);
+  // Without the presence option the frame is the page's to read.
+  seen = run({}, true);
+  assert.deepEqual(seen.off, []);
+  assert.deepEqual(seen.messages, [off, other]);
 });

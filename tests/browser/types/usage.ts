@@ -56,9 +56,15 @@ ws.close();
 const present = new WebConnectionWebSocket({ presence: true });
 present.onPresenceHandler = (ev) => {
   const who: string[] = ev.members.map((m) => m.userId);
-  const kind: "snapshot" | "join" | "leave" | "off" = ev.type;
+  const kind: "snapshot" | "join" | "leave" = ev.type;
   console.log(who, kind, ev.userId, ev.v, present.members.length);
 };
+present.onPresenceOffHandler = (text) => {
+  const shown: string = text;
+  console.log(shown);
+};
+// @ts-expect-error the handler takes the hub's text
+present.onPresenceOffHandler = (n: number) => n;
 // @ts-expect-error members is read-only
 present.members = [];
 // @ts-expect-error presence is a boolean
