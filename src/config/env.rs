@@ -162,10 +162,10 @@ pub(super) fn sort(env: impl IntoIterator<Item = (String, String)>) -> Result<So
                     // the top-level keys (review of 2026-12-03).
                     if key
                         .split_once("__")
-                        .is_some_and(|(_, entry)| entry.is_empty())
+                        .is_some_and(|(_, entry)| entry.is_empty() || entry.contains("__"))
                     {
                         return Err(ConfigError::UnknownVariable {
-                            hint: " (the name after the last __ is empty: it names the entry, e.g. WSHUB_BACKEND__HEADERS__AUTHORIZATION)".to_owned(),
+                            hint: " (the entry's name after the map's __ is empty or holds __: one name, e.g. WSHUB_BACKEND__HEADERS__AUTHORIZATION)".to_owned(),
                             name,
                         });
                     }

@@ -155,6 +155,45 @@ fn refuse_mistyped_numbers(
     Ok(())
 }
 
+/// Refuses a section written as a list (`broadcast = [[…], "…"]`), which
+/// serde would read field by field in order, and whose errors named a key
+/// like `broadcast[1]` that the redaction did not know as a secret one
+/// (review of 2026-12-03: an API key was shown). Only the file can: the
+/// environment sets keys, not sections.
+fn refuse_sections_as_lists(
+    built: &config::Config,
+    file: Option<&std::path::Path>,
+) -> Result<(), ConfigError> {
+    static SECTIONS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let sections = SECTIONS.get_or_init(|| {
+        let defaults = serde_json::to_value(RawConfig::default())
+            .expect("the default configuration serializes");
+        defaults
+            .as_object()
+            .map(|top| {
+                top.iter()
+                    .filter(|(_, v)| v.is_object())
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    });
+    for section in sections {
+        if let Ok(value) = built.get::<config::Value>(section)
+            && !matches!(value.kind, config::ValueKind::Table(_))
+        {
+            return Err(ConfigError::Load(config::ConfigError::At {
+                error: Box::new(config::ConfigError::Message(format!(
+                    "a section was given a value: write [{section}] and its keys under it (the value is not shown)"
+                ))),
+                origin: file.map(|f| f.display().to_string()),
+                key: Some(section.clone()),
+            }));
+        }
+    }
+    Ok(())
+}
+
 /// The most any `*_ms` key takes: 30 days. Longer is a typo, and near
 /// the top of the type it overflowed where it was added to a time or
 /// sent to Redis as an expiry (`history.ttl_ms` = 2^63 − 1 failed every
@@ -761,6 +800,7 @@ impl Config {
                 file.map(|f| f.display().to_string())
             }
         })?;
+        refuse_sections_as_lists(&built, file)?;
         let mut raw: RawConfig = built.try_deserialize()?;
         // A backend header set in the environment replaces the file's of
         // the same name, however the file spells it: the `config` crate

@@ -562,14 +562,20 @@ fn an_unknown_key_of_a_known_section_is_refused() {
     );
     // A map's entry with no name (review of 2026-12-03: "unknown field
     // `backend.headers.`, expected one of" the top-level keys).
-    let err = Config::load_from(None, env(&[("WSHUB_BACKEND__HEADERS__", "x")]))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("WSHUB_BACKEND__HEADERS__")
-            && err.contains("the name after the last __ is empty"),
-        "{err}"
-    );
+    for name in [
+        "WSHUB_BACKEND__HEADERS__",
+        "WSHUB_BACKEND__HEADERS____",
+        "WSHUB_BACKEND__HEADERS__X__",
+        "WSHUB_BACKEND__HEADERS__X__Y",
+    ] {
+        let err = Config::load_from(None, env(&[(name, "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(name) && err.contains("is empty or holds __"),
+            "{name}: {err}"
+        );
+    }
 }
 
 #[test]
@@ -758,6 +764,29 @@ fn type_errors_show_values_that_are_not_secret_and_how_to_write_a_list() {
         if let Some(hidden) = hidden {
             assert!(!err.contains(hidden), "{text}: {err}");
         }
+    }
+}
+
+/// A section written as a list was read field by field, and its errors
+/// named `broadcast[1]`, which the redaction did not know: an API key was
+/// shown (review of 2026-12-03).
+#[test]
+fn a_section_written_as_a_value_is_refused_without_showing_it() {
+    let file = tempfile();
+    for text in [
+        "broadcast = [[\"10.0.0.0/8\"], \"SEKRET-0123456789abcdef\"]\n",
+        "broadcast = [[\"10.0.0.0/8\"], [\"SEKRET-0123456789abcdef\"]]\n",
+        "auth = \"SEKRET-0123456789abcdef\"\n",
+    ] {
+        std::fs::write(&file.0, text).unwrap();
+        let err = Config::load_from(Some(&file.0), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("a section was given a value: write ["),
+            "{text}: {err}"
+        );
+        assert!(!err.contains("SEKRET"), "{text}: {err}");
     }
 }
 
@@ -1410,7 +1439,10 @@ mod review_2026_12_02 {
     #[test]
     fn a_value_in_place_of_a_section_is_said_so() {
         let err = load("redis = \"x\"", &[]).unwrap_err().to_string();
-        assert!(err.contains("expected a section"), "{err}");
+        assert!(
+            err.contains("a section was given a value: write [redis]"),
+            "{err}"
+        );
         assert!(!err.contains("Raw"), "{err}");
     }
 }
