@@ -159,7 +159,8 @@ export declare class WebConnectionWebSocket {
   /** With `presence`: called after each change of `members`. */
   onPresenceHandler: ((ev: PresenceEvent) => void) | null;
   /** With `presence`: called with the hub's text when the hub has presence off (on each open);
-   *  that `wshub.error` then does not reach `onMessageHandler` (it does while this is unset). */
+   *  that `wshub.error` then does not reach `onMessageHandler` (it does while this is unset).
+   *  Either way `members` is then empty. */
   onPresenceOffHandler: ((message: string) => void) | null;
   /** With `presence`: the group's members, sorted by user id (empty until the first snapshot). */
   readonly members: PresenceMember[];

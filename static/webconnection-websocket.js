@@ -359,6 +359,7 @@ export class WebConnectionWebSocket {
     this.onPresenceHandler = null;
     /** With `presence`: called, with the hub's text, when the hub has presence off (on each
      *  open); the hub's `wshub.error` then does not reach `onMessageHandler`. Unset, it does.
+     *  Either way {@link members} is then empty.
      *  @type {(message: string) => void} */
     this.onPresenceOffHandler = null;
     /** Presence: the members by user id, the snapshot's `v` (null until it
@@ -653,18 +654,21 @@ export class WebConnectionWebSocket {
       }
       if (
         this.options.presence &&
-        this.onPresenceOffHandler &&
         msg &&
         msg.action === "wshub.error" &&
         typeof msg.message === "string" &&
         msg.message.startsWith(PRESENCE_OFF)
       ) {
-        // The answer to the library's own request: to the page's handler
-        // for it when it has one (a new handler, so that pages written
-        // before it still get it in onMessageHandler, as they did).
+        // The answer to the library's own request. No members are known
+        // on such a hub (a list from a hub it replaced would stay frozen);
+        // the text goes to the page's handler for it when it has one (a
+        // new handler, so that pages written before it still get it in
+        // onMessageHandler, as they did).
         this._presence = { members: new Map(), v: null, last: null, early: [] };
-        this.onPresenceOffHandler(msg.message);
-        return;
+        if (this.onPresenceOffHandler) {
+          this.onPresenceOffHandler(msg.message);
+          return;
+        }
       }
       if (this.onMessageHandler) this.onMessageHandler(msg);
     };

@@ -41,6 +41,25 @@ pub(super) struct Sorted {
     pub warnings: Vec<String>,
 }
 
+/// Whether a list variable's `value` (split into `items`) was written as
+/// a TOML or JSON array, or with its items quoted, rather than as `a,b`.
+/// Brackets alone are no sign: an IPv6 sentinel (`[::1]:26379`) or
+/// origin (`http://[::1]`) has them, and is taken (review of 2026-12-03).
+fn looks_like_an_array(value: &str, items: &[String]) -> bool {
+    let value = value.trim();
+    let bracketed = value.len() >= 2
+        && value.starts_with('[')
+        && value.ends_with(']')
+        && (serde_json::from_str::<Vec<serde_json::Value>>(value).is_ok()
+            || value[1..].trim_start().starts_with(['"', '\'']));
+    let quoted = items.iter().any(|item| {
+        item.len() >= 2
+            && ((item.starts_with('"') && item.ends_with('"'))
+                || (item.starts_with('\'') && item.ends_with('\'')))
+    });
+    bracketed || quoted
+}
+
 /// The keys `RawConfig` has: top-level keys, and each section's keys.
 struct Keys {
     top: BTreeSet<String>,
@@ -192,11 +211,8 @@ pub(super) fn sort(env: impl IntoIterator<Item = (String, String)>) -> Result<So
             // A TOML or JSON array written in a variable (`["k1","k2"]`)
             // was split on its commas, brackets and quotes kept in the
             // items: every API key refused, no word said (review of
-            // 2026-12-03). No item of any list starts or ends so.
-            if items
-                .iter()
-                .any(|item| item.starts_with(['[', '"', '\'']) || item.ends_with([']', '"', '\'']))
-            {
+            // 2026-12-03).
+            if looks_like_an_array(&value, &items) {
                 return Err(ConfigError::ArrayInVariable { name });
             }
             sorted.lists.push((path, items));

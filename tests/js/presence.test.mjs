@@ -216,8 +216,13 @@ test("a hub with presence off is told to onPresenceOffHandler when the page has 
     ws.onMessageHandler = (msg) => seen.messages.push(msg);
     ws.tryConnect(false, "chat", "ann");
     FakeSocket.instances[0].open();
+    // Members known from a hub with presence on (before a redeploy).
+    FakeSocket.instances[0].receive(snapshot("chat", [{ userId: "bob", connections: 1 }], 3));
+    seen.presence.length = 0;
+    seen.messages.length = 0;
     FakeSocket.instances[0].receive(off);
     FakeSocket.instances[0].receive(other);
+    seen.members = ws.members;
     return seen;
   };
   // A page with the handler: the hub's text goes there only; other
@@ -226,10 +231,12 @@ test("a hub with presence off is told to onPresenceOffHandler when the page has 
   assert.deepEqual(seen.off, [off.message]);
   assert.deepEqual(seen.messages, [other]);
   assert.deepEqual(seen.presence, []);
+  assert.deepEqual(seen.members, [], "no members are known on such a hub");
   // A page written before the handler: as it was, both in onMessageHandler.
   seen = run({ presence: true }, false);
   assert.deepEqual(seen.messages, [off, other]);
   assert.deepEqual(seen.presence, []);
+  assert.deepEqual(seen.members, []);
   // Without the presence option the frame is the page's to read.
   seen = run({}, true);
   assert.deepEqual(seen.off, []);
