@@ -49,11 +49,11 @@ pub enum ConfigError {
          (names are read in any case): keep one"
     )]
     DuplicateVariable { first: String, second: String },
-    /// A list variable holds an array (`["a","b"]`) where a comma-separated
-    /// list is read: its items would keep the brackets and quotes. Its
-    /// value is not shown: it may hold secrets.
+    /// A list variable holds an array (`["a","b"]`) or quoted items where a
+    /// comma-separated list is read: its items would keep the brackets and
+    /// quotes. Its value is not shown: it may hold secrets.
     #[error(
-        "configuration: the environment variable {name} is a comma-separated list (a,b): its items must not start or end with [ ] or quotes, as an array's would (the value is not shown: it may hold secrets)"
+        "configuration: the environment variable {name} is a comma-separated list (a,b), not an array ([\"a\",\"b\"]) nor quoted items: the brackets and quotes would be kept in the items (the value is not shown: it may hold secrets)"
     )]
     ArrayInVariable { name: String },
     /// A value has the right type but is not acceptable.
