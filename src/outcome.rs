@@ -1,6 +1,7 @@
 //! The vocabulary of outcomes: every way a session ends, a message is
-//! dropped, a socket or broadcast is refused, a backend forward ends, and a
-//! resume or a drain handoff turns out.
+//! dropped, a socket or broadcast is refused, the HTTP library refuses a
+//! request head, a backend forward ends, and a resume or a drain handoff
+//! turns out.
 //!
 //! Each is an enum with `ALL` (metrics seed every label at 0 from it, so
 //! every series exists from the first scrape) and `label()` (the one place
@@ -263,8 +264,9 @@ impl RefusalReason {
     }
 }
 
-/// Why the HTTP library (hyper) ended a connection before any request of
-/// it reached the router (the `kind` label of
+/// Why the HTTP library (hyper) ended a connection on a request head that
+/// never reached the router: the connection's first or, on a keep-alive
+/// connection, a later one (the `kind` label of
 /// `wshub_http_connection_errors_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeadError {

@@ -367,10 +367,10 @@ async fn serve_connection(
     }
 }
 
-/// What the HTTP library refused on a connection before any request of it
-/// reached the router, where wshub's own refusals are counted and logged
-/// ([`crate::http`]): a head too large (431),
-/// not HTTP (400), HTTP/2's preface (closed) or too slow (closed).
+/// What the HTTP library refused on a connection: a request head that
+/// never reached the router, where wshub's own refusals are counted and
+/// logged ([`crate::http`]). A head too large (431), not HTTP (400),
+/// HTTP/2's preface (closed) or too slow (closed).
 ///
 /// Each is counted in `wshub_http_connection_errors_total{kind}`. The
 /// first three are logged at warn, one line per peer address and kind a
